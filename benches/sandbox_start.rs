@@ -1,0 +1,114 @@
+//! Sandbox start-up: run `/bin/true` in the busybox rootfs, side by side with bubblewrap.
+//!
+//! `cargo bench --bench sandbox_start` (the rootfs comes from `images/recipes/busybox.sh`;
+//! `MISTRY_BUSYBOX_ROOTFS` overrides its path, `BENCH_RUNS` the number of runs). The three ways
+//! are interleaved run by run so that noise on the machine hits them alike:
+//!
+//! - `library`: `sandbox::Sandbox::spawn` + `wait` in this process;
+//! - `mistryd`: the `mistryd sandbox run` command line, a new process each time (like bwrap);
+//! - `bwrap`: `bwrap --unshare-all --bind ROOTFS / --proc /proc --dev /dev /bin/true`.
+//!
+//! Target: the `mistryd` median ≤ 5 ms and below bwrap's.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn p90(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[v.len() * 9 / 10]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn time(f: impl FnOnce() -> bool) -> Duration {
+    let t = Instant::now();
+    assert!(f(), "a benchmark run failed");
+    t.elapsed()
+}
+
+fn main() {
+    let rootfs = std::env::var_os("MISTRY_BUSYBOX_ROOTFS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/images/busybox/rootfs")
+        });
+    if !rootfs.join("bin/true").exists() {
+        eprintln!(
+            "no busybox rootfs at {}: run images/recipes/busybox.sh target/images/busybox",
+            rootfs.display()
+        );
+        std::process::exit(1);
+    }
+    let runs: usize = std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(300);
+    let mistryd = env!("CARGO_BIN_EXE_mistryd");
+    let have_bwrap = Command::new("bwrap")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+
+    let lib = || {
+        sandbox::Sandbox::new(&rootfs)
+            .command(["/bin/true"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let cli = || {
+        Command::new(mistryd)
+            .args(["sandbox", "run", "--rootfs"])
+            .arg(&rootfs)
+            .args(["--", "/bin/true"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let bwrap = || {
+        Command::new("bwrap")
+            .args(["--unshare-all", "--bind"])
+            .arg(&rootfs)
+            .args(["/", "--proc", "/proc", "--dev", "/dev", "/bin/true"])
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+
+    // Warm-up.
+    for _ in 0..10 {
+        lib();
+        cli();
+        if have_bwrap {
+            bwrap();
+        }
+    }
+    let (mut a, mut b, mut c) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        a.push(time(lib));
+        b.push(time(cli));
+        if have_bwrap {
+            c.push(time(bwrap));
+        }
+    }
+    println!("sandbox start-up, /bin/true in {} ({runs} runs each, interleaved)", rootfs.display());
+    println!("{:<10} {:>10} {:>10}", "", "median", "p90");
+    println!("{:<10} {:>8.2}ms {:>8.2}ms", "library", ms(median(&mut a)), ms(p90(&mut a)));
+    println!("{:<10} {:>8.2}ms {:>8.2}ms", "mistryd", ms(median(&mut b)), ms(p90(&mut b)));
+    if have_bwrap {
+        println!("{:<10} {:>8.2}ms {:>8.2}ms", "bwrap", ms(median(&mut c)), ms(p90(&mut c)));
+        println!(
+            "ratio mistryd/bwrap: {:.2} (library/bwrap: {:.2}); target: mistryd median <= 5 ms and ratio < 1",
+            ms(median(&mut b)) / ms(median(&mut c)),
+            ms(median(&mut a)) / ms(median(&mut c)),
+        );
+    } else {
+        println!("bwrap not installed (apt-get install bubblewrap): no comparison");
+    }
+}

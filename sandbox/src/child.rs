@@ -1,0 +1,374 @@
+//! The code that runs after `clone`: the sandbox's init (PID 1) and the job process it forks.
+//!
+//! Nothing here allocates or takes a lock: the caller may have been multi-threaded, and only
+//! async-signal-safe system calls are allowed until `execve`. All inputs were prepared by the
+//! parent in [`Prepared`]. A failure is written to the report pipe as a fixed-size [`Report`]
+//! (stage, errno, index) that the parent turns into a message.
+
+use std::ffi::CString;
+use std::os::fd::RawFd;
+
+use crate::plan::Op;
+use crate::sys;
+
+/// Where in the set-up a failure happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Stage {
+    Hostname = 1,
+    /// `index` is the failing operation of the plan.
+    Op = 2,
+    Fork = 3,
+    Setsid = 4,
+    Stdio = 5,
+    /// `index` is the rlimit.
+    Rlimit = 6,
+    CapBound = 7,
+    Groups = 8,
+    Gid = 9,
+    Uid = 10,
+    CapSet = 11,
+    NoNewPrivs = 12,
+    Chdir = 13,
+    /// `index` is the exec candidate; `u32::MAX` when PATH had no such program.
+    Exec = 14,
+}
+
+impl Stage {
+    pub fn from_raw(v: u32) -> Option<Stage> {
+        use Stage::*;
+        [
+            Hostname, Op, Fork, Setsid, Stdio, Rlimit, CapBound, Groups, Gid, Uid, CapSet,
+            NoNewPrivs, Chdir, Exec,
+        ]
+        .into_iter()
+        .find(|s| *s as u32 == v)
+    }
+}
+
+/// A failure record on the report pipe.
+pub struct Report {
+    pub stage: Stage,
+    pub errno: i32,
+    pub index: u32,
+}
+
+pub const REPORT_LEN: usize = 12;
+
+impl Report {
+    pub fn decode(buf: &[u8; REPORT_LEN]) -> Option<Report> {
+        let word = |i: usize| [buf[i], buf[i + 1], buf[i + 2], buf[i + 3]];
+        Some(Report {
+            stage: Stage::from_raw(u32::from_ne_bytes(word(0)))?,
+            errno: i32::from_ne_bytes(word(4)),
+            index: u32::from_ne_bytes(word(8)),
+        })
+    }
+}
+
+/// Everything the child needs, built by the parent before clone.
+pub struct Prepared {
+    pub ops: Vec<Op>,
+    /// Descriptors of grabbed trees, filled in by the child (preallocated, never grown).
+    pub slots: Vec<RawFd>,
+    pub hostname: CString,
+    pub argv: Vec<CString>,
+    pub argv_ptrs: Vec<*const libc::c_char>,
+    pub envp: Vec<CString>,
+    pub envp_ptrs: Vec<*const libc::c_char>,
+    pub exec_candidates: Vec<CString>,
+    pub cwd: CString,
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<libc::gid_t>,
+    pub setgroups_allowed: bool,
+    /// Capabilities kept (bit n = capability n).
+    pub cap_mask: u64,
+    pub last_cap: u32,
+    pub rlimits: Vec<(libc::c_int, u64, u64)>,
+    /// Descriptors that become the job's 0, 1 and 2.
+    pub stdio: [RawFd; 3],
+    /// The parent writes one byte here once the id maps are written.
+    pub sync_read: RawFd,
+    /// Failure reports; closed (by exec or exit) once the job runs.
+    pub report_write: RawFd,
+    /// init writes the job's raw wait status here.
+    pub status_write: RawFd,
+    /// Parent-only descriptors the child closes first.
+    pub parent_fds: Vec<RawFd>,
+    /// Stack of the job process between its vfork-like start and exec.
+    pub job_stack: Vec<u8>,
+}
+
+impl Prepared {
+    /// Build the NULL-terminated pointer arrays for argv and envp.
+    pub fn finish_pointers(&mut self) {
+        self.argv_ptrs = self.argv.iter().map(|a| a.as_ptr()).collect();
+        self.argv_ptrs.push(std::ptr::null());
+        self.envp_ptrs = self.envp.iter().map(|a| a.as_ptr()).collect();
+        self.envp_ptrs.push(std::ptr::null());
+    }
+}
+
+fn report(fd: RawFd, stage: Stage, errno: i32, index: u32) {
+    let mut buf = [0u8; REPORT_LEN];
+    buf[0..4].copy_from_slice(&(stage as u32).to_ne_bytes());
+    buf[4..8].copy_from_slice(&errno.to_ne_bytes());
+    buf[8..12].copy_from_slice(&index.to_ne_bytes());
+    let _ = sys::write_all(fd, &buf);
+}
+
+/// Signals init passes on to the job.
+const FORWARDED: &[libc::c_int] = &[
+    libc::SIGHUP,
+    libc::SIGINT,
+    libc::SIGQUIT,
+    libc::SIGTERM,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGWINCH,
+    libc::SIGALRM,
+    libc::SIGCONT,
+];
+
+/// Entry point of the cloned child: PID 1 of the new namespaces. Never returns.
+pub fn init_main(p: &mut Prepared) -> ! {
+    // Die with the caller. If it is already gone, the sync read below sees EOF.
+    let _ = sys::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+    for &fd in &p.parent_fds {
+        sys::close(fd);
+    }
+    let mut byte = [0u8; 1];
+    if !matches!(sys::read_full(p.sync_read, &mut byte), Ok(1)) {
+        sys::exit(1);
+    }
+    sys::close(p.sync_read);
+
+    if p.setgroups_allowed {
+        // Drop the host's supplementary groups (they would show as nogroup).
+        let _ = sys::setgroups(&[0]);
+    }
+    if let Err(e) = sys::sethostname(&p.hostname) {
+        report(p.report_write, Stage::Hostname, e, 0);
+        sys::exit(1);
+    }
+    for (i, op) in p.ops.iter().enumerate() {
+        if let Err(e) = run_op(op, &mut p.slots) {
+            report(p.report_write, Stage::Op, e, i as u32);
+            sys::exit(1);
+        }
+    }
+
+    // From here on init only waits: block what it forwards or reaps, then fork the job.
+    let set = add_signal(sys::sigset_of(FORWARDED), libc::SIGCHLD);
+    sys::set_sigmask(&set);
+
+    let mut job_stack = std::mem::take(&mut p.job_stack);
+    let job = match sys::vfork_on(&mut job_stack, job_entry, p as *mut Prepared as *mut libc::c_void) {
+        Ok(pid) => pid,
+        Err(e) => {
+            report(p.report_write, Stage::Fork, e, 0);
+            sys::exit(1);
+        }
+    };
+    // Keep only the status pipe: the job's stdio and the report pipe must see EOF when the job
+    // (not init) closes them.
+    let keep = p.status_write as libc::c_uint;
+    if keep > 0 {
+        let _ = sys::close_range(0, keep - 1, false);
+    }
+    let _ = sys::close_range(keep + 1, libc::c_uint::MAX, false);
+
+    loop {
+        let Ok(info) = sys::sigwaitinfo(&set) else {
+            continue;
+        };
+        if info.si_signo != libc::SIGCHLD {
+            let _ = sys::kill(job, info.si_signo);
+            continue;
+        }
+        // Reap everything that has exited: the job, and orphans re-parented to us.
+        while let Ok((pid, status)) = sys::waitpid(-1, libc::WNOHANG) {
+            if pid <= 0 {
+                break;
+            }
+            if pid == job {
+                let _ = sys::write_all(p.status_write, &status.to_ne_bytes());
+                // Exiting kills every other process of the PID namespace.
+                sys::exit(0);
+            }
+        }
+    }
+}
+
+fn add_signal(mut set: libc::sigset_t, sig: libc::c_int) -> libc::sigset_t {
+    // SAFETY: `set` is an initialised sigset_t.
+    unsafe { libc::sigaddset(&mut set, sig) };
+    set
+}
+
+fn run_op(op: &Op, slots: &mut [RawFd]) -> Result<(), i32> {
+    match op {
+        Op::MakePrivate => sys::mount(
+            None,
+            c"/",
+            None,
+            libc::MS_REC | libc::MS_PRIVATE,
+            None,
+        ),
+        Op::Grab {
+            source,
+            slot,
+            read_only,
+        } => {
+            let fd = sys::open_tree_clone(source, true)?;
+            if let Some(s) = slots.get_mut(*slot) {
+                *s = fd;
+            }
+            if *read_only {
+                sys::set_readonly(fd, c"", true)?;
+            }
+            Ok(())
+        }
+        Op::Fresh {
+            fstype,
+            attrs,
+            slot,
+        } => {
+            let fd = sys::fresh_mount(fstype, &[], *attrs)?;
+            if let Some(s) = slots.get_mut(*slot) {
+                *s = fd;
+            }
+            Ok(())
+        }
+        Op::Pivot { rootfs } => {
+            sys::mount(
+                Some(rootfs),
+                rootfs,
+                None,
+                libc::MS_BIND | libc::MS_REC,
+                None,
+            )?;
+            sys::chdir(rootfs)?;
+            sys::pivot_root(c".", c".")?;
+            sys::umount_detach(c".")?;
+            sys::chdir(c"/")
+        }
+        Op::Mkdirs { dirs } => {
+            for d in dirs {
+                sys::mkdir(d, 0o755)?;
+            }
+            Ok(())
+        }
+        Op::Touch { path } => sys::touch(path),
+        Op::Mount {
+            fstype,
+            target,
+            flags,
+            data,
+        } => sys::mount(Some(fstype), target, Some(fstype), *flags, data.as_deref()),
+        Op::Attach { slot, target } => {
+            let fd = slots.get(*slot).copied().unwrap_or(-1);
+            let r = sys::move_mount_fd(fd, target);
+            sys::close(fd);
+            r
+        }
+        Op::ReadOnlySelf { path } => match sys::open_tree_clone(path, false) {
+            Err(libc::ENOENT) => Ok(()),
+            Err(e) => Err(e),
+            Ok(fd) => {
+                let r = sys::set_readonly(fd, c"", false).and_then(|_| sys::move_mount_fd(fd, path));
+                sys::close(fd);
+                r
+            }
+        },
+        Op::Symlink { target, link } => sys::symlink(target, link),
+        Op::ReadOnlyRoot => sys::set_readonly(libc::AT_FDCWD, c"/", false),
+        Op::LoopbackUp => sys::loopback_up(),
+    }
+}
+
+extern "C" fn job_entry(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the `&mut Prepared` init passed to vfork_on; init is suspended until we
+    // exec or exit, so this is the only live reference.
+    let p = unsafe { &*(arg as *const Prepared) };
+    job_main(p)
+}
+
+/// The job process: drop to the requested identity and capabilities, then exec.
+fn job_main(p: &Prepared) -> ! {
+    let fail = |stage: Stage, errno: i32, index: u32| -> ! {
+        report(p.report_write, stage, errno, index);
+        sys::exit(127);
+    };
+    // SAFETY: setsid takes no arguments; the job gets its own session without a terminal.
+    if unsafe { libc::setsid() } < 0 {
+        fail(Stage::Setsid, std::io::Error::last_os_error().raw_os_error().unwrap_or(0), 0);
+    }
+    // Move the stdio descriptors out of the way first so that any permutation of 0/1/2 works.
+    let mut high = [-1; 3];
+    for (i, fd) in p.stdio.iter().enumerate() {
+        // SAFETY: fcntl(F_DUPFD_CLOEXEC) on a descriptor we hold.
+        let dup = unsafe { libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 3) };
+        if dup < 0 {
+            fail(Stage::Stdio, std::io::Error::last_os_error().raw_os_error().unwrap_or(0), i as u32);
+        }
+        high[i] = dup;
+    }
+    for (i, fd) in high.iter().enumerate() {
+        if let Err(e) = sys::dup2(*fd, i as RawFd) {
+            fail(Stage::Stdio, e, i as u32);
+        }
+    }
+    for (i, (res, soft, hard)) in p.rlimits.iter().enumerate() {
+        if let Err(e) = sys::setrlimit(*res, *soft, *hard) {
+            fail(Stage::Rlimit, e, i as u32);
+        }
+    }
+    // The bounding set first: dropping needs CAP_SETPCAP, which setuid below may take away.
+    for cap in 0..=p.last_cap {
+        if p.cap_mask & (1u64 << cap) == 0 {
+            if let Err(e) = sys::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong) {
+                if e != libc::EINVAL {
+                    fail(Stage::CapBound, e, cap);
+                }
+            }
+        }
+    }
+    if p.setgroups_allowed {
+        if let Err(e) = sys::setgroups(&p.groups) {
+            fail(Stage::Groups, e, 0);
+        }
+    }
+    if let Err(e) = sys::setresgid(p.gid) {
+        fail(Stage::Gid, e, p.gid);
+    }
+    if let Err(e) = sys::setresuid(p.uid) {
+        fail(Stage::Uid, e, p.uid);
+    }
+    if p.uid == 0 {
+        if let Err(e) = sys::capset(p.cap_mask) {
+            fail(Stage::CapSet, e, 0);
+        }
+    }
+    if let Err(e) = sys::prctl(libc::PR_SET_NO_NEW_PRIVS, 1) {
+        fail(Stage::NoNewPrivs, e, 0);
+    }
+    if let Err(e) = sys::chdir(&p.cwd) {
+        fail(Stage::Chdir, e, 0);
+    }
+    sys::reset_signals();
+    let _ = sys::close_range(3, libc::c_uint::MAX, true);
+
+    // Like execvp: try each candidate; ENOENT/EACCES/ENOTDIR move on to the next one.
+    let mut last = (libc::ENOENT, u32::MAX);
+    for (i, path) in p.exec_candidates.iter().enumerate() {
+        let e = sys::execve(path, p.argv_ptrs.as_ptr(), p.envp_ptrs.as_ptr());
+        match e {
+            libc::ENOENT | libc::ENOTDIR if p.exec_candidates.len() > 1 => {}
+            libc::EACCES if p.exec_candidates.len() > 1 => last = (e, i as u32),
+            _ => fail(Stage::Exec, e, i as u32),
+        }
+    }
+    fail(Stage::Exec, last.0, last.1)
+}

@@ -1,0 +1,409 @@
+//! What a sandbox is asked to run: the builder callers fill in.
+
+use std::ffi::OsString;
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use caps::Capability;
+
+/// Network of the sandbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NetworkMode {
+    /// A new network namespace with only the loopback interface, brought up.
+    #[default]
+    None,
+    /// The host's network (no network namespace); `/etc/resolv.conf` and `/etc/hosts` come from
+    /// the host. Builds that download (`apt-get install`, `bundle install`) need it.
+    Host,
+}
+
+impl std::str::FromStr for NetworkMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "none" => Ok(Self::None),
+            "host" => Ok(Self::Host),
+            other => Err(format!("unknown network mode {other:?} (expected none or host)")),
+        }
+    }
+}
+
+impl std::fmt::Display for NetworkMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::None => "none",
+            Self::Host => "host",
+        })
+    }
+}
+
+/// A bind mount from the host into the sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Bind {
+    pub source: PathBuf,
+    /// Absolute path inside the sandbox.
+    pub destination: PathBuf,
+    pub read_only: bool,
+}
+
+impl Bind {
+    pub fn new(source: impl Into<PathBuf>, destination: impl Into<PathBuf>) -> Self {
+        Self {
+            source: source.into(),
+            destination: destination.into(),
+            read_only: false,
+        }
+    }
+
+    pub fn read_only(mut self) -> Self {
+        self.read_only = true;
+        self
+    }
+}
+
+impl std::str::FromStr for Bind {
+    type Err = String;
+    /// `SRC:DST` or `SRC:DST:ro` (or `:rw`).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let parts: Vec<&str> = s.split(':').collect();
+        let (src, dst, ro) = match parts.as_slice() {
+            [src, dst] => (*src, *dst, false),
+            [src, dst, "ro"] => (*src, *dst, true),
+            [src, dst, "rw"] => (*src, *dst, false),
+            _ => return Err(format!("invalid bind {s:?} (expected SRC:DST[:ro|rw])")),
+        };
+        if src.is_empty() || dst.is_empty() {
+            return Err(format!("invalid bind {s:?}: empty path"));
+        }
+        let bind = Bind::new(src, dst);
+        Ok(if ro { bind.read_only() } else { bind })
+    }
+}
+
+/// Who the process runs as inside the sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum User {
+    /// uid 0 / gid 0 of the sandbox (the caller's own ids on the host).
+    #[default]
+    Root,
+    /// Numeric ids.
+    Id { uid: u32, gid: u32 },
+    /// A Dockerfile `USER` value (`name`, `uid`, `name:group`, `uid:gid`), resolved against the
+    /// rootfs' `/etc/passwd` and `/etc/group`.
+    Spec(String),
+}
+
+impl std::str::FromStr for User {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.is_empty() {
+            return Err("empty user".into());
+        }
+        Ok(User::Spec(s.to_owned()))
+    }
+}
+
+/// Where a standard stream of the sandboxed process goes.
+#[derive(Debug, Default)]
+pub enum Stdio {
+    /// The caller's own stream.
+    #[default]
+    Inherit,
+    /// `/dev/null`.
+    Null,
+    /// A new pipe; the caller gets the other end on [`crate::Child`].
+    Piped,
+    /// A descriptor the caller owns (a file, one end of its own pipe, a socket).
+    Fd(OwnedFd),
+}
+
+/// How the sandbox's ids are mapped to the caller's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IdMapping {
+    /// A 65536-id range from `/etc/subuid` and `/etc/subgid` when the caller has one (and, when
+    /// the caller is not root, `newuidmap`/`newgidmap` are installed); the single-id map otherwise.
+    #[default]
+    Auto,
+    /// Only the caller's own uid/gid, mapped to 0.
+    Single,
+}
+
+/// A resource limit applied with setrlimit(2) before exec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rlimit {
+    pub resource: RlimitResource,
+    pub soft: u64,
+    pub hard: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RlimitResource {
+    /// Open files.
+    NoFile,
+    /// Processes of the (host) user.
+    NProc,
+    /// Core dump size, bytes.
+    Core,
+    /// Largest file written, bytes.
+    FSize,
+    /// Address space, bytes.
+    As,
+    /// CPU time, seconds.
+    Cpu,
+    /// Stack size, bytes.
+    Stack,
+}
+
+impl RlimitResource {
+    pub(crate) fn raw(self) -> libc::c_int {
+        (match self {
+            Self::NoFile => libc::RLIMIT_NOFILE,
+            Self::NProc => libc::RLIMIT_NPROC,
+            Self::Core => libc::RLIMIT_CORE,
+            Self::FSize => libc::RLIMIT_FSIZE,
+            Self::As => libc::RLIMIT_AS,
+            Self::Cpu => libc::RLIMIT_CPU,
+            Self::Stack => libc::RLIMIT_STACK,
+        }) as libc::c_int
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::NoFile => "nofile",
+            Self::NProc => "nproc",
+            Self::Core => "core",
+            Self::FSize => "fsize",
+            Self::As => "as",
+            Self::Cpu => "cpu",
+            Self::Stack => "stack",
+        }
+    }
+}
+
+impl std::str::FromStr for Rlimit {
+    type Err = String;
+    /// `NAME=SOFT[:HARD]`, e.g. `nofile=1024:4096`.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (name, value) = s
+            .split_once('=')
+            .ok_or_else(|| format!("invalid rlimit {s:?} (expected NAME=SOFT[:HARD])"))?;
+        let resource = match name {
+            "nofile" => RlimitResource::NoFile,
+            "nproc" => RlimitResource::NProc,
+            "core" => RlimitResource::Core,
+            "fsize" => RlimitResource::FSize,
+            "as" => RlimitResource::As,
+            "cpu" => RlimitResource::Cpu,
+            "stack" => RlimitResource::Stack,
+            other => return Err(format!("unknown rlimit {other:?}")),
+        };
+        let num = |v: &str| -> Result<u64, String> {
+            if v == "unlimited" {
+                Ok(libc::RLIM_INFINITY)
+            } else {
+                v.parse().map_err(|_| format!("invalid rlimit value {v:?} in {s:?}"))
+            }
+        };
+        let (soft, hard) = match value.split_once(':') {
+            Some((a, b)) => (num(a)?, num(b)?),
+            None => (num(value)?, num(value)?),
+        };
+        Ok(Rlimit {
+            resource,
+            soft,
+            hard,
+        })
+    }
+}
+
+/// cgroup v2 limits, applied when the host delegates a writable cgroup (skipped otherwise).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct CgroupLimits {
+    /// `memory.max`, bytes.
+    pub memory_max: Option<u64>,
+    /// `pids.max`.
+    pub pids_max: Option<u64>,
+    /// CPUs as a fraction (1.5 = one and a half cores), written to `cpu.max`.
+    pub cpus: Option<f64>,
+}
+
+impl CgroupLimits {
+    pub fn is_empty(&self) -> bool {
+        self.memory_max.is_none() && self.pids_max.is_none() && self.cpus.is_none()
+    }
+}
+
+/// The capabilities a sandboxed root process keeps by default: Docker's default set.
+/// Everything else (notably `CAP_SYS_ADMIN`, `CAP_SYS_PTRACE`, `CAP_NET_ADMIN`) is dropped from
+/// the bounding set, so no process of the job can ever regain it.
+pub const DEFAULT_CAPABILITIES: &[Capability] = &[
+    Capability::CAP_CHOWN,
+    Capability::CAP_DAC_OVERRIDE,
+    Capability::CAP_FSETID,
+    Capability::CAP_FOWNER,
+    Capability::CAP_MKNOD,
+    Capability::CAP_NET_RAW,
+    Capability::CAP_SETGID,
+    Capability::CAP_SETUID,
+    Capability::CAP_SETFCAP,
+    Capability::CAP_SETPCAP,
+    Capability::CAP_NET_BIND_SERVICE,
+    Capability::CAP_SYS_CHROOT,
+    Capability::CAP_KILL,
+    Capability::CAP_AUDIT_WRITE,
+];
+
+/// Everything a sandbox run needs. Build one with [`Sandbox::new`] and the builder methods, then
+/// call [`Sandbox::spawn`] or [`Sandbox::output`].
+#[derive(Debug)]
+pub struct Sandbox {
+    pub(crate) rootfs: PathBuf,
+    pub(crate) argv: Vec<OsString>,
+    pub(crate) env: Vec<(OsString, OsString)>,
+    pub(crate) cwd: PathBuf,
+    pub(crate) user: User,
+    pub(crate) hostname: String,
+    pub(crate) network: NetworkMode,
+    pub(crate) binds: Vec<Bind>,
+    pub(crate) tmpfs_tmp: bool,
+    pub(crate) read_only_root: bool,
+    pub(crate) timeout: Option<Duration>,
+    pub(crate) rlimits: Vec<Rlimit>,
+    pub(crate) cgroup: CgroupLimits,
+    pub(crate) capabilities: Vec<Capability>,
+    pub(crate) id_mapping: IdMapping,
+    pub(crate) stdin: Stdio,
+    pub(crate) stdout: Stdio,
+    pub(crate) stderr: Stdio,
+}
+
+impl Sandbox {
+    /// A sandbox on the root filesystem in directory `rootfs`, running nothing yet.
+    pub fn new(rootfs: impl AsRef<Path>) -> Self {
+        Self {
+            rootfs: rootfs.as_ref().to_path_buf(),
+            argv: Vec::new(),
+            env: Vec::new(),
+            cwd: PathBuf::from("/"),
+            user: User::Root,
+            hostname: "mistry".into(),
+            network: NetworkMode::None,
+            binds: Vec::new(),
+            tmpfs_tmp: false,
+            read_only_root: false,
+            timeout: None,
+            rlimits: Vec::new(),
+            cgroup: CgroupLimits::default(),
+            capabilities: DEFAULT_CAPABILITIES.to_vec(),
+            id_mapping: IdMapping::Auto,
+            stdin: Stdio::Null,
+            stdout: Stdio::Inherit,
+            stderr: Stdio::Inherit,
+        }
+    }
+
+    /// The command and its arguments. A program without a `/` is searched in the `PATH` of the
+    /// sandbox's environment, inside the rootfs.
+    pub fn command<I, S>(mut self, argv: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<OsString>,
+    {
+        self.argv = argv.into_iter().map(Into::into).collect();
+        self
+    }
+
+    pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
+        self.argv.push(arg.into());
+        self
+    }
+
+    /// Set one environment variable (the environment starts empty, not the caller's).
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        let key = key.into();
+        self.env.retain(|(k, _)| *k != key);
+        self.env.push((key, value.into()));
+        self
+    }
+
+    pub fn cwd(mut self, cwd: impl Into<PathBuf>) -> Self {
+        self.cwd = cwd.into();
+        self
+    }
+
+    pub fn user(mut self, user: User) -> Self {
+        self.user = user;
+        self
+    }
+
+    pub fn hostname(mut self, hostname: impl Into<String>) -> Self {
+        self.hostname = hostname.into();
+        self
+    }
+
+    pub fn network(mut self, network: NetworkMode) -> Self {
+        self.network = network;
+        self
+    }
+
+    /// Add a bind mount; binds are applied in the order they are added.
+    pub fn bind(mut self, bind: Bind) -> Self {
+        self.binds.push(bind);
+        self
+    }
+
+    /// Mount a fresh tmpfs on `/tmp`.
+    pub fn tmpfs_tmp(mut self, yes: bool) -> Self {
+        self.tmpfs_tmp = yes;
+        self
+    }
+
+    /// Make the root filesystem read-only (binds, `/dev`, `/tmp` keep their own modes).
+    pub fn read_only_root(mut self, yes: bool) -> Self {
+        self.read_only_root = yes;
+        self
+    }
+
+    /// Wall-clock limit: when it passes, every process of the sandbox is killed.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+
+    pub fn rlimit(mut self, rlimit: Rlimit) -> Self {
+        self.rlimits.push(rlimit);
+        self
+    }
+
+    pub fn cgroup_limits(mut self, limits: CgroupLimits) -> Self {
+        self.cgroup = limits;
+        self
+    }
+
+    /// Replace the capability set a root process keeps (default: [`DEFAULT_CAPABILITIES`]).
+    pub fn capabilities(mut self, caps: Vec<Capability>) -> Self {
+        self.capabilities = caps;
+        self
+    }
+
+    pub fn id_mapping(mut self, mapping: IdMapping) -> Self {
+        self.id_mapping = mapping;
+        self
+    }
+
+    pub fn stdin(mut self, stdio: Stdio) -> Self {
+        self.stdin = stdio;
+        self
+    }
+
+    pub fn stdout(mut self, stdio: Stdio) -> Self {
+        self.stdout = stdio;
+        self
+    }
+
+    pub fn stderr(mut self, stdio: Stdio) -> Self {
+        self.stderr = stdio;
+        self
+    }
+}

@@ -1,0 +1,701 @@
+//! Rootless Linux sandboxes: start a process in fresh namespaces on a given root filesystem.
+//!
+//! Every image build step and every job of mistry runs in one of these instead of a Docker
+//! container. A sandbox always gets new user, mount, PID, UTS, IPC and cgroup namespaces, and a
+//! new network namespace unless the network mode is [`NetworkMode::Host`].
+//!
+//! ```no_run
+//! use sandbox::{Bind, NetworkMode, Sandbox, User};
+//! use std::time::Duration;
+//!
+//! let out = Sandbox::new("/var/lib/mistry/rootfs")
+//!     .command(["/bin/sh", "-c", "echo hello > /data/greeting"])
+//!     .bind(Bind::new("/tmp/build", "/data"))
+//!     .user(User::Spec("builder".into()))
+//!     .network(NetworkMode::None)
+//!     .timeout(Duration::from_secs(30))
+//!     .output()?;
+//! assert_eq!(out.status.code(), Some(0));
+//! # Ok::<(), sandbox::Error>(())
+//! ```
+//!
+//! How it works, in order:
+//!
+//! 1. The parent prepares everything the child needs (paths as C strings, the ordered mount plan
+//!    of [`plan`], argv/envp arrays, capability masks) and then clones. The child allocates
+//!    nothing, so a multi-threaded caller (the daemon's `spawn_blocking` thread) is safe.
+//! 2. The parent writes the id maps ([`idmap`]): sandbox root is the caller; with a subordinate
+//!    range, 65536 more ids. It moves the child into a cgroup when limits are asked for and the
+//!    host delegates one ([`cgroup`]), then lets the child go.
+//! 3. The child, PID 1 of the new namespaces, sets the hostname, runs the mount plan (ending in
+//!    `pivot_root` into the rootfs with the old root detached), forks the job, and stays as a
+//!    tiny init that forwards signals to the job and reaps orphans.
+//! 4. The job process drops the capability bounding set to [`DEFAULT_CAPABILITIES`] (Docker's
+//!    default set), switches to the requested user, sets `no_new_privs` and execs.
+//! 5. When the job exits, init writes its raw wait status to the parent and exits, which makes
+//!    the kernel kill every other process of the PID namespace. On timeout, or when the caller
+//!    dies (`PR_SET_PDEATHSIG`), init is killed, with the same effect.
+//!
+//! Limits of the design: the caller's thread that called [`Sandbox::spawn`] must outlive the
+//! sandbox (the parent-death signal follows the thread); call `spawn` and `wait` from the same
+//! blocking thread.
+
+mod cgroup;
+mod child;
+mod config;
+pub mod idmap;
+pub mod plan;
+mod sys;
+mod user;
+
+use std::ffi::{CString, OsString};
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+pub use caps::Capability;
+pub use config::{
+    Bind, CgroupLimits, IdMapping, NetworkMode, Rlimit, RlimitResource, Sandbox, Stdio, User,
+    DEFAULT_CAPABILITIES,
+};
+pub use user::{resolve as resolve_user, Resolved as ResolvedUser};
+
+use child::{Prepared, Report, Stage, REPORT_LEN};
+use plan::{cpath, cstr, PlannedBind};
+
+/// Why a sandbox could not be started.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no command given")]
+    NoCommand,
+    #[error("rootfs {}: {reason}", path.display())]
+    Rootfs { path: PathBuf, reason: String },
+    #[error("bind {}: {reason}", path.display())]
+    Bind { path: PathBuf, reason: String },
+    #[error("{what} must be an absolute path: {}", path.display())]
+    NotAbsolute { what: &'static str, path: PathBuf },
+    #[error("user {spec:?}: {reason}")]
+    User { spec: String, reason: String },
+    #[error("user namespace id map: {what}: {reason}")]
+    IdMap { what: String, reason: String },
+    #[error("cannot create namespaces: {0}")]
+    Namespaces(String),
+    /// The set-up inside the sandbox failed (a mount, the hostname, a capability...).
+    #[error("{0}")]
+    Setup(String),
+    /// The program could not be executed: `exec /usr/bin/foo: no such file or directory`.
+    #[error("{0}")]
+    Exec(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Io { what, source }
+}
+
+fn errno_text(errno: i32) -> String {
+    let desc = nix::errno::Errno::from_raw(errno).desc();
+    let mut chars = desc.chars();
+    match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => format!("errno {errno}"),
+    }
+}
+
+/// How the job ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// It exited with this code.
+    Exited(i32),
+    /// It was killed by this signal.
+    Signaled(i32),
+    /// The wall-clock limit passed; every process of the sandbox was killed.
+    TimedOut(Duration),
+    /// The sandbox was killed from outside (by [`Child::kill`] or another process).
+    Killed,
+}
+
+impl ExitStatus {
+    pub fn success(&self) -> bool {
+        *self == ExitStatus::Exited(0)
+    }
+
+    /// The exit code, when the job exited normally.
+    pub fn code(&self) -> Option<i32> {
+        match self {
+            ExitStatus::Exited(c) => Some(*c),
+            _ => None,
+        }
+    }
+
+    pub fn signal(&self) -> Option<i32> {
+        match self {
+            ExitStatus::Signaled(s) => Some(*s),
+            _ => None,
+        }
+    }
+
+    /// The code a shell would report: the exit code, or 128 + signal.
+    pub fn shell_code(&self) -> i32 {
+        match self {
+            ExitStatus::Exited(c) => *c,
+            ExitStatus::Signaled(s) => 128 + s,
+            ExitStatus::TimedOut(_) => 124,
+            ExitStatus::Killed => 137,
+        }
+    }
+
+    fn from_raw(status: i32) -> ExitStatus {
+        if libc::WIFEXITED(status) {
+            ExitStatus::Exited(libc::WEXITSTATUS(status))
+        } else if libc::WIFSIGNALED(status) {
+            ExitStatus::Signaled(libc::WTERMSIG(status))
+        } else {
+            ExitStatus::Killed
+        }
+    }
+}
+
+impl std::fmt::Display for ExitStatus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitStatus::Exited(c) => write!(f, "exit code {c}"),
+            ExitStatus::Signaled(s) => {
+                let name = nix::sys::signal::Signal::try_from(*s)
+                    .map(|s| s.as_str())
+                    .unwrap_or("unknown");
+                write!(f, "killed by signal {s} ({name})")
+            }
+            ExitStatus::TimedOut(t) => write!(f, "timed out after {t:?}"),
+            ExitStatus::Killed => write!(f, "killed"),
+        }
+    }
+}
+
+/// What [`Sandbox::output`] collects.
+#[derive(Debug)]
+pub struct Output {
+    pub status: ExitStatus,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+}
+
+/// A running sandbox. Dropping it kills and reaps the sandbox if it still runs.
+#[derive(Debug)]
+pub struct Child {
+    pid: i32,
+    pidfd: OwnedFd,
+    status: OwnedFd,
+    timeout: Option<Duration>,
+    deadline: Option<Instant>,
+    result: Option<ExitStatus>,
+    _cgroup: Option<cgroup::Cgroup>,
+    notes: Vec<String>,
+    /// The job's stdin, when [`Stdio::Piped`].
+    pub stdin: Option<File>,
+    /// The job's stdout, when [`Stdio::Piped`].
+    pub stdout: Option<File>,
+    /// The job's stderr, when [`Stdio::Piped`].
+    pub stderr: Option<File>,
+}
+
+fn set_cloexec_pipe() -> Result<(OwnedFd, OwnedFd), Error> {
+    let (r, w) = sys::pipe().map_err(|e| Error::Io {
+        what: "creating a pipe".into(),
+        source: std::io::Error::from_raw_os_error(e),
+    })?;
+    // SAFETY: pipe2 just returned these two descriptors; nothing else owns them.
+    Ok(unsafe { (OwnedFd::from_raw_fd(r), OwnedFd::from_raw_fd(w)) })
+}
+
+/// The child's end of a standard stream, and the parent's end when piped.
+fn stdio_ends(
+    stdio: Stdio,
+    fd: RawFd,
+    input: bool,
+) -> Result<(OwnedFd, Option<File>), Error> {
+    match stdio {
+        Stdio::Inherit => {
+            let dup = nix::unistd::dup(fd).map_err(|e| Error::Io {
+                what: format!("duplicating descriptor {fd}"),
+                source: e.into(),
+            })?;
+            // SAFETY: dup returned a fresh descriptor that we own.
+            Ok((unsafe { OwnedFd::from_raw_fd(dup) }, None))
+        }
+        Stdio::Null => {
+            let f = std::fs::OpenOptions::new()
+                .read(input)
+                .write(!input)
+                .open("/dev/null")
+                .map_err(io_err("opening /dev/null"))?;
+            Ok((f.into(), None))
+        }
+        Stdio::Piped => {
+            let (r, w) = set_cloexec_pipe()?;
+            if input {
+                Ok((r, Some(File::from(w))))
+            } else {
+                Ok((w, Some(File::from(r))))
+            }
+        }
+        Stdio::Fd(fd) => Ok((fd, None)),
+    }
+}
+
+fn last_cap() -> u32 {
+    std::fs::read_to_string("/proc/sys/kernel/cap_last_cap")
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(40)
+        .min(63)
+}
+
+/// Explain a failed clone: which sysctl disables user namespaces, if one does.
+fn namespaces_error(errno: i32) -> Error {
+    let read = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_string()).ok();
+    let reason = if read("/proc/sys/user/max_user_namespaces").as_deref() == Some("0") {
+        "user namespaces are disabled: sysctl user.max_user_namespaces is 0 (set it to e.g. 15000)"
+            .to_string()
+    } else if read("/proc/sys/kernel/unprivileged_userns_clone").as_deref() == Some("0") {
+        "unprivileged user namespaces are disabled: sysctl kernel.unprivileged_userns_clone is 0 (set it to 1)".to_string()
+    } else if read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns").as_deref() == Some("1") {
+        "unprivileged user namespaces are restricted by AppArmor: sysctl kernel.apparmor_restrict_unprivileged_userns is 1".to_string()
+    } else {
+        format!("clone: {}", errno_text(errno))
+    };
+    Error::Namespaces(reason)
+}
+
+impl Sandbox {
+    /// Collect stdout and stderr separately and wait for the end.
+    pub fn output(mut self) -> Result<Output, Error> {
+        self.stdout = Stdio::Piped;
+        self.stderr = Stdio::Piped;
+        self.spawn()?.wait_with_output()
+    }
+
+    /// Run the command and wait for it, with the configured streams.
+    pub fn status(self) -> Result<ExitStatus, Error> {
+        self.spawn()?.wait()
+    }
+
+    /// Build the environment: the given variables plus PATH and HOME when missing.
+    fn environment(&self, home: &str) -> Vec<(OsString, OsString)> {
+        let mut env = self.env.clone();
+        for (key, value) in [
+            ("PATH", plan::DEFAULT_PATH),
+            ("HOME", home),
+            ("HOSTNAME", self.hostname.as_str()),
+        ] {
+            if !env.iter().any(|(k, _)| k == key) {
+                env.push((key.into(), value.into()));
+            }
+        }
+        env
+    }
+
+    fn check_paths(&self) -> Result<(PathBuf, Vec<PlannedBind>), Error> {
+        let meta = std::fs::metadata(&self.rootfs).map_err(|e| Error::Rootfs {
+            path: self.rootfs.clone(),
+            reason: errno_text(e.raw_os_error().unwrap_or(libc::EIO)),
+        })?;
+        if !meta.is_dir() {
+            return Err(Error::Rootfs {
+                path: self.rootfs.clone(),
+                reason: "not a directory".into(),
+            });
+        }
+        let rootfs = self.rootfs.canonicalize().map_err(|e| Error::Rootfs {
+            path: self.rootfs.clone(),
+            reason: e.to_string(),
+        })?;
+        if !self.cwd.is_absolute() {
+            return Err(Error::NotAbsolute {
+                what: "working directory",
+                path: self.cwd.clone(),
+            });
+        }
+        let mut binds = Vec::new();
+        for b in &self.binds {
+            if !b.destination.is_absolute() {
+                return Err(Error::NotAbsolute {
+                    what: "bind destination",
+                    path: b.destination.clone(),
+                });
+            }
+            let meta = std::fs::metadata(&b.source).map_err(|e| Error::Bind {
+                path: b.source.clone(),
+                reason: errno_text(e.raw_os_error().unwrap_or(libc::EIO)),
+            })?;
+            binds.push(PlannedBind {
+                source: b.source.canonicalize().map_err(|e| Error::Bind {
+                    path: b.source.clone(),
+                    reason: e.to_string(),
+                })?,
+                destination: b.destination.clone(),
+                read_only: b.read_only,
+                source_is_dir: meta.is_dir(),
+            });
+        }
+        Ok((rootfs, binds))
+    }
+
+    /// Start the sandbox. Returns once the job's program is executing, or with the reason it
+    /// could not start (a missing rootfs or executable, a failed mount, disabled namespaces).
+    pub fn spawn(self) -> Result<Child, Error> {
+        if self.argv.is_empty() {
+            return Err(Error::NoCommand);
+        }
+        let (rootfs, binds) = self.check_paths()?;
+        let resolved = user::resolve(&rootfs, &self.user)?;
+        let (mapping, fallback) = idmap::choose(self.id_mapping);
+        let mut notes = Vec::new();
+        if let Some(why) = &fallback {
+            tracing::info!(reason = %why, "sandbox uses a single-id user namespace map");
+            notes.push(format!("single-id user namespace map: {why}"));
+        }
+        let max = mapping.max_id();
+        if resolved.uid > max || resolved.gid > max {
+            let spec = match &self.user {
+                User::Root => "0".to_string(),
+                User::Id { uid, gid } => format!("{uid}:{gid}"),
+                User::Spec(s) => s.clone(),
+            };
+            return Err(Error::User {
+                spec,
+                reason: format!(
+                    "uid {} / gid {} is not mapped in the sandbox (ids 0..={max} are){}",
+                    resolved.uid,
+                    resolved.gid,
+                    fallback
+                        .as_ref()
+                        .map(|w| format!(": {w}"))
+                        .unwrap_or_default()
+                ),
+            });
+        }
+
+        let env = self.environment(&resolved.home);
+        let path_var = env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_os_str());
+        let exec_candidates = plan::exec_candidates(&self.argv[0], path_var);
+        if exec_candidates.is_empty() {
+            return Err(Error::Exec("exec: empty program name".into()));
+        }
+        let (ops, nslots) = plan::build(&plan::Spec {
+            rootfs: &rootfs,
+            network: self.network,
+            binds: &binds,
+            tmpfs_tmp: self.tmpfs_tmp,
+            read_only_root: self.read_only_root,
+        });
+
+        let cgroup = match cgroup::prepare(&self.cgroup) {
+            Ok(cg) => cg,
+            Err(why) => {
+                tracing::warn!(reason = %why, "sandbox runs without cgroup limits");
+                notes.push(format!("cgroup limits skipped: {why}"));
+                None
+            }
+        };
+
+        let (stdin_child, stdin) = stdio_ends(self.stdin, 0, true)?;
+        let (stdout_child, stdout) = stdio_ends(self.stdout, 1, false)?;
+        let (stderr_child, stderr) = stdio_ends(self.stderr, 2, false)?;
+        let (sync_r, sync_w) = set_cloexec_pipe()?;
+        let (report_r, report_w) = set_cloexec_pipe()?;
+        let (status_r, status_w) = set_cloexec_pipe()?;
+
+        let mut parent_fds = vec![sync_w.as_raw_fd(), report_r.as_raw_fd(), status_r.as_raw_fd()];
+        parent_fds.extend(stdin.iter().map(|f| f.as_raw_fd()));
+        parent_fds.extend(stdout.iter().map(|f| f.as_raw_fd()));
+        parent_fds.extend(stderr.iter().map(|f| f.as_raw_fd()));
+
+        let cap_mask = self
+            .capabilities
+            .iter()
+            .fold(0u64, |m, c| m | (1u64 << c.index()));
+        let mut prepared = Prepared {
+            ops,
+            slots: vec![-1; nslots],
+            hostname: cstr(self.hostname.as_bytes()),
+            argv: self.argv.iter().map(|a| cstr(a.as_bytes())).collect(),
+            argv_ptrs: Vec::new(),
+            envp: env
+                .iter()
+                .map(|(k, v)| {
+                    let mut kv = k.as_bytes().to_vec();
+                    kv.push(b'=');
+                    kv.extend_from_slice(v.as_bytes());
+                    cstr(&kv)
+                })
+                .collect(),
+            envp_ptrs: Vec::new(),
+            exec_candidates,
+            cwd: cpath(&plan::normalize_inside(&self.cwd)),
+            uid: resolved.uid,
+            gid: resolved.gid,
+            groups: resolved.groups.clone(),
+            setgroups_allowed: mapping.setgroups_allowed(),
+            cap_mask,
+            last_cap: last_cap(),
+            rlimits: self
+                .rlimits
+                .iter()
+                .map(|r| (r.resource.raw(), r.soft, r.hard))
+                .collect(),
+            stdio: [
+                stdin_child.as_raw_fd(),
+                stdout_child.as_raw_fd(),
+                stderr_child.as_raw_fd(),
+            ],
+            sync_read: sync_r.as_raw_fd(),
+            report_write: report_w.as_raw_fd(),
+            status_write: status_w.as_raw_fd(),
+            parent_fds,
+            job_stack: vec![0u8; 256 * 1024],
+        };
+        prepared.finish_pointers();
+
+        let mut flags = (libc::CLONE_NEWUSER
+            | libc::CLONE_NEWNS
+            | libc::CLONE_NEWPID
+            | libc::CLONE_NEWUTS
+            | libc::CLONE_NEWIPC
+            | libc::CLONE_NEWCGROUP) as u64;
+        if self.network == NetworkMode::None {
+            flags |= libc::CLONE_NEWNET as u64;
+        }
+        let (pid, pidfd) = match sys::fork_with(flags, true) {
+            Ok(sys::Forked::Child) => child::init_main(&mut prepared),
+            Ok(sys::Forked::Parent { pid, pidfd }) => {
+                // SAFETY: clone returned this pidfd to us; nothing else owns it.
+                (pid, unsafe { OwnedFd::from_raw_fd(pidfd) })
+            }
+            Err(e) => return Err(namespaces_error(e)),
+        };
+        drop((stdin_child, stdout_child, stderr_child, sync_r, report_w, status_w));
+
+        let mut child = Child {
+            pid,
+            pidfd,
+            status: status_r,
+            timeout: self.timeout,
+            deadline: None,
+            result: None,
+            _cgroup: None,
+            notes,
+            stdin,
+            stdout,
+            stderr,
+        };
+        if let Err(e) = mapping.write(pid) {
+            let _ = child.kill();
+            return Err(e);
+        }
+        if let Some(cg) = cgroup {
+            match cg.add(pid) {
+                Ok(()) => {
+                    tracing::debug!(path = %cg.path().display(), "sandbox cgroup");
+                    child._cgroup = Some(cg)
+                }
+                Err(why) => {
+                    tracing::warn!(reason = %why, "sandbox runs without cgroup limits");
+                    child.notes.push(format!("cgroup limits skipped: {why}"));
+                }
+            }
+        }
+        child.deadline = self.timeout.map(|t| Instant::now() + t);
+        let mut sync = File::from(sync_w);
+        if let Err(e) = std::io::Write::write_all(&mut sync, b"x") {
+            let _ = child.kill();
+            return Err(io_err("starting the sandbox")(e));
+        }
+        drop(sync);
+
+        // EOF on the report pipe: the job's exec succeeded. A record: it failed, and where.
+        let mut buf = [0u8; REPORT_LEN];
+        let mut report_file = File::from(report_r);
+        let got = read_up_to(&mut report_file, &mut buf);
+        if got == REPORT_LEN {
+            let _ = child.wait();
+            if let Some(r) = Report::decode(&buf) {
+                return Err(describe_report(&r, &prepared));
+            }
+            return Err(Error::Setup("the sandbox reported an unknown failure".into()));
+        }
+        Ok(child)
+    }
+}
+
+fn read_up_to(f: &mut File, buf: &mut [u8]) -> usize {
+    let mut got = 0;
+    while got < buf.len() {
+        match f.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    got
+}
+
+fn describe_report(r: &Report, p: &Prepared) -> Error {
+    let err = errno_text(r.errno);
+    let s = |c: &CString| c.to_string_lossy().into_owned();
+    match r.stage {
+        Stage::Exec => {
+            let argv0 = p.argv.first().map(s).unwrap_or_default();
+            match p.exec_candidates.get(r.index as usize) {
+                Some(path) if p.exec_candidates.len() == 1 => {
+                    Error::Exec(format!("exec {}: {err}", s(path)))
+                }
+                Some(path) => Error::Exec(format!("exec {argv0:?} ({}): {err}", s(path))),
+                None => Error::Exec(format!(
+                    "exec: {argv0:?}: executable file not found in $PATH"
+                )),
+            }
+        }
+        Stage::Chdir => Error::Setup(format!("chdir {}: {err}", s(&p.cwd))),
+        Stage::Op => Error::Setup(format!(
+            "{}: {err}",
+            p.ops
+                .get(r.index as usize)
+                .map(plan::Op::describe)
+                .unwrap_or_else(|| "sandbox set-up".into())
+        )),
+        Stage::Uid => Error::Setup(format!("setuid {}: {err}", r.index)),
+        Stage::Gid => Error::Setup(format!("setgid {}: {err}", r.index)),
+        Stage::Rlimit => Error::Setup(format!("setrlimit #{}: {err}", r.index)),
+        Stage::CapBound => Error::Setup(format!("dropping capability {}: {err}", r.index)),
+        other => Error::Setup(format!("{other:?}: {err}")),
+    }
+}
+
+impl Child {
+    /// The host pid of the sandbox's init.
+    pub fn id(&self) -> i32 {
+        self.pid
+    }
+
+    /// Things the caller may want to log: why the single-id map or no cgroup was used.
+    pub fn notes(&self) -> &[String] {
+        &self.notes
+    }
+
+    /// Send `signal` to the job (init forwards SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1/2...).
+    pub fn signal(&self, signal: i32) -> Result<(), Error> {
+        if self.result.is_some() {
+            return Ok(());
+        }
+        sys::pidfd_send_signal(self.pidfd.as_raw_fd(), signal).map_err(|e| Error::Io {
+            what: format!("signalling sandbox {}", self.pid),
+            source: std::io::Error::from_raw_os_error(e),
+        })
+    }
+
+    /// Kill every process of the sandbox.
+    pub fn kill(&mut self) -> Result<(), Error> {
+        self.signal(libc::SIGKILL)
+    }
+
+    /// Wait for the job to end (killing the sandbox when its timeout passes).
+    pub fn wait(&mut self) -> Result<ExitStatus, Error> {
+        if let Some(r) = self.result {
+            return Ok(r);
+        }
+        let mut timed_out = false;
+        loop {
+            let wait_ms = match self.deadline {
+                _ if timed_out => -1,
+                None => -1,
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    left.as_millis().min(i32::MAX as u128) as i32 + i32::from(!left.is_zero())
+                }
+            };
+            let mut pfd = libc::pollfd {
+                fd: self.pidfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd for the duration of the call.
+            let n = unsafe { libc::poll(&mut pfd, 1, wait_ms) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(io_err("waiting for the sandbox")(e));
+            }
+            if n > 0 {
+                break;
+            }
+            timed_out = true;
+            let _ = sys::pidfd_send_signal(self.pidfd.as_raw_fd(), libc::SIGKILL);
+        }
+        sys::waitpid(self.pid, 0).map_err(|e| Error::Io {
+            what: "reaping the sandbox".into(),
+            source: std::io::Error::from_raw_os_error(e),
+        })?;
+        let mut buf = [0u8; 4];
+        let mut status = File::from(self.status.try_clone().map_err(io_err("status pipe"))?);
+        let got = read_up_to(&mut status, &mut buf);
+        let result = if timed_out {
+            ExitStatus::TimedOut(self.timeout.unwrap_or_default())
+        } else if got == 4 {
+            ExitStatus::from_raw(i32::from_ne_bytes(buf))
+        } else {
+            ExitStatus::Killed
+        };
+        self.result = Some(result);
+        self._cgroup = None;
+        Ok(result)
+    }
+
+    /// Read stdout and stderr (when piped) to the end while waiting.
+    pub fn wait_with_output(mut self) -> Result<Output, Error> {
+        drop(self.stdin.take());
+        let reader = |f: Option<File>| {
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                if let Some(mut f) = f {
+                    let _ = f.read_to_end(&mut buf);
+                }
+                buf
+            })
+        };
+        let out = reader(self.stdout.take());
+        let err = reader(self.stderr.take());
+        let status = self.wait()?;
+        Ok(Output {
+            status,
+            stdout: out.join().unwrap_or_default(),
+            stderr: err.join().unwrap_or_default(),
+        })
+    }
+
+    /// The pidfd of the sandbox's init: readable once it has exited (for async callers).
+    pub fn pidfd(&self) -> RawFd {
+        self.pidfd.as_raw_fd()
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        if self.result.is_none() {
+            let _ = self.kill();
+            let _ = sys::waitpid(self.pid, 0);
+        }
+    }
+}

@@ -1,0 +1,442 @@
+//! The sandbox set-up as an ordered list of operations, computed before `clone` so that the
+//! child only walks a slice and makes system calls (no allocation after clone).
+//!
+//! Order: detach the tree from the host (`MakePrivate`), take detached copies of everything that
+//! comes from the host (`Grab`: device nodes, `/sys`, resolv.conf, user binds), enter the rootfs
+//! (`Pivot`: the old root is detached and gone), then build `/proc`, `/sys`, `/dev`, `/tmp`, the
+//! user binds in the caller's order, and last make the root read-only when asked. Paths after
+//! `Pivot` resolve inside the new root, so a symlink in the image can never lead a mount out of it.
+
+use std::ffi::{CString, OsStr};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+
+use crate::config::NetworkMode;
+use crate::sys::{MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY};
+
+/// One step of the set-up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    /// Make every mount of our new namespace private, so nothing propagates to the host.
+    MakePrivate,
+    /// Before pivot: detached copy of host `source` (recursive), read-only if asked, into a slot.
+    Grab {
+        source: CString,
+        slot: usize,
+        read_only: bool,
+    },
+    /// Before pivot: a new detached `proc` or `sysfs` (see [`crate::sys::fresh_mount`]) into a
+    /// slot.
+    Fresh {
+        fstype: CString,
+        attrs: u64,
+        slot: usize,
+    },
+    /// Bind the rootfs onto itself, pivot into it and detach the old root.
+    Pivot { rootfs: CString },
+    /// Create each directory of the list (parents first), ignoring existing ones.
+    Mkdirs { dirs: Vec<CString> },
+    /// Create an empty file to mount a file onto.
+    Touch { path: CString },
+    /// A new filesystem.
+    Mount {
+        fstype: CString,
+        target: CString,
+        flags: libc::c_ulong,
+        data: Option<CString>,
+    },
+    /// Attach the tree of `slot` at `target`.
+    Attach { slot: usize, target: CString },
+    /// Bind a path of the new root onto itself read-only (e.g. `/proc/sys`); missing is fine.
+    ReadOnlySelf { path: CString },
+    Symlink { target: CString, link: CString },
+    /// Make the root mount read-only.
+    ReadOnlyRoot,
+    /// Bring up `lo` in the new network namespace.
+    LoopbackUp,
+}
+
+impl Op {
+    /// What the step does, for error messages (`mount proc on /proc`).
+    pub fn describe(&self) -> String {
+        let s = |c: &CString| c.to_string_lossy().into_owned();
+        match self {
+            Op::MakePrivate => "making mounts private".into(),
+            Op::Grab { source, .. } => format!("opening {} to bind it", s(source)),
+            Op::Fresh { fstype, .. } => format!("creating a new {}", s(fstype)),
+            Op::Pivot { rootfs } => format!("pivot_root into {}", s(rootfs)),
+            Op::Mkdirs { dirs } => format!(
+                "creating directory {}",
+                dirs.last().map(s).unwrap_or_default()
+            ),
+            Op::Touch { path } => format!("creating mount point {}", s(path)),
+            Op::Mount { fstype, target, .. } => format!("mount {} on {}", s(fstype), s(target)),
+            Op::Attach { target, .. } => format!("bind mount on {}", s(target)),
+            Op::ReadOnlySelf { path } => format!("making {} read-only", s(path)),
+            Op::Symlink { link, target } => format!("symlink {} -> {}", s(link), s(target)),
+            Op::ReadOnlyRoot => "making the root read-only".into(),
+            Op::LoopbackUp => "bringing up the loopback interface".into(),
+        }
+    }
+}
+
+/// Device nodes bound from the host into the sandbox's `/dev`.
+pub const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+
+/// A user bind, with its source's kind known.
+#[derive(Debug, Clone)]
+pub struct PlannedBind {
+    pub source: PathBuf,
+    pub destination: PathBuf,
+    pub read_only: bool,
+    pub source_is_dir: bool,
+}
+
+/// The inputs of [`build`].
+pub struct Spec<'a> {
+    pub rootfs: &'a Path,
+    pub network: NetworkMode,
+    pub binds: &'a [PlannedBind],
+    pub tmpfs_tmp: bool,
+    pub read_only_root: bool,
+}
+
+pub fn cstr(bytes: &[u8]) -> CString {
+    // Paths handed to us come from OsStr/Path, which cannot contain NUL on Unix except when a
+    // caller builds one on purpose; such a byte is replaced rather than panicking.
+    CString::new(bytes.iter().map(|&b| if b == 0 { b'?' } else { b }).collect::<Vec<u8>>())
+        .unwrap_or_default()
+}
+
+pub fn cpath(p: &Path) -> CString {
+    cstr(p.as_os_str().as_bytes())
+}
+
+/// Normalise an absolute in-sandbox path: `..` cannot climb above `/`, `.` and `//` vanish.
+pub fn normalize_inside(p: &Path) -> PathBuf {
+    let mut out = PathBuf::from("/");
+    for c in p.components() {
+        match c {
+            Component::Normal(n) => out.push(n),
+            Component::ParentDir => {
+                out.pop();
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
+/// `/a/b/c` → [`/a`, `/a/b`, `/a/b/c`].
+fn prefixes(p: &Path) -> Vec<CString> {
+    let mut acc = PathBuf::from("/");
+    let mut out = Vec::new();
+    for c in p.components() {
+        if let Component::Normal(n) = c {
+            acc.push(n);
+            out.push(cpath(&acc));
+        }
+    }
+    out
+}
+
+fn mkdirs(p: &str) -> Op {
+    Op::Mkdirs {
+        dirs: prefixes(Path::new(p)),
+    }
+}
+
+fn c(s: &str) -> CString {
+    cstr(s.as_bytes())
+}
+
+const NOSUID: libc::c_ulong = libc::MS_NOSUID;
+const NODEV: libc::c_ulong = libc::MS_NODEV;
+const NOEXEC: libc::c_ulong = libc::MS_NOEXEC;
+
+fn mount(fstype: &str, target: &str, flags: libc::c_ulong, data: Option<&str>) -> Op {
+    Op::Mount {
+        fstype: c(fstype),
+        target: c(target),
+        flags,
+        data: data.map(c),
+    }
+}
+
+/// The ordered operations, and how many grab slots they use.
+pub fn build(spec: &Spec<'_>) -> (Vec<Op>, usize) {
+    let mut ops = vec![Op::MakePrivate];
+    let mut slots = 0;
+    let next = |n: &mut usize| {
+        *n += 1;
+        *n - 1
+    };
+    let grab = |ops: &mut Vec<Op>, slots: &mut usize, source: &Path, read_only: bool| {
+        let slot = next(slots);
+        ops.push(Op::Grab {
+            source: cpath(source),
+            slot,
+            read_only,
+        });
+        slot
+    };
+    let fresh = |ops: &mut Vec<Op>, slots: &mut usize, fstype: &str, attrs: u64| {
+        let slot = next(slots);
+        ops.push(Op::Fresh {
+            fstype: c(fstype),
+            attrs,
+            slot,
+        });
+        slot
+    };
+
+    // Everything that comes from the host is grabbed while the host is still visible.
+    let devices: Vec<(usize, &str)> = DEVICES
+        .iter()
+        .map(|d| (grab(&mut ops, &mut slots, &Path::new("/dev").join(d), false), *d))
+        .collect();
+    let proc = fresh(
+        &mut ops,
+        &mut slots,
+        "proc",
+        MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC,
+    );
+    // Our own sysfs needs our own network namespace; with the host's, bind the host's /sys.
+    // (Decided here, not by trying: dropping an unused detached tree costs an RCU grace period.)
+    let sys = if spec.network == NetworkMode::None {
+        fresh(
+            &mut ops,
+            &mut slots,
+            "sysfs",
+            MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC,
+        )
+    } else {
+        grab(&mut ops, &mut slots, Path::new("/sys"), true)
+    };
+    let host_files: Vec<(usize, &str)> = if spec.network == NetworkMode::Host {
+        ["/etc/resolv.conf", "/etc/hosts"]
+            .iter()
+            .filter(|f| Path::new(f).exists())
+            .map(|f| (grab(&mut ops, &mut slots, Path::new(f), true), *f))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let binds: Vec<(usize, &PlannedBind)> = spec
+        .binds
+        .iter()
+        .map(|b| (grab(&mut ops, &mut slots, &b.source, b.read_only), b))
+        .collect();
+
+    ops.push(Op::Pivot {
+        rootfs: cpath(spec.rootfs),
+    });
+
+    // /proc, with the kernel knobs read-only (as Docker does).
+    ops.push(mkdirs("/proc"));
+    ops.push(Op::Attach {
+        slot: proc,
+        target: c("/proc"),
+    });
+    for p in ["/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", "/proc/fs"] {
+        ops.push(Op::ReadOnlySelf { path: c(p) });
+    }
+
+    // /sys: our own sysfs when we own the network namespace, else the host's, read-only.
+    ops.push(mkdirs("/sys"));
+    ops.push(Op::Attach {
+        slot: sys,
+        target: c("/sys"),
+    });
+
+    // A minimal /dev.
+    ops.push(mkdirs("/dev"));
+    ops.push(mount("tmpfs", "/dev", NOSUID | NOEXEC, Some("mode=755,size=65536k")));
+    for (slot, name) in devices {
+        let path = format!("/dev/{name}");
+        ops.push(Op::Touch { path: c(&path) });
+        ops.push(Op::Attach {
+            slot,
+            target: c(&path),
+        });
+    }
+    ops.push(mkdirs("/dev/pts"));
+    ops.push(mount(
+        "devpts",
+        "/dev/pts",
+        NOSUID | NOEXEC,
+        Some("newinstance,ptmxmode=0666,mode=0620"),
+    ));
+    ops.push(Op::Symlink {
+        target: c("pts/ptmx"),
+        link: c("/dev/ptmx"),
+    });
+    ops.push(mkdirs("/dev/shm"));
+    ops.push(mount("tmpfs", "/dev/shm", NOSUID | NODEV | NOEXEC, Some("mode=1777,size=65536k")));
+    for (target, link) in [
+        ("/proc/self/fd", "/dev/fd"),
+        ("/proc/self/fd/0", "/dev/stdin"),
+        ("/proc/self/fd/1", "/dev/stdout"),
+        ("/proc/self/fd/2", "/dev/stderr"),
+    ] {
+        ops.push(Op::Symlink {
+            target: c(target),
+            link: c(link),
+        });
+    }
+
+    if spec.tmpfs_tmp {
+        ops.push(mkdirs("/tmp"));
+        ops.push(mount("tmpfs", "/tmp", NOSUID | NODEV, Some("mode=1777")));
+    }
+
+    for (slot, file) in host_files {
+        ops.push(mkdirs("/etc"));
+        ops.push(Op::Touch { path: c(file) });
+        ops.push(Op::Attach {
+            slot,
+            target: c(file),
+        });
+    }
+
+    for (slot, b) in binds {
+        let dest = normalize_inside(&b.destination);
+        if b.source_is_dir {
+            ops.push(Op::Mkdirs {
+                dirs: prefixes(&dest),
+            });
+        } else {
+            if let Some(parent) = dest.parent() {
+                ops.push(Op::Mkdirs {
+                    dirs: prefixes(parent),
+                });
+            }
+            ops.push(Op::Touch { path: cpath(&dest) });
+        }
+        ops.push(Op::Attach {
+            slot,
+            target: cpath(&dest),
+        });
+    }
+
+    if spec.read_only_root {
+        ops.push(Op::ReadOnlyRoot);
+    }
+    if spec.network == NetworkMode::None {
+        ops.push(Op::LoopbackUp);
+    }
+    (ops, slots)
+}
+
+/// Candidate paths for the program `argv0`: itself when it contains a `/`, else each directory
+/// of `path_var` joined with it (as execvp does, but with the sandbox's PATH).
+pub fn exec_candidates(argv0: &OsStr, path_var: Option<&OsStr>) -> Vec<CString> {
+    let bytes = argv0.as_bytes();
+    if bytes.contains(&b'/') {
+        return vec![cstr(bytes)];
+    }
+    if bytes.is_empty() {
+        return Vec::new();
+    }
+    let path = path_var.map_or(DEFAULT_PATH.as_bytes(), OsStr::as_bytes);
+    path.split(|&b| b == b':')
+        .map(|dir| {
+            let dir = if dir.is_empty() { b"." as &[u8] } else { dir };
+            let mut full = dir.to_vec();
+            full.push(b'/');
+            full.extend_from_slice(bytes);
+            cstr(&full)
+        })
+        .collect()
+}
+
+/// The PATH a sandbox gets when its environment sets none (Docker's default).
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(ops: &[Op]) -> Vec<String> {
+        ops.iter().map(Op::describe).collect()
+    }
+
+    #[test]
+    fn order_is_host_grabs_pivot_then_inside_mounts() {
+        let binds = vec![
+            PlannedBind {
+                source: "/src/a".into(),
+                destination: "/data".into(),
+                read_only: false,
+                source_is_dir: true,
+            },
+            PlannedBind {
+                source: "/src/f".into(),
+                destination: "/data/../etc/../conf/file".into(),
+                read_only: true,
+                source_is_dir: false,
+            },
+        ];
+        let (ops, slots) = build(&Spec {
+            rootfs: Path::new("/r"),
+            network: NetworkMode::None,
+            binds: &binds,
+            tmpfs_tmp: true,
+            read_only_root: true,
+        });
+        assert_eq!(slots, DEVICES.len() + 2 + 2);
+        let pivot = ops.iter().position(|o| matches!(o, Op::Pivot { .. })).unwrap();
+        // Every grab happens before pivot, every mount after.
+        let before = |o: &Op| matches!(o, Op::Grab { .. } | Op::Fresh { .. } | Op::MakePrivate);
+        assert!(ops[..pivot].iter().all(before));
+        assert!(!ops[pivot..].iter().any(before));
+        let n = names(&ops);
+        let pos = |s: &str| n.iter().position(|x| x == s).unwrap_or_else(|| panic!("{s} in {n:?}"));
+        assert!(pos("bind mount on /proc") < pos("making /proc/sys read-only"));
+        assert!(pos("making /proc/sys read-only") < pos("mount tmpfs on /dev"));
+        assert!(pos("mount tmpfs on /tmp") < pos("bind mount on /data"));
+        // Binds in the caller's order; `..` cannot climb out and is normalised.
+        assert!(pos("bind mount on /data") < pos("bind mount on /conf/file"));
+        assert!(n.contains(&"creating mount point /conf/file".to_string()));
+        // Read-only root after every mount, loopback for network none, no resolv.conf.
+        assert_eq!(ops[ops.len() - 2], Op::ReadOnlyRoot);
+        assert_eq!(ops[ops.len() - 1], Op::LoopbackUp);
+        assert!(!n.iter().any(|x| x.contains("resolv.conf")));
+        // The read-only flag of the second bind reaches its grab.
+        assert!(ops.iter().any(|o| matches!(o, Op::Grab { source, read_only: true, .. } if source.as_bytes() == b"/src/f")));
+    }
+
+    #[test]
+    fn host_network_gets_resolv_conf_and_no_loopback() {
+        let (ops, _) = build(&Spec {
+            rootfs: Path::new("/r"),
+            network: NetworkMode::Host,
+            binds: &[],
+            tmpfs_tmp: false,
+            read_only_root: false,
+        });
+        let n = names(&ops);
+        if Path::new("/etc/resolv.conf").exists() {
+            assert!(n.contains(&"bind mount on /etc/resolv.conf".to_string()), "{n:?}");
+        }
+        assert!(!ops.contains(&Op::LoopbackUp));
+        assert!(!ops.contains(&Op::ReadOnlyRoot));
+        assert!(!n.iter().any(|x| x == "mount tmpfs on /tmp"));
+    }
+
+    #[test]
+    fn normalize_never_leaves_root() {
+        assert_eq!(normalize_inside(Path::new("/../../etc/x")), PathBuf::from("/etc/x"));
+        assert_eq!(normalize_inside(Path::new("/a/./b/../c")), PathBuf::from("/a/c"));
+        assert_eq!(normalize_inside(Path::new("/")), PathBuf::from("/"));
+    }
+
+    #[test]
+    fn exec_candidates_follow_path() {
+        let got = exec_candidates(OsStr::new("sh"), Some(OsStr::new("/a:/b")));
+        assert_eq!(got, vec![c("/a/sh"), c("/b/sh")]);
+        assert_eq!(exec_candidates(OsStr::new("./x"), None), vec![c("./x")]);
+        assert_eq!(exec_candidates(OsStr::new("ls"), None).len(), 6);
+        assert!(exec_candidates(OsStr::new(""), None).is_empty());
+    }
+}

@@ -1,0 +1,588 @@
+//! Thin wrappers over the raw system calls the sandbox needs and that `nix`/`libc` do not wrap
+//! (clone3, the new mount API, pivot_root, close_range, capset, pidfd).
+//!
+//! Every function here is async-signal-safe and allocation-free, so it may run in the child
+//! between `clone` and `execve` even when the caller was a multi-threaded process. Each returns
+//! `Err(errno)` on failure.
+
+use std::ffi::{CStr, CString};
+use std::os::fd::RawFd;
+
+use libc::{c_int, c_long, c_uint};
+
+/// The errno of the last failed call.
+fn errno() -> i32 {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+}
+
+fn check(ret: c_long) -> Result<c_long, i32> {
+    if ret < 0 {
+        Err(errno())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn check_int(ret: c_int) -> Result<c_int, i32> {
+    if ret < 0 {
+        Err(errno())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// `struct clone_args` of clone3(2), version 0 (64 bytes).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+}
+
+/// Result of [`fork_with`] in the process that called it.
+pub enum Forked {
+    /// We are the new process.
+    Child,
+    /// We are the caller; the child has this pid and, when asked for, this pidfd.
+    Parent { pid: libc::pid_t, pidfd: RawFd },
+}
+
+/// Fork-like clone: the child continues on a copy-on-write copy of the caller's stack, with the
+/// given namespace flags. When `want_pidfd` is set the parent gets a pidfd of the child (-1
+/// otherwise). Falls back to the legacy clone(2) where clone3 is filtered out (ENOSYS), as some
+/// container runtimes' seccomp profiles do.
+pub fn fork_with(ns_flags: u64, want_pidfd: bool) -> Result<Forked, i32> {
+    let mut pidfd: c_int = -1;
+    let mut args = CloneArgs {
+        flags: ns_flags | if want_pidfd { libc::CLONE_PIDFD as u64 } else { 0 },
+        pidfd: &mut pidfd as *mut c_int as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        ..CloneArgs::default()
+    };
+    // SAFETY: clone3 with a zero stack behaves like fork(2): the child resumes here on a private
+    // copy of the address space. `args` and `pidfd` are valid for the duration of the call. The
+    // child only runs allocation-free code afterwards (see child.rs).
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone3,
+            &mut args as *mut CloneArgs,
+            std::mem::size_of::<CloneArgs>(),
+        )
+    };
+    let ret = match check(ret) {
+        Ok(r) => r,
+        Err(libc::ENOSYS) => return legacy_fork_with(ns_flags, want_pidfd),
+        Err(e) => return Err(e),
+    };
+    if ret == 0 {
+        Ok(Forked::Child)
+    } else {
+        Ok(Forked::Parent {
+            pid: ret as libc::pid_t,
+            pidfd,
+        })
+    }
+}
+
+fn legacy_fork_with(ns_flags: u64, want_pidfd: bool) -> Result<Forked, i32> {
+    // SAFETY: clone(2) with a null stack is fork(2) with namespace flags; the remaining pointer
+    // arguments are null, which clone accepts when the matching flags are not set.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            (ns_flags as c_long) | libc::SIGCHLD as c_long,
+            0 as c_long,
+            0 as c_long,
+            0 as c_long,
+            0 as c_long,
+        )
+    };
+    let pid = check(ret)? as libc::pid_t;
+    if pid == 0 {
+        return Ok(Forked::Child);
+    }
+    let pidfd = if want_pidfd {
+        // SAFETY: pidfd_open takes a pid and flags, no pointers.
+        check(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) })? as RawFd
+    } else {
+        -1
+    };
+    Ok(Forked::Parent { pid, pidfd })
+}
+
+/// vfork-like start of `f(arg)` on `stack`, sharing our memory: the caller is suspended until
+/// the child execs or exits, so nothing it owns is touched concurrently, and no address space is
+/// copied (cheaper than a fork of a large caller). Returns the child's pid.
+pub fn vfork_on(
+    stack: &mut [u8],
+    f: extern "C" fn(*mut libc::c_void) -> c_int,
+    arg: *mut libc::c_void,
+) -> Result<libc::pid_t, i32> {
+    // Stacks grow down on every architecture we build for; keep the top 16-byte aligned.
+    let top = stack.as_mut_ptr_range().end as usize & !15;
+    // SAFETY: `top` is the aligned end of a live, writable buffer the caller keeps until the
+    // child has exec'd or exited (CLONE_VFORK blocks us until then); `f` and `arg` are valid.
+    let pid = unsafe {
+        libc::clone(
+            f,
+            top as *mut libc::c_void,
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
+            arg,
+        )
+    };
+    check_int(pid)
+}
+
+/// Send a signal through a pidfd (no pid-reuse race).
+pub fn pidfd_send_signal(pidfd: RawFd, sig: c_int) -> Result<(), i32> {
+    // SAFETY: pidfd_send_signal with a null siginfo and no flags has no memory arguments.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd,
+            sig,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    })
+    .map(drop)
+}
+
+/// open_tree(2) with OPEN_TREE_CLONE (and AT_RECURSIVE): a detached copy of the mount at `path`.
+pub fn open_tree_clone(path: &CStr, recursive: bool) -> Result<RawFd, i32> {
+    const OPEN_TREE_CLONE: c_uint = 1;
+    let mut flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as c_uint;
+    if recursive {
+        flags |= libc::AT_RECURSIVE as c_uint;
+    }
+    // SAFETY: `path` is a valid NUL-terminated string for the duration of the call.
+    check(unsafe { libc::syscall(libc::SYS_open_tree, libc::AT_FDCWD, path.as_ptr(), flags) })
+        .map(|fd| fd as RawFd)
+}
+
+/// Mount attribute bits of fsmount(2) and mount_setattr(2).
+pub const MOUNT_ATTR_RDONLY: u64 = 0x1;
+pub const MOUNT_ATTR_NOSUID: u64 = 0x2;
+pub const MOUNT_ATTR_NODEV: u64 = 0x4;
+pub const MOUNT_ATTR_NOEXEC: u64 = 0x8;
+
+/// A new, detached filesystem instance (fsopen + fsconfig + fsmount): `proc` of the caller's PID
+/// namespace, `sysfs` of its network namespace. Created before pivot_root, because the kernel
+/// only allows them in a user namespace while a fully visible instance exists in the mount
+/// namespace.
+pub fn fresh_mount(fstype: &CStr, options: &[(CString, CString)], attrs: u64) -> Result<RawFd, i32> {
+    const FSOPEN_CLOEXEC: c_uint = 1;
+    const FSCONFIG_SET_STRING: c_uint = 1;
+    const FSCONFIG_CMD_CREATE: c_uint = 6;
+    const FSMOUNT_CLOEXEC: c_uint = 1;
+    // SAFETY: `fstype` is a valid NUL-terminated string.
+    let fsfd = check(unsafe { libc::syscall(libc::SYS_fsopen, fstype.as_ptr(), FSOPEN_CLOEXEC) })?
+        as RawFd;
+    let result = (|| {
+        for (key, value) in options {
+            // SAFETY: key and value are valid NUL-terminated strings; fsfd is ours.
+            check(unsafe {
+                libc::syscall(
+                    libc::SYS_fsconfig,
+                    fsfd,
+                    FSCONFIG_SET_STRING,
+                    key.as_ptr(),
+                    value.as_ptr(),
+                    0,
+                )
+            })?;
+        }
+        // SAFETY: FSCONFIG_CMD_CREATE takes no key or value.
+        check(unsafe {
+            libc::syscall(
+                libc::SYS_fsconfig,
+                fsfd,
+                FSCONFIG_CMD_CREATE,
+                std::ptr::null::<libc::c_char>(),
+                std::ptr::null::<libc::c_void>(),
+                0,
+            )
+        })?;
+        // SAFETY: fsmount takes the configured fs context and integer flags.
+        check(unsafe { libc::syscall(libc::SYS_fsmount, fsfd, FSMOUNT_CLOEXEC, attrs) })
+            .map(|fd| fd as RawFd)
+    })();
+    close(fsfd);
+    result
+}
+
+/// `struct mount_attr` of mount_setattr(2).
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+/// Make a mount (given as an fd from open_tree, or a path) read-only, recursively if asked.
+pub fn set_readonly(dirfd: RawFd, path: &CStr, recursive: bool) -> Result<(), i32> {
+    let mut flags = libc::AT_EMPTY_PATH as c_uint;
+    if recursive {
+        flags |= libc::AT_RECURSIVE as c_uint;
+    }
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_RDONLY,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: `path` is NUL-terminated and `attr` is a valid mount_attr whose size is passed.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            dirfd,
+            path.as_ptr(),
+            flags,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    })
+    .map(drop)
+}
+
+/// move_mount(2) of a detached tree (fd from open_tree) onto `target`.
+pub fn move_mount_fd(fd: RawFd, target: &CStr) -> Result<(), i32> {
+    const MOVE_MOUNT_F_EMPTY_PATH: c_uint = 0x4;
+    // SAFETY: both strings are valid and NUL-terminated ("" for the empty from-path).
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            fd,
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            target.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    })
+    .map(drop)
+}
+
+/// mount(2) with optional source, fstype and data.
+pub fn mount(
+    source: Option<&CStr>,
+    target: &CStr,
+    fstype: Option<&CStr>,
+    flags: libc::c_ulong,
+    data: Option<&CStr>,
+) -> Result<(), i32> {
+    let p = |s: Option<&CStr>| s.map_or(std::ptr::null(), CStr::as_ptr);
+    // SAFETY: every pointer is either null or a valid NUL-terminated string.
+    check_int(unsafe {
+        libc::mount(
+            p(source),
+            target.as_ptr(),
+            p(fstype),
+            flags,
+            p(data).cast(),
+        )
+    })
+    .map(drop)
+}
+
+pub fn umount_detach(target: &CStr) -> Result<(), i32> {
+    // SAFETY: `target` is a valid NUL-terminated string.
+    check_int(unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) }).map(drop)
+}
+
+pub fn pivot_root(new_root: &CStr, put_old: &CStr) -> Result<(), i32> {
+    // SAFETY: both arguments are valid NUL-terminated strings.
+    check(unsafe { libc::syscall(libc::SYS_pivot_root, new_root.as_ptr(), put_old.as_ptr()) })
+        .map(drop)
+}
+
+pub fn chdir(path: &CStr) -> Result<(), i32> {
+    // SAFETY: `path` is a valid NUL-terminated string.
+    check_int(unsafe { libc::chdir(path.as_ptr()) }).map(drop)
+}
+
+pub fn mkdir(path: &CStr, mode: libc::mode_t) -> Result<(), i32> {
+    // SAFETY: `path` is a valid NUL-terminated string.
+    match check_int(unsafe { libc::mkdir(path.as_ptr(), mode) }) {
+        Ok(_) | Err(libc::EEXIST) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Create an empty file to bind a file onto, unless something exists there already.
+pub fn touch(path: &CStr) -> Result<(), i32> {
+    // SAFETY: `path` is a valid NUL-terminated string; the fd is closed right away.
+    let fd = check_int(unsafe {
+        libc::open(
+            path.as_ptr(),
+            libc::O_RDONLY | libc::O_CREAT | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+            0o644 as c_uint,
+        )
+    });
+    match fd {
+        Ok(fd) => {
+            close(fd);
+            Ok(())
+        }
+        // O_NOFOLLOW on an existing symlink: something is there; the bind will follow it.
+        Err(libc::ELOOP) | Err(libc::EISDIR) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+pub fn symlink(target: &CStr, link: &CStr) -> Result<(), i32> {
+    // SAFETY: both are valid NUL-terminated strings.
+    match check_int(unsafe { libc::symlink(target.as_ptr(), link.as_ptr()) }) {
+        Ok(_) | Err(libc::EEXIST) => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+pub fn sethostname(name: &CStr) -> Result<(), i32> {
+    let bytes = name.to_bytes();
+    // SAFETY: the pointer and length describe `name`'s bytes.
+    check_int(unsafe { libc::sethostname(bytes.as_ptr().cast(), bytes.len()) }).map(drop)
+}
+
+pub fn close(fd: RawFd) {
+    // SAFETY: closing a descriptor we own; errors are irrelevant here.
+    unsafe { libc::close(fd) };
+}
+
+/// close_range(2); with `cloexec` the descriptors are only marked close-on-exec.
+pub fn close_range(first: c_uint, last: c_uint, cloexec: bool) -> Result<(), i32> {
+    const CLOSE_RANGE_CLOEXEC: c_uint = 1 << 2;
+    let flags = if cloexec { CLOSE_RANGE_CLOEXEC } else { 0 };
+    // SAFETY: close_range takes plain integers.
+    check(unsafe { libc::syscall(libc::SYS_close_range, first, last, flags) }).map(drop)
+}
+
+pub fn dup2(old: RawFd, new: RawFd) -> Result<(), i32> {
+    if old == new {
+        // dup2 to itself keeps FD_CLOEXEC; clear it so the descriptor survives exec.
+        // SAFETY: fcntl on a descriptor we own.
+        return check_int(unsafe { libc::fcntl(old, libc::F_SETFD, 0) }).map(drop);
+    }
+    // SAFETY: dup2 takes plain integers.
+    check_int(unsafe { libc::dup2(old, new) }).map(drop)
+}
+
+pub fn write_all(fd: RawFd, mut buf: &[u8]) -> Result<(), i32> {
+    while !buf.is_empty() {
+        // SAFETY: the pointer and length describe `buf`.
+        match check(unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) } as c_long) {
+            Ok(n) => buf = &buf[n as usize..],
+            Err(libc::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Read into `buf` until it is full or EOF; returns the number of bytes read.
+pub fn read_full(fd: RawFd, buf: &mut [u8]) -> Result<usize, i32> {
+    let mut got = 0;
+    while got < buf.len() {
+        let rest = &mut buf[got..];
+        // SAFETY: the pointer and length describe `rest`.
+        match check(unsafe { libc::read(fd, rest.as_mut_ptr().cast(), rest.len()) } as c_long) {
+            Ok(0) => break,
+            Ok(n) => got += n as usize,
+            Err(libc::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+pub fn prctl(option: c_int, arg: libc::c_ulong) -> Result<(), i32> {
+    // SAFETY: the prctl options used here take integer arguments only.
+    check_int(unsafe { libc::prctl(option, arg, 0, 0, 0) }).map(drop)
+}
+
+pub fn setresuid(uid: libc::uid_t) -> Result<(), i32> {
+    // SAFETY: plain integers. Raw syscall: glibc's wrapper would broadcast to other threads.
+    check(unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, uid) }).map(drop)
+}
+
+pub fn setresgid(gid: libc::gid_t) -> Result<(), i32> {
+    // SAFETY: plain integers. Raw syscall for the same reason as setresuid.
+    check(unsafe { libc::syscall(libc::SYS_setresgid, gid, gid, gid) }).map(drop)
+}
+
+pub fn setgroups(groups: &[libc::gid_t]) -> Result<(), i32> {
+    // SAFETY: the pointer and length describe `groups`. Raw syscall, not glibc's broadcast.
+    check(unsafe { libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) }).map(drop)
+}
+
+pub fn setrlimit(resource: c_int, soft: u64, hard: u64) -> Result<(), i32> {
+    let lim = libc::rlimit64 {
+        rlim_cur: soft,
+        rlim_max: hard,
+    };
+    // SAFETY: prlimit64 on ourselves (pid 0) with a valid new limit and no old-limit output.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_prlimit64,
+            0,
+            resource,
+            &lim as *const libc::rlimit64,
+            std::ptr::null_mut::<libc::rlimit64>(),
+        )
+    })
+    .map(drop)
+}
+
+/// Set the effective, permitted and inheritable capability sets to `mask` (64 bits).
+pub fn capset(mask: u64) -> Result<(), i32> {
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: c_int,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    const VERSION_3: u32 = 0x2008_0522;
+    let mut header = Header {
+        version: VERSION_3,
+        pid: 0,
+    };
+    let lo = mask as u32;
+    let hi = (mask >> 32) as u32;
+    let data = [
+        Data {
+            effective: lo,
+            permitted: lo,
+            inheritable: lo,
+        },
+        Data {
+            effective: hi,
+            permitted: hi,
+            inheritable: hi,
+        },
+    ];
+    // SAFETY: header and the two data structs are the layout capset(2) version 3 expects.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_capset,
+            &mut header as *mut Header,
+            data.as_ptr(),
+        )
+    })
+    .map(drop)
+}
+
+/// Reset every catchable signal to its default action and unblock all signals.
+pub fn reset_signals() {
+    for sig in 1..libc::SIGRTMAX() {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: resetting a signal to SIG_DFL; failures (invalid signal numbers) are harmless.
+        unsafe { libc::signal(sig, libc::SIG_DFL) };
+    }
+    set_sigmask(&empty_sigset());
+}
+
+pub fn empty_sigset() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data; sigemptyset initialises it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        set
+    }
+}
+
+pub fn sigset_of(signals: &[c_int]) -> libc::sigset_t {
+    let mut set = empty_sigset();
+    for &s in signals {
+        // SAFETY: `set` is an initialised sigset_t.
+        unsafe { libc::sigaddset(&mut set, s) };
+    }
+    set
+}
+
+pub fn set_sigmask(set: &libc::sigset_t) {
+    // SAFETY: `set` is an initialised sigset_t; the old mask is not needed.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, set, std::ptr::null_mut()) };
+}
+
+/// Wait for one of the signals in `set` (which must be blocked).
+pub fn sigwaitinfo(set: &libc::sigset_t) -> Result<libc::siginfo_t, i32> {
+    // SAFETY: siginfo_t is plain data filled in by the kernel; `set` is initialised.
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        check_int(libc::sigwaitinfo(set, &mut info)).map(|_| info)
+    }
+}
+
+pub fn kill(pid: libc::pid_t, sig: c_int) -> Result<(), i32> {
+    // SAFETY: kill takes plain integers.
+    check_int(unsafe { libc::kill(pid, sig) }).map(drop)
+}
+
+/// waitpid(2); returns (pid, raw status).
+pub fn waitpid(pid: libc::pid_t, flags: c_int) -> Result<(libc::pid_t, c_int), i32> {
+    let mut status: c_int = 0;
+    loop {
+        // SAFETY: `status` is a valid out-pointer.
+        match check_int(unsafe { libc::waitpid(pid, &mut status, flags) }) {
+            Ok(p) => return Ok((p, status)),
+            Err(libc::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+pub fn execve(path: &CStr, argv: *const *const libc::c_char, envp: *const *const libc::c_char) -> i32 {
+    // SAFETY: argv and envp are NUL-terminated arrays of valid strings prepared by the caller and
+    // kept alive by it; execve only returns on failure.
+    unsafe { libc::execve(path.as_ptr(), argv, envp) };
+    errno()
+}
+
+/// Bring the loopback interface of the current network namespace up.
+pub fn loopback_up() -> Result<(), i32> {
+    // SAFETY: a plain datagram socket used only for the interface ioctls below, then closed.
+    let sock = check_int(unsafe {
+        libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0)
+    })?;
+    // SAFETY: ifreq is plain data; the name "lo" fits in IFNAMSIZ with its NUL.
+    let result = unsafe {
+        let mut req: libc::ifreq = std::mem::zeroed();
+        for (i, b) in b"lo".iter().enumerate() {
+            req.ifr_name[i] = *b as libc::c_char;
+        }
+        check_int(libc::ioctl(sock, libc::SIOCGIFFLAGS, &mut req)).and_then(|_| {
+            req.ifr_ifru.ifru_flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            check_int(libc::ioctl(sock, libc::SIOCSIFFLAGS, &req))
+        })
+    };
+    close(sock);
+    result.map(drop)
+}
+
+pub fn exit(code: c_int) -> ! {
+    // SAFETY: _exit never returns and runs no atexit handlers or destructors, which is what a
+    // forked child of a possibly multi-threaded process must do.
+    unsafe { libc::_exit(code) }
+}
+
+/// A pipe whose both ends are close-on-exec; returns (read, write).
+pub fn pipe() -> Result<(RawFd, RawFd), i32> {
+    let mut fds = [0 as c_int; 2];
+    // SAFETY: `fds` has room for the two descriptors.
+    check_int(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    Ok((fds[0], fds[1]))
+}
