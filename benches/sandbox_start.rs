@@ -97,12 +97,30 @@ fn main() {
             c.push(time(bwrap));
         }
     }
-    println!("sandbox start-up, /bin/true in {} ({runs} runs each, interleaved)", rootfs.display());
+    println!(
+        "sandbox start-up, /bin/true in {} ({runs} runs each, interleaved)",
+        rootfs.display()
+    );
     println!("{:<10} {:>10} {:>10}", "", "median", "p90");
-    println!("{:<10} {:>8.2}ms {:>8.2}ms", "library", ms(median(&mut a)), ms(p90(&mut a)));
-    println!("{:<10} {:>8.2}ms {:>8.2}ms", "mistryd", ms(median(&mut b)), ms(p90(&mut b)));
+    println!(
+        "{:<10} {:>8.2}ms {:>8.2}ms",
+        "library",
+        ms(median(&mut a)),
+        ms(p90(&mut a))
+    );
+    println!(
+        "{:<10} {:>8.2}ms {:>8.2}ms",
+        "mistryd",
+        ms(median(&mut b)),
+        ms(p90(&mut b))
+    );
     if have_bwrap {
-        println!("{:<10} {:>8.2}ms {:>8.2}ms", "bwrap", ms(median(&mut c)), ms(p90(&mut c)));
+        println!(
+            "{:<10} {:>8.2}ms {:>8.2}ms",
+            "bwrap",
+            ms(median(&mut c)),
+            ms(p90(&mut c))
+        );
         println!(
             "ratio mistryd/bwrap: {:.2} (library/bwrap: {:.2}); target: mistryd median <= 5 ms and ratio < 1",
             ms(median(&mut b)) / ms(median(&mut c)),

@@ -69,12 +69,14 @@ pub fn create_in(parent: &Path, limits: &CgroupLimits) -> Result<Cgroup, String>
             ));
         }
         if !enabled.split_whitespace().any(|x| x == c) {
-            std::fs::write(parent.join("cgroup.subtree_control"), format!("+{c}")).map_err(|e| {
-                format!(
-                    "cannot enable the {c} controller in {}: {e}",
-                    parent.join("cgroup.subtree_control").display()
-                )
-            })?;
+            std::fs::write(parent.join("cgroup.subtree_control"), format!("+{c}")).map_err(
+                |e| {
+                    format!(
+                        "cannot enable the {c} controller in {}: {e}",
+                        parent.join("cgroup.subtree_control").display()
+                    )
+                },
+            )?;
         }
     }
     let name = format!(
@@ -96,7 +98,10 @@ pub fn create_in(parent: &Path, limits: &CgroupLimits) -> Result<Cgroup, String>
     }
     if let Some(c) = limits.cpus {
         let period = 100_000u64;
-        writes.push(("cpu.max", format!("{} {period}", (c * period as f64).max(1000.0) as u64)));
+        writes.push((
+            "cpu.max",
+            format!("{} {period}", (c * period as f64).max(1000.0) as u64),
+        ));
     }
     for (file, value) in writes {
         let target = cgroup.path.join(file);
@@ -179,14 +184,21 @@ mod tests {
             ..Default::default()
         };
         let why = create_in(dir.path(), &limits).unwrap_err();
-        assert!(why.starts_with("the memory controller is not available in"), "{why}");
+        assert!(
+            why.starts_with("the memory controller is not available in"),
+            "{why}"
+        );
     }
 
     #[test]
     fn writes_limits_into_a_new_child() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("cgroup.controllers"), "cpu memory pids\n").unwrap();
-        std::fs::write(dir.path().join("cgroup.subtree_control"), "cpu memory pids\n").unwrap();
+        std::fs::write(
+            dir.path().join("cgroup.subtree_control"),
+            "cpu memory pids\n",
+        )
+        .unwrap();
         let limits = CgroupLimits {
             memory_max: Some(64 << 20),
             pids_max: Some(100),

@@ -164,7 +164,11 @@ pub fn init_main(p: &mut Prepared) -> ! {
     sys::set_sigmask(&set);
 
     let mut job_stack = std::mem::take(&mut p.job_stack);
-    let job = match sys::vfork_on(&mut job_stack, job_entry, p as *mut Prepared as *mut libc::c_void) {
+    let job = match sys::vfork_on(
+        &mut job_stack,
+        job_entry,
+        p as *mut Prepared as *mut libc::c_void,
+    ) {
         Ok(pid) => pid,
         Err(e) => {
             report(p.report_write, Stage::Fork, e, 0);
@@ -209,13 +213,7 @@ fn add_signal(mut set: libc::sigset_t, sig: libc::c_int) -> libc::sigset_t {
 
 fn run_op(op: &Op, slots: &mut [RawFd]) -> Result<(), i32> {
     match op {
-        Op::MakePrivate => sys::mount(
-            None,
-            c"/",
-            None,
-            libc::MS_REC | libc::MS_PRIVATE,
-            None,
-        ),
+        Op::MakePrivate => sys::mount(None, c"/", None, libc::MS_REC | libc::MS_PRIVATE, None),
         Op::Grab {
             source,
             slot,
@@ -277,7 +275,8 @@ fn run_op(op: &Op, slots: &mut [RawFd]) -> Result<(), i32> {
             Err(libc::ENOENT) => Ok(()),
             Err(e) => Err(e),
             Ok(fd) => {
-                let r = sys::set_readonly(fd, c"", false).and_then(|_| sys::move_mount_fd(fd, path));
+                let r =
+                    sys::set_readonly(fd, c"", false).and_then(|_| sys::move_mount_fd(fd, path));
                 sys::close(fd);
                 r
             }
@@ -303,7 +302,11 @@ fn job_main(p: &Prepared) -> ! {
     };
     // SAFETY: setsid takes no arguments; the job gets its own session without a terminal.
     if unsafe { libc::setsid() } < 0 {
-        fail(Stage::Setsid, std::io::Error::last_os_error().raw_os_error().unwrap_or(0), 0);
+        fail(
+            Stage::Setsid,
+            std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
+            0,
+        );
     }
     // Move the stdio descriptors out of the way first so that any permutation of 0/1/2 works.
     let mut high = [-1; 3];
@@ -311,7 +314,11 @@ fn job_main(p: &Prepared) -> ! {
         // SAFETY: fcntl(F_DUPFD_CLOEXEC) on a descriptor we hold.
         let dup = unsafe { libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 3) };
         if dup < 0 {
-            fail(Stage::Stdio, std::io::Error::last_os_error().raw_os_error().unwrap_or(0), i as u32);
+            fail(
+                Stage::Stdio,
+                std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
+                i as u32,
+            );
         }
         high[i] = dup;
     }

@@ -24,7 +24,9 @@ impl std::str::FromStr for NetworkMode {
         match s {
             "none" => Ok(Self::None),
             "host" => Ok(Self::Host),
-            other => Err(format!("unknown network mode {other:?} (expected none or host)")),
+            other => Err(format!(
+                "unknown network mode {other:?} (expected none or host)"
+            )),
         }
     }
 }
@@ -202,7 +204,8 @@ impl std::str::FromStr for Rlimit {
             if v == "unlimited" {
                 Ok(libc::RLIM_INFINITY)
             } else {
-                v.parse().map_err(|_| format!("invalid rlimit value {v:?} in {s:?}"))
+                v.parse()
+                    .map_err(|_| format!("invalid rlimit value {v:?} in {s:?}"))
             }
         };
         let (soft, hard) = match value.split_once(':') {

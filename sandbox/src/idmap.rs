@@ -51,7 +51,9 @@ impl Mapping {
     pub fn max_id(&self) -> u32 {
         match self {
             Mapping::Single { .. } => 0,
-            Mapping::Full { subuid, subgid, .. } => subuid.count.min(subgid.count).min(SUBORDINATE_IDS),
+            Mapping::Full { subuid, subgid, .. } => {
+                subuid.count.min(subgid.count).min(SUBORDINATE_IDS)
+            }
         }
     }
 

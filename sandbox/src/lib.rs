@@ -218,11 +218,7 @@ fn set_cloexec_pipe() -> Result<(OwnedFd, OwnedFd), Error> {
 }
 
 /// The child's end of a standard stream, and the parent's end when piped.
-fn stdio_ends(
-    stdio: Stdio,
-    fd: RawFd,
-    input: bool,
-) -> Result<(OwnedFd, Option<File>), Error> {
+fn stdio_ends(stdio: Stdio, fd: RawFd, input: bool) -> Result<(OwnedFd, Option<File>), Error> {
     match stdio {
         Stdio::Inherit => {
             let dup = nix::unistd::dup(fd).map_err(|e| Error::Io {
@@ -262,13 +258,18 @@ fn last_cap() -> u32 {
 
 /// Explain a failed clone: which sysctl disables user namespaces, if one does.
 fn namespaces_error(errno: i32) -> Error {
-    let read = |p: &str| std::fs::read_to_string(p).map(|s| s.trim().to_string()).ok();
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .map(|s| s.trim().to_string())
+            .ok()
+    };
     let reason = if read("/proc/sys/user/max_user_namespaces").as_deref() == Some("0") {
         "user namespaces are disabled: sysctl user.max_user_namespaces is 0 (set it to e.g. 15000)"
             .to_string()
     } else if read("/proc/sys/kernel/unprivileged_userns_clone").as_deref() == Some("0") {
         "unprivileged user namespaces are disabled: sysctl kernel.unprivileged_userns_clone is 0 (set it to 1)".to_string()
-    } else if read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns").as_deref() == Some("1") {
+    } else if read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns").as_deref() == Some("1")
+    {
         "unprivileged user namespaces are restricted by AppArmor: sysctl kernel.apparmor_restrict_unprivileged_userns is 1".to_string()
     } else {
         format!("clone: {}", errno_text(errno))
@@ -386,7 +387,10 @@ impl Sandbox {
         }
 
         let env = self.environment(&resolved.home);
-        let path_var = env.iter().find(|(k, _)| k == "PATH").map(|(_, v)| v.as_os_str());
+        let path_var = env
+            .iter()
+            .find(|(k, _)| k == "PATH")
+            .map(|(_, v)| v.as_os_str());
         let exec_candidates = plan::exec_candidates(&self.argv[0], path_var);
         if exec_candidates.is_empty() {
             return Err(Error::Exec("exec: empty program name".into()));
@@ -415,7 +419,11 @@ impl Sandbox {
         let (report_r, report_w) = set_cloexec_pipe()?;
         let (status_r, status_w) = set_cloexec_pipe()?;
 
-        let mut parent_fds = vec![sync_w.as_raw_fd(), report_r.as_raw_fd(), status_r.as_raw_fd()];
+        let mut parent_fds = vec![
+            sync_w.as_raw_fd(),
+            report_r.as_raw_fd(),
+            status_r.as_raw_fd(),
+        ];
         parent_fds.extend(stdin.iter().map(|f| f.as_raw_fd()));
         parent_fds.extend(stdout.iter().map(|f| f.as_raw_fd()));
         parent_fds.extend(stderr.iter().map(|f| f.as_raw_fd()));
@@ -483,7 +491,14 @@ impl Sandbox {
             }
             Err(e) => return Err(namespaces_error(e)),
         };
-        drop((stdin_child, stdout_child, stderr_child, sync_r, report_w, status_w));
+        drop((
+            stdin_child,
+            stdout_child,
+            stderr_child,
+            sync_r,
+            report_w,
+            status_w,
+        ));
 
         let mut child = Child {
             pid,
@@ -531,7 +546,9 @@ impl Sandbox {
             if let Some(r) = Report::decode(&buf) {
                 return Err(describe_report(&r, &prepared));
             }
-            return Err(Error::Setup("the sandbox reported an unknown failure".into()));
+            return Err(Error::Setup(
+                "the sandbox reported an unknown failure".into(),
+            ));
         }
         Ok(child)
     }

@@ -33,11 +33,17 @@ pub enum Op {
         slot: usize,
     },
     /// Bind the rootfs onto itself, pivot into it and detach the old root.
-    Pivot { rootfs: CString },
+    Pivot {
+        rootfs: CString,
+    },
     /// Create each directory of the list (parents first), ignoring existing ones.
-    Mkdirs { dirs: Vec<CString> },
+    Mkdirs {
+        dirs: Vec<CString>,
+    },
     /// Create an empty file to mount a file onto.
-    Touch { path: CString },
+    Touch {
+        path: CString,
+    },
     /// A new filesystem.
     Mount {
         fstype: CString,
@@ -46,10 +52,18 @@ pub enum Op {
         data: Option<CString>,
     },
     /// Attach the tree of `slot` at `target`.
-    Attach { slot: usize, target: CString },
+    Attach {
+        slot: usize,
+        target: CString,
+    },
     /// Bind a path of the new root onto itself read-only (e.g. `/proc/sys`); missing is fine.
-    ReadOnlySelf { path: CString },
-    Symlink { target: CString, link: CString },
+    ReadOnlySelf {
+        path: CString,
+    },
+    Symlink {
+        target: CString,
+        link: CString,
+    },
     /// Make the root mount read-only.
     ReadOnlyRoot,
     /// Bring up `lo` in the new network namespace.
@@ -104,8 +118,13 @@ pub struct Spec<'a> {
 pub fn cstr(bytes: &[u8]) -> CString {
     // Paths handed to us come from OsStr/Path, which cannot contain NUL on Unix except when a
     // caller builds one on purpose; such a byte is replaced rather than panicking.
-    CString::new(bytes.iter().map(|&b| if b == 0 { b'?' } else { b }).collect::<Vec<u8>>())
-        .unwrap_or_default()
+    CString::new(
+        bytes
+            .iter()
+            .map(|&b| if b == 0 { b'?' } else { b })
+            .collect::<Vec<u8>>(),
+    )
+    .unwrap_or_default()
 }
 
 pub fn cpath(p: &Path) -> CString {
@@ -125,6 +144,55 @@ pub fn normalize_inside(p: &Path) -> PathBuf {
         }
     }
     out
+}
+
+/// Resolve `path` as the sandbox will see it: symlinks of the image are followed *inside*
+/// `rootfs` (an absolute link target restarts at the sandbox's root, `..` stops at it), like
+/// runc's securejoin. Missing components are kept as they are. The result is an absolute
+/// in-sandbox path without symlinks in its existing part, so the directories to create for a
+/// mount point are known before the sandbox starts. (The mounts themselves happen after
+/// pivot_root, so even a rootfs changed in between cannot lead them out of the sandbox.)
+pub fn resolve_in_root(rootfs: &Path, path: &Path) -> PathBuf {
+    let mut done = PathBuf::from("/");
+    let mut todo: Vec<std::ffi::OsString> = path
+        .components()
+        .rev()
+        .filter_map(|c| match c {
+            Component::Normal(n) => Some(n.to_os_string()),
+            Component::ParentDir => Some("..".into()),
+            _ => None,
+        })
+        .collect();
+    let mut links = 0;
+    while let Some(part) = todo.pop() {
+        if part == ".." {
+            done.pop();
+            continue;
+        }
+        let candidate = done.join(&part);
+        let on_host = rootfs.join(candidate.strip_prefix("/").unwrap_or(&candidate));
+        match std::fs::symlink_metadata(&on_host) {
+            Ok(m) if m.file_type().is_symlink() && links < 40 => {
+                links += 1;
+                let Ok(target) = std::fs::read_link(&on_host) else {
+                    done = candidate;
+                    continue;
+                };
+                if target.is_absolute() {
+                    done = PathBuf::from("/");
+                }
+                for c in target.components().rev() {
+                    match c {
+                        Component::Normal(n) => todo.push(n.to_os_string()),
+                        Component::ParentDir => todo.push("..".into()),
+                        _ => {}
+                    }
+                }
+            }
+            _ => done = candidate,
+        }
+    }
+    done
 }
 
 /// `/a/b/c` → [`/a`, `/a/b`, `/a/b/c`].
@@ -193,7 +261,12 @@ pub fn build(spec: &Spec<'_>) -> (Vec<Op>, usize) {
     // Everything that comes from the host is grabbed while the host is still visible.
     let devices: Vec<(usize, &str)> = DEVICES
         .iter()
-        .map(|d| (grab(&mut ops, &mut slots, &Path::new("/dev").join(d), false), *d))
+        .map(|d| {
+            (
+                grab(&mut ops, &mut slots, &Path::new("/dev").join(d), false),
+                *d,
+            )
+        })
         .collect();
     let proc = fresh(
         &mut ops,
@@ -238,7 +311,13 @@ pub fn build(spec: &Spec<'_>) -> (Vec<Op>, usize) {
         slot: proc,
         target: c("/proc"),
     });
-    for p in ["/proc/sys", "/proc/sysrq-trigger", "/proc/irq", "/proc/bus", "/proc/fs"] {
+    for p in [
+        "/proc/sys",
+        "/proc/sysrq-trigger",
+        "/proc/irq",
+        "/proc/bus",
+        "/proc/fs",
+    ] {
         ops.push(Op::ReadOnlySelf { path: c(p) });
     }
 
@@ -251,7 +330,12 @@ pub fn build(spec: &Spec<'_>) -> (Vec<Op>, usize) {
 
     // A minimal /dev.
     ops.push(mkdirs("/dev"));
-    ops.push(mount("tmpfs", "/dev", NOSUID | NOEXEC, Some("mode=755,size=65536k")));
+    ops.push(mount(
+        "tmpfs",
+        "/dev",
+        NOSUID | NOEXEC,
+        Some("mode=755,size=65536k"),
+    ));
     for (slot, name) in devices {
         let path = format!("/dev/{name}");
         ops.push(Op::Touch { path: c(&path) });
@@ -272,7 +356,12 @@ pub fn build(spec: &Spec<'_>) -> (Vec<Op>, usize) {
         link: c("/dev/ptmx"),
     });
     ops.push(mkdirs("/dev/shm"));
-    ops.push(mount("tmpfs", "/dev/shm", NOSUID | NODEV | NOEXEC, Some("mode=1777,size=65536k")));
+    ops.push(mount(
+        "tmpfs",
+        "/dev/shm",
+        NOSUID | NODEV | NOEXEC,
+        Some("mode=1777,size=65536k"),
+    ));
     for (target, link) in [
         ("/proc/self/fd", "/dev/fd"),
         ("/proc/self/fd/0", "/dev/stdin"),
@@ -300,7 +389,7 @@ pub fn build(spec: &Spec<'_>) -> (Vec<Op>, usize) {
     }
 
     for (slot, b) in binds {
-        let dest = normalize_inside(&b.destination);
+        let dest = resolve_in_root(spec.rootfs, &b.destination);
         if b.source_is_dir {
             ops.push(Op::Mkdirs {
                 dirs: prefixes(&dest),
@@ -385,13 +474,20 @@ mod tests {
             read_only_root: true,
         });
         assert_eq!(slots, DEVICES.len() + 2 + 2);
-        let pivot = ops.iter().position(|o| matches!(o, Op::Pivot { .. })).unwrap();
+        let pivot = ops
+            .iter()
+            .position(|o| matches!(o, Op::Pivot { .. }))
+            .unwrap();
         // Every grab happens before pivot, every mount after.
         let before = |o: &Op| matches!(o, Op::Grab { .. } | Op::Fresh { .. } | Op::MakePrivate);
         assert!(ops[..pivot].iter().all(before));
         assert!(!ops[pivot..].iter().any(before));
         let n = names(&ops);
-        let pos = |s: &str| n.iter().position(|x| x == s).unwrap_or_else(|| panic!("{s} in {n:?}"));
+        let pos = |s: &str| {
+            n.iter()
+                .position(|x| x == s)
+                .unwrap_or_else(|| panic!("{s} in {n:?}"))
+        };
         assert!(pos("bind mount on /proc") < pos("making /proc/sys read-only"));
         assert!(pos("making /proc/sys read-only") < pos("mount tmpfs on /dev"));
         assert!(pos("mount tmpfs on /tmp") < pos("bind mount on /data"));
@@ -417,7 +513,10 @@ mod tests {
         });
         let n = names(&ops);
         if Path::new("/etc/resolv.conf").exists() {
-            assert!(n.contains(&"bind mount on /etc/resolv.conf".to_string()), "{n:?}");
+            assert!(
+                n.contains(&"bind mount on /etc/resolv.conf".to_string()),
+                "{n:?}"
+            );
         }
         assert!(!ops.contains(&Op::LoopbackUp));
         assert!(!ops.contains(&Op::ReadOnlyRoot));
@@ -425,9 +524,33 @@ mod tests {
     }
 
     #[test]
+    fn resolve_in_root_follows_links_inside() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = dir.path();
+        std::fs::create_dir_all(r.join("real/dir")).unwrap();
+        std::os::unix::fs::symlink("/real", r.join("abs")).unwrap();
+        std::os::unix::fs::symlink("real/dir", r.join("rel")).unwrap();
+        std::os::unix::fs::symlink("../../../../etc", r.join("real/up")).unwrap();
+        std::os::unix::fs::symlink("loop", r.join("loop")).unwrap();
+        let res = |p: &str| resolve_in_root(r, Path::new(p));
+        assert_eq!(res("/abs/dir/x"), PathBuf::from("/real/dir/x"));
+        assert_eq!(res("/rel/y"), PathBuf::from("/real/dir/y"));
+        assert_eq!(res("/real/up/passwd"), PathBuf::from("/etc/passwd"));
+        assert_eq!(res("/../../abs"), PathBuf::from("/real"));
+        assert_eq!(res("/missing/a/b"), PathBuf::from("/missing/a/b"));
+        assert_eq!(res("/loop/x"), PathBuf::from("/loop/x"));
+    }
+
+    #[test]
     fn normalize_never_leaves_root() {
-        assert_eq!(normalize_inside(Path::new("/../../etc/x")), PathBuf::from("/etc/x"));
-        assert_eq!(normalize_inside(Path::new("/a/./b/../c")), PathBuf::from("/a/c"));
+        assert_eq!(
+            normalize_inside(Path::new("/../../etc/x")),
+            PathBuf::from("/etc/x")
+        );
+        assert_eq!(
+            normalize_inside(Path::new("/a/./b/../c")),
+            PathBuf::from("/a/c")
+        );
         assert_eq!(normalize_inside(Path::new("/")), PathBuf::from("/"));
     }
 

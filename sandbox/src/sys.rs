@@ -12,7 +12,9 @@ use libc::{c_int, c_long, c_uint};
 
 /// The errno of the last failed call.
 fn errno() -> i32 {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+    std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
 }
 
 fn check(ret: c_long) -> Result<c_long, i32> {
@@ -60,7 +62,12 @@ pub enum Forked {
 pub fn fork_with(ns_flags: u64, want_pidfd: bool) -> Result<Forked, i32> {
     let mut pidfd: c_int = -1;
     let mut args = CloneArgs {
-        flags: ns_flags | if want_pidfd { libc::CLONE_PIDFD as u64 } else { 0 },
+        flags: ns_flags
+            | if want_pidfd {
+                libc::CLONE_PIDFD as u64
+            } else {
+                0
+            },
         pidfd: &mut pidfd as *mut c_int as u64,
         exit_signal: libc::SIGCHLD as u64,
         ..CloneArgs::default()
@@ -176,7 +183,11 @@ pub const MOUNT_ATTR_NOEXEC: u64 = 0x8;
 /// namespace, `sysfs` of its network namespace. Created before pivot_root, because the kernel
 /// only allows them in a user namespace while a fully visible instance exists in the mount
 /// namespace.
-pub fn fresh_mount(fstype: &CStr, options: &[(CString, CString)], attrs: u64) -> Result<RawFd, i32> {
+pub fn fresh_mount(
+    fstype: &CStr,
+    options: &[(CString, CString)],
+    attrs: u64,
+) -> Result<RawFd, i32> {
     const FSOPEN_CLOEXEC: c_uint = 1;
     const FSCONFIG_SET_STRING: c_uint = 1;
     const FSCONFIG_CMD_CREATE: c_uint = 6;
@@ -279,16 +290,8 @@ pub fn mount(
 ) -> Result<(), i32> {
     let p = |s: Option<&CStr>| s.map_or(std::ptr::null(), CStr::as_ptr);
     // SAFETY: every pointer is either null or a valid NUL-terminated string.
-    check_int(unsafe {
-        libc::mount(
-            p(source),
-            target.as_ptr(),
-            p(fstype),
-            flags,
-            p(data).cast(),
-        )
-    })
-    .map(drop)
+    check_int(unsafe { libc::mount(p(source), target.as_ptr(), p(fstype), flags, p(data).cast()) })
+        .map(drop)
 }
 
 pub fn umount_detach(target: &CStr) -> Result<(), i32> {
@@ -473,14 +476,8 @@ pub fn capset(mask: u64) -> Result<(), i32> {
         },
     ];
     // SAFETY: header and the two data structs are the layout capset(2) version 3 expects.
-    check(unsafe {
-        libc::syscall(
-            libc::SYS_capset,
-            &mut header as *mut Header,
-            data.as_ptr(),
-        )
-    })
-    .map(drop)
+    check(unsafe { libc::syscall(libc::SYS_capset, &mut header as *mut Header, data.as_ptr()) })
+        .map(drop)
 }
 
 /// Reset every catchable signal to its default action and unblock all signals.
@@ -545,7 +542,11 @@ pub fn waitpid(pid: libc::pid_t, flags: c_int) -> Result<(libc::pid_t, c_int), i
     }
 }
 
-pub fn execve(path: &CStr, argv: *const *const libc::c_char, envp: *const *const libc::c_char) -> i32 {
+pub fn execve(
+    path: &CStr,
+    argv: *const *const libc::c_char,
+    envp: *const *const libc::c_char,
+) -> i32 {
     // SAFETY: argv and envp are NUL-terminated arrays of valid strings prepared by the caller and
     // kept alive by it; execve only returns on failure.
     unsafe { libc::execve(path.as_ptr(), argv, envp) };

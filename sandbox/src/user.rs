@@ -115,9 +115,13 @@ pub fn resolve_with(user: &User, passwd: &str, group: &str) -> Result<Resolved, 
     };
     let unknown = |what: &str, name: &str| Error::User {
         spec: spec.clone(),
-        reason: format!("no {what} {name:?} in the image's /etc/{what_file}", what_file = if what == "user" { "passwd" } else { "group" }),
+        reason: format!(
+            "no {what} {name:?} in the image's /etc/{what_file}",
+            what_file = if what == "user" { "passwd" } else { "group" }
+        ),
     };
-    let entry = passwd_entries(passwd).find(|e| e.name == user_part || e.id.to_string() == user_part);
+    let entry =
+        passwd_entries(passwd).find(|e| e.name == user_part || e.id.to_string() == user_part);
     let (uid, mut gid, name, home) = match (entry, user_part.parse::<u32>()) {
         (Some(e), _) => (e.id, e.gid, Some(e.name.to_string()), e.home.to_string()),
         (None, Ok(uid)) => (uid, 0, None, "/".to_string()),
@@ -196,8 +200,16 @@ mod tests {
     #[test]
     fn unknown_names_are_errors() {
         let e = resolve_with(&spec("nobody"), PASSWD, GROUP).unwrap_err();
-        assert!(e.to_string().contains("no user \"nobody\" in the image's /etc/passwd"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("no user \"nobody\" in the image's /etc/passwd"),
+            "{e}"
+        );
         let e = resolve_with(&spec("builder:wheel"), PASSWD, GROUP).unwrap_err();
-        assert!(e.to_string().contains("no group \"wheel\" in the image's /etc/group"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("no group \"wheel\" in the image's /etc/group"),
+            "{e}"
+        );
     }
 }

@@ -5,7 +5,11 @@ use mistry::sandbox_cli::{self, RunArgs};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
-#[command(name = "mistryd", version, about = "A rootless, Docker-free build server compatible with mistry")]
+#[command(
+    name = "mistryd",
+    version,
+    about = "A rootless, Docker-free build server compatible with mistry"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -33,9 +37,13 @@ fn main() {
         .init();
     let cli = Cli::parse();
     match cli.command {
-        Some(Command::Sandbox(SandboxCommand::Run(args))) => std::process::exit(sandbox_cli::run(args)),
+        Some(Command::Sandbox(SandboxCommand::Run(args))) => {
+            std::process::exit(sandbox_cli::run(args))
+        }
         None => {
-            eprintln!("mistryd: the jobs server is not built yet; try `mistryd sandbox run --help`");
+            eprintln!(
+                "mistryd: the jobs server is not built yet; try `mistryd sandbox run --help`"
+            );
             std::process::exit(2);
         }
     }

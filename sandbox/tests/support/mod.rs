@@ -1,0 +1,146 @@
+//! Shared by the sandbox integration tests: a private copy of the busybox rootfs per test, the
+//! escape probe, and small helpers.
+//!
+//! `MISTRY_BUSYBOX_ROOTFS` names the template rootfs (default: `target/images/busybox/rootfs`
+//! of the workspace, built by `images/recipes/busybox.sh`); `MISTRY_PROBE` a prebuilt probe
+//! (default: compiled here from `probe.c` with `cc -static`). `scripts/test.sh` sets both when it
+//! runs these tests as an unprivileged user.
+#![allow(dead_code)]
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+
+use sandbox::{Output, Sandbox};
+
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub rootfs: PathBuf,
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+pub fn template() -> PathBuf {
+    let path = std::env::var_os("MISTRY_BUSYBOX_ROOTFS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("target/images/busybox/rootfs"));
+    assert!(
+        path.join("bin/busybox").is_file(),
+        "no busybox rootfs at {}: run `images/recipes/busybox.sh target/images/busybox` (or scripts/test.sh)",
+        path.display()
+    );
+    path
+}
+
+pub fn probe() -> PathBuf {
+    static PROBE: OnceLock<PathBuf> = OnceLock::new();
+    PROBE
+        .get_or_init(|| {
+            if let Some(p) = std::env::var_os("MISTRY_PROBE") {
+                return PathBuf::from(p);
+            }
+            let out = std::env::temp_dir().join(format!("mistry-probe-{}", std::process::id()));
+            let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/probe.c");
+            let status = Command::new("cc")
+                .args(["-static", "-O2", "-o"])
+                .arg(&out)
+                .arg(&src)
+                .status()
+                .expect("running cc to build the probe (apt-get install gcc libc6-dev)");
+            assert!(status.success(), "building {}", src.display());
+            out
+        })
+        .clone()
+}
+
+/// A fresh, private copy of the busybox rootfs with the probe at `/bin/probe` and a setuid-root
+/// copy at `/bin/probe-suid`.
+pub fn fixture() -> Fixture {
+    let dir = tempfile::Builder::new()
+        .prefix("mistry-sandbox-test")
+        .tempdir()
+        .expect("tempdir");
+    let rootfs = dir.path().join("rootfs");
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(template())
+        .arg(&rootfs)
+        .status()
+        .expect("cp");
+    assert!(status.success());
+    for (name, mode) in [("probe", 0o755), ("probe-suid", 0o4755)] {
+        let dst = rootfs.join("bin").join(name);
+        std::fs::copy(probe(), &dst).expect("copy probe");
+        std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    }
+    Fixture { dir, rootfs }
+}
+
+impl Fixture {
+    pub fn sandbox(&self) -> Sandbox {
+        Sandbox::new(&self.rootfs)
+    }
+
+    /// Run `sh -c script` in a default sandbox.
+    pub fn sh(&self, script: &str) -> Output {
+        run(self.sandbox().command(["/bin/sh", "-c", script]))
+    }
+
+    /// A host directory beside the rootfs (outside it).
+    pub fn host_dir(&self, name: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::create_dir_all(&p).expect("mkdir");
+        p
+    }
+}
+
+pub fn run(sb: Sandbox) -> Output {
+    sb.output()
+        .unwrap_or_else(|e| panic!("sandbox failed to start: {e}"))
+}
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Host processes whose command line contains `marker`.
+pub fn host_processes_with(marker: &str) -> Vec<i32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) {
+            if String::from_utf8_lossy(&cmd).contains(marker) {
+                found.push(pid);
+            }
+        }
+    }
+    found
+}
+
+/// A number unlikely to appear in any other process's command line.
+pub fn unique_marker() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    format!("{}{:09}", 9_000 + std::process::id() % 1000, nanos)
+}
+
+pub fn is_root() -> bool {
+    // SAFETY-free: geteuid via std's metadata of /proc/self is enough.
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false)
+}
+
+/// Whether the caller has subordinate ids (so sandbox users other than root exist).
+pub fn has_full_map() -> bool {
+    let f = fixture();
+    let out = f.sh("cat /proc/self/uid_map | wc -l");
+    text(&out.stdout).trim() == "2"
+}

@@ -1,0 +1,45 @@
+#!/bin/sh
+# Prepare a fresh Debian 12 machine for mistry's tests and examples. Idempotent; run as root.
+#
+# - installs the Debian packages the tests use;
+# - gives root and the unprivileged test user `mistry-test` subordinate id ranges
+#   (/etc/subuid, /etc/subgid), so sandboxes map 65536 ids;
+# - builds the busybox base image from Debian's busybox-static into target/images/busybox.
+set -eu
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" != 0 ]; then
+    echo "setup.sh: run as root (it installs packages and creates the test user)" >&2
+    exit 1
+fi
+
+PACKAGES="busybox-static uidmap bubblewrap hyperfine btrfs-progs gcc libc6-dev passwd procps"
+missing=
+for p in $PACKAGES; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+    echo "setup.sh: installing$missing"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
+fi
+
+# Subordinate ids: 65536 for root and for mistry-test, each after the highest range in use
+# (useradd may already have given the new user one).
+add_range() { # user file
+    touch "$2"
+    grep -q "^$1:" "$2" && return 0
+    start=$(awk -F: 'BEGIN { m = 100000 } NF >= 3 && $2 + $3 > m { m = $2 + $3 } END { print m }' "$2")
+    echo "$1:$start:65536" >> "$2"
+}
+if ! id mistry-test >/dev/null 2>&1; then
+    useradd --create-home --shell /bin/sh mistry-test
+fi
+for u in root mistry-test; do
+    add_range "$u" /etc/subuid
+    add_range "$u" /etc/subgid
+done
+
+if [ ! -x target/images/busybox/rootfs/bin/busybox ]; then
+    images/recipes/busybox.sh target/images/busybox
+fi

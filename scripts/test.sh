@@ -1,0 +1,43 @@
+#!/bin/sh
+# The whole test suite, on a fresh Debian 12 machine, as root:
+#
+#   scripts/test.sh
+#
+# 1. scripts/setup.sh: Debian packages, the unprivileged user mistry-test with subordinate ids,
+#    the busybox base image;
+# 2. formatting and clippy (warnings are errors);
+# 3. every test of the workspace, as root;
+# 4. the sandbox tests again as mistry-test: rootless is the promise, and root in a VM hides
+#    mistakes.
+set -eu
+cd "$(dirname "$0")/.."
+
+scripts/setup.sh
+
+export PATH="$HOME/.cargo/bin:$PATH"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+
+echo "== tests as root"
+cargo test --workspace
+
+echo "== sandbox tests as the unprivileged user mistry-test"
+# The test binaries, the probe and the base image go where mistry-test can read them.
+unpriv=$(mktemp -d /tmp/mistry-unpriv.XXXXXX)
+trap 'rm -rf "$unpriv"' EXIT
+chmod 755 "$unpriv"
+cc -static -O2 -o "$unpriv/probe" sandbox/tests/probe.c
+cp -a target/images/busybox/rootfs "$unpriv/rootfs"
+chown -R mistry-test: "$unpriv/rootfs"
+cargo test -p sandbox --no-run --message-format=json 2>/dev/null \
+    | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' > "$unpriv/list"
+status=0
+while read -r bin; do
+    name=$(basename "$bin")
+    cp "$bin" "$unpriv/$name"
+    echo "-- $name (as mistry-test)"
+    runuser -u mistry-test -- env -i PATH=/usr/bin:/bin HOME=/home/mistry-test TMPDIR=/tmp \
+        MISTRY_BUSYBOX_ROOTFS="$unpriv/rootfs" MISTRY_PROBE="$unpriv/probe" \
+        "$unpriv/$name" || status=1
+done < "$unpriv/list"
+exit $status
