@@ -15,6 +15,7 @@ cd "$(dirname "$0")/.."
 scripts/setup.sh
 
 export PATH="$HOME/.cargo/bin:$PATH"
+command -v cargo >/dev/null || { echo "test.sh: needs a Rust toolchain (cargo) on PATH" >&2; exit 1; }
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
