@@ -148,3 +148,78 @@ fn version() {
         format!("mistryd {}\n", env!("CARGO_PKG_VERSION"))
     );
 }
+
+fn processes_with(marker: &str) -> usize {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            std::fs::read(e.path().join("cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(marker))
+                .unwrap_or(false)
+        })
+        .count()
+}
+
+#[test]
+fn the_sandbox_dies_with_its_caller() {
+    let marker = format!(
+        "77{}{}",
+        std::process::id(),
+        std::time::UNIX_EPOCH.elapsed().unwrap().subsec_nanos()
+    );
+    let root = rootfs();
+    let mut caller = Command::new(env!("CARGO_BIN_EXE_mistryd"))
+        .args([
+            "sandbox",
+            "run",
+            "--rootfs",
+            root.to_str().unwrap(),
+            "--",
+            "/bin/sh",
+            "-c",
+        ])
+        .arg(format!("setsid sleep {marker} & sleep {marker}"))
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while processes_with(&marker) < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the job did not start"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    caller.kill().unwrap(); // SIGKILL: no chance to clean up
+    caller.wait().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while processes_with(&marker) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "processes of the sandbox outlived their caller"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn disabled_user_namespaces_name_the_sysctl() {
+    // In a user namespace of its own (util-linux unshare), the limit is set to 0 for that
+    // namespace only; the host is not touched.
+    let root = rootfs();
+    let out = Command::new("unshare")
+        .args(["--user", "--map-root-user", "sh", "-c"])
+        .arg(format!(
+            "echo 0 > /proc/sys/user/max_user_namespaces && exec {} sandbox run --rootfs {} -- /bin/true",
+            env!("CARGO_BIN_EXE_mistryd"),
+            root.display()
+        ))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(125), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stderr),
+        "mistryd: cannot create namespaces: user namespaces are disabled: sysctl \
+         user.max_user_namespaces is 0 (set it to e.g. 15000)\n"
+    );
+}
