@@ -1,10 +1,14 @@
 //! Build Dockerfiles into layered root filesystem snapshots, without Docker.
 //!
-//! Not implemented yet: this crate will parse Dockerfiles, pull base images from registries and
-//! OCI layouts, unpack layers into a snapshot store (btrfs, overlay or plain copies) and run `RUN`
-//! steps through the [`sandbox`] crate, caching every step.
+//! Done so far: [`dockerfile`] parses Dockerfiles (directives, continuations, every
+//! instruction) and [`lex`] does Docker's word processing (quotes, `$VAR`, `${VAR:-x}`...).
+//! To come: base images from registries and OCI layouts, layer unpacking, the snapshot store
+//! (btrfs, overlay, plain) and the step cache, with `RUN` steps run through [`sandbox`].
 //!
 //! The folder `images/recipes/` beside this crate holds the recipes of the offline base images
 //! (built from Debian packages) that examples and tests use.
+
+pub mod dockerfile;
+pub mod lex;
 
 pub use sandbox;

@@ -1,0 +1,521 @@
+//! Dockerfile parsing: parser directives (`escape`, `syntax`), comments, line continuations, and
+//! every instruction into a typed form. Arguments keep their raw text where Docker substitutes
+//! variables at build time (the builder expands them with [`crate::lex::Lexer`] and the
+//! environment of that step).
+//!
+//! Errors name their line: `line 3: unknown instruction: INVALIDCOMMAND`.
+
+use std::fmt;
+
+use crate::lex::Lexer;
+
+/// A parse error, with the 1-based line it is on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("line {line}: {message}")]
+pub struct ParseError {
+    pub line: usize,
+    pub message: String,
+}
+
+fn err<T>(line: usize, message: impl Into<String>) -> Result<T, ParseError> {
+    Err(ParseError {
+        line,
+        message: message.into(),
+    })
+}
+
+/// The command of RUN, CMD, ENTRYPOINT, HEALTHCHECK: shell form or exec (JSON) form.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Shell(String),
+    Exec(Vec<String>),
+}
+
+/// `--name=value` flags before an instruction's arguments.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Flags(pub Vec<(String, Option<String>)>);
+
+impl Flags {
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_deref().unwrap_or("true"))
+    }
+
+    fn check(&self, line: usize, instruction: &str, allowed: &[&str]) -> Result<(), ParseError> {
+        for (k, _) in &self.0 {
+            if !allowed.contains(&k.as_str()) {
+                return err(line, format!("unknown flag --{k} for {instruction}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Healthcheck {
+    /// None for `HEALTHCHECK NONE`.
+    pub test: Option<Command>,
+    pub flags: Flags,
+}
+
+/// One instruction, with raw (unexpanded) arguments where Docker expands at build time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Instruction {
+    From {
+        image: String,
+        alias: Option<String>,
+        platform: Option<String>,
+    },
+    Run {
+        command: Command,
+        flags: Flags,
+    },
+    /// COPY and ADD: `sources` and `dest` are raw words.
+    Copy {
+        add: bool,
+        sources: Vec<String>,
+        dest: String,
+        flags: Flags,
+    },
+    /// Raw `key=value` words (or the legacy `key value` as one pair).
+    Env(Vec<(String, String)>),
+    Arg(Vec<(String, Option<String>)>),
+    Workdir(String),
+    User(String),
+    Entrypoint(Command),
+    Cmd(Command),
+    Label(Vec<(String, String)>),
+    Expose(Vec<String>),
+    Volume(Vec<String>),
+    StopSignal(String),
+    Healthcheck(Healthcheck),
+    Onbuild(String),
+    Shell(Vec<String>),
+    Maintainer(String),
+}
+
+impl Instruction {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Instruction::From { .. } => "FROM",
+            Instruction::Run { .. } => "RUN",
+            Instruction::Copy { add: false, .. } => "COPY",
+            Instruction::Copy { add: true, .. } => "ADD",
+            Instruction::Env(_) => "ENV",
+            Instruction::Arg(_) => "ARG",
+            Instruction::Workdir(_) => "WORKDIR",
+            Instruction::User(_) => "USER",
+            Instruction::Entrypoint(_) => "ENTRYPOINT",
+            Instruction::Cmd(_) => "CMD",
+            Instruction::Label(_) => "LABEL",
+            Instruction::Expose(_) => "EXPOSE",
+            Instruction::Volume(_) => "VOLUME",
+            Instruction::StopSignal(_) => "STOPSIGNAL",
+            Instruction::Healthcheck(_) => "HEALTHCHECK",
+            Instruction::Onbuild(_) => "ONBUILD",
+            Instruction::Shell(_) => "SHELL",
+            Instruction::Maintainer(_) => "MAINTAINER",
+        }
+    }
+}
+
+/// An instruction with where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    /// 1-based line of the instruction's first line.
+    pub line: usize,
+    /// The logical line as written (continuations joined), for logs and cache keys.
+    pub text: String,
+    pub instruction: Instruction,
+}
+
+impl fmt::Display for Step {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text)
+    }
+}
+
+/// A parsed Dockerfile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dockerfile {
+    pub escape: char,
+    pub syntax: Option<String>,
+    /// ARGs before the first FROM (usable in FROM lines).
+    pub global_args: Vec<(String, Option<String>)>,
+    pub steps: Vec<Step>,
+}
+
+impl Dockerfile {
+    pub fn lexer(&self) -> Lexer {
+        Lexer::new(self.escape)
+    }
+}
+
+/// Parse the parser directives at the top of the file; returns (escape, syntax).
+fn directives(lines: &[&str]) -> Result<(char, Option<String>), ParseError> {
+    let mut escape = '\\';
+    let mut syntax = None;
+    let mut seen = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let t = line.trim();
+        let Some(body) = t.strip_prefix('#') else {
+            break;
+        };
+        let Some((key, value)) = body.split_once('=') else {
+            break;
+        };
+        let key = key.trim().to_ascii_lowercase();
+        if key.is_empty() || key.contains(char::is_whitespace) {
+            break;
+        }
+        let value = value.trim();
+        if seen.contains(&key) {
+            return err(
+                i + 1,
+                format!("only one {key} parser directive can be used"),
+            );
+        }
+        match key.as_str() {
+            "escape" => {
+                escape = match value {
+                    "\\" => '\\',
+                    "`" => '`',
+                    other => {
+                        return err(
+                            i + 1,
+                            format!("invalid escape token {other:?}: must be ` or \\"),
+                        )
+                    }
+                }
+            }
+            "syntax" => syntax = Some(value.to_string()),
+            // Unknown directives are comments, as in Docker.
+            _ => {}
+        }
+        seen.push(key);
+    }
+    Ok((escape, syntax))
+}
+
+/// Split a logical line into (flags, rest) for instructions taking `--flag[=value]`.
+fn take_flags(rest: &str) -> (Flags, &str) {
+    let mut flags = Vec::new();
+    let mut rest = rest.trim_start();
+    while let Some(after) = rest.strip_prefix("--") {
+        let end = after.find(char::is_whitespace).unwrap_or(after.len());
+        let flag = &after[..end];
+        match flag.split_once('=') {
+            Some((k, v)) => flags.push((k.to_string(), Some(v.to_string()))),
+            None => flags.push((flag.to_string(), None)),
+        }
+        rest = after[end..].trim_start();
+    }
+    (Flags(flags), rest)
+}
+
+/// JSON array of strings → exec form; anything else → None.
+fn json_array(rest: &str) -> Option<Vec<String>> {
+    let t = rest.trim();
+    if !t.starts_with('[') {
+        return None;
+    }
+    serde_json::from_str::<Vec<String>>(t).ok()
+}
+
+fn command(rest: &str) -> Command {
+    match json_array(rest) {
+        Some(v) => Command::Exec(v),
+        None => Command::Shell(rest.trim().to_string()),
+    }
+}
+
+/// Parse `k=v k2=v2` (or legacy `k v`) into raw pairs.
+fn pairs(
+    lexer: &Lexer,
+    line: usize,
+    rest: &str,
+    name: &str,
+    legacy: bool,
+) -> Result<Vec<(String, String)>, ParseError> {
+    let words = lexer
+        .split_raw(rest)
+        .map_err(|e| ParseError { line, message: e.0 })?;
+    if words.is_empty() {
+        return err(line, format!("{name} requires at least one argument"));
+    }
+    if legacy && !words[0].contains('=') {
+        let key = words[0].clone();
+        let value = rest.trim_start()[key.len()..].trim().to_string();
+        if value.is_empty() {
+            return err(line, format!("{name} {key} needs a value"));
+        }
+        return Ok(vec![(key, value)]);
+    }
+    words
+        .into_iter()
+        .map(|w| match w.split_once('=') {
+            Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+            _ => err(line, format!("{name} expects key=value, got {w:?}")),
+        })
+        .collect()
+}
+
+fn parse_instruction(
+    lexer: &Lexer,
+    line: usize,
+    keyword: &str,
+    rest: &str,
+) -> Result<Instruction, ParseError> {
+    let upper = keyword.to_ascii_uppercase();
+    let need_args = |what: &str| -> Result<(), ParseError> {
+        if rest.trim().is_empty() {
+            err(line, format!("{what} requires at least one argument"))
+        } else {
+            Ok(())
+        }
+    };
+    let raw_words = |rest: &str| -> Result<Vec<String>, ParseError> {
+        match json_array(rest) {
+            Some(v) => Ok(v),
+            None => lexer
+                .split_raw(rest)
+                .map_err(|e| ParseError { line, message: e.0 }),
+        }
+    };
+    Ok(match upper.as_str() {
+        "FROM" => {
+            let (flags, rest) = take_flags(rest);
+            flags.check(line, "FROM", &["platform"])?;
+            let words: Vec<&str> = rest.split_whitespace().collect();
+            let (image, alias) = match words.as_slice() {
+                [image] => (image.to_string(), None),
+                [image, as_, alias] if as_.eq_ignore_ascii_case("as") => {
+                    (image.to_string(), Some(alias.to_ascii_lowercase()))
+                }
+                [] => return err(line, "FROM requires an image"),
+                _ => return err(line, "FROM takes IMAGE [AS NAME]"),
+            };
+            Instruction::From {
+                image,
+                alias,
+                platform: flags.get("platform").map(str::to_string),
+            }
+        }
+        "RUN" => {
+            let (flags, rest) = take_flags(rest);
+            flags.check(line, "RUN", &["mount", "network", "security"])?;
+            if rest.trim().is_empty() {
+                return err(line, "RUN requires a command");
+            }
+            Instruction::Run {
+                command: command(rest),
+                flags,
+            }
+        }
+        "COPY" | "ADD" => {
+            let add = upper == "ADD";
+            let (flags, rest) = take_flags(rest);
+            let allowed: &[&str] = if add {
+                &["chown", "chmod", "checksum", "keep-git-dir", "link"]
+            } else {
+                &["from", "chown", "chmod", "link", "parents", "exclude"]
+            };
+            flags.check(line, &upper, allowed)?;
+            let mut words = raw_words(rest)?;
+            if words.len() < 2 {
+                return err(
+                    line,
+                    format!("{upper} requires at least two arguments: SRC... DEST"),
+                );
+            }
+            let dest = words.pop().unwrap_or_default();
+            Instruction::Copy {
+                add,
+                sources: words,
+                dest,
+                flags,
+            }
+        }
+        "ENV" => Instruction::Env(pairs(lexer, line, rest, "ENV", true)?),
+        "LABEL" => Instruction::Label(pairs(lexer, line, rest, "LABEL", false)?),
+        "ARG" => {
+            need_args("ARG")?;
+            let words = lexer
+                .split_raw(rest)
+                .map_err(|e| ParseError { line, message: e.0 })?;
+            Instruction::Arg(
+                words
+                    .into_iter()
+                    .map(|w| match w.split_once('=') {
+                        Some((k, v)) => (k.to_string(), Some(v.to_string())),
+                        None => (w, None),
+                    })
+                    .collect(),
+            )
+        }
+        "WORKDIR" => {
+            need_args("WORKDIR")?;
+            Instruction::Workdir(rest.trim().to_string())
+        }
+        "USER" => {
+            need_args("USER")?;
+            Instruction::User(rest.trim().to_string())
+        }
+        "ENTRYPOINT" => {
+            need_args("ENTRYPOINT")?;
+            Instruction::Entrypoint(command(rest))
+        }
+        "CMD" => {
+            need_args("CMD")?;
+            Instruction::Cmd(command(rest))
+        }
+        "EXPOSE" => {
+            need_args("EXPOSE")?;
+            Instruction::Expose(raw_words(rest)?)
+        }
+        "VOLUME" => {
+            need_args("VOLUME")?;
+            Instruction::Volume(raw_words(rest)?)
+        }
+        "STOPSIGNAL" => {
+            need_args("STOPSIGNAL")?;
+            Instruction::StopSignal(rest.trim().to_string())
+        }
+        "HEALTHCHECK" => {
+            let (flags, rest) = take_flags(rest);
+            flags.check(
+                line,
+                "HEALTHCHECK",
+                &[
+                    "interval",
+                    "timeout",
+                    "start-period",
+                    "start-interval",
+                    "retries",
+                ],
+            )?;
+            let t = rest.trim();
+            let test = if t.eq_ignore_ascii_case("none") {
+                None
+            } else {
+                let (kw, cmd) = t.split_once(char::is_whitespace).unwrap_or((t, ""));
+                if !kw.eq_ignore_ascii_case("cmd") || cmd.trim().is_empty() {
+                    return err(line, "HEALTHCHECK takes NONE or [OPTIONS] CMD command");
+                }
+                Some(command(cmd))
+            };
+            Instruction::Healthcheck(Healthcheck { test, flags })
+        }
+        "ONBUILD" => {
+            let t = rest.trim();
+            let inner = t
+                .split_whitespace()
+                .next()
+                .unwrap_or("")
+                .to_ascii_uppercase();
+            match inner.as_str() {
+                "" => return err(line, "ONBUILD requires an instruction"),
+                "ONBUILD" | "FROM" | "MAINTAINER" => {
+                    return err(line, format!("{inner} isn't allowed as an ONBUILD trigger"))
+                }
+                _ => {}
+            }
+            // Checked now, run by images built FROM this one.
+            let (kw, args) = t.split_once(char::is_whitespace).unwrap_or((t, ""));
+            parse_instruction(lexer, line, kw, args)?;
+            Instruction::Onbuild(t.to_string())
+        }
+        "SHELL" => match json_array(rest) {
+            Some(v) if !v.is_empty() => Instruction::Shell(v),
+            _ => return err(line, "SHELL requires the arguments to be in JSON form"),
+        },
+        "MAINTAINER" => Instruction::Maintainer(rest.trim().to_string()),
+        _ => return err(line, format!("unknown instruction: {upper}")),
+    })
+}
+
+/// Parse a Dockerfile's text.
+pub fn parse(text: &str) -> Result<Dockerfile, ParseError> {
+    let lines: Vec<&str> = text.lines().collect();
+    let (escape, syntax) = directives(&lines)?;
+    let lexer = Lexer::new(escape);
+    let mut steps = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        let first = i;
+        let t = lines[i].trim();
+        i += 1;
+        if t.is_empty() || t.starts_with('#') {
+            continue;
+        }
+        // Join continuation lines (a line ending in the escape character, as BuildKit's
+        // rule); comment and empty lines inside a continuation are dropped.
+        let mut logical = String::new();
+        let mut cur = lines[first].trim_end();
+        loop {
+            let Some(joined) = cur.strip_suffix(escape) else {
+                logical.push_str(cur);
+                break;
+            };
+            logical.push_str(joined);
+            let mut next = None;
+            while i < lines.len() {
+                let candidate = lines[i];
+                i += 1;
+                let nt = candidate.trim();
+                if !nt.is_empty() && !nt.starts_with('#') {
+                    next = Some(candidate.trim_end());
+                    break;
+                }
+            }
+            match next {
+                Some(n) => cur = n,
+                None => break,
+            }
+        }
+        let logical = logical.trim().to_string();
+        let (keyword, rest) = match logical.split_once(char::is_whitespace) {
+            Some((k, r)) => (k, r.trim_start()),
+            None => (logical.as_str(), ""),
+        };
+        let instruction = parse_instruction(&lexer, first + 1, keyword, rest)?;
+        steps.push(Step {
+            line: first + 1,
+            text: logical.clone(),
+            instruction,
+        });
+    }
+    // ARGs before the first FROM are global; anything else before it is an error.
+    let mut global_args = Vec::new();
+    let mut start = 0;
+    for step in &steps {
+        match &step.instruction {
+            Instruction::Arg(a) => {
+                global_args.extend(a.iter().cloned());
+                start += 1;
+            }
+            Instruction::From { .. } => break,
+            other => {
+                return err(
+                    step.line,
+                    format!(
+                        "{} before FROM: the first instruction must be FROM (or ARG)",
+                        other.name()
+                    ),
+                )
+            }
+        }
+    }
+    let steps = steps.split_off(start);
+    if steps.is_empty() {
+        return err(lines.len().max(1), "the Dockerfile has no FROM instruction");
+    }
+    Ok(Dockerfile {
+        escape,
+        syntax,
+        global_args,
+        steps,
+    })
+}
