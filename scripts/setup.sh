@@ -40,6 +40,6 @@ for u in root mistry-test; do
     add_range "$u" /etc/subgid
 done
 
-if [ ! -x target/images/busybox/rootfs/bin/busybox ]; then
+if [ ! -x target/images/busybox/rootfs/bin/busybox ] || [ ! -f target/images/busybox/index.json ]; then
     images/recipes/busybox.sh target/images/busybox
 fi

@@ -1,10 +1,12 @@
 #!/bin/sh
-# Build a tiny root filesystem from Debian's busybox-static package, offline-capable.
+# Build a tiny base image from Debian's busybox-static package, offline-capable.
 #
 #   images/recipes/busybox.sh OUTDIR
 #
-# Produces OUTDIR/rootfs: /bin/busybox with a symlink per applet, /etc/passwd and /etc/group
-# with root (0), builder (1000) and nobody (65534), and the usual empty directories.
+# Produces OUTDIR as an OCI image layout (oci-layout, index.json, blobs/; tag "latest", one
+# gzip layer, owned by root) whose filesystem is also left unpacked in OUTDIR/rootfs:
+# /bin/busybox with a symlink per applet, /etc/passwd and /etc/group with root (0),
+# builder (1000) and nobody (65534), and the usual empty directories.
 # The binary comes from the .deb fetched with `apt-get download` when apt can, otherwise from the
 # installed busybox-static package. Nothing binary is committed to the repository.
 set -eu
@@ -53,4 +55,28 @@ GROUP
 echo "busybox" > "$root/etc/hostname"
 rm -rf "$out/rootfs"
 mv "$root" "$out/rootfs"
-echo "busybox rootfs in $out/rootfs ($("$out/rootfs/bin/busybox" | head -1))"
+
+# The OCI layout.
+sha() { sha256sum "$1" | cut -d' ' -f1; }
+size() { stat -c %s "$1"; }
+rm -rf "$out/blobs" "$out/index.json" "$out/oci-layout"
+mkdir -p "$out/blobs/sha256"
+tar --numeric-owner --owner=0 --group=0 --sort=name -C "$out/rootfs" -cf "$work/layer.tar" .
+gzip -n -c "$work/layer.tar" > "$work/layer.tar.gz"
+diff_id=$(sha "$work/layer.tar")
+layer=$(sha "$work/layer.tar.gz")
+cp "$work/layer.tar.gz" "$out/blobs/sha256/$layer"
+arch=$(dpkg --print-architecture)
+version=$("$out/rootfs/bin/busybox" | head -1 | cut -d' ' -f2)
+printf '{"architecture":"%s","os":"linux","config":{"Env":["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"],"Cmd":["sh"],"Labels":{"org.opencontainers.image.version":"%s"}},"rootfs":{"type":"layers","diff_ids":["sha256:%s"]},"history":[{"created_by":"images/recipes/busybox.sh"}]}' \
+    "$arch" "$version" "$diff_id" > "$work/config.json"
+config=$(sha "$work/config.json")
+cp "$work/config.json" "$out/blobs/sha256/$config"
+printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:%s","size":%s},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:%s","size":%s}]}' \
+    "$config" "$(size "$work/config.json")" "$layer" "$(size "$work/layer.tar.gz")" > "$work/manifest.json"
+manifest=$(sha "$work/manifest.json")
+cp "$work/manifest.json" "$out/blobs/sha256/$manifest"
+printf '{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:%s","size":%s,"annotations":{"org.opencontainers.image.ref.name":"latest"}}]}' \
+    "$manifest" "$(size "$work/manifest.json")" > "$out/index.json"
+echo '{"imageLayoutVersion":"1.0.0"}' > "$out/oci-layout"
+echo "busybox image in $out (OCI layout, manifest sha256:$manifest; unpacked in $out/rootfs): $version"

@@ -10,5 +10,7 @@
 
 pub mod dockerfile;
 pub mod lex;
+pub mod oci;
+pub mod unpack;
 
 pub use sandbox;
