@@ -8,9 +8,13 @@
 //! The folder `images/recipes/` beside this crate holds the recipes of the offline base images
 //! (built from Debian packages) that examples and tests use.
 
+pub mod config;
+pub mod context;
 pub mod dockerfile;
 pub mod lex;
 pub mod oci;
+pub mod store;
+pub mod tools;
 pub mod unpack;
 
 pub use sandbox;

@@ -1,0 +1,425 @@
+//! The layer store: content-addressed blobs, rootfs snapshots and the step cache, under one
+//! directory.
+//!
+//! ```text
+//! <root>/blobs/sha256/<hex>      layer, config and manifest blobs (verified on the way in)
+//! <root>/snapshots/<key>/        one rootfs per filesystem-changing step (or base layer)
+//! <root>/steps/<key>.json        step cache: which snapshot and image config a key stands for
+//! <root>/refs/<project>.json     the keys a project's current image uses (kept by GC)
+//! <root>/tmp/                    work in progress; renamed into place when complete
+//! ```
+//!
+//! Snapshots come from a [`Backend`]: `btrfs` (subvolumes and snapshots; chosen automatically
+//! when the store is on btrfs), or `plain` (full copies, reflinked where possible; always works).
+//! A snapshot is built under `tmp/` and renamed into `snapshots/` only when complete, so a crash
+//! or a failed step never leaves a half-made snapshot that a later build would trust.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::ImageConfig;
+use crate::tools::{ToolError, Tools};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(transparent)]
+    Tool(#[from] ToolError),
+    #[error("{0}")]
+    Backend(String),
+}
+
+fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> StoreError {
+    let what = what.into();
+    move |source| StoreError::Io { what, source }
+}
+
+/// Which snapshot backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackendKind {
+    Plain,
+    Btrfs,
+}
+
+impl std::str::FromStr for BackendKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "plain" => Ok(Self::Plain),
+            "btrfs" => Ok(Self::Btrfs),
+            other => Err(format!(
+                "unknown storage backend {other:?} (expected plain or btrfs)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Plain => "plain",
+            Self::Btrfs => "btrfs",
+        })
+    }
+}
+
+/// How snapshots are made. Paths are host paths inside the store.
+pub trait Backend: Send + Sync + std::fmt::Debug {
+    fn kind(&self) -> BackendKind;
+    /// A new, empty tree at `dst`.
+    fn create(&self, dst: &Path) -> Result<(), StoreError>;
+    /// A writable copy of `src` at `dst`.
+    fn snapshot(&self, src: &Path, dst: &Path) -> Result<(), StoreError>;
+    /// Remove a tree made by `create` or `snapshot`.
+    fn remove(&self, path: &Path) -> Result<(), StoreError>;
+}
+
+/// Plain directories and full copies.
+#[derive(Debug)]
+pub struct Plain {
+    tools: Tools,
+}
+
+impl Backend for Plain {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Plain
+    }
+    fn create(&self, dst: &Path) -> Result<(), StoreError> {
+        fs::create_dir(dst).map_err(io_err(format!("creating {}", dst.display())))
+    }
+    fn snapshot(&self, src: &Path, dst: &Path) -> Result<(), StoreError> {
+        Ok(self.tools.copy_tree(src, dst)?)
+    }
+    fn remove(&self, path: &Path) -> Result<(), StoreError> {
+        Ok(self.tools.remove_tree(path)?)
+    }
+}
+
+/// btrfs subvolumes and snapshots (through btrfs-progs).
+#[derive(Debug)]
+pub struct Btrfs {
+    tools: Tools,
+}
+
+fn btrfs(args: &[&std::ffi::OsStr]) -> Result<(), StoreError> {
+    let out = Command::new("btrfs")
+        .args(args)
+        .output()
+        .map_err(io_err("running btrfs (apt-get install btrfs-progs)"))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(StoreError::Backend(format!(
+            "btrfs {}: {}",
+            args.iter()
+                .map(|a| a.to_string_lossy())
+                .collect::<Vec<_>>()
+                .join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
+impl Backend for Btrfs {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Btrfs
+    }
+    fn create(&self, dst: &Path) -> Result<(), StoreError> {
+        btrfs(&["subvolume".as_ref(), "create".as_ref(), dst.as_os_str()])
+    }
+    fn snapshot(&self, src: &Path, dst: &Path) -> Result<(), StoreError> {
+        btrfs(&[
+            "subvolume".as_ref(),
+            "snapshot".as_ref(),
+            src.as_os_str(),
+            dst.as_os_str(),
+        ])
+    }
+    fn remove(&self, path: &Path) -> Result<(), StoreError> {
+        if fs::symlink_metadata(path).is_err() {
+            return Ok(());
+        }
+        // Deleting a subvolume needs root or user_subvol_rm_allowed; otherwise empty it from
+        // inside the user namespace and rmdir it (allowed for an empty subvolume's owner).
+        if btrfs(&["subvolume".as_ref(), "delete".as_ref(), path.as_os_str()]).is_ok() {
+            return Ok(());
+        }
+        Ok(self.tools.remove_tree(path)?)
+    }
+}
+
+/// Whether `path` is on a btrfs filesystem.
+pub fn is_btrfs(path: &Path) -> bool {
+    const BTRFS_SUPER_MAGIC: i64 = 0x9123_683e;
+    nix::sys::statfs::statfs(path)
+        .map(|s| s.filesystem_type().0 as i64 == BTRFS_SUPER_MAGIC)
+        .unwrap_or(false)
+}
+
+/// A cached step: the snapshot holding its filesystem (None for an empty `scratch` tree) and
+/// the image config after it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StepRecord {
+    pub snapshot: Option<String>,
+    pub config: ImageConfig,
+}
+
+/// The keys and snapshots a project's current image needs (what GC keeps).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ProjectRef {
+    pub keys: Vec<String>,
+    pub snapshots: Vec<String>,
+    pub blobs: Vec<String>,
+}
+
+/// What a garbage collection removed.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Collected {
+    pub snapshots: usize,
+    pub steps: usize,
+    pub blobs: usize,
+}
+
+/// The store.
+#[derive(Debug)]
+pub struct Store {
+    pub root: PathBuf,
+    backend: Box<dyn Backend>,
+    tools: Tools,
+}
+
+static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
+
+impl Store {
+    /// Open (creating it if needed) the store at `root`. `kind: None` picks btrfs when `root`
+    /// is on btrfs, plain otherwise. `helper` is the helper command (see [`crate::tools`]).
+    pub fn open(
+        root: &Path,
+        kind: Option<BackendKind>,
+        helper: Vec<std::ffi::OsString>,
+    ) -> Result<Store, StoreError> {
+        for d in ["blobs/sha256", "snapshots", "steps", "refs", "tmp"] {
+            fs::create_dir_all(root.join(d))
+                .map_err(io_err(format!("creating {}", root.join(d).display())))?;
+        }
+        let root = root
+            .canonicalize()
+            .map_err(io_err(format!("opening {}", root.display())))?;
+        let tools = Tools::new(helper, vec![root.clone()]);
+        let kind = match kind {
+            Some(k) => k,
+            None if is_btrfs(&root) => BackendKind::Btrfs,
+            None => BackendKind::Plain,
+        };
+        if kind == BackendKind::Btrfs && !is_btrfs(&root) {
+            return Err(StoreError::Backend(format!(
+                "storage backend btrfs: {} is not on a btrfs filesystem",
+                root.display()
+            )));
+        }
+        let backend: Box<dyn Backend> = match kind {
+            BackendKind::Plain => Box::new(Plain {
+                tools: tools.clone(),
+            }),
+            BackendKind::Btrfs => Box::new(Btrfs {
+                tools: tools.clone(),
+            }),
+        };
+        let store = Store {
+            root,
+            backend,
+            tools,
+        };
+        store.clean_tmp();
+        Ok(store)
+    }
+
+    pub fn backend(&self) -> BackendKind {
+        self.backend.kind()
+    }
+
+    pub fn tools(&self) -> &Tools {
+        &self.tools
+    }
+
+    /// Remove leftovers of interrupted work.
+    fn clean_tmp(&self) {
+        if let Ok(entries) = fs::read_dir(self.root.join("tmp")) {
+            for e in entries.flatten() {
+                let _ = self.backend.remove(&e.path());
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+
+    pub fn blob_path(&self, digest: &str) -> Result<PathBuf, crate::oci::OciError> {
+        Ok(self
+            .root
+            .join("blobs/sha256")
+            .join(crate::oci::digest_hex(digest)?))
+    }
+
+    pub fn snapshot_path(&self, id: &str) -> PathBuf {
+        self.root.join("snapshots").join(id)
+    }
+
+    pub fn has_snapshot(&self, id: &str) -> bool {
+        self.snapshot_path(id).is_dir()
+    }
+
+    /// A fresh path under `tmp/`.
+    pub fn tmp_path(&self, what: &str) -> PathBuf {
+        self.root.join("tmp").join(format!(
+            "{what}-{}-{}",
+            std::process::id(),
+            TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+        ))
+    }
+
+    /// Start a new snapshot: a copy of `parent` (or an empty tree), under `tmp/`.
+    pub fn begin(&self, parent: Option<&str>) -> Result<PathBuf, StoreError> {
+        let tmp = self.tmp_path("snap");
+        match parent {
+            Some(p) => self.backend.snapshot(&self.snapshot_path(p), &tmp)?,
+            None => self.backend.create(&tmp)?,
+        }
+        Ok(tmp)
+    }
+
+    /// Put a finished snapshot in place as `id`. If another build made the same one meanwhile,
+    /// ours is dropped.
+    pub fn commit(&self, tmp: &Path, id: &str) -> Result<(), StoreError> {
+        let dst = self.snapshot_path(id);
+        match fs::rename(tmp, &dst) {
+            Ok(()) => Ok(()),
+            Err(_) if dst.is_dir() => self.backend.remove(tmp),
+            Err(e) => Err(io_err(format!(
+                "renaming {} to {}",
+                tmp.display(),
+                dst.display()
+            ))(e)),
+        }
+    }
+
+    /// Throw away an unfinished snapshot.
+    pub fn abort(&self, tmp: &Path) {
+        if let Err(e) = self.backend.remove(tmp) {
+            tracing::warn!(path = %tmp.display(), error = %e, "could not remove an unfinished snapshot");
+        }
+    }
+
+    /// A writable copy of snapshot `id` at `dst` (e.g. for a job).
+    pub fn clone_snapshot(&self, id: Option<&str>, dst: &Path) -> Result<(), StoreError> {
+        match id {
+            Some(id) => self.backend.snapshot(&self.snapshot_path(id), dst),
+            None => self.backend.create(dst),
+        }
+    }
+
+    /// Remove a tree made by [`Store::clone_snapshot`].
+    pub fn remove_tree(&self, path: &Path) -> Result<(), StoreError> {
+        self.backend.remove(path)
+    }
+
+    fn write_atomic(&self, path: &Path, data: &[u8]) -> Result<(), StoreError> {
+        let tmp = self.tmp_path("json");
+        fs::write(&tmp, data).map_err(io_err(format!("writing {}", tmp.display())))?;
+        fs::rename(&tmp, path).map_err(io_err(format!("writing {}", path.display())))
+    }
+
+    pub fn step(&self, key: &str) -> Option<StepRecord> {
+        let text = fs::read(self.root.join("steps").join(format!("{key}.json"))).ok()?;
+        let rec: StepRecord = serde_json::from_slice(&text).ok()?;
+        // A record whose snapshot is gone (GC, manual cleanup) is no cache hit.
+        match &rec.snapshot {
+            Some(s) if !self.has_snapshot(s) => None,
+            _ => Some(rec),
+        }
+    }
+
+    pub fn put_step(&self, key: &str, rec: &StepRecord) -> Result<(), StoreError> {
+        let data = serde_json::to_vec(rec).map_err(|e| StoreError::Backend(e.to_string()))?;
+        self.write_atomic(&self.root.join("steps").join(format!("{key}.json")), &data)
+    }
+
+    fn ref_path(&self, project: &str) -> PathBuf {
+        self.root
+            .join("refs")
+            .join(format!("{}.json", hex::encode(project)))
+    }
+
+    pub fn put_ref(&self, project: &str, r: &ProjectRef) -> Result<(), StoreError> {
+        let data = serde_json::to_vec(r).map_err(|e| StoreError::Backend(e.to_string()))?;
+        self.write_atomic(&self.ref_path(project), &data)
+    }
+
+    /// Remove every snapshot, step record and blob that no project's current image uses.
+    pub fn collect_garbage(&self) -> Result<Collected, StoreError> {
+        let mut keys = std::collections::HashSet::new();
+        let mut snaps = std::collections::HashSet::new();
+        let mut blobs = std::collections::HashSet::new();
+        for e in fs::read_dir(self.root.join("refs"))
+            .map_err(io_err("reading refs"))?
+            .flatten()
+        {
+            if let Ok(r) = fs::read(e.path())
+                .map_err(drop)
+                .and_then(|t| serde_json::from_slice::<ProjectRef>(&t).map_err(drop))
+            {
+                keys.extend(r.keys);
+                snaps.extend(r.snapshots);
+                blobs.extend(
+                    r.blobs
+                        .iter()
+                        .filter_map(|d| d.strip_prefix("sha256:").map(str::to_string)),
+                );
+            }
+        }
+        let mut done = Collected::default();
+        for e in fs::read_dir(self.root.join("snapshots"))
+            .map_err(io_err("reading snapshots"))?
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !snaps.contains(&name) {
+                self.backend.remove(&e.path())?;
+                done.snapshots += 1;
+            }
+        }
+        for e in fs::read_dir(self.root.join("steps"))
+            .map_err(io_err("reading steps"))?
+            .flatten()
+        {
+            let name = e
+                .file_name()
+                .to_string_lossy()
+                .trim_end_matches(".json")
+                .to_string();
+            if !keys.contains(&name) {
+                let _ = fs::remove_file(e.path());
+                done.steps += 1;
+            }
+        }
+        for e in fs::read_dir(self.root.join("blobs/sha256"))
+            .map_err(io_err("reading blobs"))?
+            .flatten()
+        {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !blobs.contains(&name) {
+                let _ = fs::remove_file(e.path());
+                done.blobs += 1;
+            }
+        }
+        Ok(done)
+    }
+}
