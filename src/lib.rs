@@ -4,4 +4,5 @@
 //! debugging entry point) and `mistry` (the client), and the code they share.
 
 pub mod duration;
+pub mod image_cli;
 pub mod sandbox_cli;

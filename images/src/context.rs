@@ -41,11 +41,7 @@ pub fn clean_rel(p: &str) -> Option<PathBuf> {
     for c in Path::new(p).components() {
         match c {
             Component::Normal(n) => out.push(n),
-            Component::ParentDir => {
-                if !out.pop() {
-                    return None;
-                }
-            }
+            Component::ParentDir => out.pop().then_some(())?,
             _ => {}
         }
     }

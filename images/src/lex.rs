@@ -30,6 +30,7 @@ impl Vars for Vec<(String, String)> {
 #[error("{0}")]
 pub struct LexError(pub String);
 
+#[derive(Debug, Clone)]
 pub struct Lexer {
     pub escape: char,
 }
@@ -46,14 +47,14 @@ impl Lexer {
     }
 
     /// Process one word: quotes removed, variables expanded; whitespace is kept as is.
-    pub fn process_word(&self, word: &str, vars: &dyn Vars) -> Result<String, LexError> {
+    pub fn process_word<V: Vars + ?Sized>(&self, word: &str, vars: &V) -> Result<String, LexError> {
         let words = self.process(word, vars, false)?;
         Ok(words.into_iter().next().unwrap_or_default())
     }
 
     /// Split on unquoted whitespace, then process each word. An unquoted variable that expands
     /// to nothing yields no word.
-    pub fn process_words(&self, text: &str, vars: &dyn Vars) -> Result<Vec<String>, LexError> {
+    pub fn process_words<V: Vars + ?Sized>(&self, text: &str, vars: &V) -> Result<Vec<String>, LexError> {
         self.process(text, vars, true)
     }
 
@@ -101,7 +102,7 @@ impl Lexer {
         Ok(words)
     }
 
-    fn process(&self, text: &str, vars: &dyn Vars, split: bool) -> Result<Vec<String>, LexError> {
+    fn process<V: Vars + ?Sized>(&self, text: &str, vars: &V, split: bool) -> Result<Vec<String>, LexError> {
         let chars: Vec<char> = text.chars().collect();
         let mut words = Vec::new();
         let mut cur = String::new();
@@ -208,10 +209,10 @@ impl Lexer {
 
     /// Expand the variable reference at the start of `s` (which begins with `$`). Returns the
     /// value and how many characters were consumed.
-    fn variable(
+    fn variable<V: Vars + ?Sized>(
         &self,
         s: &[char],
-        vars: &dyn Vars,
+        vars: &V,
         text: &str,
     ) -> Result<(String, usize), LexError> {
         let is_name = |c: char| c.is_ascii_alphanumeric() || c == '_';

@@ -8,6 +8,7 @@
 //! The folder `images/recipes/` beside this crate holds the recipes of the offline base images
 //! (built from Debian packages) that examples and tests use.
 
+pub mod build;
 pub mod config;
 pub mod context;
 pub mod dockerfile;

@@ -162,7 +162,7 @@ impl Backend for Btrfs {
 pub fn is_btrfs(path: &Path) -> bool {
     const BTRFS_SUPER_MAGIC: i64 = 0x9123_683e;
     nix::sys::statfs::statfs(path)
-        .map(|s| s.filesystem_type().0 as i64 == BTRFS_SUPER_MAGIC)
+        .map(|s| s.filesystem_type().0 == BTRFS_SUPER_MAGIC)
         .unwrap_or(false)
 }
 

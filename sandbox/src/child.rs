@@ -252,6 +252,15 @@ fn run_op(op: &Op, slots: &mut [RawFd]) -> Result<(), i32> {
             sys::umount_detach(c".")?;
             sys::chdir(c"/")
         }
+        Op::PivotTree { slot, staging } => {
+            let fd = slots.get(*slot).copied().unwrap_or(-1);
+            sys::move_mount_fd(fd, staging)?;
+            sys::close(fd);
+            sys::chdir(staging)?;
+            sys::pivot_root(c".", c".")?;
+            sys::umount_detach(c".")?;
+            sys::chdir(c"/")
+        }
         Op::Mkdirs { dirs } => {
             for d in dirs {
                 sys::mkdir(d, 0o755)?;

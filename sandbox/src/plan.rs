@@ -36,6 +36,12 @@ pub enum Op {
     Pivot {
         rootfs: CString,
     },
+    /// Pivot into the tree of `slot` (a clone of the host's `/`, for a rootfs of `/`): attach it
+    /// on `staging` (an existing directory), pivot there and detach the old root.
+    PivotTree {
+        slot: usize,
+        staging: CString,
+    },
     /// Create each directory of the list (parents first), ignoring existing ones.
     Mkdirs {
         dirs: Vec<CString>,
@@ -79,6 +85,7 @@ impl Op {
             Op::Grab { source, .. } => format!("opening {} to bind it", s(source)),
             Op::Fresh { fstype, .. } => format!("creating a new {}", s(fstype)),
             Op::Pivot { rootfs } => format!("pivot_root into {}", s(rootfs)),
+            Op::PivotTree { .. } => "pivot_root into a copy of /".into(),
             Op::Mkdirs { dirs } => format!(
                 "creating directory {}",
                 dirs.last().map(s).unwrap_or_default()
@@ -301,9 +308,18 @@ pub fn build(spec: &Spec<'_>) -> (Vec<Op>, usize) {
         .map(|b| (grab(&mut ops, &mut slots, &b.source, b.read_only), b))
         .collect();
 
-    ops.push(Op::Pivot {
-        rootfs: cpath(spec.rootfs),
-    });
+    if spec.rootfs == Path::new("/") {
+        // The bind of / onto itself cannot be reached by path: pivot through a staging point.
+        let slot = grab(&mut ops, &mut slots, Path::new("/"), false);
+        ops.push(Op::PivotTree {
+            slot,
+            staging: c("/dev"),
+        });
+    } else {
+        ops.push(Op::Pivot {
+            rootfs: cpath(spec.rootfs),
+        });
+    }
 
     // /proc, with the kernel knobs read-only (as Docker does).
     ops.push(mkdirs("/proc"));
@@ -476,7 +492,7 @@ mod tests {
         assert_eq!(slots, DEVICES.len() + 2 + 2);
         let pivot = ops
             .iter()
-            .position(|o| matches!(o, Op::Pivot { .. }))
+            .position(|o| matches!(o, Op::Pivot { .. } | Op::PivotTree { .. }))
             .unwrap();
         // Every grab happens before pivot, every mount after.
         let before = |o: &Op| matches!(o, Op::Grab { .. } | Op::Fresh { .. } | Op::MakePrivate);

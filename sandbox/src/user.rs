@@ -22,6 +22,25 @@ pub struct Resolved {
     pub home: String,
 }
 
+impl Resolved {
+    /// `uid[:gid]` in numbers (for images without /etc/passwd); gid defaults to uid.
+    pub fn from_numeric(spec: &str) -> Option<Resolved> {
+        let (u, g) = match spec.split_once(':') {
+            Some((u, g)) => (u.parse().ok()?, g.parse().ok()?),
+            None => {
+                let u = spec.parse().ok()?;
+                (u, u)
+            }
+        };
+        Some(Resolved {
+            uid: u,
+            gid: g,
+            groups: vec![g],
+            home: "/".into(),
+        })
+    }
+}
+
 /// Read a small file of the rootfs, confined to it; a missing file reads as empty.
 pub fn read_in_root(rootfs: &Path, path: &str) -> Result<String, Error> {
     let io = |e: std::io::Error| Error::Rootfs {

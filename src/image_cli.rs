@@ -1,0 +1,130 @@
+//! `mistryd image build|gc`: build a project's Dockerfile into the layer store (debugging,
+//! benchmarks), and `mistryd internal`: the helper image-tree operations run through (see
+//! `images::tools`).
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use images::build::{BuildOptions, Builder, LocalImages};
+use images::store::{BackendKind, Store};
+use sandbox::NetworkMode;
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Build a Dockerfile into the layer store.
+    Build(BuildArgs),
+    /// Remove snapshots, step records and blobs no project's current image uses.
+    Gc(StoreArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct StoreArgs {
+    /// The layer store directory.
+    #[arg(long, value_name = "DIR")]
+    pub store: PathBuf,
+    /// Snapshot backend; default: btrfs when the store is on btrfs, plain otherwise.
+    #[arg(long, value_name = "plain|btrfs")]
+    pub filesystem: Option<BackendKind>,
+}
+
+#[derive(Debug, Args)]
+pub struct BuildArgs {
+    #[command(flatten)]
+    pub store: StoreArgs,
+    /// Directory of local base images (OCI layouts, `FROM name` = DIR/name).
+    #[arg(long, value_name = "DIR")]
+    pub images: Option<PathBuf>,
+    /// Build argument.
+    #[arg(long = "build-arg", value_name = "K=V", value_parser = parse_kv)]
+    pub build_args: Vec<(String, String)>,
+    /// Ignore the step cache.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Network of RUN steps.
+    #[arg(long = "net", default_value = "host")]
+    pub network: NetworkMode,
+    /// Project name (builds of one project are serialized; GC keeps each project's image).
+    #[arg(long)]
+    pub project: Option<String>,
+    /// Also export the image as an OCI layout: DIR[:TAG].
+    #[arg(long, value_name = "DIR[:TAG]")]
+    pub export: Option<String>,
+    /// The build context (with its Dockerfile).
+    pub context: PathBuf,
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("expected K=V, got {s:?}"))
+}
+
+/// The helper command of this binary.
+pub fn helper_command() -> Result<Vec<OsString>> {
+    let exe = std::env::current_exe().context("locating the mistryd binary")?;
+    Ok(vec![exe.into_os_string(), "internal".into()])
+}
+
+fn open_store(args: &StoreArgs) -> Result<Store> {
+    Store::open(&args.store, args.filesystem, helper_command()?)
+        .with_context(|| format!("opening the layer store {}", args.store.display()))
+}
+
+pub fn run(cmd: ImageCommand) -> Result<i32> {
+    match cmd {
+        ImageCommand::Build(args) => {
+            let store = open_store(&args.store)?;
+            let mut sources: Vec<Box<dyn images::build::BaseSource>> = Vec::new();
+            if let Some(dir) = &args.images {
+                sources.push(Box::new(LocalImages { dir: dir.clone() }));
+            }
+            let builder = Builder::new(store, sources);
+            let project = args.project.clone().unwrap_or_else(|| {
+                args.context
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "default".into())
+            });
+            let mut opts = BuildOptions::new(project, &args.context);
+            opts.build_args = args.build_args.clone();
+            opts.no_cache = args.no_cache;
+            opts.network = args.network;
+            let mut out = std::io::stdout().lock();
+            match builder.build(&opts, &mut out) {
+                Ok((image, stats)) => {
+                    eprintln!(
+                        "image {} ({} steps, {} cached, {} RUN executed)",
+                        image.key, stats.steps, stats.cached, stats.executed_runs
+                    );
+                    if let Some(spec) = &args.export {
+                        let (dir, tag) = spec.rsplit_once(':').unwrap_or((spec.as_str(), "latest"));
+                        let digest = images::build::export(
+                            &builder,
+                            &image,
+                            PathBuf::from(dir).as_path(),
+                            tag,
+                        )
+                        .with_context(|| format!("exporting to {dir}"))?;
+                        eprintln!("exported {dir}:{tag} ({digest})");
+                    }
+                    Ok(0)
+                }
+                Err(e) => {
+                    eprintln!("mistryd: build of {} failed: {e}", args.context.display());
+                    Ok(1)
+                }
+            }
+        }
+        ImageCommand::Gc(args) => {
+            let store = open_store(&args)?;
+            let done = store.collect_garbage().context("collecting garbage")?;
+            println!(
+                "Removed snapshots: {}, step records: {}, blobs: {}",
+                done.snapshots, done.steps, done.blobs
+            );
+            Ok(0)
+        }
+    }
+}
