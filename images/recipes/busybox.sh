@@ -61,7 +61,10 @@ sha() { sha256sum "$1" | cut -d' ' -f1; }
 size() { stat -c %s "$1"; }
 rm -rf "$out/blobs" "$out/index.json" "$out/oci-layout"
 mkdir -p "$out/blobs/sha256"
-tar --numeric-owner --owner=0 --group=0 --sort=name -C "$out/rootfs" -cf "$work/layer.tar" .
+# Everything belongs to root, except builder's home (uid/gid 1000), whoever runs this.
+tar --numeric-owner --owner=0 --group=0 --sort=name --exclude=./home/builder \
+    -C "$out/rootfs" -cf "$work/layer.tar" .
+tar --numeric-owner --owner=1000 --group=1000 -C "$out/rootfs" -rf "$work/layer.tar" ./home/builder
 gzip -n -c "$work/layer.tar" > "$work/layer.tar.gz"
 diff_id=$(sha "$work/layer.tar")
 layer=$(sha "$work/layer.tar.gz")

@@ -54,7 +54,11 @@ impl Lexer {
 
     /// Split on unquoted whitespace, then process each word. An unquoted variable that expands
     /// to nothing yields no word.
-    pub fn process_words<V: Vars + ?Sized>(&self, text: &str, vars: &V) -> Result<Vec<String>, LexError> {
+    pub fn process_words<V: Vars + ?Sized>(
+        &self,
+        text: &str,
+        vars: &V,
+    ) -> Result<Vec<String>, LexError> {
         self.process(text, vars, true)
     }
 
@@ -102,7 +106,12 @@ impl Lexer {
         Ok(words)
     }
 
-    fn process<V: Vars + ?Sized>(&self, text: &str, vars: &V, split: bool) -> Result<Vec<String>, LexError> {
+    fn process<V: Vars + ?Sized>(
+        &self,
+        text: &str,
+        vars: &V,
+        split: bool,
+    ) -> Result<Vec<String>, LexError> {
         let chars: Vec<char> = text.chars().collect();
         let mut words = Vec::new();
         let mut cur = String::new();

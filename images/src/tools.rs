@@ -81,20 +81,35 @@ impl Tools {
         self.owners
     }
 
-    fn sandbox(&self) -> Sandbox {
+    fn sandbox(&self, extra: &[&Path]) -> Sandbox {
         let mut sb = Sandbox::new("/")
             .read_only_root(true)
             .network(NetworkMode::None)
             .hostname("mistry-tools");
-        for w in &self.writable {
+        for w in self
+            .writable
+            .iter()
+            .map(PathBuf::as_path)
+            .chain(extra.iter().copied())
+        {
             sb = sb.bind(Bind::new(w, w));
         }
         sb
     }
 
     fn run(&self, what: &str, argv: Vec<OsString>) -> Result<String, ToolError> {
+        self.run_with(what, argv, &[])
+    }
+
+    /// Run with `extra` directories writable besides the store.
+    fn run_with(
+        &self,
+        what: &str,
+        argv: Vec<OsString>,
+        extra: &[&Path],
+    ) -> Result<String, ToolError> {
         let out = self
-            .sandbox()
+            .sandbox(extra)
             .command(argv)
             .output()
             .map_err(|source| ToolError::Sandbox {
@@ -198,7 +213,8 @@ impl Tools {
             src.into(),
             dst.into(),
         ];
-        self.run(&format!("copying {}", src.display()), argv)
+        let parent = dst.parent().unwrap_or(Path::new("/"));
+        self.run_with(&format!("copying {}", src.display()), argv, &[parent])
             .map(drop)
     }
 
@@ -213,7 +229,8 @@ impl Tools {
             "--one-file-system".into(),
             path.into(),
         ];
-        self.run(&format!("removing {}", path.display()), argv)
+        let parent = path.parent().unwrap_or(Path::new("/"));
+        self.run_with(&format!("removing {}", path.display()), argv, &[parent])
             .map(drop)
     }
 

@@ -1,0 +1,662 @@
+//! Building Dockerfiles into the layer store, end to end: the real helper (`mistryd internal`)
+//! in the sandbox's user namespace, the busybox base image from `images/recipes/busybox.sh`.
+//!
+//! Every test runs on the plain backend, and on btrfs when `MISTRY_TEST_BTRFS` names a directory
+//! on a btrfs filesystem (scripts/setup.sh loop-mounts one).
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use images::build::{BuildError, BuildOptions, BuildStats, Builder, Image, LocalImages};
+use images::store::{BackendKind, Store};
+use sandbox::{ExitStatus, Sandbox};
+
+fn helper() -> Vec<std::ffi::OsString> {
+    let bin = std::env::var_os("MISTRY_HELPER_BIN")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_mistryd").into());
+    vec![bin, "internal".into()]
+}
+
+fn images_dir() -> PathBuf {
+    let dir = std::env::var_os("MISTRY_TEST_IMAGES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/images"));
+    assert!(
+        dir.join("busybox/index.json").is_file(),
+        "no busybox image in {}: run scripts/setup.sh",
+        dir.display()
+    );
+    dir
+}
+
+struct Env {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    builder: Builder,
+}
+
+fn backends() -> Vec<(BackendKind, Option<PathBuf>)> {
+    let mut v = vec![(BackendKind::Plain, None)];
+    if let Some(dir) = std::env::var_os("MISTRY_TEST_BTRFS") {
+        let dir = PathBuf::from(dir);
+        assert!(
+            images::store::is_btrfs(&dir),
+            "MISTRY_TEST_BTRFS={} is not on btrfs",
+            dir.display()
+        );
+        v.push((BackendKind::Btrfs, Some(dir)));
+    }
+    v
+}
+
+fn env_for(kind: BackendKind, parent: Option<&Path>) -> Env {
+    let dir = match parent {
+        Some(p) => tempfile::Builder::new()
+            .prefix("mistry-build")
+            .tempdir_in(p),
+        None => tempfile::Builder::new().prefix("mistry-build").tempdir(),
+    }
+    .unwrap();
+    let root = dir.path().to_path_buf();
+    let store = Store::open(&root.join("store"), Some(kind), helper()).unwrap();
+    assert_eq!(store.backend(), kind);
+    let builder = Builder::new(store, vec![Box::new(LocalImages { dir: images_dir() })]);
+    Env {
+        _dir: dir,
+        root,
+        builder,
+    }
+}
+
+/// Run `f` once per backend.
+fn each_backend(f: impl Fn(&Env)) {
+    for (kind, parent) in backends() {
+        let env = env_for(kind, parent.as_deref());
+        eprintln!("== backend {kind}");
+        f(&env);
+    }
+}
+
+impl Env {
+    fn project(&self, name: &str, files: &[(&str, &str)]) -> PathBuf {
+        let dir = self.root.join("projects").join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        for (path, content) in files {
+            let p = dir.join(path);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, content).unwrap();
+        }
+        dir
+    }
+
+    fn build_with(
+        &self,
+        ctx: &Path,
+        f: impl FnOnce(&mut BuildOptions),
+    ) -> Result<(Image, BuildStats, String), (BuildError, String)> {
+        let mut opts = BuildOptions::new(ctx.file_name().unwrap().to_string_lossy(), ctx);
+        f(&mut opts);
+        let mut log = Vec::new();
+        match self.builder.build(&opts, &mut log) {
+            Ok((i, s)) => Ok((i, s, String::from_utf8_lossy(&log).into_owned())),
+            Err(e) => Err((e, String::from_utf8_lossy(&log).into_owned())),
+        }
+    }
+
+    fn build(&self, ctx: &Path) -> (Image, BuildStats, String) {
+        self.build_with(ctx, |_| {})
+            .unwrap_or_else(|(e, log)| panic!("build failed: {e}\n{log}"))
+    }
+
+    /// Run a shell script in a copy of the image, as the image's user and workdir.
+    fn sh(&self, image: &Image, script: &str) -> (ExitStatus, String, String) {
+        let copy = self.root.join(format!("run-{}", rand_suffix()));
+        self.builder
+            .store
+            .clone_snapshot(image.snapshot.as_deref(), &copy)
+            .unwrap();
+        let mut sb = Sandbox::new(&copy).command(["/bin/sh", "-c", script]);
+        for (k, v) in image.config.env_pairs() {
+            sb = sb.env(k, v);
+        }
+        if !image.config.workdir.is_empty() {
+            sb = sb.cwd(&image.config.workdir);
+        }
+        if !image.config.user.is_empty() {
+            sb = sb.user(sandbox::User::Spec(image.config.user.clone()));
+        }
+        let out = sb.output().unwrap();
+        self.builder.store.remove_tree(&copy).unwrap();
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn tmp_is_empty(&self) -> bool {
+        std::fs::read_dir(self.builder.store.root.join("tmp"))
+            .unwrap()
+            .count()
+            == 0
+    }
+}
+
+fn rand_suffix() -> String {
+    format!(
+        "{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos()
+    )
+}
+
+/// Serve `body` over HTTP once per connection on 127.0.0.1, in the background.
+fn serve(body: &'static [u8]) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(8) {
+            let Ok(mut s) = stream else { continue };
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = s.write_all(body);
+        }
+    });
+    format!("http://{addr}")
+}
+
+fn tar_gz(entries: &[(&str, &str)]) -> Vec<u8> {
+    let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
+        Vec::new(),
+        flate2::Compression::fast(),
+    ));
+    for (path, data) in entries {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_600_000_000);
+        h.set_size(data.len() as u64);
+        h.set_entry_type(tar::EntryType::Regular);
+        b.append_data(&mut h, path, data.as_bytes()).unwrap();
+    }
+    b.into_inner().unwrap().finish().unwrap()
+}
+
+#[test]
+fn every_instruction() {
+    let url = serve(b"downloaded content\n");
+    each_backend(|env| {
+        let archive = tar_gz(&[("a/inside.txt", "from the archive\n")]);
+        let ctx = env.project(
+            "every",
+            &[
+                (
+                    "Dockerfile",
+                    &format!(
+                        r#"# syntax=docker/dockerfile:1
+ARG BASE=busybox
+FROM ${{BASE}} AS base
+ARG VERSION=1.0
+ARG FROM_CLI
+ENV APP_HOME=/srv/app LEGACY_FORM_NOT_USED=1
+ENV PLAIN value with spaces
+LABEL org.example.version=$VERSION "two words"="yes"
+WORKDIR $APP_HOME
+COPY --chown=builder:builder files/ ./files/
+COPY --chmod=750 *.sh /usr/local/bin/
+ADD archive.tar.gz /opt/
+ADD --chmod=644 {url}/remote.txt /opt/remote.txt
+RUN ["/bin/sh", "-c", "echo exec-form > /srv/app/exec.txt"]
+RUN echo "$VERSION $FROM_CLI $PLAIN" > /srv/app/args.txt
+SHELL ["/bin/sh", "-e", "-c"]
+RUN echo shell-form > shell.txt
+USER builder
+RUN id -un > /home/builder/whoami
+EXPOSE 8080 53/udp
+VOLUME ["/data"]
+STOPSIGNAL SIGQUIT
+HEALTHCHECK --interval=5s CMD true
+ONBUILD RUN echo triggered > /tmp/onbuild
+ENTRYPOINT ["/usr/local/bin/start.sh"]
+CMD ["--serve"]
+"#
+                    ),
+                ),
+                ("files/one.txt", "one\n"),
+                ("files/sub/two.txt", "two\n"),
+                ("start.sh", "#!/bin/sh\necho started \"$@\"\n"),
+            ],
+        );
+        std::fs::write(ctx.join("archive.tar.gz"), &archive).unwrap();
+        let (image, stats, log) = env
+            .build_with(&ctx, |o| {
+                o.build_args = vec![("FROM_CLI".into(), "cli".into())]
+            })
+            .unwrap_or_else(|(e, log)| panic!("{e}\n{log}"));
+        assert_eq!(stats.executed_runs, 4, "{log}");
+        let c = &image.config;
+        assert_eq!(c.workdir, "/srv/app");
+        assert_eq!(c.user, "builder");
+        assert!(c.env.contains(&"APP_HOME=/srv/app".to_string()));
+        assert!(c.env.contains(&"PLAIN=value with spaces".to_string()));
+        assert_eq!(
+            c.labels.get("org.example.version").map(String::as_str),
+            Some("1.0")
+        );
+        assert_eq!(c.labels.get("two words").map(String::as_str), Some("yes"));
+        assert_eq!(c.exposed_ports, ["8080/tcp", "53/udp"]);
+        assert_eq!(c.volumes, ["/data"]);
+        assert_eq!(c.stop_signal.as_deref(), Some("SIGQUIT"));
+        assert_eq!(
+            c.healthcheck.as_ref().unwrap()["Test"],
+            serde_json::json!(["CMD-SHELL", "true"])
+        );
+        assert_eq!(c.onbuild, ["RUN echo triggered > /tmp/onbuild"]);
+        assert_eq!(c.shell, ["/bin/sh", "-e", "-c"]);
+        assert_eq!(c.command(), ["/usr/local/bin/start.sh", "--serve"]);
+
+        let (status, out, err) = env.sh(
+            &image,
+            "cat files/one.txt files/sub/two.txt exec.txt args.txt shell.txt /home/builder/whoami \
+             /opt/a/inside.txt /opt/remote.txt; stat -c '%U %a' files/one.txt /usr/local/bin/start.sh /opt/remote.txt; \
+             ls /tmp; pwd; id -un",
+        );
+        assert_eq!(status, ExitStatus::Exited(0), "{err}");
+        assert_eq!(
+            out,
+            "one\ntwo\nexec-form\n1.0 cli value with spaces\nshell-form\nbuilder\nfrom the archive\n\
+             downloaded content\nbuilder 644\nroot 750\nroot 644\n/srv/app\nbuilder\n"
+        );
+        // ONBUILD runs in an image built FROM this one (here: a later stage).
+        let child = env.project(
+            "child",
+            &[("Dockerfile", "FROM busybox AS parent\nONBUILD RUN echo triggered > /onbuild.txt\nFROM parent\nRUN cat /onbuild.txt\n")],
+        );
+        let (child_image, _, log) = env.build(&child);
+        assert!(
+            log.contains("Running ONBUILD trigger: RUN echo triggered > /onbuild.txt"),
+            "{log}"
+        );
+        assert_eq!(env.sh(&child_image, "cat /onbuild.txt").1, "triggered\n");
+    });
+}
+
+#[test]
+fn cache_hits_and_invalidation() {
+    each_backend(|env| {
+        let ctx = env.project(
+            "cache",
+            &[
+                (
+                    "Dockerfile",
+                    "FROM busybox\nRUN cat /proc/sys/kernel/random/uuid > /first\nCOPY a.txt /a.txt\nRUN cat /proc/sys/kernel/random/uuid > /second\nCOPY b.txt /b.txt\n",
+                ),
+                ("a.txt", "a1"),
+                ("b.txt", "b1"),
+            ],
+        );
+        let (first, stats, _) = env.build(&ctx);
+        assert_eq!((stats.executed_runs, stats.cached), (2, 0));
+        let stamps = |img: &Image| env.sh(img, "cat /first /second /a.txt /b.txt").1;
+        let before = stamps(&first);
+
+        // Unchanged: nothing runs, same image.
+        let (again, stats, log) = env.build(&ctx);
+        assert_eq!(stats.executed_runs, 0, "{log}");
+        assert_eq!(stats.cached, 4);
+        assert_eq!(again.key, first.key);
+        assert_eq!(stamps(&again), before);
+
+        // Changing the first COPY source re-runs from that step on.
+        std::fs::write(ctx.join("a.txt"), "a2").unwrap();
+        let (changed, stats, _) = env.build(&ctx);
+        assert_eq!(stats.executed_runs, 1);
+        assert_eq!(stats.cached, 1);
+        let after = stamps(&changed);
+        assert_eq!(
+            after.lines().next(),
+            before.lines().next(),
+            "the first RUN was cached"
+        );
+        assert_ne!(
+            after.lines().nth(1),
+            before.lines().nth(1),
+            "the second RUN re-ran"
+        );
+        assert!(after.ends_with("a2b1"));
+
+        // Changing only the last COPY source re-runs nothing.
+        std::fs::write(ctx.join("b.txt"), "b2").unwrap();
+        let (_, stats, _) = env.build(&ctx);
+        assert_eq!(stats.executed_runs, 0);
+
+        // A build arg used by RUN changes its key; rebuild bypasses the cache.
+        let (_, stats, _) = env
+            .build_with(&ctx, |o| o.no_cache = true)
+            .unwrap_or_else(|(e, l)| panic!("{e}\n{l}"));
+        assert_eq!((stats.executed_runs, stats.cached), (2, 0));
+        assert!(env.tmp_is_empty());
+    });
+}
+
+#[test]
+fn dockerignore_is_honoured() {
+    each_backend(|env| {
+        let ctx = env.project(
+            "ignore",
+            &[
+                ("Dockerfile", "FROM busybox\nCOPY . /ctx/\n"),
+                (".dockerignore", "*.log\nnode_modules\n!keep.log\n"),
+                ("app.js", "app"),
+                ("debug.log", "noise"),
+                ("keep.log", "kept"),
+                ("node_modules/dep/index.js", "dep"),
+            ],
+        );
+        let (image, _, _) = env.build(&ctx);
+        let (_, out, _) = env.sh(&image, "cd /ctx && find . -type f | sort");
+        assert_eq!(out, "./.dockerignore\n./Dockerfile\n./app.js\n./keep.log\n");
+        // An ignored file changing does not invalidate the cache.
+        std::fs::write(ctx.join("debug.log"), "more noise").unwrap();
+        let (again, stats, _) = env.build(&ctx);
+        assert_eq!(again.key, image.key);
+        assert_eq!(stats.cached, 1);
+    });
+}
+
+#[test]
+fn multi_stage_copy_from() {
+    each_backend(|env| {
+        let ctx = env.project(
+            "multi",
+            &[(
+                "Dockerfile",
+                "FROM busybox AS build\nRUN mkdir -p /out && echo artifact > /out/app && echo junk > /junk\n\
+                 FROM scratch AS empty\n\
+                 FROM busybox\nCOPY --from=build /out/app /app\nCOPY --from=0 /out/ /from-index/\n",
+            )],
+        );
+        let (image, _, log) = env.build(&ctx);
+        let (status, out, err) = env.sh(&image, "cat /app /from-index/app; ls /junk 2>&1 || true");
+        assert_eq!(status, ExitStatus::Exited(0), "{err}\n{log}");
+        assert_eq!(
+            out,
+            "artifact\nartifact\nls: /junk: No such file or directory\n"
+        );
+    });
+}
+
+#[test]
+fn deleted_files_stay_deleted() {
+    each_backend(|env| {
+        let ctx = env.project(
+            "whiteout",
+            &[(
+                "Dockerfile",
+                "FROM busybox\nRUN rm /etc/hostname && rm -r /home/builder\n",
+            )],
+        );
+        let (image, _, _) = env.build(&ctx);
+        let rootfs = env.builder.rootfs(&image).unwrap();
+        assert!(!rootfs.join("etc/hostname").exists());
+        assert!(!rootfs.join("home/builder").exists());
+        assert!(rootfs.join("etc/passwd").exists());
+        // An exported image (one flattened layer) has them gone too, and builds FROM it.
+        let out = env.root.join("exported");
+        images::build::export(&env.builder, &image, &out, "v1").unwrap();
+        let images = env.root.join("imgs");
+        std::fs::create_dir_all(&images).unwrap();
+        std::os::unix::fs::symlink(&out, images.join("exported")).unwrap();
+        let store2 =
+            Store::open(&env.root.join("store2"), Some(BackendKind::Plain), helper()).unwrap();
+        let b2 = Builder::new(store2, vec![Box::new(LocalImages { dir: images })]);
+        let ctx2 = env.project(
+            "reimport",
+            &[(
+                "Dockerfile",
+                "FROM exported:v1\nRUN test ! -e /etc/hostname && test -e /etc/passwd\n",
+            )],
+        );
+        let mut log = Vec::new();
+        b2.build(&BuildOptions::new("reimport", &ctx2), &mut log)
+            .unwrap_or_else(|e| panic!("{e}\n{}", String::from_utf8_lossy(&log)));
+        if std::process::Command::new("skopeo")
+            .arg("--version")
+            .output()
+            .is_ok()
+        {
+            let inspect = std::process::Command::new("skopeo")
+                .arg("inspect")
+                .arg(format!("oci:{}:v1", out.display()))
+                .output()
+                .unwrap();
+            assert!(
+                inspect.status.success(),
+                "{}",
+                String::from_utf8_lossy(&inspect.stderr)
+            );
+        }
+    });
+}
+
+#[test]
+fn broken_dockerfiles_and_failing_runs() {
+    each_backend(|env| {
+        let ctx = env.project(
+            "bad",
+            &[("Dockerfile", "FROM busybox\nRUN true\nINVALIDCOMMAND foo\n")],
+        );
+        let (e, _) = env.build_with(&ctx, |_| {}).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Dockerfile line 3: unknown instruction: INVALIDCOMMAND"
+        );
+
+        let ctx = env.project(
+            "failing",
+            &[("Dockerfile", "FROM busybox\nRUN echo about to fail; echo on stderr >&2; exit 3\nRUN echo never\n")],
+        );
+        let (e, log) = env.build_with(&ctx, |_| {}).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "The command '/bin/sh -c echo about to fail; echo on stderr >&2; exit 3' returned a non-zero code: 3"
+        );
+        assert!(log.contains("about to fail\non stderr\n"), "{log}");
+        assert!(!log.contains("never"));
+        assert!(env.tmp_is_empty(), "a failed step left its snapshot behind");
+
+        let ctx = env.project("nobase", &[("Dockerfile", "FROM no-such-image:1\n")]);
+        let (e, _) = env.build_with(&ctx, |_| {}).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "base image no-such-image:1: not found in the local images directory or any configured registry"
+        );
+        let ctx = env.project("missing", &[("Dockerfile", "FROM busybox\nCOPY nope /x\n")]);
+        let (e, _) = env.build_with(&ctx, |_| {}).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "step COPY nope /x (line 2): COPY source \"nope\": not found in the build context"
+        );
+    });
+}
+
+fn layout_with_layer(dir: &Path, layer: &[u8]) {
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |data: &[u8]| {
+        let d = images::oci::sha256_digest(data);
+        std::fs::write(blobs.join(&d[7..]), data).unwrap();
+        (d, data.len())
+    };
+    let (ld, ls) = put(layer);
+    let config = format!(
+        r#"{{"architecture":"amd64","os":"linux","config":{{}},"rootfs":{{"type":"layers","diff_ids":["{ld}"]}}}}"#
+    );
+    let (cd, cs) = put(config.as_bytes());
+    let manifest = format!(
+        r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{cd}","size":{cs}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{ld}","size":{ls}}}]}}"#
+    );
+    let (md, ms) = put(manifest.as_bytes());
+    std::fs::write(
+        dir.join("index.json"),
+        format!(r#"{{"schemaVersion":2,"manifests":[{{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"{md}","size":{ms}}}]}}"#),
+    )
+    .unwrap();
+    std::fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+}
+
+#[test]
+fn layer_owners_are_kept_and_hostile_layers_refused() {
+    each_backend(|env| {
+        let images = env.root.join("images");
+        // A layer with a file owned by 1000:1000 and a setuid file.
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, uid, mode) in [
+            ("owned/by-builder", 1000u64, 0o640u32),
+            ("owned/suid", 0, 0o4755),
+        ] {
+            let mut h = tar::Header::new_gnu();
+            h.set_uid(uid);
+            h.set_gid(uid);
+            h.set_mode(mode);
+            h.set_size(1);
+            h.set_mtime(1_500_000_000);
+            b.append_data(&mut h, path, &b"x"[..]).unwrap();
+        }
+        let owned = b.into_inner().unwrap();
+        layout_with_layer(&images.join("owned"), &owned);
+        // A layer whose entry climbs out of the root.
+        let mut evil = Vec::new();
+        let mut h = tar::Header::new_old();
+        let name = b"../../../../tmp/mistry-escaped";
+        h.as_old_mut().name[..name.len()].copy_from_slice(name);
+        h.set_mode(0o644);
+        h.set_size(0);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_cksum();
+        evil.extend_from_slice(h.as_bytes());
+        evil.extend_from_slice(&[0u8; 1024]);
+        layout_with_layer(&images.join("evil"), &evil);
+
+        let store = Store::open(
+            &env.root.join("store-owners"),
+            Some(env.builder.store.backend()),
+            helper(),
+        )
+        .unwrap();
+        let b = Builder::new(
+            store,
+            vec![Box::new(LocalImages {
+                dir: images.clone(),
+            })],
+        );
+        let ctx = env.project("owners", &[("Dockerfile", "FROM owned\n")]);
+        let mut log = Vec::new();
+        let (image, _) = b
+            .build(&BuildOptions::new("owners", &ctx), &mut log)
+            .unwrap();
+        let rootfs = b.rootfs(&image).unwrap();
+        let copy = env.root.join("owners-run");
+        b.store
+            .clone_snapshot(image.snapshot.as_deref(), &copy)
+            .unwrap();
+        let busybox = images_dir().join("busybox/rootfs/bin/busybox");
+        let out = Sandbox::new(&copy)
+            .bind(sandbox::Bind::new(&busybox, "/bin/busybox").read_only())
+            .command([
+                "/bin/busybox",
+                "stat",
+                "-c",
+                "%u:%g %a",
+                "/owned/by-builder",
+                "/owned/suid",
+            ])
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "1000:1000 640\n0:0 4755\n",
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // On the host, the file belongs to the sandbox's mapped id of 1000.
+        let host_uid = std::fs::metadata(rootfs.join("owned/by-builder"))
+            .unwrap()
+            .uid();
+        let me = nix::unistd::geteuid().as_raw();
+        assert_ne!(host_uid, me);
+        b.store.remove_tree(&copy).unwrap();
+
+        let ctx = env.project("evil", &[("Dockerfile", "FROM evil\n")]);
+        let e = b
+            .build(&BuildOptions::new("evil", &ctx), &mut log)
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("escapes the image root with .."),
+            "{e}"
+        );
+        assert!(e.to_string().contains("layer sha256:"), "{e}");
+        assert!(!Path::new("/tmp/mistry-escaped").exists());
+        assert_eq!(
+            std::fs::read_dir(b.store.root.join("tmp")).unwrap().count(),
+            0
+        );
+    });
+}
+
+#[test]
+fn garbage_collection_keeps_current_images() {
+    each_backend(|env| {
+        let ctx = env.project("gc", &[("Dockerfile", "FROM busybox\nRUN echo 1 > /v\n")]);
+        let (old, _, _) = env.build(&ctx);
+        std::fs::write(ctx.join("Dockerfile"), "FROM busybox\nRUN echo 2 > /v\n").unwrap();
+        let (new, _, _) = env.build(&ctx);
+        let done = env.builder.store.collect_garbage().unwrap();
+        assert_eq!(done.snapshots, 1, "only the old RUN snapshot goes");
+        assert!(!env
+            .builder
+            .store
+            .has_snapshot(old.snapshot.as_deref().unwrap()));
+        assert!(env
+            .builder
+            .store
+            .has_snapshot(new.snapshot.as_deref().unwrap()));
+        let (again, stats, _) = env.build(&ctx);
+        assert_eq!((again.key, stats.executed_runs), (new.key, 0));
+    });
+}
+
+#[test]
+fn different_projects_build_in_parallel() {
+    each_backend(|env| {
+        let a = env.project(
+            "par-a",
+            &[("Dockerfile", "FROM busybox\nRUN sleep 0.3; echo a > /x\n")],
+        );
+        let b = env.project(
+            "par-b",
+            &[("Dockerfile", "FROM busybox\nRUN sleep 0.3; echo b > /x\n")],
+        );
+        let started = std::time::Instant::now();
+        std::thread::scope(|s| {
+            let ta = s.spawn(|| env.build(&a));
+            let tb = s.spawn(|| env.build(&b));
+            let (ia, _, _) = ta.join().unwrap();
+            let (ib, _, _) = tb.join().unwrap();
+            assert_eq!(env.sh(&ia, "cat /x").1, "a\n");
+            assert_eq!(env.sh(&ib, "cat /x").1, "b\n");
+        });
+        assert!(started.elapsed() < std::time::Duration::from_secs(10));
+    });
+}
