@@ -4,6 +4,8 @@
 # - installs the Debian packages the tests use;
 # - gives root and the unprivileged test user `mistry-test` subordinate id ranges
 #   (/etc/subuid, /etc/subgid), so sandboxes map 65536 ids;
+# - loop-mounts a btrfs filesystem at /mnt/mistry-btrfs (4 GiB sparse image) for the btrfs
+#   backend's tests;
 # - builds the busybox base image from Debian's busybox-static into target/images/busybox.
 set -eu
 cd "$(dirname "$0")/.."
@@ -13,7 +15,7 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 
-PACKAGES="busybox-static uidmap bubblewrap hyperfine btrfs-progs gcc libc6-dev passwd procps"
+PACKAGES="busybox-static uidmap bubblewrap hyperfine btrfs-progs gcc libc6-dev passwd procps skopeo util-linux"
 missing=
 for p in $PACKAGES; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
@@ -39,6 +41,19 @@ for u in root mistry-test; do
     add_range "$u" /etc/subuid
     add_range "$u" /etc/subgid
 done
+
+# A loop-mounted btrfs for the btrfs backend (user_subvol_rm_allowed: rootless deletes).
+BTRFS_IMG=/var/lib/mistry-test/btrfs.img
+BTRFS_MNT=/mnt/mistry-btrfs
+if ! mountpoint -q "$BTRFS_MNT"; then
+    mkdir -p "$(dirname "$BTRFS_IMG")" "$BTRFS_MNT"
+    if [ ! -f "$BTRFS_IMG" ]; then
+        truncate -s 4G "$BTRFS_IMG"
+        mkfs.btrfs -q "$BTRFS_IMG"
+    fi
+    mount -o loop,user_subvol_rm_allowed "$BTRFS_IMG" "$BTRFS_MNT"
+fi
+chmod 1777 "$BTRFS_MNT"
 
 if [ ! -x target/images/busybox/rootfs/bin/busybox ] || [ ! -f target/images/busybox/index.json ]; then
     images/recipes/busybox.sh target/images/busybox

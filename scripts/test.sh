@@ -19,19 +19,27 @@ command -v cargo >/dev/null || { echo "test.sh: needs a Rust toolchain (cargo) o
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 
+export MISTRY_TEST_BTRFS=/mnt/mistry-btrfs
+
 echo "== tests as root"
 cargo test --workspace
 
-echo "== sandbox tests as the unprivileged user mistry-test"
-# The test binaries, the probe and the base image go where mistry-test can read them.
+echo "== sandbox and image build tests as the unprivileged user mistry-test"
+# The test binaries, mistryd (the image helper), the probe and the base image go where
+# mistry-test can read them.
 unpriv=$(mktemp -d /tmp/mistry-unpriv.XXXXXX)
 trap 'rm -rf "$unpriv"' EXIT
 chmod 755 "$unpriv"
 cc -static -O2 -o "$unpriv/probe" sandbox/tests/probe.c
 cp -a target/images/busybox/rootfs "$unpriv/rootfs"
-chown -R mistry-test: "$unpriv/rootfs"
-cargo test -p sandbox --no-run --message-format=json 2>/dev/null \
-    | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' > "$unpriv/list"
+mkdir -p "$unpriv/images"
+cp -a target/images/busybox "$unpriv/images/busybox"
+chown -R mistry-test: "$unpriv/rootfs" "$unpriv/images"
+cp target/debug/mistryd "$unpriv/mistryd"
+{
+    cargo test -p sandbox --no-run --message-format=json 2>/dev/null
+    cargo test -p mistry --test image_build --no-run --message-format=json 2>/dev/null
+} | grep -E '"profile":\{[^}]*"test":true' | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' > "$unpriv/list"
 status=0
 while read -r bin; do
     name=$(basename "$bin")
@@ -39,6 +47,8 @@ while read -r bin; do
     echo "-- $name (as mistry-test)"
     runuser -u mistry-test -- env -i PATH=/usr/bin:/bin HOME=/home/mistry-test TMPDIR=/tmp \
         MISTRY_BUSYBOX_ROOTFS="$unpriv/rootfs" MISTRY_PROBE="$unpriv/probe" \
+        MISTRY_TEST_IMAGES="$unpriv/images" MISTRY_HELPER_BIN="$unpriv/mistryd" \
+        MISTRY_TEST_BTRFS="$MISTRY_TEST_BTRFS" \
         "$unpriv/$name" || status=1
 done < "$unpriv/list"
 exit $status
