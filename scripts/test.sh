@@ -38,7 +38,7 @@ chown -R mistry-test: "$unpriv/rootfs" "$unpriv/images"
 cp target/debug/mistryd "$unpriv/mistryd"
 {
     cargo test -p sandbox --no-run --message-format=json 2>/dev/null
-    cargo test -p mistry --test image_build --no-run --message-format=json 2>/dev/null
+    cargo test -p mistry --test image_build --test registry --no-run --message-format=json 2>/dev/null
 } | grep -E '"profile":\{[^}]*"test":true' | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' > "$unpriv/list"
 status=0
 while read -r bin; do

@@ -36,6 +36,12 @@ pub struct BuildArgs {
     /// Directory of local base images (OCI layouts, `FROM name` = DIR/name).
     #[arg(long, value_name = "DIR")]
     pub images: Option<PathBuf>,
+    /// A registry (`host[:port]`) reached over plain http.
+    #[arg(long = "insecure-registry", value_name = "HOST")]
+    pub insecure: Vec<String>,
+    /// A docker-style config.json with registry credentials (default: ~/.docker/config.json).
+    #[arg(long = "registry-auth", value_name = "FILE")]
+    pub auth_file: Option<PathBuf>,
     /// Build argument.
     #[arg(long = "build-arg", value_name = "K=V", value_parser = parse_kv)]
     pub build_args: Vec<(String, String)>,
@@ -80,6 +86,13 @@ pub fn run(cmd: ImageCommand) -> Result<i32> {
             if let Some(dir) = &args.images {
                 sources.push(Box::new(LocalImages { dir: dir.clone() }));
             }
+            sources.push(Box::new(images::registry::Registries {
+                config: images::registry::RegistryConfig {
+                    insecure: args.insecure.clone(),
+                    auth_file: args.auth_file.clone(),
+                    ..Default::default()
+                },
+            }));
             let builder = Builder::new(store, sources);
             let project = args.project.clone().unwrap_or_else(|| {
                 args.context

@@ -14,6 +14,7 @@ pub mod context;
 pub mod dockerfile;
 pub mod lex;
 pub mod oci;
+pub mod registry;
 pub mod store;
 pub mod tools;
 pub mod unpack;
