@@ -1,6 +1,13 @@
 //! mistryd: the mistry build server.
 
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use mistry::config::Config;
+use mistry::engine::Engine;
 use mistry::image_cli::{self, ImageCommand};
 use mistry::sandbox_cli::{self, RunArgs};
 use tracing_subscriber::EnvFilter;
@@ -12,16 +19,42 @@ use tracing_subscriber::EnvFilter;
     about = "A rootless, Docker-free build server compatible with mistry"
 )]
 struct Cli {
+    /// Configuration file.
+    #[arg(long, short = 'c', default_value = "config.json", global = true)]
+    config: PathBuf,
+    /// Address to listen on.
+    #[arg(long, short = 'a', default_value = "0.0.0.0:8462")]
+    addr: String,
+    /// Storage backend of the layer store (default: the config's, else detected).
+    #[arg(long, value_name = "plain|btrfs", global = true)]
+    filesystem: Option<images::store::BackendKind>,
+    /// How long running jobs may go on after SIGTERM before they are killed.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    shutdown_grace: Duration,
     #[command(subcommand)]
     command: Option<Command>,
 }
 
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    mistry::duration::parse(s)
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Rebuild the images of all projects (or the named ones) ignoring every cache, then prune
+    /// what is no longer used.
+    Rebuild {
+        #[arg(long, short = 'p')]
+        project: Vec<String>,
+        #[arg(long)]
+        fail_fast: bool,
+        #[arg(long, short = 'v')]
+        verbose: bool,
+    },
     /// Run commands in the rootless sandbox jobs use (debugging, benchmarks).
     #[command(subcommand)]
     Sandbox(SandboxCommand),
-    /// Build images into the layer store, collect garbage (debugging, benchmarks).
+    /// Build images into a layer store, collect garbage (debugging, benchmarks).
     #[command(subcommand)]
     Image(ImageCommand),
     /// Image-tree operations run inside the sandbox's user namespace (used by mistryd itself).
@@ -38,31 +71,161 @@ enum SandboxCommand {
     Run(RunArgs),
 }
 
+fn load(cli: &Cli) -> Result<Config> {
+    let mut cfg = Config::load(&cli.config)?;
+    if let Some(f) = cli.filesystem {
+        cfg.filesystem = Some(f);
+    }
+    Ok(cfg)
+}
+
+async fn serve(cli: Cli) -> Result<()> {
+    let cfg = load(&cli)?;
+    let helper = image_cli::helper_command()?;
+    let engine = Arc::new(tokio::task::spawn_blocking(move || Engine::new(cfg, helper)).await??);
+    let listener = tokio::net::TcpListener::bind(&cli.addr)
+        .await
+        .with_context(|| format!("listening on {}", cli.addr))?;
+    tracing::info!(addr = %listener.local_addr()?, store = %engine.cfg.store_path.display(), "mistryd ready");
+    let app = mistry::server::router(Arc::clone(&engine));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move {
+                let mut rx = stop_rx;
+                let _ = rx.wait_for(|s| *s).await;
+            })
+            .await
+    });
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutting down: no new jobs; waiting for running ones");
+    engine.shutdown(cli.shutdown_grace).await;
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn rebuild(cli: &Cli, projects: &[String], fail_fast: bool, verbose: bool) -> Result<i32> {
+    let cfg = load(cli)?;
+    let engine = Engine::new(cfg.clone(), image_cli::helper_command()?)?;
+    let mut names: Vec<String> = if projects.is_empty() {
+        std::fs::read_dir(&cfg.projects_path)
+            .with_context(|| format!("reading {}", cfg.projects_path.display()))?
+            .flatten()
+            .filter(|e| e.path().join("Dockerfile").is_file())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect()
+    } else {
+        projects.to_vec()
+    };
+    names.sort();
+    let (mut rebuilt, mut failed) = (0, Vec::new());
+    for name in &names {
+        let dir = cfg.projects_path.join(name);
+        let settings = cfg.effective(name)?;
+        let mut opts = images::build::BuildOptions::new(name, &dir);
+        opts.no_cache = true;
+        opts.network = settings.network;
+        opts.build_args = vec![("uid".into(), nix::unistd::geteuid().as_raw().to_string())];
+        opts.build_args.extend(settings.build_args);
+        let mut log: Box<dyn std::io::Write> = if verbose {
+            Box::new(std::io::stdout())
+        } else {
+            Box::new(std::io::sink())
+        };
+        match engine.builder().build(&opts, &mut log) {
+            Ok(_) => rebuilt += 1,
+            Err(e) => {
+                eprintln!("{name}: {e}");
+                failed.push(name.clone());
+                if fail_fast {
+                    break;
+                }
+            }
+        }
+    }
+    let pruned = engine.builder().store.collect_garbage()?;
+    println!(
+        "Finished. Rebuilt: {rebuilt}, Pruned images: {}, Pruned blobs: {}, Failed: {}",
+        pruned.snapshots,
+        pruned.blobs,
+        failed.len()
+    );
+    if failed.is_empty() {
+        Ok(0)
+    } else {
+        eprintln!("Failed projects: {}", failed.join(", "));
+        Ok(1)
+    }
+}
+
 fn main() {
+    let default = match std::env::args().nth(1).as_deref() {
+        Some("sandbox") | Some("image") | Some("internal") => "warn",
+        _ => "info",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
-            EnvFilter::try_from_env("MISTRY_LOG").unwrap_or_else(|_| EnvFilter::new("warn")),
+            EnvFilter::try_from_env("MISTRY_LOG").unwrap_or_else(|_| EnvFilter::new(default)),
         )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    match cli.command {
-        Some(Command::Sandbox(SandboxCommand::Run(args))) => {
-            std::process::exit(sandbox_cli::run(args))
+    let code = match &cli.command {
+        Some(Command::Sandbox(SandboxCommand::Run(_))) => {
+            let Some(Command::Sandbox(SandboxCommand::Run(args))) = cli.command else {
+                unreachable!()
+            };
+            sandbox_cli::run(args)
         }
-        Some(Command::Image(cmd)) => match image_cli::run(cmd) {
-            Ok(code) => std::process::exit(code),
+        Some(Command::Image(_)) => {
+            let Some(Command::Image(cmd)) = cli.command else {
+                unreachable!()
+            };
+            match image_cli::run(cmd) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("mistryd: {e:#}");
+                    1
+                }
+            }
+        }
+        Some(Command::Internal { args }) => images::tools::helper_main(args),
+        Some(Command::Rebuild {
+            project,
+            fail_fast,
+            verbose,
+        }) => match rebuild(&cli, project, *fail_fast, *verbose) {
+            Ok(code) => code,
             Err(e) => {
                 eprintln!("mistryd: {e:#}");
-                std::process::exit(1);
+                1
             }
         },
-        Some(Command::Internal { args }) => std::process::exit(images::tools::helper_main(&args)),
         None => {
-            eprintln!(
-                "mistryd: the jobs server is not built yet; try `mistryd sandbox run --help`"
-            );
-            std::process::exit(2);
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("mistryd: starting the runtime: {e}");
+                    std::process::exit(1);
+                }
+            };
+            match rt.block_on(serve(cli)) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("mistryd: {e:#}");
+                    1
+                }
+            }
         }
-    }
+    };
+    std::process::exit(code);
 }

@@ -1,0 +1,271 @@
+//! The server's configuration file: mistry's keys plus ours.
+//!
+//! ```json
+//! {
+//!   "projects_path": "/var/lib/mistry/projects",   // required, must exist
+//!   "build_path": "/var/lib/mistry/data",          // required, must exist and be writable
+//!   "mounts": {"/host/path": "/path/in/job"},      // bind-mounted into every job
+//!   "job_concurrency": 2,                          // default: logical CPUs
+//!   "job_backlog": 4,                              // default: 2 × concurrency
+//!   "images_path": "/var/lib/mistry/images",       // local base images (OCI layouts)
+//!   "store_path": "/var/lib/mistry/data/.mistry",  // layer store; default <build_path>/.mistry
+//!   "filesystem": "btrfs",                         // plain | btrfs; default: detected
+//!   "network": "host",                             // host (default, as mistry) | none
+//!   "time_limit": "30m",                           // per job, Go syntax; default: none
+//!   "registries": {"insecure": [], "auth_file": null, "credentials": {}},
+//!   "projects": {"NAME": {"network": "none", "time_limit": "5m"}}
+//! }
+//! ```
+//!
+//! A project may also carry its own settings in `<project>/.mistry.json`
+//! (`{"network": ..., "time_limit": ..., "build_args": {...}}`); the server configuration's
+//! `projects` entry wins over it. Unknown keys are ignored, as mistry does.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use images::registry::RegistryConfig;
+use images::store::BackendKind;
+use sandbox::NetworkMode;
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ProjectSettings {
+    pub network: Option<String>,
+    pub time_limit: Option<String>,
+    #[serde(default)]
+    pub build_args: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct Raw {
+    projects_path: Option<PathBuf>,
+    build_path: Option<PathBuf>,
+    #[serde(default)]
+    mounts: BTreeMap<PathBuf, PathBuf>,
+    job_concurrency: Option<usize>,
+    job_backlog: Option<usize>,
+    images_path: Option<PathBuf>,
+    store_path: Option<PathBuf>,
+    filesystem: Option<String>,
+    network: Option<String>,
+    time_limit: Option<String>,
+    #[serde(default)]
+    registries: RegistryConfig,
+    #[serde(default)]
+    projects: BTreeMap<String, ProjectSettings>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub projects_path: PathBuf,
+    pub build_path: PathBuf,
+    pub mounts: Vec<(PathBuf, PathBuf)>,
+    pub job_concurrency: usize,
+    pub job_backlog: usize,
+    pub images_path: Option<PathBuf>,
+    pub store_path: PathBuf,
+    pub filesystem: Option<BackendKind>,
+    pub network: NetworkMode,
+    pub time_limit: Option<Duration>,
+    pub registries: RegistryConfig,
+    pub projects: BTreeMap<String, ProjectSettings>,
+}
+
+/// Settings in effect for one project.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Effective {
+    pub network: NetworkMode,
+    pub time_limit: Option<Duration>,
+    pub build_args: Vec<(String, String)>,
+}
+
+fn parse_network(s: &str, what: &str) -> Result<NetworkMode> {
+    s.parse::<NetworkMode>()
+        .map_err(|e| anyhow::anyhow!("{what}: {e}"))
+}
+
+fn parse_limit(s: &str, what: &str) -> Result<Duration> {
+    mistry_duration(s).map_err(|e| anyhow::anyhow!("{what}: {e}"))
+}
+
+fn mistry_duration(s: &str) -> Result<Duration, String> {
+    crate::duration::parse(s)
+}
+
+impl Config {
+    /// Parse and validate the configuration text (`origin` names it in errors).
+    pub fn parse(text: &str, origin: &Path) -> Result<Config> {
+        let raw: Raw =
+            serde_json::from_str(text).with_context(|| format!("parsing {}", origin.display()))?;
+        let projects_path = raw
+            .projects_path
+            .with_context(|| format!("{}: projects_path is required", origin.display()))?;
+        let build_path = raw
+            .build_path
+            .with_context(|| format!("{}: build_path is required", origin.display()))?;
+        if !projects_path.is_dir() {
+            bail!(
+                "projects_path {} does not exist or is not a directory",
+                projects_path.display()
+            );
+        }
+        if !build_path.is_dir() {
+            bail!(
+                "build_path {} does not exist or is not a directory",
+                build_path.display()
+            );
+        }
+        let probe = build_path.join(format!(".mistry-write-test-{}", std::process::id()));
+        std::fs::write(&probe, b"")
+            .with_context(|| format!("build_path {} is not writable", build_path.display()))?;
+        let _ = std::fs::remove_file(&probe);
+        let cpus = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        let job_concurrency = raw.job_concurrency.unwrap_or(cpus);
+        if job_concurrency == 0 {
+            bail!("job_concurrency must be at least 1");
+        }
+        let build_path = build_path
+            .canonicalize()
+            .with_context(|| format!("build_path {}", build_path.display()))?;
+        let store_path = raw.store_path.unwrap_or_else(|| build_path.join(".mistry"));
+        let filesystem = match raw.filesystem.as_deref() {
+            None => None,
+            Some(f) => Some(
+                f.parse::<BackendKind>()
+                    .map_err(|e| anyhow::anyhow!("filesystem: {e}"))?,
+            ),
+        };
+        for (name, p) in &raw.projects {
+            if let Some(n) = &p.network {
+                parse_network(n, &format!("projects.{name}.network"))?;
+            }
+            if let Some(t) = &p.time_limit {
+                parse_limit(t, &format!("projects.{name}.time_limit"))?;
+            }
+        }
+        Ok(Config {
+            projects_path: projects_path
+                .canonicalize()
+                .with_context(|| format!("projects_path {}", projects_path.display()))?,
+            build_path,
+            mounts: raw.mounts.into_iter().collect(),
+            job_concurrency,
+            job_backlog: raw.job_backlog.unwrap_or(2 * job_concurrency),
+            images_path: raw.images_path,
+            store_path,
+            filesystem,
+            network: match raw.network.as_deref() {
+                Some(n) => parse_network(n, "network")?,
+                None => NetworkMode::Host,
+            },
+            time_limit: match raw.time_limit.as_deref() {
+                Some(t) => Some(parse_limit(t, "time_limit")?),
+                None => None,
+            },
+            registries: raw.registries,
+            projects: raw.projects,
+        })
+    }
+
+    pub fn load(path: &Path) -> Result<Config> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        Config::parse(&text, path)
+    }
+
+    /// The settings of `project`: the project's `.mistry.json`, then the server configuration.
+    pub fn effective(&self, project: &str) -> Result<Effective> {
+        let file = self.projects_path.join(project).join(".mistry.json");
+        let own: ProjectSettings = match std::fs::read(&file) {
+            Ok(t) => {
+                serde_json::from_slice(&t).with_context(|| format!("parsing {}", file.display()))?
+            }
+            Err(_) => ProjectSettings::default(),
+        };
+        let server = self.projects.get(project).cloned().unwrap_or_default();
+        let network = match server.network.or(own.network) {
+            Some(n) => parse_network(&n, &format!("network of project {project}"))?,
+            None => self.network,
+        };
+        let time_limit = match server.time_limit.or(own.time_limit) {
+            Some(t) => Some(parse_limit(
+                &t,
+                &format!("time_limit of project {project}"),
+            )?),
+            None => self.time_limit,
+        };
+        let mut build_args: BTreeMap<String, String> = own.build_args;
+        build_args.extend(server.build_args);
+        Ok(Effective {
+            network,
+            time_limit,
+            build_args: build_args.into_iter().collect(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_validation() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("projects");
+        let b = dir.path().join("builds");
+        std::fs::create_dir_all(p.join("web")).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        let text = format!(
+            r#"{{"projects_path": "{}", "build_path": "{}", "job_concurrency": 3, "unknown": 1,
+                "projects": {{"web": {{"network": "none", "time_limit": "90s"}}}}}}"#,
+            p.display(),
+            b.display()
+        );
+        let c = Config::parse(&text, Path::new("config.json")).unwrap();
+        assert_eq!((c.job_concurrency, c.job_backlog), (3, 6));
+        assert_eq!(c.network, NetworkMode::Host);
+        assert_eq!(c.store_path, b.canonicalize().unwrap().join(".mistry"));
+        let e = c.effective("web").unwrap();
+        assert_eq!(
+            (e.network, e.time_limit),
+            (NetworkMode::None, Some(Duration::from_secs(90)))
+        );
+        std::fs::write(
+            p.join("web/.mistry.json"),
+            r#"{"network": "host", "build_args": {"A": "1"}}"#,
+        )
+        .unwrap();
+        let e = c.effective("web").unwrap();
+        assert_eq!(e.network, NetworkMode::None, "the server's config wins");
+        assert_eq!(e.build_args, vec![("A".to_string(), "1".to_string())]);
+
+        let missing = format!(r#"{{"build_path": "{}"}}"#, b.display());
+        let e = Config::parse(&missing, Path::new("c.json")).unwrap_err();
+        assert_eq!(e.to_string(), "c.json: projects_path is required");
+        let bad = format!(
+            r#"{{"projects_path": "{}", "build_path": "/nonexistent"}}"#,
+            p.display()
+        );
+        let e = Config::parse(&bad, Path::new("c.json")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "build_path /nonexistent does not exist or is not a directory"
+        );
+        let bad = format!(
+            r#"{{"projects_path": "{}", "build_path": "{}", "time_limit": "soon"}}"#,
+            p.display(),
+            b.display()
+        );
+        let e = Config::parse(&bad, Path::new("c.json")).unwrap_err();
+        assert!(
+            e.to_string().starts_with("time_limit: invalid duration"),
+            "{e}"
+        );
+    }
+}

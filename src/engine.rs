@@ -1,0 +1,704 @@
+//! The job engine: job IDs, coalescing, the result cache, incremental builds, the on-disk layout,
+//! and running a job (image build, then the sandbox) with its logs streamed to disk.
+//!
+//! ```text
+//! <build_path>/<project>/pending/<id>/     while the job runs
+//! <build_path>/<project>/ready/<id>/       when it ended (renamed from pending)
+//!     data/{cache,artifacts,params/<name>} mounted at /data in the job
+//!     out.log                              image build output + job stdout and stderr
+//!     stderr.log                           job stderr alone (ContainerStderr)
+//!     build_info.json                      BuildInfo without the two log fields
+//! <build_path>/<project>/latest            link to the last successful build without a group
+//! <build_path>/<project>/groups/<group>    link to the group's last successful build
+//! ```
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use images::build::{BuildOptions, Builder, LocalImages};
+use images::registry::Registries;
+use images::store::Store;
+use sandbox::{Bind, ExitStatus, Sandbox, Stdio, User};
+use tokio::sync::{watch, Semaphore};
+
+use crate::config::Config;
+use crate::jobs::{self, BuildInfo, JobRequest, NEVER_RAN, UNKNOWN_DURATION};
+use crate::metrics::Metrics;
+
+/// Why a request could not be served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobError {
+    /// 400.
+    BadRequest(String),
+    /// 404, text contains `Unknown project 'NAME'`.
+    UnknownProject(String),
+    /// 503.
+    Overloaded,
+    /// 500.
+    Internal(String),
+}
+
+impl std::fmt::Display for JobError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JobError::BadRequest(m) | JobError::Internal(m) => f.write_str(m),
+            JobError::UnknownProject(p) => write!(f, "Unknown project '{p}'"),
+            JobError::Overloaded => f.write_str("Server is overloaded; try again later"),
+        }
+    }
+}
+
+/// A scheduled job: its ID and a receiver that yields the BuildInfo when it is ready.
+pub struct Scheduled {
+    pub project: String,
+    pub id: String,
+    result: watch::Receiver<Option<BuildInfo>>,
+    /// Immediately known answer (result cache).
+    ready: Option<BuildInfo>,
+    coalesced: bool,
+}
+
+impl Scheduled {
+    /// Wait for the BuildInfo (with the log fields filled in).
+    pub async fn wait(mut self) -> Result<BuildInfo, JobError> {
+        if let Some(info) = self.ready.take() {
+            return Ok(info);
+        }
+        let info = loop {
+            if let Some(info) = self.result.borrow().clone() {
+                break info;
+            }
+            if self.result.changed().await.is_err() {
+                return Err(JobError::Internal(format!(
+                    "Error building {}/{}: work: the job ended without a result",
+                    self.project, self.id
+                )));
+            }
+        };
+        let mut info = info;
+        info.coalesced = self.coalesced;
+        Ok(info)
+    }
+}
+
+pub struct Engine {
+    pub cfg: Config,
+    builder: Arc<Builder>,
+    slots: Arc<Semaphore>,
+    /// Jobs accepted and not finished (queued or running).
+    queued: AtomicUsize,
+    pending: Mutex<HashMap<String, watch::Receiver<Option<BuildInfo>>>>,
+    link_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    /// Host pids of the running sandboxes' init, by job key.
+    running: Mutex<HashMap<String, i32>>,
+    shutting_down: AtomicBool,
+    pub metrics: Metrics,
+}
+
+fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+}
+
+fn read_lossy(path: &Path) -> String {
+    fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+impl Engine {
+    /// Open the layer store and clean up what a crash left behind.
+    pub fn new(cfg: Config, helper: Vec<std::ffi::OsString>) -> anyhow::Result<Engine> {
+        use anyhow::Context;
+        let store = Store::open(&cfg.store_path, cfg.filesystem, helper)
+            .with_context(|| format!("opening the layer store {}", cfg.store_path.display()))?;
+        let mut sources: Vec<Box<dyn images::build::BaseSource>> = Vec::new();
+        if let Some(dir) = &cfg.images_path {
+            sources.push(Box::new(LocalImages { dir: dir.clone() }));
+        }
+        sources.push(Box::new(Registries {
+            config: cfg.registries.clone(),
+        }));
+        let builder = Arc::new(Builder::new(store, sources));
+        let engine = Engine {
+            slots: Arc::new(Semaphore::new(cfg.job_concurrency)),
+            queued: AtomicUsize::new(0),
+            pending: Mutex::new(HashMap::new()),
+            link_locks: Mutex::new(HashMap::new()),
+            running: Mutex::new(HashMap::new()),
+            shutting_down: AtomicBool::new(false),
+            metrics: Metrics::new(),
+            builder,
+            cfg,
+        };
+        engine.clean_pending()?;
+        engine.count_hosted();
+        Ok(engine)
+    }
+
+    pub fn builder(&self) -> &Builder {
+        &self.builder
+    }
+
+    /// Start-up: every leftover pending build of every project goes (a crash leaves them; they
+    /// are never resumed).
+    fn clean_pending(&self) -> anyhow::Result<()> {
+        for project in self.projects_with_builds() {
+            let dir = self.cfg.build_path.join(&project).join("pending");
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                tracing::info!(project, id = %e.file_name().to_string_lossy(), "removing a pending build left by a crash");
+                self.builder
+                    .store
+                    .tools()
+                    .remove_tree(&e.path())
+                    .map_err(|err| anyhow::anyhow!("removing {}: {err}", e.path().display()))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn projects_with_builds(&self) -> Vec<String> {
+        let Ok(entries) = fs::read_dir(&self.cfg.build_path) else {
+            return Vec::new();
+        };
+        let mut v: Vec<String> = entries
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| jobs::check_name("project", n).is_ok())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn count_hosted(&self) {
+        for p in self.projects_with_builds() {
+            let n = fs::read_dir(self.cfg.build_path.join(&p).join("ready"))
+                .map(|d| d.count())
+                .unwrap_or(0);
+            self.metrics.set_hosted(&p, n as i64);
+        }
+    }
+
+    fn key(project: &str, id: &str) -> String {
+        format!("{project}/{id}")
+    }
+
+    /// Validate, identify and schedule a job (or find it running, or in the result cache).
+    pub async fn schedule(self: &Arc<Self>, req: JobRequest) -> Result<Scheduled, JobError> {
+        if req.project.is_empty() {
+            return Err(JobError::BadRequest("no project given".into()));
+        }
+        jobs::check_name("project", &req.project).map_err(JobError::BadRequest)?;
+        if !req.group.is_empty() {
+            jobs::check_name("group", &req.group).map_err(JobError::BadRequest)?;
+        }
+        for k in req.params.keys() {
+            jobs::check_name("param", k).map_err(JobError::BadRequest)?;
+        }
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(JobError::Overloaded);
+        }
+        let project_dir = self.cfg.projects_path.join(&req.project);
+        if !project_dir.join("Dockerfile").is_file() {
+            return Err(JobError::UnknownProject(req.project.clone()));
+        }
+        let (p, g, params, dir) = (
+            req.project.clone(),
+            req.group.clone(),
+            req.params.clone(),
+            project_dir.clone(),
+        );
+        let id = tokio::task::spawn_blocking(move || jobs::job_id(&p, &g, &params, &dir))
+            .await
+            .map_err(|e| JobError::Internal(e.to_string()))?
+            .map_err(|e| {
+                JobError::Internal(format!(
+                    "Error building {}: work: reading the project: {e}",
+                    req.project
+                ))
+            })?;
+        let key = Self::key(&req.project, &id);
+        let ready_dir = self
+            .cfg
+            .build_path
+            .join(&req.project)
+            .join("ready")
+            .join(&id);
+
+        let (tx, rx) = {
+            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            // Coalescing: the same job already running.
+            if let Some(rx) = pending.get(&key) {
+                self.metrics.coalesced();
+                tracing::info!(project = %req.project, %id, state = "coalesced", "job joins a running identical job");
+                return Ok(Scheduled {
+                    project: req.project,
+                    id,
+                    result: rx.clone(),
+                    ready: None,
+                    coalesced: true,
+                });
+            }
+            // Result cache.
+            if let Some(mut info) = read_info(&ready_dir) {
+                if info.succeeded() {
+                    info.cached = true;
+                    info.coalesced = false;
+                    info.container_stdouterr = read_lossy(&ready_dir.join("out.log"));
+                    info.container_stderr = read_lossy(&ready_dir.join("stderr.log"));
+                    self.metrics.cached();
+                    tracing::info!(project = %req.project, %id, state = "cached", "job answered from the result cache");
+                    let (_tx, rx) = watch::channel(None);
+                    return Ok(Scheduled {
+                        project: req.project,
+                        id,
+                        result: rx,
+                        ready: Some(info),
+                        coalesced: false,
+                    });
+                }
+            }
+            // Running plus queued jobs may not exceed job_concurrency + job_backlog.
+            if self.queued.load(Ordering::SeqCst) >= self.cfg.job_backlog + self.cfg.job_concurrency
+            {
+                return Err(JobError::Overloaded);
+            }
+            let (tx, rx) = watch::channel(None);
+            pending.insert(key.clone(), rx.clone());
+            (tx, rx)
+        };
+        self.queued.fetch_add(1, Ordering::SeqCst);
+        self.metrics.started();
+        tracing::info!(project = %req.project, %id, state = "queued", "job accepted");
+        let engine = Arc::clone(self);
+        let job_id = id.clone();
+        let project = req.project.clone();
+        tokio::spawn(async move {
+            let permit = engine.slots.clone().acquire_owned().await;
+            let e2 = Arc::clone(&engine);
+            let (req2, id2) = (req.clone(), job_id.clone());
+            let info = tokio::task::spawn_blocking(move || e2.run(&req2, &id2))
+                .await
+                .unwrap_or_else(|e| {
+                    let mut info = blank_info(&engine.cfg, &req, &job_id);
+                    info.err_build = format!("Error building {}: work: {e}", req.project);
+                    info
+                });
+            drop(permit);
+            engine.queued.fetch_sub(1, Ordering::SeqCst);
+            engine
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&Self::key(&req.project, &job_id));
+            let _ = tx.send(Some(info));
+        });
+        Ok(Scheduled {
+            project,
+            id,
+            result: rx,
+            ready: None,
+            coalesced: false,
+        })
+    }
+
+    fn link_lock(&self, project: &str) -> Arc<Mutex<()>> {
+        let mut m = self.link_locks.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(project.to_string()).or_default().clone()
+    }
+
+    /// Run one job to the end (blocking): everything happens on this thread, so the sandbox's
+    /// parent-death signal follows it.
+    fn run(&self, req: &JobRequest, id: &str) -> BuildInfo {
+        let started = Instant::now();
+        let project_build = self.cfg.build_path.join(&req.project);
+        let pending = project_build.join("pending").join(id);
+        let ready = project_build.join("ready").join(id);
+        let mut info = blank_info(&self.cfg, req, id);
+        tracing::info!(project = %req.project, %id, state = "pending", "job started");
+
+        let result = self.run_in(req, id, &pending, &mut info);
+        if let Err(e) = result {
+            if info.err_build.is_empty() {
+                info.err_build = format!("Error building {}: work: {e}", req.project);
+            }
+        }
+        info.duration = started.elapsed().as_nanos() as i64;
+        if pending.is_dir() {
+            let stored = BuildInfo {
+                container_stdouterr: String::new(),
+                container_stderr: String::new(),
+                ..info.clone()
+            };
+            if let Ok(json) = serde_json::to_vec_pretty(&stored) {
+                let _ = fs::write(pending.join("build_info.json"), json);
+            }
+            // A failed build of the same ID may still be in ready/ (it is re-run).
+            if ready.exists() {
+                let _ = self.builder.store.tools().remove_tree(&ready);
+            }
+            let _ = fs::create_dir_all(project_build.join("ready"));
+            if let Err(e) = fs::rename(&pending, &ready) {
+                info.err_build = format!(
+                    "Error building {}: work: moving the build to ready: {e}",
+                    req.project
+                );
+                let _ = self.builder.store.tools().remove_tree(&pending);
+            }
+        }
+        if info.succeeded() {
+            let lock = self.link_lock(&req.project);
+            let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+            let link = if req.group.is_empty() {
+                project_build.join("latest")
+            } else {
+                project_build.join("groups").join(&req.group)
+            };
+            if let Err(e) = replace_symlink(&ready, &link) {
+                tracing::warn!(project = %req.project, %id, error = %e, "could not update {}", link.display());
+            }
+        }
+        self.metrics.finished(&info, started.elapsed());
+        self.count_hosted();
+        info.container_stdouterr = read_lossy(&ready.join("out.log"));
+        info.container_stderr = read_lossy(&ready.join("stderr.log"));
+        tracing::info!(
+            project = %req.project, %id, state = "ready", exit_code = info.exit_code,
+            incremental = info.incremental, error = %info.err_build, "job finished"
+        );
+        info
+    }
+
+    fn run_in(
+        &self,
+        req: &JobRequest,
+        id: &str,
+        pending: &Path,
+        info: &mut BuildInfo,
+    ) -> Result<(), String> {
+        let project_build = self.cfg.build_path.join(&req.project);
+        let tools = self.builder.store.tools();
+        if pending.exists() {
+            tools.remove_tree(pending).map_err(|e| e.to_string())?;
+        }
+        fs::create_dir_all(project_build.join("pending"))
+            .map_err(|e| format!("creating {}: {e}", pending.display()))?;
+        fs::create_dir(pending).map_err(|e| format!("creating {}: {e}", pending.display()))?;
+        let data = pending.join("data");
+        // Incremental: start from the group's last successful build.
+        let group_link = project_build.join("groups").join(&req.group);
+        let base = (!req.group.is_empty())
+            .then(|| fs::canonicalize(&group_link).ok())
+            .flatten()
+            .filter(|p| p.join("data").is_dir());
+        if let Some(prev) = base {
+            tools
+                .copy_tree(&prev.join("data"), &data)
+                .map_err(|e| format!("cloning the group's last build: {e}"))?;
+            let _ = tools.remove_tree(&data.join("params"));
+            info.incremental = true;
+        }
+        for d in ["cache", "artifacts", "params"] {
+            fs::create_dir_all(data.join(d)).map_err(|e| format!("creating data/{d}: {e}"))?;
+        }
+        for (k, v) in &req.params {
+            fs::write(data.join("params").join(k), v)
+                .map_err(|e| format!("writing param {k}: {e}"))?;
+        }
+        let provisional = serde_json::to_vec_pretty(&*info).unwrap_or_default();
+        let _ = fs::write(pending.join("build_info.json"), provisional);
+
+        let log_path = pending.join("out.log");
+        let mut log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| format!("creating out.log: {e}"))?;
+        let settings = self
+            .cfg
+            .effective(&req.project)
+            .map_err(|e| format!("{e:#}"))?;
+
+        // The image.
+        let mut opts = BuildOptions::new(&req.project, self.cfg.projects_path.join(&req.project));
+        opts.build_args = vec![("uid".into(), nix::unistd::geteuid().as_raw().to_string())];
+        opts.build_args.extend(settings.build_args.clone());
+        opts.network = settings.network;
+        opts.no_cache = req.rebuild;
+        opts.run_timeout = settings.time_limit;
+        let image = match self.builder.build(&opts, &mut log) {
+            Ok((image, _)) => image,
+            Err(e) => {
+                let _ = writeln!(log, "{e}");
+                info.exit_code = NEVER_RAN;
+                info.err_build = format!("could not build docker image: {e}");
+                return Ok(());
+            }
+        };
+        let command = image.config.command();
+        if command.is_empty() {
+            info.err_build = "could not run the job: the image has no ENTRYPOINT or CMD".into();
+            let _ = writeln!(log, "{}", info.err_build);
+            return Ok(());
+        }
+
+        // The job, on a copy of the image.
+        let rootfs = self.builder.store.tmp_path("job");
+        self.builder
+            .store
+            .clone_snapshot(image.snapshot.as_deref(), &rootfs)
+            .map_err(|e| format!("preparing the job's root filesystem: {e}"))?;
+        let result = self.run_sandbox(
+            req,
+            id,
+            &rootfs,
+            &image,
+            &data,
+            pending,
+            &log,
+            settings.network,
+            settings.time_limit,
+            info,
+        );
+        if let Err(e) = self.builder.store.remove_tree(&rootfs) {
+            tracing::warn!(path = %rootfs.display(), error = %e, "could not remove a job's root filesystem");
+        }
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_sandbox(
+        &self,
+        req: &JobRequest,
+        id: &str,
+        rootfs: &Path,
+        image: &images::build::Image,
+        data: &Path,
+        pending: &Path,
+        log: &File,
+        network: sandbox::NetworkMode,
+        time_limit: Option<Duration>,
+        info: &mut BuildInfo,
+    ) -> Result<(), String> {
+        let cfg = &image.config;
+        let stdout = log.try_clone().map_err(|e| format!("out.log: {e}"))?;
+        let mut sb = Sandbox::new(rootfs)
+            .command(cfg.command())
+            .bind(Bind::new(data, "/data"))
+            .network(network)
+            .cwd(if cfg.workdir.is_empty() {
+                "/"
+            } else {
+                cfg.workdir.as_str()
+            })
+            .stdout(Stdio::Fd(stdout.into()))
+            .stderr(Stdio::Piped);
+        for (host, inside) in &self.cfg.mounts {
+            sb = sb.bind(Bind::new(host, inside));
+        }
+        for (k, v) in cfg.env_pairs() {
+            sb = sb.env(k, v);
+        }
+        if !cfg.user.is_empty() {
+            sb = sb.user(User::Spec(cfg.user.clone()));
+        }
+        if let Some(t) = time_limit {
+            sb = sb.timeout(t);
+        }
+        let mut child = match sb.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                let mut l = log;
+                let _ = writeln!(l, "{e}");
+                let _ = fs::write(pending.join("stderr.log"), format!("{e}\n"));
+                info.exit_code = 127;
+                info.err_build = String::new();
+                return Ok(());
+            }
+        };
+        info.exit_code = 0;
+        let key = Self::key(&req.project, id);
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.clone(), child.id());
+        // stderr goes to out.log and, alone, to stderr.log, as it comes.
+        let mut stderr = child.stderr.take();
+        let mut log_w = log.try_clone().map_err(|e| format!("out.log: {e}"))?;
+        let mut err_w =
+            File::create(pending.join("stderr.log")).map_err(|e| format!("stderr.log: {e}"))?;
+        let tee = std::thread::spawn(move || {
+            let mut buf = [0u8; 16 * 1024];
+            if let Some(s) = stderr.as_mut() {
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    let _ = log_w.write_all(&buf[..n]);
+                    let _ = err_w.write_all(&buf[..n]);
+                }
+            }
+        });
+        let status = child.wait();
+        let _ = tee.join();
+        self.running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&key);
+        let mut l = log;
+        match status {
+            Ok(ExitStatus::Exited(c)) => info.exit_code = c,
+            Ok(ExitStatus::Signaled(s)) => {
+                info.exit_code = 128 + s;
+                let _ = writeln!(l, "mistry: the job was {}", ExitStatus::Signaled(s));
+            }
+            Ok(ExitStatus::TimedOut(t)) => {
+                info.exit_code = -1;
+                info.err_build = format!("the job exceeded its time limit of {t:?} and was killed");
+                let _ = writeln!(l, "mistry: {}", info.err_build);
+            }
+            Ok(ExitStatus::Killed) => {
+                info.exit_code = -1;
+                info.err_build = "the job was killed (the server is shutting down)".into();
+                let _ = writeln!(l, "mistry: {}", info.err_build);
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+        Ok(())
+    }
+
+    /// Graceful shutdown: refuse new jobs, give running ones `grace` to finish, then kill them.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + grace;
+        loop {
+            let busy = !self
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty();
+            if !busy {
+                return;
+            }
+            if Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let pids: Vec<i32> = self
+            .running
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .copied()
+            .collect();
+        for pid in pids {
+            tracing::warn!(pid, "killing a job still running at shutdown");
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        // Let the killed jobs move to ready.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !self
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Every job on disk, newest first: (project, id, state, info).
+    pub fn list(&self) -> Vec<(String, String, &'static str, BuildInfo)> {
+        let mut out = Vec::new();
+        for project in self.projects_with_builds() {
+            for (state, dir) in [("pending", "pending"), ("ready", "ready")] {
+                let Ok(entries) = fs::read_dir(self.cfg.build_path.join(&project).join(dir)) else {
+                    continue;
+                };
+                for e in entries.flatten() {
+                    let id = e.file_name().to_string_lossy().into_owned();
+                    if let Some(info) = read_info(&e.path()) {
+                        out.push((project.clone(), id, state, info));
+                    }
+                }
+            }
+        }
+        out.sort_by(|a, b| b.3.started_at.cmp(&a.3.started_at));
+        out
+    }
+
+    /// One job: its state, info and directory.
+    pub fn job(&self, project: &str, id: &str) -> Option<(&'static str, BuildInfo, PathBuf)> {
+        if jobs::check_name("project", project).is_err() || jobs::check_name("job", id).is_err() {
+            return None;
+        }
+        for (state, dir) in [("pending", "pending"), ("ready", "ready")] {
+            let d = self.cfg.build_path.join(project).join(dir).join(id);
+            if let Some(info) = read_info(&d) {
+                return Some((state, info, d));
+            }
+        }
+        None
+    }
+}
+
+fn blank_info(cfg: &Config, req: &JobRequest, id: &str) -> BuildInfo {
+    BuildInfo {
+        params: req.params.clone(),
+        group: req.group.clone(),
+        path: cfg
+            .build_path
+            .join(&req.project)
+            .join("ready")
+            .join(id)
+            .join("data/artifacts")
+            .display()
+            .to_string(),
+        cached: false,
+        coalesced: false,
+        incremental: false,
+        exit_code: NEVER_RAN,
+        err_build: String::new(),
+        container_stdouterr: String::new(),
+        container_stderr: String::new(),
+        transport_method: "rsync".into(),
+        started_at: now_rfc3339(),
+        duration: UNKNOWN_DURATION,
+        url: format!("job/{}/{id}", req.project),
+    }
+}
+
+fn read_info(dir: &Path) -> Option<BuildInfo> {
+    let text = fs::read(dir.join("build_info.json")).ok()?;
+    serde_json::from_slice(&text).ok()
+}
+
+/// Point `link` at `target`, atomically.
+fn replace_symlink(target: &Path, link: &Path) -> std::io::Result<()> {
+    if let Some(parent) = link.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    let tmp = link.with_file_name(format!(
+        ".{}.tmp-{}",
+        link.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
+    let _ = fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(target, &tmp)?;
+    fs::rename(&tmp, link)
+}

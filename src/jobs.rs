@@ -1,0 +1,249 @@
+//! Jobs as mistry defines them: the request, the BuildInfo answer, the job ID, and the checks
+//! on names that keep everything inside `build_path`.
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+/// `POST /jobs` body. Field names are matched case-insensitively, as Go's encoding/json does.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobRequest {
+    pub project: String,
+    pub params: BTreeMap<String, String>,
+    pub group: String,
+    pub rebuild: bool,
+}
+
+impl JobRequest {
+    /// Parse a request body; the error text follows mistry (`Error unmarshalling body ...`).
+    pub fn parse(body: &[u8]) -> Result<JobRequest, String> {
+        let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
+            format!(
+                "Error unmarshalling body '{}' to Job: {e}",
+                String::from_utf8_lossy(body)
+            )
+        })?;
+        let obj = value.as_object().ok_or_else(|| {
+            format!(
+                "Error unmarshalling body '{}' to Job: not an object",
+                String::from_utf8_lossy(body)
+            )
+        })?;
+        let mut req = JobRequest::default();
+        for (k, v) in obj {
+            let bad = |what: &str| format!("Error unmarshalling body to Job: {k} must be {what}");
+            match k.to_ascii_lowercase().as_str() {
+                "project" => req.project = v.as_str().ok_or_else(|| bad("a string"))?.to_string(),
+                "group" => req.group = v.as_str().ok_or_else(|| bad("a string"))?.to_string(),
+                "rebuild" => req.rebuild = v.as_bool().ok_or_else(|| bad("a boolean"))?,
+                "params" => {
+                    if v.is_null() {
+                        continue;
+                    }
+                    let m = v.as_object().ok_or_else(|| bad("an object of strings"))?;
+                    for (pk, pv) in m {
+                        let pv = pv.as_str().ok_or_else(|| bad("an object of strings"))?;
+                        req.params.insert(pk.clone(), pv.to_string());
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(req)
+    }
+}
+
+/// A name that becomes a path component (project, group, param): not empty, not `.`/`..`, no
+/// `/` or NUL, and not hidden (a leading `.` is reserved for the server's own directories).
+pub fn check_name(what: &str, name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err(format!("{what} name is empty"));
+    }
+    if name == "." || name == ".." || name.starts_with('.') {
+        return Err(format!(
+            "invalid {what} name {name:?}: must not start with '.'"
+        ));
+    }
+    if name.contains('/') || name.contains('\0') {
+        return Err(format!(
+            "invalid {what} name {name:?}: must not contain '/' or NUL"
+        ));
+    }
+    if name.len() > 255 {
+        return Err(format!("invalid {what} name: longer than 255 bytes"));
+    }
+    Ok(())
+}
+
+/// The job's BuildInfo, with mistry's field names.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BuildInfo {
+    #[serde(rename = "Params")]
+    pub params: BTreeMap<String, String>,
+    #[serde(rename = "Group")]
+    pub group: String,
+    #[serde(rename = "Path")]
+    pub path: String,
+    #[serde(rename = "Cached")]
+    pub cached: bool,
+    #[serde(rename = "Coalesced")]
+    pub coalesced: bool,
+    #[serde(rename = "Incremental")]
+    pub incremental: bool,
+    #[serde(rename = "ExitCode")]
+    pub exit_code: i32,
+    #[serde(rename = "ErrBuild")]
+    pub err_build: String,
+    #[serde(
+        rename = "ContainerStdouterr",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub container_stdouterr: String,
+    #[serde(
+        rename = "ContainerStderr",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub container_stderr: String,
+    #[serde(rename = "TransportMethod")]
+    pub transport_method: String,
+    #[serde(rename = "StartedAt")]
+    pub started_at: String,
+    #[serde(rename = "Duration")]
+    pub duration: i64,
+    #[serde(rename = "URL")]
+    pub url: String,
+}
+
+/// ExitCode of a job that never ran (e.g. its image did not build).
+pub const NEVER_RAN: i32 = -999;
+/// Duration while unknown: -1s in nanoseconds, as mistry.
+pub const UNKNOWN_DURATION: i64 = -1_000_000_000;
+
+impl BuildInfo {
+    pub fn succeeded(&self) -> bool {
+        self.exit_code == 0 && self.err_build.is_empty()
+    }
+}
+
+/// The job ID: sha256 of project, group, the non-opaque params in name order (name then value),
+/// then the content of the project directory (every file's path, mode and bytes, in order).
+pub fn job_id(
+    project: &str,
+    group: &str,
+    params: &BTreeMap<String, String>,
+    project_dir: &Path,
+) -> std::io::Result<String> {
+    let mut h = Sha256::new();
+    h.update(project.as_bytes());
+    h.update(group.as_bytes());
+    for (k, v) in params {
+        if !k.starts_with('_') {
+            h.update(k.as_bytes());
+            h.update(v.as_bytes());
+        }
+    }
+    hash_tree(&mut h, project_dir, project_dir)?;
+    Ok(hex::encode(h.finalize()))
+}
+
+fn hash_tree(h: &mut Sha256, base: &Path, dir: &Path) -> std::io::Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    let mut buf = vec![0u8; 1 << 16];
+    for e in entries {
+        let path = e.path();
+        let meta = std::fs::symlink_metadata(&path)?;
+        let rel = path.strip_prefix(base).unwrap_or(&path);
+        h.update(rel.as_os_str().as_encoded_bytes());
+        h.update([0]);
+        h.update(meta.mode().to_le_bytes());
+        if meta.file_type().is_symlink() {
+            h.update(std::fs::read_link(&path)?.as_os_str().as_encoded_bytes());
+        } else if meta.is_dir() {
+            hash_tree(h, base, &path)?;
+        } else if meta.is_file() {
+            let mut f = std::fs::File::open(&path)?;
+            loop {
+                let n = f.read(&mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                h.update(&buf[..n]);
+            }
+        }
+        h.update([0xff]);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_are_case_insensitive() {
+        let r = JobRequest::parse(
+            br#"{"project": "p", "PARAMS": {"a": "1"}, "Group": "g", "rebuild": true}"#,
+        )
+        .unwrap();
+        assert_eq!(r.project, "p");
+        assert_eq!(r.params.get("a").map(String::as_str), Some("1"));
+        assert_eq!((r.group.as_str(), r.rebuild), ("g", true));
+        let e = JobRequest::parse(b"{nope").unwrap_err();
+        assert!(
+            e.starts_with("Error unmarshalling body '{nope' to Job: "),
+            "{e}"
+        );
+        assert!(JobRequest::parse(br#"{"params": {"a": 1}}"#).is_err());
+    }
+
+    #[test]
+    fn names_stay_inside() {
+        for bad in ["", ".", "..", "../x", "a/b", "a\0b", ".hidden"] {
+            assert!(check_name("param", bad).is_err(), "{bad:?}");
+        }
+        assert!(check_name("param", "lockfile-v2_x.y").is_ok());
+    }
+
+    #[test]
+    fn ids_follow_mistry() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("Dockerfile"), "FROM busybox\n").unwrap();
+        let p = |kv: &[(&str, &str)]| {
+            kv.iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let a = job_id("proj", "", &p(&[("x", "1")]), dir.path()).unwrap();
+        assert_eq!(
+            a,
+            job_id("proj", "", &p(&[("x", "1")]), dir.path()).unwrap()
+        );
+        // Opaque params do not change the ID; others do.
+        assert_eq!(
+            a,
+            job_id("proj", "", &p(&[("x", "1"), ("_token", "abc")]), dir.path()).unwrap()
+        );
+        assert_ne!(
+            a,
+            job_id("proj", "", &p(&[("x", "2")]), dir.path()).unwrap()
+        );
+        assert_ne!(
+            a,
+            job_id("proj", "g", &p(&[("x", "1")]), dir.path()).unwrap()
+        );
+        // Editing any file of the project changes it.
+        std::fs::write(dir.path().join("Dockerfile"), "FROM busybox\nRUN true\n").unwrap();
+        assert_ne!(
+            a,
+            job_id("proj", "", &p(&[("x", "1")]), dir.path()).unwrap()
+        );
+        assert_eq!(a.len(), 64);
+    }
+}

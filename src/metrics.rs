@@ -1,0 +1,141 @@
+//! Prometheus metrics of the jobs server (`GET /metrics`).
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::jobs::BuildInfo;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Outcome {
+    outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Project {
+    project: String,
+}
+
+pub struct Metrics {
+    registry: Mutex<Registry>,
+    started: Counter,
+    finished: Family<Outcome, Counter>,
+    cached: Counter,
+    coalesced: Counter,
+    incremental: Counter,
+    duration: Histogram,
+    hosted: Family<Project, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("mistry");
+        let started = Counter::default();
+        let finished = Family::<Outcome, Counter>::default();
+        let cached = Counter::default();
+        let coalesced = Counter::default();
+        let incremental = Counter::default();
+        let duration = Histogram::new(exponential_buckets(0.05, 2.0, 16));
+        let hosted = Family::<Project, Gauge>::default();
+        registry.register("builds_started", "Builds started", started.clone());
+        registry.register(
+            "builds_finished",
+            "Builds finished, by outcome (success, failed, error)",
+            finished.clone(),
+        );
+        registry.register(
+            "builds_cached",
+            "Requests served from the result cache",
+            cached.clone(),
+        );
+        registry.register(
+            "builds_coalesced",
+            "Requests coalesced with a running identical build",
+            coalesced.clone(),
+        );
+        registry.register(
+            "builds_incremental",
+            "Builds started from their group's last build",
+            incremental.clone(),
+        );
+        registry.register(
+            "build_duration_seconds",
+            "Duration of builds",
+            duration.clone(),
+        );
+        registry.register(
+            "builds_hosted",
+            "Builds kept on disk, by project",
+            hosted.clone(),
+        );
+        Metrics {
+            registry: Mutex::new(registry),
+            started,
+            finished,
+            cached,
+            coalesced,
+            incremental,
+            duration,
+            hosted,
+        }
+    }
+
+    pub fn started(&self) {
+        self.started.inc();
+    }
+
+    pub fn cached(&self) {
+        self.cached.inc();
+    }
+
+    pub fn coalesced(&self) {
+        self.coalesced.inc();
+    }
+
+    pub fn finished(&self, info: &BuildInfo, took: Duration) {
+        let outcome = if info.succeeded() {
+            "success"
+        } else if info.err_build.is_empty() {
+            "failed"
+        } else {
+            "error"
+        };
+        self.finished
+            .get_or_create(&Outcome {
+                outcome: outcome.into(),
+            })
+            .inc();
+        if info.incremental {
+            self.incremental.inc();
+        }
+        self.duration.observe(took.as_secs_f64());
+    }
+
+    pub fn set_hosted(&self, project: &str, n: i64) {
+        self.hosted
+            .get_or_create(&Project {
+                project: project.into(),
+            })
+            .set(n);
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        out
+    }
+}

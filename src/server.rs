@@ -1,0 +1,283 @@
+//! The HTTP API of mistryd, as mistry's: `POST /jobs`, `GET /index/`, `GET /job/{project}/{id}`,
+//! `GET /log/{project}/{id}` (server-sent events), `GET /metrics`, and the web view at `/`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::response::sse::{Event, Sse};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{any, get};
+use axum::Router;
+use futures_util::stream::{self, Stream};
+use tokio::io::AsyncReadExt;
+
+use crate::engine::{Engine, JobError};
+use crate::jobs::{BuildInfo, JobRequest};
+
+pub fn router(engine: Arc<Engine>) -> Router {
+    Router::new()
+        .route("/jobs", any(jobs))
+        .route("/index/", get(index))
+        .route("/job/{project}/{id}", get(job))
+        .route("/log/{project}/{id}", get(log))
+        .route("/metrics", get(metrics))
+        .route("/", get(home))
+        .with_state(engine)
+}
+
+fn error_response(e: JobError) -> Response {
+    let status = match e {
+        JobError::BadRequest(_) => StatusCode::BAD_REQUEST,
+        JobError::UnknownProject(_) => StatusCode::NOT_FOUND,
+        JobError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+        JobError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    (status, e.to_string()).into_response()
+}
+
+fn json(status: StatusCode, value: &impl serde::Serialize) -> Response {
+    match serde_json::to_vec(value) {
+        Ok(body) => (status, [("content-type", "application/json")], body).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+async fn jobs(
+    State(engine): State<Arc<Engine>>,
+    method: Method,
+    RawQuery(query): RawQuery,
+    body: Bytes,
+) -> Response {
+    if method != Method::POST {
+        return (
+            StatusCode::METHOD_NOT_ALLOWED,
+            format!("Expected POST, got {method}"),
+        )
+            .into_response();
+    }
+    let req = match JobRequest::parse(&body) {
+        Ok(r) => r,
+        Err(e) => return (StatusCode::BAD_REQUEST, e).into_response(),
+    };
+    let is_async = query.as_deref().is_some_and(|q| {
+        q.split('&')
+            .any(|kv| kv == "async" || kv.starts_with("async="))
+    });
+    let scheduled = match engine.schedule(req).await {
+        Ok(s) => s,
+        Err(e) => return error_response(e),
+    };
+    if is_async {
+        return (StatusCode::CREATED, "").into_response();
+    }
+    match scheduled.wait().await {
+        Ok(info) => json(StatusCode::CREATED, &info),
+        Err(e) => error_response(e),
+    }
+}
+
+/// `Mon, 02 Jan 2006 15:04:05`, as mistry's index shows times.
+fn index_time(rfc3339: &str) -> String {
+    chrono::DateTime::parse_from_rfc3339(rfc3339)
+        .map(|t| t.format("%a, %d %b %Y %H:%M:%S").to_string())
+        .unwrap_or_default()
+}
+
+fn job_json(project: &str, id: &str, state: &str, info: &BuildInfo) -> serde_json::Value {
+    serde_json::json!({
+        "id": id,
+        "project": project,
+        "startedAt": index_time(&info.started_at),
+        "buildInfo": info,
+        "state": state,
+    })
+}
+
+async fn index(State(engine): State<Arc<Engine>>) -> Response {
+    let list = tokio::task::spawn_blocking(move || engine.list())
+        .await
+        .unwrap_or_default();
+    let items: Vec<serde_json::Value> = list
+        .iter()
+        .map(|(p, id, state, info)| job_json(p, id, state, info))
+        .collect();
+    json(StatusCode::OK, &items)
+}
+
+/// Escape text for HTML.
+pub fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '&' => out.push_str("&amp;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+async fn job(
+    State(engine): State<Arc<Engine>>,
+    Path((project, id)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let (p, i) = (project.clone(), id.clone());
+    let found = tokio::task::spawn_blocking(move || engine.job(&p, &i))
+        .await
+        .ok()
+        .flatten();
+    let Some((state, mut info, dir)) = found else {
+        return (StatusCode::NOT_FOUND, format!("Unknown job {project}/{id}")).into_response();
+    };
+    info.container_stdouterr =
+        String::from_utf8_lossy(&std::fs::read(dir.join("out.log")).unwrap_or_default())
+            .into_owned();
+    info.container_stderr =
+        String::from_utf8_lossy(&std::fs::read(dir.join("stderr.log")).unwrap_or_default())
+            .into_owned();
+    let wants_json = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if wants_json {
+        return json(StatusCode::OK, &job_json(&project, &id, state, &info));
+    }
+    let params: String = info
+        .params
+        .iter()
+        .map(|(k, v)| {
+            format!(
+                "<li><code>{}</code> = <code>{}</code></li>",
+                escape(k),
+                escape(v)
+            )
+        })
+        .collect();
+    Html(format!(
+        "<!doctype html><html><head><meta charset=utf-8><title>{p}/{i}</title></head><body>\
+         <h1>{p} / {i}</h1><p>State: <b>{state}</b>. Started {started}. Exit code {code}.</p>\
+         <p>Group: {group}. Cached: {cached}. Coalesced: {coalesced}. Incremental: {incr}.</p>\
+         <p>{err}</p><ul>{params}</ul><pre>{log}</pre></body></html>",
+        p = escape(&project),
+        i = escape(&id),
+        started = escape(&index_time(&info.started_at)),
+        code = info.exit_code,
+        group = escape(&info.group),
+        cached = info.cached,
+        coalesced = info.coalesced,
+        incr = info.incremental,
+        err = escape(&info.err_build),
+        log = escape(&info.container_stdouterr),
+    ))
+    .into_response()
+}
+
+struct Tail {
+    engine: Arc<Engine>,
+    project: String,
+    id: String,
+    file: Option<tokio::fs::File>,
+    path: std::path::PathBuf,
+    partial: Vec<u8>,
+    lines: std::collections::VecDeque<String>,
+    done: bool,
+}
+
+/// Follow a pending job's log: one event per line, until the job is no longer pending.
+fn tail_stream(t: Tail) -> impl Stream<Item = Result<Event, Infallible>> {
+    stream::unfold(t, |mut t| async move {
+        loop {
+            if let Some(line) = t.lines.pop_front() {
+                return Some((Ok(Event::default().data(line)), t));
+            }
+            if t.done {
+                return None;
+            }
+            if t.file.is_none() {
+                t.file = tokio::fs::File::open(&t.path).await.ok();
+            }
+            let mut buf = vec![0u8; 16 * 1024];
+            let n = match t.file.as_mut() {
+                Some(f) => f.read(&mut buf).await.unwrap_or(0),
+                None => 0,
+            };
+            if n > 0 {
+                t.partial.extend_from_slice(&buf[..n]);
+                while let Some(pos) = t.partial.iter().position(|&b| b == b'\n') {
+                    let line: Vec<u8> = t.partial.drain(..=pos).collect();
+                    t.lines
+                        .push_back(String::from_utf8_lossy(&line[..line.len() - 1]).into_owned());
+                }
+                continue;
+            }
+            let still_pending = t
+                .engine
+                .job(&t.project, &t.id)
+                .is_some_and(|(state, _, _)| state == "pending");
+            if !still_pending {
+                if !t.partial.is_empty() {
+                    let rest = std::mem::take(&mut t.partial);
+                    t.lines
+                        .push_back(String::from_utf8_lossy(&rest).into_owned());
+                }
+                // Read what was written between the last read and the end.
+                if let Some(f) = t.file.as_mut() {
+                    let mut rest = Vec::new();
+                    let _ = f.read_to_end(&mut rest).await;
+                    for l in String::from_utf8_lossy(&rest).lines() {
+                        t.lines.push_back(l.to_string());
+                    }
+                }
+                t.done = true;
+                continue;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
+async fn log(
+    State(engine): State<Arc<Engine>>,
+    Path((project, id)): Path<(String, String)>,
+) -> Response {
+    let Some(("pending", _, dir)) = engine.job(&project, &id) else {
+        return StatusCode::NO_CONTENT.into_response();
+    };
+    let t = Tail {
+        engine,
+        project,
+        id,
+        file: None,
+        path: dir.join("out.log"),
+        partial: Vec::new(),
+        lines: Default::default(),
+        done: false,
+    };
+    Sse::new(tail_stream(t)).into_response()
+}
+
+async fn metrics(State(engine): State<Arc<Engine>>) -> Response {
+    (
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        engine.metrics.render(),
+    )
+        .into_response()
+}
+
+async fn home() -> Html<&'static str> {
+    Html(
+        "<!doctype html><html><head><meta charset=utf-8><title>mistry</title></head><body>\
+         <h1>mistry</h1><p>Jobs: <a href=\"/index/\">/index/</a> (JSON).</p></body></html>",
+    )
+}
