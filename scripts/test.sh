@@ -24,7 +24,7 @@ export MISTRY_TEST_BTRFS=/mnt/mistry-btrfs
 echo "== tests as root"
 cargo test --workspace
 
-echo "== sandbox and image build tests as the unprivileged user mistry-test"
+echo "== sandbox, image build, registry and server tests as the unprivileged user mistry-test"
 # The test binaries, mistryd (the image helper), the probe and the base image go where
 # mistry-test can read them.
 unpriv=$(mktemp -d /tmp/mistry-unpriv.XXXXXX)
@@ -38,7 +38,7 @@ chown -R mistry-test: "$unpriv/rootfs" "$unpriv/images"
 cp target/debug/mistryd "$unpriv/mistryd"
 {
     cargo test -p sandbox --no-run --message-format=json 2>/dev/null
-    cargo test -p mistry --test image_build --test registry --no-run --message-format=json 2>/dev/null
+    cargo test -p mistry --test image_build --test registry --test server --no-run --message-format=json 2>/dev/null
 } | grep -E '"profile":\{[^}]*"test":true' | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' > "$unpriv/list"
 status=0
 while read -r bin; do

@@ -1,0 +1,626 @@
+//! mistryd end to end: a real server process, busybox-based test projects, HTTP requests.
+
+use std::collections::BTreeSet;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn images_dir() -> PathBuf {
+    let dir = std::env::var_os("MISTRY_TEST_IMAGES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/images"));
+    assert!(
+        dir.join("busybox/index.json").is_file(),
+        "run scripts/setup.sh first"
+    );
+    dir
+}
+
+const RUN_SH: &str = r#"#!/bin/sh
+p() { cat "/data/params/$1" 2>/dev/null; }
+echo "out: $(p name)"
+echo "err: $(p name)" >&2
+if [ -n "$(p sleep)" ]; then sleep "$(p sleep)"; fi
+mkdir -p /data/artifacts /data/cache
+p name > /data/artifacts/name.txt
+count=$(( $(cat /data/cache/count 2>/dev/null || echo 0) + 1 ))
+echo "$count" > /data/cache/count
+echo "$count" > /data/artifacts/count.txt
+ls /data/params > /data/artifacts/params.txt
+code=$(p code)
+exit "${code:-0}"
+"#;
+
+struct Server {
+    child: Option<Child>,
+    addr: String,
+    dir: tempfile::TempDir,
+    config: PathBuf,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Server {
+    fn start(extra: Value) -> Server {
+        Self::start_in(None, extra)
+    }
+
+    fn start_in(parent: Option<&Path>, extra: Value) -> Server {
+        let dir = match parent {
+            Some(p) => tempfile::Builder::new().prefix("mistryd").tempdir_in(p),
+            None => tempfile::Builder::new().prefix("mistryd").tempdir(),
+        }
+        .unwrap();
+        let projects = dir.path().join("projects");
+        let builds = dir.path().join("builds");
+        std::fs::create_dir_all(&builds).unwrap();
+        let project = |name: &str, files: &[(&str, &str)]| {
+            let d = projects.join(name);
+            for (path, content) in files {
+                let p = d.join(path);
+                std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+                std::fs::write(p, content).unwrap();
+            }
+        };
+        project(
+            "simple",
+            &[
+                (
+                    "Dockerfile",
+                    "FROM busybox\nCOPY run.sh /run.sh\nENTRYPOINT [\"/bin/sh\", \"/run.sh\"]\n",
+                ),
+                ("run.sh", RUN_SH),
+            ],
+        );
+        project(
+            "copyfolder",
+            &[
+                ("Dockerfile", "FROM busybox\nCOPY folder/ /folder/\nCMD [\"cp\", \"-r\", \"/folder\", \"/data/artifacts/\"]\n"),
+                ("folder/a.txt", "a\n"),
+                ("folder/sub/b.txt", "b\n"),
+            ],
+        );
+        project(
+            "failing",
+            &[("Dockerfile", "FROM busybox\nENTRYPOINT [\"/bin/sh\", \"-c\", \"echo oops >&2; nosuchcommand\"]\n")],
+        );
+        project(
+            "badimage",
+            &[(
+                "Dockerfile",
+                "FROM busybox\nRUN echo building; exit 3\nCMD true\n",
+            )],
+        );
+        project(
+            "invalid",
+            &[("Dockerfile", "FROM busybox\nINVALIDCOMMAND foo\n")],
+        );
+        let mut config = serde_json::json!({
+            "projects_path": projects,
+            "build_path": builds,
+            "images_path": images_dir(),
+            "job_concurrency": 4,
+        });
+        if let (Some(obj), Some(extra)) = (config.as_object_mut(), extra.as_object()) {
+            for (k, v) in extra {
+                obj.insert(k.clone(), v.clone());
+            }
+        }
+        let config_path = dir.path().join("config.json");
+        std::fs::write(&config_path, config.to_string()).unwrap();
+        let mut s = Server {
+            child: None,
+            addr: String::new(),
+            dir,
+            config: config_path,
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let port = free_port();
+        self.addr = format!("127.0.0.1:{port}");
+        let log =
+            std::fs::File::create(self.dir.path().join(format!("mistryd-{port}.log"))).unwrap();
+        let bin = std::env::var_os("MISTRY_HELPER_BIN")
+            .unwrap_or_else(|| env!("CARGO_BIN_EXE_mistryd").into());
+        let child = Command::new(bin)
+            .arg("--config")
+            .arg(&self.config)
+            .args(["--addr", &self.addr, "--shutdown-grace", "10s"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&self.addr).is_err() {
+            assert!(Instant::now() < deadline, "mistryd did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn builds(&self) -> PathBuf {
+        self.dir.path().join("builds")
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn agent() -> ureq::Agent {
+        ureq::Agent::new_with_config(
+            ureq::config::Config::builder()
+                .http_status_as_error(false)
+                .build(),
+        )
+    }
+
+    fn post(&self, path: &str, body: &str) -> (u16, String) {
+        let mut r = Self::agent().post(&self.url(path)).send(body).unwrap();
+        (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
+    }
+
+    fn job(&self, body: Value) -> Value {
+        let (status, text) = self.post("/jobs", &body.to_string());
+        assert_eq!(status, 201, "{text}");
+        serde_json::from_str(&text).unwrap()
+    }
+
+    fn get(&self, path: &str, json: bool) -> (u16, String) {
+        let mut req = Self::agent().get(&self.url(path));
+        if json {
+            req = req.header("Content-Type", "application/json");
+        }
+        let mut r = req.call().unwrap();
+        (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
+    }
+
+    fn pending_dirs(&self, project: &str) -> usize {
+        std::fs::read_dir(self.builds().join(project).join("pending"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn term(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        c.wait().unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn read(p: impl AsRef<Path>) -> String {
+    std::fs::read_to_string(p.as_ref()).unwrap_or_else(|e| panic!("{}: {e}", p.as_ref().display()))
+}
+
+fn artifacts(info: &Value) -> PathBuf {
+    PathBuf::from(info["Path"].as_str().unwrap())
+}
+
+#[test]
+fn simple_build_params_exit_codes_and_layout() {
+    let s = Server::start(serde_json::json!({}));
+    let info = s
+        .job(serde_json::json!({"project": "simple", "params": {"name": "first", "_opaque": "x"}}));
+    let keys: BTreeSet<&str> = info
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(
+        keys,
+        BTreeSet::from([
+            "Params",
+            "Group",
+            "Path",
+            "Cached",
+            "Coalesced",
+            "Incremental",
+            "ExitCode",
+            "ErrBuild",
+            "ContainerStdouterr",
+            "ContainerStderr",
+            "TransportMethod",
+            "StartedAt",
+            "Duration",
+            "URL"
+        ])
+    );
+    assert_eq!(info["ExitCode"], 0);
+    assert_eq!(info["ErrBuild"], "");
+    assert_eq!(info["TransportMethod"], "rsync");
+    assert_eq!(info["ContainerStderr"], "err: first\n");
+    assert!(info["ContainerStdouterr"]
+        .as_str()
+        .unwrap()
+        .contains("out: first\n"));
+    assert!(info["Duration"].as_i64().unwrap() > 0);
+    let path = artifacts(&info);
+    assert_eq!(read(path.join("name.txt")), "first");
+    assert_eq!(
+        read(path.join("params.txt")),
+        "_opaque\nname\n",
+        "opaque params reach the job"
+    );
+    let ready = path.parent().unwrap().parent().unwrap().to_path_buf();
+    let id = ready.file_name().unwrap().to_string_lossy().into_owned();
+    assert_eq!(info["URL"], format!("job/simple/{id}"));
+    assert_eq!(ready.parent().unwrap(), s.builds().join("simple/ready"));
+    for f in [
+        "out.log",
+        "build_info.json",
+        "data/cache",
+        "data/params/name",
+    ] {
+        assert!(ready.join(f).exists(), "{f}");
+    }
+    let stored: Value = serde_json::from_str(&read(ready.join("build_info.json"))).unwrap();
+    assert!(stored.get("ContainerStdouterr").is_none());
+    assert_eq!(
+        std::fs::read_link(s.builds().join("simple/latest")).unwrap(),
+        ready
+    );
+    // Opaque params do not change the ID.
+    let again = s
+        .job(serde_json::json!({"project": "simple", "params": {"name": "first", "_opaque": "y"}}));
+    assert_eq!(again["Cached"], true);
+    assert_eq!(again["Path"], info["Path"]);
+
+    // Exit code 77 is reported, and a failed build does not move `latest`.
+    let failed =
+        s.job(serde_json::json!({"project": "simple", "params": {"name": "f", "code": "77"}}));
+    assert_eq!(failed["ExitCode"], 77);
+    assert_eq!(
+        std::fs::read_link(s.builds().join("simple/latest")).unwrap(),
+        ready
+    );
+    // A failed build is re-run, not cached.
+    let rerun =
+        s.job(serde_json::json!({"project": "simple", "params": {"name": "f", "code": "77"}}));
+    assert_eq!(
+        (rerun["Cached"].as_bool(), rerun["ExitCode"].as_i64()),
+        (Some(false), Some(77))
+    );
+    assert_eq!(s.pending_dirs("simple"), 0);
+}
+
+#[test]
+fn copy_folder_and_failing_entrypoint() {
+    let s = Server::start(serde_json::json!({}));
+    let info = s.job(serde_json::json!({"project": "copyfolder"}));
+    assert_eq!(info["ExitCode"], 0, "{info}");
+    assert_eq!(read(artifacts(&info).join("folder/sub/b.txt")), "b\n");
+    let info = s.job(serde_json::json!({"project": "failing"}));
+    assert_eq!(info["ExitCode"], 127);
+    let stderr = info["ContainerStderr"].as_str().unwrap();
+    assert!(stderr.starts_with("oops\n"), "{stderr}");
+    assert!(stderr.contains("nosuchcommand: not found"), "{stderr}");
+}
+
+#[test]
+fn image_build_failures_move_to_ready_and_leave_nothing_pending() {
+    let s = Server::start(serde_json::json!({}));
+    let info = s.job(serde_json::json!({"project": "badimage"}));
+    assert_eq!(info["ExitCode"], -999);
+    let err = info["ErrBuild"].as_str().unwrap();
+    assert!(err.starts_with("could not build docker image: "), "{err}");
+    assert!(info["ContainerStdouterr"]
+        .as_str()
+        .unwrap()
+        .contains("building\n"));
+    for _ in 0..3 {
+        let info = s.job(serde_json::json!({"project": "invalid"}));
+        assert_eq!(info["ExitCode"], -999);
+        assert!(
+            info["ErrBuild"]
+                .as_str()
+                .unwrap()
+                .contains("unknown instruction: INVALIDCOMMAND"),
+            "{info}"
+        );
+        assert_eq!(s.pending_dirs("invalid"), 0);
+        assert_eq!(
+            std::fs::read_dir(s.builds().join("invalid/ready"))
+                .unwrap()
+                .count(),
+            1
+        );
+    }
+}
+
+#[test]
+fn groups_build_incrementally_and_only_success_moves_the_link() {
+    let s = Server::start(serde_json::json!({}));
+    let a = s.job(serde_json::json!({"project": "simple", "group": "g", "params": {"name": "a"}}));
+    assert_eq!(
+        (a["Incremental"].as_bool(), a["Group"].as_str()),
+        (Some(false), Some("g"))
+    );
+    assert_eq!(read(artifacts(&a).join("count.txt")), "1\n");
+    let b = s.job(serde_json::json!({"project": "simple", "group": "g", "params": {"name": "b"}}));
+    assert_eq!(b["Incremental"], true);
+    assert_eq!(
+        read(artifacts(&b).join("count.txt")),
+        "2\n",
+        "cache/ carried over"
+    );
+    assert_ne!(a["Path"], b["Path"]);
+    assert_eq!(read(artifacts(&b).join("name.txt")), "b");
+    assert_eq!(
+        read(artifacts(&b).join("params.txt")),
+        "name\n",
+        "params/ starts empty"
+    );
+    let link = s.builds().join("simple/groups/g");
+    let b_ready = artifacts(&b)
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    assert_eq!(std::fs::read_link(&link).unwrap(), b_ready);
+    // A failed build in the group does not move its link: the next one starts from b again.
+    let c = s.job(serde_json::json!({"project": "simple", "group": "g", "params": {"name": "c", "code": "9"}}));
+    assert_eq!(
+        (c["ExitCode"].as_i64(), c["Incremental"].as_bool()),
+        (Some(9), Some(true))
+    );
+    assert_eq!(std::fs::read_link(&link).unwrap(), b_ready);
+    let d = s.job(serde_json::json!({"project": "simple", "group": "g", "params": {"name": "d"}}));
+    assert_eq!(read(artifacts(&d).join("count.txt")), "3\n");
+    // Another group starts from scratch.
+    let other =
+        s.job(serde_json::json!({"project": "simple", "group": "h", "params": {"name": "a"}}));
+    assert_eq!(other["Incremental"], false);
+}
+
+fn concurrent(s: &Server, n: usize, code: &str) {
+    let body = serde_json::json!({"project": "simple", "params": {"name": format!("c{n}"), "sleep": "1", "code": code}}).to_string();
+    let results: Vec<Value> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..n)
+            .map(|_| {
+                let body = body.clone();
+                scope.spawn(move || {
+                    let (status, text) = s.post("/jobs", &body);
+                    assert_eq!(status, 201, "{text}");
+                    serde_json::from_str::<Value>(&text).unwrap()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let ran = results.iter().filter(|r| r["Coalesced"] == false).count();
+    assert_eq!(ran, 1, "exactly one request runs the job");
+    let code: i64 = code.parse().unwrap();
+    assert!(results.iter().all(|r| r["ExitCode"] == code));
+    assert!(results.iter().all(|r| r["Path"] == results[0]["Path"]));
+}
+
+#[test]
+fn concurrent_identical_requests_are_coalesced() {
+    let s = Server::start(serde_json::json!({}));
+    concurrent(&s, 2, "0");
+    concurrent(&s, 2, "35");
+    concurrent(&s, 20, "0");
+    let (_, m) = s.get("/metrics", false);
+    // 1 + 1 + 19 requests joined a running job.
+    assert!(m.contains("mistry_builds_coalesced_total 21"), "{m}");
+    assert!(m.contains("mistry_builds_started_total 3"), "{m}");
+}
+
+#[test]
+fn async_requests_and_the_job_endpoints() {
+    let s = Server::start(serde_json::json!({}));
+    let started = Instant::now();
+    let (status, body) = s.post(
+        "/jobs?async",
+        r#"{"project": "simple", "params": {"name": "bg", "sleep": "1"}}"#,
+    );
+    assert_eq!((status, body.as_str()), (201, ""));
+    assert!(started.elapsed() < Duration::from_millis(900));
+    // While pending: the index shows it, the log streams.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let id = loop {
+        let (_, index) = s.get("/index/", false);
+        let list: Value = serde_json::from_str(&index).unwrap();
+        if let Some(job) = list
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|j| j["project"] == "simple")
+        {
+            assert_eq!(job["state"], "pending");
+            assert!(job["startedAt"].as_str().unwrap().contains(", "), "{job}");
+            break job["id"].as_str().unwrap().to_string();
+        }
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (status, sse) = s.get(&format!("/log/simple/{id}"), false);
+    assert_eq!(status, 200);
+    assert!(sse.contains("data: out: bg\n"), "{sse}");
+    // Ready: JSON with the header, HTML without, log 204.
+    let (status, job) = s.get(&format!("/job/simple/{id}"), true);
+    assert_eq!(status, 200);
+    let job: Value = serde_json::from_str(&job).unwrap();
+    assert_eq!(job["state"], "ready");
+    assert_eq!(job["buildInfo"]["ExitCode"], 0);
+    let (status, html) = s.get(&format!("/job/simple/{id}"), false);
+    assert_eq!(status, 200);
+    assert!(html.contains("<!doctype html>"));
+    assert_eq!(s.get(&format!("/log/simple/{id}"), false).0, 204);
+    assert_eq!(s.get("/job/simple/0000", true).0, 404);
+}
+
+#[test]
+fn request_errors() {
+    let s = Server::start(serde_json::json!({}));
+    assert_eq!(
+        s.get("/jobs", false),
+        (405, "Expected POST, got GET".into())
+    );
+    let (status, text) = s.post("/jobs", r#"{"project": "nope"}"#);
+    assert_eq!((status, text.as_str()), (404, "Unknown project 'nope'"));
+    let (status, text) = s.post("/jobs", "{not json");
+    assert_eq!(status, 400);
+    assert!(text.starts_with("Error unmarshalling body"), "{text}");
+    assert_eq!(
+        s.post("/jobs", r#"{"params": {}}"#),
+        (400, "no project given".into())
+    );
+    // Hostile names: 400, nothing written outside build_path.
+    for body in [
+        r#"{"project": "../projects/simple"}"#,
+        r#"{"project": "simple", "group": "a/b"}"#,
+        r#"{"project": "simple", "group": ".."}"#,
+        r#"{"project": "simple", "params": {"../../escape": "x"}}"#,
+        r#"{"project": "simple", "params": {"": "x"}}"#,
+    ] {
+        let (status, text) = s.post("/jobs", body);
+        assert_eq!(status, 400, "{body}: {text}");
+    }
+    assert!(!s.dir.path().join("escape").exists());
+    assert!(!s.builds().join("simple").exists(), "nothing was built");
+}
+
+#[test]
+fn backlog_full_is_503() {
+    let s = Server::start(serde_json::json!({"job_concurrency": 1, "job_backlog": 1}));
+    let slow = |name: &str| {
+        format!(r#"{{"project": "simple", "params": {{"name": "{name}", "sleep": "2"}}}}"#)
+    };
+    assert_eq!(s.post("/jobs?async", &slow("one")).0, 201);
+    assert_eq!(s.post("/jobs?async", &slow("two")).0, 201);
+    let (status, text) = s.post("/jobs?async", &slow("three"));
+    assert_eq!(
+        (status, text.as_str()),
+        (503, "Server is overloaded; try again later")
+    );
+}
+
+#[test]
+fn time_limit_kills_the_job_and_says_so() {
+    let s = Server::start(serde_json::json!({"time_limit": "1s"}));
+    let started = Instant::now();
+    let info =
+        s.job(serde_json::json!({"project": "simple", "params": {"name": "slow", "sleep": "60"}}));
+    assert!(started.elapsed() < Duration::from_secs(15));
+    assert_eq!(info["ExitCode"], -1);
+    assert_eq!(
+        info["ErrBuild"],
+        "the job exceeded its time limit of 1s and was killed"
+    );
+    assert!(info["ContainerStdouterr"]
+        .as_str()
+        .unwrap()
+        .contains("time limit of 1s"));
+}
+
+#[test]
+fn sigkill_during_a_build_then_restart_cleans_up() {
+    let mut s = Server::start(serde_json::json!({}));
+    assert_eq!(
+        s.post(
+            "/jobs?async",
+            r#"{"project": "simple", "params": {"name": "k", "sleep": "30"}}"#
+        )
+        .0,
+        201
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.pending_dirs("simple") == 0 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    s.kill9();
+    assert_eq!(s.pending_dirs("simple"), 1);
+    s.spawn();
+    assert_eq!(
+        s.pending_dirs("simple"),
+        0,
+        "start-up removes pending builds"
+    );
+    let info = s.job(serde_json::json!({"project": "simple", "params": {"name": "k"}}));
+    assert_eq!(info["ExitCode"], 0);
+}
+
+#[test]
+fn sigterm_lets_running_jobs_finish() {
+    let mut s = Server::start(serde_json::json!({}));
+    assert_eq!(
+        s.post(
+            "/jobs?async",
+            r#"{"project": "simple", "params": {"name": "t", "sleep": "1"}}"#
+        )
+        .0,
+        201
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.pending_dirs("simple") == 0 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = s.term();
+    assert!(status.success(), "{status:?}");
+    assert_eq!(s.pending_dirs("simple"), 0);
+    let ready: Vec<_> = std::fs::read_dir(s.builds().join("simple/ready"))
+        .unwrap()
+        .flatten()
+        .collect();
+    assert_eq!(ready.len(), 1);
+    let info: Value = serde_json::from_str(&read(ready[0].path().join("build_info.json"))).unwrap();
+    assert_eq!(info["ExitCode"], 0, "the job finished");
+}
+
+#[test]
+fn btrfs_backend_end_to_end() {
+    let Some(dir) = std::env::var_os("MISTRY_TEST_BTRFS") else {
+        eprintln!("MISTRY_TEST_BTRFS not set: the btrfs run is done by scripts/test.sh");
+        return;
+    };
+    let s = Server::start_in(
+        Some(Path::new(&dir)),
+        serde_json::json!({"filesystem": "btrfs"}),
+    );
+    let a = s.job(serde_json::json!({"project": "simple", "group": "g", "params": {"name": "a"}}));
+    assert_eq!(a["ExitCode"], 0, "{a}");
+    let b = s.job(serde_json::json!({"project": "simple", "group": "g", "params": {"name": "b"}}));
+    assert_eq!(
+        (
+            b["Incremental"].as_bool(),
+            read(artifacts(&b).join("count.txt"))
+        ),
+        (Some(true), "2\n".into())
+    );
+    let again =
+        s.job(serde_json::json!({"project": "simple", "group": "g", "params": {"name": "b"}}));
+    assert_eq!(again["Cached"], true);
+}
