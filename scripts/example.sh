@@ -1,24 +1,25 @@
 #!/bin/sh
-# Quick start: set up this machine and run the example project (examples/hello) offline.
+# Quick start: set up this machine and run mistryd with the example project (examples/hello),
+# which builds offline from the busybox base image.
 #
-#   scripts/example.sh
+#   scripts/example.sh [ADDR]            (default 127.0.0.1:8462; Ctrl-C stops the server)
 #
-# The jobs server is not built yet; until it is, this runs the example's build step the way the
-# server will: in a rootless sandbox on the busybox base image, with the project read-only and a
-# build directory mounted at /data. The artifact lands in target/example/data/artifacts.
+# Then, from another terminal:
+#   curl -X POST -d '{"project": "hello", "params": {"name": "you"}}' http://127.0.0.1:8462/jobs
+# The artifacts land in target/example/builds/hello/ready/<id>/data/artifacts.
 set -eu
 cd "$(dirname "$0")/.."
-[ "$(id -u)" = 0 ] && scripts/setup.sh
+if [ "$(id -u)" = 0 ]; then scripts/setup.sh; fi
 cargo build --release --quiet --bin mistryd
-data=target/example/data
-mkdir -p "$data/params"
-# A private copy of the base image: the sandbox creates its mount points (/project, /data) in it.
-[ -d target/example/rootfs ] || cp -a target/images/busybox/rootfs target/example/rootfs
-echo "${1:-mistry}" > "$data/params/name"
-target/release/mistryd sandbox run \
-    --rootfs target/example/rootfs \
-    --bind "$PWD/examples/hello:/project:ro" \
-    --bind "$PWD/$data:/data" \
-    --net none --timeout 30s \
-    -- /bin/sh /project/build.sh
-echo "artifacts: $(ls "$data/artifacts") in $data/artifacts"
+addr=${1:-127.0.0.1:8462}
+mkdir -p target/example/builds
+cat > target/example/config.json <<JSON
+{
+  "projects_path": "$PWD/examples",
+  "build_path": "$PWD/target/example/builds",
+  "images_path": "$PWD/target/images",
+  "network": "none"
+}
+JSON
+echo "mistryd on http://$addr with the projects of examples/ (try: curl -X POST -d '{\"project\": \"hello\"}' http://$addr/jobs)"
+exec target/release/mistryd --config target/example/config.json --addr "$addr"

@@ -57,6 +57,8 @@ impl std::fmt::Display for JobError {
 pub struct Scheduled {
     pub project: String,
     pub id: String,
+    /// `<build_path>/<project>/ready/<id>`.
+    pub dir: PathBuf,
     result: watch::Receiver<Option<BuildInfo>>,
     /// Immediately known answer (result cache).
     ready: Option<BuildInfo>,
@@ -64,10 +66,12 @@ pub struct Scheduled {
 }
 
 impl Scheduled {
-    /// Wait for the BuildInfo (with the log fields filled in).
-    pub async fn wait(mut self) -> Result<BuildInfo, JobError> {
+    /// Wait for the BuildInfo (without its log fields) and the job's directory, which holds
+    /// `out.log` and `stderr.log`.
+    pub async fn wait(mut self) -> Result<(BuildInfo, PathBuf), JobError> {
+        let dir = self.dir.clone();
         if let Some(info) = self.ready.take() {
-            return Ok(info);
+            return Ok((info, dir));
         }
         let info = loop {
             if let Some(info) = self.result.borrow().clone() {
@@ -82,7 +86,7 @@ impl Scheduled {
         };
         let mut info = info;
         info.coalesced = self.coalesced;
-        Ok(info)
+        Ok((info, dir))
     }
 }
 
@@ -102,12 +106,6 @@ pub struct Engine {
 
 fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
-}
-
-fn read_lossy(path: &Path) -> String {
-    fs::read(path)
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
-        .unwrap_or_default()
 }
 
 impl Engine {
@@ -242,6 +240,7 @@ impl Engine {
                 return Ok(Scheduled {
                     project: req.project,
                     id,
+                    dir: ready_dir,
                     result: rx.clone(),
                     ready: None,
                     coalesced: true,
@@ -252,14 +251,13 @@ impl Engine {
                 if info.succeeded() {
                     info.cached = true;
                     info.coalesced = false;
-                    info.container_stdouterr = read_lossy(&ready_dir.join("out.log"));
-                    info.container_stderr = read_lossy(&ready_dir.join("stderr.log"));
                     self.metrics.cached();
                     tracing::info!(project = %req.project, %id, state = "cached", "job answered from the result cache");
                     let (_tx, rx) = watch::channel(None);
                     return Ok(Scheduled {
                         project: req.project,
                         id,
+                        dir: ready_dir,
                         result: rx,
                         ready: Some(info),
                         coalesced: false,
@@ -304,6 +302,7 @@ impl Engine {
         Ok(Scheduled {
             project,
             id,
+            dir: ready_dir,
             result: rx,
             ready: None,
             coalesced: false,
@@ -368,8 +367,6 @@ impl Engine {
         }
         self.metrics.finished(&info, started.elapsed());
         self.count_hosted();
-        info.container_stdouterr = read_lossy(&ready.join("out.log"));
-        info.container_stderr = read_lossy(&ready.join("stderr.log"));
         tracing::info!(
             project = %req.project, %id, state = "ready", exit_code = info.exit_code,
             incremental = info.incremental, error = %info.err_build, "job finished"

@@ -12,3 +12,4 @@ pub mod jobs;
 pub mod metrics;
 pub mod sandbox_cli;
 pub mod server;
+pub mod stream_json;

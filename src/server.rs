@@ -39,6 +39,24 @@ fn error_response(e: JobError) -> Response {
     (status, e.to_string()).into_response()
 }
 
+/// A BuildInfo (between `prefix` and `suffix`) with its logs streamed from the job directory.
+fn streamed(
+    status: StatusCode,
+    prefix: &str,
+    info: &BuildInfo,
+    dir: &std::path::Path,
+    suffix: &str,
+) -> Response {
+    let body = crate::stream_json::body_with(
+        prefix,
+        info,
+        dir.join("out.log"),
+        dir.join("stderr.log"),
+        suffix,
+    );
+    (status, [("content-type", "application/json")], body).into_response()
+}
+
 fn json(status: StatusCode, value: &impl serde::Serialize) -> Response {
     match serde_json::to_vec(value) {
         Ok(body) => (status, [("content-type", "application/json")], body).into_response(),
@@ -75,7 +93,7 @@ async fn jobs(
         return (StatusCode::CREATED, "").into_response();
     }
     match scheduled.wait().await {
-        Ok(info) => json(StatusCode::CREATED, &info),
+        Ok((info, dir)) => streamed(StatusCode::CREATED, "", &info, &dir, ""),
         Err(e) => error_response(e),
     }
 }
@@ -134,22 +152,25 @@ async fn job(
         .await
         .ok()
         .flatten();
-    let Some((state, mut info, dir)) = found else {
+    let Some((state, info, dir)) = found else {
         return (StatusCode::NOT_FOUND, format!("Unknown job {project}/{id}")).into_response();
     };
-    info.container_stdouterr =
-        String::from_utf8_lossy(&std::fs::read(dir.join("out.log")).unwrap_or_default())
-            .into_owned();
-    info.container_stderr =
-        String::from_utf8_lossy(&std::fs::read(dir.join("stderr.log")).unwrap_or_default())
-            .into_owned();
     let wants_json = headers
         .get("content-type")
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/json"));
     if wants_json {
-        return json(StatusCode::OK, &job_json(&project, &id, state, &info));
+        // The job object with its buildInfo (and logs) streamed inside.
+        let mut head = job_json(&project, &id, state, &info);
+        if let Some(obj) = head.as_object_mut() {
+            obj.remove("buildInfo");
+        }
+        let head = serde_json::to_string(&head).unwrap_or_else(|_| "{}".into());
+        let prefix = format!("{},\"buildInfo\":", &head[..head.len() - 1]);
+        return streamed(StatusCode::OK, &prefix, &info, &dir, "}");
     }
+    // The page shows the last MiB of the log (the web view's own page is its own issue).
+    let log_tail = tail_of(&dir.join("out.log"), 1 << 20);
     let params: String = info
         .params
         .iter()
@@ -175,9 +196,22 @@ async fn job(
         coalesced = info.coalesced,
         incr = info.incremental,
         err = escape(&info.err_build),
-        log = escape(&info.container_stdouterr),
+        log = escape(&log_tail),
     ))
     .into_response()
+}
+
+/// The last `max` bytes of a file, as text.
+fn tail_of(path: &std::path::Path, max: u64) -> String {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return String::new();
+    };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let _ = f.seek(SeekFrom::Start(len.saturating_sub(max)));
+    let mut buf = Vec::new();
+    let _ = f.take(max).read_to_end(&mut buf);
+    String::from_utf8_lossy(&buf).into_owned()
 }
 
 struct Tail {

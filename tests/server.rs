@@ -104,6 +104,13 @@ impl Server {
             "invalid",
             &[("Dockerfile", "FROM busybox\nINVALIDCOMMAND foo\n")],
         );
+        project(
+            "loud",
+            &[(
+                "Dockerfile",
+                "FROM busybox\nCMD [\"/bin/sh\", \"-c\", \"yes 0123456789abcdef | head -c $(cat /data/params/bytes)\"]\n",
+            )],
+        );
         let mut config = serde_json::json!({
             "projects_path": projects,
             "build_path": builds,
@@ -598,6 +605,62 @@ fn sigterm_lets_running_jobs_finish() {
     assert_eq!(ready.len(), 1);
     let info: Value = serde_json::from_str(&read(ready[0].path().join("build_info.json"))).unwrap();
     assert_eq!(info["ExitCode"], 0, "the job finished");
+}
+
+fn vm_hwm_kib(pid: u32) -> u64 {
+    read(format!("/proc/{pid}/status"))
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn a_huge_log_keeps_the_daemons_memory_flat() {
+    let s = Server::start(serde_json::json!({}));
+    let pid = s.child.as_ref().unwrap().id();
+    let bytes: u64 = 300 << 20;
+    let body =
+        serde_json::json!({"project": "loud", "params": {"bytes": bytes.to_string()}}).to_string();
+    let mut r = Server::agent()
+        .post(&s.url("/jobs"))
+        .send(body.as_str())
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    // Read the (streamed) answer without keeping it: its size and its end.
+    let mut reader = r.body_mut().with_config().limit(u64::MAX).reader();
+    let mut total = 0u64;
+    let mut last = Vec::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = std::io::Read::read(&mut reader, &mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        total += n as u64;
+        last = buf[..n].to_vec();
+    }
+    assert!(
+        total > bytes,
+        "the whole log is in the answer ({total} bytes)"
+    );
+    assert!(
+        String::from_utf8_lossy(&last).contains("\"URL\":\"job/loud/"),
+        "a complete JSON object"
+    );
+    let hwm = vm_hwm_kib(pid);
+    assert!(
+        hwm < 100 * 1024,
+        "mistryd peaked at {hwm} KiB for a {bytes}-byte log"
+    );
+    let log = std::fs::read_dir(s.builds().join("loud/ready"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path()
+        .join("out.log");
+    assert!(std::fs::metadata(log).unwrap().len() >= bytes);
 }
 
 #[test]
