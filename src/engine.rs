@@ -101,6 +101,8 @@ pub struct Engine {
     /// Host pids of the running sandboxes' init, by job key.
     running: Mutex<HashMap<String, i32>>,
     shutting_down: AtomicBool,
+    /// Set once overlay roots turned out not to work on this host.
+    no_overlay: AtomicBool,
     pub metrics: Metrics,
 }
 
@@ -129,6 +131,7 @@ impl Engine {
             link_locks: Mutex::new(HashMap::new()),
             running: Mutex::new(HashMap::new()),
             shutting_down: AtomicBool::new(false),
+            no_overlay: AtomicBool::new(false),
             metrics: Metrics::new(),
             builder,
             cfg,
@@ -447,16 +450,14 @@ impl Engine {
             return Ok(());
         }
 
-        // The job, on a copy of the image.
-        let rootfs = self.builder.store.tmp_path("job");
-        self.builder
-            .store
-            .clone_snapshot(image.snapshot.as_deref(), &rootfs)
-            .map_err(|e| format!("preparing the job's root filesystem: {e}"))?;
-        let result = self.run_sandbox(
+        // The job, on its own view of the image: an overlay over the image (plain backend), or a
+        // snapshot of it (btrfs); thrown away in the background afterwards.
+        let scratch = self.builder.store.tmp_path("job");
+        let root = self.job_root(image.snapshot.as_deref(), &scratch)?;
+        let mut result = self.run_sandbox(
             req,
             id,
-            &rootfs,
+            &root,
             &image,
             &data,
             pending,
@@ -465,10 +466,61 @@ impl Engine {
             settings.time_limit,
             info,
         );
-        if let Err(e) = self.builder.store.remove_tree(&rootfs) {
-            tracing::warn!(path = %rootfs.display(), error = %e, "could not remove a job's root filesystem");
+        if let (JobRoot::Overlay { .. }, Err(e)) = (&root, &result) {
+            if e.contains("overlay") {
+                // The kernel refused an overlay in a user namespace: fall back to a copy.
+                tracing::warn!(error = %e, "overlay roots unavailable; jobs run on copies of their image");
+                self.no_overlay.store(true, Ordering::SeqCst);
+                let root = self.job_root(image.snapshot.as_deref(), &scratch)?;
+                result = self.run_sandbox(
+                    req,
+                    id,
+                    &root,
+                    &image,
+                    &data,
+                    pending,
+                    &log,
+                    settings.network,
+                    settings.time_limit,
+                    info,
+                );
+            }
         }
+        let builder = Arc::clone(&self.builder);
+        std::thread::spawn(move || {
+            if let Err(e) = builder.store.remove_tree(&scratch) {
+                tracing::warn!(path = %scratch.display(), error = %e, "could not remove a job's root filesystem");
+            }
+        });
         result
+    }
+
+    /// Prepare the job's root under `scratch`.
+    fn job_root(&self, snapshot: Option<&str>, scratch: &Path) -> Result<JobRoot, String> {
+        let store = &self.builder.store;
+        if let Some(snap) = snapshot {
+            if store.backend() == images::store::BackendKind::Plain
+                && !self.no_overlay.load(Ordering::SeqCst)
+            {
+                let _ = fs::remove_dir_all(scratch);
+                for d in ["upper", "work"] {
+                    fs::create_dir_all(scratch.join(d))
+                        .map_err(|e| format!("creating {}: {e}", scratch.display()))?;
+                }
+                return Ok(JobRoot::Overlay {
+                    lower: store.snapshot_path(snap),
+                    upper: scratch.join("upper"),
+                    work: scratch.join("work"),
+                });
+            }
+        }
+        if scratch.exists() {
+            store.remove_tree(scratch).map_err(|e| e.to_string())?;
+        }
+        store
+            .clone_snapshot(snapshot, scratch)
+            .map_err(|e| format!("preparing the job's root filesystem: {e}"))?;
+        Ok(JobRoot::Dir(scratch.to_path_buf()))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -476,7 +528,7 @@ impl Engine {
         &self,
         req: &JobRequest,
         id: &str,
-        rootfs: &Path,
+        root: &JobRoot,
         image: &images::build::Image,
         data: &Path,
         pending: &Path,
@@ -487,7 +539,13 @@ impl Engine {
     ) -> Result<(), String> {
         let cfg = &image.config;
         let stdout = log.try_clone().map_err(|e| format!("out.log: {e}"))?;
-        let mut sb = Sandbox::new(rootfs)
+        let sb = match root {
+            JobRoot::Dir(d) => Sandbox::new(d),
+            JobRoot::Overlay { lower, upper, work } => {
+                Sandbox::new_overlay(vec![lower.clone()], upper, work)
+            }
+        };
+        let mut sb = sb
             .command(cfg.command())
             .bind(Bind::new(data, "/data"))
             .network(network)
@@ -512,6 +570,11 @@ impl Engine {
         }
         let mut child = match sb.spawn() {
             Ok(c) => c,
+            Err(e)
+                if matches!(root, JobRoot::Overlay { .. }) && e.to_string().contains("overlay") =>
+            {
+                return Err(e.to_string());
+            }
             Err(e) => {
                 let mut l = log;
                 let _ = writeln!(l, "{e}");
@@ -650,6 +713,16 @@ impl Engine {
         }
         None
     }
+}
+
+/// Where a job's root filesystem comes from.
+enum JobRoot {
+    Dir(PathBuf),
+    Overlay {
+        lower: PathBuf,
+        upper: PathBuf,
+        work: PathBuf,
+    },
 }
 
 fn blank_info(cfg: &Config, req: &JobRequest, id: &str) -> BuildInfo {

@@ -230,10 +230,11 @@ fn run_op(op: &Op, slots: &mut [RawFd]) -> Result<(), i32> {
         }
         Op::Fresh {
             fstype,
+            options,
             attrs,
             slot,
         } => {
-            let fd = sys::fresh_mount(fstype, &[], *attrs)?;
+            let fd = sys::fresh_mount(fstype, options, *attrs)?;
             if let Some(s) = slots.get_mut(*slot) {
                 *s = fd;
             }

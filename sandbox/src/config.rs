@@ -262,6 +262,7 @@ pub const DEFAULT_CAPABILITIES: &[Capability] = &[
 #[derive(Debug)]
 pub struct Sandbox {
     pub(crate) rootfs: PathBuf,
+    pub(crate) overlay: Option<crate::plan::Overlay>,
     pub(crate) argv: Vec<OsString>,
     pub(crate) env: Vec<(OsString, OsString)>,
     pub(crate) cwd: PathBuf,
@@ -286,6 +287,7 @@ impl Sandbox {
     pub fn new(rootfs: impl AsRef<Path>) -> Self {
         Self {
             rootfs: rootfs.as_ref().to_path_buf(),
+            overlay: None,
             argv: Vec::new(),
             env: Vec::new(),
             cwd: PathBuf::from("/"),
@@ -304,6 +306,24 @@ impl Sandbox {
             stdout: Stdio::Inherit,
             stderr: Stdio::Inherit,
         }
+    }
+
+    /// A sandbox whose root is an overlay: `lowers` (top first) stay untouched, every change goes
+    /// to `upper` (`work` is overlayfs' scratch directory on the same filesystem). Users are
+    /// resolved in the top lower layer.
+    pub fn new_overlay(
+        lowers: Vec<PathBuf>,
+        upper: impl Into<PathBuf>,
+        work: impl Into<PathBuf>,
+    ) -> Self {
+        let top = lowers.first().cloned().unwrap_or_default();
+        let mut sb = Sandbox::new(top);
+        sb.overlay = Some(crate::plan::Overlay {
+            lowers,
+            upper: upper.into(),
+            work: work.into(),
+        });
+        sb
     }
 
     /// The command and its arguments. A program without a `/` is searched in the `PATH` of the

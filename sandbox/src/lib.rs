@@ -395,7 +395,31 @@ impl Sandbox {
         if exec_candidates.is_empty() {
             return Err(Error::Exec("exec: empty program name".into()));
         }
+        let overlay = match &self.overlay {
+            Some(ov) => Some(plan::Overlay {
+                lowers: ov
+                    .lowers
+                    .iter()
+                    .map(|l| {
+                        l.canonicalize().map_err(|e| Error::Rootfs {
+                            path: l.clone(),
+                            reason: e.to_string(),
+                        })
+                    })
+                    .collect::<Result<_, _>>()?,
+                upper: ov.upper.canonicalize().map_err(|e| Error::Rootfs {
+                    path: ov.upper.clone(),
+                    reason: e.to_string(),
+                })?,
+                work: ov.work.canonicalize().map_err(|e| Error::Rootfs {
+                    path: ov.work.clone(),
+                    reason: e.to_string(),
+                })?,
+            }),
+            None => None,
+        };
         let (ops, nslots) = plan::build(&plan::Spec {
+            overlay: overlay.as_ref(),
             rootfs: &rootfs,
             network: self.network,
             binds: &binds,

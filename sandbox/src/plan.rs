@@ -29,6 +29,8 @@ pub enum Op {
     /// slot.
     Fresh {
         fstype: CString,
+        /// fsconfig options: a value, or a flag.
+        options: Vec<(CString, Option<CString>)>,
         attrs: u64,
         slot: usize,
     },
@@ -113,9 +115,18 @@ pub struct PlannedBind {
     pub source_is_dir: bool,
 }
 
+/// An overlay root filesystem: `lowers` (top first) read-only, changes in `upper`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Overlay {
+    pub lowers: Vec<PathBuf>,
+    pub upper: PathBuf,
+    pub work: PathBuf,
+}
+
 /// The inputs of [`build`].
 pub struct Spec<'a> {
     pub rootfs: &'a Path,
+    pub overlay: Option<&'a Overlay>,
     pub network: NetworkMode,
     pub binds: &'a [PlannedBind],
     pub tmpfs_tmp: bool,
@@ -259,6 +270,7 @@ pub fn build(spec: &Spec<'_>) -> (Vec<Op>, usize) {
         let slot = next(slots);
         ops.push(Op::Fresh {
             fstype: c(fstype),
+            options: Vec::new(),
             attrs,
             slot,
         });
@@ -308,7 +320,26 @@ pub fn build(spec: &Spec<'_>) -> (Vec<Op>, usize) {
         .map(|b| (grab(&mut ops, &mut slots, &b.source, b.read_only), b))
         .collect();
 
-    if spec.rootfs == Path::new("/") {
+    if let Some(ov) = spec.overlay {
+        // An overlay root: the lower layers read-only, writes go to `upper`.
+        let slot = next(&mut slots);
+        let lowers: Vec<&[u8]> = ov.lowers.iter().map(|l| l.as_os_str().as_bytes()).collect();
+        ops.push(Op::Fresh {
+            fstype: c("overlay"),
+            options: vec![
+                (c("lowerdir"), Some(cstr(&lowers.join(&b':')))),
+                (c("upperdir"), Some(cpath(&ov.upper))),
+                (c("workdir"), Some(cpath(&ov.work))),
+                (c("userxattr"), None),
+            ],
+            attrs: 0,
+            slot,
+        });
+        ops.push(Op::PivotTree {
+            slot,
+            staging: c("/dev"),
+        });
+    } else if spec.rootfs == Path::new("/") {
         // The bind of / onto itself cannot be reached by path: pivot through a staging point.
         let slot = grab(&mut ops, &mut slots, Path::new("/"), false);
         ops.push(Op::PivotTree {
@@ -483,6 +514,7 @@ mod tests {
             },
         ];
         let (ops, slots) = build(&Spec {
+            overlay: None,
             rootfs: Path::new("/r"),
             network: NetworkMode::None,
             binds: &binds,
@@ -521,6 +553,7 @@ mod tests {
     #[test]
     fn host_network_gets_resolv_conf_and_no_loopback() {
         let (ops, _) = build(&Spec {
+            overlay: None,
             rootfs: Path::new("/r"),
             network: NetworkMode::Host,
             binds: &[],

@@ -185,10 +185,11 @@ pub const MOUNT_ATTR_NOEXEC: u64 = 0x8;
 /// namespace.
 pub fn fresh_mount(
     fstype: &CStr,
-    options: &[(CString, CString)],
+    options: &[(CString, Option<CString>)],
     attrs: u64,
 ) -> Result<RawFd, i32> {
     const FSOPEN_CLOEXEC: c_uint = 1;
+    const FSCONFIG_SET_FLAG: c_uint = 0;
     const FSCONFIG_SET_STRING: c_uint = 1;
     const FSCONFIG_CMD_CREATE: c_uint = 6;
     const FSMOUNT_CLOEXEC: c_uint = 1;
@@ -197,17 +198,13 @@ pub fn fresh_mount(
         as RawFd;
     let result = (|| {
         for (key, value) in options {
-            // SAFETY: key and value are valid NUL-terminated strings; fsfd is ours.
-            check(unsafe {
-                libc::syscall(
-                    libc::SYS_fsconfig,
-                    fsfd,
-                    FSCONFIG_SET_STRING,
-                    key.as_ptr(),
-                    value.as_ptr(),
-                    0,
-                )
-            })?;
+            let (cmd, value) = match value {
+                Some(v) => (FSCONFIG_SET_STRING, v.as_ptr()),
+                None => (FSCONFIG_SET_FLAG, std::ptr::null()),
+            };
+            // SAFETY: key is a valid NUL-terminated string, value one or null (a flag); fsfd is
+            // ours.
+            check(unsafe { libc::syscall(libc::SYS_fsconfig, fsfd, cmd, key.as_ptr(), value, 0) })?;
         }
         // SAFETY: FSCONFIG_CMD_CREATE takes no key or value.
         check(unsafe {

@@ -535,3 +535,29 @@ fn ipc_and_uts_are_private() {
     assert_ne!(inside[0], host_ipc.to_string_lossy());
     assert_ne!(inside[1], host_uts.to_string_lossy());
 }
+
+#[test]
+fn overlay_root_keeps_the_lower_layer_untouched() {
+    let f = fixture();
+    let upper = f.host_dir("upper");
+    let work = f.host_dir("work");
+    let out = run(
+        Sandbox::new_overlay(vec![f.rootfs.clone()], &upper, &work).command([
+            "/bin/sh",
+            "-c",
+            "echo new > /etc/added && rm /etc/hostname && cat /etc/passwd | head -1 && ls /etc/hostname 2>&1",
+        ]),
+    );
+    assert_eq!(out.status, ExitStatus::Exited(1), "{}", text(&out.stderr));
+    assert_eq!(
+        text(&out.stdout),
+        "root:x:0:0:root:/root:/bin/sh\nls: /etc/hostname: No such file or directory\n"
+    );
+    // The lower layer is unchanged; the change is in the upper directory.
+    assert!(f.rootfs.join("etc/hostname").exists());
+    assert!(!f.rootfs.join("etc/added").exists());
+    assert_eq!(
+        std::fs::read_to_string(upper.join("etc/added")).unwrap(),
+        "new\n"
+    );
+}

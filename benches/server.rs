@@ -1,0 +1,162 @@
+//! mistryd under load, on loopback: with the image cached,
+//!
+//! - `POST /jobs` for a job that touches one artifact, new params each time (median
+//!   request-to-response; target ≤ 50 ms);
+//! - result-cache hits (median; target ≤ 2 ms) and their throughput under `wrk` where installed
+//!   (target ≥ 2000 requests/s);
+//! - the idle daemon's resident memory (target ≤ 30 MiB).
+//!
+//! `cargo bench --bench server` (`BENCH_RUNS` sets the number of new-params jobs).
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn median(v: &mut [Duration]) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn main() {
+    let images = std::env::var_os("MISTRY_TEST_IMAGES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/images"));
+    assert!(
+        images.join("busybox/index.json").is_file(),
+        "run scripts/setup.sh first"
+    );
+    let runs: usize = std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(40);
+    let dir = tempfile::tempdir().unwrap();
+    let project = dir.path().join("projects/touch");
+    std::fs::create_dir_all(&project).unwrap();
+    std::fs::write(
+        project.join("Dockerfile"),
+        "FROM busybox\nCMD [\"/bin/sh\", \"-c\", \"cat /data/params/n > /data/artifacts/touched\"]\n",
+    )
+    .unwrap();
+    std::fs::create_dir_all(dir.path().join("builds")).unwrap();
+    let config = dir.path().join("config.json");
+    std::fs::write(
+        &config,
+        serde_json::json!({
+            "projects_path": dir.path().join("projects"),
+            "build_path": dir.path().join("builds"),
+            "images_path": images,
+            "network": "none",
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let addr = format!("127.0.0.1:{port}");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mistryd"))
+        .arg("--config")
+        .arg(&config)
+        .args(["--addr", &addr])
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    while std::net::TcpStream::connect(&addr).is_err() {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let idle = rss_kib(child.id());
+    let url = format!("http://{addr}/jobs");
+    let agent = ureq::Agent::new_with_config(
+        ureq::config::Config::builder()
+            .http_status_as_error(false)
+            .build(),
+    );
+    let post = |n: usize| {
+        let t = Instant::now();
+        let mut r = agent
+            .post(&url)
+            .send(format!(r#"{{"project": "touch", "params": {{"n": "{n}"}}}}"#).as_str())
+            .unwrap();
+        let body = r.body_mut().read_to_string().unwrap();
+        assert_eq!(r.status().as_u16(), 201, "{body}");
+        assert!(body.contains("\"ExitCode\":0"), "{body}");
+        t.elapsed()
+    };
+    post(0); // builds the image
+    let mut fresh: Vec<Duration> = (1..=runs).map(post).collect();
+    let mut cached: Vec<Duration> = (0..200).map(|_| post(1)).collect();
+
+    let mut wrk_rps = None;
+    if Command::new("wrk").arg("--version").output().is_ok() {
+        let script = dir.path().join("post.lua");
+        std::fs::write(
+            &script,
+            "wrk.method = \"POST\"\nwrk.body = '{\"project\": \"touch\", \"params\": {\"n\": \"1\"}}'\n",
+        )
+        .unwrap();
+        let out = Command::new("wrk")
+            .args(["-t2", "-c32", "-d5s", "-s"])
+            .arg(&script)
+            .arg(&url)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        wrk_rps = text
+            .lines()
+            .find_map(|l| l.strip_prefix("Requests/sec:"))
+            .and_then(|v| v.trim().parse::<f64>().ok());
+    }
+    let after = rss_kib(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+
+    println!("mistryd on loopback, image cached ({runs} new-params jobs, 200 cache hits)");
+    println!("{:<44} {:>10}   target", "", "measured");
+    println!(
+        "{:<44} {:>8.1}ms   <= 50 ms",
+        "POST /jobs, new params (median)",
+        ms(median(&mut fresh))
+    );
+    println!(
+        "{:<44} {:>8.2}ms   <= 2 ms",
+        "POST /jobs, result cache hit (median)",
+        ms(median(&mut cached))
+    );
+    match wrk_rps {
+        Some(r) => println!(
+            "{:<44} {:>10.0}   >= 2000",
+            "cache hits/s under wrk -t2 -c32 -d5s", r
+        ),
+        None => println!(
+            "{:<44} {:>10}   >= 2000",
+            "cache hits/s under wrk", "no wrk"
+        ),
+    }
+    println!(
+        "{:<44} {:>7.1}MiB   <= 30 MiB",
+        "idle daemon RSS",
+        idle as f64 / 1024.0
+    );
+    println!(
+        "{:<44} {:>7.1}MiB",
+        "daemon RSS after the load",
+        after as f64 / 1024.0
+    );
+}
