@@ -113,17 +113,7 @@ fn now_rfc3339() -> String {
 impl Engine {
     /// Open the layer store and clean up what a crash left behind.
     pub fn new(cfg: Config, helper: Vec<std::ffi::OsString>) -> anyhow::Result<Engine> {
-        use anyhow::Context;
-        let store = Store::open(&cfg.store_path, cfg.filesystem, helper)
-            .with_context(|| format!("opening the layer store {}", cfg.store_path.display()))?;
-        let mut sources: Vec<Box<dyn images::build::BaseSource>> = Vec::new();
-        if let Some(dir) = &cfg.images_path {
-            sources.push(Box::new(LocalImages { dir: dir.clone() }));
-        }
-        sources.push(Box::new(Registries {
-            config: cfg.registries.clone(),
-        }));
-        let builder = Arc::new(Builder::new(store, sources));
+        let builder = Arc::new(builder_for(&cfg, helper, true)?);
         let engine = Engine {
             slots: Arc::new(Semaphore::new(cfg.job_concurrency)),
             queued: AtomicUsize::new(0),
@@ -713,6 +703,30 @@ impl Engine {
         }
         None
     }
+}
+
+/// The image builder of a configuration. `owner`: this process owns the store (the daemon) and
+/// may clean what a crash left in it; `mistryd rebuild` works beside a running daemon and may not.
+pub fn builder_for(
+    cfg: &Config,
+    helper: Vec<std::ffi::OsString>,
+    owner: bool,
+) -> anyhow::Result<Builder> {
+    use anyhow::Context;
+    let store = if owner {
+        Store::open(&cfg.store_path, cfg.filesystem, helper)
+    } else {
+        Store::attach(&cfg.store_path, cfg.filesystem, helper)
+    }
+    .with_context(|| format!("opening the layer store {}", cfg.store_path.display()))?;
+    let mut sources: Vec<Box<dyn images::build::BaseSource>> = Vec::new();
+    if let Some(dir) = &cfg.images_path {
+        sources.push(Box::new(LocalImages { dir: dir.clone() }));
+    }
+    sources.push(Box::new(Registries {
+        config: cfg.registries.clone(),
+    }));
+    Ok(Builder::new(store, sources))
 }
 
 /// Where a job's root filesystem comes from.

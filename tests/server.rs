@@ -687,3 +687,54 @@ fn btrfs_backend_end_to_end() {
         s.job(serde_json::json!({"project": "simple", "group": "g", "params": {"name": "b"}}));
     assert_eq!(again["Cached"], true);
 }
+
+#[test]
+fn rebuild_rebuilds_every_image_and_names_failures() {
+    let s = Server::start(serde_json::json!({}));
+    // A job running in the daemon meanwhile is not disturbed.
+    assert_eq!(
+        s.post(
+            "/jobs?async",
+            r#"{"project": "simple", "params": {"name": "busy", "sleep": "2"}}"#
+        )
+        .0,
+        201
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while s.pending_dirs("simple") == 0 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_mistryd"))
+        .arg("rebuild")
+        .arg("--config")
+        .arg(&s.config)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{stderr}");
+    assert!(
+        stdout.starts_with("Finished. Rebuilt: 4, Pruned images: "),
+        "{stdout}"
+    );
+    assert!(stdout.trim_end().ends_with("Failed: 2"), "{stdout}");
+    assert!(
+        stderr.contains("Failed projects: badimage, invalid"),
+        "{stderr}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_mistryd"))
+        .args(["rebuild", "--project", "simple", "--config"])
+        .arg(&s.config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Rebuilt: 1,"));
+    let info =
+        s.job(serde_json::json!({"project": "simple", "params": {"name": "busy", "sleep": "2"}}));
+    assert_eq!(
+        (info["ExitCode"].as_i64(), info["Coalesced"].as_bool()),
+        (Some(0), Some(true)),
+        "{info}"
+    );
+}

@@ -571,22 +571,27 @@ impl Run<'_> {
             return Err(e);
         }
         let store = &self.builder.store;
-        if self.opts.no_cache && store.has_snapshot(&key) {
-            // A rebuild replaces what the cache had.
-            let old = store.tmp_path("old");
-            let _ = std::fs::rename(store.snapshot_path(&key), &old);
-            store.abort(&old);
-        }
-        store.commit(&tmp, &key)?;
+        // A rebuild's result gets a snapshot of its own: jobs may still run on the old one,
+        // which stays until garbage collection. The step record then points at the new one.
+        let snap_id = if store.has_snapshot(&key) {
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
+            format!("{key}-{nanos}")
+        } else {
+            key.clone()
+        };
+        store.commit(&tmp, &snap_id)?;
         let s = self.state();
         s.key = key.clone();
-        s.snapshot = Some(key.clone());
+        s.snapshot = Some(snap_id.clone());
         let rec = StepRecord {
-            snapshot: Some(key.clone()),
+            snapshot: Some(snap_id.clone()),
             config: s.config.clone(),
         };
         self.builder.store.put_step(&key, &rec)?;
-        self.used.snapshots.push(key.clone());
+        self.used.snapshots.push(snap_id);
         self.used.keys.push(key);
         Ok(())
     }

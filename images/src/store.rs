@@ -208,6 +208,18 @@ impl Store {
         kind: Option<BackendKind>,
         helper: Vec<std::ffi::OsString>,
     ) -> Result<Store, StoreError> {
+        let store = Self::attach(root, kind, helper)?;
+        store.clean_tmp();
+        Ok(store)
+    }
+
+    /// Open the store without cleaning `tmp/`: for a process working beside the daemon that
+    /// owns it (e.g. `mistryd rebuild`), whose work in progress must not be touched.
+    pub fn attach(
+        root: &Path,
+        kind: Option<BackendKind>,
+        helper: Vec<std::ffi::OsString>,
+    ) -> Result<Store, StoreError> {
         for d in ["blobs/sha256", "snapshots", "steps", "refs", "tmp"] {
             fs::create_dir_all(root.join(d))
                 .map_err(io_err(format!("creating {}", root.join(d).display())))?;
@@ -235,13 +247,11 @@ impl Store {
                 tools: tools.clone(),
             }),
         };
-        let store = Store {
+        Ok(Store {
             root,
             backend,
             tools,
-        };
-        store.clean_tmp();
-        Ok(store)
+        })
     }
 
     pub fn backend(&self) -> BackendKind {

@@ -112,7 +112,8 @@ async fn serve(cli: Cli) -> Result<()> {
 
 fn rebuild(cli: &Cli, projects: &[String], fail_fast: bool, verbose: bool) -> Result<i32> {
     let cfg = load(cli)?;
-    let engine = Engine::new(cfg.clone(), image_cli::helper_command()?)?;
+    // Beside a running daemon: no clean-up of its pending jobs or work in progress.
+    let builder = mistry::engine::builder_for(&cfg, image_cli::helper_command()?, false)?;
     let mut names: Vec<String> = if projects.is_empty() {
         std::fs::read_dir(&cfg.projects_path)
             .with_context(|| format!("reading {}", cfg.projects_path.display()))?
@@ -138,7 +139,7 @@ fn rebuild(cli: &Cli, projects: &[String], fail_fast: bool, verbose: bool) -> Re
         } else {
             Box::new(std::io::sink())
         };
-        match engine.builder().build(&opts, &mut log) {
+        match builder.build(&opts, &mut log) {
             Ok(_) => rebuilt += 1,
             Err(e) => {
                 eprintln!("{name}: {e}");
@@ -149,7 +150,7 @@ fn rebuild(cli: &Cli, projects: &[String], fail_fast: bool, verbose: bool) -> Re
             }
         }
     }
-    let pruned = engine.builder().store.collect_garbage()?;
+    let pruned = builder.store.collect_garbage()?;
     println!(
         "Finished. Rebuilt: {rebuilt}, Pruned images: {}, Pruned blobs: {}, Failed: {}",
         pruned.snapshots,
