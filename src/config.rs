@@ -89,11 +89,7 @@ fn parse_network(s: &str, what: &str) -> Result<NetworkMode> {
 }
 
 fn parse_limit(s: &str, what: &str) -> Result<Duration> {
-    mistry_duration(s).map_err(|e| anyhow::anyhow!("{what}: {e}"))
-}
-
-fn mistry_duration(s: &str) -> Result<Duration, String> {
-    crate::duration::parse(s)
+    crate::duration::parse(s).map_err(|e| anyhow::anyhow!("{what}: {e}"))
 }
 
 impl Config {
@@ -213,6 +209,32 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sample_configuration_parses() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, b) = (dir.path().join("p"), dir.path().join("b"));
+        std::fs::create_dir_all(&p).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.sample.json"))
+                .unwrap()
+                .replace("/var/lib/mistry/projects", p.to_str().unwrap())
+                .replace("\"/var/lib/mistry/data\"", &format!("\"{}\"", b.display()));
+        let c = Config::parse(&text, Path::new("config.sample.json")).unwrap();
+        assert_eq!(c.filesystem, Some(BackendKind::Btrfs));
+        assert_eq!(c.time_limit, Some(Duration::from_secs(1800)));
+        assert_eq!(c.registries.insecure, ["127.0.0.1:5000"]);
+        assert_eq!(
+            c.registries.credentials["registry.example.com"].username,
+            "mistry"
+        );
+        let e = c.effective("yarn").unwrap();
+        assert_eq!(
+            (e.time_limit, e.build_args.len()),
+            (Some(Duration::from_secs(900)), 1)
+        );
+    }
 
     #[test]
     fn defaults_and_validation() {

@@ -41,6 +41,11 @@ struct Server {
     config: PathBuf,
 }
 
+/// The mistryd binary (MISTRY_HELPER_BIN when the tests run as another user).
+fn mistryd_bin() -> std::ffi::OsString {
+    std::env::var_os("MISTRY_HELPER_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_mistryd").into())
+}
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -705,7 +710,7 @@ fn rebuild_rebuilds_every_image_and_names_failures() {
         assert!(Instant::now() < deadline);
         std::thread::sleep(Duration::from_millis(20));
     }
-    let out = Command::new(env!("CARGO_BIN_EXE_mistryd"))
+    let out = Command::new(mistryd_bin())
         .arg("rebuild")
         .arg("--config")
         .arg(&s.config)
@@ -723,7 +728,7 @@ fn rebuild_rebuilds_every_image_and_names_failures() {
         stderr.contains("Failed projects: badimage, invalid"),
         "{stderr}"
     );
-    let out = Command::new(env!("CARGO_BIN_EXE_mistryd"))
+    let out = Command::new(mistryd_bin())
         .args(["rebuild", "--project", "simple", "--config"])
         .arg(&s.config)
         .output()
