@@ -443,37 +443,29 @@ impl Engine {
         // The job, on its own view of the image: an overlay over the image (plain backend), or a
         // snapshot of it (btrfs); thrown away in the background afterwards.
         let scratch = self.builder.store.tmp_path("job");
-        let root = self.job_root(image.snapshot.as_deref(), &scratch)?;
-        let mut result = self.run_sandbox(
-            req,
-            id,
-            &root,
-            &image,
-            &data,
-            pending,
-            &log,
-            settings.network,
-            settings.time_limit,
-            info,
-        );
+        let attempt = |info: &mut BuildInfo| -> Result<(JobRoot, Result<(), String>), String> {
+            let root = self.job_root(image.snapshot.as_deref(), &scratch)?;
+            let r = self.run_sandbox(
+                req,
+                id,
+                &root,
+                &image,
+                &data,
+                pending,
+                &log,
+                settings.network,
+                settings.time_limit,
+                info,
+            );
+            Ok((root, r))
+        };
+        let (root, mut result) = attempt(info)?;
         if let (JobRoot::Overlay { .. }, Err(e)) = (&root, &result) {
             if e.contains("overlay") {
                 // The kernel refused an overlay in a user namespace: fall back to a copy.
                 tracing::warn!(error = %e, "overlay roots unavailable; jobs run on copies of their image");
                 self.no_overlay.store(true, Ordering::SeqCst);
-                let root = self.job_root(image.snapshot.as_deref(), &scratch)?;
-                result = self.run_sandbox(
-                    req,
-                    id,
-                    &root,
-                    &image,
-                    &data,
-                    pending,
-                    &log,
-                    settings.network,
-                    settings.time_limit,
-                    info,
-                );
+                result = attempt(info)?.1;
             }
         }
         let builder = Arc::clone(&self.builder);

@@ -9,27 +9,12 @@ use std::net::TcpListener;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+mod common;
+
+use common::{helper, images_dir};
 use images::build::{BuildError, BuildOptions, BuildStats, Builder, Image, LocalImages};
 use images::store::{BackendKind, Store};
 use sandbox::{ExitStatus, Sandbox};
-
-fn helper() -> Vec<std::ffi::OsString> {
-    let bin = std::env::var_os("MISTRY_HELPER_BIN")
-        .unwrap_or_else(|| env!("CARGO_BIN_EXE_mistryd").into());
-    vec![bin, "internal".into()]
-}
-
-fn images_dir() -> PathBuf {
-    let dir = std::env::var_os("MISTRY_TEST_IMAGES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/images"));
-    assert!(
-        dir.join("busybox/index.json").is_file(),
-        "no busybox image in {}: run scripts/setup.sh",
-        dir.display()
-    );
-    dir
-}
 
 struct Env {
     _dir: tempfile::TempDir,

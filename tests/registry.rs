@@ -6,15 +6,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+mod common;
+
+use common::{free_port, helper, images_dir};
 use images::build::{BuildOptions, Builder, Image};
 use images::registry::{Credentials, Registries, RegistryConfig};
 use images::store::{BackendKind, Store};
-
-fn helper() -> Vec<std::ffi::OsString> {
-    let bin = std::env::var_os("MISTRY_HELPER_BIN")
-        .unwrap_or_else(|| env!("CARGO_BIN_EXE_mistryd").into());
-    vec![bin, "internal".into()]
-}
 
 fn busybox_layout() -> PathBuf {
     let dir = std::env::var_os("MISTRY_TEST_IMAGES")
@@ -40,14 +37,6 @@ impl Drop for Registry {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl Registry {

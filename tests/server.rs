@@ -1,23 +1,14 @@
 //! mistryd end to end: a real server process, busybox-based test projects, HTTP requests.
 
 use std::collections::BTreeSet;
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{free_port, images_dir, mistryd_bin, wait_until};
 use serde_json::Value;
 
-fn images_dir() -> PathBuf {
-    let dir = std::env::var_os("MISTRY_TEST_IMAGES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/images"));
-    assert!(
-        dir.join("busybox/index.json").is_file(),
-        "run scripts/setup.sh first"
-    );
-    dir
-}
+mod common;
 
 const RUN_SH: &str = r#"#!/bin/sh
 p() { cat "/data/params/$1" 2>/dev/null; }
@@ -39,19 +30,6 @@ struct Server {
     addr: String,
     dir: tempfile::TempDir,
     config: PathBuf,
-}
-
-/// The mistryd binary (MISTRY_HELPER_BIN when the tests run as another user).
-fn mistryd_bin() -> std::ffi::OsString {
-    std::env::var_os("MISTRY_HELPER_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_mistryd").into())
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl Server {
@@ -567,11 +545,7 @@ fn sigkill_during_a_build_then_restart_cleans_up() {
         .0,
         201
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while s.pending_dirs("simple") == 0 {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until("a pending build", || s.pending_dirs("simple") > 0);
     s.kill9();
     assert_eq!(s.pending_dirs("simple"), 1);
     s.spawn();
@@ -595,11 +569,7 @@ fn sigterm_lets_running_jobs_finish() {
         .0,
         201
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while s.pending_dirs("simple") == 0 {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until("a pending build", || s.pending_dirs("simple") > 0);
     let status = s.term();
     assert!(status.success(), "{status:?}");
     assert_eq!(s.pending_dirs("simple"), 0);
@@ -705,11 +675,7 @@ fn rebuild_rebuilds_every_image_and_names_failures() {
         .0,
         201
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while s.pending_dirs("simple") == 0 {
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until("a pending build", || s.pending_dirs("simple") > 0);
     let out = Command::new(mistryd_bin())
         .arg("rebuild")
         .arg("--config")
