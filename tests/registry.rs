@@ -1,7 +1,6 @@
 //! Base images pulled from a real registry: Debian's `docker-registry` on 127.0.0.1, started
 //! here on a free port per test, filled with `skopeo` from the busybox OCI layout.
 
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -14,15 +13,7 @@ use images::registry::{Credentials, Registries, RegistryConfig};
 use images::store::{BackendKind, Store};
 
 fn busybox_layout() -> PathBuf {
-    let dir = std::env::var_os("MISTRY_TEST_IMAGES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/images"))
-        .join("busybox");
-    assert!(
-        dir.join("index.json").is_file(),
-        "no busybox image: run scripts/setup.sh"
-    );
-    dir
+    images_dir().join("busybox")
 }
 
 struct Registry {
