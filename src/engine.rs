@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use images::build::{BuildOptions, Builder, LocalImages};
 use images::registry::Registries;
-use images::store::Store;
-use sandbox::{Bind, ExitStatus, Sandbox, Stdio, User};
+use images::store::{Store, Target};
+use sandbox::{Bind, ExitStatus, Stdio, User};
 use tokio::sync::{watch, Semaphore};
 
 use crate::config::Config;
@@ -443,7 +443,7 @@ impl Engine {
         // The job, on its own view of the image: an overlay over the image (plain backend), or a
         // snapshot of it (btrfs); thrown away in the background afterwards.
         let scratch = self.builder.store.tmp_path("job");
-        let attempt = |info: &mut BuildInfo| -> Result<(JobRoot, Result<(), String>), String> {
+        let attempt = |info: &mut BuildInfo| -> Result<(Target, Result<(), String>), String> {
             let root = self.job_root(image.snapshot.as_deref(), &scratch)?;
             let r = self.run_sandbox(
                 req,
@@ -460,7 +460,7 @@ impl Engine {
             Ok((root, r))
         };
         let (root, mut result) = attempt(info)?;
-        if let (JobRoot::Overlay { .. }, Err(e)) = (&root, &result) {
+        if let (Target::Overlay { .. }, Err(e)) = (&root, &result) {
             if e.contains("overlay") {
                 // The kernel refused an overlay in a user namespace: fall back to a copy.
                 tracing::warn!(error = %e, "overlay roots unavailable; jobs run on copies of their image");
@@ -478,31 +478,14 @@ impl Engine {
     }
 
     /// Prepare the job's root under `scratch`.
-    fn job_root(&self, snapshot: Option<&str>, scratch: &Path) -> Result<JobRoot, String> {
+    fn job_root(&self, snapshot: Option<&str>, scratch: &Path) -> Result<Target, String> {
         let store = &self.builder.store;
-        if let Some(snap) = snapshot {
-            if store.backend() == images::store::BackendKind::Plain
-                && !self.no_overlay.load(Ordering::SeqCst)
-            {
-                let _ = fs::remove_dir_all(scratch);
-                for d in ["upper", "work"] {
-                    fs::create_dir_all(scratch.join(d))
-                        .map_err(|e| format!("creating {}: {e}", scratch.display()))?;
-                }
-                return Ok(JobRoot::Overlay {
-                    lower: store.snapshot_path(snap),
-                    upper: scratch.join("upper"),
-                    work: scratch.join("work"),
-                });
-            }
-        }
         if scratch.exists() {
             store.remove_tree(scratch).map_err(|e| e.to_string())?;
         }
         store
-            .clone_snapshot(snapshot, scratch)
-            .map_err(|e| format!("preparing the job's root filesystem: {e}"))?;
-        Ok(JobRoot::Dir(scratch.to_path_buf()))
+            .job_target(snapshot, scratch, !self.no_overlay.load(Ordering::SeqCst))
+            .map_err(|e| format!("preparing the job's root filesystem: {e}"))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -510,7 +493,7 @@ impl Engine {
         &self,
         req: &JobRequest,
         id: &str,
-        root: &JobRoot,
+        root: &Target,
         image: &images::build::Image,
         data: &Path,
         pending: &Path,
@@ -521,13 +504,8 @@ impl Engine {
     ) -> Result<(), String> {
         let cfg = &image.config;
         let stdout = log.try_clone().map_err(|e| format!("out.log: {e}"))?;
-        let sb = match root {
-            JobRoot::Dir(d) => Sandbox::new(d),
-            JobRoot::Overlay { lower, upper, work } => {
-                Sandbox::new_overlay(vec![lower.clone()], upper, work)
-            }
-        };
-        let mut sb = sb
+        let mut sb = root
+            .sandbox()
             .command(cfg.command())
             .bind(Bind::new(data, "/data"))
             .network(network)
@@ -553,7 +531,7 @@ impl Engine {
         let mut child = match sb.spawn() {
             Ok(c) => c,
             Err(e)
-                if matches!(root, JobRoot::Overlay { .. }) && e.to_string().contains("overlay") =>
+                if matches!(root, Target::Overlay { .. }) && e.to_string().contains("overlay") =>
             {
                 return Err(e.to_string());
             }
@@ -719,16 +697,6 @@ pub fn builder_for(
         config: cfg.registries.clone(),
     }));
     Ok(Builder::new(store, sources))
-}
-
-/// Where a job's root filesystem comes from.
-enum JobRoot {
-    Dir(PathBuf),
-    Overlay {
-        lower: PathBuf,
-        upper: PathBuf,
-        work: PathBuf,
-    },
 }
 
 fn blank_info(cfg: &Config, req: &JobRequest, id: &str) -> BuildInfo {

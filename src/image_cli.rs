@@ -25,7 +25,7 @@ pub struct StoreArgs {
     #[arg(long, value_name = "DIR")]
     pub store: PathBuf,
     /// Snapshot backend; default: btrfs when the store is on btrfs, plain otherwise.
-    #[arg(long, value_name = "plain|btrfs")]
+    #[arg(long, value_name = "plain|btrfs|overlay")]
     pub filesystem: Option<BackendKind>,
 }
 

@@ -14,7 +14,7 @@ mod common;
 use common::{helper, images_dir};
 use images::build::{BuildError, BuildOptions, BuildStats, Builder, Image, LocalImages};
 use images::store::{BackendKind, Store};
-use sandbox::{ExitStatus, Sandbox};
+use sandbox::ExitStatus;
 
 struct Env {
     _dir: tempfile::TempDir,
@@ -23,7 +23,7 @@ struct Env {
 }
 
 fn backends() -> Vec<(BackendKind, Option<PathBuf>)> {
-    let mut v = vec![(BackendKind::Plain, None)];
+    let mut v = vec![(BackendKind::Plain, None), (BackendKind::Overlay, None)];
     if let Some(dir) = std::env::var_os("MISTRY_TEST_BTRFS") {
         let dir = PathBuf::from(dir);
         assert!(
@@ -98,11 +98,12 @@ impl Env {
     /// Run a shell script in a copy of the image, as the image's user and workdir.
     fn sh(&self, image: &Image, script: &str) -> (ExitStatus, String, String) {
         let copy = self.root.join(format!("run-{}", rand_suffix()));
-        self.builder
+        let target = self
+            .builder
             .store
-            .clone_snapshot(image.snapshot.as_deref(), &copy)
+            .job_target(image.snapshot.as_deref(), &copy, true)
             .unwrap();
-        let mut sb = Sandbox::new(&copy).command(["/bin/sh", "-c", script]);
+        let mut sb = target.sandbox().command(["/bin/sh", "-c", script]);
         for (k, v) in image.config.env_pairs() {
             sb = sb.env(k, v);
         }
@@ -393,10 +394,16 @@ fn deleted_files_stay_deleted() {
             )],
         );
         let (image, _, _) = env.build(&ctx);
-        let rootfs = env.builder.rootfs(&image).unwrap();
-        assert!(!rootfs.join("etc/hostname").exists());
-        assert!(!rootfs.join("home/builder").exists());
-        assert!(rootfs.join("etc/passwd").exists());
+        let view = env.builder.view(&image).unwrap();
+        assert_eq!(view.lookup(Path::new("/etc/hostname")), None);
+        assert_eq!(view.lookup(Path::new("/home/builder")), None);
+        assert_eq!(view.lookup(Path::new("/home/builder/.profile")), None);
+        assert!(view.lookup(Path::new("/etc/passwd")).is_some());
+        assert_eq!(
+            env.sh(&image, "ls /etc/hostname /home/builder 2>&1 | wc -l")
+                .1,
+            "2\n"
+        );
         // An exported image (one flattened layer) has them gone too, and builds FROM it.
         let out = env.root.join("exported");
         images::build::export(&env.builder, &image, &out, "v1").unwrap();
@@ -551,13 +558,15 @@ fn layer_owners_are_kept_and_hostile_layers_refused() {
         let (image, _) = b
             .build(&BuildOptions::new("owners", &ctx), &mut log)
             .unwrap();
-        let rootfs = b.rootfs(&image).unwrap();
+        let view = b.view(&image).unwrap();
         let copy = env.root.join("owners-run");
-        b.store
-            .clone_snapshot(image.snapshot.as_deref(), &copy)
+        let target = b
+            .store
+            .job_target(image.snapshot.as_deref(), &copy, true)
             .unwrap();
         let busybox = images_dir().join("busybox/rootfs/bin/busybox");
-        let out = Sandbox::new(&copy)
+        let out = target
+            .sandbox()
             .bind(sandbox::Bind::new(&busybox, "/bin/busybox").read_only())
             .command([
                 "/bin/busybox",
@@ -576,7 +585,7 @@ fn layer_owners_are_kept_and_hostile_layers_refused() {
             String::from_utf8_lossy(&out.stderr)
         );
         // On the host, the file belongs to the sandbox's mapped id of 1000.
-        let host_uid = std::fs::metadata(rootfs.join("owned/by-builder"))
+        let host_uid = std::fs::metadata(view.lookup(Path::new("/owned/by-builder")).unwrap())
             .unwrap()
             .uid();
         let me = nix::unistd::geteuid().as_raw();

@@ -709,3 +709,22 @@ fn rebuild_rebuilds_every_image_and_names_failures() {
         "{info}"
     );
 }
+
+#[test]
+fn overlay_backend_end_to_end() {
+    let s = Server::start(serde_json::json!({"filesystem": "overlay"}));
+    let a = s.job(serde_json::json!({"project": "simple", "group": "g", "params": {"name": "a"}}));
+    assert_eq!(a["ExitCode"], 0, "{a}");
+    let b = s.job(serde_json::json!({"project": "simple", "group": "g", "params": {"name": "b"}}));
+    assert_eq!(
+        (
+            b["Incremental"].as_bool(),
+            read(artifacts(&b).join("count.txt"))
+        ),
+        (Some(true), "2\n".into())
+    );
+    let info = s.job(serde_json::json!({"project": "copyfolder"}));
+    assert_eq!(read(artifacts(&info).join("folder/sub/b.txt")), "b\n");
+    let info = s.job(serde_json::json!({"project": "badimage"}));
+    assert_eq!(info["ExitCode"], -999);
+}

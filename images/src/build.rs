@@ -389,9 +389,13 @@ impl Builder {
         })
     }
 
-    /// Host path of an image's root filesystem (None for an empty one).
+    /// Host path of an image's complete root filesystem: None for an empty image, and with the
+    /// overlay backend (see [`Builder::view`]).
     pub fn rootfs(&self, image: &Image) -> Option<PathBuf> {
-        image.snapshot.as_ref().map(|s| self.store.snapshot_path(s))
+        match self.view(image)? {
+            crate::store::View::Dir(p) => Some(p),
+            crate::store::View::Layers(_) => None,
+        }
     }
 }
 
@@ -502,7 +506,7 @@ impl Run<'_> {
             self.used.blobs.push(digest.clone());
             if !store.has_snapshot(&key) {
                 let tmp = store.begin(snapshot.as_deref())?;
-                match store.tools().apply_layer(blob, digest, &tmp) {
+                match store.tools().apply_layer(blob, digest, &store.target(&tmp)) {
                     Ok(applied) => {
                         if applied.skipped_devices > 0 {
                             self.say(format!(
@@ -759,9 +763,8 @@ impl Run<'_> {
                 let full_s = full.display().to_string();
                 let exists = self
                     .builder
-                    .rootfs_of(self.state())
-                    .map(|r| crate::tools::host_path(&r, &full).is_dir())
-                    .unwrap_or(false);
+                    .view_of(self.state())
+                    .is_some_and(|v| v.is_dir(&full));
                 if exists {
                     self.meta(&format!("WORKDIR {full_s}"), |s| s.config.workdir = full_s);
                     return Ok(());
@@ -772,7 +775,7 @@ impl Run<'_> {
                     run.builder
                         .store
                         .tools()
-                        .mkdirs(tmp, &full, 0, 0)
+                        .mkdirs(&run.builder.store.target(tmp), &full, 0, 0)
                         .map_err(|e| step_err(step, e.to_string()))
                 })
             }
@@ -818,7 +821,15 @@ impl Run<'_> {
         let w2: OwnedFd = w
             .try_clone()
             .map_err(|e| step_err(step, format!("pipe: {e}")))?;
-        let mut sb = Sandbox::new(rootfs)
+        let sb = match self.builder.store.target(rootfs) {
+            crate::store::Target::Dir(d) => Sandbox::new(d),
+            crate::store::Target::Overlay {
+                lowers,
+                upper,
+                work,
+            } => Sandbox::new_overlay(lowers, upper, work),
+        };
+        let mut sb = sb
             .command(argv)
             .network(self.opts.network)
             .cwd(if config.workdir.is_empty() {
@@ -893,14 +904,13 @@ impl Run<'_> {
             state.config.workdir.clone()
         };
         let dest_path = sandbox::plan::normalize_inside(&Path::new(&workdir).join(&dest_raw));
-        let parent_root = self.builder.rootfs_of(&state);
+        let parent_view = self.builder.view_of(&state);
         let dest_is_dir = dest_raw.ends_with('/')
             || dest_raw == "."
-            || parent_root
-                .as_ref()
-                .is_some_and(|r| crate::tools::host_path(r, &dest_path).is_dir());
+            || parent_view.as_ref().is_some_and(|v| v.is_dir(&dest_path));
 
         // Where the sources come from: the context, another stage, or an image.
+        let mut materialized: Option<PathBuf> = None;
         let (src_root, ignore) = match flags.get("from") {
             Some(from) => {
                 let from = word(from)?;
@@ -916,9 +926,23 @@ impl Run<'_> {
                     Some(s) => s,
                     None => self.base(&from)?,
                 };
-                let root = self.builder.rootfs_of(&from_state).ok_or_else(|| {
+                let view = self.builder.view_of(&from_state).ok_or_else(|| {
                     step_err(step, format!("stage {from} has an empty filesystem"))
                 })?;
+                let root = match view {
+                    crate::store::View::Dir(root) => root,
+                    layers => {
+                        // Layers are copied out whole for the sources to be resolved in them.
+                        let store = &self.builder.store;
+                        let copy = store.tmp_path("from");
+                        store
+                            .tools()
+                            .materialize(&layers, &store.tmp_path("view"), &copy)
+                            .map_err(|e| step_err(step, e.to_string()))?;
+                        materialized = Some(copy.clone());
+                        copy
+                    }
+                };
                 (root, Ignore::default())
             }
             None => (self.opts.context.clone(), std::mem::take(&mut self.ignore)),
@@ -991,8 +1015,15 @@ impl Run<'_> {
         let (uid, gid) = match &chown {
             None => (0, 0),
             Some(spec) => {
-                let resolved_user = match &parent_root {
-                    Some(r) => sandbox::resolve_user(r, &User::Spec(spec.clone())),
+                let resolved_user = match &parent_view {
+                    Some(crate::store::View::Dir(r)) => {
+                        sandbox::resolve_user(r, &User::Spec(spec.clone()))
+                    }
+                    Some(v) => sandbox::resolve_user_with(
+                        &User::Spec(spec.clone()),
+                        &v.read_small(Path::new("/etc/passwd")),
+                        &v.read_small(Path::new("/etc/group")),
+                    ),
                     None => sandbox::ResolvedUser::from_numeric(spec).ok_or_else(|| {
                         sandbox::Error::User {
                             spec: spec.clone(),
@@ -1059,12 +1090,16 @@ impl Run<'_> {
                 dirs,
             };
             let spec_file = run.builder.store.tmp_path("copy-spec");
-            let r = tools.copy_in(&spec, &spec_file);
+            let r = tools.copy_in(&spec, &spec_file, &run.builder.store.target(tmp));
             let _ = std::fs::remove_file(&spec_file);
             r.map_err(|e| step_err(step, e.to_string()))?;
             for a in &archives {
                 tools
-                    .extract(&src_root.join(a), tmp, &dest_path)
+                    .extract(
+                        &src_root.join(a),
+                        &run.builder.store.target(tmp),
+                        &dest_path,
+                    )
                     .map_err(|e| step_err(step, e.to_string()))?;
             }
             Ok(())
@@ -1072,13 +1107,21 @@ impl Run<'_> {
         for (file, _) in fetched {
             let _ = std::fs::remove_file(file);
         }
+        if let Some(copy) = materialized {
+            self.builder.store.abort(&copy);
+        }
         result
     }
 }
 
 impl Builder {
-    fn rootfs_of(&self, state: &State) -> Option<PathBuf> {
-        state.snapshot.as_ref().map(|s| self.store.snapshot_path(s))
+    fn view_of(&self, state: &State) -> Option<crate::store::View> {
+        state.snapshot.as_ref().map(|s| self.store.view(s))
+    }
+
+    /// How to see an image's files (None for an empty one).
+    pub fn view(&self, image: &Image) -> Option<crate::store::View> {
+        image.snapshot.as_ref().map(|s| self.store.view(s))
     }
 }
 
@@ -1129,7 +1172,9 @@ pub fn export(
     std::fs::create_dir_all(out.join("blobs/sha256")).map_err(io(&out.display().to_string()))?;
     let tar_path = store.tmp_path("export.tar");
     match &image.snapshot {
-        Some(s) => store.tools().pack(&store.snapshot_path(s), &tar_path)?,
+        Some(s) => store
+            .tools()
+            .pack(&store.view(s), &store.tmp_path("view"), &tar_path)?,
         None => {
             let b = tar::Builder::new(std::fs::File::create(&tar_path).map_err(io("export tar"))?);
             b.into_inner().map_err(io("export tar"))?;

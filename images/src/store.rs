@@ -49,6 +49,9 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> StoreError {
 pub enum BackendKind {
     Plain,
     Btrfs,
+    /// Each snapshot holds only its own changes (an overlayfs upper directory) over its
+    /// parent's; trees are seen through rootless overlay mounts.
+    Overlay,
 }
 
 impl std::str::FromStr for BackendKind {
@@ -57,8 +60,9 @@ impl std::str::FromStr for BackendKind {
         match s {
             "plain" => Ok(Self::Plain),
             "btrfs" => Ok(Self::Btrfs),
+            "overlay" => Ok(Self::Overlay),
             other => Err(format!(
-                "unknown storage backend {other:?} (expected plain or btrfs)"
+                "unknown storage backend {other:?} (expected plain, btrfs or overlay)"
             )),
         }
     }
@@ -69,6 +73,7 @@ impl std::fmt::Display for BackendKind {
         f.write_str(match self {
             Self::Plain => "plain",
             Self::Btrfs => "btrfs",
+            Self::Overlay => "overlay",
         })
     }
 }
@@ -155,6 +160,140 @@ impl Backend for Btrfs {
             return Ok(());
         }
         Ok(self.tools.remove_tree(path)?)
+    }
+}
+
+/// Overlay layers: a snapshot directory holds `upper/` (its changes), `work/` (overlayfs'
+/// scratch) and `lower` (the id of its parent snapshot, absent for a first layer).
+#[derive(Debug)]
+pub struct OverlayBackend {
+    tools: Tools,
+}
+
+impl Backend for OverlayBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Overlay
+    }
+    fn create(&self, dst: &Path) -> Result<(), StoreError> {
+        for d in ["upper", "work"] {
+            fs::create_dir_all(dst.join(d))
+                .map_err(io_err(format!("creating {}", dst.display())))?;
+        }
+        Ok(())
+    }
+    fn snapshot(&self, src: &Path, dst: &Path) -> Result<(), StoreError> {
+        self.create(dst)?;
+        let parent = src
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        fs::write(dst.join("lower"), parent)
+            .map_err(io_err(format!("writing {}/lower", dst.display())))
+    }
+    fn remove(&self, path: &Path) -> Result<(), StoreError> {
+        Ok(self.tools.remove_tree(path)?)
+    }
+}
+
+/// How to see a snapshot's files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum View {
+    /// A complete tree.
+    Dir(PathBuf),
+    /// Overlay layers, top first (never empty).
+    Layers(Vec<PathBuf>),
+}
+
+/// Where a step being built writes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// A complete tree (plain, btrfs, or a first overlay layer).
+    Dir(PathBuf),
+    /// An overlay: `lowers` (top first) read-only, changes into `upper`.
+    Overlay {
+        lowers: Vec<PathBuf>,
+        upper: PathBuf,
+        work: PathBuf,
+    },
+}
+
+impl Target {
+    /// A sandbox whose root is this target.
+    pub fn sandbox(&self) -> sandbox::Sandbox {
+        match self {
+            Target::Dir(d) => sandbox::Sandbox::new(d),
+            Target::Overlay {
+                lowers,
+                upper,
+                work,
+            } => sandbox::Sandbox::new_overlay(lowers.clone(), upper, work),
+        }
+    }
+}
+
+fn is_whiteout(m: &fs::Metadata) -> bool {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    m.file_type().is_char_device() && m.rdev() == 0
+}
+
+fn is_opaque(dir: &Path) -> bool {
+    matches!(xattr::get(dir, "user.overlay.opaque"), Ok(Some(v)) if v == b"y")
+}
+
+impl View {
+    /// The host path of `inside` (absolute in the image) as the image sees it, if it exists.
+    /// Through layers: the topmost layer that has it wins; a whiteout or an opaque directory
+    /// above hides lower layers. (Symlinks across layers are not followed.)
+    pub fn lookup(&self, inside: &Path) -> Option<PathBuf> {
+        match self {
+            View::Dir(root) => {
+                let p = crate::tools::host_path(root, inside);
+                fs::symlink_metadata(&p).is_ok().then_some(p)
+            }
+            View::Layers(layers) => {
+                let rel = sandbox::plan::normalize_inside(inside);
+                let rel = rel.strip_prefix("/").unwrap_or(&rel).to_path_buf();
+                for layer in layers {
+                    let p = layer.join(&rel);
+                    if let Ok(m) = fs::symlink_metadata(&p) {
+                        return (!is_whiteout(&m)).then_some(p);
+                    }
+                    // A whiteout or opaque directory on the way hides what lies below.
+                    let mut hidden = false;
+                    let mut acc = layer.clone();
+                    for c in rel.components() {
+                        acc.push(c);
+                        if acc == p {
+                            break;
+                        }
+                        match fs::symlink_metadata(&acc) {
+                            Ok(m) if is_whiteout(&m) => hidden = true,
+                            Ok(m) if m.is_dir() && is_opaque(&acc) => hidden = true,
+                            _ => {}
+                        }
+                    }
+                    if hidden {
+                        return None;
+                    }
+                }
+                None
+            }
+        }
+    }
+
+    /// Whether `inside` is a directory in the image.
+    pub fn is_dir(&self, inside: &Path) -> bool {
+        self.lookup(inside).is_some_and(|p| p.is_dir())
+    }
+
+    /// A small regular file of the image (not through a symlink); empty when missing.
+    pub fn read_small(&self, inside: &Path) -> String {
+        match self.lookup(inside) {
+            Some(p) if fs::symlink_metadata(&p).is_ok_and(|m| m.is_file()) => {
+                fs::read_to_string(p).unwrap_or_default()
+            }
+            _ => String::new(),
+        }
     }
 }
 
@@ -246,6 +385,9 @@ impl Store {
             BackendKind::Btrfs => Box::new(Btrfs {
                 tools: tools.clone(),
             }),
+            BackendKind::Overlay => Box::new(OverlayBackend {
+                tools: tools.clone(),
+            }),
         };
         Ok(Store {
             root,
@@ -285,6 +427,44 @@ impl Store {
 
     pub fn has_snapshot(&self, id: &str) -> bool {
         self.snapshot_path(id).is_dir()
+    }
+
+    /// The upper directories of `id` and its parents, top first (overlay backend).
+    fn layers(&self, mut id: String) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        // A chain longer than overlayfs' limit (500) cannot be mounted anyway.
+        for _ in 0..500 {
+            let dir = self.snapshot_path(&id);
+            out.push(dir.join("upper"));
+            match fs::read_to_string(dir.join("lower")) {
+                Ok(parent) if !parent.trim().is_empty() => id = parent.trim().to_string(),
+                _ => break,
+            }
+        }
+        out
+    }
+
+    /// How to see snapshot `id`.
+    pub fn view(&self, id: &str) -> View {
+        match self.backend.kind() {
+            BackendKind::Overlay => View::Layers(self.layers(id.to_string())),
+            _ => View::Dir(self.snapshot_path(id)),
+        }
+    }
+
+    /// Where a snapshot begun at `tmp` (by [`Store::begin`]) is written.
+    pub fn target(&self, tmp: &Path) -> Target {
+        if self.backend.kind() != BackendKind::Overlay {
+            return Target::Dir(tmp.to_path_buf());
+        }
+        match fs::read_to_string(tmp.join("lower")) {
+            Ok(parent) if !parent.trim().is_empty() => Target::Overlay {
+                lowers: self.layers(parent.trim().to_string()),
+                upper: tmp.join("upper"),
+                work: tmp.join("work"),
+            },
+            _ => Target::Dir(tmp.join("upper")),
+        }
     }
 
     /// A fresh path under `tmp/`.
@@ -336,7 +516,44 @@ impl Store {
         }
     }
 
-    /// Remove a tree made by [`Store::clone_snapshot`].
+    /// A writable root for a job on snapshot `id`, under `scratch` (which must not exist): an
+    /// overlay over the image on the overlay backend and, when `overlay_ok`, on the plain one
+    /// (no copy); a snapshot on btrfs or a copy otherwise. Remove `scratch` with
+    /// [`Store::remove_tree`] afterwards.
+    pub fn job_target(
+        &self,
+        id: Option<&str>,
+        scratch: &Path,
+        overlay_ok: bool,
+    ) -> Result<Target, StoreError> {
+        let kind = self.backend.kind();
+        if let Some(id) = id {
+            let lowers = match kind {
+                BackendKind::Overlay => Some(self.layers(id.to_string())),
+                BackendKind::Plain if overlay_ok => Some(vec![self.snapshot_path(id)]),
+                _ => None,
+            };
+            if let Some(lowers) = lowers {
+                for d in ["upper", "work"] {
+                    fs::create_dir_all(scratch.join(d))
+                        .map_err(io_err(format!("creating {}", scratch.display())))?;
+                }
+                return Ok(Target::Overlay {
+                    lowers,
+                    upper: scratch.join("upper"),
+                    work: scratch.join("work"),
+                });
+            }
+            if kind != BackendKind::Overlay {
+                self.backend.snapshot(&self.snapshot_path(id), scratch)?;
+                return Ok(Target::Dir(scratch.to_path_buf()));
+            }
+        }
+        fs::create_dir_all(scratch).map_err(io_err(format!("creating {}", scratch.display())))?;
+        Ok(Target::Dir(scratch.to_path_buf()))
+    }
+
+    /// Remove a tree made by [`Store::clone_snapshot`] or [`Store::job_target`].
     pub fn remove_tree(&self, path: &Path) -> Result<(), StoreError> {
         self.backend.remove(path)
     }

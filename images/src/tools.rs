@@ -17,7 +17,35 @@ use std::path::{Path, PathBuf};
 use sandbox::{Bind, NetworkMode, Sandbox};
 use serde::{Deserialize, Serialize};
 
+use crate::store::{Target, View};
 use crate::unpack::{self, Owners};
+
+/// An overlay to mount in a tool sandbox: lowers, optional (upper, work), mount point.
+type Mount = (Vec<PathBuf>, Option<(PathBuf, PathBuf)>, PathBuf);
+
+/// The path to operate on for `target`, and the overlay to mount there if it is layered.
+fn mount_for(target: &Target) -> Result<(PathBuf, Option<Mount>), ToolError> {
+    match target {
+        Target::Dir(p) => Ok((p.clone(), None)),
+        Target::Overlay {
+            lowers,
+            upper,
+            work,
+        } => {
+            let merged = upper.parent().unwrap_or(Path::new("/")).join("merged");
+            fs::create_dir_all(&merged).map_err(|e| ToolError::Failed {
+                what: format!("creating {}", merged.display()),
+                message: e.to_string(),
+            })?;
+            let mount = (
+                lowers.clone(),
+                Some((upper.clone(), work.clone())),
+                merged.clone(),
+            );
+            Ok((merged, Some(mount)))
+        }
+    }
+}
 
 /// A tool run failed.
 #[derive(Debug, thiserror::Error)]
@@ -81,7 +109,7 @@ impl Tools {
         self.owners
     }
 
-    fn sandbox(&self, extra: &[&Path]) -> Sandbox {
+    fn sandbox(&self, extra: &[&Path], mount: Option<Mount>) -> Sandbox {
         let mut sb = Sandbox::new("/")
             .read_only_root(true)
             .network(NetworkMode::None)
@@ -94,11 +122,10 @@ impl Tools {
         {
             sb = sb.bind(Bind::new(w, w));
         }
+        if let Some((lowers, rw, at)) = mount {
+            sb = sb.overlay_mount(lowers, rw, at);
+        }
         sb
-    }
-
-    fn run(&self, what: &str, argv: Vec<OsString>) -> Result<String, ToolError> {
-        self.run_with(what, argv, &[])
     }
 
     /// Run with `extra` directories writable besides the store.
@@ -107,9 +134,10 @@ impl Tools {
         what: &str,
         argv: Vec<OsString>,
         extra: &[&Path],
+        mount: Option<Mount>,
     ) -> Result<String, ToolError> {
         let out = self
-            .sandbox(extra)
+            .sandbox(extra, mount)
             .command(argv)
             .output()
             .map_err(|source| ToolError::Sandbox {
@@ -131,10 +159,15 @@ impl Tools {
         }
     }
 
-    fn helper(&self, what: &str, args: Vec<OsString>) -> Result<String, ToolError> {
+    fn helper(
+        &self,
+        what: &str,
+        args: Vec<OsString>,
+        mount: Option<Mount>,
+    ) -> Result<String, ToolError> {
         let mut argv = self.helper.clone();
         argv.extend(args);
-        self.run(what, argv)
+        self.run_with(what, argv, &[], mount)
     }
 
     /// Apply a layer blob onto `root`; `name` (its digest) appears in errors.
@@ -142,18 +175,20 @@ impl Tools {
         &self,
         blob: &Path,
         digest: &str,
-        root: &Path,
+        target: &Target,
     ) -> Result<unpack::Applied, ToolError> {
         let owners = if self.owners { "keep" } else { "ignore" };
+        let (root, mount) = mount_for(target)?;
         let out = self.helper(
             &format!("applying layer {digest}"),
             vec![
                 os("apply-layer"),
                 os(blob),
                 os(digest),
-                os(root),
+                os(&root),
                 os(owners),
             ],
+            mount,
         )?;
         serde_json::from_str::<AppliedJson>(out.trim())
             .map(|a| unpack::Applied {
@@ -168,18 +203,30 @@ impl Tools {
     }
 
     /// Extract a local tar archive (ADD) into `dest` inside `root`.
-    pub fn extract(&self, archive: &Path, root: &Path, dest: &Path) -> Result<(), ToolError> {
+    pub fn extract(&self, archive: &Path, target: &Target, dest: &Path) -> Result<(), ToolError> {
         let owners = if self.owners { "keep" } else { "ignore" };
+        let (root, mount) = mount_for(target)?;
         self.helper(
             &format!("extracting {}", archive.display()),
-            vec![os("extract"), os(archive), os(root), os(dest), os(owners)],
+            vec![os("extract"), os(archive), os(&root), os(dest), os(owners)],
+            mount,
         )
         .map(drop)
     }
 
-    /// COPY: write the spec to `spec_file` and have the helper carry it out.
-    pub fn copy_in(&self, spec: &CopySpec, spec_file: &Path) -> Result<(), ToolError> {
-        let text = serde_json::to_vec(spec).map_err(|e| ToolError::Failed {
+    /// COPY into `target`: write the spec to `spec_file` and have the helper carry it out.
+    pub fn copy_in(
+        &self,
+        spec: &CopySpec,
+        spec_file: &Path,
+        target: &Target,
+    ) -> Result<(), ToolError> {
+        let (root, mount) = mount_for(target)?;
+        let spec = CopySpec {
+            root,
+            ..spec.clone()
+        };
+        let text = serde_json::to_vec(&spec).map_err(|e| ToolError::Failed {
             what: "writing the copy spec".into(),
             message: e.to_string(),
         })?;
@@ -190,16 +237,25 @@ impl Tools {
         self.helper(
             "copying files into the image",
             vec![os("copy-in"), os(spec_file)],
+            mount,
         )
         .map(drop)
     }
 
     /// `mkdir -p` of `path` inside `root`, owned by uid:gid.
-    pub fn mkdirs(&self, root: &Path, path: &Path, uid: u32, gid: u32) -> Result<(), ToolError> {
+    pub fn mkdirs(
+        &self,
+        target: &Target,
+        path: &Path,
+        uid: u32,
+        gid: u32,
+    ) -> Result<(), ToolError> {
         let ids = format!("{uid}:{gid}");
+        let (root, mount) = mount_for(target)?;
         self.helper(
             &format!("creating {}", path.display()),
-            vec![os("mkdirs"), os(root), os(path), os(ids)],
+            vec![os("mkdirs"), os(&root), os(path), os(ids)],
+            mount,
         )
         .map(drop)
     }
@@ -214,7 +270,7 @@ impl Tools {
             dst.into(),
         ];
         let parent = dst.parent().unwrap_or(Path::new("/"));
-        self.run_with(&format!("copying {}", src.display()), argv, &[parent])
+        self.run_with(&format!("copying {}", src.display()), argv, &[parent], None)
             .map(drop)
     }
 
@@ -230,15 +286,55 @@ impl Tools {
             path.into(),
         ];
         let parent = path.parent().unwrap_or(Path::new("/"));
-        self.run_with(&format!("removing {}", path.display()), argv, &[parent])
+        self.run_with(
+            &format!("removing {}", path.display()),
+            argv,
+            &[parent],
+            None,
+        )
+        .map(drop)
+    }
+
+    /// The path to read `view` at, and the read-only overlay to mount there (at `mountpoint`).
+    fn read_mount(view: &View, mountpoint: &Path) -> Result<(PathBuf, Option<Mount>), ToolError> {
+        match view {
+            View::Dir(p) => Ok((p.clone(), None)),
+            View::Layers(layers) => {
+                fs::create_dir_all(mountpoint).map_err(|e| ToolError::Failed {
+                    what: format!("creating {}", mountpoint.display()),
+                    message: e.to_string(),
+                })?;
+                let mount = (layers.clone(), None, mountpoint.to_path_buf());
+                Ok((mountpoint.to_path_buf(), Some(mount)))
+            }
+        }
+    }
+
+    /// Write an uncompressed tar of `view` (numeric owners as the image sees them) to `out`;
+    /// a layered view is mounted at `mountpoint` meanwhile.
+    pub fn pack(&self, view: &View, mountpoint: &Path, out: &Path) -> Result<(), ToolError> {
+        let (root, mount) = Self::read_mount(view, mountpoint)?;
+        let what = format!("packing {}", root.display());
+        self.helper(&what, vec![os("pack"), os(&root), os(out)], mount)
             .map(drop)
     }
 
-    /// Write an uncompressed tar of `root` (numeric owners as the image sees them) to `out`.
-    pub fn pack(&self, root: &Path, out: &Path) -> Result<(), ToolError> {
-        self.helper(
-            &format!("packing {}", root.display()),
-            vec![os("pack"), os(root), os(out)],
+    /// A complete copy of `view` at `dst` (a layered view is mounted at `mountpoint` meanwhile).
+    pub fn materialize(&self, view: &View, mountpoint: &Path, dst: &Path) -> Result<(), ToolError> {
+        let (root, mount) = Self::read_mount(view, mountpoint)?;
+        let argv: Vec<OsString> = vec![
+            "cp".into(),
+            "-a".into(),
+            "--reflink=auto".into(),
+            root.into(),
+            dst.into(),
+        ];
+        let parent = dst.parent().unwrap_or(Path::new("/"));
+        self.run_with(
+            &format!("copying {}", dst.display()),
+            argv,
+            &[parent],
+            mount,
         )
         .map(drop)
     }

@@ -231,10 +231,15 @@ fn run_op(op: &Op, slots: &mut [RawFd]) -> Result<(), i32> {
         Op::Fresh {
             fstype,
             options,
+            fallback,
             attrs,
             slot,
         } => {
-            let fd = sys::fresh_mount(fstype, options, *attrs)?;
+            let fd = match sys::fresh_mount(fstype, options, *attrs) {
+                Ok(fd) => fd,
+                Err(_) if !fallback.is_empty() => sys::fresh_mount(fstype, fallback, *attrs)?,
+                Err(e) => return Err(e),
+            };
             if let Some(s) = slots.get_mut(*slot) {
                 *s = fd;
             }

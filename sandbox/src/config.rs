@@ -263,6 +263,7 @@ pub const DEFAULT_CAPABILITIES: &[Capability] = &[
 pub struct Sandbox {
     pub(crate) rootfs: PathBuf,
     pub(crate) overlay: Option<crate::plan::Overlay>,
+    pub(crate) overlay_mounts: Vec<crate::plan::OverlayMount>,
     pub(crate) argv: Vec<OsString>,
     pub(crate) env: Vec<(OsString, OsString)>,
     pub(crate) cwd: PathBuf,
@@ -288,6 +289,7 @@ impl Sandbox {
         Self {
             rootfs: rootfs.as_ref().to_path_buf(),
             overlay: None,
+            overlay_mounts: Vec::new(),
             argv: Vec::new(),
             env: Vec::new(),
             cwd: PathBuf::from("/"),
@@ -367,6 +369,22 @@ impl Sandbox {
 
     pub fn network(mut self, network: NetworkMode) -> Self {
         self.network = network;
+        self
+    }
+
+    /// Mount an overlay of `lowers` (top first) at `target` (an absolute path inside), writable
+    /// into `rw = (upper, work)` or read-only; applied after the binds.
+    pub fn overlay_mount(
+        mut self,
+        lowers: Vec<PathBuf>,
+        rw: Option<(PathBuf, PathBuf)>,
+        target: impl Into<PathBuf>,
+    ) -> Self {
+        self.overlay_mounts.push(crate::plan::OverlayMount {
+            lowers,
+            rw,
+            target: target.into(),
+        });
         self
     }
 

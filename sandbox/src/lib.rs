@@ -61,7 +61,9 @@ pub use config::{
     Bind, CgroupLimits, IdMapping, NetworkMode, Rlimit, RlimitResource, Sandbox, Stdio, User,
     DEFAULT_CAPABILITIES,
 };
-pub use user::{resolve as resolve_user, Resolved as ResolvedUser};
+pub use user::{
+    resolve as resolve_user, resolve_with as resolve_user_with, Resolved as ResolvedUser,
+};
 
 use child::{Prepared, Report, Stage, REPORT_LEN};
 use plan::{cpath, cstr, PlannedBind};
@@ -358,7 +360,10 @@ impl Sandbox {
             return Err(Error::NoCommand);
         }
         let (rootfs, binds) = self.check_paths()?;
-        let resolved = user::resolve(&rootfs, &self.user)?;
+        let resolved = match &self.overlay {
+            Some(ov) => user::resolve_layers(&ov.lowers, &self.user)?,
+            None => user::resolve(&rootfs, &self.user)?,
+        };
         let (mapping, fallback) = idmap::choose(self.id_mapping);
         let mut notes = Vec::new();
         if let Some(why) = &fallback {
@@ -420,6 +425,7 @@ impl Sandbox {
         };
         let (ops, nslots) = plan::build(&plan::Spec {
             overlay: overlay.as_ref(),
+            overlay_mounts: &self.overlay_mounts,
             rootfs: &rootfs,
             network: self.network,
             binds: &binds,

@@ -31,6 +31,8 @@ pub enum Op {
         fstype: CString,
         /// fsconfig options: a value, or a flag.
         options: Vec<(CString, Option<CString>)>,
+        /// Options to try when `options` are refused (older kernels), if not empty.
+        fallback: Vec<(CString, Option<CString>)>,
         attrs: u64,
         slot: usize,
     },
@@ -123,10 +125,43 @@ pub struct Overlay {
     pub work: PathBuf,
 }
 
+/// An overlay mounted at `target` inside the sandbox: `lowers` (top first), and `upper`/`work`
+/// for a writable one (else read-only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverlayMount {
+    pub lowers: Vec<PathBuf>,
+    pub rw: Option<(PathBuf, PathBuf)>,
+    pub target: PathBuf,
+}
+
+type FsOptions = Vec<(CString, Option<CString>)>;
+
+/// Overlay options: one `lowerdir+` per layer (Linux ≥ 6.8; fsconfig values are limited to 256
+/// bytes, too short for a joined list of several store paths), and as a fallback for older
+/// kernels the joined `lowerdir`.
+fn overlay_options(lowers: &[PathBuf], rw: Option<(&Path, &Path)>) -> (FsOptions, FsOptions) {
+    let tail = |mut v: FsOptions| {
+        if let Some((upper, work)) = rw {
+            v.push((c("upperdir"), Some(cpath(upper))));
+            v.push((c("workdir"), Some(cpath(work))));
+        }
+        v.push((c("userxattr"), None));
+        v
+    };
+    let each = lowers
+        .iter()
+        .map(|l| (c("lowerdir+"), Some(cpath(l))))
+        .collect();
+    let joined: Vec<&[u8]> = lowers.iter().map(|l| l.as_os_str().as_bytes()).collect();
+    let joined = vec![(c("lowerdir"), Some(cstr(&joined.join(&b':'))))];
+    (tail(each), tail(joined))
+}
+
 /// The inputs of [`build`].
 pub struct Spec<'a> {
     pub rootfs: &'a Path,
     pub overlay: Option<&'a Overlay>,
+    pub overlay_mounts: &'a [OverlayMount],
     pub network: NetworkMode,
     pub binds: &'a [PlannedBind],
     pub tmpfs_tmp: bool,
@@ -271,6 +306,7 @@ pub fn build(spec: &Spec<'_>) -> (Vec<Op>, usize) {
         ops.push(Op::Fresh {
             fstype: c(fstype),
             options: Vec::new(),
+            fallback: Vec::new(),
             attrs,
             slot,
         });
@@ -320,18 +356,43 @@ pub fn build(spec: &Spec<'_>) -> (Vec<Op>, usize) {
         .map(|b| (grab(&mut ops, &mut slots, &b.source, b.read_only), b))
         .collect();
 
+    let extra: Vec<(usize, &OverlayMount)> = spec
+        .overlay_mounts
+        .iter()
+        .map(|m| {
+            let slot = next(&mut slots);
+            if m.rw.is_none() && m.lowers.len() == 1 {
+                // One read-only layer needs no overlay: bind it.
+                ops.push(Op::Grab {
+                    source: cpath(&m.lowers[0]),
+                    slot,
+                    read_only: true,
+                });
+            } else {
+                let (options, fallback) = overlay_options(
+                    &m.lowers,
+                    m.rw.as_ref().map(|(u, w)| (u.as_path(), w.as_path())),
+                );
+                ops.push(Op::Fresh {
+                    fstype: c("overlay"),
+                    options,
+                    fallback,
+                    attrs: 0,
+                    slot,
+                });
+            }
+            (slot, m)
+        })
+        .collect();
+
     if let Some(ov) = spec.overlay {
         // An overlay root: the lower layers read-only, writes go to `upper`.
         let slot = next(&mut slots);
-        let lowers: Vec<&[u8]> = ov.lowers.iter().map(|l| l.as_os_str().as_bytes()).collect();
+        let (options, fallback) = overlay_options(&ov.lowers, Some((&ov.upper, &ov.work)));
         ops.push(Op::Fresh {
             fstype: c("overlay"),
-            options: vec![
-                (c("lowerdir"), Some(cstr(&lowers.join(&b':')))),
-                (c("upperdir"), Some(cpath(&ov.upper))),
-                (c("workdir"), Some(cpath(&ov.work))),
-                (c("userxattr"), None),
-            ],
+            options,
+            fallback,
             attrs: 0,
             slot,
         });
@@ -455,6 +516,17 @@ pub fn build(spec: &Spec<'_>) -> (Vec<Op>, usize) {
         });
     }
 
+    for (slot, m) in extra {
+        let dest = resolve_in_root(spec.rootfs, &m.target);
+        ops.push(Op::Mkdirs {
+            dirs: prefixes(&dest),
+        });
+        ops.push(Op::Attach {
+            slot,
+            target: cpath(&dest),
+        });
+    }
+
     if spec.read_only_root {
         ops.push(Op::ReadOnlyRoot);
     }
@@ -515,6 +587,7 @@ mod tests {
         ];
         let (ops, slots) = build(&Spec {
             overlay: None,
+            overlay_mounts: &[],
             rootfs: Path::new("/r"),
             network: NetworkMode::None,
             binds: &binds,
@@ -554,6 +627,7 @@ mod tests {
     fn host_network_gets_resolv_conf_and_no_loopback() {
         let (ops, _) = build(&Spec {
             overlay: None,
+            overlay_mounts: &[],
             rootfs: Path::new("/r"),
             network: NetworkMode::Host,
             binds: &[],

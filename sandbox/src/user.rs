@@ -169,6 +169,20 @@ pub fn resolve_with(user: &User, passwd: &str, group: &str) -> Result<Resolved, 
     })
 }
 
+/// Resolve `user` against overlay layers (top first): each file comes from the topmost layer
+/// that has it.
+pub fn resolve_layers(layers: &[std::path::PathBuf], user: &User) -> Result<Resolved, Error> {
+    let find = |path: &str| -> Result<String, Error> {
+        for layer in layers {
+            if layer.join(path.trim_start_matches('/')).exists() {
+                return read_in_root(layer, path);
+            }
+        }
+        Ok(String::new())
+    };
+    resolve_with(user, &find("/etc/passwd")?, &find("/etc/group")?)
+}
+
 /// Resolve `user` against the files of `rootfs`.
 pub fn resolve(rootfs: &Path, user: &User) -> Result<Resolved, Error> {
     let passwd = read_in_root(rootfs, "/etc/passwd")?;

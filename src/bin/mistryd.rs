@@ -26,7 +26,7 @@ struct Cli {
     #[arg(long, short = 'a', default_value = "0.0.0.0:8462")]
     addr: String,
     /// Storage backend of the layer store (default: the config's, else detected).
-    #[arg(long, value_name = "plain|btrfs", global = true)]
+    #[arg(long, value_name = "plain|btrfs|overlay", global = true)]
     filesystem: Option<images::store::BackendKind>,
     /// How long running jobs may go on after SIGTERM before they are killed.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
