@@ -15,7 +15,7 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 
-PACKAGES="busybox-static uidmap bubblewrap hyperfine btrfs-progs gcc libc6-dev passwd procps skopeo util-linux docker-registry apache2-utils"
+PACKAGES="busybox-static uidmap bubblewrap hyperfine btrfs-progs gcc libc6-dev passwd procps skopeo util-linux docker-registry apache2-utils rsync openssh-server openssh-client"
 missing=
 for p in $PACKAGES; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
@@ -41,6 +41,10 @@ for u in root mistry-test; do
     add_range "$u" /etc/subuid
     add_range "$u" /etc/subgid
 done
+
+# sshd (started by the client's scp tests on 127.0.0.1) needs its privilege separation directory.
+mkdir -p /run/sshd
+chmod 755 /run/sshd
 
 # A loop-mounted btrfs for the btrfs backend (user_subvol_rm_allowed: rootless deletes).
 BTRFS_IMG=/var/lib/mistry-test/btrfs.img

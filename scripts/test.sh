@@ -35,7 +35,7 @@ cp -a target/images/busybox/rootfs "$unpriv/rootfs"
 mkdir -p "$unpriv/images"
 cp -a target/images/busybox "$unpriv/images/busybox"
 chown -R mistry-test: "$unpriv/rootfs" "$unpriv/images"
-cp target/debug/mistryd "$unpriv/mistryd"
+cp target/debug/mistryd target/debug/mistry "$unpriv/"
 {
     cargo test -p sandbox --no-run --message-format=json 2>/dev/null
     cargo test -p mistry --test image_build --test registry --test server --no-run --message-format=json 2>/dev/null
@@ -48,6 +48,7 @@ while read -r bin; do
     runuser -u mistry-test -- env -i PATH=/usr/bin:/bin HOME=/home/mistry-test TMPDIR=/tmp \
         MISTRY_BUSYBOX_ROOTFS="$unpriv/rootfs" MISTRY_PROBE="$unpriv/probe" \
         MISTRY_TEST_IMAGES="$unpriv/images" MISTRY_HELPER_BIN="$unpriv/mistryd" \
+        MISTRY_CLIENT_BIN="$unpriv/mistry" \
         MISTRY_TEST_BTRFS="$MISTRY_TEST_BTRFS" \
         "$unpriv/$name" || status=1
 done < "$unpriv/list"

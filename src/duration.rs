@@ -45,9 +45,52 @@ pub fn parse(text: &str) -> Result<Duration, String> {
     Ok(Duration::from_nanos(total.round() as u64))
 }
 
+/// Format like Go's `time.Duration.String()`: `1s`, `1m30s`, `1h0m0s`, `500ms`, `1.5s`.
+pub fn format_go(d: Duration) -> String {
+    let nanos = d.as_nanos();
+    if nanos == 0 {
+        return "0s".into();
+    }
+    if nanos < 1_000_000_000 {
+        let (value, unit) = if nanos < 1_000 {
+            (nanos as f64, "ns")
+        } else if nanos < 1_000_000 {
+            (nanos as f64 / 1e3, "µs")
+        } else {
+            (nanos as f64 / 1e6, "ms")
+        };
+        return format!("{}{unit}", trim_float(value));
+    }
+    let total_secs = d.as_secs();
+    let (h, m) = (total_secs / 3600, (total_secs % 3600) / 60);
+    let secs = (total_secs % 60) as f64 + f64::from(d.subsec_nanos()) / 1e9;
+    let s = format!("{}s", trim_float(secs));
+    match (h, m) {
+        (0, 0) => s,
+        (0, m) => format!("{m}m{s}"),
+        (h, m) => format!("{h}h{m}m{s}"),
+    }
+}
+
+fn trim_float(v: f64) -> String {
+    let s = format!("{v:.9}");
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    s.to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn formats_like_go() {
+        assert_eq!(format_go(Duration::from_secs(1)), "1s");
+        assert_eq!(format_go(Duration::from_secs(90)), "1m30s");
+        assert_eq!(format_go(Duration::from_secs(3600)), "1h0m0s");
+        assert_eq!(format_go(Duration::from_secs(5400)), "1h30m0s");
+        assert_eq!(format_go(Duration::from_millis(1500)), "1.5s");
+        assert_eq!(format_go(Duration::from_millis(500)), "500ms");
+    }
 
     #[test]
     fn parses_go_durations() {

@@ -4,6 +4,7 @@
 //! [`engine`], [`server`], [`metrics`]; and its `sandbox`, `image` and `rebuild` commands) and
 //! `mistry` (the client), and the code they share.
 
+pub mod client;
 pub mod config;
 pub mod duration;
 pub mod engine;

@@ -24,6 +24,7 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/index/", get(index))
         .route("/job/{project}/{id}", get(job))
         .route("/log/{project}/{id}", get(log))
+        .route("/artifacts/{project}/{id}", get(artifacts))
         .route("/metrics", get(metrics))
         .route("/", get(home))
         .with_state(engine)
@@ -296,6 +297,72 @@ async fn log(
         done: false,
     };
     Sse::new(tail_stream(t)).into_response()
+}
+
+/// Sends what a blocking tar writer produces to an async body, in 64 KiB chunks.
+struct ChannelWriter {
+    tx: tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
+}
+
+impl std::io::Write for ChannelWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.tx
+            .blocking_send(Ok(Bytes::copy_from_slice(buf)))
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::BrokenPipe, "client went away"))?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A ready job's artifacts as a tar stream (the native transport of the `mistry` client).
+async fn artifacts(
+    State(engine): State<Arc<Engine>>,
+    Path((project, id)): Path<(String, String)>,
+) -> Response {
+    let found = {
+        let (p, i) = (project.clone(), id.clone());
+        tokio::task::spawn_blocking(move || engine.job(&p, &i))
+            .await
+            .ok()
+            .flatten()
+    };
+    let dir = match found {
+        Some(("ready", _, dir)) => dir.join("data/artifacts"),
+        Some(_) => {
+            return (
+                StatusCode::CONFLICT,
+                format!("Job {project}/{id} is not ready"),
+            )
+                .into_response()
+        }
+        None => {
+            return (StatusCode::NOT_FOUND, format!("Unknown job {project}/{id}")).into_response()
+        }
+    };
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    tokio::task::spawn_blocking(move || {
+        let err_tx = tx.clone();
+        let writer = std::io::BufWriter::with_capacity(64 * 1024, ChannelWriter { tx });
+        let mut b = tar::Builder::new(writer);
+        b.follow_symlinks(false);
+        b.mode(tar::HeaderMode::Complete);
+        let result = b
+            .append_dir_all(".", &dir)
+            .and_then(|_| b.into_inner())
+            .and_then(|mut w| std::io::Write::flush(&mut w));
+        if let Err(e) = result {
+            tracing::warn!(dir = %dir.display(), error = %e, "streaming artifacts failed");
+            let _ = err_tx.blocking_send(Err(e));
+        }
+    });
+    let stream = stream::poll_fn(move |cx| rx.poll_recv(cx));
+    (
+        [("content-type", "application/x-tar")],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response()
 }
 
 async fn metrics(State(engine): State<Arc<Engine>>) -> Response {

@@ -25,6 +25,19 @@ code=$(p code)
 exit "${code:-0}"
 "#;
 
+const ARTIFACTS_SH: &str = r#"#!/bin/sh
+set -e
+cd /data/artifacts
+mkdir -p "dir with spaces/ünïcødé" deep/a/b/c
+echo nested > "dir with spaces/ünïcødé/file (1).txt"
+echo deep > deep/a/b/c/leaf
+ln -s "dir with spaces" link-to-dir
+ln -s deep/a/b/c/leaf link-to-file
+head -c 20971520 /dev/urandom > large.bin
+md5sum large.bin | cut -d' ' -f1 > large.md5
+printf '%s' "$(cat /data/params/name 2>/dev/null)" > name.txt
+"#;
+
 struct Server {
     child: Option<Child>,
     addr: String,
@@ -93,6 +106,16 @@ impl Server {
                 "Dockerfile",
                 "FROM busybox\nCMD [\"/bin/sh\", \"-c\", \"yes 0123456789abcdef | head -c $(cat /data/params/bytes)\"]\n",
             )],
+        );
+        project(
+            "artifacts",
+            &[
+                (
+                    "Dockerfile",
+                    "FROM busybox\nCOPY make.sh /make.sh\nENTRYPOINT [\"/bin/sh\", \"/make.sh\"]\n",
+                ),
+                ("make.sh", ARTIFACTS_SH),
+            ],
         );
         let mut config = serde_json::json!({
             "projects_path": projects,
@@ -727,4 +750,391 @@ fn overlay_backend_end_to_end() {
     assert_eq!(read(artifacts(&info).join("folder/sub/b.txt")), "b\n");
     let info = s.job(serde_json::json!({"project": "badimage"}));
     assert_eq!(info["ExitCode"], -999);
+}
+
+// ---- The `mistry` client, end to end ----
+
+fn mistry_client_bin() -> std::ffi::OsString {
+    std::env::var_os("MISTRY_CLIENT_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_mistry").into())
+}
+
+fn client(s: &Server, args: &[&str]) -> (i32, String, String) {
+    let port = s.addr.rsplit(':').next().unwrap().to_string();
+    let out = Command::new(mistry_client_bin())
+        .args(["build", "--host", "127.0.0.1", "--port", &port])
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn md5(path: &Path) -> String {
+    let out = Command::new("md5sum").arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+fn check_artifacts(target: &Path) {
+    assert_eq!(
+        read(target.join("dir with spaces/ünïcødé/file (1).txt")),
+        "nested\n"
+    );
+    assert_eq!(read(target.join("deep/a/b/c/leaf")), "deep\n");
+    assert_eq!(
+        std::fs::read_link(target.join("link-to-dir")).unwrap(),
+        Path::new("dir with spaces")
+    );
+    assert_eq!(read(target.join("link-to-file")), "deep\n");
+    assert_eq!(
+        std::fs::metadata(target.join("large.bin")).unwrap().len(),
+        20 << 20
+    );
+    assert_eq!(
+        md5(&target.join("large.bin")),
+        read(target.join("large.md5")).trim()
+    );
+}
+
+#[test]
+fn client_http_transport_params_and_clear_target() {
+    let s = Server::start(serde_json::json!({}));
+    let target = s.dir.path().join("target");
+    let file = s.dir.path().join("value.txt");
+    std::fs::write(&file, "from a file").unwrap();
+    let (code, out, err) = client(
+        &s,
+        &[
+            "--project",
+            "artifacts",
+            "-t",
+            target.to_str().unwrap(),
+            "--",
+            "--name",
+            &format!("@{}", file.display()),
+        ],
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let port = s.addr.rsplit(':').next().unwrap();
+    assert!(
+        out.starts_with(&format!(
+            "Logs can be found at http://127.0.0.1:{port}/job/artifacts/"
+        )),
+        "{out}"
+    );
+    check_artifacts(&target);
+    assert_eq!(read(target.join("name.txt")), "from a file");
+    // A stale file stays without --clear-target and goes with it.
+    std::fs::write(target.join("stale"), "x").unwrap();
+    let (code, _, err) = client(
+        &s,
+        &[
+            "--project",
+            "artifacts",
+            "-t",
+            target.to_str().unwrap(),
+            "--",
+            "--name=b",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(target.join("stale").exists());
+    let (code, _, err) = client(
+        &s,
+        &[
+            "--project",
+            "artifacts",
+            "--clear-target",
+            "-t",
+            target.to_str().unwrap(),
+            "--",
+            "--name=b",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(!target.join("stale").exists());
+    assert_eq!(read(target.join("name.txt")), "b");
+    // A target that is a file is an error.
+    let (code, _, err) = client(
+        &s,
+        &["--project", "artifacts", "-t", file.to_str().unwrap()],
+    );
+    assert_eq!(
+        (code, err.trim()),
+        (1, format!("target {} is a file", file.display()).as_str())
+    );
+}
+
+#[test]
+fn client_messages_and_exit_codes() {
+    let s = Server::start(serde_json::json!({"job_concurrency": 1, "job_backlog": 0}));
+    let target = s.dir.path().join("t");
+    let t = target.to_str().unwrap();
+    // JSON result: the BuildInfo on stdout, nothing else.
+    let (code, out, _) = client(
+        &s,
+        &[
+            "--project",
+            "simple",
+            "--json-result",
+            "-t",
+            t,
+            "--",
+            "--name=j",
+            "--_token",
+            "x",
+        ],
+    );
+    assert_eq!(code, 0);
+    let info: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        info["Params"],
+        serde_json::json!({"name": "j", "_token": "x"})
+    );
+    // Verbose: request, result and logs.
+    let (code, out, _) = client(
+        &s,
+        &[
+            "--project",
+            "simple",
+            "-v",
+            "-g",
+            "grp",
+            "-t",
+            t,
+            "--",
+            "--name=v",
+        ],
+    );
+    assert_eq!(code, 0);
+    assert!(out.starts_with("Sending request to http://"), "{out}");
+    assert!(out.contains("Logs:\n") && out.contains("out: v\n"), "{out}");
+    // A failing job.
+    let (code, out, err) = client(
+        &s,
+        &["--project", "simple", "-t", t, "--", "--name=f", "--code=3"],
+    );
+    assert_eq!(code, 1);
+    assert!(out.starts_with("Logs can be found at "), "{out}");
+    assert_eq!(
+        err,
+        "Container error logs:\nerr: f\nBuild failed with exit code 3\n"
+    );
+    let (code, _, err) = client(&s, &["--project", "badimage", "-t", t]);
+    assert_eq!(code, 1);
+    assert_eq!(err, "Container error logs:\nThere are no container error logs.\nBuild failed with exit code -999\n");
+    // Unknown project, timeout, overloaded, unreachable server.
+    let (code, _, err) = client(&s, &["--project", "nope", "-t", t]);
+    assert_eq!((code, err.as_str()), (1, "Unknown project 'nope'\n"));
+    let (code, _, err) = client(
+        &s,
+        &[
+            "--project",
+            "simple",
+            "--timeout",
+            "1s",
+            "-t",
+            t,
+            "--",
+            "--name=slow",
+            "--sleep=3",
+        ],
+    );
+    assert_eq!(
+        (code, err.as_str()),
+        (1, "The build did not finish after 1s\n")
+    );
+    let (code, _, err) = client(&s, &["--project", "simple", "-t", t, "--", "--name=busy"]);
+    assert_eq!(
+        (code, err.as_str()),
+        (1, "Server is overloaded; try again later\n")
+    );
+    wait_until("the slow job to end", || s.pending_dirs("simple") == 0);
+    // --no-wait: nothing printed, the build completes.
+    let (code, out, err) = client(
+        &s,
+        &[
+            "--project",
+            "simple",
+            "--no-wait",
+            "-t",
+            t,
+            "--",
+            "--name=nw",
+        ],
+    );
+    assert_eq!((code, out.as_str(), err.as_str()), (0, "", ""));
+    wait_until("the async job", || {
+        s.get("/index/", false).1.contains("\"nw\"") && s.pending_dirs("simple") == 0
+    });
+    let out = Command::new(mistry_client_bin())
+        .args([
+            "build",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &free_port().to_string(),
+            "--project",
+            "x",
+            "-t",
+            t,
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        err.starts_with("cannot reach the mistry server at http://127.0.0.1:"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+    // Completions.
+    let out = Command::new(mistry_client_bin())
+        .args(["completions", "bash"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("_mistry()"));
+}
+
+fn whoami() -> String {
+    nix::unistd::User::from_uid(nix::unistd::geteuid())
+        .unwrap()
+        .unwrap()
+        .name
+}
+
+#[test]
+fn client_rsync_transport() {
+    let s = Server::start(serde_json::json!({}));
+    let port = free_port();
+    let conf = s.dir.path().join("rsyncd.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "pid file = {d}/rsyncd.pid\nuse chroot = false\nuid = {u}\ngid = {g}\n[mistry]\npath = {b}\nread only = true\n",
+            d = s.dir.path().display(),
+            u = nix::unistd::geteuid(),
+            g = nix::unistd::getegid(),
+            b = s.builds().display()
+        ),
+    )
+    .unwrap();
+    let mut daemon = Command::new("rsync")
+        .args(["--daemon", "--no-detach", "--address=127.0.0.1"])
+        .arg(format!("--port={port}"))
+        .arg(format!("--config={}", conf.display()))
+        .spawn()
+        .unwrap();
+    wait_until("the rsync daemon", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let target = s.dir.path().join("target");
+    std::fs::create_dir_all(&target).unwrap();
+    std::fs::write(target.join("stale"), "x").unwrap();
+    let (code, out, err) = client(
+        &s,
+        &[
+            "--project",
+            "artifacts",
+            "--transport",
+            "rsync",
+            "--transport-port",
+            &port.to_string(),
+            "--clear-target",
+            "-t",
+            target.to_str().unwrap(),
+        ],
+    );
+    let _ = daemon.kill();
+    let _ = daemon.wait();
+    assert_eq!(code, 0, "{out}{err}");
+    check_artifacts(&target);
+    assert!(
+        !target.join("stale").exists(),
+        "--clear-target means --delete"
+    );
+}
+
+#[test]
+fn client_scp_transport() {
+    let s = Server::start(serde_json::json!({}));
+    let d = s.dir.path();
+    for key in ["host_key", "user_key"] {
+        let st = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+            .arg(d.join(key))
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    std::fs::copy(d.join("user_key.pub"), d.join("authorized_keys")).unwrap();
+    let port = free_port();
+    let sshd_config = d.join("sshd_config");
+    std::fs::write(
+        &sshd_config,
+        format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\n\
+             PidFile {d}/sshd.pid\nUsePAM no\nStrictModes no\nPermitRootLogin prohibit-password\n\
+             PasswordAuthentication no\nKbdInteractiveAuthentication no\nSubsystem sftp internal-sftp\n",
+            d = d.display()
+        ),
+    )
+    .unwrap();
+    let mut sshd = Command::new("/usr/sbin/sshd")
+        .args(["-D", "-e", "-f"])
+        .arg(&sshd_config)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until("sshd", || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let ssh_config = d.join("ssh_config");
+    std::fs::write(
+        &ssh_config,
+        format!(
+            "Host 127.0.0.1\n  IdentityFile {d}/user_key\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n  LogLevel ERROR\n",
+            d = d.display()
+        ),
+    )
+    .unwrap();
+    let target = d.join("target");
+    let (code, out, err) = client(
+        &s,
+        &[
+            "--project",
+            "artifacts",
+            "--transport",
+            "scp",
+            "--transport-port",
+            &port.to_string(),
+            "--transport-user",
+            &whoami(),
+            "--ssh-config",
+            ssh_config.to_str().unwrap(),
+            "-t",
+            target.to_str().unwrap(),
+        ],
+    );
+    let _ = sshd.kill();
+    let _ = sshd.wait();
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(
+        read(target.join("dir with spaces/ünïcødé/file (1).txt")),
+        "nested\n"
+    );
+    assert_eq!(
+        std::fs::metadata(target.join("large.bin")).unwrap().len(),
+        20 << 20
+    );
+    assert_eq!(
+        md5(&target.join("large.bin")),
+        read(target.join("large.md5")).trim()
+    );
 }

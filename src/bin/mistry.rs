@@ -1,13 +1,40 @@
 //! mistry: the client of the mistry build server.
 
-use clap::Parser;
+use clap::{CommandFactory, Parser, Subcommand};
+use mistry::client::{self, BuildArgs};
 
 #[derive(Debug, Parser)]
 #[command(name = "mistry", version, about = "Client of the mistry build server")]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Build a project on the server and fetch its artifacts.
+    Build(BuildArgs),
+    /// Print a shell completion script.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
 
 fn main() {
-    let _ = Cli::parse();
-    eprintln!("mistry: the client is not built yet");
-    std::process::exit(2);
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Build(args) => match client::build(args) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("{e:#}");
+                1
+            }
+        },
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "mistry", &mut std::io::stdout());
+            0
+        }
+    };
+    std::process::exit(code);
 }
