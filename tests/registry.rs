@@ -300,6 +300,35 @@ fn multi_platform_index_picks_the_host_platform() {
     let root = env.builder.rootfs(&image).unwrap();
     assert!(root.join("bin/busybox").is_file(), "{log}");
     assert!(!root.join("wrong-platform").exists());
+    // FROM --platform picks another entry; $BUILDPLATFORM is the host's.
+    let (image, log) = env
+        .build(
+            "other",
+            &format!("FROM --platform=linux/{other} {}/multi\n", reg.addr),
+        )
+        .unwrap();
+    let root = env.builder.rootfs(&image).unwrap();
+    assert!(root.join("wrong-platform").exists(), "{log}");
+    assert!(!root.join("bin/busybox").exists());
+    let (image, _) = env
+        .build(
+            "build-platform",
+            &format!("FROM --platform=$BUILDPLATFORM {}/multi\n", reg.addr),
+        )
+        .unwrap();
+    assert!(env
+        .builder
+        .rootfs(&image)
+        .unwrap()
+        .join("bin/busybox")
+        .is_file());
+    let err = env
+        .build(
+            "missing",
+            &format!("FROM --platform=linux/mips64le {}/multi\n", reg.addr),
+        )
+        .unwrap_err();
+    assert!(err.contains("pulling the manifest"), "{err}");
 }
 
 #[test]

@@ -21,6 +21,7 @@ count=$(( $(cat /data/cache/count 2>/dev/null || echo 0) + 1 ))
 echo "$count" > /data/cache/count
 echo "$count" > /data/artifacts/count.txt
 ls /data/params > /data/artifacts/params.txt
+if [ -f /shared/file ]; then cp /shared/file /data/artifacts/shared.txt; fi
 code=$(p code)
 exit "${code:-0}"
 "#;
@@ -41,6 +42,7 @@ printf '%s' "$(cat /data/params/name 2>/dev/null)" > name.txt
 struct Server {
     child: Option<Child>,
     addr: String,
+    grace: String,
     dir: tempfile::TempDir,
     config: PathBuf,
 }
@@ -133,6 +135,7 @@ impl Server {
         let mut s = Server {
             child: None,
             addr: String::new(),
+            grace: "10s".into(),
             dir,
             config: config_path,
         };
@@ -150,7 +153,7 @@ impl Server {
         let child = Command::new(bin)
             .arg("--config")
             .arg(&self.config)
-            .args(["--addr", &self.addr, "--shutdown-grace", "10s"])
+            .args(["--addr", &self.addr, "--shutdown-grace", &self.grace])
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -1137,4 +1140,77 @@ fn client_scp_transport() {
         md5(&target.join("large.bin")),
         read(target.join("large.md5")).trim()
     );
+}
+
+#[test]
+fn configured_mounts_reach_the_job() {
+    let shared = tempfile::tempdir().unwrap();
+    std::fs::write(shared.path().join("file"), "shared content\n").unwrap();
+    let s =
+        Server::start(serde_json::json!({"mounts": {shared.path().to_str().unwrap(): "/shared"}}));
+    let info = s.job(serde_json::json!({"project": "simple", "params": {"name": "m"}}));
+    assert_eq!(info["ExitCode"], 0, "{info}");
+    assert_eq!(
+        read(artifacts(&info).join("shared.txt")),
+        "shared content\n"
+    );
+}
+
+#[test]
+fn sigterm_kills_jobs_still_running_after_the_grace_period() {
+    let mut s = Server::start(serde_json::json!({}));
+    s.grace = "1s".into();
+    s.kill9();
+    s.spawn();
+    assert_eq!(
+        s.post(
+            "/jobs?async",
+            r#"{"project": "simple", "params": {"name": "long", "sleep": "60"}}"#
+        )
+        .0,
+        201
+    );
+    wait_until("a pending build", || s.pending_dirs("simple") > 0);
+    let started = Instant::now();
+    let status = s.term();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(
+        s.pending_dirs("simple"),
+        0,
+        "no pending directory survives a clean stop"
+    );
+    let ready: Vec<_> = std::fs::read_dir(s.builds().join("simple/ready"))
+        .unwrap()
+        .flatten()
+        .collect();
+    let info: Value = serde_json::from_str(&read(ready[0].path().join("build_info.json"))).unwrap();
+    assert_eq!(info["ExitCode"], -1);
+    assert_eq!(
+        info["ErrBuild"],
+        "the job was killed (the server is shutting down)"
+    );
+}
+
+#[test]
+fn client_rebuild_rebuilds_the_image() {
+    let s = Server::start(serde_json::json!({}));
+    let t = s.dir.path().join("t");
+    let t = t.to_str().unwrap();
+    let log = |args: &[&str]| {
+        let mut all = vec!["--project", "simple", "--json-result", "-t", t];
+        all.extend_from_slice(args);
+        let (code, out, err) = client(&s, &all);
+        assert_eq!(code, 0, "{err}");
+        let info: Value = serde_json::from_str(out.trim()).unwrap();
+        info["ContainerStdouterr"].as_str().unwrap().to_string()
+    };
+    log(&["--", "--name=r1"]);
+    assert!(log(&["--", "--name=r2"]).contains("Using cache"));
+    let rebuilt = log(&["--rebuild", "--", "--name=r3"]);
+    assert!(!rebuilt.contains("Using cache"), "{rebuilt}");
 }

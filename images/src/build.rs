@@ -117,6 +117,7 @@ pub trait BaseSource: Send + Sync {
         reference: &str,
         store: &Store,
         refresh: bool,
+        platform: &oci::Platform,
     ) -> Result<Option<FetchedBase>, String>;
 }
 
@@ -143,6 +144,7 @@ impl BaseSource for LocalImages {
         reference: &str,
         _store: &Store,
         _refresh: bool,
+        platform: &oci::Platform,
     ) -> Result<Option<FetchedBase>, String> {
         let (name, tag) = split_reference(reference);
         if name.split('/').any(|c| c == ".." || c.is_empty()) {
@@ -153,7 +155,9 @@ impl BaseSource for LocalImages {
             return Ok(None);
         }
         let layout = Layout::open(&path).map_err(|e| e.to_string())?;
-        let resolved = layout.resolve(name, tag).map_err(|e| e.to_string())?;
+        let resolved = layout
+            .resolve(name, tag, platform)
+            .map_err(|e| e.to_string())?;
         let raw_config = layout
             .read_blob(resolved.manifest.config().digest().as_ref())
             .map_err(|e| e.to_string())?;
@@ -321,7 +325,16 @@ impl Builder {
             message: e.to_string(),
         })?;
         let lexer = df.lexer();
-        let mut global_args = Vec::new();
+        // BuildKit's automatic platform ARGs (the build and target platform are the host's).
+        let host = oci::Platform::host();
+        let mut global_args: Vec<(String, String)> = vec![
+            ("BUILDPLATFORM".into(), host.to_string()),
+            ("BUILDOS".into(), host.os.clone()),
+            ("BUILDARCH".into(), host.arch.clone()),
+            ("TARGETPLATFORM".into(), host.to_string()),
+            ("TARGETOS".into(), host.os.clone()),
+            ("TARGETARCH".into(), host.arch.clone()),
+        ];
         for (name, default) in &df.global_args {
             let value =
                 match opts.build_args.iter().rev().find(|(k, _)| k == name) {
@@ -423,9 +436,21 @@ impl Run<'_> {
             "Step {}/{} : {}",
             self.index, self.total, step.text
         ))?;
-        if let Instruction::From { image, alias, .. } = &step.instruction {
+        if let Instruction::From {
+            image,
+            alias,
+            platform,
+        } = &step.instruction
+        {
             let reference = expand(&self.lexer, image, &self.global_args, step)?;
-            let mut state = self.base(&reference)?;
+            let platform = match platform {
+                Some(p) => match expand(&self.lexer, p, &self.global_args, step)? {
+                    p if p.is_empty() => oci::Platform::host(),
+                    p => oci::Platform::parse(&p).map_err(|e| step_err(step, e))?,
+                },
+                None => oci::Platform::host(),
+            };
+            let mut state = self.base(&reference, &platform)?;
             state.args.clear();
             state.cmd_from_this_stage = false;
             let triggers = std::mem::take(&mut state.config.onbuild);
@@ -451,7 +476,7 @@ impl Run<'_> {
     }
 
     /// The state a FROM starts with: an earlier stage, scratch, or a base image.
-    fn base(&mut self, reference: &str) -> Result<State, BuildError> {
+    fn base(&mut self, reference: &str, platform: &oci::Platform) -> Result<State, BuildError> {
         let lower = reference.to_ascii_lowercase();
         let earlier = self
             .stages
@@ -475,7 +500,7 @@ impl Run<'_> {
         let store = &self.builder.store;
         let mut fetched = None;
         for source in &self.builder.sources {
-            match source.fetch(reference, store, self.opts.no_cache) {
+            match source.fetch(reference, store, self.opts.no_cache, platform) {
                 Ok(Some(f)) => {
                     fetched = Some(f);
                     break;
@@ -924,7 +949,7 @@ impl Run<'_> {
                 };
                 let from_state = match from_state {
                     Some(s) => s,
-                    None => self.base(&from)?,
+                    None => self.base(&from, &oci::Platform::host())?,
                 };
                 let view = self.builder.view_of(&from_state).ok_or_else(|| {
                     step_err(step, format!("stage {from} has an empty filesystem"))

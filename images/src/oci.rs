@@ -181,7 +181,12 @@ impl Layout {
 
     /// Resolve `tag` (matched against `org.opencontainers.image.ref.name`; a layout with one
     /// untagged manifest answers to any tag) for the host platform.
-    pub fn resolve(&self, name: &str, tag: &str) -> Result<ResolvedImage, OciError> {
+    pub fn resolve(
+        &self,
+        name: &str,
+        tag: &str,
+        platform: &Platform,
+    ) -> Result<ResolvedImage, OciError> {
         let index = self.index()?;
         let tagged = |d: &&Descriptor| {
             d.annotations()
@@ -200,17 +205,22 @@ impl Layout {
                 })
             }
         };
-        self.resolve_descriptor(name, &desc)
+        self.resolve_descriptor(name, &desc, platform)
     }
 
-    fn resolve_descriptor(&self, name: &str, desc: &Descriptor) -> Result<ResolvedImage, OciError> {
+    fn resolve_descriptor(
+        &self,
+        name: &str,
+        desc: &Descriptor,
+        platform: &Platform,
+    ) -> Result<ResolvedImage, OciError> {
         let data = self.read_blob(desc.digest().as_ref())?;
         match desc.media_type() {
             MediaType::ImageIndex => {
                 let index: ImageIndex = serde_json::from_slice(&data)
                     .map_err(|e| invalid(format!("index of {name}"), e))?;
-                let chosen = choose_platform(name, index.manifests())?;
-                self.resolve_descriptor(name, &chosen)
+                let chosen = choose_platform(name, index.manifests(), platform)?;
+                self.resolve_descriptor(name, &chosen, platform)
             }
             _ => {
                 let manifest: ImageManifest = serde_json::from_slice(&data)
@@ -228,21 +238,83 @@ impl Layout {
     }
 }
 
-/// Pick the host's platform from an index's manifests.
-pub fn choose_platform(name: &str, manifests: &[Descriptor]) -> Result<Descriptor, OciError> {
-    let (os, arch) = host_platform();
+/// A platform as `FROM --platform` names it: `os/arch[/variant]`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Platform {
+    pub os: String,
+    pub arch: String,
+    pub variant: Option<String>,
+}
+
+impl Platform {
+    pub fn host() -> Platform {
+        let (os, arch) = host_platform();
+        Platform {
+            os: os.to_string(),
+            arch: arch.to_string(),
+            variant: None,
+        }
+    }
+
+    pub fn parse(s: &str) -> Result<Platform, String> {
+        let parts: Vec<&str> = s.split('/').collect();
+        match parts.as_slice() {
+            [os, arch] if !os.is_empty() && !arch.is_empty() => Ok(Platform {
+                os: os.to_string(),
+                arch: arch.to_string(),
+                variant: None,
+            }),
+            [os, arch, variant] if !os.is_empty() && !arch.is_empty() => Ok(Platform {
+                os: os.to_string(),
+                arch: arch.to_string(),
+                variant: Some(variant.to_string()),
+            }),
+            _ => Err(format!(
+                "invalid platform {s:?} (expected os/arch[/variant])"
+            )),
+        }
+    }
+
+    /// Whether an index entry of `os`/`arch`/`variant` serves this platform.
+    pub fn matches(&self, os: &str, arch: &str, variant: Option<&str>) -> bool {
+        os == self.os
+            && arch == self.arch
+            && (self.variant.is_none() || self.variant.as_deref() == variant)
+    }
+}
+
+impl std::fmt::Display for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.os, self.arch)?;
+        if let Some(v) = &self.variant {
+            write!(f, "/{v}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Pick `want` from an index's manifests (an entry without a platform serves any).
+pub fn choose_platform(
+    name: &str,
+    manifests: &[Descriptor],
+    want: &Platform,
+) -> Result<Descriptor, OciError> {
     manifests
         .iter()
         .find(|d| {
-            d.platform()
-                .as_ref()
-                .is_some_and(|p| *p.os() == os && *p.architecture() == arch)
+            d.platform().as_ref().is_some_and(|p| {
+                want.matches(
+                    &p.os().to_string(),
+                    &p.architecture().to_string(),
+                    p.variant().as_deref(),
+                )
+            })
         })
         .or_else(|| manifests.iter().find(|d| d.platform().is_none()))
         .cloned()
         .ok_or_else(|| OciError::NoPlatform {
             name: name.to_string(),
-            platform: format!("{os}/{arch}"),
+            platform: want.to_string(),
         })
 }
 

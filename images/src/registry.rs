@@ -23,7 +23,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::build::{onbuild_of, BaseSource, FetchedBase};
 use crate::config::ImageConfig;
+use crate::oci::Platform;
 use crate::store::Store;
+use oci_client::manifest::ImageIndexEntry;
 
 /// Registry settings.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -166,10 +168,30 @@ impl Registries {
         })
     }
 
-    async fn pull(&self, reference: &Reference, store: &Store) -> Result<Pulled, String> {
+    async fn pull(
+        &self,
+        reference: &Reference,
+        store: &Store,
+        platform: &Platform,
+    ) -> Result<Pulled, String> {
         let registry = reference.resolve_registry().to_string();
+        let want = platform.clone();
         let client = Client::new(ClientConfig {
             protocol: ClientProtocol::HttpsExcept(self.config.insecure.clone()),
+            platform_resolver: Some(Box::new(move |entries: &[ImageIndexEntry]| {
+                entries
+                    .iter()
+                    .find(|e| {
+                        e.platform.as_ref().is_some_and(|p| {
+                            want.matches(
+                                &p.os.to_string(),
+                                &p.architecture.to_string(),
+                                p.variant.as_deref(),
+                            )
+                        })
+                    })
+                    .map(|e| e.digest.clone())
+            })),
             ..ClientConfig::default()
         });
         let auth = self.auth(&registry)?;
@@ -208,12 +230,13 @@ impl BaseSource for Registries {
         reference: &str,
         store: &Store,
         refresh: bool,
+        platform: &crate::oci::Platform,
     ) -> Result<Option<FetchedBase>, String> {
         let parsed: Reference = reference
             .parse()
             .map_err(|e| format!("invalid image reference {reference:?}: {e}"))?;
         let whole = parsed.whole();
-        let memo = Self::remembered(store, &whole);
+        let memo = Self::remembered(store, &format!("{whole} {platform}"));
         if !refresh {
             if let Ok(text) = std::fs::read(&memo) {
                 if let Ok(pulled) = serde_json::from_slice::<Pulled>(&text) {
@@ -236,7 +259,7 @@ impl BaseSource for Registries {
                     .enable_all()
                     .build()
                     .map_err(|e| format!("starting the registry client: {e}"))?;
-                rt.block_on(self.pull(&parsed, store))
+                rt.block_on(self.pull(&parsed, store, platform))
             })
             .join()
             .unwrap_or_else(|_| Err("the registry client panicked".into()))
