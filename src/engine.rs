@@ -239,9 +239,9 @@ impl Engine {
                     coalesced: true,
                 });
             }
-            // Result cache.
+            // Result cache (a rebuild asks for a fresh run).
             if let Some(mut info) = read_info(&ready_dir) {
-                if info.succeeded() {
+                if info.succeeded() && !req.rebuild {
                     info.cached = true;
                     info.coalesced = false;
                     self.metrics.cached();

@@ -18,6 +18,11 @@ use tokio::io::AsyncReadExt;
 use crate::engine::{Engine, JobError};
 use crate::jobs::{BuildInfo, JobRequest};
 
+// The web view, embedded: nothing is fetched from elsewhere.
+const INDEX_HTML: &str = include_str!("web/index.html");
+const APP_JS: &str = include_str!("web/app.js");
+const STYLE_CSS: &str = include_str!("web/style.css");
+
 pub fn router(engine: Arc<Engine>) -> Router {
     Router::new()
         .route("/jobs", any(jobs))
@@ -26,7 +31,17 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/log/{project}/{id}", get(log))
         .route("/artifacts/{project}/{id}", get(artifacts))
         .route("/metrics", get(metrics))
-        .route("/", get(home))
+        .route("/api/job/{project}/{id}", get(api_job))
+        .route("/api/logtail/{project}/{id}", get(api_logtail))
+        .route(
+            "/static/app.js",
+            get(|| async { ([("content-type", "text/javascript; charset=utf-8")], APP_JS) }),
+        )
+        .route(
+            "/static/style.css",
+            get(|| async { ([("content-type", "text/css; charset=utf-8")], STYLE_CSS) }),
+        )
+        .route("/", get(|| async { Html(INDEX_HTML) }))
         .with_state(engine)
 }
 
@@ -127,22 +142,6 @@ async fn index(State(engine): State<Arc<Engine>>) -> Response {
     json(StatusCode::OK, &items)
 }
 
-/// Escape text for HTML.
-pub fn escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '&' => out.push_str("&amp;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
 async fn job(
     State(engine): State<Arc<Engine>>,
     Path((project, id)): Path<(String, String)>,
@@ -153,7 +152,14 @@ async fn job(
         .await
         .ok()
         .flatten();
+    let wants_json_early = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
     let Some((state, info, dir)) = found else {
+        if !wants_json_early {
+            return (StatusCode::NOT_FOUND, Html(INDEX_HTML)).into_response();
+        }
         return (StatusCode::NOT_FOUND, format!("Unknown job {project}/{id}")).into_response();
     };
     let wants_json = headers
@@ -170,49 +176,8 @@ async fn job(
         let prefix = format!("{},\"buildInfo\":", &head[..head.len() - 1]);
         return streamed(StatusCode::OK, &prefix, &info, &dir, "}");
     }
-    // The page shows the last MiB of the log (the web view's own page is its own issue).
-    let log_tail = tail_of(&dir.join("out.log"), 1 << 20);
-    let params: String = info
-        .params
-        .iter()
-        .map(|(k, v)| {
-            format!(
-                "<li><code>{}</code> = <code>{}</code></li>",
-                escape(k),
-                escape(v)
-            )
-        })
-        .collect();
-    Html(format!(
-        "<!doctype html><html><head><meta charset=utf-8><title>{p}/{i}</title></head><body>\
-         <h1>{p} / {i}</h1><p>State: <b>{state}</b>. Started {started}. Exit code {code}.</p>\
-         <p>Group: {group}. Cached: {cached}. Coalesced: {coalesced}. Incremental: {incr}.</p>\
-         <p>{err}</p><ul>{params}</ul><pre>{log}</pre></body></html>",
-        p = escape(&project),
-        i = escape(&id),
-        started = escape(&index_time(&info.started_at)),
-        code = info.exit_code,
-        group = escape(&info.group),
-        cached = info.cached,
-        coalesced = info.coalesced,
-        incr = info.incremental,
-        err = escape(&info.err_build),
-        log = escape(&log_tail),
-    ))
-    .into_response()
-}
-
-/// The last `max` bytes of a file, as text.
-fn tail_of(path: &std::path::Path, max: u64) -> String {
-    use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut f) = std::fs::File::open(path) else {
-        return String::new();
-    };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let _ = f.seek(SeekFrom::Start(len.saturating_sub(max)));
-    let mut buf = Vec::new();
-    let _ = f.take(max).read_to_end(&mut buf);
-    String::from_utf8_lossy(&buf).into_owned()
+    // The web view renders the job page.
+    Html(INDEX_HTML).into_response()
 }
 
 struct Tail {
@@ -365,6 +330,66 @@ async fn artifacts(
         .into_response()
 }
 
+/// A job without its logs (for the web view).
+async fn api_job(
+    State(engine): State<Arc<Engine>>,
+    Path((project, id)): Path<(String, String)>,
+) -> Response {
+    let (p, i) = (project.clone(), id.clone());
+    match tokio::task::spawn_blocking(move || engine.job(&p, &i))
+        .await
+        .ok()
+        .flatten()
+    {
+        Some((state, info, _)) => json(StatusCode::OK, &job_json(&project, &id, state, &info)),
+        None => (StatusCode::NOT_FOUND, format!("Unknown job {project}/{id}")).into_response(),
+    }
+}
+
+/// A job's log as text: the last `bytes` bytes, or all of it (streamed); `x-log-size` says how
+/// big it is.
+async fn api_logtail(
+    State(engine): State<Arc<Engine>>,
+    Path((project, id)): Path<(String, String)>,
+    RawQuery(query): RawQuery,
+) -> Response {
+    use tokio::io::AsyncSeekExt;
+    let Some((_, _, dir)) = engine.job(&project, &id) else {
+        return (StatusCode::NOT_FOUND, format!("Unknown job {project}/{id}")).into_response();
+    };
+    let bytes: Option<u64> = query
+        .as_deref()
+        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("bytes=")))
+        .and_then(|v| v.parse().ok());
+    let Ok(mut file) = tokio::fs::File::open(dir.join("out.log")).await else {
+        return ([("x-log-size", "0".to_string())], "").into_response();
+    };
+    let size = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+    if let Some(n) = bytes {
+        let _ = file
+            .seek(std::io::SeekFrom::Start(size.saturating_sub(n)))
+            .await;
+    }
+    let stream = stream::unfold(file, |mut f| async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        match f.read(&mut buf).await {
+            Ok(0) | Err(_) => None,
+            Ok(n) => {
+                buf.truncate(n);
+                Some((Ok::<_, std::io::Error>(Bytes::from(buf)), f))
+            }
+        }
+    });
+    (
+        [
+            ("content-type", "text/plain; charset=utf-8".to_string()),
+            ("x-log-size", size.to_string()),
+        ],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response()
+}
+
 async fn metrics(State(engine): State<Arc<Engine>>) -> Response {
     (
         [(
@@ -374,11 +399,4 @@ async fn metrics(State(engine): State<Arc<Engine>>) -> Response {
         engine.metrics.render(),
     )
         .into_response()
-}
-
-async fn home() -> Html<&'static str> {
-    Html(
-        "<!doctype html><html><head><meta charset=utf-8><title>mistry</title></head><body>\
-         <h1>mistry</h1><p>Jobs: <a href=\"/index/\">/index/</a> (JSON).</p></body></html>",
-    )
 }

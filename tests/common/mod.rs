@@ -4,6 +4,8 @@
 //! the tests run as another user (scripts/test.sh's unprivileged run).
 #![allow(dead_code)]
 
+pub mod server;
+
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

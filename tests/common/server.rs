@@ -1,0 +1,245 @@
+//! A real mistryd process with busybox-based test projects, for the end-to-end tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::{free_port, images_dir, mistryd_bin};
+
+pub const RUN_SH: &str = r#"#!/bin/sh
+p() { cat "/data/params/$1" 2>/dev/null; }
+echo "out: $(p name)"
+echo "err: $(p name)" >&2
+if [ -n "$(p sleep)" ]; then sleep "$(p sleep)"; fi
+mkdir -p /data/artifacts /data/cache
+p name > /data/artifacts/name.txt
+count=$(( $(cat /data/cache/count 2>/dev/null || echo 0) + 1 ))
+echo "$count" > /data/cache/count
+echo "$count" > /data/artifacts/count.txt
+ls /data/params > /data/artifacts/params.txt
+if [ -f /shared/file ]; then cp /shared/file /data/artifacts/shared.txt; fi
+code=$(p code)
+exit "${code:-0}"
+"#;
+
+pub const ARTIFACTS_SH: &str = r#"#!/bin/sh
+set -e
+cd /data/artifacts
+mkdir -p "dir with spaces/ünïcødé" deep/a/b/c
+echo nested > "dir with spaces/ünïcødé/file (1).txt"
+echo deep > deep/a/b/c/leaf
+ln -s "dir with spaces" link-to-dir
+ln -s deep/a/b/c/leaf link-to-file
+head -c 20971520 /dev/urandom > large.bin
+md5sum large.bin | cut -d' ' -f1 > large.md5
+printf '%s' "$(cat /data/params/name 2>/dev/null)" > name.txt
+"#;
+
+pub struct Server {
+    pub child: Option<Child>,
+    pub addr: String,
+    pub grace: String,
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+}
+
+impl Server {
+    pub fn start(extra: Value) -> Server {
+        Self::start_in(None, extra)
+    }
+
+    pub fn start_in(parent: Option<&Path>, extra: Value) -> Server {
+        let dir = match parent {
+            Some(p) => tempfile::Builder::new().prefix("mistryd").tempdir_in(p),
+            None => tempfile::Builder::new().prefix("mistryd").tempdir(),
+        }
+        .unwrap();
+        let projects = dir.path().join("projects");
+        let builds = dir.path().join("builds");
+        std::fs::create_dir_all(&builds).unwrap();
+        let project = |name: &str, files: &[(&str, &str)]| {
+            let d = projects.join(name);
+            for (path, content) in files {
+                let p = d.join(path);
+                std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+                std::fs::write(p, content).unwrap();
+            }
+        };
+        project(
+            "simple",
+            &[
+                (
+                    "Dockerfile",
+                    "FROM busybox\nCOPY run.sh /run.sh\nENTRYPOINT [\"/bin/sh\", \"/run.sh\"]\n",
+                ),
+                ("run.sh", RUN_SH),
+            ],
+        );
+        project(
+            "copyfolder",
+            &[
+                ("Dockerfile", "FROM busybox\nCOPY folder/ /folder/\nCMD [\"cp\", \"-r\", \"/folder\", \"/data/artifacts/\"]\n"),
+                ("folder/a.txt", "a\n"),
+                ("folder/sub/b.txt", "b\n"),
+            ],
+        );
+        project(
+            "failing",
+            &[("Dockerfile", "FROM busybox\nENTRYPOINT [\"/bin/sh\", \"-c\", \"echo oops >&2; nosuchcommand\"]\n")],
+        );
+        project(
+            "badimage",
+            &[(
+                "Dockerfile",
+                "FROM busybox\nRUN echo building; exit 3\nCMD true\n",
+            )],
+        );
+        project(
+            "invalid",
+            &[("Dockerfile", "FROM busybox\nINVALIDCOMMAND foo\n")],
+        );
+        project(
+            "loud",
+            &[(
+                "Dockerfile",
+                "FROM busybox\nCMD [\"/bin/sh\", \"-c\", \"yes 0123456789abcdef | head -c $(cat /data/params/bytes)\"]\n",
+            )],
+        );
+        project(
+            "ticker",
+            &[(
+                "Dockerfile",
+                "FROM busybox\nCMD [\"/bin/sh\", \"-c\", \"for i in 1 2 3 4 5 6 7 8; do printf '\\\\033[32mline %s\\\\033[0m\\\\n' $i; sleep 0.4; done\"]\n",
+            )],
+        );
+        project(
+            "artifacts",
+            &[
+                (
+                    "Dockerfile",
+                    "FROM busybox\nCOPY make.sh /make.sh\nENTRYPOINT [\"/bin/sh\", \"/make.sh\"]\n",
+                ),
+                ("make.sh", ARTIFACTS_SH),
+            ],
+        );
+        let mut config = serde_json::json!({
+            "projects_path": projects,
+            "build_path": builds,
+            "images_path": images_dir(),
+            "job_concurrency": 4,
+        });
+        if let (Some(obj), Some(extra)) = (config.as_object_mut(), extra.as_object()) {
+            for (k, v) in extra {
+                obj.insert(k.clone(), v.clone());
+            }
+        }
+        let config_path = dir.path().join("config.json");
+        std::fs::write(&config_path, config.to_string()).unwrap();
+        let mut s = Server {
+            child: None,
+            addr: String::new(),
+            grace: "10s".into(),
+            dir,
+            config: config_path,
+        };
+        s.spawn();
+        s
+    }
+
+    pub fn spawn(&mut self) {
+        let port = free_port();
+        self.addr = format!("127.0.0.1:{port}");
+        let log =
+            std::fs::File::create(self.dir.path().join(format!("mistryd-{port}.log"))).unwrap();
+        let child = Command::new(mistryd_bin())
+            .arg("--config")
+            .arg(&self.config)
+            .args(["--addr", &self.addr, "--shutdown-grace", &self.grace])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&self.addr).is_err() {
+            assert!(Instant::now() < deadline, "mistryd did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn builds(&self) -> PathBuf {
+        self.dir.path().join("builds")
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn agent() -> ureq::Agent {
+        ureq::Agent::new_with_config(
+            ureq::config::Config::builder()
+                .http_status_as_error(false)
+                .build(),
+        )
+    }
+
+    pub fn post(&self, path: &str, body: &str) -> (u16, String) {
+        let mut r = Self::agent().post(&self.url(path)).send(body).unwrap();
+        (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
+    }
+
+    pub fn job(&self, body: Value) -> Value {
+        let (status, text) = self.post("/jobs", &body.to_string());
+        assert_eq!(status, 201, "{text}");
+        serde_json::from_str(&text).unwrap()
+    }
+
+    pub fn get(&self, path: &str, json: bool) -> (u16, String) {
+        let mut req = Self::agent().get(&self.url(path));
+        if json {
+            req = req.header("Content-Type", "application/json");
+        }
+        let mut r = req.call().unwrap();
+        (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
+    }
+
+    pub fn pending_dirs(&self, project: &str) -> usize {
+        std::fs::read_dir(self.builds().join(project).join("pending"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn term(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().unwrap();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        c.wait().unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+pub fn read(p: impl AsRef<Path>) -> String {
+    std::fs::read_to_string(p.as_ref()).unwrap_or_else(|e| panic!("{}: {e}", p.as_ref().display()))
+}
+
+pub fn artifacts(info: &Value) -> PathBuf {
+    PathBuf::from(info["Path"].as_str().unwrap())
+}

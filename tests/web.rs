@@ -1,0 +1,269 @@
+//! The web view in a real browser: Debian's headless Chromium driven through chromedriver
+//! (W3C WebDriver over HTTP). Screenshots of each page go to target/test-artifacts/.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::server::Server;
+use common::{free_port, wait_until};
+use serde_json::{json, Value};
+
+struct Browser {
+    driver: Child,
+    base: String,
+    session: String,
+    _profile: tempfile::TempDir,
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::new_with_config(
+        ureq::config::Config::builder()
+            .http_status_as_error(false)
+            .build(),
+    )
+}
+
+impl Browser {
+    fn start() -> Browser {
+        let port = free_port();
+        let driver = Command::new("chromedriver")
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver (apt-get install chromium chromium-driver)");
+        let base = format!("http://127.0.0.1:{port}");
+        wait_until("chromedriver", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        let profile = tempfile::tempdir().unwrap();
+        let caps = json!({"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
+            "binary": "/usr/bin/chromium",
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--disable-quic", "--no-first-run", "--disable-background-networking",
+                     "--disable-component-update", "--disable-sync", "--window-size=1280,900",
+                     format!("--user-data-dir={}", profile.path().display())]
+        }}}});
+        let mut r = agent()
+            .post(&format!("{base}/session"))
+            .send(caps.to_string().as_str())
+            .unwrap();
+        let v: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+        let session = v["value"]["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no session: {v}"))
+            .to_string();
+        Browser {
+            driver,
+            base,
+            session,
+            _profile: profile,
+        }
+    }
+
+    fn cmd(&self, method: &str, path: &str, body: Value) -> Value {
+        let url = format!("{}/session/{}{path}", self.base, self.session);
+        let mut r = match method {
+            "GET" => agent().get(&url).call().unwrap(),
+            _ => agent().post(&url).send(body.to_string().as_str()).unwrap(),
+        };
+        serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap()
+    }
+
+    fn goto(&self, url: &str) {
+        self.cmd("POST", "/url", json!({"url": url}));
+    }
+
+    fn eval(&self, script: &str) -> Value {
+        self.cmd(
+            "POST",
+            "/execute/sync",
+            json!({"script": script, "args": []}),
+        )["value"]
+            .clone()
+    }
+
+    fn wait(&self, what: &str, script: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while self.eval(script) != json!(true) {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn click(&self, css: &str) {
+        let el = self.cmd(
+            "POST",
+            "/element",
+            json!({"using": "css selector", "value": css}),
+        );
+        let id = el["value"]["element-6066-11e4-a52e-4f735466cecf"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{css}: {el}"))
+            .to_string();
+        self.cmd("POST", &format!("/element/{id}/click"), json!({}));
+    }
+
+    fn alert_open(&self) -> bool {
+        self.cmd("GET", "/alert/text", Value::Null)["value"]
+            .get("error")
+            .is_none()
+    }
+
+    fn screenshot(&self, name: &str) {
+        use base64::Engine as _;
+        let v = self.cmd("GET", "/screenshot", Value::Null);
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(v["value"].as_str().unwrap())
+            .unwrap();
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(format!("{name}.png")), png).unwrap();
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = agent()
+            .delete(&format!("{}/session/{}", self.base, self.session))
+            .call();
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
+
+fn job_of(s: &Server, project: &str) -> Value {
+    let (_, index) = s.get("/index/", false);
+    let list: Value = serde_json::from_str(&index).unwrap();
+    list.as_array()
+        .unwrap()
+        .iter()
+        .find(|j| j["project"] == project)
+        .cloned()
+        .unwrap_or(Value::Null)
+}
+
+#[test]
+fn the_web_view_in_a_real_browser() {
+    let s = Server::start(json!({}));
+    let b = Browser::start();
+    let base = format!("http://{}", s.addr);
+
+    // A slow job: its page shows log lines live and turns ready without a reload.
+    assert_eq!(s.post("/jobs?async", r#"{"project": "ticker"}"#).0, 201);
+    wait_until("the ticker job", || !job_of(&s, "ticker").is_null());
+    let id = job_of(&s, "ticker")["id"].as_str().unwrap().to_string();
+    b.goto(&format!("{base}/job/ticker/{id}"));
+    b.eval("window.__marker = 7; return true;");
+    b.wait(
+        "live log lines",
+        "const l = document.getElementById('log'); return !!l && l.textContent.includes('line 2');",
+        Duration::from_secs(20),
+    );
+    assert_eq!(
+        b.eval("return document.getElementById('state').textContent;"),
+        json!("pending")
+    );
+    b.screenshot("job-pending");
+    b.wait(
+        "the ready state",
+        "return document.getElementById('state').textContent === 'ready';",
+        Duration::from_secs(20),
+    );
+    assert_eq!(
+        b.eval("return window.__marker;"),
+        json!(7),
+        "the page was reloaded"
+    );
+    let log = b.eval("return document.getElementById('log').textContent;");
+    assert!(log.as_str().unwrap().contains("line 8"), "{log}");
+    assert!(
+        !log.as_str().unwrap().contains('\u{1b}'),
+        "ANSI escapes are rendered, not shown"
+    );
+    assert_eq!(
+        b.eval("return document.querySelectorAll('#log .ansi-32').length > 0;"),
+        json!(true)
+    );
+    assert_eq!(
+        b.eval("return document.querySelector('[data-field=ExitCode]').textContent;"),
+        json!("0")
+    );
+    b.screenshot("job-ready");
+
+    // The list shows it; filtering by project and state works.
+    b.goto(&format!("{base}/"));
+    b.wait(
+        "the job in the list",
+        "return [...document.querySelectorAll('#jobs tr')].some(r => r.textContent.includes('ticker') && r.textContent.includes('ready'));",
+        Duration::from_secs(10),
+    );
+    b.screenshot("list");
+    b.eval("const s = document.getElementById('filter-state'); s.value = 'pending'; s.dispatchEvent(new Event('change')); return true;");
+    b.wait(
+        "the filter",
+        "return document.querySelector('#jobs').textContent.includes('No jobs.');",
+        Duration::from_secs(5),
+    );
+
+    // Retrigger with rebuild: a new build of the same job starts.
+    let before = job_of(&s, "ticker")["buildInfo"]["StartedAt"].clone();
+    b.goto(&format!("{base}/job/ticker/{id}"));
+    b.wait(
+        "the job page",
+        "return !!document.getElementById('retrigger');",
+        Duration::from_secs(10),
+    );
+    b.click("#rebuild");
+    b.click("#retrigger");
+    wait_until("a new build", || {
+        let j = job_of(&s, "ticker");
+        j["buildInfo"]["StartedAt"] != before
+    });
+
+    // Everything user-controlled is text: a hostile param shows as typed, runs nothing.
+    let xss = "<script>alert(1)</script>";
+    let body = json!({"project": "simple", "params": {"name": xss, "img": "<img src=x onerror=alert(2)>"}});
+    let info = s.job(body);
+    let url = info["URL"].as_str().unwrap().to_string();
+    b.goto(&format!("{base}/{url}"));
+    b.wait(
+        "the params",
+        "return document.querySelectorAll('.param-value').length === 2;",
+        Duration::from_secs(10),
+    );
+    let values =
+        b.eval("return [...document.querySelectorAll('.param-value')].map(e => e.textContent);");
+    assert_eq!(values, json!(["<img src=x onerror=alert(2)>", xss]));
+    assert_eq!(
+        b.eval("return document.querySelectorAll('#params script, #params img').length;"),
+        json!(0)
+    );
+    assert!(!b.alert_open(), "a script ran");
+    b.screenshot("job-xss");
+
+    // A large log: the page shows its tail and loads the rest on demand.
+    let info = s.job(json!({"project": "loud", "params": {"bytes": "4194304"}}));
+    let url = info["URL"].as_str().unwrap().to_string();
+    b.goto(&format!("{base}/{url}"));
+    b.wait(
+        "the log tail",
+        "const b = document.getElementById('load-all'); return !!b && !b.hidden;",
+        Duration::from_secs(10),
+    );
+    let shown = b
+        .eval("return document.getElementById('log').textContent.length;")
+        .as_u64()
+        .unwrap();
+    assert!(shown < 300 * 1024, "{shown} characters shown");
+    b.click("#load-all");
+    b.wait(
+        "the whole log",
+        "return document.getElementById('log').textContent.length > 4194304;",
+        Duration::from_secs(20),
+    );
+    b.screenshot("job-large-log");
+}
