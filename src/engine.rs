@@ -381,20 +381,40 @@ impl Engine {
         }
         fs::create_dir_all(project_build.join("pending"))
             .map_err(|e| format!("creating {}: {e}", pending.display()))?;
-        fs::create_dir(pending).map_err(|e| format!("creating {}: {e}", pending.display()))?;
         let data = pending.join("data");
-        // Incremental: start from the group's last successful build.
+        // Incremental: start from the group's last successful build: a btrfs snapshot of it
+        // (build directories are subvolumes on btrfs), a copy of its data/ otherwise.
         let group_link = project_build.join("groups").join(&req.group);
         let base = (!req.group.is_empty())
             .then(|| fs::canonicalize(&group_link).ok())
             .flatten()
             .filter(|p| p.join("data").is_dir());
-        if let Some(prev) = base {
-            tools
-                .copy_tree(&prev.join("data"), &data)
-                .map_err(|e| format!("cloning the group's last build: {e}"))?;
+        let btrfs = self.builder.store.backend() == images::store::BackendKind::Btrfs
+            && images::store::is_btrfs(&project_build);
+        let snapshotted = match (&base, btrfs) {
+            (Some(prev), true) => images::store::btrfs_subvolume_snapshot(prev, pending).is_ok(),
+            _ => false,
+        };
+        if snapshotted {
+            // Keep data/ (cache/, artifacts/); the previous job's own files go.
+            for f in ["out.log", "stderr.log", "build_info.json"] {
+                let _ = fs::remove_file(pending.join(f));
+            }
             let _ = tools.remove_tree(&data.join("params"));
             info.incremental = true;
+        } else {
+            let made = btrfs && images::store::btrfs_subvolume_create(pending).is_ok();
+            if !made {
+                fs::create_dir(pending)
+                    .map_err(|e| format!("creating {}: {e}", pending.display()))?;
+            }
+            if let Some(prev) = base {
+                tools
+                    .copy_tree(&prev.join("data"), &data)
+                    .map_err(|e| format!("cloning the group's last build: {e}"))?;
+                let _ = tools.remove_tree(&data.join("params"));
+                info.incremental = true;
+            }
         }
         for d in ["cache", "artifacts", "params"] {
             fs::create_dir_all(data.join(d)).map_err(|e| format!("creating data/{d}: {e}"))?;

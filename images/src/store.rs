@@ -116,6 +116,21 @@ pub struct Btrfs {
     tools: Tools,
 }
 
+/// `btrfs subvolume create DST`.
+pub fn btrfs_subvolume_create(dst: &Path) -> Result<(), StoreError> {
+    btrfs(&["subvolume".as_ref(), "create".as_ref(), dst.as_os_str()])
+}
+
+/// `btrfs subvolume snapshot SRC DST` (SRC must be a subvolume).
+pub fn btrfs_subvolume_snapshot(src: &Path, dst: &Path) -> Result<(), StoreError> {
+    btrfs(&[
+        "subvolume".as_ref(),
+        "snapshot".as_ref(),
+        src.as_os_str(),
+        dst.as_os_str(),
+    ])
+}
+
 fn btrfs(args: &[&std::ffi::OsStr]) -> Result<(), StoreError> {
     let out = Command::new("btrfs")
         .args(args)
