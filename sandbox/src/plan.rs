@@ -157,6 +157,18 @@ fn overlay_options(lowers: &[PathBuf], rw: Option<(&Path, &Path)>) -> (FsOptions
     (tail(each), tail(joined))
 }
 
+/// A new overlay (pre-pivot) into `slot`.
+fn overlay_op(slot: usize, lowers: &[PathBuf], rw: Option<(&Path, &Path)>) -> Op {
+    let (options, fallback) = overlay_options(lowers, rw);
+    Op::Fresh {
+        fstype: c("overlay"),
+        options,
+        fallback,
+        attrs: 0,
+        slot,
+    }
+}
+
 /// The inputs of [`build`].
 pub struct Spec<'a> {
     pub rootfs: &'a Path,
@@ -369,17 +381,8 @@ pub fn build(spec: &Spec<'_>) -> (Vec<Op>, usize) {
                     read_only: true,
                 });
             } else {
-                let (options, fallback) = overlay_options(
-                    &m.lowers,
-                    m.rw.as_ref().map(|(u, w)| (u.as_path(), w.as_path())),
-                );
-                ops.push(Op::Fresh {
-                    fstype: c("overlay"),
-                    options,
-                    fallback,
-                    attrs: 0,
-                    slot,
-                });
+                let rw = m.rw.as_ref().map(|(u, w)| (u.as_path(), w.as_path()));
+                ops.push(overlay_op(slot, &m.lowers, rw));
             }
             (slot, m)
         })
@@ -388,14 +391,7 @@ pub fn build(spec: &Spec<'_>) -> (Vec<Op>, usize) {
     if let Some(ov) = spec.overlay {
         // An overlay root: the lower layers read-only, writes go to `upper`.
         let slot = next(&mut slots);
-        let (options, fallback) = overlay_options(&ov.lowers, Some((&ov.upper, &ov.work)));
-        ops.push(Op::Fresh {
-            fstype: c("overlay"),
-            options,
-            fallback,
-            attrs: 0,
-            slot,
-        });
+        ops.push(overlay_op(slot, &ov.lowers, Some((&ov.upper, &ov.work))));
         ops.push(Op::PivotTree {
             slot,
             staging: c("/dev"),
