@@ -806,13 +806,17 @@ fn client_rsync_transport() {
     let s = Server::start(serde_json::json!({}));
     let port = free_port();
     let conf = s.dir.path().join("rsyncd.conf");
+    // As root, rsyncd would switch to nobody: keep our ids. Unprivileged, it cannot switch.
+    let ids = if nix::unistd::geteuid().is_root() {
+        "uid = 0\ngid = 0\n"
+    } else {
+        ""
+    };
     std::fs::write(
         &conf,
         format!(
-            "pid file = {d}/rsyncd.pid\nuse chroot = false\nuid = {u}\ngid = {g}\n[mistry]\npath = {b}\nread only = true\n",
+            "pid file = {d}/rsyncd.pid\nuse chroot = false\n{ids}[mistry]\npath = {b}\nread only = true\n",
             d = s.dir.path().display(),
-            u = nix::unistd::geteuid(),
-            g = nix::unistd::getegid(),
             b = s.builds().display()
         ),
     )
