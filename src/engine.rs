@@ -453,6 +453,33 @@ impl Engine {
                 return Ok(());
             }
         };
+        // A job running as a non-root user of its image gets /data as its own (mistry's images
+        // create such a user from the `uid` build arg); sandbox root is the daemon's user.
+        if !image.config.user.is_empty() {
+            let view = image.snapshot.as_ref().map(|s| self.builder.store.view(s));
+            let passwd = view
+                .as_ref()
+                .map(|v| v.read_small(Path::new("/etc/passwd")))
+                .unwrap_or_default();
+            let group = view
+                .as_ref()
+                .map(|v| v.read_small(Path::new("/etc/group")))
+                .unwrap_or_default();
+            let user = sandbox::User::Spec(image.config.user.clone());
+            match sandbox::resolve_user_with(&user, &passwd, &group) {
+                Ok(u) if u.uid != 0 || u.gid != 0 => {
+                    tools
+                        .chown_tree(&data, u.uid, u.gid)
+                        .map_err(|e| format!("giving /data to {}: {e}", image.config.user))?;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    info.err_build = format!("could not run the job: {e}");
+                    let _ = writeln!(log, "{}", info.err_build);
+                    return Ok(());
+                }
+            }
+        }
         let command = image.config.command();
         if command.is_empty() {
             info.err_build = "could not run the job: the image has no ENTRYPOINT or CMD".into();

@@ -996,3 +996,26 @@ fn client_rebuild_rebuilds_the_image() {
     let rebuilt = log(&["--rebuild", "--", "--name=r3"]);
     assert!(!rebuilt.contains("Using cache"), "{rebuilt}");
 }
+
+#[test]
+fn jobs_of_a_non_root_image_user_can_write_data() {
+    let s = Server::start(serde_json::json!({}));
+    let info = s.job(serde_json::json!({"project": "asuser", "group": "g"}));
+    assert_eq!(info["ExitCode"], 0, "{info}");
+    assert_eq!(read(artifacts(&info).join("uid")), "4321\n");
+    let uid = nix::unistd::geteuid().as_raw();
+    assert!(
+        info["ContainerStdouterr"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("server uid {uid}")),
+        "the uid build arg"
+    );
+    // The next build of the group (incremental, its cache/ carried over) works too.
+    let again = s.job(serde_json::json!({"project": "asuser", "group": "g", "params": {"n": "2"}}));
+    assert_eq!(
+        (again["ExitCode"].as_i64(), again["Incremental"].as_bool()),
+        (Some(0), Some(true)),
+        "{again}"
+    );
+}

@@ -260,6 +260,24 @@ impl Tools {
         .map(drop)
     }
 
+    /// Give a whole tree to `uid:gid` (sandbox ids), e.g. a job's `/data` for a non-root user.
+    pub fn chown_tree(&self, path: &Path, uid: u32, gid: u32) -> Result<(), ToolError> {
+        let argv: Vec<OsString> = vec![
+            "chown".into(),
+            "-R".into(),
+            "-h".into(),
+            format!("{uid}:{gid}").into(),
+            path.into(),
+        ];
+        self.run_with(
+            &format!("giving {} to {uid}:{gid}", path.display()),
+            argv,
+            &[path],
+            None,
+        )
+        .map(drop)
+    }
+
     /// A full copy of a tree (reflinks where the filesystem has them).
     pub fn copy_tree(&self, src: &Path, dst: &Path) -> Result<(), ToolError> {
         let argv: Vec<OsString> = vec![

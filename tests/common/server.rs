@@ -109,6 +109,13 @@ impl Server {
             )],
         );
         project(
+            "asuser",
+            &[(
+                "Dockerfile",
+                "FROM busybox\nARG uid\nRUN echo app:x:4321:4321::/home/app:/bin/sh >> /etc/passwd && echo app:x:4321: >> /etc/group && echo \"server uid $uid\"\nUSER app\nCMD [\"/bin/sh\", \"-c\", \"id -u > /data/artifacts/uid && echo cached > /data/cache/c\"]\n",
+            )],
+        );
+        project(
             "ticker",
             &[(
                 "Dockerfile",
