@@ -416,6 +416,15 @@ impl Engine {
                 info.incremental = true;
             }
         }
+        // A previous build's data/ may belong to its image's user: give it back to sandbox root
+        // (the daemon's user) before the daemon writes the new params.
+        use std::os::unix::fs::MetadataExt;
+        let ours = nix::unistd::geteuid().as_raw();
+        if info.incremental && fs::metadata(&data).is_ok_and(|m| m.uid() != ours) {
+            tools
+                .chown_tree(&data, 0, 0)
+                .map_err(|e| format!("taking back the group's last data/: {e}"))?;
+        }
         for d in ["cache", "artifacts", "params"] {
             fs::create_dir_all(data.join(d)).map_err(|e| format!("creating data/{d}: {e}"))?;
         }
