@@ -465,17 +465,13 @@ impl Engine {
         // A job running as a non-root user of its image gets /data as its own (mistry's images
         // create such a user from the `uid` build arg); sandbox root is the daemon's user.
         if !image.config.user.is_empty() {
-            let view = image.snapshot.as_ref().map(|s| self.builder.store.view(s));
-            let passwd = view
-                .as_ref()
-                .map(|v| v.read_small(Path::new("/etc/passwd")))
-                .unwrap_or_default();
-            let group = view
-                .as_ref()
-                .map(|v| v.read_small(Path::new("/etc/group")))
-                .unwrap_or_default();
             let user = sandbox::User::Spec(image.config.user.clone());
-            match sandbox::resolve_user_with(&user, &passwd, &group) {
+            let resolved = match &image.snapshot {
+                Some(snap) => self.builder.store.view(snap).resolve_user(&user),
+                // An empty image has no /etc/passwd: numeric ids only.
+                None => sandbox::resolve_user_with(&user, "", ""),
+            };
+            match resolved {
                 Ok(u) if u.uid != 0 || u.gid != 0 => {
                     tools
                         .chown_tree(&data, u.uid, u.gid)

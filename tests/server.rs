@@ -334,15 +334,7 @@ fn time_limit_kills_the_job_and_says_so() {
 #[test]
 fn sigkill_during_a_build_then_restart_cleans_up() {
     let mut s = Server::start(serde_json::json!({}));
-    assert_eq!(
-        s.post(
-            "/jobs?async",
-            r#"{"project": "simple", "params": {"name": "k", "sleep": "30"}}"#
-        )
-        .0,
-        201
-    );
-    wait_until("a pending build", || s.pending_dirs("simple") > 0);
+    s.start_slow_job("k", "30");
     s.kill9();
     assert_eq!(s.pending_dirs("simple"), 1);
     s.spawn();
@@ -358,15 +350,7 @@ fn sigkill_during_a_build_then_restart_cleans_up() {
 #[test]
 fn sigterm_lets_running_jobs_finish() {
     let mut s = Server::start(serde_json::json!({}));
-    assert_eq!(
-        s.post(
-            "/jobs?async",
-            r#"{"project": "simple", "params": {"name": "t", "sleep": "1"}}"#
-        )
-        .0,
-        201
-    );
-    wait_until("a pending build", || s.pending_dirs("simple") > 0);
+    s.start_slow_job("t", "1");
     let status = s.term();
     assert!(status.success(), "{status:?}");
     assert_eq!(s.pending_dirs("simple"), 0);
@@ -475,15 +459,7 @@ fn btrfs_backend_end_to_end() {
 fn rebuild_rebuilds_every_image_and_names_failures() {
     let s = Server::start(serde_json::json!({}));
     // A job running in the daemon meanwhile is not disturbed.
-    assert_eq!(
-        s.post(
-            "/jobs?async",
-            r#"{"project": "simple", "params": {"name": "busy", "sleep": "2"}}"#
-        )
-        .0,
-        201
-    );
-    wait_until("a pending build", || s.pending_dirs("simple") > 0);
+    s.start_slow_job("busy", "2");
     let out = Command::new(mistryd_bin())
         .arg("rebuild")
         .arg("--config")
@@ -944,15 +920,7 @@ fn sigterm_kills_jobs_still_running_after_the_grace_period() {
     s.grace = "1s".into();
     s.kill9();
     s.spawn();
-    assert_eq!(
-        s.post(
-            "/jobs?async",
-            r#"{"project": "simple", "params": {"name": "long", "sleep": "60"}}"#
-        )
-        .0,
-        201
-    );
-    wait_until("a pending build", || s.pending_dirs("simple") > 0);
+    s.start_slow_job("long", "60");
     let started = Instant::now();
     let status = s.term();
     assert!(status.success(), "{status:?}");

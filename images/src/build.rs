@@ -1041,14 +1041,7 @@ impl Run<'_> {
             None => (0, 0),
             Some(spec) => {
                 let resolved_user = match &parent_view {
-                    Some(crate::store::View::Dir(r)) => {
-                        sandbox::resolve_user(r, &User::Spec(spec.clone()))
-                    }
-                    Some(v) => sandbox::resolve_user_with(
-                        &User::Spec(spec.clone()),
-                        &v.read_small(Path::new("/etc/passwd")),
-                        &v.read_small(Path::new("/etc/group")),
-                    ),
+                    Some(v) => v.resolve_user(&User::Spec(spec.clone())),
                     None => sandbox::ResolvedUser::from_numeric(spec).ok_or_else(|| {
                         sandbox::Error::User {
                             spec: spec.clone(),

@@ -301,6 +301,22 @@ impl View {
         self.lookup(inside).is_some_and(|p| p.is_dir())
     }
 
+    /// Resolve a `USER` value against the image's `/etc/passwd` and `/etc/group` (a complete
+    /// tree is read confined to its root; layers through [`View::read_small`]).
+    pub fn resolve_user(
+        &self,
+        user: &sandbox::User,
+    ) -> Result<sandbox::ResolvedUser, sandbox::Error> {
+        match self {
+            View::Dir(root) => sandbox::resolve_user(root, user),
+            View::Layers(_) => sandbox::resolve_user_with(
+                user,
+                &self.read_small(Path::new("/etc/passwd")),
+                &self.read_small(Path::new("/etc/group")),
+            ),
+        }
+    }
+
     /// A small regular file of the image (not through a symlink); empty when missing.
     pub fn read_small(&self, inside: &Path) -> String {
         match self.lookup(inside) {

@@ -213,6 +213,15 @@ impl Server {
         (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
     }
 
+    /// Schedule project `simple` with `name` sleeping `sleep` seconds, and wait until it runs.
+    pub fn start_slow_job(&self, name: &str, sleep: &str) {
+        let body =
+            serde_json::json!({"project": "simple", "params": {"name": name, "sleep": sleep}});
+        let (status, text) = self.post("/jobs?async", &body.to_string());
+        assert_eq!(status, 201, "{text}");
+        super::wait_until("a pending build", || self.pending_dirs("simple") > 0);
+    }
+
     pub fn pending_dirs(&self, project: &str) -> usize {
         std::fs::read_dir(self.builds().join(project).join("pending"))
             .map(|d| d.count())
