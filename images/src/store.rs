@@ -539,14 +539,6 @@ impl Store {
         }
     }
 
-    /// A writable copy of snapshot `id` at `dst` (e.g. for a job).
-    pub fn clone_snapshot(&self, id: Option<&str>, dst: &Path) -> Result<(), StoreError> {
-        match id {
-            Some(id) => self.backend.snapshot(&self.snapshot_path(id), dst),
-            None => self.backend.create(dst),
-        }
-    }
-
     /// A writable root for a job on snapshot `id`, under `scratch` (which must not exist): an
     /// overlay over the image on the overlay backend and, when `overlay_ok`, on the plain one
     /// (no copy); a snapshot on btrfs or a copy otherwise. Remove `scratch` with
@@ -584,7 +576,7 @@ impl Store {
         Ok(Target::Dir(scratch.to_path_buf()))
     }
 
-    /// Remove a tree made by [`Store::clone_snapshot`] or [`Store::job_target`].
+    /// Remove a tree made by [`Store::job_target`].
     pub fn remove_tree(&self, path: &Path) -> Result<(), StoreError> {
         self.backend.remove(path)
     }
