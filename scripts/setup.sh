@@ -15,11 +15,17 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 
-PACKAGES="busybox-static uidmap bubblewrap hyperfine btrfs-progs gcc libc6-dev passwd procps skopeo util-linux docker-registry apache2-utils rsync openssh-server openssh-client chromium chromium-driver"
+PACKAGES="busybox-static uidmap bubblewrap hyperfine btrfs-progs gcc libc6-dev passwd procps skopeo util-linux docker-registry apache2-utils rsync openssh-server openssh-client chromium chromium-driver python3-pip wrk"
 missing=
 for p in $PACKAGES; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
 done
+# The seccomp tests run npm, pip and apt-get in a sandbox: npm from Debian unless the machine
+# has one already (e.g. with its own Node.js), and apt's package lists.
+command -v npm >/dev/null || missing="$missing npm"
+if [ -z "$missing" ] && ! ls /var/lib/apt/lists/*Packages* >/dev/null 2>&1; then
+    apt-get update -qq
+fi
 if [ -n "$missing" ]; then
     echo "setup.sh: installing$missing"
     apt-get update -qq

@@ -7,8 +7,8 @@
 #    the busybox base image;
 # 2. formatting and clippy (warnings are errors);
 # 3. every test of the workspace, as root;
-# 4. the sandbox tests again as mistry-test: rootless is the promise, and root in a VM hides
-#    mistakes.
+# 4. the sandbox, images, image build, registry, server and CLI tests again as mistry-test:
+#    rootless is the promise, and root in a VM hides mistakes.
 set -eu
 cd "$(dirname "$0")/.."
 
@@ -24,7 +24,7 @@ export MISTRY_TEST_BTRFS=/mnt/mistry-btrfs
 echo "== tests as root"
 cargo test --workspace
 
-echo "== sandbox, image build, registry and server tests as the unprivileged user mistry-test"
+echo "== sandbox, images, image build, registry, server and CLI tests as the unprivileged user mistry-test"
 # The test binaries, mistryd (the image helper), the probe and the base image go where
 # mistry-test can read them.
 unpriv=$(mktemp -d /tmp/mistry-unpriv.XXXXXX)
@@ -38,7 +38,8 @@ chown -R mistry-test: "$unpriv/rootfs" "$unpriv/images"
 cp target/debug/mistryd target/debug/mistry "$unpriv/"
 {
     cargo test -p sandbox --no-run --message-format=json 2>/dev/null
-    cargo test -p mistry --test image_build --test registry --test server --no-run --message-format=json 2>/dev/null
+    cargo test -p images --no-run --message-format=json 2>/dev/null
+    cargo test -p mistry --lib --test image_build --test registry --test server --test sandbox_cli --no-run --message-format=json 2>/dev/null
 } | grep -E '"profile":\{[^}]*"test":true' | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' > "$unpriv/list"
 status=0
 while read -r bin; do

@@ -240,6 +240,11 @@ pub fn build(args: BuildArgs) -> Result<i32> {
         }
         bail!("Build failed with exit code {exit_code}");
     }
+    // The job exited 0 but the build failed (e.g. it replaced /data/artifacts with a link).
+    let err_build = field("ErrBuild");
+    if !err_build.is_empty() {
+        bail!("Build failed: {err_build}");
+    }
     fetch(&args, &base, &agent, &field("Path"), &field("URL"))?;
     Ok(0)
 }

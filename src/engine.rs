@@ -26,7 +26,7 @@ use images::store::{Store, Target};
 use sandbox::{Bind, ExitStatus, Stdio, User};
 use tokio::sync::{watch, Semaphore};
 
-use crate::config::Config;
+use crate::config::{Config, Effective};
 use crate::jobs::{self, BuildInfo, JobRequest, NEVER_RAN, UNKNOWN_DURATION};
 use crate::metrics::Metrics;
 
@@ -323,6 +323,7 @@ impl Engine {
                 info.err_build = format!("Error building {}: work: {e}", req.project);
             }
         }
+        self.check_data(req, id, &pending, &mut info);
         info.duration = started.elapsed().as_nanos() as i64;
         if pending.is_dir() {
             let stored = BuildInfo {
@@ -365,6 +366,67 @@ impl Engine {
             incremental = info.incremental, error = %info.err_build, "job finished"
         );
         info
+    }
+
+    /// After a job: `data/artifacts` (what HTTP, rsync and scp serve), `data/cache` and
+    /// `data/params` (which the daemon writes into on the next build of the group) must be real
+    /// directories. A job that replaced one with a symlink (or anything else) gets it removed
+    /// (and an empty directory in its place), so that no transport follows it out of the job;
+    /// for artifacts the build fails with a clear ErrBuild, so it is neither linked nor cached.
+    fn check_data(&self, req: &JobRequest, id: &str, pending: &Path, info: &mut BuildInfo) {
+        let data = pending.join("data");
+        if !fs::symlink_metadata(&data).is_ok_and(|m| m.is_dir()) {
+            return;
+        }
+        for name in ["artifacts", "cache", "params"] {
+            let path = data.join(name);
+            let Ok(meta) = fs::symlink_metadata(&path) else {
+                // Removed by the job: nothing to serve, nothing to follow.
+                continue;
+            };
+            if meta.is_dir() {
+                continue;
+            }
+            let what = if meta.file_type().is_symlink() {
+                "a symlink"
+            } else {
+                "something that is not a directory"
+            };
+            // data/ may belong to the image's user: fall back to the user-namespace helper.
+            let removed = fs::remove_file(&path).or_else(|_| {
+                self.builder
+                    .store
+                    .tools()
+                    .remove_tree(&path)
+                    .map_err(|e| std::io::Error::other(e.to_string()))
+            });
+            if let Err(e) = &removed {
+                tracing::error!(project = %req.project, %id, path = %path.display(), error = %e, "could not remove what the job left instead of a directory");
+            }
+            let _ = fs::create_dir(&path);
+            let msg = format!(
+                "the job replaced /data/{name} with {what}; {}",
+                if name == "artifacts" {
+                    "its artifacts are not served"
+                } else {
+                    "it was removed"
+                }
+            );
+            tracing::warn!(project = %req.project, %id, "{msg}");
+            if let Ok(mut log) = OpenOptions::new()
+                .append(true)
+                .open(pending.join("out.log"))
+            {
+                let _ = writeln!(log, "mistry: {msg}");
+            }
+            if name == "artifacts" {
+                if info.err_build.is_empty() {
+                    info.err_build = msg;
+                } else {
+                    info.err_build = format!("{}; {msg}", info.err_build);
+                }
+            }
+        }
     }
 
     fn run_in(
@@ -417,7 +479,8 @@ impl Engine {
             }
         }
         // A previous build's data/ may belong to its image's user: give it back to sandbox root
-        // (the daemon's user) before the daemon writes the new params.
+        // (the daemon's user, or with --sandbox-ids subordinate a subordinate id the root daemon
+        // can write to anyway) before the daemon writes the new params.
         use std::os::unix::fs::MetadataExt;
         let ours = nix::unistd::geteuid().as_raw();
         if info.incremental && fs::metadata(&data).is_ok_and(|m| m.uid() != ours) {
@@ -453,6 +516,11 @@ impl Engine {
         opts.network = settings.network;
         opts.no_cache = req.rebuild;
         opts.run_timeout = settings.time_limit;
+        opts.policy = settings.security.policy();
+        opts.download.deny_connect = self.cfg.listen.clone();
+        if let Some(t) = settings.time_limit {
+            opts.download.timeout = opts.download.timeout.min(t);
+        }
         let image = match self.builder.build(&opts, &mut log) {
             Ok((image, _)) => image,
             Err(e) => {
@@ -463,7 +531,12 @@ impl Engine {
             }
         };
         // A job running as a non-root user of its image gets /data as its own (mistry's images
-        // create such a user from the `uid` build arg); sandbox root is the daemon's user.
+        // create such a user from the `uid` build arg); sandbox root is the daemon's user, or
+        // with --sandbox-ids subordinate a subordinate id that must be given /data too.
+        let subordinate = sandbox::idmap::default_mode() == sandbox::IdMapping::Subordinate;
+        if image.config.user.is_empty() && subordinate {
+            give_data(&data, 0, 0)?;
+        }
         if !image.config.user.is_empty() {
             let user = sandbox::User::Spec(image.config.user.clone());
             let resolved = match &image.snapshot {
@@ -472,6 +545,7 @@ impl Engine {
                 None => sandbox::resolve_user_with(&user, "", ""),
             };
             match resolved {
+                Ok(u) if subordinate => give_data(&data, u.uid, u.gid)?,
                 Ok(u) if u.uid != 0 || u.gid != 0 => {
                     tools
                         .chown_tree(&data, u.uid, u.gid)
@@ -498,16 +572,7 @@ impl Engine {
         let attempt = |info: &mut BuildInfo| -> Result<(Target, Result<(), String>), String> {
             let root = self.job_root(image.snapshot.as_deref(), &scratch)?;
             let r = self.run_sandbox(
-                req,
-                id,
-                &root,
-                &image,
-                &data,
-                pending,
-                &log,
-                settings.network,
-                settings.time_limit,
-                info,
+                req, id, &root, &image, &data, pending, &log, &settings, info,
             );
             Ok((root, r))
         };
@@ -519,6 +584,9 @@ impl Engine {
                 self.no_overlay.store(true, Ordering::SeqCst);
                 result = attempt(info)?.1;
             }
+        }
+        if let (Ok(()), Some(limit)) = (&result, settings.security.limits.disk) {
+            check_disk(&data, limit, &log, info);
         }
         let builder = Arc::clone(&self.builder);
         std::thread::spawn(move || {
@@ -550,8 +618,7 @@ impl Engine {
         data: &Path,
         pending: &Path,
         log: &File,
-        network: sandbox::NetworkMode,
-        time_limit: Option<Duration>,
+        settings: &Effective,
         info: &mut BuildInfo,
     ) -> Result<(), String> {
         let cfg = &image.config;
@@ -560,7 +627,8 @@ impl Engine {
             .sandbox()
             .command(cfg.command())
             .bind(Bind::new(data, "/data"))
-            .network(network)
+            .network(settings.network)
+            .policy(settings.security.policy())
             .cwd(if cfg.workdir.is_empty() {
                 "/"
             } else {
@@ -577,8 +645,16 @@ impl Engine {
         if !cfg.user.is_empty() {
             sb = sb.user(User::Spec(cfg.user.clone()));
         }
-        if let Some(t) = time_limit {
+        if let Some(t) = settings.time_limit {
             sb = sb.timeout(t);
+        }
+        if let Some(disk) = settings.security.limits.disk {
+            // No single file may be larger than all of data/ may hold.
+            sb = sb.rlimit(sandbox::Rlimit {
+                resource: sandbox::RlimitResource::FSize,
+                soft: disk,
+                hard: disk,
+            });
         }
         let mut child = match sb.spawn() {
             Ok(c) => c,
@@ -637,6 +713,11 @@ impl Engine {
                 info.err_build = format!("the job exceeded its time limit of {t:?} and was killed");
                 let _ = writeln!(l, "mistry: {}", info.err_build);
             }
+            Ok(ExitStatus::LimitExceeded(limit)) => {
+                info.exit_code = -1;
+                info.err_build = format!("the job {limit} and was killed");
+                let _ = writeln!(l, "mistry: {}", info.err_build);
+            }
             Ok(ExitStatus::Killed) => {
                 info.exit_code = -1;
                 info.err_build = "the job was killed (the server is shutting down)".into();
@@ -665,35 +746,48 @@ impl Engine {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let pids: Vec<i32> = self
-            .running
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .values()
-            .copied()
-            .collect();
-        for pid in pids {
-            tracing::warn!(pid, "killing a job still running at shutdown");
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-        // Let the killed jobs move to ready.
+        // Kill what runs, and what starts meanwhile (a job still building its image at the
+        // deadline starts its sandbox later); let the killed jobs move to ready.
+        let mut killed = std::collections::HashSet::new();
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !self
-            .pending
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .is_empty()
-            && Instant::now() < deadline
-        {
+        loop {
+            let pids: Vec<i32> = self
+                .running
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .copied()
+                .collect();
+            for pid in pids {
+                if killed.insert(pid) {
+                    tracing::warn!(pid, "killing a job still running at shutdown");
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+            let busy = !self
+                .pending
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_empty();
+            if !busy || Instant::now() >= deadline {
+                break;
+            }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
-    /// Every job on disk, newest first: (project, id, state, info).
-    pub fn list(&self) -> Vec<(String, String, &'static str, BuildInfo)> {
+    /// Every job on disk, newest first: (project, id, state). Only each job's start time is kept
+    /// while sorting, so memory does not grow with the jobs' params; read each job's BuildInfo
+    /// with [`Engine::job_info`] as it is sent.
+    pub fn list(&self) -> Vec<(String, String, &'static str)> {
+        #[derive(serde::Deserialize)]
+        struct Started {
+            #[serde(rename = "StartedAt", default)]
+            started_at: String,
+        }
         let mut out = Vec::new();
         for project in self.projects_with_builds() {
             for (state, dir) in [("pending", "pending"), ("ready", "ready")] {
@@ -702,14 +796,47 @@ impl Engine {
                 };
                 for e in entries.flatten() {
                     let id = e.file_name().to_string_lossy().into_owned();
-                    if let Some(info) = read_info(&e.path()) {
-                        out.push((project.clone(), id, state, info));
+                    let Ok(text) = fs::read(e.path().join("build_info.json")) else {
+                        continue;
+                    };
+                    if let Ok(s) = serde_json::from_slice::<Started>(&text) {
+                        out.push((s.started_at, project.clone(), id, state));
                     }
                 }
             }
         }
-        out.sort_by(|a, b| b.3.started_at.cmp(&a.3.started_at));
-        out
+        out.sort_by(|a, b| b.0.cmp(&a.0));
+        out.into_iter()
+            .map(|(_, p, id, state)| (p, id, state))
+            .collect()
+    }
+
+    /// A job's BuildInfo in the given state (`pending` or `ready`); a pending job that became
+    /// ready meanwhile is found there, with its new state.
+    pub fn job_info(
+        &self,
+        project: &str,
+        id: &str,
+        state: &'static str,
+    ) -> Option<(&'static str, BuildInfo)> {
+        let base = self.cfg.build_path.join(project);
+        if let Some(info) = read_info(&base.join(state).join(id)) {
+            return Some((state, info));
+        }
+        if state == "pending" {
+            return read_info(&base.join("ready").join(id)).map(|i| ("ready", i));
+        }
+        None
+    }
+
+    /// A queued or running job's state, in memory: the receiver holds `None` until the job is
+    /// ready (moved to `ready/`), then its BuildInfo. `None` when the job is not running.
+    pub fn watch(&self, project: &str, id: &str) -> Option<watch::Receiver<Option<BuildInfo>>> {
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&Self::key(project, id))
+            .cloned()
     }
 
     /// One job: its state, info and directory.
@@ -775,6 +902,67 @@ fn blank_info(cfg: &Config, req: &JobRequest, id: &str) -> BuildInfo {
         duration: UNKNOWN_DURATION,
         url: format!("job/{}/{id}", req.project),
     }
+}
+
+/// With `--sandbox-ids subordinate` (a root daemon), hand `data/` to sandbox ids `uid:gid`, i.e.
+/// the host ids they map to. Done by the daemon itself: the files it just wrote belong to host
+/// root, which is not mapped in the sandbox's user namespace. No link is followed.
+fn give_data(data: &Path, uid: u32, gid: u32) -> Result<(), String> {
+    use std::os::unix::fs::lchown;
+    let (mapping, _) = sandbox::idmap::try_choose(sandbox::IdMapping::Subordinate)
+        .map_err(|e| format!("giving /data to the sandbox: {e}"))?;
+    let (root_uid, root_gid) = mapping.root_ids();
+    let max = mapping.max_id();
+    if uid > max || gid > max {
+        return Err(format!(
+            "giving /data to the sandbox: {uid}:{gid} is not mapped (ids 0..={max} are)"
+        ));
+    }
+    let (host_uid, host_gid) = match (root_uid.checked_add(uid), root_gid.checked_add(gid)) {
+        (Some(u), Some(g)) => (u, g),
+        _ => {
+            return Err(format!(
+                "giving /data to the sandbox: {uid}:{gid} is out of range"
+            ))
+        }
+    };
+    let give = |p: &Path| {
+        lchown(p, Some(host_uid), Some(host_gid))
+            .map_err(|e| format!("giving {} to {host_uid}:{host_gid}: {e}", p.display()))
+    };
+    give(data)?;
+    let mut stack = vec![data.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let entries = fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| format!("{}: {e}", dir.display()))?;
+            let path = entry.path();
+            give(&path)?;
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(path);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// After a job: `data/` may hold at most `limit` bytes; a job that left more fails (its result
+/// is neither linked nor cached, and the next build of its group does not start from it).
+fn check_disk(data: &Path, limit: u64, log: &File, info: &mut BuildInfo) {
+    let msg = match crate::security::disk_usage(data, limit) {
+        Ok(used) if used <= limit => return,
+        Ok(_) => format!("the job's /data holds more than its disk limit of {limit} bytes"),
+        // A tree the daemon cannot read (e.g. a directory the job made mode 000) cannot be
+        // shown to be within the limit: it fails.
+        Err(e) => format!("the job's /data could not be measured against its disk limit: {e}"),
+    };
+    let mut l = log;
+    let _ = writeln!(l, "mistry: {msg}");
+    info.err_build = if info.err_build.is_empty() {
+        msg
+    } else {
+        format!("{}; {msg}", info.err_build)
+    };
 }
 
 fn read_info(dir: &Path) -> Option<BuildInfo> {

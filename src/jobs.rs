@@ -211,6 +211,111 @@ mod tests {
         assert!(check_name("param", "lockfile-v2_x.y").is_ok());
     }
 
+    mod props {
+        use super::super::*;
+        use proptest::prelude::*;
+        use serde_json::Value;
+
+        fn json_value() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(Value::from),
+                any::<f64>().prop_map(Value::from),
+                any::<String>().prop_map(Value::String),
+                "[./a-z\\x00]{0,4}".prop_map(Value::String),
+            ];
+            leaf.prop_recursive(3, 32, 6, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                    prop::collection::btree_map(any::<String>(), inner, 0..6)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        fn field_name() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just("project".to_string()),
+                Just("Project".to_string()),
+                Just("PARAMS".to_string()),
+                Just("params".to_string()),
+                Just("Group".to_string()),
+                Just("rebuild".to_string()),
+                any::<String>(),
+            ]
+        }
+
+        fn request() -> impl Strategy<Value = Value> {
+            let params = prop_oneof![
+                prop::collection::btree_map(any::<String>(), any::<String>(), 0..6).prop_map(|m| {
+                    Value::Object(m.into_iter().map(|(k, v)| (k, Value::String(v))).collect())
+                }),
+                json_value(),
+            ];
+            let value = prop_oneof![json_value(), params];
+            prop::collection::vec((field_name(), value), 0..8)
+                .prop_map(|kv| Value::Object(kv.into_iter().collect()))
+        }
+
+        fn assert_safe_name(name: &str) {
+            assert!(!name.is_empty());
+            assert!(!name.contains('/') && !name.contains('\0'), "{name:?}");
+            assert!(
+                name != "." && name != ".." && !name.starts_with('.'),
+                "{name:?}"
+            );
+            assert!(name.len() <= 255);
+            // One normal path component: it cannot leave the directory it is joined to.
+            let parts: Vec<_> = Path::new(name).components().collect();
+            assert_eq!(
+                parts,
+                vec![std::path::Component::Normal(std::ffi::OsStr::new(name))]
+            );
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+            #[test]
+            fn any_bytes_never_panic(body in prop::collection::vec(any::<u8>(), 0..512)) {
+                let _ = JobRequest::parse(&body);
+            }
+
+            #[test]
+            fn any_json_request_never_panics(req in request()) {
+                let body = serde_json::to_vec(&req).unwrap();
+                if let Ok(parsed) = JobRequest::parse(&body) {
+                    // What was accepted is what was sent (the last of case-insensitive duplicates).
+                    for (k, v) in req.as_object().unwrap() {
+                        if k.eq_ignore_ascii_case("project") {
+                            prop_assert!(v.is_string());
+                        }
+                    }
+                    for name in std::iter::once(&parsed.project)
+                        .chain(std::iter::once(&parsed.group))
+                        .chain(parsed.params.keys())
+                    {
+                        if check_name("name", name).is_ok() {
+                            assert_safe_name(name);
+                        }
+                    }
+                }
+            }
+
+            #[test]
+            fn accepted_names_stay_inside(name in prop_oneof![
+                any::<String>(),
+                "[./\\x00a]{0,6}",
+                "\\.{1,3}[a-z/]{0,3}",
+            ]) {
+                if check_name("param", &name).is_ok() {
+                    assert_safe_name(&name);
+                }
+            }
+        }
+    }
+
     #[test]
     fn ids_follow_mistry() {
         let dir = tempfile::tempdir().unwrap();

@@ -12,5 +12,6 @@ pub mod image_cli;
 pub mod jobs;
 pub mod metrics;
 pub mod sandbox_cli;
+pub mod security;
 pub mod server;
 pub mod stream_json;

@@ -4,7 +4,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
-use sandbox::{Bind, CgroupLimits, IdMapping, NetworkMode, Rlimit, Sandbox, Stdio, User};
+use sandbox::{
+    Bind, CgroupLimits, IdMapping, Limits, NetworkMode, Policy, Rlimit, Sandbox, Seccomp, Stdio,
+    User,
+};
 
 /// Options of `mistryd sandbox run`.
 #[derive(Debug, Args)]
@@ -42,17 +45,37 @@ pub struct RunArgs {
     /// Resource limit, e.g. nofile=1024:4096 (nofile, nproc, core, fsize, as, cpu, stack).
     #[arg(long = "rlimit", value_name = "NAME=SOFT[:HARD]")]
     pub rlimits: Vec<Rlimit>,
-    /// cgroup v2 memory limit in bytes (skipped with a warning where not delegated).
+    /// Memory limit of the whole sandbox, bytes: cgroup v2 or v1 where writable, else a
+    /// watchdog (best effort). Default: none.
     #[arg(long, value_name = "BYTES")]
     pub memory: Option<u64>,
-    /// cgroup v2 limit on the number of processes.
+    /// Process (and thread) limit of the whole sandbox [default: 1024]; 0 for none.
     #[arg(long, value_name = "N")]
     pub pids: Option<u64>,
-    /// cgroup v2 CPU limit, in CPUs (e.g. 1.5).
+    /// Open files per process, SOFT[:HARD] [default: 1024:65536]; 0 for the caller's own.
+    #[arg(long, value_name = "SOFT[:HARD]", value_parser = parse_nofile)]
+    pub nofile: Option<(u64, u64)>,
+    /// cgroup v2 CPU limit, in CPUs (e.g. 1.5); skipped with a warning where not delegated.
     #[arg(long, value_name = "CPUS")]
     pub cpus: Option<f64>,
-    /// Force the single-id user namespace map even when a subordinate range exists.
+    /// Seccomp filter: `default` (Docker-like), `unconfined`, or the path of a Docker/OCI JSON
+    /// profile.
+    #[arg(
+        long,
+        default_value = "default",
+        value_name = "default|unconfined|PATH"
+    )]
+    pub seccomp: Seccomp,
+    /// Let processes of the sandbox create user namespaces of their own (off by default).
     #[arg(long)]
+    pub allow_nested_userns: bool,
+    /// Id mapping: `auto` (the caller as root, plus its subordinate range if any), `single`
+    /// (only the caller) or `subordinate` (root and all ids on the subordinate range, even for
+    /// a root caller).
+    #[arg(long, value_name = "auto|single|subordinate")]
+    pub sandbox_ids: Option<IdMapping>,
+    /// Force the single-id user namespace map (same as --sandbox-ids single).
+    #[arg(long, conflicts_with = "sandbox_ids")]
     pub single_id_map: bool,
     /// The command and its arguments.
     #[arg(last = true, required = true, value_name = "CMD")]
@@ -64,6 +87,22 @@ fn parse_env(s: &str) -> Result<(String, String), String> {
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .filter(|(k, _)| !k.is_empty())
         .ok_or_else(|| format!("invalid environment variable {s:?} (expected K=V)"))
+}
+
+/// `SOFT[:HARD]` (`0` for no limit of our own).
+fn parse_nofile(s: &str) -> Result<(u64, u64), String> {
+    let num = |v: &str| {
+        v.parse::<u64>()
+            .map_err(|_| format!("invalid open file limit {s:?} (expected SOFT[:HARD])"))
+    };
+    let (soft, hard) = match s.split_once(':') {
+        Some((a, b)) => (num(a)?, num(b)?),
+        None => (num(s)?, num(s)?),
+    };
+    if soft > hard {
+        return Err(format!("open file limit {s:?}: soft above hard"));
+    }
+    Ok((soft, hard))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -82,12 +121,31 @@ impl RunArgs {
             .read_only_root(self.read_only)
             .stdin(Stdio::Inherit)
             .cgroup_limits(CgroupLimits {
-                memory_max: self.memory,
-                pids_max: self.pids,
                 cpus: self.cpus,
+                ..CgroupLimits::default()
             });
+        let defaults = Limits::default();
+        sb = sb.policy(Policy {
+            seccomp: self.seccomp,
+            nested_user_namespaces: self.allow_nested_userns,
+            limits: Limits {
+                pids: match self.pids {
+                    Some(0) => None,
+                    Some(n) => Some(n),
+                    None => defaults.pids,
+                },
+                memory: self.memory,
+                nofile: match self.nofile {
+                    Some((_, 0)) => None,
+                    Some(n) => Some(n),
+                    None => defaults.nofile,
+                },
+            },
+        });
         if self.single_id_map {
             sb = sb.id_mapping(IdMapping::Single);
+        } else if let Some(ids) = self.sandbox_ids {
+            sb = sb.id_mapping(ids);
         }
         if let Some(user) = self.user {
             sb = sb.user(user);
@@ -109,8 +167,8 @@ impl RunArgs {
 }
 
 /// Run the sandbox; returns the exit code the CLI should exit with: the job's own code, 128 + N
-/// for death by signal N, 124 on timeout; 127 when the program could not be executed and 125 for
-/// any other failure to start (as `docker run` does).
+/// for death by signal N, 124 on timeout, 137 when a limit ended it; 127 when the program could
+/// not be executed and 125 for any other failure to start (as `docker run` does).
 pub fn run(args: RunArgs) -> i32 {
     match args.sandbox().status() {
         Ok(status) => {

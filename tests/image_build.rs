@@ -654,3 +654,503 @@ fn different_projects_build_in_parallel() {
         assert!(started.elapsed() < std::time::Duration::from_secs(10));
     });
 }
+
+// ---- Issue 9: hostile Dockerfiles, contexts, stages and layers ----------------------------
+
+/// A directory outside the store with one file in it, that no build may touch.
+fn sentinel(env: &Env, name: &str) -> PathBuf {
+    let dir = env.root.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("keep"), "untouched").unwrap();
+    dir
+}
+
+fn assert_untouched(dir: &Path) {
+    let names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names,
+        ["keep"],
+        "something was written into {}",
+        dir.display()
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("keep")).unwrap(),
+        "untouched"
+    );
+}
+
+/// `RUN` making /l1 -> l2 -> ... -> l45 -> `target` (45 links, more than the kernel follows).
+fn chain_run(target: &Path) -> String {
+    format!(
+        "RUN i=1; while [ $i -lt 45 ]; do ln -s l$((i+1)) /l$i; i=$((i+1)); done; ln -s {} /l45",
+        target.display()
+    )
+}
+
+#[test]
+fn symlink_chains_never_lead_writes_out_of_the_image() {
+    each_backend(|env| {
+        let outside = sentinel(env, "sentinel-chain");
+        // The store's own snapshots are a target too (another project's base).
+        let snapshots = env.builder.store.root.join("snapshots");
+        for (name, target, step) in [
+            ("chain-store", &snapshots, "COPY file /l1/poison"),
+            ("chain-copy", &outside, "COPY file /l1/copied"),
+            ("chain-copy-dir", &outside, "COPY file /l1/"),
+            ("chain-add", &outside, "ADD x.tar /l1/"),
+            ("chain-workdir", &outside, "WORKDIR /l1/sub"),
+        ] {
+            let before: Vec<_> = std::fs::read_dir(&snapshots)
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            let ctx = env.project(
+                name,
+                &[
+                    (
+                        "Dockerfile",
+                        &format!("FROM busybox\n{}\n{step}\n", chain_run(target)),
+                    ),
+                    ("file", "payload"),
+                ],
+            );
+            let mut b = tar::Builder::new(Vec::new());
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o644);
+            h.set_size(7);
+            b.append_data(&mut h, "from-tar", &b"payload"[..]).unwrap();
+            std::fs::write(ctx.join("x.tar"), b.into_inner().unwrap()).unwrap();
+            let result = env.build_with(&ctx, |_| {});
+            assert_untouched(&outside);
+            assert!(
+                !snapshots.join("poison").exists(),
+                "{name}: wrote into the store"
+            );
+            // Only snapshots (the base layers, the RUN step) were added to the store.
+            for e in std::fs::read_dir(&snapshots).unwrap() {
+                let e = e.unwrap();
+                if before.contains(&e.file_name()) {
+                    continue;
+                }
+                let n = e.file_name().to_string_lossy().into_owned();
+                assert!(
+                    n.len() == 64 && n.chars().all(|c| c.is_ascii_hexdigit()),
+                    "{name}: {n} written into the store"
+                );
+                assert!(!e.path().join("poison").exists(), "{name}");
+            }
+            let (e, log) = result.unwrap_err();
+            let msg = e.to_string();
+            assert!(
+                msg.contains("ELOOP") && msg.contains("/l1") && msg.contains("(line 3)"),
+                "{name}: {msg}\n{log}"
+            );
+            assert!(env.tmp_is_empty(), "{name}");
+        }
+        // A short chain is followed inside the image, as Docker does: the write lands in the
+        // image at the link's target, never on the host.
+        let ctx = env.project(
+            "short-chain",
+            &[
+                (
+                    "Dockerfile",
+                    &format!(
+                        "FROM busybox\nRUN ln -s {} /short\nCOPY file /short/copied\nWORKDIR /short/wd\n",
+                        outside.display()
+                    ),
+                ),
+                ("file", "payload"),
+            ],
+        );
+        let (image, _, _) = env.build(&ctx);
+        assert_untouched(&outside);
+        let (status, out, err) = env.sh(
+            &image,
+            &format!(
+                "cat {0}/copied; test -d {0}/wd && echo dir",
+                outside.display()
+            ),
+        );
+        assert_eq!(status, ExitStatus::Exited(0), "{err}");
+        assert_eq!(out, "payloaddir\n");
+    });
+}
+
+/// A raw tar entry (any name, unchecked), as a hostile layer carries.
+fn raw_tar_entry(out: &mut Vec<u8>, name: &str, kind: tar::EntryType, link: &str, data: &[u8]) {
+    let mut h = tar::Header::new_gnu();
+    h.as_gnu_mut().unwrap().name[..name.len()].copy_from_slice(name.as_bytes());
+    h.as_gnu_mut().unwrap().linkname[..link.len()].copy_from_slice(link.as_bytes());
+    h.set_mode(if kind == tar::EntryType::Directory {
+        0o755
+    } else {
+        0o644
+    });
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_size(data.len() as u64);
+    h.set_entry_type(kind);
+    h.set_cksum();
+    out.extend_from_slice(h.as_bytes());
+    out.extend_from_slice(data);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+}
+
+#[test]
+fn hostile_base_layers_stay_inside_the_image() {
+    each_backend(|env| {
+        let outside = sentinel(env, "sentinel-layer");
+        let images = env.root.join("hostile-images");
+        let mut chain = Vec::new();
+        for i in 1..45 {
+            raw_tar_entry(
+                &mut chain,
+                &format!("l{i}"),
+                tar::EntryType::Symlink,
+                &format!("l{}", i + 1),
+                b"",
+            );
+        }
+        let out_s = outside.display().to_string();
+        raw_tar_entry(&mut chain, "l45", tar::EntryType::Symlink, &out_s, b"");
+        let mut evil = chain.clone();
+        raw_tar_entry(&mut evil, "l1/evil", tar::EntryType::Regular, "", b"pwned");
+        evil.extend_from_slice(&[0u8; 1024]);
+        layout_with_layer(&images.join("chain-file"), &evil);
+        // A hard link whose target is reached through the chain, and a whiteout through it.
+        let mut hard = chain.clone();
+        raw_tar_entry(&mut hard, "stolen", tar::EntryType::Link, "l1/keep", b"");
+        hard.extend_from_slice(&[0u8; 1024]);
+        layout_with_layer(&images.join("chain-hardlink"), &hard);
+        let mut wh = chain.clone();
+        raw_tar_entry(&mut wh, "l1/.wh.keep", tar::EntryType::Regular, "", b"");
+        raw_tar_entry(&mut wh, "l1/.wh..wh..opq", tar::EntryType::Regular, "", b"");
+        wh.extend_from_slice(&[0u8; 1024]);
+        layout_with_layer(&images.join("chain-whiteout"), &wh);
+
+        let store = Store::open(
+            &env.root.join("store-hostile"),
+            Some(env.builder.store.backend()),
+            helper(),
+        )
+        .unwrap();
+        let b = Builder::new(store, vec![Box::new(LocalImages { dir: images })]);
+        for (name, expect) in [
+            ("chain-file", "ELOOP"),
+            ("chain-hardlink", "ELOOP"),
+            ("chain-whiteout", "ELOOP"),
+        ] {
+            let ctx = env.project(name, &[("Dockerfile", &format!("FROM {name}\n"))]);
+            let mut log = Vec::new();
+            let e = b
+                .build(&BuildOptions::new(name, &ctx), &mut log)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains(expect) && e.contains("layer sha256:"),
+                "{name}: {e}"
+            );
+            assert_untouched(&outside);
+        }
+        assert_eq!(
+            std::fs::read_dir(b.store.root.join("tmp")).unwrap().count(),
+            0
+        );
+    });
+}
+
+#[test]
+fn copy_sources_resolve_inside_the_context_and_the_stage() {
+    each_backend(|env| {
+        let secret = env.root.join("host-secret.txt");
+        std::fs::write(&secret, "host secret").unwrap();
+        let rel_secret = secret.strip_prefix("/").unwrap().display().to_string();
+        let ctx = env.project(
+            "ctx-links",
+            &[
+                ("Dockerfile", "FROM busybox\n"),
+                ("dir/plain", "plain"),
+                // The same path inside the context: what `rootlink/...` must mean.
+                (&rel_secret, "context copy"),
+            ],
+        );
+        std::os::unix::fs::symlink("/", ctx.join("rootlink")).unwrap();
+        std::os::unix::fs::symlink("../../../../../../../../..", ctx.join("uplink")).unwrap();
+        std::os::unix::fs::symlink(&secret, ctx.join("abslink")).unwrap();
+        std::os::unix::fs::symlink(&secret, ctx.join("dir/inner-link")).unwrap();
+        let df = |body: &str| {
+            std::fs::write(ctx.join("Dockerfile"), format!("FROM busybox\n{body}\n")).unwrap()
+        };
+
+        // A link to / is the context's root; a final link is followed inside the context.
+        df(&format!(
+            "COPY rootlink/{rel_secret} /a\nCOPY uplink/{rel_secret} /b\nCOPY abslink /c\nCOPY dir /d/"
+        ));
+        let (image, _, log) = env.build(&ctx);
+        let (status, out, err) = env.sh(
+            &image,
+            "cat /a /b /c; echo; readlink /d/inner-link; cat /d/plain",
+        );
+        assert_eq!(status, ExitStatus::Exited(0), "{err}\n{log}");
+        assert_eq!(
+            out,
+            format!(
+                "context copycontext copycontext copy\n{}\nplain",
+                secret.display()
+            )
+        );
+        // Without that copy in the context, the host's file is not found, never copied.
+        std::fs::remove_file(ctx.join(&rel_secret)).unwrap();
+        for body in [
+            format!("COPY rootlink/{rel_secret} /a"),
+            "COPY abslink /c".to_string(),
+            format!("COPY uplink/{rel_secret} /b"),
+        ] {
+            df(&body);
+            let (e, _) = env.build_with(&ctx, |_| {}).unwrap_err();
+            assert!(
+                e.to_string().contains("not found in the build context"),
+                "{body}: {e}"
+            );
+        }
+
+        // COPY --from resolves inside the stage's root.
+        let stage = env.project(
+            "stage-links",
+            &[(
+                "Dockerfile",
+                "FROM busybox AS s\nRUN ln -s / /hostroot && mkdir -p /root && echo stage-secret > /root/secret\n\
+                 FROM busybox\nCOPY --from=s /hostroot/root/secret /x\n",
+            )],
+        );
+        let (image, _, _) = env.build(&stage);
+        assert_eq!(env.sh(&image, "cat /x").1, "stage-secret\n");
+        std::fs::write(
+            stage.join("Dockerfile"),
+            format!(
+                "FROM busybox AS s\nRUN ln -s / /hostroot\nFROM busybox\nCOPY --from=s /hostroot/{rel_secret} /x\n"
+            ),
+        )
+        .unwrap();
+        let (e, _) = env.build_with(&stage, |_| {}).unwrap_err();
+        assert!(e.to_string().contains("not found"), "{e}");
+    });
+}
+
+fn max_rss_kib() -> i64 {
+    nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_SELF)
+        .unwrap()
+        .max_rss()
+}
+
+#[test]
+fn expansion_bombs_fail_fast_naming_the_line() {
+    let env = env_for(BackendKind::Plain, None);
+    let mut bomb = String::from("ARG L1=xxxxxxxxxx\n");
+    for i in 2..=10 {
+        bomb.push_str(&format!(
+            "ARG L{i}={}\n",
+            format!("${{L{}}}", i - 1).repeat(10)
+        ));
+    }
+    let started = std::time::Instant::now();
+    // Inside a stage and as global ARGs (before FROM).
+    for (name, text, line) in [
+        (
+            "bomb-stage",
+            format!("FROM busybox\n{bomb}RUN echo $L10\n"),
+            8,
+        ),
+        ("bomb-global", format!("{bomb}FROM busybox\n"), 7),
+    ] {
+        let ctx = env.project(name, &[("Dockerfile", &text)]);
+        let (e, _) = env.build_with(&ctx, |_| {}).unwrap_err();
+        let e = e.to_string();
+        assert!(e.contains("longer than 1 MiB"), "{e}");
+        assert!(e.contains(&format!("(line {line})")), "{e}");
+    }
+    // Many words under the cap each, piling up.
+    let mut pile = String::from("FROM busybox\nARG A=xxxxxxxxxx\nARG B=");
+    pile.push_str(&"${A}".repeat(100_000));
+    pile.push('\n');
+    for i in 0..40 {
+        pile.push_str(&format!("LABEL l{i}=$B\n"));
+    }
+    let ctx = env.project("bomb-pile", &[("Dockerfile", &pile)]);
+    let (e, _) = env.build_with(&ctx, |_| {}).unwrap_err();
+    assert!(e.to_string().contains("more than 16 MiB"), "{e}");
+    // A Dockerfile over 1 MiB is refused without being read whole.
+    let big = format!("FROM busybox\n# {}\n", "x".repeat(1 << 20));
+    let ctx = env.project("bomb-big", &[("Dockerfile", &big)]);
+    let (e, _) = env.build_with(&ctx, |_| {}).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "Dockerfile line 1: the Dockerfile is larger than the limit of 1 MiB"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
+    // Peak memory of this whole test process stays small (the bomb would take gigabytes).
+    assert!(max_rss_kib() < 512 * 1024, "max rss {} KiB", max_rss_kib());
+}
+
+#[test]
+fn stage_chains_and_deep_trees_are_bounded() {
+    let env = env_for(BackendKind::Plain, None);
+    // Each stage built on the previous one copies its (large) ENV: the copies count against
+    // the substitution budget instead of multiplying in memory.
+    let mut chain = String::from("FROM busybox AS s0\nARG A=xxxxxxxxxx\nENV E=");
+    chain.push_str(&"${A}".repeat(90_000));
+    chain.push('\n');
+    for i in 1..=40 {
+        chain.push_str(&format!("FROM s{} AS s{i}\n", i - 1));
+    }
+    let ctx = env.project("bomb-chain", &[("Dockerfile", &chain)]);
+    let (e, _) = env.build_with(&ctx, |_| {}).unwrap_err();
+    assert!(e.to_string().contains("more than 16 MiB"), "{e}");
+    // A tree deeper than the walk allows is an error naming it, not a stack overflow.
+    let deep = "FROM busybox AS deep\nRUN mkdir -p /d/$(seq -s / 1 300)\nFROM busybox\nCOPY --from=deep /d /x\n";
+    let ctx = env.project("deep-tree", &[("Dockerfile", deep)]);
+    let (e, _) = env.build_with(&ctx, |_| {}).unwrap_err();
+    assert!(
+        e.to_string().contains("more than 256 directory levels"),
+        "{e}"
+    );
+}
+
+/// An HTTP server on 127.0.0.1 answering every request with `respond(path)`.
+fn serve_with(respond: impl Fn(&str, u16) -> Vec<u8> + Send + 'static) -> std::net::SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(64) {
+            let Ok(mut s) = stream else { continue };
+            let mut buf = [0u8; 4096];
+            let n = s.read(&mut buf).unwrap_or(0);
+            let req = String::from_utf8_lossy(&buf[..n]);
+            let path = req.split_whitespace().nth(1).unwrap_or("/").to_string();
+            let _ = s.write_all(&respond(&path, addr.port()));
+        }
+    });
+    addr
+}
+
+#[test]
+fn add_url_follows_the_network_policy() {
+    let env = env_for(BackendKind::Plain, None);
+    let addr = serve_with(|path, port| {
+        match path {
+        "/loop" => format!(
+            "HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1:{port}/loop\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        .into_bytes(),
+        "/big" => {
+            let mut r = b"HTTP/1.1 200 OK\r\nContent-Length: 5000\r\nConnection: close\r\n\r\n".to_vec();
+            r.extend(vec![b'x'; 5000]);
+            r
+        }
+        "/big-unsized" => {
+            let mut r = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n".to_vec();
+            r.extend(vec![b'x'; 5000]);
+            r
+        }
+        _ => b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n".to_vec(),
+    }
+    });
+    let add = |name: &str, path: &str| {
+        env.project(
+            name,
+            &[(
+                "Dockerfile",
+                &format!("FROM busybox\nADD http://{addr}{path} /got\nRUN cat /got\n"),
+            )],
+        )
+    };
+    // Allowed: a small file.
+    let (image, _, _) = env.build(&add("url-ok", "/ok"));
+    assert_eq!(env.sh(&image, "cat /got").1, "ok\n");
+    // network: none refuses the download.
+    let (e, _) = env
+        .build_with(&add("url-none", "/ok2"), |o| {
+            o.network = sandbox::NetworkMode::None
+        })
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("downloading is not allowed with network \"none\""),
+        "{e}"
+    );
+    // A redirect loop stops at the limit.
+    let (e, _) = env
+        .build_with(&add("url-loop", "/loop"), |_| {})
+        .unwrap_err();
+    assert!(e.to_string().contains("more than 10 redirects"), "{e}");
+    // Bodies over the limit, announced or not.
+    for (name, path) in [("url-big", "/big"), ("url-big-unsized", "/big-unsized")] {
+        let (e, _) = env
+            .build_with(&add(name, path), |o| o.download.max_bytes = 1000)
+            .unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("larger than the limit of 1000 bytes"),
+            "{name}: {e}"
+        );
+    }
+    // The daemon's own address (as listened on: exact, or every address of the port).
+    for deny in [addr, format!("0.0.0.0:{}", addr.port()).parse().unwrap()] {
+        let (e, _) = env
+            .build_with(&add("url-deny", "/ok3"), |o| {
+                o.download.deny_connect = vec![deny]
+            })
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("build server's own address"),
+            "{deny}: {e}"
+        );
+    }
+    // Reached through a redirect from an allowed server: refused too.
+    let redirector = serve_with(move |_, _| {
+        format!(
+            "HTTP/1.1 302 Found\r\nLocation: http://localhost:{}/ok4\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+            addr.port()
+        )
+        .into_bytes()
+    });
+    let ctx = env.project(
+        "url-redirect-deny",
+        &[(
+            "Dockerfile",
+            &format!("FROM busybox\nADD http://{redirector}/x /got\n"),
+        )],
+    );
+    let (e, _) = env
+        .build_with(&ctx, |o| o.download.deny_connect = vec![addr])
+        .unwrap_err();
+    assert!(e.to_string().contains("build server's own address"), "{e}");
+    assert!(env.tmp_is_empty());
+}
+
+#[test]
+fn dockerfile_and_dockerignore_links_stay_in_the_context() {
+    let env = env_for(BackendKind::Plain, None);
+    let host_df = env.root.join("host-Dockerfile");
+    std::fs::write(&host_df, "FROM busybox\nRUN echo from-the-host\n").unwrap();
+    let host_ignore = env.root.join("host-ignore");
+    std::fs::write(&host_ignore, "secret-line[\n").unwrap();
+    let ctx = env.project("df-links", &[("file", "f")]);
+    std::os::unix::fs::symlink(&host_df, ctx.join("Dockerfile")).unwrap();
+    let (e, _) = env.build_with(&ctx, |_| {}).unwrap_err();
+    assert!(
+        e.to_string().contains("No such file or directory"),
+        "the host's Dockerfile was read: {e}"
+    );
+    // Inside the context, the same link target is what is read.
+    let inner = ctx.join(host_df.strip_prefix("/").unwrap());
+    std::fs::create_dir_all(inner.parent().unwrap()).unwrap();
+    std::fs::write(&inner, "FROM busybox\nCOPY . /ctx/\n").unwrap();
+    std::os::unix::fs::symlink(&host_ignore, ctx.join(".dockerignore")).unwrap();
+    let (image, _, log) = env.build(&ctx);
+    assert!(!log.contains("secret-line"), "{log}");
+    assert_eq!(env.sh(&image, "cat /ctx/file").1, "f");
+}

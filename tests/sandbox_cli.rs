@@ -223,3 +223,137 @@ fn disabled_user_namespaces_name_the_sysctl() {
          user.max_user_namespaces is 0 (set it to e.g. 15000)\n"
     );
 }
+
+fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+#[test]
+fn seccomp_flag_chooses_the_filter() {
+    let status = |extra: &[&str]| {
+        let out = run(extra, &["/bin/grep", "^Seccomp:", "/proc/self/status"]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        text(&out.stdout)
+    };
+    assert_eq!(status(&[]), "Seccomp:\t2\n");
+    assert_eq!(status(&["--seccomp", "default"]), "Seccomp:\t2\n");
+    assert_eq!(status(&["--seccomp", "unconfined"]), "Seccomp:\t0\n");
+    // A profile file: mkdir refused with EACCES.
+    let dir = tempfile::tempdir().unwrap();
+    let profile = dir.path().join("p.json");
+    std::fs::write(
+        &profile,
+        r#"{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+            {"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 13}]}"#,
+    )
+    .unwrap();
+    let p = profile.to_str().unwrap();
+    let out = run(&["--seccomp", p], &["/bin/mkdir", "/tmp/x"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        text(&out.stderr),
+        "mkdir: can't create directory '/tmp/x': Permission denied\n"
+    );
+    // A broken profile: 125 and one line naming it.
+    std::fs::write(&profile, "{").unwrap();
+    let out = run(&["--seccomp", p], &["/bin/true"]);
+    assert_eq!(out.status.code(), Some(125));
+    let err = text(&out.stderr);
+    assert!(
+        err.starts_with(&format!("mistryd: seccomp profile {p}: EOF while parsing")),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+#[test]
+fn nested_user_namespaces_need_the_flag() {
+    let cmd = ["/bin/cat", "/proc/sys/user/max_user_namespaces"];
+    assert_eq!(text(&run(&[], &cmd).stdout), "0\n");
+    let out = run(&["--allow-nested-userns"], &cmd);
+    assert_ne!(text(&out.stdout), "0\n");
+    assert_eq!(out.status.code(), Some(0));
+}
+
+#[test]
+fn limits_flags_reach_the_job() {
+    let out = run(
+        &["--pids", "64", "--nofile", "32:64"],
+        &[
+            "/bin/sh",
+            "-c",
+            "grep -E '^Max (processes|open files)' /proc/self/limits | tr -s ' '",
+        ],
+    );
+    assert_eq!(
+        text(&out.stdout),
+        "Max processes 64 64 processes \nMax open files 32 64 files \n",
+        "{}",
+        text(&out.stderr)
+    );
+    // The default: 1024 processes, 1024 open files (within the caller's own hard limits).
+    let out = run(&[], &["/bin/sh", "-c", "ulimit -n"]);
+    assert_eq!(text(&out.stdout), "1024\n");
+    // --pids 0: no process limit of ours.
+    let out = run(&["--pids", "0"], &["/bin/sh", "-c", "ulimit -u"]);
+    assert_ne!(text(&out.stdout), "1024\n");
+}
+
+#[test]
+fn a_process_limit_ends_the_job_with_137_and_says_why() {
+    let out = run(
+        &["--pids", "64"],
+        &["/bin/sh", "-c", "while :; do sleep 100 & done"],
+    );
+    let err = text(&out.stderr);
+    if is_root() {
+        // The cgroup v1 pids controller (writable as root here) counts the refused fork.
+        assert_eq!(out.status.code(), Some(137), "{err}");
+        assert_eq!(
+            err.lines().last(),
+            Some("mistryd: sandbox: exceeded its process limit of 64")
+        );
+    } else {
+        // RLIMIT_NPROC refuses the fork; the shell exits at once.
+        assert!(matches!(out.status.code(), Some(2) | Some(137)), "{err}");
+        assert!(err.contains("can't fork"), "{err}");
+    }
+}
+
+#[test]
+fn sandbox_ids_flag_chooses_the_mapping() {
+    let map = |extra: &[&str]| {
+        let out = run(extra, &["/bin/cat", "/proc/self/uid_map"]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        text(&out.stdout)
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect::<Vec<_>>()
+    };
+    let uid = nix::unistd::geteuid().as_raw();
+    assert_eq!(map(&["--sandbox-ids", "single"]), [format!("0 {uid} 1")]);
+    assert_eq!(map(&["--single-id-map"]), [format!("0 {uid} 1")]);
+    let name = nix::unistd::User::from_uid(nix::unistd::geteuid())
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .unwrap_or_default();
+    let subuid = std::fs::read_to_string("/etc/subuid").unwrap_or_default();
+    let Some(start) = subuid.lines().find_map(|l| {
+        let mut f = l.split(':');
+        let (owner, start) = (f.next()?, f.next()?);
+        (owner == name || owner == uid.to_string()).then(|| start.to_string())
+    }) else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "needs a subordinate range (scripts/setup.sh)"
+        );
+        return;
+    };
+    assert_eq!(
+        map(&["--sandbox-ids", "subordinate"]),
+        [format!("0 {start} 65536")]
+    );
+    let out = run(&["--sandbox-ids", "bogus"], &["/bin/true"]);
+    assert_eq!(out.status.code(), Some(2));
+}

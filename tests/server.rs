@@ -458,8 +458,8 @@ fn btrfs_backend_end_to_end() {
 #[test]
 fn rebuild_rebuilds_every_image_and_names_failures() {
     let s = Server::start(serde_json::json!({}));
-    // A job running in the daemon meanwhile is not disturbed.
-    s.start_slow_job("busy", "2");
+    // A job running in the daemon meanwhile is not disturbed (it outlasts both rebuilds).
+    s.start_slow_job("busy", "6");
     let out = Command::new(mistryd_bin())
         .arg("rebuild")
         .arg("--config")
@@ -487,7 +487,7 @@ fn rebuild_rebuilds_every_image_and_names_failures() {
     assert_eq!(out.status.code(), Some(0));
     assert!(String::from_utf8_lossy(&out.stdout).contains("Rebuilt: 1,"));
     let info =
-        s.job(serde_json::json!({"project": "simple", "params": {"name": "busy", "sleep": "2"}}));
+        s.job(serde_json::json!({"project": "simple", "params": {"name": "busy", "sleep": "6"}}));
     assert_eq!(
         (info["ExitCode"].as_i64(), info["Coalesced"].as_bool()),
         (Some(0), Some(true)),
@@ -985,5 +985,772 @@ fn jobs_of_a_non_root_image_user_can_write_data() {
         (again["ExitCode"].as_i64(), again["Incremental"].as_bool()),
         (Some(0), Some(true)),
         "{again}"
+    );
+}
+
+// ---- Issue 9: hostile jobs and hostile clients ----
+
+/// The entries of a tar stream: (path, kind, link target).
+fn tar_entries(bytes: &[u8]) -> Vec<(String, tar::EntryType, Option<String>)> {
+    let mut archive = tar::Archive::new(bytes);
+    archive
+        .entries()
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.path().unwrap().display().to_string(),
+                e.header().entry_type(),
+                e.link_name().unwrap().map(|l| l.display().to_string()),
+            )
+        })
+        .collect()
+}
+
+fn get_bytes(s: &Server, path: &str) -> (u16, Vec<u8>) {
+    let mut r = Server::agent().get(&s.url(path)).call().unwrap();
+    let status = r.status().as_u16();
+    let body = r
+        .body_mut()
+        .with_config()
+        .limit(u64::MAX)
+        .read_to_vec()
+        .unwrap();
+    (status, body)
+}
+
+/// Item 1: a job that replaces /data/artifacts (or what is in it) with links to host paths gets
+/// nothing of the host served, by HTTP, rsync or scp.
+#[test]
+fn artifacts_through_symlinks_are_not_served() {
+    let s = Server::start(serde_json::json!({}));
+    for (project, mode, what) in [
+        ("hostile", "abs", "a symlink"),
+        ("hostile", "rel", "a symlink"),
+        ("hostile", "file", "something that is not a directory"),
+        ("hostileuser", "abs", "a symlink"),
+    ] {
+        let body = serde_json::json!({"project": project, "params": {"mode": mode}});
+        let info = s.job(body.clone());
+        let ctx = format!("{project} {mode}: {info}");
+        assert_eq!(info["ExitCode"], 0, "{ctx}");
+        assert_eq!(
+            info["ErrBuild"],
+            format!("the job replaced /data/artifacts with {what}; its artifacts are not served"),
+            "{ctx}"
+        );
+        assert!(
+            info["ContainerStdouterr"]
+                .as_str()
+                .unwrap()
+                .contains("mistry: the job replaced /data/artifacts with"),
+            "{ctx}"
+        );
+        // On disk (what rsync and scp read): no link left; an empty directory or nothing.
+        let path = artifacts(&info);
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) => {
+                assert!(m.is_dir(), "{ctx}: {m:?}");
+                assert_eq!(std::fs::read_dir(&path).unwrap().count(), 0, "{ctx}");
+            }
+            Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "{ctx}"),
+        }
+        // Over HTTP: an empty tar stream.
+        let url = info["URL"].as_str().unwrap().strip_prefix("job/").unwrap();
+        let (status, tar) = get_bytes(&s, &format!("/artifacts/{url}"));
+        assert_eq!(status, 200, "{ctx}");
+        assert_eq!(tar_entries(&tar), vec![], "{ctx}");
+        // Not a successful build: not linked, not cached (the next request runs again).
+        assert!(!s.builds().join(project).join("latest").exists(), "{ctx}");
+        let again = s.job(body);
+        assert_eq!(again["Cached"], false, "{ctx}");
+        assert_eq!(again["ErrBuild"], info["ErrBuild"], "{ctx}");
+    }
+    // The client says so and fetches nothing.
+    let target = s.dir.path().join("target");
+    let (code, _, stderr) = client(
+        &s,
+        &[
+            "--project",
+            "hostile",
+            "-t",
+            target.to_str().unwrap(),
+            "--",
+            "--mode=abs",
+        ],
+    );
+    assert_eq!(code, 1, "{stderr}");
+    assert!(
+        stderr.contains("the job replaced /data/artifacts with a symlink"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_dir(&target).unwrap().count(), 0);
+
+    // Links inside artifacts stay links: never followed, by the server nor by the client.
+    let info = s.job(serde_json::json!({"project": "hostile", "params": {"mode": "sub"}}));
+    assert_eq!(
+        (&info["ExitCode"], &info["ErrBuild"]),
+        (&0.into(), &"".into()),
+        "{info}"
+    );
+    let url = info["URL"].as_str().unwrap().strip_prefix("job/").unwrap();
+    let (status, tar) = get_bytes(&s, &format!("/artifacts/{url}"));
+    assert_eq!(status, 200);
+    let mut entries = tar_entries(&tar);
+    entries.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        entries,
+        vec![
+            ("ok.txt".to_string(), tar::EntryType::Regular, None),
+            (
+                "sub".to_string(),
+                tar::EntryType::Symlink,
+                Some("/etc".into())
+            ),
+            (
+                "up".to_string(),
+                tar::EntryType::Symlink,
+                Some("../../../../../../../../../..".into())
+            ),
+        ]
+    );
+    let target = s.dir.path().join("target-sub");
+    let (code, _, stderr) = client(
+        &s,
+        &[
+            "--project",
+            "hostile",
+            "-t",
+            target.to_str().unwrap(),
+            "--",
+            "--mode=sub",
+        ],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(read(target.join("ok.txt")), "ok\n");
+    assert_eq!(
+        std::fs::read_link(target.join("sub")).unwrap(),
+        Path::new("/etc")
+    );
+
+    // A link instead of data/cache is removed (the next build of the group would copy it and
+    // the daemon write through it); the artifacts are still served.
+    let info =
+        s.job(serde_json::json!({"project": "hostile", "group": "g", "params": {"mode": "cache"}}));
+    assert_eq!(
+        (&info["ExitCode"], &info["ErrBuild"]),
+        (&0.into(), &"".into()),
+        "{info}"
+    );
+    let cache = artifacts(&info).parent().unwrap().join("cache");
+    assert!(
+        std::fs::symlink_metadata(&cache).unwrap().is_dir(),
+        "{}",
+        cache.display()
+    );
+}
+
+/// A hand-written tar header (the tar crate refuses to write hostile names).
+fn raw_entry(name: &str, kind: tar::EntryType, link: &str, data: &[u8]) -> Vec<u8> {
+    let mut h = tar::Header::new_old();
+    h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+    h.as_old_mut().linkname[..link.len()].copy_from_slice(link.as_bytes());
+    h.set_mode(0o644);
+    h.set_size(data.len() as u64);
+    h.set_entry_type(kind);
+    h.set_cksum();
+    let mut out = h.as_bytes().to_vec();
+    out.extend_from_slice(data);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+    out
+}
+
+/// A fake mistry server: every job succeeds, and its artifacts are `tar`.
+fn fake_server(tar: Vec<u8>) -> (String, std::thread::JoinHandle<()>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let handle = std::thread::spawn(move || {
+        for _ in 0..2 {
+            let Ok((stream, _)) = listener.accept() else {
+                return;
+            };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut first = String::new();
+            reader.read_line(&mut first).unwrap();
+            let mut length = 0usize;
+            loop {
+                let mut line = String::new();
+                reader.read_line(&mut line).unwrap();
+                if line == "\r\n" || line.is_empty() {
+                    break;
+                }
+                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap();
+                }
+            }
+            let mut body = vec![0u8; length];
+            std::io::Read::read_exact(&mut reader, &mut body).unwrap();
+            let (ctype, answer): (&str, Vec<u8>) = if first.starts_with("POST /jobs") {
+                let info = serde_json::json!({
+                    "Params": {}, "Group": "", "Path": "/srv/x/ready/1/data/artifacts",
+                    "Cached": false, "Coalesced": false, "Incremental": false, "ExitCode": 0,
+                    "ErrBuild": "", "TransportMethod": "rsync", "StartedAt": "2024-01-01T00:00:00Z",
+                    "Duration": 1, "URL": "job/p/1",
+                });
+                ("application/json", info.to_string().into_bytes())
+            } else {
+                ("application/x-tar", tar.clone())
+            };
+            let mut out = stream;
+            let status = if first.starts_with("POST") {
+                "201 Created"
+            } else {
+                "200 OK"
+            };
+            write!(
+                out,
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                answer.len()
+            )
+            .unwrap();
+            out.write_all(&answer).unwrap();
+        }
+    });
+    (addr, handle)
+}
+
+/// Item 1, client side: a hostile server's tar stream cannot make `mistry build --transport
+/// http` write outside its target.
+#[test]
+fn the_client_refuses_hostile_artifact_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let outside = dir.path().join("outside");
+    std::fs::create_dir(&outside).unwrap();
+    std::fs::write(outside.join("secret"), "secret\n").unwrap();
+    let outside_s = outside.to_str().unwrap().to_string();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "write through a symlink",
+            [
+                raw_entry("link", tar::EntryType::Symlink, &outside_s, b""),
+                raw_entry("link/pwned", tar::EntryType::Regular, "", b"pwned\n"),
+            ]
+            .concat(),
+        ),
+        (
+            "dot-dot",
+            raw_entry("../outside/pwned", tar::EntryType::Regular, "", b"pwned\n"),
+        ),
+        (
+            "hard link out",
+            [
+                raw_entry("hl", tar::EntryType::Link, "../outside/secret", b""),
+                raw_entry("hl", tar::EntryType::Regular, "", b"pwned\n"),
+            ]
+            .concat(),
+        ),
+        (
+            "directory through a symlink",
+            [
+                raw_entry("d", tar::EntryType::Symlink, &outside_s, b""),
+                raw_entry("d/sub/", tar::EntryType::Directory, "", b""),
+            ]
+            .concat(),
+        ),
+    ];
+    for (what, entries) in cases {
+        let mut tar = entries;
+        tar.extend_from_slice(&[0u8; 1024]);
+        let (addr, server) = fake_server(tar);
+        let (host, port) = addr.rsplit_once(':').unwrap();
+        let target = dir
+            .path()
+            .join(format!("target-{}", what.replace(' ', "-")));
+        let out = Command::new(mistry_client_bin())
+            .args(["build", "--host", host, "--port", port, "--project", "p"])
+            .arg("-t")
+            .arg(&target)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{what}: {stderr}");
+        let _ = server.join();
+        let mut names: Vec<String> = std::fs::read_dir(&outside)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, vec!["secret".to_string()], "{what}: {stderr}");
+        assert_eq!(read(outside.join("secret")), "secret\n", "{what}");
+        assert!(!dir.path().join("pwned").exists(), "{what}");
+    }
+}
+
+/// Item 10 (b): a page of another origin cannot schedule jobs; the Go client, curl (no Origin)
+/// and the web view (same origin) can.
+#[test]
+fn cross_origin_requests_are_refused() {
+    let s = Server::start(serde_json::json!({}));
+    let body = r#"{"project": "simple", "params": {"name": "x"}}"#;
+    for origin in [
+        "http://evil.example",
+        "null",
+        "http://127.0.0.1:1",
+        "https://evil.example",
+    ] {
+        let mut r = Server::agent()
+            .post(&s.url("/jobs?async"))
+            .header("Origin", origin)
+            .header("Content-Type", "text/plain")
+            .send(body)
+            .unwrap();
+        let text = r.body_mut().read_to_string().unwrap();
+        assert_eq!(r.status().as_u16(), 403, "{origin}: {text}");
+        assert_eq!(
+            text,
+            format!(
+                "Cross-origin request refused: Origin '{origin}' is not this server (http://{})",
+                s.addr
+            )
+        );
+    }
+    assert!(!s.builds().join("simple").exists(), "no job ran");
+    // Same origin, and no origin at all.
+    let mut r = Server::agent()
+        .post(&s.url("/jobs"))
+        .header("Origin", &format!("http://{}", s.addr))
+        .send(body)
+        .unwrap();
+    assert_eq!(
+        r.status().as_u16(),
+        201,
+        "{}",
+        r.body_mut().read_to_string().unwrap()
+    );
+    let (status, _) = s.post("/jobs", body);
+    assert_eq!(status, 201);
+    // Reading stays open to any origin.
+    let mut r = Server::agent()
+        .get(&s.url("/index/"))
+        .header("Origin", "http://evil.example")
+        .call()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let _ = r.body_mut().read_to_string();
+}
+
+/// Raise this process's open files limit to the hard one; how many connections the test may hold.
+fn raise_nofile() -> usize {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap();
+    setrlimit(Resource::RLIMIT_NOFILE, hard, hard).unwrap();
+    let n = 1100.min(hard.saturating_sub(128) as usize);
+    assert!(
+        n >= 600,
+        "this test needs ~1200 open files (hard limit {hard})"
+    );
+    n
+}
+
+/// Whether the server closed `c` (EOF or reset), without waiting.
+fn closed(c: &std::net::TcpStream) -> bool {
+    c.set_nonblocking(true).unwrap();
+    let mut buf = [0u8; 1024];
+    loop {
+        match std::io::Read::read(&mut &*c, &mut buf) {
+            Ok(0) => return true,
+            // A 408 or similar before closing.
+            Ok(_) => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return false,
+            Err(_) => return true,
+        }
+    }
+}
+
+/// Item 10 (a): ~1100 half-open connections (silent, or half a header) do not stop the server
+/// from answering, and are closed after the header timeout; so is an idle kept-alive connection.
+#[test]
+fn half_open_connections_do_not_starve_the_server() {
+    use std::io::Write;
+    let n = raise_nofile();
+    let s = Server::start_with(
+        None,
+        serde_json::json!({}),
+        &["--header-timeout", "2s", "--max-connections", "512"],
+    );
+    let opened = Instant::now();
+    let mut held = Vec::new();
+    for i in 0..n {
+        let mut c = std::net::TcpStream::connect(&s.addr).unwrap();
+        if i % 2 == 1 {
+            c.write_all(b"GET /index/ HTTP/1.1\r\nHost: x\r\n").unwrap();
+        }
+        held.push(c);
+    }
+    // A normal client is still served, at once.
+    let agent = ureq::Agent::new_with_config(
+        ureq::config::Config::builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(5)))
+            .build(),
+    );
+    let t = Instant::now();
+    let mut r = agent.get(&s.url("/index/")).call().unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert_eq!(r.body_mut().read_to_string().unwrap(), "[]");
+    let mut r = agent
+        .post(&s.url("/jobs"))
+        .send(r#"{"project": "simple", "params": {"name": "busy"}}"#)
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let info: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+    assert_eq!(info["ExitCode"], 0);
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    // An idle kept-alive connection (after one request) is closed too.
+    let mut idle = std::net::TcpStream::connect(&s.addr).unwrap();
+    idle.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 4096];
+    let n = std::io::Read::read(&mut idle, &mut buf).unwrap();
+    assert!(
+        buf[..n].starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&buf[..n])
+    );
+    let idle_since = Instant::now();
+    // After the header timeout, every half-open connection is closed.
+    let deadline = opened + Duration::from_secs(15);
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let open = held.iter().filter(|c| !closed(c)).count();
+        if open == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{open} half-open connections left open after {:?}",
+            opened.elapsed()
+        );
+    }
+    let deadline = idle_since + Duration::from_secs(5);
+    while !closed(&idle) {
+        assert!(
+            Instant::now() < deadline,
+            "idle keep-alive connection left open"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(idle_since.elapsed() >= Duration::from_millis(1500));
+    // And the server still answers.
+    let r = agent.get(&s.url("/index/")).call().unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+}
+
+/// Item 10 (c): a /log stream follows the job's state in memory: it goes on while the job runs
+/// whatever happens to build_info.json, and ends when the job does.
+#[test]
+fn log_streams_follow_the_job_state_in_memory() {
+    use std::io::BufRead;
+    let s = Server::start(serde_json::json!({}));
+    let (status, _) = s.post("/jobs?async", r#"{"project": "ticker"}"#);
+    assert_eq!(status, 201);
+    wait_until("a pending ticker", || s.pending_dirs("ticker") > 0);
+    let pending = std::fs::read_dir(s.builds().join("ticker/pending"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let id = pending.file_name().unwrap().to_string_lossy().into_owned();
+    let mut r = Server::agent()
+        .get(&s.url(&format!("/log/ticker/{id}")))
+        .call()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let mut lines = std::io::BufReader::new(r.body_mut().as_reader()).lines();
+    let mut data = Vec::new();
+    let mut spoiled = false;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(d) = line.strip_prefix("data: ") {
+            data.push(d.to_string());
+            if !spoiled {
+                // The on-disk state is not what drives the stream.
+                std::fs::write(pending.join("build_info.json"), "garbage").unwrap();
+                spoiled = true;
+            }
+        }
+    }
+    let job_lines: Vec<&String> = data
+        .iter()
+        .filter(|l| l.starts_with("\u{1b}[32mline "))
+        .collect();
+    assert_eq!(job_lines.len(), 8, "{data:?}");
+    assert!(job_lines[7].contains("line 8"), "{data:?}");
+    // The stream ended because the job did: it is ready now.
+    let (status, job) = s.get(&format!("/job/ticker/{id}"), true);
+    assert_eq!(status, 200);
+    let job: Value = serde_json::from_str(&job).unwrap();
+    assert_eq!(job["state"], "ready");
+}
+
+/// Item 10 (d): GET /index/ streams, one job at a time: memory stays flat with many jobs with
+/// large params, and the JSON is mistry's.
+#[test]
+fn the_index_streams_with_flat_memory() {
+    let s = Server::start(serde_json::json!({}));
+    let pid = s.child.as_ref().unwrap().id();
+    let n = 1000;
+    let big = "x".repeat(100 << 10);
+    for i in 0..n {
+        let id = format!("{i:064x}");
+        let dir = s.builds().join("simple/ready").join(&id);
+        std::fs::create_dir_all(&dir).unwrap();
+        let info = serde_json::json!({
+            "Params": {"big": big, "i": i.to_string()}, "Group": "", "Path": dir.join("data/artifacts"),
+            "Cached": false, "Coalesced": false, "Incremental": false, "ExitCode": 0, "ErrBuild": "",
+            "TransportMethod": "rsync", "StartedAt": format!("2024-01-01T00:{:02}:{:02}.000000000Z", i / 60, i % 60),
+            "Duration": 1, "URL": format!("job/simple/{id}"),
+        });
+        std::fs::write(dir.join("build_info.json"), info.to_string()).unwrap();
+    }
+    let before = vm_hwm_kib(pid);
+    let (status, body) = get_bytes(&s, "/index/");
+    assert_eq!(status, 200);
+    assert!(body.len() > n * (100 << 10));
+    let list: Value = serde_json::from_slice(&body).unwrap();
+    let list = list.as_array().unwrap();
+    assert_eq!(list.len(), n);
+    // Newest first, mistry's fields.
+    assert_eq!(list[0]["buildInfo"]["Params"]["i"], (n - 1).to_string());
+    assert_eq!(list[n - 1]["buildInfo"]["Params"]["i"], "0");
+    assert_eq!(list[0]["state"], "ready");
+    assert_eq!(list[0]["project"], "simple");
+    assert_eq!(list[0]["startedAt"], "Mon, 01 Jan 2024 00:16:39");
+    let mut keys: Vec<&String> = list[0].as_object().unwrap().keys().collect();
+    keys.sort();
+    assert_eq!(keys, ["buildInfo", "id", "project", "startedAt", "state"]);
+    let hwm = vm_hwm_kib(pid);
+    assert!(
+        hwm < before + 40 * 1024,
+        "mistryd went from {before} KiB to {hwm} KiB for a {}-byte index",
+        body.len()
+    );
+}
+
+/// Write project `name` (a Dockerfile running `script`) into a running server's projects.
+fn add_project(s: &Server, name: &str, script: &str, mistry_json: Option<&str>) {
+    let dir = s.dir.path().join("projects").join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(
+        dir.join("Dockerfile"),
+        "FROM busybox\nCOPY job.sh /job.sh\nENTRYPOINT [\"/bin/sh\", \"/job.sh\"]\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("job.sh"), script).unwrap();
+    if let Some(text) = mistry_json {
+        std::fs::write(dir.join(".mistry.json"), text).unwrap();
+    }
+}
+
+const CONFINEMENT_SH: &str = r#"#!/bin/sh
+grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status | tr -d ' \t' > /data/artifacts/status
+wc -c < /proc/keys | tr -d ' ' > /data/artifacts/keys
+"#;
+
+#[test]
+fn jobs_run_under_the_operators_seccomp_and_limits_which_projects_cannot_relax() {
+    let s = Server::start(serde_json::json!({
+        "limits": {"processes": 64, "disk": "1MiB"},
+        "projects": {"lenient": {"seccomp": "unconfined"}}
+    }));
+    // The default: seccomp filter on, /proc/keys masked.
+    add_project(&s, "confined", CONFINEMENT_SH, None);
+    // A project's own file asks for everything, and gets nothing.
+    add_project(
+        &s,
+        "greedy",
+        CONFINEMENT_SH,
+        Some(
+            r#"{"seccomp": "unconfined", "nested_user_namespaces": true, "limits": {"processes": 100000}}"#,
+        ),
+    );
+    // The operator's entry for a project does relax it.
+    add_project(&s, "lenient", CONFINEMENT_SH, None);
+    for (project, seccomp) in [("confined", "2"), ("greedy", "2"), ("lenient", "0")] {
+        let info = s.job(serde_json::json!({"project": project}));
+        assert_eq!(info["ExitCode"], 0, "{project}: {info}");
+        let dir = artifacts(&info);
+        assert_eq!(
+            read(dir.join("status")),
+            format!("NoNewPrivs:1\nSeccomp:{seccomp}\n"),
+            "{project}"
+        );
+        assert_eq!(read(dir.join("keys")), "0\n", "{project}");
+    }
+
+    // A fork bomb is held to the operator's limit (the project's file asks for more) and said so.
+    add_project(
+        &s,
+        "bomb",
+        "#!/bin/sh\nbomb() { bomb | bomb & }\nbomb\nsleep 3\n",
+        Some(r#"{"limits": {"processes": 100000}}"#),
+    );
+    let started = Instant::now();
+    let info = s.job(serde_json::json!({"project": "bomb"}));
+    assert!(started.elapsed() < Duration::from_secs(25), "{info}");
+    if nix::unistd::geteuid().is_root() {
+        // Host root is exempt from RLIMIT_NPROC: the watchdog (or a v1 cgroup) kills the job.
+        assert_eq!(info["ExitCode"], -1, "{info}");
+        assert_eq!(
+            info["ErrBuild"], "the job exceeded its process limit of 64 and was killed",
+            "{info}"
+        );
+    } else {
+        // Unprivileged, RLIMIT_NPROC in the sandbox's user namespace refuses the forks past
+        // the limit (the sandbox tests count them); the job ends on its own.
+        assert!(
+            info["ExitCode"] == 0
+                || info["ErrBuild"] == "the job exceeded its process limit of 64 and was killed",
+            "{info}"
+        );
+    }
+
+    // data/ over the disk limit: the build fails and is not served as a success.
+    add_project(
+        &s,
+        "hoarder",
+        "#!/bin/sh\nfor f in a b c; do head -c 600000 /dev/zero > /data/cache/$f; done\necho ok > /data/artifacts/ok\n",
+        None,
+    );
+    let info = s.job(serde_json::json!({"project": "hoarder", "group": "g"}));
+    assert_eq!(info["ExitCode"], 0, "{info}");
+    assert_eq!(
+        info["ErrBuild"], "the job's /data holds more than its disk limit of 1048576 bytes",
+        "{info}"
+    );
+    assert!(!s.builds().join("hoarder/groups/g").exists());
+    let again = s.job(serde_json::json!({"project": "hoarder", "group": "g"}));
+    assert_eq!(
+        again["Cached"], false,
+        "a failed build is run again: {again}"
+    );
+    // One file larger than the whole limit is cut off by the file size limit.
+    add_project(
+        &s,
+        "bigfile",
+        "#!/bin/sh\nhead -c 2000000 /dev/zero > /data/cache/big\necho \"head: $?\" >&2\n",
+        None,
+    );
+    let info = s.job(serde_json::json!({"project": "bigfile"}));
+    assert_eq!(
+        info["ContainerStderr"], "File size limit exceeded\nhead: 153\n",
+        "{info}"
+    );
+    assert_eq!(
+        std::fs::metadata(s.builds().join(format!(
+            "bigfile/ready/{}/data/cache/big",
+            info["URL"].as_str().unwrap().rsplit('/').next().unwrap()
+        )))
+        .unwrap()
+        .len(),
+        1 << 20
+    );
+}
+
+#[test]
+fn subordinate_sandbox_ids_keep_a_root_daemons_jobs_off_host_root() {
+    if !nix::unistd::geteuid().is_root() {
+        // An unprivileged daemon refuses the setting, saying why.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("p")).unwrap();
+        std::fs::create_dir_all(dir.path().join("b")).unwrap();
+        let config = dir.path().join("config.json");
+        std::fs::write(
+            &config,
+            serde_json::json!({"projects_path": dir.path().join("p"), "build_path": dir.path().join("b")})
+                .to_string(),
+        )
+        .unwrap();
+        let out = Command::new(mistryd_bin())
+            .args([
+                "--config",
+                config.to_str().unwrap(),
+                "--addr",
+                "127.0.0.1:1",
+            ])
+            .args(["--sandbox-ids", "subordinate"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        assert!(
+            String::from_utf8_lossy(&out.stderr)
+                .contains("--sandbox-ids subordinate is for a daemon running as root"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return;
+    }
+    let subuid: u32 = std::fs::read_to_string("/etc/subuid")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("root:")?.split(':').next()?.parse().ok())
+        .expect("root has a subordinate range (scripts/setup.sh)");
+    let s = Server::start_with(
+        None,
+        serde_json::json!({}),
+        &["--sandbox-ids", "subordinate"],
+    );
+    // The sandbox's root must be able to reach the store and the builds.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(s.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    add_project(
+        &s,
+        "whoami",
+        "#!/bin/sh\nid -u > /data/artifacts/uid\ncat /data/params/name > /data/artifacts/name\ntouch /data/cache/c\n",
+        None,
+    );
+    let info =
+        s.job(serde_json::json!({"project": "whoami", "params": {"name": "x"}, "group": "g"}));
+    assert_eq!(info["ExitCode"], 0, "{info}");
+    let dir = artifacts(&info);
+    assert_eq!(read(dir.join("uid")), "0\n", "root inside");
+    assert_eq!(read(dir.join("name")), "x");
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(
+        std::fs::metadata(dir.join("uid")).unwrap().uid(),
+        subuid,
+        "but a subordinate id on the host"
+    );
+    // The next build of the group starts from it and can still write.
+    let info =
+        s.job(serde_json::json!({"project": "whoami", "params": {"name": "y"}, "group": "g"}));
+    assert_eq!(
+        (info["ExitCode"].clone(), info["Incremental"].clone()),
+        (0.into(), true.into()),
+        "{info}"
+    );
+    assert_eq!(read(artifacts(&info).join("name")), "y");
+    // The store remembers the mapping: a daemon with the other one refuses it.
+    let store = s.builds().join(".mistry");
+    let out = Command::new(mistryd_bin())
+        .args([
+            "--config",
+            s.config.to_str().unwrap(),
+            "--addr",
+            "127.0.0.1:1",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "the layer store {} was made with sandbox root {subuid}:",
+            store.canonicalize().unwrap().display()
+        )) && err.contains("and this process maps sandbox root 0:0"),
+        "{err}"
     );
 }

@@ -75,6 +75,11 @@ pub struct BuildOptions {
     pub no_cache: bool,
     /// Wall-clock limit of each RUN step.
     pub run_timeout: Option<Duration>,
+    /// Limits of `ADD <url>` (size, redirects, the daemon's own addresses). Under
+    /// `network: none`, `ADD <url>` is refused whatever this says.
+    pub download: crate::download::DownloadPolicy,
+    /// Seccomp, nested user namespaces and resource limits of RUN steps.
+    pub policy: sandbox::Policy,
 }
 
 impl BuildOptions {
@@ -87,6 +92,8 @@ impl BuildOptions {
             network: NetworkMode::Host,
             no_cache: false,
             run_timeout: None,
+            download: crate::download::DownloadPolicy::default(),
+            policy: sandbox::Policy::default(),
         }
     }
 }
@@ -238,6 +245,8 @@ struct Run<'a> {
     stats: BuildStats,
     ignore: Ignore,
     global_args: Vec<(String, String)>,
+    /// Bytes produced by variable substitution so far (bounded by [`MAX_EXPANDED_TOTAL`]).
+    expanded: Budget,
     stages: Vec<(Option<String>, State)>,
     used: ProjectRef,
     total: usize,
@@ -252,16 +261,77 @@ fn step_err(step: &Step, message: impl Into<String>) -> BuildError {
     }
 }
 
-/// Quote removal and substitution of one word of `step`.
+/// The most bytes variable substitution may produce over a whole build (every expanded word
+/// of every instruction together): 16 MiB. Each word is capped at
+/// [`crate::lex::MAX_EXPANDED`] as it grows; this bounds what many of them can pile up.
+pub const MAX_EXPANDED_TOTAL: usize = 16 << 20;
+
+fn total_message() -> String {
+    format!(
+        "variable substitution produced more than {} MiB in this Dockerfile",
+        MAX_EXPANDED_TOTAL >> 20
+    )
+}
+
+/// Bytes produced by variable substitution so far in one build.
+type Budget = std::rc::Rc<std::cell::Cell<usize>>;
+
+/// Quote removal and substitution of one word of `step`, counted against `budget`.
 fn expand(
     lexer: &Lexer,
     word: &str,
     vars: &[(String, String)],
     step: &Step,
+    budget: &Budget,
 ) -> Result<String, BuildError> {
-    lexer
+    let out = lexer
         .process_word(word, vars)
-        .map_err(|e| step_err(step, e.0))
+        .map_err(|e| step_err(step, e.0))?;
+    let total = budget.get().saturating_add(out.len());
+    budget.set(total);
+    if total > MAX_EXPANDED_TOTAL {
+        return Err(step_err(step, total_message()));
+    }
+    Ok(out)
+}
+
+/// Read a Dockerfile, refusing one larger than [`dockerfile::MAX_DOCKERFILE`] without reading
+/// more than that. One inside the context (the default `<context>/Dockerfile`) is resolved
+/// inside it: a symlink there cannot make the build read a host file.
+fn read_dockerfile(context: &Path, path: &Path) -> Result<String, BuildError> {
+    let read_err = |source| BuildError::Read {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = match path.strip_prefix(context) {
+        Ok(rel) => crate::inroot::Root::open(context)
+            .and_then(|r| {
+                r.open_in(
+                    rel,
+                    rustix::fs::OFlags::RDONLY | rustix::fs::OFlags::NONBLOCK,
+                )
+            })
+            .map(std::fs::File::from),
+        Err(_) => std::fs::File::open(path),
+    }
+    .map_err(read_err)?;
+    if !file.metadata().map_err(read_err)?.is_file() {
+        return Err(read_err(std::io::Error::other("not a regular file")));
+    }
+    let mut text = String::new();
+    file.take(dockerfile::MAX_DOCKERFILE as u64 + 1)
+        .read_to_string(&mut text)
+        .map_err(read_err)?;
+    if text.len() > dockerfile::MAX_DOCKERFILE {
+        return Err(BuildError::Dockerfile(dockerfile::ParseError {
+            line: 1,
+            message: format!(
+                "the Dockerfile is larger than the limit of {} MiB",
+                dockerfile::MAX_DOCKERFILE >> 20
+            ),
+        }));
+    }
+    Ok(text)
 }
 
 fn command_argv(cmd: &Command, config: &ImageConfig) -> Vec<String> {
@@ -314,10 +384,7 @@ impl Builder {
             .dockerfile
             .clone()
             .unwrap_or_else(|| opts.context.join("Dockerfile"));
-        let text = std::fs::read_to_string(&path).map_err(|source| BuildError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let text = read_dockerfile(&opts.context, &path)?;
         let df = dockerfile::parse(&text)?;
         let ignore = Ignore::load(&opts.context).map_err(|e| BuildError::Step {
             step: ".dockerignore".into(),
@@ -335,21 +402,33 @@ impl Builder {
             ("TARGETOS".into(), host.os.clone()),
             ("TARGETARCH".into(), host.arch.clone()),
         ];
-        for (name, default) in &df.global_args {
-            let value =
-                match opts.build_args.iter().rev().find(|(k, _)| k == name) {
-                    Some((_, v)) => Some(v.clone()),
-                    None => match default {
-                        Some(d) => Some(lexer.process_word(d, &global_args).map_err(|e| {
-                            BuildError::Step {
+        let mut expanded_total = 0usize;
+        for (i, (name, default)) in df.global_args.iter().enumerate() {
+            let line = df.global_arg_lines.get(i).copied().unwrap_or(0);
+            let value = match opts.build_args.iter().rev().find(|(k, _)| k == name) {
+                Some((_, v)) => Some(v.clone()),
+                None => match default {
+                    Some(d) => Some(
+                        lexer
+                            .process_word(d, &global_args)
+                            .map_err(|e| e.0)
+                            .and_then(|v| {
+                                expanded_total += v.len();
+                                if expanded_total > MAX_EXPANDED_TOTAL {
+                                    Err(total_message())
+                                } else {
+                                    Ok(v)
+                                }
+                            })
+                            .map_err(|message| BuildError::Step {
                                 step: format!("ARG {name}"),
-                                line: 0,
-                                message: e.0,
-                            }
-                        })?),
-                        None => None,
-                    },
-                };
+                                line,
+                                message,
+                            })?,
+                    ),
+                    None => None,
+                },
+            };
             if let Some(v) = value {
                 global_args.push((name.clone(), v));
             }
@@ -362,6 +441,7 @@ impl Builder {
             stats: BuildStats::default(),
             ignore,
             global_args,
+            expanded: std::rc::Rc::new(std::cell::Cell::new(expanded_total)),
             stages: Vec::new(),
             used: ProjectRef::default(),
             total: df.steps.len(),
@@ -442,9 +522,9 @@ impl Run<'_> {
             platform,
         } = &step.instruction
         {
-            let reference = expand(&self.lexer, image, &self.global_args, step)?;
+            let reference = expand(&self.lexer, image, &self.global_args, step, &self.expanded)?;
             let platform = match platform {
-                Some(p) => match expand(&self.lexer, p, &self.global_args, step)? {
+                Some(p) => match expand(&self.lexer, p, &self.global_args, step, &self.expanded)? {
                     p if p.is_empty() => oci::Platform::host(),
                     p => oci::Platform::parse(&p).map_err(|e| step_err(step, e))?,
                 },
@@ -486,6 +566,23 @@ impl Run<'_> {
             .map(|(_, s)| s.clone());
         if let Some(s) = earlier {
             self.say(format!(" ---> stage {reference}"))?;
+            // A stage built on another copies its config: count what it carries against the
+            // substitution budget, so chains of stages cannot multiply a large ENV or LABEL.
+            let carried = s.config.env.iter().map(String::len).sum::<usize>()
+                + s.config
+                    .labels
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len())
+                    .sum::<usize>()
+                + s.args.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+            let total = self.expanded.get().saturating_add(carried);
+            self.expanded.set(total);
+            if total > MAX_EXPANDED_TOTAL {
+                return Err(BuildError::Base {
+                    image: reference.to_string(),
+                    message: total_message(),
+                });
+            }
             return Ok(s);
         }
         if lower == "scratch" {
@@ -628,7 +725,8 @@ impl Run<'_> {
     fn apply(&mut self, step: &Step) -> Result<(), BuildError> {
         let vars = Self::vars(self.state());
         let lexer = self.lexer.clone();
-        let word = |s: &str| expand(&lexer, s, &vars, step);
+        let budget = self.expanded.clone();
+        let word = |s: &str| expand(&lexer, s, &vars, step, &budget);
         match &step.instruction {
             Instruction::From { .. } => Err(step_err(step, "FROM inside a stage")),
             Instruction::Env(pairs) => {
@@ -856,6 +954,7 @@ impl Run<'_> {
         };
         let mut sb = sb
             .command(argv)
+            .policy(self.opts.policy.clone())
             .network(self.opts.network)
             .cwd(if config.workdir.is_empty() {
                 "/"
@@ -916,7 +1015,8 @@ impl Run<'_> {
     ) -> Result<(), BuildError> {
         let vars = vars.to_vec();
         let lexer = self.lexer.clone();
-        let word = |s: &str| expand(&lexer, s, &vars, step);
+        let budget = self.expanded.clone();
+        let word = |s: &str| expand(&lexer, s, &vars, step, &budget);
         let mut srcs = Vec::new();
         for s in sources {
             srcs.push(word(s)?);
@@ -980,11 +1080,24 @@ impl Run<'_> {
         for s in &srcs {
             if add && (s.starts_with("http://") || s.starts_with("https://")) {
                 downloads.push(s.clone());
-            } else if add && flags.get("from").is_none() && is_archive(&src_root.join(s)) {
+            } else if add
+                && flags.get("from").is_none()
+                && context::clean_rel(s).is_some_and(|rel| context::is_archive(&src_root, &rel))
+            {
                 archives.push(s.clone());
             } else {
                 plain.push(s.clone());
             }
+        }
+        if !downloads.is_empty() && self.opts.network == NetworkMode::None {
+            return Err(step_err(
+                step,
+                format!(
+                    "ADD {}: downloading is not allowed with network \"none\" (the project has \
+                     no network)",
+                    downloads[0]
+                ),
+            ));
         }
         let mut resolved = context::Resolved::default();
         let mut digest_parts = Vec::new();
@@ -999,38 +1112,75 @@ impl Run<'_> {
             .map_err(|e| step_err(step, e.to_string()))?;
             digest_parts.push(resolved.digest.clone());
         }
+        // Each archive resolved inside the context like any source (its real path in there).
+        let mut archive_paths = Vec::new();
+        for a in &archives {
+            let r = context::resolve(
+                &src_root,
+                std::slice::from_ref(a),
+                &dest_path,
+                false,
+                &ignore,
+            )
+            .map_err(|e| step_err(step, e.to_string()))?;
+            digest_parts.push(r.digest);
+            if let Some(item) = r.items.into_iter().next() {
+                archive_paths.push(item.src);
+            }
+        }
         if flags.get("from").is_none() {
             self.ignore = ignore;
         }
+        // Downloads go to a directory of their own under tmp/, copied in from there.
+        let download_dir = if downloads.is_empty() {
+            None
+        } else {
+            let dir = self.builder.store.tmp_path("download");
+            std::fs::create_dir(&dir)
+                .map_err(|e| step_err(step, format!("{}: {e}", dir.display())))?;
+            Some(dir)
+        };
         let mut fetched = Vec::new();
-        for url in &downloads {
-            let file = self.builder.store.tmp_path("download");
-            download(url, &file).map_err(|e| step_err(step, e))?;
-            let data_digest = context::digest_items(&[crate::tools::CopyItem {
-                src: file.clone(),
-                dest: PathBuf::from(url),
-            }])
-            .map_err(|e| step_err(step, e.to_string()))?;
-            digest_parts.push(data_digest);
-            let name = url
-                .rsplit('/')
-                .next()
-                .filter(|n| !n.is_empty())
-                .unwrap_or("index.html");
-            let target = if dest_is_dir {
-                dest_path.join(name)
-            } else {
-                dest_path.clone()
+        let mut fetch_all = || -> Result<(), BuildError> {
+            let Some(dir) = &download_dir else {
+                return Ok(());
             };
-            fetched.push((file, target));
-        }
-        for a in &archives {
-            let d = context::digest_items(&[crate::tools::CopyItem {
-                src: src_root.join(a),
-                dest: dest_path.clone(),
-            }])
-            .map_err(|e| step_err(step, e.to_string()))?;
-            digest_parts.push(d);
+            for (i, url) in downloads.iter().enumerate() {
+                let file = PathBuf::from(format!("{i}"));
+                crate::download::download(url, &dir.join(&file), &self.opts.download)
+                    .map_err(|e| step_err(step, e))?;
+                let item = crate::tools::CopyItem {
+                    src: file.clone(),
+                    dest: PathBuf::from(url),
+                };
+                let data_digest = context::digest_items(dir, &[item])
+                    .map_err(|e| step_err(step, e.to_string()))?;
+                digest_parts.push(data_digest);
+                let name = url
+                    .rsplit('/')
+                    .next()
+                    .filter(|n| !n.is_empty())
+                    .unwrap_or("index.html");
+                let target = if dest_is_dir {
+                    dest_path.join(name)
+                } else {
+                    dest_path.clone()
+                };
+                fetched.push(crate::tools::CopyItem {
+                    src: file,
+                    dest: target,
+                });
+            }
+            Ok(())
+        };
+        if let Err(e) = fetch_all() {
+            if let Some(dir) = &download_dir {
+                let _ = std::fs::remove_dir_all(dir);
+            }
+            if let Some(copy) = &materialized {
+                self.builder.store.abort(copy);
+            }
+            return Err(e);
         }
 
         let chown = match flags.get("chown") {
@@ -1083,47 +1233,47 @@ impl Run<'_> {
         ]);
         let result = self.fs_step(key, |run, tmp| {
             let tools = run.builder.store.tools();
-            let mut items = resolved.items.clone();
-            for (file, target) in &fetched {
-                items.push(crate::tools::CopyItem {
-                    src: file.clone(),
-                    dest: target.clone(),
-                });
-            }
+            let target = run.builder.store.target(tmp);
             let mut dirs = resolved.dirs.clone();
             if dest_is_dir && dirs.is_empty() {
                 dirs.push(dest_path.clone());
             }
             let spec = CopySpec {
                 root: tmp.to_path_buf(),
-                items,
+                src_root: src_root.clone(),
+                items: resolved.items.clone(),
                 uid,
                 gid,
-                chmod: chmod.or(if fetched.is_empty() {
-                    None
-                } else {
-                    Some(0o600)
-                }),
+                chmod,
                 owners: tools.keeps_owners(),
                 dirs,
             };
             let spec_file = run.builder.store.tmp_path("copy-spec");
-            let r = tools.copy_in(&spec, &spec_file, &run.builder.store.target(tmp));
+            let r = tools.copy_in(&spec, &spec_file, &target);
             let _ = std::fs::remove_file(&spec_file);
             r.map_err(|e| step_err(step, e.to_string()))?;
-            for a in &archives {
+            if let Some(dir) = &download_dir {
+                let spec = CopySpec {
+                    src_root: dir.clone(),
+                    items: fetched.clone(),
+                    chmod: chmod.or(Some(0o600)),
+                    dirs: Vec::new(),
+                    ..spec
+                };
+                let spec_file = run.builder.store.tmp_path("copy-spec");
+                let r = tools.copy_in(&spec, &spec_file, &target);
+                let _ = std::fs::remove_file(&spec_file);
+                r.map_err(|e| step_err(step, e.to_string()))?;
+            }
+            for a in &archive_paths {
                 tools
-                    .extract(
-                        &src_root.join(a),
-                        &run.builder.store.target(tmp),
-                        &dest_path,
-                    )
+                    .extract(&src_root, a, &target, &dest_path)
                     .map_err(|e| step_err(step, e.to_string()))?;
             }
             Ok(())
         });
-        for (file, _) in fetched {
-            let _ = std::fs::remove_file(file);
+        if let Some(dir) = download_dir {
+            let _ = std::fs::remove_dir_all(dir);
         }
         if let Some(copy) = materialized {
             self.builder.store.abort(&copy);
@@ -1141,35 +1291,6 @@ impl Builder {
     pub fn view(&self, image: &Image) -> Option<crate::store::View> {
         image.snapshot.as_ref().map(|s| self.store.view(s))
     }
-}
-
-/// Whether a local file is a tar archive (plain, gzip or zstd), by its first bytes.
-fn is_archive(path: &Path) -> bool {
-    let Ok(mut f) = std::fs::File::open(path) else {
-        return false;
-    };
-    let mut head = [0u8; 512];
-    let mut got = 0;
-    while got < head.len() {
-        match f.read(&mut head[got..]) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => got += n,
-        }
-    }
-    head.starts_with(&[0x1f, 0x8b])
-        || head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd])
-        || (got >= 262 && &head[257..262] == b"ustar")
-}
-
-/// Download `url` to `dest`.
-fn download(url: &str, dest: &Path) -> Result<(), String> {
-    let mut resp = ureq::get(url)
-        .call()
-        .map_err(|e| format!("downloading {url}: {e}"))?;
-    let mut out = std::fs::File::create(dest).map_err(|e| format!("{}: {e}", dest.display()))?;
-    std::io::copy(&mut resp.body_mut().as_reader(), &mut out)
-        .map_err(|e| format!("downloading {url}: {e}"))?;
-    Ok(())
 }
 
 /// Export an image as an OCI layout at `out` with tag `tag` (one flattened layer).

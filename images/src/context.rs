@@ -3,12 +3,15 @@
 
 use std::fs;
 use std::io::{self, Read};
-use std::os::unix::fs::MetadataExt;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::{Component, Path, PathBuf};
+
+use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags};
 
 use globset::GlobMatcher;
 use sha2::{Digest as _, Sha256};
 
+use crate::inroot::{self, Root};
 use crate::tools::CopyItem;
 
 #[derive(Debug, thiserror::Error)]
@@ -82,13 +85,30 @@ impl Ignore {
         Ok(Ignore { rules })
     }
 
-    /// Read `<context>/.dockerignore` (none: nothing ignored).
+    /// Read `<context>/.dockerignore` (none: nothing ignored), resolved inside the context (a
+    /// symlink cannot make it a host file), at most 1 MiB.
     pub fn load(context: &Path) -> Result<Ignore, ContextError> {
-        match fs::read_to_string(context.join(".dockerignore")) {
-            Ok(t) => Ignore::parse(&t),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Ignore::default()),
-            Err(e) => Err(io_err(".dockerignore")(e)),
+        let opened = Root::open(context).and_then(|r| {
+            r.open_in(
+                Path::new(".dockerignore"),
+                OFlags::RDONLY | OFlags::NONBLOCK,
+            )
+        });
+        let file = match opened {
+            Ok(fd) => fs::File::from(fd),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Ignore::default()),
+            Err(e) => return Err(io_err(".dockerignore")(e)),
+        };
+        if !file.metadata().is_ok_and(|m| m.is_file()) {
+            return Err(ContextError::Invalid(
+                ".dockerignore is not a regular file".into(),
+            ));
         }
+        let mut text = String::new();
+        file.take(1 << 20)
+            .read_to_string(&mut text)
+            .map_err(io_err(".dockerignore"))?;
+        Ignore::parse(&text)
     }
 
     /// Whether `rel` (relative to the context) is excluded.
@@ -112,28 +132,43 @@ fn has_wildcard(s: &str) -> bool {
     s.contains(['*', '?', '['])
 }
 
-/// Every path under `dir` (relative to `base`), parents before children, not following links.
+/// Every path under the directory `dir` (an fd; `rel` is its path relative to the source
+/// root), parents before children, not following links.
+/// Directory levels a copied tree may have: deeper ones are an error, not a stack overflow.
+pub const MAX_DEPTH: usize = 256;
+
 fn walk(
-    base: &Path,
-    dir: &Path,
+    dir: BorrowedFd<'_>,
+    rel: &Path,
     ignore: &Ignore,
     out: &mut Vec<PathBuf>,
 ) -> Result<(), ContextError> {
-    let mut entries: Vec<_> = fs::read_dir(dir)
-        .map_err(io_err(format!("reading {}", dir.display())))?
-        .flatten()
-        .collect();
-    entries.sort_by_key(|e| e.file_name());
-    for e in entries {
-        let path = e.path();
-        let rel = path.strip_prefix(base).unwrap_or(&path).to_path_buf();
-        if ignore.excluded(&rel) {
+    let shown = || format!("reading {}", Path::new("/").join(rel).display());
+    if rel.components().count() > MAX_DEPTH {
+        return Err(ContextError::Invalid(format!(
+            "{}: more than {MAX_DEPTH} directory levels",
+            Path::new("/").join(rel).display()
+        )));
+    }
+    let mut names = inroot::list(dir).map_err(io_err(shown()))?;
+    names.sort();
+    for name in names {
+        let child = rel.join(&name);
+        if ignore.excluded(&child) {
             continue;
         }
-        let is_dir = e.file_type().map(|t| t.is_dir()).unwrap_or(false);
-        out.push(rel);
+        let is_dir =
+            inroot::kind_at(dir, &name).map_err(io_err(shown()))? == Some(FileType::Directory);
+        out.push(child.clone());
         if is_dir {
-            walk(base, &path, ignore, out)?;
+            let sub = rfs::openat(
+                dir,
+                &name,
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| io_err(shown())(e.into()))?;
+            walk(sub.as_fd(), &child, ignore, out)?;
         }
     }
     Ok(())
@@ -142,6 +177,7 @@ fn walk(
 /// The sources of one COPY/ADD resolved to items to copy.
 #[derive(Debug, Default)]
 pub struct Resolved {
+    /// Sources relative to the source root, symlinks on the way resolved inside it.
     pub items: Vec<CopyItem>,
     /// Directories to create before the items (the destination directory).
     pub dirs: Vec<PathBuf>,
@@ -149,7 +185,31 @@ pub struct Resolved {
     pub digest: String,
 }
 
-/// Resolve `sources` (already expanded words) against `root` to a destination.
+/// The path of an open file relative to `root_real` (the canonical host path of the root it
+/// was resolved in), through `/proc/self/fd`.
+fn rel_of(fd: BorrowedFd<'_>, root_real: &Path) -> Result<PathBuf, ContextError> {
+    let at = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map_err(io_err("reading /proc/self/fd"))?;
+    at.strip_prefix(root_real)
+        .map(Path::to_path_buf)
+        .map_err(|_| ContextError::Invalid(format!("{} is outside the source", at.display())))
+}
+
+fn root_of(root: &Path) -> Result<(Root, PathBuf), ContextError> {
+    let real = root
+        .canonicalize()
+        .map_err(io_err(format!("opening {}", root.display())))?;
+    let r = Root::open(&real).map_err(io_err(format!("opening {}", root.display())))?;
+    Ok((r, real))
+}
+
+/// Resolve `sources` (already expanded words) against `root` (the build context or a stage's
+/// root) to a destination.
+///
+/// As Docker does, a source is resolved *inside* `root`: a symlink on the way (the source
+/// itself included) is followed as if `root` were `/`, so `rootlink -> /` means the root
+/// itself, never the host's; `..` cannot climb out. What a directory source contains is copied
+/// as it is: symlinks inside stay symlinks.
 ///
 /// `dest` is absolute inside the image. `dest_is_dir` says whether it names a directory (it
 /// ends with `/`, there are several sources or a wildcard, or it is a directory in the image).
@@ -160,7 +220,9 @@ pub fn resolve(
     dest_is_dir: bool,
     ignore: &Ignore,
 ) -> Result<Resolved, ContextError> {
-    let mut matched: Vec<PathBuf> = Vec::new();
+    let (r, real) = root_of(root)?;
+    // (name it is copied under, path in the root)
+    let mut matched: Vec<(PathBuf, PathBuf)> = Vec::new();
     let mut wildcard = false;
     for src in sources {
         let Some(rel) = clean_rel(src) else {
@@ -173,9 +235,23 @@ pub fn resolve(
             wildcard = true;
             let m = glob_path(&rel_s)?;
             let mut all = Vec::new();
-            walk(root, root, ignore, &mut all)?;
+            let top = r
+                .open_in(Path::new(""), OFlags::RDONLY | OFlags::DIRECTORY)
+                .map_err(io_err("reading the source root"))?;
+            walk(top.as_fd(), Path::new(""), ignore, &mut all)?;
             let before = matched.len();
-            matched.extend(all.into_iter().filter(|p| m.is_match(p)));
+            for p in all.into_iter().filter(|p| m.is_match(p)) {
+                // A matched symlink is followed inside the root, as BuildKit does (a dangling
+                // one is copied as the link it is).
+                let target = match r.open_in(&p, OFlags::PATH) {
+                    Ok(fd) => rel_of(fd.as_fd(), &real)?,
+                    Err(_) => p.clone(),
+                };
+                if target != p && !target.as_os_str().is_empty() && ignore.excluded(&target) {
+                    continue;
+                }
+                matched.push((p, target));
+            }
             if matched.len() == before {
                 return Err(ContextError::Invalid(format!(
                     "no source files were specified: {src:?} matches nothing"
@@ -187,12 +263,23 @@ pub fn resolve(
                     "COPY source {src:?} is excluded by .dockerignore"
                 )));
             }
-            if fs::symlink_metadata(root.join(&rel)).is_err() {
+            let fd = match r.open_in(&rel, OFlags::PATH) {
+                Ok(fd) => fd,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    return Err(ContextError::Invalid(format!(
+                        "COPY source {src:?}: not found in the build context"
+                    )))
+                }
+                Err(e) => return Err(ContextError::Invalid(format!("COPY source {src:?}: {e}"))),
+            };
+            let resolved = rel_of(fd.as_fd(), &real)?;
+            if resolved != rel && !resolved.as_os_str().is_empty() && ignore.excluded(&resolved) {
                 return Err(ContextError::Invalid(format!(
-                    "COPY source {src:?}: not found in the build context"
+                    "COPY source {src:?} leads to {}, which is excluded by .dockerignore",
+                    resolved.display()
                 )));
             }
-            matched.push(rel);
+            matched.push((rel, resolved));
         }
     }
     let into_dir = dest_is_dir || matched.len() > 1 || wildcard;
@@ -200,73 +287,116 @@ pub fn resolve(
     if into_dir {
         out.dirs.push(dest.to_path_buf());
     }
-    for rel in matched {
-        let host = root.join(&rel);
-        let meta =
-            fs::symlink_metadata(&host).map_err(io_err(format!("reading {}", rel.display())))?;
-        if meta.is_dir() {
+    for (name, rel) in matched {
+        let fd = r
+            .open_in(&rel, OFlags::PATH | OFlags::NOFOLLOW)
+            .map_err(io_err(format!("reading {}", name.display())))?;
+        let kind = FileType::from_raw_mode(
+            rfs::fstat(&fd)
+                .map_err(|e| io_err(format!("reading {}", name.display()))(e.into()))?
+                .st_mode,
+        );
+        if kind == FileType::Directory {
             // A directory copies its contents.
             out.dirs.push(dest.to_path_buf());
+            let dir = r
+                .open_in(&rel, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW)
+                .map_err(io_err(format!("reading {}", name.display())))?;
             let mut inner = Vec::new();
-            walk(root, &host, ignore, &mut inner)?;
+            walk(dir.as_fd(), &rel, ignore, &mut inner)?;
             for p in inner {
                 let within = p.strip_prefix(&rel).unwrap_or(&p).to_path_buf();
                 out.items.push(CopyItem {
-                    src: root.join(&p),
+                    src: p,
                     dest: dest.join(within),
                 });
             }
         } else {
             let target = if into_dir {
-                dest.join(rel.file_name().unwrap_or_default())
+                dest.join(name.file_name().unwrap_or_default())
             } else {
                 dest.to_path_buf()
             };
             out.items.push(CopyItem {
-                src: host,
+                src: rel,
                 dest: target,
             });
         }
     }
     out.dirs.dedup();
-    out.digest = digest_items(&out.items)?;
+    out.digest = digest_items(root, &out.items)?;
     Ok(out)
 }
 
-/// Digest of what a COPY would write.
-pub fn digest_items(items: &[CopyItem]) -> Result<String, ContextError> {
+/// Digest of what a COPY would write; the items' sources are read inside `root`.
+pub fn digest_items(root: &Path, items: &[CopyItem]) -> Result<String, ContextError> {
+    let (r, _) = root_of(root)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
     for it in items {
-        let meta = fs::symlink_metadata(&it.src)
-            .map_err(io_err(format!("reading {}", it.src.display())))?;
+        let shown = Path::new("/").join(&it.src);
+        let what = || format!("reading {}", shown.display());
+        let (dir, name) = r.parent(&it.src).map_err(io_err(what()))?;
+        let st = rfs::statat(&dir, &name, AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|e| io_err(what())(e.into()))?;
         h.update(it.dest.as_os_str().as_encoded_bytes());
         h.update([0]);
-        h.update(format!("{:o}", meta.mode()).as_bytes());
+        h.update(format!("{:o}", st.st_mode).as_bytes());
         h.update([0]);
-        if meta.file_type().is_symlink() {
-            h.update(
-                fs::read_link(&it.src)
-                    .map_err(io_err("reading a link"))?
-                    .as_os_str()
-                    .as_encoded_bytes(),
-            );
-        } else if meta.is_file() {
-            let mut f =
-                fs::File::open(&it.src).map_err(io_err(format!("reading {}", it.src.display())))?;
-            loop {
-                let n = f
-                    .read(&mut buf)
-                    .map_err(io_err(format!("reading {}", it.src.display())))?;
-                if n == 0 {
-                    break;
-                }
-                h.update(&buf[..n]);
+        match FileType::from_raw_mode(st.st_mode) {
+            FileType::Symlink => {
+                let target = rfs::readlinkat(&dir, &name, Vec::new())
+                    .map_err(|e| io_err("reading a link")(e.into()))?;
+                h.update(target.as_bytes());
             }
+            FileType::RegularFile => {
+                let fd = rfs::openat(
+                    &dir,
+                    &name,
+                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| io_err(what())(e.into()))?;
+                let mut f = std::fs::File::from(fd);
+                loop {
+                    let n = f.read(&mut buf).map_err(io_err(what()))?;
+                    if n == 0 {
+                        break;
+                    }
+                    h.update(&buf[..n]);
+                }
+            }
+            _ => {}
         }
         h.update([0xff]);
     }
     Ok(format!("sha256:{}", hex::encode(h.finalize())))
+}
+
+/// Whether `rel` inside `root` (resolved inside it) is a tar archive (plain, gzip or zstd), by
+/// its first bytes.
+pub fn is_archive(root: &Path, rel: &Path) -> bool {
+    let Ok((r, _)) = root_of(root) else {
+        return false;
+    };
+    let Ok(fd) = r.open_in(rel, OFlags::RDONLY | OFlags::NONBLOCK) else {
+        return false;
+    };
+    let mut f = std::fs::File::from(fd);
+    if !f.metadata().is_ok_and(|m| m.is_file()) {
+        return false;
+    }
+    let mut head = [0u8; 512];
+    let mut got = 0;
+    while got < head.len() {
+        match f.read(&mut head[got..]) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got += n,
+        }
+    }
+    head.starts_with(&[0x1f, 0x8b])
+        || head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd])
+        || (got >= 262 && &head[257..262] == b"ustar")
 }
 
 #[cfg(test)]
@@ -344,6 +474,61 @@ mod tests {
         );
         let e = resolve(r, &["*.py".into()], Path::new("/x"), false, &ig).unwrap_err();
         assert!(e.to_string().contains("matches nothing"), "{e}");
+    }
+
+    #[test]
+    fn sources_resolve_inside_the_root() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        fs::create_dir_all(r.join("etc")).unwrap();
+        fs::write(r.join("etc/hostname"), "ctx").unwrap();
+        fs::create_dir_all(r.join("dir")).unwrap();
+        std::os::unix::fs::symlink("/", r.join("rootlink")).unwrap();
+        std::os::unix::fs::symlink("/etc/hostname", r.join("dir/abs")).unwrap();
+        std::os::unix::fs::symlink("etc/hostname", r.join("match.txt")).unwrap();
+        let ig = Ignore::default();
+        let src = |res: &Resolved| {
+            res.items
+                .iter()
+                .map(|i| format!("{} {}", i.src.display(), i.dest.display()))
+                .collect::<Vec<_>>()
+        };
+        // A link to / is the root; the final link is followed inside the root.
+        let res = resolve(
+            r,
+            &["rootlink/etc/hostname".into()],
+            Path::new("/x"),
+            false,
+            &ig,
+        )
+        .unwrap();
+        assert_eq!(src(&res), ["etc/hostname /x"]);
+        let res = resolve(r, &["dir/abs".into()], Path::new("/x"), false, &ig).unwrap();
+        assert_eq!(src(&res), ["etc/hostname /x"]);
+        // Inside a copied directory, links stay links.
+        let res = resolve(r, &["dir".into()], Path::new("/d"), false, &ig).unwrap();
+        assert_eq!(src(&res), ["dir/abs /d/abs"]);
+        // A wildcard match that is a link is followed, named as matched.
+        let res = resolve(r, &["*.txt".into()], Path::new("/w/"), true, &ig).unwrap();
+        assert_eq!(src(&res), ["etc/hostname /w/match.txt"]);
+        // Where the link leads must not be excluded.
+        let ig = Ignore::parse("etc\n").unwrap();
+        let e = resolve(r, &["dir/abs".into()], Path::new("/x"), false, &ig).unwrap_err();
+        assert!(e.to_string().contains("excluded by .dockerignore"), "{e}");
+        // Past 40 links: an error, not a lookup that gives up.
+        for i in 1..45 {
+            std::os::unix::fs::symlink(format!("c{}", i + 1), r.join(format!("c{i}"))).unwrap();
+        }
+        std::os::unix::fs::symlink("etc", r.join("c45")).unwrap();
+        let e = resolve(
+            r,
+            &["c1/hostname".into()],
+            Path::new("/x"),
+            false,
+            &Ignore::default(),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("ELOOP"), "{e}");
     }
 
     #[test]

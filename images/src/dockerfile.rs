@@ -144,8 +144,16 @@ pub struct Dockerfile {
     pub syntax: Option<String>,
     /// ARGs before the first FROM (usable in FROM lines).
     pub global_args: Vec<(String, Option<String>)>,
+    /// The line of each of `global_args` (for errors).
+    pub global_arg_lines: Vec<usize>,
     pub steps: Vec<Step>,
 }
+
+/// The largest Dockerfile accepted: 1 MiB.
+pub const MAX_DOCKERFILE: usize = 1 << 20;
+
+/// The most instructions a Dockerfile may have.
+pub const MAX_INSTRUCTIONS: usize = 10_000;
 
 impl Dockerfile {
     pub fn lexer(&self) -> Lexer {
@@ -438,6 +446,15 @@ fn parse_instruction(
 
 /// Parse a Dockerfile's text.
 pub fn parse(text: &str) -> Result<Dockerfile, ParseError> {
+    if text.len() > MAX_DOCKERFILE {
+        return err(
+            1,
+            format!(
+                "the Dockerfile is larger than the limit of {} MiB",
+                MAX_DOCKERFILE >> 20
+            ),
+        );
+    }
     let lines: Vec<&str> = text.lines().collect();
     let (escape, syntax) = directives(&lines)?;
     let lexer = Lexer::new(escape);
@@ -480,6 +497,12 @@ pub fn parse(text: &str) -> Result<Dockerfile, ParseError> {
             Some((k, r)) => (k, r.trim_start()),
             None => (logical.as_str(), ""),
         };
+        if steps.len() >= MAX_INSTRUCTIONS {
+            return err(
+                first + 1,
+                format!("more than {MAX_INSTRUCTIONS} instructions in the Dockerfile"),
+            );
+        }
         let instruction = parse_instruction(&lexer, first + 1, keyword, rest)?;
         steps.push(Step {
             line: first + 1,
@@ -489,11 +512,13 @@ pub fn parse(text: &str) -> Result<Dockerfile, ParseError> {
     }
     // ARGs before the first FROM are global; anything else before it is an error.
     let mut global_args = Vec::new();
+    let mut global_arg_lines = Vec::new();
     let mut start = 0;
     for step in &steps {
         match &step.instruction {
             Instruction::Arg(a) => {
                 global_args.extend(a.iter().cloned());
+                global_arg_lines.extend(a.iter().map(|_| step.line));
                 start += 1;
             }
             Instruction::From { .. } => break,
@@ -516,6 +541,7 @@ pub fn parse(text: &str) -> Result<Dockerfile, ParseError> {
         escape,
         syntax,
         global_args,
+        global_arg_lines,
         steps,
     })
 }

@@ -5,6 +5,13 @@
 //! escape character makes the next character literal (inside double quotes only before `"`, `$`
 //! and the escape character itself, as in a shell).
 
+/// The most bytes one expanded word (or all the words of one text) may hold: 1 MiB. Checked
+/// while the result grows, so a substitution bomb fails before it takes any memory.
+pub const MAX_EXPANDED: usize = 1 << 20;
+
+/// How deeply `${A:-${B:-...}}` may nest.
+pub const MAX_NESTING: usize = 32;
+
 /// Variables visible to substitution, in definition order (later wins).
 pub trait Vars {
     fn get(&self, name: &str) -> Option<&str>;
@@ -48,7 +55,7 @@ impl Lexer {
 
     /// Process one word: quotes removed, variables expanded; whitespace is kept as is.
     pub fn process_word<V: Vars + ?Sized>(&self, word: &str, vars: &V) -> Result<String, LexError> {
-        let words = self.process(word, vars, false)?;
+        let words = self.process(word, vars, false, 0)?;
         Ok(words.into_iter().next().unwrap_or_default())
     }
 
@@ -59,7 +66,7 @@ impl Lexer {
         text: &str,
         vars: &V,
     ) -> Result<Vec<String>, LexError> {
-        self.process(text, vars, true)
+        self.process(text, vars, true, 0)
     }
 
     /// Split on unquoted whitespace without expanding or removing quotes (for `k=v` lists).
@@ -111,8 +118,22 @@ impl Lexer {
         text: &str,
         vars: &V,
         split: bool,
+        depth: usize,
     ) -> Result<Vec<String>, LexError> {
+        if depth > MAX_NESTING {
+            return Err(LexError(format!(
+                "variable substitutions nested more than {MAX_NESTING} deep"
+            )));
+        }
         let chars: Vec<char> = text.chars().collect();
+        // Bytes in finished words; with `cur`, never more than MAX_EXPANDED.
+        let mut done = 0usize;
+        let too_long = || {
+            LexError(format!(
+                "the expanded text is longer than {} MiB",
+                MAX_EXPANDED >> 20
+            ))
+        };
         let mut words = Vec::new();
         let mut cur = String::new();
         // Whether the current word has content that counts even when empty ("" or '').
@@ -122,6 +143,7 @@ impl Lexer {
             let c = chars[i];
             if split && c.is_whitespace() {
                 if started || !cur.is_empty() {
+                    done += cur.len();
                     words.push(std::mem::take(&mut cur));
                     started = false;
                 }
@@ -176,7 +198,10 @@ impl Lexer {
                             continue;
                         }
                         if d == '$' {
-                            let (value, used) = self.variable(&chars[i..], vars, text)?;
+                            let (value, used) = self.variable(&chars[i..], vars, text, depth)?;
+                            if done + cur.len() + value.len() > MAX_EXPANDED {
+                                return Err(too_long());
+                            }
                             cur.push_str(&value);
                             i += used;
                             continue;
@@ -186,7 +211,10 @@ impl Lexer {
                     }
                 }
                 '$' => {
-                    let (value, used) = self.variable(&chars[i..], vars, text)?;
+                    let (value, used) = self.variable(&chars[i..], vars, text, depth)?;
+                    if done + cur.len() + value.len() > MAX_EXPANDED {
+                        return Err(too_long());
+                    }
                     i += used;
                     if !split {
                         cur.push_str(&value);
@@ -196,6 +224,7 @@ impl Lexer {
                     for v in value.chars() {
                         if v.is_whitespace() {
                             if started || !cur.is_empty() {
+                                done += cur.len();
                                 words.push(std::mem::take(&mut cur));
                                 started = false;
                             }
@@ -210,6 +239,9 @@ impl Lexer {
                 }
             }
         }
+        if done + cur.len() > MAX_EXPANDED {
+            return Err(too_long());
+        }
         if started || !cur.is_empty() || (!split && words.is_empty()) {
             words.push(cur);
         }
@@ -223,20 +255,21 @@ impl Lexer {
         s: &[char],
         vars: &V,
         text: &str,
+        depth: usize,
     ) -> Result<(String, usize), LexError> {
         let is_name = |c: char| c.is_ascii_alphanumeric() || c == '_';
         match s.get(1) {
             Some('{') => {
-                let mut depth = 0;
+                let mut braces = 0;
                 let mut end = None;
                 for (j, &c) in s.iter().enumerate().skip(2) {
                     match c {
-                        '{' => depth += 1,
-                        '}' if depth == 0 => {
+                        '{' => braces += 1,
+                        '}' if braces == 0 => {
                             end = Some(j);
                             break;
                         }
-                        '}' => depth -= 1,
+                        '}' => braces -= 1,
                         _ => {}
                     }
                 }
@@ -249,7 +282,10 @@ impl Lexer {
                 }
                 let rest = &inner[name_len..];
                 let value = vars.get(name);
-                let word = |w: &str| self.process_word(w, vars);
+                let word = |w: &str| {
+                    self.process(w, vars, false, depth + 1)
+                        .map(|w| w.into_iter().next().unwrap_or_default())
+                };
                 let out = if rest.is_empty() {
                     value.unwrap_or("").to_string()
                 } else if let Some(alt) = rest.strip_prefix(":-") {

@@ -22,7 +22,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::{Deserialize, Serialize};
 
+use std::os::fd::{AsFd, AsRawFd};
+
+use rustix::fs::OFlags;
+
 use crate::config::ImageConfig;
+use crate::inroot::Root;
 use crate::tools::{ToolError, Tools};
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +47,31 @@ pub enum StoreError {
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> StoreError {
     let what = what.into();
     move |source| StoreError::Io { what, source }
+}
+
+/// Snapshots hold files owned by the host ids the sandbox's ids map to: a store made while
+/// sandbox root was one host id cannot serve sandboxes whose root is another (e.g. after
+/// switching `--sandbox-ids`). `root/ids` records the mapping the store was made with.
+fn check_ids(root: &Path) -> Result<(), StoreError> {
+    let (mapping, _) = sandbox::idmap::try_choose(sandbox::IdMapping::Auto)
+        .map_err(|e| StoreError::Backend(format!("sandbox ids: {e}")))?;
+    let (uid, gid) = mapping.root_ids();
+    let ours = format!("sandbox root {uid}:{gid}\n");
+    let marker = root.join("ids");
+    match fs::read_to_string(&marker) {
+        Ok(theirs) if theirs == ours => Ok(()),
+        Ok(theirs) => Err(StoreError::Backend(format!(
+            "the layer store {} was made with {} on the host, and this process maps {} \
+             (--sandbox-ids): use another store_path, or remove this one",
+            root.display(),
+            theirs.trim(),
+            ours.trim()
+        ))),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            fs::write(&marker, ours).map_err(io_err(format!("writing {}", marker.display())))
+        }
+        Err(e) => Err(io_err(format!("reading {}", marker.display()))(e)),
+    }
 }
 
 /// Which snapshot backend.
@@ -100,7 +130,9 @@ impl Backend for Plain {
         BackendKind::Plain
     }
     fn create(&self, dst: &Path) -> Result<(), StoreError> {
-        fs::create_dir(dst).map_err(io_err(format!("creating {}", dst.display())))
+        fs::create_dir(dst)
+            .and_then(|()| crate::tools::hand_over(dst))
+            .map_err(io_err(format!("creating {}", dst.display())))
     }
     fn snapshot(&self, src: &Path, dst: &Path) -> Result<(), StoreError> {
         Ok(self.tools.copy_tree(src, dst)?)
@@ -155,7 +187,8 @@ impl Backend for Btrfs {
         BackendKind::Btrfs
     }
     fn create(&self, dst: &Path) -> Result<(), StoreError> {
-        btrfs(&["subvolume".as_ref(), "create".as_ref(), dst.as_os_str()])
+        btrfs(&["subvolume".as_ref(), "create".as_ref(), dst.as_os_str()])?;
+        crate::tools::hand_over(dst).map_err(io_err(format!("creating {}", dst.display())))
     }
     fn snapshot(&self, src: &Path, dst: &Path) -> Result<(), StoreError> {
         btrfs(&[
@@ -192,6 +225,7 @@ impl Backend for OverlayBackend {
     fn create(&self, dst: &Path) -> Result<(), StoreError> {
         for d in ["upper", "work"] {
             fs::create_dir_all(dst.join(d))
+                .and_then(|()| crate::tools::hand_over(&dst.join(d)))
                 .map_err(io_err(format!("creating {}", dst.display())))?;
         }
         Ok(())
@@ -256,36 +290,48 @@ fn is_opaque(dir: &Path) -> bool {
 }
 
 impl View {
-    /// The host path of `inside` (absolute in the image) as the image sees it, if it exists.
-    /// Through layers: the topmost layer that has it wins; a whiteout or an opaque directory
-    /// above hides lower layers. (Symlinks across layers are not followed.)
+    /// The host path of `inside` (absolute in the image) as the image sees it, if it exists
+    /// (a final symlink is not followed). A complete tree is resolved inside its root by the
+    /// kernel (see [`crate::inroot`]); through layers, the topmost layer that has it wins, a
+    /// whiteout, an opaque directory or a non-directory on the way hides lower layers, and
+    /// symlinks are not followed (so the returned path never goes through one).
     pub fn lookup(&self, inside: &Path) -> Option<PathBuf> {
         match self {
             View::Dir(root) => {
-                let p = crate::tools::host_path(root, inside);
-                fs::symlink_metadata(&p).is_ok().then_some(p)
+                let r = Root::open(root).ok()?;
+                if crate::inroot::components(inside).is_empty() {
+                    return Some(root.clone());
+                }
+                let (dir, name) = r.parent(inside).ok()?;
+                crate::inroot::kind_at(dir.as_fd(), &name).ok()??;
+                let at = fs::read_link(format!("/proc/self/fd/{}", dir.as_raw_fd())).ok()?;
+                Some(at.join(name))
             }
             View::Layers(layers) => {
                 let rel = sandbox::plan::normalize_inside(inside);
                 let rel = rel.strip_prefix("/").unwrap_or(&rel).to_path_buf();
+                let parts: Vec<_> = rel.components().collect();
                 for layer in layers {
-                    let p = layer.join(&rel);
-                    if let Ok(m) = fs::symlink_metadata(&p) {
-                        return (!is_whiteout(&m)).then_some(p);
-                    }
-                    // A whiteout or opaque directory on the way hides what lies below.
-                    let mut hidden = false;
                     let mut acc = layer.clone();
-                    for c in rel.components() {
+                    let mut hidden = false;
+                    for (i, c) in parts.iter().enumerate() {
                         acc.push(c);
-                        if acc == p {
-                            break;
-                        }
+                        let last = i + 1 == parts.len();
                         match fs::symlink_metadata(&acc) {
-                            Ok(m) if is_whiteout(&m) => hidden = true,
-                            Ok(m) if m.is_dir() && is_opaque(&acc) => hidden = true,
-                            _ => {}
+                            Ok(m) if is_whiteout(&m) => return None,
+                            Ok(_) if last => return Some(acc),
+                            Ok(m) if m.is_dir() => {
+                                if is_opaque(&acc) {
+                                    hidden = true;
+                                }
+                            }
+                            // A file or symlink on the way hides lower layers' directories.
+                            Ok(_) => return None,
+                            Err(_) => break,
                         }
+                    }
+                    if parts.is_empty() {
+                        return Some(layer.clone());
                     }
                     if hidden {
                         return None;
@@ -296,13 +342,72 @@ impl View {
         }
     }
 
-    /// Whether `inside` is a directory in the image.
+    /// Through layers: the host path of `inside` with symlinks on the way (and the final one
+    /// when `follow`) resolved in the image as the union of the layers sees them, at most
+    /// [`crate::inroot::MAX_LINKS`] of them; None when missing or past the limit.
+    fn resolve_layers(&self, inside: &Path, follow: bool) -> Option<PathBuf> {
+        use std::ffi::OsString;
+        let abs = |parts: &[OsString]| {
+            let mut p = PathBuf::from("/");
+            for c in parts {
+                p.push(c);
+            }
+            p
+        };
+        let mut parts = crate::inroot::components(inside);
+        let mut done: Vec<OsString> = Vec::new();
+        let mut hops = 0;
+        let mut i = 0;
+        while i < parts.len() {
+            if parts[i] == ".." {
+                done.pop();
+                i += 1;
+                continue;
+            }
+            let mut cand = done.clone();
+            cand.push(parts[i].clone());
+            let p = self.lookup(&abs(&cand))?;
+            let m = fs::symlink_metadata(&p).ok()?;
+            if m.file_type().is_symlink() && (i + 1 < parts.len() || follow) {
+                hops += 1;
+                if hops > crate::inroot::MAX_LINKS {
+                    return None;
+                }
+                let target = fs::read_link(&p).ok()?;
+                let mut next = if target.is_absolute() {
+                    Vec::new()
+                } else {
+                    done.clone()
+                };
+                next.extend(crate::inroot::components(&target));
+                next.extend(parts[i + 1..].iter().cloned());
+                parts = next;
+                done.clear();
+                i = 0;
+                continue;
+            }
+            done = cand;
+            i += 1;
+        }
+        self.lookup(&abs(&done))
+    }
+
+    /// Whether `inside` is a directory in the image, following symlinks inside the image (as
+    /// Docker's check of a COPY destination does).
     pub fn is_dir(&self, inside: &Path) -> bool {
-        self.lookup(inside).is_some_and(|p| p.is_dir())
+        match self {
+            View::Dir(root) => Root::open(root)
+                .and_then(|r| r.open_in(inside, OFlags::PATH | OFlags::DIRECTORY))
+                .is_ok(),
+            View::Layers(_) => self
+                .resolve_layers(inside, true)
+                .is_some_and(|p| fs::symlink_metadata(p).is_ok_and(|m| m.is_dir())),
+        }
     }
 
     /// Resolve a `USER` value against the image's `/etc/passwd` and `/etc/group` (a complete
-    /// tree is read confined to its root; layers through [`View::read_small`]).
+    /// tree is read by fd inside its root, `openat2(RESOLVE_IN_ROOT)`; layers through
+    /// [`View::read_small`]).
     pub fn resolve_user(
         &self,
         user: &sandbox::User,
@@ -317,13 +422,34 @@ impl View {
         }
     }
 
-    /// A small regular file of the image (not through a symlink); empty when missing.
+    /// A small regular file of the image (at most 16 MiB; the final component not through a
+    /// symlink); empty when missing.
     pub fn read_small(&self, inside: &Path) -> String {
-        match self.lookup(inside) {
-            Some(p) if fs::symlink_metadata(&p).is_ok_and(|m| m.is_file()) => {
-                fs::read_to_string(p).unwrap_or_default()
-            }
-            _ => String::new(),
+        const MAX: u64 = 16 << 20;
+        let file = match self {
+            View::Dir(root) => Root::open(root)
+                .and_then(|r| {
+                    r.open_in(inside, OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK)
+                })
+                .map(fs::File::from)
+                .ok(),
+            View::Layers(_) => match self.resolve_layers(inside, false) {
+                Some(p) if fs::symlink_metadata(&p).is_ok_and(|m| m.is_file()) => {
+                    fs::File::open(p).ok()
+                }
+                _ => None,
+            },
+        };
+        let Some(file) = file else {
+            return String::new();
+        };
+        if !file.metadata().is_ok_and(|m| m.is_file()) {
+            return String::new();
+        }
+        let mut text = String::new();
+        match io::Read::read_to_string(&mut io::Read::take(file, MAX), &mut text) {
+            Ok(_) => text,
+            Err(_) => String::new(),
         }
     }
 }
@@ -397,7 +523,8 @@ impl Store {
         let root = root
             .canonicalize()
             .map_err(io_err(format!("opening {}", root.display())))?;
-        let tools = Tools::new(helper, vec![root.clone()]);
+        check_ids(&root)?;
+        let tools = Tools::new(helper);
         let kind = match kind {
             Some(k) => k,
             None if is_btrfs(&root) => BackendKind::Btrfs,
@@ -559,6 +686,7 @@ impl Store {
             if let Some(lowers) = lowers {
                 for d in ["upper", "work"] {
                     fs::create_dir_all(scratch.join(d))
+                        .and_then(|()| crate::tools::hand_over(&scratch.join(d)))
                         .map_err(io_err(format!("creating {}", scratch.display())))?;
                 }
                 return Ok(Target::Overlay {
@@ -572,7 +700,9 @@ impl Store {
                 return Ok(Target::Dir(scratch.to_path_buf()));
             }
         }
-        fs::create_dir_all(scratch).map_err(io_err(format!("creating {}", scratch.display())))?;
+        fs::create_dir_all(scratch)
+            .and_then(|()| crate::tools::hand_over(scratch))
+            .map_err(io_err(format!("creating {}", scratch.display())))?;
         Ok(Target::Dir(scratch.to_path_buf()))
     }
 
@@ -671,5 +801,56 @@ impl Store {
             }
         }
         Ok(done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    #[test]
+    fn views_resolve_symlinks_inside_the_image() {
+        let d = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let (lower, upper) = (d.path().join("lower"), d.path().join("upper"));
+        fs::create_dir_all(lower.join("real/sub")).unwrap();
+        fs::write(lower.join("real/passwd"), "p").unwrap();
+        fs::create_dir_all(&upper).unwrap();
+        symlink("real", upper.join("rel")).unwrap();
+        symlink("/real", upper.join("abs")).unwrap();
+        symlink(outside.path(), upper.join("host")).unwrap();
+        for i in 1..45 {
+            symlink(format!("c{}", i + 1), upper.join(format!("c{i}"))).unwrap();
+        }
+        symlink("real", upper.join("c45")).unwrap();
+        let layers = View::Layers(vec![upper.clone(), lower.clone()]);
+        assert!(layers.is_dir(Path::new("/rel")));
+        assert!(layers.is_dir(Path::new("/abs/sub")));
+        assert!(!layers.is_dir(Path::new("/host")), "a host directory");
+        assert!(!layers.is_dir(Path::new("/c1")), "past 40 links");
+        assert_eq!(layers.read_small(Path::new("/abs/passwd")), "p");
+        assert_eq!(layers.read_small(Path::new("/c1/passwd")), "");
+
+        // The same as one tree.
+        let tree = d.path().join("tree");
+        fs::create_dir_all(tree.join("real/sub")).unwrap();
+        fs::write(tree.join("real/passwd"), "p").unwrap();
+        symlink("/real", tree.join("abs")).unwrap();
+        symlink(outside.path(), tree.join("host")).unwrap();
+        for i in 1..45 {
+            symlink(format!("c{}", i + 1), tree.join(format!("c{i}"))).unwrap();
+        }
+        symlink("real", tree.join("c45")).unwrap();
+        let dir = View::Dir(tree.clone());
+        assert!(dir.is_dir(Path::new("/abs/sub")));
+        assert!(!dir.is_dir(Path::new("/host")));
+        assert!(!dir.is_dir(Path::new("/c1")));
+        assert_eq!(dir.read_small(Path::new("/abs/passwd")), "p");
+        assert_eq!(dir.read_small(Path::new("/c1/passwd")), "");
+        assert_eq!(
+            dir.lookup(Path::new("/abs/passwd")),
+            Some(tree.canonicalize().unwrap().join("real/passwd"))
+        );
     }
 }

@@ -3,48 +3,74 @@
 //! Image trees hold files owned by the sandbox's mapped ids (root = the daemon's user, 1..65536 =
 //! its subordinate range). Only a process inside that user namespace can create, copy, chown or
 //! delete them correctly, also when the daemon is not root. So every such operation runs as a
-//! short-lived sandbox whose root is the host's `/`, read-only, with the store directory bound
-//! read-write at its own path, executing either a host tool (`cp`, `rm`) or our helper command
-//! (`mistryd internal ...`, or `mistry-image-helper` in this crate's tests), whose entry point is
-//! [`helper_main`].
+//! short-lived sandbox whose root is the host's `/`, read-only, with only the tree being written
+//! (the target snapshot, or the one file a tool writes) bound read-write at its own path; its
+//! sources (blobs, the build context, other stages) stay read-only. It executes either a host
+//! tool (`cp`, `chown`) or our helper command (`mistryd internal ...`, or `mistry-image-helper`
+//! in this crate's tests), whose entry point is [`helper_main`].
+//!
+//! The helper opens everything inside an image, a context or a stage through
+//! [`crate::inroot`]: parents resolved by the kernel inside the root (`RESOLVE_IN_ROOT`, ELOOP
+//! past 40 links), the final component handled relative to its parent's fd, never followed.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io;
-use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
+
+use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags};
 
 use sandbox::{Bind, NetworkMode, Sandbox};
 use serde::{Deserialize, Serialize};
 
+use crate::inroot::{self, Root};
 use crate::store::{Target, View};
 use crate::unpack::{self, Owners};
 
 /// An overlay to mount in a tool sandbox: lowers, optional (upper, work), mount point.
 type Mount = (Vec<PathBuf>, Option<(PathBuf, PathBuf)>, PathBuf);
 
-/// The path to operate on for `target`, and the overlay to mount there if it is layered.
-fn mount_for(target: &Target) -> Result<(PathBuf, Option<Mount>), ToolError> {
+/// The path to operate on for `target`, the overlay to mount there if it is layered, and the
+/// one directory the tool may write to (the snapshot being built).
+fn mount_for(target: &Target) -> Result<(PathBuf, Option<Mount>, PathBuf), ToolError> {
     match target {
-        Target::Dir(p) => Ok((p.clone(), None)),
+        Target::Dir(p) => Ok((p.clone(), None, p.clone())),
         Target::Overlay {
             lowers,
             upper,
             work,
         } => {
-            let merged = upper.parent().unwrap_or(Path::new("/")).join("merged");
-            fs::create_dir_all(&merged).map_err(|e| ToolError::Failed {
-                what: format!("creating {}", merged.display()),
-                message: e.to_string(),
-            })?;
+            let snapshot = upper.parent().unwrap_or(Path::new("/")).to_path_buf();
+            let merged = snapshot.join("merged");
+            fs::create_dir_all(&merged)
+                .and_then(|()| hand_over(&merged))
+                .map_err(|e| ToolError::Failed {
+                    what: format!("creating {}", merged.display()),
+                    message: e.to_string(),
+                })?;
             let mount = (
                 lowers.clone(),
                 Some((upper.clone(), work.clone())),
                 merged.clone(),
             );
-            Ok((merged, Some(mount)))
+            Ok((merged, Some(mount), snapshot))
         }
     }
+}
+
+/// Give `path` (made by this process) to the host ids of sandbox root, when those are not this
+/// process's own: with `--sandbox-ids subordinate`, sandbox root is a subordinate id, and a
+/// directory of host root's is not even mapped in the sandbox. A no-op otherwise.
+pub fn hand_over(path: &Path) -> io::Result<()> {
+    let Ok((mapping, _)) = sandbox::idmap::try_choose(sandbox::IdMapping::Auto) else {
+        return Ok(());
+    };
+    let (uid, gid) = mapping.root_ids();
+    if uid == nix::unistd::geteuid().as_raw() && gid == nix::unistd::getegid().as_raw() {
+        return Ok(());
+    }
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid))
 }
 
 /// A tool run failed.
@@ -67,14 +93,13 @@ pub struct Tools {
     helper: Vec<OsString>,
     /// Whether ids other than root are mapped (a subordinate range exists).
     owners: bool,
-    /// Directories bound read-write into every tool sandbox.
-    writable: Vec<PathBuf>,
 }
 
 /// One thing COPY puts into an image.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct CopyItem {
-    /// Host path of the source (file, directory or symlink).
+    /// The source (file, directory or symlink, copied as what it is), relative to the source
+    /// root ([`CopySpec::src_root`]) and resolved inside it.
     pub src: PathBuf,
     /// Absolute destination inside the image.
     pub dest: PathBuf,
@@ -83,7 +108,10 @@ pub struct CopyItem {
 /// What the helper's `copy-in` does.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CopySpec {
+    /// The image tree written to (set by [`Tools::copy_in`]).
     pub root: PathBuf,
+    /// Where the items' sources are resolved: the build context, a stage's root, a download.
+    pub src_root: PathBuf,
     pub items: Vec<CopyItem>,
     pub uid: u32,
     pub gid: u32,
@@ -95,12 +123,11 @@ pub struct CopySpec {
 }
 
 impl Tools {
-    pub fn new(helper: Vec<OsString>, writable: Vec<PathBuf>) -> Tools {
+    pub fn new(helper: Vec<OsString>) -> Tools {
         let (mapping, _) = sandbox::idmap::choose(sandbox::IdMapping::Auto);
         Tools {
             helper,
             owners: mapping.max_id() > 0,
-            writable,
         }
     }
 
@@ -109,17 +136,14 @@ impl Tools {
         self.owners
     }
 
-    fn sandbox(&self, extra: &[&Path], mount: Option<Mount>) -> Sandbox {
+    /// A tool sandbox: the host read-only, only `writable` (the target tree, or a file the tool
+    /// writes) bound read-write.
+    fn sandbox(&self, writable: &[&Path], mount: Option<Mount>) -> Sandbox {
         let mut sb = Sandbox::new("/")
             .read_only_root(true)
             .network(NetworkMode::None)
             .hostname("mistry-tools");
-        for w in self
-            .writable
-            .iter()
-            .map(PathBuf::as_path)
-            .chain(extra.iter().copied())
-        {
+        for w in writable {
             sb = sb.bind(Bind::new(w, w));
         }
         if let Some((lowers, rw, at)) = mount {
@@ -128,16 +152,16 @@ impl Tools {
         sb
     }
 
-    /// Run with `extra` directories writable besides the store.
+    /// Run with only `writable` (directories or files) writable.
     fn run_with(
         &self,
         what: &str,
         argv: Vec<OsString>,
-        extra: &[&Path],
+        writable: &[&Path],
         mount: Option<Mount>,
     ) -> Result<String, ToolError> {
         let out = self
-            .sandbox(extra, mount)
+            .sandbox(writable, mount)
             .command(argv)
             .output()
             .map_err(|source| ToolError::Sandbox {
@@ -163,11 +187,12 @@ impl Tools {
         &self,
         what: &str,
         args: Vec<OsString>,
+        writable: &Path,
         mount: Option<Mount>,
     ) -> Result<String, ToolError> {
         let mut argv = self.helper.clone();
         argv.extend(args);
-        self.run_with(what, argv, &[], mount)
+        self.run_with(what, argv, &[writable], mount)
     }
 
     /// Apply a layer blob onto `root`; `name` (its digest) appears in errors.
@@ -178,7 +203,7 @@ impl Tools {
         target: &Target,
     ) -> Result<unpack::Applied, ToolError> {
         let owners = if self.owners { "keep" } else { "ignore" };
-        let (root, mount) = mount_for(target)?;
+        let (root, mount, writable) = mount_for(target)?;
         let out = self.helper(
             &format!("applying layer {digest}"),
             vec![
@@ -188,6 +213,7 @@ impl Tools {
                 os(&root),
                 os(owners),
             ],
+            &writable,
             mount,
         )?;
         serde_json::from_str::<AppliedJson>(out.trim())
@@ -202,13 +228,28 @@ impl Tools {
             })
     }
 
-    /// Extract a local tar archive (ADD) into `dest` inside `root`.
-    pub fn extract(&self, archive: &Path, target: &Target, dest: &Path) -> Result<(), ToolError> {
+    /// Extract a tar archive (ADD), `archive` resolved inside `src_root`, into `dest` inside
+    /// the image (confined to `dest`, as Docker's chrooted untar).
+    pub fn extract(
+        &self,
+        src_root: &Path,
+        archive: &Path,
+        target: &Target,
+        dest: &Path,
+    ) -> Result<(), ToolError> {
         let owners = if self.owners { "keep" } else { "ignore" };
-        let (root, mount) = mount_for(target)?;
+        let (root, mount, writable) = mount_for(target)?;
         self.helper(
             &format!("extracting {}", archive.display()),
-            vec![os("extract"), os(archive), os(&root), os(dest), os(owners)],
+            vec![
+                os("extract"),
+                os(src_root),
+                os(archive),
+                os(&root),
+                os(dest),
+                os(owners),
+            ],
+            &writable,
             mount,
         )
         .map(drop)
@@ -221,7 +262,7 @@ impl Tools {
         spec_file: &Path,
         target: &Target,
     ) -> Result<(), ToolError> {
-        let (root, mount) = mount_for(target)?;
+        let (root, mount, writable) = mount_for(target)?;
         let spec = CopySpec {
             root,
             ..spec.clone()
@@ -237,6 +278,7 @@ impl Tools {
         self.helper(
             "copying files into the image",
             vec![os("copy-in"), os(spec_file)],
+            &writable,
             mount,
         )
         .map(drop)
@@ -251,10 +293,11 @@ impl Tools {
         gid: u32,
     ) -> Result<(), ToolError> {
         let ids = format!("{uid}:{gid}");
-        let (root, mount) = mount_for(target)?;
+        let (root, mount, writable) = mount_for(target)?;
         self.helper(
             &format!("creating {}", path.display()),
             vec![os("mkdirs"), os(&root), os(path), os(ids)],
+            &writable,
             mount,
         )
         .map(drop)
@@ -278,39 +321,71 @@ impl Tools {
         .map(drop)
     }
 
-    /// A full copy of a tree (reflinks where the filesystem has them).
+    /// A full copy of a tree at `dst` (which must not exist; reflinks where the filesystem has
+    /// them). Only `dst` is writable meanwhile.
     pub fn copy_tree(&self, src: &Path, dst: &Path) -> Result<(), ToolError> {
+        self.copy_into(src, dst, None)
+    }
+
+    /// `cp -a SRC/. DST/` with `dst` created first (by us) and the only thing bound writable.
+    fn copy_into(&self, src: &Path, dst: &Path, mount: Option<Mount>) -> Result<(), ToolError> {
+        let what = format!("copying {} to {}", src.display(), dst.display());
+        fs::create_dir(dst)
+            .and_then(|()| hand_over(dst))
+            .map_err(|e| ToolError::Failed {
+                what: what.clone(),
+                message: e.to_string(),
+            })?;
         let argv: Vec<OsString> = vec![
             "cp".into(),
             "-a".into(),
             "--reflink=auto".into(),
-            src.into(),
+            "--no-target-directory".into(),
+            src.join(".").into(),
             dst.into(),
         ];
-        let parent = dst.parent().unwrap_or(Path::new("/"));
-        self.run_with(&format!("copying {}", src.display()), argv, &[parent], None)
-            .map(drop)
+        self.run_with(&what, argv, &[dst], mount).map(drop)
     }
 
-    /// `rm -rf` of a tree.
+    /// Remove a tree (or a file). Its contents are removed inside the user namespace by the
+    /// helper (by fd, never following a symlink), with only the tree itself writable; the
+    /// emptied directory is then removed here.
     pub fn remove_tree(&self, path: &Path) -> Result<(), ToolError> {
-        if fs::symlink_metadata(path).is_err() {
-            return Ok(());
+        let what = format!("removing {}", path.display());
+        let failed = |e: io::Error| ToolError::Failed {
+            what: what.clone(),
+            message: e.to_string(),
+        };
+        let meta = match fs::symlink_metadata(path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(failed(e)),
+        };
+        if meta.is_dir() {
+            let mut argv = self.helper.clone();
+            argv.extend([os("clear"), os(path)]);
+            self.run_with(&what, argv, &[path], None)?;
         }
-        let argv: Vec<OsString> = vec![
-            "rm".into(),
-            "-rf".into(),
-            "--one-file-system".into(),
-            path.into(),
-        ];
-        let parent = path.parent().unwrap_or(Path::new("/"));
-        self.run_with(
-            &format!("removing {}", path.display()),
-            argv,
-            &[parent],
-            None,
-        )
-        .map(drop)
+        let r = if meta.is_dir() {
+            fs::remove_dir(path)
+        } else {
+            fs::remove_file(path)
+        };
+        match r {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            // The parent belongs to a sandbox id (e.g. a job's data/ handed to its user): only
+            // the user namespace may remove the entry from it, with the parent writable.
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+                    return Err(failed(e));
+                };
+                let mut argv = self.helper.clone();
+                argv.extend([os("remove"), os(parent), os(name)]);
+                self.run_with(&what, argv, &[parent], None).map(drop)
+            }
+            Err(e) => Err(failed(e)),
+        }
     }
 
     /// The path to read `view` at, and the read-only overlay to mount there (at `mountpoint`).
@@ -318,10 +393,12 @@ impl Tools {
         match view {
             View::Dir(p) => Ok((p.clone(), None)),
             View::Layers(layers) => {
-                fs::create_dir_all(mountpoint).map_err(|e| ToolError::Failed {
-                    what: format!("creating {}", mountpoint.display()),
-                    message: e.to_string(),
-                })?;
+                fs::create_dir_all(mountpoint)
+                    .and_then(|()| hand_over(mountpoint))
+                    .map_err(|e| ToolError::Failed {
+                        what: format!("creating {}", mountpoint.display()),
+                        message: e.to_string(),
+                    })?;
                 let mount = (layers.clone(), None, mountpoint.to_path_buf());
                 Ok((mountpoint.to_path_buf(), Some(mount)))
             }
@@ -333,28 +410,21 @@ impl Tools {
     pub fn pack(&self, view: &View, mountpoint: &Path, out: &Path) -> Result<(), ToolError> {
         let (root, mount) = Self::read_mount(view, mountpoint)?;
         let what = format!("packing {}", root.display());
-        self.helper(&what, vec![os("pack"), os(&root), os(out)], mount)
+        // Only the output file is writable: made here, bound into the sandbox.
+        fs::File::create(out)
+            .and_then(|_| hand_over(out))
+            .map_err(|e| ToolError::Failed {
+                what: what.clone(),
+                message: format!("{}: {e}", out.display()),
+            })?;
+        self.helper(&what, vec![os("pack"), os(&root), os(out)], out, mount)
             .map(drop)
     }
 
     /// A complete copy of `view` at `dst` (a layered view is mounted at `mountpoint` meanwhile).
     pub fn materialize(&self, view: &View, mountpoint: &Path, dst: &Path) -> Result<(), ToolError> {
         let (root, mount) = Self::read_mount(view, mountpoint)?;
-        let argv: Vec<OsString> = vec![
-            "cp".into(),
-            "-a".into(),
-            "--reflink=auto".into(),
-            root.into(),
-            dst.into(),
-        ];
-        let parent = dst.parent().unwrap_or(Path::new("/"));
-        self.run_with(
-            &format!("copying {}", dst.display()),
-            argv,
-            &[parent],
-            mount,
-        )
-        .map(drop)
+        self.copy_into(&root, dst, mount)
     }
 }
 
@@ -369,59 +439,132 @@ struct AppliedJson {
     skipped_devices: usize,
 }
 
-/// Resolve an in-image path to the host path under `root` (parents resolved inside the root).
-pub fn host_path(root: &Path, inside: &Path) -> PathBuf {
-    let resolved = sandbox::plan::resolve_in_root(root, &Path::new("/").join(inside));
-    root.join(resolved.strip_prefix("/").unwrap_or(&resolved))
-}
-
-fn chown(p: &Path, uid: u32, gid: u32, owners: bool) -> io::Result<()> {
+fn chown_at(dir: BorrowedFd<'_>, name: &OsStr, uid: u32, gid: u32, owners: bool) -> io::Result<()> {
     if !owners {
         return Ok(());
     }
-    std::os::unix::fs::lchown(p, Some(uid), Some(gid))
+    inroot::chown_at(dir, name, uid, gid)
 }
 
-fn copy_one(item: &CopyItem, spec: &CopySpec) -> io::Result<()> {
-    let meta = fs::symlink_metadata(&item.src)?;
-    let dest = host_path(&spec.root, &item.dest);
-    if let Some(parent) = dest.parent() {
-        fs::create_dir_all(parent)?;
+fn ts(t: filetime::FileTime) -> rfs::Timestamps {
+    let spec = rfs::Timespec {
+        tv_sec: t.unix_seconds(),
+        tv_nsec: t.nanoseconds().into(),
+    };
+    rfs::Timestamps {
+        last_access: spec,
+        last_modification: spec,
     }
-    if meta.is_dir() {
-        match fs::symlink_metadata(&dest) {
-            Ok(m) if m.is_dir() => {}
-            Ok(_) => {
-                fs::remove_file(&dest)?;
-                fs::create_dir(&dest)?;
+}
+
+/// Copy one item from the source root into the image root. Parents are resolved inside each
+/// root; the source's final component is copied as what it is (a symlink stays a symlink), and
+/// the destination's final component is replaced, never written through.
+fn copy_one(item: &CopyItem, spec: &CopySpec, src: &Root, dst: &Root) -> io::Result<()> {
+    let (sdir, sname) = src.parent(&item.src)?;
+    let st = rfs::statat(&sdir, &sname, AtFlags::SYMLINK_NOFOLLOW).map_err(io::Error::from)?;
+    let kind = FileType::from_raw_mode(st.st_mode);
+    let (ddir, dname) = dst.parent_create(&item.dest, None)?;
+    let (ddir, dname) = (ddir.as_fd(), dname.as_os_str());
+    let existing = inroot::kind_at(ddir, dname)?;
+    let mut fd: Option<OwnedFd> = None;
+    match kind {
+        FileType::Directory => {
+            if existing != Some(FileType::Directory) {
+                inroot::remove_at(ddir, dname)?;
+                rfs::mkdirat(ddir, dname, Mode::from_raw_mode(0o700)).map_err(io::Error::from)?;
             }
-            Err(_) => fs::create_dir(&dest)?,
+            fd = Some(
+                rfs::openat(
+                    ddir,
+                    dname,
+                    OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(io::Error::from)?,
+            );
         }
-    } else {
-        match fs::symlink_metadata(&dest) {
-            Ok(m) if m.is_dir() => fs::remove_dir_all(&dest)?,
-            Ok(_) => fs::remove_file(&dest)?,
-            Err(_) => {}
+        FileType::Symlink => {
+            inroot::remove_at(ddir, dname)?;
+            let target = rfs::readlinkat(&sdir, &sname, Vec::new()).map_err(io::Error::from)?;
+            rfs::symlinkat(target.as_c_str(), ddir, dname).map_err(io::Error::from)?;
         }
-        if meta.file_type().is_symlink() {
-            symlink(fs::read_link(&item.src)?, &dest)?;
-        } else {
-            fs::copy(&item.src, &dest)?;
+        FileType::RegularFile => {
+            // O_NONBLOCK: never hang on something swapped for a fifo meanwhile.
+            let input = rfs::openat(
+                &sdir,
+                &sname,
+                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(io::Error::from)?;
+            if FileType::from_raw_mode(rfs::fstat(&input).map_err(io::Error::from)?.st_mode)
+                != FileType::RegularFile
+            {
+                return Err(io::Error::other("not a regular file"));
+            }
+            inroot::remove_at(ddir, dname)?;
+            let out = rfs::openat(
+                ddir,
+                dname,
+                OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o600),
+            )
+            .map_err(io::Error::from)?;
+            let mut input = fs::File::from(input);
+            let mut out = fs::File::from(out);
+            io::copy(&mut input, &mut out)?;
+            fd = Some(out.into());
+        }
+        FileType::Fifo => {
+            inroot::remove_at(ddir, dname)?;
+            rfs::mknodat(ddir, dname, FileType::Fifo, Mode::from_raw_mode(0o600), 0)
+                .map_err(io::Error::from)?;
+        }
+        other => {
+            return Err(io::Error::other(format!(
+                "cannot copy a {other:?} (only files, directories, symlinks and fifos)"
+            )))
         }
     }
-    chown(&dest, spec.uid, spec.gid, spec.owners)?;
-    if !meta.file_type().is_symlink() {
-        let mode = spec.chmod.unwrap_or(meta.mode() & 0o7777);
-        fs::set_permissions(&dest, fs::Permissions::from_mode(mode))?;
-        let mtime = filetime::FileTime::from_last_modification_time(&meta);
-        filetime::set_file_mtime(&dest, mtime)?;
+    match &fd {
+        Some(fd) if spec.owners => rfs::fchown(
+            fd,
+            Some(rfs::Uid::from_raw(spec.uid)),
+            Some(rfs::Gid::from_raw(spec.gid)),
+        )
+        .map_err(io::Error::from)?,
+        Some(_) => {}
+        None => chown_at(ddir, dname, spec.uid, spec.gid, spec.owners)?,
+    }
+    if kind != FileType::Symlink {
+        let mode = spec.chmod.unwrap_or(st.st_mode & 0o7777);
+        let mtime = filetime::FileTime::from_unix_time(st.st_mtime, st.st_mtime_nsec as u32);
+        match &fd {
+            Some(fd) => {
+                rfs::fchmod(fd, Mode::from_raw_mode(mode)).map_err(io::Error::from)?;
+                rfs::futimens(fd, &ts(mtime)).map_err(io::Error::from)?;
+            }
+            None => {
+                // A fifo just made here (not a symlink: following is safe).
+                rfs::chmodat(ddir, dname, Mode::from_raw_mode(mode), AtFlags::empty())
+                    .map_err(io::Error::from)?;
+                rfs::utimensat(ddir, dname, &ts(mtime), AtFlags::SYMLINK_NOFOLLOW)
+                    .map_err(io::Error::from)?;
+            }
+        }
     }
     Ok(())
 }
 
+fn open_root(p: &Path) -> Result<Root, String> {
+    Root::open(p).map_err(|e| e.to_string())
+}
+
 /// Entry point of the helper: `apply-layer BLOB DIGEST ROOT keep|ignore`,
-/// `extract ARCHIVE ROOT DEST keep|ignore`, `copy-in SPEC`, `mkdirs ROOT PATH UID:GID`,
-/// `pack ROOT OUT`. Returns the process exit code; errors go to stderr.
+/// `extract SRC_ROOT ARCHIVE ROOT DEST keep|ignore`, `copy-in SPEC`, `mkdirs ROOT PATH UID:GID`,
+/// `pack ROOT OUT`, `clear DIR` (empty a directory), `remove DIR NAME` (remove one entry of a
+/// directory, whatever it is, without following a symlink). Returns the process exit code; errors go to stderr.
 pub fn helper_main(args: &[OsString]) -> i32 {
     match helper(args) {
         Ok(()) => 0,
@@ -462,31 +605,40 @@ fn helper(args: &[OsString]) -> Result<(), String> {
             );
             Ok(())
         }
-        ["extract", _, _, dest, mode] => {
-            let archive = fs::File::open(p(1)).map_err(|e| format!("{}: {e}", p(1).display()))?;
-            let target = host_path(&p(2), Path::new(dest));
-            fs::create_dir_all(&target).map_err(|e| format!("{}: {e}", target.display()))?;
-            unpack::apply_layer(archive, &target, &s[1], owners(mode))
-                .map(drop)
-                .map_err(|e| e.to_string())
+        ["extract", _, archive, _, dest, mode] => {
+            let src = open_root(&p(1))?;
+            let archive_fd = src
+                .open_in(Path::new(archive), OFlags::RDONLY | OFlags::NONBLOCK)
+                .map_err(|e| format!("opening the archive: {e}"))?;
+            let image = open_root(&p(3))?;
+            let dest_fd = image
+                .mkdir_all(Path::new(dest), None, 0o755)
+                .map_err(|e| format!("creating {dest}: {e}"))?;
+            unpack::apply_layer_in(
+                fs::File::from(archive_fd),
+                &Root::from_fd(dest_fd),
+                archive,
+                owners(mode),
+            )
+            .map(drop)
+            .map_err(|e| e.to_string())
         }
         ["copy-in", _] => {
             let text = fs::read(p(1)).map_err(|e| format!("{}: {e}", p(1).display()))?;
             let spec: CopySpec = serde_json::from_slice(&text).map_err(|e| e.to_string())?;
+            let image = open_root(&spec.root)?;
+            let src = open_root(&spec.src_root)?;
+            let owner = spec.owners.then_some((spec.uid, spec.gid));
             for d in &spec.dirs {
-                let host = host_path(&spec.root, d);
-                if !host.is_dir() {
-                    fs::create_dir_all(&host)
-                        .map_err(|e| format!("creating {}: {e}", d.display()))?;
-                    chown(&host, spec.uid, spec.gid, spec.owners)
-                        .map_err(|e| format!("chown {}: {e}", d.display()))?;
-                }
+                image
+                    .mkdir_all(d, owner, 0o755)
+                    .map_err(|e| format!("creating {}: {e}", d.display()))?;
             }
             for item in &spec.items {
-                copy_one(item, &spec).map_err(|e| {
+                copy_one(item, &spec, &src, &image).map_err(|e| {
                     format!(
                         "copying {} to {}: {e}",
-                        item.src.display(),
+                        Path::new("/").join(&item.src).display(),
                         item.dest.display()
                     )
                 })?;
@@ -498,20 +650,29 @@ fn helper(args: &[OsString]) -> Result<(), String> {
                 .split_once(':')
                 .and_then(|(u, g)| Some((u.parse().ok()?, g.parse().ok()?)))
                 .ok_or_else(|| format!("bad ids {ids:?}"))?;
-            let mut cur = PathBuf::from("/");
-            for c in Path::new(path).components() {
-                if let std::path::Component::Normal(n) = c {
-                    cur.push(n);
-                    let host = host_path(&p(1), &cur);
-                    if !host.is_dir() {
-                        fs::create_dir(&host)
-                            .map_err(|e| format!("creating {}: {e}", cur.display()))?;
-                        chown(&host, uid, gid, true)
-                            .map_err(|e| format!("chown {}: {e}", cur.display()))?;
-                    }
-                }
-            }
-            Ok(())
+            open_root(&p(1))?
+                .mkdir_all(Path::new(path), Some((uid, gid)), 0o755)
+                .map(drop)
+                .map_err(|e| format!("creating {path}: {e}"))
+        }
+        ["remove", _, name] => {
+            let dir = rfs::open(
+                p(1).as_path(),
+                OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| format!("{}: {e}", p(1).display()))?;
+            inroot::remove_at(dir.as_fd(), OsStr::new(name))
+                .map_err(|e| format!("{}/{name}: {e}", p(1).display()))
+        }
+        ["clear", _] => {
+            let dir = rfs::open(
+                p(1).as_path(),
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| format!("{}: {e}", p(1).display()))?;
+            inroot::clear_dir(dir.as_fd()).map_err(|e| format!("{}: {e}", p(1).display()))
         }
         ["pack", _, _] => {
             let out = fs::File::create(p(2)).map_err(|e| format!("{}: {e}", p(2).display()))?;

@@ -3,19 +3,25 @@
 //! - Whiteouts (`.wh.NAME`) delete `NAME` from lower layers; an opaque marker (`.wh..wh..opq`)
 //!   hides everything lower layers put in its directory.
 //! - Entries are placed with Docker's rule: parent directories are resolved *inside* the tree
-//!   (an absolute symlink in a lower layer points into the image, never the host); a `..` that
-//!   would climb out of the tree, or a hard link to outside it, is refused with an error that
-//!   names the layer.
+//!   (an absolute symlink in a lower layer points into the image, never the host), by the
+//!   kernel through [`crate::inroot`] (`openat2(RESOLVE_IN_ROOT)`: more than 40 links is ELOOP);
+//!   the entry itself is created relative to its parent's fd, never through a final symlink. A
+//!   `..` that would climb out of the tree, or a hard link to outside it, is refused with an
+//!   error that names the layer.
 //! - Owners, modes, timestamps and extended attributes are kept where the kernel lets us.
 //!   Ownership is set with the ids of the layer: run this inside the sandbox's user namespace
 //!   (see [`crate::tools`]) and they land on the host as the sandbox's mapped ids.
 //! - Device nodes are skipped (the sandbox provides `/dev`).
 
 use std::collections::HashSet;
-use std::fs;
+use std::ffi::{OsStr, OsString};
 use std::io::{self, BufRead, BufReader, Read};
-use std::os::unix::fs::{symlink, PermissionsExt};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
+
+use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags};
+
+use crate::inroot::{self, Root};
 
 /// Why a layer could not be applied.
 #[derive(Debug, thiserror::Error)]
@@ -84,7 +90,7 @@ fn clean(path: &Path) -> Option<PathBuf> {
 }
 
 struct Ctx<'a> {
-    root: &'a Path,
+    root: &'a Root,
     layer: &'a str,
     owners: Owners,
     /// Paths (relative) this layer created, so an opaque marker only hides lower layers.
@@ -111,42 +117,50 @@ impl Ctx<'_> {
         }
     }
 
-    /// Host path of `rel`'s parent resolved inside the root, plus the final name.
-    fn place(&self, rel: &Path) -> PathBuf {
-        let parent = rel.parent().unwrap_or(Path::new(""));
-        let resolved = sandbox::plan::resolve_in_root(self.root, &Path::new("/").join(parent));
-        let mut p = self
-            .root
-            .join(resolved.strip_prefix("/").unwrap_or(&resolved));
-        if let Some(name) = rel.file_name() {
-            p.push(name);
-        }
-        p
-    }
-
-    fn ensure_parent(&self, host: &Path, rel: &Path) -> Result<(), UnpackError> {
-        if let Some(parent) = host.parent() {
-            fs::create_dir_all(parent)
-                .map_err(self.io(format!("creating the parent of {}", rel.display())))?;
-        }
-        Ok(())
+    /// `rel`'s parent directory (resolved inside the root, created if missing) and final name.
+    fn place(&self, rel: &Path) -> Result<(OwnedFd, OsString), UnpackError> {
+        self.root
+            .parent_create(rel, None)
+            .map_err(self.io(format!("placing {}", rel.display())))
     }
 }
 
-/// Remove whatever is at `p` (file, symlink or whole directory); missing is fine.
-fn remove_any(p: &Path) -> io::Result<()> {
-    match fs::symlink_metadata(p) {
-        Ok(m) if m.is_dir() => fs::remove_dir_all(p),
-        Ok(_) => fs::remove_file(p),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(e),
+fn ts(t: filetime::FileTime) -> rustix::fs::Timestamps {
+    let spec = rustix::fs::Timespec {
+        tv_sec: t.unix_seconds(),
+        tv_nsec: t.nanoseconds().into(),
+    };
+    rustix::fs::Timestamps {
+        last_access: spec,
+        last_modification: spec,
     }
 }
 
-/// Apply the layer read from `input` (compressed or not) onto `root`. `layer` names it in errors.
+fn open_flags() -> OFlags {
+    OFlags::NOFOLLOW | OFlags::CLOEXEC
+}
+
+/// Apply the layer read from `input` (compressed or not) onto the tree at host path `root`.
+/// `layer` names it in errors.
 pub fn apply_layer(
     input: impl Read,
     root: &Path,
+    layer: &str,
+    owners: Owners,
+) -> Result<Applied, UnpackError> {
+    let root = Root::open(root).map_err(|source| UnpackError::Io {
+        layer: layer.to_string(),
+        what: "opening the root".into(),
+        source,
+    })?;
+    apply_layer_in(input, &root, layer, owners)
+}
+
+/// Apply a layer onto an open [`Root`]: every entry lands inside it, whatever the layer and
+/// the tree already there contain.
+pub fn apply_layer_in(
+    input: impl Read,
+    root: &Root,
     layer: &str,
     owners: Owners,
 ) -> Result<Applied, UnpackError> {
@@ -178,14 +192,18 @@ pub fn apply_layer(
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         if name == ".wh..wh..opq" {
-            let dir = ctx.place(&rel);
-            let dir = dir.parent().map(Path::to_path_buf).unwrap_or_default();
             let dir_rel = rel.parent().map(Path::to_path_buf).unwrap_or_default();
-            if let Ok(children) = fs::read_dir(&dir) {
-                for child in children.flatten() {
-                    let child_rel = dir_rel.join(child.file_name());
-                    if !ctx.created.contains(&child_rel) {
-                        remove_any(&child.path())
+            let dir = match root.open_in(&dir_rel, OFlags::RDONLY | OFlags::DIRECTORY) {
+                Ok(d) => Some(d),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+                Err(e) => return Err((ctx.io(format!("applying opaque {}", rel.display())))(e)),
+            };
+            if let Some(dir) = dir {
+                let names = inroot::list(dir.as_fd())
+                    .map_err(ctx.io(format!("applying opaque {}", rel.display())))?;
+                for child in names {
+                    if !ctx.created.contains(&dir_rel.join(&child)) {
+                        inroot::remove_at(dir.as_fd(), &child)
                             .map_err(ctx.io(format!("applying opaque {}", rel.display())))?;
                     }
                 }
@@ -194,13 +212,39 @@ pub fn apply_layer(
             continue;
         }
         if let Some(hidden) = name.strip_prefix(".wh.") {
-            let target = ctx.place(&rel.with_file_name(hidden));
-            remove_any(&target).map_err(ctx.io(format!("applying whiteout {}", rel.display())))?;
+            if hidden.is_empty() || hidden == "." || hidden == ".." {
+                return Err(ctx.hostile(&raw, "is a whiteout of an invalid name"));
+            }
+            let parent_rel = rel.parent().map(Path::to_path_buf).unwrap_or_default();
+            match root.open_in(&parent_rel, OFlags::PATH | OFlags::DIRECTORY) {
+                Ok(dir) => inroot::remove_at(dir.as_fd(), OsStr::new(hidden))
+                    .map_err(ctx.io(format!("applying whiteout {}", rel.display())))?,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err((ctx.io(format!("applying whiteout {}", rel.display())))(e)),
+            }
             stats.whiteouts += 1;
             continue;
         }
-        let host = ctx.place(&rel);
         let kind = entry.header().entry_type();
+        if matches!(kind, tar::EntryType::Char | tar::EntryType::Block) {
+            stats.skipped_devices += 1;
+            continue;
+        }
+        if !matches!(
+            kind,
+            tar::EntryType::Directory
+                | tar::EntryType::Regular
+                | tar::EntryType::Continuous
+                | tar::EntryType::Symlink
+                | tar::EntryType::Link
+                | tar::EntryType::Fifo
+        ) {
+            // PAX/GNU headers are consumed by the tar crate; anything else is ignored.
+            continue;
+        }
+        let (dir, fname) = ctx.place(&rel)?;
+        let dir = dir.as_fd();
+        let fname = fname.as_os_str();
         let header = entry.header().clone();
         let mode = header.mode().map_err(ctx.io("reading a mode"))? & 0o7777;
         // Blank numeric fields (some writers leave them empty) mean 0.
@@ -209,29 +253,52 @@ pub fn apply_layer(
             header.gid().unwrap_or(0) as u32,
         );
         let mtime = filetime::FileTime::from_unix_time(header.mtime().unwrap_or(0) as i64, 0);
-        match kind {
+        let replace = |ctx: &Ctx| {
+            inroot::remove_at(dir, fname).map_err(ctx.io(format!("replacing {}", rel.display())))
+        };
+        // The entry's own fd, for owner, mode, xattrs and times (None for links and fifos).
+        let fd: Option<OwnedFd> = match kind {
             tar::EntryType::Directory => {
-                match fs::symlink_metadata(&host) {
-                    Ok(m) if m.is_dir() => {}
-                    Ok(_) => {
-                        remove_any(&host).map_err(ctx.io(format!("replacing {}", rel.display())))?
+                match inroot::kind_at(dir, fname)
+                    .map_err(ctx.io(format!("reading {}", rel.display())))?
+                {
+                    Some(FileType::Directory) => {}
+                    Some(_) => {
+                        replace(&ctx)?;
+                        rfs::mkdirat(dir, fname, Mode::from_raw_mode(0o700)).map_err(|e| {
+                            (ctx.io(format!("creating directory {}", rel.display())))(e.into())
+                        })?;
                     }
-                    Err(_) => {}
+                    None => {
+                        rfs::mkdirat(dir, fname, Mode::from_raw_mode(0o700)).map_err(|e| {
+                            (ctx.io(format!("creating directory {}", rel.display())))(e.into())
+                        })?;
+                    }
                 }
-                ctx.ensure_parent(&host, &rel)?;
-                if !host.is_dir() {
-                    fs::create_dir(&host)
-                        .map_err(ctx.io(format!("creating directory {}", rel.display())))?;
-                }
-                ctx.dir_times.push((host.clone(), mtime));
+                ctx.dir_times.push((rel.clone(), mtime));
+                Some(
+                    rfs::openat(
+                        dir,
+                        fname,
+                        OFlags::RDONLY | OFlags::DIRECTORY | open_flags(),
+                        Mode::empty(),
+                    )
+                    .map_err(|e| (ctx.io(format!("opening {}", rel.display())))(e.into()))?,
+                )
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
-                remove_any(&host).map_err(ctx.io(format!("replacing {}", rel.display())))?;
-                ctx.ensure_parent(&host, &rel)?;
-                let mut f = fs::File::create(&host)
-                    .map_err(ctx.io(format!("creating {}", rel.display())))?;
+                replace(&ctx)?;
+                let fd = rfs::openat(
+                    dir,
+                    fname,
+                    OFlags::CREATE | OFlags::EXCL | OFlags::WRONLY | open_flags(),
+                    Mode::from_raw_mode(0o600),
+                )
+                .map_err(|e| (ctx.io(format!("creating {}", rel.display())))(e.into()))?;
+                let mut f = std::fs::File::from(fd);
                 io::copy(&mut entry, &mut f)
                     .map_err(ctx.io(format!("writing {}", rel.display())))?;
+                Some(f.into())
             }
             tar::EntryType::Symlink => {
                 let target = entry
@@ -239,10 +306,11 @@ pub fn apply_layer(
                     .map_err(ctx.io("reading a link target"))?
                     .map(|t| t.into_owned())
                     .unwrap_or_default();
-                remove_any(&host).map_err(ctx.io(format!("replacing {}", rel.display())))?;
-                ctx.ensure_parent(&host, &rel)?;
-                symlink(&target, &host)
-                    .map_err(ctx.io(format!("creating symlink {}", rel.display())))?;
+                replace(&ctx)?;
+                rfs::symlinkat(&target, dir, fname).map_err(|e| {
+                    (ctx.io(format!("creating symlink {}", rel.display())))(e.into())
+                })?;
+                None
             }
             tar::EntryType::Link => {
                 let target = entry
@@ -253,63 +321,92 @@ pub fn apply_layer(
                 let Some(target_rel) = clean(&target) else {
                     return Err(ctx.hostile(&raw, "is a hard link that escapes the image root"));
                 };
-                let source = ctx.place(&target_rel);
-                match fs::symlink_metadata(&source) {
-                    Ok(m) if !m.is_dir() => {}
-                    _ => {
-                        return Err(ctx.hostile(
-                            &raw,
-                            &format!("is a hard link to a missing or invalid target {target:?}"),
-                        ))
-                    }
+                let invalid = || {
+                    ctx.hostile(
+                        &raw,
+                        &format!("is a hard link to a missing or invalid target {target:?}"),
+                    )
+                };
+                if target_rel.as_os_str().is_empty() {
+                    return Err(invalid());
                 }
-                remove_any(&host).map_err(ctx.io(format!("replacing {}", rel.display())))?;
-                ctx.ensure_parent(&host, &rel)?;
-                fs::hard_link(&source, &host)
-                    .map_err(ctx.io(format!("creating hard link {}", rel.display())))?;
+                let (sdir, sname) = match root.parent(&target_rel) {
+                    Ok(p) => p,
+                    Err(e) if e.raw_os_error().is_none() => {
+                        // ELOOP and friends keep their message.
+                        return Err((ctx.io(format!("creating hard link {}", rel.display())))(e));
+                    }
+                    Err(_) => return Err(invalid()),
+                };
+                match inroot::kind_at(sdir.as_fd(), &sname) {
+                    Ok(Some(t)) if t != FileType::Directory => {}
+                    _ => return Err(invalid()),
+                }
+                if target_rel == rel {
+                    // A link to itself: nothing to do.
+                    ctx.created.insert(rel);
+                    stats.entries += 1;
+                    continue;
+                }
+                replace(&ctx)?;
+                rfs::linkat(&sdir, &sname, dir, fname, AtFlags::empty()).map_err(|e| {
+                    (ctx.io(format!("creating hard link {}", rel.display())))(e.into())
+                })?;
                 ctx.created.insert(rel);
                 stats.entries += 1;
                 continue; // a hard link shares the target's owner, mode and times
             }
             tar::EntryType::Fifo => {
-                remove_any(&host).map_err(ctx.io(format!("replacing {}", rel.display())))?;
-                ctx.ensure_parent(&host, &rel)?;
-                nix::unistd::mkfifo(&host, nix::sys::stat::Mode::from_bits_truncate(mode))
-                    .map_err(|e| (ctx.io(format!("creating fifo {}", rel.display())))(e.into()))?;
+                replace(&ctx)?;
+                rfs::mknodat(
+                    dir,
+                    fname,
+                    FileType::Fifo,
+                    Mode::from_raw_mode(mode & 0o777),
+                    0,
+                )
+                .map_err(|e| (ctx.io(format!("creating fifo {}", rel.display())))(e.into()))?;
+                None
             }
-            tar::EntryType::Char | tar::EntryType::Block => {
-                stats.skipped_devices += 1;
-                continue;
-            }
-            // PAX/GNU headers are consumed by the tar crate; anything else is ignored.
             _ => continue,
-        }
+        };
         if ctx.owners == Owners::Keep {
-            nix::unistd::fchownat(
-                None,
-                &host,
-                Some(nix::unistd::Uid::from_raw(uid)),
-                Some(nix::unistd::Gid::from_raw(gid)),
-                nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
-            )
-            .map_err(|e| match e {
-                nix::errno::Errno::EINVAL => ctx.hostile(
+            let r = match &fd {
+                Some(fd) => rfs::fchown(
+                    fd,
+                    Some(rfs::Uid::from_raw(uid)),
+                    Some(rfs::Gid::from_raw(gid)),
+                )
+                .map_err(io::Error::from),
+                None => inroot::chown_at(dir, fname, uid, gid),
+            };
+            r.map_err(|e| match e.raw_os_error() {
+                Some(libc::EINVAL) => ctx.hostile(
                     &raw,
                     &format!("is owned by {uid}:{gid}, outside the sandbox's 65536 mapped ids"),
                 ),
-                other => (ctx.io(format!("setting the owner of {}", rel.display())))(other.into()),
+                _ => (ctx.io(format!("setting the owner of {}", rel.display())))(e),
             })?;
         }
-        if kind != tar::EntryType::Symlink {
-            fs::set_permissions(&host, fs::Permissions::from_mode(mode))
-                .map_err(ctx.io(format!("setting the mode of {}", rel.display())))?;
+        match &fd {
+            Some(fd) => rfs::fchmod(fd, Mode::from_raw_mode(mode)),
+            // A fifo we just made (not a symlink: following is safe).
+            None if kind == tar::EntryType::Fifo => {
+                rfs::chmodat(dir, fname, Mode::from_raw_mode(mode), AtFlags::empty())
+            }
+            None => Ok(()),
         }
+        .map_err(|e| (ctx.io(format!("setting the mode of {}", rel.display())))(e.into()))?;
         if let Ok(Some(exts)) = entry.pax_extensions() {
             for ext in exts.flatten() {
                 if let (Ok(key), value) = (ext.key(), ext.value_bytes()) {
                     if let Some(attr) = key.strip_prefix("SCHILY.xattr.") {
                         // Where possible: some namespaces (trusted.*) need host privilege.
-                        if let Err(e) = xattr::set(&host, attr, value) {
+                        let r = match &fd {
+                            Some(fd) => rfs::fsetxattr(fd, attr, value, rfs::XattrFlags::empty()),
+                            None => Ok(()),
+                        };
+                        if let Err(e) = r {
                             tracing::debug!(layer, entry = %rel.display(), attr, error = %e, "xattr not kept");
                         }
                     }
@@ -317,13 +414,18 @@ pub fn apply_layer(
             }
         }
         if kind != tar::EntryType::Directory {
-            let _ = filetime::set_symlink_file_times(&host, mtime, mtime);
+            let _ = match &fd {
+                Some(fd) => rfs::futimens(fd, &ts(mtime)),
+                None => rfs::utimensat(dir, fname, &ts(mtime), AtFlags::SYMLINK_NOFOLLOW),
+            };
         }
         ctx.created.insert(rel);
         stats.entries += 1;
     }
-    for (dir, t) in ctx.dir_times.iter().rev() {
-        let _ = filetime::set_symlink_file_times(dir, *t, *t);
+    for (rel, t) in ctx.dir_times.iter().rev() {
+        if let Ok((dir, name)) = root.parent(rel) {
+            let _ = rfs::utimensat(&dir, &name, &ts(*t), AtFlags::SYMLINK_NOFOLLOW);
+        }
     }
     Ok(stats)
 }
@@ -331,6 +433,7 @@ pub fn apply_layer(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
 
     /// Build a tar in memory from (path, kind, data/target).
     fn tar_of(entries: &[(&str, char, &str)]) -> Vec<u8> {

@@ -131,6 +131,16 @@ impl Cgroup {
         &self.path
     }
 
+    /// Whether the kernel's OOM killer killed a process of the cgroup (`memory.events`).
+    pub fn oom_killed(&self) -> bool {
+        counter(&self.path.join("memory.events"), "oom_kill") > 0
+    }
+
+    /// Whether a fork was refused for the process limit (`pids.events`).
+    pub fn pids_refused(&self) -> bool {
+        counter(&self.path.join("pids.events"), "max") > 0
+    }
+
     /// Move process `pid` (and so all it will fork) into the cgroup.
     pub fn add(&self, pid: i32) -> Result<(), String> {
         let procs = self.path.join("cgroup.procs");
@@ -155,6 +165,168 @@ impl Drop for Cgroup {
     }
 }
 
+/// A `key value` counter of a cgroup file (0 when absent).
+fn counter(file: &Path, key: &str) -> u64 {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// cgroup v1 groups (one per controller) for one sandbox, for hosts whose `pids` and `memory`
+/// controllers are bound to v1 hierarchies (hybrid layouts). Needs write access to the
+/// controller's hierarchy, which in practice means a root caller. Removed on drop.
+#[derive(Debug, Default)]
+pub struct V1Group {
+    dirs: Vec<PathBuf>,
+    memory: Option<PathBuf>,
+    pids: Option<PathBuf>,
+}
+
+/// The caller's path in the v1 hierarchy of `controller`, from `/proc/self/cgroup`.
+pub fn v1_path(proc_cgroup: &str, controller: &str) -> Option<String> {
+    proc_cgroup.lines().find_map(|l| {
+        let mut it = l.splitn(3, ':');
+        let (_, controllers, path) = (it.next()?, it.next()?, it.next()?);
+        controllers
+            .split(',')
+            .any(|c| c == controller)
+            .then(|| path.to_string())
+    })
+}
+
+/// Remove, once per process and parent, empty groups left by sandboxes of processes that are
+/// gone (a daemon killed with SIGKILL cannot clean up after itself).
+fn sweep_once(parent: &Path) {
+    static SWEPT: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
+    let mut swept = SWEPT.lock().unwrap_or_else(|e| e.into_inner());
+    if swept.iter().any(|p| p == parent) {
+        return;
+    }
+    swept.push(parent.to_path_buf());
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("mistry-sandbox-"))
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            // Fails harmlessly (EBUSY) when something still runs in it.
+            let _ = std::fs::remove_dir(e.path());
+        }
+    }
+}
+
+/// Create v1 groups for a process limit and/or a memory limit, where the hierarchies are
+/// mounted at `/sys/fs/cgroup/<controller>` and writable. Returns the group (possibly empty)
+/// and which of the two limits it holds.
+pub fn prepare_v1(pids: Option<u64>, memory: Option<u64>) -> (V1Group, bool, bool) {
+    let mut group = V1Group::default();
+    let proc_cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let name = format!(
+        "mistry-sandbox-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    );
+    let mut make = |controller: &str, files: &[(&str, String)]| -> bool {
+        let root = Path::new("/sys/fs/cgroup").join(controller);
+        let Some(rel) = v1_path(&proc_cgroup, controller) else {
+            return false;
+        };
+        let parent = root.join(rel.trim_start_matches('/'));
+        if !crate::limits::writable(&parent) {
+            return false;
+        }
+        let dir = parent.join(&name);
+        if std::fs::create_dir(&dir).is_err() {
+            return false;
+        }
+        for (file, value) in files {
+            let target = dir.join(file);
+            if *file == "memory.memsw.limit_in_bytes" && !target.exists() {
+                continue;
+            }
+            if std::fs::write(&target, value).is_err() {
+                let _ = std::fs::remove_dir(&dir);
+                return false;
+            }
+        }
+        sweep_once(&parent);
+        match controller {
+            "memory" => group.memory = Some(dir.clone()),
+            "pids" => group.pids = Some(dir.clone()),
+            _ => {}
+        }
+        group.dirs.push(dir);
+        true
+    };
+    let has_pids = pids.is_some_and(|n| make("pids", &[("pids.max", n.to_string())]));
+    let has_memory = memory.is_some_and(|m| {
+        make(
+            "memory",
+            &[
+                ("memory.limit_in_bytes", m.to_string()),
+                ("memory.memsw.limit_in_bytes", m.to_string()),
+            ],
+        )
+    });
+    (group, has_pids, has_memory)
+}
+
+impl V1Group {
+    pub fn is_empty(&self) -> bool {
+        self.dirs.is_empty()
+    }
+
+    /// Move process `pid` into every group.
+    pub fn add(&self, pid: i32) -> Result<(), String> {
+        for dir in &self.dirs {
+            let procs = dir.join("cgroup.procs");
+            std::fs::write(&procs, pid.to_string())
+                .map_err(|e| format!("cannot move {pid} into {}: {e}", procs.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Whether a fork was refused for the process limit (`pids.events`).
+    pub fn pids_refused(&self) -> bool {
+        self.pids
+            .as_ref()
+            .is_some_and(|d| counter(&d.join("pids.events"), "max") > 0)
+    }
+
+    /// Whether the OOM killer killed a process of the memory group.
+    pub fn oom_killed(&self) -> bool {
+        self.memory
+            .as_ref()
+            .is_some_and(|d| counter(&d.join("memory.oom_control"), "oom_kill") > 0)
+    }
+}
+
+impl Drop for V1Group {
+    fn drop(&mut self) {
+        for dir in &self.dirs {
+            for _ in 0..50 {
+                match std::fs::remove_dir(dir) {
+                    Ok(()) => break,
+                    Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                        std::thread::sleep(std::time::Duration::from_millis(2))
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -172,6 +344,16 @@ mod tests {
         assert!(err.contains("cgroup v1 only"), "{err}");
         let err = locate("0::/\n", "35 31 0:32 / /m rw - cgroup cgroup rw,memory\n").unwrap_err();
         assert_eq!(err, "no cgroup2 filesystem is mounted");
+    }
+
+    #[test]
+    fn v1_paths() {
+        let text =
+            "9:name=systemd:/\n8:pids:/a/b\n4:memory:/process_api/x\n2:cpu,cpuacct:/\n0::/\n";
+        assert_eq!(v1_path(text, "pids").as_deref(), Some("/a/b"));
+        assert_eq!(v1_path(text, "memory").as_deref(), Some("/process_api/x"));
+        assert_eq!(v1_path(text, "cpuacct").as_deref(), Some("/"));
+        assert_eq!(v1_path(text, "blkio"), None);
     }
 
     #[test]

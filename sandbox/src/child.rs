@@ -32,6 +32,9 @@ pub enum Stage {
     Chdir = 13,
     /// `index` is the exec candidate; `u32::MAX` when PATH had no such program.
     Exec = 14,
+    Keyring = 15,
+    /// `index` is the filter.
+    Seccomp = 16,
 }
 
 impl Stage {
@@ -39,7 +42,7 @@ impl Stage {
         use Stage::*;
         [
             Hostname, Op, Fork, Setsid, Stdio, Rlimit, CapBound, Groups, Gid, Uid, CapSet,
-            NoNewPrivs, Chdir, Exec,
+            NoNewPrivs, Chdir, Exec, Keyring, Seccomp,
         ]
         .into_iter()
         .find(|s| *s as u32 == v)
@@ -82,6 +85,8 @@ pub struct Prepared {
     pub gid: u32,
     pub groups: Vec<libc::gid_t>,
     pub setgroups_allowed: bool,
+    /// init switches to uid/gid 0 of the namespace first (the caller's ids are not mapped).
+    pub become_root: bool,
     /// Capabilities kept (bit n = capability n).
     pub cap_mask: u64,
     pub last_cap: u32,
@@ -98,11 +103,23 @@ pub struct Prepared {
     pub parent_fds: Vec<RawFd>,
     /// Stack of the job process between its vfork-like start and exec.
     pub job_stack: Vec<u8>,
+    /// Seccomp filters the job installs last, in order; they point into `seccomp_program`.
+    pub seccomp: Vec<libc::sock_fprog>,
+    pub seccomp_program: Option<std::sync::Arc<crate::seccomp::Program>>,
 }
 
 impl Prepared {
-    /// Build the NULL-terminated pointer arrays for argv and envp.
+    /// Build the NULL-terminated pointer arrays for argv and envp, and the seccomp programs.
     pub fn finish_pointers(&mut self) {
+        self.seccomp = self
+            .seccomp_program
+            .iter()
+            .flat_map(|p| p.filters())
+            .map(|f| libc::sock_fprog {
+                len: f.len().min(u16::MAX as usize) as u16,
+                filter: f.as_ptr() as *mut libc::sock_filter,
+            })
+            .collect();
         self.argv_ptrs = self.argv.iter().map(|a| a.as_ptr()).collect();
         self.argv_ptrs.push(std::ptr::null());
         self.envp_ptrs = self.envp.iter().map(|a| a.as_ptr()).collect();
@@ -144,9 +161,23 @@ pub fn init_main(p: &mut Prepared) -> ! {
     }
     sys::close(p.sync_read);
 
+    if p.become_root {
+        // The caller's ids are not mapped (subordinate mapping): become the sandbox's root, so
+        // that what init creates (mount points) has an owner in the namespace.
+        if let Err(e) = sys::setresgid(0) {
+            report(p.report_write, Stage::Gid, e, 0);
+            sys::exit(1);
+        }
+    }
     if p.setgroups_allowed {
         // Drop the host's supplementary groups (they would show as nogroup).
         let _ = sys::setgroups(&[0]);
+    }
+    if p.become_root {
+        if let Err(e) = sys::setresuid(0) {
+            report(p.report_write, Stage::Uid, e, 0);
+            sys::exit(1);
+        }
     }
     if let Err(e) = sys::sethostname(&p.hostname) {
         report(p.report_write, Stage::Hostname, e, 0);
@@ -155,6 +186,16 @@ pub fn init_main(p: &mut Prepared) -> ! {
     for (i, op) in p.ops.iter().enumerate() {
         if let Err(e) = run_op(op, &mut p.slots) {
             report(p.report_write, Stage::Op, e, i as u32);
+            sys::exit(1);
+        }
+    }
+
+    // A fresh anonymous session keyring: the caller's keys are out of reach, and keys the job
+    // adds stay in the sandbox. (ENOSYS: a kernel without keys has nothing to share.)
+    match sys::join_new_session_keyring() {
+        Ok(()) | Err(libc::ENOSYS) => {}
+        Err(e) => {
+            report(p.report_write, Stage::Keyring, e, 0);
             sys::exit(1);
         }
     }
@@ -297,6 +338,27 @@ fn run_op(op: &Op, slots: &mut [RawFd]) -> Result<(), i32> {
             }
         },
         Op::Symlink { target, link } => sys::symlink(target, link),
+        Op::WriteFile { path, data } => sys::write_file(path, data.as_bytes()),
+        Op::MaskFile { path } => {
+            let fd = sys::open_tree_clone(c"/dev/null", false)?;
+            let r = sys::move_mount_fd(fd, path);
+            sys::close(fd);
+            match r {
+                Err(libc::ENOENT) => Ok(()),
+                other => other,
+            }
+        }
+        Op::MaskDir { path } => match sys::mount(
+            Some(c"tmpfs"),
+            path,
+            Some(c"tmpfs"),
+            libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            Some(c"size=0,mode=555"),
+        ) {
+            Err(libc::ENOENT) => Ok(()),
+            other => other,
+        },
+        Op::Unstage { target } => sys::umount_detach(target),
         Op::ReadOnlyRoot => sys::set_readonly(libc::AT_FDCWD, c"/", false),
         Op::LoopbackUp => sys::loopback_up(),
     }
@@ -381,6 +443,12 @@ fn job_main(p: &Prepared) -> ! {
     }
     sys::reset_signals();
     let _ = sys::close_range(3, libc::c_uint::MAX, true);
+    // Last: the seccomp filters (no_new_privs is set), so that nothing above is filtered.
+    for (i, prog) in p.seccomp.iter().enumerate() {
+        if let Err(e) = sys::seccomp_install(prog) {
+            fail(Stage::Seccomp, e, i as u32);
+        }
+    }
 
     // Like execvp: try each candidate; ENOENT/EACCES/ENOTDIR move on to the next one.
     let mut last = (libc::ENOENT, u32::MAX);

@@ -125,10 +125,31 @@ pub enum Stdio {
 pub enum IdMapping {
     /// A 65536-id range from `/etc/subuid` and `/etc/subgid` when the caller has one (and, when
     /// the caller is not root, `newuidmap`/`newgidmap` are installed); the single-id map otherwise.
+    ///
+    /// A process-wide default set with [`crate::idmap::set_default`] replaces `Auto`.
     #[default]
     Auto,
     /// Only the caller's own uid/gid, mapped to 0.
     Single,
+    /// Sandbox root and ids 1..=65535 mapped onto the caller's subordinate range, even when the
+    /// caller is root: the sandbox's root is then not the caller (a root daemon's jobs are not
+    /// host root). Files sandbox root writes to binds belong to the first subordinate id. Fails
+    /// when the caller has no range.
+    Subordinate,
+}
+
+impl std::str::FromStr for IdMapping {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "single" => Ok(Self::Single),
+            "subordinate" => Ok(Self::Subordinate),
+            other => Err(format!(
+                "unknown id mapping {other:?} (expected auto, single or subordinate)"
+            )),
+        }
+    }
 }
 
 /// A resource limit applied with setrlimit(2) before exec.
@@ -237,6 +258,64 @@ impl CgroupLimits {
     }
 }
 
+/// Which seccomp filter the sandboxed processes run under.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Seccomp {
+    /// mistry's default filter, modelled on Docker's and Podman's default profiles.
+    #[default]
+    Default,
+    /// No filter at all.
+    Unconfined,
+    /// A Docker/OCI-style JSON seccomp profile read from this file.
+    Profile(PathBuf),
+}
+
+impl std::str::FromStr for Seccomp {
+    type Err = String;
+    /// `default`, `unconfined`, or the path of a profile.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "default" => Ok(Self::Default),
+            "unconfined" => Ok(Self::Unconfined),
+            "" => Err("empty seccomp profile".into()),
+            path => Ok(Self::Profile(PathBuf::from(path))),
+        }
+    }
+}
+
+/// Resource limits of one sandbox as a whole (all its processes together where the mechanism
+/// allows). `None` means unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Processes (and threads) at once. Default 1024.
+    pub pids: Option<u64>,
+    /// Memory in bytes. Default none.
+    pub memory: Option<u64>,
+    /// Open files per process (`RLIMIT_NOFILE`, soft and hard). Default 1024 soft, 65536 hard.
+    pub nofile: Option<(u64, u64)>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            pids: Some(1024),
+            memory: None,
+            nofile: Some((1024, 65536)),
+        }
+    }
+}
+
+/// What confines a sandbox beyond its namespaces: the seccomp filter, whether nested user
+/// namespaces may be created inside, and resource limits. [`Policy::default`] is what every
+/// sandbox gets unless told otherwise.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Policy {
+    pub seccomp: Seccomp,
+    /// Allow processes of the sandbox to create user namespaces of their own. Default: no.
+    pub nested_user_namespaces: bool,
+    pub limits: Limits,
+}
+
 /// The capabilities a sandboxed root process keeps by default: Docker's default set.
 /// Everything else (notably `CAP_SYS_ADMIN`, `CAP_SYS_PTRACE`, `CAP_NET_ADMIN`) is dropped from
 /// the bounding set, so no process of the job can ever regain it.
@@ -278,6 +357,7 @@ pub struct Sandbox {
     pub(crate) cgroup: CgroupLimits,
     pub(crate) capabilities: Vec<Capability>,
     pub(crate) id_mapping: IdMapping,
+    pub(crate) policy: Policy,
     pub(crate) stdin: Stdio,
     pub(crate) stdout: Stdio,
     pub(crate) stderr: Stdio,
@@ -304,6 +384,7 @@ impl Sandbox {
             cgroup: CgroupLimits::default(),
             capabilities: DEFAULT_CAPABILITIES.to_vec(),
             id_mapping: IdMapping::Auto,
+            policy: Policy::default(),
             stdin: Stdio::Null,
             stdout: Stdio::Inherit,
             stderr: Stdio::Inherit,
@@ -430,6 +511,12 @@ impl Sandbox {
 
     pub fn id_mapping(mut self, mapping: IdMapping) -> Self {
         self.id_mapping = mapping;
+        self
+    }
+
+    /// Seccomp, nested user namespaces and resource limits (default: [`Policy::default`]).
+    pub fn policy(mut self, policy: Policy) -> Self {
+        self.policy = policy;
         self
     }
 

@@ -4,9 +4,15 @@
 //! `/etc/subuid` and `/etc/subgid`, ids 1..=65536 of the sandbox map onto it, so images whose
 //! packages own files as several users work (apt's `_apt`, `nobody`). Without a range the sandbox
 //! has just the one id, and the reason is reported.
+//!
+//! With [`IdMapping::Subordinate`] the caller's own ids are not mapped at all: sandbox ids
+//! 0..=65535 are the subordinate range, also for a root caller, so that a root daemon's jobs are
+//! not host root. [`set_default`] makes a mapping the default of every sandbox that asks for
+//! [`IdMapping::Auto`].
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use crate::config::IdMapping;
 use crate::Error;
@@ -36,13 +42,19 @@ pub enum Mapping {
         /// rather than directly (root).
         helpers: Option<(PathBuf, PathBuf)>,
     },
+    /// Sandbox 0.. = the subordinate ranges; the caller's own ids are not mapped.
+    Subordinate {
+        subuid: Range,
+        subgid: Range,
+        helpers: Option<(PathBuf, PathBuf)>,
+    },
 }
 
 impl Mapping {
     /// Whether the sandbox may call setgroups(2) (it may not with an unprivileged single map).
     pub fn setgroups_allowed(&self) -> bool {
         match self {
-            Mapping::Full { .. } => true,
+            Mapping::Full { .. } | Mapping::Subordinate { .. } => true,
             Mapping::Single { .. } => nix::unistd::geteuid().is_root(),
         }
     }
@@ -54,7 +66,22 @@ impl Mapping {
             Mapping::Full { subuid, subgid, .. } => {
                 subuid.count.min(subgid.count).min(SUBORDINATE_IDS)
             }
+            Mapping::Subordinate { subuid, subgid, .. } => {
+                subuid.count.min(subgid.count).min(SUBORDINATE_IDS) - 1
+            }
         }
+    }
+
+    /// The host uid and gid of sandbox root (what files it creates on binds belong to).
+    pub fn root_ids(&self) -> (u32, u32) {
+        match self {
+            Mapping::Single { uid, gid } | Mapping::Full { uid, gid, .. } => (*uid, *gid),
+            Mapping::Subordinate { subuid, subgid, .. } => (subuid.start, subgid.start),
+        }
+    }
+
+    fn subordinate_text(r: Range) -> String {
+        format!("0 {} {}\n", r.start, r.count.min(SUBORDINATE_IDS))
     }
 
     fn map_text(own: u32, sub: Option<Range>) -> String {
@@ -102,21 +129,33 @@ impl Mapping {
                 run_helper(newuidmap, pid, *uid, *subuid)?;
                 run_helper(newgidmap, pid, *gid, *subgid)
             }
+            Mapping::Subordinate {
+                subuid,
+                subgid,
+                helpers: None,
+            } => {
+                write("uid_map", &Self::subordinate_text(*subuid))?;
+                write("gid_map", &Self::subordinate_text(*subgid))
+            }
+            Mapping::Subordinate {
+                subuid,
+                subgid,
+                helpers: Some((newuidmap, newgidmap)),
+            } => {
+                run_map_helper(newuidmap, pid, &[(0, *subuid)])?;
+                run_map_helper(newgidmap, pid, &[(0, *subgid)])
+            }
         }
     }
 }
 
-fn run_helper(helper: &Path, pid: i32, own: u32, sub: Range) -> Result<(), Error> {
-    let count = sub.count.min(SUBORDINATE_IDS);
-    let args = [
-        pid.to_string(),
-        "0".into(),
-        own.to_string(),
-        "1".into(),
-        "1".into(),
-        sub.start.to_string(),
-        count.to_string(),
-    ];
+fn run_map_helper(helper: &Path, pid: i32, ranges: &[(u32, Range)]) -> Result<(), Error> {
+    let mut args = vec![pid.to_string()];
+    for (inside, r) in ranges {
+        args.push(inside.to_string());
+        args.push(r.start.to_string());
+        args.push(r.count.min(SUBORDINATE_IDS).to_string());
+    }
     let out = Command::new(helper)
         .args(&args)
         .output()
@@ -132,6 +171,15 @@ fn run_helper(helper: &Path, pid: i32, own: u32, sub: Range) -> Result<(), Error
             reason: String::from_utf8_lossy(&out.stderr).trim().to_string(),
         })
     }
+}
+
+/// The caller's own id as 0, its subordinate range as 1.. (`newuidmap PID 0 OWN 1 1 START N`).
+fn run_helper(helper: &Path, pid: i32, own: u32, sub: Range) -> Result<(), Error> {
+    let own = Range {
+        start: own,
+        count: 1,
+    };
+    run_map_helper(helper, pid, &[(0, own), (1, sub)])
 }
 
 /// Parse `/etc/subuid`-style text and return the first range of `name` or `id`.
@@ -161,26 +209,78 @@ fn find_program(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+static DEFAULT: AtomicU8 = AtomicU8::new(0);
+
+/// Make `mode` what [`IdMapping::Auto`] means for every sandbox of this process from now on (a
+/// daemon sets it once at start, so that its image tools, build steps and jobs all use the same
+/// mapping). `set_default(IdMapping::Auto)` restores the built-in behaviour.
+pub fn set_default(mode: IdMapping) {
+    let v = match mode {
+        IdMapping::Auto => 0,
+        IdMapping::Single => 1,
+        IdMapping::Subordinate => 2,
+    };
+    DEFAULT.store(v, Ordering::SeqCst);
+}
+
+/// The mapping [`IdMapping::Auto`] stands for (see [`set_default`]).
+pub fn default_mode() -> IdMapping {
+    match DEFAULT.load(Ordering::SeqCst) {
+        1 => IdMapping::Single,
+        2 => IdMapping::Subordinate,
+        _ => IdMapping::Auto,
+    }
+}
+
 /// Decide the mapping for the calling user. Returns the mapping and, when it is the single-id
-/// map although a full one was allowed, why.
+/// map although a full one was allowed, why. An [`IdMapping::Subordinate`] that cannot be had
+/// also falls back to the single map here, with the reason; [`try_choose`] refuses instead.
 pub fn choose(mode: IdMapping) -> (Mapping, Option<String>) {
+    match try_choose(mode) {
+        Ok(r) => r,
+        Err(e) => {
+            let uid = nix::unistd::geteuid().as_raw();
+            let gid = nix::unistd::getegid().as_raw();
+            (Mapping::Single { uid, gid }, Some(e.to_string()))
+        }
+    }
+}
+
+/// Like [`choose`], but a subordinate mapping that was asked for (directly or as the process
+/// default) and cannot be had is an error rather than a silent fallback to the caller's ids.
+pub fn try_choose(mode: IdMapping) -> Result<(Mapping, Option<String>), Error> {
+    let mode = match mode {
+        IdMapping::Auto => default_mode(),
+        other => other,
+    };
     let uid = nix::unistd::geteuid().as_raw();
     let gid = nix::unistd::getegid().as_raw();
     let single = Mapping::Single { uid, gid };
     if mode == IdMapping::Single {
-        return (single, None);
+        return Ok((single, None));
     }
+    let strict = mode == IdMapping::Subordinate;
     let name = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
         .ok()
         .flatten()
         .map(|u| u.name);
     let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
     let who = name.clone().unwrap_or_else(|| uid.to_string());
+    let fallback = |why: String| {
+        if strict {
+            Err(Error::IdMap {
+                what: "subordinate ids".into(),
+                reason: why,
+            })
+        } else {
+            Ok((single.clone(), Some(why)))
+        }
+    };
     let Some(subuid) = find_range(&read("/etc/subuid"), name.as_deref(), uid) else {
-        return (single, Some(format!("no range for {who} in /etc/subuid")));
+        return fallback(format!("no range for {who} in /etc/subuid"));
     };
     let Some(subgid) = find_range(&read("/etc/subgid"), name.as_deref(), uid) else {
-        return (single, Some(format!("no range for {who} in /etc/subgid")));
+        return fallback(format!("no range for {who} in /etc/subgid"));
     };
     let helpers = if uid == 0 {
         None
@@ -188,14 +288,21 @@ pub fn choose(mode: IdMapping) -> (Mapping, Option<String>) {
         match (find_program("newuidmap"), find_program("newgidmap")) {
             (Some(u), Some(g)) => Some((u, g)),
             _ => {
-                return (
-                    single,
-                    Some("newuidmap/newgidmap not installed (Debian package uidmap)".into()),
-                )
+                return fallback("newuidmap/newgidmap not installed (Debian package uidmap)".into())
             }
         }
     };
-    (
+    if strict {
+        return Ok((
+            Mapping::Subordinate {
+                subuid,
+                subgid,
+                helpers,
+            },
+            None,
+        ));
+    }
+    Ok((
         Mapping::Full {
             uid,
             gid,
@@ -204,7 +311,7 @@ pub fn choose(mode: IdMapping) -> (Mapping, Option<String>) {
             helpers,
         },
         None,
-    )
+    ))
 }
 
 #[cfg(test)]
@@ -246,6 +353,22 @@ mod tests {
             ),
             "0 1000 1\n1 100000 65536\n"
         );
+    }
+
+    #[test]
+    fn subordinate_text_maps_root_onto_the_range() {
+        let r = Range {
+            start: 100000,
+            count: 65536,
+        };
+        assert_eq!(Mapping::subordinate_text(r), "0 100000 65536\n");
+        let m = Mapping::Subordinate {
+            subuid: r,
+            subgid: r,
+            helpers: None,
+        };
+        assert_eq!(m.max_id(), 65535);
+        assert_eq!(m.root_ids(), (100000, 100000));
     }
 
     #[test]

@@ -22,19 +22,31 @@
 //! How it works, in order:
 //!
 //! 1. The parent prepares everything the child needs (paths as C strings, the ordered mount plan
-//!    of [`plan`], argv/envp arrays, capability masks) and then clones. The child allocates
-//!    nothing, so a multi-threaded caller (the daemon's `spawn_blocking` thread) is safe.
+//!    of [`plan`], argv/envp arrays, capability masks, rlimits, and the seccomp filter compiled
+//!    to BPF: the default one once per process) and then clones. The child allocates nothing,
+//!    so a multi-threaded caller (the daemon's `spawn_blocking` thread) is safe.
 //! 2. The parent writes the id maps ([`idmap`]): sandbox root is the caller; with a subordinate
-//!    range, 65536 more ids. It moves the child into a cgroup when limits are asked for and the
-//!    host delegates one ([`cgroup`]), then lets the child go.
-//! 3. The child, PID 1 of the new namespaces, sets the hostname, runs the mount plan (ending in
-//!    `pivot_root` into the rootfs with the old root detached), forks the job, and stays as a
-//!    tiny init that forwards signals to the job and reaps orphans.
-//! 4. The job process drops the capability bounding set to [`DEFAULT_CAPABILITIES`] (Docker's
-//!    default set), switches to the requested user, sets `no_new_privs` and execs.
-//! 5. When the job exits, init writes its raw wait status to the parent and exits, which makes
-//!    the kernel kill every other process of the PID namespace. On timeout, or when the caller
-//!    dies (`PR_SET_PDEATHSIG`), init is killed, with the same effect.
+//!    range, 65536 more ids; with [`IdMapping::Subordinate`] (or [`idmap::set_default`]) root and
+//!    every other id come from the subordinate range, even for a root caller. It moves the child
+//!    into cgroups when the host lets it (v2 when delegated, else the v1 `pids`/`memory`
+//!    controllers when writable), then lets the child go.
+//! 3. The child, PID 1 of the new namespaces, sets the hostname, runs the mount plan (overlay
+//!    layers staged at short names so mountinfo does not show store paths; `/proc` with the
+//!    sandbox's own sysctls written: `user.max_user_namespaces` 0 unless nested user namespaces
+//!    are allowed, `kernel.pid_max` for the process limit on Linux ≥ 6.14; runc's masked paths;
+//!    `pivot_root` into the rootfs with the old root detached), joins a fresh anonymous session
+//!    keyring, forks the job, and stays as a tiny init that forwards signals to the job and
+//!    reaps orphans.
+//! 4. The job process sets its rlimits (the policy's `RLIMIT_NPROC` and `RLIMIT_NOFILE`, then
+//!    the caller's), drops the capability bounding set to [`DEFAULT_CAPABILITIES`] (Docker's
+//!    default set), switches to the requested user, sets `no_new_privs`, installs the seccomp
+//!    filter ([`Seccomp`]) and execs.
+//! 5. [`Child::wait`] polls the pidfd; while the job runs it also counts the sandbox's tasks and
+//!    memory every 200 ms (first after 200 ms) and kills it when a [`Limits`] value is reached
+//!    ([`ExitStatus::LimitExceeded`]). When the job exits, init writes its raw wait status to the
+//!    parent and exits, which makes the kernel kill every other process of the PID namespace. On
+//!    timeout, or when the caller dies (`PR_SET_PDEATHSIG`), init is killed, with the same
+//!    effect.
 //!
 //! Limits of the design: the caller's thread that called [`Sandbox::spawn`] must outlive the
 //! sandbox (the parent-death signal follows the thread); call `spawn` and `wait` from the same
@@ -44,7 +56,9 @@ mod cgroup;
 mod child;
 mod config;
 pub mod idmap;
+mod limits;
 pub mod plan;
+mod seccomp;
 mod sys;
 mod user;
 
@@ -58,9 +72,10 @@ use std::time::{Duration, Instant};
 
 pub use caps::Capability;
 pub use config::{
-    Bind, CgroupLimits, IdMapping, NetworkMode, Rlimit, RlimitResource, Sandbox, Stdio, User,
-    DEFAULT_CAPABILITIES,
+    Bind, CgroupLimits, IdMapping, Limits, NetworkMode, Policy, Rlimit, RlimitResource, Sandbox,
+    Seccomp, Stdio, User, DEFAULT_CAPABILITIES,
 };
+pub use limits::Limit;
 pub use user::{
     resolve as resolve_user, resolve_with as resolve_user_with, Resolved as ResolvedUser,
 };
@@ -91,6 +106,9 @@ pub enum Error {
     /// The program could not be executed: `exec /usr/bin/foo: no such file or directory`.
     #[error("{0}")]
     Exec(String),
+    /// The seccomp filter could not be built (an unreadable or unsupported profile).
+    #[error("{0}")]
+    Seccomp(String),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -124,6 +142,8 @@ pub enum ExitStatus {
     TimedOut(Duration),
     /// The sandbox was killed from outside (by [`Child::kill`] or another process).
     Killed,
+    /// A resource limit of its [`Policy`] was reached; every process of the sandbox was killed.
+    LimitExceeded(Limit),
 }
 
 impl ExitStatus {
@@ -152,7 +172,7 @@ impl ExitStatus {
             ExitStatus::Exited(c) => *c,
             ExitStatus::Signaled(s) => 128 + s,
             ExitStatus::TimedOut(_) => 124,
-            ExitStatus::Killed => 137,
+            ExitStatus::Killed | ExitStatus::LimitExceeded(_) => 137,
         }
     }
 
@@ -179,6 +199,7 @@ impl std::fmt::Display for ExitStatus {
             }
             ExitStatus::TimedOut(t) => write!(f, "timed out after {t:?}"),
             ExitStatus::Killed => write!(f, "killed"),
+            ExitStatus::LimitExceeded(l) => write!(f, "{l}"),
         }
     }
 }
@@ -201,6 +222,10 @@ pub struct Child {
     deadline: Option<Instant>,
     result: Option<ExitStatus>,
     _cgroup: Option<cgroup::Cgroup>,
+    v1: Option<cgroup::V1Group>,
+    watch: limits::Watch,
+    /// The memory limit a cgroup holds (to tell an OOM kill from another SIGKILL).
+    cgroup_memory: Option<u64>,
     notes: Vec<String>,
     /// The job's stdin, when [`Stdio::Piped`].
     pub stdin: Option<File>,
@@ -364,7 +389,7 @@ impl Sandbox {
             Some(ov) => user::resolve_layers(&ov.lowers, &self.user)?,
             None => user::resolve(&rootfs, &self.user)?,
         };
-        let (mapping, fallback) = idmap::choose(self.id_mapping);
+        let (mapping, fallback) = idmap::try_choose(self.id_mapping)?;
         let mut notes = Vec::new();
         if let Some(why) = &fallback {
             tracing::info!(reason = %why, "sandbox uses a single-id user namespace map");
@@ -423,6 +448,22 @@ impl Sandbox {
             }),
             None => None,
         };
+        let policy = &self.policy;
+        let seccomp_program = match &policy.seccomp {
+            Seccomp::Default => Some(seccomp::default_program(policy.nested_user_namespaces)?),
+            Seccomp::Unconfined => None,
+            Seccomp::Profile(path) => Some(seccomp::load_profile(path, &self.capabilities)?),
+        };
+        let limits = policy.limits;
+        let mut sysctls: Vec<(&'static str, String)> = Vec::new();
+        if !policy.nested_user_namespaces {
+            // Per user namespace: no user namespace can be created inside the sandbox's.
+            sysctls.push(("/proc/sys/user/max_user_namespaces", "0".into()));
+        }
+        let pid_max = limits.pids.and_then(limits::pid_max_for);
+        if let Some(pid_max) = pid_max {
+            sysctls.push(("/proc/sys/kernel/pid_max", pid_max.to_string()));
+        }
         let (ops, nslots) = plan::build(&plan::Spec {
             overlay: overlay.as_ref(),
             overlay_mounts: &self.overlay_mounts,
@@ -431,16 +472,67 @@ impl Sandbox {
             binds: &binds,
             tmpfs_tmp: self.tmpfs_tmp,
             read_only_root: self.read_only_root,
-        });
+            sysctls: &sysctls,
+        })?;
 
-        let cgroup = match cgroup::prepare(&self.cgroup) {
+        // The policy's process and memory limits join the explicit cgroup limits (the smaller
+        // wins); cgroup v2 when delegated, else v1 where writable, else rlimits and the watchdog.
+        let min = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (Some(x), Some(y)) => Some(x.min(y)),
+            (x, None) | (None, x) => x,
+        };
+        let wanted = CgroupLimits {
+            memory_max: min(self.cgroup.memory_max, limits.memory),
+            pids_max: min(self.cgroup.pids_max, limits.pids),
+            cpus: self.cgroup.cpus,
+        };
+        // Moving a process into a cgroup costs an RCU grace period (milliseconds): where the
+        // PID namespace's pid_max already holds the policy's process limit, a cgroup is made
+        // only for what else was asked (memory, CPU, an explicit cgroup limit).
+        let for_cgroup = CgroupLimits {
+            pids_max: match pid_max {
+                Some(_) => self.cgroup.pids_max,
+                None => wanted.pids_max,
+            },
+            ..wanted
+        };
+        let cgroup = match cgroup::prepare(&for_cgroup) {
             Ok(cg) => cg,
             Err(why) => {
-                tracing::warn!(reason = %why, "sandbox runs without cgroup limits");
-                notes.push(format!("cgroup limits skipped: {why}"));
+                if !self.cgroup.is_empty() {
+                    tracing::warn!(reason = %why, "sandbox runs without cgroup v2 limits");
+                    notes.push(format!("cgroup limits skipped: {why}"));
+                }
                 None
             }
         };
+        let mut cgroup_memory = cgroup.as_ref().and(wanted.memory_max);
+        let v1 = if cgroup.is_none()
+            && (for_cgroup.pids_max.is_some() || for_cgroup.memory_max.is_some())
+        {
+            let (group, _pids, memory) =
+                cgroup::prepare_v1(for_cgroup.pids_max, for_cgroup.memory_max);
+            if memory {
+                cgroup_memory = wanted.memory_max;
+            }
+            (!group.is_empty()).then_some(group)
+        } else {
+            None
+        };
+        let watch = limits::Watch {
+            pids: wanted.pids_max,
+            memory: if cgroup_memory.is_none() {
+                wanted.memory_max
+            } else {
+                None
+            },
+        };
+        if watch.memory.is_some() {
+            notes.push(
+                "memory limit enforced by a watchdog (best effort: no writable memory cgroup)"
+                    .into(),
+            );
+        }
 
         let (stdin_child, stdin) = stdio_ends(self.stdin, 0, true)?;
         let (stdout_child, stdout) = stdio_ends(self.stdout, 1, false)?;
@@ -484,13 +576,18 @@ impl Sandbox {
             gid: resolved.gid,
             groups: resolved.groups.clone(),
             setgroups_allowed: mapping.setgroups_allowed(),
+            become_root: matches!(mapping, idmap::Mapping::Subordinate { .. }),
             cap_mask,
             last_cap: last_cap(),
-            rlimits: self
-                .rlimits
-                .iter()
-                .map(|r| (r.resource.raw(), r.soft, r.hard))
-                .collect(),
+            rlimits: {
+                let explicit: Vec<libc::c_int> =
+                    self.rlimits.iter().map(|r| r.resource.raw()).collect();
+                self.rlimits
+                    .iter()
+                    .map(|r| (r.resource.raw(), r.soft, r.hard))
+                    .chain(limits::rlimits(&limits, &explicit))
+                    .collect()
+            },
             stdio: [
                 stdin_child.as_raw_fd(),
                 stdout_child.as_raw_fd(),
@@ -501,6 +598,8 @@ impl Sandbox {
             status_write: status_w.as_raw_fd(),
             parent_fds,
             job_stack: vec![0u8; 256 * 1024],
+            seccomp: Vec::new(),
+            seccomp_program,
         };
         prepared.finish_pointers();
 
@@ -538,6 +637,9 @@ impl Sandbox {
             deadline: None,
             result: None,
             _cgroup: None,
+            v1: None,
+            watch,
+            cgroup_memory,
             notes,
             stdin,
             stdout,
@@ -556,6 +658,16 @@ impl Sandbox {
                 Err(why) => {
                     tracing::warn!(reason = %why, "sandbox runs without cgroup limits");
                     child.notes.push(format!("cgroup limits skipped: {why}"));
+                }
+            }
+        }
+        if let Some(group) = v1 {
+            match group.add(pid) {
+                Ok(()) => child.v1 = Some(group),
+                Err(why) => {
+                    tracing::warn!(reason = %why, "sandbox runs without cgroup v1 limits");
+                    child.cgroup_memory = None;
+                    child.watch.memory = limits.memory;
                 }
             }
         }
@@ -625,6 +737,8 @@ fn describe_report(r: &Report, p: &Prepared) -> Error {
         Stage::Gid => Error::Setup(format!("setgid {}: {err}", r.index)),
         Stage::Rlimit => Error::Setup(format!("setrlimit #{}: {err}", r.index)),
         Stage::CapBound => Error::Setup(format!("dropping capability {}: {err}", r.index)),
+        Stage::Keyring => Error::Setup(format!("joining a new session keyring: {err}")),
+        Stage::Seccomp => Error::Setup(format!("installing seccomp filter #{}: {err}", r.index)),
         other => Error::Setup(format!("{other:?}: {err}")),
     }
 }
@@ -661,13 +775,25 @@ impl Child {
         if let Some(r) = self.result {
             return Ok(r);
         }
-        let mut timed_out = false;
+        // Set once the sandbox is being killed by us: a timeout or a limit.
+        let mut forced: Option<ExitStatus> = None;
+        let mut next_scan = self
+            .watch
+            .active()
+            .then(|| Instant::now() + limits::SCAN_INTERVAL);
         loop {
-            let wait_ms = match self.deadline {
-                _ if timed_out => -1,
+            let wake = if forced.is_some() {
+                None
+            } else {
+                match (self.deadline, next_scan) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            };
+            let wait_ms = match wake {
                 None => -1,
-                Some(d) => {
-                    let left = d.saturating_duration_since(Instant::now());
+                Some(w) => {
+                    let left = w.saturating_duration_since(Instant::now());
                     left.as_millis().min(i32::MAX as u128) as i32 + i32::from(!left.is_zero())
                 }
             };
@@ -688,8 +814,20 @@ impl Child {
             if n > 0 {
                 break;
             }
-            timed_out = true;
-            let _ = sys::pidfd_send_signal(self.pidfd.as_raw_fd(), libc::SIGKILL);
+            let now = Instant::now();
+            if self.deadline.is_some_and(|d| now >= d) {
+                forced = Some(ExitStatus::TimedOut(self.timeout.unwrap_or_default()));
+            } else if next_scan.is_some_and(|s| now >= s) {
+                let refused = self._cgroup.as_ref().is_some_and(|c| c.pids_refused())
+                    || self.v1.as_ref().is_some_and(|g| g.pids_refused());
+                match self.watch.check(self.pid, refused) {
+                    Err(limit) => forced = Some(ExitStatus::LimitExceeded(limit)),
+                    Ok(after) => next_scan = Some(Instant::now() + after),
+                }
+            }
+            if forced.is_some() {
+                let _ = sys::pidfd_send_signal(self.pidfd.as_raw_fd(), libc::SIGKILL);
+            }
         }
         sys::waitpid(self.pid, 0).map_err(|e| Error::Io {
             what: "reaping the sandbox".into(),
@@ -698,15 +836,33 @@ impl Child {
         let mut buf = [0u8; 4];
         let mut status = File::from(self.status.try_clone().map_err(io_err("status pipe"))?);
         let got = read_up_to(&mut status, &mut buf);
-        let result = if timed_out {
-            ExitStatus::TimedOut(self.timeout.unwrap_or_default())
-        } else if got == 4 {
-            ExitStatus::from_raw(i32::from_ne_bytes(buf))
-        } else {
-            ExitStatus::Killed
+        let mut result = match forced {
+            Some(r) => r,
+            None if got == 4 => ExitStatus::from_raw(i32::from_ne_bytes(buf)),
+            None => ExitStatus::Killed,
         };
+        // A job that failed after a cgroup refused a fork for the process limit (a shell dies of
+        // it at once, before the watchdog looks).
+        if let (Some(max), false, None) = (self.watch.pids, result.success(), forced) {
+            let refused = self._cgroup.as_ref().is_some_and(|c| c.pids_refused())
+                || self.v1.as_ref().is_some_and(|g| g.pids_refused());
+            if refused {
+                result = ExitStatus::LimitExceeded(Limit::Processes(max));
+            }
+        }
+        // A job the kernel's OOM killer ended in a memory-limited cgroup.
+        if let (Some(max), ExitStatus::Signaled(libc::SIGKILL) | ExitStatus::Killed) =
+            (self.cgroup_memory, result)
+        {
+            let oom = self._cgroup.as_ref().is_some_and(|c| c.oom_killed())
+                || self.v1.as_ref().is_some_and(|g| g.oom_killed());
+            if oom {
+                result = ExitStatus::LimitExceeded(Limit::Memory(max));
+            }
+        }
         self.result = Some(result);
         self._cgroup = None;
+        self.v1 = None;
         Ok(result)
     }
 

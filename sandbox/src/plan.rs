@@ -74,6 +74,24 @@ pub enum Op {
         target: CString,
         link: CString,
     },
+    /// Write a sysctl of the sandbox's own namespaces (`/proc/sys/...`), before `/proc/sys` is
+    /// made read-only.
+    WriteFile {
+        path: CString,
+        data: CString,
+    },
+    /// Bind `/dev/null` over a file of `/proc` that leaks host information; missing is fine.
+    MaskFile {
+        path: CString,
+    },
+    /// An empty read-only tmpfs over a directory that leaks host information; missing is fine.
+    MaskDir {
+        path: CString,
+    },
+    /// Detach a staging mount (and everything on it).
+    Unstage {
+        target: CString,
+    },
     /// Make the root mount read-only.
     ReadOnlyRoot,
     /// Bring up `lo` in the new network namespace.
@@ -99,11 +117,35 @@ impl Op {
             Op::Attach { target, .. } => format!("bind mount on {}", s(target)),
             Op::ReadOnlySelf { path } => format!("making {} read-only", s(path)),
             Op::Symlink { link, target } => format!("symlink {} -> {}", s(link), s(target)),
+            Op::WriteFile { path, data } => format!("writing {} to {}", s(data), s(path)),
+            Op::MaskFile { path } | Op::MaskDir { path } => format!("masking {}", s(path)),
+            Op::Unstage { target } => format!("detaching {}", s(target)),
             Op::ReadOnlyRoot => "making the root read-only".into(),
             Op::LoopbackUp => "bringing up the loopback interface".into(),
         }
     }
 }
+
+/// Files hidden behind `/dev/null` and directories behind an empty read-only tmpfs, as runc and
+/// Docker mask them: they show host hardware, kernel memory, timers and the keyring.
+pub const MASKED_FILES: &[&str] = &[
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+];
+pub const MASKED_DIRS: &[&str] = &[
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/scsi",
+    "/sys/firmware",
+    "/sys/devices/virtual/powercap",
+];
+
+/// Where overlay layers are staged before pivot_root (see [`build`]).
+const STAGING: &str = "/dev";
 
 /// Device nodes bound from the host into the sandbox's `/dev`.
 pub const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
@@ -178,6 +220,8 @@ pub struct Spec<'a> {
     pub binds: &'a [PlannedBind],
     pub tmpfs_tmp: bool,
     pub read_only_root: bool,
+    /// Sysctls of the sandbox's own namespaces to write once `/proc` is mounted (path, value).
+    pub sysctls: &'a [(&'static str, String)],
 }
 
 pub fn cstr(bytes: &[u8]) -> CString {
@@ -211,13 +255,18 @@ pub fn normalize_inside(p: &Path) -> PathBuf {
     out
 }
 
+/// How many symbolic links one resolution follows at most (the kernel's limit).
+pub const MAX_LINKS: usize = 40;
+
 /// Resolve `path` as the sandbox will see it: symlinks of the image are followed *inside*
 /// `rootfs` (an absolute link target restarts at the sandbox's root, `..` stops at it), like
 /// runc's securejoin. Missing components are kept as they are. The result is an absolute
 /// in-sandbox path without symlinks in its existing part, so the directories to create for a
 /// mount point are known before the sandbox starts. (The mounts themselves happen after
 /// pivot_root, so even a rootfs changed in between cannot lead them out of the sandbox.)
-pub fn resolve_in_root(rootfs: &Path, path: &Path) -> PathBuf {
+///
+/// More than [`MAX_LINKS`] links fail with `ELOOP`, as the kernel's own resolution does.
+pub fn try_resolve_in_root(rootfs: &Path, path: &Path) -> Result<PathBuf, std::io::Error> {
     let mut done = PathBuf::from("/");
     let mut todo: Vec<std::ffi::OsString> = path
         .components()
@@ -237,7 +286,10 @@ pub fn resolve_in_root(rootfs: &Path, path: &Path) -> PathBuf {
         let candidate = done.join(&part);
         let on_host = rootfs.join(candidate.strip_prefix("/").unwrap_or(&candidate));
         match std::fs::symlink_metadata(&on_host) {
-            Ok(m) if m.file_type().is_symlink() && links < 40 => {
+            Ok(m) if m.file_type().is_symlink() => {
+                if links >= MAX_LINKS {
+                    return Err(std::io::Error::from_raw_os_error(libc::ELOOP));
+                }
                 links += 1;
                 let Ok(target) = std::fs::read_link(&on_host) else {
                     done = candidate;
@@ -257,7 +309,7 @@ pub fn resolve_in_root(rootfs: &Path, path: &Path) -> PathBuf {
             _ => done = candidate,
         }
     }
-    done
+    Ok(done)
 }
 
 /// `/a/b/c` → [`/a`, `/a/b`, `/a/b/c`].
@@ -296,8 +348,18 @@ fn mount(fstype: &str, target: &str, flags: libc::c_ulong, data: Option<&str>) -
     }
 }
 
-/// The ordered operations, and how many grab slots they use.
-pub fn build(spec: &Spec<'_>) -> (Vec<Op>, usize) {
+/// The ordered operations, and how many grab slots they use. Fails when a bind's destination
+/// cannot be resolved inside the root (a symlink loop).
+pub fn build(spec: &Spec<'_>) -> Result<(Vec<Op>, usize), crate::Error> {
+    let resolve = |dest: &Path| {
+        try_resolve_in_root(spec.rootfs, dest).map_err(|e| crate::Error::Bind {
+            path: dest.to_path_buf(),
+            reason: format!(
+                "cannot resolve the destination inside the root: {}",
+                crate::errno_text(e.raw_os_error().unwrap_or(libc::EIO))
+            ),
+        })
+    };
     let mut ops = vec![Op::MakePrivate];
     let mut slots = 0;
     let next = |n: &mut usize| {
@@ -368,30 +430,109 @@ pub fn build(spec: &Spec<'_>) -> (Vec<Op>, usize) {
         .map(|b| (grab(&mut ops, &mut slots, &b.source, b.read_only), b))
         .collect();
 
+    // Overlay layers are bound at short names on a staging tmpfs of our own mount namespace
+    // (over /dev, whose devices were grabbed above) and the overlays made from those, so that
+    // their options in /proc/self/mountinfo do not show the host's store paths. The staging
+    // tmpfs is detached again once the overlays exist (they keep private clones of the layers).
+    let needs_overlay = spec.overlay.is_some()
+        || spec
+            .overlay_mounts
+            .iter()
+            .any(|m| m.rw.is_some() || m.lowers.len() != 1);
+    if needs_overlay {
+        ops.push(Op::Mount {
+            fstype: c("tmpfs"),
+            target: c(STAGING),
+            flags: NOSUID | NODEV | NOEXEC,
+            data: Some(c("mode=700")),
+        });
+    }
+    let mut staged = 0usize;
+    fn stage(ops: &mut Vec<Op>, slots: &mut usize, staged: &mut usize, source: &Path) -> PathBuf {
+        let name = PathBuf::from(format!("{STAGING}/{staged}"));
+        *staged += 1;
+        let slot = *slots;
+        *slots += 1;
+        ops.push(Op::Grab {
+            source: cpath(source),
+            slot,
+            read_only: false,
+        });
+        ops.push(Op::Mkdirs {
+            dirs: vec![cpath(&name)],
+        });
+        ops.push(Op::Attach {
+            slot,
+            target: cpath(&name),
+        });
+        name
+    }
+    // upperdir and workdir must be on one mount: stage their nearest common directory.
+    fn stage_rw(
+        ops: &mut Vec<Op>,
+        slots: &mut usize,
+        staged: &mut usize,
+        upper: &Path,
+        work: &Path,
+    ) -> (PathBuf, PathBuf) {
+        let common: PathBuf = upper
+            .components()
+            .zip(work.components())
+            .take_while(|(a, b)| a == b)
+            .map(|(a, _)| a.as_os_str())
+            .collect();
+        let base = stage(ops, slots, staged, &common);
+        let rel = |p: &Path| base.join(p.strip_prefix(&common).unwrap_or(p));
+        (rel(upper), rel(work))
+    }
+
     let extra: Vec<(usize, &OverlayMount)> = spec
         .overlay_mounts
         .iter()
         .map(|m| {
-            let slot = next(&mut slots);
             if m.rw.is_none() && m.lowers.len() == 1 {
                 // One read-only layer needs no overlay: bind it.
+                let slot = next(&mut slots);
                 ops.push(Op::Grab {
                     source: cpath(&m.lowers[0]),
                     slot,
                     read_only: true,
                 });
+                (slot, m)
             } else {
-                let rw = m.rw.as_ref().map(|(u, w)| (u.as_path(), w.as_path()));
-                ops.push(overlay_op(slot, &m.lowers, rw));
+                let lowers: Vec<PathBuf> = m
+                    .lowers
+                    .iter()
+                    .map(|l| stage(&mut ops, &mut slots, &mut staged, l))
+                    .collect();
+                let rw =
+                    m.rw.as_ref()
+                        .map(|(u, w)| stage_rw(&mut ops, &mut slots, &mut staged, u, w));
+                let slot = next(&mut slots);
+                let rw = rw.as_ref().map(|(u, w)| (u.as_path(), w.as_path()));
+                ops.push(overlay_op(slot, &lowers, rw));
+                (slot, m)
             }
-            (slot, m)
         })
         .collect();
 
-    if let Some(ov) = spec.overlay {
+    let root_overlay = spec.overlay.map(|ov| {
         // An overlay root: the lower layers read-only, writes go to `upper`.
+        let lowers: Vec<PathBuf> = ov
+            .lowers
+            .iter()
+            .map(|l| stage(&mut ops, &mut slots, &mut staged, l))
+            .collect();
+        let (upper, work) = stage_rw(&mut ops, &mut slots, &mut staged, &ov.upper, &ov.work);
         let slot = next(&mut slots);
-        ops.push(overlay_op(slot, &ov.lowers, Some((&ov.upper, &ov.work))));
+        ops.push(overlay_op(slot, &lowers, Some((&upper, &work))));
+        slot
+    });
+    if needs_overlay {
+        ops.push(Op::Unstage { target: c(STAGING) });
+    }
+
+    if let Some(slot) = root_overlay {
         ops.push(Op::PivotTree {
             slot,
             staging: c("/dev"),
@@ -415,6 +556,12 @@ pub fn build(spec: &Spec<'_>) -> (Vec<Op>, usize) {
         slot: proc,
         target: c("/proc"),
     });
+    for (path, value) in spec.sysctls {
+        ops.push(Op::WriteFile {
+            path: c(path),
+            data: c(value),
+        });
+    }
     for p in [
         "/proc/sys",
         "/proc/sysrq-trigger",
@@ -478,6 +625,14 @@ pub fn build(spec: &Spec<'_>) -> (Vec<Op>, usize) {
         });
     }
 
+    // What runc and Docker mask (needs /dev/null of the sandbox, so after /dev).
+    for p in MASKED_FILES {
+        ops.push(Op::MaskFile { path: c(p) });
+    }
+    for p in MASKED_DIRS {
+        ops.push(Op::MaskDir { path: c(p) });
+    }
+
     if spec.tmpfs_tmp {
         ops.push(mkdirs("/tmp"));
         ops.push(mount("tmpfs", "/tmp", NOSUID | NODEV, Some("mode=1777")));
@@ -493,7 +648,7 @@ pub fn build(spec: &Spec<'_>) -> (Vec<Op>, usize) {
     }
 
     for (slot, b) in binds {
-        let dest = resolve_in_root(spec.rootfs, &b.destination);
+        let dest = resolve(&b.destination)?;
         if b.source_is_dir {
             ops.push(Op::Mkdirs {
                 dirs: prefixes(&dest),
@@ -513,7 +668,7 @@ pub fn build(spec: &Spec<'_>) -> (Vec<Op>, usize) {
     }
 
     for (slot, m) in extra {
-        let dest = resolve_in_root(spec.rootfs, &m.target);
+        let dest = resolve(&m.target)?;
         ops.push(Op::Mkdirs {
             dirs: prefixes(&dest),
         });
@@ -529,7 +684,7 @@ pub fn build(spec: &Spec<'_>) -> (Vec<Op>, usize) {
     if spec.network == NetworkMode::None {
         ops.push(Op::LoopbackUp);
     }
-    (ops, slots)
+    Ok((ops, slots))
 }
 
 /// Candidate paths for the program `argv0`: itself when it contains a `/`, else each directory
@@ -589,7 +744,9 @@ mod tests {
             binds: &binds,
             tmpfs_tmp: true,
             read_only_root: true,
-        });
+            sysctls: &[],
+        })
+        .unwrap();
         assert_eq!(slots, DEVICES.len() + 2 + 2);
         let pivot = ops
             .iter()
@@ -629,7 +786,9 @@ mod tests {
             binds: &[],
             tmpfs_tmp: false,
             read_only_root: false,
-        });
+            sysctls: &[],
+        })
+        .unwrap();
         let n = names(&ops);
         if Path::new("/etc/resolv.conf").exists() {
             assert!(
@@ -651,13 +810,62 @@ mod tests {
         std::os::unix::fs::symlink("real/dir", r.join("rel")).unwrap();
         std::os::unix::fs::symlink("../../../../etc", r.join("real/up")).unwrap();
         std::os::unix::fs::symlink("loop", r.join("loop")).unwrap();
-        let res = |p: &str| resolve_in_root(r, Path::new(p));
+        let res = |p: &str| try_resolve_in_root(r, Path::new(p)).unwrap();
         assert_eq!(res("/abs/dir/x"), PathBuf::from("/real/dir/x"));
         assert_eq!(res("/rel/y"), PathBuf::from("/real/dir/y"));
         assert_eq!(res("/real/up/passwd"), PathBuf::from("/etc/passwd"));
         assert_eq!(res("/../../abs"), PathBuf::from("/real"));
         assert_eq!(res("/missing/a/b"), PathBuf::from("/missing/a/b"));
-        assert_eq!(res("/loop/x"), PathBuf::from("/loop/x"));
+        let err = try_resolve_in_root(r, Path::new("/loop/x")).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ELOOP));
+        assert_eq!(
+            try_resolve_in_root(r, Path::new("/abs/dir/x")).unwrap(),
+            PathBuf::from("/real/dir/x")
+        );
+    }
+
+    #[test]
+    fn a_chain_of_more_than_40_links_is_eloop_not_a_literal_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = dir.path();
+        // l0 -> l1 -> ... -> l40 -> /etc: 41 links, the last one absolute.
+        for i in 0..41 {
+            let target = if i == 40 {
+                "/etc".to_string()
+            } else {
+                format!("l{}", i + 1)
+            };
+            std::os::unix::fs::symlink(target, r.join(format!("l{i}"))).unwrap();
+        }
+        let err = try_resolve_in_root(r, Path::new("/l0/passwd")).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ELOOP));
+        // 40 links still resolve.
+        assert_eq!(
+            try_resolve_in_root(r, Path::new("/l1/passwd")).unwrap(),
+            PathBuf::from("/etc/passwd")
+        );
+        // A bind onto such a destination is refused with the destination named.
+        let binds = vec![PlannedBind {
+            source: "/src".into(),
+            destination: "/l0/x".into(),
+            read_only: false,
+            source_is_dir: true,
+        }];
+        let err = build(&Spec {
+            overlay: None,
+            overlay_mounts: &[],
+            rootfs: r,
+            network: NetworkMode::None,
+            binds: &binds,
+            tmpfs_tmp: false,
+            read_only_root: false,
+            sysctls: &[],
+        })
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "bind /l0/x: cannot resolve the destination inside the root: too many symbolic links encountered"
+        );
     }
 
     #[test]

@@ -584,3 +584,42 @@ pub fn pipe() -> Result<(RawFd, RawFd), i32> {
     check_int(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
     Ok((fds[0], fds[1]))
 }
+
+/// Join a new anonymous session keyring (`KEYCTL_JOIN_SESSION_KEYRING` with no name), so that
+/// nothing of the caller's session keyring is reachable and nothing added reaches it.
+pub fn join_new_session_keyring() -> Result<(), i32> {
+    const KEYCTL_JOIN_SESSION_KEYRING: c_long = 1;
+    // SAFETY: a null name asks for a new anonymous keyring; no other pointer is passed.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_keyctl,
+            KEYCTL_JOIN_SESSION_KEYRING,
+            std::ptr::null::<libc::c_char>(),
+        )
+    })
+    .map(drop)
+}
+
+/// Install a seccomp filter on the calling thread (no_new_privs must be set already).
+pub fn seccomp_install(prog: &libc::sock_fprog) -> Result<(), i32> {
+    // SAFETY: `prog` points to a valid program the caller keeps alive for the duration of the
+    // call; the kernel copies it.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            0 as c_uint,
+            prog as *const libc::sock_fprog,
+        )
+    })
+    .map(drop)
+}
+
+/// Write `data` to the existing file `path` (a sysctl of the sandbox's own namespaces).
+pub fn write_file(path: &CStr, data: &[u8]) -> Result<(), i32> {
+    // SAFETY: `path` is a valid NUL-terminated string; the fd is closed below.
+    let fd = check_int(unsafe { libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) })?;
+    let r = write_all(fd, data);
+    close(fd);
+    r
+}

@@ -8,7 +8,7 @@ use std::net::TcpListener;
 use std::os::unix::fs::symlink;
 use std::process::{Command, Stdio as HostStdio};
 
-use sandbox::{Bind, ExitStatus, NetworkMode, User};
+use sandbox::{Bind, ExitStatus, NetworkMode, Policy, Seccomp, User};
 use support::{fixture, run, text, Fixture};
 
 /// Run the probe with `args` in `sandbox`; returns its one-line answer ("ok" or "err ENAME").
@@ -28,6 +28,16 @@ fn probe(sb: sandbox::Sandbox, args: &[&str]) -> String {
 
 fn probe_default(f: &Fixture, args: &[&str]) -> String {
     probe(f.sandbox(), args)
+}
+
+/// Nested user namespaces allowed and no seccomp filter: what the kernel itself refuses inside
+/// a nested namespace, with nothing else in the way.
+fn nested_allowed() -> Policy {
+    Policy {
+        seccomp: Seccomp::Unconfined,
+        nested_user_namespaces: true,
+        ..Policy::default()
+    }
 }
 
 #[test]
@@ -113,9 +123,15 @@ fn read_only_binds_cannot_be_written_or_remounted() {
     // No CAP_SYS_ADMIN: no remount, no unmount, no new proc.
     assert_eq!(probe(sb(), &["remount-rw", "/ro"]), "err EPERM");
     assert_eq!(probe(sb(), &["umount", "/ro"]), "err EPERM");
-    // A nested user namespace gives capabilities back, but the mounts are locked there.
+    // By default no nested user namespace can be made at all.
     assert_eq!(probe(sb(), &["nested", "remount-rw", "/ro"]), "err EPERM");
-    assert_eq!(probe(sb(), &["nested", "umount", "/ro"]), "err EINVAL");
+    // Where allowed, it gives capabilities back, but the mounts are locked there.
+    let nested = || sb().policy(nested_allowed());
+    assert_eq!(
+        probe(nested(), &["nested", "remount-rw", "/ro"]),
+        "err EPERM"
+    );
+    assert_eq!(probe(nested(), &["nested", "umount", "/ro"]), "err EINVAL");
     assert_eq!(
         std::fs::read_to_string(ro.join("file")).unwrap(),
         "original"
@@ -179,10 +195,19 @@ fn network_none_cannot_reach_the_hosts_loopback() {
 fn the_hosts_proc_cannot_be_mounted() {
     let f = fixture();
     assert_eq!(probe_default(&f, &["mount-proc", "/tmp"]), "err EPERM");
-    // Nested user namespace: capabilities there, but it does not own our PID namespace.
+    // Nested user namespace (where allowed): capabilities there, but it does not own our PID
+    // namespace.
     assert_eq!(
-        probe_default(&f, &["nested", "mount-proc", "/tmp"]),
+        probe(
+            f.sandbox().policy(nested_allowed()),
+            &["nested", "mount-proc", "/tmp"]
+        ),
         "err EPERM"
+    );
+    // Control: the nested namespace itself is made (no id map yet: the overflow ids).
+    assert_eq!(
+        probe(f.sandbox().policy(nested_allowed()), &["nested", "ids"]),
+        "65534 65534 65534 65534"
     );
 }
 

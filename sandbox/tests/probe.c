@@ -11,7 +11,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/keyctl.h>
+#include <linux/perf_event.h>
+#include <sys/ioctl.h>
 #include <sys/mount.h>
+#include <sys/personality.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
 #include <sys/ptrace.h>
 #include <sys/socket.h>
 #include <sys/types.h>
@@ -69,6 +75,106 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "read") && argc == 3) {
         int fd = open(argv[2], O_RDONLY);
         return result(fd < 0 ? -1 : 0);
+    }
+    /* Kernel keyring of the session: a key is added to / searched in the session keyring. */
+    if (!strcmp(cmd, "keyctl"))
+        return result(syscall(SYS_keyctl, KEYCTL_GET_KEYRING_ID, KEY_SPEC_SESSION_KEYRING, 0) < 0 ? -1 : 0);
+    if (!strcmp(cmd, "addkey") && argc == 3)
+        return result(syscall(SYS_add_key, "user", argv[2], "secret", 6, KEY_SPEC_SESSION_KEYRING) < 0 ? -1 : 0);
+    if (!strcmp(cmd, "findkey") && argc == 3)
+        return result(syscall(SYS_keyctl, KEYCTL_SEARCH, KEY_SPEC_SESSION_KEYRING, "user", argv[2], 0) < 0 ? -1 : 0);
+    if (!strcmp(cmd, "perf")) {
+        /* A NULL attribute: EFAULT from the kernel, EPERM from a filter. */
+        return result(syscall(SYS_perf_event_open, NULL, 0, -1, -1, 0) < 0 ? -1 : 0);
+    }
+    if (!strcmp(cmd, "bpf"))
+        return result(syscall(SYS_bpf, 0, NULL, 0) < 0 ? -1 : 0);
+    if (!strcmp(cmd, "userfaultfd"))
+        return result(syscall(SYS_userfaultfd, 1 /* UFFD_USER_MODE_ONLY */) < 0 ? -1 : 0);
+    if (!strcmp(cmd, "unshare-user"))
+        return result(unshare(CLONE_NEWUSER));
+    if (!strcmp(cmd, "clone-user")) {
+        long pid = syscall(SYS_clone, CLONE_NEWUSER | SIGCHLD, 0, 0, 0, 0);
+        if (pid == 0)
+            _exit(0);
+        if (pid < 0)
+            return result(-1);
+        waitpid(pid, NULL, 0);
+        return result(0);
+    }
+    if (!strcmp(cmd, "clone3-user")) {
+        unsigned long long args[8] = {CLONE_NEWUSER, 0, 0, 0, SIGCHLD, 0, 0, 0};
+        long pid = syscall(SYS_clone3, args, sizeof args);
+        if (pid == 0)
+            _exit(0);
+        if (pid < 0)
+            return result(-1);
+        waitpid(pid, NULL, 0);
+        return result(0);
+    }
+    if (!strcmp(cmd, "personality") && argc == 3)
+        return result(personality(strtoul(argv[2], NULL, 0)) < 0 ? -1 : 0);
+    if (!strcmp(cmd, "tiocsti")) {
+        char c = 'x';
+        return result(ioctl(0, TIOCSTI, &c));
+    }
+    if (!strcmp(cmd, "mkdir") && argc == 3)
+        return result(mkdir(argv[2], 0755));
+    /* Fork until refused, keep every child alive, and keep trying: the sandbox's limits must
+     * hold it and end it. Prints the number of children it got once the first fork fails. */
+    if (!strcmp(cmd, "forkloop")) {
+        long got = 0;
+        int reported = 0;
+        for (;;) {
+            pid_t pid = fork();
+            if (pid == 0) {
+                pause();
+                _exit(0);
+            }
+            if (pid > 0) {
+                got++;
+            } else if (!reported) {
+                printf("refused after %ld\n", got);
+                fflush(stdout);
+                reported = 1;
+            }
+        }
+    }
+    /* Like forkloop, but every child switches to a uid of its own first, so that a per-uid
+     * limit (RLIMIT_NPROC) does not hold it: only a limit on the whole sandbox does. */
+    if (!strcmp(cmd, "forkuids")) {
+        long got = 0;
+        int reported = 0;
+        for (;;) {
+            pid_t pid = fork();
+            if (pid == 0) {
+                if (syscall(SYS_setresuid, 1000 + got, 1000 + got, 1000 + got) < 0)
+                    _exit(1);
+                pause();
+                _exit(0);
+            }
+            if (pid > 0) {
+                got++;
+            } else if (!reported) {
+                printf("refused after %ld\n", got);
+                fflush(stdout);
+                reported = 1;
+            }
+        }
+    }
+    /* Touch N MiB of memory, then wait: a memory limit must end it. */
+    if (!strcmp(cmd, "alloc") && argc == 3) {
+        long mib = atol(argv[2]);
+        for (long i = 0; i < mib; i++) {
+            char *p = malloc(1 << 20);
+            if (!p)
+                return result(-1);
+            memset(p, 1, 1 << 20);
+        }
+        puts("allocated");
+        fflush(stdout);
+        sleep(10);
+        return 0;
     }
     /* "nested CMD ARGS": first enter a new user and mount namespace, which gives back every
      * capability there, then run CMD. Mounts copied from the sandbox must stay locked. */

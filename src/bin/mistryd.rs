@@ -10,6 +10,7 @@ use mistry::config::Config;
 use mistry::engine::Engine;
 use mistry::image_cli::{self, ImageCommand};
 use mistry::sandbox_cli::{self, RunArgs};
+use mistry::security::SandboxIds;
 use tracing_subscriber::EnvFilter;
 
 #[derive(Debug, Parser)]
@@ -28,9 +29,23 @@ struct Cli {
     /// Storage backend of the layer store (default: the config's, else detected).
     #[arg(long, value_name = "plain|btrfs|overlay", global = true)]
     filesystem: Option<images::store::BackendKind>,
+    /// How sandbox ids map onto the host: `auto` (sandbox root is this daemon's user) or
+    /// `subordinate` (every sandbox id, root included, is one of its subordinate ids; the safe
+    /// choice for a daemon running as root). Default: the config's `sandbox_ids`, else auto.
+    /// Give it before a subcommand (`mistryd --sandbox-ids subordinate rebuild`).
+    #[arg(long, value_name = "auto|subordinate")]
+    sandbox_ids: Option<mistry::security::SandboxIds>,
     /// How long running jobs may go on after SIGTERM before they are killed.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     shutdown_grace: Duration,
+    /// Connections served at once (at the cap, the oldest one that has not sent a complete
+    /// request yet is closed to make room).
+    #[arg(long, default_value_t = mistry::server::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// Time a client has to send a request's headers; also how long a kept-alive connection
+    /// may stay idle.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    header_timeout: Duration,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -76,27 +91,89 @@ fn load(cli: &Cli) -> Result<Config> {
     if let Some(f) = cli.filesystem {
         cfg.filesystem = Some(f);
     }
+    if let Some(ids) = cli.sandbox_ids {
+        cfg.sandbox_ids = ids;
+    }
+    // Image tools, RUN steps and jobs must all map ids the same way.
+    sandbox::idmap::set_default(match cfg.sandbox_ids {
+        SandboxIds::Auto => sandbox::IdMapping::Auto,
+        SandboxIds::Subordinate => sandbox::IdMapping::Subordinate,
+    });
+    if cfg.sandbox_ids == SandboxIds::Subordinate {
+        if !nix::unistd::geteuid().is_root() {
+            anyhow::bail!(
+                "--sandbox-ids subordinate is for a daemon running as root: an unprivileged \
+                 daemon's jobs are already not root on the host (their root is its own user)"
+            );
+        }
+        sandbox::idmap::try_choose(sandbox::IdMapping::Subordinate)
+            .context("--sandbox-ids subordinate")?;
+    }
     Ok(cfg)
+}
+
+/// File descriptors kept for everything but client connections (jobs' logs and pipes, the
+/// store, the image helper).
+const FD_RESERVE: u64 = 256;
+
+/// Raise the soft limit of open files to the hard one, and fit the connection cap under it.
+fn connection_cap(wanted: usize) -> usize {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let soft = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not raise the open files limit");
+                soft
+            }
+        },
+        Ok((soft, _)) => soft,
+        Err(_) => return wanted,
+    };
+    let fit = usize::try_from(soft.saturating_sub(FD_RESERVE).max(16)).unwrap_or(usize::MAX);
+    if wanted > fit {
+        tracing::warn!(
+            wanted,
+            open_files_limit = soft,
+            cap = fit,
+            "the connection cap is lowered to fit the open files limit"
+        );
+        return fit;
+    }
+    wanted
 }
 
 async fn serve(cli: Cli) -> Result<()> {
     let cfg = load(&cli)?;
+    if nix::unistd::geteuid().is_root() && cfg.sandbox_ids == SandboxIds::Auto {
+        tracing::warn!(
+            "mistryd runs as root with --sandbox-ids auto: a job's root is the host's root \
+             (uid 0, with reduced capabilities and seccomp). Run mistryd as an unprivileged user \
+             (contrib/systemd/mistryd.service) or pass --sandbox-ids subordinate; see SECURITY.md"
+        );
+    }
+    let mut cfg = cfg;
     let helper = image_cli::helper_command()?;
+    // Image builds never download from the daemon itself. (The engine cleans up what a crash
+    // left before the listener is bound, so a client that can connect finds it clean.)
+    use std::net::ToSocketAddrs;
+    cfg.listen = cli
+        .addr
+        .to_socket_addrs()
+        .with_context(|| format!("listening on {}", cli.addr))?
+        .collect();
     let engine = Arc::new(tokio::task::spawn_blocking(move || Engine::new(cfg, helper)).await??);
     let listener = tokio::net::TcpListener::bind(&cli.addr)
         .await
         .with_context(|| format!("listening on {}", cli.addr))?;
     tracing::info!(addr = %listener.local_addr()?, store = %engine.cfg.store_path.display(), "mistryd ready");
     let app = mistry::server::router(Arc::clone(&engine));
+    let limits = mistry::server::Limits {
+        max_connections: connection_cap(cli.max_connections),
+        header_timeout: cli.header_timeout,
+    };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let mut rx = stop_rx;
-                let _ = rx.wait_for(|s| *s).await;
-            })
-            .await
-    });
+    let server = tokio::spawn(mistry::server::serve(listener, app, limits, stop_rx));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => {}
@@ -132,6 +209,9 @@ fn rebuild(cli: &Cli, projects: &[String], fail_fast: bool, verbose: bool) -> Re
         let mut opts = images::build::BuildOptions::new(name, &dir);
         opts.no_cache = true;
         opts.network = settings.network;
+        opts.policy = settings.security.policy();
+        // The daemon (whose address --addr names) may be running beside us.
+        opts.download.deny_connect = cli.addr.parse().into_iter().collect();
         opts.build_args = vec![("uid".into(), nix::unistd::geteuid().as_raw().to_string())];
         opts.build_args.extend(settings.build_args);
         let mut log: Box<dyn std::io::Write> = if verbose {

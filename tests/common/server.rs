@@ -38,12 +38,32 @@ md5sum large.bin | cut -d' ' -f1 > large.md5
 printf '%s' "$(cat /data/params/name 2>/dev/null)" > name.txt
 "#;
 
+/// A job that tries to make the daemon serve host files through symlinks in `/data`
+/// (`mode`: `abs`, `rel`, `file`, `sub`, `cache`).
+pub const HOSTILE_SH: &str = r#"#!/bin/sh
+case "$(cat /data/params/mode)" in
+abs) rm -rf /data/artifacts; ln -s /etc /data/artifacts ;;
+rel) rm -rf /data/artifacts; ln -s ../../../../../../../../../.. /data/artifacts ;;
+file) rm -rf /data/artifacts; echo not a dir > /data/artifacts ;;
+sub)
+    mkdir -p /data/artifacts/sub
+    echo ok > /data/artifacts/ok.txt
+    rm -rf /data/artifacts/sub
+    ln -s /etc /data/artifacts/sub
+    ln -s ../../../../../../../../../.. /data/artifacts/up
+    ;;
+cache) echo ok > /data/artifacts/ok.txt; rm -rf /data/cache; ln -s /etc /data/cache ;;
+esac
+"#;
+
 pub struct Server {
     pub child: Option<Child>,
     pub addr: String,
     pub grace: String,
     pub dir: tempfile::TempDir,
     pub config: PathBuf,
+    /// More arguments of mistryd.
+    pub args: Vec<String>,
 }
 
 impl Server {
@@ -52,6 +72,11 @@ impl Server {
     }
 
     pub fn start_in(parent: Option<&Path>, extra: Value) -> Server {
+        Self::start_with(parent, extra, &[])
+    }
+
+    /// With more mistryd arguments (e.g. `--header-timeout 2s`).
+    pub fn start_with(parent: Option<&Path>, extra: Value, args: &[&str]) -> Server {
         let dir = match parent {
             Some(p) => tempfile::Builder::new().prefix("mistryd").tempdir_in(p),
             None => tempfile::Builder::new().prefix("mistryd").tempdir(),
@@ -132,6 +157,26 @@ impl Server {
                 ("make.sh", ARTIFACTS_SH),
             ],
         );
+        project(
+            "hostile",
+            &[
+                (
+                    "Dockerfile",
+                    "FROM busybox\nCOPY hostile.sh /hostile.sh\nENTRYPOINT [\"/bin/sh\", \"/hostile.sh\"]\n",
+                ),
+                ("hostile.sh", HOSTILE_SH),
+            ],
+        );
+        project(
+            "hostileuser",
+            &[
+                (
+                    "Dockerfile",
+                    "FROM busybox\nRUN echo app:x:4321:4321::/home/app:/bin/sh >> /etc/passwd && echo app:x:4321: >> /etc/group\nCOPY hostile.sh /hostile.sh\nUSER app\nENTRYPOINT [\"/bin/sh\", \"/hostile.sh\"]\n",
+                ),
+                ("hostile.sh", HOSTILE_SH),
+            ],
+        );
         let mut config = serde_json::json!({
             "projects_path": projects,
             "build_path": builds,
@@ -151,6 +196,7 @@ impl Server {
             grace: "10s".into(),
             dir,
             config: config_path,
+            args: args.iter().map(|a| a.to_string()).collect(),
         };
         s.spawn();
         s
@@ -165,6 +211,7 @@ impl Server {
             .arg("--config")
             .arg(&self.config)
             .args(["--addr", &self.addr, "--shutdown-grace", &self.grace])
+            .args(&self.args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
