@@ -372,6 +372,7 @@ mod tests {
                 memory: Some(8 << 30),
                 open_files: Some(65536),
                 disk: Some(20 << 30),
+                memory_configured: true,
             }
         );
         let e = c.effective("rootless-podman").unwrap();

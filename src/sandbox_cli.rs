@@ -140,6 +140,7 @@ impl RunArgs {
                     Some(n) => Some(n),
                     None => defaults.nofile,
                 },
+                memory_cgroup: true,
             },
         });
         if self.single_id_map {

@@ -41,6 +41,10 @@ pub struct JobLimits {
     pub open_files: Limit,
     /// Bytes a job's `data/` may hold when it ends (and the largest file it may write).
     pub disk: Limit,
+    /// Whether `memory` was set in a configuration (enforced with a cgroup where one can be
+    /// had) rather than the default (enforced by the sandbox's watchdog alone, which adds no
+    /// latency to a job's start).
+    pub memory_configured: bool,
 }
 
 impl JobLimits {
@@ -51,6 +55,7 @@ impl JobLimits {
             memory: host_memory().map(|m| m / 2),
             open_files: Some(65536),
             disk: None,
+            memory_configured: false,
         }
     }
 
@@ -74,6 +79,7 @@ impl JobLimits {
             memory: pick(self.memory, &raw.memory, "memory", true)?,
             open_files: pick(self.open_files, &raw.open_files, "open_files", false)?,
             disk: pick(self.disk, &raw.disk, "disk", true)?,
+            memory_configured: self.memory_configured || raw.memory.is_some(),
         })
     }
 
@@ -83,6 +89,7 @@ impl JobLimits {
             pids: self.processes,
             memory: self.memory,
             nofile: self.open_files.map(|n| (n.min(1024), n)),
+            memory_cgroup: self.memory_configured,
         }
     }
 }
@@ -270,6 +277,7 @@ mod tests {
             memory: Some(8 << 30),
             open_files: Some(65536),
             disk: None,
+            memory_configured: false,
         };
         let raw = RawLimits {
             processes: Some(json!(100_000)),
@@ -285,6 +293,7 @@ mod tests {
                 memory: Some(1 << 30),
                 open_files: Some(65536),
                 disk: Some(10 << 30),
+                memory_configured: true,
             }
         );
         let replaced = base.apply(&raw, "limits", false).unwrap();
@@ -314,6 +323,8 @@ mod tests {
         assert!(!p.nested_user_namespaces);
         assert_eq!(p.limits.pids, Some(1024));
         assert_eq!(p.limits.nofile, Some((1024, 65536)));
+        // The default memory limit is the watchdog's (no cgroup migration at each start).
+        assert!(!p.limits.memory_cgroup);
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(
             parse_seccomp("unconfined", dir.path(), "seccomp").unwrap(),

@@ -293,6 +293,10 @@ pub struct Limits {
     pub memory: Option<u64>,
     /// Open files per process (`RLIMIT_NOFILE`, soft and hard). Default 1024 soft, 65536 hard.
     pub nofile: Option<(u64, u64)>,
+    /// Enforce `memory` with a cgroup where one can be had (default). `false`: with the
+    /// watchdog only, which costs nothing at start, whereas moving a process into a cgroup costs
+    /// milliseconds (an RCU grace period) — for generous default limits on busy servers.
+    pub memory_cgroup: bool,
 }
 
 impl Default for Limits {
@@ -301,6 +305,7 @@ impl Default for Limits {
             pids: Some(1024),
             memory: None,
             nofile: Some((1024, 65536)),
+            memory_cgroup: true,
         }
     }
 }

@@ -494,6 +494,11 @@ impl Sandbox {
                 Some(_) => self.cgroup.pids_max,
                 None => wanted.pids_max,
             },
+            memory_max: if limits.memory_cgroup {
+                wanted.memory_max
+            } else {
+                self.cgroup.memory_max
+            },
             ..wanted
         };
         let cgroup = match cgroup::prepare(&for_cgroup) {
