@@ -420,11 +420,7 @@ impl Engine {
                 let _ = writeln!(log, "mistry: {msg}");
             }
             if name == "artifacts" {
-                if info.err_build.is_empty() {
-                    info.err_build = msg;
-                } else {
-                    info.err_build = format!("{}; {msg}", info.err_build);
-                }
+                add_err_build(info, msg);
             }
         }
     }
@@ -534,8 +530,12 @@ impl Engine {
         // create such a user from the `uid` build arg); sandbox root is the daemon's user, or
         // with --sandbox-ids subordinate a subordinate id that must be given /data too.
         let subordinate = sandbox::idmap::default_mode() == sandbox::IdMapping::Subordinate;
+        let give_data = |uid, gid| {
+            images::tools::hand_over_tree(&data, uid, gid)
+                .map_err(|e| format!("giving /data to the sandbox: {e}"))
+        };
         if image.config.user.is_empty() && subordinate {
-            give_data(&data, 0, 0)?;
+            give_data(0, 0)?;
         }
         if !image.config.user.is_empty() {
             let user = sandbox::User::Spec(image.config.user.clone());
@@ -545,7 +545,7 @@ impl Engine {
                 None => sandbox::resolve_user_with(&user, "", ""),
             };
             match resolved {
-                Ok(u) if subordinate => give_data(&data, u.uid, u.gid)?,
+                Ok(u) if subordinate => give_data(u.uid, u.gid)?,
                 Ok(u) if u.uid != 0 || u.gid != 0 => {
                     tools
                         .chown_tree(&data, u.uid, u.gid)
@@ -904,48 +904,6 @@ fn blank_info(cfg: &Config, req: &JobRequest, id: &str) -> BuildInfo {
     }
 }
 
-/// With `--sandbox-ids subordinate` (a root daemon), hand `data/` to sandbox ids `uid:gid`, i.e.
-/// the host ids they map to. Done by the daemon itself: the files it just wrote belong to host
-/// root, which is not mapped in the sandbox's user namespace. No link is followed.
-fn give_data(data: &Path, uid: u32, gid: u32) -> Result<(), String> {
-    use std::os::unix::fs::lchown;
-    let (mapping, _) = sandbox::idmap::try_choose(sandbox::IdMapping::Subordinate)
-        .map_err(|e| format!("giving /data to the sandbox: {e}"))?;
-    let (root_uid, root_gid) = mapping.root_ids();
-    let max = mapping.max_id();
-    if uid > max || gid > max {
-        return Err(format!(
-            "giving /data to the sandbox: {uid}:{gid} is not mapped (ids 0..={max} are)"
-        ));
-    }
-    let (host_uid, host_gid) = match (root_uid.checked_add(uid), root_gid.checked_add(gid)) {
-        (Some(u), Some(g)) => (u, g),
-        _ => {
-            return Err(format!(
-                "giving /data to the sandbox: {uid}:{gid} is out of range"
-            ))
-        }
-    };
-    let give = |p: &Path| {
-        lchown(p, Some(host_uid), Some(host_gid))
-            .map_err(|e| format!("giving {} to {host_uid}:{host_gid}: {e}", p.display()))
-    };
-    give(data)?;
-    let mut stack = vec![data.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let entries = fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-        for entry in entries {
-            let entry = entry.map_err(|e| format!("{}: {e}", dir.display()))?;
-            let path = entry.path();
-            give(&path)?;
-            if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                stack.push(path);
-            }
-        }
-    }
-    Ok(())
-}
-
 /// After a job: `data/` may hold at most `limit` bytes; a job that left more fails (its result
 /// is neither linked nor cached, and the next build of its group does not start from it).
 fn check_disk(data: &Path, limit: u64, log: &File, info: &mut BuildInfo) {
@@ -958,6 +916,11 @@ fn check_disk(data: &Path, limit: u64, log: &File, info: &mut BuildInfo) {
     };
     let mut l = log;
     let _ = writeln!(l, "mistry: {msg}");
+    add_err_build(info, msg);
+}
+
+/// Add a failure found after the job ran to its ErrBuild (after what may be there already).
+fn add_err_build(info: &mut BuildInfo, msg: String) {
     info.err_build = if info.err_build.is_empty() {
         msg
     } else {

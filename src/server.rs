@@ -9,7 +9,7 @@
 //! `data/artifacts`, never through a symlink.
 
 use std::convert::Infallible;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -342,11 +342,9 @@ fn job_json(project: &str, id: &str, state: &str, info: &BuildInfo) -> serde_jso
 /// All jobs, newest first, as mistry's JSON array, streamed: one job's BuildInfo is in memory at
 /// a time, however many jobs and params there are.
 async fn index(State(engine): State<Arc<Engine>>) -> Response {
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
-    tokio::task::spawn_blocking(move || {
-        let mut w = std::io::BufWriter::with_capacity(64 * 1024, ChannelWriter { tx });
-        let result = (|| -> std::io::Result<()> {
-            use std::io::Write;
+    blocking_body(
+        "application/json",
+        move |w| {
             w.write_all(b"[")?;
             let mut first = true;
             for (project, id, state) in engine.list() {
@@ -357,21 +355,12 @@ async fn index(State(engine): State<Arc<Engine>>) -> Response {
                     w.write_all(b",")?;
                 }
                 first = false;
-                serde_json::to_writer(&mut w, &job_json(&project, &id, state, &info))?;
+                serde_json::to_writer(&mut *w, &job_json(&project, &id, state, &info))?;
             }
-            w.write_all(b"]")?;
-            w.flush()
-        })();
-        if let Err(e) = result {
-            tracing::debug!(error = %e, "streaming the index stopped");
-        }
-    });
-    let stream = stream::poll_fn(move |cx| rx.poll_recv(cx));
-    (
-        [("content-type", "application/json")],
-        axum::body::Body::from_stream(stream),
+            w.write_all(b"]")
+        },
+        |e| tracing::debug!(error = %e, "streaming the index stopped"),
     )
-        .into_response()
 }
 
 async fn job(
@@ -520,7 +509,34 @@ async fn log(
     Sse::new(tail_stream(t)).into_response()
 }
 
-/// Sends what a blocking tar writer produces to an async body, in 64 KiB chunks.
+/// A response whose body blocking code writes: `produce` runs on a blocking thread with a
+/// buffered writer whose 64 KiB chunks go to the client as they come, so memory stays flat
+/// however large the body. An error (the client going away included) is passed to `failed`
+/// and ends the body with it.
+fn blocking_body(
+    content_type: &'static str,
+    produce: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()> + Send + 'static,
+    failed: impl FnOnce(&std::io::Error) + Send + 'static,
+) -> Response {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
+    tokio::task::spawn_blocking(move || {
+        let err_tx = tx.clone();
+        let mut w = std::io::BufWriter::with_capacity(64 * 1024, ChannelWriter { tx });
+        let result = produce(&mut w).and_then(|()| std::io::Write::flush(&mut w));
+        if let Err(e) = result {
+            failed(&e);
+            let _ = err_tx.blocking_send(Err(e));
+        }
+    });
+    let stream = stream::poll_fn(move |cx| rx.poll_recv(cx));
+    (
+        [("content-type", content_type)],
+        axum::body::Body::from_stream(stream),
+    )
+        .into_response()
+}
+
+/// Sends what a blocking writer produces to an async body, in 64 KiB chunks.
 struct ChannelWriter {
     tx: tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
 }
@@ -616,18 +632,12 @@ pub fn write_tree<W: std::io::Write>(root: &OwnedFd, out: W) -> std::io::Result<
             let mut h = header_from(&st, tar::EntryType::Directory, 0);
             b.append_data(&mut h, &rel, std::io::empty())?;
         }
-        let mut names = Vec::new();
-        for e in rustix::fs::Dir::read_from(&dir)? {
-            let name = e?.file_name().to_owned();
-            if name.as_bytes() != b"." && name.as_bytes() != b".." {
-                names.push(name);
-            }
-        }
+        let mut names = images::inroot::list(dir.as_fd())?;
         names.sort();
         let mut subdirs = Vec::new();
         for name in names {
-            let path = rel.join(std::ffi::OsStr::from_bytes(name.as_bytes()));
-            let st = match rustix::fs::statat(&dir, name.as_c_str(), AtFlags::SYMLINK_NOFOLLOW) {
+            let path = rel.join(&name);
+            let st = match rustix::fs::statat(&dir, &name, AtFlags::SYMLINK_NOFOLLOW) {
                 Ok(st) => st,
                 Err(rustix::io::Errno::NOENT) => continue,
                 Err(e) => return Err(e.into()),
@@ -635,29 +645,17 @@ pub fn write_tree<W: std::io::Write>(root: &OwnedFd, out: W) -> std::io::Result<
             match rustix::fs::FileType::from_raw_mode(st.st_mode) {
                 rustix::fs::FileType::Directory => subdirs.push(path),
                 rustix::fs::FileType::RegularFile => {
-                    let fd = rustix::fs::openat(
-                        &dir,
-                        name.as_c_str(),
-                        OFlags::RDONLY
-                            | OFlags::NOFOLLOW
-                            | OFlags::NONBLOCK
-                            | OFlags::NOCTTY
-                            | OFlags::CLOEXEC,
-                        Mode::empty(),
-                    )?;
-                    let st = rustix::fs::fstat(&fd)?;
-                    if rustix::fs::FileType::from_raw_mode(st.st_mode)
-                        != rustix::fs::FileType::RegularFile
-                    {
+                    // Swapped for something else since the stat: skipped.
+                    let Some((fd, st)) = images::inroot::open_file_at(dir.as_fd(), &name)? else {
                         continue;
-                    }
+                    };
                     let size = u64::try_from(st.st_size).unwrap_or(0);
                     let mut h = header_from(&st, tar::EntryType::Regular, size);
                     let file = std::io::Read::take(std::fs::File::from(fd), size);
                     b.append_data(&mut h, &path, file)?;
                 }
                 rustix::fs::FileType::Symlink => {
-                    let target = rustix::fs::readlinkat(&dir, name.as_c_str(), Vec::new())?;
+                    let target = rustix::fs::readlinkat(&dir, &name, Vec::new())?;
                     let mut h = header_from(&st, tar::EntryType::Symlink, 0);
                     b.append_link(
                         &mut h,
@@ -716,26 +714,17 @@ async fn artifacts(
         }
         Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     };
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(16);
-    tokio::task::spawn_blocking(move || {
-        let err_tx = tx.clone();
-        let writer = std::io::BufWriter::with_capacity(64 * 1024, ChannelWriter { tx });
-        let result = match &root {
-            Some(root) => write_tree(root, writer),
-            None => tar::Builder::new(writer).into_inner(),
-        }
-        .and_then(|mut w| std::io::Write::flush(&mut w));
-        if let Err(e) = result {
-            tracing::warn!(%project, %id, error = %e, "streaming artifacts failed");
-            let _ = err_tx.blocking_send(Err(e));
-        }
-    });
-    let stream = stream::poll_fn(move |cx| rx.poll_recv(cx));
-    (
-        [("content-type", "application/x-tar")],
-        axum::body::Body::from_stream(stream),
+    blocking_body(
+        "application/x-tar",
+        move |w| {
+            match &root {
+                Some(root) => write_tree(root, w),
+                None => tar::Builder::new(w).into_inner(),
+            }
+            .map(drop)
+        },
+        move |e| tracing::warn!(%project, %id, error = %e, "streaming artifacts failed"),
     )
-        .into_response()
 }
 
 /// A job without its logs (for the web view).

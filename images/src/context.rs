@@ -350,20 +350,18 @@ pub fn digest_items(root: &Path, items: &[CopyItem]) -> Result<String, ContextEr
                 h.update(target.as_bytes());
             }
             FileType::RegularFile => {
-                let fd = rfs::openat(
-                    &dir,
-                    &name,
-                    OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
-                    Mode::empty(),
-                )
-                .map_err(|e| io_err(what())(e.into()))?;
-                let mut f = std::fs::File::from(fd);
-                loop {
-                    let n = f.read(&mut buf).map_err(io_err(what()))?;
-                    if n == 0 {
-                        break;
+                // Swapped for something else since the stat: nothing to read.
+                if let Some((fd, _)) =
+                    inroot::open_file_at(dir.as_fd(), &name).map_err(io_err(what()))?
+                {
+                    let mut f = std::fs::File::from(fd);
+                    loop {
+                        let n = f.read(&mut buf).map_err(io_err(what()))?;
+                        if n == 0 {
+                            break;
+                        }
+                        h.update(&buf[..n]);
                     }
-                    h.update(&buf[..n]);
                 }
             }
             _ => {}

@@ -285,6 +285,21 @@ pub fn remove_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
     }
 }
 
+/// Open `name` in `dir` for reading if it is a regular file: never through a symlink, never
+/// blocking (something swapped for a FIFO meanwhile cannot hang the reader), never becoming a
+/// controlling terminal. `None` when it is something else; its `fstat` comes with it.
+pub fn open_file_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<Option<(OwnedFd, rfs::Stat)>> {
+    let fd = rfs::openat(
+        dir,
+        name,
+        OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(errno)?;
+    let st = rfs::fstat(&fd).map_err(errno)?;
+    Ok((FileType::from_raw_mode(st.st_mode) == FileType::RegularFile).then_some((fd, st)))
+}
+
 /// The names in directory `dir` (an fd opened for reading), without `.` and `..`.
 pub fn list(dir: BorrowedFd<'_>) -> io::Result<Vec<OsString>> {
     let mut out = Vec::new();

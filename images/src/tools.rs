@@ -59,18 +59,66 @@ fn mount_for(target: &Target) -> Result<(PathBuf, Option<Mount>, PathBuf), ToolE
     }
 }
 
-/// Give `path` (made by this process) to the host ids of sandbox root, when those are not this
-/// process's own: with `--sandbox-ids subordinate`, sandbox root is a subordinate id, and a
-/// directory of host root's is not even mapped in the sandbox. A no-op otherwise.
+/// The host ids that sandbox ids `uid:gid` map to, when sandbox root is not this process's own
+/// user (`--sandbox-ids subordinate`, i.e. [`sandbox::IdMapping::Subordinate`] as the process
+/// default); `None` when it is (what this process creates is then sandbox root's already).
+fn subordinate_host_ids(uid: u32, gid: u32) -> io::Result<Option<(u32, u32)>> {
+    if sandbox::idmap::default_mode() != sandbox::IdMapping::Subordinate {
+        return Ok(None);
+    }
+    let (mapping, _) = sandbox::idmap::try_choose(sandbox::IdMapping::Subordinate)
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    let (root_uid, root_gid) = mapping.root_ids();
+    let max = mapping.max_id();
+    if uid > max || gid > max {
+        return Err(io::Error::other(format!(
+            "{uid}:{gid} is not mapped (ids 0..={max} are)"
+        )));
+    }
+    match (root_uid.checked_add(uid), root_gid.checked_add(gid)) {
+        (Some(u), Some(g)) => Ok(Some((u, g))),
+        _ => Err(io::Error::other(format!("{uid}:{gid} is out of range"))),
+    }
+}
+
+/// Give `path` (made by this process) to sandbox root, when that is not this process's own
+/// user: with `--sandbox-ids subordinate`, sandbox root is a subordinate id, and a directory of
+/// host root's is not even mapped in the sandbox. A no-op otherwise.
 pub fn hand_over(path: &Path) -> io::Result<()> {
-    let Ok((mapping, _)) = sandbox::idmap::try_choose(sandbox::IdMapping::Auto) else {
+    match subordinate_host_ids(0, 0)? {
+        Some((uid, gid)) => std::os::unix::fs::lchown(path, Some(uid), Some(gid)),
+        None => Ok(()),
+    }
+}
+
+/// [`hand_over`] of a whole tree, to sandbox ids `uid:gid` (e.g. a job's `data/` for its
+/// image's user). Done by this process itself, not in the user namespace: what it wrote belongs
+/// to host root, which is not mapped there. No link is followed.
+pub fn hand_over_tree(path: &Path, uid: u32, gid: u32) -> io::Result<()> {
+    let Some((host_uid, host_gid)) = subordinate_host_ids(uid, gid)? else {
         return Ok(());
     };
-    let (uid, gid) = mapping.root_ids();
-    if uid == nix::unistd::geteuid().as_raw() && gid == nix::unistd::getegid().as_raw() {
-        return Ok(());
+    let give = |p: &Path| {
+        std::os::unix::fs::lchown(p, Some(host_uid), Some(host_gid)).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("giving {} to {host_uid}:{host_gid}: {e}", p.display()),
+            )
+        })
+    };
+    give(path)?;
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in fs::read_dir(&dir)? {
+            let entry = entry?;
+            let p = entry.path();
+            give(&p)?;
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(p);
+            }
+        }
     }
-    std::os::unix::fs::lchown(path, Some(uid), Some(gid))
+    Ok(())
 }
 
 /// A tool run failed.
@@ -490,19 +538,9 @@ fn copy_one(item: &CopyItem, spec: &CopySpec, src: &Root, dst: &Root) -> io::Res
             rfs::symlinkat(target.as_c_str(), ddir, dname).map_err(io::Error::from)?;
         }
         FileType::RegularFile => {
-            // O_NONBLOCK: never hang on something swapped for a fifo meanwhile.
-            let input = rfs::openat(
-                &sdir,
-                &sname,
-                OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-            .map_err(io::Error::from)?;
-            if FileType::from_raw_mode(rfs::fstat(&input).map_err(io::Error::from)?.st_mode)
-                != FileType::RegularFile
-            {
+            let Some((input, _)) = inroot::open_file_at(sdir.as_fd(), &sname)? else {
                 return Err(io::Error::other("not a regular file"));
-            }
+            };
             inroot::remove_at(ddir, dname)?;
             let out = rfs::openat(
                 ddir,

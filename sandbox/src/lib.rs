@@ -749,6 +749,18 @@ fn describe_report(r: &Report, p: &Prepared) -> Error {
 }
 
 impl Child {
+    /// Whether the sandbox's cgroup (v2 or v1) refused a fork at its process limit.
+    fn pids_refused(&self) -> bool {
+        self._cgroup.as_ref().is_some_and(|c| c.pids_refused())
+            || self.v1.as_ref().is_some_and(|g| g.pids_refused())
+    }
+
+    /// Whether the kernel's OOM killer killed a process of the sandbox's cgroup (v2 or v1).
+    fn oom_killed(&self) -> bool {
+        self._cgroup.as_ref().is_some_and(|c| c.oom_killed())
+            || self.v1.as_ref().is_some_and(|g| g.oom_killed())
+    }
+
     /// The host pid of the sandbox's init.
     pub fn id(&self) -> i32 {
         self.pid
@@ -823,9 +835,7 @@ impl Child {
             if self.deadline.is_some_and(|d| now >= d) {
                 forced = Some(ExitStatus::TimedOut(self.timeout.unwrap_or_default()));
             } else if next_scan.is_some_and(|s| now >= s) {
-                let refused = self._cgroup.as_ref().is_some_and(|c| c.pids_refused())
-                    || self.v1.as_ref().is_some_and(|g| g.pids_refused());
-                match self.watch.check(self.pid, refused) {
+                match self.watch.check(self.pid, self.pids_refused()) {
                     Err(limit) => forced = Some(ExitStatus::LimitExceeded(limit)),
                     Ok(after) => next_scan = Some(Instant::now() + after),
                 }
@@ -849,9 +859,7 @@ impl Child {
         // A job that failed after a cgroup refused a fork for the process limit (a shell dies of
         // it at once, before the watchdog looks).
         if let (Some(max), false, None) = (self.watch.pids, result.success(), forced) {
-            let refused = self._cgroup.as_ref().is_some_and(|c| c.pids_refused())
-                || self.v1.as_ref().is_some_and(|g| g.pids_refused());
-            if refused {
+            if self.pids_refused() {
                 result = ExitStatus::LimitExceeded(Limit::Processes(max));
             }
         }
@@ -859,9 +867,7 @@ impl Child {
         if let (Some(max), ExitStatus::Signaled(libc::SIGKILL) | ExitStatus::Killed) =
             (self.cgroup_memory, result)
         {
-            let oom = self._cgroup.as_ref().is_some_and(|c| c.oom_killed())
-                || self.v1.as_ref().is_some_and(|g| g.oom_killed());
-            if oom {
+            if self.oom_killed() {
                 result = ExitStatus::LimitExceeded(Limit::Memory(max));
             }
         }

@@ -9,11 +9,7 @@ use support::{fixture, run, text};
 
 #[test]
 fn the_process_default_mapping_applies_to_auto_sandboxes() {
-    if !support::has_full_map() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "needs a subordinate id range (scripts/setup.sh)"
-        );
+    if !support::full_map_or_skip() {
         return;
     }
     let f = fixture();

@@ -35,6 +35,29 @@ static int result(int rc) {
     return 1;
 }
 
+/* Fork children that wait forever, without end; say once how many were made before the first
+ * fork was refused. With own_uids, each child takes a uid of its own first. */
+static void fork_loop(int own_uids) {
+    long got = 0;
+    int reported = 0;
+    for (;;) {
+        pid_t pid = fork();
+        if (pid == 0) {
+            if (own_uids && syscall(SYS_setresuid, 1000 + got, 1000 + got, 1000 + got) < 0)
+                _exit(1);
+            pause();
+            _exit(0);
+        }
+        if (pid > 0) {
+            got++;
+        } else if (!reported) {
+            printf("refused after %ld\n", got);
+            fflush(stdout);
+            reported = 1;
+        }
+    }
+}
+
 int main(int argc, char **argv) {
     if (argc < 2) {
         fprintf(stderr, "usage: probe COMMAND ARGS...\n");
@@ -122,46 +145,10 @@ int main(int argc, char **argv) {
         return result(mkdir(argv[2], 0755));
     /* Fork until refused, keep every child alive, and keep trying: the sandbox's limits must
      * hold it and end it. Prints the number of children it got once the first fork fails. */
-    if (!strcmp(cmd, "forkloop")) {
-        long got = 0;
-        int reported = 0;
-        for (;;) {
-            pid_t pid = fork();
-            if (pid == 0) {
-                pause();
-                _exit(0);
-            }
-            if (pid > 0) {
-                got++;
-            } else if (!reported) {
-                printf("refused after %ld\n", got);
-                fflush(stdout);
-                reported = 1;
-            }
-        }
-    }
-    /* Like forkloop, but every child switches to a uid of its own first, so that a per-uid
-     * limit (RLIMIT_NPROC) does not hold it: only a limit on the whole sandbox does. */
-    if (!strcmp(cmd, "forkuids")) {
-        long got = 0;
-        int reported = 0;
-        for (;;) {
-            pid_t pid = fork();
-            if (pid == 0) {
-                if (syscall(SYS_setresuid, 1000 + got, 1000 + got, 1000 + got) < 0)
-                    _exit(1);
-                pause();
-                _exit(0);
-            }
-            if (pid > 0) {
-                got++;
-            } else if (!reported) {
-                printf("refused after %ld\n", got);
-                fflush(stdout);
-                reported = 1;
-            }
-        }
-    }
+    /* forkuids: every child switches to a uid of its own first, so that a per-uid limit
+     * (RLIMIT_NPROC) does not hold it: only a limit on the whole sandbox does. */
+    if (!strcmp(cmd, "forkloop") || !strcmp(cmd, "forkuids"))
+        fork_loop(!strcmp(cmd, "forkuids"));
     /* Touch N MiB of memory, then wait: a memory limit must end it. */
     if (!strcmp(cmd, "alloc") && argc == 3) {
         long mib = atol(argv[2]);

@@ -144,3 +144,16 @@ pub fn has_full_map() -> bool {
     let out = f.sh("cat /proc/self/uid_map | wc -l");
     text(&out.stdout).trim() == "2"
 }
+
+/// For tests that need subordinate ids: whether they exist; without them the test is skipped,
+/// but fails under `CI` (where scripts/setup.sh gives every test user a range).
+pub fn full_map_or_skip() -> bool {
+    if has_full_map() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "needs a subordinate id range (scripts/setup.sh)"
+    );
+    false
+}
