@@ -529,7 +529,7 @@ impl Engine {
         // A job running as a non-root user of its image gets /data as its own (mistry's images
         // create such a user from the `uid` build arg); sandbox root is the daemon's user, or
         // with --sandbox-ids subordinate a subordinate id that must be given /data too.
-        let subordinate = sandbox::idmap::default_mode() == sandbox::IdMapping::Subordinate;
+        let subordinate = sandbox::default_id_mapping() == sandbox::IdMapping::Subordinate;
         let give_data = |uid, gid| {
             images::tools::hand_over_tree(&data, uid, gid)
                 .map_err(|e| format!("giving /data to the sandbox: {e}"))

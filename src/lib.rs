@@ -4,6 +4,8 @@
 //! [`engine`], [`server`], [`metrics`]; and its `sandbox`, `image` and `rebuild` commands) and
 //! `mistry` (the client), and the code they share.
 
+#![forbid(unsafe_code)]
+
 pub mod client;
 pub mod config;
 pub mod duration;

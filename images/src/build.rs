@@ -882,7 +882,7 @@ impl Run<'_> {
                 let dir = word(dir)?;
                 let cur = self.state().config.workdir.clone();
                 let base = if cur.is_empty() { "/".to_string() } else { cur };
-                let full = sandbox::plan::normalize_inside(&Path::new(&base).join(&dir));
+                let full = sandbox::paths::normalize_inside(&Path::new(&base).join(&dir));
                 let full_s = full.display().to_string();
                 let exists = self
                     .builder
@@ -1028,7 +1028,7 @@ impl Run<'_> {
         } else {
             state.config.workdir.clone()
         };
-        let dest_path = sandbox::plan::normalize_inside(&Path::new(&workdir).join(&dest_raw));
+        let dest_path = sandbox::paths::normalize_inside(&Path::new(&workdir).join(&dest_raw));
         let parent_view = self.builder.view_of(&state);
         let dest_is_dir = dest_raw.ends_with('/')
             || dest_raw == "."

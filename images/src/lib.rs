@@ -13,6 +13,8 @@
 //! The folder `images/recipes/` beside this crate holds the recipes of the offline base images
 //! (built from Debian packages) that examples and tests use.
 
+#![forbid(unsafe_code)]
+
 pub mod build;
 pub mod config;
 pub mod context;

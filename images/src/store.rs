@@ -53,7 +53,7 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> StoreError {
 /// sandbox root was one host id cannot serve sandboxes whose root is another (e.g. after
 /// switching `--sandbox-ids`). `root/ids` records the mapping the store was made with.
 fn check_ids(root: &Path) -> Result<(), StoreError> {
-    let (mapping, _) = sandbox::idmap::try_choose(sandbox::IdMapping::Auto)
+    let (mapping, _) = sandbox::try_choose_id_map(sandbox::IdMapping::Auto)
         .map_err(|e| StoreError::Backend(format!("sandbox ids: {e}")))?;
     let (uid, gid) = mapping.root_ids();
     let ours = format!("sandbox root {uid}:{gid}\n");
@@ -308,7 +308,7 @@ impl View {
                 Some(at.join(name))
             }
             View::Layers(layers) => {
-                let rel = sandbox::plan::normalize_inside(inside);
+                let rel = sandbox::paths::normalize_inside(inside);
                 let rel = rel.strip_prefix("/").unwrap_or(&rel).to_path_buf();
                 let parts: Vec<_> = rel.components().collect();
                 for layer in layers {

@@ -63,10 +63,10 @@ fn mount_for(target: &Target) -> Result<(PathBuf, Option<Mount>, PathBuf), ToolE
 /// user (`--sandbox-ids subordinate`, i.e. [`sandbox::IdMapping::Subordinate`] as the process
 /// default); `None` when it is (what this process creates is then sandbox root's already).
 fn subordinate_host_ids(uid: u32, gid: u32) -> io::Result<Option<(u32, u32)>> {
-    if sandbox::idmap::default_mode() != sandbox::IdMapping::Subordinate {
+    if sandbox::default_id_mapping() != sandbox::IdMapping::Subordinate {
         return Ok(None);
     }
-    let (mapping, _) = sandbox::idmap::try_choose(sandbox::IdMapping::Subordinate)
+    let (mapping, _) = sandbox::try_choose_id_map(sandbox::IdMapping::Subordinate)
         .map_err(|e| io::Error::other(e.to_string()))?;
     let (root_uid, root_gid) = mapping.root_ids();
     let max = mapping.max_id();
@@ -172,7 +172,7 @@ pub struct CopySpec {
 
 impl Tools {
     pub fn new(helper: Vec<OsString>) -> Tools {
-        let (mapping, _) = sandbox::idmap::choose(sandbox::IdMapping::Auto);
+        let (mapping, _) = sandbox::choose_id_map(sandbox::IdMapping::Auto);
         Tools {
             helper,
             owners: mapping.max_id() > 0,

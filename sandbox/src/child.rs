@@ -153,13 +153,16 @@ pub fn init_main(p: &mut Prepared) -> ! {
     // Die with the caller. If it is already gone, the sync read below sees EOF.
     let _ = sys::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
     for &fd in &p.parent_fds {
-        sys::close(fd);
+        // SAFETY: the parent's ends of the pipes are raw descriptors this copy of the process
+        // owns and never uses.
+        unsafe { sys::close(fd) };
     }
     let mut byte = [0u8; 1];
     if !matches!(sys::read_full(p.sync_read, &mut byte), Ok(1)) {
         sys::exit(1);
     }
-    sys::close(p.sync_read);
+    // SAFETY: the sync pipe's read end is ours and not used after this.
+    unsafe { sys::close(p.sync_read) };
 
     if p.become_root {
         // The caller's ids are not mapped (subordinate mapping): become the sandbox's root, so
@@ -205,11 +208,15 @@ pub fn init_main(p: &mut Prepared) -> ! {
     sys::set_sigmask(&set);
 
     let mut job_stack = std::mem::take(&mut p.job_stack);
-    let job = match sys::vfork_on(
-        &mut job_stack,
-        job_entry,
-        p as *mut Prepared as *mut libc::c_void,
-    ) {
+    // SAFETY: `job_stack` lives until the job has exec'd or exited (vfork suspends us until
+    // then), and `job_entry` only reads `p` and makes raw syscalls, allocating nothing.
+    let job = match unsafe {
+        sys::vfork_on(
+            &mut job_stack,
+            job_entry,
+            p as *mut Prepared as *mut libc::c_void,
+        )
+    } {
         Ok(pid) => pid,
         Err(e) => {
             report(p.report_write, Stage::Fork, e, 0);
@@ -302,7 +309,8 @@ fn run_op(op: &Op, slots: &mut [RawFd]) -> Result<(), i32> {
         Op::PivotTree { slot, staging } => {
             let fd = slots.get(*slot).copied().unwrap_or(-1);
             sys::move_mount_fd(fd, staging)?;
-            sys::close(fd);
+            // SAFETY: the slot's descriptor is ours and used only once, here.
+            unsafe { sys::close(fd) };
             sys::chdir(staging)?;
             sys::pivot_root(c".", c".")?;
             sys::umount_detach(c".")?;
@@ -324,7 +332,8 @@ fn run_op(op: &Op, slots: &mut [RawFd]) -> Result<(), i32> {
         Op::Attach { slot, target } => {
             let fd = slots.get(*slot).copied().unwrap_or(-1);
             let r = sys::move_mount_fd(fd, target);
-            sys::close(fd);
+            // SAFETY: the slot's descriptor is ours and used only once, here.
+            unsafe { sys::close(fd) };
             r
         }
         Op::ReadOnlySelf { path } => match sys::open_tree_clone(path, false) {
@@ -333,7 +342,8 @@ fn run_op(op: &Op, slots: &mut [RawFd]) -> Result<(), i32> {
             Ok(fd) => {
                 let r =
                     sys::set_readonly(fd, c"", false).and_then(|_| sys::move_mount_fd(fd, path));
-                sys::close(fd);
+                // SAFETY: `fd` was opened just above and is not used after this.
+                unsafe { sys::close(fd) };
                 r
             }
         },
@@ -342,7 +352,8 @@ fn run_op(op: &Op, slots: &mut [RawFd]) -> Result<(), i32> {
         Op::MaskFile { path } => {
             let fd = sys::open_tree_clone(c"/dev/null", false)?;
             let r = sys::move_mount_fd(fd, path);
-            sys::close(fd);
+            // SAFETY: `fd` was opened just above and is not used after this.
+            unsafe { sys::close(fd) };
             match r {
                 Err(libc::ENOENT) => Ok(()),
                 other => other,
@@ -453,7 +464,9 @@ fn job_main(p: &Prepared) -> ! {
     // Like execvp: try each candidate; ENOENT/EACCES/ENOTDIR move on to the next one.
     let mut last = (libc::ENOENT, u32::MAX);
     for (i, path) in p.exec_candidates.iter().enumerate() {
-        let e = sys::execve(path, p.argv_ptrs.as_ptr(), p.envp_ptrs.as_ptr());
+        // SAFETY: `argv_ptrs` and `envp_ptrs` are NUL-terminated arrays of pointers into
+        // `p`'s CStrings, prepared before the clone and alive until exec.
+        let e = unsafe { sys::execve(path, p.argv_ptrs.as_ptr(), p.envp_ptrs.as_ptr()) };
         match e {
             libc::ENOENT | libc::ENOTDIR if p.exec_candidates.len() > 1 => {}
             libc::EACCES if p.exec_candidates.len() > 1 => last = (e, i as u32),

@@ -126,7 +126,7 @@ pub enum IdMapping {
     /// A 65536-id range from `/etc/subuid` and `/etc/subgid` when the caller has one (and, when
     /// the caller is not root, `newuidmap`/`newgidmap` are installed); the single-id map otherwise.
     ///
-    /// A process-wide default set with [`crate::idmap::set_default`] replaces `Auto`.
+    /// A process-wide default set with [`crate::set_default_id_mapping`] replaces `Auto`.
     #[default]
     Auto,
     /// Only the caller's own uid/gid, mapped to 0.
@@ -346,8 +346,8 @@ pub const DEFAULT_CAPABILITIES: &[Capability] = &[
 #[derive(Debug)]
 pub struct Sandbox {
     pub(crate) rootfs: PathBuf,
-    pub(crate) overlay: Option<crate::plan::Overlay>,
-    pub(crate) overlay_mounts: Vec<crate::plan::OverlayMount>,
+    pub(crate) overlay: Option<Overlay>,
+    pub(crate) overlay_mounts: Vec<OverlayMount>,
     pub(crate) argv: Vec<OsString>,
     pub(crate) env: Vec<(OsString, OsString)>,
     pub(crate) cwd: PathBuf,
@@ -406,7 +406,7 @@ impl Sandbox {
     ) -> Self {
         let top = lowers.first().cloned().unwrap_or_default();
         let mut sb = Sandbox::new(top);
-        sb.overlay = Some(crate::plan::Overlay {
+        sb.overlay = Some(Overlay {
             lowers,
             upper: upper.into(),
             work: work.into(),
@@ -466,7 +466,7 @@ impl Sandbox {
         rw: Option<(PathBuf, PathBuf)>,
         target: impl Into<PathBuf>,
     ) -> Self {
-        self.overlay_mounts.push(crate::plan::OverlayMount {
+        self.overlay_mounts.push(OverlayMount {
             lowers,
             rw,
             target: target.into(),
@@ -539,4 +539,21 @@ impl Sandbox {
         self.stderr = stdio;
         self
     }
+}
+
+/// An overlay root filesystem: `lowers` (top first) read-only, changes in `upper`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Overlay {
+    pub lowers: Vec<PathBuf>,
+    pub upper: PathBuf,
+    pub work: PathBuf,
+}
+
+/// An overlay mounted at `target` inside the sandbox: `lowers` (top first), and `upper`/`work`
+/// for a writable one (else read-only).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OverlayMount {
+    pub lowers: Vec<PathBuf>,
+    pub rw: Option<(PathBuf, PathBuf)>,
+    pub target: PathBuf,
 }

@@ -26,7 +26,7 @@
 //!    to BPF: the default one once per process) and then clones. The child allocates nothing,
 //!    so a multi-threaded caller (the daemon's `spawn_blocking` thread) is safe.
 //! 2. The parent writes the id maps ([`idmap`]): sandbox root is the caller; with a subordinate
-//!    range, 65536 more ids; with [`IdMapping::Subordinate`] (or [`idmap::set_default`]) root and
+//!    range, 65536 more ids; with [`IdMapping::Subordinate`] (or [`set_default_id_mapping`]) root and
 //!    every other id come from the subordinate range, even for a root caller. It moves the child
 //!    into cgroups when the host lets it (v2 when delegated, else the v1 `pids`/`memory`
 //!    controllers when writable), then lets the child go.
@@ -52,12 +52,15 @@
 //! sandbox (the parent-death signal follows the thread); call `spawn` and `wait` from the same
 //! blocking thread.
 
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 mod cgroup;
 mod child;
 mod config;
-pub mod idmap;
+mod idmap;
 mod limits;
-pub mod plan;
+pub mod paths;
+mod plan;
 mod seccomp;
 mod sys;
 mod user;
@@ -72,8 +75,13 @@ use std::time::{Duration, Instant};
 
 pub use caps::Capability;
 pub use config::{
-    Bind, CgroupLimits, IdMapping, Limits, NetworkMode, Policy, Rlimit, RlimitResource, Sandbox,
-    Seccomp, Stdio, User, DEFAULT_CAPABILITIES,
+    Bind, CgroupLimits, IdMapping, Limits, NetworkMode, Overlay, OverlayMount, Policy, Rlimit,
+    RlimitResource, Sandbox, Seccomp, Stdio, User, DEFAULT_CAPABILITIES,
+};
+pub use idmap::{
+    choose as choose_id_map, default_mode as default_id_mapping,
+    find_range as find_subordinate_range, set_default as set_default_id_mapping,
+    try_choose as try_choose_id_map, Mapping as IdMap, Range as IdRange, SUBORDINATE_IDS,
 };
 pub use limits::Limit;
 pub use user::{
@@ -103,6 +111,11 @@ pub enum Error {
     /// The set-up inside the sandbox failed (a mount, the hostname, a capability...).
     #[error("{0}")]
     Setup(String),
+    /// The kernel refused to mount an overlay (the root or an overlay mount), e.g. overlayfs
+    /// in a user namespace on an old kernel or an unsupported filesystem under the layers: the
+    /// caller may fall back to a copy.
+    #[error("{0}")]
+    Overlay(String),
     /// The program could not be executed: `exec /usr/bin/foo: no such file or directory`.
     #[error("{0}")]
     Exec(String),
@@ -426,7 +439,7 @@ impl Sandbox {
             return Err(Error::Exec("exec: empty program name".into()));
         }
         let overlay = match &self.overlay {
-            Some(ov) => Some(plan::Overlay {
+            Some(ov) => Some(Overlay {
                 lowers: ov
                     .lowers
                     .iter()
@@ -576,7 +589,7 @@ impl Sandbox {
                 .collect(),
             envp_ptrs: Vec::new(),
             exec_candidates,
-            cwd: cpath(&plan::normalize_inside(&self.cwd)),
+            cwd: cpath(&paths::normalize_inside(&self.cwd)),
             uid: resolved.uid,
             gid: resolved.gid,
             groups: resolved.groups.clone(),
@@ -731,13 +744,19 @@ fn describe_report(r: &Report, p: &Prepared) -> Error {
             }
         }
         Stage::Chdir => Error::Setup(format!("chdir {}: {err}", s(&p.cwd))),
-        Stage::Op => Error::Setup(format!(
-            "{}: {err}",
-            p.ops
-                .get(r.index as usize)
-                .map(plan::Op::describe)
-                .unwrap_or_else(|| "sandbox set-up".into())
-        )),
+        Stage::Op => {
+            let op = p.ops.get(r.index as usize);
+            let text = format!(
+                "{}: {err}",
+                op.map(plan::Op::describe)
+                    .unwrap_or_else(|| "sandbox set-up".into())
+            );
+            if op.is_some_and(plan::Op::is_overlay) {
+                Error::Overlay(text)
+            } else {
+                Error::Setup(text)
+            }
+        }
         Stage::Uid => Error::Setup(format!("setuid {}: {err}", r.index)),
         Stage::Gid => Error::Setup(format!("setgid {}: {err}", r.index)),
         Stage::Rlimit => Error::Setup(format!("setrlimit #{}: {err}", r.index)),

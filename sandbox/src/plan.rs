@@ -11,7 +11,8 @@ use std::ffi::{CString, OsStr};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
-use crate::config::NetworkMode;
+use crate::config::{NetworkMode, Overlay, OverlayMount};
+use crate::paths::try_resolve_in_root;
 use crate::sys::{MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY};
 
 /// One step of the set-up.
@@ -100,6 +101,11 @@ pub enum Op {
 
 impl Op {
     /// What the step does, for error messages (`mount proc on /proc`).
+    /// Whether this operation mounts an overlay (whose refusal callers may work around).
+    pub fn is_overlay(&self) -> bool {
+        matches!(self, Op::Fresh { fstype, .. } if fstype.as_bytes() == b"overlay")
+    }
+
     pub fn describe(&self) -> String {
         let s = |c: &CString| c.to_string_lossy().into_owned();
         match self {
@@ -157,23 +163,6 @@ pub struct PlannedBind {
     pub destination: PathBuf,
     pub read_only: bool,
     pub source_is_dir: bool,
-}
-
-/// An overlay root filesystem: `lowers` (top first) read-only, changes in `upper`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Overlay {
-    pub lowers: Vec<PathBuf>,
-    pub upper: PathBuf,
-    pub work: PathBuf,
-}
-
-/// An overlay mounted at `target` inside the sandbox: `lowers` (top first), and `upper`/`work`
-/// for a writable one (else read-only).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OverlayMount {
-    pub lowers: Vec<PathBuf>,
-    pub rw: Option<(PathBuf, PathBuf)>,
-    pub target: PathBuf,
 }
 
 type FsOptions = Vec<(CString, Option<CString>)>;
@@ -238,78 +227,6 @@ pub fn cstr(bytes: &[u8]) -> CString {
 
 pub fn cpath(p: &Path) -> CString {
     cstr(p.as_os_str().as_bytes())
-}
-
-/// Normalise an absolute in-sandbox path: `..` cannot climb above `/`, `.` and `//` vanish.
-pub fn normalize_inside(p: &Path) -> PathBuf {
-    let mut out = PathBuf::from("/");
-    for c in p.components() {
-        match c {
-            Component::Normal(n) => out.push(n),
-            Component::ParentDir => {
-                out.pop();
-            }
-            _ => {}
-        }
-    }
-    out
-}
-
-/// How many symbolic links one resolution follows at most (the kernel's limit).
-pub const MAX_LINKS: usize = 40;
-
-/// Resolve `path` as the sandbox will see it: symlinks of the image are followed *inside*
-/// `rootfs` (an absolute link target restarts at the sandbox's root, `..` stops at it), like
-/// runc's securejoin. Missing components are kept as they are. The result is an absolute
-/// in-sandbox path without symlinks in its existing part, so the directories to create for a
-/// mount point are known before the sandbox starts. (The mounts themselves happen after
-/// pivot_root, so even a rootfs changed in between cannot lead them out of the sandbox.)
-///
-/// More than [`MAX_LINKS`] links fail with `ELOOP`, as the kernel's own resolution does.
-pub fn try_resolve_in_root(rootfs: &Path, path: &Path) -> Result<PathBuf, std::io::Error> {
-    let mut done = PathBuf::from("/");
-    let mut todo: Vec<std::ffi::OsString> = path
-        .components()
-        .rev()
-        .filter_map(|c| match c {
-            Component::Normal(n) => Some(n.to_os_string()),
-            Component::ParentDir => Some("..".into()),
-            _ => None,
-        })
-        .collect();
-    let mut links = 0;
-    while let Some(part) = todo.pop() {
-        if part == ".." {
-            done.pop();
-            continue;
-        }
-        let candidate = done.join(&part);
-        let on_host = rootfs.join(candidate.strip_prefix("/").unwrap_or(&candidate));
-        match std::fs::symlink_metadata(&on_host) {
-            Ok(m) if m.file_type().is_symlink() => {
-                if links >= MAX_LINKS {
-                    return Err(std::io::Error::from_raw_os_error(libc::ELOOP));
-                }
-                links += 1;
-                let Ok(target) = std::fs::read_link(&on_host) else {
-                    done = candidate;
-                    continue;
-                };
-                if target.is_absolute() {
-                    done = PathBuf::from("/");
-                }
-                for c in target.components().rev() {
-                    match c {
-                        Component::Normal(n) => todo.push(n.to_os_string()),
-                        Component::ParentDir => todo.push("..".into()),
-                        _ => {}
-                    }
-                }
-            }
-            _ => done = candidate,
-        }
-    }
-    Ok(done)
 }
 
 /// `/a/b/c` → [`/a`, `/a/b`, `/a/b/c`].
@@ -715,6 +632,7 @@ pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bi
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::paths::normalize_inside;
 
     fn names(ops: &[Op]) -> Vec<String> {
         ops.iter().map(Op::describe).collect()

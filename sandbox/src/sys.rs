@@ -126,7 +126,12 @@ fn legacy_fork_with(ns_flags: u64, want_pidfd: bool) -> Result<Forked, i32> {
 /// vfork-like start of `f(arg)` on `stack`, sharing our memory: the caller is suspended until
 /// the child execs or exits, so nothing it owns is touched concurrently, and no address space is
 /// copied (cheaper than a fork of a large caller). Returns the child's pid.
-pub fn vfork_on(
+///
+/// # Safety
+///
+/// `stack` must stay alive and untouched until the child has exec'd or exited, and `f` must be
+/// safe to run on it with `arg`, sharing this process's memory (no allocation, no locks).
+pub unsafe fn vfork_on(
     stack: &mut [u8],
     f: extern "C" fn(*mut libc::c_void) -> c_int,
     arg: *mut libc::c_void,
@@ -134,7 +139,8 @@ pub fn vfork_on(
     // Stacks grow down on every architecture we build for; keep the top 16-byte aligned.
     let top = stack.as_mut_ptr_range().end as usize & !15;
     // SAFETY: `top` is the aligned end of a live, writable buffer the caller keeps until the
-    // child has exec'd or exited (CLONE_VFORK blocks us until then); `f` and `arg` are valid.
+    // child has exec'd or exited (CLONE_VFORK blocks us until then); `f` and `arg` are valid
+    // per this function's contract.
     let pid = unsafe {
         libc::clone(
             f,
@@ -221,7 +227,8 @@ pub fn fresh_mount(
         check(unsafe { libc::syscall(libc::SYS_fsmount, fsfd, FSMOUNT_CLOEXEC, attrs) })
             .map(|fd| fd as RawFd)
     })();
-    close(fsfd);
+    // SAFETY: `fsfd` was opened above by fsopen and is not used after this.
+    unsafe { close(fsfd) };
     result
 }
 
@@ -327,7 +334,8 @@ pub fn touch(path: &CStr) -> Result<(), i32> {
     });
     match fd {
         Ok(fd) => {
-            close(fd);
+            // SAFETY: `fd` was just opened and is not used after this.
+            unsafe { close(fd) };
             Ok(())
         }
         // O_NOFOLLOW on an existing symlink: something is there; the bind will follow it.
@@ -350,8 +358,13 @@ pub fn sethostname(name: &CStr) -> Result<(), i32> {
     check_int(unsafe { libc::sethostname(bytes.as_ptr().cast(), bytes.len()) }).map(drop)
 }
 
-pub fn close(fd: RawFd) {
-    // SAFETY: closing a descriptor we own; errors are irrelevant here.
+/// Close a raw descriptor.
+///
+/// # Safety
+///
+/// `fd` must be owned by the caller and not used (nor owned by an `OwnedFd`) afterwards.
+pub unsafe fn close(fd: RawFd) {
+    // SAFETY: the caller owns `fd` and gives it up; errors are irrelevant here.
     unsafe { libc::close(fd) };
 }
 
@@ -539,13 +552,19 @@ pub fn waitpid(pid: libc::pid_t, flags: c_int) -> Result<(libc::pid_t, c_int), i
     }
 }
 
-pub fn execve(
+/// execve(2); returns the errno when it fails.
+///
+/// # Safety
+///
+/// `argv` and `envp` must be NUL-terminated arrays of pointers to NUL-terminated strings, alive
+/// for the call.
+pub unsafe fn execve(
     path: &CStr,
     argv: *const *const libc::c_char,
     envp: *const *const libc::c_char,
 ) -> i32 {
-    // SAFETY: argv and envp are NUL-terminated arrays of valid strings prepared by the caller and
-    // kept alive by it; execve only returns on failure.
+    // SAFETY: argv and envp are valid per this function's contract; execve only returns on
+    // failure.
     unsafe { libc::execve(path.as_ptr(), argv, envp) };
     errno()
 }
@@ -567,7 +586,8 @@ pub fn loopback_up() -> Result<(), i32> {
             check_int(libc::ioctl(sock, libc::SIOCSIFFLAGS, &req))
         })
     };
-    close(sock);
+    // SAFETY: `sock` was opened above and is not used after this.
+    unsafe { close(sock) };
     result.map(drop)
 }
 
@@ -620,6 +640,7 @@ pub fn write_file(path: &CStr, data: &[u8]) -> Result<(), i32> {
     // SAFETY: `path` is a valid NUL-terminated string; the fd is closed below.
     let fd = check_int(unsafe { libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) })?;
     let r = write_all(fd, data);
-    close(fd);
+    // SAFETY: `fd` was opened above and is not used after this.
+    unsafe { close(fd) };
     r
 }

@@ -1,9 +1,9 @@
-//! `sandbox::idmap::set_default` changes what `IdMapping::Auto` means for the whole process, so
+//! `sandbox::set_default_id_mapping` changes what `IdMapping::Auto` means for the whole process, so
 //! it has a test binary of its own (tests of one binary share the process).
 
 mod support;
 
-use sandbox::idmap::{self, Mapping};
+use sandbox::IdMap as Mapping;
 use sandbox::{ExitStatus, IdMapping};
 use support::{fixture, run, text};
 
@@ -28,12 +28,12 @@ fn the_process_default_mapping_applies_to_auto_sandboxes() {
             .collect::<Vec<_>>()
     };
     // Built in: sandbox root is the caller.
-    assert_eq!(idmap::default_mode(), IdMapping::Auto);
+    assert_eq!(sandbox::default_id_mapping(), IdMapping::Auto);
     assert_eq!(first_line(f.sandbox()), ["0", &uid.to_string(), "1"]);
 
-    idmap::set_default(IdMapping::Subordinate);
-    assert_eq!(idmap::default_mode(), IdMapping::Subordinate);
-    let (mapping, why) = idmap::try_choose(IdMapping::Auto).unwrap();
+    sandbox::set_default_id_mapping(IdMapping::Subordinate);
+    assert_eq!(sandbox::default_id_mapping(), IdMapping::Subordinate);
+    let (mapping, why) = sandbox::try_choose_id_map(IdMapping::Auto).unwrap();
     assert!(why.is_none());
     let Mapping::Subordinate { subuid, .. } = mapping else {
         panic!("{mapping:?}");
@@ -47,6 +47,6 @@ fn the_process_default_mapping_applies_to_auto_sandboxes() {
         first_line(f.sandbox().id_mapping(IdMapping::Single)),
         ["0", &uid.to_string(), "1"]
     );
-    idmap::set_default(IdMapping::Auto);
+    sandbox::set_default_id_mapping(IdMapping::Auto);
     assert_eq!(first_line(f.sandbox()), ["0", &uid.to_string(), "1"]);
 }

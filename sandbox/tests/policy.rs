@@ -568,7 +568,7 @@ fn own_subuid_range() -> (u32, u32) {
         .flatten()
         .map(|u| u.name);
     let text = std::fs::read_to_string("/etc/subuid").unwrap_or_default();
-    let r = sandbox::idmap::find_range(&text, name.as_deref(), uid.as_raw())
+    let r = sandbox::find_subordinate_range(&text, name.as_deref(), uid.as_raw())
         .expect("a subordinate range in /etc/subuid");
     (r.start, r.count)
 }

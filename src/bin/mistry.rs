@@ -1,5 +1,7 @@
 //! mistry: the client of the mistry build server.
 
+#![forbid(unsafe_code)]
+
 use clap::{CommandFactory, Parser, Subcommand};
 use mistry::client::{self, BuildArgs};
 

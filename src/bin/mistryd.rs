@@ -1,5 +1,7 @@
 //! mistryd: the mistry build server.
 
+#![forbid(unsafe_code)]
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -95,7 +97,7 @@ fn load(cli: &Cli) -> Result<Config> {
         cfg.sandbox_ids = ids;
     }
     // Image tools, RUN steps and jobs must all map ids the same way.
-    sandbox::idmap::set_default(match cfg.sandbox_ids {
+    sandbox::set_default_id_mapping(match cfg.sandbox_ids {
         SandboxIds::Auto => sandbox::IdMapping::Auto,
         SandboxIds::Subordinate => sandbox::IdMapping::Subordinate,
     });
@@ -106,7 +108,7 @@ fn load(cli: &Cli) -> Result<Config> {
                  daemon's jobs are already not root on the host (their root is its own user)"
             );
         }
-        sandbox::idmap::try_choose(sandbox::IdMapping::Subordinate)
+        sandbox::try_choose_id_map(sandbox::IdMapping::Subordinate)
             .context("--sandbox-ids subordinate")?;
     }
     Ok(cfg)
