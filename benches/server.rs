@@ -8,7 +8,6 @@
 //!
 //! `cargo bench --bench server` (`BENCH_RUNS` sets the number of new-params jobs).
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -64,22 +63,26 @@ fn main() {
         .to_string(),
     )
     .unwrap();
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let addr = format!("127.0.0.1:{port}");
+    // mistryd binds a port the kernel chooses and says which on stdout.
     let mut child = Command::new(env!("CARGO_BIN_EXE_mistryd"))
         .arg("--config")
         .arg(&config)
-        .args(["--addr", &addr])
+        .args(["--addr", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    while std::net::TcpStream::connect(&addr).is_err() {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("mistryd: listening on ")
+        .unwrap_or_else(|| panic!("mistryd said {line:?}"))
+        .to_string();
     std::thread::sleep(Duration::from_millis(300));
     let idle = rss_kib(child.id());
     let url = format!("http://{addr}/jobs");

@@ -6,9 +6,11 @@
 # 1. scripts/setup.sh: Debian packages, the unprivileged user mistry-test with subordinate ids,
 #    the busybox base image;
 # 2. formatting and clippy (warnings are errors);
-# 3. every test of the workspace, as root;
-# 4. the sandbox, images, image build, registry, server and CLI tests again as mistry-test:
-#    rootless is the promise, and root in a VM hides mistakes.
+# 3. every test of the workspace, as root (this also builds the client `mistry`, of the
+#    mistry-client package, which tests/server.rs runs);
+# 4. the sandbox, images, image build, registry, server, CLI and client tests again as
+#    mistry-test: rootless is the promise, and root in a VM hides mistakes. `CI` is passed on, so
+#    a test that lacks a prerequisite fails there too instead of skipping.
 set -eu
 cd "$(dirname "$0")/.."
 
@@ -24,9 +26,9 @@ export MISTRY_TEST_BTRFS=/mnt/mistry-btrfs
 echo "== tests as root"
 cargo test --workspace
 
-echo "== sandbox, images, image build, registry, server and CLI tests as the unprivileged user mistry-test"
-# The test binaries, mistryd (the image helper), the probe and the base image go where
-# mistry-test can read them.
+echo "== sandbox, images, image build, registry, server, CLI and client tests as the unprivileged user mistry-test"
+# The test binaries, mistryd (the image helper), the client, the probe and the base image go
+# where mistry-test can read them.
 unpriv=$(mktemp -d /tmp/mistry-unpriv.XXXXXX)
 trap 'rm -rf "$unpriv"' EXIT
 chmod 755 "$unpriv"
@@ -40,6 +42,7 @@ cp target/debug/mistryd target/debug/mistry "$unpriv/"
     cargo test -p sandbox --no-run --message-format=json 2>/dev/null
     cargo test -p images --no-run --message-format=json 2>/dev/null
     cargo test -p mistry --lib --test image_build --test registry --test server --test sandbox_cli --no-run --message-format=json 2>/dev/null
+    cargo test -p mistry-client --lib --test cli --no-run --message-format=json 2>/dev/null
 } | grep -E '"profile":\{[^}]*"test":true' | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' > "$unpriv/list"
 status=0
 while read -r bin; do
@@ -50,7 +53,7 @@ while read -r bin; do
         MISTRY_BUSYBOX_ROOTFS="$unpriv/rootfs" MISTRY_PROBE="$unpriv/probe" \
         MISTRY_TEST_IMAGES="$unpriv/images" MISTRY_HELPER_BIN="$unpriv/mistryd" \
         MISTRY_CLIENT_BIN="$unpriv/mistry" \
-        MISTRY_TEST_BTRFS="$MISTRY_TEST_BTRFS" \
+        MISTRY_TEST_BTRFS="$MISTRY_TEST_BTRFS" ${CI+CI="$CI"} \
         "$unpriv/$name" || status=1
 done < "$unpriv/list"
 exit $status

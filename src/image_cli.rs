@@ -1,14 +1,13 @@
 //! `mistryd image build|gc`: build a project's Dockerfile into the layer store (debugging,
 //! benchmarks), and `mistryd internal`: the helper image-tree operations run through (see
-//! `images::tools`).
+//! `images::helper_main`).
 
 use std::ffi::OsString;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
-use images::build::{BuildOptions, Builder, LocalImages};
-use images::store::{BackendKind, Store};
+use images::{BackendKind, BaseSources, BuildOptions, Builder, RegistryConfig, Store};
 use sandbox::NetworkMode;
 
 #[derive(Debug, Subcommand)]
@@ -82,18 +81,17 @@ pub fn run(cmd: ImageCommand) -> Result<i32> {
     match cmd {
         ImageCommand::Build(args) => {
             let store = open_store(&args.store)?;
-            let mut sources: Vec<Box<dyn images::build::BaseSource>> = Vec::new();
-            if let Some(dir) = &args.images {
-                sources.push(Box::new(LocalImages { dir: dir.clone() }));
-            }
-            sources.push(Box::new(images::registry::Registries {
-                config: images::registry::RegistryConfig {
-                    insecure: args.insecure.clone(),
-                    auth_file: args.auth_file.clone(),
-                    ..Default::default()
+            let builder = Builder::with_sources(
+                store,
+                BaseSources {
+                    images_dir: args.images.clone(),
+                    registries: RegistryConfig {
+                        insecure: args.insecure.clone(),
+                        auth_file: args.auth_file.clone(),
+                        ..Default::default()
+                    },
                 },
-            }));
-            let builder = Builder::new(store, sources);
+            );
             let project = args.project.clone().unwrap_or_else(|| {
                 args.context
                     .file_name()
@@ -113,13 +111,9 @@ pub fn run(cmd: ImageCommand) -> Result<i32> {
                     );
                     if let Some(spec) = &args.export {
                         let (dir, tag) = spec.rsplit_once(':').unwrap_or((spec.as_str(), "latest"));
-                        let digest = images::build::export(
-                            &builder,
-                            &image,
-                            PathBuf::from(dir).as_path(),
-                            tag,
-                        )
-                        .with_context(|| format!("exporting to {dir}"))?;
+                        let digest = builder
+                            .export(&image, PathBuf::from(dir).as_path(), tag)
+                            .with_context(|| format!("exporting to {dir}"))?;
                         eprintln!("exported {dir}:{tag} ({digest})");
                     }
                     Ok(0)

@@ -1,14 +1,14 @@
 //! mistry: a rootless, Docker-free build server compatible with mistry's API.
 //!
-//! This package holds the two binaries, `mistryd` (the jobs server: [`config`], [`jobs`],
-//! [`engine`], [`server`], [`metrics`]; and its `sandbox`, `image` and `rebuild` commands) and
-//! `mistry` (the client), and the code they share.
+//! This package holds the binary `mistryd` (the jobs server: [`config`], [`jobs`], [`engine`],
+//! [`server`], [`metrics`]; and its `sandbox`, `image` and `rebuild` commands) and its code. The
+//! client `mistry` is its own crate, `mistry-client` (`client/`), which links none of this.
 
 #![forbid(unsafe_code)]
 
-pub mod client;
 pub mod config;
-pub mod duration;
+/// Go's duration syntax, shared with the client (`mistry_client::duration`).
+pub use mistry_client::duration;
 pub mod engine;
 pub mod image_cli;
 pub mod jobs;

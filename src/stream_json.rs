@@ -1,11 +1,8 @@
 //! Streaming a BuildInfo as JSON with its log fields read from disk chunk by chunk, so that a
 //! job that printed a gigabyte never has its log whole in the daemon's memory.
 
-use std::io::Read;
-use std::path::PathBuf;
-
-use axum::body::{Body, Bytes};
-use futures_util::stream;
+use std::io::{Read, Write};
+use std::path::Path;
 
 use crate::jobs::BuildInfo;
 
@@ -46,20 +43,18 @@ pub fn escape_chunk(carry: &mut Vec<u8>, bytes: &[u8], last: bool) -> String {
     quoted[1..quoted.len() - 1].to_string()
 }
 
-enum Part {
-    Text(String),
-    File(PathBuf),
-}
-
-/// The BuildInfo as a streamed JSON body, `ContainerStdouterr` and `ContainerStderr` read from
-/// the given files (each omitted when its file is empty or missing, as mistry does).
-pub fn body_with(
+/// Write the BuildInfo as JSON (between `prefix` and `suffix`) to `w`, `ContainerStdouterr` and
+/// `ContainerStderr` read from the given files chunk by chunk (each omitted when its file is
+/// empty or missing, as mistry does). Blocking: run it off the async runtime (see
+/// `server::body::blocking_body`).
+pub fn write_with(
+    w: &mut dyn Write,
     prefix: &str,
     info: &BuildInfo,
-    stdouterr: PathBuf,
-    stderr: PathBuf,
+    stdouterr: &Path,
+    stderr: &Path,
     suffix: &str,
-) -> Body {
+) -> std::io::Result<()> {
     let mut fields = match serde_json::to_value(BuildInfo {
         container_stdouterr: String::new(),
         container_stderr: String::new(),
@@ -68,58 +63,33 @@ pub fn body_with(
         Ok(serde_json::Value::Object(m)) => m,
         _ => serde_json::Map::new(),
     };
-    let mut parts = vec![Part::Text(format!("{prefix}{{"))];
+    write!(w, "{prefix}{{")?;
+    let mut buf = vec![0u8; 64 * 1024];
     for (name, path) in [
         ("ContainerStdouterr", stdouterr),
         ("ContainerStderr", stderr),
     ] {
         fields.remove(name);
-        if std::fs::metadata(&path)
-            .map(|m| m.len() > 0)
-            .unwrap_or(false)
-        {
-            parts.push(Part::Text(format!("\"{name}\":\"")));
-            parts.push(Part::File(path));
-            parts.push(Part::Text("\",".into()));
+        let Ok(mut file) = std::fs::File::open(path) else {
+            continue;
+        };
+        if !file.metadata().is_ok_and(|m| m.len() > 0) {
+            continue;
         }
+        write!(w, "\"{name}\":\"")?;
+        let mut carry = Vec::new();
+        loop {
+            let n = file.read(&mut buf).unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            w.write_all(escape_chunk(&mut carry, &buf[..n], false).as_bytes())?;
+        }
+        w.write_all(escape_chunk(&mut carry, &[], true).as_bytes())?;
+        w.write_all(b"\",")?;
     }
     let rest = serde_json::to_string(&fields).unwrap_or_else(|_| "{}".into());
-    parts.push(Part::Text(format!("{}{suffix}", &rest[1..])));
-
-    struct State {
-        parts: std::vec::IntoIter<Part>,
-        file: Option<std::fs::File>,
-        carry: Vec<u8>,
-    }
-    let state = State {
-        parts: parts.into_iter(),
-        file: None,
-        carry: Vec::new(),
-    };
-    let s = stream::unfold(state, |mut st| async move {
-        loop {
-            if let Some(f) = st.file.as_mut() {
-                let mut buf = vec![0u8; 64 * 1024];
-                // Reading a local file in small chunks; the blocking is brief.
-                let n = tokio::task::block_in_place(|| f.read(&mut buf)).unwrap_or(0);
-                if n > 0 {
-                    let out = escape_chunk(&mut st.carry, &buf[..n], false);
-                    return Some((Ok::<_, std::io::Error>(Bytes::from(out)), st));
-                }
-                st.file = None;
-                let tail = escape_chunk(&mut st.carry, &[], true);
-                if !tail.is_empty() {
-                    return Some((Ok(Bytes::from(tail)), st));
-                }
-                continue;
-            }
-            match st.parts.next()? {
-                Part::Text(t) => return Some((Ok(Bytes::from(t)), st)),
-                Part::File(p) => st.file = std::fs::File::open(p).ok(),
-            }
-        }
-    });
-    Body::from_stream(s)
+    write!(w, "{}{suffix}", &rest[1..])
 }
 
 #[cfg(test)]

@@ -1,8 +1,8 @@
 //! Building Dockerfiles into the layer store, end to end: the real helper (`mistryd internal`)
 //! in the sandbox's user namespace, the busybox base image from `images/recipes/busybox.sh`.
 //!
-//! Every test runs on the plain backend, and on btrfs when `MISTRY_TEST_BTRFS` names a directory
-//! on a btrfs filesystem (scripts/setup.sh loop-mounts one).
+//! Every test runs on the plain and overlay backends, and on btrfs when `MISTRY_TEST_BTRFS` names
+//! a directory on a btrfs filesystem (scripts/setup.sh loop-mounts one; under `CI` it must).
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
@@ -12,8 +12,9 @@ use std::path::{Path, PathBuf};
 mod common;
 
 use common::{helper, images_dir};
-use images::build::{BuildError, BuildOptions, BuildStats, Builder, Image, LocalImages};
-use images::store::{BackendKind, Store};
+use images::{
+    BackendKind, BuildError, BuildOptions, BuildStats, Builder, Image, LocalImages, Store,
+};
 use sandbox::ExitStatus;
 
 struct Env {
@@ -24,10 +25,10 @@ struct Env {
 
 fn backends() -> Vec<(BackendKind, Option<PathBuf>)> {
     let mut v = vec![(BackendKind::Plain, None), (BackendKind::Overlay, None)];
-    if let Some(dir) = std::env::var_os("MISTRY_TEST_BTRFS") {
-        let dir = PathBuf::from(dir);
+    // Unset, the btrfs backend is skipped — but not under CI.
+    if let Some(dir) = common::btrfs_dir_or_skip() {
         assert!(
-            images::store::is_btrfs(&dir),
+            images::is_btrfs(&dir),
             "MISTRY_TEST_BTRFS={} is not on btrfs",
             dir.display()
         );
@@ -406,7 +407,7 @@ fn deleted_files_stay_deleted() {
         );
         // An exported image (one flattened layer) has them gone too, and builds FROM it.
         let out = env.root.join("exported");
-        images::build::export(&env.builder, &image, &out, "v1").unwrap();
+        env.builder.export(&image, &out, "v1").unwrap();
         let images = env.root.join("imgs");
         std::fs::create_dir_all(&images).unwrap();
         std::os::unix::fs::symlink(&out, images.join("exported")).unwrap();
@@ -487,7 +488,7 @@ fn layout_with_layer(dir: &Path, layer: &[u8]) {
     let blobs = dir.join("blobs/sha256");
     std::fs::create_dir_all(&blobs).unwrap();
     let put = |data: &[u8]| {
-        let d = images::oci::sha256_digest(data);
+        let d = images::sha256_digest(data);
         std::fs::write(blobs.join(&d[7..]), data).unwrap();
         (d, data.len())
     };
@@ -1153,4 +1154,84 @@ fn dockerfile_and_dockerignore_links_stay_in_the_context() {
     let (image, _, log) = env.build(&ctx);
     assert!(!log.contains("secret-line"), "{log}");
     assert_eq!(env.sh(&image, "cat /ctx/file").1, "f");
+}
+
+#[test]
+fn job_dirs_and_job_roots_come_from_the_store() {
+    use std::os::unix::fs::MetadataExt;
+    each_backend(|env| {
+        let store = &env.builder.store;
+        let builds = env.root.join("builds/p");
+        // A first job: nothing to start from.
+        let first = builds.join("ready/a");
+        assert!(!store.prepare_job_dir(&first, None).unwrap());
+        assert_eq!(std::fs::read_dir(&first).unwrap().count(), 0);
+        for d in ["cache", "artifacts", "params"] {
+            std::fs::create_dir_all(first.join("data").join(d)).unwrap();
+        }
+        std::fs::write(first.join("data/cache/c"), "cached").unwrap();
+        std::fs::write(first.join("data/params/p"), "old").unwrap();
+        std::fs::write(first.join("out.log"), "log").unwrap();
+        std::fs::write(first.join("build_info.json"), "{}").unwrap();
+        if env.builder.store.backend() == BackendKind::Btrfs {
+            // A subvolume, so that the group's next job can snapshot it.
+            assert_eq!(std::fs::metadata(&first).unwrap().ino(), 256);
+        }
+
+        // The group's next job starts from its data/, without its params or files.
+        let next = builds.join("pending/b");
+        std::fs::create_dir_all(next.join("stale")).unwrap();
+        assert!(store.prepare_job_dir(&next, Some(&first)).unwrap());
+        let mut names: Vec<_> = std::fs::read_dir(&next)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["data"]);
+        assert_eq!(
+            std::fs::read_to_string(next.join("data/cache/c")).unwrap(),
+            "cached"
+        );
+        assert!(next.join("data/artifacts").is_dir());
+        assert!(!next.join("data/params").exists());
+        // The previous job is untouched.
+        assert_eq!(
+            std::fs::read_to_string(first.join("data/params/p")).unwrap(),
+            "old"
+        );
+        assert!(first.join("out.log").is_file());
+        // A previous job without data/ is no start.
+        let empty = builds.join("ready/empty");
+        std::fs::create_dir_all(&empty).unwrap();
+        assert!(!store.prepare_job_dir(&next, Some(&empty)).unwrap());
+        assert_eq!(std::fs::read_dir(&next).unwrap().count(), 0);
+        store.remove_tree(&next).unwrap();
+        store.remove_tree(&first).unwrap();
+        assert!(!next.exists() && !first.exists());
+
+        // A job's root: an overlay where the backend allows one, else a snapshot or a copy;
+        // what the job writes stays out of the image; dropped, it goes away.
+        let ctx = env.project("jobroot", &[("Dockerfile", "FROM busybox\n")]);
+        let (image, _, _) = env.build(&ctx);
+        for overlay in [true, false] {
+            let root = store.job_root(image.snapshot.as_deref(), overlay).unwrap();
+            let expect_overlay = match store.backend() {
+                BackendKind::Overlay => true,
+                BackendKind::Plain => overlay,
+                BackendKind::Btrfs => false,
+            };
+            assert_eq!(root.is_overlay(), expect_overlay, "overlay: {overlay}");
+            let out = root
+                .sandbox()
+                .command(["/bin/sh", "-c", "echo job > /written && cat /written"])
+                .output()
+                .unwrap();
+            assert_eq!(out.status, ExitStatus::Exited(0));
+            assert_eq!(String::from_utf8_lossy(&out.stdout), "job\n");
+            drop(root);
+            common::wait_until("the job root is removed", || env.tmp_is_empty());
+        }
+        let (status, stdout, _) = env.sh(&image, "test -e /written; echo $?");
+        assert_eq!((status, stdout.as_str()), (ExitStatus::Exited(0), "1\n"));
+    });
 }

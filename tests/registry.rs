@@ -1,16 +1,17 @@
 //! Base images pulled from a real registry: Debian's `docker-registry` on 127.0.0.1, started
-//! here on a free port per test, filled with `skopeo` from the busybox OCI layout.
+//! here per test on a port the kernel chooses (it logs the address it listens on), filled with
+//! `skopeo` from the busybox OCI layout.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 mod common;
 
-use common::{free_port, helper, images_dir};
-use images::build::{BuildOptions, Builder, Image};
-use images::registry::{Credentials, Registries, RegistryConfig};
-use images::store::{BackendKind, Store};
+use common::{helper, images_dir, lines_of, wait_for_line};
+use images::{
+    BackendKind, BuildOptions, Builder, Credentials, Image, Registries, RegistryConfig, Store,
+};
 
 fn busybox_layout() -> PathBuf {
     images_dir().join("busybox")
@@ -35,10 +36,9 @@ impl Registry {
     fn start(auth: bool) -> Registry {
         let dir = tempfile::tempdir().unwrap();
         let storage = dir.path().join("storage");
-        let port = free_port();
-        let addr = format!("127.0.0.1:{port}");
+        // Port 0: the kernel chooses, the registry logs `listening on ADDR` (at level info).
         let mut config = format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+            "version: 0.1\nlog:\n  level: info\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:0\n",
             storage.display()
         );
         if auth {
@@ -57,18 +57,21 @@ impl Registry {
         }
         let cfg = dir.path().join("config.yml");
         std::fs::write(&cfg, config).unwrap();
-        let child = Command::new("docker-registry")
+        let mut child = Command::new("docker-registry")
             .arg("serve")
             .arg(&cfg)
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("docker-registry (apt-get install docker-registry)");
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(&addr).is_err() {
-            assert!(Instant::now() < deadline, "the registry did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let log = lines_of(child.stderr.take().unwrap());
+        let addr = wait_for_line(&log, Duration::from_secs(20), |l| {
+            let (_, rest) = l.split_once("msg=\"listening on ")?;
+            Some(rest.split('"').next()?.to_string())
+        })
+        .unwrap_or_else(|out| panic!("the registry did not start:\n{out}"));
+        // Its log goes on being read (and dropped) on lines_of's thread.
+        drop(log);
         Registry {
             child,
             addr,
@@ -256,7 +259,7 @@ fn multi_platform_index_picks_the_host_platform() {
     let _ = std::fs::remove_dir_all(multi.join("rootfs"));
     let blobs = multi.join("blobs/sha256");
     let put = |data: &[u8]| {
-        let d = images::oci::sha256_digest(data);
+        let d = images::sha256_digest(data);
         std::fs::write(blobs.join(&d[7..]), data).unwrap();
         (d, data.len())
     };
@@ -269,7 +272,7 @@ fn multi_platform_index_picks_the_host_platform() {
     b.append_data(&mut h, "wrong-platform", &[][..]).unwrap();
     let layer = b.into_inner().unwrap();
     let (ld, ls) = put(&layer);
-    let host = images::oci::host_platform().1.to_string();
+    let host = images::host_platform().1.to_string();
     let other = if host == "s390x" { "arm64" } else { "s390x" };
     let (cd, cs) = put(format!(r#"{{"architecture":"{other}","os":"linux","rootfs":{{"type":"layers","diff_ids":["{ld}"]}}}}"#).as_bytes());
     let (md, ms) = put(format!(

@@ -3,6 +3,10 @@
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
+mod common;
+
+use common::{wait_for, wait_until};
+
 fn rootfs() -> PathBuf {
     let path = std::env::var_os("MISTRY_BUSYBOX_ROOTFS")
         .map(PathBuf::from)
@@ -182,24 +186,14 @@ fn the_sandbox_dies_with_its_caller() {
         .arg(format!("setsid sleep {marker} & sleep {marker}"))
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while processes_with(&marker) < 2 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the job did not start"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_until("the job to start", || processes_with(&marker) >= 2);
     caller.kill().unwrap(); // SIGKILL: no chance to clean up
     caller.wait().unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while processes_with(&marker) > 0 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "processes of the sandbox outlived their caller"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    wait_for(
+        "the processes of the sandbox to die with their caller",
+        std::time::Duration::from_secs(5),
+        || processes_with(&marker) == 0,
+    );
 }
 
 #[test]

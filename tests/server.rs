@@ -2,11 +2,13 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::server::{artifacts, read, Server};
-use common::{free_port, mistryd_bin, wait_until};
+use common::{
+    btrfs_dir_or_skip, closed_port, mistry_client_bin, mistryd_bin, wait_for, wait_until, Inetd,
+};
 use serde_json::Value;
 
 mod common;
@@ -234,23 +236,23 @@ fn async_requests_and_the_job_endpoints() {
     assert_eq!((status, body.as_str()), (201, ""));
     assert!(started.elapsed() < Duration::from_millis(900));
     // While pending: the index shows it, the log streams.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let id = loop {
+    let mut id = String::new();
+    wait_until("the job in the index", || {
         let (_, index) = s.get("/index/", false);
         let list: Value = serde_json::from_str(&index).unwrap();
-        if let Some(job) = list
+        let Some(job) = list
             .as_array()
             .unwrap()
             .iter()
             .find(|j| j["project"] == "simple")
-        {
-            assert_eq!(job["state"], "pending");
-            assert!(job["startedAt"].as_str().unwrap().contains(", "), "{job}");
-            break job["id"].as_str().unwrap().to_string();
-        }
-        assert!(Instant::now() < deadline);
-        std::thread::sleep(Duration::from_millis(20));
-    };
+        else {
+            return false;
+        };
+        assert_eq!(job["state"], "pending");
+        assert!(job["startedAt"].as_str().unwrap().contains(", "), "{job}");
+        id = job["id"].as_str().unwrap().to_string();
+        true
+    });
     let (status, sse) = s.get(&format!("/log/simple/{id}"), false);
     assert_eq!(status, 200);
     assert!(sse.contains("data: out: bg\n"), "{sse}");
@@ -421,8 +423,7 @@ fn a_huge_log_keeps_the_daemons_memory_flat() {
 
 #[test]
 fn btrfs_backend_end_to_end() {
-    let Some(dir) = std::env::var_os("MISTRY_TEST_BTRFS") else {
-        eprintln!("MISTRY_TEST_BTRFS not set: the btrfs run is done by scripts/test.sh");
+    let Some(dir) = btrfs_dir_or_skip() else {
         return;
     };
     let s = Server::start_in(
@@ -515,10 +516,6 @@ fn overlay_backend_end_to_end() {
 }
 
 // ---- The `mistry` client, end to end ----
-
-fn mistry_client_bin() -> std::ffi::OsString {
-    std::env::var_os("MISTRY_CLIENT_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_mistry").into())
-}
 
 fn client(s: &Server, args: &[&str]) -> (i32, String, String) {
     let port = s.addr.rsplit(':').next().unwrap().to_string();
@@ -741,13 +738,14 @@ fn client_messages_and_exit_codes() {
     wait_until("the async job", || {
         s.get("/index/", false).1.contains("\"nw\"") && s.pending_dirs("simple") == 0
     });
+    let (_held, closed) = closed_port();
     let out = Command::new(mistry_client_bin())
         .args([
             "build",
             "--host",
             "127.0.0.1",
             "--port",
-            &free_port().to_string(),
+            &closed.to_string(),
             "--project",
             "x",
             "-t",
@@ -780,7 +778,6 @@ fn whoami() -> String {
 #[test]
 fn client_rsync_transport() {
     let s = Server::start(serde_json::json!({}));
-    let port = free_port();
     let conf = s.dir.path().join("rsyncd.conf");
     // As root, rsyncd would switch to nobody: keep our ids. Unprivileged, it cannot switch.
     let ids = if nix::unistd::geteuid().is_root() {
@@ -797,15 +794,15 @@ fn client_rsync_transport() {
         ),
     )
     .unwrap();
-    let mut daemon = Command::new("rsync")
-        .args(["--daemon", "--no-detach", "--address=127.0.0.1"])
-        .arg(format!("--port={port}"))
-        .arg(format!("--config={}", conf.display()))
-        .spawn()
-        .unwrap();
-    wait_until("the rsync daemon", || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    // rsync's daemon cannot bind port 0 and report: it serves each connection inetd style (on
+    // its stdin) from a listener of ours.
+    let daemon = Inetd::start("the rsync daemon", move || {
+        let mut cmd = Command::new("rsync");
+        cmd.arg("--daemon")
+            .arg(format!("--config={}", conf.display()));
+        cmd
     });
+    let port = daemon.port;
     let target = s.dir.path().join("target");
     std::fs::create_dir_all(&target).unwrap();
     std::fs::write(target.join("stale"), "x").unwrap();
@@ -823,8 +820,7 @@ fn client_rsync_transport() {
             target.to_str().unwrap(),
         ],
     );
-    let _ = daemon.kill();
-    let _ = daemon.wait();
+    drop(daemon);
     assert_eq!(code, 0, "{out}{err}");
     check_artifacts(&target);
     assert!(
@@ -846,27 +842,28 @@ fn client_scp_transport() {
         assert!(st.success());
     }
     std::fs::copy(d.join("user_key.pub"), d.join("authorized_keys")).unwrap();
-    let port = free_port();
     let sshd_config = d.join("sshd_config");
     std::fs::write(
         &sshd_config,
         format!(
-            "Port {port}\nListenAddress 127.0.0.1\nHostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\n\
+            "HostKey {d}/host_key\nAuthorizedKeysFile {d}/authorized_keys\n\
              PidFile {d}/sshd.pid\nUsePAM no\nStrictModes no\nPermitRootLogin prohibit-password\n\
              PasswordAuthentication no\nKbdInteractiveAuthentication no\nSubsystem sftp internal-sftp\n",
             d = d.display()
         ),
     )
     .unwrap();
-    let mut sshd = Command::new("/usr/sbin/sshd")
-        .args(["-D", "-e", "-f"])
-        .arg(&sshd_config)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_until("sshd", || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    // sshd cannot bind port 0 and report: it serves each connection inetd style (`-i`, on its
+    // stdin) from a listener of ours.
+    let config = sshd_config.clone();
+    let sshd = Inetd::start("sshd", move || {
+        let mut cmd = Command::new("/usr/sbin/sshd");
+        cmd.args(["-i", "-e", "-f"])
+            .arg(&config)
+            .stderr(std::process::Stdio::null());
+        cmd
     });
+    let port = sshd.port;
     let ssh_config = d.join("ssh_config");
     std::fs::write(
         &ssh_config,
@@ -894,8 +891,7 @@ fn client_scp_transport() {
             target.to_str().unwrap(),
         ],
     );
-    let _ = sshd.kill();
-    let _ = sshd.wait();
+    drop(sshd);
     assert_eq!(code, 0, "{out}{err}");
     check_artifact_contents(&target);
 }
@@ -1421,27 +1417,16 @@ fn half_open_connections_do_not_starve_the_server() {
     );
     let idle_since = Instant::now();
     // After the header timeout, every half-open connection is closed.
-    let deadline = opened + Duration::from_secs(15);
-    loop {
-        std::thread::sleep(Duration::from_millis(500));
-        let open = held.iter().filter(|c| !closed(c)).count();
-        if open == 0 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{open} half-open connections left open after {:?}",
-            opened.elapsed()
-        );
-    }
-    let deadline = idle_since + Duration::from_secs(5);
-    while !closed(&idle) {
-        assert!(
-            Instant::now() < deadline,
-            "idle keep-alive connection left open"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for(
+        "the half-open connections to be closed",
+        Duration::from_secs(15).saturating_sub(opened.elapsed()),
+        || held.iter().all(closed),
+    );
+    wait_for(
+        "the idle keep-alive connection to be closed",
+        Duration::from_secs(5).saturating_sub(idle_since.elapsed()),
+        || closed(&idle),
+    );
     assert!(idle_since.elapsed() >= Duration::from_millis(1500));
     // And the server still answers.
     let r = agent.get(&s.url("/index/")).call().unwrap();

@@ -5,10 +5,10 @@ mod common;
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::server::Server;
-use common::{free_port, wait_until};
+use common::{lines_of, wait_for, wait_for_line, wait_until};
 use serde_json::{json, Value};
 
 struct Browser {
@@ -28,17 +28,22 @@ fn agent() -> ureq::Agent {
 
 impl Browser {
     fn start() -> Browser {
-        let port = free_port();
-        let driver = Command::new("chromedriver")
-            .arg(format!("--port={port}"))
-            .stdout(Stdio::null())
+        // On a port the kernel chooses, which chromedriver reports on stdout.
+        let mut driver = Command::new("chromedriver")
+            .arg("--port=0")
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .expect("chromedriver (apt-get install chromium chromium-driver)");
+        let stdout = lines_of(driver.stdout.take().unwrap());
+        let port = wait_for_line(&stdout, Duration::from_secs(20), |l| {
+            l.strip_prefix("ChromeDriver was started successfully on port ")?
+                .trim_end_matches('.')
+                .parse::<u16>()
+                .ok()
+        })
+        .unwrap_or_else(|out| panic!("chromedriver did not start:\n{out}"));
         let base = format!("http://127.0.0.1:{port}");
-        wait_until("chromedriver", || {
-            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-        });
         let profile = tempfile::tempdir().unwrap();
         let caps = json!({"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
             "binary": "/usr/bin/chromium",
@@ -87,11 +92,7 @@ impl Browser {
     }
 
     fn wait(&self, what: &str, script: &str, timeout: Duration) {
-        let deadline = Instant::now() + timeout;
-        while self.eval(script) != json!(true) {
-            assert!(Instant::now() < deadline, "timed out waiting for {what}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_for(what, timeout, || self.eval(script) == json!(true));
     }
 
     fn click(&self, css: &str) {

@@ -1,13 +1,13 @@
 //! Dockerfile parsing: parser directives (`escape`, `syntax`), comments, line continuations, and
 //! every instruction into a typed form. Arguments keep their raw text where Docker substitutes
-//! variables at build time (the builder expands them with [`crate::lex::Lexer`] and the
-//! environment of that step).
+//! variables at build time (the builder expands them with [`Lexer`], Docker's word processing,
+//! and the environment of that step).
 //!
 //! Errors name their line: `line 3: unknown instruction: INVALIDCOMMAND`.
 
 use std::fmt;
 
-use crate::lex::Lexer;
+pub use crate::lex::{LexError, Lexer, Vars, MAX_EXPANDED, MAX_NESTING};
 
 /// A parse error, with the 1-based line it is on.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -262,17 +262,25 @@ pub fn kind_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<Option<FileType>
 /// Remove `name` from `dir` whatever it is (a directory with everything in it; a symlink is
 /// removed, never followed); missing is fine.
 pub fn remove_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
+    remove_at_as(dir, name, false)
+}
+
+/// [`remove_at`]; with `owner`, directories of this process's user that it may not read, search
+/// or write (e.g. the mode-000 `work/work` that overlayfs leaves) are first given owner rwx.
+fn remove_at_as(dir: BorrowedFd<'_>, name: &OsStr, owner: bool) -> io::Result<()> {
     match kind_at(dir, name)? {
         None => Ok(()),
         Some(FileType::Directory) => {
-            let sub = rfs::openat(
-                dir,
-                name,
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
+            let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+            let sub = match rfs::openat(dir, name, flags, Mode::empty()) {
+                Err(rustix::io::Errno::ACCESS) if owner => {
+                    make_owner_rwx(dir, name)?;
+                    rfs::openat(dir, name, flags, Mode::empty())
+                }
+                other => other,
+            }
             .map_err(errno)?;
-            clear_dir(sub.as_fd())?;
+            clear_dir_as(sub.as_fd(), owner)?;
             match rfs::unlinkat(dir, name, AtFlags::REMOVEDIR) {
                 Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
                 Err(e) => Err(errno(e)),
@@ -283,6 +291,29 @@ pub fn remove_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
             Err(e) => Err(errno(e)),
         },
     }
+}
+
+/// Give directory `name` in `dir` owner rwx, when this process's user owns it: through an
+/// `O_PATH|O_NOFOLLOW` descriptor (so never a symlink's target) and its `/proc/self/fd` entry,
+/// as `fchmod` needs a descriptor opened for reading, which a mode-000 directory refuses.
+fn make_owner_rwx(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
+    let fd = rfs::openat(
+        dir,
+        name,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(errno)?;
+    let st = rfs::fstat(&fd).map_err(errno)?;
+    if st.st_uid != nix::unistd::geteuid().as_raw() {
+        return Err(io::Error::from_raw_os_error(nix::libc::EACCES));
+    }
+    let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
+    rfs::chmod(
+        path.as_str(),
+        Mode::from_raw_mode((st.st_mode & 0o7777) | 0o700),
+    )
+    .map_err(errno)
 }
 
 /// Open `name` in `dir` for reading if it is a regular file: never through a symlink, never
@@ -316,8 +347,26 @@ pub fn list(dir: BorrowedFd<'_>) -> io::Result<Vec<OsString>> {
 
 /// Remove everything inside directory `dir` (an fd opened for reading).
 pub fn clear_dir(dir: BorrowedFd<'_>) -> io::Result<()> {
+    clear_dir_as(dir, false)
+}
+
+/// Remove everything inside directory `dir` (an fd opened for reading) as this process's user,
+/// by fd and never following a link, giving directories of its own that it may not read or
+/// write owner rwx first. Fails with `EACCES`/`EPERM` on what only another id (e.g. a
+/// subordinate one) may remove: the caller then does it in the user namespace.
+pub fn clear_dir_as_owner(dir: BorrowedFd<'_>) -> io::Result<()> {
+    clear_dir_as(dir, true)
+}
+
+fn clear_dir_as(dir: BorrowedFd<'_>, owner: bool) -> io::Result<()> {
+    if owner {
+        let st = rfs::fstat(dir).map_err(errno)?;
+        if st.st_mode & 0o300 != 0o300 && st.st_uid == nix::unistd::geteuid().as_raw() {
+            rfs::fchmod(dir, Mode::from_raw_mode((st.st_mode & 0o7777) | 0o700)).map_err(errno)?;
+        }
+    }
     for name in list(dir)? {
-        remove_at(dir, &name)?;
+        remove_at_as(dir, &name, owner)?;
     }
     Ok(())
 }
@@ -327,6 +376,38 @@ mod tests {
     use super::*;
     use std::fs;
     use std::os::unix::fs::symlink;
+
+    #[test]
+    fn clearing_as_owner_opens_locked_dirs_and_never_follows_links() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        fs::write(outside.path().join("keep"), "x").unwrap();
+        fs::set_permissions(outside.path(), fs::Permissions::from_mode(0o751)).unwrap();
+        let r = d.path().join("root");
+        // What overlayfs leaves (work/work, mode 000) and what a job may leave: a read-only
+        // directory with files, links out of the tree.
+        fs::create_dir_all(r.join("work/work/deep")).unwrap();
+        fs::write(r.join("work/work/deep/f"), "f").unwrap();
+        fs::create_dir_all(r.join("upper/ro")).unwrap();
+        fs::write(r.join("upper/ro/f"), "f").unwrap();
+        symlink(outside.path(), r.join("upper/out")).unwrap();
+        symlink(outside.path().join("keep"), r.join("upper/ro/keep")).unwrap();
+        fs::set_permissions(r.join("upper/ro"), fs::Permissions::from_mode(0o555)).unwrap();
+        fs::set_permissions(r.join("work/work"), fs::Permissions::from_mode(0o000)).unwrap();
+        let dir = rfs::open(&r, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()).unwrap();
+        clear_dir_as_owner(dir.as_fd()).unwrap();
+        assert_eq!(fs::read_dir(&r).unwrap().count(), 0);
+        assert_eq!(
+            fs::read_to_string(outside.path().join("keep")).unwrap(),
+            "x"
+        );
+        assert_eq!(
+            fs::metadata(outside.path()).unwrap().permissions().mode() & 0o777,
+            0o751,
+            "the link's target keeps its mode"
+        );
+    }
 
     #[test]
     fn absolute_links_and_dotdot_stay_inside() {

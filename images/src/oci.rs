@@ -167,12 +167,6 @@ impl Layout {
         Ok(data)
     }
 
-    /// A verifying reader of a (large) blob.
-    pub fn open_blob(&self, digest: &str) -> Result<Verify<fs::File>, OciError> {
-        let p = self.blob_path(digest)?;
-        Ok(Verify::new(fs::File::open(&p).map_err(io_err(&p))?, digest))
-    }
-
     fn index(&self) -> Result<ImageIndex, OciError> {
         let p = self.path.join("index.json");
         let text = fs::read(&p).map_err(io_err(&p))?;

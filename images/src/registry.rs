@@ -21,9 +21,9 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use serde::{Deserialize, Serialize};
 
-use crate::build::{onbuild_of, BaseSource, FetchedBase};
 use crate::config::ImageConfig;
 use crate::oci::Platform;
+use crate::source::{onbuild_of, BaseSource, FetchedBase};
 use crate::store::Store;
 use oci_client::manifest::ImageIndexEntry;
 

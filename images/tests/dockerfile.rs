@@ -1,7 +1,6 @@
 //! The Dockerfile parser on a set of real-world-style Dockerfiles, and its errors.
 
-use images::dockerfile::{parse, Command, Instruction};
-use images::lex::Lexer;
+use images::dockerfile::{parse, Command, Instruction, Lexer};
 
 fn file(name: &str) -> String {
     let path = format!("{}/tests/dockerfiles/{name}", env!("CARGO_MANIFEST_DIR"));

@@ -8,8 +8,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use images::dockerfile;
-use images::lex::{Lexer, MAX_EXPANDED};
-use images::unpack::{apply_layer, Owners};
+use images::dockerfile::{Lexer, MAX_EXPANDED};
+use images::{apply_layer, Owners};
 use proptest::prelude::*;
 
 fn config(cases: u32) -> ProptestConfig {

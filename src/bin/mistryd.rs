@@ -30,7 +30,7 @@ struct Cli {
     addr: String,
     /// Storage backend of the layer store (default: the config's, else detected).
     #[arg(long, value_name = "plain|btrfs|overlay", global = true)]
-    filesystem: Option<images::store::BackendKind>,
+    filesystem: Option<images::BackendKind>,
     /// How sandbox ids map onto the host: `auto` (sandbox root is this daemon's user) or
     /// `subordinate` (every sandbox id, root included, is one of its subordinate ids; the safe
     /// choice for a daemon running as root). Default: the config's `sandbox_ids`, else auto.
@@ -156,19 +156,26 @@ async fn serve(cli: Cli) -> Result<()> {
     }
     let mut cfg = cfg;
     let helper = image_cli::helper_command()?;
-    // Image builds never download from the daemon itself. (The engine cleans up what a crash
-    // left before the listener is bound, so a client that can connect finds it clean.)
-    use std::net::ToSocketAddrs;
-    cfg.listen = cli
-        .addr
-        .to_socket_addrs()
-        .with_context(|| format!("listening on {}", cli.addr))?
-        .collect();
-    let engine = Arc::new(tokio::task::spawn_blocking(move || Engine::new(cfg, helper)).await??);
+    // Bound first, so that image builds know the real address (also the port the kernel
+    // chose for `--addr HOST:0`) and never download from the daemon itself. Nothing is
+    // accepted before the engine has cleaned up what a crash left: a client that connects
+    // early waits in the backlog and finds it clean.
     let listener = tokio::net::TcpListener::bind(&cli.addr)
         .await
         .with_context(|| format!("listening on {}", cli.addr))?;
-    tracing::info!(addr = %listener.local_addr()?, store = %engine.cfg.store_path.display(), "mistryd ready");
+    let bound = listener
+        .local_addr()
+        .with_context(|| format!("listening on {}", cli.addr))?;
+    cfg.listen = vec![bound];
+    let engine = Arc::new(tokio::task::spawn_blocking(move || Engine::new(cfg, helper)).await??);
+    tracing::info!(addr = %bound, store = %engine.cfg.store_path.display(), "mistryd ready");
+    // The one line mistryd writes on stdout (README): the address it listens on, the port
+    // chosen by the kernel for `--addr HOST:0`. Not being able to write it is no reason to stop.
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "mistryd: listening on {bound}").and_then(|()| out.flush());
+    }
     let app = mistry::server::router(Arc::clone(&engine));
     let limits = mistry::server::Limits {
         max_connections: connection_cap(cli.max_connections),
@@ -190,7 +197,10 @@ async fn serve(cli: Cli) -> Result<()> {
 }
 
 fn rebuild(cli: &Cli, projects: &[String], fail_fast: bool, verbose: bool) -> Result<i32> {
-    let cfg = load(cli)?;
+    let mut cfg = load(cli)?;
+    // The daemon (whose address --addr names) may be running beside us: ADD <url> does not
+    // connect there.
+    cfg.listen = cli.addr.parse().into_iter().collect();
     // Beside a running daemon: no clean-up of its pending jobs or work in progress.
     let builder = mistry::engine::builder_for(&cfg, image_cli::helper_command()?, false)?;
     let mut names: Vec<String> = if projects.is_empty() {
@@ -206,16 +216,8 @@ fn rebuild(cli: &Cli, projects: &[String], fail_fast: bool, verbose: bool) -> Re
     names.sort();
     let (mut rebuilt, mut failed) = (0, Vec::new());
     for name in &names {
-        let dir = cfg.projects_path.join(name);
-        let settings = cfg.effective(name)?;
-        let mut opts = images::build::BuildOptions::new(name, &dir);
+        let mut opts = cfg.build_options(name)?;
         opts.no_cache = true;
-        opts.network = settings.network;
-        opts.policy = settings.security.policy();
-        // The daemon (whose address --addr names) may be running beside us.
-        opts.download.deny_connect = cli.addr.parse().into_iter().collect();
-        opts.build_args = vec![("uid".into(), nix::unistd::geteuid().as_raw().to_string())];
-        opts.build_args.extend(settings.build_args);
         let mut log: Box<dyn std::io::Write> = if verbose {
             Box::new(std::io::stdout())
         } else {
@@ -278,7 +280,7 @@ fn main() {
                 }
             }
         }
-        Some(Command::Internal { args }) => images::tools::helper_main(args),
+        Some(Command::Internal { args }) => images::helper_main(args),
         Some(Command::Rebuild {
             project,
             fail_fast,

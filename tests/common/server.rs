@@ -3,11 +3,11 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
-use super::{free_port, images_dir, mistryd_bin};
+use super::{images_dir, lines_of, mistryd_bin, wait_for_line};
 
 pub const RUN_SH: &str = r#"#!/bin/sh
 p() { cat "/data/params/$1" 2>/dev/null; }
@@ -64,6 +64,8 @@ pub struct Server {
     pub config: PathBuf,
     /// More arguments of mistryd.
     pub args: Vec<String>,
+    /// How many times mistryd was started (names its log).
+    spawns: usize,
 }
 
 impl Server {
@@ -197,31 +199,38 @@ impl Server {
             dir,
             config: config_path,
             args: args.iter().map(|a| a.to_string()).collect(),
+            spawns: 0,
         };
         s.spawn();
         s
     }
 
+    /// Start mistryd on `127.0.0.1:0` and take the port it reports on stdout
+    /// (`mistryd: listening on ADDR`); its log goes to `mistryd-N.log` in the server's directory.
     pub fn spawn(&mut self) {
-        let port = free_port();
-        self.addr = format!("127.0.0.1:{port}");
-        let log =
-            std::fs::File::create(self.dir.path().join(format!("mistryd-{port}.log"))).unwrap();
-        let child = Command::new(mistryd_bin())
+        self.spawns += 1;
+        let log_path = self.dir.path().join(format!("mistryd-{}.log", self.spawns));
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut child = Command::new(mistryd_bin())
             .arg("--config")
             .arg(&self.config)
-            .args(["--addr", &self.addr, "--shutdown-grace", &self.grace])
+            .args(["--addr", "127.0.0.1:0", "--shutdown-grace", &self.grace])
             .args(&self.args)
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
             .unwrap();
+        let stdout = lines_of(child.stdout.take().unwrap());
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(&self.addr).is_err() {
-            assert!(Instant::now() < deadline, "mistryd did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let addr = wait_for_line(&stdout, Duration::from_secs(20), |l| {
+            l.strip_prefix("mistryd: listening on ").map(str::to_string)
+        });
+        self.addr = addr.unwrap_or_else(|out| {
+            panic!(
+                "mistryd did not start: stdout:\n{out}log:\n{}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            )
+        });
     }
 
     pub fn builds(&self) -> PathBuf {

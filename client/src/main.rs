@@ -3,7 +3,7 @@
 #![forbid(unsafe_code)]
 
 use clap::{CommandFactory, Parser, Subcommand};
-use mistry::client::{self, BuildArgs};
+use mistry_client::BuildArgs;
 
 #[derive(Debug, Parser)]
 #[command(name = "mistry", version, about = "Client of the mistry build server")]
@@ -26,7 +26,7 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let code = match cli.command {
-        Command::Build(args) => match client::build(args) {
+        Command::Build(args) => match mistry_client::build(args) {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("{e:#}");

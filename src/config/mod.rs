@@ -31,22 +31,14 @@ use std::time::Duration;
 
 use crate::security::{self, RawLimits, SandboxIds, Security};
 use anyhow::{bail, Context, Result};
-use images::registry::RegistryConfig;
-use images::store::BackendKind;
+use images::{BackendKind, RegistryConfig};
+use project::project_security;
 use sandbox::NetworkMode;
 use serde::Deserialize;
 
-#[derive(Debug, Clone, Default, Deserialize)]
-pub struct ProjectSettings {
-    pub network: Option<String>,
-    pub time_limit: Option<String>,
-    #[serde(default)]
-    pub build_args: BTreeMap<String, String>,
-    pub seccomp: Option<String>,
-    pub nested_user_namespaces: Option<bool>,
-    #[serde(default)]
-    pub limits: RawLimits,
-}
+mod project;
+
+pub use project::{Effective, ProjectSettings};
 
 #[derive(Debug, Clone, Deserialize)]
 struct Raw {
@@ -98,21 +90,12 @@ pub struct Config {
     pub listen: Vec<std::net::SocketAddr>,
 }
 
-/// Settings in effect for one project.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Effective {
-    pub network: NetworkMode,
-    pub time_limit: Option<Duration>,
-    pub build_args: Vec<(String, String)>,
-    pub security: Security,
-}
-
-fn parse_network(s: &str, what: &str) -> Result<NetworkMode> {
+pub(crate) fn parse_network(s: &str, what: &str) -> Result<NetworkMode> {
     s.parse::<NetworkMode>()
         .map_err(|e| anyhow::anyhow!("{what}: {e}"))
 }
 
-fn parse_limit(s: &str, what: &str) -> Result<Duration> {
+pub(crate) fn parse_limit(s: &str, what: &str) -> Result<Duration> {
     crate::duration::parse(s).map_err(|e| anyhow::anyhow!("{what}: {e}"))
 }
 
@@ -225,114 +208,6 @@ impl Config {
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         Config::parse(&text, path)
     }
-
-    /// The settings of `project`: the project's `.mistry.json`, then the server configuration.
-    pub fn effective(&self, project: &str) -> Result<Effective> {
-        let file = self.projects_path.join(project).join(".mistry.json");
-        let own: ProjectSettings = match read_project_file(&file)? {
-            Some(t) => {
-                serde_json::from_slice(&t).with_context(|| format!("parsing {}", file.display()))?
-            }
-            None => ProjectSettings::default(),
-        };
-        let server = self.projects.get(project).cloned().unwrap_or_default();
-        // The operator's word (the server's entry for the project, else the server-wide value)...
-        let mut network = match &server.network {
-            Some(n) => parse_network(n, &format!("network of project {project}"))?,
-            None => self.network,
-        };
-        let mut time_limit = match &server.time_limit {
-            Some(t) => Some(parse_limit(t, &format!("time_limit of project {project}"))?),
-            None => self.time_limit,
-        };
-        let mut security = project_security(
-            &self.security,
-            &server,
-            &self.base_dir,
-            &format!("projects.{project}"),
-        )?;
-        // ... which the project's own file can only tighten.
-        let origin = file.display();
-        if let Some(n) = &own.network {
-            if parse_network(n, &format!("{origin}: network"))? == NetworkMode::None {
-                network = NetworkMode::None;
-            }
-        }
-        if let Some(t) = &own.time_limit {
-            let t = parse_limit(t, &format!("{origin}: time_limit"))?;
-            time_limit = Some(time_limit.map_or(t, |cur| cur.min(t)));
-        }
-        security.limits = security
-            .limits
-            .apply(&own.limits, &format!("{origin}: limits"), true)?;
-        let mut build_args: BTreeMap<String, String> = own.build_args;
-        build_args.extend(server.build_args);
-        Ok(Effective {
-            network,
-            time_limit,
-            build_args: build_args.into_iter().collect(),
-            security,
-        })
-    }
-}
-
-/// The most a project's `.mistry.json` may hold.
-const MAX_PROJECT_FILE: u64 = 64 << 10;
-
-/// Read a project's own settings file (written by its untrusted author): a regular file, not a
-/// link, of at most 64 KiB; opened without blocking (a FIFO cannot hang the job). `None` when
-/// there is none.
-fn read_project_file(file: &Path) -> Result<Option<Vec<u8>>> {
-    use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let f = match std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(file)
-    {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(e).with_context(|| format!("opening {}", file.display())),
-    };
-    let meta = f
-        .metadata()
-        .with_context(|| format!("opening {}", file.display()))?;
-    if !meta.is_file() {
-        bail!("{} is not a regular file", file.display());
-    }
-    let mut text = Vec::new();
-    f.take(MAX_PROJECT_FILE + 1)
-        .read_to_end(&mut text)
-        .with_context(|| format!("reading {}", file.display()))?;
-    if text.len() as u64 > MAX_PROJECT_FILE {
-        bail!(
-            "{} is larger than {} KiB",
-            file.display(),
-            MAX_PROJECT_FILE >> 10
-        );
-    }
-    Ok(Some(text))
-}
-
-/// The security settings of a project's entry in the server configuration over the server's.
-fn project_security(
-    server: &Security,
-    p: &ProjectSettings,
-    base: &Path,
-    what: &str,
-) -> Result<Security> {
-    Ok(Security {
-        seccomp: match &p.seccomp {
-            Some(s) => security::parse_seccomp(s, base, &format!("{what}.seccomp"))?,
-            None => server.seccomp.clone(),
-        },
-        nested_user_namespaces: p
-            .nested_user_namespaces
-            .unwrap_or(server.nested_user_namespaces),
-        limits: server
-            .limits
-            .apply(&p.limits, &format!("{what}.limits"), false)?,
-    })
 }
 
 #[cfg(test)]
@@ -379,85 +254,6 @@ mod tests {
         assert!(e.security.nested_user_namespaces);
         assert_eq!(e.security.limits.processes, Some(4096));
         assert_eq!(e.security.limits.memory, Some(8 << 30));
-    }
-
-    #[test]
-    fn a_project_file_only_tightens_the_operators_settings() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("projects");
-        let b = dir.path().join("builds");
-        std::fs::create_dir_all(p.join("web")).unwrap();
-        std::fs::create_dir_all(&b).unwrap();
-        let text = format!(
-            r#"{{"projects_path": "{}", "build_path": "{}", "network": "none",
-                "time_limit": "10m", "limits": {{"processes": 200, "memory": "1GiB"}}}}"#,
-            p.display(),
-            b.display()
-        );
-        let c = Config::parse(&text, Path::new("config.json")).unwrap();
-        std::fs::write(
-            p.join("web/.mistry.json"),
-            r#"{"network": "host", "time_limit": "5h", "seccomp": "unconfined",
-                "nested_user_namespaces": true,
-                "limits": {"processes": 100000, "memory": "unlimited", "disk": "1GiB"}}"#,
-        )
-        .unwrap();
-        let e = c.effective("web").unwrap();
-        assert_eq!(e.network, NetworkMode::None);
-        assert_eq!(e.time_limit, Some(Duration::from_secs(600)));
-        assert_eq!(e.security.seccomp, sandbox::Seccomp::Default);
-        assert!(!e.security.nested_user_namespaces);
-        assert_eq!(
-            (
-                e.security.limits.processes,
-                e.security.limits.memory,
-                e.security.limits.disk
-            ),
-            (Some(200), Some(1 << 30), Some(1 << 30))
-        );
-        std::fs::write(
-            p.join("web/.mistry.json"),
-            r#"{"time_limit": "1m", "limits": {"processes": 50}}"#,
-        )
-        .unwrap();
-        let e = c.effective("web").unwrap();
-        assert_eq!(e.time_limit, Some(Duration::from_secs(60)));
-        assert_eq!(e.security.limits.processes, Some(50));
-
-        // The file is the project author's: no link, no FIFO, no endless file.
-        let file = p.join("web/.mistry.json");
-        std::fs::remove_file(&file).unwrap();
-        std::os::unix::fs::symlink("/dev/zero", &file).unwrap();
-        let e = c.effective("web").unwrap_err();
-        assert!(
-            format!("{e:#}").starts_with(&format!("opening {}: ", file.display())),
-            "{e:#}"
-        );
-        std::fs::remove_file(&file).unwrap();
-        nix::unistd::mkfifo(&file, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
-        let e = c.effective("web").unwrap_err();
-        assert_eq!(
-            format!("{e:#}"),
-            format!("{} is not a regular file", file.display())
-        );
-        std::fs::remove_file(&file).unwrap();
-        std::fs::write(&file, vec![b' '; 70_000]).unwrap();
-        let e = c.effective("web").unwrap_err();
-        assert_eq!(
-            format!("{e:#}"),
-            format!("{} is larger than 64 KiB", file.display())
-        );
-
-        let bad = format!(
-            r#"{{"projects_path": "{}", "build_path": "{}", "sandbox_ids": "host"}}"#,
-            p.display(),
-            b.display()
-        );
-        let e = Config::parse(&bad, Path::new("c.json")).unwrap_err();
-        assert_eq!(
-            e.to_string(),
-            "sandbox_ids: unknown sandbox ids \"host\" (expected auto or subordinate)"
-        );
     }
 
     #[test]

@@ -1,0 +1,101 @@
+//! What to build ([`BuildOptions`]), what comes out ([`Image`], [`BuildStats`]) and why a build
+//! failed ([`BuildError`]).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use sandbox::NetworkMode;
+
+use crate::config::ImageConfig;
+use crate::dockerfile;
+use crate::store::StoreError;
+
+/// Why a build failed. The message is meant for the build log and the job's `ErrBuild`.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("Dockerfile {0}")]
+    Dockerfile(#[from] dockerfile::ParseError),
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("step {step} (line {line}): {message}")]
+    Step {
+        step: String,
+        line: usize,
+        message: String,
+    },
+    /// A RUN step exited non-zero: `The command '/bin/sh -c false' returned a non-zero code: 1`.
+    #[error("The command '{command}' returned a non-zero code: {code}")]
+    Run {
+        command: String,
+        code: i32,
+        status: sandbox::ExitStatus,
+    },
+    #[error("base image {image}: {message}")]
+    Base { image: String, message: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Tool(#[from] crate::tools::ToolError),
+    #[error("writing the build log: {0}")]
+    Log(std::io::Error),
+}
+
+/// What to build.
+#[derive(Debug, Clone)]
+pub struct BuildOptions {
+    /// Serializes builds of the same project.
+    pub project: String,
+    /// The build context (the project directory).
+    pub context: PathBuf,
+    /// The Dockerfile; default `<context>/Dockerfile`.
+    pub dockerfile: Option<PathBuf>,
+    pub build_args: Vec<(String, String)>,
+    /// Network of RUN steps.
+    pub network: NetworkMode,
+    /// Ignore the step cache (and re-read base images).
+    pub no_cache: bool,
+    /// Wall-clock limit of each RUN step.
+    pub run_timeout: Option<Duration>,
+    /// Limits of `ADD <url>` (size, redirects, the daemon's own addresses). Under
+    /// `network: none`, `ADD <url>` is refused whatever this says.
+    pub download: crate::download::DownloadPolicy,
+    /// Seccomp, nested user namespaces and resource limits of RUN steps.
+    pub policy: sandbox::Policy,
+}
+
+impl BuildOptions {
+    pub fn new(project: impl Into<String>, context: impl Into<PathBuf>) -> Self {
+        BuildOptions {
+            project: project.into(),
+            context: context.into(),
+            dockerfile: None,
+            build_args: Vec::new(),
+            network: NetworkMode::Host,
+            no_cache: false,
+            run_timeout: None,
+            download: crate::download::DownloadPolicy::default(),
+            policy: sandbox::Policy::default(),
+        }
+    }
+}
+
+/// A built image: its final key, snapshot and config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Image {
+    pub key: String,
+    /// None for an image with an empty filesystem (`FROM scratch` and nothing else).
+    pub snapshot: Option<String>,
+    pub config: ImageConfig,
+}
+
+/// Counters of one build, for logs and tests.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct BuildStats {
+    pub steps: usize,
+    pub cached: usize,
+    pub executed_runs: usize,
+}

@@ -1,0 +1,104 @@
+//! Where base images come from: the [`BaseSource`] trait, what a source hands over
+//! ([`FetchedBase`]), and the local OCI layouts source ([`LocalImages`]); registries are in
+//! [`crate::registry`].
+
+use std::path::PathBuf;
+
+use crate::config::ImageConfig;
+use crate::oci::{self, Layout};
+use crate::store::Store;
+
+/// Where base images come from, in order: `scratch`, local OCI layouts, registries.
+pub trait BaseSource: Send + Sync {
+    /// Resolve `reference` to a manifest, config and the path of each layer blob (pulled into
+    /// the store if needed). `refresh`: do not trust what was fetched before.
+    fn fetch(
+        &self,
+        reference: &str,
+        store: &Store,
+        refresh: bool,
+        platform: &oci::Platform,
+    ) -> Result<Option<FetchedBase>, String>;
+}
+
+/// A base image ready to unpack.
+pub struct FetchedBase {
+    pub manifest_digest: String,
+    pub config: ImageConfig,
+    /// OnBuild triggers of the base (Docker's config extension).
+    pub onbuild: Vec<String>,
+    /// (digest, blob path) of each layer, bottom first.
+    pub layers: Vec<(String, PathBuf)>,
+    /// Where it came from, for the log.
+    pub origin: String,
+}
+
+/// Base images from OCI layouts in a directory: `FROM name[:tag]` is `<dir>/<name>/`.
+pub struct LocalImages {
+    pub dir: PathBuf,
+}
+
+impl BaseSource for LocalImages {
+    fn fetch(
+        &self,
+        reference: &str,
+        _store: &Store,
+        _refresh: bool,
+        platform: &oci::Platform,
+    ) -> Result<Option<FetchedBase>, String> {
+        let (name, tag) = split_reference(reference);
+        if name.split('/').any(|c| c == ".." || c.is_empty()) {
+            return Err(format!("invalid image name {name:?}"));
+        }
+        let path = self.dir.join(name);
+        if !path.join("index.json").is_file() {
+            return Ok(None);
+        }
+        let layout = Layout::open(&path).map_err(|e| e.to_string())?;
+        let resolved = layout
+            .resolve(name, tag, platform)
+            .map_err(|e| e.to_string())?;
+        let raw_config = layout
+            .read_blob(resolved.manifest.config().digest().as_ref())
+            .map_err(|e| e.to_string())?;
+        let mut layers = Vec::new();
+        for l in resolved.manifest.layers() {
+            let digest = l.digest().to_string();
+            layers.push((
+                digest.clone(),
+                layout.blob_path(&digest).map_err(|e| e.to_string())?,
+            ));
+        }
+        Ok(Some(FetchedBase {
+            manifest_digest: resolved.manifest_digest.clone(),
+            config: ImageConfig::from_oci(&resolved.config),
+            onbuild: onbuild_of(&raw_config),
+            layers,
+            origin: format!("local image {}", path.display()),
+        }))
+    }
+}
+
+/// `OnBuild` triggers from a raw image config (a Docker extension oci-spec does not model).
+pub fn onbuild_of(raw_config: &[u8]) -> Vec<String> {
+    serde_json::from_slice::<serde_json::Value>(raw_config)
+        .ok()
+        .and_then(|v| v.get("config")?.get("OnBuild")?.as_array().cloned())
+        .map(|a| {
+            a.iter()
+                .filter_map(|t| t.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// `name[:tag][@digest]` → (name, tag or digest); the tag defaults to `latest`.
+pub fn split_reference(reference: &str) -> (&str, &str) {
+    if let Some((name, digest)) = reference.split_once('@') {
+        return (name, digest);
+    }
+    match reference.rsplit_once(':') {
+        Some((name, tag)) if !tag.contains('/') => (name, tag),
+        _ => (reference, "latest"),
+    }
+}

@@ -1,0 +1,402 @@
+//! The job engine: admission (validation, coalescing, the result cache, the backlog), the jobs in
+//! flight, finishing a job (ready, links, metrics), listing, following a job's log, and shutdown.
+//!
+//! Where the rest lives: [`state`] holds the jobs in flight and their one state-change function;
+//! [`layout`] the on-disk layout (`<build_path>/<project>/{pending,ready}/<id>/...`);
+//! [`runner`] runs one job (workspace, image, sandbox) into an [`outcome::Report`]; [`follow`]
+//! tails a running job's log.
+
+mod checks;
+mod follow;
+pub mod layout;
+mod lookup;
+pub mod outcome;
+mod runner;
+pub mod state;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use images::{BaseSources, Builder, Store};
+use tokio::sync::{watch, Semaphore};
+
+use crate::config::Config;
+use crate::jobs::{self, BuildInfo, JobRequest, NEVER_RAN, UNKNOWN_DURATION};
+use crate::metrics::Metrics;
+pub use layout::{JobDir, Layout, Stage};
+pub use lookup::Found;
+pub use outcome::{JobOutcome, RunError};
+use state::{Admission, InFlight};
+pub use state::{JobKey, JobState};
+
+/// Why a request could not be served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobError {
+    /// 400.
+    BadRequest(String),
+    /// 404, text contains `Unknown project 'NAME'`.
+    UnknownProject(String),
+    /// 503.
+    Overloaded,
+    /// 500.
+    Internal(String),
+}
+
+impl std::fmt::Display for JobError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            JobError::BadRequest(m) | JobError::Internal(m) => f.write_str(m),
+            JobError::UnknownProject(p) => write!(f, "Unknown project '{p}'"),
+            JobError::Overloaded => f.write_str("Server is overloaded; try again later"),
+        }
+    }
+}
+
+/// A scheduled job: its ID, its directory once ready, and its state to wait on.
+pub struct Scheduled {
+    pub project: String,
+    pub id: String,
+    /// Its directory once ready.
+    pub dir: JobDir,
+    state: watch::Receiver<JobState>,
+    /// Immediately known answer (result cache).
+    ready: Option<BuildInfo>,
+    coalesced: bool,
+}
+
+impl Scheduled {
+    /// Wait for the BuildInfo (without its log fields) and the job's directory, which holds
+    /// `out.log` and `stderr.log`.
+    pub async fn wait(mut self) -> Result<(BuildInfo, JobDir), JobError> {
+        if let Some(info) = self.ready.take() {
+            return Ok((info, self.dir));
+        }
+        let ended = self
+            .state
+            .wait_for(|s| matches!(s, JobState::Ready(_)))
+            .await
+            .map(|s| match &*s {
+                JobState::Ready(info) => Some(BuildInfo::clone(info)),
+                _ => None,
+            });
+        match ended {
+            Ok(Some(mut info)) => {
+                info.coalesced = self.coalesced;
+                Ok((info, self.dir))
+            }
+            _ => Err(JobError::Internal(format!(
+                "Error building {}/{}: work: the job ended without a result",
+                self.project, self.id
+            ))),
+        }
+    }
+}
+
+pub struct Engine {
+    pub cfg: Config,
+    pub layout: Layout,
+    builder: Arc<Builder>,
+    runner: runner::Runner,
+    slots: Arc<Semaphore>,
+    jobs: InFlight,
+    link_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    shutting_down: AtomicBool,
+    pub metrics: Metrics,
+}
+
+fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+}
+
+impl Engine {
+    /// Open the layer store and clean up what a crash left behind.
+    pub fn new(cfg: Config, helper: Vec<std::ffi::OsString>) -> anyhow::Result<Engine> {
+        let builder = Arc::new(builder_for(&cfg, helper, true)?);
+        let engine = Engine {
+            layout: Layout::new(&cfg.build_path),
+            runner: runner::Runner::new(Arc::clone(&builder)),
+            slots: Arc::new(Semaphore::new(cfg.job_concurrency)),
+            // Running plus queued jobs may not exceed job_concurrency + job_backlog.
+            jobs: InFlight::new(cfg.job_concurrency + cfg.job_backlog),
+            link_locks: Mutex::new(HashMap::new()),
+            shutting_down: AtomicBool::new(false),
+            metrics: Metrics::new(),
+            builder,
+            cfg,
+        };
+        engine.clean_pending()?;
+        engine.count_hosted();
+        Ok(engine)
+    }
+
+    pub fn builder(&self) -> &Builder {
+        &self.builder
+    }
+
+    fn store(&self) -> &Store {
+        &self.builder.store
+    }
+
+    /// Start-up: every leftover pending build of every project goes (a crash leaves them; they
+    /// are never resumed).
+    fn clean_pending(&self) -> anyhow::Result<()> {
+        for project in self.layout.projects() {
+            for job in self.layout.jobs(&project, Stage::Pending) {
+                tracing::info!(
+                    project,
+                    id = job.id(),
+                    "removing a pending build left by a crash"
+                );
+                self.store()
+                    .remove_tree(job.path())
+                    .map_err(|err| anyhow::anyhow!("removing {}: {err}", job.path().display()))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn count_hosted(&self) {
+        for p in self.layout.projects() {
+            self.metrics
+                .set_hosted(&p, self.layout.count(&p, Stage::Ready) as i64);
+        }
+    }
+
+    /// Validate, identify and schedule a job (or find it running, or in the result cache).
+    pub async fn schedule(self: &Arc<Self>, req: JobRequest) -> Result<Scheduled, JobError> {
+        if req.project.is_empty() {
+            return Err(JobError::BadRequest("no project given".into()));
+        }
+        jobs::check_name("project", &req.project).map_err(JobError::BadRequest)?;
+        if !req.group.is_empty() {
+            jobs::check_name("group", &req.group).map_err(JobError::BadRequest)?;
+        }
+        for k in req.params.keys() {
+            jobs::check_name("param", k).map_err(JobError::BadRequest)?;
+        }
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(JobError::Overloaded);
+        }
+        // Identify the job (hashing the project directory) and admit it: coalescing, then the
+        // result cache (a rebuild asks for a fresh run), then the backlog; off the runtime's
+        // threads, as it reads the disk.
+        let (engine, r) = (Arc::clone(self), req.clone());
+        let (id, admission) = tokio::task::spawn_blocking(move || engine.admit(&r))
+            .await
+            .map_err(|e| JobError::Internal(e.to_string()))??;
+        let key = JobKey::new(&req.project, &id);
+        let scheduled = |state, ready: Option<BuildInfo>, coalesced| Scheduled {
+            project: req.project.clone(),
+            id: id.clone(),
+            dir: self.layout.job(&key.project, &key.id, Stage::Ready),
+            state,
+            ready,
+            coalesced,
+        };
+        match admission {
+            Admission::Queued(state) => Ok(scheduled(state, None, false)),
+            Admission::Coalesced(state) => Ok(scheduled(state, None, true)),
+            Admission::Cached(info) => Ok(scheduled(
+                watch::channel(JobState::Queued).1,
+                Some(*info),
+                false,
+            )),
+            Admission::Full => Err(JobError::Overloaded),
+        }
+    }
+
+    /// The job's ID (hashing the project directory), and what becomes of it (blocking). A
+    /// queued job is started here, so that a request cancelled meanwhile leaves no job behind
+    /// that nobody runs.
+    fn admit(self: &Arc<Self>, req: &JobRequest) -> Result<(String, Admission), JobError> {
+        let project_dir = self.cfg.projects_path.join(&req.project);
+        if !project_dir.join("Dockerfile").is_file() {
+            return Err(JobError::UnknownProject(req.project.clone()));
+        }
+        let id =
+            jobs::job_id(&req.project, &req.group, &req.params, &project_dir).map_err(|e| {
+                JobError::Internal(format!(
+                    "Error building {}: work: reading the project: {e}",
+                    req.project
+                ))
+            })?;
+        let ready = self.layout.job(&req.project, &id, Stage::Ready);
+        let key = JobKey::new(&req.project, &id);
+        let admission = self.jobs.admit(&key, || {
+            let mut info = ready.read_info()?;
+            if !info.succeeded() || req.rebuild {
+                return None;
+            }
+            info.cached = true;
+            info.coalesced = false;
+            Some(info)
+        });
+        match admission {
+            Admission::Queued(_) => self.start(req.clone(), key),
+            Admission::Coalesced(_) => self.metrics.coalesced(),
+            Admission::Cached(_) => self.metrics.cached(),
+            Admission::Full => {}
+        }
+        Ok((id, admission))
+    }
+
+    /// Run a queued job when a slot is free, then make it ready.
+    fn start(self: &Arc<Self>, req: JobRequest, key: JobKey) {
+        self.metrics.started();
+        let engine = Arc::clone(self);
+        tokio::spawn(async move {
+            let permit = engine.slots.clone().acquire_owned().await;
+            let (e2, req2, key2) = (Arc::clone(&engine), req.clone(), key.clone());
+            let info = tokio::task::spawn_blocking(move || e2.run(&req2, &key2))
+                .await
+                .unwrap_or_else(|e| {
+                    let dir = engine.layout.job(&key.project, &key.id, Stage::Pending);
+                    outcome::Report {
+                        outcome: JobOutcome::Internal(RunError::Panicked(e.to_string())),
+                        incremental: false,
+                        problems: Vec::new(),
+                    }
+                    .into_info(engine.blank_info(&req, &dir), &req.project)
+                });
+            drop(permit);
+            engine.jobs.set(&key, JobState::Ready(Arc::new(info)));
+        });
+    }
+
+    fn link_lock(&self, project: &str) -> Arc<Mutex<()>> {
+        let mut m = self.link_locks.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(project.to_string()).or_default().clone()
+    }
+
+    fn blank_info(&self, req: &JobRequest, dir: &JobDir) -> BuildInfo {
+        BuildInfo {
+            params: req.params.clone(),
+            group: req.group.clone(),
+            path: dir.artifacts_when_ready().display().to_string(),
+            cached: false,
+            coalesced: false,
+            incremental: false,
+            exit_code: NEVER_RAN,
+            err_build: String::new(),
+            container_stdouterr: String::new(),
+            container_stderr: String::new(),
+            transport_method: "rsync".into(),
+            started_at: now_rfc3339(),
+            duration: UNKNOWN_DURATION,
+            url: format!("job/{}/{}", dir.project(), dir.id()),
+        }
+    }
+
+    /// Run one job to the end (blocking), then move it to `ready/` and, when it succeeded, point
+    /// its group's link at it.
+    fn run(&self, req: &JobRequest, key: &JobKey) -> BuildInfo {
+        let started = Instant::now();
+        self.jobs.set(key, JobState::Pending);
+        let dir = self.layout.job(&key.project, &key.id, Stage::Pending);
+        let blank = self.blank_info(req, &dir);
+        let previous = self.layout.last_good(&req.project, &req.group);
+        let job = runner::Job {
+            req,
+            dir: &dir,
+            previous: previous.as_deref(),
+            blank: &blank,
+            on_sandbox: &|pid| self.jobs.set_sandbox(key, pid),
+        };
+        let report = self.runner.run(&self.cfg, &job);
+        let mut info = report.into_info(blank, &req.project);
+        info.duration = started.elapsed().as_nanos() as i64;
+        if dir.is_dir() {
+            if let Err(e) = self.to_ready(&dir, &info) {
+                info.err_build = format!(
+                    "Error building {}: work: moving the build to ready: {e}",
+                    req.project
+                );
+            }
+        }
+        if info.succeeded() {
+            let lock = self.link_lock(&req.project);
+            let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+            let link = self.layout.link(&req.project, &req.group);
+            if let Err(e) = dir.in_stage(Stage::Ready).link_from(&link) {
+                tracing::warn!(project = %req.project, id = %key.id, error = %e, "could not update {}", link.display());
+            }
+        }
+        self.metrics.finished(&info, started.elapsed());
+        self.count_hosted();
+        info
+    }
+
+    /// Store the job's BuildInfo and move its directory to `ready/` (replacing a failed build of
+    /// the same ID, which is re-run).
+    fn to_ready(&self, dir: &JobDir, info: &BuildInfo) -> std::io::Result<()> {
+        let _ = dir.write_info(info);
+        let ready = dir.in_stage(Stage::Ready);
+        if ready.exists() {
+            let _ = self.store().remove_tree(ready.path());
+        }
+        if let Err(e) = dir.rename_to_ready() {
+            let _ = self.store().remove_tree(dir.path());
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Graceful shutdown: refuse new jobs, give running ones `grace` to finish, then kill them.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.shutting_down.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + grace;
+        while !self.jobs.is_empty() {
+            if Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if self.jobs.is_empty() {
+            return;
+        }
+        // Kill what runs, and what starts meanwhile (a job still building its image at the
+        // deadline starts its sandbox later); let the killed jobs move to ready.
+        let mut killed = std::collections::HashSet::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            for pid in self.jobs.sandboxes() {
+                if killed.insert(pid) {
+                    tracing::warn!(pid, "killing a job still running at shutdown");
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+            if self.jobs.is_empty() || Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// The image builder of a configuration. `owner`: this process owns the store (the daemon) and
+/// may clean what a crash left in it; `mistryd rebuild` works beside a running daemon and may not.
+pub fn builder_for(
+    cfg: &Config,
+    helper: Vec<std::ffi::OsString>,
+    owner: bool,
+) -> anyhow::Result<Builder> {
+    use anyhow::Context;
+    let store = if owner {
+        Store::open(&cfg.store_path, cfg.filesystem, helper)
+    } else {
+        Store::attach(&cfg.store_path, cfg.filesystem, helper)
+    }
+    .with_context(|| format!("opening the layer store {}", cfg.store_path.display()))?;
+    Ok(Builder::with_sources(
+        store,
+        BaseSources {
+            images_dir: cfg.images_path.clone(),
+            registries: cfg.registries.clone(),
+        },
+    ))
+}

@@ -1,0 +1,288 @@
+//! Running one job, blocking, on the job's own thread (so the sandbox's parent-death signal
+//! follows it): its workspace (through the store), its image, its root filesystem and its
+//! sandbox, with stdout and stderr streamed to its log files. Everything ends in one
+//! [`Report`].
+
+use std::fs::{self, File};
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use images::{Builder, Image};
+use sandbox::{Bind, Stdio, User};
+
+use super::checks;
+use super::layout::{JobDir, DATA_DIRS};
+use super::outcome::{JobOutcome, Report, RunError};
+use crate::config::{Config, Effective};
+use crate::jobs::{BuildInfo, JobRequest};
+
+/// One job to run.
+pub struct Job<'a> {
+    pub req: &'a JobRequest,
+    /// Its directory in `pending/`.
+    pub dir: &'a JobDir,
+    /// The group's last successful build, when the job's `data/` starts from it.
+    pub previous: Option<&'a std::path::Path>,
+    /// Its BuildInfo before it runs (stored while it runs).
+    pub blank: &'a BuildInfo,
+    /// Told the host pid of the job's sandbox when it starts, and `None` when it ended.
+    pub on_sandbox: &'a dyn Fn(Option<i32>),
+}
+
+/// Runs jobs on images built by its builder.
+pub struct Runner {
+    builder: Arc<Builder>,
+    /// Set once overlay roots turned out not to work on this host.
+    overlay_refused: AtomicBool,
+}
+
+impl Runner {
+    pub fn new(builder: Arc<Builder>) -> Runner {
+        Runner {
+            builder,
+            overlay_refused: AtomicBool::new(false),
+        }
+    }
+
+    /// Run `job` to its end.
+    pub fn run(&self, cfg: &Config, job: &Job) -> Report {
+        let mut report = Report {
+            outcome: JobOutcome::Exited(0),
+            incremental: false,
+            problems: Vec::new(),
+        };
+        report.outcome = match self.prepare(job) {
+            Ok(incremental) => {
+                report.incremental = incremental;
+                // While it runs, the job's BuildInfo is the blank one.
+                let provisional = BuildInfo {
+                    incremental,
+                    ..job.blank.clone()
+                };
+                let _ = job.dir.write_info(&provisional);
+                self.execute(cfg, job, &mut report.problems)
+                    .unwrap_or_else(JobOutcome::Internal)
+            }
+            Err(e) => JobOutcome::Internal(e),
+        };
+        let (problem, lines) = checks::data_dirs(&self.builder.store, job.dir);
+        if !lines.is_empty() {
+            if let Ok(mut log) = fs::OpenOptions::new().append(true).open(job.dir.out_log()) {
+                for l in lines {
+                    let _ = writeln!(log, "{l}");
+                }
+            }
+        }
+        report.problems.extend(problem);
+        report
+    }
+
+    /// The job's directory, with `data/` (from the group's last build when there is one) and
+    /// its params.
+    fn prepare(&self, job: &Job) -> Result<bool, RunError> {
+        let dir = job.dir;
+        let incremental = self
+            .builder
+            .store
+            .prepare_job_dir(dir.path(), job.previous)?;
+        let data = dir.data();
+        for d in DATA_DIRS {
+            fs::create_dir_all(data.join(d)).map_err(RunError::io(format!("creating data/{d}")))?;
+        }
+        for (k, v) in &job.req.params {
+            fs::write(dir.params().join(k), v)
+                .map_err(RunError::io(format!("writing param {k}")))?;
+        }
+        Ok(incremental)
+    }
+
+    /// Build the image and run the job on it; `problems` gets what is found after it ran.
+    fn execute(
+        &self,
+        cfg: &Config,
+        job: &Job,
+        problems: &mut Vec<String>,
+    ) -> Result<JobOutcome, RunError> {
+        let mut log = job
+            .dir
+            .append_log()
+            .map_err(RunError::io("creating out.log"))?;
+        let settings = cfg
+            .effective(&job.req.project)
+            .map_err(|e| RunError::Settings(format!("{e:#}")))?;
+        let outcome = self.build_and_run(cfg, job, &settings, &log)?;
+        if let Some(line) = outcome.log_line() {
+            let _ = writeln!(log, "{line}");
+        }
+        if let (true, Some(limit)) = (outcome.sandbox_ran(), settings.security.limits.disk) {
+            if let Some(p) = checks::disk(&job.dir.data(), limit) {
+                let _ = writeln!(log, "mistry: {p}");
+                problems.push(p);
+            }
+        }
+        Ok(outcome)
+    }
+
+    fn build_and_run(
+        &self,
+        cfg: &Config,
+        job: &Job,
+        settings: &Effective,
+        log: &File,
+    ) -> Result<JobOutcome, RunError> {
+        let mut opts = cfg.build_options_with(&job.req.project, settings);
+        opts.no_cache = job.req.rebuild;
+        let image = match self.builder.build(&opts, &mut &*log) {
+            Ok((image, _)) => image,
+            Err(e) => return Ok(JobOutcome::ImageBuildFailed(e.to_string())),
+        };
+        if let Err(e) = self.give_data(&image, job.dir) {
+            return match e {
+                GiveData::User(e) => Ok(JobOutcome::CouldNotRun(e)),
+                GiveData::Failed(e) => Err(e),
+            };
+        }
+        if image.config.command().is_empty() {
+            return Ok(JobOutcome::CouldNotRun(
+                "the image has no ENTRYPOINT or CMD".into(),
+            ));
+        }
+        let overlay = !self.overlay_refused.load(Ordering::SeqCst);
+        match self.sandbox(cfg, job, &image, settings, log, overlay) {
+            Err(e) if overlay && e.overlay_refused() => {
+                // The kernel refused an overlay in a user namespace: fall back to a copy.
+                tracing::warn!(error = %e, "overlay roots unavailable; jobs run on copies of their image");
+                self.overlay_refused.store(true, Ordering::SeqCst);
+                self.sandbox(cfg, job, &image, settings, log, false)
+            }
+            r => r,
+        }
+    }
+
+    /// A job running as a non-root user of its image gets `/data` as its own (mistry's images
+    /// create such a user from the `uid` build arg); sandbox root is the daemon's user, or with
+    /// `--sandbox-ids subordinate` a subordinate id that must be given `/data` too.
+    fn give_data(&self, image: &Image, dir: &JobDir) -> Result<(), GiveData> {
+        let store = &self.builder.store;
+        let data = dir.data();
+        let subordinate = sandbox::default_id_mapping() == sandbox::IdMapping::Subordinate;
+        let to_sandbox = |uid, gid| {
+            store
+                .hand_over_tree(&data, uid, gid)
+                .map_err(|e| GiveData::Failed(RunError::store("giving /data to the sandbox")(e)))
+        };
+        let user = &image.config.user;
+        if user.is_empty() {
+            return if subordinate {
+                to_sandbox(0, 0)
+            } else {
+                Ok(())
+            };
+        }
+        let u = store
+            .resolve_user(image.snapshot.as_deref(), &User::Spec(user.clone()))
+            .map_err(|e| GiveData::User(e.to_string()))?;
+        if subordinate {
+            to_sandbox(u.uid, u.gid)
+        } else if u.uid != 0 || u.gid != 0 {
+            store.chown_tree(&data, u.uid, u.gid).map_err(|e| {
+                GiveData::Failed(RunError::store(format!("giving /data to {user}"))(e))
+            })
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Run the job's sandbox on its own root (an overlay over its image when `overlay`, else a
+    /// snapshot or a copy), thrown away in the background afterwards.
+    fn sandbox(
+        &self,
+        cfg: &Config,
+        job: &Job,
+        image: &Image,
+        settings: &Effective,
+        log: &File,
+        overlay: bool,
+    ) -> Result<JobOutcome, RunError> {
+        let root = self
+            .builder
+            .store
+            .job_root(image.snapshot.as_deref(), overlay)
+            .map_err(RunError::store("preparing the job's root filesystem"))?;
+        let ic = &image.config;
+        let stdout = log.try_clone().map_err(RunError::io("out.log"))?;
+        let mut sb = root
+            .sandbox()
+            .command(ic.command())
+            .bind(Bind::new(job.dir.data(), "/data"))
+            .network(settings.network)
+            .policy(settings.security.policy())
+            .cwd(if ic.workdir.is_empty() {
+                "/"
+            } else {
+                ic.workdir.as_str()
+            })
+            .stdout(Stdio::Fd(stdout.into()))
+            .stderr(Stdio::Piped);
+        for (host, inside) in &cfg.mounts {
+            sb = sb.bind(Bind::new(host, inside));
+        }
+        for (k, v) in ic.env_pairs() {
+            sb = sb.env(k, v);
+        }
+        if !ic.user.is_empty() {
+            sb = sb.user(User::Spec(ic.user.clone()));
+        }
+        if let Some(t) = settings.time_limit {
+            sb = sb.timeout(t);
+        }
+        if let Some(disk) = settings.security.limits.disk {
+            // No single file may be larger than all of data/ may hold.
+            sb = sb.rlimit(sandbox::Rlimit {
+                resource: sandbox::RlimitResource::FSize,
+                soft: disk,
+                hard: disk,
+            });
+        }
+        let mut log_w = log.try_clone().map_err(RunError::io("out.log"))?;
+        let mut err_w = job
+            .dir
+            .create_stderr_log()
+            .map_err(RunError::io("stderr.log"))?;
+        let mut child = match sb.spawn() {
+            Ok(c) => c,
+            Err(e @ sandbox::Error::Overlay(_)) if root.is_overlay() => return Err(e.into()),
+            Err(e) => {
+                let _ = writeln!(err_w, "{e}");
+                return Ok(JobOutcome::CouldNotStart(e.to_string()));
+            }
+        };
+        (job.on_sandbox)(Some(child.id()));
+        // stderr goes to out.log and, alone, to stderr.log, as it comes.
+        let mut stderr = child.stderr.take();
+        let tee = std::thread::spawn(move || {
+            let mut buf = [0u8; 16 * 1024];
+            if let Some(s) = stderr.as_mut() {
+                while let Ok(n) = s.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    let _ = log_w.write_all(&buf[..n]);
+                    let _ = err_w.write_all(&buf[..n]);
+                }
+            }
+        });
+        let status = child.wait();
+        let _ = tee.join();
+        (job.on_sandbox)(None);
+        Ok(status?.into())
+    }
+}
+
+/// Why `/data` could not be given to the job's user.
+enum GiveData {
+    /// The image's `USER` does not resolve: the job cannot run.
+    User(String),
+    Failed(RunError),
+}

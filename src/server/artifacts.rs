@@ -1,0 +1,192 @@
+//! A ready job's artifacts as a tar stream, read by file descriptor below the job's
+//! `data/artifacts`: no symlink is followed (links inside are sent as links), so a job cannot
+//! make the server send host files.
+
+use std::os::fd::{AsFd, OwnedFd};
+
+use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags};
+
+/// Open a job's `data/artifacts` without following a symlink anywhere below the job directory:
+/// a job that replaced it (or `data/`) with a link gets an error, never the link's target.
+pub fn open_artifacts(job_dir: &std::path::Path) -> std::io::Result<OwnedFd> {
+    let dir = rustix::fs::open(
+        job_dir,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    open_beneath(&dir, std::path::Path::new("data/artifacts"), true)
+}
+
+/// Open `rel` under `root` (a directory fd) without following any symlink and without leaving
+/// `root`: `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`, or, on kernels without openat2,
+/// `openat(O_NOFOLLOW)` component by component.
+fn open_beneath(root: &OwnedFd, rel: &std::path::Path, dir: bool) -> std::io::Result<OwnedFd> {
+    let rel = if rel.as_os_str().is_empty() {
+        std::path::Path::new(".")
+    } else {
+        rel
+    };
+    let mut flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY;
+    flags |= if dir {
+        OFlags::DIRECTORY
+    } else {
+        // A FIFO must not block the walk.
+        OFlags::NONBLOCK
+    };
+    let resolve = ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+    match rustix::fs::openat2(root, rel, flags, Mode::empty(), resolve) {
+        Err(rustix::io::Errno::NOSYS) => {}
+        r => return r.map_err(std::io::Error::from),
+    }
+    let mut cur = rustix::io::dup(root)?;
+    let parts: Vec<_> = rel.components().collect();
+    for (i, part) in parts.iter().enumerate() {
+        let name = match part {
+            std::path::Component::Normal(n) => *n,
+            std::path::Component::CurDir => continue,
+            _ => return Err(std::io::Error::from_raw_os_error(libc::EXDEV)),
+        };
+        let last = i + 1 == parts.len();
+        let f = if last {
+            flags
+        } else {
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC
+        };
+        cur = rustix::fs::openat(&cur, name, f, Mode::empty())?;
+    }
+    Ok(cur)
+}
+
+/// A tar header of the kind `kind` carrying the mode, owner and time of `st`.
+fn header_from(st: &rustix::fs::Stat, kind: tar::EntryType, size: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(st.st_mode & 0o7777);
+    h.set_uid(st.st_uid.into());
+    h.set_gid(st.st_gid.into());
+    h.set_mtime(u64::try_from(st.st_mtime).unwrap_or(0));
+    h.set_size(size);
+    h
+}
+
+/// Write the tree under `root` (an open directory: a job's artifacts) as a tar stream. Every
+/// entry is opened by fd below `root`, never through a symlink: links are sent as links (their
+/// targets are not read), FIFOs, sockets and devices are skipped.
+pub fn write_tree<W: std::io::Write>(root: &OwnedFd, out: W) -> std::io::Result<W> {
+    use std::os::unix::ffi::OsStrExt;
+    let mut b = tar::Builder::new(out);
+    // Directories still to send, as paths relative to root (re-opened beneath root, so no fd is
+    // held per level however deep the tree is).
+    let mut todo = vec![std::path::PathBuf::new()];
+    while let Some(rel) = todo.pop() {
+        let dir = open_beneath(root, &rel, true)?;
+        if !rel.as_os_str().is_empty() {
+            let st = rustix::fs::fstat(&dir)?;
+            let mut h = header_from(&st, tar::EntryType::Directory, 0);
+            b.append_data(&mut h, &rel, std::io::empty())?;
+        }
+        let mut names = images::inroot::list(dir.as_fd())?;
+        names.sort();
+        let mut subdirs = Vec::new();
+        for name in names {
+            let path = rel.join(&name);
+            let st = match rustix::fs::statat(&dir, &name, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) => st,
+                Err(rustix::io::Errno::NOENT) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            match rustix::fs::FileType::from_raw_mode(st.st_mode) {
+                rustix::fs::FileType::Directory => subdirs.push(path),
+                rustix::fs::FileType::RegularFile => {
+                    // Swapped for something else since the stat: skipped.
+                    let Some((fd, st)) = images::inroot::open_file_at(dir.as_fd(), &name)? else {
+                        continue;
+                    };
+                    let size = u64::try_from(st.st_size).unwrap_or(0);
+                    let mut h = header_from(&st, tar::EntryType::Regular, size);
+                    let file = std::io::Read::take(std::fs::File::from(fd), size);
+                    b.append_data(&mut h, &path, file)?;
+                }
+                rustix::fs::FileType::Symlink => {
+                    let target = rustix::fs::readlinkat(&dir, &name, Vec::new())?;
+                    let mut h = header_from(&st, tar::EntryType::Symlink, 0);
+                    b.append_link(
+                        &mut h,
+                        &path,
+                        std::ffi::OsStr::from_bytes(target.as_bytes()),
+                    )?;
+                }
+                _ => {}
+            }
+        }
+        todo.extend(subdirs.into_iter().rev());
+    }
+    b.into_inner()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entries(tar: &[u8]) -> Vec<(String, tar::EntryType, Option<String>)> {
+        let mut a = tar::Archive::new(tar);
+        let mut v: Vec<_> = a
+            .entries()
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.path().unwrap().display().to_string(),
+                    e.header().entry_type(),
+                    e.link_name().unwrap().map(|l| l.display().to_string()),
+                )
+            })
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+
+    #[test]
+    fn artifacts_are_read_by_fd_and_links_are_not_followed() {
+        let job = tempfile::tempdir().unwrap();
+        let art = job.path().join("data/artifacts");
+        std::fs::create_dir_all(art.join("sub")).unwrap();
+        std::fs::write(art.join("file"), "content").unwrap();
+        std::fs::write(art.join("sub/x"), "x").unwrap();
+        std::os::unix::fs::symlink("/etc", art.join("etc")).unwrap();
+        nix::unistd::mkfifo(&art.join("fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let root = open_artifacts(job.path()).unwrap();
+        let tar = write_tree(&root, Vec::new()).unwrap();
+        use tar::EntryType::{Directory, Regular, Symlink};
+        assert_eq!(
+            entries(&tar),
+            vec![
+                ("etc".into(), Symlink, Some("/etc".into())),
+                ("file".into(), Regular, None),
+                ("sub".into(), Directory, None),
+                ("sub/x".into(), Regular, None),
+            ]
+        );
+
+        // data/artifacts, or data/, replaced by a link: refused, whatever the link says.
+        let other = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(other.path().join("artifacts")).unwrap();
+        std::fs::remove_dir_all(&art).unwrap();
+        for target in [other.path().join("artifacts"), "../../..".into()] {
+            std::os::unix::fs::symlink(&target, &art).unwrap();
+            let e = open_artifacts(job.path()).unwrap_err();
+            assert!(
+                matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)),
+                "{target:?}: {e}"
+            );
+            std::fs::remove_file(&art).unwrap();
+        }
+        std::fs::remove_dir_all(job.path().join("data")).unwrap();
+        std::os::unix::fs::symlink(other.path(), job.path().join("data")).unwrap();
+        let e = open_artifacts(job.path()).unwrap_err();
+        assert!(
+            matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)),
+            "{e}"
+        );
+    }
+}
