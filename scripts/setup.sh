@@ -6,7 +6,9 @@
 #   (/etc/subuid, /etc/subgid), so sandboxes map 65536 ids;
 # - loop-mounts a btrfs filesystem at /mnt/mistry-btrfs (4 GiB sparse image) for the btrfs
 #   backend's tests;
-# - builds the busybox base image from Debian's busybox-static into target/images/busybox.
+# - builds the busybox base image from Debian's busybox-static into target/images/busybox;
+# - builds the Debian base image (debootstrap, with python3, pip, nodejs, npm) into
+#   target/images/debian for the real-world tests (network to deb.debian.org; ~2 minutes once).
 set -eu
 cd "$(dirname "$0")/.."
 
@@ -15,7 +17,7 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 
-PACKAGES="busybox-static uidmap bubblewrap hyperfine btrfs-progs gcc libc6-dev passwd procps skopeo util-linux docker-registry apache2-utils rsync openssh-server openssh-client chromium chromium-driver python3-pip wrk"
+PACKAGES="busybox-static uidmap bubblewrap hyperfine btrfs-progs gcc libc6-dev passwd procps skopeo util-linux docker-registry apache2-utils rsync openssh-server openssh-client chromium chromium-driver python3-pip wrk debootstrap"
 missing=
 for p in $PACKAGES; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
@@ -67,4 +69,17 @@ chmod 1777 "$BTRFS_MNT"
 
 if [ ! -x target/images/busybox/rootfs/bin/busybox ] || [ ! -f target/images/busybox/index.json ]; then
     images/recipes/busybox.sh target/images/busybox
+fi
+
+# The Debian image is complete when its index.json and the manifest it names are there (the
+# recipe renames the layout into place only when done). Without the network it is left out:
+# the real-world tests then skip themselves, and fail under CI.
+debian_ok() {
+    [ -f target/images/debian/index.json ] || return 1
+    m=$(sed -n 's/.*"digest":"sha256:\([0-9a-f]*\)".*/\1/p' target/images/debian/index.json)
+    [ -n "$m" ] && [ -f "target/images/debian/blobs/sha256/$m" ]
+}
+if ! debian_ok; then
+    images/recipes/debian.sh target/images/debian ||
+        echo "setup.sh: no Debian image (images/recipes/debian.sh failed): the real-world tests will skip" >&2
 fi

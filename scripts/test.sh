@@ -36,12 +36,13 @@ cc -static -O2 -o "$unpriv/probe" sandbox/tests/probe.c
 cp -a target/images/busybox/rootfs "$unpriv/rootfs"
 mkdir -p "$unpriv/images"
 cp -a target/images/busybox "$unpriv/images/busybox"
+[ ! -d target/images/debian ] || cp -a target/images/debian "$unpriv/images/debian"
 chown -R mistry-test: "$unpriv/rootfs" "$unpriv/images"
 cp target/debug/mistryd target/debug/mistry "$unpriv/"
 {
     cargo test -p sandbox --no-run --message-format=json 2>/dev/null
     cargo test -p images --no-run --message-format=json 2>/dev/null
-    cargo test -p mistry --lib --test image_build --test registry --test server --test sandbox_cli --no-run --message-format=json 2>/dev/null
+    cargo test -p mistry --lib --test image_build --test dockerfile_syntax --test registry --test registry_errors --test store_choice --test server --test sandbox_cli --test realworld --test run_mounts --test operator --no-run --message-format=json 2>/dev/null
     cargo test -p mistry-client --lib --test cli --no-run --message-format=json 2>/dev/null
 } | grep -E '"profile":\{[^}]*"test":true' | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' > "$unpriv/list"
 status=0

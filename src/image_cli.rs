@@ -14,7 +14,8 @@ use sandbox::NetworkMode;
 pub enum ImageCommand {
     /// Build a Dockerfile into the layer store.
     Build(BuildArgs),
-    /// Remove snapshots, step records and blobs no project's current image uses.
+    /// Remove snapshots, step records and blobs no project's current image uses, and the
+    /// cache-mount directories of projects without an image.
     Gc(StoreArgs),
 }
 
@@ -23,7 +24,8 @@ pub struct StoreArgs {
     /// The layer store directory.
     #[arg(long, value_name = "DIR")]
     pub store: PathBuf,
-    /// Snapshot backend; default: btrfs when the store is on btrfs, plain otherwise.
+    /// Snapshot backend; default: the store's own, else btrfs on btrfs, overlay where
+    /// overlayfs works in a user namespace, else plain.
     #[arg(long, value_name = "plain|btrfs|overlay")]
     pub filesystem: Option<BackendKind>,
 }
@@ -41,9 +43,13 @@ pub struct BuildArgs {
     /// A docker-style config.json with registry credentials (default: ~/.docker/config.json).
     #[arg(long = "registry-auth", value_name = "FILE")]
     pub auth_file: Option<PathBuf>,
-    /// Build argument.
+    /// Build argument (`uid` defaults to this process's uid, as mistryd passes it).
     #[arg(long = "build-arg", value_name = "K=V", value_parser = parse_kv)]
     pub build_args: Vec<(String, String)>,
+    /// A secret for `RUN --mount=type=secret,id=ID`: `id=ID,src=FILE` (as `docker build
+    /// --secret`); read when a step uses it, never stored.
+    #[arg(long = "secret", value_name = "id=ID,src=FILE", value_parser = parse_secret)]
+    pub secrets: Vec<(String, PathBuf)>,
     /// Ignore the step cache.
     #[arg(long)]
     pub no_cache: bool,
@@ -64,6 +70,27 @@ fn parse_kv(s: &str) -> Result<(String, String), String> {
     s.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .ok_or_else(|| format!("expected K=V, got {s:?}"))
+}
+
+/// `id=ID,src=FILE` (also `source=`, and `type=file`), as `docker build --secret`.
+fn parse_secret(s: &str) -> Result<(String, PathBuf), String> {
+    let (mut id, mut src) = (None, None);
+    for field in s.split(',') {
+        match field.split_once('=') {
+            Some(("id", v)) => id = Some(v.to_string()),
+            Some(("src" | "source", v)) => src = Some(PathBuf::from(v)),
+            Some(("type", "file")) => {}
+            _ => {
+                return Err(format!(
+                    "unknown field {field:?} in --secret (expected id=ID,src=FILE)"
+                ))
+            }
+        }
+    }
+    match (id, src) {
+        (Some(id), Some(src)) if !id.is_empty() => Ok((id, src)),
+        _ => Err(format!("--secret {s:?}: expected id=ID,src=FILE")),
+    }
 }
 
 /// The helper command of this binary.
@@ -99,9 +126,13 @@ pub fn run(cmd: ImageCommand) -> Result<i32> {
                     .unwrap_or_else(|| "default".into())
             });
             let mut opts = BuildOptions::new(project, &args.context);
-            opts.build_args = args.build_args.clone();
+            // Build arg `uid` is this process's uid, as the daemon passes it (see
+            // `Config::build_options_with`); a `--build-arg uid=...` given here wins.
+            opts.build_args = vec![("uid".into(), nix::unistd::geteuid().as_raw().to_string())];
+            opts.build_args.extend(args.build_args.iter().cloned());
             opts.no_cache = args.no_cache;
             opts.network = args.network;
+            opts.secrets = args.secrets.clone();
             let mut out = std::io::stdout().lock();
             match builder.build(&opts, &mut out) {
                 Ok((image, stats)) => {
@@ -128,8 +159,8 @@ pub fn run(cmd: ImageCommand) -> Result<i32> {
             let store = open_store(&args)?;
             let done = store.collect_garbage().context("collecting garbage")?;
             println!(
-                "Removed snapshots: {}, step records: {}, blobs: {}",
-                done.snapshots, done.steps, done.blobs
+                "Removed snapshots: {}, step records: {}, blobs: {}, cache mounts: {}",
+                done.snapshots, done.steps, done.blobs, done.caches
             );
             Ok(0)
         }

@@ -13,6 +13,7 @@ pub mod engine;
 pub mod image_cli;
 pub mod jobs;
 pub mod metrics;
+pub mod operator;
 pub mod sandbox_cli;
 pub mod security;
 pub mod server;

@@ -391,10 +391,14 @@ fn plain_http_only_when_insecure() {
     let err = env
         .build("tls", &format!("FROM {}/busybox\n", reg.addr))
         .unwrap_err();
+    // The reference once, and the setting that allows plain http (issue 11: it used to be
+    // `{addr}/busybox: {addr}/busybox:latest: pulling the manifest: error sending request`).
     assert!(
         err.starts_with(&format!(
-            "base image {}/busybox: {}/busybox:latest: pulling the manifest",
-            reg.addr, reg.addr
+            "base image {0}/busybox: {0} answers plain http, not https: to pull busybox:latest \
+             over plain http, list {0} in registries.insecure in the configuration \
+             (--insecure-registry {0} for mistryd image build)\n",
+            reg.addr
         )),
         "{err}"
     );

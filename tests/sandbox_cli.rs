@@ -351,3 +351,28 @@ fn sandbox_ids_flag_chooses_the_mapping() {
     let out = run(&["--sandbox-ids", "bogus"], &["/bin/true"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn no_new_privs_falls_back_to_one_id_unless_root() {
+    // Under no_new_privs (systemd's NoNewPrivileges=yes) the set-uid newuidmap/newgidmap gain
+    // nothing: an unprivileged caller gets the single-id map instead of a failed start; root
+    // writes its maps itself and keeps the full one.
+    let root = rootfs();
+    let out = Command::new("setpriv")
+        .arg("--no-new-privs")
+        .arg(env!("CARGO_BIN_EXE_mistryd"))
+        .args(["sandbox", "run", "--rootfs"])
+        .arg(&root)
+        .args(["--", "/bin/cat", "/proc/self/uid_map"])
+        .output()
+        .expect("running setpriv (util-linux)");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let lines = text(&out.stdout).lines().count();
+    let plain = run(&[], &["/bin/cat", "/proc/self/uid_map"]);
+    let full = text(&plain.stdout).lines().count();
+    if is_root() {
+        assert_eq!(lines, full);
+    } else {
+        assert_eq!(lines, 1, "{}", text(&out.stdout));
+    }
+}

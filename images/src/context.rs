@@ -175,7 +175,7 @@ fn walk(
 }
 
 /// The sources of one COPY/ADD resolved to items to copy.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Resolved {
     /// Sources relative to the source root, symlinks on the way resolved inside it.
     pub items: Vec<CopyItem>,
@@ -220,11 +220,50 @@ pub fn resolve(
     dest_is_dir: bool,
     ignore: &Ignore,
 ) -> Result<Resolved, ContextError> {
+    let how = How {
+        dest_is_dir,
+        ..How::default()
+    };
+    resolve_with(root, sources, dest, &how, ignore)
+}
+
+/// How [`resolve_with`] places what it finds.
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
+pub struct How {
+    /// The destination names a directory (see [`resolve`]).
+    pub dest_is_dir: bool,
+    /// `COPY --parents`: each source keeps its path relative to the source root (or to a
+    /// `/./` in the source, as rsync's `--relative`) under the destination, which is a
+    /// directory.
+    pub parents: bool,
+    /// A single directory source also copies the directory itself onto the destination (its
+    /// mode and owner), not only its contents: `COPY --from` to a path not yet in the image.
+    pub dir_itself: bool,
+}
+
+/// Where `--parents` starts keeping a source's path: after a `/./` in it (rsync's rule), else
+/// from the source root.
+fn parents_base(src: &str) -> PathBuf {
+    match src.split_once("/./") {
+        Some((before, _)) => clean_rel(before).unwrap_or_default(),
+        None => PathBuf::new(),
+    }
+}
+
+/// [`resolve`] with the `--parents` and directory-itself options.
+pub fn resolve_with(
+    root: &Path,
+    sources: &[String],
+    dest: &Path,
+    how: &How,
+    ignore: &Ignore,
+) -> Result<Resolved, ContextError> {
     let (r, real) = root_of(root)?;
-    // (name it is copied under, path in the root)
-    let mut matched: Vec<(PathBuf, PathBuf)> = Vec::new();
+    // (name it is copied under, path in the root, the part of the name --parents drops)
+    let mut matched: Vec<(PathBuf, PathBuf, PathBuf)> = Vec::new();
     let mut wildcard = false;
     for src in sources {
+        let base = parents_base(src);
         let Some(rel) = clean_rel(src) else {
             return Err(ContextError::Invalid(format!(
                 "COPY source {src:?} is outside the build context"
@@ -250,7 +289,7 @@ pub fn resolve(
                 if target != p && !target.as_os_str().is_empty() && ignore.excluded(&target) {
                     continue;
                 }
-                matched.push((p, target));
+                matched.push((p, target, base.clone()));
             }
             if matched.len() == before {
                 return Err(ContextError::Invalid(format!(
@@ -279,15 +318,51 @@ pub fn resolve(
                     resolved.display()
                 )));
             }
-            matched.push((rel, resolved));
+            matched.push((rel, resolved, base));
         }
     }
-    let into_dir = dest_is_dir || matched.len() > 1 || wildcard;
+    let into_dir = how.dest_is_dir || how.parents || matched.len() > 1 || wildcard;
+    let dir_itself = how.dir_itself && matched.len() == 1 && !how.parents;
     let mut out = Resolved::default();
     if into_dir {
         out.dirs.push(dest.to_path_buf());
     }
-    for (name, rel) in matched {
+    for (name, rel, base) in matched {
+        // --parents: the destination of this source keeps its path (from `base` on).
+        let dest_buf;
+        let dest = if how.parents {
+            let kept = name.strip_prefix(&base).unwrap_or(&name);
+            dest_buf = dest.join(kept);
+            if let Some(parent) = dest_buf.parent() {
+                out.dirs.push(parent.to_path_buf());
+            }
+            if kept.as_os_str().is_empty() {
+                // The source root itself: its contents go to the destination.
+                dest_buf.clone()
+            } else {
+                let fd = r
+                    .open_in(&rel, OFlags::PATH | OFlags::NOFOLLOW)
+                    .map_err(io_err(format!("reading {}", name.display())))?;
+                let st = rfs::fstat(&fd)
+                    .map_err(|e| io_err(format!("reading {}", name.display()))(e.into()))?;
+                if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
+                    out.items.push(CopyItem {
+                        src: rel,
+                        dest: dest_buf,
+                    });
+                    continue;
+                }
+                // A directory: itself, then its contents under it.
+                out.items.push(CopyItem {
+                    src: rel.clone(),
+                    dest: dest_buf.clone(),
+                });
+                dest_buf.clone()
+            }
+        } else {
+            dest.to_path_buf()
+        };
+        let dest = dest.as_path();
         let fd = r
             .open_in(&rel, OFlags::PATH | OFlags::NOFOLLOW)
             .map_err(io_err(format!("reading {}", name.display())))?;
@@ -299,6 +374,12 @@ pub fn resolve(
         if kind == FileType::Directory {
             // A directory copies its contents.
             out.dirs.push(dest.to_path_buf());
+            if dir_itself {
+                out.items.push(CopyItem {
+                    src: rel.clone(),
+                    dest: dest.to_path_buf(),
+                });
+            }
             let dir = r
                 .open_in(&rel, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW)
                 .map_err(io_err(format!("reading {}", name.display())))?;
@@ -323,9 +404,36 @@ pub fn resolve(
             });
         }
     }
-    out.dirs.dedup();
+    let mut seen = std::collections::HashSet::new();
+    out.dirs.retain(|d| seen.insert(d.clone()));
     out.digest = digest_items(root, &out.items)?;
     Ok(out)
+}
+
+/// A [`resolve_with`] (no `.dockerignore`) that the image helper carries out in the tool
+/// sandbox: a stage's tree belongs to the image's ids, which the daemon's user may not be
+/// allowed to read (a 0700 home directory of uid 1000) but sandbox root is.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct ResolveRequest {
+    pub root: PathBuf,
+    pub sources: Vec<String>,
+    pub dest: PathBuf,
+    pub how: How,
+}
+
+/// The helper's side of a [`ResolveRequest`] read from `file`: the [`Resolved`] as JSON.
+pub fn resolve_request(file: &Path) -> Result<String, String> {
+    let text = fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
+    let req: ResolveRequest = serde_json::from_slice(&text).map_err(|e| e.to_string())?;
+    let resolved = resolve_with(
+        &req.root,
+        &req.sources,
+        &req.dest,
+        &req.how,
+        &Ignore::default(),
+    )
+    .map_err(|e| e.to_string())?;
+    serde_json::to_string(&resolved).map_err(|e| e.to_string())
 }
 
 /// Digest of what a COPY would write; the items' sources are read inside `root`.
@@ -527,6 +635,67 @@ mod tests {
         )
         .unwrap_err();
         assert!(e.to_string().contains("ELOOP"), "{e}");
+    }
+
+    #[test]
+    fn parents_keep_the_source_path() {
+        let d = tempfile::tempdir().unwrap();
+        let r = d.path();
+        for f in ["x/a.txt", "y/a.txt", "x/sub/b.txt", "src/lib/u.c"] {
+            fs::create_dir_all(r.join(f).parent().unwrap()).unwrap();
+            fs::write(r.join(f), f).unwrap();
+        }
+        let how = How {
+            parents: true,
+            ..How::default()
+        };
+        let ig = Ignore::default();
+        let items = |srcs: &[&str]| {
+            let srcs: Vec<String> = srcs.iter().map(|s| s.to_string()).collect();
+            let res = resolve_with(r, &srcs, Path::new("/p"), &how, &ig).unwrap();
+            res.items
+                .iter()
+                .map(|i| format!("{} {}", i.src.display(), i.dest.display()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            items(&["./x/a.txt", "y/a.txt"]),
+            ["x/a.txt /p/x/a.txt", "y/a.txt /p/y/a.txt"]
+        );
+        assert_eq!(items(&["x/./sub/*.txt"]), ["x/sub/b.txt /p/sub/b.txt"]);
+        assert_eq!(
+            items(&["src"]),
+            [
+                "src /p/src",
+                "src/lib /p/src/lib",
+                "src/lib/u.c /p/src/lib/u.c"
+            ]
+        );
+        // Without --parents a single directory source copies its contents, and with
+        // `dir_itself` the directory too (its mode and owner).
+        let how = How {
+            dir_itself: true,
+            ..How::default()
+        };
+        let res = resolve_with(r, &["src".into()], Path::new("/d"), &how, &ig).unwrap();
+        let got: Vec<String> = res
+            .items
+            .iter()
+            .map(|i| format!("{} {}", i.src.display(), i.dest.display()))
+            .collect();
+        assert_eq!(got, ["src /d", "src/lib /d/lib", "src/lib/u.c /d/lib/u.c"]);
+        // The helper's side: a request in a file, the answer as JSON.
+        let req = ResolveRequest {
+            root: r.to_path_buf(),
+            sources: vec!["x/a.txt".into()],
+            dest: "/one".into(),
+            how: How::default(),
+        };
+        let file = r.join("req.json");
+        fs::write(&file, serde_json::to_vec(&req).unwrap()).unwrap();
+        let back: Resolved = serde_json::from_str(&resolve_request(&file).unwrap()).unwrap();
+        assert_eq!(back.items[0].dest, Path::new("/one"));
+        assert!(back.digest.starts_with("sha256:"));
     }
 
     #[test]

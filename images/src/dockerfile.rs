@@ -1,4 +1,5 @@
-//! Dockerfile parsing: parser directives (`escape`, `syntax`), comments, line continuations, and
+//! Dockerfile parsing: parser directives (`escape`, `syntax`), comments, line continuations,
+//! heredocs (`<<EOF`, `<<-EOF`, `<<"EOF"` for RUN, COPY and ADD, as BuildKit reads them), and
 //! every instruction into a typed form. Arguments keep their raw text where Docker substitutes
 //! variables at build time (the builder expands them with [`Lexer`], Docker's word processing,
 //! and the environment of that step).
@@ -43,14 +44,201 @@ impl Flags {
             .map(|(_, v)| v.as_deref().unwrap_or("true"))
     }
 
-    fn check(&self, line: usize, instruction: &str, allowed: &[&str]) -> Result<(), ParseError> {
-        for (k, _) in &self.0 {
-            if !allowed.contains(&k.as_str()) {
+    /// A boolean flag (`--link`, `--link=true`, `--link=false`); absent is false.
+    pub fn enabled(&self, name: &str) -> bool {
+        self.get(name) == Some("true")
+    }
+
+    /// Every flag must be one of `spec`; a flag Docker knows but we do not support is an error
+    /// too (never silently ignored), as is a missing value, a bad boolean, or a repeated flag
+    /// other than `--mount`.
+    fn check(&self, line: usize, instruction: &str, spec: &[FlagSpec]) -> Result<(), ParseError> {
+        for (i, (k, v)) in self.0.iter().enumerate() {
+            let Some(f) = spec.iter().find(|f| f.name == k) else {
                 return err(line, format!("unknown flag --{k} for {instruction}"));
+            };
+            match (f.kind, v) {
+                (FlagKind::Unsupported(why), _) => {
+                    return err(
+                        line,
+                        format!("{instruction} --{k} is not supported by mistry{why}"),
+                    )
+                }
+                (FlagKind::Value, None) => {
+                    return err(
+                        line,
+                        format!("{instruction} --{k} needs a value (--{k}=...)"),
+                    )
+                }
+                (FlagKind::Value, Some(_)) => {}
+                (FlagKind::Bool, None) => {}
+                (FlagKind::Bool, Some(b)) if b == "true" || b == "false" => {}
+                (FlagKind::Bool, Some(b)) => {
+                    return err(
+                        line,
+                        format!("{instruction} --{k}={b}: expected true or false"),
+                    )
+                }
+            }
+            if k != "mount" && self.0[..i].iter().any(|(p, _)| p == k) {
+                return err(line, format!("{instruction} --{k} is given twice"));
             }
         }
         Ok(())
     }
+}
+
+#[derive(Clone, Copy)]
+enum FlagKind {
+    /// `--name=value`.
+    Value,
+    /// `--name` or `--name=true|false`.
+    Bool,
+    /// Known to Docker, refused here; the text says why or what to do instead.
+    Unsupported(&'static str),
+}
+
+struct FlagSpec {
+    name: &'static str,
+    kind: FlagKind,
+}
+
+const fn value(name: &'static str) -> FlagSpec {
+    FlagSpec {
+        name,
+        kind: FlagKind::Value,
+    }
+}
+
+const fn boolean(name: &'static str) -> FlagSpec {
+    FlagSpec {
+        name,
+        kind: FlagKind::Bool,
+    }
+}
+
+const fn unsupported(name: &'static str, why: &'static str) -> FlagSpec {
+    FlagSpec {
+        name,
+        kind: FlagKind::Unsupported(why),
+    }
+}
+
+const FROM_FLAGS: &[FlagSpec] = &[value("platform")];
+const RUN_FLAGS: &[FlagSpec] = &[
+    value("mount"),
+    value("network"),
+    // `sandbox` (the default) only: `insecure` is refused when the flags are read (run.rs).
+    value("security"),
+    unsupported("device", " (RUN steps see only the sandbox's own devices)"),
+];
+const COPY_FLAGS: &[FlagSpec] = &[
+    value("from"),
+    value("chown"),
+    value("chmod"),
+    boolean("link"),
+    boolean("parents"),
+    unsupported("exclude", " (use .dockerignore)"),
+];
+const ADD_FLAGS: &[FlagSpec] = &[
+    value("chown"),
+    value("chmod"),
+    value("checksum"),
+    boolean("link"),
+    unsupported(
+        "keep-git-dir",
+        " (git sources are not supported: clone into the build context instead)",
+    ),
+    unsupported("exclude", " (use .dockerignore)"),
+    unsupported("unpack", ""),
+];
+const HEALTHCHECK_FLAGS: &[FlagSpec] = &[
+    value("interval"),
+    value("timeout"),
+    value("start-period"),
+    value("start-interval"),
+    value("retries"),
+];
+
+/// A heredoc of RUN, COPY or ADD: `<<EOF`, `<<-EOF` (leading tabs stripped), `<<"EOF"` or
+/// `<<'EOF'` (not expanded by COPY/ADD).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Heredoc {
+    /// The delimiter after quote removal; a COPY/ADD heredoc's file name in a directory.
+    pub name: String,
+    /// The lines between the instruction and the delimiter as written, each ending in `\n`.
+    pub content: String,
+    /// Whether COPY/ADD substitute variables in the body (the delimiter is unquoted).
+    pub expand: bool,
+    /// `<<-`: leading tabs are stripped from each line of the body.
+    pub chomp: bool,
+}
+
+impl Heredoc {
+    /// The body: the content, with leading tabs stripped from each line for `<<-`.
+    pub fn body(&self) -> String {
+        if !self.chomp {
+            return self.content.clone();
+        }
+        self.content
+            .split_inclusive('\n')
+            .map(|l| l.trim_start_matches('\t'))
+            .collect()
+    }
+}
+
+/// One word as a heredoc redirection, as BuildKit reads it: `[n]<<[-]WORD` with WORD one word
+/// after quote removal. Returns (delimiter, expand, chomp); `expand` is false when any part of
+/// WORD is quoted. Anything else (`<<<`, `a<<b`, `"<<EOF"`) is not a heredoc.
+pub fn heredoc_word(word: &str) -> Option<(String, bool, bool)> {
+    let rest = word.trim_start_matches(|c: char| c.is_ascii_digit());
+    let rest = rest.strip_prefix("<<")?;
+    let (chomp, rest) = match rest.strip_prefix('-') {
+        Some(r) => (true, r),
+        None => (false, rest),
+    };
+    if rest.is_empty() || rest.contains('<') {
+        return None;
+    }
+    let mut name = String::new();
+    let mut quoted = false;
+    let mut chars = rest.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\'' => {
+                quoted = true;
+                loop {
+                    match chars.next()? {
+                        '\'' => break,
+                        d => name.push(d),
+                    }
+                }
+            }
+            '"' => {
+                quoted = true;
+                loop {
+                    match chars.next()? {
+                        '"' => break,
+                        '\\' => match chars.next()? {
+                            d @ ('"' | '\\' | '$') => name.push(d),
+                            d => {
+                                name.push('\\');
+                                name.push(d);
+                            }
+                        },
+                        d => name.push(d),
+                    }
+                }
+            }
+            '\\' => name.push(chars.next().unwrap_or('\\')),
+            c if c.is_whitespace() => return None,
+            c => name.push(c),
+        }
+    }
+    if name.is_empty() {
+        return None;
+    }
+    Some((name, !quoted, chomp))
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -68,16 +256,21 @@ pub enum Instruction {
         alias: Option<String>,
         platform: Option<String>,
     },
+    /// RUN; with heredocs, `command` is the shell form as written (`<<EOF`, `cat <<EOF > f`).
     Run {
         command: Command,
         flags: Flags,
+        /// The heredocs of the line, in order, with their bodies.
+        heredocs: Vec<Heredoc>,
     },
-    /// COPY and ADD: `sources` and `dest` are raw words.
+    /// COPY and ADD: `sources` and `dest` are raw words; heredoc sources (`COPY <<EOF /f`) are
+    /// in `heredocs`, in order, and not in `sources`.
     Copy {
         add: bool,
         sources: Vec<String>,
         dest: String,
         flags: Flags,
+        heredocs: Vec<Heredoc>,
     },
     /// Raw `key=value` words (or the legacy `key value` as one pair).
     Env(Vec<(String, String)>),
@@ -275,6 +468,7 @@ fn parse_instruction(
     line: usize,
     keyword: &str,
     rest: &str,
+    heredocs: &[Heredoc],
 ) -> Result<Instruction, ParseError> {
     let upper = keyword.to_ascii_uppercase();
     let need_args = |what: &str| -> Result<(), ParseError> {
@@ -295,7 +489,7 @@ fn parse_instruction(
     Ok(match upper.as_str() {
         "FROM" => {
             let (flags, rest) = take_flags(rest);
-            flags.check(line, "FROM", &["platform"])?;
+            flags.check(line, "FROM", FROM_FLAGS)?;
             let words: Vec<&str> = rest.split_whitespace().collect();
             let (image, alias) = match words.as_slice() {
                 [image] => (image.to_string(), None),
@@ -313,24 +507,24 @@ fn parse_instruction(
         }
         "RUN" => {
             let (flags, rest) = take_flags(rest);
-            flags.check(line, "RUN", &["mount", "network", "security"])?;
+            flags.check(line, "RUN", RUN_FLAGS)?;
             if rest.trim().is_empty() {
                 return err(line, "RUN requires a command");
             }
             Instruction::Run {
-                command: command(rest),
+                command: if heredocs.is_empty() {
+                    command(rest)
+                } else {
+                    Command::Shell(rest.trim().to_string())
+                },
                 flags,
+                heredocs: heredocs.to_vec(),
             }
         }
         "COPY" | "ADD" => {
             let add = upper == "ADD";
             let (flags, rest) = take_flags(rest);
-            let allowed: &[&str] = if add {
-                &["chown", "chmod", "checksum", "keep-git-dir", "link"]
-            } else {
-                &["from", "chown", "chmod", "link", "parents", "exclude"]
-            };
-            flags.check(line, &upper, allowed)?;
+            flags.check(line, &upper, if add { ADD_FLAGS } else { COPY_FLAGS })?;
             let mut words = raw_words(rest)?;
             if words.len() < 2 {
                 return err(
@@ -339,11 +533,32 @@ fn parse_instruction(
                 );
             }
             let dest = words.pop().unwrap_or_default();
+            if !heredocs.is_empty() && heredoc_word(&dest).is_some() {
+                return err(
+                    line,
+                    format!("{upper}: a heredoc cannot be the destination ({dest})"),
+                );
+            }
+            // Heredoc sources become files named by their delimiter (the last heredoc of that
+            // name on the line, as BuildKit looks them up).
+            let mut sources = Vec::new();
+            let mut docs = Vec::new();
+            for w in words {
+                let doc = match heredoc_word(&w) {
+                    Some((name, _, _)) => heredocs.iter().rev().find(|h| h.name == name),
+                    None => None,
+                };
+                match doc {
+                    Some(h) => docs.push(h.clone()),
+                    None => sources.push(w),
+                }
+            }
             Instruction::Copy {
                 add,
-                sources: words,
+                sources,
                 dest,
                 flags,
+                heredocs: docs,
             }
         }
         "ENV" => Instruction::Env(pairs(lexer, line, rest, "ENV", true)?),
@@ -393,17 +608,7 @@ fn parse_instruction(
         }
         "HEALTHCHECK" => {
             let (flags, rest) = take_flags(rest);
-            flags.check(
-                line,
-                "HEALTHCHECK",
-                &[
-                    "interval",
-                    "timeout",
-                    "start-period",
-                    "start-interval",
-                    "retries",
-                ],
-            )?;
+            flags.check(line, "HEALTHCHECK", HEALTHCHECK_FLAGS)?;
             let t = rest.trim();
             let test = if t.eq_ignore_ascii_case("none") {
                 None
@@ -430,9 +635,11 @@ fn parse_instruction(
                 }
                 _ => {}
             }
-            // Checked now, run by images built FROM this one.
+            // Checked now, run by images built FROM this one (the trigger keeps its heredocs'
+            // lines, so that it parses again as it was written).
             let (kw, args) = t.split_once(char::is_whitespace).unwrap_or((t, ""));
-            parse_instruction(lexer, line, kw, args)?;
+            let first = args.lines().next().unwrap_or("");
+            parse_instruction(lexer, line, kw, first, heredocs)?;
             Instruction::Onbuild(t.to_string())
         }
         "SHELL" => match json_array(rest) {
@@ -442,6 +649,70 @@ fn parse_instruction(
         "MAINTAINER" => Instruction::Maintainer(rest.trim().to_string()),
         _ => return err(line, format!("unknown instruction: {upper}")),
     })
+}
+
+/// Whether `rest` (an instruction's arguments, flags first) is in exec (JSON) form.
+fn is_json_form(rest: &str) -> bool {
+    json_array(take_flags(rest).1).is_some()
+}
+
+/// The heredocs of a RUN, COPY or ADD line (also as an ONBUILD trigger), their bodies read
+/// from `lines[*i..]` (which moves past each delimiter line). None for other instructions and
+/// the exec form, as in BuildKit.
+fn read_heredocs(
+    lines: &[&str],
+    i: &mut usize,
+    line: usize,
+    keyword: &str,
+    rest: &str,
+) -> Result<Vec<Heredoc>, ParseError> {
+    let (keyword, rest) = if keyword.eq_ignore_ascii_case("ONBUILD") {
+        let t = rest.trim();
+        t.split_once(char::is_whitespace).unwrap_or((t, ""))
+    } else {
+        (keyword, rest)
+    };
+    let kw = keyword.to_ascii_uppercase();
+    if !matches!(kw.as_str(), "RUN" | "COPY" | "ADD") || !rest.contains("<<") || is_json_form(rest)
+    {
+        return Ok(Vec::new());
+    }
+    // Words with quotes and escapes kept, as BuildKit looks for them (its escape is `\`).
+    let Ok(words) = Lexer::new('\\').split_raw(rest) else {
+        return Ok(Vec::new());
+    };
+    let mut docs = Vec::new();
+    for w in words {
+        let Some((name, expand, chomp)) = heredoc_word(&w) else {
+            continue;
+        };
+        let mut content = String::new();
+        let mut terminated = false;
+        while *i < lines.len() {
+            let l = lines[*i];
+            *i += 1;
+            let candidate = if chomp { l.trim_start_matches('\t') } else { l };
+            if candidate == name {
+                terminated = true;
+                break;
+            }
+            content.push_str(l);
+            content.push('\n');
+        }
+        if !terminated {
+            return err(
+                line,
+                format!("unterminated heredoc {w}: no line {name:?} ends it"),
+            );
+        }
+        docs.push(Heredoc {
+            name,
+            content,
+            expand,
+            chomp,
+        });
+    }
+    Ok(docs)
 }
 
 /// Parse a Dockerfile's text.
@@ -503,7 +774,20 @@ pub fn parse(text: &str) -> Result<Dockerfile, ParseError> {
                 format!("more than {MAX_INSTRUCTIONS} instructions in the Dockerfile"),
             );
         }
-        let instruction = parse_instruction(&lexer, first + 1, keyword, rest)?;
+        // Heredocs: their bodies follow the instruction's last line.
+        let body_start = i;
+        let heredocs = read_heredocs(&lines, &mut i, first + 1, keyword, rest)?;
+        let instruction = if keyword.eq_ignore_ascii_case("ONBUILD") && !heredocs.is_empty() {
+            // The trigger is kept with its heredocs' lines, to be parsed again when it runs.
+            parse_instruction(&lexer, first + 1, keyword, rest, &heredocs)?;
+            Instruction::Onbuild(format!(
+                "{}\n{}",
+                rest.trim(),
+                lines[body_start..i].join("\n")
+            ))
+        } else {
+            parse_instruction(&lexer, first + 1, keyword, rest, &heredocs)?
+        };
         steps.push(Step {
             line: first + 1,
             text: logical.clone(),

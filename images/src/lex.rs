@@ -69,6 +69,40 @@ impl Lexer {
         self.process(text, vars, true, 0)
     }
 
+    /// Expand the body of an unquoted heredoc of COPY/ADD, as BuildKit does: variables are
+    /// substituted everywhere, quotes are ordinary characters (kept), the escape character makes
+    /// the next character literal (`\$` is `$`, `\\` is `\`); whitespace and lines are kept.
+    pub fn expand_heredoc<V: Vars + ?Sized>(
+        &self,
+        text: &str,
+        vars: &V,
+    ) -> Result<String, LexError> {
+        let chars: Vec<char> = text.chars().collect();
+        let mut out = String::new();
+        let mut i = 0;
+        while i < chars.len() {
+            let c = chars[i];
+            if c == self.escape {
+                out.push(chars.get(i + 1).copied().unwrap_or(c));
+                i += 2;
+            } else if c == '$' {
+                let (value, used) = self.variable(&chars[i..], vars, text, 0)?;
+                out.push_str(&value);
+                i += used;
+            } else {
+                out.push(c);
+                i += 1;
+            }
+            if out.len() > MAX_EXPANDED {
+                return Err(LexError(format!(
+                    "the expanded text is longer than {} MiB",
+                    MAX_EXPANDED >> 20
+                )));
+            }
+        }
+        Ok(out)
+    }
+
     /// Split on unquoted whitespace without expanding or removing quotes (for `k=v` lists).
     pub fn split_raw(&self, text: &str) -> Result<Vec<String>, LexError> {
         let mut words = Vec::new();
@@ -379,6 +413,20 @@ mod tests {
         assert!(Lexer::default().process_word("'open", &vars()).is_err());
         assert!(Lexer::default().process_word("${A", &vars()).is_err());
         assert!(Lexer::default().process_word("${A/x/y}", &vars()).is_err());
+    }
+
+    #[test]
+    fn heredoc_bodies() {
+        let l = Lexer::default();
+        let v = vars();
+        let x = |s: &str| l.expand_heredoc(s, &v).unwrap();
+        assert_eq!(x("Hello ${A}!\n"), "Hello avocado!\n");
+        assert_eq!(x("'$A' \"$A\"\n"), "'avocado' \"avocado\"\n");
+        assert_eq!(x("\\\n"), "\n");
+        assert_eq!(x("\\\\\n"), "\\\n");
+        assert_eq!(x("\\$A ${NOPE:-d}\n"), "$A d\n");
+        assert_eq!(x("\ttab  spaces\n\n"), "\ttab  spaces\n\n");
+        assert!(l.expand_heredoc("${A", &v).is_err());
     }
 
     #[test]

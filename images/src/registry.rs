@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::OciDistributionError;
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use serde::{Deserialize, Serialize};
@@ -131,18 +132,133 @@ pub fn credentials_from_file(path: &Path, registry: &str) -> Result<Option<Crede
     }))
 }
 
+/// The credentials sent to a registry, and where they came from (for error messages).
+struct Auth {
+    auth: RegistryAuth,
+    /// `credentials for HOST from FILE`, `no credentials (FILE has none for HOST)`, ...
+    consulted: String,
+}
+
 impl Registries {
-    fn auth(&self, registry: &str) -> Result<RegistryAuth, String> {
+    fn auth(&self, registry: &str) -> Result<Auth, String> {
         if let Some(c) = self.config.credentials.get(registry) {
-            return Ok(RegistryAuth::Basic(c.username.clone(), c.password.clone()));
+            return Ok(Auth {
+                auth: RegistryAuth::Basic(c.username.clone(), c.password.clone()),
+                consulted: format!(
+                    "credentials for {registry} from the configuration (registries.credentials)"
+                ),
+            });
         }
-        let file = self.config.auth_file.clone().or_else(default_auth_file);
-        if let Some(file) = file {
-            if let Some(c) = credentials_from_file(&file, registry)? {
-                return Ok(RegistryAuth::Basic(c.username, c.password));
+        let Some(file) = self.config.auth_file.clone().or_else(default_auth_file) else {
+            return Ok(Auth {
+                auth: RegistryAuth::Anonymous,
+                consulted: "no credentials (no auth file: registries.auth_file is unset, and \
+                            neither DOCKER_CONFIG nor HOME is)"
+                    .into(),
+            });
+        };
+        let consulted = match credentials_from_file(&file, registry)? {
+            Some(c) => {
+                return Ok(Auth {
+                    auth: RegistryAuth::Basic(c.username, c.password),
+                    consulted: format!("credentials for {registry} from {}", file.display()),
+                })
             }
+            None if file.exists() => format!(
+                "no credentials (the auth file {} has none for {registry})",
+                file.display()
+            ),
+            None => format!(
+                "no credentials (the auth file {} does not exist)",
+                file.display()
+            ),
+        };
+        Ok(Auth {
+            auth: RegistryAuth::Anonymous,
+            consulted,
+        })
+    }
+
+    /// A registry error a user can act on: what `registry` answered for `image` (its
+    /// repository and tag or digest there) while `doing` (`pulling the manifest`), and what to
+    /// change. The caller names the reference as written in the Dockerfile.
+    fn explain(
+        &self,
+        e: &OciDistributionError,
+        doing: &str,
+        registry: &str,
+        image: &str,
+        auth: &Auth,
+        platform: &Platform,
+    ) -> String {
+        use oci_client::errors::OciErrorCode;
+        let insecure = self.config.insecure.iter().any(|h| h == registry);
+        let status = match e {
+            OciDistributionError::UnauthorizedError { .. }
+            | OciDistributionError::AuthenticationFailure(_) => Some(401),
+            OciDistributionError::ServerError { code, .. } => Some(*code),
+            OciDistributionError::RegistryError { envelope, .. } => {
+                envelope.errors.iter().find_map(|err| match err.code {
+                    OciErrorCode::Unauthorized => Some(401),
+                    OciErrorCode::Denied => Some(403),
+                    OciErrorCode::ManifestUnknown
+                    | OciErrorCode::NameUnknown
+                    | OciErrorCode::NotFound
+                    | OciErrorCode::BlobUnknown => Some(404),
+                    _ => None,
+                })
+            }
+            _ => None,
+        };
+        let sent = &auth.consulted;
+        match status {
+            Some(401) => {
+                let hint = match auth.auth {
+                    RegistryAuth::Anonymous => format!(
+                        "give credentials for {registry} in registries.auth_file \
+                         (--registry-auth: a docker-style config.json) or \
+                         registries.credentials"
+                    ),
+                    _ => "check them".to_string(),
+                };
+                format!(
+                    "{doing}: Not authorized (401): {registry} refused {image}; sent {sent}: \
+                     {hint}"
+                )
+            }
+            Some(403) => {
+                format!("{doing}: Forbidden (403): {registry} refused {image}; sent {sent}")
+            }
+            Some(404) => format!(
+                "{doing}: Not found (404): {registry} has no {image} (no such repository, tag \
+                 or digest, or not visible to these credentials); sent {sent}"
+            ),
+            _ => match e {
+                OciDistributionError::RequestError(_)
+                    if !insecure && speaks_plain_http(registry) =>
+                {
+                    format!(
+                        "{registry} answers plain http, not https: to pull {image} over plain \
+                         http, list {registry} in registries.insecure in the configuration \
+                         (--insecure-registry {registry} for mistryd image build)"
+                    )
+                }
+                OciDistributionError::RequestError(_) => format!(
+                    "{doing}: cannot reach {registry} over {} for {image}: {}",
+                    if insecure { "plain http" } else { "https" },
+                    error_chain(e)
+                ),
+                OciDistributionError::ImageManifestNotFoundError(m)
+                    if m.starts_with("no entry found") =>
+                {
+                    format!(
+                        "{doing}: {image} on {registry} is an image index without an image for \
+                         the platform {platform}"
+                    )
+                }
+                _ => format!("{doing}: {registry}, {image}: {}", error_chain(e)),
+            },
         }
-        Ok(RegistryAuth::Anonymous)
     }
 
     fn remembered(store: &Store, reference: &str) -> PathBuf {
@@ -195,10 +311,24 @@ impl Registries {
             ..ClientConfig::default()
         });
         let auth = self.auth(&registry)?;
+        let image = match (reference.tag(), reference.digest()) {
+            (_, Some(d)) => format!("{}@{d}", reference.repository()),
+            (Some(t), None) => format!("{}:{t}", reference.repository()),
+            (None, None) => reference.repository().to_string(),
+        };
         let (manifest, digest, config) = client
-            .pull_manifest_and_config(reference, &auth)
+            .pull_manifest_and_config(reference, &auth.auth)
             .await
-            .map_err(|e| format!("pulling the manifest: {e}"))?;
+            .map_err(|e| {
+                self.explain(
+                    &e,
+                    "pulling the manifest",
+                    &registry,
+                    &image,
+                    &auth,
+                    platform,
+                )
+            })?;
         let mut layers = Vec::new();
         for layer in &manifest.layers {
             let dst = store.blob_path(&layer.digest).map_err(|e| e.to_string())?;
@@ -210,7 +340,8 @@ impl Registries {
                 let result = client.pull_blob(reference, layer, file).await;
                 if let Err(e) = result {
                     let _ = std::fs::remove_file(&tmp);
-                    return Err(format!("pulling layer {}: {e}", layer.digest));
+                    let doing = format!("pulling layer {}", layer.digest);
+                    return Err(self.explain(&e, &doing, &registry, &image, &auth, platform));
                 }
                 std::fs::rename(&tmp, &dst).map_err(|e| format!("{}: {e}", dst.display()))?;
             }
@@ -264,7 +395,9 @@ impl BaseSource for Registries {
             .join()
             .unwrap_or_else(|_| Err("the registry client panicked".into()))
         })
-        .map_err(|e| format!("{whole}: {e}"))?;
+        // The caller names the reference (`base image REF: ...`); the message names the
+        // registry and the repository there.
+        ?;
         if let Some(parent) = memo.parent() {
             let _ = std::fs::create_dir_all(parent);
         }
@@ -275,6 +408,51 @@ impl BaseSource for Registries {
             .map_err(|e| format!("{}: {e}", memo.display()))?;
         Self::fetched(store, pulled, format!("{whole} from its registry")).map(Some)
     }
+}
+
+/// An error and its causes (`reqwest`'s own message hides them: `error sending request for
+/// url (...)`), each once.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut parts: Vec<String> = vec![e.to_string()];
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let text = c.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        cur = c.source();
+    }
+    parts.join(": ")
+}
+
+/// Whether `registry` (`host[:port]`, port 443 when none) answers a plain http request: an
+/// https connection to it failed, and this says why in words a user can act on.
+fn speaks_plain_http(registry: &str) -> bool {
+    use std::io::{Read, Write};
+    use std::net::{TcpStream, ToSocketAddrs};
+    use std::time::Duration;
+    let has_port = registry
+        .rsplit_once(':')
+        .is_some_and(|(host, port)| port.parse::<u16>().is_ok() && !host.ends_with(':'));
+    let addr = if has_port {
+        registry.to_string()
+    } else {
+        format!("{registry}:443")
+    };
+    let Some(sock) = addr.to_socket_addrs().ok().and_then(|mut a| a.next()) else {
+        return false;
+    };
+    let timeout = Duration::from_secs(3);
+    let Ok(mut conn) = TcpStream::connect_timeout(&sock, timeout) else {
+        return false;
+    };
+    let _ = conn.set_read_timeout(Some(timeout));
+    let _ = conn.set_write_timeout(Some(timeout));
+    let request = format!("GET /v2/ HTTP/1.0\r\nHost: {registry}\r\n\r\n");
+    let mut head = [0u8; 5];
+    conn.write_all(request.as_bytes()).is_ok()
+        && conn.read_exact(&mut head).is_ok()
+        && &head == b"HTTP/"
 }
 
 #[cfg(test)]

@@ -168,6 +168,10 @@ pub struct CopySpec {
     pub owners: bool,
     /// Directories to create first (the destination of a COPY), owned like the items.
     pub dirs: Vec<PathBuf>,
+    /// Items keep their source's owner (`COPY --from` without `--chown`, as Docker does) instead
+    /// of `uid`:`gid`; ids as the tool sandbox sees them, i.e. inside the image.
+    #[serde(default)]
+    pub source_owners: bool,
 }
 
 impl Tools {
@@ -330,6 +334,27 @@ impl Tools {
             mount,
         )
         .map(drop)
+    }
+
+    /// Resolve `COPY --from` sources inside the tool sandbox (read-only), where every file of
+    /// a stage is readable whatever its owner: the request is written to `request_file`.
+    pub fn resolve(
+        &self,
+        request: &crate::context::ResolveRequest,
+        request_file: &Path,
+    ) -> Result<crate::context::Resolved, ToolError> {
+        let failed = |message: String| ToolError::Failed {
+            what: "resolving the sources".into(),
+            message,
+        };
+        let text = serde_json::to_vec(request).map_err(|e| failed(e.to_string()))?;
+        fs::write(request_file, text)
+            .map_err(|e| failed(format!("{}: {e}", request_file.display())))?;
+        let mut argv = self.helper.clone();
+        argv.extend([os("resolve"), os(request_file)]);
+        let out = self.run_with("resolving the sources", argv, &[], None);
+        let _ = fs::remove_file(request_file);
+        serde_json::from_str(out?.trim()).map_err(|e| failed(e.to_string()))
     }
 
     /// `mkdir -p` of `path` inside `root`, owned by uid:gid.
@@ -580,15 +605,20 @@ fn copy_one(item: &CopyItem, spec: &CopySpec, src: &Root, dst: &Root) -> io::Res
             )))
         }
     }
+    let (uid, gid) = if spec.source_owners {
+        (st.st_uid, st.st_gid)
+    } else {
+        (spec.uid, spec.gid)
+    };
     match &fd {
         Some(fd) if spec.owners => rfs::fchown(
             fd,
-            Some(rfs::Uid::from_raw(spec.uid)),
-            Some(rfs::Gid::from_raw(spec.gid)),
+            Some(rfs::Uid::from_raw(uid)),
+            Some(rfs::Gid::from_raw(gid)),
         )
         .map_err(io::Error::from)?,
         Some(_) => {}
-        None => chown_at(ddir, dname, spec.uid, spec.gid, spec.owners)?,
+        None => chown_at(ddir, dname, uid, gid, spec.owners)?,
     }
     if kind != FileType::Symlink {
         let mode = spec.chmod.unwrap_or(st.st_mode & 0o7777);
@@ -696,6 +726,10 @@ fn helper(args: &[OsString]) -> Result<(), String> {
                     )
                 })?;
             }
+            Ok(())
+        }
+        ["resolve", _] => {
+            println!("{}", crate::context::resolve_request(&p(1))?);
             Ok(())
         }
         ["mkdirs", _, path, ids] => {

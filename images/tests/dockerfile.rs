@@ -1,6 +1,6 @@
 //! The Dockerfile parser on a set of real-world-style Dockerfiles, and its errors.
 
-use images::dockerfile::{parse, Command, Instruction, Lexer};
+use images::dockerfile::{heredoc_word, parse, Command, Heredoc, Instruction, Lexer};
 
 fn file(name: &str) -> String {
     let path = format!("{}/tests/dockerfiles/{name}", env!("CARGO_MANIFEST_DIR"));
@@ -120,6 +120,7 @@ fn multi_stage_with_global_args_flags_and_aliases() {
         sources,
         dest,
         flags,
+        ..
     } = &df.steps[8].instruction
     else {
         panic!()
@@ -299,7 +300,232 @@ fn directives_only_at_the_top() {
         df.steps[1].instruction,
         Instruction::Run {
             command: Command::Shell("echo   hi".into()),
-            flags: Default::default()
+            flags: Default::default(),
+            heredocs: Vec::new(),
         }
     );
+}
+
+fn heredoc(name: &str, content: &str, expand: bool, chomp: bool) -> Heredoc {
+    Heredoc {
+        name: name.into(),
+        content: content.into(),
+        expand,
+        chomp,
+    }
+}
+
+#[test]
+fn heredocs_for_run_copy_and_add() {
+    let text = "FROM busybox\n\
+RUN <<EOF\n\
+set -e\n\
+# a comment stays in the script\n\
+echo hi \\\n\
+EOF\n\
+RUN <<-'SCRIPT' \n\
+\t#!/bin/sh\n\
+\techo \"$HOME\"\n\
+\t\tSCRIPT\n\
+RUN cat <<A >/a && \\\n\
+    cat <<\"B\" >/b\n\
+first\n\
+A\n\
+second $x\n\
+B\n\
+COPY --chmod=600 <<conf.ini <<'raw.txt' /etc/app/\n\
+name=$NAME\n\
+conf.ini\n\
+keep $NAME\n\
+raw.txt\n\
+ADD <<EOF /greeting\n\
+hello\n\
+EOF\n\
+CMD [\"true\"]\n";
+    let df = parse(text).unwrap();
+    let names: Vec<&str> = df.steps.iter().map(|s| s.instruction.name()).collect();
+    assert_eq!(names, ["FROM", "RUN", "RUN", "RUN", "COPY", "ADD", "CMD"]);
+    assert_eq!(
+        df.steps.iter().map(|s| s.line).collect::<Vec<_>>(),
+        [1, 2, 7, 11, 17, 22, 25]
+    );
+    assert_eq!(
+        df.steps[1].instruction,
+        Instruction::Run {
+            command: Command::Shell("<<EOF".into()),
+            flags: Default::default(),
+            heredocs: vec![heredoc(
+                "EOF",
+                "set -e\n# a comment stays in the script\necho hi \\\n",
+                true,
+                false
+            )],
+        }
+    );
+    let Instruction::Run { heredocs, .. } = &df.steps[2].instruction else {
+        panic!()
+    };
+    assert_eq!(
+        heredocs,
+        &[heredoc(
+            "SCRIPT",
+            "\t#!/bin/sh\n\techo \"$HOME\"\n",
+            false,
+            true
+        )]
+    );
+    assert_eq!(heredocs[0].body(), "#!/bin/sh\necho \"$HOME\"\n");
+    let Instruction::Run {
+        command, heredocs, ..
+    } = &df.steps[3].instruction
+    else {
+        panic!()
+    };
+    assert_eq!(
+        command,
+        &Command::Shell("cat <<A >/a && cat <<\"B\" >/b".into())
+    );
+    assert_eq!(
+        heredocs,
+        &[
+            heredoc("A", "first\n", true, false),
+            heredoc("B", "second $x\n", false, false)
+        ]
+    );
+    assert_eq!(
+        df.steps[4].instruction,
+        Instruction::Copy {
+            add: false,
+            sources: vec![],
+            dest: "/etc/app/".into(),
+            flags: images::dockerfile::Flags(vec![("chmod".into(), Some("600".into()))]),
+            heredocs: vec![
+                heredoc("conf.ini", "name=$NAME\n", true, false),
+                heredoc("raw.txt", "keep $NAME\n", false, false)
+            ],
+        }
+    );
+    let Instruction::Copy {
+        add: true,
+        heredocs,
+        sources,
+        ..
+    } = &df.steps[5].instruction
+    else {
+        panic!()
+    };
+    assert!(sources.is_empty());
+    assert_eq!(heredocs, &[heredoc("EOF", "hello\n", true, false)]);
+}
+
+#[test]
+fn heredoc_words_as_buildkit_reads_them() {
+    assert_eq!(heredoc_word("<<EOF"), Some(("EOF".into(), true, false)));
+    assert_eq!(heredoc_word("<<-EOF"), Some(("EOF".into(), true, true)));
+    assert_eq!(heredoc_word("<<'EOF'"), Some(("EOF".into(), false, false)));
+    assert_eq!(
+        heredoc_word("<<-\"E F\""),
+        Some(("E F".into(), false, true))
+    );
+    assert_eq!(heredoc_word("3<<IN"), Some(("IN".into(), true, false)));
+    for not in ["<<<EOF", "a<<EOF", "\"<<EOF\"", "<<", "<<-", "<EOF", "EOF"] {
+        assert_eq!(heredoc_word(not), None, "{not}");
+    }
+    // Not heredocs: inside quotes, a here-string, the exec form.
+    let df = parse(
+        "FROM a\nRUN echo \"<<EOF\" '<<X'\nRUN cat <<<word\nRUN [\"sh\", \"-c\", \"cat <<EOF\"]\nCOPY a b\n",
+    )
+    .unwrap();
+    for step in &df.steps[1..4] {
+        let Instruction::Run { heredocs, .. } = &step.instruction else {
+            panic!("{step:?}")
+        };
+        assert!(heredocs.is_empty(), "{step:?}");
+    }
+    assert_eq!(df.steps.len(), 5);
+}
+
+#[test]
+fn heredoc_errors_and_onbuild() {
+    let e = parse("FROM a\nRUN <<EOF\necho never ends\n").unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "line 2: unterminated heredoc <<EOF: no line \"EOF\" ends it"
+    );
+    // The delimiter must be alone on its line (no spaces), tabs only with <<-.
+    let e = parse("FROM a\nRUN <<EOF\nx\nEOF \n\tEOF\n").unwrap_err();
+    assert!(
+        e.to_string().starts_with("line 2: unterminated heredoc"),
+        "{e}"
+    );
+    let e = parse("FROM a\nCOPY <<EOF <<X\nx\nEOF\ny\nX\n").unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "line 2: COPY: a heredoc cannot be the destination (<<X)"
+    );
+    let df = parse("FROM a\nONBUILD RUN <<EOF\necho built\nEOF\nRUN true\n").unwrap();
+    assert_eq!(
+        df.steps[1].instruction,
+        Instruction::Onbuild("RUN <<EOF\necho built\nEOF".into())
+    );
+    assert_eq!(df.steps[2].line, 5);
+    // The stored trigger parses again with its heredoc.
+    let again = parse(&format!("FROM b\n{}\n", "RUN <<EOF\necho built\nEOF")).unwrap();
+    let Instruction::Run { heredocs, .. } = &again.steps[1].instruction else {
+        panic!()
+    };
+    assert_eq!(heredocs[0].content, "echo built\n");
+}
+
+#[test]
+fn every_flag_is_known_and_supported_or_an_error() {
+    let ok = parse(
+        "FROM --platform=linux/amd64 a\n\
+         RUN --network=none --security=sandbox --mount=type=cache,target=/c --mount=type=tmpfs,target=/t true\n\
+         COPY --from=a --chown=1:1 --chmod=644 --link --parents=true x /y/\n\
+         ADD --checksum=sha256:abc --link=false --chown=1 --chmod=600 http://e/x /y\n\
+         HEALTHCHECK --interval=5s --timeout=3s --start-period=1s --start-interval=1s --retries=3 CMD true\n",
+    )
+    .unwrap();
+    let Instruction::Copy { flags, .. } = &ok.steps[2].instruction else {
+        panic!()
+    };
+    assert!(flags.enabled("link") && flags.enabled("parents"));
+    let Instruction::Copy { flags, .. } = &ok.steps[3].instruction else {
+        panic!()
+    };
+    assert!(!flags.enabled("link"));
+    let Instruction::Run { flags, .. } = &ok.steps[1].instruction else {
+        panic!()
+    };
+    assert_eq!(flags.0.iter().filter(|(k, _)| k == "mount").count(), 2);
+    for (text, message) in [
+        ("FROM --plat=x a\n", "line 1: unknown flag --plat for FROM"),
+        ("FROM --platform a\n", "line 1: FROM --platform needs a value (--platform=...)"),
+        ("FROM a\nRUN --foo true\n", "line 2: unknown flag --foo for RUN"),
+        (
+            "FROM a\nRUN --device=/dev/fuse true\n",
+            "line 2: RUN --device is not supported by mistry (RUN steps see only the sandbox's own devices)",
+        ),
+        ("FROM a\nRUN --network=none --network=host true\n", "line 2: RUN --network is given twice"),
+        (
+            "FROM a\nCOPY --exclude=*.md . /app\n",
+            "line 2: COPY --exclude is not supported by mistry (use .dockerignore)",
+        ),
+        ("FROM a\nCOPY --checksum=sha256:x a b\n", "line 2: unknown flag --checksum for COPY"),
+        ("FROM a\nCOPY --link=maybe a b\n", "line 2: COPY --link=maybe: expected true or false"),
+        ("FROM a\nCOPY --from a b\n", "line 2: COPY --from needs a value (--from=...)"),
+        (
+            "FROM a\nADD --keep-git-dir=true https://github.com/x/y.git /src\n",
+            "line 2: ADD --keep-git-dir is not supported by mistry (git sources are not supported: clone into the build context instead)",
+        ),
+        ("FROM a\nADD --parents a b\n", "line 2: unknown flag --parents for ADD"),
+        ("FROM a\nADD --from=x a b\n", "line 2: unknown flag --from for ADD"),
+        (
+            "FROM a\nHEALTHCHECK --interva=1s CMD true\n",
+            "line 2: unknown flag --interva for HEALTHCHECK",
+        ),
+    ] {
+        assert_eq!(parse(text).unwrap_err().to_string(), message, "{text}");
+    }
 }

@@ -108,6 +108,78 @@ pub struct Prepared {
     pub seccomp_program: Option<std::sync::Arc<crate::seccomp::Program>>,
 }
 
+/// What the intermediate process of a start in a held user namespace needs (holder.rs).
+pub struct Held {
+    /// The held user namespace.
+    pub userns: RawFd,
+    pub uid_map: Vec<u8>,
+    pub gid_map: Vec<u8>,
+    /// Switch to uid/gid 0 of the held namespace first (the caller's ids are not mapped there).
+    pub become_root: bool,
+    /// Namespaces of init (a new user namespace among them).
+    pub flags: u64,
+    /// Where the intermediate reports: [0, init's pid] or [stage, errno].
+    pub report: RawFd,
+}
+
+/// Stages of [`intermediate_main`] that can fail, as reported.
+pub const HELD_SETNS: i32 = 1;
+pub const HELD_IDS: i32 = 2;
+pub const HELD_CLONE: i32 = 3;
+pub const HELD_MAP: i32 = 4;
+
+/// The intermediate of a held start: join the held user namespace, start init in a nested
+/// one (as a child of our parent, CLONE_PARENT), write init's maps, report its pid, exit.
+/// Allocation-free, like init.
+pub fn intermediate_main(p: &mut Prepared, h: &Held) -> ! {
+    let say = |a: i32, b: i32| {
+        let mut rec = [0u8; 8];
+        rec[..4].copy_from_slice(&a.to_ne_bytes());
+        rec[4..].copy_from_slice(&b.to_ne_bytes());
+        let _ = sys::write_all(h.report, &rec);
+    };
+    let fail = |stage: i32, e: i32| -> ! {
+        say(stage, e);
+        sys::exit(1)
+    };
+    if let Err(e) = sys::setns(h.userns, libc::CLONE_NEWUSER) {
+        fail(HELD_SETNS, e);
+    }
+    if h.become_root {
+        if let Err(e) = sys::setresgid(0).and_then(|_| sys::setresuid(0)) {
+            fail(HELD_IDS, e);
+        }
+    }
+    let pid = match sys::fork_with(h.flags | libc::CLONE_PARENT as u64, false) {
+        Ok(sys::Forked::Child) => init_main(p),
+        Ok(sys::Forked::Parent { pid, .. }) => pid,
+        Err(e) => fail(HELD_CLONE, e),
+    };
+    // "/proc/<pid>/uid_map\0", built on the stack.
+    let mut digits = [0u8; 10];
+    let num = sys::format_u32(pid as u32, &mut digits);
+    for (name, map) in [
+        (&b"/uid_map\0"[..], &h.uid_map),
+        (&b"/gid_map\0"[..], &h.gid_map),
+    ] {
+        let mut path = [0u8; 40];
+        let mut n = 0;
+        for part in [&b"/proc/"[..], num, name] {
+            path[n..n + part.len()].copy_from_slice(part);
+            n += part.len();
+        }
+        let written = std::ffi::CStr::from_bytes_with_nul(&path[..n])
+            .map_err(|_| libc::EINVAL)
+            .and_then(|c| sys::write_file(c, map));
+        if let Err(e) = written {
+            let _ = sys::kill(pid, libc::SIGKILL);
+            fail(HELD_MAP, e);
+        }
+    }
+    say(0, pid);
+    sys::exit(0)
+}
+
 impl Prepared {
     /// Build the NULL-terminated pointer arrays for argv and envp, and the seccomp programs.
     pub fn finish_pointers(&mut self) {

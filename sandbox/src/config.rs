@@ -40,6 +40,15 @@ impl std::fmt::Display for NetworkMode {
     }
 }
 
+/// A fresh tmpfs mounted inside the sandbox (see [`Sandbox::tmpfs`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tmpfs {
+    /// Absolute path inside the sandbox.
+    pub target: PathBuf,
+    /// Size limit in bytes (the kernel's default, half the RAM, if None).
+    pub size: Option<u64>,
+}
+
 /// A bind mount from the host into the sandbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Bind {
@@ -355,6 +364,7 @@ pub struct Sandbox {
     pub(crate) hostname: String,
     pub(crate) network: NetworkMode,
     pub(crate) binds: Vec<Bind>,
+    pub(crate) tmpfs_mounts: Vec<Tmpfs>,
     pub(crate) tmpfs_tmp: bool,
     pub(crate) read_only_root: bool,
     pub(crate) timeout: Option<Duration>,
@@ -382,6 +392,7 @@ impl Sandbox {
             hostname: "mistry".into(),
             network: NetworkMode::None,
             binds: Vec::new(),
+            tmpfs_mounts: Vec::new(),
             tmpfs_tmp: false,
             read_only_root: false,
             timeout: None,
@@ -477,6 +488,16 @@ impl Sandbox {
     /// Add a bind mount; binds are applied in the order they are added.
     pub fn bind(mut self, bind: Bind) -> Self {
         self.binds.push(bind);
+        self
+    }
+
+    /// Mount a fresh tmpfs (mode 1777, at most `size` bytes if given) at `target`, an absolute
+    /// path inside; applied after the binds and overlay mounts, in the order added.
+    pub fn tmpfs(mut self, target: impl Into<PathBuf>, size: Option<u64>) -> Self {
+        self.tmpfs_mounts.push(Tmpfs {
+            target: target.into(),
+            size,
+        });
         self
     }
 

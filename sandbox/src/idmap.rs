@@ -72,6 +72,39 @@ impl Mapping {
         }
     }
 
+    /// Whether writing this map needs the setuid helpers (an unprivileged caller's full or
+    /// subordinate map).
+    pub fn needs_helpers(&self) -> bool {
+        matches!(
+            self,
+            Mapping::Full {
+                helpers: Some(_),
+                ..
+            } | Mapping::Subordinate {
+                helpers: Some(_),
+                ..
+            }
+        )
+    }
+
+    /// The maps of a user namespace nested in a held one with this mapping: the identity over
+    /// every id the held namespace maps (uid_map, gid_map), extent by extent (the kernel wants
+    /// each nested extent inside one extent of the parent's map).
+    pub fn nested_texts(&self) -> (String, String) {
+        let n = |r: &Range| r.count.min(SUBORDINATE_IDS);
+        match self {
+            Mapping::Single { .. } => ("0 0 1\n".into(), "0 0 1\n".into()),
+            Mapping::Full { subuid, subgid, .. } => (
+                format!("0 0 1\n1 1 {}\n", n(subuid)),
+                format!("0 0 1\n1 1 {}\n", n(subgid)),
+            ),
+            Mapping::Subordinate { subuid, subgid, .. } => (
+                format!("0 0 {}\n", n(subuid)),
+                format!("0 0 {}\n", n(subgid)),
+            ),
+        }
+    }
+
     /// The host uid and gid of sandbox root (what files it creates on binds belong to).
     pub fn root_ids(&self) -> (u32, u32) {
         match self {
@@ -126,8 +159,15 @@ impl Mapping {
                 subgid,
                 helpers: Some((newuidmap, newgidmap)),
             } => {
-                run_helper(newuidmap, pid, *uid, *subuid)?;
-                run_helper(newgidmap, pid, *gid, *subgid)
+                let own = |id| Range {
+                    start: id,
+                    count: 1,
+                };
+                run_map_helpers(
+                    (newuidmap, &[(0, own(*uid)), (1, *subuid)]),
+                    (newgidmap, &[(0, own(*gid)), (1, *subgid)]),
+                    pid,
+                )
             }
             Mapping::Subordinate {
                 subuid,
@@ -141,45 +181,68 @@ impl Mapping {
                 subuid,
                 subgid,
                 helpers: Some((newuidmap, newgidmap)),
-            } => {
-                run_map_helper(newuidmap, pid, &[(0, *subuid)])?;
-                run_map_helper(newgidmap, pid, &[(0, *subgid)])
-            }
+            } => run_map_helpers(
+                (newuidmap, &[(0, *subuid)]),
+                (newgidmap, &[(0, *subgid)]),
+                pid,
+            ),
         }
     }
 }
 
-fn run_map_helper(helper: &Path, pid: i32, ranges: &[(u32, Range)]) -> Result<(), Error> {
-    let mut args = vec![pid.to_string()];
-    for (inside, r) in ranges {
-        args.push(inside.to_string());
-        args.push(r.start.to_string());
-        args.push(r.count.min(SUBORDINATE_IDS).to_string());
+type HelperRun<'a> = (&'a Path, &'a [(u32, Range)]);
+
+/// Run `newuidmap` and `newgidmap` for `pid` at once: each is a setuid program whose start
+/// (exec, dynamic linking, PAM-free checks of /etc/subuid) takes a millisecond or more, and
+/// neither waits for the other.
+fn run_map_helpers(uid: HelperRun<'_>, gid: HelperRun<'_>, pid: i32) -> Result<(), Error> {
+    let started = [uid, gid].map(|(helper, ranges)| {
+        let mut args = vec![pid.to_string()];
+        for (inside, r) in ranges {
+            args.push(inside.to_string());
+            args.push(r.start.to_string());
+            args.push(r.count.min(SUBORDINATE_IDS).to_string());
+        }
+        let child = Command::new(helper)
+            .args(&args)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn();
+        (helper, args, child)
+    });
+    let mut result = Ok(());
+    for (helper, args, child) in started {
+        let done = child
+            .and_then(|c| c.wait_with_output())
+            .map_err(|e| Error::IdMap {
+                what: format!("running {}", helper.display()),
+                reason: e.to_string(),
+            });
+        let failed = match done {
+            Ok(out) if out.status.success() => continue,
+            Ok(out) => Error::IdMap {
+                what: format!("{} {}", helper.display(), args.join(" ")),
+                reason: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            },
+            Err(e) => e,
+        };
+        // Both are waited for (no zombie left behind); the first failure is reported.
+        if result.is_ok() {
+            result = Err(failed);
+        }
     }
-    let out = Command::new(helper)
-        .args(&args)
-        .output()
-        .map_err(|e| Error::IdMap {
-            what: format!("running {}", helper.display()),
-            reason: e.to_string(),
-        })?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(Error::IdMap {
-            what: format!("{} {}", helper.display(), args.join(" ")),
-            reason: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        })
-    }
+    result
 }
 
-/// The caller's own id as 0, its subordinate range as 1.. (`newuidmap PID 0 OWN 1 1 START N`).
-fn run_helper(helper: &Path, pid: i32, own: u32, sub: Range) -> Result<(), Error> {
-    let own = Range {
-        start: own,
-        count: 1,
-    };
-    run_map_helper(helper, pid, &[(0, own), (1, sub)])
+/// Whether this process runs with `no_new_privs` (set-uid programs then gain nothing).
+fn no_new_privs() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .map(|s| {
+            s.lines()
+                .any(|l| l.split_whitespace().eq(["NoNewPrivs:", "1"]))
+        })
+        .unwrap_or(false)
 }
 
 /// Parse `/etc/subuid`-style text and return the first range of `name` or `id`.
@@ -286,6 +349,13 @@ pub fn try_choose(mode: IdMapping) -> Result<(Mapping, Option<String>), Error> {
         None
     } else {
         match (find_program("newuidmap"), find_program("newgidmap")) {
+            _ if no_new_privs() => {
+                return fallback(
+                    "no_new_privs is set (e.g. systemd's NoNewPrivileges=yes): the set-uid \
+                     newuidmap/newgidmap cannot map subordinate ids"
+                        .into(),
+                )
+            }
             (Some(u), Some(g)) => Some((u, g)),
             _ => {
                 return fallback("newuidmap/newgidmap not installed (Debian package uidmap)".into())

@@ -57,6 +57,7 @@
 mod cgroup;
 mod child;
 mod config;
+mod holder;
 mod idmap;
 mod limits;
 pub mod paths;
@@ -76,7 +77,11 @@ use std::time::{Duration, Instant};
 pub use caps::Capability;
 pub use config::{
     Bind, CgroupLimits, IdMapping, Limits, NetworkMode, Overlay, OverlayMount, Policy, Rlimit,
-    RlimitResource, Sandbox, Seccomp, Stdio, User, DEFAULT_CAPABILITIES,
+    RlimitResource, Sandbox, Seccomp, Stdio, Tmpfs, User, DEFAULT_CAPABILITIES,
+};
+pub use holder::{
+    enabled as held_user_namespaces, holder_pid as held_user_namespace_pid,
+    set_enabled as set_held_user_namespaces,
 };
 pub use idmap::{
     choose as choose_id_map, default_mode as default_id_mapping,
@@ -483,6 +488,7 @@ impl Sandbox {
             rootfs: &rootfs,
             network: self.network,
             binds: &binds,
+            tmpfs_mounts: &self.tmpfs_mounts,
             tmpfs_tmp: self.tmpfs_tmp,
             read_only_root: self.read_only_root,
             sysctls: &sysctls,
@@ -630,13 +636,17 @@ impl Sandbox {
         if self.network == NetworkMode::None {
             flags |= libc::CLONE_NEWNET as u64;
         }
-        let (pid, pidfd) = match sys::fork_with(flags, true) {
-            Ok(sys::Forked::Child) => child::init_main(&mut prepared),
-            Ok(sys::Forked::Parent { pid, pidfd }) => {
-                // SAFETY: clone returned this pidfd to us; nothing else owns it.
-                (pid, unsafe { OwnedFd::from_raw_fd(pidfd) })
-            }
-            Err(e) => return Err(namespaces_error(e)),
+        let held = holder::userns_for(&mapping);
+        let (pid, pidfd) = match &held {
+            Some(userns) => start_held(&mut prepared, &mapping, userns.as_raw_fd(), flags)?,
+            None => match sys::fork_with(flags, true) {
+                Ok(sys::Forked::Child) => child::init_main(&mut prepared),
+                Ok(sys::Forked::Parent { pid, pidfd }) => {
+                    // SAFETY: clone returned this pidfd to us; nothing else owns it.
+                    (pid, unsafe { OwnedFd::from_raw_fd(pidfd) })
+                }
+                Err(e) => return Err(namespaces_error(e)),
+            },
         };
         drop((
             stdin_child,
@@ -663,9 +673,11 @@ impl Sandbox {
             stdout,
             stderr,
         };
-        if let Err(e) = mapping.write(pid) {
-            let _ = child.kill();
-            return Err(e);
+        if held.is_none() {
+            if let Err(e) = mapping.write(pid) {
+                let _ = child.kill();
+                return Err(e);
+            }
         }
         if let Some(cg) = cgroup {
             match cg.add(pid) {
@@ -712,6 +724,70 @@ impl Sandbox {
         }
         Ok(child)
     }
+}
+
+/// Start init through an intermediate that joins the held user namespace `userns` (see
+/// holder.rs): init is our child, in a user namespace nested in the held one, its maps written.
+fn start_held(
+    prepared: &mut Prepared,
+    mapping: &idmap::Mapping,
+    userns: RawFd,
+    flags: u64,
+) -> Result<(libc::pid_t, OwnedFd), Error> {
+    let (report_r, report_w) = sys::pipe().map_err(namespaces_error)?;
+    // SAFETY: pipe() returned these two descriptors to us; nothing else owns them.
+    let (report_r, report_w) = unsafe {
+        (
+            OwnedFd::from_raw_fd(report_r),
+            OwnedFd::from_raw_fd(report_w),
+        )
+    };
+    let (uid_map, gid_map) = mapping.nested_texts();
+    let held = child::Held {
+        userns,
+        uid_map: uid_map.into_bytes(),
+        gid_map: gid_map.into_bytes(),
+        become_root: matches!(mapping, idmap::Mapping::Subordinate { .. }),
+        flags,
+        report: report_w.as_raw_fd(),
+    };
+    let middle = match sys::fork_with(0, false) {
+        Ok(sys::Forked::Child) => child::intermediate_main(prepared, &held),
+        Ok(sys::Forked::Parent { pid, .. }) => pid,
+        Err(e) => return Err(namespaces_error(e)),
+    };
+    drop(report_w);
+    let mut rec = [0u8; 8];
+    let got = read_up_to(&mut File::from(report_r), &mut rec);
+    let _ = sys::waitpid(middle, 0);
+    let word = |i: usize| i32::from_ne_bytes([rec[i], rec[i + 1], rec[i + 2], rec[i + 3]]);
+    let (stage, value) = (word(0), word(4));
+    if got != rec.len() || stage != 0 {
+        if stage == child::HELD_SETNS || got != rec.len() {
+            holder::discard(mapping);
+        }
+        let what = match stage {
+            child::HELD_SETNS => "joining the held user namespace",
+            child::HELD_IDS => "becoming root of the held user namespace",
+            child::HELD_CLONE => return Err(namespaces_error(value)),
+            child::HELD_MAP => "writing the nested id maps",
+            _ => "starting through the held user namespace",
+        };
+        return Err(Error::IdMap {
+            what: what.into(),
+            reason: if got == rec.len() {
+                errno_text(value)
+            } else {
+                "the intermediate process died".into()
+            },
+        });
+    }
+    let pidfd = sys::pidfd_open(value).map_err(|e| Error::IdMap {
+        what: "opening the sandbox's pidfd".into(),
+        reason: errno_text(e),
+    })?;
+    // SAFETY: pidfd_open returned this descriptor to us; nothing else owns it.
+    Ok((value, unsafe { OwnedFd::from_raw_fd(pidfd) }))
 }
 
 fn read_up_to(f: &mut File, buf: &mut [u8]) -> usize {

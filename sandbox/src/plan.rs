@@ -11,7 +11,7 @@ use std::ffi::{CString, OsStr};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
-use crate::config::{NetworkMode, Overlay, OverlayMount};
+use crate::config::{NetworkMode, Overlay, OverlayMount, Tmpfs};
 use crate::paths::try_resolve_in_root;
 use crate::sys::{MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY};
 
@@ -207,6 +207,8 @@ pub struct Spec<'a> {
     pub overlay_mounts: &'a [OverlayMount],
     pub network: NetworkMode,
     pub binds: &'a [PlannedBind],
+    /// Fresh tmpfs mounts, after the binds and overlay mounts.
+    pub tmpfs_mounts: &'a [Tmpfs],
     pub tmpfs_tmp: bool,
     pub read_only_root: bool,
     /// Sysctls of the sandbox's own namespaces to write once `/proc` is mounted (path, value).
@@ -595,6 +597,23 @@ pub fn build(spec: &Spec<'_>) -> Result<(Vec<Op>, usize), crate::Error> {
         });
     }
 
+    for t in spec.tmpfs_mounts {
+        let dest = resolve(&t.target)?;
+        ops.push(Op::Mkdirs {
+            dirs: prefixes(&dest),
+        });
+        let data = match t.size {
+            Some(size) => format!("mode=1777,size={size}"),
+            None => "mode=1777".to_string(),
+        };
+        ops.push(Op::Mount {
+            fstype: c("tmpfs"),
+            target: cpath(&dest),
+            flags: NOSUID | NODEV,
+            data: Some(c(&data)),
+        });
+    }
+
     if spec.read_only_root {
         ops.push(Op::ReadOnlyRoot);
     }
@@ -660,6 +679,7 @@ mod tests {
             rootfs: Path::new("/r"),
             network: NetworkMode::None,
             binds: &binds,
+            tmpfs_mounts: &[],
             tmpfs_tmp: true,
             read_only_root: true,
             sysctls: &[],
@@ -702,6 +722,7 @@ mod tests {
             rootfs: Path::new("/r"),
             network: NetworkMode::Host,
             binds: &[],
+            tmpfs_mounts: &[],
             tmpfs_tmp: false,
             read_only_root: false,
             sysctls: &[],
@@ -775,6 +796,7 @@ mod tests {
             rootfs: r,
             network: NetworkMode::None,
             binds: &binds,
+            tmpfs_mounts: &[],
             tmpfs_tmp: false,
             read_only_root: false,
             sysctls: &[],

@@ -69,7 +69,12 @@ pub fn fork_with(ns_flags: u64, want_pidfd: bool) -> Result<Forked, i32> {
                 0
             },
         pidfd: &mut pidfd as *mut c_int as u64,
-        exit_signal: libc::SIGCHLD as u64,
+        // With CLONE_PARENT the child inherits the caller's exit signal; clone3 refuses another.
+        exit_signal: if ns_flags & libc::CLONE_PARENT as u64 != 0 {
+            0
+        } else {
+            libc::SIGCHLD as u64
+        },
         ..CloneArgs::default()
     };
     // SAFETY: clone3 with a zero stack behaves like fork(2): the child resumes here on a private
@@ -643,4 +648,30 @@ pub fn write_file(path: &CStr, data: &[u8]) -> Result<(), i32> {
     // SAFETY: `fd` was opened above and is not used after this.
     unsafe { close(fd) };
     r
+}
+
+/// setns(2): join the namespace `fd` refers to (`nstype` one CLONE_NEW* flag, or 0).
+pub fn setns(fd: RawFd, nstype: c_int) -> Result<(), i32> {
+    // SAFETY: plain integers.
+    check_int(unsafe { libc::setns(fd, nstype) }).map(drop)
+}
+
+/// pidfd_open(2): a pidfd for `pid`, close-on-exec.
+pub fn pidfd_open(pid: libc::pid_t) -> Result<RawFd, i32> {
+    // SAFETY: plain integers; the kernel returns a new descriptor or an error.
+    check(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) }).map(|fd| fd as RawFd)
+}
+
+/// Write the decimal form of `n` into `buf`, returning the digits written (no allocation).
+pub fn format_u32(mut n: u32, buf: &mut [u8; 10]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    &buf[i..]
 }

@@ -56,6 +56,10 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     mistry::duration::parse(s)
 }
 
+fn parse_age(s: &str) -> Result<Duration, String> {
+    mistry::config::parse_age(s).map_err(|e| format!("{e:#}"))
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Rebuild the images of all projects (or the named ones) ignoring every cache, then prune
@@ -74,6 +78,36 @@ enum Command {
     /// Build images into a layer store, collect garbage (debugging, benchmarks).
     #[command(subcommand)]
     Image(ImageCommand),
+    /// Remove ready builds: the last N of each project and group are kept (--keep), or those
+    /// younger than --older-than; without either, the configuration's `retention`. Link targets
+    /// (`latest`, `groups/<g>`) and pending builds stay. Safe beside a running daemon.
+    Purge {
+        /// Only this project (repeatable).
+        #[arg(long, short = 'p')]
+        project: Vec<String>,
+        /// Remove builds that started longer ago than this (`7d`, `36h`, `90m`).
+        #[arg(long, value_name = "AGE", value_parser = parse_age)]
+        older_than: Option<Duration>,
+        /// Keep the last N builds of each project and group.
+        #[arg(long, value_name = "N")]
+        keep: Option<usize>,
+        /// List what would be removed; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Run a command (default: $SHELL) in a user namespace with the sandboxes' id mapping, the
+    /// host's filesystem visible, like `podman unshare`: to inspect or delete files jobs made.
+    Unshare {
+        #[arg(
+            trailing_var_arg = true,
+            allow_hyphen_values = true,
+            value_name = "CMD"
+        )]
+        command: Vec<std::ffi::OsString>,
+    },
+    /// Check what this host needs to run jobs, and say how to fix what is missing; exits 1 when
+    /// something blocks jobs.
+    Doctor,
     /// Image-tree operations run inside the sandbox's user namespace (used by mistryd itself).
     #[command(hide = true)]
     Internal {
@@ -176,6 +210,9 @@ async fn serve(cli: Cli) -> Result<()> {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "mistryd: listening on {bound}").and_then(|()| out.flush());
     }
+    // Retention (`retention` in the configuration): a pass every interval, besides the one
+    // after each job.
+    engine.start_retention();
     let app = mistry::server::router(Arc::clone(&engine));
     let limits = mistry::server::Limits {
         max_connections: connection_cap(cli.max_connections),
@@ -249,18 +286,52 @@ fn rebuild(cli: &Cli, projects: &[String], fail_fast: bool, verbose: bool) -> Re
     }
 }
 
+/// ANSI colours in the logs only when stderr is a terminal and `NO_COLOR` is unset or empty
+/// (<https://no-color.org>): journald, files and pipes get plain text.
+fn log_colours() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// `mistryd unshare`: the id mapping of the configuration (when its file exists) or of
+/// `--sandbox-ids`.
+fn unshare(cli: &Cli, command: Vec<std::ffi::OsString>) -> Result<i32> {
+    if cli.config.exists() {
+        load(cli)?;
+    } else if let Some(ids) = cli.sandbox_ids {
+        sandbox::set_default_id_mapping(match ids {
+            SandboxIds::Auto => sandbox::IdMapping::Auto,
+            SandboxIds::Subordinate => sandbox::IdMapping::Subordinate,
+        });
+    }
+    mistry::operator::unshare::run(command)
+}
+
 fn main() {
     let default = match std::env::args().nth(1).as_deref() {
-        Some("sandbox") | Some("image") | Some("internal") => "warn",
+        // `mistryd image build` says which storage backend the store uses, and why.
+        Some("image") => "warn,images::store=info",
+        Some("sandbox") | Some("internal") | Some("unshare") | Some("doctor") => "warn",
         _ => "info",
     };
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_env("MISTRY_LOG").unwrap_or_else(|_| EnvFilter::new(default)),
         )
+        .with_ansi(log_colours())
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    // The daemon, image builds and rebuilds set the subordinate id map up once and hold it
+    // (rootless: no setuid helper per sandbox); one-shot `sandbox run` maps its ids itself.
+    // MISTRY_NO_HELD_USERNS=1 turns holding off.
+    if !matches!(
+        cli.command,
+        Some(Command::Sandbox(_)) | Some(Command::Internal { .. })
+    ) && !matches!(std::env::var("MISTRY_NO_HELD_USERNS").as_deref(), Ok(v) if !v.is_empty() && v != "0")
+    {
+        sandbox::set_held_user_namespaces(true);
+    }
     let code = match &cli.command {
         Some(Command::Sandbox(SandboxCommand::Run(_))) => {
             let Some(Command::Sandbox(SandboxCommand::Run(args))) = cli.command else {
@@ -281,6 +352,48 @@ fn main() {
             }
         }
         Some(Command::Internal { args }) => images::helper_main(args),
+        Some(Command::Purge {
+            project,
+            older_than,
+            keep,
+            dry_run,
+        }) => {
+            let opts = mistry::operator::purge::Options {
+                projects: project.clone(),
+                older_than: *older_than,
+                keep: *keep,
+                dry_run: *dry_run,
+            };
+            match load(&cli).and_then(|cfg| {
+                mistry::operator::purge::run(&cfg, &opts, &mut std::io::stdout().lock())
+            }) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("mistryd: {e:#}");
+                    1
+                }
+            }
+        }
+        Some(Command::Unshare { command }) => match unshare(&cli, command.clone()) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("mistryd: {e:#}");
+                1
+            }
+        },
+        Some(Command::Doctor) => {
+            match mistry::operator::doctor::run(
+                &cli.config,
+                cli.sandbox_ids,
+                &mut std::io::stdout().lock(),
+            ) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("mistryd: {e}");
+                    1
+                }
+            }
+        }
         Some(Command::Rebuild {
             project,
             fail_fast,

@@ -9,13 +9,15 @@
 //!   "job_backlog": 4,                              // default: 2 × concurrency
 //!   "images_path": "/var/lib/mistry/images",       // local base images (OCI layouts)
 //!   "store_path": "/var/lib/mistry/data/.mistry",  // layer store; default <build_path>/.mistry
-//!   "filesystem": "btrfs",                         // plain | btrfs; default: detected
+//!   "filesystem": "overlay",                       // plain | btrfs | overlay; default: detected
 //!   "network": "host",                             // host (default, as mistry) | none
 //!   "time_limit": "30m",                           // per job, Go syntax; default: none
 //!   "registries": {"insecure": [], "auth_file": null, "credentials": {}},
 //!   "projects": {"NAME": {"network": "none", "time_limit": "5m"}},
 //!   "seccomp": "default", "nested_user_namespaces": false, "sandbox_ids": "auto",
-//!   "limits": {"processes": 1024, "memory": "8GiB", "open_files": 65536, "disk": "20GiB"}
+//!   "secrets": {"npm_token": "/etc/mistry/npm_token"},   // RUN --mount=type=secret
+//!   "limits": {"processes": 1024, "memory": "8GiB", "open_files": 65536, "disk": "20GiB"},
+//!   "retention": {"keep": 10, "max_age": "14d", "min_free": "10%", "interval": "10m"}
 //! }
 //! ```
 //!
@@ -37,8 +39,12 @@ use sandbox::NetworkMode;
 use serde::Deserialize;
 
 mod project;
+mod retention;
+mod secrets;
 
 pub use project::{Effective, ProjectSettings};
+pub use retention::{human_bytes, parse_age, parse_min_free, MinFree, Retention};
+pub use secrets::Secret;
 
 #[derive(Debug, Clone, Deserialize)]
 struct Raw {
@@ -62,6 +68,10 @@ struct Raw {
     #[serde(default)]
     limits: RawLimits,
     sandbox_ids: Option<String>,
+    #[serde(default)]
+    secrets: BTreeMap<String, secrets::RawSecret>,
+    #[serde(default)]
+    retention: retention::RawRetention,
 }
 
 /// The validated configuration.
@@ -88,6 +98,10 @@ pub struct Config {
     /// Where the daemon listens (set at start, not from the file): `ADD <url>` never connects
     /// there.
     pub listen: Vec<std::net::SocketAddr>,
+    /// What `RUN --mount=type=secret` may read: id → file, and which projects may (`secrets`).
+    pub secrets: BTreeMap<String, Secret>,
+    /// What the daemon keeps of its build results (`retention`).
+    pub retention: Retention,
 }
 
 pub(crate) fn parse_network(s: &str, what: &str) -> Result<NetworkMode> {
@@ -175,6 +189,8 @@ impl Config {
                 .map_err(|e| anyhow::anyhow!("sandbox_ids: {e}"))?,
             None => SandboxIds::Auto,
         };
+        let retention = Retention::parse(&raw.retention)?;
+        let secret_map = secrets::parse(&raw.secrets, &base_dir)?;
         Ok(Config {
             projects_path: projects_path
                 .canonicalize()
@@ -200,6 +216,8 @@ impl Config {
             sandbox_ids,
             base_dir,
             listen: Vec::new(),
+            secrets: secret_map,
+            retention,
         })
     }
 
@@ -226,7 +244,10 @@ mod tests {
                 .replace("/var/lib/mistry/projects", p.to_str().unwrap())
                 .replace("\"/var/lib/mistry/data\"", &format!("\"{}\"", b.display()));
         let c = Config::parse(&text, Path::new("config.sample.json")).unwrap();
-        assert_eq!(c.filesystem, Some(BackendKind::Btrfs));
+        assert_eq!(
+            c.filesystem, None,
+            "the sample leaves the backend to detection"
+        );
         assert_eq!(c.time_limit, Some(Duration::from_secs(1800)));
         assert_eq!(c.registries.insecure, ["127.0.0.1:5000"]);
         assert_eq!(

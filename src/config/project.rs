@@ -102,6 +102,7 @@ impl Config {
         opts.run_timeout = settings.time_limit;
         opts.policy = settings.security.policy();
         opts.download.deny_connect = self.listen.clone();
+        opts.secrets = super::secrets::for_project(&self.secrets, project);
         if let Some(t) = settings.time_limit {
             opts.download.timeout = opts.download.timeout.min(t);
         }

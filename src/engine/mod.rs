@@ -11,6 +11,7 @@ mod follow;
 pub mod layout;
 mod lookup;
 pub mod outcome;
+pub mod retention;
 mod runner;
 pub mod state;
 
@@ -104,6 +105,8 @@ pub struct Engine {
     link_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
     shutting_down: AtomicBool,
     pub metrics: Metrics,
+    /// Retention's state (`retention.rs`).
+    retainer: Arc<retention::Retainer>,
 }
 
 fn now_rfc3339() -> String {
@@ -123,10 +126,12 @@ impl Engine {
             link_locks: Mutex::new(HashMap::new()),
             shutting_down: AtomicBool::new(false),
             metrics: Metrics::new(),
+            retainer: Arc::new(retention::Retainer::new(&cfg.build_path)),
             builder,
             cfg,
         };
         engine.clean_pending()?;
+        engine.retainer.trash().clean_leftovers(engine.store());
         engine.count_hosted();
         Ok(engine)
     }
@@ -262,6 +267,11 @@ impl Engine {
                 });
             drop(permit);
             engine.jobs.set(&key, JobState::Ready(Arc::new(info)));
+            // Retention of the job's group (and the low-water mark), after the answer.
+            let e2 = Arc::clone(&engine);
+            let _ =
+                tokio::task::spawn_blocking(move || e2.retain_after_job(&key.project, &req.group))
+                    .await;
         });
     }
 
@@ -297,6 +307,8 @@ impl Engine {
         let dir = self.layout.job(&key.project, &key.id, Stage::Pending);
         let blank = self.blank_info(req, &dir);
         let previous = self.layout.last_good(&req.project, &req.group);
+        // Retention leaves the base of this build alone while it runs.
+        let _base = self.retainer.hold(previous.as_deref());
         let job = runner::Job {
             req,
             dir: &dir,
@@ -307,6 +319,10 @@ impl Engine {
         let report = self.runner.run(&self.cfg, &job);
         let mut info = report.into_info(blank, &req.project);
         info.duration = started.elapsed().as_nanos() as i64;
+        // Ready and linked under the project's link lock: retention, which takes it too, never
+        // sees a successful build between the two.
+        let lock = self.link_lock(&req.project);
+        let guard = lock.lock().unwrap_or_else(|e| e.into_inner());
         if dir.is_dir() {
             if let Err(e) = self.to_ready(&dir, &info) {
                 info.err_build = format!(
@@ -316,13 +332,12 @@ impl Engine {
             }
         }
         if info.succeeded() {
-            let lock = self.link_lock(&req.project);
-            let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
             let link = self.layout.link(&req.project, &req.group);
             if let Err(e) = dir.in_stage(Stage::Ready).link_from(&link) {
                 tracing::warn!(project = %req.project, id = %key.id, error = %e, "could not update {}", link.display());
             }
         }
+        drop(guard);
         self.metrics.finished(&info, started.elapsed());
         self.count_hosted();
         info

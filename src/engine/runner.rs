@@ -30,6 +30,49 @@ pub struct Job<'a> {
     pub on_sandbox: &'a dyn Fn(Option<i32>),
 }
 
+/// When each phase of a job ended, for one debug line per job (`MISTRY_LOG=mistry::engine=debug`):
+/// where a job's milliseconds go.
+struct Phases {
+    start: std::time::Instant,
+    marks: std::cell::RefCell<Vec<(&'static str, std::time::Instant)>>,
+}
+
+impl Phases {
+    fn new() -> Phases {
+        Phases {
+            start: std::time::Instant::now(),
+            marks: std::cell::RefCell::new(Vec::with_capacity(8)),
+        }
+    }
+
+    fn mark(&self, what: &'static str) {
+        self.marks
+            .borrow_mut()
+            .push((what, std::time::Instant::now()));
+    }
+
+    fn log(&self, project: &str) {
+        let mut last = self.start;
+        let mut text = String::new();
+        for (what, at) in self.marks.borrow().iter() {
+            let ms = at.duration_since(last).as_secs_f64() * 1e3;
+            text.push_str(&format!(" {what}={ms:.2}ms"));
+            last = *at;
+        }
+        tracing::debug!(project, phases = %text.trim_start(), "job phases");
+    }
+}
+
+/// What running one job's sandbox needs besides its image.
+#[derive(Clone, Copy)]
+struct Running<'a> {
+    cfg: &'a Config,
+    job: &'a Job<'a>,
+    settings: &'a Effective,
+    log: &'a File,
+    phases: &'a Phases,
+}
+
 /// Runs jobs on images built by its builder.
 pub struct Runner {
     builder: Arc<Builder>,
@@ -47,6 +90,7 @@ impl Runner {
 
     /// Run `job` to its end.
     pub fn run(&self, cfg: &Config, job: &Job) -> Report {
+        let phases = Phases::new();
         let mut report = Report {
             outcome: JobOutcome::Exited(0),
             incremental: false,
@@ -54,6 +98,7 @@ impl Runner {
         };
         report.outcome = match self.prepare(job) {
             Ok(incremental) => {
+                phases.mark("workspace");
                 report.incremental = incremental;
                 // While it runs, the job's BuildInfo is the blank one.
                 let provisional = BuildInfo {
@@ -61,7 +106,7 @@ impl Runner {
                     ..job.blank.clone()
                 };
                 let _ = job.dir.write_info(&provisional);
-                self.execute(cfg, job, &mut report.problems)
+                self.execute(cfg, job, &mut report.problems, &phases)
                     .unwrap_or_else(JobOutcome::Internal)
             }
             Err(e) => JobOutcome::Internal(e),
@@ -75,6 +120,8 @@ impl Runner {
             }
         }
         report.problems.extend(problem);
+        phases.mark("checks");
+        phases.log(&job.req.project);
         report
     }
 
@@ -103,6 +150,7 @@ impl Runner {
         cfg: &Config,
         job: &Job,
         problems: &mut Vec<String>,
+        phases: &Phases,
     ) -> Result<JobOutcome, RunError> {
         let mut log = job
             .dir
@@ -111,7 +159,7 @@ impl Runner {
         let settings = cfg
             .effective(&job.req.project)
             .map_err(|e| RunError::Settings(format!("{e:#}")))?;
-        let outcome = self.build_and_run(cfg, job, &settings, &log)?;
+        let outcome = self.build_and_run(cfg, job, &settings, &log, phases)?;
         if let Some(line) = outcome.log_line() {
             let _ = writeln!(log, "{line}");
         }
@@ -130,6 +178,7 @@ impl Runner {
         job: &Job,
         settings: &Effective,
         log: &File,
+        phases: &Phases,
     ) -> Result<JobOutcome, RunError> {
         let mut opts = cfg.build_options_with(&job.req.project, settings);
         opts.no_cache = job.req.rebuild;
@@ -137,6 +186,7 @@ impl Runner {
             Ok((image, _)) => image,
             Err(e) => return Ok(JobOutcome::ImageBuildFailed(e.to_string())),
         };
+        phases.mark("image");
         if let Err(e) = self.give_data(&image, job.dir) {
             return match e {
                 GiveData::User(e) => Ok(JobOutcome::CouldNotRun(e)),
@@ -149,12 +199,20 @@ impl Runner {
             ));
         }
         let overlay = !self.overlay_refused.load(Ordering::SeqCst);
-        match self.sandbox(cfg, job, &image, settings, log, overlay) {
+        phases.mark("data");
+        let at = Running {
+            cfg,
+            job,
+            settings,
+            log,
+            phases,
+        };
+        match self.sandbox(&at, &image, overlay) {
             Err(e) if overlay && e.overlay_refused() => {
                 // The kernel refused an overlay in a user namespace: fall back to a copy.
                 tracing::warn!(error = %e, "overlay roots unavailable; jobs run on copies of their image");
                 self.overlay_refused.store(true, Ordering::SeqCst);
-                self.sandbox(cfg, job, &image, settings, log, false)
+                self.sandbox(&at, &image, false)
             }
             r => r,
         }
@@ -196,20 +254,20 @@ impl Runner {
 
     /// Run the job's sandbox on its own root (an overlay over its image when `overlay`, else a
     /// snapshot or a copy), thrown away in the background afterwards.
-    fn sandbox(
-        &self,
-        cfg: &Config,
-        job: &Job,
-        image: &Image,
-        settings: &Effective,
-        log: &File,
-        overlay: bool,
-    ) -> Result<JobOutcome, RunError> {
+    fn sandbox(&self, at: &Running, image: &Image, overlay: bool) -> Result<JobOutcome, RunError> {
+        let Running {
+            cfg,
+            job,
+            settings,
+            log,
+            phases,
+        } = *at;
         let root = self
             .builder
             .store
             .job_root(image.snapshot.as_deref(), overlay)
             .map_err(RunError::store("preparing the job's root filesystem"))?;
+        phases.mark("root");
         let ic = &image.config;
         let stdout = log.try_clone().map_err(RunError::io("out.log"))?;
         let mut sb = root
@@ -258,6 +316,7 @@ impl Runner {
                 return Ok(JobOutcome::CouldNotStart(e.to_string()));
             }
         };
+        phases.mark("sandbox start");
         (job.on_sandbox)(Some(child.id()));
         // stderr goes to out.log and, alone, to stderr.log, as it comes.
         let mut stderr = child.stderr.take();
@@ -275,6 +334,7 @@ impl Runner {
         });
         let status = child.wait();
         let _ = tee.join();
+        phases.mark("job");
         (job.on_sandbox)(None);
         Ok(status?.into())
     }

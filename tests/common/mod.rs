@@ -5,6 +5,7 @@
 //! unprivileged run).
 #![allow(dead_code)]
 
+pub mod registry;
 pub mod server;
 
 use std::ffi::OsString;

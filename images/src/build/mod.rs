@@ -30,6 +30,7 @@ use crate::view::View;
 mod base;
 mod copy;
 mod export;
+mod mounts;
 mod options;
 mod rules;
 mod run;

@@ -65,6 +65,9 @@ pub struct BuildOptions {
     pub download: crate::download::DownloadPolicy,
     /// Seccomp, nested user namespaces and resource limits of RUN steps.
     pub policy: sandbox::Policy,
+    /// Secrets `RUN --mount=type=secret,id=ID` can use: id → file on the host, read when a step
+    /// runs. Never part of a layer, a step record or a step key.
+    pub secrets: Vec<(String, PathBuf)>,
 }
 
 impl BuildOptions {
@@ -79,6 +82,7 @@ impl BuildOptions {
             run_timeout: None,
             download: crate::download::DownloadPolicy::default(),
             policy: sandbox::Policy::default(),
+            secrets: Vec::new(),
         }
     }
 }

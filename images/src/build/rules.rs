@@ -5,7 +5,8 @@ use std::path::Path;
 
 use super::{expand, key_of, step_err, BuildError, Run};
 use crate::config::ImageConfig;
-use crate::dockerfile::{Command, Instruction, Step};
+use crate::dockerfile::{heredoc_word, Command, Heredoc, Instruction, Step};
+use crate::lex::Lexer;
 
 pub(super) fn command_argv(cmd: &Command, config: &ImageConfig) -> Vec<String> {
     match cmd {
@@ -16,6 +17,79 @@ pub(super) fn command_argv(cmd: &Command, config: &ImageConfig) -> Vec<String> {
             argv
         }
     }
+}
+
+/// A RUN heredoc run as a file by its `#!` interpreter.
+struct Script {
+    /// The file's name under `/dev/pipes/` (the delimiter, or `script`).
+    name: String,
+    text: String,
+}
+
+/// Where a heredoc script is seen by the RUN step, as BuildKit puts it.
+const SCRIPT_DIR: &str = "/dev/pipes";
+
+/// RUN's argv, heredocs applied as BuildKit's Dockerfile frontend does:
+/// - `RUN <<EOF` alone: the body is the script, given to the shell (`sh -c BODY`); a body
+///   starting with `#!` is written to a file run by its interpreter (`sh -c /dev/pipes/EOF`);
+/// - anything else (`RUN cat <<EOF > f`, several heredocs): the line and the bodies with their
+///   delimiters go to the shell as one script, which processes the heredocs itself.
+fn run_argv(
+    cmd: &Command,
+    heredocs: &[Heredoc],
+    config: &ImageConfig,
+) -> (Vec<String>, Option<Script>) {
+    let (Command::Shell(line), Some(first)) = (cmd, heredocs.first()) else {
+        return (command_argv(cmd, config), None);
+    };
+    let alone = heredocs.len() == 1
+        && Lexer::new('\\')
+            .split_raw(line)
+            .is_ok_and(|w| w.len() == 1 && heredoc_word(&w[0]).is_some());
+    let mut argv = config.shell();
+    if !alone {
+        let mut full = line.clone();
+        for h in heredocs {
+            full.push('\n');
+            full.push_str(&h.content);
+            full.push_str(&h.name);
+        }
+        argv.push(full);
+        return (argv, None);
+    }
+    let body = first.body();
+    if !body.starts_with("#!") {
+        argv.push(body);
+        return (argv, None);
+    }
+    let plain = !first.name.is_empty()
+        && first.name != "."
+        && first.name != ".."
+        && !first.name.contains('/')
+        && !first.name.contains('\0');
+    let name = if plain {
+        first.name.clone()
+    } else {
+        "script".into()
+    };
+    argv.push(format!("{SCRIPT_DIR}/{name}"));
+    (argv, Some(Script { name, text: body }))
+}
+
+/// Write `script` to `file` (0755) and say how the step sees it: read-only at
+/// `/dev/pipes/NAME` (a tmpfs of the sandbox: nothing lands in the layer).
+fn write_script(file: &Path, script: &Script) -> std::io::Result<sandbox::Bind> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o755)
+        .open(file)?;
+    f.write_all(script.text.as_bytes())?;
+    // The mode asked for is masked by the umask: make it what the step needs.
+    std::fs::set_permissions(file, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    Ok(sandbox::Bind::new(file, Path::new(SCRIPT_DIR).join(&script.name)).read_only())
 }
 
 impl Run<'_> {
@@ -199,23 +273,46 @@ impl Run<'_> {
                         .map_err(|e| step_err(step, e.to_string()))
                 })
             }
-            Instruction::Run { command, .. } => {
+            Instruction::Run {
+                command,
+                heredocs,
+                flags,
+            } => {
+                let mounts = self.run_flags(step, flags, &vars)?;
                 let state = self.state().clone();
-                let argv = command_argv(command, &state.config);
+                let (argv, script) = run_argv(command, heredocs, &state.config);
                 let mut env: Vec<(String, String)> = state.args.clone();
                 for (k, v) in state.config.env_pairs() {
                     env.retain(|(ek, _)| *ek != k);
                     env.push((k, v));
                 }
-                let key = key_of(&[
-                    &state.key,
-                    "RUN",
-                    &serde_json::to_string(&argv).unwrap_or_default(),
-                    &format!("{:?}", state.args),
-                    &self.opts.network.to_string(),
-                ]);
+                let argv_json = serde_json::to_string(&argv).unwrap_or_default();
+                let args = format!("{:?}", state.args);
+                let network = mounts.network().to_string();
+                let mut parts: Vec<&str> = vec![&state.key, "RUN", &argv_json, &args, &network];
+                // A script run from a file is not in the argv: its text goes into the key.
+                let script_key = script
+                    .as_ref()
+                    .map(|s| format!("script {} {}", s.name, s.text));
+                if let Some(k) = &script_key {
+                    parts.push(k);
+                }
+                if let Some(k) = mounts.key() {
+                    parts.push(k);
+                }
+                let key = key_of(&parts);
                 self.fs_step(key, |run, tmp| {
-                    run.run(step, tmp, &argv, &env, &state.config)
+                    let Some(script) = &script else {
+                        return run.run(step, tmp, &argv, &env, &state.config, &[], &mounts);
+                    };
+                    let file = run.builder.store.tmp_path("heredoc");
+                    let bind = write_script(&file, script)
+                        .map_err(|e| step_err(step, format!("writing the heredoc script: {e}")));
+                    let r = bind.and_then(|b| {
+                        run.run(step, tmp, &argv, &env, &state.config, &[b], &mounts)
+                    });
+                    let _ = std::fs::remove_file(&file);
+                    r
                 })
             }
             Instruction::Copy {
@@ -223,7 +320,8 @@ impl Run<'_> {
                 sources,
                 dest,
                 flags,
-            } => self.copy(step, *add, sources, dest, flags, &vars),
+                heredocs,
+            } => self.copy(step, *add, sources, heredocs, dest, flags, &vars),
         }
     }
 }

@@ -43,6 +43,30 @@ pub(super) fn expand(
     Ok(out)
 }
 
+/// The body of a COPY/ADD heredoc: substituted as BuildKit does when its delimiter is unquoted
+/// (quotes kept), as written otherwise; counted against `budget` like any word.
+pub(super) fn expand_heredoc(
+    lexer: &Lexer,
+    doc: &dockerfile::Heredoc,
+    vars: &[(String, String)],
+    step: &Step,
+    budget: &Budget,
+) -> Result<String, BuildError> {
+    let body = doc.body();
+    if !doc.expand {
+        return Ok(body);
+    }
+    let out = lexer
+        .expand_heredoc(&body, vars)
+        .map_err(|e| step_err(step, format!("heredoc <<{}: {}", doc.name, e.0)))?;
+    let total = budget.get().saturating_add(out.len());
+    budget.set(total);
+    if total > MAX_EXPANDED_TOTAL {
+        return Err(step_err(step, total_message()));
+    }
+    Ok(out)
+}
+
 /// Read a Dockerfile, refusing one larger than [`dockerfile::MAX_DOCKERFILE`] without reading
 /// more than that. One inside the context (the default `<context>/Dockerfile`) is resolved
 /// inside it: a symlink there cannot make the build read a host file.

@@ -7,10 +7,14 @@
 //! <root>/steps/<key>.json        step cache: which snapshot and image config a key stands for
 //! <root>/refs/<project>.json     the keys a project's current image uses (kept by GC)
 //! <root>/tmp/                    work in progress; renamed into place when complete
+//! <root>/cache/<project>/        `RUN --mount=type=cache` directories (`cache.rs`)
 //! ```
 //!
-//! Snapshots come from a [`Backend`] (`backend.rs`): `btrfs` (subvolumes and snapshots; chosen automatically
-//! when the store is on btrfs), or `plain` (full copies, reflinked where possible; always works).
+//! Snapshots come from a [`Backend`] (`backend.rs`): `btrfs` (subvolumes and snapshots; chosen
+//! automatically when the store is on btrfs), `overlay` (each snapshot an overlayfs upper
+//! directory over its parent's; chosen automatically elsewhere when rootless overlayfs works)
+//! or `plain` (full copies, reflinked where possible; always works). `<root>/backend` records
+//! the one a store was made with; `<root>/overlay-probe` caches the overlay probe's verdict.
 //! A snapshot is built under `tmp/` and renamed into `snapshots/` only when complete, so a crash
 //! or a failed step never leaves a half-made snapshot that a later build would trust.
 
@@ -26,10 +30,12 @@ use crate::config::ImageConfig;
 use crate::tools::{ToolError, Tools};
 
 mod backend;
+mod cache;
 mod job;
 
 pub use crate::view::{Target, View};
 pub use backend::{is_btrfs, Backend, BackendKind};
+pub use cache::{CacheDir, CacheInit, CacheSharing};
 pub use job::JobRoot;
 
 #[derive(Debug, thiserror::Error)]
@@ -126,6 +132,8 @@ pub struct Collected {
     pub snapshots: usize,
     pub steps: usize,
     pub blobs: usize,
+    /// Cache-mount directories (of projects without an image in the store).
+    pub caches: usize,
 }
 
 /// The store.
@@ -134,13 +142,18 @@ pub struct Store {
     pub root: PathBuf,
     backend: Arc<dyn Backend>,
     tools: Tools,
+    backend_reason: String,
 }
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
 impl Store {
-    /// Open (creating it if needed) the store at `root`. `kind: None` picks btrfs when `root`
-    /// is on btrfs, plain otherwise. `helper` is the helper command (see [`crate::tools`]).
+    /// Open (creating it if needed) the store at `root`. `kind` (the `filesystem` setting) wins
+    /// but never over the backend the store was made with (recorded in `<root>/backend`: an
+    /// error); `None` keeps that one, or for a new store picks the best that works here —
+    /// btrfs when `root` is on btrfs, overlay when rootless overlayfs works (probed), plain
+    /// otherwise — and logs the choice and why ([`Store::backend_reason`]). `helper` is the
+    /// helper command (see [`crate::tools`]).
     pub fn open(
         root: &Path,
         kind: Option<BackendKind>,
@@ -167,27 +180,31 @@ impl Store {
             .map_err(io_err(format!("opening {}", root.display())))?;
         check_ids(&root)?;
         let tools = Tools::new(helper);
-        let kind = match kind {
-            Some(k) => k,
-            None if is_btrfs(&root) => BackendKind::Btrfs,
-            None => BackendKind::Plain,
-        };
-        if kind == BackendKind::Btrfs && !is_btrfs(&root) {
-            return Err(StoreError::Backend(format!(
-                "storage backend btrfs: {} is not on a btrfs filesystem",
-                root.display()
-            )));
-        }
-        let backend = backend::new(kind, tools.clone());
+        let choice = backend::choose(&root, kind)?;
+        tracing::info!(
+            store = %root.display(),
+            "storage backend {}: {}",
+            choice.kind,
+            choice.reason
+        );
+        let backend = backend::new(choice.kind, tools.clone());
         Ok(Store {
             root,
             backend,
             tools,
+            backend_reason: choice.reason,
         })
     }
 
     pub fn backend(&self) -> BackendKind {
         self.backend.kind()
+    }
+
+    /// Why the store uses its backend (also logged when it is opened): the setting, what the
+    /// store was made with, or what was detected (`the store is on ext4, not btrfs, and
+    /// overlayfs works in this process's user namespace`).
+    pub fn backend_reason(&self) -> &str {
+        &self.backend_reason
     }
 
     pub(crate) fn tools(&self) -> &Tools {
@@ -342,7 +359,8 @@ impl Store {
         self.write_atomic(&self.ref_path(project), &data)
     }
 
-    /// Remove every snapshot, step record and blob that no project's current image uses.
+    /// Remove every snapshot, step record and blob that no project's current image uses, and
+    /// the cache-mount directories of projects without an image (unless in use).
     pub fn collect_garbage(&self) -> Result<Collected, StoreError> {
         let mut keys = std::collections::HashSet::new();
         let mut snaps = std::collections::HashSet::new();
@@ -399,6 +417,7 @@ impl Store {
                 done.blobs += 1;
             }
         }
+        done.caches = self.collect_caches()?;
         Ok(done)
     }
 }
