@@ -64,7 +64,11 @@ fn main() {
     )
     .unwrap();
     // mistryd binds a port the kernel chooses and says which on stdout.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mistryd"))
+    // MISTRY_BIN: the mistryd to run (scripts/bench.sh points it at a copy the unprivileged
+    // user can read).
+    let mistryd =
+        std::env::var("MISTRY_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_mistryd").into());
+    let mut child = Command::new(&mistryd)
         .arg("--config")
         .arg(&config)
         .args(["--addr", "127.0.0.1:0"])
