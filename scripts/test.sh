@@ -32,10 +32,18 @@ echo "== sandbox, images, image build, registry, server, CLI and client tests as
 unpriv=$(mktemp -d /tmp/mistry-unpriv.XXXXXX)
 chmod 755 "$unpriv"
 # What the unprivileged tests leave in /tmp belongs partly to subordinate ids, which mistry-test
-# cannot remove: root removes everything named mistry* made during that run.
+# cannot remove: root removes the test directories (mistry*, and tempfile's .tmp*) made during
+# that run.
 stamp="$unpriv.stamp"
 touch "$stamp"
-trap 'find /tmp /mnt/mistry-btrfs -maxdepth 1 -name "mistry*" -newer "$stamp" -exec rm -rf {} + 2>/dev/null; rm -rf "$unpriv" "$stamp"' EXIT
+cleanup() {
+    code=$?
+    find /tmp /mnt/mistry-btrfs -mindepth 1 -maxdepth 1 \( -name "mistry*" -o -name ".tmp*" \) \
+        -newer "$stamp" -exec rm -rf {} + 2>/dev/null || true
+    rm -rf "$unpriv" "$stamp" || true
+    exit $code
+}
+trap cleanup EXIT
 cc -static -O2 -o "$unpriv/probe" sandbox/tests/probe.c
 cp -a target/images/busybox/rootfs "$unpriv/rootfs"
 mkdir -p "$unpriv/images"
