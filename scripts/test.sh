@@ -23,17 +23,12 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 
 export MISTRY_TEST_BTRFS=/mnt/mistry-btrfs
 
-echo "== tests as root"
-cargo test --workspace
-
-echo "== sandbox, images, image build, registry, server, CLI and client tests as the unprivileged user mistry-test"
 # The test binaries, mistryd (the image helper), the client, the probe and the base image go
-# where mistry-test can read them.
+# where mistry-test can read them. What the tests leave in /tmp belongs partly to subordinate
+# ids, which mistry-test cannot remove: at the end root removes the test directories (mistry*,
+# and tempfile's .tmp*) made during the run.
 unpriv=$(mktemp -d /tmp/mistry-unpriv.XXXXXX)
 chmod 755 "$unpriv"
-# What the unprivileged tests leave in /tmp belongs partly to subordinate ids, which mistry-test
-# cannot remove: root removes the test directories (mistry*, and tempfile's .tmp*) made during
-# that run.
 stamp="$unpriv.stamp"
 touch "$stamp"
 cleanup() {
@@ -44,7 +39,14 @@ cleanup() {
     exit $code
 }
 trap cleanup EXIT
+# One probe for every sandbox test, root's and mistry-test's.
 cc -static -O2 -o "$unpriv/probe" sandbox/tests/probe.c
+export MISTRY_PROBE="$unpriv/probe"
+
+echo "== tests as root"
+cargo test --workspace
+
+echo "== sandbox, images, image build, registry, server, CLI and client tests as the unprivileged user mistry-test"
 cp -a target/images/busybox/rootfs "$unpriv/rootfs"
 mkdir -p "$unpriv/images"
 cp -a target/images/busybox "$unpriv/images/busybox"
