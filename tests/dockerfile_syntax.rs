@@ -22,27 +22,8 @@ struct Env {
     builder: Builder,
 }
 
-fn backends() -> Vec<(BackendKind, Option<PathBuf>)> {
-    let mut v = vec![(BackendKind::Plain, None), (BackendKind::Overlay, None)];
-    if let Some(dir) = common::btrfs_dir_or_skip() {
-        assert!(
-            images::is_btrfs(&dir),
-            "MISTRY_TEST_BTRFS={} is not on btrfs",
-            dir.display()
-        );
-        v.push((BackendKind::Btrfs, Some(dir)));
-    }
-    v
-}
-
 fn env_for(kind: BackendKind, parent: Option<&Path>) -> Env {
-    let dir = match parent {
-        Some(p) => tempfile::Builder::new()
-            .prefix("mistry-syntax")
-            .tempdir_in(p),
-        None => tempfile::Builder::new().prefix("mistry-syntax").tempdir(),
-    }
-    .unwrap();
+    let dir = common::tempdir_in("mistry-syntax", parent);
     let root = dir.path().to_path_buf();
     let store = Store::open(&root.join("store"), Some(kind), helper()).unwrap();
     assert_eq!(store.backend(), kind);
@@ -478,7 +459,7 @@ fn add_checksum_git_sources_and_unknown_flags() {
 
 #[test]
 fn copy_from_keeps_owners_and_modes() {
-    for (kind, parent) in backends() {
+    for (kind, parent) in common::backends() {
         eprintln!("== backend {kind}");
         let env = env_for(kind, parent.as_deref());
         let ctx = env.project(

@@ -23,28 +23,8 @@ struct Env {
     builder: Builder,
 }
 
-fn backends() -> Vec<(BackendKind, Option<PathBuf>)> {
-    let mut v = vec![(BackendKind::Plain, None), (BackendKind::Overlay, None)];
-    // Unset, the btrfs backend is skipped — but not under CI.
-    if let Some(dir) = common::btrfs_dir_or_skip() {
-        assert!(
-            images::is_btrfs(&dir),
-            "MISTRY_TEST_BTRFS={} is not on btrfs",
-            dir.display()
-        );
-        v.push((BackendKind::Btrfs, Some(dir)));
-    }
-    v
-}
-
 fn env_for(kind: BackendKind, parent: Option<&Path>) -> Env {
-    let dir = match parent {
-        Some(p) => tempfile::Builder::new()
-            .prefix("mistry-build")
-            .tempdir_in(p),
-        None => tempfile::Builder::new().prefix("mistry-build").tempdir(),
-    }
-    .unwrap();
+    let dir = common::tempdir_in("mistry-build", parent);
     let root = dir.path().to_path_buf();
     let store = Store::open(&root.join("store"), Some(kind), helper()).unwrap();
     assert_eq!(store.backend(), kind);
@@ -58,7 +38,7 @@ fn env_for(kind: BackendKind, parent: Option<&Path>) -> Env {
 
 /// Run `f` once per backend.
 fn each_backend(f: impl Fn(&Env)) {
-    for (kind, parent) in backends() {
+    for (kind, parent) in common::backends() {
         let env = env_for(kind, parent.as_deref());
         eprintln!("== backend {kind}");
         f(&env);

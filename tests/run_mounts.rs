@@ -19,22 +19,8 @@ struct Env {
     builder: Builder,
 }
 
-fn backends() -> Vec<(BackendKind, Option<PathBuf>)> {
-    let mut v = vec![(BackendKind::Plain, None), (BackendKind::Overlay, None)];
-    if let Some(dir) = common::btrfs_dir_or_skip() {
-        v.push((BackendKind::Btrfs, Some(dir)));
-    }
-    v
-}
-
 fn env_for(kind: BackendKind, parent: Option<&Path>) -> Env {
-    let dir = match parent {
-        Some(p) => tempfile::Builder::new()
-            .prefix("mistry-mounts")
-            .tempdir_in(p),
-        None => tempfile::Builder::new().prefix("mistry-mounts").tempdir(),
-    }
-    .unwrap();
+    let dir = common::tempdir_in("mistry-mounts", parent);
     let root = dir.path().to_path_buf();
     let store = Store::open(&root.join("store"), Some(kind), helper()).unwrap();
     let builder = Builder::new(store, vec![Box::new(LocalImages { dir: images_dir() })]);
@@ -46,7 +32,7 @@ fn env_for(kind: BackendKind, parent: Option<&Path>) -> Env {
 }
 
 fn each_backend(f: impl Fn(&Env)) {
-    for (kind, parent) in backends() {
+    for (kind, parent) in common::backends() {
         let env = env_for(kind, parent.as_deref());
         eprintln!("== backend {kind}");
         f(&env);

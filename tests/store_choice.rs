@@ -11,19 +11,6 @@ mod common;
 use common::{helper, images_dir, mistryd_bin};
 use images::{BackendKind, BuildOptions, Builder, LocalImages, Store};
 
-fn tempdir_in(parent: Option<&Path>) -> tempfile::TempDir {
-    let b = {
-        let mut b = tempfile::Builder::new();
-        b.prefix("mistry-choice");
-        b
-    };
-    match parent {
-        Some(p) => b.tempdir_in(p),
-        None => b.tempdir(),
-    }
-    .unwrap()
-}
-
 /// A tiny project on busybox: a RUN step (a snapshot made by the backend) and its result read
 /// back in a job root.
 fn build_and_check(store: Store, dir: &Path) {
@@ -80,7 +67,7 @@ fn on_btrfs_the_default_is_btrfs() {
     let Some(parent) = common::btrfs_dir_or_skip() else {
         return;
     };
-    let dir = tempdir_in(Some(&parent));
+    let dir = common::tempdir_in("mistry-choice", Some(&parent));
     let path = dir.path().join("store");
     let store = Store::open(&path, None, helper()).unwrap();
     assert_eq!(store.backend(), BackendKind::Btrfs);
@@ -100,7 +87,7 @@ fn on_btrfs_the_default_is_btrfs() {
 /// as root and rootless. The probe's verdict is cached for this kernel and user.
 #[test]
 fn on_ext4_the_default_is_overlay() {
-    let dir = tempdir_in(None);
+    let dir = common::tempdir_in("mistry-choice", None);
     assert!(
         !images::is_btrfs(dir.path()),
         "{} must not be on btrfs",
@@ -145,7 +132,7 @@ fn on_ext4_the_default_is_overlay() {
 /// plain, and its stderr says why, without colours (stderr is not a terminal).
 #[test]
 fn without_overlay_the_default_is_plain_and_the_log_says_why() {
-    let dir = tempdir_in(None);
+    let dir = common::tempdir_in("mistry-choice", None);
     let ctx = dir.path().join("ctx");
     std::fs::create_dir_all(&ctx).unwrap();
     std::fs::write(ctx.join("Dockerfile"), "FROM busybox\nRUN touch /x\n").unwrap();
@@ -194,7 +181,7 @@ fn without_overlay_the_default_is_plain_and_the_log_says_why() {
 /// backend, also one made before stores recorded theirs (found from its snapshots).
 #[test]
 fn an_explicit_setting_wins_but_not_over_the_store() {
-    let dir = tempdir_in(None);
+    let dir = common::tempdir_in("mistry-choice", None);
     let path = dir.path().join("store");
     let store = Store::open(&path, Some(BackendKind::Plain), helper()).unwrap();
     assert_eq!(store.backend(), BackendKind::Plain);
@@ -250,7 +237,7 @@ fn an_explicit_setting_wins_but_not_over_the_store() {
 /// logs under `script`'s pseudo-terminal.
 #[test]
 fn log_colours_only_on_a_terminal_without_no_color() {
-    let dir = tempdir_in(None);
+    let dir = common::tempdir_in("mistry-choice", None);
     let store = dir.path().join("store");
     std::fs::create_dir_all(&store).unwrap();
     let run = |no_color: Option<&str>| -> String {

@@ -297,11 +297,7 @@ pub fn init_main(p: &mut Prepared) -> ! {
     };
     // Keep only the status pipe: the job's stdio and the report pipe must see EOF when the job
     // (not init) closes them.
-    let keep = p.status_write as libc::c_uint;
-    if keep > 0 {
-        let _ = sys::close_range(0, keep - 1, false);
-    }
-    let _ = sys::close_range(keep + 1, libc::c_uint::MAX, false);
+    sys::close_all_except(p.status_write);
 
     loop {
         let Ok(info) = sys::sigwaitinfo(&set) else {

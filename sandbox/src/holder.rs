@@ -159,11 +159,7 @@ fn start(mapping: &Mapping) -> Result<Holder, crate::Error> {
 /// The holder process: keep nothing but the life pipe, and wait for its EOF. Allocation-free
 /// (the caller may be multi-threaded).
 fn hold(life: RawFd) -> ! {
-    let keep = life as libc::c_uint;
-    if keep > 0 {
-        let _ = sys::close_range(0, keep - 1, false);
-    }
-    let _ = sys::close_range(keep + 1, libc::c_uint::MAX, false);
+    sys::close_all_except(life);
     let mut buf = [0u8; 1];
     loop {
         match sys::read_full(life, &mut buf) {

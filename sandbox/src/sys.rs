@@ -373,6 +373,15 @@ pub unsafe fn close(fd: RawFd) {
     unsafe { libc::close(fd) };
 }
 
+/// Close every descriptor but `keep` (errors are irrelevant: nothing else may stay open).
+pub fn close_all_except(keep: RawFd) {
+    let keep = keep as c_uint;
+    if keep > 0 {
+        let _ = close_range(0, keep - 1, false);
+    }
+    let _ = close_range(keep + 1, c_uint::MAX, false);
+}
+
 /// close_range(2); with `cloexec` the descriptors are only marked close-on-exec.
 pub fn close_range(first: c_uint, last: c_uint, cloexec: bool) -> Result<(), i32> {
     const CLOSE_RANGE_CLOEXEC: c_uint = 1 << 2;

@@ -57,6 +57,35 @@ pub fn images_dir() -> PathBuf {
     dir
 }
 
+/// The snapshot backends a test runs on: plain and overlay, and btrfs on the directory of
+/// `MISTRY_TEST_BTRFS` (see [`btrfs_dir_or_skip`]), with that directory to make stores in.
+pub fn backends() -> Vec<(images::BackendKind, Option<PathBuf>)> {
+    let mut v = vec![
+        (images::BackendKind::Plain, None),
+        (images::BackendKind::Overlay, None),
+    ];
+    if let Some(dir) = btrfs_dir_or_skip() {
+        assert!(
+            images::is_btrfs(&dir),
+            "MISTRY_TEST_BTRFS={} is not on btrfs",
+            dir.display()
+        );
+        v.push((images::BackendKind::Btrfs, Some(dir)));
+    }
+    v
+}
+
+/// A temporary directory named `prefix…`, in `parent` (e.g. a btrfs directory) or in /tmp.
+pub fn tempdir_in(prefix: &str, parent: Option<&std::path::Path>) -> tempfile::TempDir {
+    let mut b = tempfile::Builder::new();
+    b.prefix(prefix);
+    match parent {
+        Some(p) => b.tempdir_in(p),
+        None => b.tempdir(),
+    }
+    .unwrap()
+}
+
 /// The btrfs directory of `MISTRY_TEST_BTRFS` (scripts/setup.sh loop-mounts one and
 /// scripts/test.sh sets it). Unset, the btrfs part of a test is skipped — but fails under `CI`,
 /// so a CI run cannot pass without it.
