@@ -9,36 +9,12 @@
 //! the cold build (not timed; its size is counted); a cold build starts from an empty step
 //! cache. Targets: mistryd's cold time ≤ buildah's, its store ≤ 1.2× buildah's storage.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-fn median(v: &mut [Duration]) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
-fn median_u64(v: &mut [u64]) -> u64 {
-    v.sort();
-    v[v.len() / 2]
-}
-
-fn run(cmd: &mut Command) -> String {
-    let out = cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(out.status.success(), "{cmd:?}: {stderr}");
-    stderr
-}
-
-fn timed(cmd: &mut Command) -> (Duration, String) {
-    let t = Instant::now();
-    let stderr = run(cmd);
-    (t.elapsed(), stderr)
-}
+use common::{median, run, timed};
 
 /// Disk usage of `dir` in bytes (hard links once). Rootless, the trees hold files of
 /// subordinate ids this user cannot read: measured inside `buildah unshare` (the same id
@@ -98,9 +74,7 @@ fn mib(bytes: u64) -> f64 {
 }
 
 fn main() {
-    let images = std::env::var_os("MISTRY_TEST_IMAGES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/images"));
+    let images = common::images_dir();
     let debian = images.join("debian");
     if !debian.join("index.json").is_file() {
         eprintln!(
@@ -112,23 +86,12 @@ fn main() {
         );
         std::process::exit(1);
     }
-    if !Command::new("buildah")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
+    if !common::installed("buildah") {
         eprintln!("debian_build: needs buildah (apt-get install buildah) to compare with");
         std::process::exit(1);
     }
-    let runs: usize = std::env::var("BENCH_RUNS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3)
-        .max(1);
-    // MISTRY_BIN: the mistryd to run (scripts/bench.sh points it at a copy the unprivileged
-    // user can read).
-    let mistryd =
-        std::env::var("MISTRY_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_mistryd").into());
+    let runs: usize = common::env_num("BENCH_RUNS", 3).max(1);
+    let mistryd = common::mistryd_bin();
     let mistryd = mistryd.as_str();
     let work = tempfile::tempdir().unwrap();
     let ctx = context(work.path(), "debian");
@@ -213,8 +176,8 @@ fn main() {
         }
     }
 
-    let (c, s) = (median(&mut cold), median_u64(&mut size));
-    let (bc, bs) = (median(&mut bcold), median_u64(&mut bsize));
+    let (c, s) = (median(&mut cold), median(&mut size));
+    let (bc, bs) = (median(&mut bcold), median(&mut bsize));
     println!(
         "cold build of a Debian project (FROM debian, apt-get install jq, COPY, RUN node): \
          median of {runs}, {}",

@@ -8,38 +8,12 @@
 //! as a user would run it, mistryd with its default backend (overlay on ext4). Targets: unchanged rebuild ≤ 3 ms; cold build ≥ 5× faster than
 //! buildah's.
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-fn median(v: &mut [Duration]) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
-
-fn run(cmd: &mut Command) {
-    let out = cmd
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .expect("running a command");
-    assert!(
-        out.status.success(),
-        "{:?}: {}",
-        cmd,
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn timed(cmd: &mut Command) -> Duration {
-    let t = Instant::now();
-    run(cmd);
-    t.elapsed()
-}
+use common::{median, ms, run, timed};
 
 const DOCKERFILE: &str = "FROM busybox\nCOPY run.sh /usr/local/bin/run.sh\nRUN chmod +x /usr/local/bin/run.sh\nWORKDIR /work\nENTRYPOINT [\"/usr/local/bin/run.sh\"]\n";
 
@@ -56,21 +30,9 @@ fn context(dir: &Path, from: &str) -> PathBuf {
 }
 
 fn main() {
-    let images = std::env::var_os("MISTRY_TEST_IMAGES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/images"));
-    assert!(
-        images.join("busybox/index.json").is_file(),
-        "run scripts/setup.sh first"
-    );
-    let runs: usize = std::env::var("BENCH_RUNS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(7);
-    // MISTRY_BIN: the mistryd to run (scripts/bench.sh points it at a copy the unprivileged
-    // user can read).
-    let mistryd =
-        std::env::var("MISTRY_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_mistryd").into());
+    let images = common::busybox_images();
+    let runs: usize = common::env_num("BENCH_RUNS", 7);
+    let mistryd = common::mistryd_bin();
     let mistryd = mistryd.as_str();
     let work = tempfile::tempdir().unwrap();
     let ctx = context(work.path(), "busybox");
@@ -92,16 +54,13 @@ fn main() {
     for i in 0..runs {
         let store = work.path().join(format!("store-{i}"));
         run(&mut build(&store, &base_only));
-        cold.push(timed(&mut build(&store, &ctx)));
+        cold.push(timed(&mut build(&store, &ctx)).0);
         for _ in 0..3 {
-            warm.push(timed(&mut build(&store, &ctx)));
+            warm.push(timed(&mut build(&store, &ctx)).0);
         }
     }
 
-    let buildah = Command::new("buildah")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
+    let buildah = common::installed("buildah");
     let (mut bcold, mut bwarm) = (Vec::new(), Vec::new());
     if buildah {
         let bctx = context(work.path(), "localhost/busybox");
@@ -142,9 +101,9 @@ fn main() {
                 .arg(&bctx);
                 c
             };
-            bcold.push(timed(&mut bud()));
+            bcold.push(timed(&mut bud()).0);
             for _ in 0..3 {
-                bwarm.push(timed(&mut bud()));
+                bwarm.push(timed(&mut bud()).0);
             }
             let _ = b().args(["rmi", "--all", "--force"]).output();
         }

@@ -12,22 +12,17 @@
 //!
 //! Target: the `mistryd` median ≤ 5 ms and below bwrap's.
 
+mod common;
+
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn median(v: &mut [Duration]) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
+use common::{median, ms};
 
 fn p90(v: &mut [Duration]) -> Duration {
     v.sort();
     v[v.len() * 9 / 10]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
 }
 
 fn time(f: impl FnOnce() -> bool) -> Duration {
@@ -49,20 +44,10 @@ fn main() {
         );
         std::process::exit(1);
     }
-    let runs: usize = std::env::var("BENCH_RUNS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(300);
-    // MISTRY_BIN: the mistryd to run (scripts/bench.sh points it at a copy the unprivileged
-    // user can read).
-    let mistryd =
-        std::env::var("MISTRY_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_mistryd").into());
+    let runs: usize = common::env_num("BENCH_RUNS", 300);
+    let mistryd = common::mistryd_bin();
     let mistryd = mistryd.as_str();
-    let have_bwrap = Command::new("bwrap")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
+    let have_bwrap = common::installed("bwrap");
 
     let lib = || {
         sandbox::set_held_user_namespaces(false);

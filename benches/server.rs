@@ -8,18 +8,12 @@
 //!
 //! `cargo bench --bench server` (`BENCH_RUNS` sets the number of new-params jobs).
 
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+mod common;
+
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-fn median(v: &mut [Duration]) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1e3
-}
+use common::{median, ms, Daemon};
 
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -31,70 +25,16 @@ fn rss_kib(pid: u32) -> u64 {
 }
 
 fn main() {
-    let images = std::env::var_os("MISTRY_TEST_IMAGES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/images"));
-    assert!(
-        images.join("busybox/index.json").is_file(),
-        "run scripts/setup.sh first"
-    );
-    let runs: usize = std::env::var("BENCH_RUNS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(40);
+    let images = common::busybox_images();
+    let runs: usize = common::env_num("BENCH_RUNS", 40);
     let dir = tempfile::tempdir().unwrap();
-    let project = dir.path().join("projects/touch");
-    std::fs::create_dir_all(&project).unwrap();
-    std::fs::write(
-        project.join("Dockerfile"),
-        "FROM busybox\nCMD [\"/bin/sh\", \"-c\", \"cat /data/params/n > /data/artifacts/touched\"]\n",
-    )
-    .unwrap();
-    std::fs::create_dir_all(dir.path().join("builds")).unwrap();
-    let config = dir.path().join("config.json");
-    std::fs::write(
-        &config,
-        serde_json::json!({
-            "projects_path": dir.path().join("projects"),
-            "build_path": dir.path().join("builds"),
-            "images_path": images,
-            "network": "none",
-        })
-        .to_string(),
-    )
-    .unwrap();
-    // mistryd binds a port the kernel chooses and says which on stdout.
-    // MISTRY_BIN: the mistryd to run (scripts/bench.sh points it at a copy the unprivileged
-    // user can read).
-    let mistryd =
-        std::env::var("MISTRY_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_mistryd").into());
-    let mut child = Command::new(&mistryd)
-        .arg("--config")
-        .arg(&config)
-        .args(["--addr", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("mistryd: listening on ")
-        .unwrap_or_else(|| panic!("mistryd said {line:?}"))
-        .to_string();
+    common::touch_project(&dir.path().join("projects"));
+    let config = common::write_config(dir.path(), &images, serde_json::json!({}));
+    let daemon = Daemon::start(&config);
     std::thread::sleep(Duration::from_millis(300));
-    let idle = rss_kib(child.id());
-    let url = format!("http://{addr}/jobs");
-    let agent = ureq::Agent::new_with_config(
-        ureq::config::Config::builder()
-            .http_status_as_error(false)
-            .build(),
-    );
+    let idle = rss_kib(daemon.pid());
+    let url = format!("http://{}/jobs", daemon.addr);
+    let agent = common::agent(None);
     let post = |n: usize| {
         let t = Instant::now();
         let mut r = agent
@@ -130,9 +70,8 @@ fn main() {
             .find_map(|l| l.strip_prefix("Requests/sec:"))
             .and_then(|v| v.trim().parse::<f64>().ok());
     }
-    let after = rss_kib(child.id());
-    let _ = child.kill();
-    let _ = child.wait();
+    let after = rss_kib(daemon.pid());
+    drop(daemon);
 
     println!("mistryd on loopback, image cached ({runs} new-params jobs, 200 cache hits)");
     println!("{:<44} {:>10}   target", "", "measured");

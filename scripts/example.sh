@@ -1,16 +1,19 @@
 #!/bin/sh
-# Quick start: set up this machine and run mistryd with the example project (examples/hello),
-# which builds offline from the busybox base image.
+# Quick start: set up this machine and run mistryd with the example projects of examples/ (hello,
+# and deps, app and announce of the release pipeline in examples/pipelines/), which build offline
+# from the busybox base image. It builds the client `mistry` beside mistryd too.
 #
 #   scripts/example.sh [ADDR]            (default 127.0.0.1:8462; Ctrl-C stops the server)
 #
 # Then, from another terminal:
 #   curl -X POST -d '{"project": "hello", "params": {"name": "you"}}' http://127.0.0.1:8462/jobs
-# The artifacts land in target/example/builds/hello/ready/<id>/data/artifacts.
+# The artifacts land in target/example/builds/hello/ready/<id>/data/artifacts. The pipeline:
+#   curl -X POST -d '{"pipeline": "release", "params": {"version": "1.0"}}' http://127.0.0.1:8462/pipelines
+#   target/release/mistry pipeline run release -- --version=1.0
 set -eu
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" = 0 ]; then scripts/setup.sh; fi
-cargo build --release --quiet --bin mistryd
+cargo build --release --quiet -p mistry -p mistry-client --bin mistryd --bin mistry
 addr=${1:-127.0.0.1:8462}
 mkdir -p target/example/builds
 cat > target/example/config.json <<JSON

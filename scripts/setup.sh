@@ -4,6 +4,7 @@
 # - installs the Debian packages the tests use;
 # - gives root and the unprivileged test user `mistry-test` subordinate id ranges
 #   (/etc/subuid, /etc/subgid), so sandboxes map 65536 ids;
+# - installs PostgreSQL 15 for the multi-agent tests, with no system cluster;
 # - loop-mounts a btrfs filesystem at /mnt/mistry-btrfs (4 GiB sparse image) for the btrfs
 #   backend's tests;
 # - builds the busybox base image from Debian's busybox-static into target/images/busybox;
@@ -66,6 +67,23 @@ if ! mountpoint -q "$BTRFS_MNT"; then
     mount -o loop,user_subvol_rm_allowed "$BTRFS_IMG" "$BTRFS_MNT"
 fi
 chmod 1777 "$BTRFS_MNT"
+
+# PostgreSQL 15 for the multi-agent tests (tests/cluster.rs start throwaway clusters of their
+# own, as mistry-test): installed without the system cluster, which is neither created, started
+# nor enabled. postgresql-common comes first, so that its createcluster.conf says so before
+# postgresql-15's postinst reads it.
+if [ ! -x /usr/lib/postgresql/15/bin/initdb ]; then
+    echo "setup.sh: installing postgresql (no system cluster)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql-common >/dev/null
+    sed -i 's/^#* *create_main_cluster *=.*/create_main_cluster = false/' /etc/postgresql-common/createcluster.conf
+    grep -q '^create_main_cluster = false' /etc/postgresql-common/createcluster.conf ||
+        echo 'create_main_cluster = false' >> /etc/postgresql-common/createcluster.conf
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postgresql >/dev/null
+    if command -v systemctl >/dev/null && [ -d /run/systemd/system ]; then
+        systemctl disable --now postgresql >/dev/null 2>&1 || true
+    fi
+fi
 
 if [ ! -x target/images/busybox/rootfs/bin/busybox ] || [ ! -f target/images/busybox/index.json ]; then
     images/recipes/busybox.sh target/images/busybox

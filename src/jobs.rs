@@ -16,6 +16,16 @@ pub struct JobRequest {
     pub params: BTreeMap<String, String>,
     pub group: String,
     pub rebuild: bool,
+    /// Upstream builds whose artifacts the job sees read-only at `/data/input/<name>/`
+    /// (pipelines). Not settable through `POST /jobs`; part of the job ID.
+    pub inputs: BTreeMap<String, Input>,
+}
+
+/// A ready build whose `data/artifacts` a job reads (see [`JobRequest::inputs`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Input {
+    pub project: String,
+    pub id: String,
 }
 
 impl JobRequest {
@@ -132,11 +142,13 @@ impl BuildInfo {
 }
 
 /// The job ID: sha256 of project, group, the non-opaque params in name order (name then value),
+/// then the inputs in name order (none: nothing, so that a job without inputs keeps mistry's ID),
 /// then the content of the project directory (every file's path, mode and bytes, in order).
 pub fn job_id(
     project: &str,
     group: &str,
     params: &BTreeMap<String, String>,
+    inputs: &BTreeMap<String, Input>,
     project_dir: &Path,
 ) -> std::io::Result<String> {
     let mut h = Sha256::new();
@@ -146,6 +158,12 @@ pub fn job_id(
         if !k.starts_with('_') {
             h.update(k.as_bytes());
             h.update(v.as_bytes());
+        }
+    }
+    for (name, input) in inputs {
+        for part in ["input", name, &input.project, &input.id] {
+            h.update(part.as_bytes());
+            h.update([0]);
         }
     }
     hash_tree(&mut h, project_dir, project_dir)?;
@@ -325,30 +343,59 @@ mod tests {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect()
         };
-        let a = job_id("proj", "", &p(&[("x", "1")]), dir.path()).unwrap();
+        let none = BTreeMap::new();
+        let a = job_id("proj", "", &p(&[("x", "1")]), &none, dir.path()).unwrap();
         assert_eq!(
             a,
-            job_id("proj", "", &p(&[("x", "1")]), dir.path()).unwrap()
+            job_id("proj", "", &p(&[("x", "1")]), &none, dir.path()).unwrap()
         );
         // Opaque params do not change the ID; others do.
         assert_eq!(
             a,
-            job_id("proj", "", &p(&[("x", "1"), ("_token", "abc")]), dir.path()).unwrap()
+            job_id(
+                "proj",
+                "",
+                &p(&[("x", "1"), ("_token", "abc")]),
+                &none,
+                dir.path()
+            )
+            .unwrap()
         );
         assert_ne!(
             a,
-            job_id("proj", "", &p(&[("x", "2")]), dir.path()).unwrap()
+            job_id("proj", "", &p(&[("x", "2")]), &none, dir.path()).unwrap()
         );
         assert_ne!(
             a,
-            job_id("proj", "g", &p(&[("x", "1")]), dir.path()).unwrap()
+            job_id("proj", "g", &p(&[("x", "1")]), &none, dir.path()).unwrap()
         );
         // Editing any file of the project changes it.
         std::fs::write(dir.path().join("Dockerfile"), "FROM busybox\nRUN true\n").unwrap();
         assert_ne!(
             a,
-            job_id("proj", "", &p(&[("x", "1")]), dir.path()).unwrap()
+            job_id("proj", "", &p(&[("x", "1")]), &none, dir.path()).unwrap()
         );
         assert_eq!(a.len(), 64);
+        // Inputs enter the ID: another upstream build is another job.
+        let std_dir = dir.path();
+        let input = |id: &str| {
+            BTreeMap::from([(
+                "deps".to_string(),
+                Input {
+                    project: "deps".into(),
+                    id: id.into(),
+                },
+            )])
+        };
+        let with = job_id("proj", "", &p(&[]), &input("a"), std_dir).unwrap();
+        assert_ne!(with, job_id("proj", "", &p(&[]), &none, std_dir).unwrap());
+        assert_ne!(
+            with,
+            job_id("proj", "", &p(&[]), &input("b"), std_dir).unwrap()
+        );
+        assert_eq!(
+            with,
+            job_id("proj", "", &p(&[]), &input("a"), std_dir).unwrap()
+        );
     }
 }

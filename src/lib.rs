@@ -6,14 +6,17 @@
 
 #![forbid(unsafe_code)]
 
+pub mod cluster;
 pub mod config;
 /// Go's duration syntax, shared with the client (`mistry_client::duration`).
 pub use mistry_client::duration;
 pub mod engine;
+pub mod exec;
 pub mod image_cli;
 pub mod jobs;
 pub mod metrics;
 pub mod operator;
+pub mod pipeline;
 pub mod sandbox_cli;
 pub mod security;
 pub mod server;

@@ -31,6 +31,9 @@ pub struct Metrics {
     incremental: Counter,
     duration: Histogram,
     hosted: Family<Project, Gauge>,
+    pipeline_started: Counter,
+    pipeline_finished: Family<Outcome, Counter>,
+    pipeline_coalesced: Counter,
 }
 
 impl Default for Metrics {
@@ -80,8 +83,29 @@ impl Metrics {
             "Builds kept on disk, by project",
             hosted.clone(),
         );
+        let pipeline_started = Counter::default();
+        let pipeline_finished = Family::<Outcome, Counter>::default();
+        let pipeline_coalesced = Counter::default();
+        registry.register(
+            "pipeline_runs_started",
+            "Pipeline runs started",
+            pipeline_started.clone(),
+        );
+        registry.register(
+            "pipeline_runs_finished",
+            "Pipeline runs finished, by outcome (success, failed)",
+            pipeline_finished.clone(),
+        );
+        registry.register(
+            "pipeline_runs_coalesced",
+            "Pipeline run requests joined to a running identical run",
+            pipeline_coalesced.clone(),
+        );
         Metrics {
             registry: Mutex::new(registry),
+            pipeline_started,
+            pipeline_finished,
+            pipeline_coalesced,
             started,
             finished,
             cached,
@@ -121,6 +145,23 @@ impl Metrics {
             self.incremental.inc();
         }
         self.duration.observe(took.as_secs_f64());
+    }
+
+    pub fn pipeline_started(&self) {
+        self.pipeline_started.inc();
+    }
+
+    pub fn pipeline_coalesced(&self) {
+        self.pipeline_coalesced.inc();
+    }
+
+    pub fn pipeline_finished(&self, succeeded: bool) {
+        let outcome = if succeeded { "success" } else { "failed" };
+        self.pipeline_finished
+            .get_or_create(&Outcome {
+                outcome: outcome.into(),
+            })
+            .inc();
     }
 
     pub fn set_hosted(&self, project: &str, n: i64) {

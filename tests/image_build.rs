@@ -1138,13 +1138,19 @@ fn dockerfile_and_dockerignore_links_stay_in_the_context() {
 
 #[test]
 fn job_dirs_and_job_roots_come_from_the_store() {
+    use images::CacheMode::Copy;
     use std::os::unix::fs::MetadataExt;
     each_backend(|env| {
         let store = &env.builder.store;
         let builds = env.root.join("builds/p");
         // A first job: nothing to start from.
         let first = builds.join("ready/a");
-        assert!(!store.prepare_job_dir(&first, None).unwrap());
+        assert!(
+            !store
+                .prepare_job_dir(&first, None, Copy)
+                .unwrap()
+                .incremental
+        );
         assert_eq!(std::fs::read_dir(&first).unwrap().count(), 0);
         for d in ["cache", "artifacts", "params"] {
             std::fs::create_dir_all(first.join("data").join(d)).unwrap();
@@ -1161,7 +1167,12 @@ fn job_dirs_and_job_roots_come_from_the_store() {
         // The group's next job starts from its data/, without its params or files.
         let next = builds.join("pending/b");
         std::fs::create_dir_all(next.join("stale")).unwrap();
-        assert!(store.prepare_job_dir(&next, Some(&first)).unwrap());
+        assert!(
+            store
+                .prepare_job_dir(&next, Some(&first), Copy)
+                .unwrap()
+                .incremental
+        );
         let mut names: Vec<_> = std::fs::read_dir(&next)
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
@@ -1183,7 +1194,12 @@ fn job_dirs_and_job_roots_come_from_the_store() {
         // A previous job without data/ is no start.
         let empty = builds.join("ready/empty");
         std::fs::create_dir_all(&empty).unwrap();
-        assert!(!store.prepare_job_dir(&next, Some(&empty)).unwrap());
+        assert!(
+            !store
+                .prepare_job_dir(&next, Some(&empty), Copy)
+                .unwrap()
+                .incremental
+        );
         assert_eq!(std::fs::read_dir(&next).unwrap().count(), 0);
         store.remove_tree(&next).unwrap();
         store.remove_tree(&first).unwrap();

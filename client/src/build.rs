@@ -120,46 +120,11 @@ pub fn build(args: BuildArgs) -> Result<i32> {
     if verbose {
         println!("Sending request to {url}: {body}");
     }
-    let agent = ureq::Agent::new_with_config(
-        ureq::config::Config::builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(args.timeout))
-            .build(),
-    );
-    let mut resp = match agent
-        .post(&url)
-        .header("Content-Type", "application/json")
-        .send(body.as_str())
-    {
-        Ok(r) => r,
-        Err(ureq::Error::Timeout(_)) => {
-            bail!(
-                "The build did not finish after {}",
-                crate::duration::format_go(args.timeout)
-            )
-        }
-        Err(e) => bail!("cannot reach the mistry server at {base}: {e}"),
-    };
-    let status = resp.status().as_u16();
-    let text = match resp
-        .body_mut()
-        .with_config()
-        .limit(u64::MAX)
-        .read_to_string()
-    {
-        Ok(t) => t,
-        Err(ureq::Error::Timeout(_)) => {
-            bail!(
-                "The build did not finish after {}",
-                crate::duration::format_go(args.timeout)
-            )
-        }
-        Err(e) => bail!("reading the server's answer: {e}"),
-    };
-    match status {
-        201 => {}
-        503 => bail!("Server is overloaded; try again later"),
-        _ => bail!("{}", text.trim()),
+    let agent = crate::http::agent(args.timeout);
+    let (status, text) =
+        crate::http::request(&agent, &base, &url, Some(&body), "The build", args.timeout)?;
+    if status != 201 {
+        return Err(crate::http::refused(status, &text));
     }
     if args.no_wait {
         return Ok(0);

@@ -3,7 +3,7 @@
 #![forbid(unsafe_code)]
 
 use clap::{CommandFactory, Parser, Subcommand};
-use mistry_client::BuildArgs;
+use mistry_client::{BuildArgs, ExecArgs, PipelineCommand};
 
 #[derive(Debug, Parser)]
 #[command(name = "mistry", version, about = "Client of the mistry build server")]
@@ -16,6 +16,11 @@ struct Cli {
 enum Command {
     /// Build a project on the server and fetch its artifacts.
     Build(BuildArgs),
+    /// Run or list the server's pipelines.
+    #[command(subcommand)]
+    Pipeline(PipelineCommand),
+    /// Build a project's image and run its job on this machine, no server (through mistryd).
+    Exec(ExecArgs),
     /// Print a shell completion script.
     Completions {
         #[arg(value_enum)]
@@ -30,6 +35,20 @@ fn main() {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("{e:#}");
+                1
+            }
+        },
+        Command::Pipeline(cmd) => match mistry_client::pipeline(cmd) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("{e:#}");
+                1
+            }
+        },
+        Command::Exec(args) => match mistry_client::exec(args) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("mistry exec: {e:#}");
                 1
             }
         },

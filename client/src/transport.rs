@@ -96,44 +96,52 @@ pub(crate) fn fetch(
             cmd.arg(source).arg(&args.target);
             run(cmd, "rsync")
         }
-        Transport::Http => {
-            if args.clear_target {
-                clear_dir(&args.target)?;
-            }
-            let id_path = url
-                .strip_prefix("job/")
-                .ok_or_else(|| anyhow!("unexpected job URL {url}"))?;
-            let mut resp = agent
-                .get(&format!("{base}/artifacts/{id_path}"))
-                .call()
-                .with_context(|| format!("fetching the artifacts from {base}"))?;
-            if resp.status().as_u16() != 200 {
-                let text = resp.body_mut().read_to_string().unwrap_or_default();
-                bail!("fetching the artifacts: {}", text.trim());
-            }
-            let reader = resp.body_mut().with_config().limit(u64::MAX).reader();
-            let bar = std::io::stderr().is_terminal().then(|| {
-                let b = indicatif::ProgressBar::new_spinner();
-                b.set_style(
-                    indicatif::ProgressStyle::with_template(
-                        "{spinner} {bytes} ({bytes_per_sec}) {msg}",
-                    )
-                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
-                );
-                b.set_message("artifacts");
-                b
-            });
-            let reader: Box<dyn Read> = match &bar {
-                Some(b) => Box::new(b.wrap_read(reader)),
-                None => Box::new(reader),
-            };
-            unpack(reader, &args.target)?;
-            if let Some(b) = bar {
-                b.finish_and_clear();
-            }
-            Ok(())
-        }
+        Transport::Http => fetch_http(agent, base, url, &args.target, args.clear_target),
     }
+}
+
+/// The http transport: the artifacts of the job at `url` (`job/<project>/<id>`) as a tar stream
+/// from the server at `base`, unpacked into `target` (emptied first when `clear`).
+pub(crate) fn fetch_http(
+    agent: &ureq::Agent,
+    base: &str,
+    url: &str,
+    target: &Path,
+    clear: bool,
+) -> Result<()> {
+    if clear {
+        clear_dir(target)?;
+    }
+    let id_path = url
+        .strip_prefix("job/")
+        .ok_or_else(|| anyhow!("unexpected job URL {url}"))?;
+    let mut resp = agent
+        .get(&format!("{base}/artifacts/{id_path}"))
+        .call()
+        .with_context(|| format!("fetching the artifacts from {base}"))?;
+    if resp.status().as_u16() != 200 {
+        let text = resp.body_mut().read_to_string().unwrap_or_default();
+        bail!("fetching the artifacts: {}", text.trim());
+    }
+    let reader = resp.body_mut().with_config().limit(u64::MAX).reader();
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let b = indicatif::ProgressBar::new_spinner();
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{spinner} {bytes} ({bytes_per_sec}) {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        b.set_message("artifacts");
+        b
+    });
+    let reader: Box<dyn Read> = match &bar {
+        Some(b) => Box::new(b.wrap_read(reader)),
+        None => Box::new(reader),
+    };
+    unpack(reader, target)?;
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    Ok(())
 }
 
 /// Unpack a tar stream into `target`; no entry may land outside it.

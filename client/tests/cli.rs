@@ -4,28 +4,16 @@
 //!
 //! `MISTRY_CLIENT_BIN` names the binary when the tests run as another user (scripts/test.sh).
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
+mod common;
+
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::Path;
-use std::process::{Command, Output};
-use std::thread::JoinHandle;
+use std::process::Output;
 
+use common::{fake_server, mistry, read, tar_of, text, Request};
 use serde_json::Value;
-
-fn mistry() -> Command {
-    Command::new(
-        std::env::var_os("MISTRY_CLIENT_BIN")
-            .unwrap_or_else(|| env!("CARGO_BIN_EXE_mistry").into()),
-    )
-}
 
 fn run(args: &[&str]) -> Output {
     mistry().args(args).output().expect("running mistry")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 /// A loopback port nothing listens on (bound, not listening, held while the fd lives).
@@ -43,55 +31,6 @@ fn closed_port() -> (OwnedFd, u16) {
     bind(fd.as_raw_fd(), &SockaddrIn::new(127, 0, 0, 1, 0)).unwrap();
     let addr: SockaddrIn = getsockname(fd.as_raw_fd()).unwrap();
     (fd, addr.port())
-}
-
-/// One request as the fake server saw it.
-#[derive(Debug)]
-struct Request {
-    line: String,
-    body: String,
-}
-
-/// A fake mistry server: answers the i-th request with `answers[i]` (status, content type,
-/// body), then stops; returns its port and the requests it saw.
-fn fake_server(answers: Vec<(u16, &'static str, Vec<u8>)>) -> (u16, JoinHandle<Vec<Request>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let handle = std::thread::spawn(move || {
-        let mut seen = Vec::new();
-        for (status, ctype, body) in answers {
-            let (mut stream, _) = listener.accept().unwrap();
-            let mut reader = BufReader::new(stream.try_clone().unwrap());
-            let mut line = String::new();
-            reader.read_line(&mut line).unwrap();
-            let mut length = 0usize;
-            loop {
-                let mut h = String::new();
-                reader.read_line(&mut h).unwrap();
-                if h == "\r\n" || h.is_empty() {
-                    break;
-                }
-                if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
-                    length = v.trim().parse().unwrap();
-                }
-            }
-            let mut req_body = vec![0u8; length];
-            reader.read_exact(&mut req_body).unwrap();
-            seen.push(Request {
-                line: line.trim_end().to_string(),
-                body: text(&req_body),
-            });
-            write!(
-                stream,
-                "HTTP/1.1 {status} X\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            )
-            .unwrap();
-            stream.write_all(&body).unwrap();
-        }
-        seen
-    });
-    (port, handle)
 }
 
 fn build(port: u16, args: &[&str]) -> Output {
@@ -344,18 +283,6 @@ fn server_answers_become_messages_and_exit_codes() {
     }
 }
 
-fn tar_of(files: &[(&str, &str)]) -> Vec<u8> {
-    let mut b = tar::Builder::new(Vec::new());
-    for (name, content) in files {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(content.len() as u64);
-        h.set_mode(0o640);
-        h.set_mtime(1_000_000_000);
-        b.append_data(&mut h, name, content.as_bytes()).unwrap();
-    }
-    b.into_inner().unwrap()
-}
-
 /// The http transport: the artifacts of the job the answer names, unpacked into the target
 /// (created; emptied first with --clear-target), modes and times kept.
 #[test]
@@ -394,8 +321,4 @@ fn http_transport_unpacks_the_artifacts_into_the_target() {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(!target.join("stale").exists());
     assert_eq!(read(&target.join("out.txt")), "artifact\n");
-}
-
-fn read(p: &Path) -> String {
-    std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }

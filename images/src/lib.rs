@@ -49,7 +49,11 @@ pub use download::DownloadPolicy;
 pub use oci::{host_platform, sha256_digest};
 pub use registry::{Credentials, Registries, RegistryConfig};
 pub use source::{BaseSource, FetchedBase, LocalImages};
-pub use store::{is_btrfs, BackendKind, Collected, JobRoot, Store, StoreError};
+pub use store::{
+    cache_depth, is_btrfs, layer_build, layer_path, next_chain_builds, overlay_works_in,
+    read_cache_layers, BackendKind, CacheMode, Collected, JobRoot, Store, StoreError, Workspace,
+    CACHE_FLAT, CACHE_LAYERS, CACHE_TOKEN, CACHE_WORK,
+};
 pub use tools::{helper_main, ToolError};
 pub use unpack::{apply_layer, Applied, Owners, UnpackError};
 pub use view::{Target, View};

@@ -105,6 +105,9 @@ enum Command {
         )]
         command: Vec<std::ffi::OsString>,
     },
+    /// Build a project's image and run its job on this machine, no server: the engine of the
+    /// daemon, a local state directory (`mistry exec` runs this).
+    Exec(mistry_client::ExecArgs),
     /// Check what this host needs to run jobs, and say how to fix what is missing; exits 1 when
     /// something blocks jobs.
     Doctor,
@@ -124,6 +127,12 @@ enum SandboxCommand {
 
 fn load(cli: &Cli) -> Result<Config> {
     let mut cfg = Config::load(&cli.config)?;
+    set_up(cli, &mut cfg)?;
+    Ok(cfg)
+}
+
+/// The command line's overrides of a configuration, and the id mapping every sandbox uses.
+fn set_up(cli: &Cli, cfg: &mut Config) -> Result<()> {
     if let Some(f) = cli.filesystem {
         cfg.filesystem = Some(f);
     }
@@ -145,7 +154,7 @@ fn load(cli: &Cli) -> Result<Config> {
         sandbox::try_choose_id_map(sandbox::IdMapping::Subordinate)
             .context("--sandbox-ids subordinate")?;
     }
-    Ok(cfg)
+    Ok(())
 }
 
 /// File descriptors kept for everything but client connections (jobs' logs and pipes, the
@@ -201,7 +210,18 @@ async fn serve(cli: Cli) -> Result<()> {
         .local_addr()
         .with_context(|| format!("listening on {}", cli.addr))?;
     cfg.listen = vec![bound];
+    // Several agents (`database_url`): connect and migrate before anything else (an unreachable
+    // database stops the start here), register once the engine is ready; a single node stays in
+    // memory.
+    let cluster = Arc::new(mistry::cluster::Cluster::connect(&cfg).await?);
     let engine = Arc::new(tokio::task::spawn_blocking(move || Engine::new(cfg, helper)).await??);
+    {
+        let engine = Arc::clone(&engine);
+        cluster.start(move || engine.running()).await?;
+    }
+    // SIGTERM is handled from before the line below: a client that stops mistryd as soon as
+    // it reported its address gets a graceful shutdown.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tracing::info!(addr = %bound, store = %engine.cfg.store_path.display(), "mistryd ready");
     // The one line mistryd writes on stdout (README): the address it listens on, the port
     // chosen by the kernel for `--addr HOST:0`. Not being able to write it is no reason to stop.
@@ -213,20 +233,21 @@ async fn serve(cli: Cli) -> Result<()> {
     // Retention (`retention` in the configuration): a pass every interval, besides the one
     // after each job.
     engine.start_retention();
-    let app = mistry::server::router(Arc::clone(&engine));
+    let app =
+        mistry::server::router(Arc::clone(&engine)).layer(axum::Extension(Arc::clone(&cluster)));
     let limits = mistry::server::Limits {
         max_connections: connection_cap(cli.max_connections),
         header_timeout: cli.header_timeout,
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(mistry::server::serve(listener, app, limits, stop_rx));
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
     tracing::info!("shutting down: no new jobs; waiting for running ones");
     engine.shutdown(cli.shutdown_grace).await;
+    cluster.stop().await;
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     tracing::info!("stopped");
@@ -311,7 +332,9 @@ fn main() {
     let default = match std::env::args().nth(1).as_deref() {
         // `mistryd image build` says which storage backend the store uses, and why.
         Some("image") => "warn,images::store=info",
-        Some("sandbox") | Some("internal") | Some("unshare") | Some("doctor") => "warn",
+        Some("sandbox") | Some("internal") | Some("unshare") | Some("doctor") | Some("exec") => {
+            "warn"
+        }
         _ => "info",
     };
     tracing_subscriber::fmt()
@@ -381,6 +404,7 @@ fn main() {
                 1
             }
         },
+        Some(Command::Exec(args)) => mistry::exec::main(args, |cfg| set_up(&cli, cfg)),
         Some(Command::Doctor) => {
             match mistry::operator::doctor::run(
                 &cli.config,

@@ -17,9 +17,19 @@
 //!   "seccomp": "default", "nested_user_namespaces": false, "sandbox_ids": "auto",
 //!   "secrets": {"npm_token": "/etc/mistry/npm_token"},   // RUN --mount=type=secret
 //!   "limits": {"processes": 1024, "memory": "8GiB", "open_files": 65536, "disk": "20GiB"},
-//!   "retention": {"keep": 10, "max_age": "14d", "min_free": "10%", "interval": "10m"}
+//!   "retention": {"keep": 10, "max_age": "14d", "min_free": "10%", "interval": "10m"},
+//!   "cache_layers": 8,                             // overlay: squash a group's cache deeper than this
+//!   "database_url": "postgres://mistry@127.0.0.1/mistry",  // several agents (src/cluster)
+//!   "agent_name": "build1",                        // default: the host name
+//!   "advertise_url": "http://build1:8462",         // default: http://<listen address>
+//!   "agent_timeout": "30s", "heartbeat": "5s"      // an agent is dead after agent_timeout
 //! }
 //! ```
+//!
+//! `database_url` may also come from the environment variable `MISTRY_DATABASE_URL`, which wins
+//! over the file when set and not empty ([`Config::load`]): the database password can stay out
+//! of the configuration file, and one file serves agents pointed at different databases.
+//! Without either, mistryd is a single node and no database code runs.
 //!
 //! A project may also carry its own settings in `<project>/.mistry.json`
 //! (`{"network": ..., "time_limit": ..., "build_args": {...}, "limits": {...}}`). Its author is
@@ -72,6 +82,9 @@ struct Raw {
     secrets: BTreeMap<String, secrets::RawSecret>,
     #[serde(default)]
     retention: retention::RawRetention,
+    cache_layers: Option<usize>,
+    #[serde(flatten)]
+    cluster: crate::cluster::RawSettings,
 }
 
 /// The validated configuration.
@@ -102,7 +115,16 @@ pub struct Config {
     pub secrets: BTreeMap<String, Secret>,
     /// What the daemon keeps of its build results (`retention`).
     pub retention: Retention,
+    /// Where overlays work on `build_path`: how many cache layers a group's build may sit on
+    /// before its cache is squashed into one (`cache_layers`, default 8; 0: copy the cache).
+    pub cache_layers: usize,
+    /// Several agents around one database (`database_url`, `agent_name`, `advertise_url`,
+    /// `agent_timeout`, `heartbeat`).
+    pub cluster: crate::cluster::Settings,
 }
+
+/// The default of `cache_layers`.
+pub const DEFAULT_CACHE_LAYERS: usize = 8;
 
 pub(crate) fn parse_network(s: &str, what: &str) -> Result<NetworkMode> {
     s.parse::<NetworkMode>()
@@ -191,6 +213,7 @@ impl Config {
         };
         let retention = Retention::parse(&raw.retention)?;
         let secret_map = secrets::parse(&raw.secrets, &base_dir)?;
+        let cluster = crate::cluster::Settings::parse(&raw.cluster)?;
         Ok(Config {
             projects_path: projects_path
                 .canonicalize()
@@ -199,6 +222,7 @@ impl Config {
             mounts: raw.mounts.into_iter().collect(),
             job_concurrency,
             job_backlog: raw.job_backlog.unwrap_or(2 * job_concurrency),
+            cache_layers: raw.cache_layers.unwrap_or(DEFAULT_CACHE_LAYERS),
             images_path: raw.images_path,
             store_path,
             filesystem,
@@ -218,13 +242,16 @@ impl Config {
             listen: Vec::new(),
             secrets: secret_map,
             retention,
+            cluster,
         })
     }
 
     pub fn load(path: &Path) -> Result<Config> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        Config::parse(&text, path)
+        let mut cfg = Config::parse(&text, path)?;
+        cfg.cluster.apply_env();
+        Ok(cfg)
     }
 }
 
@@ -249,6 +276,7 @@ mod tests {
             "the sample leaves the backend to detection"
         );
         assert_eq!(c.time_limit, Some(Duration::from_secs(1800)));
+        assert_eq!(c.cache_layers, DEFAULT_CACHE_LAYERS);
         assert_eq!(c.registries.insecure, ["127.0.0.1:5000"]);
         assert_eq!(
             c.registries.credentials["registry.example.com"].username,

@@ -8,6 +8,7 @@
 
 mod checks;
 mod follow;
+mod layers;
 pub mod layout;
 mod lookup;
 pub mod outcome;
@@ -68,6 +69,17 @@ pub struct Scheduled {
 }
 
 impl Scheduled {
+    /// The job's state as it changes (queued, pending, ready); a result-cache hit is ready at
+    /// once (see [`Scheduled::wait`]) and its receiver stays at queued.
+    pub fn state(&self) -> watch::Receiver<JobState> {
+        self.state.clone()
+    }
+
+    /// Whether the answer is known already (a result-cache hit).
+    pub fn is_cached(&self) -> bool {
+        self.ready.is_some()
+    }
+
     /// Wait for the BuildInfo (without its log fields) and the job's directory, which holds
     /// `out.log` and `stderr.log`.
     pub async fn wait(mut self) -> Result<(BuildInfo, JobDir), JobError> {
@@ -107,6 +119,11 @@ pub struct Engine {
     pub metrics: Metrics,
     /// Retention's state (`retention.rs`).
     retainer: Arc<retention::Retainer>,
+    /// How a group's next build gets the last one's cache (layers where overlays work on
+    /// `build_path` and the store uses them).
+    cache_mode: images::CacheMode,
+    /// Ready builds whose cache is being squashed (`layers.rs`).
+    squashing: Arc<Mutex<std::collections::HashSet<std::path::PathBuf>>>,
 }
 
 fn now_rfc3339() -> String {
@@ -117,7 +134,10 @@ impl Engine {
     /// Open the layer store and clean up what a crash left behind.
     pub fn new(cfg: Config, helper: Vec<std::ffi::OsString>) -> anyhow::Result<Engine> {
         let builder = Arc::new(builder_for(&cfg, helper, true)?);
+        let cache_mode = layers::cache_mode(&cfg, &builder.store);
         let engine = Engine {
+            cache_mode,
+            squashing: Arc::new(Mutex::new(Default::default())),
             layout: Layout::new(&cfg.build_path),
             runner: runner::Runner::new(Arc::clone(&builder)),
             slots: Arc::new(Semaphore::new(cfg.job_concurrency)),
@@ -134,6 +154,20 @@ impl Engine {
         engine.retainer.trash().clean_leftovers(engine.store());
         engine.count_hosted();
         Ok(engine)
+    }
+
+    /// Jobs running now (holding one of the `job_concurrency` slots).
+    pub fn running(&self) -> usize {
+        self.cfg
+            .job_concurrency
+            .saturating_sub(self.slots.available_permits())
+    }
+
+    /// Keep ready build `id` of `project` from retention while the guard lives (e.g. a pipeline
+    /// job's upstream build until its downstream jobs ran).
+    pub fn hold_build(&self, project: &str, id: &str) -> Option<retention::Hold> {
+        self.retainer
+            .hold(Some(self.layout.job(project, id, Stage::Ready).path()))
     }
 
     pub fn builder(&self) -> &Builder {
@@ -181,6 +215,11 @@ impl Engine {
         for k in req.params.keys() {
             jobs::check_name("param", k).map_err(JobError::BadRequest)?;
         }
+        for (name, input) in &req.inputs {
+            jobs::check_name("input", name).map_err(JobError::BadRequest)?;
+            jobs::check_name("project", &input.project).map_err(JobError::BadRequest)?;
+            jobs::check_name("job", &input.id).map_err(JobError::BadRequest)?;
+        }
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(JobError::Overloaded);
         }
@@ -220,13 +259,19 @@ impl Engine {
         if !project_dir.join("Dockerfile").is_file() {
             return Err(JobError::UnknownProject(req.project.clone()));
         }
-        let id =
-            jobs::job_id(&req.project, &req.group, &req.params, &project_dir).map_err(|e| {
-                JobError::Internal(format!(
-                    "Error building {}: work: reading the project: {e}",
-                    req.project
-                ))
-            })?;
+        let id = jobs::job_id(
+            &req.project,
+            &req.group,
+            &req.params,
+            &req.inputs,
+            &project_dir,
+        )
+        .map_err(|e| {
+            JobError::Internal(format!(
+                "Error building {}: work: reading the project: {e}",
+                req.project
+            ))
+        })?;
         let ready = self.layout.job(&req.project, &id, Stage::Ready);
         let key = JobKey::new(&req.project, &id);
         let admission = self.jobs.admit(&key, || {
@@ -267,11 +312,14 @@ impl Engine {
                 });
             drop(permit);
             engine.jobs.set(&key, JobState::Ready(Arc::new(info)));
-            // Retention of the job's group (and the low-water mark), after the answer.
+            // Retention of the job's group (and the low-water mark), after the answer; a deep
+            // cache is squashed in the background, followed by the group's retention again.
             let e2 = Arc::clone(&engine);
-            let _ =
-                tokio::task::spawn_blocking(move || e2.retain_after_job(&key.project, &req.group))
-                    .await;
+            let _ = tokio::task::spawn_blocking(move || {
+                e2.retain_after_job(&key.project, &req.group);
+                e2.squash_if_deep(&key, &req.group);
+            })
+            .await;
         });
     }
 
@@ -309,11 +357,33 @@ impl Engine {
         let previous = self.layout.last_good(&req.project, &req.group);
         // Retention leaves the base of this build alone while it runs.
         let _base = self.retainer.hold(previous.as_deref());
+        // And the cache layers it may sit on.
+        let _layers = self.hold_layers(previous.as_deref());
+        // Upstream builds stay while this job reads them.
+        let inputs: Vec<(String, std::path::PathBuf)> = req
+            .inputs
+            .iter()
+            .map(|(name, i)| {
+                let build = self.layout.job(&i.project, &i.id, Stage::Ready);
+                (name.clone(), build.data().join("artifacts"))
+            })
+            .collect();
+        let _upstream: Vec<_> = req
+            .inputs
+            .values()
+            .map(|i| {
+                self.retainer.hold(Some(
+                    self.layout.job(&i.project, &i.id, Stage::Ready).path(),
+                ))
+            })
+            .collect();
         let job = runner::Job {
             req,
             dir: &dir,
             previous: previous.as_deref(),
+            cache_mode: self.cache_mode,
             blank: &blank,
+            inputs: &inputs,
             on_sandbox: &|pid| self.jobs.set_sandbox(key, pid),
         };
         let report = self.runner.run(&self.cfg, &job);
@@ -349,6 +419,8 @@ impl Engine {
         let _ = dir.write_info(info);
         let ready = dir.in_stage(Stage::Ready);
         if ready.exists() {
+            // A rebuild replaces a build another one's cache may sit on: squash those first.
+            retention::unpin_id(&self.layout, self.store(), dir.project(), dir.id());
             let _ = self.store().remove_tree(ready.path());
         }
         if let Err(e) = dir.rename_to_ready() {

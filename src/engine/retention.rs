@@ -3,8 +3,9 @@
 //! beside it.
 //!
 //! Never removed: the targets of `latest` and `groups/<group>`, pending builds (only `ready/`
-//! is looked at), a build whose job is in flight again, and the base a running incremental build
-//! starts from. A build goes in two steps: an atomic rename out of `ready/` into
+//! is looked at), a build whose job is in flight again, the base a running incremental build
+//! starts from, and the cache layers a running build sits on. A build whose cache layer a
+//! linked build's next build would sit on goes after that build's cache is squashed ([`unpin`]). A build goes in two steps: an atomic rename out of `ready/` into
 //! `<build_path>/.mistry-trash/` (from then on no request finds it: the result cache is the
 //! `ready/` directory, so the same request runs again), then the removal of the tree through
 //! [`Store::remove_tree`], which removes what only a subordinate id may remove inside the user
@@ -36,8 +37,11 @@ pub struct Build {
     /// Its `StartedAt` (else the directory's modification time).
     pub started: SystemTime,
     pub path: PathBuf,
-    /// The target of `latest` or `groups/<group>`.
+    /// The target of `latest` or `groups/<group>`: it stays.
     pub linked: bool,
+    /// A linked or running build sits on its cache layer (see `layers.rs`): it goes only once
+    /// the linked ones are squashed ([`unpin`]; a running build's layers stay).
+    pub layer: bool,
 }
 
 impl Build {
@@ -116,9 +120,33 @@ fn link_targets(layout: &Layout, project: &str) -> HashSet<PathBuf> {
         .collect()
 }
 
+/// The IDs of `project`'s builds whose cache layers a linked or running build sits on.
+fn layer_builds(layout: &Layout, project: &str, linked: &HashSet<PathBuf>) -> HashSet<String> {
+    let linked: Vec<&Path> = linked.iter().map(PathBuf::as_path).collect();
+    super::layers::needed_builds(layout, project, &linked)
+}
+
+/// Before `build` goes: when a linked build's next build would sit on its cache layer, squash
+/// that build's cache (slow: a copy of the merged cache, at the lowest priority).
+pub fn unpin(layout: &Layout, store: &Store, build: &Build) {
+    if build.layer {
+        let linked = link_targets(layout, &build.project);
+        let linked: Vec<&Path> = linked.iter().map(PathBuf::as_path).collect();
+        super::layers::unpin(store, &build.id, &linked);
+    }
+}
+
+/// [`unpin`] for ready build `id` of `project`, whatever the rules say of it.
+pub fn unpin_id(layout: &Layout, store: &Store, project: &str, id: &str) {
+    let linked = link_targets(layout, project);
+    let linked: Vec<&Path> = linked.iter().map(PathBuf::as_path).collect();
+    super::layers::unpin(store, id, &linked);
+}
+
 /// The ready builds of `project`.
 pub fn builds(layout: &Layout, project: &str) -> Vec<Build> {
     let linked = link_targets(layout, project);
+    let layers = layer_builds(layout, project, &linked);
     layout
         .jobs(project, Stage::Ready)
         .into_iter()
@@ -142,6 +170,7 @@ pub fn builds(layout: &Layout, project: &str) -> Vec<Build> {
                 group: info.map(|i| i.group).unwrap_or_default(),
                 started,
                 linked: linked.contains(&canonical),
+                layer: layers.contains(j.id()),
                 path: j.path().to_path_buf(),
             })
         })
@@ -228,6 +257,7 @@ impl Trash {
     /// it out of `ready/` at once, then remove its tree. `Ok(false)`: it was linked or already
     /// gone.
     pub fn discard(&self, layout: &Layout, store: &Store, build: &Build) -> Result<bool, String> {
+        unpin(layout, store, build);
         let path = match self.take(layout, build)? {
             Some(p) => p,
             None => return Ok(false),
@@ -246,7 +276,10 @@ impl Trash {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(format!("{}: {e}", build.path.display())),
         };
-        if link_targets(layout, &build.project).contains(&canonical) {
+        let linked = link_targets(layout, &build.project);
+        if linked.contains(&canonical)
+            || layer_builds(layout, &build.project, &linked).contains(&build.id)
+        {
             return Ok(None);
         }
         std::fs::create_dir_all(&self.dir)
@@ -441,6 +474,10 @@ impl Engine {
     /// Move `build` to the trash under its project's link lock (so that no link moves onto it
     /// meanwhile), then remove it.
     fn discard(&self, build: &Build, reason: Reason, done: &mut Purged) {
+        if self.busy(build) {
+            return;
+        }
+        unpin(&self.layout, self.store(), build);
         let taken = {
             let lock = self.link_lock(&build.project);
             let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -536,6 +573,7 @@ mod tests {
             started: SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000 - age_s),
             path: PathBuf::from(format!("/b/{project}/ready/{id}")),
             linked,
+            layer: false,
         }
     }
 

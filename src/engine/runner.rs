@@ -24,8 +24,12 @@ pub struct Job<'a> {
     pub dir: &'a JobDir,
     /// The group's last successful build, when the job's `data/` starts from it.
     pub previous: Option<&'a std::path::Path>,
+    /// How its `data/cache` starts from the group's last build.
+    pub cache_mode: images::CacheMode,
     /// Its BuildInfo before it runs (stored while it runs).
     pub blank: &'a BuildInfo,
+    /// Upstream artifacts directories, bound read-only at `/data/input/<name>` (pipelines).
+    pub inputs: &'a [(String, std::path::PathBuf)],
     /// Told the host pid of the job's sandbox when it starts, and `None` when it ended.
     pub on_sandbox: &'a dyn Fn(Option<i32>),
 }
@@ -68,6 +72,8 @@ impl Phases {
 struct Running<'a> {
     cfg: &'a Config,
     job: &'a Job<'a>,
+    /// The layers under `data/cache` (mounted as an overlay at `/data/cache`), if any.
+    cache_lowers: &'a [std::path::PathBuf],
     settings: &'a Effective,
     log: &'a File,
     phases: &'a Phases,
@@ -97,20 +103,29 @@ impl Runner {
             problems: Vec::new(),
         };
         report.outcome = match self.prepare(job) {
-            Ok(incremental) => {
+            Ok(workspace) => {
                 phases.mark("workspace");
+                let incremental = workspace.incremental;
                 report.incremental = incremental;
+                let cache_lowers = workspace.cache_lowers;
                 // While it runs, the job's BuildInfo is the blank one.
                 let provisional = BuildInfo {
                     incremental,
                     ..job.blank.clone()
                 };
                 let _ = job.dir.write_info(&provisional);
-                self.execute(cfg, job, &mut report.problems, &phases)
+                self.execute(cfg, job, &cache_lowers, &mut report.problems, &phases)
                     .unwrap_or_else(JobOutcome::Internal)
             }
             Err(e) => JobOutcome::Internal(e),
         };
+        // The overlay's work directory of /data/cache is of no use once the job ended.
+        let work = job.dir.path().join(images::CACHE_WORK);
+        if fs::symlink_metadata(&work).is_ok() {
+            if let Err(e) = self.builder.store.remove_tree(&work) {
+                tracing::warn!(path = %work.display(), error = %e, "could not remove a job's cache work directory");
+            }
+        }
         let (problem, lines) = checks::data_dirs(&self.builder.store, job.dir);
         if !lines.is_empty() {
             if let Ok(mut log) = fs::OpenOptions::new().append(true).open(job.dir.out_log()) {
@@ -127,12 +142,12 @@ impl Runner {
 
     /// The job's directory, with `data/` (from the group's last build when there is one) and
     /// its params.
-    fn prepare(&self, job: &Job) -> Result<bool, RunError> {
+    fn prepare(&self, job: &Job) -> Result<images::Workspace, RunError> {
         let dir = job.dir;
-        let incremental = self
-            .builder
-            .store
-            .prepare_job_dir(dir.path(), job.previous)?;
+        let workspace =
+            self.builder
+                .store
+                .prepare_job_dir(dir.path(), job.previous, job.cache_mode)?;
         let data = dir.data();
         for d in DATA_DIRS {
             fs::create_dir_all(data.join(d)).map_err(RunError::io(format!("creating data/{d}")))?;
@@ -141,7 +156,12 @@ impl Runner {
             fs::write(dir.params().join(k), v)
                 .map_err(RunError::io(format!("writing param {k}")))?;
         }
-        Ok(incremental)
+        // Mount points of the inputs (pipelines).
+        for (name, _) in job.inputs {
+            fs::create_dir_all(data.join("input").join(name))
+                .map_err(RunError::io(format!("creating data/input/{name}")))?;
+        }
+        Ok(workspace)
     }
 
     /// Build the image and run the job on it; `problems` gets what is found after it ran.
@@ -149,6 +169,7 @@ impl Runner {
         &self,
         cfg: &Config,
         job: &Job,
+        cache_lowers: &[std::path::PathBuf],
         problems: &mut Vec<String>,
         phases: &Phases,
     ) -> Result<JobOutcome, RunError> {
@@ -159,7 +180,7 @@ impl Runner {
         let settings = cfg
             .effective(&job.req.project)
             .map_err(|e| RunError::Settings(format!("{e:#}")))?;
-        let outcome = self.build_and_run(cfg, job, &settings, &log, phases)?;
+        let outcome = self.build_and_run(cfg, job, cache_lowers, &settings, &log, phases)?;
         if let Some(line) = outcome.log_line() {
             let _ = writeln!(log, "{line}");
         }
@@ -176,6 +197,7 @@ impl Runner {
         &self,
         cfg: &Config,
         job: &Job,
+        cache_lowers: &[std::path::PathBuf],
         settings: &Effective,
         log: &File,
         phases: &Phases,
@@ -198,11 +220,15 @@ impl Runner {
                 "the image has no ENTRYPOINT or CMD".into(),
             ));
         }
+        if let Err(e) = inputs_ready(job) {
+            return Ok(JobOutcome::CouldNotRun(e));
+        }
         let overlay = !self.overlay_refused.load(Ordering::SeqCst);
         phases.mark("data");
         let at = Running {
             cfg,
             job,
+            cache_lowers,
             settings,
             log,
             phases,
@@ -258,6 +284,7 @@ impl Runner {
         let Running {
             cfg,
             job,
+            cache_lowers,
             settings,
             log,
             phases,
@@ -283,6 +310,18 @@ impl Runner {
             })
             .stdout(Stdio::Fd(stdout.into()))
             .stderr(Stdio::Piped);
+        if !cache_lowers.is_empty() {
+            // The group's cache: its last builds' layers read-only, this job's changes in
+            // data/cache (nothing copied).
+            let rw = (
+                job.dir.data().join("cache"),
+                job.dir.path().join(images::CACHE_WORK),
+            );
+            sb = sb.overlay_mount(cache_lowers.to_vec(), Some(rw), "/data/cache");
+        }
+        for (name, artifacts) in job.inputs {
+            sb = sb.bind(Bind::new(artifacts, format!("/data/input/{name}")).read_only());
+        }
         for (host, inside) in &cfg.mounts {
             sb = sb.bind(Bind::new(host, inside));
         }
@@ -310,7 +349,11 @@ impl Runner {
             .map_err(RunError::io("stderr.log"))?;
         let mut child = match sb.spawn() {
             Ok(c) => c,
-            Err(e @ sandbox::Error::Overlay(_)) if root.is_overlay() => return Err(e.into()),
+            // A refused overlay root is retried on a copy (a refused cache overlay is not: the
+            // engine probed it at start).
+            Err(e @ sandbox::Error::Overlay(_)) if root.is_overlay() && cache_lowers.is_empty() => {
+                return Err(e.into())
+            }
             Err(e) => {
                 let _ = writeln!(err_w, "{e}");
                 return Ok(JobOutcome::CouldNotStart(e.to_string()));
@@ -338,6 +381,25 @@ impl Runner {
         (job.on_sandbox)(None);
         Ok(status?.into())
     }
+}
+
+/// Every input is a ready build's real `data/artifacts` directory (no symlink on the way from the
+/// build's directory).
+fn inputs_ready(job: &Job) -> Result<(), String> {
+    for (name, artifacts) in job.inputs {
+        let real_dir = |p: &std::path::Path| fs::symlink_metadata(p).is_ok_and(|m| m.is_dir());
+        let build = artifacts.parent().and_then(|d| d.parent());
+        if !(real_dir(artifacts)
+            && artifacts.parent().is_some_and(real_dir)
+            && build.is_some_and(real_dir))
+        {
+            return Err(format!(
+                "input {name:?}: the upstream build {} is not ready",
+                build.unwrap_or(artifacts).display()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Why `/data` could not be given to the job's user.

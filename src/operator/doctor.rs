@@ -129,6 +129,7 @@ pub fn check(config: &Path, ids: Option<SandboxIds>) -> Report {
         check_paths(&mut r, cfg);
         check_overlay(&mut r, cfg, mapping.as_ref());
         check_btrfs(&mut r, cfg, root);
+        check_incremental(&mut r, cfg);
     }
     check_cgroups(&mut r, root);
     if let Some(cfg) = &cfg {
@@ -655,6 +656,40 @@ fn check_overlay(r: &mut Report, cfg: &Config, mapping: Option<&IdMap>) {
             what,
             format!("{fix}; meanwhile jobs run on copies (slower, bigger store)"),
         );
+    }
+}
+
+/// How a group's next build will get the last one's cache on `build_path` (see the engine's
+/// `layers.rs`): btrfs snapshots, overlay layers, or copies of the whole cache.
+fn check_incremental(r: &mut Report, cfg: &Config) {
+    let path = &cfg.build_path;
+    if images::is_btrfs(path) && cfg.filesystem != Some(images::BackendKind::Overlay) {
+        r.ok(format!(
+            "incremental builds: btrfs snapshots on {}",
+            path.display()
+        ));
+        return;
+    }
+    if cfg.filesystem == Some(images::BackendKind::Plain) || cfg.cache_layers == 0 {
+        r.warn(
+            "incremental builds copy the group's whole cache (plain backend or cache_layers 0)",
+            "use the overlay backend with cache_layers > 0, or put build_path on btrfs",
+        );
+        return;
+    }
+    match images::overlay_works_in(path) {
+        Ok(()) => r.ok(format!(
+            "incremental builds: overlay cache layers on {} (squashed past {})",
+            path.display(),
+            cfg.cache_layers
+        )),
+        Err(why) => r.warn(
+            format!(
+                "incremental builds copy the group's whole cache: overlayfs does not work on {} ({why})",
+                path.display()
+            ),
+            "put build_path on a filesystem that rootless overlayfs supports (ext4, xfs, btrfs, tmpfs)",
+        ),
     }
 }
 

@@ -1,6 +1,6 @@
 //! The HTTP API of mistryd, as mistry's: `POST /jobs`, `GET /index/`, `GET /job/{project}/{id}`,
 //! `GET /log/{project}/{id}` (server-sent events), `GET /artifacts/{project}/{id}`,
-//! `GET /metrics`, and the web view at `/`. Handlers are thin: the engine does the work, and
+//! `GET /metrics`, `GET /agents` (the cluster's agents), and the web view at `/`. Handlers are thin: the engine does the work, and
 //! nothing here reads the disk on the runtime's threads.
 //!
 //! Clients are not trusted: [`serve`] ([`listen`]) gives each connection
@@ -49,6 +49,7 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/log/{project}/{id}", get(log))
         .route("/artifacts/{project}/{id}", get(artifacts))
         .route("/metrics", get(metrics))
+        .route("/agents", get(agents))
         .route("/api/job/{project}/{id}", get(api_job))
         .route("/api/logtail/{project}/{id}", get(api_logtail))
         .route(
@@ -60,6 +61,7 @@ pub fn router(engine: Arc<Engine>) -> Router {
             get(|| async { ([("content-type", "text/css; charset=utf-8")], STYLE_CSS) }),
         )
         .route("/", get(|| async { Html(INDEX_HTML) }))
+        .merge(crate::pipeline::http::routes(Arc::clone(&engine)))
         .layer(axum::middleware::from_fn(same_origin))
         .with_state(engine)
 }
@@ -360,6 +362,32 @@ async fn api_logtail(
         axum::body::Body::from_stream(stream),
     )
         .into_response()
+}
+
+/// `GET /agents`: every agent of the cluster (this one alone without a database) as JSON when
+/// asked for (`Content-Type` or `Accept: application/json`), else the web view's agents page;
+/// 503 when the database does not answer. The cluster handle is an extension mistryd adds; a
+/// router without it shows this agent from the configuration.
+async fn agents(
+    State(engine): State<Arc<Engine>>,
+    cluster: Option<axum::Extension<Arc<crate::cluster::Cluster>>>,
+    headers: HeaderMap,
+) -> Response {
+    let accepts_json = headers
+        .get("accept")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !wants_json(&headers) && !accepts_json {
+        return Html(INDEX_HTML).into_response();
+    }
+    let cluster = match cluster {
+        Some(axum::Extension(c)) => c,
+        None => Arc::new(crate::cluster::Cluster::local(&engine.cfg)),
+    };
+    match cluster.agents(engine.running()).await {
+        Ok(list) => json(StatusCode::OK, &list),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
+    }
 }
 
 async fn metrics(State(engine): State<Arc<Engine>>) -> Response {

@@ -5,6 +5,8 @@
 //! unprivileged run).
 #![allow(dead_code)]
 
+pub mod browser;
+pub mod pipelines;
 pub mod registry;
 pub mod server;
 

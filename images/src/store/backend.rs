@@ -462,7 +462,7 @@ fn overlay_works(root: &Path) -> Result<(), String> {
             }
         }
     }
-    let verdict = probe_overlay(root);
+    let verdict = probe_overlay(&root.join("tmp"));
     let line = match &verdict {
         Ok(()) => "ok".to_string(),
         Err(why) => format!("refused: {}", why.replace('\n', " ")),
@@ -475,10 +475,8 @@ fn overlay_works(root: &Path) -> Result<(), String> {
 /// Mount a tiny overlay (two lowers, an upper) in a sandbox user namespace, as the overlay
 /// backend's tools and RUN steps do, and change it: read a lower file, delete one (a
 /// whiteout), write one.
-fn probe_overlay(root: &Path) -> Result<(), String> {
-    let dir = root
-        .join("tmp")
-        .join(format!("overlay-probe-{}", std::process::id()));
+fn probe_overlay(parent: &Path) -> Result<(), String> {
+    let dir = parent.join(format!(".overlay-probe-{}", std::process::id()));
     let result = (|| {
         let _ = fs::remove_dir_all(&dir);
         for d in ["l1", "l2", "upper", "work", "merged"] {
@@ -523,6 +521,16 @@ fn probe_overlay(root: &Path) -> Result<(), String> {
     })();
     let _ = remove_probe_dir(&dir);
     result
+}
+
+/// Whether rootless overlayfs works on the filesystem of `dir` (a real probe in a scratch
+/// directory made there and removed): e.g. for overlays whose upper directories live in a job's
+/// directory rather than in the store.
+pub fn overlay_works_in(dir: &Path) -> Result<(), String> {
+    if std::env::var_os(NO_OVERLAY_ENV).is_some_and(|v| !v.is_empty() && v != "0") {
+        return Err(format!("{NO_OVERLAY_ENV} is set (a test hook)"));
+    }
+    probe_overlay(dir)
 }
 
 /// Remove the probe's directory: what the sandbox made (the whiteout, overlayfs' `work/work`)

@@ -34,9 +34,13 @@ mod cache;
 mod job;
 
 pub use crate::view::{Target, View};
+pub use backend::overlay_works_in;
 pub use backend::{is_btrfs, Backend, BackendKind};
 pub use cache::{CacheDir, CacheInit, CacheSharing};
-pub use job::JobRoot;
+pub use job::{
+    cache_depth, layer_build, layer_path, next_chain_builds, read_cache_layers, CacheMode, JobRoot,
+    Workspace, CACHE_FLAT, CACHE_LAYERS, CACHE_TOKEN, CACHE_WORK,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

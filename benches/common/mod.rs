@@ -1,0 +1,161 @@
+//! Helpers the benchmarks share (each bench has `mod common;`): medians, the images directory,
+//! the mistryd binary, running commands, and a mistryd serving on loopback.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// The median of `v` (the upper one of an even count); sorts `v`.
+pub fn median<T: Ord + Copy>(v: &mut [T]) -> T {
+    v.sort();
+    v[v.len() / 2]
+}
+
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// The number in the environment variable `key` (e.g. `BENCH_RUNS`), else `default`.
+pub fn env_num<T: FromStr>(key: &str, default: T) -> T {
+    std::env::var(key)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default)
+}
+
+/// `$MISTRY_TEST_IMAGES`, else `target/images`.
+pub fn images_dir() -> PathBuf {
+    std::env::var_os("MISTRY_TEST_IMAGES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/images"))
+}
+
+/// [`images_dir`], which must hold the busybox image.
+pub fn busybox_images() -> PathBuf {
+    let images = images_dir();
+    assert!(
+        images.join("busybox/index.json").is_file(),
+        "run scripts/setup.sh first"
+    );
+    images
+}
+
+/// The mistryd to run: `$MISTRY_BIN` (scripts/bench.sh points it at a copy the unprivileged
+/// user can read), else the one cargo built.
+pub fn mistryd_bin() -> String {
+    std::env::var("MISTRY_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_mistryd").into())
+}
+
+/// Whether `tool --version` runs and succeeds.
+pub fn installed(tool: &str) -> bool {
+    Command::new(tool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// Runs `cmd` (stdout discarded) and panics unless it succeeds; its stderr.
+pub fn run(cmd: &mut Command) -> String {
+    let out = cmd
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{cmd:?}: {stderr}");
+    stderr
+}
+
+/// [`run`], timed.
+pub fn timed(cmd: &mut Command) -> (Duration, String) {
+    let t = Instant::now();
+    let stderr = run(cmd);
+    (t.elapsed(), stderr)
+}
+
+/// An HTTP agent that returns error statuses as responses; `timeout`: for the whole request.
+pub fn agent(timeout: Option<Duration>) -> ureq::Agent {
+    ureq::Agent::new_with_config(
+        ureq::config::Config::builder()
+            .http_status_as_error(false)
+            .timeout_global(timeout)
+            .build(),
+    )
+}
+
+/// A project `touch` in `projects`: it writes its param `n` to an artifact.
+pub fn touch_project(projects: &Path) {
+    std::fs::create_dir_all(projects.join("touch")).unwrap();
+    std::fs::write(
+        projects.join("touch/Dockerfile"),
+        "FROM busybox\nCMD [\"/bin/sh\", \"-c\", \"cat /data/params/n > /data/artifacts/touched\"]\n",
+    )
+    .unwrap();
+}
+
+/// `dir/config.json` for projects in `dir/projects`, builds in `dir/builds` (created), the
+/// images in `images`, no network, and the fields of `extra` (an object); its path.
+pub fn write_config(dir: &Path, images: &Path, extra: Value) -> PathBuf {
+    std::fs::create_dir_all(dir.join("builds")).unwrap();
+    let mut cfg = json!({
+        "projects_path": dir.join("projects"),
+        "build_path": dir.join("builds"),
+        "images_path": images,
+        "network": "none",
+    });
+    if let Value::Object(extra) = extra {
+        cfg.as_object_mut().unwrap().extend(extra);
+    }
+    let config = dir.join("config.json");
+    std::fs::write(&config, cfg.to_string()).unwrap();
+    config
+}
+
+/// A mistryd serving on loopback; killed when dropped.
+pub struct Daemon {
+    child: Child,
+    /// `127.0.0.1:PORT`
+    pub addr: String,
+}
+
+impl Daemon {
+    /// [`mistryd_bin`] with `config`, on a port the kernel chooses (mistryd says which on
+    /// stdout).
+    pub fn start(config: &Path) -> Daemon {
+        let mut child = Command::new(mistryd_bin())
+            .arg("--config")
+            .arg(config)
+            .args(["--addr", "127.0.0.1:0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("mistryd: listening on ")
+            .unwrap_or_else(|| panic!("mistryd said {line:?}"))
+            .to_string();
+        Daemon { child, addr }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,73 @@
+//! The HTTP requests `mistry build` and `mistry pipeline` share: the agent, and a JSON request
+//! whose answer is read whole, with mistry's messages for an unreachable server and a timeout.
+
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+
+/// An agent that hands every status back (the caller turns them into messages) and gives up
+/// after `timeout`.
+pub(crate) fn agent(timeout: Duration) -> ureq::Agent {
+    ureq::Agent::new_with_config(
+        ureq::config::Config::builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(timeout))
+            .build(),
+    )
+}
+
+/// What is said when `timeout` passes before the answer: `{what} did not finish after 1h`.
+fn timed_out(what: &str, timeout: Duration) -> anyhow::Error {
+    anyhow::anyhow!(
+        "{what} did not finish after {}",
+        crate::duration::format_go(timeout)
+    )
+}
+
+/// Send `body` (JSON; a GET when `None`) to `url` on the server at `base`, and read the whole
+/// answer: (status, text). `what` names the awaited thing in the timeout message.
+pub(crate) fn request(
+    agent: &ureq::Agent,
+    base: &str,
+    url: &str,
+    body: Option<&str>,
+    what: &str,
+    timeout: Duration,
+) -> Result<(u16, String)> {
+    let sent = match body {
+        Some(body) => agent
+            .post(url)
+            .header("Content-Type", "application/json")
+            .send(body),
+        None => agent
+            .get(url)
+            .header("Accept", "application/json")
+            .header("Content-Type", "application/json")
+            .call(),
+    };
+    let mut resp = match sent {
+        Ok(r) => r,
+        Err(ureq::Error::Timeout(_)) => return Err(timed_out(what, timeout)),
+        Err(e) => bail!("cannot reach the mistry server at {base}: {e}"),
+    };
+    let status = resp.status().as_u16();
+    let text = match resp
+        .body_mut()
+        .with_config()
+        .limit(u64::MAX)
+        .read_to_string()
+    {
+        Ok(t) => t,
+        Err(ureq::Error::Timeout(_)) => return Err(timed_out(what, timeout)),
+        Err(e) => bail!("reading the server's answer: {e}"),
+    };
+    Ok((status, text))
+}
+
+/// The error of an answer other than `201 Created`, as `mistry build` says it.
+pub(crate) fn refused(status: u16, text: &str) -> anyhow::Error {
+    match status {
+        503 => anyhow::anyhow!("Server is overloaded; try again later"),
+        _ => anyhow::anyhow!("{}", text.trim()),
+    }
+}

@@ -1,0 +1,281 @@
+//! The database: connecting (a pool of `tokio-postgres` connections, `deadpool-postgres`),
+//! the embedded migrations (`refinery`), and errors that name the database (password redacted).
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+
+mod embedded {
+    refinery::embed_migrations!("src/cluster/migrations");
+}
+
+/// The table where refinery records the migrations applied.
+pub const MIGRATION_TABLE: &str = "mistry_schema_history";
+
+/// The advisory lock that serialises the migrations of agents starting at once
+/// (`pg_advisory_lock`; "mistry" in ASCII, then 1).
+const MIGRATION_LOCK: i64 = 0x6d69_7374_7279_0001;
+
+/// How long connecting, and waiting for a pooled connection, may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Connections per agent.
+const POOL_SIZE: usize = 8;
+
+/// What went wrong with the database; every message names it (password redacted).
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("invalid database_url {url}: {reason}")]
+    BadUrl { url: String, reason: String },
+    #[error("cannot reach the database at {url}: {reason}")]
+    Unreachable { url: String, reason: String },
+    #[error(
+        "the database schema is version {found}, newer than this mistryd ({known}): upgrade mistryd"
+    )]
+    TooNew { found: i64, known: i64 },
+    #[error("migrating the database at {url}: {reason}")]
+    Migration { url: String, reason: String },
+    #[error("the database at {url}: {reason}")]
+    Query { url: String, reason: String },
+}
+
+/// An error and its sources, on one line.
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !s.ends_with(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
+        source = cause.source();
+    }
+    s.replace('\n', " ")
+}
+
+/// The URL with its password (if any) replaced by `***`: `postgres://u:***@host/db`, or a
+/// key=value string's `password=***`.
+pub fn redact(url: &str) -> String {
+    if let Some((scheme, rest)) = url.split_once("://") {
+        let end = rest.find(['/', '?']).unwrap_or(rest.len());
+        let (authority, tail) = rest.split_at(end);
+        if let Some(at) = authority.rfind('@') {
+            let (userinfo, host) = authority.split_at(at);
+            if let Some((user, _password)) = userinfo.split_once(':') {
+                return format!("{scheme}://{user}:***{host}{tail}");
+            }
+        }
+        // A password in the query string (`?password=...`).
+        if tail.contains("password=") {
+            let (path, query) = tail.split_once('?').unwrap_or((tail, ""));
+            let query: Vec<String> = query
+                .split('&')
+                .map(|kv| {
+                    if kv.starts_with("password=") {
+                        "password=***".to_string()
+                    } else {
+                        kv.to_string()
+                    }
+                })
+                .collect();
+            return format!("{scheme}://{authority}{path}?{}", query.join("&"));
+        }
+        return url.to_string();
+    }
+    url.split_whitespace()
+        .map(|kv| {
+            if kv.starts_with("password=") {
+                "password=***"
+            } else {
+                kv
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// The cluster's database: a pool of connections.
+pub struct Db {
+    pool: Pool,
+    /// The URL, password redacted, for messages.
+    shown: String,
+}
+
+/// The newest schema version this mistryd knows (its last embedded migration).
+pub fn known_version() -> i64 {
+    embedded::migrations::runner()
+        .get_migrations()
+        .iter()
+        .map(|m| i64::from(m.version()))
+        .max()
+        .unwrap_or(0)
+}
+
+impl Db {
+    /// Connect to `url`, apply the migrations this mistryd has and the database lacks, and make
+    /// the pool. `agent` names the connections (`application_name`).
+    pub async fn connect(url: &str, agent: &str) -> Result<Db, ClusterError> {
+        let shown = redact(url);
+        let mut config =
+            tokio_postgres::Config::from_str(url).map_err(|e| ClusterError::BadUrl {
+                url: shown.clone(),
+                reason: chain(&e),
+            })?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name(format!("mistryd {agent}"));
+        }
+        let unreachable = |e: tokio_postgres::Error| ClusterError::Unreachable {
+            url: shown.clone(),
+            reason: chain(&e),
+        };
+        let (mut client, connection) = config.connect(NoTls).await.map_err(unreachable)?;
+        let conn_task = tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "the migration connection ended");
+            }
+        });
+        let migrated = migrate(&mut client, &shown).await;
+        drop(client);
+        let _ = conn_task.await;
+        migrated?;
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(CONNECT_TIMEOUT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .recycle_timeout(Some(CONNECT_TIMEOUT))
+            .build()
+            .map_err(|e| ClusterError::BadUrl {
+                url: shown.clone(),
+                reason: chain(&e),
+            })?;
+        Ok(Db { pool, shown })
+    }
+
+    /// The URL, password redacted.
+    pub fn url(&self) -> &str {
+        &self.shown
+    }
+
+    /// A connection from the pool.
+    pub async fn client(&self) -> Result<deadpool_postgres::Object, ClusterError> {
+        use deadpool_postgres::PoolError;
+        self.pool.get().await.map_err(|e| match e {
+            PoolError::Backend(e) => self.error(chain(&e)),
+            PoolError::Timeout(_) => self.error(format!(
+                "no connection within {}s",
+                CONNECT_TIMEOUT.as_secs()
+            )),
+            e => self.error(chain(&e)),
+        })
+    }
+
+    /// An error of a query (or of getting a connection) on this database.
+    pub fn error(&self, reason: impl Into<String>) -> ClusterError {
+        ClusterError::Query {
+            url: self.shown.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    /// A `tokio_postgres` error on this database.
+    pub fn pg_error(&self, e: &tokio_postgres::Error) -> ClusterError {
+        self.error(chain(e))
+    }
+}
+
+/// Apply the embedded migrations under the advisory lock (agents starting at once take turns:
+/// the first applies, the others find them applied), after refusing a schema newer than ours.
+async fn migrate(client: &mut tokio_postgres::Client, shown: &str) -> Result<(), ClusterError> {
+    let err = |e: &dyn std::error::Error| ClusterError::Migration {
+        url: shown.to_string(),
+        reason: chain(e),
+    };
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(|e| err(&e))?;
+    let result = async {
+        let exists: bool = client
+            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&MIGRATION_TABLE])
+            .await
+            .and_then(|r| r.try_get(0))
+            .map_err(|e| err(&e))?;
+        if exists {
+            let found: i64 = client
+                .query_one(
+                    &format!("SELECT COALESCE(MAX(version), 0)::bigint FROM {MIGRATION_TABLE}"),
+                    &[],
+                )
+                .await
+                .and_then(|r| r.try_get(0))
+                .map_err(|e| err(&e))?;
+            let known = known_version();
+            if found > known {
+                return Err(ClusterError::TooNew { found, known });
+            }
+        }
+        let report = embedded::migrations::runner()
+            .set_migration_table_name(MIGRATION_TABLE)
+            .run_async(client)
+            .await
+            .map_err(|e| err(&e))?;
+        for m in report.applied_migrations() {
+            tracing::info!(
+                version = m.version(),
+                name = m.name(),
+                "database migration applied"
+            );
+        }
+        Ok(())
+    }
+    .await;
+    // The lock also goes with the connection; unlock anyway, the connection may be pooled one day.
+    let _ = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await;
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        assert_eq!(
+            redact("postgres://mistry@127.0.0.1:5433/mistry"),
+            "postgres://mistry@127.0.0.1:5433/mistry"
+        );
+        assert_eq!(
+            redact("postgres://mistry:s3cr:et@db/mistry?sslmode=disable"),
+            "postgres://mistry:***@db/mistry?sslmode=disable"
+        );
+        assert_eq!(
+            redact("postgresql://db/mistry?user=m&password=x&sslmode=disable"),
+            "postgresql://db/mistry?user=m&password=***&sslmode=disable"
+        );
+        assert_eq!(
+            redact("host=/run/postgresql user=mistry password=x dbname=mistry"),
+            "host=/run/postgresql user=mistry password=*** dbname=mistry"
+        );
+    }
+
+    #[test]
+    fn the_embedded_schema_is_version_1() {
+        assert_eq!(known_version(), 1);
+    }
+}

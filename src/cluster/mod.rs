@@ -1,0 +1,439 @@
+//! Several agents around one PostgreSQL (multi-agent mode): the foundation.
+//!
+//! Without `database_url` (and `MISTRY_DATABASE_URL`) mistryd is a single node, as always: no
+//! database code runs, and `/agents` shows this agent alone, from memory ([`Cluster::local`]).
+//!
+//! With a database, at start ([`Cluster::connect`]) mistryd
+//! 1. connects (one line `cannot reach the database at URL: ...` and exit 1 when it cannot; the
+//!    URL's password is never shown, [`db::redact`]);
+//! 2. applies the embedded SQL migrations (`src/cluster/migrations/V<N>__<name>.sql`, with
+//!    `refinery`), serialised between agents starting at once by an advisory lock, and refuses
+//!    a schema newer than it knows (`the database schema is version N, newer than this mistryd
+//!    (M): upgrade mistryd`);
+//! 3. once the engine is ready, registers this agent ([`Cluster::start`]: an upsert of its row
+//!    in `agents`: name, advertise URL, capacity, version), then heartbeats every `heartbeat`:
+//!    the time and the number of jobs running. A database outage does not stop the daemon: a
+//!    failed heartbeat is a warning, and they resume when the database is back. A graceful
+//!    shutdown marks the agent stopped ([`Cluster::stop`]).
+//!
+//! TLS to the database is not supported yet (`NoTls`): use a Unix socket
+//! (`host=/run/postgresql`) or loopback, or a trusted network.
+//!
+//! `GET /agents` lists every agent with `alive` (a heartbeat within this agent's
+//! `agent_timeout`, by the database's clock, and not stopped).
+//!
+//! What comes next builds on this: job records keyed by (project, id), claims with
+//! `FOR UPDATE SKIP LOCKED`, placement, artifact replication and central logs are new
+//! migrations (`V2__...`) and new modules beside [`agents`], using [`db::Db`]'s pool.
+
+pub mod agents;
+pub mod db;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use serde::Deserialize;
+use tokio::sync::watch;
+
+pub use agents::AgentInfo;
+pub use db::{ClusterError, Db};
+
+/// The environment variable that sets `database_url` (it wins over the file).
+pub const DATABASE_URL_ENV: &str = "MISTRY_DATABASE_URL";
+/// This mistryd's version, as agents report it.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+/// Default `agent_timeout`.
+pub const DEFAULT_AGENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default `heartbeat`.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// The configuration file's keys of the multi-agent mode (top level, beside mistry's).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawSettings {
+    pub database_url: Option<String>,
+    pub agent_name: Option<String>,
+    pub advertise_url: Option<String>,
+    pub agent_timeout: Option<String>,
+    pub heartbeat: Option<String>,
+}
+
+/// The validated settings of the multi-agent mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// `database_url` (or `MISTRY_DATABASE_URL`); `None`: single node.
+    pub database_url: Option<String>,
+    /// `agent_name`, default the host name.
+    pub agent_name: String,
+    /// `advertise_url`; `None`: derived from the address mistryd listens on
+    /// ([`Settings::advertise_url`]).
+    pub advertise_url: Option<String>,
+    /// An agent without a heartbeat for this long is not alive (`agent_timeout`, default 30s).
+    pub agent_timeout: Duration,
+    /// How often this agent heartbeats (`heartbeat`, default 5s).
+    pub heartbeat: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            database_url: None,
+            agent_name: host_name(),
+            advertise_url: None,
+            agent_timeout: DEFAULT_AGENT_TIMEOUT,
+            heartbeat: DEFAULT_HEARTBEAT,
+        }
+    }
+}
+
+/// The host name (the default agent name); `mistryd` when it cannot be read.
+pub fn host_name() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .map(|h| h.to_string_lossy().into_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "mistryd".to_string())
+}
+
+impl Settings {
+    /// Validate the file's keys (the environment is applied by [`Settings::apply_env`]).
+    pub fn parse(raw: &RawSettings) -> Result<Settings> {
+        let mut s = Settings {
+            database_url: raw.database_url.clone().filter(|u| !u.is_empty()),
+            ..Settings::default()
+        };
+        if let Some(name) = &raw.agent_name {
+            s.agent_name = name.clone();
+        }
+        check_agent_name(&s.agent_name)?;
+        if let Some(url) = &raw.advertise_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                bail!("advertise_url {url:?}: must start with http:// or https://");
+            }
+            s.advertise_url = Some(url.trim_end_matches('/').to_string());
+        }
+        if let Some(t) = &raw.agent_timeout {
+            s.agent_timeout = crate::config::parse_limit(t, "agent_timeout")?;
+        }
+        if let Some(t) = &raw.heartbeat {
+            s.heartbeat = crate::config::parse_limit(t, "heartbeat")?;
+        }
+        if s.heartbeat.is_zero() {
+            bail!("heartbeat must be longer than 0s");
+        }
+        if s.heartbeat >= s.agent_timeout {
+            bail!(
+                "heartbeat ({:?}) must be shorter than agent_timeout ({:?}), or live agents \
+                 look dead between two heartbeats",
+                s.heartbeat,
+                s.agent_timeout
+            );
+        }
+        Ok(s)
+    }
+
+    /// `MISTRY_DATABASE_URL`, when set and not empty, replaces the file's `database_url`.
+    pub fn apply_env(&mut self) {
+        self.apply_database_url(std::env::var(DATABASE_URL_ENV).ok());
+    }
+
+    fn apply_database_url(&mut self, env: Option<String>) {
+        if let Some(url) = env.filter(|u| !u.is_empty()) {
+            self.database_url = Some(url);
+        }
+    }
+
+    /// `advertise_url`, else `http://<listen address>`; an unspecified address (`0.0.0.0`,
+    /// `[::]`) is replaced by the host name, which other machines can resolve.
+    pub fn advertise_url(&self, listen: &[SocketAddr]) -> String {
+        if let Some(url) = &self.advertise_url {
+            return url.clone();
+        }
+        match listen.first() {
+            Some(a) if a.ip().is_unspecified() => format!("http://{}:{}", host_name(), a.port()),
+            Some(a) => format!("http://{a}"),
+            None => format!("http://{}:8462", host_name()),
+        }
+    }
+}
+
+fn check_agent_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > 255 {
+        bail!("agent_name {name:?}: must be 1 to 255 characters");
+    }
+    if name.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        bail!("agent_name {name:?}: must not contain spaces or control characters");
+    }
+    Ok(())
+}
+
+/// This agent, as it registers and as a single node shows itself.
+#[derive(Debug, Clone)]
+struct Me {
+    name: String,
+    advertise_url: String,
+    capacity: usize,
+    started_at: String,
+}
+
+/// The multi-agent state of a running mistryd: this agent, and the database when there is one.
+pub struct Cluster {
+    me: Me,
+    agent_timeout: Duration,
+    heartbeat: Duration,
+    db: Option<Db>,
+    stop: watch::Sender<bool>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Cluster {
+    /// A single node (no database): `/agents` shows this agent, from memory.
+    pub fn local(cfg: &crate::config::Config) -> Cluster {
+        Self::with_db(cfg, None)
+    }
+
+    fn with_db(cfg: &crate::config::Config, db: Option<Db>) -> Cluster {
+        let s = &cfg.cluster;
+        Cluster {
+            me: Me {
+                name: s.agent_name.clone(),
+                advertise_url: s.advertise_url(&cfg.listen),
+                capacity: cfg.job_concurrency,
+                started_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            },
+            agent_timeout: s.agent_timeout,
+            heartbeat: s.heartbeat,
+            db,
+            stop: watch::channel(false).0,
+            task: Mutex::new(None),
+        }
+    }
+
+    /// With `database_url`: connect and migrate (`cfg.listen` must be set: the default
+    /// advertise URL is derived from it); without: [`Cluster::local`]. [`Cluster::start`]
+    /// registers the agent once it can take requests.
+    pub async fn connect(cfg: &crate::config::Config) -> Result<Cluster, ClusterError> {
+        let Some(url) = &cfg.cluster.database_url else {
+            return Ok(Self::local(cfg));
+        };
+        let db = Db::connect(url, &cfg.cluster.agent_name).await?;
+        Ok(Self::with_db(cfg, Some(db)))
+    }
+
+    /// Register this agent and heartbeat every `heartbeat` with the number of jobs `running()`
+    /// says run now, until [`Cluster::stop`]. No-op without a database.
+    pub async fn start(
+        self: &Arc<Self>,
+        running: impl Fn() -> usize + Send + Sync + 'static,
+    ) -> Result<(), ClusterError> {
+        self.register().await?;
+        self.start_heartbeat(running);
+        Ok(())
+    }
+
+    /// Whether there is a database (multi-agent mode).
+    pub fn db(&self) -> Option<&Db> {
+        self.db.as_ref()
+    }
+
+    /// This agent's name.
+    pub fn name(&self) -> &str {
+        &self.me.name
+    }
+
+    /// This agent's advertise URL.
+    pub fn advertise_url(&self) -> &str {
+        &self.me.advertise_url
+    }
+
+    async fn register(&self) -> Result<(), ClusterError> {
+        let Some(db) = &self.db else { return Ok(()) };
+        agents::register(
+            db,
+            &agents::Registration {
+                name: &self.me.name,
+                advertise_url: &self.me.advertise_url,
+                capacity: self.me.capacity,
+                version: VERSION,
+            },
+            self.agent_timeout,
+        )
+        .await
+    }
+
+    /// Heartbeats: failures are warnings (the first of a series, then one a minute); the first
+    /// success after them says the heartbeats resumed.
+    fn start_heartbeat(self: &Arc<Self>, running: impl Fn() -> usize + Send + Sync + 'static) {
+        if self.db.is_none() {
+            return;
+        }
+        let me = Arc::clone(self);
+        let mut stop = self.stop.subscribe();
+        let task = tokio::spawn(async move {
+            let Some(db) = &me.db else { return };
+            let mut tick = tokio::time::interval(me.heartbeat);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await; // The registration was the first heartbeat.
+            let mut failing_since: Option<tokio::time::Instant> = None;
+            let mut last_warning = tokio::time::Instant::now();
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+                let limit = me.heartbeat.max(Duration::from_secs(1));
+                let beat = agents::heartbeat(db, &me.me.name, running());
+                let result = match tokio::time::timeout(limit, beat).await {
+                    Ok(r) => r,
+                    Err(_) => Err(db.error(format!("no answer within {limit:?}"))),
+                };
+                match (result, failing_since) {
+                    (Ok(()), Some(since)) => {
+                        tracing::info!(
+                            agent = %me.me.name,
+                            after = ?since.elapsed(),
+                            "heartbeats resumed: the database is back"
+                        );
+                        failing_since = None;
+                    }
+                    (Ok(()), None) => {}
+                    (Err(e), None) => {
+                        tracing::warn!(agent = %me.me.name, error = %e, "heartbeat failed; retrying every {:?}", me.heartbeat);
+                        failing_since = Some(tokio::time::Instant::now());
+                        last_warning = tokio::time::Instant::now();
+                    }
+                    (Err(e), Some(since)) => {
+                        if last_warning.elapsed() >= Duration::from_secs(60) {
+                            tracing::warn!(agent = %me.me.name, error = %e, failing_for = ?since.elapsed(), "heartbeats still fail");
+                            last_warning = tokio::time::Instant::now();
+                        } else {
+                            tracing::debug!(agent = %me.me.name, error = %e, "heartbeat failed");
+                        }
+                    }
+                }
+            }
+        });
+        *self.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
+    }
+
+    /// Stop heartbeating and mark this agent stopped in the database (graceful shutdown); a
+    /// failure is a warning.
+    pub async fn stop(&self) {
+        let _ = self.stop.send(true);
+        let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+        if let Some(db) = &self.db {
+            let limit = Duration::from_secs(5);
+            match tokio::time::timeout(limit, agents::stopped(db, &self.me.name)).await {
+                Ok(Ok(())) => {
+                    tracing::info!(agent = %self.me.name, "marked stopped in the database")
+                }
+                Ok(Err(e)) => {
+                    tracing::warn!(agent = %self.me.name, error = %e, "could not mark the agent stopped")
+                }
+                Err(_) => {
+                    tracing::warn!(agent = %self.me.name, "could not mark the agent stopped: no answer within 5s")
+                }
+            }
+        }
+    }
+
+    /// Every agent (by name), or this one alone without a database; `running_here` is this
+    /// agent's number of running jobs now (a single node's `running`).
+    pub async fn agents(&self, running_here: usize) -> Result<Vec<AgentInfo>, ClusterError> {
+        let Some(db) = &self.db else {
+            return Ok(vec![AgentInfo {
+                name: self.me.name.clone(),
+                advertise_url: self.me.advertise_url.clone(),
+                capacity: self.me.capacity as i64,
+                running: running_here as i64,
+                version: VERSION.to_string(),
+                started_at: self.me.started_at.clone(),
+                last_heartbeat: chrono::Utc::now()
+                    .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                heartbeat_age: 0.0,
+                alive: true,
+                state: "alive".into(),
+                this: true,
+            }]);
+        };
+        let limit = Duration::from_secs(5);
+        let mut list = match tokio::time::timeout(limit, agents::list(db, self.agent_timeout)).await
+        {
+            Ok(r) => r?,
+            Err(_) => return Err(db.error(format!("no answer within {limit:?}"))),
+        };
+        for a in &mut list {
+            a.this = a.name == self.me.name;
+        }
+        Ok(list)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_defaults_validation_and_environment() {
+        let s = Settings::parse(&RawSettings::default()).unwrap();
+        assert_eq!(s.database_url, None);
+        assert_eq!(s.agent_name, host_name());
+        assert_eq!(
+            (s.agent_timeout, s.heartbeat),
+            (Duration::from_secs(30), Duration::from_secs(5))
+        );
+        let addr: SocketAddr = "127.0.0.1:8462".parse().unwrap();
+        assert_eq!(s.advertise_url(&[addr]), "http://127.0.0.1:8462");
+        let any: SocketAddr = "0.0.0.0:9000".parse().unwrap();
+        assert_eq!(
+            s.advertise_url(&[any]),
+            format!("http://{}:9000", host_name())
+        );
+
+        let raw = RawSettings {
+            database_url: Some("postgres://mistry@db/mistry".into()),
+            agent_name: Some("a1".into()),
+            advertise_url: Some("http://a1.example:8462/".into()),
+            agent_timeout: Some("2s".into()),
+            heartbeat: Some("500ms".into()),
+        };
+        let mut s = Settings::parse(&raw).unwrap();
+        assert_eq!(s.advertise_url(&[addr]), "http://a1.example:8462");
+        assert_eq!(s.heartbeat, Duration::from_millis(500));
+        s.apply_database_url(Some(String::new()));
+        assert_eq!(
+            s.database_url.as_deref(),
+            Some("postgres://mistry@db/mistry")
+        );
+        s.apply_database_url(Some("postgres://other/x".into()));
+        assert_eq!(s.database_url.as_deref(), Some("postgres://other/x"));
+
+        let bad = |raw: RawSettings| Settings::parse(&raw).unwrap_err().to_string();
+        assert_eq!(
+            bad(RawSettings {
+                heartbeat: Some("30s".into()),
+                ..Default::default()
+            }),
+            "heartbeat (30s) must be shorter than agent_timeout (30s), or live agents look \
+             dead between two heartbeats"
+        );
+        assert_eq!(
+            bad(RawSettings {
+                agent_name: Some("a b".into()),
+                ..Default::default()
+            }),
+            "agent_name \"a b\": must not contain spaces or control characters"
+        );
+        assert_eq!(
+            bad(RawSettings {
+                advertise_url: Some("a1:8462".into()),
+                ..Default::default()
+            }),
+            "advertise_url \"a1:8462\": must start with http:// or https://"
+        );
+    }
+}

@@ -1,0 +1,513 @@
+//! The pipelines' HTTP API (thin handlers over [`Runs`]):
+//!
+//! - `GET /pipelines`: the definitions (`[{"name", "params", "jobs"}]`, by name);
+//! - `POST /pipelines` `{"pipeline": NAME, "params": {...}}`: run one, 201 with the run record
+//!   at its end (`?async`: at once, state `running`);
+//!   (`"rebuild": true`: "Retrigger run", a new run whose jobs ignore the result cache, see
+//!   [`Runs::start_rebuild`]);
+//! - `GET /pipelines/index/`: the stored runs, newest first;
+//! - `GET /pipelines/jobs/`: which run each job belongs to (`{"<project>/<id>": {"pipeline",
+//!   "run", "url"}}`, for the job list of the web view);
+//! - `GET /pipeline/{name}/{run}`: the run record (JSON with `Accept` or `Content-Type:
+//!   application/json`, else the web view's run page: the DAG drawn by `app.js`, over a plain
+//!   server-rendered summary for browsers without scripts);
+//! - `GET /pipeline/{name}/{run}/events`: server-sent events, one run record per change, until
+//!   the run ends.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::response::sse::{Event, Sse};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{any, get};
+use axum::Router;
+use futures_util::stream;
+use serde::Deserialize;
+
+use super::def::{self, ParamDef};
+use super::run::{self, JobRunState, RunRecord, RunState, Runs};
+use super::PipelineError;
+use crate::engine::{Engine, JobError};
+
+/// The pipelines' routes, with their own state, to merge into the server's router. Validates
+/// every definition and fails the runs a previous daemon left running (off the runtime).
+pub fn routes<S: Clone + Send + Sync + 'static>(engine: Arc<Engine>) -> Router<S> {
+    let projects_path = engine.cfg.projects_path.clone();
+    let runs = Runs::new(engine, projects_path, None);
+    if let Ok(rt) = tokio::runtime::Handle::try_current() {
+        let r = Arc::clone(&runs);
+        rt.spawn_blocking(move || check_at_start(&r));
+    }
+    Router::new()
+        .route("/pipelines", any(pipelines))
+        .route("/pipelines/index/", get(index))
+        .route("/pipelines/jobs/", get(job_runs))
+        .route("/pipeline/{name}/{run}", get(run_page))
+        .route("/pipeline/{name}/{run}/events", get(events))
+        .with_state(runs)
+}
+
+fn check_at_start(runs: &Runs) {
+    runs.load_job_runs();
+    run::fail_interrupted(&runs.engine().cfg.build_path, |p, r| {
+        runs.watch(p, r).is_some()
+    });
+    for name in def::names(runs.projects_path()) {
+        match runs.load(&name) {
+            Ok(p) => tracing::info!(pipeline = %name, jobs = p.jobs.len(), "pipeline loaded"),
+            Err(e) => tracing::warn!(pipeline = %name, error = %e, "invalid pipeline"),
+        }
+    }
+}
+
+impl IntoResponse for PipelineError {
+    fn into_response(self) -> Response {
+        let status = match self {
+            PipelineError::Unknown(_) => StatusCode::NOT_FOUND,
+            PipelineError::Invalid(_) | PipelineError::BadRequest(_) => StatusCode::BAD_REQUEST,
+            PipelineError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            PipelineError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        (status, self.to_string()).into_response()
+    }
+}
+
+fn json(status: StatusCode, value: &impl serde::Serialize) -> Response {
+    match serde_json::to_vec(value) {
+        Ok(body) => (status, [("content-type", "application/json")], body).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RunQuery {
+    #[serde(rename = "async")]
+    is_async: Option<String>,
+}
+
+/// A `POST /pipelines` body: the pipeline, its params, and `rebuild`; field names
+/// case-insensitive, as for jobs.
+fn parse_request(body: &[u8]) -> Result<(String, BTreeMap<String, String>, bool), PipelineError> {
+    let bad = |m: String| {
+        PipelineError::BadRequest(format!(
+            "Error unmarshalling body '{}' to Pipeline: {m}",
+            String::from_utf8_lossy(body)
+        ))
+    };
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| bad(e.to_string()))?;
+    let obj = value
+        .as_object()
+        .ok_or_else(|| bad("not an object".into()))?;
+    let (mut name, mut params, mut rebuild) = (None, BTreeMap::new(), false);
+    for (k, v) in obj {
+        match k.to_ascii_lowercase().as_str() {
+            "pipeline" => {
+                name = Some(
+                    v.as_str()
+                        .ok_or_else(|| bad("pipeline must be a string".into()))?
+                        .to_string(),
+                )
+            }
+            "params" if v.is_null() => {}
+            "params" => {
+                let m = v
+                    .as_object()
+                    .ok_or_else(|| bad("params must be an object of strings".into()))?;
+                for (pk, pv) in m {
+                    let pv = pv
+                        .as_str()
+                        .ok_or_else(|| bad("params must be an object of strings".into()))?;
+                    params.insert(pk.clone(), pv.to_string());
+                }
+            }
+            "rebuild" if v.is_null() => {}
+            "rebuild" => {
+                rebuild = v
+                    .as_bool()
+                    .ok_or_else(|| bad("rebuild must be a boolean".into()))?
+            }
+            _ => {}
+        }
+    }
+    match name {
+        Some(n) if !n.is_empty() => Ok((n, params, rebuild)),
+        _ => Err(PipelineError::BadRequest("no pipeline given".into())),
+    }
+}
+
+/// A definition as `GET /pipelines` lists it.
+#[derive(serde::Serialize)]
+struct Listed {
+    name: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    description: String,
+    params: BTreeMap<String, ParamDef>,
+    jobs: Vec<String>,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    error: String,
+}
+
+async fn pipelines(
+    State(runs): State<Arc<Runs>>,
+    method: Method,
+    query: Result<Query<RunQuery>, QueryRejection>,
+    body: Bytes,
+) -> Response {
+    if method == Method::GET || method == Method::HEAD {
+        let r = Arc::clone(&runs);
+        let listed = tokio::task::spawn_blocking(move || {
+            def::names(r.projects_path())
+                .into_iter()
+                .map(|name| match r.load(&name) {
+                    Ok(p) => Listed {
+                        name,
+                        description: p.description,
+                        params: p.params,
+                        jobs: p.jobs.into_iter().map(|j| j.name).collect(),
+                        error: String::new(),
+                    },
+                    Err(e) => Listed {
+                        name,
+                        description: String::new(),
+                        params: BTreeMap::new(),
+                        jobs: Vec::new(),
+                        error: e.to_string(),
+                    },
+                })
+                .collect::<Vec<_>>()
+        })
+        .await;
+        return match listed {
+            Ok(l) => json(StatusCode::OK, &l),
+            Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+        };
+    }
+    if method != Method::POST {
+        let msg = format!("Expected GET or POST, got {method}");
+        return (StatusCode::METHOD_NOT_ALLOWED, msg).into_response();
+    }
+    let (name, params, rebuild) = match parse_request(&body) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    let is_async = query.is_ok_and(|Query(q)| q.is_async.is_some());
+    let started = if rebuild {
+        runs.start_rebuild(&name, params).await
+    } else {
+        runs.start(&name, params, None).await
+    };
+    let rx = match started {
+        Ok((rx, _)) => rx,
+        Err(e) => return e.into_response(),
+    };
+    if is_async {
+        let rec = RunRecord::clone(&rx.borrow());
+        return json(StatusCode::CREATED, &rec);
+    }
+    match run::wait_end(rx).await {
+        // The backlog was full: as for a job, 503 (the record says which jobs).
+        Ok(rec)
+            if rec.state == RunState::Failed
+                && rec
+                    .jobs
+                    .iter()
+                    .any(|j| j.err_build == JobError::Overloaded.to_string()) =>
+        {
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "{} (pipeline {} run {})",
+                    JobError::Overloaded,
+                    rec.pipeline,
+                    rec.run
+                ),
+            )
+                .into_response()
+        }
+        Ok(rec) => json(StatusCode::CREATED, &rec),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn index(State(runs): State<Arc<Runs>>) -> Response {
+    let build_path = runs.engine().cfg.build_path.clone();
+    match tokio::task::spawn_blocking(move || run::list_records(&build_path)).await {
+        Ok(mut recs) => {
+            // Runs in flight as they are now.
+            for r in &mut recs {
+                if let Some(rx) = runs.watch(&r.pipeline, &r.run) {
+                    *r = RunRecord::clone(&rx.borrow());
+                }
+            }
+            json(StatusCode::OK, &recs)
+        }
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// `{"<project>/<id>": {"pipeline", "run", "url"}}`: the run each job belongs to.
+async fn job_runs(State(runs): State<Arc<Runs>>) -> Response {
+    let map: serde_json::Map<String, serde_json::Value> = runs
+        .job_runs()
+        .into_iter()
+        .map(|((project, id), link)| {
+            (
+                format!("{project}/{id}"),
+                serde_json::to_value(link).unwrap_or_default(),
+            )
+        })
+        .collect();
+    json(StatusCode::OK, &map)
+}
+
+fn wants_json(headers: &HeaderMap) -> bool {
+    ["accept", "content-type"].iter().any(|h| {
+        headers
+            .get(*h)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("application/json"))
+    })
+}
+
+fn unknown_run(name: &str, run: &str) -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        format!("Unknown pipeline run {name}/{run}"),
+    )
+        .into_response()
+}
+
+async fn run_page(
+    State(runs): State<Arc<Runs>>,
+    Path((name, run)): Path<(String, String)>,
+    headers: HeaderMap,
+) -> Response {
+    let found = runs.find(&name, &run).await;
+    match (found, wants_json(&headers)) {
+        (Some(rec), true) => json(StatusCode::OK, &rec),
+        (Some(rec), false) => Html(page(&rec)).into_response(),
+        (None, _) => unknown_run(&name, &run),
+    }
+}
+
+async fn events(
+    State(runs): State<Arc<Runs>>,
+    Path((name, run)): Path<(String, String)>,
+) -> Response {
+    let event = |rec: &RunRecord| {
+        Ok::<_, Infallible>(
+            Event::default().data(serde_json::to_string(rec).unwrap_or_else(|_| "{}".into())),
+        )
+    };
+    if let Some(rx) = runs.watch(&name, &run) {
+        // The record now, then each change, until the run ends.
+        let s = stream::unfold((rx, false, true), move |(mut rx, done, first)| async move {
+            if done {
+                return None;
+            }
+            if !first && rx.changed().await.is_err() {
+                return None;
+            }
+            let rec = RunRecord::clone(&rx.borrow_and_update());
+            let done = rec.state != RunState::Running;
+            Some((event(&rec), (rx, done, false)))
+        });
+        return Sse::new(s).into_response();
+    }
+    match runs.find(&name, &run).await {
+        Some(rec) => Sse::new(stream::iter([event(&rec)])).into_response(),
+        None => unknown_run(&name, &run),
+    }
+}
+
+fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The web view's page (`src/web/index.html`, whose `app.js` draws the run page).
+const INDEX_HTML: &str = include_str!("../web/index.html");
+
+/// The run's page: the web view, whose script draws the DAG and follows the run live, over a
+/// plain summary rendered here (for browsers without scripts; everything from the record
+/// escaped).
+fn page(rec: &RunRecord) -> String {
+    let title = format!(
+        "<title>{} {} · mistry</title>",
+        esc(&rec.pipeline),
+        esc(&rec.run[..rec.run.len().min(12)])
+    );
+    let main = format!("<main id=\"app\">{}</main>", summary(rec));
+    INDEX_HTML
+        .replacen("<title>mistry</title>", &title, 1)
+        .replacen(
+            "<main id=\"app\"><p class=\"muted\">Loading…</p></main>",
+            &main,
+            1,
+        )
+}
+
+/// A plain summary of a run: its state, params, jobs and links.
+fn summary(rec: &RunRecord) -> String {
+    let state = |s: &str| format!("<span class=\"state-{s}\">{s}</span>");
+    let run_state = match rec.state {
+        RunState::Running => "running",
+        RunState::Succeeded => "succeeded",
+        RunState::Failed => "failed",
+    };
+    let mut h = String::new();
+    h.push_str(&format!(
+        "<h1>Pipeline {} <small>{}</small></h1><p>{} · started {}</p>",
+        esc(&rec.pipeline),
+        esc(&rec.run),
+        state(run_state),
+        esc(&rec.started_at)
+    ));
+    if !rec.params.is_empty() {
+        h.push_str("<p>Params: ");
+        for (k, v) in &rec.params {
+            h.push_str(&format!("<code>{}={}</code> ", esc(k), esc(v)));
+        }
+        h.push_str("</p>");
+    }
+    if let Some(c) = &rec.caused_by {
+        h.push_str(&format!(
+            "<p>Caused by <a href=\"/{}\">{} {}</a></p>",
+            esc(&c.url),
+            esc(&c.pipeline),
+            esc(&c.run)
+        ));
+    }
+    h.push_str("<table><tr><th>Job</th><th>Project</th><th>Needs</th><th>State</th><th>Exit code</th><th>Links</th></tr>");
+    for j in &rec.jobs {
+        let links = if j.id.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "<a href=\"/{}\">job</a> <a href=\"/api/logtail/{}/{}\">log</a>",
+                esc(&j.url),
+                esc(&j.project),
+                esc(&j.id)
+            )
+        };
+        let code = if matches!(j.state, JobRunState::Ready | JobRunState::Failed) {
+            j.exit_code.to_string()
+        } else {
+            String::new()
+        };
+        h.push_str(&format!(
+            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}{}</td><td>{}</td><td>{}</td></tr>",
+            esc(&j.name),
+            esc(&j.project),
+            esc(&j.needs.join(", ")),
+            state(j.state.as_str()),
+            if j.err_build.is_empty() {
+                String::new()
+            } else {
+                format!(" {}", esc(&j.err_build))
+            },
+            code,
+            links
+        ));
+    }
+    h.push_str("</table>");
+    if !rec.triggered.is_empty() {
+        h.push_str("<p>Triggered: ");
+        for t in &rec.triggered {
+            if t.error.is_empty() {
+                h.push_str(&format!(
+                    "<a href=\"/{}\">{} {}</a> ",
+                    esc(&t.url),
+                    esc(&t.pipeline),
+                    esc(&t.run)
+                ));
+            } else {
+                h.push_str(&format!("{}: {} ", esc(&t.pipeline), esc(&t.error)));
+            }
+        }
+        h.push_str("</p>");
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests() {
+        let (n, p, r) = parse_request(br#"{"Pipeline": "a", "PARAMS": {"x": "1"}}"#).unwrap();
+        assert_eq!(n, "a");
+        assert_eq!(p.get("x").map(String::as_str), Some("1"));
+        assert!(!r);
+        let (_, _, r) = parse_request(br#"{"pipeline": "a", "Rebuild": true}"#).unwrap();
+        assert!(r);
+        assert!(parse_request(br#"{"pipeline": "a", "rebuild": "yes"}"#).is_err());
+        assert_eq!(
+            parse_request(br#"{"params": {}}"#).unwrap_err().to_string(),
+            "no pipeline given"
+        );
+        assert!(parse_request(br#"{"pipeline": "a", "params": {"x": 1}}"#).is_err());
+        assert!(parse_request(b"{nope").is_err());
+    }
+
+    #[test]
+    fn the_page_is_the_web_view_with_an_escaped_summary() {
+        let rec = RunRecord {
+            pipeline: "p".into(),
+            run: "a".repeat(64),
+            params: [("x".to_string(), "<img src=x onerror=alert(1)>".to_string())].into(),
+            state: RunState::Running,
+            started_at: String::new(),
+            duration: -1,
+            url: format!("pipeline/p/{}", "a".repeat(64)),
+            jobs: Vec::new(),
+            failed: Vec::new(),
+            triggered: Vec::new(),
+            caused_by: None,
+            error: String::new(),
+            rebuild: 0,
+            rebuild_of: None,
+        };
+        let h = page(&rec);
+        assert!(
+            h.contains("<script src=\"/static/app.js\"></script>"),
+            "{h}"
+        );
+        assert!(h.contains("<main id=\"app\"><h1>Pipeline p <small>"), "{h}");
+        assert!(h.contains("<title>p aaaaaaaaaaaa · mistry</title>"), "{h}");
+        assert!(h.contains("x=&lt;img src=x onerror=alert(1)&gt;"), "{h}");
+        assert!(!h.contains("<img"), "{h}");
+        assert!(!h.contains("http-equiv=\"refresh\""), "{h}");
+    }
+
+    #[test]
+    fn rebuild_ids() {
+        let a = run::rebuild_run_id(&"b".repeat(64), 1);
+        assert!(run::is_run_id(&a));
+        assert_ne!(a, run::rebuild_run_id(&"b".repeat(64), 2));
+    }
+
+    #[test]
+    fn pages_escape() {
+        assert_eq!(
+            esc("<a href='x'>&\"</a>"),
+            "&lt;a href=&#39;x&#39;&gt;&amp;&quot;&lt;/a&gt;"
+        );
+    }
+}

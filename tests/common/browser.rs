@@ -1,0 +1,142 @@
+//! A headless Chromium driven through chromedriver (W3C WebDriver over HTTP), for the web view's
+//! tests (tests/web.rs, tests/web_pipelines.rs).
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::{lines_of, wait_for, wait_for_line};
+
+pub struct Browser {
+    driver: Child,
+    base: String,
+    session: String,
+    _profile: tempfile::TempDir,
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::new_with_config(
+        ureq::config::Config::builder()
+            .http_status_as_error(false)
+            .build(),
+    )
+}
+
+impl Browser {
+    pub fn start() -> Browser {
+        // On a port the kernel chooses, which chromedriver reports on stdout.
+        let mut driver = Command::new("chromedriver")
+            .arg("--port=0")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver (apt-get install chromium chromium-driver)");
+        let stdout = lines_of(driver.stdout.take().unwrap());
+        let port = wait_for_line(&stdout, Duration::from_secs(20), |l| {
+            l.strip_prefix("ChromeDriver was started successfully on port ")?
+                .trim_end_matches('.')
+                .parse::<u16>()
+                .ok()
+        })
+        .unwrap_or_else(|out| panic!("chromedriver did not start:\n{out}"));
+        let base = format!("http://127.0.0.1:{port}");
+        let profile = tempfile::tempdir().unwrap();
+        let caps = json!({"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {
+            "binary": "/usr/bin/chromium",
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--disable-quic", "--no-first-run", "--disable-background-networking",
+                     "--disable-component-update", "--disable-sync", "--window-size=1280,900",
+                     format!("--user-data-dir={}", profile.path().display())]
+        }}}});
+        let mut r = agent()
+            .post(&format!("{base}/session"))
+            .send(caps.to_string().as_str())
+            .unwrap();
+        let v: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+        let session = v["value"]["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no session: {v}"))
+            .to_string();
+        Browser {
+            driver,
+            base,
+            session,
+            _profile: profile,
+        }
+    }
+
+    pub fn cmd(&self, method: &str, path: &str, body: Value) -> Value {
+        let url = format!("{}/session/{}{path}", self.base, self.session);
+        let mut r = match method {
+            "GET" => agent().get(&url).call().unwrap(),
+            _ => agent().post(&url).send(body.to_string().as_str()).unwrap(),
+        };
+        serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap()
+    }
+
+    pub fn goto(&self, url: &str) {
+        self.cmd("POST", "/url", json!({"url": url}));
+    }
+
+    pub fn eval(&self, script: &str) -> Value {
+        self.cmd(
+            "POST",
+            "/execute/sync",
+            json!({"script": script, "args": []}),
+        )["value"]
+            .clone()
+    }
+
+    pub fn wait(&self, what: &str, script: &str, timeout: Duration) {
+        wait_for(what, timeout, || self.eval(script) == json!(true));
+    }
+
+    pub fn click(&self, css: &str) {
+        let el = self.cmd(
+            "POST",
+            "/element",
+            json!({"using": "css selector", "value": css}),
+        );
+        let id = el["value"]["element-6066-11e4-a52e-4f735466cecf"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{css}: {el}"))
+            .to_string();
+        self.cmd("POST", &format!("/element/{id}/click"), json!({}));
+    }
+
+    pub fn alert_open(&self) -> bool {
+        self.cmd("GET", "/alert/text", Value::Null)["value"]
+            .get("error")
+            .is_none()
+    }
+
+    /// A screenshot to `target/test-artifacts/NAME.png`, or to `$MISTRY_TEST_ARTIFACTS` (for
+    /// a user who cannot write the target directory).
+    pub fn screenshot(&self, name: &str) {
+        use base64::Engine as _;
+        let v = self.cmd("GET", "/screenshot", Value::Null);
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(v["value"].as_str().unwrap())
+            .unwrap();
+        let dir = std::env::var_os("MISTRY_TEST_ARTIFACTS")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts")
+            });
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join(format!("{name}.png")), png).unwrap();
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = agent()
+            .delete(&format!("{}/session/{}", self.base, self.session))
+            .call();
+        let _ = self.driver.kill();
+        let _ = self.driver.wait();
+    }
+}
