@@ -232,11 +232,11 @@ pub fn exit_code(info: &BuildInfo) -> i32 {
 pub fn copy_artifacts(job_dir: &Path, target: &Path) -> Result<()> {
     std::fs::create_dir_all(target)
         .with_context(|| format!("creating the target {}", target.display()))?;
-    let root = crate::server::open_artifacts(job_dir)
+    let root = crate::tree::open_artifacts(job_dir)
         .with_context(|| format!("opening the artifacts of {}", job_dir.display()))?;
     let (r, w) = nix::unistd::pipe().context("copying the artifacts")?;
     let writer = std::thread::spawn(move || {
-        crate::server::write_tree(&root, std::fs::File::from(w)).map(|_| ())
+        crate::tree::write_tree(&root, std::fs::File::from(w)).map(|_| ())
     });
     let unpacked = mistry_client::unpack(std::fs::File::from(r), target);
     let written = writer

@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod body;
 pub mod cluster;
 pub mod config;
 /// Go's duration syntax, shared with the client (`mistry_client::duration`).
@@ -21,3 +22,4 @@ pub mod sandbox_cli;
 pub mod security;
 pub mod server;
 pub mod stream_json;
+pub mod tree;

@@ -219,6 +219,7 @@ async fn serve(cli: Cli) -> Result<()> {
         let engine = Arc::clone(&engine);
         cluster.start(move || engine.running()).await?;
     }
+    cluster.start_jobs(Arc::clone(&engine));
     // SIGTERM is handled from before the line below: a client that stops mistryd as soon as
     // it reported its address gets a graceful shutdown.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -28,6 +28,8 @@
 
 pub mod agents;
 pub mod db;
+pub mod jobs;
+pub mod replicate;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -185,6 +187,8 @@ pub struct Cluster {
     db: Option<Db>,
     stop: watch::Sender<bool>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The cluster's job scheduler ([`Cluster::start_jobs`]), with a database.
+    scheduler: std::sync::OnceLock<Arc<jobs::Scheduler>>,
 }
 
 impl Cluster {
@@ -207,6 +211,7 @@ impl Cluster {
             db,
             stop: watch::channel(false).0,
             task: Mutex::new(None),
+            scheduler: std::sync::OnceLock::new(),
         }
     }
 
@@ -230,6 +235,24 @@ impl Cluster {
         self.register().await?;
         self.start_heartbeat(running);
         Ok(())
+    }
+
+    /// With a database: the cluster's job scheduler on `engine` (`jobs`): requests go through
+    /// the job records, and this agent heals what a crash left, listens for job
+    /// notifications, claims queued jobs and sweeps the jobs of dead agents (every
+    /// `heartbeat`), until [`Cluster::stop`]. No-op without a database.
+    pub fn start_jobs(self: &Arc<Self>, engine: Arc<crate::engine::Engine>) {
+        if self.db.is_none() || self.scheduler.get().is_some() {
+            return;
+        }
+        let scheduler = Arc::new(jobs::Scheduler::new(Arc::clone(self), engine));
+        scheduler.start(self.stop.subscribe());
+        let _ = self.scheduler.set(scheduler);
+    }
+
+    /// The cluster's job scheduler, once started (with a database).
+    pub fn scheduler(&self) -> Option<&Arc<jobs::Scheduler>> {
+        self.scheduler.get()
     }
 
     /// Whether there is a database (multi-agent mode).

@@ -205,6 +205,22 @@ impl Engine {
 
     /// Validate, identify and schedule a job (or find it running, or in the result cache).
     pub async fn schedule(self: &Arc<Self>, req: JobRequest) -> Result<Scheduled, JobError> {
+        Self::check_request(&req)?;
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(JobError::Overloaded);
+        }
+        // Identify the job (hashing the project directory) and admit it: coalescing, then the
+        // result cache (a rebuild asks for a fresh run), then the backlog; off the runtime's
+        // threads, as it reads the disk.
+        let (engine, r) = (Arc::clone(self), req.clone());
+        let (id, admission) = tokio::task::spawn_blocking(move || engine.admit(&r))
+            .await
+            .map_err(|e| JobError::Internal(e.to_string()))??;
+        self.scheduled(&req, id, admission)
+    }
+
+    /// The request's names are valid (project, group, params, inputs).
+    fn check_request(req: &JobRequest) -> Result<(), JobError> {
         if req.project.is_empty() {
             return Err(JobError::BadRequest("no project given".into()));
         }
@@ -220,16 +236,15 @@ impl Engine {
             jobs::check_name("project", &input.project).map_err(JobError::BadRequest)?;
             jobs::check_name("job", &input.id).map_err(JobError::BadRequest)?;
         }
-        if self.shutting_down.load(Ordering::SeqCst) {
-            return Err(JobError::Overloaded);
-        }
-        // Identify the job (hashing the project directory) and admit it: coalescing, then the
-        // result cache (a rebuild asks for a fresh run), then the backlog; off the runtime's
-        // threads, as it reads the disk.
-        let (engine, r) = (Arc::clone(self), req.clone());
-        let (id, admission) = tokio::task::spawn_blocking(move || engine.admit(&r))
-            .await
-            .map_err(|e| JobError::Internal(e.to_string()))??;
+        Ok(())
+    }
+
+    fn scheduled(
+        &self,
+        req: &JobRequest,
+        id: String,
+        admission: Admission,
+    ) -> Result<Scheduled, JobError> {
         let key = JobKey::new(&req.project, &id);
         let scheduled = |state, ready: Option<BuildInfo>, coalesced| Scheduled {
             project: req.project.clone(),
@@ -255,23 +270,7 @@ impl Engine {
     /// queued job is started here, so that a request cancelled meanwhile leaves no job behind
     /// that nobody runs.
     fn admit(self: &Arc<Self>, req: &JobRequest) -> Result<(String, Admission), JobError> {
-        let project_dir = self.cfg.projects_path.join(&req.project);
-        if !project_dir.join("Dockerfile").is_file() {
-            return Err(JobError::UnknownProject(req.project.clone()));
-        }
-        let id = jobs::job_id(
-            &req.project,
-            &req.group,
-            &req.params,
-            &req.inputs,
-            &project_dir,
-        )
-        .map_err(|e| {
-            JobError::Internal(format!(
-                "Error building {}: work: reading the project: {e}",
-                req.project
-            ))
-        })?;
+        let id = self.identify(req)?;
         let ready = self.layout.job(&req.project, &id, Stage::Ready);
         let key = JobKey::new(&req.project, &id);
         let admission = self.jobs.admit(&key, || {
@@ -290,6 +289,57 @@ impl Engine {
             Admission::Full => {}
         }
         Ok((id, admission))
+    }
+
+    /// The job's ID (hashing the project directory; blocking): 404 for an unknown project.
+    fn identify(&self, req: &JobRequest) -> Result<String, JobError> {
+        let project_dir = self.cfg.projects_path.join(&req.project);
+        if !project_dir.join("Dockerfile").is_file() {
+            return Err(JobError::UnknownProject(req.project.clone()));
+        }
+        jobs::job_id(
+            &req.project,
+            &req.group,
+            &req.params,
+            &req.inputs,
+            &project_dir,
+        )
+        .map_err(|e| {
+            JobError::Internal(format!(
+                "Error building {}: work: reading the project: {e}",
+                req.project
+            ))
+        })
+    }
+
+    /// Validate a request and compute its job ID (blocking: it hashes the project directory),
+    /// as [`Engine::schedule`] does, without admitting it (the cluster's scheduler,
+    /// `cluster::jobs`, decides where it runs). Refused while shutting down.
+    pub fn job_id_of(&self, req: &JobRequest) -> Result<String, JobError> {
+        Self::check_request(req)?;
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(JobError::Overloaded);
+        }
+        self.identify(req)
+    }
+
+    /// The result cache alone (blocking): the local `ready/<id>` when it succeeded, as a
+    /// result-cache hit (`Cached: true`, counted), with its directory.
+    pub fn local_result(&self, project: &str, id: &str) -> Option<(BuildInfo, JobDir)> {
+        let dir = self.layout.job(project, id, Stage::Ready);
+        let mut info = dir.read_info()?;
+        if !info.succeeded() {
+            return None;
+        }
+        info.cached = true;
+        info.coalesced = false;
+        self.metrics.cached();
+        Some((info, dir))
+    }
+
+    /// Whether the engine refuses new jobs (shutting down).
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::SeqCst)
     }
 
     /// Run a queued job when a slot is free, then make it ready.

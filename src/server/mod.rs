@@ -10,8 +10,6 @@
 //! state in memory; artifacts are read by fd below the job's `data/artifacts`, never through a
 //! symlink ([`artifacts`]).
 
-mod artifacts;
-mod body;
 mod listen;
 
 use std::convert::Infallible;
@@ -29,8 +27,8 @@ use futures_util::StreamExt;
 use serde::Deserialize;
 use tokio::io::AsyncReadExt;
 
-pub use artifacts::{open_artifacts, write_tree};
-use body::blocking_body;
+use crate::body::blocking_body;
+use crate::tree::{open_artifacts, write_tree};
 pub use listen::{serve, Limits, DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_CONNECTIONS};
 
 use crate::engine::{Engine, Found, JobDir, JobError, Stage};
@@ -48,6 +46,11 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/job/{project}/{id}", get(job))
         .route("/log/{project}/{id}", get(log))
         .route("/artifacts/{project}/{id}", get(artifacts))
+        // A whole build, for another agent (src/cluster/replicate.rs).
+        .route(
+            "/api/build/{project}/{id}",
+            get(crate::cluster::replicate::serve_build),
+        )
         .route("/metrics", get(metrics))
         .route("/agents", get(agents))
         .route("/api/job/{project}/{id}", get(api_job))
@@ -158,6 +161,7 @@ struct JobsQuery {
 
 async fn jobs(
     State(engine): State<Arc<Engine>>,
+    cluster: Option<axum::Extension<Arc<crate::cluster::Cluster>>>,
     method: Method,
     query: Result<Query<JobsQuery>, QueryRejection>,
     body: Bytes,
@@ -171,6 +175,18 @@ async fn jobs(
         Err(e) => return (StatusCode::BAD_REQUEST, e).into_response(),
     };
     let is_async = query.is_ok_and(|Query(q)| q.is_async.is_some());
+    // Several agents: the job records decide (src/cluster/jobs.rs).
+    if let Some(scheduler) = cluster.as_ref().and_then(|c| c.scheduler()) {
+        return match scheduler.submit(req, is_async).await {
+            Ok(None) => (StatusCode::CREATED, "").into_response(),
+            Ok(Some(a)) => streamed(StatusCode::CREATED, String::new(), a.info, a.dir, ""),
+            Err(e) => {
+                let status =
+                    StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+                (status, e.to_string()).into_response()
+            }
+        };
+    }
     let scheduled = match engine.schedule(req).await {
         Ok(s) => s,
         Err(e) => return e.into_response(),

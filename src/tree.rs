@@ -1,6 +1,7 @@
-//! A ready job's artifacts as a tar stream, read by file descriptor below the job's
-//! `data/artifacts`: no symlink is followed (links inside are sent as links), so a job cannot
-//! make the server send host files.
+//! Trees of a ready job as tar streams, read by file descriptor: its `data/artifacts`
+//! (`GET /artifacts`, `mistry exec`) and a whole build (`GET /api/build`, replication between
+//! agents). No symlink is followed (links inside are sent as links), so a job cannot make the
+//! server send host files.
 
 use std::os::fd::{AsFd, OwnedFd};
 
@@ -20,7 +21,7 @@ pub fn open_artifacts(job_dir: &std::path::Path) -> std::io::Result<OwnedFd> {
 /// Open `rel` under `root` (a directory fd) without following any symlink and without leaving
 /// `root`: `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`, or, on kernels without openat2,
 /// `openat(O_NOFOLLOW)` component by component.
-fn open_beneath(root: &OwnedFd, rel: &std::path::Path, dir: bool) -> std::io::Result<OwnedFd> {
+pub fn open_beneath(root: &OwnedFd, rel: &std::path::Path, dir: bool) -> std::io::Result<OwnedFd> {
     let rel = if rel.as_os_str().is_empty() {
         std::path::Path::new(".")
     } else {
@@ -73,17 +74,66 @@ fn header_from(st: &rustix::fs::Stat, kind: tar::EntryType, size: u64) -> tar::H
 /// entry is opened by fd below `root`, never through a symlink: links are sent as links (their
 /// targets are not read), FIFOs, sockets and devices are skipped.
 pub fn write_tree<W: std::io::Write>(root: &OwnedFd, out: W) -> std::io::Result<W> {
-    use std::os::unix::ffi::OsStrExt;
     let mut b = tar::Builder::new(out);
+    append_tree(&mut b, root, std::path::Path::new(""))?;
+    b.into_inner()
+}
+
+/// Append regular file `rel` below `dir` (opened by fd, no symlink followed) to `b` as `name`;
+/// `false` when it is missing or not a regular file (nothing appended).
+pub fn append_file<W: std::io::Write>(
+    b: &mut tar::Builder<W>,
+    dir: &OwnedFd,
+    rel: &std::path::Path,
+    name: &std::path::Path,
+) -> std::io::Result<bool> {
+    let fd = match open_beneath(dir, rel, false) {
+        Ok(fd) => fd,
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::ENOENT | libc::ELOOP | libc::ENOTDIR)
+            ) =>
+        {
+            return Ok(false)
+        }
+        Err(e) => return Err(e),
+    };
+    let st = rustix::fs::fstat(&fd)?;
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
+        return Ok(false);
+    }
+    let size = u64::try_from(st.st_size).unwrap_or(0);
+    let mut h = header_from(&st, tar::EntryType::Regular, size);
+    let file = std::io::Read::take(std::fs::File::from(fd), size);
+    b.append_data(&mut h, name, file)?;
+    Ok(true)
+}
+
+/// [`write_tree`] into a tar builder, every name under `prefix` (when not empty, `prefix`
+/// itself is sent first as the tree's root directory).
+pub fn append_tree<W: std::io::Write>(
+    b: &mut tar::Builder<W>,
+    root: &OwnedFd,
+    prefix: &std::path::Path,
+) -> std::io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
     // Directories still to send, as paths relative to root (re-opened beneath root, so no fd is
     // held per level however deep the tree is).
     let mut todo = vec![std::path::PathBuf::new()];
     while let Some(rel) = todo.pop() {
         let dir = open_beneath(root, &rel, true)?;
-        if !rel.as_os_str().is_empty() {
+        let named = |rel: &std::path::Path| {
+            if rel.as_os_str().is_empty() {
+                prefix.to_path_buf()
+            } else {
+                prefix.join(rel)
+            }
+        };
+        if !named(&rel).as_os_str().is_empty() {
             let st = rustix::fs::fstat(&dir)?;
             let mut h = header_from(&st, tar::EntryType::Directory, 0);
-            b.append_data(&mut h, &rel, std::io::empty())?;
+            b.append_data(&mut h, named(&rel), std::io::empty())?;
         }
         let mut names = images::inroot::list(dir.as_fd())?;
         names.sort();
@@ -105,14 +155,14 @@ pub fn write_tree<W: std::io::Write>(root: &OwnedFd, out: W) -> std::io::Result<
                     let size = u64::try_from(st.st_size).unwrap_or(0);
                     let mut h = header_from(&st, tar::EntryType::Regular, size);
                     let file = std::io::Read::take(std::fs::File::from(fd), size);
-                    b.append_data(&mut h, &path, file)?;
+                    b.append_data(&mut h, named(&path), file)?;
                 }
                 rustix::fs::FileType::Symlink => {
                     let target = rustix::fs::readlinkat(&dir, &name, Vec::new())?;
                     let mut h = header_from(&st, tar::EntryType::Symlink, 0);
                     b.append_link(
                         &mut h,
-                        &path,
+                        named(&path),
                         std::ffi::OsStr::from_bytes(target.as_bytes()),
                     )?;
                 }
@@ -121,7 +171,7 @@ pub fn write_tree<W: std::io::Write>(root: &OwnedFd, out: W) -> std::io::Result<
         }
         todo.extend(subdirs.into_iter().rev());
     }
-    b.into_inner()
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,0 +1,1220 @@
+//! One job, one run, cluster-wide: job records in the database (table `jobs`, migration V2),
+//! claims, placement, coalescing between agents, and the recovery of an agent's death.
+//!
+//! A request on any agent ([`Scheduler::submit`]):
+//! 1. its job ID is computed as a single node does ([`Engine::job_id_of`]); the local
+//!    `ready/<id>`, when it succeeded, is a result-cache hit as always (unless `rebuild`);
+//! 2. else the job's record decides: `ready` on another live agent → the build is fetched from
+//!    it (`replicate::fetch_build`) and answered `Cached: true`, `Path` local to this agent;
+//!    `queued` or `running` → the request waits for the job's end (`Coalesced: true`): one
+//!    `LISTEN mistry_jobs` connection per agent fans notifications out to every waiter (no
+//!    polling; a 30 s re-read is only a safety net), then the build is fetched from the agent
+//!    that ran it when that is another one; no record → `INSERT ... ON CONFLICT DO NOTHING`
+//!    (the primary key decides the race between agents) — `running` by this agent at once when
+//!    it has a free slot and no other agent holds the group's last build, else `queued` — and
+//!    the request waits like the others; `failed`, `ready` on an agent that is not alive, or `rebuild` → the record is
+//!    queued again (a conditional update: again the database decides).
+//! 3. `job_backlog`'s 503: the cluster's queue is full when its queued records are at least
+//!    the free slots of the alive agents (capacity − running, by their heartbeats) plus the
+//!    `job_backlog` of the agent taking the request — a single node's "running + queued ≤
+//!    job_concurrency + job_backlog", cluster-wide.
+//!
+//! Claims ([`Scheduler::start`]'s claim loop): while this agent runs fewer claimed jobs than
+//! `job_concurrency`, it takes the oldest queued record it may take with
+//! `SELECT ... FOR UPDATE SKIP LOCKED` and marks it `running` by itself, woken by the
+//! notification of an insert (and by a safety tick: 1 s while queued jobs are left, else 5 s).
+//! A job whose `preferred_agent` (the agent holding its group's last successful build) is
+//! another one is left alone for [`PREFERRED_GRACE`], unless that agent is not alive or full
+//! (as many `running` records as its capacity).
+//! The claimed job runs through the local engine ([`Engine::schedule`]: its result cache,
+//! groups, sandbox and `ready/` all apply); once the engine moved it to `ready/`, the record
+//! says `ready` (or `failed`) with its BuildInfo, and the end is notified.
+//!
+//! A group's chain that moves to this agent starts from the last successful build of the
+//! group, fetched with its cache from the agent holding it (log: `incremental from <agent>'s
+//! build P/ID`), or clean when that agent is not alive (`Incremental: false`, logged too).
+//!
+//! Failures: every `heartbeat`, the sweeper puts the `running` records of agents that stopped
+//! heartbeating for `agent_timeout` back in the queue (`retries` + 1); the re-run's log gets a
+//! note line saying so. At start, this agent heals the records it left `running` (a crash): a
+//! build found in its `ready/` is recorded, any other is queued again. A database outage makes
+//! requests fail with 503 naming the database; the listener reconnects every second and wakes
+//! every waiter to read its job again.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::{broadcast, watch, Notify};
+
+use super::{Cluster, ClusterError};
+use crate::engine::{Engine, JobDir, JobError, Stage};
+use crate::jobs::{BuildInfo, Input, JobRequest, NEVER_RAN, UNKNOWN_DURATION};
+
+/// The notification channel of the job records.
+pub const CHANNEL: &str = "mistry_jobs";
+/// How long other agents leave a job to its preferred agent.
+pub const PREFERRED_GRACE: Duration = Duration::from_secs(1);
+/// A waiter reads its job's record again after this long without a notification (a safety
+/// net; notifications are what wakes it).
+const SAFETY_RECHECK: Duration = Duration::from_secs(30);
+
+/// Why a request could not be answered through the cluster.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// As a single node answers (400, 404, 503, 500).
+    #[error("{0}")]
+    Job(JobError),
+    /// 503: the database does not answer.
+    #[error("Service unavailable: {0}")]
+    Database(#[from] ClusterError),
+    /// 503: the build is on another agent and could not be fetched from it.
+    #[error("Service unavailable: {0}")]
+    Replication(String),
+}
+
+impl SubmitError {
+    /// The HTTP status of the answer.
+    pub fn status(&self) -> u16 {
+        match self {
+            SubmitError::Job(JobError::BadRequest(_)) => 400,
+            SubmitError::Job(JobError::UnknownProject(_)) => 404,
+            SubmitError::Job(JobError::Overloaded) => 503,
+            SubmitError::Job(JobError::Internal(_)) => 500,
+            SubmitError::Database(_) | SubmitError::Replication(_) => 503,
+        }
+    }
+}
+
+impl From<JobError> for SubmitError {
+    fn from(e: JobError) -> Self {
+        SubmitError::Job(e)
+    }
+}
+
+/// A request's answer: the BuildInfo and the local directory holding its logs and artifacts.
+pub struct Answer {
+    pub info: BuildInfo,
+    pub dir: JobDir,
+}
+
+/// What the listener tells waiters and the claim loop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Event {
+    /// A job was queued (work to claim).
+    Queued,
+    /// Job `<project>/<id>` ended.
+    Ended(String),
+    /// The listener (re)connected: notifications may have been missed; read again.
+    Reconnected,
+}
+
+/// A job's record, as a request reads it.
+#[derive(Debug)]
+struct Record {
+    state: String,
+    agent: Option<String>,
+    agent_url: Option<String>,
+    agent_alive: bool,
+    build_info: Option<String>,
+}
+
+/// A claimed job.
+struct Claim {
+    project: String,
+    id: String,
+    request: String,
+    retries: i32,
+    retried_from: Option<String>,
+}
+
+/// The cluster's job scheduler of one agent.
+pub struct Scheduler {
+    cluster: Arc<Cluster>,
+    engine: Arc<Engine>,
+    events: broadcast::Sender<Event>,
+    /// Jobs this agent claimed and runs now.
+    claimed: AtomicUsize,
+    /// A claimed job ended here: capacity is free.
+    freed: Notify,
+}
+
+fn key_of(project: &str, id: &str) -> String {
+    format!("{project}/{id}")
+}
+
+/// The request as the record stores it (JSON text, cast to jsonb by the query).
+fn request_json(req: &JobRequest) -> String {
+    serde_json::json!({
+        "project": req.project,
+        "group": req.group,
+        "params": req.params,
+        "inputs": req.inputs,
+        "rebuild": req.rebuild,
+    })
+    .to_string()
+}
+
+fn request_from_json(text: &str) -> Result<JobRequest, String> {
+    #[derive(serde::Deserialize)]
+    struct Stored {
+        project: String,
+        #[serde(default)]
+        group: String,
+        #[serde(default)]
+        params: std::collections::BTreeMap<String, String>,
+        #[serde(default)]
+        inputs: std::collections::BTreeMap<String, Input>,
+        #[serde(default)]
+        rebuild: bool,
+    }
+    let s: Stored = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    Ok(JobRequest {
+        project: s.project,
+        params: s.params,
+        group: s.group,
+        rebuild: s.rebuild,
+        inputs: s.inputs,
+    })
+}
+
+impl Scheduler {
+    /// The scheduler of `cluster` (which must have a database) running jobs on `engine`.
+    pub(super) fn new(cluster: Arc<Cluster>, engine: Arc<Engine>) -> Scheduler {
+        Scheduler {
+            cluster,
+            engine,
+            events: broadcast::channel(4096).0,
+            claimed: AtomicUsize::new(0),
+            freed: Notify::new(),
+        }
+    }
+
+    fn db(&self) -> Result<&super::Db, ClusterError> {
+        self.cluster.db().ok_or_else(|| ClusterError::Query {
+            url: String::new(),
+            reason: "no database_url".into(),
+        })
+    }
+
+    fn me(&self) -> &str {
+        self.cluster.name()
+    }
+
+    fn timeout_secs(&self) -> f64 {
+        self.cluster.agent_timeout.as_secs_f64()
+    }
+
+    /// The tasks of this agent: the start-up healing pass, then the listener, the claim loop
+    /// and the sweeper, until `stop` turns true.
+    pub(super) fn start(self: &Arc<Self>, stop: watch::Receiver<bool>) {
+        let me = Arc::clone(self);
+        let stop2 = stop.clone();
+        tokio::spawn(async move { me.listen(stop2).await });
+        let me = Arc::clone(self);
+        let stop2 = stop.clone();
+        tokio::spawn(async move {
+            me.heal().await;
+            me.claim_loop(stop2).await
+        });
+        let me = Arc::clone(self);
+        tokio::spawn(async move { me.sweep_loop(stop).await });
+    }
+
+    // ---------------------------------------------------------------- requests
+
+    /// Answer a request through the cluster (see the module's doc); `Ok(None)` for `?async`
+    /// once the job is known to be queued, running or ready.
+    pub async fn submit(
+        self: &Arc<Self>,
+        req: JobRequest,
+        is_async: bool,
+    ) -> Result<Option<Answer>, SubmitError> {
+        let (engine, r) = (Arc::clone(&self.engine), req.clone());
+        let id = tokio::task::spawn_blocking(move || engine.job_id_of(&r))
+            .await
+            .map_err(|e| JobError::Internal(e.to_string()))??;
+        let project = req.project.clone();
+        if !req.rebuild {
+            let (engine, p, i) = (Arc::clone(&self.engine), project.clone(), id.clone());
+            let hit = tokio::task::spawn_blocking(move || engine.local_result(&p, &i))
+                .await
+                .map_err(|e| JobError::Internal(e.to_string()))?;
+            if let Some((info, dir)) = hit {
+                tracing::info!(%project, %id, "job answered from the result cache");
+                return Ok(Some(Answer { info, dir }));
+            }
+        }
+        // Subscribed before reading the record: an end notified meanwhile is not missed.
+        let events = self.events.subscribe();
+        for _ in 0..10 {
+            let record = self.read(&project, &id).await?;
+            let Some(rec) = record else {
+                self.check_backlog().await?;
+                if self.insert(&req, &id).await? {
+                    tracing::info!(%project, %id, agent = %self.me(), "job queued in the cluster");
+                    if is_async {
+                        return Ok(None);
+                    }
+                    return self.wait_end(&project, &id, events, false).await.map(Some);
+                }
+                continue; // Another agent inserted it first: read it.
+            };
+            match rec.state.as_str() {
+                "queued" | "running" => {
+                    tracing::info!(%project, %id, state = %rec.state, agent = ?rec.agent, "job joins an identical job of the cluster");
+                    self.engine.metrics.coalesced();
+                    if is_async {
+                        return Ok(None);
+                    }
+                    return self.wait_end(&project, &id, events, true).await.map(Some);
+                }
+                "ready"
+                    if !req.rebuild
+                        && rec.agent_alive
+                        && rec.agent.as_deref() != Some(self.me()) =>
+                {
+                    if is_async {
+                        return Ok(None);
+                    }
+                    let mut answer = self.local_copy(&project, &id, &rec).await?;
+                    answer.info.cached = true;
+                    answer.info.coalesced = false;
+                    self.engine.metrics.cached();
+                    tracing::info!(%project, %id, from = ?rec.agent, "job answered from the cluster's result cache");
+                    return Ok(Some(answer));
+                }
+                _ => {
+                    // Failed, unavailable (its agent is not alive, or this agent no longer
+                    // has it), or a rebuild: run it again.
+                    self.check_backlog().await?;
+                    if self.requeue(&req, &id, &rec).await? {
+                        tracing::info!(%project, %id, was = %rec.state, agent = ?rec.agent, "job queued again in the cluster");
+                        if is_async {
+                            return Ok(None);
+                        }
+                        return self.wait_end(&project, &id, events, false).await.map(Some);
+                    }
+                }
+            }
+        }
+        Err(SubmitError::Job(JobError::Internal(format!(
+            "Error building {project}/{id}: the job's record kept changing; try again"
+        ))))
+    }
+
+    async fn read(&self, project: &str, id: &str) -> Result<Option<Record>, ClusterError> {
+        let db = self.db()?;
+        let client = db.client().await?;
+        let row = client
+            .query_opt(
+                "SELECT j.state, j.agent, a.advertise_url,
+                        COALESCE(a.stopped_at IS NULL
+                                 AND a.last_heartbeat > now() - make_interval(secs => $3), false),
+                        j.build_info::text
+                   FROM jobs j LEFT JOIN agents a ON a.name = j.agent
+                  WHERE j.project = $1 AND j.id = $2",
+                &[&project, &id, &self.timeout_secs()],
+            )
+            .await
+            .map_err(|e| db.pg_error(&e))?;
+        let Some(r) = row else { return Ok(None) };
+        let g = |e: tokio_postgres::Error| db.pg_error(&e);
+        Ok(Some(Record {
+            state: r.try_get(0).map_err(g)?,
+            agent: r.try_get(1).map_err(g)?,
+            agent_url: r.try_get(2).map_err(g)?,
+            agent_alive: r.try_get(3).map_err(g)?,
+            build_info: r.try_get(4).map_err(g)?,
+        }))
+    }
+
+    /// 503 when the cluster's queue is full (see the module's doc).
+    async fn check_backlog(&self) -> Result<(), SubmitError> {
+        let db = self.db()?;
+        let client = db.client().await?;
+        let backlog = i64::try_from(self.engine.cfg.job_backlog).unwrap_or(i64::MAX);
+        let full: bool = client
+            .query_one(
+                "SELECT (SELECT count(*) FROM jobs WHERE state = 'queued') >=
+                        $1 + COALESCE((SELECT sum(GREATEST(capacity - running, 0))
+                                         FROM agents
+                                        WHERE stopped_at IS NULL
+                                          AND last_heartbeat > now() - make_interval(secs => $2)),
+                                      0)",
+                &[&backlog, &self.timeout_secs()],
+            )
+            .await
+            .and_then(|r| r.try_get(0))
+            .map_err(|e| db.pg_error(&e))?;
+        if full {
+            return Err(SubmitError::Job(JobError::Overloaded));
+        }
+        Ok(())
+    }
+
+    /// The preferred agent of a job of `group`: the one holding the group's last successful
+    /// build (SQL, `$1` project, `$2` group).
+    const PREFERRED: &'static str = "(SELECT p.agent FROM jobs p
+          WHERE p.project = $1 AND p.group_name = $2 AND $2 <> '' AND p.state = 'ready'
+          ORDER BY p.ended_at DESC LIMIT 1)";
+
+    /// Insert the job; `false` when another agent inserted it first. With a free slot here, and
+    /// no other agent holding the group's last build, the job is inserted `running` by this
+    /// agent and starts at once (no claim round trip, and the answer needs no replication);
+    /// else it is queued for the claims.
+    async fn insert(self: &Arc<Self>, req: &JobRequest, id: &str) -> Result<bool, ClusterError> {
+        let here = self.reserve();
+        let inserted = self.try_insert(req, id, here).await;
+        match &inserted {
+            Ok(Some(claim)) if claim.is_some() => {}
+            _ if here => self.release(),
+            _ => {}
+        }
+        match inserted? {
+            None => Ok(false),
+            Some(None) => Ok(true),
+            Some(Some(claim)) => {
+                tracing::info!(project = %claim.project, id = %claim.id, agent = %self.me(), "job claimed (taken by the agent that received it)");
+                self.spawn_run(claim);
+                Ok(true)
+            }
+        }
+    }
+
+    /// `None`: not inserted; `Some(None)`: queued; `Some(Some(claim))`: running here.
+    async fn try_insert(
+        &self,
+        req: &JobRequest,
+        id: &str,
+        here: bool,
+    ) -> Result<Option<Option<Claim>>, ClusterError> {
+        let db = self.db()?;
+        let mut client = db.client().await?;
+        let tx = client.transaction().await.map_err(|e| db.pg_error(&e))?;
+        let request = request_json(req);
+        let row = tx
+            .query_opt(
+                &format!(
+                    "WITH pref AS (SELECT {} AS agent),
+                          mine AS (SELECT $5 AND (pref.agent IS NULL OR pref.agent = $6) AS yes
+                                     FROM pref)
+                     INSERT INTO jobs (project, id, group_name, request, preferred_agent,
+                                       state, agent, started_at)
+                     SELECT $1, $3, $2, $4::text::jsonb, pref.agent,
+                            CASE WHEN mine.yes THEN 'running' ELSE 'queued' END,
+                            CASE WHEN mine.yes THEN $6 END,
+                            CASE WHEN mine.yes THEN now() END
+                       FROM pref, mine
+                     ON CONFLICT (project, id) DO NOTHING
+                     RETURNING state",
+                    Self::PREFERRED
+                ),
+                &[&req.project, &req.group, &id, &request, &here, &self.me()],
+            )
+            .await
+            .map_err(|e| db.pg_error(&e))?;
+        let Some(row) = row else {
+            tx.commit().await.map_err(|e| db.pg_error(&e))?;
+            return Ok(None);
+        };
+        let state: String = row.try_get(0).map_err(|e| db.pg_error(&e))?;
+        if state == "queued" {
+            tx.execute("SELECT pg_notify($1, 'queued')", &[&CHANNEL])
+                .await
+                .map_err(|e| db.pg_error(&e))?;
+        }
+        tx.commit().await.map_err(|e| db.pg_error(&e))?;
+        if state == "queued" {
+            return Ok(Some(None));
+        }
+        Ok(Some(Some(Claim {
+            project: req.project.clone(),
+            id: id.to_string(),
+            request,
+            retries: 0,
+            retried_from: None,
+        })))
+    }
+
+    /// Queue an ended job again, if its record is still as `rec` says.
+    async fn requeue(
+        &self,
+        req: &JobRequest,
+        id: &str,
+        rec: &Record,
+    ) -> Result<bool, ClusterError> {
+        let db = self.db()?;
+        let mut client = db.client().await?;
+        let tx = client.transaction().await.map_err(|e| db.pg_error(&e))?;
+        let n = tx
+            .execute(
+                &format!(
+                    "UPDATE jobs SET state = 'queued', agent = NULL, build_info = NULL,
+                            request = $4::text::jsonb, retries = 0, retried_from = NULL,
+                            queued_at = now(), started_at = NULL, ended_at = NULL,
+                            preferred_agent = {}
+                      WHERE project = $1 AND id = $3 AND state = $5
+                        AND agent IS NOT DISTINCT FROM $6",
+                    Self::PREFERRED
+                ),
+                &[
+                    &req.project,
+                    &req.group,
+                    &id,
+                    &request_json(req),
+                    &rec.state,
+                    &rec.agent,
+                ],
+            )
+            .await
+            .map_err(|e| db.pg_error(&e))?;
+        if n == 1 {
+            tx.execute("SELECT pg_notify($1, 'queued')", &[&CHANNEL])
+                .await
+                .map_err(|e| db.pg_error(&e))?;
+        }
+        tx.commit().await.map_err(|e| db.pg_error(&e))?;
+        Ok(n == 1)
+    }
+
+    /// Wait for the job's end, then answer with its build, local to this agent.
+    async fn wait_end(
+        &self,
+        project: &str,
+        id: &str,
+        mut events: broadcast::Receiver<Event>,
+        coalesced: bool,
+    ) -> Result<Answer, SubmitError> {
+        let key = key_of(project, id);
+        loop {
+            let Some(rec) = self.read(project, id).await? else {
+                return Err(SubmitError::Job(JobError::Internal(format!(
+                    "Error building {key}: the job's record was deleted"
+                ))));
+            };
+            if rec.state == "ready" || rec.state == "failed" {
+                let mut answer = self.local_copy(project, id, &rec).await?;
+                answer.info.cached = false;
+                answer.info.coalesced = coalesced;
+                return Ok(answer);
+            }
+            let woken = tokio::time::timeout(SAFETY_RECHECK, async {
+                loop {
+                    match events.recv().await {
+                        Ok(Event::Ended(k)) if k == key => return true,
+                        Ok(Event::Reconnected) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                            return true
+                        }
+                        Ok(_) => continue,
+                        Err(broadcast::error::RecvError::Closed) => return false,
+                    }
+                }
+            })
+            .await;
+            if woken == Ok(false) {
+                return Err(SubmitError::Job(JobError::Internal(format!(
+                    "Error building {key}: the agent is shutting down"
+                ))));
+            }
+        }
+    }
+
+    /// The ended job's build in this agent's `ready/` (fetched from the agent that ran it when
+    /// that is another one), and its BuildInfo with `Path` local.
+    async fn local_copy(
+        &self,
+        project: &str,
+        id: &str,
+        rec: &Record,
+    ) -> Result<Answer, SubmitError> {
+        let layout = &self.engine.layout;
+        let mut dir = layout.job(project, id, Stage::Ready);
+        let here = rec.agent.as_deref() == Some(self.me());
+        let stored = || -> Option<BuildInfo> {
+            rec.build_info
+                .as_deref()
+                .and_then(|t| serde_json::from_str(t).ok())
+        };
+        if !here && dir.read_info().is_none() {
+            let (Some(agent), Some(url)) = (&rec.agent, &rec.agent_url) else {
+                return Err(SubmitError::Replication(format!(
+                    "the build {project}/{id} has no agent holding it"
+                )));
+            };
+            dir = super::replicate::fetch_build(url, layout, project, id, false)
+                .await
+                .map_err(|e| {
+                    SubmitError::Replication(format!(
+                        "fetching the build {project}/{id} from agent {agent} ({url}): {e}"
+                    ))
+                })?;
+            tracing::info!(%project, %id, from = %agent, "build replicated from another agent");
+        }
+        let info = match dir.read_info().or_else(stored) {
+            Some(i) => i,
+            None => {
+                return Err(SubmitError::Job(JobError::Internal(format!(
+                    "Error building {project}/{id}: its BuildInfo is missing"
+                ))))
+            }
+        };
+        let info = BuildInfo {
+            path: dir.artifacts_when_ready().display().to_string(),
+            ..info
+        };
+        Ok(Answer { info, dir })
+    }
+
+    // ---------------------------------------------------------------- the listener
+
+    async fn listen(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let Some(url) = self.engine.cfg.cluster.database_url.clone() else {
+            return;
+        };
+        let mut failing = false;
+        loop {
+            match self.listen_once(&url, &mut stop).await {
+                Ok(true) => return,
+                Ok(false) => {}
+                Err(e) => {
+                    if !failing {
+                        tracing::warn!(agent = %self.me(), error = %e, "the job notifications' connection failed; retrying every second");
+                    }
+                    failing = true;
+                }
+            }
+            // Whatever was missed: every waiter reads its job again.
+            let _ = self.events.send(Event::Reconnected);
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    }
+
+    /// One connection's life; `Ok(true)` when stopped.
+    async fn listen_once(
+        &self,
+        url: &str,
+        stop: &mut watch::Receiver<bool>,
+    ) -> Result<bool, String> {
+        use std::str::FromStr;
+        let mut config = tokio_postgres::Config::from_str(url).map_err(|e| e.to_string())?;
+        config.connect_timeout(Duration::from_secs(5));
+        config.application_name(format!("mistryd {} listener", self.me()));
+        let (client, mut connection) = config
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(|e| super::db::chain(&e))?;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let conn = tokio::spawn(async move {
+            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+            while let Some(m) = messages.next().await {
+                match m {
+                    Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
+                        if tx.send(n.payload().to_string()).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::debug!(error = %e, "the job notifications' connection ended");
+                        return;
+                    }
+                }
+            }
+        });
+        let listening = client
+            .batch_execute(&format!("LISTEN {CHANNEL}"))
+            .await
+            .map_err(|e| super::db::chain(&e));
+        if let Err(e) = listening {
+            conn.abort();
+            return Err(e);
+        }
+        tracing::info!(agent = %self.me(), "listening for job notifications");
+        let _ = self.events.send(Event::Reconnected);
+        let stopped = loop {
+            tokio::select! {
+                m = rx.recv() => match m {
+                    Some(payload) => {
+                        let event = match payload.strip_prefix("ended ") {
+                            Some(key) => Event::Ended(key.to_string()),
+                            None => Event::Queued,
+                        };
+                        let _ = self.events.send(event);
+                    }
+                    None => break false,
+                },
+                _ = stop.wait_for(|s| *s) => break true,
+            }
+        };
+        conn.abort();
+        drop(client);
+        if stopped {
+            Ok(true)
+        } else {
+            Err("the connection to the database was lost".into())
+        }
+    }
+
+    // ---------------------------------------------------------------- claims
+
+    async fn claim_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut events = self.events.subscribe();
+        loop {
+            let mut left = false;
+            while !*stop.borrow() && self.reserve() {
+                match self.claim_one().await {
+                    Ok(Some(claim)) => self.spawn_run(claim),
+                    Ok(None) => {
+                        self.release();
+                        left = self.any_queued().await.unwrap_or(true);
+                        break;
+                    }
+                    Err(e) => {
+                        self.release();
+                        tracing::debug!(agent = %self.me(), error = %e, "claiming jobs failed");
+                        left = true;
+                        break;
+                    }
+                }
+            }
+            let tick = if left {
+                Duration::from_secs(1)
+            } else {
+                Duration::from_secs(5)
+            };
+            tokio::select! {
+                _ = events.recv() => {}
+                _ = self.freed.notified() => {}
+                _ = tokio::time::sleep(tick) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    }
+
+    /// Reserve one of this agent's `job_concurrency` slots for a claim; `false` when all are
+    /// taken (or the engine shuts down).
+    fn reserve(&self) -> bool {
+        if self.engine.is_shutting_down() {
+            return false;
+        }
+        let capacity = self.engine.cfg.job_concurrency;
+        self.claimed
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < capacity).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Give back a slot [`Scheduler::reserve`] took.
+    fn release(&self) {
+        self.claimed.fetch_sub(1, Ordering::SeqCst);
+        self.freed.notify_one();
+    }
+
+    /// Run a claimed job (its slot reserved) in the background.
+    fn spawn_run(self: &Arc<Self>, claim: Claim) {
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            me.run_claimed(claim).await;
+            me.release();
+        });
+    }
+
+    async fn any_queued(&self) -> Result<bool, ClusterError> {
+        let db = self.db()?;
+        let client = db.client().await?;
+        client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM jobs WHERE state = 'queued')",
+                &[],
+            )
+            .await
+            .and_then(|r| r.try_get(0))
+            .map_err(|e| db.pg_error(&e))
+    }
+
+    /// Claim the oldest queued job this agent may take (its own preferred jobs first).
+    async fn claim_one(&self) -> Result<Option<Claim>, ClusterError> {
+        let db = self.db()?;
+        let mut client = db.client().await?;
+        let tx = client.transaction().await.map_err(|e| db.pg_error(&e))?;
+        let row = tx
+            .query_opt(
+                "SELECT j.project, j.id, j.request::text, j.retries, j.retried_from
+                   FROM jobs j
+                  WHERE j.state = 'queued'
+                    AND (j.preferred_agent IS NULL OR j.preferred_agent = $1
+                         OR j.queued_at < now() - make_interval(secs => $2)
+                         OR NOT EXISTS (
+                             SELECT 1 FROM agents a
+                              WHERE a.name = j.preferred_agent AND a.stopped_at IS NULL
+                                AND a.last_heartbeat > now() - make_interval(secs => $3)
+                                AND a.capacity > (SELECT count(*) FROM jobs r
+                                                   WHERE r.state = 'running'
+                                                     AND r.agent = a.name)))
+                  ORDER BY (j.preferred_agent IS NOT DISTINCT FROM $1) DESC, j.queued_at
+                  LIMIT 1
+                    FOR UPDATE OF j SKIP LOCKED",
+                &[
+                    &self.me(),
+                    &PREFERRED_GRACE.as_secs_f64(),
+                    &self.timeout_secs(),
+                ],
+            )
+            .await
+            .map_err(|e| db.pg_error(&e))?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let g = |e: tokio_postgres::Error| db.pg_error(&e);
+        let claim = Claim {
+            project: row.try_get(0).map_err(g)?,
+            id: row.try_get(1).map_err(g)?,
+            request: row.try_get(2).map_err(g)?,
+            retries: row.try_get(3).map_err(g)?,
+            retried_from: row.try_get(4).map_err(g)?,
+        };
+        tx.execute(
+            "UPDATE jobs SET state = 'running', agent = $3, started_at = now()
+              WHERE project = $1 AND id = $2",
+            &[&claim.project, &claim.id, &self.me()],
+        )
+        .await
+        .map_err(|e| db.pg_error(&e))?;
+        tx.commit().await.map_err(|e| db.pg_error(&e))?;
+        tracing::info!(project = %claim.project, id = %claim.id, agent = %self.me(), retries = claim.retries, "job claimed");
+        Ok(Some(claim))
+    }
+
+    /// A BuildInfo for a claimed job that could not run here.
+    fn refused(&self, req: &JobRequest, id: &str, err: String) -> BuildInfo {
+        let dir = self.engine.layout.job(&req.project, id, Stage::Ready);
+        BuildInfo {
+            params: req.params.clone(),
+            group: req.group.clone(),
+            path: dir.artifacts_when_ready().display().to_string(),
+            cached: false,
+            coalesced: false,
+            incremental: false,
+            exit_code: NEVER_RAN,
+            err_build: err,
+            container_stdouterr: String::new(),
+            container_stderr: String::new(),
+            transport_method: "rsync".into(),
+            started_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+            duration: UNKNOWN_DURATION,
+            url: format!("job/{}/{id}", req.project),
+        }
+    }
+
+    /// Run a claimed job on the local engine and record its end.
+    async fn run_claimed(&self, claim: Claim) {
+        let (project, id) = (claim.project.clone(), claim.id.clone());
+        let req = match request_from_json(&claim.request) {
+            Ok(r) => r,
+            Err(e) => {
+                let req = JobRequest {
+                    project: project.clone(),
+                    ..JobRequest::default()
+                };
+                let info = self.refused(
+                    &req,
+                    &id,
+                    format!("Error building {project}: the job's stored request is invalid: {e}"),
+                );
+                self.record_end(&project, &id, &info).await;
+                return;
+            }
+        };
+        if !req.group.is_empty() {
+            self.place_group(&req).await;
+        }
+        let scheduled = match self.engine.schedule(req.clone()).await {
+            Ok(s) if s.id == id => s,
+            Ok(s) => {
+                // Keep the job the engine started running (it is a job of its own), but this
+                // record cannot be answered by it.
+                let info = self.refused(
+                    &req,
+                    &id,
+                    format!(
+                        "Error building {project}: agent {} computes job ID {} for this request, \
+                         not {id}: the agents' projects_path differ",
+                        self.me(),
+                        s.id
+                    ),
+                );
+                self.record_end(&project, &id, &info).await;
+                return;
+            }
+            Err(JobError::Overloaded) => {
+                // Shutting down, or the local backlog is full: back to the queue.
+                self.unclaim(&project, &id).await;
+                return;
+            }
+            Err(e) => {
+                let info = self.refused(&req, &id, e.to_string());
+                self.record_end(&project, &id, &info).await;
+                return;
+            }
+        };
+        match scheduled.wait().await {
+            Ok((mut info, dir)) => {
+                if claim.retries > 0 {
+                    let from = claim.retried_from.as_deref().unwrap_or("another agent");
+                    let note = format!(
+                        "mistry: retried (retry {}): agent {from} stopped heartbeating while it \
+                         ran this job; agent {} ran it again\n",
+                        claim.retries,
+                        self.me()
+                    );
+                    append_note(&dir, &note);
+                    tracing::info!(%project, %id, from, retries = claim.retries, "a retried job ended");
+                }
+                info.cached = false;
+                info.coalesced = false;
+                self.record_end(&project, &id, &info).await;
+            }
+            Err(e) => {
+                let info = self.refused(&req, &id, e.to_string());
+                self.record_end(&project, &id, &info).await;
+            }
+        }
+    }
+
+    /// A group's chain moving to this agent: start from the group's last successful build,
+    /// fetched with its cache from the agent holding it, or clean when it is not alive.
+    async fn place_group(&self, req: &JobRequest) {
+        let (project, group) = (&req.project, &req.group);
+        let last = async {
+            let db = self.db()?;
+            let client = db.client().await?;
+            client
+                .query_opt(
+                    "SELECT j.id, j.agent, a.advertise_url,
+                            COALESCE(a.stopped_at IS NULL
+                                     AND a.last_heartbeat > now() - make_interval(secs => $3),
+                                     false)
+                       FROM jobs j LEFT JOIN agents a ON a.name = j.agent
+                      WHERE j.project = $1 AND j.group_name = $2 AND j.state = 'ready'
+                      ORDER BY j.ended_at DESC LIMIT 1",
+                    &[project, group, &self.timeout_secs()],
+                )
+                .await
+                .map_err(|e| db.pg_error(&e))
+        }
+        .await;
+        let row = match last {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(%project, %group, error = %e, "the group's last build is unknown (database); this agent's own chain is used");
+                return;
+            }
+        };
+        let (Ok(last_id), Ok(agent), Ok(url), Ok(alive)) = (
+            row.try_get::<_, String>(0),
+            row.try_get::<_, Option<String>>(1),
+            row.try_get::<_, Option<String>>(2),
+            row.try_get::<_, bool>(3),
+        ) else {
+            return;
+        };
+        let agent = agent.unwrap_or_default();
+        if agent == self.me() {
+            return;
+        }
+        let layout = &self.engine.layout;
+        let link = layout.link(project, group);
+        let local = layout.job(project, &last_id, Stage::Ready);
+        let has_cache = |d: &JobDir| d.data().join("cache").is_dir();
+        let base = if local.read_info().is_some() && has_cache(&local) {
+            tracing::info!(%project, %group, "incremental from agent {agent}'s build {project}/{last_id} (already here)");
+            Some(local)
+        } else if let (true, Some(url)) = (alive, url) {
+            // A copy here without its cache (a replica made to answer a request) is set aside
+            // while the build is fetched again with its cache (an existing ready/<id> would
+            // win over the fetch), and put back if that fails.
+            let aside = layout
+                .job(project, &last_id, Stage::Pending)
+                .path()
+                .with_extension("uncached");
+            let set_aside = local.exists()
+                && layout.create_stage(project, Stage::Pending).is_ok()
+                && std::fs::rename(local.path(), &aside).is_ok();
+            match super::replicate::fetch_build(&url, layout, project, &last_id, true).await {
+                Ok(dir) => {
+                    tracing::info!(%project, %group, "incremental from agent {agent}'s build {project}/{last_id}");
+                    if set_aside {
+                        let _ = std::fs::remove_dir_all(&aside);
+                    }
+                    Some(dir)
+                }
+                Err(e) => {
+                    if set_aside {
+                        let _ = std::fs::rename(&aside, local.path());
+                    }
+                    tracing::warn!(%project, %group, error = %e, "starting clean (Incremental: false): fetching agent {agent}'s build {project}/{last_id} failed");
+                    None
+                }
+            }
+        } else {
+            tracing::info!(%project, %group, "starting clean (Incremental: false): agent {agent}, holding the group's last build {project}/{last_id}, is not alive");
+            None
+        };
+        let linked = match base {
+            Some(dir) => dir.link_from(&link),
+            None => match std::fs::remove_file(&link) {
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                r => r,
+            },
+        };
+        if let Err(e) = linked {
+            tracing::warn!(%project, %group, error = %e, "could not update {}", link.display());
+        }
+    }
+
+    /// Give a claimed job back to the queue (this agent cannot run it now).
+    async fn unclaim(&self, project: &str, id: &str) {
+        let result = async {
+            let db = self.db()?;
+            let client = db.client().await?;
+            client
+                .execute(
+                    "UPDATE jobs SET state = 'queued', agent = NULL, started_at = NULL
+                      WHERE project = $1 AND id = $2 AND state = 'running' AND agent = $3",
+                    &[&project, &id, &self.me()],
+                )
+                .await
+                .map_err(|e| db.pg_error(&e))?;
+            client
+                .execute("SELECT pg_notify($1, 'queued')", &[&CHANNEL])
+                .await
+                .map_err(|e| db.pg_error(&e))?;
+            Ok::<_, ClusterError>(())
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(%project, %id, error = %e, "could not give the job back to the queue; the sweeper will");
+        }
+    }
+
+    /// Record the end of a job this agent ran (its build is in `ready/` already) and notify
+    /// it; retried every second while the database does not answer.
+    async fn record_end(&self, project: &str, id: &str, info: &BuildInfo) {
+        let mut warned = false;
+        for _ in 0..600 {
+            match self.try_record_end(project, id, info).await {
+                Ok(true) => return,
+                Ok(false) => {
+                    tracing::warn!(%project, %id, agent = %self.me(), "the job's record was taken over meanwhile (this agent was taken for dead): its build stays here, unrecorded");
+                    return;
+                }
+                Err(e) => {
+                    if !warned {
+                        tracing::warn!(%project, %id, error = %e, "recording the job's end failed; retrying every second");
+                        warned = true;
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    async fn try_record_end(
+        &self,
+        project: &str,
+        id: &str,
+        info: &BuildInfo,
+    ) -> Result<bool, ClusterError> {
+        let db = self.db()?;
+        let stored = BuildInfo {
+            container_stdouterr: String::new(),
+            container_stderr: String::new(),
+            ..info.clone()
+        };
+        let json = serde_json::to_string(&stored).map_err(|e| db.error(e.to_string()))?;
+        let state = if info.succeeded() { "ready" } else { "failed" };
+        let mut client = db.client().await?;
+        let tx = client.transaction().await.map_err(|e| db.pg_error(&e))?;
+        // Still ours, or queued again meanwhile and not claimed by another agent yet.
+        let n = tx
+            .execute(
+                "UPDATE jobs SET state = $4, agent = $3, build_info = $5::text::jsonb,
+                        ended_at = now()
+                  WHERE project = $1 AND id = $2
+                    AND ((state = 'running' AND agent = $3) OR state = 'queued')",
+                &[&project, &id, &self.me(), &state, &json],
+            )
+            .await
+            .map_err(|e| db.pg_error(&e))?;
+        if n == 1 {
+            tx.execute(
+                "SELECT pg_notify($1, $2)",
+                &[&CHANNEL, &format!("ended {}", key_of(project, id))],
+            )
+            .await
+            .map_err(|e| db.pg_error(&e))?;
+        }
+        tx.commit().await.map_err(|e| db.pg_error(&e))?;
+        if n == 1 {
+            tracing::info!(%project, %id, %state, agent = %self.me(), "job recorded in the cluster");
+        }
+        Ok(n == 1)
+    }
+
+    // ---------------------------------------------------------------- failures
+
+    /// At start: the records this agent left `running` (it crashed): a build in `ready/` is
+    /// recorded (the crash came between the move and the record), any other is queued again.
+    async fn heal(&self) {
+        let rows = async {
+            let db = self.db()?;
+            let client = db.client().await?;
+            client
+                .query(
+                    "SELECT project, id FROM jobs WHERE state = 'running' AND agent = $1",
+                    &[&self.me()],
+                )
+                .await
+                .map_err(|e| db.pg_error(&e))
+        }
+        .await;
+        let rows = match rows {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(agent = %self.me(), error = %e, "could not look for the jobs a crash left running; the sweepers of other agents will not (this agent is alive)");
+                return;
+            }
+        };
+        for row in rows {
+            let (Ok(project), Ok(id)) = (row.try_get::<_, String>(0), row.try_get::<_, String>(1))
+            else {
+                continue;
+            };
+            let dir = self.engine.layout.job(&project, &id, Stage::Ready);
+            match dir.read_info() {
+                Some(info) => {
+                    tracing::info!(%project, %id, "recording a build a crash left unrecorded");
+                    self.record_end(&project, &id, &info).await;
+                }
+                None => {
+                    tracing::info!(%project, %id, "queueing again a job a crash interrupted");
+                    if let Err(e) = self.requeue_dead(Some(self.me())).await {
+                        tracing::warn!(%project, %id, error = %e, "could not queue the job again");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Queue again the running jobs of agents that are not alive (or of `agent`); notify.
+    async fn requeue_dead(&self, agent: Option<&str>) -> Result<u64, ClusterError> {
+        let db = self.db()?;
+        let mut client = db.client().await?;
+        let tx = client.transaction().await.map_err(|e| db.pg_error(&e))?;
+        let rows = tx
+            .query(
+                "UPDATE jobs SET state = 'queued', retried_from = agent, agent = NULL,
+                        retries = retries + 1, queued_at = now(), started_at = NULL
+                  WHERE state = 'running'
+                    AND (agent = $2
+                         OR NOT EXISTS (
+                             SELECT 1 FROM agents a
+                              WHERE a.name = jobs.agent AND a.stopped_at IS NULL
+                                AND a.last_heartbeat > now() - make_interval(secs => $1)))
+                 RETURNING project, id, retried_from, retries",
+                &[&self.timeout_secs(), &agent],
+            )
+            .await
+            .map_err(|e| db.pg_error(&e))?;
+        if !rows.is_empty() {
+            tx.execute("SELECT pg_notify($1, 'queued')", &[&CHANNEL])
+                .await
+                .map_err(|e| db.pg_error(&e))?;
+        }
+        tx.commit().await.map_err(|e| db.pg_error(&e))?;
+        for r in &rows {
+            let project: String = r.try_get(0).unwrap_or_default();
+            let id: String = r.try_get(1).unwrap_or_default();
+            let from: Option<String> = r.try_get(2).unwrap_or_default();
+            let retries: i32 = r.try_get(3).unwrap_or_default();
+            tracing::warn!(%project, %id, from = ?from, retries, "job queued again: its agent stopped heartbeating");
+        }
+        Ok(rows.len() as u64)
+    }
+
+    async fn sweep_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(self.cluster.heartbeat);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            if let Err(e) = self.requeue_dead(None).await {
+                tracing::debug!(agent = %self.me(), error = %e, "the sweeper failed");
+            }
+        }
+    }
+}
+
+/// Append a note line to a ready build's `out.log`.
+fn append_note(dir: &JobDir, note: &str) {
+    use std::io::Write;
+    if let Err(e) = dir
+        .append_log()
+        .and_then(|mut f| f.write_all(note.as_bytes()))
+    {
+        tracing::warn!(project = %dir.project(), id = %dir.id(), error = %e, "could not add a note to the job's log");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_through_their_stored_json() {
+        let mut req = JobRequest {
+            project: "p".into(),
+            group: "g".into(),
+            rebuild: true,
+            ..JobRequest::default()
+        };
+        req.params.insert("a".into(), "1".into());
+        req.inputs.insert(
+            "up".into(),
+            Input {
+                project: "q".into(),
+                id: "abc".into(),
+            },
+        );
+        assert_eq!(request_from_json(&request_json(&req)).unwrap(), req);
+        assert!(request_from_json("{}").is_err());
+    }
+
+    #[test]
+    fn errors_map_to_statuses() {
+        let db = ClusterError::Query {
+            url: "postgres://db/mistry".into(),
+            reason: "connection refused".into(),
+        };
+        let e = SubmitError::from(db);
+        assert_eq!(e.status(), 503);
+        assert_eq!(
+            e.to_string(),
+            "Service unavailable: the database at postgres://db/mistry: connection refused"
+        );
+        assert_eq!(SubmitError::from(JobError::Overloaded).status(), 503);
+        assert_eq!(
+            SubmitError::from(JobError::UnknownProject("x".into())).status(),
+            404
+        );
+    }
+}

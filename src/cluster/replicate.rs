@@ -1,0 +1,810 @@
+//! Builds replicate between agents on demand: an agent that must answer for a build another
+//! agent holds (its artifacts, a cache hit, a group's next incremental build) fetches the whole
+//! build into its own `build_path`, verified, then renamed into `ready/` atomically.
+//!
+//! The serving side, `GET /api/build/{project}/{id}[?cache=1]` ([`serve_build`]): the ready
+//! build as an uncompressed tar, streamed, read by fd below the job directory without following
+//! a link (the walk of `GET /artifacts`, `crate::tree::append_tree`): `data/`,
+//! `data/params/<name>` (regular files only), `data/artifacts/**` (links sent as links),
+//! with `?cache=1` the build's complete cache as `data/cache/**` (a layered cache is squashed
+//! first and its `cache-flat` sent), then `out.log`, `stderr.log` and, last, `build_info.json`
+//! (so a stream cut short lacks it and is refused). Failed builds are served too: their
+//! BuildInfo is a result the other agent shows. 404 for a build that is not ready here.
+//!
+//! The fetching side, [`fetch_build`]: unpacks into `<project>/pending/.fetch-<id>-<pid>-<n>`
+//! (removed at daemon start, as every pending build), accepting only the names above, only
+//! regular files, directories and (below `data/artifacts` and `data/cache`) symlinks, each
+//! created new, never through a link (a name whose parent is not a directory of the stream is
+//! refused); modes are kept but for setuid/setgid bits, the files become this daemon's user's.
+//! The BuildInfo must parse and name this project and job; its `Path` is rewritten to this
+//! agent's. Then `renameat2(RENAME_NOREPLACE)` to `ready/<id>`: a build already there wins.
+
+use std::collections::HashSet;
+use std::ffi::OsStr;
+use std::io::{self, Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use rustix::fs::{AtFlags, Mode, OFlags, Timespec, Timestamps};
+use serde::Deserialize;
+
+use crate::engine::{Engine, JobDir, Layout, Stage};
+use crate::jobs::{self, BuildInfo};
+
+/// Why a build could not be fetched from another agent. Every message names the agent, the
+/// project and the job.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicateError {
+    /// A project or job name that is not valid (nothing was asked).
+    #[error("fetching build {project}/{id} from {agent}: {reason}")]
+    BadName {
+        agent: String,
+        project: String,
+        id: String,
+        reason: String,
+    },
+    /// The agent has no ready build of that ID (404).
+    #[error("build {project}/{id} is not available from {agent}: {message}")]
+    NotFound {
+        agent: String,
+        project: String,
+        id: String,
+        message: String,
+    },
+    /// The agent could not be reached, answered with another error, or the stream broke off.
+    #[error("fetching build {project}/{id} from {agent}: {message}")]
+    Transfer {
+        agent: String,
+        project: String,
+        id: String,
+        message: String,
+    },
+    /// What the agent sent is not a build this agent accepts (an unsafe name or entry, another
+    /// job's BuildInfo, a missing part): nothing of it is kept.
+    #[error("refusing build {project}/{id} from {agent}: {reason}")]
+    Refused {
+        agent: String,
+        project: String,
+        id: String,
+        reason: String,
+    },
+    /// Writing the build on this agent failed.
+    #[error("storing build {project}/{id} fetched from {agent}: {what}: {source}")]
+    Io {
+        agent: String,
+        project: String,
+        id: String,
+        what: String,
+        source: io::Error,
+    },
+}
+
+/// The agent, project and job of one fetch, to make its errors.
+#[derive(Clone)]
+struct Ctx {
+    agent: String,
+    project: String,
+    id: String,
+}
+
+impl Ctx {
+    fn refused(&self, reason: impl Into<String>) -> ReplicateError {
+        ReplicateError::Refused {
+            agent: self.agent.clone(),
+            project: self.project.clone(),
+            id: self.id.clone(),
+            reason: reason.into(),
+        }
+    }
+    fn transfer(&self, message: impl Into<String>) -> ReplicateError {
+        ReplicateError::Transfer {
+            agent: self.agent.clone(),
+            project: self.project.clone(),
+            id: self.id.clone(),
+            message: message.into(),
+        }
+    }
+    fn io(&self, what: impl Into<String>) -> impl FnOnce(io::Error) -> ReplicateError + '_ {
+        let what = what.into();
+        move |source| ReplicateError::Io {
+            agent: self.agent.clone(),
+            project: self.project.clone(),
+            id: self.id.clone(),
+            what,
+            source,
+        }
+    }
+}
+
+/// `?cache=1` (also `?cache`; `0` and `false` mean without).
+#[derive(Debug, Default, Deserialize)]
+pub struct BuildQuery {
+    cache: Option<String>,
+}
+
+/// `GET /api/build/{project}/{id}[?cache=1]`: see the module's documentation.
+pub async fn serve_build(
+    State(engine): State<Arc<Engine>>,
+    axum::extract::Path((project, id)): axum::extract::Path<(String, String)>,
+    query: Result<Query<BuildQuery>, QueryRejection>,
+) -> Response {
+    if let Err(e) =
+        jobs::check_name("project", &project).and_then(|()| jobs::check_name("job", &id))
+    {
+        return (StatusCode::BAD_REQUEST, e).into_response();
+    }
+    let with_cache = query.is_ok_and(|Query(q)| {
+        q.cache
+            .is_some_and(|v| !matches!(v.as_str(), "0" | "false"))
+    });
+    let (e2, p2, i2) = (Arc::clone(&engine), project.clone(), id.clone());
+    let prepared = tokio::task::spawn_blocking(move || prepare(&e2, &p2, &i2, with_cache)).await;
+    let prepared = match prepared {
+        Ok(Ok(p)) => p,
+        Ok(Err(r)) => return r.into_response(),
+        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    };
+    crate::body::blocking_body(
+        "application/x-tar",
+        move |w| write_build(&prepared, w),
+        move |e| tracing::warn!(%project, %id, error = %e, "streaming a build to another agent failed"),
+    )
+}
+
+/// A build about to be sent: its directory by fd, where its complete cache is (relative to
+/// it), and the holds that keep retention away meanwhile.
+struct Prepared {
+    job: OwnedFd,
+    cache: Option<&'static str>,
+    _holds: Vec<crate::engine::retention::Hold>,
+}
+
+/// Find and hold the ready build, squash a layered cache when it is asked for (blocking).
+fn prepare(
+    engine: &Arc<Engine>,
+    project: &str,
+    id: &str,
+    with_cache: bool,
+) -> Result<Prepared, (StatusCode, String)> {
+    let dir = engine.layout.job(project, id, Stage::Ready);
+    let not_ready = || {
+        let msg = format!("Build {project}/{id} is not ready on this agent");
+        (StatusCode::NOT_FOUND, msg)
+    };
+    let mut holds: Vec<_> = engine.hold_build(project, id).into_iter().collect();
+    if dir.read_info().is_none() {
+        return Err(not_ready());
+    }
+    let cache = if !with_cache {
+        None
+    } else if images::read_cache_layers(dir.path()).is_empty() {
+        Some("data/cache")
+    } else {
+        // The layers below stay while the squash reads them.
+        holds.extend(
+            images::read_cache_layers(dir.path())
+                .iter()
+                .filter_map(|l| images::layer_build(l))
+                .filter_map(|b| engine.hold_build(project, b)),
+        );
+        if let Err(e) = engine.builder().store.squash_cache(dir.path()) {
+            tracing::warn!(%project, %id, error = %e, "could not squash a build's cache for another agent");
+            let msg = format!("Build {project}/{id}: its cache could not be merged: {e}");
+            return Err((StatusCode::INTERNAL_SERVER_ERROR, msg));
+        }
+        Some(images::CACHE_FLAT)
+    };
+    let job = rustix::fs::open(
+        dir.path(),
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| match e {
+        rustix::io::Errno::NOENT => not_ready(),
+        e => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    })?;
+    Ok(Prepared {
+        job,
+        cache,
+        _holds: holds,
+    })
+}
+
+/// A directory entry made up for a part of the build that is not a directory there (a job
+/// removed it): an empty directory, so the other agent's copy matches what this one serves.
+fn empty_dir(b: &mut tar::Builder<&mut dyn Write>, name: &str) -> io::Result<()> {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Directory);
+    h.set_mode(0o755);
+    h.set_size(0);
+    b.append_data(&mut h, name, io::empty())
+}
+
+fn is_gone(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOENT | libc::ELOOP | libc::ENOTDIR)
+    )
+}
+
+fn write_build(p: &Prepared, out: &mut dyn Write) -> io::Result<()> {
+    use crate::tree::{append_file, append_tree, open_beneath};
+    let mut b = tar::Builder::new(out);
+    match open_beneath(&p.job, Path::new("data"), true) {
+        Ok(data) => append_tree_root_only(&mut b, &data, "data")?,
+        Err(e) if is_gone(&e) => empty_dir(&mut b, "data")?,
+        Err(e) => return Err(e),
+    }
+    match open_beneath(&p.job, Path::new("data/params"), true) {
+        Ok(params) => {
+            append_tree_root_only(&mut b, &params, "data/params")?;
+            let mut names = images::inroot::list(std::os::fd::AsFd::as_fd(&params))?;
+            names.sort();
+            for name in names {
+                let Some(n) = name.to_str() else { continue };
+                if jobs::check_name("param", n).is_ok() {
+                    append_file(
+                        &mut b,
+                        &params,
+                        Path::new(n),
+                        &Path::new("data/params").join(n),
+                    )?;
+                }
+            }
+        }
+        Err(e) if is_gone(&e) => {}
+        Err(e) => return Err(e),
+    }
+    match open_beneath(&p.job, Path::new("data/artifacts"), true) {
+        Ok(root) => append_tree(&mut b, &root, Path::new("data/artifacts"))?,
+        Err(e) if is_gone(&e) => empty_dir(&mut b, "data/artifacts")?,
+        Err(e) => return Err(e),
+    }
+    if let Some(cache) = p.cache {
+        match open_beneath(&p.job, Path::new(cache), true) {
+            Ok(root) => append_tree(&mut b, &root, Path::new("data/cache"))?,
+            Err(e) if is_gone(&e) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    for name in ["out.log", "stderr.log", "build_info.json"] {
+        append_file(&mut b, &p.job, Path::new(name), Path::new(name))?;
+    }
+    b.into_inner().map(drop)
+}
+
+/// The directory entry of `dir` alone (its mode and time), as `name`.
+fn append_tree_root_only(
+    b: &mut tar::Builder<&mut dyn Write>,
+    dir: &OwnedFd,
+    name: &str,
+) -> io::Result<()> {
+    let st = rustix::fs::fstat(dir)?;
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::Directory);
+    h.set_mode(st.st_mode & 0o7777);
+    h.set_uid(st.st_uid.into());
+    h.set_gid(st.st_gid.into());
+    h.set_mtime(u64::try_from(st.st_mtime).unwrap_or(0));
+    h.set_size(0);
+    b.append_data(&mut h, name, io::empty())
+}
+
+/// The largest `build_info.json` accepted (its params included).
+const MAX_INFO: u64 = 64 << 20;
+
+/// Fetch ready build `project`/`id` from the agent at `agent_url` (`http://host:port`) into
+/// `layout` (this agent's `build_path`): downloaded into a scratch directory under
+/// `<project>/pending/`, checked (see the module's documentation), its BuildInfo's `Path`
+/// rewritten to this agent's, then renamed to `ready/<id>` atomically. A build already in
+/// `ready/<id>` (before, or meanwhile) wins and is returned. `with_cache`: with the build's
+/// complete cache as `data/cache` (one tree, no layers), so that the group's next build here
+/// continues from it: a successful build fetched with its cache becomes its group's last build
+/// on this agent (`groups/<group>`, or `latest`) unless this agent has a newer successful one.
+pub async fn fetch_build(
+    agent_url: &str,
+    layout: &Layout,
+    project: &str,
+    id: &str,
+    with_cache: bool,
+) -> Result<JobDir, ReplicateError> {
+    let ctx = Ctx {
+        agent: agent_url.trim_end_matches('/').to_string(),
+        project: project.to_string(),
+        id: id.to_string(),
+    };
+    let layout = layout.clone();
+    let c2 = ctx.clone();
+    tokio::task::spawn_blocking(move || fetch_blocking(&c2, &layout, with_cache))
+        .await
+        .map_err(|e| ctx.transfer(format!("the fetch panicked: {e}")))?
+}
+
+/// Percent-encode one path segment (names may hold spaces and `?`).
+fn encode(segment: &str) -> String {
+    let mut s = String::new();
+    for b in segment.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            s.push(b as char);
+        } else {
+            s.push_str(&format!("%{b:02X}"));
+        }
+    }
+    s
+}
+
+/// Counts the bytes read through it.
+struct Counting<R> {
+    inner: R,
+    n: u64,
+}
+
+impl<R: Read> Read for Counting<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.n += n as u64;
+        Ok(n)
+    }
+}
+
+fn fetch_blocking(ctx: &Ctx, layout: &Layout, with_cache: bool) -> Result<JobDir, ReplicateError> {
+    let (project, id) = (ctx.project.as_str(), ctx.id.as_str());
+    if let Err(reason) =
+        jobs::check_name("project", project).and_then(|()| jobs::check_name("job", id))
+    {
+        return Err(ReplicateError::BadName {
+            agent: ctx.agent.clone(),
+            project: project.into(),
+            id: id.into(),
+            reason,
+        });
+    }
+    let ready = layout.job(project, id, Stage::Ready);
+    if ready.is_dir() {
+        return Ok(ready);
+    }
+    let url = format!(
+        "{}/api/build/{}/{}{}",
+        ctx.agent,
+        encode(project),
+        encode(id),
+        if with_cache { "?cache=1" } else { "" }
+    );
+    let agent = ureq::Agent::new_with_config(
+        ureq::config::Config::builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(Duration::from_secs(10)))
+            // The serving agent may squash a deep cache before it sends anything.
+            .timeout_recv_response(Some(Duration::from_secs(600)))
+            .timeout_per_read(Some(Duration::from_secs(120)))
+            .build(),
+    );
+    let mut resp = agent
+        .get(&url)
+        .call()
+        .map_err(|e| ctx.transfer(e.to_string()))?;
+    let status = resp.status().as_u16();
+    if status != 200 {
+        let text = resp
+            .body_mut()
+            .with_config()
+            .limit(64 * 1024)
+            .read_to_string()
+            .unwrap_or_default();
+        let message = text.trim().to_string();
+        return Err(match status {
+            404 => ReplicateError::NotFound {
+                agent: ctx.agent.clone(),
+                project: project.into(),
+                id: id.into(),
+                message,
+            },
+            _ => ctx.transfer(format!("the agent answered {status}: {message}")),
+        });
+    }
+    let body = resp.into_body().into_with_config().limit(u64::MAX).reader();
+
+    static FETCHES: AtomicU64 = AtomicU64::new(0);
+    layout
+        .create_stage(project, Stage::Pending)
+        .map_err(ctx.io("creating the pending directory"))?;
+    let scratch_name = format!(
+        ".fetch-{id}-{}-{}",
+        std::process::id(),
+        FETCHES.fetch_add(1, Ordering::Relaxed)
+    );
+    let scratch = layout.job(project, &scratch_name, Stage::Pending);
+    std::fs::DirBuilder::new()
+        .mode(0o755)
+        .create(scratch.path())
+        .map_err(ctx.io(format!("creating {}", scratch.path().display())))?;
+    let mut counting = Counting { inner: body, n: 0 };
+    let result = unpack_and_place(ctx, layout, &scratch, &ready, &mut counting, with_cache);
+    match result {
+        Ok(Placed::New(info)) => {
+            tracing::info!(
+                "fetched build {project}/{id} from {} ({} bytes, {})",
+                ctx.agent,
+                counting.n,
+                if with_cache {
+                    "with cache"
+                } else {
+                    "without cache"
+                }
+            );
+            if with_cache && info.succeeded() {
+                adopt(layout, &ready, &info);
+            }
+            Ok(ready)
+        }
+        Ok(Placed::Existing) => {
+            remove_scratch(scratch.path());
+            tracing::info!(
+                "build {project}/{id} fetched from {} appeared here meanwhile: the local one stays",
+                ctx.agent
+            );
+            Ok(ready)
+        }
+        Err(e) => {
+            remove_scratch(scratch.path());
+            Err(e)
+        }
+    }
+}
+
+enum Placed {
+    New(Box<BuildInfo>),
+    Existing,
+}
+
+/// What a name of the stream is.
+#[derive(Debug, PartialEq, Eq)]
+enum Part {
+    Info,
+    Log,
+    /// `data`, `data/artifacts`, `data/params`, `data/cache`: directories.
+    DataDir,
+    /// `data/params/<name>`: a regular file.
+    Param,
+    /// Below `data/artifacts` or `data/cache`: files, directories and symlinks.
+    Tree,
+}
+
+/// Which part of a build `path` names; `None` for anything else. Only plain names (no `..`,
+/// `.`, root, or empty ones) get here.
+fn classify(parts: &[&OsStr], with_cache: bool) -> Option<Part> {
+    let s = |p: &OsStr| p.to_str().map(str::to_string);
+    let first = s(parts[0])?;
+    match (first.as_str(), parts.len()) {
+        ("build_info.json", 1) => Some(Part::Info),
+        ("out.log" | "stderr.log", 1) => Some(Part::Log),
+        ("data", 1) => Some(Part::DataDir),
+        ("data", _) => {
+            let second = s(parts[1])?;
+            let tree = second == "artifacts" || (second == "cache" && with_cache);
+            match (second.as_str(), parts.len()) {
+                ("params", 2) => Some(Part::DataDir),
+                ("params", 3) => {
+                    let name = s(parts[2])?;
+                    jobs::check_name("param", &name).ok().map(|()| Part::Param)
+                }
+                (_, 2) if tree => Some(Part::DataDir),
+                _ if tree => Some(Part::Tree),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+fn kind_name(t: tar::EntryType) -> String {
+    match t {
+        tar::EntryType::Link => "a hard link".into(),
+        tar::EntryType::Char => "a character device".into(),
+        tar::EntryType::Block => "a block device".into(),
+        tar::EntryType::Fifo => "a FIFO".into(),
+        tar::EntryType::Symlink => "a symlink".into(),
+        tar::EntryType::Directory => "a directory".into(),
+        tar::EntryType::Regular => "a file".into(),
+        other => format!("an entry of type {:?}", other.as_byte() as char),
+    }
+}
+
+fn timestamps(mtime: u64) -> Timestamps {
+    let t = Timespec {
+        tv_sec: i64::try_from(mtime).unwrap_or(0),
+        tv_nsec: 0,
+    };
+    Timestamps {
+        last_access: t,
+        last_modification: t,
+    }
+}
+
+/// Unpack the stream into `scratch`, check it, store the BuildInfo, and rename it to `ready`.
+fn unpack_and_place(
+    ctx: &Ctx,
+    layout: &Layout,
+    scratch: &JobDir,
+    ready: &JobDir,
+    body: &mut dyn Read,
+    with_cache: bool,
+) -> Result<Placed, ReplicateError> {
+    let root = scratch.path();
+    let mut archive = tar::Archive::new(body);
+    // Directories made (relative to the scratch directory; "" is the scratch itself), and every
+    // name made, so that nothing is written twice or through something of the stream.
+    let mut dirs: HashSet<PathBuf> = HashSet::from([PathBuf::new()]);
+    let mut made: HashSet<PathBuf> = HashSet::new();
+    // Modes and times of directories, applied once their contents are in.
+    let mut dir_meta: Vec<(PathBuf, u32, u64)> = Vec::new();
+    let mut info_bytes: Option<Vec<u8>> = None;
+    let broken = |e: io::Error| ctx.transfer(format!("reading the build's tar stream: {e}"));
+    for entry in archive.entries().map_err(broken)? {
+        let mut entry = entry.map_err(broken)?;
+        let raw = entry.path_bytes().into_owned();
+        let shown = String::from_utf8_lossy(&raw).into_owned();
+        let rel = PathBuf::from(<OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&raw));
+        let mut parts = Vec::new();
+        for c in rel.components() {
+            match c {
+                Component::Normal(n) => parts.push(n),
+                _ => {
+                    return Err(ctx.refused(format!(
+                        "entry {shown:?}: not a plain relative name (absolute, `.` or `..`)"
+                    )))
+                }
+            }
+        }
+        if parts.is_empty() {
+            return Err(ctx.refused("an entry with an empty name"));
+        }
+        let kind = entry.header().entry_type();
+        let part = classify(&parts, with_cache)
+            .ok_or_else(|| ctx.refused(format!("unexpected entry {shown:?}")))?;
+        let allowed = match part {
+            Part::Info | Part::Log | Part::Param => kind == tar::EntryType::Regular,
+            Part::DataDir => kind == tar::EntryType::Directory,
+            Part::Tree => matches!(
+                kind,
+                tar::EntryType::Regular | tar::EntryType::Directory | tar::EntryType::Symlink
+            ),
+        };
+        if !allowed {
+            return Err(ctx.refused(format!(
+                "entry {shown:?} is {} (not accepted there)",
+                kind_name(kind)
+            )));
+        }
+        let rel: PathBuf = parts.iter().collect();
+        let parent = rel.parent().unwrap_or(Path::new("")).to_path_buf();
+        if !dirs.contains(&parent) {
+            return Err(ctx.refused(format!(
+                "entry {shown:?}: its parent is not a directory of the build (a symlink, a file, \
+                 or not sent before it)"
+            )));
+        }
+        if !made.insert(rel.clone()) {
+            return Err(ctx.refused(format!("entry {shown:?} is sent twice")));
+        }
+        let mode = entry.header().mode().map_err(broken)?;
+        let mtime = entry.header().mtime().unwrap_or(0);
+        let path = root.join(&rel);
+        match (part, kind) {
+            (Part::Info, _) => {
+                let mut buf = Vec::new();
+                (&mut entry)
+                    .take(MAX_INFO + 1)
+                    .read_to_end(&mut buf)
+                    .map_err(broken)?;
+                if buf.len() as u64 > MAX_INFO {
+                    return Err(ctx.refused("build_info.json is larger than 64 MiB"));
+                }
+                info_bytes = Some(buf);
+            }
+            (_, tar::EntryType::Directory) => {
+                std::fs::DirBuilder::new()
+                    .mode(0o700)
+                    .create(&path)
+                    .map_err(ctx.io(format!("creating {}", path.display())))?;
+                dirs.insert(rel.clone());
+                dir_meta.push((path, mode & 0o1777, mtime));
+            }
+            (_, tar::EntryType::Symlink) => {
+                let target = entry
+                    .link_name_bytes()
+                    .ok_or_else(|| ctx.refused(format!("symlink {shown:?} has no target")))?
+                    .into_owned();
+                let target = <OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&target);
+                std::os::unix::fs::symlink(target, &path)
+                    .map_err(ctx.io(format!("creating {}", path.display())))?;
+                let _ = rustix::fs::utimensat(
+                    rustix::fs::CWD,
+                    &path,
+                    &timestamps(mtime),
+                    AtFlags::SYMLINK_NOFOLLOW,
+                );
+            }
+            _ => {
+                let what = || format!("writing {}", path.display());
+                let mut file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                    .open(&path)
+                    .map_err(ctx.io(what()))?;
+                io::copy(&mut entry, &mut file).map_err(|e| {
+                    if e.kind() == io::ErrorKind::UnexpectedEof || e.raw_os_error().is_none() {
+                        broken(e)
+                    } else {
+                        ctx.io(what())(e)
+                    }
+                })?;
+                file.set_permissions(std::fs::Permissions::from_mode(mode & 0o777))
+                    .map_err(ctx.io(what()))?;
+                rustix::fs::futimens(&file, &timestamps(mtime))
+                    .map_err(|e| ctx.io(what())(e.into()))?;
+            }
+        }
+    }
+    let bytes = info_bytes.ok_or_else(|| {
+        ctx.refused("the stream has no build_info.json (it was cut short, or is not a build)")
+    })?;
+    let mut info: BuildInfo = serde_json::from_slice(&bytes)
+        .map_err(|e| ctx.refused(format!("build_info.json is not a BuildInfo: {e}")))?;
+    verify(ctx, &info, &dirs)?;
+    info.path = ready.artifacts_when_ready().display().to_string();
+    info.cached = false;
+    info.coalesced = false;
+    scratch
+        .write_info(&info)
+        .map_err(ctx.io("writing build_info.json"))?;
+    // Deepest first, so that a read-only directory is made so after its contents.
+    dir_meta.sort_by_key(|(p, _, _)| std::cmp::Reverse(p.components().count()));
+    for (path, mode, mtime) in &dir_meta {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(*mode))
+            .map_err(ctx.io(format!("setting the mode of {}", path.display())))?;
+        let _ = rustix::fs::utimensat(
+            rustix::fs::CWD,
+            path,
+            &timestamps(*mtime),
+            AtFlags::SYMLINK_NOFOLLOW,
+        );
+    }
+    layout
+        .create_stage(&ctx.project, Stage::Ready)
+        .map_err(ctx.io("creating the ready directory"))?;
+    match rustix::fs::renameat_with(
+        rustix::fs::CWD,
+        root,
+        rustix::fs::CWD,
+        ready.path(),
+        rustix::fs::RenameFlags::NOREPLACE,
+    ) {
+        Ok(()) => Ok(Placed::New(Box::new(info))),
+        Err(rustix::io::Errno::EXIST | rustix::io::Errno::NOTEMPTY) => Ok(Placed::Existing),
+        Err(e) => Err(ctx.io(format!(
+            "renaming {} to {}",
+            root.display(),
+            ready.path().display()
+        ))(e.into())),
+    }
+}
+
+/// The BuildInfo is this job's, and the build has its `data/artifacts`.
+fn verify(ctx: &Ctx, info: &BuildInfo, dirs: &HashSet<PathBuf>) -> Result<(), ReplicateError> {
+    let url = format!("job/{}/{}", ctx.project, ctx.id);
+    if info.url != url {
+        return Err(ctx.refused(format!(
+            "its build_info.json is for {:?}, not {url:?}",
+            info.url
+        )));
+    }
+    let tail: PathBuf = [ctx.project.as_str(), "ready", &ctx.id, "data", "artifacts"]
+        .iter()
+        .collect();
+    if !Path::new(&info.path).ends_with(&tail) {
+        return Err(ctx.refused(format!(
+            "its build_info.json's Path {:?} is not this job's artifacts",
+            info.path
+        )));
+    }
+    if !info.group.is_empty() {
+        jobs::check_name("group", &info.group)
+            .map_err(|e| ctx.refused(format!("build_info.json: {e}")))?;
+    }
+    for k in info.params.keys() {
+        jobs::check_name("param", k).map_err(|e| ctx.refused(format!("build_info.json: {e}")))?;
+    }
+    if !dirs.contains(Path::new("data/artifacts")) {
+        return Err(ctx.refused("the build has no data/artifacts directory"));
+    }
+    Ok(())
+}
+
+/// Make `build` (a successful build fetched with its cache) its group's last build here, unless
+/// the group's link points at a build that started later.
+fn adopt(layout: &Layout, build: &JobDir, info: &BuildInfo) {
+    let link = layout.link(build.project(), &info.group);
+    let started = |s: &str| chrono::DateTime::parse_from_rfc3339(s).ok();
+    let current = std::fs::canonicalize(&link).ok().and_then(|p| {
+        let id = p.file_name()?.to_str()?.to_string();
+        layout.job(build.project(), &id, Stage::Ready).read_info()
+    });
+    if let Some(cur) = current {
+        if cur.succeeded() && started(&cur.started_at) >= started(&info.started_at) {
+            return;
+        }
+    }
+    match build.link_from(&link) {
+        Ok(()) => tracing::info!(
+            project = build.project(),
+            id = build.id(),
+            group = %info.group,
+            "the fetched build is the group's last build here: its next build continues from its data/"
+        ),
+        Err(e) => tracing::warn!(
+            project = build.project(),
+            id = build.id(),
+            error = %e,
+            "could not update {}",
+            link.display()
+        ),
+    }
+}
+
+/// Remove a scratch directory, also when some of its directories were made read-only.
+fn remove_scratch(path: &Path) {
+    if std::fs::remove_dir_all(path).is_ok() || !path.exists() {
+        return;
+    }
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            for e in entries.flatten() {
+                if e.file_type().is_ok_and(|t| t.is_dir()) {
+                    stack.push(e.path());
+                }
+            }
+        }
+    }
+    if let Err(e) = std::fs::remove_dir_all(path) {
+        tracing::warn!(path = %path.display(), error = %e, "could not remove a fetch's scratch directory");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_of_a_build() {
+        let c = |p: &str, cache| {
+            let parts: Vec<&OsStr> = p.split('/').map(OsStr::new).collect();
+            classify(&parts, cache)
+        };
+        assert_eq!(c("build_info.json", false), Some(Part::Info));
+        assert_eq!(c("out.log", false), Some(Part::Log));
+        assert_eq!(c("data", false), Some(Part::DataDir));
+        assert_eq!(c("data/artifacts", false), Some(Part::DataDir));
+        assert_eq!(c("data/artifacts/a/b", false), Some(Part::Tree));
+        assert_eq!(c("data/params/name", false), Some(Part::Param));
+        assert_eq!(c("data/params/.x", false), None);
+        assert_eq!(c("data/params/x/y", false), None);
+        assert_eq!(c("data/cache", false), None);
+        assert_eq!(c("data/cache/x", true), Some(Part::Tree));
+        assert_eq!(c("cache-layers", true), None);
+        assert_eq!(c("data/other", true), None);
+        assert_eq!(encode("a b?/1"), "a%20b%3F%2F1");
+    }
+}

@@ -1,0 +1,390 @@
+//! One job, one run, cluster-wide (issue 14): three mistryd agents on one throwaway PostgreSQL
+//! (tests/common/postgres.rs) share their job records: identical requests anywhere run once,
+//! a build made on one agent is a result-cache hit on another (fetched from it), the job of an
+//! agent killed with `kill -9` completes on another, and a group's jobs stay on the agent
+//! holding its last build.
+//!
+//! Each test skips when PostgreSQL is missing, failing under `CI`.
+
+mod common;
+#[path = "common/postgres.rs"]
+mod postgres;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use common::server::Server;
+use common::wait_for;
+use postgres::Postgres;
+use serde_json::{json, Value};
+
+/// An agent named `name` with `capacity` slots: heartbeat 500ms, agent_timeout 2s.
+fn agent(pg: &Postgres, name: &str, capacity: usize) -> Server {
+    Server::start(json!({
+        "database_url": pg.url(),
+        "agent_name": name,
+        "job_concurrency": capacity,
+        "agent_timeout": "2s",
+        "heartbeat": "500ms",
+    }))
+}
+
+fn log_of(s: &Server) -> String {
+    std::fs::read_to_string(s.dir.path().join("mistryd-1.log")).unwrap_or_default()
+}
+
+/// The job ID of an answer (its `URL` is `job/<project>/<id>`).
+fn id_of(info: &Value) -> String {
+    let url = info["URL"].as_str().unwrap();
+    url.rsplit('/').next().unwrap().to_string()
+}
+
+/// `GET /artifacts/simple/<id>` of `s`, unpacked: path → content of every file.
+fn artifacts_over_http(s: &Server, id: &str) -> BTreeMap<String, Vec<u8>> {
+    let mut r = Server::agent()
+        .get(&s.url(&format!("/artifacts/simple/{id}")))
+        .call()
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let body = r.body_mut().read_to_vec().unwrap();
+    let mut files = BTreeMap::new();
+    let mut archive = tar::Archive::new(&body[..]);
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        if entry.header().entry_type().is_file() {
+            let path = entry.path().unwrap().display().to_string();
+            let mut content = Vec::new();
+            std::io::Read::read_to_end(&mut entry, &mut content).unwrap();
+            files.insert(path, content);
+        }
+    }
+    files
+}
+
+fn post_job(s: &Server, body: &Value) -> (u16, String) {
+    s.post("/jobs", &body.to_string())
+}
+
+#[test]
+fn twenty_identical_requests_over_three_agents_run_once() {
+    let Some(pg) = Postgres::start_or_skip() else {
+        return;
+    };
+    let servers = [
+        agent(&pg, "a1", 2),
+        agent(&pg, "a2", 2),
+        agent(&pg, "a3", 2),
+    ];
+    let body = json!({"project": "simple", "params": {"name": "once", "sleep": "2"}});
+    let answers: Vec<(usize, u16, String)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..20)
+            .map(|i| {
+                let (s, body) = (&servers[i % 3], &body);
+                scope.spawn(move || {
+                    let (status, text) = post_job(s, body);
+                    (i % 3, status, text)
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut ids = std::collections::BTreeSet::new();
+    let mut fresh = 0;
+    let mut logs = std::collections::BTreeSet::new();
+    for (agent, status, text) in &answers {
+        assert_eq!(*status, 201, "{text}");
+        let info: Value = serde_json::from_str(text).unwrap();
+        assert_eq!(info["ExitCode"], 0, "{info}");
+        assert_eq!(info["ErrBuild"], "", "{info}");
+        let log = info["ContainerStdouterr"].as_str().unwrap();
+        assert!(log.ends_with("\nout: once\nerr: once\n"), "{log}");
+        logs.insert(log.to_string());
+        ids.insert(id_of(&info));
+        if info["Cached"] == false && info["Coalesced"] == false {
+            fresh += 1;
+        }
+        // Path is local to the agent that answered, and holds the artifacts.
+        let path = common::server::artifacts(&info);
+        assert!(
+            path.starts_with(servers[*agent].builds()),
+            "{} is not under {}",
+            path.display(),
+            servers[*agent].builds().display()
+        );
+        assert_eq!(common::server::read(path.join("name.txt")), "once");
+    }
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    assert_eq!(
+        logs.len(),
+        1,
+        "every answer has the one run's log: {logs:?}"
+    );
+    assert_eq!(fresh, 1, "exactly one request ran the job: {answers:?}");
+    // One run in the whole cluster: one agent started it, one record.
+    let started: usize = servers
+        .iter()
+        .map(|s| log_of(s).matches("job started").count())
+        .sum();
+    assert_eq!(started, 1);
+    let claimed: usize = servers
+        .iter()
+        .map(|s| log_of(s).matches("job claimed").count())
+        .sum();
+    assert_eq!(claimed, 1);
+    let id = ids.into_iter().next().unwrap();
+    assert_eq!(
+        pg.psql(&format!(
+            "SELECT state, retries, build_info->>'ExitCode' FROM jobs WHERE id = '{id}'"
+        )),
+        "ready|0|0"
+    );
+    assert_eq!(pg.psql("SELECT count(*) FROM jobs"), "1");
+    // The cache count of the run is 1: nothing ran it twice.
+    for s in &servers {
+        let ready = s.builds().join("simple/ready").join(&id);
+        assert_eq!(
+            common::server::read(ready.join("data/artifacts/count.txt")),
+            "1\n"
+        );
+    }
+}
+
+#[test]
+fn a_job_built_on_a_is_a_cache_hit_on_c_with_the_same_artifacts() {
+    let Some(pg) = Postgres::start_or_skip() else {
+        return;
+    };
+    // A alone: the job runs there.
+    let a = agent(&pg, "a", 1);
+    let body = json!({"project": "simple", "params": {"name": "shared"}});
+    let (status, text) = post_job(&a, &body);
+    assert_eq!(status, 201, "{text}");
+    let built: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        (&built["Cached"], &built["ExitCode"]),
+        (&json!(false), &json!(0))
+    );
+    let id = id_of(&built);
+    assert_eq!(
+        pg.psql(&format!("SELECT agent, state FROM jobs WHERE id = '{id}'")),
+        "a|ready"
+    );
+    let _b = agent(&pg, "b", 1);
+    let c = agent(&pg, "c", 1);
+    let (status, text) = post_job(&c, &body);
+    assert_eq!(status, 201, "{text}");
+    let hit: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(hit["Cached"], true, "{hit}");
+    assert_eq!(hit["Coalesced"], false, "{hit}");
+    assert_eq!(hit["ExitCode"], 0);
+    assert_eq!(id_of(&hit), id);
+    assert_eq!(hit["ContainerStdouterr"], built["ContainerStdouterr"]);
+    // Path is C's own copy.
+    let path = common::server::artifacts(&hit);
+    assert!(path.starts_with(c.builds()), "{}", path.display());
+    assert_eq!(common::server::read(path.join("name.txt")), "shared");
+    // C serves the artifacts over http, equal to A's.
+    let from_a = artifacts_over_http(&a, &id);
+    let from_c = artifacts_over_http(&c, &id);
+    assert!(from_a.contains_key("name.txt"), "{:?}", from_a.keys());
+    assert_eq!(from_a, from_c);
+    // Nothing ran on C, and the record still names A.
+    assert_eq!(log_of(&c).matches("job started").count(), 0);
+    assert_eq!(
+        pg.psql(&format!("SELECT agent, state FROM jobs WHERE id = '{id}'")),
+        "a|ready"
+    );
+}
+
+#[test]
+fn kill9_of_the_agent_running_a_job_completes_it_on_another() {
+    let Some(pg) = Postgres::start_or_skip() else {
+        return;
+    };
+    let servers = [
+        agent(&pg, "a1", 1),
+        agent(&pg, "a2", 1),
+        agent(&pg, "a3", 1),
+    ];
+    let body = json!({"project": "simple", "params": {"name": "survivor", "sleep": "4"}});
+    let (status, text) = servers[0].post("/jobs?async", &body.to_string());
+    assert_eq!(status, 201, "{text}");
+    let mut runner = String::new();
+    wait_for("the job running", Duration::from_secs(20), || {
+        runner = pg.psql("SELECT coalesce(agent, '') FROM jobs WHERE state = 'running'");
+        !runner.is_empty()
+    });
+    let victim = ["a1", "a2", "a3"]
+        .iter()
+        .position(|n| *n == runner)
+        .unwrap();
+    wait_for("its pending build", Duration::from_secs(20), || {
+        servers[victim].pending_dirs("simple") > 0
+    });
+    let waiter = (victim + 1) % 3;
+    let victim_pid =
+        nix::unistd::Pid::from_raw(servers[victim].child.as_ref().unwrap().id() as i32);
+    let answer = std::thread::scope(|scope| {
+        let s = &servers[waiter];
+        let body = &body;
+        let h = scope.spawn(move || post_job(s, body));
+        std::thread::sleep(Duration::from_millis(500));
+        // kill -9 (the process is reaped when its Server drops).
+        nix::sys::signal::kill(victim_pid, nix::sys::signal::Signal::SIGKILL).unwrap();
+        h.join().unwrap()
+    });
+    let (status, text) = answer;
+    assert_eq!(status, 201, "{text}");
+    let info: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(info["ExitCode"], 0, "{info}");
+    assert_eq!(info["Coalesced"], true, "{info}");
+    let log = info["ContainerStdouterr"].as_str().unwrap();
+    assert!(log.contains("\nout: survivor\nerr: survivor\n"), "{log}");
+    assert!(
+        log.contains(&format!(
+            "mistry: retried (retry 1): agent {runner} stopped heartbeating while it ran this job"
+        )),
+        "{log}"
+    );
+    let id = id_of(&info);
+    let rows = pg.psql(&format!(
+        "SELECT state, agent <> '{runner}', retries, retried_from FROM jobs WHERE id = '{id}'"
+    ));
+    assert_eq!(rows, format!("ready|t|1|{runner}"));
+    assert_eq!(pg.psql("SELECT count(*) FROM jobs"), "1");
+    // One run completed in the cluster: the survivors started it once between them.
+    let started: usize = servers
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != victim)
+        .map(|(_, s)| log_of(s).matches("job started").count())
+        .sum();
+    assert_eq!(started, 1);
+}
+
+#[test]
+fn a_groups_jobs_land_on_the_agent_holding_its_last_build() {
+    let Some(pg) = Postgres::start_or_skip() else {
+        return;
+    };
+    let servers = [
+        agent(&pg, "a1", 1),
+        agent(&pg, "a2", 1),
+        agent(&pg, "a3", 1),
+    ];
+    let job = |s: &Server, name: &str, sleep: &str| -> Value {
+        let body =
+            json!({"project": "simple", "group": "g", "params": {"name": name, "sleep": sleep}});
+        let (status, text) = post_job(s, &body);
+        assert_eq!(status, 201, "{text}");
+        serde_json::from_str(&text).unwrap()
+    };
+    let agent_of = |info: &Value| {
+        pg.psql(&format!(
+            "SELECT agent FROM jobs WHERE id = '{}'",
+            id_of(info)
+        ))
+    };
+    let one = job(&servers[0], "one", "0");
+    assert_eq!(
+        (&one["ExitCode"], &one["Incremental"]),
+        (&json!(0), &json!(false))
+    );
+    let holder = agent_of(&one);
+    let h = ["a1", "a2", "a3"]
+        .iter()
+        .position(|n| *n == holder)
+        .unwrap();
+    // Asked on another agent, the group's next job runs on the holder, incrementally.
+    let two = job(&servers[(h + 1) % 3], "two", "0");
+    assert_eq!(agent_of(&two), holder);
+    assert_eq!(
+        (&two["ExitCode"], &two["Incremental"]),
+        (&json!(0), &json!(true))
+    );
+    let count = |info: &Value, s: &Server| {
+        let path = common::server::artifacts(info);
+        assert!(path.starts_with(s.builds()), "{}", path.display());
+        common::server::read(path.join("count.txt"))
+    };
+    assert_eq!(count(&two, &servers[(h + 1) % 3]), "2\n");
+    // The holder busy (capacity 1) with a slow job of the group: the next job moves to another
+    // agent, which starts from the holder's last build and its cache.
+    let slow_body =
+        json!({"project": "simple", "group": "g", "params": {"name": "slow", "sleep": "4"}});
+    let (status, text) = servers[(h + 2) % 3].post("/jobs?async", &slow_body.to_string());
+    assert_eq!(status, 201, "{text}");
+    wait_for(
+        "the slow job on the holder",
+        Duration::from_secs(20),
+        || pg.psql("SELECT coalesce(agent, '') FROM jobs WHERE state = 'running'") == holder,
+    );
+    let three = job(&servers[(h + 1) % 3], "three", "0");
+    let mover = agent_of(&three);
+    assert_ne!(mover, holder);
+    let m = ["a1", "a2", "a3"].iter().position(|n| *n == mover).unwrap();
+    assert_eq!(
+        (&three["ExitCode"], &three["Incremental"]),
+        (&json!(0), &json!(true)),
+        "{}",
+        log_of(&servers[m])
+    );
+    assert_eq!(count(&three, &servers[(h + 1) % 3]), "3\n");
+    assert!(
+        log_of(&servers[m]).contains(&format!(
+            "incremental from agent {holder}'s build simple/{}",
+            id_of(&two)
+        )),
+        "{}",
+        log_of(&servers[m])
+    );
+}
+
+#[test]
+fn a_database_outage_fails_requests_with_503_then_they_recover() {
+    let Some(pg) = Postgres::start_or_skip() else {
+        return;
+    };
+    let a = agent(&pg, "a", 1);
+    let body = json!({"project": "simple", "params": {"name": "before"}});
+    assert_eq!(post_job(&a, &body).0, 201);
+    pg.stop();
+    let (status, text) = post_job(
+        &a,
+        &json!({"project": "simple", "params": {"name": "down"}}),
+    );
+    assert_eq!(status, 503, "{text}");
+    assert!(
+        text.starts_with(&format!(
+            "Service unavailable: the database at {}: ",
+            pg.url()
+        )),
+        "{text}"
+    );
+    // A build this agent has is still a result-cache hit without the database.
+    let (status, text) = post_job(&a, &body);
+    assert_eq!(status, 201, "{text}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&text).unwrap()["Cached"],
+        true
+    );
+    pg.start();
+    let mut answer = (0, String::new());
+    wait_for("requests accepted again", Duration::from_secs(20), || {
+        answer = post_job(
+            &a,
+            &json!({"project": "simple", "params": {"name": "after"}}),
+        );
+        answer.0 != 503
+    });
+    assert_eq!(answer.0, 201, "{}", answer.1);
+    let info: Value = serde_json::from_str(&answer.1).unwrap();
+    assert_eq!(
+        (&info["ExitCode"], &info["Cached"]),
+        (&json!(0), &json!(false))
+    );
+    assert_eq!(
+        pg.psql("SELECT string_agg(request->'params'->>'name' || ':' || state, ',' ORDER BY created_at) FROM jobs"),
+        "before:ready,after:ready"
+    );
+}
