@@ -1,6 +1,6 @@
 //! Prometheus metrics of the jobs server (`GET /metrics`).
 
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -34,6 +34,15 @@ pub struct Metrics {
     pipeline_started: Counter,
     pipeline_finished: Family<Outcome, Counter>,
     pipeline_coalesced: Counter,
+    /// The cluster gauges, registered at their first value (with a database only).
+    cluster: OnceLock<ClusterGauges>,
+}
+
+/// `mistry_cluster_*`: the cluster's queue, alive agents and running jobs (src/cluster/view.rs).
+struct ClusterGauges {
+    queue_length: Gauge,
+    agents_alive: Gauge,
+    jobs_running: Gauge,
 }
 
 impl Default for Metrics {
@@ -113,7 +122,40 @@ impl Metrics {
             incremental,
             duration,
             hosted,
+            cluster: OnceLock::new(),
         }
+    }
+
+    /// Set the cluster gauges (several agents): queued records, agents alive, running records.
+    /// They are registered at the first call, so a single node shows none of them.
+    pub fn set_cluster(&self, queue_length: i64, agents_alive: i64, jobs_running: i64) {
+        let g = self.cluster.get_or_init(|| {
+            let g = ClusterGauges {
+                queue_length: Gauge::default(),
+                agents_alive: Gauge::default(),
+                jobs_running: Gauge::default(),
+            };
+            let mut registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+            registry.register(
+                "cluster_queue_length",
+                "Jobs queued in the cluster (records waiting for an agent)",
+                g.queue_length.clone(),
+            );
+            registry.register(
+                "cluster_agents_alive",
+                "Agents of the cluster heartbeating within agent_timeout",
+                g.agents_alive.clone(),
+            );
+            registry.register(
+                "cluster_jobs_running",
+                "Jobs running in the cluster (records claimed by an agent)",
+                g.jobs_running.clone(),
+            );
+            g
+        });
+        g.queue_length.set(queue_length);
+        g.agents_alive.set(agents_alive);
+        g.jobs_running.set(jobs_running);
     }
 
     pub fn started(&self) {

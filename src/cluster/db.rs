@@ -275,7 +275,7 @@ mod tests {
     }
 
     #[test]
-    fn the_embedded_schema_is_version_2() {
-        assert_eq!(known_version(), 2);
+    fn the_embedded_schema_is_version_3() {
+        assert_eq!(known_version(), 3);
     }
 }

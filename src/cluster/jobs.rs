@@ -863,7 +863,14 @@ impl Scheduler {
                 return;
             }
         };
-        match scheduled.wait().await {
+        // The job's log goes to the database as it is produced (src/cluster/logs.rs); its last
+        // chunk before the record says the job ended.
+        let shipper = self
+            .cluster
+            .logs()
+            .map(|logs| logs.ship(&self.engine.layout.job(&project, &id, Stage::Pending)));
+        let ended = scheduled.wait().await;
+        match ended {
             Ok((mut info, dir)) => {
                 if claim.retries > 0 {
                     let from = claim.retried_from.as_deref().unwrap_or("another agent");
@@ -878,9 +885,15 @@ impl Scheduler {
                 }
                 info.cached = false;
                 info.coalesced = false;
+                if let Some(s) = shipper {
+                    s.finish().await;
+                }
                 self.record_end(&project, &id, &info).await;
             }
             Err(e) => {
+                if let Some(s) = shipper {
+                    s.finish().await;
+                }
                 let info = self.refused(&req, &id, e.to_string());
                 self.record_end(&project, &id, &info).await;
             }

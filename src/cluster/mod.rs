@@ -29,7 +29,9 @@
 pub mod agents;
 pub mod db;
 pub mod jobs;
+pub mod logs;
 pub mod replicate;
+pub mod view;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -59,6 +61,7 @@ pub struct RawSettings {
     pub advertise_url: Option<String>,
     pub agent_timeout: Option<String>,
     pub heartbeat: Option<String>,
+    pub log_retention: Option<String>,
 }
 
 /// The validated settings of the multi-agent mode.
@@ -75,6 +78,9 @@ pub struct Settings {
     pub agent_timeout: Duration,
     /// How often this agent heartbeats (`heartbeat`, default 5s).
     pub heartbeat: Duration,
+    /// Jobs that ended longer ago than this lose their central log and record
+    /// (`log_retention`; default `None`: kept).
+    pub log_retention: Option<Duration>,
 }
 
 impl Default for Settings {
@@ -85,6 +91,7 @@ impl Default for Settings {
             advertise_url: None,
             agent_timeout: DEFAULT_AGENT_TIMEOUT,
             heartbeat: DEFAULT_HEARTBEAT,
+            log_retention: None,
         }
     }
 }
@@ -120,6 +127,14 @@ impl Settings {
         }
         if let Some(t) = &raw.heartbeat {
             s.heartbeat = crate::config::parse_limit(t, "heartbeat")?;
+        }
+        if let Some(t) = &raw.log_retention {
+            let d =
+                crate::config::parse_age(t).map_err(|e| anyhow::anyhow!("log_retention: {e}"))?;
+            if d.is_zero() {
+                bail!("log_retention must be longer than 0s (leave it out to keep logs)");
+            }
+            s.log_retention = Some(d);
         }
         if s.heartbeat.is_zero() {
             bail!("heartbeat must be longer than 0s");
@@ -189,6 +204,8 @@ pub struct Cluster {
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
     /// The cluster's job scheduler ([`Cluster::start_jobs`]), with a database.
     scheduler: std::sync::OnceLock<Arc<jobs::Scheduler>>,
+    /// The central job logs ([`Cluster::start_jobs`]), with a database.
+    logs: std::sync::OnceLock<Arc<logs::Logs>>,
 }
 
 impl Cluster {
@@ -212,6 +229,7 @@ impl Cluster {
             stop: watch::channel(false).0,
             task: Mutex::new(None),
             scheduler: std::sync::OnceLock::new(),
+            logs: std::sync::OnceLock::new(),
         }
     }
 
@@ -245,6 +263,15 @@ impl Cluster {
         if self.db.is_none() || self.scheduler.get().is_some() {
             return;
         }
+        if let Some(url) = &engine.cfg.cluster.database_url {
+            let logs = Arc::new(logs::Logs::new(
+                Arc::clone(self),
+                url.clone(),
+                engine.cfg.cluster.log_retention,
+            ));
+            logs.start(self.stop.subscribe());
+            let _ = self.logs.set(logs);
+        }
         let scheduler = Arc::new(jobs::Scheduler::new(Arc::clone(self), engine));
         scheduler.start(self.stop.subscribe());
         let _ = self.scheduler.set(scheduler);
@@ -253,6 +280,11 @@ impl Cluster {
     /// The cluster's job scheduler, once started (with a database).
     pub fn scheduler(&self) -> Option<&Arc<jobs::Scheduler>> {
         self.scheduler.get()
+    }
+
+    /// The central job logs, once started (with a database).
+    pub fn logs(&self) -> Option<&Arc<logs::Logs>> {
+        self.logs.get()
     }
 
     /// Whether there is a database (multi-agent mode).
@@ -423,10 +455,12 @@ mod tests {
             advertise_url: Some("http://a1.example:8462/".into()),
             agent_timeout: Some("2s".into()),
             heartbeat: Some("500ms".into()),
+            log_retention: Some("30d".into()),
         };
         let mut s = Settings::parse(&raw).unwrap();
         assert_eq!(s.advertise_url(&[addr]), "http://a1.example:8462");
         assert_eq!(s.heartbeat, Duration::from_millis(500));
+        assert_eq!(s.log_retention, Some(Duration::from_secs(30 * 86400)));
         s.apply_database_url(Some(String::new()));
         assert_eq!(
             s.database_url.as_deref(),

@@ -22,9 +22,15 @@
 //!   "database_url": "postgres://mistry@127.0.0.1/mistry",  // several agents (src/cluster)
 //!   "agent_name": "build1",                        // default: the host name
 //!   "advertise_url": "http://build1:8462",         // default: http://<listen address>
-//!   "agent_timeout": "30s", "heartbeat": "5s"      // an agent is dead after agent_timeout
+//!   "agent_timeout": "30s", "heartbeat": "5s",     // an agent is dead after agent_timeout
+//!   "log_retention": "30d"                         // several agents: default keep (below)
 //! }
 //! ```
+//!
+//! `log_retention` (a Go duration or whole days, `30d`; several agents only): the central logs
+//! (table `job_logs`) and the records (table `jobs`) of jobs that ended longer ago than this are
+//! deleted, checked every half of it (at least every 10 minutes); a job queued or running keeps
+//! its log. Without it they are kept. Builds on disk follow `retention`, not this.
 //!
 //! `database_url` may also come from the environment variable `MISTRY_DATABASE_URL`, which wins
 //! over the file when set and not empty ([`Config::load`]): the database password can stay out

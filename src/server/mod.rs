@@ -53,6 +53,10 @@ pub fn router(engine: Arc<Engine>) -> Router {
         )
         .route("/metrics", get(metrics))
         .route("/agents", get(agents))
+        .route(
+            "/api/agents/jobs",
+            get(crate::cluster::view::serve_job_agents),
+        )
         .route("/api/job/{project}/{id}", get(api_job))
         .route("/api/logtail/{project}/{id}", get(api_logtail))
         .route(
@@ -248,10 +252,21 @@ fn wants_json(headers: &HeaderMap) -> bool {
 /// inside; otherwise the web view, which renders the job page.
 async fn job(
     State(engine): State<Arc<Engine>>,
+    cluster: Option<axum::Extension<Arc<crate::cluster::Cluster>>>,
     Path((project, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
     let found = engine.find_job(&project, &id).await;
+    // Several agents: a job that is not here is shown from its record and central log.
+    if let (None, Some(logs)) = (&found, central_logs(&cluster)) {
+        if !wants_json(&headers) {
+            if let Ok(Some(_)) = logs.record(&project, &id).await {
+                return Html(INDEX_HTML).into_response();
+            }
+        } else if let Some(r) = logs.job_response(&project, &id).await {
+            return r;
+        }
+    }
     match (found, wants_json(&headers)) {
         (Some(found), true) => {
             let mut head = job_json(&found);
@@ -272,22 +287,54 @@ async fn job(
 /// flight.
 async fn log(
     State(engine): State<Arc<Engine>>,
+    cluster: Option<axum::Extension<Arc<crate::cluster::Cluster>>>,
     Path((project, id)): Path<(String, String)>,
 ) -> Response {
     match engine.follow(&project, &id) {
         Some(lines) => {
             Sse::new(lines.map(|l| Ok::<_, Infallible>(Event::default().data(l)))).into_response()
         }
-        None => StatusCode::NO_CONTENT.into_response(),
+        // Several agents: a job in flight on another agent, from the central log.
+        None => match central_logs(&cluster) {
+            Some(logs) => match logs.follow(&project, &id).await {
+                Ok(Some(lines)) => {
+                    Sse::new(lines.map(|l| Ok::<_, Infallible>(Event::default().data(l))))
+                        .into_response()
+                }
+                Ok(None) => StatusCode::NO_CONTENT.into_response(),
+                Err(e) => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("Service unavailable: {e}"),
+                )
+                    .into_response(),
+            },
+            None => StatusCode::NO_CONTENT.into_response(),
+        },
     }
+}
+
+/// The central job logs (src/cluster/logs.rs), with a database.
+fn central_logs(
+    cluster: &Option<axum::Extension<Arc<crate::cluster::Cluster>>>,
+) -> Option<&Arc<crate::cluster::logs::Logs>> {
+    cluster.as_ref().and_then(|c| c.0.logs())
 }
 
 /// A ready job's artifacts as a tar stream (the native transport of the `mistry` client).
 async fn artifacts(
     State(engine): State<Arc<Engine>>,
+    cluster: Option<axum::Extension<Arc<crate::cluster::Cluster>>>,
     Path((project, id)): Path<(String, String)>,
 ) -> Response {
-    let dir = match engine.find_job(&project, &id).await {
+    let found = match engine.find_job(&project, &id).await {
+        // Several agents: a build another agent holds is fetched from it first.
+        None => {
+            let cluster = cluster.as_ref().map(|c| &*c.0);
+            crate::cluster::view::fetch_missing(cluster, &engine, &project, &id).await
+        }
+        found => found,
+    };
+    let dir = match found {
         Some(f) if f.stage == Stage::Ready => f.dir,
         Some(_) => {
             let msg = format!("Job {project}/{id} is not ready");
@@ -325,11 +372,24 @@ async fn artifacts(
 /// A job without its logs (for the web view).
 async fn api_job(
     State(engine): State<Arc<Engine>>,
+    cluster: Option<axum::Extension<Arc<crate::cluster::Cluster>>>,
     Path((project, id)): Path<(String, String)>,
 ) -> Response {
     match engine.find_job(&project, &id).await {
         Some(found) => json(StatusCode::OK, &job_json(&found)),
-        None => unknown_job(&project, &id),
+        // Several agents: a job that is not here, from its record.
+        None => match central_logs(&cluster) {
+            Some(logs) => match logs.record(&project, &id).await {
+                Ok(Some(job)) => json(StatusCode::OK, &job.json()),
+                Ok(None) => unknown_job(&project, &id),
+                Err(e) => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("Service unavailable: {e}"),
+                )
+                    .into_response(),
+            },
+            None => unknown_job(&project, &id),
+        },
     }
 }
 
@@ -343,14 +403,21 @@ struct LogTailQuery {
 /// big it is.
 async fn api_logtail(
     State(engine): State<Arc<Engine>>,
+    cluster: Option<axum::Extension<Arc<crate::cluster::Cluster>>>,
     Path((project, id)): Path<(String, String)>,
     query: Result<Query<LogTailQuery>, QueryRejection>,
 ) -> Response {
     use tokio::io::AsyncSeekExt;
+    let bytes = query.ok().and_then(|Query(q)| q.bytes);
     let Some(found) = engine.find_job(&project, &id).await else {
+        // Several agents: a job that is not here, from the central log.
+        if let Some(logs) = central_logs(&cluster) {
+            if let Some(r) = logs.logtail_response(&project, &id, bytes).await {
+                return r;
+            }
+        }
         return unknown_job(&project, &id);
     };
-    let bytes = query.ok().and_then(|Query(q)| q.bytes);
     let Ok(mut file) = tokio::fs::File::open(found.dir.out_log()).await else {
         return ([("x-log-size", "0".to_string())], "").into_response();
     };
@@ -406,7 +473,11 @@ async fn agents(
     }
 }
 
-async fn metrics(State(engine): State<Arc<Engine>>) -> Response {
+async fn metrics(
+    State(engine): State<Arc<Engine>>,
+    cluster: Option<axum::Extension<Arc<crate::cluster::Cluster>>>,
+) -> Response {
+    crate::cluster::view::update_gauges(cluster.as_ref().map(|c| &*c.0), &engine).await;
     (
         [(
             "content-type",

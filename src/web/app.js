@@ -40,6 +40,20 @@ async function jobRuns() {
   } catch (e) { return {}; }
 }
 
+// Which agent ran each job: {"<project>/<id>": "<agent>"} (GET /api/agents/jobs; mistry's
+// /index/ keeps its shape). `query` narrows it to one job.
+async function jobAgents(query) {
+  try {
+    const r = await fetch("/api/agents/jobs" + (query || ""));
+    return r.ok ? await r.json() : {};
+  } catch (e) { return {}; }
+}
+
+function agentLink(name) {
+  if (!name) return [];
+  return [el("a", { class: "agent-link", href: "/agents?agent=" + encodeURIComponent(name) }, name)];
+}
+
 function runLink(link) {
   if (!link || !link.url) return [];
   return [el("a", { class: "run-link", href: "/" + link.url }, link.pipeline + " " + link.run.slice(0, 8))];
@@ -52,16 +66,18 @@ function listPage() {
   const state = el("select", { id: "filter-state" },
     el("option", { value: "" }, "all states"), el("option", { value: "pending" }, "pending"),
     el("option", { value: "ready" }, "ready"), el("option", { value: "failed" }, "failed"));
+  const agent = el("select", { id: "filter-agent" }, el("option", { value: "" }, "all agents"));
   const body = el("tbody", { id: "jobs" });
   app.replaceChildren(
-    el("div", { class: "filters" }, project, state),
+    el("div", { class: "filters" }, project, state, agent),
     el("table", {}, el("thead", {}, el("tr", {},
-      ...["ID", "Project", "Group", "State", "Started", "Duration", "Exit", "", "Pipeline run"].map((h) => el("th", {}, h)))), body));
+      ...["ID", "Project", "Group", "State", "Agent", "Started", "Duration", "Exit", "", "Pipeline run"].map((h) => el("th", {}, h)))), body));
   const known = new Set();
+  const knownAgents = new Set();
   async function refresh() {
-    let jobs, runs;
+    let jobs, runs, agents;
     try {
-      [jobs, runs] = await Promise.all([fetch("/index/").then((r) => r.json()), jobRuns()]);
+      [jobs, runs, agents] = await Promise.all([fetch("/index/").then((r) => r.json()), jobRuns(), jobAgents()]);
       statusEl.textContent = "";
     } catch (e) {
       statusEl.textContent = "server unreachable";
@@ -73,21 +89,31 @@ function listPage() {
         project.append(el("option", { value: j.project }, j.project));
       }
     }
+    for (const a of Object.values(agents).concat(params.get("agent") || []).sort()) {
+      if (!knownAgents.has(a)) {
+        knownAgents.add(a);
+        agent.append(el("option", { value: a }, a));
+      }
+    }
     project.value = params.get("project") || project.value;
-    const rows = jobs.filter((j) => !project.value || j.project === project.value).filter((j) => {
+    if (params.has("agent")) { agent.value = params.get("agent"); params.delete("agent"); }
+    const agentOf = (j) => agents[j.project + "/" + j.id] || "";
+    const rows = jobs.filter((j) => !project.value || j.project === project.value)
+      .filter((j) => !agent.value || agentOf(j) === agent.value).filter((j) => {
       const failed = j.state === "ready" && (j.buildInfo.ExitCode !== 0 || j.buildInfo.ErrBuild);
       return !state.value || (state.value === "failed" ? failed : j.state === state.value);
-    }).map((j) => el("tr", { "data-id": j.id },
+    }).map((j) => el("tr", { "data-id": j.id, "data-agent": agentOf(j) },
       el("td", { class: "id" }, el("a", { href: "/job/" + encodeURIComponent(j.project) + "/" + encodeURIComponent(j.id) }, j.id.slice(0, 12))),
       el("td", {}, j.project), el("td", {}, j.buildInfo.Group),
-      el("td", { class: "state-" + j.state }, j.state), el("td", {}, j.startedAt),
+      el("td", { class: "state-" + j.state }, j.state), el("td", { class: "agent" }, ...agentLink(agentOf(j))), el("td", {}, j.startedAt),
       el("td", {}, duration(j.buildInfo.Duration)), el("td", {}, j.state === "ready" ? j.buildInfo.ExitCode : ""),
       el("td", {}, ...(j.state === "ready" ? badges(j.buildInfo) : [])),
       el("td", {}, ...runLink(runs[j.project + "/" + j.id]))));
     body.replaceChildren(...rows);
-    if (!rows.length) body.append(el("tr", {}, el("td", { colspan: 9, class: "muted" }, "No jobs.")));
+    if (!rows.length) body.append(el("tr", {}, el("td", { colspan: 10, class: "muted" }, "No jobs.")));
   }
   project.addEventListener("change", refresh);
+  agent.addEventListener("change", refresh);
   state.addEventListener("change", refresh);
   refresh();
   setInterval(refresh, 2000);
@@ -138,18 +164,24 @@ async function jobPage(project, id) {
     if (r.status === 201) setTimeout(() => location.reload(), 500);
   } }, "Retrigger");
 
+  let agentName = "";
   function render() {
     const info = job.buildInfo;
     stateEl.textContent = job.state;
     stateEl.className = "state-" + job.state;
-    const rows = [["Project", project], ["ID", id], ["Group", info.Group], ["Started", job.startedAt],
+    const rows = [["Project", project], ["ID", id], ["Group", info.Group], ["Agent", agentLink(agentName)], ["Started", job.startedAt],
       ["Duration", duration(info.Duration)], ["ExitCode", job.state === "ready" ? info.ExitCode : ""],
       ["ErrBuild", info.ErrBuild], ["Cached", info.Cached], ["Coalesced", info.Coalesced],
       ["Incremental", info.Incremental], ["Path", info.Path], ["TransportMethod", info.TransportMethod], ["URL", info.URL]];
-    fields.replaceChildren(...rows.flatMap(([k, v]) => [el("dt", {}, k), el("dd", { "data-field": k }, v)]));
+    fields.replaceChildren(...rows.flatMap(([k, v]) => [el("dt", {}, k), el("dd", { "data-field": k }, ...(Array.isArray(v) ? v : [v]))]));
     const ps = Object.entries(info.Params || {});
     params.replaceChildren(...(ps.length ? ps.map(([k, v]) => el("li", {}, el("code", {}, k), " = ", el("code", { class: "param-value" }, v))) : [el("li", { class: "muted" }, "none")]));
   }
+  const refreshAgent = async () => {
+    const a = (await jobAgents("?project=" + encodeURIComponent(project) + "&id=" + encodeURIComponent(id)))[project + "/" + id] || "";
+    if (a !== agentName) { agentName = a; render(); }
+  };
+  refreshAgent();
 
   const runEl = el("p", { id: "job-run" });
   jobRuns().then((runs) => {
@@ -182,6 +214,7 @@ async function jobPage(project, id) {
       es.close();
       job = await (await fetch("/api/job/" + base)).json();
       render();
+      refreshAgent();
       await showLog(false);
     };
     es.onerror = finish;
@@ -349,11 +382,12 @@ async function runPage(name, run) {
 
 // --- The agents page (/agents): every agent of the cluster, or this one alone ------------------
 function agentsPage() {
+  const selected = new URLSearchParams(location.search).get("agent");
   const body = el("tbody", { id: "agents" });
   const note = el("p", { class: "muted", id: "agents-note" });
   app.replaceChildren(el("h1", {}, "Agents"), note,
     el("table", {}, el("thead", {}, el("tr", {},
-      ...["Agent", "State", "Running", "Capacity", "Last heartbeat", "Version", "URL"].map((h) => el("th", {}, h)))), body));
+      ...["Agent", "State", "Running", "Capacity", "Last heartbeat", "Version", "URL", ""].map((h) => el("th", {}, h)))), body));
   async function refresh() {
     let r, agents;
     try {
@@ -372,13 +406,14 @@ function agentsPage() {
     }
     note.className = "muted";
     note.textContent = agents.length === 1 && agents[0].this ? "This agent." : agents.filter((a) => a.alive).length + " of " + agents.length + " agents alive.";
-    body.replaceChildren(...agents.map((a) => el("tr", { "data-agent": a.name, class: a.this ? "this-agent" : "" },
+    body.replaceChildren(...agents.map((a) => el("tr", { "data-agent": a.name, class: (a.this ? "this-agent" : "") + (a.name === selected ? " selected-agent" : "") },
       el("td", {}, a.name, a.this ? " (this one)" : ""),
       el("td", { class: "agent-" + a.state }, a.state),
       el("td", {}, a.running), el("td", {}, a.capacity),
       el("td", { title: a.last_heartbeat }, a.heartbeat_age < 1 ? "just now" : Math.round(a.heartbeat_age) + "s ago"),
       el("td", {}, a.version),
-      el("td", {}, el("a", { href: a.advertise_url }, a.advertise_url)))));
+      el("td", {}, el("a", { href: a.advertise_url }, a.advertise_url)),
+      el("td", {}, el("a", { class: "agent-jobs", href: "/?agent=" + encodeURIComponent(a.name) }, "jobs")))));
   }
   refresh();
   setInterval(refresh, 2000);

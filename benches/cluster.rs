@@ -1,0 +1,177 @@
+//! Several agents around one PostgreSQL (issue 14) against a single node, on loopback, with the
+//! image cached, side by side:
+//!
+//! - a result-cache hit (median): single node; an agent of a cluster holding the build (its
+//!   disk answers first, the database is not asked); an agent that does not hold it (the job's
+//!   record is read, the build fetched from its holder — each such job once). Target: the
+//!   database adds ≤ 3 ms to a cache hit;
+//! - a new job (median, new params each time): single node vs an agent of a cluster (insert,
+//!   run, record the end);
+//! - jobs/s with 1, 2 and 3 agents: `BENCH_CLIENTS` (default 6) clients each posting new-params
+//!   jobs for `BENCH_SECONDS` (default 5), spread round-robin over the agents (and a single
+//!   node for comparison).
+//!
+//! A throwaway PostgreSQL 15 is started as tests/common/postgres.rs does (as mistry-test when
+//! run as root). `cargo bench --bench cluster`, or `scripts/bench.sh cluster` (root and
+//! rootless); `BENCH_RUNS` sets the number of timed requests (default 40).
+
+mod common;
+#[path = "../tests/common/postgres.rs"]
+mod postgres;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use common::{median, ms, Daemon};
+use serde_json::json;
+
+/// One agent of the cluster (or a single node when `db` is `None`), in its own directory.
+fn daemon(parent: &Path, name: &str, images: &Path, db: Option<&str>) -> Daemon {
+    let dir = parent.join(name);
+    common::touch_project(&dir.join("projects"));
+    let extra = match db {
+        Some(url) => json!({
+            "database_url": url,
+            "agent_name": name,
+            "heartbeat": "1s",
+            "agent_timeout": "10s",
+        }),
+        None => json!({}),
+    };
+    Daemon::start(&common::write_config(&dir, images, extra))
+}
+
+/// `POST /jobs` of project `touch` with param `n`: its time; the answer's `Cached`.
+fn post(agent: &ureq::Agent, d: &Daemon, n: &str) -> (Duration, bool) {
+    let t = Instant::now();
+    let mut r = agent
+        .post(&format!("http://{}/jobs", d.addr))
+        .send(
+            json!({"project": "touch", "params": {"n": n}})
+                .to_string()
+                .as_str(),
+        )
+        .unwrap();
+    let body = r.body_mut().read_to_string().unwrap();
+    let took = t.elapsed();
+    assert_eq!(r.status().as_u16(), 201, "{body}");
+    assert!(body.contains("\"ExitCode\":0"), "{body}");
+    (took, body.contains("\"Cached\":true"))
+}
+
+/// New-params jobs/s: `clients` threads posting for `seconds`, client i to agent i mod n.
+fn throughput(daemons: &[Daemon], prefix: &str, clients: usize, seconds: u64) -> f64 {
+    let done = AtomicUsize::new(0);
+    let start = Instant::now();
+    let until = start + Duration::from_secs(seconds);
+    std::thread::scope(|scope| {
+        for c in 0..clients {
+            let (d, done) = (&daemons[c % daemons.len()], &done);
+            scope.spawn(move || {
+                let agent = common::agent(Some(Duration::from_secs(120)));
+                let mut i = 0;
+                while Instant::now() < until {
+                    post(&agent, d, &format!("{prefix}-{c}-{i}"));
+                    done.fetch_add(1, Ordering::Relaxed);
+                    i += 1;
+                }
+            });
+        }
+    });
+    done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let images = common::busybox_images();
+    let runs: usize = common::env_num("BENCH_RUNS", 40);
+    let clients: usize = common::env_num("BENCH_CLIENTS", 6);
+    let seconds: u64 = common::env_num("BENCH_SECONDS", 5);
+    let Some(pg) = postgres::Postgres::start_or_skip() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let agent = common::agent(Some(Duration::from_secs(120)));
+
+    // A single node.
+    let single = daemon(dir.path(), "single", &images, None);
+    post(&agent, &single, "warm");
+    let mut single_new: Vec<Duration> = (0..runs)
+        .map(|i| post(&agent, &single, &format!("s{i}")).0)
+        .collect();
+    let mut single_hit: Vec<Duration> = (0..200).map(|_| post(&agent, &single, "s0").0).collect();
+
+    // Two agents of a cluster: a1 runs the jobs, a2 answers them from the database.
+    let a1 = daemon(dir.path(), "a1", &images, Some(&pg.url()));
+    let a2 = daemon(dir.path(), "a2", &images, Some(&pg.url()));
+    post(&agent, &a1, "warm-a1");
+    post(&agent, &a2, "warm-a2");
+    let mut cluster_new: Vec<Duration> = (0..runs)
+        .map(|i| post(&agent, &a1, &format!("c{i}")).0)
+        .collect();
+    let mut holder_hit: Vec<Duration> = (0..200).map(|_| post(&agent, &a1, "c0").0).collect();
+    let mut remote_hit: Vec<Duration> = (0..runs)
+        .map(|i| {
+            let (t, cached) = post(&agent, &a2, &format!("c{i}"));
+            assert!(cached, "c{i} on a2 was not a cache hit");
+            t
+        })
+        .collect();
+    let mut copy_hit: Vec<Duration> = (0..200).map(|_| post(&agent, &a2, "c0").0).collect();
+
+    // jobs/s: a single node, then 1, 2, 3 agents (a3 joins).
+    let single_rps = throughput(std::slice::from_ref(&single), "ts", clients, seconds);
+    drop(single);
+    let a3 = daemon(dir.path(), "a3", &images, Some(&pg.url()));
+    post(&agent, &a3, "warm-a3");
+    let mut agents = vec![a1];
+    let mut rps = Vec::new();
+    for (k, next) in [Some(a2), Some(a3), None].into_iter().enumerate() {
+        rps.push(throughput(&agents, &format!("t{k}"), clients, seconds));
+        agents.extend(next);
+    }
+    let started = pg.psql("SELECT count(*) FROM jobs");
+
+    let (s_hit, h_hit) = (ms(median(&mut single_hit)), ms(median(&mut holder_hit)));
+    let (r_hit, c_hit) = (ms(median(&mut remote_hit)), ms(median(&mut copy_hit)));
+    let (s_new, c_new) = (ms(median(&mut single_new)), ms(median(&mut cluster_new)));
+    println!(
+        "mistryd on loopback, image cached: a single node vs agents sharing a PostgreSQL 15 \
+         ({runs} new jobs, 200 cache hits; {clients} clients for {seconds}s; {started} job records)"
+    );
+    println!("{:<58} {:>10}   target", "", "measured");
+    println!("{:<58} {:>8.2}ms", "cache hit, single node (median)", s_hit);
+    println!(
+        "{:<58} {:>8.2}ms   <= single + 3 ms ({:+.2} ms)",
+        "cache hit, agent holding the build (median)",
+        h_hit,
+        h_hit - s_hit
+    );
+    println!(
+        "{:<58} {:>8.2}ms   <= single + 3 ms ({:+.2} ms)",
+        "cache hit, agent with its fetched copy (median)",
+        c_hit,
+        c_hit - s_hit
+    );
+    println!(
+        "{:<58} {:>8.2}ms   (record read + build fetched: {:+.2} ms)",
+        "cache hit, build on another agent, first time (median)",
+        r_hit,
+        r_hit - s_hit
+    );
+    println!("{:<58} {:>8.1}ms", "new job, single node (median)", s_new);
+    println!(
+        "{:<58} {:>8.1}ms   ({:+.1} ms)",
+        "new job, cluster agent (median)",
+        c_new,
+        c_new - s_new
+    );
+    println!("{:<58} {:>10.1}", "jobs/s, single node", single_rps);
+    for (k, r) in rps.iter().enumerate() {
+        println!(
+            "{:<58} {:>10.1}",
+            format!("jobs/s, {} agent{}", k + 1, if k == 0 { "" } else { "s" }),
+            r
+        );
+    }
+}

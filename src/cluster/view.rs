@@ -1,0 +1,292 @@
+//! The cluster in the API, the web view and the metrics (several agents, issue 14):
+//!
+//! - `GET /artifacts/{project}/{id}` on an agent that does not hold the build: when the job's
+//!   record says it ended (`ready` or `failed`) on another, alive agent, the build is fetched
+//!   from that agent first ([`fetch_missing`], `replicate::fetch_build` without the cache), then
+//!   served as usual, so mistry's client (and its rsync/scp from the agent it talked to) works
+//!   with any agent. Anything else (no record, its agent is not alive, the fetch fails, no
+//!   database) answers as a single node does: `Unknown job P/ID` (404).
+//! - Which agent ran each job: `GET /api/agents/jobs` → `{"<project>/<id>": "<agent>"}`
+//!   ([`serve_job_agents`]); `?project=P&id=ID` narrows it to that job. mistry's `/index/` keeps
+//!   its exact shape (its clients decode it; nothing is added there): the web view merges this
+//!   map into its job list, as it merges `/pipelines/jobs/`. With a database the agent is the
+//!   one the job's record names (the agent that ran it, also for a build replicated here);
+//!   a job on this agent's disk without a record (a single node, or built before the database)
+//!   is this agent's. A queued record (no agent yet) is left out.
+//! - `/metrics`: with a database, three cluster gauges read at each scrape
+//!   ([`update_gauges`]): `mistry_cluster_queue_length` (queued records),
+//!   `mistry_cluster_agents_alive` (agents heartbeating within `agent_timeout`, not stopped),
+//!   `mistry_cluster_jobs_running` (running records). A single node has none of them.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Extension;
+use serde::Deserialize;
+
+use super::{Cluster, ClusterError};
+use crate::engine::{Engine, Found};
+use crate::jobs;
+
+/// How long the view's queries may take.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
+
+async fn timed<T>(
+    cluster: &Cluster,
+    what: impl std::future::Future<Output = Result<T, ClusterError>>,
+) -> Result<T, ClusterError> {
+    match tokio::time::timeout(QUERY_TIMEOUT, what).await {
+        Ok(r) => r,
+        Err(_) => Err(match cluster.db() {
+            Some(db) => db.error(format!("no answer within {QUERY_TIMEOUT:?}")),
+            None => ClusterError::Query {
+                url: String::new(),
+                reason: "no database".into(),
+            },
+        }),
+    }
+}
+
+/// Where an ended job's build is, by its record: the agent's name and URL, when that agent is
+/// alive.
+struct Holder {
+    agent: String,
+    url: String,
+}
+
+async fn holder(
+    cluster: &Cluster,
+    engine: &Engine,
+    project: &str,
+    id: &str,
+) -> Result<Option<Holder>, ClusterError> {
+    let Some(db) = cluster.db() else {
+        return Ok(None);
+    };
+    let client = db.client().await?;
+    let row = client
+        .query_opt(
+            "SELECT j.agent, a.advertise_url
+               FROM jobs j JOIN agents a ON a.name = j.agent
+              WHERE j.project = $1 AND j.id = $2 AND j.state IN ('ready', 'failed')
+                AND a.stopped_at IS NULL
+                AND a.last_heartbeat > now() - make_interval(secs => $3)",
+            &[
+                &project,
+                &id,
+                &engine.cfg.cluster.agent_timeout.as_secs_f64(),
+            ],
+        )
+        .await
+        .map_err(|e| db.pg_error(&e))?;
+    let Some(row) = row else { return Ok(None) };
+    let g = |e: tokio_postgres::Error| db.pg_error(&e);
+    Ok(Some(Holder {
+        agent: row.try_get(0).map_err(g)?,
+        url: row.try_get(1).map_err(g)?,
+    }))
+}
+
+/// A job this agent does not have on disk (`GET /artifacts`): with a database, when its record
+/// says it ended on another alive agent, fetch the build from it (verified, atomically into
+/// `ready/`) and return it as found on disk now; `None` otherwise (the caller answers as for an
+/// unknown job). Failures are logged, never shown to the client.
+pub async fn fetch_missing(
+    cluster: Option<&Cluster>,
+    engine: &Arc<Engine>,
+    project: &str,
+    id: &str,
+) -> Option<Found> {
+    let cluster = cluster?;
+    cluster.db()?;
+    if jobs::check_name("project", project).is_err() || jobs::check_name("job", id).is_err() {
+        return None;
+    }
+    let holder = match timed(cluster, holder(cluster, engine, project, id)).await {
+        Ok(Some(h)) if h.agent != cluster.name() => h,
+        Ok(_) => return None,
+        Err(e) => {
+            tracing::warn!(%project, %id, error = %e, "cannot look the job up in the cluster");
+            return None;
+        }
+    };
+    match super::replicate::fetch_build(&holder.url, &engine.layout, project, id, false).await {
+        Ok(_) => {
+            tracing::info!(%project, %id, from = %holder.agent, "build replicated from another agent for its artifacts");
+        }
+        Err(e) => {
+            tracing::warn!(%project, %id, from = %holder.agent, error = %e, "cannot fetch the build for its artifacts");
+            return None;
+        }
+    }
+    engine.find_job(project, id).await
+}
+
+/// `?project=P&id=ID`: one job.
+#[derive(Debug, Default, Deserialize)]
+pub struct JobAgentsQuery {
+    project: Option<String>,
+    id: Option<String>,
+}
+
+/// Which agent ran each job (see the module's doc); 503 when the database does not answer.
+pub async fn job_agents(
+    cluster: Option<&Cluster>,
+    engine: &Arc<Engine>,
+    only: Option<(String, String)>,
+) -> Result<BTreeMap<String, String>, ClusterError> {
+    let me = match cluster {
+        Some(c) => c.name().to_string(),
+        None => engine.cfg.cluster.agent_name.clone(),
+    };
+    // This agent's disk: every job there is this agent's, unless a record says otherwise.
+    let (e, o) = (Arc::clone(engine), only.clone());
+    let local: Vec<String> = tokio::task::spawn_blocking(move || match o {
+        Some((p, i)) => e.job(&p, &i).map(|f| key(&f)).into_iter().collect(),
+        None => e.list().map(|f| key(&f)).collect(),
+    })
+    .await
+    .unwrap_or_default();
+    let mut map: BTreeMap<String, String> = local.into_iter().map(|k| (k, me.clone())).collect();
+    let Some(cluster) = cluster.filter(|c| c.db().is_some()) else {
+        return Ok(map);
+    };
+    let records = timed(cluster, async {
+        let Some(db) = cluster.db() else {
+            return Ok(Vec::new());
+        };
+        let client = db.client().await?;
+        let rows = match &only {
+            Some((p, i)) => {
+                client
+                    .query(
+                        "SELECT project, id, agent FROM jobs
+                          WHERE project = $1 AND id = $2 AND agent IS NOT NULL",
+                        &[p, i],
+                    )
+                    .await
+            }
+            None => {
+                client
+                    .query(
+                        "SELECT project, id, agent FROM jobs WHERE agent IS NOT NULL",
+                        &[],
+                    )
+                    .await
+            }
+        }
+        .map_err(|e| db.pg_error(&e))?;
+        rows.iter()
+            .map(|r| {
+                let g = |e: tokio_postgres::Error| db.pg_error(&e);
+                let (p, i, a): (String, String, String) = (
+                    r.try_get(0).map_err(g)?,
+                    r.try_get(1).map_err(g)?,
+                    r.try_get(2).map_err(g)?,
+                );
+                Ok((format!("{p}/{i}"), a))
+            })
+            .collect::<Result<Vec<_>, ClusterError>>()
+    })
+    .await?;
+    map.extend(records);
+    Ok(map)
+}
+
+fn key(f: &Found) -> String {
+    format!("{}/{}", f.dir.project(), f.dir.id())
+}
+
+/// `GET /api/agents/jobs[?project=P&id=ID]`: `{"<project>/<id>": "<agent>"}`, JSON.
+pub async fn serve_job_agents(
+    State(engine): State<Arc<Engine>>,
+    cluster: Option<Extension<Arc<Cluster>>>,
+    query: Result<Query<JobAgentsQuery>, QueryRejection>,
+) -> Response {
+    let only = match query {
+        Ok(Query(JobAgentsQuery {
+            project: Some(p),
+            id: Some(i),
+        })) => Some((p, i)),
+        Ok(Query(JobAgentsQuery {
+            project: None,
+            id: None,
+        })) => None,
+        Ok(_) => {
+            let msg = "Give both project and id, or neither";
+            return (StatusCode::BAD_REQUEST, msg).into_response();
+        }
+        Err(e) => return (StatusCode::BAD_REQUEST, e.body_text()).into_response(),
+    };
+    let cluster = cluster.map(|Extension(c)| c);
+    match job_agents(cluster.as_deref(), &engine, only).await {
+        Ok(map) => match serde_json::to_vec(&map) {
+            Ok(body) => {
+                (StatusCode::OK, [("content-type", "application/json")], body).into_response()
+            }
+            Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+        },
+        Err(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("Service unavailable: {e}"),
+        )
+            .into_response(),
+    }
+}
+
+/// The cluster's numbers, as `/metrics` shows them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClusterGauges {
+    pub queue_length: i64,
+    pub agents_alive: i64,
+    pub jobs_running: i64,
+}
+
+/// Read the cluster's numbers (one query).
+pub async fn read_gauges(
+    cluster: &Cluster,
+    engine: &Engine,
+) -> Result<ClusterGauges, ClusterError> {
+    let Some(db) = cluster.db() else {
+        return Err(ClusterError::Query {
+            url: String::new(),
+            reason: "no database".into(),
+        });
+    };
+    let client = db.client().await?;
+    let row = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM jobs WHERE state = 'queued'),
+                    (SELECT count(*) FROM agents WHERE stopped_at IS NULL
+                        AND last_heartbeat > now() - make_interval(secs => $1)),
+                    (SELECT count(*) FROM jobs WHERE state = 'running')",
+            &[&engine.cfg.cluster.agent_timeout.as_secs_f64()],
+        )
+        .await
+        .map_err(|e| db.pg_error(&e))?;
+    let g = |i: usize| row.try_get::<_, i64>(i).map_err(|e| db.pg_error(&e));
+    Ok(ClusterGauges {
+        queue_length: g(0)?,
+        agents_alive: g(1)?,
+        jobs_running: g(2)?,
+    })
+}
+
+/// Before `/metrics` renders: with a database, set the cluster gauges from it. When it does not
+/// answer, the gauges keep their last values and a warning is logged.
+pub async fn update_gauges(cluster: Option<&Cluster>, engine: &Engine) {
+    let Some(cluster) = cluster.filter(|c| c.db().is_some()) else {
+        return;
+    };
+    match timed(cluster, read_gauges(cluster, engine)).await {
+        Ok(g) => engine
+            .metrics
+            .set_cluster(g.queue_length, g.agents_alive, g.jobs_running),
+        Err(e) => tracing::warn!(error = %e, "cannot read the cluster gauges"),
+    }
+}
