@@ -4,6 +4,8 @@
 //! Each test starts a throwaway PostgreSQL cluster (tests/common/postgres.rs; as mistry-test
 //! when the tests run as root) and skips when PostgreSQL is missing, failing under `CI`.
 
+#[path = "common/cluster.rs"]
+mod cluster;
 mod common;
 #[path = "common/postgres.rs"]
 mod postgres;
@@ -11,24 +13,13 @@ mod postgres;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use cluster::{agent, log_of};
 use common::server::Server;
 use common::{mistryd_bin, wait_for};
 use postgres::Postgres;
 use serde_json::{json, Value};
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
-
-/// An agent named `name` with `capacity` slots on the database of `pg`: heartbeat 500ms,
-/// agent_timeout 2s.
-fn agent(pg: &Postgres, name: &str, capacity: usize) -> Server {
-    Server::start(json!({
-        "database_url": pg.url(),
-        "agent_name": name,
-        "job_concurrency": capacity,
-        "agent_timeout": "2s",
-        "heartbeat": "500ms",
-    }))
-}
 
 /// `GET /agents` as JSON.
 fn agents(s: &Server) -> Vec<Value> {
@@ -43,19 +34,15 @@ fn by_name<'a>(list: &'a [Value], name: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no agent {name} in {list:?}"))
 }
 
-fn log_of(s: &Server) -> String {
-    std::fs::read_to_string(s.dir.path().join("mistryd-1.log")).unwrap_or_default()
-}
-
 #[test]
 fn three_agents_register_and_each_lists_all_of_them() {
     let Some(pg) = Postgres::start_or_skip() else {
         return;
     };
     let servers = [
-        agent(&pg, "a1", 1),
-        agent(&pg, "a2", 2),
-        agent(&pg, "a3", 3),
+        agent(&pg.url(), "a1", 1),
+        agent(&pg.url(), "a2", 2),
+        agent(&pg.url(), "a3", 3),
     ];
     for s in &servers {
         let list = agents(s);
@@ -97,8 +84,8 @@ fn a_gracefully_stopped_agent_is_marked_stopped() {
     let Some(pg) = Postgres::start_or_skip() else {
         return;
     };
-    let a1 = agent(&pg, "a1", 1);
-    let mut a2 = agent(&pg, "a2", 1);
+    let a1 = agent(&pg.url(), "a1", 1);
+    let mut a2 = agent(&pg.url(), "a2", 1);
     assert!(a2.term().success());
     let a = agents(&a1);
     let a2_row = by_name(&a, "a2");
@@ -127,9 +114,9 @@ fn a_killed_agent_turns_stale_after_agent_timeout() {
     let Some(pg) = Postgres::start_or_skip() else {
         return;
     };
-    let a1 = agent(&pg, "a1", 1);
-    let mut a2 = agent(&pg, "a2", 1);
-    let mut a3 = agent(&pg, "a3", 1);
+    let a1 = agent(&pg.url(), "a1", 1);
+    let mut a2 = agent(&pg.url(), "a2", 1);
+    let mut a3 = agent(&pg.url(), "a3", 1);
     // Heartbeats keep an agent alive well past agent_timeout (2s).
     std::thread::sleep(Duration::from_secs(3));
     assert!(agents(&a1).iter().all(|a| a["alive"] == true));
@@ -165,7 +152,7 @@ fn migrations_apply_once_and_a_newer_schema_is_refused() {
     let Some(pg) = Postgres::start_or_skip() else {
         return;
     };
-    let mut a1 = agent(&pg, "a1", 1);
+    let mut a1 = agent(&pg.url(), "a1", 1);
     let history = pg.psql("SELECT version, name, applied_on FROM mistry_schema_history");
     let rows: Vec<&str> = history.lines().collect();
     assert_eq!(rows.len(), 3, "{history}");
@@ -174,7 +161,7 @@ fn migrations_apply_once_and_a_newer_schema_is_refused() {
     assert!(rows[2].starts_with("3|logs|"), "{history}");
     assert!(log_of(&a1).contains("database migration applied"));
     // A second agent, and the first one again, find the schema up to date.
-    let a2 = agent(&pg, "a2", 1);
+    let a2 = agent(&pg.url(), "a2", 1);
     assert!(a1.term().success());
     a1.spawn();
     assert_eq!(
@@ -320,8 +307,8 @@ fn heartbeats_resume_after_a_database_restart() {
     let Some(pg) = Postgres::start_or_skip() else {
         return;
     };
-    let mut a1 = agent(&pg, "a1", 1);
-    let mut a2 = agent(&pg, "a2", 1);
+    let mut a1 = agent(&pg.url(), "a1", 1);
+    let mut a2 = agent(&pg.url(), "a2", 1);
     let before = heartbeats(&pg);
     assert_eq!(before.len(), 2);
     pg.stop();
@@ -365,9 +352,9 @@ fn the_agents_page_shows_alive_and_stale_agents() {
     let Some(pg) = Postgres::start_or_skip() else {
         return;
     };
-    let a1 = agent(&pg, "a1", 1);
-    let _a2 = agent(&pg, "a2", 2);
-    let mut a3 = agent(&pg, "a3", 3);
+    let a1 = agent(&pg.url(), "a1", 1);
+    let _a2 = agent(&pg.url(), "a2", 2);
+    let mut a3 = agent(&pg.url(), "a3", 3);
     a3.kill9();
     wait_for("a3 stale", Duration::from_secs(10), || {
         by_name(&agents(&a1), "a3")["alive"] == false

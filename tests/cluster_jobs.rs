@@ -6,6 +6,8 @@
 //!
 //! Each test skips when PostgreSQL is missing, failing under `CI`.
 
+#[path = "common/cluster.rs"]
+mod cluster;
 mod common;
 #[path = "common/postgres.rs"]
 mod postgres;
@@ -13,56 +15,17 @@ mod postgres;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::server::Server;
+use cluster::{agent, agents_named, get_artifacts, log_of, post_job, untar};
+use common::server::{job_id, Server};
 use common::wait_for;
 use postgres::Postgres;
 use serde_json::{json, Value};
 
-/// An agent named `name` with `capacity` slots: heartbeat 500ms, agent_timeout 2s.
-fn agent(pg: &Postgres, name: &str, capacity: usize) -> Server {
-    Server::start(json!({
-        "database_url": pg.url(),
-        "agent_name": name,
-        "job_concurrency": capacity,
-        "agent_timeout": "2s",
-        "heartbeat": "500ms",
-    }))
-}
-
-fn log_of(s: &Server) -> String {
-    std::fs::read_to_string(s.dir.path().join("mistryd-1.log")).unwrap_or_default()
-}
-
-/// The job ID of an answer (its `URL` is `job/<project>/<id>`).
-fn id_of(info: &Value) -> String {
-    let url = info["URL"].as_str().unwrap();
-    url.rsplit('/').next().unwrap().to_string()
-}
-
 /// `GET /artifacts/simple/<id>` of `s`, unpacked: path → content of every file.
 fn artifacts_over_http(s: &Server, id: &str) -> BTreeMap<String, Vec<u8>> {
-    let mut r = Server::agent()
-        .get(&s.url(&format!("/artifacts/simple/{id}")))
-        .call()
-        .unwrap();
-    assert_eq!(r.status().as_u16(), 200);
-    let body = r.body_mut().read_to_vec().unwrap();
-    let mut files = BTreeMap::new();
-    let mut archive = tar::Archive::new(&body[..]);
-    for entry in archive.entries().unwrap() {
-        let mut entry = entry.unwrap();
-        if entry.header().entry_type().is_file() {
-            let path = entry.path().unwrap().display().to_string();
-            let mut content = Vec::new();
-            std::io::Read::read_to_end(&mut entry, &mut content).unwrap();
-            files.insert(path, content);
-        }
-    }
-    files
-}
-
-fn post_job(s: &Server, body: &Value) -> (u16, String) {
-    s.post("/jobs", &body.to_string())
+    let (status, body) = get_artifacts(s, "simple", id);
+    assert_eq!(status, 200);
+    untar(&body)
 }
 
 #[test]
@@ -70,11 +33,7 @@ fn twenty_identical_requests_over_three_agents_run_once() {
     let Some(pg) = Postgres::start_or_skip() else {
         return;
     };
-    let servers = [
-        agent(&pg, "a1", 2),
-        agent(&pg, "a2", 2),
-        agent(&pg, "a3", 2),
-    ];
+    let servers = agents_named(&pg.url(), ["a1", "a2", "a3"], 2);
     let body = json!({"project": "simple", "params": {"name": "once", "sleep": "2"}});
     let answers: Vec<(usize, u16, String)> = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..20)
@@ -99,7 +58,7 @@ fn twenty_identical_requests_over_three_agents_run_once() {
         let log = info["ContainerStdouterr"].as_str().unwrap();
         assert!(log.ends_with("\nout: once\nerr: once\n"), "{log}");
         logs.insert(log.to_string());
-        ids.insert(id_of(&info));
+        ids.insert(job_id(&info));
         if info["Cached"] == false && info["Coalesced"] == false {
             fresh += 1;
         }
@@ -155,7 +114,7 @@ fn a_job_built_on_a_is_a_cache_hit_on_c_with_the_same_artifacts() {
         return;
     };
     // A alone: the job runs there.
-    let a = agent(&pg, "a", 1);
+    let a = agent(&pg.url(), "a", 1);
     let body = json!({"project": "simple", "params": {"name": "shared"}});
     let (status, text) = post_job(&a, &body);
     assert_eq!(status, 201, "{text}");
@@ -164,20 +123,20 @@ fn a_job_built_on_a_is_a_cache_hit_on_c_with_the_same_artifacts() {
         (&built["Cached"], &built["ExitCode"]),
         (&json!(false), &json!(0))
     );
-    let id = id_of(&built);
+    let id = job_id(&built);
     assert_eq!(
         pg.psql(&format!("SELECT agent, state FROM jobs WHERE id = '{id}'")),
         "a|ready"
     );
-    let _b = agent(&pg, "b", 1);
-    let c = agent(&pg, "c", 1);
+    let _b = agent(&pg.url(), "b", 1);
+    let c = agent(&pg.url(), "c", 1);
     let (status, text) = post_job(&c, &body);
     assert_eq!(status, 201, "{text}");
     let hit: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(hit["Cached"], true, "{hit}");
     assert_eq!(hit["Coalesced"], false, "{hit}");
     assert_eq!(hit["ExitCode"], 0);
-    assert_eq!(id_of(&hit), id);
+    assert_eq!(job_id(&hit), id);
     assert_eq!(hit["ContainerStdouterr"], built["ContainerStdouterr"]);
     // Path is C's own copy.
     let path = common::server::artifacts(&hit);
@@ -201,11 +160,7 @@ fn kill9_of_the_agent_running_a_job_completes_it_on_another() {
     let Some(pg) = Postgres::start_or_skip() else {
         return;
     };
-    let servers = [
-        agent(&pg, "a1", 1),
-        agent(&pg, "a2", 1),
-        agent(&pg, "a3", 1),
-    ];
+    let servers = agents_named(&pg.url(), ["a1", "a2", "a3"], 1);
     let body = json!({"project": "simple", "params": {"name": "survivor", "sleep": "4"}});
     let (status, text) = servers[0].post("/jobs?async", &body.to_string());
     assert_eq!(status, 201, "{text}");
@@ -246,7 +201,7 @@ fn kill9_of_the_agent_running_a_job_completes_it_on_another() {
         )),
         "{log}"
     );
-    let id = id_of(&info);
+    let id = job_id(&info);
     let rows = pg.psql(&format!(
         "SELECT state, agent <> '{runner}', retries, retried_from FROM jobs WHERE id = '{id}'"
     ));
@@ -267,11 +222,7 @@ fn a_groups_jobs_land_on_the_agent_holding_its_last_build() {
     let Some(pg) = Postgres::start_or_skip() else {
         return;
     };
-    let servers = [
-        agent(&pg, "a1", 1),
-        agent(&pg, "a2", 1),
-        agent(&pg, "a3", 1),
-    ];
+    let servers = agents_named(&pg.url(), ["a1", "a2", "a3"], 1);
     let job = |s: &Server, name: &str, sleep: &str| -> Value {
         let body =
             json!({"project": "simple", "group": "g", "params": {"name": name, "sleep": sleep}});
@@ -282,7 +233,7 @@ fn a_groups_jobs_land_on_the_agent_holding_its_last_build() {
     let agent_of = |info: &Value| {
         pg.psql(&format!(
             "SELECT agent FROM jobs WHERE id = '{}'",
-            id_of(info)
+            job_id(info)
         ))
     };
     let one = job(&servers[0], "one", "0");
@@ -333,7 +284,7 @@ fn a_groups_jobs_land_on_the_agent_holding_its_last_build() {
     assert!(
         log_of(&servers[m]).contains(&format!(
             "incremental from agent {holder}'s build simple/{}",
-            id_of(&two)
+            job_id(&two)
         )),
         "{}",
         log_of(&servers[m])
@@ -345,7 +296,7 @@ fn a_database_outage_fails_requests_with_503_then_they_recover() {
     let Some(pg) = Postgres::start_or_skip() else {
         return;
     };
-    let a = agent(&pg, "a", 1);
+    let a = agent(&pg.url(), "a", 1);
     let body = json!({"project": "simple", "params": {"name": "before"}});
     assert_eq!(post_job(&a, &body).0, 201);
     pg.stop();

@@ -6,6 +6,8 @@
 //! Each test skips when PostgreSQL is missing, failing under `CI`. The Chromium test runs as
 //! root only, as tests/web.rs does.
 
+#[path = "common/cluster.rs"]
+mod cluster;
 mod common;
 #[path = "common/postgres.rs"]
 mod postgres;
@@ -13,27 +15,19 @@ mod postgres;
 use std::io::BufRead;
 use std::time::{Duration, Instant};
 
-use common::server::Server;
+use cluster::log_of;
+use common::server::{job_id, Server};
 use common::wait_for;
 use postgres::Postgres;
 use serde_json::{json, Value};
 
 /// An agent named `name`: heartbeat 500ms, agent_timeout 15s (a loaded machine must not make
 /// an agent look dead here), and `extra` settings.
-fn agent(pg: &Postgres, name: &str, extra: Value) -> Server {
-    let mut config = json!({
-        "database_url": pg.url(),
-        "agent_name": name,
-        "job_concurrency": 2,
-        "agent_timeout": "15s",
-        "heartbeat": "500ms",
-    });
-    if let (Some(c), Some(e)) = (config.as_object_mut(), extra.as_object()) {
-        for (k, v) in e {
-            c.insert(k.clone(), v.clone());
-        }
+fn agent(pg: &Postgres, name: &str, mut extra: Value) -> Server {
+    if let Some(e) = extra.as_object_mut() {
+        e.entry("agent_timeout").or_insert_with(|| json!("15s"));
     }
-    Server::start(config)
+    cluster::agent_with(&pg.url(), name, 2, extra)
 }
 
 /// Queue `body` on `s` (`?async`) and wait until the database says it runs on agent `name`;
@@ -235,7 +229,7 @@ fn a_big_log_is_shipped_in_chunks_and_read_back_equal() {
     let bytes = 6 << 20;
     let info = a.job(json!({"project": "loud", "params": {"bytes": bytes.to_string()}}));
     assert_eq!(info["ExitCode"], 0, "{info}");
-    let id = info["URL"].as_str().unwrap().rsplit('/').next().unwrap();
+    let id = &job_id(&info);
     let out = ready_file(&a, "loud", id, "out.log");
     assert!(out.len() >= bytes, "{}", out.len());
     // Chunks of at most 64 KiB.
@@ -275,7 +269,7 @@ fn a_new_run_replaces_the_previous_runs_log() {
     let b = agent(&pg, "b", json!({}));
     let body = json!({"project": "simple", "params": {"name": "twice"}});
     let first = a.job(body.clone());
-    let id = first["URL"].as_str().unwrap().rsplit('/').next().unwrap();
+    let id = &job_id(&first);
     let runs = || {
         pg.psql(&format!(
             "SELECT count(DISTINCT run), sum(octet_length(data)) FROM job_logs \
@@ -311,7 +305,7 @@ fn log_retention_prunes_old_logs_and_records_but_not_running_jobs() {
     // A job that ended: its chunks are there, then pruned with its record.
     let info = a.job(json!({"project": "simple", "params": {"name": "old"}}));
     assert_eq!(info["ExitCode"], 0, "{info}");
-    let id = info["URL"].as_str().unwrap().rsplit('/').next().unwrap();
+    let id = &job_id(&info);
     let chunks = |id: &str| {
         pg.psql(&format!("SELECT count(*) FROM job_logs WHERE id = '{id}'"))
             .parse::<u32>()
@@ -344,10 +338,6 @@ fn log_retention_prunes_old_logs_and_records_but_not_running_jobs() {
     wait_for("the ticker's log pruned", Duration::from_secs(30), || {
         chunks(&ticker) == 0
     });
-}
-
-fn log_of(s: &Server) -> String {
-    std::fs::read_to_string(s.dir.path().join("mistryd-1.log")).unwrap_or_default()
 }
 
 /// B's web view shows the lines of a job running on A live (Chromium; root only, as

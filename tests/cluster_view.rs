@@ -14,8 +14,8 @@ mod postgres;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use cluster::{agent, get_artifacts, id_of, untar};
-use common::server::Server;
+use cluster::{agent, get_artifacts, untar};
+use common::server::{job_id, Server};
 use common::wait_for;
 use postgres::Postgres;
 use serde_json::{json, Value};
@@ -56,7 +56,7 @@ fn artifacts_of_a_job_built_on_a_are_served_by_c_without_a_post_to_c() {
     let mut a = agent(&pg.url(), "a", 1);
     let built = a.job(json!({"project": "artifacts", "params": {"name": "from-a"}}));
     assert_eq!(built["ExitCode"], 0, "{built}");
-    let id = id_of(&built);
+    let id = job_id(&built);
     assert_eq!(
         pg.psql(&format!("SELECT agent, state FROM jobs WHERE id = '{id}'")),
         "a|ready"
@@ -138,7 +138,7 @@ fn every_agent_says_which_agent_ran_each_job() {
     for (s, name) in servers.iter().zip(names) {
         let info = s.job(json!({"project": "simple", "params": {"name": name}}));
         assert_eq!(info["ExitCode"], 0, "{info}");
-        let id = id_of(&info);
+        let id = job_id(&info);
         let runner = pg.psql(&format!("SELECT agent FROM jobs WHERE id = '{id}'"));
         assert!(names.contains(&runner.as_str()), "{runner}");
         expected.insert(format!("simple/{id}"), runner);
@@ -153,7 +153,7 @@ fn every_agent_says_which_agent_ran_each_job() {
         for name in names {
             let hit = s.job(json!({"project": "simple", "params": {"name": name}}));
             assert_eq!(hit["Cached"], true, "{hit}");
-            assert!(s.builds().join("simple/ready").join(id_of(&hit)).is_dir());
+            assert!(s.builds().join("simple/ready").join(job_id(&hit)).is_dir());
         }
     }
     for s in &servers {
@@ -196,7 +196,7 @@ fn every_agent_says_which_agent_ran_each_job() {
     let info = solo.job(json!({"project": "simple", "params": {"name": "solo"}}));
     assert_eq!(
         job_agents(&solo, ""),
-        BTreeMap::from([(format!("simple/{}", id_of(&info)), "solo".to_string())])
+        BTreeMap::from([(format!("simple/{}", job_id(&info)), "solo".to_string())])
     );
 }
 
@@ -293,7 +293,7 @@ fn the_index_keeps_mistrys_shape_with_a_database() {
         assert_eq!(list.len(), 1, "{list:?}");
         assert_eq!(keys(&list[0]), job_keys);
         assert_eq!(keys(&list[0]["buildInfo"]), info_keys);
-        assert_eq!(list[0]["id"], id_of(&on_a));
+        assert_eq!(list[0]["id"], job_id(&on_a));
         assert_eq!(list[0]["state"], "ready");
     }
 }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
-use common::server::Server;
+use common::server::{job_id, Server};
 use common::{mistryd_bin, wait_for, wait_until};
 use serde_json::{json, Value};
 
@@ -56,19 +56,9 @@ fn wait_ready(s: &Server, project: &str, want: &BTreeSet<String>, what: &str) {
     }
 }
 
-fn id_of(info: &Value) -> String {
-    info["URL"]
-        .as_str()
-        .unwrap()
-        .rsplit('/')
-        .next()
-        .unwrap()
-        .to_string()
-}
-
 fn job(s: &Server, project: &str, group: &str, params: Value) -> (String, Value) {
     let info = s.job(json!({"project": project, "group": group, "params": params}));
-    (id_of(&info), info)
+    (job_id(&info), info)
 }
 
 fn mistryd(args: &[&str]) -> Output {

@@ -9,8 +9,10 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::server::{artifacts, read, Server};
-use common::{mistry_client_bin, Inetd};
+use common::mistry_client_bin;
+use common::server::{
+    artifacts, check_artifact_contents, get_bytes, job_id, read, rsync_daemon, Server,
+};
 use mistry::cluster::replicate::{fetch_build, ReplicateError};
 use mistry::engine::{JobDir, Layout};
 use serde_json::{json, Value};
@@ -35,38 +37,6 @@ fn fetch(
     ))
 }
 
-/// The job ID of a BuildInfo (`job/<project>/<id>`).
-fn job_id(info: &Value) -> String {
-    info["URL"]
-        .as_str()
-        .unwrap()
-        .rsplit('/')
-        .next()
-        .unwrap()
-        .to_string()
-}
-
-fn get_bytes(s: &Server, path: &str) -> (u16, Vec<u8>) {
-    let mut r = Server::agent().get(&s.url(path)).call().unwrap();
-    let status = r.status().as_u16();
-    let body = r
-        .body_mut()
-        .with_config()
-        .limit(u64::MAX)
-        .read_to_vec()
-        .unwrap();
-    (status, body)
-}
-
-fn md5(path: &Path) -> String {
-    let out = Command::new("md5sum").arg(path).output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split(' ')
-        .next()
-        .unwrap()
-        .to_string()
-}
-
 fn names_in(dir: &Path) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
         .map(|d| {
@@ -80,19 +50,7 @@ fn names_in(dir: &Path) -> Vec<String> {
 
 /// The artifacts project's tree, as every transport must deliver it.
 fn check_artifacts(target: &Path) {
-    assert_eq!(
-        read(target.join("dir with spaces/ünïcødé/file (1).txt")),
-        "nested\n"
-    );
-    assert_eq!(read(target.join("deep/a/b/c/leaf")), "deep\n");
-    assert_eq!(
-        std::fs::metadata(target.join("large.bin")).unwrap().len(),
-        20 << 20
-    );
-    assert_eq!(
-        md5(&target.join("large.bin")),
-        read(target.join("large.md5")).trim()
-    );
+    check_artifact_contents(target);
     assert_eq!(
         std::fs::read_link(target.join("link-to-dir")).unwrap(),
         Path::new("dir with spaces")
@@ -186,27 +144,7 @@ fn a_build_fetched_from_another_agent_is_a_cache_hit_with_the_same_artifacts() {
     check_artifacts(&unpacked);
 
     // The rsync transport from B (an rsync daemon rooted at B's build_path), as the client does.
-    let conf = b.dir.path().join("rsyncd.conf");
-    let ids = if nix::unistd::geteuid().is_root() {
-        "uid = 0\ngid = 0\n"
-    } else {
-        ""
-    };
-    std::fs::write(
-        &conf,
-        format!(
-            "pid file = {d}/rsyncd.pid\nuse chroot = false\n{ids}[mistry]\npath = {b}\nread only = true\n",
-            d = b.dir.path().display(),
-            b = b.builds().display()
-        ),
-    )
-    .unwrap();
-    let daemon = Inetd::start("the rsync daemon", move || {
-        let mut cmd = Command::new("rsync");
-        cmd.arg("--daemon")
-            .arg(format!("--config={}", conf.display()));
-        cmd
-    });
+    let daemon = rsync_daemon(&b);
     let target = b.dir.path().join("from-rsync");
     std::fs::create_dir(&target).unwrap();
     let port = b.addr.rsplit(':').next().unwrap().to_string();

@@ -5,7 +5,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::server::{artifacts, read, Server};
+use common::server::{artifacts, check_artifact_contents, get_bytes, read, rsync_daemon, Server};
 use common::{
     btrfs_dir_or_skip, closed_port, mistry_client_bin, mistryd_bin, wait_for, wait_until, Inetd,
 };
@@ -531,32 +531,6 @@ fn client(s: &Server, args: &[&str]) -> (i32, String, String) {
     )
 }
 
-fn md5(path: &Path) -> String {
-    let out = Command::new("md5sum").arg(path).output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split(' ')
-        .next()
-        .unwrap()
-        .to_string()
-}
-
-/// What every transport delivers: names, nesting, a large file intact.
-fn check_artifact_contents(target: &Path) {
-    assert_eq!(
-        read(target.join("dir with spaces/ünïcødé/file (1).txt")),
-        "nested\n"
-    );
-    assert_eq!(read(target.join("deep/a/b/c/leaf")), "deep\n");
-    assert_eq!(
-        std::fs::metadata(target.join("large.bin")).unwrap().len(),
-        20 << 20
-    );
-    assert_eq!(
-        md5(&target.join("large.bin")),
-        read(target.join("large.md5")).trim()
-    );
-}
-
 /// All of it, symlinks kept as symlinks (http, rsync; scp follows them).
 fn check_artifacts(target: &Path) {
     check_artifact_contents(target);
@@ -778,30 +752,7 @@ fn whoami() -> String {
 #[test]
 fn client_rsync_transport() {
     let s = Server::start(serde_json::json!({}));
-    let conf = s.dir.path().join("rsyncd.conf");
-    // As root, rsyncd would switch to nobody: keep our ids. Unprivileged, it cannot switch.
-    let ids = if nix::unistd::geteuid().is_root() {
-        "uid = 0\ngid = 0\n"
-    } else {
-        ""
-    };
-    std::fs::write(
-        &conf,
-        format!(
-            "pid file = {d}/rsyncd.pid\nuse chroot = false\n{ids}[mistry]\npath = {b}\nread only = true\n",
-            d = s.dir.path().display(),
-            b = s.builds().display()
-        ),
-    )
-    .unwrap();
-    // rsync's daemon cannot bind port 0 and report: it serves each connection inetd style (on
-    // its stdin) from a listener of ours.
-    let daemon = Inetd::start("the rsync daemon", move || {
-        let mut cmd = Command::new("rsync");
-        cmd.arg("--daemon")
-            .arg(format!("--config={}", conf.display()));
-        cmd
-    });
+    let daemon = rsync_daemon(&s);
     let port = daemon.port;
     let target = s.dir.path().join("target");
     std::fs::create_dir_all(&target).unwrap();
@@ -1001,18 +952,6 @@ fn tar_entries(bytes: &[u8]) -> Vec<(String, tar::EntryType, Option<String>)> {
             )
         })
         .collect()
-}
-
-fn get_bytes(s: &Server, path: &str) -> (u16, Vec<u8>) {
-    let mut r = Server::agent().get(&s.url(path)).call().unwrap();
-    let status = r.status().as_u16();
-    let body = r
-        .body_mut()
-        .with_config()
-        .limit(u64::MAX)
-        .read_to_vec()
-        .unwrap();
-    (status, body)
 }
 
 /// Item 1: a job that replaces /data/artifacts (or what is in it) with links to host paths gets

@@ -7,7 +7,7 @@
 //! 2. else the job's record decides: `ready` on another live agent → the build is fetched from
 //!    it (`replicate::fetch_build`) and answered `Cached: true`, `Path` local to this agent;
 //!    `queued` or `running` → the request waits for the job's end (`Coalesced: true`): one
-//!    `LISTEN mistry_jobs` connection per agent fans notifications out to every waiter (no
+//!    `LISTEN` connection per agent (`listen.rs`) fans notifications out to every waiter (no
 //!    polling; a 30 s re-read is only a safety net), then the build is fetched from the agent
 //!    that ran it when that is another one; no record → `INSERT ... ON CONFLICT DO NOTHING`
 //!    (the primary key decides the race between agents) — `running` by this agent at once when
@@ -45,12 +45,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use tokio::sync::{broadcast, watch, Notify};
 
+use super::listen::Notice;
 use super::{Cluster, ClusterError};
 use crate::engine::{Engine, JobDir, JobError, Stage};
-use crate::jobs::{BuildInfo, Input, JobRequest, NEVER_RAN, UNKNOWN_DURATION};
+use crate::jobs::{BuildInfo, Input, JobRequest};
 
 /// The notification channel of the job records.
 pub const CHANNEL: &str = "mistry_jobs";
@@ -192,10 +192,7 @@ impl Scheduler {
     }
 
     fn db(&self) -> Result<&super::Db, ClusterError> {
-        self.cluster.db().ok_or_else(|| ClusterError::Query {
-            url: String::new(),
-            reason: "no database_url".into(),
-        })
+        self.cluster.need_db()
     }
 
     fn me(&self) -> &str {
@@ -206,12 +203,9 @@ impl Scheduler {
         self.cluster.agent_timeout.as_secs_f64()
     }
 
-    /// The tasks of this agent: the start-up healing pass, then the listener, the claim loop
-    /// and the sweeper, until `stop` turns true.
+    /// The tasks of this agent: the start-up healing pass, then the claim loop, and the
+    /// sweeper, until `stop` turns true (the agent's listener calls [`Scheduler::notified`]).
     pub(super) fn start(self: &Arc<Self>, stop: watch::Receiver<bool>) {
-        let me = Arc::clone(self);
-        let stop2 = stop.clone();
-        tokio::spawn(async move { me.listen(stop2).await });
         let me = Arc::clone(self);
         let stop2 = stop.clone();
         tokio::spawn(async move {
@@ -567,97 +561,21 @@ impl Scheduler {
         Ok(Answer { info, dir })
     }
 
-    // ---------------------------------------------------------------- the listener
+    // ---------------------------------------------------------------- notifications
 
-    async fn listen(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
-        let Some(url) = self.engine.cfg.cluster.database_url.clone() else {
-            return;
-        };
-        let mut failing = false;
-        loop {
-            match self.listen_once(&url, &mut stop).await {
-                Ok(true) => return,
-                Ok(false) => {}
-                Err(e) => {
-                    if !failing {
-                        tracing::warn!(agent = %self.me(), error = %e, "the job notifications' connection failed; retrying every second");
-                    }
-                    failing = true;
+    /// A notice of the agent's listener ([`super::listen`]), for waiters and the claim loop.
+    pub(super) fn notified(&self, notice: Notice<'_>) {
+        let event = match notice {
+            Notice::Reconnected => Event::Reconnected,
+            Notice::Notification { channel, payload } if channel == CHANNEL => {
+                match payload.strip_prefix("ended ") {
+                    Some(key) => Event::Ended(key.to_string()),
+                    None => Event::Queued,
                 }
             }
-            // Whatever was missed: every waiter reads its job again.
-            let _ = self.events.send(Event::Reconnected);
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = stop.wait_for(|s| *s) => return,
-            }
-        }
-    }
-
-    /// One connection's life; `Ok(true)` when stopped.
-    async fn listen_once(
-        &self,
-        url: &str,
-        stop: &mut watch::Receiver<bool>,
-    ) -> Result<bool, String> {
-        use std::str::FromStr;
-        let mut config = tokio_postgres::Config::from_str(url).map_err(|e| e.to_string())?;
-        config.connect_timeout(Duration::from_secs(5));
-        config.application_name(format!("mistryd {} listener", self.me()));
-        let (client, mut connection) = config
-            .connect(tokio_postgres::NoTls)
-            .await
-            .map_err(|e| super::db::chain(&e))?;
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-        let conn = tokio::spawn(async move {
-            let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
-            while let Some(m) = messages.next().await {
-                match m {
-                    Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
-                        if tx.send(n.payload().to_string()).is_err() {
-                            return;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::debug!(error = %e, "the job notifications' connection ended");
-                        return;
-                    }
-                }
-            }
-        });
-        let listening = client
-            .batch_execute(&format!("LISTEN {CHANNEL}"))
-            .await
-            .map_err(|e| super::db::chain(&e));
-        if let Err(e) = listening {
-            conn.abort();
-            return Err(e);
-        }
-        tracing::info!(agent = %self.me(), "listening for job notifications");
-        let _ = self.events.send(Event::Reconnected);
-        let stopped = loop {
-            tokio::select! {
-                m = rx.recv() => match m {
-                    Some(payload) => {
-                        let event = match payload.strip_prefix("ended ") {
-                            Some(key) => Event::Ended(key.to_string()),
-                            None => Event::Queued,
-                        };
-                        let _ = self.events.send(event);
-                    }
-                    None => break false,
-                },
-                _ = stop.wait_for(|s| *s) => break true,
-            }
+            Notice::Notification { .. } => return,
         };
-        conn.abort();
-        drop(client);
-        if stopped {
-            Ok(true)
-        } else {
-            Err("the connection to the database was lost".into())
-        }
+        let _ = self.events.send(event);
     }
 
     // ---------------------------------------------------------------- claims
@@ -795,20 +713,9 @@ impl Scheduler {
     fn refused(&self, req: &JobRequest, id: &str, err: String) -> BuildInfo {
         let dir = self.engine.layout.job(&req.project, id, Stage::Ready);
         BuildInfo {
-            params: req.params.clone(),
-            group: req.group.clone(),
             path: dir.artifacts_when_ready().display().to_string(),
-            cached: false,
-            coalesced: false,
-            incremental: false,
-            exit_code: NEVER_RAN,
             err_build: err,
-            container_stdouterr: String::new(),
-            container_stderr: String::new(),
-            transport_method: "rsync".into(),
-            started_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
-            duration: UNKNOWN_DURATION,
-            url: format!("job/{}/{id}", req.project),
+            ..crate::engine::blank_info(&req.params, &req.group, &req.project, id)
         }
     }
 

@@ -22,7 +22,7 @@
 //! - [`Logs::job_response`]: `/job/{p}/{id}` as JSON, the record's BuildInfo with the logs
 //!   streamed from the chunks, page by page;
 //! - [`Logs::follow`]: `/log/{p}/{id}`, the log's lines while the job is queued or running:
-//!   one `LISTEN` connection per agent fans the notifications out to every follower (no
+//!   the agent's one `LISTEN` connection (`listen.rs`) fans notifications out to every follower (no
 //!   polling; a re-read every 30 s without notifications is a safety net); the stream ends when
 //!   the job ends (its record, notified on `mistry_jobs` after its last chunk);
 //! - [`Logs::logtail_response`]: `/api/logtail/{p}/{id}[?bytes=N]`, the last N bytes (only the
@@ -38,13 +38,14 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use futures_util::stream::{self, Stream, StreamExt};
+use futures_util::stream::{self, Stream};
 use tokio::io::AsyncReadExt;
 use tokio::sync::{broadcast, mpsc, watch};
 
+use super::listen::Notice;
 use super::{Cluster, ClusterError};
 use crate::engine::JobDir;
-use crate::jobs::{BuildInfo, NEVER_RAN, UNKNOWN_DURATION};
+use crate::jobs::BuildInfo;
 
 /// The notification channel of the logs.
 pub const CHANNEL: &str = "mistry_logs";
@@ -139,38 +140,30 @@ impl RemoteJob {
 /// The central logs of one agent.
 pub struct Logs {
     cluster: Arc<Cluster>,
-    /// The database URL, for the `LISTEN` connection.
-    url: String,
     retention: Option<Duration>,
     events: broadcast::Sender<LogEvent>,
 }
 
 impl Logs {
-    pub(super) fn new(cluster: Arc<Cluster>, url: String, retention: Option<Duration>) -> Logs {
+    pub(super) fn new(cluster: Arc<Cluster>, retention: Option<Duration>) -> Logs {
         Logs {
             cluster,
-            url,
             retention,
             events: broadcast::channel(4096).0,
         }
     }
 
     fn db(&self) -> Result<&super::Db, ClusterError> {
-        self.cluster.db().ok_or_else(|| ClusterError::Query {
-            url: String::new(),
-            reason: "no database_url".into(),
-        })
+        self.cluster.need_db()
     }
 
     fn me(&self) -> &str {
         self.cluster.name()
     }
 
-    /// The listener and, with `log_retention`, the pruner, until `stop` turns true.
+    /// With `log_retention`, the pruner, until `stop` turns true (the agent's listener calls
+    /// [`Logs::notified`]).
     pub(super) fn start(self: &Arc<Self>, stop: watch::Receiver<bool>) {
-        let me = Arc::clone(self);
-        let stop2 = stop.clone();
-        tokio::spawn(async move { me.listen(stop2).await });
         if let Some(retention) = self.retention {
             let me = Arc::clone(self);
             tokio::spawn(async move { me.prune_loop(retention, stop).await });
@@ -658,90 +651,16 @@ impl Logs {
         })))
     }
 
-    // ------------------------------------------------------------------ the listener
+    // ------------------------------------------------------------------ notifications
 
-    async fn listen(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
-        let mut failing = false;
-        loop {
-            match self.listen_once(&mut stop).await {
-                Ok(true) => return,
-                Ok(false) => {}
-                Err(e) => {
-                    if !failing {
-                        tracing::warn!(agent = %self.me(), error = %e, "the log notifications' connection failed; retrying every second");
-                    }
-                    failing = true;
-                }
-            }
-            let _ = self.events.send(LogEvent::Reconnected);
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = stop.wait_for(|s| *s) => return,
-            }
-        }
-    }
-
-    /// One connection's life; `Ok(true)` when stopped.
-    async fn listen_once(&self, stop: &mut watch::Receiver<bool>) -> Result<bool, String> {
-        use std::str::FromStr;
-        let mut config = tokio_postgres::Config::from_str(&self.url).map_err(|e| e.to_string())?;
-        config.connect_timeout(Duration::from_secs(5));
-        config.application_name(format!("mistryd {} log listener", self.me()));
-        let (client, mut connection) = config
-            .connect(tokio_postgres::NoTls)
-            .await
-            .map_err(|e| super::db::chain(&e))?;
-        let (tx, mut rx) = mpsc::unbounded_channel::<(String, String)>();
-        let conn = tokio::spawn(async move {
-            let mut messages = stream::poll_fn(move |cx| connection.poll_message(cx));
-            while let Some(m) = messages.next().await {
-                match m {
-                    Ok(tokio_postgres::AsyncMessage::Notification(n)) => {
-                        let pair = (n.channel().to_string(), n.payload().to_string());
-                        if tx.send(pair).is_err() {
-                            return;
-                        }
-                    }
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::debug!(error = %e, "the log notifications' connection ended");
-                        return;
-                    }
-                }
-            }
-        });
-        let listening = client
-            .batch_execute(&format!(
-                "LISTEN {CHANNEL}; LISTEN {}",
-                super::jobs::CHANNEL
-            ))
-            .await
-            .map_err(|e| super::db::chain(&e));
-        if let Err(e) = listening {
-            conn.abort();
-            return Err(e);
-        }
-        tracing::debug!(agent = %self.me(), "listening for log notifications");
-        let _ = self.events.send(LogEvent::Reconnected);
-        let stopped = loop {
-            tokio::select! {
-                m = rx.recv() => match m {
-                    Some((channel, payload)) => {
-                        if let Some(event) = parse_event(&channel, &payload) {
-                            let _ = self.events.send(event);
-                        }
-                    }
-                    None => break false,
-                },
-                _ = stop.wait_for(|s| *s) => break true,
-            }
+    /// A notice of the agent's listener ([`super::listen`]), for followers.
+    pub(super) fn notified(&self, notice: Notice<'_>) {
+        let event = match notice {
+            Notice::Reconnected => Some(LogEvent::Reconnected),
+            Notice::Notification { channel, payload } => parse_event(channel, payload),
         };
-        conn.abort();
-        drop(client);
-        if stopped {
-            Ok(true)
-        } else {
-            Err("the connection to the database was lost".into())
+        if let Some(event) = event {
+            let _ = self.events.send(event);
         }
     }
 
@@ -840,20 +759,8 @@ fn blank_info(project: &str, id: &str, request: &str, since: String) -> BuildInf
     }
     let req: Stored = serde_json::from_str(request).unwrap_or_default();
     BuildInfo {
-        params: req.params,
-        group: req.group,
-        path: String::new(),
-        cached: false,
-        coalesced: false,
-        incremental: false,
-        exit_code: NEVER_RAN,
-        err_build: String::new(),
-        container_stdouterr: String::new(),
-        container_stderr: String::new(),
-        transport_method: "rsync".into(),
         started_at: since,
-        duration: UNKNOWN_DURATION,
-        url: format!("job/{project}/{id}"),
+        ..crate::engine::blank_info(&req.params, &req.group, project, id)
     }
 }
 
@@ -1051,6 +958,7 @@ impl Follow {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::jobs::NEVER_RAN;
 
     #[test]
     fn notifications_are_parsed() {

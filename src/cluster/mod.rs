@@ -29,6 +29,7 @@
 pub mod agents;
 pub mod db;
 pub mod jobs;
+mod listen;
 pub mod logs;
 pub mod replicate;
 pub mod view;
@@ -263,16 +264,28 @@ impl Cluster {
         if self.db.is_none() || self.scheduler.get().is_some() {
             return;
         }
-        if let Some(url) = &engine.cfg.cluster.database_url {
+        let url = engine.cfg.cluster.database_url.clone();
+        let logs = url.as_ref().map(|_| {
             let logs = Arc::new(logs::Logs::new(
                 Arc::clone(self),
-                url.clone(),
                 engine.cfg.cluster.log_retention,
             ));
             logs.start(self.stop.subscribe());
-            let _ = self.logs.set(logs);
-        }
+            let _ = self.logs.set(Arc::clone(&logs));
+            logs
+        });
         let scheduler = Arc::new(jobs::Scheduler::new(Arc::clone(self), engine));
+        if let Some(url) = url {
+            // One LISTEN connection for the job records' and the logs' notifications.
+            let mut handlers: Vec<listen::Handler> = Vec::new();
+            let s = Arc::clone(&scheduler);
+            handlers.push(Box::new(move |n| s.notified(n)));
+            if let Some(logs) = logs {
+                handlers.push(Box::new(move |n| logs.notified(n)));
+            }
+            let (name, stop) = (self.name().to_string(), self.stop.subscribe());
+            tokio::spawn(listen::run(url, name, handlers, stop));
+        }
         scheduler.start(self.stop.subscribe());
         let _ = self.scheduler.set(scheduler);
     }
@@ -290,6 +303,14 @@ impl Cluster {
     /// Whether there is a database (multi-agent mode).
     pub fn db(&self) -> Option<&Db> {
         self.db.as_ref()
+    }
+
+    /// The database, for what needs one (the scheduler, the central logs).
+    fn need_db(&self) -> Result<&Db, ClusterError> {
+        self.db().ok_or_else(|| ClusterError::Query {
+            url: String::new(),
+            reason: "no database_url".into(),
+        })
     }
 
     /// This agent's name.

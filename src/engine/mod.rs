@@ -130,6 +130,32 @@ fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
 }
 
+/// The BuildInfo of job `project/id` that has not run (yet): no exit code, no output, no
+/// `Path`, started now.
+pub fn blank_info(
+    params: &std::collections::BTreeMap<String, String>,
+    group: &str,
+    project: &str,
+    id: &str,
+) -> BuildInfo {
+    BuildInfo {
+        params: params.clone(),
+        group: group.to_string(),
+        path: String::new(),
+        cached: false,
+        coalesced: false,
+        incremental: false,
+        exit_code: NEVER_RAN,
+        err_build: String::new(),
+        container_stdouterr: String::new(),
+        container_stderr: String::new(),
+        transport_method: "rsync".into(),
+        started_at: now_rfc3339(),
+        duration: UNKNOWN_DURATION,
+        url: format!("job/{project}/{id}"),
+    }
+}
+
 impl Engine {
     /// Open the layer store and clean up what a crash left behind.
     pub fn new(cfg: Config, helper: Vec<std::ffi::OsString>) -> anyhow::Result<Engine> {
@@ -380,20 +406,8 @@ impl Engine {
 
     fn blank_info(&self, req: &JobRequest, dir: &JobDir) -> BuildInfo {
         BuildInfo {
-            params: req.params.clone(),
-            group: req.group.clone(),
             path: dir.artifacts_when_ready().display().to_string(),
-            cached: false,
-            coalesced: false,
-            incremental: false,
-            exit_code: NEVER_RAN,
-            err_build: String::new(),
-            container_stdouterr: String::new(),
-            container_stderr: String::new(),
-            transport_method: "rsync".into(),
-            started_at: now_rfc3339(),
-            duration: UNKNOWN_DURATION,
-            url: format!("job/{}/{}", dir.project(), dir.id()),
+            ..blank_info(&req.params, &req.group, dir.project(), dir.id())
         }
     }
 

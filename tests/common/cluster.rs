@@ -1,6 +1,6 @@
-//! Helpers of the multi-agent tests (a mistryd agent on a shared database, its log, job IDs,
-//! artifacts over http). Included with `#[path = "common/cluster.rs"] mod cluster;` beside
-//! `mod common;`.
+//! Helpers of the multi-agent tests (a mistryd agent on a shared database, its log, jobs,
+//! artifacts over http; job IDs are `common::server::job_id`). Included with
+//! `#[path = "common/cluster.rs"] mod cluster;` beside `mod common;`.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
@@ -12,13 +12,34 @@ use crate::common::server::Server;
 /// An agent named `name` with `capacity` slots on the database `url`: heartbeat 500ms,
 /// agent_timeout 2s.
 pub fn agent(url: &str, name: &str, capacity: usize) -> Server {
-    Server::start(json!({
+    agent_with(url, name, capacity, json!({}))
+}
+
+/// [`agent`] with the settings of `extra` (a JSON object) added or replaced.
+pub fn agent_with(url: &str, name: &str, capacity: usize, extra: Value) -> Server {
+    let mut config = json!({
         "database_url": url,
         "agent_name": name,
         "job_concurrency": capacity,
         "agent_timeout": "2s",
         "heartbeat": "500ms",
-    }))
+    });
+    if let (Some(c), Some(e)) = (config.as_object_mut(), extra.as_object()) {
+        for (k, v) in e {
+            c.insert(k.clone(), v.clone());
+        }
+    }
+    Server::start(config)
+}
+
+/// One [`agent`] per name, each with `capacity` slots, on the database `url`.
+pub fn agents_named<const N: usize>(url: &str, names: [&str; N], capacity: usize) -> [Server; N] {
+    names.map(|n| agent(url, n, capacity))
+}
+
+/// `POST /jobs` of `body` to `s` (waiting for the answer): its status and text.
+pub fn post_job(s: &Server, body: &Value) -> (u16, String) {
+    s.post("/jobs", &body.to_string())
 }
 
 /// The log of the agent's first start.
@@ -26,25 +47,9 @@ pub fn log_of(s: &Server) -> String {
     std::fs::read_to_string(s.dir.path().join("mistryd-1.log")).unwrap_or_default()
 }
 
-/// The job ID of an answer (its `URL` is `job/<project>/<id>`).
-pub fn id_of(info: &Value) -> String {
-    let url = info["URL"].as_str().unwrap();
-    url.rsplit('/').next().unwrap().to_string()
-}
-
 /// `GET /artifacts/<project>/<id>` of `s`: its status and body.
 pub fn get_artifacts(s: &Server, project: &str, id: &str) -> (u16, Vec<u8>) {
-    let mut r = Server::agent()
-        .get(&s.url(&format!("/artifacts/{project}/{id}")))
-        .call()
-        .unwrap();
-    let body = r
-        .body_mut()
-        .with_config()
-        .limit(1 << 30)
-        .read_to_vec()
-        .unwrap();
-    (r.status().as_u16(), body)
+    crate::common::server::get_bytes(s, &format!("/artifacts/{project}/{id}"))
 }
 
 /// A tar stream unpacked in memory: path → content of every regular file.

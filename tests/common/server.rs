@@ -315,3 +315,77 @@ pub fn read(p: impl AsRef<Path>) -> String {
 pub fn artifacts(info: &Value) -> PathBuf {
     PathBuf::from(info["Path"].as_str().unwrap())
 }
+
+/// The job ID of a BuildInfo (its `URL` is `job/<project>/<id>`).
+pub fn job_id(info: &Value) -> String {
+    let url = info["URL"].as_str().unwrap();
+    url.rsplit('/').next().unwrap().to_string()
+}
+
+/// An rsync daemon serving `s`'s build_path as the module `mistry` (read only), its config and
+/// pid file in `s`'s directory. rsync's daemon cannot bind port 0 and report: it serves each
+/// connection inetd style (on its stdin) from a listener of ours (`port`).
+pub fn rsync_daemon(s: &Server) -> super::Inetd {
+    let conf = s.dir.path().join("rsyncd.conf");
+    // As root, rsyncd would switch to nobody: keep our ids. Unprivileged, it cannot switch.
+    let ids = if nix::unistd::geteuid().is_root() {
+        "uid = 0\ngid = 0\n"
+    } else {
+        ""
+    };
+    std::fs::write(
+        &conf,
+        format!(
+            "pid file = {d}/rsyncd.pid\nuse chroot = false\n{ids}[mistry]\npath = {b}\nread only = true\n",
+            d = s.dir.path().display(),
+            b = s.builds().display()
+        ),
+    )
+    .unwrap();
+    super::Inetd::start("the rsync daemon", move || {
+        let mut cmd = Command::new("rsync");
+        cmd.arg("--daemon")
+            .arg(format!("--config={}", conf.display()));
+        cmd
+    })
+}
+
+/// The MD5 of the file at `path` (`md5sum`), in hex.
+pub fn md5(path: &Path) -> String {
+    let out = Command::new("md5sum").arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// What every transport delivers: names, nesting, a large file intact.
+pub fn check_artifact_contents(target: &Path) {
+    assert_eq!(
+        read(target.join("dir with spaces/ünïcødé/file (1).txt")),
+        "nested\n"
+    );
+    assert_eq!(read(target.join("deep/a/b/c/leaf")), "deep\n");
+    assert_eq!(
+        std::fs::metadata(target.join("large.bin")).unwrap().len(),
+        20 << 20
+    );
+    assert_eq!(
+        md5(&target.join("large.bin")),
+        read(target.join("large.md5")).trim()
+    );
+}
+
+/// `GET path` of `s`: its status and body, whatever its size.
+pub fn get_bytes(s: &Server, path: &str) -> (u16, Vec<u8>) {
+    let mut r = Server::agent().get(&s.url(path)).call().unwrap();
+    let status = r.status().as_u16();
+    let body = r
+        .body_mut()
+        .with_config()
+        .limit(u64::MAX)
+        .read_to_vec()
+        .unwrap();
+    (status, body)
+}
