@@ -155,10 +155,11 @@ fn migrations_apply_once_and_a_newer_schema_is_refused() {
     let mut a1 = agent(&pg.url(), "a1", 1);
     let history = pg.psql("SELECT version, name, applied_on FROM mistry_schema_history");
     let rows: Vec<&str> = history.lines().collect();
-    assert_eq!(rows.len(), 3, "{history}");
+    assert_eq!(rows.len(), 4, "{history}");
     assert!(rows[0].starts_with("1|agents|"), "{history}");
     assert!(rows[1].starts_with("2|jobs|"), "{history}");
     assert!(rows[2].starts_with("3|logs|"), "{history}");
+    assert!(rows[3].starts_with("4|images|"), "{history}");
     assert!(log_of(&a1).contains("database migration applied"));
     // A second agent, and the first one again, find the schema up to date.
     let a2 = agent(&pg.url(), "a2", 1);
@@ -187,7 +188,7 @@ fn migrations_apply_once_and_a_newer_schema_is_refused() {
     assert_eq!(code, Some(1), "{stderr}");
     assert_eq!(
         stderr.lines().last().unwrap_or(""),
-        "mistryd: the database schema is version 7, newer than this mistryd (3): upgrade mistryd",
+        "mistryd: the database schema is version 7, newer than this mistryd (4): upgrade mistryd",
         "{stderr}"
     );
 }

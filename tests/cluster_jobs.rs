@@ -339,3 +339,86 @@ fn a_database_outage_fails_requests_with_503_then_they_recover() {
         "before:ready,after:ready"
     );
 }
+
+#[test]
+fn a_new_job_goes_to_the_agent_with_the_projects_image_else_the_least_loaded() {
+    let Some(pg) = Postgres::start_or_skip() else {
+        return;
+    };
+    let names = ["a", "b", "c"];
+    let [a, b, c] = agents_named(&pg.url(), names, 1);
+    let job = |s: &Server, name: &str| -> Value {
+        let body = json!({"project": "simple", "params": {"name": name}});
+        let (status, text) = post_job(s, &body);
+        assert_eq!(status, 201, "{text}");
+        let info: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            (&info["ExitCode"], &info["Cached"]),
+            (&json!(0), &json!(false)),
+            "{info}"
+        );
+        info
+    };
+    let slow_on = |s: &Server, name: &str, runner: &str| {
+        let body = json!({"project": "simple", "params": {"name": name, "sleep": "8"}});
+        let (status, text) = s.post("/jobs?async", &body.to_string());
+        assert_eq!(status, 201, "{text}");
+        wait_for(
+            &format!("{name} running on {runner}"),
+            Duration::from_secs(20),
+            || {
+                pg.psql(&format!(
+                    "SELECT coalesce(agent, '') FROM jobs WHERE state = 'running' \
+                 AND request->'params'->>'name' = '{name}'"
+                )) == runner
+            },
+        );
+    };
+    let agent_of = |info: &Value| {
+        pg.psql(&format!(
+            "SELECT agent FROM jobs WHERE id = '{}'",
+            job_id(info)
+        ))
+    };
+    // Nobody has the image, nobody is loaded: the agent taking the request runs the job.
+    let one = job(&b, "one");
+    assert_eq!(agent_of(&one), "b");
+    assert_eq!(
+        pg.psql("SELECT agent, project FROM agent_images"),
+        "b|simple"
+    );
+    // Asked on A, a new job of the project goes to B, which has its image; A answers with a
+    // copy of B's build.
+    let two = job(&a, "two");
+    assert_eq!(agent_of(&two), "b");
+    assert!(b.builds().join("simple/ready").join(job_id(&two)).is_dir());
+    let path = common::server::artifacts(&two);
+    assert!(path.starts_with(a.builds()), "{}", path.display());
+    assert_eq!(common::server::read(path.join("name.txt")), "two");
+    assert_eq!(log_of(&a).matches("job started").count(), 0);
+    // B full (capacity 1): A and C are the least loaded (0 of 1); the tie goes to A, which
+    // took the request.
+    slow_on(&b, "slow-b", "b");
+    let three = job(&a, "three");
+    assert_eq!(agent_of(&three), "a");
+    assert!(a
+        .builds()
+        .join("simple/ready")
+        .join(job_id(&three))
+        .is_dir());
+    // A full too (it has the image now, but no free slot): C, the least loaded, runs it.
+    slow_on(&a, "slow-a", "a");
+    let four = job(&a, "four");
+    assert_eq!(agent_of(&four), "c");
+    assert!(c.builds().join("simple/ready").join(job_id(&four)).is_dir());
+    assert_eq!(log_of(&c).matches("job started").count(), 1);
+    // B and A still run their slow jobs: the placement did not wait for them.
+    assert_eq!(
+        pg.psql("SELECT string_agg(agent, ',' ORDER BY agent) FROM jobs WHERE state = 'running'"),
+        "a,b"
+    );
+    assert_eq!(
+        pg.psql("SELECT string_agg(agent || ':' || project, ',' ORDER BY agent) FROM agent_images"),
+        "a:simple,b:simple,c:simple"
+    );
+}

@@ -275,7 +275,7 @@ mod tests {
     }
 
     #[test]
-    fn the_embedded_schema_is_version_3() {
-        assert_eq!(known_version(), 3);
+    fn the_embedded_schema_is_version_4() {
+        assert_eq!(known_version(), 4);
     }
 }

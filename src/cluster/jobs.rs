@@ -11,9 +11,10 @@
 //!    polling; a 30 s re-read is only a safety net), then the build is fetched from the agent
 //!    that ran it when that is another one; no record → `INSERT ... ON CONFLICT DO NOTHING`
 //!    (the primary key decides the race between agents) — `running` by this agent at once when
-//!    it has a free slot and no other agent holds the group's last build, else `queued` — and
-//!    the request waits like the others; `failed`, `ready` on an agent that is not alive, or `rebuild` → the record is
-//!    queued again (a conditional update: again the database decides).
+//!    it has a free slot and is the job's preferred agent (placement, below), else `queued`
+//!    with its preferred agent — and the request waits like the others; `failed`, `ready` on an
+//!    agent that is not alive, or `rebuild` → the record is queued again, with its preferred
+//!    agent (a conditional update: again the database decides).
 //! 3. `job_backlog`'s 503: the cluster's queue is full when its queued records are at least
 //!    the free slots of the alive agents (capacity − running, by their heartbeats) plus the
 //!    `job_backlog` of the agent taking the request — a single node's "running + queued ≤
@@ -23,9 +24,13 @@
 //! `job_concurrency`, it takes the oldest queued record it may take with
 //! `SELECT ... FOR UPDATE SKIP LOCKED` and marks it `running` by itself, woken by the
 //! notification of an insert (and by a safety tick: 1 s while queued jobs are left, else 5 s).
-//! A job whose `preferred_agent` (the agent holding its group's last successful build) is
-//! another one is left alone for [`PREFERRED_GRACE`], unless that agent is not alive or full
-//! (as many `running` records as its capacity).
+//! Placement: a job's `preferred_agent` is the agent holding its group's last successful
+//! build; else an alive agent with free capacity that has the project's image (table
+//! `agent_images`, migration V4: an agent records the project of every job that ran in its
+//! container); else the least loaded alive agent (`running` records / capacity); ties go to the
+//! agent taking the request. A job whose `preferred_agent` is another one is left alone for
+//! [`PREFERRED_GRACE`], unless that agent is not alive or full (as many `running` records as
+//! its capacity).
 //! The claimed job runs through the local engine ([`Engine::schedule`]: its result cache,
 //! groups, sandbox and `ready/` all apply); once the engine moved it to `ready/`, the record
 //! says `ready` (or `failed`) with its BuildInfo, and the end is notified.
@@ -348,16 +353,34 @@ impl Scheduler {
         Ok(())
     }
 
-    /// The preferred agent of a job of `group`: the one holding the group's last successful
-    /// build (SQL, `$1` project, `$2` group).
-    const PREFERRED: &'static str = "(SELECT p.agent FROM jobs p
-          WHERE p.project = $1 AND p.group_name = $2 AND $2 <> '' AND p.state = 'ready'
-          ORDER BY p.ended_at DESC LIMIT 1)";
+    /// The preferred agent of a job (SQL, `$1` project, `$2` group, `me` and `timeout` the
+    /// placeholders of this agent's name and of `agent_timeout` in seconds): the agent holding
+    /// the group's last successful build; else an alive agent with free capacity that has the
+    /// project's image (table `agent_images`); else the least loaded alive agent (`running`
+    /// records / capacity). Ties go to this agent, then by name.
+    fn preferred(me: &str, timeout: &str) -> String {
+        format!(
+            "COALESCE(
+               (SELECT p.agent FROM jobs p
+                 WHERE p.project = $1 AND p.group_name = $2 AND $2 <> '' AND p.state = 'ready'
+                 ORDER BY p.ended_at DESC LIMIT 1),
+               (SELECT a.name FROM agents a,
+                       LATERAL (SELECT count(*) AS n FROM jobs r
+                                 WHERE r.state = 'running' AND r.agent = a.name) r
+                 WHERE a.stopped_at IS NULL
+                   AND a.last_heartbeat > now() - make_interval(secs => {timeout})
+                 ORDER BY (a.capacity > r.n
+                           AND EXISTS (SELECT 1 FROM agent_images i
+                                        WHERE i.agent = a.name AND i.project = $1)) DESC,
+                          r.n::float8 / a.capacity, a.name = {me} DESC, a.name
+                 LIMIT 1))"
+        )
+    }
 
     /// Insert the job; `false` when another agent inserted it first. With a free slot here, and
-    /// no other agent holding the group's last build, the job is inserted `running` by this
-    /// agent and starts at once (no claim round trip, and the answer needs no replication);
-    /// else it is queued for the claims.
+    /// this agent the job's preferred one (see [`Scheduler::preferred`]), the job is inserted
+    /// `running` by this agent and starts at once (no claim round trip, and the answer needs no
+    /// replication); else it is queued for the claims, its preferred agent first.
     async fn insert(self: &Arc<Self>, req: &JobRequest, id: &str) -> Result<bool, ClusterError> {
         let here = self.reserve();
         let inserted = self.try_insert(req, id, here).await;
@@ -403,9 +426,17 @@ impl Scheduler {
                        FROM pref, mine
                      ON CONFLICT (project, id) DO NOTHING
                      RETURNING state",
-                    Self::PREFERRED
+                    Self::preferred("$6", "$7")
                 ),
-                &[&req.project, &req.group, &id, &request, &here, &self.me()],
+                &[
+                    &req.project,
+                    &req.group,
+                    &id,
+                    &request,
+                    &here,
+                    &self.me(),
+                    &self.timeout_secs(),
+                ],
             )
             .await
             .map_err(|e| db.pg_error(&e))?;
@@ -451,7 +482,7 @@ impl Scheduler {
                             preferred_agent = {}
                       WHERE project = $1 AND id = $3 AND state = $5
                         AND agent IS NOT DISTINCT FROM $6",
-                    Self::PREFERRED
+                    Self::preferred("$7", "$8")
                 ),
                 &[
                     &req.project,
@@ -460,6 +491,8 @@ impl Scheduler {
                     &request_json(req),
                     &rec.state,
                     &rec.agent,
+                    &self.me(),
+                    &self.timeout_secs(),
                 ],
             )
             .await
@@ -977,6 +1010,16 @@ impl Scheduler {
             tx.execute(
                 "SELECT pg_notify($1, $2)",
                 &[&CHANNEL, &format!("ended {}", key_of(project, id))],
+            )
+            .await
+            .map_err(|e| db.pg_error(&e))?;
+        }
+        if n == 1 && info.err_build.is_empty() {
+            // It ran in its container: the project's image is cached here (placement).
+            tx.execute(
+                "INSERT INTO agent_images (agent, project) VALUES ($1, $2)
+                 ON CONFLICT (agent, project) DO UPDATE SET built_at = now()",
+                &[&self.me(), &project],
             )
             .await
             .map_err(|e| db.pg_error(&e))?;
