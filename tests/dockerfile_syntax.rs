@@ -3,14 +3,12 @@
 //! unsupported flags, and `COPY --from` keeping owners. Built with the real helper
 //! (`mistryd internal`) from the busybox image, as tests/image_build.rs does.
 
-use std::io::{Read, Write};
-use std::net::TcpListener;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 mod common;
 
-use common::{helper, images_dir};
+use common::{helper, images_dir, rand_suffix, serve};
 use images::{
     BackendKind, BuildError, BuildOptions, BuildStats, Builder, Image, LocalImages, Store,
 };
@@ -105,37 +103,6 @@ impl Env {
             .count()
             == 0
     }
-}
-
-fn rand_suffix() -> String {
-    format!(
-        "{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos()
-    )
-}
-
-/// Serve `body` over HTTP on 127.0.0.1 (a few connections), in the background.
-fn serve(body: &'static [u8]) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().take(8) {
-            let Ok(mut s) = stream else { continue };
-            let mut buf = [0u8; 4096];
-            let _ = s.read(&mut buf);
-            let _ = write!(
-                s,
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = s.write_all(body);
-        }
-    });
-    format!("http://{addr}")
 }
 
 /// A Dockerfile as projects write them with BuildKit's heredocs. `{greeting}` is replaced to

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 mod common;
 
-use common::{helper, images_dir};
+use common::{helper, images_dir, rand_suffix, serve};
 use images::{
     BackendKind, BuildError, BuildOptions, BuildStats, Builder, Image, LocalImages, Store,
 };
@@ -109,37 +109,6 @@ impl Env {
             .count()
             == 0
     }
-}
-
-fn rand_suffix() -> String {
-    format!(
-        "{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos()
-    )
-}
-
-/// Serve `body` over HTTP once per connection on 127.0.0.1, in the background.
-fn serve(body: &'static [u8]) -> String {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().take(8) {
-            let Ok(mut s) = stream else { continue };
-            let mut buf = [0u8; 4096];
-            let _ = s.read(&mut buf);
-            let _ = write!(
-                s,
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                body.len()
-            );
-            let _ = s.write_all(body);
-        }
-    });
-    format!("http://{addr}")
 }
 
 fn tar_gz(entries: &[(&str, &str)]) -> Vec<u8> {
