@@ -803,6 +803,7 @@ mod tests {
             started_at: String::new(),
             duration: 0,
             url: String::new(),
+            retries: 0,
         };
         assert_eq!(exit_code(&info(0, "")), 0);
         assert_eq!(exit_code(&info(3, "")), 3);

@@ -128,6 +128,14 @@ pub struct BuildInfo {
     pub duration: i64,
     #[serde(rename = "URL")]
     pub url: String,
+    /// Several agents: how many times the job was run again because the agent running it
+    /// stopped heartbeating (absent when 0, so a single node's BuildInfo stays mistry's).
+    #[serde(rename = "Retries", default, skip_serializing_if = "is_zero")]
+    pub retries: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// ExitCode of a job that never ran (e.g. its image did not build).

@@ -10,12 +10,11 @@ mod common;
 #[path = "common/postgres.rs"]
 mod postgres;
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use cluster::{agent, log_of};
+use cluster::{agent, log_of, run_mistryd};
 use common::server::Server;
-use common::{mistryd_bin, wait_for};
+use common::wait_for;
 use postgres::Postgres;
 use serde_json::{json, Value};
 
@@ -155,11 +154,12 @@ fn migrations_apply_once_and_a_newer_schema_is_refused() {
     let mut a1 = agent(&pg.url(), "a1", 1);
     let history = pg.psql("SELECT version, name, applied_on FROM mistry_schema_history");
     let rows: Vec<&str> = history.lines().collect();
-    assert_eq!(rows.len(), 4, "{history}");
+    assert_eq!(rows.len(), 5, "{history}");
     assert!(rows[0].starts_with("1|agents|"), "{history}");
     assert!(rows[1].starts_with("2|jobs|"), "{history}");
     assert!(rows[2].starts_with("3|logs|"), "{history}");
     assert!(rows[3].starts_with("4|images|"), "{history}");
+    assert!(rows[4].starts_with("5|recent|"), "{history}");
     assert!(log_of(&a1).contains("database migration applied"));
     // A second agent, and the first one again, find the schema up to date.
     let a2 = agent(&pg.url(), "a2", 1);
@@ -188,70 +188,9 @@ fn migrations_apply_once_and_a_newer_schema_is_refused() {
     assert_eq!(code, Some(1), "{stderr}");
     assert_eq!(
         stderr.lines().last().unwrap_or(""),
-        "mistryd: the database schema is version 7, newer than this mistryd (4): upgrade mistryd",
+        "mistryd: the database schema is version 7, newer than this mistryd (5): upgrade mistryd",
         "{stderr}"
     );
-}
-
-/// Run mistryd (no test projects needed) with `database_url` = `url` in its configuration
-/// and `env` as MISTRY_DATABASE_URL; its exit code and stderr (it must stop within 20s).
-fn run_mistryd(url: &str, env: Option<&str>) -> (Option<i32>, String) {
-    let dir = tempfile::Builder::new()
-        .prefix("mistryd")
-        .tempdir()
-        .unwrap();
-    for d in ["projects", "builds"] {
-        std::fs::create_dir_all(dir.path().join(d)).unwrap();
-    }
-    let config = dir.path().join("config.json");
-    std::fs::write(
-        &config,
-        json!({
-            "projects_path": dir.path().join("projects"),
-            "build_path": dir.path().join("builds"),
-            "database_url": url,
-            "agent_name": "lonely",
-        })
-        .to_string(),
-    )
-    .unwrap();
-    let mut cmd = Command::new(mistryd_bin());
-    cmd.arg("--config")
-        .arg(&config)
-        .args(["--addr", "127.0.0.1:0"])
-        .env_remove("MISTRY_DATABASE_URL")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    if let Some(env) = env {
-        cmd.env("MISTRY_DATABASE_URL", env);
-    }
-    let mut child = cmd.spawn().unwrap();
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            break status;
-        }
-        if started.elapsed() > Duration::from_secs(20) {
-            let _ = child.kill();
-            let out = child.wait_with_output().unwrap();
-            panic!(
-                "mistryd did not stop: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.stdout.is_empty(),
-        "mistryd said it listens: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
-    (
-        status.code(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[test]

@@ -153,6 +153,26 @@ fn a_job_built_on_a_is_a_cache_hit_on_c_with_the_same_artifacts() {
         pg.psql(&format!("SELECT agent, state FROM jobs WHERE id = '{id}'")),
         "a|ready"
     );
+    // A rebuild on A: C's copy is stale and goes; C's next answer is the new build.
+    let mut rebuild = body.clone();
+    rebuild["rebuild"] = json!(true);
+    let (status, text) = post_job(&a, &rebuild);
+    assert_eq!(status, 201, "{text}");
+    let rebuilt: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(rebuilt["Cached"], false, "{rebuilt}");
+    assert_ne!(rebuilt["StartedAt"], built["StartedAt"]);
+    wait_for("C's stale copy gone", Duration::from_secs(10), || {
+        log_of(&c).contains("a stale copy went: the job ran again on another agent")
+    });
+    assert!(!c.builds().join("simple/ready").join(&id).exists());
+    let (status, text) = post_job(&c, &body);
+    assert_eq!(status, 201, "{text}");
+    let again: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(again["Cached"], true, "{again}");
+    assert_eq!(again["StartedAt"], rebuilt["StartedAt"], "{again}");
+    assert_eq!(log_of(&c).matches("job started").count(), 0);
+    // A's own build is not a stale copy of itself.
+    assert!(!log_of(&a).contains("a stale copy went"));
 }
 
 #[test]
@@ -193,6 +213,7 @@ fn kill9_of_the_agent_running_a_job_completes_it_on_another() {
     let info: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(info["ExitCode"], 0, "{info}");
     assert_eq!(info["Coalesced"], true, "{info}");
+    assert_eq!(info["Retries"], 1, "{info}");
     let log = info["ContainerStdouterr"].as_str().unwrap();
     assert!(log.contains("\nout: survivor\nerr: survivor\n"), "{log}");
     assert!(

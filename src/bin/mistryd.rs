@@ -234,8 +234,8 @@ async fn serve(cli: Cli) -> Result<()> {
     // Retention (`retention` in the configuration): a pass every interval, besides the one
     // after each job.
     engine.start_retention();
-    let app =
-        mistry::server::router(Arc::clone(&engine)).layer(axum::Extension(Arc::clone(&cluster)));
+    let app = mistry::server::router_in(Arc::clone(&engine), Some(Arc::clone(&cluster)))
+        .layer(axum::Extension(Arc::clone(&cluster)));
     let limits = mistry::server::Limits {
         max_connections: connection_cap(cli.max_connections),
         header_timeout: cli.header_timeout,

@@ -5,7 +5,6 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
 
 mod embedded {
     refinery::embed_migrations!("src/cluster/migrations");
@@ -29,6 +28,8 @@ const POOL_SIZE: usize = 8;
 pub enum ClusterError {
     #[error("invalid database_url {url}: {reason}")]
     BadUrl { url: String, reason: String },
+    #[error("TLS to the database at {url}: {reason}")]
+    Tls { url: String, reason: String },
     #[error("cannot reach the database at {url}: {reason}")]
     Unreachable { url: String, reason: String },
     #[error(
@@ -56,45 +57,79 @@ pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     s.replace('\n', " ")
 }
 
-/// The URL with its password (if any) replaced by `***`: `postgres://u:***@host/db`, or a
-/// key=value string's `password=***`.
+/// The URL with its password (if any) replaced by `***`: `postgres://u:***@host/db`, a
+/// query's `password=***`, or a key=value string's `password=***` (quoted or not).
 pub fn redact(url: &str) -> String {
     if let Some((scheme, rest)) = url.split_once("://") {
-        let end = rest.find(['/', '?']).unwrap_or(rest.len());
-        let (authority, tail) = rest.split_at(end);
-        if let Some(at) = authority.rfind('@') {
-            let (userinfo, host) = authority.split_at(at);
-            if let Some((user, _password)) = userinfo.split_once(':') {
-                return format!("{scheme}://{user}:***{host}{tail}");
+        // As tokio-postgres reads a URL: the credentials end at the first `@`.
+        let (creds, tail) = match rest.find('@') {
+            Some(at) => rest.split_at(at),
+            None => ("", rest),
+        };
+        let creds = match creds.split_once(':') {
+            Some((user, _password)) if !user.contains(['/', '?']) => format!("{user}:***"),
+            _ => creds.to_string(),
+        };
+        let tail = match tail.split_once('?') {
+            Some((path, query)) if query.contains("password=") => {
+                let query: Vec<&str> = query
+                    .split('&')
+                    .map(|kv| {
+                        if kv.starts_with("password=") {
+                            "password=***"
+                        } else {
+                            kv
+                        }
+                    })
+                    .collect();
+                format!("{path}?{}", query.join("&"))
             }
-        }
-        // A password in the query string (`?password=...`).
-        if tail.contains("password=") {
-            let (path, query) = tail.split_once('?').unwrap_or((tail, ""));
-            let query: Vec<String> = query
-                .split('&')
-                .map(|kv| {
-                    if kv.starts_with("password=") {
-                        "password=***".to_string()
-                    } else {
-                        kv.to_string()
-                    }
-                })
-                .collect();
-            return format!("{scheme}://{authority}{path}?{}", query.join("&"));
-        }
-        return url.to_string();
+            _ => tail.to_string(),
+        };
+        return format!("{scheme}://{creds}{tail}");
     }
-    url.split_whitespace()
-        .map(|kv| {
-            if kv.starts_with("password=") {
-                "password=***"
-            } else {
-                kv
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+    if let Some(shown) = super::tls::redact_key_values(url) {
+        return shown;
+    }
+    // Not even key=value: show nothing after a `password`.
+    match url.find("password") {
+        Some(at) => format!("{}password=***", &url[..at]),
+        None => url.to_string(),
+    }
+}
+
+/// The tokio-postgres configuration of `url` and its TLS connector: libpq's `sslmode` and
+/// `sslrootcert` are taken out and applied ([`super::tls`]); a `connect_timeout` is set when
+/// the URL has none. Errors name the URL (password redacted); the CA file is read here.
+pub fn pg_config(
+    url: &str,
+) -> Result<(tokio_postgres::Config, super::tls::MakeRustls), ClusterError> {
+    use tokio_postgres::config::Host;
+    let bad = |reason: String| ClusterError::BadUrl {
+        url: redact(url),
+        reason,
+    };
+    let (rest, settings) = super::tls::split(url).map_err(bad)?;
+    let mut config = tokio_postgres::Config::from_str(&rest).map_err(|e| bad(chain(&e)))?;
+    let unix_only = !config.get_hosts().is_empty()
+        && config
+            .get_hosts()
+            .iter()
+            .all(|h| !matches!(h, Host::Tcp(_)));
+    // libpq ignores sslmode on Unix sockets (no TLS there); tokio-postgres would ask for it.
+    config.ssl_mode(if unix_only {
+        tokio_postgres::config::SslMode::Disable
+    } else {
+        settings.mode.negotiation()
+    });
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    let tls = super::tls::connector(&settings).map_err(|reason| ClusterError::Tls {
+        url: redact(url),
+        reason,
+    })?;
+    Ok((config, tls))
 }
 
 /// The cluster's database: a pool of connections.
@@ -119,14 +154,7 @@ impl Db {
     /// the pool. `agent` names the connections (`application_name`).
     pub async fn connect(url: &str, agent: &str) -> Result<Db, ClusterError> {
         let shown = redact(url);
-        let mut config =
-            tokio_postgres::Config::from_str(url).map_err(|e| ClusterError::BadUrl {
-                url: shown.clone(),
-                reason: chain(&e),
-            })?;
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(CONNECT_TIMEOUT);
-        }
+        let (mut config, tls) = pg_config(url)?;
         if config.get_application_name().is_none() {
             config.application_name(format!("mistryd {agent}"));
         }
@@ -134,7 +162,7 @@ impl Db {
             url: shown.clone(),
             reason: chain(&e),
         };
-        let (mut client, connection) = config.connect(NoTls).await.map_err(unreachable)?;
+        let (mut client, connection) = config.connect(tls.clone()).await.map_err(unreachable)?;
         let conn_task = tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!(error = %e, "the migration connection ended");
@@ -146,7 +174,7 @@ impl Db {
         migrated?;
         let manager = Manager::from_config(
             config,
-            NoTls,
+            tls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -272,10 +300,20 @@ mod tests {
             redact("host=/run/postgresql user=mistry password=x dbname=mistry"),
             "host=/run/postgresql user=mistry password=*** dbname=mistry"
         );
+        // A `/` in the password, a quoted password with a space, the TLS parameters.
+        assert_eq!(
+            redact("postgres://mistry:a/b@db/mistry?sslmode=verify-full&sslrootcert=/ca.pem"),
+            "postgres://mistry:***@db/mistry?sslmode=verify-full&sslrootcert=/ca.pem"
+        );
+        assert_eq!(
+            redact("host=db password='a b' sslmode=require"),
+            "host=db password=*** sslmode=require"
+        );
+        assert_eq!(redact("host=db password='a b"), "host=db password=***");
     }
 
     #[test]
-    fn the_embedded_schema_is_version_4() {
-        assert_eq!(known_version(), 4);
+    fn the_embedded_schema_is_version_5() {
+        assert_eq!(known_version(), 5);
     }
 }

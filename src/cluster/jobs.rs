@@ -25,7 +25,7 @@
 //! `SELECT ... FOR UPDATE SKIP LOCKED` and marks it `running` by itself, woken by the
 //! notification of an insert (and by a safety tick: 1 s while queued jobs are left, else 5 s).
 //! Placement: a job's `preferred_agent` is the agent holding its group's last successful
-//! build; else an alive agent with free capacity that has the project's image (table
+//! build, when it is alive; else an alive agent with free capacity that has the project's image (table
 //! `agent_images`, migration V4: an agent records the project of every job that ran in its
 //! container); else the least loaded alive agent (`running` records / capacity); ties go to the
 //! agent taking the request. A job whose `preferred_agent` is another one is left alone for
@@ -41,7 +41,8 @@
 //!
 //! Failures: every `heartbeat`, the sweeper puts the `running` records of agents that stopped
 //! heartbeating for `agent_timeout` back in the queue (`retries` + 1); the re-run's log gets a
-//! note line saying so. At start, this agent heals the records it left `running` (a crash): a
+//! note line saying so. Silence is judged only once the database and this agent's connection to
+//! it have been up for `agent_timeout` (an outage silences every agent; none of them died). At start, this agent heals the records it left `running` (a crash): a
 //! build found in its `ready/` is recorded, any other is queued again. A database outage makes
 //! requests fail with 503 naming the database; the listener reconnects every second and wakes
 //! every waiter to read its job again.
@@ -64,6 +65,8 @@ pub const PREFERRED_GRACE: Duration = Duration::from_secs(1);
 /// A waiter reads its job's record again after this long without a notification (a safety
 /// net; notifications are what wakes it).
 const SAFETY_RECHECK: Duration = Duration::from_secs(30);
+/// How long this agent takes the end of a job it recorded for its own (see `recording`).
+const RECORDING_FOR: Duration = Duration::from_secs(60);
 
 /// Why a request could not be answered through the cluster.
 #[derive(Debug, thiserror::Error)]
@@ -117,12 +120,12 @@ enum Event {
 
 /// A job's record, as a request reads it.
 #[derive(Debug)]
-struct Record {
-    state: String,
-    agent: Option<String>,
-    agent_url: Option<String>,
-    agent_alive: bool,
-    build_info: Option<String>,
+pub(super) struct Record {
+    pub(super) state: String,
+    pub(super) agent: Option<String>,
+    pub(super) agent_url: Option<String>,
+    pub(super) agent_alive: bool,
+    pub(super) build_info: Option<String>,
 }
 
 /// A claimed job.
@@ -143,6 +146,10 @@ pub struct Scheduler {
     claimed: AtomicUsize,
     /// A claimed job ended here: capacity is free.
     freed: Notify,
+    /// Jobs whose end this agent is recording: their end's notification is no news for the
+    /// stale-copy check.
+    /// (A notification missed by a reconnect leaves an entry: they count for a minute.)
+    recording: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
 
 fn key_of(project: &str, id: &str) -> String {
@@ -193,6 +200,7 @@ impl Scheduler {
             events: broadcast::channel(4096).0,
             claimed: AtomicUsize::new(0),
             freed: Notify::new(),
+            recording: Default::default(),
         }
     }
 
@@ -200,7 +208,7 @@ impl Scheduler {
         self.cluster.need_db()
     }
 
-    fn me(&self) -> &str {
+    pub(super) fn me(&self) -> &str {
         self.cluster.name()
     }
 
@@ -218,7 +226,10 @@ impl Scheduler {
             me.claim_loop(stop2).await
         });
         let me = Arc::clone(self);
-        tokio::spawn(async move { me.sweep_loop(stop).await });
+        let stop2 = stop.clone();
+        tokio::spawn(async move { me.sweep_loop(stop2).await });
+        let me = Arc::clone(self);
+        tokio::spawn(async move { me.stale_loop(stop).await });
     }
 
     // ---------------------------------------------------------------- requests
@@ -303,7 +314,11 @@ impl Scheduler {
         ))))
     }
 
-    async fn read(&self, project: &str, id: &str) -> Result<Option<Record>, ClusterError> {
+    pub(super) async fn read(
+        &self,
+        project: &str,
+        id: &str,
+    ) -> Result<Option<Record>, ClusterError> {
         let db = self.db()?;
         let client = db.client().await?;
         let row = client
@@ -355,15 +370,20 @@ impl Scheduler {
 
     /// The preferred agent of a job (SQL, `$1` project, `$2` group, `me` and `timeout` the
     /// placeholders of this agent's name and of `agent_timeout` in seconds): the agent holding
-    /// the group's last successful build; else an alive agent with free capacity that has the
+    /// the group's last successful build, when it is alive; else an alive agent with free capacity that has the
     /// project's image (table `agent_images`); else the least loaded alive agent (`running`
     /// records / capacity). Ties go to this agent, then by name.
     fn preferred(me: &str, timeout: &str) -> String {
         format!(
             "COALESCE(
-               (SELECT p.agent FROM jobs p
-                 WHERE p.project = $1 AND p.group_name = $2 AND $2 <> '' AND p.state = 'ready'
-                 ORDER BY p.ended_at DESC LIMIT 1),
+               (SELECT h.name
+                  FROM (SELECT p.agent FROM jobs p
+                         WHERE p.project = $1 AND p.group_name = $2 AND $2 <> ''
+                           AND p.state = 'ready'
+                         ORDER BY p.ended_at DESC LIMIT 1) l
+                  JOIN agents h ON h.name = l.agent
+                 WHERE h.stopped_at IS NULL
+                   AND h.last_heartbeat > now() - make_interval(secs => {timeout})),
                (SELECT a.name FROM agents a,
                        LATERAL (SELECT count(*) AS n FROM jobs r
                                  WHERE r.state = 'running' AND r.agent = a.name) r
@@ -408,24 +428,28 @@ impl Scheduler {
         here: bool,
     ) -> Result<Option<Option<Claim>>, ClusterError> {
         let db = self.db()?;
-        let mut client = db.client().await?;
-        let tx = client.transaction().await.map_err(|e| db.pg_error(&e))?;
+        let client = db.client().await?;
         let request = request_json(req);
-        let row = tx
+        // One statement (one round trip, atomic), the queued job's notification included.
+        let row = client
             .query_opt(
                 &format!(
                     "WITH pref AS (SELECT {} AS agent),
                           mine AS (SELECT $5 AND (pref.agent IS NULL OR pref.agent = $6) AS yes
-                                     FROM pref)
-                     INSERT INTO jobs (project, id, group_name, request, preferred_agent,
-                                       state, agent, started_at)
-                     SELECT $1, $3, $2, $4::text::jsonb, pref.agent,
-                            CASE WHEN mine.yes THEN 'running' ELSE 'queued' END,
-                            CASE WHEN mine.yes THEN $6 END,
-                            CASE WHEN mine.yes THEN now() END
-                       FROM pref, mine
-                     ON CONFLICT (project, id) DO NOTHING
-                     RETURNING state",
+                                     FROM pref),
+                          ins AS (
+                              INSERT INTO jobs (project, id, group_name, request, preferred_agent,
+                                                state, agent, started_at)
+                              SELECT $1, $3, $2, $4::text::jsonb, pref.agent,
+                                     CASE WHEN mine.yes THEN 'running' ELSE 'queued' END,
+                                     CASE WHEN mine.yes THEN $6 END,
+                                     CASE WHEN mine.yes THEN now() END
+                                FROM pref, mine
+                              ON CONFLICT (project, id) DO NOTHING
+                              RETURNING state),
+                          sent AS (SELECT pg_notify($8, 'queued') FROM ins
+                                    WHERE ins.state = 'queued')
+                     SELECT ins.state, (SELECT count(*) FROM sent) FROM ins",
                     Self::preferred("$6", "$7")
                 ),
                 &[
@@ -436,21 +460,15 @@ impl Scheduler {
                     &here,
                     &self.me(),
                     &self.timeout_secs(),
+                    &CHANNEL,
                 ],
             )
             .await
             .map_err(|e| db.pg_error(&e))?;
         let Some(row) = row else {
-            tx.commit().await.map_err(|e| db.pg_error(&e))?;
             return Ok(None);
         };
         let state: String = row.try_get(0).map_err(|e| db.pg_error(&e))?;
-        if state == "queued" {
-            tx.execute("SELECT pg_notify($1, 'queued')", &[&CHANNEL])
-                .await
-                .map_err(|e| db.pg_error(&e))?;
-        }
-        tx.commit().await.map_err(|e| db.pg_error(&e))?;
         if state == "queued" {
             return Ok(Some(None));
         }
@@ -565,19 +583,37 @@ impl Scheduler {
                 .and_then(|t| serde_json::from_str(t).ok())
         };
         if !here && dir.read_info().is_none() {
-            let (Some(agent), Some(url)) = (&rec.agent, &rec.agent_url) else {
-                return Err(SubmitError::Replication(format!(
-                    "the build {project}/{id} has no agent holding it"
-                )));
-            };
-            dir = super::replicate::fetch_build(url, layout, project, id, false)
-                .await
-                .map_err(|e| {
-                    SubmitError::Replication(format!(
-                        "fetching the build {project}/{id} from agent {agent} ({url}): {e}"
-                    ))
-                })?;
-            tracing::info!(%project, %id, from = %agent, "build replicated from another agent");
+            // A failed job may have no build to fetch (refused before it ran, e.g. an input
+            // that could not be fetched): its record's BuildInfo answers.
+            let failed = rec.state == "failed";
+            let fetched =
+                match (&rec.agent, &rec.agent_url) {
+                    (Some(agent), Some(url)) => super::replicate::fetch_build(
+                        url, layout, project, id, false,
+                    )
+                    .await
+                    .map_err(|e| {
+                        format!("fetching the build {project}/{id} from agent {agent} ({url}): {e}")
+                    }),
+                    _ => Err(format!("the build {project}/{id} has no agent holding it")),
+                };
+            match fetched {
+                Ok(d) => {
+                    tracing::info!(%project, %id, from = ?rec.agent, "build replicated from another agent");
+                    dir = d;
+                }
+                Err(e) => match stored().filter(|_| failed) {
+                    Some(info) => {
+                        tracing::info!(%project, %id, error = %e, "a failed job answered from its record");
+                        let info = BuildInfo {
+                            path: dir.artifacts_when_ready().display().to_string(),
+                            ..info
+                        };
+                        return Ok(Answer { info, dir });
+                    }
+                    None => return Err(SubmitError::Replication(e)),
+                },
+            }
         }
         let info = match dir.read_info().or_else(stored) {
             Some(i) => i,
@@ -618,15 +654,17 @@ impl Scheduler {
         loop {
             let mut left = false;
             while !*stop.borrow() && self.reserve() {
+                // A slot given back here is not "capacity freed" (`release` would wake this
+                // loop again at once: a busy loop).
                 match self.claim_one().await {
                     Ok(Some(claim)) => self.spawn_run(claim),
                     Ok(None) => {
-                        self.release();
+                        self.unreserve();
                         left = self.any_queued().await.unwrap_or(true);
                         break;
                     }
                     Err(e) => {
-                        self.release();
+                        self.unreserve();
                         tracing::debug!(agent = %self.me(), error = %e, "claiming jobs failed");
                         left = true;
                         break;
@@ -638,8 +676,18 @@ impl Scheduler {
             } else {
                 Duration::from_secs(5)
             };
+            // Woken by work to claim (not by the ends of jobs: those free capacity here only
+            // through `release`).
+            let queued = async {
+                loop {
+                    match events.recv().await {
+                        Ok(Event::Ended(_)) => continue,
+                        Ok(_) | Err(_) => return,
+                    }
+                }
+            };
             tokio::select! {
-                _ = events.recv() => {}
+                _ = queued => {}
                 _ = self.freed.notified() => {}
                 _ = tokio::time::sleep(tick) => {}
                 _ = stop.wait_for(|s| *s) => return,
@@ -661,10 +709,15 @@ impl Scheduler {
             .is_ok()
     }
 
-    /// Give back a slot [`Scheduler::reserve`] took.
+    /// Give back a slot [`Scheduler::reserve`] took, and wake the claim loop (capacity freed).
     fn release(&self) {
-        self.claimed.fetch_sub(1, Ordering::SeqCst);
+        self.unreserve();
         self.freed.notify_one();
+    }
+
+    /// Give back a slot [`Scheduler::reserve`] took, quietly.
+    fn unreserve(&self) {
+        self.claimed.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// Run a claimed job (its slot reserved) in the background.
@@ -774,6 +827,12 @@ impl Scheduler {
         if !req.group.is_empty() {
             self.place_group(&req).await;
         }
+        // A pipeline's job placed here: its input builds are fetched first (cluster/inputs.rs).
+        if let Err(e) = super::inputs::fetch_inputs(self, &self.engine, &req).await {
+            let info = self.refused(&req, &id, e.to_string());
+            self.record_end(&project, &id, &info).await;
+            return;
+        }
         let scheduled = match self.engine.schedule(req.clone()).await {
             Ok(s) if s.id == id => s,
             Ok(s) => {
@@ -825,6 +884,12 @@ impl Scheduler {
                 }
                 info.cached = false;
                 info.coalesced = false;
+                info.retries = u32::try_from(claim.retries).unwrap_or_default();
+                if info.retries > 0 {
+                    // The stored BuildInfo says it too (result-cache hits answer it).
+                    let (dir2, info2) = (dir.clone(), info.clone());
+                    let _ = tokio::task::spawn_blocking(move || dir2.write_info(&info2)).await;
+                }
                 if let Some(s) = shipper {
                     s.finish().await;
                 }
@@ -960,11 +1025,17 @@ impl Scheduler {
     /// Record the end of a job this agent ran (its build is in `ready/` already) and notify
     /// it; retried every second while the database does not answer.
     async fn record_end(&self, project: &str, id: &str, info: &BuildInfo) {
+        let key = key_of(project, id);
+        if let Ok(mut r) = self.recording.lock() {
+            r.retain(|_, at| at.elapsed() < RECORDING_FOR);
+            r.insert(key.clone(), std::time::Instant::now());
+        }
         let mut warned = false;
         for _ in 0..600 {
             match self.try_record_end(project, id, info).await {
                 Ok(true) => return,
                 Ok(false) => {
+                    self.forget_recording(&key);
                     tracing::warn!(%project, %id, agent = %self.me(), "the job's record was taken over meanwhile (this agent was taken for dead): its build stays here, unrecorded");
                     return;
                 }
@@ -977,6 +1048,16 @@ impl Scheduler {
                 }
             }
         }
+        self.forget_recording(&key);
+    }
+
+    /// Whether `key` was being recorded by this agent lately (and is no longer).
+    fn forget_recording(&self, key: &str) -> bool {
+        self.recording
+            .lock()
+            .ok()
+            .and_then(|mut r| r.remove(key))
+            .is_some_and(|at| at.elapsed() < RECORDING_FOR)
     }
 
     async fn try_record_end(
@@ -993,38 +1074,39 @@ impl Scheduler {
         };
         let json = serde_json::to_string(&stored).map_err(|e| db.error(e.to_string()))?;
         let state = if info.succeeded() { "ready" } else { "failed" };
-        let mut client = db.client().await?;
-        let tx = client.transaction().await.map_err(|e| db.pg_error(&e))?;
-        // Still ours, or queued again meanwhile and not claimed by another agent yet.
-        let n = tx
-            .execute(
-                "UPDATE jobs SET state = $4, agent = $3, build_info = $5::text::jsonb,
-                        ended_at = now()
-                  WHERE project = $1 AND id = $2
-                    AND ((state = 'running' AND agent = $3) OR state = 'queued')",
-                &[&project, &id, &self.me(), &state, &json],
+        // One statement (one round trip, atomic): the record (still ours, or queued again
+        // meanwhile and not claimed by another agent yet), the end's notification, and — when
+        // the job ran in its container — the project's image cached here (placement).
+        let client = db.client().await?;
+        let n: i64 = client
+            .query_one(
+                "WITH upd AS (
+                     UPDATE jobs SET state = $4, agent = $3, build_info = $5::text::jsonb,
+                            ended_at = now()
+                      WHERE project = $1 AND id = $2
+                        AND ((state = 'running' AND agent = $3) OR state = 'queued')
+                     RETURNING 1),
+                 sent AS (SELECT pg_notify($6, $7) FROM upd),
+                 img AS (
+                     INSERT INTO agent_images (agent, project)
+                     SELECT $3, $1 FROM upd WHERE $8
+                     ON CONFLICT (agent, project) DO UPDATE SET built_at = now()
+                     RETURNING 1)
+                 SELECT (SELECT count(*) FROM upd), (SELECT count(*) FROM sent)",
+                &[
+                    &project,
+                    &id,
+                    &self.me(),
+                    &state,
+                    &json,
+                    &CHANNEL,
+                    &format!("ended {}", key_of(project, id)),
+                    &info.err_build.is_empty(),
+                ],
             )
             .await
+            .and_then(|r| r.try_get(0))
             .map_err(|e| db.pg_error(&e))?;
-        if n == 1 {
-            tx.execute(
-                "SELECT pg_notify($1, $2)",
-                &[&CHANNEL, &format!("ended {}", key_of(project, id))],
-            )
-            .await
-            .map_err(|e| db.pg_error(&e))?;
-        }
-        if n == 1 && info.err_build.is_empty() {
-            // It ran in its container: the project's image is cached here (placement).
-            tx.execute(
-                "INSERT INTO agent_images (agent, project) VALUES ($1, $2)
-                 ON CONFLICT (agent, project) DO UPDATE SET built_at = now()",
-                &[&self.me(), &project],
-            )
-            .await
-            .map_err(|e| db.pg_error(&e))?;
-        }
-        tx.commit().await.map_err(|e| db.pg_error(&e))?;
         if n == 1 {
             tracing::info!(%project, %id, %state, agent = %self.me(), "job recorded in the cluster");
         }
@@ -1033,15 +1115,18 @@ impl Scheduler {
 
     // ---------------------------------------------------------------- failures
 
-    /// At start: the records this agent left `running` (it crashed): a build in `ready/` is
-    /// recorded (the crash came between the move and the record), any other is queued again.
+    /// At start: the records this agent left `running` (it crashed), i.e. started before its
+    /// registration: a build in `ready/` is recorded (the crash came between the move and the
+    /// record), any other is queued again. Jobs this run of the agent took meanwhile (a request
+    /// can arrive before this pass) are left alone.
     async fn heal(&self) {
         let rows = async {
             let db = self.db()?;
             let client = db.client().await?;
             client
                 .query(
-                    "SELECT project, id FROM jobs WHERE state = 'running' AND agent = $1",
+                    "SELECT j.project, j.id FROM jobs j JOIN agents a ON a.name = j.agent
+                      WHERE j.state = 'running' AND j.agent = $1 AND j.started_at < a.started_at",
                     &[&self.me()],
                 )
                 .await
@@ -1068,7 +1153,7 @@ impl Scheduler {
                 }
                 None => {
                     tracing::info!(%project, %id, "queueing again a job a crash interrupted");
-                    if let Err(e) = self.requeue_dead(Some(self.me())).await {
+                    if let Err(e) = self.requeue_running(Some((&project, &id))).await {
                         tracing::warn!(%project, %id, error = %e, "could not queue the job again");
                     }
                 }
@@ -1076,23 +1161,30 @@ impl Scheduler {
         }
     }
 
-    /// Queue again the running jobs of agents that are not alive (or of `agent`); notify.
-    async fn requeue_dead(&self, agent: Option<&str>) -> Result<u64, ClusterError> {
+    /// Queue again the running jobs of agents that are not alive, or (`crashed`) this agent's
+    /// job `(project, id)` started before its registration; notify.
+    async fn requeue_running(&self, crashed: Option<(&str, &str)>) -> Result<u64, ClusterError> {
         let db = self.db()?;
         let mut client = db.client().await?;
         let tx = client.transaction().await.map_err(|e| db.pg_error(&e))?;
+        let (project, id) = crashed.unzip();
         let rows = tx
             .query(
                 "UPDATE jobs SET state = 'queued', retried_from = agent, agent = NULL,
                         retries = retries + 1, queued_at = now(), started_at = NULL
                   WHERE state = 'running'
-                    AND (agent = $2
-                         OR NOT EXISTS (
+                    AND CASE WHEN $3::text IS NULL
+                        THEN pg_postmaster_start_time() < now() - make_interval(secs => $1)
+                         AND NOT EXISTS (
                              SELECT 1 FROM agents a
                               WHERE a.name = jobs.agent AND a.stopped_at IS NULL
-                                AND a.last_heartbeat > now() - make_interval(secs => $1)))
+                                AND a.last_heartbeat > now() - make_interval(secs => $1))
+                        ELSE project = $3 AND id = $4 AND agent = $2
+                             AND started_at < (SELECT a.started_at FROM agents a
+                                                WHERE a.name = $2)
+                        END
                  RETURNING project, id, retried_from, retries",
-                &[&self.timeout_secs(), &agent],
+                &[&self.timeout_secs(), &self.me(), &project, &id],
             )
             .await
             .map_err(|e| db.pg_error(&e))?;
@@ -1107,23 +1199,109 @@ impl Scheduler {
             let id: String = r.try_get(1).unwrap_or_default();
             let from: Option<String> = r.try_get(2).unwrap_or_default();
             let retries: i32 = r.try_get(3).unwrap_or_default();
-            tracing::warn!(%project, %id, from = ?from, retries, "job queued again: its agent stopped heartbeating");
+            tracing::warn!(%project, %id, from = ?from, retries, "job queued again: its agent stopped heartbeating or crashed");
         }
         Ok(rows.len() as u64)
     }
 
+    /// A job that ran again on another agent (a rebuild, a re-run after a failure or of a dead
+    /// agent's build) leaves this agent's copy stale: on its end's notification, a local copy
+    /// whose `StartedAt` is not the record's goes (the next request fetches the new build).
+    /// An agent that was down meanwhile keeps its copy (see README).
+    async fn stale_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut events = self.events.subscribe();
+        loop {
+            let key = tokio::select! {
+                e = events.recv() => match e {
+                    Ok(Event::Ended(key)) => key,
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            if self.forget_recording(&key) {
+                continue;
+            }
+            let Some((project, id)) = key.split_once('/') else {
+                continue;
+            };
+            let local = self.engine.layout.job(project, id, Stage::Ready);
+            let Some(mine) = local.read_info() else {
+                continue;
+            };
+            let rec = match self.read(project, id).await {
+                Ok(Some(r)) => r,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::debug!(%project, %id, error = %e, "could not check a copy against its record");
+                    continue;
+                }
+            };
+            if rec.agent.as_deref() == Some(self.me()) {
+                continue;
+            }
+            let theirs = rec
+                .build_info
+                .as_deref()
+                .and_then(|t| serde_json::from_str::<BuildInfo>(t).ok());
+            if theirs.is_some_and(|t| t.started_at == mine.started_at) {
+                continue;
+            }
+            let (engine, p, i) = (
+                Arc::clone(&self.engine),
+                project.to_string(),
+                id.to_string(),
+            );
+            match tokio::task::spawn_blocking(move || engine.discard_ready(&p, &i)).await {
+                Ok(Ok(true)) => {
+                    tracing::info!(%project, %id, agent = ?rec.agent, "a stale copy went: the job ran again on another agent")
+                }
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(%project, %id, error = %e, "could not remove a stale copy")
+                }
+                Err(e) => {
+                    tracing::warn!(%project, %id, error = %e, "could not remove a stale copy")
+                }
+            }
+        }
+    }
+
+    /// Every `heartbeat`: queue again the running jobs of agents that stopped heartbeating.
+    /// Silence is only judged once this agent has reached the database for `agent_timeout`
+    /// without a break (since its start, or since an outage or a lost connection: the others'
+    /// heartbeats could not get through either), and — in the query — once the database has
+    /// been up that long (a database restart is no agent's death).
     async fn sweep_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(self.cluster.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut reached_since: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
-            if let Err(e) = self.requeue_dead(None).await {
-                tracing::debug!(agent = %self.me(), error = %e, "the sweeper failed");
+            let since = *reached_since.get_or_insert_with(tokio::time::Instant::now);
+            let result = if since.elapsed() < self.cluster.agent_timeout {
+                self.ping().await
+            } else {
+                self.requeue_running(None).await.map(|_| ())
+            };
+            if let Err(e) = result {
+                tracing::debug!(agent = %self.me(), error = %e, "the sweeper could not reach the database");
+                reached_since = None;
             }
         }
+    }
+
+    async fn ping(&self) -> Result<(), ClusterError> {
+        let db = self.db()?;
+        let client = db.client().await?;
+        client
+            .simple_query("SELECT 1")
+            .await
+            .map_err(|e| db.pg_error(&e))?;
+        Ok(())
     }
 }
 

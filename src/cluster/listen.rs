@@ -59,12 +59,12 @@ async fn listen_once(
     tell: &impl Fn(Notice<'_>),
     stop: &mut watch::Receiver<bool>,
 ) -> Result<bool, String> {
-    use std::str::FromStr;
-    let mut config = tokio_postgres::Config::from_str(url).map_err(|e| e.to_string())?;
+    // The pool's TLS settings (`sslmode`, `sslrootcert`): super::db::pg_config.
+    let (mut config, tls) = super::db::pg_config(url).map_err(|e| e.to_string())?;
     config.connect_timeout(Duration::from_secs(5));
     config.application_name(format!("mistryd {agent} listener"));
     let (client, mut connection) = config
-        .connect(tokio_postgres::NoTls)
+        .connect(tls)
         .await
         .map_err(|e| super::db::chain(&e))?;
     let (tx, mut rx) = mpsc::unbounded_channel::<(String, String)>();

@@ -199,13 +199,17 @@ impl Logs {
         let mut finishing = false;
         let mut deadline = None;
         let mut warned = false;
+        // The run starts at once (off the job's critical path: a job that ends within
+        // SHIP_EVERY then only ships its chunks).
+        let mut first = true;
         loop {
-            if !finishing {
+            if !finishing && !first {
                 tokio::select! {
                     _ = tokio::time::sleep(SHIP_EVERY) => {}
                     _ = finish.wait_for(|f| *f) => finishing = true,
                 }
             }
+            first = false;
             if finishing && deadline.is_none() {
                 deadline = Some(tokio::time::Instant::now() + FINAL_DEADLINE);
             }

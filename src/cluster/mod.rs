@@ -28,10 +28,12 @@
 
 pub mod agents;
 pub mod db;
+pub mod inputs;
 pub mod jobs;
 mod listen;
 pub mod logs;
 pub mod replicate;
+pub mod tls;
 pub mod view;
 
 use std::net::SocketAddr;

@@ -13,6 +13,16 @@
 //!   one the job's record names (the agent that ran it, also for a build replicated here);
 //!   a job on this agent's disk without a record (a single node, or built before the database)
 //!   is this agent's. A queued record (no agent yet) is left out.
+//! - The cluster's job list: `GET /api/cluster/jobs[?agent=A][&project=P][&state=S][&limit=N]`
+//!   ([`serve_cluster_jobs`]) → the job records of the database, newest first (by the time the
+//!   record started running, else was queued), each shaped like an `/index/` entry (`id`,
+//!   `project`, `startedAt`, `state` `pending`/`ready`, `buildInfo`: the stored one, or the
+//!   blank one from the stored request while the job has not ended) plus `agent` (`null` while
+//!   queued), `clusterState` (the record's `queued`/`running`/`ready`/`failed`) and `retries`.
+//!   `state=` filters by the record's state (`pending` = queued or running); `limit` defaults to
+//!   [`CLUSTER_JOBS_DEFAULT`], at most [`CLUSTER_JOBS_MAX`]. The web view merges it with
+//!   `/index/` so every agent lists the cluster's jobs. 503 when the database does not answer;
+//!   404 on a single node (no database: `/index/` is its whole list).
 //! - `/metrics`: with a database, three cluster gauges read at each scrape
 //!   ([`update_gauges`]): `mistry_cluster_queue_length` (queued records),
 //!   `mistry_cluster_agents_alive` (agents heartbeating within `agent_timeout`, not stopped),
@@ -224,8 +234,160 @@ pub async fn serve_job_agents(
         Err(e) => return (StatusCode::BAD_REQUEST, e.body_text()).into_response(),
     };
     let cluster = cluster.map(|Extension(c)| c);
-    match job_agents(cluster.as_deref(), &engine, only).await {
-        Ok(map) => match serde_json::to_vec(&map) {
+    json_or_503(job_agents(cluster.as_deref(), &engine, only).await)
+}
+
+/// The cluster's job list's default length.
+pub const CLUSTER_JOBS_DEFAULT: i64 = 1000;
+/// The cluster's job list's longest.
+pub const CLUSTER_JOBS_MAX: i64 = 5000;
+
+/// `?agent=A&project=P&state=S&limit=N` of `GET /api/cluster/jobs`.
+#[derive(Debug, Default, Deserialize)]
+pub struct ClusterJobsQuery {
+    agent: Option<String>,
+    project: Option<String>,
+    state: Option<String>,
+    limit: Option<i64>,
+}
+
+/// The filters of the cluster's job list, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterJobsFilter {
+    pub agent: Option<String>,
+    pub project: Option<String>,
+    /// The record states wanted (`None`: all).
+    pub states: Option<Vec<String>>,
+    pub limit: i64,
+}
+
+impl ClusterJobsFilter {
+    /// Check a query; the error is the 400's text.
+    pub fn from_query(q: ClusterJobsQuery) -> Result<ClusterJobsFilter, String> {
+        let states = match q.state.as_deref() {
+            None | Some("") => None,
+            Some("pending") => Some(vec!["queued".into(), "running".into()]),
+            Some(s @ ("queued" | "running" | "ready" | "failed")) => Some(vec![s.to_string()]),
+            Some(s) => {
+                return Err(format!(
+                    "Unknown state '{s}': give queued, running, pending, ready or failed"
+                ))
+            }
+        };
+        let limit = q.limit.unwrap_or(CLUSTER_JOBS_DEFAULT);
+        if !(1..=CLUSTER_JOBS_MAX).contains(&limit) {
+            return Err(format!(
+                "limit must be between 1 and {CLUSTER_JOBS_MAX}, got {limit}"
+            ));
+        }
+        let nonempty = |s: Option<String>| s.filter(|s| !s.is_empty());
+        Ok(ClusterJobsFilter {
+            agent: nonempty(q.agent),
+            project: nonempty(q.project),
+            states,
+            limit,
+        })
+    }
+}
+
+/// The cluster's job records (see the module's doc), newest first, each as its JSON object.
+pub async fn cluster_jobs(
+    cluster: &Cluster,
+    filter: &ClusterJobsFilter,
+) -> Result<Vec<serde_json::Value>, ClusterError> {
+    let Some(db) = cluster.db() else {
+        return Err(ClusterError::Query {
+            url: String::new(),
+            reason: "no database".into(),
+        });
+    };
+    let client = db.client().await?;
+    let rows = client
+        .query(
+            "SELECT project, id, state, agent, retries, build_info::text,
+                    COALESCE(request->>'group', ''), COALESCE(request->'params', '{}')::text,
+                    to_char(COALESCE(started_at, queued_at) AT TIME ZONE 'UTC',
+                            'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')
+               FROM jobs
+              WHERE ($1::text IS NULL OR agent = $1)
+                AND ($2::text IS NULL OR project = $2)
+                AND ($3::text[] IS NULL OR state = ANY($3))
+              ORDER BY COALESCE(started_at, queued_at) DESC, project, id
+              LIMIT $4",
+            &[
+                &filter.agent,
+                &filter.project,
+                &filter.states,
+                &filter.limit,
+            ],
+        )
+        .await
+        .map_err(|e| db.pg_error(&e))?;
+    let g = |e: tokio_postgres::Error| db.pg_error(&e);
+    let mut out = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let project: String = row.try_get(0).map_err(g)?;
+        let id: String = row.try_get(1).map_err(g)?;
+        let state: String = row.try_get(2).map_err(g)?;
+        let agent: Option<String> = row.try_get(3).map_err(g)?;
+        let retries: i32 = row.try_get(4).map_err(g)?;
+        let stored: Option<String> = row.try_get(5).map_err(g)?;
+        let group: String = row.try_get(6).map_err(g)?;
+        let params: String = row.try_get(7).map_err(g)?;
+        let since: String = row.try_get(8).map_err(g)?;
+        let info = stored
+            .as_deref()
+            .and_then(|t| serde_json::from_str::<jobs::BuildInfo>(t).ok())
+            .unwrap_or_else(|| {
+                let params = serde_json::from_str(&params).unwrap_or_default();
+                jobs::BuildInfo {
+                    started_at: since,
+                    ..crate::engine::blank_info(&params, &group, &project, &id)
+                }
+            });
+        let job = super::logs::RemoteJob {
+            project,
+            id,
+            state,
+            agent,
+            info,
+        };
+        let mut value = job.json();
+        if let Some(obj) = value.as_object_mut() {
+            obj.insert("agent".into(), serde_json::json!(job.agent));
+            obj.insert("clusterState".into(), serde_json::json!(job.state));
+            obj.insert("retries".into(), serde_json::json!(retries));
+        }
+        out.push(value);
+    }
+    Ok(out)
+}
+
+/// `GET /api/cluster/jobs[?agent=A][&project=P][&state=S][&limit=N]`: the cluster's job records
+/// as a JSON array (see the module's doc); 400 for a bad filter, 404 without a database, 503
+/// when the database does not answer.
+pub async fn serve_cluster_jobs(
+    cluster: Option<Extension<Arc<Cluster>>>,
+    query: Result<Query<ClusterJobsQuery>, QueryRejection>,
+) -> Response {
+    let filter = match query
+        .map_err(|e| e.body_text())
+        .and_then(|Query(q)| ClusterJobsFilter::from_query(q))
+    {
+        Ok(f) => f,
+        Err(e) => return (StatusCode::BAD_REQUEST, e).into_response(),
+    };
+    let Some(cluster) = cluster.map(|Extension(c)| c).filter(|c| c.db().is_some()) else {
+        let msg = "No cluster: this mistryd has no database_url (GET /index/ lists its jobs)";
+        return (StatusCode::NOT_FOUND, msg).into_response();
+    };
+    json_or_503(timed(&cluster, cluster_jobs(&cluster, &filter)).await)
+}
+
+/// 200 with `value` as JSON, or 503 naming the database.
+fn json_or_503<T: serde::Serialize>(value: Result<T, ClusterError>) -> Response {
+    match value {
+        Ok(v) => match serde_json::to_vec(&v) {
             Ok(body) => {
                 (StatusCode::OK, [("content-type", "application/json")], body).into_response()
             }
@@ -288,5 +450,58 @@ pub async fn update_gauges(cluster: Option<&Cluster>, engine: &Engine) {
             .metrics
             .set_cluster(g.queue_length, g.agents_alive, g.jobs_running),
         Err(e) => tracing::warn!(error = %e, "cannot read the cluster gauges"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn filter(q: &str) -> Result<ClusterJobsFilter, String> {
+        let uri: axum::http::Uri = format!("/api/cluster/jobs?{q}").parse().unwrap();
+        let Query(q) = Query::<ClusterJobsQuery>::try_from_uri(&uri).map_err(|e| e.body_text())?;
+        ClusterJobsFilter::from_query(q)
+    }
+
+    #[test]
+    fn the_cluster_job_lists_filters_are_checked() {
+        assert_eq!(
+            filter(""),
+            Ok(ClusterJobsFilter {
+                agent: None,
+                project: None,
+                states: None,
+                limit: CLUSTER_JOBS_DEFAULT,
+            })
+        );
+        assert_eq!(
+            filter("agent=a&project=p&state=pending&limit=5000"),
+            Ok(ClusterJobsFilter {
+                agent: Some("a".into()),
+                project: Some("p".into()),
+                states: Some(vec!["queued".into(), "running".into()]),
+                limit: 5000,
+            })
+        );
+        for s in ["queued", "running", "ready", "failed"] {
+            assert_eq!(
+                filter(&format!("state={s}")).unwrap().states,
+                Some(vec![s.into()])
+            );
+        }
+        assert_eq!(filter("agent=&state=").unwrap(), filter("").unwrap());
+        assert_eq!(
+            filter("state=Ready"),
+            Err("Unknown state 'Ready': give queued, running, pending, ready or failed".into())
+        );
+        assert_eq!(
+            filter("limit=0"),
+            Err("limit must be between 1 and 5000, got 0".into())
+        );
+        assert_eq!(
+            filter("limit=-3"),
+            Err("limit must be between 1 and 5000, got -3".into())
+        );
+        assert!(filter("limit=x").is_err());
     }
 }

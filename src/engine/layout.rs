@@ -318,6 +318,7 @@ mod tests {
             started_at: "2024-01-01T00:00:00Z".into(),
             duration: 1,
             url: "job/p/id".into(),
+            retries: 0,
         };
         j.write_info(&info).unwrap();
         let back = j.read_info().unwrap();

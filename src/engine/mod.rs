@@ -153,6 +153,7 @@ pub fn blank_info(
         started_at: now_rfc3339(),
         duration: UNKNOWN_DURATION,
         url: format!("job/{project}/{id}"),
+        retries: 0,
     }
 }
 
@@ -198,6 +199,25 @@ impl Engine {
 
     pub fn builder(&self) -> &Builder {
         &self.builder
+    }
+
+    /// Several agents: drop this agent's copy of ready build `project/id` (the job ran again
+    /// elsewhere: a rebuild, a re-run): moved out of `ready/` at once, then removed; a build a
+    /// link or a cache layer needs stays. `Ok(true)` when it went.
+    pub fn discard_ready(&self, project: &str, id: &str) -> Result<bool, String> {
+        let dir = self.layout.job(project, id, Stage::Ready);
+        let build = retention::Build {
+            project: project.to_string(),
+            id: id.to_string(),
+            group: dir.read_info().map(|i| i.group).unwrap_or_default(),
+            started: std::time::SystemTime::now(),
+            path: dir.path().to_path_buf(),
+            linked: false,
+            layer: false,
+        };
+        self.retainer
+            .trash()
+            .discard(&self.layout, self.store(), &build)
     }
 
     fn store(&self) -> &Store {

@@ -35,10 +35,14 @@ use super::PipelineError;
 use crate::engine::{Engine, JobError};
 
 /// The pipelines' routes, with their own state, to merge into the server's router. Validates
-/// every definition and fails the runs a previous daemon left running (off the runtime).
-pub fn routes<S: Clone + Send + Sync + 'static>(engine: Arc<Engine>) -> Router<S> {
+/// every definition and fails the runs a previous daemon left running (off the runtime). With
+/// `cluster` (several agents), the runs' jobs go through the cluster's job records.
+pub fn routes<S: Clone + Send + Sync + 'static>(
+    engine: Arc<Engine>,
+    cluster: Option<Arc<crate::cluster::Cluster>>,
+) -> Router<S> {
     let projects_path = engine.cfg.projects_path.clone();
-    let runs = Runs::new(engine, projects_path, None);
+    let runs = Runs::new(engine, projects_path, None, cluster);
     if let Ok(rt) = tokio::runtime::Handle::try_current() {
         let r = Arc::clone(&runs);
         rt.spawn_blocking(move || check_at_start(&r));

@@ -4,7 +4,8 @@
 //!
 //! [`def`] parses and validates definitions, expands templates and computes run IDs; [`run`]
 //! executes runs through [`Engine::schedule`] (so every job keeps the result cache,
-//! coalescing, incremental groups and limits) and keeps their records
+//! coalescing, incremental groups and limits; with several agents through the cluster's job
+//! records, `cluster::jobs::Scheduler::submit`) and keeps their records
 //! (`<build_path>/.pipelines/<name>/<run>/run.json`); [`http`] is the API.
 
 pub mod def;
@@ -61,7 +62,12 @@ pub async fn run_pipeline(
     params: BTreeMap<String, String>,
     observer: Option<Observer>,
 ) -> Result<RunRecord, PipelineError> {
-    let runs = Runs::new(Arc::clone(engine), projects_path.to_path_buf(), observer);
+    let runs = Runs::new(
+        Arc::clone(engine),
+        projects_path.to_path_buf(),
+        observer,
+        None,
+    );
     let record = runs.run(name, params).await?;
     runs.wait_idle().await;
     Ok(record)

@@ -6,6 +6,13 @@
 //! run's record: every change goes through [`Exec::publish`], which sends it to the run's
 //! followers (a watch channel: `POST` waiting, SSE, coalesced requests), writes it atomically to
 //! `<build_path>/.pipelines/<name>/<run>/run.json` and tells the [`Observer`].
+//!
+//! Several agents (`database_url`): a run's jobs go through the cluster's job records instead
+//! ([`Scheduler::submit`], see `cluster::jobs`), so each runs once cluster-wide, on the agent
+//! placement chooses (an agent that does not hold a job's input builds fetches them first,
+//! `cluster::inputs`), and its build is then in this agent's `ready/` as a request's answer
+//! is. The run itself (its record, its followers, its triggers) stays on the agent that took
+//! it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -21,7 +28,9 @@ use sha2::{Digest, Sha256};
 
 use super::def::{self, Pipeline, Values};
 use super::PipelineError;
-use crate::engine::{Engine, JobError, JobState};
+use crate::cluster::jobs::{Scheduler, SubmitError};
+use crate::cluster::Cluster;
+use crate::engine::{Engine, JobError, JobState, Stage};
 use crate::jobs::{BuildInfo, Input, JobRequest, NEVER_RAN};
 
 /// Sees every run's record at each change (called on the run's task: keep it short).
@@ -280,6 +289,8 @@ pub type StartFuture = Pin<
 /// The runs of one server (or one local runner): those in flight, for coalescing and following.
 pub struct Runs {
     engine: Arc<Engine>,
+    /// Several agents: the cluster, whose scheduler (once started) runs the runs' jobs.
+    cluster: Option<Arc<Cluster>>,
     /// Where `pipelines/` is.
     projects_path: PathBuf,
     in_flight: Mutex<HashMap<RunKey, watch::Receiver<Arc<RunRecord>>>>,
@@ -291,13 +302,17 @@ pub struct Runs {
 }
 
 impl Runs {
+    /// `cluster`: the agent's cluster handle (mistryd); with a database, the runs' jobs go
+    /// through its scheduler. `None` (or a cluster without a database): the local engine.
     pub fn new(
         engine: Arc<Engine>,
         projects_path: PathBuf,
         observer: Option<Observer>,
+        cluster: Option<Arc<Cluster>>,
     ) -> Arc<Runs> {
         Arc::new(Runs {
             engine,
+            cluster,
             projects_path,
             in_flight: Mutex::new(HashMap::new()),
             by_job: Mutex::new(HashMap::new()),
@@ -312,6 +327,33 @@ impl Runs {
 
     pub fn projects_path(&self) -> &Path {
         &self.projects_path
+    }
+
+    /// The cluster's job scheduler (several agents), else `None`: the local engine runs jobs.
+    fn scheduler(&self) -> Option<Arc<Scheduler>> {
+        self.cluster.as_ref()?.scheduler().cloned()
+    }
+
+    /// How many jobs of one run may be in flight at once: `job_concurrency` on a single node;
+    /// with several agents, the capacity of the alive agents (this agent's `job_concurrency`
+    /// when the database does not answer).
+    async fn run_slots(&self) -> usize {
+        let own = self.engine.cfg.job_concurrency.max(1);
+        let Some(cluster) = self.cluster.as_ref().filter(|_| self.scheduler().is_some()) else {
+            return own;
+        };
+        match cluster.agents(self.engine.running()).await {
+            Ok(agents) => agents
+                .iter()
+                .filter(|a| a.alive)
+                .map(|a| usize::try_from(a.capacity).unwrap_or(0))
+                .sum::<usize>()
+                .max(own),
+            Err(e) => {
+                tracing::warn!(error = %e, "the cluster's capacity is unknown; a run's jobs go {own} at a time");
+                own
+            }
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<RunKey, watch::Receiver<Arc<RunRecord>>>> {
@@ -454,6 +496,7 @@ impl Runs {
             tx,
             started: Instant::now(),
             holds: Vec::new(),
+            unlinked: Default::default(),
         };
         tokio::spawn(exec.execute(key));
         Ok((rx, false))
@@ -554,7 +597,8 @@ enum Event {
     Scheduled {
         id: String,
         path: String,
-        cached: bool,
+        /// A result-cache hit; `None`: not known yet (several agents: the answer says).
+        cached: Option<bool>,
     },
     /// It runs.
     Pending,
@@ -574,6 +618,9 @@ struct Exec {
     /// The run's ready builds, kept from retention until the run ends (downstream jobs mount
     /// their artifacts).
     holds: Vec<crate::engine::retention::Hold>,
+    /// Jobs scheduled without knowing whether they were result-cache hits: linked to the run
+    /// ([`Runs::job_runs`]) at their end unless they were.
+    unlinked: std::collections::HashSet<usize>,
 }
 
 impl Exec {
@@ -607,7 +654,9 @@ impl Exec {
         let mut running = 0usize;
         // At most job_concurrency jobs of a run in the engine at once: a wide pipeline waits
         // for slots here rather than filling the engine's backlog (which answers 503).
-        let cap = self.runs.engine.cfg.job_concurrency.max(1);
+        // With several agents, the capacity of the cluster.
+        let cap = self.runs.run_slots().await;
+        let scheduler = self.runs.scheduler();
         let (etx, mut erx) = mpsc::unbounded_channel::<(usize, Event)>();
         let mut dirty = false;
         loop {
@@ -653,7 +702,17 @@ impl Exec {
                     };
                     *was_started = true;
                     running += 1;
-                    tokio::spawn(job_task(Arc::clone(&self.runs.engine), i, req, etx.clone()));
+                    let engine = Arc::clone(&self.runs.engine);
+                    match &scheduler {
+                        Some(s) => tokio::spawn(cluster_job_task(
+                            engine,
+                            Arc::clone(s),
+                            i,
+                            req,
+                            etx.clone(),
+                        )),
+                        None => tokio::spawn(job_task(engine, i, req, etx.clone())),
+                    };
                 }
             }
             // The jobs are in a topological order: one pass skips every dependent of a failed
@@ -716,7 +775,9 @@ impl Exec {
         };
         match event {
             Event::Scheduled { id, path, cached } => {
-                if !cached {
+                if cached.is_none() {
+                    self.unlinked.insert(i);
+                } else if cached == Some(false) {
                     self.runs.by_job().insert(
                         (job.project.clone(), id.clone()),
                         RunLink::new(&self.rec.pipeline, &self.rec.run),
@@ -735,6 +796,12 @@ impl Exec {
                 false
             }
             Event::Done(Ok(info)) => {
+                if self.unlinked.remove(&i) && !info.cached {
+                    self.runs.by_job().insert(
+                        (job.project.clone(), job.id.clone()),
+                        RunLink::new(&self.rec.pipeline, &self.rec.run),
+                    );
+                }
                 if info.succeeded() {
                     self.holds
                         .extend(self.runs.engine.hold_build(&job.project, &job.id));
@@ -825,7 +892,7 @@ async fn job_task(
         Event::Scheduled {
             id: scheduled.id.clone(),
             path: scheduled.dir.artifacts_when_ready().display().to_string(),
-            cached: scheduled.is_cached(),
+            cached: Some(scheduled.is_cached()),
         },
     ));
     // Its state as the engine tells it (a result-cache hit is ready at once).
@@ -851,4 +918,68 @@ async fn job_task(
         }
     };
     let _ = events.send((i, Event::Done(result.map(|(info, _)| info))));
+}
+
+/// Several agents: submit one job through the cluster's records and report its states to the
+/// run. Its ID comes first (the run shows it at once); then it is `queued` until its record says
+/// it runs (read at growing intervals while the submit waits: the claims are not notified);
+/// the answer is the BuildInfo, its build in this agent's `ready/`.
+async fn cluster_job_task(
+    engine: Arc<Engine>,
+    scheduler: Arc<Scheduler>,
+    i: usize,
+    req: JobRequest,
+    events: mpsc::UnboundedSender<(usize, Event)>,
+) {
+    let done = |r: Result<BuildInfo, JobError>| {
+        let _ = events.send((i, Event::Done(r)));
+    };
+    let (e2, r2) = (Arc::clone(&engine), req.clone());
+    let id = match tokio::task::spawn_blocking(move || e2.job_id_of(&r2)).await {
+        Ok(Ok(id)) => id,
+        Ok(Err(e)) => return done(Err(e)),
+        Err(e) => return done(Err(JobError::Internal(e.to_string()))),
+    };
+    let dir = engine.layout.job(&req.project, &id, Stage::Ready);
+    // A result-cache hit here is known now; one on another agent only from the answer.
+    let local_hit = !req.rebuild && {
+        let d = dir.clone();
+        tokio::task::spawn_blocking(move || d.read_info().is_some_and(|i| i.succeeded()))
+            .await
+            .unwrap_or(false)
+    };
+    let _ = events.send((
+        i,
+        Event::Scheduled {
+            id: id.clone(),
+            path: dir.artifacts_when_ready().display().to_string(),
+            cached: local_hit.then_some(true),
+        },
+    ));
+    let submit = scheduler.submit(req.clone(), false);
+    tokio::pin!(submit);
+    let mut seen = local_hit;
+    let mut delay = std::time::Duration::from_millis(100);
+    let answer = loop {
+        tokio::select! {
+            r = &mut submit => break r,
+            _ = tokio::time::sleep(delay), if !seen => {
+                delay = (delay * 2).min(std::time::Duration::from_secs(2));
+                let state = crate::cluster::inputs::job_state(&scheduler, &req.project, &id).await;
+                if matches!(state, Ok(Some(ref s)) if s == "running") {
+                    seen = true;
+                    let _ = events.send((i, Event::Pending));
+                }
+            }
+        }
+    };
+    done(match answer {
+        Ok(Some(a)) => Ok(a.info),
+        Ok(None) => Err(JobError::Internal(format!(
+            "Error building {}/{id}: the cluster gave no answer",
+            req.project
+        ))),
+        Err(SubmitError::Job(e)) => Err(e),
+        Err(e) => Err(JobError::Internal(e.to_string())),
+    });
 }

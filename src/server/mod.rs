@@ -40,6 +40,12 @@ const APP_JS: &str = include_str!("../web/app.js");
 const STYLE_CSS: &str = include_str!("../web/style.css");
 
 pub fn router(engine: Arc<Engine>) -> Router {
+    router_in(engine, None)
+}
+
+/// [`router`] of an agent of `cluster` (mistryd): with a database, pipeline runs submit their
+/// jobs through the cluster's job records (the handlers find the cluster in an extension).
+pub fn router_in(engine: Arc<Engine>, cluster: Option<Arc<crate::cluster::Cluster>>) -> Router {
     Router::new()
         .route("/jobs", any(jobs))
         .route("/index/", get(index))
@@ -57,6 +63,10 @@ pub fn router(engine: Arc<Engine>) -> Router {
             "/api/agents/jobs",
             get(crate::cluster::view::serve_job_agents),
         )
+        .route(
+            "/api/cluster/jobs",
+            get(crate::cluster::view::serve_cluster_jobs),
+        )
         .route("/api/job/{project}/{id}", get(api_job))
         .route("/api/logtail/{project}/{id}", get(api_logtail))
         .route(
@@ -68,7 +78,7 @@ pub fn router(engine: Arc<Engine>) -> Router {
             get(|| async { ([("content-type", "text/css; charset=utf-8")], STYLE_CSS) }),
         )
         .route("/", get(|| async { Html(INDEX_HTML) }))
-        .merge(crate::pipeline::http::routes(Arc::clone(&engine)))
+        .merge(crate::pipeline::http::routes(Arc::clone(&engine), cluster))
         .layer(axum::middleware::from_fn(same_origin))
         .with_state(engine)
 }

@@ -49,6 +49,28 @@ async function jobAgents(query) {
   } catch (e) { return {}; }
 }
 
+// The cluster's job records (GET /api/cluster/jobs): /index/ entries plus agent, clusterState
+// and retries. [] on a single node (404) or when the database does not answer.
+async function clusterJobs() {
+  try {
+    const r = await fetch("/api/cluster/jobs");
+    return r.ok ? await r.json() : [];
+  } catch (e) { return []; }
+}
+
+// The job list: this agent's builds (/index/, newest first; they win) merged with the records of
+// the jobs held only by other agents, newest first (by StartedAt), each list keeping its order.
+function mergeJobs(local, records) {
+  const here = new Set(local.map((j) => j.project + "/" + j.id));
+  const others = records.filter((r) => !here.has(r.project + "/" + r.id));
+  if (!others.length) return local;
+  const time = (j) => Date.parse(j.buildInfo.StartedAt) || 0;
+  const out = [];
+  let i = 0, k = 0;
+  while (i < local.length && k < others.length) out.push(time(local[i]) >= time(others[k]) ? local[i++] : others[k++]);
+  return out.concat(local.slice(i), others.slice(k));
+}
+
 function agentLink(name) {
   if (!name) return [];
   return [el("a", { class: "agent-link", href: "/agents?agent=" + encodeURIComponent(name) }, name)];
@@ -75,21 +97,22 @@ function listPage() {
   const known = new Set();
   const knownAgents = new Set();
   async function refresh() {
-    let jobs, runs, agents;
+    let local, runs, agents, records;
     try {
-      [jobs, runs, agents] = await Promise.all([fetch("/index/").then((r) => r.json()), jobRuns(), jobAgents()]);
+      [local, runs, agents, records] = await Promise.all([fetch("/index/").then((r) => r.json()), jobRuns(), jobAgents(), clusterJobs()]);
       statusEl.textContent = "";
     } catch (e) {
       statusEl.textContent = "server unreachable";
       return;
     }
+    const jobs = mergeJobs(local, records);
     for (const j of jobs) {
       if (!known.has(j.project)) {
         known.add(j.project);
         project.append(el("option", { value: j.project }, j.project));
       }
     }
-    for (const a of Object.values(agents).concat(params.get("agent") || []).sort()) {
+    for (const a of Object.values(agents).concat(records.map((r) => r.agent || []).flat(), params.get("agent") || []).sort()) {
       if (!knownAgents.has(a)) {
         knownAgents.add(a);
         agent.append(el("option", { value: a }, a));
@@ -97,12 +120,12 @@ function listPage() {
     }
     project.value = params.get("project") || project.value;
     if (params.has("agent")) { agent.value = params.get("agent"); params.delete("agent"); }
-    const agentOf = (j) => agents[j.project + "/" + j.id] || "";
+    const agentOf = (j) => agents[j.project + "/" + j.id] || j.agent || "";
     const rows = jobs.filter((j) => !project.value || j.project === project.value)
       .filter((j) => !agent.value || agentOf(j) === agent.value).filter((j) => {
-      const failed = j.state === "ready" && (j.buildInfo.ExitCode !== 0 || j.buildInfo.ErrBuild);
+      const failed = j.state === "ready" && (j.buildInfo.ExitCode !== 0 || j.buildInfo.ErrBuild || j.clusterState === "failed");
       return !state.value || (state.value === "failed" ? failed : j.state === state.value);
-    }).map((j) => el("tr", { "data-id": j.id, "data-agent": agentOf(j) },
+    }).map((j) => el("tr", { "data-id": j.id, "data-agent": agentOf(j), ...("clusterState" in j ? { "data-held": "elsewhere", "data-cluster-state": j.clusterState } : {}) },
       el("td", { class: "id" }, el("a", { href: "/job/" + encodeURIComponent(j.project) + "/" + encodeURIComponent(j.id) }, j.id.slice(0, 12))),
       el("td", {}, j.project), el("td", {}, j.buildInfo.Group),
       el("td", { class: "state-" + j.state }, j.state), el("td", { class: "agent" }, ...agentLink(agentOf(j))), el("td", {}, j.startedAt),

@@ -67,3 +67,64 @@ pub fn untar(body: &[u8]) -> BTreeMap<String, Vec<u8>> {
     }
     files
 }
+
+/// Run mistryd (no test projects needed) with `database_url` = `url` in its configuration
+/// and `env` as MISTRY_DATABASE_URL; its exit code and stderr (it must stop within 20s).
+pub fn run_mistryd(url: &str, env: Option<&str>) -> (Option<i32>, String) {
+    let dir = tempfile::Builder::new()
+        .prefix("mistryd")
+        .tempdir()
+        .unwrap();
+    for d in ["projects", "builds"] {
+        std::fs::create_dir_all(dir.path().join(d)).unwrap();
+    }
+    let config = dir.path().join("config.json");
+    std::fs::write(
+        &config,
+        json!({
+            "projects_path": dir.path().join("projects"),
+            "build_path": dir.path().join("builds"),
+            "database_url": url,
+            "agent_name": "lonely",
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let mut cmd = std::process::Command::new(crate::common::mistryd_bin());
+    cmd.arg("--config")
+        .arg(&config)
+        .args(["--addr", "127.0.0.1:0"])
+        .env_remove("MISTRY_DATABASE_URL")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    if let Some(env) = env {
+        cmd.env("MISTRY_DATABASE_URL", env);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let started = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > std::time::Duration::from_secs(20) {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "mistryd did not stop: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.stdout.is_empty(),
+        "mistryd said it listens: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    (
+        status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

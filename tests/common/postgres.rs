@@ -20,6 +20,8 @@ pub struct Postgres {
     pub port: u16,
     /// `Some(user)`: run the server's tools as this user (the tests run as root).
     as_user: Option<&'static str>,
+    /// More `postgres` options (`-c ssl=on ...`; empty for [`Postgres::start_or_skip`]).
+    options: String,
 }
 
 fn bin_dir() -> PathBuf {
@@ -44,6 +46,17 @@ impl Postgres {
     /// A running cluster with the database `mistry`; `None` (the test skips) when PostgreSQL is
     /// not installed, a failure when `CI` is set.
     pub fn start_or_skip() -> Option<Postgres> {
+        Self::start_inner(None)
+    }
+
+    /// [`Postgres::start_or_skip`] with TLS: `ssl=on`, the server's certificate `cert_pem` and
+    /// its key `key_pem` (PEM) copied into the cluster's directory (`server.crt`,
+    /// `server.key` mode 0600, owned by the server's user).
+    pub fn start_ssl_or_skip(cert_pem: &[u8], key_pem: &[u8]) -> Option<Postgres> {
+        Self::start_inner(Some((cert_pem, key_pem)))
+    }
+
+    fn start_inner(ssl: Option<(&[u8], &[u8])>) -> Option<Postgres> {
         let bin = bin_dir();
         if !bin.join("initdb").is_file() {
             assert!(
@@ -62,17 +75,39 @@ impl Postgres {
             .prefix("mistry-pg")
             .tempdir()
             .unwrap();
-        if let Some(user) = as_user {
-            let u = nix::unistd::User::from_name(user)
+        let owner = as_user.map(|user| {
+            nix::unistd::User::from_name(user)
                 .unwrap()
-                .unwrap_or_else(|| panic!("no user {user}: run scripts/setup.sh"));
+                .unwrap_or_else(|| panic!("no user {user}: run scripts/setup.sh"))
+        });
+        if let Some(u) = &owner {
             nix::unistd::chown(dir.path(), Some(u.uid), Some(u.gid)).unwrap();
+        }
+        let mut options = String::new();
+        if let Some((cert, key)) = ssl {
+            use std::os::unix::fs::PermissionsExt;
+            let (crt_path, key_path) =
+                (dir.path().join("server.crt"), dir.path().join("server.key"));
+            std::fs::write(&crt_path, cert).unwrap();
+            std::fs::write(&key_path, key).unwrap();
+            std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            if let Some(u) = &owner {
+                for p in [&crt_path, &key_path] {
+                    nix::unistd::chown(p, Some(u.uid), Some(u.gid)).unwrap();
+                }
+            }
+            options = format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                crt_path.display(),
+                key_path.display()
+            );
         }
         let mut pg = Postgres {
             dir,
             bin,
             port: 0,
             as_user,
+            options,
         };
         let out = output(pg.tool("initdb").args([
             "-D",
@@ -132,9 +167,10 @@ impl Postgres {
 
     fn try_start(&self) -> bool {
         let options = format!(
-            "-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=off -c full_page_writes=off",
+            "-c listen_addresses=127.0.0.1 -p {} -k {} -c fsync=off -c full_page_writes=off{}",
             self.port,
-            self.dir.path().display()
+            self.dir.path().display(),
+            self.options
         );
         let out = output(
             self.tool("pg_ctl")
@@ -165,6 +201,19 @@ impl Postgres {
             "stop",
         ]));
         assert!(out.status.success(), "pg_ctl stop failed: {out:?}");
+    }
+
+    /// Put `rules` (pg_hba.conf lines) before the cluster's authentication rules and reload
+    /// the server (e.g. password authentication for a role over TLS).
+    pub fn hba_first(&self, rules: &str) {
+        let path = self.data().join("pg_hba.conf");
+        let current = std::fs::read_to_string(&path).unwrap();
+        std::fs::write(&path, format!("{rules}\n{current}")).unwrap();
+        let out = output(
+            self.tool("pg_ctl")
+                .args(["-D", self.data().to_str().unwrap(), "reload"]),
+        );
+        assert!(out.status.success(), "pg_ctl reload failed: {out:?}");
     }
 
     /// `postgres://mistry@127.0.0.1:PORT/mistry`.
