@@ -688,3 +688,47 @@ fn a_job_that_ends_while_the_database_is_down_is_recorded_when_it_is_back() {
     assert_eq!(starts_of(&b, &id), 0);
     expect_fresh_artifacts(&artifacts_over_http(&b, &id), "outage", "name\nsleep\n");
 }
+
+/// A job run again elsewhere while an agent holding a copy of its old build was down: that copy
+/// goes when the agent starts again (the end's notification was missed), and its next answer is
+/// the new build.
+#[test]
+fn a_copy_made_stale_while_its_agent_was_down_goes_at_start() {
+    let Some(pg) = Postgres::start_or_skip() else {
+        return;
+    };
+    let a = agent(&pg.url(), "a", 1);
+    let mut b = agent(&pg.url(), "b", 1);
+    let params = json!({"name": "renewed"});
+    let built = job(&a, "", params.clone());
+    let id = job_id(&built);
+    let copy = job(&b, "", params.clone());
+    assert_eq!(copy["Cached"], true, "{copy}");
+    assert_eq!(copy["StartedAt"], built["StartedAt"]);
+    let held = b.builds().join("simple/ready").join(&id);
+    assert!(held.join("build_info.json").is_file());
+    // B stops; A rebuilds the job meanwhile.
+    assert!(b.term().success());
+    let (status, text) = post_job(
+        &a,
+        &json!({"project": "simple", "params": params, "rebuild": true}),
+    );
+    let rebuilt = info_of(status, &text);
+    assert_eq!(rebuilt["Cached"], false, "{rebuilt}");
+    assert_ne!(rebuilt["StartedAt"], built["StartedAt"]);
+    // B starts again: its copy of the old build goes, and B answers with the new one.
+    b.spawn();
+    wait_for("B's stale copy gone", Duration::from_secs(20), || {
+        log_n(&b, 2).contains("a stale copy went: the job ran again on another agent")
+    });
+    assert_eq!(log_n(&b, 2).matches("a stale copy went").count(), 1);
+    let again = job(&b, "", params);
+    assert_eq!(
+        (&again["Cached"], &again["StartedAt"]),
+        (&json!(true), &rebuilt["StartedAt"]),
+        "{again}"
+    );
+    assert_eq!(starts_of(&b, &id), 0);
+    // A's own build is no copy: it stays.
+    assert!(!log_of(&a).contains("a stale copy went"));
+}

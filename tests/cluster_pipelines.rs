@@ -284,36 +284,64 @@ fn a_downstream_job_placed_on_another_agent_fetches_its_input_first() {
 }
 
 #[test]
-fn a_downstream_job_whose_input_cannot_be_fetched_fails_naming_it() {
+fn an_input_lost_by_its_holder_comes_from_a_copy_else_the_job_fails_naming_it() {
     let Some(pg) = Postgres::start_or_skip() else {
         return;
     };
     let agents = agents_named(&pg.url(), ["a", "b", "c"], 1);
     setup(&agents);
     let [a, b, c] = &agents;
-    // gen built on B, copied to A by a cache hit there; then B loses its build (its record
-    // still says ready on B).
-    let gen = json!({"project": "gen", "params": {"text": "lost", "sleep": ""}});
-    let (status, text) = post_job(b, &gen);
-    assert_eq!(status, 201, "{text}");
-    let gen_id = job_id(&serde_json::from_str(&text).unwrap());
-    let (status, text) = post_job(a, &gen);
-    assert_eq!(status, 201, "{text}");
-    assert_eq!(
-        serde_json::from_str::<Value>(&text).unwrap()["Cached"],
-        true
-    );
-    std::fs::remove_dir_all(b.builds().join("gen/ready").join(&gen_id)).unwrap();
     // use's group is held by C.
     let (status, text) = post_job(c, &json!({"project": "use", "group": "g"}));
     assert_eq!(status, 201, "{text}");
+    // gen built on B, copied to A by a cache hit there; then B loses its build (its record
+    // still says ready on B).
+    let gen_on_b_copied_to_a = |text: &str| {
+        let gen = json!({"project": "gen", "params": {"text": text, "sleep": ""}});
+        let (status, body) = post_job(b, &gen);
+        assert_eq!(status, 201, "{body}");
+        let id = job_id(&serde_json::from_str(&body).unwrap());
+        let (status, body) = post_job(a, &gen);
+        assert_eq!(status, 201, "{body}");
+        assert_eq!(
+            serde_json::from_str::<Value>(&body).unwrap()["Cached"],
+            true
+        );
+        std::fs::remove_dir_all(b.builds().join("gen/ready").join(&id)).unwrap();
+        id
+    };
+    let run = |text: &str| {
+        let (status, body) = a.post(
+            "/pipelines",
+            &json!({"pipeline": "chain", "params": {"text": text, "group": "g"}}).to_string(),
+        );
+        assert_eq!(status, 201, "{body}");
+        serde_json::from_str::<Value>(&body).unwrap()
+    };
 
-    let (status, text) = a.post(
-        "/pipelines",
-        &json!({"pipeline": "chain", "params": {"text": "lost", "group": "g"}}).to_string(),
+    // 1. C fetches gen's build from A's copy (the agent that took the run holds it).
+    let gen_id = gen_on_b_copied_to_a("copied");
+    let rec = run("copied");
+    assert_eq!(rec["state"], "succeeded", "{rec}");
+    assert_eq!(artifact(&rec, "use", "out.txt"), "use(gen:copied)\n");
+    assert!(
+        log_of(c).contains("input build fetched from another agent") && log_of(c).contains(&gen_id),
+        "{}",
+        log_of(c)
     );
-    assert_eq!(status, 201, "{text}");
-    let rec: Value = serde_json::from_str(&text).unwrap();
+
+    // 2. A's copy is not the recorded build (its StartedAt differs): refused, and the job fails
+    //    naming what each agent answered.
+    let gen_id = gen_on_b_copied_to_a("lost");
+    let info = a
+        .builds()
+        .join("gen/ready")
+        .join(&gen_id)
+        .join("build_info.json");
+    let mut stored: Value = serde_json::from_str(&read(&info)).unwrap();
+    stored["StartedAt"] = json!("2001-01-01T00:00:00Z");
+    std::fs::write(&info, stored.to_string()).unwrap();
+    let rec = run("lost");
     assert_eq!(rec["state"], "failed", "{rec}");
     assert_eq!(rec["failed"], json!(["use"]));
     assert_eq!(
@@ -325,7 +353,7 @@ fn a_downstream_job_whose_input_cannot_be_fetched_fails_naming_it() {
     let use_id = job(&rec, "use")["id"].as_str().unwrap().to_string();
     let expected = format!(
         "could not run the job: input \"gen\": the upstream build gen/{gen_id} could not be \
-         fetched from agent b: build gen/{gen_id} is not available from {}: ",
+         fetched from agent b or a copy: agent b: build gen/{gen_id} is not available from {}: ",
         b.url("")
     );
     let recorded = pg.psql(&format!(
@@ -336,10 +364,16 @@ fn a_downstream_job_whose_input_cannot_be_fetched_fails_naming_it() {
         recorded.starts_with(&format!("c failed {expected}")),
         "{recorded}\nexpected: c failed {expected}"
     );
+    assert!(
+        recorded.ends_with("; agent a: its copy is not the recorded build"),
+        "{recorded}"
+    );
     let shown = job(&rec, "use")["err_build"].as_str().unwrap();
     assert!(shown.contains(&expected), "{shown}\nexpected: {expected}");
-    // Nothing of use ran.
-    assert_eq!(log_of(c).matches("job started").count(), 1, "{}", log_of(c));
+    // The refused copy did not stay on C.
+    assert!(!c.builds().join("gen/ready").join(&gen_id).exists());
+    // Of use, only the group's first job and run 1's job ran on C.
+    assert_eq!(log_of(c).matches("job started").count(), 2, "{}", log_of(c));
 }
 
 #[test]

@@ -5,10 +5,13 @@
 //! `ready/`. The cluster may place that job on an agent that does not hold those builds: before
 //! a claimed job runs ([`fetch_inputs`], called by `Scheduler::run_claimed`), every input's
 //! build is made present here — already in `ready/` and succeeded: nothing to do; else it is
-//! fetched (`replicate::fetch_build`, without its cache) from the agent its job record names.
-//! An input whose record is missing, not ready (failed, queued, running), held by an agent that
-//! is not alive, or that cannot be fetched is an error naming the input, its project and its
-//! job ID; the claimed job is then recorded failed with it (`ErrBuild`, like the engine's own
+//! fetched (`replicate::fetch_build`, without its cache) from the agent its job record names,
+//! or, when that agent is not alive or the fetch fails, from another alive agent holding a copy
+//! of that very build (its `StartedAt` is the record's; the agent that took a pipeline run holds
+//! every build of the run).
+//! An input whose record is missing or not ready (failed, queued, running), or that no alive
+//! agent can give, is an error naming the input, its project and its job ID (and what each
+//! agent tried answered); the claimed job is then recorded failed with it (`ErrBuild`, like the engine's own
 //! check of inputs missing locally: `could not run the job: input "NAME": ...`).
 //!
 //! [`job_state`] gives a pipeline run the state of one of its jobs' records (`queued`,
@@ -16,10 +19,12 @@
 //! that failed on another agent without a build there to fetch is answered from its record's
 //! BuildInfo by `Scheduler::local_copy`.)
 
+use std::sync::Arc;
+
 use super::jobs::Scheduler;
 use super::ClusterError;
 use crate::engine::{Engine, Stage};
-use crate::jobs::JobRequest;
+use crate::jobs::{BuildInfo, JobRequest};
 
 /// Why a claimed job's inputs could not all be made present on this agent (its `ErrBuild`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -36,7 +41,7 @@ pub struct InputError {
 /// Make sure every input build of `req` is in this agent's `ready/` (see the module's doc).
 pub(super) async fn fetch_inputs(
     scheduler: &Scheduler,
-    engine: &Engine,
+    engine: &Arc<Engine>,
     req: &JobRequest,
 ) -> Result<(), InputError> {
     for (name, input) in &req.inputs {
@@ -88,25 +93,61 @@ pub(super) async fn fetch_inputs(
                 "is recorded ready on agent {me} (this one), but its build is not here"
             )));
         }
-        let url = match (&rec.agent_url, rec.agent_alive) {
-            (Some(url), true) => url.clone(),
-            _ => {
-                return Err(error(format!(
-                    "is held by agent {agent}, which is not alive"
-                )))
-            }
-        };
-        let dir = super::replicate::fetch_build(&url, &engine.layout, project, id, false)
-            .await
-            .map_err(|e| error(format!("could not be fetched from agent {agent}: {e}")))?;
-        let fetched = tokio::task::spawn_blocking(move || dir.read_info())
-            .await
-            .ok()
-            .flatten();
-        if !fetched.is_some_and(|i| i.succeeded()) {
-            return Err(error(format!("fetched from agent {agent} failed")));
+        // The holder first; when it is not alive or its fetch fails, any other alive agent
+        // holding a copy of this very build (the agent that took a pipeline run holds every
+        // build of the run): the copy's StartedAt must be the record's.
+        let recorded: Option<BuildInfo> = rec
+            .build_info
+            .as_deref()
+            .and_then(|t| serde_json::from_str(t).ok());
+        let mut tried = Vec::new();
+        let mut candidates = Vec::new();
+        match (&rec.agent_url, rec.agent_alive) {
+            (Some(url), true) => candidates.push((agent.clone(), url.clone())),
+            _ => tried.push(format!("agent {agent} is not alive")),
         }
-        tracing::info!(job_project = %req.project, input = %name, %project, %id, from = %agent, "input build fetched from another agent");
+        if let Ok(others) = scheduler.other_alive_agents().await {
+            candidates.extend(others.into_iter().filter(|(n, _)| *n != agent));
+        }
+        let mut found = None;
+        for (holder, url) in candidates {
+            let fetched =
+                super::replicate::fetch_build(&url, &engine.layout, project, id, false).await;
+            let dir = match fetched {
+                Ok(d) => d,
+                Err(e) => {
+                    tried.push(format!("agent {holder}: {e}"));
+                    continue;
+                }
+            };
+            let d2 = dir.clone();
+            let info = tokio::task::spawn_blocking(move || d2.read_info())
+                .await
+                .ok()
+                .flatten();
+            let same = match (&info, &recorded) {
+                (Some(i), Some(r)) => i.started_at == r.started_at,
+                (Some(_), None) => holder == agent,
+                _ => false,
+            };
+            if info.is_some_and(|i| i.succeeded()) && same {
+                found = Some(holder);
+                break;
+            }
+            // Not the recorded build (a stale or failed copy): it goes again.
+            let (e2, p, i) = (Arc::clone(engine), project.to_string(), id.to_string());
+            let _ = tokio::task::spawn_blocking(move || e2.discard_ready(&p, &i)).await;
+            tried.push(format!(
+                "agent {holder}: its copy is not the recorded build"
+            ));
+        }
+        let Some(holder) = found else {
+            return Err(error(format!(
+                "could not be fetched from agent {agent} or a copy: {}",
+                tried.join("; ")
+            )));
+        };
+        tracing::info!(job_project = %req.project, input = %name, %project, %id, from = %holder, "input build fetched from another agent");
     }
     Ok(())
 }

@@ -46,6 +46,9 @@
 //! build found in its `ready/` is recorded, any other is queued again. A database outage makes
 //! requests fail with 503 naming the database; the listener reconnects every second and wakes
 //! every waiter to read its job again.
+//!
+//! Copies: a job that ends again (a rebuild, a re-run) drops the other agents' copies of its
+//! old build — on the end's notification, and at an agent's start for what it missed.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -208,6 +211,16 @@ impl Scheduler {
         self.cluster.need_db()
     }
 
+    /// The other alive agents (name, advertise URL), by name.
+    pub(super) async fn other_alive_agents(&self) -> Result<Vec<(String, String)>, ClusterError> {
+        let all = super::agents::list(self.db()?, self.cluster.agent_timeout).await?;
+        Ok(all
+            .into_iter()
+            .filter(|a| a.alive && a.name != self.me())
+            .map(|a| (a.name, a.advertise_url))
+            .collect())
+    }
+
     pub(super) fn me(&self) -> &str {
         self.cluster.name()
     }
@@ -223,6 +236,7 @@ impl Scheduler {
         let stop2 = stop.clone();
         tokio::spawn(async move {
             me.heal().await;
+            me.drop_stale_copies().await;
             me.claim_loop(stop2).await
         });
         let me = Arc::clone(self);
@@ -1207,7 +1221,7 @@ impl Scheduler {
     /// A job that ran again on another agent (a rebuild, a re-run after a failure or of a dead
     /// agent's build) leaves this agent's copy stale: on its end's notification, a local copy
     /// whose `StartedAt` is not the record's goes (the next request fetches the new build).
-    /// An agent that was down meanwhile keeps its copy (see README).
+    /// An agent that was down meanwhile checks its copies at start ([`Scheduler::drop_stale_copies`]).
     async fn stale_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut events = self.events.subscribe();
         loop {
@@ -1247,21 +1261,89 @@ impl Scheduler {
             if theirs.is_some_and(|t| t.started_at == mine.started_at) {
                 continue;
             }
-            let (engine, p, i) = (
-                Arc::clone(&self.engine),
-                project.to_string(),
-                id.to_string(),
-            );
-            match tokio::task::spawn_blocking(move || engine.discard_ready(&p, &i)).await {
-                Ok(Ok(true)) => {
-                    tracing::info!(%project, %id, agent = ?rec.agent, "a stale copy went: the job ran again on another agent")
+            self.discard_copy(project, id, rec.agent.as_deref()).await;
+        }
+    }
+
+    /// Drop this agent's copy of `project/id`, which ran again on `agent` (or is queued again).
+    async fn discard_copy(&self, project: &str, id: &str, agent: Option<&str>) {
+        let (engine, p, i) = (
+            Arc::clone(&self.engine),
+            project.to_string(),
+            id.to_string(),
+        );
+        match tokio::task::spawn_blocking(move || engine.discard_ready(&p, &i)).await {
+            Ok(Ok(true)) => {
+                tracing::info!(%project, %id, agent = ?agent, "a stale copy went: the job ran again on another agent")
+            }
+            Ok(Ok(false)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(%project, %id, error = %e, "could not remove a stale copy")
+            }
+            Err(e) => tracing::warn!(%project, %id, error = %e, "could not remove a stale copy"),
+        }
+    }
+
+    /// At start: this agent's copies of builds whose jobs ran again elsewhere (or were queued
+    /// again) while it was down go — the notifications of their ends were missed.
+    async fn drop_stale_copies(&self) {
+        let layout = self.engine.layout.clone();
+        let local: Vec<(String, String, String)> = tokio::task::spawn_blocking(move || {
+            let mut all = Vec::new();
+            for project in layout.projects() {
+                for job in layout.jobs(&project, Stage::Ready) {
+                    if let Some(started) = job.read_started_at() {
+                        all.push((project.clone(), job.id().to_string(), started));
+                    }
                 }
-                Ok(Ok(false)) => {}
-                Ok(Err(e)) => {
-                    tracing::warn!(%project, %id, error = %e, "could not remove a stale copy")
-                }
+            }
+            all
+        })
+        .await
+        .unwrap_or_default();
+        for chunk in local.chunks(500) {
+            let (projects, ids): (Vec<&str>, Vec<&str>) = chunk
+                .iter()
+                .map(|(p, i, _)| (p.as_str(), i.as_str()))
+                .unzip();
+            let rows = async {
+                let db = self.db()?;
+                let client = db.client().await?;
+                client
+                    .query(
+                        "SELECT j.project, j.id, j.agent, j.build_info->>'StartedAt'
+                           FROM jobs j
+                           JOIN unnest($1::text[], $2::text[]) AS l(project, id)
+                             ON j.project = l.project AND j.id = l.id
+                          WHERE j.agent IS DISTINCT FROM $3",
+                        &[&projects, &ids, &self.me()],
+                    )
+                    .await
+                    .map_err(|e| db.pg_error(&e))
+            }
+            .await;
+            let rows = match rows {
+                Ok(r) => r,
                 Err(e) => {
-                    tracing::warn!(%project, %id, error = %e, "could not remove a stale copy")
+                    tracing::warn!(agent = %self.me(), error = %e, "could not check this agent's copies against their records");
+                    return;
+                }
+            };
+            for row in rows {
+                let (Ok(project), Ok(id), Ok(agent), Ok(theirs)) = (
+                    row.try_get::<_, String>(0),
+                    row.try_get::<_, String>(1),
+                    row.try_get::<_, Option<String>>(2),
+                    row.try_get::<_, Option<String>>(3),
+                ) else {
+                    continue;
+                };
+                let mine = chunk
+                    .iter()
+                    .find(|(p, i, _)| *p == project && *i == id)
+                    .map(|(_, _, s)| s.as_str());
+                if theirs.as_deref() != mine {
+                    self.discard_copy(&project, &id, agent.as_deref()).await;
                 }
             }
         }
