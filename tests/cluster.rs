@@ -12,7 +12,7 @@ mod postgres;
 
 use std::time::{Duration, Instant};
 
-use cluster::{agent, log_of, run_mistryd};
+use cluster::{agent, log_of, run_mistryd, run_mistryd_named};
 use common::server::Server;
 use common::wait_for;
 use postgres::Postgres;
@@ -328,5 +328,45 @@ fn the_agents_page_shows_alive_and_stale_agents() {
     assert_eq!(
         b.eval("return document.querySelector('tr[data-agent=a3] td:nth-child(2)').className"),
         "agent-stale"
+    );
+}
+
+#[test]
+fn a_second_live_agent_with_the_same_name_is_refused() {
+    let Some(pg) = Postgres::start_or_skip() else {
+        return;
+    };
+    let mut twin = agent(&pg.url(), "twin", 1);
+    let first_url = twin.url("");
+    let (code, stderr) = run_mistryd_named(&pg.url(), None, "twin");
+    assert_eq!(code, Some(1), "{stderr}");
+    assert_eq!(
+        stderr.lines().last().unwrap_or(""),
+        format!(
+            "mistryd: another live agent is named twin (at {}): give this one its own \
+             agent_name, or stop that one",
+            first_url
+        ),
+        "{stderr}"
+    );
+    // The first one is untouched: still registered at its own URL.
+    assert_eq!(
+        pg.psql("SELECT advertise_url FROM agents WHERE name = 'twin'"),
+        first_url
+    );
+    // Killed (its row still alive by its heartbeat, its address silent): the name is taken
+    // over by a restart on another address, with a warning.
+    twin.kill9();
+    let again = agent(&pg.url(), "twin", 1);
+    assert!(
+        log_of(&again).contains(
+            "this agent's name was alive at another address, which does not answer: taken over"
+        ),
+        "{}",
+        log_of(&again)
+    );
+    assert_eq!(
+        pg.psql("SELECT advertise_url FROM agents WHERE name = 'twin'"),
+        again.url("")
     );
 }

@@ -45,8 +45,11 @@ fn int(n: usize) -> i32 {
 }
 
 /// Insert or take over this agent's row (a restart under the same name takes its row over: it
-/// is the same agent). Another live agent with the same name and another URL is warned about:
-/// two agents must not share a name.
+/// is the same agent). A row of the same name that is alive by its heartbeat, with another URL,
+/// is another agent when that URL answers as an agent of this name: refused
+/// ([`ClusterError::NameTaken`]; two agents sharing a name would claim, heal and record each
+/// other's jobs); when it does not answer, it was this agent before a restart on another
+/// address, and is taken over with a warning.
 pub async fn register(
     db: &Db,
     me: &Registration<'_>,
@@ -65,11 +68,17 @@ pub async fn register(
     if let Some(row) = previous {
         let url: String = row.try_get(0).map_err(|e| db.pg_error(&e))?;
         let alive: bool = row.try_get(1).map_err(|e| db.pg_error(&e))?;
+        if alive && url != me.advertise_url && answers_as(&url, me.name).await {
+            return Err(ClusterError::NameTaken {
+                name: me.name.to_string(),
+                url,
+            });
+        }
         if alive && url != me.advertise_url {
             tracing::warn!(
                 agent = me.name,
                 other = %url,
-                "another live agent has this name (agent_name): this one takes the name over"
+                "this agent's name was alive at another address, which does not answer: taken over"
             );
         }
     }
@@ -93,6 +102,45 @@ pub async fn register(
         "agent registered"
     );
     Ok(())
+}
+
+/// Whether the mistryd at `url` answers as agent `name` (its `GET /agents` marks itself).
+async fn answers_as(url: &str, name: &str) -> bool {
+    let (url, name) = (
+        format!("{}/agents", url.trim_end_matches('/')),
+        name.to_string(),
+    );
+    tokio::task::spawn_blocking(move || {
+        let agent = ureq::Agent::new_with_config(
+            ureq::config::Config::builder()
+                .http_status_as_error(false)
+                .timeout_global(Some(Duration::from_secs(3)))
+                .build(),
+        );
+        let Ok(mut resp) = agent.get(&url).header("accept", "application/json").call() else {
+            return false;
+        };
+        if resp.status().as_u16() != 200 {
+            return false;
+        }
+        let Ok(text) = resp
+            .body_mut()
+            .with_config()
+            .limit(1 << 20)
+            .read_to_string()
+        else {
+            return false;
+        };
+        let Ok(list) = serde_json::from_str::<serde_json::Value>(&text) else {
+            return false;
+        };
+        list.as_array().is_some_and(|all| {
+            all.iter()
+                .any(|a| a["this"] == serde_json::json!(true) && a["name"] == name.as_str())
+        })
+    })
+    .await
+    .unwrap_or(false)
 }
 
 /// A heartbeat: the time and the jobs running now. A row deleted meanwhile (by an operator)

@@ -40,6 +40,11 @@ pub enum ClusterError {
     Migration { url: String, reason: String },
     #[error("the database at {url}: {reason}")]
     Query { url: String, reason: String },
+    #[error(
+        "another live agent is named {name} (at {url}): give this one its own agent_name, or \
+         stop that one"
+    )]
+    NameTaken { name: String, url: String },
 }
 
 /// An error and its sources, on one line.

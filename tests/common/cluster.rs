@@ -71,6 +71,11 @@ pub fn untar(body: &[u8]) -> BTreeMap<String, Vec<u8>> {
 /// Run mistryd (no test projects needed) with `database_url` = `url` in its configuration
 /// and `env` as MISTRY_DATABASE_URL; its exit code and stderr (it must stop within 20s).
 pub fn run_mistryd(url: &str, env: Option<&str>) -> (Option<i32>, String) {
+    run_mistryd_named(url, env, "lonely")
+}
+
+/// [`run_mistryd`] with `agent_name` = `name`.
+pub fn run_mistryd_named(url: &str, env: Option<&str>, name: &str) -> (Option<i32>, String) {
     let dir = tempfile::Builder::new()
         .prefix("mistryd")
         .tempdir()
@@ -85,7 +90,7 @@ pub fn run_mistryd(url: &str, env: Option<&str>) -> (Option<i32>, String) {
             "projects_path": dir.path().join("projects"),
             "build_path": dir.path().join("builds"),
             "database_url": url,
-            "agent_name": "lonely",
+            "agent_name": name,
         })
         .to_string(),
     )
