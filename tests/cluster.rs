@@ -370,3 +370,104 @@ fn a_second_live_agent_with_the_same_name_is_refused() {
         again.url("")
     );
 }
+
+/// `mistryd doctor` with the configuration `config`: its exit code and stdout.
+fn doctor(config: &std::path::Path) -> (Option<i32>, String) {
+    let out = std::process::Command::new(common::mistryd_bin())
+        .args(["--config", config.to_str().unwrap(), "doctor"])
+        .env_remove("MISTRY_DATABASE_URL")
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// The doctor's lines about the database (they start with the level and name it).
+fn database_lines(out: &str) -> Vec<String> {
+    out.lines()
+        .filter(|l| l.contains("database") || l.contains("agent name") || l.contains("agent named"))
+        .map(|l| l.to_string())
+        .collect()
+}
+
+#[test]
+fn the_doctor_checks_the_database_schema_and_name() {
+    let Some(pg) = Postgres::start_or_skip() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.json");
+    let write = |url: &str, name: &str| {
+        std::fs::write(
+            &config,
+            json!({
+                "projects_path": dir.path(),
+                "build_path": dir.path(),
+                "database_url": url,
+                "agent_name": name,
+            })
+            .to_string(),
+        )
+        .unwrap();
+    };
+    // A fresh database: reachable, not migrated yet, the name free.
+    write(&pg.url(), "doc");
+    let (_, out) = doctor(&config);
+    let version = pg.psql("SHOW server_version");
+    assert_eq!(
+        database_lines(&out),
+        [
+            format!(
+                "ok    database {}: PostgreSQL {version}, in the clear",
+                pg.url()
+            ),
+            "ok    database schema: not created yet (mistryd's start applies its 5 migrations)"
+                .to_string(),
+            "ok    agent name doc: free".to_string(),
+        ],
+        "{out}"
+    );
+    // An agent of that name runs: migrated, and the name is warned about.
+    let s = agent(&pg.url(), "doc", 1);
+    let (_, out) = doctor(&config);
+    assert_eq!(
+        database_lines(&out)[1..],
+        [
+            "ok    database schema version 5, up to date".to_string(),
+            format!(
+                "warn  an agent named doc heartbeated lately, at {}  — if it is another running \
+                 mistryd, give this one its own agent_name (a second live agent of a name is \
+                 refused)",
+                s.url("")
+            ),
+        ],
+        "{out}"
+    );
+    // A newer schema fails the check; an unreachable database too.
+    pg.psql(
+        "INSERT INTO mistry_schema_history (version, name, applied_on, checksum) \
+         VALUES (9, 'future', '2030-01-01T00:00:00Z', '1')",
+    );
+    write(&pg.url(), "other");
+    let (code, out) = doctor(&config);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains(
+            "FAIL  database schema version 9, newer than this mistryd (5)  — upgrade mistryd"
+        ),
+        "{out}"
+    );
+    write("postgres://mistry:secret@127.0.0.1:1/mistry", "other");
+    let (code, out) = doctor(&config);
+    assert_eq!(code, Some(1), "{out}");
+    let line = database_lines(&out).join("\n");
+    assert!(
+        line.starts_with(
+            "FAIL  cannot reach the database at postgres://mistry:***@127.0.0.1:1/mistry: "
+        ),
+        "{out}"
+    );
+    assert!(!out.contains("secret"), "{out}");
+}

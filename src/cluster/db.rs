@@ -145,6 +145,19 @@ pub struct Db {
 }
 
 /// The newest schema version this mistryd knows (its last embedded migration).
+/// What [`Db::probe`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Probe {
+    /// PostgreSQL's `server_version`.
+    pub server: String,
+    /// Whether the connection is TLS.
+    pub tls: bool,
+    /// The schema's version; `None`: not migrated yet (the first agent's start migrates it).
+    pub schema: Option<i64>,
+    /// The advertise URL of an agent of this name that heartbeated in the last 5 minutes.
+    pub namesake: Option<String>,
+}
+
 pub fn known_version() -> i64 {
     embedded::migrations::runner()
         .get_migrations()
@@ -157,6 +170,76 @@ pub fn known_version() -> i64 {
 impl Db {
     /// Connect to `url`, apply the migrations this mistryd has and the database lacks, and make
     /// the pool. `agent` names the connections (`application_name`).
+    /// What `mistryd doctor` says of the database at `url`: one connection, nothing written.
+    pub async fn probe(url: &str, agent: &str) -> Result<Probe, ClusterError> {
+        let shown = redact(url);
+        let (mut config, tls) = pg_config(url)?;
+        config.connect_timeout(CONNECT_TIMEOUT);
+        if config.get_application_name().is_none() {
+            config.application_name(format!("mistryd doctor {agent}"));
+        }
+        let err = |e: tokio_postgres::Error| ClusterError::Unreachable {
+            url: shown.clone(),
+            reason: chain(&e),
+        };
+        let (client, connection) = config.connect(tls).await.map_err(err)?;
+        let conn_task = tokio::spawn(connection);
+        let q = |e: tokio_postgres::Error| ClusterError::Query {
+            url: shown.clone(),
+            reason: chain(&e),
+        };
+        let row = client
+            .query_one(
+                "SELECT current_setting('server_version'),
+                        COALESCE((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false),
+                        to_regclass($1) IS NOT NULL",
+                &[&MIGRATION_TABLE],
+            )
+            .await
+            .map_err(q)?;
+        let (server, tls_used, migrated): (String, bool, bool) = (
+            row.try_get(0).map_err(q)?,
+            row.try_get(1).map_err(q)?,
+            row.try_get(2).map_err(q)?,
+        );
+        let schema = if migrated {
+            let row = client
+                .query_one(
+                    &format!("SELECT COALESCE(MAX(version), 0)::bigint FROM {MIGRATION_TABLE}"),
+                    &[],
+                )
+                .await
+                .map_err(q)?;
+            Some(row.try_get::<_, i64>(0).map_err(q)?)
+        } else {
+            None
+        };
+        let namesake = if migrated {
+            client
+                .query_opt(
+                    "SELECT advertise_url FROM agents
+                      WHERE name = $1 AND stopped_at IS NULL
+                        AND last_heartbeat > now() - interval '5 minutes'",
+                    &[&agent],
+                )
+                .await
+                .map_err(q)?
+                .map(|r| r.try_get::<_, String>(0))
+                .transpose()
+                .map_err(q)?
+        } else {
+            None
+        };
+        drop(client);
+        let _ = conn_task.await;
+        Ok(Probe {
+            server,
+            tls: tls_used,
+            schema,
+            namesake,
+        })
+    }
+
     pub async fn connect(url: &str, agent: &str) -> Result<Db, ClusterError> {
         let shown = redact(url);
         let (mut config, tls) = pg_config(url)?;

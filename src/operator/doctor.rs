@@ -134,8 +134,60 @@ pub fn check(config: &Path, ids: Option<SandboxIds>) -> Report {
     check_cgroups(&mut r, root);
     if let Some(cfg) = &cfg {
         check_registries(&mut r, cfg);
+        check_database(&mut r, cfg);
     }
     r
+}
+
+/// Several agents: the database answers (TLS or not), its schema, and this agent's name.
+fn check_database(r: &mut Report, cfg: &Config) {
+    let Some(url) = cfg.cluster.database_url.as_deref() else {
+        r.ok("single node: no database_url");
+        return;
+    };
+    let shown = crate::cluster::db::redact(url);
+    let name = cfg.cluster.agent_name.as_str();
+    let probed = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())
+        .and_then(|rt| {
+            rt.block_on(crate::cluster::db::Db::probe(url, name))
+                .map_err(|e| e.to_string())
+        });
+    let p = match probed {
+        Ok(p) => p,
+        Err(e) => {
+            r.fail(
+                e,
+                "start PostgreSQL, check database_url (README, \"Several agents\"); mistryd does not start without it",
+            );
+            return;
+        }
+    };
+    let tls = if p.tls { "over TLS" } else { "in the clear" };
+    r.ok(format!("database {shown}: PostgreSQL {}, {tls}", p.server));
+    let known = crate::cluster::db::known_version();
+    match p.schema {
+        None => r.ok(format!(
+            "database schema: not created yet (mistryd's start applies its {known} migrations)"
+        )),
+        Some(v) if v > known => r.fail(
+            format!("database schema version {v}, newer than this mistryd ({known})"),
+            "upgrade mistryd",
+        ),
+        Some(v) if v < known => r.ok(format!(
+            "database schema version {v} (mistryd's start migrates it to {known})"
+        )),
+        Some(v) => r.ok(format!("database schema version {v}, up to date")),
+    }
+    match p.namesake {
+        Some(other) => r.warn(
+            format!("an agent named {name} heartbeated lately, at {other}"),
+            "if it is another running mistryd, give this one its own agent_name (a second live agent of a name is refused)",
+        ),
+        None => r.ok(format!("agent name {name}: free")),
+    }
 }
 
 /// Print the report of [`check`] and return the exit code.
