@@ -338,6 +338,25 @@ fn log_retention_prunes_old_logs_and_records_but_not_running_jobs() {
     wait_for("the ticker's log pruned", Duration::from_secs(30), || {
         chunks(&ticker) == 0
     });
+    // An agent silent for longer than the retention and a day, which no record names, is
+    // forgotten with its images; one silent for less than a day, and the live one, stay.
+    pg.psql(
+        "INSERT INTO agents (name, advertise_url, capacity, version, last_heartbeat, stopped_at)
+         VALUES ('ghost', 'http://127.0.0.1:1', 1, 'x', now() - interval '2 days', now()),
+                ('napping', 'http://127.0.0.1:2', 1, 'x', now() - interval '2 hours', now())",
+    );
+    pg.psql("INSERT INTO agent_images (agent, project) VALUES ('ghost', 'simple')");
+    wait_for("the ghost forgotten", Duration::from_secs(10), || {
+        pg.psql("SELECT count(*) FROM agents WHERE name = 'ghost'") == "0"
+    });
+    assert_eq!(
+        pg.psql("SELECT string_agg(name, ',' ORDER BY name) FROM agents"),
+        "a,napping"
+    );
+    assert_eq!(
+        pg.psql("SELECT string_agg(DISTINCT agent, ',') FROM agent_images"),
+        "a"
+    );
 }
 
 /// B's web view shows the lines of a job running on A live (Chromium; root only, as

@@ -693,7 +693,8 @@ impl Logs {
 
     /// Delete the log chunks and the records of jobs that ended longer than `retention` ago
     /// (chunks without a record once they are that old); never those of a job queued or
-    /// running. Returns (chunks, records) deleted.
+    /// running. Agents silent that long (and at least a day) that no record names go too. Returns (chunks, records)
+    /// deleted.
     pub async fn prune(&self, retention: Duration) -> Result<(u64, u64), ClusterError> {
         let db = self.db()?;
         let secs = retention.as_secs_f64();
@@ -722,6 +723,28 @@ impl Logs {
             )
             .await
             .map_err(|e| db.pg_error(&e))?;
+        // Agents silent that long, and at least a day (stopped or gone), that no record names
+        // any more, and the images recorded for them: the agents page and placement forget
+        // them.
+        let agents = tx
+            .execute(
+                "DELETE FROM agents a
+                  WHERE a.last_heartbeat < now() - make_interval(secs => GREATEST($1::float8, 86400))
+                    AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.agent = a.name)",
+                &[&secs],
+            )
+            .await
+            .map_err(|e| db.pg_error(&e))?;
+        if agents > 0 {
+            tx.execute(
+                "DELETE FROM agent_images i
+                  WHERE NOT EXISTS (SELECT 1 FROM agents a WHERE a.name = i.agent)",
+                &[],
+            )
+            .await
+            .map_err(|e| db.pg_error(&e))?;
+            tracing::info!(agents, "log_retention: forgot agents silent for longer");
+        }
         tx.commit().await.map_err(|e| db.pg_error(&e))?;
         Ok((chunks, records))
     }
