@@ -330,6 +330,16 @@ fn an_input_lost_by_its_holder_comes_from_a_copy_else_the_job_fails_naming_it() 
         log_of(c)
     );
 
+    // 1b. No record at all (log_retention pruned it): any alive agent's copy will do.
+    let gen_id = gen_on_b_copied_to_a("unrecorded");
+    pg.psql(&format!(
+        "DELETE FROM jobs WHERE project = 'gen' AND id = '{gen_id}'"
+    ));
+    let rec = run("unrecorded");
+    assert_eq!(rec["state"], "succeeded", "{rec}");
+    assert_eq!(artifact(&rec, "use", "out.txt"), "use(gen:unrecorded)\n");
+    assert!(c.builds().join("gen/ready").join(&gen_id).is_dir());
+
     // 2. A's copy is not the recorded build (its StartedAt differs): refused, and the job fails
     //    naming what each agent answered.
     let gen_id = gen_on_b_copied_to_a("lost");
@@ -372,8 +382,8 @@ fn an_input_lost_by_its_holder_comes_from_a_copy_else_the_job_fails_naming_it() 
     assert!(shown.contains(&expected), "{shown}\nexpected: {expected}");
     // The refused copy did not stay on C.
     assert!(!c.builds().join("gen/ready").join(&gen_id).exists());
-    // Of use, only the group's first job and run 1's job ran on C.
-    assert_eq!(log_of(c).matches("job started").count(), 2, "{}", log_of(c));
+    // Of use, only the group's first job and the jobs of runs 1 and 1b ran on C.
+    assert_eq!(log_of(c).matches("job started").count(), 3, "{}", log_of(c));
 }
 
 #[test]

@@ -66,32 +66,26 @@ pub(crate) fn chain(e: &dyn std::error::Error) -> String {
 /// query's `password=***`, or a key=value string's `password=***` (quoted or not).
 pub fn redact(url: &str) -> String {
     if let Some((scheme, rest)) = url.split_once("://") {
-        // As tokio-postgres reads a URL: the credentials end at the first `@`.
-        let (creds, tail) = match rest.find('@') {
-            Some(at) => rest.split_at(at),
-            None => ("", rest),
-        };
-        let creds = match creds.split_once(':') {
-            Some((user, _password)) if !user.contains(['/', '?']) => format!("{user}:***"),
-            _ => creds.to_string(),
-        };
-        let tail = match tail.split_once('?') {
-            Some((path, query)) if query.contains("password=") => {
-                let query: Vec<&str> = query
-                    .split('&')
-                    .map(|kv| {
-                        if kv.starts_with("password=") {
-                            "password=***"
-                        } else {
-                            kv
-                        }
-                    })
-                    .collect();
-                format!("{path}?{}", query.join("&"))
+        // Conservatively: everything from the first `:` to the last `@` may be a password
+        // (one with an unencoded `@`, `/` or `?` included; a host's port may be hidden too),
+        // and every `password=` parameter's value up to the next `&`.
+        let rest = match (rest.find(':'), rest.rfind('@')) {
+            (Some(colon), Some(at)) if colon < at => {
+                format!("{}:***{}", &rest[..colon], &rest[at..])
             }
-            _ => tail.to_string(),
+            _ => rest.to_string(),
         };
-        return format!("{scheme}://{creds}{tail}");
+        let mut shown = String::with_capacity(rest.len());
+        let mut left = rest.as_str();
+        while let Some(at) = left.find("password=") {
+            let value = at + "password=".len();
+            shown.push_str(&left[..value]);
+            shown.push_str("***");
+            left = &left[value..];
+            left = &left[left.find('&').unwrap_or(left.len())..];
+        }
+        shown.push_str(left);
+        return format!("{scheme}://{shown}");
     }
     if let Some(shown) = super::tls::redact_key_values(url) {
         return shown;
@@ -115,7 +109,14 @@ pub fn pg_config(
         reason,
     };
     let (rest, settings) = super::tls::split(url).map_err(bad)?;
-    let mut config = tokio_postgres::Config::from_str(&rest).map_err(|e| bad(chain(&e)))?;
+    let mut config = tokio_postgres::Config::from_str(&rest).map_err(|e| {
+        // The parser's message may quote a part of the password.
+        if rest.contains("password") {
+            bad("it does not parse as a URL or as key=value pairs".into())
+        } else {
+            bad(chain(&e))
+        }
+    })?;
     let unix_only = !config.get_hosts().is_empty()
         && config
             .get_hosts()
@@ -144,7 +145,6 @@ pub struct Db {
     shown: String,
 }
 
-/// The newest schema version this mistryd knows (its last embedded migration).
 /// What [`Db::probe`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Probe {
@@ -158,6 +158,7 @@ pub struct Probe {
     pub namesake: Option<String>,
 }
 
+/// The newest schema version this mistryd knows (its last embedded migration).
 pub fn known_version() -> i64 {
     embedded::migrations::runner()
         .get_migrations()
@@ -398,6 +399,16 @@ mod tests {
             "host=db password=*** sslmode=require"
         );
         assert_eq!(redact("host=db password='a b"), "host=db password=***");
+        // An unencoded `@` in the password; an `@` in the query; both forms at once.
+        assert_eq!(redact("postgres://u:p@ss@db/m"), "postgres://u:***@db/m");
+        assert_eq!(
+            redact("postgres://db/m?user=u&password=secret&application_name=x@y"),
+            "postgres://db/m?user=u&password=***&application_name=x@y"
+        );
+        assert_eq!(
+            redact("postgres://u:one@db/m?password=two&sslmode=require"),
+            "postgres://u:***@db/m?password=***&sslmode=require"
+        );
     }
 
     #[test]

@@ -63,93 +63,166 @@ pub(super) async fn fetch_inputs(
                 .await
                 .map_err(|e| error(format!("could not be read here: {e}")))?
         };
-        match here {
-            Some(info) if info.succeeded() => continue,
-            Some(_) => return Err(error("failed".into())),
-            None => {}
-        }
         let me = scheduler.me();
-        let rec = scheduler
-            .read(project, id)
-            .await
-            .map_err(|e| {
-                error(format!(
+        let rec = match scheduler.read(project, id).await {
+            Ok(r) => r,
+            // The database does not answer: a build here is taken as it is.
+            Err(_) if here.as_ref().is_some_and(|i| i.succeeded()) => continue,
+            Err(e) => {
+                return Err(error(format!(
                     "is not on agent {me}, and its record could not be read: {e}"
-                ))
-            })?
-            .ok_or_else(|| {
-                error(format!(
-                    "is not on agent {me}, and the cluster has no record of it"
-                ))
-            })?;
-        let agent = rec.agent.clone().unwrap_or_default();
-        match rec.state.as_str() {
-            "ready" => {}
-            "failed" => return Err(error("failed".into())),
-            other => return Err(error(format!("is {other}, not ready"))),
-        }
-        if agent == me {
-            return Err(error(format!(
-                "is recorded ready on agent {me} (this one), but its build is not here"
-            )));
-        }
-        // The holder first; when it is not alive or its fetch fails, any other alive agent
-        // holding a copy of this very build (the agent that took a pipeline run holds every
-        // build of the run): the copy's StartedAt must be the record's.
-        let recorded: Option<BuildInfo> = rec
-            .build_info
-            .as_deref()
-            .and_then(|t| serde_json::from_str(t).ok());
-        let mut tried = Vec::new();
-        let mut candidates = Vec::new();
-        match (&rec.agent_url, rec.agent_alive) {
-            (Some(url), true) => candidates.push((agent.clone(), url.clone())),
-            _ => tried.push(format!("agent {agent} is not alive")),
-        }
-        if let Ok(others) = scheduler.other_alive_agents().await {
-            candidates.extend(others.into_iter().filter(|(n, _)| *n != agent));
-        }
-        let mut found = None;
-        for (holder, url) in candidates {
-            let fetched =
-                super::replicate::fetch_build(&url, &engine.layout, project, id, false).await;
-            let dir = match fetched {
-                Ok(d) => d,
-                Err(e) => {
-                    tried.push(format!("agent {holder}: {e}"));
-                    continue;
-                }
-            };
-            let d2 = dir.clone();
-            let info = tokio::task::spawn_blocking(move || d2.read_info())
-                .await
-                .ok()
-                .flatten();
-            let same = match (&info, &recorded) {
-                (Some(i), Some(r)) => i.started_at == r.started_at,
-                (Some(_), None) => holder == agent,
-                _ => false,
-            };
-            if info.is_some_and(|i| i.succeeded()) && same {
-                found = Some(holder);
-                break;
+                )))
             }
-            // Not the recorded build (a stale or failed copy): it goes again.
-            let (e2, p, i) = (Arc::clone(engine), project.to_string(), id.to_string());
-            let _ = tokio::task::spawn_blocking(move || e2.discard_ready(&p, &i)).await;
-            tried.push(format!(
-                "agent {holder}: its copy is not the recorded build"
-            ));
+        };
+        // A copy here: taken unless the record says the job ran again (another build).
+        if let Some(mine) = &here {
+            match &rec {
+                Some(r)
+                    if r.state == "ready"
+                        && r.agent.as_deref() != Some(me)
+                        && super::jobs::is_stale(mine, r) =>
+                {
+                    let (e2, p, i, j) = (
+                        Arc::clone(engine),
+                        project.to_string(),
+                        id.to_string(),
+                        mine.started_at.clone(),
+                    );
+                    let gone = tokio::task::spawn_blocking(move || e2.discard_ready(&p, &i, &j))
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| r);
+                    if gone != Ok(true) {
+                        return Err(error(
+                            "is here in another build than the recorded one, which could not be \
+                             replaced"
+                                .into(),
+                        ));
+                    }
+                }
+                _ if mine.succeeded() => continue,
+                _ => return Err(error("failed".into())),
+            }
         }
-        let Some(holder) = found else {
-            return Err(error(format!(
-                "could not be fetched from agent {agent} or a copy: {}",
-                tried.join("; ")
-            )));
+        let holder = match &rec {
+            Some(rec) => {
+                let agent = rec.agent.clone().unwrap_or_default();
+                match rec.state.as_str() {
+                    "ready" => {}
+                    "failed" => return Err(error("failed".into())),
+                    other => return Err(error(format!("is {other}, not ready"))),
+                }
+                if agent == me {
+                    return Err(error(format!(
+                        "is recorded ready on agent {me} (this one), but its build is not here"
+                    )));
+                }
+                let recorded: Option<BuildInfo> = rec
+                    .build_info
+                    .as_deref()
+                    .and_then(|t| serde_json::from_str(t).ok());
+                let first = match (&rec.agent_url, rec.agent_alive) {
+                    (Some(url), true) => Ok((agent.clone(), url.clone())),
+                    _ => Err(format!("agent {agent} is not alive")),
+                };
+                fetch_from_any(scheduler, engine, project, id, first, recorded.as_ref())
+                    .await
+                    .map_err(|tried| {
+                        error(format!(
+                            "could not be fetched from agent {agent} or a copy: {tried}"
+                        ))
+                    })?
+            }
+            // No record (pruned by log_retention, or older than the database): any alive
+            // agent's succeeded copy.
+            None => fetch_from_any(
+                scheduler,
+                engine,
+                project,
+                id,
+                Err("no record".into()),
+                None,
+            )
+            .await
+            .map_err(|tried| {
+                error(format!(
+                    "is not on agent {me}, and the cluster has no record of it (tried: {tried})"
+                ))
+            })?,
         };
         tracing::info!(job_project = %req.project, input = %name, %project, %id, from = %holder, "input build fetched from another agent");
     }
     Ok(())
+}
+
+/// Fetch build `project/id` from `first` (the recorded holder, or why not), else from any other
+/// alive agent holding a succeeded copy of it (with the `recorded` build's `StartedAt`, when
+/// there is a record): the agent it came from, or what each one answered.
+async fn fetch_from_any(
+    scheduler: &Scheduler,
+    engine: &Arc<Engine>,
+    project: &str,
+    id: &str,
+    first: Result<(String, String), String>,
+    recorded: Option<&BuildInfo>,
+) -> Result<String, String> {
+    let mut tried = Vec::new();
+    let mut candidates = Vec::new();
+    let holder = match first {
+        Ok((name, url)) => {
+            candidates.push((name.clone(), url));
+            Some(name)
+        }
+        Err(why) => {
+            if recorded.is_some() {
+                tried.push(why);
+            }
+            None
+        }
+    };
+    if let Ok(others) = scheduler.other_alive_agents().await {
+        candidates.extend(
+            others
+                .into_iter()
+                .filter(|(n, _)| Some(n) != holder.as_ref()),
+        );
+    }
+    for (name, url) in candidates {
+        let dir =
+            match super::replicate::fetch_build(&url, &engine.layout, project, id, false).await {
+                Ok(d) => d,
+                Err(e) => {
+                    tried.push(format!("agent {name}: {e}"));
+                    continue;
+                }
+            };
+        let d2 = dir.clone();
+        let info = tokio::task::spawn_blocking(move || d2.read_info())
+            .await
+            .ok()
+            .flatten();
+        let same = match (&info, recorded) {
+            (Some(i), Some(r)) => i.started_at == r.started_at,
+            (Some(_), None) => true,
+            _ => false,
+        };
+        match info {
+            Some(i) if i.succeeded() && same => return Ok(name),
+            Some(i) => {
+                // Not the recorded build (a stale or failed copy): it goes again.
+                let (e2, p, d, j) = (
+                    Arc::clone(engine),
+                    project.to_string(),
+                    id.to_string(),
+                    i.started_at,
+                );
+                let _ = tokio::task::spawn_blocking(move || e2.discard_ready(&p, &d, &j)).await;
+                tried.push(format!("agent {name}: its copy is not the recorded build"));
+            }
+            None => tried.push(format!("agent {name}: its copy has no BuildInfo")),
+        }
+    }
+    Err(tried.join("; "))
 }
 
 /// The state of job `project/id`'s record in the cluster (`queued`, `running`, `ready`,

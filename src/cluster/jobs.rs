@@ -68,8 +68,8 @@ pub const PREFERRED_GRACE: Duration = Duration::from_secs(1);
 /// A waiter reads its job's record again after this long without a notification (a safety
 /// net; notifications are what wakes it).
 const SAFETY_RECHECK: Duration = Duration::from_secs(30);
-/// How long this agent takes the end of a job it recorded for its own (see `recording`).
-const RECORDING_FOR: Duration = Duration::from_secs(60);
+/// At most this often, every copy here is checked against its record (see `stale_loop`).
+const CHECK_COPIES_EVERY: Duration = Duration::from_secs(5);
 
 /// Why a request could not be answered through the cluster.
 #[derive(Debug, thiserror::Error)]
@@ -149,10 +149,6 @@ pub struct Scheduler {
     claimed: AtomicUsize,
     /// A claimed job ended here: capacity is free.
     freed: Notify,
-    /// Jobs whose end this agent is recording: their end's notification is no news for the
-    /// stale-copy check.
-    /// (A notification missed by a reconnect leaves an entry: they count for a minute.)
-    recording: std::sync::Mutex<std::collections::HashMap<String, std::time::Instant>>,
 }
 
 fn key_of(project: &str, id: &str) -> String {
@@ -203,7 +199,6 @@ impl Scheduler {
             events: broadcast::channel(4096).0,
             claimed: AtomicUsize::new(0),
             freed: Notify::new(),
-            recording: Default::default(),
         }
     }
 
@@ -236,7 +231,6 @@ impl Scheduler {
         let stop2 = stop.clone();
         tokio::spawn(async move {
             me.heal().await;
-            me.drop_stale_copies().await;
             me.claim_loop(stop2).await
         });
         let me = Arc::clone(self);
@@ -596,6 +590,18 @@ impl Scheduler {
                 .as_deref()
                 .and_then(|t| serde_json::from_str(t).ok())
         };
+        // A copy here of another run of the job (the record's build is newer: a rebuild or a
+        // re-run elsewhere, whose end this request waited for) goes first.
+        let local = dir.read_info();
+        if let Some(mine) = local.as_ref().filter(|m| !here && is_stale(m, rec)) {
+            self.discard_copy(project, id, rec.agent.as_deref(), &mine.started_at)
+                .await;
+        }
+        if !here && dir.read_info().is_some_and(|m| is_stale(&m, rec)) {
+            return Err(SubmitError::Replication(format!(
+                "this agent's copy of {project}/{id} is an older build, in use: try again"
+            )));
+        }
         if !here && dir.read_info().is_none() {
             // A failed job may have no build to fetch (refused before it ran, e.g. an input
             // that could not be fetched): its record's BuildInfo answers.
@@ -1039,17 +1045,11 @@ impl Scheduler {
     /// Record the end of a job this agent ran (its build is in `ready/` already) and notify
     /// it; retried every second while the database does not answer.
     async fn record_end(&self, project: &str, id: &str, info: &BuildInfo) {
-        let key = key_of(project, id);
-        if let Ok(mut r) = self.recording.lock() {
-            r.retain(|_, at| at.elapsed() < RECORDING_FOR);
-            r.insert(key.clone(), std::time::Instant::now());
-        }
         let mut warned = false;
         for _ in 0..600 {
             match self.try_record_end(project, id, info).await {
                 Ok(true) => return,
                 Ok(false) => {
-                    self.forget_recording(&key);
                     tracing::warn!(%project, %id, agent = %self.me(), "the job's record was taken over meanwhile (this agent was taken for dead): its build stays here, unrecorded");
                     return;
                 }
@@ -1062,16 +1062,6 @@ impl Scheduler {
                 }
             }
         }
-        self.forget_recording(&key);
-    }
-
-    /// Whether `key` was being recorded by this agent lately (and is no longer).
-    fn forget_recording(&self, key: &str) -> bool {
-        self.recording
-            .lock()
-            .ok()
-            .and_then(|mut r| r.remove(key))
-            .is_some_and(|at| at.elapsed() < RECORDING_FOR)
     }
 
     async fn try_record_end(
@@ -1224,21 +1214,43 @@ impl Scheduler {
     /// An agent that was down meanwhile checks its copies at start ([`Scheduler::drop_stale_copies`]).
     async fn stale_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut events = self.events.subscribe();
+        // Every copy is checked at start, and again once the database answers after ends may
+        // have been missed (a reconnection, a lag) — at most every few seconds.
+        let mut check_all = true;
+        let mut checked: Option<tokio::time::Instant> = None;
         loop {
-            let key = tokio::select! {
-                e = events.recv() => match e {
-                    Ok(Event::Ended(key)) => key,
-                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                    Err(broadcast::error::RecvError::Closed) => return,
-                },
+            if check_all
+                && checked.is_none_or(|t| t.elapsed() >= CHECK_COPIES_EVERY)
+                && self.ping().await.is_ok()
+            {
+                checked = Some(tokio::time::Instant::now());
+                check_all = false;
+                self.drop_stale_copies().await;
+            }
+            let event = tokio::select! {
+                e = events.recv() => e,
+                _ = tokio::time::sleep(CHECK_COPIES_EVERY), if check_all => continue,
                 _ = stop.wait_for(|s| *s) => return,
             };
-            if self.forget_recording(&key) {
-                continue;
-            }
+            let key = match event {
+                Ok(Event::Ended(key)) => key,
+                Ok(Event::Queued) => continue,
+                Ok(Event::Reconnected) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                    check_all = true;
+                    continue;
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            };
             let Some((project, id)) = key.split_once('/') else {
                 continue;
             };
+            // Names as requests are checked (a notification is anyone's to send).
+            if crate::jobs::check_name("project", project)
+                .and_then(|()| crate::jobs::check_name("job", id))
+                .is_err()
+            {
+                continue;
+            }
             let local = self.engine.layout.job(project, id, Stage::Ready);
             let Some(mine) = local.read_info() else {
                 continue;
@@ -1251,28 +1263,24 @@ impl Scheduler {
                     continue;
                 }
             };
-            if rec.agent.as_deref() == Some(self.me()) {
+            if rec.agent.as_deref() == Some(self.me()) || !is_stale(&mine, &rec) {
                 continue;
             }
-            let theirs = rec
-                .build_info
-                .as_deref()
-                .and_then(|t| serde_json::from_str::<BuildInfo>(t).ok());
-            if theirs.is_some_and(|t| t.started_at == mine.started_at) {
-                continue;
-            }
-            self.discard_copy(project, id, rec.agent.as_deref()).await;
+            self.discard_copy(project, id, rec.agent.as_deref(), &mine.started_at)
+                .await;
         }
     }
 
-    /// Drop this agent's copy of `project/id`, which ran again on `agent` (or is queued again).
-    async fn discard_copy(&self, project: &str, id: &str, agent: Option<&str>) {
-        let (engine, p, i) = (
+    /// Drop this agent's copy of `project/id`, which ran again on `agent` (or is queued again),
+    /// if it is still the copy that started at `judged` (see [`Engine::discard_ready`]).
+    async fn discard_copy(&self, project: &str, id: &str, agent: Option<&str>, judged: &str) {
+        let (engine, p, i, j) = (
             Arc::clone(&self.engine),
             project.to_string(),
             id.to_string(),
+            judged.to_string(),
         );
-        match tokio::task::spawn_blocking(move || engine.discard_ready(&p, &i)).await {
+        match tokio::task::spawn_blocking(move || engine.discard_ready(&p, &i, &j)).await {
             Ok(Ok(true)) => {
                 tracing::info!(%project, %id, agent = ?agent, "a stale copy went: the job ran again on another agent")
             }
@@ -1326,7 +1334,7 @@ impl Scheduler {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::warn!(agent = %self.me(), error = %e, "could not check this agent's copies against their records");
-                    return;
+                    continue;
                 }
             };
             for row in rows {
@@ -1342,8 +1350,9 @@ impl Scheduler {
                     .iter()
                     .find(|(p, i, _)| *p == project && *i == id)
                     .map(|(_, _, s)| s.as_str());
-                if theirs.as_deref() != mine {
-                    self.discard_copy(&project, &id, agent.as_deref()).await;
+                if let Some(mine) = mine.filter(|m| theirs.as_deref() != Some(*m)) {
+                    self.discard_copy(&project, &id, agent.as_deref(), mine)
+                        .await;
                 }
             }
         }
@@ -1385,6 +1394,15 @@ impl Scheduler {
             .map_err(|e| db.pg_error(&e))?;
         Ok(())
     }
+}
+
+/// Whether a copy here (`mine`) is not the build the record stores (another run of the job).
+pub(super) fn is_stale(mine: &BuildInfo, rec: &Record) -> bool {
+    let theirs = rec
+        .build_info
+        .as_deref()
+        .and_then(|t| serde_json::from_str::<BuildInfo>(t).ok());
+    theirs.is_none_or(|t| t.started_at != mine.started_at)
 }
 
 /// Append a note line to a ready build's `out.log`.

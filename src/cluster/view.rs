@@ -20,7 +20,9 @@
 //!   blank one from the stored request while the job has not ended) plus `agent` (`null` while
 //!   queued), `clusterState` (the record's `queued`/`running`/`ready`/`failed`) and `retries`.
 //!   `state=` filters by the record's state (`pending` = queued or running); `limit` defaults to
-//!   [`CLUSTER_JOBS_DEFAULT`], at most [`CLUSTER_JOBS_MAX`]. The web view merges it with
+//!   [`CLUSTER_JOBS_DEFAULT`], at most [`CLUSTER_JOBS_MAX`]; the list also stops after
+//!   [`CLUSTER_JOBS_BYTES`] of stored BuildInfo and params, and its query after 5 s (a
+//!   statement timeout). The web view merges it with
 //!   `/index/` so every agent lists the cluster's jobs. 503 when the database does not answer;
 //!   404 on a single node (no database: `/index/` is its whole list).
 //! - `/metrics`: with a database, three cluster gauges read at each scrape
@@ -238,9 +240,12 @@ pub async fn serve_job_agents(
 }
 
 /// The cluster's job list's default length.
-pub const CLUSTER_JOBS_DEFAULT: i64 = 1000;
+pub const CLUSTER_JOBS_DEFAULT: i64 = 200;
 /// The cluster's job list's longest.
 pub const CLUSTER_JOBS_MAX: i64 = 5000;
+/// The list stops after this many bytes of stored BuildInfo and params (a few huge params must
+/// not make an agent hold gigabytes).
+pub const CLUSTER_JOBS_BYTES: usize = 16 << 20;
 
 /// `?agent=A&project=P&state=S&limit=N` of `GET /api/cluster/jobs`.
 #[derive(Debug, Default, Deserialize)]
@@ -301,9 +306,21 @@ pub async fn cluster_jobs(
             reason: "no database".into(),
         });
     };
-    let client = db.client().await?;
-    let rows = client
-        .query(
+    let mut client = db.client().await?;
+    // Bounded: the database's time (a statement timeout) and this agent's memory (the rows are
+    // read as they come, up to CLUSTER_JOBS_BYTES of stored BuildInfo and params).
+    let tx = client.transaction().await.map_err(|e| db.pg_error(&e))?;
+    tx.batch_execute("SET LOCAL statement_timeout = '5s'")
+        .await
+        .map_err(|e| db.pg_error(&e))?;
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] = [
+        &filter.agent,
+        &filter.project,
+        &filter.states,
+        &filter.limit,
+    ];
+    let stream = tx
+        .query_raw(
             "SELECT project, id, state, agent, retries, build_info::text,
                     COALESCE(request->>'group', ''), COALESCE(request->'params', '{}')::text,
                     to_char(COALESCE(started_at, queued_at) AT TIME ZONE 'UTC',
@@ -314,15 +331,31 @@ pub async fn cluster_jobs(
                 AND ($3::text[] IS NULL OR state = ANY($3))
               ORDER BY COALESCE(started_at, queued_at) DESC, project, id
               LIMIT $4",
-            &[
-                &filter.agent,
-                &filter.project,
-                &filter.states,
-                &filter.limit,
-            ],
+            params.iter().copied(),
         )
         .await
         .map_err(|e| db.pg_error(&e))?;
+    // Boxed so that it can go before the rollback (an unread rest is then discarded).
+    let mut stream = Box::pin(stream);
+    let mut rows = Vec::new();
+    let mut bytes = 0usize;
+    while let Some(row) = futures_util::TryStreamExt::try_next(&mut stream)
+        .await
+        .map_err(|e| db.pg_error(&e))?
+    {
+        bytes += row
+            .try_get::<_, Option<&str>>(5)
+            .ok()
+            .flatten()
+            .map_or(0, str::len)
+            + row.try_get::<_, &str>(7).map_or(0, str::len);
+        rows.push(row);
+        if bytes > CLUSTER_JOBS_BYTES {
+            break;
+        }
+    }
+    drop(stream);
+    let _ = tx.rollback().await;
     let g = |e: tokio_postgres::Error| db.pg_error(&e);
     let mut out = Vec::with_capacity(rows.len());
     for row in &rows {

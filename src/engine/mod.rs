@@ -202,9 +202,12 @@ impl Engine {
     }
 
     /// Several agents: drop this agent's copy of ready build `project/id` (the job ran again
-    /// elsewhere: a rebuild, a re-run): moved out of `ready/` at once, then removed; a build a
-    /// link or a cache layer needs stays. `Ok(true)` when it went.
-    pub fn discard_ready(&self, project: &str, id: &str) -> Result<bool, String> {
+    /// elsewhere: a rebuild, a re-run), when it is still the copy that was judged stale (its
+    /// `StartedAt` is `judged`): as retention removes a build — never while its job is in flight
+    /// here, a pipeline holds it or a running build starts from it, nor when a link or a cache
+    /// layer needs it; moved out of `ready/` under the project's link lock, then removed.
+    /// `Ok(true)` when it went.
+    pub fn discard_ready(&self, project: &str, id: &str, judged: &str) -> Result<bool, String> {
         let dir = self.layout.job(project, id, Stage::Ready);
         let build = retention::Build {
             project: project.to_string(),
@@ -215,9 +218,25 @@ impl Engine {
             linked: false,
             layer: false,
         };
-        self.retainer
-            .trash()
-            .discard(&self.layout, self.store(), &build)
+        if self.busy(&build) {
+            return Ok(false);
+        }
+        retention::unpin(&self.layout, self.store(), &build);
+        let taken = {
+            let lock = self.link_lock(project);
+            let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+            if self.busy(&build) || dir.read_started_at().as_deref() != Some(judged) {
+                return Ok(false);
+            }
+            self.retainer.trash().take(&self.layout, &build)?
+        };
+        let Some(path) = taken else {
+            return Ok(false);
+        };
+        self.store()
+            .remove_tree(&path)
+            .map_err(|e| format!("removing {}: {e}", path.display()))?;
+        Ok(true)
     }
 
     fn store(&self) -> &Store {

@@ -464,7 +464,7 @@ impl Engine {
 
     /// Whether retention must leave `build` alone now: its job is in flight again, or a running
     /// build starts from it.
-    fn busy(&self, build: &Build) -> bool {
+    pub(super) fn busy(&self, build: &Build) -> bool {
         self.jobs
             .watch(&JobKey::new(&build.project, &build.id))
             .is_some()
