@@ -149,6 +149,11 @@ pub struct Scheduler {
     claimed: AtomicUsize,
     /// A claimed job ended here: capacity is free.
     freed: Notify,
+    /// The builds whose end this agent recorded lately (key → `StartedAt`): their end's
+    /// notification is no news for the stale-copy check (one query less per job). A missed
+    /// notification leaves an entry; entries count for a minute, and a reconnection checks
+    /// every copy anyway.
+    recorded: std::sync::Mutex<std::collections::HashMap<String, (String, std::time::Instant)>>,
 }
 
 fn key_of(project: &str, id: &str) -> String {
@@ -199,6 +204,7 @@ impl Scheduler {
             events: broadcast::channel(4096).0,
             claimed: AtomicUsize::new(0),
             freed: Notify::new(),
+            recorded: Default::default(),
         }
     }
 
@@ -1045,11 +1051,20 @@ impl Scheduler {
     /// Record the end of a job this agent ran (its build is in `ready/` already) and notify
     /// it; retried every second while the database does not answer.
     async fn record_end(&self, project: &str, id: &str, info: &BuildInfo) {
+        // Before the record: its notification may come back before the update returns.
+        if let Ok(mut r) = self.recorded.lock() {
+            r.retain(|_, (_, at)| at.elapsed() < Duration::from_secs(60));
+            r.insert(
+                key_of(project, id),
+                (info.started_at.clone(), std::time::Instant::now()),
+            );
+        }
         let mut warned = false;
         for _ in 0..600 {
             match self.try_record_end(project, id, info).await {
                 Ok(true) => return,
                 Ok(false) => {
+                    self.forget_recorded(project, id);
                     tracing::warn!(%project, %id, agent = %self.me(), "the job's record was taken over meanwhile (this agent was taken for dead): its build stays here, unrecorded");
                     return;
                 }
@@ -1061,6 +1076,13 @@ impl Scheduler {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
+        }
+        self.forget_recorded(project, id);
+    }
+
+    fn forget_recorded(&self, project: &str, id: &str) {
+        if let Ok(mut r) = self.recorded.lock() {
+            r.remove(&key_of(project, id));
         }
     }
 
@@ -1237,6 +1259,9 @@ impl Scheduler {
                 Ok(Event::Queued) => continue,
                 Ok(Event::Reconnected) | Err(broadcast::error::RecvError::Lagged(_)) => {
                     check_all = true;
+                    if let Ok(mut r) = self.recorded.lock() {
+                        r.clear();
+                    }
                     continue;
                 }
                 Err(broadcast::error::RecvError::Closed) => return,
@@ -1255,6 +1280,17 @@ impl Scheduler {
             let Some(mine) = local.read_info() else {
                 continue;
             };
+            let ours = self
+                .recorded
+                .lock()
+                .ok()
+                .and_then(|mut r| r.remove(&key))
+                .is_some_and(|(started, at)| {
+                    started == mine.started_at && at.elapsed() < Duration::from_secs(60)
+                });
+            if ours {
+                continue;
+            }
             let rec = match self.read(project, id).await {
                 Ok(Some(r)) => r,
                 Ok(None) => continue,
