@@ -212,6 +212,17 @@ impl Scheduler {
         self.cluster.need_db()
     }
 
+    /// The rows of one query.
+    async fn rows(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, ClusterError> {
+        let db = self.db()?;
+        let client = db.client().await?;
+        client.query(sql, params).await.map_err(|e| db.pg_error(&e))
+    }
+
     /// The other alive agents (name, advertise URL), by name.
     pub(super) async fn other_alive_agents(&self) -> Result<Vec<(String, String)>, ClusterError> {
         let all = super::agents::list(self.db()?, self.cluster.agent_timeout).await?;
@@ -1146,19 +1157,13 @@ impl Scheduler {
     /// record), any other is queued again. Jobs this run of the agent took meanwhile (a request
     /// can arrive before this pass) are left alone.
     async fn heal(&self) {
-        let rows = async {
-            let db = self.db()?;
-            let client = db.client().await?;
-            client
-                .query(
-                    "SELECT j.project, j.id FROM jobs j JOIN agents a ON a.name = j.agent
-                      WHERE j.state = 'running' AND j.agent = $1 AND j.started_at < a.started_at",
-                    &[&self.me()],
-                )
-                .await
-                .map_err(|e| db.pg_error(&e))
-        }
-        .await;
+        let rows = self
+            .rows(
+                "SELECT j.project, j.id FROM jobs j JOIN agents a ON a.name = j.agent
+                  WHERE j.state = 'running' AND j.agent = $1 AND j.started_at < a.started_at",
+                &[&self.me()],
+            )
+            .await;
         let rows = match rows {
             Ok(r) => r,
             Err(e) => {
@@ -1350,22 +1355,16 @@ impl Scheduler {
                 .iter()
                 .map(|(p, i, _)| (p.as_str(), i.as_str()))
                 .unzip();
-            let rows = async {
-                let db = self.db()?;
-                let client = db.client().await?;
-                client
-                    .query(
-                        "SELECT j.project, j.id, j.agent, j.build_info->>'StartedAt'
-                           FROM jobs j
-                           JOIN unnest($1::text[], $2::text[]) AS l(project, id)
-                             ON j.project = l.project AND j.id = l.id
-                          WHERE j.agent IS DISTINCT FROM $3",
-                        &[&projects, &ids, &self.me()],
-                    )
-                    .await
-                    .map_err(|e| db.pg_error(&e))
-            }
-            .await;
+            let rows = self
+                .rows(
+                    "SELECT j.project, j.id, j.agent, j.build_info->>'StartedAt'
+                       FROM jobs j
+                       JOIN unnest($1::text[], $2::text[]) AS l(project, id)
+                         ON j.project = l.project AND j.id = l.id
+                      WHERE j.agent IS DISTINCT FROM $3",
+                    &[&projects, &ids, &self.me()],
+                )
+                .await;
             let rows = match rows {
                 Ok(r) => r,
                 Err(e) => {
