@@ -82,17 +82,10 @@ pub(super) async fn fetch_inputs(
                         && r.agent.as_deref() != Some(me)
                         && super::jobs::is_stale(mine, r) =>
                 {
-                    let (e2, p, i, j) = (
-                        Arc::clone(engine),
-                        project.to_string(),
-                        id.to_string(),
-                        mine.started_at.clone(),
-                    );
-                    let gone = tokio::task::spawn_blocking(move || e2.discard_ready(&p, &i, &j))
-                        .await
-                        .map_err(|e| e.to_string())
-                        .and_then(|r| r);
-                    if gone != Ok(true) {
+                    let gone = scheduler
+                        .discard_copy(project, id, r.agent.as_deref(), &mine.started_at)
+                        .await;
+                    if !gone {
                         return Err(error(
                             "is here in another build than the recorded one, which could not be \
                              replaced"
@@ -210,13 +203,9 @@ async fn fetch_from_any(
             Some(i) if i.succeeded() && same => return Ok(name),
             Some(i) => {
                 // Not the recorded build (a stale or failed copy): it goes again.
-                let (e2, p, d, j) = (
-                    Arc::clone(engine),
-                    project.to_string(),
-                    id.to_string(),
-                    i.started_at,
-                );
-                let _ = tokio::task::spawn_blocking(move || e2.discard_ready(&p, &d, &j)).await;
+                scheduler
+                    .discard_copy(project, id, Some(&name), &i.started_at)
+                    .await;
                 tried.push(format!("agent {name}: its copy is not the recorded build"));
             }
             None => tried.push(format!("agent {name}: its copy has no BuildInfo")),

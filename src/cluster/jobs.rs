@@ -609,17 +609,24 @@ impl Scheduler {
         };
         // A copy here of another run of the job (the record's build is newer: a rebuild or a
         // re-run elsewhere, whose end this request waited for) goes first.
-        let local = dir.read_info();
+        let mut local = dir.read_info();
         if let Some(mine) = local.as_ref().filter(|m| !here && is_stale(m, rec)) {
-            self.discard_copy(project, id, rec.agent.as_deref(), &mine.started_at)
-                .await;
+            let judged = mine.started_at.clone();
+            local = if self
+                .discard_copy(project, id, rec.agent.as_deref(), &judged)
+                .await
+            {
+                None
+            } else {
+                dir.read_info()
+            };
+            if local.as_ref().is_some_and(|m| is_stale(m, rec)) {
+                return Err(SubmitError::Replication(format!(
+                    "this agent's copy of {project}/{id} is an older build, in use: try again"
+                )));
+            }
         }
-        if !here && dir.read_info().is_some_and(|m| is_stale(&m, rec)) {
-            return Err(SubmitError::Replication(format!(
-                "this agent's copy of {project}/{id} is an older build, in use: try again"
-            )));
-        }
-        if !here && dir.read_info().is_none() {
+        if !here && local.is_none() {
             // A failed job may have no build to fetch (refused before it ran, e.g. an input
             // that could not be fetched): its record's BuildInfo answers.
             let failed = rec.state == "failed";
@@ -638,6 +645,7 @@ impl Scheduler {
                 Ok(d) => {
                     tracing::info!(%project, %id, from = ?rec.agent, "build replicated from another agent");
                     dir = d;
+                    local = dir.read_info();
                 }
                 Err(e) => match stored().filter(|_| failed) {
                     Some(info) => {
@@ -652,7 +660,7 @@ impl Scheduler {
                 },
             }
         }
-        let info = match dir.read_info().or_else(stored) {
+        let info = match local.or_else(stored) {
             Some(i) => i,
             None => {
                 return Err(SubmitError::Job(JobError::Internal(format!(
@@ -905,8 +913,7 @@ impl Scheduler {
             .cluster
             .logs()
             .map(|logs| logs.ship(&self.engine.layout.job(&project, &id, Stage::Pending)));
-        let ended = scheduled.wait().await;
-        match ended {
+        let info = match scheduled.wait().await {
             Ok((mut info, dir)) => {
                 if claim.retries > 0 {
                     let from = claim.retried_from.as_deref().unwrap_or("another agent");
@@ -927,19 +934,14 @@ impl Scheduler {
                     let (dir2, info2) = (dir.clone(), info.clone());
                     let _ = tokio::task::spawn_blocking(move || dir2.write_info(&info2)).await;
                 }
-                if let Some(s) = shipper {
-                    s.finish().await;
-                }
-                self.record_end(&project, &id, &info).await;
+                info
             }
-            Err(e) => {
-                if let Some(s) = shipper {
-                    s.finish().await;
-                }
-                let info = self.refused(&req, &id, e.to_string());
-                self.record_end(&project, &id, &info).await;
-            }
+            Err(e) => self.refused(&req, &id, e.to_string()),
+        };
+        if let Some(s) = shipper {
+            s.finish().await;
         }
+        self.record_end(&project, &id, &info).await;
     }
 
     /// A group's chain moving to this agent: start from the group's last successful build,
@@ -1313,23 +1315,35 @@ impl Scheduler {
     }
 
     /// Drop this agent's copy of `project/id`, which ran again on `agent` (or is queued again),
-    /// if it is still the copy that started at `judged` (see [`Engine::discard_ready`]).
-    async fn discard_copy(&self, project: &str, id: &str, agent: Option<&str>, judged: &str) {
+    /// if it is still the copy that started at `judged` (see [`Engine::discard_ready`]);
+    /// whether it went.
+    pub(super) async fn discard_copy(
+        &self,
+        project: &str,
+        id: &str,
+        agent: Option<&str>,
+        judged: &str,
+    ) -> bool {
         let (engine, p, i, j) = (
             Arc::clone(&self.engine),
             project.to_string(),
             id.to_string(),
             judged.to_string(),
         );
-        match tokio::task::spawn_blocking(move || engine.discard_ready(&p, &i, &j)).await {
-            Ok(Ok(true)) => {
-                tracing::info!(%project, %id, agent = ?agent, "a stale copy went: the job ran again on another agent")
+        let outcome = tokio::task::spawn_blocking(move || engine.discard_ready(&p, &i, &j))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r);
+        match outcome {
+            Ok(true) => {
+                tracing::info!(%project, %id, agent = ?agent, "a stale copy went: the job ran again on another agent");
+                true
             }
-            Ok(Ok(false)) => {}
-            Ok(Err(e)) => {
-                tracing::warn!(%project, %id, error = %e, "could not remove a stale copy")
+            Ok(false) => false,
+            Err(e) => {
+                tracing::warn!(%project, %id, error = %e, "could not remove a stale copy");
+                false
             }
-            Err(e) => tracing::warn!(%project, %id, error = %e, "could not remove a stale copy"),
         }
     }
 
