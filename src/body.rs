@@ -1,6 +1,7 @@
 //! Response bodies that blocking code writes as they are sent.
 
 use axum::body::Bytes;
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use futures_util::stream;
 
@@ -46,4 +47,24 @@ impl std::io::Write for ChannelWriter {
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
     }
+}
+
+/// The web view's page, embedded (its script draws every page: the job list, a job, a run).
+pub const INDEX_HTML: &str = include_str!("web/index.html");
+
+/// `value` as JSON with `status` (500 if it does not serialize).
+pub fn json(status: StatusCode, value: &impl serde::Serialize) -> Response {
+    match serde_json::to_vec(value) {
+        Ok(body) => (status, [("content-type", "application/json")], body).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// 503 `Service unavailable: <e>` (e.g. the cluster's database does not answer).
+pub fn unavailable(e: &impl std::fmt::Display) -> Response {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("Service unavailable: {e}"),
+    )
+        .into_response()
 }

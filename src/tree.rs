@@ -70,6 +70,26 @@ fn header_from(st: &rustix::fs::Stat, kind: tar::EntryType, size: u64) -> tar::H
     h
 }
 
+/// Append the directory entry of `dir` alone (its mode, owner and time) to `b` as `name`.
+pub fn append_dir<W: std::io::Write>(
+    b: &mut tar::Builder<W>,
+    dir: &OwnedFd,
+    name: &std::path::Path,
+) -> std::io::Result<()> {
+    let st = rustix::fs::fstat(dir)?;
+    let mut h = header_from(&st, tar::EntryType::Directory, 0);
+    b.append_data(&mut h, name, std::io::empty())
+}
+
+/// Whether opening a path below a root failed because it is not there (missing, or a symlink
+/// or a non-directory on the way, which [`open_beneath`] refuses to follow).
+pub fn is_gone(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::ENOENT | libc::ELOOP | libc::ENOTDIR)
+    )
+}
+
 /// Write the tree under `root` (an open directory: a job's artifacts) as a tar stream. Every
 /// entry is opened by fd below `root`, never through a symlink: links are sent as links (their
 /// targets are not read), FIFOs, sockets and devices are skipped.
@@ -89,14 +109,7 @@ pub fn append_file<W: std::io::Write>(
 ) -> std::io::Result<bool> {
     let fd = match open_beneath(dir, rel, false) {
         Ok(fd) => fd,
-        Err(e)
-            if matches!(
-                e.raw_os_error(),
-                Some(libc::ENOENT | libc::ELOOP | libc::ENOTDIR)
-            ) =>
-        {
-            return Ok(false)
-        }
+        Err(e) if is_gone(&e) => return Ok(false),
         Err(e) => return Err(e),
     };
     let st = rustix::fs::fstat(&fd)?;
@@ -131,9 +144,7 @@ pub fn append_tree<W: std::io::Write>(
             }
         };
         if !named(&rel).as_os_str().is_empty() {
-            let st = rustix::fs::fstat(&dir)?;
-            let mut h = header_from(&st, tar::EntryType::Directory, 0);
-            b.append_data(&mut h, named(&rel), std::io::empty())?;
+            append_dir(b, &dir, &named(&rel))?;
         }
         let mut names = images::inroot::list(dir.as_fd())?;
         names.sort();

@@ -17,11 +17,25 @@ pub(crate) fn agent(timeout: Duration) -> ureq::Agent {
 }
 
 /// What is said when `timeout` passes before the answer: `{what} did not finish after 1h`.
-fn timed_out(what: &str, timeout: Duration) -> anyhow::Error {
+pub(crate) fn timed_out(what: &str, timeout: Duration) -> anyhow::Error {
     anyhow::anyhow!(
         "{what} did not finish after {}",
         crate::duration::format_go(timeout)
     )
+}
+
+/// A request to the server at `base` that got no answer: the timeout's message, or that the
+/// server cannot be reached.
+pub(crate) fn send_error(
+    e: ureq::Error,
+    base: &str,
+    what: &str,
+    timeout: Duration,
+) -> anyhow::Error {
+    match e {
+        ureq::Error::Timeout(_) => timed_out(what, timeout),
+        e => anyhow::anyhow!("cannot reach the mistry server at {base}: {e}"),
+    }
 }
 
 /// Send `body` (JSON; a GET when `None`) to `url` on the server at `base`, and read the whole
@@ -45,11 +59,7 @@ pub(crate) fn request(
             .header("Content-Type", "application/json")
             .call(),
     };
-    let mut resp = match sent {
-        Ok(r) => r,
-        Err(ureq::Error::Timeout(_)) => return Err(timed_out(what, timeout)),
-        Err(e) => bail!("cannot reach the mistry server at {base}: {e}"),
-    };
+    let mut resp = sent.map_err(|e| send_error(e, base, what, timeout))?;
     let status = resp.status().as_u16();
     let text = match resp
         .body_mut()

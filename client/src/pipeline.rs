@@ -301,13 +301,7 @@ fn follow(
     timeout: Duration,
 ) -> Result<Value> {
     let what = "The pipeline run";
-    let timed_out = || {
-        anyhow!(
-            "{what} did not finish after {}",
-            crate::duration::format_go(timeout)
-        )
-    };
-    if let Some(record) = events(agent, base, url, lines, timed_out)? {
+    if let Some(record) = events(agent, base, url, lines, what, timeout)? {
         return Ok(record);
     }
     // No events (or they ended early): ask for the record until the run ends.
@@ -324,7 +318,7 @@ fn follow(
             return Ok(record);
         }
         if Instant::now() >= deadline {
-            return Err(timed_out());
+            return Err(crate::http::timed_out(what, timeout));
         }
         std::thread::sleep(Duration::from_millis(250));
     }
@@ -336,17 +330,14 @@ fn events(
     base: &str,
     url: &str,
     lines: &mut Lines,
-    timed_out: impl Fn() -> anyhow::Error,
+    what: &str,
+    timeout: Duration,
 ) -> Result<Option<Value>> {
-    let mut resp = match agent
+    let mut resp = agent
         .get(&format!("{base}/{url}/events"))
         .header("Accept", "text/event-stream")
         .call()
-    {
-        Ok(r) => r,
-        Err(ureq::Error::Timeout(_)) => return Err(timed_out()),
-        Err(e) => bail!("cannot reach the mistry server at {base}: {e}"),
-    };
+        .map_err(|e| crate::http::send_error(e, base, what, timeout))?;
     if resp.status().as_u16() != 200 {
         return Ok(None);
     }
@@ -355,8 +346,12 @@ fn events(
     for line in reader.lines() {
         let line = match line {
             Ok(l) => l,
-            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => return Err(timed_out()),
-            Err(e) if e.to_string().contains("timeout") => return Err(timed_out()),
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {
+                return Err(crate::http::timed_out(what, timeout))
+            }
+            Err(e) if e.to_string().contains("timeout") => {
+                return Err(crate::http::timed_out(what, timeout))
+            }
             Err(_) => return Ok(None),
         };
         if let Some(d) = line.strip_prefix("data:") {

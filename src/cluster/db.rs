@@ -145,6 +145,27 @@ pub struct Db {
     shown: String,
 }
 
+/// The schema version the database's migration history holds; `None` when it has none (never
+/// migrated).
+async fn schema_version(
+    client: &tokio_postgres::Client,
+) -> Result<Option<i64>, tokio_postgres::Error> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&MIGRATION_TABLE])
+        .await?
+        .try_get(0)?;
+    if !exists {
+        return Ok(None);
+    }
+    let row = client
+        .query_one(
+            &format!("SELECT COALESCE(MAX(version), 0)::bigint FROM {MIGRATION_TABLE}"),
+            &[],
+        )
+        .await?;
+    Ok(Some(row.try_get(0)?))
+}
+
 /// What [`Db::probe`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Probe {
@@ -192,30 +213,15 @@ impl Db {
         let row = client
             .query_one(
                 "SELECT current_setting('server_version'),
-                        COALESCE((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false),
-                        to_regclass($1) IS NOT NULL",
-                &[&MIGRATION_TABLE],
+                        COALESCE((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false)",
+                &[],
             )
             .await
             .map_err(q)?;
-        let (server, tls_used, migrated): (String, bool, bool) = (
-            row.try_get(0).map_err(q)?,
-            row.try_get(1).map_err(q)?,
-            row.try_get(2).map_err(q)?,
-        );
-        let schema = if migrated {
-            let row = client
-                .query_one(
-                    &format!("SELECT COALESCE(MAX(version), 0)::bigint FROM {MIGRATION_TABLE}"),
-                    &[],
-                )
-                .await
-                .map_err(q)?;
-            Some(row.try_get::<_, i64>(0).map_err(q)?)
-        } else {
-            None
-        };
-        let namesake = if migrated {
+        let (server, tls_used): (String, bool) =
+            (row.try_get(0).map_err(q)?, row.try_get(1).map_err(q)?);
+        let schema = schema_version(&client).await.map_err(q)?;
+        let namesake = if schema.is_some() {
             client
                 .query_opt(
                     "SELECT advertise_url FROM agents
@@ -326,20 +332,7 @@ async fn migrate(client: &mut tokio_postgres::Client, shown: &str) -> Result<(),
         .await
         .map_err(|e| err(&e))?;
     let result = async {
-        let exists: bool = client
-            .query_one("SELECT to_regclass($1) IS NOT NULL", &[&MIGRATION_TABLE])
-            .await
-            .and_then(|r| r.try_get(0))
-            .map_err(|e| err(&e))?;
-        if exists {
-            let found: i64 = client
-                .query_one(
-                    &format!("SELECT COALESCE(MAX(version), 0)::bigint FROM {MIGRATION_TABLE}"),
-                    &[],
-                )
-                .await
-                .and_then(|r| r.try_get(0))
-                .map_err(|e| err(&e))?;
+        if let Some(found) = schema_version(client).await.map_err(|e| err(&e))? {
             let known = known_version();
             if found > known {
                 return Err(ClusterError::TooNew { found, known });

@@ -270,6 +270,17 @@ impl Scheduler {
         let id = tokio::task::spawn_blocking(move || engine.job_id_of(&r))
             .await
             .map_err(|e| JobError::Internal(e.to_string()))??;
+        self.submit_as(req, id, is_async).await
+    }
+
+    /// [`Scheduler::submit`] of a request whose job ID `id` the caller computed (with
+    /// [`Engine::job_id_of`]).
+    pub async fn submit_as(
+        self: &Arc<Self>,
+        req: JobRequest,
+        id: String,
+        is_async: bool,
+    ) -> Result<Option<Answer>, SubmitError> {
         let project = req.project.clone();
         if !req.rebuild {
             let (engine, p, i) = (Arc::clone(&self.engine), project.clone(), id.clone());
@@ -844,9 +855,8 @@ impl Scheduler {
     fn refused(&self, req: &JobRequest, id: &str, err: String) -> BuildInfo {
         let dir = self.engine.layout.job(&req.project, id, Stage::Ready);
         BuildInfo {
-            path: dir.artifacts_when_ready().display().to_string(),
             err_build: err,
-            ..crate::engine::blank_info(&req.params, &req.group, &req.project, id)
+            ..self.engine.blank_info(req, &dir)
         }
     }
 

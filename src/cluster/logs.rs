@@ -36,7 +36,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
-use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::{self, Stream};
 use tokio::io::AsyncReadExt;
@@ -44,6 +43,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 
 use super::listen::Notice;
 use super::{Cluster, ClusterError};
+use crate::body::unavailable;
 use crate::engine::JobDir;
 use crate::jobs::BuildInfo;
 
@@ -764,15 +764,6 @@ fn parse_event(channel: &str, payload: &str) -> Option<LogEvent> {
         "end" => Some(LogEvent::LogEnd(key)),
         _ => Some(LogEvent::Chunk(key)),
     }
-}
-
-/// A 503 naming the database.
-fn unavailable(e: &ClusterError) -> Response {
-    (
-        StatusCode::SERVICE_UNAVAILABLE,
-        format!("Service unavailable: {e}"),
-    )
-        .into_response()
 }
 
 /// The BuildInfo of a job that has not ended, from its stored request.

@@ -183,14 +183,19 @@ fn prepare(
     if dir.read_info().is_none() {
         return Err(not_ready());
     }
+    let layers = if with_cache {
+        images::read_cache_layers(dir.path())
+    } else {
+        Vec::new()
+    };
     let cache = if !with_cache {
         None
-    } else if images::read_cache_layers(dir.path()).is_empty() {
+    } else if layers.is_empty() {
         Some("data/cache")
     } else {
         // The layers below stay while the squash reads them.
         holds.extend(
-            images::read_cache_layers(dir.path())
+            layers
                 .iter()
                 .filter_map(|l| images::layer_build(l))
                 .filter_map(|b| engine.hold_build(project, b)),
@@ -228,24 +233,17 @@ fn empty_dir(b: &mut tar::Builder<&mut dyn Write>, name: &str) -> io::Result<()>
     b.append_data(&mut h, name, io::empty())
 }
 
-fn is_gone(e: &io::Error) -> bool {
-    matches!(
-        e.raw_os_error(),
-        Some(libc::ENOENT | libc::ELOOP | libc::ENOTDIR)
-    )
-}
-
 fn write_build(p: &Prepared, out: &mut dyn Write) -> io::Result<()> {
-    use crate::tree::{append_file, append_tree, open_beneath};
+    use crate::tree::{append_dir, append_file, append_tree, is_gone, open_beneath};
     let mut b = tar::Builder::new(out);
     match open_beneath(&p.job, Path::new("data"), true) {
-        Ok(data) => append_tree_root_only(&mut b, &data, "data")?,
+        Ok(data) => append_dir(&mut b, &data, Path::new("data"))?,
         Err(e) if is_gone(&e) => empty_dir(&mut b, "data")?,
         Err(e) => return Err(e),
     }
     match open_beneath(&p.job, Path::new("data/params"), true) {
         Ok(params) => {
-            append_tree_root_only(&mut b, &params, "data/params")?;
+            append_dir(&mut b, &params, Path::new("data/params"))?;
             let mut names = images::inroot::list(std::os::fd::AsFd::as_fd(&params))?;
             names.sort();
             for name in names {
@@ -279,23 +277,6 @@ fn write_build(p: &Prepared, out: &mut dyn Write) -> io::Result<()> {
         append_file(&mut b, &p.job, Path::new(name), Path::new(name))?;
     }
     b.into_inner().map(drop)
-}
-
-/// The directory entry of `dir` alone (its mode and time), as `name`.
-fn append_tree_root_only(
-    b: &mut tar::Builder<&mut dyn Write>,
-    dir: &OwnedFd,
-    name: &str,
-) -> io::Result<()> {
-    let st = rustix::fs::fstat(dir)?;
-    let mut h = tar::Header::new_gnu();
-    h.set_entry_type(tar::EntryType::Directory);
-    h.set_mode(st.st_mode & 0o7777);
-    h.set_uid(st.st_uid.into());
-    h.set_gid(st.st_gid.into());
-    h.set_mtime(u64::try_from(st.st_mtime).unwrap_or(0));
-    h.set_size(0);
-    b.append_data(&mut h, name, io::empty())
 }
 
 /// The largest `build_info.json` accepted (its params included).

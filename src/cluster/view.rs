@@ -420,17 +420,8 @@ pub async fn serve_cluster_jobs(
 /// 200 with `value` as JSON, or 503 naming the database.
 fn json_or_503<T: serde::Serialize>(value: Result<T, ClusterError>) -> Response {
     match value {
-        Ok(v) => match serde_json::to_vec(&v) {
-            Ok(body) => {
-                (StatusCode::OK, [("content-type", "application/json")], body).into_response()
-            }
-            Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
-        },
-        Err(e) => (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("Service unavailable: {e}"),
-        )
-            .into_response(),
+        Ok(v) => crate::body::json(StatusCode::OK, &v),
+        Err(e) => crate::body::unavailable(&e),
     }
 }
 

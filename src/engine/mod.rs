@@ -218,18 +218,8 @@ impl Engine {
             linked: false,
             layer: false,
         };
-        if self.busy(&build) {
-            return Ok(false);
-        }
-        retention::unpin(&self.layout, self.store(), &build);
-        let taken = {
-            let lock = self.link_lock(project);
-            let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
-            if self.busy(&build) || dir.read_started_at().as_deref() != Some(judged) {
-                return Ok(false);
-            }
-            self.retainer.trash().take(&self.layout, &build)?
-        };
+        let taken =
+            self.take_unbusy(&build, || dir.read_started_at().as_deref() == Some(judged))?;
         let Some(path) = taken else {
             return Ok(false);
         };
@@ -443,7 +433,8 @@ impl Engine {
         m.entry(project.to_string()).or_default().clone()
     }
 
-    fn blank_info(&self, req: &JobRequest, dir: &JobDir) -> BuildInfo {
+    /// The BuildInfo of `req`'s job that has not run (yet), its `Path` that of `dir` once ready.
+    pub(crate) fn blank_info(&self, req: &JobRequest, dir: &JobDir) -> BuildInfo {
         BuildInfo {
             path: dir.artifacts_when_ready().display().to_string(),
             ..blank_info(&req.params, &req.group, dir.project(), dir.id())
@@ -463,21 +454,14 @@ impl Engine {
         // And the cache layers it may sit on.
         let _layers = self.hold_layers(previous.as_deref());
         // Upstream builds stay while this job reads them.
+        let mut _upstream = Vec::with_capacity(req.inputs.len());
         let inputs: Vec<(String, std::path::PathBuf)> = req
             .inputs
             .iter()
             .map(|(name, i)| {
+                _upstream.push(self.hold_build(&i.project, &i.id));
                 let build = self.layout.job(&i.project, &i.id, Stage::Ready);
                 (name.clone(), build.data().join("artifacts"))
-            })
-            .collect();
-        let _upstream: Vec<_> = req
-            .inputs
-            .values()
-            .map(|i| {
-                self.retainer.hold(Some(
-                    self.layout.job(&i.project, &i.id, Stage::Ready).path(),
-                ))
             })
             .collect();
         let job = runner::Job {

@@ -464,7 +464,7 @@ impl Engine {
 
     /// Whether retention must leave `build` alone now: its job is in flight again, or a running
     /// build starts from it.
-    pub(super) fn busy(&self, build: &Build) -> bool {
+    fn busy(&self, build: &Build) -> bool {
         self.jobs
             .watch(&JobKey::new(&build.project, &build.id))
             .is_some()
@@ -472,21 +472,28 @@ impl Engine {
     }
 
     /// Move `build` to the trash under its project's link lock (so that no link moves onto it
-    /// meanwhile), then remove it.
-    fn discard(&self, build: &Build, reason: Reason, done: &mut Purged) {
+    /// meanwhile) when it is not busy and `still()` holds under the lock: its path in the
+    /// trash, `None` when it stays.
+    pub(super) fn take_unbusy(
+        &self,
+        build: &Build,
+        still: impl Fn() -> bool,
+    ) -> Result<Option<PathBuf>, String> {
         if self.busy(build) {
-            return;
+            return Ok(None);
         }
         unpin(&self.layout, self.store(), build);
-        let taken = {
-            let lock = self.link_lock(&build.project);
-            let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
-            if self.busy(build) {
-                return;
-            }
-            self.retainer.trash.take(&self.layout, build)
-        };
-        match taken {
+        let lock = self.link_lock(&build.project);
+        let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        if self.busy(build) || !still() {
+            return Ok(None);
+        }
+        self.retainer.trash.take(&self.layout, build)
+    }
+
+    /// Move `build` to the trash (see [`Engine::take_unbusy`]), then remove it.
+    fn discard(&self, build: &Build, reason: Reason, done: &mut Purged) {
+        match self.take_unbusy(build, || true) {
             Ok(None) => {}
             Ok(Some(path)) => {
                 tracing::info!(project = %build.project, id = %build.id, group = %build.group, %reason, "retention: removing a build");

@@ -32,6 +32,7 @@ use serde::Deserialize;
 use super::def::{self, ParamDef};
 use super::run::{self, JobRunState, RunRecord, RunState, Runs};
 use super::PipelineError;
+use crate::body::{json, INDEX_HTML};
 use crate::engine::{Engine, JobError};
 
 /// The pipelines' routes, with their own state, to merge into the server's router. Validates
@@ -78,13 +79,6 @@ impl IntoResponse for PipelineError {
             PipelineError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         (status, self.to_string()).into_response()
-    }
-}
-
-fn json(status: StatusCode, value: &impl serde::Serialize) -> Response {
-    match serde_json::to_vec(value) {
-        Ok(body) => (status, [("content-type", "application/json")], body).into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
 }
 
@@ -343,9 +337,6 @@ fn esc(s: &str) -> String {
     }
     out
 }
-
-/// The web view's page (`src/web/index.html`, whose `app.js` draws the run page).
-const INDEX_HTML: &str = include_str!("../web/index.html");
 
 /// The run's page: the web view, whose script draws the DAG and follows the run live, over a
 /// plain summary rendered here (for browsers without scripts; everything from the record

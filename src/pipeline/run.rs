@@ -956,7 +956,7 @@ async fn cluster_job_task(
             cached: local_hit.then_some(true),
         },
     ));
-    let submit = scheduler.submit(req.clone(), false);
+    let submit = scheduler.submit_as(req.clone(), id.clone(), false);
     tokio::pin!(submit);
     let mut seen = local_hit;
     let mut delay = std::time::Duration::from_millis(100);

@@ -35,7 +35,7 @@ use crate::engine::{Engine, Found, JobDir, JobError, Stage};
 use crate::jobs::{BuildInfo, JobRequest};
 
 // The web view, embedded: nothing is fetched from elsewhere.
-const INDEX_HTML: &str = include_str!("../web/index.html");
+use crate::body::{json, unavailable, INDEX_HTML};
 const APP_JS: &str = include_str!("../web/app.js");
 const STYLE_CSS: &str = include_str!("../web/style.css");
 
@@ -157,13 +157,6 @@ fn streamed(
     );
     *r.status_mut() = status;
     r
-}
-
-fn json(status: StatusCode, value: &impl serde::Serialize) -> Response {
-    match serde_json::to_vec(value) {
-        Ok(body) => (status, [("content-type", "application/json")], body).into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
-    }
 }
 
 /// `POST /jobs?async`: answer as soon as the job is queued.
@@ -312,11 +305,7 @@ async fn log(
                         .into_response()
                 }
                 Ok(None) => StatusCode::NO_CONTENT.into_response(),
-                Err(e) => (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("Service unavailable: {e}"),
-                )
-                    .into_response(),
+                Err(e) => unavailable(&e),
             },
             None => StatusCode::NO_CONTENT.into_response(),
         },
@@ -392,11 +381,7 @@ async fn api_job(
             Some(logs) => match logs.record(&project, &id).await {
                 Ok(Some(job)) => json(StatusCode::OK, &job.json()),
                 Ok(None) => unknown_job(&project, &id),
-                Err(e) => (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    format!("Service unavailable: {e}"),
-                )
-                    .into_response(),
+                Err(e) => unavailable(&e),
             },
             None => unknown_job(&project, &id),
         },
