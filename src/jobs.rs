@@ -149,61 +149,183 @@ impl BuildInfo {
     }
 }
 
-/// The job ID: sha256 of project, group, the non-opaque params in name order (name then value),
-/// then the inputs in name order (none: nothing, so that a job without inputs keeps mistry's ID),
-/// then the content of the project directory (every file's path, mode and bytes, in order).
-pub fn job_id(
+/// The IDs of a request (see [`job_ids`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobIds {
+    /// mistry's ID, which scripts and clients compute: sha256 of the project, the group, the
+    /// non-opaque params (name then value), the inputs and the project's files, concatenated
+    /// without separators — so two requests can share it (`{a: "1b2"}` and `{a: "1", b: "2"}`;
+    /// group `gx1` and group `g` with `x=1`).
+    pub mistry: String,
+    /// An ID no other request shares: the same parts, each length-prefixed, after a version
+    /// tag. A request goes by it only when mistry's ID is another request's (see
+    /// `engine::state::InFlight::admit`).
+    pub exact: String,
+}
+
+/// What tells a request of a project from another one that shares its job ID: its group and
+/// its params but the opaque ones (`_...`, which may differ between requests of one job, as
+/// mistry leaves them out of the ID). A build's `build_info.json` (written by the daemon,
+/// outside the job's `data/`) holds both; the project is the build's directory. Inputs need no
+/// comparing: with the project, group and params equal, mistry's ID can only be equal when the
+/// inputs are too (they are hashed `\0`-terminated, names have no NUL, and the project's files
+/// that follow start with a name that sorts before `input`: the Dockerfile or smaller).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Identity {
+    group: String,
+    params: BTreeMap<String, String>,
+}
+
+impl Identity {
+    pub fn new(group: &str, params: &BTreeMap<String, String>) -> Identity {
+        Identity {
+            group: group.to_string(),
+            params: params
+                .iter()
+                .filter(|(k, _)| !is_opaque(k))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        }
+    }
+
+    pub fn of(req: &JobRequest) -> Identity {
+        Identity::new(&req.group, &req.params)
+    }
+
+    /// Whether `info` is a build of a request with this identity.
+    pub fn matches(&self, info: &BuildInfo) -> bool {
+        self.group == info.group
+            && self.params.len() == info.params.keys().filter(|k| !is_opaque(k)).count()
+            && self
+                .params
+                .iter()
+                .all(|(k, v)| info.params.get(k) == Some(v))
+    }
+}
+
+/// A param left out of job IDs (mistry's opaque params).
+fn is_opaque(name: &str) -> bool {
+    name.starts_with('_')
+}
+
+/// The version tag the exact ID starts with.
+const EXACT_TAG: &[u8] = b"mistry job id v2\0";
+
+/// The job IDs of a request: mistry's (compatible, ambiguous) and the exact one (see
+/// [`JobIds`]), hashing the project directory once. mistry's is sha256 of project, group, the
+/// non-opaque params in name order (name then value), then the inputs in name order (none:
+/// nothing, so that a job without inputs keeps mistry's ID), then the content of the project
+/// directory (every file's path, mode and bytes, in order).
+pub fn job_ids(
     project: &str,
     group: &str,
     params: &BTreeMap<String, String>,
     inputs: &BTreeMap<String, Input>,
     project_dir: &Path,
-) -> std::io::Result<String> {
-    let mut h = Sha256::new();
-    h.update(project.as_bytes());
-    h.update(group.as_bytes());
+) -> std::io::Result<JobIds> {
+    let mut m = Sha256::new();
+    m.update(project.as_bytes());
+    m.update(group.as_bytes());
+    let mut x = Sha256::new();
+    x.update(EXACT_TAG);
+    field(&mut x, project.as_bytes());
+    field(&mut x, group.as_bytes());
+    let params: Vec<_> = params.iter().filter(|(k, _)| !is_opaque(k)).collect();
+    x.update((params.len() as u64).to_le_bytes());
     for (k, v) in params {
-        if !k.starts_with('_') {
-            h.update(k.as_bytes());
-            h.update(v.as_bytes());
-        }
+        m.update(k.as_bytes());
+        m.update(v.as_bytes());
+        field(&mut x, k.as_bytes());
+        field(&mut x, v.as_bytes());
     }
+    x.update((inputs.len() as u64).to_le_bytes());
     for (name, input) in inputs {
         for part in ["input", name, &input.project, &input.id] {
-            h.update(part.as_bytes());
-            h.update([0]);
+            m.update(part.as_bytes());
+            m.update([0]);
+        }
+        for part in [name, &input.project, &input.id] {
+            field(&mut x, part.as_bytes());
         }
     }
-    hash_tree(&mut h, project_dir, project_dir)?;
-    Ok(hex::encode(h.finalize()))
+    hash_tree(&mut m, &mut x, project_dir)?;
+    Ok(JobIds {
+        mistry: hex::encode(m.finalize()),
+        exact: hex::encode(x.finalize()),
+    })
 }
 
-fn hash_tree(h: &mut Sha256, base: &Path, dir: &Path) -> std::io::Result<()> {
-    let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
-    entries.sort_by_key(|e| e.file_name());
+/// A length-prefixed field of the exact ID.
+fn field(h: &mut Sha256, bytes: &[u8]) {
+    h.update((bytes.len() as u64).to_le_bytes());
+    h.update(bytes);
+}
+
+/// The project directory into both hashes, walked iteratively (one open directory at a time,
+/// one read buffer): mistry's gets every entry's path, NUL, mode, then a link's target, a
+/// directory's entries or a file's bytes, then 0xff; the exact one gets each directory's
+/// entry count, then per entry its path (length-prefixed), mode, kind, and a link's target
+/// (length-prefixed) or a file's sha256 — no file can pass for several.
+fn hash_tree(m: &mut Sha256, x: &mut Sha256, base: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let sorted = |dir: &Path| -> std::io::Result<Vec<std::path::PathBuf>> {
+        let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
+        entries.sort_by_key(|e| e.file_name());
+        Ok(entries.into_iter().map(|e| e.path()).collect())
+    };
     let mut buf = vec![0u8; 1 << 16];
-    for e in entries {
-        let path = e.path();
+    let top = sorted(base)?;
+    x.update((top.len() as u64).to_le_bytes());
+    // The directories being walked: their entries and the next one's index.
+    let mut stack = vec![(top, 0usize)];
+    while let Some((entries, next)) = stack.last_mut() {
+        let Some(path) = entries.get(*next).cloned() else {
+            stack.pop();
+            if !stack.is_empty() {
+                m.update([0xff]); // The end of a directory's entry.
+            }
+            continue;
+        };
+        *next += 1;
         let meta = std::fs::symlink_metadata(&path)?;
         let rel = path.strip_prefix(base).unwrap_or(&path);
-        h.update(rel.as_os_str().as_encoded_bytes());
-        h.update([0]);
-        h.update(meta.mode().to_le_bytes());
+        let rel = rel.as_os_str().as_encoded_bytes();
+        m.update(rel);
+        m.update([0]);
+        m.update(meta.mode().to_le_bytes());
+        field(x, rel);
+        x.update(meta.mode().to_le_bytes());
         if meta.file_type().is_symlink() {
-            h.update(std::fs::read_link(&path)?.as_os_str().as_encoded_bytes());
+            let target = std::fs::read_link(&path)?;
+            m.update(target.as_os_str().as_encoded_bytes());
+            x.update(b"l");
+            field(x, target.as_os_str().as_encoded_bytes());
         } else if meta.is_dir() {
-            hash_tree(h, base, &path)?;
+            let entries = sorted(&path)?;
+            x.update(b"d");
+            x.update((entries.len() as u64).to_le_bytes());
+            stack.push((entries, 0));
+            continue; // Its 0xff comes after its entries.
         } else if meta.is_file() {
-            let mut f = std::fs::File::open(&path)?;
+            let mut f = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&path)?;
+            let mut content = Sha256::new();
             loop {
                 let n = f.read(&mut buf)?;
                 if n == 0 {
                     break;
                 }
-                h.update(&buf[..n]);
+                m.update(&buf[..n]);
+                content.update(&buf[..n]);
             }
+            x.update(b"f");
+            x.update(content.finalize());
+        } else {
+            x.update(b"o");
         }
-        h.update([0xff]);
+        m.update([0xff]);
     }
     Ok(())
 }
@@ -346,46 +468,26 @@ mod tests {
     fn ids_follow_mistry() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("Dockerfile"), "FROM busybox\n").unwrap();
-        let p = |kv: &[(&str, &str)]| {
-            kv.iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect()
-        };
         let none = BTreeMap::new();
-        let a = job_id("proj", "", &p(&[("x", "1")]), &none, dir.path()).unwrap();
-        assert_eq!(
-            a,
-            job_id("proj", "", &p(&[("x", "1")]), &none, dir.path()).unwrap()
-        );
-        // Opaque params do not change the ID; others do.
-        assert_eq!(
-            a,
-            job_id(
-                "proj",
-                "",
-                &p(&[("x", "1"), ("_token", "abc")]),
-                &none,
-                dir.path()
-            )
-            .unwrap()
-        );
-        assert_ne!(
-            a,
-            job_id("proj", "", &p(&[("x", "2")]), &none, dir.path()).unwrap()
-        );
-        assert_ne!(
-            a,
-            job_id("proj", "g", &p(&[("x", "1")]), &none, dir.path()).unwrap()
-        );
-        // Editing any file of the project changes it.
+        let id = |group: &str, kv: &[(&str, &str)], inputs: &BTreeMap<String, Input>| {
+            job_ids("proj", group, &params(kv), inputs, dir.path()).unwrap()
+        };
+        let a = id("", &[("x", "1")], &none);
+        assert_eq!(a, id("", &[("x", "1")], &none));
+        // Opaque params change neither ID; others change both.
+        assert_eq!(a, id("", &[("x", "1"), ("_token", "abc")], &none));
+        for other in [id("", &[("x", "2")], &none), id("g", &[("x", "1")], &none)] {
+            assert_ne!(a.mistry, other.mistry);
+            assert_ne!(a.exact, other.exact);
+        }
+        // Editing any file of the project changes them.
         std::fs::write(dir.path().join("Dockerfile"), "FROM busybox\nRUN true\n").unwrap();
-        assert_ne!(
-            a,
-            job_id("proj", "", &p(&[("x", "1")]), &none, dir.path()).unwrap()
-        );
-        assert_eq!(a.len(), 64);
-        // Inputs enter the ID: another upstream build is another job.
-        let std_dir = dir.path();
+        let edited = id("", &[("x", "1")], &none);
+        assert_ne!(a.mistry, edited.mistry);
+        assert_ne!(a.exact, edited.exact);
+        assert_eq!((a.mistry.len(), a.exact.len()), (64, 64));
+        assert_ne!(a.mistry, a.exact);
+        // Inputs enter the IDs: another upstream build is another job.
         let input = |id: &str| {
             BTreeMap::from([(
                 "deps".to_string(),
@@ -395,15 +497,134 @@ mod tests {
                 },
             )])
         };
-        let with = job_id("proj", "", &p(&[]), &input("a"), std_dir).unwrap();
-        assert_ne!(with, job_id("proj", "", &p(&[]), &none, std_dir).unwrap());
-        assert_ne!(
-            with,
-            job_id("proj", "", &p(&[]), &input("b"), std_dir).unwrap()
-        );
+        let with = id("", &[], &input("a"));
+        assert_ne!(with, id("", &[], &none));
+        assert_ne!(with, id("", &[], &input("b")));
+        assert_eq!(with, id("", &[], &input("a")));
+    }
+
+    fn params(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    /// A project with a file, an executable, a sub-directory and a link, modes fixed.
+    fn fixed_project() -> tempfile::TempDir {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("Dockerfile"), "FROM busybox\nCOPY run.sh /run.sh\n").unwrap();
+        std::fs::write(d.join("run.sh"), "#!/bin/sh\necho hi\n").unwrap();
+        std::fs::create_dir(d.join("sub")).unwrap();
+        std::fs::write(d.join("sub/a.txt"), "a\n").unwrap();
+        std::os::unix::fs::symlink("sub/a.txt", d.join("link")).unwrap();
+        for (f, mode) in [
+            ("Dockerfile", 0o644),
+            ("run.sh", 0o755),
+            ("sub/a.txt", 0o600),
+            ("sub", 0o750),
+        ] {
+            std::fs::set_permissions(d.join(f), std::fs::Permissions::from_mode(mode)).unwrap();
+        }
+        dir
+    }
+
+    /// mistry's IDs are kept exactly (the values are those of the formula before the exact ID
+    /// existed), collisions included; the exact IDs of colliding requests differ.
+    #[test]
+    fn mistry_ids_are_kept_and_exact_ids_tell_colliding_requests_apart() {
+        let dir = fixed_project();
+        let none = BTreeMap::new();
+        let ids = |group: &str, kv: &[(&str, &str)], inputs: &BTreeMap<String, Input>| {
+            job_ids("proj", group, &params(kv), inputs, dir.path()).unwrap()
+        };
+        let a1b2 = ids("", &[("a", "1b2")], &none);
+        let a1_b2 = ids("", &[("a", "1"), ("b", "2")], &none);
+        let shared = "bb04c9b1f15ed0f29de2a254d3c67301e10ee3a74b2bfd2922edadb64500aa53";
         assert_eq!(
-            with,
-            job_id("proj", "", &p(&[]), &input("a"), std_dir).unwrap()
+            (a1b2.mistry.as_str(), a1_b2.mistry.as_str()),
+            (shared, shared)
         );
+        assert_ne!(a1b2.exact, a1_b2.exact);
+        let gx1 = ids("gx1", &[], &none);
+        let g_x1 = ids("g", &[("x", "1"), ("_o", "z")], &none);
+        let shared = "0b8ac3b31c7befcb180be7a2e6208e635ec20a3f541e1fa490e6a6919c51eb20";
+        assert_eq!(
+            (gx1.mistry.as_str(), g_x1.mistry.as_str()),
+            (shared, shared)
+        );
+        assert_ne!(gx1.exact, g_x1.exact);
+        let up = BTreeMap::from([(
+            "up".to_string(),
+            Input {
+                project: "q".into(),
+                id: "abc".into(),
+            },
+        )]);
+        assert_eq!(
+            ids("g", &[("x", "1")], &up).mistry,
+            "f63557b2919394d9ce8177c6f9672ed49b5278d53de6f8cb4561d1bbed3e4ba5"
+        );
+        // A param value holding what an input hashes to shares mistry's ID, not the exact one.
+        let fake = ids("g", &[("x", "1input\0up\0q\0abc\0")], &none);
+        assert_eq!(fake.mistry, ids("g", &[("x", "1")], &up).mistry);
+        assert_ne!(fake.exact, ids("g", &[("x", "1")], &up).exact);
+        // Project and group boundaries: same files, "proj"+"g" vs "pro"+"jg".
+        let other = job_ids("pro", "jg", &params(&[("x", "1")]), &none, dir.path()).unwrap();
+        assert_eq!(other.mistry, g_x1.mistry);
+        assert_ne!(other.exact, g_x1.exact);
+        // A file's bytes cannot pass for a next file in the exact ID (they can in mistry's).
+        let one = tempfile::tempdir().unwrap();
+        let two = tempfile::tempdir().unwrap();
+        std::fs::write(one.path().join("Dockerfile"), "x").unwrap();
+        std::fs::write(two.path().join("Dockerfile"), "x").unwrap();
+        let mode = std::fs::metadata(two.path().join("Dockerfile"))
+            .unwrap()
+            .mode();
+        let mut tail = b"x\xffe\0".to_vec();
+        tail.extend(mode.to_le_bytes());
+        tail.extend(b"y");
+        std::fs::write(one.path().join("Dockerfile"), &tail).unwrap();
+        std::fs::write(two.path().join("e"), "y").unwrap();
+        let (one, two) = (
+            job_ids("p", "", &none_params(), &none, one.path()).unwrap(),
+            job_ids("p", "", &none_params(), &none, two.path()).unwrap(),
+        );
+        assert_eq!(one.mistry, two.mistry);
+        assert_ne!(one.exact, two.exact);
+    }
+
+    fn none_params() -> BTreeMap<String, String> {
+        BTreeMap::new()
+    }
+
+    #[test]
+    fn identities_leave_opaque_params_out() {
+        let info = |group: &str, kv: &[(&str, &str)]| BuildInfo {
+            params: params(kv),
+            group: group.into(),
+            path: String::new(),
+            cached: false,
+            coalesced: false,
+            incremental: false,
+            exit_code: 0,
+            err_build: String::new(),
+            container_stdouterr: String::new(),
+            container_stderr: String::new(),
+            transport_method: "rsync".into(),
+            started_at: String::new(),
+            duration: 0,
+            url: String::new(),
+            retries: 0,
+        };
+        let me = Identity::new("g", &params(&[("x", "1"), ("_o", "a")]));
+        assert!(me.matches(&info("g", &[("x", "1")])));
+        assert!(me.matches(&info("g", &[("x", "1"), ("_o", "b"), ("_p", "c")])));
+        assert!(!me.matches(&info("gx1", &[])));
+        assert!(!me.matches(&info("g", &[("x", "1"), ("y", "")])));
+        assert!(!me.matches(&info("g", &[("x", "2")])));
+        assert!(!me.matches(&info("", &[("x", "1")])));
+        assert_eq!(me, Identity::new("g", &params(&[("x", "1")])));
     }
 }

@@ -443,3 +443,64 @@ fn a_new_job_goes_to_the_agent_with_the_projects_image_else_the_least_loaded() {
         "a:simple,b:simple,c:simple"
     );
 }
+
+/// Requests whose mistry job IDs collide (`{name: "xnzy"}` / `{name: "x", nz: "y"}`), asked on
+/// two agents: the second request, on the other agent, is not answered with the first one's
+/// build (neither fetched from its agent once ready, nor joined while it runs) but gets a build
+/// and a record of its own under its exact ID; each is then a cluster-wide result-cache hit of
+/// its own build, on either agent.
+#[test]
+fn a_request_sharing_a_mistry_job_id_on_another_agent_gets_its_own_build() {
+    let Some(pg) = Postgres::start_or_skip() else {
+        return;
+    };
+    let [a, b] = agents_named(&pg.url(), ["a", "b"], 2);
+    let job = |s: &Server, params: Value| -> Value {
+        let body = json!({"project": "simple", "params": params});
+        let (status, text) = post_job(s, &body);
+        assert_eq!(status, 201, "{text}");
+        let info: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(info["ExitCode"], 0, "{info}");
+        assert_eq!(info["Params"], params, "{info}");
+        let path = common::server::artifacts(&info);
+        assert!(path.starts_with(s.builds()), "{}", path.display());
+        let name = params["name"].as_str().unwrap();
+        assert_eq!(
+            common::server::read(path.join("name.txt")),
+            name,
+            "not the build of {params}: {info}"
+        );
+        info
+    };
+    // Ready on A first.
+    let x = job(&a, json!({"name": "xnzy"}));
+    let y = job(&b, json!({"name": "x", "nz": "y"}));
+    assert_eq!(
+        (&y["Cached"], &y["Coalesced"]),
+        (&json!(false), &json!(false))
+    );
+    assert_ne!(job_id(&y), job_id(&x));
+    assert_eq!(
+        common::server::read(common::server::artifacts(&y).join("params.txt")),
+        "name\nnz\n"
+    );
+    // Each is its own cache hit, on either agent.
+    for s in [&a, &b] {
+        assert_eq!(job(s, json!({"name": "xnzy"}))["URL"], x["URL"]);
+        let again = job(s, json!({"name": "x", "nz": "y"}));
+        assert_eq!((&again["Cached"], &again["URL"]), (&json!(true), &y["URL"]));
+    }
+    // Still running on A ({name: "w", sleep: "3"}) while the other is asked on B.
+    let slow = json!({"project": "simple", "params": {"name": "w", "sleep": "3"}});
+    let (status, text) = a.post("/jobs?async", &slow.to_string());
+    assert_eq!(status, 201, "{text}");
+    let other = job(&b, json!({"name": "wsleep3"}));
+    assert_eq!(other["Coalesced"], false, "{other}");
+    let w = job(&a, json!({"name": "w", "sleep": "3"}));
+    assert_ne!(job_id(&w), job_id(&other));
+    // One record per request, each with its own request.
+    assert_eq!(
+        pg.psql("SELECT request->'params'->>'name', state FROM jobs ORDER BY 1"),
+        "w|ready\nwsleep3|ready\nx|ready\nxnzy|ready"
+    );
+}

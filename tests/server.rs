@@ -1678,3 +1678,197 @@ fn subordinate_sandbox_ids_keep_a_root_daemons_jobs_off_host_root() {
         "{err}"
     );
 }
+
+/// A job listing its non-opaque params (`name=value`, in name order) in its artifacts; with the
+/// opaque param `_gate`, it first waits for `/gate/<_gate>` to exist.
+const PARAMS_SH: &str = r#"#!/bin/sh
+gate=$(cat /data/params/_gate 2>/dev/null)
+if [ -n "$gate" ]; then
+    while [ ! -e "/gate/$gate" ]; do sleep 0.05; done
+fi
+for f in /data/params/[!_]*; do
+    [ -e "$f" ] || continue
+    printf '%s=%s\n' "${f##*/}" "$(cat "$f")"
+done > /data/artifacts/params.txt
+"#;
+
+/// mistry's job ID of a request of a project directory holding only files, computed here as
+/// mistry defines it: sha256 of the project, the group, each non-opaque param's name and value,
+/// then each file's name, NUL, mode (little-endian), content and 0xff.
+fn mistry_id(project: &str, group: &str, params: &Value, dir: &Path) -> String {
+    use sha2::Digest;
+    use std::os::unix::fs::MetadataExt;
+    let mut h = sha2::Sha256::new();
+    h.update(project);
+    h.update(group);
+    let params: std::collections::BTreeMap<String, String> =
+        serde_json::from_value(params.clone()).unwrap();
+    for (k, v) in params.iter().filter(|(k, _)| !k.starts_with('_')) {
+        h.update(k);
+        h.update(v);
+    }
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    for f in files {
+        let meta = std::fs::symlink_metadata(&f).unwrap();
+        assert!(meta.is_file(), "{}", f.display());
+        h.update(f.file_name().unwrap().as_encoded_bytes());
+        h.update([0]);
+        h.update(meta.mode().to_le_bytes());
+        h.update(std::fs::read(&f).unwrap());
+        h.update([0xff]);
+    }
+    hex::encode(h.finalize())
+}
+
+/// `POST /jobs` of `body` (waiting for the job), failing after a minute rather than hanging
+/// (a request made to wait on another request's job that never ends).
+fn job_within_a_minute(s: &Server, body: &Value) -> Value {
+    let (url, text) = (s.url("/jobs"), body.to_string());
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut r = Server::agent().post(&url).send(&text).unwrap();
+        let _ = tx.send((r.status().as_u16(), r.body_mut().read_to_string().unwrap()));
+    });
+    let (status, text) = rx
+        .recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("no answer to {body} within a minute"));
+    assert_eq!(status, 201, "{body}: {text}");
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Requests whose mistry job IDs collide (`{a: "1b2"}` / `{a: "1", b: "2"}`, `{ab: "1"}` /
+/// `{a: "b1"}`, group `gx1` / group `g` with `x=1`), in both orders, the first one done or
+/// still in flight: each gets a build of its own with its own params — the first by mistry's
+/// ID, exactly as mistry computes it, the other by its exact ID — and each is a result-cache
+/// hit of its own build afterwards; the group links point at each group's build.
+#[test]
+fn requests_sharing_a_mistry_job_id_never_get_each_others_build() {
+    let gates = tempfile::tempdir().unwrap();
+    let s = Server::start(serde_json::json!({
+        "mounts": {gates.path().to_str().unwrap(): "/gate"},
+    }));
+    add_project(&s, "collide", PARAMS_SH, None);
+    let project_dir = s.dir.path().join("projects/collide");
+    let expected = |req: &Value| -> String {
+        let params = req["params"].as_object().unwrap();
+        params
+            .iter()
+            .filter(|(k, _)| !k.starts_with('_'))
+            .map(|(k, v)| format!("{k}={}\n", v.as_str().unwrap()))
+            .collect()
+    };
+    let req = |group: &str, params: Value| serde_json::json!({"project": "collide", "group": group, "params": params});
+    let check = |req: &Value, info: &Value| {
+        assert_eq!(info["ExitCode"], 0, "{info}");
+        assert_eq!(info["Params"], req["params"], "{info}");
+        assert_eq!(info["Group"], req["group"], "{info}");
+        assert_eq!(
+            read(artifacts(info).join("params.txt")),
+            expected(req),
+            "the build of {req} is not its own: {info}"
+        );
+    };
+    let mut case = 0;
+    let mut check_pair = |first: Value, second: Value, in_flight: bool| {
+        case += 1;
+        let gate = format!("gate{case}");
+        let mut first = first;
+        let first_id = mistry_id(
+            "collide",
+            first["group"].as_str().unwrap(),
+            &first["params"],
+            &project_dir,
+        );
+        assert_eq!(
+            first_id,
+            mistry_id(
+                "collide",
+                second["group"].as_str().unwrap(),
+                &second["params"],
+                &project_dir
+            ),
+            "{first} and {second} do not collide"
+        );
+        let (a, b) = if in_flight {
+            // The first one is queued and waits for its gate while the second is asked for.
+            first["params"]["_gate"] = Value::from(gate.clone());
+            let (status, text) = s.post("/jobs?async", &first.to_string());
+            assert_eq!(status, 201, "{text}");
+            let b = job_within_a_minute(&s, &second);
+            assert_eq!(b["Coalesced"], false, "{b}");
+            // The same request as the first still joins it.
+            let joined = std::thread::scope(|scope| {
+                let waiting = scope.spawn(|| job_within_a_minute(&s, &first));
+                std::thread::sleep(Duration::from_millis(200));
+                std::fs::write(gates.path().join(&gate), "").unwrap();
+                waiting.join().unwrap()
+            });
+            (joined, b)
+        } else {
+            let a = job_within_a_minute(&s, &first);
+            (a, job_within_a_minute(&s, &second))
+        };
+        check(&first, &a);
+        check(&second, &b);
+        assert_eq!(b["Cached"], false, "{b}");
+        assert_eq!(common::server::job_id(&a), first_id, "{a}");
+        assert_ne!(common::server::job_id(&b), first_id, "{b}");
+        // Each is a result-cache hit of its own build now.
+        for (req, built) in [(&first, &a), (&second, &b)] {
+            let again = job_within_a_minute(&s, req);
+            assert_eq!(again["Cached"], true, "{again}");
+            assert_eq!(again["Path"], built["Path"], "{again}");
+            check(req, &again);
+        }
+        // A group's link points at its own build.
+        for (req, built) in [(&first, &a), (&second, &b)] {
+            let group = req["group"].as_str().unwrap();
+            if !group.is_empty() {
+                let link = s.builds().join("collide/groups").join(group);
+                assert_eq!(
+                    std::fs::read_link(&link).unwrap(),
+                    artifacts(built).parent().unwrap().parent().unwrap()
+                );
+            }
+        }
+    };
+    for in_flight in [false, true] {
+        for t in ["1", "2"] {
+            let t = format!("{t}{}", u8::from(in_flight));
+            let pairs = [
+                (
+                    req("", serde_json::json!({"a": format!("{t}b{t}")})),
+                    req("", serde_json::json!({"a": t, "b": t})),
+                ),
+                (
+                    req("", serde_json::json!({"ab": t})),
+                    req("", serde_json::json!({"a": format!("b{t}")})),
+                ),
+                (
+                    req(&format!("g{t}x1"), serde_json::json!({})),
+                    req(&format!("g{t}"), serde_json::json!({"x": "1"})),
+                ),
+            ];
+            for (x, y) in pairs {
+                // Both orders: the tag's first round one way, its second the other.
+                if t.starts_with('1') {
+                    check_pair(x, y, in_flight);
+                } else {
+                    check_pair(y, x, in_flight);
+                }
+            }
+        }
+    }
+    // A request that collides with nothing keeps mistry's ID.
+    let solo = req("", serde_json::json!({"a": "solo", "_o": "x"}));
+    let info = job_within_a_minute(&s, &solo);
+    check(&solo, &info);
+    assert_eq!(
+        common::server::job_id(&info),
+        mistry_id("collide", "", &solo["params"], &project_dir)
+    );
+}

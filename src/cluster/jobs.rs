@@ -2,9 +2,12 @@
 //! claims, placement, coalescing between agents, and the recovery of an agent's death.
 //!
 //! A request on any agent ([`Scheduler::submit`]):
-//! 1. its job ID is computed as a single node does ([`Engine::job_id_of`]); the local
-//!    `ready/<id>`, when it succeeded, is a result-cache hit as always (unless `rebuild`);
-//! 2. else the job's record decides: `ready` on another live agent → the build is fetched from
+//! 1. its job IDs are computed as a single node does ([`Engine::job_ids_of`]); a local build
+//!    of this very request (the same group and params but the opaque ones) that succeeded, in
+//!    `ready/<id>`, is a result-cache hit as always (unless `rebuild`);
+//! 2. else the job's record decides — under mistry's ID, unless that record is another
+//!    request's (mistry's ID is ambiguous, see [`crate::jobs::JobIds`]): then under the
+//!    request's exact ID; a record of another request is never an answer: `ready` on another live agent → the build is fetched from
 //!    it (`replicate::fetch_build`) and answered `Cached: true`, `Path` local to this agent;
 //!    `queued` or `running` → the request waits for the job's end (`Coalesced: true`): one
 //!    `LISTEN` connection per agent (`listen.rs`) fans notifications out to every waiter (no
@@ -59,7 +62,7 @@ use tokio::sync::{broadcast, watch, Notify};
 use super::listen::Notice;
 use super::{Cluster, ClusterError};
 use crate::engine::{Engine, JobDir, JobError, Stage};
-use crate::jobs::{BuildInfo, Input, JobRequest};
+use crate::jobs::{BuildInfo, Identity, Input, JobIds, JobRequest};
 
 /// The notification channel of the job records.
 pub const CHANNEL: &str = "mistry_jobs";
@@ -129,6 +132,16 @@ pub(super) struct Record {
     pub(super) agent_url: Option<String>,
     pub(super) agent_alive: bool,
     pub(super) build_info: Option<String>,
+    /// The stored request (JSON).
+    pub(super) request: String,
+}
+
+impl Record {
+    /// Whether the record is a job of a request with `identity` (the same group and params but
+    /// the opaque ones; the project is the record's key).
+    fn is_for(&self, identity: &Identity) -> bool {
+        request_from_json(&self.request).is_ok_and(|r| Identity::of(&r) == *identity)
+    }
 }
 
 /// A claimed job.
@@ -267,35 +280,97 @@ impl Scheduler {
         is_async: bool,
     ) -> Result<Option<Answer>, SubmitError> {
         let (engine, r) = (Arc::clone(&self.engine), req.clone());
-        let id = tokio::task::spawn_blocking(move || engine.job_id_of(&r))
+        let ids = tokio::task::spawn_blocking(move || engine.job_ids_of(&r))
             .await
             .map_err(|e| JobError::Internal(e.to_string()))??;
-        self.submit_as(req, id, is_async).await
+        self.submit_as(req, ids, is_async).await
     }
 
-    /// [`Scheduler::submit`] of a request whose job ID `id` the caller computed (with
-    /// [`Engine::job_id_of`]).
+    /// The ID a request goes by in the cluster, as a single node chooses it but with the job
+    /// records deciding (`engine::state::Ids::Resolve`): mistry's, unless its record is another
+    /// request's (the same ID, another group or params) — then the exact one; a request whose
+    /// record is under its exact ID stays there. With the record found under that ID, if any
+    /// (under the exact ID it may, against all odds, be another request's too).
+    async fn home(
+        &self,
+        project: &str,
+        ids: &JobIds,
+        identity: &Identity,
+    ) -> Result<(String, Option<Record>), ClusterError> {
+        match self.read(project, &ids.mistry).await? {
+            Some(rec) if rec.is_for(identity) => Ok((ids.mistry.clone(), Some(rec))),
+            Some(_) => {
+                tracing::info!(%project, id = %ids.mistry, "job ID taken by another request's job: going by the request's exact ID");
+                Ok((ids.exact.clone(), self.read(project, &ids.exact).await?))
+            }
+            None => match self.read(project, &ids.exact).await? {
+                Some(rec) if rec.is_for(identity) => Ok((ids.exact.clone(), Some(rec))),
+                _ => Ok((ids.mistry.clone(), None)),
+            },
+        }
+    }
+
+    /// The job ID [`Scheduler::submit_as`] will answer `req` with (barring a race with
+    /// another request taking mistry's ID first): a local build of this request that
+    /// succeeded (unless `rebuild`), else the one the records give ([`Scheduler::home`]).
+    /// For a pipeline run, which shows a job's ID before its end.
+    pub async fn job_id(&self, req: &JobRequest, ids: &JobIds) -> Result<String, SubmitError> {
+        let identity = Identity::of(req);
+        if !req.rebuild {
+            let (engine, p, i, who) = (
+                Arc::clone(&self.engine),
+                req.project.clone(),
+                ids.clone(),
+                identity.clone(),
+            );
+            let here = tokio::task::spawn_blocking(move || {
+                [&i.mistry, &i.exact].into_iter().find_map(|id| {
+                    engine
+                        .local_build(&p, id, &who)
+                        .filter(|(info, _)| info.succeeded())
+                        .map(|_| id.clone())
+                })
+            })
+            .await
+            .map_err(|e| JobError::Internal(e.to_string()))?;
+            if let Some(id) = here {
+                return Ok(id);
+            }
+        }
+        Ok(self.home(&req.project, ids, &identity).await?.0)
+    }
+
+    /// [`Scheduler::submit`] of a request whose job IDs the caller computed (with
+    /// [`Engine::job_ids_of`]).
     pub async fn submit_as(
         self: &Arc<Self>,
         req: JobRequest,
-        id: String,
+        ids: JobIds,
         is_async: bool,
     ) -> Result<Option<Answer>, SubmitError> {
         let project = req.project.clone();
+        let identity = Identity::of(&req);
         if !req.rebuild {
-            let (engine, p, i) = (Arc::clone(&self.engine), project.clone(), id.clone());
-            let hit = tokio::task::spawn_blocking(move || engine.local_result(&p, &i))
+            let (engine, p, i, who) = (
+                Arc::clone(&self.engine),
+                project.clone(),
+                ids.clone(),
+                identity.clone(),
+            );
+            let hit = tokio::task::spawn_blocking(move || engine.local_result(&p, &i, &who))
                 .await
                 .map_err(|e| JobError::Internal(e.to_string()))?;
             if let Some((info, dir)) = hit {
-                tracing::info!(%project, %id, "job answered from the result cache");
+                tracing::info!(%project, id = %dir.id(), "job answered from the result cache");
                 return Ok(Some(Answer { info, dir }));
             }
         }
         // Subscribed before reading the record: an end notified meanwhile is not missed.
         let events = self.events.subscribe();
+        let mut id = ids.mistry.clone();
         for _ in 0..10 {
-            let record = self.read(&project, &id).await?;
+            let (home, record) = self.home(&project, &ids, &identity).await?;
+            id = home;
             let Some(rec) = record else {
                 self.check_backlog().await?;
                 if self.insert(&req, &id).await? {
@@ -303,10 +378,18 @@ impl Scheduler {
                     if is_async {
                         return Ok(None);
                     }
-                    return self.wait_end(&project, &id, events, false).await.map(Some);
+                    return self
+                        .wait_end(&project, &id, &identity, events, false)
+                        .await
+                        .map(Some);
                 }
                 continue; // Another agent inserted it first: read it.
             };
+            if !rec.is_for(&identity) {
+                return Err(SubmitError::Job(JobError::Internal(format!(
+                    "Error building {project}/{id}: another request's job has this ID"
+                ))));
+            }
             match rec.state.as_str() {
                 "queued" | "running" => {
                     tracing::info!(%project, %id, state = %rec.state, agent = ?rec.agent, "job joins an identical job of the cluster");
@@ -314,7 +397,10 @@ impl Scheduler {
                     if is_async {
                         return Ok(None);
                     }
-                    return self.wait_end(&project, &id, events, true).await.map(Some);
+                    return self
+                        .wait_end(&project, &id, &identity, events, true)
+                        .await
+                        .map(Some);
                 }
                 "ready"
                     if !req.rebuild
@@ -324,7 +410,7 @@ impl Scheduler {
                     if is_async {
                         return Ok(None);
                     }
-                    let mut answer = self.local_copy(&project, &id, &rec).await?;
+                    let mut answer = self.local_copy(&project, &id, &identity, &rec).await?;
                     answer.info.cached = true;
                     answer.info.coalesced = false;
                     self.engine.metrics.cached();
@@ -340,7 +426,10 @@ impl Scheduler {
                         if is_async {
                             return Ok(None);
                         }
-                        return self.wait_end(&project, &id, events, false).await.map(Some);
+                        return self
+                            .wait_end(&project, &id, &identity, events, false)
+                            .await
+                            .map(Some);
                     }
                 }
             }
@@ -362,7 +451,7 @@ impl Scheduler {
                 "SELECT j.state, j.agent, a.advertise_url,
                         COALESCE(a.stopped_at IS NULL
                                  AND a.last_heartbeat > now() - make_interval(secs => $3), false),
-                        j.build_info::text
+                        j.build_info::text, j.request::text
                    FROM jobs j LEFT JOIN agents a ON a.name = j.agent
                   WHERE j.project = $1 AND j.id = $2",
                 &[&project, &id, &self.timeout_secs()],
@@ -377,6 +466,7 @@ impl Scheduler {
             agent_url: r.try_get(2).map_err(g)?,
             agent_alive: r.try_get(3).map_err(g)?,
             build_info: r.try_get(4).map_err(g)?,
+            request: r.try_get(5).map_err(g)?,
         }))
     }
 
@@ -517,7 +607,8 @@ impl Scheduler {
         })))
     }
 
-    /// Queue an ended job again, if its record is still as `rec` says.
+    /// Queue an ended job again, if its record is still as `rec` says (its request included:
+    /// a record deleted and inserted again by another request meanwhile is not this one).
     async fn requeue(
         &self,
         req: &JobRequest,
@@ -535,7 +626,7 @@ impl Scheduler {
                             queued_at = now(), started_at = NULL, ended_at = NULL,
                             preferred_agent = {}
                       WHERE project = $1 AND id = $3 AND state = $5
-                        AND agent IS NOT DISTINCT FROM $6",
+                        AND agent IS NOT DISTINCT FROM $6 AND request = $9::text::jsonb",
                     Self::preferred("$7", "$8")
                 ),
                 &[
@@ -547,6 +638,7 @@ impl Scheduler {
                     &rec.agent,
                     &self.me(),
                     &self.timeout_secs(),
+                    &rec.request,
                 ],
             )
             .await
@@ -560,11 +652,13 @@ impl Scheduler {
         Ok(n == 1)
     }
 
-    /// Wait for the job's end, then answer with its build, local to this agent.
+    /// Wait for the job's end, then answer with its build, local to this agent (a build of a
+    /// request with `identity`).
     async fn wait_end(
         &self,
         project: &str,
         id: &str,
+        identity: &Identity,
         mut events: broadcast::Receiver<Event>,
         coalesced: bool,
     ) -> Result<Answer, SubmitError> {
@@ -575,8 +669,13 @@ impl Scheduler {
                     "Error building {key}: the job's record was deleted"
                 ))));
             };
+            if !rec.is_for(identity) {
+                return Err(SubmitError::Job(JobError::Internal(format!(
+                    "Error building {key}: the job's record is another request's now; try again"
+                ))));
+            }
             if rec.state == "ready" || rec.state == "failed" {
-                let mut answer = self.local_copy(project, id, &rec).await?;
+                let mut answer = self.local_copy(project, id, identity, &rec).await?;
                 answer.info.cached = false;
                 answer.info.coalesced = coalesced;
                 return Ok(answer);
@@ -603,11 +702,13 @@ impl Scheduler {
     }
 
     /// The ended job's build in this agent's `ready/` (fetched from the agent that ran it when
-    /// that is another one), and its BuildInfo with `Path` local.
+    /// that is another one), and its BuildInfo with `Path` local; never a build of a request
+    /// other than `identity`'s.
     async fn local_copy(
         &self,
         project: &str,
         id: &str,
+        identity: &Identity,
         rec: &Record,
     ) -> Result<Answer, SubmitError> {
         let layout = &self.engine.layout;
@@ -658,7 +759,7 @@ impl Scheduler {
                     dir = d;
                     local = dir.read_info();
                 }
-                Err(e) => match stored().filter(|_| failed) {
+                Err(e) => match stored().filter(|i| failed && identity.matches(i)) {
                     Some(info) => {
                         tracing::info!(%project, %id, error = %e, "a failed job answered from its record");
                         let info = BuildInfo {
@@ -679,6 +780,12 @@ impl Scheduler {
                 ))))
             }
         };
+        if !identity.matches(&info) {
+            return Err(SubmitError::Replication(format!(
+                "the build {project}/{id} here is another request's (another group or params): \
+                 try again"
+            )));
+        }
         let info = BuildInfo {
             path: dir.artifacts_when_ready().display().to_string(),
             ..info
@@ -888,24 +995,8 @@ impl Scheduler {
             self.record_end(&project, &id, &info).await;
             return;
         }
-        let scheduled = match self.engine.schedule(req.clone()).await {
-            Ok(s) if s.id == id => s,
-            Ok(s) => {
-                // Keep the job the engine started running (it is a job of its own), but this
-                // record cannot be answered by it.
-                let info = self.refused(
-                    &req,
-                    &id,
-                    format!(
-                        "Error building {project}: agent {} computes job ID {} for this request, \
-                         not {id}: the agents' projects_path differ",
-                        self.me(),
-                        s.id
-                    ),
-                );
-                self.record_end(&project, &id, &info).await;
-                return;
-            }
+        let scheduled = match self.engine.schedule_as(req.clone(), id.clone()).await {
+            Ok(s) => s,
             Err(JobError::Overloaded) => {
                 // Shutting down, or the local backlog is full: back to the queue.
                 self.unclaim(&project, &id).await;
@@ -1165,13 +1256,13 @@ impl Scheduler {
     // ---------------------------------------------------------------- failures
 
     /// At start: the records this agent left `running` (it crashed), i.e. started before its
-    /// registration: a build in `ready/` is recorded (the crash came between the move and the
-    /// record), any other is queued again. Jobs this run of the agent took meanwhile (a request
+    /// registration: a build of the record's request in `ready/` is recorded (the crash came
+    /// between the move and the record), any other is queued again. Jobs this run of the agent took meanwhile (a request
     /// can arrive before this pass) are left alone.
     async fn heal(&self) {
         let rows = self
             .rows(
-                "SELECT j.project, j.id FROM jobs j JOIN agents a ON a.name = j.agent
+                "SELECT j.project, j.id, j.request::text FROM jobs j JOIN agents a ON a.name = j.agent
                   WHERE j.state = 'running' AND j.agent = $1 AND j.started_at < a.started_at",
                 &[&self.me()],
             )
@@ -1184,12 +1275,19 @@ impl Scheduler {
             }
         };
         for row in rows {
-            let (Ok(project), Ok(id)) = (row.try_get::<_, String>(0), row.try_get::<_, String>(1))
-            else {
+            let (Ok(project), Ok(id), Ok(request)) = (
+                row.try_get::<_, String>(0),
+                row.try_get::<_, String>(1),
+                row.try_get::<_, String>(2),
+            ) else {
                 continue;
             };
+            let identity = request_from_json(&request).map(|r| Identity::of(&r));
             let dir = self.engine.layout.job(&project, &id, Stage::Ready);
-            match dir.read_info() {
+            match dir
+                .read_info()
+                .filter(|i| identity.as_ref().is_ok_and(|me| me.matches(i)))
+            {
                 Some(info) => {
                     tracing::info!(%project, %id, "recording a build a crash left unrecorded");
                     self.record_end(&project, &id, &info).await;
@@ -1455,13 +1553,16 @@ impl Scheduler {
     }
 }
 
-/// Whether a copy here (`mine`) is not the build the record stores (another run of the job).
+/// Whether a copy here (`mine`) is not the build the record stores (another run of the job,
+/// or a build of another request under the same ID).
 pub(super) fn is_stale(mine: &BuildInfo, rec: &Record) -> bool {
     let theirs = rec
         .build_info
         .as_deref()
         .and_then(|t| serde_json::from_str::<BuildInfo>(t).ok());
-    theirs.is_none_or(|t| t.started_at != mine.started_at)
+    theirs.is_none_or(|t| {
+        t.started_at != mine.started_at || !Identity::new(&t.group, &t.params).matches(mine)
+    })
 }
 
 /// Append a note line to a ready build's `out.log`.

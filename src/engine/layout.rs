@@ -112,14 +112,27 @@ impl Layout {
         }
     }
 
-    /// The group's last successful build (where its link points), if it still has a `data/`.
+    /// The group's last successful build (where its link points), if it still has a `data/`
+    /// and is a build of that group (a build of the same ID replaced by another request's, in
+    /// the cluster, is not).
     pub fn last_good(&self, project: &str, group: &str) -> Option<PathBuf> {
         if group.is_empty() {
             return None;
         }
+        #[derive(serde::Deserialize)]
+        struct Group {
+            #[serde(rename = "Group", default)]
+            group: String,
+        }
+        let of_group = |p: &PathBuf| {
+            fs::read(p.join("build_info.json"))
+                .ok()
+                .and_then(|t| serde_json::from_slice::<Group>(&t).ok())
+                .is_some_and(|g| g.group == group)
+        };
         fs::canonicalize(self.link(project, group))
             .ok()
-            .filter(|p| p.join("data").is_dir())
+            .filter(|p| p.join("data").is_dir() && of_group(p))
     }
 
     /// `<build_path>/<project>`.
@@ -343,6 +356,9 @@ mod tests {
             l.last_good("p", "g").unwrap(),
             r.path().canonicalize().unwrap()
         );
+        // A link to another group's build is not followed.
+        r.link_from(&l.link("p", "h")).unwrap();
+        assert_eq!(l.last_good("p", "h"), None);
         assert_eq!(l.projects(), ["p"]);
     }
 }

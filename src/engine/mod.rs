@@ -25,12 +25,12 @@ use images::{BaseSources, Builder, Store};
 use tokio::sync::{watch, Semaphore};
 
 use crate::config::Config;
-use crate::jobs::{self, BuildInfo, JobRequest, NEVER_RAN, UNKNOWN_DURATION};
+use crate::jobs::{self, BuildInfo, Identity, JobIds, JobRequest, NEVER_RAN, UNKNOWN_DURATION};
 use crate::metrics::Metrics;
 pub use layout::{JobDir, Layout, Stage};
 pub use lookup::Found;
 pub use outcome::{JobOutcome, RunError};
-use state::{Admission, InFlight};
+use state::{Admission, Ids, InFlight};
 pub use state::{JobKey, JobState};
 
 /// Why a request could not be served.
@@ -258,8 +258,29 @@ impl Engine {
         }
     }
 
-    /// Validate, identify and schedule a job (or find it running, or in the result cache).
+    /// Validate, identify and schedule a job (or find it running, or in the result cache). The
+    /// job goes by mistry's ID unless another request's job holds that one: then by the
+    /// request's exact ID ([`jobs::JobIds`]); it is never answered with another request's job.
     pub async fn schedule(self: &Arc<Self>, req: JobRequest) -> Result<Scheduled, JobError> {
+        self.schedule_by(req, None).await
+    }
+
+    /// [`Engine::schedule`] under job ID `id`, one of the request's two IDs, which the
+    /// cluster's job record decided (`cluster::jobs`): a build of another request here under
+    /// that ID is no answer and is replaced.
+    pub async fn schedule_as(
+        self: &Arc<Self>,
+        req: JobRequest,
+        id: String,
+    ) -> Result<Scheduled, JobError> {
+        self.schedule_by(req, Some(id)).await
+    }
+
+    async fn schedule_by(
+        self: &Arc<Self>,
+        req: JobRequest,
+        given: Option<String>,
+    ) -> Result<Scheduled, JobError> {
         Self::check_request(&req)?;
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(JobError::Overloaded);
@@ -268,9 +289,10 @@ impl Engine {
         // result cache (a rebuild asks for a fresh run), then the backlog; off the runtime's
         // threads, as it reads the disk.
         let (engine, r) = (Arc::clone(self), req.clone());
-        let (id, admission) = tokio::task::spawn_blocking(move || engine.admit(&r))
-            .await
-            .map_err(|e| JobError::Internal(e.to_string()))??;
+        let (id, admission) =
+            tokio::task::spawn_blocking(move || engine.admit(&r, given.as_deref()))
+                .await
+                .map_err(|e| JobError::Internal(e.to_string()))??;
         self.scheduled(&req, id, admission)
     }
 
@@ -318,41 +340,56 @@ impl Engine {
                 false,
             )),
             Admission::Full => Err(JobError::Overloaded),
+            Admission::Taken => Err(JobError::Internal(format!(
+                "Error building {}/{id}: work: another request's job runs under this ID",
+                req.project
+            ))),
         }
     }
 
-    /// The job's ID (hashing the project directory), and what becomes of it (blocking). A
-    /// queued job is started here, so that a request cancelled meanwhile leaves no job behind
-    /// that nobody runs.
-    fn admit(self: &Arc<Self>, req: &JobRequest) -> Result<(String, Admission), JobError> {
-        let id = self.identify(req)?;
-        let ready = self.layout.job(&req.project, &id, Stage::Ready);
-        let key = JobKey::new(&req.project, &id);
-        let admission = self.jobs.admit(&key, || {
-            let mut info = ready.read_info()?;
-            if !info.succeeded() || req.rebuild {
-                return None;
+    /// The job's ID (hashing the project directory), and what becomes of it (blocking); under
+    /// ID `given` when one is. A queued job is started here, so that a request cancelled
+    /// meanwhile leaves no job behind that nobody runs.
+    fn admit(
+        self: &Arc<Self>,
+        req: &JobRequest,
+        given: Option<&str>,
+    ) -> Result<(String, Admission), JobError> {
+        let ids = self.identify(req)?;
+        let want = match given {
+            None => Ids::Resolve(&ids),
+            Some(id) if id == ids.mistry || id == ids.exact => Ids::Given(id),
+            Some(id) => {
+                return Err(JobError::Internal(format!(
+                    "Error building {}: this agent computes job ID {} (or {}) for this \
+                     request, not {id}: the agents' projects_path differ",
+                    req.project, ids.mistry, ids.exact
+                )))
             }
-            info.cached = true;
-            info.coalesced = false;
-            Some(info)
-        });
+        };
+        let identity = Identity::of(req);
+        let (id, admission) = self
+            .jobs
+            .admit(&req.project, want, &identity, req.rebuild, |id| {
+                self.layout.job(&req.project, id, Stage::Ready).read_info()
+            });
         match admission {
-            Admission::Queued(_) => self.start(req.clone(), key),
+            Admission::Queued(_) => self.start(req.clone(), JobKey::new(&req.project, &id)),
             Admission::Coalesced(_) => self.metrics.coalesced(),
             Admission::Cached(_) => self.metrics.cached(),
-            Admission::Full => {}
+            Admission::Full | Admission::Taken => {}
         }
         Ok((id, admission))
     }
 
-    /// The job's ID (hashing the project directory; blocking): 404 for an unknown project.
-    fn identify(&self, req: &JobRequest) -> Result<String, JobError> {
+    /// The request's IDs (hashing the project directory; blocking): 404 for an unknown
+    /// project.
+    fn identify(&self, req: &JobRequest) -> Result<JobIds, JobError> {
         let project_dir = self.cfg.projects_path.join(&req.project);
         if !project_dir.join("Dockerfile").is_file() {
             return Err(JobError::UnknownProject(req.project.clone()));
         }
-        jobs::job_id(
+        jobs::job_ids(
             &req.project,
             &req.group,
             &req.params,
@@ -367,10 +404,11 @@ impl Engine {
         })
     }
 
-    /// Validate a request and compute its job ID (blocking: it hashes the project directory),
+    /// Validate a request and compute its job IDs (blocking: it hashes the project directory),
     /// as [`Engine::schedule`] does, without admitting it (the cluster's scheduler,
-    /// `cluster::jobs`, decides where it runs). Refused while shutting down.
-    pub fn job_id_of(&self, req: &JobRequest) -> Result<String, JobError> {
+    /// `cluster::jobs`, decides which one it goes by and where it runs). Refused while shutting
+    /// down.
+    pub fn job_ids_of(&self, req: &JobRequest) -> Result<JobIds, JobError> {
         Self::check_request(req)?;
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(JobError::Overloaded);
@@ -378,14 +416,33 @@ impl Engine {
         self.identify(req)
     }
 
-    /// The result cache alone (blocking): the local `ready/<id>` when it succeeded, as a
-    /// result-cache hit (`Cached: true`, counted), with its directory.
-    pub fn local_result(&self, project: &str, id: &str) -> Option<(BuildInfo, JobDir)> {
+    /// A ready build of `project` under `id` that is a build of a request with `identity`
+    /// (blocking): its BuildInfo and directory; `None` when there is none, or it is another
+    /// request's.
+    pub fn local_build(
+        &self,
+        project: &str,
+        id: &str,
+        identity: &Identity,
+    ) -> Option<(BuildInfo, JobDir)> {
         let dir = self.layout.job(project, id, Stage::Ready);
-        let mut info = dir.read_info()?;
-        if !info.succeeded() {
-            return None;
-        }
+        let info = dir.read_info().filter(|i| identity.matches(i))?;
+        Some((info, dir))
+    }
+
+    /// The result cache alone (blocking): a local build of a request with `identity` that
+    /// succeeded, under mistry's ID or else the exact one, as a result-cache hit (`Cached:
+    /// true`, counted), with its directory.
+    pub fn local_result(
+        &self,
+        project: &str,
+        ids: &JobIds,
+        identity: &Identity,
+    ) -> Option<(BuildInfo, JobDir)> {
+        let (mut info, dir) = [&ids.mistry, &ids.exact].into_iter().find_map(|id| {
+            self.local_build(project, id, identity)
+                .filter(|(i, _)| i.succeeded())
+        })?;
         info.cached = true;
         info.coalesced = false;
         self.metrics.cached();

@@ -935,18 +935,31 @@ async fn cluster_job_task(
         let _ = events.send((i, Event::Done(r)));
     };
     let (e2, r2) = (Arc::clone(&engine), req.clone());
-    let id = match tokio::task::spawn_blocking(move || e2.job_id_of(&r2)).await {
-        Ok(Ok(id)) => id,
+    let ids = match tokio::task::spawn_blocking(move || e2.job_ids_of(&r2)).await {
+        Ok(Ok(ids)) => ids,
         Ok(Err(e)) => return done(Err(e)),
+        Err(e) => return done(Err(JobError::Internal(e.to_string()))),
+    };
+    let id = match scheduler.job_id(&req, &ids).await {
+        Ok(id) => id,
+        Err(SubmitError::Job(e)) => return done(Err(e)),
         Err(e) => return done(Err(JobError::Internal(e.to_string()))),
     };
     let dir = engine.layout.job(&req.project, &id, Stage::Ready);
     // A result-cache hit here is known now; one on another agent only from the answer.
     let local_hit = !req.rebuild && {
-        let d = dir.clone();
-        tokio::task::spawn_blocking(move || d.read_info().is_some_and(|i| i.succeeded()))
-            .await
-            .unwrap_or(false)
+        let (e2, p, i, who) = (
+            Arc::clone(&engine),
+            req.project.clone(),
+            id.clone(),
+            crate::jobs::Identity::of(&req),
+        );
+        tokio::task::spawn_blocking(move || {
+            e2.local_build(&p, &i, &who)
+                .is_some_and(|(info, _)| info.succeeded())
+        })
+        .await
+        .unwrap_or(false)
     };
     let _ = events.send((
         i,
@@ -956,7 +969,7 @@ async fn cluster_job_task(
             cached: local_hit.then_some(true),
         },
     ));
-    let submit = scheduler.submit_as(req.clone(), id.clone(), false);
+    let submit = scheduler.submit_as(req.clone(), ids, false);
     tokio::pin!(submit);
     let mut seen = local_hit;
     let mut delay = std::time::Duration::from_millis(100);
@@ -973,6 +986,19 @@ async fn cluster_job_task(
             }
         }
     };
+    if let Ok(Some(a)) = &answer {
+        if a.dir.id() != id {
+            // Another request took mistry's ID meanwhile: the job went by its exact ID.
+            let _ = events.send((
+                i,
+                Event::Scheduled {
+                    id: a.dir.id().to_string(),
+                    path: a.dir.artifacts_when_ready().display().to_string(),
+                    cached: Some(a.info.cached),
+                },
+            ));
+        }
+    }
     done(match answer {
         Ok(Some(a)) => Ok(a.info),
         Ok(None) => Err(JobError::Internal(format!(
