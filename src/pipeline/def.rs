@@ -363,9 +363,28 @@ impl Pipeline {
     }
 
     /// The run ID of a run with these (resolved) params: sha256 of the pipeline's name, the
-    /// params in name order and the definition's bytes.
+    /// params in name order and the definition's bytes, each part NUL-terminated. A value
+    /// holding a NUL could pass for several params there (`a="x\0param\0b\0y"` and `a="x"`,
+    /// `b="y"`): with one, every part is length-prefixed instead, after a tag no NUL-terminated
+    /// form starts with — so no two runs of other params share an ID, and runs without NULs
+    /// keep theirs.
     pub fn run_id(&self, params: &BTreeMap<String, String>) -> String {
         let mut h = Sha256::new();
+        if params.values().any(|v| v.contains('\0')) {
+            let mut field = |bytes: &[u8]| {
+                h.update((bytes.len() as u64).to_le_bytes());
+                h.update(bytes);
+            };
+            field(b"pipeline run id v2");
+            field(self.name.as_bytes());
+            field(&(params.len() as u64).to_le_bytes());
+            for (k, v) in params {
+                field(k.as_bytes());
+                field(v.as_bytes());
+            }
+            field(&self.bytes);
+            return hex::encode(h.finalize());
+        }
         for part in ["pipeline", &self.name] {
             h.update(part.as_bytes());
             h.update([0]);
@@ -709,6 +728,25 @@ mod tests {
         // The definition's bytes enter the ID.
         let p2 = parse(&GOOD.replace("production", "production ")).unwrap();
         assert_ne!(run, p2.run_id(&params));
+        // Run IDs without NULs are kept (this one is the formula's before NULs were handled).
+        assert_eq!(
+            run,
+            "9d5074470fa2e9fe1fd115a6f0ffa8d30f3a1736ac130f4be6975858435ca743"
+        );
+        // A value holding NUL-terminated params does not pass for them.
+        let nul = BTreeMap::from([
+            (
+                "branch".to_string(),
+                "main\0param\0env\0production".to_string(),
+            ),
+            ("env".to_string(), "x".to_string()),
+        ]);
+        let split = BTreeMap::from([
+            ("branch".to_string(), "main".to_string()),
+            ("env".to_string(), "production\0param\0env\0x".to_string()),
+        ]);
+        assert_ne!(p.run_id(&nul), p.run_id(&split));
+        assert_ne!(p.run_id(&nul), run);
         let ids = BTreeMap::from([("deps".to_string(), "abc".to_string())]);
         let v = Values {
             params: &params,
