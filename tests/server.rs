@@ -1872,3 +1872,169 @@ fn requests_sharing_a_mistry_job_id_never_get_each_others_build() {
         mistry_id("collide", "", &solo["params"], &project_dir)
     );
 }
+
+/// A `POST /jobs` whose headers (with `Expect: 100-continue`) the server has read and whose
+/// body it waits for: the `100 Continue` came, and the first bytes of a `length`-byte body
+/// were sent.
+fn slow_body(s: &Server, length: usize) -> std::net::TcpStream {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(&s.addr).unwrap();
+    c.write_all(
+        format!(
+            "POST /jobs HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: {length}\r\nExpect: 100-continue\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let expected = b"HTTP/1.1 100 Continue\r\n\r\n";
+    let mut got = vec![0u8; expected.len()];
+    c.read_exact(&mut got).unwrap();
+    assert_eq!(got, expected, "{}", String::from_utf8_lossy(&got));
+    c.write_all(b"{\"pr").unwrap();
+    c
+}
+
+/// Send one more body byte on every connection still open, every 300 ms, until `stop`.
+fn drip(conns: Vec<std::net::TcpStream>, stop: std::sync::mpsc::Receiver<()>) {
+    use std::io::Write;
+    let mut conns: Vec<_> = conns.into_iter().map(Some).collect();
+    while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+        stop.recv_timeout(Duration::from_millis(300))
+    {
+        for slot in conns.iter_mut() {
+            if slot.as_mut().is_some_and(|c| c.write_all(b"o").is_err()) {
+                *slot = None;
+            }
+        }
+    }
+}
+
+/// Issue 20, class 7: clients that send a request's headers, then its body a byte at a time,
+/// hold no connection slot the server needs: at the cap (20), the oldest of them is closed to
+/// serve a new request; and a body not received within `--body-timeout` is answered 408 and
+/// its connection closed, while complete requests are served as before.
+#[test]
+fn slow_request_bodies_neither_hold_the_connection_cap_nor_last() {
+    let agent = ureq::Agent::new_with_config(
+        ureq::config::Config::builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(20)))
+            .build(),
+    );
+    // The cap full of slow bodies (the body timeout is the default, a minute).
+    let s = Server::start_with(None, serde_json::json!({}), &["--max-connections", "20"]);
+    let held: Vec<_> = (0..20).map(|_| slow_body(&s, 1000)).collect();
+    let watched: Vec<_> = held.iter().map(|c| c.try_clone().unwrap()).collect();
+    let (stop, stopped) = std::sync::mpsc::channel();
+    let dripping = std::thread::spawn(move || drip(held, stopped));
+    let mut r = agent
+        .post(&s.url("/jobs"))
+        .send(r#"{"project": "simple", "params": {"name": "legit"}}"#)
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let info: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+    assert_eq!(info["ExitCode"], 0, "{info}");
+    let r = agent.get(&s.url("/index/")).call().unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(
+        watched.iter().any(closed),
+        "no slow body was evicted to make room"
+    );
+    let _ = stop.send(());
+    dripping.join().unwrap();
+    drop(s);
+
+    // A short body timeout: a body dripping in, or never sent, gets a 408 and the connection
+    // closes; a complete request is served.
+    let s = Server::start_with(None, serde_json::json!({}), &["--body-timeout", "1s"]);
+    for dripped in [true, false] {
+        use std::io::Read;
+        let c = slow_body(&s, 1000);
+        let (stop, stopped) = std::sync::mpsc::channel();
+        let dripping = dripped.then(|| {
+            let c = c.try_clone().unwrap();
+            std::thread::spawn(move || drip(vec![c], stopped))
+        });
+        // Up to the end of the connection (a reset when the dripped bytes were not read).
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match (&c).read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(e) => panic!("{e}: {}", String::from_utf8_lossy(&answer)),
+            }
+        }
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+        assert!(
+            answer.ends_with("Request body not received within 1s"),
+            "{answer}"
+        );
+        let _ = stop.send(());
+        if let Some(d) = dripping {
+            d.join().unwrap();
+        }
+    }
+    let mut r = agent
+        .post(&s.url("/jobs"))
+        .send(r#"{"project": "simple", "params": {"name": "whole"}}"#)
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let info: Value = serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap();
+    assert_eq!(info["ExitCode"], 0, "{info}");
+}
+
+/// Issue 20, class 7: a client that stops reading a large streamed answer (a 20 MiB artifact)
+/// has its connection closed after `--send-timeout` (which frees the thread writing the
+/// answer) instead of holding it until it goes away.
+#[test]
+fn an_answer_nobody_reads_is_cut_after_the_send_timeout() {
+    use nix::sys::socket::{connect, setsockopt, socket, sockopt, AddressFamily, SockFlag};
+    use std::io::{Read, Write};
+    let s = Server::start_with(None, serde_json::json!({}), &["--send-timeout", "1s"]);
+    let info = s.job(serde_json::json!({"project": "artifacts"}));
+    assert_eq!(info["ExitCode"], 0, "{info}");
+    let id = common::server::job_id(&info);
+    // A small receive buffer (no autotuning): the server's writes stall soon.
+    let fd = socket(
+        AddressFamily::Inet,
+        nix::sys::socket::SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    setsockopt(&fd, sockopt::RcvBuf, &65536).unwrap();
+    let addr: std::net::SocketAddr = s.addr.parse().unwrap();
+    let std::net::SocketAddr::V4(v4) = addr else {
+        panic!("{addr}")
+    };
+    connect(
+        std::os::fd::AsRawFd::as_raw_fd(&fd),
+        &nix::sys::socket::SockaddrIn::from(v4),
+    )
+    .unwrap();
+    let mut c = std::net::TcpStream::from(fd);
+    c.write_all(format!("GET /artifacts/artifacts/{id} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .unwrap();
+    // Read nothing for a while: the server gives up after a second of stalled writes.
+    std::thread::sleep(Duration::from_secs(4));
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut total = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    let ended = loop {
+        match c.read(&mut buf) {
+            Ok(0) => break "closed",
+            Ok(n) => total += n,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break "reset",
+            Err(e) => panic!("after {total} bytes: {e}"),
+        }
+    };
+    assert!(
+        total < 20 << 20,
+        "the whole answer ({total} bytes) came: it was not cut ({ended})"
+    );
+}

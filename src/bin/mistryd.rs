@@ -40,14 +40,22 @@ struct Cli {
     /// How long running jobs may go on after SIGTERM before they are killed.
     #[arg(long, default_value = "30s", value_parser = parse_duration)]
     shutdown_grace: Duration,
-    /// Connections served at once (at the cap, the oldest one that has not sent a complete
-    /// request yet is closed to make room).
+    /// Connections served at once (at the cap, the oldest one that is not busy with a request
+    /// — idle, or still sending a request — is closed to make room).
     #[arg(long, default_value_t = mistry::server::DEFAULT_MAX_CONNECTIONS)]
     max_connections: usize,
     /// Time a client has to send a request's headers; also how long a kept-alive connection
     /// may stay idle.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     header_timeout: Duration,
+    /// Time a client has to send a request's whole body once its headers are in (then 408,
+    /// and the connection is closed).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    body_timeout: Duration,
+    /// How long a client may accept no byte of an answer being sent before its connection is
+    /// closed.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    send_timeout: Duration,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -239,6 +247,8 @@ async fn serve(cli: Cli) -> Result<()> {
     let limits = mistry::server::Limits {
         max_connections: connection_cap(cli.max_connections),
         header_timeout: cli.header_timeout,
+        body_timeout: cli.body_timeout,
+        send_timeout: cli.send_timeout,
     };
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(mistry::server::serve(listener, app, limits, stop_rx));

@@ -5,7 +5,9 @@
 //!
 //! Clients are not trusted: [`serve`] ([`listen`]) gives each connection
 //! [`Limits::header_timeout`] to send its request headers (also the idle timeout between
-//! kept-alive requests) and caps the connections served at once; state-changing requests from
+//! kept-alive requests), [`Limits::body_timeout`] to send a request's body (408), and
+//! [`Limits::send_timeout`] to accept an answer's bytes, and caps the connections served at
+//! once (evicting idle ones and slow senders of bodies at the cap); state-changing requests from
 //! another origin's page are refused (403); `/index/` is streamed and `/log` follows the job's
 //! state in memory; artifacts are read by fd below the job's `data/artifacts`, never through a
 //! symlink ([`artifacts`]).
@@ -29,7 +31,10 @@ use tokio::io::AsyncReadExt;
 
 use crate::body::blocking_body;
 use crate::tree::{open_artifacts, write_tree};
-pub use listen::{serve, Limits, DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_CONNECTIONS};
+pub use listen::{
+    serve, Limits, DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_SEND_TIMEOUT,
+};
 
 use crate::engine::{Engine, Found, JobDir, JobError, Stage};
 use crate::jobs::{BuildInfo, JobRequest};
