@@ -303,6 +303,7 @@ fn run_ok(s: &Server, sentinel: &Sentinel, x: u32, ctx: &str) -> Value {
         &json!({"pipeline": "pl", "params": {"x": x.to_string(), "host": sentinel.path()}}),
     );
     let ctx = format!("{ctx} run {x}: {rec}");
+    sentinel.check(&ctx);
     assert_eq!(rec["state"], "succeeded", "{ctx}");
     let down = job(&rec, "down");
     assert_eq!(down["incremental"], x > 1, "{ctx}");
