@@ -247,6 +247,39 @@ pub fn copy_artifacts(job_dir: &Path, target: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `<target>/<job>`, where a pipeline's job's artifacts go, made a directory of its own: the
+/// target is the user's (a link there is followed), but `<job>` in it may be what an earlier
+/// copy of artifacts left there (a job's symlink): a symlink or anything but a directory is
+/// refused, never followed.
+fn job_target(target: &Path, job: &str) -> Result<PathBuf> {
+    use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+    let to = target.join(job);
+    std::fs::create_dir_all(target)
+        .with_context(|| format!("creating the target {}", target.display()))?;
+    let dir = rustix::fs::open(
+        target,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .with_context(|| format!("opening the target {}", target.display()))?;
+    match rustix::fs::statat(&dir, job, AtFlags::SYMLINK_NOFOLLOW) {
+        Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Directory => {}
+        Ok(st) => bail!(
+            "refusing to copy the artifacts into {}: it is {} (not followed)",
+            to.display(),
+            if FileType::from_raw_mode(st.st_mode) == FileType::Symlink {
+                "a symlink"
+            } else {
+                "not a directory"
+            }
+        ),
+        Err(rustix::io::Errno::NOENT) => rustix::fs::mkdirat(&dir, job, Mode::from_raw_mode(0o755))
+            .with_context(|| format!("creating {}", to.display()))?,
+        Err(e) => return Err(e).with_context(|| format!("{}", to.display())),
+    }
+    Ok(to)
+}
+
 /// `mistryd exec`: print errors as one line; the exit code (the job's when it failed).
 /// `set_up` applies the daemon's id mapping to the configuration (as `mistryd` does).
 pub fn main(args: &ExecArgs, set_up: impl FnOnce(&mut Config) -> Result<()>) -> i32 {
@@ -626,7 +659,7 @@ fn pipeline(
             artifacts.display()
         );
         if let (Some(t), true, JobRunState::Ready) = (target, succeeded, j.state) {
-            let to = t.join(&j.name);
+            let to = job_target(t, &j.name).with_context(|| format!("job {}", j.name))?;
             copy_artifacts(dir.path(), &to).with_context(|| format!("job {}", j.name))?;
             line.push_str(&format!(", copied to {}", to.display()));
         }

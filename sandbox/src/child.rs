@@ -344,6 +344,25 @@ fn run_op(op: &Op, slots: &mut [RawFd]) -> Result<(), i32> {
             }
             Ok(())
         }
+        Op::GrabChecked {
+            source,
+            dev,
+            ino,
+            slot,
+            read_only,
+        } => {
+            let fd = sys::open_tree_clone(source, true)?;
+            if let Some(s) = slots.get_mut(*slot) {
+                *s = fd;
+            }
+            if sys::dev_ino(fd)? != (*dev, *ino) {
+                return Err(crate::plan::NOT_AS_CHECKED);
+            }
+            if *read_only {
+                sys::set_readonly(fd, c"", true)?;
+            }
+            Ok(())
+        }
         Op::Fresh {
             fstype,
             options,

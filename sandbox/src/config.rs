@@ -1,8 +1,9 @@
 //! What a sandbox is asked to run: the builder callers fill in.
 
 use std::ffi::OsString;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use caps::Capability;
@@ -50,13 +51,27 @@ pub struct Tmpfs {
 }
 
 /// A bind mount from the host into the sandbox.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Bind {
     pub source: PathBuf,
     /// Absolute path inside the sandbox.
     pub destination: PathBuf,
     pub read_only: bool,
+    /// What `source` must still be when the sandbox binds it (see [`Bind::from_fd`]).
+    pub fd: Option<Arc<OwnedFd>>,
 }
+
+impl PartialEq for Bind {
+    fn eq(&self, other: &Self) -> bool {
+        let fd = |b: &Bind| b.fd.as_ref().map(|f| f.as_raw_fd());
+        self.source == other.source
+            && self.destination == other.destination
+            && self.read_only == other.read_only
+            && fd(self) == fd(other)
+    }
+}
+
+impl Eq for Bind {}
 
 impl Bind {
     pub fn new(source: impl Into<PathBuf>, destination: impl Into<PathBuf>) -> Self {
@@ -64,6 +79,23 @@ impl Bind {
             source: source.into(),
             destination: destination.into(),
             read_only: false,
+            fd: None,
+        }
+    }
+
+    /// Bind `source` only if it is still what `fd` refers to (e.g. an `O_PATH` descriptor of a
+    /// directory the caller opened without following a link and checked): the sandbox looks
+    /// `source` up in its own mount namespace (a descriptor of the caller's namespace cannot be
+    /// cloned there) and refuses to start when the mount it gets is not that file (same device
+    /// and inode), e.g. because the directory was swapped for a symlink meanwhile.
+    pub fn from_fd(
+        fd: OwnedFd,
+        source: impl Into<PathBuf>,
+        destination: impl Into<PathBuf>,
+    ) -> Self {
+        Self {
+            fd: Some(Arc::new(fd)),
+            ..Self::new(source, destination)
         }
     }
 

@@ -379,6 +379,22 @@ impl Sandbox {
                     path: b.destination.clone(),
                 });
             }
+            if let Some(fd) = &b.fd {
+                // Opened and checked by the caller: its kind and identity from the descriptor;
+                // the child binds the path only if it still leads there.
+                let st = nix::sys::stat::fstat(fd.as_raw_fd()).map_err(|e| Error::Bind {
+                    path: b.source.clone(),
+                    reason: errno_text(e as i32),
+                })?;
+                binds.push(PlannedBind {
+                    source: b.source.clone(),
+                    destination: b.destination.clone(),
+                    read_only: b.read_only,
+                    source_is_dir: st.st_mode & libc::S_IFMT == libc::S_IFDIR,
+                    expect: Some((st.st_dev, st.st_ino)),
+                });
+                continue;
+            }
             let meta = std::fs::metadata(&b.source).map_err(|e| Error::Bind {
                 path: b.source.clone(),
                 reason: errno_text(e.raw_os_error().unwrap_or(libc::EIO)),
@@ -391,6 +407,7 @@ impl Sandbox {
                 destination: b.destination.clone(),
                 read_only: b.read_only,
                 source_is_dir: meta.is_dir(),
+                expect: None,
             });
         }
         Ok((rootfs, binds))
@@ -822,6 +839,16 @@ fn describe_report(r: &Report, p: &Prepared) -> Error {
         Stage::Chdir => Error::Setup(format!("chdir {}: {err}", s(&p.cwd))),
         Stage::Op => {
             let op = p.ops.get(r.index as usize);
+            if let Some(plan::Op::GrabChecked { source, .. }) = op {
+                if r.errno == plan::NOT_AS_CHECKED {
+                    return Error::Bind {
+                        path: std::path::PathBuf::from(s(source)),
+                        reason: "it is not the directory that was checked (replaced meanwhile, \
+                                 e.g. by a symlink): not bound"
+                            .into(),
+                    };
+                }
+            }
             let text = format!(
                 "{}: {err}",
                 op.map(plan::Op::describe)

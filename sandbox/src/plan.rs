@@ -26,6 +26,15 @@ pub enum Op {
         slot: usize,
         read_only: bool,
     },
+    /// [`Op::Grab`], refused ([`NOT_AS_CHECKED`]) unless the root of the copy is the file
+    /// `dev`/`ino` (what the caller checked; see `Bind::from_fd`).
+    GrabChecked {
+        source: CString,
+        dev: u64,
+        ino: u64,
+        slot: usize,
+        read_only: bool,
+    },
     /// Before pivot: a new detached `proc` or `sysfs` (see [`crate::sys::fresh_mount`]) into a
     /// slot.
     Fresh {
@@ -110,7 +119,9 @@ impl Op {
         let s = |c: &CString| c.to_string_lossy().into_owned();
         match self {
             Op::MakePrivate => "making mounts private".into(),
-            Op::Grab { source, .. } => format!("opening {} to bind it", s(source)),
+            Op::Grab { source, .. } | Op::GrabChecked { source, .. } => {
+                format!("opening {} to bind it", s(source))
+            }
             Op::Fresh { fstype, .. } => format!("creating a new {}", s(fstype)),
             Op::Pivot { rootfs } => format!("pivot_root into {}", s(rootfs)),
             Op::PivotTree { .. } => "pivot_root into a copy of /".into(),
@@ -163,7 +174,12 @@ pub struct PlannedBind {
     pub destination: PathBuf,
     pub read_only: bool,
     pub source_is_dir: bool,
+    /// The device and inode the source must have when it is grabbed (see `Bind::from_fd`).
+    pub expect: Option<(u64, u64)>,
 }
+
+/// The errno a [`Op::GrabChecked`] fails with when its source is not what was checked.
+pub const NOT_AS_CHECKED: i32 = libc::ESTALE;
 
 type FsOptions = Vec<(CString, Option<CString>)>;
 
@@ -346,7 +362,20 @@ pub fn build(spec: &Spec<'_>) -> Result<(Vec<Op>, usize), crate::Error> {
     let binds: Vec<(usize, &PlannedBind)> = spec
         .binds
         .iter()
-        .map(|b| (grab(&mut ops, &mut slots, &b.source, b.read_only), b))
+        .map(|b| match b.expect {
+            Some((dev, ino)) => {
+                let slot = next(&mut slots);
+                ops.push(Op::GrabChecked {
+                    source: cpath(&b.source),
+                    dev,
+                    ino,
+                    slot,
+                    read_only: b.read_only,
+                });
+                (slot, b)
+            }
+            None => (grab(&mut ops, &mut slots, &b.source, b.read_only), b),
+        })
         .collect();
 
     // Overlay layers are bound at short names on a staging tmpfs of our own mount namespace
@@ -665,12 +694,14 @@ mod tests {
                 destination: "/data".into(),
                 read_only: false,
                 source_is_dir: true,
+                expect: None,
             },
             PlannedBind {
                 source: "/src/f".into(),
                 destination: "/data/../etc/../conf/file".into(),
                 read_only: true,
                 source_is_dir: false,
+                expect: Some((7, 8)),
             },
         ];
         let (ops, slots) = build(&Spec {
@@ -691,7 +722,12 @@ mod tests {
             .position(|o| matches!(o, Op::Pivot { .. } | Op::PivotTree { .. }))
             .unwrap();
         // Every grab happens before pivot, every mount after.
-        let before = |o: &Op| matches!(o, Op::Grab { .. } | Op::Fresh { .. } | Op::MakePrivate);
+        let before = |o: &Op| {
+            matches!(
+                o,
+                Op::Grab { .. } | Op::GrabChecked { .. } | Op::Fresh { .. } | Op::MakePrivate
+            )
+        };
         assert!(ops[..pivot].iter().all(before));
         assert!(!ops[pivot..].iter().any(before));
         let n = names(&ops);
@@ -710,8 +746,11 @@ mod tests {
         assert_eq!(ops[ops.len() - 2], Op::ReadOnlyRoot);
         assert_eq!(ops[ops.len() - 1], Op::LoopbackUp);
         assert!(!n.iter().any(|x| x.contains("resolv.conf")));
-        // The read-only flag of the second bind reaches its grab.
-        assert!(ops.iter().any(|o| matches!(o, Op::Grab { source, read_only: true, .. } if source.as_bytes() == b"/src/f")));
+        // The read-only flag of the second bind reaches its grab, which checks what it gets.
+        assert!(ops.iter().any(|o| matches!(o, Op::GrabChecked { dev: 7, ino: 8, source, read_only: true, .. } if source.as_bytes() == b"/src/f")));
+        assert!(!ops
+            .iter()
+            .any(|o| matches!(o, Op::Grab { source, .. } if source.as_bytes() == b"/src/f")));
     }
 
     #[test]
@@ -789,6 +828,7 @@ mod tests {
             destination: "/l0/x".into(),
             read_only: false,
             source_is_dir: true,
+            expect: None,
         }];
         let err = build(&Spec {
             overlay: None,

@@ -184,6 +184,16 @@ pub fn open_tree_clone(path: &CStr, recursive: bool) -> Result<RawFd, i32> {
         .map(|fd| fd as RawFd)
 }
 
+/// The device and inode of the file `fd` refers to (`fstat`).
+pub fn dev_ino(fd: RawFd) -> Result<(u64, u64), i32> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
+    // SAFETY: `st` is writable memory of the size of a `struct stat`, which fstat fills.
+    check_int(unsafe { libc::fstat(fd, st.as_mut_ptr()) })?;
+    // SAFETY: fstat succeeded, so `st` is initialised (it was zeroed before anyway).
+    let st = unsafe { st.assume_init() };
+    Ok((st.st_dev, st.st_ino))
+}
+
 /// Mount attribute bits of fsmount(2) and mount_setattr(2).
 pub const MOUNT_ATTR_RDONLY: u64 = 0x1;
 pub const MOUNT_ATTR_NOSUID: u64 = 0x2;

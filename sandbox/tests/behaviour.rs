@@ -227,6 +227,48 @@ fn file_bind_and_missing_source() {
     );
 }
 
+/// A bind of a directory the caller opened and checked (`Bind::from_fd`) binds that very
+/// directory, and nothing else: a source swapped for a symlink after the check is refused.
+#[test]
+fn a_checked_bind_refuses_a_source_swapped_for_a_link() {
+    use std::os::fd::OwnedFd;
+    let f = fixture();
+    let checked = f.host_dir("checked");
+    std::fs::write(checked.join("mark"), "checked\n").unwrap();
+    let other = f.host_dir("other");
+    std::fs::write(other.join("mark"), "other\n").unwrap();
+    let open = |p: &std::path::Path| -> OwnedFd {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+            .open(p)
+            .unwrap()
+            .into()
+    };
+    let out = run(f
+        .sandbox()
+        .bind(Bind::from_fd(open(&checked), &checked, "/data").read_only())
+        .command(["/bin/cat", "/data/mark"]));
+    assert_eq!(text(&out.stdout), "checked\n");
+    // Checked, then swapped for a link to another directory before the sandbox starts.
+    let fd = open(&checked);
+    std::fs::rename(&checked, f.dir.path().join("moved")).unwrap();
+    std::os::unix::fs::symlink(&other, &checked).unwrap();
+    let err = f
+        .sandbox()
+        .bind(Bind::from_fd(fd, &checked, "/data"))
+        .command(["/bin/cat", "/data/mark"])
+        .output()
+        .unwrap_err();
+    assert!(matches!(err, Error::Bind { .. }), "{err:?}");
+    assert!(
+        err.to_string()
+            .contains("it is not the directory that was checked"),
+        "{err}"
+    );
+}
+
 #[test]
 fn hostname_is_the_sandboxes_own() {
     let f = fixture();

@@ -1090,7 +1090,9 @@ impl Scheduler {
         let layout = &self.engine.layout;
         let link = layout.link(project, group);
         let local = layout.job(project, &last_id, Stage::Ready);
-        let has_cache = |d: &JobDir| d.data().join("cache").is_dir();
+        let has_cache = |d: &JobDir| {
+            std::fs::symlink_metadata(d.data().join("cache")).is_ok_and(|m| m.is_dir())
+        };
         let base = if local.read_info().is_some() && has_cache(&local) {
             tracing::info!(%project, %group, "incremental from agent {agent}'s build {project}/{last_id} (already here)");
             Some(local)

@@ -1,51 +1,48 @@
 //! What a job left in its `data/`, checked after it ended.
 
-use std::fs;
 use std::path::Path;
 
 use images::Store;
 
+use super::data::Data;
 use super::layout::{JobDir, DATA_DIRS};
 
-/// `data/artifacts` (what HTTP, rsync and scp serve), `data/cache` and `data/params` (which the
-/// daemon writes into on the next build of the group) must be real directories. A job that
-/// replaced one with a symlink (or anything else) gets it removed (and an empty directory in its
-/// place), so that no transport follows it out of the job. Returns the problem to add to
-/// ErrBuild (for artifacts: the build fails, so it is neither linked nor cached) and the lines
-/// for the job's log.
+/// `data/artifacts` (what HTTP, rsync and scp serve), `data/cache`, `data/params` and
+/// `data/input` (which the daemon creates and writes into on the next build of the group) must
+/// be real directories. A job that replaced one with a symlink (or anything else) gets it
+/// removed (and an empty directory in its place), by fd below `data/` and never followed, so
+/// that no transport and no later build follows it out of the job. Returns the problem to add
+/// to ErrBuild (for artifacts: the build fails, so it is neither linked nor cached) and the
+/// lines for the job's log.
 pub fn data_dirs(store: &Store, dir: &JobDir) -> (Option<String>, Vec<String>) {
-    let data = dir.data();
     let (mut problem, mut lines) = (None, Vec::new());
-    if !fs::symlink_metadata(&data).is_ok_and(|m| m.is_dir()) {
-        return (problem, lines);
-    }
-    for name in DATA_DIRS {
-        let path = data.join(name);
-        let Ok(meta) = fs::symlink_metadata(&path) else {
-            // Removed by the job: nothing to serve, nothing to follow.
-            continue;
-        };
-        if meta.is_dir() {
-            continue;
+    let data = match Data::open(dir.path()) {
+        Ok(d) => d,
+        // No data/ (the job never got one): nothing to serve, nothing to follow.
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return (problem, lines),
+        Err(e) => {
+            tracing::error!(project = dir.project(), id = dir.id(), error = %e, "could not open the job's data/");
+            let msg = format!("the job's /data could not be checked: {e}");
+            lines.push(format!("mistry: {msg}"));
+            return (Some(msg), lines);
         }
-        let what = if meta.file_type().is_symlink() {
-            "a symlink"
-        } else {
-            "something that is not a directory"
+    };
+    for name in DATA_DIRS.iter().chain(&["input"]) {
+        let what = match data.not_a_dir(name) {
+            // Missing (removed by the job), or a directory: nothing to serve, nothing to follow.
+            Ok(None) => continue,
+            Ok(Some(what)) => what,
+            Err(e) => {
+                tracing::error!(project = dir.project(), id = dir.id(), name, error = %e, "could not check the job's data/");
+                continue;
+            }
         };
-        // data/ may belong to the image's user: fall back to the store (the user namespace).
-        let removed = fs::remove_file(&path).or_else(|_| {
-            store
-                .remove_tree(&path)
-                .map_err(|e| std::io::Error::other(e.to_string()))
-        });
-        if let Err(e) = &removed {
-            tracing::error!(project = dir.project(), id = dir.id(), path = %path.display(), error = %e, "could not remove what the job left instead of a directory");
+        if let Err(e) = data.replace_with_dir(store, name) {
+            tracing::error!(project = dir.project(), id = dir.id(), name, error = %e, "could not remove what the job left instead of a directory");
         }
-        let _ = fs::create_dir(&path);
         let msg = format!(
             "the job replaced /data/{name} with {what}; {}",
-            if name == "artifacts" {
+            if *name == "artifacts" {
                 "its artifacts are not served"
             } else {
                 "it was removed"
@@ -53,7 +50,7 @@ pub fn data_dirs(store: &Store, dir: &JobDir) -> (Option<String>, Vec<String>) {
         );
         tracing::warn!(project = dir.project(), id = dir.id(), "{msg}");
         lines.push(format!("mistry: {msg}"));
-        if name == "artifacts" {
+        if *name == "artifacts" {
             problem = Some(msg);
         }
     }

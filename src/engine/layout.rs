@@ -132,13 +132,36 @@ impl Layout {
         };
         fs::canonicalize(self.link(project, group))
             .ok()
-            .filter(|p| p.join("data").is_dir() && of_group(p))
+            .filter(|p| fs::symlink_metadata(p.join("data")).is_ok_and(|m| m.is_dir()) && of_group(p))
     }
 
     /// `<build_path>/<project>`.
     pub fn project_dir(&self, project: &str) -> PathBuf {
         self.project(project)
     }
+}
+
+/// Options to open one of the daemon's own files of a job directory (its logs, its BuildInfo),
+/// next to `data/`: the job never sees them, and a symlink there (which only something else
+/// than the daemon could have made) is refused, never followed.
+fn own_file() -> OpenOptions {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut o = OpenOptions::new();
+    o.custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC);
+    o
+}
+
+/// Read one of the daemon's own files of a job directory (see [`own_file`]; never blocking on
+/// a FIFO).
+fn read_own(path: &Path) -> io::Result<Vec<u8>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut text = Vec::new();
+    let mut f = own_file()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .open(path)?;
+    io::Read::read_to_end(&mut f, &mut text)?;
+    Ok(text)
 }
 
 /// One job's directory.
@@ -214,7 +237,7 @@ impl JobDir {
     /// The stored BuildInfo (without its log fields); `None` when there is none or it does not
     /// parse.
     pub fn read_info(&self) -> Option<BuildInfo> {
-        let text = fs::read(self.info_file()).ok()?;
+        let text = read_own(&self.info_file()).ok()?;
         serde_json::from_slice(&text).ok()
     }
 
@@ -226,7 +249,7 @@ impl JobDir {
             #[serde(rename = "StartedAt", default)]
             started_at: String,
         }
-        let text = fs::read(self.info_file()).ok()?;
+        let text = read_own(&self.info_file()).ok()?;
         serde_json::from_slice::<Started>(&text)
             .ok()
             .map(|s| s.started_at)
@@ -242,21 +265,29 @@ impl JobDir {
         };
         let json = serde_json::to_vec_pretty(&stored).map_err(io::Error::other)?;
         let tmp = self.path.join(".build_info.json.tmp");
-        fs::write(&tmp, json)?;
+        io::Write::write_all(
+            &mut own_file()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&tmp)?,
+            &json,
+        )?;
         fs::rename(&tmp, self.info_file())
     }
 
     /// `out.log`, for appending (created if missing).
     pub fn append_log(&self) -> io::Result<File> {
-        OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.out_log())
+        own_file().create(true).append(true).open(self.out_log())
     }
 
     /// `stderr.log`, created empty.
     pub fn create_stderr_log(&self) -> io::Result<File> {
-        File::create(self.stderr_log())
+        own_file()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(self.stderr_log())
     }
 
     /// Rename this (pending) directory to its place in `ready/`, which must not exist.

@@ -7,6 +7,7 @@
 //! tails a running job's log.
 
 mod checks;
+mod data;
 mod follow;
 mod layers;
 pub mod layout;

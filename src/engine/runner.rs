@@ -5,6 +5,7 @@
 
 use std::fs::{self, File};
 use std::io::{Read, Write};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -12,6 +13,7 @@ use images::{Builder, Image};
 use sandbox::{Bind, Stdio, User};
 
 use super::checks;
+use super::data::{open_dir_beneath, Data};
 use super::layout::{JobDir, DATA_DIRS};
 use super::outcome::{JobOutcome, Report, RunError};
 use crate::config::{Config, Effective};
@@ -128,7 +130,7 @@ impl Runner {
         }
         let (problem, lines) = checks::data_dirs(&self.builder.store, job.dir);
         if !lines.is_empty() {
-            if let Ok(mut log) = fs::OpenOptions::new().append(true).open(job.dir.out_log()) {
+            if let Ok(mut log) = job.dir.append_log() {
                 for l in lines {
                     let _ = writeln!(log, "{l}");
                 }
@@ -141,25 +143,54 @@ impl Runner {
     }
 
     /// The job's directory, with `data/` (from the group's last build when there is one) and
-    /// its params.
+    /// its params. Everything below `data/` is what the group's last job left: it is created
+    /// and written by fd below `data/`, never through a link (see `data.rs`); what is in the way
+    /// of a directory the daemon needs is replaced, and the job's log says so.
     fn prepare(&self, job: &Job) -> Result<images::Workspace, RunError> {
         let dir = job.dir;
-        let workspace =
-            self.builder
-                .store
-                .prepare_job_dir(dir.path(), job.previous, job.cache_mode)?;
-        let data = dir.data();
-        for d in DATA_DIRS {
-            fs::create_dir_all(data.join(d)).map_err(RunError::io(format!("creating data/{d}")))?;
+        let store = &self.builder.store;
+        let workspace = store.prepare_job_dir(dir.path(), job.previous, job.cache_mode)?;
+        // A fresh job directory has no data/ yet (the store made it empty).
+        match fs::create_dir(dir.data()) {
+            Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+                return Err(RunError::io("creating data/")(e))
+            }
+            _ => {}
         }
-        for (k, v) in &job.req.params {
-            fs::write(dir.params().join(k), v)
-                .map_err(RunError::io(format!("writing param {k}")))?;
+        let data = Data::open(dir.path()).map_err(RunError::io("opening data/"))?;
+        let mut replaced = Vec::new();
+        for d in DATA_DIRS.iter().filter(|d| **d != "params") {
+            let r = data
+                .ensure_dir(store, Path::new(d))
+                .map_err(RunError::io(format!("creating data/{d}")))?;
+            replaced.extend(r);
         }
         // Mount points of the inputs (pipelines).
         for (name, _) in job.inputs {
-            fs::create_dir_all(data.join("input").join(name))
+            let r = data
+                .ensure_dir(store, &Path::new("input").join(name))
                 .map_err(RunError::io(format!("creating data/input/{name}")))?;
+            replaced.extend(r);
+        }
+        // The params: always a new directory, each file created new in it.
+        let params = data
+            .fresh_dir(store, "params")
+            .map_err(RunError::io("creating data/params"))?;
+        for (k, v) in &job.req.params {
+            Data::create_file(&params, k, v.as_bytes())
+                .map_err(RunError::io(format!("writing param {k}")))?;
+        }
+        if !replaced.is_empty() {
+            let mut log = dir.append_log().map_err(RunError::io("creating out.log"))?;
+            for r in &replaced {
+                let msg = format!(
+                    "the group's last build left {} as {}; it starts as an empty directory",
+                    r.shown(),
+                    r.what
+                );
+                tracing::warn!(project = dir.project(), id = dir.id(), "{msg}");
+                let _ = writeln!(log, "mistry: {msg}");
+            }
         }
         Ok(workspace)
     }
@@ -219,9 +250,6 @@ impl Runner {
             return Ok(JobOutcome::CouldNotRun(
                 "the image has no ENTRYPOINT or CMD".into(),
             ));
-        }
-        if let Err(e) = inputs_ready(job) {
-            return Ok(JobOutcome::CouldNotRun(e));
         }
         let overlay = !self.overlay_refused.load(Ordering::SeqCst);
         phases.mark("data");
@@ -289,6 +317,31 @@ impl Runner {
             log,
             phases,
         } = *at;
+        // What is bound from the host is opened by fd without following a link, and bound only
+        // if it is still that directory when the sandbox starts (`Bind::from_fd`).
+        let data_bind = Bind::from_fd(
+            Data::open(job.dir.path())
+                .and_then(|d| d.bind_fd())
+                .map_err(RunError::io("opening data/ to bind it"))?,
+            job.dir.data(),
+            "/data",
+        );
+        let mut input_binds = Vec::with_capacity(job.inputs.len());
+        for (name, artifacts) in job.inputs {
+            match open_input(artifacts) {
+                Ok(fd) => input_binds
+                    .push(Bind::from_fd(fd, artifacts, format!("/data/input/{name}")).read_only()),
+                Err(e) => return Ok(JobOutcome::CouldNotRun(format!("input {name:?}: {e}"))),
+            }
+        }
+        if !cache_lowers.is_empty() {
+            // The upper and work directories of /data/cache, which the store just made for this
+            // job (nothing else writes there before it runs): real directories.
+            for rel in ["data/cache", images::CACHE_WORK] {
+                open_dir_beneath(job.dir.path(), Path::new(rel))
+                    .map_err(RunError::io(format!("checking {rel} before mounting it")))?;
+            }
+        }
         let root = self
             .builder
             .store
@@ -300,7 +353,6 @@ impl Runner {
         let mut sb = root
             .sandbox()
             .command(ic.command())
-            .bind(Bind::new(job.dir.data(), "/data"))
             .network(settings.network)
             .policy(settings.security.policy())
             .cwd(if ic.workdir.is_empty() {
@@ -310,6 +362,7 @@ impl Runner {
             })
             .stdout(Stdio::Fd(stdout.into()))
             .stderr(Stdio::Piped);
+        sb = sb.bind(data_bind);
         if !cache_lowers.is_empty() {
             // The group's cache: its last builds' layers read-only, this job's changes in
             // data/cache (nothing copied).
@@ -319,8 +372,8 @@ impl Runner {
             );
             sb = sb.overlay_mount(cache_lowers.to_vec(), Some(rw), "/data/cache");
         }
-        for (name, artifacts) in job.inputs {
-            sb = sb.bind(Bind::new(artifacts, format!("/data/input/{name}")).read_only());
+        for input in input_binds {
+            sb = sb.bind(input);
         }
         for (host, inside) in &cfg.mounts {
             sb = sb.bind(Bind::new(host, inside));
@@ -383,23 +436,19 @@ impl Runner {
     }
 }
 
-/// Every input is a ready build's real `data/artifacts` directory (no symlink on the way from the
-/// build's directory).
-fn inputs_ready(job: &Job) -> Result<(), String> {
-    for (name, artifacts) in job.inputs {
-        let real_dir = |p: &std::path::Path| fs::symlink_metadata(p).is_ok_and(|m| m.is_dir());
-        let build = artifacts.parent().and_then(|d| d.parent());
-        if !(real_dir(artifacts)
-            && artifacts.parent().is_some_and(real_dir)
-            && build.is_some_and(real_dir))
-        {
-            return Err(format!(
-                "input {name:?}: the upstream build {} is not ready",
-                build.unwrap_or(artifacts).display()
-            ));
-        }
-    }
-    Ok(())
+/// An input's `data/artifacts` (`<build>/data/artifacts` of a ready build), to bind it: opened
+/// below the build's directory without following a link (`O_PATH`), as the upstream job may
+/// have replaced it with one.
+fn open_input(artifacts: &Path) -> Result<std::os::fd::OwnedFd, String> {
+    let build = artifacts.parent().and_then(Path::parent);
+    let not_ready = || {
+        format!(
+            "the upstream build {} is not ready",
+            build.unwrap_or(artifacts).display()
+        )
+    };
+    let build = build.ok_or_else(not_ready)?;
+    open_dir_beneath(build, Path::new("data/artifacts")).map_err(|_| not_ready())
 }
 
 /// Why `/data` could not be given to the job's user.

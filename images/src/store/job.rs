@@ -12,6 +12,11 @@ use super::backend::{btrfs_subvolume_create, btrfs_subvolume_snapshot, is_btrfs}
 use super::{io_err, Backend, BackendKind, Store, StoreError};
 use crate::view::Target;
 
+/// Whether `path` is a directory itself (its last component not a symlink).
+fn is_real_dir(path: &Path) -> bool {
+    fs::symlink_metadata(path).is_ok_and(|m| m.is_dir())
+}
+
 /// `entries` (relative to `project_dir`, with their tokens) as absolute paths.
 fn abs(project_dir: &Path, entries: &[String]) -> Vec<PathBuf> {
     entries
@@ -106,7 +111,7 @@ fn next_chain(build: &Path) -> Vec<String> {
         return Vec::new();
     };
     let token = token_of(build);
-    if fs::symlink_metadata(build.join(CACHE_FLAT)).is_ok_and(|m| m.is_dir()) {
+    if is_real_dir(&build.join(CACHE_FLAT)) {
         return vec![format!("ready/{id}/{CACHE_FLAT} {token}")];
     }
     let mut chain = vec![format!("ready/{id}/data/cache {token}")];
@@ -167,7 +172,7 @@ fn layer_holds(project_dir: &Path, entry: &str) -> bool {
         return false;
     };
     let token = entry.split_once(' ').map_or("", |(_, t)| t);
-    fs::symlink_metadata(project_dir.join(layer_path(entry))).is_ok_and(|m| m.is_dir())
+    is_real_dir(&project_dir.join(layer_path(entry)))
         && token_of(&project_dir.join("ready").join(id)) == token
 }
 
@@ -211,7 +216,9 @@ impl Store {
         fs::create_dir_all(parent).map_err(io_err(format!("creating {}", dir.display())))?;
         let project_dir = parent.parent().unwrap_or(Path::new("/"));
         let data = dir.join("data");
-        let previous = previous.filter(|p| p.join("data").is_dir());
+        // The last build's data/ is the daemon's (a mount point in its job): a real directory,
+        // or there is nothing to start from.
+        let previous = previous.filter(|p| is_real_dir(&p.join("data")));
         let holds = |l: &String| layer_holds(project_dir, l);
         let mut chain: Vec<String> = previous.map(next_chain).unwrap_or_default();
         // A last build without a cache (its job removed it) has nothing to lend.
@@ -240,14 +247,17 @@ impl Store {
             _ => false,
         };
         if snapshotted {
-            // Keep data/ (cache/, artifacts/); the previous job's own files go.
+            // Keep data/ (cache/, artifacts/); the previous job's own files go, all of them:
+            // the new job's logs and BuildInfo are created next to data/, never on top of (or
+            // through) what the last one left.
             let entries =
                 fs::read_dir(dir).map_err(io_err(format!("reading {}", dir.display())))?;
-            for entry in entries.flatten() {
+            for entry in entries {
+                let entry = entry.map_err(io_err(format!("reading {}", dir.display())))?;
                 if entry.file_name() != "data" {
                     let p = entry.path();
                     if fs::remove_file(&p).is_err() {
-                        let _ = self.tools.remove_tree(&p);
+                        self.tools.remove_tree(&p)?;
                     }
                 }
             }
@@ -281,7 +291,7 @@ impl Store {
         // (the daemon's user, or with --sandbox-ids subordinate a subordinate id the root daemon
         // can write to anyway) before the caller writes the new params.
         let ours = nix::unistd::geteuid().as_raw();
-        if incremental && fs::metadata(&data).is_ok_and(|m| m.uid() != ours) {
+        if incremental && fs::symlink_metadata(&data).is_ok_and(|m| m.uid() != ours) {
             self.tools.chown_tree(&data, 0, 0).map_err(|e| {
                 StoreError::Backend(format!("taking back the group's last data/: {e}"))
             })?;
@@ -358,14 +368,22 @@ impl Store {
 
     /// `cp -a src dst` when `src` is a directory.
     fn copy_if_dir(&self, src: &Path, dst: &Path) -> Result<(), crate::ToolError> {
-        if fs::symlink_metadata(src).is_ok_and(|m| m.is_dir()) {
+        if is_real_dir(src) {
             self.tools.copy_tree(src, dst)?;
         }
         Ok(())
     }
 
     /// A complete copy at `dst` (which must not exist) of the overlay of `lowers` (top first).
+    /// Each lower is a build's `data/cache` or `cache-flat`, which its job may have replaced
+    /// with a link: one that is not a real directory is refused, never copied through.
     fn flatten(&self, lowers: &[PathBuf], dst: &Path) -> Result<(), crate::ToolError> {
+        if let Some(bad) = lowers.iter().find(|l| !is_real_dir(l)) {
+            return Err(crate::ToolError::Failed {
+                what: format!("merging the cache layers into {}", dst.display()),
+                message: format!("{} is not a directory", bad.display()),
+            });
+        }
         if let [only] = lowers {
             return self.tools.copy_tree(only, dst);
         }
