@@ -126,7 +126,12 @@ impl Runner {
                 tracing::warn!(path = %work.display(), error = %e, "could not remove a job's cache work directory");
             }
         }
-        let (problem, lines) = checks::data_dirs(&self.builder.store, job.dir);
+        let store = &self.builder.store;
+        let (problem, mut lines) = checks::data_dirs(store, job.dir);
+        report.problems.extend(problem);
+        let (problem, more) = checks::set_id(store, job.dir);
+        report.problems.extend(problem);
+        lines.extend(more);
         if !lines.is_empty() {
             if let Ok(mut log) = fs::OpenOptions::new().append(true).open(job.dir.out_log()) {
                 for l in lines {
@@ -134,7 +139,12 @@ impl Runner {
                 }
             }
         }
-        report.problems.extend(problem);
+        // Stripped: the build may be seen again (mistry's layout is readable).
+        if job.dir.is_dir() {
+            if let Err(e) = store.show_job_dir(job.dir.path()) {
+                tracing::error!(project = %job.req.project, id = job.dir.id(), error = %e, "could not make a build's directory readable");
+            }
+        }
         phases.mark("checks");
         phases.log(&job.req.project);
         report
@@ -148,6 +158,9 @@ impl Runner {
             self.builder
                 .store
                 .prepare_job_dir(dir.path(), job.previous, job.cache_mode)?;
+        // Until the job ended and its data/ was stripped of set-id bits, nobody else may reach
+        // into it.
+        self.builder.store.hide_job_dir(dir.path())?;
         let data = dir.data();
         for d in DATA_DIRS {
             fs::create_dir_all(data.join(d)).map_err(RunError::io(format!("creating data/{d}")))?;
