@@ -1661,6 +1661,11 @@ fn subordinate_sandbox_ids_keep_a_root_daemons_jobs_off_host_root() {
         subuid,
         "but a subordinate id on the host"
     );
+    // The build's directory, private to the daemon and sandbox root's group while the job ran,
+    // is the daemon's and readable again.
+    let build = dir.parent().unwrap().parent().unwrap();
+    let meta = std::fs::metadata(build).unwrap();
+    assert_eq!((meta.mode() & 0o7777, meta.gid()), (0o755, 0));
     // The next build of the group starts from it and can still write.
     let info =
         s.job(serde_json::json!({"project": "whoami", "params": {"name": "y"}, "group": "g"}));
