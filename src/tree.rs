@@ -1,7 +1,7 @@
 //! Trees of a ready job as tar streams, read by file descriptor: its `data/artifacts`
 //! (`GET /artifacts`, `mistry exec`) and a whole build (`GET /api/build`, replication between
 //! agents). No symlink is followed (links inside are sent as links), so a job cannot make the
-//! server send host files.
+//! server send host files; no entry carries a set-uid or set-gid bit.
 
 use std::os::fd::{AsFd, OwnedFd};
 
@@ -58,11 +58,12 @@ pub fn open_beneath(root: &OwnedFd, rel: &std::path::Path, dir: bool) -> std::io
     Ok(cur)
 }
 
-/// A tar header of the kind `kind` carrying the mode, owner and time of `st`.
+/// A tar header of the kind `kind` carrying the mode (without set-uid and set-gid bits: what
+/// the daemon serves never has them, whoever unpacks it), owner and time of `st`.
 fn header_from(st: &rustix::fs::Stat, kind: tar::EntryType, size: u64) -> tar::Header {
     let mut h = tar::Header::new_gnu();
     h.set_entry_type(kind);
-    h.set_mode(st.st_mode & 0o7777);
+    h.set_mode(st.st_mode & 0o7777 & !images::SET_ID);
     h.set_uid(st.st_uid.into());
     h.set_gid(st.st_gid.into());
     h.set_mtime(u64::try_from(st.st_mtime).unwrap_or(0));

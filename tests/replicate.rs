@@ -437,3 +437,67 @@ fn a_hostile_agents_build_is_refused_whole() {
         Vec::<String>::new()
     );
 }
+
+/// Issue 20, class 8: replication carries no set-uid or set-gid bit: not the ones the job set
+/// (removed when it ended), not one a file on the serving agent has anyway (`GET /api/build`
+/// sends none), and the fetching agent keeps none.
+#[test]
+fn replication_carries_no_set_id_bits() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| {
+        std::fs::symlink_metadata(p)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    let a = Server::start(json!({}));
+    let b = Server::start(json!({}));
+    let info = a.job(json!({"project": "setid"}));
+    assert_eq!(info["ExitCode"], 0, "{info}");
+    let id = job_id(&info);
+    let art = artifacts(&info);
+    std::fs::set_permissions(art.join("plain"), std::fs::Permissions::from_mode(0o4750)).unwrap();
+    let (status, tar) = get_bytes(&a, &format!("/api/build/setid/{id}?cache=1"));
+    assert_eq!(status, 200);
+    let mut archive = tar::Archive::new(&tar[..]);
+    let modes: Vec<(String, u32)> = archive
+        .entries()
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.path().unwrap().display().to_string(),
+                e.header().mode().unwrap(),
+            )
+        })
+        .collect();
+    for (name, want) in [
+        ("data/artifacts/suid", 0o755),
+        ("data/artifacts/sgid-dir", 0o775),
+        ("data/artifacts/sgid-dir/both", 0o711),
+        ("data/artifacts/plain", 0o750),
+        ("data/cache/tool", 0o755),
+    ] {
+        assert!(modes.contains(&(name.into(), want)), "{name}: {modes:?}");
+    }
+    assert!(modes.iter().all(|(_, m)| m & 0o6000 == 0), "{modes:?}");
+
+    let dir = fetch(
+        &format!("http://{}", a.addr),
+        &b.builds(),
+        "setid",
+        &id,
+        true,
+    )
+    .unwrap();
+    for (name, want) in [
+        ("artifacts/suid", 0o755),
+        ("artifacts/sgid-dir", 0o775),
+        ("artifacts/sgid-dir/both", 0o711),
+        ("artifacts/plain", 0o750),
+        ("cache/tool", 0o755),
+    ] {
+        assert_eq!(mode(&dir.data().join(name)), want, "{name}");
+    }
+}

@@ -4,6 +4,7 @@
 //! The cache, bind and secret tests run on the plain and overlay backends, and on btrfs when
 //! `MISTRY_TEST_BTRFS` names a directory on btrfs (under `CI` it must).
 
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 mod common;
@@ -345,11 +346,171 @@ fn secret_mounts_are_seen_by_the_step_and_stored_nowhere() {
         assert!(found.is_empty(), "the secret is stored in {found:?}");
         assert!(read > 10, "only {read} files read");
         assert!(env.tmp_is_empty());
-        // As BuildKit: a changed secret does not invalidate the steps.
-        std::fs::write(&token, "another-value").unwrap();
+        // The same value again: every step from the cache.
         let (_, stats, _) = env.build(&ctx, with);
-        assert_eq!(stats.executed_runs, 0);
+        assert_eq!((stats.cached, stats.executed_runs), (3, 0));
+        // A rotated secret rebuilds the steps that use it (and those after them); neither
+        // value is stored anywhere, nor in the log.
+        const ROTATED: &str = "r0tated-value-QQ";
+        std::fs::write(&token, ROTATED).unwrap();
+        let (image, stats, log) = env.build(&ctx, with);
+        assert_eq!((stats.cached, stats.executed_runs), (0, 3));
+        assert_eq!(env.sh(&image, "cat /len"), "16\n");
+        assert!(!log.contains(ROTATED));
+        for value in [SECRET, ROTATED] {
+            let (found, _) = files_containing(&env.builder.store.root, value.as_bytes());
+            assert!(found.is_empty(), "{value} is stored in {found:?}");
+        }
+        // Step keys hold a keyed digest of the value, with a key of the store's own (0600):
+        // another store gives the same build other keys, so step keys tell nothing about the
+        // value to whoever reads them.
+        let key_file = env.builder.store.root.join("step-key");
+        let meta = std::fs::metadata(&key_file).unwrap();
+        assert_eq!(
+            (meta.permissions().mode() & 0o7777, meta.len()),
+            (0o600, 32)
+        );
+        let other = env_for(BackendKind::Plain, None);
+        let other_ctx = other.project(
+            "secrets",
+            &[(
+                "Dockerfile",
+                &std::fs::read_to_string(ctx.join("Dockerfile")).unwrap(),
+            )],
+        );
+        let (other_image, _, _) = other.build(&other_ctx, with);
+        assert_ne!(other_image.key, image.key);
     });
+}
+
+/// Issue 20, a hostile cache: project A fills its own cache mount `tools` with a hostile tool,
+/// then builds the very step project B uses ("the tool from the cache if there, else the good
+/// one") on the same base. B's build must not take A's layer: a step with a cache mount belongs
+/// to its project.
+#[test]
+fn a_step_with_a_cache_mount_is_never_shared_between_projects() {
+    const VICTIM: &str = "FROM busybox\n\
+        RUN --mount=type=cache,id=tools,target=/cache \\\n    \
+        sh -c 'if [ -f /cache/tool ]; then cp /cache/tool /tool; else echo good > /tool; fi'\n";
+    each_backend(|env| {
+        let evil = env.project(
+            "evil",
+            &[(
+                "Dockerfile",
+                "FROM busybox\n\
+                 RUN --mount=type=cache,id=tools,target=/cache sh -c 'echo hostile > /cache/tool'\n",
+            )],
+        );
+        env.build(&evil, |_| {});
+        std::fs::write(evil.join("Dockerfile"), VICTIM).unwrap();
+        let (image, _, _) = env.build(&evil, |_| {});
+        assert_eq!(env.sh(&image, "cat /tool"), "hostile\n");
+
+        let victim = env.project("victim", &[("Dockerfile", VICTIM)]);
+        let (image, stats, log) = env.build(&victim, |_| {});
+        assert_eq!(env.sh(&image, "cat /tool"), "good\n", "{log}");
+        assert_eq!((stats.cached, stats.executed_runs), (0, 1), "{log}");
+        // The same project again: from the cache.
+        let (again, stats, log) = env.build(&victim, |_| {});
+        assert_eq!((stats.cached, stats.executed_runs), (1, 0));
+        assert!(log.contains(" ---> Using cache"), "{log}");
+        assert_eq!(again.key, image.key);
+    });
+}
+
+/// Issue 20, a secret limited to project B: B's step derives a file from it; A, which may not
+/// use the secret, writes the same RUN line. A must run the step itself (without the secret),
+/// never get B's layer.
+#[test]
+fn a_step_with_a_secret_is_never_shared_with_a_project_without_it() {
+    const SECRET: &str = "only-for-b-4711";
+    const DOCKERFILE: &str = "FROM busybox\n\
+        RUN --mount=type=secret,id=token \\\n    \
+        sh -c 'if [ -f /run/secrets/token ]; then echo \"derived $(cat /run/secrets/token)\"; else echo none; fi > /derived'\n";
+    each_backend(|env| {
+        let token = env.root.join("token");
+        std::fs::write(&token, SECRET).unwrap();
+        // What the daemon's `secrets` setting gives each project (`projects: ["b"]`).
+        let b = env.project("b", &[("Dockerfile", DOCKERFILE)]);
+        let (image, _, _) = env.build(&b, |o| o.secrets = vec![("token".into(), token.clone())]);
+        assert_eq!(
+            env.sh(&image, "cat /derived"),
+            format!("derived {SECRET}\n")
+        );
+
+        let a = env.project("a", &[("Dockerfile", DOCKERFILE)]);
+        let (image, stats, log) = env.build(&a, |_| {});
+        assert_eq!(env.sh(&image, "cat /derived"), "none\n", "{log}");
+        assert_eq!((stats.cached, stats.executed_runs), (0, 1));
+        // A project that is given the secret later rebuilds the step (the key says whether a
+        // secret was there), and then has its own cache hit.
+        let with = |o: &mut BuildOptions| o.secrets = vec![("token".into(), token.clone())];
+        let (image, stats, _) = env.build(&a, with);
+        assert_eq!(
+            env.sh(&image, "cat /derived"),
+            format!("derived {SECRET}\n")
+        );
+        assert_eq!(stats.executed_runs, 1);
+        let (_, stats, _) = env.build(&a, with);
+        assert_eq!((stats.cached, stats.executed_runs), (1, 0));
+    });
+}
+
+/// Issue 20, a context bind: the step sees the whole context directory (its owners, times,
+/// files `.dockerignore` leaves out), the key only a digest of what COPY would take. A project
+/// that hides a file from the digest must not hand the step's result to another.
+#[test]
+fn a_step_binding_the_context_is_never_shared_between_projects() {
+    const DOCKERFILE: &str =
+        "FROM busybox\nRUN --mount=type=bind,target=/src sh -c 'cat /src/*.txt > /out'\n";
+    let env = plain();
+    let evil = env.project(
+        "evil",
+        &[
+            ("Dockerfile", DOCKERFILE),
+            ("a.txt", "good\n"),
+            ("z.txt", "hostile\n"),
+            (".dockerignore", ".dockerignore\nz.txt\n"),
+        ],
+    );
+    let (image, _, _) = env.build(&evil, |_| {});
+    assert_eq!(env.sh(&image, "cat /out"), "good\nhostile\n");
+    let victim = env.project("victim", &[("Dockerfile", DOCKERFILE), ("a.txt", "good\n")]);
+    let (image, stats, log) = env.build(&victim, |_| {});
+    assert_eq!(env.sh(&image, "cat /out"), "good\n", "{log}");
+    assert_eq!(stats.executed_runs, 1);
+}
+
+/// What depends only on the step's own inputs stays shared between projects: plain RUN, COPY,
+/// tmpfs and stage binds. A project-private step, and everything after it, is not.
+#[test]
+fn steps_that_depend_only_on_their_inputs_are_shared_between_projects() {
+    const SHARED: &str = "FROM busybox AS stage\n\
+        RUN echo staged > /s\n\
+        FROM busybox\n\
+        RUN echo shared > /f\n\
+        COPY same.txt /same.txt\n\
+        RUN --mount=type=tmpfs,target=/t --mount=type=bind,from=stage,target=/st cat /st/s > /st-seen\n";
+    let env = plain();
+    let one = env.project("one", &[("Dockerfile", SHARED), ("same.txt", "x\n")]);
+    let (first, stats, _) = env.build(&one, |_| {});
+    assert_eq!(stats.executed_runs, 3);
+    let two = env.project("two", &[("Dockerfile", SHARED), ("same.txt", "x\n")]);
+    let (second, stats, log) = env.build(&two, |_| {});
+    assert_eq!((stats.cached, stats.executed_runs), (4, 0), "{log}");
+    assert_eq!(log.matches(" ---> Using cache").count(), 4, "{log}");
+    assert_eq!(second.key, first.key);
+    // A cache mount after them: the shared steps still come from the cache, the private one
+    // runs, and so does the plain step after it (its parent is private).
+    let private = format!(
+        "{SHARED}RUN --mount=type=cache,target=/c echo private > /p\nRUN echo after > /a\n"
+    );
+    std::fs::write(one.join("Dockerfile"), &private).unwrap();
+    std::fs::write(two.join("Dockerfile"), &private).unwrap();
+    let (_, stats, _) = env.build(&one, |_| {});
+    assert_eq!((stats.cached, stats.executed_runs), (4, 2));
+    let (_, stats, _) = env.build(&two, |_| {});
+    assert_eq!((stats.cached, stats.executed_runs), (4, 2));
 }
 
 #[test]

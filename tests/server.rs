@@ -824,6 +824,18 @@ fn client_scp_transport() {
         ),
     )
     .unwrap();
+    // A file with a set-uid bit on the server (an older server's build): scp, without -p as
+    // the client runs it, does not keep the bit.
+    let info = s.job(serde_json::json!({"project": "artifacts"}));
+    assert_eq!(info["ExitCode"], 0, "{info}");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(
+            artifacts(&info).join("large.md5"),
+            std::fs::Permissions::from_mode(0o4755),
+        )
+        .unwrap();
+    }
     let target = d.join("target");
     let (code, out, err) = client(
         &s,
@@ -845,6 +857,7 @@ fn client_scp_transport() {
     drop(sshd);
     assert_eq!(code, 0, "{out}{err}");
     check_artifact_contents(&target);
+    assert_eq!(mode_of(&target.join("large.md5")), 0o755);
 }
 
 #[test]
@@ -1648,6 +1661,11 @@ fn subordinate_sandbox_ids_keep_a_root_daemons_jobs_off_host_root() {
         subuid,
         "but a subordinate id on the host"
     );
+    // The build's directory, private to the daemon and sandbox root's group while the job ran,
+    // is the daemon's and readable again.
+    let build = dir.parent().unwrap().parent().unwrap();
+    let meta = std::fs::metadata(build).unwrap();
+    assert_eq!((meta.mode() & 0o7777, meta.gid()), (0o755, 0));
     // The next build of the group starts from it and can still write.
     let info =
         s.job(serde_json::json!({"project": "whoami", "params": {"name": "y"}, "group": "g"}));
@@ -2037,4 +2055,157 @@ fn an_answer_nobody_reads_is_cut_after_the_send_timeout() {
         total < 20 << 20,
         "the whole answer ({total} bytes) came: it was not cut ({ended})"
     );
+}
+/// The permission bits (`0o7777`) of `p`, not following a link.
+fn mode_of(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::symlink_metadata(p)
+        .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+        .permissions()
+        .mode()
+        & 0o7777
+}
+
+/// Every (path, mode) of a tar stream.
+fn tar_modes(bytes: &[u8]) -> Vec<(String, u32)> {
+    let mut archive = tar::Archive::new(bytes);
+    archive
+        .entries()
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.path().unwrap().display().to_string(),
+                e.header().mode().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// What the setid project's job leaves, as every copy of it must have it: no set-id bit.
+fn check_setid_artifacts(art: &Path, plain: u32) {
+    for (name, want) in [
+        ("suid", 0o755),
+        ("sgid", 0o755),
+        ("sgid-dir", 0o775),
+        ("sgid-dir/both", 0o711),
+        ("plain", plain),
+    ] {
+        assert_eq!(mode_of(&art.join(name)), want, "{name}");
+    }
+}
+
+/// Issue 20, class 8: a job's set-uid and set-gid files (owned by the daemon's user, host root
+/// for a root daemon) never leave the sandbox with their bits: not on disk once the job ended
+/// (what rsync and scp of build_path read), not in `data/cache` (the next build's), not in
+/// `GET /artifacts`, not through the client's http and rsync transports — the last two even
+/// when a file on the server has one.
+#[test]
+fn set_id_bits_never_leave_the_sandbox() {
+    let s = Server::start(serde_json::json!({}));
+    let info = s.job(serde_json::json!({"project": "setid"}));
+    assert_eq!(
+        (&info["ExitCode"], &info["ErrBuild"]),
+        (&0.into(), &"".into()),
+        "{info}"
+    );
+    let art = artifacts(&info);
+    let data = art.parent().unwrap();
+    check_setid_artifacts(&art, 0o640);
+    assert_eq!(mode_of(&data.join("cache/tool")), 0o755);
+    assert_eq!(mode_of(data.parent().unwrap()), 0o755, "readable again");
+    assert!(
+        info["ContainerStdouterr"].as_str().unwrap().contains(
+            "mistry: removed the set-uid/set-gid bits of 5 files and directories in /data"
+        ),
+        "{info}"
+    );
+
+    // A file that has a set-uid bit on the server anyway (an older server's build): not served
+    // with it, nor fetched with it.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(art.join("plain"), std::fs::Permissions::from_mode(0o4750)).unwrap();
+    let id = common::server::job_id(&info);
+    let (status, tar) = get_bytes(&s, &format!("/artifacts/setid/{id}"));
+    assert_eq!(status, 200);
+    let modes = tar_modes(&tar);
+    assert!(modes.contains(&("plain".into(), 0o750)), "{modes:?}");
+    assert!(modes.contains(&("suid".into(), 0o755)), "{modes:?}");
+    assert!(modes.iter().all(|(_, m)| m & 0o6000 == 0), "{modes:?}");
+
+    let daemon = rsync_daemon(&s);
+    for transport in ["http", "rsync"] {
+        let target = s.dir.path().join(format!("target-{transport}"));
+        let port = daemon.port.to_string();
+        let mut args = vec!["--project", "setid", "--transport", transport];
+        if transport == "rsync" {
+            args.extend(["--transport-port", &port]);
+        }
+        args.extend(["-t", target.to_str().unwrap()]);
+        let (code, out, err) = client(&s, &args);
+        assert_eq!(code, 0, "{transport}: {out}{err}");
+        check_setid_artifacts(&target, 0o750);
+    }
+}
+
+/// Issue 20, class 8: set-id files of the image's user (another id than the daemon's: for an
+/// unprivileged daemon, one only the user namespace may change), one in a directory that only
+/// that id may list: their bits go too.
+#[test]
+fn set_id_bits_of_another_id_in_a_locked_directory_go_too() {
+    use std::os::unix::fs::MetadataExt;
+    let s = Server::start(serde_json::json!({}));
+    let info = s.job(serde_json::json!({"project": "setiduser", "params": {"locked": "1"}}));
+    assert_eq!(
+        (&info["ExitCode"], &info["ErrBuild"]),
+        (&0.into(), &"".into()),
+        "{info}"
+    );
+    let art = artifacts(&info);
+    assert_ne!(
+        std::fs::symlink_metadata(art.join("suid")).unwrap().uid(),
+        nix::unistd::geteuid().as_raw(),
+        "the job's files are another id's"
+    );
+    check_setid_artifacts(&art, 0o640);
+    assert_eq!(mode_of(&art.join("locked")), 0o311);
+    assert_eq!(mode_of(&art.join("locked/inner")), 0o755);
+    assert_eq!(mode_of(&art.parent().unwrap().join("cache/tool")), 0o755);
+    assert!(
+        info["ContainerStdouterr"].as_str().unwrap().contains(
+            "mistry: removed the set-uid/set-gid bits of 6 files and directories in /data"
+        ),
+        "{info}"
+    );
+}
+
+/// Issue 20, class 8: while a job runs (before its set-id bits are removed), its build
+/// directory is the daemon's alone: other local users cannot reach a set-uid file in it.
+#[test]
+fn a_running_jobs_directory_is_private() {
+    let s = Server::start(serde_json::json!({}));
+    let request = serde_json::json!({"project": "setid", "params": {"wait": "1"}});
+    let (status, text) = s.post("/jobs?async", &request.to_string());
+    assert_eq!(status, 201, "{text}");
+    let pending = s.builds().join("setid/pending");
+    let mut dir = None;
+    wait_until("the job to start", || {
+        dir = std::fs::read_dir(&pending)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.join("data/artifacts/started").exists());
+        dir.is_some()
+    });
+    let dir = dir.unwrap();
+    // Sandbox root is the daemon's user here (`--sandbox-ids auto`): 0700.
+    assert_eq!(mode_of(&dir), 0o700);
+    assert_eq!(mode_of(&dir.join("data/artifacts/suid")), 0o4755);
+    std::fs::write(dir.join("data/artifacts/go"), "").unwrap();
+    let info = s.job(request);
+    assert_eq!(info["ExitCode"], 0, "{info}");
+    let art = artifacts(&info);
+    assert_eq!(mode_of(art.parent().unwrap().parent().unwrap()), 0o755);
+    assert_eq!(mode_of(&art.join("suid")), 0o755);
 }

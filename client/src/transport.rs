@@ -13,14 +13,19 @@ use crate::build::BuildArgs;
 /// How artifacts get from the server to the target directory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Transport {
-    /// `scp -r USER@HOST:<Path>/* TARGET` (mistry's default).
+    /// `scp -r USER@HOST:<Path>/* TARGET` (mistry's default; without `-p`, so OpenSSH's scp
+    /// keeps no set-uid or set-gid bit).
     Scp,
-    /// `rsync -rtlp USER@HOST::mistry/<path> TARGET`, from an rsync daemon module `mistry`
-    /// rooted at the server's build_path.
+    /// `rsync -rtlp --chmod=ug-s USER@HOST::mistry/<path> TARGET`, from an rsync daemon module
+    /// `mistry` rooted at the server's build_path.
     Rsync,
     /// A tar stream from mistryd itself (`GET /artifacts/{project}/{id}`): no SSH, no rsync.
     Http,
 }
+
+/// The set-uid and set-gid bits, which no fetched artifact keeps: run by the caller (root, for
+/// instance), a set-uid file a job made would run as whoever owns it.
+const SET_ID: u32 = 0o6000;
 
 fn current_user() -> String {
     nix::unistd::User::from_uid(nix::unistd::geteuid())
@@ -89,7 +94,9 @@ pub(crate) fn fetch(
                 None => format!("{user}@{}::mistry/{rel}/", args.host),
             };
             let mut cmd = Command::new("rsync");
-            cmd.arg("-rtlp");
+            // Modes as mistry keeps them (-p), but never a set-uid or set-gid bit, whatever
+            // the server has: a set-uid file a job made must not become the caller's.
+            cmd.arg("-rtlp").arg("--chmod=ug-s");
             if args.clear_target {
                 cmd.arg("--delete");
             }
@@ -144,10 +151,12 @@ pub(crate) fn fetch_http(
     Ok(())
 }
 
-/// Unpack a tar stream into `target`; no entry may land outside it.
+/// Unpack a tar stream into `target`; no entry may land outside it, none keeps a set-uid or
+/// set-gid bit (modes are kept otherwise).
 pub fn unpack(reader: impl Read, target: &Path) -> Result<()> {
     let mut archive = tar::Archive::new(reader);
     archive.set_preserve_permissions(true);
+    archive.set_mask(SET_ID);
     archive.set_preserve_mtime(true);
     archive.set_overwrite(true);
     for entry in archive.entries().context("reading the artifacts")? {

@@ -322,3 +322,52 @@ fn http_transport_unpacks_the_artifacts_into_the_target() {
     assert!(!target.join("stale").exists());
     assert_eq!(read(&target.join("out.txt")), "artifact\n");
 }
+
+/// Issue 20, class 8: a server (an older or a hostile one) that sends set-uid and set-gid
+/// entries: the client, run as root or not, unpacks none of those bits (the rest of the modes
+/// as sent).
+#[test]
+fn http_transport_unpacks_no_set_id_bits() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, kind, mode) in [
+        ("sgid-dir", tar::EntryType::Directory, 0o2775),
+        ("sgid-dir/both", tar::EntryType::Regular, 0o6711),
+        ("suid", tar::EntryType::Regular, 0o4755),
+        ("sticky", tar::EntryType::Directory, 0o1777),
+    ] {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_size(0);
+        h.set_mode(mode);
+        h.set_mtime(1_000_000_000);
+        b.append_data(&mut h, name, std::io::empty()).unwrap();
+    }
+    let tar = b.into_inner().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("t");
+    let info = br#"{"ExitCode": 0, "URL": "job/app/0123abcd", "Path": "/x/app/ready/0123abcd/data/artifacts"}"#;
+    let (port, server) = fake_server(vec![
+        (201, "application/json", info.to_vec()),
+        (200, "application/x-tar", tar),
+    ]);
+    let out = build(port, &["--project", "app", "-t", target.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    server.join().unwrap();
+    let mode = |name: &str| {
+        std::fs::symlink_metadata(target.join(name))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    assert_eq!(
+        [
+            mode("sgid-dir"),
+            mode("sgid-dir/both"),
+            mode("suid"),
+            mode("sticky")
+        ],
+        [0o775, 0o711, 0o755, 0o1777]
+    );
+}

@@ -35,6 +35,7 @@ pub mod inroot;
 mod lex;
 mod oci;
 mod registry;
+mod setid;
 mod source;
 mod store;
 mod tools;
@@ -48,6 +49,7 @@ pub use config::ImageConfig;
 pub use download::DownloadPolicy;
 pub use oci::{host_platform, sha256_digest};
 pub use registry::{Credentials, Registries, RegistryConfig};
+pub use setid::{Stripped, SET_ID};
 pub use source::{BaseSource, FetchedBase, LocalImages};
 pub use store::{
     cache_depth, is_btrfs, layer_build, layer_path, next_chain_builds, overlay_works_in,

@@ -81,6 +81,12 @@ fn subordinate_host_ids(uid: u32, gid: u32) -> io::Result<Option<(u32, u32)>> {
     }
 }
 
+/// The host ids of sandbox root when they are not this process's own (`--sandbox-ids
+/// subordinate`); `None` when they are.
+pub fn sandbox_root_ids() -> io::Result<Option<(u32, u32)>> {
+    subordinate_host_ids(0, 0)
+}
+
 /// Give `path` (made by this process) to sandbox root, when that is not this process's own
 /// user: with `--sandbox-ids subordinate`, sandbox root is a subordinate id, and a directory of
 /// host root's is not even mapped in the sandbox. A no-op otherwise.
@@ -420,6 +426,27 @@ impl Tools {
         self.run_with(&what, argv, &[dst], mount).map(drop)
     }
 
+    /// [`crate::setid::strip_setid`] on the tree at `path`, inside the user namespace with only
+    /// the tree writable; every entry must be changed there.
+    pub fn strip_setid(&self, path: &Path) -> Result<crate::setid::Stripped, ToolError> {
+        let what = format!("removing set-id bits in {}", path.display());
+        let mut argv = self.helper.clone();
+        argv.extend([os("strip-setid"), os(path)]);
+        let out = self.run_with(&what, argv, &[path], None)?;
+        let mut n = out.split_whitespace().map(str::parse::<usize>);
+        match (n.next(), n.next()) {
+            (Some(Ok(modes)), Some(Ok(caps))) => Ok(crate::setid::Stripped {
+                modes,
+                caps,
+                denied: 0,
+            }),
+            _ => Err(ToolError::Failed {
+                what,
+                message: format!("unexpected helper output {out:?}"),
+            }),
+        }
+    }
+
     /// Remove a tree (or a file). Its contents are removed inside the user namespace by the
     /// helper (by fd, never following a symlink), with only the tree itself writable; the
     /// emptied directory is then removed here.
@@ -647,7 +674,9 @@ fn open_root(p: &Path) -> Result<Root, String> {
 /// Entry point of the helper: `apply-layer BLOB DIGEST ROOT keep|ignore`,
 /// `extract SRC_ROOT ARCHIVE ROOT DEST keep|ignore`, `copy-in SPEC`, `mkdirs ROOT PATH UID:GID`,
 /// `pack ROOT OUT`, `clear DIR` (empty a directory), `remove DIR NAME` (remove one entry of a
-/// directory, whatever it is, without following a symlink). Returns the process exit code; errors go to stderr.
+/// directory, whatever it is, without following a symlink), `strip-setid DIR` (set-id bits and
+/// file capabilities out of a tree; prints how many of each went). Returns the process exit
+/// code; errors go to stderr.
 pub fn helper_main(args: &[OsString]) -> i32 {
     match helper(args) {
         Ok(()) => 0,
@@ -751,6 +780,25 @@ fn helper(args: &[OsString]) -> Result<(), String> {
             .map_err(|e| format!("{}: {e}", p(1).display()))?;
             inroot::remove_at(dir.as_fd(), OsStr::new(name))
                 .map_err(|e| format!("{}/{name}: {e}", p(1).display()))
+        }
+        ["strip-setid", _] => {
+            let dir = rfs::open(
+                p(1).as_path(),
+                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(|e| format!("{}: {e}", p(1).display()))?;
+            let s = crate::setid::strip_setid(dir.as_fd())
+                .map_err(|e| format!("{}: {e}", p(1).display()))?;
+            if s.denied > 0 {
+                return Err(format!(
+                    "{}: {} entries whose set-id bits or capabilities could not be removed",
+                    p(1).display(),
+                    s.denied
+                ));
+            }
+            println!("{} {}", s.modes, s.caps);
+            Ok(())
         }
         ["clear", _] => {
             let dir = rfs::open(

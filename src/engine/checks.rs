@@ -57,6 +57,45 @@ pub fn data_dirs(store: &Store, dir: &JobDir) -> (Option<String>, Vec<String>) {
     (problem, lines)
 }
 
+/// Nothing the job left in `data/` keeps a set-uid or set-gid bit or file capabilities: its
+/// artifacts are served (HTTP, rsync and scp of `build_path`, other agents) and its `data/`
+/// becomes the group's next one. Whatever cannot be stripped is not kept: `data/` goes and the
+/// build fails. Returns the problem for ErrBuild and the lines for the job's log.
+pub fn set_id(store: &Store, dir: &JobDir) -> (Option<String>, Vec<String>) {
+    let data = dir.data();
+    if !fs::symlink_metadata(&data).is_ok_and(|m| m.is_dir()) {
+        return (None, Vec::new());
+    }
+    match store.strip_setid(&data) {
+        Ok(s) => {
+            let mut lines = Vec::new();
+            if s.modes > 0 {
+                lines.push(format!(
+                    "mistry: removed the set-uid/set-gid bits of {} files and directories in /data",
+                    s.modes
+                ));
+            }
+            if s.caps > 0 {
+                lines.push(format!(
+                    "mistry: removed the file capabilities of {} files in /data",
+                    s.caps
+                ));
+            }
+            (None, lines)
+        }
+        Err(e) => {
+            tracing::error!(project = dir.project(), id = dir.id(), error = %e, "could not remove set-id bits from a job's data; removing its data");
+            if let Err(e) = store.remove_tree(&data) {
+                tracing::error!(project = dir.project(), id = dir.id(), error = %e, "could not remove a job's data");
+            }
+            let msg = format!(
+                "the set-uid/set-gid bits in /data could not be removed ({e}); its data was removed"
+            );
+            (Some(msg.clone()), vec![format!("mistry: {msg}")])
+        }
+    }
+}
+
 /// `data/` may hold at most `limit` bytes: a job that left more fails (its result is neither
 /// linked nor cached, and the next build of its group does not start from it).
 pub fn disk(data: &Path, limit: u64) -> Option<String> {

@@ -128,7 +128,12 @@ impl Runner {
                 tracing::warn!(path = %work.display(), error = %e, "could not remove a job's cache work directory");
             }
         }
-        let (problem, lines) = checks::data_dirs(&self.builder.store, job.dir);
+        let store = &self.builder.store;
+        let (problem, mut lines) = checks::data_dirs(store, job.dir);
+        report.problems.extend(problem);
+        let (problem, more) = checks::set_id(store, job.dir);
+        report.problems.extend(problem);
+        lines.extend(more);
         if !lines.is_empty() {
             if let Ok(mut log) = job.dir.append_log() {
                 for l in lines {
@@ -136,7 +141,12 @@ impl Runner {
                 }
             }
         }
-        report.problems.extend(problem);
+        // Stripped: the build may be seen again (mistry's layout is readable).
+        if job.dir.is_dir() {
+            if let Err(e) = store.show_job_dir(job.dir.path()) {
+                tracing::error!(project = %job.req.project, id = job.dir.id(), error = %e, "could not make a build's directory readable");
+            }
+        }
         phases.mark("checks");
         phases.log(&job.req.project);
         report
@@ -150,6 +160,9 @@ impl Runner {
         let dir = job.dir;
         let store = &self.builder.store;
         let workspace = store.prepare_job_dir(dir.path(), job.previous, job.cache_mode)?;
+        // Until the job ended and its data/ was stripped of set-id bits, nobody else may reach
+        // into it.
+        store.hide_job_dir(dir.path())?;
         // A fresh job directory has no data/ yet (the store made it empty).
         match fs::create_dir(dir.data()) {
             Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {

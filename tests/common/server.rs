@@ -56,6 +56,29 @@ cache) echo ok > /data/artifacts/ok.txt; rm -rf /data/cache; ln -s /etc /data/ca
 esac
 "#;
 
+/// A job that makes set-uid and set-gid files and directories in its artifacts and its cache;
+/// with param `locked`, also one in a directory only its owner may list (`locked/inner`); with
+/// param `wait`, it then waits (at most 30 s) for a file `go` in its artifacts.
+pub const SETID_SH: &str = r#"#!/bin/sh
+set -e
+cd /data/artifacts
+cp /bin/busybox suid && chmod 4755 suid
+echo x > sgid && chmod 2755 sgid
+mkdir -p sgid-dir && chmod 2775 sgid-dir
+echo y > sgid-dir/both && chmod 6711 sgid-dir/both
+echo plain > plain && chmod 640 plain
+echo z > /data/cache/tool && chmod 4755 /data/cache/tool
+if [ -e /data/params/locked ]; then
+    mkdir locked && echo q > locked/inner && chmod 4755 locked/inner && chmod 0311 locked
+fi
+if [ -e /data/params/wait ]; then
+    touch started
+    i=0
+    while [ ! -e go ] && [ $i -lt 600 ]; do sleep 0.05; i=$((i + 1)); done
+    rm -f go started
+fi
+"#;
+
 pub struct Server {
     pub child: Option<Child>,
     pub addr: String,
@@ -177,6 +200,26 @@ impl Server {
                     "FROM busybox\nRUN echo app:x:4321:4321::/home/app:/bin/sh >> /etc/passwd && echo app:x:4321: >> /etc/group\nCOPY hostile.sh /hostile.sh\nUSER app\nENTRYPOINT [\"/bin/sh\", \"/hostile.sh\"]\n",
                 ),
                 ("hostile.sh", HOSTILE_SH),
+            ],
+        );
+        project(
+            "setid",
+            &[
+                (
+                    "Dockerfile",
+                    "FROM busybox\nCOPY setid.sh /setid.sh\nENTRYPOINT [\"/bin/sh\", \"/setid.sh\"]\n",
+                ),
+                ("setid.sh", SETID_SH),
+            ],
+        );
+        project(
+            "setiduser",
+            &[
+                (
+                    "Dockerfile",
+                    "FROM busybox\nRUN echo app:x:4321:4321::/home/app:/bin/sh >> /etc/passwd && echo app:x:4321: >> /etc/group\nCOPY setid.sh /setid.sh\nUSER app\nENTRYPOINT [\"/bin/sh\", \"/setid.sh\"]\n",
+                ),
+                ("setid.sh", SETID_SH),
             ],
         );
         let mut config = serde_json::json!({

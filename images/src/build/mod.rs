@@ -5,7 +5,9 @@
 //! Steps that change the filesystem (RUN, COPY, ADD, WORKDIR creating a directory, base layers)
 //! produce a snapshot of their parent; the others only change the image config. A step whose key
 //! is cached is not executed again. Builds of one project are serialized; different projects
-//! build in parallel and share identical steps.
+//! build in parallel and share identical steps, except those that can see more than their key
+//! says (a cache mount, a context bind, a secret: keyed by project too, see `run.rs`) and the
+//! steps after them.
 //!
 //! The step loop is here; the rest by concern: base images (`base.rs`), each instruction's
 //! rules (`rules.rs`), RUN (`run.rs`), COPY/ADD with downloads (`copy.rs`), the Dockerfile's text

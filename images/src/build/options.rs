@@ -47,7 +47,8 @@ pub enum BuildError {
 /// What to build.
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
-    /// Serializes builds of the same project.
+    /// Serializes builds of the same project, and keys its private steps (those with a cache
+    /// mount, a context bind or a secret): they are never shared with another project.
     pub project: String,
     /// The build context (the project directory).
     pub context: PathBuf,
@@ -66,7 +67,8 @@ pub struct BuildOptions {
     /// Seccomp, nested user namespaces and resource limits of RUN steps.
     pub policy: sandbox::Policy,
     /// Secrets `RUN --mount=type=secret,id=ID` can use: id → file on the host, read when a step
-    /// runs. Never part of a layer, a step record or a step key.
+    /// using it is keyed. Never part of a layer, a step record or the log; a step key holds
+    /// only a keyed digest of the value (and the project: see `build/run.rs`).
     pub secrets: Vec<(String, PathBuf)>,
 }
 

@@ -2,9 +2,20 @@
 //! with BuildKit's `--mount` (cache, bind, tmpfs, secret) and `--network` flags (`mounts.rs`
 //! parses them).
 //!
-//! - The step key holds the mounts' specs, and what they bring in: a bind's source content
-//!   digest (context) or stage key; a cache's `from` stage. Never a cache's contents nor a
-//!   secret (BuildKit does not rebuild when a secret changes; neither do we).
+//! - The step key holds the parent's key, the command (and a heredoc script's text), the build
+//!   args in scope, the network, the mounts' specs and what they bring in: a context bind's
+//!   content digest, a stage bind's or a cache seed's stage key. A step that can see more than
+//!   that — a cache mount's contents (kept per project), a context bind (the whole directory:
+//!   owners, times, files `.dockerignore` leaves out of the digest), a secret — is **private
+//!   to its project**: its key holds the project's name, so it is never taken from another
+//!   project's cache, nor is any step after it (their parent key is private too). Steps that
+//!   depend only on their key (plain RUN, tmpfs and stage binds, COPY) stay shared between
+//!   projects.
+//! - A secret enters the key as its id and, when the build has it, a keyed digest of its value
+//!   (HMAC-SHA256 with the store's own key, `store/mac.rs`), else `absent`: a rotated secret
+//!   rebuilds the steps that use it (BuildKit does not; we do), a project given a secret later
+//!   rebuilds too, and the key tells nothing of the value. The value is read once per step,
+//!   for the key and the mount alike.
 //! - Cache directories live in the store (`store/cache.rs`), locked while a step uses them.
 //! - Sources inside the context or a stage are resolved there by the kernel (`openat2` with
 //!   `RESOLVE_IN_ROOT`: links and `..` stay inside), never as a host path string; the sandbox
@@ -35,6 +46,16 @@ use crate::oci;
 use crate::store::{CacheDir, CacheInit, CacheSharing};
 use crate::view::{Target, View};
 
+/// A secret's value, kept out of `Debug` output.
+#[derive(Clone)]
+struct SecretValue(Vec<u8>);
+
+impl std::fmt::Debug for SecretValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SecretValue({} bytes)", self.0.len())
+    }
+}
+
 /// RUN's flags, ready for the step: see [`Run::run_flags`].
 #[derive(Debug, Clone)]
 pub(super) struct RunMounts {
@@ -42,6 +63,8 @@ pub(super) struct RunMounts {
     network: NetworkMode,
     /// The mounts' part of the step key (None without mounts: keys of plain RUNs unchanged).
     key: Option<String>,
+    /// The values of the secrets the build has, by id, as read for the key.
+    secrets: Vec<(String, SecretValue)>,
 }
 
 impl RunMounts {
@@ -154,13 +177,17 @@ impl Run<'_> {
             }
             Some(n) => n,
         };
-        // What the mounts bring in, for the key.
+        // What the mounts bring in, for the key; whether the step may see more than its key
+        // says (then it is private to the project).
         let mut mount_keys = Vec::new();
+        let mut private = false;
+        let mut secrets: Vec<(String, SecretValue)> = Vec::new();
         for m in &parsed.mounts {
             let input = match m {
                 Mount::Bind {
                     source, from: None, ..
                 } => {
+                    private = true;
                     let src = if source.is_empty() { "." } else { source };
                     let r = crate::context::resolve(
                         &self.opts.context,
@@ -172,26 +199,86 @@ impl Run<'_> {
                     .map_err(|e| step_err(step, format!("--mount source: {e}")))?;
                     r.digest
                 }
-                Mount::Bind { from: Some(f), .. } | Mount::Cache { from: Some(f), .. } => {
-                    self.stage_state(f)?.key
+                Mount::Bind { from: Some(f), .. } => self.stage_state(f)?.key,
+                Mount::Cache { from, .. } => {
+                    private = true;
+                    match from {
+                        Some(f) => self.stage_state(f)?.key,
+                        None => String::new(),
+                    }
                 }
-                _ => String::new(),
+                Mount::Secret { id, required, .. } => {
+                    private = true;
+                    self.secret_input(step, id, *required, &mut secrets)?
+                }
+                Mount::Tmpfs { .. } => String::new(),
             };
             mount_keys.push(format!("{m:?} {input}"));
         }
-        let key = (!parsed.mounts.is_empty()).then(|| format!("mounts {}", mount_keys.join("\n")));
+        let key = (!parsed.mounts.is_empty()).then(|| {
+            let mut k = format!("mounts {}", mount_keys.join("\n"));
+            if private {
+                k.push_str(&format!("\nproject {:?}", self.opts.project));
+            }
+            k
+        });
         Ok(RunMounts {
             mounts: parsed.mounts,
             network,
             key,
+            secrets,
         })
     }
 
+    /// Secret `id` for the step key: `hmac-sha256:<keyed digest of the value>` when the build
+    /// has it (its value read once, into `secrets`), `absent` when not; a missing `required`
+    /// one fails the step.
+    fn secret_input(
+        &self,
+        step: &Step,
+        id: &str,
+        required: bool,
+        secrets: &mut Vec<(String, SecretValue)>,
+    ) -> Result<String, BuildError> {
+        let err = |e: String| step_err(step, e);
+        let value = match secrets.iter().find(|(k, _)| k == id) {
+            Some((_, v)) => v.clone(),
+            None => {
+                let Some((_, src)) = self.opts.secrets.iter().rev().find(|(k, _)| k == id) else {
+                    if required {
+                        return Err(err(format!(
+                            "secret {id:?} is required but was not provided (the server's \
+                             `secrets` setting, or `mistryd image build --secret \
+                             id={id},src=FILE`)"
+                        )));
+                    }
+                    return Ok("absent".into());
+                };
+                let data = std::fs::read(src)
+                    .map_err(|e| err(format!("secret {id:?}: reading {}: {e}", src.display())))?;
+                let v = SecretValue(data);
+                secrets.push((id.to_string(), v.clone()));
+                v
+            }
+        };
+        let digest = self
+            .builder
+            .store
+            .secret_digest(id, &value.0)
+            .map_err(|e| err(format!("secret {id:?}: {e}")))?;
+        Ok(format!("hmac-sha256:{digest}"))
+    }
+
     /// Make every mount ready: cache directories taken, sources opened, secrets written.
-    fn prepare(&mut self, step: &Step, list: &[Mount], p: &mut Prepared) -> Result<(), BuildError> {
+    fn prepare(
+        &mut self,
+        step: &Step,
+        mounts: &RunMounts,
+        p: &mut Prepared,
+    ) -> Result<(), BuildError> {
         let store = &self.builder.store;
         let err = |e: String| step_err(step, e);
-        for m in list {
+        for m in &mounts.mounts {
             match m {
                 Mount::Cache {
                     target,
@@ -240,25 +327,16 @@ impl Run<'_> {
                     id,
                     target,
                     env,
-                    required,
                     mode,
                     uid,
                     gid,
+                    ..
                 } => {
-                    let Some((_, src)) = self.opts.secrets.iter().rev().find(|(k, _)| k == id)
+                    // Read for the step key (a required one the build lacks failed there).
+                    let Some((_, SecretValue(data))) = mounts.secrets.iter().find(|(k, _)| k == id)
                     else {
-                        if *required {
-                            return Err(err(format!(
-                                "secret {id:?} is required but was not provided (the server's \
-                                 `secrets` setting, or `mistryd image build --secret \
-                                 id={id},src=FILE`)"
-                            )));
-                        }
                         continue;
                     };
-                    let data = std::fs::read(src).map_err(|e| {
-                        err(format!("secret {id:?}: reading {}: {e}", src.display()))
-                    })?;
                     if let Some(name) = env {
                         p.env.push((name.clone(), OsString::from_vec(data.clone())));
                     }
@@ -273,7 +351,7 @@ impl Run<'_> {
                             .create_new(true)
                             .mode(0o600)
                             .open(&file)?;
-                        f.write_all(&data)?;
+                        f.write_all(data)?;
                         f.set_permissions(std::fs::Permissions::from_mode(*mode))?;
                         crate::tools::hand_over_tree(&file, *uid, *gid)
                     };
@@ -537,7 +615,7 @@ impl Run<'_> {
         self.stats.executed_runs += 1;
         let mut p = Prepared::default();
         p.binds.extend(binds.iter().cloned());
-        let result = self.prepare(step, &mounts.mounts, &mut p).and_then(|()| {
+        let result = self.prepare(step, mounts, &mut p).and_then(|()| {
             let target = self.builder.store.target(rootfs);
             let stubs = Self::stubs(&target, &mounts.mounts);
             let result = self.run_in(step, &target, argv, env, config, mounts.network, &mut p);

@@ -4,12 +4,13 @@
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::backend::{btrfs_subvolume_create, btrfs_subvolume_snapshot, is_btrfs};
 use super::{io_err, Backend, BackendKind, Store, StoreError};
+use crate::setid::Stripped;
 use crate::view::Target;
 
 /// Whether `path` is a directory itself (its last component not a symlink).
@@ -452,6 +453,74 @@ impl Store {
             what: format!("giving {} to sandbox ids {uid}:{gid}", path.display()),
             source,
         })
+    }
+
+    /// Remove set-uid and set-gid bits from everything under `path` (a job's `data/`), and
+    /// file capabilities from its files, by fd without following a link (see `setid.rs`):
+    /// as this process where it may, the rest (what only another id may change, or a directory
+    /// this process may not read) in the user namespace.
+    pub fn strip_setid(&self, path: &Path) -> Result<Stripped, StoreError> {
+        let here = rustix::fs::open(
+            path,
+            rustix::fs::OFlags::RDONLY
+                | rustix::fs::OFlags::DIRECTORY
+                | rustix::fs::OFlags::NOFOLLOW
+                | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        );
+        let here = match here {
+            Ok(fd) => crate::setid::strip_setid(std::os::fd::AsFd::as_fd(&fd)).map_err(io_err(
+                format!("removing set-id bits in {}", path.display()),
+            ))?,
+            Err(rustix::io::Errno::ACCESS) => Stripped {
+                denied: 1,
+                ..Stripped::default()
+            },
+            Err(e) => {
+                return Err(io_err(format!("opening {}", path.display()))(
+                    io::Error::from(e),
+                ))
+            }
+        };
+        if here.denied == 0 {
+            return Ok(here);
+        }
+        let there = self.tools.strip_setid(path)?;
+        Ok(Stripped {
+            modes: here.modes + there.modes,
+            caps: here.caps + there.caps,
+            denied: 0,
+        })
+    }
+
+    /// While its job runs, a build's directory (`pending/<id>`) is the daemon's and the
+    /// sandbox's alone (0700; with `--sandbox-ids subordinate` 0710 with sandbox root's group,
+    /// which must pass through it): what the job makes in `data/` — a set-uid file — cannot be
+    /// reached by other local users before [`Store::strip_setid`] went over it.
+    pub fn hide_job_dir(&self, dir: &Path) -> Result<(), StoreError> {
+        let what = || format!("making {} private", dir.display());
+        let mode = match crate::tools::sandbox_root_ids().map_err(io_err(what()))? {
+            Some((_, gid)) => {
+                std::os::unix::fs::lchown(dir, None, Some(gid)).map_err(io_err(what()))?;
+                0o710
+            }
+            None => 0o700,
+        };
+        fs::set_permissions(dir, fs::Permissions::from_mode(mode)).map_err(io_err(what()))
+    }
+
+    /// A finished build's directory readable again (0755, the daemon's group), as mistry's
+    /// layout is: rsync and scp of `build_path` read it as other users.
+    pub fn show_job_dir(&self, dir: &Path) -> Result<(), StoreError> {
+        let what = || format!("making {} readable", dir.display());
+        if crate::tools::sandbox_root_ids()
+            .map_err(io_err(what()))?
+            .is_some()
+        {
+            let gid = nix::unistd::getegid().as_raw();
+            std::os::unix::fs::lchown(dir, None, Some(gid)).map_err(io_err(what()))?;
+        }
+        fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).map_err(io_err(what()))
     }
 
     /// Resolve a `USER` value in the image whose filesystem is `snapshot` (its `/etc/passwd`

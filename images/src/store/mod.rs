@@ -8,6 +8,7 @@
 //! <root>/refs/<project>.json     the keys a project's current image uses (kept by GC)
 //! <root>/tmp/                    work in progress; renamed into place when complete
 //! <root>/cache/<project>/        `RUN --mount=type=cache` directories (`cache.rs`)
+//! <root>/step-key                the key of secrets' digests in step keys (0600, `mac.rs`)
 //! ```
 //!
 //! Snapshots come from a [`Backend`] (`backend.rs`): `btrfs` (subvolumes and snapshots; chosen
@@ -32,6 +33,7 @@ use crate::tools::{ToolError, Tools};
 mod backend;
 mod cache;
 mod job;
+mod mac;
 
 pub use crate::view::{Target, View};
 pub use backend::overlay_works_in;
@@ -147,6 +149,8 @@ pub struct Store {
     backend: Arc<dyn Backend>,
     tools: Tools,
     backend_reason: String,
+    /// The key of secrets' digests in step keys, read (or made) when a step first needs it.
+    mac_key: std::sync::OnceLock<mac::MacKey>,
 }
 
 static TMP_COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -197,6 +201,7 @@ impl Store {
             backend,
             tools,
             backend_reason: choice.reason,
+            mac_key: std::sync::OnceLock::new(),
         })
     }
 
