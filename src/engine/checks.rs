@@ -1,5 +1,6 @@
 //! What a job left in its `data/`, checked after it ended.
 
+use std::fs;
 use std::path::Path;
 
 use images::Store;
