@@ -132,7 +132,9 @@ impl Layout {
         };
         fs::canonicalize(self.link(project, group))
             .ok()
-            .filter(|p| fs::symlink_metadata(p.join("data")).is_ok_and(|m| m.is_dir()) && of_group(p))
+            .filter(|p| {
+                fs::symlink_metadata(p.join("data")).is_ok_and(|m| m.is_dir()) && of_group(p)
+            })
     }
 
     /// `<build_path>/<project>`.
