@@ -375,7 +375,8 @@ fn vm_hwm_kib(pid: u32) -> u64 {
 
 #[test]
 fn a_huge_log_keeps_the_daemons_memory_flat() {
-    let s = Server::start(serde_json::json!({}));
+    // Logs are cut at 64 MiB by default (tests/job_limits.rs): this server keeps them whole.
+    let s = Server::start(serde_json::json!({"limits": {"log": "unlimited"}}));
     let pid = s.child.as_ref().unwrap().id();
     let bytes: u64 = 300 << 20;
     let body =

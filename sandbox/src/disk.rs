@@ -38,9 +38,6 @@ const CLOSE_INTERVAL: Duration = Duration::from_millis(20);
 /// Why a tree could not be measured.
 #[derive(Debug, thiserror::Error)]
 pub enum UsageError {
-    /// This process may not read a directory of the tree (the `du` fallback can).
-    #[error("{}: permission denied", .0.display())]
-    Unreadable(PathBuf),
     /// The measurement was called off ([`usage`]'s `cancel`).
     #[error("cancelled")]
     Cancelled,
@@ -50,6 +47,14 @@ pub enum UsageError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// What [`usage`] found: the bytes it could count, and the directories this process may not
+/// read (not counted; the `du` fallback can).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub bytes: u64,
+    pub unreadable: Vec<PathBuf>,
 }
 
 fn owned(fd: RawFd) -> OwnedFd {
@@ -88,24 +93,37 @@ struct Walk<'a> {
     linked: HashSet<(u64, u64)>,
     cancel: &'a AtomicBool,
     entries: u64,
+    unreadable: Vec<PathBuf>,
+}
+
+/// Why a directory could not be listed.
+enum ListError {
+    /// This process may not read it (or look up its entries).
+    Denied,
+    Other(UsageError),
 }
 
 impl Walk<'_> {
     /// Count the entries of `dir` (its own blocks are counted by its parent); its
-    /// subdirectories' names.
+    /// subdirectories' names. Nothing is counted for a directory this process may not read.
     fn list(
         &mut self,
         dir: &OwnedFd,
         path: impl Fn() -> PathBuf,
-    ) -> Result<Vec<OsString>, UsageError> {
-        let io = |e: Errno| UsageError::Io {
-            path: path(),
-            source: e.into(),
+    ) -> Result<Vec<OsString>, ListError> {
+        let io = |e: Errno| match e {
+            Errno::EACCES | Errno::EPERM => ListError::Denied,
+            e => ListError::Other(UsageError::Io {
+                path: path(),
+                source: e.into(),
+            }),
         };
         // Listing through a duplicate: nix's Dir owns (and closes) its descriptor.
         let dup = nix::unistd::dup(dir.as_raw_fd()).map_err(io)?;
         let mut d = nix::dir::Dir::from_fd(dup).map_err(io)?;
         let mut subdirs = Vec::new();
+        let mut bytes = 0u64;
+        let mut linked = Vec::new();
         for entry in d.iter() {
             let entry = entry.map_err(io)?;
             let name = entry.file_name().to_bytes();
@@ -114,7 +132,7 @@ impl Walk<'_> {
             }
             self.entries += 1;
             if self.entries % 1024 == 0 && self.cancel.load(Ordering::Relaxed) {
-                return Err(UsageError::Cancelled);
+                return Err(ListError::Other(UsageError::Cancelled));
             }
             let st = match nix::sys::stat::fstatat(
                 Some(dir.as_raw_fd()),
@@ -128,12 +146,35 @@ impl Walk<'_> {
             };
             if is_dir(&st) {
                 subdirs.push(OsStr::from_bytes(name).to_os_string());
-            } else if st.st_nlink > 1 && !self.linked.insert((st.st_dev, st.st_ino)) {
-                continue;
+            } else if st.st_nlink > 1 {
+                let id = (st.st_dev, st.st_ino);
+                if self.linked.contains(&id) || linked.contains(&id) {
+                    continue;
+                }
+                linked.push(id);
             }
-            self.total = self.total.saturating_add(blocks(&st));
+            bytes = bytes.saturating_add(blocks(&st));
         }
+        self.total = self.total.saturating_add(bytes);
+        self.linked.extend(linked);
         Ok(subdirs)
+    }
+
+    /// List `dir` (at `path`): its subdirectories, none when it may not be read (then it is
+    /// left to the fallback).
+    fn enter(
+        &mut self,
+        dir: &OwnedFd,
+        path: impl Fn() -> PathBuf,
+    ) -> Result<Vec<OsString>, UsageError> {
+        match self.list(dir, &path) {
+            Ok(subdirs) => Ok(subdirs),
+            Err(ListError::Denied) => {
+                self.unreadable.push(path());
+                Ok(Vec::new())
+            }
+            Err(ListError::Other(e)) => Err(e),
+        }
     }
 
     /// Open again the directory of `frames[i]` (whose descriptor was let go): from the nearest
@@ -161,15 +202,21 @@ impl Walk<'_> {
 /// Bytes the tree `root` holds on disk: the allocated blocks of every inode below it, itself
 /// included, an inode with several links once; no symlink followed. Stops counting once past
 /// `stop_after`. Entries removed meanwhile are skipped; a directory moved while it is measured
-/// may be missed or counted twice.
-pub fn usage(root: &Path, stop_after: u64, cancel: &AtomicBool) -> Result<u64, UsageError> {
+/// may be missed or counted twice. Directories this process may not read are listed in
+/// [`Usage::unreadable`], what they hold not counted.
+pub fn usage(root: &Path, stop_after: u64, cancel: &AtomicBool) -> Result<Usage, UsageError> {
     let top = match nix::fcntl::open(
         root,
         OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
         Mode::empty(),
     ) {
         Ok(fd) => owned(fd),
-        Err(Errno::EACCES | Errno::EPERM) => return Err(UsageError::Unreadable(root.into())),
+        Err(Errno::EACCES | Errno::EPERM) => {
+            return Ok(Usage {
+                bytes: 0,
+                unreadable: vec![root.to_path_buf()],
+            })
+        }
         Err(e) => {
             return Err(UsageError::Io {
                 path: root.to_path_buf(),
@@ -186,8 +233,13 @@ pub fn usage(root: &Path, stop_after: u64, cancel: &AtomicBool) -> Result<u64, U
         linked: HashSet::new(),
         cancel,
         entries: 0,
+        unreadable: Vec::new(),
     };
-    let subdirs = walk.list(&top, || root.to_path_buf())?;
+    let subdirs = walk.enter(&top, || root.to_path_buf())?;
+    if !walk.unreadable.is_empty() {
+        // The root itself is left to the fallback, which measures it whole.
+        walk.total = 0;
+    }
     let mut frames = vec![Frame {
         id: (st.st_dev, st.st_ino),
         name: OsString::new(),
@@ -229,7 +281,8 @@ pub fn usage(root: &Path, stop_after: u64, cancel: &AtomicBool) -> Result<u64, U
             // Gone, or replaced by something that is not a directory (a link) meanwhile.
             Err(Errno::ENOENT | Errno::ENOTDIR | Errno::ELOOP) => continue,
             Err(Errno::EACCES | Errno::EPERM) => {
-                return Err(UsageError::Unreadable(walk_path(root, &frames, &name)))
+                walk.unreadable.push(walk_path(root, &frames, &name));
+                continue;
             }
             Err(e) => {
                 return Err(UsageError::Io {
@@ -242,7 +295,7 @@ pub fn usage(root: &Path, stop_after: u64, cancel: &AtomicBool) -> Result<u64, U
             path: walk_path(root, &frames, &name),
             source: e.into(),
         })?;
-        let subdirs = walk.list(&fd, || walk_path(root, &frames, &name))?;
+        let subdirs = walk.enter(&fd, || walk_path(root, &frames, &name))?;
         frames.push(Frame {
             id: (st.st_dev, st.st_ino),
             name,
@@ -257,7 +310,10 @@ pub fn usage(root: &Path, stop_after: u64, cancel: &AtomicBool) -> Result<u64, U
             }
         }
     }
-    Ok(walk.total)
+    Ok(Usage {
+        bytes: walk.total,
+        unreadable: walk.unreadable,
+    })
 }
 
 fn walk_path(root: &Path, frames: &[Frame], name: &OsStr) -> PathBuf {
@@ -299,20 +355,23 @@ fn usage_by_du(trees: &[&Path]) -> Result<Vec<u64>, String> {
     Ok(sizes)
 }
 
-/// Bytes each tree holds (0 for a tree that is gone), by [`usage`] or, for trees this process
-/// may not read, by `du` in a sandbox. Stops early (the sum past `stop_after`).
+/// Bytes each tree holds (0 for a tree that is gone), by [`usage`]; what it holds in
+/// directories this process may not read is measured by `du` in a sandbox (one for all of
+/// them). Stops early (the sum past `stop_after`).
 pub fn measure(
     trees: &[PathBuf],
     stop_after: u64,
     cancel: &AtomicBool,
 ) -> Result<Vec<u64>, String> {
     let mut sizes = vec![0u64; trees.len()];
-    let mut unreadable = Vec::new();
+    let mut unreadable: Vec<(usize, PathBuf)> = Vec::new();
     let mut sum = 0u64;
     for (i, tree) in trees.iter().enumerate() {
         match usage(tree, stop_after.saturating_sub(sum), cancel) {
-            Ok(n) => sizes[i] = n,
-            Err(UsageError::Unreadable(_)) => unreadable.push(i),
+            Ok(u) => {
+                sizes[i] = u.bytes;
+                unreadable.extend(u.unreadable.into_iter().map(|p| (i, p)));
+            }
             Err(UsageError::Io { source, .. })
                 if matches!(source.raw_os_error(), Some(libc::ENOENT)) => {}
             Err(e) => return Err(e.to_string()),
@@ -323,9 +382,9 @@ pub fn measure(
         }
     }
     if !unreadable.is_empty() {
-        let paths: Vec<&Path> = unreadable.iter().map(|&i| trees[i].as_path()).collect();
-        for (i, n) in unreadable.iter().zip(usage_by_du(&paths)?) {
-            sizes[*i] = n;
+        let paths: Vec<&Path> = unreadable.iter().map(|(_, p)| p.as_path()).collect();
+        for ((i, _), n) in unreadable.iter().zip(usage_by_du(&paths)?) {
+            sizes[*i] = sizes[*i].saturating_add(n);
         }
     }
     Ok(sizes)
@@ -482,6 +541,8 @@ fn watch(plan: Plan, pidfd: OwnedFd, stop: &AtomicBool, verdict: &AtomicU8) {
 mod tests {
     use super::*;
 
+    use std::os::unix::fs::PermissionsExt;
+
     #[test]
     fn usage_counts_blocks_once_without_following_links() {
         let dir = tempfile::tempdir().unwrap();
@@ -492,12 +553,28 @@ mod tests {
         std::os::unix::fs::symlink("/usr", d.join("link")).unwrap();
         let no = AtomicBool::new(false);
         let used = usage(d, u64::MAX, &no).unwrap();
-        assert!((1 << 20..(1 << 20) + (1 << 16)).contains(&used), "{used}");
-        assert!(usage(d, 4096, &no).unwrap() > 4096);
+        assert!(
+            (1 << 20..(1 << 20) + (1 << 16)).contains(&used.bytes),
+            "{used:?}"
+        );
+        assert!(used.unreadable.is_empty());
+        assert!(usage(d, 4096, &no).unwrap().bytes > 4096);
         assert!(matches!(
             usage(&d.join("link"), u64::MAX, &no),
             Err(UsageError::Io { .. })
         ));
+        // A directory this process may not read (unless it is root) is left to the fallback.
+        std::fs::create_dir(d.join("closed")).unwrap();
+        std::fs::write(d.join("closed/f"), vec![1u8; 1 << 20]).unwrap();
+        std::fs::set_permissions(d.join("closed"), std::fs::Permissions::from_mode(0o000)).unwrap();
+        let used = usage(d, u64::MAX, &no).unwrap();
+        if nix::unistd::geteuid().is_root() {
+            assert!(used.bytes >= 2 << 20, "{used:?}");
+        } else {
+            assert!(used.bytes < 2 << 20, "{used:?}");
+            assert_eq!(used.unreadable, [d.join("closed")]);
+        }
+        std::fs::set_permissions(d.join("closed"), std::fs::Permissions::from_mode(0o755)).unwrap();
     }
 
     #[test]
@@ -527,7 +604,7 @@ mod tests {
         let before = std::fs::read_dir("/proc/self/fd").unwrap().count();
         let no = AtomicBool::new(false);
         // Six files of 100 000 bytes.
-        let used = usage(dir.path(), u64::MAX, &no).unwrap();
+        let used = usage(dir.path(), u64::MAX, &no).unwrap().bytes;
         assert!(used >= 600_000, "{used}");
         assert_eq!(std::fs::read_dir("/proc/self/fd").unwrap().count(), before);
         // Cancelled: an error, at once.

@@ -416,6 +416,10 @@ impl Runner {
         let status = std::thread::scope(|s| {
             let copier = s.spawn(|| capped::pump(streams, out, &mut err_w));
             let status = child.wait();
+            if status.is_err() {
+                // Its pipes close only once it is gone.
+                let _ = child.kill();
+            }
             let _ = copier.join();
             status
         });
