@@ -471,9 +471,10 @@ fn du(path: &std::path::Path) -> u64 {
     sandbox::disk_usage(path, u64::MAX).unwrap()
 }
 
-/// A shell loop writing 1 MB files into `$1` for ever (each well under the file size limit).
+/// A shell loop writing 1 MB files into `$1` for ever (each well under the file size limit), at
+/// most 50 a second (so that what it writes between two measurements is bounded).
 const FILL_BIG: &str =
-    "mkdir -p $1; i=0; while :; do head -c 1000000 /dev/zero > $1/f$i; i=$((i+1)); done";
+    "mkdir -p $1; i=0; while :; do head -c 1000000 /dev/zero > $1/f$i; i=$((i+1)); sleep 0.02; done";
 /// A shell loop writing one-block files into `$1` for ever, without forking.
 const FILL_SMALL: &str = "mkdir -p $1; i=0; while :; do echo $i > $1/s$i; i=$((i+1)); done";
 
@@ -517,7 +518,7 @@ fn the_disk_limit_ends_a_sandbox_while_it_writes() {
     fill(
         f.sandbox(),
         "mkdir -p /hide && chmod 0 /hide && mkdir /hide/in && chmod 0 /hide/in && \
-         i=0; while :; do head -c 1000000 /dev/zero > /hide/in/f$i; i=$((i+1)); done",
+         i=0; while :; do head -c 1000000 /dev/zero > /hide/in/f$i; i=$((i+1)); sleep 0.02; done",
         "",
     );
 
