@@ -141,6 +141,8 @@ impl RunArgs {
                     None => defaults.nofile,
                 },
                 memory_cgroup: true,
+                disk: None,
+                tmpfs: defaults.tmpfs,
             },
         });
         if self.single_id_map {

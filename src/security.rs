@@ -5,7 +5,8 @@
 //! {
 //!   "seccomp": "default",                 // default | unconfined | /path/to/profile.json
 //!   "nested_user_namespaces": false,      // may jobs create user namespaces of their own
-//!   "limits": {"processes": 1024, "memory": "8GiB", "open_files": 65536, "disk": "20GiB"},
+//!   "limits": {"processes": 1024, "memory": "8GiB", "open_files": 65536, "disk": "20GiB",
+//!              "log": "64MiB", "tmpfs": "64MiB"},
 //!   "sandbox_ids": "auto"                 // auto | subordinate
 //! }
 //! ```
@@ -28,6 +29,8 @@ pub struct RawLimits {
     pub memory: Option<serde_json::Value>,
     pub open_files: Option<serde_json::Value>,
     pub disk: Option<serde_json::Value>,
+    pub log: Option<serde_json::Value>,
+    pub tmpfs: Option<serde_json::Value>,
 }
 
 /// A limit: `None` is unlimited.
@@ -39,8 +42,15 @@ pub struct JobLimits {
     pub processes: Limit,
     pub memory: Limit,
     pub open_files: Limit,
-    /// Bytes a job's `data/` may hold when it ends (and the largest file it may write).
+    /// Bytes a job (or a RUN step) may write to disk while it runs: its `data/` (cache
+    /// included) and what it writes to its root filesystem; also the largest file it may write.
+    /// `data/` is measured again when the job ends.
     pub disk: Limit,
+    /// Bytes each of a job's logs (`out.log`, `stderr.log`) may hold; what the job writes past
+    /// it is dropped after a `[log truncated at …]` line.
+    pub log: Limit,
+    /// The size of every tmpfs of a job or RUN step (`/dev/shm`, `RUN --mount=type=tmpfs`...).
+    pub tmpfs: Limit,
     /// Whether `memory` was set in a configuration (enforced with a cgroup where one can be
     /// had) rather than the default (enforced by the sandbox's watchdog alone, which adds no
     /// latency to a job's start).
@@ -48,13 +58,17 @@ pub struct JobLimits {
 }
 
 impl JobLimits {
-    /// The defaults: 1024 processes, half the host's memory, 65536 open files, no disk limit.
+    /// The defaults: 1024 processes, half the host's memory, 65536 open files, 10 GiB of disk
+    /// ([`default_disk`] lowers it to the free space where that is short), 64 MiB per log and
+    /// per tmpfs.
     pub fn defaults() -> JobLimits {
         JobLimits {
             processes: Some(1024),
             memory: host_memory().map(|m| m / 2),
             open_files: Some(65536),
-            disk: None,
+            disk: Some(DEFAULT_DISK),
+            log: Some(DEFAULT_LOG),
+            tmpfs: Some(sandbox::DEFAULT_TMPFS_SIZE),
             memory_configured: false,
         }
     }
@@ -79,19 +93,38 @@ impl JobLimits {
             memory: pick(self.memory, &raw.memory, "memory", true)?,
             open_files: pick(self.open_files, &raw.open_files, "open_files", false)?,
             disk: pick(self.disk, &raw.disk, "disk", true)?,
+            log: pick(self.log, &raw.log, "log", true)?,
+            tmpfs: pick(self.tmpfs, &raw.tmpfs, "tmpfs", true)?,
             memory_configured: self.memory_configured || raw.memory.is_some(),
         })
     }
 
-    /// The sandbox's share of these limits (the disk limit is the engine's).
+    /// The sandbox's share of these limits (the logs are the engine's).
     pub fn sandbox_limits(&self) -> Limits {
         Limits {
             pids: self.processes,
             memory: self.memory,
             nofile: self.open_files.map(|n| (n.min(1024), n)),
             memory_cgroup: self.memory_configured,
+            disk: self.disk,
+            tmpfs: self.tmpfs,
         }
     }
+}
+
+/// The default disk limit of a job: 10 GiB (see [`default_disk`]).
+pub const DEFAULT_DISK: u64 = 10 << 30;
+/// The default size of each of a job's logs.
+pub const DEFAULT_LOG: u64 = 64 << 20;
+
+/// The default disk limit of a job on a server whose jobs write below `build_path`:
+/// [`DEFAULT_DISK`], or half the space free on that filesystem at start when that is less (at
+/// least 64 MiB), so that one job cannot fill a disk that is short already.
+pub fn default_disk(build_path: &Path) -> u64 {
+    let free = nix::sys::statvfs::statvfs(build_path)
+        .map(|s| s.blocks_available().saturating_mul(s.fragment_size()))
+        .unwrap_or(u64::MAX);
+    DEFAULT_DISK.min((free / 2).max(64 << 20))
 }
 
 /// How sandbox ids map onto the host (`--sandbox-ids`, `sandbox_ids`).
@@ -227,26 +260,12 @@ fn host_memory() -> Option<u64> {
     Some(kib * 1024)
 }
 
-/// Bytes `dir` holds on disk (allocated blocks), without following symlinks; stops counting
-/// once past `stop_after`.
+/// Bytes `dir` holds on disk (allocated blocks, hard links once), without following symlinks,
+/// by descriptor; stops counting once past `stop_after`. A tree the daemon may not read (a
+/// directory of another sandbox id) is measured inside the user namespace
+/// ([`sandbox::disk_usage`]).
 pub fn disk_usage(dir: &Path, stop_after: u64) -> std::io::Result<u64> {
-    use std::os::unix::fs::MetadataExt;
-    let mut total = 0u64;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d)? {
-            let entry = entry?;
-            let meta = entry.metadata()?;
-            total = total.saturating_add(meta.blocks() * 512);
-            if total > stop_after {
-                return Ok(total);
-            }
-            if meta.is_dir() {
-                stack.push(entry.path());
-            }
-        }
-    }
-    Ok(total)
+    sandbox::disk_usage(dir, stop_after).map_err(std::io::Error::other)
 }
 
 #[cfg(test)]
@@ -277,6 +296,8 @@ mod tests {
             memory: Some(8 << 30),
             open_files: Some(65536),
             disk: None,
+            log: Some(64 << 20),
+            tmpfs: Some(64 << 20),
             memory_configured: false,
         };
         let raw = RawLimits {
@@ -284,6 +305,8 @@ mod tests {
             memory: Some(json!("1GiB")),
             open_files: Some(json!("unlimited")),
             disk: Some(json!("10GiB")),
+            log: Some(json!("unlimited")),
+            tmpfs: Some(json!("1MiB")),
         };
         let lowered = base.apply(&raw, ".mistry.json limits", true).unwrap();
         assert_eq!(
@@ -293,12 +316,15 @@ mod tests {
                 memory: Some(1 << 30),
                 open_files: Some(65536),
                 disk: Some(10 << 30),
+                log: Some(64 << 20),
+                tmpfs: Some(1 << 20),
                 memory_configured: true,
             }
         );
         let replaced = base.apply(&raw, "limits", false).unwrap();
         assert_eq!(replaced.processes, Some(100_000));
         assert_eq!(replaced.open_files, None);
+        assert_eq!(replaced.log, None);
         let e = base
             .apply(
                 &RawLimits {
@@ -323,9 +349,13 @@ mod tests {
         assert!(!p.nested_user_namespaces);
         assert_eq!(p.limits.pids, Some(1024));
         assert_eq!(p.limits.nofile, Some((1024, 65536)));
+        assert_eq!(p.limits.disk, Some(10 << 30));
+        assert_eq!(p.limits.tmpfs, Some(64 << 20));
+        assert_eq!(s.limits.log, Some(64 << 20));
+        let dir = tempfile::tempdir().unwrap();
+        assert!((64 << 20..=10 << 30).contains(&default_disk(dir.path())));
         // The default memory limit is the watchdog's (no cgroup migration at each start).
         assert!(!p.limits.memory_cgroup);
-        let dir = tempfile::tempdir().unwrap();
         assert_eq!(
             parse_seccomp("unconfined", dir.path(), "seccomp").unwrap(),
             Seccomp::Unconfined

@@ -56,6 +56,11 @@ fn is_opaque(dir: &Path) -> bool {
     matches!(xattr::get(dir, "user.overlay.opaque"), Ok(Some(v)) if v == b"y")
 }
 
+/// The magic link of an open descriptor, to open the same inode again.
+fn fd_path(fd: &std::os::fd::OwnedFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
 impl View {
     /// The host path of `inside` (absolute in the image) as the image sees it, if it exists
     /// (a final symlink is not followed). A complete tree is resolved inside its root by the
@@ -174,50 +179,73 @@ impl View {
 
     /// Resolve a `USER` value against the image's `/etc/passwd` and `/etc/group` (a complete
     /// tree is read by fd inside its root, `openat2(RESOLVE_IN_ROOT)`; layers through
-    /// [`View::read_small`]).
+    /// [`View::read_small`]). Files that are not regular, or larger than
+    /// [`sandbox::MAX_USER_FILE`], are errors.
     pub fn resolve_user(
         &self,
         user: &sandbox::User,
     ) -> Result<sandbox::ResolvedUser, sandbox::Error> {
         match self {
             View::Dir(root) => sandbox::resolve_user(root, user),
-            View::Layers(_) => sandbox::resolve_user_with(
-                user,
-                &self.read_small(Path::new("/etc/passwd")),
-                &self.read_small(Path::new("/etc/group")),
-            ),
+            View::Layers(_) => {
+                let read = || {
+                    Ok::<_, String>((
+                        self.read_small(Path::new("/etc/passwd"))?,
+                        self.read_small(Path::new("/etc/group"))?,
+                    ))
+                };
+                let (passwd, group) = read().map_err(|reason| sandbox::Error::User {
+                    spec: match user {
+                        sandbox::User::Root => "0".into(),
+                        sandbox::User::Id { uid, gid } => format!("{uid}:{gid}"),
+                        sandbox::User::Spec(s) => s.clone(),
+                    },
+                    reason,
+                })?;
+                sandbox::resolve_user_with(user, &passwd, &group)
+            }
         }
     }
 
-    /// A small regular file of the image (at most 16 MiB; the final component not through a
-    /// symlink); empty when missing.
-    pub fn read_small(&self, inside: &Path) -> String {
-        const MAX: u64 = 16 << 20;
-        let file = match self {
-            View::Dir(root) => Root::open(root)
-                .and_then(|r| {
-                    r.open_in(inside, OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK)
-                })
-                .map(fs::File::from)
-                .ok(),
-            View::Layers(_) => match self.resolve_layers(inside, false) {
-                Some(p) if fs::symlink_metadata(&p).is_ok_and(|m| m.is_file()) => {
-                    fs::File::open(p).ok()
+    /// A small regular file of the image (at most [`sandbox::MAX_USER_FILE`] bytes; the final
+    /// component not through a symlink), opened without blocking; empty when missing. Anything
+    /// but a regular file is an error (a FIFO is never read).
+    pub fn read_small(&self, inside: &Path) -> Result<String, String> {
+        let what = inside.display().to_string();
+        let not_regular = || format!("the image's {what} is not a regular file");
+        let failed = |e: io::Error| format!("reading the image's {what}: {e}");
+        // The file's type is known before it is opened for reading (O_PATH, or lstat through
+        // layers): a FIFO would block.
+        let path = match self {
+            View::Dir(root) => {
+                let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+                match Root::open(root).and_then(|r| r.open_in(inside, flags)) {
+                    Ok(fd)
+                        if fs::File::from(fd.try_clone().map_err(failed)?)
+                            .metadata()
+                            .is_ok_and(|m| m.is_file()) =>
+                    {
+                        (fd_path(&fd), Some(fd))
+                    }
+                    Ok(_) => return Err(not_regular()),
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(String::new()),
+                    Err(e) => return Err(failed(e)),
                 }
-                _ => None,
+            }
+            View::Layers(_) => match self.resolve_layers(inside, false) {
+                None => return Ok(String::new()),
+                Some(p) if fs::symlink_metadata(&p).is_ok_and(|m| m.is_file()) => (p, None),
+                Some(_) => return Err(not_regular()),
             },
         };
-        let Some(file) = file else {
-            return String::new();
-        };
-        if !file.metadata().is_ok_and(|m| m.is_file()) {
-            return String::new();
-        }
-        let mut text = String::new();
-        match io::Read::read_to_string(&mut io::Read::take(file, MAX), &mut text) {
-            Ok(_) => text,
-            Err(_) => String::new(),
-        }
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(&path.0)
+            .map_err(failed)?;
+        drop(path.1);
+        sandbox::read_user_file(file, &what)
     }
 }
 
@@ -247,8 +275,8 @@ mod tests {
         assert!(layers.is_dir(Path::new("/abs/sub")));
         assert!(!layers.is_dir(Path::new("/host")), "a host directory");
         assert!(!layers.is_dir(Path::new("/c1")), "past 40 links");
-        assert_eq!(layers.read_small(Path::new("/abs/passwd")), "p");
-        assert_eq!(layers.read_small(Path::new("/c1/passwd")), "");
+        assert_eq!(layers.read_small(Path::new("/abs/passwd")).unwrap(), "p");
+        assert_eq!(layers.read_small(Path::new("/c1/passwd")).unwrap(), "");
 
         // The same as one tree.
         let tree = d.path().join("tree");
@@ -264,8 +292,33 @@ mod tests {
         assert!(dir.is_dir(Path::new("/abs/sub")));
         assert!(!dir.is_dir(Path::new("/host")));
         assert!(!dir.is_dir(Path::new("/c1")));
-        assert_eq!(dir.read_small(Path::new("/abs/passwd")), "p");
-        assert_eq!(dir.read_small(Path::new("/c1/passwd")), "");
+        assert_eq!(dir.read_small(Path::new("/abs/passwd")).unwrap(), "p");
+        assert!(dir
+            .read_small(Path::new("/c1/passwd"))
+            .unwrap_err()
+            .starts_with("reading the image's /c1/passwd: "));
+        // Not a regular file: a final link, a directory, a FIFO (never opened to be read).
+        nix::unistd::mkfifo(
+            &tree.join("real/fifo"),
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+        )
+        .unwrap();
+        symlink("passwd", tree.join("real/link")).unwrap();
+        nix::unistd::mkfifo(
+            &lower.join("real/fifo"),
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+        )
+        .unwrap();
+        symlink("passwd", lower.join("real/link")).unwrap();
+        for view in [&dir, &layers] {
+            for f in ["fifo", "link", "sub"] {
+                let inside = format!("/real/{f}");
+                assert_eq!(
+                    view.read_small(Path::new(&inside)).unwrap_err(),
+                    format!("the image's {inside} is not a regular file")
+                );
+            }
+        }
         assert_eq!(
             dir.lookup(Path::new("/abs/passwd")),
             Some(tree.canonicalize().unwrap().join("real/passwd"))

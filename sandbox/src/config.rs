@@ -46,7 +46,7 @@ impl std::fmt::Display for NetworkMode {
 pub struct Tmpfs {
     /// Absolute path inside the sandbox.
     pub target: PathBuf,
-    /// Size limit in bytes (the kernel's default, half the RAM, if None).
+    /// Size limit in bytes (else the policy's [`Limits::tmpfs`]; lowered to that too).
     pub size: Option<u64>,
 }
 
@@ -338,7 +338,20 @@ pub struct Limits {
     /// watchdog only, which costs nothing at start, whereas moving a process into a cgroup costs
     /// milliseconds (an RCU grace period) — for generous default limits on busy servers.
     pub memory_cgroup: bool,
+    /// Bytes the sandbox may write to disk while it runs: what its root's writable part holds
+    /// (an overlay's upper directory; what a root directory grew by), plus the trees given with
+    /// [`Sandbox::count_disk`]; also the largest file it may write (`RLIMIT_FSIZE`). Measured by
+    /// a watchdog while it runs ([`crate::Limit::Disk`]). Default none.
+    pub disk: Option<u64>,
+    /// The size of every tmpfs the sandbox mounts (`/dev`, `/dev/shm`, `/tmp`, the mounts of
+    /// [`Sandbox::tmpfs`]; a larger size asked for is lowered to it). Default 64 MiB; `None`:
+    /// the kernel's default (half the host's memory) where no size is asked for.
+    pub tmpfs: Option<u64>,
 }
+
+/// The default size of every tmpfs a sandbox mounts ([`Limits::tmpfs`]), as Docker's
+/// `/dev/shm`.
+pub const DEFAULT_TMPFS_SIZE: u64 = 64 << 20;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -347,8 +360,19 @@ impl Default for Limits {
             memory: None,
             nofile: Some((1024, 65536)),
             memory_cgroup: true,
+            disk: None,
+            tmpfs: Some(DEFAULT_TMPFS_SIZE),
         }
     }
+}
+
+/// How a tree given with [`Sandbox::count_disk`] counts against [`Limits::disk`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counted {
+    /// Everything it holds (e.g. a job's `data/`).
+    All,
+    /// What it grows by while the sandbox runs (e.g. a cache directory shared by builds).
+    Growth,
 }
 
 /// What confines a sandbox beyond its namespaces: the seccomp filter, whether nested user
@@ -398,6 +422,7 @@ pub struct Sandbox {
     pub(crate) binds: Vec<Bind>,
     pub(crate) tmpfs_mounts: Vec<Tmpfs>,
     pub(crate) tmpfs_tmp: bool,
+    pub(crate) disk_trees: Vec<(PathBuf, Counted)>,
     pub(crate) read_only_root: bool,
     pub(crate) timeout: Option<Duration>,
     pub(crate) rlimits: Vec<Rlimit>,
@@ -426,6 +451,7 @@ impl Sandbox {
             binds: Vec::new(),
             tmpfs_mounts: Vec::new(),
             tmpfs_tmp: false,
+            disk_trees: Vec::new(),
             read_only_root: false,
             timeout: None,
             rlimits: Vec::new(),
@@ -523,13 +549,22 @@ impl Sandbox {
         self
     }
 
-    /// Mount a fresh tmpfs (mode 1777, at most `size` bytes if given) at `target`, an absolute
-    /// path inside; applied after the binds and overlay mounts, in the order added.
+    /// Mount a fresh tmpfs (mode 1777, at most `size` bytes if given, and never more than the
+    /// policy's [`Limits::tmpfs`]) at `target`, an absolute path inside; applied after the binds
+    /// and overlay mounts, in the order added.
     pub fn tmpfs(mut self, target: impl Into<PathBuf>, size: Option<u64>) -> Self {
         self.tmpfs_mounts.push(Tmpfs {
             target: target.into(),
             size,
         });
+        self
+    }
+
+    /// Count the host tree `path` (e.g. the source of a writable bind) against the policy's
+    /// disk limit while the sandbox runs, besides its root ([`Limits::disk`]). No link is
+    /// followed. Trees must not contain one another.
+    pub fn count_disk(mut self, path: impl Into<PathBuf>, how: Counted) -> Self {
+        self.disk_trees.push((path.into(), how));
         self
     }
 

@@ -57,6 +57,7 @@
 mod cgroup;
 mod child;
 mod config;
+mod disk;
 mod holder;
 mod idmap;
 mod limits;
@@ -76,9 +77,11 @@ use std::time::{Duration, Instant};
 
 pub use caps::Capability;
 pub use config::{
-    Bind, CgroupLimits, IdMapping, Limits, NetworkMode, Overlay, OverlayMount, Policy, Rlimit,
-    RlimitResource, Sandbox, Seccomp, Stdio, Tmpfs, User, DEFAULT_CAPABILITIES,
+    Bind, CgroupLimits, Counted, IdMapping, Limits, NetworkMode, Overlay, OverlayMount, Policy,
+    Rlimit, RlimitResource, Sandbox, Seccomp, Stdio, Tmpfs, User, DEFAULT_CAPABILITIES,
+    DEFAULT_TMPFS_SIZE,
 };
+pub use disk::tree_usage as disk_usage;
 pub use holder::{
     enabled as held_user_namespaces, holder_pid as held_user_namespace_pid,
     set_enabled as set_held_user_namespaces,
@@ -90,7 +93,8 @@ pub use idmap::{
 };
 pub use limits::Limit;
 pub use user::{
-    resolve as resolve_user, resolve_with as resolve_user_with, Resolved as ResolvedUser,
+    read_user_file, resolve as resolve_user, resolve_with as resolve_user_with,
+    Resolved as ResolvedUser, MAX_USER_FILE,
 };
 
 use child::{Prepared, Report, Stage, REPORT_LEN};
@@ -242,6 +246,8 @@ pub struct Child {
     _cgroup: Option<cgroup::Cgroup>,
     v1: Option<cgroup::V1Group>,
     watch: limits::Watch,
+    /// The disk watch, when the policy has a disk limit (a thread of its own).
+    disk: Option<disk::Watch>,
     /// The memory limit a cgroup holds (to tell an OOM kill from another SIGKILL).
     cgroup_memory: Option<u64>,
     notes: Vec<String>,
@@ -499,6 +505,25 @@ impl Sandbox {
         if let Some(pid_max) = pid_max {
             sysctls.push(("/proc/sys/kernel/pid_max", pid_max.to_string()));
         }
+        // The disk limit: the root's writable part and the caller's trees, those counted by
+        // growth measured now.
+        let disk_plan =
+            match limits.disk {
+                Some(limit) => {
+                    let mut trees = self.disk_trees.clone();
+                    match &overlay {
+                        Some(ov) => trees.insert(0, (ov.upper.clone(), Counted::All)),
+                        None if !self.read_only_root => {
+                            trees.insert(0, (rootfs.clone(), Counted::Growth))
+                        }
+                        None => {}
+                    }
+                    Some(disk::Plan::new(limit, trees).map_err(|e| {
+                        Error::Setup(format!("measuring the sandbox's disk use: {e}"))
+                    })?)
+                }
+                None => None,
+            };
         let (ops, nslots) = plan::build(&plan::Spec {
             overlay: overlay.as_ref(),
             overlay_mounts: &self.overlay_mounts,
@@ -507,6 +532,7 @@ impl Sandbox {
             binds: &binds,
             tmpfs_mounts: &self.tmpfs_mounts,
             tmpfs_tmp: self.tmpfs_tmp,
+            tmpfs_size: policy.limits.tmpfs,
             read_only_root: self.read_only_root,
             sysctls: &sysctls,
         })?;
@@ -684,6 +710,7 @@ impl Sandbox {
             _cgroup: None,
             v1: None,
             watch,
+            disk: None,
             cgroup_memory,
             notes,
             stdin,
@@ -738,6 +765,20 @@ impl Sandbox {
             return Err(Error::Setup(
                 "the sandbox reported an unknown failure".into(),
             ));
+        }
+        if let Some(plan) = disk_plan {
+            let started = child
+                .pidfd
+                .try_clone()
+                .and_then(|fd| disk::Watch::start(plan, fd));
+            match started {
+                Ok(w) => child.disk = Some(w),
+                Err(e) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return Err(io_err("starting the sandbox's disk watch")(e));
+                }
+            }
         }
         Ok(child)
     }
@@ -978,6 +1019,12 @@ impl Child {
             None if got == 4 => ExitStatus::from_raw(i32::from_ne_bytes(buf)),
             None => ExitStatus::Killed,
         };
+        // The disk watch killed it (its verdict is stored before it kills).
+        if let Some(limit) = self.disk.take().and_then(|w| w.finish()) {
+            if forced.is_none() {
+                result = ExitStatus::LimitExceeded(limit);
+            }
+        }
         // A job that failed after a cgroup refused a fork for the process limit (a shell dies of
         // it at once, before the watchdog looks).
         if let (Some(max), false, None) = (self.watch.pids, result.success(), forced) {

@@ -14,6 +14,9 @@
 //!   the watchdog summing the resident memory of the sandbox's processes (best effort: shared
 //!   pages count once per process, tmpfs and kernel memory not at all).
 //! * open files: `RLIMIT_NOFILE` on the job.
+//! * disk: `RLIMIT_FSIZE` for any one file, and the disk watch (`disk.rs`) for what the root's
+//!   writable part and the caller's trees hold together.
+//! * tmpfs: every tmpfs of the sandbox gets `size=` (`plan.rs`).
 //!
 //! The watchdog scans only while the job runs: first after [`SCAN_INTERVAL`], then every
 //! interval, walking `/proc/<pid>/task/<tid>/children` from the sandbox's init.
@@ -35,6 +38,10 @@ pub enum Limit {
     Processes(u64),
     /// Memory, bytes.
     Memory(u64),
+    /// Disk, bytes (see [`crate::Limits::disk`]).
+    Disk(u64),
+    /// Disk, bytes: what the sandbox wrote could no longer be measured.
+    DiskUnmeasurable(u64),
 }
 
 impl std::fmt::Display for Limit {
@@ -42,6 +49,11 @@ impl std::fmt::Display for Limit {
         match self {
             Limit::Processes(n) => write!(f, "exceeded its process limit of {n}"),
             Limit::Memory(n) => write!(f, "exceeded its memory limit of {n} bytes"),
+            Limit::Disk(n) => write!(f, "exceeded its disk limit of {n} bytes"),
+            Limit::DiskUnmeasurable(n) => write!(
+                f,
+                "made its disk use unmeasurable (its disk limit is {n} bytes)"
+            ),
         }
     }
 }
@@ -224,6 +236,10 @@ pub fn rlimits(limits: &Limits, explicit: &[libc::c_int]) -> Vec<(libc::c_int, u
     }
     if let Some((soft, hard)) = limits.nofile {
         push(libc::RLIMIT_NOFILE, soft, hard);
+    }
+    if let Some(n) = limits.disk {
+        // No single file larger than everything the sandbox may write.
+        push(libc::RLIMIT_FSIZE, n, n);
     }
     out
 }

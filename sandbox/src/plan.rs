@@ -226,6 +226,8 @@ pub struct Spec<'a> {
     /// Fresh tmpfs mounts, after the binds and overlay mounts.
     pub tmpfs_mounts: &'a [Tmpfs],
     pub tmpfs_tmp: bool,
+    /// The size of every tmpfs mounted for the job, in bytes ([`crate::Limits::tmpfs`]).
+    pub tmpfs_size: Option<u64>,
     pub read_only_root: bool,
     /// Sysctls of the sandbox's own namespaces to write once `/proc` is mounted (path, value).
     pub sysctls: &'a [(&'static str, String)],
@@ -529,11 +531,18 @@ pub fn build(spec: &Spec<'_>) -> Result<(Vec<Op>, usize), crate::Error> {
 
     // A minimal /dev.
     ops.push(mkdirs("/dev"));
+    // Every tmpfs the job can write to is bounded by the policy's size (its memory is not
+    // counted by the memory watchdog); /dev holds only nodes and links: 64 MiB at most.
+    let sized = |mode: &str, own: Option<u64>| match (own, spec.tmpfs_size) {
+        (Some(a), Some(b)) => format!("mode={mode},size={}", a.min(b)),
+        (Some(n), None) | (None, Some(n)) => format!("mode={mode},size={n}"),
+        (None, None) => format!("mode={mode}"),
+    };
     ops.push(mount(
         "tmpfs",
         "/dev",
         NOSUID | NOEXEC,
-        Some("mode=755,size=65536k"),
+        Some(&sized("755", Some(64 << 20))),
     ));
     for (slot, name) in devices {
         let path = format!("/dev/{name}");
@@ -559,7 +568,7 @@ pub fn build(spec: &Spec<'_>) -> Result<(Vec<Op>, usize), crate::Error> {
         "tmpfs",
         "/dev/shm",
         NOSUID | NODEV | NOEXEC,
-        Some("mode=1777,size=65536k"),
+        Some(&sized("1777", None)),
     ));
     for (target, link) in [
         ("/proc/self/fd", "/dev/fd"),
@@ -583,7 +592,12 @@ pub fn build(spec: &Spec<'_>) -> Result<(Vec<Op>, usize), crate::Error> {
 
     if spec.tmpfs_tmp {
         ops.push(mkdirs("/tmp"));
-        ops.push(mount("tmpfs", "/tmp", NOSUID | NODEV, Some("mode=1777")));
+        ops.push(mount(
+            "tmpfs",
+            "/tmp",
+            NOSUID | NODEV,
+            Some(&sized("1777", None)),
+        ));
     }
 
     for (slot, file) in host_files {
@@ -631,15 +645,11 @@ pub fn build(spec: &Spec<'_>) -> Result<(Vec<Op>, usize), crate::Error> {
         ops.push(Op::Mkdirs {
             dirs: prefixes(&dest),
         });
-        let data = match t.size {
-            Some(size) => format!("mode=1777,size={size}"),
-            None => "mode=1777".to_string(),
-        };
         ops.push(Op::Mount {
             fstype: c("tmpfs"),
             target: cpath(&dest),
             flags: NOSUID | NODEV,
-            data: Some(c(&data)),
+            data: Some(c(&sized("1777", t.size))),
         });
     }
 
@@ -712,6 +722,7 @@ mod tests {
             binds: &binds,
             tmpfs_mounts: &[],
             tmpfs_tmp: true,
+            tmpfs_size: Some(64 << 20),
             read_only_root: true,
             sysctls: &[],
         })
@@ -763,6 +774,7 @@ mod tests {
             binds: &[],
             tmpfs_mounts: &[],
             tmpfs_tmp: false,
+            tmpfs_size: Some(64 << 20),
             read_only_root: false,
             sysctls: &[],
         })
@@ -838,6 +850,7 @@ mod tests {
             binds: &binds,
             tmpfs_mounts: &[],
             tmpfs_tmp: false,
+            tmpfs_size: Some(64 << 20),
             read_only_root: false,
             sysctls: &[],
         })

@@ -1,10 +1,14 @@
 //! Resolving a Dockerfile `USER` value against the rootfs' `/etc/passwd` and `/etc/group`.
 //!
 //! The files are opened with `RESOLVE_IN_ROOT`, so a hostile image whose `/etc/passwd` is a
-//! symlink to `/etc/shadow` reads its own files, never the host's.
+//! symlink to `/etc/shadow` reads its own files, never the host's. They must be regular files
+//! (a link, a FIFO or a device is refused without being opened for reading, so nothing can make
+//! the caller's thread wait) of at most [`MAX_USER_FILE`] bytes.
 
+use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
 
 use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
@@ -12,6 +16,10 @@ use nix::sys::stat::Mode;
 
 use crate::config::User;
 use crate::Error;
+
+/// The most of an image's `/etc/passwd` or `/etc/group` that is read (4 MiB: tens of
+/// thousands of users).
+pub const MAX_USER_FILE: u64 = 4 << 20;
 
 /// A resolved user: ids, supplementary groups and home directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,34 +49,91 @@ impl Resolved {
     }
 }
 
-/// Read a small file of the rootfs, confined to it; a missing file reads as empty.
-pub fn read_in_root(rootfs: &Path, path: &str) -> Result<String, Error> {
-    let io = |e: std::io::Error| Error::Rootfs {
-        path: rootfs.to_path_buf(),
-        reason: format!("reading {path}: {e}"),
+/// Read an image's user database file `what` (e.g. `/etc/passwd`) from `file`, opened without
+/// blocking (`O_NONBLOCK`): it must be a regular file of at most [`MAX_USER_FILE`] bytes.
+pub fn read_user_file(file: File, what: &str) -> Result<String, String> {
+    let meta = file
+        .metadata()
+        .map_err(|e| format!("the image's {what}: {e}"))?;
+    if !meta.is_file() {
+        return Err(format!("the image's {what} is not a regular file"));
+    }
+    let too_large = || {
+        format!(
+            "the image's {what} is larger than {} MiB",
+            MAX_USER_FILE >> 20
+        )
     };
-    let root: OwnedFd = std::fs::File::open(rootfs).map_err(io)?.into();
+    if meta.len() > MAX_USER_FILE {
+        return Err(too_large());
+    }
+    let mut text = Vec::new();
+    file.take(MAX_USER_FILE + 1)
+        .read_to_end(&mut text)
+        .map_err(|e| format!("reading the image's {what}: {e}"))?;
+    if text.len() as u64 > MAX_USER_FILE {
+        return Err(too_large());
+    }
+    Ok(String::from_utf8_lossy(&text).into_owned())
+}
+
+/// A file of a rootfs or a layer.
+#[derive(Debug, PartialEq, Eq)]
+enum InRoot {
+    Missing,
+    /// An overlay whiteout: removed in this layer (lower layers do not count).
+    Removed,
+    Text(String),
+}
+
+/// Read a small file of the rootfs, confined to it (see [`read_user_file`]).
+fn read_in_root(rootfs: &Path, path: &str) -> Result<InRoot, String> {
+    let io = |e: std::io::Error| format!("reading the image's {path}: {e}");
+    let root: OwnedFd = File::open(rootfs).map_err(io)?.into();
+    // O_PATH first: the file's type is known before it is opened for reading (a FIFO would
+    // block, a device would be opened).
     let how = OpenHow::new()
-        .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC)
+        .flags(OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
         .mode(Mode::empty())
         .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
     let fd = match nix::fcntl::openat2(root.as_raw_fd(), path.trim_start_matches('/'), how) {
-        Ok(fd) => fd,
+        Ok(fd) => fd_to_owned(fd),
         Err(nix::errno::Errno::ENOENT) | Err(nix::errno::Errno::ENOTDIR) => {
-            return Ok(String::new())
+            return Ok(InRoot::Missing)
         }
         Err(e) => return Err(io(e.into())),
     };
-    let file = std::fs::File::from(fd_to_owned(fd));
-    let mut text = String::new();
-    file.take(16 << 20).read_to_string(&mut text).map_err(io)?;
-    Ok(text)
+    let meta = File::from(fd.try_clone().map_err(io)?)
+        .metadata()
+        .map_err(io)?;
+    if meta.file_type().is_char_device() && meta.rdev() == 0 {
+        return Ok(InRoot::Removed);
+    }
+    if !meta.is_file() {
+        return Err(format!("the image's {path} is not a regular file"));
+    }
+    // The same inode, now for reading (never blocking).
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        .map_err(io)?;
+    read_user_file(file, path).map(InRoot::Text)
 }
 
 fn fd_to_owned(fd: std::os::fd::RawFd) -> OwnedFd {
     use std::os::fd::FromRawFd;
     // SAFETY: `fd` was just returned by openat2 and is owned by no one else.
     unsafe { OwnedFd::from_raw_fd(fd) }
+}
+
+/// How a user is written in errors.
+fn spec_of(user: &User) -> String {
+    match user {
+        User::Root => "0".to_string(),
+        User::Id { uid, gid } => format!("{uid}:{gid}"),
+        User::Spec(s) => s.clone(),
+    }
 }
 
 struct Entry<'a> {
@@ -170,24 +235,39 @@ pub fn resolve_with(user: &User, passwd: &str, group: &str) -> Result<Resolved, 
 }
 
 /// Resolve `user` against overlay layers (top first): each file comes from the topmost layer
-/// that has it.
+/// that has it (a whiteout hides it from the layers below).
 pub fn resolve_layers(layers: &[std::path::PathBuf], user: &User) -> Result<Resolved, Error> {
-    let find = |path: &str| -> Result<String, Error> {
+    let find = |path: &str| -> Result<String, String> {
         for layer in layers {
-            if layer.join(path.trim_start_matches('/')).exists() {
-                return read_in_root(layer, path);
+            match read_in_root(layer, path)? {
+                InRoot::Missing => continue,
+                InRoot::Removed => break,
+                InRoot::Text(t) => return Ok(t),
             }
         }
         Ok(String::new())
     };
-    resolve_with(user, &find("/etc/passwd")?, &find("/etc/group")?)
+    let read = || Ok::<_, String>((find("/etc/passwd")?, find("/etc/group")?));
+    let (passwd, group) = read().map_err(|reason| Error::User {
+        spec: spec_of(user),
+        reason,
+    })?;
+    resolve_with(user, &passwd, &group)
 }
 
 /// Resolve `user` against the files of `rootfs`.
 pub fn resolve(rootfs: &Path, user: &User) -> Result<Resolved, Error> {
-    let passwd = read_in_root(rootfs, "/etc/passwd")?;
+    let read = |path: &str| match read_in_root(rootfs, path) {
+        Ok(InRoot::Text(t)) => Ok(t),
+        Ok(_) => Ok(String::new()),
+        Err(reason) => Err(Error::User {
+            spec: spec_of(user),
+            reason,
+        }),
+    };
+    let passwd = read("/etc/passwd")?;
     let group = if matches!(user, User::Spec(_)) {
-        read_in_root(rootfs, "/etc/group")?
+        read("/etc/group")?
     } else {
         String::new()
     };
@@ -228,6 +308,63 @@ mod tests {
         assert_eq!((r.uid, r.gid), (4242, 7));
         let r = resolve_with(&User::Root, PASSWD, GROUP).unwrap();
         assert_eq!((r.uid, r.gid, r.home.as_str()), (0, 0, "/root"));
+    }
+
+    #[test]
+    fn user_files_must_be_small_regular_files() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        std::fs::create_dir_all(root.join("etc")).unwrap();
+        let user = spec("builder");
+        let err = |root: &Path| resolve(root, &user).unwrap_err().to_string();
+        // A FIFO (which would block a reader forever), a link (to a device), a directory.
+        nix::unistd::mkfifo(&root.join("etc/passwd"), Mode::from_bits_truncate(0o644)).unwrap();
+        assert_eq!(
+            err(root),
+            "user \"builder\": the image's /etc/passwd is not a regular file"
+        );
+        std::fs::remove_file(root.join("etc/passwd")).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", root.join("etc/passwd")).unwrap();
+        assert_eq!(
+            err(root),
+            "user \"builder\": the image's /etc/passwd is not a regular file"
+        );
+        std::fs::remove_file(root.join("etc/passwd")).unwrap();
+        std::fs::write(root.join("etc/passwd"), PASSWD).unwrap();
+        std::fs::create_dir(root.join("etc/group")).unwrap();
+        assert_eq!(
+            err(root),
+            "user \"builder\": the image's /etc/group is not a regular file"
+        );
+        std::fs::remove_dir(root.join("etc/group")).unwrap();
+        // A huge (sparse) file is refused without being read.
+        let f = File::create(root.join("etc/group")).unwrap();
+        f.set_len(1 << 30).unwrap();
+        let started = std::time::Instant::now();
+        assert_eq!(
+            err(root),
+            "user \"builder\": the image's /etc/group is larger than 4 MiB"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(2));
+        std::fs::write(root.join("etc/group"), GROUP).unwrap();
+        assert_eq!(resolve(root, &user).unwrap().uid, 1000);
+        // Through layers: the top one's whiteout hides a lower passwd; a FIFO in a layer is
+        // refused as well.
+        let top = d.path().join("top");
+        std::fs::create_dir_all(top.join("etc")).unwrap();
+        assert_eq!(
+            resolve_layers(&[top.clone(), root.to_path_buf()], &user)
+                .unwrap()
+                .uid,
+            1000
+        );
+        nix::unistd::mkfifo(&top.join("etc/passwd"), Mode::from_bits_truncate(0o644)).unwrap();
+        assert_eq!(
+            resolve_layers(&[top.clone(), root.to_path_buf()], &user)
+                .unwrap_err()
+                .to_string(),
+            "user \"builder\": the image's /etc/passwd is not a regular file"
+        );
     }
 
     #[test]

@@ -456,6 +456,175 @@ fn a_memory_limit_ends_the_sandbox() {
     assert_eq!(text(&out.stdout), "allocated\nfine\n");
 }
 
+fn disk_limited(bytes: u64) -> Policy {
+    Policy {
+        limits: Limits {
+            disk: Some(bytes),
+            ..Limits::default()
+        },
+        ..Policy::default()
+    }
+}
+
+/// Bytes a host tree holds (blocks), as `du` would say.
+fn du(path: &std::path::Path) -> u64 {
+    sandbox::disk_usage(path, u64::MAX).unwrap()
+}
+
+/// A shell loop writing 1 MB files into `$1` for ever (each well under the file size limit), at
+/// most 50 a second (so that what it writes between two measurements is bounded).
+const FILL_BIG: &str =
+    "mkdir -p $1; i=0; while :; do head -c 1000000 /dev/zero > $1/f$i; i=$((i+1)); sleep 0.02; done";
+/// A shell loop writing one-block files into `$1` for ever, without forking.
+const FILL_SMALL: &str = "mkdir -p $1; i=0; while :; do echo $i > $1/s$i; i=$((i+1)); done";
+
+#[test]
+fn the_disk_limit_ends_a_sandbox_while_it_writes() {
+    const LIMIT: u64 = 8 << 20;
+    let f = fixture();
+    let fill = |sb: Sandbox, script: &str, dir: &str| {
+        let started = Instant::now();
+        let out = run(sb
+            .policy(disk_limited(LIMIT))
+            .timeout(Duration::from_secs(120))
+            .command(["/bin/sh", "-c", script, "fill", dir]));
+        assert_eq!(
+            out.status,
+            ExitStatus::LimitExceeded(Limit::Disk(LIMIT)),
+            "{script} {dir}: {}",
+            text(&out.stderr)
+        );
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "{:?}",
+            started.elapsed()
+        );
+    };
+    // Its root (a directory: what it grew by), big files and many small ones.
+    let before = du(&f.rootfs);
+    fill(f.sandbox(), FILL_BIG, "/tmp/big");
+    let grown = du(&f.rootfs) - before;
+    assert!((LIMIT..LIMIT + (32 << 20)).contains(&grown), "{grown}");
+    fill(f.sandbox(), FILL_SMALL, "/tmp/small");
+    // Under the limit it runs to its end.
+    let out = run(f.sandbox().policy(disk_limited(LIMIT)).command([
+        "/bin/sh",
+        "-c",
+        "head -c 1000000 /dev/zero > /tmp/ok && echo done",
+    ]));
+    assert_eq!(out.status, ExitStatus::Exited(0), "{}", text(&out.stderr));
+    // A directory this process may not read is measured all the same (as root: by this
+    // process; unprivileged: by `du` in the user namespace).
+    fill(
+        f.sandbox(),
+        "mkdir -p /hide && chmod 0 /hide && mkdir /hide/in && chmod 0 /hide/in && \
+         i=0; while :; do head -c 1000000 /dev/zero > /hide/in/f$i; i=$((i+1)); sleep 0.02; done",
+        "",
+    );
+
+    // An overlay root: its upper directory.
+    let upper = f.host_dir("upper");
+    let work = f.host_dir("work");
+    fill(
+        Sandbox::new_overlay(vec![f.rootfs.clone()], &upper, &work),
+        FILL_BIG,
+        "/var/big",
+    );
+    let written = du(&upper);
+    assert!((LIMIT..LIMIT + (32 << 20)).contains(&written), "{written}");
+
+    // A tree the caller counts: all of it, or what it grew by.
+    let data = f.host_dir("data");
+    fill(
+        f.sandbox()
+            .bind(Bind::new(&data, "/data"))
+            .count_disk(&data, sandbox::Counted::All),
+        FILL_SMALL,
+        "/data/small",
+    );
+    let cache = f.host_dir("cache");
+    std::fs::write(cache.join("old"), vec![1u8; 12 << 20]).unwrap();
+    let out = run(f
+        .sandbox()
+        .policy(disk_limited(LIMIT))
+        .bind(Bind::new(&cache, "/cache"))
+        .count_disk(&cache, sandbox::Counted::Growth)
+        .command([
+            "/bin/sh",
+            "-c",
+            "head -c 1000000 /dev/zero > /cache/new && echo done",
+        ]));
+    assert_eq!(out.status, ExitStatus::Exited(0), "{}", text(&out.stderr));
+    fill(
+        f.sandbox()
+            .bind(Bind::new(&cache, "/cache"))
+            .count_disk(&cache, sandbox::Counted::Growth),
+        FILL_BIG,
+        "/cache/more",
+    );
+    // One file larger than the limit: the file size limit stops it at the limit.
+    let out = run(f.sandbox().policy(disk_limited(LIMIT)).command([
+        "/bin/sh",
+        "-c",
+        "head -c 9000000 /dev/zero > /tmp/one; echo $?",
+    ]));
+    assert_eq!(text(&out.stdout), "153\n", "{}", text(&out.stderr));
+    assert_eq!(
+        std::fs::metadata(f.rootfs.join("tmp/one")).unwrap().len(),
+        LIMIT
+    );
+}
+
+#[test]
+fn every_tmpfs_of_a_sandbox_is_bounded() {
+    let f = fixture();
+    let sizes = |policy: Policy| {
+        let out = run(f
+            .sandbox()
+            .policy(policy)
+            .tmpfs_tmp(true)
+            .tmpfs("/scratch", None)
+            .tmpfs("/big", Some(1 << 30))
+            .tmpfs("/small", Some(100 << 10))
+            .command([
+                "/bin/sh",
+                "-c",
+                "for m in /dev /dev/shm /tmp /scratch /big /small; do \
+                   sed -n \"s#^[^ ]* $m tmpfs .*[ ,]\\(size=[0-9]*k\\).*#\\1#p\" /proc/mounts; \
+                 done",
+            ]));
+        text(&out.stdout)
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    // Docker's 64 MiB by default, lowered to the policy's size, larger sizes asked for too.
+    assert_eq!(
+        sizes(Policy::default()),
+        "size=65536k size=65536k size=65536k size=65536k size=65536k size=100k"
+    );
+    let small = Policy {
+        limits: Limits {
+            tmpfs: Some(1 << 20),
+            ..Limits::default()
+        },
+        ..Policy::default()
+    };
+    assert_eq!(
+        sizes(small.clone()),
+        "size=1024k size=1024k size=1024k size=1024k size=1024k size=100k"
+    );
+    // Writing past the size fails (ENOSPC), the job goes on.
+    let out = run(f.sandbox().policy(small).tmpfs("/scratch", None).command([
+        "/bin/sh",
+        "-c",
+        "for d in /dev/shm /scratch; do head -c 2000000 /dev/zero > $d/x 2>/dev/null; \
+           echo \"$? $(wc -c < $d/x)\"; done",
+    ]));
+    assert_eq!(out.status, ExitStatus::Exited(0));
+    assert_eq!(text(&out.stdout), "1 1048576\n1 1048576\n");
+}
+
 #[test]
 fn open_files_are_limited() {
     let f = fixture();

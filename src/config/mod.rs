@@ -16,7 +16,8 @@
 //!   "projects": {"NAME": {"network": "none", "time_limit": "5m"}},
 //!   "seccomp": "default", "nested_user_namespaces": false, "sandbox_ids": "auto",
 //!   "secrets": {"npm_token": "/etc/mistry/npm_token"},   // RUN --mount=type=secret
-//!   "limits": {"processes": 1024, "memory": "8GiB", "open_files": 65536, "disk": "20GiB"},
+//!   "limits": {"processes": 1024, "memory": "8GiB", "open_files": 65536, "disk": "20GiB",
+//!              "log": "64MiB", "tmpfs": "64MiB"},
 //!   "retention": {"keep": 10, "max_age": "14d", "min_free": "10%", "interval": "10m"},
 //!   "cache_layers": 8,                             // overlay: squash a group's cache deeper than this
 //!   "database_url": "postgres://mistry@127.0.0.1/mistry",  // several agents (src/cluster)
@@ -191,7 +192,8 @@ impl Config {
             .filter(|p| !p.as_os_str().is_empty())
             .unwrap_or(Path::new("."))
             .to_path_buf();
-        let defaults = Security::default();
+        let mut defaults = Security::default();
+        defaults.limits.disk = Some(security::default_disk(&build_path));
         let security = Security {
             seccomp: match raw.seccomp.as_deref() {
                 Some(s) => security::parse_seccomp(s, &base_dir, "seccomp")?,
@@ -302,6 +304,8 @@ mod tests {
                 memory: Some(8 << 30),
                 open_files: Some(65536),
                 disk: Some(20 << 30),
+                log: Some(64 << 20),
+                tmpfs: Some(64 << 20),
                 memory_configured: true,
             }
         );
@@ -326,6 +330,14 @@ mod tests {
         );
         let c = Config::parse(&text, Path::new("config.json")).unwrap();
         assert_eq!((c.job_concurrency, c.job_backlog), (3, 6));
+        // Every place a job writes is bounded by default.
+        let l = c.security.limits;
+        assert_eq!(
+            l.disk,
+            Some(crate::security::default_disk(&b)),
+            "10 GiB, or half the free space of build_path"
+        );
+        assert_eq!((l.log, l.tmpfs), (Some(64 << 20), Some(64 << 20)));
         assert_eq!(c.network, NetworkMode::Host);
         assert_eq!(c.store_path, b.canonicalize().unwrap().join(".mistry"));
         let e = c.effective("web").unwrap();

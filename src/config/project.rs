@@ -84,6 +84,20 @@ impl Config {
         })
     }
 
+    /// The time limit the operator gives `project` (its entry in `projects`, else the
+    /// server's): the most its jobs may get, as the project's own file can only lower it.
+    pub fn operator_time_limit(&self, project: &str) -> Option<Duration> {
+        match self
+            .projects
+            .get(project)
+            .and_then(|p| p.time_limit.as_deref())
+        {
+            // Checked when the configuration was read.
+            Some(t) => parse_limit(t, "time_limit").ok(),
+            None => self.time_limit,
+        }
+    }
+
     /// How `project`'s image is built, by jobs and by `mistryd rebuild`: see
     /// [`Config::build_options_with`].
     pub fn build_options(&self, project: &str) -> Result<BuildOptions> {

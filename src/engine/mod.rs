@@ -6,6 +6,7 @@
 //! [`runner`] runs one job (workspace, image, sandbox) into an [`outcome::Report`]; [`follow`]
 //! tails a running job's log.
 
+mod capped;
 mod checks;
 mod data;
 mod follow;
@@ -33,6 +34,11 @@ pub use lookup::Found;
 pub use outcome::{JobOutcome, RunError};
 use state::{Admission, Ids, InFlight};
 pub use state::{JobKey, JobState};
+
+/// How long past its time limit a job's thread may take to come back (a sandbox past the
+/// limit is killed at once; this covers what a job does after it, and a thread blocked where
+/// no deadline reaches) before the job is abandoned and its slot given back.
+pub const ABANDON_GRACE: Duration = Duration::from_secs(60);
 
 /// Why a request could not be served.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -455,16 +461,29 @@ impl Engine {
         self.shutting_down.load(Ordering::SeqCst)
     }
 
-    /// Run a queued job when a slot is free, then make it ready.
+    /// Run a queued job when a slot is free, then make it ready. The slot is given back
+    /// whatever happens: the job ends, fails, panics, or (a thread blocked in a system call
+    /// cannot be interrupted) outlives its time limit by [`ABANDON_GRACE`] and is abandoned.
     fn start(self: &Arc<Self>, req: JobRequest, key: JobKey) {
         self.metrics.started();
         let engine = Arc::clone(self);
         tokio::spawn(async move {
             let permit = engine.slots.clone().acquire_owned().await;
             let (e2, req2, key2) = (Arc::clone(&engine), req.clone(), key.clone());
-            let info = tokio::task::spawn_blocking(move || e2.run(&req2, &key2))
-                .await
-                .unwrap_or_else(|e| {
+            let abandoned = Arc::new(AtomicBool::new(false));
+            let gone = Arc::clone(&abandoned);
+            let mut task = tokio::task::spawn_blocking(move || e2.run(&req2, &key2, &gone));
+            // The project's time limit is at most the operator's (its own file can only lower
+            // it), and counts from the job's start.
+            let joined = match engine.cfg.operator_time_limit(&req.project) {
+                Some(t) => tokio::time::timeout(t + ABANDON_GRACE, &mut task)
+                    .await
+                    .map_err(|_| t),
+                None => Ok((&mut task).await),
+            };
+            let info = match joined {
+                Ok(Ok(info)) => info,
+                Ok(Err(e)) => {
                     let dir = engine.layout.job(&key.project, &key.id, Stage::Pending);
                     outcome::Report {
                         outcome: JobOutcome::Internal(RunError::Panicked(e.to_string())),
@@ -472,7 +491,9 @@ impl Engine {
                         problems: Vec::new(),
                     }
                     .into_info(engine.blank_info(&req, &dir), &req.project)
-                });
+                }
+                Err(limit) => engine.abandon(&req, &key, limit, &abandoned, task).await,
+            };
             drop(permit);
             engine.jobs.set(&key, JobState::Ready(Arc::new(info)));
             // Retention of the job's group (and the low-water mark), after the answer; a deep
@@ -484,6 +505,53 @@ impl Engine {
             })
             .await;
         });
+    }
+
+    /// Give up on a job whose thread did not come back within its time limit and
+    /// [`ABANDON_GRACE`] (blocked in a system call): its directory goes to the trash (the
+    /// thread, if it ever returns, finds nothing to finish, and a new run of the same job starts
+    /// clean), removed once the thread is done; its waiters get a failure.
+    async fn abandon(
+        self: &Arc<Self>,
+        req: &JobRequest,
+        key: &JobKey,
+        limit: Duration,
+        abandoned: &AtomicBool,
+        task: tokio::task::JoinHandle<BuildInfo>,
+    ) -> BuildInfo {
+        abandoned.store(true, Ordering::SeqCst);
+        tracing::error!(project = %key.project, id = %key.id, ?limit, "a job's thread did not return after its time limit: the job is abandoned and its slot given back");
+        let dir = self.layout.job(&key.project, &key.id, Stage::Pending);
+        let trash = self.retainer.trash().dir().join(format!(
+            "{}-abandoned-{}-{}",
+            std::process::id(),
+            key.project,
+            key.id
+        ));
+        let (from, to) = (dir.path().to_path_buf(), trash.clone());
+        let moved = tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(to.parent().unwrap_or(&to))?;
+            std::fs::rename(&from, &to)
+        })
+        .await;
+        if matches!(moved, Ok(Ok(()))) {
+            let engine = Arc::clone(self);
+            tokio::spawn(async move {
+                let _ = task.await;
+                let _ =
+                    tokio::task::spawn_blocking(move || engine.store().remove_tree(&trash)).await;
+            });
+        }
+        let info = BuildInfo {
+            exit_code: -1,
+            err_build: format!(
+                "the job exceeded its time limit of {limit:?} and was abandoned (it did not stop: \
+                 see the server's log)"
+            ),
+            ..self.blank_info(req, &dir)
+        };
+        self.metrics.finished(&info, limit + ABANDON_GRACE);
+        info
     }
 
     fn link_lock(&self, project: &str) -> Arc<Mutex<()>> {
@@ -501,7 +569,7 @@ impl Engine {
 
     /// Run one job to the end (blocking), then move it to `ready/` and, when it succeeded, point
     /// its group's link at it.
-    fn run(&self, req: &JobRequest, key: &JobKey) -> BuildInfo {
+    fn run(&self, req: &JobRequest, key: &JobKey, abandoned: &AtomicBool) -> BuildInfo {
         let started = Instant::now();
         self.jobs.set(key, JobState::Pending);
         let dir = self.layout.job(&key.project, &key.id, Stage::Pending);
@@ -534,6 +602,10 @@ impl Engine {
         let report = self.runner.run(&self.cfg, &job);
         let mut info = report.into_info(blank, &req.project);
         info.duration = started.elapsed().as_nanos() as i64;
+        if abandoned.load(Ordering::SeqCst) {
+            // Answered and moved to the trash meanwhile (Engine::abandon).
+            return info;
+        }
         // Ready and linked under the project's link lock: retention, which takes it too, never
         // sees a successful build between the two.
         let lock = self.link_lock(&req.project);

@@ -69,6 +69,9 @@ pub enum JobOutcome {
     Signalled(i32),
     /// The job ran past its time limit and was killed.
     TimedOut(Duration),
+    /// The job's time limit (counted from its start) passed before its sandbox started, while
+    /// the second field happened (e.g. "its image was built").
+    TimedOutPreparing(Duration, &'static str),
     /// The job reached a resource limit and was killed.
     LimitExceeded(sandbox::Limit),
     /// The job was killed from outside (the server shutting down).
@@ -106,6 +109,12 @@ impl JobOutcome {
                 -1,
                 format!("the job exceeded its time limit of {t:?} and was killed"),
             ),
+            JobOutcome::TimedOutPreparing(t, what) => (
+                -1,
+                format!(
+                    "the job exceeded its time limit of {t:?} before it started (while {what}) and was stopped"
+                ),
+            ),
             JobOutcome::LimitExceeded(l) => (-1, format!("the job {l} and was killed")),
             JobOutcome::Killed => (
                 -1,
@@ -127,9 +136,10 @@ impl JobOutcome {
             JobOutcome::Signalled(s) => {
                 Some(format!("mistry: the job was {}", ExitStatus::Signaled(*s)))
             }
-            JobOutcome::TimedOut(_) | JobOutcome::LimitExceeded(_) | JobOutcome::Killed => {
-                Some(format!("mistry: {}", self.exit_code_and_error("").1))
-            }
+            JobOutcome::TimedOut(_)
+            | JobOutcome::TimedOutPreparing(..)
+            | JobOutcome::LimitExceeded(_)
+            | JobOutcome::Killed => Some(format!("mistry: {}", self.exit_code_and_error("").1)),
             JobOutcome::ImageBuildFailed(e) | JobOutcome::CouldNotStart(e) => Some(e.clone()),
             JobOutcome::CouldNotRun(_) => Some(self.exit_code_and_error("").1),
         }
@@ -140,7 +150,10 @@ impl JobOutcome {
     pub fn sandbox_ran(&self) -> bool {
         !matches!(
             self,
-            JobOutcome::ImageBuildFailed(_) | JobOutcome::CouldNotRun(_) | JobOutcome::Internal(_)
+            JobOutcome::ImageBuildFailed(_)
+                | JobOutcome::CouldNotRun(_)
+                | JobOutcome::Internal(_)
+                | JobOutcome::TimedOutPreparing(..)
         )
     }
 }
@@ -219,6 +232,28 @@ mod tests {
             (
                 -1,
                 "the job exceeded its process limit of 64 and was killed".into()
+            )
+        );
+        assert_eq!(
+            info(
+                JobOutcome::LimitExceeded(sandbox::Limit::Disk(1 << 20)),
+                &[]
+            ),
+            (
+                -1,
+                "the job exceeded its disk limit of 1048576 bytes and was killed".into()
+            )
+        );
+        assert_eq!(
+            info(
+                JobOutcome::TimedOutPreparing(Duration::from_secs(3), "its image was built"),
+                &[]
+            ),
+            (
+                -1,
+                "the job exceeded its time limit of 3s before it started (while its image was \
+                 built) and was stopped"
+                    .into()
             )
         );
         assert_eq!(

@@ -8,10 +8,12 @@ use std::io::{Read, Write};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use images::{Builder, Image};
 use sandbox::{Bind, Stdio, User};
 
+use super::capped::{self, CappedLog};
 use super::checks;
 use super::data::{open_dir_beneath, Data};
 use super::layout::{JobDir, DATA_DIRS};
@@ -77,8 +79,22 @@ struct Running<'a> {
     /// The layers under `data/cache` (mounted as an overlay at `/data/cache`), if any.
     cache_lowers: &'a [std::path::PathBuf],
     settings: &'a Effective,
-    log: &'a File,
     phases: &'a Phases,
+    /// The job's time limit and when it passes (counted from the job's start).
+    deadline: Option<(Duration, Instant)>,
+}
+
+impl Running<'_> {
+    /// The outcome of a job whose time limit passed before its sandbox started, `while` doing
+    /// what.
+    fn late(&self, what: &'static str) -> Option<JobOutcome> {
+        match self.deadline {
+            Some((limit, at)) if Instant::now() >= at => {
+                Some(JobOutcome::TimedOutPreparing(limit, what))
+            }
+            _ => None,
+        }
+    }
 }
 
 /// Runs jobs on images built by its builder.
@@ -224,11 +240,39 @@ impl Runner {
         let settings = cfg
             .effective(&job.req.project)
             .map_err(|e| RunError::Settings(format!("{e:#}")))?;
-        let outcome = self.build_and_run(cfg, job, cache_lowers, &settings, &log, phases)?;
+        // The time limit counts from the job's start: preparing its data/ and building its
+        // image count too.
+        let at = Running {
+            cfg,
+            job,
+            cache_lowers,
+            settings: &settings,
+            phases,
+            deadline: settings.time_limit.map(|t| (t, phases.start + t)),
+        };
+        // What the job and its image build write to out.log is bounded; mistry's own lines
+        // (below) are not.
+        let mut out = CappedLog::new(
+            log.try_clone().map_err(RunError::io("out.log"))?,
+            settings.security.limits.log,
+        );
+        let outcome = match at.late("its data/ was prepared") {
+            Some(late) => late,
+            None => self.build_and_run(&at, &mut out)?,
+        };
         if let Some(line) = outcome.log_line() {
             let _ = writeln!(log, "{line}");
         }
-        if let (true, Some(limit)) = (outcome.sandbox_ran(), settings.security.limits.disk) {
+        // What data/ holds when the job ends (the watch may have missed what it wrote last);
+        // not again for a job the watch killed for it.
+        let killed_for_disk = matches!(
+            outcome,
+            JobOutcome::LimitExceeded(
+                sandbox::Limit::Disk(_) | sandbox::Limit::DiskUnmeasurable(_)
+            )
+        );
+        let measure = outcome.sandbox_ran() && !killed_for_disk;
+        if let (true, Some(limit)) = (measure, settings.security.limits.disk) {
             if let Some(p) = checks::disk(&job.dir.data(), limit) {
                 let _ = writeln!(log, "mistry: {p}");
                 problems.push(p);
@@ -237,27 +281,39 @@ impl Runner {
         Ok(outcome)
     }
 
-    fn build_and_run(
-        &self,
-        cfg: &Config,
-        job: &Job,
-        cache_lowers: &[std::path::PathBuf],
-        settings: &Effective,
-        log: &File,
-        phases: &Phases,
-    ) -> Result<JobOutcome, RunError> {
+    fn build_and_run(&self, at: &Running, out: &mut CappedLog) -> Result<JobOutcome, RunError> {
+        let Running {
+            cfg,
+            job,
+            settings,
+            phases,
+            ..
+        } = *at;
         let mut opts = cfg.build_options_with(&job.req.project, settings);
         opts.no_cache = job.req.rebuild;
-        let image = match self.builder.build(&opts, &mut &*log) {
-            Ok((image, _)) => image,
-            Err(e) => return Ok(JobOutcome::ImageBuildFailed(e.to_string())),
-        };
+        opts.deadline = at.deadline.map(|(_, d)| d);
+        let image =
+            match self.builder.build(&opts, out) {
+                Ok((image, _)) => image,
+                Err(images::BuildError::Deadline) => {
+                    return Ok(at.late("its image was built").unwrap_or(
+                        JobOutcome::ImageBuildFailed(images::BuildError::Deadline.to_string()),
+                    ))
+                }
+                Err(e) => return Ok(JobOutcome::ImageBuildFailed(e.to_string())),
+            };
         phases.mark("image");
+        if let Some(late) = at.late("its image was built") {
+            return Ok(late);
+        }
         if let Err(e) = self.give_data(&image, job.dir) {
             return match e {
                 GiveData::User(e) => Ok(JobOutcome::CouldNotRun(e)),
                 GiveData::Failed(e) => Err(e),
             };
+        }
+        if let Some(late) = at.late("its /data was handed over") {
+            return Ok(late);
         }
         if image.config.command().is_empty() {
             return Ok(JobOutcome::CouldNotRun(
@@ -266,20 +322,12 @@ impl Runner {
         }
         let overlay = !self.overlay_refused.load(Ordering::SeqCst);
         phases.mark("data");
-        let at = Running {
-            cfg,
-            job,
-            cache_lowers,
-            settings,
-            log,
-            phases,
-        };
-        match self.sandbox(&at, &image, overlay) {
+        match self.sandbox(at, &image, overlay, out) {
             Err(e) if overlay && e.overlay_refused() => {
                 // The kernel refused an overlay in a user namespace: fall back to a copy.
                 tracing::warn!(error = %e, "overlay roots unavailable; jobs run on copies of their image");
                 self.overlay_refused.store(true, Ordering::SeqCst);
-                self.sandbox(&at, &image, false)
+                self.sandbox(at, &image, false, out)
             }
             r => r,
         }
@@ -321,14 +369,20 @@ impl Runner {
 
     /// Run the job's sandbox on its own root (an overlay over its image when `overlay`, else a
     /// snapshot or a copy), thrown away in the background afterwards.
-    fn sandbox(&self, at: &Running, image: &Image, overlay: bool) -> Result<JobOutcome, RunError> {
+    fn sandbox(
+        &self,
+        at: &Running,
+        image: &Image,
+        overlay: bool,
+        out: &mut CappedLog,
+    ) -> Result<JobOutcome, RunError> {
         let Running {
             cfg,
             job,
             cache_lowers,
             settings,
-            log,
             phases,
+            ..
         } = *at;
         // What is bound from the host is opened by fd without following a link, and bound only
         // if it is still that directory when the sandbox starts (`Bind::from_fd`).
@@ -362,10 +416,11 @@ impl Runner {
             .map_err(RunError::store("preparing the job's root filesystem"))?;
         phases.mark("root");
         let ic = &image.config;
-        let stdout = log.try_clone().map_err(RunError::io("out.log"))?;
+        // data/ (its cache included) counts against the disk limit with the job's root.
         let mut sb = root
             .sandbox()
             .command(ic.command())
+            .count_disk(job.dir.data(), sandbox::Counted::All)
             .network(settings.network)
             .policy(settings.security.policy())
             .cwd(if ic.workdir.is_empty() {
@@ -373,7 +428,7 @@ impl Runner {
             } else {
                 ic.workdir.as_str()
             })
-            .stdout(Stdio::Fd(stdout.into()))
+            .stdout(Stdio::Piped)
             .stderr(Stdio::Piped);
         sb = sb.bind(data_bind);
         if !cache_lowers.is_empty() {
@@ -397,22 +452,16 @@ impl Runner {
         if !ic.user.is_empty() {
             sb = sb.user(User::Spec(ic.user.clone()));
         }
-        if let Some(t) = settings.time_limit {
-            sb = sb.timeout(t);
+        if let Some((_, deadline)) = at.deadline {
+            // What is left of the job's time limit.
+            sb = sb.timeout(deadline.saturating_duration_since(Instant::now()));
         }
-        if let Some(disk) = settings.security.limits.disk {
-            // No single file may be larger than all of data/ may hold.
-            sb = sb.rlimit(sandbox::Rlimit {
-                resource: sandbox::RlimitResource::FSize,
-                soft: disk,
-                hard: disk,
-            });
-        }
-        let mut log_w = log.try_clone().map_err(RunError::io("out.log"))?;
-        let mut err_w = job
-            .dir
-            .create_stderr_log()
-            .map_err(RunError::io("stderr.log"))?;
+        let mut err_w = CappedLog::new(
+            job.dir
+                .create_stderr_log()
+                .map_err(RunError::io("stderr.log"))?,
+            settings.security.limits.log,
+        );
         let mut child = match sb.spawn() {
             Ok(c) => c,
             // A refused overlay root is retried on a copy (a refused cache overlay is not: the
@@ -427,25 +476,28 @@ impl Runner {
         };
         phases.mark("sandbox start");
         (job.on_sandbox)(Some(child.id()));
-        // stderr goes to out.log and, alone, to stderr.log, as it comes.
-        let mut stderr = child.stderr.take();
-        let tee = std::thread::spawn(move || {
-            let mut buf = [0u8; 16 * 1024];
-            if let Some(s) = stderr.as_mut() {
-                while let Ok(n) = s.read(&mut buf) {
-                    if n == 0 {
-                        break;
-                    }
-                    let _ = log_w.write_all(&buf[..n]);
-                    let _ = err_w.write_all(&buf[..n]);
-                }
+        // stdout and stderr go to out.log and stderr alone to stderr.log, as they come, both
+        // bounded; read to the end whatever the bound, so the job never blocks on a full pipe.
+        let streams = [child.stdout.take(), child.stderr.take()];
+        let status = std::thread::scope(|s| {
+            let copier = s.spawn(|| capped::pump(streams, out, &mut err_w));
+            let status = child.wait();
+            if status.is_err() {
+                // Its pipes close only once it is gone.
+                let _ = child.kill();
             }
+            let _ = copier.join();
+            status
         });
-        let status = child.wait();
-        let _ = tee.join();
         phases.mark("job");
         (job.on_sandbox)(None);
-        Ok(status?.into())
+        Ok(match status? {
+            // The sandbox had what was left of the job's time limit: the job had all of it.
+            sandbox::ExitStatus::TimedOut(left) => {
+                JobOutcome::TimedOut(at.deadline.map_or(left, |(limit, _)| limit))
+            }
+            other => other.into(),
+        })
     }
 }
 

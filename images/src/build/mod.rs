@@ -134,7 +134,22 @@ impl Builder {
             })?;
         let opts = &opts;
         let lock = self.lock(&opts.project);
-        let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = match opts.deadline {
+            None => lock.lock().unwrap_or_else(|e| e.into_inner()),
+            // Another build of the project may hold it past this build's deadline.
+            Some(_) => loop {
+                match lock.try_lock() {
+                    Ok(g) => break g,
+                    Err(std::sync::TryLockError::Poisoned(e)) => break e.into_inner(),
+                    Err(std::sync::TryLockError::WouldBlock) if opts.past_deadline() => {
+                        return Err(BuildError::Deadline)
+                    }
+                    Err(std::sync::TryLockError::WouldBlock) => {
+                        std::thread::sleep(std::time::Duration::from_millis(20))
+                    }
+                }
+            },
+        };
         let path = opts
             .dockerfile
             .clone()
@@ -225,6 +240,9 @@ impl Run<'_> {
     }
 
     fn step(&mut self, step: &Step) -> Result<(), BuildError> {
+        if self.opts.past_deadline() {
+            return Err(BuildError::Deadline);
+        }
         self.index += 1;
         self.stats.steps += 1;
         self.say(format!(

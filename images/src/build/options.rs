@@ -2,7 +2,7 @@
 //! failed ([`BuildError`]).
 
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use sandbox::NetworkMode;
 
@@ -42,6 +42,9 @@ pub enum BuildError {
     Tool(#[from] crate::tools::ToolError),
     #[error("writing the build log: {0}")]
     Log(std::io::Error),
+    /// The build's deadline passed (a job's time limit, counted from the job's start).
+    #[error("the time limit passed while the image was being built")]
+    Deadline,
 }
 
 /// What to build.
@@ -61,6 +64,9 @@ pub struct BuildOptions {
     pub no_cache: bool,
     /// Wall-clock limit of each RUN step.
     pub run_timeout: Option<Duration>,
+    /// When the whole build must be done (a job's time limit counts from the job's start): no
+    /// step starts after it, and no RUN step runs past it.
+    pub deadline: Option<Instant>,
     /// Limits of `ADD <url>` (size, redirects, the daemon's own addresses). Under
     /// `network: none`, `ADD <url>` is refused whatever this says.
     pub download: crate::download::DownloadPolicy,
@@ -82,10 +88,30 @@ impl BuildOptions {
             network: NetworkMode::Host,
             no_cache: false,
             run_timeout: None,
+            deadline: None,
             download: crate::download::DownloadPolicy::default(),
             policy: sandbox::Policy::default(),
             secrets: Vec::new(),
         }
+    }
+}
+
+impl BuildOptions {
+    /// The wall-clock limit of a RUN step starting now: the step's own, and what is left
+    /// before the deadline.
+    pub fn step_timeout(&self) -> Option<Duration> {
+        let left = self
+            .deadline
+            .map(|d| d.saturating_duration_since(Instant::now()));
+        match (self.run_timeout, left) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Whether the deadline passed.
+    pub fn past_deadline(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d)
     }
 }
 

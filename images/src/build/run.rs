@@ -35,7 +35,7 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use rustix::fs::{AtFlags, FileType, OFlags};
-use sandbox::{Bind, NetworkMode, Stdio, User};
+use sandbox::{Bind, Counted, NetworkMode, Stdio, User};
 
 use super::mounts::{self, Mount, Sharing};
 use super::{step_err, BuildError, Run, State};
@@ -677,11 +677,16 @@ impl Run<'_> {
             for (k, v) in &p.env {
                 sb = sb.env(k, v);
             }
-            if let Some(t) = self.opts.run_timeout {
+            if let Some(t) = self.opts.step_timeout() {
                 sb = sb.timeout(t);
             }
             for b in &p.binds {
                 sb = sb.bind(b.clone());
+            }
+            // What the step writes besides its root counts against the disk limit too: its
+            // cache directories (what they grow by) and writable binds.
+            for c in &p.caches {
+                sb = sb.count_disk(&c.path, Counted::Growth);
             }
             for (lowers, at) in &p.layers {
                 sb = sb.overlay_mount(lowers.clone(), None, at);
@@ -699,12 +704,18 @@ impl Run<'_> {
                         .tools()
                         .materialize(&view, &Self::view_point(store, &mut p.scratch), &copy)
                         .map_err(|e| step_err(step, e.to_string()))?;
-                    sb = sb.bind(Bind::new(copy, at));
+                    sb = sb
+                        .bind(Bind::new(&copy, at))
+                        .count_disk(copy, Counted::Growth);
                 } else {
                     let (upper, work) = self
                         .scratch_rw(p)
                         .map_err(|e| step_err(step, format!("a writable mount: {e}")))?;
-                    sb = sb.overlay_mount(lowers, Some((upper, work)), at);
+                    sb = sb.count_disk(&upper, Counted::All).overlay_mount(
+                        lowers,
+                        Some((upper, work)),
+                        at,
+                    );
                 }
             }
             for (at, size) in &p.tmpfs {
@@ -731,6 +742,9 @@ impl Run<'_> {
         let status = child.wait().map_err(|e| step_err(step, e.to_string()))?;
         if status.success() {
             return Ok(());
+        }
+        if matches!(status, sandbox::ExitStatus::TimedOut(_)) && self.opts.past_deadline() {
+            return Err(BuildError::Deadline);
         }
         let command = argv.join(" ");
         match status {
