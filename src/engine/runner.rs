@@ -3,8 +3,8 @@
 //! sandbox, with stdout and stderr streamed to its log files. Everything ends in one
 //! [`Report`].
 
-use std::fs::{self, File};
-use std::io::{Read, Write};
+use std::fs;
+use std::io::Write;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
