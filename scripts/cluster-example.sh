@@ -6,8 +6,11 @@
 #   scripts/cluster-example.sh           (Ctrl-C stops the agents and PostgreSQL)
 #
 # Everything lives in target/cluster-example/: pg/ (the database cluster, on 127.0.0.1 and a
-# Unix socket there, on a free port, trust authentication for the user `mistry`), a1/ a2/ a3/
-# (each agent's config.json, builds/ and mistryd.log). A second run starts from them again:
+# Unix socket there, on a free port; the user `mistry` logs in with a password (SCRAM-SHA-256),
+# made at random on the first run and kept in pg/password, mode 0600), a1/ a2/ a3/ (each agent's
+# config.json, builds/ and mistryd.log). The agents get the password in MISTRY_DATABASE_URL, never
+# in their config.json, and jobs cannot reach the database (they have no route to the host's
+# loopback). A second run starts from them again:
 # jobs, builds and the database are kept; remove the directory to start afresh.
 #
 # PostgreSQL refuses to run as root: as root, it runs as the user MISTRY_PG_USER (default
@@ -45,12 +48,34 @@ for a in 8462 8463 8464; do
     fi
 done
 
-if [ ! -f "$pg/data/PG_VERSION" ]; then
+# The database password: made once, readable by this user only (and by PostgreSQL's user when
+# we are root, which initdb reads it as).
+if [ ! -s "$pg/password" ]; then
     mkdir -p "$pg"
-    [ "$(id -u)" != 0 ] || chown "$pguser:" "$pg"
+    (umask 077 && head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n' > "$pg/password.tmp")
+    mv "$pg/password.tmp" "$pg/password"
+fi
+[ "$(id -u)" != 0 ] || chown "$pguser:" "$pg" "$pg/password"
+password=$(cat "$pg/password")
+
+if [ ! -f "$pg/data/PG_VERSION" ]; then
     echo "initdb in $pg/data"
-    as_pg "$pgbin/initdb" -D "$pg/data" -U mistry --auth=trust -E UTF8 --no-locale -N >"$pg/initdb.log" 2>&1 ||
+    as_pg "$pgbin/initdb" -D "$pg/data" -U mistry --auth=scram-sha-256 --pwfile="$pg/password" \
+        -E UTF8 --no-locale -N >"$pg/initdb.log" 2>&1 ||
         { cat "$pg/initdb.log" >&2; exit 1; }
+elif grep -Eq '^[[:space:]]*(local|host)[^#]*[[:space:]]trust([[:space:]]|$)' "$pg/data/pg_hba.conf"; then
+    # A cluster made by an earlier version of this script, with trust authentication: give the
+    # user the password, then ask for it (pg_hba.conf is read again at the start below).
+    echo "switching $pg/data from trust to password authentication"
+    as_pg "$pgbin/pg_ctl" -D "$pg/data" -l "$pg/postgres.log" -w -t 30 \
+        -o "-c listen_addresses= -p $port -k $pg" start >/dev/null ||
+        { tail -20 "$pg/postgres.log" >&2; exit 1; }
+    # (printf is the shell's own: the password shows on no command line; it is hex digits.)
+    printf "ALTER ROLE mistry PASSWORD '%s';\n" "$password" |
+        as_pg "$pgbin/psql" -h "$pg" -p "$port" -U mistry -d postgres -AtqX -v ON_ERROR_STOP=1 ||
+        { as_pg "$pgbin/pg_ctl" -D "$pg/data" -m fast -w stop >/dev/null; exit 1; }
+    as_pg "$pgbin/pg_ctl" -D "$pg/data" -m fast -w stop >/dev/null
+    as_pg sed -Ei 's/[[:space:]]trust([[:space:]]*)$/ scram-sha-256\1/' "$pg/data/pg_hba.conf"
 fi
 
 pids=""
@@ -69,6 +94,10 @@ as_pg "$pgbin/pg_ctl" -D "$pg/data" -l "$pg/postgres.log" -w -t 30 \
     -o "-c listen_addresses=127.0.0.1 -p $port -k $pg" start >/dev/null ||
     { tail -20 "$pg/postgres.log" >&2; exit 1; }
 url="postgres://mistry@127.0.0.1:$port/mistry"
+# The password goes to PostgreSQL's tools and to the agents in the environment: it is in no
+# configuration file, no command line and no log.
+export PGPASSWORD="$password"
+export MISTRY_DATABASE_URL="postgres://mistry:$password@127.0.0.1:$port/mistry"
 if [ "$("$pgbin/psql" -h 127.0.0.1 -p "$port" -U mistry -d postgres -AtX \
         -c "SELECT count(*) FROM pg_database WHERE datname = 'mistry'")" = 0 ]; then
     "$pgbin/createdb" -h 127.0.0.1 -p "$port" -U mistry mistry
@@ -86,7 +115,6 @@ for a in a1 a2 a3; do
   "build_path": "$dir/$a/builds",
   "images_path": "$PWD/target/images",
   "network": "none",
-  "database_url": "$url",
   "agent_name": "$a",
   "advertise_url": "http://$addr"
 }
@@ -123,7 +151,8 @@ Try, from another terminal:
   http://127.0.0.1:8462/agents   the agents (alive, running, capacity, last heartbeat)
   http://127.0.0.1:8463/         the jobs, with the agent that ran each one (filter by agent)
   curl -s http://127.0.0.1:8464/metrics | grep mistry_cluster_
-  $pgbin/psql -h 127.0.0.1 -p $port -U mistry mistry -c 'SELECT project, id, state, agent FROM jobs'
+  PGPASSWORD=\$(cat target/cluster-example/pg/password) \\
+      $pgbin/psql -h 127.0.0.1 -p $port -U mistry mistry -c 'SELECT project, id, state, agent FROM jobs'
 Ctrl-C stops everything.
 EOF
 # Until Ctrl-C (or an agent exits).
