@@ -228,25 +228,16 @@ fn host_memory() -> Option<u64> {
 }
 
 /// Bytes `dir` holds on disk (allocated blocks), without following symlinks; stops counting
-/// once past `stop_after`.
+/// once past `stop_after`. A job leaves the tree: it is walked by fd and iteratively, with a
+/// bounded number of open descriptors ([`images::walk::disk_usage`]).
 pub fn disk_usage(dir: &Path, stop_after: u64) -> std::io::Result<u64> {
-    use std::os::unix::fs::MetadataExt;
-    let mut total = 0u64;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for entry in std::fs::read_dir(&d)? {
-            let entry = entry?;
-            let meta = entry.metadata()?;
-            total = total.saturating_add(meta.blocks() * 512);
-            if total > stop_after {
-                return Ok(total);
-            }
-            if meta.is_dir() {
-                stack.push(entry.path());
-            }
-        }
-    }
-    Ok(total)
+    let top = rustix::fs::open(dir, images::walk::dir_flags(), rustix::fs::Mode::empty()).map_err(
+        |e| {
+            let e = std::io::Error::from(e);
+            std::io::Error::new(e.kind(), format!("{}: {e}", dir.display()))
+        },
+    )?;
+    images::walk::disk_usage(top, dir, stop_after)
 }
 
 #[cfg(test)]

@@ -356,7 +356,7 @@ impl Store {
         })
     }
 
-    /// `cp -a src dst` when `src` is a directory.
+    /// A copy of `src` at `dst` when `src` is a directory (the helper's `copy-tree`).
     fn copy_if_dir(&self, src: &Path, dst: &Path) -> Result<(), crate::ToolError> {
         if fs::symlink_metadata(src).is_ok_and(|m| m.is_dir()) {
             self.tools.copy_tree(src, dst)?;
