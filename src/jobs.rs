@@ -3,7 +3,6 @@
 
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -261,73 +260,96 @@ fn field(h: &mut Sha256, bytes: &[u8]) {
     h.update(bytes);
 }
 
-/// The project directory into both hashes, walked iteratively (one open directory at a time,
-/// one read buffer): mistry's gets every entry's path, NUL, mode, then a link's target, a
-/// directory's entries or a file's bytes, then 0xff; the exact one gets each directory's
-/// entry count, then per entry its path (length-prefixed), mode, kind, and a link's target
-/// (length-prefixed) or a file's sha256 — no file can pass for several.
-fn hash_tree(m: &mut Sha256, x: &mut Sha256, base: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let sorted = |dir: &Path| -> std::io::Result<Vec<std::path::PathBuf>> {
-        let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
-        entries.sort_by_key(|e| e.file_name());
-        Ok(entries.into_iter().map(|e| e.path()).collect())
-    };
+/// The project directory into both hashes, in name order. mistry's gets every entry's path,
+/// NUL, mode, then a link's target, a directory's entries or a file's bytes, then `0xff`. The
+/// exact one gets per entry `E`, its path (length-prefixed), mode and kind — `l` and the link's
+/// target (length-prefixed), `d` and its entries then `]`, `f` and the file's sha256, or `o` —
+/// and `]` after the top's entries: no file or directory can pass for several.
+///
+/// Project authors control the tree: it is walked by fd (no link followed) and iteratively with
+/// a bounded number of open descriptors ([`images::walk`]); a path longer than
+/// [`images::walk::MAX_PATH`] is an error, so hashing stays linear in the tree's size. The names
+/// of the directories on the walk's path are held to sort them (a directory's names take about
+/// as much memory as its entries on disk).
+fn hash_tree(m: &mut Sha256, x: &mut Sha256, project_dir: &Path) -> std::io::Result<()> {
+    use images::walk::{Order, Walk, MAX_PATH};
+    use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+    // The project directory itself is the operator's: a link to it is followed.
+    let top = rustix::fs::open(
+        project_dir,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| {
+        std::io::Error::new(
+            std::io::Error::from(e).kind(),
+            format!("{}: {e}", project_dir.display()),
+        )
+    })?;
+    let mut w = Walk::new(top, Order::Sorted, project_dir)?;
     let mut buf = vec![0u8; 1 << 16];
-    let top = sorted(base)?;
-    x.update((top.len() as u64).to_le_bytes());
-    // The directories being walked: their entries and the next one's index.
-    let mut stack = vec![(top, 0usize)];
-    while let Some((entries, next)) = stack.last_mut() {
-        let Some(path) = entries.get(*next).cloned() else {
-            stack.pop();
-            if !stack.is_empty() {
-                m.update([0xff]); // The end of a directory's entry.
+    loop {
+        let Some(e) = w.next_entry()? else {
+            x.update(b"]");
+            if w.depth() == 0 {
+                return Ok(());
             }
+            w.leave()?;
+            m.update([0xff]); // The end of a directory's entry.
             continue;
         };
-        *next += 1;
-        let meta = std::fs::symlink_metadata(&path)?;
-        let rel = path.strip_prefix(base).unwrap_or(&path);
+        let name = e.name.as_os_str();
+        let named = |err: std::io::Error| w.error_at(Some(name), err);
+        let Some(rel) = w.rel_path(name, MAX_PATH) else {
+            return Err(named(std::io::Error::other(format!(
+                "its path is longer than {MAX_PATH} bytes"
+            ))));
+        };
+        let st = rustix::fs::statat(w.dir()?, name, AtFlags::SYMLINK_NOFOLLOW)
+            .map_err(|err| named(err.into()))?;
         let rel = rel.as_os_str().as_encoded_bytes();
         m.update(rel);
         m.update([0]);
-        m.update(meta.mode().to_le_bytes());
+        m.update(st.st_mode.to_le_bytes());
+        x.update(b"E");
         field(x, rel);
-        x.update(meta.mode().to_le_bytes());
-        if meta.file_type().is_symlink() {
-            let target = std::fs::read_link(&path)?;
-            m.update(target.as_os_str().as_encoded_bytes());
-            x.update(b"l");
-            field(x, target.as_os_str().as_encoded_bytes());
-        } else if meta.is_dir() {
-            let entries = sorted(&path)?;
-            x.update(b"d");
-            x.update((entries.len() as u64).to_le_bytes());
-            stack.push((entries, 0));
-            continue; // Its 0xff comes after its entries.
-        } else if meta.is_file() {
-            let mut f = std::fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(&path)?;
-            let mut content = Sha256::new();
-            loop {
-                let n = f.read(&mut buf)?;
-                if n == 0 {
-                    break;
-                }
-                m.update(&buf[..n]);
-                content.update(&buf[..n]);
+        x.update(st.st_mode.to_le_bytes());
+        match FileType::from_raw_mode(st.st_mode) {
+            FileType::Symlink => {
+                let target = rustix::fs::readlinkat(w.dir()?, name, Vec::new())
+                    .map_err(|err| named(err.into()))?;
+                m.update(target.as_bytes());
+                x.update(b"l");
+                field(x, target.as_bytes());
             }
-            x.update(b"f");
-            x.update(content.finalize());
-        } else {
-            x.update(b"o");
+            FileType::Directory => {
+                // Its entries, then 0xff (and `]`) when the walk leaves it.
+                x.update(b"d");
+                w.enter(name)?;
+                continue;
+            }
+            FileType::RegularFile => {
+                let Some((fd, _)) = images::inroot::open_file_at(w.dir()?, name).map_err(named)?
+                else {
+                    return Err(named(std::io::Error::other("changed while it was read")));
+                };
+                let mut f = std::fs::File::from(fd);
+                let mut content = Sha256::new();
+                loop {
+                    let n = f.read(&mut buf).map_err(named)?;
+                    if n == 0 {
+                        break;
+                    }
+                    m.update(&buf[..n]);
+                    content.update(&buf[..n]);
+                }
+                x.update(b"f");
+                x.update(content.finalize());
+            }
+            _ => x.update(b"o"),
         }
         m.update([0xff]);
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -462,6 +484,88 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The hash of a project directory as it was computed before the walk was iterative.
+    fn recursive_hash(h: &mut Sha256, base: &Path, dir: &Path) {
+        use std::os::unix::fs::MetadataExt;
+        let mut entries: Vec<_> = std::fs::read_dir(dir).unwrap().flatten().collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let path = e.path();
+            let meta = std::fs::symlink_metadata(&path).unwrap();
+            h.update(
+                path.strip_prefix(base)
+                    .unwrap()
+                    .as_os_str()
+                    .as_encoded_bytes(),
+            );
+            h.update([0]);
+            h.update(meta.mode().to_le_bytes());
+            if meta.file_type().is_symlink() {
+                h.update(
+                    std::fs::read_link(&path)
+                        .unwrap()
+                        .as_os_str()
+                        .as_encoded_bytes(),
+                );
+            } else if meta.is_dir() {
+                recursive_hash(h, base, &path);
+            } else if meta.is_file() {
+                h.update(std::fs::read(&path).unwrap());
+            }
+            h.update([0xff]);
+        }
+    }
+
+    #[test]
+    fn project_hashes_are_unchanged_and_bounded() {
+        // On tmpfs where there is one: 200,000 files and 3000 levels are made and removed.
+        let dir = tempfile::Builder::new()
+            .tempdir_in("/dev/shm")
+            .or_else(|_| tempfile::tempdir())
+            .unwrap();
+        let d = dir.path();
+        for p in ["a/b/c", "a/e", "z", "m/n/o/p"] {
+            std::fs::create_dir_all(d.join(p)).unwrap();
+        }
+        std::fs::write(d.join("Dockerfile"), "FROM busybox\n").unwrap();
+        std::fs::write(d.join("a/b/c/f"), "deep").unwrap();
+        std::fs::write(d.join("a/b/g"), "").unwrap();
+        std::fs::write(d.join("m/n/o/p/q"), vec![7u8; 200_000]).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", d.join("a/link")).unwrap();
+        nix::unistd::mkfifo(&d.join("z/fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let mut old = Sha256::new();
+        recursive_hash(&mut old, d, d);
+        let mut new = Sha256::new();
+        hash_tree(&mut new, d).unwrap();
+        assert_eq!(hex::encode(new.finalize()), hex::encode(old.finalize()));
+
+        // A flat directory of 200,000 entries; a chain deeper than a path can name: refused
+        // with its path, not a crash.
+        let flat = d.join("flat");
+        std::fs::create_dir(&flat).unwrap();
+        for i in 0..200_000 {
+            std::fs::File::create(flat.join(i.to_string())).unwrap();
+        }
+        let mut new = Sha256::new();
+        hash_tree(&mut new, d).unwrap();
+        let mut cur =
+            rustix::fs::open(d, rustix::fs::OFlags::RDONLY, rustix::fs::Mode::empty()).unwrap();
+        for _ in 0..3000 {
+            rustix::fs::mkdirat(&cur, "d", rustix::fs::Mode::from_raw_mode(0o755)).unwrap();
+            cur = rustix::fs::openat(
+                &cur,
+                "d",
+                rustix::fs::OFlags::RDONLY,
+                rustix::fs::Mode::empty(),
+            )
+            .unwrap();
+        }
+        let e = hash_tree(&mut Sha256::new(), d).unwrap_err().to_string();
+        assert!(e.contains("/d/d/d/d/d/d/d/d/…(2032 more levels)…/d/d/d/d/d/d/d/d/d: its path is longer than 4096 bytes"), "{e}");
+        images::walk::remove_path(&d.join("d")).unwrap();
+        images::walk::remove_path(&flat).unwrap();
     }
 
     #[test]

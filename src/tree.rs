@@ -3,9 +3,9 @@
 //! agents). No symlink is followed (links inside are sent as links), so a job cannot make the
 //! server send host files; no entry carries a set-uid or set-gid bit.
 
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::OwnedFd;
 
-use rustix::fs::{AtFlags, Mode, OFlags, ResolveFlags};
+use rustix::fs::{Mode, OFlags, ResolveFlags};
 
 /// Open a job's `data/artifacts` without following a symlink anywhere below the job directory:
 /// a job that replaced it (or `data/`) with a link gets an error, never the link's target.
@@ -58,19 +58,6 @@ pub fn open_beneath(root: &OwnedFd, rel: &std::path::Path, dir: bool) -> std::io
     Ok(cur)
 }
 
-/// A tar header of the kind `kind` carrying the mode (without set-uid and set-gid bits: what
-/// the daemon serves never has them, whoever unpacks it), owner and time of `st`.
-fn header_from(st: &rustix::fs::Stat, kind: tar::EntryType, size: u64) -> tar::Header {
-    let mut h = tar::Header::new_gnu();
-    h.set_entry_type(kind);
-    h.set_mode(st.st_mode & 0o7777 & !images::SET_ID);
-    h.set_uid(st.st_uid.into());
-    h.set_gid(st.st_gid.into());
-    h.set_mtime(u64::try_from(st.st_mtime).unwrap_or(0));
-    h.set_size(size);
-    h
-}
-
 /// Append the directory entry of `dir` alone (its mode, owner and time) to `b` as `name`.
 pub fn append_dir<W: std::io::Write>(
     b: &mut tar::Builder<W>,
@@ -78,7 +65,12 @@ pub fn append_dir<W: std::io::Write>(
     name: &std::path::Path,
 ) -> std::io::Result<()> {
     let st = rustix::fs::fstat(dir)?;
-    let mut h = header_from(&st, tar::EntryType::Directory, 0);
+    let mut h = images::walk::tar_header(
+        &st,
+        tar::EntryType::Directory,
+        0,
+        images::walk::Sent::JobTree,
+    );
     b.append_data(&mut h, name, std::io::empty())
 }
 
@@ -118,72 +110,28 @@ pub fn append_file<W: std::io::Write>(
         return Ok(false);
     }
     let size = u64::try_from(st.st_size).unwrap_or(0);
-    let mut h = header_from(&st, tar::EntryType::Regular, size);
+    let mut h = images::walk::tar_header(
+        &st,
+        tar::EntryType::Regular,
+        size,
+        images::walk::Sent::JobTree,
+    );
     let file = std::io::Read::take(std::fs::File::from(fd), size);
     b.append_data(&mut h, name, file)?;
     Ok(true)
 }
 
 /// [`write_tree`] into a tar builder, every name under `prefix` (when not empty, `prefix`
-/// itself is sent first as the tree's root directory).
+/// itself is sent first as the tree's root directory): the iterative walk of
+/// [`images::walk::append_tree`] (a bounded number of open descriptors however deep the tree,
+/// names in order, an error naming the entry past [`images::walk::MAX_PATH`] bytes).
 pub fn append_tree<W: std::io::Write>(
     b: &mut tar::Builder<W>,
     root: &OwnedFd,
     prefix: &std::path::Path,
 ) -> std::io::Result<()> {
-    use std::os::unix::ffi::OsStrExt;
-    // Directories still to send, as paths relative to root (re-opened beneath root, so no fd is
-    // held per level however deep the tree is).
-    let mut todo = vec![std::path::PathBuf::new()];
-    while let Some(rel) = todo.pop() {
-        let dir = open_beneath(root, &rel, true)?;
-        let named = |rel: &std::path::Path| {
-            if rel.as_os_str().is_empty() {
-                prefix.to_path_buf()
-            } else {
-                prefix.join(rel)
-            }
-        };
-        if !named(&rel).as_os_str().is_empty() {
-            append_dir(b, &dir, &named(&rel))?;
-        }
-        let mut names = images::inroot::list(dir.as_fd())?;
-        names.sort();
-        let mut subdirs = Vec::new();
-        for name in names {
-            let path = rel.join(&name);
-            let st = match rustix::fs::statat(&dir, &name, AtFlags::SYMLINK_NOFOLLOW) {
-                Ok(st) => st,
-                Err(rustix::io::Errno::NOENT) => continue,
-                Err(e) => return Err(e.into()),
-            };
-            match rustix::fs::FileType::from_raw_mode(st.st_mode) {
-                rustix::fs::FileType::Directory => subdirs.push(path),
-                rustix::fs::FileType::RegularFile => {
-                    // Swapped for something else since the stat: skipped.
-                    let Some((fd, st)) = images::inroot::open_file_at(dir.as_fd(), &name)? else {
-                        continue;
-                    };
-                    let size = u64::try_from(st.st_size).unwrap_or(0);
-                    let mut h = header_from(&st, tar::EntryType::Regular, size);
-                    let file = std::io::Read::take(std::fs::File::from(fd), size);
-                    b.append_data(&mut h, named(&path), file)?;
-                }
-                rustix::fs::FileType::Symlink => {
-                    let target = rustix::fs::readlinkat(&dir, &name, Vec::new())?;
-                    let mut h = header_from(&st, tar::EntryType::Symlink, 0);
-                    b.append_link(
-                        &mut h,
-                        named(&path),
-                        std::ffi::OsStr::from_bytes(target.as_bytes()),
-                    )?;
-                }
-                _ => {}
-            }
-        }
-        todo.extend(subdirs.into_iter().rev());
-    }
-    Ok(())
+    let root = rustix::io::fcntl_dupfd_cloexec(root, 0)?;
+    images::walk::append_tree(b, root, prefix, images::walk::Sent::JobTree)
 }
 
 #[cfg(test)]

@@ -3,16 +3,17 @@
 
 use std::fs;
 use std::io::{self, Read};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
 
-use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags};
+use rustix::fs::{self as rfs, AtFlags, FileType, OFlags};
 
 use globset::GlobMatcher;
 use sha2::{Digest as _, Sha256};
 
 use crate::inroot::{self, Root};
 use crate::tools::CopyItem;
+use crate::walk::{Order, Walk};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ContextError {
@@ -132,46 +133,52 @@ fn has_wildcard(s: &str) -> bool {
     s.contains(['*', '?', '['])
 }
 
-/// Every path under the directory `dir` (an fd; `rel` is its path relative to the source
-/// root), parents before children, not following links.
 /// Directory levels a copied tree may have: deeper ones are an error, not a stack overflow.
 pub const MAX_DEPTH: usize = 256;
 
+/// Every path under the directory `dir` (an fd opened for reading; `rel` is its path relative
+/// to the source root), parents before children, in name order, not following links: an
+/// iterative walk ([`crate::walk`]), which holds the names of the directories on its path.
 fn walk(
-    dir: BorrowedFd<'_>,
+    dir: OwnedFd,
     rel: &Path,
     ignore: &Ignore,
     out: &mut Vec<PathBuf>,
 ) -> Result<(), ContextError> {
-    let shown = || format!("reading {}", Path::new("/").join(rel).display());
-    if rel.components().count() > MAX_DEPTH {
-        return Err(ContextError::Invalid(format!(
+    let too_deep = |p: &Path| {
+        ContextError::Invalid(format!(
             "{}: more than {MAX_DEPTH} directory levels",
-            Path::new("/").join(rel).display()
-        )));
+            Path::new("/").join(p).display()
+        ))
+    };
+    if rel.components().count() > MAX_DEPTH {
+        return Err(too_deep(rel));
     }
-    let mut names = inroot::list(dir).map_err(io_err(shown()))?;
-    names.sort();
-    for name in names {
-        let child = rel.join(&name);
+    let reading = || io_err("reading the source");
+    let mut w = Walk::new(dir, Order::Sorted, &Path::new("/").join(rel)).map_err(reading())?;
+    let mut cur = rel.to_path_buf();
+    loop {
+        let Some(e) = w.next_entry().map_err(reading())? else {
+            if w.depth() == 0 {
+                return Ok(());
+            }
+            w.leave().map_err(reading())?;
+            cur.pop();
+            continue;
+        };
+        let child = cur.join(&e.name);
         if ignore.excluded(&child) {
             continue;
         }
-        let is_dir =
-            inroot::kind_at(dir, &name).map_err(io_err(shown()))? == Some(FileType::Directory);
         out.push(child.clone());
-        if is_dir {
-            let sub = rfs::openat(
-                dir,
-                &name,
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-            .map_err(|e| io_err(shown())(e.into()))?;
-            walk(sub.as_fd(), &child, ignore, out)?;
+        if e.kind == FileType::Directory {
+            if child.components().count() > MAX_DEPTH {
+                return Err(too_deep(&child));
+            }
+            w.enter(&e.name).map_err(reading())?;
+            cur = child;
         }
     }
-    Ok(())
 }
 
 /// The sources of one COPY/ADD resolved to items to copy.
@@ -277,7 +284,7 @@ pub fn resolve_with(
             let top = r
                 .open_in(Path::new(""), OFlags::RDONLY | OFlags::DIRECTORY)
                 .map_err(io_err("reading the source root"))?;
-            walk(top.as_fd(), Path::new(""), ignore, &mut all)?;
+            walk(top, Path::new(""), ignore, &mut all)?;
             let before = matched.len();
             for p in all.into_iter().filter(|p| m.is_match(p)) {
                 // A matched symlink is followed inside the root, as BuildKit does (a dangling
@@ -384,7 +391,7 @@ pub fn resolve_with(
                 .open_in(&rel, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW)
                 .map_err(io_err(format!("reading {}", name.display())))?;
             let mut inner = Vec::new();
-            walk(dir.as_fd(), &rel, ignore, &mut inner)?;
+            walk(dir, &rel, ignore, &mut inner)?;
             for p in inner {
                 let within = p.strip_prefix(&rel).unwrap_or(&p).to_path_buf();
                 out.items.push(CopyItem {

@@ -259,61 +259,10 @@ pub fn kind_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<Option<FileType>
     }
 }
 
-/// Remove `name` from `dir` whatever it is (a directory with everything in it; a symlink is
-/// removed, never followed); missing is fine.
+/// Remove `name` from `dir` whatever it is (a directory with everything in it, walked
+/// iteratively: see [`crate::walk`]; a symlink is removed, never followed); missing is fine.
 pub fn remove_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
-    remove_at_as(dir, name, false)
-}
-
-/// [`remove_at`]; with `owner`, directories of this process's user that it may not read, search
-/// or write (e.g. the mode-000 `work/work` that overlayfs leaves) are first given owner rwx.
-fn remove_at_as(dir: BorrowedFd<'_>, name: &OsStr, owner: bool) -> io::Result<()> {
-    match kind_at(dir, name)? {
-        None => Ok(()),
-        Some(FileType::Directory) => {
-            let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-            let sub = match rfs::openat(dir, name, flags, Mode::empty()) {
-                Err(rustix::io::Errno::ACCESS) if owner => {
-                    make_owner_rwx(dir, name)?;
-                    rfs::openat(dir, name, flags, Mode::empty())
-                }
-                other => other,
-            }
-            .map_err(errno)?;
-            clear_dir_as(sub.as_fd(), owner)?;
-            match rfs::unlinkat(dir, name, AtFlags::REMOVEDIR) {
-                Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
-                Err(e) => Err(errno(e)),
-            }
-        }
-        Some(_) => match rfs::unlinkat(dir, name, AtFlags::empty()) {
-            Ok(()) | Err(rustix::io::Errno::NOENT) => Ok(()),
-            Err(e) => Err(errno(e)),
-        },
-    }
-}
-
-/// Give directory `name` in `dir` owner rwx, when this process's user owns it: through an
-/// `O_PATH|O_NOFOLLOW` descriptor (so never a symlink's target) and its `/proc/self/fd` entry,
-/// as `fchmod` needs a descriptor opened for reading, which a mode-000 directory refuses.
-fn make_owner_rwx(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
-    let fd = rfs::openat(
-        dir,
-        name,
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(errno)?;
-    let st = rfs::fstat(&fd).map_err(errno)?;
-    if st.st_uid != nix::unistd::geteuid().as_raw() {
-        return Err(io::Error::from_raw_os_error(nix::libc::EACCES));
-    }
-    let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&fd));
-    rfs::chmod(
-        path.as_str(),
-        Mode::from_raw_mode((st.st_mode & 0o7777) | 0o700),
-    )
-    .map_err(errno)
+    crate::walk::remove_at(dir, name, false)
 }
 
 /// Open `name` in `dir` for reading if it is a regular file: never through a symlink, never
@@ -329,46 +278,6 @@ pub fn open_file_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<Option<(Own
     .map_err(errno)?;
     let st = rfs::fstat(&fd).map_err(errno)?;
     Ok((FileType::from_raw_mode(st.st_mode) == FileType::RegularFile).then_some((fd, st)))
-}
-
-/// The names in directory `dir` (an fd opened for reading), without `.` and `..`.
-pub fn list(dir: BorrowedFd<'_>) -> io::Result<Vec<OsString>> {
-    let mut out = Vec::new();
-    let mut d = rfs::Dir::read_from(dir).map_err(errno)?;
-    while let Some(entry) = d.read() {
-        let entry = entry.map_err(errno)?;
-        let name = entry.file_name().to_bytes();
-        if name != b"." && name != b".." {
-            out.push(OsStr::from_bytes(name).to_os_string());
-        }
-    }
-    Ok(out)
-}
-
-/// Remove everything inside directory `dir` (an fd opened for reading).
-pub fn clear_dir(dir: BorrowedFd<'_>) -> io::Result<()> {
-    clear_dir_as(dir, false)
-}
-
-/// Remove everything inside directory `dir` (an fd opened for reading) as this process's user,
-/// by fd and never following a link, giving directories of its own that it may not read or
-/// write owner rwx first. Fails with `EACCES`/`EPERM` on what only another id (e.g. a
-/// subordinate one) may remove: the caller then does it in the user namespace.
-pub fn clear_dir_as_owner(dir: BorrowedFd<'_>) -> io::Result<()> {
-    clear_dir_as(dir, true)
-}
-
-fn clear_dir_as(dir: BorrowedFd<'_>, owner: bool) -> io::Result<()> {
-    if owner {
-        let st = rfs::fstat(dir).map_err(errno)?;
-        if st.st_mode & 0o300 != 0o300 && st.st_uid == nix::unistd::geteuid().as_raw() {
-            rfs::fchmod(dir, Mode::from_raw_mode((st.st_mode & 0o7777) | 0o700)).map_err(errno)?;
-        }
-    }
-    for name in list(dir)? {
-        remove_at_as(dir, &name, owner)?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -396,7 +305,7 @@ mod tests {
         fs::set_permissions(r.join("upper/ro"), fs::Permissions::from_mode(0o555)).unwrap();
         fs::set_permissions(r.join("work/work"), fs::Permissions::from_mode(0o000)).unwrap();
         let dir = rfs::open(&r, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()).unwrap();
-        clear_dir_as_owner(dir.as_fd()).unwrap();
+        crate::walk::clear(dir, &r, true).unwrap();
         assert_eq!(fs::read_dir(&r).unwrap().count(), 0);
         assert_eq!(
             fs::read_to_string(outside.path().join("keep")).unwrap(),

@@ -20,8 +20,9 @@
 //! path string; `ADD <url>` downloads follow the build's network policy ([`DownloadPolicy`]).
 //!
 //! Public modules, each for a reason: [`dockerfile`] (the parser and its syntax tree, usable
-//! on their own, e.g. by property tests) and [`inroot`] (fd-based file access inside a root,
-//! which the server uses to serve artifacts). The folder `images/recipes/` beside this crate
+//! on their own, e.g. by property tests), [`inroot`] (fd-based file access inside a root,
+//! which the server uses to serve artifacts) and [`walk`] (iterative, fd-bounded tree walks:
+//! removal, copies, owners, sizes, tar streams, which the daemon uses for the trees of jobs). The folder `images/recipes/` beside this crate
 //! holds the recipes of the offline base images (built from Debian packages).
 
 #![forbid(unsafe_code)]
@@ -41,6 +42,7 @@ mod store;
 mod tools;
 mod unpack;
 mod view;
+pub mod walk;
 
 pub use sandbox;
 

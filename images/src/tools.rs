@@ -5,9 +5,9 @@
 //! delete them correctly, also when the daemon is not root. So every such operation runs as a
 //! short-lived sandbox whose root is the host's `/`, read-only, with only the tree being written
 //! (the target snapshot, or the one file a tool writes) bound read-write at its own path; its
-//! sources (blobs, the build context, other stages) stay read-only. It executes either a host
-//! tool (`cp`, `chown`) or our helper command (`mistryd internal ...`, or `mistry-image-helper`
-//! in this crate's tests), whose entry point is [`helper_main`].
+//! sources (blobs, the build context, other stages) stay read-only. It executes
+//! our helper command (`mistryd internal ...`), whose entry point is [`helper_main`]: its copies,
+//! owner changes and removals walk trees by fd and iteratively ([`crate::walk`]), however deep.
 //!
 //! The helper opens everything inside an image, a context or a stage through
 //! [`crate::inroot`]: parents resolved by the kernel inside the root (`RESOLVE_IN_ROOT`, ELOOP
@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 use crate::inroot::{self, Root};
 use crate::unpack::{self, Owners};
 use crate::view::{Target, View};
+use crate::walk;
 
 /// An overlay to mount in a tool sandbox: lowers, optional (upper, work), mount point.
 type Mount = (Vec<PathBuf>, Option<(PathBuf, PathBuf)>, PathBuf);
@@ -99,32 +100,26 @@ pub fn hand_over(path: &Path) -> io::Result<()> {
 
 /// [`hand_over`] of a whole tree, to sandbox ids `uid:gid` (e.g. a job's `data/` for its
 /// image's user). Done by this process itself, not in the user namespace: what it wrote belongs
-/// to host root, which is not mapped there. No link is followed.
+/// to host root, which is not mapped there. No link is followed; the walk is iterative
+/// ([`crate::walk`]). `path` may also be a file or a link.
 pub fn hand_over_tree(path: &Path, uid: u32, gid: u32) -> io::Result<()> {
     let Some((host_uid, host_gid)) = subordinate_host_ids(uid, gid)? else {
         return Ok(());
     };
-    let give = |p: &Path| {
-        std::os::unix::fs::lchown(p, Some(host_uid), Some(host_gid)).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!("giving {} to {host_uid}:{host_gid}: {e}", p.display()),
-            )
-        })
+    let giving = |e: io::Error| {
+        io::Error::new(
+            e.kind(),
+            format!("giving {} to {host_uid}:{host_gid}: {e}", path.display()),
+        )
     };
-    give(path)?;
-    let mut stack = vec![path.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in fs::read_dir(&dir)? {
-            let entry = entry?;
-            let p = entry.path();
-            give(&p)?;
-            if entry.file_type().is_ok_and(|t| t.is_dir()) {
-                stack.push(p);
-            }
+    match rfs::open(path, walk::dir_flags(), Mode::empty()) {
+        Ok(top) => walk::chown_tree(top, path, host_uid, host_gid).map_err(giving),
+        // A file or a link: itself alone.
+        Err(rustix::io::Errno::NOTDIR | rustix::io::Errno::LOOP) => {
+            std::os::unix::fs::lchown(path, Some(host_uid), Some(host_gid)).map_err(giving)
         }
+        Err(e) => Err(giving(e.into())),
     }
-    Ok(())
 }
 
 /// A tool run failed.
@@ -382,15 +377,11 @@ impl Tools {
         .map(drop)
     }
 
-    /// Give a whole tree to `uid:gid` (sandbox ids), e.g. a job's `/data` for a non-root user.
+    /// Give a whole tree to `uid:gid` (sandbox ids), e.g. a job's `/data` for a non-root user:
+    /// the helper's `chown-tree` (`chown -R -h`, by fd and iterative, however deep the tree).
     pub fn chown_tree(&self, path: &Path, uid: u32, gid: u32) -> Result<(), ToolError> {
-        let argv: Vec<OsString> = vec![
-            "chown".into(),
-            "-R".into(),
-            "-h".into(),
-            format!("{uid}:{gid}").into(),
-            path.into(),
-        ];
+        let mut argv = self.helper.clone();
+        argv.extend([os("chown-tree"), os(path), os(format!("{uid}:{gid}"))]);
         self.run_with(
             &format!("giving {} to {uid}:{gid}", path.display()),
             argv,
@@ -406,7 +397,9 @@ impl Tools {
         self.copy_into(src, dst, None)
     }
 
-    /// `cp -a SRC/. DST/` with `dst` created first (by us) and the only thing bound writable.
+    /// `cp -a SRC/. DST/` with `dst` created first (by us) and the only thing bound writable:
+    /// the helper's `copy-tree` (by fd and iterative: GNU `cp` works by path names and fails
+    /// past `PATH_MAX`).
     fn copy_into(&self, src: &Path, dst: &Path, mount: Option<Mount>) -> Result<(), ToolError> {
         let what = format!("copying {} to {}", src.display(), dst.display());
         fs::create_dir(dst)
@@ -415,14 +408,8 @@ impl Tools {
                 what: what.clone(),
                 message: e.to_string(),
             })?;
-        let argv: Vec<OsString> = vec![
-            "cp".into(),
-            "-a".into(),
-            "--reflink=auto".into(),
-            "--no-target-directory".into(),
-            src.join(".").into(),
-            dst.into(),
-        ];
+        let mut argv = self.helper.clone();
+        argv.extend([os("copy-tree"), os(src), os(dst)]);
         self.run_with(&what, argv, &[dst], mount).map(drop)
     }
 
@@ -491,16 +478,12 @@ impl Tools {
         }
     }
 
-    /// Try to empty directory `path` as this process (see [`inroot::clear_dir_as_owner`]).
+    /// Try to empty directory `path` as this process (see [`walk::clear`] with `owner`).
     fn clear_here(path: &Path) -> bool {
-        rfs::open(
-            path,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(io::Error::from)
-        .and_then(|d| inroot::clear_dir_as_owner(d.as_fd()))
-        .is_ok()
+        rfs::open(path, walk::dir_flags(), Mode::empty())
+            .map_err(io::Error::from)
+            .and_then(|d| walk::clear(d, path, true))
+            .is_ok()
     }
 
     /// The path to read `view` at, and the read-only overlay to mount there (at `mountpoint`).
@@ -667,6 +650,13 @@ fn copy_one(item: &CopyItem, spec: &CopySpec, src: &Root, dst: &Root) -> io::Res
     Ok(())
 }
 
+/// `UID:GID`.
+fn parse_ids(ids: &str) -> Result<(u32, u32), String> {
+    ids.split_once(':')
+        .and_then(|(u, g)| Some((u.parse().ok()?, g.parse().ok()?)))
+        .ok_or_else(|| format!("bad ids {ids:?}"))
+}
+
 fn open_root(p: &Path) -> Result<Root, String> {
     Root::open(p).map_err(|e| e.to_string())
 }
@@ -675,8 +665,9 @@ fn open_root(p: &Path) -> Result<Root, String> {
 /// `extract SRC_ROOT ARCHIVE ROOT DEST keep|ignore`, `copy-in SPEC`, `mkdirs ROOT PATH UID:GID`,
 /// `pack ROOT OUT`, `clear DIR` (empty a directory), `remove DIR NAME` (remove one entry of a
 /// directory, whatever it is, without following a symlink), `strip-setid DIR` (set-id bits and
-/// file capabilities out of a tree; prints how many of each went). Returns the process exit
-/// code; errors go to stderr.
+/// file capabilities out of a tree; prints how many of each went), `copy-tree SRC DST` (`cp -a
+/// SRC/. DST`), `chown-tree PATH UID:GID` (`chown -R -h`). Every tree is walked by fd and
+/// iteratively ([`crate::walk`]). Returns the process exit code; errors go to stderr.
 pub fn helper_main(args: &[OsString]) -> i32 {
     match helper(args) {
         Ok(()) => 0,
@@ -762,10 +753,7 @@ fn helper(args: &[OsString]) -> Result<(), String> {
             Ok(())
         }
         ["mkdirs", _, path, ids] => {
-            let (uid, gid) = ids
-                .split_once(':')
-                .and_then(|(u, g)| Some((u.parse().ok()?, g.parse().ok()?)))
-                .ok_or_else(|| format!("bad ids {ids:?}"))?;
+            let (uid, gid) = parse_ids(ids)?;
             open_root(&p(1))?
                 .mkdir_all(Path::new(path), Some((uid, gid)), 0o755)
                 .map(drop)
@@ -778,8 +766,8 @@ fn helper(args: &[OsString]) -> Result<(), String> {
                 Mode::empty(),
             )
             .map_err(|e| format!("{}: {e}", p(1).display()))?;
-            inroot::remove_at(dir.as_fd(), OsStr::new(name))
-                .map_err(|e| format!("{}/{name}: {e}", p(1).display()))
+            walk::remove_at(dir.as_fd(), OsStr::new(name), false)
+                .map_err(|e| format!("{}/{e}", p(1).display()))
         }
         ["strip-setid", _] => {
             let dir = rfs::open(
@@ -801,20 +789,35 @@ fn helper(args: &[OsString]) -> Result<(), String> {
             Ok(())
         }
         ["clear", _] => {
-            let dir = rfs::open(
-                p(1).as_path(),
-                OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-                Mode::empty(),
-            )
-            .map_err(|e| format!("{}: {e}", p(1).display()))?;
-            inroot::clear_dir(dir.as_fd()).map_err(|e| format!("{}: {e}", p(1).display()))
+            let dir = rfs::open(p(1).as_path(), walk::dir_flags(), Mode::empty())
+                .map_err(|e| format!("{}: {e}", p(1).display()))?;
+            walk::clear(dir, &p(1), false).map_err(|e| e.to_string())
+        }
+        ["copy-tree", _, _] => {
+            let open = |p: &Path| {
+                rfs::open(p, walk::dir_flags(), Mode::empty())
+                    .map_err(|e| format!("{}: {e}", p.display()))
+            };
+            walk::copy_tree(open(&p(1))?, open(&p(2))?, &p(1)).map_err(|e| e.to_string())
+        }
+        ["chown-tree", _, ids] => {
+            let (uid, gid) = parse_ids(ids)?;
+            match rfs::open(p(1).as_path(), walk::dir_flags(), Mode::empty()) {
+                Ok(top) => walk::chown_tree(top, &p(1), uid, gid).map_err(|e| e.to_string()),
+                // A file or a link: itself alone.
+                Err(rustix::io::Errno::NOTDIR | rustix::io::Errno::LOOP) => {
+                    std::os::unix::fs::lchown(p(1), Some(uid), Some(gid))
+                        .map_err(|e| format!("{}: {e}", p(1).display()))
+                }
+                Err(e) => Err(format!("{}: {e}", p(1).display())),
+            }
         }
         ["pack", _, _] => {
             let out = fs::File::create(p(2)).map_err(|e| format!("{}: {e}", p(2).display()))?;
+            let root = rfs::open(p(1).as_path(), walk::dir_flags(), Mode::empty())
+                .map_err(|e| format!("{}: {e}", p(1).display()))?;
             let mut b = tar::Builder::new(io::BufWriter::new(out));
-            b.follow_symlinks(false);
-            b.mode(tar::HeaderMode::Complete);
-            b.append_dir_all(".", p(1))
+            walk::append_tree(&mut b, root, Path::new("."), walk::Sent::ImageTree)
                 .map_err(|e| format!("packing {}: {e}", p(1).display()))?;
             b.into_inner()
                 .and_then(|mut w| io::Write::flush(&mut w))

@@ -199,14 +199,19 @@ pub fn apply_layer_in(
                 Err(e) => return Err((ctx.io(format!("applying opaque {}", rel.display())))(e)),
             };
             if let Some(dir) = dir {
-                let names = inroot::list(dir.as_fd())
-                    .map_err(ctx.io(format!("applying opaque {}", rel.display())))?;
-                for child in names {
-                    if !ctx.created.contains(&dir_rel.join(&child)) {
-                        inroot::remove_at(dir.as_fd(), &child)
-                            .map_err(ctx.io(format!("applying opaque {}", rel.display())))?;
+                // Streamed: a lower directory of millions of entries costs no more memory.
+                let opaque = ctx.io(format!("applying opaque {}", rel.display()));
+                let hide = |dir| -> io::Result<()> {
+                    let mut w = crate::walk::Walk::new(dir, crate::walk::Order::Any, &dir_rel)?;
+                    while let Some(child) = w.next_entry()? {
+                        if !ctx.created.contains(&dir_rel.join(&child.name)) {
+                            inroot::remove_at(w.dir()?, &child.name)
+                                .map_err(|e| w.error_at(None, e))?;
+                        }
                     }
-                }
+                    Ok(())
+                };
+                hide(dir).map_err(opaque)?;
             }
             stats.whiteouts += 1;
             continue;

@@ -1111,7 +1111,9 @@ impl Scheduler {
                 Ok(dir) => {
                     tracing::info!(%project, %group, "incremental from agent {agent}'s build {project}/{last_id}");
                     if set_aside {
-                        let _ = std::fs::remove_dir_all(&aside);
+                        if let Err(e) = images::walk::remove_path(&aside) {
+                            tracing::warn!(path = %aside.display(), error = %e, "could not remove a copy set aside");
+                        }
                     }
                     Some(dir)
                 }

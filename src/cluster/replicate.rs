@@ -244,10 +244,16 @@ fn write_build(p: &Prepared, out: &mut dyn Write) -> io::Result<()> {
     match open_beneath(&p.job, Path::new("data/params"), true) {
         Ok(params) => {
             append_dir(&mut b, &params, Path::new("data/params"))?;
-            let mut names = images::inroot::list(std::os::fd::AsFd::as_fd(&params))?;
-            names.sort();
-            for name in names {
-                let Some(n) = name.to_str() else { continue };
+            // The directory alone (not entered), in name order.
+            let mut walk = images::walk::Walk::new(
+                rustix::io::fcntl_dupfd_cloexec(&params, 0)?,
+                images::walk::Order::Sorted,
+                Path::new("data/params"),
+            )?;
+            while let Some(entry) = walk.next_entry()? {
+                let Some(n) = entry.name.to_str() else {
+                    continue;
+                };
                 if jobs::check_name("param", n).is_ok() {
                     append_file(
                         &mut b,
@@ -278,6 +284,10 @@ fn write_build(p: &Prepared, out: &mut dyn Write) -> io::Result<()> {
     }
     b.into_inner().map(drop)
 }
+
+/// The longest entry name accepted: what [`crate::tree::append_tree`] sends (at most
+/// [`images::walk::MAX_PATH`] bytes below its root) under `data/artifacts/`.
+const MAX_NAME: usize = images::walk::MAX_PATH + "data/artifacts/".len();
 
 /// The largest `build_info.json` accepted (its params included).
 const MAX_INFO: u64 = 64 << 20;
@@ -532,6 +542,14 @@ fn unpack_and_place(
     for entry in archive.entries().map_err(broken)? {
         let mut entry = entry.map_err(broken)?;
         let raw = entry.path_bytes().into_owned();
+        if raw.len() > MAX_NAME {
+            let head = String::from_utf8_lossy(&raw[..64]).into_owned();
+            return Err(ctx.refused(format!(
+                "entry {head:?}…: its name is longer than {MAX_NAME} bytes (what a build sends \
+                 is at most {} bytes below data/artifacts or data/cache)",
+                images::walk::MAX_PATH
+            )));
+        }
         let shown = String::from_utf8_lossy(&raw).into_owned();
         let rel = PathBuf::from(<OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(&raw));
         let mut parts = Vec::new();
@@ -743,23 +761,10 @@ fn adopt(layout: &Layout, build: &JobDir, info: &BuildInfo) {
     }
 }
 
-/// Remove a scratch directory, also when some of its directories were made read-only.
+/// Remove a scratch directory, also when some of its directories were made read-only: by fd
+/// and iteratively ([`images::walk::remove_path`] gives its own directories owner rwx first).
 fn remove_scratch(path: &Path) {
-    if std::fs::remove_dir_all(path).is_ok() || !path.exists() {
-        return;
-    }
-    let mut stack = vec![path.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
-        if let Ok(entries) = std::fs::read_dir(&dir) {
-            for e in entries.flatten() {
-                if e.file_type().is_ok_and(|t| t.is_dir()) {
-                    stack.push(e.path());
-                }
-            }
-        }
-    }
-    if let Err(e) = std::fs::remove_dir_all(path) {
+    if let Err(e) = images::walk::remove_path(path) {
         tracing::warn!(path = %path.display(), error = %e, "could not remove a fetch's scratch directory");
     }
 }

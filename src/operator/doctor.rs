@@ -592,7 +592,8 @@ fn probe_dir(cfg: &Config) -> std::io::Result<tempfile_dir::Dir> {
     tempfile_dir::Dir::new_in(&std::env::temp_dir())
 }
 
-/// A directory removed on drop (no dependency for so little).
+/// A directory removed on drop (no dependency for so little), by the iterative removal of
+/// [`images::walk`] (whatever a stale one of the same name holds).
 mod tempfile_dir {
     use std::path::{Path, PathBuf};
 
@@ -601,7 +602,7 @@ mod tempfile_dir {
     impl Dir {
         pub fn new_in(base: &Path) -> std::io::Result<Dir> {
             let p = base.join(format!(".mistry-doctor-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&p);
+            let _ = images::walk::remove_path(&p);
             std::fs::create_dir_all(&p)?;
             Ok(Dir(p))
         }
@@ -609,7 +610,7 @@ mod tempfile_dir {
 
     impl Drop for Dir {
         fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
+            let _ = images::walk::remove_path(&self.0);
         }
     }
 }

@@ -89,6 +89,8 @@ pub struct Server {
     pub args: Vec<String>,
     /// How many times mistryd was started (names its log).
     spawns: usize,
+    /// How long [`Server::spawn`] waits for mistryd to listen (20 s).
+    pub start_timeout: Duration,
 }
 
 impl Server {
@@ -243,6 +245,7 @@ impl Server {
             config: config_path,
             args: args.iter().map(|a| a.to_string()).collect(),
             spawns: 0,
+            start_timeout: Duration::from_secs(20),
         };
         s.spawn();
         s
@@ -265,7 +268,7 @@ impl Server {
             .unwrap();
         let stdout = lines_of(child.stdout.take().unwrap());
         self.child = Some(child);
-        let addr = wait_for_line(&stdout, Duration::from_secs(20), |l| {
+        let addr = wait_for_line(&stdout, self.start_timeout, |l| {
             l.strip_prefix("mistryd: listening on ").map(str::to_string)
         });
         self.addr = addr.unwrap_or_else(|out| {

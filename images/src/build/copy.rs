@@ -417,7 +417,7 @@ impl Run<'_> {
         let prepared = prepare();
         let cleanup = |run: &Self| {
             for dir in [&heredoc_dir, &download_dir].into_iter().flatten() {
-                let _ = std::fs::remove_dir_all(dir);
+                let _ = crate::walk::remove_path(dir);
             }
             cleanup_from(run);
         };

@@ -478,7 +478,7 @@ fn overlay_works(root: &Path) -> Result<(), String> {
 fn probe_overlay(parent: &Path) -> Result<(), String> {
     let dir = parent.join(format!(".overlay-probe-{}", std::process::id()));
     let result = (|| {
-        let _ = fs::remove_dir_all(&dir);
+        let _ = remove_probe_dir(&dir);
         for d in ["l1", "l2", "upper", "work", "merged"] {
             fs::create_dir_all(dir.join(d))
                 .and_then(|()| crate::tools::hand_over(&dir.join(d)))
@@ -533,16 +533,11 @@ pub fn overlay_works_in(dir: &Path) -> Result<(), String> {
     probe_overlay(dir)
 }
 
-/// Remove the probe's directory: what the sandbox made (the whiteout, overlayfs' `work/work`)
-/// belongs to sandbox root, i.e. to this process or (`--sandbox-ids subordinate`, as root) to
-/// an id root may remove anyway.
+/// Remove the probe's directory: what the sandbox made (the whiteout, overlayfs' mode-000
+/// `work/work`) belongs to sandbox root, i.e. to this process (given owner rwx where needed) or
+/// (`--sandbox-ids subordinate`, as root) to an id root may remove anyway.
 fn remove_probe_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    let work = dir.join("work/work");
-    if work.is_dir() {
-        let _ = fs::set_permissions(&work, fs::Permissions::from_mode(0o700));
-    }
-    fs::remove_dir_all(dir)
+    crate::walk::remove_path(dir)
 }
 
 /// Whether the filesystem of `root` clones files (`FICLONE`, what `cp --reflink=auto` uses).

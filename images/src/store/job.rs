@@ -367,7 +367,7 @@ impl Store {
         })
     }
 
-    /// `cp -a src dst` when `src` is a directory.
+    /// A copy of `src` at `dst` when `src` is a directory (the helper's `copy-tree`).
     fn copy_if_dir(&self, src: &Path, dst: &Path) -> Result<(), crate::ToolError> {
         if is_real_dir(src) {
             self.tools.copy_tree(src, dst)?;
