@@ -1388,9 +1388,16 @@ mod tests {
         let src = d.path().join("src");
         fs::create_dir(&src).unwrap();
         let dir = rfs::open(&src, dir_flags(), Mode::empty()).unwrap();
+        // 200,000 entries: files, and every 1000th a directory (one with an entry inside).
         const N: usize = 200_000;
         for i in 0..N {
-            rfs::mkdirat(&dir, format!("{i:06}").as_str(), Mode::from_raw_mode(0o755)).unwrap();
+            let name = format!("{i:06}");
+            if i % 1000 == 7 {
+                rfs::mkdirat(&dir, name.as_str(), Mode::from_raw_mode(0o755)).unwrap();
+            } else {
+                let flags = OFlags::CREATE | OFlags::WRONLY | OFlags::CLOEXEC;
+                rfs::openat(&dir, name.as_str(), flags, Mode::from_raw_mode(0o644)).unwrap();
+            }
         }
         rfs::mkdirat(&dir, "000007/sub", Mode::from_raw_mode(0o755)).unwrap();
         let dst = d.path().join("dst");
