@@ -355,6 +355,7 @@ fn hash_tree(m: &mut Sha256, x: &mut Sha256, project_dir: &Path) -> std::io::Res
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt as _;
 
     #[test]
     fn requests_are_case_insensitive() {
@@ -538,7 +539,7 @@ mod tests {
         let mut old = Sha256::new();
         recursive_hash(&mut old, d, d);
         let mut new = Sha256::new();
-        hash_tree(&mut new, d).unwrap();
+        hash_tree(&mut new, &mut Sha256::new(), d).unwrap();
         assert_eq!(hex::encode(new.finalize()), hex::encode(old.finalize()));
 
         // A flat directory of 200,000 entries; a chain deeper than a path can name: refused
@@ -548,8 +549,7 @@ mod tests {
         for i in 0..200_000 {
             std::fs::File::create(flat.join(i.to_string())).unwrap();
         }
-        let mut new = Sha256::new();
-        hash_tree(&mut new, d).unwrap();
+        hash_tree(&mut Sha256::new(), &mut Sha256::new(), d).unwrap();
         let mut cur =
             rustix::fs::open(d, rustix::fs::OFlags::RDONLY, rustix::fs::Mode::empty()).unwrap();
         for _ in 0..3000 {
@@ -562,7 +562,9 @@ mod tests {
             )
             .unwrap();
         }
-        let e = hash_tree(&mut Sha256::new(), d).unwrap_err().to_string();
+        let e = hash_tree(&mut Sha256::new(), &mut Sha256::new(), d)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("/d/d/d/d/d/d/d/d/…(2032 more levels)…/d/d/d/d/d/d/d/d/d: its path is longer than 4096 bytes"), "{e}");
         images::walk::remove_path(&d.join("d")).unwrap();
         images::walk::remove_path(&flat).unwrap();

@@ -5,28 +5,24 @@
 //! Outside the sandbox, whoever can reach such a file could run it as its owner: the daemon's
 //! user (host root for a root daemon) or a subordinate id.
 //!
-//! The walk is by fd and never follows a link: an explicit stack of directories, of which at
-//! most [`MAX_OPEN`] hold an open descriptor at once (deeper ones are opened again, component
-//! by component from the nearest open ancestor, when the walk comes back to them); no
-//! recursion, however deep the tree. Sticky bits stay: on a directory it only takes rights
-//! away (others may not remove what is not theirs), on a file Linux ignores it.
+//! The walk is [`crate::walk`]'s: by fd, iterative, a bounded number of open descriptors
+//! however deep the tree, never following a link. Sticky bits stay: on a directory it only
+//! takes rights away (others may not remove what is not theirs), on a file Linux ignores it.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::Path;
 
 use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags};
 
-use crate::inroot;
+use crate::walk::{dir_flags, Order, Walk};
 
 /// The bits removed.
 pub const SET_ID: u32 = 0o6000;
 
 /// File capabilities.
 const CAPS: &str = "security.capability";
-
-/// Most directory descriptors the walk holds at once (besides the root's).
-const MAX_OPEN: usize = 16;
 
 /// What a walk changed, and what it could not.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -40,82 +36,12 @@ pub struct Stripped {
     pub denied: usize,
 }
 
-/// A directory on the walk's stack.
-struct Frame {
-    /// Its name in its parent (empty for the root).
-    name: OsString,
-    /// Open while it is among the [`MAX_OPEN`] deepest.
-    fd: Option<OwnedFd>,
-    /// Entries still to visit.
-    todo: Vec<OsString>,
-}
-
 fn errno(e: rustix::io::Errno) -> io::Error {
     io::Error::from_raw_os_error(e.raw_os_error())
 }
 
 fn is_denied(e: rustix::io::Errno) -> bool {
     matches!(e, rustix::io::Errno::PERM | rustix::io::Errno::ACCESS)
-}
-
-fn open_dir(parent: BorrowedFd<'_>, name: &OsString) -> rustix::io::Result<OwnedFd> {
-    rfs::openat(
-        parent,
-        name.as_os_str(),
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-}
-
-/// The walk's stack and how many descriptors it holds.
-struct Stack<'a> {
-    root: BorrowedFd<'a>,
-    frames: Vec<Frame>,
-    held: usize,
-}
-
-impl Stack<'_> {
-    /// The descriptor of frame `i` (the root for 0).
-    fn fd(&self, i: usize) -> Option<BorrowedFd<'_>> {
-        if i == 0 {
-            return Some(self.root);
-        }
-        self.frames[i].fd.as_ref().map(|f| f.as_fd())
-    }
-
-    /// Close the shallowest held descriptors until at most [`MAX_OPEN`] are.
-    fn trim(&mut self) {
-        for f in self.frames.iter_mut().skip(1) {
-            if self.held <= MAX_OPEN {
-                break;
-            }
-            if f.fd.take().is_some() {
-                self.held -= 1;
-            }
-        }
-    }
-
-    /// Make the top frame's descriptor open: from the nearest open ancestor, one component at
-    /// a time (no link followed).
-    fn reopen_top(&mut self) -> io::Result<()> {
-        let top = self.frames.len() - 1;
-        let mut from = top;
-        while self.fd(from).is_none() {
-            from -= 1;
-        }
-        for k in from + 1..=top {
-            let child = {
-                let parent = self
-                    .fd(k - 1)
-                    .ok_or_else(|| io::Error::other("a walk lost a directory"))?;
-                open_dir(parent, &self.frames[k].name).map_err(errno)?
-            };
-            self.frames[k].fd = Some(child);
-            self.held += 1;
-        }
-        self.trim();
-        Ok(())
-    }
 }
 
 /// Remove set-uid and set-gid bits from every file and directory under `root` (an open
@@ -131,52 +57,26 @@ pub fn strip_setid(root: BorrowedFd<'_>) -> io::Result<Stripped> {
             Err(e) => return Err(errno(e)),
         }
     }
-    let mut stack = Stack {
-        root,
-        frames: vec![Frame {
-            name: OsString::new(),
-            fd: None,
-            todo: inroot::list(root)?,
-        }],
-        held: 0,
-    };
-    while let Some(frame) = stack.frames.last_mut() {
-        let Some(name) = frame.todo.pop() else {
-            if stack.frames.pop().and_then(|f| f.fd).is_some() {
-                stack.held -= 1;
+    let top = rfs::openat(root, ".", dir_flags(), Mode::empty()).map_err(errno)?;
+    let mut w = Walk::new(top, Order::Any, Path::new("data"))?;
+    loop {
+        let Some(e) = w.next_entry()? else {
+            if w.depth() == 0 {
+                return Ok(out);
             }
+            w.leave()?;
             continue;
         };
-        let top = stack.frames.len() - 1;
-        if stack.fd(top).is_none() {
-            stack.reopen_top()?;
-        }
-        let child = {
-            let dir = stack
-                .fd(top)
-                .ok_or_else(|| io::Error::other("a walk lost a directory"))?;
-            visit(dir, &name, &mut out)?
-        };
-        if let Some((fd, todo)) = child {
-            stack.frames.push(Frame {
-                name,
-                fd: Some(fd),
-                todo,
-            });
-            stack.held += 1;
-            stack.trim();
+        if let Some(fd) = visit(w.dir()?, &e.name, &mut out)? {
+            w.enter_fd(fd, &e.name)?;
         }
     }
-    Ok(out)
 }
 
-/// Strip entry `name` of `dir`; a directory comes back open, with its entries, to be walked.
-fn visit(
-    dir: BorrowedFd<'_>,
-    name: &OsString,
-    out: &mut Stripped,
-) -> io::Result<Option<(OwnedFd, Vec<OsString>)>> {
-    let st = match rfs::statat(dir, name.as_os_str(), AtFlags::SYMLINK_NOFOLLOW) {
+/// Strip entry `name` of `dir`; a directory whose entries this process may read comes back
+/// open, to be walked.
+fn visit(dir: BorrowedFd<'_>, name: &OsStr, out: &mut Stripped) -> io::Result<Option<OwnedFd>> {
+    let st = match rfs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
         Ok(st) => st,
         Err(rustix::io::Errno::NOENT) => return Ok(None),
         Err(e) if is_denied(e) => {
@@ -199,8 +99,7 @@ fn visit(
     }
     if kind == FileType::RegularFile {
         // Through the directory's descriptor: the final component is not followed.
-        let path = format!("/proc/self/fd/{}/", dir.as_raw_fd());
-        let mut path = OsString::from(path);
+        let mut path = OsString::from(format!("/proc/self/fd/{}/", dir.as_raw_fd()));
         path.push(name);
         match rfs::lgetxattr_query(&path, CAPS) {
             Ok(_) => match rfs::lremovexattr(&path, CAPS) {
@@ -217,32 +116,24 @@ fn visit(
         }
         return Ok(None);
     }
-    let fd = match open_dir(dir, name) {
-        Ok(fd) => fd,
-        Err(rustix::io::Errno::NOENT) => return Ok(None),
+    match rfs::openat(dir, name, dir_flags(), Mode::empty()) {
+        Ok(fd) => Ok(Some(fd)),
+        Err(rustix::io::Errno::NOENT) => Ok(None),
         Err(e) if is_denied(e) => {
-            out.denied += 1;
-            return Ok(None);
-        }
-        Err(e) => return Err(errno(e)),
-    };
-    match inroot::list(fd.as_fd()) {
-        Ok(todo) => Ok(Some((fd, todo))),
-        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
             out.denied += 1;
             Ok(None)
         }
-        Err(e) => Err(e),
+        Err(e) => Err(errno(e)),
     }
 }
 
 /// Remove the set-id bits of entry `name` of `dir` when it is still a `kind`, by a descriptor
 /// of its own (`O_PATH`, not following a link; changed through `/proc/self/fd`, which needs no
 /// read permission). `Ok(false)` when it is no longer one.
-fn chmod_at(dir: BorrowedFd<'_>, name: &OsString, kind: FileType) -> rustix::io::Result<bool> {
+fn chmod_at(dir: BorrowedFd<'_>, name: &OsStr, kind: FileType) -> rustix::io::Result<bool> {
     let fd = rfs::openat(
         dir,
-        name.as_os_str(),
+        name,
         OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::empty(),
     )?;
@@ -280,9 +171,10 @@ mod tests {
         fs::write(&victim, "x").unwrap();
         fs::set_permissions(&victim, fs::Permissions::from_mode(0o4755)).unwrap();
         let r = d.path().join("root");
-        // Deeper than MAX_OPEN, with set-id entries at every level and a link out.
+        const LEVELS: usize = crate::walk::WINDOW * crate::walk::STRIDE + 20;
+        // Deeper than the walk keeps open, with set-id entries at every level and a link out.
         let mut deep = r.clone();
-        for i in 0..(MAX_OPEN * 3) {
+        for i in 0..LEVELS {
             deep.push(format!("d{i}"));
             fs::create_dir_all(&deep).unwrap();
             fs::write(deep.join("f"), "f").unwrap();
@@ -303,7 +195,7 @@ mod tests {
         assert_eq!(
             s,
             Stripped {
-                modes: 1 + MAX_OPEN * 3 * 2,
+                modes: 1 + LEVELS * 2,
                 caps: 0,
                 denied: 0
             }
@@ -311,7 +203,7 @@ mod tests {
         assert_eq!(mode(&r), 0o755);
         assert_eq!(mode(&r.join("plain")), 0o640);
         let mut deep = r.clone();
-        for i in 0..(MAX_OPEN * 3) {
+        for i in 0..LEVELS {
             deep.push(format!("d{i}"));
             assert_eq!(mode(&deep.join("f")), 0o711, "{}", deep.display());
             assert_eq!(mode(&deep.join(format!("side{i}"))), 0o1775);
