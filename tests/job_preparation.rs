@@ -71,11 +71,12 @@ fn special_user_files_fail_the_job_at_once_and_give_its_slot_back() {
             "FROM busybox\nRUN echo someone:x:1234:1234::/:/bin/sh >> /etc/passwd && \
              rm /etc/group && mkfifo /etc/group\nUSER someone\nCMD true\n",
         );
-        // A link to a device, a 1 GiB (sparse) file.
+        // A link (followed inside the image) to a FIFO, a 1 GiB (sparse) file.
         add(
             &s,
-            "zero",
-            "FROM busybox\nRUN rm /etc/passwd && ln -s /dev/zero /etc/passwd\nUSER someone\nCMD true\n",
+            "link",
+            "FROM busybox\nRUN mkfifo /etc/pipe && rm /etc/passwd && ln -s /etc/pipe /etc/passwd\n\
+             USER someone\nCMD true\n",
         );
         add(
             &s,
@@ -84,7 +85,7 @@ fn special_user_files_fail_the_job_at_once_and_give_its_slot_back() {
         );
         let expect = [
             ("jobuser", format!("could not run the job: {NOT_REGULAR}")),
-            ("zero", format!("could not run the job: {NOT_REGULAR}")),
+            ("link", format!("could not run the job: {NOT_REGULAR}")),
             (
                 "group",
                 "could not run the job: user \"someone\": the image's /etc/group is not a \

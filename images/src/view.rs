@@ -207,9 +207,9 @@ impl View {
         }
     }
 
-    /// A small regular file of the image (at most [`sandbox::MAX_USER_FILE`] bytes; the final
-    /// component not through a symlink), opened without blocking; empty when missing. Anything
-    /// but a regular file is an error (a FIFO is never read).
+    /// A small regular file of the image (at most [`sandbox::MAX_USER_FILE`] bytes; links are
+    /// followed inside the image, never out of it), opened without blocking; empty when
+    /// missing. Anything but a regular file is an error (a FIFO is never read).
     pub fn read_small(&self, inside: &Path) -> Result<String, String> {
         let what = inside.display().to_string();
         let not_regular = || format!("the image's {what} is not a regular file");
@@ -218,7 +218,7 @@ impl View {
         // layers): a FIFO would block.
         let path = match self {
             View::Dir(root) => {
-                let flags = OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+                let flags = OFlags::PATH | OFlags::CLOEXEC;
                 match Root::open(root).and_then(|r| r.open_in(inside, flags)) {
                     Ok(fd)
                         if fs::File::from(fd.try_clone().map_err(failed)?)
@@ -232,16 +232,19 @@ impl View {
                     Err(e) => return Err(failed(e)),
                 }
             }
-            View::Layers(_) => match self.resolve_layers(inside, false) {
+            View::Layers(_) => match self.resolve_layers(inside, true) {
                 None => return Ok(String::new()),
                 Some(p) if fs::symlink_metadata(&p).is_ok_and(|m| m.is_file()) => (p, None),
                 Some(_) => return Err(not_regular()),
             },
         };
         use std::os::unix::fs::OpenOptionsExt;
+        // A layer's file by its host path, which must still be that file (not a link); a
+        // complete tree's by its descriptor's magic link.
+        let nofollow = if path.1.is_none() { libc::O_NOFOLLOW } else { 0 };
         let file = fs::OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | nofollow)
             .open(&path.0)
             .map_err(failed)?;
         drop(path.1);
@@ -297,19 +300,19 @@ mod tests {
             .read_small(Path::new("/c1/passwd"))
             .unwrap_err()
             .starts_with("reading the image's /c1/passwd: "));
-        // Not a regular file: a final link, a directory, a FIFO (never opened to be read).
+        // Not a regular file: a FIFO (never opened to be read), a link to one, a directory.
         nix::unistd::mkfifo(
             &tree.join("real/fifo"),
             nix::sys::stat::Mode::from_bits_truncate(0o644),
         )
         .unwrap();
-        symlink("passwd", tree.join("real/link")).unwrap();
+        symlink("fifo", tree.join("real/link")).unwrap();
         nix::unistd::mkfifo(
             &lower.join("real/fifo"),
             nix::sys::stat::Mode::from_bits_truncate(0o644),
         )
         .unwrap();
-        symlink("passwd", lower.join("real/link")).unwrap();
+        symlink("fifo", lower.join("real/link")).unwrap();
         for view in [&dir, &layers] {
             for f in ["fifo", "link", "sub"] {
                 let inside = format!("/real/{f}");

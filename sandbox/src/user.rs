@@ -91,9 +91,10 @@ fn read_in_root(rootfs: &Path, path: &str) -> Result<InRoot, String> {
     let io = |e: std::io::Error| format!("reading the image's {path}: {e}");
     let root: OwnedFd = File::open(rootfs).map_err(io)?.into();
     // O_PATH first: the file's type is known before it is opened for reading (a FIFO would
-    // block, a device would be opened).
+    // block, a device would be opened). Links are followed inside the root (as Docker reads an
+    // image's user database), never out of it; what they lead to must be a regular file.
     let how = OpenHow::new()
-        .flags(OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
         .mode(Mode::empty())
         .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
     let fd = match nix::fcntl::openat2(root.as_raw_fd(), path.trim_start_matches('/'), how) {
@@ -317,14 +318,16 @@ mod tests {
         std::fs::create_dir_all(root.join("etc")).unwrap();
         let user = spec("builder");
         let err = |root: &Path| resolve(root, &user).unwrap_err().to_string();
-        // A FIFO (which would block a reader forever), a link (to a device), a directory.
+        // A FIFO (which would block a reader forever), a link to one (followed inside the
+        // root), a directory.
         nix::unistd::mkfifo(&root.join("etc/passwd"), Mode::from_bits_truncate(0o644)).unwrap();
         assert_eq!(
             err(root),
             "user \"builder\": the image's /etc/passwd is not a regular file"
         );
         std::fs::remove_file(root.join("etc/passwd")).unwrap();
-        std::os::unix::fs::symlink("/dev/zero", root.join("etc/passwd")).unwrap();
+        nix::unistd::mkfifo(&root.join("etc/pipe"), Mode::from_bits_truncate(0o644)).unwrap();
+        std::os::unix::fs::symlink("/etc/pipe", root.join("etc/passwd")).unwrap();
         assert_eq!(
             err(root),
             "user \"builder\": the image's /etc/passwd is not a regular file"
