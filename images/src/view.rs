@@ -241,7 +241,11 @@ impl View {
         use std::os::unix::fs::OpenOptionsExt;
         // A layer's file by its host path, which must still be that file (not a link); a
         // complete tree's by its descriptor's magic link.
-        let nofollow = if path.1.is_none() { libc::O_NOFOLLOW } else { 0 };
+        let nofollow = if path.1.is_none() {
+            libc::O_NOFOLLOW
+        } else {
+            0
+        };
         let file = fs::OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | nofollow)
