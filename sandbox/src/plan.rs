@@ -206,6 +206,11 @@ pub struct Spec<'a> {
     pub overlay: Option<&'a Overlay>,
     pub overlay_mounts: &'a [OverlayMount],
     pub network: NetworkMode,
+    /// An isolated network namespace made ahead and joined (the sandbox's user namespace does
+    /// not own it: no sysfs of its own, `lo` is up already).
+    pub joined_netns: bool,
+    /// An isolated network's generated `/etc/resolv.conf` and `/etc/hosts`.
+    pub generated_etc: Option<(&'a Path, &'a Path)>,
     pub binds: &'a [PlannedBind],
     /// Fresh tmpfs mounts, after the binds and overlay mounts.
     pub tmpfs_mounts: &'a [Tmpfs],
@@ -322,9 +327,15 @@ pub fn build(spec: &Spec<'_>) -> Result<(Vec<Op>, usize), crate::Error> {
         "proc",
         MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC,
     );
-    // Our own sysfs needs our own network namespace; with the host's, bind the host's /sys.
-    // (Decided here, not by trying: dropping an unused detached tree costs an RCU grace period.)
-    let sys = if spec.network == NetworkMode::None {
+    // Our own sysfs needs our own network namespace; with the host's (or one made ahead, which
+    // the sandbox's user namespace does not own), bind the host's /sys. (Decided here, not by
+    // trying: dropping an unused detached tree costs an RCU grace period.)
+    let own_netns = match spec.network {
+        NetworkMode::None => true,
+        NetworkMode::Isolated => !spec.joined_netns,
+        NetworkMode::Host => false,
+    };
+    let sys = if own_netns {
         fresh(
             &mut ops,
             &mut slots,
@@ -334,14 +345,17 @@ pub fn build(spec: &Spec<'_>) -> Result<(Vec<Op>, usize), crate::Error> {
     } else {
         grab(&mut ops, &mut slots, Path::new("/sys"), true)
     };
-    let host_files: Vec<(usize, &str)> = if spec.network == NetworkMode::Host {
-        ["/etc/resolv.conf", "/etc/hosts"]
+    let host_files: Vec<(usize, &str)> = match (spec.network, spec.generated_etc) {
+        (NetworkMode::Host, _) => ["/etc/resolv.conf", "/etc/hosts"]
             .iter()
             .filter(|f| Path::new(f).exists())
             .map(|f| (grab(&mut ops, &mut slots, Path::new(f), true), *f))
-            .collect()
-    } else {
-        Vec::new()
+            .collect(),
+        (NetworkMode::Isolated, Some((resolv, hosts))) => vec![
+            (grab(&mut ops, &mut slots, resolv, true), "/etc/resolv.conf"),
+            (grab(&mut ops, &mut slots, hosts, true), "/etc/hosts"),
+        ],
+        _ => Vec::new(),
     };
     let binds: Vec<(usize, &PlannedBind)> = spec
         .binds
@@ -617,7 +631,7 @@ pub fn build(spec: &Spec<'_>) -> Result<(Vec<Op>, usize), crate::Error> {
     if spec.read_only_root {
         ops.push(Op::ReadOnlyRoot);
     }
-    if spec.network == NetworkMode::None {
+    if own_netns {
         ops.push(Op::LoopbackUp);
     }
     Ok((ops, slots))
@@ -678,6 +692,8 @@ mod tests {
             overlay_mounts: &[],
             rootfs: Path::new("/r"),
             network: NetworkMode::None,
+            joined_netns: false,
+            generated_etc: None,
             binds: &binds,
             tmpfs_mounts: &[],
             tmpfs_tmp: true,
@@ -721,6 +737,8 @@ mod tests {
             overlay_mounts: &[],
             rootfs: Path::new("/r"),
             network: NetworkMode::Host,
+            joined_netns: false,
+            generated_etc: None,
             binds: &[],
             tmpfs_mounts: &[],
             tmpfs_tmp: false,
@@ -795,6 +813,8 @@ mod tests {
             overlay_mounts: &[],
             rootfs: r,
             network: NetworkMode::None,
+            joined_netns: false,
+            generated_etc: None,
             binds: &binds,
             tmpfs_mounts: &[],
             tmpfs_tmp: false,

@@ -1,0 +1,101 @@
+//! Making an isolated network namespace ahead of its sandbox: a forked child (in the held user
+//! namespace for a rootless daemon, so that the namespace belongs to it and sandboxes nested in
+//! it can join) unshares a network namespace, brings `lo` up, sets its sysctls and hands its
+//! descriptor back over a socket. The sandboxes that join it later own no capability over it:
+//! a job cannot reconfigure it.
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use crate::{errno_text, sys, Error};
+
+const STAGE_USERNS: u8 = 1;
+const STAGE_UNSHARE: u8 = 2;
+const STAGE_LOOPBACK: u8 = 3;
+const STAGE_OPEN: u8 = 4;
+
+/// The child: allocation-free (the daemon is multi-threaded).
+fn maker_main(sock: RawFd, userns: Option<RawFd>, ping_range: &CString) -> ! {
+    let fail = |stage: u8, errno: i32| -> ! {
+        let mut rec = [0u8; 5];
+        rec[0] = stage;
+        rec[1..].copy_from_slice(&errno.to_ne_bytes());
+        let _ = sys::send_with_fd(sock, &rec, -1);
+        sys::exit(1)
+    };
+    if let Some(u) = userns {
+        if let Err(e) = sys::setns(u, libc::CLONE_NEWUSER) {
+            fail(STAGE_USERNS, e);
+        }
+    }
+    if let Err(e) = sys::unshare(libc::CLONE_NEWNET) {
+        fail(STAGE_UNSHARE, e);
+    }
+    if let Err(e) = sys::loopback_up() {
+        fail(STAGE_LOOPBACK, e);
+    }
+    // As Docker and Podman: any user of the job may bind low ports and use ping sockets.
+    let _ = sys::write_file(c"/proc/sys/net/ipv4/ip_unprivileged_port_start", b"0");
+    let _ = sys::write_file(
+        c"/proc/sys/net/ipv4/ping_group_range",
+        ping_range.as_bytes(),
+    );
+    let fd = match sys::open_read(c"/proc/self/ns/net") {
+        Ok(fd) => fd,
+        Err(e) => fail(STAGE_OPEN, e),
+    };
+    if sys::send_with_fd(sock, b"N", fd).is_err() {
+        sys::exit(1);
+    }
+    sys::exit(0)
+}
+
+/// A new network namespace with `lo` up, owned by `userns` (a held user namespace whose ids
+/// `0..=max_id` are mapped) or, without one, by the caller's (root's) user namespace.
+pub(crate) fn make(userns: Option<RawFd>, max_id: u32) -> Result<OwnedFd, Error> {
+    let err = |what: &str, e: i32| {
+        Error::Network(format!(
+            "isolated network: making a network namespace: {what}: {}",
+            errno_text(e)
+        ))
+    };
+    let ping_range = CString::new(format!("0 {max_id}")).unwrap_or_default();
+    let (parent, child) = sys::socketpair().map_err(|e| err("socketpair", e))?;
+    // SAFETY: socketpair returned these two descriptors to us; nothing else owns them.
+    let (parent, child) = unsafe { (OwnedFd::from_raw_fd(parent), OwnedFd::from_raw_fd(child)) };
+    let pid = match sys::fork_with(0, false) {
+        Ok(sys::Forked::Child) => maker_main(child.as_raw_fd(), userns, &ping_range),
+        Ok(sys::Forked::Parent { pid, .. }) => pid,
+        Err(e) => return Err(err("fork", e)),
+    };
+    drop(child);
+    let mut buf = [0u8; 8];
+    let got = sys::recv_with_fd(parent.as_raw_fd(), &mut buf);
+    let _ = sys::waitpid(pid, 0);
+    match got {
+        Ok((1, fd)) if buf[0] == b'N' && fd >= 0 => {
+            // SAFETY: recvmsg just installed this descriptor for us.
+            Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+        }
+        Ok((n, fd)) => {
+            if fd >= 0 {
+                // SAFETY: recvmsg just installed this descriptor for us; it is dropped here.
+                drop(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+            let (stage, errno) = if n >= 5 {
+                (buf[0], i32::from_ne_bytes([buf[1], buf[2], buf[3], buf[4]]))
+            } else {
+                (0, libc::EIO)
+            };
+            let what = match stage {
+                STAGE_USERNS => "joining the held user namespace",
+                STAGE_UNSHARE => "unshare",
+                STAGE_LOOPBACK => "bringing up lo",
+                STAGE_OPEN => "opening it",
+                _ => "the helper process died",
+            };
+            Err(err(what, errno))
+        }
+        Err(e) => Err(err("receiving it", e)),
+    }
+}
