@@ -81,6 +81,7 @@ pub use config::{
     Bind, CgroupLimits, IdMapping, Limits, NetworkMode, Overlay, OverlayMount, Policy, Rlimit,
     RlimitResource, Sandbox, Seccomp, Stdio, Tmpfs, User, DEFAULT_CAPABILITIES,
 };
+pub use egress::{egress_policy, set_egress_policy, EgressPolicy};
 pub use holder::{
     enabled as held_user_namespaces, holder_pid as held_user_namespace_pid,
     set_enabled as set_held_user_namespaces,
@@ -685,6 +686,7 @@ impl Sandbox {
                     Some(n) => Some(net::ThreadNetns::enter(n.as_raw_fd())?),
                     None => None,
                 };
+
                 match sys::fork_with(flags, true) {
                     Ok(sys::Forked::Child) => child::init_main(&mut prepared),
                     Ok(sys::Forked::Parent { pid, pidfd }) => {
