@@ -239,7 +239,7 @@ impl Peer {
             Ipv4Addr::new(198, 51, 100, net + 2),
         );
         let busybox = support::template().join("bin/busybox");
-        let mut holder = Command::new("unshare")
+        let holder = Command::new("unshare")
             .args(["-n", "--"])
             .arg(&busybox)
             .args([

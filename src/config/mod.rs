@@ -10,7 +10,8 @@
 //!   "images_path": "/var/lib/mistry/images",       // local base images (OCI layouts)
 //!   "store_path": "/var/lib/mistry/data/.mistry",  // layer store; default <build_path>/.mistry
 //!   "filesystem": "overlay",                       // plain | btrfs | overlay; default: detected
-//!   "network": "host",                             // host (default, as mistry) | none
+//!   "network": "isolated",                         // isolated (default) | none | host
+//!   "network_deny": ["10.0.0.0/8"],                // isolated: more networks jobs may not reach
 //!   "time_limit": "30m",                           // per job, Go syntax; default: none
 //!   "registries": {"insecure": [], "auth_file": null, "credentials": {}},
 //!   "projects": {"NAME": {"network": "none", "time_limit": "5m"}},
@@ -37,11 +38,22 @@
 //! of the configuration file, and one file serves agents pointed at different databases.
 //! Without either, mistryd is a single node and no database code runs.
 //!
+//! `network` (server-wide, or per project in `projects`): what jobs and RUN steps reach.
+//! `isolated` (the default): a network namespace of their own with outbound access through
+//! slirp4netns, where the host's loopback and every address of the host (the daemon's API, the
+//! cluster's database, any service bound to `0.0.0.0`), link-local addresses (cloud metadata),
+//! the cluster's database host and other agents, and the networks of `network_deny` (CIDRs) are
+//! unreachable; `ADD <url>` refuses the same destinations. `none`: loopback only. `host`: the
+//! host's network, everything the host reaches (mistry's own behaviour, and this daemon's
+//! default before `isolated` existed: a configuration that says `"network": "host"` keeps it —
+//! it is the operator's explicit choice —, one that says nothing now gets `isolated`).
+//!
 //! A project may also carry its own settings in `<project>/.mistry.json`
 //! (`{"network": ..., "time_limit": ..., "build_args": {...}, "limits": {...}}`). Its author is
-//! not trusted, so it can only tighten what the operator allows: `network: "none"`, a shorter
-//! time limit, lower limits (see [`crate::security`]). The server configuration's `projects`
-//! entry sets anything for its project. Unknown keys are ignored, as mistry does.
+//! not trusted, so it can only tighten what the operator allows: a narrower network
+//! (none < isolated < host), a shorter time limit, lower limits (see [`crate::security`]). The
+//! server configuration's `projects` entry sets anything for its project (`"network": "host"`
+//! for the one project that must reach the host). Unknown keys are ignored, as mistry does.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -74,6 +86,8 @@ struct Raw {
     store_path: Option<PathBuf>,
     filesystem: Option<String>,
     network: Option<String>,
+    #[serde(default)]
+    network_deny: Vec<String>,
     time_limit: Option<String>,
     #[serde(default)]
     registries: RegistryConfig,
@@ -105,6 +119,8 @@ pub struct Config {
     pub store_path: PathBuf,
     pub filesystem: Option<BackendKind>,
     pub network: NetworkMode,
+    /// More networks isolated jobs, RUN steps and `ADD <url>` may not reach (`network_deny`).
+    pub network_deny: Vec<sandbox::egress::IpNet>,
     pub time_limit: Option<Duration>,
     pub registries: RegistryConfig,
     pub projects: BTreeMap<String, ProjectSettings>,
@@ -135,6 +151,17 @@ pub const DEFAULT_CACHE_LAYERS: usize = 8;
 pub(crate) fn parse_network(s: &str, what: &str) -> Result<NetworkMode> {
     s.parse::<NetworkMode>()
         .map_err(|e| anyhow::anyhow!("{what}: {e}"))
+}
+
+/// A `network_deny` entry: a CIDR (`10.0.0.0/8`, `fd00::/8`) or one address.
+pub(crate) fn parse_net(s: &str, what: &str) -> Result<sandbox::egress::IpNet> {
+    let s = s.trim();
+    if let Ok(net) = s.parse::<sandbox::egress::IpNet>() {
+        return Ok(net.trunc());
+    }
+    s.parse::<std::net::IpAddr>()
+        .map(sandbox::egress::IpNet::from)
+        .map_err(|_| anyhow::anyhow!("{what}: {s:?} is not a network (10.0.0.0/8) or an address"))
 }
 
 pub(crate) fn parse_limit(s: &str, what: &str) -> Result<Duration> {
@@ -234,8 +261,13 @@ impl Config {
             filesystem,
             network: match raw.network.as_deref() {
                 Some(n) => parse_network(n, "network")?,
-                None => NetworkMode::Host,
+                None => NetworkMode::Isolated,
             },
+            network_deny: raw
+                .network_deny
+                .iter()
+                .map(|n| parse_net(n, "network_deny"))
+                .collect::<Result<_>>()?,
             time_limit: match raw.time_limit.as_deref() {
                 Some(t) => Some(parse_limit(t, "time_limit")?),
                 None => None,
@@ -326,7 +358,7 @@ mod tests {
         );
         let c = Config::parse(&text, Path::new("config.json")).unwrap();
         assert_eq!((c.job_concurrency, c.job_backlog), (3, 6));
-        assert_eq!(c.network, NetworkMode::Host);
+        assert_eq!(c.network, NetworkMode::Isolated);
         assert_eq!(c.store_path, b.canonicalize().unwrap().join(".mistry"));
         let e = c.effective("web").unwrap();
         assert_eq!(

@@ -60,12 +60,10 @@ impl Config {
             &self.base_dir,
             &format!("projects.{project}"),
         )?;
-        // ... which the project's own file can only tighten.
+        // ... which the project's own file can only tighten (none < isolated < host).
         let origin = file.display();
         if let Some(n) = &own.network {
-            if parse_network(n, &format!("{origin}: network"))? == NetworkMode::None {
-                network = NetworkMode::None;
-            }
+            network = network.min(parse_network(n, &format!("{origin}: network"))?);
         }
         if let Some(t) = &own.time_limit {
             let t = parse_limit(t, &format!("{origin}: time_limit"))?;
@@ -93,7 +91,8 @@ impl Config {
     /// How `project`'s image is built under `settings` (its [`Config::effective`] settings):
     /// build arg `uid` is this process's uid (as mistry passes it), then the project's build
     /// args; its network, policy and time limit (of each RUN step and each `ADD <url>`); and
-    /// `ADD <url>` never connects to where the daemon listens.
+    /// `ADD <url>` never connects to where the daemon listens, nor, with an isolated network,
+    /// anywhere the egress policy refuses.
     pub fn build_options_with(&self, project: &str, settings: &Effective) -> BuildOptions {
         let mut opts = BuildOptions::new(project, self.projects_path.join(project));
         opts.build_args = vec![("uid".into(), nix::unistd::geteuid().as_raw().to_string())];
@@ -102,6 +101,7 @@ impl Config {
         opts.run_timeout = settings.time_limit;
         opts.policy = settings.security.policy();
         opts.download.deny_connect = self.listen.clone();
+        opts.download.egress = settings.network == NetworkMode::Isolated;
         opts.secrets = super::secrets::for_project(&self.secrets, project);
         if let Some(t) = settings.time_limit {
             opts.download.timeout = opts.download.timeout.min(t);

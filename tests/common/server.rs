@@ -64,6 +64,8 @@ pub struct Server {
     pub config: PathBuf,
     /// More arguments of mistryd.
     pub args: Vec<String>,
+    /// `--addr` (default `127.0.0.1:0`).
+    pub listen: String,
     /// How many times mistryd was started (names its log).
     spawns: usize,
 }
@@ -79,6 +81,21 @@ impl Server {
 
     /// With more mistryd arguments (e.g. `--header-timeout 2s`).
     pub fn start_with(parent: Option<&Path>, extra: Value, args: &[&str]) -> Server {
+        let mut s = Self::prepare(parent, extra, args);
+        s.spawn();
+        s
+    }
+
+    /// Listening on `listen` (e.g. `0.0.0.0:0`: every address of the host).
+    pub fn start_on(listen: &str, extra: Value) -> Server {
+        let mut s = Self::prepare(None, extra, &[]);
+        s.listen = listen.to_string();
+        s.spawn();
+        s
+    }
+
+    /// The server's directory, projects and configuration, not started yet.
+    fn prepare(parent: Option<&Path>, extra: Value, args: &[&str]) -> Server {
         let dir = match parent {
             Some(p) => tempfile::Builder::new().prefix("mistryd").tempdir_in(p),
             None => tempfile::Builder::new().prefix("mistryd").tempdir(),
@@ -192,20 +209,19 @@ impl Server {
         }
         let config_path = dir.path().join("config.json");
         std::fs::write(&config_path, config.to_string()).unwrap();
-        let mut s = Server {
+        Server {
             child: None,
             addr: String::new(),
             grace: "10s".into(),
             dir,
             config: config_path,
             args: args.iter().map(|a| a.to_string()).collect(),
+            listen: "127.0.0.1:0".into(),
             spawns: 0,
-        };
-        s.spawn();
-        s
+        }
     }
 
-    /// Start mistryd on `127.0.0.1:0` and take the port it reports on stdout
+    /// Start mistryd on `listen` (`127.0.0.1:0`) and take the port it reports on stdout
     /// (`mistryd: listening on ADDR`); its log goes to `mistryd-N.log` in the server's directory.
     pub fn spawn(&mut self) {
         self.spawns += 1;
@@ -214,7 +230,7 @@ impl Server {
         let mut child = Command::new(mistryd_bin())
             .arg("--config")
             .arg(&self.config)
-            .args(["--addr", "127.0.0.1:0", "--shutdown-grace", &self.grace])
+            .args(["--addr", &self.listen, "--shutdown-grace", &self.grace])
             .args(&self.args)
             .stdout(Stdio::piped())
             .stderr(log)
