@@ -66,6 +66,8 @@ pub struct Server {
     pub args: Vec<String>,
     /// `--addr` (default `127.0.0.1:0`).
     pub listen: String,
+    /// More environment variables of mistryd.
+    pub env: Vec<(String, String)>,
     /// How many times mistryd was started (names its log).
     spawns: usize,
 }
@@ -86,10 +88,15 @@ impl Server {
         s
     }
 
-    /// Listening on `listen` (e.g. `0.0.0.0:0`: every address of the host).
-    pub fn start_on(listen: &str, extra: Value) -> Server {
+    /// Listening on `listen` (e.g. `0.0.0.0:0`: every address of the host), with more
+    /// environment variables.
+    pub fn start_on(listen: &str, extra: Value, env: &[(&str, &str)]) -> Server {
         let mut s = Self::prepare(None, extra, &[]);
         s.listen = listen.to_string();
+        s.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         s.spawn();
         s
     }
@@ -217,6 +224,7 @@ impl Server {
             config: config_path,
             args: args.iter().map(|a| a.to_string()).collect(),
             listen: "127.0.0.1:0".into(),
+            env: Vec::new(),
             spawns: 0,
         }
     }
@@ -232,6 +240,7 @@ impl Server {
             .arg(&self.config)
             .args(["--addr", &self.listen, "--shutdown-grace", &self.grace])
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
