@@ -374,6 +374,33 @@ mod tests {
         assert_eq!(e.network, NetworkMode::None, "the server's config wins");
         assert_eq!(e.build_args, vec![("A".to_string(), "1".to_string())]);
 
+        assert!(c.network_deny.is_empty());
+        let text = format!(
+            r#"{{"projects_path": "{}", "build_path": "{}", "network": "host",
+                "network_deny": ["10.0.0.0/8", "192.168.1.7", "fd00::1/8", "10.9.9.9/16"]}}"#,
+            p.display(),
+            b.display()
+        );
+        let c = Config::parse(&text, Path::new("config.json")).unwrap();
+        assert_eq!(c.network, NetworkMode::Host, "an explicit host is kept");
+        assert_eq!(
+            c.network_deny
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["10.0.0.0/8", "192.168.1.7/32", "fd00::/8", "10.9.0.0/16"]
+        );
+        let bad = format!(
+            r#"{{"projects_path": "{}", "build_path": "{}", "network_deny": ["10.0.0.0/33"]}}"#,
+            p.display(),
+            b.display()
+        );
+        let e = Config::parse(&bad, Path::new("c.json")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "network_deny: \"10.0.0.0/33\" is not a network (10.0.0.0/8) or an address"
+        );
+
         let missing = format!(r#"{{"build_path": "{}"}}"#, b.display());
         let e = Config::parse(&missing, Path::new("c.json")).unwrap_err();
         assert_eq!(e.to_string(), "c.json: projects_path is required");

@@ -211,6 +211,54 @@ mod tests {
     }
 
     #[test]
+    fn a_project_file_only_narrows_the_network() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, b) = (dir.path().join("projects"), dir.path().join("builds"));
+        for name in ["plain", "wide", "narrowed", "none"] {
+            std::fs::create_dir_all(p.join(name)).unwrap();
+        }
+        std::fs::create_dir_all(&b).unwrap();
+        let text = format!(
+            r#"{{"projects_path": "{}", "build_path": "{}",
+                "projects": {{"wide": {{"network": "host"}}, "narrowed": {{"network": "host"}}}}}}"#,
+            p.display(),
+            b.display()
+        );
+        let c = Config::parse(&text, Path::new("config.json")).unwrap();
+        let own = |name: &str, net: &str| {
+            std::fs::write(
+                p.join(name).join(".mistry.json"),
+                format!(r#"{{"network": "{net}"}}"#),
+            )
+            .unwrap()
+        };
+        // The default is isolated; a project asking for the host's network stays isolated.
+        own("plain", "host");
+        assert_eq!(c.effective("plain").unwrap().network, NetworkMode::Isolated);
+        // The operator's entry gives the host's network; the project may keep it or narrow it.
+        own("wide", "host");
+        assert_eq!(c.effective("wide").unwrap().network, NetworkMode::Host);
+        own("narrowed", "isolated");
+        assert_eq!(
+            c.effective("narrowed").unwrap().network,
+            NetworkMode::Isolated
+        );
+        own("none", "none");
+        assert_eq!(c.effective("none").unwrap().network, NetworkMode::None);
+        // ADD <url> follows the egress policy where the network is isolated.
+        assert!(c.build_options("plain").unwrap().download.egress);
+        assert!(!c.build_options("wide").unwrap().download.egress);
+        own("plain", "bridge");
+        let e = c.effective("plain").unwrap_err();
+        assert!(
+            e.to_string().ends_with(
+                "network: unknown network mode \"bridge\" (expected none, isolated or host)"
+            ),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn a_project_file_only_tightens_the_operators_settings() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("projects");
