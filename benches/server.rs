@@ -4,7 +4,9 @@
 //!   request-to-response; target ≤ 8 ms, as root and rootless);
 //! - result-cache hits (median; target ≤ 1 ms) and their throughput under `wrk` where installed
 //!   (target ≥ 2000 requests/s);
-//! - the idle daemon's resident memory (target ≤ 30 MiB).
+//! - the idle daemon's resident memory (target ≤ 30 MiB);
+//! - the same new-params job with the host's network and with an isolated one (slirp4netns,
+//!   namespaces made ahead): isolated at most 3 ms slower (median).
 //!
 //! `cargo bench --bench server` (`BENCH_RUNS` sets the number of new-params jobs).
 
@@ -24,6 +26,39 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// `POST /jobs` of project `touch` with param `n` at `url`: the time to the answer.
+fn post_at(agent: &ureq::Agent, url: &str, n: usize) -> Duration {
+    let t = Instant::now();
+    let mut r = agent
+        .post(url)
+        .send(format!(r#"{{"project": "touch", "params": {{"n": "{n}"}}}}"#).as_str())
+        .unwrap();
+    let body = r.body_mut().read_to_string().unwrap();
+    assert_eq!(r.status().as_u16(), 201, "{body}");
+    assert!(body.contains("\"ExitCode\":0"), "{body}");
+    t.elapsed()
+}
+
+/// The median of `runs` new-params jobs on a daemon whose network is `network`.
+fn jobs_with_network(images: &std::path::Path, network: &str, runs: usize) -> Duration {
+    let dir = tempfile::tempdir().unwrap();
+    common::touch_project(&dir.path().join("projects"));
+    let config = common::write_config(
+        dir.path(),
+        images,
+        serde_json::json!({ "network": network }),
+    );
+    let daemon = Daemon::start(&config);
+    let url = format!("http://{}/jobs", daemon.addr);
+    let agent = common::agent(None);
+    post_at(&agent, &url, 0); // builds the image
+                              // The isolated pool fills at start; let it, as a running daemon's has.
+    std::thread::sleep(Duration::from_millis(500));
+    let mut times: Vec<Duration> = (1..=runs).map(|n| post_at(&agent, &url, n)).collect();
+    drop(daemon);
+    median(&mut times)
+}
+
 fn main() {
     let images = common::busybox_images();
     let runs: usize = common::env_num("BENCH_RUNS", 40);
@@ -35,17 +70,7 @@ fn main() {
     let idle = rss_kib(daemon.pid());
     let url = format!("http://{}/jobs", daemon.addr);
     let agent = common::agent(None);
-    let post = |n: usize| {
-        let t = Instant::now();
-        let mut r = agent
-            .post(&url)
-            .send(format!(r#"{{"project": "touch", "params": {{"n": "{n}"}}}}"#).as_str())
-            .unwrap();
-        let body = r.body_mut().read_to_string().unwrap();
-        assert_eq!(r.status().as_u16(), 201, "{body}");
-        assert!(body.contains("\"ExitCode\":0"), "{body}");
-        t.elapsed()
-    };
+    let post = |n: usize| post_at(&agent, &url, n);
     post(0); // builds the image
     let mut fresh: Vec<Duration> = (1..=runs).map(post).collect();
     let mut cached: Vec<Duration> = (0..200).map(|_| post(1)).collect();
@@ -72,6 +97,14 @@ fn main() {
     }
     let after = rss_kib(daemon.pid());
     drop(daemon);
+    // Host and isolated networks, in alternating blocks (the machine's noise drifts).
+    let (mut host, mut isolated) = (Vec::new(), Vec::new());
+    for _ in 0..2 {
+        host.push(jobs_with_network(&images, "host", runs / 2));
+        isolated.push(jobs_with_network(&images, "isolated", runs / 2));
+    }
+    let host = median(&mut host);
+    let isolated = median(&mut isolated);
 
     println!("mistryd on loopback, image cached ({runs} new-params jobs, 200 cache hits)");
     println!("{:<44} {:>10}   target", "", "measured");
@@ -95,6 +128,21 @@ fn main() {
             "cache hits/s under wrk", "no wrk"
         ),
     }
+    println!(
+        "{:<44} {:>8.1}ms",
+        "POST /jobs, new params, network host",
+        ms(host)
+    );
+    println!(
+        "{:<44} {:>8.1}ms",
+        "POST /jobs, new params, network isolated",
+        ms(isolated)
+    );
+    println!(
+        "{:<44} {:>+8.1}ms   <= +3 ms",
+        "  isolated - host",
+        ms(isolated) - ms(host)
+    );
     println!(
         "{:<44} {:>7.1}MiB   <= 30 MiB",
         "idle daemon RSS",

@@ -326,6 +326,9 @@ mod tests {
             (Some(Duration::from_secs(900)), 1)
         );
         assert_eq!(c.sandbox_ids, SandboxIds::Auto);
+        assert_eq!(c.network, NetworkMode::Isolated);
+        assert_eq!(c.network_deny, ["10.0.0.0/8".parse().unwrap()]);
+        assert_eq!(c.effective("yarn").unwrap().network, NetworkMode::Host);
         assert_eq!(c.security.seccomp, sandbox::Seccomp::Default);
         assert_eq!(
             e.security.limits,
