@@ -253,7 +253,9 @@ pub fn copy_artifacts(job_dir: &Path, target: &Path) -> Result<()> {
 /// `mistryd exec`: print errors as one line; the exit code (the job's when it failed).
 /// `set_up` applies the daemon's id mapping to the configuration (as `mistryd` does).
 pub fn main(args: &ExecArgs, set_up: impl FnOnce(&mut Config) -> Result<()>) -> i32 {
-    match run(args, set_up) {
+    let result = run(args, set_up);
+    crate::security::stop_networks();
+    match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("mistry exec: {e:#}");

@@ -17,9 +17,9 @@
 //! the cluster's database and the other agents). IPv4-mapped IPv6 addresses are checked as the
 //! IPv4 address they are.
 //!
-//! One exception: port 53 of a name server of the host's `/etc/resolv.conf`, where slirp4netns
-//! forwards the DNS queries a job sends to `10.0.2.3` (a host resolver on `127.0.0.53` is
-//! loopback, yet must answer).
+//! One exception, for slirp4netns alone ([`EgressPolicy::check_slirp`]): port 53 of a name
+//! server of the host's `/etc/resolv.conf`, where it forwards the DNS queries a job sends to
+//! `10.0.2.3` (a host resolver on `127.0.0.53` is loopback, yet must answer).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex, RwLock};
@@ -107,15 +107,17 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// The rules, given what is known of the host (pure: the unit tests call it).
+/// The rules, given what is known of the host (pure: the unit tests call it). `dns`: let port
+/// 53 of the host's name servers through (slirp4netns' forwarder).
 pub(crate) fn check_with(
     addr: SocketAddr,
     facts: &HostFacts,
     deny: &[IpNet],
     dynamic: &[IpNet],
+    dns: bool,
 ) -> Result<(), Refusal> {
     let ip = canonical(addr.ip());
-    if addr.port() == 53 && facts.nameservers.contains(&ip) {
+    if dns && addr.port() == 53 && facts.nameservers.contains(&ip) {
         return Ok(());
     }
     match ip {
@@ -205,11 +207,21 @@ impl EgressPolicy {
         facts
     }
 
-    /// May an isolated network (or a download) connect or send to `addr`?
+    /// May a download of the daemon (`ADD <url>`) connect to `addr`?
     pub fn check(&self, addr: SocketAddr) -> Result<(), Refusal> {
+        self.check_as(addr, false)
+    }
+
+    /// May an isolated network's slirp4netns connect or send to `addr`? As [`Self::check`],
+    /// and port 53 of the host's name servers for its DNS forwarder (`10.0.2.3`).
+    pub fn check_slirp(&self, addr: SocketAddr) -> Result<(), Refusal> {
+        self.check_as(addr, true)
+    }
+
+    fn check_as(&self, addr: SocketAddr, dns: bool) -> Result<(), Refusal> {
         let facts = self.facts();
         let dynamic = self.dynamic.read().unwrap_or_else(|e| e.into_inner());
-        check_with(addr, &facts, &self.deny, &dynamic)
+        check_with(addr, &facts, &self.deny, &dynamic, dns)
     }
 }
 
@@ -253,7 +265,7 @@ mod tests {
     #[test]
     fn built_in_rules() {
         let f = facts();
-        let check = |s: &str| check_with(a(s), &f, &[], &[]);
+        let check = |s: &str| check_with(a(s), &f, &[], &[], true);
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         assert_eq!(
             check("127.0.0.1:8462"),
@@ -328,6 +340,11 @@ mod tests {
             check("127.0.0.1:53"),
             Err(Refusal::Loopback(ip("127.0.0.1")))
         );
+        // Downloads of the daemon resolve names themselves: no exception.
+        assert_eq!(
+            check_with(a("127.0.0.53:53"), &f, &[], &[], false),
+            Err(Refusal::Loopback(ip("127.0.0.53")))
+        );
     }
 
     #[test]
@@ -335,7 +352,7 @@ mod tests {
         let f = facts();
         let deny: Vec<IpNet> = vec!["10.0.0.0/8".parse().unwrap(), "fd12::/16".parse().unwrap()];
         let dynamic: Vec<IpNet> = vec!["198.51.100.7/32".parse().unwrap()];
-        let check = |s: &str| check_with(a(s), &f, &deny, &dynamic);
+        let check = |s: &str| check_with(a(s), &f, &deny, &dynamic, true);
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         assert_eq!(
             check("10.1.2.3:5432"),

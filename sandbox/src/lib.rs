@@ -498,7 +498,7 @@ impl Sandbox {
         // The held user namespace (rootless) is needed now: an isolated network is made for it.
         let held = holder::userns_for(&mapping);
         let net = match self.network {
-            NetworkMode::Isolated => Some(net::acquire(held.as_ref())?),
+            NetworkMode::Isolated => Some(net::acquire(held.as_ref(), mapping.max_id())?),
             _ => None,
         };
         let joined = matches!(net, Some(net::Net::Joined(_)));

@@ -300,6 +300,7 @@ fn rebuild(cli: &Cli, projects: &[String], fail_fast: bool, verbose: bool) -> Re
             }
         }
     }
+    mistry::security::stop_networks();
     let pruned = builder.store.collect_garbage()?;
     println!(
         "Finished. Rebuilt: {rebuilt}, Pruned images: {}, Pruned blobs: {}, Failed: {}",

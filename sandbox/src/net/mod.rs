@@ -317,16 +317,14 @@ pub fn ready_count() -> usize {
         .map_or(0, |p| p.lock().ready.len())
 }
 
-/// How the sandbox about to start with held user namespace `held` (if any) gets its network.
-pub(crate) fn acquire(held: Option<&Arc<OwnedFd>>) -> Result<Net, Error> {
+/// How the sandbox about to start with held user namespace `held` (if any; its ids `0..=max_id`
+/// mapped) gets its network.
+pub(crate) fn acquire(held: Option<&Arc<OwnedFd>>, max_id: u32) -> Result<Net, Error> {
     let (owner, max_id) = match held {
         Some(userns) => {
             let ino = inode(userns.as_raw_fd()).ok_or_else(|| {
                 Error::Network("isolated network: the held user namespace is gone".into())
             })?;
-            let max_id = idmap::try_choose(crate::IdMapping::Auto)
-                .map(|(m, _)| m.max_id())
-                .unwrap_or(0);
             (Owner::Held(ino), max_id)
         }
         None if nix::unistd::geteuid().is_root() => (Owner::Root, u32::MAX >> 1),

@@ -668,7 +668,7 @@ fn destinations(pid: libc::pid_t, n: &libc::seccomp_notif) -> Result<Vec<Dest>, 
 fn judge(dests: &[Dest], connect: bool, policy: &EgressPolicy) -> Result<(), String> {
     for d in dests {
         match d {
-            Dest::Inet(sa) => policy.check(*sa).map_err(|r| format!("{sa}: {r}"))?,
+            Dest::Inet(sa) => policy.check_slirp(*sa).map_err(|r| format!("{sa}: {r}"))?,
             Dest::Unspec if connect => {}
             Dest::Unspec => return Err("an unspecified address".into()),
             Dest::Family(f) => return Err(Refusal::Family(*f).to_string()),
