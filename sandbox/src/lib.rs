@@ -514,12 +514,17 @@ impl Sandbox {
                 format!("0 {}", mapping.max_id()),
             ));
         }
-        let (ops, nslots) = plan::build(&plan::Spec {
+        let given_sysfs = match &net {
+            Some(net::Net::Joined(lease)) => lease.sysfs.as_ref().map(|f| f.as_raw_fd()),
+            _ => None,
+        };
+        let (ops, nslots, sysfs_slot) = plan::build(&plan::Spec {
             overlay: overlay.as_ref(),
             overlay_mounts: &self.overlay_mounts,
             rootfs: &rootfs,
             network: self.network,
             joined_netns: joined,
+            given_sysfs: given_sysfs.is_some(),
             generated_etc: etc_files.as_ref().map(|(r, h)| (r.as_path(), h.as_path())),
             binds: &binds,
             tmpfs_mounts: &self.tmpfs_mounts,
@@ -614,7 +619,14 @@ impl Sandbox {
             .fold(0u64, |m, c| m | (1u64 << c.index()));
         let mut prepared = Prepared {
             ops,
-            slots: vec![-1; nslots],
+            slots: {
+                let mut slots = vec![-1; nslots];
+                // The sandbox inherits the descriptor; init attaches it and closes its copy.
+                if let (Some(slot), Some(fd)) = (sysfs_slot, given_sysfs) {
+                    slots[slot] = fd;
+                }
+                slots
+            },
             hostname: cstr(self.hostname.as_bytes()),
             argv: self.argv.iter().map(|a| cstr(a.as_bytes())).collect(),
             argv_ptrs: Vec::new(),
@@ -671,9 +683,9 @@ impl Sandbox {
             flags |= libc::CLONE_NEWNET as u64;
         }
         // A pooled isolated network: its namespace to start in, and its slirp4netns to keep.
-        let (netns, slirp) = match net {
-            Some(net::Net::Joined(lease)) => (Some(lease.netns), Some(lease.slirp)),
-            _ => (None, None),
+        let (netns, slirp, sysfs) = match net {
+            Some(net::Net::Joined(lease)) => (Some(lease.netns), Some(lease.slirp), lease.sysfs),
+            _ => (None, None, None),
         };
         let netns_fd = netns.as_ref().map_or(-1, |n| n.as_raw_fd());
         let (pid, pidfd) = match &held {
@@ -697,8 +709,8 @@ impl Sandbox {
                 }
             }
         };
-        // The sandbox keeps its namespace alive from now on.
-        drop(netns);
+        // The sandbox keeps its namespace (and has its sysfs) from now on.
+        drop((netns, sysfs));
         drop((
             stdin_child,
             stdout_child,

@@ -158,7 +158,7 @@ fn the_namespace_has_its_own_interfaces_resolver_and_host_names() {
     let out = run(isolated(&f).hostname("builder-3").command([
         "/bin/sh",
         "-c",
-        "ip -o -4 addr show | awk '{print $2, $4}'; ip route | grep ^default; \
+        "ip -o -4 addr show | awk '{print $2, $4}'; ip route | grep ^default; echo $(ls /sys/class/net); \
          cat /etc/resolv.conf /etc/hosts; cat /proc/sys/net/ipv4/ip_unprivileged_port_start; \
          echo x > /etc/resolv.conf 2>/dev/null || echo read-only; \
          ip link set tap0 down 2>/dev/null || echo no-admin",
@@ -177,7 +177,9 @@ fn the_namespace_has_its_own_interfaces_resolver_and_host_names() {
         lines[2].starts_with("default via 10.0.2.2 dev tap0"),
         "{stdout}"
     );
-    assert_eq!(lines[3], "nameserver 10.0.2.3");
+    // Its own sysfs: its interfaces, not the host's.
+    assert_eq!(lines[3], "lo tap0");
+    assert_eq!(lines[4], "nameserver 10.0.2.3");
     assert!(stdout.contains("127.0.0.1\tlocalhost\n"), "{stdout}");
     assert!(stdout.contains("10.0.2.100\tbuilder-3\n"), "{stdout}");
     assert!(stdout.ends_with("0\nread-only\nno-admin\n"), "{stdout}");

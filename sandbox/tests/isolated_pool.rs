@@ -93,7 +93,7 @@ fn pooled_namespaces_serve_one_sandbox_each_and_go_with_the_pool() {
             "-c",
             &format!(
                 "readlink /proc/self/ns/net; /bin/probe connect {host} {port}; \
-                 ip link set tap0 down 2>/dev/null || echo no-admin"
+                 echo $(ls /sys/class/net); ip link set tap0 down 2>/dev/null || echo no-admin"
             ),
         ]));
         let stdout = text(&out.stdout);
@@ -106,7 +106,7 @@ fn pooled_namespaces_serve_one_sandbox_each_and_go_with_the_pool() {
         let lines: Vec<String> = stdout.lines().map(str::to_string).collect();
         assert_eq!(
             lines[1..],
-            ["err ECONNREFUSED", "no-admin"],
+            ["err ECONNREFUSED", "lo tap0", "no-admin"],
             "{stdout} {}",
             text(&out.stderr)
         );

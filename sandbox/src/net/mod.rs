@@ -50,6 +50,8 @@ enum Owner {
 #[derive(Debug)]
 pub(crate) struct Lease {
     pub(crate) netns: OwnedFd,
+    /// A detached read-only sysfs of the namespace (see `netns.rs`), if it could be made.
+    pub(crate) sysfs: Option<OwnedFd>,
     pub(crate) slirp: Slirp,
     owner: Owner,
 }
@@ -115,7 +117,7 @@ fn inode(fd: RawFd) -> Option<u64> {
 fn make_lease(owner: Owner, userns: Option<&Arc<OwnedFd>>, max_id: u32) -> Result<Lease, Error> {
     let binary = slirp_binary()?;
     let userns_fd = userns.map(|u| u.as_raw_fd());
-    let netns = netns::make(userns_fd, max_id)?;
+    let (netns, sysfs) = netns::make(userns_fd, max_id)?;
     let slirp = Slirp::start(
         &binary,
         slirp::Target::Netns {
@@ -127,6 +129,7 @@ fn make_lease(owner: Owner, userns: Option<&Arc<OwnedFd>>, max_id: u32) -> Resul
     slirp.arm();
     Ok(Lease {
         netns,
+        sysfs,
         slirp,
         owner,
     })

@@ -1,8 +1,10 @@
 //! Making an isolated network namespace ahead of its sandbox: a forked child (in the held user
 //! namespace for a rootless daemon, so that the namespace belongs to it and sandboxes nested in
 //! it can join) unshares a network namespace, brings `lo` up, sets its sysctls and hands its
-//! descriptor back over a socket. The sandboxes that join it later own no capability over it:
-//! a job cannot reconfigure it.
+//! descriptor back over a socket, with a detached read-only sysfs of the namespace (made in a
+//! mount namespace of its own: a sandbox that joins the namespace owns no capability over it and
+//! could not make one, so its `/sys/class/net` shows its own interfaces, not the host's). The
+//! sandboxes that join it later own no capability over it: a job cannot reconfigure it.
 
 use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -17,9 +19,10 @@ const STAGE_OPEN: u8 = 4;
 /// The child: allocation-free (the daemon is multi-threaded).
 fn maker_main(sock: RawFd, userns: Option<RawFd>, ping_range: &CString) -> ! {
     let fail = |stage: u8, errno: i32| -> ! {
-        let mut rec = [0u8; 5];
-        rec[0] = stage;
-        rec[1..].copy_from_slice(&errno.to_ne_bytes());
+        let mut rec = [0u8; 6];
+        rec[0] = b'E';
+        rec[1] = stage;
+        rec[2..].copy_from_slice(&errno.to_ne_bytes());
         let _ = sys::send_with_fd(sock, &rec, -1);
         sys::exit(1)
     };
@@ -47,12 +50,25 @@ fn maker_main(sock: RawFd, userns: Option<RawFd>, ping_range: &CString) -> ! {
     if sys::send_with_fd(sock, b"N", fd).is_err() {
         sys::exit(1);
     }
+    // The namespace's sysfs, if it can be made (else the sandbox binds the host's /sys).
+    let attrs = sys::MOUNT_ATTR_RDONLY
+        | sys::MOUNT_ATTR_NOSUID
+        | sys::MOUNT_ATTR_NODEV
+        | sys::MOUNT_ATTR_NOEXEC;
+    let sysfs = sys::unshare(libc::CLONE_NEWNS)
+        .and_then(|()| sys::fresh_mount(c"sysfs", &[], attrs))
+        .unwrap_or(-1);
+    let _ = sys::send_with_fd(sock, if sysfs >= 0 { b"S" } else { b"s" }, sysfs);
     sys::exit(0)
 }
 
 /// A new network namespace with `lo` up, owned by `userns` (a held user namespace whose ids
-/// `0..=max_id` are mapped) or, without one, by the caller's (root's) user namespace.
-pub(crate) fn make(userns: Option<RawFd>, max_id: u32) -> Result<OwnedFd, Error> {
+/// `0..=max_id` are mapped) or, without one, by the caller's (root's) user namespace; and a
+/// detached sysfs of it, when one could be made.
+pub(crate) fn make(
+    userns: Option<RawFd>,
+    max_id: u32,
+) -> Result<(OwnedFd, Option<OwnedFd>), Error> {
     let err = |what: &str, e: i32| {
         Error::Network(format!(
             "isolated network: making a network namespace: {what}: {}",
@@ -70,20 +86,36 @@ pub(crate) fn make(userns: Option<RawFd>, max_id: u32) -> Result<OwnedFd, Error>
     };
     drop(child);
     let mut buf = [0u8; 8];
-    let got = sys::recv_with_fd(parent.as_raw_fd(), &mut buf);
-    let _ = sys::waitpid(pid, 0);
-    match got {
+    // One byte per message that carries a descriptor (a failure record has 6).
+    let got = sys::recv_with_fd(parent.as_raw_fd(), &mut buf[..1]).and_then(|(n, fd)| {
+        if n == 1 && buf[0] == b'E' {
+            let more = sys::read_full(parent.as_raw_fd(), &mut buf[1..6])?;
+            Ok((1 + more, fd))
+        } else {
+            Ok((n, fd))
+        }
+    });
+    let result = match got {
         Ok((1, fd)) if buf[0] == b'N' && fd >= 0 => {
             // SAFETY: recvmsg just installed this descriptor for us.
-            Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+            let netns = unsafe { OwnedFd::from_raw_fd(fd) };
+            let mut tag = [0u8; 1];
+            let sysfs = match sys::recv_with_fd(parent.as_raw_fd(), &mut tag) {
+                Ok((1, fd)) if tag[0] == b'S' && fd >= 0 => {
+                    // SAFETY: recvmsg just installed this descriptor for us.
+                    Some(unsafe { OwnedFd::from_raw_fd(fd) })
+                }
+                _ => None,
+            };
+            Ok((netns, sysfs))
         }
         Ok((n, fd)) => {
             if fd >= 0 {
                 // SAFETY: recvmsg just installed this descriptor for us; it is dropped here.
                 drop(unsafe { OwnedFd::from_raw_fd(fd) });
             }
-            let (stage, errno) = if n >= 5 {
-                (buf[0], i32::from_ne_bytes([buf[1], buf[2], buf[3], buf[4]]))
+            let (stage, errno) = if n >= 6 && buf[0] == b'E' {
+                (buf[1], i32::from_ne_bytes([buf[2], buf[3], buf[4], buf[5]]))
             } else {
                 (0, libc::EIO)
             };
@@ -97,5 +129,7 @@ pub(crate) fn make(userns: Option<RawFd>, max_id: u32) -> Result<OwnedFd, Error>
             Err(err(what, errno))
         }
         Err(e) => Err(err("receiving it", e)),
-    }
+    };
+    let _ = sys::waitpid(pid, 0);
+    result
 }
