@@ -354,10 +354,11 @@ mod tests {
     }
 }
 
-/// How many isolated network namespaces a daemon keeps ready: one per job that may run at once
-/// (RUN steps of image builds take from the same pool), at least 2, at most 16.
+/// How many isolated network namespaces a daemon keeps ready: two per job that may run at once
+/// (a job and the RUN steps of its image build take from the same pool, and jobs that follow
+/// each other closely must not wait for the next one to be made), at least 4, at most 32.
 pub fn network_pool_size(job_concurrency: usize) -> usize {
-    job_concurrency.clamp(2, 16)
+    (2 * job_concurrency).clamp(4, 32)
 }
 
 /// Isolated networks of this process: the egress policy (the operator's `network_deny`; the

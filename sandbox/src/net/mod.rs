@@ -157,6 +157,11 @@ struct Pool {
 
 static POOL: Mutex<Option<Arc<Pool>>> = Mutex::new(None);
 
+/// Workers making namespaces at once: making one is mostly waiting (for slirp4netns to start,
+/// for the kernel to register the TAP device), so a few in parallel keep up with jobs that
+/// follow each other closely.
+const WORKERS: usize = 3;
+
 /// How long a sandbox waits for a namespace a worker is making before it makes its own.
 const WAIT_FOR_WORKER: Duration = Duration::from_millis(250);
 
@@ -168,6 +173,8 @@ impl Pool {
     /// A ready namespace for `owner`, waiting a little for one being made; `None`: make one.
     fn take(&self, owner: Owner) -> Option<Lease> {
         let deadline = Instant::now() + WAIT_FOR_WORKER;
+        // Dropped once the lock is released (closing a namespace's descriptors takes time).
+        let mut discarded = Vec::new();
         let mut st = self.lock();
         loop {
             while let Some(lease) = st.ready.pop_front() {
@@ -177,6 +184,7 @@ impl Pool {
                 }
                 // Made for a held namespace since replaced, or its slirp4netns died: discarded.
                 tracing::debug!(slirp = lease.slirp.pid(), "a pooled network is discarded");
+                discarded.push(lease);
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if st.closed || st.making == 0 || left.is_zero() || st.failing.is_some() {
@@ -205,6 +213,7 @@ impl Pool {
                 }
                 st.making += 1;
             }
+            let started = Instant::now();
             let made = match current_owner() {
                 Some((owner, userns, max_id)) => make_lease(owner, userns.as_ref(), max_id),
                 None => Err(Error::Network(
@@ -216,6 +225,7 @@ impl Pool {
                 st.making -= 1;
                 let failed = match made {
                     Ok(lease) if !st.closed => {
+                        tracing::debug!(took = ?started.elapsed(), ready = st.ready.len() + 1, "isolated network made ahead");
                         st.ready.push_back(lease);
                         st.failing = None;
                         None
@@ -288,7 +298,7 @@ pub fn configure(size: usize) {
         workers: Mutex::new(Vec::new()),
     });
     let mut workers = Vec::new();
-    for i in 0..size.min(2) {
+    for i in 0..size.min(WORKERS) {
         let p = Arc::clone(&pool);
         match std::thread::Builder::new()
             .name(format!("mistry-netpool-{i}"))
@@ -336,11 +346,15 @@ pub(crate) fn acquire(held: Option<&Arc<OwnedFd>>, max_id: u32) -> Result<Net, E
             return Ok(Net::Attach);
         }
     };
+    let started = Instant::now();
     let pool = POOL.lock().unwrap_or_else(|e| e.into_inner()).clone();
     if let Some(lease) = pool.and_then(|p| p.take(owner)) {
+        tracing::debug!(took = ?started.elapsed(), "isolated network from the pool");
         return Ok(Net::Joined(lease));
     }
-    make_lease(owner, held, max_id).map(Net::Joined)
+    let lease = make_lease(owner, held, max_id)?;
+    tracing::debug!(took = ?started.elapsed(), "isolated network made now");
+    Ok(Net::Joined(lease))
 }
 
 /// Start the slirp4netns of a sandbox that made its own network namespace ([`Net::Attach`]):
@@ -484,6 +498,12 @@ pub(crate) struct ThreadNetns {
 }
 
 impl ThreadNetns {
+    /// The calling thread, already in another network namespace, returns to `own` when this is
+    /// dropped.
+    pub(crate) fn returning_to(own: OwnedFd) -> ThreadNetns {
+        ThreadNetns { own }
+    }
+
     pub(crate) fn enter(netns: RawFd) -> Result<ThreadNetns, Error> {
         let own = sys::open_read(c"/proc/thread-self/ns/net").map_err(|e| {
             Error::Network(format!(

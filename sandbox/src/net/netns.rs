@@ -1,6 +1,7 @@
-//! Making an isolated network namespace ahead of its sandbox: a forked child (in the held user
-//! namespace for a rootless daemon, so that the namespace belongs to it and sandboxes nested in
-//! it can join) unshares a network namespace, brings `lo` up, sets its sysctls and hands its
+//! Making an isolated network namespace ahead of its sandbox. A root daemon's thread unshares
+//! one for itself, sets it up and returns to its own ([`make_here`]: no process to fork); for a
+//! rootless daemon, a forked child in the held user namespace (so that the namespace belongs to
+//! it and sandboxes nested in it can join) unshares a network namespace, brings `lo` up, sets its sysctls and hands its
 //! descriptor back over a socket, with a detached read-only sysfs of the namespace (made in a
 //! mount namespace of its own: a sandbox that joins the namespace owns no capability over it and
 //! could not make one, so its `/sys/class/net` shows its own interfaces, not the host's). The
@@ -62,6 +63,40 @@ fn maker_main(sock: RawFd, userns: Option<RawFd>, ping_range: &CString) -> ! {
     sys::exit(0)
 }
 
+fn err(what: &str, e: i32) -> Error {
+    Error::Network(format!(
+        "isolated network: making a network namespace: {what}: {}",
+        errno_text(e)
+    ))
+}
+
+/// Root: a new network namespace made on the calling thread, which returns to its own network
+/// namespace before this returns (see [`super::ThreadNetns`]); its sysfs is made while the
+/// thread is in it (root may mount in the host's mount namespace).
+fn make_here() -> Result<(OwnedFd, Option<OwnedFd>), Error> {
+    let own = sys::open_read(c"/proc/thread-self/ns/net").map_err(|e| err("opening ours", e))?;
+    // SAFETY: open returned this descriptor to us; nothing else owns it.
+    let own = unsafe { OwnedFd::from_raw_fd(own) };
+    sys::unshare(libc::CLONE_NEWNET).map_err(|e| err("unshare", e))?;
+    let back = super::ThreadNetns::returning_to(own);
+    sys::loopback_up().map_err(|e| err("bringing up lo", e))?;
+    let _ = sys::write_file(c"/proc/sys/net/ipv4/ip_unprivileged_port_start", b"0");
+    let _ = sys::write_file(c"/proc/sys/net/ipv4/ping_group_range", b"0 2147483647");
+    let netns = sys::open_read(c"/proc/thread-self/ns/net").map_err(|e| err("opening it", e))?;
+    // SAFETY: open returned this descriptor to us; nothing else owns it.
+    let netns = unsafe { OwnedFd::from_raw_fd(netns) };
+    let attrs = sys::MOUNT_ATTR_RDONLY
+        | sys::MOUNT_ATTR_NOSUID
+        | sys::MOUNT_ATTR_NODEV
+        | sys::MOUNT_ATTR_NOEXEC;
+    let sysfs = sys::fresh_mount(c"sysfs", &[], attrs)
+        .ok()
+        // SAFETY: fsmount returned this descriptor to us; nothing else owns it.
+        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) });
+    drop(back);
+    Ok((netns, sysfs))
+}
+
 /// A new network namespace with `lo` up, owned by `userns` (a held user namespace whose ids
 /// `0..=max_id` are mapped) or, without one, by the caller's (root's) user namespace; and a
 /// detached sysfs of it, when one could be made.
@@ -69,12 +104,9 @@ pub(crate) fn make(
     userns: Option<RawFd>,
     max_id: u32,
 ) -> Result<(OwnedFd, Option<OwnedFd>), Error> {
-    let err = |what: &str, e: i32| {
-        Error::Network(format!(
-            "isolated network: making a network namespace: {what}: {}",
-            errno_text(e)
-        ))
-    };
+    if userns.is_none() && nix::unistd::geteuid().is_root() {
+        return make_here();
+    }
     let ping_range = CString::new(format!("0 {max_id}")).unwrap_or_default();
     let (parent, child) = sys::socketpair().map_err(|e| err("socketpair", e))?;
     // SAFETY: socketpair returned these two descriptors to us; nothing else owns them.
