@@ -150,12 +150,12 @@ fn main() {
     ] {
         println!(
             "{:<44} {:>8.1}ms",
-            format!("POST /jobs, new params, {what}, host"),
+            format!("new params, {what}, host"),
             ms(host)
         );
         println!(
             "{:<44} {:>8.1}ms",
-            format!("POST /jobs, new params, {what}, isolated"),
+            format!("new params, {what}, isolated"),
             ms(isolated)
         );
         println!(
