@@ -107,11 +107,24 @@ fn host_address() -> Ipv4Addr {
 const PROBE_SH: &str = r#"#!/bin/sh
 targets=$1 out=$2 name=$3
 mkdir -p "$out"
-(echo HELLO | nc -l -p 9999 &)
+(echo HELLO | nc -l -p 9999 >/dev/null &)
 sleep 0.3
+# The request's stream stays open until the answer came (an HTTP server may drop a request
+# whose client closed its side first).
+probe() {
+    fifo=/tmp/probe-fifo-$1
+    mkfifo "$fifo"
+    nc -w 10 "$2" "$3" < "$fifo" > "$out/$1" 2>&1 &
+    reader=$!
+    { printf 'GET /index/ HTTP/1.0\r\n\r\n'; sleep 10; } > "$fifo" &
+    writer=$!
+    wait "$reader"
+    kill "$writer" 2>/dev/null
+    rm -f "$fifo"
+}
 echo "self 127.0.0.1 9999" | cat - "$targets" | while read -r what host port; do
     [ -n "$what" ] || continue
-    printf 'GET /index/ HTTP/1.0\r\n\r\n' | nc -w 10 "$host" "$port" > "$out/$what" 2>&1
+    probe "$what" "$host" "$port"
 done
 if grep -q "@$name" /proc/net/unix; then echo seen; else echo unseen; fi > "$out/abstract"
 "#;
