@@ -6,7 +6,8 @@
 //!   (target ≥ 2000 requests/s);
 //! - the idle daemon's resident memory (target ≤ 30 MiB);
 //! - the same new-params job with the host's network and with an isolated one (slirp4netns,
-//!   namespaces made ahead): isolated at most 3 ms slower (median).
+//!   namespaces made ahead), two daemons side by side, their jobs alternating, back to back and
+//!   50 ms apart: isolated at most 3 ms slower (median of the pairs' differences).
 //!
 //! `cargo bench --bench server` (`BENCH_RUNS` sets the number of new-params jobs).
 
@@ -39,35 +40,45 @@ fn post_at(agent: &ureq::Agent, url: &str, n: usize) -> Duration {
     t.elapsed()
 }
 
-/// The median of `runs` new-params jobs on a daemon whose network is `network`, each `gap`
-/// after the previous one's answer.
-fn jobs_with_network(
+/// A daemon serving project `touch` with network `network`, its image built.
+fn daemon_with_network(
     images: &std::path::Path,
+    dir: &std::path::Path,
     network: &str,
-    runs: usize,
-    gap: Duration,
-) -> Duration {
-    let dir = tempfile::tempdir().unwrap();
-    common::touch_project(&dir.path().join("projects"));
-    let config = common::write_config(
-        dir.path(),
-        images,
-        serde_json::json!({ "network": network }),
-    );
+) -> (Daemon, String) {
+    common::touch_project(&dir.join("projects"));
+    let config = common::write_config(dir, images, serde_json::json!({ "network": network }));
     let daemon = Daemon::start(&config);
     let url = format!("http://{}/jobs", daemon.addr);
-    let agent = common::agent(None);
-    post_at(&agent, &url, 0); // builds the image
-                              // The isolated pool fills at start; let it, as a running daemon's has.
+    post_at(&common::agent(None), &url, 0); // builds the image
+    (daemon, url)
+}
+
+/// Host and isolated networks side by side: two daemons, their new-params jobs alternating
+/// (so that the machine's noise hits both alike), each `gap` after the previous answer. The
+/// medians of each, and the median of the pairs' differences (isolated - host), in ms.
+fn host_vs_isolated(images: &std::path::Path, runs: usize, gap: Duration) -> (f64, f64, f64) {
+    let (dh, di) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (_host, host_url) = daemon_with_network(images, dh.path(), "host");
+    let (_isolated, isolated_url) = daemon_with_network(images, di.path(), "isolated");
+    // The isolated pool fills at start; let it, as a running daemon's has.
     std::thread::sleep(Duration::from_millis(500));
-    let mut times: Vec<Duration> = (1..=runs)
-        .map(|n| {
-            std::thread::sleep(gap);
-            post_at(&agent, &url, n)
-        })
-        .collect();
-    drop(daemon);
-    median(&mut times)
+    let agent = common::agent(None);
+    let (mut h, mut i, mut d) = (Vec::new(), Vec::new(), Vec::new());
+    for n in 1..=runs {
+        std::thread::sleep(gap);
+        let th = ms(post_at(&agent, &host_url, n));
+        std::thread::sleep(gap);
+        let ti = ms(post_at(&agent, &isolated_url, n));
+        h.push(th);
+        i.push(ti);
+        d.push(ti - th);
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    (med(&mut h), med(&mut i), med(&mut d))
 }
 
 fn main() {
@@ -108,19 +119,10 @@ fn main() {
     }
     let after = rss_kib(daemon.pid());
     drop(daemon);
-    // Host and isolated networks, in alternating blocks (the machine's noise drifts): jobs one
-    // after the other as fast as they come back (the pool is refilled meanwhile, on the same
-    // two cores), and jobs 50 ms apart (a busy server's pace).
-    let by_network = |gap: Duration| {
-        let (mut host, mut isolated) = (Vec::new(), Vec::new());
-        for _ in 0..2 {
-            host.push(jobs_with_network(&images, "host", runs / 2, gap));
-            isolated.push(jobs_with_network(&images, "isolated", runs / 2, gap));
-        }
-        (median(&mut host), median(&mut isolated))
-    };
-    let (host, isolated) = by_network(Duration::ZERO);
-    let (host_paced, isolated_paced) = by_network(Duration::from_millis(50));
+    // Host and isolated networks: jobs one after the other as fast as they come back (the pool
+    // is refilled meanwhile, on the same cores), and jobs 50 ms apart (a busy server's pace).
+    let back_to_back = host_vs_isolated(&images, runs, Duration::ZERO);
+    let paced = host_vs_isolated(&images, runs, Duration::from_millis(50));
 
     println!("mistryd on loopback, image cached ({runs} new-params jobs, 200 cache hits)");
     println!("{:<44} {:>10}   target", "", "measured");
@@ -144,24 +146,20 @@ fn main() {
             "cache hits/s under wrk", "no wrk"
         ),
     }
-    for (what, host, isolated) in [
-        ("back to back", host, isolated),
-        ("50 ms apart", host_paced, isolated_paced),
-    ] {
+    for (what, (host, isolated, diff)) in [("back to back", back_to_back), ("50 ms apart", paced)] {
         println!(
             "{:<44} {:>8.1}ms",
             format!("new params, {what}, host"),
-            ms(host)
+            host
         );
         println!(
             "{:<44} {:>8.1}ms",
             format!("new params, {what}, isolated"),
-            ms(isolated)
+            isolated
         );
         println!(
             "{:<44} {:>+8.1}ms   <= +3 ms",
-            "  isolated - host",
-            ms(isolated) - ms(host)
+            "  isolated - host (median of pairs)", diff
         );
     }
     println!(
