@@ -449,6 +449,7 @@ pub(crate) fn etc_files(hostname: &str) -> Result<(PathBuf, PathBuf), Error> {
     let mut files = FILES.lock().unwrap_or_else(|e| e.into_inner());
     if files.is_none() {
         use std::os::unix::fs::DirBuilderExt;
+        sweep_files(&std::env::temp_dir());
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.subsec_nanos())
@@ -478,6 +479,27 @@ pub(crate) fn etc_files(hostname: &str) -> Result<(PathBuf, PathBuf), Error> {
     }
     let hosts = files.hosts[hostname].clone();
     Ok((files.resolv.clone(), hosts))
+}
+
+/// Remove what processes of ours that died without [`remove_files`] (killed) left in `tmp`.
+fn sweep_files(tmp: &Path) {
+    let me = nix::unistd::geteuid().as_raw();
+    for entry in std::fs::read_dir(tmp).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("mistry-net-"))
+            .and_then(|n| n.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let ours =
+            std::fs::symlink_metadata(entry.path()).is_ok_and(|m| m.is_dir() && m.uid() == me);
+        if ours && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Remove the generated files (at shutdown).
@@ -538,6 +560,24 @@ impl Drop for ThreadNetns {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn files_of_dead_processes_are_swept() {
+        let tmp = std::env::temp_dir().join(format!("mistry-sweep-test-{}", std::process::id()));
+        std::fs::create_dir_all(&tmp).unwrap();
+        // pid_max is at most 2^22: no process has this pid.
+        let dead = tmp.join("mistry-net-99999999-0000abcd");
+        let alive = tmp.join(format!("mistry-net-{}-0000abcd", std::process::id()));
+        let other = tmp.join("mistry-network-1");
+        for d in [&dead, &alive, &other] {
+            std::fs::create_dir_all(d).unwrap();
+            std::fs::write(d.join("hosts.0"), "x").unwrap();
+        }
+        sweep_files(&tmp);
+        assert!(!dead.exists());
+        assert!(alive.join("hosts.0").exists() && other.exists());
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
 
     #[test]
     fn generated_files() {
