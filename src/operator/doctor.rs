@@ -373,7 +373,7 @@ fn check_network(r: &mut Report, cfg: &Config, root: bool) {
     r.ok(format!(
         "egress of isolated networks: loopback, link-local, this host's addresses{}{} refused",
         if cfg.cluster.database_url.is_some() {
-            ", the database and the agents"
+            ", the cluster's hosts (PostgreSQL, every agent)"
         } else {
             ""
         },
