@@ -61,6 +61,11 @@ fn host_addresses() -> Vec<Ipv4Addr> {
         .collect()
 }
 
+/// Held by the tests that read the host's addresses and by the one that adds a veth pair to
+/// the host (whose address, added meanwhile, would be a host address the egress policy has not
+/// read yet: it reads them at most once a second).
+static HOST_ADDRESSES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// A listener that has had no connection (non-blocking accept finds none).
 fn untouched(l: &TcpListener) -> bool {
     l.set_nonblocking(true).unwrap();
@@ -72,6 +77,7 @@ fn the_hosts_loopback_addresses_and_metadata_are_unreachable() {
     if !prerequisites() {
         return;
     }
+    let _addresses = HOST_ADDRESSES.lock().unwrap_or_else(|e| e.into_inner());
     let f = fixture();
     // A service on the host's loopback (PostgreSQL, say) and one on every address (mistryd's
     // default 0.0.0.0:8462).
@@ -311,6 +317,7 @@ fn a_destination_that_is_not_the_host_is_reachable() {
         eprintln!("a_destination_that_is_not_the_host_is_reachable: the veth part needs root");
         return;
     }
+    let _addresses = HOST_ADDRESSES.lock().unwrap_or_else(|e| e.into_inner());
     let f = fixture();
     let mut peer = Peer::start();
     peer.go();
