@@ -235,7 +235,7 @@ async fn serve(cli: Cli) -> Result<()> {
     // it reported its address gets a graceful shutdown.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tracing::info!(addr = %bound, store = %engine.cfg.store_path.display(), "mistryd ready");
-    // The one line mistryd writes on stdout (README): the address it listens on, the port
+    // The one line mistryd writes on stdout (docs/operators.md): the address it listens on, the port
     // chosen by the kernel for `--addr HOST:0`. Not being able to write it is no reason to stop.
     {
         use std::io::Write;

@@ -106,7 +106,7 @@ pub fn check(config: &Path, ids: Option<SandboxIds>) -> Report {
         Err(e) => {
             r.fail(
                 format!("configuration {}: {e:#}", config.display()),
-                "fix the file (README, \"Configuration\"); the host checks below still ran",
+                "fix the file (docs/operators.md, \"Configuration\"); the host checks below still ran",
             );
             None
         }
@@ -161,7 +161,7 @@ fn check_database(r: &mut Report, cfg: &Config) {
         Err(e) => {
             r.fail(
                 e,
-                "start PostgreSQL, check database_url (README, \"Several agents\"); mistryd does not start without it",
+                "start PostgreSQL, check database_url (docs/cluster.md, \"Several agents\"); mistryd does not start without it",
             );
             return;
         }
