@@ -267,7 +267,7 @@ fn errors_name_their_line() {
     assert_eq!(e.to_string(), "line 1: FROM takes IMAGE [AS NAME]");
     let e = parse("FROM a\nENV\n").unwrap_err();
     assert_eq!(e.to_string(), "line 2: ENV requires at least one argument");
-    let e = parse("FROM a\nLABEL novalue\n").unwrap_err();
+    let e = parse("FROM a\nLABEL a=1 novalue\n").unwrap_err();
     assert_eq!(
         e.to_string(),
         "line 2: LABEL expects key=value, got \"novalue\""
