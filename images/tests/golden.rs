@@ -218,7 +218,9 @@ fn instruction(i: &Instruction) -> String {
 /// The rendering an `expected` file holds (after its comment lines).
 fn render(df: &Dockerfile, summary: bool) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "escape {:?}", df.escape);
+    // Through the API the builder uses: the lexer of the file, each step's Display.
+    let _ = writeln!(out, "escape {:?}", df.lexer().escape);
+    assert_eq!(df.lexer().escape, df.escape);
     if let Some(s) = &df.syntax {
         let _ = writeln!(out, "syntax {}", q(s));
     }
@@ -246,7 +248,7 @@ fn render(df: &Dockerfile, summary: bool) -> String {
         df.steps.iter().collect()
     };
     for s in shown {
-        let _ = writeln!(out, "{}: {}", s.line, q(&s.text));
+        let _ = writeln!(out, "{}: {}", s.line, q(&s.to_string()));
         let _ = writeln!(out, "    {}", instruction(&s.instruction));
     }
     out
