@@ -270,6 +270,10 @@ mod tests {
         std::fs::create_dir(ctx.join("dir")).unwrap();
         let e = read_dockerfile(&ctx, &ctx.join("dir")).unwrap_err();
         assert!(e.to_string().ends_with("not a regular file"), "{e}");
+        // A FIFO with no writer is refused at once, not waited on.
+        nix::unistd::mkfifo(&ctx.join("fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let e = read_dockerfile(&ctx, &ctx.join("fifo")).unwrap_err();
+        assert!(e.to_string().ends_with("not a regular file"), "{e}");
     }
 
     #[test]
