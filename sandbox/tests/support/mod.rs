@@ -73,7 +73,15 @@ pub fn fixture() -> Fixture {
     assert!(status.success());
     for (name, mode) in [("probe", 0o755), ("probe-suid", 0o4755)] {
         let dst = rootfs.join("bin").join(name);
-        std::fs::copy(probe(), &dst).expect("copy probe");
+        // Copied by `cp`, not here: a sandbox another test thread clones meanwhile would
+        // inherit our descriptor open for writing, and exec of the probe would fail with
+        // ETXTBSY until that child execs or exits.
+        let status = Command::new("cp")
+            .arg(probe())
+            .arg(&dst)
+            .status()
+            .expect("cp");
+        assert!(status.success(), "copying the probe");
         std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(mode)).expect("chmod");
     }
     Fixture { dir, rootfs }
