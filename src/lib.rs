@@ -22,4 +22,5 @@ pub mod sandbox_cli;
 pub mod security;
 pub mod server;
 pub mod stream_json;
+pub mod streams;
 pub mod tree;

@@ -55,6 +55,7 @@ use project::project_security;
 use sandbox::NetworkMode;
 use serde::Deserialize;
 
+pub mod cluster;
 mod project;
 mod retention;
 mod secrets;
@@ -91,7 +92,7 @@ struct Raw {
     retention: retention::RawRetention,
     cache_layers: Option<usize>,
     #[serde(flatten)]
-    cluster: crate::cluster::RawSettings,
+    cluster: cluster::RawSettings,
 }
 
 /// The validated configuration.
@@ -127,7 +128,7 @@ pub struct Config {
     pub cache_layers: usize,
     /// Several agents around one database (`database_url`, `agent_name`, `advertise_url`,
     /// `agent_timeout`, `heartbeat`).
-    pub cluster: crate::cluster::Settings,
+    pub cluster: cluster::Settings,
 }
 
 /// The default of `cache_layers`.
@@ -221,7 +222,7 @@ impl Config {
         };
         let retention = Retention::parse(&raw.retention)?;
         let secret_map = secrets::parse(&raw.secrets, &base_dir)?;
-        let cluster = crate::cluster::Settings::parse(&raw.cluster)?;
+        let cluster = cluster::Settings::parse(&raw.cluster)?;
         Ok(Config {
             projects_path: projects_path
                 .canonicalize()

@@ -27,41 +27,19 @@ use images::{BaseSources, Builder, Store};
 use tokio::sync::{watch, Semaphore};
 
 use crate::config::Config;
+pub use crate::jobs::JobError;
 use crate::jobs::{self, BuildInfo, Identity, JobIds, JobRequest, NEVER_RAN, UNKNOWN_DURATION};
 use crate::metrics::Metrics;
 pub use layout::{JobDir, Layout, Stage};
 pub use lookup::Found;
 pub use outcome::{JobOutcome, RunError};
 use state::{Admission, Ids, InFlight};
-pub use state::{JobKey, JobState};
+pub use state::{JobKey, Phase};
 
 /// How long past its time limit a job's thread may take to come back (a sandbox past the
 /// limit is killed at once; this covers what a job does after it, and a thread blocked where
 /// no deadline reaches) before the job is abandoned and its slot given back.
 pub const ABANDON_GRACE: Duration = Duration::from_secs(60);
-
-/// Why a request could not be served.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum JobError {
-    /// 400.
-    BadRequest(String),
-    /// 404, text contains `Unknown project 'NAME'`.
-    UnknownProject(String),
-    /// 503.
-    Overloaded,
-    /// 500.
-    Internal(String),
-}
-
-impl std::fmt::Display for JobError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            JobError::BadRequest(m) | JobError::Internal(m) => f.write_str(m),
-            JobError::UnknownProject(p) => write!(f, "Unknown project '{p}'"),
-            JobError::Overloaded => f.write_str("Server is overloaded; try again later"),
-        }
-    }
-}
 
 /// A scheduled job: its ID, its directory once ready, and its state to wait on.
 pub struct Scheduled {
@@ -69,7 +47,7 @@ pub struct Scheduled {
     pub id: String,
     /// Its directory once ready.
     pub dir: JobDir,
-    state: watch::Receiver<JobState>,
+    state: watch::Receiver<Phase>,
     /// Immediately known answer (result cache).
     ready: Option<BuildInfo>,
     coalesced: bool,
@@ -78,7 +56,7 @@ pub struct Scheduled {
 impl Scheduled {
     /// The job's state as it changes (queued, pending, ready); a result-cache hit is ready at
     /// once (see [`Scheduled::wait`]) and its receiver stays at queued.
-    pub fn state(&self) -> watch::Receiver<JobState> {
+    pub fn state(&self) -> watch::Receiver<Phase> {
         self.state.clone()
     }
 
@@ -95,10 +73,10 @@ impl Scheduled {
         }
         let ended = self
             .state
-            .wait_for(|s| matches!(s, JobState::Ready(_)))
+            .wait_for(|s| matches!(s, Phase::Ready(_)))
             .await
             .map(|s| match &*s {
-                JobState::Ready(info) => Some(BuildInfo::clone(info)),
+                Phase::Ready(info) => Some(BuildInfo::clone(info)),
                 _ => None,
             });
         match ended {
@@ -342,7 +320,7 @@ impl Engine {
             Admission::Queued(state) => Ok(scheduled(state, None, false)),
             Admission::Coalesced(state) => Ok(scheduled(state, None, true)),
             Admission::Cached(info) => Ok(scheduled(
-                watch::channel(JobState::Queued).1,
+                watch::channel(Phase::Queued).1,
                 Some(*info),
                 false,
             )),
@@ -495,7 +473,7 @@ impl Engine {
                 Err(limit) => engine.abandon(&req, &key, limit, &abandoned, task).await,
             };
             drop(permit);
-            engine.jobs.set(&key, JobState::Ready(Arc::new(info)));
+            engine.jobs.set(&key, Phase::Ready(Arc::new(info)));
             // Retention of the job's group (and the low-water mark), after the answer; a deep
             // cache is squashed in the background, followed by the group's retention again.
             let e2 = Arc::clone(&engine);
@@ -571,7 +549,7 @@ impl Engine {
     /// its group's link at it.
     fn run(&self, req: &JobRequest, key: &JobKey, abandoned: &AtomicBool) -> BuildInfo {
         let started = Instant::now();
-        self.jobs.set(key, JobState::Pending);
+        self.jobs.set(key, Phase::Pending);
         let dir = self.layout.job(&key.project, &key.id, Stage::Pending);
         let blank = self.blank_info(req, &dir);
         let previous = self.layout.last_good(&req.project, &req.group);
