@@ -4,7 +4,10 @@
 //!   request-to-response; target ≤ 8 ms, as root and rootless);
 //! - result-cache hits (median; target ≤ 1 ms) and their throughput under `wrk` where installed
 //!   (target ≥ 2000 requests/s);
-//! - the idle daemon's resident memory (target ≤ 30 MiB).
+//! - the idle daemon's resident memory (target ≤ 30 MiB);
+//! - the same new-params job with the host's network and with an isolated one (slirp4netns,
+//!   namespaces made ahead), two daemons side by side, their jobs alternating, back to back and
+//!   50 ms apart: isolated at most 3 ms slower (median of the pairs' differences).
 //!
 //! `cargo bench --bench server` (`BENCH_RUNS` sets the number of new-params jobs).
 
@@ -24,6 +27,60 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// `POST /jobs` of project `touch` with param `n` at `url`: the time to the answer.
+fn post_at(agent: &ureq::Agent, url: &str, n: usize) -> Duration {
+    let t = Instant::now();
+    let mut r = agent
+        .post(url)
+        .send(format!(r#"{{"project": "touch", "params": {{"n": "{n}"}}}}"#).as_str())
+        .unwrap();
+    let body = r.body_mut().read_to_string().unwrap();
+    assert_eq!(r.status().as_u16(), 201, "{body}");
+    assert!(body.contains("\"ExitCode\":0"), "{body}");
+    t.elapsed()
+}
+
+/// A daemon serving project `touch` with network `network`, its image built.
+fn daemon_with_network(
+    images: &std::path::Path,
+    dir: &std::path::Path,
+    network: &str,
+) -> (Daemon, String) {
+    common::touch_project(&dir.join("projects"));
+    let config = common::write_config(dir, images, serde_json::json!({ "network": network }));
+    let daemon = Daemon::start(&config);
+    let url = format!("http://{}/jobs", daemon.addr);
+    post_at(&common::agent(None), &url, 0); // builds the image
+    (daemon, url)
+}
+
+/// Host and isolated networks side by side: two daemons, their new-params jobs alternating
+/// (so that the machine's noise hits both alike), each `gap` after the previous answer. The
+/// medians of each, and the median of the pairs' differences (isolated - host), in ms.
+fn host_vs_isolated(images: &std::path::Path, runs: usize, gap: Duration) -> (f64, f64, f64) {
+    let (dh, di) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (_host, host_url) = daemon_with_network(images, dh.path(), "host");
+    let (_isolated, isolated_url) = daemon_with_network(images, di.path(), "isolated");
+    // The isolated pool fills at start; let it, as a running daemon's has.
+    std::thread::sleep(Duration::from_millis(500));
+    let agent = common::agent(None);
+    let (mut h, mut i, mut d) = (Vec::new(), Vec::new(), Vec::new());
+    for n in 1..=runs {
+        std::thread::sleep(gap);
+        let th = ms(post_at(&agent, &host_url, n));
+        std::thread::sleep(gap);
+        let ti = ms(post_at(&agent, &isolated_url, n));
+        h.push(th);
+        i.push(ti);
+        d.push(ti - th);
+    }
+    let med = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    (med(&mut h), med(&mut i), med(&mut d))
+}
+
 fn main() {
     let images = common::busybox_images();
     let runs: usize = common::env_num("BENCH_RUNS", 40);
@@ -35,17 +92,7 @@ fn main() {
     let idle = rss_kib(daemon.pid());
     let url = format!("http://{}/jobs", daemon.addr);
     let agent = common::agent(None);
-    let post = |n: usize| {
-        let t = Instant::now();
-        let mut r = agent
-            .post(&url)
-            .send(format!(r#"{{"project": "touch", "params": {{"n": "{n}"}}}}"#).as_str())
-            .unwrap();
-        let body = r.body_mut().read_to_string().unwrap();
-        assert_eq!(r.status().as_u16(), 201, "{body}");
-        assert!(body.contains("\"ExitCode\":0"), "{body}");
-        t.elapsed()
-    };
+    let post = |n: usize| post_at(&agent, &url, n);
     post(0); // builds the image
     let mut fresh: Vec<Duration> = (1..=runs).map(post).collect();
     let mut cached: Vec<Duration> = (0..200).map(|_| post(1)).collect();
@@ -72,6 +119,10 @@ fn main() {
     }
     let after = rss_kib(daemon.pid());
     drop(daemon);
+    // Host and isolated networks: jobs one after the other as fast as they come back (the pool
+    // is refilled meanwhile, on the same cores), and jobs 50 ms apart (a busy server's pace).
+    let back_to_back = host_vs_isolated(&images, runs, Duration::ZERO);
+    let paced = host_vs_isolated(&images, runs, Duration::from_millis(50));
 
     println!("mistryd on loopback, image cached ({runs} new-params jobs, 200 cache hits)");
     println!("{:<44} {:>10}   target", "", "measured");
@@ -94,6 +145,22 @@ fn main() {
             "{:<44} {:>10}   >= 2000",
             "cache hits/s under wrk", "no wrk"
         ),
+    }
+    for (what, (host, isolated, diff)) in [("back to back", back_to_back), ("50 ms apart", paced)] {
+        println!(
+            "{:<44} {:>8.1}ms",
+            format!("new params, {what}, host"),
+            host
+        );
+        println!(
+            "{:<44} {:>8.1}ms",
+            format!("new params, {what}, isolated"),
+            isolated
+        );
+        println!(
+            "{:<44} {:>+8.1}ms   <= +3 ms",
+            "  isolated - host (median of pairs)", diff
+        );
     }
     println!(
         "{:<44} {:>7.1}MiB   <= 30 MiB",

@@ -1,7 +1,8 @@
 #!/bin/sh
 # Prepare a fresh Debian 12 machine for mistry's tests and examples. Idempotent; run as root.
 #
-# - installs the Debian packages the tests use;
+# - installs the Debian packages the tests use (slirp4netns for isolated networks, with
+#   /dev/net/tun usable by every user, as standard distributions have it);
 # - gives root and the unprivileged test user `mistry-test` subordinate id ranges
 #   (/etc/subuid, /etc/subgid), so sandboxes map 65536 ids;
 # - installs PostgreSQL 15 for the multi-agent tests, with no system cluster;
@@ -18,7 +19,7 @@ if [ "$(id -u)" != 0 ]; then
     exit 1
 fi
 
-PACKAGES="busybox-static uidmap bubblewrap hyperfine btrfs-progs gcc libc6-dev passwd procps skopeo util-linux docker-registry apache2-utils rsync openssh-server openssh-client chromium chromium-driver python3-pip wrk debootstrap"
+PACKAGES="busybox-static uidmap slirp4netns bubblewrap hyperfine btrfs-progs gcc libc6-dev passwd procps skopeo util-linux docker-registry apache2-utils rsync openssh-server openssh-client chromium chromium-driver python3-pip wrk debootstrap"
 missing=
 for p in $PACKAGES; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
@@ -34,6 +35,15 @@ if [ -n "$missing" ]; then
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $missing >/dev/null
 fi
+
+# Isolated networks (the default `network`): slirp4netns opens /dev/net/tun as the daemon's user.
+# Standard distributions make the node 0666 (udev's static node rule; it lets a user make
+# devices only in network namespaces they own); some VMs leave it 0600.
+if [ ! -e /dev/net/tun ]; then
+    mkdir -p /dev/net
+    mknod -m 0666 /dev/net/tun c 10 200
+fi
+chmod 0666 /dev/net/tun
 
 # Subordinate ids: 65536 for root and for mistry-test, each after the highest range in use
 # (useradd may already have given the new user one).

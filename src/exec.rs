@@ -101,9 +101,12 @@ pub fn state_dir(
 pub fn config(projects_path: &Path, state: &Path, images: Option<&Path>) -> Result<Config> {
     std::fs::create_dir_all(state)
         .with_context(|| format!("creating the state directory {}", state.display()))?;
+    // The developer's own project on their own machine: the host's network, as before
+    // isolated networks existed (a project's .mistry.json may still narrow it).
     let mut raw = serde_json::json!({
         "projects_path": projects_path,
         "build_path": state,
+        "network": "host",
     });
     if let Some(images) = images {
         let images = images
@@ -284,7 +287,9 @@ fn job_target(target: &Path, job: &str) -> Result<PathBuf> {
 /// `mistryd exec`: print errors as one line; the exit code (the job's when it failed).
 /// `set_up` applies the daemon's id mapping to the configuration (as `mistryd` does).
 pub fn main(args: &ExecArgs, set_up: impl FnOnce(&mut Config) -> Result<()>) -> i32 {
-    match run(args, set_up) {
+    let result = run(args, set_up);
+    crate::security::stop_networks();
+    match result {
         Ok(code) => code,
         Err(e) => {
             eprintln!("mistry exec: {e:#}");
@@ -324,6 +329,7 @@ fn run(args: &ExecArgs, set_up: impl FnOnce(&mut Config) -> Result<()>) -> Resul
     )?;
     let mut cfg = config(&projects_path, &state, args.images.as_deref())?;
     set_up(&mut cfg)?;
+    crate::security::set_up_networks(&cfg, false);
     let warning = preflight()?;
     if let Some(w) = &warning {
         eprintln!("mistry exec: warning: {w}");

@@ -53,7 +53,7 @@ pub struct BuildArgs {
     /// Ignore the step cache.
     #[arg(long)]
     pub no_cache: bool,
-    /// Network of RUN steps.
+    /// Network of RUN steps: `host`, `isolated` or `none`.
     #[arg(long = "net", default_value = "host")]
     pub network: NetworkMode,
     /// Project name (builds of one project are serialized; GC keeps each project's image).

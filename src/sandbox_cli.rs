@@ -27,7 +27,8 @@ pub struct RunArgs {
     /// User to run as: a name or uid of the image, optionally with :group or :gid.
     #[arg(long, short = 'u', value_name = "USER[:GROUP]")]
     pub user: Option<User>,
-    /// Network: `none` (own namespace, loopback only) or `host`.
+    /// Network: `none` (own namespace, loopback only), `isolated` (own namespace, outbound
+    /// through slirp4netns under the egress policy) or `host`.
     #[arg(long = "net", default_value = "none", value_name = "MODE")]
     pub network: NetworkMode,
     /// Wall-clock limit, Go syntax (30s, 5m, 1h30m); the whole sandbox is killed after it.

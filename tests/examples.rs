@@ -1,5 +1,5 @@
-//! The examples of the README, end to end, on a copy of the repository's `examples/` (the
-//! projects directory scripts/example.sh serves): the release pipeline
+//! The examples of the README and docs/users.md, end to end, on a copy of the repository's
+//! `examples/` (the projects directory scripts/example.sh serves): the release pipeline
 //! (`examples/pipelines/release.json`: `deps` installs packages, `build` bundles the app with
 //! them, `announce` runs on success) started with the README's `curl`, with
 //! `mistry pipeline run` and with `mistry exec --pipeline`, whose job IDs are the server's; an
@@ -377,7 +377,7 @@ fn the_release_pipeline_over_http_with_the_client_and_locally() {
         (404, "Unknown project 'pipelines'")
     );
 
-    // The client, as the README runs it: the same run, every job from the cache; the build's
+    // The client, as docs/users.md runs it: the same run, every job from the cache; the build's
     // artifacts fetched.
     let port = s.addr.rsplit_once(':').unwrap().1.to_string();
     // `mistry pipeline run release`, the build's artifacts into `target`.
@@ -454,7 +454,7 @@ fn the_release_pipeline_over_http_with_the_client_and_locally() {
         "=======\napp 1.1\n=======\nHello, you!\n"
     );
 
-    // Locally, as the README runs it: `mistry exec --projects examples --pipeline release`.
+    // Locally, as docs/users.md runs it: `mistry exec --projects examples --pipeline release`.
     // The same run and job IDs as the server's, the artifacts of each job in <target>/<job>.
     let state = dir.path().join("state");
     let out = client(

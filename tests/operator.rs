@@ -381,6 +381,17 @@ fn doctor_passes_on_this_host_and_names_a_broken_setting() {
             .any(|l| l.starts_with("ok    sandbox ids: root = ")),
         "{out}"
     );
+    // The default network: slirp4netns starts (in the held user namespace when rootless).
+    let how = if root {
+        "started for a namespace of the host's user namespace"
+    } else {
+        "started for a namespace of the held user namespace"
+    };
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("ok    isolated networks start: ") && l.ends_with(how)),
+        "{out}"
+    );
     if root {
         assert!(
             out.contains("ok    newuidmap/newgidmap: not needed (root writes the id maps itself)"),

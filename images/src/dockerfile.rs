@@ -354,7 +354,9 @@ impl Dockerfile {
     }
 }
 
-/// Parse the parser directives at the top of the file; returns (escape, syntax).
+/// Parse the parser directives at the top of the file (`# escape=`, `# syntax=`, `# check=`);
+/// returns (escape, syntax). As in BuildKit, the first line that is not one of them (another
+/// comment, `# key=value` with another key, an empty line) ends the directives.
 fn directives(lines: &[&str]) -> Result<(char, Option<String>), ParseError> {
     let mut escape = '\\';
     let mut syntax = None;
@@ -368,10 +370,10 @@ fn directives(lines: &[&str]) -> Result<(char, Option<String>), ParseError> {
             break;
         };
         let key = key.trim().to_ascii_lowercase();
-        if key.is_empty() || key.contains(char::is_whitespace) {
+        let value = value.trim();
+        if !matches!(key.as_str(), "escape" | "syntax" | "check") || value.is_empty() {
             break;
         }
-        let value = value.trim();
         if seen.contains(&key) {
             return err(
                 i + 1,
@@ -392,7 +394,7 @@ fn directives(lines: &[&str]) -> Result<(char, Option<String>), ParseError> {
                 }
             }
             "syntax" => syntax = Some(value.to_string()),
-            // Unknown directives are comments, as in Docker.
+            // `check` configures BuildKit's build checks (linter warnings): none here.
             _ => {}
         }
         seen.push(key);
@@ -400,13 +402,18 @@ fn directives(lines: &[&str]) -> Result<(char, Option<String>), ParseError> {
     Ok((escape, syntax))
 }
 
-/// Split a logical line into (flags, rest) for instructions taking `--flag[=value]`.
+/// Split a logical line into (flags, rest): the `--flag[=value]` words before the arguments
+/// (`--` alone ends them, as in BuildKit).
 fn take_flags(rest: &str) -> (Flags, &str) {
     let mut flags = Vec::new();
     let mut rest = rest.trim_start();
     while let Some(after) = rest.strip_prefix("--") {
         let end = after.find(char::is_whitespace).unwrap_or(after.len());
         let flag = &after[..end];
+        if flag.is_empty() {
+            rest = after.trim_start();
+            break;
+        }
         match flag.split_once('=') {
             Some((k, v)) => flags.push((k.to_string(), Some(v.to_string()))),
             None => flags.push((flag.to_string(), None)),
@@ -416,20 +423,35 @@ fn take_flags(rest: &str) -> (Flags, &str) {
     (Flags(flags), rest)
 }
 
-/// JSON array of strings → exec form; anything else → None.
-fn json_array(rest: &str) -> Option<Vec<String>> {
+/// A JSON array of strings → the exec form (Some); text that is not a JSON array → None (the
+/// shell form, as Docker reads `CMD ['a']` or `CMD ["a"`); a JSON array holding anything but
+/// strings is an error, as in BuildKit.
+fn json_array(line: usize, rest: &str) -> Result<Option<Vec<String>>, ParseError> {
     let t = rest.trim();
     if !t.starts_with('[') {
-        return None;
+        return Ok(None);
     }
-    serde_json::from_str::<Vec<String>>(t).ok()
+    let Ok(items) = serde_json::from_str::<Vec<serde_json::Value>>(t) else {
+        return Ok(None);
+    };
+    items
+        .into_iter()
+        .map(|v| match v {
+            serde_json::Value::String(s) => Ok(s),
+            _ => err(
+                line,
+                "when using JSON array syntax, arrays must be comprised of strings only",
+            ),
+        })
+        .collect::<Result<Vec<String>, ParseError>>()
+        .map(Some)
 }
 
-fn command(rest: &str) -> Command {
-    match json_array(rest) {
+fn command(line: usize, rest: &str) -> Result<Command, ParseError> {
+    Ok(match json_array(line, rest)? {
         Some(v) => Command::Exec(v),
         None => Command::Shell(rest.trim().to_string()),
-    }
+    })
 }
 
 /// Parse `k=v k2=v2` (or legacy `k v`) into raw pairs.
@@ -438,7 +460,6 @@ fn pairs(
     line: usize,
     rest: &str,
     name: &str,
-    legacy: bool,
 ) -> Result<Vec<(String, String)>, ParseError> {
     let words = lexer
         .split_raw(rest)
@@ -446,7 +467,7 @@ fn pairs(
     if words.is_empty() {
         return err(line, format!("{name} requires at least one argument"));
     }
-    if legacy && !words[0].contains('=') {
+    if !words[0].contains('=') {
         let key = words[0].clone();
         let value = rest.trim_start()[key.len()..].trim().to_string();
         if value.is_empty() {
@@ -471,6 +492,15 @@ fn parse_instruction(
     heredocs: &[Heredoc],
 ) -> Result<Instruction, ParseError> {
     let upper = keyword.to_ascii_uppercase();
+    // Instructions without flags refuse any (BuildKit: "unknown flag"); `--` is dropped.
+    let rest = match upper.as_str() {
+        "FROM" | "RUN" | "COPY" | "ADD" | "HEALTHCHECK" => rest,
+        _ => {
+            let (flags, after) = take_flags(rest);
+            flags.check(line, &upper, &[])?;
+            after
+        }
+    };
     let need_args = |what: &str| -> Result<(), ParseError> {
         if rest.trim().is_empty() {
             err(line, format!("{what} requires at least one argument"))
@@ -479,7 +509,7 @@ fn parse_instruction(
         }
     };
     let raw_words = |rest: &str| -> Result<Vec<String>, ParseError> {
-        match json_array(rest) {
+        match json_array(line, rest)? {
             Some(v) => Ok(v),
             None => lexer
                 .split_raw(rest)
@@ -494,7 +524,17 @@ fn parse_instruction(
             let (image, alias) = match words.as_slice() {
                 [image] => (image.to_string(), None),
                 [image, as_, alias] if as_.eq_ignore_ascii_case("as") => {
-                    (image.to_string(), Some(alias.to_ascii_lowercase()))
+                    let name = alias.to_ascii_lowercase();
+                    if !valid_stage_name(&name) {
+                        return err(
+                            line,
+                            format!(
+                                "invalid name for build stage: {alias:?}, name can't start \
+                                 with a number or contain symbols"
+                            ),
+                        );
+                    }
+                    (image.to_string(), Some(name))
                 }
                 [] => return err(line, "FROM requires an image"),
                 _ => return err(line, "FROM takes IMAGE [AS NAME]"),
@@ -513,7 +553,7 @@ fn parse_instruction(
             }
             Instruction::Run {
                 command: if heredocs.is_empty() {
-                    command(rest)
+                    command(line, rest)?
                 } else {
                     Command::Shell(rest.trim().to_string())
                 },
@@ -561,8 +601,8 @@ fn parse_instruction(
                 heredocs: docs,
             }
         }
-        "ENV" => Instruction::Env(pairs(lexer, line, rest, "ENV", true)?),
-        "LABEL" => Instruction::Label(pairs(lexer, line, rest, "LABEL", false)?),
+        "ENV" => Instruction::Env(pairs(lexer, line, rest, "ENV")?),
+        "LABEL" => Instruction::Label(pairs(lexer, line, rest, "LABEL")?),
         "ARG" => {
             need_args("ARG")?;
             let words = lexer
@@ -572,10 +612,11 @@ fn parse_instruction(
                 words
                     .into_iter()
                     .map(|w| match w.split_once('=') {
-                        Some((k, v)) => (k.to_string(), Some(v.to_string())),
-                        None => (w, None),
+                        Some(("", _)) => err(line, "ARG names can not be blank"),
+                        Some((k, v)) => Ok((k.to_string(), Some(v.to_string()))),
+                        None => Ok((w, None)),
                     })
-                    .collect(),
+                    .collect::<Result<_, _>>()?,
             )
         }
         "WORKDIR" => {
@@ -588,11 +629,11 @@ fn parse_instruction(
         }
         "ENTRYPOINT" => {
             need_args("ENTRYPOINT")?;
-            Instruction::Entrypoint(command(rest))
+            Instruction::Entrypoint(command(line, rest)?)
         }
         "CMD" => {
             need_args("CMD")?;
-            Instruction::Cmd(command(rest))
+            Instruction::Cmd(command(line, rest)?)
         }
         "EXPOSE" => {
             need_args("EXPOSE")?;
@@ -617,7 +658,7 @@ fn parse_instruction(
                 if !kw.eq_ignore_ascii_case("cmd") || cmd.trim().is_empty() {
                     return err(line, "HEALTHCHECK takes NONE or [OPTIONS] CMD command");
                 }
-                Some(command(cmd))
+                Some(command(line, cmd)?)
             };
             Instruction::Healthcheck(Healthcheck { test, flags })
         }
@@ -642,18 +683,42 @@ fn parse_instruction(
             parse_instruction(lexer, line, kw, first, heredocs)?;
             Instruction::Onbuild(t.to_string())
         }
-        "SHELL" => match json_array(rest) {
+        "SHELL" => match json_array(line, rest)? {
             Some(v) if !v.is_empty() => Instruction::Shell(v),
             _ => return err(line, "SHELL requires the arguments to be in JSON form"),
         },
-        "MAINTAINER" => Instruction::Maintainer(rest.trim().to_string()),
+        "MAINTAINER" => {
+            need_args("MAINTAINER")?;
+            Instruction::Maintainer(rest.trim().to_string())
+        }
         _ => return err(line, format!("unknown instruction: {upper}")),
     })
 }
 
-/// Whether `rest` (an instruction's arguments, flags first) is in exec (JSON) form.
+/// Whether `rest` (an instruction's arguments, flags first) is in exec (JSON) form (or a JSON
+/// array that is an error).
 fn is_json_form(rest: &str) -> bool {
-    json_array(take_flags(rest).1).is_some()
+    !matches!(json_array(0, take_flags(rest).1), Ok(None))
+}
+
+/// A build stage's name as BuildKit accepts it: `[a-z][a-z0-9-_.]*`.
+fn valid_stage_name(name: &str) -> bool {
+    name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-_.".contains(c))
+}
+
+/// The line without its continuation escape, when it ends in one (before spaces and tabs), as
+/// BuildKit's rule is: the escape after any character but the escape itself (`\\` at the end
+/// of a line is an escaped escape), or alone on its line.
+fn continued(line: &str, escape: char) -> Option<&str> {
+    let body = line.trim_end().strip_suffix(escape)?;
+    if body.ends_with(escape) {
+        None
+    } else {
+        Some(body)
+    }
 }
 
 /// The heredocs of a RUN, COPY or ADD line (also as an ONBUILD trigger), their bodies read
@@ -726,6 +791,8 @@ pub fn parse(text: &str) -> Result<Dockerfile, ParseError> {
             ),
         );
     }
+    // A UTF-8 byte order mark is dropped, as BuildKit does.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let lines: Vec<&str> = text.lines().collect();
     let (escape, syntax) = directives(&lines)?;
     let lexer = Lexer::new(escape);
@@ -743,7 +810,7 @@ pub fn parse(text: &str) -> Result<Dockerfile, ParseError> {
         let mut logical = String::new();
         let mut cur = lines[first].trim_end();
         loop {
-            let Some(joined) = cur.strip_suffix(escape) else {
+            let Some(joined) = continued(cur, escape) else {
                 logical.push_str(cur);
                 break;
             };

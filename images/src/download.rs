@@ -6,8 +6,11 @@
 //!   connection that goes through the same address check.
 //! - The host name is resolved once per connection by our resolver, which drops every address
 //!   the daemon itself listens on ([`DownloadPolicy::deny_connect`]; for `0.0.0.0:P`/`[::]:P`
-//!   port `P` on every local address: loopback, unspecified and the host's interfaces), and
-//!   the connection is made to exactly the addresses it returned: no DNS-rebinding gap.
+//!   port `P` on every local address: loopback, unspecified and the host's interfaces) and, for
+//!   a project with an isolated network ([`DownloadPolicy::egress`]), every address the egress
+//!   policy of isolated networks refuses (`sandbox::egress`: loopback, the host's addresses,
+//!   link-local, the operator's `network_deny`...); the connection is made to exactly the
+//!   addresses it returned: no DNS-rebinding gap.
 //! - Proxies from the environment are not used (they would connect on our behalf, unchecked).
 
 use std::io::{self, Read, Write};
@@ -26,6 +29,9 @@ pub struct DownloadPolicy {
     pub max_redirects: u32,
     /// Addresses never connected to: the daemon's own listening addresses.
     pub deny_connect: Vec<SocketAddr>,
+    /// Refuse every address the isolated networks' egress policy refuses
+    /// (`sandbox::egress_policy()`): the project's network is `isolated`.
+    pub egress: bool,
     /// Wall-clock limit of one download, redirects included (a server trickling bytes cannot
     /// hold a build forever). Default 10 minutes.
     pub timeout: Duration,
@@ -37,6 +43,7 @@ impl Default for DownloadPolicy {
             max_bytes: 1 << 30,
             max_redirects: 10,
             deny_connect: Vec::new(),
+            egress: false,
             timeout: Duration::from_secs(600),
         }
     }
@@ -81,6 +88,18 @@ pub fn denied(addr: &SocketAddr, deny: &[SocketAddr], local: &[IpAddr]) -> bool 
 #[derive(Debug)]
 struct CheckedResolver {
     deny: Vec<SocketAddr>,
+    egress: Option<std::sync::Arc<sandbox::egress::EgressPolicy>>,
+}
+
+impl CheckedResolver {
+    /// Why `addr` may not be connected to, if it may not.
+    fn refusal(&self, addr: &SocketAddr, local: &[IpAddr]) -> Option<String> {
+        if denied(addr, &self.deny, local) {
+            return Some("the build server's own address".into());
+        }
+        let policy = self.egress.as_ref()?;
+        policy.check(*addr).err().map(|r| r.to_string())
+    }
 }
 
 impl Resolver for CheckedResolver {
@@ -91,26 +110,25 @@ impl Resolver for CheckedResolver {
         timeout: ureq::unversioned::transport::NextTimeout,
     ) -> Result<ResolvedSocketAddrs, ureq::Error> {
         let all = DefaultResolver::default().resolve(uri, config, timeout)?;
-        if self.deny.is_empty() {
+        if self.deny.is_empty() && self.egress.is_none() {
             return Ok(all);
         }
         let local = interface_addrs();
         let mut out = self.empty();
+        let mut refused = Vec::new();
         for a in all.iter() {
-            if !denied(a, &self.deny, &local) {
-                out.push(*a);
+            match self.refusal(a, &local) {
+                None => out.push(*a),
+                Some(why) => refused.push(format!("{a}: {why}")),
             }
         }
         if out.is_empty() {
             return Err(ureq::Error::Io(io::Error::new(
                 io::ErrorKind::PermissionDenied,
                 format!(
-                    "{} resolves to the build server's own address ({}): refused",
+                    "{} is refused ({})",
                     uri.authority().map(|a| a.as_str()).unwrap_or(""),
-                    all.iter()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    refused.join(", ")
                 ),
             )));
         }
@@ -132,6 +150,7 @@ pub fn download(url: &str, dest: &Path, policy: &DownloadPolicy) -> Result<(), S
         ureq::unversioned::transport::DefaultConnector::default(),
         CheckedResolver {
             deny: policy.deny_connect.clone(),
+            egress: policy.egress.then(sandbox::egress_policy),
         },
     );
     let fail = |e: &dyn std::fmt::Display| format!("downloading {url}: {e}");

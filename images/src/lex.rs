@@ -1,9 +1,13 @@
 //! Docker's word processing: quote removal and variable substitution (`$VAR`, `${VAR}`,
-//! `${VAR:-x}`, `${VAR-x}`, `${VAR:+x}`, `${VAR+x}`), honouring the parser's escape character.
+//! `${VAR:-x}`, `${VAR-x}`, `${VAR:+x}`, `${VAR+x}`, `${VAR:?message}`, `${VAR?message}`),
+//! honouring the parser's escape character, as BuildKit's shell lexer does (`$1`, `$@`, `$$`
+//! and the other positional and special parameters are never set). BuildKit's pattern forms
+//! (`${VAR#p}`, `${VAR%p}`, `${VAR/p/r}`) are refused as unsupported.
 //!
 //! Single quotes keep everything literal; double quotes keep spaces but expand variables; the
 //! escape character makes the next character literal (inside double quotes only before `"`, `$`
-//! and the escape character itself, as in a shell).
+//! and the escape character itself, as in a shell); an escape character ending the text is
+//! dropped. The word of `${VAR:-word}` ends at the first `}` that is not quoted or escaped.
 
 /// The most bytes one expanded word (or all the words of one text) may hold: 1 MiB. Checked
 /// while the result grows, so a substitution bomb fails before it takes any memory.
@@ -55,7 +59,7 @@ impl Lexer {
 
     /// Process one word: quotes removed, variables expanded; whitespace is kept as is.
     pub fn process_word<V: Vars + ?Sized>(&self, word: &str, vars: &V) -> Result<String, LexError> {
-        let words = self.process(word, vars, false, 0)?;
+        let words = self.run(word, vars, WORD)?;
         Ok(words.into_iter().next().unwrap_or_default())
     }
 
@@ -66,41 +70,36 @@ impl Lexer {
         text: &str,
         vars: &V,
     ) -> Result<Vec<String>, LexError> {
-        self.process(text, vars, true, 0)
+        self.run(text, vars, WORDS)
     }
 
     /// Expand the body of an unquoted heredoc of COPY/ADD, as BuildKit does: variables are
-    /// substituted everywhere, quotes are ordinary characters (kept), the escape character makes
-    /// the next character literal (`\$` is `$`, `\\` is `\`); whitespace and lines are kept.
+    /// substituted everywhere, quotes are ordinary characters (kept, also in the word of a
+    /// `${VAR:-word}`), the escape character makes the next character literal (`\$` is `$`,
+    /// `\\` is `\`); whitespace and lines are kept.
     pub fn expand_heredoc<V: Vars + ?Sized>(
         &self,
         text: &str,
         vars: &V,
     ) -> Result<String, LexError> {
+        let words = self.run(text, vars, HEREDOC)?;
+        Ok(words.into_iter().next().unwrap_or_default())
+    }
+
+    fn run<V: Vars + ?Sized>(
+        &self,
+        text: &str,
+        vars: &V,
+        mode: Mode,
+    ) -> Result<Vec<String>, LexError> {
         let chars: Vec<char> = text.chars().collect();
-        let mut out = String::new();
-        let mut i = 0;
-        while i < chars.len() {
-            let c = chars[i];
-            if c == self.escape {
-                out.push(chars.get(i + 1).copied().unwrap_or(c));
-                i += 2;
-            } else if c == '$' {
-                let (value, used) = self.variable(&chars[i..], vars, text, 0)?;
-                out.push_str(&value);
-                i += used;
-            } else {
-                out.push(c);
-                i += 1;
-            }
-            if out.len() > MAX_EXPANDED {
-                return Err(LexError(format!(
-                    "the expanded text is longer than {} MiB",
-                    MAX_EXPANDED >> 20
-                )));
-            }
-        }
-        Ok(out)
+        let scan = Scan {
+            escape: self.escape,
+            chars: &chars,
+            text,
+            vars,
+        };
+        scan.words(&mut 0, None, mode, 0)
     }
 
     /// Split on unquoted whitespace without expanding or removing quotes (for `k=v` lists).
@@ -146,12 +145,53 @@ impl Lexer {
         }
         Ok(words)
     }
+}
 
-    fn process<V: Vars + ?Sized>(
+/// How a text is processed: split into words or not; quotes processed (removed) or kept.
+#[derive(Clone, Copy)]
+struct Mode {
+    split: bool,
+    quotes: bool,
+}
+
+const WORD: Mode = Mode {
+    split: false,
+    quotes: true,
+};
+const WORDS: Mode = Mode {
+    split: true,
+    quotes: true,
+};
+const HEREDOC: Mode = Mode {
+    split: false,
+    quotes: false,
+};
+
+fn too_long() -> LexError {
+    LexError(format!(
+        "the expanded text is longer than {} MiB",
+        MAX_EXPANDED >> 20
+    ))
+}
+
+/// One text being processed, read as BuildKit's shell lexer reads it: from a position up to a
+/// stop character (the `}` ending the word of `${VAR:-word}`) or the end.
+struct Scan<'a, V: Vars + ?Sized> {
+    escape: char,
+    chars: &'a [char],
+    /// The whole text, for error messages.
+    text: &'a str,
+    vars: &'a V,
+}
+
+impl<V: Vars + ?Sized> Scan<'_, V> {
+    /// The words from `chars[*i]` up to `stop` (consumed; an error if the text ends first) or
+    /// the end. Without `mode.split`, exactly one word.
+    fn words(
         &self,
-        text: &str,
-        vars: &V,
-        split: bool,
+        i: &mut usize,
+        stop: Option<char>,
+        mode: Mode,
         depth: usize,
     ) -> Result<Vec<String>, LexError> {
         if depth > MAX_NESTING {
@@ -159,203 +199,236 @@ impl Lexer {
                 "variable substitutions nested more than {MAX_NESTING} deep"
             )));
         }
-        let chars: Vec<char> = text.chars().collect();
+        let chars = self.chars;
         // Bytes in finished words; with `cur`, never more than MAX_EXPANDED.
         let mut done = 0usize;
-        let too_long = || {
-            LexError(format!(
-                "the expanded text is longer than {} MiB",
-                MAX_EXPANDED >> 20
-            ))
-        };
         let mut words = Vec::new();
         let mut cur = String::new();
         // Whether the current word has content that counts even when empty ("" or '').
         let mut started = false;
-        let mut i = 0;
-        while i < chars.len() {
-            let c = chars[i];
-            if split && c.is_whitespace() {
+        let mut stopped = false;
+        while let Some(&c) = chars.get(*i) {
+            if Some(c) == stop {
+                *i += 1;
+                stopped = true;
+                break;
+            }
+            if mode.split && c.is_whitespace() {
                 if started || !cur.is_empty() {
                     done += cur.len();
                     words.push(std::mem::take(&mut cur));
                     started = false;
                 }
-                i += 1;
+                *i += 1;
                 continue;
             }
             if c == self.escape {
-                match chars.get(i + 1) {
-                    Some(&n) => {
-                        cur.push(n);
-                        i += 2;
-                    }
-                    None => {
-                        cur.push(c);
-                        i += 1;
-                    }
+                // The next character, literally; an escape at the very end is dropped.
+                if let Some(&n) = chars.get(*i + 1) {
+                    cur.push(n);
                 }
+                *i += 2;
                 continue;
             }
             match c {
-                '\'' => {
+                '\'' if mode.quotes => {
                     started = true;
-                    let end = chars[i + 1..]
+                    let end = chars[*i + 1..]
                         .iter()
                         .position(|&x| x == '\'')
-                        .ok_or_else(|| LexError(format!("unterminated ' quote in {text:?}")))?;
-                    cur.extend(&chars[i + 1..i + 1 + end]);
-                    i += end + 2;
+                        .ok_or_else(|| {
+                            LexError(format!("unterminated ' quote in {:?}", self.text))
+                        })?;
+                    cur.extend(&chars[*i + 1..*i + 1 + end]);
+                    *i += end + 2;
                 }
-                '"' => {
+                '"' if mode.quotes => {
                     started = true;
-                    i += 1;
-                    loop {
-                        let Some(&d) = chars.get(i) else {
-                            return Err(LexError(format!("unterminated \" quote in {text:?}")));
-                        };
-                        if d == '"' {
-                            i += 1;
-                            break;
-                        }
-                        if d == self.escape {
-                            match chars.get(i + 1) {
-                                Some(&n) if n == '"' || n == '$' || n == self.escape => {
-                                    cur.push(n);
-                                    i += 2;
-                                }
-                                _ => {
-                                    cur.push(d);
-                                    i += 1;
-                                }
-                            }
-                            continue;
-                        }
-                        if d == '$' {
-                            let (value, used) = self.variable(&chars[i..], vars, text, depth)?;
-                            if done + cur.len() + value.len() > MAX_EXPANDED {
-                                return Err(too_long());
-                            }
-                            cur.push_str(&value);
-                            i += used;
-                            continue;
-                        }
-                        cur.push(d);
-                        i += 1;
-                    }
+                    *i += 1;
+                    self.double_quoted(i, &mut cur, done, depth)?;
                 }
                 '$' => {
-                    let (value, used) = self.variable(&chars[i..], vars, text, depth)?;
+                    let value = self.dollar(i, mode, depth)?;
                     if done + cur.len() + value.len() > MAX_EXPANDED {
                         return Err(too_long());
                     }
-                    i += used;
-                    if !split {
+                    if !mode.split {
                         cur.push_str(&value);
                         continue;
                     }
                     // Field splitting of an unquoted expansion, as a shell does.
                     for v in value.chars() {
-                        if v.is_whitespace() {
-                            if started || !cur.is_empty() {
-                                done += cur.len();
-                                words.push(std::mem::take(&mut cur));
-                                started = false;
-                            }
-                        } else {
+                        if !v.is_whitespace() {
                             cur.push(v);
+                        } else if started || !cur.is_empty() {
+                            done += cur.len();
+                            words.push(std::mem::take(&mut cur));
+                            started = false;
                         }
                     }
                 }
                 _ => {
                     cur.push(c);
-                    i += 1;
+                    *i += 1;
                 }
             }
+        }
+        if stop.is_some() && !stopped {
+            return Err(LexError(format!("missing '}}' in {:?}", self.text)));
         }
         if done + cur.len() > MAX_EXPANDED {
             return Err(too_long());
         }
-        if started || !cur.is_empty() || (!split && words.is_empty()) {
+        if started || !cur.is_empty() || !mode.split {
             words.push(cur);
         }
         Ok(words)
     }
 
-    /// Expand the variable reference at the start of `s` (which begins with `$`). Returns the
-    /// value and how many characters were consumed.
-    fn variable<V: Vars + ?Sized>(
+    /// The inside of double quotes, from after the opening `"` to after the closing one:
+    /// variables expanded, the escape character literal except before `"`, `$` and itself.
+    fn double_quoted(
         &self,
-        s: &[char],
-        vars: &V,
-        text: &str,
+        i: &mut usize,
+        cur: &mut String,
+        done: usize,
         depth: usize,
-    ) -> Result<(String, usize), LexError> {
-        let is_name = |c: char| c.is_ascii_alphanumeric() || c == '_';
-        match s.get(1) {
-            Some('{') => {
-                let mut braces = 0;
-                let mut end = None;
-                for (j, &c) in s.iter().enumerate().skip(2) {
-                    match c {
-                        '{' => braces += 1,
-                        '}' if braces == 0 => {
-                            end = Some(j);
-                            break;
-                        }
-                        '}' => braces -= 1,
-                        _ => {}
-                    }
+    ) -> Result<(), LexError> {
+        loop {
+            let Some(&d) = self.chars.get(*i) else {
+                return Err(LexError(format!(
+                    "unterminated \" quote in {:?}",
+                    self.text
+                )));
+            };
+            match d {
+                '"' => {
+                    *i += 1;
+                    return Ok(());
                 }
-                let end = end.ok_or_else(|| LexError(format!("missing '}}' in {text:?}")))?;
-                let inner: String = s[2..end].iter().collect();
-                let name_len = inner.chars().take_while(|&c| is_name(c)).count();
-                let name = &inner[..name_len];
-                if name.is_empty() {
-                    return Err(LexError(format!("bad substitution in {text:?}")));
+                '$' => {
+                    let value = self.dollar(i, WORD, depth)?;
+                    if done + cur.len() + value.len() > MAX_EXPANDED {
+                        return Err(too_long());
+                    }
+                    cur.push_str(&value);
                 }
-                let rest = &inner[name_len..];
-                let value = vars.get(name);
-                let word = |w: &str| {
-                    self.process(w, vars, false, depth + 1)
-                        .map(|w| w.into_iter().next().unwrap_or_default())
-                };
-                let out = if rest.is_empty() {
-                    value.unwrap_or("").to_string()
-                } else if let Some(alt) = rest.strip_prefix(":-") {
-                    match value {
-                        Some(v) if !v.is_empty() => v.to_string(),
-                        _ => word(alt)?,
+                _ if d == self.escape => match self.chars.get(*i + 1) {
+                    Some(&n) if n == '"' || n == '$' || n == self.escape => {
+                        cur.push(n);
+                        *i += 2;
                     }
-                } else if let Some(alt) = rest.strip_prefix('-') {
-                    match value {
-                        Some(v) => v.to_string(),
-                        None => word(alt)?,
+                    _ => {
+                        cur.push(d);
+                        *i += 1;
                     }
-                } else if let Some(alt) = rest.strip_prefix(":+") {
-                    match value {
-                        Some(v) if !v.is_empty() => word(alt)?,
-                        _ => String::new(),
-                    }
-                } else if let Some(alt) = rest.strip_prefix('+') {
-                    match value {
-                        Some(_) => word(alt)?,
-                        None => String::new(),
-                    }
-                } else {
-                    return Err(LexError(format!(
-                        "unsupported modifier {rest:?} in ${{{inner}}} of {text:?}"
-                    )));
-                };
-                Ok((out, end + 1))
+                },
+                _ => {
+                    cur.push(d);
+                    *i += 1;
+                }
             }
-            Some(&c) if is_name(c) && !c.is_ascii_digit() => {
-                let len = s[1..].iter().take_while(|&&c| is_name(c)).count();
-                let name: String = s[1..1 + len].iter().collect();
-                Ok((vars.get(&name).unwrap_or("").to_string(), 1 + len))
-            }
-            _ => Ok(("$".to_string(), 1)),
         }
+    }
+
+    /// The name after `$` or `${` at `chars[j]`, as a shell reads it: digits (a positional
+    /// parameter), one special parameter character (`$@`, `$?`, ...), or letters, digits and
+    /// `_`. Positional and special parameters are never set in a Dockerfile.
+    fn name(&self, j: usize) -> String {
+        let rest = &self.chars[j..];
+        match rest.first() {
+            Some(c) if c.is_ascii_digit() => {
+                rest.iter().take_while(|c| c.is_ascii_digit()).collect()
+            }
+            Some(&c) if "@*#?-$!".contains(c) => c.to_string(),
+            _ => rest
+                .iter()
+                .take_while(|&&c| c.is_alphanumeric() || c == '_')
+                .collect(),
+        }
+    }
+
+    /// Expand the variable reference at `chars[*i]` (a `$`) and move past it.
+    fn dollar(&self, i: &mut usize, mode: Mode, depth: usize) -> Result<String, LexError> {
+        let chars = self.chars;
+        if chars.get(*i + 1) != Some(&'{') {
+            let name = self.name(*i + 1);
+            *i += 1 + name.chars().count();
+            if name.is_empty() {
+                return Ok("$".to_string());
+            }
+            return Ok(self.vars.get(&name).unwrap_or("").to_string());
+        }
+        let missing = || LexError(format!("missing '}}' in {:?}", self.text));
+        let bad = || LexError(format!("bad substitution in {:?}", self.text));
+        let mut j = *i + 2;
+        match chars.get(j) {
+            None => return Err(missing()),
+            Some('{' | '}' | ':') => return Err(bad()),
+            Some(_) => {}
+        }
+        let name = self.name(j);
+        if name.is_empty() {
+            return Err(bad());
+        }
+        j += name.chars().count();
+        let value = self.vars.get(&name);
+        let Some(&op) = chars.get(j) else {
+            return Err(missing());
+        };
+        j += 1;
+        if op == '}' {
+            *i = j;
+            return Ok(value.unwrap_or("").to_string());
+        }
+        // `:` makes an empty value count as unset.
+        let (colon, op) = match op {
+            ':' => match chars.get(j) {
+                Some(&o) => {
+                    j += 1;
+                    (true, o)
+                }
+                None => return Err(missing()),
+            },
+            o => (false, o),
+        };
+        if !matches!(op, '-' | '+' | '?') {
+            let modifier = if colon {
+                format!(":{op}")
+            } else {
+                op.to_string()
+            };
+            return Err(LexError(format!(
+                "unsupported modifier {modifier:?} in ${{{name}{modifier}...}} of {:?}",
+                self.text
+            )));
+        }
+        let word_mode = Mode {
+            split: false,
+            quotes: mode.quotes,
+        };
+        let word = self
+            .words(&mut j, Some('}'), word_mode, depth + 1)?
+            .into_iter()
+            .next()
+            .unwrap_or_default();
+        *i = j;
+        let set = value.filter(|v| !(colon && v.is_empty()));
+        Ok(match (op, set) {
+            ('-', Some(v)) => v.to_string(),
+            ('-', None) => word,
+            ('+', Some(_)) => word,
+            ('+', None) => String::new(),
+            (_, Some(v)) => v.to_string(),
+            (_, None) => {
+                let message = match (word.is_empty(), value.is_some()) {
+                    (false, _) => word,
+                    (true, false) => "is not allowed to be unset".to_string(),
+                    (true, true) => "is not allowed to be empty".to_string(),
+                };
+                return Err(LexError(format!("{name}: {message}")));
+            }
+        })
     }
 }
 
@@ -393,7 +466,8 @@ mod tests {
         assert_eq!(word("${EMPTY+set}"), "set");
         assert_eq!(word("${NOPE:-$A}"), "avocado");
         assert_eq!(word("/usr/$A/bin:$PATH"), "/usr/avocado/bin:");
-        assert_eq!(word("cost $5"), "cost $5");
+        assert_eq!(word("cost $5"), "cost ");
+        assert_eq!(word("${A:?}"), "avocado");
         assert_eq!(word("$"), "$");
     }
 

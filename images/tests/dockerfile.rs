@@ -267,7 +267,7 @@ fn errors_name_their_line() {
     assert_eq!(e.to_string(), "line 1: FROM takes IMAGE [AS NAME]");
     let e = parse("FROM a\nENV\n").unwrap_err();
     assert_eq!(e.to_string(), "line 2: ENV requires at least one argument");
-    let e = parse("FROM a\nLABEL novalue\n").unwrap_err();
+    let e = parse("FROM a\nLABEL a=1 novalue\n").unwrap_err();
     assert_eq!(
         e.to_string(),
         "line 2: LABEL expects key=value, got \"novalue\""
@@ -528,4 +528,47 @@ fn every_flag_is_known_and_supported_or_an_error() {
     ] {
         assert_eq!(parse(text).unwrap_err().to_string(), message, "{text}");
     }
+}
+
+#[test]
+fn heredoc_words_as_buildkit_tests_them() {
+    // Adapted from BuildKit's TestParseHeredocHelpers, frontend/dockerfile/parser/
+    // parser_heredoc_test.go (github.com/moby/buildkit, Apache-2.0).
+    for valid in [
+        "<<EOF",
+        "<<'EOF'",
+        "<<\"EOF\"",
+        "<<-EOF",
+        "<<-'EOF'",
+        "<<-\"EOF\"",
+        "<<EO\"F\"",
+    ] {
+        assert_eq!(
+            heredoc_word(valid).map(|h| h.0),
+            Some("EOF".into()),
+            "{valid}"
+        );
+    }
+    // BuildKit reads these as heredocs too (spaces after `<<`): mistry does not (see the golden
+    // case heredoc-space-after-marker).
+    for spaced in ["<< EOF", "<<- EOF"] {
+        assert_eq!(heredoc_word(spaced), None, "{spaced}");
+    }
+    // BuildKit: an error when looked at alone; on a line, the line's words do not split, so
+    // there is no heredoc either way.
+    for unterminated in ["<<'EOF", "<<\"EOF", "<<EOF'", "<<EOF\""] {
+        assert_eq!(heredoc_word(unterminated), None, "{unterminated}");
+    }
+    for not in [
+        "", "EOF", "<<", "<<-", "<EOF", "<<<EOF", "<<EOF sh", "<<\"\"", "<<''",
+    ] {
+        assert_eq!(heredoc_word(not), None, "{not}");
+    }
+    assert_eq!(
+        heredoc_word("<<\"a\\\"b\\\\c\\$d\\e\""),
+        Some(("a\"b\\c$d\\e".into(), false, false))
+    );
+    assert_eq!(heredoc_word("<<a\\ b"), Some(("a b".into(), true, false)));
+    assert_eq!(heredoc_word("<<EOF\\"), Some(("EOF\\".into(), true, false)));
+    assert_eq!(heredoc_word("12<<-X"), Some(("X".into(), true, true)));
 }

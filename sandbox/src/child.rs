@@ -112,6 +112,8 @@ pub struct Prepared {
 pub struct Held {
     /// The held user namespace.
     pub userns: RawFd,
+    /// An isolated network namespace (owned by the held user namespace) to start init in, or -1.
+    pub netns: RawFd,
     pub uid_map: Vec<u8>,
     pub gid_map: Vec<u8>,
     /// Switch to uid/gid 0 of the held namespace first (the caller's ids are not mapped there).
@@ -127,9 +129,10 @@ pub const HELD_SETNS: i32 = 1;
 pub const HELD_IDS: i32 = 2;
 pub const HELD_CLONE: i32 = 3;
 pub const HELD_MAP: i32 = 4;
+pub const HELD_NETNS: i32 = 5;
 
-/// The intermediate of a held start: join the held user namespace, start init in a nested
-/// one (as a child of our parent, CLONE_PARENT), write init's maps, report its pid, exit.
+/// The intermediate of a held start: join the held user namespace (and an isolated network
+/// namespace it owns), start init in a nested one (as a child of our parent, CLONE_PARENT), write init's maps, report its pid, exit.
 /// Allocation-free, like init.
 pub fn intermediate_main(p: &mut Prepared, h: &Held) -> ! {
     let say = |a: i32, b: i32| {
@@ -148,6 +151,11 @@ pub fn intermediate_main(p: &mut Prepared, h: &Held) -> ! {
     if h.become_root {
         if let Err(e) = sys::setresgid(0).and_then(|_| sys::setresuid(0)) {
             fail(HELD_IDS, e);
+        }
+    }
+    if h.netns >= 0 {
+        if let Err(e) = sys::setns(h.netns, libc::CLONE_NEWNET) {
+            fail(HELD_NETNS, e);
         }
     }
     let pid = match sys::fork_with(h.flags | libc::CLONE_PARENT as u64, false) {

@@ -8,14 +8,22 @@ use std::time::Duration;
 
 use caps::Capability;
 
-/// Network of the sandbox.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Network of the sandbox, from the narrowest to the widest (the order `Ord` follows: a
+/// project's own settings may only choose a smaller one than the operator's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub enum NetworkMode {
     /// A new network namespace with only the loopback interface, brought up.
     #[default]
     None,
+    /// A network namespace of its own with outbound access through `slirp4netns`, as rootless
+    /// Podman gives containers, under an egress policy ([`crate::egress`]): the host's loopback
+    /// and addresses (so the daemon's API and every service of the host), link-local addresses
+    /// and the operator's denied networks are unreachable. DNS goes through slirp4netns'
+    /// forwarder (`/etc/resolv.conf` and `/etc/hosts` are generated). Namespaces are made ahead
+    /// in a pool (see [`crate::configure_isolated_networks`]).
+    Isolated,
     /// The host's network (no network namespace); `/etc/resolv.conf` and `/etc/hosts` come from
-    /// the host. Builds that download (`apt-get install`, `bundle install`) need it.
+    /// the host. Everything the host reaches, the sandbox reaches.
     Host,
 }
 
@@ -24,9 +32,10 @@ impl std::str::FromStr for NetworkMode {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "none" => Ok(Self::None),
+            "isolated" => Ok(Self::Isolated),
             "host" => Ok(Self::Host),
             other => Err(format!(
-                "unknown network mode {other:?} (expected none or host)"
+                "unknown network mode {other:?} (expected none, isolated or host)"
             )),
         }
     }
@@ -36,6 +45,7 @@ impl std::fmt::Display for NetworkMode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Self::None => "none",
+            Self::Isolated => "isolated",
             Self::Host => "host",
         })
     }

@@ -58,9 +58,11 @@ mod cgroup;
 mod child;
 mod config;
 mod disk;
+pub mod egress;
 mod holder;
 mod idmap;
 mod limits;
+mod net;
 pub mod paths;
 mod plan;
 mod seccomp;
@@ -82,6 +84,7 @@ pub use config::{
     DEFAULT_TMPFS_SIZE,
 };
 pub use disk::tree_usage as disk_usage;
+pub use egress::{egress_policy, set_egress_policy, EgressPolicy};
 pub use holder::{
     enabled as held_user_namespaces, holder_pid as held_user_namespace_pid,
     set_enabled as set_held_user_namespaces,
@@ -92,6 +95,11 @@ pub use idmap::{
     try_choose as try_choose_id_map, Mapping as IdMap, Range as IdRange, SUBORDINATE_IDS,
 };
 pub use limits::Limit;
+pub use net::{
+    check as check_isolated_network, configure as configure_isolated_networks,
+    ready_count as isolated_networks_ready, remove_files as remove_isolated_network_files,
+    slirp4netns_path, stop as stop_isolated_networks,
+};
 pub use user::{
     read_user_file, resolve as resolve_user, resolve_with as resolve_user_with,
     Resolved as ResolvedUser, MAX_USER_FILE,
@@ -131,6 +139,9 @@ pub enum Error {
     /// The seccomp filter could not be built (an unreadable or unsupported profile).
     #[error("{0}")]
     Seccomp(String),
+    /// The isolated network could not be set up (slirp4netns missing or failing, ...).
+    #[error("{0}")]
+    Network(String),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -251,6 +262,8 @@ pub struct Child {
     /// The memory limit a cgroup holds (to tell an OOM kill from another SIGKILL).
     cgroup_memory: Option<u64>,
     notes: Vec<String>,
+    /// The slirp4netns of an isolated network, killed when the sandbox ends.
+    net: Option<net::Slirp>,
     /// The job's stdin, when [`Stdio::Piped`].
     pub stdin: Option<File>,
     /// The job's stdout, when [`Stdio::Piped`].
@@ -524,11 +537,37 @@ impl Sandbox {
                 }
                 None => None,
             };
-        let (ops, nslots) = plan::build(&plan::Spec {
+        // The held user namespace (rootless) is needed now: an isolated network is made for it.
+        let held = holder::userns_for(&mapping);
+        let net = match self.network {
+            NetworkMode::Isolated => Some(net::acquire(held.as_ref(), mapping.max_id())?),
+            _ => None,
+        };
+        let joined = matches!(net, Some(net::Net::Joined(_)));
+        let etc_files = match self.network {
+            NetworkMode::Isolated => Some(net::etc_files(&self.hostname)?),
+            _ => None,
+        };
+        if matches!(net, Some(net::Net::Attach)) {
+            // The sandbox owns this namespace: init sets what the pool's maker sets otherwise.
+            sysctls.push(("/proc/sys/net/ipv4/ip_unprivileged_port_start", "0".into()));
+            sysctls.push((
+                "/proc/sys/net/ipv4/ping_group_range",
+                format!("0 {}", mapping.max_id()),
+            ));
+        }
+        let given_sysfs = match &net {
+            Some(net::Net::Joined(lease)) => lease.sysfs.as_ref().map(|f| f.as_raw_fd()),
+            _ => None,
+        };
+        let (ops, nslots, sysfs_slot) = plan::build(&plan::Spec {
             overlay: overlay.as_ref(),
             overlay_mounts: &self.overlay_mounts,
             rootfs: &rootfs,
             network: self.network,
+            joined_netns: joined,
+            given_sysfs: given_sysfs.is_some(),
+            generated_etc: etc_files.as_ref().map(|(r, h)| (r.as_path(), h.as_path())),
             binds: &binds,
             tmpfs_mounts: &self.tmpfs_mounts,
             tmpfs_tmp: self.tmpfs_tmp,
@@ -623,7 +662,14 @@ impl Sandbox {
             .fold(0u64, |m, c| m | (1u64 << c.index()));
         let mut prepared = Prepared {
             ops,
-            slots: vec![-1; nslots],
+            slots: {
+                let mut slots = vec![-1; nslots];
+                // The sandbox inherits the descriptor; init attaches it and closes its copy.
+                if let (Some(slot), Some(fd)) = (sysfs_slot, given_sysfs) {
+                    slots[slot] = fd;
+                }
+                slots
+            },
             hostname: cstr(self.hostname.as_bytes()),
             argv: self.argv.iter().map(|a| cstr(a.as_bytes())).collect(),
             argv_ptrs: Vec::new(),
@@ -676,21 +722,38 @@ impl Sandbox {
             | libc::CLONE_NEWUTS
             | libc::CLONE_NEWIPC
             | libc::CLONE_NEWCGROUP) as u64;
-        if self.network == NetworkMode::None {
+        if self.network == NetworkMode::None || matches!(net, Some(net::Net::Attach)) {
             flags |= libc::CLONE_NEWNET as u64;
         }
-        let held = holder::userns_for(&mapping);
-        let (pid, pidfd) = match &held {
-            Some(userns) => start_held(&mut prepared, &mapping, userns.as_raw_fd(), flags)?,
-            None => match sys::fork_with(flags, true) {
-                Ok(sys::Forked::Child) => child::init_main(&mut prepared),
-                Ok(sys::Forked::Parent { pid, pidfd }) => {
-                    // SAFETY: clone returned this pidfd to us; nothing else owns it.
-                    (pid, unsafe { OwnedFd::from_raw_fd(pidfd) })
-                }
-                Err(e) => return Err(namespaces_error(e)),
-            },
+        // A pooled isolated network: its namespace to start in, and its slirp4netns to keep.
+        let (netns, slirp, sysfs) = match net {
+            Some(net::Net::Joined(lease)) => (Some(lease.netns), Some(lease.slirp), lease.sysfs),
+            _ => (None, None, None),
         };
+        let netns_fd = netns.as_ref().map_or(-1, |n| n.as_raw_fd());
+        let (pid, pidfd) = match &held {
+            Some(userns) => {
+                start_held(&mut prepared, &mapping, userns.as_raw_fd(), netns_fd, flags)?
+            }
+            None => {
+                // Root: this thread enters the namespace for the clone, then returns.
+                let _inside = match &netns {
+                    Some(n) => Some(net::ThreadNetns::enter(n.as_raw_fd())?),
+                    None => None,
+                };
+
+                match sys::fork_with(flags, true) {
+                    Ok(sys::Forked::Child) => child::init_main(&mut prepared),
+                    Ok(sys::Forked::Parent { pid, pidfd }) => {
+                        // SAFETY: clone returned this pidfd to us; nothing else owns it.
+                        (pid, unsafe { OwnedFd::from_raw_fd(pidfd) })
+                    }
+                    Err(e) => return Err(namespaces_error(e)),
+                }
+            }
+        };
+        // The sandbox keeps its namespace (and has its sysfs) from now on.
+        drop((netns, sysfs));
         drop((
             stdin_child,
             stdout_child,
@@ -713,6 +776,7 @@ impl Sandbox {
             disk: None,
             cgroup_memory,
             notes,
+            net: slirp,
             stdin,
             stdout,
             stderr,
@@ -721,6 +785,16 @@ impl Sandbox {
             if let Err(e) = mapping.write(pid) {
                 let _ = child.kill();
                 return Err(e);
+            }
+        }
+        if child.net.is_none() && self.network == NetworkMode::Isolated {
+            // Its own namespace: slirp4netns configures it before init goes on.
+            match net::attach(pid) {
+                Ok(s) => child.net = Some(s),
+                Err(e) => {
+                    let _ = child.kill();
+                    return Err(e);
+                }
             }
         }
         if let Some(cg) = cgroup {
@@ -790,6 +864,7 @@ fn start_held(
     prepared: &mut Prepared,
     mapping: &idmap::Mapping,
     userns: RawFd,
+    netns: RawFd,
     flags: u64,
 ) -> Result<(libc::pid_t, OwnedFd), Error> {
     let (report_r, report_w) = sys::pipe().map_err(namespaces_error)?;
@@ -803,6 +878,7 @@ fn start_held(
     let (uid_map, gid_map) = mapping.nested_texts();
     let held = child::Held {
         userns,
+        netns,
         uid_map: uid_map.into_bytes(),
         gid_map: gid_map.into_bytes(),
         become_root: matches!(mapping, idmap::Mapping::Subordinate { .. }),
@@ -829,6 +905,7 @@ fn start_held(
             child::HELD_IDS => "becoming root of the held user namespace",
             child::HELD_CLONE => return Err(namespaces_error(value)),
             child::HELD_MAP => "writing the nested id maps",
+            child::HELD_NETNS => "joining the isolated network namespace",
             _ => "starting through the held user namespace",
         };
         return Err(Error::IdMap {
@@ -1043,6 +1120,12 @@ impl Child {
         self.result = Some(result);
         self._cgroup = None;
         self.v1 = None;
+        if let Some(slirp) = self.net.take() {
+            for note in slirp.notes() {
+                tracing::info!(pid = self.pid, "{note}");
+                self.notes.push(note);
+            }
+        }
         Ok(result)
     }
 

@@ -222,6 +222,14 @@ pub struct Spec<'a> {
     pub overlay: Option<&'a Overlay>,
     pub overlay_mounts: &'a [OverlayMount],
     pub network: NetworkMode,
+    /// An isolated network namespace made ahead and joined (the sandbox's user namespace does
+    /// not own it: it cannot make a sysfs of it, `lo` is up already).
+    pub joined_netns: bool,
+    /// A detached sysfs of that namespace, made with it, is given (its descriptor goes into the
+    /// slot [`build`] returns); without it the host's `/sys` is bound.
+    pub given_sysfs: bool,
+    /// An isolated network's generated `/etc/resolv.conf` and `/etc/hosts`.
+    pub generated_etc: Option<(&'a Path, &'a Path)>,
     pub binds: &'a [PlannedBind],
     /// Fresh tmpfs mounts, after the binds and overlay mounts.
     pub tmpfs_mounts: &'a [Tmpfs],
@@ -285,9 +293,10 @@ fn mount(fstype: &str, target: &str, flags: libc::c_ulong, data: Option<&str>) -
     }
 }
 
-/// The ordered operations, and how many grab slots they use. Fails when a bind's destination
-/// cannot be resolved inside the root (a symlink loop).
-pub fn build(spec: &Spec<'_>) -> Result<(Vec<Op>, usize), crate::Error> {
+/// The ordered operations, how many grab slots they use, and the slot of the given sysfs
+/// ([`Spec::given_sysfs`]), which the caller fills. Fails when a bind's destination cannot be
+/// resolved inside the root (a symlink loop).
+pub fn build(spec: &Spec<'_>) -> Result<(Vec<Op>, usize, Option<usize>), crate::Error> {
     let resolve = |dest: &Path| {
         try_resolve_in_root(spec.rootfs, dest).map_err(|e| crate::Error::Bind {
             path: dest.to_path_buf(),
@@ -340,26 +349,40 @@ pub fn build(spec: &Spec<'_>) -> Result<(Vec<Op>, usize), crate::Error> {
         "proc",
         MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC,
     );
-    // Our own sysfs needs our own network namespace; with the host's, bind the host's /sys.
-    // (Decided here, not by trying: dropping an unused detached tree costs an RCU grace period.)
-    let sys = if spec.network == NetworkMode::None {
+    // Our own sysfs needs our own network namespace; with the host's (or one made ahead, which
+    // the sandbox's user namespace does not own), bind the host's /sys. (Decided here, not by
+    // trying: dropping an unused detached tree costs an RCU grace period.)
+    let own_netns = match spec.network {
+        NetworkMode::None => true,
+        NetworkMode::Isolated => !spec.joined_netns,
+        NetworkMode::Host => false,
+    };
+    let mut given_sysfs = None;
+    let sys = if own_netns {
         fresh(
             &mut ops,
             &mut slots,
             "sysfs",
             MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC,
         )
+    } else if spec.network == NetworkMode::Isolated && spec.given_sysfs {
+        let slot = next(&mut slots);
+        given_sysfs = Some(slot);
+        slot
     } else {
         grab(&mut ops, &mut slots, Path::new("/sys"), true)
     };
-    let host_files: Vec<(usize, &str)> = if spec.network == NetworkMode::Host {
-        ["/etc/resolv.conf", "/etc/hosts"]
+    let host_files: Vec<(usize, &str)> = match (spec.network, spec.generated_etc) {
+        (NetworkMode::Host, _) => ["/etc/resolv.conf", "/etc/hosts"]
             .iter()
             .filter(|f| Path::new(f).exists())
             .map(|f| (grab(&mut ops, &mut slots, Path::new(f), true), *f))
-            .collect()
-    } else {
-        Vec::new()
+            .collect(),
+        (NetworkMode::Isolated, Some((resolv, hosts))) => vec![
+            (grab(&mut ops, &mut slots, resolv, true), "/etc/resolv.conf"),
+            (grab(&mut ops, &mut slots, hosts, true), "/etc/hosts"),
+        ],
+        _ => Vec::new(),
     };
     let binds: Vec<(usize, &PlannedBind)> = spec
         .binds
@@ -656,10 +679,10 @@ pub fn build(spec: &Spec<'_>) -> Result<(Vec<Op>, usize), crate::Error> {
     if spec.read_only_root {
         ops.push(Op::ReadOnlyRoot);
     }
-    if spec.network == NetworkMode::None {
+    if own_netns {
         ops.push(Op::LoopbackUp);
     }
-    Ok((ops, slots))
+    Ok((ops, slots, given_sysfs))
 }
 
 /// Candidate paths for the program `argv0`: itself when it contains a `/`, else each directory
@@ -714,11 +737,14 @@ mod tests {
                 expect: Some((7, 8)),
             },
         ];
-        let (ops, slots) = build(&Spec {
+        let (ops, slots, _) = build(&Spec {
             overlay: None,
             overlay_mounts: &[],
             rootfs: Path::new("/r"),
             network: NetworkMode::None,
+            joined_netns: false,
+            given_sysfs: false,
+            generated_etc: None,
             binds: &binds,
             tmpfs_mounts: &[],
             tmpfs_tmp: true,
@@ -766,11 +792,14 @@ mod tests {
 
     #[test]
     fn host_network_gets_resolv_conf_and_no_loopback() {
-        let (ops, _) = build(&Spec {
+        let (ops, _, _) = build(&Spec {
             overlay: None,
             overlay_mounts: &[],
             rootfs: Path::new("/r"),
             network: NetworkMode::Host,
+            joined_netns: false,
+            given_sysfs: false,
+            generated_etc: None,
             binds: &[],
             tmpfs_mounts: &[],
             tmpfs_tmp: false,
@@ -789,6 +818,59 @@ mod tests {
         assert!(!ops.contains(&Op::LoopbackUp));
         assert!(!ops.contains(&Op::ReadOnlyRoot));
         assert!(!n.iter().any(|x| x == "mount tmpfs on /tmp"));
+    }
+
+    #[test]
+    fn isolated_networks_get_generated_files_and_their_own_sysfs() {
+        let (resolv, hosts) = (Path::new("/run/x/resolv"), Path::new("/run/x/hosts"));
+        let spec = |joined, given_sysfs| Spec {
+            overlay: None,
+            overlay_mounts: &[],
+            rootfs: Path::new("/r"),
+            network: NetworkMode::Isolated,
+            joined_netns: joined,
+            given_sysfs,
+            generated_etc: Some((resolv, hosts)),
+            binds: &[],
+            tmpfs_mounts: &[],
+            tmpfs_tmp: false,
+            tmpfs_size: Some(64 << 20),
+            read_only_root: false,
+            sysctls: &[],
+        };
+        let grabbed = |ops: &[Op], what: &str| {
+            ops.iter()
+                .any(|o| matches!(o, Op::Grab { source, read_only: true, .. } if source.as_bytes() == what.as_bytes()))
+        };
+        // Its own namespace (made at clone): a fresh sysfs, lo brought up.
+        let (ops, _, given) = build(&spec(false, false)).unwrap();
+        let n = names(&ops);
+        assert!(n.contains(&"creating a new sysfs".to_string()), "{n:?}");
+        assert_eq!(ops.last(), Some(&Op::LoopbackUp));
+        assert_eq!(given, None);
+        // A namespace made ahead: the sysfs made with it, in the slot returned; lo is up.
+        let (ops, slots, given) = build(&spec(true, true)).unwrap();
+        let n = names(&ops);
+        let slot = given.unwrap();
+        assert!(slot < slots);
+        assert!(!n.contains(&"creating a new sysfs".to_string()), "{n:?}");
+        assert!(!grabbed(&ops, "/sys"));
+        assert!(ops.contains(&Op::Attach {
+            slot,
+            target: c("/sys")
+        }));
+        assert!(!ops.contains(&Op::LoopbackUp));
+        // Without one, the host's /sys, read-only.
+        let (ops, _, given) = build(&spec(true, false)).unwrap();
+        assert!(grabbed(&ops, "/sys") && given.is_none());
+        // The generated files, read-only, at /etc/resolv.conf and /etc/hosts.
+        assert!(grabbed(&ops, "/run/x/resolv") && grabbed(&ops, "/run/x/hosts"));
+        let n = names(&ops);
+        assert!(
+            n.contains(&"bind mount on /etc/resolv.conf".to_string()),
+            "{n:?}"
+        );
+        assert!(n.contains(&"bind mount on /etc/hosts".to_string()), "{n:?}");
     }
 
     #[test]
@@ -847,6 +929,9 @@ mod tests {
             overlay_mounts: &[],
             rootfs: r,
             network: NetworkMode::None,
+            joined_netns: false,
+            given_sysfs: false,
+            generated_etc: None,
             binds: &binds,
             tmpfs_mounts: &[],
             tmpfs_tmp: false,

@@ -310,6 +310,111 @@ pub fn default_program(nested_user_namespaces: bool) -> Result<Arc<Program>, Err
         .map_err(Error::Seccomp)
 }
 
+// ---- The filters of an isolated network's slirp4netns (net/slirp.rs) ----
+
+/// Placeholder of the notifying action while seccompiler (which has no user-notification action)
+/// compiles the filter; replaced by `SECCOMP_RET_USER_NOTIF` afterwards.
+const NOTIFY_MARK: u32 = 0x5d1f;
+
+/// The filters slirp4netns runs under, in the order they are installed: first the restrictions
+/// (no threads and no shared address spaces — so that nothing can change a system call's
+/// arguments while the supervisor reads them —, no `io_uring`, whose operations seccomp does not
+/// see; `clone3`, whose flags a filter cannot read, fails with `ENOSYS` so that glibc uses
+/// `clone`), then the one that notifies the supervisor: every `connect`, `sendmsg` and
+/// `sendmmsg`, and `sendto` with a destination address. That last filter is installed with a
+/// listener ([`crate::sys::seccomp_install_listener`]).
+pub fn slirp_program() -> Result<Arc<Program>, Error> {
+    static PROGRAM: OnceLock<Result<Arc<Program>, String>> = OnceLock::new();
+    PROGRAM
+        .get_or_init(|| build_slirp().map(Arc::new))
+        .clone()
+        .map_err(Error::Seccomp)
+}
+
+fn build_slirp() -> Result<Program, String> {
+    let arch = target()?;
+    let qword = SeccompCmpArgLen::Qword;
+    let mut eperm: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    for name in [
+        "io_uring_setup",
+        "io_uring_enter",
+        "io_uring_register",
+        "process_vm_writev",
+        "ptrace",
+    ] {
+        if let Some(nr) = sysno(name) {
+            eperm.insert(nr, Vec::new());
+        }
+    }
+    if let Some(nr) = sysno("clone") {
+        let shared = [libc::CLONE_THREAD as u64, libc::CLONE_VM as u64];
+        eperm.insert(
+            nr,
+            shared
+                .iter()
+                .map(|f| rule(vec![cond(0, qword.clone(), SeccompCmpOp::MaskedEq(*f), *f)]))
+                .collect::<Result<_, _>>()?,
+        );
+    }
+    let restrict = SeccompFilter::new(
+        eperm,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        arch,
+    )
+    .map_err(|e| format!("seccomp: {e}"))?;
+    let mut enosys: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    if let Some(nr) = sysno("clone3") {
+        enosys.insert(nr, Vec::new());
+    }
+    let no_clone3 = SeccompFilter::new(
+        enosys,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS as u32),
+        arch,
+    )
+    .map_err(|e| format!("seccomp: {e}"))?;
+
+    let mut notify: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+    for name in ["connect", "sendmsg", "sendmmsg"] {
+        if let Some(nr) = sysno(name) {
+            notify.insert(nr, Vec::new());
+        }
+    }
+    let sendto = sysno("sendto").ok_or("seccomp: no sendto system call")?;
+    notify.insert(
+        sendto,
+        vec![rule(vec![cond(4, qword, SeccompCmpOp::Ne, 0)])?],
+    );
+    let notify = SeccompFilter::new(
+        notify,
+        SeccompAction::Allow,
+        SeccompAction::Trace(NOTIFY_MARK),
+        arch,
+    )
+    .map_err(|e| format!("seccomp: {e}"))?;
+    let mut notify = with_x32_guard(compile(notify)?);
+    const BPF_RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+    let mark = libc::SECCOMP_RET_TRACE | NOTIFY_MARK;
+    let mut marked = 0;
+    for i in notify.iter_mut() {
+        if i.code == BPF_RET_K && i.k == mark {
+            i.k = libc::SECCOMP_RET_USER_NOTIF;
+            marked += 1;
+        }
+    }
+    if marked == 0 {
+        return Err("seccomp: the notifying filter has no notifying action".into());
+    }
+    Ok(Program {
+        filters: vec![
+            with_x32_guard(compile(restrict)?),
+            compile(no_clone3)?,
+            notify,
+        ],
+    })
+}
+
 // ---- Docker/OCI profiles ----
 
 #[derive(Debug, serde::Deserialize)]

@@ -694,3 +694,281 @@ pub fn format_u32(mut n: u32, buf: &mut [u8; 10]) -> &[u8] {
     }
     &buf[i..]
 }
+
+/// unshare(2) of the calling thread.
+pub fn unshare(flags: c_int) -> Result<(), i32> {
+    // SAFETY: plain integers.
+    check_int(unsafe { libc::unshare(flags) }).map(drop)
+}
+
+/// A pair of connected Unix stream sockets, close-on-exec.
+pub fn socketpair() -> Result<(RawFd, RawFd), i32> {
+    let mut fds = [0 as c_int; 2];
+    // SAFETY: `fds` has room for the two descriptors.
+    check_int(unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    })?;
+    Ok((fds[0], fds[1]))
+}
+
+/// Send `data` over the Unix socket `sock`, with descriptor `fd` attached when it is not -1
+/// (SCM_RIGHTS). Allocation-free: the control message lives on the stack.
+pub fn send_with_fd(sock: RawFd, data: &[u8], fd: RawFd) -> Result<(), i32> {
+    #[repr(C)]
+    union Control {
+        buf: [u8; 64],
+        _align: libc::cmsghdr,
+    }
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    let mut control = Control { buf: [0; 64] };
+    // SAFETY: msghdr is plain data; the fields set below point into `iov` and `control`, which
+    // outlive the call; the control buffer is aligned for cmsghdr and large enough for one
+    // descriptor (CMSG_SPACE(4) ≤ 24).
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        if fd >= 0 {
+            let space = libc::CMSG_SPACE(std::mem::size_of::<c_int>() as u32) as usize;
+            msg.msg_control = control.buf.as_mut_ptr().cast();
+            msg.msg_controllen = space as _;
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<c_int>() as u32) as _;
+            std::ptr::copy_nonoverlapping(
+                (&fd as *const c_int).cast::<u8>(),
+                libc::CMSG_DATA(cmsg),
+                std::mem::size_of::<c_int>(),
+            );
+        }
+        loop {
+            match check(libc::sendmsg(sock, &msg, libc::MSG_NOSIGNAL) as c_long) {
+                Err(libc::EINTR) => continue,
+                other => return other.map(drop),
+            }
+        }
+    }
+}
+
+/// Receive up to `buf.len()` bytes from the Unix socket `sock` and the descriptor sent with
+/// them, if any (made close-on-exec). Returns (bytes, descriptor or -1).
+pub fn recv_with_fd(sock: RawFd, buf: &mut [u8]) -> Result<(usize, RawFd), i32> {
+    #[repr(C)]
+    union Control {
+        buf: [u8; 64],
+        _align: libc::cmsghdr,
+    }
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let mut control = Control { buf: [0; 64] };
+    // SAFETY: as in send_with_fd; the kernel fills in at most msg_controllen bytes of control
+    // data, and a descriptor is read only from a SCM_RIGHTS message it wrote.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.buf.as_mut_ptr().cast();
+        msg.msg_controllen = 64;
+        let n = loop {
+            match check(libc::recvmsg(sock, &mut msg, libc::MSG_CMSG_CLOEXEC) as c_long) {
+                Err(libc::EINTR) => continue,
+                other => break other?,
+            }
+        };
+        let mut fd = -1;
+        let cmsg = libc::CMSG_FIRSTHDR(&msg);
+        if !cmsg.is_null()
+            && (*cmsg).cmsg_level == libc::SOL_SOCKET
+            && (*cmsg).cmsg_type == libc::SCM_RIGHTS
+        {
+            std::ptr::copy_nonoverlapping(
+                libc::CMSG_DATA(cmsg),
+                (&mut fd as *mut c_int).cast::<u8>(),
+                std::mem::size_of::<c_int>(),
+            );
+        }
+        Ok((n as usize, fd))
+    }
+}
+
+/// Install a seccomp filter on the calling thread with a user-notification listener, whose
+/// descriptor is returned (no_new_privs must be set already, or the caller privileged).
+pub fn seccomp_install_listener(prog: &libc::sock_fprog) -> Result<RawFd, i32> {
+    // SAFETY: `prog` points to a valid program the caller keeps alive for the duration of the
+    // call; the kernel copies it.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            libc::SECCOMP_FILTER_FLAG_NEW_LISTENER as c_uint,
+            prog as *const libc::sock_fprog,
+        )
+    })
+    .map(|fd| fd as RawFd)
+}
+
+/// The sizes of the seccomp notification structures this kernel uses.
+pub fn seccomp_notif_sizes() -> Result<libc::seccomp_notif_sizes, i32> {
+    // SAFETY: seccomp_notif_sizes is plain data the kernel fills in.
+    unsafe {
+        let mut sizes: libc::seccomp_notif_sizes = std::mem::zeroed();
+        check(libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_GET_NOTIF_SIZES,
+            0 as c_uint,
+            &mut sizes as *mut libc::seccomp_notif_sizes,
+        ))?;
+        Ok(sizes)
+    }
+}
+
+/// Receive one notification on a seccomp listener into `buf` (at least as large as the kernel's
+/// `seccomp_notif`, see [`seccomp_notif_sizes`], and 8-byte aligned: it is a `u64` slice).
+pub fn seccomp_notif_recv(listener: RawFd, buf: &mut [u64]) -> Result<libc::seccomp_notif, i32> {
+    if std::mem::size_of_val(buf) < std::mem::size_of::<libc::seccomp_notif>() {
+        return Err(libc::EINVAL);
+    }
+    buf.fill(0);
+    loop {
+        // SAFETY: `buf` is zeroed (the kernel requires it), aligned and large enough for the
+        // kernel's seccomp_notif (checked by the caller with the kernel's sizes).
+        let r = unsafe { libc::ioctl(listener, libc::SECCOMP_IOCTL_NOTIF_RECV, buf.as_mut_ptr()) };
+        match check_int(r) {
+            Err(libc::EINTR) => continue,
+            Err(e) => return Err(e),
+            Ok(_) => break,
+        }
+    }
+    // SAFETY: the kernel wrote a seccomp_notif at the start of `buf`, which is aligned for it.
+    Ok(unsafe { std::ptr::read(buf.as_ptr().cast::<libc::seccomp_notif>()) })
+}
+
+/// Whether notification `id` is still pending (its process has not died or been interrupted).
+pub fn seccomp_notif_id_valid(listener: RawFd, id: u64) -> bool {
+    // SAFETY: the ioctl reads one u64 from the pointer.
+    unsafe {
+        libc::ioctl(
+            listener,
+            libc::SECCOMP_IOCTL_NOTIF_ID_VALID,
+            &id as *const u64,
+        ) == 0
+    }
+}
+
+/// Answer notification `id`: let the system call run (`Ok`) or fail it with an errno.
+pub fn seccomp_notif_respond(listener: RawFd, id: u64, answer: Result<(), i32>) -> Result<(), i32> {
+    let mut resp = libc::seccomp_notif_resp {
+        id,
+        val: 0,
+        error: 0,
+        flags: 0,
+    };
+    match answer {
+        Ok(()) => resp.flags = libc::SECCOMP_USER_NOTIF_FLAG_CONTINUE as u32,
+        Err(e) => resp.error = -e,
+    }
+    // SAFETY: `resp` is a valid seccomp_notif_resp for the duration of the call.
+    check_int(unsafe {
+        libc::ioctl(
+            listener,
+            libc::SECCOMP_IOCTL_NOTIF_SEND,
+            &mut resp as *mut libc::seccomp_notif_resp,
+        )
+    })
+    .map(drop)
+}
+
+/// Read `buf.len()` bytes at address `addr` of process `pid` (process_vm_readv). Fails unless
+/// every byte could be read.
+pub fn read_process_memory(pid: libc::pid_t, addr: u64, buf: &mut [u8]) -> Result<(), i32> {
+    if buf.is_empty() {
+        return Ok(());
+    }
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as usize as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: `local` describes our own writable buffer; `remote` is only an address in the
+    // other process, which the kernel checks.
+    let n = check(unsafe { libc::process_vm_readv(pid, &local, 1, &remote, 1, 0) } as c_long)?;
+    if n as usize == buf.len() {
+        Ok(())
+    } else {
+        Err(libc::EFAULT)
+    }
+}
+
+/// poll(2) on `fds` with a timeout in milliseconds (-1: none); EINTR is retried.
+pub fn poll(fds: &mut [libc::pollfd], timeout_ms: c_int) -> Result<usize, i32> {
+    loop {
+        // SAFETY: the pointer and length describe `fds`.
+        match check_int(unsafe {
+            libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms)
+        }) {
+            Err(libc::EINTR) => continue,
+            other => return other.map(|n| n as usize),
+        }
+    }
+}
+
+/// Open `path` (a namespace file, `/dev/null`...) read-only and close-on-exec.
+pub fn open_read(path: &CStr) -> Result<RawFd, i32> {
+    // SAFETY: `path` is a valid NUL-terminated string.
+    check_int(unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) })
+}
+
+/// Open `path` for reading and writing, close-on-exec.
+pub fn open_rdwr(path: &CStr) -> Result<RawFd, i32> {
+    // SAFETY: `path` is a valid NUL-terminated string.
+    check_int(unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) })
+}
+
+/// Duplicate `fd` to a descriptor ≥ `min`, close-on-exec.
+pub fn dup_above(fd: RawFd, min: RawFd) -> Result<RawFd, i32> {
+    // SAFETY: fcntl(F_DUPFD_CLOEXEC) on a descriptor we hold.
+    check_int(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, min) })
+}
+
+/// The parent's pid (to notice a parent that died before PR_SET_PDEATHSIG took effect).
+pub fn getppid() -> libc::pid_t {
+    // SAFETY: getppid takes no arguments and cannot fail.
+    unsafe { libc::getppid() }
+}
+
+/// setsid(2): a new session and process group.
+pub fn setsid() -> Result<(), i32> {
+    // SAFETY: setsid takes no arguments.
+    check_int(unsafe { libc::setsid() }).map(drop)
+}
+
+/// One read(2) into `buf`; EINTR is retried. Returns the bytes read (0: EOF).
+pub fn read_some(fd: RawFd, buf: &mut [u8]) -> Result<usize, i32> {
+    loop {
+        // SAFETY: the pointer and length describe `buf`.
+        match check(unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) } as c_long) {
+            Err(libc::EINTR) => continue,
+            other => return other.map(|n| n as usize),
+        }
+    }
+}
+
+/// pidfd_getfd(2): a copy (close-on-exec) of descriptor `fd` of the process `pidfd` refers to.
+pub fn pidfd_getfd(pidfd: RawFd, fd: RawFd) -> Result<RawFd, i32> {
+    // SAFETY: plain integers; the kernel returns a new descriptor or an error.
+    check(unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) }).map(|fd| fd as RawFd)
+}

@@ -9,6 +9,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <stdio.h>
+#include <stddef.h>
 #include <stdlib.h>
 #include <string.h>
 #include <linux/keyctl.h>
@@ -21,6 +22,7 @@
 #include <sys/ptrace.h>
 #include <sys/socket.h>
 #include <sys/types.h>
+#include <sys/un.h>
 #include <sys/wait.h>
 #include <sched.h>
 #include <signal.h>
@@ -73,6 +75,16 @@ int main(int argc, char **argv) {
         struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(atoi(argv[3]))};
         inet_pton(AF_INET, argv[2], &a.sin_addr);
         return result(connect(s, (struct sockaddr *)&a, sizeof a));
+    }
+    if (!strcmp(cmd, "connect-abstract") && argc == 3) {
+        /* A Unix socket in the abstract namespace (per network namespace, no permissions). */
+        int s = socket(AF_UNIX, SOCK_STREAM, 0);
+        struct sockaddr_un a = {.sun_family = AF_UNIX};
+        size_t n = strlen(argv[2]);
+        if (n > sizeof a.sun_path - 1)
+            n = sizeof a.sun_path - 1;
+        memcpy(a.sun_path + 1, argv[2], n);
+        return result(connect(s, (struct sockaddr *)&a, offsetof(struct sockaddr_un, sun_path) + 1 + n));
     }
     if (!strcmp(cmd, "ptrace") && argc == 3)
         return result(ptrace(PTRACE_ATTACH, atoi(argv[2]), 0, 0) < 0 ? -1 : 0);

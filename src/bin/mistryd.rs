@@ -206,6 +206,8 @@ async fn serve(cli: Cli) -> Result<()> {
         );
     }
     let mut cfg = cfg;
+    // Isolated networks: the egress policy, and namespaces made ahead from now on.
+    mistry::security::set_up_networks(&cfg, true);
     let helper = image_cli::helper_command()?;
     // Bound first, so that image builds know the real address (also the port the kernel
     // chose for `--addr HOST:0`) and never download from the daemon itself. Nothing is
@@ -222,6 +224,7 @@ async fn serve(cli: Cli) -> Result<()> {
     // database stops the start here), register once the engine is ready; a single node stays in
     // memory.
     let cluster = Arc::new(mistry::cluster::Cluster::connect(&cfg).await?);
+    cluster.start_egress(cfg.cluster.database_url.clone()).await;
     let engine = Arc::new(tokio::task::spawn_blocking(move || Engine::new(cfg, helper)).await??);
     {
         let engine = Arc::clone(&engine);
@@ -232,7 +235,7 @@ async fn serve(cli: Cli) -> Result<()> {
     // it reported its address gets a graceful shutdown.
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tracing::info!(addr = %bound, store = %engine.cfg.store_path.display(), "mistryd ready");
-    // The one line mistryd writes on stdout (README): the address it listens on, the port
+    // The one line mistryd writes on stdout (docs/operators.md): the address it listens on, the port
     // chosen by the kernel for `--addr HOST:0`. Not being able to write it is no reason to stop.
     {
         use std::io::Write;
@@ -258,6 +261,9 @@ async fn serve(cli: Cli) -> Result<()> {
     }
     tracing::info!("shutting down: no new jobs; waiting for running ones");
     engine.shutdown(cli.shutdown_grace).await;
+    tokio::task::spawn_blocking(mistry::security::stop_networks)
+        .await
+        .ok();
     cluster.stop().await;
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
@@ -267,6 +273,7 @@ async fn serve(cli: Cli) -> Result<()> {
 
 fn rebuild(cli: &Cli, projects: &[String], fail_fast: bool, verbose: bool) -> Result<i32> {
     let mut cfg = load(cli)?;
+    mistry::security::set_up_networks(&cfg, false);
     // The daemon (whose address --addr names) may be running beside us: ADD <url> does not
     // connect there.
     cfg.listen = cli.addr.parse().into_iter().collect();
@@ -303,6 +310,7 @@ fn rebuild(cli: &Cli, projects: &[String], fail_fast: bool, verbose: bool) -> Re
             }
         }
     }
+    mistry::security::stop_networks();
     let pruned = builder.store.collect_garbage()?;
     println!(
         "Finished. Rebuilt: {rebuilt}, Pruned images: {}, Pruned blobs: {}, Failed: {}",

@@ -28,6 +28,7 @@
 
 pub mod agents;
 pub mod db;
+mod egress;
 pub mod inputs;
 pub mod jobs;
 mod listen;

@@ -10,7 +10,8 @@
 //!   "images_path": "/var/lib/mistry/images",       // local base images (OCI layouts)
 //!   "store_path": "/var/lib/mistry/data/.mistry",  // layer store; default <build_path>/.mistry
 //!   "filesystem": "overlay",                       // plain | btrfs | overlay; default: detected
-//!   "network": "host",                             // host (default, as mistry) | none
+//!   "network": "isolated",                         // isolated (default) | none | host
+//!   "network_deny": ["10.0.0.0/8"],                // isolated: more networks jobs may not reach
 //!   "time_limit": "30m",                           // per job, Go syntax; default: none
 //!   "registries": {"insecure": [], "auth_file": null, "credentials": {}},
 //!   "projects": {"NAME": {"network": "none", "time_limit": "5m"}},
@@ -38,11 +39,22 @@
 //! of the configuration file, and one file serves agents pointed at different databases.
 //! Without either, mistryd is a single node and no database code runs.
 //!
+//! `network` (server-wide, or per project in `projects`): what jobs and RUN steps reach.
+//! `isolated` (the default): a network namespace of their own with outbound access through
+//! slirp4netns, where the host's loopback and every address of the host (the daemon's API, the
+//! cluster's database, any service bound to `0.0.0.0`), link-local addresses (cloud metadata),
+//! the cluster's database host and other agents, and the networks of `network_deny` (CIDRs) are
+//! unreachable; `ADD <url>` refuses the same destinations. `none`: loopback only. `host`: the
+//! host's network, everything the host reaches (mistry's own behaviour, and this daemon's
+//! default before `isolated` existed: a configuration that says `"network": "host"` keeps it —
+//! it is the operator's explicit choice —, one that says nothing now gets `isolated`).
+//!
 //! A project may also carry its own settings in `<project>/.mistry.json`
 //! (`{"network": ..., "time_limit": ..., "build_args": {...}, "limits": {...}}`). Its author is
-//! not trusted, so it can only tighten what the operator allows: `network: "none"`, a shorter
-//! time limit, lower limits (see [`crate::security`]). The server configuration's `projects`
-//! entry sets anything for its project. Unknown keys are ignored, as mistry does.
+//! not trusted, so it can only tighten what the operator allows: a narrower network
+//! (none < isolated < host), a shorter time limit, lower limits (see [`crate::security`]). The
+//! server configuration's `projects` entry sets anything for its project (`"network": "host"`
+//! for the one project that must reach the host). Unknown keys are ignored, as mistry does.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -76,6 +88,8 @@ struct Raw {
     store_path: Option<PathBuf>,
     filesystem: Option<String>,
     network: Option<String>,
+    #[serde(default)]
+    network_deny: Vec<String>,
     time_limit: Option<String>,
     #[serde(default)]
     registries: RegistryConfig,
@@ -107,6 +121,8 @@ pub struct Config {
     pub store_path: PathBuf,
     pub filesystem: Option<BackendKind>,
     pub network: NetworkMode,
+    /// More networks isolated jobs, RUN steps and `ADD <url>` may not reach (`network_deny`).
+    pub network_deny: Vec<sandbox::egress::IpNet>,
     pub time_limit: Option<Duration>,
     pub registries: RegistryConfig,
     pub projects: BTreeMap<String, ProjectSettings>,
@@ -137,6 +153,17 @@ pub const DEFAULT_CACHE_LAYERS: usize = 8;
 pub(crate) fn parse_network(s: &str, what: &str) -> Result<NetworkMode> {
     s.parse::<NetworkMode>()
         .map_err(|e| anyhow::anyhow!("{what}: {e}"))
+}
+
+/// A `network_deny` entry: a CIDR (`10.0.0.0/8`, `fd00::/8`) or one address.
+pub(crate) fn parse_net(s: &str, what: &str) -> Result<sandbox::egress::IpNet> {
+    let s = s.trim();
+    if let Ok(net) = s.parse::<sandbox::egress::IpNet>() {
+        return Ok(net.trunc());
+    }
+    s.parse::<std::net::IpAddr>()
+        .map(sandbox::egress::IpNet::from)
+        .map_err(|_| anyhow::anyhow!("{what}: {s:?} is not a network (10.0.0.0/8) or an address"))
 }
 
 pub(crate) fn parse_limit(s: &str, what: &str) -> Result<Duration> {
@@ -237,8 +264,13 @@ impl Config {
             filesystem,
             network: match raw.network.as_deref() {
                 Some(n) => parse_network(n, "network")?,
-                None => NetworkMode::Host,
+                None => NetworkMode::Isolated,
             },
+            network_deny: raw
+                .network_deny
+                .iter()
+                .map(|n| parse_net(n, "network_deny"))
+                .collect::<Result<_>>()?,
             time_limit: match raw.time_limit.as_deref() {
                 Some(t) => Some(parse_limit(t, "time_limit")?),
                 None => None,
@@ -297,6 +329,9 @@ mod tests {
             (Some(Duration::from_secs(900)), 1)
         );
         assert_eq!(c.sandbox_ids, SandboxIds::Auto);
+        assert_eq!(c.network, NetworkMode::Isolated);
+        assert_eq!(c.network_deny, ["10.0.0.0/8".parse().unwrap()]);
+        assert_eq!(c.effective("yarn").unwrap().network, NetworkMode::Host);
         assert_eq!(c.security.seccomp, sandbox::Seccomp::Default);
         assert_eq!(
             e.security.limits,
@@ -339,7 +374,7 @@ mod tests {
             "10 GiB, or half the free space of build_path"
         );
         assert_eq!((l.log, l.tmpfs), (Some(64 << 20), Some(64 << 20)));
-        assert_eq!(c.network, NetworkMode::Host);
+        assert_eq!(c.network, NetworkMode::Isolated);
         assert_eq!(c.store_path, b.canonicalize().unwrap().join(".mistry"));
         let e = c.effective("web").unwrap();
         assert_eq!(
@@ -354,6 +389,33 @@ mod tests {
         let e = c.effective("web").unwrap();
         assert_eq!(e.network, NetworkMode::None, "the server's config wins");
         assert_eq!(e.build_args, vec![("A".to_string(), "1".to_string())]);
+
+        assert!(c.network_deny.is_empty());
+        let text = format!(
+            r#"{{"projects_path": "{}", "build_path": "{}", "network": "host",
+                "network_deny": ["10.0.0.0/8", "192.168.1.7", "fd00::1/8", "10.9.9.9/16"]}}"#,
+            p.display(),
+            b.display()
+        );
+        let c = Config::parse(&text, Path::new("config.json")).unwrap();
+        assert_eq!(c.network, NetworkMode::Host, "an explicit host is kept");
+        assert_eq!(
+            c.network_deny
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            ["10.0.0.0/8", "192.168.1.7/32", "fd00::/8", "10.9.0.0/16"]
+        );
+        let bad = format!(
+            r#"{{"projects_path": "{}", "build_path": "{}", "network_deny": ["10.0.0.0/33"]}}"#,
+            p.display(),
+            b.display()
+        );
+        let e = Config::parse(&bad, Path::new("c.json")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "network_deny: \"10.0.0.0/33\" is not a network (10.0.0.0/8) or an address"
+        );
 
         let missing = format!(r#"{{"build_path": "{}"}}"#, b.display());
         let e = Config::parse(&missing, Path::new("c.json")).unwrap_err();

@@ -60,12 +60,10 @@ impl Config {
             &self.base_dir,
             &format!("projects.{project}"),
         )?;
-        // ... which the project's own file can only tighten.
+        // ... which the project's own file can only tighten (none < isolated < host).
         let origin = file.display();
         if let Some(n) = &own.network {
-            if parse_network(n, &format!("{origin}: network"))? == NetworkMode::None {
-                network = NetworkMode::None;
-            }
+            network = network.min(parse_network(n, &format!("{origin}: network"))?);
         }
         if let Some(t) = &own.time_limit {
             let t = parse_limit(t, &format!("{origin}: time_limit"))?;
@@ -107,7 +105,8 @@ impl Config {
     /// How `project`'s image is built under `settings` (its [`Config::effective`] settings):
     /// build arg `uid` is this process's uid (as mistry passes it), then the project's build
     /// args; its network, policy and time limit (of each RUN step and each `ADD <url>`); and
-    /// `ADD <url>` never connects to where the daemon listens.
+    /// `ADD <url>` never connects to where the daemon listens, nor, with an isolated network,
+    /// anywhere the egress policy refuses.
     pub fn build_options_with(&self, project: &str, settings: &Effective) -> BuildOptions {
         let mut opts = BuildOptions::new(project, self.projects_path.join(project));
         opts.build_args = vec![("uid".into(), nix::unistd::geteuid().as_raw().to_string())];
@@ -116,6 +115,7 @@ impl Config {
         opts.run_timeout = settings.time_limit;
         opts.policy = settings.security.policy();
         opts.download.deny_connect = self.listen.clone();
+        opts.download.egress = settings.network == NetworkMode::Isolated;
         opts.secrets = super::secrets::for_project(&self.secrets, project);
         if let Some(t) = settings.time_limit {
             opts.download.timeout = opts.download.timeout.min(t);
@@ -222,6 +222,54 @@ mod tests {
         assert_eq!(o.download.deny_connect, c.listen);
         assert_eq!(o.policy, c.effective("web").unwrap().security.policy());
         assert!(!o.no_cache);
+    }
+
+    #[test]
+    fn a_project_file_only_narrows_the_network() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, b) = (dir.path().join("projects"), dir.path().join("builds"));
+        for name in ["plain", "wide", "narrowed", "none"] {
+            std::fs::create_dir_all(p.join(name)).unwrap();
+        }
+        std::fs::create_dir_all(&b).unwrap();
+        let text = format!(
+            r#"{{"projects_path": "{}", "build_path": "{}",
+                "projects": {{"wide": {{"network": "host"}}, "narrowed": {{"network": "host"}}}}}}"#,
+            p.display(),
+            b.display()
+        );
+        let c = Config::parse(&text, Path::new("config.json")).unwrap();
+        let own = |name: &str, net: &str| {
+            std::fs::write(
+                p.join(name).join(".mistry.json"),
+                format!(r#"{{"network": "{net}"}}"#),
+            )
+            .unwrap()
+        };
+        // The default is isolated; a project asking for the host's network stays isolated.
+        own("plain", "host");
+        assert_eq!(c.effective("plain").unwrap().network, NetworkMode::Isolated);
+        // The operator's entry gives the host's network; the project may keep it or narrow it.
+        own("wide", "host");
+        assert_eq!(c.effective("wide").unwrap().network, NetworkMode::Host);
+        own("narrowed", "isolated");
+        assert_eq!(
+            c.effective("narrowed").unwrap().network,
+            NetworkMode::Isolated
+        );
+        own("none", "none");
+        assert_eq!(c.effective("none").unwrap().network, NetworkMode::None);
+        // ADD <url> follows the egress policy where the network is isolated.
+        assert!(c.build_options("plain").unwrap().download.egress);
+        assert!(!c.build_options("wide").unwrap().download.egress);
+        own("plain", "bridge");
+        let e = c.effective("plain").unwrap_err();
+        assert!(
+            e.to_string().ends_with(
+                "network: unknown network mode \"bridge\" (expected none, isolated or host)"
+            ),
+            "{e}"
+        );
     }
 
     #[test]

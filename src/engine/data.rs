@@ -151,10 +151,11 @@ impl Data {
     fn remove(&self, store: &Store, dir: &OwnedFd, dir_rel: &Path, name: &OsStr) -> io::Result<()> {
         match images::inroot::remove_at(dir.as_fd(), name) {
             Ok(()) => Ok(()),
+            // By kind: the walker names the entry in its errors (no raw errno left).
             Err(e)
                 if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EACCES | libc::EPERM | libc::ENOTEMPTY)
+                    e.kind(),
+                    io::ErrorKind::PermissionDenied | io::ErrorKind::DirectoryNotEmpty
                 ) =>
             {
                 let path = self.path.join(dir_rel).join(name);

@@ -106,7 +106,7 @@ pub fn check(config: &Path, ids: Option<SandboxIds>) -> Report {
         Err(e) => {
             r.fail(
                 format!("configuration {}: {e:#}", config.display()),
-                "fix the file (README, \"Configuration\"); the host checks below still ran",
+                "fix the file (docs/operators.md, \"Configuration\"); the host checks below still ran",
             );
             None
         }
@@ -133,6 +133,7 @@ pub fn check(config: &Path, ids: Option<SandboxIds>) -> Report {
     }
     check_cgroups(&mut r, root);
     if let Some(cfg) = &cfg {
+        check_network(&mut r, cfg, root);
         check_registries(&mut r, cfg);
         check_database(&mut r, cfg);
     }
@@ -160,7 +161,7 @@ fn check_database(r: &mut Report, cfg: &Config) {
         Err(e) => {
             r.fail(
                 e,
-                "start PostgreSQL, check database_url (README, \"Several agents\"); mistryd does not start without it",
+                "start PostgreSQL, check database_url (docs/cluster.md, \"Several agents\"); mistryd does not start without it",
             );
             return;
         }
@@ -306,6 +307,88 @@ fn check_sandbox(r: &mut Report) {
             "fix what the checks above name",
         ),
     }
+}
+
+/// Isolated networks (the default `network`): slirp4netns, a TUN device the daemon may open,
+/// and one namespace started and torn down as the daemon makes them.
+fn check_network(r: &mut Report, cfg: &Config, root: bool) {
+    let isolated = cfg.network == NetworkMode::Isolated
+        || cfg
+            .projects
+            .values()
+            .any(|p| p.network.as_deref() == Some("isolated"));
+    if !isolated {
+        r.ok(format!(
+            "network {}: no isolated networks to start (a project's .mistry.json that narrows \
+             it to isolated needs slirp4netns)",
+            cfg.network
+        ));
+        return;
+    }
+    let Some(slirp) = sandbox::slirp4netns_path() else {
+        r.fail(
+            "slirp4netns is not installed: jobs and RUN steps with the isolated network (the \
+             default) cannot start",
+            "apt-get install slirp4netns (or dnf install slirp4netns), or set \"network\"",
+        );
+        return;
+    };
+    let tun = Path::new("/dev/net/tun");
+    match std::fs::metadata(tun) {
+        Err(e) => {
+            r.fail(
+                format!("{}: {e}", tun.display()),
+                "load the tun module (modprobe tun) or create the node: mknod /dev/net/tun c 10 200",
+            );
+            return;
+        }
+        Ok(m) if !root && m.mode() & 0o006 != 0o006 => {
+            r.fail(
+                format!(
+                    "{} is mode {:04o}: an unprivileged daemon cannot open it for slirp4netns",
+                    tun.display(),
+                    m.mode() & 0o7777
+                ),
+                "chmod 0666 /dev/net/tun, as standard distributions have it (udev: \
+                 KERNEL==\"tun\", MODE=\"0666\"); it only lets a user make devices in \
+                 network namespaces they own",
+            );
+            return;
+        }
+        Ok(_) => {}
+    }
+    match sandbox::check_isolated_network() {
+        Ok(how) => r.ok(format!("isolated networks start: {how}")),
+        Err(e) => r.fail(
+            format!("an isolated network cannot be started: {e}"),
+            format!(
+                "{} must run (MISTRY_LOG=debug mistryd sandbox run --net isolated --rootfs / \
+                 -- /bin/true); reading its system calls' arguments needs ptrace access to our \
+                 own children (kernel.yama.ptrace_scope at most 1)",
+                slirp.display()
+            ),
+        ),
+    }
+    let deny = &cfg.network_deny;
+    r.ok(format!(
+        "egress of isolated networks: loopback, link-local, this host's addresses{}{} refused",
+        if cfg.cluster.database_url.is_some() {
+            ", the cluster's hosts (PostgreSQL, every agent)"
+        } else {
+            ""
+        },
+        if deny.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ", network_deny ({})",
+                deny.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        }
+    ));
 }
 
 /// Whether `path` is set-uid root or carries file capabilities (what newuidmap needs).

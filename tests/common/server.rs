@@ -87,6 +87,10 @@ pub struct Server {
     pub config: PathBuf,
     /// More arguments of mistryd.
     pub args: Vec<String>,
+    /// `--addr` (default `127.0.0.1:0`).
+    pub listen: String,
+    /// More environment variables of mistryd.
+    pub env: Vec<(String, String)>,
     /// How many times mistryd was started (names its log).
     spawns: usize,
     /// How long [`Server::spawn`] waits for mistryd to listen (20 s).
@@ -104,6 +108,26 @@ impl Server {
 
     /// With more mistryd arguments (e.g. `--header-timeout 2s`).
     pub fn start_with(parent: Option<&Path>, extra: Value, args: &[&str]) -> Server {
+        let mut s = Self::prepare(parent, extra, args);
+        s.spawn();
+        s
+    }
+
+    /// Listening on `listen` (e.g. `0.0.0.0:0`: every address of the host), with more
+    /// environment variables.
+    pub fn start_on(listen: &str, extra: Value, env: &[(&str, &str)]) -> Server {
+        let mut s = Self::prepare(None, extra, &[]);
+        s.listen = listen.to_string();
+        s.env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        s.spawn();
+        s
+    }
+
+    /// The server's directory, projects and configuration, not started yet.
+    fn prepare(parent: Option<&Path>, extra: Value, args: &[&str]) -> Server {
         let dir = match parent {
             Some(p) => tempfile::Builder::new().prefix("mistryd").tempdir_in(p),
             None => tempfile::Builder::new().prefix("mistryd").tempdir(),
@@ -237,21 +261,21 @@ impl Server {
         }
         let config_path = dir.path().join("config.json");
         std::fs::write(&config_path, config.to_string()).unwrap();
-        let mut s = Server {
+        Server {
             child: None,
             addr: String::new(),
             grace: "10s".into(),
             dir,
             config: config_path,
             args: args.iter().map(|a| a.to_string()).collect(),
+            listen: "127.0.0.1:0".into(),
+            env: Vec::new(),
             spawns: 0,
             start_timeout: Duration::from_secs(20),
-        };
-        s.spawn();
-        s
+        }
     }
 
-    /// Start mistryd on `127.0.0.1:0` and take the port it reports on stdout
+    /// Start mistryd on `listen` (`127.0.0.1:0`) and take the port it reports on stdout
     /// (`mistryd: listening on ADDR`); its log goes to `mistryd-N.log` in the server's directory.
     pub fn spawn(&mut self) {
         self.spawns += 1;
@@ -260,8 +284,9 @@ impl Server {
         let mut child = Command::new(mistryd_bin())
             .arg("--config")
             .arg(&self.config)
-            .args(["--addr", "127.0.0.1:0", "--shutdown-grace", &self.grace])
+            .args(["--addr", &self.listen, "--shutdown-grace", &self.grace])
             .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()

@@ -166,10 +166,7 @@ impl Run<'_> {
         }
         let mut bodies = Vec::new();
         for h in heredocs {
-            bodies.push((
-                h.name.clone(),
-                expand_heredoc(&lexer, h, &vars, step, &budget)?,
-            ));
+            bodies.push((h.name.clone(), expand_heredoc(h, &vars, step, &budget)?));
         }
         let dest_raw = word(dest)?;
         let from = match flags.get("from") {

@@ -7,6 +7,7 @@ use super::{expand, key_of, step_err, BuildError, Run};
 use crate::config::ImageConfig;
 use crate::dockerfile::{heredoc_word, Command, Heredoc, Instruction, Step};
 use crate::lex::Lexer;
+use sandbox::NetworkMode;
 
 pub(super) fn command_argv(cmd: &Command, config: &ImageConfig) -> Vec<String> {
     match cmd {
@@ -288,7 +289,13 @@ impl Run<'_> {
                 }
                 let argv_json = serde_json::to_string(&argv).unwrap_or_default();
                 let args = format!("{:?}", state.args);
-                let network = mounts.network().to_string();
+                // Whether the step had a network, not which: a step cached under `host` stays
+                // valid under `isolated` (the default since; no rebuild of every image).
+                let network = match mounts.network() {
+                    NetworkMode::Isolated => NetworkMode::Host,
+                    n => n,
+                }
+                .to_string();
                 let mut parts: Vec<&str> = vec![&state.key, "RUN", &argv_json, &args, &network];
                 // A script run from a file is not in the argv: its text goes into the key.
                 let script_key = script

@@ -166,13 +166,17 @@ impl Run<'_> {
             expanded.push((k.clone(), v));
         }
         let parsed = mounts::parse_flags(&expanded, &workdir).map_err(|e| step_err(step, e))?;
+        // `--network=host` only where the project may use the host's network; `none` always.
         let network = match parsed.network {
             None => self.opts.network,
-            Some(NetworkMode::Host) if self.opts.network == NetworkMode::None => {
+            Some(n) if n > self.opts.network => {
                 return Err(step_err(
                     step,
-                    "--network=host: this build's network is \"none\" (the server's setting \
-                     for the project), and a Dockerfile cannot widen it",
+                    format!(
+                        "--network={n}: this build's network is \"{}\" (the server's setting \
+                         for the project), and a Dockerfile cannot widen it",
+                        self.opts.network
+                    ),
                 ))
             }
             Some(n) => n,

@@ -44,9 +44,9 @@ pub(super) fn expand(
 }
 
 /// The body of a COPY/ADD heredoc: substituted as BuildKit does when its delimiter is unquoted
-/// (quotes kept), as written otherwise; counted against `budget` like any word.
+/// (quotes kept, and `\` the escape character whatever the Dockerfile's `# escape=`), as
+/// written otherwise; counted against `budget` like any word.
 pub(super) fn expand_heredoc(
-    lexer: &Lexer,
     doc: &dockerfile::Heredoc,
     vars: &[(String, String)],
     step: &Step,
@@ -56,7 +56,7 @@ pub(super) fn expand_heredoc(
     if !doc.expand {
         return Ok(body);
     }
-    let out = lexer
+    let out = Lexer::default()
         .expand_heredoc(&body, vars)
         .map_err(|e| step_err(step, format!("heredoc <<{}: {}", doc.name, e.0)))?;
     let total = budget.get().saturating_add(out.len());
@@ -155,4 +155,179 @@ pub(super) fn global_args(
         }
     }
     Ok((global_args, expanded_total))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dockerfile::Heredoc;
+
+    fn step() -> Step {
+        dockerfile::parse("FROM scratch\nENV A=$B\n")
+            .unwrap()
+            .steps
+            .remove(1)
+    }
+
+    fn vars(v: &[(&str, &str)]) -> Vec<(String, String)> {
+        v.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn message(e: BuildError) -> String {
+        match e {
+            BuildError::Step { message, line, .. } => format!("line {line}: {message}"),
+            other => format!("{other}"),
+        }
+    }
+
+    #[test]
+    fn words_count_against_the_build_budget() {
+        let budget = Budget::default();
+        let big = vars(&[("B", &"b".repeat(1 << 20))]);
+        let lexer = Lexer::default();
+        // 16 words of 1 MiB fit the 16 MiB budget exactly; the next byte does not.
+        for _ in 0..16 {
+            assert_eq!(
+                expand(&lexer, "$B", &big, &step(), &budget).unwrap().len(),
+                1 << 20
+            );
+        }
+        assert_eq!(budget.get(), MAX_EXPANDED_TOTAL);
+        assert_eq!(expand(&lexer, "", &big, &step(), &budget).unwrap(), "");
+        let e = expand(&lexer, "x", &big, &step(), &budget).unwrap_err();
+        assert_eq!(
+            message(e),
+            "line 2: variable substitution produced more than 16 MiB in this Dockerfile"
+        );
+        assert_eq!(budget.get(), MAX_EXPANDED_TOTAL + 1);
+        let e = expand(&lexer, "${B", &[], &step(), &Budget::default()).unwrap_err();
+        assert_eq!(message(e), "line 2: missing '}' in \"${B\"");
+    }
+
+    fn doc(content: &str, expand: bool) -> Heredoc {
+        Heredoc {
+            name: "EOF".into(),
+            content: content.into(),
+            expand,
+            chomp: true,
+        }
+    }
+
+    #[test]
+    fn heredoc_bodies_are_expanded_unless_quoted_and_counted() {
+        let v = vars(&[("B", "bee")]);
+        let budget = Budget::default();
+        let out = expand_heredoc(&doc("\t$B \\$B '$B'\n", true), &v, &step(), &budget).unwrap();
+        assert_eq!(out, "bee $B 'bee'\n");
+        assert_eq!(budget.get(), out.len());
+        let out = expand_heredoc(&doc("\t$B\n", false), &v, &step(), &budget).unwrap();
+        assert_eq!(out, "$B\n");
+        assert_eq!(budget.get(), 13, "a quoted body is not counted");
+        let e = expand_heredoc(&doc("${B", true), &v, &step(), &budget).unwrap_err();
+        assert_eq!(message(e), "line 2: heredoc <<EOF: missing '}' in \"${B\"");
+        let full = Budget::default();
+        full.set(MAX_EXPANDED_TOTAL);
+        assert_eq!(
+            expand_heredoc(&doc("", true), &v, &step(), &full).unwrap(),
+            ""
+        );
+        let e = expand_heredoc(&doc("x", true), &v, &step(), &full).unwrap_err();
+        assert_eq!(
+            message(e),
+            "line 2: variable substitution produced more than 16 MiB in this Dockerfile"
+        );
+    }
+
+    #[test]
+    fn the_dockerfile_is_read_capped_and_inside_the_context() {
+        let dir = tempfile::tempdir().unwrap();
+        let ctx = dir.path().join("ctx");
+        std::fs::create_dir(&ctx).unwrap();
+        let exact = "#".repeat(dockerfile::MAX_DOCKERFILE);
+        std::fs::write(ctx.join("Dockerfile"), &exact).unwrap();
+        assert_eq!(
+            read_dockerfile(&ctx, &ctx.join("Dockerfile")).unwrap(),
+            exact
+        );
+        std::fs::write(ctx.join("Dockerfile"), format!("{exact}#")).unwrap();
+        let e = read_dockerfile(&ctx, &ctx.join("Dockerfile")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "Dockerfile line 1: the Dockerfile is larger than the limit of 1 MiB"
+        );
+        // Outside the context: read as a host path.
+        std::fs::write(dir.path().join("other"), "FROM scratch\n").unwrap();
+        assert_eq!(
+            read_dockerfile(&ctx, &dir.path().join("other")).unwrap(),
+            "FROM scratch\n"
+        );
+        // Inside: a symlink cannot lead out of the context.
+        std::os::unix::fs::symlink("../other", ctx.join("link")).unwrap();
+        let e = read_dockerfile(&ctx, &ctx.join("link")).unwrap_err();
+        assert!(matches!(e, BuildError::Read { .. }), "{e}");
+        std::fs::create_dir(ctx.join("dir")).unwrap();
+        let e = read_dockerfile(&ctx, &ctx.join("dir")).unwrap_err();
+        assert!(e.to_string().ends_with("not a regular file"), "{e}");
+        // A FIFO with no writer is refused at once, not waited on.
+        nix::unistd::mkfifo(&ctx.join("fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let e = read_dockerfile(&ctx, &ctx.join("fifo")).unwrap_err();
+        assert!(e.to_string().ends_with("not a regular file"), "{e}");
+    }
+
+    #[test]
+    fn global_args_start_with_the_platform_and_take_build_args() {
+        let df = dockerfile::parse(
+            "ARG A=${TARGETOS}-x\nARG B=$A/y\nARG C\nARG D=d\nARG E=${Z\nFROM scratch\n",
+        )
+        .unwrap();
+        let mut opts = BuildOptions::new("p", "/nonexistent");
+        opts.build_args = vars(&[("D", "first"), ("C", "given"), ("D", "last")]);
+        let e = global_args(&df, &opts, &Lexer::default()).unwrap_err();
+        assert_eq!(message(e), "line 5: missing '}' in \"${Z\"");
+        opts.build_args.push(("E".into(), "e".into()));
+        let (args, total) = global_args(&df, &opts, &Lexer::default()).unwrap();
+        let host = oci::Platform::host();
+        let os = host.os.clone();
+        let mut want = vars(&[
+            ("BUILDPLATFORM", &host.to_string()),
+            ("BUILDOS", &host.os),
+            ("BUILDARCH", &host.arch),
+            ("TARGETPLATFORM", &host.to_string()),
+            ("TARGETOS", &host.os),
+            ("TARGETARCH", &host.arch),
+        ]);
+        want.extend(vars(&[
+            ("A", &format!("{os}-x")),
+            ("B", &format!("{os}-x/y")),
+            ("C", "given"),
+            ("D", "last"),
+            ("E", "e"),
+        ]));
+        assert_eq!(args, want);
+        assert_eq!(total, 2 * (os.len() + 2) + 2, "only defaults are counted");
+    }
+
+    #[test]
+    fn global_args_count_against_the_build_budget() {
+        // 17 defaults of 1 MiB each (M and A0..A15): the 17th passes the 16 MiB budget.
+        let mut text = String::from("ARG B\nARG M=$B$B\n");
+        for i in 0..16 {
+            text.push_str(&format!("ARG A{i}=$M\n"));
+        }
+        text.push_str("FROM scratch\n");
+        let df = dockerfile::parse(&text).unwrap();
+        let mut opts = BuildOptions::new("p", "/nonexistent");
+        opts.build_args = vars(&[("B", &"b".repeat(1 << 19))]);
+        let e = global_args(&df, &opts, &Lexer::default()).unwrap_err();
+        assert_eq!(
+            message(e),
+            "line 18: variable substitution produced more than 16 MiB in this Dockerfile"
+        );
+        text = text.replace("ARG A15=$M\n", "");
+        let df = dockerfile::parse(&text).unwrap();
+        let (_, total) = global_args(&df, &opts, &Lexer::default()).unwrap();
+        assert_eq!(total, MAX_EXPANDED_TOTAL);
+    }
 }
