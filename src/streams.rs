@@ -5,8 +5,7 @@
 use futures_util::stream;
 
 /// A stream of byte chunks (a body, a log) that something produces as it is read.
-pub type ByteStream =
-    futures_util::stream::BoxStream<'static, Result<Vec<u8>, std::io::Error>>;
+pub type ByteStream = futures_util::stream::BoxStream<'static, Result<Vec<u8>, std::io::Error>>;
 
 /// What blocking code writes, as a stream: `produce` runs on a blocking thread with a buffered
 /// writer whose 64 KiB chunks are yielded as they come, so memory stays flat however much it
@@ -45,4 +44,3 @@ impl std::io::Write for ChannelWriter {
         Ok(())
     }
 }
-

@@ -38,7 +38,10 @@ fn modules(root: &Path) -> BTreeMap<Module, PathBuf> {
                 continue;
             }
             let name = m.ident.to_string();
-            let candidates = [dir.join(format!("{name}.rs")), dir.join(&name).join("mod.rs")];
+            let candidates = [
+                dir.join(format!("{name}.rs")),
+                dir.join(&name).join("mod.rs"),
+            ];
             let Some(child) = candidates.into_iter().find(|p| p.is_file()) else {
                 panic!("{}: no file for mod {name}", file.display());
             };
@@ -126,8 +129,7 @@ impl<'ast> Visit<'ast> for Paths {
         // Paths inside macro calls (`tracing::warn!(..)`, `format!`) are tokens: those that
         // name this crate's modules are found by re-parsing the tokens as expressions.
         self.visit_path(&m.path);
-        let parser =
-            syn::punctuated::Punctuated::<syn::Expr, syn::Token![,]>::parse_terminated;
+        let parser = syn::punctuated::Punctuated::<syn::Expr, syn::Token![,]>::parse_terminated;
         if let Ok(args) = m.parse_body_with(parser) {
             for e in &args {
                 self.visit_expr(e);

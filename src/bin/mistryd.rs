@@ -245,8 +245,16 @@ async fn serve(cli: Cli) -> Result<()> {
     // Retention (`retention` in the configuration): a pass every interval, besides the one
     // after each job.
     engine.start_retention();
-    let app = mistry::server::router_in(Arc::clone(&engine), Some(Arc::clone(&cluster)))
-        .layer(axum::Extension(Arc::clone(&cluster)));
+    // The jobs' back end: the cluster's records with a database, else this agent's engine.
+    let jobs: Arc<dyn mistry::service::Jobs> = if cluster.db().is_some() {
+        Arc::new(mistry::cluster::ClusterJobs::new(
+            Arc::clone(&cluster),
+            Arc::clone(&engine),
+        ))
+    } else {
+        Arc::new(mistry::service::LocalJobs::new(Arc::clone(&engine)))
+    };
+    let app = mistry::server::router(jobs);
     let limits = mistry::server::Limits {
         max_connections: connection_cap(cli.max_connections),
         header_timeout: cli.header_timeout,

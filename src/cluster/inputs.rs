@@ -25,6 +25,7 @@ use super::jobs::Scheduler;
 use super::ClusterError;
 use crate::engine::{Engine, Stage};
 use crate::jobs::{BuildInfo, JobRequest};
+use crate::service::JobState;
 
 /// Why a claimed job's inputs could not all be made present on this agent (its `ErrBuild`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -78,7 +79,7 @@ pub(super) async fn fetch_inputs(
         if let Some(mine) = &here {
             match &rec {
                 Some(r)
-                    if r.state == "ready"
+                    if r.state == JobState::Ready
                         && r.agent.as_deref() != Some(me)
                         && super::jobs::is_stale(mine, r) =>
                 {
@@ -100,9 +101,9 @@ pub(super) async fn fetch_inputs(
         let holder = match &rec {
             Some(rec) => {
                 let agent = rec.agent.clone().unwrap_or_default();
-                match rec.state.as_str() {
-                    "ready" => {}
-                    "failed" => return Err(error("failed".into())),
+                match rec.state {
+                    JobState::Ready => {}
+                    JobState::Failed => return Err(error("failed".into())),
                     other => return Err(error(format!("is {other}, not ready"))),
                 }
                 if agent == me {
@@ -220,6 +221,6 @@ pub async fn job_state(
     scheduler: &Scheduler,
     project: &str,
     id: &str,
-) -> Result<Option<String>, ClusterError> {
+) -> Result<Option<JobState>, ClusterError> {
     Ok(scheduler.read(project, id).await?.map(|r| r.state))
 }

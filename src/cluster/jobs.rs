@@ -63,6 +63,7 @@ use super::listen::Notice;
 use super::{Cluster, ClusterError};
 use crate::engine::{Engine, JobDir, JobError, Stage};
 use crate::jobs::{BuildInfo, Identity, Input, JobIds, JobRequest};
+use crate::service::JobState;
 
 /// The notification channel of the job records.
 pub const CHANNEL: &str = "mistry_jobs";
@@ -94,7 +95,7 @@ impl SubmitError {
         match self {
             SubmitError::Job(JobError::BadRequest(_)) => 400,
             SubmitError::Job(JobError::UnknownProject(_)) => 404,
-            SubmitError::Job(JobError::Overloaded) => 503,
+            SubmitError::Job(JobError::Overloaded | JobError::Unavailable(_)) => 503,
             SubmitError::Job(JobError::Internal(_)) => 500,
             SubmitError::Database(_) | SubmitError::Replication(_) => 503,
         }
@@ -113,6 +114,44 @@ pub struct Answer {
     pub dir: JobDir,
 }
 
+/// An admitted request ([`Scheduler::admit`]).
+pub enum Admission {
+    /// Answered from this agent's result cache.
+    Answered(Answer),
+    /// Its job is queued or running in the cluster (inserted, queued again, or joined).
+    Waiting(Waiting),
+    /// Its job ended successfully on another alive agent: that build's copy answers.
+    Copy(Copy),
+}
+
+impl Admission {
+    /// The ID the job goes by.
+    pub fn id(&self) -> &str {
+        match self {
+            Admission::Answered(a) => a.dir.id(),
+            Admission::Waiting(w) => &w.id,
+            Admission::Copy(c) => &c.id,
+        }
+    }
+}
+
+/// A job in flight in the cluster that a request waits for.
+pub struct Waiting {
+    project: String,
+    id: String,
+    identity: Identity,
+    events: broadcast::Receiver<Event>,
+    coalesced: bool,
+}
+
+/// A job that ended successfully on another agent, to copy here.
+pub struct Copy {
+    project: String,
+    id: String,
+    identity: Identity,
+    rec: Record,
+}
+
 /// What the listener tells waiters and the claim loop.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Event {
@@ -127,7 +166,7 @@ enum Event {
 /// A job's record, as a request reads it.
 #[derive(Debug)]
 pub(super) struct Record {
-    pub(super) state: String,
+    pub(super) state: JobState,
     pub(super) agent: Option<String>,
     pub(super) agent_url: Option<String>,
     pub(super) agent_alive: bool,
@@ -167,6 +206,12 @@ pub struct Scheduler {
     /// notification leaves an entry; entries count for a minute, and a reconnection checks
     /// every copy anyway.
     recorded: std::sync::Mutex<std::collections::HashMap<String, (String, std::time::Instant)>>,
+}
+
+/// A record's stored state (the column's CHECK allows no other).
+pub(super) fn stored_state(db: &super::Db, name: &str) -> Result<JobState, ClusterError> {
+    JobState::parse(name)
+        .ok_or_else(|| db.error(format!("unknown job state {name:?} in the records")))
 }
 
 fn key_of(project: &str, id: &str) -> String {
@@ -348,6 +393,21 @@ impl Scheduler {
         ids: JobIds,
         is_async: bool,
     ) -> Result<Option<Answer>, SubmitError> {
+        match self.admit(req, ids).await? {
+            Admission::Answered(a) => Ok(Some(a)),
+            _ if is_async => Ok(None),
+            a => self.finish(a).await.map(Some),
+        }
+    }
+
+    /// Admit a request (see the module's doc): answered at once from this agent's result
+    /// cache, or its job in the records (inserted, queued again, or joined) and its ID decided;
+    /// [`Scheduler::finish`] waits for its end.
+    pub async fn admit(
+        self: &Arc<Self>,
+        req: JobRequest,
+        ids: JobIds,
+    ) -> Result<Admission, SubmitError> {
         let project = req.project.clone();
         let identity = Identity::of(&req);
         if !req.rebuild {
@@ -362,12 +422,21 @@ impl Scheduler {
                 .map_err(|e| JobError::Internal(e.to_string()))?;
             if let Some((info, dir)) = hit {
                 tracing::info!(%project, id = %dir.id(), "job answered from the result cache");
-                return Ok(Some(Answer { info, dir }));
+                return Ok(Admission::Answered(Answer { info, dir }));
             }
         }
         // Subscribed before reading the record: an end notified meanwhile is not missed.
         let events = self.events.subscribe();
         let mut id = ids.mistry.clone();
+        let waiting = |id: String, events, coalesced| {
+            Ok(Admission::Waiting(Waiting {
+                project: project.clone(),
+                id,
+                identity: identity.clone(),
+                events,
+                coalesced,
+            }))
+        };
         for _ in 0..10 {
             let (home, record) = self.home(&project, &ids, &identity).await?;
             id = home;
@@ -375,13 +444,7 @@ impl Scheduler {
                 self.check_backlog().await?;
                 if self.insert(&req, &id).await? {
                     tracing::info!(%project, %id, agent = %self.me(), "job queued in the cluster");
-                    if is_async {
-                        return Ok(None);
-                    }
-                    return self
-                        .wait_end(&project, &id, &identity, events, false)
-                        .await
-                        .map(Some);
+                    return waiting(id, events, false);
                 }
                 continue; // Another agent inserted it first: read it.
             };
@@ -390,32 +453,23 @@ impl Scheduler {
                     "Error building {project}/{id}: another request's job has this ID"
                 ))));
             }
-            match rec.state.as_str() {
-                "queued" | "running" => {
+            match rec.state {
+                JobState::Queued | JobState::Running => {
                     tracing::info!(%project, %id, state = %rec.state, agent = ?rec.agent, "job joins an identical job of the cluster");
                     self.engine.metrics.coalesced();
-                    if is_async {
-                        return Ok(None);
-                    }
-                    return self
-                        .wait_end(&project, &id, &identity, events, true)
-                        .await
-                        .map(Some);
+                    return waiting(id, events, true);
                 }
-                "ready"
+                JobState::Ready
                     if !req.rebuild
                         && rec.agent_alive
                         && rec.agent.as_deref() != Some(self.me()) =>
                 {
-                    if is_async {
-                        return Ok(None);
-                    }
-                    let mut answer = self.local_copy(&project, &id, &identity, &rec).await?;
-                    answer.info.cached = true;
-                    answer.info.coalesced = false;
-                    self.engine.metrics.cached();
-                    tracing::info!(%project, %id, from = ?rec.agent, "job answered from the cluster's result cache");
-                    return Ok(Some(answer));
+                    return Ok(Admission::Copy(Copy {
+                        project: project.clone(),
+                        id,
+                        identity: identity.clone(),
+                        rec,
+                    }));
                 }
                 _ => {
                     // Failed, unavailable (its agent is not alive, or this agent no longer
@@ -423,13 +477,7 @@ impl Scheduler {
                     self.check_backlog().await?;
                     if self.requeue(&req, &id, &rec).await? {
                         tracing::info!(%project, %id, was = %rec.state, agent = ?rec.agent, "job queued again in the cluster");
-                        if is_async {
-                            return Ok(None);
-                        }
-                        return self
-                            .wait_end(&project, &id, &identity, events, false)
-                            .await
-                            .map(Some);
+                        return waiting(id, events, false);
                     }
                 }
             }
@@ -437,6 +485,26 @@ impl Scheduler {
         Err(SubmitError::Job(JobError::Internal(format!(
             "Error building {project}/{id}: the job's record kept changing; try again"
         ))))
+    }
+
+    /// The end of an admitted job, as a build in this agent's `ready/`.
+    pub async fn finish(&self, admission: Admission) -> Result<Answer, SubmitError> {
+        match admission {
+            Admission::Answered(a) => Ok(a),
+            Admission::Waiting(w) => {
+                self.wait_end(&w.project, &w.id, &w.identity, w.events, w.coalesced)
+                    .await
+            }
+            Admission::Copy(c) => {
+                let (project, id) = (&c.project, &c.id);
+                let mut answer = self.local_copy(project, id, &c.identity, &c.rec).await?;
+                answer.info.cached = true;
+                answer.info.coalesced = false;
+                self.engine.metrics.cached();
+                tracing::info!(%project, %id, from = ?c.rec.agent, "job answered from the cluster's result cache");
+                Ok(answer)
+            }
+        }
     }
 
     pub(super) async fn read(
@@ -461,7 +529,7 @@ impl Scheduler {
         let Some(r) = row else { return Ok(None) };
         let g = |e: tokio_postgres::Error| db.pg_error(&e);
         Ok(Some(Record {
-            state: r.try_get(0).map_err(g)?,
+            state: stored_state(db, &r.try_get::<_, String>(0).map_err(g)?)?,
             agent: r.try_get(1).map_err(g)?,
             agent_url: r.try_get(2).map_err(g)?,
             agent_alive: r.try_get(3).map_err(g)?,
@@ -595,7 +663,7 @@ impl Scheduler {
             return Ok(None);
         };
         let state: String = row.try_get(0).map_err(|e| db.pg_error(&e))?;
-        if state == "queued" {
+        if stored_state(db, &state)? == JobState::Queued {
             return Ok(Some(None));
         }
         Ok(Some(Some(Claim {
@@ -634,7 +702,7 @@ impl Scheduler {
                     &req.group,
                     &id,
                     &request_json(req),
-                    &rec.state,
+                    &rec.state.as_str(),
                     &rec.agent,
                     &self.me(),
                     &self.timeout_secs(),
@@ -674,7 +742,7 @@ impl Scheduler {
                     "Error building {key}: the job's record is another request's now; try again"
                 ))));
             }
-            if rec.state == "ready" || rec.state == "failed" {
+            if !rec.state.in_flight() {
                 let mut answer = self.local_copy(project, id, identity, &rec).await?;
                 answer.info.cached = false;
                 answer.info.coalesced = coalesced;
@@ -741,7 +809,7 @@ impl Scheduler {
         if !here && local.is_none() {
             // A failed job may have no build to fetch (refused before it ran, e.g. an input
             // that could not be fetched): its record's BuildInfo answers.
-            let failed = rec.state == "failed";
+            let failed = rec.state == JobState::Failed;
             let fetched =
                 match (&rec.agent, &rec.agent_url) {
                     (Some(agent), Some(url)) => super::replicate::fetch_build(
@@ -1217,7 +1285,7 @@ impl Scheduler {
             ..info.clone()
         };
         let json = serde_json::to_string(&stored).map_err(|e| db.error(e.to_string()))?;
-        let state = if info.succeeded() { "ready" } else { "failed" };
+        let state = JobState::of_end(info).as_str();
         // One statement (one round trip, atomic): the record (still ours, or queued again
         // meanwhile and not claimed by another agent yet), the end's notification, and — when
         // the job ran in its container — the project's image cached here (placement).

@@ -18,14 +18,14 @@
 //! The engine's line follower (`engine::follow`) is not reused: it yields lines, lossily
 //! decoded, and the database must hold the log byte for byte.
 //!
-//! Reading (the HTTP handlers fall back to these when the job is not on this agent's disk):
-//! - [`Logs::job_response`]: `/job/{p}/{id}` as JSON, the record's BuildInfo with the logs
+//! Reading (`ClusterJobs` falls back to these when the job is not on this agent's disk):
+//! - [`Logs::document`]: `/job/{p}/{id}` as JSON, the record's BuildInfo with the logs
 //!   streamed from the chunks, page by page;
 //! - [`Logs::follow`]: `/log/{p}/{id}`, the log's lines while the job is queued or running:
 //!   the agent's one `LISTEN` connection (`listen.rs`) fans notifications out to every follower (no
 //!   polling; a re-read every 30 s without notifications is a safety net); the stream ends when
 //!   the job ends (its record, notified on `mistry_jobs` after its last chunk);
-//! - [`Logs::logtail_response`]: `/api/logtail/{p}/{id}[?bytes=N]`, the last N bytes (only the
+//! - [`Logs::log_tail`]: `/api/logtail/{p}/{id}[?bytes=N]`, the last N bytes (only the
 //!   chunks covering them are read).
 //!
 //! Retention: with `log_retention`, every agent deletes, periodically, the chunks and the
@@ -35,16 +35,17 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Bytes;
-use axum::response::{IntoResponse, Response};
 use futures_util::stream::{self, Stream};
 use tokio::io::AsyncReadExt;
 use tokio::sync::{broadcast, mpsc, watch};
 
 use super::listen::Notice;
 use super::{Cluster, ClusterError};
-use crate::body::unavailable;
 use crate::engine::JobDir;
+use crate::streams::ByteStream;
+
+/// A chunk of a stream read from the database.
+type Bytes = Vec<u8>;
 use crate::jobs::BuildInfo;
 
 /// The notification channel of the logs.
@@ -98,44 +99,7 @@ fn key_of(project: &str, id: &str) -> String {
     format!("{project}/{id}")
 }
 
-/// `Mon, 02 Jan 2006 15:04:05`, as the index shows times.
-fn index_time(rfc3339: &str) -> String {
-    chrono::DateTime::parse_from_rfc3339(rfc3339)
-        .map(|t| t.format("%a, %d %b %Y %H:%M:%S").to_string())
-        .unwrap_or_default()
-}
-
-/// A job's record, as the web view and `/job` show a job that is not on this agent.
-#[derive(Debug, Clone)]
-pub struct RemoteJob {
-    pub project: String,
-    pub id: String,
-    /// The record's state: `queued`, `running`, `ready` or `failed`.
-    pub state: String,
-    /// The agent that runs or ran it.
-    pub agent: Option<String>,
-    /// The stored BuildInfo (logs not included), or a blank one while it has not ended.
-    pub info: BuildInfo,
-}
-
-impl RemoteJob {
-    /// Whether the job is in flight (queued or running).
-    pub fn in_flight(&self) -> bool {
-        matches!(self.state.as_str(), "queued" | "running")
-    }
-
-    /// The job as `/index/` and the web view show it (`state`: `pending` or `ready`, as a
-    /// local job).
-    pub fn json(&self) -> serde_json::Value {
-        serde_json::json!({
-            "id": self.id,
-            "project": self.project,
-            "startedAt": index_time(&self.info.started_at),
-            "buildInfo": self.info,
-            "state": if self.in_flight() { "pending" } else { "ready" },
-        })
-    }
-}
+pub use crate::service::Recorded as RemoteJob;
 
 /// The central logs of one agent.
 pub struct Logs {
@@ -383,6 +347,7 @@ impl Logs {
         let Some(row) = row else { return Ok(None) };
         let g = |e: tokio_postgres::Error| db.pg_error(&e);
         let state: String = row.try_get(0).map_err(g)?;
+        let state = super::jobs::stored_state(db, &state)?;
         let agent: Option<String> = row.try_get(1).map_err(g)?;
         let request: String = row.try_get(2).map_err(g)?;
         let stored: Option<String> = row.try_get(3).map_err(g)?;
@@ -502,20 +467,10 @@ impl Logs {
         }
     }
 
-    /// `GET /job/{p}/{id}` as JSON for a job that is not on this agent: the record's BuildInfo
-    /// with its logs streamed from the database; `None` when there is no record.
-    pub async fn job_response(self: &Arc<Self>, project: &str, id: &str) -> Option<Response> {
-        let job = match self.record(project, id).await {
-            Ok(Some(j)) => j,
-            Ok(None) => return None,
-            Err(e) => return Some(unavailable(&e)),
-        };
-        let mut head = job.json();
-        if let Some(obj) = head.as_object_mut() {
-            obj.remove("buildInfo");
-        }
-        let head = serde_json::to_string(&head).unwrap_or_else(|_| "{}".into());
-        let prefix = format!("{},\"buildInfo\":", &head[..head.len() - 1]);
+    /// `GET /job/{p}/{id}` as JSON for a job that is not on this agent: `job` (its record) as
+    /// `/index/` shows it, with the BuildInfo's logs streamed from the database.
+    pub fn document(self: &Arc<Self>, job: RemoteJob) -> ByteStream {
+        let prefix = crate::service::document_prefix(job.json());
         let (tx, mut rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(8);
         let me = Arc::clone(self);
         tokio::spawn(async move {
@@ -524,8 +479,7 @@ impl Logs {
                 let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
             }
         });
-        let body = axum::body::Body::from_stream(stream::poll_fn(move |cx| rx.poll_recv(cx)));
-        Some(([("content-type", "application/json")], body).into_response())
+        Box::pin(stream::poll_fn(move |cx| rx.poll_recv(cx)))
     }
 
     async fn write_job(
@@ -543,7 +497,7 @@ impl Logs {
             Ok(serde_json::Value::Object(m)) => m,
             _ => serde_json::Map::new(),
         };
-        let send = |s: String| async move { tx.send(Ok(Bytes::from(s))).await.is_ok() };
+        let send = |s: String| async move { tx.send(Ok(s.into_bytes())).await.is_ok() };
         if !send(format!("{prefix}{{")).await {
             return Ok(());
         }
@@ -561,7 +515,7 @@ impl Logs {
             let mut carry = Vec::new();
             let escape = |bytes: &[u8]| {
                 let text = crate::stream_json::escape_chunk(&mut carry, bytes, false);
-                (!text.is_empty()).then(|| Bytes::from(text))
+                (!text.is_empty()).then(|| text.into_bytes())
             };
             if !self
                 .send_range(project, id, s, (0, None), escape, tx)
@@ -579,30 +533,25 @@ impl Logs {
         Ok(())
     }
 
-    /// `GET /api/logtail/{p}/{id}[?bytes=N]` for a job that is not on this agent: the last N
-    /// bytes of its `out.log` (all of it without N), `x-log-size` its size; `None` when there
-    /// is no record.
-    pub async fn logtail_response(
+    /// `GET /api/logtail/{p}/{id}[?bytes=N]` for a job that is not on this agent: its
+    /// `out.log`'s size and its last `bytes` bytes (all of it without `bytes`); `None` when
+    /// there is no record.
+    pub async fn log_tail(
         self: &Arc<Self>,
         project: &str,
         id: &str,
         bytes: Option<u64>,
-    ) -> Option<Response> {
-        match self.record(project, id).await {
-            Ok(Some(_)) => {}
-            Ok(None) => return None,
-            Err(e) => return Some(unavailable(&e)),
+    ) -> Result<Option<(u64, ByteStream)>, ClusterError> {
+        if self.record(project, id).await?.is_none() {
+            return Ok(None);
         }
-        let size = match self.size(project, id, LogStream::Out).await {
-            Ok(s) => s,
-            Err(e) => return Some(unavailable(&e)),
-        };
+        let size = self.size(project, id, LogStream::Out).await?;
         let from = bytes.map_or(0, |n| size.saturating_sub(n));
         let (tx, mut rx) = mpsc::channel::<Result<Bytes, std::io::Error>>(8);
         let me = Arc::clone(self);
         let (p, i) = (project.to_string(), id.to_string());
         tokio::spawn(async move {
-            let each = |b: &[u8]| Some(Bytes::copy_from_slice(b));
+            let each = |b: &[u8]| Some(b.to_vec());
             let sent = me
                 .send_range(&p, &i, LogStream::Out, (from, Some(size)), each, &tx)
                 .await;
@@ -611,17 +560,10 @@ impl Logs {
                 let _ = tx.send(Err(std::io::Error::other(e.to_string()))).await;
             }
         });
-        let body = axum::body::Body::from_stream(stream::poll_fn(move |cx| rx.poll_recv(cx)));
-        Some(
-            (
-                [
-                    ("content-type", "text/plain; charset=utf-8".to_string()),
-                    ("x-log-size", size.to_string()),
-                ],
-                body,
-            )
-                .into_response(),
-        )
+        Ok(Some((
+            size,
+            Box::pin(stream::poll_fn(move |cx| rx.poll_recv(cx))),
+        )))
     }
 
     /// The lines of the `out.log` of job `project`/`id` while it is queued or running on any
@@ -634,7 +576,7 @@ impl Logs {
         // Subscribed before reading the record: an end announced meanwhile is not missed.
         let events = self.events.subscribe();
         match self.record(project, id).await? {
-            Some(job) if job.in_flight() => {}
+            Some(job) if job.state.in_flight() => {}
             _ => return Ok(None),
         }
         let f = Follow {
@@ -905,7 +847,7 @@ impl Follow {
 
     /// Whether the job is still queued or running (its record says).
     async fn in_flight(&self) -> bool {
-        matches!(self.logs.record(&self.project, &self.id).await, Ok(Some(j)) if j.in_flight())
+        matches!(self.logs.record(&self.project, &self.id).await, Ok(Some(j)) if j.state.in_flight())
     }
 
     /// Wait for a notification about this job (or a reason to read it again).
@@ -1011,6 +953,9 @@ mod tests {
         assert_eq!(info.params.get("a").map(String::as_str), Some("1"));
         assert_eq!(info.url, "job/p/abc");
         assert_eq!(info.exit_code, NEVER_RAN);
-        assert_eq!(index_time(&info.started_at), "Mon, 01 Jan 2024 00:00:00");
+        assert_eq!(
+            crate::service::index_time(&info.started_at),
+            "Mon, 01 Jan 2024 00:00:00"
+        );
     }
 }

@@ -34,6 +34,7 @@ pub mod jobs;
 mod listen;
 pub mod logs;
 pub mod replicate;
+mod service;
 pub mod tls;
 pub mod view;
 
@@ -44,6 +45,7 @@ use tokio::sync::watch;
 
 pub use agents::AgentInfo;
 pub use db::{ClusterError, Db};
+pub use service::ClusterJobs;
 
 /// This mistryd's version, as agents report it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

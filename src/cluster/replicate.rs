@@ -2,7 +2,8 @@
 //! agent holds (its artifacts, a cache hit, a group's next incremental build) fetches the whole
 //! build into its own `build_path`, verified, then renamed into `ready/` atomically.
 //!
-//! The serving side, `GET /api/build/{project}/{id}[?cache=1]` ([`serve_build`]): the ready
+//! The serving side, `GET /api/build/{project}/{id}[?cache=1]` (`engine::export`, its route the
+//! server's): the ready
 //! build as an uncompressed tar, streamed, read by fd below the job directory without following
 //! a link (the walk of `GET /artifacts`, `crate::tree::append_tree`): `data/`,
 //! `data/params/<name>` (regular files only), `data/artifacts/**` (links sent as links),
@@ -21,22 +22,15 @@
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
-use std::io::{self, Read, Write};
-use std::os::fd::OwnedFd;
+use std::io::{self, Read};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, State};
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use rustix::fs::{AtFlags, Mode, OFlags, Timespec, Timestamps};
-use serde::Deserialize;
+use rustix::fs::{AtFlags, Timespec, Timestamps};
 
-use crate::engine::{Engine, JobDir, Layout, Stage};
+use crate::engine::{JobDir, Layout, Stage};
 use crate::jobs::{self, BuildInfo};
 
 /// Why a build could not be fetched from another agent. Every message names the agent, the

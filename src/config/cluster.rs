@@ -91,8 +91,7 @@ impl Settings {
             s.heartbeat = super::parse_limit(t, "heartbeat")?;
         }
         if let Some(t) = &raw.log_retention {
-            let d =
-                super::parse_age(t).map_err(|e| anyhow::anyhow!("log_retention: {e}"))?;
+            let d = super::parse_age(t).map_err(|e| anyhow::anyhow!("log_retention: {e}"))?;
             if d.is_zero() {
                 bail!("log_retention must be longer than 0s (leave it out to keep logs)");
             }

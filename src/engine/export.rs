@@ -65,7 +65,8 @@ fn export(
     with_cache: bool,
 ) -> Result<Export, ExportError> {
     let dir = engine.layout.job(project, id, Stage::Ready);
-    let not_ready = || ExportError::NotReady(format!("Build {project}/{id} is not ready on this agent"));
+    let not_ready =
+        || ExportError::NotReady(format!("Build {project}/{id} is not ready on this agent"));
     let mut holds: Vec<_> = engine.hold_build(project, id).into_iter().collect();
     if dir.read_info().is_none() {
         return Err(not_ready());
@@ -178,4 +179,3 @@ fn write_build(p: &Export, out: &mut dyn Write) -> io::Result<()> {
     }
     b.into_inner().map(drop)
 }
-

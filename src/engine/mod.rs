@@ -9,6 +9,7 @@
 mod capped;
 mod checks;
 mod data;
+pub mod export;
 mod follow;
 mod layers;
 pub mod layout;

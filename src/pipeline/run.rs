@@ -672,12 +672,7 @@ impl Exec {
                     };
                     *was_started = true;
                     running += 1;
-                    tokio::spawn(job_task(
-                        Arc::clone(&self.runs.jobs),
-                        i,
-                        req,
-                        etx.clone(),
-                    ));
+                    tokio::spawn(job_task(Arc::clone(&self.runs.jobs), i, req, etx.clone()));
                 }
             }
             // The jobs are in a topological order: one pass skips every dependent of a failed

@@ -284,10 +284,7 @@ async fn artifacts(
 }
 
 /// A job without its logs (for the web view).
-async fn api_job(
-    State(jobs): JobsState,
-    Path((project, id)): Path<(String, String)>,
-) -> Response {
+async fn api_job(State(jobs): JobsState, Path((project, id)): Path<(String, String)>) -> Response {
     match jobs.find(&project, &id).await {
         Ok(Some(view)) => json(StatusCode::OK, &view.json()),
         Ok(None) => unknown_job(&project, &id),

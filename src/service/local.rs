@@ -223,8 +223,7 @@ impl Jobs for LocalJobs {
             running: self.engine.running() as i64,
             version: VERSION.to_string(),
             started_at: self.started_at.clone(),
-            last_heartbeat: chrono::Utc::now()
-                .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            last_heartbeat: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             heartbeat_age: 0.0,
             alive: true,
             state: "alive".into(),

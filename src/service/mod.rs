@@ -12,7 +12,7 @@
 //! job here). Discarding a build is never asked from outside: the engine's retention and the
 //! cluster's copies decide it.
 
-mod local;
+pub(crate) mod local;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -22,12 +22,12 @@ use futures_util::stream::BoxStream;
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::jobs::{BuildInfo, JobRequest};
-use crate::metrics::Metrics;
 pub use crate::engine::export::{Export, ExportError};
 pub use crate::engine::retention::Hold;
 pub use crate::engine::{Found, JobDir, Stage};
 pub use crate::jobs::JobError;
+use crate::jobs::{BuildInfo, JobRequest};
+use crate::metrics::Metrics;
 pub use crate::streams::ByteStream;
 pub use local::LocalJobs;
 
@@ -38,7 +38,7 @@ pub type Lines = BoxStream<'static, String>;
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
 
 /// Where a job is in its life, as both back ends report it. The cluster's job records store it
-/// as text with a CHECK (`migrations/V6__job_state.sql`); its transitions are the functions
+/// as text with a CHECK (`migrations/V2__jobs.sql`); its transitions are the functions
 /// below, which both the records' SQL and their in-memory fake follow.
 ///
 /// ```text
@@ -213,6 +213,14 @@ pub struct Recorded {
     pub info: BuildInfo,
 }
 
+impl Recorded {
+    /// The job as `/index/` and the web view show it (`state`: `pending` or `ready`, as a job
+    /// on disk).
+    pub fn json(&self) -> serde_json::Value {
+        entry(&self.project, &self.id, &self.info, self.state.shown())
+    }
+}
+
 /// A job found: on this agent's disk, or (several agents) by its record.
 pub enum JobView {
     Here(Found),
@@ -239,7 +247,7 @@ impl JobView {
     pub fn json(&self) -> serde_json::Value {
         match self {
             JobView::Here(f) => index_entry(f),
-            JobView::Elsewhere(r) => entry(&r.project, &r.id, &r.info, r.state.shown()),
+            JobView::Elsewhere(r) => r.json(),
         }
     }
 }
@@ -498,7 +506,10 @@ mod tests {
             f(Some("pending"), Some(5000)).unwrap().states,
             Some(vec![JobState::Queued, JobState::Running])
         );
-        assert_eq!(f(Some("failed"), None).unwrap().states, Some(vec![JobState::Failed]));
+        assert_eq!(
+            f(Some("failed"), None).unwrap().states,
+            Some(vec![JobState::Failed])
+        );
         assert_eq!(
             f(Some("Ready"), None),
             Err("Unknown state 'Ready': give queued, running, pending, ready or failed".into())
