@@ -329,7 +329,7 @@ fn run(args: &ExecArgs, set_up: impl FnOnce(&mut Config) -> Result<()>) -> Resul
     )?;
     let mut cfg = config(&projects_path, &state, args.images.as_deref())?;
     set_up(&mut cfg)?;
-    crate::security::set_up_networks(&cfg, false);
+    cfg.set_up_networks(false);
     let warning = preflight()?;
     if let Some(w) = &warning {
         eprintln!("mistry exec: warning: {w}");

@@ -207,7 +207,7 @@ async fn serve(cli: Cli) -> Result<()> {
     }
     let mut cfg = cfg;
     // Isolated networks: the egress policy, and namespaces made ahead from now on.
-    mistry::security::set_up_networks(&cfg, true);
+    cfg.set_up_networks(true);
     let helper = image_cli::helper_command()?;
     // Bound first, so that image builds know the real address (also the port the kernel
     // chose for `--addr HOST:0`) and never download from the daemon itself. Nothing is
@@ -281,7 +281,7 @@ async fn serve(cli: Cli) -> Result<()> {
 
 fn rebuild(cli: &Cli, projects: &[String], fail_fast: bool, verbose: bool) -> Result<i32> {
     let mut cfg = load(cli)?;
-    mistry::security::set_up_networks(&cfg, false);
+    cfg.set_up_networks(false);
     // The daemon (whose address --addr names) may be running beside us: ADD <url> does not
     // connect there.
     cfg.listen = cli.addr.parse().into_iter().collect();

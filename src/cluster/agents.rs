@@ -201,3 +201,17 @@ pub async fn list(db: &Db, agent_timeout: Duration) -> Result<Vec<AgentInfo>, Cl
         })
         .collect()
 }
+
+/// The alive agents but `me` (name, advertise URL), by name.
+pub(super) async fn other_alive(
+    db: &Db,
+    me: &str,
+    agent_timeout: Duration,
+) -> Result<Vec<(String, String)>, ClusterError> {
+    let all = list(db, agent_timeout).await?;
+    Ok(all
+        .into_iter()
+        .filter(|a| a.alive && a.name != me)
+        .map(|a| (a.name, a.advertise_url))
+        .collect())
+}

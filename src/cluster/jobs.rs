@@ -60,13 +60,14 @@ use std::time::Duration;
 use tokio::sync::{broadcast, watch, Notify};
 
 use super::listen::Notice;
+use super::records::{self, is_stale, request_from_json, request_json, stored_state, Record};
+use super::replicate;
 use super::{Cluster, ClusterError};
 use crate::engine::{Engine, JobDir, JobError, Stage};
-use crate::jobs::{BuildInfo, Identity, Input, JobIds, JobRequest};
+use crate::jobs::{BuildInfo, Identity, JobIds, JobRequest};
 use crate::service::JobState;
 
-/// The notification channel of the job records.
-pub const CHANNEL: &str = "mistry_jobs";
+pub use super::JOBS_CHANNEL as CHANNEL;
 /// How long other agents leave a job to its preferred agent.
 pub const PREFERRED_GRACE: Duration = Duration::from_secs(1);
 /// A waiter reads its job's record again after this long without a notification (a safety
@@ -163,26 +164,6 @@ enum Event {
     Reconnected,
 }
 
-/// A job's record, as a request reads it.
-#[derive(Debug)]
-pub(super) struct Record {
-    pub(super) state: JobState,
-    pub(super) agent: Option<String>,
-    pub(super) agent_url: Option<String>,
-    pub(super) agent_alive: bool,
-    pub(super) build_info: Option<String>,
-    /// The stored request (JSON).
-    pub(super) request: String,
-}
-
-impl Record {
-    /// Whether the record is a job of a request with `identity` (the same group and params but
-    /// the opaque ones; the project is the record's key).
-    fn is_for(&self, identity: &Identity) -> bool {
-        request_from_json(&self.request).is_ok_and(|r| Identity::of(&r) == *identity)
-    }
-}
-
 /// A claimed job.
 struct Claim {
     project: String,
@@ -208,49 +189,8 @@ pub struct Scheduler {
     recorded: std::sync::Mutex<std::collections::HashMap<String, (String, std::time::Instant)>>,
 }
 
-/// A record's stored state (the column's CHECK allows no other).
-pub(super) fn stored_state(db: &super::Db, name: &str) -> Result<JobState, ClusterError> {
-    JobState::parse(name)
-        .ok_or_else(|| db.error(format!("unknown job state {name:?} in the records")))
-}
-
 fn key_of(project: &str, id: &str) -> String {
     format!("{project}/{id}")
-}
-
-/// The request as the record stores it (JSON text, cast to jsonb by the query).
-fn request_json(req: &JobRequest) -> String {
-    serde_json::json!({
-        "project": req.project,
-        "group": req.group,
-        "params": req.params,
-        "inputs": req.inputs,
-        "rebuild": req.rebuild,
-    })
-    .to_string()
-}
-
-fn request_from_json(text: &str) -> Result<JobRequest, String> {
-    #[derive(serde::Deserialize)]
-    struct Stored {
-        project: String,
-        #[serde(default)]
-        group: String,
-        #[serde(default)]
-        params: std::collections::BTreeMap<String, String>,
-        #[serde(default)]
-        inputs: std::collections::BTreeMap<String, Input>,
-        #[serde(default)]
-        rebuild: bool,
-    }
-    let s: Stored = serde_json::from_str(text).map_err(|e| e.to_string())?;
-    Ok(JobRequest {
-        project: s.project,
-        params: s.params,
-        group: s.group,
-        rebuild: s.rebuild,
-        inputs: s.inputs,
-    })
 }
 
 impl Scheduler {
@@ -279,16 +219,6 @@ impl Scheduler {
         let db = self.db()?;
         let client = db.client().await?;
         client.query(sql, params).await.map_err(|e| db.pg_error(&e))
-    }
-
-    /// The other alive agents (name, advertise URL), by name.
-    pub(super) async fn other_alive_agents(&self) -> Result<Vec<(String, String)>, ClusterError> {
-        let all = super::agents::list(self.db()?, self.cluster.agent_timeout).await?;
-        Ok(all
-            .into_iter()
-            .filter(|a| a.alive && a.name != self.me())
-            .map(|a| (a.name, a.advertise_url))
-            .collect())
     }
 
     pub(super) fn me(&self) -> &str {
@@ -512,30 +442,18 @@ impl Scheduler {
         project: &str,
         id: &str,
     ) -> Result<Option<Record>, ClusterError> {
-        let db = self.db()?;
-        let client = db.client().await?;
-        let row = client
-            .query_opt(
-                "SELECT j.state, j.agent, a.advertise_url,
-                        COALESCE(a.stopped_at IS NULL
-                                 AND a.last_heartbeat > now() - make_interval(secs => $3), false),
-                        j.build_info::text, j.request::text
-                   FROM jobs j LEFT JOIN agents a ON a.name = j.agent
-                  WHERE j.project = $1 AND j.id = $2",
-                &[&project, &id, &self.timeout_secs()],
-            )
-            .await
-            .map_err(|e| db.pg_error(&e))?;
-        let Some(r) = row else { return Ok(None) };
-        let g = |e: tokio_postgres::Error| db.pg_error(&e);
-        Ok(Some(Record {
-            state: stored_state(db, &r.try_get::<_, String>(0).map_err(g)?)?,
-            agent: r.try_get(1).map_err(g)?,
-            agent_url: r.try_get(2).map_err(g)?,
-            agent_alive: r.try_get(3).map_err(g)?,
-            build_info: r.try_get(4).map_err(g)?,
-            request: r.try_get(5).map_err(g)?,
-        }))
+        records::read(self.db()?, project, id, self.cluster.agent_timeout).await
+    }
+
+    /// Drop this agent's copy of `project/id` (see [`replicate::discard_copy`]).
+    pub(super) async fn discard_copy(
+        &self,
+        project: &str,
+        id: &str,
+        agent: Option<&str>,
+        judged: &str,
+    ) -> bool {
+        replicate::discard_copy(&self.engine, project, id, agent, judged).await
     }
 
     /// 503 when the cluster's queue is full (see the module's doc).
@@ -1058,7 +976,7 @@ impl Scheduler {
             self.place_group(&req).await;
         }
         // A pipeline's job placed here: its input builds are fetched first (cluster/inputs.rs).
-        if let Err(e) = super::inputs::fetch_inputs(self, &self.engine, &req).await {
+        if let Err(e) = super::inputs::fetch_inputs(&self.cluster, &self.engine, &req).await {
             let info = self.refused(&req, &id, e.to_string());
             self.record_end(&project, &id, &info).await;
             return;
@@ -1494,39 +1412,6 @@ impl Scheduler {
         }
     }
 
-    /// Drop this agent's copy of `project/id`, which ran again on `agent` (or is queued again),
-    /// if it is still the copy that started at `judged` (see [`Engine::discard_ready`]);
-    /// whether it went.
-    pub(super) async fn discard_copy(
-        &self,
-        project: &str,
-        id: &str,
-        agent: Option<&str>,
-        judged: &str,
-    ) -> bool {
-        let (engine, p, i, j) = (
-            Arc::clone(&self.engine),
-            project.to_string(),
-            id.to_string(),
-            judged.to_string(),
-        );
-        let outcome = tokio::task::spawn_blocking(move || engine.discard_ready(&p, &i, &j))
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r);
-        match outcome {
-            Ok(true) => {
-                tracing::info!(%project, %id, agent = ?agent, "a stale copy went: the job ran again on another agent");
-                true
-            }
-            Ok(false) => false,
-            Err(e) => {
-                tracing::warn!(%project, %id, error = %e, "could not remove a stale copy");
-                false
-            }
-        }
-    }
-
     /// At start: this agent's copies of builds whose jobs ran again elsewhere (or were queued
     /// again) while it was down go — the notifications of their ends were missed.
     async fn drop_stale_copies(&self) {
@@ -1625,18 +1510,6 @@ impl Scheduler {
     }
 }
 
-/// Whether a copy here (`mine`) is not the build the record stores (another run of the job,
-/// or a build of another request under the same ID).
-pub(super) fn is_stale(mine: &BuildInfo, rec: &Record) -> bool {
-    let theirs = rec
-        .build_info
-        .as_deref()
-        .and_then(|t| serde_json::from_str::<BuildInfo>(t).ok());
-    theirs.is_none_or(|t| {
-        t.started_at != mine.started_at || !Identity::new(&t.group, &t.params).matches(mine)
-    })
-}
-
 /// Append a note line to a ready build's `out.log`.
 fn append_note(dir: &JobDir, note: &str) {
     use std::io::Write;
@@ -1651,26 +1524,6 @@ fn append_note(dir: &JobDir, note: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn requests_round_trip_through_their_stored_json() {
-        let mut req = JobRequest {
-            project: "p".into(),
-            group: "g".into(),
-            rebuild: true,
-            ..JobRequest::default()
-        };
-        req.params.insert("a".into(), "1".into());
-        req.inputs.insert(
-            "up".into(),
-            Input {
-                project: "q".into(),
-                id: "abc".into(),
-            },
-        );
-        assert_eq!(request_from_json(&request_json(&req)).unwrap(), req);
-        assert!(request_from_json("{}").is_err());
-    }
 
     #[test]
     fn errors_map_to_statuses() {

@@ -48,8 +48,7 @@ use crate::streams::ByteStream;
 type Bytes = Vec<u8>;
 use crate::jobs::BuildInfo;
 
-/// The notification channel of the logs.
-pub const CHANNEL: &str = "mistry_logs";
+pub use super::LOGS_CHANNEL as CHANNEL;
 /// The largest chunk shipped.
 pub const CHUNK_MAX: usize = 64 * 1024;
 /// How often a running job's logs are shipped.
@@ -347,7 +346,7 @@ impl Logs {
         let Some(row) = row else { return Ok(None) };
         let g = |e: tokio_postgres::Error| db.pg_error(&e);
         let state: String = row.try_get(0).map_err(g)?;
-        let state = super::jobs::stored_state(db, &state)?;
+        let state = super::records::stored_state(db, &state)?;
         let agent: Option<String> = row.try_get(1).map_err(g)?;
         let request: String = row.try_get(2).map_err(g)?;
         let stored: Option<String> = row.try_get(3).map_err(g)?;
@@ -694,7 +693,7 @@ impl Logs {
 
 /// The event a notification means, for followers.
 fn parse_event(channel: &str, payload: &str) -> Option<LogEvent> {
-    if channel == super::jobs::CHANNEL {
+    if channel == super::JOBS_CHANNEL {
         return payload
             .strip_prefix("ended ")
             .map(|k| LogEvent::End(k.to_string()));
@@ -935,10 +934,10 @@ mod tests {
             Some(LogEvent::LogEnd("p/abc".into()))
         );
         assert_eq!(
-            parse_event(super::super::jobs::CHANNEL, "ended p/abc"),
+            parse_event(super::super::JOBS_CHANNEL, "ended p/abc"),
             Some(LogEvent::End("p/abc".into()))
         );
-        assert_eq!(parse_event(super::super::jobs::CHANNEL, "queued"), None);
+        assert_eq!(parse_event(super::super::JOBS_CHANNEL, "queued"), None);
     }
 
     #[test]

@@ -33,6 +33,7 @@ pub mod inputs;
 pub mod jobs;
 mod listen;
 pub mod logs;
+mod records;
 pub mod replicate;
 mod service;
 pub mod tls;
@@ -46,6 +47,11 @@ use tokio::sync::watch;
 pub use agents::AgentInfo;
 pub use db::{ClusterError, Db};
 pub use service::ClusterJobs;
+
+/// The notification channel of the job records.
+pub const JOBS_CHANNEL: &str = "mistry_jobs";
+/// The notification channel of the logs.
+pub const LOGS_CHANNEL: &str = "mistry_logs";
 
 /// This mistryd's version, as agents report it.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -26,11 +26,12 @@ use std::io::{self, Read};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rustix::fs::{AtFlags, Timespec, Timestamps};
 
-use crate::engine::{JobDir, Layout, Stage};
+use crate::engine::{Engine, JobDir, Layout, Stage};
 use crate::jobs::{self, BuildInfo};
 
 /// Why a build could not be fetched from another agent. Every message names the agent, the
@@ -599,6 +600,39 @@ fn adopt(layout: &Layout, build: &JobDir, info: &BuildInfo) {
 fn remove_scratch(path: &Path) {
     if let Err(e) = images::walk::remove_path(path) {
         tracing::warn!(path = %path.display(), error = %e, "could not remove a fetch's scratch directory");
+    }
+}
+
+/// Drop this agent's copy of `project/id`, which ran again on `agent` (or is queued again),
+/// if it is still the copy that started at `judged` (see [`Engine::discard_ready`]);
+/// whether it went.
+pub(super) async fn discard_copy(
+    engine: &Arc<Engine>,
+    project: &str,
+    id: &str,
+    agent: Option<&str>,
+    judged: &str,
+) -> bool {
+    let (engine, p, i, j) = (
+        Arc::clone(engine),
+        project.to_string(),
+        id.to_string(),
+        judged.to_string(),
+    );
+    let outcome = tokio::task::spawn_blocking(move || engine.discard_ready(&p, &i, &j))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+    match outcome {
+        Ok(true) => {
+            tracing::info!(%project, %id, agent = ?agent, "a stale copy went: the job ran again on another agent");
+            true
+        }
+        Ok(false) => false,
+        Err(e) => {
+            tracing::warn!(%project, %id, error = %e, "could not remove a stale copy");
+            false
+        }
     }
 }
 

@@ -63,13 +63,13 @@ impl From<SubmitError> for JobError {
 
 /// Resolves once job `project/id`'s record says it runs (read at growing intervals: claims are
 /// not notified); never when it ends first or has no record.
-fn running(scheduler: Arc<Scheduler>, project: String, id: String) -> BoxFuture<()> {
+fn running(cluster: Arc<Cluster>, project: String, id: String) -> BoxFuture<()> {
     Box::pin(async move {
         let mut delay = Duration::from_millis(100);
         loop {
             tokio::time::sleep(delay).await;
             delay = (delay * 2).min(Duration::from_secs(2));
-            match super::inputs::job_state(&scheduler, &project, &id).await {
+            match super::inputs::job_state(&cluster, &project, &id).await {
                 Ok(Some(JobState::Running)) => return,
                 Ok(Some(JobState::Queued)) | Err(_) => {}
                 Ok(Some(_) | None) => return std::future::pending().await,
@@ -102,7 +102,7 @@ impl Jobs for ClusterJobs {
             Admission::Answered(_) | Admission::Copy(_) => (Some(true), None),
             Admission::Waiting(_) => (
                 Some(false),
-                Some(running(Arc::clone(&scheduler), project.clone(), id.clone())),
+                Some(running(Arc::clone(&self.cluster), project.clone(), id.clone())),
             ),
         };
         let end: BoxFuture<Result<Answer, JobError>> = Box::pin(async move {

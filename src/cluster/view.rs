@@ -272,7 +272,7 @@ pub async fn cluster_jobs(
         let project: String = row.try_get(0).map_err(g)?;
         let id: String = row.try_get(1).map_err(g)?;
         let state: String = row.try_get(2).map_err(g)?;
-        let state = super::jobs::stored_state(db, &state)?;
+        let state = super::records::stored_state(db, &state)?;
         let agent: Option<String> = row.try_get(3).map_err(g)?;
         let retries: i32 = row.try_get(4).map_err(g)?;
         let stored: Option<String> = row.try_get(5).map_err(g)?;

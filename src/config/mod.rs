@@ -171,6 +171,24 @@ pub(crate) fn parse_limit(s: &str, what: &str) -> Result<Duration> {
 }
 
 impl Config {
+    /// Isolated networks of this process (`security::stop_networks` ends them): the egress policy (the operator's `network_deny`; the
+    /// cluster adds its addresses, `Cluster::start_egress`) and, for the daemon (`pool`), namespaces
+    /// made ahead when the server-wide network or a project's entry is `isolated` (else each
+    /// isolated sandbox makes its own, ~10 ms).
+    pub fn set_up_networks(&self, pool: bool) {
+        sandbox::set_egress_policy(std::sync::Arc::new(sandbox::EgressPolicy::new(
+            self.network_deny.clone(),
+        )));
+        let isolated = self.network == sandbox::NetworkMode::Isolated
+            || self
+                .projects
+                .values()
+                .any(|p| p.network.as_deref() == Some("isolated"));
+        if pool && isolated {
+            sandbox::configure_isolated_networks(security::network_pool_size(self.job_concurrency));
+        }
+    }
+
     /// Parse and validate the configuration text (`origin` names it in errors).
     pub fn parse(text: &str, origin: &Path) -> Result<Config> {
         let raw: Raw =
