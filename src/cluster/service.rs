@@ -102,7 +102,11 @@ impl Jobs for ClusterJobs {
             Admission::Answered(_) | Admission::Copy(_) => (Some(true), None),
             Admission::Waiting(_) => (
                 Some(false),
-                Some(running(Arc::clone(&self.cluster), project.clone(), id.clone())),
+                Some(running(
+                    Arc::clone(&self.cluster),
+                    project.clone(),
+                    id.clone(),
+                )),
             ),
         };
         let end: BoxFuture<Result<Answer, JobError>> = Box::pin(async move {

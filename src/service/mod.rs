@@ -12,6 +12,10 @@
 //! job here). Discarding a build is never asked from outside: the engine's retention and the
 //! cluster's copies decide it.
 
+#[cfg(test)]
+pub(crate) mod fake;
+#[cfg(test)]
+mod lifecycle_tests;
 pub(crate) mod local;
 
 use std::collections::BTreeMap;
