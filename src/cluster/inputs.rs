@@ -176,14 +176,15 @@ async fn fetch_from_any(
         );
     }
     for (name, url) in candidates {
-        let dir =
-            match super::replicate::fetch_build(&url, &engine.layout, project, id, false).await {
-                Ok(d) => d,
-                Err(e) => {
-                    tried.push(format!("agent {name}: {e}"));
-                    continue;
-                }
-            };
+        let dir = match super::replicate::fetch_build(&url, &engine.importer(), project, id, false)
+            .await
+        {
+            Ok(d) => d,
+            Err(e) => {
+                tried.push(format!("agent {name}: {e}"));
+                continue;
+            }
+        };
         let d2 = dir.clone();
         let info = tokio::task::spawn_blocking(move || d2.read_info())
             .await

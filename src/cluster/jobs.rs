@@ -728,17 +728,18 @@ impl Scheduler {
             // A failed job may have no build to fetch (refused before it ran, e.g. an input
             // that could not be fetched): its record's BuildInfo answers.
             let failed = rec.state == JobState::Failed;
-            let fetched =
-                match (&rec.agent, &rec.agent_url) {
-                    (Some(agent), Some(url)) => super::replicate::fetch_build(
-                        url, layout, project, id, false,
-                    )
-                    .await
-                    .map_err(|e| {
-                        format!("fetching the build {project}/{id} from agent {agent} ({url}): {e}")
-                    }),
-                    _ => Err(format!("the build {project}/{id} has no agent holding it")),
-                };
+            let fetched = match (&rec.agent, &rec.agent_url) {
+                (Some(agent), Some(url)) => {
+                    super::replicate::fetch_build(url, &self.engine.importer(), project, id, false)
+                        .await
+                        .map_err(|e| {
+                            format!(
+                                "fetching the build {project}/{id} from agent {agent} ({url}): {e}"
+                            )
+                        })
+                }
+                _ => Err(format!("the build {project}/{id} has no agent holding it")),
+            };
             match fetched {
                 Ok(d) => {
                     tracing::info!(%project, %id, from = ?rec.agent, "build replicated from another agent");
@@ -1073,9 +1074,8 @@ impl Scheduler {
         if agent == self.me() {
             return;
         }
-        let layout = &self.engine.layout;
-        let link = layout.link(project, group);
-        let local = layout.job(project, &last_id, Stage::Ready);
+        let importer = self.engine.importer();
+        let local = importer.layout().job(project, &last_id, Stage::Ready);
         let has_cache = |d: &JobDir| {
             std::fs::symlink_metadata(d.data().join("cache")).is_ok_and(|m| m.is_dir())
         };
@@ -1086,26 +1086,18 @@ impl Scheduler {
             // A copy here without its cache (a replica made to answer a request) is set aside
             // while the build is fetched again with its cache (an existing ready/<id> would
             // win over the fetch), and put back if that fails.
-            let aside = layout
-                .job(project, &last_id, Stage::Pending)
-                .path()
-                .with_extension("uncached");
-            let set_aside = local.exists()
-                && layout.create_stage(project, Stage::Pending).is_ok()
-                && std::fs::rename(local.path(), &aside).is_ok();
-            match super::replicate::fetch_build(&url, layout, project, &last_id, true).await {
+            let aside = importer.set_aside(project, &last_id);
+            match super::replicate::fetch_build(&url, &importer, project, &last_id, true).await {
                 Ok(dir) => {
                     tracing::info!(%project, %group, "incremental from agent {agent}'s build {project}/{last_id}");
-                    if set_aside {
-                        if let Err(e) = images::walk::remove_path(&aside) {
-                            tracing::warn!(path = %aside.display(), error = %e, "could not remove a copy set aside");
-                        }
+                    if let Some(aside) = aside {
+                        aside.remove();
                     }
                     Some(dir)
                 }
                 Err(e) => {
-                    if set_aside {
-                        let _ = std::fs::rename(&aside, local.path());
+                    if let Some(aside) = aside {
+                        aside.restore();
                     }
                     tracing::warn!(%project, %group, error = %e, "starting clean (Incremental: false): fetching agent {agent}'s build {project}/{last_id} failed");
                     None
@@ -1115,14 +1107,8 @@ impl Scheduler {
             tracing::info!(%project, %group, "starting clean (Incremental: false): agent {agent}, holding the group's last build {project}/{last_id}, is not alive");
             None
         };
-        let linked = match base {
-            Some(dir) => dir.link_from(&link),
-            None => match std::fs::remove_file(&link) {
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-                r => r,
-            },
-        };
-        if let Err(e) = linked {
+        if let Err(e) = importer.link_group(project, group, base.as_ref()) {
+            let link = importer.layout().link(project, group);
             tracing::warn!(%project, %group, error = %e, "could not update {}", link.display());
         }
     }

@@ -12,26 +12,29 @@
 //! (so a stream cut short lacks it and is refused). Failed builds are served too: their
 //! BuildInfo is a result the other agent shows. 404 for a build that is not ready here.
 //!
-//! The fetching side, [`fetch_build`]: unpacks into `<project>/pending/.fetch-<id>-<pid>-<n>`
-//! (removed at daemon start, as every pending build), accepting only the names above, only
+//! The fetching side, [`fetch_build`]: unpacks into a scratch directory the engine gives
+//! (`engine::import::Importer::scratch`: `<project>/pending/.fetch-<id>-<pid>-<n>`, removed at
+//! daemon start, as every pending build), accepting only the names above, only
 //! regular files, directories and (below `data/artifacts` and `data/cache`) symlinks, each
 //! created new, never through a link (a name whose parent is not a directory of the stream is
 //! refused); modes are kept but for setuid/setgid bits, the files become this daemon's user's.
 //! The BuildInfo must parse and name this project and job; its `Path` is rewritten to this
-//! agent's. Then `renameat2(RENAME_NOREPLACE)` to `ready/<id>`: a build already there wins.
+//! agent's. Then the engine places it (`Importer::place`: `renameat2(RENAME_NOREPLACE)` to
+//! `ready/<id>` under the project's link lock): a build already there wins. The cluster never
+//! writes `ready/` or the links itself.
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
 use std::io::{self, Read};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use rustix::fs::{AtFlags, Timespec, Timestamps};
 
-use crate::engine::{Engine, JobDir, Layout, Stage};
+use crate::engine::import::{Importer, Placed};
+use crate::engine::{Engine, JobDir, Stage};
 use crate::jobs::{self, BuildInfo};
 
 /// Why a build could not be fetched from another agent. Every message names the agent, the
@@ -136,7 +139,7 @@ const MAX_INFO: u64 = 64 << 20;
 /// on this agent (`groups/<group>`, or `latest`) unless this agent has a newer successful one.
 pub async fn fetch_build(
     agent_url: &str,
-    layout: &Layout,
+    importer: &Importer,
     project: &str,
     id: &str,
     with_cache: bool,
@@ -146,9 +149,9 @@ pub async fn fetch_build(
         project: project.to_string(),
         id: id.to_string(),
     };
-    let layout = layout.clone();
+    let importer = importer.clone();
     let c2 = ctx.clone();
-    tokio::task::spawn_blocking(move || fetch_blocking(&c2, &layout, with_cache))
+    tokio::task::spawn_blocking(move || fetch_blocking(&c2, &importer, with_cache))
         .await
         .map_err(|e| ctx.transfer(format!("the fetch panicked: {e}")))?
 }
@@ -180,7 +183,12 @@ impl<R: Read> Read for Counting<R> {
     }
 }
 
-fn fetch_blocking(ctx: &Ctx, layout: &Layout, with_cache: bool) -> Result<JobDir, ReplicateError> {
+fn fetch_blocking(
+    ctx: &Ctx,
+    importer: &Importer,
+    with_cache: bool,
+) -> Result<JobDir, ReplicateError> {
+    let layout = importer.layout();
     let (project, id) = (ctx.project.as_str(), ctx.id.as_str());
     if let Err(reason) =
         jobs::check_name("project", project).and_then(|()| jobs::check_name("job", id))
@@ -237,24 +245,13 @@ fn fetch_blocking(ctx: &Ctx, layout: &Layout, with_cache: bool) -> Result<JobDir
     }
     let body = resp.into_body().into_with_config().limit(u64::MAX).reader();
 
-    static FETCHES: AtomicU64 = AtomicU64::new(0);
-    layout
-        .create_stage(project, Stage::Pending)
-        .map_err(ctx.io("creating the pending directory"))?;
-    let scratch_name = format!(
-        ".fetch-{id}-{}-{}",
-        std::process::id(),
-        FETCHES.fetch_add(1, Ordering::Relaxed)
-    );
-    let scratch = layout.job(project, &scratch_name, Stage::Pending);
-    std::fs::DirBuilder::new()
-        .mode(0o755)
-        .create(scratch.path())
-        .map_err(ctx.io(format!("creating {}", scratch.path().display())))?;
+    let scratch = importer
+        .scratch(project, id)
+        .map_err(ctx.io("creating a scratch directory in pending/"))?;
     let mut counting = Counting { inner: body, n: 0 };
-    let result = unpack_and_place(ctx, layout, &scratch, &ready, &mut counting, with_cache);
+    let result = unpack_and_place(ctx, importer, &scratch, &ready, &mut counting, with_cache);
     match result {
-        Ok(Placed::New(info)) => {
+        Ok(Placed::New) => {
             tracing::info!(
                 "fetched build {project}/{id} from {} ({} bytes, {})",
                 ctx.agent,
@@ -265,13 +262,10 @@ fn fetch_blocking(ctx: &Ctx, layout: &Layout, with_cache: bool) -> Result<JobDir
                     "without cache"
                 }
             );
-            if with_cache && info.succeeded() {
-                adopt(layout, &ready, &info);
-            }
             Ok(ready)
         }
         Ok(Placed::Existing) => {
-            remove_scratch(scratch.path());
+            importer.discard(&scratch);
             tracing::info!(
                 "build {project}/{id} fetched from {} appeared here meanwhile: the local one stays",
                 ctx.agent
@@ -279,15 +273,10 @@ fn fetch_blocking(ctx: &Ctx, layout: &Layout, with_cache: bool) -> Result<JobDir
             Ok(ready)
         }
         Err(e) => {
-            remove_scratch(scratch.path());
+            importer.discard(&scratch);
             Err(e)
         }
     }
-}
-
-enum Placed {
-    New(Box<BuildInfo>),
-    Existing,
 }
 
 /// What a name of the stream is.
@@ -357,7 +346,7 @@ fn timestamps(mtime: u64) -> Timestamps {
 /// Unpack the stream into `scratch`, check it, store the BuildInfo, and rename it to `ready`.
 fn unpack_and_place(
     ctx: &Ctx,
-    layout: &Layout,
+    importer: &Importer,
     scratch: &JobDir,
     ready: &JobDir,
     body: &mut dyn Read,
@@ -513,24 +502,15 @@ fn unpack_and_place(
             AtFlags::SYMLINK_NOFOLLOW,
         );
     }
-    layout
-        .create_stage(&ctx.project, Stage::Ready)
-        .map_err(ctx.io("creating the ready directory"))?;
-    match rustix::fs::renameat_with(
-        rustix::fs::CWD,
-        root,
-        rustix::fs::CWD,
-        ready.path(),
-        rustix::fs::RenameFlags::NOREPLACE,
-    ) {
-        Ok(()) => Ok(Placed::New(Box::new(info))),
-        Err(rustix::io::Errno::EXIST | rustix::io::Errno::NOTEMPTY) => Ok(Placed::Existing),
-        Err(e) => Err(ctx.io(format!(
-            "renaming {} to {}",
-            root.display(),
-            ready.path().display()
-        ))(e.into())),
-    }
+    importer
+        .place(scratch, &ctx.project, &ctx.id, &info, with_cache)
+        .map_err(|e| {
+            ctx.io(format!(
+                "placing {} as {}",
+                root.display(),
+                ready.path().display()
+            ))(e)
+        })
 }
 
 /// The BuildInfo is this job's, and the build has its `data/artifacts`.
@@ -562,45 +542,6 @@ fn verify(ctx: &Ctx, info: &BuildInfo, dirs: &HashSet<PathBuf>) -> Result<(), Re
         return Err(ctx.refused("the build has no data/artifacts directory"));
     }
     Ok(())
-}
-
-/// Make `build` (a successful build fetched with its cache) its group's last build here, unless
-/// the group's link points at a build that started later.
-fn adopt(layout: &Layout, build: &JobDir, info: &BuildInfo) {
-    let link = layout.link(build.project(), &info.group);
-    let started = |s: &str| chrono::DateTime::parse_from_rfc3339(s).ok();
-    let current = std::fs::canonicalize(&link).ok().and_then(|p| {
-        let id = p.file_name()?.to_str()?.to_string();
-        layout.job(build.project(), &id, Stage::Ready).read_info()
-    });
-    if let Some(cur) = current {
-        if cur.succeeded() && started(&cur.started_at) >= started(&info.started_at) {
-            return;
-        }
-    }
-    match build.link_from(&link) {
-        Ok(()) => tracing::info!(
-            project = build.project(),
-            id = build.id(),
-            group = %info.group,
-            "the fetched build is the group's last build here: its next build continues from its data/"
-        ),
-        Err(e) => tracing::warn!(
-            project = build.project(),
-            id = build.id(),
-            error = %e,
-            "could not update {}",
-            link.display()
-        ),
-    }
-}
-
-/// Remove a scratch directory, also when some of its directories were made read-only: by fd
-/// and iteratively ([`images::walk::remove_path`] gives its own directories owner rwx first).
-fn remove_scratch(path: &Path) {
-    if let Err(e) = images::walk::remove_path(path) {
-        tracing::warn!(path = %path.display(), error = %e, "could not remove a fetch's scratch directory");
-    }
 }
 
 /// Drop this agent's copy of `project/id`, which ran again on `agent` (or is queued again),

@@ -121,7 +121,7 @@ pub async fn fetch_missing(
             return None;
         }
     };
-    match super::replicate::fetch_build(&holder.url, &engine.layout, project, id, false).await {
+    match super::replicate::fetch_build(&holder.url, &engine.importer(), project, id, false).await {
         Ok(_) => {
             tracing::info!(%project, %id, from = %holder.agent, "build replicated from another agent for its artifacts");
         }

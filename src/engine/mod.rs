@@ -11,6 +11,7 @@ mod checks;
 mod data;
 pub mod export;
 mod follow;
+pub mod import;
 mod layers;
 pub mod layout;
 mod lookup;
@@ -19,7 +20,6 @@ pub mod retention;
 mod runner;
 pub mod state;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -100,7 +100,7 @@ pub struct Engine {
     runner: runner::Runner,
     slots: Arc<Semaphore>,
     jobs: InFlight,
-    link_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    link_locks: Arc<import::LinkLocks>,
     shutting_down: AtomicBool,
     pub metrics: Metrics,
     /// Retention's state (`retention.rs`).
@@ -156,7 +156,7 @@ impl Engine {
             slots: Arc::new(Semaphore::new(cfg.job_concurrency)),
             // Running plus queued jobs may not exceed job_concurrency + job_backlog.
             jobs: InFlight::new(cfg.job_concurrency + cfg.job_backlog),
-            link_locks: Mutex::new(HashMap::new()),
+            link_locks: Arc::default(),
             shutting_down: AtomicBool::new(false),
             metrics: Metrics::new(),
             retainer: Arc::new(retention::Retainer::new(&cfg.build_path)),
@@ -534,8 +534,13 @@ impl Engine {
     }
 
     fn link_lock(&self, project: &str) -> Arc<Mutex<()>> {
-        let mut m = self.link_locks.lock().unwrap_or_else(|e| e.into_inner());
-        m.entry(project.to_string()).or_default().clone()
+        self.link_locks.of(project)
+    }
+
+    /// The door for builds made elsewhere (`import.rs`): placed in `ready/` under the link
+    /// lock, as this engine's own.
+    pub fn importer(&self) -> import::Importer {
+        import::Importer::new(self.layout.clone(), Arc::clone(&self.link_locks))
     }
 
     /// The BuildInfo of `req`'s job that has not run (yet), its `Path` that of `dir` once ready.
