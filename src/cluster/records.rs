@@ -1,6 +1,6 @@
 //! The job records (table `jobs`): a record as a request reads it, its stored request and
 //! state, and whether a copy of a build on this agent is the recorded one. The scheduler's
-//! statements (`jobs.rs`) and the inputs' fetching (`inputs.rs`) read records through here.
+//! statements (`jobs/`) and the inputs' fetching (`inputs.rs`) read records through here.
 
 use std::time::Duration;
 

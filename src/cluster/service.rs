@@ -1,7 +1,7 @@
 //! [`ClusterJobs`]: the jobs interface (`crate::service::Jobs`) of an agent of several around
-//! one PostgreSQL. Requests go through the job records (`jobs.rs`: each job runs once
+//! one PostgreSQL. Requests go through the job records (`jobs/`: each job runs once
 //! cluster-wide); what is asked of a job that is not on this agent's disk is answered from its
-//! record and the central logs (`logs.rs`), and a build that ended on another agent is fetched
+//! record and the central logs (`logs/`), and a build that ended on another agent is fetched
 //! here (`replicate.rs`) before its artifacts are served. What this agent holds on disk is its
 //! engine's (`LocalJobs`'s answers).
 

@@ -203,7 +203,7 @@ impl Scheduler {
                 return;
             }
         };
-        // The job's log goes to the database as it is produced (src/cluster/logs.rs); its last
+        // The job's log goes to the database as it is produced (src/cluster/logs/); its last
         // chunk before the record says the job ended.
         let shipper = self
             .cluster
