@@ -215,6 +215,27 @@ impl Engine {
         Ok(true)
     }
 
+    /// Several agents: ready build `dir`, the re-run of a job whose agent died, says so — `note`
+    /// appended to its `out.log`, `info` (with its `Retries`) stored as its BuildInfo — under the
+    /// project's link lock, as every change of `ready/` (blocking).
+    pub fn note_retry(&self, dir: &JobDir, note: &str, info: &BuildInfo) {
+        use std::io::Write;
+        let lock = self.link_lock(dir.project());
+        let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        if !dir.is_dir() {
+            return;
+        }
+        if let Err(e) = dir
+            .append_log()
+            .and_then(|mut f| f.write_all(note.as_bytes()))
+        {
+            tracing::warn!(project = %dir.project(), id = %dir.id(), error = %e, "could not add a note to the job's log");
+        }
+        if let Err(e) = dir.write_info(info) {
+            tracing::warn!(project = %dir.project(), id = %dir.id(), error = %e, "could not store the BuildInfo of a retried job");
+        }
+    }
+
     fn store(&self) -> &Store {
         &self.builder.store
     }

@@ -211,6 +211,9 @@ impl Scheduler {
             .map(|logs| logs.ship(&self.engine.layout.job(&project, &id, Stage::Pending)));
         let info = match scheduled.wait().await {
             Ok((mut info, dir)) => {
+                info.cached = false;
+                info.coalesced = false;
+                info.retries = u32::try_from(claim.retries).unwrap_or_default();
                 if claim.retries > 0 {
                     let from = claim.retried_from.as_deref().unwrap_or("another agent");
                     let note = format!(
@@ -219,16 +222,12 @@ impl Scheduler {
                         claim.retries,
                         self.me()
                     );
-                    append_note(&dir, &note);
+                    // The log and the stored BuildInfo say it (result-cache hits answer it).
+                    let (engine, info2) = (Arc::clone(&self.engine), info.clone());
+                    let _ =
+                        tokio::task::spawn_blocking(move || engine.note_retry(&dir, &note, &info2))
+                            .await;
                     tracing::info!(%project, %id, from, retries = claim.retries, "a retried job ended");
-                }
-                info.cached = false;
-                info.coalesced = false;
-                info.retries = u32::try_from(claim.retries).unwrap_or_default();
-                if info.retries > 0 {
-                    // The stored BuildInfo says it too (result-cache hits answer it).
-                    let (dir2, info2) = (dir.clone(), info.clone());
-                    let _ = tokio::task::spawn_blocking(move || dir2.write_info(&info2)).await;
                 }
                 info
             }
@@ -437,16 +436,5 @@ impl Scheduler {
             tracing::info!(%project, %id, %state, agent = %self.me(), "job recorded in the cluster");
         }
         Ok(n == 1)
-    }
-}
-
-/// Append a note line to a ready build's `out.log`.
-fn append_note(dir: &JobDir, note: &str) {
-    use std::io::Write;
-    if let Err(e) = dir
-        .append_log()
-        .and_then(|mut f| f.write_all(note.as_bytes()))
-    {
-        tracing::warn!(project = %dir.project(), id = %dir.id(), error = %e, "could not add a note to the job's log");
     }
 }
