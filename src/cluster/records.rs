@@ -102,6 +102,25 @@ pub(super) async fn read(
     }))
 }
 
+/// The states `transition` leaves from, as an SQL list (`'queued', 'running'`): what a
+/// conditional update of the records checks (only the enum's names, never outside text).
+pub(super) fn sql_sources(transition: impl Fn(JobState) -> Option<JobState>) -> String {
+    JobState::sources(transition)
+        .iter()
+        .map(|s| format!("'{}'", s.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The state `transition` leads to from `from`, for an update's `SET state = ...` (the
+/// transitions the statements take are defined; `service`'s tests check them).
+pub(super) fn sql_target(
+    from: JobState,
+    transition: fn(JobState) -> Option<JobState>,
+) -> &'static str {
+    transition(from).unwrap_or(from).as_str()
+}
+
 /// Whether a copy here (`mine`) is not the build the record stores (another run of the job,
 /// or a build of another request under the same ID).
 pub(super) fn is_stale(mine: &BuildInfo, rec: &Record) -> bool {
@@ -117,6 +136,16 @@ pub(super) fn is_stale(mine: &BuildInfo, rec: &Record) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_statements_transitions_come_from_the_typed_state() {
+        assert_eq!(sql_sources(JobState::claim), "'queued'");
+        assert_eq!(sql_sources(JobState::requeue), "'running'");
+        assert_eq!(sql_sources(JobState::rerun), "'ready', 'failed'");
+        assert_eq!(sql_target(JobState::Queued, JobState::claim), "running");
+        assert_eq!(sql_target(JobState::Running, JobState::requeue), "queued");
+        assert_eq!(sql_target(JobState::Failed, JobState::rerun), "queued");
+    }
 
     #[test]
     fn requests_round_trip_through_their_stored_json() {

@@ -3,6 +3,7 @@
 //! builds that ran again elsewhere.
 
 use super::*;
+use crate::cluster::records::{sql_sources, sql_target};
 
 impl Scheduler {
     // ---------------------------------------------------------------- failures
@@ -66,9 +67,10 @@ impl Scheduler {
         let (project, id) = crashed.unzip();
         let rows = tx
             .query(
-                "UPDATE jobs SET state = 'queued', retried_from = agent, agent = NULL,
+                &format!(
+                    "UPDATE jobs SET state = '{queued}', retried_from = agent, agent = NULL,
                         retries = retries + 1, queued_at = now(), started_at = NULL
-                  WHERE state = 'running'
+                  WHERE state IN ({running})
                     AND CASE WHEN $3::text IS NULL
                         THEN pg_postmaster_start_time() < now() - make_interval(secs => $1)
                          AND NOT EXISTS (
@@ -80,6 +82,9 @@ impl Scheduler {
                                                 WHERE a.name = $2)
                         END
                  RETURNING project, id, retried_from, retries",
+                    queued = sql_target(JobState::Running, JobState::requeue),
+                    running = sql_sources(JobState::requeue)
+                ),
                 &[&self.timeout_secs(), &self.me(), &project, &id],
             )
             .await

@@ -365,18 +365,24 @@ impl Scheduler {
         id: &str,
         rec: &Record,
     ) -> Result<bool, ClusterError> {
+        // A job in flight is joined, never queued again.
+        let Some(to) = rec.state.rerun() else {
+            return Ok(false);
+        };
+        let to = to.as_str();
         let db = self.db()?;
         let mut client = db.client().await?;
         let tx = client.transaction().await.map_err(|e| db.pg_error(&e))?;
         let n = tx
             .execute(
                 &format!(
-                    "UPDATE jobs SET state = 'queued', agent = NULL, build_info = NULL,
+                    "UPDATE jobs SET state = '{}', agent = NULL, build_info = NULL,
                             request = $4::text::jsonb, retries = 0, retried_from = NULL,
                             queued_at = now(), started_at = NULL, ended_at = NULL,
                             preferred_agent = {}
                       WHERE project = $1 AND id = $3 AND state = $5
                         AND agent IS NOT DISTINCT FROM $6 AND request = $9::text::jsonb",
+                    to,
                     Self::preferred("$7", "$8")
                 ),
                 &[

@@ -2,6 +2,7 @@
 //! engine (its inputs fetched first, its group's chain placed), its end recorded.
 
 use super::*;
+use crate::cluster::records::{sql_sources, sql_target};
 
 impl Scheduler {
     // ---------------------------------------------------------------- claims
@@ -106,9 +107,10 @@ impl Scheduler {
         let tx = client.transaction().await.map_err(|e| db.pg_error(&e))?;
         let row = tx
             .query_opt(
-                "SELECT j.project, j.id, j.request::text, j.retries, j.retried_from
+                &format!(
+                    "SELECT j.project, j.id, j.request::text, j.retries, j.retried_from
                    FROM jobs j
-                  WHERE j.state = 'queued'
+                  WHERE j.state IN ({claimable})
                     AND (j.preferred_agent IS NULL OR j.preferred_agent = $1
                          OR j.queued_at < now() - make_interval(secs => $2)
                          OR NOT EXISTS (
@@ -121,6 +123,8 @@ impl Scheduler {
                   ORDER BY (j.preferred_agent IS NOT DISTINCT FROM $1) DESC, j.queued_at
                   LIMIT 1
                     FOR UPDATE OF j SKIP LOCKED",
+                    claimable = sql_sources(JobState::claim)
+                ),
                 &[
                     &self.me(),
                     &PREFERRED_GRACE.as_secs_f64(),
@@ -141,8 +145,11 @@ impl Scheduler {
             retried_from: row.try_get(4).map_err(g)?,
         };
         tx.execute(
-            "UPDATE jobs SET state = 'running', agent = $3, started_at = now()
-              WHERE project = $1 AND id = $2",
+            &format!(
+                "UPDATE jobs SET state = '{running}', agent = $3, started_at = now()
+                  WHERE project = $1 AND id = $2",
+                running = sql_target(JobState::Queued, JobState::claim)
+            ),
             &[&claim.project, &claim.id, &self.me()],
         )
         .await
@@ -329,8 +336,12 @@ impl Scheduler {
             let client = db.client().await?;
             client
                 .execute(
-                    "UPDATE jobs SET state = 'queued', agent = NULL, started_at = NULL
-                      WHERE project = $1 AND id = $2 AND state = 'running' AND agent = $3",
+                    &format!(
+                        "UPDATE jobs SET state = '{queued}', agent = NULL, started_at = NULL
+                          WHERE project = $1 AND id = $2 AND state IN ({running}) AND agent = $3",
+                        queued = sql_target(JobState::Running, JobState::requeue),
+                        running = sql_sources(JobState::requeue)
+                    ),
                     &[&project, &id, &self.me()],
                 )
                 .await
