@@ -19,6 +19,7 @@ use crate::config::Config;
 use crate::engine::{Engine, Layout, Stage};
 use crate::jobs::{self, BuildInfo, JobRequest, NEVER_RAN};
 use crate::pipeline::{JobRun, JobRunState, RunRecord, RunState};
+use crate::service::{JobDir, Jobs, LocalJobs};
 
 /// The sentence printed with the job ID.
 pub const SAME_ID: &str = "a server with the same project, group and params gives the same job ID";
@@ -328,7 +329,7 @@ fn run(args: &ExecArgs, set_up: impl FnOnce(&mut Config) -> Result<()>) -> Resul
     )?;
     let mut cfg = config(&projects_path, &state, args.images.as_deref())?;
     set_up(&mut cfg)?;
-    crate::security::set_up_networks(&cfg, false);
+    cfg.set_up_networks(false);
     let warning = preflight()?;
     if let Some(w) = &warning {
         eprintln!("mistry exec: warning: {w}");
@@ -336,6 +337,7 @@ fn run(args: &ExecArgs, set_up: impl FnOnce(&mut Config) -> Result<()>) -> Resul
     let _lock = lock_state(&cfg.build_path)?;
     let helper = crate::image_cli::helper_command()?;
     let engine = Arc::new(Engine::new(cfg, helper).context("starting the engine")?);
+    let jobs: Arc<dyn Jobs> = Arc::new(LocalJobs::new(engine));
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -343,7 +345,7 @@ fn run(args: &ExecArgs, set_up: impl FnOnce(&mut Config) -> Result<()>) -> Resul
     let Some(project) = project else {
         let name = args.pipeline.clone().unwrap_or_default();
         return pipeline(
-            &engine,
+            &jobs,
             &rt,
             &projects_path,
             &name,
@@ -359,7 +361,7 @@ fn run(args: &ExecArgs, set_up: impl FnOnce(&mut Config) -> Result<()>) -> Resul
         ..Default::default()
     };
     let started = Instant::now();
-    let (info, dir) = rt.block_on(run_job(&engine, req))?;
+    let (info, dir) = rt.block_on(run_job(&jobs, req))?;
     let elapsed = started.elapsed();
     let mut out = std::io::stdout().lock();
     let code = exit_code(&info);
@@ -525,7 +527,7 @@ impl Shown {
     /// from the result cache has no log lines).
     fn observe(
         &mut self,
-        engine: &Engine,
+        jobs: &Arc<dyn Jobs>,
         rt: &tokio::runtime::Handle,
         main: &str,
         layout: &Layout,
@@ -566,15 +568,18 @@ impl Shown {
                     if self.followed.contains_key(&key) {
                         continue;
                     }
-                    let follower = follow_log(engine, &j.project, &j.id, prefix).map(|follow| {
-                        let (done, ended) = tokio::sync::oneshot::channel();
-                        self.followers.push(rt.spawn(async move {
-                            follow.await;
-                            let _ = done.send(());
-                        }));
-                        ended
-                    });
-                    self.followed.insert(key, follower);
+                    // Its log as it comes, or (it ended before it could be followed) whole
+                    // from ready/; its end line after it.
+                    let (done, ended) = tokio::sync::oneshot::channel();
+                    let (jobs, project, id) = (Arc::clone(jobs), j.project.clone(), j.id.clone());
+                    let log = layout.job(&j.project, &j.id, Stage::Ready).out_log();
+                    self.followers.push(rt.spawn(async move {
+                        if !follow_log(&jobs, &project, &id, prefix.clone()).await {
+                            print_log_file(log, prefix).await;
+                        }
+                        let _ = done.send(());
+                    }));
+                    self.followed.insert(key, Some(ended));
                 }
                 JobRunState::Ready | JobRunState::Failed => {
                     match self.followed.get_mut(&key).and_then(Option::take) {
@@ -599,7 +604,7 @@ impl Shown {
 /// summary; the artifacts of each ready job copied to
 /// `<target>/<job>/`. Exit code 0 when the run succeeded, else 1.
 fn pipeline(
-    engine: &Arc<Engine>,
+    jobs: &Arc<dyn Jobs>,
     rt: &tokio::runtime::Runtime,
     projects_path: &Path,
     name: &str,
@@ -609,18 +614,18 @@ fn pipeline(
     let (print, lines) = tokio::sync::mpsc::unbounded_channel();
     let printing = rt.spawn(printer(lines));
     let shown = Arc::new(std::sync::Mutex::new(Shown::new(print)));
-    let layout = Layout::new(&engine.cfg.build_path);
+    let layout = Layout::new(&jobs.config().build_path);
     let observer: crate::pipeline::Observer = {
         let (shown, main, layout) = (Arc::clone(&shown), name.to_string(), layout.clone());
-        let (engine, handle) = (Arc::clone(engine), rt.handle().clone());
+        let (jobs, handle) = (Arc::clone(jobs), rt.handle().clone());
         Arc::new(move |rec: &RunRecord| {
             let mut guard = shown.lock().unwrap_or_else(|e| e.into_inner());
-            guard.observe(&engine, &handle, &main, &layout, rec);
+            guard.observe(&jobs, &handle, &main, &layout, rec);
         })
     };
     let started = Instant::now();
     let run = rt.block_on(crate::pipeline::run_pipeline(
-        engine,
+        jobs,
         projects_path,
         name,
         params,
@@ -737,25 +742,17 @@ fn print_line(prefix: &str, line: &str) {
     println!("{prefix}{}", shown(line));
 }
 
-/// Follow the log of job `id` of `project` while it is in flight: a future that prints each line
-/// as it comes (after `prefix`) until the job ends, and says whether it printed any. `None` when
-/// the job is not in flight (from the result cache, or ended already).
-fn follow_log(
-    engine: &Engine,
-    project: &str,
-    id: &str,
-    prefix: String,
-) -> Option<impl std::future::Future<Output = bool> + Send + 'static> {
-    let lines = engine.follow(project, id)?;
-    Some(async move {
-        let mut lines = std::pin::pin!(lines);
-        let mut printed = false;
-        while let Some(line) = lines.next().await {
-            printed = true;
-            print_line(&prefix, &line);
-        }
-        printed
-    })
+/// Follow the log of job `id` of `project` while it is in flight: print each line as it comes
+/// (after `prefix`) until the job ends; whether it was in flight (not from the result cache,
+/// and not ended yet).
+async fn follow_log(jobs: &Arc<dyn Jobs>, project: &str, id: &str, prefix: String) -> bool {
+    let Ok(Some(mut lines)) = jobs.follow(project, id).await else {
+        return false;
+    };
+    while let Some(line) = lines.next().await {
+        print_line(&prefix, &line);
+    }
+    true
 }
 
 /// Print the complete log of a job that ended before it could be followed (its `out.log` in
@@ -768,30 +765,23 @@ async fn print_log_file(log: PathBuf, prefix: String) {
     }
 }
 
-/// Schedule the job, stream its log while it runs, and wait for its BuildInfo.
-async fn run_job(
-    engine: &Arc<Engine>,
-    req: JobRequest,
-) -> Result<(BuildInfo, crate::engine::JobDir)> {
+/// Submit the job, stream its log while it runs, and wait for its BuildInfo.
+async fn run_job(jobs: &Arc<dyn Jobs>, req: JobRequest) -> Result<(BuildInfo, JobDir)> {
     let project = req.project.clone();
-    let scheduled = engine
-        .schedule(req)
+    let submitted = jobs
+        .submit(req)
         .await
         .map_err(|e| anyhow!("{project}: {e}"))?;
-    let id = scheduled.id.clone();
-    let streamed = match follow_log(engine, &project, &id, String::new()) {
-        Some(follow) => follow.await,
-        None => false,
-    };
-    let (info, dir) = scheduled
+    let followed = follow_log(jobs, &project, &submitted.id, String::new()).await;
+    let answer = submitted
         .wait()
         .await
         .map_err(|e| anyhow!("{project}: {e}"))?;
-    if !streamed && !info.cached {
+    if !followed && !answer.info.cached {
         // It ended before it could be followed: its log is complete in ready/.
-        print_log_file(dir.out_log(), String::new()).await;
+        print_log_file(answer.dir.out_log(), String::new()).await;
     }
-    Ok((info, dir))
+    Ok((answer.info, answer.dir))
 }
 
 #[cfg(test)]

@@ -20,6 +20,28 @@ pub struct JobRequest {
     pub inputs: BTreeMap<String, Input>,
 }
 
+/// Why a request could not be served, by either back end of jobs (the HTTP status in
+/// parentheses).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum JobError {
+    /// 400.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 404, text contains `Unknown project 'NAME'`.
+    #[error("Unknown project '{0}'")]
+    UnknownProject(String),
+    /// 503: the backlog is full, or mistryd shuts down.
+    #[error("Server is overloaded; try again later")]
+    Overloaded,
+    /// 503: what the answer needs does not answer (the cluster's database, or the agent
+    /// holding a build).
+    #[error("Service unavailable: {0}")]
+    Unavailable(String),
+    /// 500.
+    #[error("{0}")]
+    Internal(String),
+}
+
 /// A ready build whose `data/artifacts` a job reads (see [`JobRequest::inputs`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Input {

@@ -21,5 +21,7 @@ pub mod pipeline;
 pub mod sandbox_cli;
 pub mod security;
 pub mod server;
+pub mod service;
 pub mod stream_json;
+pub mod streams;
 pub mod tree;

@@ -275,24 +275,6 @@ pub fn network_pool_size(job_concurrency: usize) -> usize {
     (2 * job_concurrency).clamp(4, 32)
 }
 
-/// Isolated networks of this process: the egress policy (the operator's `network_deny`; the
-/// cluster adds its addresses, `Cluster::start_egress`) and, for the daemon (`pool`), namespaces
-/// made ahead when the server-wide network or a project's entry is `isolated` (else each
-/// isolated sandbox makes its own, ~10 ms).
-pub fn set_up_networks(cfg: &crate::config::Config, pool: bool) {
-    sandbox::set_egress_policy(std::sync::Arc::new(sandbox::EgressPolicy::new(
-        cfg.network_deny.clone(),
-    )));
-    let isolated = cfg.network == sandbox::NetworkMode::Isolated
-        || cfg
-            .projects
-            .values()
-            .any(|p| p.network.as_deref() == Some("isolated"));
-    if pool && isolated {
-        sandbox::configure_isolated_networks(network_pool_size(cfg.job_concurrency));
-    }
-}
-
 /// The daemon's end: the pool's namespaces go (their slirp4netns killed and reaped), and the
 /// generated files.
 pub fn stop_networks() {

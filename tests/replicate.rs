@@ -14,6 +14,7 @@ use common::server::{
     artifacts, check_artifact_contents, get_bytes, job_id, read, rsync_daemon, Server,
 };
 use mistry::cluster::replicate::{fetch_build, ReplicateError};
+use mistry::engine::import::Importer;
 use mistry::engine::{JobDir, Layout};
 use serde_json::{json, Value};
 
@@ -30,7 +31,7 @@ fn fetch(
         .unwrap();
     rt.block_on(fetch_build(
         agent,
-        &Layout::new(build_path),
+        &Importer::detached(Layout::new(build_path)),
         project,
         id,
         with_cache,

@@ -174,7 +174,17 @@ pub fn build(args: BuildArgs) -> Result<i32> {
     if !err_build.is_empty() {
         bail!("Build failed: {err_build}");
     }
-    crate::transport::fetch(&args, &base, &agent, &field("Path"), &field("URL"))?;
+    let to = crate::transport::Fetch {
+        transport: args.transport,
+        user: args.transport_user.as_deref(),
+        port: args.transport_port,
+        ssh_config: args.ssh_config.as_deref(),
+        host: &args.host,
+        project: &args.project,
+        target: &args.target,
+        clear_target: args.clear_target,
+    };
+    crate::transport::fetch(&to, &base, &agent, &field("Path"), &field("URL"))?;
     Ok(0)
 }
 

@@ -9,8 +9,6 @@ use std::process::Command;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::ValueEnum;
 
-use crate::build::BuildArgs;
-
 /// How artifacts get from the server to the target directory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Transport {
@@ -144,29 +142,44 @@ fn run(mut cmd: Command, what: &str) -> Result<()> {
     Ok(())
 }
 
+/// Where a ready job's artifacts go and how (`mistry build`'s options).
+pub(crate) struct Fetch<'a> {
+    pub transport: Transport,
+    /// For scp and rsync (default: the current user).
+    pub user: Option<&'a str>,
+    /// Of the SSH server (scp) or rsync daemon (rsync).
+    pub port: Option<u16>,
+    /// An ssh_config file for scp.
+    pub ssh_config: Option<&'a Path>,
+    pub host: &'a str,
+    pub project: &'a str,
+    pub target: &'a Path,
+    pub clear_target: bool,
+}
+
 pub(crate) fn fetch(
-    args: &BuildArgs,
+    args: &Fetch<'_>,
     base: &str,
     agent: &ureq::Agent,
     path: &str,
     url: &str,
 ) -> Result<()> {
-    let user = args.transport_user.clone().unwrap_or_else(current_user);
+    let user = args.user.map(str::to_string).unwrap_or_else(current_user);
     match args.transport {
         Transport::Scp => {
             if args.clear_target {
-                clear_dir(&args.target)?;
+                clear_dir(args.target)?;
             }
             let mut cmd = Command::new("scp");
             cmd.arg("-r").arg("-q");
-            if let Some(p) = args.transport_port {
+            if let Some(p) = args.port {
                 cmd.arg("-P").arg(p.to_string());
             }
-            if let Some(cfg) = &args.ssh_config {
+            if let Some(cfg) = args.ssh_config {
                 cmd.arg("-F").arg(cfg);
             }
             cmd.arg(format!("{user}@{}:{path}/*", args.host))
-                .arg(&args.target);
+                .arg(args.target);
             run(cmd, "scp")
         }
         Transport::Rsync => {
@@ -176,7 +189,7 @@ pub(crate) fn fetch(
                 .find(&marker)
                 .map(|i| &path[i + 1..])
                 .ok_or_else(|| anyhow!("unexpected artifacts path {path}"))?;
-            let source = match args.transport_port {
+            let source = match args.port {
                 Some(p) => format!("rsync://{user}@{}:{p}/mistry/{rel}/", args.host),
                 None => format!("{user}@{}::mistry/{rel}/", args.host),
             };
@@ -187,10 +200,10 @@ pub(crate) fn fetch(
             if args.clear_target {
                 cmd.arg("--delete");
             }
-            cmd.arg(source).arg(&args.target);
+            cmd.arg(source).arg(args.target);
             run(cmd, "rsync")
         }
-        Transport::Http => fetch_http(agent, base, url, &args.target, args.clear_target),
+        Transport::Http => fetch_http(agent, base, url, args.target, args.clear_target),
     }
 }
 

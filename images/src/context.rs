@@ -12,7 +12,6 @@ use globset::GlobMatcher;
 use sha2::{Digest as _, Sha256};
 
 use crate::inroot::{self, Root};
-use crate::tools::CopyItem;
 use crate::walk::{Order, Walk};
 
 #[derive(Debug, thiserror::Error)]
@@ -179,6 +178,16 @@ fn walk(
             cur = child;
         }
     }
+}
+
+/// One thing COPY puts into an image.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
+pub struct CopyItem {
+    /// The source (file, directory or symlink, copied as what it is), relative to the source
+    /// root (the tool's `CopySpec::src_root`) and resolved inside it.
+    pub src: PathBuf,
+    /// Absolute destination inside the image.
+    pub dest: PathBuf,
 }
 
 /// The sources of one COPY/ADD resolved to items to copy.

@@ -144,15 +144,8 @@ pub struct Tools {
     owners: bool,
 }
 
-/// One thing COPY puts into an image.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
-pub struct CopyItem {
-    /// The source (file, directory or symlink, copied as what it is), relative to the source
-    /// root ([`CopySpec::src_root`]) and resolved inside it.
-    pub src: PathBuf,
-    /// Absolute destination inside the image.
-    pub dest: PathBuf,
-}
+/// One thing COPY puts into an image (defined with the build context, which resolves them).
+pub use crate::context::CopyItem;
 
 /// What the helper's `copy-in` does.
 #[derive(Debug, Clone, Serialize, Deserialize)]

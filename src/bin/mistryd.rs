@@ -207,7 +207,7 @@ async fn serve(cli: Cli) -> Result<()> {
     }
     let mut cfg = cfg;
     // Isolated networks: the egress policy, and namespaces made ahead from now on.
-    mistry::security::set_up_networks(&cfg, true);
+    cfg.set_up_networks(true);
     let helper = image_cli::helper_command()?;
     // Bound first, so that image builds know the real address (also the port the kernel
     // chose for `--addr HOST:0`) and never download from the daemon itself. Nothing is
@@ -245,8 +245,16 @@ async fn serve(cli: Cli) -> Result<()> {
     // Retention (`retention` in the configuration): a pass every interval, besides the one
     // after each job.
     engine.start_retention();
-    let app = mistry::server::router_in(Arc::clone(&engine), Some(Arc::clone(&cluster)))
-        .layer(axum::Extension(Arc::clone(&cluster)));
+    // The jobs' back end: the cluster's records with a database, else this agent's engine.
+    let jobs: Arc<dyn mistry::service::Jobs> = if cluster.db().is_some() {
+        Arc::new(mistry::cluster::ClusterJobs::new(
+            Arc::clone(&cluster),
+            Arc::clone(&engine),
+        ))
+    } else {
+        Arc::new(mistry::service::LocalJobs::new(Arc::clone(&engine)))
+    };
+    let app = mistry::server::router(jobs);
     let limits = mistry::server::Limits {
         max_connections: connection_cap(cli.max_connections),
         header_timeout: cli.header_timeout,
@@ -273,7 +281,7 @@ async fn serve(cli: Cli) -> Result<()> {
 
 fn rebuild(cli: &Cli, projects: &[String], fail_fast: bool, verbose: bool) -> Result<i32> {
     let mut cfg = load(cli)?;
-    mistry::security::set_up_networks(&cfg, false);
+    cfg.set_up_networks(false);
     // The daemon (whose address --addr names) may be running beside us: ADD <url> does not
     // connect there.
     cfg.listen = cli.addr.parse().into_iter().collect();

@@ -3,34 +3,10 @@
 
 use std::time::Duration;
 
-use serde::Serialize;
-
 use super::db::Db;
 use super::ClusterError;
 
-/// One agent, as `GET /agents` shows it.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct AgentInfo {
-    pub name: String,
-    pub advertise_url: String,
-    /// Its `job_concurrency`.
-    pub capacity: i64,
-    /// Jobs running on it at its last heartbeat.
-    pub running: i64,
-    pub version: String,
-    /// RFC 3339, UTC.
-    pub started_at: String,
-    /// RFC 3339, UTC.
-    pub last_heartbeat: String,
-    /// Seconds since its last heartbeat, by the database's clock.
-    pub heartbeat_age: f64,
-    /// Not stopped, and a heartbeat within the `agent_timeout` of the agent answering.
-    pub alive: bool,
-    /// `alive`, `stale` (no heartbeat for `agent_timeout`) or `stopped` (shut down gracefully).
-    pub state: String,
-    /// Whether it is the agent answering.
-    pub this: bool,
-}
+pub use crate::service::AgentInfo;
 
 /// What an agent registers.
 pub struct Registration<'a> {
@@ -224,4 +200,18 @@ pub async fn list(db: &Db, agent_timeout: Duration) -> Result<Vec<AgentInfo>, Cl
             })
         })
         .collect()
+}
+
+/// The alive agents but `me` (name, advertise URL), by name.
+pub(super) async fn other_alive(
+    db: &Db,
+    me: &str,
+    agent_timeout: Duration,
+) -> Result<Vec<(String, String)>, ClusterError> {
+    let all = list(db, agent_timeout).await?;
+    Ok(all
+        .into_iter()
+        .filter(|a| a.alive && a.name != me)
+        .map(|a| (a.name, a.advertise_url))
+        .collect())
 }

@@ -21,10 +21,12 @@
 
 use std::sync::Arc;
 
-use super::jobs::Scheduler;
-use super::ClusterError;
+use super::records::{self, is_stale};
+use super::replicate::discard_copy;
+use super::{Cluster, ClusterError};
 use crate::engine::{Engine, Stage};
 use crate::jobs::{BuildInfo, JobRequest};
+use crate::service::JobState;
 
 /// Why a claimed job's inputs could not all be made present on this agent (its `ErrBuild`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -40,7 +42,7 @@ pub struct InputError {
 
 /// Make sure every input build of `req` is in this agent's `ready/` (see the module's doc).
 pub(super) async fn fetch_inputs(
-    scheduler: &Scheduler,
+    cluster: &Cluster,
     engine: &Arc<Engine>,
     req: &JobRequest,
 ) -> Result<(), InputError> {
@@ -63,8 +65,8 @@ pub(super) async fn fetch_inputs(
                 .await
                 .map_err(|e| error(format!("could not be read here: {e}")))?
         };
-        let me = scheduler.me();
-        let rec = match scheduler.read(project, id).await {
+        let me = cluster.name();
+        let rec = match read(cluster, project, id).await {
             Ok(r) => r,
             // The database does not answer: a build here is taken as it is.
             Err(_) if here.as_ref().is_some_and(|i| i.succeeded()) => continue,
@@ -78,13 +80,13 @@ pub(super) async fn fetch_inputs(
         if let Some(mine) = &here {
             match &rec {
                 Some(r)
-                    if r.state == "ready"
+                    if r.state == JobState::Ready
                         && r.agent.as_deref() != Some(me)
-                        && super::jobs::is_stale(mine, r) =>
+                        && is_stale(mine, r) =>
                 {
-                    let gone = scheduler
-                        .discard_copy(project, id, r.agent.as_deref(), &mine.started_at)
-                        .await;
+                    let gone =
+                        discard_copy(engine, project, id, r.agent.as_deref(), &mine.started_at)
+                            .await;
                     if !gone {
                         return Err(error(
                             "is here in another build than the recorded one, which could not be \
@@ -100,9 +102,9 @@ pub(super) async fn fetch_inputs(
         let holder = match &rec {
             Some(rec) => {
                 let agent = rec.agent.clone().unwrap_or_default();
-                match rec.state.as_str() {
-                    "ready" => {}
-                    "failed" => return Err(error("failed".into())),
+                match rec.state {
+                    JobState::Ready => {}
+                    JobState::Failed => return Err(error("failed".into())),
                     other => return Err(error(format!("is {other}, not ready"))),
                 }
                 if agent == me {
@@ -118,7 +120,7 @@ pub(super) async fn fetch_inputs(
                     (Some(url), true) => Ok((agent.clone(), url.clone())),
                     _ => Err(format!("agent {agent} is not alive")),
                 };
-                fetch_from_any(scheduler, engine, project, id, first, recorded.as_ref())
+                fetch_from_any(cluster, engine, project, id, first, recorded.as_ref())
                     .await
                     .map_err(|tried| {
                         error(format!(
@@ -128,20 +130,13 @@ pub(super) async fn fetch_inputs(
             }
             // No record (pruned by log_retention, or older than the database): any alive
             // agent's succeeded copy.
-            None => fetch_from_any(
-                scheduler,
-                engine,
-                project,
-                id,
-                Err("no record".into()),
-                None,
-            )
-            .await
-            .map_err(|tried| {
-                error(format!(
+            None => fetch_from_any(cluster, engine, project, id, Err("no record".into()), None)
+                .await
+                .map_err(|tried| {
+                    error(format!(
                     "is not on agent {me}, and the cluster has no record of it (tried: {tried})"
                 ))
-            })?,
+                })?,
         };
         tracing::info!(job_project = %req.project, input = %name, %project, %id, from = %holder, "input build fetched from another agent");
     }
@@ -152,7 +147,7 @@ pub(super) async fn fetch_inputs(
 /// alive agent holding a succeeded copy of it (with the `recorded` build's `StartedAt`, when
 /// there is a record): the agent it came from, or what each one answered.
 async fn fetch_from_any(
-    scheduler: &Scheduler,
+    cluster: &Cluster,
     engine: &Arc<Engine>,
     project: &str,
     id: &str,
@@ -173,7 +168,7 @@ async fn fetch_from_any(
             None
         }
     };
-    if let Ok(others) = scheduler.other_alive_agents().await {
+    if let Ok(others) = other_alive(cluster).await {
         candidates.extend(
             others
                 .into_iter()
@@ -181,14 +176,15 @@ async fn fetch_from_any(
         );
     }
     for (name, url) in candidates {
-        let dir =
-            match super::replicate::fetch_build(&url, &engine.layout, project, id, false).await {
-                Ok(d) => d,
-                Err(e) => {
-                    tried.push(format!("agent {name}: {e}"));
-                    continue;
-                }
-            };
+        let dir = match super::replicate::fetch_build(&url, &engine.importer(), project, id, false)
+            .await
+        {
+            Ok(d) => d,
+            Err(e) => {
+                tried.push(format!("agent {name}: {e}"));
+                continue;
+            }
+        };
         let d2 = dir.clone();
         let info = tokio::task::spawn_blocking(move || d2.read_info())
             .await
@@ -203,9 +199,7 @@ async fn fetch_from_any(
             Some(i) if i.succeeded() && same => return Ok(name),
             Some(i) => {
                 // Not the recorded build (a stale or failed copy): it goes again.
-                scheduler
-                    .discard_copy(project, id, Some(&name), &i.started_at)
-                    .await;
+                discard_copy(engine, project, id, Some(&name), &i.started_at).await;
                 tried.push(format!("agent {name}: its copy is not the recorded build"));
             }
             None => tried.push(format!("agent {name}: its copy has no BuildInfo")),
@@ -214,12 +208,26 @@ async fn fetch_from_any(
     Err(tried.join("; "))
 }
 
+/// Job `project/id`'s record.
+async fn read(
+    cluster: &Cluster,
+    project: &str,
+    id: &str,
+) -> Result<Option<records::Record>, ClusterError> {
+    records::read(cluster.need_db()?, project, id, cluster.agent_timeout).await
+}
+
+/// The alive agents but this one (name, advertise URL).
+async fn other_alive(cluster: &Cluster) -> Result<Vec<(String, String)>, ClusterError> {
+    super::agents::other_alive(cluster.need_db()?, cluster.name(), cluster.agent_timeout).await
+}
+
 /// The state of job `project/id`'s record in the cluster (`queued`, `running`, `ready`,
 /// `failed`), `None` when there is none.
 pub async fn job_state(
-    scheduler: &Scheduler,
+    cluster: &Cluster,
     project: &str,
     id: &str,
-) -> Result<Option<String>, ClusterError> {
-    Ok(scheduler.read(project, id).await?.map(|r| r.state))
+) -> Result<Option<JobState>, ClusterError> {
+    Ok(read(cluster, project, id).await?.map(|r| r.state))
 }

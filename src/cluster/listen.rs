@@ -1,5 +1,5 @@
 //! The agent's one `LISTEN` connection: it listens on the job records' channel
-//! ([`super::jobs::CHANNEL`]) and the central logs' ([`super::logs::CHANNEL`]) and hands every
+//! ([`super::JOBS_CHANNEL`]) and the central logs' ([`super::LOGS_CHANNEL`]) and hands every
 //! notification to each handler (the scheduler's waiters and claim loop, the logs' followers).
 //! When the connection is lost it reconnects every second; each (re)connection and each failure
 //! is told to every handler as [`Notice::Reconnected`] (notifications may have been missed:
@@ -89,8 +89,8 @@ async fn listen_once(
     let listening = client
         .batch_execute(&format!(
             "LISTEN {}; LISTEN {}",
-            super::jobs::CHANNEL,
-            super::logs::CHANNEL
+            super::JOBS_CHANNEL,
+            super::LOGS_CHANNEL
         ))
         .await
         .map_err(|e| super::db::chain(&e));

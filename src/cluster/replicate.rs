@@ -2,7 +2,8 @@
 //! agent holds (its artifacts, a cache hit, a group's next incremental build) fetches the whole
 //! build into its own `build_path`, verified, then renamed into `ready/` atomically.
 //!
-//! The serving side, `GET /api/build/{project}/{id}[?cache=1]` ([`serve_build`]): the ready
+//! The serving side, `GET /api/build/{project}/{id}[?cache=1]` (`engine::export`, its route the
+//! server's): the ready
 //! build as an uncompressed tar, streamed, read by fd below the job directory without following
 //! a link (the walk of `GET /artifacts`, `crate::tree::append_tree`): `data/`,
 //! `data/params/<name>` (regular files only), `data/artifacts/**` (links sent as links),
@@ -11,32 +12,29 @@
 //! (so a stream cut short lacks it and is refused). Failed builds are served too: their
 //! BuildInfo is a result the other agent shows. 404 for a build that is not ready here.
 //!
-//! The fetching side, [`fetch_build`]: unpacks into `<project>/pending/.fetch-<id>-<pid>-<n>`
-//! (removed at daemon start, as every pending build), accepting only the names above, only
+//! The fetching side, [`fetch_build`]: unpacks into a scratch directory the engine gives
+//! (`engine::import::Importer::scratch`: `<project>/pending/.fetch-<id>-<pid>-<n>`, removed at
+//! daemon start, as every pending build), accepting only the names above, only
 //! regular files, directories and (below `data/artifacts` and `data/cache`) symlinks, each
 //! created new, never through a link (a name whose parent is not a directory of the stream is
 //! refused); modes are kept but for setuid/setgid bits, the files become this daemon's user's.
 //! The BuildInfo must parse and name this project and job; its `Path` is rewritten to this
-//! agent's. Then `renameat2(RENAME_NOREPLACE)` to `ready/<id>`: a build already there wins.
+//! agent's. Then the engine places it (`Importer::place`: `renameat2(RENAME_NOREPLACE)` to
+//! `ready/<id>` under the project's link lock): a build already there wins. The cluster never
+//! writes `ready/` or the links itself.
 
 use std::collections::HashSet;
 use std::ffi::OsStr;
-use std::io::{self, Read, Write};
-use std::os::fd::OwnedFd;
+use std::io::{self, Read};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, State};
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use rustix::fs::{AtFlags, Mode, OFlags, Timespec, Timestamps};
-use serde::Deserialize;
+use rustix::fs::{AtFlags, Timespec, Timestamps};
 
-use crate::engine::{Engine, JobDir, Layout, Stage};
+use crate::engine::import::{Importer, Placed};
+use crate::engine::{Engine, JobDir, Stage};
 use crate::jobs::{self, BuildInfo};
 
 /// Why a build could not be fetched from another agent. Every message names the agent, the
@@ -124,167 +122,6 @@ impl Ctx {
     }
 }
 
-/// `?cache=1` (also `?cache`; `0` and `false` mean without).
-#[derive(Debug, Default, Deserialize)]
-pub struct BuildQuery {
-    cache: Option<String>,
-}
-
-/// `GET /api/build/{project}/{id}[?cache=1]`: see the module's documentation.
-pub async fn serve_build(
-    State(engine): State<Arc<Engine>>,
-    axum::extract::Path((project, id)): axum::extract::Path<(String, String)>,
-    query: Result<Query<BuildQuery>, QueryRejection>,
-) -> Response {
-    if let Err(e) =
-        jobs::check_name("project", &project).and_then(|()| jobs::check_name("job", &id))
-    {
-        return (StatusCode::BAD_REQUEST, e).into_response();
-    }
-    let with_cache = query.is_ok_and(|Query(q)| {
-        q.cache
-            .is_some_and(|v| !matches!(v.as_str(), "0" | "false"))
-    });
-    let (e2, p2, i2) = (Arc::clone(&engine), project.clone(), id.clone());
-    let prepared = tokio::task::spawn_blocking(move || prepare(&e2, &p2, &i2, with_cache)).await;
-    let prepared = match prepared {
-        Ok(Ok(p)) => p,
-        Ok(Err(r)) => return r.into_response(),
-        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
-    };
-    crate::body::blocking_body(
-        "application/x-tar",
-        move |w| write_build(&prepared, w),
-        move |e| tracing::warn!(%project, %id, error = %e, "streaming a build to another agent failed"),
-    )
-}
-
-/// A build about to be sent: its directory by fd, where its complete cache is (relative to
-/// it), and the holds that keep retention away meanwhile.
-struct Prepared {
-    job: OwnedFd,
-    cache: Option<&'static str>,
-    _holds: Vec<crate::engine::retention::Hold>,
-}
-
-/// Find and hold the ready build, squash a layered cache when it is asked for (blocking).
-fn prepare(
-    engine: &Arc<Engine>,
-    project: &str,
-    id: &str,
-    with_cache: bool,
-) -> Result<Prepared, (StatusCode, String)> {
-    let dir = engine.layout.job(project, id, Stage::Ready);
-    let not_ready = || {
-        let msg = format!("Build {project}/{id} is not ready on this agent");
-        (StatusCode::NOT_FOUND, msg)
-    };
-    let mut holds: Vec<_> = engine.hold_build(project, id).into_iter().collect();
-    if dir.read_info().is_none() {
-        return Err(not_ready());
-    }
-    let layers = if with_cache {
-        images::read_cache_layers(dir.path())
-    } else {
-        Vec::new()
-    };
-    let cache = if !with_cache {
-        None
-    } else if layers.is_empty() {
-        Some("data/cache")
-    } else {
-        // The layers below stay while the squash reads them.
-        holds.extend(
-            layers
-                .iter()
-                .filter_map(|l| images::layer_build(l))
-                .filter_map(|b| engine.hold_build(project, b)),
-        );
-        if let Err(e) = engine.builder().store.squash_cache(dir.path()) {
-            tracing::warn!(%project, %id, error = %e, "could not squash a build's cache for another agent");
-            let msg = format!("Build {project}/{id}: its cache could not be merged: {e}");
-            return Err((StatusCode::INTERNAL_SERVER_ERROR, msg));
-        }
-        Some(images::CACHE_FLAT)
-    };
-    let job = rustix::fs::open(
-        dir.path(),
-        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-        Mode::empty(),
-    )
-    .map_err(|e| match e {
-        rustix::io::Errno::NOENT => not_ready(),
-        e => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-    })?;
-    Ok(Prepared {
-        job,
-        cache,
-        _holds: holds,
-    })
-}
-
-/// A directory entry made up for a part of the build that is not a directory there (a job
-/// removed it): an empty directory, so the other agent's copy matches what this one serves.
-fn empty_dir(b: &mut tar::Builder<&mut dyn Write>, name: &str) -> io::Result<()> {
-    let mut h = tar::Header::new_gnu();
-    h.set_entry_type(tar::EntryType::Directory);
-    h.set_mode(0o755);
-    h.set_size(0);
-    b.append_data(&mut h, name, io::empty())
-}
-
-fn write_build(p: &Prepared, out: &mut dyn Write) -> io::Result<()> {
-    use crate::tree::{append_dir, append_file, append_tree, is_gone, open_beneath};
-    let mut b = tar::Builder::new(out);
-    match open_beneath(&p.job, Path::new("data"), true) {
-        Ok(data) => append_dir(&mut b, &data, Path::new("data"))?,
-        Err(e) if is_gone(&e) => empty_dir(&mut b, "data")?,
-        Err(e) => return Err(e),
-    }
-    match open_beneath(&p.job, Path::new("data/params"), true) {
-        Ok(params) => {
-            append_dir(&mut b, &params, Path::new("data/params"))?;
-            // The directory alone (not entered), in name order.
-            let mut walk = images::walk::Walk::new(
-                rustix::io::fcntl_dupfd_cloexec(&params, 0)?,
-                images::walk::Order::Sorted,
-                Path::new("data/params"),
-            )?;
-            while let Some(entry) = walk.next_entry()? {
-                let Some(n) = entry.name.to_str() else {
-                    continue;
-                };
-                if jobs::check_name("param", n).is_ok() {
-                    append_file(
-                        &mut b,
-                        &params,
-                        Path::new(n),
-                        &Path::new("data/params").join(n),
-                    )?;
-                }
-            }
-        }
-        Err(e) if is_gone(&e) => {}
-        Err(e) => return Err(e),
-    }
-    match open_beneath(&p.job, Path::new("data/artifacts"), true) {
-        Ok(root) => append_tree(&mut b, &root, Path::new("data/artifacts"))?,
-        Err(e) if is_gone(&e) => empty_dir(&mut b, "data/artifacts")?,
-        Err(e) => return Err(e),
-    }
-    if let Some(cache) = p.cache {
-        match open_beneath(&p.job, Path::new(cache), true) {
-            Ok(root) => append_tree(&mut b, &root, Path::new("data/cache"))?,
-            Err(e) if is_gone(&e) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    for name in ["out.log", "stderr.log", "build_info.json"] {
-        append_file(&mut b, &p.job, Path::new(name), Path::new(name))?;
-    }
-    b.into_inner().map(drop)
-}
-
 /// The longest entry name accepted: what [`crate::tree::append_tree`] sends (at most
 /// [`images::walk::MAX_PATH`] bytes below its root) under `data/artifacts/`.
 const MAX_NAME: usize = images::walk::MAX_PATH + "data/artifacts/".len();
@@ -302,7 +139,7 @@ const MAX_INFO: u64 = 64 << 20;
 /// on this agent (`groups/<group>`, or `latest`) unless this agent has a newer successful one.
 pub async fn fetch_build(
     agent_url: &str,
-    layout: &Layout,
+    importer: &Importer,
     project: &str,
     id: &str,
     with_cache: bool,
@@ -312,9 +149,9 @@ pub async fn fetch_build(
         project: project.to_string(),
         id: id.to_string(),
     };
-    let layout = layout.clone();
+    let importer = importer.clone();
     let c2 = ctx.clone();
-    tokio::task::spawn_blocking(move || fetch_blocking(&c2, &layout, with_cache))
+    tokio::task::spawn_blocking(move || fetch_blocking(&c2, &importer, with_cache))
         .await
         .map_err(|e| ctx.transfer(format!("the fetch panicked: {e}")))?
 }
@@ -346,7 +183,12 @@ impl<R: Read> Read for Counting<R> {
     }
 }
 
-fn fetch_blocking(ctx: &Ctx, layout: &Layout, with_cache: bool) -> Result<JobDir, ReplicateError> {
+fn fetch_blocking(
+    ctx: &Ctx,
+    importer: &Importer,
+    with_cache: bool,
+) -> Result<JobDir, ReplicateError> {
+    let layout = importer.layout();
     let (project, id) = (ctx.project.as_str(), ctx.id.as_str());
     if let Err(reason) =
         jobs::check_name("project", project).and_then(|()| jobs::check_name("job", id))
@@ -403,24 +245,13 @@ fn fetch_blocking(ctx: &Ctx, layout: &Layout, with_cache: bool) -> Result<JobDir
     }
     let body = resp.into_body().into_with_config().limit(u64::MAX).reader();
 
-    static FETCHES: AtomicU64 = AtomicU64::new(0);
-    layout
-        .create_stage(project, Stage::Pending)
-        .map_err(ctx.io("creating the pending directory"))?;
-    let scratch_name = format!(
-        ".fetch-{id}-{}-{}",
-        std::process::id(),
-        FETCHES.fetch_add(1, Ordering::Relaxed)
-    );
-    let scratch = layout.job(project, &scratch_name, Stage::Pending);
-    std::fs::DirBuilder::new()
-        .mode(0o755)
-        .create(scratch.path())
-        .map_err(ctx.io(format!("creating {}", scratch.path().display())))?;
+    let scratch = importer
+        .scratch(project, id)
+        .map_err(ctx.io("creating a scratch directory in pending/"))?;
     let mut counting = Counting { inner: body, n: 0 };
-    let result = unpack_and_place(ctx, layout, &scratch, &ready, &mut counting, with_cache);
+    let result = unpack_and_place(ctx, importer, &scratch, &ready, &mut counting, with_cache);
     match result {
-        Ok(Placed::New(info)) => {
+        Ok(Placed::New) => {
             tracing::info!(
                 "fetched build {project}/{id} from {} ({} bytes, {})",
                 ctx.agent,
@@ -431,13 +262,10 @@ fn fetch_blocking(ctx: &Ctx, layout: &Layout, with_cache: bool) -> Result<JobDir
                     "without cache"
                 }
             );
-            if with_cache && info.succeeded() {
-                adopt(layout, &ready, &info);
-            }
             Ok(ready)
         }
         Ok(Placed::Existing) => {
-            remove_scratch(scratch.path());
+            importer.discard(&scratch);
             tracing::info!(
                 "build {project}/{id} fetched from {} appeared here meanwhile: the local one stays",
                 ctx.agent
@@ -445,15 +273,10 @@ fn fetch_blocking(ctx: &Ctx, layout: &Layout, with_cache: bool) -> Result<JobDir
             Ok(ready)
         }
         Err(e) => {
-            remove_scratch(scratch.path());
+            importer.discard(&scratch);
             Err(e)
         }
     }
-}
-
-enum Placed {
-    New(Box<BuildInfo>),
-    Existing,
 }
 
 /// What a name of the stream is.
@@ -523,7 +346,7 @@ fn timestamps(mtime: u64) -> Timestamps {
 /// Unpack the stream into `scratch`, check it, store the BuildInfo, and rename it to `ready`.
 fn unpack_and_place(
     ctx: &Ctx,
-    layout: &Layout,
+    importer: &Importer,
     scratch: &JobDir,
     ready: &JobDir,
     body: &mut dyn Read,
@@ -679,24 +502,15 @@ fn unpack_and_place(
             AtFlags::SYMLINK_NOFOLLOW,
         );
     }
-    layout
-        .create_stage(&ctx.project, Stage::Ready)
-        .map_err(ctx.io("creating the ready directory"))?;
-    match rustix::fs::renameat_with(
-        rustix::fs::CWD,
-        root,
-        rustix::fs::CWD,
-        ready.path(),
-        rustix::fs::RenameFlags::NOREPLACE,
-    ) {
-        Ok(()) => Ok(Placed::New(Box::new(info))),
-        Err(rustix::io::Errno::EXIST | rustix::io::Errno::NOTEMPTY) => Ok(Placed::Existing),
-        Err(e) => Err(ctx.io(format!(
-            "renaming {} to {}",
-            root.display(),
-            ready.path().display()
-        ))(e.into())),
-    }
+    importer
+        .place(scratch, &ctx.project, &ctx.id, &info, with_cache)
+        .map_err(|e| {
+            ctx.io(format!(
+                "placing {} as {}",
+                root.display(),
+                ready.path().display()
+            ))(e)
+        })
 }
 
 /// The BuildInfo is this job's, and the build has its `data/artifacts`.
@@ -730,42 +544,36 @@ fn verify(ctx: &Ctx, info: &BuildInfo, dirs: &HashSet<PathBuf>) -> Result<(), Re
     Ok(())
 }
 
-/// Make `build` (a successful build fetched with its cache) its group's last build here, unless
-/// the group's link points at a build that started later.
-fn adopt(layout: &Layout, build: &JobDir, info: &BuildInfo) {
-    let link = layout.link(build.project(), &info.group);
-    let started = |s: &str| chrono::DateTime::parse_from_rfc3339(s).ok();
-    let current = std::fs::canonicalize(&link).ok().and_then(|p| {
-        let id = p.file_name()?.to_str()?.to_string();
-        layout.job(build.project(), &id, Stage::Ready).read_info()
-    });
-    if let Some(cur) = current {
-        if cur.succeeded() && started(&cur.started_at) >= started(&info.started_at) {
-            return;
+/// Drop this agent's copy of `project/id`, which ran again on `agent` (or is queued again),
+/// if it is still the copy that started at `judged` (see [`Engine::discard_ready`]);
+/// whether it went.
+pub(super) async fn discard_copy(
+    engine: &Arc<Engine>,
+    project: &str,
+    id: &str,
+    agent: Option<&str>,
+    judged: &str,
+) -> bool {
+    let (engine, p, i, j) = (
+        Arc::clone(engine),
+        project.to_string(),
+        id.to_string(),
+        judged.to_string(),
+    );
+    let outcome = tokio::task::spawn_blocking(move || engine.discard_ready(&p, &i, &j))
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+    match outcome {
+        Ok(true) => {
+            tracing::info!(%project, %id, agent = ?agent, "a stale copy went: the job ran again on another agent");
+            true
         }
-    }
-    match build.link_from(&link) {
-        Ok(()) => tracing::info!(
-            project = build.project(),
-            id = build.id(),
-            group = %info.group,
-            "the fetched build is the group's last build here: its next build continues from its data/"
-        ),
-        Err(e) => tracing::warn!(
-            project = build.project(),
-            id = build.id(),
-            error = %e,
-            "could not update {}",
-            link.display()
-        ),
-    }
-}
-
-/// Remove a scratch directory, also when some of its directories were made read-only: by fd
-/// and iteratively ([`images::walk::remove_path`] gives its own directories owner rwx first).
-fn remove_scratch(path: &Path) {
-    if let Err(e) = images::walk::remove_path(path) {
-        tracing::warn!(path = %path.display(), error = %e, "could not remove a fetch's scratch directory");
+        Ok(false) => false,
+        Err(e) => {
+            tracing::warn!(%project, %id, error = %e, "could not remove a stale copy");
+            false
+        }
     }
 }
 

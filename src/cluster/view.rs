@@ -7,14 +7,14 @@
 //!   with any agent. Anything else (no record, its agent is not alive, the fetch fails, no
 //!   database) answers as a single node does: `Unknown job P/ID` (404).
 //! - Which agent ran each job: `GET /api/agents/jobs` → `{"<project>/<id>": "<agent>"}`
-//!   ([`serve_job_agents`]); `?project=P&id=ID` narrows it to that job. mistry's `/index/` keeps
+//!   (`Jobs::job_agents`; the route is the server's); `?project=P&id=ID` narrows it to that job. mistry's `/index/` keeps
 //!   its exact shape (its clients decode it; nothing is added there): the web view merges this
 //!   map into its job list, as it merges `/pipelines/jobs/`. With a database the agent is the
 //!   one the job's record names (the agent that ran it, also for a build replicated here);
 //!   a job on this agent's disk without a record (a single node, or built before the database)
 //!   is this agent's. A queued record (no agent yet) is left out.
 //! - The cluster's job list: `GET /api/cluster/jobs[?agent=A][&project=P][&state=S][&limit=N]`
-//!   ([`serve_cluster_jobs`]) → the job records of the database, newest first (by the time the
+//!   (`Jobs::cluster_jobs`) → the job records of the database, newest first (by the time the
 //!   record started running, else was queued), each shaped like an `/index/` entry (`id`,
 //!   `project`, `startedAt`, `state` `pending`/`ready`, `buildInfo`: the stored one, or the
 //!   blank one from the stored request while the job has not ended) plus `agent` (`null` while
@@ -34,21 +34,15 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::rejection::QueryRejection;
-use axum::extract::{Query, State};
-use axum::http::StatusCode;
-use axum::response::{IntoResponse, Response};
-use axum::Extension;
-use serde::Deserialize;
-
 use super::{Cluster, ClusterError};
 use crate::engine::{Engine, Found};
 use crate::jobs;
+pub use crate::service::{ClusterJobsFilter, CLUSTER_JOBS_DEFAULT, CLUSTER_JOBS_MAX};
 
 /// How long the view's queries may take.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 
-async fn timed<T>(
+pub(super) async fn timed<T>(
     cluster: &Cluster,
     what: impl std::future::Future<Output = Result<T, ClusterError>>,
 ) -> Result<T, ClusterError> {
@@ -127,7 +121,7 @@ pub async fn fetch_missing(
             return None;
         }
     };
-    match super::replicate::fetch_build(&holder.url, &engine.layout, project, id, false).await {
+    match super::replicate::fetch_build(&holder.url, &engine.importer(), project, id, false).await {
         Ok(_) => {
             tracing::info!(%project, %id, from = %holder.agent, "build replicated from another agent for its artifacts");
         }
@@ -137,13 +131,6 @@ pub async fn fetch_missing(
         }
     }
     engine.find_job(project, id).await
-}
-
-/// `?project=P&id=ID`: one job.
-#[derive(Debug, Default, Deserialize)]
-pub struct JobAgentsQuery {
-    project: Option<String>,
-    id: Option<String>,
 }
 
 /// Which agent ran each job (see the module's doc); 503 when the database does not answer.
@@ -214,86 +201,9 @@ fn key(f: &Found) -> String {
     format!("{}/{}", f.dir.project(), f.dir.id())
 }
 
-/// `GET /api/agents/jobs[?project=P&id=ID]`: `{"<project>/<id>": "<agent>"}`, JSON.
-pub async fn serve_job_agents(
-    State(engine): State<Arc<Engine>>,
-    cluster: Option<Extension<Arc<Cluster>>>,
-    query: Result<Query<JobAgentsQuery>, QueryRejection>,
-) -> Response {
-    let only = match query {
-        Ok(Query(JobAgentsQuery {
-            project: Some(p),
-            id: Some(i),
-        })) => Some((p, i)),
-        Ok(Query(JobAgentsQuery {
-            project: None,
-            id: None,
-        })) => None,
-        Ok(_) => {
-            let msg = "Give both project and id, or neither";
-            return (StatusCode::BAD_REQUEST, msg).into_response();
-        }
-        Err(e) => return (StatusCode::BAD_REQUEST, e.body_text()).into_response(),
-    };
-    let cluster = cluster.map(|Extension(c)| c);
-    json_or_503(job_agents(cluster.as_deref(), &engine, only).await)
-}
-
-/// The cluster's job list's default length.
-pub const CLUSTER_JOBS_DEFAULT: i64 = 200;
-/// The cluster's job list's longest.
-pub const CLUSTER_JOBS_MAX: i64 = 5000;
 /// The list stops after this many bytes of stored BuildInfo and params (a few huge params must
 /// not make an agent hold gigabytes).
 pub const CLUSTER_JOBS_BYTES: usize = 16 << 20;
-
-/// `?agent=A&project=P&state=S&limit=N` of `GET /api/cluster/jobs`.
-#[derive(Debug, Default, Deserialize)]
-pub struct ClusterJobsQuery {
-    agent: Option<String>,
-    project: Option<String>,
-    state: Option<String>,
-    limit: Option<i64>,
-}
-
-/// The filters of the cluster's job list, checked.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ClusterJobsFilter {
-    pub agent: Option<String>,
-    pub project: Option<String>,
-    /// The record states wanted (`None`: all).
-    pub states: Option<Vec<String>>,
-    pub limit: i64,
-}
-
-impl ClusterJobsFilter {
-    /// Check a query; the error is the 400's text.
-    pub fn from_query(q: ClusterJobsQuery) -> Result<ClusterJobsFilter, String> {
-        let states = match q.state.as_deref() {
-            None | Some("") => None,
-            Some("pending") => Some(vec!["queued".into(), "running".into()]),
-            Some(s @ ("queued" | "running" | "ready" | "failed")) => Some(vec![s.to_string()]),
-            Some(s) => {
-                return Err(format!(
-                    "Unknown state '{s}': give queued, running, pending, ready or failed"
-                ))
-            }
-        };
-        let limit = q.limit.unwrap_or(CLUSTER_JOBS_DEFAULT);
-        if !(1..=CLUSTER_JOBS_MAX).contains(&limit) {
-            return Err(format!(
-                "limit must be between 1 and {CLUSTER_JOBS_MAX}, got {limit}"
-            ));
-        }
-        let nonempty = |s: Option<String>| s.filter(|s| !s.is_empty());
-        Ok(ClusterJobsFilter {
-            agent: nonempty(q.agent),
-            project: nonempty(q.project),
-            states,
-            limit,
-        })
-    }
-}
 
 /// The cluster's job records (see the module's doc), newest first, each as its JSON object.
 pub async fn cluster_jobs(
@@ -313,12 +223,12 @@ pub async fn cluster_jobs(
     tx.batch_execute("SET LOCAL statement_timeout = '5s'")
         .await
         .map_err(|e| db.pg_error(&e))?;
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] = [
-        &filter.agent,
-        &filter.project,
-        &filter.states,
-        &filter.limit,
-    ];
+    let states: Option<Vec<&str>> = filter
+        .states
+        .as_ref()
+        .map(|v| v.iter().map(|s| s.as_str()).collect());
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
+        [&filter.agent, &filter.project, &states, &filter.limit];
     let stream = tx
         .query_raw(
             "SELECT project, id, state, agent, retries, build_info::text,
@@ -362,6 +272,7 @@ pub async fn cluster_jobs(
         let project: String = row.try_get(0).map_err(g)?;
         let id: String = row.try_get(1).map_err(g)?;
         let state: String = row.try_get(2).map_err(g)?;
+        let state = super::records::stored_state(db, &state)?;
         let agent: Option<String> = row.try_get(3).map_err(g)?;
         let retries: i32 = row.try_get(4).map_err(g)?;
         let stored: Option<String> = row.try_get(5).map_err(g)?;
@@ -388,41 +299,12 @@ pub async fn cluster_jobs(
         let mut value = job.json();
         if let Some(obj) = value.as_object_mut() {
             obj.insert("agent".into(), serde_json::json!(job.agent));
-            obj.insert("clusterState".into(), serde_json::json!(job.state));
+            obj.insert("clusterState".into(), serde_json::json!(job.state.as_str()));
             obj.insert("retries".into(), serde_json::json!(retries));
         }
         out.push(value);
     }
     Ok(out)
-}
-
-/// `GET /api/cluster/jobs[?agent=A][&project=P][&state=S][&limit=N]`: the cluster's job records
-/// as a JSON array (see the module's doc); 400 for a bad filter, 404 without a database, 503
-/// when the database does not answer.
-pub async fn serve_cluster_jobs(
-    cluster: Option<Extension<Arc<Cluster>>>,
-    query: Result<Query<ClusterJobsQuery>, QueryRejection>,
-) -> Response {
-    let filter = match query
-        .map_err(|e| e.body_text())
-        .and_then(|Query(q)| ClusterJobsFilter::from_query(q))
-    {
-        Ok(f) => f,
-        Err(e) => return (StatusCode::BAD_REQUEST, e).into_response(),
-    };
-    let Some(cluster) = cluster.map(|Extension(c)| c).filter(|c| c.db().is_some()) else {
-        let msg = "No cluster: this mistryd has no database_url (GET /index/ lists its jobs)";
-        return (StatusCode::NOT_FOUND, msg).into_response();
-    };
-    json_or_503(timed(&cluster, cluster_jobs(&cluster, &filter)).await)
-}
-
-/// 200 with `value` as JSON, or 503 naming the database.
-fn json_or_503<T: serde::Serialize>(value: Result<T, ClusterError>) -> Response {
-    match value {
-        Ok(v) => crate::body::json(StatusCode::OK, &v),
-        Err(e) => crate::body::unavailable(&e),
-    }
 }
 
 /// The cluster's numbers, as `/metrics` shows them.
@@ -474,58 +356,5 @@ pub async fn update_gauges(cluster: Option<&Cluster>, engine: &Engine) {
             .metrics
             .set_cluster(g.queue_length, g.agents_alive, g.jobs_running),
         Err(e) => tracing::warn!(error = %e, "cannot read the cluster gauges"),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn filter(q: &str) -> Result<ClusterJobsFilter, String> {
-        let uri: axum::http::Uri = format!("/api/cluster/jobs?{q}").parse().unwrap();
-        let Query(q) = Query::<ClusterJobsQuery>::try_from_uri(&uri).map_err(|e| e.body_text())?;
-        ClusterJobsFilter::from_query(q)
-    }
-
-    #[test]
-    fn the_cluster_job_lists_filters_are_checked() {
-        assert_eq!(
-            filter(""),
-            Ok(ClusterJobsFilter {
-                agent: None,
-                project: None,
-                states: None,
-                limit: CLUSTER_JOBS_DEFAULT,
-            })
-        );
-        assert_eq!(
-            filter("agent=a&project=p&state=pending&limit=5000"),
-            Ok(ClusterJobsFilter {
-                agent: Some("a".into()),
-                project: Some("p".into()),
-                states: Some(vec!["queued".into(), "running".into()]),
-                limit: 5000,
-            })
-        );
-        for s in ["queued", "running", "ready", "failed"] {
-            assert_eq!(
-                filter(&format!("state={s}")).unwrap().states,
-                Some(vec![s.into()])
-            );
-        }
-        assert_eq!(filter("agent=&state=").unwrap(), filter("").unwrap());
-        assert_eq!(
-            filter("state=Ready"),
-            Err("Unknown state 'Ready': give queued, running, pending, ready or failed".into())
-        );
-        assert_eq!(
-            filter("limit=0"),
-            Err("limit must be between 1 and 5000, got 0".into())
-        );
-        assert_eq!(
-            filter("limit=-3"),
-            Err("limit must be between 1 and 5000, got -3".into())
-        );
-        assert!(filter("limit=x").is_err());
     }
 }

@@ -67,6 +67,7 @@ use project::project_security;
 use sandbox::NetworkMode;
 use serde::Deserialize;
 
+pub mod cluster;
 mod project;
 mod retention;
 mod secrets;
@@ -105,7 +106,7 @@ struct Raw {
     retention: retention::RawRetention,
     cache_layers: Option<usize>,
     #[serde(flatten)]
-    cluster: crate::cluster::RawSettings,
+    cluster: cluster::RawSettings,
 }
 
 /// The validated configuration.
@@ -143,7 +144,7 @@ pub struct Config {
     pub cache_layers: usize,
     /// Several agents around one database (`database_url`, `agent_name`, `advertise_url`,
     /// `agent_timeout`, `heartbeat`).
-    pub cluster: crate::cluster::Settings,
+    pub cluster: cluster::Settings,
 }
 
 /// The default of `cache_layers`.
@@ -170,6 +171,24 @@ pub(crate) fn parse_limit(s: &str, what: &str) -> Result<Duration> {
 }
 
 impl Config {
+    /// Isolated networks of this process (`security::stop_networks` ends them): the egress policy (the operator's `network_deny`; the
+    /// cluster adds its addresses, `Cluster::start_egress`) and, for the daemon (`pool`), namespaces
+    /// made ahead when the server-wide network or a project's entry is `isolated` (else each
+    /// isolated sandbox makes its own, ~10 ms).
+    pub fn set_up_networks(&self, pool: bool) {
+        sandbox::set_egress_policy(std::sync::Arc::new(sandbox::EgressPolicy::new(
+            self.network_deny.clone(),
+        )));
+        let isolated = self.network == sandbox::NetworkMode::Isolated
+            || self
+                .projects
+                .values()
+                .any(|p| p.network.as_deref() == Some("isolated"));
+        if pool && isolated {
+            sandbox::configure_isolated_networks(security::network_pool_size(self.job_concurrency));
+        }
+    }
+
     /// Parse and validate the configuration text (`origin` names it in errors).
     pub fn parse(text: &str, origin: &Path) -> Result<Config> {
         let raw: Raw =
@@ -248,7 +267,7 @@ impl Config {
         };
         let retention = Retention::parse(&raw.retention)?;
         let secret_map = secrets::parse(&raw.secrets, &base_dir)?;
-        let cluster = crate::cluster::Settings::parse(&raw.cluster)?;
+        let cluster = cluster::Settings::parse(&raw.cluster)?;
         Ok(Config {
             projects_path: projects_path
                 .canonicalize()

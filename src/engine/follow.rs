@@ -11,14 +11,14 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 
 use super::layout::{JobDir, Stage};
-use super::state::JobState;
+use super::state::Phase;
 
 /// How often a running job's log is read for new lines (a state change wakes the stream at
 /// once).
 const LOG_POLL: Duration = Duration::from_millis(100);
 
 struct Tail {
-    state: watch::Receiver<JobState>,
+    state: watch::Receiver<Phase>,
     file: Option<tokio::fs::File>,
     /// The job's directory in `pending/`.
     dir: JobDir,
@@ -60,7 +60,7 @@ impl Tail {
 }
 
 /// The lines of the log of the job in `dir` (pending), while `state` says it is in flight.
-pub fn lines(state: watch::Receiver<JobState>, dir: JobDir) -> impl Stream<Item = String> {
+pub fn lines(state: watch::Receiver<Phase>, dir: JobDir) -> impl Stream<Item = String> {
     let t = Tail {
         state,
         file: None,
@@ -90,7 +90,7 @@ pub fn lines(state: watch::Receiver<JobState>, dir: JobDir) -> impl Stream<Item 
                 t.split_lines();
                 continue;
             }
-            let ended = matches!(*t.state.borrow(), JobState::Ready(_));
+            let ended = matches!(*t.state.borrow(), Phase::Ready(_));
             if !ended {
                 tokio::select! {
                     r = t.state.changed() => {

@@ -12,7 +12,6 @@ use std::sync::Arc;
 use images::{CacheMode, Store};
 
 use super::layout::{Layout, Stage};
-use super::retention::Hold;
 use super::state::JobKey;
 use super::Engine;
 use crate::config::Config;
@@ -88,25 +87,6 @@ pub fn unpin(store: &Store, id: &str, linked: &[&Path]) {
 }
 
 impl Engine {
-    /// Keep the builds whose cache layers a job starting from `previous` may mount, while it
-    /// runs (read before the job reads them, so a squash meanwhile frees nothing it uses).
-    pub(super) fn hold_layers(&self, previous: Option<&Path>) -> Vec<Hold> {
-        let Some(previous) = previous else {
-            return Vec::new();
-        };
-        let Some(project_dir) = previous.parent().and_then(Path::parent) else {
-            return Vec::new();
-        };
-        images::read_cache_layers(previous)
-            .iter()
-            .filter_map(|l| images::layer_build(l))
-            .filter_map(|id| {
-                self.retainer
-                    .hold(Some(&project_dir.join("ready").join(id)))
-            })
-            .collect()
-    }
-
     /// When the ready build of `key` (a job of `group` that just ended) succeeded and its cache
     /// is deeper than `cache_layers`, squash it in a thread of its own at the lowest priority, then apply the
     /// group's retention again (the layers below are free then). One squash per build at a time.

@@ -9,7 +9,9 @@
 mod capped;
 mod checks;
 mod data;
+pub mod export;
 mod follow;
+pub mod import;
 mod layers;
 pub mod layout;
 mod lookup;
@@ -18,7 +20,6 @@ pub mod retention;
 mod runner;
 pub mod state;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -27,41 +28,19 @@ use images::{BaseSources, Builder, Store};
 use tokio::sync::{watch, Semaphore};
 
 use crate::config::Config;
+pub use crate::jobs::JobError;
 use crate::jobs::{self, BuildInfo, Identity, JobIds, JobRequest, NEVER_RAN, UNKNOWN_DURATION};
 use crate::metrics::Metrics;
 pub use layout::{JobDir, Layout, Stage};
 pub use lookup::Found;
 pub use outcome::{JobOutcome, RunError};
 use state::{Admission, Ids, InFlight};
-pub use state::{JobKey, JobState};
+pub use state::{JobKey, Phase};
 
 /// How long past its time limit a job's thread may take to come back (a sandbox past the
 /// limit is killed at once; this covers what a job does after it, and a thread blocked where
 /// no deadline reaches) before the job is abandoned and its slot given back.
 pub const ABANDON_GRACE: Duration = Duration::from_secs(60);
-
-/// Why a request could not be served.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum JobError {
-    /// 400.
-    BadRequest(String),
-    /// 404, text contains `Unknown project 'NAME'`.
-    UnknownProject(String),
-    /// 503.
-    Overloaded,
-    /// 500.
-    Internal(String),
-}
-
-impl std::fmt::Display for JobError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            JobError::BadRequest(m) | JobError::Internal(m) => f.write_str(m),
-            JobError::UnknownProject(p) => write!(f, "Unknown project '{p}'"),
-            JobError::Overloaded => f.write_str("Server is overloaded; try again later"),
-        }
-    }
-}
 
 /// A scheduled job: its ID, its directory once ready, and its state to wait on.
 pub struct Scheduled {
@@ -69,7 +48,7 @@ pub struct Scheduled {
     pub id: String,
     /// Its directory once ready.
     pub dir: JobDir,
-    state: watch::Receiver<JobState>,
+    state: watch::Receiver<Phase>,
     /// Immediately known answer (result cache).
     ready: Option<BuildInfo>,
     coalesced: bool,
@@ -78,7 +57,7 @@ pub struct Scheduled {
 impl Scheduled {
     /// The job's state as it changes (queued, pending, ready); a result-cache hit is ready at
     /// once (see [`Scheduled::wait`]) and its receiver stays at queued.
-    pub fn state(&self) -> watch::Receiver<JobState> {
+    pub fn state(&self) -> watch::Receiver<Phase> {
         self.state.clone()
     }
 
@@ -95,10 +74,10 @@ impl Scheduled {
         }
         let ended = self
             .state
-            .wait_for(|s| matches!(s, JobState::Ready(_)))
+            .wait_for(|s| matches!(s, Phase::Ready(_)))
             .await
             .map(|s| match &*s {
-                JobState::Ready(info) => Some(BuildInfo::clone(info)),
+                Phase::Ready(info) => Some(BuildInfo::clone(info)),
                 _ => None,
             });
         match ended {
@@ -121,7 +100,7 @@ pub struct Engine {
     runner: runner::Runner,
     slots: Arc<Semaphore>,
     jobs: InFlight,
-    link_locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    link_locks: Arc<import::LinkLocks>,
     shutting_down: AtomicBool,
     pub metrics: Metrics,
     /// Retention's state (`retention.rs`).
@@ -177,7 +156,7 @@ impl Engine {
             slots: Arc::new(Semaphore::new(cfg.job_concurrency)),
             // Running plus queued jobs may not exceed job_concurrency + job_backlog.
             jobs: InFlight::new(cfg.job_concurrency + cfg.job_backlog),
-            link_locks: Mutex::new(HashMap::new()),
+            link_locks: Arc::default(),
             shutting_down: AtomicBool::new(false),
             metrics: Metrics::new(),
             retainer: Arc::new(retention::Retainer::new(&cfg.build_path)),
@@ -234,6 +213,27 @@ impl Engine {
             .remove_tree(&path)
             .map_err(|e| format!("removing {}: {e}", path.display()))?;
         Ok(true)
+    }
+
+    /// Several agents: ready build `dir`, the re-run of a job whose agent died, says so — `note`
+    /// appended to its `out.log`, `info` (with its `Retries`) stored as its BuildInfo — under the
+    /// project's link lock, as every change of `ready/` (blocking).
+    pub fn note_retry(&self, dir: &JobDir, note: &str, info: &BuildInfo) {
+        use std::io::Write;
+        let lock = self.link_lock(dir.project());
+        let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        if !dir.is_dir() {
+            return;
+        }
+        if let Err(e) = dir
+            .append_log()
+            .and_then(|mut f| f.write_all(note.as_bytes()))
+        {
+            tracing::warn!(project = %dir.project(), id = %dir.id(), error = %e, "could not add a note to the job's log");
+        }
+        if let Err(e) = dir.write_info(info) {
+            tracing::warn!(project = %dir.project(), id = %dir.id(), error = %e, "could not store the BuildInfo of a retried job");
+        }
     }
 
     fn store(&self) -> &Store {
@@ -342,7 +342,7 @@ impl Engine {
             Admission::Queued(state) => Ok(scheduled(state, None, false)),
             Admission::Coalesced(state) => Ok(scheduled(state, None, true)),
             Admission::Cached(info) => Ok(scheduled(
-                watch::channel(JobState::Queued).1,
+                watch::channel(Phase::Queued).1,
                 Some(*info),
                 false,
             )),
@@ -495,7 +495,7 @@ impl Engine {
                 Err(limit) => engine.abandon(&req, &key, limit, &abandoned, task).await,
             };
             drop(permit);
-            engine.jobs.set(&key, JobState::Ready(Arc::new(info)));
+            engine.jobs.set(&key, Phase::Ready(Arc::new(info)));
             // Retention of the job's group (and the low-water mark), after the answer; a deep
             // cache is squashed in the background, followed by the group's retention again.
             let e2 = Arc::clone(&engine);
@@ -555,8 +555,13 @@ impl Engine {
     }
 
     fn link_lock(&self, project: &str) -> Arc<Mutex<()>> {
-        let mut m = self.link_locks.lock().unwrap_or_else(|e| e.into_inner());
-        m.entry(project.to_string()).or_default().clone()
+        self.link_locks.of(project)
+    }
+
+    /// The door for builds made elsewhere (`import.rs`): placed in `ready/` under the link
+    /// lock, as this engine's own.
+    pub fn importer(&self) -> import::Importer {
+        import::Importer::new(self.layout.clone(), Arc::clone(&self.link_locks))
     }
 
     /// The BuildInfo of `req`'s job that has not run (yet), its `Path` that of `dir` once ready.
@@ -571,7 +576,7 @@ impl Engine {
     /// its group's link at it.
     fn run(&self, req: &JobRequest, key: &JobKey, abandoned: &AtomicBool) -> BuildInfo {
         let started = Instant::now();
-        self.jobs.set(key, JobState::Pending);
+        self.jobs.set(key, Phase::Pending);
         let dir = self.layout.job(&key.project, &key.id, Stage::Pending);
         let blank = self.blank_info(req, &dir);
         let previous = self.layout.last_good(&req.project, &req.group);

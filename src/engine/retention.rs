@@ -462,6 +462,25 @@ impl Engine {
         });
     }
 
+    /// Keep the builds whose cache layers a job starting from `previous` may mount, while it
+    /// runs (read before the job reads them, so a squash meanwhile frees nothing it uses).
+    pub(super) fn hold_layers(&self, previous: Option<&Path>) -> Vec<Hold> {
+        let Some(previous) = previous else {
+            return Vec::new();
+        };
+        let Some(project_dir) = previous.parent().and_then(Path::parent) else {
+            return Vec::new();
+        };
+        images::read_cache_layers(previous)
+            .iter()
+            .filter_map(|l| images::layer_build(l))
+            .filter_map(|id| {
+                self.retainer
+                    .hold(Some(&project_dir.join("ready").join(id)))
+            })
+            .collect()
+    }
+
     /// Whether retention must leave `build` alone now: its job is in flight again, or a running
     /// build starts from it.
     fn busy(&self, build: &Build) -> bool {

@@ -9,9 +9,10 @@ use tokio::sync::watch;
 
 use crate::jobs::{BuildInfo, Identity, JobIds};
 
-/// Where a job is in its life.
+/// Where a job in flight is, as its watch channel tells it (`crate::service::JobState` is what
+/// the jobs interface reports: this is the engine's side of it, with the BuildInfo at the end).
 #[derive(Debug, Clone, PartialEq)]
-pub enum JobState {
+pub enum Phase {
     /// Accepted, waiting for a slot.
     Queued,
     /// Running: its directory is in `pending/`.
@@ -20,12 +21,12 @@ pub enum JobState {
     Ready(Arc<BuildInfo>),
 }
 
-impl JobState {
+impl Phase {
     pub fn name(&self) -> &'static str {
         match self {
-            JobState::Queued => "queued",
-            JobState::Pending => "pending",
-            JobState::Ready(_) => "ready",
+            Phase::Queued => "queued",
+            Phase::Pending => "pending",
+            Phase::Ready(_) => "ready",
         }
     }
 }
@@ -48,7 +49,7 @@ impl JobKey {
 
 /// One job in flight.
 struct JobRecord {
-    state: watch::Sender<JobState>,
+    state: watch::Sender<Phase>,
     /// The request it runs for: only the same one joins it.
     identity: Identity,
     /// Host pid of the job's sandbox (its init) while it runs.
@@ -58,9 +59,9 @@ struct JobRecord {
 /// What became of a request.
 pub enum Admission {
     /// A new job, now queued.
-    Queued(watch::Receiver<JobState>),
+    Queued(watch::Receiver<Phase>),
     /// The same job is already in flight: follow it.
-    Coalesced(watch::Receiver<JobState>),
+    Coalesced(watch::Receiver<Phase>),
     /// Answered from the result cache.
     Cached(Box<BuildInfo>),
     /// `capacity` jobs are in flight already.
@@ -86,7 +87,7 @@ pub enum Ids<'a> {
 enum Slot {
     Free,
     /// This request's job, in flight.
-    Flying(watch::Receiver<JobState>),
+    Flying(watch::Receiver<Phase>),
     /// This request's build on disk.
     Built(Box<BuildInfo>),
     /// Another request's job in flight.
@@ -177,7 +178,7 @@ impl InFlight {
                 if jobs.len() >= self.capacity {
                     Admission::Full
                 } else {
-                    let (tx, rx) = watch::channel(JobState::Queued);
+                    let (tx, rx) = watch::channel(Phase::Queued);
                     jobs.insert(
                         key.clone(),
                         JobRecord {
@@ -196,9 +197,9 @@ impl InFlight {
 
     /// The one place a job's state changes: the change is logged and sent to every follower; a
     /// ready job leaves the jobs in flight.
-    pub fn set(&self, key: &JobKey, state: JobState) {
+    pub fn set(&self, key: &JobKey, state: Phase) {
         let mut jobs = self.lock();
-        let ready = matches!(state, JobState::Ready(_));
+        let ready = matches!(state, Phase::Ready(_));
         let rec = if ready { jobs.remove(key) } else { None };
         let Some(tx) = rec
             .as_ref()
@@ -207,7 +208,7 @@ impl InFlight {
         else {
             return;
         };
-        if let JobState::Ready(info) = &state {
+        if let Phase::Ready(info) = &state {
             announce(key, state.name(), Some(info));
         } else {
             announce(key, state.name(), None);
@@ -223,7 +224,7 @@ impl InFlight {
     }
 
     /// A job in flight's state.
-    pub fn watch(&self, key: &JobKey) -> Option<watch::Receiver<JobState>> {
+    pub fn watch(&self, key: &JobKey) -> Option<watch::Receiver<Phase>> {
         self.lock().get(key).map(|r| r.state.subscribe())
     }
 
@@ -316,18 +317,18 @@ mod tests {
             Admission::Queued(_)
         ));
         assert!(matches!(admit(&jobs, "c", None), Admission::Full));
-        jobs.set(&a, JobState::Pending);
-        assert_eq!(*rx.borrow_and_update(), JobState::Pending);
+        jobs.set(&a, Phase::Pending);
+        assert_eq!(*rx.borrow_and_update(), Phase::Pending);
         jobs.set_sandbox(&a, Some(42));
         assert_eq!(jobs.sandboxes(), [42]);
-        jobs.set(&a, JobState::Ready(Arc::new(ok())));
-        assert!(matches!(*rx.borrow_and_update(), JobState::Ready(_)));
+        jobs.set(&a, Phase::Ready(Arc::new(ok())));
+        assert!(matches!(*rx.borrow_and_update(), Phase::Ready(_)));
         assert!(jobs.watch(&a).is_none());
         assert!(jobs.sandboxes().is_empty());
         let rebuild = jobs.admit("p", Ids::Given("c"), &me(), true, |_| Some(ok()));
         assert!(matches!(rebuild.1, Admission::Queued(_)));
-        jobs.set(&b, JobState::Ready(Arc::new(ok())));
-        jobs.set(&c, JobState::Ready(Arc::new(ok())));
+        jobs.set(&b, Phase::Ready(Arc::new(ok())));
+        jobs.set(&c, Phase::Ready(Arc::new(ok())));
         assert!(jobs.is_empty());
     }
 
@@ -365,8 +366,8 @@ mod tests {
         assert!(matches!((id.as_str(), a), ("m", Admission::Coalesced(_))));
         // Another request's job in flight under the given ID is no answer either.
         assert!(matches!(admit(&jobs, "m", None), Admission::Taken));
-        jobs.set(&JobKey::new("p", "m"), JobState::Ready(Arc::new(ok())));
-        jobs.set(&JobKey::new("p", "x-mine"), JobState::Ready(Arc::new(ok())));
+        jobs.set(&JobKey::new("p", "m"), Phase::Ready(Arc::new(ok())));
+        jobs.set(&JobKey::new("p", "x-mine"), Phase::Ready(Arc::new(ok())));
         // Theirs on disk under mistry's ID: mine goes by its exact ID, a cache hit there.
         let disk = |id: &str| match id {
             "m" => Some(info("gx1", "", 0)),

@@ -33,17 +33,14 @@ use super::def::{self, ParamDef};
 use super::run::{self, JobRunState, RunRecord, RunState, Runs};
 use super::PipelineError;
 use crate::body::{json, INDEX_HTML};
-use crate::engine::{Engine, JobError};
+use crate::service::{JobError, Jobs};
 
-/// The pipelines' routes, with their own state, to merge into the server's router. Validates
-/// every definition and fails the runs a previous daemon left running (off the runtime). With
-/// `cluster` (several agents), the runs' jobs go through the cluster's job records.
-pub fn routes<S: Clone + Send + Sync + 'static>(
-    engine: Arc<Engine>,
-    cluster: Option<Arc<crate::cluster::Cluster>>,
-) -> Router<S> {
-    let projects_path = engine.cfg.projects_path.clone();
-    let runs = Runs::new(engine, projects_path, None, cluster);
+/// The pipelines' routes, with their own state, to merge into the server's router; the runs'
+/// jobs go to `jobs`. Validates every definition and fails the runs a previous daemon left
+/// running (off the runtime).
+pub fn routes<S: Clone + Send + Sync + 'static>(jobs: Arc<dyn Jobs>) -> Router<S> {
+    let projects_path = jobs.config().projects_path.clone();
+    let runs = Runs::new(jobs, projects_path, None);
     if let Ok(rt) = tokio::runtime::Handle::try_current() {
         let r = Arc::clone(&runs);
         rt.spawn_blocking(move || check_at_start(&r));
@@ -59,7 +56,7 @@ pub fn routes<S: Clone + Send + Sync + 'static>(
 
 fn check_at_start(runs: &Runs) {
     runs.load_job_runs();
-    run::fail_interrupted(&runs.engine().cfg.build_path, |p, r| {
+    run::fail_interrupted(&runs.jobs().config().build_path, |p, r| {
         runs.watch(p, r).is_some()
     });
     for name in def::names(runs.projects_path()) {
@@ -233,7 +230,7 @@ async fn pipelines(
 }
 
 async fn index(State(runs): State<Arc<Runs>>) -> Response {
-    let build_path = runs.engine().cfg.build_path.clone();
+    let build_path = runs.jobs().config().build_path.clone();
     match tokio::task::spawn_blocking(move || run::list_records(&build_path)).await {
         Ok(mut recs) => {
             // Runs in flight as they are now.

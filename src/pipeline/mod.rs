@@ -3,9 +3,9 @@
 //! `/data/input/<job>/`, and which trigger other pipelines on success.
 //!
 //! [`def`] parses and validates definitions, expands templates and computes run IDs; [`run`]
-//! executes runs through [`Engine::schedule`] (so every job keeps the result cache,
-//! coalescing, incremental groups and limits; with several agents through the cluster's job
-//! records, `cluster::jobs::Scheduler::submit`) and keeps their records
+//! executes runs through the jobs interface (`service::Jobs::submit`: every job keeps the
+//! result cache, coalescing, incremental groups and limits of the back end, this agent's engine
+//! or the cluster's records) and keeps their records
 //! (`<build_path>/.pipelines/<name>/<run>/run.json`); [`http`] is the API.
 
 pub mod def;
@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
-use crate::engine::{Engine, JobError};
+use crate::service::{JobError, Jobs};
 pub use def::{ParamDef, Pipeline};
 pub use run::{JobRun, JobRunState, Observer, RunLink, RunRecord, RunState, Runs};
 
@@ -50,24 +50,19 @@ impl From<JobError> for PipelineError {
     }
 }
 
-/// Run pipeline `name` (defined in `<projects_path>/pipelines/`) with `params` on `engine`
-/// (its jobs' projects are the engine's), to the end; then wait for the runs its `on_success`
+/// Run pipeline `name` (defined in `<projects_path>/pipelines/`) with `params` on `jobs` (its
+/// jobs' projects are the back end's), to the end; then wait for the runs its `on_success`
 /// triggered. `observer` sees every run's record at each change (job states, the end), the
 /// triggered runs' too. The record is also written to
 /// `<build_path>/.pipelines/<name>/<run>/run.json`.
 pub async fn run_pipeline(
-    engine: &Arc<Engine>,
+    jobs: &Arc<dyn Jobs>,
     projects_path: &Path,
     name: &str,
     params: BTreeMap<String, String>,
     observer: Option<Observer>,
 ) -> Result<RunRecord, PipelineError> {
-    let runs = Runs::new(
-        Arc::clone(engine),
-        projects_path.to_path_buf(),
-        observer,
-        None,
-    );
+    let runs = Runs::new(Arc::clone(jobs), projects_path.to_path_buf(), observer);
     let record = runs.run(name, params).await?;
     runs.wait_idle().await;
     Ok(record)

@@ -1,18 +1,18 @@
 //! Pipeline runs: the DAG executor and the run records.
 //!
-//! A run schedules each job whose needs are ready through [`Engine::schedule`] (so the engine's
-//! `job_concurrency`, result cache and coalescing apply to every job), with its needs as
+//! A run submits each job whose needs are ready through the jobs interface ([`Jobs::submit`]:
+//! the back end's `job_concurrency`, result cache and coalescing apply to every job), with its
+//! needs as
 //! [`JobRequest::inputs`]; a failed job skips its dependents, the others go on. One task owns a
 //! run's record: every change goes through [`Exec::publish`], which sends it to the run's
 //! followers (a watch channel: `POST` waiting, SSE, coalesced requests), writes it atomically to
 //! `<build_path>/.pipelines/<name>/<run>/run.json` and tells the [`Observer`].
 //!
-//! Several agents (`database_url`): a run's jobs go through the cluster's job records instead
-//! ([`Scheduler::submit`], see `cluster::jobs`), so each runs once cluster-wide, on the agent
-//! placement chooses (an agent that does not hold a job's input builds fetches them first,
-//! `cluster::inputs`), and its build is then in this agent's `ready/` as a request's answer
-//! is. The run itself (its record, its followers, its triggers) stays on the agent that took
-//! it.
+//! Several agents (`database_url`): the back end is the cluster's job records, so each job runs
+//! once cluster-wide, on the agent placement chooses (an agent that does not hold a job's input
+//! builds fetches them first), and its build is then in this agent's `ready/` as a request's
+//! answer is. The run itself (its record, its followers, its triggers) stays on the agent that
+//! took it.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -28,10 +28,8 @@ use sha2::{Digest, Sha256};
 
 use super::def::{self, Pipeline, Values};
 use super::PipelineError;
-use crate::cluster::jobs::{Scheduler, SubmitError};
-use crate::cluster::Cluster;
-use crate::engine::{Engine, JobError, JobState, Stage};
 use crate::jobs::{BuildInfo, Input, JobRequest, NEVER_RAN};
+use crate::service::{Hold, JobError, Jobs};
 
 /// Sees every run's record at each change (called on the run's task: keep it short).
 pub type Observer = Arc<dyn Fn(&RunRecord) + Send + Sync>;
@@ -49,7 +47,7 @@ pub enum RunState {
 pub enum JobRunState {
     /// Its needs are not ready yet.
     Waiting,
-    /// Accepted by the engine, waiting for a slot.
+    /// Accepted, waiting for a slot.
     Queued,
     /// Running.
     Pending,
@@ -288,9 +286,8 @@ pub type StartFuture = Pin<
 
 /// The runs of one server (or one local runner): those in flight, for coalescing and following.
 pub struct Runs {
-    engine: Arc<Engine>,
-    /// Several agents: the cluster, whose scheduler (once started) runs the runs' jobs.
-    cluster: Option<Arc<Cluster>>,
+    /// The jobs (this agent's engine, or the cluster's records).
+    jobs: Arc<dyn Jobs>,
     /// Where `pipelines/` is.
     projects_path: PathBuf,
     in_flight: Mutex<HashMap<RunKey, watch::Receiver<Arc<RunRecord>>>>,
@@ -302,17 +299,14 @@ pub struct Runs {
 }
 
 impl Runs {
-    /// `cluster`: the agent's cluster handle (mistryd); with a database, the runs' jobs go
-    /// through its scheduler. `None` (or a cluster without a database): the local engine.
+    /// The runs of pipelines defined in `projects_path`, whose jobs go to `jobs`.
     pub fn new(
-        engine: Arc<Engine>,
+        jobs: Arc<dyn Jobs>,
         projects_path: PathBuf,
         observer: Option<Observer>,
-        cluster: Option<Arc<Cluster>>,
     ) -> Arc<Runs> {
         Arc::new(Runs {
-            engine,
-            cluster,
+            jobs,
             projects_path,
             in_flight: Mutex::new(HashMap::new()),
             by_job: Mutex::new(HashMap::new()),
@@ -321,39 +315,16 @@ impl Runs {
         })
     }
 
-    pub fn engine(&self) -> &Arc<Engine> {
-        &self.engine
+    pub fn jobs(&self) -> &Arc<dyn Jobs> {
+        &self.jobs
+    }
+
+    fn build_path(&self) -> &Path {
+        &self.jobs.config().build_path
     }
 
     pub fn projects_path(&self) -> &Path {
         &self.projects_path
-    }
-
-    /// The cluster's job scheduler (several agents), else `None`: the local engine runs jobs.
-    fn scheduler(&self) -> Option<Arc<Scheduler>> {
-        self.cluster.as_ref()?.scheduler().cloned()
-    }
-
-    /// How many jobs of one run may be in flight at once: `job_concurrency` on a single node;
-    /// with several agents, the capacity of the alive agents (this agent's `job_concurrency`
-    /// when the database does not answer).
-    async fn run_slots(&self) -> usize {
-        let own = self.engine.cfg.job_concurrency.max(1);
-        let Some(cluster) = self.cluster.as_ref().filter(|_| self.scheduler().is_some()) else {
-            return own;
-        };
-        match cluster.agents(self.engine.running()).await {
-            Ok(agents) => agents
-                .iter()
-                .filter(|a| a.alive)
-                .map(|a| usize::try_from(a.capacity).unwrap_or(0))
-                .sum::<usize>()
-                .max(own),
-            Err(e) => {
-                tracing::warn!(error = %e, "the cluster's capacity is unknown; a run's jobs go {own} at a time");
-                own
-            }
-        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<RunKey, watch::Receiver<Arc<RunRecord>>>> {
@@ -382,7 +353,7 @@ impl Runs {
     pub fn load_job_runs(&self) {
         let mut found = HashMap::new();
         // Oldest first: a later run takes the job over.
-        for rec in list_records(&self.engine.cfg.build_path).iter().rev() {
+        for rec in list_records(self.build_path()).iter().rev() {
             for j in &rec.jobs {
                 if !j.id.is_empty() && !j.cached {
                     found.insert(
@@ -400,7 +371,7 @@ impl Runs {
 
     /// Load and validate pipeline `name` (blocking).
     pub fn load(&self, name: &str) -> Result<Pipeline, PipelineError> {
-        Pipeline::load(&self.projects_path, &self.engine.cfg.projects_path, name)
+        Pipeline::load(&self.projects_path, &self.jobs.config().projects_path, name)
     }
 
     /// Validate and start a run (or join the identical run in flight); its record follows.
@@ -443,7 +414,7 @@ impl Runs {
         let base = p.run_id(&params);
         let (run, number, rebuild_of) = if rebuild {
             let (b, name, base2) = (
-                self.engine.cfg.build_path.clone(),
+                self.build_path().to_path_buf(),
                 p.name.clone(),
                 base.clone(),
             );
@@ -463,7 +434,7 @@ impl Runs {
         let key = (p.name.clone(), run.clone());
         let mut runs = self.lock();
         if let Some(rx) = runs.get(&key) {
-            self.engine.metrics.pipeline_coalesced();
+            self.jobs.metrics().pipeline_coalesced();
             tracing::info!(pipeline = %p.name, %run, "pipeline run joins a running identical run");
             return Ok((rx.clone(), true));
         }
@@ -486,7 +457,7 @@ impl Runs {
         let (tx, rx) = watch::channel(Arc::new(record.clone()));
         runs.insert(key.clone(), rx.clone());
         drop(runs);
-        self.engine.metrics.pipeline_started();
+        self.jobs.metrics().pipeline_started();
         tracing::info!(pipeline = %p.name, %run, rebuild = number, "pipeline run started");
         let exec = Exec {
             runs: Arc::clone(&self),
@@ -525,7 +496,7 @@ impl Runs {
             return Some(RunRecord::clone(&rx.borrow()));
         }
         let (b, p, r) = (
-            self.engine.cfg.build_path.clone(),
+            self.build_path().to_path_buf(),
             pipeline.to_string(),
             run.to_string(),
         );
@@ -593,7 +564,7 @@ fn initial_jobs(p: &Pipeline, params: &BTreeMap<String, String>, run: &str) -> V
 
 /// What a job's task reports.
 enum Event {
-    /// The engine accepted it (queued, or found in the result cache or in flight).
+    /// Admitted (queued, or found in the result cache or in flight).
     Scheduled {
         id: String,
         path: String,
@@ -617,7 +588,7 @@ struct Exec {
     started: Instant,
     /// The run's ready builds, kept from retention until the run ends (downstream jobs mount
     /// their artifacts).
-    holds: Vec<crate::engine::retention::Hold>,
+    holds: Vec<Hold>,
     /// Jobs scheduled without knowing whether they were result-cache hits: linked to the run
     /// ([`Runs::job_runs`]) at their end unless they were.
     unlinked: std::collections::HashSet<usize>,
@@ -628,7 +599,7 @@ impl Exec {
     async fn publish(&mut self) {
         let rec = Arc::new(self.rec.clone());
         // Stored first: whoever is told of the change finds it on disk too.
-        let build_path = self.runs.engine.cfg.build_path.clone();
+        let build_path = self.runs.build_path().to_path_buf();
         let stored = Arc::clone(&rec);
         let written = tokio::task::spawn_blocking(move || write_record(&build_path, &stored)).await;
         if let Ok(Err(e)) = written {
@@ -652,11 +623,10 @@ impl Exec {
             .collect();
         let mut started = vec![false; self.rec.jobs.len()];
         let mut running = 0usize;
-        // At most job_concurrency jobs of a run in the engine at once: a wide pipeline waits
-        // for slots here rather than filling the engine's backlog (which answers 503).
-        // With several agents, the capacity of the cluster.
-        let cap = self.runs.run_slots().await;
-        let scheduler = self.runs.scheduler();
+        // At most job_concurrency jobs of a run in flight at once: a wide pipeline waits for
+        // slots here rather than filling the backlog (which answers 503). With several agents,
+        // the capacity of the cluster.
+        let cap = self.runs.jobs.capacity().await;
         let (etx, mut erx) = mpsc::unbounded_channel::<(usize, Event)>();
         let mut dirty = false;
         loop {
@@ -702,17 +672,7 @@ impl Exec {
                     };
                     *was_started = true;
                     running += 1;
-                    let engine = Arc::clone(&self.runs.engine);
-                    match &scheduler {
-                        Some(s) => tokio::spawn(cluster_job_task(
-                            engine,
-                            Arc::clone(s),
-                            i,
-                            req,
-                            etx.clone(),
-                        )),
-                        None => tokio::spawn(job_task(engine, i, req, etx.clone())),
-                    };
+                    tokio::spawn(job_task(Arc::clone(&self.runs.jobs), i, req, etx.clone()));
                 }
             }
             // The jobs are in a topological order: one pass skips every dependent of a failed
@@ -761,7 +721,7 @@ impl Exec {
             RunState::Failed
         };
         self.rec.duration = self.started.elapsed().as_nanos() as i64;
-        self.runs.engine.metrics.pipeline_finished(succeeded);
+        self.runs.jobs.metrics().pipeline_finished(succeeded);
         tracing::info!(pipeline = %self.rec.pipeline, run = %self.rec.run, state = ?self.rec.state, failed = ?self.rec.failed, "pipeline run finished");
         self.publish().await;
         self.runs.lock().remove(&key);
@@ -804,7 +764,7 @@ impl Exec {
                 }
                 if info.succeeded() {
                     self.holds
-                        .extend(self.runs.engine.hold_build(&job.project, &job.id));
+                        .extend(self.runs.jobs.hold(&job.project, &job.id));
                 }
                 job.state = if info.succeeded() {
                     JobRunState::Ready
@@ -873,14 +833,15 @@ impl Exec {
     }
 }
 
-/// Schedule one job and report its states to the run.
+/// Submit one job and report its states to the run: its ID at once, `pending` once it runs, then
+/// its end.
 async fn job_task(
-    engine: Arc<Engine>,
+    jobs: Arc<dyn Jobs>,
     i: usize,
     req: JobRequest,
     events: mpsc::UnboundedSender<(usize, Event)>,
 ) {
-    let scheduled = match engine.schedule(req).await {
+    let mut submitted = match jobs.submit(req).await {
         Ok(s) => s,
         Err(e) => {
             let _ = events.send((i, Event::Done(Err(e))));
@@ -890,122 +851,26 @@ async fn job_task(
     let _ = events.send((
         i,
         Event::Scheduled {
-            id: scheduled.id.clone(),
-            path: scheduled.dir.artifacts_when_ready().display().to_string(),
-            cached: Some(scheduled.is_cached()),
+            id: submitted.id.clone(),
+            path: submitted.dir.artifacts_when_ready().display().to_string(),
+            cached: submitted.cached,
         },
     ));
-    // Its state as the engine tells it (a result-cache hit is ready at once).
-    let mut state = scheduled.state();
-    let mut seen = scheduled.is_cached();
-    if !seen && matches!(*state.borrow_and_update(), JobState::Pending) {
-        seen = true;
-        let _ = events.send((i, Event::Pending));
-    }
-    let wait = scheduled.wait();
+    let mut started = submitted
+        .started
+        .take()
+        .unwrap_or_else(|| Box::pin(std::future::pending()));
+    let mut seen = false;
+    let wait = submitted.wait();
     tokio::pin!(wait);
     let result = loop {
         tokio::select! {
             r = &mut wait => break r,
-            changed = state.changed(), if !seen => {
-                if changed.is_err() {
-                    seen = true;
-                } else if matches!(*state.borrow_and_update(), JobState::Pending) {
-                    seen = true;
-                    let _ = events.send((i, Event::Pending));
-                }
+            () = &mut started, if !seen => {
+                seen = true;
+                let _ = events.send((i, Event::Pending));
             }
         }
     };
-    let _ = events.send((i, Event::Done(result.map(|(info, _)| info))));
-}
-
-/// Several agents: submit one job through the cluster's records and report its states to the
-/// run. Its ID comes first (the run shows it at once); then it is `queued` until its record says
-/// it runs (read at growing intervals while the submit waits: the claims are not notified);
-/// the answer is the BuildInfo, its build in this agent's `ready/`.
-async fn cluster_job_task(
-    engine: Arc<Engine>,
-    scheduler: Arc<Scheduler>,
-    i: usize,
-    req: JobRequest,
-    events: mpsc::UnboundedSender<(usize, Event)>,
-) {
-    let done = |r: Result<BuildInfo, JobError>| {
-        let _ = events.send((i, Event::Done(r)));
-    };
-    let (e2, r2) = (Arc::clone(&engine), req.clone());
-    let ids = match tokio::task::spawn_blocking(move || e2.job_ids_of(&r2)).await {
-        Ok(Ok(ids)) => ids,
-        Ok(Err(e)) => return done(Err(e)),
-        Err(e) => return done(Err(JobError::Internal(e.to_string()))),
-    };
-    let id = match scheduler.job_id(&req, &ids).await {
-        Ok(id) => id,
-        Err(SubmitError::Job(e)) => return done(Err(e)),
-        Err(e) => return done(Err(JobError::Internal(e.to_string()))),
-    };
-    let dir = engine.layout.job(&req.project, &id, Stage::Ready);
-    // A result-cache hit here is known now; one on another agent only from the answer.
-    let local_hit = !req.rebuild && {
-        let (e2, p, i, who) = (
-            Arc::clone(&engine),
-            req.project.clone(),
-            id.clone(),
-            crate::jobs::Identity::of(&req),
-        );
-        tokio::task::spawn_blocking(move || {
-            e2.local_build(&p, &i, &who)
-                .is_some_and(|(info, _)| info.succeeded())
-        })
-        .await
-        .unwrap_or(false)
-    };
-    let _ = events.send((
-        i,
-        Event::Scheduled {
-            id: id.clone(),
-            path: dir.artifacts_when_ready().display().to_string(),
-            cached: local_hit.then_some(true),
-        },
-    ));
-    let submit = scheduler.submit_as(req.clone(), ids, false);
-    tokio::pin!(submit);
-    let mut seen = local_hit;
-    let mut delay = std::time::Duration::from_millis(100);
-    let answer = loop {
-        tokio::select! {
-            r = &mut submit => break r,
-            _ = tokio::time::sleep(delay), if !seen => {
-                delay = (delay * 2).min(std::time::Duration::from_secs(2));
-                let state = crate::cluster::inputs::job_state(&scheduler, &req.project, &id).await;
-                if matches!(state, Ok(Some(ref s)) if s == "running") {
-                    seen = true;
-                    let _ = events.send((i, Event::Pending));
-                }
-            }
-        }
-    };
-    if let Ok(Some(a)) = &answer {
-        if a.dir.id() != id {
-            // Another request took mistry's ID meanwhile: the job went by its exact ID.
-            let _ = events.send((
-                i,
-                Event::Scheduled {
-                    id: a.dir.id().to_string(),
-                    path: a.dir.artifacts_when_ready().display().to_string(),
-                    cached: Some(a.info.cached),
-                },
-            ));
-        }
-    }
-    done(match answer {
-        Ok(Some(a)) => Ok(a.info),
-        Ok(None) => Err(JobError::Internal(format!(
-            "Error building {}/{id}: the cluster gave no answer",
-            req.project
-        ))),
-        Err(SubmitError::Job(e)) => Err(e),
-        Err(e) => Err(JobError::Internal(e.to_string())),
-    });
+    let _ = events.send((i, Event::Done(result.map(|a| a.info))));
 }

@@ -1,6 +1,8 @@
 //! The HTTP API of mistryd, as mistry's: `POST /jobs`, `GET /index/`, `GET /job/{project}/{id}`,
 //! `GET /log/{project}/{id}` (server-sent events), `GET /artifacts/{project}/{id}`,
-//! `GET /metrics`, `GET /agents` (the cluster's agents), and the web view at `/`. Handlers are thin: the engine does the work, and
+//! `GET /metrics`, `GET /agents` (the cluster's agents; [`agents`] holds those routes), and the
+//! web view at `/`. Handlers are thin: they ask the jobs interface ([`Jobs`], whichever back end
+//! runs the jobs: this agent's engine, or the cluster's records) and render its answers;
 //! nothing here reads the disk on the runtime's threads.
 //!
 //! Clients are not trusted: [`serve`] ([`listen`]) gives each connection
@@ -12,6 +14,7 @@
 //! state in memory; artifacts are read by fd below the job's `data/artifacts`, never through a
 //! symlink ([`artifacts`]).
 
+mod agents;
 mod listen;
 
 use std::convert::Infallible;
@@ -27,51 +30,33 @@ use axum::routing::{any, get};
 use axum::Router;
 use futures_util::StreamExt;
 use serde::Deserialize;
-use tokio::io::AsyncReadExt;
 
-use crate::body::blocking_body;
+use crate::body::{blocking_body, stream_body};
 use crate::tree::{open_artifacts, write_tree};
 pub use listen::{
     serve, Limits, DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
     DEFAULT_SEND_TIMEOUT,
 };
 
-use crate::engine::{Engine, Found, JobDir, JobError, Stage};
 use crate::jobs::{BuildInfo, JobRequest};
+use crate::service::{index_entry, JobDir, JobError, Jobs, Stage};
 
 // The web view, embedded: nothing is fetched from elsewhere.
-use crate::body::{json, unavailable, INDEX_HTML};
+use crate::body::{json, INDEX_HTML};
 const APP_JS: &str = include_str!("../web/app.js");
 const STYLE_CSS: &str = include_str!("../web/style.css");
 
-pub fn router(engine: Arc<Engine>) -> Router {
-    router_in(engine, None)
-}
+/// The server's state: the jobs, whichever back end runs them.
+type JobsState = State<Arc<dyn Jobs>>;
 
-/// [`router`] of an agent of `cluster` (mistryd): with a database, pipeline runs submit their
-/// jobs through the cluster's job records (the handlers find the cluster in an extension).
-pub fn router_in(engine: Arc<Engine>, cluster: Option<Arc<crate::cluster::Cluster>>) -> Router {
+/// The API and the web view over `jobs` (the pipelines' routes included).
+pub fn router(jobs: Arc<dyn Jobs>) -> Router {
     Router::new()
-        .route("/jobs", any(jobs))
+        .route("/jobs", any(submit))
         .route("/index/", get(index))
         .route("/job/{project}/{id}", get(job))
         .route("/log/{project}/{id}", get(log))
         .route("/artifacts/{project}/{id}", get(artifacts))
-        // A whole build, for another agent (src/cluster/replicate.rs).
-        .route(
-            "/api/build/{project}/{id}",
-            get(crate::cluster::replicate::serve_build),
-        )
-        .route("/metrics", get(metrics))
-        .route("/agents", get(agents))
-        .route(
-            "/api/agents/jobs",
-            get(crate::cluster::view::serve_job_agents),
-        )
-        .route(
-            "/api/cluster/jobs",
-            get(crate::cluster::view::serve_cluster_jobs),
-        )
         .route("/api/job/{project}/{id}", get(api_job))
         .route("/api/logtail/{project}/{id}", get(api_logtail))
         .route(
@@ -83,9 +68,10 @@ pub fn router_in(engine: Arc<Engine>, cluster: Option<Arc<crate::cluster::Cluste
             get(|| async { ([("content-type", "text/css; charset=utf-8")], STYLE_CSS) }),
         )
         .route("/", get(|| async { Html(INDEX_HTML) }))
-        .merge(crate::pipeline::http::routes(Arc::clone(&engine), cluster))
+        .merge(agents::routes())
+        .merge(crate::pipeline::http::routes(Arc::clone(&jobs)))
         .layer(axum::middleware::from_fn(same_origin))
-        .with_state(engine)
+        .with_state(jobs)
 }
 
 /// Refuse a state-changing request (any method but GET, HEAD and OPTIONS) whose `Origin` is
@@ -127,7 +113,7 @@ impl IntoResponse for JobError {
         let status = match self {
             JobError::BadRequest(_) => StatusCode::BAD_REQUEST,
             JobError::UnknownProject(_) => StatusCode::NOT_FOUND,
-            JobError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
+            JobError::Overloaded | JobError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             JobError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         (status, self.to_string()).into_response()
@@ -171,9 +157,9 @@ struct JobsQuery {
     is_async: Option<String>,
 }
 
-async fn jobs(
-    State(engine): State<Arc<Engine>>,
-    cluster: Option<axum::Extension<Arc<crate::cluster::Cluster>>>,
+/// `POST /jobs`: the BuildInfo once the job ended (201), or 201 at once with `?async`.
+async fn submit(
+    State(jobs): JobsState,
     method: Method,
     query: Result<Query<JobsQuery>, QueryRejection>,
     body: Bytes,
@@ -186,62 +172,31 @@ async fn jobs(
         Ok(r) => r,
         Err(e) => return (StatusCode::BAD_REQUEST, e).into_response(),
     };
-    let is_async = query.is_ok_and(|Query(q)| q.is_async.is_some());
-    // Several agents: the job records decide (src/cluster/jobs.rs).
-    if let Some(scheduler) = cluster.as_ref().and_then(|c| c.scheduler()) {
-        return match scheduler.submit(req, is_async).await {
-            Ok(None) => (StatusCode::CREATED, "").into_response(),
-            Ok(Some(a)) => streamed(StatusCode::CREATED, String::new(), a.info, a.dir, ""),
-            Err(e) => {
-                let status =
-                    StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-                (status, e.to_string()).into_response()
-            }
-        };
-    }
-    let scheduled = match engine.schedule(req).await {
+    let submitted = match jobs.submit(req).await {
         Ok(s) => s,
         Err(e) => return e.into_response(),
     };
-    if is_async {
+    if query.is_ok_and(|Query(q)| q.is_async.is_some()) {
         return (StatusCode::CREATED, "").into_response();
     }
-    match scheduled.wait().await {
-        Ok((info, dir)) => streamed(StatusCode::CREATED, String::new(), info, dir, ""),
+    match submitted.wait().await {
+        Ok(a) => streamed(StatusCode::CREATED, String::new(), a.info, a.dir, ""),
         Err(e) => e.into_response(),
     }
 }
 
-/// `Mon, 02 Jan 2006 15:04:05`, as mistry's index shows times.
-fn index_time(rfc3339: &str) -> String {
-    chrono::DateTime::parse_from_rfc3339(rfc3339)
-        .map(|t| t.format("%a, %d %b %Y %H:%M:%S").to_string())
-        .unwrap_or_default()
-}
-
-/// A job as `/index/` and the web view show it.
-fn job_json(f: &Found) -> serde_json::Value {
-    serde_json::json!({
-        "id": f.dir.id(),
-        "project": f.dir.project(),
-        "startedAt": index_time(&f.info.started_at),
-        "buildInfo": f.info,
-        "state": f.stage.as_str(),
-    })
-}
-
 /// All jobs, newest first, as mistry's JSON array, streamed: one job's BuildInfo is in memory at
 /// a time, however many jobs and params there are.
-async fn index(State(engine): State<Arc<Engine>>) -> Response {
+async fn index(State(jobs): JobsState) -> Response {
     blocking_body(
         "application/json",
         move |w| {
             w.write_all(b"[")?;
-            for (i, found) in engine.list().enumerate() {
+            for (i, found) in jobs.list().enumerate() {
                 if i > 0 {
                     w.write_all(b",")?;
                 }
-                serde_json::to_writer(&mut *w, &job_json(&found))?;
+                serde_json::to_writer(&mut *w, &index_entry(&found))?;
             }
             w.write_all(b"]")
         },
@@ -257,88 +212,43 @@ fn wants_json(headers: &HeaderMap) -> bool {
 }
 
 /// With `Content-Type: application/json`, the job object with its buildInfo (and logs) streamed
-/// inside; otherwise the web view, which renders the job page.
+/// inside; otherwise the web view, which renders the job page (404 for an unknown job).
 async fn job(
-    State(engine): State<Arc<Engine>>,
-    cluster: Option<axum::Extension<Arc<crate::cluster::Cluster>>>,
+    State(jobs): JobsState,
     Path((project, id)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Response {
-    let found = engine.find_job(&project, &id).await;
-    // Several agents: a job that is not here is shown from its record and central log.
-    if let (None, Some(logs)) = (&found, central_logs(&cluster)) {
-        if !wants_json(&headers) {
-            if let Ok(Some(_)) = logs.record(&project, &id).await {
-                return Html(INDEX_HTML).into_response();
-            }
-        } else if let Some(r) = logs.job_response(&project, &id).await {
-            return r;
-        }
+    if !wants_json(&headers) {
+        return match jobs.find(&project, &id).await {
+            Ok(Some(_)) => Html(INDEX_HTML).into_response(),
+            _ => (StatusCode::NOT_FOUND, Html(INDEX_HTML)).into_response(),
+        };
     }
-    match (found, wants_json(&headers)) {
-        (Some(found), true) => {
-            let mut head = job_json(&found);
-            if let Some(obj) = head.as_object_mut() {
-                obj.remove("buildInfo");
-            }
-            let head = serde_json::to_string(&head).unwrap_or_else(|_| "{}".into());
-            let prefix = format!("{},\"buildInfo\":", &head[..head.len() - 1]);
-            streamed(StatusCode::OK, prefix, found.info, found.dir, "}")
-        }
-        (None, true) => unknown_job(&project, &id),
-        (Some(_), false) => Html(INDEX_HTML).into_response(),
-        (None, false) => (StatusCode::NOT_FOUND, Html(INDEX_HTML)).into_response(),
+    match jobs.document(&project, &id).await {
+        Ok(Some(doc)) => stream_body("application/json", doc),
+        Ok(None) => unknown_job(&project, &id),
+        Err(e) => e.into_response(),
     }
 }
 
-/// A job in flight's log lines as server-sent events, until it is ready; 204 when it is not in
+/// A job in flight's log lines as server-sent events, until it ends; 204 when it is not in
 /// flight.
-async fn log(
-    State(engine): State<Arc<Engine>>,
-    cluster: Option<axum::Extension<Arc<crate::cluster::Cluster>>>,
-    Path((project, id)): Path<(String, String)>,
-) -> Response {
-    match engine.follow(&project, &id) {
-        Some(lines) => {
+async fn log(State(jobs): JobsState, Path((project, id)): Path<(String, String)>) -> Response {
+    match jobs.follow(&project, &id).await {
+        Ok(Some(lines)) => {
             Sse::new(lines.map(|l| Ok::<_, Infallible>(Event::default().data(l)))).into_response()
         }
-        // Several agents: a job in flight on another agent, from the central log.
-        None => match central_logs(&cluster) {
-            Some(logs) => match logs.follow(&project, &id).await {
-                Ok(Some(lines)) => {
-                    Sse::new(lines.map(|l| Ok::<_, Infallible>(Event::default().data(l))))
-                        .into_response()
-                }
-                Ok(None) => StatusCode::NO_CONTENT.into_response(),
-                Err(e) => unavailable(&e),
-            },
-            None => StatusCode::NO_CONTENT.into_response(),
-        },
+        Ok(None) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => e.into_response(),
     }
-}
-
-/// The central job logs (src/cluster/logs.rs), with a database.
-fn central_logs(
-    cluster: &Option<axum::Extension<Arc<crate::cluster::Cluster>>>,
-) -> Option<&Arc<crate::cluster::logs::Logs>> {
-    cluster.as_ref().and_then(|c| c.0.logs())
 }
 
 /// A ready job's artifacts as a tar stream (the native transport of the `mistry` client).
 async fn artifacts(
-    State(engine): State<Arc<Engine>>,
-    cluster: Option<axum::Extension<Arc<crate::cluster::Cluster>>>,
+    State(jobs): JobsState,
     Path((project, id)): Path<(String, String)>,
 ) -> Response {
-    let found = match engine.find_job(&project, &id).await {
-        // Several agents: a build another agent holds is fetched from it first.
-        None => {
-            let cluster = cluster.as_ref().map(|c| &*c.0);
-            crate::cluster::view::fetch_missing(cluster, &engine, &project, &id).await
-        }
-        found => found,
-    };
-    let dir = match found {
+    let dir = match jobs.artifacts(&project, &id).await {
         Some(f) if f.stage == Stage::Ready => f.dir,
         Some(_) => {
             let msg = format!("Job {project}/{id} is not ready");
@@ -374,22 +284,11 @@ async fn artifacts(
 }
 
 /// A job without its logs (for the web view).
-async fn api_job(
-    State(engine): State<Arc<Engine>>,
-    cluster: Option<axum::Extension<Arc<crate::cluster::Cluster>>>,
-    Path((project, id)): Path<(String, String)>,
-) -> Response {
-    match engine.find_job(&project, &id).await {
-        Some(found) => json(StatusCode::OK, &job_json(&found)),
-        // Several agents: a job that is not here, from its record.
-        None => match central_logs(&cluster) {
-            Some(logs) => match logs.record(&project, &id).await {
-                Ok(Some(job)) => json(StatusCode::OK, &job.json()),
-                Ok(None) => unknown_job(&project, &id),
-                Err(e) => unavailable(&e),
-            },
-            None => unknown_job(&project, &id),
-        },
+async fn api_job(State(jobs): JobsState, Path((project, id)): Path<(String, String)>) -> Response {
+    match jobs.find(&project, &id).await {
+        Ok(Some(view)) => json(StatusCode::OK, &view.json()),
+        Ok(None) => unknown_job(&project, &id),
+        Err(e) => e.into_response(),
     }
 }
 
@@ -402,88 +301,20 @@ struct LogTailQuery {
 /// A job's log as text: the last `bytes` bytes, or all of it (streamed); `x-log-size` says how
 /// big it is.
 async fn api_logtail(
-    State(engine): State<Arc<Engine>>,
-    cluster: Option<axum::Extension<Arc<crate::cluster::Cluster>>>,
+    State(jobs): JobsState,
     Path((project, id)): Path<(String, String)>,
     query: Result<Query<LogTailQuery>, QueryRejection>,
 ) -> Response {
-    use tokio::io::AsyncSeekExt;
     let bytes = query.ok().and_then(|Query(q)| q.bytes);
-    let Some(found) = engine.find_job(&project, &id).await else {
-        // Several agents: a job that is not here, from the central log.
-        if let Some(logs) = central_logs(&cluster) {
-            if let Some(r) = logs.logtail_response(&project, &id, bytes).await {
-                return r;
+    match jobs.log_tail(&project, &id, bytes).await {
+        Ok(Some(tail)) => {
+            let mut r = stream_body("text/plain; charset=utf-8", tail.bytes);
+            if let Ok(size) = tail.size.to_string().parse() {
+                r.headers_mut().insert("x-log-size", size);
             }
+            r
         }
-        return unknown_job(&project, &id);
-    };
-    let Ok(mut file) = tokio::fs::File::open(found.dir.out_log()).await else {
-        return ([("x-log-size", "0".to_string())], "").into_response();
-    };
-    let size = file.metadata().await.map(|m| m.len()).unwrap_or(0);
-    if let Some(n) = bytes {
-        let _ = file
-            .seek(std::io::SeekFrom::Start(size.saturating_sub(n)))
-            .await;
+        Ok(None) => unknown_job(&project, &id),
+        Err(e) => e.into_response(),
     }
-    let stream = futures_util::stream::unfold(file, |mut f| async move {
-        let mut buf = vec![0u8; 64 * 1024];
-        match f.read(&mut buf).await {
-            Ok(0) | Err(_) => None,
-            Ok(n) => {
-                buf.truncate(n);
-                Some((Ok::<_, std::io::Error>(Bytes::from(buf)), f))
-            }
-        }
-    });
-    (
-        [
-            ("content-type", "text/plain; charset=utf-8".to_string()),
-            ("x-log-size", size.to_string()),
-        ],
-        axum::body::Body::from_stream(stream),
-    )
-        .into_response()
-}
-
-/// `GET /agents`: every agent of the cluster (this one alone without a database) as JSON when
-/// asked for (`Content-Type` or `Accept: application/json`), else the web view's agents page;
-/// 503 when the database does not answer. The cluster handle is an extension mistryd adds; a
-/// router without it shows this agent from the configuration.
-async fn agents(
-    State(engine): State<Arc<Engine>>,
-    cluster: Option<axum::Extension<Arc<crate::cluster::Cluster>>>,
-    headers: HeaderMap,
-) -> Response {
-    let accepts_json = headers
-        .get("accept")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/json"));
-    if !wants_json(&headers) && !accepts_json {
-        return Html(INDEX_HTML).into_response();
-    }
-    let cluster = match cluster {
-        Some(axum::Extension(c)) => c,
-        None => Arc::new(crate::cluster::Cluster::local(&engine.cfg)),
-    };
-    match cluster.agents(engine.running()).await {
-        Ok(list) => json(StatusCode::OK, &list),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
-    }
-}
-
-async fn metrics(
-    State(engine): State<Arc<Engine>>,
-    cluster: Option<axum::Extension<Arc<crate::cluster::Cluster>>>,
-) -> Response {
-    crate::cluster::view::update_gauges(cluster.as_ref().map(|c| &*c.0), &engine).await;
-    (
-        [(
-            "content-type",
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        engine.metrics.render(),
-    )
-        .into_response()
 }

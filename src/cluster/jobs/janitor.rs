@@ -1,0 +1,281 @@
+//! Failures and copies (see the parent's doc): the start-up healing of this agent's records,
+//! the sweeper that puts a dead agent's running jobs back in the queue, and the stale copies of
+//! builds that ran again elsewhere.
+
+use super::*;
+use crate::cluster::records::{sql_sources, sql_target};
+
+impl Scheduler {
+    // ---------------------------------------------------------------- failures
+
+    /// At start: the records this agent left `running` (it crashed), i.e. started before its
+    /// registration: a build of the record's request in `ready/` is recorded (the crash came
+    /// between the move and the record), any other is queued again. Jobs this run of the agent took meanwhile (a request
+    /// can arrive before this pass) are left alone.
+    pub(super) async fn heal(&self) {
+        let rows = self
+            .rows(
+                "SELECT j.project, j.id, j.request::text FROM jobs j JOIN agents a ON a.name = j.agent
+                  WHERE j.state = 'running' AND j.agent = $1 AND j.started_at < a.started_at",
+                &[&self.me()],
+            )
+            .await;
+        let rows = match rows {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(agent = %self.me(), error = %e, "could not look for the jobs a crash left running; the sweepers of other agents will not (this agent is alive)");
+                return;
+            }
+        };
+        for row in rows {
+            let (Ok(project), Ok(id), Ok(request)) = (
+                row.try_get::<_, String>(0),
+                row.try_get::<_, String>(1),
+                row.try_get::<_, String>(2),
+            ) else {
+                continue;
+            };
+            let identity = request_from_json(&request).map(|r| Identity::of(&r));
+            let dir = self.engine.layout.job(&project, &id, Stage::Ready);
+            match dir
+                .read_info()
+                .filter(|i| identity.as_ref().is_ok_and(|me| me.matches(i)))
+            {
+                Some(info) => {
+                    tracing::info!(%project, %id, "recording a build a crash left unrecorded");
+                    self.record_end(&project, &id, &info).await;
+                }
+                None => {
+                    tracing::info!(%project, %id, "queueing again a job a crash interrupted");
+                    if let Err(e) = self.requeue_running(Some((&project, &id))).await {
+                        tracing::warn!(%project, %id, error = %e, "could not queue the job again");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Queue again the running jobs of agents that are not alive, or (`crashed`) this agent's
+    /// job `(project, id)` started before its registration; notify.
+    pub(super) async fn requeue_running(
+        &self,
+        crashed: Option<(&str, &str)>,
+    ) -> Result<u64, ClusterError> {
+        let db = self.db()?;
+        let mut client = db.client().await?;
+        let tx = client.transaction().await.map_err(|e| db.pg_error(&e))?;
+        let (project, id) = crashed.unzip();
+        let rows = tx
+            .query(
+                &format!(
+                    "UPDATE jobs SET state = '{queued}', retried_from = agent, agent = NULL,
+                        retries = retries + 1, queued_at = now(), started_at = NULL
+                  WHERE state IN ({running})
+                    AND CASE WHEN $3::text IS NULL
+                        THEN pg_postmaster_start_time() < now() - make_interval(secs => $1)
+                         AND NOT EXISTS (
+                             SELECT 1 FROM agents a
+                              WHERE a.name = jobs.agent AND a.stopped_at IS NULL
+                                AND a.last_heartbeat > now() - make_interval(secs => $1))
+                        ELSE project = $3 AND id = $4 AND agent = $2
+                             AND started_at < (SELECT a.started_at FROM agents a
+                                                WHERE a.name = $2)
+                        END
+                 RETURNING project, id, retried_from, retries",
+                    queued = sql_target(JobState::Running, JobState::requeue),
+                    running = sql_sources(JobState::requeue)
+                ),
+                &[&self.timeout_secs(), &self.me(), &project, &id],
+            )
+            .await
+            .map_err(|e| db.pg_error(&e))?;
+        if !rows.is_empty() {
+            tx.execute("SELECT pg_notify($1, 'queued')", &[&CHANNEL])
+                .await
+                .map_err(|e| db.pg_error(&e))?;
+        }
+        tx.commit().await.map_err(|e| db.pg_error(&e))?;
+        for r in &rows {
+            let project: String = r.try_get(0).unwrap_or_default();
+            let id: String = r.try_get(1).unwrap_or_default();
+            let from: Option<String> = r.try_get(2).unwrap_or_default();
+            let retries: i32 = r.try_get(3).unwrap_or_default();
+            tracing::warn!(%project, %id, from = ?from, retries, "job queued again: its agent stopped heartbeating or crashed");
+        }
+        Ok(rows.len() as u64)
+    }
+
+    /// A job that ran again on another agent (a rebuild, a re-run after a failure or of a dead
+    /// agent's build) leaves this agent's copy stale: on its end's notification, a local copy
+    /// whose `StartedAt` is not the record's goes (the next request fetches the new build).
+    /// An agent that was down meanwhile checks its copies at start ([`Scheduler::drop_stale_copies`]).
+    pub(super) async fn stale_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut events = self.events.subscribe();
+        // Every copy is checked at start, and again once the database answers after ends may
+        // have been missed (a reconnection, a lag) — at most every few seconds.
+        let mut check_all = true;
+        let mut checked: Option<tokio::time::Instant> = None;
+        loop {
+            if check_all
+                && checked.is_none_or(|t| t.elapsed() >= CHECK_COPIES_EVERY)
+                && self.ping().await.is_ok()
+            {
+                checked = Some(tokio::time::Instant::now());
+                check_all = false;
+                self.drop_stale_copies().await;
+            }
+            let event = tokio::select! {
+                e = events.recv() => e,
+                _ = tokio::time::sleep(CHECK_COPIES_EVERY), if check_all => continue,
+                _ = stop.wait_for(|s| *s) => return,
+            };
+            let key = match event {
+                Ok(Event::Ended(key)) => key,
+                Ok(Event::Queued) => continue,
+                Ok(Event::Reconnected) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                    check_all = true;
+                    if let Ok(mut r) = self.recorded.lock() {
+                        r.clear();
+                    }
+                    continue;
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            };
+            let Some((project, id)) = key.split_once('/') else {
+                continue;
+            };
+            // Names as requests are checked (a notification is anyone's to send).
+            if crate::jobs::check_name("project", project)
+                .and_then(|()| crate::jobs::check_name("job", id))
+                .is_err()
+            {
+                continue;
+            }
+            let local = self.engine.layout.job(project, id, Stage::Ready);
+            let Some(mine) = local.read_info() else {
+                continue;
+            };
+            let ours = self
+                .recorded
+                .lock()
+                .ok()
+                .and_then(|mut r| r.remove(&key))
+                .is_some_and(|(started, at)| {
+                    started == mine.started_at && at.elapsed() < Duration::from_secs(60)
+                });
+            if ours {
+                continue;
+            }
+            let rec = match self.read(project, id).await {
+                Ok(Some(r)) => r,
+                Ok(None) => continue,
+                Err(e) => {
+                    tracing::debug!(%project, %id, error = %e, "could not check a copy against its record");
+                    continue;
+                }
+            };
+            if rec.agent.as_deref() == Some(self.me()) || !is_stale(&mine, &rec) {
+                continue;
+            }
+            self.discard_copy(project, id, rec.agent.as_deref(), &mine.started_at)
+                .await;
+        }
+    }
+
+    /// At start: this agent's copies of builds whose jobs ran again elsewhere (or were queued
+    /// again) while it was down go — the notifications of their ends were missed.
+    pub(super) async fn drop_stale_copies(&self) {
+        let layout = self.engine.layout.clone();
+        let local: Vec<(String, String, String)> = tokio::task::spawn_blocking(move || {
+            let mut all = Vec::new();
+            for project in layout.projects() {
+                for job in layout.jobs(&project, Stage::Ready) {
+                    if let Some(started) = job.read_started_at() {
+                        all.push((project.clone(), job.id().to_string(), started));
+                    }
+                }
+            }
+            all
+        })
+        .await
+        .unwrap_or_default();
+        for chunk in local.chunks(500) {
+            let (projects, ids): (Vec<&str>, Vec<&str>) = chunk
+                .iter()
+                .map(|(p, i, _)| (p.as_str(), i.as_str()))
+                .unzip();
+            let rows = self
+                .rows(
+                    "SELECT j.project, j.id, j.agent, j.build_info->>'StartedAt'
+                       FROM jobs j
+                       JOIN unnest($1::text[], $2::text[]) AS l(project, id)
+                         ON j.project = l.project AND j.id = l.id
+                      WHERE j.agent IS DISTINCT FROM $3",
+                    &[&projects, &ids, &self.me()],
+                )
+                .await;
+            let rows = match rows {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(agent = %self.me(), error = %e, "could not check this agent's copies against their records");
+                    continue;
+                }
+            };
+            for row in rows {
+                let (Ok(project), Ok(id), Ok(agent), Ok(theirs)) = (
+                    row.try_get::<_, String>(0),
+                    row.try_get::<_, String>(1),
+                    row.try_get::<_, Option<String>>(2),
+                    row.try_get::<_, Option<String>>(3),
+                ) else {
+                    continue;
+                };
+                let mine = chunk
+                    .iter()
+                    .find(|(p, i, _)| *p == project && *i == id)
+                    .map(|(_, _, s)| s.as_str());
+                if let Some(mine) = mine.filter(|m| theirs.as_deref() != Some(*m)) {
+                    self.discard_copy(&project, &id, agent.as_deref(), mine)
+                        .await;
+                }
+            }
+        }
+    }
+
+    /// Every `heartbeat`: queue again the running jobs of agents that stopped heartbeating.
+    /// Silence is only judged once this agent has reached the database for `agent_timeout`
+    /// without a break (since its start, or since an outage or a lost connection: the others'
+    /// heartbeats could not get through either), and — in the query — once the database has
+    /// been up that long (a database restart is no agent's death).
+    pub(super) async fn sweep_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(self.cluster.heartbeat);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut reached_since: Option<tokio::time::Instant> = None;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            let since = *reached_since.get_or_insert_with(tokio::time::Instant::now);
+            let result = if since.elapsed() < self.cluster.agent_timeout {
+                self.ping().await
+            } else {
+                self.requeue_running(None).await.map(|_| ())
+            };
+            if let Err(e) = result {
+                tracing::debug!(agent = %self.me(), error = %e, "the sweeper could not reach the database");
+                reached_since = None;
+            }
+        }
+    }
+
+    pub(super) async fn ping(&self) -> Result<(), ClusterError> {
+        let db = self.db()?;
+        let client = db.client().await?;
+        client
+            .simple_query("SELECT 1")
+            .await
+            .map_err(|e| db.pg_error(&e))?;
+        Ok(())
+    }
+}

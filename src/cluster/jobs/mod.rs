@@ -1,0 +1,292 @@
+//! One job, one run, cluster-wide: job records in the database (table `jobs`, migration V2),
+//! claims, placement, coalescing between agents, and the recovery of an agent's death.
+//!
+//! A request on any agent ([`Scheduler::submit`]):
+//! 1. its job IDs are computed as a single node does ([`Engine::job_ids_of`]); a local build
+//!    of this very request (the same group and params but the opaque ones) that succeeded, in
+//!    `ready/<id>`, is a result-cache hit as always (unless `rebuild`);
+//! 2. else the job's record decides — under mistry's ID, unless that record is another
+//!    request's (mistry's ID is ambiguous, see [`crate::jobs::JobIds`]): then under the
+//!    request's exact ID; a record of another request is never an answer: `ready` on another live agent → the build is fetched from
+//!    it (`replicate::fetch_build`) and answered `Cached: true`, `Path` local to this agent;
+//!    `queued` or `running` → the request waits for the job's end (`Coalesced: true`): one
+//!    `LISTEN` connection per agent (`listen.rs`) fans notifications out to every waiter (no
+//!    polling; a 30 s re-read is only a safety net), then the build is fetched from the agent
+//!    that ran it when that is another one; no record → `INSERT ... ON CONFLICT DO NOTHING`
+//!    (the primary key decides the race between agents) — `running` by this agent at once when
+//!    it has a free slot and is the job's preferred agent (placement, below), else `queued`
+//!    with its preferred agent — and the request waits like the others; `failed`, `ready` on an
+//!    agent that is not alive, or `rebuild` → the record is queued again, with its preferred
+//!    agent (a conditional update: again the database decides).
+//! 3. `job_backlog`'s 503: the cluster's queue is full when its queued records are at least
+//!    the free slots of the alive agents (capacity − running, by their heartbeats) plus the
+//!    `job_backlog` of the agent taking the request — a single node's "running + queued ≤
+//!    job_concurrency + job_backlog", cluster-wide.
+//!
+//! Claims ([`Scheduler::start`]'s claim loop): while this agent runs fewer claimed jobs than
+//! `job_concurrency`, it takes the oldest queued record it may take with
+//! `SELECT ... FOR UPDATE SKIP LOCKED` and marks it `running` by itself, woken by the
+//! notification of an insert (and by a safety tick: 1 s while queued jobs are left, else 5 s).
+//! Placement: a job's `preferred_agent` is the agent holding its group's last successful
+//! build, when it is alive; else an alive agent with free capacity that has the project's image (table
+//! `agent_images`, migration V4: an agent records the project of every job that ran in its
+//! container); else the least loaded alive agent (`running` records / capacity); ties go to the
+//! agent taking the request. A job whose `preferred_agent` is another one is left alone for
+//! [`PREFERRED_GRACE`], unless that agent is not alive or full (as many `running` records as
+//! its capacity).
+//! The claimed job runs through the local engine ([`Engine::schedule`]: its result cache,
+//! groups, sandbox and `ready/` all apply); once the engine moved it to `ready/`, the record
+//! says `ready` (or `failed`) with its BuildInfo, and the end is notified.
+//!
+//! A group's chain that moves to this agent starts from the last successful build of the
+//! group, fetched with its cache from the agent holding it (log: `incremental from <agent>'s
+//! build P/ID`), or clean when that agent is not alive (`Incremental: false`, logged too).
+//!
+//! Failures: every `heartbeat`, the sweeper puts the `running` records of agents that stopped
+//! heartbeating for `agent_timeout` back in the queue (`retries` + 1); the re-run's log gets a
+//! note line saying so. Silence is judged only once the database and this agent's connection to
+//! it have been up for `agent_timeout` (an outage silences every agent; none of them died). At start, this agent heals the records it left `running` (a crash): a
+//! build found in its `ready/` is recorded, any other is queued again. A database outage makes
+//! requests fail with 503 naming the database; the listener reconnects every second and wakes
+//! every waiter to read its job again.
+//!
+//! Copies: a job that ends again (a rebuild, a re-run) drops the other agents' copies of its
+//! old build — on the end's notification, and at an agent's start for what it missed.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{broadcast, watch, Notify};
+
+mod janitor;
+mod submit;
+mod worker;
+
+use super::listen::Notice;
+use super::records::{self, is_stale, request_from_json, request_json, stored_state, Record};
+use super::replicate;
+use super::{Cluster, ClusterError};
+use crate::engine::{Engine, JobDir, JobError, Stage};
+use crate::jobs::{BuildInfo, Identity, JobIds, JobRequest};
+use crate::service::JobState;
+
+pub use super::JOBS_CHANNEL as CHANNEL;
+/// How long other agents leave a job to its preferred agent.
+pub const PREFERRED_GRACE: Duration = Duration::from_secs(1);
+/// A waiter reads its job's record again after this long without a notification (a safety
+/// net; notifications are what wakes it).
+const SAFETY_RECHECK: Duration = Duration::from_secs(30);
+/// At most this often, every copy here is checked against its record (see `stale_loop`).
+const CHECK_COPIES_EVERY: Duration = Duration::from_secs(5);
+
+/// Why a request could not be answered through the cluster.
+#[derive(Debug, thiserror::Error)]
+pub enum SubmitError {
+    /// As a single node answers (400, 404, 503, 500).
+    #[error("{0}")]
+    Job(JobError),
+    /// 503: the database does not answer.
+    #[error("Service unavailable: {0}")]
+    Database(#[from] ClusterError),
+    /// 503: the build is on another agent and could not be fetched from it.
+    #[error("Service unavailable: {0}")]
+    Replication(String),
+}
+
+impl SubmitError {
+    /// The HTTP status of the answer.
+    pub fn status(&self) -> u16 {
+        match self {
+            SubmitError::Job(JobError::BadRequest(_)) => 400,
+            SubmitError::Job(JobError::UnknownProject(_)) => 404,
+            SubmitError::Job(JobError::Overloaded | JobError::Unavailable(_)) => 503,
+            SubmitError::Job(JobError::Internal(_)) => 500,
+            SubmitError::Database(_) | SubmitError::Replication(_) => 503,
+        }
+    }
+}
+
+impl From<JobError> for SubmitError {
+    fn from(e: JobError) -> Self {
+        SubmitError::Job(e)
+    }
+}
+
+/// A request's answer: the BuildInfo and the local directory holding its logs and artifacts.
+pub struct Answer {
+    pub info: BuildInfo,
+    pub dir: JobDir,
+}
+
+/// An admitted request ([`Scheduler::admit`]).
+pub enum Admission {
+    /// Answered from this agent's result cache.
+    Answered(Answer),
+    /// Its job is queued or running in the cluster (inserted, queued again, or joined).
+    Waiting(Waiting),
+    /// Its job ended successfully on another alive agent: that build's copy answers.
+    Copy(Copy),
+}
+
+impl Admission {
+    /// The ID the job goes by.
+    pub fn id(&self) -> &str {
+        match self {
+            Admission::Answered(a) => a.dir.id(),
+            Admission::Waiting(w) => &w.id,
+            Admission::Copy(c) => &c.id,
+        }
+    }
+}
+
+/// A job in flight in the cluster that a request waits for.
+pub struct Waiting {
+    project: String,
+    id: String,
+    identity: Identity,
+    events: broadcast::Receiver<Event>,
+    coalesced: bool,
+}
+
+/// A job that ended successfully on another agent, to copy here.
+pub struct Copy {
+    project: String,
+    id: String,
+    identity: Identity,
+    rec: Record,
+}
+
+/// What the listener tells waiters and the claim loop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Event {
+    /// A job was queued (work to claim).
+    Queued,
+    /// Job `<project>/<id>` ended.
+    Ended(String),
+    /// The listener (re)connected: notifications may have been missed; read again.
+    Reconnected,
+}
+
+/// A claimed job.
+struct Claim {
+    project: String,
+    id: String,
+    request: String,
+    retries: i32,
+    retried_from: Option<String>,
+}
+
+/// The cluster's job scheduler of one agent.
+pub struct Scheduler {
+    cluster: Arc<Cluster>,
+    engine: Arc<Engine>,
+    events: broadcast::Sender<Event>,
+    /// Jobs this agent claimed and runs now.
+    claimed: AtomicUsize,
+    /// A claimed job ended here: capacity is free.
+    freed: Notify,
+    /// The builds whose end this agent recorded lately (key → `StartedAt`): their end's
+    /// notification is no news for the stale-copy check (one query less per job). A missed
+    /// notification leaves an entry; entries count for a minute, and a reconnection checks
+    /// every copy anyway.
+    recorded: std::sync::Mutex<std::collections::HashMap<String, (String, std::time::Instant)>>,
+}
+
+fn key_of(project: &str, id: &str) -> String {
+    format!("{project}/{id}")
+}
+
+impl Scheduler {
+    /// The scheduler of `cluster` (which must have a database) running jobs on `engine`.
+    pub(super) fn new(cluster: Arc<Cluster>, engine: Arc<Engine>) -> Scheduler {
+        Scheduler {
+            cluster,
+            engine,
+            events: broadcast::channel(4096).0,
+            claimed: AtomicUsize::new(0),
+            freed: Notify::new(),
+            recorded: Default::default(),
+        }
+    }
+
+    fn db(&self) -> Result<&super::Db, ClusterError> {
+        self.cluster.need_db()
+    }
+
+    /// The rows of one query.
+    async fn rows(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, ClusterError> {
+        let db = self.db()?;
+        let client = db.client().await?;
+        client.query(sql, params).await.map_err(|e| db.pg_error(&e))
+    }
+
+    pub(super) fn me(&self) -> &str {
+        self.cluster.name()
+    }
+
+    fn timeout_secs(&self) -> f64 {
+        self.cluster.agent_timeout.as_secs_f64()
+    }
+
+    /// The tasks of this agent: the start-up healing pass, then the claim loop, and the
+    /// sweeper, until `stop` turns true (the agent's listener calls [`Scheduler::notified`]).
+    pub(super) fn start(self: &Arc<Self>, stop: watch::Receiver<bool>) {
+        let me = Arc::clone(self);
+        let stop2 = stop.clone();
+        tokio::spawn(async move {
+            me.heal().await;
+            me.claim_loop(stop2).await
+        });
+        let me = Arc::clone(self);
+        let stop2 = stop.clone();
+        tokio::spawn(async move { me.sweep_loop(stop2).await });
+        let me = Arc::clone(self);
+        tokio::spawn(async move { me.stale_loop(stop).await });
+    }
+
+    // ---------------------------------------------------------------- notifications
+
+    /// A notice of the agent's listener ([`super::listen`]), for waiters and the claim loop.
+    pub(super) fn notified(&self, notice: Notice<'_>) {
+        let event = match notice {
+            Notice::Reconnected => Event::Reconnected,
+            Notice::Notification { channel, payload } if channel == CHANNEL => {
+                match payload.strip_prefix("ended ") {
+                    Some(key) => Event::Ended(key.to_string()),
+                    None => Event::Queued,
+                }
+            }
+            Notice::Notification { .. } => return,
+        };
+        let _ = self.events.send(event);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_map_to_statuses() {
+        let db = ClusterError::Query {
+            url: "postgres://db/mistry".into(),
+            reason: "connection refused".into(),
+        };
+        let e = SubmitError::from(db);
+        assert_eq!(e.status(), 503);
+        assert_eq!(
+            e.to_string(),
+            "Service unavailable: the database at postgres://db/mistry: connection refused"
+        );
+        assert_eq!(SubmitError::from(JobError::Overloaded).status(), 503);
+        assert_eq!(
+            SubmitError::from(JobError::UnknownProject("x".into())).status(),
+            404
+        );
+    }
+}

@@ -1,0 +1,554 @@
+//! Requests (see the parent's doc, 1–3): a request admitted through the records — answered
+//! from this agent's result cache, joined to its job in flight, inserted or queued again — and
+//! its end waited for, as a build in this agent's `ready/`.
+
+use super::*;
+
+impl Scheduler {
+    // ---------------------------------------------------------------- requests
+
+    /// Answer a request through the cluster (see the module's doc); `Ok(None)` for `?async`
+    /// once the job is known to be queued, running or ready.
+    pub async fn submit(
+        self: &Arc<Self>,
+        req: JobRequest,
+        is_async: bool,
+    ) -> Result<Option<Answer>, SubmitError> {
+        let (engine, r) = (Arc::clone(&self.engine), req.clone());
+        let ids = tokio::task::spawn_blocking(move || engine.job_ids_of(&r))
+            .await
+            .map_err(|e| JobError::Internal(e.to_string()))??;
+        self.submit_as(req, ids, is_async).await
+    }
+
+    /// The ID a request goes by in the cluster, as a single node chooses it but with the job
+    /// records deciding (`engine::state::Ids::Resolve`): mistry's, unless its record is another
+    /// request's (the same ID, another group or params) — then the exact one; a request whose
+    /// record is under its exact ID stays there. With the record found under that ID, if any
+    /// (under the exact ID it may, against all odds, be another request's too).
+    pub(super) async fn home(
+        &self,
+        project: &str,
+        ids: &JobIds,
+        identity: &Identity,
+    ) -> Result<(String, Option<Record>), ClusterError> {
+        match self.read(project, &ids.mistry).await? {
+            Some(rec) if rec.is_for(identity) => Ok((ids.mistry.clone(), Some(rec))),
+            Some(_) => {
+                tracing::info!(%project, id = %ids.mistry, "job ID taken by another request's job: going by the request's exact ID");
+                Ok((ids.exact.clone(), self.read(project, &ids.exact).await?))
+            }
+            None => match self.read(project, &ids.exact).await? {
+                Some(rec) if rec.is_for(identity) => Ok((ids.exact.clone(), Some(rec))),
+                _ => Ok((ids.mistry.clone(), None)),
+            },
+        }
+    }
+
+    /// The job ID [`Scheduler::submit_as`] will answer `req` with (barring a race with
+    /// another request taking mistry's ID first): a local build of this request that
+    /// succeeded (unless `rebuild`), else the one the records give ([`Scheduler::home`]).
+    /// For a pipeline run, which shows a job's ID before its end.
+    pub async fn job_id(&self, req: &JobRequest, ids: &JobIds) -> Result<String, SubmitError> {
+        let identity = Identity::of(req);
+        if !req.rebuild {
+            let (engine, p, i, who) = (
+                Arc::clone(&self.engine),
+                req.project.clone(),
+                ids.clone(),
+                identity.clone(),
+            );
+            let here = tokio::task::spawn_blocking(move || {
+                [&i.mistry, &i.exact].into_iter().find_map(|id| {
+                    engine
+                        .local_build(&p, id, &who)
+                        .filter(|(info, _)| info.succeeded())
+                        .map(|_| id.clone())
+                })
+            })
+            .await
+            .map_err(|e| JobError::Internal(e.to_string()))?;
+            if let Some(id) = here {
+                return Ok(id);
+            }
+        }
+        Ok(self.home(&req.project, ids, &identity).await?.0)
+    }
+
+    /// [`Scheduler::submit`] of a request whose job IDs the caller computed (with
+    /// [`Engine::job_ids_of`]).
+    pub async fn submit_as(
+        self: &Arc<Self>,
+        req: JobRequest,
+        ids: JobIds,
+        is_async: bool,
+    ) -> Result<Option<Answer>, SubmitError> {
+        match self.admit(req, ids).await? {
+            Admission::Answered(a) => Ok(Some(a)),
+            _ if is_async => Ok(None),
+            a => self.finish(a).await.map(Some),
+        }
+    }
+
+    /// Admit a request (see the module's doc): answered at once from this agent's result
+    /// cache, or its job in the records (inserted, queued again, or joined) and its ID decided;
+    /// [`Scheduler::finish`] waits for its end.
+    pub async fn admit(
+        self: &Arc<Self>,
+        req: JobRequest,
+        ids: JobIds,
+    ) -> Result<Admission, SubmitError> {
+        let project = req.project.clone();
+        let identity = Identity::of(&req);
+        if !req.rebuild {
+            let (engine, p, i, who) = (
+                Arc::clone(&self.engine),
+                project.clone(),
+                ids.clone(),
+                identity.clone(),
+            );
+            let hit = tokio::task::spawn_blocking(move || engine.local_result(&p, &i, &who))
+                .await
+                .map_err(|e| JobError::Internal(e.to_string()))?;
+            if let Some((info, dir)) = hit {
+                tracing::info!(%project, id = %dir.id(), "job answered from the result cache");
+                return Ok(Admission::Answered(Answer { info, dir }));
+            }
+        }
+        // Subscribed before reading the record: an end notified meanwhile is not missed.
+        let events = self.events.subscribe();
+        let mut id = ids.mistry.clone();
+        let waiting = |id: String, events, coalesced| {
+            Ok(Admission::Waiting(Waiting {
+                project: project.clone(),
+                id,
+                identity: identity.clone(),
+                events,
+                coalesced,
+            }))
+        };
+        for _ in 0..10 {
+            let (home, record) = self.home(&project, &ids, &identity).await?;
+            id = home;
+            let Some(rec) = record else {
+                self.check_backlog().await?;
+                if self.insert(&req, &id).await? {
+                    tracing::info!(%project, %id, agent = %self.me(), "job queued in the cluster");
+                    return waiting(id, events, false);
+                }
+                continue; // Another agent inserted it first: read it.
+            };
+            if !rec.is_for(&identity) {
+                return Err(SubmitError::Job(JobError::Internal(format!(
+                    "Error building {project}/{id}: another request's job has this ID"
+                ))));
+            }
+            match rec.state {
+                JobState::Queued | JobState::Running => {
+                    tracing::info!(%project, %id, state = %rec.state, agent = ?rec.agent, "job joins an identical job of the cluster");
+                    self.engine.metrics.coalesced();
+                    return waiting(id, events, true);
+                }
+                JobState::Ready
+                    if !req.rebuild
+                        && rec.agent_alive
+                        && rec.agent.as_deref() != Some(self.me()) =>
+                {
+                    return Ok(Admission::Copy(Copy {
+                        project: project.clone(),
+                        id,
+                        identity: identity.clone(),
+                        rec,
+                    }));
+                }
+                _ => {
+                    // Failed, unavailable (its agent is not alive, or this agent no longer
+                    // has it), or a rebuild: run it again.
+                    self.check_backlog().await?;
+                    if self.requeue(&req, &id, &rec).await? {
+                        tracing::info!(%project, %id, was = %rec.state, agent = ?rec.agent, "job queued again in the cluster");
+                        return waiting(id, events, false);
+                    }
+                }
+            }
+        }
+        Err(SubmitError::Job(JobError::Internal(format!(
+            "Error building {project}/{id}: the job's record kept changing; try again"
+        ))))
+    }
+
+    /// The end of an admitted job, as a build in this agent's `ready/`.
+    pub async fn finish(&self, admission: Admission) -> Result<Answer, SubmitError> {
+        match admission {
+            Admission::Answered(a) => Ok(a),
+            Admission::Waiting(w) => {
+                self.wait_end(&w.project, &w.id, &w.identity, w.events, w.coalesced)
+                    .await
+            }
+            Admission::Copy(c) => {
+                let (project, id) = (&c.project, &c.id);
+                let mut answer = self.local_copy(project, id, &c.identity, &c.rec).await?;
+                answer.info.cached = true;
+                answer.info.coalesced = false;
+                self.engine.metrics.cached();
+                tracing::info!(%project, %id, from = ?c.rec.agent, "job answered from the cluster's result cache");
+                Ok(answer)
+            }
+        }
+    }
+
+    pub(super) async fn read(
+        &self,
+        project: &str,
+        id: &str,
+    ) -> Result<Option<Record>, ClusterError> {
+        records::read(self.db()?, project, id, self.cluster.agent_timeout).await
+    }
+
+    /// Drop this agent's copy of `project/id` (see [`replicate::discard_copy`]).
+    pub(super) async fn discard_copy(
+        &self,
+        project: &str,
+        id: &str,
+        agent: Option<&str>,
+        judged: &str,
+    ) -> bool {
+        replicate::discard_copy(&self.engine, project, id, agent, judged).await
+    }
+
+    /// 503 when the cluster's queue is full (see the module's doc).
+    pub(super) async fn check_backlog(&self) -> Result<(), SubmitError> {
+        let db = self.db()?;
+        let client = db.client().await?;
+        let backlog = i64::try_from(self.engine.cfg.job_backlog).unwrap_or(i64::MAX);
+        let full: bool = client
+            .query_one(
+                "SELECT (SELECT count(*) FROM jobs WHERE state = 'queued') >=
+                        $1 + COALESCE((SELECT sum(GREATEST(capacity - running, 0))
+                                         FROM agents
+                                        WHERE stopped_at IS NULL
+                                          AND last_heartbeat > now() - make_interval(secs => $2)),
+                                      0)",
+                &[&backlog, &self.timeout_secs()],
+            )
+            .await
+            .and_then(|r| r.try_get(0))
+            .map_err(|e| db.pg_error(&e))?;
+        if full {
+            return Err(SubmitError::Job(JobError::Overloaded));
+        }
+        Ok(())
+    }
+
+    /// The preferred agent of a job (SQL, `$1` project, `$2` group, `me` and `timeout` the
+    /// placeholders of this agent's name and of `agent_timeout` in seconds): the agent holding
+    /// the group's last successful build, when it is alive; else an alive agent with free capacity that has the
+    /// project's image (table `agent_images`); else the least loaded alive agent (`running`
+    /// records / capacity). Ties go to this agent, then by name.
+    pub(super) fn preferred(me: &str, timeout: &str) -> String {
+        format!(
+            "COALESCE(
+               (SELECT h.name
+                  FROM (SELECT p.agent FROM jobs p
+                         WHERE p.project = $1 AND p.group_name = $2 AND $2 <> ''
+                           AND p.state = 'ready'
+                         ORDER BY p.ended_at DESC LIMIT 1) l
+                  JOIN agents h ON h.name = l.agent
+                 WHERE h.stopped_at IS NULL
+                   AND h.last_heartbeat > now() - make_interval(secs => {timeout})),
+               (SELECT a.name FROM agents a,
+                       LATERAL (SELECT count(*) AS n FROM jobs r
+                                 WHERE r.state = 'running' AND r.agent = a.name) r
+                 WHERE a.stopped_at IS NULL
+                   AND a.last_heartbeat > now() - make_interval(secs => {timeout})
+                 ORDER BY (a.capacity > r.n
+                           AND EXISTS (SELECT 1 FROM agent_images i
+                                        WHERE i.agent = a.name AND i.project = $1)) DESC,
+                          r.n::float8 / a.capacity, a.name = {me} DESC, a.name
+                 LIMIT 1))"
+        )
+    }
+
+    /// Insert the job; `false` when another agent inserted it first. With a free slot here, and
+    /// this agent the job's preferred one (see [`Scheduler::preferred`]), the job is inserted
+    /// `running` by this agent and starts at once (no claim round trip, and the answer needs no
+    /// replication); else it is queued for the claims, its preferred agent first.
+    pub(super) async fn insert(
+        self: &Arc<Self>,
+        req: &JobRequest,
+        id: &str,
+    ) -> Result<bool, ClusterError> {
+        let here = self.reserve();
+        let inserted = self.try_insert(req, id, here).await;
+        match &inserted {
+            Ok(Some(claim)) if claim.is_some() => {}
+            _ if here => self.release(),
+            _ => {}
+        }
+        match inserted? {
+            None => Ok(false),
+            Some(None) => Ok(true),
+            Some(Some(claim)) => {
+                tracing::info!(project = %claim.project, id = %claim.id, agent = %self.me(), "job claimed (taken by the agent that received it)");
+                self.spawn_run(claim);
+                Ok(true)
+            }
+        }
+    }
+
+    /// `None`: not inserted; `Some(None)`: queued; `Some(Some(claim))`: running here.
+    pub(super) async fn try_insert(
+        &self,
+        req: &JobRequest,
+        id: &str,
+        here: bool,
+    ) -> Result<Option<Option<Claim>>, ClusterError> {
+        let db = self.db()?;
+        let client = db.client().await?;
+        let request = request_json(req);
+        // One statement (one round trip, atomic), the queued job's notification included.
+        let row = client
+            .query_opt(
+                &format!(
+                    "WITH pref AS (SELECT {} AS agent),
+                          mine AS (SELECT $5 AND (pref.agent IS NULL OR pref.agent = $6) AS yes
+                                     FROM pref),
+                          ins AS (
+                              INSERT INTO jobs (project, id, group_name, request, preferred_agent,
+                                                state, agent, started_at)
+                              SELECT $1, $3, $2, $4::text::jsonb, pref.agent,
+                                     CASE WHEN mine.yes THEN 'running' ELSE 'queued' END,
+                                     CASE WHEN mine.yes THEN $6 END,
+                                     CASE WHEN mine.yes THEN now() END
+                                FROM pref, mine
+                              ON CONFLICT (project, id) DO NOTHING
+                              RETURNING state),
+                          sent AS (SELECT pg_notify($8, 'queued') FROM ins
+                                    WHERE ins.state = 'queued')
+                     SELECT ins.state, (SELECT count(*) FROM sent) FROM ins",
+                    Self::preferred("$6", "$7")
+                ),
+                &[
+                    &req.project,
+                    &req.group,
+                    &id,
+                    &request,
+                    &here,
+                    &self.me(),
+                    &self.timeout_secs(),
+                    &CHANNEL,
+                ],
+            )
+            .await
+            .map_err(|e| db.pg_error(&e))?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let state: String = row.try_get(0).map_err(|e| db.pg_error(&e))?;
+        if stored_state(db, &state)? == JobState::Queued {
+            return Ok(Some(None));
+        }
+        Ok(Some(Some(Claim {
+            project: req.project.clone(),
+            id: id.to_string(),
+            request,
+            retries: 0,
+            retried_from: None,
+        })))
+    }
+
+    /// Queue an ended job again, if its record is still as `rec` says (its request included:
+    /// a record deleted and inserted again by another request meanwhile is not this one).
+    pub(super) async fn requeue(
+        &self,
+        req: &JobRequest,
+        id: &str,
+        rec: &Record,
+    ) -> Result<bool, ClusterError> {
+        // A job in flight is joined, never queued again.
+        let Some(to) = rec.state.rerun() else {
+            return Ok(false);
+        };
+        let to = to.as_str();
+        let db = self.db()?;
+        let mut client = db.client().await?;
+        let tx = client.transaction().await.map_err(|e| db.pg_error(&e))?;
+        let n = tx
+            .execute(
+                &format!(
+                    "UPDATE jobs SET state = '{}', agent = NULL, build_info = NULL,
+                            request = $4::text::jsonb, retries = 0, retried_from = NULL,
+                            queued_at = now(), started_at = NULL, ended_at = NULL,
+                            preferred_agent = {}
+                      WHERE project = $1 AND id = $3 AND state = $5
+                        AND agent IS NOT DISTINCT FROM $6 AND request = $9::text::jsonb",
+                    to,
+                    Self::preferred("$7", "$8")
+                ),
+                &[
+                    &req.project,
+                    &req.group,
+                    &id,
+                    &request_json(req),
+                    &rec.state.as_str(),
+                    &rec.agent,
+                    &self.me(),
+                    &self.timeout_secs(),
+                    &rec.request,
+                ],
+            )
+            .await
+            .map_err(|e| db.pg_error(&e))?;
+        if n == 1 {
+            tx.execute("SELECT pg_notify($1, 'queued')", &[&CHANNEL])
+                .await
+                .map_err(|e| db.pg_error(&e))?;
+        }
+        tx.commit().await.map_err(|e| db.pg_error(&e))?;
+        Ok(n == 1)
+    }
+
+    /// Wait for the job's end, then answer with its build, local to this agent (a build of a
+    /// request with `identity`).
+    pub(super) async fn wait_end(
+        &self,
+        project: &str,
+        id: &str,
+        identity: &Identity,
+        mut events: broadcast::Receiver<Event>,
+        coalesced: bool,
+    ) -> Result<Answer, SubmitError> {
+        let key = key_of(project, id);
+        loop {
+            let Some(rec) = self.read(project, id).await? else {
+                return Err(SubmitError::Job(JobError::Internal(format!(
+                    "Error building {key}: the job's record was deleted"
+                ))));
+            };
+            if !rec.is_for(identity) {
+                return Err(SubmitError::Job(JobError::Internal(format!(
+                    "Error building {key}: the job's record is another request's now; try again"
+                ))));
+            }
+            if !rec.state.in_flight() {
+                let mut answer = self.local_copy(project, id, identity, &rec).await?;
+                answer.info.cached = false;
+                answer.info.coalesced = coalesced;
+                return Ok(answer);
+            }
+            let woken = tokio::time::timeout(SAFETY_RECHECK, async {
+                loop {
+                    match events.recv().await {
+                        Ok(Event::Ended(k)) if k == key => return true,
+                        Ok(Event::Reconnected) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                            return true
+                        }
+                        Ok(_) => continue,
+                        Err(broadcast::error::RecvError::Closed) => return false,
+                    }
+                }
+            })
+            .await;
+            if woken == Ok(false) {
+                return Err(SubmitError::Job(JobError::Internal(format!(
+                    "Error building {key}: the agent is shutting down"
+                ))));
+            }
+        }
+    }
+
+    /// The ended job's build in this agent's `ready/` (fetched from the agent that ran it when
+    /// that is another one), and its BuildInfo with `Path` local; never a build of a request
+    /// other than `identity`'s.
+    pub(super) async fn local_copy(
+        &self,
+        project: &str,
+        id: &str,
+        identity: &Identity,
+        rec: &Record,
+    ) -> Result<Answer, SubmitError> {
+        let layout = &self.engine.layout;
+        let mut dir = layout.job(project, id, Stage::Ready);
+        let here = rec.agent.as_deref() == Some(self.me());
+        let stored = || -> Option<BuildInfo> {
+            rec.build_info
+                .as_deref()
+                .and_then(|t| serde_json::from_str(t).ok())
+        };
+        // A copy here of another run of the job (the record's build is newer: a rebuild or a
+        // re-run elsewhere, whose end this request waited for) goes first.
+        let mut local = dir.read_info();
+        if let Some(mine) = local.as_ref().filter(|m| !here && is_stale(m, rec)) {
+            let judged = mine.started_at.clone();
+            local = if self
+                .discard_copy(project, id, rec.agent.as_deref(), &judged)
+                .await
+            {
+                None
+            } else {
+                dir.read_info()
+            };
+            if local.as_ref().is_some_and(|m| is_stale(m, rec)) {
+                return Err(SubmitError::Replication(format!(
+                    "this agent's copy of {project}/{id} is an older build, in use: try again"
+                )));
+            }
+        }
+        if !here && local.is_none() {
+            // A failed job may have no build to fetch (refused before it ran, e.g. an input
+            // that could not be fetched): its record's BuildInfo answers.
+            let failed = rec.state == JobState::Failed;
+            let fetched = match (&rec.agent, &rec.agent_url) {
+                (Some(agent), Some(url)) => super::super::replicate::fetch_build(
+                    url,
+                    &self.engine.importer(),
+                    project,
+                    id,
+                    false,
+                )
+                .await
+                .map_err(|e| {
+                    format!("fetching the build {project}/{id} from agent {agent} ({url}): {e}")
+                }),
+                _ => Err(format!("the build {project}/{id} has no agent holding it")),
+            };
+            match fetched {
+                Ok(d) => {
+                    tracing::info!(%project, %id, from = ?rec.agent, "build replicated from another agent");
+                    dir = d;
+                    local = dir.read_info();
+                }
+                Err(e) => match stored().filter(|i| failed && identity.matches(i)) {
+                    Some(info) => {
+                        tracing::info!(%project, %id, error = %e, "a failed job answered from its record");
+                        let info = BuildInfo {
+                            path: dir.artifacts_when_ready().display().to_string(),
+                            ..info
+                        };
+                        return Ok(Answer { info, dir });
+                    }
+                    None => return Err(SubmitError::Replication(e)),
+                },
+            }
+        }
+        let info = match local.or_else(stored) {
+            Some(i) => i,
+            None => {
+                return Err(SubmitError::Job(JobError::Internal(format!(
+                    "Error building {project}/{id}: its BuildInfo is missing"
+                ))))
+            }
+        };
+        if !identity.matches(&info) {
+            return Err(SubmitError::Replication(format!(
+                "the build {project}/{id} here is another request's (another group or params): \
+                 try again"
+            )));
+        }
+        let info = BuildInfo {
+            path: dir.artifacts_when_ready().display().to_string(),
+            ..info
+        };
+        Ok(Answer { info, dir })
+    }
+}

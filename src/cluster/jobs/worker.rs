@@ -1,0 +1,451 @@
+//! Claims and runs (see the parent's doc): the claim loop, a claimed job run through the
+//! engine (its inputs fetched first, its group's chain placed), its end recorded.
+
+use super::*;
+use crate::cluster::records::{sql_sources, sql_target};
+
+impl Scheduler {
+    // ---------------------------------------------------------------- claims
+
+    pub(super) async fn claim_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut events = self.events.subscribe();
+        loop {
+            let mut left = false;
+            while !*stop.borrow() && self.reserve() {
+                // A slot given back here is not "capacity freed" (`release` would wake this
+                // loop again at once: a busy loop).
+                match self.claim_one().await {
+                    Ok(Some(claim)) => self.spawn_run(claim),
+                    Ok(None) => {
+                        self.unreserve();
+                        left = self.any_queued().await.unwrap_or(true);
+                        break;
+                    }
+                    Err(e) => {
+                        self.unreserve();
+                        tracing::debug!(agent = %self.me(), error = %e, "claiming jobs failed");
+                        left = true;
+                        break;
+                    }
+                }
+            }
+            let tick = if left {
+                Duration::from_secs(1)
+            } else {
+                Duration::from_secs(5)
+            };
+            // Woken by work to claim (not by the ends of jobs: those free capacity here only
+            // through `release`).
+            let queued = async {
+                loop {
+                    match events.recv().await {
+                        Ok(Event::Ended(_)) => continue,
+                        Ok(_) | Err(_) => return,
+                    }
+                }
+            };
+            tokio::select! {
+                _ = queued => {}
+                _ = self.freed.notified() => {}
+                _ = tokio::time::sleep(tick) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    }
+
+    /// Reserve one of this agent's `job_concurrency` slots for a claim; `false` when all are
+    /// taken (or the engine shuts down).
+    pub(super) fn reserve(&self) -> bool {
+        if self.engine.is_shutting_down() {
+            return false;
+        }
+        let capacity = self.engine.cfg.job_concurrency;
+        self.claimed
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < capacity).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Give back a slot [`Scheduler::reserve`] took, and wake the claim loop (capacity freed).
+    pub(super) fn release(&self) {
+        self.unreserve();
+        self.freed.notify_one();
+    }
+
+    /// Give back a slot [`Scheduler::reserve`] took, quietly.
+    pub(super) fn unreserve(&self) {
+        self.claimed.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Run a claimed job (its slot reserved) in the background.
+    pub(super) fn spawn_run(self: &Arc<Self>, claim: Claim) {
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            me.run_claimed(claim).await;
+            me.release();
+        });
+    }
+
+    pub(super) async fn any_queued(&self) -> Result<bool, ClusterError> {
+        let db = self.db()?;
+        let client = db.client().await?;
+        client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM jobs WHERE state = 'queued')",
+                &[],
+            )
+            .await
+            .and_then(|r| r.try_get(0))
+            .map_err(|e| db.pg_error(&e))
+    }
+
+    /// Claim the oldest queued job this agent may take (its own preferred jobs first).
+    pub(super) async fn claim_one(&self) -> Result<Option<Claim>, ClusterError> {
+        let db = self.db()?;
+        let mut client = db.client().await?;
+        let tx = client.transaction().await.map_err(|e| db.pg_error(&e))?;
+        let row = tx
+            .query_opt(
+                &format!(
+                    "SELECT j.project, j.id, j.request::text, j.retries, j.retried_from
+                   FROM jobs j
+                  WHERE j.state IN ({claimable})
+                    AND (j.preferred_agent IS NULL OR j.preferred_agent = $1
+                         OR j.queued_at < now() - make_interval(secs => $2)
+                         OR NOT EXISTS (
+                             SELECT 1 FROM agents a
+                              WHERE a.name = j.preferred_agent AND a.stopped_at IS NULL
+                                AND a.last_heartbeat > now() - make_interval(secs => $3)
+                                AND a.capacity > (SELECT count(*) FROM jobs r
+                                                   WHERE r.state = 'running'
+                                                     AND r.agent = a.name)))
+                  ORDER BY (j.preferred_agent IS NOT DISTINCT FROM $1) DESC, j.queued_at
+                  LIMIT 1
+                    FOR UPDATE OF j SKIP LOCKED",
+                    claimable = sql_sources(JobState::claim)
+                ),
+                &[
+                    &self.me(),
+                    &PREFERRED_GRACE.as_secs_f64(),
+                    &self.timeout_secs(),
+                ],
+            )
+            .await
+            .map_err(|e| db.pg_error(&e))?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let g = |e: tokio_postgres::Error| db.pg_error(&e);
+        let claim = Claim {
+            project: row.try_get(0).map_err(g)?,
+            id: row.try_get(1).map_err(g)?,
+            request: row.try_get(2).map_err(g)?,
+            retries: row.try_get(3).map_err(g)?,
+            retried_from: row.try_get(4).map_err(g)?,
+        };
+        tx.execute(
+            &format!(
+                "UPDATE jobs SET state = '{running}', agent = $3, started_at = now()
+                  WHERE project = $1 AND id = $2",
+                running = sql_target(JobState::Queued, JobState::claim)
+            ),
+            &[&claim.project, &claim.id, &self.me()],
+        )
+        .await
+        .map_err(|e| db.pg_error(&e))?;
+        tx.commit().await.map_err(|e| db.pg_error(&e))?;
+        tracing::info!(project = %claim.project, id = %claim.id, agent = %self.me(), retries = claim.retries, "job claimed");
+        Ok(Some(claim))
+    }
+
+    /// A BuildInfo for a claimed job that could not run here.
+    pub(super) fn refused(&self, req: &JobRequest, id: &str, err: String) -> BuildInfo {
+        let dir = self.engine.layout.job(&req.project, id, Stage::Ready);
+        BuildInfo {
+            err_build: err,
+            ..self.engine.blank_info(req, &dir)
+        }
+    }
+
+    /// Run a claimed job on the local engine and record its end.
+    pub(super) async fn run_claimed(&self, claim: Claim) {
+        let (project, id) = (claim.project.clone(), claim.id.clone());
+        let req = match request_from_json(&claim.request) {
+            Ok(r) => r,
+            Err(e) => {
+                let req = JobRequest {
+                    project: project.clone(),
+                    ..JobRequest::default()
+                };
+                let info = self.refused(
+                    &req,
+                    &id,
+                    format!("Error building {project}: the job's stored request is invalid: {e}"),
+                );
+                self.record_end(&project, &id, &info).await;
+                return;
+            }
+        };
+        if !req.group.is_empty() {
+            self.place_group(&req).await;
+        }
+        // A pipeline's job placed here: its input builds are fetched first (cluster/inputs.rs).
+        if let Err(e) = super::super::inputs::fetch_inputs(&self.cluster, &self.engine, &req).await
+        {
+            let info = self.refused(&req, &id, e.to_string());
+            self.record_end(&project, &id, &info).await;
+            return;
+        }
+        let scheduled = match self.engine.schedule_as(req.clone(), id.clone()).await {
+            Ok(s) => s,
+            Err(JobError::Overloaded) => {
+                // Shutting down, or the local backlog is full: back to the queue.
+                self.unclaim(&project, &id).await;
+                return;
+            }
+            Err(e) => {
+                let info = self.refused(&req, &id, e.to_string());
+                self.record_end(&project, &id, &info).await;
+                return;
+            }
+        };
+        // The job's log goes to the database as it is produced (src/cluster/logs/); its last
+        // chunk before the record says the job ended.
+        let shipper = self
+            .cluster
+            .logs()
+            .map(|logs| logs.ship(&self.engine.layout.job(&project, &id, Stage::Pending)));
+        let info = match scheduled.wait().await {
+            Ok((mut info, dir)) => {
+                info.cached = false;
+                info.coalesced = false;
+                info.retries = u32::try_from(claim.retries).unwrap_or_default();
+                if claim.retries > 0 {
+                    let from = claim.retried_from.as_deref().unwrap_or("another agent");
+                    let note = format!(
+                        "mistry: retried (retry {}): agent {from} stopped heartbeating while it \
+                         ran this job; agent {} ran it again\n",
+                        claim.retries,
+                        self.me()
+                    );
+                    // The log and the stored BuildInfo say it (result-cache hits answer it).
+                    let (engine, info2) = (Arc::clone(&self.engine), info.clone());
+                    let _ =
+                        tokio::task::spawn_blocking(move || engine.note_retry(&dir, &note, &info2))
+                            .await;
+                    tracing::info!(%project, %id, from, retries = claim.retries, "a retried job ended");
+                }
+                info
+            }
+            Err(e) => self.refused(&req, &id, e.to_string()),
+        };
+        if let Some(s) = shipper {
+            s.finish().await;
+        }
+        self.record_end(&project, &id, &info).await;
+    }
+
+    /// A group's chain moving to this agent: start from the group's last successful build,
+    /// fetched with its cache from the agent holding it, or clean when it is not alive.
+    pub(super) async fn place_group(&self, req: &JobRequest) {
+        let (project, group) = (&req.project, &req.group);
+        let last = async {
+            let db = self.db()?;
+            let client = db.client().await?;
+            client
+                .query_opt(
+                    "SELECT j.id, j.agent, a.advertise_url,
+                            COALESCE(a.stopped_at IS NULL
+                                     AND a.last_heartbeat > now() - make_interval(secs => $3),
+                                     false)
+                       FROM jobs j LEFT JOIN agents a ON a.name = j.agent
+                      WHERE j.project = $1 AND j.group_name = $2 AND j.state = 'ready'
+                      ORDER BY j.ended_at DESC LIMIT 1",
+                    &[project, group, &self.timeout_secs()],
+                )
+                .await
+                .map_err(|e| db.pg_error(&e))
+        }
+        .await;
+        let row = match last {
+            Ok(Some(r)) => r,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(%project, %group, error = %e, "the group's last build is unknown (database); this agent's own chain is used");
+                return;
+            }
+        };
+        let (Ok(last_id), Ok(agent), Ok(url), Ok(alive)) = (
+            row.try_get::<_, String>(0),
+            row.try_get::<_, Option<String>>(1),
+            row.try_get::<_, Option<String>>(2),
+            row.try_get::<_, bool>(3),
+        ) else {
+            return;
+        };
+        let agent = agent.unwrap_or_default();
+        if agent == self.me() {
+            return;
+        }
+        let importer = self.engine.importer();
+        let local = importer.layout().job(project, &last_id, Stage::Ready);
+        let has_cache = |d: &JobDir| {
+            std::fs::symlink_metadata(d.data().join("cache")).is_ok_and(|m| m.is_dir())
+        };
+        let base = if local.read_info().is_some() && has_cache(&local) {
+            tracing::info!(%project, %group, "incremental from agent {agent}'s build {project}/{last_id} (already here)");
+            Some(local)
+        } else if let (true, Some(url)) = (alive, url) {
+            // A copy here without its cache (a replica made to answer a request) is set aside
+            // while the build is fetched again with its cache (an existing ready/<id> would
+            // win over the fetch), and put back if that fails.
+            let aside = importer.set_aside(project, &last_id);
+            match super::super::replicate::fetch_build(&url, &importer, project, &last_id, true)
+                .await
+            {
+                Ok(dir) => {
+                    tracing::info!(%project, %group, "incremental from agent {agent}'s build {project}/{last_id}");
+                    if let Some(aside) = aside {
+                        aside.remove();
+                    }
+                    Some(dir)
+                }
+                Err(e) => {
+                    if let Some(aside) = aside {
+                        aside.restore();
+                    }
+                    tracing::warn!(%project, %group, error = %e, "starting clean (Incremental: false): fetching agent {agent}'s build {project}/{last_id} failed");
+                    None
+                }
+            }
+        } else {
+            tracing::info!(%project, %group, "starting clean (Incremental: false): agent {agent}, holding the group's last build {project}/{last_id}, is not alive");
+            None
+        };
+        if let Err(e) = importer.link_group(project, group, base.as_ref()) {
+            let link = importer.layout().link(project, group);
+            tracing::warn!(%project, %group, error = %e, "could not update {}", link.display());
+        }
+    }
+
+    /// Give a claimed job back to the queue (this agent cannot run it now).
+    pub(super) async fn unclaim(&self, project: &str, id: &str) {
+        let result = async {
+            let db = self.db()?;
+            let client = db.client().await?;
+            client
+                .execute(
+                    &format!(
+                        "UPDATE jobs SET state = '{queued}', agent = NULL, started_at = NULL
+                          WHERE project = $1 AND id = $2 AND state IN ({running}) AND agent = $3",
+                        queued = sql_target(JobState::Running, JobState::requeue),
+                        running = sql_sources(JobState::requeue)
+                    ),
+                    &[&project, &id, &self.me()],
+                )
+                .await
+                .map_err(|e| db.pg_error(&e))?;
+            client
+                .execute("SELECT pg_notify($1, 'queued')", &[&CHANNEL])
+                .await
+                .map_err(|e| db.pg_error(&e))?;
+            Ok::<_, ClusterError>(())
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(%project, %id, error = %e, "could not give the job back to the queue; the sweeper will");
+        }
+    }
+
+    /// Record the end of a job this agent ran (its build is in `ready/` already) and notify
+    /// it; retried every second while the database does not answer.
+    pub(super) async fn record_end(&self, project: &str, id: &str, info: &BuildInfo) {
+        // Before the record: its notification may come back before the update returns.
+        if let Ok(mut r) = self.recorded.lock() {
+            r.retain(|_, (_, at)| at.elapsed() < Duration::from_secs(60));
+            r.insert(
+                key_of(project, id),
+                (info.started_at.clone(), std::time::Instant::now()),
+            );
+        }
+        let mut warned = false;
+        for _ in 0..600 {
+            match self.try_record_end(project, id, info).await {
+                Ok(true) => return,
+                Ok(false) => {
+                    self.forget_recorded(project, id);
+                    tracing::warn!(%project, %id, agent = %self.me(), "the job's record was taken over meanwhile (this agent was taken for dead): its build stays here, unrecorded");
+                    return;
+                }
+                Err(e) => {
+                    if !warned {
+                        tracing::warn!(%project, %id, error = %e, "recording the job's end failed; retrying every second");
+                        warned = true;
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+        self.forget_recorded(project, id);
+    }
+
+    pub(super) fn forget_recorded(&self, project: &str, id: &str) {
+        if let Ok(mut r) = self.recorded.lock() {
+            r.remove(&key_of(project, id));
+        }
+    }
+
+    pub(super) async fn try_record_end(
+        &self,
+        project: &str,
+        id: &str,
+        info: &BuildInfo,
+    ) -> Result<bool, ClusterError> {
+        let db = self.db()?;
+        let stored = BuildInfo {
+            container_stdouterr: String::new(),
+            container_stderr: String::new(),
+            ..info.clone()
+        };
+        let json = serde_json::to_string(&stored).map_err(|e| db.error(e.to_string()))?;
+        let state = JobState::of_end(info).as_str();
+        // One statement (one round trip, atomic): the record (still ours, or queued again
+        // meanwhile and not claimed by another agent yet), the end's notification, and — when
+        // the job ran in its container — the project's image cached here (placement).
+        let client = db.client().await?;
+        let n: i64 = client
+            .query_one(
+                "WITH upd AS (
+                     UPDATE jobs SET state = $4, agent = $3, build_info = $5::text::jsonb,
+                            ended_at = now()
+                      WHERE project = $1 AND id = $2
+                        AND ((state = 'running' AND agent = $3) OR state = 'queued')
+                     RETURNING 1),
+                 sent AS (SELECT pg_notify($6, $7) FROM upd),
+                 img AS (
+                     INSERT INTO agent_images (agent, project)
+                     SELECT $3, $1 FROM upd WHERE $8
+                     ON CONFLICT (agent, project) DO UPDATE SET built_at = now()
+                     RETURNING 1)
+                 SELECT (SELECT count(*) FROM upd), (SELECT count(*) FROM sent)",
+                &[
+                    &project,
+                    &id,
+                    &self.me(),
+                    &state,
+                    &json,
+                    &CHANNEL,
+                    &format!("ended {}", key_of(project, id)),
+                    &info.err_build.is_empty(),
+                ],
+            )
+            .await
+            .and_then(|r| r.try_get(0))
+            .map_err(|e| db.pg_error(&e))?;
+        if n == 1 {
+            tracing::info!(%project, %id, %state, agent = %self.me(), "job recorded in the cluster");
+        }
+        Ok(n == 1)
+    }
+}

@@ -1,0 +1,169 @@
+//! The job records (table `jobs`): a record as a request reads it, its stored request and
+//! state, and whether a copy of a build on this agent is the recorded one. The scheduler's
+//! statements (`jobs/`) and the inputs' fetching (`inputs.rs`) read records through here.
+
+use std::time::Duration;
+
+use super::{ClusterError, Db};
+use crate::jobs::{BuildInfo, Identity, Input, JobRequest};
+use crate::service::JobState;
+
+/// A job's record, as a request reads it.
+#[derive(Debug)]
+pub(super) struct Record {
+    pub(super) state: JobState,
+    pub(super) agent: Option<String>,
+    pub(super) agent_url: Option<String>,
+    pub(super) agent_alive: bool,
+    pub(super) build_info: Option<String>,
+    /// The stored request (JSON).
+    pub(super) request: String,
+}
+
+impl Record {
+    /// Whether the record is a job of a request with `identity` (the same group and params but
+    /// the opaque ones; the project is the record's key).
+    pub(super) fn is_for(&self, identity: &Identity) -> bool {
+        request_from_json(&self.request).is_ok_and(|r| Identity::of(&r) == *identity)
+    }
+}
+
+/// A record's stored state (the column's CHECK allows no other).
+pub(super) fn stored_state(db: &super::Db, name: &str) -> Result<JobState, ClusterError> {
+    JobState::parse(name)
+        .ok_or_else(|| db.error(format!("unknown job state {name:?} in the records")))
+}
+
+/// The request as the record stores it (JSON text, cast to jsonb by the query).
+pub(super) fn request_json(req: &JobRequest) -> String {
+    serde_json::json!({
+        "project": req.project,
+        "group": req.group,
+        "params": req.params,
+        "inputs": req.inputs,
+        "rebuild": req.rebuild,
+    })
+    .to_string()
+}
+
+pub(super) fn request_from_json(text: &str) -> Result<JobRequest, String> {
+    #[derive(serde::Deserialize)]
+    struct Stored {
+        project: String,
+        #[serde(default)]
+        group: String,
+        #[serde(default)]
+        params: std::collections::BTreeMap<String, String>,
+        #[serde(default)]
+        inputs: std::collections::BTreeMap<String, Input>,
+        #[serde(default)]
+        rebuild: bool,
+    }
+    let s: Stored = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    Ok(JobRequest {
+        project: s.project,
+        params: s.params,
+        group: s.group,
+        rebuild: s.rebuild,
+        inputs: s.inputs,
+    })
+}
+
+/// Job `project/id`'s record, with whether its agent is alive (a heartbeat within
+/// `agent_timeout`, not stopped).
+pub(super) async fn read(
+    db: &Db,
+    project: &str,
+    id: &str,
+    agent_timeout: Duration,
+) -> Result<Option<Record>, ClusterError> {
+    let client = db.client().await?;
+    let row = client
+        .query_opt(
+            "SELECT j.state, j.agent, a.advertise_url,
+                    COALESCE(a.stopped_at IS NULL
+                             AND a.last_heartbeat > now() - make_interval(secs => $3), false),
+                    j.build_info::text, j.request::text
+               FROM jobs j LEFT JOIN agents a ON a.name = j.agent
+              WHERE j.project = $1 AND j.id = $2",
+            &[&project, &id, &agent_timeout.as_secs_f64()],
+        )
+        .await
+        .map_err(|e| db.pg_error(&e))?;
+    let Some(r) = row else { return Ok(None) };
+    let g = |e: tokio_postgres::Error| db.pg_error(&e);
+    Ok(Some(Record {
+        state: stored_state(db, &r.try_get::<_, String>(0).map_err(g)?)?,
+        agent: r.try_get(1).map_err(g)?,
+        agent_url: r.try_get(2).map_err(g)?,
+        agent_alive: r.try_get(3).map_err(g)?,
+        build_info: r.try_get(4).map_err(g)?,
+        request: r.try_get(5).map_err(g)?,
+    }))
+}
+
+/// The states `transition` leaves from, as an SQL list (`'queued', 'running'`): what a
+/// conditional update of the records checks (only the enum's names, never outside text).
+pub(super) fn sql_sources(transition: impl Fn(JobState) -> Option<JobState>) -> String {
+    JobState::sources(transition)
+        .iter()
+        .map(|s| format!("'{}'", s.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The state `transition` leads to from `from`, for an update's `SET state = ...` (the
+/// transitions the statements take are defined; `service`'s tests check them).
+pub(super) fn sql_target(
+    from: JobState,
+    transition: fn(JobState) -> Option<JobState>,
+) -> &'static str {
+    transition(from).unwrap_or(from).as_str()
+}
+
+/// Whether a copy here (`mine`) is not the build the record stores (another run of the job,
+/// or a build of another request under the same ID).
+pub(super) fn is_stale(mine: &BuildInfo, rec: &Record) -> bool {
+    let theirs = rec
+        .build_info
+        .as_deref()
+        .and_then(|t| serde_json::from_str::<BuildInfo>(t).ok());
+    theirs.is_none_or(|t| {
+        t.started_at != mine.started_at || !Identity::new(&t.group, &t.params).matches(mine)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_statements_transitions_come_from_the_typed_state() {
+        assert_eq!(sql_sources(JobState::claim), "'queued'");
+        assert_eq!(sql_sources(JobState::requeue), "'running'");
+        assert_eq!(sql_sources(JobState::rerun), "'ready', 'failed'");
+        assert_eq!(sql_target(JobState::Queued, JobState::claim), "running");
+        assert_eq!(sql_target(JobState::Running, JobState::requeue), "queued");
+        assert_eq!(sql_target(JobState::Failed, JobState::rerun), "queued");
+    }
+
+    #[test]
+    fn requests_round_trip_through_their_stored_json() {
+        let mut req = JobRequest {
+            project: "p".into(),
+            group: "g".into(),
+            rebuild: true,
+            ..JobRequest::default()
+        };
+        req.params.insert("a".into(), "1".into());
+        req.inputs.insert(
+            "up".into(),
+            Input {
+                project: "q".into(),
+                id: "abc".into(),
+            },
+        );
+        assert_eq!(request_from_json(&request_json(&req)).unwrap(), req);
+        assert!(request_from_json("{}").is_err());
+    }
+}

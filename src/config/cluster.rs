@@ -1,0 +1,214 @@
+//! The multi-agent mode's settings (top-level keys of the configuration file, beside mistry's):
+//! `database_url` (or `MISTRY_DATABASE_URL`), `agent_name`, `advertise_url`, `agent_timeout`,
+//! `heartbeat`, `log_retention`. What they drive is `crate::cluster`.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use serde::Deserialize;
+
+/// The environment variable that sets `database_url` (it wins over the file).
+pub const DATABASE_URL_ENV: &str = "MISTRY_DATABASE_URL";
+/// Default `agent_timeout`.
+pub const DEFAULT_AGENT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default `heartbeat`.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// The configuration file's keys of the multi-agent mode (top level, beside mistry's).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawSettings {
+    pub database_url: Option<String>,
+    pub agent_name: Option<String>,
+    pub advertise_url: Option<String>,
+    pub agent_timeout: Option<String>,
+    pub heartbeat: Option<String>,
+    pub log_retention: Option<String>,
+}
+
+/// The validated settings of the multi-agent mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// `database_url` (or `MISTRY_DATABASE_URL`); `None`: single node.
+    pub database_url: Option<String>,
+    /// `agent_name`, default the host name.
+    pub agent_name: String,
+    /// `advertise_url`; `None`: derived from the address mistryd listens on
+    /// ([`Settings::advertise_url`]).
+    pub advertise_url: Option<String>,
+    /// An agent without a heartbeat for this long is not alive (`agent_timeout`, default 30s).
+    pub agent_timeout: Duration,
+    /// How often this agent heartbeats (`heartbeat`, default 5s).
+    pub heartbeat: Duration,
+    /// Jobs that ended longer ago than this lose their central log and record
+    /// (`log_retention`; default `None`: kept).
+    pub log_retention: Option<Duration>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            database_url: None,
+            agent_name: host_name(),
+            advertise_url: None,
+            agent_timeout: DEFAULT_AGENT_TIMEOUT,
+            heartbeat: DEFAULT_HEARTBEAT,
+            log_retention: None,
+        }
+    }
+}
+
+/// The host name (the default agent name); `mistryd` when it cannot be read.
+pub fn host_name() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .map(|h| h.to_string_lossy().into_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "mistryd".to_string())
+}
+
+impl Settings {
+    /// Validate the file's keys (the environment is applied by [`Settings::apply_env`]).
+    pub fn parse(raw: &RawSettings) -> Result<Settings> {
+        let mut s = Settings {
+            database_url: raw.database_url.clone().filter(|u| !u.is_empty()),
+            ..Settings::default()
+        };
+        if let Some(name) = &raw.agent_name {
+            s.agent_name = name.clone();
+        }
+        check_agent_name(&s.agent_name)?;
+        if let Some(url) = &raw.advertise_url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                bail!("advertise_url {url:?}: must start with http:// or https://");
+            }
+            s.advertise_url = Some(url.trim_end_matches('/').to_string());
+        }
+        if let Some(t) = &raw.agent_timeout {
+            s.agent_timeout = super::parse_limit(t, "agent_timeout")?;
+        }
+        if let Some(t) = &raw.heartbeat {
+            s.heartbeat = super::parse_limit(t, "heartbeat")?;
+        }
+        if let Some(t) = &raw.log_retention {
+            let d = super::parse_age(t).map_err(|e| anyhow::anyhow!("log_retention: {e}"))?;
+            if d.is_zero() {
+                bail!("log_retention must be longer than 0s (leave it out to keep logs)");
+            }
+            s.log_retention = Some(d);
+        }
+        if s.heartbeat.is_zero() {
+            bail!("heartbeat must be longer than 0s");
+        }
+        if s.heartbeat >= s.agent_timeout {
+            bail!(
+                "heartbeat ({:?}) must be shorter than agent_timeout ({:?}), or live agents \
+                 look dead between two heartbeats",
+                s.heartbeat,
+                s.agent_timeout
+            );
+        }
+        Ok(s)
+    }
+
+    /// `MISTRY_DATABASE_URL`, when set and not empty, replaces the file's `database_url`.
+    pub fn apply_env(&mut self) {
+        self.apply_database_url(std::env::var(DATABASE_URL_ENV).ok());
+    }
+
+    fn apply_database_url(&mut self, env: Option<String>) {
+        if let Some(url) = env.filter(|u| !u.is_empty()) {
+            self.database_url = Some(url);
+        }
+    }
+
+    /// `advertise_url`, else `http://<listen address>`; an unspecified address (`0.0.0.0`,
+    /// `[::]`) is replaced by the host name, which other machines can resolve.
+    pub fn advertise_url(&self, listen: &[SocketAddr]) -> String {
+        if let Some(url) = &self.advertise_url {
+            return url.clone();
+        }
+        match listen.first() {
+            Some(a) if a.ip().is_unspecified() => format!("http://{}:{}", host_name(), a.port()),
+            Some(a) => format!("http://{a}"),
+            None => format!("http://{}:8462", host_name()),
+        }
+    }
+}
+
+fn check_agent_name(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > 255 {
+        bail!("agent_name {name:?}: must be 1 to 255 characters");
+    }
+    if name.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        bail!("agent_name {name:?}: must not contain spaces or control characters");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_defaults_validation_and_environment() {
+        let s = Settings::parse(&RawSettings::default()).unwrap();
+        assert_eq!(s.database_url, None);
+        assert_eq!(s.agent_name, host_name());
+        assert_eq!(
+            (s.agent_timeout, s.heartbeat),
+            (Duration::from_secs(30), Duration::from_secs(5))
+        );
+        let addr: SocketAddr = "127.0.0.1:8462".parse().unwrap();
+        assert_eq!(s.advertise_url(&[addr]), "http://127.0.0.1:8462");
+        let any: SocketAddr = "0.0.0.0:9000".parse().unwrap();
+        assert_eq!(
+            s.advertise_url(&[any]),
+            format!("http://{}:9000", host_name())
+        );
+
+        let raw = RawSettings {
+            database_url: Some("postgres://mistry@db/mistry".into()),
+            agent_name: Some("a1".into()),
+            advertise_url: Some("http://a1.example:8462/".into()),
+            agent_timeout: Some("2s".into()),
+            heartbeat: Some("500ms".into()),
+            log_retention: Some("30d".into()),
+        };
+        let mut s = Settings::parse(&raw).unwrap();
+        assert_eq!(s.advertise_url(&[addr]), "http://a1.example:8462");
+        assert_eq!(s.heartbeat, Duration::from_millis(500));
+        assert_eq!(s.log_retention, Some(Duration::from_secs(30 * 86400)));
+        s.apply_database_url(Some(String::new()));
+        assert_eq!(
+            s.database_url.as_deref(),
+            Some("postgres://mistry@db/mistry")
+        );
+        s.apply_database_url(Some("postgres://other/x".into()));
+        assert_eq!(s.database_url.as_deref(), Some("postgres://other/x"));
+
+        let bad = |raw: RawSettings| Settings::parse(&raw).unwrap_err().to_string();
+        assert_eq!(
+            bad(RawSettings {
+                heartbeat: Some("30s".into()),
+                ..Default::default()
+            }),
+            "heartbeat (30s) must be shorter than agent_timeout (30s), or live agents look \
+             dead between two heartbeats"
+        );
+        assert_eq!(
+            bad(RawSettings {
+                agent_name: Some("a b".into()),
+                ..Default::default()
+            }),
+            "agent_name \"a b\": must not contain spaces or control characters"
+        );
+        assert_eq!(
+            bad(RawSettings {
+                advertise_url: Some("a1:8462".into()),
+                ..Default::default()
+            }),
+            "advertise_url \"a1:8462\": must start with http:// or https://"
+        );
+    }
+}

@@ -1,0 +1,202 @@
+//! The routes about agents (one, or several around one PostgreSQL), over the jobs interface:
+//!
+//! - `GET /agents`: every agent (this one alone on a single node) as JSON when asked for
+//!   (`Content-Type` or `Accept: application/json`), else the web view's agents page; 503 when
+//!   the database does not answer.
+//! - `GET /api/agents/jobs[?project=P&id=ID]`: which agent ran each job,
+//!   `{"<project>/<id>": "<agent>"}` (mistry's `/index/` keeps its exact shape: the web view
+//!   merges this map into its job list). A queued record (no agent yet) is left out.
+//! - `GET /api/cluster/jobs[?agent=A][&project=P][&state=S][&limit=N]`: the cluster's job
+//!   records, newest first, each shaped like an `/index/` entry plus `agent`, `clusterState`
+//!   and `retries` (`state=pending`: queued or running); 400 for a bad filter, 404 on a single
+//!   node, 503 when the database does not answer.
+//! - `GET /api/build/{project}/{id}[?cache=1]`: a ready build of this agent for another one
+//!   (`engine::export`; the fetching side is `cluster::replicate`).
+//! - `/metrics`: OpenMetrics, the cluster's gauges read first when there is one.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use serde::Deserialize;
+
+use super::JobsState;
+use crate::body::{blocking_body, json, INDEX_HTML};
+use crate::service::{ClusterJobsFilter, ExportError, JobError, Jobs};
+
+/// The agents' routes, to merge into the server's router.
+pub(super) fn routes() -> Router<Arc<dyn Jobs>> {
+    Router::new()
+        .route("/agents", get(agents))
+        .route("/api/agents/jobs", get(job_agents))
+        .route("/api/cluster/jobs", get(cluster_jobs))
+        .route("/api/build/{project}/{id}", get(build))
+        .route("/metrics", get(metrics))
+}
+
+/// Whether `header` asks for JSON.
+fn asks_json(headers: &HeaderMap, header: &str) -> bool {
+    headers
+        .get(header)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"))
+}
+
+async fn agents(State(jobs): JobsState, headers: HeaderMap) -> Response {
+    if !asks_json(&headers, "content-type") && !asks_json(&headers, "accept") {
+        return Html(INDEX_HTML).into_response();
+    }
+    match jobs.agents().await {
+        Ok(list) => json(StatusCode::OK, &list),
+        // The database's error alone, as this route always said it.
+        Err(JobError::Unavailable(e)) => (StatusCode::SERVICE_UNAVAILABLE, e).into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
+    }
+}
+
+/// `?project=P&id=ID`: one job.
+#[derive(Debug, Default, Deserialize)]
+struct JobAgentsQuery {
+    project: Option<String>,
+    id: Option<String>,
+}
+
+async fn job_agents(
+    State(jobs): JobsState,
+    query: Result<Query<JobAgentsQuery>, QueryRejection>,
+) -> Response {
+    let only = match query {
+        Ok(Query(JobAgentsQuery {
+            project: Some(p),
+            id: Some(i),
+        })) => Some((p, i)),
+        Ok(Query(JobAgentsQuery {
+            project: None,
+            id: None,
+        })) => None,
+        Ok(_) => {
+            let msg = "Give both project and id, or neither";
+            return (StatusCode::BAD_REQUEST, msg).into_response();
+        }
+        Err(e) => return (StatusCode::BAD_REQUEST, e.body_text()).into_response(),
+    };
+    match jobs.job_agents(only).await {
+        Ok(map) => json(StatusCode::OK, &map),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `?agent=A&project=P&state=S&limit=N` of `GET /api/cluster/jobs`.
+#[derive(Debug, Default, Deserialize)]
+struct ClusterJobsQuery {
+    agent: Option<String>,
+    project: Option<String>,
+    state: Option<String>,
+    limit: Option<i64>,
+}
+
+fn cluster_filter(
+    query: Result<Query<ClusterJobsQuery>, QueryRejection>,
+) -> Result<ClusterJobsFilter, String> {
+    let Query(q) = query.map_err(|e| e.body_text())?;
+    ClusterJobsFilter::new(q.agent, q.project, q.state.as_deref(), q.limit)
+}
+
+async fn cluster_jobs(
+    State(jobs): JobsState,
+    query: Result<Query<ClusterJobsQuery>, QueryRejection>,
+) -> Response {
+    let filter = match cluster_filter(query) {
+        Ok(f) => f,
+        Err(e) => return (StatusCode::BAD_REQUEST, e).into_response(),
+    };
+    match jobs.cluster_jobs(&filter).await {
+        Ok(Some(list)) => json(StatusCode::OK, &list),
+        Ok(None) => {
+            let msg = "No cluster: this mistryd has no database_url (GET /index/ lists its jobs)";
+            (StatusCode::NOT_FOUND, msg).into_response()
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `?cache=1` (also `?cache`; `0` and `false` mean without).
+#[derive(Debug, Default, Deserialize)]
+struct BuildQuery {
+    cache: Option<String>,
+}
+
+async fn build(
+    State(jobs): JobsState,
+    Path((project, id)): Path<(String, String)>,
+    query: Result<Query<BuildQuery>, QueryRejection>,
+) -> Response {
+    let with_cache = query.is_ok_and(|Query(q)| {
+        q.cache
+            .is_some_and(|v| !matches!(v.as_str(), "0" | "false"))
+    });
+    let (j, p, i) = (Arc::clone(&jobs), project.clone(), id.clone());
+    let export = match tokio::task::spawn_blocking(move || j.export(&p, &i, with_cache)).await {
+        Ok(Ok(e)) => e,
+        Ok(Err(e)) => {
+            let status = match e {
+                ExportError::BadName(_) => StatusCode::BAD_REQUEST,
+                ExportError::NotReady(_) => StatusCode::NOT_FOUND,
+                ExportError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            };
+            return (status, e.to_string()).into_response();
+        }
+        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    };
+    blocking_body(
+        "application/x-tar",
+        move |w| export.write(w),
+        move |e| tracing::warn!(%project, %id, error = %e, "streaming a build to another agent failed"),
+    )
+}
+
+async fn metrics(State(jobs): JobsState) -> Response {
+    jobs.refresh_gauges().await;
+    (
+        [(
+            "content-type",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        jobs.metrics().render(),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn filter(q: &str) -> Result<ClusterJobsFilter, String> {
+        let uri: axum::http::Uri = format!("/api/cluster/jobs?{q}").parse().unwrap();
+        cluster_filter(Query::<ClusterJobsQuery>::try_from_uri(&uri))
+    }
+
+    #[test]
+    fn the_cluster_job_lists_query_is_checked() {
+        use crate::service::JobState;
+        assert_eq!(
+            filter("agent=a&project=p&state=pending&limit=5000"),
+            Ok(ClusterJobsFilter {
+                agent: Some("a".into()),
+                project: Some("p".into()),
+                states: Some(vec![JobState::Queued, JobState::Running]),
+                limit: 5000,
+            })
+        );
+        assert_eq!(filter("agent=&state=").unwrap(), filter("").unwrap());
+        assert_eq!(
+            filter("limit=-3"),
+            Err("limit must be between 1 and 5000, got -3".into())
+        );
+        assert!(filter("limit=x").is_err());
+    }
+}
