@@ -124,6 +124,11 @@ pub fn default_disk(build_path: &Path) -> u64 {
     let free = nix::sys::statvfs::statvfs(build_path)
         .map(|s| s.blocks_available().saturating_mul(s.fragment_size()))
         .unwrap_or(u64::MAX);
+    default_disk_with(free)
+}
+
+/// [`default_disk`] with `free` bytes free.
+fn default_disk_with(free: u64) -> u64 {
     DEFAULT_DISK.min((free / 2).max(64 << 20))
 }
 
@@ -368,6 +373,11 @@ mod tests {
         assert_eq!(s.limits.log, Some(64 << 20));
         let dir = tempfile::tempdir().unwrap();
         assert!((64 << 20..=10 << 30).contains(&default_disk(dir.path())));
+        assert_eq!(default_disk_with(u64::MAX), 10 << 30);
+        assert_eq!(default_disk_with(30 << 30), 10 << 30);
+        assert_eq!(default_disk_with(8 << 30), 4 << 30);
+        assert_eq!(default_disk_with(100 << 20), 64 << 20);
+        assert_eq!(default_disk_with(0), 64 << 20);
         // The default memory limit is the watchdog's (no cgroup migration at each start).
         assert!(!p.limits.memory_cgroup);
         assert_eq!(

@@ -386,10 +386,12 @@ mod tests {
         assert_eq!((c.job_concurrency, c.job_backlog), (3, 6));
         // Every place a job writes is bounded by default.
         let l = c.security.limits;
-        assert_eq!(
-            l.disk,
-            Some(crate::security::default_disk(&b)),
-            "10 GiB, or half the free space of build_path"
+        // 10 GiB, or half the free space of build_path (which other processes change meanwhile:
+        // the exact figures are security.rs' unit test).
+        assert!(
+            l.disk.is_some_and(|d| (64 << 20..=10 << 30).contains(&d)),
+            "{:?}",
+            l.disk
         );
         assert_eq!((l.log, l.tmpfs), (Some(64 << 20), Some(64 << 20)));
         assert_eq!(c.network, NetworkMode::Isolated);
