@@ -314,3 +314,114 @@ fn a_circle_is_found() {
         Some(vec!["x".into(), "y".into()])
     );
 }
+
+/// The SQL statements' first words: a string literal starting with one of them (then a space or
+/// a line break) is SQL.
+const SQL_WORDS: &[&str] = &[
+    "SELECT", "INSERT", "UPDATE", "DELETE", "WITH", "LISTEN", "UNLISTEN", "NOTIFY", "SET",
+    "CREATE", "ALTER", "DROP", "TRUNCATE", "BEGIN", "COMMIT", "ROLLBACK",
+];
+
+/// Whether a string literal (as written: `"..."`, `r#"..."#`) is an SQL statement.
+fn is_sql(literal: &str) -> bool {
+    let Some(text) = literal
+        .trim_start_matches('r')
+        .trim_start_matches('#')
+        .strip_prefix('"')
+    else {
+        return false;
+    };
+    SQL_WORDS.iter().any(|w| {
+        text.strip_prefix(w)
+            .is_some_and(|rest| rest.starts_with([' ', '\n', '\t']) || rest.starts_with("\\n"))
+    })
+}
+
+/// The SQL string literals of `tokens` (inside macros too: `format!("UPDATE ...")`).
+fn sql_literals(tokens: proc_macro2::TokenStream, out: &mut Vec<String>) {
+    for t in tokens {
+        match t {
+            proc_macro2::TokenTree::Group(g) => sql_literals(g.stream(), out),
+            proc_macro2::TokenTree::Literal(l) => {
+                let text = l.to_string();
+                if is_sql(&text) {
+                    out.push(text.chars().take(60).collect());
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Every SQL string literal in the `.rs` files under `dir` but those under `allowed`:
+/// `file: literal`.
+fn sql_outside(dir: &Path, allowed: &Path) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for entry in std::fs::read_dir(&d).unwrap().flatten() {
+            let path = entry.path();
+            if path.starts_with(allowed) {
+                continue;
+            }
+            if path.is_dir() {
+                todo.push(path);
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                let tokens: proc_macro2::TokenStream = text
+                    .parse()
+                    .unwrap_or_else(|e| panic!("{}: {e:?}", path.display()));
+                let mut sql = Vec::new();
+                sql_literals(tokens, &mut sql);
+                found.extend(sql.into_iter().map(|s| format!("{}: {s}", path.display())));
+            }
+        }
+    }
+    found.sort();
+    found
+}
+
+/// All SQL lives in the cluster's records (`src/cluster/records/`): no other file of the
+/// daemon holds an SQL statement (the migrations are `.sql` files).
+#[test]
+fn sql_lives_in_the_records() {
+    let ws = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let found = sql_outside(&ws.join("src"), &ws.join("src/cluster/records"));
+    assert!(
+        found.is_empty(),
+        "SQL outside src/cluster/records/:\n{}",
+        found.join("\n")
+    );
+    // The records do hold SQL (the check sees it).
+    assert!(!sql_outside(&ws.join("src/cluster/records"), &ws.join("none")).is_empty());
+}
+
+#[test]
+fn sql_literals_are_recognised() {
+    for sql in [
+        r#""SELECT 1""#,
+        "\"UPDATE jobs SET state = 'x'\"",
+        "r#\"WITH a AS (SELECT 1)\n SELECT * FROM a\"#",
+        "\"DELETE\nFROM jobs\"",
+        "\"LISTEN mistry_jobs\"",
+    ] {
+        assert!(is_sql(sql), "{sql}");
+    }
+    for text in [
+        r#""Selected jobs""#,
+        r#"" SELECT (a doc comment)""#,
+        r#""WITHOUT""#,
+        r#"b"SELECT""#,
+        "'S'",
+    ] {
+        assert!(!is_sql(text), "{text}");
+    }
+    let mut found = Vec::new();
+    sql_literals(
+        r#"fn f() { c.execute(&format!("UPDATE jobs SET a = {}", 1), &[]); }"#
+            .parse()
+            .unwrap(),
+        &mut found,
+    );
+    assert_eq!(found.len(), 1);
+}

@@ -1,9 +1,10 @@
-//! The `agents` table: registration, heartbeats, the graceful stop, and the list `/agents`
-//! shows. Times come from the database's clock (`now()`), never from the agents'.
+//! The agents: registration (a namesake that answers is refused), heartbeats, the graceful
+//! stop, and the list `/agents` shows (their statements: `records/agents.rs`).
 
 use std::time::Duration;
 
 use super::db::Db;
+use super::records::agents as rows;
 use super::ClusterError;
 
 pub use crate::service::AgentInfo;
@@ -14,10 +15,6 @@ pub struct Registration<'a> {
     pub advertise_url: &'a str,
     pub capacity: usize,
     pub version: &'a str,
-}
-
-fn int(n: usize) -> i32 {
-    i32::try_from(n).unwrap_or(i32::MAX)
 }
 
 /// Insert or take over this agent's row (a restart under the same name takes its row over: it
@@ -32,18 +29,10 @@ pub async fn register(
     agent_timeout: Duration,
 ) -> Result<(), ClusterError> {
     let client = db.client().await?;
-    let previous = client
-        .query_opt(
-            "SELECT advertise_url,
-                    stopped_at IS NULL AND last_heartbeat > now() - make_interval(secs => $2)
-               FROM agents WHERE name = $1",
-            &[&me.name, &agent_timeout.as_secs_f64()],
-        )
+    let previous = rows::previous(&client, me.name, agent_timeout)
         .await
-        .map_err(|e| db.pg_error(&e))?;
-    if let Some(row) = previous {
-        let url: String = row.try_get(0).map_err(|e| db.pg_error(&e))?;
-        let alive: bool = row.try_get(1).map_err(|e| db.pg_error(&e))?;
+        .map_err(|e| db.records_error(e))?;
+    if let Some((url, alive)) = previous {
         if alive && url != me.advertise_url && answers_as(&url, me.name).await {
             return Err(ClusterError::NameTaken {
                 name: me.name.to_string(),
@@ -58,19 +47,9 @@ pub async fn register(
             );
         }
     }
-    client
-        .execute(
-            "INSERT INTO agents (name, advertise_url, capacity, running, version, started_at,
-                                 last_heartbeat, stopped_at)
-             VALUES ($1, $2, $3, 0, $4, now(), now(), NULL)
-             ON CONFLICT (name) DO UPDATE SET
-                 advertise_url = EXCLUDED.advertise_url, capacity = EXCLUDED.capacity,
-                 running = 0, version = EXCLUDED.version, started_at = now(),
-                 last_heartbeat = now(), stopped_at = NULL",
-            &[&me.name, &me.advertise_url, &int(me.capacity), &me.version],
-        )
+    rows::upsert(&client, me.name, me.advertise_url, me.capacity, me.version)
         .await
-        .map_err(|e| db.pg_error(&e))?;
+        .map_err(|e| db.records_error(e))?;
     tracing::info!(
         agent = me.name,
         url = me.advertise_url,
@@ -123,15 +102,10 @@ async fn answers_as(url: &str, name: &str) -> bool {
 /// is an error: the next start registers again.
 pub async fn heartbeat(db: &Db, name: &str, running: usize) -> Result<(), ClusterError> {
     let client = db.client().await?;
-    let n = client
-        .execute(
-            "UPDATE agents SET last_heartbeat = now(), running = $2, stopped_at = NULL
-              WHERE name = $1",
-            &[&name, &int(running)],
-        )
+    let known = rows::heartbeat(&client, name, running)
         .await
-        .map_err(|e| db.pg_error(&e))?;
-    if n == 0 {
+        .map_err(|e| db.records_error(e))?;
+    if !known {
         return Err(db.error(format!(
             "agent {name} is not registered (its row was deleted)"
         )));
@@ -142,64 +116,17 @@ pub async fn heartbeat(db: &Db, name: &str, running: usize) -> Result<(), Cluste
 /// A graceful stop: no jobs running, and not alive.
 pub async fn stopped(db: &Db, name: &str) -> Result<(), ClusterError> {
     let client = db.client().await?;
-    client
-        .execute(
-            "UPDATE agents SET running = 0, stopped_at = now() WHERE name = $1",
-            &[&name],
-        )
+    rows::stopped(&client, name)
         .await
-        .map_err(|e| db.pg_error(&e))?;
-    Ok(())
+        .map_err(|e| db.records_error(e))
 }
 
 /// Every agent, by name; alive by `agent_timeout`.
 pub async fn list(db: &Db, agent_timeout: Duration) -> Result<Vec<AgentInfo>, ClusterError> {
-    const TIME: &str = r#"'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'"#;
     let client = db.client().await?;
-    let rows = client
-        .query(
-            &format!(
-                "SELECT name, advertise_url, capacity::bigint, running::bigint, version,
-                        to_char(started_at AT TIME ZONE 'UTC', {TIME}),
-                        to_char(last_heartbeat AT TIME ZONE 'UTC', {TIME}),
-                        EXTRACT(EPOCH FROM now() - last_heartbeat)::float8,
-                        stopped_at IS NOT NULL,
-                        last_heartbeat > now() - make_interval(secs => $1)
-                   FROM agents ORDER BY name"
-            ),
-            &[&agent_timeout.as_secs_f64()],
-        )
+    rows::list(&client, agent_timeout)
         .await
-        .map_err(|e| db.pg_error(&e))?;
-    rows.iter()
-        .map(|r| {
-            let stopped: bool = r.try_get(8).map_err(|e| db.pg_error(&e))?;
-            let recent: bool = r.try_get(9).map_err(|e| db.pg_error(&e))?;
-            let state = match (stopped, recent) {
-                (true, _) => "stopped",
-                (false, true) => "alive",
-                (false, false) => "stale",
-            };
-            let get_s = |i: usize| r.try_get::<_, String>(i).map_err(|e| db.pg_error(&e));
-            let get_i = |i: usize| r.try_get::<_, i64>(i).map_err(|e| db.pg_error(&e));
-            Ok(AgentInfo {
-                name: get_s(0)?,
-                advertise_url: get_s(1)?,
-                capacity: get_i(2)?,
-                running: get_i(3)?,
-                version: get_s(4)?,
-                started_at: get_s(5)?,
-                last_heartbeat: get_s(6)?,
-                heartbeat_age: r
-                    .try_get::<_, f64>(7)
-                    .map_err(|e| db.pg_error(&e))?
-                    .max(0.0),
-                alive: state == "alive",
-                state: state.to_string(),
-                this: false,
-            })
-        })
-        .collect()
+        .map_err(|e| db.records_error(e))
 }
 
 /// The alive agents but `me` (name, advertise URL), by name.

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 
+use super::records::{schema, RecordsError};
+
 mod embedded {
     refinery::embed_migrations!("src/cluster/migrations");
 }
@@ -108,7 +110,7 @@ pub fn pg_config(
         url: redact(url),
         reason,
     };
-    let (rest, settings) = super::tls::split(url).map_err(bad)?;
+    let (rest, settings) = super::tls::split(url).map_err(|e| bad(e.to_string()))?;
     let mut config = tokio_postgres::Config::from_str(&rest).map_err(|e| {
         // The parser's message may quote a part of the password.
         if rest.contains("password") {
@@ -131,9 +133,9 @@ pub fn pg_config(
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
-    let tls = super::tls::connector(&settings).map_err(|reason| ClusterError::Tls {
+    let tls = super::tls::connector(&settings).map_err(|e| ClusterError::Tls {
         url: redact(url),
-        reason,
+        reason: e.to_string(),
     })?;
     Ok((config, tls))
 }
@@ -143,27 +145,6 @@ pub struct Db {
     pool: Pool,
     /// The URL, password redacted, for messages.
     shown: String,
-}
-
-/// The schema version the database's migration history holds; `None` when it has none (never
-/// migrated).
-async fn schema_version(
-    client: &tokio_postgres::Client,
-) -> Result<Option<i64>, tokio_postgres::Error> {
-    let exists: bool = client
-        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&MIGRATION_TABLE])
-        .await?
-        .try_get(0)?;
-    if !exists {
-        return Ok(None);
-    }
-    let row = client
-        .query_one(
-            &format!("SELECT COALESCE(MAX(version), 0)::bigint FROM {MIGRATION_TABLE}"),
-            &[],
-        )
-        .await?;
-    Ok(Some(row.try_get(0)?))
 }
 
 /// What [`Db::probe`] found.
@@ -210,29 +191,11 @@ impl Db {
             url: shown.clone(),
             reason: chain(&e),
         };
-        let row = client
-            .query_one(
-                "SELECT current_setting('server_version'),
-                        COALESCE((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false)",
-                &[],
-            )
-            .await
-            .map_err(q)?;
-        let (server, tls_used): (String, bool) =
-            (row.try_get(0).map_err(q)?, row.try_get(1).map_err(q)?);
-        let schema = schema_version(&client).await.map_err(q)?;
+        let (server, tls_used) = schema::server(&client).await.map_err(q)?;
+        let schema = schema::version(&client, MIGRATION_TABLE).await.map_err(q)?;
         let namesake = if schema.is_some() {
-            client
-                .query_opt(
-                    "SELECT advertise_url FROM agents
-                      WHERE name = $1 AND stopped_at IS NULL
-                        AND last_heartbeat > now() - interval '5 minutes'",
-                    &[&agent],
-                )
+            super::records::agents::namesake(&client, agent)
                 .await
-                .map_err(q)?
-                .map(|r| r.try_get::<_, String>(0))
-                .transpose()
                 .map_err(q)?
         } else {
             None
@@ -318,6 +281,11 @@ impl Db {
     pub fn pg_error(&self, e: &tokio_postgres::Error) -> ClusterError {
         self.error(chain(e))
     }
+
+    /// An error of a statement on the records of this database.
+    pub(super) fn records_error(&self, e: RecordsError) -> ClusterError {
+        self.error(chain(&e))
+    }
 }
 
 /// Apply the embedded migrations under the advisory lock (agents starting at once take turns:
@@ -327,12 +295,14 @@ async fn migrate(client: &mut tokio_postgres::Client, shown: &str) -> Result<(),
         url: shown.to_string(),
         reason: chain(e),
     };
-    client
-        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+    schema::advisory_lock(client, MIGRATION_LOCK, true)
         .await
         .map_err(|e| err(&e))?;
     let result = async {
-        if let Some(found) = schema_version(client).await.map_err(|e| err(&e))? {
+        if let Some(found) = schema::version(client, MIGRATION_TABLE)
+            .await
+            .map_err(|e| err(&e))?
+        {
             let known = known_version();
             if found > known {
                 return Err(ClusterError::TooNew { found, known });
@@ -354,9 +324,7 @@ async fn migrate(client: &mut tokio_postgres::Client, shown: &str) -> Result<(),
     }
     .await;
     // The lock also goes with the connection; unlock anyway, the connection may be pooled one day.
-    let _ = client
-        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
-        .await;
+    let _ = schema::advisory_lock(client, MIGRATION_LOCK, false).await;
     result
 }
 

@@ -214,7 +214,11 @@ async fn read(
     project: &str,
     id: &str,
 ) -> Result<Option<records::Record>, ClusterError> {
-    records::read(cluster.need_db()?, project, id, cluster.agent_timeout).await
+    let db = cluster.need_db()?;
+    let client = db.client().await?;
+    records::read(&client, project, id, cluster.agent_timeout)
+        .await
+        .map_err(|e| db.records_error(e))
 }
 
 /// The alive agents but this one (name, advertise URL).

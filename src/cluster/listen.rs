@@ -52,21 +52,29 @@ pub(super) async fn run(
     }
 }
 
+/// Why the listener's connection failed (it reconnects).
+#[derive(Debug, thiserror::Error)]
+enum ListenError {
+    #[error(transparent)]
+    Config(#[from] super::ClusterError),
+    #[error("{}", super::db::chain(.0))]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("the connection to the database was lost")]
+    Lost,
+}
+
 /// One connection's life; `Ok(true)` when stopped.
 async fn listen_once(
     url: &str,
     agent: &str,
     tell: &impl Fn(Notice<'_>),
     stop: &mut watch::Receiver<bool>,
-) -> Result<bool, String> {
+) -> Result<bool, ListenError> {
     // The pool's TLS settings (`sslmode`, `sslrootcert`): super::db::pg_config.
-    let (mut config, tls) = super::db::pg_config(url).map_err(|e| e.to_string())?;
+    let (mut config, tls) = super::db::pg_config(url)?;
     config.connect_timeout(Duration::from_secs(5));
     config.application_name(format!("mistryd {agent} listener"));
-    let (client, mut connection) = config
-        .connect(tls)
-        .await
-        .map_err(|e| super::db::chain(&e))?;
+    let (client, mut connection) = config.connect(tls).await?;
     let (tx, mut rx) = mpsc::unbounded_channel::<(String, String)>();
     let conn = tokio::spawn(async move {
         let mut messages = stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -86,17 +94,11 @@ async fn listen_once(
             }
         }
     });
-    let listening = client
-        .batch_execute(&format!(
-            "LISTEN {}; LISTEN {}",
-            super::JOBS_CHANNEL,
-            super::LOGS_CHANNEL
-        ))
-        .await
-        .map_err(|e| super::db::chain(&e));
+    let listening =
+        super::records::schema::listen(&client, &[super::JOBS_CHANNEL, super::LOGS_CHANNEL]).await;
     if let Err(e) = listening {
         conn.abort();
-        return Err(e);
+        return Err(e.into());
     }
     tracing::info!(%agent, "listening for job and log notifications");
     tell(Notice::Reconnected);
@@ -117,6 +119,6 @@ async fn listen_once(
     if stopped {
         Ok(true)
     } else {
-        Err("the connection to the database was lost".into())
+        Err(ListenError::Lost)
     }
 }

@@ -34,7 +34,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Cluster, ClusterError};
+use super::{records, Cluster, ClusterError};
 use crate::engine::{Engine, Found};
 use crate::jobs;
 pub use crate::service::{ClusterJobsFilter, CLUSTER_JOBS_DEFAULT, CLUSTER_JOBS_MAX};
@@ -75,27 +75,11 @@ async fn holder(
         return Ok(None);
     };
     let client = db.client().await?;
-    let row = client
-        .query_opt(
-            "SELECT j.agent, a.advertise_url
-               FROM jobs j JOIN agents a ON a.name = j.agent
-              WHERE j.project = $1 AND j.id = $2 AND j.state IN ('ready', 'failed')
-                AND a.stopped_at IS NULL
-                AND a.last_heartbeat > now() - make_interval(secs => $3)",
-            &[
-                &project,
-                &id,
-                &engine.cfg.cluster.agent_timeout.as_secs_f64(),
-            ],
-        )
+    let timeout = engine.cfg.cluster.agent_timeout;
+    let found = records::view::holder(&client, project, id, timeout)
         .await
-        .map_err(|e| db.pg_error(&e))?;
-    let Some(row) = row else { return Ok(None) };
-    let g = |e: tokio_postgres::Error| db.pg_error(&e);
-    Ok(Some(Holder {
-        agent: row.try_get(0).map_err(g)?,
-        url: row.try_get(1).map_err(g)?,
-    }))
+        .map_err(|e| db.records_error(e))?;
+    Ok(found.map(|(agent, url)| Holder { agent, url }))
 }
 
 /// A job this agent does not have on disk (`GET /artifacts`): with a database, when its record
@@ -160,37 +144,14 @@ pub async fn job_agents(
             return Ok(Vec::new());
         };
         let client = db.client().await?;
-        let rows = match &only {
-            Some((p, i)) => {
-                client
-                    .query(
-                        "SELECT project, id, agent FROM jobs
-                          WHERE project = $1 AND id = $2 AND agent IS NOT NULL",
-                        &[p, i],
-                    )
-                    .await
-            }
-            None => {
-                client
-                    .query(
-                        "SELECT project, id, agent FROM jobs WHERE agent IS NOT NULL",
-                        &[],
-                    )
-                    .await
-            }
-        }
-        .map_err(|e| db.pg_error(&e))?;
-        rows.iter()
-            .map(|r| {
-                let g = |e: tokio_postgres::Error| db.pg_error(&e);
-                let (p, i, a): (String, String, String) = (
-                    r.try_get(0).map_err(g)?,
-                    r.try_get(1).map_err(g)?,
-                    r.try_get(2).map_err(g)?,
-                );
-                Ok((format!("{p}/{i}"), a))
-            })
-            .collect::<Result<Vec<_>, ClusterError>>()
+        let only = only.as_ref().map(|(p, i)| (p.as_str(), i.as_str()));
+        let rows = records::view::job_agents(&client, only)
+            .await
+            .map_err(|e| db.records_error(e))?;
+        Ok(rows
+            .into_iter()
+            .map(|(p, i, a)| (format!("{p}/{i}"), a))
+            .collect::<Vec<_>>())
     })
     .await?;
     map.extend(records);
@@ -217,68 +178,22 @@ pub async fn cluster_jobs(
         });
     };
     let mut client = db.client().await?;
-    // Bounded: the database's time (a statement timeout) and this agent's memory (the rows are
-    // read as they come, up to CLUSTER_JOBS_BYTES of stored BuildInfo and params).
-    let tx = client.transaction().await.map_err(|e| db.pg_error(&e))?;
-    tx.batch_execute("SET LOCAL statement_timeout = '5s'")
+    let listed = records::view::cluster_jobs(&mut client, filter, CLUSTER_JOBS_BYTES)
         .await
-        .map_err(|e| db.pg_error(&e))?;
-    let states: Option<Vec<&str>> = filter
-        .states
-        .as_ref()
-        .map(|v| v.iter().map(|s| s.as_str()).collect());
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
-        [&filter.agent, &filter.project, &states, &filter.limit];
-    let stream = tx
-        .query_raw(
-            "SELECT project, id, state, agent, retries, build_info::text,
-                    COALESCE(request->>'group', ''), COALESCE(request->'params', '{}')::text,
-                    to_char(COALESCE(started_at, queued_at) AT TIME ZONE 'UTC',
-                            'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')
-               FROM jobs
-              WHERE ($1::text IS NULL OR agent = $1)
-                AND ($2::text IS NULL OR project = $2)
-                AND ($3::text[] IS NULL OR state = ANY($3))
-              ORDER BY COALESCE(started_at, queued_at) DESC, project, id
-              LIMIT $4",
-            params.iter().copied(),
-        )
-        .await
-        .map_err(|e| db.pg_error(&e))?;
-    // Boxed so that it can go before the rollback (an unread rest is then discarded).
-    let mut stream = Box::pin(stream);
-    let mut rows = Vec::new();
-    let mut bytes = 0usize;
-    while let Some(row) = futures_util::TryStreamExt::try_next(&mut stream)
-        .await
-        .map_err(|e| db.pg_error(&e))?
-    {
-        bytes += row
-            .try_get::<_, Option<&str>>(5)
-            .ok()
-            .flatten()
-            .map_or(0, str::len)
-            + row.try_get::<_, &str>(7).map_or(0, str::len);
-        rows.push(row);
-        if bytes > CLUSTER_JOBS_BYTES {
-            break;
-        }
-    }
-    drop(stream);
-    let _ = tx.rollback().await;
-    let g = |e: tokio_postgres::Error| db.pg_error(&e);
-    let mut out = Vec::with_capacity(rows.len());
-    for row in &rows {
-        let project: String = row.try_get(0).map_err(g)?;
-        let id: String = row.try_get(1).map_err(g)?;
-        let state: String = row.try_get(2).map_err(g)?;
-        let state = super::records::stored_state(db, &state)?;
-        let agent: Option<String> = row.try_get(3).map_err(g)?;
-        let retries: i32 = row.try_get(4).map_err(g)?;
-        let stored: Option<String> = row.try_get(5).map_err(g)?;
-        let group: String = row.try_get(6).map_err(g)?;
-        let params: String = row.try_get(7).map_err(g)?;
-        let since: String = row.try_get(8).map_err(g)?;
+        .map_err(|e| db.records_error(e))?;
+    let mut out = Vec::with_capacity(listed.len());
+    for row in listed {
+        let records::view::Listed {
+            project,
+            id,
+            state,
+            agent,
+            retries,
+            build_info: stored,
+            group,
+            params,
+            since,
+        } = row;
         let info = stored
             .as_deref()
             .and_then(|t| serde_json::from_str::<jobs::BuildInfo>(t).ok())
@@ -327,21 +242,14 @@ pub async fn read_gauges(
         });
     };
     let client = db.client().await?;
-    let row = client
-        .query_one(
-            "SELECT (SELECT count(*) FROM jobs WHERE state = 'queued'),
-                    (SELECT count(*) FROM agents WHERE stopped_at IS NULL
-                        AND last_heartbeat > now() - make_interval(secs => $1)),
-                    (SELECT count(*) FROM jobs WHERE state = 'running')",
-            &[&engine.cfg.cluster.agent_timeout.as_secs_f64()],
-        )
-        .await
-        .map_err(|e| db.pg_error(&e))?;
-    let g = |i: usize| row.try_get::<_, i64>(i).map_err(|e| db.pg_error(&e));
+    let (queue_length, agents_alive, jobs_running) =
+        records::view::gauges(&client, engine.cfg.cluster.agent_timeout)
+            .await
+            .map_err(|e| db.records_error(e))?;
     Ok(ClusterGauges {
-        queue_length: g(0)?,
-        agents_alive: g(1)?,
-        jobs_running: g(2)?,
+        queue_length,
+        agents_alive,
+        jobs_running,
     })
 }
 

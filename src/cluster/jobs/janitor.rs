@@ -3,7 +3,6 @@
 //! builds that ran again elsewhere.
 
 use super::*;
-use crate::cluster::records::{sql_sources, sql_target};
 
 impl Scheduler {
     // ---------------------------------------------------------------- failures
@@ -13,28 +12,19 @@ impl Scheduler {
     /// between the move and the record), any other is queued again. Jobs this run of the agent took meanwhile (a request
     /// can arrive before this pass) are left alone.
     pub(super) async fn heal(&self) {
-        let rows = self
-            .rows(
-                "SELECT j.project, j.id, j.request::text FROM jobs j JOIN agents a ON a.name = j.agent
-                  WHERE j.state = 'running' AND j.agent = $1 AND j.started_at < a.started_at",
-                &[&self.me()],
-            )
-            .await;
-        let rows = match rows {
+        let crashed = async {
+            let (client, err) = self.client().await?;
+            rows::crashed(&client, self.me()).await.map_err(err)
+        }
+        .await;
+        let crashed = match crashed {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(agent = %self.me(), error = %e, "could not look for the jobs a crash left running; the sweepers of other agents will not (this agent is alive)");
                 return;
             }
         };
-        for row in rows {
-            let (Ok(project), Ok(id), Ok(request)) = (
-                row.try_get::<_, String>(0),
-                row.try_get::<_, String>(1),
-                row.try_get::<_, String>(2),
-            ) else {
-                continue;
-            };
+        for (project, id, request) in crashed {
             let identity = request_from_json(&request).map(|r| Identity::of(&r));
             let dir = self.engine.layout.job(&project, &id, Stage::Ready);
             match dir
@@ -61,48 +51,16 @@ impl Scheduler {
         &self,
         crashed: Option<(&str, &str)>,
     ) -> Result<u64, ClusterError> {
-        let db = self.db()?;
-        let mut client = db.client().await?;
-        let tx = client.transaction().await.map_err(|e| db.pg_error(&e))?;
-        let (project, id) = crashed.unzip();
-        let rows = tx
-            .query(
-                &format!(
-                    "UPDATE jobs SET state = '{queued}', retried_from = agent, agent = NULL,
-                        retries = retries + 1, queued_at = now(), started_at = NULL
-                  WHERE state IN ({running})
-                    AND CASE WHEN $3::text IS NULL
-                        THEN pg_postmaster_start_time() < now() - make_interval(secs => $1)
-                         AND NOT EXISTS (
-                             SELECT 1 FROM agents a
-                              WHERE a.name = jobs.agent AND a.stopped_at IS NULL
-                                AND a.last_heartbeat > now() - make_interval(secs => $1))
-                        ELSE project = $3 AND id = $4 AND agent = $2
-                             AND started_at < (SELECT a.started_at FROM agents a
-                                                WHERE a.name = $2)
-                        END
-                 RETURNING project, id, retried_from, retries",
-                    queued = sql_target(JobState::Running, JobState::requeue),
-                    running = sql_sources(JobState::requeue)
-                ),
-                &[&self.timeout_secs(), &self.me(), &project, &id],
-            )
-            .await
-            .map_err(|e| db.pg_error(&e))?;
-        if !rows.is_empty() {
-            tx.execute("SELECT pg_notify($1, 'queued')", &[&CHANNEL])
+        let (mut client, err) = self.client().await?;
+        let requeued =
+            rows::requeue_running(&mut client, self.me(), self.cluster.agent_timeout, crashed)
                 .await
-                .map_err(|e| db.pg_error(&e))?;
-        }
-        tx.commit().await.map_err(|e| db.pg_error(&e))?;
-        for r in &rows {
-            let project: String = r.try_get(0).unwrap_or_default();
-            let id: String = r.try_get(1).unwrap_or_default();
-            let from: Option<String> = r.try_get(2).unwrap_or_default();
-            let retries: i32 = r.try_get(3).unwrap_or_default();
+                .map_err(err)?;
+        for r in &requeued {
+            let (project, id, from, retries) = (&r.project, &r.id, &r.retried_from, r.retries);
             tracing::warn!(%project, %id, from = ?from, retries, "job queued again: its agent stopped heartbeating or crashed");
         }
-        Ok(rows.len() as u64)
+        Ok(requeued.len() as u64)
     }
 
     /// A job that ran again on another agent (a rebuild, a re-run after a failure or of a dead
@@ -131,7 +89,7 @@ impl Scheduler {
             };
             let key = match event {
                 Ok(Event::Ended(key)) => key,
-                Ok(Event::Queued) => continue,
+                Ok(Event::Queued | Event::Running(_)) => continue,
                 Ok(Event::Reconnected) | Err(broadcast::error::RecvError::Lagged(_)) => {
                     check_all = true;
                     if let Ok(mut r) = self.recorded.lock() {
@@ -204,32 +162,21 @@ impl Scheduler {
                 .iter()
                 .map(|(p, i, _)| (p.as_str(), i.as_str()))
                 .unzip();
-            let rows = self
-                .rows(
-                    "SELECT j.project, j.id, j.agent, j.build_info->>'StartedAt'
-                       FROM jobs j
-                       JOIN unnest($1::text[], $2::text[]) AS l(project, id)
-                         ON j.project = l.project AND j.id = l.id
-                      WHERE j.agent IS DISTINCT FROM $3",
-                    &[&projects, &ids, &self.me()],
-                )
-                .await;
-            let rows = match rows {
+            let held = async {
+                let (client, err) = self.client().await?;
+                rows::held_elsewhere(&client, &projects, &ids, self.me())
+                    .await
+                    .map_err(err)
+            }
+            .await;
+            let held = match held {
                 Ok(r) => r,
                 Err(e) => {
                     tracing::warn!(agent = %self.me(), error = %e, "could not check this agent's copies against their records");
                     continue;
                 }
             };
-            for row in rows {
-                let (Ok(project), Ok(id), Ok(agent), Ok(theirs)) = (
-                    row.try_get::<_, String>(0),
-                    row.try_get::<_, String>(1),
-                    row.try_get::<_, Option<String>>(2),
-                    row.try_get::<_, Option<String>>(3),
-                ) else {
-                    continue;
-                };
+            for (project, id, agent, theirs) in held {
                 let mine = chunk
                     .iter()
                     .find(|(p, i, _)| *p == project && *i == id)
@@ -270,12 +217,7 @@ impl Scheduler {
     }
 
     pub(super) async fn ping(&self) -> Result<(), ClusterError> {
-        let db = self.db()?;
-        let client = db.client().await?;
-        client
-            .simple_query("SELECT 1")
-            .await
-            .map_err(|e| db.pg_error(&e))?;
-        Ok(())
+        let (client, err) = self.client().await?;
+        rows::ping(&client).await.map_err(err)
     }
 }

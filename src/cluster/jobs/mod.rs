@@ -64,7 +64,8 @@ mod submit;
 mod worker;
 
 use super::listen::Notice;
-use super::records::{self, is_stale, request_from_json, request_json, stored_state, Record};
+use super::records::jobs::{self as rows, Claimed as Claim};
+use super::records::{self, is_stale, request_from_json, request_json, Record, RecordsError};
 use super::replicate;
 use super::{Cluster, ClusterError};
 use crate::engine::{Engine, JobDir, JobError, Stage};
@@ -159,22 +160,15 @@ pub struct Copy {
 
 /// What the listener tells waiters and the claim loop.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Event {
+pub(super) enum Event {
     /// A job was queued (work to claim).
     Queued,
+    /// Job `<project>/<id>` was claimed: it runs.
+    Running(String),
     /// Job `<project>/<id>` ended.
     Ended(String),
     /// The listener (re)connected: notifications may have been missed; read again.
     Reconnected,
-}
-
-/// A claimed job.
-struct Claim {
-    project: String,
-    id: String,
-    request: String,
-    retries: i32,
-    retried_from: Option<String>,
 }
 
 /// The cluster's job scheduler of one agent.
@@ -214,23 +208,22 @@ impl Scheduler {
         self.cluster.need_db()
     }
 
-    /// The rows of one query.
-    async fn rows(
+    /// A pooled connection, and how its statements' errors name the database.
+    async fn client(
         &self,
-        sql: &str,
-        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-    ) -> Result<Vec<tokio_postgres::Row>, ClusterError> {
+    ) -> Result<
+        (
+            deadpool_postgres::Object,
+            impl Fn(RecordsError) -> ClusterError + '_,
+        ),
+        ClusterError,
+    > {
         let db = self.db()?;
-        let client = db.client().await?;
-        client.query(sql, params).await.map_err(|e| db.pg_error(&e))
+        Ok((db.client().await?, move |e| db.records_error(e)))
     }
 
     pub(super) fn me(&self) -> &str {
         self.cluster.name()
-    }
-
-    fn timeout_secs(&self) -> f64 {
-        self.cluster.agent_timeout.as_secs_f64()
     }
 
     /// The tasks of this agent: the start-up healing pass, then the claim loop, and the
@@ -256,9 +249,12 @@ impl Scheduler {
         let event = match notice {
             Notice::Reconnected => Event::Reconnected,
             Notice::Notification { channel, payload } if channel == CHANNEL => {
-                match payload.strip_prefix("ended ") {
-                    Some(key) => Event::Ended(key.to_string()),
-                    None => Event::Queued,
+                if let Some(key) = payload.strip_prefix("ended ") {
+                    Event::Ended(key.to_string())
+                } else if let Some(key) = payload.strip_prefix("running ") {
+                    Event::Running(key.to_string())
+                } else {
+                    Event::Queued
                 }
             }
             Notice::Notification { .. } => return,

@@ -202,7 +202,10 @@ impl Scheduler {
         project: &str,
         id: &str,
     ) -> Result<Option<Record>, ClusterError> {
-        records::read(self.db()?, project, id, self.cluster.agent_timeout).await
+        let (client, err) = self.client().await?;
+        records::read(&client, project, id, self.cluster.agent_timeout)
+            .await
+            .map_err(err)
     }
 
     /// Drop this agent's copy of `project/id` (see [`replicate::discard_copy`]).
@@ -218,59 +221,19 @@ impl Scheduler {
 
     /// 503 when the cluster's queue is full (see the module's doc).
     pub(super) async fn check_backlog(&self) -> Result<(), SubmitError> {
-        let db = self.db()?;
-        let client = db.client().await?;
         let backlog = i64::try_from(self.engine.cfg.job_backlog).unwrap_or(i64::MAX);
-        let full: bool = client
-            .query_one(
-                "SELECT (SELECT count(*) FROM jobs WHERE state = 'queued') >=
-                        $1 + COALESCE((SELECT sum(GREATEST(capacity - running, 0))
-                                         FROM agents
-                                        WHERE stopped_at IS NULL
-                                          AND last_heartbeat > now() - make_interval(secs => $2)),
-                                      0)",
-                &[&backlog, &self.timeout_secs()],
-            )
+        let (client, err) = self.client().await?;
+        let full = rows::queue_full(&client, backlog, self.cluster.agent_timeout)
             .await
-            .and_then(|r| r.try_get(0))
-            .map_err(|e| db.pg_error(&e))?;
+            .map_err(err)?;
         if full {
             return Err(SubmitError::Job(JobError::Overloaded));
         }
         Ok(())
     }
 
-    /// The preferred agent of a job (SQL, `$1` project, `$2` group, `me` and `timeout` the
-    /// placeholders of this agent's name and of `agent_timeout` in seconds): the agent holding
-    /// the group's last successful build, when it is alive; else an alive agent with free capacity that has the
-    /// project's image (table `agent_images`); else the least loaded alive agent (`running`
-    /// records / capacity). Ties go to this agent, then by name.
-    pub(super) fn preferred(me: &str, timeout: &str) -> String {
-        format!(
-            "COALESCE(
-               (SELECT h.name
-                  FROM (SELECT p.agent FROM jobs p
-                         WHERE p.project = $1 AND p.group_name = $2 AND $2 <> ''
-                           AND p.state = 'ready'
-                         ORDER BY p.ended_at DESC LIMIT 1) l
-                  JOIN agents h ON h.name = l.agent
-                 WHERE h.stopped_at IS NULL
-                   AND h.last_heartbeat > now() - make_interval(secs => {timeout})),
-               (SELECT a.name FROM agents a,
-                       LATERAL (SELECT count(*) AS n FROM jobs r
-                                 WHERE r.state = 'running' AND r.agent = a.name) r
-                 WHERE a.stopped_at IS NULL
-                   AND a.last_heartbeat > now() - make_interval(secs => {timeout})
-                 ORDER BY (a.capacity > r.n
-                           AND EXISTS (SELECT 1 FROM agent_images i
-                                        WHERE i.agent = a.name AND i.project = $1)) DESC,
-                          r.n::float8 / a.capacity, a.name = {me} DESC, a.name
-                 LIMIT 1))"
-        )
-    }
-
     /// Insert the job; `false` when another agent inserted it first. With a free slot here, and
-    /// this agent the job's preferred one (see [`Scheduler::preferred`]), the job is inserted
+    /// this agent the job's preferred one (see `records::jobs::insert`), the job is inserted
     /// `running` by this agent and starts at once (no claim round trip, and the answer needs no
     /// replication); else it is queued for the claims, its preferred agent first.
     pub(super) async fn insert(
@@ -303,58 +266,28 @@ impl Scheduler {
         id: &str,
         here: bool,
     ) -> Result<Option<Option<Claim>>, ClusterError> {
-        let db = self.db()?;
-        let client = db.client().await?;
         let request = request_json(req);
-        // One statement (one round trip, atomic), the queued job's notification included.
-        let row = client
-            .query_opt(
-                &format!(
-                    "WITH pref AS (SELECT {} AS agent),
-                          mine AS (SELECT $5 AND (pref.agent IS NULL OR pref.agent = $6) AS yes
-                                     FROM pref),
-                          ins AS (
-                              INSERT INTO jobs (project, id, group_name, request, preferred_agent,
-                                                state, agent, started_at)
-                              SELECT $1, $3, $2, $4::text::jsonb, pref.agent,
-                                     CASE WHEN mine.yes THEN 'running' ELSE 'queued' END,
-                                     CASE WHEN mine.yes THEN $6 END,
-                                     CASE WHEN mine.yes THEN now() END
-                                FROM pref, mine
-                              ON CONFLICT (project, id) DO NOTHING
-                              RETURNING state),
-                          sent AS (SELECT pg_notify($8, 'queued') FROM ins
-                                    WHERE ins.state = 'queued')
-                     SELECT ins.state, (SELECT count(*) FROM sent) FROM ins",
-                    Self::preferred("$6", "$7")
-                ),
-                &[
-                    &req.project,
-                    &req.group,
-                    &id,
-                    &request,
-                    &here,
-                    &self.me(),
-                    &self.timeout_secs(),
-                    &CHANNEL,
-                ],
-            )
-            .await
-            .map_err(|e| db.pg_error(&e))?;
-        let Some(row) = row else {
-            return Ok(None);
+        let job = rows::NewJob {
+            project: &req.project,
+            group: &req.group,
+            id,
+            request: &request,
         };
-        let state: String = row.try_get(0).map_err(|e| db.pg_error(&e))?;
-        if stored_state(db, &state)? == JobState::Queued {
-            return Ok(Some(None));
-        }
-        Ok(Some(Some(Claim {
-            project: req.project.clone(),
-            id: id.to_string(),
-            request,
-            retries: 0,
-            retried_from: None,
-        })))
+        let (client, err) = self.client().await?;
+        let state = rows::insert(&client, &job, here, self.me(), self.cluster.agent_timeout)
+            .await
+            .map_err(err)?;
+        Ok(match state {
+            None => None,
+            Some(JobState::Queued) => Some(None),
+            Some(_) => Some(Some(Claim {
+                project: req.project.clone(),
+                id: id.to_string(),
+                request,
+                retries: 0,
+                retried_from: None,
+            })),
+        })
     }
 
     /// Queue an ended job again, if its record is still as `rec` says (its request included:
@@ -365,47 +298,23 @@ impl Scheduler {
         id: &str,
         rec: &Record,
     ) -> Result<bool, ClusterError> {
-        // A job in flight is joined, never queued again.
-        let Some(to) = rec.state.rerun() else {
-            return Ok(false);
+        let request = request_json(req);
+        let job = rows::NewJob {
+            project: &req.project,
+            group: &req.group,
+            id,
+            request: &request,
         };
-        let to = to.as_str();
-        let db = self.db()?;
-        let mut client = db.client().await?;
-        let tx = client.transaction().await.map_err(|e| db.pg_error(&e))?;
-        let n = tx
-            .execute(
-                &format!(
-                    "UPDATE jobs SET state = '{}', agent = NULL, build_info = NULL,
-                            request = $4::text::jsonb, retries = 0, retried_from = NULL,
-                            queued_at = now(), started_at = NULL, ended_at = NULL,
-                            preferred_agent = {}
-                      WHERE project = $1 AND id = $3 AND state = $5
-                        AND agent IS NOT DISTINCT FROM $6 AND request = $9::text::jsonb",
-                    to,
-                    Self::preferred("$7", "$8")
-                ),
-                &[
-                    &req.project,
-                    &req.group,
-                    &id,
-                    &request_json(req),
-                    &rec.state.as_str(),
-                    &rec.agent,
-                    &self.me(),
-                    &self.timeout_secs(),
-                    &rec.request,
-                ],
-            )
-            .await
-            .map_err(|e| db.pg_error(&e))?;
-        if n == 1 {
-            tx.execute("SELECT pg_notify($1, 'queued')", &[&CHANNEL])
-                .await
-                .map_err(|e| db.pg_error(&e))?;
-        }
-        tx.commit().await.map_err(|e| db.pg_error(&e))?;
-        Ok(n == 1)
+        let (mut client, err) = self.client().await?;
+        rows::rerun(
+            &mut client,
+            &job,
+            (rec.state, rec.agent.as_deref(), &rec.request),
+            self.me(),
+            self.cluster.agent_timeout,
+        )
+        .await
+        .map_err(err)
     }
 
     /// Wait for the job's end, then answer with its build, local to this agent (a build of a

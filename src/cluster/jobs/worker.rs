@@ -2,7 +2,6 @@
 //! engine (its inputs fetched first, its group's chain placed), its end recorded.
 
 use super::*;
-use crate::cluster::records::{sql_sources, sql_target};
 
 impl Scheduler {
     // ---------------------------------------------------------------- claims
@@ -39,7 +38,7 @@ impl Scheduler {
             let queued = async {
                 loop {
                     match events.recv().await {
-                        Ok(Event::Ended(_)) => continue,
+                        Ok(Event::Ended(_) | Event::Running(_)) => continue,
                         Ok(_) | Err(_) => return,
                     }
                 }
@@ -88,75 +87,25 @@ impl Scheduler {
     }
 
     pub(super) async fn any_queued(&self) -> Result<bool, ClusterError> {
-        let db = self.db()?;
-        let client = db.client().await?;
-        client
-            .query_one(
-                "SELECT EXISTS (SELECT 1 FROM jobs WHERE state = 'queued')",
-                &[],
-            )
-            .await
-            .and_then(|r| r.try_get(0))
-            .map_err(|e| db.pg_error(&e))
+        let (client, err) = self.client().await?;
+        rows::any_queued(&client).await.map_err(err)
     }
 
     /// Claim the oldest queued job this agent may take (its own preferred jobs first).
     pub(super) async fn claim_one(&self) -> Result<Option<Claim>, ClusterError> {
-        let db = self.db()?;
-        let mut client = db.client().await?;
-        let tx = client.transaction().await.map_err(|e| db.pg_error(&e))?;
-        let row = tx
-            .query_opt(
-                &format!(
-                    "SELECT j.project, j.id, j.request::text, j.retries, j.retried_from
-                   FROM jobs j
-                  WHERE j.state IN ({claimable})
-                    AND (j.preferred_agent IS NULL OR j.preferred_agent = $1
-                         OR j.queued_at < now() - make_interval(secs => $2)
-                         OR NOT EXISTS (
-                             SELECT 1 FROM agents a
-                              WHERE a.name = j.preferred_agent AND a.stopped_at IS NULL
-                                AND a.last_heartbeat > now() - make_interval(secs => $3)
-                                AND a.capacity > (SELECT count(*) FROM jobs r
-                                                   WHERE r.state = 'running'
-                                                     AND r.agent = a.name)))
-                  ORDER BY (j.preferred_agent IS NOT DISTINCT FROM $1) DESC, j.queued_at
-                  LIMIT 1
-                    FOR UPDATE OF j SKIP LOCKED",
-                    claimable = sql_sources(JobState::claim)
-                ),
-                &[
-                    &self.me(),
-                    &PREFERRED_GRACE.as_secs_f64(),
-                    &self.timeout_secs(),
-                ],
-            )
-            .await
-            .map_err(|e| db.pg_error(&e))?;
-        let Some(row) = row else {
-            return Ok(None);
-        };
-        let g = |e: tokio_postgres::Error| db.pg_error(&e);
-        let claim = Claim {
-            project: row.try_get(0).map_err(g)?,
-            id: row.try_get(1).map_err(g)?,
-            request: row.try_get(2).map_err(g)?,
-            retries: row.try_get(3).map_err(g)?,
-            retried_from: row.try_get(4).map_err(g)?,
-        };
-        tx.execute(
-            &format!(
-                "UPDATE jobs SET state = '{running}', agent = $3, started_at = now()
-                  WHERE project = $1 AND id = $2",
-                running = sql_target(JobState::Queued, JobState::claim)
-            ),
-            &[&claim.project, &claim.id, &self.me()],
+        let (mut client, err) = self.client().await?;
+        let claim = rows::claim(
+            &mut client,
+            self.me(),
+            PREFERRED_GRACE,
+            self.cluster.agent_timeout,
         )
         .await
-        .map_err(|e| db.pg_error(&e))?;
-        tx.commit().await.map_err(|e| db.pg_error(&e))?;
-        tracing::info!(project = %claim.project, id = %claim.id, agent = %self.me(), retries = claim.retries, "job claimed");
-        Ok(Some(claim))
+        .map_err(err)?;
+        if let Some(claim) = &claim {
+            tracing::info!(project = %claim.project, id = %claim.id, agent = %self.me(), retries = claim.retries, "job claimed");
+        }
+        Ok(claim)
     }
 
     /// A BuildInfo for a claimed job that could not run here.
@@ -251,38 +200,24 @@ impl Scheduler {
     pub(super) async fn place_group(&self, req: &JobRequest) {
         let (project, group) = (&req.project, &req.group);
         let last = async {
-            let db = self.db()?;
-            let client = db.client().await?;
-            client
-                .query_opt(
-                    "SELECT j.id, j.agent, a.advertise_url,
-                            COALESCE(a.stopped_at IS NULL
-                                     AND a.last_heartbeat > now() - make_interval(secs => $3),
-                                     false)
-                       FROM jobs j LEFT JOIN agents a ON a.name = j.agent
-                      WHERE j.project = $1 AND j.group_name = $2 AND j.state = 'ready'
-                      ORDER BY j.ended_at DESC LIMIT 1",
-                    &[project, group, &self.timeout_secs()],
-                )
+            let (client, err) = self.client().await?;
+            rows::last_of_group(&client, project, group, self.cluster.agent_timeout)
                 .await
-                .map_err(|e| db.pg_error(&e))
+                .map_err(err)
         }
         .await;
-        let row = match last {
-            Ok(Some(r)) => r,
+        let rows::GroupBuild {
+            id: last_id,
+            agent,
+            agent_url: url,
+            agent_alive: alive,
+        } = match last {
+            Ok(Some(b)) => b,
             Ok(None) => return,
             Err(e) => {
                 tracing::warn!(%project, %group, error = %e, "the group's last build is unknown (database); this agent's own chain is used");
                 return;
             }
-        };
-        let (Ok(last_id), Ok(agent), Ok(url), Ok(alive)) = (
-            row.try_get::<_, String>(0),
-            row.try_get::<_, Option<String>>(1),
-            row.try_get::<_, Option<String>>(2),
-            row.try_get::<_, bool>(3),
-        ) else {
-            return;
         };
         let agent = agent.unwrap_or_default();
         if agent == self.me() {
@@ -332,25 +267,10 @@ impl Scheduler {
     /// Give a claimed job back to the queue (this agent cannot run it now).
     pub(super) async fn unclaim(&self, project: &str, id: &str) {
         let result = async {
-            let db = self.db()?;
-            let client = db.client().await?;
-            client
-                .execute(
-                    &format!(
-                        "UPDATE jobs SET state = '{queued}', agent = NULL, started_at = NULL
-                          WHERE project = $1 AND id = $2 AND state IN ({running}) AND agent = $3",
-                        queued = sql_target(JobState::Running, JobState::requeue),
-                        running = sql_sources(JobState::requeue)
-                    ),
-                    &[&project, &id, &self.me()],
-                )
+            let (client, err) = self.client().await?;
+            rows::unclaim(&client, project, id, self.me())
                 .await
-                .map_err(|e| db.pg_error(&e))?;
-            client
-                .execute("SELECT pg_notify($1, 'queued')", &[&CHANNEL])
-                .await
-                .map_err(|e| db.pg_error(&e))?;
-            Ok::<_, ClusterError>(())
+                .map_err(err)
         }
         .await;
         if let Err(e) = result {
@@ -409,43 +329,19 @@ impl Scheduler {
             ..info.clone()
         };
         let json = serde_json::to_string(&stored).map_err(|e| db.error(e.to_string()))?;
-        let state = JobState::of_end(info).as_str();
-        // One statement (one round trip, atomic): the record (still ours, or queued again
-        // meanwhile and not claimed by another agent yet), the end's notification, and — when
-        // the job ran in its container — the project's image cached here (placement).
-        let client = db.client().await?;
-        let n: i64 = client
-            .query_one(
-                "WITH upd AS (
-                     UPDATE jobs SET state = $4, agent = $3, build_info = $5::text::jsonb,
-                            ended_at = now()
-                      WHERE project = $1 AND id = $2
-                        AND ((state = 'running' AND agent = $3) OR state = 'queued')
-                     RETURNING 1),
-                 sent AS (SELECT pg_notify($6, $7) FROM upd),
-                 img AS (
-                     INSERT INTO agent_images (agent, project)
-                     SELECT $3, $1 FROM upd WHERE $8
-                     ON CONFLICT (agent, project) DO UPDATE SET built_at = now()
-                     RETURNING 1)
-                 SELECT (SELECT count(*) FROM upd), (SELECT count(*) FROM sent)",
-                &[
-                    &project,
-                    &id,
-                    &self.me(),
-                    &state,
-                    &json,
-                    &CHANNEL,
-                    &format!("ended {}", key_of(project, id)),
-                    &info.err_build.is_empty(),
-                ],
-            )
+        let state = JobState::of_end(info);
+        let end = rows::End {
+            state,
+            build_info: &json,
+            built_here: info.err_build.is_empty(),
+        };
+        let (client, err) = self.client().await?;
+        let recorded = rows::record_end(&client, project, id, self.me(), &end)
             .await
-            .and_then(|r| r.try_get(0))
-            .map_err(|e| db.pg_error(&e))?;
-        if n == 1 {
+            .map_err(err)?;
+        if recorded {
             tracing::info!(%project, %id, %state, agent = %self.me(), "job recorded in the cluster");
         }
-        Ok(n == 1)
+        Ok(recorded)
     }
 }

@@ -45,6 +45,7 @@ mod ship;
 pub use ship::Shipper;
 
 use super::listen::Notice;
+use super::records::{logs as rows, RecordsError};
 use super::{Cluster, ClusterError};
 use crate::engine::JobDir;
 use crate::streams::ByteStream;
@@ -121,8 +122,18 @@ impl Logs {
         }
     }
 
-    fn db(&self) -> Result<&super::Db, ClusterError> {
-        self.cluster.need_db()
+    /// A pooled connection, and how its statements' errors name the database.
+    async fn client(
+        &self,
+    ) -> Result<
+        (
+            deadpool_postgres::Object,
+            impl Fn(RecordsError) -> ClusterError + '_,
+        ),
+        ClusterError,
+    > {
+        let db = self.cluster.need_db()?;
+        Ok((db.client().await?, move |e| db.records_error(e)))
     }
 
     fn me(&self) -> &str {
@@ -179,57 +190,13 @@ impl Logs {
     /// running. Agents silent that long (and at least a day) that no record names go too. Returns (chunks, records)
     /// deleted.
     pub async fn prune(&self, retention: Duration) -> Result<(u64, u64), ClusterError> {
-        let db = self.db()?;
-        let secs = retention.as_secs_f64();
-        let mut client = db.client().await?;
-        let tx = client.transaction().await.map_err(|e| db.pg_error(&e))?;
-        let chunks = tx
-            .execute(
-                "DELETE FROM job_logs l
-                  WHERE l.at < now() - make_interval(secs => $1)
-                    AND NOT EXISTS (
-                        SELECT 1 FROM jobs j
-                         WHERE j.project = l.project AND j.id = l.id
-                           AND (j.state IN ('queued', 'running')
-                                OR j.ended_at IS NULL
-                                OR j.ended_at >= now() - make_interval(secs => $1)))",
-                &[&secs],
-            )
-            .await
-            .map_err(|e| db.pg_error(&e))?;
-        let records = tx
-            .execute(
-                "DELETE FROM jobs
-                  WHERE state IN ('ready', 'failed')
-                    AND ended_at < now() - make_interval(secs => $1)",
-                &[&secs],
-            )
-            .await
-            .map_err(|e| db.pg_error(&e))?;
-        // Agents silent that long, and at least a day (stopped or gone), that no record names
-        // any more, and the images recorded for them: the agents page and placement forget
-        // them.
-        let agents = tx
-            .execute(
-                "DELETE FROM agents a
-                  WHERE a.last_heartbeat < now() - make_interval(secs => GREATEST($1::float8, 86400))
-                    AND NOT EXISTS (SELECT 1 FROM jobs j WHERE j.agent = a.name)",
-                &[&secs],
-            )
-            .await
-            .map_err(|e| db.pg_error(&e))?;
-        if agents > 0 {
-            tx.execute(
-                "DELETE FROM agent_images i
-                  WHERE NOT EXISTS (SELECT 1 FROM agents a WHERE a.name = i.agent)",
-                &[],
-            )
-            .await
-            .map_err(|e| db.pg_error(&e))?;
+        let (mut client, err) = self.client().await?;
+        let pruned = rows::prune(&mut client, retention).await.map_err(err)?;
+        if pruned.agents > 0 {
+            let agents = pruned.agents;
             tracing::info!(agents, "log_retention: forgot agents silent for longer");
         }
-        tx.commit().await.map_err(|e| db.pg_error(&e))?;
-        Ok((chunks, records))
+        Ok((pruned.chunks, pruned.records))
     }
 }
 

@@ -13,57 +13,30 @@ impl Logs {
         {
             return Ok(None);
         }
-        let db = self.db()?;
-        let client = db.client().await?;
-        let row = client
-            .query_opt(
-                "SELECT state, agent, request::text, build_info::text,
-                        to_char(COALESCE(started_at, queued_at) AT TIME ZONE 'UTC',
-                                'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')
-                   FROM jobs WHERE project = $1 AND id = $2",
-                &[&project, &id],
-            )
-            .await
-            .map_err(|e| db.pg_error(&e))?;
-        let Some(row) = row else { return Ok(None) };
-        let g = |e: tokio_postgres::Error| db.pg_error(&e);
-        let state: String = row.try_get(0).map_err(g)?;
-        let state = super::super::records::stored_state(db, &state)?;
-        let agent: Option<String> = row.try_get(1).map_err(g)?;
-        let request: String = row.try_get(2).map_err(g)?;
-        let stored: Option<String> = row.try_get(3).map_err(g)?;
-        let since: String = row.try_get(4).map_err(g)?;
-        let info = stored
+        let (client, err) = self.client().await?;
+        let Some(shown) = rows::shown(&client, project, id).await.map_err(err)? else {
+            return Ok(None);
+        };
+        let info = shown
+            .build_info
             .as_deref()
             .and_then(|t| serde_json::from_str::<BuildInfo>(t).ok())
-            .unwrap_or_else(|| blank_info(project, id, &request, since));
+            .unwrap_or_else(|| blank_info(project, id, &shown.request, shown.since));
         Ok(Some(RemoteJob {
             project: project.to_string(),
             id: id.to_string(),
-            state,
-            agent,
+            state: shown.state,
+            agent: shown.agent,
             info,
         }))
     }
 
     /// The size of a job's log in the database.
     pub async fn size(&self, project: &str, id: &str, s: LogStream) -> Result<u64, ClusterError> {
-        let db = self.db()?;
-        let client = db.client().await?;
-        let row = client
-            .query_opt(
-                "SELECT pos + octet_length(data) FROM job_logs
-                  WHERE project = $1 AND id = $2 AND stream = $3
-                  ORDER BY pos DESC LIMIT 1",
-                &[&project, &id, &s.as_str()],
-            )
+        let (client, err) = self.client().await?;
+        rows::size(&client, project, id, s.as_str())
             .await
-            .map_err(|e| db.pg_error(&e))?;
-        let size: i64 = match row {
-            Some(r) => r.try_get(0).map_err(|e| db.pg_error(&e))?,
-            None => 0,
-        };
-        Ok(u64::try_from(size).unwrap_or(0))
+            .map_err(err)
     }
 
     /// Up to [`PAGE_ROWS`] chunks of a log covering bytes from `from` on, in order: (offset,
@@ -75,37 +48,16 @@ impl Logs {
         s: LogStream,
         from: u64,
     ) -> Result<Vec<(u64, Vec<u8>, String)>, ClusterError> {
-        let db = self.db()?;
-        let client = db.client().await?;
-        let from = i64::try_from(from).unwrap_or(i64::MAX);
-        // A chunk is at most CHUNK_MAX bytes: one starting CHUNK_MAX before `from` or earlier
-        // ends before it (the bound keeps the query on the primary key).
-        let rows = client
-            .query(
-                "SELECT pos, data, run FROM job_logs
-                  WHERE project = $1 AND id = $2 AND stream = $3
-                    AND pos > $4::bigint - $5::bigint AND pos + octet_length(data) > $4::bigint
-                  ORDER BY pos LIMIT $6",
-                &[
-                    &project,
-                    &id,
-                    &s.as_str(),
-                    &from,
-                    &(CHUNK_MAX as i64),
-                    &PAGE_ROWS,
-                ],
-            )
-            .await
-            .map_err(|e| db.pg_error(&e))?;
-        let mut page = Vec::with_capacity(rows.len());
-        for r in rows {
-            let g = |e: tokio_postgres::Error| db.pg_error(&e);
-            let pos: i64 = r.try_get(0).map_err(g)?;
-            let data: Vec<u8> = r.try_get(1).map_err(g)?;
-            let run: String = r.try_get(2).map_err(g)?;
-            page.push((u64::try_from(pos).unwrap_or(0), data, run));
-        }
-        Ok(page)
+        let (client, err) = self.client().await?;
+        rows::page(
+            &client,
+            (project, id, s.as_str()),
+            from,
+            CHUNK_MAX,
+            PAGE_ROWS,
+        )
+        .await
+        .map_err(err)
     }
 
     /// Send the bytes `[from, to)` of a log (`span`; `to`: `None` for all there is) to `tx`,

@@ -94,22 +94,11 @@ impl Logs {
 
     /// A run starts: the previous run's chunks go, and followers are told.
     async fn start_run(&self, project: &str, id: &str, run: &str) -> Result<(), ClusterError> {
-        let db = self.db()?;
-        let mut client = db.client().await?;
-        let tx = client.transaction().await.map_err(|e| db.pg_error(&e))?;
-        tx.execute(
-            "DELETE FROM job_logs WHERE project = $1 AND id = $2",
-            &[&project, &id],
-        )
-        .await
-        .map_err(|e| db.pg_error(&e))?;
-        tx.execute(
-            "SELECT pg_notify($1, $2)",
-            &[&CHANNEL, &format!("{} start {run}", key_of(project, id))],
-        )
-        .await
-        .map_err(|e| db.pg_error(&e))?;
-        tx.commit().await.map_err(|e| db.pg_error(&e))
+        let (mut client, err) = self.client().await?;
+        let payload = format!("{} start {run}", key_of(project, id));
+        rows::start_run(&mut client, project, id, &payload)
+            .await
+            .map_err(err)
     }
 
     /// Ship what `t`'s file holds beyond what was shipped, in chunks; `Ok(false)` when the
@@ -142,9 +131,6 @@ impl Logs {
         run: &str,
         t: &Tail,
     ) -> Result<bool, ClusterError> {
-        let db = self.db()?;
-        let client = db.client().await?;
-        let pos = i64::try_from(t.pos).unwrap_or(i64::MAX);
         let payload = format!(
             "{} {} {} {}",
             key_of(project, id),
@@ -152,45 +138,24 @@ impl Logs {
             t.pos,
             t.buf.len()
         );
-        let row = client
-            .query_one(
-                "WITH own AS (
-                     SELECT EXISTS (SELECT 1 FROM jobs
-                                     WHERE project = $1 AND id = $2
-                                       AND ((state = 'running' AND agent = $6)
-                                            OR state = 'queued')) AS yes),
-                 ins AS (
-                     INSERT INTO job_logs (project, id, stream, pos, data, agent, run)
-                     SELECT $1, $2, $3, $4, $5, $6, $7 FROM own WHERE own.yes
-                     ON CONFLICT DO NOTHING
-                     RETURNING 1),
-                 sent AS (SELECT pg_notify($8, $9) FROM ins)
-                 SELECT own.yes, (SELECT count(*) FROM sent) FROM own",
-                &[
-                    &project,
-                    &id,
-                    &t.stream.as_str(),
-                    &pos,
-                    &t.buf,
-                    &self.me(),
-                    &run,
-                    &CHANNEL,
-                    &payload,
-                ],
-            )
+        let chunk = rows::Chunk {
+            project,
+            id,
+            stream: t.stream.as_str(),
+            pos: t.pos,
+            data: &t.buf,
+            agent: self.me(),
+            run,
+        };
+        let (client, err) = self.client().await?;
+        rows::insert_chunk(&client, &chunk, &payload)
             .await
-            .map_err(|e| db.pg_error(&e))?;
-        row.try_get::<_, bool>(0).map_err(|e| db.pg_error(&e))
+            .map_err(err)
     }
 
     async fn notify(&self, payload: &str) -> Result<(), ClusterError> {
-        let db = self.db()?;
-        let client = db.client().await?;
-        client
-            .execute("SELECT pg_notify($1, $2)", &[&CHANNEL, &payload])
-            .await
-            .map_err(|e| db.pg_error(&e))?;
-        Ok(())
+        let (client, err) = self.client().await?;
+        rows::notify(&client, payload).await.map_err(err)
     }
 }
 

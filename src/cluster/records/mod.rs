@@ -1,12 +1,53 @@
-//! The job records (table `jobs`): a record as a request reads it, its stored request and
-//! state, and whether a copy of a build on this agent is the recorded one. The scheduler's
-//! statements (`jobs/`) and the inputs' fetching (`inputs.rs`) read records through here.
+//! The cluster's records: every SQL statement of the cluster lives in this module (a check in
+//! `tests/module_graph.rs` keeps it so), by table or concern — `jobs.rs` the job records
+//! (inserts, claims, ends, re-queues, placement), `logs.rs` the central log chunks and the
+//! retention, `agents.rs` the agents' rows, `view.rs` the cluster's lists and gauges,
+//! `schema.rs` the migration runner's and the probe's statements. Each function takes a
+//! connection (`tokio_postgres::Client`, or a pooled one through `Deref`) and returns typed rows
+//! or a [`RecordsError`] naming what it did; the other cluster modules keep their logic.
+//!
+//! Here too: a job's record as a request reads it, its stored request and typed state, and
+//! whether a copy of a build on this agent is the recorded one.
 
 use std::time::Duration;
 
-use super::{ClusterError, Db};
+use tokio_postgres::Client;
+
 use crate::jobs::{BuildInfo, Identity, Input, JobRequest};
 use crate::service::JobState;
+
+pub(super) mod agents;
+pub(super) mod jobs;
+pub(super) mod logs;
+pub(super) mod schema;
+pub(super) mod view;
+
+/// What a statement on the records could not do.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordsError {
+    /// The database refused or did not answer; `what` names the statement's object (the job,
+    /// the agent, ...).
+    #[error("{what}: {source}")]
+    Query {
+        what: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    /// A record's state the typed state does not know (the column's CHECK allows no other).
+    #[error("unknown job state {0:?} in the records")]
+    UnknownState(String),
+}
+
+/// A `tokio_postgres` error of the statement about `what`.
+pub(super) fn query_error(
+    what: impl Into<String>,
+) -> impl Fn(tokio_postgres::Error) -> RecordsError {
+    let what = what.into();
+    move |source| RecordsError::Query {
+        what: what.clone(),
+        source,
+    }
+}
 
 /// A job's record, as a request reads it.
 #[derive(Debug)]
@@ -29,9 +70,8 @@ impl Record {
 }
 
 /// A record's stored state (the column's CHECK allows no other).
-pub(super) fn stored_state(db: &super::Db, name: &str) -> Result<JobState, ClusterError> {
-    JobState::parse(name)
-        .ok_or_else(|| db.error(format!("unknown job state {name:?} in the records")))
+pub(super) fn stored_state(name: &str) -> Result<JobState, RecordsError> {
+    JobState::parse(name).ok_or_else(|| RecordsError::UnknownState(name.to_string()))
 }
 
 /// The request as the record stores it (JSON text, cast to jsonb by the query).
@@ -46,7 +86,7 @@ pub(super) fn request_json(req: &JobRequest) -> String {
     .to_string()
 }
 
-pub(super) fn request_from_json(text: &str) -> Result<JobRequest, String> {
+pub(super) fn request_from_json(text: &str) -> Result<JobRequest, serde_json::Error> {
     #[derive(serde::Deserialize)]
     struct Stored {
         project: String,
@@ -59,7 +99,7 @@ pub(super) fn request_from_json(text: &str) -> Result<JobRequest, String> {
         #[serde(default)]
         rebuild: bool,
     }
-    let s: Stored = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    let s: Stored = serde_json::from_str(text)?;
     Ok(JobRequest {
         project: s.project,
         params: s.params,
@@ -72,12 +112,12 @@ pub(super) fn request_from_json(text: &str) -> Result<JobRequest, String> {
 /// Job `project/id`'s record, with whether its agent is alive (a heartbeat within
 /// `agent_timeout`, not stopped).
 pub(super) async fn read(
-    db: &Db,
+    client: &Client,
     project: &str,
     id: &str,
     agent_timeout: Duration,
-) -> Result<Option<Record>, ClusterError> {
-    let client = db.client().await?;
+) -> Result<Option<Record>, RecordsError> {
+    let g = query_error(format!("reading the record of job {project}/{id}"));
     let row = client
         .query_opt(
             "SELECT j.state, j.agent, a.advertise_url,
@@ -89,22 +129,21 @@ pub(super) async fn read(
             &[&project, &id, &agent_timeout.as_secs_f64()],
         )
         .await
-        .map_err(|e| db.pg_error(&e))?;
+        .map_err(&g)?;
     let Some(r) = row else { return Ok(None) };
-    let g = |e: tokio_postgres::Error| db.pg_error(&e);
     Ok(Some(Record {
-        state: stored_state(db, &r.try_get::<_, String>(0).map_err(g)?)?,
-        agent: r.try_get(1).map_err(g)?,
-        agent_url: r.try_get(2).map_err(g)?,
-        agent_alive: r.try_get(3).map_err(g)?,
-        build_info: r.try_get(4).map_err(g)?,
-        request: r.try_get(5).map_err(g)?,
+        state: stored_state(&r.try_get::<_, String>(0).map_err(&g)?)?,
+        agent: r.try_get(1).map_err(&g)?,
+        agent_url: r.try_get(2).map_err(&g)?,
+        agent_alive: r.try_get(3).map_err(&g)?,
+        build_info: r.try_get(4).map_err(&g)?,
+        request: r.try_get(5).map_err(&g)?,
     }))
 }
 
 /// The states `transition` leaves from, as an SQL list (`'queued', 'running'`): what a
 /// conditional update of the records checks (only the enum's names, never outside text).
-pub(super) fn sql_sources(transition: impl Fn(JobState) -> Option<JobState>) -> String {
+fn sql_sources(transition: impl Fn(JobState) -> Option<JobState>) -> String {
     JobState::sources(transition)
         .iter()
         .map(|s| format!("'{}'", s.as_str()))
@@ -114,10 +153,7 @@ pub(super) fn sql_sources(transition: impl Fn(JobState) -> Option<JobState>) -> 
 
 /// The state `transition` leads to from `from`, for an update's `SET state = ...` (the
 /// transitions the statements take are defined; `service`'s tests check them).
-pub(super) fn sql_target(
-    from: JobState,
-    transition: fn(JobState) -> Option<JobState>,
-) -> &'static str {
+fn sql_target(from: JobState, transition: fn(JobState) -> Option<JobState>) -> &'static str {
     transition(from).unwrap_or(from).as_str()
 }
 

@@ -1,0 +1,525 @@
+//! The job records' statements (table `jobs`; the scheduler's logic is `cluster::jobs`):
+//! inserts, re-queues, claims, ends, the janitor's re-queues and copies' checks, placement.
+//! Every change of a record's state is notified on [`JOBS_CHANNEL`]: `queued` (work to claim),
+//! `running <project>/<id>` (a claim), `ended <project>/<id>` (an end).
+
+use std::time::Duration;
+
+use tokio_postgres::Client;
+
+use super::{query_error, sql_sources, sql_target, stored_state, RecordsError};
+use crate::cluster::JOBS_CHANNEL;
+use crate::service::JobState;
+
+/// The payload of the notification that job `project/id` is running (claimed).
+pub(in crate::cluster) fn running_payload(project: &str, id: &str) -> String {
+    format!("running {project}/{id}")
+}
+
+/// The payload of the notification that job `project/id` ended.
+pub(in crate::cluster) fn ended_payload(project: &str, id: &str) -> String {
+    format!("ended {project}/{id}")
+}
+
+/// A claimed job, as its record stores it.
+#[derive(Debug)]
+pub(in crate::cluster) struct Claimed {
+    pub(in crate::cluster) project: String,
+    pub(in crate::cluster) id: String,
+    /// The stored request (JSON).
+    pub(in crate::cluster) request: String,
+    pub(in crate::cluster) retries: i32,
+    pub(in crate::cluster) retried_from: Option<String>,
+}
+
+/// Whether any record is queued.
+pub(in crate::cluster) async fn any_queued(client: &Client) -> Result<bool, RecordsError> {
+    let g = query_error("looking for queued jobs");
+    client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM jobs WHERE state = 'queued')",
+            &[],
+        )
+        .await
+        .and_then(|r| r.try_get(0))
+        .map_err(g)
+}
+
+/// Claim for agent `me` the oldest queued job it may take (its own preferred jobs first; one
+/// preferred by another agent after `grace`, or when that agent is not alive by
+/// `agent_timeout` or full), mark it `running` by `me` and notify the claim.
+pub(in crate::cluster) async fn claim(
+    client: &mut Client,
+    me: &str,
+    grace: Duration,
+    agent_timeout: Duration,
+) -> Result<Option<Claimed>, RecordsError> {
+    let g = query_error(format!("claiming a job for agent {me}"));
+    let tx = client.transaction().await.map_err(&g)?;
+    let row = tx
+        .query_opt(
+            &format!(
+                "SELECT j.project, j.id, j.request::text, j.retries, j.retried_from
+                   FROM jobs j
+                  WHERE j.state IN ({claimable})
+                    AND (j.preferred_agent IS NULL OR j.preferred_agent = $1
+                         OR j.queued_at < now() - make_interval(secs => $2)
+                         OR NOT EXISTS (
+                             SELECT 1 FROM agents a
+                              WHERE a.name = j.preferred_agent AND a.stopped_at IS NULL
+                                AND a.last_heartbeat > now() - make_interval(secs => $3)
+                                AND a.capacity > (SELECT count(*) FROM jobs r
+                                                   WHERE r.state = 'running'
+                                                     AND r.agent = a.name)))
+                  ORDER BY (j.preferred_agent IS NOT DISTINCT FROM $1) DESC, j.queued_at
+                  LIMIT 1
+                    FOR UPDATE OF j SKIP LOCKED",
+                claimable = sql_sources(JobState::claim)
+            ),
+            &[&me, &grace.as_secs_f64(), &agent_timeout.as_secs_f64()],
+        )
+        .await
+        .map_err(&g)?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let claim = Claimed {
+        project: row.try_get(0).map_err(&g)?,
+        id: row.try_get(1).map_err(&g)?,
+        request: row.try_get(2).map_err(&g)?,
+        retries: row.try_get(3).map_err(&g)?,
+        retried_from: row.try_get(4).map_err(&g)?,
+    };
+    tx.execute(
+        &format!(
+            "UPDATE jobs SET state = '{running}', agent = $3, started_at = now()
+              WHERE project = $1 AND id = $2",
+            running = sql_target(JobState::Queued, JobState::claim)
+        ),
+        &[&claim.project, &claim.id, &me],
+    )
+    .await
+    .map_err(&g)?;
+    // Delivered at the commit: whoever waits for the job to run (a pipeline's run page) wakes.
+    tx.execute(
+        "SELECT pg_notify($1, $2)",
+        &[&JOBS_CHANNEL, &running_payload(&claim.project, &claim.id)],
+    )
+    .await
+    .map_err(&g)?;
+    tx.commit().await.map_err(&g)?;
+    Ok(Some(claim))
+}
+
+/// The last successful build of a group, and whether the agent holding it is alive.
+#[derive(Debug)]
+pub(in crate::cluster) struct GroupBuild {
+    pub(in crate::cluster) id: String,
+    pub(in crate::cluster) agent: Option<String>,
+    pub(in crate::cluster) agent_url: Option<String>,
+    pub(in crate::cluster) agent_alive: bool,
+}
+
+/// The last successful build of group `group` of `project`, if any.
+pub(in crate::cluster) async fn last_of_group(
+    client: &Client,
+    project: &str,
+    group: &str,
+    agent_timeout: Duration,
+) -> Result<Option<GroupBuild>, RecordsError> {
+    let g = query_error(format!("the last build of group {project}/{group}"));
+    let row = client
+        .query_opt(
+            "SELECT j.id, j.agent, a.advertise_url,
+                    COALESCE(a.stopped_at IS NULL
+                             AND a.last_heartbeat > now() - make_interval(secs => $3),
+                             false)
+               FROM jobs j LEFT JOIN agents a ON a.name = j.agent
+              WHERE j.project = $1 AND j.group_name = $2 AND j.state = 'ready'
+              ORDER BY j.ended_at DESC LIMIT 1",
+            &[&project, &group, &agent_timeout.as_secs_f64()],
+        )
+        .await
+        .map_err(&g)?;
+    let Some(row) = row else { return Ok(None) };
+    Ok(Some(GroupBuild {
+        id: row.try_get(0).map_err(&g)?,
+        agent: row.try_get(1).map_err(&g)?,
+        agent_url: row.try_get(2).map_err(&g)?,
+        agent_alive: row.try_get(3).map_err(&g)?,
+    }))
+}
+
+/// Give job `project/id`, claimed by `me`, back to the queue, and notify.
+pub(in crate::cluster) async fn unclaim(
+    client: &Client,
+    project: &str,
+    id: &str,
+    me: &str,
+) -> Result<(), RecordsError> {
+    let g = query_error(format!("giving job {project}/{id} back to the queue"));
+    client
+        .execute(
+            &format!(
+                "UPDATE jobs SET state = '{queued}', agent = NULL, started_at = NULL
+                  WHERE project = $1 AND id = $2 AND state IN ({running}) AND agent = $3",
+                queued = sql_target(JobState::Running, JobState::requeue),
+                running = sql_sources(JobState::requeue)
+            ),
+            &[&project, &id, &me],
+        )
+        .await
+        .map_err(&g)?;
+    client
+        .execute("SELECT pg_notify($1, 'queued')", &[&JOBS_CHANNEL])
+        .await
+        .map_err(&g)?;
+    Ok(())
+}
+
+/// The end of job `project/id` that agent `me` ran: its state and stored BuildInfo (JSON),
+/// and whether it ran in its container (the project's image is then cached on `me`).
+pub(in crate::cluster) struct End<'a> {
+    pub(in crate::cluster) state: JobState,
+    pub(in crate::cluster) build_info: &'a str,
+    pub(in crate::cluster) built_here: bool,
+}
+
+/// Record `end` (one statement: one round trip, atomic): the record (still `me`'s, or queued
+/// again meanwhile and not claimed by another agent yet), the end's notification, and the
+/// project's image on `me`. `false` when the record was taken over meanwhile.
+pub(in crate::cluster) async fn record_end(
+    client: &Client,
+    project: &str,
+    id: &str,
+    me: &str,
+    end: &End<'_>,
+) -> Result<bool, RecordsError> {
+    let g = query_error(format!("recording the end of job {project}/{id}"));
+    let n: i64 = client
+        .query_one(
+            "WITH upd AS (
+                 UPDATE jobs SET state = $4, agent = $3, build_info = $5::text::jsonb,
+                        ended_at = now()
+                  WHERE project = $1 AND id = $2
+                    AND ((state = 'running' AND agent = $3) OR state = 'queued')
+                 RETURNING 1),
+             sent AS (SELECT pg_notify($6, $7) FROM upd),
+             img AS (
+                 INSERT INTO agent_images (agent, project)
+                 SELECT $3, $1 FROM upd WHERE $8
+                 ON CONFLICT (agent, project) DO UPDATE SET built_at = now()
+                 RETURNING 1)
+             SELECT (SELECT count(*) FROM upd), (SELECT count(*) FROM sent)",
+            &[
+                &project,
+                &id,
+                &me,
+                &end.state.as_str(),
+                &end.build_info,
+                &JOBS_CHANNEL,
+                &ended_payload(project, id),
+                &end.built_here,
+            ],
+        )
+        .await
+        .and_then(|r| r.try_get(0))
+        .map_err(g)?;
+    Ok(n == 1)
+}
+
+/// A record agent `me` left `running` before its registration (a crash): (project, id, stored
+/// request).
+pub(in crate::cluster) async fn crashed(
+    client: &Client,
+    me: &str,
+) -> Result<Vec<(String, String, String)>, RecordsError> {
+    let g = query_error(format!("the jobs agent {me} left running"));
+    let rows = client
+        .query(
+            "SELECT j.project, j.id, j.request::text FROM jobs j JOIN agents a ON a.name = j.agent
+              WHERE j.state = 'running' AND j.agent = $1 AND j.started_at < a.started_at",
+            &[&me],
+        )
+        .await
+        .map_err(&g)?;
+    rows.iter()
+        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
+        .collect::<Result<_, tokio_postgres::Error>>()
+        .map_err(g)
+}
+
+/// A record queued again by [`requeue_running`].
+#[derive(Debug)]
+pub(in crate::cluster) struct Requeued {
+    pub(in crate::cluster) project: String,
+    pub(in crate::cluster) id: String,
+    pub(in crate::cluster) retried_from: Option<String>,
+    pub(in crate::cluster) retries: i32,
+}
+
+/// Queue again the running jobs of agents that are not alive (judged only once the database
+/// has been up for `agent_timeout`), or (`crashed`) agent `me`'s job `(project, id)` started
+/// before its registration; notify.
+pub(in crate::cluster) async fn requeue_running(
+    client: &mut Client,
+    me: &str,
+    agent_timeout: Duration,
+    crashed: Option<(&str, &str)>,
+) -> Result<Vec<Requeued>, RecordsError> {
+    let g = query_error(match crashed {
+        Some((p, i)) => format!("queueing job {p}/{i} again"),
+        None => "queueing the jobs of dead agents again".to_string(),
+    });
+    let tx = client.transaction().await.map_err(&g)?;
+    let (project, id) = crashed.unzip();
+    let rows = tx
+        .query(
+            &format!(
+                "UPDATE jobs SET state = '{queued}', retried_from = agent, agent = NULL,
+                    retries = retries + 1, queued_at = now(), started_at = NULL
+              WHERE state IN ({running})
+                AND CASE WHEN $3::text IS NULL
+                    THEN pg_postmaster_start_time() < now() - make_interval(secs => $1)
+                     AND NOT EXISTS (
+                         SELECT 1 FROM agents a
+                          WHERE a.name = jobs.agent AND a.stopped_at IS NULL
+                            AND a.last_heartbeat > now() - make_interval(secs => $1))
+                    ELSE project = $3 AND id = $4 AND agent = $2
+                         AND started_at < (SELECT a.started_at FROM agents a
+                                            WHERE a.name = $2)
+                    END
+             RETURNING project, id, retried_from, retries",
+                queued = sql_target(JobState::Running, JobState::requeue),
+                running = sql_sources(JobState::requeue)
+            ),
+            &[&agent_timeout.as_secs_f64(), &me, &project, &id],
+        )
+        .await
+        .map_err(&g)?;
+    if !rows.is_empty() {
+        tx.execute("SELECT pg_notify($1, 'queued')", &[&JOBS_CHANNEL])
+            .await
+            .map_err(&g)?;
+    }
+    tx.commit().await.map_err(&g)?;
+    Ok(rows
+        .iter()
+        .map(|r| Requeued {
+            project: r.try_get(0).unwrap_or_default(),
+            id: r.try_get(1).unwrap_or_default(),
+            retried_from: r.try_get(2).unwrap_or_default(),
+            retries: r.try_get(3).unwrap_or_default(),
+        })
+        .collect())
+}
+
+/// Of the jobs `(projects[i], ids[i])` (copies on agent `me`), the records whose agent is
+/// another one: (project, id, agent, the stored build's `StartedAt`).
+pub(in crate::cluster) async fn held_elsewhere(
+    client: &Client,
+    projects: &[&str],
+    ids: &[&str],
+    me: &str,
+) -> Result<Vec<(String, String, Option<String>, Option<String>)>, RecordsError> {
+    let g = query_error(format!(
+        "checking agent {me}'s copies against their records"
+    ));
+    let rows = client
+        .query(
+            "SELECT j.project, j.id, j.agent, j.build_info->>'StartedAt'
+               FROM jobs j
+               JOIN unnest($1::text[], $2::text[]) AS l(project, id)
+                 ON j.project = l.project AND j.id = l.id
+              WHERE j.agent IS DISTINCT FROM $3",
+            &[&projects, &ids, &me],
+        )
+        .await
+        .map_err(&g)?;
+    Ok(rows
+        .iter()
+        .filter_map(|r| {
+            Some((
+                r.try_get(0).ok()?,
+                r.try_get(1).ok()?,
+                r.try_get(2).ok()?,
+                r.try_get(3).ok()?,
+            ))
+        })
+        .collect())
+}
+
+/// Whether the database answers.
+pub(in crate::cluster) async fn ping(client: &Client) -> Result<(), RecordsError> {
+    client
+        .simple_query("SELECT 1")
+        .await
+        .map_err(query_error("a ping"))?;
+    Ok(())
+}
+
+/// Whether the cluster's queue is full: its queued records are at least the free slots of the
+/// alive agents (capacity − running, by their heartbeats) plus `backlog`.
+pub(in crate::cluster) async fn queue_full(
+    client: &Client,
+    backlog: i64,
+    agent_timeout: Duration,
+) -> Result<bool, RecordsError> {
+    client
+        .query_one(
+            "SELECT (SELECT count(*) FROM jobs WHERE state = 'queued') >=
+                    $1 + COALESCE((SELECT sum(GREATEST(capacity - running, 0))
+                                     FROM agents
+                                    WHERE stopped_at IS NULL
+                                      AND last_heartbeat > now() - make_interval(secs => $2)),
+                                  0)",
+            &[&backlog, &agent_timeout.as_secs_f64()],
+        )
+        .await
+        .and_then(|r| r.try_get(0))
+        .map_err(query_error("the cluster's queue length"))
+}
+
+/// The preferred agent of a job (SQL, `$1` project, `$2` group, `me` and `timeout` the
+/// placeholders of this agent's name and of `agent_timeout` in seconds): the agent holding
+/// the group's last successful build, when it is alive; else an alive agent with free capacity that has the
+/// project's image (table `agent_images`); else the least loaded alive agent (`running`
+/// records / capacity). Ties go to this agent, then by name.
+fn preferred(me: &str, timeout: &str) -> String {
+    format!(
+        "COALESCE(
+           (SELECT h.name
+              FROM (SELECT p.agent FROM jobs p
+                     WHERE p.project = $1 AND p.group_name = $2 AND $2 <> ''
+                       AND p.state = 'ready'
+                     ORDER BY p.ended_at DESC LIMIT 1) l
+              JOIN agents h ON h.name = l.agent
+             WHERE h.stopped_at IS NULL
+               AND h.last_heartbeat > now() - make_interval(secs => {timeout})),
+           (SELECT a.name FROM agents a,
+                   LATERAL (SELECT count(*) AS n FROM jobs r
+                             WHERE r.state = 'running' AND r.agent = a.name) r
+             WHERE a.stopped_at IS NULL
+               AND a.last_heartbeat > now() - make_interval(secs => {timeout})
+             ORDER BY (a.capacity > r.n
+                       AND EXISTS (SELECT 1 FROM agent_images i
+                                    WHERE i.agent = a.name AND i.project = $1)) DESC,
+                      r.n::float8 / a.capacity, a.name = {me} DESC, a.name
+             LIMIT 1))"
+    )
+}
+
+/// A job to insert: its project, group, ID and stored request (JSON).
+pub(in crate::cluster) struct NewJob<'a> {
+    pub(in crate::cluster) project: &'a str,
+    pub(in crate::cluster) group: &'a str,
+    pub(in crate::cluster) id: &'a str,
+    pub(in crate::cluster) request: &'a str,
+}
+
+/// Insert `job` (one statement: one round trip, atomic, its notification included): `running`
+/// by `me` at once when `here` (a free slot on `me`) and `me` is its preferred agent
+/// ([`preferred`]), else `queued` with its preferred agent. `None` when another agent inserted
+/// it first, else the state it was inserted in.
+pub(in crate::cluster) async fn insert(
+    client: &Client,
+    job: &NewJob<'_>,
+    here: bool,
+    me: &str,
+    agent_timeout: Duration,
+) -> Result<Option<JobState>, RecordsError> {
+    let g = query_error(format!("inserting job {}/{}", job.project, job.id));
+    let row = client
+        .query_opt(
+            &format!(
+                "WITH pref AS (SELECT {} AS agent),
+                      mine AS (SELECT $5 AND (pref.agent IS NULL OR pref.agent = $6) AS yes
+                                 FROM pref),
+                      ins AS (
+                          INSERT INTO jobs (project, id, group_name, request, preferred_agent,
+                                            state, agent, started_at)
+                          SELECT $1, $3, $2, $4::text::jsonb, pref.agent,
+                                 CASE WHEN mine.yes THEN 'running' ELSE 'queued' END,
+                                 CASE WHEN mine.yes THEN $6 END,
+                                 CASE WHEN mine.yes THEN now() END
+                            FROM pref, mine
+                          ON CONFLICT (project, id) DO NOTHING
+                          RETURNING state),
+                      sent AS (SELECT pg_notify($8, CASE WHEN ins.state = 'queued'
+                                                         THEN 'queued' ELSE $9 END)
+                                 FROM ins)
+                 SELECT ins.state, (SELECT count(*) FROM sent) FROM ins",
+                preferred("$6", "$7")
+            ),
+            &[
+                &job.project,
+                &job.group,
+                &job.id,
+                &job.request,
+                &here,
+                &me,
+                &agent_timeout.as_secs_f64(),
+                &JOBS_CHANNEL,
+                &running_payload(job.project, job.id),
+            ],
+        )
+        .await
+        .map_err(&g)?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let state: String = row.try_get(0).map_err(&g)?;
+    Ok(Some(stored_state(&state)?))
+}
+
+/// Queue job `job` again (its request stored anew), if its record is still `state`, by
+/// `agent`, for the stored request `stored` (a record deleted and inserted again by another
+/// request meanwhile is not this one); its preferred agent chosen again; notify. `false` when
+/// the record changed.
+pub(in crate::cluster) async fn rerun(
+    client: &mut Client,
+    job: &NewJob<'_>,
+    (state, agent, stored): (JobState, Option<&str>, &str),
+    me: &str,
+    agent_timeout: Duration,
+) -> Result<bool, RecordsError> {
+    // A job in flight is joined, never queued again.
+    let Some(to) = state.rerun() else {
+        return Ok(false);
+    };
+    let g = query_error(format!("queueing job {}/{} again", job.project, job.id));
+    let tx = client.transaction().await.map_err(&g)?;
+    let n = tx
+        .execute(
+            &format!(
+                "UPDATE jobs SET state = '{}', agent = NULL, build_info = NULL,
+                        request = $4::text::jsonb, retries = 0, retried_from = NULL,
+                        queued_at = now(), started_at = NULL, ended_at = NULL,
+                        preferred_agent = {}
+                  WHERE project = $1 AND id = $3 AND state = $5
+                    AND agent IS NOT DISTINCT FROM $6 AND request = $9::text::jsonb",
+                to.as_str(),
+                preferred("$7", "$8")
+            ),
+            &[
+                &job.project,
+                &job.group,
+                &job.id,
+                &job.request,
+                &state.as_str(),
+                &agent,
+                &me,
+                &agent_timeout.as_secs_f64(),
+                &stored,
+            ],
+        )
+        .await
+        .map_err(&g)?;
+    if n == 1 {
+        tx.execute("SELECT pg_notify($1, 'queued')", &[&JOBS_CHANNEL])
+            .await
+            .map_err(&g)?;
+    }
+    tx.commit().await.map_err(&g)?;
+    Ok(n == 1)
+}
