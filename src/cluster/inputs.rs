@@ -14,10 +14,9 @@
 //! agent tried answered); the claimed job is then recorded failed with it (`ErrBuild`, like the engine's own
 //! check of inputs missing locally: `could not run the job: input "NAME": ...`).
 //!
-//! [`job_state`] gives a pipeline run the state of one of its jobs' records (`queued`,
-//! `running`, `ready`, `failed`), so the run page shows a job running on another agent. (A job
-//! that failed on another agent without a build there to fetch is answered from its record's
-//! BuildInfo by `Scheduler::local_copy`.)
+//! (A job that failed on another agent without a build there to fetch is answered from its
+//! record's BuildInfo by `Scheduler::local_copy`; a pipeline run sees its job running on another
+//! agent through `Scheduler::until_running`.)
 
 use std::sync::Arc;
 
@@ -224,14 +223,4 @@ async fn read(
 /// The alive agents but this one (name, advertise URL).
 async fn other_alive(cluster: &Cluster) -> Result<Vec<(String, String)>, ClusterError> {
     super::agents::other_alive(cluster.need_db()?, cluster.name(), cluster.agent_timeout).await
-}
-
-/// The state of job `project/id`'s record in the cluster (`queued`, `running`, `ready`,
-/// `failed`), `None` when there is none.
-pub async fn job_state(
-    cluster: &Cluster,
-    project: &str,
-    id: &str,
-) -> Result<Option<JobState>, ClusterError> {
-    Ok(read(cluster, project, id).await?.map(|r| r.state))
 }

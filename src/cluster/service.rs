@@ -7,7 +7,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use super::jobs::{Admission, Scheduler, SubmitError};
 use super::{view, Cluster, ClusterError};
@@ -17,7 +16,7 @@ use crate::jobs::JobRequest;
 use crate::metrics::Metrics;
 use crate::service::{
     local, AgentInfo, Answer, BoxFuture, ByteStream, ClusterJobsFilter, Export, ExportError, Found,
-    Hold, JobError, JobState, JobView, Jobs, Lines, LogTail, Submitted,
+    Hold, JobError, JobView, Jobs, Lines, LogTail, Submitted,
 };
 
 /// The jobs of an agent of a cluster (with a database); without one, the bin uses `LocalJobs`.
@@ -61,23 +60,6 @@ impl From<SubmitError> for JobError {
     }
 }
 
-/// Resolves once job `project/id`'s record says it runs (read at growing intervals: claims are
-/// not notified); never when it ends first or has no record.
-fn running(cluster: Arc<Cluster>, project: String, id: String) -> BoxFuture<()> {
-    Box::pin(async move {
-        let mut delay = Duration::from_millis(100);
-        loop {
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(2));
-            match super::inputs::job_state(&cluster, &project, &id).await {
-                Ok(Some(JobState::Running)) => return,
-                Ok(Some(JobState::Queued)) | Err(_) => {}
-                Ok(Some(_) | None) => return std::future::pending().await,
-            }
-        }
-    })
-}
-
 #[async_trait::async_trait]
 impl Jobs for ClusterJobs {
     fn config(&self) -> &Config {
@@ -100,14 +82,12 @@ impl Jobs for ClusterJobs {
         let dir = self.engine.layout.job(&project, &id, Stage::Ready);
         let (cached, started) = match &admission {
             Admission::Answered(_) | Admission::Copy(_) => (Some(true), None),
-            Admission::Waiting(_) => (
-                Some(false),
-                Some(running(
-                    Arc::clone(&self.cluster),
-                    project.clone(),
-                    id.clone(),
-                )),
-            ),
+            Admission::Waiting(_) => {
+                // The record turning `running` (the claim's notification).
+                let (s, p, i) = (Arc::clone(&scheduler), project.clone(), id.clone());
+                let running: BoxFuture<()> = Box::pin(async move { s.until_running(&p, &i).await });
+                (Some(false), Some(running))
+            }
         };
         let end: BoxFuture<Result<Answer, JobError>> = Box::pin(async move {
             let a = scheduler.finish(admission).await?;

@@ -78,6 +78,9 @@ pub const PREFERRED_GRACE: Duration = Duration::from_secs(1);
 /// A waiter reads its job's record again after this long without a notification (a safety
 /// net; notifications are what wakes it).
 const SAFETY_RECHECK: Duration = Duration::from_secs(30);
+/// A wait for a job to run reads its record again after this long without a notification (a
+/// safety net: the claim's notification wakes it).
+const RUNNING_RECHECK: Duration = Duration::from_secs(5);
 /// At most this often, every copy here is checked against its record (see `stale_loop`).
 const CHECK_COPIES_EVERY: Duration = Duration::from_secs(5);
 

@@ -197,6 +197,42 @@ impl Scheduler {
         }
     }
 
+    /// Resolves once job `project/id`'s record says it runs; never when it ends first or has
+    /// no record. Woken by the claim's notification (`running <project>/<id>`); the record is
+    /// read at first (after subscribing: a claim meanwhile is not missed), after every
+    /// (re)connection of the listener (notifications may have been lost) and every
+    /// [`RUNNING_RECHECK`] without news.
+    pub async fn until_running(&self, project: &str, id: &str) {
+        let key = key_of(project, id);
+        let mut events = self.events.subscribe();
+        loop {
+            match self.read(project, id).await {
+                Ok(Some(rec)) if rec.state == JobState::Running => return,
+                Ok(Some(rec)) if rec.state == JobState::Queued => {}
+                Err(e) => {
+                    tracing::debug!(%project, %id, error = %e, "could not read whether the job runs");
+                }
+                Ok(_) => return std::future::pending().await,
+            }
+            let _ = tokio::time::timeout(RUNNING_RECHECK, async {
+                loop {
+                    match events.recv().await {
+                        Ok(Event::Running(k) | Event::Ended(k)) if k == key => return,
+                        Ok(Event::Reconnected) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                            return
+                        }
+                        Ok(_) => continue,
+                        // No listener any more: only the slow re-reads are left.
+                        Err(broadcast::error::RecvError::Closed) => {
+                            std::future::pending::<()>().await
+                        }
+                    }
+                }
+            })
+            .await;
+        }
+    }
+
     pub(super) async fn read(
         &self,
         project: &str,
