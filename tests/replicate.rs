@@ -1,4 +1,4 @@
-//! Builds replicate between agents (src/cluster/replicate.rs): `GET /api/build/...` on the
+//! Builds replicate between agents (src/cluster/copies.rs): `GET /api/build/...` on the
 //! holder, `fetch_build` on the agent that needs it; no database involved. Then the fetching
 //! agent answers for the build as if it had run it (cache hit, artifacts by HTTP and rsync, the
 //! group's next incremental build), and a hostile agent's stream is refused whole.
@@ -13,7 +13,7 @@ use common::mistry_client_bin;
 use common::server::{
     artifacts, check_artifact_contents, get_bytes, job_id, read, rsync_daemon, Server,
 };
-use mistry::cluster::replicate::{fetch_build, ReplicateError};
+use mistry::cluster::copies::{fetch_build, ReplicateError};
 use mistry::engine::import::Importer;
 use mistry::engine::{JobDir, Layout};
 use serde_json::{json, Value};

@@ -5,7 +5,7 @@
 //! `ready/`. The cluster may place that job on an agent that does not hold those builds: before
 //! a claimed job runs ([`fetch_inputs`], called by `Scheduler::run_claimed`), every input's
 //! build is made present here — already in `ready/` and succeeded: nothing to do; else it is
-//! fetched (`replicate::fetch_build`, without its cache) from the agent its job record names,
+//! fetched (`copies::fetch_build`, without its cache) from the agent its job record names,
 //! or, when that agent is not alive or the fetch fails, from another alive agent holding a copy
 //! of that very build (its `StartedAt` is the record's; the agent that took a pipeline run holds
 //! every build of the run).
@@ -20,8 +20,8 @@
 
 use std::sync::Arc;
 
+use super::copies::discard_copy;
 use super::records::{self, is_stale};
-use super::replicate::discard_copy;
 use super::{Cluster, ClusterError};
 use crate::engine::{Engine, Stage};
 use crate::jobs::{BuildInfo, JobRequest};
@@ -117,7 +117,7 @@ pub(super) async fn fetch_inputs(
                     .and_then(|t| serde_json::from_str(t).ok());
                 let first = match (&rec.agent_url, rec.agent_alive) {
                     (Some(url), true) => Ok((agent.clone(), url.clone())),
-                    _ => Err(format!("agent {agent} is not alive")),
+                    _ => Err(Tried(vec![format!("agent {agent} is not alive")])),
                 };
                 fetch_from_any(cluster, engine, project, id, first, recorded.as_ref())
                     .await
@@ -129,18 +129,26 @@ pub(super) async fn fetch_inputs(
             }
             // No record (pruned by log_retention, or older than the database): any alive
             // agent's succeeded copy.
-            None => fetch_from_any(cluster, engine, project, id, Err("no record".into()), None)
-                .await
-                .map_err(|tried| {
-                    error(format!(
+            None => {
+                let first = Err(Tried(vec!["no record".into()]));
+                fetch_from_any(cluster, engine, project, id, first, None)
+                    .await
+                    .map_err(|tried| {
+                        error(format!(
                     "is not on agent {me}, and the cluster has no record of it (tried: {tried})"
                 ))
-                })?,
+                    })?
+            }
         };
         tracing::info!(job_project = %req.project, input = %name, %project, %id, from = %holder, "input build fetched from another agent");
     }
     Ok(())
 }
+
+/// The agents a build was asked of and what each answered (or why one was not asked).
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.join("; "))]
+struct Tried(Vec<String>);
 
 /// Fetch build `project/id` from `first` (the recorded holder, or why not), else from any other
 /// alive agent holding a succeeded copy of it (with the `recorded` build's `StartedAt`, when
@@ -150,9 +158,9 @@ async fn fetch_from_any(
     engine: &Arc<Engine>,
     project: &str,
     id: &str,
-    first: Result<(String, String), String>,
+    first: Result<(String, String), Tried>,
     recorded: Option<&BuildInfo>,
-) -> Result<String, String> {
+) -> Result<String, Tried> {
     let mut tried = Vec::new();
     let mut candidates = Vec::new();
     let holder = match first {
@@ -162,7 +170,7 @@ async fn fetch_from_any(
         }
         Err(why) => {
             if recorded.is_some() {
-                tried.push(why);
+                tried.extend(why.0);
             }
             None
         }
@@ -175,15 +183,14 @@ async fn fetch_from_any(
         );
     }
     for (name, url) in candidates {
-        let dir = match super::replicate::fetch_build(&url, &engine.importer(), project, id, false)
-            .await
-        {
-            Ok(d) => d,
-            Err(e) => {
-                tried.push(format!("agent {name}: {e}"));
-                continue;
-            }
-        };
+        let dir =
+            match super::copies::fetch_build(&url, &engine.importer(), project, id, false).await {
+                Ok(d) => d,
+                Err(e) => {
+                    tried.push(format!("agent {name}: {e}"));
+                    continue;
+                }
+            };
         let d2 = dir.clone();
         let info = tokio::task::spawn_blocking(move || d2.read_info())
             .await
@@ -204,7 +211,7 @@ async fn fetch_from_any(
             None => tried.push(format!("agent {name}: its copy has no BuildInfo")),
         }
     }
-    Err(tried.join("; "))
+    Err(Tried(tried))
 }
 
 /// Job `project/id`'s record.

@@ -27,6 +27,7 @@
 //! migrations (`V2__...`) and new modules beside [`agents`], using [`db::Db`]'s pool.
 
 pub mod agents;
+pub mod copies;
 pub mod db;
 mod egress;
 pub mod inputs;
@@ -34,7 +35,6 @@ pub mod jobs;
 mod listen;
 pub mod logs;
 mod records;
-pub mod replicate;
 mod service;
 pub mod tls;
 pub mod view;

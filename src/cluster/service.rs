@@ -2,7 +2,7 @@
 //! one PostgreSQL. Requests go through the job records (`jobs/`: each job runs once
 //! cluster-wide); what is asked of a job that is not on this agent's disk is answered from its
 //! record and the central logs (`logs/`), and a build that ended on another agent is fetched
-//! here (`replicate.rs`) before its artifacts are served. What this agent holds on disk is its
+//! here (`copies.rs`) before its artifacts are served. What this agent holds on disk is its
 //! engine's (`LocalJobs`'s answers).
 
 use std::collections::BTreeMap;

@@ -2,7 +2,7 @@
 //!
 //! - `GET /artifacts/{project}/{id}` on an agent that does not hold the build: when the job's
 //!   record says it ended (`ready` or `failed`) on another, alive agent, the build is fetched
-//!   from that agent first ([`fetch_missing`], `replicate::fetch_build` without the cache), then
+//!   from that agent first ([`fetch_missing`], `copies::fetch_build` without the cache), then
 //!   served as usual, so mistry's client (and its rsync/scp from the agent it talked to) works
 //!   with any agent. Anything else (no record, its agent is not alive, the fetch fails, no
 //!   database) answers as a single node does: `Unknown job P/ID` (404).
@@ -105,7 +105,7 @@ pub async fn fetch_missing(
             return None;
         }
     };
-    match super::replicate::fetch_build(&holder.url, &engine.importer(), project, id, false).await {
+    match super::copies::fetch_build(&holder.url, &engine.importer(), project, id, false).await {
         Ok(_) => {
             tracing::info!(%project, %id, from = %holder.agent, "build replicated from another agent for its artifacts");
         }

@@ -1,5 +1,5 @@
 //! A ready build of this agent as another agent fetches it (`GET /api/build/{project}/{id}`,
-//! whose route is the server's; the fetching side is `cluster::replicate`): the build as an
+//! whose route is the server's; the fetching side is `cluster::copies`): the build as an
 //! uncompressed tar, streamed, read by fd below the job directory without following a link
 //! (the walk of `GET /artifacts`, `crate::tree::append_tree`): `data/`, `data/params/<name>`
 //! (regular files only), `data/artifacts/**` (links sent as links), with the cache the build's

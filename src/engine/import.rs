@@ -1,4 +1,4 @@
-//! Builds made elsewhere (another agent's, fetched by `cluster::replicate`) enter this agent's
+//! Builds made elsewhere (another agent's, fetched by `cluster::copies`) enter this agent's
 //! `build_path` only through here, so that the engine stays the one owner of `ready/` and of
 //! the `latest` / `groups/<g>` links: the fetch fills a scratch directory the engine gives
 //! ([`Importer::scratch`], in `<project>/pending/`, removed at start as every pending build),

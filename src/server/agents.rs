@@ -11,7 +11,7 @@
 //!   and `retries` (`state=pending`: queued or running); 400 for a bad filter, 404 on a single
 //!   node, 503 when the database does not answer.
 //! - `GET /api/build/{project}/{id}[?cache=1]`: a ready build of this agent for another one
-//!   (`engine::export`; the fetching side is `cluster::replicate`).
+//!   (`engine::export`; the fetching side is `cluster::copies`).
 //! - `/metrics`: OpenMetrics, the cluster's gauges read first when there is one.
 
 use std::sync::Arc;

@@ -8,7 +8,7 @@
 //! 2. else the job's record decides — under mistry's ID, unless that record is another
 //!    request's (mistry's ID is ambiguous, see [`crate::jobs::JobIds`]): then under the
 //!    request's exact ID; a record of another request is never an answer: `ready` on another live agent → the build is fetched from
-//!    it (`replicate::fetch_build`) and answered `Cached: true`, `Path` local to this agent;
+//!    it (`copies::fetch_build`) and answered `Cached: true`, `Path` local to this agent;
 //!    `queued` or `running` → the request waits for the job's end (`Coalesced: true`): one
 //!    `LISTEN` connection per agent (`listen.rs`) fans notifications out to every waiter (no
 //!    polling; a 30 s re-read is only a safety net), then the build is fetched from the agent
@@ -63,10 +63,10 @@ mod janitor;
 mod submit;
 mod worker;
 
+use super::copies;
 use super::listen::Notice;
 use super::records::jobs::{self as rows, Claimed as Claim};
 use super::records::{self, is_stale, request_from_json, request_json, Record, RecordsError};
-use super::replicate;
 use super::{Cluster, ClusterError};
 use crate::engine::{Engine, JobDir, JobError, Stage};
 use crate::jobs::{BuildInfo, Identity, JobIds, JobRequest};

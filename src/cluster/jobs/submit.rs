@@ -244,7 +244,7 @@ impl Scheduler {
             .map_err(err)
     }
 
-    /// Drop this agent's copy of `project/id` (see [`replicate::discard_copy`]).
+    /// Drop this agent's copy of `project/id` (see [`copies::discard_copy`]).
     pub(super) async fn discard_copy(
         &self,
         project: &str,
@@ -252,7 +252,7 @@ impl Scheduler {
         agent: Option<&str>,
         judged: &str,
     ) -> bool {
-        replicate::discard_copy(&self.engine, project, id, agent, judged).await
+        copies::discard_copy(&self.engine, project, id, agent, judged).await
     }
 
     /// 503 when the cluster's queue is full (see the module's doc).
@@ -444,7 +444,7 @@ impl Scheduler {
             // that could not be fetched): its record's BuildInfo answers.
             let failed = rec.state == JobState::Failed;
             let fetched = match (&rec.agent, &rec.agent_url) {
-                (Some(agent), Some(url)) => super::super::replicate::fetch_build(
+                (Some(agent), Some(url)) => super::super::copies::fetch_build(
                     url,
                     &self.engine.importer(),
                     project,

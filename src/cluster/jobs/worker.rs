@@ -236,8 +236,7 @@ impl Scheduler {
             // while the build is fetched again with its cache (an existing ready/<id> would
             // win over the fetch), and put back if that fails.
             let aside = importer.set_aside(project, &last_id);
-            match super::super::replicate::fetch_build(&url, &importer, project, &last_id, true)
-                .await
+            match super::super::copies::fetch_build(&url, &importer, project, &last_id, true).await
             {
                 Ok(dir) => {
                     tracing::info!(%project, %group, "incremental from agent {agent}'s build {project}/{last_id}");
