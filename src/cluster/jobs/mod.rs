@@ -249,26 +249,59 @@ impl Scheduler {
 
     /// A notice of the agent's listener ([`super::listen`]), for waiters and the claim loop.
     pub(super) fn notified(&self, notice: Notice<'_>) {
-        let event = match notice {
-            Notice::Reconnected => Event::Reconnected,
-            Notice::Notification { channel, payload } if channel == CHANNEL => {
-                if let Some(key) = payload.strip_prefix("ended ") {
-                    Event::Ended(key.to_string())
-                } else if let Some(key) = payload.strip_prefix("running ") {
-                    Event::Running(key.to_string())
-                } else {
-                    Event::Queued
-                }
-            }
-            Notice::Notification { .. } => return,
-        };
-        let _ = self.events.send(event);
+        if let Some(event) = event_of(notice) {
+            let _ = self.events.send(event);
+        }
     }
+}
+
+/// What a notice of the listener means to the scheduler (`None`: nothing).
+fn event_of(notice: Notice<'_>) -> Option<Event> {
+    Some(match notice {
+        Notice::Reconnected => Event::Reconnected,
+        Notice::Notification { channel, payload } if channel == CHANNEL => {
+            if let Some(key) = payload.strip_prefix("ended ") {
+                Event::Ended(key.to_string())
+            } else if let Some(key) = payload.strip_prefix("running ") {
+                Event::Running(key.to_string())
+            } else {
+                Event::Queued
+            }
+        }
+        Notice::Notification { .. } => return None,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_records_notifications_are_the_schedulers_events() {
+        let on = |payload: &str| {
+            event_of(Notice::Notification {
+                channel: CHANNEL,
+                payload,
+            })
+        };
+        assert_eq!(
+            on(&rows::running_payload("p", "abc")),
+            Some(Event::Running("p/abc".into()))
+        );
+        assert_eq!(
+            on(&rows::ended_payload("p", "abc")),
+            Some(Event::Ended("p/abc".into()))
+        );
+        assert_eq!(on("queued"), Some(Event::Queued));
+        assert_eq!(
+            event_of(Notice::Notification {
+                channel: super::super::LOGS_CHANNEL,
+                payload: "running p/abc",
+            }),
+            None
+        );
+        assert_eq!(event_of(Notice::Reconnected), Some(Event::Reconnected));
+    }
 
     #[test]
     fn errors_map_to_statuses() {
