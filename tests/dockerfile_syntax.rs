@@ -3,90 +3,33 @@
 //! unsupported flags, and `COPY --from` keeping owners. Built with the real helper
 //! (`mistryd internal`) from the busybox image, as tests/image_build.rs does.
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 mod common;
 
-use common::{helper, images_dir, rand_suffix, serve};
-use images::{
-    BackendKind, BuildError, BuildOptions, BuildStats, Builder, Image, LocalImages, Store,
-};
+use common::build_env::{self, Env};
+
+use common::serve;
+use images::{BackendKind, BuildStats, Image};
 use sandbox::ExitStatus;
 
-struct Env {
-    _dir: tempfile::TempDir,
-    root: PathBuf,
-    builder: Builder,
-}
-
 fn env_for(kind: BackendKind, parent: Option<&Path>) -> Env {
-    let dir = common::tempdir_in("mistry-syntax", parent);
-    let root = dir.path().to_path_buf();
-    let store = Store::open(&root.join("store"), Some(kind), helper()).unwrap();
-    assert_eq!(store.backend(), kind);
-    let builder = Builder::new(store, vec![Box::new(LocalImages { dir: images_dir() })]);
-    Env {
-        _dir: dir,
-        root,
-        builder,
-    }
+    build_env::env_for("mistry-syntax", kind, parent)
 }
 
 impl Env {
-    /// A build context with `files` (mode 0644, directories 0755, whatever the umask).
-    fn project(&self, name: &str, files: &[(&str, &str)]) -> PathBuf {
-        let dir = self.root.join("projects").join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        for (path, content) in files {
-            let p = dir.join(path);
-            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-            std::fs::write(&p, content).unwrap();
-            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
-        }
-        dir
-    }
-
-    fn build_with(
-        &self,
-        ctx: &Path,
-        f: impl FnOnce(&mut BuildOptions),
-    ) -> Result<(Image, BuildStats, String), (BuildError, String)> {
-        let mut opts = BuildOptions::new(ctx.file_name().unwrap().to_string_lossy(), ctx);
-        f(&mut opts);
-        let mut log = Vec::new();
-        match self.builder.build(&opts, &mut log) {
-            Ok((i, s)) => Ok((i, s, String::from_utf8_lossy(&log).into_owned())),
-            Err(e) => Err((e, String::from_utf8_lossy(&log).into_owned())),
-        }
-    }
-
     fn build(&self, ctx: &Path) -> (Image, BuildStats, String) {
         self.build_with(ctx, |_| {})
             .unwrap_or_else(|(e, log)| panic!("build failed: {e}\n{log}"))
     }
 
     fn build_err(&self, ctx: &Path) -> String {
-        match self.build_with(ctx, |_| {}) {
-            Ok((_, _, log)) => panic!("the build succeeded:\n{log}"),
-            Err((e, _)) => e.to_string(),
-        }
+        self.fails(ctx, |_| {})
     }
 
     /// Run a shell script in a copy of the image (as root), its stdout back; it must succeed.
     fn sh(&self, image: &Image, script: &str) -> String {
-        let copy = self.root.join(format!("run-{}", rand_suffix()));
-        let target = self
-            .builder
-            .store
-            .job_target(image.snapshot.as_deref(), &copy, true)
-            .unwrap();
-        let mut sb = target.sandbox().command(["/bin/sh", "-c", script]);
-        for (k, v) in image.config.env_pairs() {
-            sb = sb.env(k, v);
-        }
-        let out = sb.output().unwrap();
-        self.builder.store.remove_tree(&copy).unwrap();
+        let out = self.run(image, script, false);
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         assert_eq!(
             out.status,
@@ -95,13 +38,6 @@ impl Env {
             String::from_utf8_lossy(&out.stderr)
         );
         stdout
-    }
-
-    fn tmp_is_empty(&self) -> bool {
-        std::fs::read_dir(self.builder.store.root.join("tmp"))
-            .unwrap()
-            .count()
-            == 0
     }
 }
 

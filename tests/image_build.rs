@@ -11,66 +11,21 @@ use std::path::{Path, PathBuf};
 
 mod common;
 
-use common::{helper, images_dir, rand_suffix, serve};
-use images::{
-    BackendKind, BuildError, BuildOptions, BuildStats, Builder, Image, LocalImages, Store,
-};
+use common::build_env::{self, Env};
+
+use common::{helper, images_dir, serve};
+use images::{BackendKind, BuildOptions, BuildStats, Builder, Image, LocalImages, Store};
 use sandbox::ExitStatus;
 
-struct Env {
-    _dir: tempfile::TempDir,
-    root: PathBuf,
-    builder: Builder,
-}
-
 fn env_for(kind: BackendKind, parent: Option<&Path>) -> Env {
-    let dir = common::tempdir_in("mistry-build", parent);
-    let root = dir.path().to_path_buf();
-    let store = Store::open(&root.join("store"), Some(kind), helper()).unwrap();
-    assert_eq!(store.backend(), kind);
-    let builder = Builder::new(store, vec![Box::new(LocalImages { dir: images_dir() })]);
-    Env {
-        _dir: dir,
-        root,
-        builder,
-    }
+    build_env::env_for("mistry-build", kind, parent)
 }
 
-/// Run `f` once per backend.
 fn each_backend(f: impl Fn(&Env)) {
-    for (kind, parent) in common::backends() {
-        let env = env_for(kind, parent.as_deref());
-        eprintln!("== backend {kind}");
-        f(&env);
-    }
+    build_env::each_backend("mistry-build", f);
 }
 
 impl Env {
-    fn project(&self, name: &str, files: &[(&str, &str)]) -> PathBuf {
-        let dir = self.root.join("projects").join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        for (path, content) in files {
-            let p = dir.join(path);
-            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-            std::fs::write(p, content).unwrap();
-        }
-        dir
-    }
-
-    fn build_with(
-        &self,
-        ctx: &Path,
-        f: impl FnOnce(&mut BuildOptions),
-    ) -> Result<(Image, BuildStats, String), (BuildError, String)> {
-        let mut opts = BuildOptions::new(ctx.file_name().unwrap().to_string_lossy(), ctx);
-        f(&mut opts);
-        let mut log = Vec::new();
-        match self.builder.build(&opts, &mut log) {
-            Ok((i, s)) => Ok((i, s, String::from_utf8_lossy(&log).into_owned())),
-            Err(e) => Err((e, String::from_utf8_lossy(&log).into_owned())),
-        }
-    }
-
     fn build(&self, ctx: &Path) -> (Image, BuildStats, String) {
         self.build_with(ctx, |_| {})
             .unwrap_or_else(|(e, log)| panic!("build failed: {e}\n{log}"))
@@ -78,36 +33,12 @@ impl Env {
 
     /// Run a shell script in a copy of the image, as the image's user and workdir.
     fn sh(&self, image: &Image, script: &str) -> (ExitStatus, String, String) {
-        let copy = self.root.join(format!("run-{}", rand_suffix()));
-        let target = self
-            .builder
-            .store
-            .job_target(image.snapshot.as_deref(), &copy, true)
-            .unwrap();
-        let mut sb = target.sandbox().command(["/bin/sh", "-c", script]);
-        for (k, v) in image.config.env_pairs() {
-            sb = sb.env(k, v);
-        }
-        if !image.config.workdir.is_empty() {
-            sb = sb.cwd(&image.config.workdir);
-        }
-        if !image.config.user.is_empty() {
-            sb = sb.user(sandbox::User::Spec(image.config.user.clone()));
-        }
-        let out = sb.output().unwrap();
-        self.builder.store.remove_tree(&copy).unwrap();
+        let out = self.run(image, script, true);
         (
             out.status,
             String::from_utf8_lossy(&out.stdout).into_owned(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         )
-    }
-
-    fn tmp_is_empty(&self) -> bool {
-        std::fs::read_dir(self.builder.store.root.join("tmp"))
-            .unwrap()
-            .count()
-            == 0
     }
 }
 

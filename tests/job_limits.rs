@@ -265,6 +265,14 @@ const SIZE_SH: &str =
 
 #[test]
 fn tmpfs_mounts_are_bounded() {
+    // What the job printed after the image's build log (its CMD's output).
+    let job_output = |s: &Server| {
+        let info = s.job(json!({"project": "sizes"}));
+        assert_eq!(info["ExitCode"], 0, "{}", brief(&info));
+        let out = info["ContainerStdouterr"].as_str().unwrap().to_owned();
+        let job = &out[out.find("Successfully built").unwrap()..];
+        job[job.find('\n').unwrap() + 1..].to_owned()
+    };
     // The default: 64 MiB, also for a RUN tmpfs mount without a size.
     let s = Server::start(json!({}));
     let dockerfile = "FROM busybox\nCOPY size.sh write.sh /\n\
@@ -273,26 +281,16 @@ fn tmpfs_mounts_are_bounded() {
         CMD [\"/bin/sh\", \"-c\", \"cat /run-size /run-write; sh /size.sh /dev/shm; sh /write.sh /dev/shm\"]\n";
     let files = [("size.sh", SIZE_SH), ("write.sh", WRITE_SH)];
     add_with(&s, "sizes", dockerfile, None, &files);
-    let info = s.job(json!({"project": "sizes"}));
-    assert_eq!(info["ExitCode"], 0, "{}", brief(&info));
-    let out = info["ContainerStdouterr"].as_str().unwrap();
-    let job = &out[out.find("Successfully built").unwrap()..];
-    let job = &job[job.find('\n').unwrap() + 1..];
     assert_eq!(
-        job,
+        job_output(&s),
         "size=65536k\n/scratch: 0 2000000\nsize=65536k\n/dev/shm: 0 2000000\n"
     );
 
     // Lowered by the operator: writing past it fails (ENOSPC), in a job and in a RUN step.
     let s = Server::start(json!({"limits": {"tmpfs": "1MiB"}}));
     add_with(&s, "sizes", dockerfile, None, &files);
-    let info = s.job(json!({"project": "sizes"}));
-    assert_eq!(info["ExitCode"], 0, "{}", brief(&info));
-    let out = info["ContainerStdouterr"].as_str().unwrap();
-    let job = &out[out.find("Successfully built").unwrap()..];
-    let job = &job[job.find('\n').unwrap() + 1..];
     assert_eq!(
-        job,
+        job_output(&s),
         "size=1024k\n/scratch: 1 1048576\nsize=1024k\n/dev/shm: 1 1048576\n"
     );
 }

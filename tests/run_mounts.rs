@@ -9,36 +9,10 @@ use std::path::{Path, PathBuf};
 
 mod common;
 
-use common::{helper, images_dir};
-use images::{
-    BackendKind, BuildError, BuildOptions, BuildStats, Builder, Image, LocalImages, Store,
-};
+use common::build_env::{self, Env};
 
-struct Env {
-    _dir: tempfile::TempDir,
-    root: PathBuf,
-    builder: Builder,
-}
-
-fn env_for(kind: BackendKind, parent: Option<&Path>) -> Env {
-    let dir = common::tempdir_in("mistry-mounts", parent);
-    let root = dir.path().to_path_buf();
-    let store = Store::open(&root.join("store"), Some(kind), helper()).unwrap();
-    let builder = Builder::new(store, vec![Box::new(LocalImages { dir: images_dir() })]);
-    Env {
-        _dir: dir,
-        root,
-        builder,
-    }
-}
-
-fn each_backend(f: impl Fn(&Env)) {
-    for (kind, parent) in common::backends() {
-        let env = env_for(kind, parent.as_deref());
-        eprintln!("== backend {kind}");
-        f(&env);
-    }
-}
+use common::images_dir;
+use images::{BackendKind, BuildOptions, BuildStats, Image};
 
 fn plain() -> Env {
     env_for(BackendKind::Plain, None)
@@ -48,64 +22,23 @@ fn hex(s: &str) -> String {
     s.bytes().map(|b| format!("{b:02x}")).collect()
 }
 
+fn env_for(kind: BackendKind, parent: Option<&Path>) -> Env {
+    build_env::env_for("mistry-mounts", kind, parent)
+}
+
+fn each_backend(f: impl Fn(&Env)) {
+    build_env::each_backend("mistry-mounts", f);
+}
+
 impl Env {
-    fn project(&self, name: &str, files: &[(&str, &str)]) -> PathBuf {
-        let dir = self.root.join("projects").join(name);
-        std::fs::create_dir_all(&dir).unwrap();
-        for (path, content) in files {
-            let p = dir.join(path);
-            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
-            std::fs::write(p, content).unwrap();
-        }
-        dir
-    }
-
-    fn build_with(
-        &self,
-        ctx: &Path,
-        f: impl FnOnce(&mut BuildOptions),
-    ) -> Result<(Image, BuildStats, String), (BuildError, String)> {
-        let mut opts = BuildOptions::new(ctx.file_name().unwrap().to_string_lossy(), ctx);
-        f(&mut opts);
-        let mut log = Vec::new();
-        match self.builder.build(&opts, &mut log) {
-            Ok((i, s)) => Ok((i, s, String::from_utf8_lossy(&log).into_owned())),
-            Err(e) => Err((e, String::from_utf8_lossy(&log).into_owned())),
-        }
-    }
-
     fn build(&self, ctx: &Path, f: impl FnOnce(&mut BuildOptions)) -> (Image, BuildStats, String) {
         self.build_with(ctx, f)
             .unwrap_or_else(|(e, log)| panic!("build failed: {e}\n{log}"))
     }
 
-    fn fails(&self, ctx: &Path, f: impl FnOnce(&mut BuildOptions)) -> String {
-        match self.build_with(ctx, f) {
-            Ok((_, _, log)) => panic!("the build succeeded:\n{log}"),
-            Err((e, _)) => e.to_string(),
-        }
-    }
-
-    /// Run a shell script in a copy of the image; its stdout (the script must succeed).
+    /// Run a shell script in a copy of the image (as root); its stdout (it must succeed).
     fn sh(&self, image: &Image, script: &str) -> String {
-        let copy = self.root.join(format!(
-            "run-{}",
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        ));
-        let target = self
-            .builder
-            .store
-            .job_target(image.snapshot.as_deref(), &copy, true)
-            .unwrap();
-        let out = target
-            .sandbox()
-            .command(["/bin/sh", "-c", script])
-            .output()
-            .unwrap();
-        self.builder.store.remove_tree(&copy).unwrap();
+        let out = self.run(image, script, false);
         assert!(
             out.status.success(),
             "{script}: {}\n{}",
@@ -113,13 +46,6 @@ impl Env {
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn tmp_is_empty(&self) -> bool {
-        std::fs::read_dir(self.builder.store.root.join("tmp"))
-            .unwrap()
-            .count()
-            == 0
     }
 }
 

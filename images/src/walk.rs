@@ -810,24 +810,12 @@ fn copy_entry(
     let name = e.name.as_os_str();
     match e.kind {
         FileType::RegularFile => {
-            let fd = match rfs::openat(
-                sdir,
-                name,
-                OFlags::RDONLY
-                    | OFlags::NOFOLLOW
-                    | OFlags::NONBLOCK
-                    | OFlags::NOCTTY
-                    | OFlags::CLOEXEC,
-                Mode::empty(),
-            ) {
-                Ok(fd) => fd,
-                Err(Errno::NOENT) => return Ok(()),
-                Err(e) => return Err(errno(e)),
+            let (fd, st) = match crate::inroot::open_file_at(sdir, name) {
+                Ok(Some(file)) => file,
+                Ok(None) => return Err(io::Error::other("changed while it was copied")),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(e),
             };
-            let st = rfs::fstat(&fd).map_err(errno)?;
-            if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
-                return Err(io::Error::other("changed while it was copied"));
-            }
             let key = (st.st_dev, st.st_ino);
             if st.st_nlink > 1 {
                 if let Some(first) = links.get(&key) {
@@ -1015,25 +1003,13 @@ fn append_entry<W: Write>(
             b.append_data(&mut h, named, io::empty())
         }
         FileType::RegularFile => {
-            let fd = match rfs::openat(
-                dir,
-                name,
-                OFlags::RDONLY
-                    | OFlags::NOFOLLOW
-                    | OFlags::NONBLOCK
-                    | OFlags::NOCTTY
-                    | OFlags::CLOEXEC,
-                Mode::empty(),
-            ) {
-                Ok(fd) => fd,
-                Err(Errno::NOENT) => return Ok(()),
-                Err(err) => return Err(errno(err)),
+            let (fd, st) = match crate::inroot::open_file_at(dir, name) {
+                Ok(Some(file)) => file,
+                // Swapped for something else since the stat, or gone: skipped.
+                Ok(None) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(e),
             };
-            let st = rfs::fstat(&fd).map_err(errno)?;
-            // Swapped for something else since the stat: skipped.
-            if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
-                return Ok(());
-            }
             let size = u64::try_from(st.st_size).unwrap_or(0);
             let mut h = tar_header(&st, tar::EntryType::Regular, size, sent);
             b.append_data(&mut h, named, File::from(fd).take(size))

@@ -6,6 +6,7 @@
 #![allow(dead_code)]
 
 pub mod browser;
+pub mod build_env;
 pub mod pipelines;
 pub mod registry;
 pub mod server;
