@@ -8,6 +8,17 @@ use crate::config::ImageConfig;
 use crate::oci::{self, Layout};
 use crate::store::Store;
 
+/// Why a base source could not fetch an image it should have.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("invalid image name {0:?}")]
+    InvalidName(String),
+    #[error("{0}")]
+    Oci(#[from] oci::OciError),
+    #[error("{0}")]
+    Registry(#[from] crate::registry::RegistryError),
+}
+
 /// Where base images come from, in order: `scratch`, local OCI layouts, registries.
 pub trait BaseSource: Send + Sync {
     /// Resolve `reference` to a manifest, config and the path of each layer blob (pulled into
@@ -18,7 +29,7 @@ pub trait BaseSource: Send + Sync {
         store: &Store,
         refresh: bool,
         platform: &oci::Platform,
-    ) -> Result<Option<FetchedBase>, String>;
+    ) -> Result<Option<FetchedBase>, SourceError>;
 }
 
 /// A base image ready to unpack.
@@ -45,29 +56,22 @@ impl BaseSource for LocalImages {
         _store: &Store,
         _refresh: bool,
         platform: &oci::Platform,
-    ) -> Result<Option<FetchedBase>, String> {
+    ) -> Result<Option<FetchedBase>, SourceError> {
         let (name, tag) = split_reference(reference);
         if name.split('/').any(|c| c == ".." || c.is_empty()) {
-            return Err(format!("invalid image name {name:?}"));
+            return Err(SourceError::InvalidName(name.to_string()));
         }
         let path = self.dir.join(name);
         if !path.join("index.json").is_file() {
             return Ok(None);
         }
-        let layout = Layout::open(&path).map_err(|e| e.to_string())?;
-        let resolved = layout
-            .resolve(name, tag, platform)
-            .map_err(|e| e.to_string())?;
-        let raw_config = layout
-            .read_blob(resolved.manifest.config().digest().as_ref())
-            .map_err(|e| e.to_string())?;
+        let layout = Layout::open(&path)?;
+        let resolved = layout.resolve(name, tag, platform)?;
+        let raw_config = layout.read_blob(resolved.manifest.config().digest().as_ref())?;
         let mut layers = Vec::new();
         for l in resolved.manifest.layers() {
             let digest = l.digest().to_string();
-            layers.push((
-                digest.clone(),
-                layout.blob_path(&digest).map_err(|e| e.to_string())?,
-            ));
+            layers.push((digest.clone(), layout.blob_path(&digest)?));
         }
         Ok(Some(FetchedBase {
             manifest_digest: resolved.manifest_digest.clone(),
