@@ -50,9 +50,9 @@ pub use build::{BaseSources, BuildError, BuildOptions, BuildStats, Builder, Imag
 pub use config::ImageConfig;
 pub use download::DownloadPolicy;
 pub use oci::{host_platform, sha256_digest};
-pub use registry::{Credentials, Registries, RegistryConfig, RegistryError};
+pub use registry::{Credentials, Registries, RegistryConfig};
 pub use setid::{Stripped, SET_ID};
-pub use source::{BaseSource, FetchedBase, LocalImages, SourceError};
+pub use source::{BaseSource, FetchedBase, LocalImages, RegistryError, SourceError};
 pub use store::{
     cache_depth, is_btrfs, layer_build, layer_path, next_chain_builds, overlay_works_in,
     read_cache_layers, BackendKind, CacheMode, Collected, JobRoot, OverlayError, Store, StoreError,

@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::ImageConfig;
 use crate::oci::Platform;
-use crate::source::{onbuild_of, BaseSource, FetchedBase};
+use crate::source::{onbuild_of, BaseSource, FetchedBase, RegistryError};
 use crate::store::Store;
 use oci_client::manifest::ImageIndexEntry;
 
@@ -72,57 +72,6 @@ struct DockerAuth {
     auth: Option<String>,
     username: Option<String>,
     password: Option<String>,
-}
-
-/// Why a base image could not be pulled from its registry (or its credentials read).
-#[derive(Debug, thiserror::Error)]
-pub enum RegistryError {
-    /// A docker-style auth file that cannot be read or is not JSON.
-    #[error("{}: {source}", path.display())]
-    AuthFile {
-        path: PathBuf,
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
-    #[error("{}: auth of {registry}: {source}", path.display())]
-    AuthBase64 {
-        path: PathBuf,
-        registry: String,
-        #[source]
-        source: base64::DecodeError,
-    },
-    #[error("{}: auth of {registry} is not user:password", path.display())]
-    AuthNotUserPassword { path: PathBuf, registry: String },
-    #[error("invalid image reference {reference:?}: {source}")]
-    Reference {
-        reference: String,
-        #[source]
-        source: oci_client::ParseError,
-    },
-    /// What the registry answered, explained (what was sent, what to change).
-    #[error("{message}")]
-    Pull {
-        message: String,
-        #[source]
-        source: Box<OciDistributionError>,
-    },
-    #[error("image config: {0}")]
-    ImageConfig(#[source] serde_json::Error),
-    #[error("{0}")]
-    Oci(#[from] crate::oci::OciError),
-    /// A file of the store (a blob, the record of a pull).
-    #[error("{}: {source}", path.display())]
-    File {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("starting the registry client: {0}")]
-    Runtime(#[source] std::io::Error),
-    #[error("the registry client panicked")]
-    Panicked,
-    #[error("{0}")]
-    Json(#[from] serde_json::Error),
 }
 
 fn file_err(path: &Path) -> impl FnOnce(std::io::Error) -> RegistryError + '_ {
