@@ -1,9 +1,10 @@
 //! The HTTP API of mistryd, as mistry's: `POST /jobs`, `GET /index/`, `GET /job/{project}/{id}`,
 //! `GET /log/{project}/{id}` (server-sent events), `GET /artifacts/{project}/{id}`,
-//! `GET /metrics`, `GET /agents` (the cluster's agents; [`agents`] holds those routes), and the
-//! web view at `/`. Handlers are thin: they ask the jobs interface ([`Jobs`], whichever back end
-//! runs the jobs: this agent's engine, or the cluster's records) and render its answers;
-//! nothing here reads the disk on the runtime's threads.
+//! `GET /metrics`, `GET /agents` (the cluster's agents; [`agents`] holds those routes), the
+//! pipelines' routes ([`pipelines`]) and the web view at `/`. Handlers are thin: they ask the
+//! jobs interface ([`Jobs`], whichever back end runs the jobs: this agent's engine, or the
+//! cluster's records) and render its answers; nothing here reads the disk on the runtime's
+//! threads. Every error becomes its answer in one place, [`ApiError`] ([`error`]).
 //!
 //! Clients are not trusted: [`serve`] ([`listen`]) gives each connection
 //! [`Limits::header_timeout`] to send its request headers (also the idle timeout between
