@@ -1,5 +1,5 @@
-//! Response bodies that blocking code writes as they are sent, and the answers (JSON, 503, the
-//! web view's page) that the server's and the pipelines' routes share.
+//! Response bodies that blocking code writes as they are sent, and the answers (JSON, the web
+//! view's page) that the server's routes share (its errors are `server::ApiError`'s).
 
 use axum::body::Bytes;
 use axum::http::StatusCode;
@@ -30,19 +30,11 @@ pub fn blocking_body(
 /// The web view's page, embedded (its script draws every page: the job list, a job, a run).
 pub const INDEX_HTML: &str = include_str!("web/index.html");
 
-/// `value` as JSON with `status` (500 if it does not serialize).
-pub fn json(status: StatusCode, value: &impl serde::Serialize) -> Response {
-    match serde_json::to_vec(value) {
-        Ok(body) => (status, [("content-type", "application/json")], body).into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
-    }
-}
-
-/// 503 `Service unavailable: <e>` (e.g. the cluster's database does not answer).
-pub fn unavailable(e: &impl std::fmt::Display) -> Response {
-    (
-        StatusCode::SERVICE_UNAVAILABLE,
-        format!("Service unavailable: {e}"),
-    )
-        .into_response()
+/// `value` as JSON with `status` (the error when it does not serialize: the server answers 500).
+pub fn json(
+    status: StatusCode,
+    value: &impl serde::Serialize,
+) -> Result<Response, serde_json::Error> {
+    let body = serde_json::to_vec(value)?;
+    Ok((status, [("content-type", "application/json")], body).into_response())
 }

@@ -66,30 +66,37 @@ pub struct BuildArgs {
     pub context: PathBuf,
 }
 
-fn parse_kv(s: &str) -> Result<(String, String), String> {
+/// A value of `mistryd image build`'s options that does not parse (clap reports it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ArgError {
+    #[error("expected K=V, got {0:?}")]
+    KeyValue(String),
+    #[error("unknown field {0:?} in --secret (expected id=ID,src=FILE)")]
+    SecretField(String),
+    #[error("--secret {0:?}: expected id=ID,src=FILE")]
+    Secret(String),
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), ArgError> {
     s.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
-        .ok_or_else(|| format!("expected K=V, got {s:?}"))
+        .ok_or_else(|| ArgError::KeyValue(s.to_string()))
 }
 
 /// `id=ID,src=FILE` (also `source=`, and `type=file`), as `docker build --secret`.
-fn parse_secret(s: &str) -> Result<(String, PathBuf), String> {
+fn parse_secret(s: &str) -> Result<(String, PathBuf), ArgError> {
     let (mut id, mut src) = (None, None);
     for field in s.split(',') {
         match field.split_once('=') {
             Some(("id", v)) => id = Some(v.to_string()),
             Some(("src" | "source", v)) => src = Some(PathBuf::from(v)),
             Some(("type", "file")) => {}
-            _ => {
-                return Err(format!(
-                    "unknown field {field:?} in --secret (expected id=ID,src=FILE)"
-                ))
-            }
+            _ => return Err(ArgError::SecretField(field.to_string())),
         }
     }
     match (id, src) {
         (Some(id), Some(src)) if !id.is_empty() => Ok((id, src)),
-        _ => Err(format!("--secret {s:?}: expected id=ID,src=FILE")),
+        _ => Err(ArgError::Secret(s.to_string())),
     }
 }
 

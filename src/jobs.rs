@@ -42,6 +42,51 @@ pub enum JobError {
     Internal(String),
 }
 
+/// A `POST /jobs` body that is not a job request; the text follows mistry
+/// (`Error unmarshalling body ...`). 400.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("Error unmarshalling body '{body}' to Job: {source}")]
+    Json {
+        body: String,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("Error unmarshalling body '{body}' to Job: not an object")]
+    NotAnObject { body: String },
+    #[error("Error unmarshalling body to Job: {field} must be {expected}")]
+    Field {
+        field: String,
+        expected: &'static str,
+    },
+}
+
+/// A name that would not stay one path component inside `build_path` ([`check_name`]); `what`
+/// says whose name it is (`project`, `group`, `param`...).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("{what} name is empty")]
+    Empty { what: String },
+    #[error("invalid {what} name {name:?}: must not start with '.'")]
+    Hidden { what: String, name: String },
+    #[error("invalid {what} name {name:?}: must not contain '/' or NUL")]
+    Separator { what: String, name: String },
+    #[error("invalid {what} name: longer than 255 bytes")]
+    TooLong { what: String },
+}
+
+impl From<NameError> for JobError {
+    fn from(e: NameError) -> Self {
+        JobError::BadRequest(e.to_string())
+    }
+}
+
+impl From<RequestError> for JobError {
+    fn from(e: RequestError) -> Self {
+        JobError::BadRequest(e.to_string())
+    }
+}
+
 /// A ready build whose `data/artifacts` a job reads (see [`JobRequest::inputs`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Input {
@@ -51,22 +96,22 @@ pub struct Input {
 
 impl JobRequest {
     /// Parse a request body; the error text follows mistry (`Error unmarshalling body ...`).
-    pub fn parse(body: &[u8]) -> Result<JobRequest, String> {
-        let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| {
-            format!(
-                "Error unmarshalling body '{}' to Job: {e}",
-                String::from_utf8_lossy(body)
-            )
-        })?;
-        let obj = value.as_object().ok_or_else(|| {
-            format!(
-                "Error unmarshalling body '{}' to Job: not an object",
-                String::from_utf8_lossy(body)
-            )
-        })?;
+    pub fn parse(body: &[u8]) -> Result<JobRequest, RequestError> {
+        let text = || String::from_utf8_lossy(body).into_owned();
+        let value: serde_json::Value =
+            serde_json::from_slice(body).map_err(|source| RequestError::Json {
+                body: text(),
+                source,
+            })?;
+        let obj = value
+            .as_object()
+            .ok_or_else(|| RequestError::NotAnObject { body: text() })?;
         let mut req = JobRequest::default();
         for (k, v) in obj {
-            let bad = |what: &str| format!("Error unmarshalling body to Job: {k} must be {what}");
+            let bad = |expected: &'static str| RequestError::Field {
+                field: k.clone(),
+                expected,
+            };
             match k.to_ascii_lowercase().as_str() {
                 "project" => req.project = v.as_str().ok_or_else(|| bad("a string"))?.to_string(),
                 "group" => req.group = v.as_str().ok_or_else(|| bad("a string"))?.to_string(),
@@ -90,22 +135,25 @@ impl JobRequest {
 
 /// A name that becomes a path component (project, group, param): not empty, not `.`/`..`, no
 /// `/` or NUL, and not hidden (a leading `.` is reserved for the server's own directories).
-pub fn check_name(what: &str, name: &str) -> Result<(), String> {
+pub fn check_name(what: &str, name: &str) -> Result<(), NameError> {
+    let what = || what.to_string();
     if name.is_empty() {
-        return Err(format!("{what} name is empty"));
+        return Err(NameError::Empty { what: what() });
     }
     if name == "." || name == ".." || name.starts_with('.') {
-        return Err(format!(
-            "invalid {what} name {name:?}: must not start with '.'"
-        ));
+        return Err(NameError::Hidden {
+            what: what(),
+            name: name.to_string(),
+        });
     }
     if name.contains('/') || name.contains('\0') {
-        return Err(format!(
-            "invalid {what} name {name:?}: must not contain '/' or NUL"
-        ));
+        return Err(NameError::Separator {
+            what: what(),
+            name: name.to_string(),
+        });
     }
     if name.len() > 255 {
-        return Err(format!("invalid {what} name: longer than 255 bytes"));
+        return Err(NameError::TooLong { what: what() });
     }
     Ok(())
 }
@@ -388,7 +436,7 @@ mod tests {
         assert_eq!(r.project, "p");
         assert_eq!(r.params.get("a").map(String::as_str), Some("1"));
         assert_eq!((r.group.as_str(), r.rebuild), ("g", true));
-        let e = JobRequest::parse(b"{nope").unwrap_err();
+        let e = JobRequest::parse(b"{nope").unwrap_err().to_string();
         assert!(
             e.starts_with("Error unmarshalling body '{nope' to Job: "),
             "{e}"

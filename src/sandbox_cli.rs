@@ -32,7 +32,7 @@ pub struct RunArgs {
     #[arg(long = "net", default_value = "none", value_name = "MODE")]
     pub network: NetworkMode,
     /// Wall-clock limit, Go syntax (30s, 5m, 1h30m); the whole sandbox is killed after it.
-    #[arg(long, value_parser = parse_duration, value_name = "DURATION")]
+    #[arg(long, value_parser = crate::duration::parse, value_name = "DURATION")]
     pub timeout: Option<Duration>,
     /// Hostname inside the sandbox.
     #[arg(long, default_value = "mistry")]
@@ -83,31 +83,38 @@ pub struct RunArgs {
     pub command: Vec<String>,
 }
 
-fn parse_env(s: &str) -> Result<(String, String), String> {
+/// A value of `mistryd sandbox run`'s options that does not parse (clap reports it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ArgError {
+    #[error("invalid environment variable {0:?} (expected K=V)")]
+    Env(String),
+    #[error("invalid open file limit {0:?} (expected SOFT[:HARD])")]
+    Nofile(String),
+    #[error("open file limit {0:?}: soft above hard")]
+    NofileOrder(String),
+}
+
+fn parse_env(s: &str) -> Result<(String, String), ArgError> {
     s.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .filter(|(k, _)| !k.is_empty())
-        .ok_or_else(|| format!("invalid environment variable {s:?} (expected K=V)"))
+        .ok_or_else(|| ArgError::Env(s.to_string()))
 }
 
 /// `SOFT[:HARD]` (`0` for no limit of our own).
-fn parse_nofile(s: &str) -> Result<(u64, u64), String> {
+fn parse_nofile(s: &str) -> Result<(u64, u64), ArgError> {
     let num = |v: &str| {
         v.parse::<u64>()
-            .map_err(|_| format!("invalid open file limit {s:?} (expected SOFT[:HARD])"))
+            .map_err(|_| ArgError::Nofile(s.to_string()))
     };
     let (soft, hard) = match s.split_once(':') {
         Some((a, b)) => (num(a)?, num(b)?),
         None => (num(s)?, num(s)?),
     };
     if soft > hard {
-        return Err(format!("open file limit {s:?}: soft above hard"));
+        return Err(ArgError::NofileOrder(s.to_string()));
     }
     Ok((soft, hard))
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    crate::duration::parse(s)
 }
 
 impl RunArgs {

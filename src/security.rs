@@ -144,15 +144,18 @@ pub enum SandboxIds {
     Subordinate,
 }
 
+/// A `sandbox_ids` value that is none of ours.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown sandbox ids {0:?} (expected auto or subordinate)")]
+pub struct UnknownSandboxIds(pub String);
+
 impl std::str::FromStr for SandboxIds {
-    type Err = String;
+    type Err = UnknownSandboxIds;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "auto" => Ok(Self::Auto),
             "subordinate" => Ok(Self::Subordinate),
-            other => Err(format!(
-                "unknown sandbox ids {other:?} (expected auto or subordinate)"
-            )),
+            other => Err(UnknownSandboxIds(other.to_string())),
         }
     }
 }

@@ -2,9 +2,26 @@
 //! job that printed a gigabyte never has its log whole in the daemon's memory.
 
 use std::io::{Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::jobs::BuildInfo;
+use crate::streams::{blocking_stream, ByteStream};
+
+/// [`write_with`] as a byte stream produced on a blocking thread as it is read: `prefix`, the
+/// BuildInfo `info` with the logs at `stdouterr` and `stderr`, `suffix`. What `POST /jobs` answers
+/// and what `GET /job` (JSON) shows of a job on this agent's disk.
+pub fn stream_with(
+    prefix: String,
+    info: BuildInfo,
+    stdouterr: PathBuf,
+    stderr: PathBuf,
+    suffix: &'static str,
+) -> ByteStream {
+    blocking_stream(
+        move |w| write_with(w, &prefix, &info, &stdouterr, &stderr, suffix),
+        |e| tracing::debug!(error = %e, "streaming a BuildInfo stopped"),
+    )
+}
 
 /// JSON-escape `bytes` (a chunk of a log), keeping an incomplete UTF-8 sequence at the end in
 /// `carry` for the next chunk; invalid bytes become U+FFFD.

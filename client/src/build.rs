@@ -35,7 +35,7 @@ pub struct BuildArgs {
     #[arg(long)]
     pub rebuild: bool,
     /// How long to wait for the result (Go syntax: 1s, 90m, 1h30m).
-    #[arg(long, default_value = "60m", value_parser = parse_duration)]
+    #[arg(long, default_value = "60m", value_parser = crate::duration::parse)]
     pub timeout: Duration,
     /// Schedule the job and exit; fetch nothing.
     #[arg(long)]
@@ -61,10 +61,6 @@ pub struct BuildArgs {
     /// Job params: `--name=value` or `--name value`; `@file` reads the value from a file.
     #[arg(last = true, value_name = "PARAMS")]
     pub params: Vec<String>,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    crate::duration::parse(s)
 }
 
 /// `--a=1 --b 2 --c=@file` → params.

@@ -2,9 +2,14 @@
 
 use std::time::Duration;
 
+/// A text that is not a Go duration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid duration {0:?} (examples: 500ms, 30s, 1h30m)")]
+pub struct InvalidDuration(pub String);
+
 /// Parse a Go duration. Units: ns, us (or µs), ms, s, m, h. A bare `0` is zero.
-pub fn parse(text: &str) -> Result<Duration, String> {
-    let bad = || format!("invalid duration {text:?} (examples: 500ms, 30s, 1h30m)");
+pub fn parse(text: &str) -> Result<Duration, InvalidDuration> {
+    let bad = || InvalidDuration(text.to_string());
     let s = text.trim();
     if s == "0" {
         return Ok(Duration::ZERO);

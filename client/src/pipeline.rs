@@ -46,13 +46,18 @@ pub struct ArtifactsOf {
     pub dir: PathBuf,
 }
 
-fn parse_artifacts(s: &str) -> Result<ArtifactsOf, String> {
+/// An `--artifacts` value that is not `JOB=DIR`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("expected JOB=DIR, got {0:?}")]
+pub struct BadArtifacts(String);
+
+fn parse_artifacts(s: &str) -> Result<ArtifactsOf, BadArtifacts> {
     match s.split_once('=') {
         Some((job, dir)) if !job.is_empty() && !dir.is_empty() => Ok(ArtifactsOf {
             job: job.to_string(),
             dir: PathBuf::from(dir),
         }),
-        _ => Err(format!("expected JOB=DIR, got {s:?}")),
+        _ => Err(BadArtifacts(s.to_string())),
     }
 }
 
@@ -71,7 +76,7 @@ pub struct PipelineRunArgs {
     #[arg(long, conflicts_with = "artifacts")]
     pub no_wait: bool,
     /// How long to wait for the run's end (Go syntax: 1s, 90m, 1h30m).
-    #[arg(long, default_value = "60m", value_parser = parse_duration)]
+    #[arg(long, default_value = "60m", value_parser = crate::duration::parse)]
     pub timeout: Duration,
     /// Fetch the artifacts of job JOB into DIR (created if missing) once the run succeeded;
     /// repeatable.
@@ -80,10 +85,6 @@ pub struct PipelineRunArgs {
     /// Pipeline params: `--name=value` or `--name value`; `@file` reads the value from a file.
     #[arg(last = true, value_name = "PARAMS")]
     pub params: Vec<String>,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    crate::duration::parse(s)
 }
 
 /// Run a `mistry pipeline` command; returns the process exit code.

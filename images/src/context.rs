@@ -24,6 +24,9 @@ pub enum ContextError {
         #[source]
         source: io::Error,
     },
+    /// A [`ResolveRequest`] or its answer that is not the JSON expected.
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
 }
 
 fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> ContextError {
@@ -438,18 +441,17 @@ pub struct ResolveRequest {
 }
 
 /// The helper's side of a [`ResolveRequest`] read from `file`: the [`Resolved`] as JSON.
-pub fn resolve_request(file: &Path) -> Result<String, String> {
-    let text = fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
-    let req: ResolveRequest = serde_json::from_slice(&text).map_err(|e| e.to_string())?;
+pub fn resolve_request(file: &Path) -> Result<String, ContextError> {
+    let text = fs::read(file).map_err(io_err(file.display().to_string()))?;
+    let req: ResolveRequest = serde_json::from_slice(&text)?;
     let resolved = resolve_with(
         &req.root,
         &req.sources,
         &req.dest,
         &req.how,
         &Ignore::default(),
-    )
-    .map_err(|e| e.to_string())?;
-    serde_json::to_string(&resolved).map_err(|e| e.to_string())
+    )?;
+    Ok(serde_json::to_string(&resolved)?)
 }
 
 /// Digest of what a COPY would write; the items' sources are read inside `root`.

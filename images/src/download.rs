@@ -136,8 +136,35 @@ impl Resolver for CheckedResolver {
     }
 }
 
+/// Why `ADD <url>` could not download its file.
+#[derive(Debug, thiserror::Error)]
+pub enum DownloadError {
+    #[error("downloading {url}: more than {max} redirects")]
+    Redirects { url: String, max: u32 },
+    #[error("downloading {url}: {source}")]
+    Request {
+        url: String,
+        #[source]
+        source: Box<ureq::Error>,
+    },
+    #[error("downloading {url}: the file is larger than the limit of {max} bytes")]
+    TooLarge { url: String, max: u64 },
+    #[error("{}: {source}", path.display())]
+    Create {
+        path: std::path::PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("downloading {url}: {source}")]
+    Write {
+        url: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
 /// Download `url` to the new file `dest` under `policy`.
-pub fn download(url: &str, dest: &Path, policy: &DownloadPolicy) -> Result<(), String> {
+pub fn download(url: &str, dest: &Path, policy: &DownloadPolicy) -> Result<(), DownloadError> {
     let config = ureq::Agent::config_builder()
         .proxy(None)
         .max_redirects(policy.max_redirects)
@@ -153,18 +180,23 @@ pub fn download(url: &str, dest: &Path, policy: &DownloadPolicy) -> Result<(), S
             egress: policy.egress.then(sandbox::egress_policy),
         },
     );
-    let fail = |e: &dyn std::fmt::Display| format!("downloading {url}: {e}");
     let mut resp = agent.get(url).call().map_err(|e| match e {
-        ureq::Error::TooManyRedirects => {
-            fail(&format!("more than {} redirects", policy.max_redirects))
-        }
-        e => fail(&e),
+        ureq::Error::TooManyRedirects => DownloadError::Redirects {
+            url: url.to_string(),
+            max: policy.max_redirects,
+        },
+        e => DownloadError::Request {
+            url: url.to_string(),
+            source: Box::new(e),
+        },
     })?;
-    let too_big = || {
-        fail(&format!(
-            "the file is larger than the limit of {} bytes",
-            policy.max_bytes
-        ))
+    let too_big = || DownloadError::TooLarge {
+        url: url.to_string(),
+        max: policy.max_bytes,
+    };
+    let write = |source: io::Error| DownloadError::Write {
+        url: url.to_string(),
+        source,
     };
     if resp
         .body()
@@ -177,7 +209,10 @@ pub fn download(url: &str, dest: &Path, policy: &DownloadPolicy) -> Result<(), S
         .write(true)
         .create_new(true)
         .open(dest)
-        .map_err(|e| format!("{}: {e}", dest.display()))?;
+        .map_err(|source| DownloadError::Create {
+            path: dest.to_path_buf(),
+            source,
+        })?;
     // Read one byte past the limit to tell "exactly at the limit" from "over it".
     let mut reader = resp
         .body_mut()
@@ -185,13 +220,13 @@ pub fn download(url: &str, dest: &Path, policy: &DownloadPolicy) -> Result<(), S
         .limit(u64::MAX)
         .reader()
         .take(policy.max_bytes.saturating_add(1));
-    let n = io::copy(&mut reader, &mut out).map_err(|e| fail(&e))?;
+    let n = io::copy(&mut reader, &mut out).map_err(write)?;
     if n > policy.max_bytes {
         drop(out);
         let _ = std::fs::remove_file(dest);
         return Err(too_big());
     }
-    out.flush().map_err(|e| fail(&e))?;
+    out.flush().map_err(write)?;
     Ok(())
 }
 

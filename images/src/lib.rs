@@ -52,11 +52,11 @@ pub use download::DownloadPolicy;
 pub use oci::{host_platform, sha256_digest};
 pub use registry::{Credentials, Registries, RegistryConfig};
 pub use setid::{Stripped, SET_ID};
-pub use source::{BaseSource, FetchedBase, LocalImages};
+pub use source::{BaseSource, FetchedBase, LocalImages, RegistryError, SourceError};
 pub use store::{
     cache_depth, is_btrfs, layer_build, layer_path, next_chain_builds, overlay_works_in,
-    read_cache_layers, BackendKind, CacheMode, Collected, JobRoot, Store, StoreError, Workspace,
-    CACHE_FLAT, CACHE_LAYERS, CACHE_TOKEN, CACHE_WORK,
+    read_cache_layers, BackendKind, CacheMode, Collected, JobRoot, OverlayError, Store, StoreError,
+    UnknownBackend, Workspace, CACHE_FLAT, CACHE_LAYERS, CACHE_TOKEN, CACHE_WORK,
 };
 pub use tools::{helper_main, ToolError};
 pub use unpack::{apply_layer, Applied, Owners, UnpackError};

@@ -31,6 +31,8 @@ pub enum OciError {
         tag: String,
         path: String,
     },
+    #[error("invalid platform {0:?} (expected os/arch[/variant])")]
+    Platform(String),
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> OciError + '_ {
@@ -250,7 +252,7 @@ impl Platform {
         }
     }
 
-    pub fn parse(s: &str) -> Result<Platform, String> {
+    pub fn parse(s: &str) -> Result<Platform, OciError> {
         let parts: Vec<&str> = s.split('/').collect();
         match parts.as_slice() {
             [os, arch] if !os.is_empty() && !arch.is_empty() => Ok(Platform {
@@ -263,9 +265,7 @@ impl Platform {
                 arch: arch.to_string(),
                 variant: Some(variant.to_string()),
             }),
-            _ => Err(format!(
-                "invalid platform {s:?} (expected os/arch[/variant])"
-            )),
+            _ => Err(OciError::Platform(s.to_string())),
         }
     }
 

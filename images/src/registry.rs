@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::ImageConfig;
 use crate::oci::Platform;
-use crate::source::{onbuild_of, BaseSource, FetchedBase};
+use crate::source::{onbuild_of, BaseSource, FetchedBase, RegistryError};
 use crate::store::Store;
 use oci_client::manifest::ImageIndexEntry;
 
@@ -74,6 +74,13 @@ struct DockerAuth {
     password: Option<String>,
 }
 
+fn file_err(path: &Path) -> impl FnOnce(std::io::Error) -> RegistryError + '_ {
+    move |source| RegistryError::File {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
 fn default_auth_file() -> Option<PathBuf> {
     if let Some(dir) = std::env::var_os("DOCKER_CONFIG") {
         return Some(PathBuf::from(dir).join("config.json"));
@@ -82,14 +89,20 @@ fn default_auth_file() -> Option<PathBuf> {
 }
 
 /// Credentials for `registry` from a docker-style config file.
-pub fn credentials_from_file(path: &Path, registry: &str) -> Result<Option<Credentials>, String> {
+pub fn credentials_from_file(
+    path: &Path,
+    registry: &str,
+) -> Result<Option<Credentials>, RegistryError> {
+    let auth_file = |source: Box<dyn std::error::Error + Send + Sync>| RegistryError::AuthFile {
+        path: path.to_path_buf(),
+        source,
+    };
     let text = match std::fs::read(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("{}: {e}", path.display())),
+        Err(e) => return Err(auth_file(Box::new(e))),
     };
-    let cfg: DockerConfig =
-        serde_json::from_slice(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let cfg: DockerConfig = serde_json::from_slice(&text).map_err(|e| auth_file(Box::new(e)))?;
     let wanted = [
         registry.to_string(),
         format!("https://{registry}"),
@@ -118,14 +131,18 @@ pub fn credentials_from_file(path: &Path, registry: &str) -> Result<Option<Crede
     };
     let decoded = base64::engine::general_purpose::STANDARD
         .decode(auth.trim())
-        .map_err(|e| format!("{}: auth of {registry}: {e}", path.display()))?;
+        .map_err(|source| RegistryError::AuthBase64 {
+            path: path.to_path_buf(),
+            registry: registry.to_string(),
+            source,
+        })?;
     let decoded = String::from_utf8_lossy(&decoded).into_owned();
-    let (u, p) = decoded.split_once(':').ok_or_else(|| {
-        format!(
-            "{}: auth of {registry} is not user:password",
-            path.display()
-        )
-    })?;
+    let (u, p) = decoded
+        .split_once(':')
+        .ok_or_else(|| RegistryError::AuthNotUserPassword {
+            path: path.to_path_buf(),
+            registry: registry.to_string(),
+        })?;
     Ok(Some(Credentials {
         username: u.to_string(),
         password: p.to_string(),
@@ -140,7 +157,7 @@ struct Auth {
 }
 
 impl Registries {
-    fn auth(&self, registry: &str) -> Result<Auth, String> {
+    fn auth(&self, registry: &str) -> Result<Auth, RegistryError> {
         if let Some(c) = self.config.credentials.get(registry) {
             return Ok(Auth {
                 auth: RegistryAuth::Basic(c.username.clone(), c.password.clone()),
@@ -183,6 +200,22 @@ impl Registries {
     /// repository and tag or digest there) while `doing` (`pulling the manifest`), and what to
     /// change. The caller names the reference as written in the Dockerfile.
     fn explain(
+        &self,
+        e: OciDistributionError,
+        doing: &str,
+        registry: &str,
+        image: &str,
+        auth: &Auth,
+        platform: &Platform,
+    ) -> RegistryError {
+        let message = self.explanation(&e, doing, registry, image, auth, platform);
+        RegistryError::Pull {
+            message,
+            source: Box::new(e),
+        }
+    }
+
+    fn explanation(
         &self,
         e: &OciDistributionError,
         doing: &str,
@@ -268,12 +301,16 @@ impl Registries {
             .join(format!("{}.json", hex::encode(reference)))
     }
 
-    fn fetched(store: &Store, pulled: Pulled, origin: String) -> Result<FetchedBase, String> {
+    fn fetched(
+        store: &Store,
+        pulled: Pulled,
+        origin: String,
+    ) -> Result<FetchedBase, RegistryError> {
         let oci: oci_spec::image::ImageConfiguration =
-            serde_json::from_str(&pulled.config).map_err(|e| format!("image config: {e}"))?;
+            serde_json::from_str(&pulled.config).map_err(RegistryError::ImageConfig)?;
         let mut layers = Vec::new();
         for d in &pulled.layers {
-            layers.push((d.clone(), store.blob_path(d).map_err(|e| e.to_string())?));
+            layers.push((d.clone(), store.blob_path(d)?));
         }
         Ok(FetchedBase {
             manifest_digest: pulled.manifest_digest,
@@ -289,7 +326,7 @@ impl Registries {
         reference: &Reference,
         store: &Store,
         platform: &Platform,
-    ) -> Result<Pulled, String> {
+    ) -> Result<Pulled, RegistryError> {
         let registry = reference.resolve_registry().to_string();
         let want = platform.clone();
         let client = Client::new(ClientConfig {
@@ -321,7 +358,7 @@ impl Registries {
             .await
             .map_err(|e| {
                 self.explain(
-                    &e,
+                    e,
                     "pulling the manifest",
                     &registry,
                     &image,
@@ -331,19 +368,19 @@ impl Registries {
             })?;
         let mut layers = Vec::new();
         for layer in &manifest.layers {
-            let dst = store.blob_path(&layer.digest).map_err(|e| e.to_string())?;
+            let dst = store.blob_path(&layer.digest)?;
             if !dst.is_file() {
                 let tmp = store.tmp_path("blob");
                 let file = tokio::fs::File::create(&tmp)
                     .await
-                    .map_err(|e| format!("{}: {e}", tmp.display()))?;
+                    .map_err(file_err(&tmp))?;
                 let result = client.pull_blob(reference, layer, file).await;
                 if let Err(e) = result {
                     let _ = std::fs::remove_file(&tmp);
                     let doing = format!("pulling layer {}", layer.digest);
-                    return Err(self.explain(&e, &doing, &registry, &image, &auth, platform));
+                    return Err(self.explain(e, &doing, &registry, &image, &auth, platform));
                 }
-                std::fs::rename(&tmp, &dst).map_err(|e| format!("{}: {e}", dst.display()))?;
+                std::fs::rename(&tmp, &dst).map_err(file_err(&dst))?;
             }
             layers.push(layer.digest.clone());
         }
@@ -362,10 +399,13 @@ impl BaseSource for Registries {
         store: &Store,
         refresh: bool,
         platform: &crate::oci::Platform,
-    ) -> Result<Option<FetchedBase>, String> {
+    ) -> Result<Option<FetchedBase>, crate::source::SourceError> {
         let parsed: Reference = reference
             .parse()
-            .map_err(|e| format!("invalid image reference {reference:?}: {e}"))?;
+            .map_err(|source| RegistryError::Reference {
+                reference: reference.to_string(),
+                source,
+            })?;
         let whole = parsed.whole();
         let memo = Self::remembered(store, &format!("{whole} {platform}"));
         if !refresh {
@@ -376,8 +416,11 @@ impl BaseSource for Registries {
                         .iter()
                         .all(|d| store.blob_path(d).is_ok_and(|p| p.is_file()));
                     if complete {
-                        return Self::fetched(store, pulled, format!("{whole} (pulled before)"))
-                            .map(Some);
+                        return Ok(Some(Self::fetched(
+                            store,
+                            pulled,
+                            format!("{whole} (pulled before)"),
+                        )?));
                     }
                 }
             }
@@ -389,11 +432,11 @@ impl BaseSource for Registries {
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
-                    .map_err(|e| format!("starting the registry client: {e}"))?;
+                    .map_err(RegistryError::Runtime)?;
                 rt.block_on(self.pull(&parsed, store, platform))
             })
             .join()
-            .unwrap_or_else(|_| Err("the registry client panicked".into()))
+            .unwrap_or(Err(RegistryError::Panicked))
         })
         // The caller names the reference (`base image REF: ...`); the message names the
         // registry and the repository there.
@@ -401,12 +444,16 @@ impl BaseSource for Registries {
         if let Some(parent) = memo.parent() {
             let _ = std::fs::create_dir_all(parent);
         }
-        let data = serde_json::to_vec(&pulled).map_err(|e| e.to_string())?;
+        let data = serde_json::to_vec(&pulled).map_err(RegistryError::Json)?;
         let tmp = store.tmp_path("pulled");
         std::fs::write(&tmp, data)
             .and_then(|_| std::fs::rename(&tmp, &memo))
-            .map_err(|e| format!("{}: {e}", memo.display()))?;
-        Self::fetched(store, pulled, format!("{whole} from its registry")).map(Some)
+            .map_err(file_err(&memo))?;
+        Ok(Some(Self::fetched(
+            store,
+            pulled,
+            format!("{whole} from its registry"),
+        )?))
     }
 }
 

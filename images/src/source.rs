@@ -8,6 +8,71 @@ use crate::config::ImageConfig;
 use crate::oci::{self, Layout};
 use crate::store::Store;
 
+/// Why a base source could not fetch an image it should have.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("invalid image name {0:?}")]
+    InvalidName(String),
+    #[error("{0}")]
+    Oci(#[from] oci::OciError),
+    #[error("{0}")]
+    Registry(#[from] RegistryError),
+}
+
+/// Why a base image could not be pulled from its registry (or its credentials read).
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// A docker-style auth file that cannot be read or is not JSON.
+    #[error("{}: {source}", path.display())]
+    AuthFile {
+        path: std::path::PathBuf,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("{}: auth of {registry}: {source}", path.display())]
+    AuthBase64 {
+        path: std::path::PathBuf,
+        registry: String,
+        #[source]
+        source: base64::DecodeError,
+    },
+    #[error("{}: auth of {registry} is not user:password", path.display())]
+    AuthNotUserPassword {
+        path: std::path::PathBuf,
+        registry: String,
+    },
+    #[error("invalid image reference {reference:?}: {source}")]
+    Reference {
+        reference: String,
+        #[source]
+        source: oci_client::ParseError,
+    },
+    /// What the registry answered, explained (what was sent, what to change).
+    #[error("{message}")]
+    Pull {
+        message: String,
+        #[source]
+        source: Box<oci_client::errors::OciDistributionError>,
+    },
+    #[error("image config: {0}")]
+    ImageConfig(#[source] serde_json::Error),
+    #[error("{0}")]
+    Oci(#[from] oci::OciError),
+    /// A file of the store (a blob, the record of a pull).
+    #[error("{}: {source}", path.display())]
+    File {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("starting the registry client: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error("the registry client panicked")]
+    Panicked,
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+}
+
 /// Where base images come from, in order: `scratch`, local OCI layouts, registries.
 pub trait BaseSource: Send + Sync {
     /// Resolve `reference` to a manifest, config and the path of each layer blob (pulled into
@@ -18,7 +83,7 @@ pub trait BaseSource: Send + Sync {
         store: &Store,
         refresh: bool,
         platform: &oci::Platform,
-    ) -> Result<Option<FetchedBase>, String>;
+    ) -> Result<Option<FetchedBase>, SourceError>;
 }
 
 /// A base image ready to unpack.
@@ -45,29 +110,22 @@ impl BaseSource for LocalImages {
         _store: &Store,
         _refresh: bool,
         platform: &oci::Platform,
-    ) -> Result<Option<FetchedBase>, String> {
+    ) -> Result<Option<FetchedBase>, SourceError> {
         let (name, tag) = split_reference(reference);
         if name.split('/').any(|c| c == ".." || c.is_empty()) {
-            return Err(format!("invalid image name {name:?}"));
+            return Err(SourceError::InvalidName(name.to_string()));
         }
         let path = self.dir.join(name);
         if !path.join("index.json").is_file() {
             return Ok(None);
         }
-        let layout = Layout::open(&path).map_err(|e| e.to_string())?;
-        let resolved = layout
-            .resolve(name, tag, platform)
-            .map_err(|e| e.to_string())?;
-        let raw_config = layout
-            .read_blob(resolved.manifest.config().digest().as_ref())
-            .map_err(|e| e.to_string())?;
+        let layout = Layout::open(&path)?;
+        let resolved = layout.resolve(name, tag, platform)?;
+        let raw_config = layout.read_blob(resolved.manifest.config().digest().as_ref())?;
         let mut layers = Vec::new();
         for l in resolved.manifest.layers() {
             let digest = l.digest().to_string();
-            layers.push((
-                digest.clone(),
-                layout.blob_path(&digest).map_err(|e| e.to_string())?,
-            ));
+            layers.push((digest.clone(), layout.blob_path(&digest)?));
         }
         Ok(Some(FetchedBase {
             manifest_digest: resolved.manifest_digest.clone(),

@@ -643,15 +643,53 @@ fn copy_one(item: &CopyItem, spec: &CopySpec, src: &Root, dst: &Root) -> io::Res
     Ok(())
 }
 
-/// `UID:GID`.
-fn parse_ids(ids: &str) -> Result<(u32, u32), String> {
-    ids.split_once(':')
-        .and_then(|(u, g)| Some((u.parse().ok()?, g.parse().ok()?)))
-        .ok_or_else(|| format!("bad ids {ids:?}"))
+/// Why the image helper failed (printed on its stderr, which the daemon reports).
+#[derive(Debug, thiserror::Error)]
+enum HelperError {
+    /// `what` names the file or the operation.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    /// An error of a tree walk, which names its path itself.
+    #[error("{0}")]
+    Walk(#[source] io::Error),
+    #[error("{}/{source}", dir.display())]
+    Remove {
+        dir: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{0}")]
+    Unpack(#[from] unpack::UnpackError),
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+    #[error("{0}")]
+    Context(#[from] crate::context::ContextError),
+    #[error("bad ids {0:?}")]
+    Ids(String),
+    #[error("{}: {denied} entries whose set-id bits or capabilities could not be removed", path.display())]
+    SetId { path: PathBuf, denied: usize },
+    #[error("mistry image helper: unknown arguments {0:?}")]
+    Arguments(Vec<String>),
 }
 
-fn open_root(p: &Path) -> Result<Root, String> {
-    Root::open(p).map_err(|e| e.to_string())
+fn at(what: impl std::fmt::Display) -> impl FnOnce(io::Error) -> HelperError {
+    let what = what.to_string();
+    move |source| HelperError::Io { what, source }
+}
+
+/// `UID:GID`.
+fn parse_ids(ids: &str) -> Result<(u32, u32), HelperError> {
+    ids.split_once(':')
+        .and_then(|(u, g)| Some((u.parse().ok()?, g.parse().ok()?)))
+        .ok_or_else(|| HelperError::Ids(ids.to_string()))
+}
+
+fn open_root(p: &Path) -> Result<Root, HelperError> {
+    Root::open(p).map_err(HelperError::Walk)
 }
 
 /// Entry point of the helper: `apply-layer BLOB DIGEST ROOT keep|ignore`,
@@ -671,7 +709,7 @@ pub fn helper_main(args: &[OsString]) -> i32 {
     }
 }
 
-fn helper(args: &[OsString]) -> Result<(), String> {
+fn helper(args: &[OsString]) -> Result<(), HelperError> {
     let s: Vec<String> = args
         .iter()
         .map(|a| a.to_string_lossy().into_owned())
@@ -686,18 +724,16 @@ fn helper(args: &[OsString]) -> Result<(), String> {
     };
     match s.iter().map(String::as_str).collect::<Vec<_>>().as_slice() {
         ["apply-layer", _, digest, _, mode] => {
-            let blob = fs::File::open(p(1)).map_err(|e| format!("{}: {e}", p(1).display()))?;
+            let blob = fs::File::open(p(1)).map_err(at(p(1).display()))?;
             let verified = crate::oci::Verify::new(blob, digest);
-            let applied = unpack::apply_layer(verified, &p(3), digest, owners(mode))
-                .map_err(|e| e.to_string())?;
+            let applied = unpack::apply_layer(verified, &p(3), digest, owners(mode))?;
             println!(
                 "{}",
                 serde_json::to_string(&AppliedJson {
                     entries: applied.entries,
                     whiteouts: applied.whiteouts,
                     skipped_devices: applied.skipped_devices,
-                })
-                .map_err(|e| e.to_string())?
+                })?
             );
             Ok(())
         }
@@ -705,11 +741,11 @@ fn helper(args: &[OsString]) -> Result<(), String> {
             let src = open_root(&p(1))?;
             let archive_fd = src
                 .open_in(Path::new(archive), OFlags::RDONLY | OFlags::NONBLOCK)
-                .map_err(|e| format!("opening the archive: {e}"))?;
+                .map_err(at("opening the archive"))?;
             let image = open_root(&p(3))?;
             let dest_fd = image
                 .mkdir_all(Path::new(dest), None, 0o755)
-                .map_err(|e| format!("creating {dest}: {e}"))?;
+                .map_err(at(format!("creating {dest}")))?;
             unpack::apply_layer_in(
                 fs::File::from(archive_fd),
                 &Root::from_fd(dest_fd),
@@ -717,27 +753,25 @@ fn helper(args: &[OsString]) -> Result<(), String> {
                 owners(mode),
             )
             .map(drop)
-            .map_err(|e| e.to_string())
+            .map_err(HelperError::from)
         }
         ["copy-in", _] => {
-            let text = fs::read(p(1)).map_err(|e| format!("{}: {e}", p(1).display()))?;
-            let spec: CopySpec = serde_json::from_slice(&text).map_err(|e| e.to_string())?;
+            let text = fs::read(p(1)).map_err(at(p(1).display()))?;
+            let spec: CopySpec = serde_json::from_slice(&text)?;
             let image = open_root(&spec.root)?;
             let src = open_root(&spec.src_root)?;
             let owner = spec.owners.then_some((spec.uid, spec.gid));
             for d in &spec.dirs {
                 image
                     .mkdir_all(d, owner, 0o755)
-                    .map_err(|e| format!("creating {}: {e}", d.display()))?;
+                    .map_err(at(format!("creating {}", d.display())))?;
             }
             for item in &spec.items {
-                copy_one(item, &spec, &src, &image).map_err(|e| {
-                    format!(
-                        "copying {} to {}: {e}",
-                        Path::new("/").join(&item.src).display(),
-                        item.dest.display()
-                    )
-                })?;
+                copy_one(item, &spec, &src, &image).map_err(at(format!(
+                    "copying {} to {}",
+                    Path::new("/").join(&item.src).display(),
+                    item.dest.display()
+                )))?;
             }
             Ok(())
         }
@@ -750,7 +784,7 @@ fn helper(args: &[OsString]) -> Result<(), String> {
             open_root(&p(1))?
                 .mkdir_all(Path::new(path), Some((uid, gid)), 0o755)
                 .map(drop)
-                .map_err(|e| format!("creating {path}: {e}"))
+                .map_err(at(format!("creating {path}")))
         }
         ["remove", _, name] => {
             let dir = rfs::open(
@@ -758,9 +792,9 @@ fn helper(args: &[OsString]) -> Result<(), String> {
                 OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                 Mode::empty(),
             )
-            .map_err(|e| format!("{}: {e}", p(1).display()))?;
+            .map_err(|e| at(p(1).display())(e.into()))?;
             walk::remove_at(dir.as_fd(), OsStr::new(name), false)
-                .map_err(|e| format!("{}/{e}", p(1).display()))
+                .map_err(|source| HelperError::Remove { dir: p(1), source })
         }
         ["strip-setid", _] => {
             let dir = rfs::open(
@@ -768,54 +802,52 @@ fn helper(args: &[OsString]) -> Result<(), String> {
                 OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                 Mode::empty(),
             )
-            .map_err(|e| format!("{}: {e}", p(1).display()))?;
-            let s = crate::setid::strip_setid(dir.as_fd())
-                .map_err(|e| format!("{}: {e}", p(1).display()))?;
+            .map_err(|e| at(p(1).display())(e.into()))?;
+            let s = crate::setid::strip_setid(dir.as_fd()).map_err(at(p(1).display()))?;
             if s.denied > 0 {
-                return Err(format!(
-                    "{}: {} entries whose set-id bits or capabilities could not be removed",
-                    p(1).display(),
-                    s.denied
-                ));
+                return Err(HelperError::SetId {
+                    path: p(1),
+                    denied: s.denied,
+                });
             }
             println!("{} {}", s.modes, s.caps);
             Ok(())
         }
         ["clear", _] => {
             let dir = rfs::open(p(1).as_path(), walk::dir_flags(), Mode::empty())
-                .map_err(|e| format!("{}: {e}", p(1).display()))?;
-            walk::clear(dir, &p(1), false).map_err(|e| e.to_string())
+                .map_err(|e| at(p(1).display())(e.into()))?;
+            walk::clear(dir, &p(1), false).map_err(HelperError::Walk)
         }
         ["copy-tree", _, _] => {
             let open = |p: &Path| {
                 rfs::open(p, walk::dir_flags(), Mode::empty())
-                    .map_err(|e| format!("{}: {e}", p.display()))
+                    .map_err(|e| at(p.display())(e.into()))
             };
-            walk::copy_tree(open(&p(1))?, open(&p(2))?, &p(1)).map_err(|e| e.to_string())
+            walk::copy_tree(open(&p(1))?, open(&p(2))?, &p(1)).map_err(HelperError::Walk)
         }
         ["chown-tree", _, ids] => {
             let (uid, gid) = parse_ids(ids)?;
             match rfs::open(p(1).as_path(), walk::dir_flags(), Mode::empty()) {
-                Ok(top) => walk::chown_tree(top, &p(1), uid, gid).map_err(|e| e.to_string()),
+                Ok(top) => walk::chown_tree(top, &p(1), uid, gid).map_err(HelperError::Walk),
                 // A file or a link: itself alone.
                 Err(rustix::io::Errno::NOTDIR | rustix::io::Errno::LOOP) => {
                     std::os::unix::fs::lchown(p(1), Some(uid), Some(gid))
-                        .map_err(|e| format!("{}: {e}", p(1).display()))
+                        .map_err(at(p(1).display()))
                 }
-                Err(e) => Err(format!("{}: {e}", p(1).display())),
+                Err(e) => Err(at(p(1).display())(e.into())),
             }
         }
         ["pack", _, _] => {
-            let out = fs::File::create(p(2)).map_err(|e| format!("{}: {e}", p(2).display()))?;
+            let out = fs::File::create(p(2)).map_err(at(p(2).display()))?;
             let root = rfs::open(p(1).as_path(), walk::dir_flags(), Mode::empty())
-                .map_err(|e| format!("{}: {e}", p(1).display()))?;
+                .map_err(|e| at(p(1).display())(e.into()))?;
             let mut b = tar::Builder::new(io::BufWriter::new(out));
             walk::append_tree(&mut b, root, Path::new("."), walk::Sent::ImageTree)
-                .map_err(|e| format!("packing {}: {e}", p(1).display()))?;
+                .map_err(at(format!("packing {}", p(1).display())))?;
             b.into_inner()
                 .and_then(|mut w| io::Write::flush(&mut w))
-                .map_err(|e| format!("writing {}: {e}", p(2).display()))
+                .map_err(at(format!("writing {}", p(2).display())))
         }
-        _ => Err(format!("mistry image helper: unknown arguments {s:?}")),
+        _ => Err(HelperError::Arguments(s.clone())),
     }
 }

@@ -189,18 +189,18 @@ impl View {
             View::Dir(root) => sandbox::resolve_user(root, user),
             View::Layers(_) => {
                 let read = || {
-                    Ok::<_, String>((
+                    Ok::<_, sandbox::UserFileError>((
                         self.read_small(Path::new("/etc/passwd"))?,
                         self.read_small(Path::new("/etc/group"))?,
                     ))
                 };
-                let (passwd, group) = read().map_err(|reason| sandbox::Error::User {
+                let (passwd, group) = read().map_err(|source| sandbox::Error::UserFile {
                     spec: match user {
                         sandbox::User::Root => "0".into(),
                         sandbox::User::Id { uid, gid } => format!("{uid}:{gid}"),
                         sandbox::User::Spec(s) => s.clone(),
                     },
-                    reason,
+                    source,
                 })?;
                 sandbox::resolve_user_with(user, &passwd, &group)
             }
@@ -210,10 +210,13 @@ impl View {
     /// A small regular file of the image (at most [`sandbox::MAX_USER_FILE`] bytes; links are
     /// followed inside the image, never out of it), opened without blocking; empty when
     /// missing. Anything but a regular file is an error (a FIFO is never read).
-    pub fn read_small(&self, inside: &Path) -> Result<String, String> {
+    pub fn read_small(&self, inside: &Path) -> Result<String, sandbox::UserFileError> {
         let what = inside.display().to_string();
-        let not_regular = || format!("the image's {what} is not a regular file");
-        let failed = |e: io::Error| format!("reading the image's {what}: {e}");
+        let not_regular = || sandbox::UserFileError::NotRegular { what: what.clone() };
+        let failed = |source: io::Error| sandbox::UserFileError::Read {
+            what: what.clone(),
+            source,
+        };
         // The file's type is known before it is opened for reading (O_PATH, or lstat through
         // layers): a FIFO would block.
         let path = match self {
@@ -303,6 +306,7 @@ mod tests {
         assert!(dir
             .read_small(Path::new("/c1/passwd"))
             .unwrap_err()
+            .to_string()
             .starts_with("reading the image's /c1/passwd: "));
         // Not a regular file: a FIFO (never opened to be read), a link to one, a directory.
         nix::unistd::mkfifo(
@@ -321,7 +325,7 @@ mod tests {
             for f in ["fifo", "link", "sub"] {
                 let inside = format!("/real/{f}");
                 assert_eq!(
-                    view.read_small(Path::new(&inside)).unwrap_err(),
+                    view.read_small(Path::new(&inside)).unwrap_err().to_string(),
                     format!("the image's {inside} is not a regular file")
                 );
             }

@@ -19,13 +19,60 @@ pub struct Cgroup {
 
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
+/// Why a sandbox gets no cgroup limits (logged by the caller, never fatal).
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("the process is in no cgroup v2 hierarchy (cgroup v1 only)")]
+    NoV2,
+    #[error("no cgroup2 filesystem is mounted")]
+    NoCgroup2Mount,
+    #[error("the {controller} controller is not available in {} (hybrid layout: it is bound to a v1 hierarchy, or not delegated)", parent.display())]
+    ControllerUnavailable {
+        controller: &'static str,
+        parent: PathBuf,
+    },
+    #[error("cannot enable the {controller} controller in {}: {source}", file.display())]
+    Enable {
+        controller: &'static str,
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create cgroup {}: {source}", path.display())]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write {value} to {}: {source}", file.display())]
+    Write {
+        value: String,
+        file: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("reading {path}: {source}")]
+    Read {
+        path: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot move {pid} into {}: {source}", procs.display())]
+    Move {
+        pid: i32,
+        procs: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// Find the caller's cgroup v2 directory from the texts of `/proc/self/cgroup` and
 /// `/proc/self/mountinfo`.
-pub fn locate(proc_cgroup: &str, mountinfo: &str) -> Result<PathBuf, String> {
+pub fn locate(proc_cgroup: &str, mountinfo: &str) -> Result<PathBuf, CgroupError> {
     let rel = proc_cgroup
         .lines()
         .find_map(|l| l.strip_prefix("0::"))
-        .ok_or("the process is in no cgroup v2 hierarchy (cgroup v1 only)")?;
+        .ok_or(CgroupError::NoV2)?;
     // mountinfo: id parent major:minor root mountpoint options... - fstype source superopts
     let (root, mountpoint) = mountinfo
         .lines()
@@ -37,7 +84,7 @@ pub fn locate(proc_cgroup: &str, mountinfo: &str) -> Result<PathBuf, String> {
             let f: Vec<&str> = left.split_whitespace().collect();
             Some((f.get(3)?.to_string(), f.get(4)?.to_string()))
         })
-        .ok_or("no cgroup2 filesystem is mounted")?;
+        .ok_or(CgroupError::NoCgroup2Mount)?;
     let rel = rel.strip_prefix(root.trim_end_matches('/')).unwrap_or(rel);
     Ok(Path::new(&mountpoint).join(rel.trim_start_matches('/')))
 }
@@ -57,26 +104,24 @@ fn needed(limits: &CgroupLimits) -> Vec<&'static str> {
 }
 
 /// Create a sub-cgroup with `limits` under `parent`, or say why not.
-pub fn create_in(parent: &Path, limits: &CgroupLimits) -> Result<Cgroup, String> {
+pub fn create_in(parent: &Path, limits: &CgroupLimits) -> Result<Cgroup, CgroupError> {
     let read = |name: &str| std::fs::read_to_string(parent.join(name)).unwrap_or_default();
     let available = read("cgroup.controllers");
     let enabled = read("cgroup.subtree_control");
     for c in needed(limits) {
         if !available.split_whitespace().any(|x| x == c) {
-            return Err(format!(
-                "the {c} controller is not available in {} (hybrid layout: it is bound to a v1 hierarchy, or not delegated)",
-                parent.display()
-            ));
+            return Err(CgroupError::ControllerUnavailable {
+                controller: c,
+                parent: parent.to_path_buf(),
+            });
         }
         if !enabled.split_whitespace().any(|x| x == c) {
-            std::fs::write(parent.join("cgroup.subtree_control"), format!("+{c}")).map_err(
-                |e| {
-                    format!(
-                        "cannot enable the {c} controller in {}: {e}",
-                        parent.join("cgroup.subtree_control").display()
-                    )
-                },
-            )?;
+            let file = parent.join("cgroup.subtree_control");
+            std::fs::write(&file, format!("+{c}")).map_err(|source| CgroupError::Enable {
+                controller: c,
+                file,
+                source,
+            })?;
         }
     }
     let name = format!(
@@ -85,8 +130,9 @@ pub fn create_in(parent: &Path, limits: &CgroupLimits) -> Result<Cgroup, String>
         COUNTER.fetch_add(1, Ordering::Relaxed)
     );
     let path = parent.join(name);
-    std::fs::create_dir(&path)
-        .map_err(|e| format!("cannot create cgroup {}: {e}", path.display()))?;
+    if let Err(source) = std::fs::create_dir(&path) {
+        return Err(CgroupError::Create { path, source });
+    }
     let cgroup = Cgroup { path };
     let mut writes = Vec::new();
     if let Some(m) = limits.memory_max {
@@ -109,19 +155,26 @@ pub fn create_in(parent: &Path, limits: &CgroupLimits) -> Result<Cgroup, String>
         if file == "memory.swap.max" && !target.exists() {
             continue;
         }
-        std::fs::write(&target, &value)
-            .map_err(|e| format!("cannot write {value} to {}: {e}", target.display()))?;
+        if let Err(source) = std::fs::write(&target, &value) {
+            return Err(CgroupError::Write {
+                value,
+                file: target,
+                source,
+            });
+        }
     }
     Ok(cgroup)
 }
 
 /// A cgroup with `limits` for a new sandbox: `Ok(None)` when no limit is asked for, `Err(reason)`
 /// when the host does not let us apply them.
-pub fn prepare(limits: &CgroupLimits) -> Result<Option<Cgroup>, String> {
+pub fn prepare(limits: &CgroupLimits) -> Result<Option<Cgroup>, CgroupError> {
     if limits.is_empty() {
         return Ok(None);
     }
-    let read = |p: &str| std::fs::read_to_string(p).map_err(|e| format!("reading {p}: {e}"));
+    let read = |path: &'static str| {
+        std::fs::read_to_string(path).map_err(|source| CgroupError::Read { path, source })
+    };
     let parent = locate(&read("/proc/self/cgroup")?, &read("/proc/self/mountinfo")?)?;
     create_in(&parent, limits).map(Some)
 }
@@ -142,10 +195,8 @@ impl Cgroup {
     }
 
     /// Move process `pid` (and so all it will fork) into the cgroup.
-    pub fn add(&self, pid: i32) -> Result<(), String> {
-        let procs = self.path.join("cgroup.procs");
-        std::fs::write(&procs, pid.to_string())
-            .map_err(|e| format!("cannot move {pid} into {}: {e}", procs.display()))
+    pub fn add(&self, pid: i32) -> Result<(), CgroupError> {
+        move_into(&self.path, pid)
     }
 }
 
@@ -162,6 +213,15 @@ impl Drop for Cgroup {
                 Err(_) => return,
             }
         }
+    }
+}
+
+/// Move process `pid` into the group at `dir` (v1 or v2).
+fn move_into(dir: &Path, pid: i32) -> Result<(), CgroupError> {
+    let procs = dir.join("cgroup.procs");
+    match std::fs::write(&procs, pid.to_string()) {
+        Ok(()) => Ok(()),
+        Err(source) => Err(CgroupError::Move { pid, procs, source }),
     }
 }
 
@@ -287,11 +347,9 @@ impl V1Group {
     }
 
     /// Move process `pid` into every group.
-    pub fn add(&self, pid: i32) -> Result<(), String> {
+    pub fn add(&self, pid: i32) -> Result<(), CgroupError> {
         for dir in &self.dirs {
-            let procs = dir.join("cgroup.procs");
-            std::fs::write(&procs, pid.to_string())
-                .map_err(|e| format!("cannot move {pid} into {}: {e}", procs.display()))?;
+            move_into(dir, pid)?;
         }
         Ok(())
     }
@@ -341,9 +399,9 @@ mod tests {
         let got = locate("4:memory:/x\n0::/user.slice/job\n", MOUNTINFO_HYBRID).unwrap();
         assert_eq!(got, PathBuf::from("/sys/fs/cgroup/unified/user.slice/job"));
         let err = locate("4:memory:/x\n", MOUNTINFO_HYBRID).unwrap_err();
-        assert!(err.contains("cgroup v1 only"), "{err}");
+        assert!(err.to_string().contains("cgroup v1 only"), "{err}");
         let err = locate("0::/\n", "35 31 0:32 / /m rw - cgroup cgroup rw,memory\n").unwrap_err();
-        assert_eq!(err, "no cgroup2 filesystem is mounted");
+        assert_eq!(err.to_string(), "no cgroup2 filesystem is mounted");
     }
 
     #[test]
@@ -367,7 +425,8 @@ mod tests {
         };
         let why = create_in(dir.path(), &limits).unwrap_err();
         assert!(
-            why.starts_with("the memory controller is not available in"),
+            why.to_string()
+                .starts_with("the memory controller is not available in"),
             "{why}"
         );
     }

@@ -27,16 +27,38 @@ pub enum NetworkMode {
     Host,
 }
 
+/// Why a sandbox setting given as text (a command-line flag, a configuration value) does not
+/// parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    #[error("unknown network mode {0:?} (expected none, isolated or host)")]
+    NetworkMode(String),
+    #[error("invalid bind {0:?} (expected SRC:DST[:ro|rw])")]
+    BindSyntax(String),
+    #[error("invalid bind {0:?}: empty path")]
+    BindEmptyPath(String),
+    #[error("empty user")]
+    EmptyUser,
+    #[error("unknown id mapping {0:?} (expected auto, single or subordinate)")]
+    IdMapping(String),
+    #[error("invalid rlimit {0:?} (expected NAME=SOFT[:HARD])")]
+    RlimitSyntax(String),
+    #[error("unknown rlimit {0:?}")]
+    RlimitName(String),
+    #[error("invalid rlimit value {value:?} in {spec:?}")]
+    RlimitValue { value: String, spec: String },
+    #[error("empty seccomp profile")]
+    EmptySeccomp,
+}
+
 impl std::str::FromStr for NetworkMode {
-    type Err = String;
+    type Err = ParseError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "none" => Ok(Self::None),
             "isolated" => Ok(Self::Isolated),
             "host" => Ok(Self::Host),
-            other => Err(format!(
-                "unknown network mode {other:?} (expected none, isolated or host)"
-            )),
+            other => Err(ParseError::NetworkMode(other.to_string())),
         }
     }
 }
@@ -116,7 +138,7 @@ impl Bind {
 }
 
 impl std::str::FromStr for Bind {
-    type Err = String;
+    type Err = ParseError;
     /// `SRC:DST` or `SRC:DST:ro` (or `:rw`).
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let parts: Vec<&str> = s.split(':').collect();
@@ -124,10 +146,10 @@ impl std::str::FromStr for Bind {
             [src, dst] => (*src, *dst, false),
             [src, dst, "ro"] => (*src, *dst, true),
             [src, dst, "rw"] => (*src, *dst, false),
-            _ => return Err(format!("invalid bind {s:?} (expected SRC:DST[:ro|rw])")),
+            _ => return Err(ParseError::BindSyntax(s.to_string())),
         };
         if src.is_empty() || dst.is_empty() {
-            return Err(format!("invalid bind {s:?}: empty path"));
+            return Err(ParseError::BindEmptyPath(s.to_string()));
         }
         let bind = Bind::new(src, dst);
         Ok(if ro { bind.read_only() } else { bind })
@@ -148,10 +170,10 @@ pub enum User {
 }
 
 impl std::str::FromStr for User {
-    type Err = String;
+    type Err = ParseError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         if s.is_empty() {
-            return Err("empty user".into());
+            return Err(ParseError::EmptyUser);
         }
         Ok(User::Spec(s.to_owned()))
     }
@@ -190,15 +212,13 @@ pub enum IdMapping {
 }
 
 impl std::str::FromStr for IdMapping {
-    type Err = String;
+    type Err = ParseError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "auto" => Ok(Self::Auto),
             "single" => Ok(Self::Single),
             "subordinate" => Ok(Self::Subordinate),
-            other => Err(format!(
-                "unknown id mapping {other:?} (expected auto, single or subordinate)"
-            )),
+            other => Err(ParseError::IdMapping(other.to_string())),
         }
     }
 }
@@ -256,12 +276,12 @@ impl RlimitResource {
 }
 
 impl std::str::FromStr for Rlimit {
-    type Err = String;
+    type Err = ParseError;
     /// `NAME=SOFT[:HARD]`, e.g. `nofile=1024:4096`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let (name, value) = s
             .split_once('=')
-            .ok_or_else(|| format!("invalid rlimit {s:?} (expected NAME=SOFT[:HARD])"))?;
+            .ok_or_else(|| ParseError::RlimitSyntax(s.to_string()))?;
         let resource = match name {
             "nofile" => RlimitResource::NoFile,
             "nproc" => RlimitResource::NProc,
@@ -270,14 +290,16 @@ impl std::str::FromStr for Rlimit {
             "as" => RlimitResource::As,
             "cpu" => RlimitResource::Cpu,
             "stack" => RlimitResource::Stack,
-            other => return Err(format!("unknown rlimit {other:?}")),
+            other => return Err(ParseError::RlimitName(other.to_string())),
         };
-        let num = |v: &str| -> Result<u64, String> {
+        let num = |v: &str| -> Result<u64, ParseError> {
             if v == "unlimited" {
                 Ok(libc::RLIM_INFINITY)
             } else {
-                v.parse()
-                    .map_err(|_| format!("invalid rlimit value {v:?} in {s:?}"))
+                v.parse().map_err(|_| ParseError::RlimitValue {
+                    value: v.to_string(),
+                    spec: s.to_string(),
+                })
             }
         };
         let (soft, hard) = match value.split_once(':') {
@@ -322,13 +344,13 @@ pub enum Seccomp {
 }
 
 impl std::str::FromStr for Seccomp {
-    type Err = String;
+    type Err = ParseError;
     /// `default`, `unconfined`, or the path of a profile.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "default" => Ok(Self::Default),
             "unconfined" => Ok(Self::Unconfined),
-            "" => Err("empty seccomp profile".into()),
+            "" => Err(ParseError::EmptySeccomp),
             path => Ok(Self::Profile(PathBuf::from(path))),
         }
     }

@@ -73,6 +73,15 @@ pub enum UsageError {
         #[source]
         source: std::io::Error,
     },
+    /// The `du` sandbox could not run.
+    #[error("du: {0}")]
+    Du(#[source] Box<crate::Error>),
+    /// `du` ran but did not report every tree.
+    #[error("du ({status}): {stderr}")]
+    DuOutput {
+        status: crate::ExitStatus,
+        stderr: String,
+    },
 }
 
 /// What [`usage`] found: the bytes it could count, and the directories this process may not
@@ -353,7 +362,7 @@ fn walk_path(root: &Path, frames: &[Frame], name: &OsStr) -> PathBuf {
 
 /// Bytes each of `trees` holds, measured by `du` in a sandbox whose root has the capabilities
 /// over the sandbox's ids (for trees this process may not read).
-fn usage_by_du(trees: &[&Path]) -> Result<Vec<u64>, String> {
+fn usage_by_du(trees: &[&Path]) -> Result<Vec<u64>, UsageError> {
     let mut argv: Vec<OsString> = vec!["du".into(), "-s".into(), "-k".into()];
     argv.extend(trees.iter().map(|t| t.as_os_str().to_os_string()));
     let out = crate::Sandbox::new("/")
@@ -363,7 +372,7 @@ fn usage_by_du(trees: &[&Path]) -> Result<Vec<u64>, String> {
         .timeout(Duration::from_secs(300))
         .command(argv)
         .output()
-        .map_err(|e| format!("du: {e}"))?;
+        .map_err(|e| UsageError::Du(Box::new(e)))?;
     // du also reports files that vanished meanwhile (exit code 1): its totals still stand.
     let text = String::from_utf8_lossy(&out.stdout);
     let sizes: Vec<u64> = text
@@ -372,11 +381,10 @@ fn usage_by_du(trees: &[&Path]) -> Result<Vec<u64>, String> {
         .map(|k| k.saturating_mul(1024))
         .collect();
     if sizes.len() != trees.len() {
-        return Err(format!(
-            "du ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+        return Err(UsageError::DuOutput {
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
     }
     Ok(sizes)
 }
@@ -388,7 +396,7 @@ pub fn measure(
     trees: &[PathBuf],
     stop_after: u64,
     cancel: &AtomicBool,
-) -> Result<Vec<u64>, String> {
+) -> Result<Vec<u64>, UsageError> {
     let mut sizes = vec![0u64; trees.len()];
     let mut unreadable: Vec<(usize, PathBuf)> = Vec::new();
     let mut sum = 0u64;
@@ -400,7 +408,7 @@ pub fn measure(
             }
             Err(UsageError::Io { source, .. })
                 if matches!(source.raw_os_error(), Some(libc::ENOENT)) => {}
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e),
         }
         sum = sum.saturating_add(sizes[i]);
         if sum > stop_after {
@@ -418,7 +426,7 @@ pub fn measure(
 
 /// Bytes the tree `path` holds on disk (see [`usage`]), stopping past `stop_after`; a tree this
 /// process may not read entirely is measured by `du` in a sandbox.
-pub fn tree_usage(path: &Path, stop_after: u64) -> Result<u64, String> {
+pub fn tree_usage(path: &Path, stop_after: u64) -> Result<u64, UsageError> {
     let sizes = measure(&[path.to_path_buf()], stop_after, &AtomicBool::new(false))?;
     Ok(sizes.first().copied().unwrap_or(0))
 }
@@ -438,7 +446,7 @@ pub struct Plan {
 
 impl Plan {
     /// Measure the trees counted by growth now, before the sandbox starts.
-    pub fn new(limit: u64, trees: Vec<(PathBuf, Counted)>) -> Result<Plan, String> {
+    pub fn new(limit: u64, trees: Vec<(PathBuf, Counted)>) -> Result<Plan, UsageError> {
         let grown: Vec<PathBuf> = trees
             .iter()
             .filter(|(_, c)| *c == Counted::Growth)
@@ -460,7 +468,7 @@ impl Plan {
     }
 
     /// What the sandbox wrote: every tree's size over its baseline, summed.
-    fn written(&self, cancel: &AtomicBool) -> Result<u64, String> {
+    fn written(&self, cancel: &AtomicBool) -> Result<u64, UsageError> {
         let stop = self.limit.saturating_add(
             self.baselines
                 .iter()

@@ -79,11 +79,11 @@ use std::time::{Duration, Instant};
 
 pub use caps::Capability;
 pub use config::{
-    Bind, CgroupLimits, Counted, IdMapping, Limits, NetworkMode, Overlay, OverlayMount, Policy,
-    Rlimit, RlimitResource, Sandbox, Seccomp, Stdio, Tmpfs, User, DEFAULT_CAPABILITIES,
+    Bind, CgroupLimits, Counted, IdMapping, Limits, NetworkMode, Overlay, OverlayMount, ParseError,
+    Policy, Rlimit, RlimitResource, Sandbox, Seccomp, Stdio, Tmpfs, User, DEFAULT_CAPABILITIES,
     DEFAULT_TMPFS_SIZE,
 };
-pub use disk::tree_usage as disk_usage;
+pub use disk::{tree_usage as disk_usage, UsageError as DiskUsageError};
 pub use egress::{egress_policy, set_egress_policy, EgressPolicy};
 pub use holder::{
     enabled as held_user_namespaces, holder_pid as held_user_namespace_pid,
@@ -100,9 +100,10 @@ pub use net::{
     ready_count as isolated_networks_ready, remove_files as remove_isolated_network_files,
     slirp4netns_path, stop as stop_isolated_networks,
 };
+pub use seccomp::SeccompError;
 pub use user::{
     read_user_file, resolve as resolve_user, resolve_with as resolve_user_with,
-    Resolved as ResolvedUser, MAX_USER_FILE,
+    Resolved as ResolvedUser, UserFileError, MAX_USER_FILE,
 };
 
 use child::{Prepared, Report, Stage, REPORT_LEN};
@@ -121,6 +122,13 @@ pub enum Error {
     NotAbsolute { what: &'static str, path: PathBuf },
     #[error("user {spec:?}: {reason}")]
     User { spec: String, reason: String },
+    /// The image's user database could not be read to resolve `spec`.
+    #[error("user {spec:?}: {source}")]
+    UserFile {
+        spec: String,
+        #[source]
+        source: user::UserFileError,
+    },
     #[error("user namespace id map: {what}: {reason}")]
     IdMap { what: String, reason: String },
     #[error("cannot create namespaces: {0}")]
@@ -138,7 +146,10 @@ pub enum Error {
     Exec(String),
     /// The seccomp filter could not be built (an unreadable or unsupported profile).
     #[error("{0}")]
-    Seccomp(String),
+    Seccomp(#[from] seccomp::SeccompError),
+    /// The trees the disk watch counts could not be measured before the start.
+    #[error("measuring the sandbox's disk use: {0}")]
+    DiskPlan(#[source] disk::UsageError),
     /// The isolated network could not be set up (slirp4netns missing or failing, ...).
     #[error("{0}")]
     Network(String),
@@ -520,23 +531,20 @@ impl Sandbox {
         }
         // The disk limit: the root's writable part and the caller's trees, those counted by
         // growth measured now.
-        let disk_plan =
-            match limits.disk {
-                Some(limit) => {
-                    let mut trees = self.disk_trees.clone();
-                    match &overlay {
-                        Some(ov) => trees.insert(0, (ov.upper.clone(), Counted::All)),
-                        None if !self.read_only_root => {
-                            trees.insert(0, (rootfs.clone(), Counted::Growth))
-                        }
-                        None => {}
+        let disk_plan = match limits.disk {
+            Some(limit) => {
+                let mut trees = self.disk_trees.clone();
+                match &overlay {
+                    Some(ov) => trees.insert(0, (ov.upper.clone(), Counted::All)),
+                    None if !self.read_only_root => {
+                        trees.insert(0, (rootfs.clone(), Counted::Growth))
                     }
-                    Some(disk::Plan::new(limit, trees).map_err(|e| {
-                        Error::Setup(format!("measuring the sandbox's disk use: {e}"))
-                    })?)
+                    None => {}
                 }
-                None => None,
-            };
+                Some(disk::Plan::new(limit, trees).map_err(Error::DiskPlan)?)
+            }
+            None => None,
+        };
         // The held user namespace (rootless) is needed now: an isolated network is made for it.
         let held = holder::userns_for(&mapping);
         let net = match self.network {

@@ -29,6 +29,74 @@ use seccompiler::{
 
 use crate::Error;
 
+type BackendError = seccompiler::BackendError;
+
+/// Why a seccomp filter could not be built: the default ones, slirp4netns' or an operator's
+/// Docker/OCI profile. Cloned out of the per-process caches of the compiled default filters.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SeccompError {
+    #[error("seccomp: unsupported architecture {0}")]
+    UnsupportedArch(&'static str),
+    #[error("seccomp rule: {0}")]
+    Rule(#[source] Arc<BackendError>),
+    #[error("seccomp: {0}")]
+    Filter(#[source] Arc<BackendError>),
+    #[error("seccomp: no sendto system call")]
+    NoSendto,
+    #[error("seccomp: the notifying filter has no notifying action")]
+    NoNotifyingAction,
+    /// A profile that is not JSON of the expected shape.
+    #[error("{0}")]
+    Json(#[source] Arc<serde_json::Error>),
+    #[error("unsupported action {0:?}")]
+    UnsupportedAction(String),
+    #[error("unknown capability {0:?}")]
+    UnknownCapability(String),
+    #[error("unsupported argument operator {0:?}")]
+    UnsupportedOperator(String),
+    #[error("argument index {index}: {source}")]
+    ArgIndex {
+        index: u8,
+        #[source]
+        source: Arc<BackendError>,
+    },
+    #[error("defaultAction: {0}")]
+    DefaultAction(#[source] Box<SeccompError>),
+    /// The profile's `syscalls[index]`.
+    #[error("syscalls[{index}]: {source}")]
+    Syscall {
+        index: usize,
+        #[source]
+        source: Box<SeccompError>,
+    },
+    #[error("syscalls[{index}] ({name}): {source}")]
+    SyscallRule {
+        index: usize,
+        name: String,
+        #[source]
+        source: Arc<BackendError>,
+    },
+    /// A profile's filter that seccompiler refused.
+    #[error("{0}")]
+    ProfileFilter(#[source] Arc<BackendError>),
+    #[error("seccomp profile {}: {source}", path.display())]
+    ReadProfile {
+        path: std::path::PathBuf,
+        #[source]
+        source: Arc<std::io::Error>,
+    },
+    #[error("seccomp profile {}: {source}", path.display())]
+    Profile {
+        path: std::path::PathBuf,
+        #[source]
+        source: Box<SeccompError>,
+    },
+}
+
+fn filter_err(e: BackendError) -> SeccompError {
+    SeccompError::Filter(Arc::new(e))
+}
+
 /// The compiled filters, in the order they are installed.
 #[derive(Debug)]
 pub struct Program {
@@ -41,13 +109,9 @@ impl Program {
     }
 }
 
-fn target() -> Result<TargetArch, String> {
-    TargetArch::try_from(std::env::consts::ARCH).map_err(|_| {
-        format!(
-            "seccomp: unsupported architecture {}",
-            std::env::consts::ARCH
-        )
-    })
+fn target() -> Result<TargetArch, SeccompError> {
+    TargetArch::try_from(std::env::consts::ARCH)
+        .map_err(|_| SeccompError::UnsupportedArch(std::env::consts::ARCH))
 }
 
 /// A system call number by name; new calls the `syscalls` crate does not know yet are added here
@@ -157,14 +221,12 @@ fn cond(index: u8, len: SeccompCmpArgLen, op: SeccompCmpOp, value: u64) -> Secco
     SeccompCondition::new(index.min(5), len, op, value).unwrap_or_else(|_| unreachable!())
 }
 
-fn rule(conditions: Vec<SeccompCondition>) -> Result<SeccompRule, String> {
-    SeccompRule::new(conditions).map_err(|e| format!("seccomp rule: {e}"))
+fn rule(conditions: Vec<SeccompCondition>) -> Result<SeccompRule, SeccompError> {
+    SeccompRule::new(conditions).map_err(|e| SeccompError::Rule(Arc::new(e)))
 }
 
-fn compile(filter: SeccompFilter) -> Result<Vec<libc::sock_filter>, String> {
-    let program: seccompiler::BpfProgram = filter
-        .try_into()
-        .map_err(|e: seccompiler::BackendError| format!("seccomp: {e}"))?;
+fn compile(filter: SeccompFilter) -> Result<Vec<libc::sock_filter>, SeccompError> {
+    let program: seccompiler::BpfProgram = filter.try_into().map_err(filter_err)?;
     Ok(program
         .into_iter()
         .map(|i| libc::sock_filter {
@@ -211,7 +273,7 @@ fn with_x32_guard(mut program: Vec<libc::sock_filter>) -> Vec<libc::sock_filter>
 }
 
 /// Build the default filter (see the module documentation).
-fn build_default(nested_user_namespaces: bool) -> Result<Program, String> {
+fn build_default(nested_user_namespaces: bool) -> Result<Program, SeccompError> {
     let arch = target()?;
     let mut eperm: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     let mut names: Vec<&str> = DENIED.to_vec();
@@ -255,7 +317,7 @@ fn build_default(nested_user_namespaces: bool) -> Result<Program, String> {
     }
     let mut enosys: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     if !nested_user_namespaces {
-        let flag_rules = |flags: &[u64]| -> Result<Vec<SeccompRule>, String> {
+        let flag_rules = |flags: &[u64]| -> Result<Vec<SeccompRule>, SeccompError> {
             flags
                 .iter()
                 .map(|f| rule(vec![cond(0, qword.clone(), SeccompCmpOp::MaskedEq(*f), *f)]))
@@ -280,7 +342,7 @@ fn build_default(nested_user_namespaces: bool) -> Result<Program, String> {
         SeccompAction::Errno(libc::EPERM as u32),
         arch,
     )
-    .map_err(|e| format!("seccomp: {e}"))?;
+    .map_err(filter_err)?;
     filters.push(with_x32_guard(compile(main)?));
     if !enosys.is_empty() {
         let f = SeccompFilter::new(
@@ -289,7 +351,7 @@ fn build_default(nested_user_namespaces: bool) -> Result<Program, String> {
             SeccompAction::Errno(libc::ENOSYS as u32),
             arch,
         )
-        .map_err(|e| format!("seccomp: {e}"))?;
+        .map_err(filter_err)?;
         filters.push(compile(f)?);
     }
     Ok(Program { filters })
@@ -298,8 +360,8 @@ fn build_default(nested_user_namespaces: bool) -> Result<Program, String> {
 /// The default filter, compiled once per process (two variants: with and without nested user
 /// namespaces).
 pub fn default_program(nested_user_namespaces: bool) -> Result<Arc<Program>, Error> {
-    static WITHOUT: OnceLock<Result<Arc<Program>, String>> = OnceLock::new();
-    static WITH: OnceLock<Result<Arc<Program>, String>> = OnceLock::new();
+    static WITHOUT: OnceLock<Result<Arc<Program>, SeccompError>> = OnceLock::new();
+    static WITH: OnceLock<Result<Arc<Program>, SeccompError>> = OnceLock::new();
     let cell = if nested_user_namespaces {
         &WITH
     } else {
@@ -324,14 +386,14 @@ const NOTIFY_MARK: u32 = 0x5d1f;
 /// `sendmmsg`, and `sendto` with a destination address. That last filter is installed with a
 /// listener ([`crate::sys::seccomp_install_listener`]).
 pub fn slirp_program() -> Result<Arc<Program>, Error> {
-    static PROGRAM: OnceLock<Result<Arc<Program>, String>> = OnceLock::new();
+    static PROGRAM: OnceLock<Result<Arc<Program>, SeccompError>> = OnceLock::new();
     PROGRAM
         .get_or_init(|| build_slirp().map(Arc::new))
         .clone()
         .map_err(Error::Seccomp)
 }
 
-fn build_slirp() -> Result<Program, String> {
+fn build_slirp() -> Result<Program, SeccompError> {
     let arch = target()?;
     let qword = SeccompCmpArgLen::Qword;
     let mut eperm: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
@@ -362,7 +424,7 @@ fn build_slirp() -> Result<Program, String> {
         SeccompAction::Errno(libc::EPERM as u32),
         arch,
     )
-    .map_err(|e| format!("seccomp: {e}"))?;
+    .map_err(filter_err)?;
     let mut enosys: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     if let Some(nr) = sysno("clone3") {
         enosys.insert(nr, Vec::new());
@@ -373,7 +435,7 @@ fn build_slirp() -> Result<Program, String> {
         SeccompAction::Errno(libc::ENOSYS as u32),
         arch,
     )
-    .map_err(|e| format!("seccomp: {e}"))?;
+    .map_err(filter_err)?;
 
     let mut notify: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     for name in ["connect", "sendmsg", "sendmmsg"] {
@@ -381,7 +443,7 @@ fn build_slirp() -> Result<Program, String> {
             notify.insert(nr, Vec::new());
         }
     }
-    let sendto = sysno("sendto").ok_or("seccomp: no sendto system call")?;
+    let sendto = sysno("sendto").ok_or(SeccompError::NoSendto)?;
     notify.insert(
         sendto,
         vec![rule(vec![cond(4, qword, SeccompCmpOp::Ne, 0)])?],
@@ -392,7 +454,7 @@ fn build_slirp() -> Result<Program, String> {
         SeccompAction::Trace(NOTIFY_MARK),
         arch,
     )
-    .map_err(|e| format!("seccomp: {e}"))?;
+    .map_err(filter_err)?;
     let mut notify = with_x32_guard(compile(notify)?);
     const BPF_RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
     let mark = libc::SECCOMP_RET_TRACE | NOTIFY_MARK;
@@ -404,7 +466,7 @@ fn build_slirp() -> Result<Program, String> {
         }
     }
     if marked == 0 {
-        return Err("seccomp: the notifying filter has no notifying action".into());
+        return Err(SeccompError::NoNotifyingAction);
     }
     Ok(Program {
         filters: vec![
@@ -463,7 +525,7 @@ struct Condition {
     min_kernel: Option<String>,
 }
 
-fn action(name: &str, errno: Option<u32>) -> Result<SeccompAction, String> {
+fn action(name: &str, errno: Option<u32>) -> Result<SeccompAction, SeccompError> {
     Ok(match name {
         "SCMP_ACT_ALLOW" => SeccompAction::Allow,
         "SCMP_ACT_ERRNO" => SeccompAction::Errno(errno.unwrap_or(libc::EPERM as u32)),
@@ -472,7 +534,7 @@ fn action(name: &str, errno: Option<u32>) -> Result<SeccompAction, String> {
         "SCMP_ACT_TRAP" => SeccompAction::Trap,
         "SCMP_ACT_LOG" => SeccompAction::Log,
         "SCMP_ACT_TRACE" => SeccompAction::Trace(errno.unwrap_or(0)),
-        other => return Err(format!("unsupported action {other:?}")),
+        other => return Err(SeccompError::UnsupportedAction(other.to_string())),
     })
 }
 
@@ -514,10 +576,10 @@ fn parse_version(s: &str) -> (u32, u32) {
 /// Whether a rule applies to this sandbox: Docker's `includes` (all listed capabilities held,
 /// architecture listed, kernel at least) and `excludes` (none of the capabilities held, the
 /// architecture not listed, kernel below).
-fn applies(r: &ProfileRule, caps: &[caps::Capability]) -> Result<bool, String> {
-    let has = |name: &str| -> Result<bool, String> {
-        let cap =
-            caps::Capability::from_str(name).map_err(|_| format!("unknown capability {name:?}"))?;
+fn applies(r: &ProfileRule, caps: &[caps::Capability]) -> Result<bool, SeccompError> {
+    let has = |name: &str| -> Result<bool, SeccompError> {
+        let cap = caps::Capability::from_str(name)
+            .map_err(|_| SeccompError::UnknownCapability(name.to_string()))?;
         Ok(caps.contains(&cap))
     };
     let kernel = kernel_version();
@@ -563,7 +625,7 @@ fn applies(r: &ProfileRule, caps: &[caps::Capability]) -> Result<bool, String> {
     Ok(true)
 }
 
-fn arg_condition(a: &ProfileArg) -> Result<SeccompCondition, String> {
+fn arg_condition(a: &ProfileArg) -> Result<SeccompCondition, SeccompError> {
     let (op, value) = match a.op.as_str() {
         "SCMP_CMP_EQ" => (SeccompCmpOp::Eq, a.value),
         "SCMP_CMP_NE" => (SeccompCmpOp::Ne, a.value),
@@ -573,10 +635,14 @@ fn arg_condition(a: &ProfileArg) -> Result<SeccompCondition, String> {
         "SCMP_CMP_GE" => (SeccompCmpOp::Ge, a.value),
         // libseccomp: (arg & value) == valueTwo.
         "SCMP_CMP_MASKED_EQ" => (SeccompCmpOp::MaskedEq(a.value), a.value_two),
-        other => return Err(format!("unsupported argument operator {other:?}")),
+        other => return Err(SeccompError::UnsupportedOperator(other.to_string())),
     };
-    SeccompCondition::new(a.index, SeccompCmpArgLen::Qword, op, value)
-        .map_err(|e| format!("argument index {}: {e}", a.index))
+    SeccompCondition::new(a.index, SeccompCmpArgLen::Qword, op, value).map_err(|e| {
+        SeccompError::ArgIndex {
+            index: a.index,
+            source: Arc::new(e),
+        }
+    })
 }
 
 type Rules = BTreeMap<i64, Vec<SeccompRule>>;
@@ -591,16 +657,23 @@ fn add_rules(map: &mut Rules, nr: i64, rule: Option<SeccompRule>) {
 }
 
 /// Compile a Docker/OCI JSON profile for a sandbox holding `caps`.
-pub fn compile_profile(text: &str, caps: &[caps::Capability]) -> Result<Program, String> {
-    let profile: Profile = serde_json::from_str(text).map_err(|e| e.to_string())?;
+pub fn compile_profile(text: &str, caps: &[caps::Capability]) -> Result<Program, SeccompError> {
+    let profile: Profile =
+        serde_json::from_str(text).map_err(|e| SeccompError::Json(Arc::new(e)))?;
     let arch = target()?;
     let default = action(&profile.default_action, profile.default_errno_ret)
-        .map_err(|e| format!("defaultAction: {e}"))?;
+        .map_err(|e| SeccompError::DefaultAction(Box::new(e)))?;
+    let at = |index: usize| {
+        move |e: SeccompError| SeccompError::Syscall {
+            index,
+            source: Box::new(e),
+        }
+    };
     // Per action: system call -> rules, and the calls matched unconditionally.
     let mut by_action: Vec<(SeccompAction, Rules, std::collections::BTreeSet<i64>)> = Vec::new();
     for (i, r) in profile.syscalls.iter().enumerate() {
-        let act = action(&r.action, r.errno_ret).map_err(|e| format!("syscalls[{i}]: {e}"))?;
-        if !applies(r, caps).map_err(|e| format!("syscalls[{i}]: {e}"))? || act == default {
+        let act = action(&r.action, r.errno_ret).map_err(at(i))?;
+        if !applies(r, caps).map_err(at(i))? || act == default {
             continue;
         }
         let conditions = r
@@ -608,7 +681,7 @@ pub fn compile_profile(text: &str, caps: &[caps::Capability]) -> Result<Program,
             .iter()
             .map(arg_condition)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("syscalls[{i}]: {e}"))?;
+            .map_err(at(i))?;
         let idx = match by_action.iter().position(|(a, _, _)| *a == act) {
             Some(p) => p,
             None => {
@@ -624,8 +697,13 @@ pub fn compile_profile(text: &str, caps: &[caps::Capability]) -> Result<Program,
                 unconditional.insert(nr);
                 add_rules(rules, nr, None);
             } else if !unconditional.contains(&nr) {
-                let rule = SeccompRule::new(conditions.clone())
-                    .map_err(|e| format!("syscalls[{i}] ({name}): {e}"))?;
+                let rule = SeccompRule::new(conditions.clone()).map_err(|e| {
+                    SeccompError::SyscallRule {
+                        index: i,
+                        name: name.clone(),
+                        source: Arc::new(e),
+                    }
+                })?;
                 add_rules(rules, nr, Some(rule));
             }
         }
@@ -647,7 +725,7 @@ pub fn compile_profile(text: &str, caps: &[caps::Capability]) -> Result<Program,
             }
         }
         let f = SeccompFilter::new(pass, default.clone(), SeccompAction::Allow, arch)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| SeccompError::ProfileFilter(Arc::new(e)))?;
         filters.push(compile(f)?);
     }
     // Most permissive first: on equal precedence the filter installed last wins.
@@ -657,7 +735,7 @@ pub fn compile_profile(text: &str, caps: &[caps::Capability]) -> Result<Program,
             continue;
         }
         let f = SeccompFilter::new(rules, SeccompAction::Allow, act, arch)
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| SeccompError::ProfileFilter(Arc::new(e)))?;
         filters.push(compile(f)?);
     }
     if filters.is_empty() {
@@ -668,7 +746,7 @@ pub fn compile_profile(text: &str, caps: &[caps::Capability]) -> Result<Program,
             SeccompAction::Errno(libc::ENOSYS as u32),
             arch,
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| SeccompError::ProfileFilter(Arc::new(e)))?;
         filters.push(compile(f)?);
     }
     if let Some(first) = filters.first_mut() {
@@ -679,11 +757,16 @@ pub fn compile_profile(text: &str, caps: &[caps::Capability]) -> Result<Program,
 
 /// Read and compile the profile at `path`; errors name the file.
 pub fn load_profile(path: &Path, caps: &[caps::Capability]) -> Result<Arc<Program>, Error> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::Seccomp(format!("seccomp profile {}: {e}", path.display())))?;
-    compile_profile(&text, caps)
-        .map(Arc::new)
-        .map_err(|e| Error::Seccomp(format!("seccomp profile {}: {e}", path.display())))
+    let text = std::fs::read_to_string(path).map_err(|e| SeccompError::ReadProfile {
+        path: path.to_path_buf(),
+        source: Arc::new(e),
+    })?;
+    compile_profile(&text, caps).map(Arc::new).map_err(|e| {
+        Error::Seccomp(SeccompError::Profile {
+            path: path.to_path_buf(),
+            source: Box::new(e),
+        })
+    })
 }
 
 #[cfg(test)]
@@ -722,7 +805,10 @@ mod tests {
             crate::DEFAULT_CAPABILITIES,
         )
         .unwrap_err();
-        assert_eq!(err, "defaultAction: unsupported action \"SCMP_ACT_NOTIFY\"");
+        assert_eq!(
+            err.to_string(),
+            "defaultAction: unsupported action \"SCMP_ACT_NOTIFY\""
+        );
         let err = compile_profile(
             r#"{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [{"names": ["read"],
                 "action": "SCMP_ACT_ERRNO", "args": [{"index": 0, "value": 1, "op": "SCMP_CMP_XX"}]}]}"#,
@@ -730,7 +816,7 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(
-            err,
+            err.to_string(),
             "syscalls[0]: unsupported argument operator \"SCMP_CMP_XX\""
         );
         assert!(compile_profile("{", crate::DEFAULT_CAPABILITIES).is_err());

@@ -21,6 +21,28 @@ use crate::Error;
 /// thousands of users).
 pub const MAX_USER_FILE: u64 = 4 << 20;
 
+/// Why an image's user database file (`/etc/passwd`, `/etc/group`) could not be read; `what`
+/// names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum UserFileError {
+    #[error("the image's {what}: {source}")]
+    Metadata {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the image's {what} is not a regular file")]
+    NotRegular { what: String },
+    #[error("the image's {what} is larger than {} MiB", MAX_USER_FILE >> 20)]
+    TooLarge { what: String },
+    #[error("reading the image's {what}: {source}")]
+    Read {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// A resolved user: ids, supplementary groups and home directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resolved {
@@ -51,26 +73,26 @@ impl Resolved {
 
 /// Read an image's user database file `what` (e.g. `/etc/passwd`) from `file`, opened without
 /// blocking (`O_NONBLOCK`): it must be a regular file of at most [`MAX_USER_FILE`] bytes.
-pub fn read_user_file(file: File, what: &str) -> Result<String, String> {
-    let meta = file
-        .metadata()
-        .map_err(|e| format!("the image's {what}: {e}"))?;
+pub fn read_user_file(file: File, what: &str) -> Result<String, UserFileError> {
+    let what = || what.to_string();
+    let meta = file.metadata().map_err(|source| UserFileError::Metadata {
+        what: what(),
+        source,
+    })?;
     if !meta.is_file() {
-        return Err(format!("the image's {what} is not a regular file"));
+        return Err(UserFileError::NotRegular { what: what() });
     }
-    let too_large = || {
-        format!(
-            "the image's {what} is larger than {} MiB",
-            MAX_USER_FILE >> 20
-        )
-    };
+    let too_large = || UserFileError::TooLarge { what: what() };
     if meta.len() > MAX_USER_FILE {
         return Err(too_large());
     }
     let mut text = Vec::new();
     file.take(MAX_USER_FILE + 1)
         .read_to_end(&mut text)
-        .map_err(|e| format!("reading the image's {what}: {e}"))?;
+        .map_err(|source| UserFileError::Read {
+            what: what(),
+            source,
+        })?;
     if text.len() as u64 > MAX_USER_FILE {
         return Err(too_large());
     }
@@ -87,8 +109,11 @@ enum InRoot {
 }
 
 /// Read a small file of the rootfs, confined to it (see [`read_user_file`]).
-fn read_in_root(rootfs: &Path, path: &str) -> Result<InRoot, String> {
-    let io = |e: std::io::Error| format!("reading the image's {path}: {e}");
+fn read_in_root(rootfs: &Path, path: &str) -> Result<InRoot, UserFileError> {
+    let io = |source: std::io::Error| UserFileError::Read {
+        what: path.to_string(),
+        source,
+    };
     let root: OwnedFd = File::open(rootfs).map_err(io)?.into();
     // O_PATH first: the file's type is known before it is opened for reading (a FIFO would
     // block, a device would be opened). Links are followed inside the root (as Docker reads an
@@ -111,7 +136,9 @@ fn read_in_root(rootfs: &Path, path: &str) -> Result<InRoot, String> {
         return Ok(InRoot::Removed);
     }
     if !meta.is_file() {
-        return Err(format!("the image's {path} is not a regular file"));
+        return Err(UserFileError::NotRegular {
+            what: path.to_string(),
+        });
     }
     // The same inode, now for reading (never blocking).
     let file = std::fs::OpenOptions::new()
@@ -238,7 +265,7 @@ pub fn resolve_with(user: &User, passwd: &str, group: &str) -> Result<Resolved, 
 /// Resolve `user` against overlay layers (top first): each file comes from the topmost layer
 /// that has it (a whiteout hides it from the layers below).
 pub fn resolve_layers(layers: &[std::path::PathBuf], user: &User) -> Result<Resolved, Error> {
-    let find = |path: &str| -> Result<String, String> {
+    let find = |path: &str| -> Result<String, UserFileError> {
         for layer in layers {
             match read_in_root(layer, path)? {
                 InRoot::Missing => continue,
@@ -248,10 +275,10 @@ pub fn resolve_layers(layers: &[std::path::PathBuf], user: &User) -> Result<Reso
         }
         Ok(String::new())
     };
-    let read = || Ok::<_, String>((find("/etc/passwd")?, find("/etc/group")?));
-    let (passwd, group) = read().map_err(|reason| Error::User {
+    let read = || Ok::<_, UserFileError>((find("/etc/passwd")?, find("/etc/group")?));
+    let (passwd, group) = read().map_err(|source| Error::UserFile {
         spec: spec_of(user),
-        reason,
+        source,
     })?;
     resolve_with(user, &passwd, &group)
 }
@@ -261,9 +288,9 @@ pub fn resolve(rootfs: &Path, user: &User) -> Result<Resolved, Error> {
     let read = |path: &str| match read_in_root(rootfs, path) {
         Ok(InRoot::Text(t)) => Ok(t),
         Ok(_) => Ok(String::new()),
-        Err(reason) => Err(Error::User {
+        Err(source) => Err(Error::UserFile {
             spec: spec_of(user),
-            reason,
+            source,
         }),
     };
     let passwd = read("/etc/passwd")?;

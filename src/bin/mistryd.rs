@@ -38,7 +38,7 @@ struct Cli {
     #[arg(long, value_name = "auto|subordinate")]
     sandbox_ids: Option<mistry::security::SandboxIds>,
     /// How long running jobs may go on after SIGTERM before they are killed.
-    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, default_value = "30s", value_parser = mistry::duration::parse)]
     shutdown_grace: Duration,
     /// Connections served at once (at the cap, the oldest one that is not busy with a request
     /// — idle, or still sending a request — is closed to make room).
@@ -46,26 +46,23 @@ struct Cli {
     max_connections: usize,
     /// Time a client has to send a request's headers; also how long a kept-alive connection
     /// may stay idle.
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, default_value = "10s", value_parser = mistry::duration::parse)]
     header_timeout: Duration,
     /// Time a client has to send a request's whole body once its headers are in (then 408,
     /// and the connection is closed).
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, default_value = "60s", value_parser = mistry::duration::parse)]
     body_timeout: Duration,
     /// How long a client may accept no byte of an answer being sent before its connection is
     /// closed.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, default_value = "60s", value_parser = mistry::duration::parse)]
     send_timeout: Duration,
     #[command(subcommand)]
     command: Option<Command>,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    mistry::duration::parse(s)
-}
-
-fn parse_age(s: &str) -> Result<Duration, String> {
-    mistry::config::parse_age(s).map_err(|e| format!("{e:#}"))
+/// `--older-than`: anyhow's error (one line) as the error clap reports.
+fn parse_age(s: &str) -> Result<Duration, Box<dyn std::error::Error + Send + Sync>> {
+    mistry::config::parse_age(s).map_err(Into::into)
 }
 
 #[derive(Debug, Subcommand)]

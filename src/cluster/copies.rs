@@ -197,7 +197,7 @@ fn fetch_blocking(
             agent: ctx.agent.clone(),
             project: project.into(),
             id: id.into(),
-            reason,
+            reason: reason.to_string(),
         });
     }
     let ready = layout.job(project, id, Stage::Ready);
@@ -563,7 +563,7 @@ pub(super) async fn discard_copy(
     let outcome = tokio::task::spawn_blocking(move || engine.discard_ready(&p, &i, &j))
         .await
         .map_err(|e| e.to_string())
-        .and_then(|r| r);
+        .and_then(|r| r.map_err(|e| e.to_string()));
     match outcome {
         Ok(true) => {
             tracing::info!(%project, %id, agent = ?agent, "a stale copy went: the job ran again on another agent");

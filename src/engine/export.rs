@@ -20,17 +20,25 @@ use super::{Engine, Stage};
 use crate::jobs;
 
 /// Why a build cannot be sent.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum ExportError {
     /// A project or job name that is not valid (400).
     #[error("{0}")]
-    BadName(String),
+    BadName(#[from] crate::jobs::NameError),
     /// Not a ready build of this agent (404).
+    #[error("Build {project}/{id} is not ready on this agent")]
+    NotReady { project: String, id: String },
+    /// Its cache layers could not be squashed into one tree (500).
+    #[error("Build {project}/{id}: its cache could not be merged: {source}")]
+    Squash {
+        project: String,
+        id: String,
+        #[source]
+        source: Box<images::StoreError>,
+    },
+    /// Its directory could not be opened (500).
     #[error("{0}")]
-    NotReady(String),
-    /// Reading or squashing it failed (500).
-    #[error("{0}")]
-    Failed(String),
+    Open(#[source] rustix::io::Errno),
 }
 
 /// A build about to be sent ([`Engine::export_build`]): its directory by fd, where its complete cache is (relative to
@@ -50,9 +58,7 @@ impl Engine {
         id: &str,
         with_cache: bool,
     ) -> Result<Export, ExportError> {
-        jobs::check_name("project", project)
-            .and_then(|()| jobs::check_name("job", id))
-            .map_err(ExportError::BadName)?;
+        jobs::check_name("project", project).and_then(|()| jobs::check_name("job", id))?;
         export(self, project, id, with_cache)
     }
 }
@@ -65,8 +71,10 @@ fn export(
     with_cache: bool,
 ) -> Result<Export, ExportError> {
     let dir = engine.layout.job(project, id, Stage::Ready);
-    let not_ready =
-        || ExportError::NotReady(format!("Build {project}/{id} is not ready on this agent"));
+    let not_ready = || ExportError::NotReady {
+        project: project.to_string(),
+        id: id.to_string(),
+    };
     let mut holds: Vec<_> = engine.hold_build(project, id).into_iter().collect();
     if dir.read_info().is_none() {
         return Err(not_ready());
@@ -88,10 +96,13 @@ fn export(
                 .filter_map(|l| images::layer_build(l))
                 .filter_map(|b| engine.hold_build(project, b)),
         );
-        if let Err(e) = engine.builder().store.squash_cache(dir.path()) {
-            tracing::warn!(%project, %id, error = %e, "could not squash a build's cache for another agent");
-            let msg = format!("Build {project}/{id}: its cache could not be merged: {e}");
-            return Err(ExportError::Failed(msg));
+        if let Err(source) = engine.builder().store.squash_cache(dir.path()) {
+            tracing::warn!(%project, %id, error = %source, "could not squash a build's cache for another agent");
+            return Err(ExportError::Squash {
+                project: project.to_string(),
+                id: id.to_string(),
+                source: Box::new(source),
+            });
         }
         Some(images::CACHE_FLAT)
     };
@@ -102,7 +113,7 @@ fn export(
     )
     .map_err(|e| match e {
         rustix::io::Errno::NOENT => not_ready(),
-        e => ExportError::Failed(e.to_string()),
+        e => ExportError::Open(e),
     })?;
     Ok(Export {
         job,

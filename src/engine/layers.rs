@@ -54,16 +54,25 @@ pub fn needed_builds(layout: &Layout, project: &str, linked: &[&Path]) -> HashSe
     needed
 }
 
+/// Why a build's cache layers could not be squashed.
+#[derive(Debug, thiserror::Error)]
+pub enum SquashError {
+    #[error("{0}")]
+    Store(#[from] images::StoreError),
+    #[error("the squash panicked")]
+    Panicked,
+}
+
 /// Squash `build`'s cache at the lowest priority (in a thread of its own, waited for).
-pub fn squash_now(store: &Store, build: &Path) -> Result<bool, String> {
+pub fn squash_now(store: &Store, build: &Path) -> Result<bool, SquashError> {
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
                 let _ = rustix::process::setpriority_process(None, 19);
-                store.squash_cache(build).map_err(|e| e.to_string())
+                Ok(store.squash_cache(build)?)
             })
             .join()
-            .unwrap_or_else(|_| Err("the squash panicked".into()))
+            .unwrap_or(Err(SquashError::Panicked))
     })
 }
 

@@ -193,7 +193,12 @@ impl Engine {
     /// here, a pipeline holds it or a running build starts from it, nor when a link or a cache
     /// layer needs it; moved out of `ready/` under the project's link lock, then removed.
     /// `Ok(true)` when it went.
-    pub fn discard_ready(&self, project: &str, id: &str, judged: &str) -> Result<bool, String> {
+    pub fn discard_ready(
+        &self,
+        project: &str,
+        id: &str,
+        judged: &str,
+    ) -> Result<bool, retention::TrashError> {
         let dir = self.layout.job(project, id, Stage::Ready);
         let build = retention::Build {
             project: project.to_string(),
@@ -209,9 +214,7 @@ impl Engine {
         let Some(path) = taken else {
             return Ok(false);
         };
-        self.store()
-            .remove_tree(&path)
-            .map_err(|e| format!("removing {}: {e}", path.display()))?;
+        retention::remove_taken(self.store(), path)?;
         Ok(true)
     }
 
@@ -308,17 +311,17 @@ impl Engine {
         if req.project.is_empty() {
             return Err(JobError::BadRequest("no project given".into()));
         }
-        jobs::check_name("project", &req.project).map_err(JobError::BadRequest)?;
+        jobs::check_name("project", &req.project)?;
         if !req.group.is_empty() {
-            jobs::check_name("group", &req.group).map_err(JobError::BadRequest)?;
+            jobs::check_name("group", &req.group)?;
         }
         for k in req.params.keys() {
-            jobs::check_name("param", k).map_err(JobError::BadRequest)?;
+            jobs::check_name("param", k)?;
         }
         for (name, input) in &req.inputs {
-            jobs::check_name("input", name).map_err(JobError::BadRequest)?;
-            jobs::check_name("project", &input.project).map_err(JobError::BadRequest)?;
-            jobs::check_name("job", &input.id).map_err(JobError::BadRequest)?;
+            jobs::check_name("input", name)?;
+            jobs::check_name("project", &input.project)?;
+            jobs::check_name("job", &input.id)?;
         }
         Ok(())
     }

@@ -237,6 +237,44 @@ static TRASH_COUNTER: AtomicU64 = AtomicU64::new(0);
 /// `<build_path>/.mistry-trash`: where builds go before their removal. Entries are named
 /// `<pid>-<n>-<project>-<id>` after the process removing them, so that a leftover (a process
 /// killed midway) is cleaned by the next one, and never one another live process is removing.
+/// Why a build could not be moved to the trash or removed from it.
+#[derive(Debug, thiserror::Error)]
+pub enum TrashError {
+    #[error("{}: {source}", path.display())]
+    Resolve {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("creating {}: {source}", path.display())]
+    Create {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("moving {} to {}: {source}", from.display(), to.display())]
+    Move {
+        from: PathBuf,
+        to: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("removing {}: {source}", path.display())]
+    Remove {
+        path: PathBuf,
+        #[source]
+        source: images::StoreError,
+    },
+}
+
+/// Remove the tree at `path` (a build moved to the trash).
+pub(super) fn remove_taken(store: &Store, path: PathBuf) -> Result<(), TrashError> {
+    match store.remove_tree(&path) {
+        Ok(()) => Ok(()),
+        Err(source) => Err(TrashError::Remove { path, source }),
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Trash {
     dir: PathBuf,
@@ -256,25 +294,33 @@ impl Trash {
     /// Remove `build`: re-check its links (another process may have moved one meanwhile), move
     /// it out of `ready/` at once, then remove its tree. `Ok(false)`: it was linked or already
     /// gone.
-    pub fn discard(&self, layout: &Layout, store: &Store, build: &Build) -> Result<bool, String> {
+    pub fn discard(
+        &self,
+        layout: &Layout,
+        store: &Store,
+        build: &Build,
+    ) -> Result<bool, TrashError> {
         unpin(layout, store, build);
         let path = match self.take(layout, build)? {
             Some(p) => p,
             None => return Ok(false),
         };
-        store
-            .remove_tree(&path)
-            .map_err(|e| format!("removing {}: {e}", path.display()))?;
+        remove_taken(store, path)?;
         Ok(true)
     }
 
     /// The first step of [`Trash::discard`]: the build's path in the trash, `None` when it was
     /// linked or already gone.
-    pub fn take(&self, layout: &Layout, build: &Build) -> Result<Option<PathBuf>, String> {
+    pub fn take(&self, layout: &Layout, build: &Build) -> Result<Option<PathBuf>, TrashError> {
         let canonical = match std::fs::canonicalize(&build.path) {
             Ok(p) => p,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(format!("{}: {e}", build.path.display())),
+            Err(source) => {
+                return Err(TrashError::Resolve {
+                    path: build.path.clone(),
+                    source,
+                })
+            }
         };
         let linked = link_targets(layout, &build.project);
         if linked.contains(&canonical)
@@ -282,8 +328,10 @@ impl Trash {
         {
             return Ok(None);
         }
-        std::fs::create_dir_all(&self.dir)
-            .map_err(|e| format!("creating {}: {e}", self.dir.display()))?;
+        std::fs::create_dir_all(&self.dir).map_err(|source| TrashError::Create {
+            path: self.dir.clone(),
+            source,
+        })?;
         let dst = self.dir.join(format!(
             "{}-{}-{}-{}",
             std::process::id(),
@@ -301,11 +349,11 @@ impl Trash {
                 let _ = std::fs::remove_file(info);
                 Ok(Some(build.path.clone()))
             }
-            Err(e) => Err(format!(
-                "moving {} to {}: {e}",
-                build.path.display(),
-                dst.display()
-            )),
+            Err(source) => Err(TrashError::Move {
+                from: build.path.clone(),
+                to: dst,
+                source,
+            }),
         }
     }
 
@@ -497,7 +545,7 @@ impl Engine {
         &self,
         build: &Build,
         still: impl Fn() -> bool,
-    ) -> Result<Option<PathBuf>, String> {
+    ) -> Result<Option<PathBuf>, TrashError> {
         if self.busy(build) {
             return Ok(None);
         }

@@ -504,17 +504,17 @@ impl Runner {
 /// An input's `data/artifacts` (`<build>/data/artifacts` of a ready build), to bind it: opened
 /// below the build's directory without following a link (`O_PATH`), as the upstream job may
 /// have replaced it with one.
-fn open_input(artifacts: &Path) -> Result<std::os::fd::OwnedFd, String> {
+fn open_input(artifacts: &Path) -> Result<std::os::fd::OwnedFd, InputNotReady> {
     let build = artifacts.parent().and_then(Path::parent);
-    let not_ready = || {
-        format!(
-            "the upstream build {} is not ready",
-            build.unwrap_or(artifacts).display()
-        )
-    };
+    let not_ready = || InputNotReady(build.unwrap_or(artifacts).to_path_buf());
     let build = build.ok_or_else(not_ready)?;
     open_dir_beneath(build, Path::new("data/artifacts")).map_err(|_| not_ready())
 }
+
+/// An upstream build (its directory) whose `data/artifacts` a job cannot see.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream build {} is not ready", .0.display())]
+struct InputNotReady(std::path::PathBuf);
 
 /// Why `/data` could not be given to the job's user.
 enum GiveData {

@@ -391,9 +391,29 @@ fn check_network(r: &mut Report, cfg: &Config, root: bool) {
     ));
 }
 
+/// Why `newuidmap` or `newgidmap` cannot map a range.
+#[derive(Debug, thiserror::Error)]
+enum Unprivileged {
+    #[error("{}: {source}", path.display())]
+    Stat {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} is neither set-uid root nor has file capabilities (mode {mode:o}, owner {uid})", path.display())]
+    Plain {
+        path: std::path::PathBuf,
+        mode: u32,
+        uid: u32,
+    },
+}
+
 /// Whether `path` is set-uid root or carries file capabilities (what newuidmap needs).
-fn privileged_helper(path: &Path) -> Result<String, String> {
-    let meta = std::fs::metadata(path).map_err(|e| format!("{}: {e}", path.display()))?;
+fn privileged_helper(path: &Path) -> Result<String, Unprivileged> {
+    let meta = std::fs::metadata(path).map_err(|source| Unprivileged::Stat {
+        path: path.to_path_buf(),
+        source,
+    })?;
     if meta.uid() == 0 && meta.permissions().mode() & 0o4000 != 0 {
         return Ok("set-uid root".into());
     }
@@ -401,12 +421,11 @@ fn privileged_helper(path: &Path) -> Result<String, String> {
     if rustix::fs::getxattr(path, "security.capability", &mut buf[..]).is_ok() {
         return Ok("with file capabilities".into());
     }
-    Err(format!(
-        "{} is neither set-uid root nor has file capabilities (mode {:o}, owner {})",
-        path.display(),
-        meta.permissions().mode() & 0o7777,
-        meta.uid()
-    ))
+    Err(Unprivileged::Plain {
+        path: path.to_path_buf(),
+        mode: meta.permissions().mode() & 0o7777,
+        uid: meta.uid(),
+    })
 }
 
 fn check_mapping(r: &mut Report, root: bool, ids: SandboxIds) -> Option<IdMap> {
@@ -1078,12 +1097,11 @@ fn check_registries(r: &mut Report, cfg: &Config) {
             );
             continue;
         }
-        let get = |scheme: &str| -> Result<u16, String> {
+        let get = |scheme: &str| -> Result<u16, ureq::Error> {
             agent
                 .get(&format!("{scheme}://{api}/v2/"))
                 .call()
                 .map(|resp| resp.status().as_u16())
-                .map_err(|e| e.to_string())
         };
         let scheme = if insecure { "http" } else { "https" };
         match get(scheme) {

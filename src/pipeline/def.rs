@@ -161,7 +161,7 @@ impl Pipeline {
                 .ok_or_else(|| err("params", "must be an object".into()))?;
             for (pname, def) in obj {
                 let key = format!("params.{pname}");
-                check_name("param", pname).map_err(|e| err(&key, e))?;
+                check_name("param", pname).map_err(|e| err(&key, e.to_string()))?;
                 if RESERVED.contains(&pname.as_str()) {
                     return Err(err(
                         &key,
@@ -212,7 +212,7 @@ impl Pipeline {
         let mut jobs = Vec::new();
         for (jname, def) in jobs_obj {
             let key = format!("jobs.{jname}");
-            check_name("job", jname).map_err(|e| err(&key, e))?;
+            check_name("job", jname).map_err(|e| err(&key, e.to_string()))?;
             let d = def
                 .as_object()
                 .ok_or_else(|| err(&key, "must be an object".into()))?;
@@ -222,7 +222,8 @@ impl Pipeline {
                 Some(_) => return Err(err(&format!("{key}.project"), "must be a string".into())),
                 None => return Err(err(&key, "no project given".into())),
             };
-            check_name("project", &project).map_err(|e| err(&format!("{key}.project"), e))?;
+            check_name("project", &project)
+                .map_err(|e| err(&format!("{key}.project"), e.to_string()))?;
             if !project_exists(&project) {
                 return Err(err(
                     &format!("{key}.project"),
@@ -234,7 +235,7 @@ impl Pipeline {
             let jparams = string_map(d.get("params"), &format!("{key}.params"), &err)?;
             for (pk, pv) in &jparams {
                 let pkey = format!("{key}.params.{pk}");
-                check_name("param", pk).map_err(|e| err(&pkey, e))?;
+                check_name("param", pk).map_err(|e| err(&pkey, e.to_string()))?;
                 check_template(pv, &params, None, &pkey, &err)?;
             }
             let mut needs = Vec::new();
@@ -275,8 +276,8 @@ impl Pipeline {
         }
         let jobs = topological(jobs).map_err(|cycle| {
             err(
-                &format!("jobs.{}.needs", cycle[0]),
-                format!("cycle {}", cycle.join(" -> ")),
+                &format!("jobs.{}.needs", cycle.0.first().map_or("", String::as_str)),
+                cycle.to_string(),
             )
         })?;
 
@@ -427,8 +428,13 @@ impl Values<'_> {
     }
 }
 
+/// A template with a `{{` that is never closed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unclosed \"{{{{\" in \"{0}\"")]
+struct Unclosed(String);
+
 /// The pieces of a template: literal text and `{{name}}` references (names trimmed).
-fn pieces(template: &str) -> Result<Vec<(bool, &str)>, String> {
+fn pieces(template: &str) -> Result<Vec<(bool, &str)>, Unclosed> {
     let mut out = Vec::new();
     let mut rest = template;
     while let Some(start) = rest.find("{{") {
@@ -438,7 +444,7 @@ fn pieces(template: &str) -> Result<Vec<(bool, &str)>, String> {
         let after = &rest[start + 2..];
         let end = after
             .find("}}")
-            .ok_or_else(|| format!("unclosed \"{{{{\" in \"{template}\""))?;
+            .ok_or_else(|| Unclosed(template.to_string()))?;
         out.push((true, after[..end].trim()));
         rest = &after[end + 2..];
     }
@@ -483,7 +489,7 @@ fn check_template(
     key: &str,
     err: &dyn Fn(&str, String) -> PipelineError,
 ) -> Result<(), PipelineError> {
-    for (is_ref, name) in pieces(template).map_err(|e| err(key, e))? {
+    for (is_ref, name) in pieces(template).map_err(|e| err(key, e.to_string()))? {
         if !is_ref || name == "run" || name == "pipeline" || params.contains_key(name) {
             continue;
         }
@@ -566,9 +572,13 @@ fn string_map(
     Ok(out)
 }
 
-/// The jobs in a topological order (smallest name first among those ready), or a cycle
-/// (`[a, b, a]`).
-fn topological(jobs: Vec<JobDef>) -> Result<Vec<JobDef>, Vec<String>> {
+/// A cycle of needs, `[a, b, a]`: `cycle a -> b -> a`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("cycle {}", .0.join(" -> "))]
+struct Cycle(Vec<String>);
+
+/// The jobs in a topological order (smallest name first among those ready), or a cycle.
+fn topological(jobs: Vec<JobDef>) -> Result<Vec<JobDef>, Cycle> {
     let mut left: BTreeMap<String, JobDef> =
         jobs.into_iter().map(|j| (j.name.clone(), j)).collect();
     let mut done: BTreeSet<String> = BTreeSet::new();
@@ -585,7 +595,7 @@ fn topological(jobs: Vec<JobDef>) -> Result<Vec<JobDef>, Vec<String>> {
                     out.push(j);
                 }
             }
-            None => return Err(find_cycle(&left)),
+            None => return Err(Cycle(find_cycle(&left))),
         }
     }
     Ok(out)
@@ -689,9 +699,8 @@ fn check_triggers(
 mod tests {
     use super::*;
 
-    fn parse(json: &str) -> Result<Pipeline, String> {
+    fn parse(json: &str) -> Result<Pipeline, PipelineError> {
         Pipeline::parse("assets", json.as_bytes().to_vec(), &|p| p != "nope")
-            .map_err(|e| e.to_string())
     }
 
     const GOOD: &str = r#"{
@@ -811,7 +820,7 @@ mod tests {
             ),
         ];
         for (json, want) in cases {
-            assert_eq!(parse(json).unwrap_err(), *want, "{json}");
+            assert_eq!(parse(json).unwrap_err().to_string(), *want, "{json}");
         }
         let p = parse(GOOD).unwrap();
         assert_eq!(

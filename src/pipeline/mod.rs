@@ -6,10 +6,10 @@
 //! executes runs through the jobs interface (`service::Jobs::submit`: every job keeps the
 //! result cache, coalescing, incremental groups and limits of the back end, this agent's engine
 //! or the cluster's records) and keeps their records
-//! (`<build_path>/.pipelines/<name>/<run>/run.json`); [`http`] is the API.
+//! (`<build_path>/.pipelines/<name>/<run>/run.json`); their HTTP API is the server's
+//! (`server/pipelines.rs`).
 
 pub mod def;
-pub mod http;
 pub mod run;
 
 use std::collections::BTreeMap;

@@ -24,9 +24,9 @@ use axum::routing::get;
 use axum::Router;
 use serde::Deserialize;
 
-use super::JobsState;
+use super::{ApiError, JobsState};
 use crate::body::{blocking_body, json, INDEX_HTML};
-use crate::service::{ClusterJobsFilter, ExportError, JobError, Jobs};
+use crate::service::{ClusterJobsFilter, Jobs};
 
 /// The agents' routes, to merge into the server's router.
 pub(super) fn routes() -> Router<Arc<dyn Jobs>> {
@@ -46,16 +46,12 @@ fn asks_json(headers: &HeaderMap, header: &str) -> bool {
         .is_some_and(|v| v.starts_with("application/json"))
 }
 
-async fn agents(State(jobs): JobsState, headers: HeaderMap) -> Response {
+async fn agents(State(jobs): JobsState, headers: HeaderMap) -> Result<Response, ApiError> {
     if !asks_json(&headers, "content-type") && !asks_json(&headers, "accept") {
-        return Html(INDEX_HTML).into_response();
+        return Ok(Html(INDEX_HTML).into_response());
     }
-    match jobs.agents().await {
-        Ok(list) => json(StatusCode::OK, &list),
-        // The database's error alone, as this route always said it.
-        Err(JobError::Unavailable(e)) => (StatusCode::SERVICE_UNAVAILABLE, e).into_response(),
-        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
-    }
+    let list = jobs.agents().await.map_err(ApiError::Agents)?;
+    Ok(json(StatusCode::OK, &list)?)
 }
 
 /// `?project=P&id=ID`: one job.
@@ -68,26 +64,20 @@ struct JobAgentsQuery {
 async fn job_agents(
     State(jobs): JobsState,
     query: Result<Query<JobAgentsQuery>, QueryRejection>,
-) -> Response {
-    let only = match query {
-        Ok(Query(JobAgentsQuery {
+) -> Result<Response, ApiError> {
+    let only = match query? {
+        Query(JobAgentsQuery {
             project: Some(p),
             id: Some(i),
-        })) => Some((p, i)),
-        Ok(Query(JobAgentsQuery {
+        }) => Some((p, i)),
+        Query(JobAgentsQuery {
             project: None,
             id: None,
-        })) => None,
-        Ok(_) => {
-            let msg = "Give both project and id, or neither";
-            return (StatusCode::BAD_REQUEST, msg).into_response();
-        }
-        Err(e) => return (StatusCode::BAD_REQUEST, e.body_text()).into_response(),
+        }) => None,
+        Query(_) => return Err(ApiError::ProjectAndId),
     };
-    match jobs.job_agents(only).await {
-        Ok(map) => json(StatusCode::OK, &map),
-        Err(e) => e.into_response(),
-    }
+    let map = jobs.job_agents(only).await?;
+    Ok(json(StatusCode::OK, &map)?)
 }
 
 /// `?agent=A&project=P&state=S&limit=N` of `GET /api/cluster/jobs`.
@@ -101,26 +91,24 @@ struct ClusterJobsQuery {
 
 fn cluster_filter(
     query: Result<Query<ClusterJobsQuery>, QueryRejection>,
-) -> Result<ClusterJobsFilter, String> {
-    let Query(q) = query.map_err(|e| e.body_text())?;
-    ClusterJobsFilter::new(q.agent, q.project, q.state.as_deref(), q.limit)
+) -> Result<ClusterJobsFilter, ApiError> {
+    let Query(q) = query?;
+    Ok(ClusterJobsFilter::new(
+        q.agent,
+        q.project,
+        q.state.as_deref(),
+        q.limit,
+    )?)
 }
 
 async fn cluster_jobs(
     State(jobs): JobsState,
     query: Result<Query<ClusterJobsQuery>, QueryRejection>,
-) -> Response {
-    let filter = match cluster_filter(query) {
-        Ok(f) => f,
-        Err(e) => return (StatusCode::BAD_REQUEST, e).into_response(),
-    };
-    match jobs.cluster_jobs(&filter).await {
-        Ok(Some(list)) => json(StatusCode::OK, &list),
-        Ok(None) => {
-            let msg = "No cluster: this mistryd has no database_url (GET /index/ lists its jobs)";
-            (StatusCode::NOT_FOUND, msg).into_response()
-        }
-        Err(e) => e.into_response(),
+) -> Result<Response, ApiError> {
+    let filter = cluster_filter(query)?;
+    match jobs.cluster_jobs(&filter).await? {
+        Some(list) => Ok(json(StatusCode::OK, &list)?),
+        None => Err(ApiError::NoCluster),
     }
 }
 
@@ -134,29 +122,18 @@ async fn build(
     State(jobs): JobsState,
     Path((project, id)): Path<(String, String)>,
     query: Result<Query<BuildQuery>, QueryRejection>,
-) -> Response {
+) -> Result<Response, ApiError> {
     let with_cache = query.is_ok_and(|Query(q)| {
         q.cache
             .is_some_and(|v| !matches!(v.as_str(), "0" | "false"))
     });
     let (j, p, i) = (Arc::clone(&jobs), project.clone(), id.clone());
-    let export = match tokio::task::spawn_blocking(move || j.export(&p, &i, with_cache)).await {
-        Ok(Ok(e)) => e,
-        Ok(Err(e)) => {
-            let status = match e {
-                ExportError::BadName(_) => StatusCode::BAD_REQUEST,
-                ExportError::NotReady(_) => StatusCode::NOT_FOUND,
-                ExportError::Failed(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            };
-            return (status, e.to_string()).into_response();
-        }
-        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
-    };
-    blocking_body(
+    let export = tokio::task::spawn_blocking(move || j.export(&p, &i, with_cache)).await??;
+    Ok(blocking_body(
         "application/x-tar",
         move |w| export.write(w),
         move |e| tracing::warn!(%project, %id, error = %e, "streaming a build to another agent failed"),
-    )
+    ))
 }
 
 async fn metrics(State(jobs): JobsState) -> Response {
@@ -175,7 +152,7 @@ async fn metrics(State(jobs): JobsState) -> Response {
 mod tests {
     use super::*;
 
-    fn filter(q: &str) -> Result<ClusterJobsFilter, String> {
+    fn filter(q: &str) -> Result<ClusterJobsFilter, ApiError> {
         let uri: axum::http::Uri = format!("/api/cluster/jobs?{q}").parse().unwrap();
         cluster_filter(Query::<ClusterJobsQuery>::try_from_uri(&uri))
     }
@@ -184,19 +161,26 @@ mod tests {
     fn the_cluster_job_lists_query_is_checked() {
         use crate::service::JobState;
         assert_eq!(
-            filter("agent=a&project=p&state=pending&limit=5000"),
-            Ok(ClusterJobsFilter {
+            filter("agent=a&project=p&state=pending&limit=5000").unwrap(),
+            ClusterJobsFilter {
                 agent: Some("a".into()),
                 project: Some("p".into()),
                 states: Some(vec![JobState::Queued, JobState::Running]),
                 limit: 5000,
-            })
+            }
         );
         assert_eq!(filter("agent=&state=").unwrap(), filter("").unwrap());
+        let e = filter("limit=-3").unwrap_err();
         assert_eq!(
-            filter("limit=-3"),
-            Err("limit must be between 1 and 5000, got -3".into())
+            (e.status(), e.to_string().as_str()),
+            (
+                StatusCode::BAD_REQUEST,
+                "limit must be between 1 and 5000, got -3"
+            )
         );
-        assert!(filter("limit=x").is_err());
+        assert_eq!(
+            filter("limit=x").unwrap_err().status(),
+            StatusCode::BAD_REQUEST
+        );
     }
 }

@@ -1,9 +1,10 @@
 //! The HTTP API of mistryd, as mistry's: `POST /jobs`, `GET /index/`, `GET /job/{project}/{id}`,
 //! `GET /log/{project}/{id}` (server-sent events), `GET /artifacts/{project}/{id}`,
-//! `GET /metrics`, `GET /agents` (the cluster's agents; [`agents`] holds those routes), and the
-//! web view at `/`. Handlers are thin: they ask the jobs interface ([`Jobs`], whichever back end
-//! runs the jobs: this agent's engine, or the cluster's records) and render its answers;
-//! nothing here reads the disk on the runtime's threads.
+//! `GET /metrics`, `GET /agents` (the cluster's agents; [`agents`] holds those routes), the
+//! pipelines' routes ([`pipelines`]) and the web view at `/`. Handlers are thin: they ask the
+//! jobs interface ([`Jobs`], whichever back end runs the jobs: this agent's engine, or the
+//! cluster's records) and render its answers; nothing here reads the disk on the runtime's
+//! threads. Every error becomes its answer in one place, [`ApiError`] ([`error`]).
 //!
 //! Clients are not trusted: [`serve`] ([`listen`]) gives each connection
 //! [`Limits::header_timeout`] to send its request headers (also the idle timeout between
@@ -15,7 +16,9 @@
 //! symlink ([`artifacts`]).
 
 mod agents;
+mod error;
 mod listen;
+mod pipelines;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -33,13 +36,14 @@ use serde::Deserialize;
 
 use crate::body::{blocking_body, stream_body};
 use crate::tree::{open_artifacts, write_tree};
+pub use error::ApiError;
 pub use listen::{
     serve, Limits, DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
     DEFAULT_SEND_TIMEOUT,
 };
 
 use crate::jobs::{BuildInfo, JobRequest};
-use crate::service::{index_entry, JobDir, JobError, Jobs, Stage};
+use crate::service::{index_entry, JobDir, Jobs, Stage};
 
 // The web view, embedded: nothing is fetched from elsewhere.
 use crate::body::{json, INDEX_HTML};
@@ -69,7 +73,7 @@ pub fn router(jobs: Arc<dyn Jobs>) -> Router {
         )
         .route("/", get(|| async { Html(INDEX_HTML) }))
         .merge(agents::routes())
-        .merge(crate::pipeline::http::routes(Arc::clone(&jobs)))
+        .merge(pipelines::routes(Arc::clone(&jobs)))
         .layer(axum::middleware::from_fn(same_origin))
         .with_state(jobs)
 }
@@ -99,53 +103,22 @@ async fn same_origin(req: axum::extract::Request, next: axum::middleware::Next) 
         return next.run(req).await;
     }
     tracing::warn!(%origin, %host, method = %req.method(), path = %req.uri().path(), "refused a cross-origin request");
-    (
-        StatusCode::FORBIDDEN,
-        format!(
-            "Cross-origin request refused: Origin '{origin}' is not this server (http://{host})"
-        ),
-    )
-        .into_response()
-}
-
-impl IntoResponse for JobError {
-    fn into_response(self) -> Response {
-        let status = match self {
-            JobError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            JobError::UnknownProject(_) => StatusCode::NOT_FOUND,
-            JobError::Overloaded | JobError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
-            JobError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        (status, self.to_string()).into_response()
+    ApiError::CrossOrigin {
+        origin,
+        host: host.to_string(),
     }
+    .into_response()
 }
 
-fn unknown_job(project: &str, id: &str) -> Response {
-    (StatusCode::NOT_FOUND, format!("Unknown job {project}/{id}")).into_response()
+fn unknown_job(project: String, id: String) -> ApiError {
+    ApiError::UnknownJob { project, id }
 }
 
-/// A BuildInfo (between `prefix` and `suffix`) with its logs streamed from the job directory.
-fn streamed(
-    status: StatusCode,
-    prefix: String,
-    info: BuildInfo,
-    dir: JobDir,
-    suffix: &'static str,
-) -> Response {
-    let mut r = blocking_body(
-        "application/json",
-        move |w| {
-            crate::stream_json::write_with(
-                w,
-                &prefix,
-                &info,
-                &dir.out_log(),
-                &dir.stderr_log(),
-                suffix,
-            )
-        },
-        |e| tracing::debug!(error = %e, "streaming a BuildInfo stopped"),
-    );
+/// A BuildInfo with its logs streamed from the job directory.
+fn streamed(status: StatusCode, info: BuildInfo, dir: JobDir) -> Response {
+    let bytes =
+        crate::stream_json::stream_with(String::new(), info, dir.out_log(), dir.stderr_log(), "");
+    let mut r = stream_body("application/json", bytes);
     *r.status_mut() = status;
     r
 }
@@ -163,26 +136,20 @@ async fn submit(
     method: Method,
     query: Result<Query<JobsQuery>, QueryRejection>,
     body: Bytes,
-) -> Response {
+) -> Result<Response, ApiError> {
     if method != Method::POST {
-        let msg = format!("Expected POST, got {method}");
-        return (StatusCode::METHOD_NOT_ALLOWED, msg).into_response();
+        return Err(ApiError::Method {
+            expected: "POST",
+            got: method,
+        });
     }
-    let req = match JobRequest::parse(&body) {
-        Ok(r) => r,
-        Err(e) => return (StatusCode::BAD_REQUEST, e).into_response(),
-    };
-    let submitted = match jobs.submit(req).await {
-        Ok(s) => s,
-        Err(e) => return e.into_response(),
-    };
+    let req = JobRequest::parse(&body)?;
+    let submitted = jobs.submit(req).await?;
     if query.is_ok_and(|Query(q)| q.is_async.is_some()) {
-        return (StatusCode::CREATED, "").into_response();
+        return Ok((StatusCode::CREATED, "").into_response());
     }
-    match submitted.wait().await {
-        Ok(a) => streamed(StatusCode::CREATED, String::new(), a.info, a.dir, ""),
-        Err(e) => e.into_response(),
-    }
+    let answer = submitted.wait().await?;
+    Ok(streamed(StatusCode::CREATED, answer.info, answer.dir))
 }
 
 /// All jobs, newest first, as mistry's JSON array, streamed: one job's BuildInfo is in memory at
@@ -217,60 +184,57 @@ async fn job(
     State(jobs): JobsState,
     Path((project, id)): Path<(String, String)>,
     headers: HeaderMap,
-) -> Response {
+) -> Result<Response, ApiError> {
     if !wants_json(&headers) {
-        return match jobs.find(&project, &id).await {
+        return Ok(match jobs.find(&project, &id).await {
             Ok(Some(_)) => Html(INDEX_HTML).into_response(),
             _ => (StatusCode::NOT_FOUND, Html(INDEX_HTML)).into_response(),
-        };
+        });
     }
-    match jobs.document(&project, &id).await {
-        Ok(Some(doc)) => stream_body("application/json", doc),
-        Ok(None) => unknown_job(&project, &id),
-        Err(e) => e.into_response(),
+    match jobs.document(&project, &id).await? {
+        Some(doc) => Ok(stream_body("application/json", doc)),
+        None => Err(unknown_job(project, id)),
     }
 }
 
 /// A job in flight's log lines as server-sent events, until it ends; 204 when it is not in
 /// flight.
-async fn log(State(jobs): JobsState, Path((project, id)): Path<(String, String)>) -> Response {
-    match jobs.follow(&project, &id).await {
-        Ok(Some(lines)) => {
+async fn log(
+    State(jobs): JobsState,
+    Path((project, id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    Ok(match jobs.follow(&project, &id).await? {
+        Some(lines) => {
             Sse::new(lines.map(|l| Ok::<_, Infallible>(Event::default().data(l)))).into_response()
         }
-        Ok(None) => StatusCode::NO_CONTENT.into_response(),
-        Err(e) => e.into_response(),
-    }
+        None => StatusCode::NO_CONTENT.into_response(),
+    })
 }
 
 /// A ready job's artifacts as a tar stream (the native transport of the `mistry` client).
 async fn artifacts(
     State(jobs): JobsState,
     Path((project, id)): Path<(String, String)>,
-) -> Response {
+) -> Result<Response, ApiError> {
     let dir = match jobs.artifacts(&project, &id).await {
         Some(f) if f.stage == Stage::Ready => f.dir,
-        Some(_) => {
-            let msg = format!("Job {project}/{id} is not ready");
-            return (StatusCode::CONFLICT, msg).into_response();
-        }
-        None => return unknown_job(&project, &id),
+        Some(_) => return Err(ApiError::NotReady { project, id }),
+        None => return Err(unknown_job(project, id)),
     };
-    let root = match tokio::task::spawn_blocking(move || open_artifacts(dir.path())).await {
-        Ok(Ok(fd)) => Some(fd),
+    let root = match tokio::task::spawn_blocking(move || open_artifacts(dir.path())).await? {
+        Ok(fd) => Some(fd),
         // A job that removed its artifacts directory has no artifacts.
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => None,
-        Ok(Err(e)) => {
-            tracing::warn!(%project, %id, error = %e, "refusing to serve artifacts");
-            let msg = format!(
-                "The artifacts of job {project}/{id} are not served: data/artifacts is not a \
-                 directory of the job ({e})"
-            );
-            return (StatusCode::CONFLICT, msg).into_response();
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(source) => {
+            tracing::warn!(%project, %id, error = %source, "refusing to serve artifacts");
+            return Err(ApiError::Artifacts {
+                project,
+                id,
+                source,
+            });
         }
-        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     };
-    blocking_body(
+    Ok(blocking_body(
         "application/x-tar",
         move |w| {
             match &root {
@@ -280,15 +244,17 @@ async fn artifacts(
             .map(drop)
         },
         move |e| tracing::warn!(%project, %id, error = %e, "streaming artifacts failed"),
-    )
+    ))
 }
 
 /// A job without its logs (for the web view).
-async fn api_job(State(jobs): JobsState, Path((project, id)): Path<(String, String)>) -> Response {
-    match jobs.find(&project, &id).await {
-        Ok(Some(view)) => json(StatusCode::OK, &view.json()),
-        Ok(None) => unknown_job(&project, &id),
-        Err(e) => e.into_response(),
+async fn api_job(
+    State(jobs): JobsState,
+    Path((project, id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    match jobs.find(&project, &id).await? {
+        Some(view) => Ok(json(StatusCode::OK, &view.json())?),
+        None => Err(unknown_job(project, id)),
     }
 }
 
@@ -304,17 +270,16 @@ async fn api_logtail(
     State(jobs): JobsState,
     Path((project, id)): Path<(String, String)>,
     query: Result<Query<LogTailQuery>, QueryRejection>,
-) -> Response {
+) -> Result<Response, ApiError> {
     let bytes = query.ok().and_then(|Query(q)| q.bytes);
-    match jobs.log_tail(&project, &id, bytes).await {
-        Ok(Some(tail)) => {
+    match jobs.log_tail(&project, &id, bytes).await? {
+        Some(tail) => {
             let mut r = stream_body("text/plain; charset=utf-8", tail.bytes);
             if let Ok(size) = tail.size.to_string().parse() {
                 r.headers_mut().insert("x-log-size", size);
             }
-            r
+            Ok(r)
         }
-        Ok(None) => unknown_job(&project, &id),
-        Err(e) => e.into_response(),
+        None => Err(unknown_job(project, id)),
     }
 }

@@ -419,8 +419,10 @@ impl Jobs for FakeHandle {
     async fn refresh_gauges(&self) {}
 
     fn export(&self, project: &str, id: &str, _: bool) -> Result<Export, ExportError> {
-        Err(ExportError::NotReady(format!(
-            "{project}/{id}: the fake has no builds"
-        )))
+        // The fake has no builds.
+        Err(ExportError::NotReady {
+            project: project.to_string(),
+            id: id.to_string(),
+        })
     }
 }

@@ -82,18 +82,12 @@ pub async fn document(engine: &Arc<Engine>, project: &str, id: &str) -> Option<B
     let found = engine.find_job(project, id).await?;
     let prefix = super::document_prefix(super::index_entry(&found));
     let Found { info, dir, .. } = found;
-    Some(crate::streams::blocking_stream(
-        move |w| {
-            crate::stream_json::write_with(
-                w,
-                &prefix,
-                &info,
-                &dir.out_log(),
-                &dir.stderr_log(),
-                "}",
-            )
-        },
-        |e| tracing::debug!(error = %e, "streaming a BuildInfo stopped"),
+    Some(crate::stream_json::stream_with(
+        prefix,
+        info,
+        dir.out_log(),
+        dir.stderr_log(),
+        "}",
     ))
 }
 

@@ -335,6 +335,15 @@ pub const CLUSTER_JOBS_DEFAULT: i64 = 200;
 /// The cluster's job list's longest.
 pub const CLUSTER_JOBS_MAX: i64 = 5000;
 
+/// A filter of the cluster's job list that is not valid (the 400's text).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FilterError {
+    #[error("Unknown state '{0}': give queued, running, pending, ready or failed")]
+    State(String),
+    #[error("limit must be between 1 and {max}, got {0}", max = CLUSTER_JOBS_MAX)]
+    Limit(i64),
+}
+
 /// The filters of the cluster's job list (`GET /api/cluster/jobs`), checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterJobsFilter {
@@ -353,24 +362,18 @@ impl ClusterJobsFilter {
         project: Option<String>,
         state: Option<&str>,
         limit: Option<i64>,
-    ) -> Result<ClusterJobsFilter, String> {
+    ) -> Result<ClusterJobsFilter, FilterError> {
         let states = match state {
             None | Some("") => None,
             Some("pending") => Some(vec![JobState::Queued, JobState::Running]),
             Some(s) => match JobState::parse(s) {
                 Some(one) => Some(vec![one]),
-                None => {
-                    return Err(format!(
-                        "Unknown state '{s}': give queued, running, pending, ready or failed"
-                    ))
-                }
+                None => return Err(FilterError::State(s.to_string())),
             },
         };
         let limit = limit.unwrap_or(CLUSTER_JOBS_DEFAULT);
         if !(1..=CLUSTER_JOBS_MAX).contains(&limit) {
-            return Err(format!(
-                "limit must be between 1 and {CLUSTER_JOBS_MAX}, got {limit}"
-            ));
+            return Err(FilterError::Limit(limit));
         }
         let nonempty = |s: Option<String>| s.filter(|s| !s.is_empty());
         Ok(ClusterJobsFilter {
@@ -515,12 +518,12 @@ mod tests {
             Some(vec![JobState::Failed])
         );
         assert_eq!(
-            f(Some("Ready"), None),
-            Err("Unknown state 'Ready': give queued, running, pending, ready or failed".into())
+            f(Some("Ready"), None).unwrap_err().to_string(),
+            "Unknown state 'Ready': give queued, running, pending, ready or failed"
         );
         assert_eq!(
-            f(None, Some(0)),
-            Err("limit must be between 1 and 5000, got 0".into())
+            f(None, Some(0)).unwrap_err().to_string(),
+            "limit must be between 1 and 5000, got 0"
         );
     }
 }

@@ -84,10 +84,10 @@ impl Run<'_> {
                     break;
                 }
                 Ok(None) => {}
-                Err(message) => {
-                    return Err(BuildError::Base {
+                Err(source) => {
+                    return Err(BuildError::Fetch {
                         image: reference.to_string(),
-                        message,
+                        source: Box::new(source),
                     })
                 }
             }

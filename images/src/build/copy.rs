@@ -52,6 +52,14 @@ fn is_url(s: &str) -> bool {
     s.starts_with("http://") || s.starts_with("https://")
 }
 
+/// A `--checksum` value that is not `ALGO:HEX` of a known algorithm.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "invalid --checksum {0:?}: expected sha256:HEX (or sha384:, sha512:) with the \
+     digest in hexadecimal"
+)]
+struct BadChecksum(String);
+
 /// An expected digest `ALGO:HEX` (`--checksum`): sha256, sha384 or sha512.
 struct Checksum {
     algo: String,
@@ -59,13 +67,8 @@ struct Checksum {
 }
 
 impl Checksum {
-    fn parse(s: &str) -> Result<Checksum, String> {
-        let bad = || {
-            format!(
-                "invalid --checksum {s:?}: expected sha256:HEX (or sha384:, sha512:) with the \
-                 digest in hexadecimal"
-            )
-        };
+    fn parse(s: &str) -> Result<Checksum, BadChecksum> {
+        let bad = || BadChecksum(s.to_string());
         let (algo, hex) = s.split_once(':').ok_or_else(bad)?;
         let len = match algo {
             "sha256" => 64,
@@ -175,7 +178,7 @@ impl Run<'_> {
         };
         let parents = flags.enabled("parents");
         let checksum = match flags.get("checksum") {
-            Some(c) => Some(Checksum::parse(&word(c)?).map_err(|e| step_err(step, e))?),
+            Some(c) => Some(Checksum::parse(&word(c)?).map_err(|e| step_err(step, e.to_string()))?),
             None => None,
         };
         if add {
@@ -369,7 +372,7 @@ impl Run<'_> {
             for (i, url) in downloads.iter().enumerate() {
                 let file = PathBuf::from(format!("{i}"));
                 crate::download::download(url, &dir.join(&file), &self.opts.download)
-                    .map_err(|e| step_err(step, e))?;
+                    .map_err(|e| step_err(step, e.to_string()))?;
                 if let Some(want) = &checksum {
                     let got = want
                         .digest_of(&dir.join(&file))

@@ -259,7 +259,7 @@ impl Run<'_> {
             let platform = match platform {
                 Some(p) => match expand(&self.lexer, p, &self.global_args, step, &self.expanded)? {
                     p if p.is_empty() => oci::Platform::host(),
-                    p => oci::Platform::parse(&p).map_err(|e| step_err(step, e))?,
+                    p => oci::Platform::parse(&p).map_err(|e| step_err(step, e.to_string()))?,
                 },
                 None => oci::Platform::host(),
             };

@@ -77,9 +77,70 @@ pub(super) struct RunFlags {
     pub network: Option<NetworkMode>,
 }
 
+/// Why RUN's flags (`--mount`, `--network`, `--security`) are refused; the text names the flag
+/// and what is wrong with it (the build reports it as the step's error).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum FlagError {
+    #[error("unterminated quote in --mount={0}")]
+    UnterminatedQuote(String),
+    #[error("invalid value {value:?} for {key} (expected true or false)")]
+    Bool { key: String, value: String },
+    #[error("invalid {key} {value:?} (expected an octal mode like 0755)")]
+    Octal { key: String, value: String },
+    #[error("invalid {key} {value:?} (expected a number)")]
+    Id { key: String, value: String },
+    #[error("invalid size {0:?} (expected bytes, e.g. 65536 or 64m)")]
+    Size(String),
+    #[error(
+        "--mount=type=ssh is not supported: mistry has no SSH agent forwarding (use a \
+         secret mount for a key, or fetch sources before the build)"
+    )]
+    Ssh,
+    #[error("unknown mount type {0:?} (expected bind, cache, tmpfs or secret)")]
+    MountType(String),
+    #[error("unknown option {key:?} for --mount=type={kind}")]
+    MountOption { key: String, kind: String },
+    #[error("--mount option {0} needs a value ({0}=...)")]
+    OptionValue(String),
+    #[error("invalid sharing {0:?} (expected shared, private or locked)")]
+    Sharing(String),
+    #[error("--mount=type={0} needs a target")]
+    NoTarget(String),
+    #[error("--mount=type=secret needs an id")]
+    NoSecretId,
+    #[error("invalid secret id {0:?}")]
+    SecretId(String),
+    #[error("invalid env {0:?} for a secret")]
+    SecretEnv(String),
+    #[error("--{0} needs a value (--{0}=...)")]
+    FlagValue(String),
+    /// One `--mount` value and what is wrong with it.
+    #[error("--mount={value}: {source}")]
+    Mount {
+        value: String,
+        #[source]
+        source: Box<FlagError>,
+    },
+    #[error("--network={0}: unknown network (expected default, none or host)")]
+    Network(String),
+    #[error(
+        "--security=insecure is not supported: RUN steps always run \
+                                in mistry's rootless sandbox, without extra privileges"
+    )]
+    Insecure,
+    #[error("--security={0}: unknown value (expected sandbox)")]
+    Security(String),
+    #[error("unknown flag --{0} for RUN")]
+    Flag(String),
+    #[error("a mount cannot have / as its target")]
+    RootTarget,
+    #[error("two mounts on {}", .0.display())]
+    TwoMounts(PathBuf),
+}
+
 /// Split a CSV field list as BuildKit's `--mount` value (`encoding/csv`): commas separate
 /// fields, a field may be double-quoted (`"target=/a,b"`), `""` inside quotes is a quote.
-fn csv_fields(value: &str) -> Result<Vec<String>, String> {
+fn csv_fields(value: &str) -> Result<Vec<String>, FlagError> {
     let mut out = Vec::new();
     let mut cur = String::new();
     let mut chars = value.chars().peekable();
@@ -107,38 +168,44 @@ fn csv_fields(value: &str) -> Result<Vec<String>, String> {
         }
     }
     if quoted {
-        return Err(format!("unterminated quote in --mount={value}"));
+        return Err(FlagError::UnterminatedQuote(value.to_string()));
     }
     out.push(cur);
     Ok(out)
 }
 
-fn parse_bool(key: &str, value: Option<&str>) -> Result<bool, String> {
+fn parse_bool(key: &str, value: Option<&str>) -> Result<bool, FlagError> {
     match value.map(str::to_ascii_lowercase).as_deref() {
         None | Some("true") | Some("1") => Ok(true),
         Some("false") | Some("0") => Ok(false),
-        Some(v) => Err(format!(
-            "invalid value {v:?} for {key} (expected true or false)"
-        )),
+        Some(v) => Err(FlagError::Bool {
+            key: key.to_string(),
+            value: v.to_string(),
+        }),
     }
 }
 
-fn parse_octal(key: &str, v: &str) -> Result<u32, String> {
+fn parse_octal(key: &str, v: &str) -> Result<u32, FlagError> {
     u32::from_str_radix(v, 8)
         .ok()
         .filter(|m| *m <= 0o7777)
-        .ok_or_else(|| format!("invalid {key} {v:?} (expected an octal mode like 0755)"))
+        .ok_or_else(|| FlagError::Octal {
+            key: key.to_string(),
+            value: v.to_string(),
+        })
 }
 
-fn parse_id(key: &str, v: &str) -> Result<u32, String> {
-    v.parse()
-        .map_err(|_| format!("invalid {key} {v:?} (expected a number)"))
+fn parse_id(key: &str, v: &str) -> Result<u32, FlagError> {
+    v.parse().map_err(|_| FlagError::Id {
+        key: key.to_string(),
+        value: v.to_string(),
+    })
 }
 
 /// A size as BuildKit's tmpfs `size=` (`units.RAMInBytes`): bytes, or with a k/m/g/t suffix
 /// (binary, an optional trailing `b`/`ib`).
-fn parse_size(v: &str) -> Result<u64, String> {
-    let bad = || format!("invalid size {v:?} (expected bytes, e.g. 65536 or 64m)");
+fn parse_size(v: &str) -> Result<u64, FlagError> {
+    let bad = || FlagError::Size(v.to_string());
     let lower = v.trim().to_ascii_lowercase();
     let t = lower
         .strip_suffix("ib")
@@ -165,7 +232,7 @@ fn target_path(target: &str, workdir: &str) -> PathBuf {
 }
 
 /// Parse one `--mount` value (after substitution). `workdir` is the step's working directory.
-pub(super) fn parse_mount(value: &str, workdir: &str) -> Result<Mount, String> {
+pub(super) fn parse_mount(value: &str, workdir: &str) -> Result<Mount, FlagError> {
     let mut fields: Vec<(String, Option<String>)> = Vec::new();
     for f in csv_fields(value)? {
         let f = f.trim();
@@ -222,18 +289,8 @@ pub(super) fn parse_mount(value: &str, workdir: &str) -> Result<Mount, String> {
             "gid",
             "env",
         ],
-        "ssh" => {
-            return Err(
-                "--mount=type=ssh is not supported: mistry has no SSH agent forwarding (use a \
-                 secret mount for a key, or fetch sources before the build)"
-                    .into(),
-            )
-        }
-        other => {
-            return Err(format!(
-                "unknown mount type {other:?} (expected bind, cache, tmpfs or secret)"
-            ))
-        }
+        "ssh" => return Err(FlagError::Ssh),
+        other => return Err(FlagError::MountType(other.to_string())),
     };
     let mut target: Option<String> = None;
     let mut source: Option<String> = None;
@@ -252,7 +309,10 @@ pub(super) fn parse_mount(value: &str, workdir: &str) -> Result<Mount, String> {
             continue;
         }
         if !allowed.contains(&k.as_str()) {
-            return Err(format!("unknown option {k:?} for --mount=type={kind}"));
+            return Err(FlagError::MountOption {
+                key: k.clone(),
+                kind,
+            });
         }
         let is_flag = matches!(
             k.as_str(),
@@ -261,7 +321,7 @@ pub(super) fn parse_mount(value: &str, workdir: &str) -> Result<Mount, String> {
         let val = match v {
             Some(v) => v.as_str(),
             None if is_flag => "",
-            None => return Err(format!("--mount option {k} needs a value ({k}=...)")),
+            None => return Err(FlagError::OptionValue(k.clone())),
         };
         match k.as_str() {
             "target" | "dst" | "destination" => target = Some(val.to_string()),
@@ -273,11 +333,7 @@ pub(super) fn parse_mount(value: &str, workdir: &str) -> Result<Mount, String> {
                     "shared" => Sharing::Shared,
                     "private" => Sharing::Private,
                     "locked" => Sharing::Locked,
-                    other => {
-                        return Err(format!(
-                            "invalid sharing {other:?} (expected shared, private or locked)"
-                        ))
-                    }
+                    other => return Err(FlagError::Sharing(other.to_string())),
                 }
             }
             "mode" => mode = Some(parse_octal(k, val)?),
@@ -293,7 +349,7 @@ pub(super) fn parse_mount(value: &str, workdir: &str) -> Result<Mount, String> {
     }
     let need_target = |t: Option<String>| {
         t.filter(|t| !t.is_empty())
-            .ok_or_else(|| format!("--mount=type={kind} needs a target"))
+            .ok_or_else(|| FlagError::NoTarget(kind.clone()))
     };
     Ok(match kind.as_str() {
         "bind" => Mount::Bind {
@@ -330,11 +386,11 @@ pub(super) fn parse_mount(value: &str, workdir: &str) -> Result<Mount, String> {
                 (None, Some(t)) => Path::new(t)
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
-                    .ok_or_else(|| "--mount=type=secret needs an id".to_string())?,
-                (None, None) => return Err("--mount=type=secret needs an id".into()),
+                    .ok_or(FlagError::NoSecretId)?,
+                (None, None) => return Err(FlagError::NoSecretId),
             };
             if id.contains('/') || id == "." || id == ".." {
-                return Err(format!("invalid secret id {id:?}"));
+                return Err(FlagError::SecretId(id));
             }
             let target = match (target, &env) {
                 (Some(t), _) => Some(target_path(&t, workdir)),
@@ -343,7 +399,7 @@ pub(super) fn parse_mount(value: &str, workdir: &str) -> Result<Mount, String> {
             };
             if let Some(e) = &env {
                 if e.is_empty() || e.contains('=') {
-                    return Err(format!("invalid env {e:?} for a secret"));
+                    return Err(FlagError::SecretEnv(e.clone()));
                 }
             }
             Mount::Secret {
@@ -364,17 +420,19 @@ pub(super) fn parse_mount(value: &str, workdir: &str) -> Result<Mount, String> {
 pub(super) fn parse_flags(
     flags: &[(String, Option<String>)],
     workdir: &str,
-) -> Result<RunFlags, String> {
+) -> Result<RunFlags, FlagError> {
     let mut out = RunFlags::default();
     for (k, v) in flags {
         let value = match v {
             Some(v) => v.clone(),
-            None => return Err(format!("--{k} needs a value (--{k}=...)")),
+            None => return Err(FlagError::FlagValue(k.clone())),
         };
         match k.as_str() {
             "mount" => {
-                let m =
-                    parse_mount(&value, workdir).map_err(|e| format!("--mount={value}: {e}"))?;
+                let m = parse_mount(&value, workdir).map_err(|e| FlagError::Mount {
+                    value: value.clone(),
+                    source: Box::new(e),
+                })?;
                 out.mounts.push(m);
             }
             "network" => {
@@ -382,29 +440,15 @@ pub(super) fn parse_flags(
                     "default" => None,
                     "none" => Some(NetworkMode::None),
                     "host" => Some(NetworkMode::Host),
-                    other => {
-                        return Err(format!(
-                            "--network={other}: unknown network (expected default, none or host)"
-                        ))
-                    }
+                    other => return Err(FlagError::Network(other.to_string())),
                 }
             }
             "security" => match value.as_str() {
                 "sandbox" => {}
-                "insecure" => {
-                    return Err(
-                        "--security=insecure is not supported: RUN steps always run \
-                                in mistry's rootless sandbox, without extra privileges"
-                            .into(),
-                    )
-                }
-                other => {
-                    return Err(format!(
-                        "--security={other}: unknown value (expected sandbox)"
-                    ))
-                }
+                "insecure" => return Err(FlagError::Insecure),
+                other => return Err(FlagError::Security(other.to_string())),
             },
-            other => return Err(format!("unknown flag --{other} for RUN")),
+            other => return Err(FlagError::Flag(other.to_string())),
         }
     }
     // Two mounts on one target: BuildKit refuses them too.
@@ -412,10 +456,10 @@ pub(super) fn parse_flags(
     for m in &out.mounts {
         if let Some(t) = m.target() {
             if t == Path::new("/") {
-                return Err("a mount cannot have / as its target".into());
+                return Err(FlagError::RootTarget);
             }
             if seen.contains(&t) {
-                return Err(format!("two mounts on {}", t.display()));
+                return Err(FlagError::TwoMounts(t.to_path_buf()));
             }
             seen.push(t);
         }
@@ -436,7 +480,7 @@ mod tests {
             .collect()
     }
 
-    fn parse(v: &[&str]) -> Result<RunFlags, String> {
+    fn parse(v: &[&str]) -> Result<RunFlags, FlagError> {
         parse_flags(&flags(v), "/work")
     }
 
@@ -548,17 +592,18 @@ mod tests {
         assert_eq!(parse(&["network=default"]).unwrap().network, None);
         assert!(parse(&["security=sandbox"]).is_ok());
         assert_eq!(
-            parse(&["network=bridge"]).unwrap_err(),
+            parse(&["network=bridge"]).unwrap_err().to_string(),
             "--network=bridge: unknown network (expected default, none or host)"
         );
         assert!(parse(&["security=insecure"])
             .unwrap_err()
+            .to_string()
             .starts_with("--security=insecure is not supported"));
     }
 
     #[test]
     fn errors_name_what_is_wrong() {
-        let e = |v: &str| parse(&[v]).unwrap_err();
+        let e = |v: &str| parse(&[v]).unwrap_err().to_string();
         assert_eq!(
             e("mount=type=cache,target=/x,colour=red"),
             "--mount=type=cache,target=/x,colour=red: unknown option \"colour\" for --mount=type=cache"
@@ -573,7 +618,9 @@ mod tests {
         assert!(e("mount=type=cache,target=/x,mode=999").contains("invalid mode"));
         assert!(e("mount=type=tmpfs,target=/x,size=lots").contains("invalid size"));
         assert_eq!(
-            parse(&["mount=type=tmpfs,target=/x", "mount=type=cache,target=/x"]).unwrap_err(),
+            parse(&["mount=type=tmpfs,target=/x", "mount=type=cache,target=/x"])
+                .unwrap_err()
+                .to_string(),
             "two mounts on /x"
         );
     }

@@ -36,6 +36,13 @@ pub enum BuildError {
     },
     #[error("base image {image}: {message}")]
     Base { image: String, message: String },
+    /// A base source (local layouts, a registry) failed to fetch `image`.
+    #[error("base image {image}: {source}")]
+    Fetch {
+        image: String,
+        #[source]
+        source: Box<crate::source::SourceError>,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]

@@ -165,7 +165,8 @@ impl Run<'_> {
             };
             expanded.push((k.clone(), v));
         }
-        let parsed = mounts::parse_flags(&expanded, &workdir).map_err(|e| step_err(step, e))?;
+        let parsed =
+            mounts::parse_flags(&expanded, &workdir).map_err(|e| step_err(step, e.to_string()))?;
         // `--network=host` only where the project may use the host's network; `none` always.
         let network = match parsed.network {
             None => self.opts.network,

@@ -18,18 +18,47 @@ pub enum BackendKind {
     Overlay,
 }
 
+/// A storage backend's name that is none of ours.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown storage backend {0:?} (expected plain, btrfs or overlay)")]
+pub struct UnknownBackend(pub String);
+
 impl std::str::FromStr for BackendKind {
-    type Err = String;
+    type Err = UnknownBackend;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "plain" => Ok(Self::Plain),
             "btrfs" => Ok(Self::Btrfs),
             "overlay" => Ok(Self::Overlay),
-            other => Err(format!(
-                "unknown storage backend {other:?} (expected plain, btrfs or overlay)"
-            )),
+            other => Err(UnknownBackend(other.to_string())),
         }
     }
+}
+
+/// Why rootless overlayfs does not work where it was probed.
+#[derive(Debug, thiserror::Error)]
+pub enum OverlayError {
+    #[error("{} is set (a test hook)", NO_OVERLAY_ENV)]
+    TestHook,
+    /// The refusal recorded by an earlier probe (the store's `overlay-probe`).
+    #[error("{0}")]
+    Recorded(String),
+    #[error("creating {}: {source}", path.display())]
+    Create {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The probe's sandbox could not start.
+    #[error("{0}")]
+    Sandbox(#[source] sandbox::Error),
+    #[error("the probe in an overlay failed ({status}): {stderr}")]
+    Probe {
+        status: sandbox::ExitStatus,
+        stderr: String,
+    },
+    #[error("a file written in the overlay did not reach its upper directory")]
+    NoUpper,
 }
 
 impl std::fmt::Display for BackendKind {
@@ -436,9 +465,9 @@ fn mount_options(path: &Path) -> Vec<String> {
 
 /// Whether overlayfs works for this process where the store is: the verdict cached in
 /// `<root>/overlay-probe` for this kernel and user, else a real probe.
-fn overlay_works(root: &Path) -> Result<(), String> {
+fn overlay_works(root: &Path) -> Result<(), OverlayError> {
     if std::env::var_os(NO_OVERLAY_ENV).is_some_and(|v| !v.is_empty() && v != "0") {
-        return Err(format!("{NO_OVERLAY_ENV} is set (a test hook)"));
+        return Err(OverlayError::TestHook);
     }
     let kernel = |f: &str| {
         fs::read_to_string(format!("/proc/sys/kernel/{f}"))
@@ -456,7 +485,7 @@ fn overlay_works(root: &Path) -> Result<(), String> {
         if let Some((k, verdict)) = text.trim_end().split_once('\n') {
             if k == key {
                 return match verdict.strip_prefix("refused: ") {
-                    Some(why) => Err(why.to_string()),
+                    Some(why) => Err(OverlayError::Recorded(why.to_string())),
                     None => Ok(()),
                 };
             }
@@ -465,7 +494,7 @@ fn overlay_works(root: &Path) -> Result<(), String> {
     let verdict = probe_overlay(&root.join("tmp"));
     let line = match &verdict {
         Ok(()) => "ok".to_string(),
-        Err(why) => format!("refused: {}", why.replace('\n', " ")),
+        Err(why) => format!("refused: {}", why.to_string().replace('\n', " ")),
     };
     // Only a cache: a store we cannot write to fails later with a clearer error.
     let _ = fs::write(&cache, format!("{key}\n{line}\n"));
@@ -475,18 +504,23 @@ fn overlay_works(root: &Path) -> Result<(), String> {
 /// Mount a tiny overlay (two lowers, an upper) in a sandbox user namespace, as the overlay
 /// backend's tools and RUN steps do, and change it: read a lower file, delete one (a
 /// whiteout), write one.
-fn probe_overlay(parent: &Path) -> Result<(), String> {
+fn probe_overlay(parent: &Path) -> Result<(), OverlayError> {
     let dir = parent.join(format!(".overlay-probe-{}", std::process::id()));
     let result = (|| {
         let _ = remove_probe_dir(&dir);
         for d in ["l1", "l2", "upper", "work", "merged"] {
             fs::create_dir_all(dir.join(d))
                 .and_then(|()| crate::tools::hand_over(&dir.join(d)))
-                .map_err(|e| format!("creating {}: {e}", dir.join(d).display()))?;
+                .map_err(|source| OverlayError::Create {
+                    path: dir.join(d),
+                    source,
+                })?;
         }
         for (f, layer) in [("a", "l1"), ("b", "l2")] {
-            fs::write(dir.join(layer).join(f), f)
-                .map_err(|e| format!("creating {}: {e}", dir.join(layer).display()))?;
+            fs::write(dir.join(layer).join(f), f).map_err(|source| OverlayError::Create {
+                path: dir.join(layer),
+                source,
+            })?;
         }
         let merged = dir.join("merged");
         let script = format!(
@@ -506,16 +540,15 @@ fn probe_overlay(parent: &Path) -> Result<(), String> {
             .timeout(std::time::Duration::from_secs(30))
             .command(["/bin/sh", "-c", &script])
             .output()
-            .map_err(|e| e.to_string())?;
+            .map_err(OverlayError::Sandbox)?;
         if !out.status.success() {
-            return Err(format!(
-                "the probe in an overlay failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            ));
+            return Err(OverlayError::Probe {
+                status: out.status,
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
         }
         if fs::read_to_string(dir.join("upper/c")).ok().as_deref() != Some("c\n") {
-            return Err("a file written in the overlay did not reach its upper directory".into());
+            return Err(OverlayError::NoUpper);
         }
         Ok(())
     })();
@@ -526,9 +559,9 @@ fn probe_overlay(parent: &Path) -> Result<(), String> {
 /// Whether rootless overlayfs works on the filesystem of `dir` (a real probe in a scratch
 /// directory made there and removed): e.g. for overlays whose upper directories live in a job's
 /// directory rather than in the store.
-pub fn overlay_works_in(dir: &Path) -> Result<(), String> {
+pub fn overlay_works_in(dir: &Path) -> Result<(), OverlayError> {
     if std::env::var_os(NO_OVERLAY_ENV).is_some_and(|v| !v.is_empty() && v != "0") {
-        return Err(format!("{NO_OVERLAY_ENV} is set (a test hook)"));
+        return Err(OverlayError::TestHook);
     }
     probe_overlay(dir)
 }

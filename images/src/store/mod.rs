@@ -36,8 +36,8 @@ mod job;
 mod mac;
 
 pub use crate::view::{Target, View};
-pub use backend::overlay_works_in;
 pub use backend::{is_btrfs, Backend, BackendKind};
+pub use backend::{overlay_works_in, OverlayError, UnknownBackend};
 pub use cache::{CacheDir, CacheInit, CacheSharing};
 pub use job::{
     cache_depth, layer_build, layer_path, next_chain_builds, read_cache_layers, CacheMode, JobRoot,

@@ -664,15 +664,41 @@ fn destinations(pid: libc::pid_t, n: &libc::seccomp_notif) -> Result<Vec<Dest>, 
     }
 }
 
+/// Why the supervisor refused one of slirp4netns' system calls (the first one is in the notes).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum Refused {
+    #[error("{addr}: {refusal}")]
+    Address {
+        addr: std::net::SocketAddr,
+        #[source]
+        refusal: Refusal,
+    },
+    #[error("an unspecified address")]
+    Unspecified,
+    #[error("{0}")]
+    Family(#[source] Refusal),
+    #[error("a truncated socket address")]
+    Short,
+    #[error("a call of process {0} (not slirp4netns)")]
+    OtherProcess(u32),
+    #[error("its destination could not be read: {}", errno_text(*.0))]
+    Unreadable(i32),
+}
+
 /// Whether the destinations may be reached: the first refusal otherwise.
-fn judge(dests: &[Dest], connect: bool, policy: &EgressPolicy) -> Result<(), String> {
+fn judge(dests: &[Dest], connect: bool, policy: &EgressPolicy) -> Result<(), Refused> {
     for d in dests {
         match d {
-            Dest::Inet(sa) => policy.check_slirp(*sa).map_err(|r| format!("{sa}: {r}"))?,
+            Dest::Inet(addr) => policy
+                .check_slirp(*addr)
+                .map_err(|refusal| Refused::Address {
+                    addr: *addr,
+                    refusal,
+                })?,
             Dest::Unspec if connect => {}
-            Dest::Unspec => return Err("an unspecified address".into()),
-            Dest::Family(f) => return Err(Refusal::Family(*f).to_string()),
-            Dest::Short => return Err("a truncated socket address".into()),
+            Dest::Unspec => return Err(Refused::Unspecified),
+            Dest::Family(f) => return Err(Refused::Family(Refusal::Family(*f))),
+            Dest::Short => return Err(Refused::Short),
         }
     }
     Ok(())
@@ -696,13 +722,10 @@ fn answer_one(
         Ok(())
     } else if n.pid as libc::pid_t != pid {
         // Once ready, slirp4netns forks nothing: no other process may connect.
-        Err(format!("a call of process {} (not slirp4netns)", n.pid))
+        Err(Refused::OtherProcess(n.pid))
     } else {
         match destinations(pid, &n) {
-            Err(e) => Err(format!(
-                "its destination could not be read: {}",
-                errno_text(e)
-            )),
+            Err(e) => Err(Refused::Unreadable(e)),
             // The memory read must have been the process's that is still waiting (no pid reuse).
             Ok(_) if !sys::seccomp_notif_id_valid(listener, n.id) => return,
             Ok(dests) => judge(&dests, connect, policy),
@@ -716,7 +739,7 @@ fn answer_one(
                 *shared
                     .first_refusal
                     .lock()
-                    .unwrap_or_else(|e| e.into_inner()) = Some(why.clone());
+                    .unwrap_or_else(|e| e.into_inner()) = Some(why.to_string());
             }
             Err(if connect {
                 libc::ECONNREFUSED
@@ -776,18 +799,19 @@ mod tests {
         assert_eq!(judge(&[], true, &p), Ok(()));
         assert_eq!(judge(&[Dest::Unspec], true, &p), Ok(()));
         assert!(judge(&[Dest::Unspec], false, &p).is_err());
+        let refused = |dests: &[Dest], connect| judge(dests, connect, &p).unwrap_err().to_string();
         assert_eq!(
-            judge(&[d("127.0.0.1:8462")], true, &p),
-            Err("127.0.0.1:8462: 127.0.0.1 is a loopback address".into())
+            refused(&[d("127.0.0.1:8462")], true),
+            "127.0.0.1:8462: 127.0.0.1 is a loopback address"
         );
         assert_eq!(
-            judge(&[d("198.51.100.1:80"), d("203.0.113.5:80")], false, &p),
-            Err("203.0.113.5:80: 203.0.113.5 is in the denied network 203.0.113.0/24".into())
+            refused(&[d("198.51.100.1:80"), d("203.0.113.5:80")], false),
+            "203.0.113.5:80: 203.0.113.5 is in the denied network 203.0.113.0/24"
         );
         assert_eq!(judge(&[d("198.51.100.1:80")], true, &p), Ok(()));
         assert_eq!(
-            judge(&[Dest::Family(1)], true, &p),
-            Err("address family 1 is not allowed".into())
+            refused(&[Dest::Family(1)], true),
+            "address family 1 is not allowed"
         );
         assert!(judge(&[Dest::Short], true, &p).is_err());
     }

@@ -29,16 +29,17 @@ use axum::Router;
 use futures_util::stream;
 use serde::Deserialize;
 
-use super::def::{self, ParamDef};
-use super::run::{self, JobRunState, RunRecord, RunState, Runs};
-use super::PipelineError;
+use super::ApiError;
 use crate::body::{json, INDEX_HTML};
+use crate::pipeline::def::{self, ParamDef};
+use crate::pipeline::run::{self, JobRunState, RunRecord, RunState, Runs};
+use crate::pipeline::PipelineError;
 use crate::service::{JobError, Jobs};
 
 /// The pipelines' routes, with their own state, to merge into the server's router; the runs'
 /// jobs go to `jobs`. Validates every definition and fails the runs a previous daemon left
 /// running (off the runtime).
-pub fn routes<S: Clone + Send + Sync + 'static>(jobs: Arc<dyn Jobs>) -> Router<S> {
+pub(super) fn routes<S: Clone + Send + Sync + 'static>(jobs: Arc<dyn Jobs>) -> Router<S> {
     let projects_path = jobs.config().projects_path.clone();
     let runs = Runs::new(jobs, projects_path, None);
     if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -64,18 +65,6 @@ fn check_at_start(runs: &Runs) {
             Ok(p) => tracing::info!(pipeline = %name, jobs = p.jobs.len(), "pipeline loaded"),
             Err(e) => tracing::warn!(pipeline = %name, error = %e, "invalid pipeline"),
         }
-    }
-}
-
-impl IntoResponse for PipelineError {
-    fn into_response(self) -> Response {
-        let status = match self {
-            PipelineError::Unknown(_) => StatusCode::NOT_FOUND,
-            PipelineError::Invalid(_) | PipelineError::BadRequest(_) => StatusCode::BAD_REQUEST,
-            PipelineError::Overloaded => StatusCode::SERVICE_UNAVAILABLE,
-            PipelineError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        (status, self.to_string()).into_response()
     }
 }
 
@@ -152,7 +141,7 @@ async fn pipelines(
     method: Method,
     query: Result<Query<RunQuery>, QueryRejection>,
     body: Bytes,
-) -> Response {
+) -> Result<Response, ApiError> {
     if method == Method::GET || method == Method::HEAD {
         let r = Arc::clone(&runs);
         let listed = tokio::task::spawn_blocking(move || {
@@ -176,77 +165,56 @@ async fn pipelines(
                 })
                 .collect::<Vec<_>>()
         })
-        .await;
-        return match listed {
-            Ok(l) => json(StatusCode::OK, &l),
-            Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
-        };
+        .await?;
+        return Ok(json(StatusCode::OK, &listed)?);
     }
     if method != Method::POST {
-        let msg = format!("Expected GET or POST, got {method}");
-        return (StatusCode::METHOD_NOT_ALLOWED, msg).into_response();
+        return Err(ApiError::Method {
+            expected: "GET or POST",
+            got: method,
+        });
     }
-    let (name, params, rebuild) = match parse_request(&body) {
-        Ok(r) => r,
-        Err(e) => return e.into_response(),
-    };
+    let (name, params, rebuild) = parse_request(&body)?;
     let is_async = query.is_ok_and(|Query(q)| q.is_async.is_some());
-    let started = if rebuild {
-        runs.start_rebuild(&name, params).await
+    let (rx, _) = if rebuild {
+        runs.start_rebuild(&name, params).await?
     } else {
-        runs.start(&name, params, None).await
-    };
-    let rx = match started {
-        Ok((rx, _)) => rx,
-        Err(e) => return e.into_response(),
+        runs.start(&name, params, None).await?
     };
     if is_async {
         let rec = RunRecord::clone(&rx.borrow());
-        return json(StatusCode::CREATED, &rec);
+        return Ok(json(StatusCode::CREATED, &rec)?);
     }
-    match run::wait_end(rx).await {
-        // The backlog was full: as for a job, 503 (the record says which jobs).
-        Ok(rec)
-            if rec.state == RunState::Failed
-                && rec
-                    .jobs
-                    .iter()
-                    .any(|j| j.err_build == JobError::Overloaded.to_string()) =>
-        {
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!(
-                    "{} (pipeline {} run {})",
-                    JobError::Overloaded,
-                    rec.pipeline,
-                    rec.run
-                ),
-            )
-                .into_response()
-        }
-        Ok(rec) => json(StatusCode::CREATED, &rec),
-        Err(e) => e.into_response(),
+    let rec = run::wait_end(rx).await?;
+    // The backlog was full: as for a job, 503 (the record says which jobs).
+    if rec.state == RunState::Failed
+        && rec
+            .jobs
+            .iter()
+            .any(|j| j.err_build == JobError::Overloaded.to_string())
+    {
+        return Err(ApiError::RunOverloaded {
+            pipeline: rec.pipeline,
+            run: rec.run,
+        });
     }
+    Ok(json(StatusCode::CREATED, &rec)?)
 }
 
-async fn index(State(runs): State<Arc<Runs>>) -> Response {
+async fn index(State(runs): State<Arc<Runs>>) -> Result<Response, ApiError> {
     let build_path = runs.jobs().config().build_path.clone();
-    match tokio::task::spawn_blocking(move || run::list_records(&build_path)).await {
-        Ok(mut recs) => {
-            // Runs in flight as they are now.
-            for r in &mut recs {
-                if let Some(rx) = runs.watch(&r.pipeline, &r.run) {
-                    *r = RunRecord::clone(&rx.borrow());
-                }
-            }
-            json(StatusCode::OK, &recs)
+    let mut recs = tokio::task::spawn_blocking(move || run::list_records(&build_path)).await?;
+    // Runs in flight as they are now.
+    for r in &mut recs {
+        if let Some(rx) = runs.watch(&r.pipeline, &r.run) {
+            *r = RunRecord::clone(&rx.borrow());
         }
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
+    Ok(json(StatusCode::OK, &recs)?)
 }
 
 /// `{"<project>/<id>": {"pipeline", "run", "url"}}`: the run each job belongs to.
-async fn job_runs(State(runs): State<Arc<Runs>>) -> Response {
+async fn job_runs(State(runs): State<Arc<Runs>>) -> Result<Response, ApiError> {
     let map: serde_json::Map<String, serde_json::Value> = runs
         .job_runs()
         .into_iter()
@@ -257,7 +225,7 @@ async fn job_runs(State(runs): State<Arc<Runs>>) -> Response {
             )
         })
         .collect();
-    json(StatusCode::OK, &map)
+    Ok(json(StatusCode::OK, &map)?)
 }
 
 fn wants_json(headers: &HeaderMap) -> bool {
@@ -269,31 +237,27 @@ fn wants_json(headers: &HeaderMap) -> bool {
     })
 }
 
-fn unknown_run(name: &str, run: &str) -> Response {
-    (
-        StatusCode::NOT_FOUND,
-        format!("Unknown pipeline run {name}/{run}"),
-    )
-        .into_response()
+fn unknown_run(name: String, run: String) -> ApiError {
+    ApiError::UnknownRun { name, run }
 }
 
 async fn run_page(
     State(runs): State<Arc<Runs>>,
     Path((name, run)): Path<(String, String)>,
     headers: HeaderMap,
-) -> Response {
+) -> Result<Response, ApiError> {
     let found = runs.find(&name, &run).await;
     match (found, wants_json(&headers)) {
-        (Some(rec), true) => json(StatusCode::OK, &rec),
-        (Some(rec), false) => Html(page(&rec)).into_response(),
-        (None, _) => unknown_run(&name, &run),
+        (Some(rec), true) => Ok(json(StatusCode::OK, &rec)?),
+        (Some(rec), false) => Ok(Html(page(&rec)).into_response()),
+        (None, _) => Err(unknown_run(name, run)),
     }
 }
 
 async fn events(
     State(runs): State<Arc<Runs>>,
     Path((name, run)): Path<(String, String)>,
-) -> Response {
+) -> Result<Response, ApiError> {
     let event = |rec: &RunRecord| {
         Ok::<_, Infallible>(
             Event::default().data(serde_json::to_string(rec).unwrap_or_else(|_| "{}".into())),
@@ -312,11 +276,11 @@ async fn events(
             let done = rec.state != RunState::Running;
             Some((event(&rec), (rx, done, false)))
         });
-        return Sse::new(s).into_response();
+        return Ok(Sse::new(s).into_response());
     }
     match runs.find(&name, &run).await {
-        Some(rec) => Sse::new(stream::iter([event(&rec)])).into_response(),
-        None => unknown_run(&name, &run),
+        Some(rec) => Ok(Sse::new(stream::iter([event(&rec)])).into_response()),
+        None => Err(unknown_run(name, run)),
     }
 }
 
