@@ -122,8 +122,7 @@ pub fn run(cmd: ImageCommand) -> Result<i32> {
             let project = args.project.clone().unwrap_or_else(|| {
                 args.context
                     .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| "default".into())
+                    .map_or_else(|| "default".into(), |n| n.to_string_lossy().into_owned())
             });
             let mut opts = BuildOptions::new(project, &args.context);
             // Build arg `uid` is this process's uid, as the daemon passes it (see

@@ -513,7 +513,7 @@ mod tests {
     fn recursive_hash(h: &mut Sha256, base: &Path, dir: &Path) {
         use std::os::unix::fs::MetadataExt;
         let mut entries: Vec<_> = std::fs::read_dir(dir).unwrap().flatten().collect();
-        entries.sort_by_key(|e| e.file_name());
+        entries.sort_by_key(std::fs::DirEntry::file_name);
         for e in entries {
             let path = e.path();
             let meta = std::fs::symlink_metadata(&path).unwrap();

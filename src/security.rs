@@ -121,9 +121,9 @@ pub const DEFAULT_LOG: u64 = 64 << 20;
 /// [`DEFAULT_DISK`], or half the space free on that filesystem at start when that is less (at
 /// least 64 MiB), so that one job cannot fill a disk that is short already.
 pub fn default_disk(build_path: &Path) -> u64 {
-    let free = nix::sys::statvfs::statvfs(build_path)
-        .map(|s| s.blocks_available().saturating_mul(s.fragment_size()))
-        .unwrap_or(u64::MAX);
+    let free = nix::sys::statvfs::statvfs(build_path).map_or(u64::MAX, |s| {
+        s.blocks_available().saturating_mul(s.fragment_size())
+    });
     default_disk_with(free)
 }
 

@@ -8,7 +8,7 @@ use crate::jobs::BuildInfo;
 
 /// JSON-escape `bytes` (a chunk of a log), keeping an incomplete UTF-8 sequence at the end in
 /// `carry` for the next chunk; invalid bytes become U+FFFD.
-pub fn escape_chunk(carry: &mut Vec<u8>, bytes: &[u8], last: bool) -> String {
+pub(crate) fn escape_chunk(carry: &mut Vec<u8>, bytes: &[u8], last: bool) -> String {
     let mut data = std::mem::take(carry);
     data.extend_from_slice(bytes);
     let mut text = String::with_capacity(data.len());
@@ -47,7 +47,7 @@ pub fn escape_chunk(carry: &mut Vec<u8>, bytes: &[u8], last: bool) -> String {
 /// `ContainerStderr` read from the given files chunk by chunk (each omitted when its file is
 /// empty or missing, as mistry does). Blocking: run it off the async runtime (see
 /// `server::body::blocking_body`).
-pub fn write_with(
+pub(crate) fn write_with(
     w: &mut dyn Write,
     prefix: &str,
     info: &BuildInfo,

@@ -167,7 +167,7 @@ fn running(record: &Value) -> bool {
 }
 
 /// Run `mistry pipeline run`; returns the process exit code.
-pub fn run(args: PipelineRunArgs) -> Result<i32> {
+pub(crate) fn run(args: PipelineRunArgs) -> Result<i32> {
     let params = parse_params(&args.params)?;
     for a in &args.artifacts {
         if a.dir.is_file() {
@@ -378,7 +378,7 @@ fn events(
 
 /// `mistry pipeline list`: one line per pipeline, `NAME  params: --p (required), --q (default
 /// "v")  jobs: a, b`.
-pub fn list(server: &ServerArgs) -> Result<i32> {
+pub(crate) fn list(server: &ServerArgs) -> Result<i32> {
     let base = server.base();
     let timeout = Duration::from_secs(60);
     let agent = crate::http::agent(timeout);

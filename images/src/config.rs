@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 /// The default SHELL of RUN and of shell-form CMD/ENTRYPOINT.
-pub fn default_shell() -> Vec<String> {
+pub(crate) fn default_shell() -> Vec<String> {
     vec!["/bin/sh".into(), "-c".into()]
 }
 

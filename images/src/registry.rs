@@ -82,7 +82,10 @@ fn default_auth_file() -> Option<PathBuf> {
 }
 
 /// Credentials for `registry` from a docker-style config file.
-pub fn credentials_from_file(path: &Path, registry: &str) -> Result<Option<Credentials>, String> {
+pub(crate) fn credentials_from_file(
+    path: &Path,
+    registry: &str,
+) -> Result<Option<Credentials>, String> {
     let text = match std::fs::read(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),

@@ -80,7 +80,7 @@ impl BaseSource for LocalImages {
 }
 
 /// `OnBuild` triggers from a raw image config (a Docker extension oci-spec does not model).
-pub fn onbuild_of(raw_config: &[u8]) -> Vec<String> {
+pub(crate) fn onbuild_of(raw_config: &[u8]) -> Vec<String> {
     serde_json::from_slice::<serde_json::Value>(raw_config)
         .ok()
         .and_then(|v| v.get("config")?.get("OnBuild")?.as_array().cloned())
@@ -93,7 +93,7 @@ pub fn onbuild_of(raw_config: &[u8]) -> Vec<String> {
 }
 
 /// `name[:tag][@digest]` → (name, tag or digest); the tag defaults to `latest`.
-pub fn split_reference(reference: &str) -> (&str, &str) {
+pub(crate) fn split_reference(reference: &str) -> (&str, &str) {
     if let Some((name, digest)) = reference.split_once('@') {
         return (name, digest);
     }

@@ -59,7 +59,7 @@ pub struct Applied {
 }
 
 /// Wrap `input` in the right decompressor, sniffing gzip and zstd magic numbers.
-pub fn decompress<'a>(input: impl Read + 'a) -> io::Result<Box<dyn Read + 'a>> {
+pub(crate) fn decompress<'a>(input: impl Read + 'a) -> io::Result<Box<dyn Read + 'a>> {
     let mut buf = BufReader::with_capacity(1 << 16, input);
     let head = buf.fill_buf()?;
     if head.starts_with(&[0x1f, 0x8b]) {
@@ -158,7 +158,7 @@ pub fn apply_layer(
 
 /// Apply a layer onto an open [`Root`]: every entry lands inside it, whatever the layer and
 /// the tree already there contain.
-pub fn apply_layer_in(
+pub(crate) fn apply_layer_in(
     input: impl Read,
     root: &Root,
     layer: &str,
@@ -309,7 +309,7 @@ pub fn apply_layer_in(
                 let target = entry
                     .link_name()
                     .map_err(ctx.io("reading a link target"))?
-                    .map(|t| t.into_owned())
+                    .map(std::borrow::Cow::into_owned)
                     .unwrap_or_default();
                 replace(&ctx)?;
                 rfs::symlinkat(&target, dir, fname).map_err(|e| {
@@ -321,7 +321,7 @@ pub fn apply_layer_in(
                 let target = entry
                     .link_name()
                     .map_err(ctx.io("reading a link target"))?
-                    .map(|t| t.into_owned())
+                    .map(std::borrow::Cow::into_owned)
                     .unwrap_or_default();
                 let Some(target_rel) = clean(&target) else {
                     return Err(ctx.hostile(&raw, "is a hard link that escapes the image root"));

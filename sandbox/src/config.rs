@@ -1,7 +1,7 @@
 //! What a sandbox is asked to run: the builder callers fill in.
 
 use std::ffi::OsString;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -73,7 +73,7 @@ pub struct Bind {
 
 impl PartialEq for Bind {
     fn eq(&self, other: &Self) -> bool {
-        let fd = |b: &Bind| b.fd.as_ref().map(|f| f.as_raw_fd());
+        let fd = |b: &Bind| b.fd.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
         self.source == other.source
             && self.destination == other.destination
             && self.read_only == other.read_only

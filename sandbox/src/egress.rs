@@ -99,10 +99,7 @@ pub(crate) fn nameservers(text: &str) -> Vec<IpAddr> {
 /// An IPv4-mapped IPv6 address as the IPv4 address it is; every other address as it is.
 pub fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(IpAddr::V4)
-            .unwrap_or(IpAddr::V6(v6)),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
         v4 => v4,
     }
 }
@@ -191,12 +188,18 @@ impl EgressPolicy {
     /// Replace the networks the daemon denies while it runs (the cluster's database and the
     /// other agents' addresses).
     pub fn set_dynamic(&self, nets: Vec<IpNet>) {
-        *self.dynamic.write().unwrap_or_else(|e| e.into_inner()) = nets;
+        *self
+            .dynamic
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = nets;
     }
 
     /// The host's addresses and name servers, read at most once a second.
     fn facts(&self) -> Arc<HostFacts> {
-        let mut cached = self.facts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cached = self
+            .facts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some((at, facts)) = cached.as_ref() {
             if at.elapsed() < FACTS_TTL {
                 return Arc::clone(facts);
@@ -220,7 +223,10 @@ impl EgressPolicy {
 
     fn check_as(&self, addr: SocketAddr, dns: bool) -> Result<(), Refusal> {
         let facts = self.facts();
-        let dynamic = self.dynamic.read().unwrap_or_else(|e| e.into_inner());
+        let dynamic = self
+            .dynamic
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         check_with(addr, &facts, &self.deny, &dynamic, dns)
     }
 }
@@ -230,12 +236,16 @@ static POLICY: RwLock<Option<Arc<EgressPolicy>>> = RwLock::new(None);
 /// Set the egress policy of this process's isolated networks and downloads (default: the
 /// built-in rules alone).
 pub fn set_egress_policy(policy: Arc<EgressPolicy>) {
-    *POLICY.write().unwrap_or_else(|e| e.into_inner()) = Some(policy);
+    *POLICY
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(policy);
 }
 
 /// The egress policy in force (see [`set_egress_policy`]).
 pub fn egress_policy() -> Arc<EgressPolicy> {
-    let mut slot = POLICY.write().unwrap_or_else(|e| e.into_inner());
+    let mut slot = POLICY
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     Arc::clone(slot.get_or_insert_with(|| Arc::new(EgressPolicy::default())))
 }
 

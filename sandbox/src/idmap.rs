@@ -214,7 +214,7 @@ fn run_map_helpers(uid: HelperRun<'_>, gid: HelperRun<'_>, pid: i32) -> Result<(
     let mut result = Ok(());
     for (helper, args, child) in started {
         let done = child
-            .and_then(|c| c.wait_with_output())
+            .and_then(std::process::Child::wait_with_output)
             .map_err(|e| Error::IdMap {
                 what: format!("running {}", helper.display()),
                 reason: e.to_string(),
@@ -237,12 +237,10 @@ fn run_map_helpers(uid: HelperRun<'_>, gid: HelperRun<'_>, pid: i32) -> Result<(
 
 /// Whether this process runs with `no_new_privs` (set-uid programs then gain nothing).
 fn no_new_privs() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.split_whitespace().eq(["NoNewPrivs:", "1"]))
-        })
-        .unwrap_or(false)
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .any(|l| l.split_whitespace().eq(["NoNewPrivs:", "1"]))
+    })
 }
 
 /// Parse `/etc/subuid`-style text and return the first range of `name` or `id`.

@@ -226,8 +226,7 @@ impl std::fmt::Display for ExitStatus {
             ExitStatus::Exited(c) => write!(f, "exit code {c}"),
             ExitStatus::Signaled(s) => {
                 let name = nix::sys::signal::Signal::try_from(*s)
-                    .map(|s| s.as_str())
-                    .unwrap_or("unknown");
+                    .map_or("unknown", nix::sys::signal::Signal::as_str);
                 write!(f, "killed by signal {s} ({name})")
             }
             ExitStatus::TimedOut(t) => write!(f, "timed out after {t:?}"),
@@ -527,7 +526,7 @@ impl Sandbox {
                     match &overlay {
                         Some(ov) => trees.insert(0, (ov.upper.clone(), Counted::All)),
                         None if !self.read_only_root => {
-                            trees.insert(0, (rootfs.clone(), Counted::Growth))
+                            trees.insert(0, (rootfs.clone(), Counted::Growth));
                         }
                         None => {}
                     }
@@ -557,7 +556,9 @@ impl Sandbox {
             ));
         }
         let given_sysfs = match &net {
-            Some(net::Net::Joined(lease)) => lease.sysfs.as_ref().map(|f| f.as_raw_fd()),
+            Some(net::Net::Joined(lease)) => {
+                lease.sysfs.as_ref().map(std::os::fd::AsRawFd::as_raw_fd)
+            }
             _ => None,
         };
         let (ops, nslots, sysfs_slot) = plan::build(&plan::Spec {
@@ -652,9 +653,9 @@ impl Sandbox {
             report_r.as_raw_fd(),
             status_r.as_raw_fd(),
         ];
-        parent_fds.extend(stdin.iter().map(|f| f.as_raw_fd()));
-        parent_fds.extend(stdout.iter().map(|f| f.as_raw_fd()));
-        parent_fds.extend(stderr.iter().map(|f| f.as_raw_fd()));
+        parent_fds.extend(stdin.iter().map(std::os::fd::AsRawFd::as_raw_fd));
+        parent_fds.extend(stdout.iter().map(std::os::fd::AsRawFd::as_raw_fd));
+        parent_fds.extend(stderr.iter().map(std::os::fd::AsRawFd::as_raw_fd));
 
         let cap_mask = self
             .capabilities
@@ -730,7 +731,7 @@ impl Sandbox {
             Some(net::Net::Joined(lease)) => (Some(lease.netns), Some(lease.slirp), lease.sysfs),
             _ => (None, None, None),
         };
-        let netns_fd = netns.as_ref().map_or(-1, |n| n.as_raw_fd());
+        let netns_fd = netns.as_ref().map_or(-1, std::os::fd::AsRawFd::as_raw_fd);
         let (pid, pidfd) = match &held {
             Some(userns) => {
                 start_held(&mut prepared, &mapping, userns.as_raw_fd(), netns_fd, flags)?
@@ -801,7 +802,7 @@ impl Sandbox {
             match cg.add(pid) {
                 Ok(()) => {
                     tracing::debug!(path = %cg.path().display(), "sandbox cgroup");
-                    child._cgroup = Some(cg)
+                    child._cgroup = Some(cg);
                 }
                 Err(why) => {
                     tracing::warn!(reason = %why, "sandbox runs without cgroup limits");
@@ -969,8 +970,7 @@ fn describe_report(r: &Report, p: &Prepared) -> Error {
             }
             let text = format!(
                 "{}: {err}",
-                op.map(plan::Op::describe)
-                    .unwrap_or_else(|| "sandbox set-up".into())
+                op.map_or_else(|| "sandbox set-up".into(), plan::Op::describe)
             );
             if op.is_some_and(plan::Op::is_overlay) {
                 Error::Overlay(text)
@@ -991,14 +991,18 @@ fn describe_report(r: &Report, p: &Prepared) -> Error {
 impl Child {
     /// Whether the sandbox's cgroup (v2 or v1) refused a fork at its process limit.
     fn pids_refused(&self) -> bool {
-        self._cgroup.as_ref().is_some_and(|c| c.pids_refused())
-            || self.v1.as_ref().is_some_and(|g| g.pids_refused())
+        self._cgroup
+            .as_ref()
+            .is_some_and(cgroup::Cgroup::pids_refused)
+            || self.v1.as_ref().is_some_and(cgroup::V1Group::pids_refused)
     }
 
     /// Whether the kernel's OOM killer killed a process of the sandbox's cgroup (v2 or v1).
     fn oom_killed(&self) -> bool {
-        self._cgroup.as_ref().is_some_and(|c| c.oom_killed())
-            || self.v1.as_ref().is_some_and(|g| g.oom_killed())
+        self._cgroup
+            .as_ref()
+            .is_some_and(cgroup::Cgroup::oom_killed)
+            || self.v1.as_ref().is_some_and(cgroup::V1Group::oom_killed)
     }
 
     /// The host pid of the sandbox's init.

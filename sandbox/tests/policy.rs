@@ -19,7 +19,7 @@ fn probe(sb: Sandbox, args: &[&str]) -> String {
     argv.extend_from_slice(args);
     let out = run(sb.command(argv));
     assert!(
-        matches!(out.status, ExitStatus::Exited(0) | ExitStatus::Exited(1)),
+        matches!(out.status, ExitStatus::Exited(0 | 1)),
         "probe {args:?}: {:?} {}",
         out.status,
         text(&out.stderr)
@@ -826,7 +826,7 @@ fn pip_npm_and_apt_work_under_the_default_filter() {
             match std::env::var_os(var) {
                 Some(v) => sb = sb.env(var, v),
                 None if std::path::Path::new(system_bundle).exists() => {
-                    sb = sb.env(var, system_bundle)
+                    sb = sb.env(var, system_bundle);
                 }
                 None => {}
             }

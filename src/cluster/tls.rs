@@ -174,7 +174,7 @@ fn split_url(url: &str, prefix: usize) -> Result<(String, Vec<(String, String)>)
     let decode = |s: &str| {
         percent_encoding::percent_decode_str(s)
             .decode_utf8()
-            .map(|c| c.into_owned())
+            .map(std::borrow::Cow::into_owned)
             .map_err(|e| format!("{s:?}: {e}"))
     };
     let mut kept = Vec::new();

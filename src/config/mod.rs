@@ -215,9 +215,7 @@ impl Config {
         std::fs::write(&probe, b"")
             .with_context(|| format!("build_path {} is not writable", build_path.display()))?;
         let _ = std::fs::remove_file(&probe);
-        let cpus = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
         let job_concurrency = raw.job_concurrency.unwrap_or(cpus);
         if job_concurrency == 0 {
             bail!("job_concurrency must be at least 1");

@@ -244,7 +244,7 @@ mod tests {
                 p.join(name).join(".mistry.json"),
                 format!(r#"{{"network": "{net}"}}"#),
             )
-            .unwrap()
+            .unwrap();
         };
         // The default is isolated; a project asking for the host's network stays isolated.
         own("plain", "host");

@@ -94,8 +94,7 @@ impl Layout {
     /// How many jobs `project` has in `stage`.
     pub fn count(&self, project: &str, stage: Stage) -> usize {
         fs::read_dir(self.project(project).join(stage.as_str()))
-            .map(|d| d.count())
-            .unwrap_or(0)
+            .map_or(0, std::iter::Iterator::count)
     }
 
     /// Make `<project>/<stage>/` (the parent of that stage's job directories).

@@ -221,7 +221,9 @@ impl Engine {
     pub fn note_retry(&self, dir: &JobDir, note: &str, info: &BuildInfo) {
         use std::io::Write;
         let lock = self.link_lock(dir.project());
-        let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if !dir.is_dir() {
             return;
         }
@@ -614,7 +616,9 @@ impl Engine {
         // Ready and linked under the project's link lock: retention, which takes it too, never
         // sees a successful build between the two.
         let lock = self.link_lock(&req.project);
-        let guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let guard = lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if dir.is_dir() {
             if let Err(e) = self.to_ready(&dir, &info) {
                 info.err_build = format!(

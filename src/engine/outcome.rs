@@ -205,7 +205,10 @@ mod tests {
         let i = Report {
             outcome,
             incremental: true,
-            problems: problems.iter().map(|p| p.to_string()).collect(),
+            problems: problems
+                .iter()
+                .map(std::string::ToString::to_string)
+                .collect(),
         }
         .into_info(blank(), "proj");
         assert!(i.incremental);

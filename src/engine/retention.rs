@@ -370,7 +370,7 @@ impl Retainer {
         *self
             .in_use
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .entry(path.clone())
             .or_default() += 1;
         Some(Hold {
@@ -380,7 +380,10 @@ impl Retainer {
     }
 
     fn is_in_use(&self, path: &Path) -> bool {
-        let used = self.in_use.lock().unwrap_or_else(|e| e.into_inner());
+        let used = self
+            .in_use
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         std::fs::canonicalize(path).is_ok_and(|p| used.contains_key(&p))
     }
 }
@@ -397,7 +400,7 @@ impl Drop for Hold {
             .retainer
             .in_use
             .lock()
-            .unwrap_or_else(|e| e.into_inner());
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(n) = used.get_mut(&self.path) {
             *n -= 1;
             if *n == 0 {
@@ -414,7 +417,11 @@ impl Engine {
         if !self.cfg.retention.is_enabled() {
             return Purged::default();
         }
-        let _pass = self.retainer.pass.lock().unwrap_or_else(|e| e.into_inner());
+        let _pass = self
+            .retainer
+            .pass
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut done = self.apply_rules(project, Some(group));
         self.apply_low_water(&mut done);
         self.finish_pass(&done);
@@ -426,7 +433,11 @@ impl Engine {
         if !self.cfg.retention.is_enabled() {
             return Purged::default();
         }
-        let _pass = self.retainer.pass.lock().unwrap_or_else(|e| e.into_inner());
+        let _pass = self
+            .retainer
+            .pass
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         self.retainer.trash.clean_leftovers(self.store());
         let mut done = Purged::default();
         for project in self.layout.projects() {
@@ -503,7 +514,9 @@ impl Engine {
         }
         unpin(&self.layout, self.store(), build);
         let lock = self.link_lock(&build.project);
-        let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if self.busy(build) || !still() {
             return Ok(None);
         }

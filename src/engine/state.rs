@@ -111,7 +111,9 @@ impl InFlight {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<JobKey, JobRecord>> {
-        self.jobs.lock().unwrap_or_else(|e| e.into_inner())
+        self.jobs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Admit a request of `project` (`identity`) under one of `ids`, atomically with respect
@@ -249,10 +251,10 @@ fn announce(key: &JobKey, state: &str, info: Option<&BuildInfo>) {
         ("queued", None) => tracing::info!(%project, %id, state, "job accepted"),
         ("pending", None) => tracing::info!(%project, %id, state, "job started"),
         ("cached", None) => {
-            tracing::info!(%project, %id, state, "job answered from the result cache")
+            tracing::info!(%project, %id, state, "job answered from the result cache");
         }
         ("coalesced", None) => {
-            tracing::info!(%project, %id, state, "job joins a running identical job")
+            tracing::info!(%project, %id, state, "job joins a running identical job");
         }
         ("taken", None) => tracing::info!(
             %project, %id, "job ID taken by another request's job: going by the request's exact ID"

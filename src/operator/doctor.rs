@@ -481,7 +481,7 @@ fn check_mapping(r: &mut Report, root: bool, ids: SandboxIds) -> Option<IdMap> {
                     }
                 }
                 _ if root => {
-                    r.ok("newuidmap/newgidmap: not needed (root writes the id maps itself)")
+                    r.ok("newuidmap/newgidmap: not needed (root writes the id maps itself)");
                 }
                 _ => {}
             }
@@ -622,7 +622,7 @@ fn check_paths(r: &mut Report, cfg: &Config) {
         let Ok((free, total)) = crate::engine::retention::free_space(path) else {
             continue;
         };
-        let dev = std::fs::metadata(path).map(|m| m.dev()).unwrap_or(0);
+        let dev = std::fs::metadata(path).map_or(0, |m| m.dev());
         if !seen.insert(dev) {
             continue;
         }
@@ -680,10 +680,10 @@ fn probe_dir(cfg: &Config) -> std::io::Result<tempfile_dir::Dir> {
 mod tempfile_dir {
     use std::path::{Path, PathBuf};
 
-    pub struct Dir(pub PathBuf);
+    pub(super) struct Dir(pub PathBuf);
 
     impl Dir {
-        pub fn new_in(base: &Path) -> std::io::Result<Dir> {
+        pub(super) fn new_in(base: &Path) -> std::io::Result<Dir> {
             let p = base.join(format!(".mistry-doctor-{}", std::process::id()));
             let _ = images::walk::remove_path(&p);
             std::fs::create_dir_all(&p)?;

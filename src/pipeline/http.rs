@@ -38,7 +38,7 @@ use crate::service::{JobError, Jobs};
 /// The pipelines' routes, with their own state, to merge into the server's router; the runs'
 /// jobs go to `jobs`. Validates every definition and fails the runs a previous daemon left
 /// running (off the runtime).
-pub fn routes<S: Clone + Send + Sync + 'static>(jobs: Arc<dyn Jobs>) -> Router<S> {
+pub(crate) fn routes<S: Clone + Send + Sync + 'static>(jobs: Arc<dyn Jobs>) -> Router<S> {
     let projects_path = jobs.config().projects_path.clone();
     let runs = Runs::new(jobs, projects_path, None);
     if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -106,7 +106,7 @@ fn parse_request(body: &[u8]) -> Result<(String, BTreeMap<String, String>, bool)
                     v.as_str()
                         .ok_or_else(|| bad("pipeline must be a string".into()))?
                         .to_string(),
-                )
+                );
             }
             "params" if v.is_null() => {}
             "params" => {
@@ -124,7 +124,7 @@ fn parse_request(body: &[u8]) -> Result<(String, BTreeMap<String, String>, bool)
             "rebuild" => {
                 rebuild = v
                     .as_bool()
-                    .ok_or_else(|| bad("rebuild must be a boolean".into()))?
+                    .ok_or_else(|| bad("rebuild must be a boolean".into()))?;
             }
             _ => {}
         }

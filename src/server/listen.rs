@@ -81,7 +81,9 @@ impl Conn {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, (u64, Phase)> {
-        self.phase.lock().unwrap_or_else(|e| e.into_inner())
+        self.phase
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn evictable(&self) -> bool {
@@ -114,7 +116,9 @@ struct Conns {
 
 impl Conns {
     fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<Weak<Conn>>> {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+        self.queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn push(&self, c: &Arc<Conn>, cap: usize) {

@@ -115,8 +115,8 @@ fn csv_fields(value: &str) -> Result<Vec<String>, String> {
 
 fn parse_bool(key: &str, value: Option<&str>) -> Result<bool, String> {
     match value.map(str::to_ascii_lowercase).as_deref() {
-        None | Some("true") | Some("1") => Ok(true),
-        Some("false") | Some("0") => Ok(false),
+        None | Some("true" | "1") => Ok(true),
+        Some("false" | "0") => Ok(false),
         Some(v) => Err(format!(
             "invalid value {v:?} for {key} (expected true or false)"
         )),
@@ -180,8 +180,7 @@ pub(super) fn parse_mount(value: &str, workdir: &str) -> Result<Mount, String> {
     let kind = fields
         .iter()
         .find(|(k, _)| k == "type")
-        .map(|(_, v)| v.clone().unwrap_or_default())
-        .unwrap_or_else(|| "bind".into());
+        .map_or_else(|| "bind".into(), |(_, v)| v.clone().unwrap_or_default());
     let allowed: &[&str] = match kind.as_str() {
         "bind" => &[
             "target",

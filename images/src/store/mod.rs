@@ -35,10 +35,11 @@ mod cache;
 mod job;
 mod mac;
 
-pub use crate::view::{Target, View};
+pub(crate) use crate::view::{Target, View};
 pub use backend::overlay_works_in;
-pub use backend::{is_btrfs, Backend, BackendKind};
-pub use cache::{CacheDir, CacheInit, CacheSharing};
+pub(crate) use backend::Backend;
+pub use backend::{is_btrfs, BackendKind};
+pub(crate) use cache::{CacheDir, CacheInit, CacheSharing};
 pub use job::{
     cache_depth, layer_build, layer_path, next_chain_builds, read_cache_layers, CacheMode, JobRoot,
     Workspace, CACHE_FLAT, CACHE_LAYERS, CACHE_TOKEN, CACHE_WORK,
@@ -119,14 +120,14 @@ fn check_ids(root: &Path) -> Result<(), StoreError> {
 /// A cached step: the snapshot holding its filesystem (None for an empty `scratch` tree) and
 /// the image config after it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct StepRecord {
+pub(crate) struct StepRecord {
     pub snapshot: Option<String>,
     pub config: ImageConfig,
 }
 
 /// The keys and snapshots a project's current image needs (what GC keeps).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct ProjectRef {
+pub(crate) struct ProjectRef {
     pub keys: Vec<String>,
     pub snapshots: Vec<String>,
     pub blobs: Vec<String>,
