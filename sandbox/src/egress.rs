@@ -30,16 +30,23 @@ pub use ipnet::IpNet;
 /// Why a destination is refused (the text names the address and the rule).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
+    /// 127.0.0.0/8 or `::1` (the host's own services).
     #[error("{0} is a loopback address")]
     Loopback(IpAddr),
+    /// 0.0.0.0/8 or `::`, which reach this host.
     #[error("{0} is unspecified (this host)")]
     Unspecified(IpAddr),
+    /// 169.254.0.0/16 or fe80::/10 (cloud metadata services live there).
     #[error("{0} is link-local (e.g. a cloud metadata service)")]
     LinkLocal(IpAddr),
+    /// A multicast address, or the IPv4 broadcast address.
     #[error("{0} is a multicast or broadcast address")]
     Multicast(IpAddr),
+    /// An address of one of this host's interfaces (or its broadcast address).
     #[error("{0} is an address of this host")]
     Host(IpAddr),
+    /// Inside a denied network: the operator's, or one added while running (e.g. the cluster's
+    /// database and agents); the address, then the network.
     #[error("{0} is in the denied network {1}")]
     Denied(IpAddr, IpNet),
     /// A socket address of another family than IPv4 and IPv6 (a Unix socket, a netlink...).

@@ -29,6 +29,8 @@ pub fn set_enabled(on: bool) {
     ENABLED.store(on, Ordering::SeqCst);
 }
 
+/// Whether sandboxes of this process use held user namespaces (default: no; set with
+/// [`set_enabled`]).
 pub fn enabled() -> bool {
     ENABLED.load(Ordering::SeqCst)
 }

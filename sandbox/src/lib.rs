@@ -111,18 +111,52 @@ use plan::{cpath, cstr, PlannedBind};
 /// Why a sandbox could not be started.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The argv is empty ([`Sandbox::command`] was not called or given nothing).
     #[error("no command given")]
     NoCommand,
+    /// The root filesystem directory is missing or not a directory.
     #[error("rootfs {}: {reason}", path.display())]
-    Rootfs { path: PathBuf, reason: String },
+    Rootfs {
+        /// The rootfs path as given.
+        path: PathBuf,
+        /// Why (an errno text).
+        reason: String,
+    },
+    /// A bind's source cannot be examined or resolved.
     #[error("bind {}: {reason}", path.display())]
-    Bind { path: PathBuf, reason: String },
+    Bind {
+        /// The bind's host source, as given.
+        path: PathBuf,
+        /// Why (an errno text).
+        reason: String,
+    },
+    /// A path that must be absolute inside the sandbox (a bind destination, a mount target,
+    /// the working directory) is relative.
     #[error("{what} must be an absolute path: {}", path.display())]
-    NotAbsolute { what: &'static str, path: PathBuf },
+    NotAbsolute {
+        /// Which path it is, e.g. `bind destination`.
+        what: &'static str,
+        /// The path as given.
+        path: PathBuf,
+    },
+    /// A [`User::Spec`] cannot be resolved in the rootfs' `/etc/passwd` and `/etc/group`.
     #[error("user {spec:?}: {reason}")]
-    User { spec: String, reason: String },
+    User {
+        /// The `USER` value as given.
+        spec: String,
+        /// Why: unknown name or group, unreadable file.
+        reason: String,
+    },
+    /// The user namespace's id maps could not be chosen or written (no subordinate range for
+    /// [`IdMapping::Subordinate`], `newuidmap`/`newgidmap` failing, a refused write).
     #[error("user namespace id map: {what}: {reason}")]
-    IdMap { what: String, reason: String },
+    IdMap {
+        /// The step that failed, e.g. `newuidmap 1234 0 100000 65536`.
+        what: String,
+        /// The error text, or the helper's stderr.
+        reason: String,
+    },
+    /// clone(2) of the namespaces failed (e.g. unprivileged user namespaces disabled).
     #[error("cannot create namespaces: {0}")]
     Namespaces(String),
     /// The set-up inside the sandbox failed (a mount, the hostname, a capability...).
@@ -142,9 +176,12 @@ pub enum Error {
     /// The isolated network could not be set up (slirp4netns missing or failing, ...).
     #[error("{0}")]
     Network(String),
+    /// An I/O error of the caller's side (a pipe, a file of the set-up).
     #[error("{what}: {source}")]
     Io {
+        /// What was being done.
         what: String,
+        /// The underlying error.
         #[source]
         source: std::io::Error,
     },
@@ -180,6 +217,7 @@ pub enum ExitStatus {
 }
 
 impl ExitStatus {
+    /// True only for [`ExitStatus::Exited`] with code 0.
     pub fn success(&self) -> bool {
         *self == ExitStatus::Exited(0)
     }
@@ -192,6 +230,7 @@ impl ExitStatus {
         }
     }
 
+    /// The signal number, when the job was killed by a signal (not by a limit or the timeout).
     pub fn signal(&self) -> Option<i32> {
         match self {
             ExitStatus::Signaled(s) => Some(*s),
@@ -239,8 +278,11 @@ impl std::fmt::Display for ExitStatus {
 /// What [`Sandbox::output`] collects.
 #[derive(Debug)]
 pub struct Output {
+    /// How the job ended.
     pub status: ExitStatus,
+    /// All of its stdout, when piped (else empty).
     pub stdout: Vec<u8>,
+    /// All of its stderr, when piped (else empty).
     pub stderr: Vec<u8>,
 }
 

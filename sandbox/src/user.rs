@@ -24,9 +24,13 @@ pub const MAX_USER_FILE: u64 = 4 << 20;
 /// A resolved user: ids, supplementary groups and home directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resolved {
+    /// The uid inside the sandbox.
     pub uid: u32,
+    /// The primary gid inside the sandbox.
     pub gid: u32,
+    /// The supplementary gids, the primary one included.
     pub groups: Vec<u32>,
+    /// The home directory from `/etc/passwd`; `/` when the user has no entry.
     pub home: String,
 }
 
