@@ -23,7 +23,9 @@ pub trait BaseSource: Send + Sync {
 
 /// A base image ready to unpack.
 pub struct FetchedBase {
+    /// The digest of the image's manifest (`sha256:...`), recorded in the step key of `FROM`.
     pub manifest_digest: String,
+    /// The image config (entrypoint, cmd, env, ...).
     pub config: ImageConfig,
     /// OnBuild triggers of the base (Docker's config extension).
     pub onbuild: Vec<String>,
@@ -35,6 +37,7 @@ pub struct FetchedBase {
 
 /// Base images from OCI layouts in a directory: `FROM name[:tag]` is `<dir>/<name>/`.
 pub struct LocalImages {
+    /// The directory holding one OCI layout per image name.
     pub dir: PathBuf,
 }
 

@@ -125,14 +125,23 @@ pub(crate) fn hand_over_tree(path: &Path, uid: u32, gid: u32) -> io::Result<()> 
 /// A tool run failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ToolError {
+    /// The tool sandbox could not be started.
     #[error("{what}: {source}")]
     Sandbox {
+        /// The operation, e.g. `copying <path>`.
         what: String,
+        /// Why the sandbox failed.
         #[source]
         source: sandbox::Error,
     },
+    /// The tool ran and failed.
     #[error("{what}: {message}")]
-    Failed { what: String, message: String },
+    Failed {
+        /// The operation.
+        what: String,
+        /// The tool's stderr, or its exit status when it wrote nothing.
+        message: String,
+    },
 }
 
 /// How to run operations on image trees.

@@ -26,16 +26,25 @@ use crate::inroot::{self, Root};
 /// Why a layer could not be applied.
 #[derive(Debug, thiserror::Error)]
 pub enum UnpackError {
+    /// An entry the layer may not hold (a path out of the root, through a link, a hard link
+    /// to a directory or outside the layer, ...); nothing is written for it.
     #[error("layer {layer}: entry {entry:?} {reason}")]
     Hostile {
+        /// The layer's name as given to [`apply_layer`] (its digest).
         layer: String,
+        /// The entry's path in the tar.
         entry: String,
+        /// What is wrong with it.
         reason: String,
     },
+    /// Reading the layer or writing the tree failed.
     #[error("layer {layer}: {what}: {source}")]
     Io {
+        /// The layer's name as given to [`apply_layer`].
         layer: String,
+        /// What was being done, naming the entry.
         what: String,
+        /// The underlying error.
         #[source]
         source: io::Error,
     },
@@ -53,8 +62,11 @@ pub enum Owners {
 /// Statistics of one applied layer.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Applied {
+    /// Entries created (files, directories, links, FIFOs).
     pub entries: usize,
+    /// Whiteouts applied (opaque directories included).
     pub whiteouts: usize,
+    /// Character and block devices left out (a sandbox cannot create them).
     pub skipped_devices: usize,
 }
 

@@ -46,6 +46,7 @@ use words::{expand, read_dockerfile, total_message, Budget};
 
 /// The builder: a store, where base images come from, and per-project locks.
 pub struct Builder {
+    /// The layer store the builder reads and writes (blobs, snapshots, step cache).
     pub store: Store,
     sources: Vec<Box<dyn BaseSource>>,
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
@@ -105,6 +106,8 @@ impl Builder {
         Self::new(store, sources.into_list())
     }
 
+    /// A builder on `store` asking `sources` for base images, in order (`FROM scratch` needs
+    /// none).
     pub fn new(store: Store, sources: Vec<Box<dyn BaseSource>>) -> Builder {
         Builder {
             store,

@@ -11,7 +11,9 @@ use crate::tools::Tools;
 /// Which snapshot backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendKind {
+    /// Each snapshot a full copy of its parent (reflinks where the filesystem has them).
     Plain,
+    /// Each snapshot a btrfs subvolume snapshot of its parent (the store on btrfs).
     Btrfs,
     /// Each snapshot holds only its own changes (an overlayfs upper directory) over its
     /// parent's; trees are seen through rootless overlay mounts.

@@ -45,14 +45,19 @@ pub use job::{
     Workspace, CACHE_FLAT, CACHE_LAYERS, CACHE_TOKEN, CACHE_WORK,
 };
 
+/// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// A file operation on the store failed.
     #[error("{what}: {source}")]
     Io {
+        /// What was being done, naming the path.
         what: String,
+        /// The underlying error.
         #[source]
         source: io::Error,
     },
+    /// A tool sandbox (copy, chown, removal inside a snapshot) failed.
     #[error(transparent)]
     Tool(ToolError),
     /// The kernel refused an overlay mount (e.g. overlayfs in a user namespace on an old
@@ -60,10 +65,14 @@ pub enum StoreError {
     /// to a copy ([`Store::job_root`] with `overlay: false`).
     #[error("{what}: {source}")]
     OverlayUnsupported {
+        /// What was being mounted.
         what: String,
+        /// The sandbox's error ([`sandbox::Error::Overlay`]).
         #[source]
         source: sandbox::Error,
     },
+    /// Anything else: a backend operation (btrfs, overlay), a record that does not
+    /// (de)serialize, the secrets' key, a cache directory.
     #[error("{0}")]
     Backend(String),
 }
@@ -136,8 +145,11 @@ pub(crate) struct ProjectRef {
 /// What a garbage collection removed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Collected {
+    /// Snapshots removed.
     pub snapshots: usize,
+    /// Step records removed.
     pub steps: usize,
+    /// Blobs (base images' layers, configs, manifests) removed.
     pub blobs: usize,
     /// Cache-mount directories (of projects without an image in the store).
     pub caches: usize,
@@ -146,6 +158,7 @@ pub struct Collected {
 /// The store.
 #[derive(Debug)]
 pub struct Store {
+    /// The store's directory (`store_path`): `blobs/ snapshots/ steps/ refs/ cache/ tmp/`.
     pub root: PathBuf,
     backend: Arc<dyn Backend>,
     tools: Tools,
@@ -206,6 +219,7 @@ impl Store {
         })
     }
 
+    /// How snapshots are made (chosen when the store was made, recorded in it).
     pub fn backend(&self) -> BackendKind {
         self.backend.kind()
     }
@@ -242,6 +256,7 @@ impl Store {
         self.root.join("snapshots").join(id)
     }
 
+    /// Whether snapshot `id` exists (`snapshots/<id>` is a directory).
     pub fn has_snapshot(&self, id: &str) -> bool {
         self.snapshot_path(id).is_dir()
     }
