@@ -27,7 +27,9 @@ pub const SAME_ID: &str = "a server with the same project, group and params give
 /// What to run: the projects directory and the project in it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Project {
+    /// The directory holding the project (canonicalized), as a server's `projects_path`.
     pub projects_path: PathBuf,
+    /// The project's directory name in it.
     pub name: String,
 }
 

@@ -42,7 +42,9 @@ impl ServerArgs {
 /// `JOB=DIR` of `--artifacts`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ArtifactsOf {
+    /// The job's name in the pipeline definition.
     pub job: String,
+    /// The local directory its artifacts go to (created if missing; an error if it is a file).
     pub dir: PathBuf,
 }
 
@@ -59,6 +61,7 @@ fn parse_artifacts(s: &str) -> Result<ArtifactsOf, String> {
 /// Options of `mistry pipeline run`.
 #[derive(Debug, Args)]
 pub struct PipelineRunArgs {
+    /// `--host` and `--port` of the server.
     #[command(flatten)]
     pub server: ServerArgs,
     /// The pipeline (`<projects_path>/pipelines/NAME.json` on the server).

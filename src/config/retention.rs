@@ -31,6 +31,7 @@ pub(super) struct RawRetention {
 /// A free-disk low-water mark.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum MinFree {
+    /// At least this many bytes free.
     Bytes(u64),
     /// Percent of the filesystem's size.
     Percent(f64),

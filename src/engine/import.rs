@@ -57,6 +57,7 @@ impl Importer {
         Importer::new(layout, Arc::default())
     }
 
+    /// The layout builds are imported into.
     pub fn layout(&self) -> &Layout {
         &self.layout
     }

@@ -31,11 +31,15 @@ pub const TRASH: &str = ".mistry-trash";
 /// A ready build as retention sees it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Build {
+    /// Its project.
     pub project: String,
+    /// Its job ID (its directory under `<project>/ready/`).
     pub id: String,
+    /// Its BuildInfo's `Group`; `""` for none (or when its BuildInfo cannot be read).
     pub group: String,
     /// Its `StartedAt` (else the directory's modification time).
     pub started: SystemTime,
+    /// `<build_path>/<project>/ready/<id>`.
     pub path: PathBuf,
     /// The target of `latest` or `groups/<group>`: it stays.
     pub linked: bool,
@@ -45,6 +49,7 @@ pub struct Build {
 }
 
 impl Build {
+    /// How long before `now` it started (zero for a start in the future).
     pub fn age(&self, now: SystemTime) -> Duration {
         now.duration_since(self.started).unwrap_or_default()
     }
@@ -54,11 +59,20 @@ impl Build {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Reason {
     /// Not among the last `keep` builds of its project and group.
-    Surplus { keep: usize },
+    Surplus {
+        /// The `keep` rule in force.
+        keep: usize,
+    },
     /// Started longer than `max_age` ago.
-    Age { max_age: Duration },
+    Age {
+        /// The `max_age` rule in force.
+        max_age: Duration,
+    },
     /// The free space of `build_path` was below the mark.
-    LowWater { mark: u64 },
+    LowWater {
+        /// The mark, in bytes free.
+        mark: u64,
+    },
 }
 
 impl std::fmt::Display for Reason {
@@ -95,7 +109,9 @@ pub fn fmt_age(d: Duration) -> String {
 /// removals free).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Rules {
+    /// Keep at most this many builds per project and group (newest first); `None`: no limit.
     pub keep: Option<usize>,
+    /// Remove builds started longer ago than this; `None`: no limit.
     pub max_age: Option<Duration>,
 }
 
@@ -243,12 +259,14 @@ pub struct Trash {
 }
 
 impl Trash {
+    /// The trash of `build_path`: `<build_path>/.mistry-trash` ([`TRASH`]).
     pub fn new(build_path: &Path) -> Trash {
         Trash {
             dir: build_path.join(TRASH),
         }
     }
 
+    /// The trash directory's path (it may not exist yet).
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -337,7 +355,9 @@ impl Trash {
 /// What a retention pass did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Purged {
+    /// Builds removed.
     pub removed: usize,
+    /// Builds that were to go but could not be moved or removed (logged).
     pub failed: usize,
 }
 
@@ -351,6 +371,7 @@ pub struct Retainer {
 }
 
 impl Retainer {
+    /// The retention state of the daemon on `build_path`: nothing held yet.
     pub fn new(build_path: &Path) -> Retainer {
         Retainer {
             pass: Mutex::new(()),
@@ -365,6 +386,8 @@ impl Retainer {
         &self.trash
     }
 
+    /// Keep the build at `path` while the returned guard lives (counted: several holds of one
+    /// build are fine); `None` when `path` is `None` or cannot be resolved.
     pub fn hold(self: &Arc<Self>, path: Option<&Path>) -> Option<Hold> {
         let path = std::fs::canonicalize(path?).ok()?;
         *self

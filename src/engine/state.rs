@@ -22,6 +22,8 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// The phase's name as logged and announced to `/log` and the web view: `queued`, `pending`
+    /// or `ready`.
     pub fn name(&self) -> &'static str {
         match self {
             Phase::Queued => "queued",
@@ -34,11 +36,14 @@ impl Phase {
 /// A job's identity: its project and ID.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct JobKey {
+    /// The job's project.
     pub project: String,
+    /// Its job ID.
     pub id: String,
 }
 
 impl JobKey {
+    /// The key of job `project/id`.
     pub fn new(project: &str, id: &str) -> JobKey {
         JobKey {
             project: project.to_string(),
@@ -103,6 +108,8 @@ pub struct InFlight {
 }
 
 impl InFlight {
+    /// No job in flight yet; at most `capacity` at once (the engine gives `job_concurrency` +
+    /// `job_backlog`), beyond which [`InFlight::admit`] answers [`Admission::Full`].
     pub fn new(capacity: usize) -> InFlight {
         InFlight {
             jobs: Mutex::new(HashMap::new()),
@@ -230,6 +237,7 @@ impl InFlight {
         self.lock().get(key).map(|r| r.state.subscribe())
     }
 
+    /// Whether no job is in flight.
     pub fn is_empty(&self) -> bool {
         self.lock().is_empty()
     }

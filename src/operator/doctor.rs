@@ -17,7 +17,9 @@ use crate::security::SandboxIds;
 /// How bad a finding is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {
+    /// Works as it should.
     Ok,
+    /// Works, but weaker or slower than it could (the fix says how).
     Warn,
     /// Blocks jobs.
     Fail,
@@ -36,8 +38,11 @@ impl Level {
 /// One finding: what was checked (and found), and how to fix it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Check {
+    /// How bad it is.
     pub level: Level,
+    /// What was checked and found, one line.
     pub what: String,
+    /// How to fix it; empty when there is nothing to do.
     pub fix: String,
 }
 
@@ -54,6 +59,7 @@ impl std::fmt::Display for Check {
 /// Every finding, in order.
 #[derive(Debug, Default)]
 pub struct Report {
+    /// The findings, in the order they were checked.
     pub checks: Vec<Check>,
 }
 

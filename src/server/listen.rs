@@ -38,8 +38,11 @@ pub struct Limits {
 
 /// Defaults of [`Limits`].
 pub const DEFAULT_MAX_CONNECTIONS: usize = 2048;
+/// Default [`Limits::header_timeout`]: 10 seconds.
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default [`Limits::body_timeout`]: 60 seconds.
 pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default [`Limits::send_timeout`]: 60 seconds.
 pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Default for Limits {

@@ -25,6 +25,7 @@ pub struct LocalJobs {
 }
 
 impl LocalJobs {
+    /// The jobs interface over `engine`; its start time (shown by `/agents`) is now.
     pub fn new(engine: Arc<Engine>) -> LocalJobs {
         LocalJobs {
             engine,
@@ -32,6 +33,7 @@ impl LocalJobs {
         }
     }
 
+    /// The engine under this interface.
     pub fn engine(&self) -> &Arc<Engine> {
         &self.engine
     }
