@@ -130,8 +130,8 @@ pub enum Error {
         /// Why (an errno text).
         reason: String,
     },
-    /// A path that must be absolute inside the sandbox (a bind destination, a mount target,
-    /// the working directory) is relative.
+    /// The working directory or a bind destination, which must be absolute paths inside the
+    /// sandbox, is relative.
     #[error("{what} must be an absolute path: {}", path.display())]
     NotAbsolute {
         /// Which path it is, e.g. `bind destination`.
@@ -176,7 +176,7 @@ pub enum Error {
     /// The isolated network could not be set up (slirp4netns missing or failing, ...).
     #[error("{0}")]
     Network(String),
-    /// An I/O error of the caller's side (a pipe, a file of the set-up).
+    /// An I/O error on the caller's side (a pipe, the pidfd, reaping the sandbox).
     #[error("{what}: {source}")]
     Io {
         /// What was being done.

@@ -22,7 +22,7 @@ pub struct ProjectSettings {
     /// `time_limit`: a Go duration; `None`: the server-wide `time_limit`.
     pub time_limit: Option<String>,
     /// `build_args`: name → value for the image's `ARG`s (the operator's win over the
-    /// project's; `uid` is always the daemon's uid first).
+    /// project's; both come after `uid`, the daemon's uid, so a `uid` here replaces it).
     #[serde(default)]
     pub build_args: BTreeMap<String, String>,
     /// `seccomp`: `default`, `unconfined` or a profile path (relative to the configuration

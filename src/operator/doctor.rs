@@ -19,7 +19,8 @@ use crate::security::SandboxIds;
 pub enum Level {
     /// Works as it should.
     Ok,
-    /// Works, but weaker or slower than it could (the fix says how).
+    /// Does not block jobs, but is weaker, slower or riskier than it could be (the fix says
+    /// what to do).
     Warn,
     /// Blocks jobs.
     Fail,

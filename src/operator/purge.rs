@@ -23,8 +23,8 @@ use crate::engine::Layout;
 pub struct Options {
     /// Only these projects (all when empty).
     pub projects: Vec<String>,
-    /// `--older-than`: remove builds started longer ago. With `keep` unset too, the
-    /// configuration's `retention` rules apply instead (an error without any).
+    /// `--older-than`: remove builds started longer ago. When neither this nor `keep` is
+    /// given, the configuration's `retention` rules apply instead (an error without any).
     pub older_than: Option<Duration>,
     /// `--keep N`: keep only the last N builds of each project and group.
     pub keep: Option<usize>,
