@@ -38,7 +38,7 @@ pub struct ImageConfig {
     pub healthcheck: Option<serde_json::Value>,
     /// ONBUILD triggers, as written; run by a build `FROM` this image.
     pub onbuild: Vec<String>,
-    /// The SHELL for shell-form commands; empty: `/bin/sh -c` (see [`ImageConfig::shell`]).
+    /// The SHELL for shell-form commands; empty: `/bin/sh -c` (see [`ImageConfig::shell()`]).
     pub shell: Vec<String>,
 }
 
@@ -67,7 +67,7 @@ impl ImageConfig {
         }
     }
 
-    /// The shell for shell-form commands: [`ImageConfig::shell`]'s value, or `/bin/sh -c`.
+    /// The shell for shell-form commands: the `shell` field, or `/bin/sh -c` when it is empty.
     pub fn shell(&self) -> Vec<String> {
         if self.shell.is_empty() {
             default_shell()

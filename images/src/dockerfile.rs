@@ -281,7 +281,8 @@ pub enum Instruction {
     Copy {
         /// `true` for ADD, `false` for COPY.
         add: bool,
-        /// Source words, raw (paths in the context or, with `--from`, in a stage or image; URLs for ADD).
+        /// Source words, raw (paths in the context or, with `--from`, in a stage or image;
+        /// URLs for ADD).
         sources: Vec<String>,
         /// The destination word, raw.
         dest: String,
@@ -374,7 +375,8 @@ pub struct Dockerfile {
     pub global_args: Vec<(String, Option<String>)>,
     /// The line of each of `global_args` (for errors).
     pub global_arg_lines: Vec<usize>,
-    /// The instructions after the directives, global ARGs included, in order.
+    /// The instructions from the first FROM on, in order (the ARGs before it are in
+    /// `global_args`, not here).
     pub steps: Vec<Step>,
 }
 

@@ -27,7 +27,7 @@ use crate::inroot::{self, Root};
 #[derive(Debug, thiserror::Error)]
 pub enum UnpackError {
     /// An entry the layer may not hold (a path out of the root, through a link, a hard link
-    /// to a directory or outside the layer, ...); nothing is written for it.
+    /// to a directory or outside the layer, ...): the layer is refused.
     #[error("layer {layer}: entry {entry:?} {reason}")]
     Hostile {
         /// The layer's name as given to [`apply_layer`] (its digest).

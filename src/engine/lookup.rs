@@ -14,7 +14,8 @@ use crate::jobs::{self, BuildInfo};
 pub struct Found {
     /// `pending/` (running, or left by a crash) or `ready/`.
     pub stage: Stage,
-    /// Its stored BuildInfo (while pending the provisional one: `ExitCode` -999, `Duration` unknown).
+    /// Its stored BuildInfo (while pending, the provisional one: `ExitCode` -999, `Duration`
+    /// unknown).
     pub info: BuildInfo,
     /// Its directory.
     pub dir: JobDir,

@@ -46,7 +46,8 @@ pub const ABANDON_GRACE: Duration = Duration::from_secs(60);
 pub struct Scheduled {
     /// The job's project.
     pub project: String,
-    /// The ID it was admitted under (mistry's, or the exact one when mistry's is another request's).
+    /// The ID it was admitted under (mistry's, or the exact one when mistry's is another
+    /// request's).
     pub id: String,
     /// Its directory once ready.
     pub dir: JobDir,

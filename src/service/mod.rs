@@ -216,7 +216,7 @@ pub struct Recorded {
     pub project: String,
     /// Its job ID.
     pub id: String,
-    /// The record's state.
+    /// The record's state: queued, running, ready or failed.
     pub state: JobState,
     /// The agent that runs or ran it (`None` while queued).
     pub agent: Option<String>,
@@ -318,7 +318,7 @@ pub struct LogTail {
 /// One agent, as `GET /agents` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AgentInfo {
-    /// `agent_name`.
+    /// Its `agent_name`.
     pub name: String,
     /// `advertise_url` (derived from the listening address when not configured).
     pub advertise_url: String,
