@@ -32,11 +32,10 @@ fn time(f: impl FnOnce() -> bool) -> Duration {
 }
 
 fn main() {
-    let rootfs = std::env::var_os("MISTRY_BUSYBOX_ROOTFS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/images/busybox/rootfs")
-        });
+    let rootfs = std::env::var_os("MISTRY_BUSYBOX_ROOTFS").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/images/busybox/rootfs"),
+        PathBuf::from,
+    );
     if !rootfs.join("bin/true").exists() {
         eprintln!(
             "no busybox rootfs at {}: run images/recipes/busybox.sh target/images/busybox",

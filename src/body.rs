@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use crate::streams::{blocking_stream, ByteStream};
 
 /// A response of `content_type` whose body is `bytes`.
-pub fn stream_body(content_type: &'static str, bytes: ByteStream) -> Response {
+pub(crate) fn stream_body(content_type: &'static str, bytes: ByteStream) -> Response {
     use futures_util::StreamExt;
     (
         [("content-type", content_type)],
@@ -19,7 +19,7 @@ pub fn stream_body(content_type: &'static str, bytes: ByteStream) -> Response {
 
 /// A response whose body blocking code writes ([`blocking_stream`]): its 64 KiB chunks go to the
 /// client as they come.
-pub fn blocking_body(
+pub(crate) fn blocking_body(
     content_type: &'static str,
     produce: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()> + Send + 'static,
     failed: impl FnOnce(&std::io::Error) + Send + 'static,
@@ -28,10 +28,10 @@ pub fn blocking_body(
 }
 
 /// The web view's page, embedded (its script draws every page: the job list, a job, a run).
-pub const INDEX_HTML: &str = include_str!("web/index.html");
+pub(crate) const INDEX_HTML: &str = include_str!("web/index.html");
 
 /// `value` as JSON with `status` (the error when it does not serialize: the server answers 500).
-pub fn json(
+pub(crate) fn json(
     status: StatusCode,
     value: &impl serde::Serialize,
 ) -> Result<Response, serde_json::Error> {

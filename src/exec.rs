@@ -27,7 +27,9 @@ pub const SAME_ID: &str = "a server with the same project, group and params give
 /// What to run: the projects directory and the project in it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Project {
+    /// The directory holding the project (canonicalized), as a server's `projects_path`.
     pub projects_path: PathBuf,
+    /// The project's directory name in it.
     pub name: String,
 }
 
@@ -128,8 +130,7 @@ fn usermod_hint() -> String {
     let who = nix::unistd::User::from_uid(nix::unistd::geteuid())
         .ok()
         .flatten()
-        .map(|u| u.name)
-        .unwrap_or_else(|| "$USER".into());
+        .map_or_else(|| "$USER".into(), |u| u.name);
     format!("usermod --add-subuids 100000-165535 --add-subgids 100000-165535 {who}")
 }
 
@@ -619,7 +620,9 @@ fn pipeline(
         let (shown, main, layout) = (Arc::clone(&shown), name.to_string(), layout.clone());
         let (jobs, handle) = (Arc::clone(jobs), rt.handle().clone());
         Arc::new(move |rec: &RunRecord| {
-            let mut guard = shown.lock().unwrap_or_else(|e| e.into_inner());
+            let mut guard = shown
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             guard.observe(&jobs, &handle, &main, &layout, rec);
         })
     };
@@ -633,7 +636,9 @@ fn pipeline(
     ));
     // Every run ended: print what is left (the last logs and end lines) before the summary.
     let followers = {
-        let mut s = shown.lock().unwrap_or_else(|e| e.into_inner());
+        let mut s = shown
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         s.print = None;
         std::mem::take(&mut s.followers)
     };
@@ -682,8 +687,7 @@ fn pipeline(
     )?;
     let runs = shown
         .lock()
-        .map(|g| g.runs.clone())
-        .unwrap_or_else(|e| e.into_inner().runs.clone());
+        .map_or_else(|e| e.into_inner().runs.clone(), |g| g.runs.clone());
     for t in &rec.triggered {
         if !t.error.is_empty() {
             writeln!(
@@ -696,8 +700,10 @@ fn pipeline(
         let state = runs
             .iter()
             .find(|r| r.pipeline == t.pipeline && r.run == t.run)
-            .map(|r| format!("{:?}", r.state).to_lowercase())
-            .unwrap_or_else(|| "started".into());
+            .map_or_else(
+                || "started".into(),
+                |r| format!("{:?}", r.state).to_lowercase(),
+            );
         writeln!(
             out,
             "Triggered pipeline {}: run {}, {state}",

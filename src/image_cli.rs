@@ -10,6 +10,7 @@ use clap::{Args, Subcommand};
 use images::{BackendKind, BaseSources, BuildOptions, Builder, RegistryConfig, Store};
 use sandbox::NetworkMode;
 
+/// `mistryd image`: the layer store without a daemon.
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
     /// Build a Dockerfile into the layer store.
@@ -19,6 +20,7 @@ pub enum ImageCommand {
     Gc(StoreArgs),
 }
 
+/// The options naming the layer store (`--store`, `--filesystem`).
 #[derive(Debug, Args)]
 pub struct StoreArgs {
     /// The layer store directory.
@@ -30,8 +32,10 @@ pub struct StoreArgs {
     pub filesystem: Option<BackendKind>,
 }
 
+/// Options of `mistryd image build`.
 #[derive(Debug, Args)]
 pub struct BuildArgs {
+    /// `--store` and `--filesystem`.
     #[command(flatten)]
     pub store: StoreArgs,
     /// Directory of local base images (OCI layouts, `FROM name` = DIR/name).
@@ -111,6 +115,8 @@ fn open_store(args: &StoreArgs) -> Result<Store> {
         .with_context(|| format!("opening the layer store {}", args.store.display()))
 }
 
+/// Run `mistryd image ...`; returns the process exit code (a failed build prints its error
+/// and gives 1).
 pub fn run(cmd: ImageCommand) -> Result<i32> {
     match cmd {
         ImageCommand::Build(args) => {
@@ -129,8 +135,7 @@ pub fn run(cmd: ImageCommand) -> Result<i32> {
             let project = args.project.clone().unwrap_or_else(|| {
                 args.context
                     .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_else(|| "default".into())
+                    .map_or_else(|| "default".into(), |n| n.to_string_lossy().into_owned())
             });
             let mut opts = BuildOptions::new(project, &args.context);
             // Build arg `uid` is this process's uid, as the daemon passes it (see

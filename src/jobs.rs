@@ -11,9 +11,16 @@ use sha2::{Digest as _, Sha256};
 /// `POST /jobs` body. Field names are matched case-insensitively, as Go's encoding/json does.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct JobRequest {
+    /// `Project`: the project's directory name under `projects_path`; required.
     pub project: String,
+    /// `Params`: name → value, each written to `data/params/<name>`; names starting with `_`
+    /// (opaque) are left out of the job ID. Default none.
     pub params: BTreeMap<String, String>,
+    /// `Group`: builds of one group start from the group's last successful build
+    /// (incremental); `""` (the default) for none.
     pub group: String,
+    /// `Rebuild`: ignore the result cache and the step cache, and read base images again.
+    /// Default `false`.
     pub rebuild: bool,
     /// Upstream builds whose artifacts the job sees read-only at `/data/input/<name>/`
     /// (pipelines). Not settable through `POST /jobs`; part of the job ID.
@@ -90,7 +97,9 @@ impl From<RequestError> for JobError {
 /// A ready build whose `data/artifacts` a job reads (see [`JobRequest::inputs`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Input {
+    /// The upstream build's project.
     pub project: String,
+    /// Its job ID (a directory under `<project>/ready/`).
     pub id: String,
 }
 
@@ -161,40 +170,58 @@ pub fn check_name(what: &str, name: &str) -> Result<(), NameError> {
 /// The job's BuildInfo, with mistry's field names.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct BuildInfo {
+    /// `Params`: the request's params, opaque ones included.
     #[serde(rename = "Params")]
     pub params: BTreeMap<String, String>,
+    /// `Group`: the request's group, `""` if none.
     #[serde(rename = "Group")]
     pub group: String,
+    /// `Path`: absolute host path of the artifacts,
+    /// `<build_path>/<project>/ready/<id>/data/artifacts`.
     #[serde(rename = "Path")]
     pub path: String,
+    /// `Cached`: answered from the result cache without running.
     #[serde(rename = "Cached")]
     pub cached: bool,
+    /// `Coalesced`: this request waited for an identical job already running.
     #[serde(rename = "Coalesced")]
     pub coalesced: bool,
+    /// `Incremental`: the build started from the group's last successful build.
     #[serde(rename = "Incremental")]
     pub incremental: bool,
+    /// `ExitCode`: the job command's exit code; [`NEVER_RAN`] when it did not run.
     #[serde(rename = "ExitCode")]
     pub exit_code: i32,
+    /// `ErrBuild`: the error text (image build failure, limit, internal error); `""` when
+    /// none.
     #[serde(rename = "ErrBuild")]
     pub err_build: String,
+    /// `ContainerStdouterr`: the whole log (image build output, the job's stdout and
+    /// stderr); omitted when empty, and never in `build_info.json`.
     #[serde(
         rename = "ContainerStdouterr",
         default,
         skip_serializing_if = "String::is_empty"
     )]
     pub container_stdouterr: String,
+    /// `ContainerStderr`: the job's stderr alone; omitted when empty, and never in
+    /// `build_info.json`.
     #[serde(
         rename = "ContainerStderr",
         default,
         skip_serializing_if = "String::is_empty"
     )]
     pub container_stderr: String,
+    /// `TransportMethod`: always `"rsync"`, as mistry.
     #[serde(rename = "TransportMethod")]
     pub transport_method: String,
+    /// `StartedAt`: when the job started, RFC 3339.
     #[serde(rename = "StartedAt")]
     pub started_at: String,
+    /// `Duration`: nanoseconds; [`UNKNOWN_DURATION`] while unknown.
     #[serde(rename = "Duration")]
     pub duration: i64,
+    /// `URL`: `job/<project>/<id>`, relative to the server.
     #[serde(rename = "URL")]
     pub url: String,
     /// Several agents: how many times the job was run again because the agent running it
@@ -213,6 +240,7 @@ pub const NEVER_RAN: i32 = -999;
 pub const UNKNOWN_DURATION: i64 = -1_000_000_000;
 
 impl BuildInfo {
+    /// Exit code 0 and no `ErrBuild`: the build may be linked and answered from the cache.
     pub fn succeeded(&self) -> bool {
         self.exit_code == 0 && self.err_build.is_empty()
     }
@@ -246,6 +274,7 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// The identity of a request with `group` and `params` (opaque params dropped).
     pub fn new(group: &str, params: &BTreeMap<String, String>) -> Identity {
         Identity {
             group: group.to_string(),
@@ -257,6 +286,7 @@ impl Identity {
         }
     }
 
+    /// The identity of `req`.
     pub fn of(req: &JobRequest) -> Identity {
         Identity::new(&req.group, &req.params)
     }
@@ -561,7 +591,7 @@ mod tests {
     fn recursive_hash(h: &mut Sha256, base: &Path, dir: &Path) {
         use std::os::unix::fs::MetadataExt;
         let mut entries: Vec<_> = std::fs::read_dir(dir).unwrap().flatten().collect();
-        entries.sort_by_key(|e| e.file_name());
+        entries.sort_by_key(std::fs::DirEntry::file_name);
         for e in entries {
             let path = e.path();
             let meta = std::fs::symlink_metadata(&path).unwrap();

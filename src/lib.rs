@@ -6,7 +6,7 @@
 
 #![forbid(unsafe_code)]
 
-pub mod body;
+pub(crate) mod body;
 pub mod cluster;
 pub mod config;
 /// Go's duration syntax, shared with the client (`mistry_client::duration`).
@@ -15,13 +15,13 @@ pub mod engine;
 pub mod exec;
 pub mod image_cli;
 pub mod jobs;
-pub mod metrics;
+pub(crate) mod metrics;
 pub mod operator;
-pub mod pipeline;
+pub(crate) mod pipeline;
 pub mod sandbox_cli;
 pub mod security;
 pub mod server;
 pub mod service;
-pub mod stream_json;
-pub mod streams;
-pub mod tree;
+pub(crate) mod stream_json;
+pub(crate) mod streams;
+pub(crate) mod tree;

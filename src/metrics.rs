@@ -135,7 +135,10 @@ impl Metrics {
                 agents_alive: Gauge::default(),
                 jobs_running: Gauge::default(),
             };
-            let mut registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+            let mut registry = self
+                .registry
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             registry.register(
                 "cluster_queue_length",
                 "Jobs queued in the cluster (records waiting for an agent)",
@@ -217,7 +220,10 @@ impl Metrics {
     /// The text exposition format.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        let registry = self
+            .registry
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
         out
     }

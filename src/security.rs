@@ -25,11 +25,17 @@ use serde::Deserialize;
 /// `limits` as written: numbers, sizes such as `"4GiB"`, or `"unlimited"`.
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]
 pub struct RawLimits {
+    /// `processes`: a count or `"unlimited"`; absent: unchanged.
     pub processes: Option<serde_json::Value>,
+    /// `memory`: bytes or a size (`"4GiB"`), or `"unlimited"`; absent: unchanged.
     pub memory: Option<serde_json::Value>,
+    /// `open_files`: a count or `"unlimited"`; absent: unchanged.
     pub open_files: Option<serde_json::Value>,
+    /// `disk`: bytes or a size, or `"unlimited"`; absent: unchanged.
     pub disk: Option<serde_json::Value>,
+    /// `log`: bytes or a size per log file, or `"unlimited"`; absent: unchanged.
     pub log: Option<serde_json::Value>,
+    /// `tmpfs`: bytes or a size per tmpfs, or `"unlimited"`; absent: unchanged.
     pub tmpfs: Option<serde_json::Value>,
 }
 
@@ -39,8 +45,11 @@ type Limit = Option<u64>;
 /// Every limit of a job, resolved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct JobLimits {
+    /// Processes and threads of the sandbox at once.
     pub processes: Limit,
+    /// Memory of the sandbox as a whole, in bytes.
     pub memory: Limit,
+    /// Open files per process: the hard limit (the soft one is at most 1024).
     pub open_files: Limit,
     /// Bytes a job (or a RUN step) may write to disk while it runs: its `data/` (cache
     /// included) and what it writes to its root filesystem; also the largest file it may write.
@@ -121,9 +130,9 @@ pub const DEFAULT_LOG: u64 = 64 << 20;
 /// [`DEFAULT_DISK`], or half the space free on that filesystem at start when that is less (at
 /// least 64 MiB), so that one job cannot fill a disk that is short already.
 pub fn default_disk(build_path: &Path) -> u64 {
-    let free = nix::sys::statvfs::statvfs(build_path)
-        .map(|s| s.blocks_available().saturating_mul(s.fragment_size()))
-        .unwrap_or(u64::MAX);
+    let free = nix::sys::statvfs::statvfs(build_path).map_or(u64::MAX, |s| {
+        s.blocks_available().saturating_mul(s.fragment_size())
+    });
     default_disk_with(free)
 }
 
@@ -172,8 +181,12 @@ impl std::fmt::Display for SandboxIds {
 /// Security settings in force for one project (or the server's defaults).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Security {
+    /// The seccomp filter (`seccomp`); default mistry's own.
     pub seccomp: Seccomp,
+    /// Whether jobs may create user namespaces of their own (`nested_user_namespaces`);
+    /// default no.
     pub nested_user_namespaces: bool,
+    /// Resource limits (`limits`); default [`JobLimits::defaults`].
     pub limits: JobLimits,
 }
 

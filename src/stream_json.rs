@@ -10,7 +10,7 @@ use crate::streams::{blocking_stream, ByteStream};
 /// [`write_with`] as a byte stream produced on a blocking thread as it is read: `prefix`, the
 /// BuildInfo `info` with the logs at `stdouterr` and `stderr`, `suffix`. What `POST /jobs` answers
 /// and what `GET /job` (JSON) shows of a job on this agent's disk.
-pub fn stream_with(
+pub(crate) fn stream_with(
     prefix: String,
     info: BuildInfo,
     stdouterr: PathBuf,
@@ -25,7 +25,7 @@ pub fn stream_with(
 
 /// JSON-escape `bytes` (a chunk of a log), keeping an incomplete UTF-8 sequence at the end in
 /// `carry` for the next chunk; invalid bytes become U+FFFD.
-pub fn escape_chunk(carry: &mut Vec<u8>, bytes: &[u8], last: bool) -> String {
+pub(crate) fn escape_chunk(carry: &mut Vec<u8>, bytes: &[u8], last: bool) -> String {
     let mut data = std::mem::take(carry);
     data.extend_from_slice(bytes);
     let mut text = String::with_capacity(data.len());
@@ -64,7 +64,7 @@ pub fn escape_chunk(carry: &mut Vec<u8>, bytes: &[u8], last: bool) -> String {
 /// `ContainerStderr` read from the given files chunk by chunk (each omitted when its file is
 /// empty or missing, as mistry does). Blocking: run it off the async runtime (see
 /// `server::body::blocking_body`).
-pub fn write_with(
+pub(crate) fn write_with(
     w: &mut dyn Write,
     prefix: &str,
     info: &BuildInfo,

@@ -11,7 +11,7 @@ pub type ByteStream = futures_util::stream::BoxStream<'static, Result<Vec<u8>, s
 /// writer whose 64 KiB chunks are yielded as they come, so memory stays flat however much it
 /// writes. An error (the reader going away included) is passed to `failed` and ends the stream
 /// with it.
-pub fn blocking_stream(
+pub(crate) fn blocking_stream(
     produce: impl FnOnce(&mut dyn std::io::Write) -> std::io::Result<()> + Send + 'static,
     failed: impl FnOnce(&std::io::Error) + Send + 'static,
 ) -> ByteStream {

@@ -9,7 +9,7 @@ use rustix::fs::{Mode, OFlags, ResolveFlags};
 
 /// Open a job's `data/artifacts` without following a symlink anywhere below the job directory:
 /// a job that replaced it (or `data/`) with a link gets an error, never the link's target.
-pub fn open_artifacts(job_dir: &std::path::Path) -> std::io::Result<OwnedFd> {
+pub(crate) fn open_artifacts(job_dir: &std::path::Path) -> std::io::Result<OwnedFd> {
     let dir = rustix::fs::open(
         job_dir,
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
@@ -21,7 +21,11 @@ pub fn open_artifacts(job_dir: &std::path::Path) -> std::io::Result<OwnedFd> {
 /// Open `rel` under `root` (a directory fd) without following any symlink and without leaving
 /// `root`: `openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)`, or, on kernels without openat2,
 /// `openat(O_NOFOLLOW)` component by component.
-pub fn open_beneath(root: &OwnedFd, rel: &std::path::Path, dir: bool) -> std::io::Result<OwnedFd> {
+pub(crate) fn open_beneath(
+    root: &OwnedFd,
+    rel: &std::path::Path,
+    dir: bool,
+) -> std::io::Result<OwnedFd> {
     let rel = if rel.as_os_str().is_empty() {
         std::path::Path::new(".")
     } else {
@@ -59,7 +63,7 @@ pub fn open_beneath(root: &OwnedFd, rel: &std::path::Path, dir: bool) -> std::io
 }
 
 /// Append the directory entry of `dir` alone (its mode, owner and time) to `b` as `name`.
-pub fn append_dir<W: std::io::Write>(
+pub(crate) fn append_dir<W: std::io::Write>(
     b: &mut tar::Builder<W>,
     dir: &OwnedFd,
     name: &std::path::Path,
@@ -76,7 +80,7 @@ pub fn append_dir<W: std::io::Write>(
 
 /// Whether opening a path below a root failed because it is not there (missing, or a symlink
 /// or a non-directory on the way, which [`open_beneath`] refuses to follow).
-pub fn is_gone(e: &std::io::Error) -> bool {
+pub(crate) fn is_gone(e: &std::io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::ENOENT | libc::ELOOP | libc::ENOTDIR)
@@ -86,7 +90,7 @@ pub fn is_gone(e: &std::io::Error) -> bool {
 /// Write the tree under `root` (an open directory: a job's artifacts) as a tar stream. Every
 /// entry is opened by fd below `root`, never through a symlink: links are sent as links (their
 /// targets are not read), FIFOs, sockets and devices are skipped.
-pub fn write_tree<W: std::io::Write>(root: &OwnedFd, out: W) -> std::io::Result<W> {
+pub(crate) fn write_tree<W: std::io::Write>(root: &OwnedFd, out: W) -> std::io::Result<W> {
     let mut b = tar::Builder::new(out);
     append_tree(&mut b, root, std::path::Path::new(""))?;
     b.into_inner()
@@ -94,7 +98,7 @@ pub fn write_tree<W: std::io::Write>(root: &OwnedFd, out: W) -> std::io::Result<
 
 /// Append regular file `rel` below `dir` (opened by fd, no symlink followed) to `b` as `name`;
 /// `false` when it is missing or not a regular file (nothing appended).
-pub fn append_file<W: std::io::Write>(
+pub(crate) fn append_file<W: std::io::Write>(
     b: &mut tar::Builder<W>,
     dir: &OwnedFd,
     rel: &std::path::Path,
@@ -125,7 +129,7 @@ pub fn append_file<W: std::io::Write>(
 /// itself is sent first as the tree's root directory): the iterative walk of
 /// [`images::walk::append_tree`] (a bounded number of open descriptors however deep the tree,
 /// names in order, an error naming the entry past [`images::walk::MAX_PATH`] bytes).
-pub fn append_tree<W: std::io::Write>(
+pub(crate) fn append_tree<W: std::io::Write>(
     b: &mut tar::Builder<W>,
     root: &OwnedFd,
     prefix: &std::path::Path,

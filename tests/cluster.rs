@@ -343,9 +343,8 @@ fn a_second_live_agent_with_the_same_name_is_refused() {
     assert_eq!(
         stderr.lines().last().unwrap_or(""),
         format!(
-            "mistryd: another live agent is named twin (at {}): give this one its own \
-             agent_name, or stop that one",
-            first_url
+            "mistryd: another live agent is named twin (at {first_url}): give this one its own \
+             agent_name, or stop that one"
         ),
         "{stderr}"
     );
@@ -388,7 +387,7 @@ fn doctor(config: &std::path::Path) -> (Option<i32>, String) {
 fn database_lines(out: &str) -> Vec<String> {
     out.lines()
         .filter(|l| l.contains("database") || l.contains("agent name") || l.contains("agent named"))
-        .map(|l| l.to_string())
+        .map(std::string::ToString::to_string)
         .collect()
 }
 

@@ -90,13 +90,13 @@ fn any_agent_lists_the_jobs_that_others_ran() {
     let list = cluster_jobs(&b, "");
     assert_eq!(
         ids(&list),
-        [&failed_id, &copy_id, &two_id, &one_id].map(|s| s.to_string())
+        [&failed_id, &copy_id, &two_id, &one_id].map(std::clone::Clone::clone)
     );
     let keys: BTreeSet<&str> = list[0]
         .as_object()
         .unwrap()
         .keys()
-        .map(|k| k.as_str())
+        .map(std::string::String::as_str)
         .collect();
     assert_eq!(
         keys,
@@ -166,7 +166,7 @@ fn any_agent_lists_the_jobs_that_others_ran() {
     let count = |q: &str| cluster_jobs(&b, q).len();
     assert_eq!(
         ids(&cluster_jobs(&b, "?agent=a")),
-        [&two_id, &one_id].map(|s| s.to_string())
+        [&two_id, &one_id].map(std::clone::Clone::clone)
     );
     assert_eq!(count("?agent=c"), 2);
     assert_eq!(count("?agent=b"), 0);

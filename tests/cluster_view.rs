@@ -284,7 +284,7 @@ fn the_index_keeps_mistrys_shape_with_a_database() {
         job_keys,
         ["buildInfo", "id", "project", "startedAt", "state"]
             .iter()
-            .map(|k| k.to_string())
+            .map(std::string::ToString::to_string)
             .collect()
     );
     let info_keys = keys(&single[0]["buildInfo"]);

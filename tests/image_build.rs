@@ -108,7 +108,7 @@ CMD ["--serve"]
         std::fs::write(ctx.join("archive.tar.gz"), &archive).unwrap();
         let (image, stats, log) = env
             .build_with(&ctx, |o| {
-                o.build_args = vec![("FROM_CLI".into(), "cli".into())]
+                o.build_args = vec![("FROM_CLI".into(), "cli".into())];
             })
             .unwrap_or_else(|(e, log)| panic!("{e}\n{log}"));
         assert_eq!(stats.executed_runs, 4, "{log}");
@@ -763,7 +763,7 @@ fn copy_sources_resolve_inside_the_context_and_the_stage() {
         std::os::unix::fs::symlink(&secret, ctx.join("abslink")).unwrap();
         std::os::unix::fs::symlink(&secret, ctx.join("dir/inner-link")).unwrap();
         let df = |body: &str| {
-            std::fs::write(ctx.join("Dockerfile"), format!("FROM busybox\n{body}\n")).unwrap()
+            std::fs::write(ctx.join("Dockerfile"), format!("FROM busybox\n{body}\n")).unwrap();
         };
 
         // A link to / is the context's root; a final link is followed inside the context.
@@ -954,7 +954,7 @@ fn add_url_follows_the_network_policy() {
     // network: none refuses the download.
     let (e, _) = env
         .build_with(&add("url-none", "/ok2"), |o| {
-            o.network = sandbox::NetworkMode::None
+            o.network = sandbox::NetworkMode::None;
         })
         .unwrap_err();
     assert!(
@@ -982,7 +982,7 @@ fn add_url_follows_the_network_policy() {
     for deny in [addr, format!("0.0.0.0:{}", addr.port()).parse().unwrap()] {
         let (e, _) = env
             .build_with(&add("url-deny", "/ok3"), |o| {
-                o.download.deny_connect = vec![deny]
+                o.download.deny_connect = vec![deny];
             })
             .unwrap_err();
         assert!(

@@ -96,7 +96,11 @@ impl AbstractSocket {
 fn host_address() -> Ipv4Addr {
     nix::ifaddrs::getifaddrs()
         .unwrap()
-        .filter_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip()))
+        .filter_map(|a| {
+            a.address?
+                .as_sockaddr_in()
+                .map(nix::sys::socket::SockaddrIn::ip)
+        })
         .find(|ip| !ip.is_loopback())
         .expect("the host has no non-loopback IPv4 address")
 }

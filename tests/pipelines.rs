@@ -101,9 +101,7 @@ fn assert_metrics(s: &Server, lines: &[&str]) {
 }
 
 fn ready_dirs(s: &Server, project: &str) -> usize {
-    std::fs::read_dir(s.builds().join(project).join("ready"))
-        .map(|d| d.count())
-        .unwrap_or(0)
+    std::fs::read_dir(s.builds().join(project).join("ready")).map_or(0, std::iter::Iterator::count)
 }
 
 #[test]

@@ -118,8 +118,7 @@ fn remove_as_sandbox_root(dir: &Path) {
         return;
     }
     let rootfs = std::env::var_os("MISTRY_BUSYBOX_ROOTFS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| images_dir().join("busybox/rootfs"));
+        .map_or_else(|| images_dir().join("busybox/rootfs"), PathBuf::from);
     let status = Command::new(mistryd_bin())
         .args(["sandbox", "run", "--rootfs"])
         .arg(&rootfs)

@@ -339,7 +339,7 @@ fn a_hostile_agents_build_is_refused_whole() {
         (
             "dot-dot",
             build_tar(project, id, |t| {
-                raw(t, "data/artifacts/../../../../escaped", Regular, b"x")
+                raw(t, "data/artifacts/../../../../escaped", Regular, b"x");
             }),
             "entry \"data/artifacts/../../../../escaped\": not a plain relative name \
              (absolute, `.` or `..`)"
@@ -382,7 +382,7 @@ fn a_hostile_agents_build_is_refused_whole() {
         (
             "outside the build's parts",
             build_tar(project, id, |t| {
-                raw(t, "cache-layers", Regular, b"ready/x/data/cache\n")
+                raw(t, "cache-layers", Regular, b"ready/x/data/cache\n");
             }),
             "unexpected entry \"cache-layers\"".into(),
         ),

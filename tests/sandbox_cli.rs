@@ -8,11 +8,10 @@ mod common;
 use common::{wait_for, wait_until};
 
 fn rootfs() -> PathBuf {
-    let path = std::env::var_os("MISTRY_BUSYBOX_ROOTFS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/images/busybox/rootfs")
-        });
+    let path = std::env::var_os("MISTRY_BUSYBOX_ROOTFS").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/images/busybox/rootfs"),
+        PathBuf::from,
+    );
     assert!(
         path.join("bin/busybox").exists(),
         "no busybox rootfs at {}: run scripts/setup.sh",
@@ -159,8 +158,7 @@ fn processes_with(marker: &str) -> usize {
         .flatten()
         .filter(|e| {
             std::fs::read(e.path().join("cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains(marker))
-                .unwrap_or(false)
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(marker))
         })
         .count()
 }
@@ -309,7 +307,7 @@ fn a_process_limit_ends_the_job_with_137_and_says_why() {
         );
     } else {
         // RLIMIT_NPROC refuses the fork; the shell exits at once.
-        assert!(matches!(out.status.code(), Some(2) | Some(137)), "{err}");
+        assert!(matches!(out.status.code(), Some(2 | 137)), "{err}");
         assert!(err.contains("can't fork"), "{err}");
     }
 }

@@ -1933,7 +1933,7 @@ fn drip(conns: Vec<std::net::TcpStream>, stop: std::sync::mpsc::Receiver<()>) {
     while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
         stop.recv_timeout(Duration::from_millis(300))
     {
-        for slot in conns.iter_mut() {
+        for slot in &mut conns {
             if slot.as_mut().is_some_and(|c| c.write_all(b"o").is_err()) {
                 *slot = None;
             }

@@ -10,17 +10,17 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 /// The median of `v` (the upper one of an even count); sorts `v`.
-pub fn median<T: Ord + Copy>(v: &mut [T]) -> T {
+pub(crate) fn median<T: Ord + Copy>(v: &mut [T]) -> T {
     v.sort();
     v[v.len() / 2]
 }
 
-pub fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
 /// The number in the environment variable `key` (e.g. `BENCH_RUNS`), else `default`.
-pub fn env_num<T: FromStr>(key: &str, default: T) -> T {
+pub(crate) fn env_num<T: FromStr>(key: &str, default: T) -> T {
     std::env::var(key)
         .ok()
         .and_then(|s| s.parse().ok())
@@ -28,14 +28,15 @@ pub fn env_num<T: FromStr>(key: &str, default: T) -> T {
 }
 
 /// `$MISTRY_TEST_IMAGES`, else `target/images`.
-pub fn images_dir() -> PathBuf {
-    std::env::var_os("MISTRY_TEST_IMAGES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/images"))
+pub(crate) fn images_dir() -> PathBuf {
+    std::env::var_os("MISTRY_TEST_IMAGES").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/images"),
+        PathBuf::from,
+    )
 }
 
 /// [`images_dir`], which must hold the busybox image.
-pub fn busybox_images() -> PathBuf {
+pub(crate) fn busybox_images() -> PathBuf {
     let images = images_dir();
     assert!(
         images.join("busybox/index.json").is_file(),
@@ -46,12 +47,12 @@ pub fn busybox_images() -> PathBuf {
 
 /// The mistryd to run: `$MISTRY_BIN` (scripts/bench.sh points it at a copy the unprivileged
 /// user can read), else the one cargo built.
-pub fn mistryd_bin() -> String {
+pub(crate) fn mistryd_bin() -> String {
     std::env::var("MISTRY_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_mistryd").into())
 }
 
 /// Whether `tool --version` runs and succeeds.
-pub fn installed(tool: &str) -> bool {
+pub(crate) fn installed(tool: &str) -> bool {
     Command::new(tool)
         .arg("--version")
         .output()
@@ -59,7 +60,7 @@ pub fn installed(tool: &str) -> bool {
 }
 
 /// Runs `cmd` (stdout discarded) and panics unless it succeeds; its stderr.
-pub fn run(cmd: &mut Command) -> String {
+pub(crate) fn run(cmd: &mut Command) -> String {
     let out = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -71,14 +72,14 @@ pub fn run(cmd: &mut Command) -> String {
 }
 
 /// [`run`], timed.
-pub fn timed(cmd: &mut Command) -> (Duration, String) {
+pub(crate) fn timed(cmd: &mut Command) -> (Duration, String) {
     let t = Instant::now();
     let stderr = run(cmd);
     (t.elapsed(), stderr)
 }
 
 /// An HTTP agent that returns error statuses as responses; `timeout`: for the whole request.
-pub fn agent(timeout: Option<Duration>) -> ureq::Agent {
+pub(crate) fn agent(timeout: Option<Duration>) -> ureq::Agent {
     ureq::Agent::new_with_config(
         ureq::config::Config::builder()
             .http_status_as_error(false)
@@ -88,7 +89,7 @@ pub fn agent(timeout: Option<Duration>) -> ureq::Agent {
 }
 
 /// A project `touch` in `projects`: it writes its param `n` to an artifact.
-pub fn touch_project(projects: &Path) {
+pub(crate) fn touch_project(projects: &Path) {
     std::fs::create_dir_all(projects.join("touch")).unwrap();
     std::fs::write(
         projects.join("touch/Dockerfile"),
@@ -99,7 +100,7 @@ pub fn touch_project(projects: &Path) {
 
 /// `dir/config.json` for projects in `dir/projects`, builds in `dir/builds` (created), the
 /// images in `images`, no network, and the fields of `extra` (an object); its path.
-pub fn write_config(dir: &Path, images: &Path, extra: Value) -> PathBuf {
+pub(crate) fn write_config(dir: &Path, images: &Path, extra: Value) -> PathBuf {
     std::fs::create_dir_all(dir.join("builds")).unwrap();
     let mut cfg = json!({
         "projects_path": dir.join("projects"),
@@ -116,7 +117,7 @@ pub fn write_config(dir: &Path, images: &Path, extra: Value) -> PathBuf {
 }
 
 /// A mistryd serving on loopback; killed when dropped.
-pub struct Daemon {
+pub(crate) struct Daemon {
     child: Child,
     /// `127.0.0.1:PORT`
     pub addr: String,
@@ -125,7 +126,7 @@ pub struct Daemon {
 impl Daemon {
     /// [`mistryd_bin`] with `config`, on a port the kernel chooses (mistryd says which on
     /// stdout).
-    pub fn start(config: &Path) -> Daemon {
+    pub(crate) fn start(config: &Path) -> Daemon {
         let mut child = Command::new(mistryd_bin())
             .arg("--config")
             .arg(config)
@@ -148,7 +149,7 @@ impl Daemon {
         Daemon { child, addr }
     }
 
-    pub fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 }

@@ -202,7 +202,7 @@ mod tests {
             "--e=",
         ]
         .iter()
-        .map(|s| s.to_string())
+        .map(std::string::ToString::to_string)
         .collect();
         let p = parse_params(&args).unwrap();
         assert_eq!(p["a"], "1");

@@ -96,9 +96,7 @@ pub fn find_mistryd(exe: Option<&Path>, path: Option<&std::ffi::OsStr>) -> Optio
 
 fn is_executable(p: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(p)
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
 }
 
 /// Run `mistry exec`: replace this process with `mistryd exec ...` (its output, exit code and
@@ -111,8 +109,7 @@ pub fn exec(args: ExecArgs) -> Result<i32> {
             "mistry exec runs jobs with mistryd, which is neither next to {} nor on PATH: install \
              mistryd beside mistry",
             exe.as_deref()
-                .map(|e| e.display().to_string())
-                .unwrap_or_else(|| "mistry".into())
+                .map_or_else(|| "mistry".into(), |e| e.display().to_string())
         );
     };
     let err = std::process::Command::new(&mistryd)

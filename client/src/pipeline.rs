@@ -42,14 +42,16 @@ impl ServerArgs {
 /// `JOB=DIR` of `--artifacts`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ArtifactsOf {
+    /// The job's name in the pipeline definition.
     pub job: String,
+    /// The local directory its artifacts go to (created if missing; an error if it is a file).
     pub dir: PathBuf,
 }
 
 /// An `--artifacts` value that is not `JOB=DIR`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("expected JOB=DIR, got {0:?}")]
-pub struct BadArtifacts(String);
+pub(crate) struct BadArtifacts(String);
 
 fn parse_artifacts(s: &str) -> Result<ArtifactsOf, BadArtifacts> {
     match s.split_once('=') {
@@ -64,6 +66,7 @@ fn parse_artifacts(s: &str) -> Result<ArtifactsOf, BadArtifacts> {
 /// Options of `mistry pipeline run`.
 #[derive(Debug, Args)]
 pub struct PipelineRunArgs {
+    /// `--host` and `--port` of the server.
     #[command(flatten)]
     pub server: ServerArgs,
     /// The pipeline (`<projects_path>/pipelines/NAME.json` on the server).
@@ -103,8 +106,7 @@ fn jobs_of(record: &Value) -> &[Value] {
     record
         .get("jobs")
         .and_then(Value::as_array)
-        .map(Vec::as_slice)
-        .unwrap_or(&[])
+        .map_or(&[][..], Vec::as_slice)
 }
 
 /// One job's line for `state` (None: not worth a line, e.g. still waiting for its needs).
@@ -168,7 +170,7 @@ fn running(record: &Value) -> bool {
 }
 
 /// Run `mistry pipeline run`; returns the process exit code.
-pub fn run(args: PipelineRunArgs) -> Result<i32> {
+pub(crate) fn run(args: PipelineRunArgs) -> Result<i32> {
     let params = parse_params(&args.params)?;
     for a in &args.artifacts {
         if a.dir.is_file() {
@@ -238,8 +240,7 @@ pub fn run(args: PipelineRunArgs) -> Result<i32> {
     for t in record
         .get("triggered")
         .and_then(Value::as_array)
-        .map(Vec::as_slice)
-        .unwrap_or(&[])
+        .map_or(&[][..], Vec::as_slice)
     {
         if !args.json_result {
             println!(
@@ -379,7 +380,7 @@ fn events(
 
 /// `mistry pipeline list`: one line per pipeline, `NAME  params: --p (required), --q (default
 /// "v")  jobs: a, b`.
-pub fn list(server: &ServerArgs) -> Result<i32> {
+pub(crate) fn list(server: &ServerArgs) -> Result<i32> {
     let base = server.base();
     let timeout = Duration::from_secs(60);
     let agent = crate::http::agent(timeout);

@@ -164,7 +164,7 @@ pub(crate) fn fetch(
     path: &str,
     url: &str,
 ) -> Result<()> {
-    let user = args.user.map(str::to_string).unwrap_or_else(current_user);
+    let user = args.user.map_or_else(current_user, str::to_string);
     match args.transport {
         Transport::Scp => {
             if args.clear_target {
@@ -258,7 +258,7 @@ const PATH_MAX: usize = 4096;
 /// The most directory levels an entry's name may have: the tar crate's safe unpack resolves
 /// every parent of an entry again (its cost grows with the square of the depth), and no
 /// artifact tree needs more (COPY in a Dockerfile takes no deeper trees either).
-pub const MAX_DEPTH: usize = 256;
+pub(crate) const MAX_DEPTH: usize = 256;
 
 /// Unpack a tar stream into `target`; no entry may land outside it, none keeps a set-uid or
 /// set-gid bit (modes are kept otherwise), and none may be named by a path longer than the

@@ -7,24 +7,38 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 /// The default SHELL of RUN and of shell-form CMD/ENTRYPOINT.
-pub fn default_shell() -> Vec<String> {
+pub(crate) fn default_shell() -> Vec<String> {
     vec!["/bin/sh".into(), "-c".into()]
 }
 
+/// An image's config: what the Dockerfile's metadata instructions (or a base image's OCI
+/// config) set, stored with each step record as JSON (these field names).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct ImageConfig {
     /// `K=V` entries, in order.
     pub env: Vec<String>,
+    /// The working directory of RUN steps and the job (absolute); empty: `/`.
     pub workdir: String,
+    /// The `USER` value (`name`, `uid`, `name:group`, `uid:gid`); empty: root.
     pub user: String,
+    /// ENTRYPOINT as argv (a shell-form one is `SHELL` + the text); `None` when never set.
     pub entrypoint: Option<Vec<String>>,
+    /// CMD as argv; `None` when never set (a later ENTRYPOINT clears one from the base).
     pub cmd: Option<Vec<String>>,
+    /// LABELs (and MAINTAINER's `maintainer`); a later value of a key replaces it.
     pub labels: BTreeMap<String, String>,
+    /// EXPOSEd ports as `port/proto` (`80/tcp`), without duplicates.
     pub exposed_ports: Vec<String>,
+    /// VOLUME paths, without duplicates (recorded only: mistry mounts nothing there).
     pub volumes: Vec<String>,
+    /// STOPSIGNAL's value; `None` when never set.
     pub stop_signal: Option<String>,
+    /// HEALTHCHECK as Docker's JSON (`{"Test": ["CMD", ...], "interval": ...}`; `Test` is
+    /// `["NONE"]` for `HEALTHCHECK NONE`); recorded only.
     pub healthcheck: Option<serde_json::Value>,
+    /// ONBUILD triggers, as written; run by a build `FROM` this image.
     pub onbuild: Vec<String>,
+    /// The SHELL for shell-form commands; empty: `/bin/sh -c` (see [`ImageConfig::shell()`]).
     pub shell: Vec<String>,
 }
 
@@ -53,6 +67,7 @@ impl ImageConfig {
         }
     }
 
+    /// The shell for shell-form commands: the `shell` field, or `/bin/sh -c` when it is empty.
     pub fn shell(&self) -> Vec<String> {
         if self.shell.is_empty() {
             default_shell()

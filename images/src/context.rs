@@ -15,7 +15,7 @@ use crate::inroot::{self, Root};
 use crate::walk::{Order, Walk};
 
 #[derive(Debug, thiserror::Error)]
-pub enum ContextError {
+pub(crate) enum ContextError {
     #[error("{0}")]
     Invalid(String),
     #[error("{what}: {source}")]
@@ -37,12 +37,12 @@ fn io_err(what: impl Into<String>) -> impl FnOnce(io::Error) -> ContextError {
 /// `.dockerignore` rules: later rules win, `!` re-includes, a matched directory excludes
 /// everything under it.
 #[derive(Debug, Default)]
-pub struct Ignore {
+pub(crate) struct Ignore {
     rules: Vec<(GlobMatcher, bool)>,
 }
 
 /// Clean a relative path: no leading `/` or `./`, `..` resolved (never above the start).
-pub fn clean_rel(p: &str) -> Option<PathBuf> {
+pub(crate) fn clean_rel(p: &str) -> Option<PathBuf> {
     let mut out = PathBuf::new();
     for c in Path::new(p).components() {
         match c {
@@ -64,7 +64,7 @@ fn glob_path(pattern: &str) -> Result<GlobMatcher, ContextError> {
 
 impl Ignore {
     /// Parse `.dockerignore` text.
-    pub fn parse(text: &str) -> Result<Ignore, ContextError> {
+    pub(crate) fn parse(text: &str) -> Result<Ignore, ContextError> {
         let mut rules = Vec::new();
         for line in text.lines() {
             let t = line.trim();
@@ -90,7 +90,7 @@ impl Ignore {
 
     /// Read `<context>/.dockerignore` (none: nothing ignored), resolved inside the context (a
     /// symlink cannot make it a host file), at most 1 MiB.
-    pub fn load(context: &Path) -> Result<Ignore, ContextError> {
+    pub(crate) fn load(context: &Path) -> Result<Ignore, ContextError> {
         let opened = Root::open(context).and_then(|r| {
             r.open_in(
                 Path::new(".dockerignore"),
@@ -115,7 +115,7 @@ impl Ignore {
     }
 
     /// Whether `rel` (relative to the context) is excluded.
-    pub fn excluded(&self, rel: &Path) -> bool {
+    pub(crate) fn excluded(&self, rel: &Path) -> bool {
         let mut excluded = false;
         for (m, include) in &self.rules {
             // A rule matches the path itself or any of its parent directories.
@@ -136,7 +136,7 @@ fn has_wildcard(s: &str) -> bool {
 }
 
 /// Directory levels a copied tree may have: deeper ones are an error, not a stack overflow.
-pub const MAX_DEPTH: usize = 256;
+pub(crate) const MAX_DEPTH: usize = 256;
 
 /// Every path under the directory `dir` (an fd opened for reading; `rel` is its path relative
 /// to the source root), parents before children, in name order, not following links: an
@@ -185,7 +185,7 @@ fn walk(
 
 /// One thing COPY puts into an image.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize, PartialEq, Eq)]
-pub struct CopyItem {
+pub(crate) struct CopyItem {
     /// The source (file, directory or symlink, copied as what it is), relative to the source
     /// root (the tool's `CopySpec::src_root`) and resolved inside it.
     pub src: PathBuf,
@@ -195,7 +195,7 @@ pub struct CopyItem {
 
 /// The sources of one COPY/ADD resolved to items to copy.
 #[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
-pub struct Resolved {
+pub(crate) struct Resolved {
     /// Sources relative to the source root, symlinks on the way resolved inside it.
     pub items: Vec<CopyItem>,
     /// Directories to create before the items (the destination directory).
@@ -232,7 +232,7 @@ fn root_of(root: &Path) -> Result<(Root, PathBuf), ContextError> {
 ///
 /// `dest` is absolute inside the image. `dest_is_dir` says whether it names a directory (it
 /// ends with `/`, there are several sources or a wildcard, or it is a directory in the image).
-pub fn resolve(
+pub(crate) fn resolve(
     root: &Path,
     sources: &[String],
     dest: &Path,
@@ -248,7 +248,7 @@ pub fn resolve(
 
 /// How [`resolve_with`] places what it finds.
 #[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
-pub struct How {
+pub(crate) struct How {
     /// The destination names a directory (see [`resolve`]).
     pub dest_is_dir: bool,
     /// `COPY --parents`: each source keeps its path relative to the source root (or to a
@@ -270,7 +270,7 @@ fn parents_base(src: &str) -> PathBuf {
 }
 
 /// [`resolve`] with the `--parents` and directory-itself options.
-pub fn resolve_with(
+pub(crate) fn resolve_with(
     root: &Path,
     sources: &[String],
     dest: &Path,
@@ -433,7 +433,7 @@ pub fn resolve_with(
 /// sandbox: a stage's tree belongs to the image's ids, which the daemon's user may not be
 /// allowed to read (a 0700 home directory of uid 1000) but sandbox root is.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct ResolveRequest {
+pub(crate) struct ResolveRequest {
     pub root: PathBuf,
     pub sources: Vec<String>,
     pub dest: PathBuf,
@@ -441,7 +441,7 @@ pub struct ResolveRequest {
 }
 
 /// The helper's side of a [`ResolveRequest`] read from `file`: the [`Resolved`] as JSON.
-pub fn resolve_request(file: &Path) -> Result<String, ContextError> {
+pub(crate) fn resolve_request(file: &Path) -> Result<String, ContextError> {
     let text = fs::read(file).map_err(io_err(file.display().to_string()))?;
     let req: ResolveRequest = serde_json::from_slice(&text)?;
     let resolved = resolve_with(
@@ -455,7 +455,7 @@ pub fn resolve_request(file: &Path) -> Result<String, ContextError> {
 }
 
 /// Digest of what a COPY would write; the items' sources are read inside `root`.
-pub fn digest_items(root: &Path, items: &[CopyItem]) -> Result<String, ContextError> {
+pub(crate) fn digest_items(root: &Path, items: &[CopyItem]) -> Result<String, ContextError> {
     let (r, _) = root_of(root)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 16];
@@ -499,7 +499,7 @@ pub fn digest_items(root: &Path, items: &[CopyItem]) -> Result<String, ContextEr
 
 /// Whether `rel` inside `root` (resolved inside it) is a tar archive (plain, gzip or zstd), by
 /// its first bytes.
-pub fn is_archive(root: &Path, rel: &Path) -> bool {
+pub(crate) fn is_archive(root: &Path, rel: &Path) -> bool {
     let Ok((r, _)) = root_of(root) else {
         return false;
     };
@@ -669,7 +669,7 @@ mod tests {
         };
         let ig = Ignore::default();
         let items = |srcs: &[&str]| {
-            let srcs: Vec<String> = srcs.iter().map(|s| s.to_string()).collect();
+            let srcs: Vec<String> = srcs.iter().map(std::string::ToString::to_string).collect();
             let res = resolve_with(r, &srcs, Path::new("/p"), &how, &ig).unwrap();
             res.items
                 .iter()

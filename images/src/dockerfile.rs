@@ -14,7 +14,9 @@ pub use crate::lex::{LexError, Lexer, Vars, MAX_EXPANDED, MAX_NESTING};
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("line {line}: {message}")]
 pub struct ParseError {
+    /// 1-based line number.
     pub line: usize,
+    /// What is wrong, without the line.
     pub message: String,
 }
 
@@ -28,7 +30,9 @@ fn err<T>(line: usize, message: impl Into<String>) -> Result<T, ParseError> {
 /// The command of RUN, CMD, ENTRYPOINT, HEALTHCHECK: shell form or exec (JSON) form.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
+    /// Shell form: the text as written, run with the stage's `SHELL` (default `/bin/sh -c`).
     Shell(String),
+    /// Exec (JSON array) form: argv as given, no shell.
     Exec(Vec<String>),
 }
 
@@ -37,6 +41,7 @@ pub enum Command {
 pub struct Flags(pub Vec<(String, Option<String>)>);
 
 impl Flags {
+    /// The value of flag `--name`: `"true"` for a flag without a value; `None` when absent.
     pub fn get(&self, name: &str) -> Option<&str> {
         self.0
             .iter()
@@ -241,24 +246,32 @@ pub fn heredoc_word(word: &str) -> Option<(String, bool, bool)> {
     Some((name, !quoted, chomp))
 }
 
+/// The arguments of `HEALTHCHECK` (kept in the image config, never run by mistry).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Healthcheck {
     /// None for `HEALTHCHECK NONE`.
     pub test: Option<Command>,
+    /// `--interval`, `--timeout`, `--start-period`, `--start-interval`, `--retries`, as written.
     pub flags: Flags,
 }
 
 /// One instruction, with raw (unexpanded) arguments where Docker expands at build time.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Instruction {
+    /// `FROM [--platform=P] IMAGE [AS NAME]`.
     From {
+        /// The image reference, or an earlier stage's name, raw (ARGs not yet expanded).
         image: String,
+        /// The stage name after `AS`, lowercased; `None` without one.
         alias: Option<String>,
+        /// The `--platform` flag, raw; `None` when absent.
         platform: Option<String>,
     },
     /// RUN; with heredocs, `command` is the shell form as written (`<<EOF`, `cat <<EOF > f`).
     Run {
+        /// The command; with heredocs always the shell form.
         command: Command,
+        /// RUN's flags (`--mount`, `--network`, `--security`, `--device`), raw.
         flags: Flags,
         /// The heredocs of the line, in order, with their bodies.
         heredocs: Vec<Heredoc>,
@@ -266,30 +279,50 @@ pub enum Instruction {
     /// COPY and ADD: `sources` and `dest` are raw words; heredoc sources (`COPY <<EOF /f`) are
     /// in `heredocs`, in order, and not in `sources`.
     Copy {
+        /// `true` for ADD, `false` for COPY.
         add: bool,
+        /// Source words, raw (paths in the context or, with `--from`, in a stage or image;
+        /// URLs for ADD).
         sources: Vec<String>,
+        /// The destination word, raw.
         dest: String,
+        /// COPY/ADD flags (`--from`, `--chown`, `--chmod`, `--link`, ...), raw.
         flags: Flags,
+        /// The heredoc sources, in order.
         heredocs: Vec<Heredoc>,
     },
     /// Raw `key=value` words (or the legacy `key value` as one pair).
     Env(Vec<(String, String)>),
+    /// Each `NAME` or `NAME=default`, raw; `None` when no default is given.
     Arg(Vec<(String, Option<String>)>),
+    /// The directory, raw.
     Workdir(String),
+    /// The `USER` value (`name`, `uid`, `name:group`, `uid:gid`), raw.
     User(String),
+    /// The image's entrypoint.
     Entrypoint(Command),
+    /// The image's default command.
     Cmd(Command),
+    /// Raw `key=value` pairs, as [`Instruction::Env`].
     Label(Vec<(String, String)>),
+    /// Port words (`80`, `53/udp`), raw.
     Expose(Vec<String>),
+    /// Mount-point words, raw (from a JSON array or split as words).
     Volume(Vec<String>),
+    /// The signal, raw (`SIGTERM`, `15`).
     StopSignal(String),
+    /// `HEALTHCHECK NONE` or `HEALTHCHECK [OPTIONS] CMD command`.
     Healthcheck(Healthcheck),
+    /// The trigger instruction as written (checked to parse; run by images built `FROM` this one).
     Onbuild(String),
+    /// The shell for later shell-form commands, from a non-empty JSON array.
     Shell(Vec<String>),
+    /// The author, as written (deprecated); stored as the image's `maintainer` label.
     Maintainer(String),
 }
 
 impl Instruction {
+    /// The instruction's keyword in capitals (`ADD` for [`Instruction::Copy`] with `add`).
     pub fn name(&self) -> &'static str {
         match self {
             Instruction::From { .. } => "FROM",
@@ -321,6 +354,7 @@ pub struct Step {
     pub line: usize,
     /// The logical line as written (continuations joined), for logs and cache keys.
     pub text: String,
+    /// The parsed instruction.
     pub instruction: Instruction,
 }
 
@@ -333,12 +367,16 @@ impl fmt::Display for Step {
 /// A parsed Dockerfile.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Dockerfile {
+    /// The escape character from `# escape=` (default `\`).
     pub escape: char,
+    /// The `# syntax=` directive, if any (recorded, not acted on).
     pub syntax: Option<String>,
     /// ARGs before the first FROM (usable in FROM lines).
     pub global_args: Vec<(String, Option<String>)>,
     /// The line of each of `global_args` (for errors).
     pub global_arg_lines: Vec<usize>,
+    /// The instructions from the first FROM on, in order (the ARGs before it are in
+    /// `global_args`, not here).
     pub steps: Vec<Step>,
 }
 
@@ -349,6 +387,7 @@ pub const MAX_DOCKERFILE: usize = 1 << 20;
 pub const MAX_INSTRUCTIONS: usize = 10_000;
 
 impl Dockerfile {
+    /// A [`Lexer`] with this file's escape character, for expanding the steps' words.
     pub fn lexer(&self) -> Lexer {
         Lexer::new(self.escape)
     }

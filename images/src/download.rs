@@ -68,16 +68,13 @@ fn interface_addrs() -> Vec<IpAddr> {
 
 fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(IpAddr::V4)
-            .unwrap_or(IpAddr::V6(v6)),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
         v4 => v4,
     }
 }
 
 /// Whether connecting to `addr` could reach a socket listening at one of `deny`.
-pub fn denied(addr: &SocketAddr, deny: &[SocketAddr], local: &[IpAddr]) -> bool {
+pub(crate) fn denied(addr: &SocketAddr, deny: &[SocketAddr], local: &[IpAddr]) -> bool {
     let ip = canonical(addr.ip());
     let is_local =
         ip.is_loopback() || ip.is_unspecified() || local.iter().any(|l| canonical(*l) == ip);
@@ -116,7 +113,7 @@ impl Resolver for CheckedResolver {
         let local = interface_addrs();
         let mut out = self.empty();
         let mut refused = Vec::new();
-        for a in all.iter() {
+        for a in &all {
             match self.refusal(a, &local) {
                 None => out.push(*a),
                 Some(why) => refused.push(format!("{a}: {why}")),
@@ -127,7 +124,8 @@ impl Resolver for CheckedResolver {
                 io::ErrorKind::PermissionDenied,
                 format!(
                     "{} is refused ({})",
-                    uri.authority().map(|a| a.as_str()).unwrap_or(""),
+                    uri.authority()
+                        .map_or("", ureq::http::uri::Authority::as_str),
                     refused.join(", ")
                 ),
             )));
@@ -138,7 +136,7 @@ impl Resolver for CheckedResolver {
 
 /// Why `ADD <url>` could not download its file.
 #[derive(Debug, thiserror::Error)]
-pub enum DownloadError {
+pub(crate) enum DownloadError {
     #[error("downloading {url}: more than {max} redirects")]
     Redirects { url: String, max: u32 },
     #[error("downloading {url}: {source}")]
@@ -164,7 +162,11 @@ pub enum DownloadError {
 }
 
 /// Download `url` to the new file `dest` under `policy`.
-pub fn download(url: &str, dest: &Path, policy: &DownloadPolicy) -> Result<(), DownloadError> {
+pub(crate) fn download(
+    url: &str,
+    dest: &Path,
+    policy: &DownloadPolicy,
+) -> Result<(), DownloadError> {
     let config = ureq::Agent::config_builder()
         .proxy(None)
         .max_redirects(policy.max_redirects)

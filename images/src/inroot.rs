@@ -90,6 +90,7 @@ impl Root {
         Root { fd }
     }
 
+    /// The root directory's descriptor, to open paths below it with `RESOLVE_IN_ROOT`.
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }

@@ -18,6 +18,7 @@ pub const MAX_NESTING: usize = 32;
 
 /// Variables visible to substitution, in definition order (later wins).
 pub trait Vars {
+    /// The value of variable `name`; `None` when it is not set (an empty value is `Some("")`).
     fn get(&self, name: &str) -> Option<&str>;
 }
 
@@ -41,8 +42,11 @@ impl Vars for Vec<(String, String)> {
 #[error("{0}")]
 pub struct LexError(pub String);
 
+/// Docker's word processing (quotes, escapes, `$VAR`, `${VAR:-default}`, ...) with a given
+/// escape character.
 #[derive(Debug, Clone)]
 pub struct Lexer {
+    /// The escape character: `\` by default, or the Dockerfile's `# escape=` (e.g. `` ` ``).
     pub escape: char,
 }
 
@@ -53,6 +57,7 @@ impl Default for Lexer {
 }
 
 impl Lexer {
+    /// A lexer with escape character `escape`.
     pub fn new(escape: char) -> Self {
         Lexer { escape }
     }

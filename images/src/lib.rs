@@ -49,7 +49,7 @@ pub use sandbox;
 pub use build::{BaseSources, BuildError, BuildOptions, BuildStats, Builder, Image};
 pub use config::ImageConfig;
 pub use download::DownloadPolicy;
-pub use oci::{host_platform, sha256_digest};
+pub use oci::{host_platform, sha256_digest, OciError};
 pub use registry::{Credentials, Registries, RegistryConfig};
 pub use setid::{Stripped, SET_ID};
 pub use source::{BaseSource, FetchedBase, LocalImages, RegistryError, SourceError};

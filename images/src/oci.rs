@@ -42,7 +42,7 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> OciError + '_ {
     }
 }
 
-pub fn invalid(what: impl Into<String>, reason: impl std::fmt::Display) -> OciError {
+pub(crate) fn invalid(what: impl Into<String>, reason: impl std::fmt::Display) -> OciError {
     OciError::Invalid {
         what: what.into(),
         reason: reason.to_string(),
@@ -55,7 +55,7 @@ pub fn sha256_digest(bytes: &[u8]) -> String {
 }
 
 /// Hex part of a `sha256:` digest; anything else is refused (it would be used as a file name).
-pub fn digest_hex(digest: &str) -> Result<&str, OciError> {
+pub(crate) fn digest_hex(digest: &str) -> Result<&str, OciError> {
     match digest.strip_prefix("sha256:") {
         Some(h)
             if h.len() == 64
@@ -72,14 +72,14 @@ pub fn digest_hex(digest: &str) -> Result<&str, OciError> {
 }
 
 /// A reader that hashes what passes through and checks the digest at the end.
-pub struct Verify<R> {
+pub(crate) struct Verify<R> {
     inner: R,
     hasher: Sha256,
     expected: String,
 }
 
 impl<R: Read> Verify<R> {
-    pub fn new(inner: R, expected: &str) -> Self {
+    pub(crate) fn new(inner: R, expected: &str) -> Self {
         Verify {
             inner,
             hasher: Sha256::new(),
@@ -126,20 +126,20 @@ pub fn host_platform() -> (Os, Arch) {
 
 /// A local OCI layout directory.
 #[derive(Debug, Clone)]
-pub struct Layout {
+pub(crate) struct Layout {
     pub path: PathBuf,
 }
 
 /// A resolved image: manifest, its digest, and its config.
 #[derive(Debug, Clone)]
-pub struct ResolvedImage {
+pub(crate) struct ResolvedImage {
     pub manifest_digest: String,
     pub manifest: ImageManifest,
     pub config: ImageConfiguration,
 }
 
 impl Layout {
-    pub fn open(path: &Path) -> Result<Layout, OciError> {
+    pub(crate) fn open(path: &Path) -> Result<Layout, OciError> {
         let marker = path.join("oci-layout");
         if !marker.is_file() || !path.join("index.json").is_file() {
             return Err(invalid(
@@ -152,17 +152,17 @@ impl Layout {
         })
     }
 
-    pub fn blob_path(&self, digest: &str) -> Result<PathBuf, OciError> {
+    pub(crate) fn blob_path(&self, digest: &str) -> Result<PathBuf, OciError> {
         Ok(self.path.join("blobs/sha256").join(digest_hex(digest)?))
     }
 
     /// Read a whole (small) blob and verify it.
-    pub fn read_blob(&self, digest: &str) -> Result<Vec<u8>, OciError> {
+    pub(crate) fn read_blob(&self, digest: &str) -> Result<Vec<u8>, OciError> {
         let p = self.blob_path(digest)?;
         let mut data = Vec::new();
         Verify::new(fs::File::open(&p).map_err(io_err(&p))?, digest)
             .read_to_end(&mut data)
-            .map_err(|e| match e.into_inner().map(|b| b.downcast::<OciError>()) {
+            .map_err(|e| match e.into_inner().map(<dyn std::error::Error + std::marker::Send + std::marker::Sync + 'static>::downcast::<OciError>) {
                 Some(Ok(oci)) => *oci,
                 _ => invalid(p.display().to_string(), "unreadable blob"),
             })?;
@@ -177,7 +177,7 @@ impl Layout {
 
     /// Resolve `tag` (matched against `org.opencontainers.image.ref.name`; a layout with one
     /// untagged manifest answers to any tag) for the host platform.
-    pub fn resolve(
+    pub(crate) fn resolve(
         &self,
         name: &str,
         tag: &str,
@@ -288,7 +288,7 @@ impl std::fmt::Display for Platform {
 }
 
 /// Pick `want` from an index's manifests (an entry without a platform serves any).
-pub fn choose_platform(
+pub(crate) fn choose_platform(
     name: &str,
     manifests: &[Descriptor],
     want: &Platform,
@@ -313,7 +313,7 @@ pub fn choose_platform(
 }
 
 /// Write a blob into a layout's `blobs/sha256`, returning its digest and size.
-pub fn write_blob(layout: &Path, data: &[u8]) -> Result<(String, u64), OciError> {
+pub(crate) fn write_blob(layout: &Path, data: &[u8]) -> Result<(String, u64), OciError> {
     let digest = sha256_digest(data);
     let dir = layout.join("blobs/sha256");
     fs::create_dir_all(&dir).map_err(io_err(&dir))?;

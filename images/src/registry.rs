@@ -43,9 +43,12 @@ pub struct RegistryConfig {
     pub credentials: BTreeMap<String, Credentials>,
 }
 
+/// A user name and password for one registry (basic auth, or exchanged for a bearer token).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct Credentials {
+    /// The user name.
     pub username: String,
+    /// The password (or an access token).
     pub password: String,
 }
 
@@ -57,7 +60,10 @@ struct Pulled {
     layers: Vec<String>,
 }
 
+/// The registries as a base source: the registry is the reference's host (Docker Hub when it
+/// names none).
 pub struct Registries {
+    /// Insecure hosts and credentials.
     pub config: RegistryConfig,
 }
 
@@ -89,7 +95,7 @@ fn default_auth_file() -> Option<PathBuf> {
 }
 
 /// Credentials for `registry` from a docker-style config file.
-pub fn credentials_from_file(
+pub(crate) fn credentials_from_file(
     path: &Path,
     registry: &str,
 ) -> Result<Option<Credentials>, RegistryError> {

@@ -47,7 +47,7 @@ fn is_denied(e: rustix::io::Errno) -> bool {
 /// Remove set-uid and set-gid bits from every file and directory under `root` (an open
 /// directory; the root itself included), and capabilities from every regular file, as this
 /// process's user.
-pub fn strip_setid(root: BorrowedFd<'_>) -> io::Result<Stripped> {
+pub(crate) fn strip_setid(root: BorrowedFd<'_>) -> io::Result<Stripped> {
     let mut out = Stripped::default();
     let st = rfs::fstat(root).map_err(errno)?;
     if st.st_mode & SET_ID != 0 {
@@ -108,9 +108,9 @@ fn visit(dir: BorrowedFd<'_>, name: &OsStr, out: &mut Stripped) -> io::Result<Op
                 Err(e) if is_denied(e) => out.denied += 1,
                 Err(e) => return Err(errno(e)),
             },
-            Err(rustix::io::Errno::NODATA)
-            | Err(rustix::io::Errno::NOTSUP)
-            | Err(rustix::io::Errno::NOENT) => {}
+            Err(
+                rustix::io::Errno::NODATA | rustix::io::Errno::NOTSUP | rustix::io::Errno::NOENT,
+            ) => {}
             Err(e) if is_denied(e) => out.denied += 1,
             Err(e) => return Err(errno(e)),
         }

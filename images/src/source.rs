@@ -88,7 +88,9 @@ pub trait BaseSource: Send + Sync {
 
 /// A base image ready to unpack.
 pub struct FetchedBase {
+    /// The digest of the image's manifest (`sha256:...`), recorded in the step key of `FROM`.
     pub manifest_digest: String,
+    /// The image config (entrypoint, cmd, env, ...).
     pub config: ImageConfig,
     /// OnBuild triggers of the base (Docker's config extension).
     pub onbuild: Vec<String>,
@@ -100,6 +102,7 @@ pub struct FetchedBase {
 
 /// Base images from OCI layouts in a directory: `FROM name[:tag]` is `<dir>/<name>/`.
 pub struct LocalImages {
+    /// The directory holding one OCI layout per image name.
     pub dir: PathBuf,
 }
 
@@ -138,7 +141,7 @@ impl BaseSource for LocalImages {
 }
 
 /// `OnBuild` triggers from a raw image config (a Docker extension oci-spec does not model).
-pub fn onbuild_of(raw_config: &[u8]) -> Vec<String> {
+pub(crate) fn onbuild_of(raw_config: &[u8]) -> Vec<String> {
     serde_json::from_slice::<serde_json::Value>(raw_config)
         .ok()
         .and_then(|v| v.get("config")?.get("OnBuild")?.as_array().cloned())
@@ -151,7 +154,7 @@ pub fn onbuild_of(raw_config: &[u8]) -> Vec<String> {
 }
 
 /// `name[:tag][@digest]` → (name, tag or digest); the tag defaults to `latest`.
-pub fn split_reference(reference: &str) -> (&str, &str) {
+pub(crate) fn split_reference(reference: &str) -> (&str, &str) {
     if let Some((name, digest)) = reference.split_once('@') {
         return (name, digest);
     }

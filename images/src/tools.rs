@@ -84,14 +84,14 @@ fn subordinate_host_ids(uid: u32, gid: u32) -> io::Result<Option<(u32, u32)>> {
 
 /// The host ids of sandbox root when they are not this process's own (`--sandbox-ids
 /// subordinate`); `None` when they are.
-pub fn sandbox_root_ids() -> io::Result<Option<(u32, u32)>> {
+pub(crate) fn sandbox_root_ids() -> io::Result<Option<(u32, u32)>> {
     subordinate_host_ids(0, 0)
 }
 
 /// Give `path` (made by this process) to sandbox root, when that is not this process's own
 /// user: with `--sandbox-ids subordinate`, sandbox root is a subordinate id, and a directory of
 /// host root's is not even mapped in the sandbox. A no-op otherwise.
-pub fn hand_over(path: &Path) -> io::Result<()> {
+pub(crate) fn hand_over(path: &Path) -> io::Result<()> {
     match subordinate_host_ids(0, 0)? {
         Some((uid, gid)) => std::os::unix::fs::lchown(path, Some(uid), Some(gid)),
         None => Ok(()),
@@ -102,7 +102,7 @@ pub fn hand_over(path: &Path) -> io::Result<()> {
 /// image's user). Done by this process itself, not in the user namespace: what it wrote belongs
 /// to host root, which is not mapped there. No link is followed; the walk is iterative
 /// ([`crate::walk`]). `path` may also be a file or a link.
-pub fn hand_over_tree(path: &Path, uid: u32, gid: u32) -> io::Result<()> {
+pub(crate) fn hand_over_tree(path: &Path, uid: u32, gid: u32) -> io::Result<()> {
     let Some((host_uid, host_gid)) = subordinate_host_ids(uid, gid)? else {
         return Ok(());
     };
@@ -125,19 +125,28 @@ pub fn hand_over_tree(path: &Path, uid: u32, gid: u32) -> io::Result<()> {
 /// A tool run failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ToolError {
+    /// The tool sandbox could not be started.
     #[error("{what}: {source}")]
     Sandbox {
+        /// The operation, e.g. `copying <path>`.
         what: String,
+        /// Why the sandbox failed.
         #[source]
         source: sandbox::Error,
     },
+    /// The tool ran and failed.
     #[error("{what}: {message}")]
-    Failed { what: String, message: String },
+    Failed {
+        /// The operation.
+        what: String,
+        /// The tool's stderr, or its exit status when it wrote nothing.
+        message: String,
+    },
 }
 
 /// How to run operations on image trees.
 #[derive(Debug, Clone)]
-pub struct Tools {
+pub(crate) struct Tools {
     /// The helper command prefix, e.g. `["/usr/bin/mistryd", "internal"]`.
     helper: Vec<OsString>,
     /// Whether ids other than root are mapped (a subordinate range exists).
@@ -145,11 +154,11 @@ pub struct Tools {
 }
 
 /// One thing COPY puts into an image (defined with the build context, which resolves them).
-pub use crate::context::CopyItem;
+pub(crate) use crate::context::CopyItem;
 
 /// What the helper's `copy-in` does.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct CopySpec {
+pub(crate) struct CopySpec {
     /// The image tree written to (set by [`Tools::copy_in`]).
     pub root: PathBuf,
     /// Where the items' sources are resolved: the build context, a stage's root, a download.
@@ -169,7 +178,7 @@ pub struct CopySpec {
 }
 
 impl Tools {
-    pub fn new(helper: Vec<OsString>) -> Tools {
+    pub(crate) fn new(helper: Vec<OsString>) -> Tools {
         let (mapping, _) = sandbox::choose_id_map(sandbox::IdMapping::Auto);
         Tools {
             helper,
@@ -178,7 +187,7 @@ impl Tools {
     }
 
     /// Whether file owners other than root can be kept (else they become root, with a log line).
-    pub fn keeps_owners(&self) -> bool {
+    pub(crate) fn keeps_owners(&self) -> bool {
         self.owners
     }
 
@@ -242,7 +251,7 @@ impl Tools {
     }
 
     /// Apply a layer blob onto `root`; `name` (its digest) appears in errors.
-    pub fn apply_layer(
+    pub(crate) fn apply_layer(
         &self,
         blob: &Path,
         digest: &str,
@@ -276,7 +285,7 @@ impl Tools {
 
     /// Extract a tar archive (ADD), `archive` resolved inside `src_root`, into `dest` inside
     /// the image (confined to `dest`, as Docker's chrooted untar).
-    pub fn extract(
+    pub(crate) fn extract(
         &self,
         src_root: &Path,
         archive: &Path,
@@ -302,7 +311,7 @@ impl Tools {
     }
 
     /// COPY into `target`: write the spec to `spec_file` and have the helper carry it out.
-    pub fn copy_in(
+    pub(crate) fn copy_in(
         &self,
         spec: &CopySpec,
         spec_file: &Path,
@@ -332,7 +341,7 @@ impl Tools {
 
     /// Resolve `COPY --from` sources inside the tool sandbox (read-only), where every file of
     /// a stage is readable whatever its owner: the request is written to `request_file`.
-    pub fn resolve(
+    pub(crate) fn resolve(
         &self,
         request: &crate::context::ResolveRequest,
         request_file: &Path,
@@ -352,7 +361,7 @@ impl Tools {
     }
 
     /// `mkdir -p` of `path` inside `root`, owned by uid:gid.
-    pub fn mkdirs(
+    pub(crate) fn mkdirs(
         &self,
         target: &Target,
         path: &Path,
@@ -372,7 +381,7 @@ impl Tools {
 
     /// Give a whole tree to `uid:gid` (sandbox ids), e.g. a job's `/data` for a non-root user:
     /// the helper's `chown-tree` (`chown -R -h`, by fd and iterative, however deep the tree).
-    pub fn chown_tree(&self, path: &Path, uid: u32, gid: u32) -> Result<(), ToolError> {
+    pub(crate) fn chown_tree(&self, path: &Path, uid: u32, gid: u32) -> Result<(), ToolError> {
         let mut argv = self.helper.clone();
         argv.extend([os("chown-tree"), os(path), os(format!("{uid}:{gid}"))]);
         self.run_with(
@@ -386,7 +395,7 @@ impl Tools {
 
     /// A full copy of a tree at `dst` (which must not exist; reflinks where the filesystem has
     /// them). Only `dst` is writable meanwhile.
-    pub fn copy_tree(&self, src: &Path, dst: &Path) -> Result<(), ToolError> {
+    pub(crate) fn copy_tree(&self, src: &Path, dst: &Path) -> Result<(), ToolError> {
         self.copy_into(src, dst, None)
     }
 
@@ -408,7 +417,7 @@ impl Tools {
 
     /// [`crate::setid::strip_setid`] on the tree at `path`, inside the user namespace with only
     /// the tree writable; every entry must be changed there.
-    pub fn strip_setid(&self, path: &Path) -> Result<crate::setid::Stripped, ToolError> {
+    pub(crate) fn strip_setid(&self, path: &Path) -> Result<crate::setid::Stripped, ToolError> {
         let what = format!("removing set-id bits in {}", path.display());
         let mut argv = self.helper.clone();
         argv.extend([os("strip-setid"), os(path)]);
@@ -430,7 +439,7 @@ impl Tools {
     /// Remove a tree (or a file). Its contents are removed inside the user namespace by the
     /// helper (by fd, never following a symlink), with only the tree itself writable; the
     /// emptied directory is then removed here.
-    pub fn remove_tree(&self, path: &Path) -> Result<(), ToolError> {
+    pub(crate) fn remove_tree(&self, path: &Path) -> Result<(), ToolError> {
         let what = format!("removing {}", path.display());
         let failed = |e: io::Error| ToolError::Failed {
             what: what.clone(),
@@ -498,7 +507,7 @@ impl Tools {
 
     /// Write an uncompressed tar of `view` (numeric owners as the image sees them) to `out`;
     /// a layered view is mounted at `mountpoint` meanwhile.
-    pub fn pack(&self, view: &View, mountpoint: &Path, out: &Path) -> Result<(), ToolError> {
+    pub(crate) fn pack(&self, view: &View, mountpoint: &Path, out: &Path) -> Result<(), ToolError> {
         let (root, mount) = Self::read_mount(view, mountpoint)?;
         let what = format!("packing {}", root.display());
         // Only the output file is writable: made here, bound into the sandbox.
@@ -513,7 +522,12 @@ impl Tools {
     }
 
     /// A complete copy of `view` at `dst` (a layered view is mounted at `mountpoint` meanwhile).
-    pub fn materialize(&self, view: &View, mountpoint: &Path, dst: &Path) -> Result<(), ToolError> {
+    pub(crate) fn materialize(
+        &self,
+        view: &View,
+        mountpoint: &Path,
+        dst: &Path,
+    ) -> Result<(), ToolError> {
         let (root, mount) = Self::read_mount(view, mountpoint)?;
         self.copy_into(&root, dst, mount)
     }

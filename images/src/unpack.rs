@@ -26,16 +26,25 @@ use crate::inroot::{self, Root};
 /// Why a layer could not be applied.
 #[derive(Debug, thiserror::Error)]
 pub enum UnpackError {
+    /// An entry the layer may not hold (a path out of the root, through a link, a hard link
+    /// to a directory or outside the layer, ...): the layer is refused.
     #[error("layer {layer}: entry {entry:?} {reason}")]
     Hostile {
+        /// The layer's name as given to [`apply_layer`] (its digest).
         layer: String,
+        /// The entry's path in the tar.
         entry: String,
+        /// What is wrong with it.
         reason: String,
     },
+    /// Reading the layer or writing the tree failed.
     #[error("layer {layer}: {what}: {source}")]
     Io {
+        /// The layer's name as given to [`apply_layer`].
         layer: String,
+        /// What was being done, naming the entry.
         what: String,
+        /// The underlying error.
         #[source]
         source: io::Error,
     },
@@ -53,13 +62,16 @@ pub enum Owners {
 /// Statistics of one applied layer.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Applied {
+    /// Entries created (files, directories, links, FIFOs).
     pub entries: usize,
+    /// Whiteouts applied (opaque directories included).
     pub whiteouts: usize,
+    /// Character and block devices left out (a sandbox cannot create them).
     pub skipped_devices: usize,
 }
 
 /// Wrap `input` in the right decompressor, sniffing gzip and zstd magic numbers.
-pub fn decompress<'a>(input: impl Read + 'a) -> io::Result<Box<dyn Read + 'a>> {
+pub(crate) fn decompress<'a>(input: impl Read + 'a) -> io::Result<Box<dyn Read + 'a>> {
     let mut buf = BufReader::with_capacity(1 << 16, input);
     let head = buf.fill_buf()?;
     if head.starts_with(&[0x1f, 0x8b]) {
@@ -158,7 +170,7 @@ pub fn apply_layer(
 
 /// Apply a layer onto an open [`Root`]: every entry lands inside it, whatever the layer and
 /// the tree already there contain.
-pub fn apply_layer_in(
+pub(crate) fn apply_layer_in(
     input: impl Read,
     root: &Root,
     layer: &str,
@@ -309,7 +321,7 @@ pub fn apply_layer_in(
                 let target = entry
                     .link_name()
                     .map_err(ctx.io("reading a link target"))?
-                    .map(|t| t.into_owned())
+                    .map(std::borrow::Cow::into_owned)
                     .unwrap_or_default();
                 replace(&ctx)?;
                 rfs::symlinkat(&target, dir, fname).map_err(|e| {
@@ -321,7 +333,7 @@ pub fn apply_layer_in(
                 let target = entry
                     .link_name()
                     .map_err(ctx.io("reading a link target"))?
-                    .map(|t| t.into_owned())
+                    .map(std::borrow::Cow::into_owned)
                     .unwrap_or_default();
                 let Some(target_rel) = clean(&target) else {
                     return Err(ctx.hostile(&raw, "is a hard link that escapes the image root"));

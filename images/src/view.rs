@@ -27,8 +27,11 @@ pub enum Target {
     Dir(PathBuf),
     /// An overlay: `lowers` (top first) read-only, changes into `upper`.
     Overlay {
+        /// The parents' layers, top first.
         lowers: Vec<PathBuf>,
+        /// The snapshot's own directory, which receives the changes.
         upper: PathBuf,
+        /// overlayfs' scratch directory, on the same filesystem as `upper`.
         work: PathBuf,
     },
 }

@@ -103,6 +103,7 @@ pub enum Order {
 /// One entry of a directory (never `.` or `..`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
+    /// The entry's name in its directory (one component, not a path).
     pub name: OsString,
     /// What it is (from `getdents`, or `lstat` where the filesystem does not say).
     pub kind: FileType,

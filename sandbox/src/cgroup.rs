@@ -13,7 +13,7 @@ use crate::config::CgroupLimits;
 
 /// A sub-cgroup created for one sandbox; removed on drop.
 #[derive(Debug)]
-pub struct Cgroup {
+pub(crate) struct Cgroup {
     path: PathBuf,
 }
 
@@ -21,7 +21,7 @@ static COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// Why a sandbox gets no cgroup limits (logged by the caller, never fatal).
 #[derive(Debug, thiserror::Error)]
-pub enum CgroupError {
+pub(crate) enum CgroupError {
     #[error("the process is in no cgroup v2 hierarchy (cgroup v1 only)")]
     NoV2,
     #[error("no cgroup2 filesystem is mounted")]
@@ -68,7 +68,7 @@ pub enum CgroupError {
 
 /// Find the caller's cgroup v2 directory from the texts of `/proc/self/cgroup` and
 /// `/proc/self/mountinfo`.
-pub fn locate(proc_cgroup: &str, mountinfo: &str) -> Result<PathBuf, CgroupError> {
+pub(crate) fn locate(proc_cgroup: &str, mountinfo: &str) -> Result<PathBuf, CgroupError> {
     let rel = proc_cgroup
         .lines()
         .find_map(|l| l.strip_prefix("0::"))
@@ -104,7 +104,7 @@ fn needed(limits: &CgroupLimits) -> Vec<&'static str> {
 }
 
 /// Create a sub-cgroup with `limits` under `parent`, or say why not.
-pub fn create_in(parent: &Path, limits: &CgroupLimits) -> Result<Cgroup, CgroupError> {
+pub(crate) fn create_in(parent: &Path, limits: &CgroupLimits) -> Result<Cgroup, CgroupError> {
     let read = |name: &str| std::fs::read_to_string(parent.join(name)).unwrap_or_default();
     let available = read("cgroup.controllers");
     let enabled = read("cgroup.subtree_control");
@@ -168,7 +168,7 @@ pub fn create_in(parent: &Path, limits: &CgroupLimits) -> Result<Cgroup, CgroupE
 
 /// A cgroup with `limits` for a new sandbox: `Ok(None)` when no limit is asked for, `Err(reason)`
 /// when the host does not let us apply them.
-pub fn prepare(limits: &CgroupLimits) -> Result<Option<Cgroup>, CgroupError> {
+pub(crate) fn prepare(limits: &CgroupLimits) -> Result<Option<Cgroup>, CgroupError> {
     if limits.is_empty() {
         return Ok(None);
     }
@@ -180,22 +180,22 @@ pub fn prepare(limits: &CgroupLimits) -> Result<Option<Cgroup>, CgroupError> {
 }
 
 impl Cgroup {
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
     /// Whether the kernel's OOM killer killed a process of the cgroup (`memory.events`).
-    pub fn oom_killed(&self) -> bool {
+    pub(crate) fn oom_killed(&self) -> bool {
         counter(&self.path.join("memory.events"), "oom_kill") > 0
     }
 
     /// Whether a fork was refused for the process limit (`pids.events`).
-    pub fn pids_refused(&self) -> bool {
+    pub(crate) fn pids_refused(&self) -> bool {
         counter(&self.path.join("pids.events"), "max") > 0
     }
 
     /// Move process `pid` (and so all it will fork) into the cgroup.
-    pub fn add(&self, pid: i32) -> Result<(), CgroupError> {
+    pub(crate) fn add(&self, pid: i32) -> Result<(), CgroupError> {
         move_into(&self.path, pid)
     }
 }
@@ -208,7 +208,7 @@ impl Drop for Cgroup {
             match std::fs::remove_dir(&self.path) {
                 Ok(()) => return,
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                    std::thread::sleep(std::time::Duration::from_millis(2))
+                    std::thread::sleep(std::time::Duration::from_millis(2));
                 }
                 Err(_) => return,
             }
@@ -238,14 +238,14 @@ fn counter(file: &Path, key: &str) -> u64 {
 /// controllers are bound to v1 hierarchies (hybrid layouts). Needs write access to the
 /// controller's hierarchy, which in practice means a root caller. Removed on drop.
 #[derive(Debug, Default)]
-pub struct V1Group {
+pub(crate) struct V1Group {
     dirs: Vec<PathBuf>,
     memory: Option<PathBuf>,
     pids: Option<PathBuf>,
 }
 
 /// The caller's path in the v1 hierarchy of `controller`, from `/proc/self/cgroup`.
-pub fn v1_path(proc_cgroup: &str, controller: &str) -> Option<String> {
+pub(crate) fn v1_path(proc_cgroup: &str, controller: &str) -> Option<String> {
     proc_cgroup.lines().find_map(|l| {
         let mut it = l.splitn(3, ':');
         let (_, controllers, path) = (it.next()?, it.next()?, it.next()?);
@@ -260,7 +260,9 @@ pub fn v1_path(proc_cgroup: &str, controller: &str) -> Option<String> {
 /// gone (a daemon killed with SIGKILL cannot clean up after itself).
 fn sweep_once(parent: &Path) {
     static SWEPT: std::sync::Mutex<Vec<PathBuf>> = std::sync::Mutex::new(Vec::new());
-    let mut swept = SWEPT.lock().unwrap_or_else(|e| e.into_inner());
+    let mut swept = SWEPT
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     if swept.iter().any(|p| p == parent) {
         return;
     }
@@ -288,7 +290,7 @@ fn sweep_once(parent: &Path) {
 /// Create v1 groups for a process limit and/or a memory limit, where the hierarchies are
 /// mounted at `/sys/fs/cgroup/<controller>` and writable. Returns the group (possibly empty)
 /// and which of the two limits it holds.
-pub fn prepare_v1(pids: Option<u64>, memory: Option<u64>) -> (V1Group, bool, bool) {
+pub(crate) fn prepare_v1(pids: Option<u64>, memory: Option<u64>) -> (V1Group, bool, bool) {
     let mut group = V1Group::default();
     let proc_cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
     let name = format!(
@@ -342,12 +344,12 @@ pub fn prepare_v1(pids: Option<u64>, memory: Option<u64>) -> (V1Group, bool, boo
 }
 
 impl V1Group {
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.dirs.is_empty()
     }
 
     /// Move process `pid` into every group.
-    pub fn add(&self, pid: i32) -> Result<(), CgroupError> {
+    pub(crate) fn add(&self, pid: i32) -> Result<(), CgroupError> {
         for dir in &self.dirs {
             move_into(dir, pid)?;
         }
@@ -355,14 +357,14 @@ impl V1Group {
     }
 
     /// Whether a fork was refused for the process limit (`pids.events`).
-    pub fn pids_refused(&self) -> bool {
+    pub(crate) fn pids_refused(&self) -> bool {
         self.pids
             .as_ref()
             .is_some_and(|d| counter(&d.join("pids.events"), "max") > 0)
     }
 
     /// Whether the OOM killer killed a process of the memory group.
-    pub fn oom_killed(&self) -> bool {
+    pub(crate) fn oom_killed(&self) -> bool {
         self.memory
             .as_ref()
             .is_some_and(|d| counter(&d.join("memory.oom_control"), "oom_kill") > 0)
@@ -376,7 +378,7 @@ impl Drop for V1Group {
                 match std::fs::remove_dir(dir) {
                     Ok(()) => break,
                     Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-                        std::thread::sleep(std::time::Duration::from_millis(2))
+                        std::thread::sleep(std::time::Duration::from_millis(2));
                     }
                     Err(_) => break,
                 }

@@ -14,7 +14,7 @@ use crate::sys;
 /// Where in the set-up a failure happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
-pub enum Stage {
+pub(crate) enum Stage {
     Hostname = 1,
     /// `index` is the failing operation of the plan.
     Op = 2,
@@ -38,7 +38,7 @@ pub enum Stage {
 }
 
 impl Stage {
-    pub fn from_raw(v: u32) -> Option<Stage> {
+    pub(crate) fn from_raw(v: u32) -> Option<Stage> {
         use Stage::*;
         [
             Hostname, Op, Fork, Setsid, Stdio, Rlimit, CapBound, Groups, Gid, Uid, CapSet,
@@ -50,16 +50,16 @@ impl Stage {
 }
 
 /// A failure record on the report pipe.
-pub struct Report {
+pub(crate) struct Report {
     pub stage: Stage,
     pub errno: i32,
     pub index: u32,
 }
 
-pub const REPORT_LEN: usize = 12;
+pub(crate) const REPORT_LEN: usize = 12;
 
 impl Report {
-    pub fn decode(buf: &[u8; REPORT_LEN]) -> Option<Report> {
+    pub(crate) fn decode(buf: &[u8; REPORT_LEN]) -> Option<Report> {
         let word = |i: usize| [buf[i], buf[i + 1], buf[i + 2], buf[i + 3]];
         Some(Report {
             stage: Stage::from_raw(u32::from_ne_bytes(word(0)))?,
@@ -70,7 +70,7 @@ impl Report {
 }
 
 /// Everything the child needs, built by the parent before clone.
-pub struct Prepared {
+pub(crate) struct Prepared {
     pub ops: Vec<Op>,
     /// Descriptors of grabbed trees, filled in by the child (preallocated, never grown).
     pub slots: Vec<RawFd>,
@@ -109,7 +109,7 @@ pub struct Prepared {
 }
 
 /// What the intermediate process of a start in a held user namespace needs (holder.rs).
-pub struct Held {
+pub(crate) struct Held {
     /// The held user namespace.
     pub userns: RawFd,
     /// An isolated network namespace (owned by the held user namespace) to start init in, or -1.
@@ -125,16 +125,16 @@ pub struct Held {
 }
 
 /// Stages of [`intermediate_main`] that can fail, as reported.
-pub const HELD_SETNS: i32 = 1;
-pub const HELD_IDS: i32 = 2;
-pub const HELD_CLONE: i32 = 3;
-pub const HELD_MAP: i32 = 4;
-pub const HELD_NETNS: i32 = 5;
+pub(crate) const HELD_SETNS: i32 = 1;
+pub(crate) const HELD_IDS: i32 = 2;
+pub(crate) const HELD_CLONE: i32 = 3;
+pub(crate) const HELD_MAP: i32 = 4;
+pub(crate) const HELD_NETNS: i32 = 5;
 
 /// The intermediate of a held start: join the held user namespace (and an isolated network
 /// namespace it owns), start init in a nested one (as a child of our parent, CLONE_PARENT), write init's maps, report its pid, exit.
 /// Allocation-free, like init.
-pub fn intermediate_main(p: &mut Prepared, h: &Held) -> ! {
+pub(crate) fn intermediate_main(p: &mut Prepared, h: &Held) -> ! {
     let say = |a: i32, b: i32| {
         let mut rec = [0u8; 8];
         rec[..4].copy_from_slice(&a.to_ne_bytes());
@@ -190,7 +190,7 @@ pub fn intermediate_main(p: &mut Prepared, h: &Held) -> ! {
 
 impl Prepared {
     /// Build the NULL-terminated pointer arrays for argv and envp, and the seccomp programs.
-    pub fn finish_pointers(&mut self) {
+    pub(crate) fn finish_pointers(&mut self) {
         self.seccomp = self
             .seccomp_program
             .iter()
@@ -229,7 +229,7 @@ const FORWARDED: &[libc::c_int] = &[
 ];
 
 /// Entry point of the cloned child: PID 1 of the new namespaces. Never returns.
-pub fn init_main(p: &mut Prepared) -> ! {
+pub(crate) fn init_main(p: &mut Prepared) -> ! {
     // Die with the caller. If it is already gone, the sync read below sees EOF.
     let _ = sys::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
     for &fd in &p.parent_fds {
@@ -518,7 +518,7 @@ fn job_main(p: &Prepared) -> ! {
     // The bounding set first: dropping needs CAP_SETPCAP, which setuid below may take away.
     for cap in 0..=p.last_cap {
         if p.cap_mask & (1u64 << cap) == 0 {
-            if let Err(e) = sys::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong) {
+            if let Err(e) = sys::prctl(libc::PR_CAPBSET_DROP, libc::c_ulong::from(cap)) {
                 if e != libc::EINVAL {
                     fail(Stage::CapBound, e, cap);
                 }

@@ -1,7 +1,7 @@
 //! What a sandbox is asked to run: the builder callers fill in.
 
 use std::ffi::OsString;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -85,9 +85,13 @@ pub struct Tmpfs {
 /// A bind mount from the host into the sandbox.
 #[derive(Debug, Clone)]
 pub struct Bind {
+    /// Host path of the file or directory to bind; canonicalized when the sandbox starts (unless
+    /// [`Bind::fd`] is set, then looked up as given and checked against the descriptor).
     pub source: PathBuf,
     /// Absolute path inside the sandbox.
     pub destination: PathBuf,
+    /// Mount it read-only inside the sandbox. Default `false` (set with [`Bind::read_only`] or a
+    /// `:ro` suffix).
     pub read_only: bool,
     /// What `source` must still be when the sandbox binds it (see [`Bind::from_fd`]).
     pub fd: Option<Arc<OwnedFd>>,
@@ -95,7 +99,7 @@ pub struct Bind {
 
 impl PartialEq for Bind {
     fn eq(&self, other: &Self) -> bool {
-        let fd = |b: &Bind| b.fd.as_ref().map(|f| f.as_raw_fd());
+        let fd = |b: &Bind| b.fd.as_ref().map(std::os::fd::AsRawFd::as_raw_fd);
         self.source == other.source
             && self.destination == other.destination
             && self.read_only == other.read_only
@@ -106,6 +110,8 @@ impl PartialEq for Bind {
 impl Eq for Bind {}
 
 impl Bind {
+    /// A writable bind of host path `source` at `destination` (an absolute path inside the
+    /// sandbox; [`crate::Sandbox::spawn`] refuses a relative one).
     pub fn new(source: impl Into<PathBuf>, destination: impl Into<PathBuf>) -> Self {
         Self {
             source: source.into(),
@@ -131,6 +137,7 @@ impl Bind {
         }
     }
 
+    /// Make the bind read-only inside the sandbox.
     pub fn read_only(mut self) -> Self {
         self.read_only = true;
         self
@@ -163,7 +170,12 @@ pub enum User {
     #[default]
     Root,
     /// Numeric ids.
-    Id { uid: u32, gid: u32 },
+    Id {
+        /// The uid inside the sandbox.
+        uid: u32,
+        /// The gid inside the sandbox (also the only supplementary group).
+        gid: u32,
+    },
     /// A Dockerfile `USER` value (`name`, `uid`, `name:group`, `uid:gid`), resolved against the
     /// rootfs' `/etc/passwd` and `/etc/group`.
     Spec(String),
@@ -226,11 +238,16 @@ impl std::str::FromStr for IdMapping {
 /// A resource limit applied with setrlimit(2) before exec.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rlimit {
+    /// Which limit.
     pub resource: RlimitResource,
+    /// The soft limit (in the resource's unit, see [`RlimitResource`]); `libc::RLIM_INFINITY` for
+    /// unlimited.
     pub soft: u64,
+    /// The hard limit, same unit; the soft one may be raised up to it.
     pub hard: u64,
 }
 
+/// The resources [`Rlimit`] can set (`RLIMIT_*` of setrlimit(2)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RlimitResource {
     /// Open files.
@@ -262,6 +279,8 @@ impl RlimitResource {
         }) as libc::c_int
     }
 
+    /// The name used in `NAME=SOFT[:HARD]` (`nofile`, `nproc`, `core`, `fsize`, `as`, `cpu`,
+    /// `stack`), as parsed by `Rlimit`'s `FromStr`.
     pub fn name(self) -> &'static str {
         match self {
             Self::NoFile => "nofile",
@@ -326,6 +345,7 @@ pub struct CgroupLimits {
 }
 
 impl CgroupLimits {
+    /// True when no limit is set: the sandbox then needs no cgroup of its own.
     pub fn is_empty(&self) -> bool {
         self.memory_max.is_none() && self.pids_max.is_none() && self.cpus.is_none()
     }
@@ -412,9 +432,11 @@ pub enum Counted {
 /// sandbox gets unless told otherwise.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Policy {
+    /// Which filter; default [`Seccomp::Default`].
     pub seccomp: Seccomp,
     /// Allow processes of the sandbox to create user namespaces of their own. Default: no.
     pub nested_user_namespaces: bool,
+    /// Resource limits of the sandbox as a whole; default [`Limits::default`].
     pub limits: Limits,
 }
 
@@ -526,6 +548,7 @@ impl Sandbox {
         self
     }
 
+    /// Append one argument to the command.
     pub fn arg(mut self, arg: impl Into<OsString>) -> Self {
         self.argv.push(arg.into());
         self
@@ -539,21 +562,25 @@ impl Sandbox {
         self
     }
 
+    /// The working directory inside the sandbox (default `/`).
     pub fn cwd(mut self, cwd: impl Into<PathBuf>) -> Self {
         self.cwd = cwd.into();
         self
     }
 
+    /// Who the command runs as (default [`User::Root`]).
     pub fn user(mut self, user: User) -> Self {
         self.user = user;
         self
     }
 
+    /// The sandbox's hostname, in its own UTS namespace (default `mistry`).
     pub fn hostname(mut self, hostname: impl Into<String>) -> Self {
         self.hostname = hostname.into();
         self
     }
 
+    /// The network the sandbox sees (default [`NetworkMode::None`]: loopback only).
     pub fn network(mut self, network: NetworkMode) -> Self {
         self.network = network;
         self
@@ -618,11 +645,13 @@ impl Sandbox {
         self
     }
 
+    /// Add one setrlimit(2) limit; it replaces the policy's limit for the same resource.
     pub fn rlimit(mut self, rlimit: Rlimit) -> Self {
         self.rlimits.push(rlimit);
         self
     }
 
+    /// cgroup v2 limits (default none); skipped when the host delegates no writable cgroup.
     pub fn cgroup_limits(mut self, limits: CgroupLimits) -> Self {
         self.cgroup = limits;
         self
@@ -634,6 +663,7 @@ impl Sandbox {
         self
     }
 
+    /// How sandbox ids map to the caller's (default [`IdMapping::Auto`]).
     pub fn id_mapping(mut self, mapping: IdMapping) -> Self {
         self.id_mapping = mapping;
         self
@@ -645,16 +675,19 @@ impl Sandbox {
         self
     }
 
+    /// Where the command's stdin comes from (default [`Stdio::Null`]).
     pub fn stdin(mut self, stdio: Stdio) -> Self {
         self.stdin = stdio;
         self
     }
 
+    /// Where the command's stdout goes (default [`Stdio::Inherit`]).
     pub fn stdout(mut self, stdio: Stdio) -> Self {
         self.stdout = stdio;
         self
     }
 
+    /// Where the command's stderr goes (default [`Stdio::Inherit`]).
     pub fn stderr(mut self, stdio: Stdio) -> Self {
         self.stderr = stdio;
         self
@@ -664,8 +697,11 @@ impl Sandbox {
 /// An overlay root filesystem: `lowers` (top first) read-only, changes in `upper`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Overlay {
+    /// The read-only lower directories, top first.
     pub lowers: Vec<PathBuf>,
+    /// The directory that receives every change.
     pub upper: PathBuf,
+    /// overlayfs' scratch directory, on the same filesystem as `upper`.
     pub work: PathBuf,
 }
 
@@ -673,7 +709,10 @@ pub struct Overlay {
 /// for a writable one (else read-only).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OverlayMount {
+    /// The read-only lower directories, top first.
     pub lowers: Vec<PathBuf>,
+    /// `(upper, work)` for a writable overlay; `None`: read-only.
     pub rw: Option<(PathBuf, PathBuf)>,
+    /// Absolute path inside the sandbox.
     pub target: PathBuf,
 }

@@ -29,11 +29,11 @@ use nix::sys::stat::{FileStat, Mode, SFlag};
 use crate::config::Counted;
 
 /// Directories [`usage`] keeps open at most (besides the one it reads and its parent).
-pub const MAX_HELD: usize = 16;
+pub(crate) const MAX_HELD: usize = 16;
 /// The first measurement (cheap: a job's writable trees are nearly empty then).
-pub const FIRST_SCAN: Duration = Duration::from_millis(50);
+pub(crate) const FIRST_SCAN: Duration = Duration::from_millis(50);
 /// The shortest interval far from the limit.
-pub const SCAN_INTERVAL: Duration = Duration::from_millis(200);
+pub(crate) const SCAN_INTERVAL: Duration = Duration::from_millis(200);
 /// The longest interval (unless one measurement costs more than half of it).
 const MAX_INTERVAL: Duration = Duration::from_secs(2);
 /// The shortest interval close to the limit (at least twice what a measurement costs).
@@ -87,7 +87,7 @@ pub enum UsageError {
 /// What [`usage`] found: the bytes it could count, and the directories this process may not
 /// read (not counted; the `du` fallback can).
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Usage {
+pub(crate) struct Usage {
     pub bytes: u64,
     pub unreadable: Vec<PathBuf>,
 }
@@ -217,7 +217,10 @@ impl Walk<'_> {
     fn reopen(&self, frames: &[Frame], i: usize) -> Option<OwnedFd> {
         let held = (0..i).rev().find(|&j| frames[j].fd.is_some())?;
         let mut cur = open_dir_at(
-            frames[held].fd.as_ref().map(|f| f.as_raw_fd()),
+            frames[held]
+                .fd
+                .as_ref()
+                .map(std::os::fd::AsRawFd::as_raw_fd),
             OsStr::new("."),
             false,
         )
@@ -239,7 +242,11 @@ impl Walk<'_> {
 /// `stop_after`. Entries removed meanwhile are skipped; a directory moved while it is measured
 /// may be missed or counted twice. Directories this process may not read are listed in
 /// [`Usage::unreadable`], what they hold not counted.
-pub fn usage(root: &Path, stop_after: u64, cancel: &AtomicBool) -> Result<Usage, UsageError> {
+pub(crate) fn usage(
+    root: &Path,
+    stop_after: u64,
+    cancel: &AtomicBool,
+) -> Result<Usage, UsageError> {
     let top = match nix::fcntl::open(
         root,
         OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
@@ -307,7 +314,11 @@ pub fn usage(root: &Path, stop_after: u64, cancel: &AtomicBool) -> Result<Usage,
             }
             continue;
         };
-        let Some(parent_fd) = frames[last].fd.as_ref().map(|f| f.as_raw_fd()) else {
+        let Some(parent_fd) = frames[last]
+            .fd
+            .as_ref()
+            .map(std::os::fd::AsRawFd::as_raw_fd)
+        else {
             frames[last].subdirs.clear();
             continue;
         };
@@ -392,7 +403,7 @@ fn usage_by_du(trees: &[&Path]) -> Result<Vec<u64>, UsageError> {
 /// Bytes each tree holds (0 for a tree that is gone), by [`usage`]; what it holds in
 /// directories this process may not read is measured by `du` in a sandbox (one for all of
 /// them). Stops early (the sum past `stop_after`).
-pub fn measure(
+pub(crate) fn measure(
     trees: &[PathBuf],
     stop_after: u64,
     cancel: &AtomicBool,
@@ -438,7 +449,7 @@ const UNMEASURABLE: u8 = 2;
 
 /// The trees of one sandbox and their sizes when it started.
 #[derive(Debug)]
-pub struct Plan {
+pub(crate) struct Plan {
     pub limit: u64,
     trees: Vec<PathBuf>,
     baselines: Vec<u64>,
@@ -446,7 +457,7 @@ pub struct Plan {
 
 impl Plan {
     /// Measure the trees counted by growth now, before the sandbox starts.
-    pub fn new(limit: u64, trees: Vec<(PathBuf, Counted)>) -> Result<Plan, UsageError> {
+    pub(crate) fn new(limit: u64, trees: Vec<(PathBuf, Counted)>) -> Result<Plan, UsageError> {
         let grown: Vec<PathBuf> = trees
             .iter()
             .filter(|(_, c)| *c == Counted::Growth)
@@ -484,7 +495,7 @@ impl Plan {
 
 /// The running watch of one sandbox.
 #[derive(Debug)]
-pub struct Watch {
+pub(crate) struct Watch {
     stop: Arc<AtomicBool>,
     verdict: Arc<AtomicU8>,
     thread: std::thread::Thread,
@@ -494,7 +505,7 @@ pub struct Watch {
 impl Watch {
     /// Start watching: the sandbox's init (by its pidfd `pidfd`, which the watch owns) is killed
     /// when the trees of `plan` pass its limit, or can no longer be measured.
-    pub fn start(plan: Plan, pidfd: OwnedFd) -> std::io::Result<Watch> {
+    pub(crate) fn start(plan: Plan, pidfd: OwnedFd) -> std::io::Result<Watch> {
         let stop = Arc::new(AtomicBool::new(false));
         let verdict = Arc::new(AtomicU8::new(RUNNING));
         let (s, v) = (Arc::clone(&stop), Arc::clone(&verdict));
@@ -511,7 +522,7 @@ impl Watch {
     }
 
     /// Stop watching (the thread ends on its own, soon); what it found.
-    pub fn finish(&self) -> Option<crate::Limit> {
+    pub(crate) fn finish(&self) -> Option<crate::Limit> {
         self.stop.store(true, Ordering::SeqCst);
         self.thread.unpark();
         match self.verdict.load(Ordering::SeqCst) {

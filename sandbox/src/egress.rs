@@ -30,16 +30,23 @@ pub use ipnet::IpNet;
 /// Why a destination is refused (the text names the address and the rule).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
+    /// 127.0.0.0/8 or `::1` (the host's own services).
     #[error("{0} is a loopback address")]
     Loopback(IpAddr),
+    /// 0.0.0.0/8 or `::`, which reach this host.
     #[error("{0} is unspecified (this host)")]
     Unspecified(IpAddr),
+    /// 169.254.0.0/16 or fe80::/10 (cloud metadata services live there).
     #[error("{0} is link-local (e.g. a cloud metadata service)")]
     LinkLocal(IpAddr),
+    /// A multicast address, or the IPv4 broadcast address.
     #[error("{0} is a multicast or broadcast address")]
     Multicast(IpAddr),
+    /// An address of one of this host's interfaces (or its broadcast address).
     #[error("{0} is an address of this host")]
     Host(IpAddr),
+    /// Inside a denied network: the operator's, or one added while running (e.g. the cluster's
+    /// database and agents); the address, then the network.
     #[error("{0} is in the denied network {1}")]
     Denied(IpAddr, IpNet),
     /// A socket address of another family than IPv4 and IPv6 (a Unix socket, a netlink...).
@@ -99,10 +106,7 @@ pub(crate) fn nameservers(text: &str) -> Vec<IpAddr> {
 /// An IPv4-mapped IPv6 address as the IPv4 address it is; every other address as it is.
 pub fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(IpAddr::V4)
-            .unwrap_or(IpAddr::V6(v6)),
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
         v4 => v4,
     }
 }
@@ -191,12 +195,18 @@ impl EgressPolicy {
     /// Replace the networks the daemon denies while it runs (the cluster's database and the
     /// other agents' addresses).
     pub fn set_dynamic(&self, nets: Vec<IpNet>) {
-        *self.dynamic.write().unwrap_or_else(|e| e.into_inner()) = nets;
+        *self
+            .dynamic
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = nets;
     }
 
     /// The host's addresses and name servers, read at most once a second.
     fn facts(&self) -> Arc<HostFacts> {
-        let mut cached = self.facts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut cached = self
+            .facts
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some((at, facts)) = cached.as_ref() {
             if at.elapsed() < FACTS_TTL {
                 return Arc::clone(facts);
@@ -220,7 +230,10 @@ impl EgressPolicy {
 
     fn check_as(&self, addr: SocketAddr, dns: bool) -> Result<(), Refusal> {
         let facts = self.facts();
-        let dynamic = self.dynamic.read().unwrap_or_else(|e| e.into_inner());
+        let dynamic = self
+            .dynamic
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         check_with(addr, &facts, &self.deny, &dynamic, dns)
     }
 }
@@ -230,12 +243,16 @@ static POLICY: RwLock<Option<Arc<EgressPolicy>>> = RwLock::new(None);
 /// Set the egress policy of this process's isolated networks and downloads (default: the
 /// built-in rules alone).
 pub fn set_egress_policy(policy: Arc<EgressPolicy>) {
-    *POLICY.write().unwrap_or_else(|e| e.into_inner()) = Some(policy);
+    *POLICY
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(policy);
 }
 
 /// The egress policy in force (see [`set_egress_policy`]).
 pub fn egress_policy() -> Arc<EgressPolicy> {
-    let mut slot = POLICY.write().unwrap_or_else(|e| e.into_inner());
+    let mut slot = POLICY
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     Arc::clone(slot.get_or_insert_with(|| Arc::new(EgressPolicy::default())))
 }
 

@@ -29,6 +29,8 @@ pub fn set_enabled(on: bool) {
     ENABLED.store(on, Ordering::SeqCst);
 }
 
+/// Whether sandboxes of this process use held user namespaces (default: no; set with
+/// [`set_enabled`]).
 pub fn enabled() -> bool {
     ENABLED.load(Ordering::SeqCst)
 }
@@ -72,12 +74,14 @@ static HOLDERS: Mutex<Vec<Holder>> = Mutex::new(Vec::new());
 /// The held user namespace for `mapping` (started, or restarted when found dead), or `None`
 /// when holders are off, the map needs no helper, or a holder cannot be started (the caller
 /// then maps as before).
-pub fn userns_for(mapping: &Mapping) -> Option<Arc<OwnedFd>> {
+pub(crate) fn userns_for(mapping: &Mapping) -> Option<Arc<OwnedFd>> {
     if !enabled() || !mapping.needs_helpers() {
         return None;
     }
-    let mut holders = HOLDERS.lock().unwrap_or_else(|e| e.into_inner());
-    holders.retain(|h| h.alive());
+    let mut holders = HOLDERS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    holders.retain(Holder::alive);
     if let Some(h) = holders.iter().find(|h| &h.mapping == mapping) {
         return Some(Arc::clone(&h.userns));
     }
@@ -95,15 +99,19 @@ pub fn userns_for(mapping: &Mapping) -> Option<Arc<OwnedFd>> {
 }
 
 /// Forget the holder of `mapping` (e.g. joining it failed); the next start makes a new one.
-pub fn discard(mapping: &Mapping) {
-    let mut holders = HOLDERS.lock().unwrap_or_else(|e| e.into_inner());
+pub(crate) fn discard(mapping: &Mapping) {
+    let mut holders = HOLDERS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     holders.retain(|h| &h.mapping != mapping);
 }
 
 /// The pid of the holder of `mapping`, if one runs (for tests and diagnostics).
 pub fn holder_pid(mapping: &Mapping) -> Option<libc::pid_t> {
-    let mut holders = HOLDERS.lock().unwrap_or_else(|e| e.into_inner());
-    holders.retain(|h| h.alive());
+    let mut holders = HOLDERS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    holders.retain(Holder::alive);
     holders
         .iter()
         .find(|h| &h.mapping == mapping)

@@ -23,7 +23,9 @@ pub const SUBORDINATE_IDS: u32 = 65536;
 /// A subordinate range: first host id and count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Range {
+    /// The first host id of the range (from `/etc/subuid` or `/etc/subgid`).
     pub start: u32,
+    /// How many ids it holds (only the first [`SUBORDINATE_IDS`] are mapped).
     pub count: u32,
 }
 
@@ -31,12 +33,21 @@ pub struct Range {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mapping {
     /// Sandbox 0 = the caller's uid/gid, nothing else.
-    Single { uid: u32, gid: u32 },
+    Single {
+        /// The caller's host uid.
+        uid: u32,
+        /// The caller's host gid.
+        gid: u32,
+    },
     /// Sandbox 0 = the caller, 1.. = the subordinate ranges.
     Full {
+        /// The caller's host uid, sandbox uid 0.
         uid: u32,
+        /// The caller's host gid, sandbox gid 0.
         gid: u32,
+        /// The host uids of sandbox uids 1 and up.
         subuid: Range,
+        /// The host gids of sandbox gids 1 and up.
         subgid: Range,
         /// Written through the setuid helpers `newuidmap`/`newgidmap` (unprivileged caller)
         /// rather than directly (root).
@@ -44,8 +55,12 @@ pub enum Mapping {
     },
     /// Sandbox 0.. = the subordinate ranges; the caller's own ids are not mapped.
     Subordinate {
+        /// The host uids of sandbox uids 0 and up.
         subuid: Range,
+        /// The host gids of sandbox gids 0 and up.
         subgid: Range,
+        /// The paths of `newuidmap` and `newgidmap` when the caller is not root (written
+        /// directly when `None`).
         helpers: Option<(PathBuf, PathBuf)>,
     },
 }
@@ -214,7 +229,7 @@ fn run_map_helpers(uid: HelperRun<'_>, gid: HelperRun<'_>, pid: i32) -> Result<(
     let mut result = Ok(());
     for (helper, args, child) in started {
         let done = child
-            .and_then(|c| c.wait_with_output())
+            .and_then(std::process::Child::wait_with_output)
             .map_err(|e| Error::IdMap {
                 what: format!("running {}", helper.display()),
                 reason: e.to_string(),
@@ -237,12 +252,10 @@ fn run_map_helpers(uid: HelperRun<'_>, gid: HelperRun<'_>, pid: i32) -> Result<(
 
 /// Whether this process runs with `no_new_privs` (set-uid programs then gain nothing).
 fn no_new_privs() -> bool {
-    std::fs::read_to_string("/proc/self/status")
-        .map(|s| {
-            s.lines()
-                .any(|l| l.split_whitespace().eq(["NoNewPrivs:", "1"]))
-        })
-        .unwrap_or(false)
+    std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .any(|l| l.split_whitespace().eq(["NoNewPrivs:", "1"]))
+    })
 }
 
 /// Parse `/etc/subuid`-style text and return the first range of `name` or `id`.

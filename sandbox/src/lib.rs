@@ -112,14 +112,35 @@ use plan::{cpath, cstr, PlannedBind};
 /// Why a sandbox could not be started.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The argv is empty ([`Sandbox::command`] was not called or given nothing).
     #[error("no command given")]
     NoCommand,
+    /// The root filesystem directory is missing or not a directory.
     #[error("rootfs {}: {reason}", path.display())]
-    Rootfs { path: PathBuf, reason: String },
+    Rootfs {
+        /// The rootfs path as given.
+        path: PathBuf,
+        /// Why (an errno text).
+        reason: String,
+    },
+    /// A bind's source cannot be examined or resolved.
     #[error("bind {}: {reason}", path.display())]
-    Bind { path: PathBuf, reason: String },
+    Bind {
+        /// The bind's host source, as given.
+        path: PathBuf,
+        /// Why (an errno text).
+        reason: String,
+    },
+    /// The working directory or a bind destination, which must be absolute paths inside the
+    /// sandbox, is relative.
     #[error("{what} must be an absolute path: {}", path.display())]
-    NotAbsolute { what: &'static str, path: PathBuf },
+    NotAbsolute {
+        /// Which path it is, e.g. `bind destination`.
+        what: &'static str,
+        /// The path as given.
+        path: PathBuf,
+    },
+    /// A [`User::Spec`] cannot be resolved in the rootfs' `/etc/passwd` and `/etc/group`.
     #[error("user {spec:?}: {reason}")]
     User { spec: String, reason: String },
     /// The image's user database could not be read to resolve `spec`.
@@ -130,7 +151,13 @@ pub enum Error {
         source: user::UserFileError,
     },
     #[error("user namespace id map: {what}: {reason}")]
-    IdMap { what: String, reason: String },
+    IdMap {
+        /// The step that failed, e.g. `newuidmap 1234 0 100000 65536`.
+        what: String,
+        /// The error text, or the helper's stderr.
+        reason: String,
+    },
+    /// clone(2) of the namespaces failed (e.g. unprivileged user namespaces disabled).
     #[error("cannot create namespaces: {0}")]
     Namespaces(String),
     /// The set-up inside the sandbox failed (a mount, the hostname, a capability...).
@@ -153,9 +180,12 @@ pub enum Error {
     /// The isolated network could not be set up (slirp4netns missing or failing, ...).
     #[error("{0}")]
     Network(String),
+    /// An I/O error on the caller's side (a pipe, the pidfd, reaping the sandbox).
     #[error("{what}: {source}")]
     Io {
+        /// What was being done.
         what: String,
+        /// The underlying error.
         #[source]
         source: std::io::Error,
     },
@@ -191,6 +221,7 @@ pub enum ExitStatus {
 }
 
 impl ExitStatus {
+    /// True only for [`ExitStatus::Exited`] with code 0.
     pub fn success(&self) -> bool {
         *self == ExitStatus::Exited(0)
     }
@@ -203,6 +234,7 @@ impl ExitStatus {
         }
     }
 
+    /// The signal number, when the job was killed by a signal (not by a limit or the timeout).
     pub fn signal(&self) -> Option<i32> {
         match self {
             ExitStatus::Signaled(s) => Some(*s),
@@ -237,8 +269,7 @@ impl std::fmt::Display for ExitStatus {
             ExitStatus::Exited(c) => write!(f, "exit code {c}"),
             ExitStatus::Signaled(s) => {
                 let name = nix::sys::signal::Signal::try_from(*s)
-                    .map(|s| s.as_str())
-                    .unwrap_or("unknown");
+                    .map_or("unknown", nix::sys::signal::Signal::as_str);
                 write!(f, "killed by signal {s} ({name})")
             }
             ExitStatus::TimedOut(t) => write!(f, "timed out after {t:?}"),
@@ -251,8 +282,11 @@ impl std::fmt::Display for ExitStatus {
 /// What [`Sandbox::output`] collects.
 #[derive(Debug)]
 pub struct Output {
+    /// How the job ended.
     pub status: ExitStatus,
+    /// All of its stdout, when piped (else empty).
     pub stdout: Vec<u8>,
+    /// All of its stderr, when piped (else empty).
     pub stderr: Vec<u8>,
 }
 
@@ -537,7 +571,7 @@ impl Sandbox {
                 match &overlay {
                     Some(ov) => trees.insert(0, (ov.upper.clone(), Counted::All)),
                     None if !self.read_only_root => {
-                        trees.insert(0, (rootfs.clone(), Counted::Growth))
+                        trees.insert(0, (rootfs.clone(), Counted::Growth));
                     }
                     None => {}
                 }
@@ -565,7 +599,9 @@ impl Sandbox {
             ));
         }
         let given_sysfs = match &net {
-            Some(net::Net::Joined(lease)) => lease.sysfs.as_ref().map(|f| f.as_raw_fd()),
+            Some(net::Net::Joined(lease)) => {
+                lease.sysfs.as_ref().map(std::os::fd::AsRawFd::as_raw_fd)
+            }
             _ => None,
         };
         let (ops, nslots, sysfs_slot) = plan::build(&plan::Spec {
@@ -660,9 +696,9 @@ impl Sandbox {
             report_r.as_raw_fd(),
             status_r.as_raw_fd(),
         ];
-        parent_fds.extend(stdin.iter().map(|f| f.as_raw_fd()));
-        parent_fds.extend(stdout.iter().map(|f| f.as_raw_fd()));
-        parent_fds.extend(stderr.iter().map(|f| f.as_raw_fd()));
+        parent_fds.extend(stdin.iter().map(std::os::fd::AsRawFd::as_raw_fd));
+        parent_fds.extend(stdout.iter().map(std::os::fd::AsRawFd::as_raw_fd));
+        parent_fds.extend(stderr.iter().map(std::os::fd::AsRawFd::as_raw_fd));
 
         let cap_mask = self
             .capabilities
@@ -738,7 +774,7 @@ impl Sandbox {
             Some(net::Net::Joined(lease)) => (Some(lease.netns), Some(lease.slirp), lease.sysfs),
             _ => (None, None, None),
         };
-        let netns_fd = netns.as_ref().map_or(-1, |n| n.as_raw_fd());
+        let netns_fd = netns.as_ref().map_or(-1, std::os::fd::AsRawFd::as_raw_fd);
         let (pid, pidfd) = match &held {
             Some(userns) => {
                 start_held(&mut prepared, &mapping, userns.as_raw_fd(), netns_fd, flags)?
@@ -809,7 +845,7 @@ impl Sandbox {
             match cg.add(pid) {
                 Ok(()) => {
                     tracing::debug!(path = %cg.path().display(), "sandbox cgroup");
-                    child._cgroup = Some(cg)
+                    child._cgroup = Some(cg);
                 }
                 Err(why) => {
                     tracing::warn!(reason = %why, "sandbox runs without cgroup limits");
@@ -977,8 +1013,7 @@ fn describe_report(r: &Report, p: &Prepared) -> Error {
             }
             let text = format!(
                 "{}: {err}",
-                op.map(plan::Op::describe)
-                    .unwrap_or_else(|| "sandbox set-up".into())
+                op.map_or_else(|| "sandbox set-up".into(), plan::Op::describe)
             );
             if op.is_some_and(plan::Op::is_overlay) {
                 Error::Overlay(text)
@@ -999,14 +1034,18 @@ fn describe_report(r: &Report, p: &Prepared) -> Error {
 impl Child {
     /// Whether the sandbox's cgroup (v2 or v1) refused a fork at its process limit.
     fn pids_refused(&self) -> bool {
-        self._cgroup.as_ref().is_some_and(|c| c.pids_refused())
-            || self.v1.as_ref().is_some_and(|g| g.pids_refused())
+        self._cgroup
+            .as_ref()
+            .is_some_and(cgroup::Cgroup::pids_refused)
+            || self.v1.as_ref().is_some_and(cgroup::V1Group::pids_refused)
     }
 
     /// Whether the kernel's OOM killer killed a process of the sandbox's cgroup (v2 or v1).
     fn oom_killed(&self) -> bool {
-        self._cgroup.as_ref().is_some_and(|c| c.oom_killed())
-            || self.v1.as_ref().is_some_and(|g| g.oom_killed())
+        self._cgroup
+            .as_ref()
+            .is_some_and(cgroup::Cgroup::oom_killed)
+            || self.v1.as_ref().is_some_and(cgroup::V1Group::oom_killed)
     }
 
     /// The host pid of the sandbox's init.

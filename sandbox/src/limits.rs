@@ -29,7 +29,7 @@ use std::time::Duration;
 use crate::config::Limits;
 
 /// How often the watchdog counts the sandbox's processes.
-pub const SCAN_INTERVAL: Duration = Duration::from_millis(200);
+pub(crate) const SCAN_INTERVAL: Duration = Duration::from_millis(200);
 
 /// Which limit ended a sandbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,20 +60,20 @@ impl std::fmt::Display for Limit {
 
 /// What the watchdog checks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Watch {
+pub(crate) struct Watch {
     pub pids: Option<u64>,
     pub memory: Option<u64>,
 }
 
 impl Watch {
-    pub fn active(&self) -> bool {
+    pub(crate) fn active(&self) -> bool {
         self.pids.is_some() || self.memory.is_some()
     }
 
     /// Count the sandbox of `init`: which limit it reached, if any, else how soon to look
     /// again (sooner when it is close to the process limit: a fork bomb whose processes die
     /// when refused hovers just below it). `refused`: a cgroup reports a refused fork.
-    pub fn check(&self, init: i32, refused: bool) -> Result<Duration, Limit> {
+    pub(crate) fn check(&self, init: i32, refused: bool) -> Result<Duration, Limit> {
         if let (Some(max), true) = (self.pids, refused) {
             return Err(Limit::Processes(max));
         }
@@ -97,11 +97,11 @@ impl Watch {
 }
 
 /// How often the watchdog looks while the sandbox is close to a limit.
-pub const CLOSE_INTERVAL: Duration = Duration::from_millis(10);
+pub(crate) const CLOSE_INTERVAL: Duration = Duration::from_millis(10);
 
 /// What the sandbox of one init uses right now.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Usage {
+pub(crate) struct Usage {
     /// Processes and threads, init included.
     pub tasks: u64,
     /// Resident memory, bytes (0 unless asked for).
@@ -122,7 +122,7 @@ fn page_size() -> u64 {
 }
 
 /// Fields of `/proc/<pid>/stat` after the command name: (threads, rss pages).
-pub fn parse_stat(stat: &str) -> Option<(u64, u64)> {
+pub(crate) fn parse_stat(stat: &str) -> Option<(u64, u64)> {
     let (_, rest) = stat.rsplit_once(") ")?;
     let f: Vec<&str> = rest.split_whitespace().collect();
     // rest starts at field 3 (state): num_threads is field 20, rss field 24.
@@ -130,7 +130,7 @@ pub fn parse_stat(stat: &str) -> Option<(u64, u64)> {
 }
 
 /// Walk the process tree under `init` through the `children` files of every thread.
-pub fn scan(init: i32, with_rss: bool) -> Option<Usage> {
+pub(crate) fn scan(init: i32, with_rss: bool) -> Option<Usage> {
     let mut usage = Usage::default();
     let mut seen = HashSet::new();
     let mut todo = vec![init];
@@ -173,7 +173,7 @@ pub fn scan(init: i32, with_rss: bool) -> Option<Usage> {
 }
 
 /// Major and minor version of the running kernel.
-pub fn kernel_version() -> (u32, u32) {
+pub(crate) fn kernel_version() -> (u32, u32) {
     static V: OnceLock<(u32, u32)> = OnceLock::new();
     *V.get_or_init(|| {
         let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
@@ -191,7 +191,7 @@ const PID_MAX_MIN: u64 = 301;
 /// `kernel.pid_max` for the sandbox's PID namespace: limit + 1 (pids 1..=limit), when the kernel
 /// has per-namespace pid_max (6.14) and the value is within its bounds. Never on older kernels:
 /// there the sysctl is global, and a root caller's sandbox could change the host's.
-pub fn pid_max_for(limit: u64) -> Option<u64> {
+pub(crate) fn pid_max_for(limit: u64) -> Option<u64> {
     if kernel_version() < (6, 14) {
         return None;
     }
@@ -221,7 +221,7 @@ fn hard_limit(resource: libc::__rlimit_resource_t) -> u64 {
 /// The rlimits the job gets for `limits` (resource, soft, hard), clamped to the caller's own
 /// hard limits (raising them needs privilege on the host). `explicit` are resources the caller
 /// set with [`crate::Sandbox::rlimit`]; those win.
-pub fn rlimits(limits: &Limits, explicit: &[libc::c_int]) -> Vec<(libc::c_int, u64, u64)> {
+pub(crate) fn rlimits(limits: &Limits, explicit: &[libc::c_int]) -> Vec<(libc::c_int, u64, u64)> {
     let mut out = Vec::new();
     let mut push = |resource: libc::__rlimit_resource_t, soft: u64, hard: u64| {
         if explicit.contains(&(resource as libc::c_int)) {
@@ -245,7 +245,7 @@ pub fn rlimits(limits: &Limits, explicit: &[libc::c_int]) -> Vec<(libc::c_int, u
 }
 
 /// Whether `path` is a directory this process may create cgroups in.
-pub fn writable(path: &Path) -> bool {
+pub(crate) fn writable(path: &Path) -> bool {
     nix::unistd::access(path, nix::unistd::AccessFlags::W_OK).is_ok()
 }
 

@@ -17,7 +17,7 @@ use crate::sys::{MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC, MOUNT_ATTR_NOSUID, MOUNT_A
 
 /// One step of the set-up.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Op {
+pub(crate) enum Op {
     /// Make every mount of our new namespace private, so nothing propagates to the host.
     MakePrivate,
     /// Before pivot: detached copy of host `source` (recursive), read-only if asked, into a slot.
@@ -111,11 +111,11 @@ pub enum Op {
 impl Op {
     /// What the step does, for error messages (`mount proc on /proc`).
     /// Whether this operation mounts an overlay (whose refusal callers may work around).
-    pub fn is_overlay(&self) -> bool {
+    pub(crate) fn is_overlay(&self) -> bool {
         matches!(self, Op::Fresh { fstype, .. } if fstype.as_bytes() == b"overlay")
     }
 
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let s = |c: &CString| c.to_string_lossy().into_owned();
         match self {
             Op::MakePrivate => "making mounts private".into(),
@@ -145,7 +145,7 @@ impl Op {
 
 /// Files hidden behind `/dev/null` and directories behind an empty read-only tmpfs, as runc and
 /// Docker mask them: they show host hardware, kernel memory, timers and the keyring.
-pub const MASKED_FILES: &[&str] = &[
+pub(crate) const MASKED_FILES: &[&str] = &[
     "/proc/kcore",
     "/proc/keys",
     "/proc/latency_stats",
@@ -153,7 +153,7 @@ pub const MASKED_FILES: &[&str] = &[
     "/proc/timer_stats",
     "/proc/sched_debug",
 ];
-pub const MASKED_DIRS: &[&str] = &[
+pub(crate) const MASKED_DIRS: &[&str] = &[
     "/proc/acpi",
     "/proc/asound",
     "/proc/scsi",
@@ -165,11 +165,11 @@ pub const MASKED_DIRS: &[&str] = &[
 const STAGING: &str = "/dev";
 
 /// Device nodes bound from the host into the sandbox's `/dev`.
-pub const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
+pub(crate) const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom", "tty"];
 
 /// A user bind, with its source's kind known.
 #[derive(Debug, Clone)]
-pub struct PlannedBind {
+pub(crate) struct PlannedBind {
     pub source: PathBuf,
     pub destination: PathBuf,
     pub read_only: bool,
@@ -179,7 +179,7 @@ pub struct PlannedBind {
 }
 
 /// The errno a [`Op::GrabChecked`] fails with when its source is not what was checked.
-pub const NOT_AS_CHECKED: i32 = libc::ESTALE;
+pub(crate) const NOT_AS_CHECKED: i32 = libc::ESTALE;
 
 type FsOptions = Vec<(CString, Option<CString>)>;
 
@@ -217,7 +217,7 @@ fn overlay_op(slot: usize, lowers: &[PathBuf], rw: Option<(&Path, &Path)>) -> Op
 }
 
 /// The inputs of [`build`].
-pub struct Spec<'a> {
+pub(crate) struct Spec<'a> {
     pub rootfs: &'a Path,
     pub overlay: Option<&'a Overlay>,
     pub overlay_mounts: &'a [OverlayMount],
@@ -241,7 +241,7 @@ pub struct Spec<'a> {
     pub sysctls: &'a [(&'static str, String)],
 }
 
-pub fn cstr(bytes: &[u8]) -> CString {
+pub(crate) fn cstr(bytes: &[u8]) -> CString {
     // Paths handed to us come from OsStr/Path, which cannot contain NUL on Unix except when a
     // caller builds one on purpose; such a byte is replaced rather than panicking.
     CString::new(
@@ -253,7 +253,7 @@ pub fn cstr(bytes: &[u8]) -> CString {
     .unwrap_or_default()
 }
 
-pub fn cpath(p: &Path) -> CString {
+pub(crate) fn cpath(p: &Path) -> CString {
     cstr(p.as_os_str().as_bytes())
 }
 
@@ -296,7 +296,7 @@ fn mount(fstype: &str, target: &str, flags: libc::c_ulong, data: Option<&str>) -
 /// The ordered operations, how many grab slots they use, and the slot of the given sysfs
 /// ([`Spec::given_sysfs`]), which the caller fills. Fails when a bind's destination cannot be
 /// resolved inside the root (a symlink loop).
-pub fn build(spec: &Spec<'_>) -> Result<(Vec<Op>, usize, Option<usize>), crate::Error> {
+pub(crate) fn build(spec: &Spec<'_>) -> Result<(Vec<Op>, usize, Option<usize>), crate::Error> {
     let resolve = |dest: &Path| {
         try_resolve_in_root(spec.rootfs, dest).map_err(|e| crate::Error::Bind {
             path: dest.to_path_buf(),
@@ -687,7 +687,7 @@ pub fn build(spec: &Spec<'_>) -> Result<(Vec<Op>, usize, Option<usize>), crate::
 
 /// Candidate paths for the program `argv0`: itself when it contains a `/`, else each directory
 /// of `path_var` joined with it (as execvp does, but with the sandbox's PATH).
-pub fn exec_candidates(argv0: &OsStr, path_var: Option<&OsStr>) -> Vec<CString> {
+pub(crate) fn exec_candidates(argv0: &OsStr, path_var: Option<&OsStr>) -> Vec<CString> {
     let bytes = argv0.as_bytes();
     if bytes.contains(&b'/') {
         return vec![cstr(bytes)];
@@ -708,7 +708,8 @@ pub fn exec_candidates(argv0: &OsStr, path_var: Option<&OsStr>) -> Vec<CString> 
 }
 
 /// The PATH a sandbox gets when its environment sets none (Docker's default).
-pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub(crate) const DEFAULT_PATH: &str =
+    "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 #[cfg(test)]
 mod tests {

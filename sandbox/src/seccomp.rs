@@ -99,12 +99,12 @@ fn filter_err(e: BackendError) -> SeccompError {
 
 /// The compiled filters, in the order they are installed.
 #[derive(Debug)]
-pub struct Program {
+pub(crate) struct Program {
     filters: Vec<Vec<libc::sock_filter>>,
 }
 
 impl Program {
-    pub fn filters(&self) -> &[Vec<libc::sock_filter>] {
+    pub(crate) fn filters(&self) -> &[Vec<libc::sock_filter>] {
         &self.filters
     }
 }
@@ -118,7 +118,7 @@ fn target() -> Result<TargetArch, SeccompError> {
 /// (numbers from 424 on are the same on every architecture).
 fn sysno(name: &str) -> Option<i64> {
     if let Ok(s) = syscalls::Sysno::from_str(name) {
-        return Some(s.id() as i64);
+        return Some(i64::from(s.id()));
     }
     match name {
         "open_tree_attr" => Some(467),
@@ -359,7 +359,7 @@ fn build_default(nested_user_namespaces: bool) -> Result<Program, SeccompError> 
 
 /// The default filter, compiled once per process (two variants: with and without nested user
 /// namespaces).
-pub fn default_program(nested_user_namespaces: bool) -> Result<Arc<Program>, Error> {
+pub(crate) fn default_program(nested_user_namespaces: bool) -> Result<Arc<Program>, Error> {
     static WITHOUT: OnceLock<Result<Arc<Program>, SeccompError>> = OnceLock::new();
     static WITH: OnceLock<Result<Arc<Program>, SeccompError>> = OnceLock::new();
     let cell = if nested_user_namespaces {
@@ -385,7 +385,7 @@ const NOTIFY_MARK: u32 = 0x5d1f;
 /// `clone`), then the one that notifies the supervisor: every `connect`, `sendmsg` and
 /// `sendmmsg`, and `sendto` with a destination address. That last filter is installed with a
 /// listener ([`crate::sys::seccomp_install_listener`]).
-pub fn slirp_program() -> Result<Arc<Program>, Error> {
+pub(crate) fn slirp_program() -> Result<Arc<Program>, Error> {
     static PROGRAM: OnceLock<Result<Arc<Program>, SeccompError>> = OnceLock::new();
     PROGRAM
         .get_or_init(|| build_slirp().map(Arc::new))
@@ -459,7 +459,7 @@ fn build_slirp() -> Result<Program, SeccompError> {
     const BPF_RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
     let mark = libc::SECCOMP_RET_TRACE | NOTIFY_MARK;
     let mut marked = 0;
-    for i in notify.iter_mut() {
+    for i in &mut notify {
         if i.code == BPF_RET_K && i.k == mark {
             i.k = libc::SECCOMP_RET_USER_NOTIF;
             marked += 1;
@@ -657,7 +657,10 @@ fn add_rules(map: &mut Rules, nr: i64, rule: Option<SeccompRule>) {
 }
 
 /// Compile a Docker/OCI JSON profile for a sandbox holding `caps`.
-pub fn compile_profile(text: &str, caps: &[caps::Capability]) -> Result<Program, SeccompError> {
+pub(crate) fn compile_profile(
+    text: &str,
+    caps: &[caps::Capability],
+) -> Result<Program, SeccompError> {
     let profile: Profile =
         serde_json::from_str(text).map_err(|e| SeccompError::Json(Arc::new(e)))?;
     let arch = target()?;
@@ -756,7 +759,7 @@ pub fn compile_profile(text: &str, caps: &[caps::Capability]) -> Result<Program,
 }
 
 /// Read and compile the profile at `path`; errors name the file.
-pub fn load_profile(path: &Path, caps: &[caps::Capability]) -> Result<Arc<Program>, Error> {
+pub(crate) fn load_profile(path: &Path, caps: &[caps::Capability]) -> Result<Arc<Program>, Error> {
     let text = std::fs::read_to_string(path).map_err(|e| SeccompError::ReadProfile {
         path: path.to_path_buf(),
         source: Arc::new(e),

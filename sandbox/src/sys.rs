@@ -48,7 +48,7 @@ struct CloneArgs {
 }
 
 /// Result of [`fork_with`] in the process that called it.
-pub enum Forked {
+pub(crate) enum Forked {
     /// We are the new process.
     Child,
     /// We are the caller; the child has this pid and, when asked for, this pidfd.
@@ -59,7 +59,7 @@ pub enum Forked {
 /// given namespace flags. When `want_pidfd` is set the parent gets a pidfd of the child (-1
 /// otherwise). Falls back to the legacy clone(2) where clone3 is filtered out (ENOSYS), as some
 /// container runtimes' seccomp profiles do.
-pub fn fork_with(ns_flags: u64, want_pidfd: bool) -> Result<Forked, i32> {
+pub(crate) fn fork_with(ns_flags: u64, want_pidfd: bool) -> Result<Forked, i32> {
     let mut pidfd: c_int = -1;
     let mut args = CloneArgs {
         flags: ns_flags
@@ -108,7 +108,7 @@ fn legacy_fork_with(ns_flags: u64, want_pidfd: bool) -> Result<Forked, i32> {
     let ret = unsafe {
         libc::syscall(
             libc::SYS_clone,
-            (ns_flags as c_long) | libc::SIGCHLD as c_long,
+            (ns_flags as c_long) | c_long::from(libc::SIGCHLD),
             0 as c_long,
             0 as c_long,
             0 as c_long,
@@ -136,7 +136,7 @@ fn legacy_fork_with(ns_flags: u64, want_pidfd: bool) -> Result<Forked, i32> {
 ///
 /// `stack` must stay alive and untouched until the child has exec'd or exited, and `f` must be
 /// safe to run on it with `arg`, sharing this process's memory (no allocation, no locks).
-pub unsafe fn vfork_on(
+pub(crate) unsafe fn vfork_on(
     stack: &mut [u8],
     f: extern "C" fn(*mut libc::c_void) -> c_int,
     arg: *mut libc::c_void,
@@ -158,7 +158,7 @@ pub unsafe fn vfork_on(
 }
 
 /// Send a signal through a pidfd (no pid-reuse race).
-pub fn pidfd_send_signal(pidfd: RawFd, sig: c_int) -> Result<(), i32> {
+pub(crate) fn pidfd_send_signal(pidfd: RawFd, sig: c_int) -> Result<(), i32> {
     // SAFETY: pidfd_send_signal with a null siginfo and no flags has no memory arguments.
     check(unsafe {
         libc::syscall(
@@ -173,7 +173,7 @@ pub fn pidfd_send_signal(pidfd: RawFd, sig: c_int) -> Result<(), i32> {
 }
 
 /// open_tree(2) with OPEN_TREE_CLONE (and AT_RECURSIVE): a detached copy of the mount at `path`.
-pub fn open_tree_clone(path: &CStr, recursive: bool) -> Result<RawFd, i32> {
+pub(crate) fn open_tree_clone(path: &CStr, recursive: bool) -> Result<RawFd, i32> {
     const OPEN_TREE_CLONE: c_uint = 1;
     let mut flags = OPEN_TREE_CLONE | libc::O_CLOEXEC as c_uint;
     if recursive {
@@ -185,7 +185,7 @@ pub fn open_tree_clone(path: &CStr, recursive: bool) -> Result<RawFd, i32> {
 }
 
 /// The device and inode of the file `fd` refers to (`fstat`).
-pub fn dev_ino(fd: RawFd) -> Result<(u64, u64), i32> {
+pub(crate) fn dev_ino(fd: RawFd) -> Result<(u64, u64), i32> {
     let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
     // SAFETY: `st` is writable memory of the size of a `struct stat`, which fstat fills.
     check_int(unsafe { libc::fstat(fd, st.as_mut_ptr()) })?;
@@ -195,16 +195,16 @@ pub fn dev_ino(fd: RawFd) -> Result<(u64, u64), i32> {
 }
 
 /// Mount attribute bits of fsmount(2) and mount_setattr(2).
-pub const MOUNT_ATTR_RDONLY: u64 = 0x1;
-pub const MOUNT_ATTR_NOSUID: u64 = 0x2;
-pub const MOUNT_ATTR_NODEV: u64 = 0x4;
-pub const MOUNT_ATTR_NOEXEC: u64 = 0x8;
+pub(crate) const MOUNT_ATTR_RDONLY: u64 = 0x1;
+pub(crate) const MOUNT_ATTR_NOSUID: u64 = 0x2;
+pub(crate) const MOUNT_ATTR_NODEV: u64 = 0x4;
+pub(crate) const MOUNT_ATTR_NOEXEC: u64 = 0x8;
 
 /// A new, detached filesystem instance (fsopen + fsconfig + fsmount): `proc` of the caller's PID
 /// namespace, `sysfs` of its network namespace. Created before pivot_root, because the kernel
 /// only allows them in a user namespace while a fully visible instance exists in the mount
 /// namespace.
-pub fn fresh_mount(
+pub(crate) fn fresh_mount(
     fstype: &CStr,
     options: &[(CString, Option<CString>)],
     attrs: u64,
@@ -257,7 +257,7 @@ struct MountAttr {
 }
 
 /// Make a mount (given as an fd from open_tree, or a path) read-only, recursively if asked.
-pub fn set_readonly(dirfd: RawFd, path: &CStr, recursive: bool) -> Result<(), i32> {
+pub(crate) fn set_readonly(dirfd: RawFd, path: &CStr, recursive: bool) -> Result<(), i32> {
     let mut flags = libc::AT_EMPTY_PATH as c_uint;
     if recursive {
         flags |= libc::AT_RECURSIVE as c_uint;
@@ -283,7 +283,7 @@ pub fn set_readonly(dirfd: RawFd, path: &CStr, recursive: bool) -> Result<(), i3
 }
 
 /// move_mount(2) of a detached tree (fd from open_tree) onto `target`.
-pub fn move_mount_fd(fd: RawFd, target: &CStr) -> Result<(), i32> {
+pub(crate) fn move_mount_fd(fd: RawFd, target: &CStr) -> Result<(), i32> {
     const MOVE_MOUNT_F_EMPTY_PATH: c_uint = 0x4;
     // SAFETY: both strings are valid and NUL-terminated ("" for the empty from-path).
     check(unsafe {
@@ -300,7 +300,7 @@ pub fn move_mount_fd(fd: RawFd, target: &CStr) -> Result<(), i32> {
 }
 
 /// mount(2) with optional source, fstype and data.
-pub fn mount(
+pub(crate) fn mount(
     source: Option<&CStr>,
     target: &CStr,
     fstype: Option<&CStr>,
@@ -313,23 +313,23 @@ pub fn mount(
         .map(drop)
 }
 
-pub fn umount_detach(target: &CStr) -> Result<(), i32> {
+pub(crate) fn umount_detach(target: &CStr) -> Result<(), i32> {
     // SAFETY: `target` is a valid NUL-terminated string.
     check_int(unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) }).map(drop)
 }
 
-pub fn pivot_root(new_root: &CStr, put_old: &CStr) -> Result<(), i32> {
+pub(crate) fn pivot_root(new_root: &CStr, put_old: &CStr) -> Result<(), i32> {
     // SAFETY: both arguments are valid NUL-terminated strings.
     check(unsafe { libc::syscall(libc::SYS_pivot_root, new_root.as_ptr(), put_old.as_ptr()) })
         .map(drop)
 }
 
-pub fn chdir(path: &CStr) -> Result<(), i32> {
+pub(crate) fn chdir(path: &CStr) -> Result<(), i32> {
     // SAFETY: `path` is a valid NUL-terminated string.
     check_int(unsafe { libc::chdir(path.as_ptr()) }).map(drop)
 }
 
-pub fn mkdir(path: &CStr, mode: libc::mode_t) -> Result<(), i32> {
+pub(crate) fn mkdir(path: &CStr, mode: libc::mode_t) -> Result<(), i32> {
     // SAFETY: `path` is a valid NUL-terminated string.
     match check_int(unsafe { libc::mkdir(path.as_ptr(), mode) }) {
         Ok(_) | Err(libc::EEXIST) => Ok(()),
@@ -338,7 +338,7 @@ pub fn mkdir(path: &CStr, mode: libc::mode_t) -> Result<(), i32> {
 }
 
 /// Create an empty file to bind a file onto, unless something exists there already.
-pub fn touch(path: &CStr) -> Result<(), i32> {
+pub(crate) fn touch(path: &CStr) -> Result<(), i32> {
     // SAFETY: `path` is a valid NUL-terminated string; the fd is closed right away.
     let fd = check_int(unsafe {
         libc::open(
@@ -354,12 +354,12 @@ pub fn touch(path: &CStr) -> Result<(), i32> {
             Ok(())
         }
         // O_NOFOLLOW on an existing symlink: something is there; the bind will follow it.
-        Err(libc::ELOOP) | Err(libc::EISDIR) => Ok(()),
+        Err(libc::ELOOP | libc::EISDIR) => Ok(()),
         Err(e) => Err(e),
     }
 }
 
-pub fn symlink(target: &CStr, link: &CStr) -> Result<(), i32> {
+pub(crate) fn symlink(target: &CStr, link: &CStr) -> Result<(), i32> {
     // SAFETY: both are valid NUL-terminated strings.
     match check_int(unsafe { libc::symlink(target.as_ptr(), link.as_ptr()) }) {
         Ok(_) | Err(libc::EEXIST) => Ok(()),
@@ -367,7 +367,7 @@ pub fn symlink(target: &CStr, link: &CStr) -> Result<(), i32> {
     }
 }
 
-pub fn sethostname(name: &CStr) -> Result<(), i32> {
+pub(crate) fn sethostname(name: &CStr) -> Result<(), i32> {
     let bytes = name.to_bytes();
     // SAFETY: the pointer and length describe `name`'s bytes.
     check_int(unsafe { libc::sethostname(bytes.as_ptr().cast(), bytes.len()) }).map(drop)
@@ -378,13 +378,13 @@ pub fn sethostname(name: &CStr) -> Result<(), i32> {
 /// # Safety
 ///
 /// `fd` must be owned by the caller and not used (nor owned by an `OwnedFd`) afterwards.
-pub unsafe fn close(fd: RawFd) {
+pub(crate) unsafe fn close(fd: RawFd) {
     // SAFETY: the caller owns `fd` and gives it up; errors are irrelevant here.
     unsafe { libc::close(fd) };
 }
 
 /// Close every descriptor but `keep` (errors are irrelevant: nothing else may stay open).
-pub fn close_all_except(keep: RawFd) {
+pub(crate) fn close_all_except(keep: RawFd) {
     let keep = keep as c_uint;
     if keep > 0 {
         let _ = close_range(0, keep - 1, false);
@@ -393,14 +393,14 @@ pub fn close_all_except(keep: RawFd) {
 }
 
 /// close_range(2); with `cloexec` the descriptors are only marked close-on-exec.
-pub fn close_range(first: c_uint, last: c_uint, cloexec: bool) -> Result<(), i32> {
+pub(crate) fn close_range(first: c_uint, last: c_uint, cloexec: bool) -> Result<(), i32> {
     const CLOSE_RANGE_CLOEXEC: c_uint = 1 << 2;
     let flags = if cloexec { CLOSE_RANGE_CLOEXEC } else { 0 };
     // SAFETY: close_range takes plain integers.
     check(unsafe { libc::syscall(libc::SYS_close_range, first, last, flags) }).map(drop)
 }
 
-pub fn dup2(old: RawFd, new: RawFd) -> Result<(), i32> {
+pub(crate) fn dup2(old: RawFd, new: RawFd) -> Result<(), i32> {
     if old == new {
         // dup2 to itself keeps FD_CLOEXEC; clear it so the descriptor survives exec.
         // SAFETY: fcntl on a descriptor we own.
@@ -410,7 +410,7 @@ pub fn dup2(old: RawFd, new: RawFd) -> Result<(), i32> {
     check_int(unsafe { libc::dup2(old, new) }).map(drop)
 }
 
-pub fn write_all(fd: RawFd, mut buf: &[u8]) -> Result<(), i32> {
+pub(crate) fn write_all(fd: RawFd, mut buf: &[u8]) -> Result<(), i32> {
     while !buf.is_empty() {
         // SAFETY: the pointer and length describe `buf`.
         match check(unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) } as c_long) {
@@ -423,7 +423,7 @@ pub fn write_all(fd: RawFd, mut buf: &[u8]) -> Result<(), i32> {
 }
 
 /// Read into `buf` until it is full or EOF; returns the number of bytes read.
-pub fn read_full(fd: RawFd, buf: &mut [u8]) -> Result<usize, i32> {
+pub(crate) fn read_full(fd: RawFd, buf: &mut [u8]) -> Result<usize, i32> {
     let mut got = 0;
     while got < buf.len() {
         let rest = &mut buf[got..];
@@ -438,27 +438,27 @@ pub fn read_full(fd: RawFd, buf: &mut [u8]) -> Result<usize, i32> {
     Ok(got)
 }
 
-pub fn prctl(option: c_int, arg: libc::c_ulong) -> Result<(), i32> {
+pub(crate) fn prctl(option: c_int, arg: libc::c_ulong) -> Result<(), i32> {
     // SAFETY: the prctl options used here take integer arguments only.
     check_int(unsafe { libc::prctl(option, arg, 0, 0, 0) }).map(drop)
 }
 
-pub fn setresuid(uid: libc::uid_t) -> Result<(), i32> {
+pub(crate) fn setresuid(uid: libc::uid_t) -> Result<(), i32> {
     // SAFETY: plain integers. Raw syscall: glibc's wrapper would broadcast to other threads.
     check(unsafe { libc::syscall(libc::SYS_setresuid, uid, uid, uid) }).map(drop)
 }
 
-pub fn setresgid(gid: libc::gid_t) -> Result<(), i32> {
+pub(crate) fn setresgid(gid: libc::gid_t) -> Result<(), i32> {
     // SAFETY: plain integers. Raw syscall for the same reason as setresuid.
     check(unsafe { libc::syscall(libc::SYS_setresgid, gid, gid, gid) }).map(drop)
 }
 
-pub fn setgroups(groups: &[libc::gid_t]) -> Result<(), i32> {
+pub(crate) fn setgroups(groups: &[libc::gid_t]) -> Result<(), i32> {
     // SAFETY: the pointer and length describe `groups`. Raw syscall, not glibc's broadcast.
     check(unsafe { libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) }).map(drop)
 }
 
-pub fn setrlimit(resource: c_int, soft: u64, hard: u64) -> Result<(), i32> {
+pub(crate) fn setrlimit(resource: c_int, soft: u64, hard: u64) -> Result<(), i32> {
     let lim = libc::rlimit64 {
         rlim_cur: soft,
         rlim_max: hard,
@@ -477,7 +477,7 @@ pub fn setrlimit(resource: c_int, soft: u64, hard: u64) -> Result<(), i32> {
 }
 
 /// Set the effective, permitted and inheritable capability sets to `mask` (64 bits).
-pub fn capset(mask: u64) -> Result<(), i32> {
+pub(crate) fn capset(mask: u64) -> Result<(), i32> {
     #[repr(C)]
     struct Header {
         version: u32,
@@ -515,7 +515,7 @@ pub fn capset(mask: u64) -> Result<(), i32> {
 }
 
 /// Reset every catchable signal to its default action and unblock all signals.
-pub fn reset_signals() {
+pub(crate) fn reset_signals() {
     for sig in 1..libc::SIGRTMAX() {
         if sig == libc::SIGKILL || sig == libc::SIGSTOP {
             continue;
@@ -526,7 +526,7 @@ pub fn reset_signals() {
     set_sigmask(&empty_sigset());
 }
 
-pub fn empty_sigset() -> libc::sigset_t {
+pub(crate) fn empty_sigset() -> libc::sigset_t {
     // SAFETY: sigset_t is plain data; sigemptyset initialises it.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -535,7 +535,7 @@ pub fn empty_sigset() -> libc::sigset_t {
     }
 }
 
-pub fn sigset_of(signals: &[c_int]) -> libc::sigset_t {
+pub(crate) fn sigset_of(signals: &[c_int]) -> libc::sigset_t {
     let mut set = empty_sigset();
     for &s in signals {
         // SAFETY: `set` is an initialised sigset_t.
@@ -544,13 +544,13 @@ pub fn sigset_of(signals: &[c_int]) -> libc::sigset_t {
     set
 }
 
-pub fn set_sigmask(set: &libc::sigset_t) {
+pub(crate) fn set_sigmask(set: &libc::sigset_t) {
     // SAFETY: `set` is an initialised sigset_t; the old mask is not needed.
     unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, set, std::ptr::null_mut()) };
 }
 
 /// Wait for one of the signals in `set` (which must be blocked).
-pub fn sigwaitinfo(set: &libc::sigset_t) -> Result<libc::siginfo_t, i32> {
+pub(crate) fn sigwaitinfo(set: &libc::sigset_t) -> Result<libc::siginfo_t, i32> {
     // SAFETY: siginfo_t is plain data filled in by the kernel; `set` is initialised.
     unsafe {
         let mut info: libc::siginfo_t = std::mem::zeroed();
@@ -558,13 +558,13 @@ pub fn sigwaitinfo(set: &libc::sigset_t) -> Result<libc::siginfo_t, i32> {
     }
 }
 
-pub fn kill(pid: libc::pid_t, sig: c_int) -> Result<(), i32> {
+pub(crate) fn kill(pid: libc::pid_t, sig: c_int) -> Result<(), i32> {
     // SAFETY: kill takes plain integers.
     check_int(unsafe { libc::kill(pid, sig) }).map(drop)
 }
 
 /// waitpid(2); returns (pid, raw status).
-pub fn waitpid(pid: libc::pid_t, flags: c_int) -> Result<(libc::pid_t, c_int), i32> {
+pub(crate) fn waitpid(pid: libc::pid_t, flags: c_int) -> Result<(libc::pid_t, c_int), i32> {
     let mut status: c_int = 0;
     loop {
         // SAFETY: `status` is a valid out-pointer.
@@ -582,7 +582,7 @@ pub fn waitpid(pid: libc::pid_t, flags: c_int) -> Result<(libc::pid_t, c_int), i
 ///
 /// `argv` and `envp` must be NUL-terminated arrays of pointers to NUL-terminated strings, alive
 /// for the call.
-pub unsafe fn execve(
+pub(crate) unsafe fn execve(
     path: &CStr,
     argv: *const *const libc::c_char,
     envp: *const *const libc::c_char,
@@ -594,7 +594,7 @@ pub unsafe fn execve(
 }
 
 /// Bring the loopback interface of the current network namespace up.
-pub fn loopback_up() -> Result<(), i32> {
+pub(crate) fn loopback_up() -> Result<(), i32> {
     // SAFETY: a plain datagram socket used only for the interface ioctls below, then closed.
     let sock = check_int(unsafe {
         libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0)
@@ -615,14 +615,14 @@ pub fn loopback_up() -> Result<(), i32> {
     result.map(drop)
 }
 
-pub fn exit(code: c_int) -> ! {
+pub(crate) fn exit(code: c_int) -> ! {
     // SAFETY: _exit never returns and runs no atexit handlers or destructors, which is what a
     // forked child of a possibly multi-threaded process must do.
     unsafe { libc::_exit(code) }
 }
 
 /// A pipe whose both ends are close-on-exec; returns (read, write).
-pub fn pipe() -> Result<(RawFd, RawFd), i32> {
+pub(crate) fn pipe() -> Result<(RawFd, RawFd), i32> {
     let mut fds = [0 as c_int; 2];
     // SAFETY: `fds` has room for the two descriptors.
     check_int(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
@@ -631,7 +631,7 @@ pub fn pipe() -> Result<(RawFd, RawFd), i32> {
 
 /// Join a new anonymous session keyring (`KEYCTL_JOIN_SESSION_KEYRING` with no name), so that
 /// nothing of the caller's session keyring is reachable and nothing added reaches it.
-pub fn join_new_session_keyring() -> Result<(), i32> {
+pub(crate) fn join_new_session_keyring() -> Result<(), i32> {
     const KEYCTL_JOIN_SESSION_KEYRING: c_long = 1;
     // SAFETY: a null name asks for a new anonymous keyring; no other pointer is passed.
     check(unsafe {
@@ -645,7 +645,7 @@ pub fn join_new_session_keyring() -> Result<(), i32> {
 }
 
 /// Install a seccomp filter on the calling thread (no_new_privs must be set already).
-pub fn seccomp_install(prog: &libc::sock_fprog) -> Result<(), i32> {
+pub(crate) fn seccomp_install(prog: &libc::sock_fprog) -> Result<(), i32> {
     // SAFETY: `prog` points to a valid program the caller keeps alive for the duration of the
     // call; the kernel copies it.
     check(unsafe {
@@ -660,7 +660,7 @@ pub fn seccomp_install(prog: &libc::sock_fprog) -> Result<(), i32> {
 }
 
 /// Write `data` to the existing file `path` (a sysctl of the sandbox's own namespaces).
-pub fn write_file(path: &CStr, data: &[u8]) -> Result<(), i32> {
+pub(crate) fn write_file(path: &CStr, data: &[u8]) -> Result<(), i32> {
     // SAFETY: `path` is a valid NUL-terminated string; the fd is closed below.
     let fd = check_int(unsafe { libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC) })?;
     let r = write_all(fd, data);
@@ -670,19 +670,19 @@ pub fn write_file(path: &CStr, data: &[u8]) -> Result<(), i32> {
 }
 
 /// setns(2): join the namespace `fd` refers to (`nstype` one CLONE_NEW* flag, or 0).
-pub fn setns(fd: RawFd, nstype: c_int) -> Result<(), i32> {
+pub(crate) fn setns(fd: RawFd, nstype: c_int) -> Result<(), i32> {
     // SAFETY: plain integers.
     check_int(unsafe { libc::setns(fd, nstype) }).map(drop)
 }
 
 /// pidfd_open(2): a pidfd for `pid`, close-on-exec.
-pub fn pidfd_open(pid: libc::pid_t) -> Result<RawFd, i32> {
+pub(crate) fn pidfd_open(pid: libc::pid_t) -> Result<RawFd, i32> {
     // SAFETY: plain integers; the kernel returns a new descriptor or an error.
     check(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) }).map(|fd| fd as RawFd)
 }
 
 /// Write the decimal form of `n` into `buf`, returning the digits written (no allocation).
-pub fn format_u32(mut n: u32, buf: &mut [u8; 10]) -> &[u8] {
+pub(crate) fn format_u32(mut n: u32, buf: &mut [u8; 10]) -> &[u8] {
     let mut i = buf.len();
     loop {
         i -= 1;
@@ -696,13 +696,13 @@ pub fn format_u32(mut n: u32, buf: &mut [u8; 10]) -> &[u8] {
 }
 
 /// unshare(2) of the calling thread.
-pub fn unshare(flags: c_int) -> Result<(), i32> {
+pub(crate) fn unshare(flags: c_int) -> Result<(), i32> {
     // SAFETY: plain integers.
     check_int(unsafe { libc::unshare(flags) }).map(drop)
 }
 
 /// A pair of connected Unix stream sockets, close-on-exec.
-pub fn socketpair() -> Result<(RawFd, RawFd), i32> {
+pub(crate) fn socketpair() -> Result<(RawFd, RawFd), i32> {
     let mut fds = [0 as c_int; 2];
     // SAFETY: `fds` has room for the two descriptors.
     check_int(unsafe {
@@ -718,7 +718,7 @@ pub fn socketpair() -> Result<(RawFd, RawFd), i32> {
 
 /// Send `data` over the Unix socket `sock`, with descriptor `fd` attached when it is not -1
 /// (SCM_RIGHTS). Allocation-free: the control message lives on the stack.
-pub fn send_with_fd(sock: RawFd, data: &[u8], fd: RawFd) -> Result<(), i32> {
+pub(crate) fn send_with_fd(sock: RawFd, data: &[u8], fd: RawFd) -> Result<(), i32> {
     #[repr(C)]
     union Control {
         buf: [u8; 64],
@@ -761,7 +761,7 @@ pub fn send_with_fd(sock: RawFd, data: &[u8], fd: RawFd) -> Result<(), i32> {
 
 /// Receive up to `buf.len()` bytes from the Unix socket `sock` and the descriptor sent with
 /// them, if any (made close-on-exec). Returns (bytes, descriptor or -1).
-pub fn recv_with_fd(sock: RawFd, buf: &mut [u8]) -> Result<(usize, RawFd), i32> {
+pub(crate) fn recv_with_fd(sock: RawFd, buf: &mut [u8]) -> Result<(usize, RawFd), i32> {
     #[repr(C)]
     union Control {
         buf: [u8; 64],
@@ -804,7 +804,7 @@ pub fn recv_with_fd(sock: RawFd, buf: &mut [u8]) -> Result<(usize, RawFd), i32> 
 
 /// Install a seccomp filter on the calling thread with a user-notification listener, whose
 /// descriptor is returned (no_new_privs must be set already, or the caller privileged).
-pub fn seccomp_install_listener(prog: &libc::sock_fprog) -> Result<RawFd, i32> {
+pub(crate) fn seccomp_install_listener(prog: &libc::sock_fprog) -> Result<RawFd, i32> {
     // SAFETY: `prog` points to a valid program the caller keeps alive for the duration of the
     // call; the kernel copies it.
     check(unsafe {
@@ -819,7 +819,7 @@ pub fn seccomp_install_listener(prog: &libc::sock_fprog) -> Result<RawFd, i32> {
 }
 
 /// The sizes of the seccomp notification structures this kernel uses.
-pub fn seccomp_notif_sizes() -> Result<libc::seccomp_notif_sizes, i32> {
+pub(crate) fn seccomp_notif_sizes() -> Result<libc::seccomp_notif_sizes, i32> {
     // SAFETY: seccomp_notif_sizes is plain data the kernel fills in.
     unsafe {
         let mut sizes: libc::seccomp_notif_sizes = std::mem::zeroed();
@@ -835,7 +835,10 @@ pub fn seccomp_notif_sizes() -> Result<libc::seccomp_notif_sizes, i32> {
 
 /// Receive one notification on a seccomp listener into `buf` (at least as large as the kernel's
 /// `seccomp_notif`, see [`seccomp_notif_sizes`], and 8-byte aligned: it is a `u64` slice).
-pub fn seccomp_notif_recv(listener: RawFd, buf: &mut [u64]) -> Result<libc::seccomp_notif, i32> {
+pub(crate) fn seccomp_notif_recv(
+    listener: RawFd,
+    buf: &mut [u64],
+) -> Result<libc::seccomp_notif, i32> {
     if std::mem::size_of_val(buf) < std::mem::size_of::<libc::seccomp_notif>() {
         return Err(libc::EINVAL);
     }
@@ -855,7 +858,7 @@ pub fn seccomp_notif_recv(listener: RawFd, buf: &mut [u64]) -> Result<libc::secc
 }
 
 /// Whether notification `id` is still pending (its process has not died or been interrupted).
-pub fn seccomp_notif_id_valid(listener: RawFd, id: u64) -> bool {
+pub(crate) fn seccomp_notif_id_valid(listener: RawFd, id: u64) -> bool {
     // SAFETY: the ioctl reads one u64 from the pointer.
     unsafe {
         libc::ioctl(
@@ -867,7 +870,11 @@ pub fn seccomp_notif_id_valid(listener: RawFd, id: u64) -> bool {
 }
 
 /// Answer notification `id`: let the system call run (`Ok`) or fail it with an errno.
-pub fn seccomp_notif_respond(listener: RawFd, id: u64, answer: Result<(), i32>) -> Result<(), i32> {
+pub(crate) fn seccomp_notif_respond(
+    listener: RawFd,
+    id: u64,
+    answer: Result<(), i32>,
+) -> Result<(), i32> {
     let mut resp = libc::seccomp_notif_resp {
         id,
         val: 0,
@@ -891,7 +898,7 @@ pub fn seccomp_notif_respond(listener: RawFd, id: u64, answer: Result<(), i32>) 
 
 /// Read `buf.len()` bytes at address `addr` of process `pid` (process_vm_readv). Fails unless
 /// every byte could be read.
-pub fn read_process_memory(pid: libc::pid_t, addr: u64, buf: &mut [u8]) -> Result<(), i32> {
+pub(crate) fn read_process_memory(pid: libc::pid_t, addr: u64, buf: &mut [u8]) -> Result<(), i32> {
     if buf.is_empty() {
         return Ok(());
     }
@@ -914,7 +921,7 @@ pub fn read_process_memory(pid: libc::pid_t, addr: u64, buf: &mut [u8]) -> Resul
 }
 
 /// poll(2) on `fds` with a timeout in milliseconds (-1: none); EINTR is retried.
-pub fn poll(fds: &mut [libc::pollfd], timeout_ms: c_int) -> Result<usize, i32> {
+pub(crate) fn poll(fds: &mut [libc::pollfd], timeout_ms: c_int) -> Result<usize, i32> {
     loop {
         // SAFETY: the pointer and length describe `fds`.
         match check_int(unsafe {
@@ -927,37 +934,37 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: c_int) -> Result<usize, i32> {
 }
 
 /// Open `path` (a namespace file, `/dev/null`...) read-only and close-on-exec.
-pub fn open_read(path: &CStr) -> Result<RawFd, i32> {
+pub(crate) fn open_read(path: &CStr) -> Result<RawFd, i32> {
     // SAFETY: `path` is a valid NUL-terminated string.
     check_int(unsafe { libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) })
 }
 
 /// Open `path` for reading and writing, close-on-exec.
-pub fn open_rdwr(path: &CStr) -> Result<RawFd, i32> {
+pub(crate) fn open_rdwr(path: &CStr) -> Result<RawFd, i32> {
     // SAFETY: `path` is a valid NUL-terminated string.
     check_int(unsafe { libc::open(path.as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) })
 }
 
 /// Duplicate `fd` to a descriptor ≥ `min`, close-on-exec.
-pub fn dup_above(fd: RawFd, min: RawFd) -> Result<RawFd, i32> {
+pub(crate) fn dup_above(fd: RawFd, min: RawFd) -> Result<RawFd, i32> {
     // SAFETY: fcntl(F_DUPFD_CLOEXEC) on a descriptor we hold.
     check_int(unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, min) })
 }
 
 /// The parent's pid (to notice a parent that died before PR_SET_PDEATHSIG took effect).
-pub fn getppid() -> libc::pid_t {
+pub(crate) fn getppid() -> libc::pid_t {
     // SAFETY: getppid takes no arguments and cannot fail.
     unsafe { libc::getppid() }
 }
 
 /// setsid(2): a new session and process group.
-pub fn setsid() -> Result<(), i32> {
+pub(crate) fn setsid() -> Result<(), i32> {
     // SAFETY: setsid takes no arguments.
     check_int(unsafe { libc::setsid() }).map(drop)
 }
 
 /// One read(2) into `buf`; EINTR is retried. Returns the bytes read (0: EOF).
-pub fn read_some(fd: RawFd, buf: &mut [u8]) -> Result<usize, i32> {
+pub(crate) fn read_some(fd: RawFd, buf: &mut [u8]) -> Result<usize, i32> {
     loop {
         // SAFETY: the pointer and length describe `buf`.
         match check(unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) } as c_long) {
@@ -968,7 +975,7 @@ pub fn read_some(fd: RawFd, buf: &mut [u8]) -> Result<usize, i32> {
 }
 
 /// pidfd_getfd(2): a copy (close-on-exec) of descriptor `fd` of the process `pidfd` refers to.
-pub fn pidfd_getfd(pidfd: RawFd, fd: RawFd) -> Result<RawFd, i32> {
+pub(crate) fn pidfd_getfd(pidfd: RawFd, fd: RawFd) -> Result<RawFd, i32> {
     // SAFETY: plain integers; the kernel returns a new descriptor or an error.
     check(unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) }).map(|fd| fd as RawFd)
 }

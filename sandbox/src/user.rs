@@ -46,9 +46,13 @@ pub enum UserFileError {
 /// A resolved user: ids, supplementary groups and home directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resolved {
+    /// The uid inside the sandbox.
     pub uid: u32,
+    /// The primary gid inside the sandbox.
     pub gid: u32,
+    /// The supplementary gids, the primary one included.
     pub groups: Vec<u32>,
+    /// The home directory from `/etc/passwd`; `/` when the user has no entry.
     pub home: String,
 }
 
@@ -124,9 +128,7 @@ fn read_in_root(rootfs: &Path, path: &str) -> Result<InRoot, UserFileError> {
         .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
     let fd = match nix::fcntl::openat2(root.as_raw_fd(), path.trim_start_matches('/'), how) {
         Ok(fd) => fd_to_owned(fd),
-        Err(nix::errno::Errno::ENOENT) | Err(nix::errno::Errno::ENOTDIR) => {
-            return Ok(InRoot::Missing)
-        }
+        Err(nix::errno::Errno::ENOENT | nix::errno::Errno::ENOTDIR) => return Ok(InRoot::Missing),
         Err(e) => return Err(io(e.into())),
     };
     let meta = File::from(fd.try_clone().map_err(io)?)
@@ -264,7 +266,10 @@ pub fn resolve_with(user: &User, passwd: &str, group: &str) -> Result<Resolved, 
 
 /// Resolve `user` against overlay layers (top first): each file comes from the topmost layer
 /// that has it (a whiteout hides it from the layers below).
-pub fn resolve_layers(layers: &[std::path::PathBuf], user: &User) -> Result<Resolved, Error> {
+pub(crate) fn resolve_layers(
+    layers: &[std::path::PathBuf],
+    user: &User,
+) -> Result<Resolved, Error> {
     let find = |path: &str| -> Result<String, UserFileError> {
         for layer in layers {
             match read_in_root(layer, path)? {

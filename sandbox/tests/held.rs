@@ -26,7 +26,9 @@ fn prerequisites() -> bool {
 
 #[test]
 fn sandboxes_nest_in_one_held_namespace_with_the_full_range_of_ids() {
-    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     if !prerequisites() {
         return;
     }
@@ -70,7 +72,9 @@ fn sandboxes_nest_in_one_held_namespace_with_the_full_range_of_ids() {
 
 #[test]
 fn many_concurrent_sandboxes_share_one_holder() {
-    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     if !prerequisites() || is_root() {
         return;
     }
@@ -106,7 +110,9 @@ fn many_concurrent_sandboxes_share_one_holder() {
 
 #[test]
 fn a_sandbox_after_the_holder_was_killed_still_runs() {
-    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let _one = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     if !prerequisites() || is_root() {
         return;
     }
@@ -122,9 +128,8 @@ fn a_sandbox_after_the_holder_was_killed_still_runs() {
     // Wait until it is gone (it is our child: the next start reaps it).
     let proc = format!("/proc/{holder}/status");
     for _ in 0..200 {
-        let zombie_or_gone = std::fs::read_to_string(&proc)
-            .map(|s| s.contains("State:\tZ"))
-            .unwrap_or(true);
+        let zombie_or_gone =
+            std::fs::read_to_string(&proc).map_or(true, |s| s.contains("State:\tZ"));
         if zombie_or_gone {
             break;
         }

@@ -40,7 +40,7 @@ fn probe(sb: sandbox::Sandbox, args: &[&str]) -> String {
     argv.extend_from_slice(args);
     let out = run(sb.command(argv));
     assert!(
-        matches!(out.status, ExitStatus::Exited(0) | ExitStatus::Exited(1)),
+        matches!(out.status, ExitStatus::Exited(0 | 1)),
         "probe {args:?}: {:?} {}",
         out.status,
         text(&out.stderr)
@@ -56,7 +56,11 @@ fn isolated(f: &Fixture) -> sandbox::Sandbox {
 fn host_addresses() -> Vec<Ipv4Addr> {
     nix::ifaddrs::getifaddrs()
         .unwrap()
-        .filter_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip()))
+        .filter_map(|a| {
+            a.address?
+                .as_sockaddr_in()
+                .map(nix::sys::socket::SockaddrIn::ip)
+        })
         .filter(|ip| !ip.is_loopback())
         .collect()
 }
@@ -77,7 +81,9 @@ fn the_hosts_loopback_addresses_and_metadata_are_unreachable() {
     if !prerequisites() {
         return;
     }
-    let _addresses = HOST_ADDRESSES.lock().unwrap_or_else(|e| e.into_inner());
+    let _addresses = HOST_ADDRESSES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let f = fixture();
     // A service on the host's loopback (PostgreSQL, say) and one on every address (mistryd's
     // default 0.0.0.0:8462).
@@ -317,7 +323,9 @@ fn a_destination_that_is_not_the_host_is_reachable() {
         eprintln!("a_destination_that_is_not_the_host_is_reachable: the veth part needs root");
         return;
     }
-    let _addresses = HOST_ADDRESSES.lock().unwrap_or_else(|e| e.into_inner());
+    let _addresses = HOST_ADDRESSES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let f = fixture();
     let mut peer = Peer::start();
     peer.go();

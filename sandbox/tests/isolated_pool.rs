@@ -77,7 +77,11 @@ fn pooled_namespaces_serve_one_sandbox_each_and_go_with_the_pool() {
     let port = any.local_addr().unwrap().port();
     let host = nix::ifaddrs::getifaddrs()
         .unwrap()
-        .filter_map(|a| a.address?.as_sockaddr_in().map(|s| s.ip()))
+        .filter_map(|a| {
+            a.address?
+                .as_sockaddr_in()
+                .map(nix::sys::socket::SockaddrIn::ip)
+        })
         .find(|ip| !ip.is_loopback())
         .expect("a non-loopback address");
 

@@ -19,7 +19,7 @@ fn probe(sb: Sandbox, args: &[&str]) -> String {
     argv.extend_from_slice(args);
     let out = run(sb.command(argv));
     assert!(
-        matches!(out.status, ExitStatus::Exited(0) | ExitStatus::Exited(1)),
+        matches!(out.status, ExitStatus::Exited(0 | 1)),
         "probe {args:?}: {:?} {}",
         out.status,
         text(&out.stderr)
@@ -703,9 +703,8 @@ fn mountinfo_of_an_overlay_root_does_not_show_the_layers_host_paths() {
 
 #[test]
 fn subordinate_ids_map_sandbox_root_away_from_the_caller() {
-    let f = match subordinate_fixture() {
-        Some(f) => f,
-        None => return,
+    let Some(f) = subordinate_fixture() else {
+        return;
     };
     let (start, _) = own_subuid_range();
     let data = f.host_dir("data");
@@ -826,7 +825,7 @@ fn pip_npm_and_apt_work_under_the_default_filter() {
             match std::env::var_os(var) {
                 Some(v) => sb = sb.env(var, v),
                 None if std::path::Path::new(system_bundle).exists() => {
-                    sb = sb.env(var, system_bundle)
+                    sb = sb.env(var, system_bundle);
                 }
                 None => {}
             }

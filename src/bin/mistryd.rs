@@ -356,9 +356,7 @@ fn main() {
     let default = match std::env::args().nth(1).as_deref() {
         // `mistryd image build` says which storage backend the store uses, and why.
         Some("image") => "warn,images::store=info",
-        Some("sandbox") | Some("internal") | Some("unshare") | Some("doctor") | Some("exec") => {
-            "warn"
-        }
+        Some("sandbox" | "internal" | "unshare" | "doctor" | "exec") => "warn",
         _ => "info",
     };
     tracing_subscriber::fmt()
@@ -374,7 +372,7 @@ fn main() {
     // MISTRY_NO_HELD_USERNS=1 turns holding off.
     if !matches!(
         cli.command,
-        Some(Command::Sandbox(_)) | Some(Command::Internal { .. })
+        Some(Command::Sandbox(_) | Command::Internal { .. })
     ) && !matches!(std::env::var("MISTRY_NO_HELD_USERNS").as_deref(), Ok(v) if !v.is_empty() && v != "0")
     {
         sandbox::set_held_user_namespaces(true);

@@ -68,7 +68,13 @@ pub(super) async fn fetch_inputs(
         let rec = match read(cluster, project, id).await {
             Ok(r) => r,
             // The database does not answer: a build here is taken as it is.
-            Err(_) if here.as_ref().is_some_and(|i| i.succeeded()) => continue,
+            Err(_)
+                if here
+                    .as_ref()
+                    .is_some_and(super::super::jobs::BuildInfo::succeeded) =>
+            {
+                continue
+            }
             Err(e) => {
                 return Err(error(format!(
                     "is not on agent {me}, and its record could not be read: {e}"

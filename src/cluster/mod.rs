@@ -260,14 +260,21 @@ impl Cluster {
                 }
             }
         });
-        *self.task.lock().unwrap_or_else(|e| e.into_inner()) = Some(task);
+        *self
+            .task
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(task);
     }
 
     /// Stop heartbeating and mark this agent stopped in the database (graceful shutdown); a
     /// failure is a warning.
     pub async fn stop(&self) {
         let _ = self.stop.send(true);
-        let task = self.task.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let task = self
+            .task
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
         if let Some(task) = task {
             let _ = task.await;
         }
@@ -275,13 +282,13 @@ impl Cluster {
             let limit = Duration::from_secs(5);
             match tokio::time::timeout(limit, agents::stopped(db, &self.me.name)).await {
                 Ok(Ok(())) => {
-                    tracing::info!(agent = %self.me.name, "marked stopped in the database")
+                    tracing::info!(agent = %self.me.name, "marked stopped in the database");
                 }
                 Ok(Err(e)) => {
-                    tracing::warn!(agent = %self.me.name, error = %e, "could not mark the agent stopped")
+                    tracing::warn!(agent = %self.me.name, error = %e, "could not mark the agent stopped");
                 }
                 Err(_) => {
-                    tracing::warn!(agent = %self.me.name, "could not mark the agent stopped: no answer within 5s")
+                    tracing::warn!(agent = %self.me.name, "could not mark the agent stopped: no answer within 5s");
                 }
             }
         }

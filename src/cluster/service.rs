@@ -130,7 +130,7 @@ impl Jobs for ClusterJobs {
             .follow(project, id)
             .await
             .map_err(unavailable)?;
-        Ok(lines.map(|l| l.boxed()))
+        Ok(lines.map(futures_util::StreamExt::boxed))
     }
 
     async fn log_tail(

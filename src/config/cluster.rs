@@ -18,11 +18,17 @@ pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
 /// The configuration file's keys of the multi-agent mode (top level, beside mistry's).
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct RawSettings {
+    /// `database_url`: a PostgreSQL URL; absent or empty: single node.
     pub database_url: Option<String>,
+    /// `agent_name`: this agent's name among the others; absent: the host name.
     pub agent_name: Option<String>,
+    /// `advertise_url`: `http://` or `https://` URL other agents reach this one at.
     pub advertise_url: Option<String>,
+    /// `agent_timeout`: a Go duration (`30s`).
     pub agent_timeout: Option<String>,
+    /// `heartbeat`: a Go duration, shorter than `agent_timeout`, not zero.
     pub heartbeat: Option<String>,
+    /// `log_retention`: an age (see [`crate::config::parse_age`]), not zero.
     pub log_retention: Option<String>,
 }
 

@@ -112,19 +112,35 @@ struct Raw {
 /// The validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// `projects_path` (required, must exist), canonicalized: one directory per project.
     pub projects_path: PathBuf,
+    /// `build_path` (required, must exist and be writable), canonicalized: every build result.
     pub build_path: PathBuf,
+    /// `mounts`: (host path, path inside) bound into every job.
     pub mounts: Vec<(PathBuf, PathBuf)>,
+    /// `job_concurrency`: jobs running at once; default the number of logical CPUs, at least 1.
     pub job_concurrency: usize,
+    /// `job_backlog`: queued jobs beyond which requests get 503; default 2 × `job_concurrency`.
     pub job_backlog: usize,
+    /// `images_path`: a directory of OCI layouts `FROM` finds before any registry; `None`:
+    /// registries only.
     pub images_path: Option<PathBuf>,
+    /// `store_path`: the layer store; default `<build_path>/.mistry`.
     pub store_path: PathBuf,
+    /// `filesystem` (`plain`, `btrfs`, `overlay`): the store's backend; `None`: the one the
+    /// store was made with, or the best that works (see `images::Store::open`).
     pub filesystem: Option<BackendKind>,
+    /// `network`: the server-wide network of jobs and RUN steps; default `isolated`.
     pub network: NetworkMode,
     /// More networks isolated jobs, RUN steps and `ADD <url>` may not reach (`network_deny`).
     pub network_deny: Vec<sandbox::egress::IpNet>,
+    /// `time_limit`: a Go duration each job (image build included) must end within; `None`:
+    /// no limit.
     pub time_limit: Option<Duration>,
+    /// `registries`: insecure registries and credentials for base images.
     pub registries: RegistryConfig,
+    /// `projects`: the operator's settings per project name (they may loosen what the
+    /// project's own `.mistry.json` can only tighten).
     pub projects: BTreeMap<String, ProjectSettings>,
     /// Seccomp, nested user namespaces and limits of every job and RUN step (server-wide).
     pub security: Security,
@@ -215,9 +231,7 @@ impl Config {
         std::fs::write(&probe, b"")
             .with_context(|| format!("build_path {} is not writable", build_path.display()))?;
         let _ = std::fs::remove_file(&probe);
-        let cpus = std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1);
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
         let job_concurrency = raw.job_concurrency.unwrap_or(cpus);
         if job_concurrency == 0 {
             bail!("job_concurrency must be at least 1");
@@ -305,6 +319,8 @@ impl Config {
         })
     }
 
+    /// Read, parse and validate the configuration file at `path`, then apply the environment
+    /// (`MISTRY_DATABASE_URL`). Errors name the file or the key.
     pub fn load(path: &Path) -> Result<Config> {
         let text =
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;

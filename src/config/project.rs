@@ -13,14 +13,25 @@ use serde::Deserialize;
 use super::{parse_limit, parse_network, Config};
 use crate::security::{self, RawLimits, Security};
 
+/// A project's settings as written: the operator's entry in the configuration's `projects`
+/// (which sets anything), or the project's own `.mistry.json` (which can only tighten).
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct ProjectSettings {
+    /// `network`: `none`, `isolated` or `host`; `None`: the server-wide `network`.
     pub network: Option<String>,
+    /// `time_limit`: a Go duration; `None`: the server-wide `time_limit`.
     pub time_limit: Option<String>,
+    /// `build_args`: name → value for the image's `ARG`s (the operator's win over the
+    /// project's; both come after `uid`, the daemon's uid, so a `uid` here replaces it).
     #[serde(default)]
     pub build_args: BTreeMap<String, String>,
+    /// `seccomp`: `default`, `unconfined` or a profile path (relative to the configuration
+    /// file); `None`: the server-wide one. Only the operator's entry is read.
     pub seccomp: Option<String>,
+    /// `nested_user_namespaces`; `None`: the server-wide value. Only the operator's entry is
+    /// read.
     pub nested_user_namespaces: Option<bool>,
+    /// `limits`, over the server-wide ones (the project's own file can only lower them).
     #[serde(default)]
     pub limits: RawLimits,
 }
@@ -28,9 +39,13 @@ pub struct ProjectSettings {
 /// Settings in effect for one project.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Effective {
+    /// The network of its jobs and RUN steps.
     pub network: NetworkMode,
+    /// The time limit of each job; `None`: none.
     pub time_limit: Option<Duration>,
+    /// Its build args, by name (the operator's entry wins over the project's file).
     pub build_args: Vec<(String, String)>,
+    /// Seccomp, nested user namespaces and limits of its jobs and RUN steps.
     pub security: Security,
 }
 
@@ -244,7 +259,7 @@ mod tests {
                 p.join(name).join(".mistry.json"),
                 format!(r#"{{"network": "{net}"}}"#),
             )
-            .unwrap()
+            .unwrap();
         };
         // The default is isolated; a project asking for the host's network stays isolated.
         own("plain", "host");

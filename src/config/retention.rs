@@ -17,7 +17,7 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
 /// How often the daemon applies its retention in full when `interval` is not set.
-pub const DEFAULT_INTERVAL: Duration = Duration::from_secs(600);
+pub(super) const DEFAULT_INTERVAL: Duration = Duration::from_secs(600);
 
 /// The file's form of [`Retention`].
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -31,6 +31,7 @@ pub(super) struct RawRetention {
 /// A free-disk low-water mark.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum MinFree {
+    /// At least this many bytes free.
     Bytes(u64),
     /// Percent of the filesystem's size.
     Percent(f64),

@@ -32,7 +32,7 @@ impl CappedLog {
     /// `file` (opened for appending, possibly holding something already, which counts), taking
     /// at most `cap` bytes in all (`None`: unbounded).
     pub(crate) fn new(file: File, cap: Option<u64>) -> CappedLog {
-        let written = file.metadata().map(|m| m.len()).unwrap_or(0);
+        let written = file.metadata().map_or(0, |m| m.len());
         CappedLog {
             file,
             cap,

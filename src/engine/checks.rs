@@ -15,7 +15,7 @@ use super::layout::{JobDir, DATA_DIRS};
 /// that no transport and no later build follows it out of the job. Returns the problem to add
 /// to ErrBuild (for artifacts: the build fails, so it is neither linked nor cached) and the
 /// lines for the job's log.
-pub fn data_dirs(store: &Store, dir: &JobDir) -> (Option<String>, Vec<String>) {
+pub(super) fn data_dirs(store: &Store, dir: &JobDir) -> (Option<String>, Vec<String>) {
     let (mut problem, mut lines) = (None, Vec::new());
     let data = match Data::open(dir.path()) {
         Ok(d) => d,
@@ -62,7 +62,7 @@ pub fn data_dirs(store: &Store, dir: &JobDir) -> (Option<String>, Vec<String>) {
 /// artifacts are served (HTTP, rsync and scp of `build_path`, other agents) and its `data/`
 /// becomes the group's next one. Whatever cannot be stripped is not kept: `data/` goes and the
 /// build fails. Returns the problem for ErrBuild and the lines for the job's log.
-pub fn set_id(store: &Store, dir: &JobDir) -> (Option<String>, Vec<String>) {
+pub(super) fn set_id(store: &Store, dir: &JobDir) -> (Option<String>, Vec<String>) {
     let data = dir.data();
     if !fs::symlink_metadata(&data).is_ok_and(|m| m.is_dir()) {
         return (None, Vec::new());
@@ -99,7 +99,7 @@ pub fn set_id(store: &Store, dir: &JobDir) -> (Option<String>, Vec<String>) {
 
 /// `data/` may hold at most `limit` bytes: a job that left more fails (its result is neither
 /// linked nor cached, and the next build of its group does not start from it).
-pub fn disk(data: &Path, limit: u64) -> Option<String> {
+pub(super) fn disk(data: &Path, limit: u64) -> Option<String> {
     match crate::security::disk_usage(data, limit) {
         Ok(used) if used <= limit => None,
         Ok(_) => Some(format!(

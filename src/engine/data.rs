@@ -52,7 +52,7 @@ pub(crate) struct Replaced {
 
 impl Replaced {
     /// `/data/input/up`.
-    pub fn shown(&self) -> String {
+    pub(super) fn shown(&self) -> String {
         Path::new("/data").join(&self.rel).display().to_string()
     }
 }
@@ -124,7 +124,7 @@ impl Data {
     /// Open `<job_dir>/data` (the job directory is the daemon's; `data` must be a real
     /// directory). An `O_PATH` descriptor: it needs no permission on `data/` itself, which may
     /// belong to the image's user.
-    pub fn open(job_dir: &Path) -> io::Result<Data> {
+    pub(super) fn open(job_dir: &Path) -> io::Result<Data> {
         let flags = OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
         let job = rustix::fs::open(job_dir, flags, Mode::empty())?;
         let fd = open_dir_at(&job, OsStr::new("data"))?;
@@ -135,7 +135,7 @@ impl Data {
     }
 
     /// An `O_PATH` descriptor of `data/` itself, to bind it (`sandbox::Bind::from_fd`).
-    pub fn bind_fd(&self) -> io::Result<OwnedFd> {
+    pub(super) fn bind_fd(&self) -> io::Result<OwnedFd> {
         rustix::fs::openat(
             &self.fd,
             ".",
@@ -170,7 +170,7 @@ impl Data {
     /// Make `rel` (plain names below `data/`, e.g. `input/up`) a real directory, each of its
     /// components: a directory there stays as it is; anything else (a symlink, a FIFO, a file)
     /// is removed and replaced by an empty directory. Returns what was replaced.
-    pub fn ensure_dir(&self, store: &Store, rel: &Path) -> io::Result<Vec<Replaced>> {
+    pub(super) fn ensure_dir(&self, store: &Store, rel: &Path) -> io::Result<Vec<Replaced>> {
         let mut replaced = Vec::new();
         let mut cur = rustix::io::dup(&self.fd)?;
         let mut at = PathBuf::new();
@@ -202,7 +202,7 @@ impl Data {
 
     /// Make `name` (one plain name below `data/`) a new empty directory, whatever was there
     /// (removed without following a link).
-    pub fn fresh_dir(&self, store: &Store, name: &str) -> io::Result<OwnedFd> {
+    pub(super) fn fresh_dir(&self, store: &Store, name: &str) -> io::Result<OwnedFd> {
         let name = OsStr::new(name);
         let err = |e: io::Error| {
             io::Error::new(e.kind(), format!("data/{}: {e}", Path::new(name).display()))
@@ -217,7 +217,7 @@ impl Data {
     }
 
     /// How `name` in `data/` is named when it is there and not a directory (`a symlink`...).
-    pub fn not_a_dir(&self, name: &str) -> io::Result<Option<&'static str>> {
+    pub(super) fn not_a_dir(&self, name: &str) -> io::Result<Option<&'static str>> {
         Ok(kind_at(&self.fd, OsStr::new(name))?
             .filter(|k| *k != FileType::Directory)
             .map(kind_name))
@@ -225,7 +225,7 @@ impl Data {
 
     /// Remove `name` from `data/` (see [`Data::ensure_dir`]) and make it an empty directory
     /// again if this process may (it may not when `data/` belongs to the image's user).
-    pub fn replace_with_dir(&self, store: &Store, name: &str) -> io::Result<()> {
+    pub(super) fn replace_with_dir(&self, store: &Store, name: &str) -> io::Result<()> {
         let name = OsStr::new(name);
         self.remove(store, &self.fd, Path::new(""), name)?;
         let _ = rustix::fs::mkdirat(&self.fd, name, Mode::from_raw_mode(0o755));
@@ -234,7 +234,7 @@ impl Data {
 
     /// `data/<dir>/<name>` as a new file holding `contents` (`O_CREAT | O_EXCL | O_NOFOLLOW`:
     /// never through a link, never into something that was there).
-    pub fn create_file(dir: &OwnedFd, name: &str, contents: &[u8]) -> io::Result<()> {
+    pub(super) fn create_file(dir: &OwnedFd, name: &str, contents: &[u8]) -> io::Result<()> {
         let fd = rustix::fs::openat(
             dir,
             name,

@@ -60,7 +60,7 @@ impl Tail {
 }
 
 /// The lines of the log of the job in `dir` (pending), while `state` says it is in flight.
-pub fn lines(state: watch::Receiver<Phase>, dir: JobDir) -> impl Stream<Item = String> {
+pub(super) fn lines(state: watch::Receiver<Phase>, dir: JobDir) -> impl Stream<Item = String> {
     let t = Tail {
         state,
         file: None,

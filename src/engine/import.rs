@@ -22,7 +22,10 @@ pub(crate) struct LinkLocks(Mutex<HashMap<String, Arc<Mutex<()>>>>);
 impl LinkLocks {
     /// The lock of `project`.
     pub(crate) fn of(&self, project: &str) -> Arc<Mutex<()>> {
-        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let mut m = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         m.entry(project.to_string()).or_default().clone()
     }
 }
@@ -54,6 +57,7 @@ impl Importer {
         Importer::new(layout, Arc::default())
     }
 
+    /// The layout builds are imported into.
     pub fn layout(&self) -> &Layout {
         &self.layout
     }
@@ -97,7 +101,9 @@ impl Importer {
     ) -> std::io::Result<Placed> {
         let ready = self.layout.job(project, id, Stage::Ready);
         let lock = self.locks.of(project);
-        let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         self.layout.create_stage(project, Stage::Ready)?;
         match rustix::fs::renameat_with(
             rustix::fs::CWD,
@@ -129,7 +135,9 @@ impl Importer {
             .path()
             .with_extension("uncached");
         let lock = self.locks.of(project);
-        let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let moved = ready.exists()
             && self.layout.create_stage(project, Stage::Pending).is_ok()
             && std::fs::rename(ready.path(), &aside).is_ok();
@@ -150,7 +158,9 @@ impl Importer {
     ) -> std::io::Result<()> {
         let link = self.layout.link(project, group);
         let lock = self.locks.of(project);
-        let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         match base {
             Some(dir) => dir.link_from(&link),
             None => match std::fs::remove_file(&link) {
@@ -205,7 +215,9 @@ impl Aside {
     /// Put the build back in `ready/` (unless another one is there now), under the link lock.
     pub fn restore(self) {
         let lock = self.importer.locks.of(self.ready.project());
-        let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let _ = rustix::fs::renameat_with(
             rustix::fs::CWD,
             &self.aside,

@@ -19,7 +19,7 @@ use crate::config::Config;
 /// How the daemon's jobs get their group's last cache: layers when `cache_layers` is not 0, the
 /// store uses the overlay backend and a rootless overlay works on `build_path` (probed once);
 /// else copies (btrfs: snapshots).
-pub fn cache_mode(cfg: &Config, store: &Store) -> CacheMode {
+pub(super) fn cache_mode(cfg: &Config, store: &Store) -> CacheMode {
     if cfg.cache_layers == 0 || store.backend() != images::BackendKind::Overlay {
         return CacheMode::Copy;
     }
@@ -39,7 +39,7 @@ pub fn cache_mode(cfg: &Config, store: &Store) -> CacheMode {
 /// The ready builds of `project` that a kept build's or a running build's cache sits on:
 /// the layers recorded by its pending builds, and those the next build of a linked build
 /// (one that is some group's last) would mount.
-pub fn needed_builds(layout: &Layout, project: &str, linked: &[&Path]) -> HashSet<String> {
+pub(super) fn needed_builds(layout: &Layout, project: &str, linked: &[&Path]) -> HashSet<String> {
     let mut needed = HashSet::new();
     for pending in layout.jobs(project, Stage::Pending) {
         needed.extend(
@@ -56,7 +56,7 @@ pub fn needed_builds(layout: &Layout, project: &str, linked: &[&Path]) -> HashSe
 
 /// Why a build's cache layers could not be squashed.
 #[derive(Debug, thiserror::Error)]
-pub enum SquashError {
+pub(super) enum SquashError {
     #[error("{0}")]
     Store(#[from] images::StoreError),
     #[error("the squash panicked")]
@@ -64,7 +64,7 @@ pub enum SquashError {
 }
 
 /// Squash `build`'s cache at the lowest priority (in a thread of its own, waited for).
-pub fn squash_now(store: &Store, build: &Path) -> Result<bool, SquashError> {
+pub(super) fn squash_now(store: &Store, build: &Path) -> Result<bool, SquashError> {
     std::thread::scope(|scope| {
         scope
             .spawn(|| {
@@ -79,16 +79,16 @@ pub fn squash_now(store: &Store, build: &Path) -> Result<bool, SquashError> {
 /// Let ready build `id` of a project go although builds in `linked` (its link targets) would
 /// start their next build on its cache layer: squash those builds' caches first (then their
 /// next builds sit on their squashed layer alone). Pending builds that sit on it keep it.
-pub fn unpin(store: &Store, id: &str, linked: &[&Path]) {
+pub(super) fn unpin(store: &Store, id: &str, linked: &[&Path]) {
     for build in linked {
         let own = build.file_name().is_some_and(|n| n == id);
         if !own && images::next_chain_builds(build).iter().any(|b| b == id) {
             match squash_now(store, build) {
                 Ok(_) => {
-                    tracing::info!(build = %build.display(), "squashed a build's cache layers so that older builds can go")
+                    tracing::info!(build = %build.display(), "squashed a build's cache layers so that older builds can go");
                 }
                 Err(e) => {
-                    tracing::warn!(build = %build.display(), error = %e, "could not squash a build's cache layers (the builds below stay)")
+                    tracing::warn!(build = %build.display(), error = %e, "could not squash a build's cache layers (the builds below stay)");
                 }
             }
         }
@@ -112,7 +112,7 @@ impl Engine {
         if !self
             .squashing
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .insert(path.clone())
         {
             return;
@@ -138,7 +138,7 @@ impl Engine {
                 engine
                     .squashing
                     .lock()
-                    .unwrap_or_else(|e| e.into_inner())
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
                     .remove(&path);
                 engine.retain_after_job(&project, &group);
             });
@@ -146,7 +146,7 @@ impl Engine {
             tracing::warn!(error = %e, "could not start a cache squash");
             self.squashing
                 .lock()
-                .unwrap_or_else(|e| e.into_inner())
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .remove(&entry);
         }
     }

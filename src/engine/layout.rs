@@ -21,7 +21,9 @@ use crate::jobs::{self, BuildInfo};
 /// Where a job's directory is: `pending/` while it runs, `ready/` once it ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
+    /// `<build_path>/<project>/pending/<id>`: the job runs (or a crash left it).
     Pending,
+    /// `<build_path>/<project>/ready/<id>`: the job ended, success or failure.
     Ready,
 }
 
@@ -45,6 +47,7 @@ pub struct Layout {
 }
 
 impl Layout {
+    /// The layout under `build_path` (the configuration's, canonicalized).
     pub fn new(build_path: impl Into<PathBuf>) -> Layout {
         Layout {
             root: build_path.into(),
@@ -94,8 +97,7 @@ impl Layout {
     /// How many jobs `project` has in `stage`.
     pub fn count(&self, project: &str, stage: Stage) -> usize {
         fs::read_dir(self.project(project).join(stage.as_str()))
-            .map(|d| d.count())
-            .unwrap_or(0)
+            .map_or(0, std::iter::Iterator::count)
     }
 
     /// Make `<project>/<stage>/` (the parent of that stage's job directories).
@@ -176,15 +178,19 @@ pub struct JobDir {
 }
 
 impl JobDir {
+    /// `<build_path>/<project>/<stage>/<id>`.
     pub fn path(&self) -> &Path {
         &self.path
     }
+    /// The job's project.
     pub fn project(&self) -> &str {
         &self.project
     }
+    /// The job's ID.
     pub fn id(&self) -> &str {
         &self.id
     }
+    /// Whether this is the `pending/` or the `ready/` path.
     pub fn stage(&self) -> Stage {
         self.stage
     }
@@ -228,10 +234,12 @@ impl JobDir {
         self.in_stage(Stage::Ready).data().join("artifacts")
     }
 
+    /// Whether the directory exists (`Path::exists`: a link is followed).
     pub fn exists(&self) -> bool {
         self.path.exists()
     }
 
+    /// Whether it is a directory (a link is followed).
     pub fn is_dir(&self) -> bool {
         self.path.is_dir()
     }

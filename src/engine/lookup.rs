@@ -12,8 +12,12 @@ use crate::jobs::{self, BuildInfo};
 
 /// A job found on disk: its state and BuildInfo, and its directory.
 pub struct Found {
+    /// `pending/` (running, or left by a crash) or `ready/`.
     pub stage: Stage,
+    /// Its stored BuildInfo (while pending, the provisional one: `ExitCode` -999, `Duration`
+    /// unknown).
     pub info: BuildInfo,
+    /// Its directory.
     pub dir: JobDir,
 }
 

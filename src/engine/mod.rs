@@ -44,7 +44,10 @@ pub const ABANDON_GRACE: Duration = Duration::from_secs(60);
 
 /// A scheduled job: its ID, its directory once ready, and its state to wait on.
 pub struct Scheduled {
+    /// The job's project.
     pub project: String,
+    /// The ID it was admitted under (mistry's, or the exact one when mistry's is another
+    /// request's).
     pub id: String,
     /// Its directory once ready.
     pub dir: JobDir,
@@ -93,8 +96,13 @@ impl Scheduled {
     }
 }
 
+/// The jobs of one agent: admission, coalescing, the result cache, running jobs on the image
+/// builder and sandboxes, finishing them into `ready/`, retention and shutdown (see the module
+/// doc).
 pub struct Engine {
+    /// The validated configuration it was started with.
     pub cfg: Config,
+    /// The on-disk layout under `build_path`.
     pub layout: Layout,
     builder: Arc<Builder>,
     runner: runner::Runner,
@@ -102,6 +110,7 @@ pub struct Engine {
     jobs: InFlight,
     link_locks: Arc<import::LinkLocks>,
     shutting_down: AtomicBool,
+    /// Prometheus counters and histograms of its jobs (`GET /metrics`).
     pub metrics: Metrics,
     /// Retention's state (`retention.rs`).
     retainer: Arc<retention::Retainer>,
@@ -183,6 +192,7 @@ impl Engine {
             .hold(Some(self.layout.job(project, id, Stage::Ready).path()))
     }
 
+    /// The image builder (and through it the layer store) jobs build with.
     pub fn builder(&self) -> &Builder {
         &self.builder
     }
@@ -224,7 +234,9 @@ impl Engine {
     pub fn note_retry(&self, dir: &JobDir, note: &str, info: &BuildInfo) {
         use std::io::Write;
         let lock = self.link_lock(dir.project());
-        let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if !dir.is_dir() {
             return;
         }
@@ -617,7 +629,9 @@ impl Engine {
         // Ready and linked under the project's link lock: retention, which takes it too, never
         // sees a successful build between the two.
         let lock = self.link_lock(&req.project);
-        let guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let guard = lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if dir.is_dir() {
             if let Err(e) = self.to_ready(&dir, &info) {
                 info.err_build = format!(

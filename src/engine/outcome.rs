@@ -11,23 +11,31 @@ use crate::jobs::{BuildInfo, NEVER_RAN};
 /// What stopped the daemon from running a job to its end (not the job's own failure).
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    /// A file operation of the daemon on the job's directory failed.
     #[error("{what}: {source}")]
     Io {
+        /// What was being done, naming the path.
         what: String,
+        /// The underlying error.
         #[source]
         source: std::io::Error,
     },
+    /// The layer store failed (e.g. preparing the job's directory).
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The layer store failed at a named step (the job's root, giving `/data` to the sandbox).
     #[error("{what}: {source}")]
     StoreStep {
+        /// The step, e.g. `preparing the job's root filesystem`.
         what: String,
+        /// The store's error.
         #[source]
         source: StoreError,
     },
     /// The project's settings (its `.mistry.json` or the server's entry) are invalid.
     #[error("{0}")]
     Settings(String),
+    /// The job's sandbox could not be started.
     #[error(transparent)]
     Sandbox(#[from] sandbox::Error),
     /// The job's thread panicked.
@@ -161,6 +169,7 @@ impl JobOutcome {
 /// Everything a run found out about a job.
 #[derive(Debug)]
 pub struct Report {
+    /// How the job ended.
     pub outcome: JobOutcome,
     /// `data/` started from the group's last successful build.
     pub incremental: bool,
@@ -205,7 +214,10 @@ mod tests {
         let i = Report {
             outcome,
             incremental: true,
-            problems: problems.iter().map(|p| p.to_string()).collect(),
+            problems: problems
+                .iter()
+                .map(std::string::ToString::to_string)
+                .collect(),
         }
         .into_info(blank(), "proj");
         assert!(i.incremental);

@@ -31,11 +31,15 @@ pub const TRASH: &str = ".mistry-trash";
 /// A ready build as retention sees it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Build {
+    /// Its project.
     pub project: String,
+    /// Its job ID (its directory under `<project>/ready/`).
     pub id: String,
+    /// Its BuildInfo's `Group`; `""` for none (or when its BuildInfo cannot be read).
     pub group: String,
     /// Its `StartedAt` (else the directory's modification time).
     pub started: SystemTime,
+    /// `<build_path>/<project>/ready/<id>`.
     pub path: PathBuf,
     /// The target of `latest` or `groups/<group>`: it stays.
     pub linked: bool,
@@ -45,6 +49,7 @@ pub struct Build {
 }
 
 impl Build {
+    /// How long before `now` it started (zero for a start in the future).
     pub fn age(&self, now: SystemTime) -> Duration {
         now.duration_since(self.started).unwrap_or_default()
     }
@@ -54,11 +59,20 @@ impl Build {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Reason {
     /// Not among the last `keep` builds of its project and group.
-    Surplus { keep: usize },
+    Surplus {
+        /// The `keep` rule in force.
+        keep: usize,
+    },
     /// Started longer than `max_age` ago.
-    Age { max_age: Duration },
+    Age {
+        /// The `max_age` rule in force.
+        max_age: Duration,
+    },
     /// The free space of `build_path` was below the mark.
-    LowWater { mark: u64 },
+    LowWater {
+        /// The mark, in bytes free.
+        mark: u64,
+    },
 }
 
 impl std::fmt::Display for Reason {
@@ -95,7 +109,9 @@ pub fn fmt_age(d: Duration) -> String {
 /// removals free).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Rules {
+    /// Keep at most this many builds per project and group (newest first); `None`: no limit.
     pub keep: Option<usize>,
+    /// Remove builds started longer ago than this; `None`: no limit.
     pub max_age: Option<Duration>,
 }
 
@@ -281,12 +297,14 @@ pub struct Trash {
 }
 
 impl Trash {
+    /// The trash of `build_path`: `<build_path>/.mistry-trash` ([`TRASH`]).
     pub fn new(build_path: &Path) -> Trash {
         Trash {
             dir: build_path.join(TRASH),
         }
     }
 
+    /// The trash directory's path (it may not exist yet).
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -301,9 +319,8 @@ impl Trash {
         build: &Build,
     ) -> Result<bool, TrashError> {
         unpin(layout, store, build);
-        let path = match self.take(layout, build)? {
-            Some(p) => p,
-            None => return Ok(false),
+        let Some(path) = self.take(layout, build)? else {
+            return Ok(false);
         };
         remove_taken(store, path)?;
         Ok(true)
@@ -385,7 +402,9 @@ impl Trash {
 /// What a retention pass did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Purged {
+    /// Builds removed.
     pub removed: usize,
+    /// Builds that were to go but could not be moved or removed (logged).
     pub failed: usize,
 }
 
@@ -399,6 +418,7 @@ pub struct Retainer {
 }
 
 impl Retainer {
+    /// The retention state of the daemon on `build_path`: nothing held yet.
     pub fn new(build_path: &Path) -> Retainer {
         Retainer {
             pass: Mutex::new(()),
@@ -413,12 +433,14 @@ impl Retainer {
         &self.trash
     }
 
+    /// Keep the build at `path` while the returned guard lives (counted: several holds of one
+    /// build are fine); `None` when `path` is `None` or cannot be resolved.
     pub fn hold(self: &Arc<Self>, path: Option<&Path>) -> Option<Hold> {
         let path = std::fs::canonicalize(path?).ok()?;
         *self
             .in_use
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .entry(path.clone())
             .or_default() += 1;
         Some(Hold {
@@ -428,7 +450,10 @@ impl Retainer {
     }
 
     fn is_in_use(&self, path: &Path) -> bool {
-        let used = self.in_use.lock().unwrap_or_else(|e| e.into_inner());
+        let used = self
+            .in_use
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         std::fs::canonicalize(path).is_ok_and(|p| used.contains_key(&p))
     }
 }
@@ -445,7 +470,7 @@ impl Drop for Hold {
             .retainer
             .in_use
             .lock()
-            .unwrap_or_else(|e| e.into_inner());
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(n) = used.get_mut(&self.path) {
             *n -= 1;
             if *n == 0 {
@@ -462,7 +487,11 @@ impl Engine {
         if !self.cfg.retention.is_enabled() {
             return Purged::default();
         }
-        let _pass = self.retainer.pass.lock().unwrap_or_else(|e| e.into_inner());
+        let _pass = self
+            .retainer
+            .pass
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut done = self.apply_rules(project, Some(group));
         self.apply_low_water(&mut done);
         self.finish_pass(&done);
@@ -474,7 +503,11 @@ impl Engine {
         if !self.cfg.retention.is_enabled() {
             return Purged::default();
         }
-        let _pass = self.retainer.pass.lock().unwrap_or_else(|e| e.into_inner());
+        let _pass = self
+            .retainer
+            .pass
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         self.retainer.trash.clean_leftovers(self.store());
         let mut done = Purged::default();
         for project in self.layout.projects() {
@@ -551,7 +584,9 @@ impl Engine {
         }
         unpin(&self.layout, self.store(), build);
         let lock = self.link_lock(&build.project);
-        let _guard = lock.lock().unwrap_or_else(|e| e.into_inner());
+        let _guard = lock
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if self.busy(build) || !still() {
             return Ok(None);
         }

@@ -22,7 +22,7 @@ use crate::config::{Config, Effective};
 use crate::jobs::{BuildInfo, JobRequest};
 
 /// One job to run.
-pub struct Job<'a> {
+pub(super) struct Job<'a> {
     pub req: &'a JobRequest,
     /// Its directory in `pending/`.
     pub dir: &'a JobDir,
@@ -98,14 +98,14 @@ impl Running<'_> {
 }
 
 /// Runs jobs on images built by its builder.
-pub struct Runner {
+pub(super) struct Runner {
     builder: Arc<Builder>,
     /// Set once overlay roots turned out not to work on this host.
     overlay_refused: AtomicBool,
 }
 
 impl Runner {
-    pub fn new(builder: Arc<Builder>) -> Runner {
+    pub(super) fn new(builder: Arc<Builder>) -> Runner {
         Runner {
             builder,
             overlay_refused: AtomicBool::new(false),
@@ -113,7 +113,7 @@ impl Runner {
     }
 
     /// Run `job` to its end.
-    pub fn run(&self, cfg: &Config, job: &Job) -> Report {
+    pub(super) fn run(&self, cfg: &Config, job: &Job) -> Report {
         let phases = Phases::new();
         let mut report = Report {
             outcome: JobOutcome::Exited(0),

@@ -22,6 +22,8 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// The phase's name as logged and announced to `/log` and the web view: `queued`, `pending`
+    /// or `ready`.
     pub fn name(&self) -> &'static str {
         match self {
             Phase::Queued => "queued",
@@ -34,11 +36,14 @@ impl Phase {
 /// A job's identity: its project and ID.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct JobKey {
+    /// The job's project.
     pub project: String,
+    /// Its job ID.
     pub id: String,
 }
 
 impl JobKey {
+    /// The key of job `project/id`.
     pub fn new(project: &str, id: &str) -> JobKey {
         JobKey {
             project: project.to_string(),
@@ -103,6 +108,8 @@ pub struct InFlight {
 }
 
 impl InFlight {
+    /// No job in flight yet; at most `capacity` at once (the engine gives `job_concurrency` +
+    /// `job_backlog`), beyond which [`InFlight::admit`] answers [`Admission::Full`].
     pub fn new(capacity: usize) -> InFlight {
         InFlight {
             jobs: Mutex::new(HashMap::new()),
@@ -111,7 +118,9 @@ impl InFlight {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<JobKey, JobRecord>> {
-        self.jobs.lock().unwrap_or_else(|e| e.into_inner())
+        self.jobs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Admit a request of `project` (`identity`) under one of `ids`, atomically with respect
@@ -228,6 +237,7 @@ impl InFlight {
         self.lock().get(key).map(|r| r.state.subscribe())
     }
 
+    /// Whether no job is in flight.
     pub fn is_empty(&self) -> bool {
         self.lock().is_empty()
     }
@@ -249,10 +259,10 @@ fn announce(key: &JobKey, state: &str, info: Option<&BuildInfo>) {
         ("queued", None) => tracing::info!(%project, %id, state, "job accepted"),
         ("pending", None) => tracing::info!(%project, %id, state, "job started"),
         ("cached", None) => {
-            tracing::info!(%project, %id, state, "job answered from the result cache")
+            tracing::info!(%project, %id, state, "job answered from the result cache");
         }
         ("coalesced", None) => {
-            tracing::info!(%project, %id, state, "job joins a running identical job")
+            tracing::info!(%project, %id, state, "job joins a running identical job");
         }
         ("taken", None) => tracing::info!(
             %project, %id, "job ID taken by another request's job: going by the request's exact ID"

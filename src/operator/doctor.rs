@@ -17,7 +17,10 @@ use crate::security::SandboxIds;
 /// How bad a finding is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Level {
+    /// Works as it should.
     Ok,
+    /// Does not block jobs, but is weaker, slower or riskier than it could be (the fix says
+    /// what to do).
     Warn,
     /// Blocks jobs.
     Fail,
@@ -36,8 +39,11 @@ impl Level {
 /// One finding: what was checked (and found), and how to fix it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Check {
+    /// How bad it is.
     pub level: Level,
+    /// What was checked and found, one line.
     pub what: String,
+    /// How to fix it; empty when there is nothing to do.
     pub fix: String,
 }
 
@@ -54,6 +60,7 @@ impl std::fmt::Display for Check {
 /// Every finding, in order.
 #[derive(Debug, Default)]
 pub struct Report {
+    /// The findings, in the order they were checked.
     pub checks: Vec<Check>,
 }
 
@@ -500,7 +507,7 @@ fn check_mapping(r: &mut Report, root: bool, ids: SandboxIds) -> Option<IdMap> {
                     }
                 }
                 _ if root => {
-                    r.ok("newuidmap/newgidmap: not needed (root writes the id maps itself)")
+                    r.ok("newuidmap/newgidmap: not needed (root writes the id maps itself)");
                 }
                 _ => {}
             }
@@ -641,7 +648,7 @@ fn check_paths(r: &mut Report, cfg: &Config) {
         let Ok((free, total)) = crate::engine::retention::free_space(path) else {
             continue;
         };
-        let dev = std::fs::metadata(path).map(|m| m.dev()).unwrap_or(0);
+        let dev = std::fs::metadata(path).map_or(0, |m| m.dev());
         if !seen.insert(dev) {
             continue;
         }
@@ -699,10 +706,10 @@ fn probe_dir(cfg: &Config) -> std::io::Result<tempfile_dir::Dir> {
 mod tempfile_dir {
     use std::path::{Path, PathBuf};
 
-    pub struct Dir(pub PathBuf);
+    pub(super) struct Dir(pub PathBuf);
 
     impl Dir {
-        pub fn new_in(base: &Path) -> std::io::Result<Dir> {
+        pub(super) fn new_in(base: &Path) -> std::io::Result<Dir> {
             let p = base.join(format!(".mistry-doctor-{}", std::process::id()));
             let _ = images::walk::remove_path(&p);
             std::fs::create_dir_all(&p)?;

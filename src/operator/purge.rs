@@ -23,8 +23,12 @@ use crate::engine::Layout;
 pub struct Options {
     /// Only these projects (all when empty).
     pub projects: Vec<String>,
+    /// `--older-than`: remove builds started longer ago. When neither this nor `keep` is
+    /// given, the configuration's `retention` rules apply instead (an error without any).
     pub older_than: Option<Duration>,
+    /// `--keep N`: keep only the last N builds of each project and group.
     pub keep: Option<usize>,
+    /// `--dry-run`: print what would go, remove nothing.
     pub dry_run: bool,
 }
 

@@ -21,7 +21,7 @@ const RESERVED: [&str; 3] = ["run", "pipeline", "jobs"];
 
 /// A declared param.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct ParamDef {
+pub(crate) struct ParamDef {
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub required: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -32,7 +32,7 @@ pub struct ParamDef {
 
 /// One job of a pipeline, its strings still templates.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JobDef {
+pub(crate) struct JobDef {
     pub name: String,
     pub project: String,
     pub group: String,
@@ -42,14 +42,14 @@ pub struct JobDef {
 
 /// One `on_success` trigger, its params still templates.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TriggerDef {
+pub(crate) struct TriggerDef {
     pub pipeline: String,
     pub params: BTreeMap<String, String>,
 }
 
 /// A parsed and validated pipeline.
 #[derive(Debug, Clone)]
-pub struct Pipeline {
+pub(crate) struct Pipeline {
     pub name: String,
     /// `pipelines/<name>.json`, as errors name it.
     pub file: String,
@@ -63,12 +63,12 @@ pub struct Pipeline {
 }
 
 /// The file of pipeline `name` (not checked).
-pub fn file_of(projects_path: &Path, name: &str) -> PathBuf {
+pub(crate) fn file_of(projects_path: &Path, name: &str) -> PathBuf {
     projects_path.join("pipelines").join(format!("{name}.json"))
 }
 
 /// The names of the pipelines defined in `projects_path/pipelines/`, sorted.
-pub fn names(projects_path: &Path) -> Vec<String> {
+pub(crate) fn names(projects_path: &Path) -> Vec<String> {
     let Ok(entries) = std::fs::read_dir(projects_path.join("pipelines")) else {
         return Vec::new();
     };
@@ -87,7 +87,7 @@ impl Pipeline {
     /// Read, parse and validate pipeline `name`, its triggers too (the pipelines they name
     /// exist, take the params given and require no others, and never trigger `name` again).
     /// `projects`: where the jobs' projects are (the engine's `projects_path`).
-    pub fn load(
+    pub(crate) fn load(
         projects_path: &Path,
         projects: &Path,
         name: &str,
@@ -125,7 +125,7 @@ impl Pipeline {
     }
 
     /// Parse and validate a definition (`project_exists` says whether a project exists).
-    pub fn parse(
+    pub(crate) fn parse(
         name: &str,
         bytes: Vec<u8>,
         project_exists: &dyn Fn(&str) -> bool,
@@ -336,7 +336,7 @@ impl Pipeline {
 
     /// The effective params of a run: those given, checked against the declared ones, with the
     /// defaults of the others.
-    pub fn resolve_params(
+    pub(crate) fn resolve_params(
         &self,
         given: &BTreeMap<String, String>,
     ) -> Result<BTreeMap<String, String>, PipelineError> {
@@ -369,7 +369,7 @@ impl Pipeline {
     /// `b="y"`): with one, every part is length-prefixed instead, after a tag no NUL-terminated
     /// form starts with — so no two runs of other params share an ID, and runs without NULs
     /// keep theirs.
-    pub fn run_id(&self, params: &BTreeMap<String, String>) -> String {
+    pub(crate) fn run_id(&self, params: &BTreeMap<String, String>) -> String {
         let mut h = Sha256::new();
         if params.values().any(|v| v.contains('\0')) {
             let mut field = |bytes: &[u8]| {
@@ -403,7 +403,7 @@ impl Pipeline {
 }
 
 /// Template values: the params, `run`, `pipeline` and (in `on_success`) `jobs.<job>.id`.
-pub struct Values<'a> {
+pub(crate) struct Values<'a> {
     pub params: &'a BTreeMap<String, String>,
     pub pipeline: &'a str,
     pub run: &'a str,
@@ -455,7 +455,7 @@ fn pieces(template: &str) -> Result<Vec<(bool, &str)>, Unclosed> {
 }
 
 /// Expand a (validated) template.
-pub fn expand(template: &str, values: &Values) -> String {
+pub(crate) fn expand(template: &str, values: &Values) -> String {
     let Ok(pieces) = pieces(template) else {
         return template.to_string();
     };
@@ -472,7 +472,7 @@ pub fn expand(template: &str, values: &Values) -> String {
 }
 
 /// Expand every value of a map of templates.
-pub fn expand_map(
+pub(crate) fn expand_map(
     templates: &BTreeMap<String, String>,
     values: &Values,
 ) -> BTreeMap<String, String> {
@@ -845,7 +845,7 @@ mod tests {
         std::fs::create_dir_all(root.join("x")).unwrap();
         std::fs::write(root.join("x/Dockerfile"), "FROM busybox\n").unwrap();
         let write = |name: &str, json: &str| {
-            std::fs::write(root.join("pipelines").join(format!("{name}.json")), json).unwrap()
+            std::fs::write(root.join("pipelines").join(format!("{name}.json")), json).unwrap();
         };
         let job = r#""jobs": {"j": {"project": "x"}}"#;
         write(

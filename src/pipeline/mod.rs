@@ -9,20 +9,19 @@
 //! (`<build_path>/.pipelines/<name>/<run>/run.json`); their HTTP API is the server's
 //! (`server/pipelines.rs`).
 
-pub mod def;
-pub mod run;
+pub(crate) mod def;
+pub(crate) mod run;
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use crate::service::{JobError, Jobs};
-pub use def::{ParamDef, Pipeline};
-pub use run::{JobRun, JobRunState, Observer, RunLink, RunRecord, RunState, Runs};
+pub(crate) use run::{JobRun, JobRunState, Observer, RunRecord, RunState, Runs};
 
 /// Why a pipeline could not be run.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum PipelineError {
+pub(crate) enum PipelineError {
     /// 404.
     #[error("Unknown pipeline '{0}'")]
     Unknown(String),
@@ -55,7 +54,7 @@ impl From<JobError> for PipelineError {
 /// triggered. `observer` sees every run's record at each change (job states, the end), the
 /// triggered runs' too. The record is also written to
 /// `<build_path>/.pipelines/<name>/<run>/run.json`.
-pub async fn run_pipeline(
+pub(crate) async fn run_pipeline(
     jobs: &Arc<dyn Jobs>,
     projects_path: &Path,
     name: &str,

@@ -32,7 +32,7 @@ use crate::jobs::{BuildInfo, Input, JobRequest, NEVER_RAN};
 use crate::service::{Hold, JobError, Jobs};
 
 /// Sees every run's record at each change (called on the run's task: keep it short).
-pub type Observer = Arc<dyn Fn(&RunRecord) + Send + Sync>;
+pub(crate) type Observer = Arc<dyn Fn(&RunRecord) + Send + Sync>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -157,17 +157,17 @@ impl RunRecord {
 }
 
 /// `<build_path>/.pipelines`.
-pub fn runs_dir(build_path: &Path) -> PathBuf {
+pub(crate) fn runs_dir(build_path: &Path) -> PathBuf {
     build_path.join(".pipelines")
 }
 
 /// A run ID as [`Pipeline::run_id`] makes them (64 lowercase hex digits).
-pub fn is_run_id(s: &str) -> bool {
+pub(crate) fn is_run_id(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// The run ID of the `n`th rebuild of run `base`: sha256 of `rebuild\0<base>\0<n>\0`.
-pub fn rebuild_run_id(base: &str, n: u32) -> String {
+pub(crate) fn rebuild_run_id(base: &str, n: u32) -> String {
     let mut h = Sha256::new();
     for part in ["rebuild", base, &n.to_string()] {
         h.update(part.as_bytes());
@@ -204,7 +204,7 @@ fn record_file(build_path: &Path, pipeline: &str, run: &str) -> PathBuf {
 }
 
 /// The stored record of a run (blocking).
-pub fn read_record(build_path: &Path, pipeline: &str, run: &str) -> Option<RunRecord> {
+pub(crate) fn read_record(build_path: &Path, pipeline: &str, run: &str) -> Option<RunRecord> {
     if crate::jobs::check_name("pipeline", pipeline).is_err() || !is_run_id(run) {
         return None;
     }
@@ -213,7 +213,7 @@ pub fn read_record(build_path: &Path, pipeline: &str, run: &str) -> Option<RunRe
 }
 
 /// Store a record atomically (tmp + rename; blocking).
-pub fn write_record(build_path: &Path, rec: &RunRecord) -> std::io::Result<()> {
+pub(crate) fn write_record(build_path: &Path, rec: &RunRecord) -> std::io::Result<()> {
     let file = record_file(build_path, &rec.pipeline, &rec.run);
     let dir = file.parent().unwrap_or(build_path);
     std::fs::create_dir_all(dir)?;
@@ -226,7 +226,7 @@ pub fn write_record(build_path: &Path, rec: &RunRecord) -> std::io::Result<()> {
 }
 
 /// Every stored run, newest first (blocking).
-pub fn list_records(build_path: &Path) -> Vec<RunRecord> {
+pub(crate) fn list_records(build_path: &Path) -> Vec<RunRecord> {
     let mut out = Vec::new();
     let Ok(pipelines) = std::fs::read_dir(runs_dir(build_path)) else {
         return out;
@@ -248,7 +248,7 @@ pub fn list_records(build_path: &Path) -> Vec<RunRecord> {
 
 /// Start-up: a run stored as running, and not `in_flight`, belongs to a daemon that stopped; it
 /// is failed now (blocking).
-pub fn fail_interrupted(build_path: &Path, in_flight: impl Fn(&str, &str) -> bool) {
+pub(crate) fn fail_interrupted(build_path: &Path, in_flight: impl Fn(&str, &str) -> bool) {
     for mut rec in list_records(build_path) {
         if rec.state != RunState::Running || in_flight(&rec.pipeline, &rec.run) {
             continue;
@@ -280,12 +280,12 @@ type RunKey = (String, String);
 
 /// What [`Runs::start`] gives: the run's record to follow, and whether it joined a run in
 /// flight.
-pub type StartFuture = Pin<
+pub(crate) type StartFuture = Pin<
     Box<dyn Future<Output = Result<(watch::Receiver<Arc<RunRecord>>, bool), PipelineError>> + Send>,
 >;
 
 /// The runs of one server (or one local runner): those in flight, for coalescing and following.
-pub struct Runs {
+pub(crate) struct Runs {
     /// The jobs (this agent's engine, or the cluster's records).
     jobs: Arc<dyn Jobs>,
     /// Where `pipelines/` is.
@@ -300,7 +300,7 @@ pub struct Runs {
 
 impl Runs {
     /// The runs of pipelines defined in `projects_path`, whose jobs go to `jobs`.
-    pub fn new(
+    pub(crate) fn new(
         jobs: Arc<dyn Jobs>,
         projects_path: PathBuf,
         observer: Option<Observer>,
@@ -315,7 +315,7 @@ impl Runs {
         })
     }
 
-    pub fn jobs(&self) -> &Arc<dyn Jobs> {
+    pub(crate) fn jobs(&self) -> &Arc<dyn Jobs> {
         &self.jobs
     }
 
@@ -323,22 +323,26 @@ impl Runs {
         &self.jobs.config().build_path
     }
 
-    pub fn projects_path(&self) -> &Path {
+    pub(crate) fn projects_path(&self) -> &Path {
         &self.projects_path
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<RunKey, watch::Receiver<Arc<RunRecord>>>> {
-        self.in_flight.lock().unwrap_or_else(|e| e.into_inner())
+        self.in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn by_job(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), RunLink>> {
-        self.by_job.lock().unwrap_or_else(|e| e.into_inner())
+        self.by_job
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Which run each job belongs to: the latest run that scheduled it and did not find it in
     /// the result cache (it built it, rebuilt it, or joined its build in flight). Jobs run by
     /// `POST /jobs` alone are not there.
-    pub fn job_runs(&self) -> Vec<((String, String), RunLink)> {
+    pub(crate) fn job_runs(&self) -> Vec<((String, String), RunLink)> {
         let mut v: Vec<_> = self
             .by_job()
             .iter()
@@ -350,7 +354,7 @@ impl Runs {
 
     /// Fill [`Runs::job_runs`] from the stored records (at start; blocking). What runs noted
     /// meanwhile is newer and stays.
-    pub fn load_job_runs(&self) {
+    pub(crate) fn load_job_runs(&self) {
         let mut found = HashMap::new();
         // Oldest first: a later run takes the job over.
         for rec in list_records(self.build_path()).iter().rev() {
@@ -370,7 +374,7 @@ impl Runs {
     }
 
     /// Load and validate pipeline `name` (blocking).
-    pub fn load(&self, name: &str) -> Result<Pipeline, PipelineError> {
+    pub(crate) fn load(&self, name: &str) -> Result<Pipeline, PipelineError> {
         Pipeline::load(&self.projects_path, &self.jobs.config().projects_path, name)
     }
 
@@ -378,7 +382,7 @@ impl Runs {
     /// `bool`: joined a run in flight.
     ///
     /// (A boxed future of a named type: a run starts the runs it triggers.)
-    pub fn start(
+    pub(crate) fn start(
         self: &Arc<Self>,
         name: &str,
         params: BTreeMap<String, String>,
@@ -391,7 +395,7 @@ impl Runs {
     /// cache ignored), as a new run of its own, never coalesced: its ID is
     /// [`rebuild_run_id`]`(ordinary run ID, N)` for the Nth rebuild, and its record says
     /// `rebuild: N` and `rebuild_of`. The runs it triggers are ordinary runs.
-    pub fn start_rebuild(
+    pub(crate) fn start_rebuild(
         self: &Arc<Self>,
         name: &str,
         params: BTreeMap<String, String>,
@@ -474,7 +478,7 @@ impl Runs {
     }
 
     /// Run a pipeline to its end (or follow the identical run in flight to its end).
-    pub async fn run(
+    pub(crate) async fn run(
         self: &Arc<Self>,
         name: &str,
         params: BTreeMap<String, String>,
@@ -484,14 +488,18 @@ impl Runs {
     }
 
     /// A run in flight.
-    pub fn watch(&self, pipeline: &str, run: &str) -> Option<watch::Receiver<Arc<RunRecord>>> {
+    pub(crate) fn watch(
+        &self,
+        pipeline: &str,
+        run: &str,
+    ) -> Option<watch::Receiver<Arc<RunRecord>>> {
         self.lock()
             .get(&(pipeline.to_string(), run.to_string()))
             .cloned()
     }
 
     /// A run in flight, else stored.
-    pub async fn find(&self, pipeline: &str, run: &str) -> Option<RunRecord> {
+    pub(crate) async fn find(&self, pipeline: &str, run: &str) -> Option<RunRecord> {
         if let Some(rx) = self.watch(pipeline, run) {
             return Some(RunRecord::clone(&rx.borrow()));
         }
@@ -507,7 +515,7 @@ impl Runs {
     }
 
     /// Wait until no run is in flight (the runs triggered by others too).
-    pub async fn wait_idle(&self) {
+    pub(crate) async fn wait_idle(&self) {
         loop {
             let notified = self.idle.notified();
             if self.lock().is_empty() {
@@ -519,7 +527,9 @@ impl Runs {
 }
 
 /// Wait for a run's end and give its final record.
-pub async fn wait_end(mut rx: watch::Receiver<Arc<RunRecord>>) -> Result<RunRecord, PipelineError> {
+pub(crate) async fn wait_end(
+    mut rx: watch::Receiver<Arc<RunRecord>>,
+) -> Result<RunRecord, PipelineError> {
     let ended = rx
         .wait_for(|r| r.state != RunState::Running)
         .await

@@ -13,7 +13,7 @@ use crate::service::{ExportError, FilterError, JobError};
 
 /// Why a request got no answer but an error (see the module's doc).
 #[derive(Debug, thiserror::Error)]
-pub enum ApiError {
+pub(crate) enum ApiError {
     /// The jobs interface refused or failed (400, 404, 503, 500 by kind).
     #[error(transparent)]
     Job(#[from] JobError),
@@ -88,7 +88,7 @@ fn agents_text(e: &JobError) -> String {
 
 impl ApiError {
     /// The answer's status.
-    pub fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self {
             ApiError::Job(e) => match e {
                 JobError::BadRequest(_) => StatusCode::BAD_REQUEST,

@@ -38,8 +38,11 @@ pub struct Limits {
 
 /// Defaults of [`Limits`].
 pub const DEFAULT_MAX_CONNECTIONS: usize = 2048;
+/// Default [`Limits::header_timeout`]: 10 seconds.
 pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default [`Limits::body_timeout`]: 60 seconds.
 pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default [`Limits::send_timeout`]: 60 seconds.
 pub const DEFAULT_SEND_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl Default for Limits {
@@ -81,7 +84,9 @@ impl Conn {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, (u64, Phase)> {
-        self.phase.lock().unwrap_or_else(|e| e.into_inner())
+        self.phase
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn evictable(&self) -> bool {
@@ -114,7 +119,9 @@ struct Conns {
 
 impl Conns {
     fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<Weak<Conn>>> {
-        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+        self.queue
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn push(&self, c: &Arc<Conn>, cap: usize) {

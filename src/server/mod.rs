@@ -36,7 +36,7 @@ use serde::Deserialize;
 
 use crate::body::{blocking_body, stream_body};
 use crate::tree::{open_artifacts, write_tree};
-pub use error::ApiError;
+pub(crate) use error::ApiError;
 pub use listen::{
     serve, Limits, DEFAULT_BODY_TIMEOUT, DEFAULT_HEADER_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
     DEFAULT_SEND_TIMEOUT,

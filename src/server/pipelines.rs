@@ -95,7 +95,7 @@ fn parse_request(body: &[u8]) -> Result<(String, BTreeMap<String, String>, bool)
                     v.as_str()
                         .ok_or_else(|| bad("pipeline must be a string".into()))?
                         .to_string(),
-                )
+                );
             }
             "params" if v.is_null() => {}
             "params" => {
@@ -113,7 +113,7 @@ fn parse_request(body: &[u8]) -> Result<(String, BTreeMap<String, String>, bool)
             "rebuild" => {
                 rebuild = v
                     .as_bool()
-                    .ok_or_else(|| bad("rebuild must be a boolean".into()))?
+                    .ok_or_else(|| bad("rebuild must be a boolean".into()))?;
             }
             _ => {}
         }

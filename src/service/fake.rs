@@ -27,7 +27,7 @@ use crate::metrics::Metrics;
 
 /// One job's record.
 #[derive(Debug, Clone)]
-pub struct FakeRecord {
+pub(crate) struct FakeRecord {
     pub state: JobState,
     pub agent: Option<String>,
     /// Its end (`None` while it has not ended since it last ran).
@@ -50,7 +50,7 @@ struct State {
 }
 
 /// The fake (see the module's doc).
-pub struct FakeJobs {
+pub(crate) struct FakeJobs {
     cfg: Config,
     metrics: Metrics,
     layout: Layout,
@@ -62,7 +62,7 @@ pub struct FakeJobs {
 }
 
 /// A request's job ID: a hash of its identity (the real IDs hash the project's files too).
-pub fn fake_id(req: &JobRequest) -> String {
+pub(crate) fn fake_id(req: &JobRequest) -> String {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     (&req.project, &req.group, &req.params, &req.inputs).hash(&mut h);
     format!("{:016x}", h.finish())
@@ -71,12 +71,15 @@ pub fn fake_id(req: &JobRequest) -> String {
 impl FakeJobs {
     /// A fake over `cfg` knowing `projects`; `auto`: jobs run (and end) as soon as they are
     /// queued.
-    pub fn new(cfg: Config, projects: &[&str], auto: bool) -> Arc<FakeJobs> {
+    pub(crate) fn new(cfg: Config, projects: &[&str], auto: bool) -> Arc<FakeJobs> {
         Arc::new(FakeJobs {
             layout: Layout::new(cfg.build_path.clone()),
             cfg,
             metrics: Metrics::new(),
-            projects: projects.iter().map(|p| p.to_string()).collect(),
+            projects: projects
+                .iter()
+                .map(std::string::ToString::to_string)
+                .collect(),
             auto,
             state: Mutex::new(State::default()),
             changes: watch::channel(0).0,
@@ -84,12 +87,14 @@ impl FakeJobs {
     }
 
     /// The configuration it was made with.
-    pub fn cfg(&self) -> &Config {
+    pub(crate) fn cfg(&self) -> &Config {
         &self.cfg
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     fn changed(&self) {
@@ -97,12 +102,12 @@ impl FakeJobs {
     }
 
     /// The exit code `auto` mode ends `project`'s jobs with (default 0).
-    pub fn exit_code(&self, project: &str, code: i32) {
+    pub(crate) fn exit_code(&self, project: &str, code: i32) {
         self.lock().exit_codes.insert(project.to_string(), code);
     }
 
     /// Job `project/id`'s record.
-    pub fn record(&self, project: &str, id: &str) -> Option<FakeRecord> {
+    pub(crate) fn record(&self, project: &str, id: &str) -> Option<FakeRecord> {
         self.lock()
             .records
             .get(&(project.to_string(), id.to_string()))
@@ -110,12 +115,12 @@ impl FakeJobs {
     }
 
     /// Every submit so far (project, ID), in order.
-    pub fn submits(&self) -> Vec<(String, String)> {
+    pub(crate) fn submits(&self) -> Vec<(String, String)> {
         self.lock().submits.clone()
     }
 
     /// `agent` claims the oldest queued job: its key.
-    pub fn claim(&self, agent: &str) -> Option<(String, String)> {
+    pub(crate) fn claim(&self, agent: &str) -> Option<(String, String)> {
         let key = {
             let mut st = self.lock();
             let State { records, queue, .. } = &mut *st;
@@ -134,7 +139,7 @@ impl FakeJobs {
 
     /// `agent` ends job `project/id` with `exit_code`; whether the record took it (it is
     /// `agent`'s running job, or queued again meanwhile: [`JobState::end`]).
-    pub fn end(&self, agent: &str, project: &str, id: &str, exit_code: i32) -> bool {
+    pub(crate) fn end(&self, agent: &str, project: &str, id: &str, exit_code: i32) -> bool {
         let ended = {
             let mut st = self.lock();
             let key = (project.to_string(), id.to_string());
@@ -168,7 +173,7 @@ impl FakeJobs {
 
     /// `agent` is dead: its running jobs go back to the queue ([`JobState::requeue`]), each
     /// counting a retry; how many.
-    pub fn rescue(&self, agent: &str) -> usize {
+    pub(crate) fn rescue(&self, agent: &str) -> usize {
         let n = {
             let mut st = self.lock();
             let State { records, queue, .. } = &mut *st;
@@ -194,7 +199,7 @@ impl FakeJobs {
 
     /// Drop ended job `project/id`'s build and record (retention; a stale copy); refused (false)
     /// while it is in flight.
-    pub fn discard(&self, project: &str, id: &str) -> bool {
+    pub(crate) fn discard(&self, project: &str, id: &str) -> bool {
         let mut st = self.lock();
         let key = (project.to_string(), id.to_string());
         match st.records.get(&key) {
@@ -250,7 +255,7 @@ impl FakeJobs {
     }
 
     /// [`Jobs::submit`] of the fake (an `Arc` receiver: the end waits on it).
-    pub fn submit_now(self: &Arc<Self>, req: JobRequest) -> Result<Submitted, JobError> {
+    pub(crate) fn submit_now(self: &Arc<Self>, req: JobRequest) -> Result<Submitted, JobError> {
         if !self.projects.contains(&req.project) {
             return Err(JobError::UnknownProject(req.project));
         }
@@ -335,7 +340,7 @@ impl FakeJobs {
 }
 
 /// The fake as the interface ([`Jobs`] needs an `Arc` to wait on: this wraps one).
-pub struct FakeHandle(pub Arc<FakeJobs>);
+pub(crate) struct FakeHandle(pub Arc<FakeJobs>);
 
 #[async_trait::async_trait]
 impl Jobs for FakeHandle {

@@ -25,6 +25,7 @@ pub struct LocalJobs {
 }
 
 impl LocalJobs {
+    /// The jobs interface over `engine`; its start time (shown by `/agents`) is now.
     pub fn new(engine: Arc<Engine>) -> LocalJobs {
         LocalJobs {
             engine,
@@ -32,13 +33,14 @@ impl LocalJobs {
         }
     }
 
+    /// The engine under this interface.
     pub fn engine(&self) -> &Arc<Engine> {
         &self.engine
     }
 }
 
 /// Admit `req` on `engine`: the [`Submitted`] handle of the engine's job.
-pub async fn submit(engine: &Arc<Engine>, req: JobRequest) -> Result<Submitted, JobError> {
+pub(crate) async fn submit(engine: &Arc<Engine>, req: JobRequest) -> Result<Submitted, JobError> {
     let scheduled = engine.schedule(req).await?;
     let cached = scheduled.is_cached();
     // Its start as the engine tells it (never for a result-cache hit, whose receiver stays at
@@ -78,7 +80,7 @@ pub async fn submit(engine: &Arc<Engine>, req: JobRequest) -> Result<Submitted, 
 
 /// Job `project/id` on `engine`'s disk as `GET /job` shows it in JSON, its logs read from its
 /// files as the stream is read.
-pub async fn document(engine: &Arc<Engine>, project: &str, id: &str) -> Option<ByteStream> {
+pub(crate) async fn document(engine: &Arc<Engine>, project: &str, id: &str) -> Option<ByteStream> {
     let found = engine.find_job(project, id).await?;
     let prefix = super::document_prefix(super::index_entry(&found));
     let Found { info, dir, .. } = found;
@@ -92,7 +94,7 @@ pub async fn document(engine: &Arc<Engine>, project: &str, id: &str) -> Option<B
 }
 
 /// The last `last` bytes of the `out.log` of job `project/id` on `engine`'s disk.
-pub async fn log_tail(
+pub(crate) async fn log_tail(
     engine: &Arc<Engine>,
     project: &str,
     id: &str,
@@ -105,7 +107,7 @@ pub async fn log_tail(
             bytes: Box::pin(futures_util::stream::empty()),
         });
     };
-    let size = file.metadata().await.map(|m| m.len()).unwrap_or(0);
+    let size = file.metadata().await.map_or(0, |m| m.len());
     if let Some(n) = last {
         let _ = file
             .seek(std::io::SeekFrom::Start(size.saturating_sub(n)))
@@ -128,7 +130,7 @@ pub async fn log_tail(
 }
 
 /// Which agent ran each job of `engine`'s disk: `me`, every one.
-pub async fn job_agents(
+pub(crate) async fn job_agents(
     engine: &Arc<Engine>,
     me: &str,
     only: Option<(String, String)>,

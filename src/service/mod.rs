@@ -158,14 +158,18 @@ impl std::fmt::Display for JobState {
 /// A job's end: its BuildInfo (without the log fields) and its directory on this agent, which
 /// holds `out.log`, `stderr.log` and the artifacts.
 pub struct Answer {
+    /// The job's BuildInfo (`ContainerStdouterr` and `ContainerStderr` empty).
     pub info: BuildInfo,
+    /// Its build's directory on this agent (`<build_path>/<project>/ready/<id>`).
     pub dir: JobDir,
 }
 
 /// An admitted job ([`Jobs::submit`]): its ID at once, its end by [`Submitted::wait`]. Dropped
 /// without waiting (`POST /jobs?async`), the job goes on.
 pub struct Submitted {
+    /// The job's project.
     pub project: String,
+    /// Its job ID (mistry's, or the exact one when mistry's is another request's).
     pub id: String,
     /// Its directory on this agent once it ended.
     pub dir: JobDir,
@@ -208,8 +212,11 @@ impl Submitted {
 /// A job as its record in the cluster shows it, for a job that is not on this agent's disk.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Recorded {
+    /// The job's project.
     pub project: String,
+    /// Its job ID.
     pub id: String,
+    /// The record's state: queued, running, ready or failed.
     pub state: JobState,
     /// The agent that runs or ran it (`None` while queued).
     pub agent: Option<String>,
@@ -227,11 +234,14 @@ impl Recorded {
 
 /// A job found: on this agent's disk, or (several agents) by its record.
 pub enum JobView {
+    /// The job is on this agent's disk (`pending/` or `ready/`).
     Here(Found),
+    /// The job is known only by its cluster record.
     Elsewhere(Recorded),
 }
 
 impl JobView {
+    /// On disk: running while in `pending/`, else its end; elsewhere: the record's state.
     pub fn state(&self) -> JobState {
         match self {
             JobView::Here(f) => found_state(f),
@@ -239,6 +249,7 @@ impl JobView {
         }
     }
 
+    /// Its BuildInfo (logs not included; blank while the job has not ended).
     pub fn info(&self) -> &BuildInfo {
         match self {
             JobView::Here(f) => &f.info,
@@ -300,18 +311,22 @@ pub fn document_prefix(mut entry: serde_json::Value) -> String {
 pub struct LogTail {
     /// The log's whole size.
     pub size: u64,
+    /// The bytes from the requested offset to the end of the log as it is now.
     pub bytes: ByteStream,
 }
 
 /// One agent, as `GET /agents` shows it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct AgentInfo {
+    /// Its `agent_name`.
     pub name: String,
+    /// `advertise_url` (derived from the listening address when not configured).
     pub advertise_url: String,
     /// Its `job_concurrency`.
     pub capacity: i64,
     /// Jobs running on it at its last heartbeat.
     pub running: i64,
+    /// Its mistryd version ([`VERSION`]).
     pub version: String,
     /// RFC 3339, UTC.
     pub started_at: String,
@@ -347,10 +362,13 @@ pub enum FilterError {
 /// The filters of the cluster's job list (`GET /api/cluster/jobs`), checked.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterJobsFilter {
+    /// Only jobs run by the agent of this name; `None`: any agent.
     pub agent: Option<String>,
+    /// Only jobs of this project; `None`: every project.
     pub project: Option<String>,
     /// The record states wanted (`None`: all).
     pub states: Option<Vec<JobState>>,
+    /// The most jobs listed: 1 to [`CLUSTER_JOBS_MAX`], default [`CLUSTER_JOBS_DEFAULT`].
     pub limit: i64,
 }
 

@@ -10,7 +10,7 @@ use serde_json::{json, Value};
 
 use super::{lines_of, wait_for, wait_for_line};
 
-pub struct Browser {
+pub(crate) struct Browser {
     driver: Child,
     base: String,
     session: String,
@@ -26,7 +26,7 @@ fn agent() -> ureq::Agent {
 }
 
 impl Browser {
-    pub fn start() -> Browser {
+    pub(crate) fn start() -> Browser {
         // On a port the kernel chooses, which chromedriver reports on stdout.
         let mut driver = Command::new("chromedriver")
             .arg("--port=0")
@@ -68,7 +68,7 @@ impl Browser {
         }
     }
 
-    pub fn cmd(&self, method: &str, path: &str, body: Value) -> Value {
+    pub(crate) fn cmd(&self, method: &str, path: &str, body: Value) -> Value {
         let url = format!("{}/session/{}{path}", self.base, self.session);
         let mut r = match method {
             "GET" => agent().get(&url).call().unwrap(),
@@ -77,11 +77,11 @@ impl Browser {
         serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap()
     }
 
-    pub fn goto(&self, url: &str) {
+    pub(crate) fn goto(&self, url: &str) {
         self.cmd("POST", "/url", json!({"url": url}));
     }
 
-    pub fn eval(&self, script: &str) -> Value {
+    pub(crate) fn eval(&self, script: &str) -> Value {
         self.cmd(
             "POST",
             "/execute/sync",
@@ -90,11 +90,11 @@ impl Browser {
             .clone()
     }
 
-    pub fn wait(&self, what: &str, script: &str, timeout: Duration) {
+    pub(crate) fn wait(&self, what: &str, script: &str, timeout: Duration) {
         wait_for(what, timeout, || self.eval(script) == json!(true));
     }
 
-    pub fn click(&self, css: &str) {
+    pub(crate) fn click(&self, css: &str) {
         let el = self.cmd(
             "POST",
             "/element",
@@ -107,7 +107,7 @@ impl Browser {
         self.cmd("POST", &format!("/element/{id}/click"), json!({}));
     }
 
-    pub fn alert_open(&self) -> bool {
+    pub(crate) fn alert_open(&self) -> bool {
         self.cmd("GET", "/alert/text", Value::Null)["value"]
             .get("error")
             .is_none()
@@ -115,17 +115,16 @@ impl Browser {
 
     /// A screenshot to `target/test-artifacts/NAME.png`, or to `$MISTRY_TEST_ARTIFACTS` (for
     /// a user who cannot write the target directory).
-    pub fn screenshot(&self, name: &str) {
+    pub(crate) fn screenshot(&self, name: &str) {
         use base64::Engine as _;
         let v = self.cmd("GET", "/screenshot", Value::Null);
         let png = base64::engine::general_purpose::STANDARD
             .decode(v["value"].as_str().unwrap())
             .unwrap();
-        let dir = std::env::var_os("MISTRY_TEST_ARTIFACTS")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts")
-            });
+        let dir = std::env::var_os("MISTRY_TEST_ARTIFACTS").map_or_else(
+            || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-artifacts"),
+            PathBuf::from,
+        );
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join(format!("{name}.png")), png).unwrap();
     }

@@ -11,7 +11,7 @@ use images::{
 use super::{backends, helper, images_dir, rand_suffix, tempdir_in};
 
 /// A store on one backend and a builder over it, removed when dropped.
-pub struct Env {
+pub(crate) struct Env {
     _dir: tempfile::TempDir,
     /// The temporary directory: `store/`, `projects/` and the copies jobs run in.
     pub root: PathBuf,
@@ -20,7 +20,7 @@ pub struct Env {
 }
 
 /// A store on `kind` in a new directory named `<prefix>-…` (under `parent`, for btrfs).
-pub fn env_for(prefix: &str, kind: BackendKind, parent: Option<&Path>) -> Env {
+pub(crate) fn env_for(prefix: &str, kind: BackendKind, parent: Option<&Path>) -> Env {
     let dir = tempdir_in(prefix, parent);
     let root = dir.path().to_path_buf();
     let store = Store::open(&root.join("store"), Some(kind), helper()).unwrap();
@@ -34,7 +34,7 @@ pub fn env_for(prefix: &str, kind: BackendKind, parent: Option<&Path>) -> Env {
 }
 
 /// Run `f` once per backend the machine has (each in its own store).
-pub fn each_backend(prefix: &str, f: impl Fn(&Env)) {
+pub(crate) fn each_backend(prefix: &str, f: impl Fn(&Env)) {
     for (kind, parent) in backends() {
         let env = env_for(prefix, kind, parent.as_deref());
         eprintln!("== backend {kind}");
@@ -44,7 +44,7 @@ pub fn each_backend(prefix: &str, f: impl Fn(&Env)) {
 
 impl Env {
     /// A build context with `files` (mode 0644, directories 0755, whatever the umask).
-    pub fn project(&self, name: &str, files: &[(&str, &str)]) -> PathBuf {
+    pub(crate) fn project(&self, name: &str, files: &[(&str, &str)]) -> PathBuf {
         let dir = self.root.join("projects").join(name);
         std::fs::create_dir_all(&dir).unwrap();
         for (path, content) in files {
@@ -57,7 +57,7 @@ impl Env {
     }
 
     /// Build `ctx` with the options `f` sets; the image or the error, with the build's log.
-    pub fn build_with(
+    pub(crate) fn build_with(
         &self,
         ctx: &Path,
         f: impl FnOnce(&mut BuildOptions),
@@ -72,7 +72,7 @@ impl Env {
     }
 
     /// Build `ctx` with the options `f` sets; its error's text (the build must fail).
-    pub fn fails(&self, ctx: &Path, f: impl FnOnce(&mut BuildOptions)) -> String {
+    pub(crate) fn fails(&self, ctx: &Path, f: impl FnOnce(&mut BuildOptions)) -> String {
         match self.build_with(ctx, f) {
             Ok((_, _, log)) => panic!("the build succeeded:\n{log}"),
             Err((e, _)) => e.to_string(),
@@ -81,7 +81,7 @@ impl Env {
 
     /// Run `script` with `/bin/sh` in a fresh copy of `image` (its environment; as its user and
     /// in its workdir when `as_image_user`, else as root in `/`), then remove the copy.
-    pub fn run(&self, image: &Image, script: &str, as_image_user: bool) -> sandbox::Output {
+    pub(crate) fn run(&self, image: &Image, script: &str, as_image_user: bool) -> sandbox::Output {
         let copy = self.root.join(format!("run-{}", rand_suffix()));
         let target = self
             .builder
@@ -104,7 +104,7 @@ impl Env {
     }
 
     /// Whether the store's `tmp/` is empty (nothing left behind by a build).
-    pub fn tmp_is_empty(&self) -> bool {
+    pub(crate) fn tmp_is_empty(&self) -> bool {
         std::fs::read_dir(self.builder.store.root.join("tmp"))
             .unwrap()
             .count()

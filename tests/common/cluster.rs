@@ -11,12 +11,12 @@ use crate::common::server::Server;
 
 /// An agent named `name` with `capacity` slots on the database `url`: heartbeat 500ms,
 /// agent_timeout 2s.
-pub fn agent(url: &str, name: &str, capacity: usize) -> Server {
+pub(crate) fn agent(url: &str, name: &str, capacity: usize) -> Server {
     agent_with(url, name, capacity, json!({}))
 }
 
 /// [`agent`] with the settings of `extra` (a JSON object) added or replaced.
-pub fn agent_with(url: &str, name: &str, capacity: usize, extra: Value) -> Server {
+pub(crate) fn agent_with(url: &str, name: &str, capacity: usize, extra: Value) -> Server {
     let mut config = json!({
         "database_url": url,
         "agent_name": name,
@@ -33,27 +33,31 @@ pub fn agent_with(url: &str, name: &str, capacity: usize, extra: Value) -> Serve
 }
 
 /// One [`agent`] per name, each with `capacity` slots, on the database `url`.
-pub fn agents_named<const N: usize>(url: &str, names: [&str; N], capacity: usize) -> [Server; N] {
+pub(crate) fn agents_named<const N: usize>(
+    url: &str,
+    names: [&str; N],
+    capacity: usize,
+) -> [Server; N] {
     names.map(|n| agent(url, n, capacity))
 }
 
 /// `POST /jobs` of `body` to `s` (waiting for the answer): its status and text.
-pub fn post_job(s: &Server, body: &Value) -> (u16, String) {
+pub(crate) fn post_job(s: &Server, body: &Value) -> (u16, String) {
     s.post("/jobs", &body.to_string())
 }
 
 /// The log of the agent's first start.
-pub fn log_of(s: &Server) -> String {
+pub(crate) fn log_of(s: &Server) -> String {
     std::fs::read_to_string(s.dir.path().join("mistryd-1.log")).unwrap_or_default()
 }
 
 /// `GET /artifacts/<project>/<id>` of `s`: its status and body.
-pub fn get_artifacts(s: &Server, project: &str, id: &str) -> (u16, Vec<u8>) {
+pub(crate) fn get_artifacts(s: &Server, project: &str, id: &str) -> (u16, Vec<u8>) {
     crate::common::server::get_bytes(s, &format!("/artifacts/{project}/{id}"))
 }
 
 /// A tar stream unpacked in memory: path → content of every regular file.
-pub fn untar(body: &[u8]) -> BTreeMap<String, Vec<u8>> {
+pub(crate) fn untar(body: &[u8]) -> BTreeMap<String, Vec<u8>> {
     let mut files = BTreeMap::new();
     let mut archive = tar::Archive::new(body);
     for entry in archive.entries().unwrap() {
@@ -70,12 +74,12 @@ pub fn untar(body: &[u8]) -> BTreeMap<String, Vec<u8>> {
 
 /// Run mistryd (no test projects needed) with `database_url` = `url` in its configuration
 /// and `env` as MISTRY_DATABASE_URL; its exit code and stderr (it must stop within 20s).
-pub fn run_mistryd(url: &str, env: Option<&str>) -> (Option<i32>, String) {
+pub(crate) fn run_mistryd(url: &str, env: Option<&str>) -> (Option<i32>, String) {
     run_mistryd_named(url, env, "lonely")
 }
 
 /// [`run_mistryd`] with `agent_name` = `name`.
-pub fn run_mistryd_named(url: &str, env: Option<&str>, name: &str) -> (Option<i32>, String) {
+pub(crate) fn run_mistryd_named(url: &str, env: Option<&str>, name: &str) -> (Option<i32>, String) {
     let dir = tempfile::Builder::new()
         .prefix("mistryd")
         .tempdir()

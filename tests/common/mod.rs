@@ -5,11 +5,11 @@
 //! unprivileged run).
 #![allow(dead_code)]
 
-pub mod browser;
-pub mod build_env;
-pub mod pipelines;
-pub mod registry;
-pub mod server;
+pub(crate) mod browser;
+pub(crate) mod build_env;
+pub(crate) mod pipelines;
+pub(crate) mod registry;
+pub(crate) mod server;
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read};
@@ -20,7 +20,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
 /// The mistryd binary.
-pub fn mistryd_bin() -> OsString {
+pub(crate) fn mistryd_bin() -> OsString {
     std::env::var_os("MISTRY_HELPER_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_mistryd").into())
 }
 
@@ -28,7 +28,7 @@ pub fn mistryd_bin() -> OsString {
 /// target directory. It belongs to another package (`mistry-client`), so cargo builds it for
 /// `cargo test --workspace` but not for `cargo test -p mistry --test server` alone: then build it
 /// first with `cargo build -p mistry-client`.
-pub fn mistry_client_bin() -> OsString {
+pub(crate) fn mistry_client_bin() -> OsString {
     if let Some(bin) = std::env::var_os("MISTRY_CLIENT_BIN") {
         return bin;
     }
@@ -43,15 +43,16 @@ pub fn mistry_client_bin() -> OsString {
 }
 
 /// The image helper command (`mistryd internal`).
-pub fn helper() -> Vec<OsString> {
+pub(crate) fn helper() -> Vec<OsString> {
     vec![mistryd_bin(), "internal".into()]
 }
 
 /// The directory of local base images (with `busybox`, from images/recipes/busybox.sh).
-pub fn images_dir() -> PathBuf {
-    let dir = std::env::var_os("MISTRY_TEST_IMAGES")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/images"));
+pub(crate) fn images_dir() -> PathBuf {
+    let dir = std::env::var_os("MISTRY_TEST_IMAGES").map_or_else(
+        || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/images"),
+        PathBuf::from,
+    );
     assert!(
         dir.join("busybox/index.json").is_file(),
         "no busybox image in {}: run scripts/setup.sh",
@@ -62,7 +63,7 @@ pub fn images_dir() -> PathBuf {
 
 /// The snapshot backends a test runs on: plain and overlay, and btrfs on the directory of
 /// `MISTRY_TEST_BTRFS` (see [`btrfs_dir_or_skip`]), with that directory to make stores in.
-pub fn backends() -> Vec<(images::BackendKind, Option<PathBuf>)> {
+pub(crate) fn backends() -> Vec<(images::BackendKind, Option<PathBuf>)> {
     let mut v = vec![
         (images::BackendKind::Plain, None),
         (images::BackendKind::Overlay, None),
@@ -79,7 +80,7 @@ pub fn backends() -> Vec<(images::BackendKind, Option<PathBuf>)> {
 }
 
 /// A temporary directory named `prefix…`, in `parent` (e.g. a btrfs directory) or in /tmp.
-pub fn tempdir_in(prefix: &str, parent: Option<&std::path::Path>) -> tempfile::TempDir {
+pub(crate) fn tempdir_in(prefix: &str, parent: Option<&std::path::Path>) -> tempfile::TempDir {
     let mut b = tempfile::Builder::new();
     b.prefix(prefix);
     match parent {
@@ -92,7 +93,7 @@ pub fn tempdir_in(prefix: &str, parent: Option<&std::path::Path>) -> tempfile::T
 /// The btrfs directory of `MISTRY_TEST_BTRFS` (scripts/setup.sh loop-mounts one and
 /// scripts/test.sh sets it). Unset, the btrfs part of a test is skipped — but fails under `CI`,
 /// so a CI run cannot pass without it.
-pub fn btrfs_dir_or_skip() -> Option<PathBuf> {
+pub(crate) fn btrfs_dir_or_skip() -> Option<PathBuf> {
     match std::env::var_os("MISTRY_TEST_BTRFS") {
         Some(dir) => Some(PathBuf::from(dir)),
         None => {
@@ -111,7 +112,7 @@ pub fn btrfs_dir_or_skip() -> Option<PathBuf> {
 /// A loopback port nothing listens on: a TCP socket bound to it but not listening, held while
 /// the returned fd lives, so no other process can take the port meanwhile and a connection to it
 /// is refused.
-pub fn closed_port() -> (OwnedFd, u16) {
+pub(crate) fn closed_port() -> (OwnedFd, u16) {
     use nix::sys::socket::{
         bind, getsockname, socket, AddressFamily, SockFlag, SockType, SockaddrIn,
     };
@@ -128,12 +129,12 @@ pub fn closed_port() -> (OwnedFd, u16) {
 }
 
 /// Poll `cond` every 20 ms for up to 10 s.
-pub fn wait_until(what: &str, cond: impl FnMut() -> bool) {
-    wait_for(what, Duration::from_secs(10), cond)
+pub(crate) fn wait_until(what: &str, cond: impl FnMut() -> bool) {
+    wait_for(what, Duration::from_secs(10), cond);
 }
 
 /// Poll `cond` every 20 ms for up to `timeout`.
-pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+pub(crate) fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;
     while !cond() {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
@@ -143,7 +144,7 @@ pub fn wait_for(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
 
 /// The lines of a child's output, read on a thread of their own until the end (so the child
 /// never blocks on a full pipe, also after the receiver is dropped).
-pub fn lines_of(output: impl Read + Send + 'static) -> Receiver<String> {
+pub(crate) fn lines_of(output: impl Read + Send + 'static) -> Receiver<String> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(output).lines() {
@@ -156,7 +157,7 @@ pub fn lines_of(output: impl Read + Send + 'static) -> Receiver<String> {
 
 /// Wait up to `timeout` for the first line for which `found` gives a value. `Err` with the lines
 /// seen when the output ends first (the process exited) or the time is up.
-pub fn wait_for_line<T>(
+pub(crate) fn wait_for_line<T>(
     lines: &Receiver<String>,
     timeout: Duration,
     mut found: impl FnMut(&str) -> Option<T>,
@@ -185,14 +186,14 @@ pub fn wait_for_line<T>(
 /// `127.0.0.1:0`: for servers that cannot bind port 0 and say which port they got (sshd -i,
 /// rsync --daemon), so no port is picked, released and raced for. Each accepted connection runs
 /// `command()` with the connection as its stdin and stdout. Dropping it stops accepting.
-pub struct Inetd {
+pub(crate) struct Inetd {
     pub port: u16,
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     accept: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Inetd {
-    pub fn start(what: &str, command: impl Fn() -> Command + Send + 'static) -> Inetd {
+    pub(crate) fn start(what: &str, command: impl Fn() -> Command + Send + 'static) -> Inetd {
         use std::sync::atomic::Ordering;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
@@ -234,7 +235,7 @@ impl Drop for Inetd {
 }
 
 /// A suffix unique enough for names made by one test run (process id and nanoseconds).
-pub fn rand_suffix() -> String {
+pub(crate) fn rand_suffix() -> String {
     format!(
         "{}-{}",
         std::process::id(),
@@ -247,7 +248,7 @@ pub fn rand_suffix() -> String {
 
 /// Serve `body` over HTTP on 127.0.0.1 (one answer per connection, a few connections), in the
 /// background; the URL.
-pub fn serve(body: &'static [u8]) -> String {
+pub(crate) fn serve(body: &'static [u8]) -> String {
     use std::io::{Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();

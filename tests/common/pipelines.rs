@@ -10,13 +10,13 @@ use serde_json::Value;
 use super::server::Server;
 
 /// `text` into `path`, its parent directories created.
-pub fn write(path: &Path, text: &str) {
+pub(crate) fn write(path: &Path, text: &str) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(path, text).unwrap();
 }
 
 /// A busybox project `name` in `projects` that runs `script` (as `/run.sh`).
-pub fn script_project(projects: &Path, name: &str, script: &str) {
+pub(crate) fn script_project(projects: &Path, name: &str, script: &str) {
     write(
         &projects.join(name).join("Dockerfile"),
         "FROM busybox\nCOPY run.sh /run.sh\nENTRYPOINT [\"/bin/sh\", \"/run.sh\"]\n",
@@ -26,7 +26,7 @@ pub fn script_project(projects: &Path, name: &str, script: &str) {
 
 /// A busybox project `name` in `projects` whose CMD is `sh -c CMD` (`cmd` within a JSON
 /// string: no `"` or `\`).
-pub fn cmd_project(projects: &Path, name: &str, cmd: &str) {
+pub(crate) fn cmd_project(projects: &Path, name: &str, cmd: &str) {
     write(
         &projects.join(name).join("Dockerfile"),
         &format!("FROM busybox\nCMD [\"/bin/sh\", \"-c\", \"{cmd}\"]\n"),
@@ -34,7 +34,7 @@ pub fn cmd_project(projects: &Path, name: &str, cmd: &str) {
 }
 
 /// The pipeline `name` (`projects/pipelines/NAME.json`).
-pub fn write_pipeline(projects: &Path, name: &str, definition: &str) {
+pub(crate) fn write_pipeline(projects: &Path, name: &str, definition: &str) {
     write(
         &projects.join("pipelines").join(format!("{name}.json")),
         definition,
@@ -42,21 +42,21 @@ pub fn write_pipeline(projects: &Path, name: &str, definition: &str) {
 }
 
 /// `POST /pipelines` with `body`: 201 and the run record.
-pub fn post_run(s: &Server, body: &Value) -> Value {
+pub(crate) fn post_run(s: &Server, body: &Value) -> Value {
     let (status, text) = s.post("/pipelines", &body.to_string());
     assert_eq!(status, 201, "{text}");
     serde_json::from_str(&text).unwrap()
 }
 
 /// `GET PATH` as JSON: 200 and the answer.
-pub fn get_json(s: &Server, path: &str) -> Value {
+pub(crate) fn get_json(s: &Server, path: &str) -> Value {
     let (status, text) = s.get(path, true);
     assert_eq!(status, 200, "{path}: {text}");
     serde_json::from_str(&text).unwrap()
 }
 
 /// The job `name` of a run record.
-pub fn job<'a>(rec: &'a Value, name: &str) -> &'a Value {
+pub(crate) fn job<'a>(rec: &'a Value, name: &str) -> &'a Value {
     rec["jobs"]
         .as_array()
         .unwrap()
@@ -66,7 +66,7 @@ pub fn job<'a>(rec: &'a Value, name: &str) -> &'a Value {
 }
 
 /// (name, the string field `field`) of each job of a run record, in its order.
-pub fn job_fields(rec: &Value, field: &str) -> Vec<(String, String)> {
+pub(crate) fn job_fields(rec: &Value, field: &str) -> Vec<(String, String)> {
     rec["jobs"]
         .as_array()
         .unwrap()

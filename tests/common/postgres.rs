@@ -14,7 +14,7 @@ use std::process::{Command, Output, Stdio};
 /// The user the server runs as when the tests run as root.
 const UNPRIVILEGED: &str = "mistry-test";
 
-pub struct Postgres {
+pub(crate) struct Postgres {
     dir: tempfile::TempDir,
     bin: PathBuf,
     pub port: u16,
@@ -25,13 +25,14 @@ pub struct Postgres {
 }
 
 fn bin_dir() -> PathBuf {
-    std::env::var_os("MISTRY_PG_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/usr/lib/postgresql/15/bin"))
+    std::env::var_os("MISTRY_PG_BIN").map_or_else(
+        || PathBuf::from("/usr/lib/postgresql/15/bin"),
+        PathBuf::from,
+    )
 }
 
 /// A port nobody listens on now (the kernel's choice, released).
-pub fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
 }
@@ -45,14 +46,14 @@ fn output(cmd: &mut Command) -> Output {
 impl Postgres {
     /// A running cluster with the database `mistry`; `None` (the test skips) when PostgreSQL is
     /// not installed, a failure when `CI` is set.
-    pub fn start_or_skip() -> Option<Postgres> {
+    pub(crate) fn start_or_skip() -> Option<Postgres> {
         Self::start_inner(None)
     }
 
     /// [`Postgres::start_or_skip`] with TLS: `ssl=on`, the server's certificate `cert_pem` and
     /// its key `key_pem` (PEM) copied into the cluster's directory (`server.crt`,
     /// `server.key` mode 0600, owned by the server's user).
-    pub fn start_ssl_or_skip(cert_pem: &[u8], key_pem: &[u8]) -> Option<Postgres> {
+    pub(crate) fn start_ssl_or_skip(cert_pem: &[u8], key_pem: &[u8]) -> Option<Postgres> {
         Self::start_inner(Some((cert_pem, key_pem)))
     }
 
@@ -147,7 +148,7 @@ impl Postgres {
     }
 
     /// The server's log.
-    pub fn log(&self) -> String {
+    pub(crate) fn log(&self) -> String {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
@@ -182,7 +183,7 @@ impl Postgres {
     }
 
     /// Start the server again (after [`Postgres::stop`]), on the same port.
-    pub fn start(&self) {
+    pub(crate) fn start(&self) {
         assert!(
             self.try_start(),
             "PostgreSQL did not start:\n{}",
@@ -191,7 +192,7 @@ impl Postgres {
     }
 
     /// Stop the server (`-m fast`: clients are disconnected).
-    pub fn stop(&self) {
+    pub(crate) fn stop(&self) {
         let out = output(self.tool("pg_ctl").args([
             "-D",
             self.data().to_str().unwrap(),
@@ -205,7 +206,7 @@ impl Postgres {
 
     /// Put `rules` (pg_hba.conf lines) before the cluster's authentication rules and reload
     /// the server (e.g. password authentication for a role over TLS).
-    pub fn hba_first(&self, rules: &str) {
+    pub(crate) fn hba_first(&self, rules: &str) {
         let path = self.data().join("pg_hba.conf");
         let current = std::fs::read_to_string(&path).unwrap();
         std::fs::write(&path, format!("{rules}\n{current}")).unwrap();
@@ -217,17 +218,17 @@ impl Postgres {
     }
 
     /// `postgres://mistry@127.0.0.1:PORT/mistry`.
-    pub fn url(&self) -> String {
+    pub(crate) fn url(&self) -> String {
         format!("postgres://mistry@127.0.0.1:{}/mistry", self.port)
     }
 
     /// The Unix socket's directory.
-    pub fn socket_dir(&self) -> &Path {
+    pub(crate) fn socket_dir(&self) -> &Path {
         self.dir.path()
     }
 
     /// Run SQL with psql; its unaligned output (`|` between columns), trimmed.
-    pub fn psql(&self, sql: &str) -> String {
+    pub(crate) fn psql(&self, sql: &str) -> String {
         let out = output(
             Command::new(self.bin.join("psql"))
                 .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use super::{lines_of, wait_for_line};
 
-pub struct Registry {
+pub(crate) struct Registry {
     child: Child,
     pub addr: String,
     pub storage: PathBuf,
@@ -22,12 +22,12 @@ impl Drop for Registry {
 }
 
 /// User and password of a registry started with `auth`.
-pub const USER: &str = "tester";
-pub const PASSWORD: &str = "s3cret";
+pub(crate) const USER: &str = "tester";
+pub(crate) const PASSWORD: &str = "s3cret";
 
 impl Registry {
     /// Start a registry; with `auth`, it requires [`USER`] / [`PASSWORD`] (htpasswd).
-    pub fn start(auth: bool) -> Registry {
+    pub(crate) fn start(auth: bool) -> Registry {
         let dir = tempfile::tempdir().unwrap();
         let storage = dir.path().join("storage");
         // Port 0: the kernel chooses, the registry logs `listening on ADDR` (at level info).
@@ -75,7 +75,7 @@ impl Registry {
     }
 
     /// Copy the OCI layout `layout` (`DIR[:TAG]`) to `name` (`repo:tag`) in the registry.
-    pub fn push(&self, layout: &str, name: &str, creds: bool, all: bool) {
+    pub(crate) fn push(&self, layout: &str, name: &str, creds: bool, all: bool) {
         let mut cmd = Command::new("skopeo");
         cmd.args(["copy", "--quiet", "--dest-tls-verify=false"]);
         if all {

@@ -9,7 +9,7 @@ use serde_json::Value;
 
 use super::{images_dir, lines_of, mistryd_bin, wait_for_line};
 
-pub const RUN_SH: &str = r#"#!/bin/sh
+pub(crate) const RUN_SH: &str = r#"#!/bin/sh
 p() { cat "/data/params/$1" 2>/dev/null; }
 echo "out: $(p name)"
 echo "err: $(p name)" >&2
@@ -25,7 +25,7 @@ code=$(p code)
 exit "${code:-0}"
 "#;
 
-pub const ARTIFACTS_SH: &str = r#"#!/bin/sh
+pub(crate) const ARTIFACTS_SH: &str = r#"#!/bin/sh
 set -e
 cd /data/artifacts
 mkdir -p "dir with spaces/ünïcødé" deep/a/b/c
@@ -40,7 +40,7 @@ printf '%s' "$(cat /data/params/name 2>/dev/null)" > name.txt
 
 /// A job that tries to make the daemon serve host files through symlinks in `/data`
 /// (`mode`: `abs`, `rel`, `file`, `sub`, `cache`).
-pub const HOSTILE_SH: &str = r#"#!/bin/sh
+pub(crate) const HOSTILE_SH: &str = r#"#!/bin/sh
 case "$(cat /data/params/mode)" in
 abs) rm -rf /data/artifacts; ln -s /etc /data/artifacts ;;
 rel) rm -rf /data/artifacts; ln -s ../../../../../../../../../.. /data/artifacts ;;
@@ -59,7 +59,7 @@ esac
 /// A job that makes set-uid and set-gid files and directories in its artifacts and its cache;
 /// with param `locked`, also one in a directory only its owner may list (`locked/inner`); with
 /// param `wait`, it then waits (at most 30 s) for a file `go` in its artifacts.
-pub const SETID_SH: &str = r#"#!/bin/sh
+pub(crate) const SETID_SH: &str = r#"#!/bin/sh
 set -e
 cd /data/artifacts
 cp /bin/busybox suid && chmod 4755 suid
@@ -79,7 +79,7 @@ if [ -e /data/params/wait ]; then
 fi
 "#;
 
-pub struct Server {
+pub(crate) struct Server {
     pub child: Option<Child>,
     pub addr: String,
     pub grace: String,
@@ -98,16 +98,16 @@ pub struct Server {
 }
 
 impl Server {
-    pub fn start(extra: Value) -> Server {
+    pub(crate) fn start(extra: Value) -> Server {
         Self::start_in(None, extra)
     }
 
-    pub fn start_in(parent: Option<&Path>, extra: Value) -> Server {
+    pub(crate) fn start_in(parent: Option<&Path>, extra: Value) -> Server {
         Self::start_with(parent, extra, &[])
     }
 
     /// With more mistryd arguments (e.g. `--header-timeout 2s`).
-    pub fn start_with(parent: Option<&Path>, extra: Value, args: &[&str]) -> Server {
+    pub(crate) fn start_with(parent: Option<&Path>, extra: Value, args: &[&str]) -> Server {
         let mut s = Self::prepare(parent, extra, args);
         s.spawn();
         s
@@ -115,7 +115,7 @@ impl Server {
 
     /// Listening on `listen` (e.g. `0.0.0.0:0`: every address of the host), with more
     /// environment variables.
-    pub fn start_on(listen: &str, extra: Value, env: &[(&str, &str)]) -> Server {
+    pub(crate) fn start_on(listen: &str, extra: Value, env: &[(&str, &str)]) -> Server {
         let mut s = Self::prepare(None, extra, &[]);
         s.listen = listen.to_string();
         s.env = env
@@ -267,7 +267,7 @@ impl Server {
             grace: "10s".into(),
             dir,
             config: config_path,
-            args: args.iter().map(|a| a.to_string()).collect(),
+            args: args.iter().map(std::string::ToString::to_string).collect(),
             listen: "127.0.0.1:0".into(),
             env: Vec::new(),
             spawns: 0,
@@ -277,7 +277,7 @@ impl Server {
 
     /// Start mistryd on `listen` (`127.0.0.1:0`) and take the port it reports on stdout
     /// (`mistryd: listening on ADDR`); its log goes to `mistryd-N.log` in the server's directory.
-    pub fn spawn(&mut self) {
+    pub(crate) fn spawn(&mut self) {
         self.spawns += 1;
         let log_path = self.dir.path().join(format!("mistryd-{}.log", self.spawns));
         let log = std::fs::File::create(&log_path).unwrap();
@@ -304,15 +304,15 @@ impl Server {
         });
     }
 
-    pub fn builds(&self) -> PathBuf {
+    pub(crate) fn builds(&self) -> PathBuf {
         self.dir.path().join("builds")
     }
 
-    pub fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
     }
 
-    pub fn agent() -> ureq::Agent {
+    pub(crate) fn agent() -> ureq::Agent {
         ureq::Agent::new_with_config(
             ureq::config::Config::builder()
                 .http_status_as_error(false)
@@ -320,18 +320,18 @@ impl Server {
         )
     }
 
-    pub fn post(&self, path: &str, body: &str) -> (u16, String) {
+    pub(crate) fn post(&self, path: &str, body: &str) -> (u16, String) {
         let mut r = Self::agent().post(&self.url(path)).send(body).unwrap();
         (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
     }
 
-    pub fn job(&self, body: Value) -> Value {
+    pub(crate) fn job(&self, body: Value) -> Value {
         let (status, text) = self.post("/jobs", &body.to_string());
         assert_eq!(status, 201, "{text}");
         serde_json::from_str(&text).unwrap()
     }
 
-    pub fn get(&self, path: &str, json: bool) -> (u16, String) {
+    pub(crate) fn get(&self, path: &str, json: bool) -> (u16, String) {
         let mut req = Self::agent().get(&self.url(path));
         if json {
             req = req.header("Content-Type", "application/json");
@@ -341,7 +341,7 @@ impl Server {
     }
 
     /// Schedule project `simple` with `name` sleeping `sleep` seconds, and wait until it runs.
-    pub fn start_slow_job(&self, name: &str, sleep: &str) {
+    pub(crate) fn start_slow_job(&self, name: &str, sleep: &str) {
         let body =
             serde_json::json!({"project": "simple", "params": {"name": name, "sleep": sleep}});
         let (status, text) = self.post("/jobs?async", &body.to_string());
@@ -349,20 +349,19 @@ impl Server {
         super::wait_until("a pending build", || self.pending_dirs("simple") > 0);
     }
 
-    pub fn pending_dirs(&self, project: &str) -> usize {
+    pub(crate) fn pending_dirs(&self, project: &str) -> usize {
         std::fs::read_dir(self.builds().join(project).join("pending"))
-            .map(|d| d.count())
-            .unwrap_or(0)
+            .map_or(0, std::iter::Iterator::count)
     }
 
-    pub fn kill9(&mut self) {
+    pub(crate) fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
     }
 
-    pub fn term(&mut self) -> std::process::ExitStatus {
+    pub(crate) fn term(&mut self) -> std::process::ExitStatus {
         let mut c = self.child.take().unwrap();
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(c.id() as i32),
@@ -379,16 +378,16 @@ impl Drop for Server {
     }
 }
 
-pub fn read(p: impl AsRef<Path>) -> String {
+pub(crate) fn read(p: impl AsRef<Path>) -> String {
     std::fs::read_to_string(p.as_ref()).unwrap_or_else(|e| panic!("{}: {e}", p.as_ref().display()))
 }
 
-pub fn artifacts(info: &Value) -> PathBuf {
+pub(crate) fn artifacts(info: &Value) -> PathBuf {
     PathBuf::from(info["Path"].as_str().unwrap())
 }
 
 /// The job ID of a BuildInfo (its `URL` is `job/<project>/<id>`).
-pub fn job_id(info: &Value) -> String {
+pub(crate) fn job_id(info: &Value) -> String {
     let url = info["URL"].as_str().unwrap();
     url.rsplit('/').next().unwrap().to_string()
 }
@@ -396,7 +395,7 @@ pub fn job_id(info: &Value) -> String {
 /// An rsync daemon serving `s`'s build_path as the module `mistry` (read only), its config and
 /// pid file in `s`'s directory. rsync's daemon cannot bind port 0 and report: it serves each
 /// connection inetd style (on its stdin) from a listener of ours (`port`).
-pub fn rsync_daemon(s: &Server) -> super::Inetd {
+pub(crate) fn rsync_daemon(s: &Server) -> super::Inetd {
     let conf = s.dir.path().join("rsyncd.conf");
     // As root, rsyncd would switch to nobody: keep our ids. Unprivileged, it cannot switch.
     let ids = if nix::unistd::geteuid().is_root() {
@@ -422,7 +421,7 @@ pub fn rsync_daemon(s: &Server) -> super::Inetd {
 }
 
 /// The MD5 of the file at `path` (`md5sum`), in hex.
-pub fn md5(path: &Path) -> String {
+pub(crate) fn md5(path: &Path) -> String {
     let out = Command::new("md5sum").arg(path).output().unwrap();
     String::from_utf8_lossy(&out.stdout)
         .split(' ')
@@ -432,7 +431,7 @@ pub fn md5(path: &Path) -> String {
 }
 
 /// What every transport delivers: names, nesting, a large file intact.
-pub fn check_artifact_contents(target: &Path) {
+pub(crate) fn check_artifact_contents(target: &Path) {
     assert_eq!(
         read(target.join("dir with spaces/ünïcødé/file (1).txt")),
         "nested\n"
@@ -449,7 +448,7 @@ pub fn check_artifact_contents(target: &Path) {
 }
 
 /// `GET path` of `s`: its status and body, whatever its size.
-pub fn get_bytes(s: &Server, path: &str) -> (u16, Vec<u8>) {
+pub(crate) fn get_bytes(s: &Server, path: &str) -> (u16, Vec<u8>) {
     let mut r = Server::agent().get(&s.url(path)).call().unwrap();
     let status = r.status().as_u16();
     let body = r

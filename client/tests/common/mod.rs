@@ -10,24 +10,24 @@ use std::thread::JoinHandle;
 
 /// `$MISTRY_CLIENT_BIN` (when the tests run as another user, scripts/test.sh), else the
 /// `mistry` cargo built.
-pub fn client_bin() -> PathBuf {
+pub(crate) fn client_bin() -> PathBuf {
     std::env::var_os("MISTRY_CLIENT_BIN")
         .unwrap_or_else(|| env!("CARGO_BIN_EXE_mistry").into())
         .into()
 }
 
 /// The client binary, as a command.
-pub fn mistry() -> Command {
+pub(crate) fn mistry() -> Command {
     Command::new(client_bin())
 }
 
-pub fn text(b: &[u8]) -> String {
+pub(crate) fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
 /// One request as the fake server saw it.
 #[derive(Debug)]
-pub struct Request {
+pub(crate) struct Request {
     pub line: String,
     /// The Accept header.
     pub accept: String,
@@ -36,7 +36,9 @@ pub struct Request {
 
 /// A fake mistry server: answers the i-th request with `answers[i]` (status, content type,
 /// body), then stops; returns its port and the requests it saw.
-pub fn fake_server(answers: Vec<(u16, &'static str, Vec<u8>)>) -> (u16, JoinHandle<Vec<Request>>) {
+pub(crate) fn fake_server(
+    answers: Vec<(u16, &'static str, Vec<u8>)>,
+) -> (u16, JoinHandle<Vec<Request>>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let handle = std::thread::spawn(move || {
@@ -82,7 +84,7 @@ pub fn fake_server(answers: Vec<(u16, &'static str, Vec<u8>)>) -> (u16, JoinHand
 }
 
 /// A tarball of `files` (name, content): mode 0640, mtime 1,000,000,000.
-pub fn tar_of(files: &[(&str, &str)]) -> Vec<u8> {
+pub(crate) fn tar_of(files: &[(&str, &str)]) -> Vec<u8> {
     let mut b = tar::Builder::new(Vec::new());
     for (name, content) in files {
         let mut h = tar::Header::new_gnu();
@@ -94,6 +96,6 @@ pub fn tar_of(files: &[(&str, &str)]) -> Vec<u8> {
     b.into_inner().unwrap()
 }
 
-pub fn read(p: &Path) -> String {
+pub(crate) fn read(p: &Path) -> String {
     std::fs::read_to_string(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }

@@ -13,7 +13,9 @@ use crate::source::{BaseSource, LocalImages};
 /// (`FROM name[:tag]` is `<images_dir>/name`), then registries.
 #[derive(Debug, Clone, Default)]
 pub struct BaseSources {
+    /// A directory of OCI layouts asked before any registry; `None`: registries only.
     pub images_dir: Option<PathBuf>,
+    /// Registry settings (insecure hosts, credentials).
     pub registries: crate::registry::RegistryConfig,
 }
 

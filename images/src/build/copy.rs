@@ -23,7 +23,7 @@ use crate::view::View;
 
 /// Whether an ADD source is a git repository, as BuildKit tells them: `git://`, `ssh://`,
 /// scp-like `user@host:path`, or an http(s) URL whose path ends in `.git`.
-pub fn is_git_source(s: &str) -> bool {
+pub(crate) fn is_git_source(s: &str) -> bool {
     if s.starts_with("git://") || s.starts_with("ssh://") {
         return true;
     }
@@ -132,8 +132,7 @@ fn write_heredocs(
         let target = if into_dir {
             let plain = Path::new(name)
                 .file_name()
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(format!("heredoc-{i}")));
+                .map_or_else(|| PathBuf::from(format!("heredoc-{i}")), PathBuf::from);
             dest.join(plain)
         } else {
             dest.to_path_buf()

@@ -152,7 +152,7 @@ fn descriptor(
 
 /// Export an image as an OCI layout at `out` with tag `tag` (one flattened layer); returns the
 /// manifest's digest.
-pub fn export(
+pub(crate) fn export(
     builder: &Builder,
     image: &Image,
     out: &Path,

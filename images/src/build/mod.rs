@@ -38,14 +38,15 @@ mod rules;
 mod run;
 mod words;
 
-pub use crate::source::BaseSource;
+pub(crate) use crate::source::BaseSource;
 pub use base::BaseSources;
 pub use options::{BuildError, BuildOptions, BuildStats, Image};
-pub use words::MAX_EXPANDED_TOTAL;
+pub(crate) use words::MAX_EXPANDED_TOTAL;
 use words::{expand, read_dockerfile, total_message, Budget};
 
 /// The builder: a store, where base images come from, and per-project locks.
 pub struct Builder {
+    /// The layer store the builder reads and writes (blobs, snapshots, step cache).
     pub store: Store,
     sources: Vec<Box<dyn BaseSource>>,
     locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
@@ -105,6 +106,8 @@ impl Builder {
         Self::new(store, sources.into_list())
     }
 
+    /// A builder on `store` asking `sources` for base images, in order (`FROM scratch` needs
+    /// none).
     pub fn new(store: Store, sources: Vec<Box<dyn BaseSource>>) -> Builder {
         Builder {
             store,
@@ -114,7 +117,10 @@ impl Builder {
     }
 
     fn lock(&self, project: &str) -> Arc<Mutex<()>> {
-        let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        let mut locks = self
+            .locks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         locks.entry(project.to_string()).or_default().clone()
     }
 
@@ -135,7 +141,9 @@ impl Builder {
         let opts = &opts;
         let lock = self.lock(&opts.project);
         let _guard = match opts.deadline {
-            None => lock.lock().unwrap_or_else(|e| e.into_inner()),
+            None => lock
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
             // Another build of the project may hold it past this build's deadline.
             Some(_) => loop {
                 match lock.try_lock() {
@@ -145,7 +153,7 @@ impl Builder {
                         return Err(BuildError::Deadline)
                     }
                     Err(std::sync::TryLockError::WouldBlock) => {
-                        std::thread::sleep(std::time::Duration::from_millis(20))
+                        std::thread::sleep(std::time::Duration::from_millis(20));
                     }
                 }
             },
@@ -328,8 +336,7 @@ impl Run<'_> {
         let snap_id = if store.has_snapshot(&key) {
             let nanos = std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0);
+                .map_or(0, |d| d.as_nanos());
             format!("{key}-{nanos}")
         } else {
             key.clone()

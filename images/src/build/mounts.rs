@@ -176,8 +176,8 @@ fn csv_fields(value: &str) -> Result<Vec<String>, FlagError> {
 
 fn parse_bool(key: &str, value: Option<&str>) -> Result<bool, FlagError> {
     match value.map(str::to_ascii_lowercase).as_deref() {
-        None | Some("true") | Some("1") => Ok(true),
-        Some("false") | Some("0") => Ok(false),
+        None | Some("true" | "1") => Ok(true),
+        Some("false" | "0") => Ok(false),
         Some(v) => Err(FlagError::Bool {
             key: key.to_string(),
             value: v.to_string(),
@@ -247,8 +247,7 @@ pub(super) fn parse_mount(value: &str, workdir: &str) -> Result<Mount, FlagError
     let kind = fields
         .iter()
         .find(|(k, _)| k == "type")
-        .map(|(_, v)| v.clone().unwrap_or_default())
-        .unwrap_or_else(|| "bind".into());
+        .map_or_else(|| "bind".into(), |(_, v)| v.clone().unwrap_or_default());
     let allowed: &[&str] = match kind.as_str() {
         "bind" => &[
             "target",

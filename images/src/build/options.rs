@@ -13,27 +13,40 @@ use crate::store::StoreError;
 /// Why a build failed. The message is meant for the build log and the job's `ErrBuild`.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
+    /// The Dockerfile does not parse.
     #[error("Dockerfile {0}")]
     Dockerfile(#[from] dockerfile::ParseError),
+    /// A file of the build (the Dockerfile, the context, an export's input) cannot be read.
     #[error("reading {path}: {source}")]
     Read {
+        /// The host path.
         path: String,
+        /// The underlying error.
         #[source]
         source: std::io::Error,
     },
+    /// A step failed for another reason than its command's exit code (a bad argument, a
+    /// missing source, a RUN killed by a signal or a limit).
     #[error("step {step} (line {line}): {message}")]
     Step {
+        /// The step's text, at most 80 characters.
         step: String,
+        /// Its 1-based line in the Dockerfile.
         line: usize,
+        /// What went wrong.
         message: String,
     },
     /// A RUN step exited non-zero: `The command '/bin/sh -c false' returned a non-zero code: 1`.
     #[error("The command '{command}' returned a non-zero code: {code}")]
     Run {
+        /// The command's argv joined by spaces.
         command: String,
+        /// Its exit code.
         code: i32,
+        /// The sandbox's status (always `Exited(code)`).
         status: sandbox::ExitStatus,
     },
+    /// A base image could not be found, fetched or unpacked.
     #[error("base image {image}: {message}")]
     Base { image: String, message: String },
     /// A base source (local layouts, a registry) failed to fetch `image`.
@@ -45,8 +58,10 @@ pub enum BuildError {
     },
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A tool sandbox (copy, chown, removal) failed.
     #[error(transparent)]
     Tool(#[from] crate::tools::ToolError),
+    /// The build log could not be written.
     #[error("writing the build log: {0}")]
     Log(std::io::Error),
     /// The build's deadline passed (a job's time limit, counted from the job's start).
@@ -64,6 +79,7 @@ pub struct BuildOptions {
     pub context: PathBuf,
     /// The Dockerfile; default `<context>/Dockerfile`.
     pub dockerfile: Option<PathBuf>,
+    /// Build arguments (name, value) for `ARG`s; the last of a name wins. Default none.
     pub build_args: Vec<(String, String)>,
     /// Network of RUN steps.
     pub network: NetworkMode,
@@ -86,6 +102,9 @@ pub struct BuildOptions {
 }
 
 impl BuildOptions {
+    /// Options for `project` with context directory `context`: the host network, the step
+    /// cache used, no time limit, the default download policy and sandbox policy, no build
+    /// argument or secret.
     pub fn new(project: impl Into<String>, context: impl Into<PathBuf>) -> Self {
         BuildOptions {
             project: project.into(),
@@ -125,16 +144,22 @@ impl BuildOptions {
 /// A built image: its final key, snapshot and config.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Image {
+    /// The step key of the last step (hex SHA-256): loads it again with
+    /// [`crate::Builder::image`].
     pub key: String,
     /// None for an image with an empty filesystem (`FROM scratch` and nothing else).
     pub snapshot: Option<String>,
+    /// The image config (entrypoint, cmd, env, user, ...).
     pub config: ImageConfig,
 }
 
 /// Counters of one build, for logs and tests.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct BuildStats {
+    /// Instructions processed, in every stage.
     pub steps: usize,
+    /// Filesystem steps answered from the step cache.
     pub cached: usize,
+    /// RUN steps whose command actually ran.
     pub executed_runs: usize,
 }

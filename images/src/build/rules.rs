@@ -190,7 +190,7 @@ impl Run<'_> {
             Instruction::StopSignal(sig) => {
                 let sig = word(sig)?;
                 self.meta(&format!("STOPSIGNAL {sig}"), |s| {
-                    s.config.stop_signal = Some(sig)
+                    s.config.stop_signal = Some(sig);
                 });
                 Ok(())
             }
@@ -227,7 +227,7 @@ impl Run<'_> {
                     }
                 };
                 self.meta(&format!("HEALTHCHECK {value}"), |s| {
-                    s.config.healthcheck = Some(value)
+                    s.config.healthcheck = Some(value);
                 });
                 Ok(())
             }

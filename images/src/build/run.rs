@@ -590,7 +590,7 @@ impl Run<'_> {
                 _ => continue,
             };
             match res {
-                Ok(()) | Err(rustix::io::Errno::NOTEMPTY) | Err(rustix::io::Errno::NOENT) => {}
+                Ok(()) | Err(rustix::io::Errno::NOTEMPTY | rustix::io::Errno::NOENT) => {}
                 Err(_) => left.push(s.display().to_string()),
             }
         }

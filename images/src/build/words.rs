@@ -12,7 +12,7 @@ use crate::oci;
 /// The most bytes variable substitution may produce over a whole build (every expanded word
 /// of every instruction together): 16 MiB. Each word is capped at
 /// [`crate::lex::MAX_EXPANDED`] as it grows; this bounds what many of them can pile up.
-pub const MAX_EXPANDED_TOTAL: usize = 16 << 20;
+pub(crate) const MAX_EXPANDED_TOTAL: usize = 16 << 20;
 
 pub(super) fn total_message() -> String {
     format!(

@@ -11,7 +11,9 @@ use crate::tools::Tools;
 /// Which snapshot backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum BackendKind {
+    /// Each snapshot a full copy of its parent (reflinks where the filesystem has them).
     Plain,
+    /// Each snapshot a btrfs subvolume snapshot of its parent (the store on btrfs).
     Btrfs,
     /// Each snapshot holds only its own changes (an overlayfs upper directory) over its
     /// parent's; trees are seen through rootless overlay mounts.
@@ -72,7 +74,7 @@ impl std::fmt::Display for BackendKind {
 }
 
 /// How snapshots are made. Paths are host paths inside the store.
-pub trait Backend: Send + Sync + std::fmt::Debug {
+pub(crate) trait Backend: Send + Sync + std::fmt::Debug {
     fn kind(&self) -> BackendKind;
     /// A new, empty tree at `dst`.
     fn create(&self, dst: &Path) -> Result<(), StoreError>;
@@ -84,7 +86,7 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
 
 /// Plain directories and full copies.
 #[derive(Debug)]
-pub struct Plain {
+pub(crate) struct Plain {
     tools: Tools,
 }
 
@@ -107,17 +109,17 @@ impl Backend for Plain {
 
 /// btrfs subvolumes and snapshots (through btrfs-progs).
 #[derive(Debug)]
-pub struct Btrfs {
+pub(crate) struct Btrfs {
     tools: Tools,
 }
 
 /// `btrfs subvolume create DST`.
-pub fn btrfs_subvolume_create(dst: &Path) -> Result<(), StoreError> {
+pub(crate) fn btrfs_subvolume_create(dst: &Path) -> Result<(), StoreError> {
     btrfs(&["subvolume".as_ref(), "create".as_ref(), dst.as_os_str()])
 }
 
 /// `btrfs subvolume snapshot SRC DST` (SRC must be a subvolume).
-pub fn btrfs_subvolume_snapshot(src: &Path, dst: &Path) -> Result<(), StoreError> {
+pub(crate) fn btrfs_subvolume_snapshot(src: &Path, dst: &Path) -> Result<(), StoreError> {
     btrfs(&[
         "subvolume".as_ref(),
         "snapshot".as_ref(),
@@ -177,7 +179,7 @@ impl Backend for Btrfs {
 /// Overlay layers: a snapshot directory holds `upper/` (its changes), `work/` (overlayfs'
 /// scratch) and `lower` (the id of its parent snapshot, absent for a first layer).
 #[derive(Debug)]
-pub struct OverlayBackend {
+pub(crate) struct OverlayBackend {
     tools: Tools,
 }
 
@@ -211,9 +213,7 @@ const BTRFS_SUPER_MAGIC: i64 = 0x9123_683e;
 
 /// Whether `path` is on a btrfs filesystem.
 pub fn is_btrfs(path: &Path) -> bool {
-    nix::sys::statfs::statfs(path)
-        .map(|s| s.filesystem_type().0 == BTRFS_SUPER_MAGIC)
-        .unwrap_or(false)
+    nix::sys::statfs::statfs(path).is_ok_and(|s| s.filesystem_type().0 == BTRFS_SUPER_MAGIC)
 }
 
 /// The backend of `kind`, running its tree operations through `tools`.
@@ -227,7 +227,7 @@ pub(super) fn new(kind: BackendKind, tools: Tools) -> Arc<dyn Backend> {
 
 /// The store's backend and why it is the one (for the log and `mistryd image build`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct BackendChoice {
+pub(crate) struct BackendChoice {
     pub kind: BackendKind,
     pub reason: String,
 }
@@ -240,7 +240,7 @@ const RECORD: &str = "backend";
 const PROBE: &str = "overlay-probe";
 /// Test hook (documented as test-only): the overlay probe fails, as on a kernel without
 /// rootless overlayfs.
-pub const NO_OVERLAY_ENV: &str = "MISTRY_TEST_NO_OVERLAY";
+pub(crate) const NO_OVERLAY_ENV: &str = "MISTRY_TEST_NO_OVERLAY";
 
 /// Choose the backend of the store at `root` (which exists, with `snapshots/` and `tmp/`):
 /// `explicit` (the `filesystem` setting or `--filesystem`) wins, but never over what the store
@@ -400,7 +400,7 @@ fn detect(root: &Path) -> BackendChoice {
             _ => {
                 not_btrfs = "the store is on btrfs, but the btrfs command is missing \
                              (apt-get install btrfs-progs)"
-                    .into()
+                    .into();
             }
         }
     }

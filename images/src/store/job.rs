@@ -101,7 +101,10 @@ pub enum CacheMode {
     Copy,
     /// An overlay over the last builds' cache layers (nothing copied). Chains deeper than
     /// `hard_limit` (squashing fell behind) are flattened into a copy first.
-    Layered { hard_limit: usize },
+    Layered {
+        /// The most layers a chain may have before a job flattens it.
+        hard_limit: usize,
+    },
 }
 
 /// The cache layers (top first, relative to the project directory) the next build of a group

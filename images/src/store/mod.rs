@@ -35,23 +35,29 @@ mod cache;
 mod job;
 mod mac;
 
-pub use crate::view::{Target, View};
-pub use backend::{is_btrfs, Backend, BackendKind};
+pub(crate) use crate::view::{Target, View};
+pub(crate) use backend::Backend;
+pub use backend::{is_btrfs, BackendKind};
 pub use backend::{overlay_works_in, OverlayError, UnknownBackend};
-pub use cache::{CacheDir, CacheInit, CacheSharing};
+pub(crate) use cache::{CacheDir, CacheInit, CacheSharing};
 pub use job::{
     cache_depth, layer_build, layer_path, next_chain_builds, read_cache_layers, CacheMode, JobRoot,
     Workspace, CACHE_FLAT, CACHE_LAYERS, CACHE_TOKEN, CACHE_WORK,
 };
 
+/// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// A file operation on the store failed.
     #[error("{what}: {source}")]
     Io {
+        /// What was being done, naming the path.
         what: String,
+        /// The underlying error.
         #[source]
         source: io::Error,
     },
+    /// A tool sandbox (copy, chown, removal inside a snapshot) failed.
     #[error(transparent)]
     Tool(ToolError),
     /// The kernel refused an overlay mount (e.g. overlayfs in a user namespace on an old
@@ -59,10 +65,14 @@ pub enum StoreError {
     /// to a copy ([`Store::job_root`] with `overlay: false`).
     #[error("{what}: {source}")]
     OverlayUnsupported {
+        /// What was being mounted.
         what: String,
+        /// The sandbox's error ([`sandbox::Error::Overlay`]).
         #[source]
         source: sandbox::Error,
     },
+    /// Anything else: a backend operation (btrfs, overlay), a record that does not
+    /// (de)serialize, the secrets' key, a cache directory.
     #[error("{0}")]
     Backend(String),
 }
@@ -119,14 +129,14 @@ fn check_ids(root: &Path) -> Result<(), StoreError> {
 /// A cached step: the snapshot holding its filesystem (None for an empty `scratch` tree) and
 /// the image config after it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct StepRecord {
+pub(crate) struct StepRecord {
     pub snapshot: Option<String>,
     pub config: ImageConfig,
 }
 
 /// The keys and snapshots a project's current image needs (what GC keeps).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct ProjectRef {
+pub(crate) struct ProjectRef {
     pub keys: Vec<String>,
     pub snapshots: Vec<String>,
     pub blobs: Vec<String>,
@@ -135,8 +145,11 @@ pub struct ProjectRef {
 /// What a garbage collection removed.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Collected {
+    /// Snapshots removed.
     pub snapshots: usize,
+    /// Step records removed.
     pub steps: usize,
+    /// Blobs (base images' layers, configs, manifests) removed.
     pub blobs: usize,
     /// Cache-mount directories (of projects without an image in the store).
     pub caches: usize,
@@ -145,6 +158,7 @@ pub struct Collected {
 /// The store.
 #[derive(Debug)]
 pub struct Store {
+    /// The store's directory (`store_path`): `blobs/ snapshots/ steps/ refs/ cache/ tmp/`.
     pub root: PathBuf,
     backend: Arc<dyn Backend>,
     tools: Tools,
@@ -205,6 +219,7 @@ impl Store {
         })
     }
 
+    /// How snapshots are made (chosen when the store was made, recorded in it).
     pub fn backend(&self) -> BackendKind {
         self.backend.kind()
     }
@@ -241,6 +256,7 @@ impl Store {
         self.root.join("snapshots").join(id)
     }
 
+    /// Whether snapshot `id` exists (`snapshots/<id>` is a directory).
     pub fn has_snapshot(&self, id: &str) -> bool {
         self.snapshot_path(id).is_dir()
     }

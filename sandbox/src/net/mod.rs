@@ -116,7 +116,7 @@ fn inode(fd: RawFd) -> Option<u64> {
 /// with).
 fn make_lease(owner: Owner, userns: Option<&Arc<OwnedFd>>, max_id: u32) -> Result<Lease, Error> {
     let binary = slirp_binary()?;
-    let userns_fd = userns.map(|u| u.as_raw_fd());
+    let userns_fd = userns.map(std::os::fd::AsRawFd::as_raw_fd);
     let (netns, sysfs) = netns::make(userns_fd, max_id)?;
     let slirp = Slirp::start(
         &binary,
@@ -167,7 +167,9 @@ const WAIT_FOR_WORKER: Duration = Duration::from_millis(250);
 
 impl Pool {
     fn lock(&self) -> std::sync::MutexGuard<'_, PoolState> {
-        self.state.lock().unwrap_or_else(|e| e.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// A ready namespace for `owner`, waiting a little for one being made; `None`: make one.
@@ -193,8 +195,7 @@ impl Pool {
             st = self
                 .cond
                 .wait_timeout(st, left)
-                .map(|(g, _)| g)
-                .unwrap_or_else(|e| e.into_inner().0);
+                .map_or_else(|e| e.into_inner().0, |(g, _)| g);
         }
     }
 
@@ -206,7 +207,10 @@ impl Pool {
             {
                 let mut st = self.lock();
                 while !st.closed && st.ready.len() + st.making >= self.size {
-                    st = self.cond.wait(st).unwrap_or_else(|e| e.into_inner());
+                    st = self
+                        .cond
+                        .wait(st)
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
                 }
                 if st.closed {
                     return;
@@ -254,7 +258,7 @@ impl Pool {
                     let _ = self
                         .cond
                         .wait_timeout_while(st, backoff, |s| !s.closed)
-                        .unwrap_or_else(|e| e.into_inner());
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
                     backoff = (backoff * 2).min(Duration::from_secs(60));
                 }
             }
@@ -271,7 +275,7 @@ impl Pool {
         let workers: Vec<_> = self
             .workers
             .lock()
-            .unwrap_or_else(|e| e.into_inner())
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .drain(..)
             .collect();
         for w in workers {
@@ -309,14 +313,22 @@ pub fn configure(size: usize) {
             Err(e) => tracing::warn!(error = %e, "starting an isolated network pool worker"),
         }
     }
-    *pool.workers.lock().unwrap_or_else(|e| e.into_inner()) = workers;
-    *POOL.lock().unwrap_or_else(|e| e.into_inner()) = Some(pool);
+    *pool
+        .workers
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = workers;
+    *POOL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(pool);
 }
 
 /// Stop the pool: its workers end and every namespace not taken is discarded, its slirp4netns
 /// killed and reaped (the daemon's shutdown; namespaces in use go with their sandboxes).
 pub fn stop() {
-    let pool = POOL.lock().unwrap_or_else(|e| e.into_inner()).take();
+    let pool = POOL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
     if let Some(p) = pool {
         p.close();
     }
@@ -325,7 +337,7 @@ pub fn stop() {
 /// How many namespaces are ready now (tests, diagnostics).
 pub fn ready_count() -> usize {
     POOL.lock()
-        .unwrap_or_else(|e| e.into_inner())
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
         .as_ref()
         .map_or(0, |p| p.lock().ready.len())
 }
@@ -347,7 +359,10 @@ pub(crate) fn acquire(held: Option<&Arc<OwnedFd>>, max_id: u32) -> Result<Net, E
         }
     };
     let started = Instant::now();
-    let pool = POOL.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let pool = POOL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .clone();
     if let Some(lease) = pool.and_then(|p| p.take(owner)) {
         tracing::debug!(took = ?started.elapsed(), "isolated network from the pool");
         return Ok(Net::Joined(lease));
@@ -446,14 +461,15 @@ fn write_new(path: &Path, text: &str) -> Result<(), Error> {
 /// The files bound at `/etc/resolv.conf` and `/etc/hosts` of an isolated sandbox with host name
 /// `hostname`, written once per process into a private directory of the temporary directory.
 pub(crate) fn etc_files(hostname: &str) -> Result<(PathBuf, PathBuf), Error> {
-    let mut files = FILES.lock().unwrap_or_else(|e| e.into_inner());
+    let mut files = FILES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     if files.is_none() {
         use std::os::unix::fs::DirBuilderExt;
         sweep_files(&std::env::temp_dir());
         let nanos = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
+            .map_or(0, |d| d.subsec_nanos());
         let dir =
             std::env::temp_dir().join(format!("mistry-net-{}-{nanos:08x}", std::process::id()));
         std::fs::DirBuilder::new()
@@ -504,7 +520,11 @@ fn sweep_files(tmp: &Path) {
 
 /// Remove the generated files (at shutdown).
 pub fn remove_files() {
-    if let Some(f) = FILES.lock().unwrap_or_else(|e| e.into_inner()).take() {
+    if let Some(f) = FILES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take()
+    {
         let _ = std::fs::remove_dir_all(&f.dir);
     }
 }

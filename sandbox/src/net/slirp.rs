@@ -408,7 +408,11 @@ impl Slirp {
 
     /// `: <what slirp4netns said on its standard error>`, or nothing.
     fn said(&self) -> String {
-        let err = self.shared.stderr.lock().unwrap_or_else(|e| e.into_inner());
+        let err = self
+            .shared
+            .stderr
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let text = String::from_utf8_lossy(&err);
         let lines: Vec<&str> = text
             .lines()
@@ -448,7 +452,7 @@ impl Slirp {
                 .shared
                 .first_refusal
                 .lock()
-                .unwrap_or_else(|e| e.into_inner())
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .clone()
                 .unwrap_or_default();
             notes.push(format!(
@@ -518,7 +522,7 @@ fn supervise(
         },
     ];
     loop {
-        for f in fds.iter_mut() {
+        for f in &mut fds {
             f.revents = 0;
         }
         if sys::poll(&mut fds, -1).is_err() {
@@ -558,7 +562,10 @@ fn read_stderr(fd: RawFd, shared: &Shared) -> bool {
         Ok(0) | Err(_) => return false,
         Ok(n) => &chunk[..n],
     };
-    let mut kept = shared.stderr.lock().unwrap_or_else(|e| e.into_inner());
+    let mut kept = shared
+        .stderr
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     kept.extend_from_slice(got);
     if kept.len() > STDERR_KEPT {
         let cut = kept.len() - STDERR_KEPT;
@@ -586,7 +593,7 @@ fn parse_sockaddr(b: &[u8]) -> Dest {
         return Dest::Short;
     }
     let family = u16::from_ne_bytes([b[0], b[1]]);
-    match family as libc::c_int {
+    match libc::c_int::from(family) {
         libc::AF_UNSPEC => Dest::Unspec,
         libc::AF_INET if b.len() >= 8 => {
             let port = u16::from_be_bytes([b[2], b[3]]);
@@ -636,12 +643,12 @@ fn msghdr_dest(pid: libc::pid_t, at: u64) -> Result<Option<Dest>, i32> {
     if name == 0 || len == 0 {
         return Ok(None);
     }
-    read_dest(pid, name, len as u64).map(Some)
+    read_dest(pid, name, u64::from(len)).map(Some)
 }
 
 /// The destinations of one notified system call (empty: none named).
 fn destinations(pid: libc::pid_t, n: &libc::seccomp_notif) -> Result<Vec<Dest>, i32> {
-    let nr = n.data.nr as libc::c_long;
+    let nr = libc::c_long::from(n.data.nr);
     let a = n.data.args;
     if nr == libc::SYS_connect {
         Ok(vec![read_dest(pid, a[1], a[2])?])
@@ -712,12 +719,11 @@ fn answer_one(
     policy: &EgressPolicy,
     shared: &Shared,
 ) {
-    let n = match sys::seccomp_notif_recv(listener, buf) {
-        Ok(n) => n,
-        // The caller died meanwhile (ENOENT), or nothing was pending.
-        Err(_) => return,
+    // The caller died meanwhile (ENOENT), or nothing was pending.
+    let Ok(n) = sys::seccomp_notif_recv(listener, buf) else {
+        return;
     };
-    let connect = n.data.nr as libc::c_long == libc::SYS_connect;
+    let connect = libc::c_long::from(n.data.nr) == libc::SYS_connect;
     let answer = if !shared.armed.load(Ordering::SeqCst) {
         Ok(())
     } else if n.pid as libc::pid_t != pid {
@@ -739,7 +745,7 @@ fn answer_one(
                 *shared
                     .first_refusal
                     .lock()
-                    .unwrap_or_else(|e| e.into_inner()) = Some(why.to_string());
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(why.to_string());
             }
             Err(if connect {
                 libc::ECONNREFUSED

@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 
 use sandbox::{Output, Sandbox};
 
-pub struct Fixture {
+pub(crate) struct Fixture {
     pub dir: tempfile::TempDir,
     pub rootfs: PathBuf,
 }
@@ -23,10 +23,11 @@ fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-pub fn template() -> PathBuf {
-    let path = std::env::var_os("MISTRY_BUSYBOX_ROOTFS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("target/images/busybox/rootfs"));
+pub(crate) fn template() -> PathBuf {
+    let path = std::env::var_os("MISTRY_BUSYBOX_ROOTFS").map_or_else(
+        || workspace().join("target/images/busybox/rootfs"),
+        PathBuf::from,
+    );
     assert!(
         path.join("bin/busybox").is_file(),
         "no busybox rootfs at {}: run `images/recipes/busybox.sh target/images/busybox` (or scripts/test.sh)",
@@ -35,7 +36,7 @@ pub fn template() -> PathBuf {
     path
 }
 
-pub fn probe() -> PathBuf {
+pub(crate) fn probe() -> PathBuf {
     static PROBE: OnceLock<PathBuf> = OnceLock::new();
     PROBE
         .get_or_init(|| {
@@ -58,7 +59,7 @@ pub fn probe() -> PathBuf {
 
 /// A fresh, private copy of the busybox rootfs with the probe at `/bin/probe` and a setuid-root
 /// copy at `/bin/probe-suid`.
-pub fn fixture() -> Fixture {
+pub(crate) fn fixture() -> Fixture {
     let dir = tempfile::Builder::new()
         .prefix("mistry-sandbox-test")
         .tempdir()
@@ -88,34 +89,34 @@ pub fn fixture() -> Fixture {
 }
 
 impl Fixture {
-    pub fn sandbox(&self) -> Sandbox {
+    pub(crate) fn sandbox(&self) -> Sandbox {
         Sandbox::new(&self.rootfs)
     }
 
     /// Run `sh -c script` in a default sandbox.
-    pub fn sh(&self, script: &str) -> Output {
+    pub(crate) fn sh(&self, script: &str) -> Output {
         run(self.sandbox().command(["/bin/sh", "-c", script]))
     }
 
     /// A host directory beside the rootfs (outside it).
-    pub fn host_dir(&self, name: &str) -> PathBuf {
+    pub(crate) fn host_dir(&self, name: &str) -> PathBuf {
         let p = self.dir.path().join(name);
         std::fs::create_dir_all(&p).expect("mkdir");
         p
     }
 }
 
-pub fn run(sb: Sandbox) -> Output {
+pub(crate) fn run(sb: Sandbox) -> Output {
     sb.output()
         .unwrap_or_else(|e| panic!("sandbox failed to start: {e}"))
 }
 
-pub fn text(b: &[u8]) -> String {
+pub(crate) fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
 /// Host processes whose command line contains `marker`.
-pub fn host_processes_with(marker: &str) -> Vec<i32> {
+pub(crate) fn host_processes_with(marker: &str) -> Vec<i32> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
@@ -131,23 +132,20 @@ pub fn host_processes_with(marker: &str) -> Vec<i32> {
 }
 
 /// A number unlikely to appear in any other process's command line.
-pub fn unique_marker() -> String {
+pub(crate) fn unique_marker() -> String {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
+        .map_or(0, |d| d.subsec_nanos());
     format!("{}{:09}", 9_000 + std::process::id() % 1000, nanos)
 }
 
-pub fn is_root() -> bool {
+pub(crate) fn is_root() -> bool {
     // SAFETY-free: geteuid via std's metadata of /proc/self is enough.
-    std::fs::metadata("/proc/self")
-        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
-        .unwrap_or(false)
+    std::fs::metadata("/proc/self").is_ok_and(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
 }
 
 /// Whether the caller has subordinate ids (so sandbox users other than root exist).
-pub fn has_full_map() -> bool {
+pub(crate) fn has_full_map() -> bool {
     let f = fixture();
     let out = f.sh("cat /proc/self/uid_map | wc -l");
     text(&out.stdout).trim() == "2"
@@ -155,7 +153,7 @@ pub fn has_full_map() -> bool {
 
 /// For tests that need subordinate ids: whether they exist; without them the test is skipped,
 /// but fails under `CI` (where scripts/setup.sh gives every test user a range).
-pub fn full_map_or_skip() -> bool {
+pub(crate) fn full_map_or_skip() -> bool {
     if has_full_map() {
         return true;
     }

@@ -236,7 +236,7 @@ impl Scheduler {
         let stop2 = stop.clone();
         tokio::spawn(async move {
             me.heal().await;
-            me.claim_loop(stop2).await
+            me.claim_loop(stop2).await;
         });
         let me = Arc::clone(self);
         let stop2 = stop.clone();

@@ -224,7 +224,7 @@ impl Scheduler {
                         Ok(_) => continue,
                         // No listener any more: only the slow re-reads are left.
                         Err(broadcast::error::RecvError::Closed) => {
-                            std::future::pending::<()>().await
+                            std::future::pending::<()>().await;
                         }
                     }
                 }
@@ -476,13 +476,10 @@ impl Scheduler {
                 },
             }
         }
-        let info = match local.or_else(stored) {
-            Some(i) => i,
-            None => {
-                return Err(SubmitError::Job(JobError::Internal(format!(
-                    "Error building {project}/{id}: its BuildInfo is missing"
-                ))))
-            }
+        let Some(info) = local.or_else(stored) else {
+            return Err(SubmitError::Job(JobError::Internal(format!(
+                "Error building {project}/{id}: its BuildInfo is missing"
+            ))));
         };
         if !identity.matches(&info) {
             return Err(SubmitError::Replication(format!(

@@ -176,10 +176,10 @@ impl Logs {
             match self.prune(retention).await {
                 Ok((0, 0)) => {}
                 Ok((chunks, records)) => {
-                    tracing::info!(agent = %self.me(), chunks, records, "log_retention: pruned the logs and records of jobs that ended longer ago")
+                    tracing::info!(agent = %self.me(), chunks, records, "log_retention: pruned the logs and records of jobs that ended longer ago");
                 }
                 Err(e) => {
-                    tracing::debug!(agent = %self.me(), error = %e, "pruning old logs failed")
+                    tracing::debug!(agent = %self.me(), error = %e, "pruning old logs failed");
                 }
             }
         }

@@ -24,7 +24,7 @@ pub(super) mod view;
 
 /// What a statement on the records could not do.
 #[derive(Debug, thiserror::Error)]
-pub enum RecordsError {
+pub(super) enum RecordsError {
     /// The database refused or did not answer; `what` names the statement's object (the job,
     /// the agent, ...).
     #[error("{what}: {source}")]

@@ -66,7 +66,7 @@ fn split_url(url: &str, prefix: usize) -> Result<(String, Vec<(String, String)>)
     let decode = |s: &str| {
         percent_encoding::percent_decode_str(s)
             .decode_utf8()
-            .map(|c| c.into_owned())
+            .map(std::borrow::Cow::into_owned)
             .map_err(|source| ParamError::Encoding {
                 text: s.to_string(),
                 source,
