@@ -31,22 +31,36 @@ pub enum NetworkMode {
 /// parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ParseError {
+    /// A network mode other than `none`, `isolated` or `host`; names the text given.
     #[error("unknown network mode {0:?} (expected none, isolated or host)")]
     NetworkMode(String),
+    /// A bind that is not `SRC:DST`, `SRC:DST:ro` or `SRC:DST:rw`; names the bind given.
     #[error("invalid bind {0:?} (expected SRC:DST[:ro|rw])")]
     BindSyntax(String),
+    /// A bind whose source or destination is empty; names the bind given.
     #[error("invalid bind {0:?}: empty path")]
     BindEmptyPath(String),
+    /// The user setting is empty (root is `0`, not an empty text).
     #[error("empty user")]
     EmptyUser,
+    /// An id mapping other than `auto`, `single` or `subordinate`; names the text given.
     #[error("unknown id mapping {0:?} (expected auto, single or subordinate)")]
     IdMapping(String),
+    /// An rlimit that is not `NAME=SOFT[:HARD]`; names the text given.
     #[error("invalid rlimit {0:?} (expected NAME=SOFT[:HARD])")]
     RlimitSyntax(String),
+    /// An rlimit name that is not one this crate knows; names it.
     #[error("unknown rlimit {0:?}")]
     RlimitName(String),
+    /// A soft or hard rlimit value that is neither a number nor `unlimited`.
     #[error("invalid rlimit value {value:?} in {spec:?}")]
-    RlimitValue { value: String, spec: String },
+    RlimitValue {
+        /// The value that does not parse.
+        value: String,
+        /// The whole `NAME=SOFT[:HARD]` text it came from.
+        spec: String,
+    },
+    /// The seccomp setting is empty (neither a profile path nor a built-in name).
     #[error("empty seccomp profile")]
     EmptySeccomp,
 }

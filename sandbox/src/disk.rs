@@ -67,9 +67,13 @@ pub enum UsageError {
     /// The measurement was called off ([`usage`]'s `cancel`).
     #[error("cancelled")]
     Cancelled,
+    /// Opening or stat-ing a directory or file of the tree failed (other than a permission
+    /// refusal, which is reported as unreadable instead).
     #[error("{}: {source}", path.display())]
     Io {
+        /// The host path that failed.
         path: PathBuf,
+        /// The error from the system call.
         #[source]
         source: std::io::Error,
     },
@@ -79,7 +83,9 @@ pub enum UsageError {
     /// `du` ran but did not report every tree.
     #[error("du ({status}): {stderr}")]
     DuOutput {
+        /// How `du` exited.
         status: crate::ExitStatus,
+        /// `du`'s stderr, trimmed.
         stderr: String,
     },
 }

@@ -141,15 +141,25 @@ pub enum Error {
         path: PathBuf,
     },
     /// A [`User::Spec`] cannot be resolved in the rootfs' `/etc/passwd` and `/etc/group`.
+    /// Also returned when the resolved uid or gid is beyond the ids mapped in the sandbox.
     #[error("user {spec:?}: {reason}")]
-    User { spec: String, reason: String },
+    User {
+        /// The user as given (`name`, `uid`, `user:group`...).
+        spec: String,
+        /// What is missing, e.g. `no user "app" in the image's /etc/passwd`.
+        reason: String,
+    },
     /// The image's user database could not be read to resolve `spec`.
     #[error("user {spec:?}: {source}")]
     UserFile {
+        /// The user as given.
         spec: String,
+        /// Which file failed and how.
         #[source]
         source: user::UserFileError,
     },
+    /// Writing the user namespace's uid/gid maps (directly or through `newuidmap`/`newgidmap`)
+    /// failed.
     #[error("user namespace id map: {what}: {reason}")]
     IdMap {
         /// The step that failed, e.g. `newuidmap 1234 0 100000 65536`.

@@ -35,59 +35,85 @@ type BackendError = seccompiler::BackendError;
 /// Docker/OCI profile. Cloned out of the per-process caches of the compiled default filters.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SeccompError {
+    /// seccompiler has no target for this build's architecture (`std::env::consts::ARCH`).
     #[error("seccomp: unsupported architecture {0}")]
     UnsupportedArch(&'static str),
+    /// seccompiler refused a rule of a built-in filter.
     #[error("seccomp rule: {0}")]
     Rule(#[source] Arc<BackendError>),
+    /// seccompiler refused to build or compile a filter to BPF.
     #[error("seccomp: {0}")]
     Filter(#[source] Arc<BackendError>),
+    /// The network-notifying filter cannot be built: `sendto` has no number on this
+    /// architecture.
     #[error("seccomp: no sendto system call")]
     NoSendto,
+    /// The compiled network-notifying filter has no return to turn into a user notification
+    /// (seccompiler's output changed shape).
     #[error("seccomp: the notifying filter has no notifying action")]
     NoNotifyingAction,
     /// A profile that is not JSON of the expected shape.
     #[error("{0}")]
     Json(#[source] Arc<serde_json::Error>),
+    /// A profile's action other than the `SCMP_ACT_*` ones supported; names it.
     #[error("unsupported action {0:?}")]
     UnsupportedAction(String),
+    /// A profile's `includes`/`excludes` capability name that is not a Linux capability.
     #[error("unknown capability {0:?}")]
     UnknownCapability(String),
+    /// A profile's argument operator other than the `SCMP_CMP_*` ones supported; names it.
     #[error("unsupported argument operator {0:?}")]
     UnsupportedOperator(String),
+    /// A profile's argument condition that seccompiler refused (e.g. an index above 5).
     #[error("argument index {index}: {source}")]
     ArgIndex {
+        /// The argument's `index` as given.
         index: u8,
+        /// seccompiler's reason.
         #[source]
         source: Arc<BackendError>,
     },
+    /// The profile's `defaultAction` is not supported.
     #[error("defaultAction: {0}")]
     DefaultAction(#[source] Box<SeccompError>),
     /// The profile's `syscalls[index]`.
     #[error("syscalls[{index}]: {source}")]
     Syscall {
+        /// The position in `syscalls`, from 0.
         index: usize,
+        /// What is wrong with that entry.
         #[source]
         source: Box<SeccompError>,
     },
+    /// seccompiler refused the conditional rule of `syscalls[index]` for one call name.
     #[error("syscalls[{index}] ({name}): {source}")]
     SyscallRule {
+        /// The position in `syscalls`, from 0.
         index: usize,
+        /// The system call's name.
         name: String,
+        /// seccompiler's reason.
         #[source]
         source: Arc<BackendError>,
     },
     /// A profile's filter that seccompiler refused.
     #[error("{0}")]
     ProfileFilter(#[source] Arc<BackendError>),
+    /// The profile file could not be read.
     #[error("seccomp profile {}: {source}", path.display())]
     ReadProfile {
+        /// The profile's path.
         path: std::path::PathBuf,
+        /// The read error.
         #[source]
         source: Arc<std::io::Error>,
     },
+    /// The profile file was read but does not compile.
     #[error("seccomp profile {}: {source}", path.display())]
     Profile {
+        /// The profile's path.
         path: std::path::PathBuf,
+        /// Why it does not compile.
         #[source]
         source: Box<SeccompError>,
     },

@@ -25,19 +25,33 @@ pub const MAX_USER_FILE: u64 = 4 << 20;
 /// names the file.
 #[derive(Debug, thiserror::Error)]
 pub enum UserFileError {
+    /// The file could not be opened or stat-ed in the rootfs.
     #[error("the image's {what}: {source}")]
     Metadata {
+        /// Which file, e.g. `/etc/passwd`.
         what: String,
+        /// The error from opening or stat-ing it.
         #[source]
         source: std::io::Error,
     },
+    /// The file is a directory, device, FIFO... (read as-is it could block or never end).
     #[error("the image's {what} is not a regular file")]
-    NotRegular { what: String },
+    NotRegular {
+        /// Which file, e.g. `/etc/passwd`.
+        what: String,
+    },
+    /// The file is larger than [`MAX_USER_FILE`].
     #[error("the image's {what} is larger than {} MiB", MAX_USER_FILE >> 20)]
-    TooLarge { what: String },
+    TooLarge {
+        /// Which file, e.g. `/etc/group`.
+        what: String,
+    },
+    /// Reading the file's contents failed.
     #[error("reading the image's {what}: {source}")]
     Read {
+        /// Which file, e.g. `/etc/passwd`.
         what: String,
+        /// The read error.
         #[source]
         source: std::io::Error,
     },
