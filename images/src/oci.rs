@@ -13,24 +13,51 @@ use sha2::{Digest as _, Sha256};
 /// Errors reading or writing OCI content.
 #[derive(Debug, thiserror::Error)]
 pub enum OciError {
+    /// A file of the layout (`index.json`, a blob) could not be read.
     #[error("{path}: {source}")]
     Io {
+        /// The file's path.
         path: String,
+        /// The I/O error.
         #[source]
         source: io::Error,
     },
+    /// A document (index, manifest, config) that does not parse or is not of the expected
+    /// kind.
     #[error("{what}: {reason}")]
-    Invalid { what: String, reason: String },
+    Invalid {
+        /// What it is, e.g. a blob's path or `manifest of <name>`.
+        what: String,
+        /// Why it is refused.
+        reason: String,
+    },
+    /// A blob's content does not hash to its digest (found when it is read to the end).
     #[error("blob {digest}: digest mismatch (got sha256:{got}); the content is corrupt")]
-    DigestMismatch { digest: String, got: String },
+    DigestMismatch {
+        /// The expected digest, `sha256:<hex>`.
+        digest: String,
+        /// The hex SHA-256 of what was read.
+        got: String,
+    },
+    /// The image's index has no manifest for the platform asked for.
     #[error("image {name}: no manifest for {platform} in its index")]
-    NoPlatform { name: String, platform: String },
+    NoPlatform {
+        /// The image's name.
+        name: String,
+        /// The platform, `os/arch[/variant]`.
+        platform: String,
+    },
+    /// The layout's `index.json` has several manifests and none is annotated with the tag.
     #[error("image {name}: tag {tag:?} not found in {path}")]
     NoTag {
+        /// The image's name.
         name: String,
+        /// The tag asked for.
         tag: String,
+        /// The layout's directory.
         path: String,
     },
+    /// A platform text that is not `os/arch[/variant]`; names the text.
     #[error("invalid platform {0:?} (expected os/arch[/variant])")]
     Platform(String),
 }

@@ -11,10 +11,14 @@ use crate::store::Store;
 /// Why a base source could not fetch an image it should have.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
+    /// A local image name with an empty or `..` component (it would leave the images
+    /// directory); names the name.
     #[error("invalid image name {0:?}")]
     InvalidName(String),
+    /// A local OCI layout that cannot be read or does not hold the image.
     #[error("{0}")]
     Oci(#[from] oci::OciError),
+    /// A pull from a registry failed.
     #[error("{0}")]
     Registry(#[from] RegistryError),
 }
@@ -25,50 +29,71 @@ pub enum RegistryError {
     /// A docker-style auth file that cannot be read or is not JSON.
     #[error("{}: {source}", path.display())]
     AuthFile {
+        /// The auth file's path.
         path: std::path::PathBuf,
+        /// The read or JSON error.
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// A registry's `auth` entry in the auth file is not base64.
     #[error("{}: auth of {registry}: {source}", path.display())]
     AuthBase64 {
+        /// The auth file's path.
         path: std::path::PathBuf,
+        /// The registry whose entry it is.
         registry: String,
+        /// The decoding error.
         #[source]
         source: base64::DecodeError,
     },
+    /// A registry's `auth` entry decodes to text without a `:` between user and password.
     #[error("{}: auth of {registry} is not user:password", path.display())]
     AuthNotUserPassword {
+        /// The auth file's path.
         path: std::path::PathBuf,
+        /// The registry whose entry it is.
         registry: String,
     },
+    /// The image reference does not parse as `[registry/]repository[:tag][@digest]`.
     #[error("invalid image reference {reference:?}: {source}")]
     Reference {
+        /// The reference as given.
         reference: String,
+        /// The parser's reason.
         #[source]
         source: oci_client::ParseError,
     },
     /// What the registry answered, explained (what was sent, what to change).
     #[error("{message}")]
     Pull {
+        /// The explanation (names the registry and the repository there).
         message: String,
+        /// The registry client's error.
         #[source]
         source: Box<oci_client::errors::OciDistributionError>,
     },
+    /// The pulled image's config blob is not a valid OCI image config.
     #[error("image config: {0}")]
     ImageConfig(#[source] serde_json::Error),
+    /// A pulled blob that does not verify, or an OCI document that does not parse.
     #[error("{0}")]
     Oci(#[from] oci::OciError),
     /// A file of the store (a blob, the record of a pull).
     #[error("{}: {source}", path.display())]
     File {
+        /// The file's path.
         path: std::path::PathBuf,
+        /// The I/O error.
         #[source]
         source: std::io::Error,
     },
+    /// The runtime the registry client runs on could not be started.
     #[error("starting the registry client: {0}")]
     Runtime(#[source] std::io::Error),
+    /// The thread running the registry client panicked.
     #[error("the registry client panicked")]
     Panicked,
+    /// The record of a pull kept in the store could not be written as JSON.
     #[error("{0}")]
     Json(#[from] serde_json::Error),
 }

@@ -48,14 +48,22 @@ pub enum BuildError {
     },
     /// A base image could not be found, fetched or unpacked.
     #[error("base image {image}: {message}")]
-    Base { image: String, message: String },
+    Base {
+        /// The base image's reference as written in `FROM`.
+        image: String,
+        /// Why, e.g. `not found in the local images directory or any configured registry`.
+        message: String,
+    },
     /// A base source (local layouts, a registry) failed to fetch `image`.
     #[error("base image {image}: {source}")]
     Fetch {
+        /// The base image's reference as written in `FROM`.
         image: String,
+        /// The source's error.
         #[source]
         source: Box<crate::source::SourceError>,
     },
+    /// The snapshot store failed (a snapshot, a layer, the cache record).
     #[error(transparent)]
     Store(#[from] StoreError),
     /// A tool sandbox (copy, chown, removal) failed.

@@ -40,25 +40,34 @@ impl std::str::FromStr for BackendKind {
 /// Why rootless overlayfs does not work where it was probed.
 #[derive(Debug, thiserror::Error)]
 pub enum OverlayError {
+    /// The test hook `MISTRY_TEST_NO_OVERLAY` is set in the environment: overlay counts as refused.
     #[error("{} is set (a test hook)", NO_OVERLAY_ENV)]
     TestHook,
     /// The refusal recorded by an earlier probe (the store's `overlay-probe`).
     #[error("{0}")]
     Recorded(String),
+    /// A directory or file of the probe (`.overlay-probe-<pid>` under the store) could not be
+    /// created.
     #[error("creating {}: {source}", path.display())]
     Create {
+        /// The directory that failed.
         path: std::path::PathBuf,
+        /// The error from creating it or writing into it.
         #[source]
         source: std::io::Error,
     },
     /// The probe's sandbox could not start.
     #[error("{0}")]
     Sandbox(#[source] sandbox::Error),
+    /// The probe's script (read a lower file, delete one, write one) failed inside the overlay.
     #[error("the probe in an overlay failed ({status}): {stderr}")]
     Probe {
+        /// How the script exited.
         status: sandbox::ExitStatus,
+        /// Its stderr, trimmed.
         stderr: String,
     },
+    /// The probe ran, but the file it wrote is not in the upper directory afterwards.
     #[error("a file written in the overlay did not reach its upper directory")]
     NoUpper,
 }
