@@ -40,7 +40,7 @@ impl std::str::FromStr for BackendKind {
 /// Why rootless overlayfs does not work where it was probed.
 #[derive(Debug, thiserror::Error)]
 pub enum OverlayError {
-    /// The test hook `MISTRY_TEST_NO_OVERLAY` is set in the environment: overlay counts as refused.
+    /// The test hook `MISTRY_TEST_NO_OVERLAY` is set: overlay counts as refused.
     #[error("{} is set (a test hook)", NO_OVERLAY_ENV)]
     TestHook,
     /// The refusal recorded by an earlier probe (the store's `overlay-probe`).
