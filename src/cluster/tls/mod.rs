@@ -43,17 +43,25 @@ pub use verify::connector;
 /// What is wrong with a database URL's TLS parameters (one line, without the URL).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ParamError {
+    /// A percent-encoded query parameter of the URL that does not decode to UTF-8.
     #[error("{text:?}: {source}")]
     Encoding {
+        /// The parameter's text as written.
         text: String,
+        /// The decoding error.
         source: std::str::Utf8Error,
     },
+    /// A key=value string with a key not followed by `=`; names the key.
     #[error("expected \"=\" after {0:?}")]
     NoEquals(String),
+    /// A key=value string whose quoted value does not end; names the key.
     #[error("the value of {0:?} has no closing quote")]
     Unclosed(String),
+    /// An `sslmode` value that is not one of [`SslMode::ALLOWED`]; names the value.
     #[error("sslmode {0:?} is not one of {all}", all = SslMode::ALLOWED)]
     BadMode(String),
+    /// `sslrootcert=system` with an `sslmode` other than `verify-full`, as libpq refuses;
+    /// names the mode.
     #[error("weak sslmode {0:?} may not be used with sslrootcert=system (use \"verify-full\")")]
     WeakMode(&'static str),
 }
@@ -61,30 +69,50 @@ pub enum ParamError {
 /// Why the TLS connector could not be made (one line naming the file).
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
+    /// The `sslrootcert` file could not be read.
     #[error("cannot read sslrootcert {}: {source}", path.display())]
     ReadCa {
+        /// The file.
         path: PathBuf,
+        /// The read error.
         source: std::io::Error,
     },
+    /// The `sslrootcert` file is not valid PEM.
     #[error("sslrootcert {}: {source}", path.display())]
     Pem {
+        /// The file.
         path: PathBuf,
+        /// The PEM parser's error.
         source: rustls::pki_types::pem::Error,
     },
+    /// A certificate of the `sslrootcert` file that rustls does not accept as a CA.
     #[error("sslrootcert {}: {source}", path.display())]
     Cert {
+        /// The file.
         path: PathBuf,
+        /// rustls' reason.
         source: rustls::Error,
     },
+    /// The `sslrootcert` file parses but holds no certificate; names the file.
     #[error("sslrootcert {} holds no PEM certificate", .0.display())]
     NoCa(PathBuf),
+    /// `sslrootcert=system`, or `verify-ca`/`verify-full` without `sslrootcert`, and the
+    /// system's store (`SSL_CERT_FILE`, `SSL_CERT_DIR`, else the distribution's) has no usable
+    /// certificate.
     #[error("no CA certificate in the system's store{why} (give one with sslrootcert=PATH)")]
-    NoSystemCa { why: String },
+    NoSystemCa {
+        /// `: ` and the first error met loading the store, or empty.
+        why: String,
+    },
+    /// rustls could not build a certificate verifier from the CA certificates.
     #[error("the CA certificates of {roots}: {source}")]
     Verifier {
+        /// Where they came from: `sslrootcert <path>` or `the system's CA store`.
         roots: String,
+        /// rustls' reason.
         source: rustls::client::VerifierBuilderError,
     },
+    /// rustls refused the client configuration (its provider's protocol versions).
     #[error("TLS: {0}")]
     Config(rustls::Error),
 }
@@ -92,11 +120,16 @@ pub enum TlsError {
 /// libpq's `sslmode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SslMode {
+    /// `disable`: no TLS.
     Disable,
     /// `prefer` and `allow`.
     Prefer,
+    /// `require`: TLS or no connection; the chain is checked only when `sslrootcert` is given.
     Require,
+    /// `verify-ca`: TLS, and the chain must lead to a CA of `sslrootcert` (else the system's).
     VerifyCa,
+    /// `verify-full`: as `verify-ca`, and the host name or IP address connected to must be in
+    /// the certificate.
     VerifyFull,
 }
 
@@ -142,13 +175,16 @@ impl SslMode {
 pub enum RootCert {
     /// `sslrootcert=system`.
     System,
+    /// `sslrootcert=PATH`: a PEM file of CA certificates.
     File(PathBuf),
 }
 
 /// The TLS settings of a database URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsSettings {
+    /// The mode; without `sslmode`, `prefer`, or `verify-full` with `sslrootcert=system`.
     pub mode: SslMode,
+    /// `None`: no `sslrootcert` (or an empty one).
     pub root: Option<RootCert>,
 }
 
