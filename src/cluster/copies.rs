@@ -44,43 +44,64 @@ pub enum ReplicateError {
     /// A project or job name that is not valid (nothing was asked).
     #[error("fetching build {project}/{id} from {agent}: {reason}")]
     BadName {
+        /// The other agent's URL, without a trailing `/`.
         agent: String,
+        /// The project.
         project: String,
+        /// The job ID.
         id: String,
+        /// Why, on one line.
         reason: String,
     },
     /// The agent has no ready build of that ID (404).
     #[error("build {project}/{id} is not available from {agent}: {message}")]
     NotFound {
+        /// The other agent's URL, without a trailing `/`.
         agent: String,
+        /// The project.
         project: String,
+        /// The job ID.
         id: String,
+        /// The agent's message, or the transport error.
         message: String,
     },
     /// The agent could not be reached, answered with another error, or the stream broke off.
     #[error("fetching build {project}/{id} from {agent}: {message}")]
     Transfer {
+        /// The other agent's URL, without a trailing `/`.
         agent: String,
+        /// The project.
         project: String,
+        /// The job ID.
         id: String,
+        /// The agent's message, or the transport error.
         message: String,
     },
     /// What the agent sent is not a build this agent accepts (an unsafe name or entry, another
     /// job's BuildInfo, a missing part): nothing of it is kept.
     #[error("refusing build {project}/{id} from {agent}: {reason}")]
     Refused {
+        /// The other agent's URL, without a trailing `/`.
         agent: String,
+        /// The project.
         project: String,
+        /// The job ID.
         id: String,
+        /// Why, on one line.
         reason: String,
     },
     /// Writing the build on this agent failed.
     #[error("storing build {project}/{id} fetched from {agent}: {what}: {source}")]
     Io {
+        /// The other agent's URL, without a trailing `/`.
         agent: String,
+        /// The project.
         project: String,
+        /// The job ID.
         id: String,
+        /// The step, e.g. `writing build_info.json`.
         what: String,
+        /// The I/O error.
         source: io::Error,
     },
 }

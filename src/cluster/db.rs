@@ -28,25 +28,70 @@ const POOL_SIZE: usize = 8;
 /// What went wrong with the database; every message names it (password redacted).
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
+    /// The `database_url` does not parse (or its TLS parameters do not), or the pool cannot be
+    /// made from it.
     #[error("invalid database_url {url}: {reason}")]
-    BadUrl { url: String, reason: String },
+    BadUrl {
+        /// The URL, password redacted.
+        url: String,
+        /// Why, on one line.
+        reason: String,
+    },
+    /// The TLS connector could not be made (an unreadable `sslrootcert`, no CA certificate).
     #[error("TLS to the database at {url}: {reason}")]
-    Tls { url: String, reason: String },
+    Tls {
+        /// The URL, password redacted.
+        url: String,
+        /// Why, naming the file.
+        reason: String,
+    },
+    /// The first connection failed (refused, authentication, TLS handshake, timeout).
     #[error("cannot reach the database at {url}: {reason}")]
-    Unreachable { url: String, reason: String },
+    Unreachable {
+        /// The URL, password redacted.
+        url: String,
+        /// The error and its sources, on one line.
+        reason: String,
+    },
     #[error(
         "the database schema is version {found}, newer than this mistryd ({known}): upgrade mistryd"
     )]
-    TooNew { found: i64, known: i64 },
+    /// The database was migrated by a newer mistryd: this one refuses to use it.
+    TooNew {
+        /// The schema version recorded in the database.
+        found: i64,
+        /// The newest version this mistryd knows.
+        known: i64,
+    },
+    /// Reading the schema version or applying a migration failed.
     #[error("migrating the database at {url}: {reason}")]
-    Migration { url: String, reason: String },
+    Migration {
+        /// The URL, password redacted.
+        url: String,
+        /// The error and its sources, on one line.
+        reason: String,
+    },
+    /// A query failed, no connection was available in time, or there is no database (`url`
+    /// empty, `reason` `no database_url`).
     #[error("the database at {url}: {reason}")]
-    Query { url: String, reason: String },
+    Query {
+        /// The URL, password redacted.
+        url: String,
+        /// The error and its sources, on one line.
+        reason: String,
+    },
     #[error(
         "another live agent is named {name} (at {url}): give this one its own agent_name, or \
          stop that one"
     )]
-    NameTaken { name: String, url: String },
+    /// Another agent with this `agent_name` has a live heartbeat at another URL, and answers
+    /// there as that name.
+    NameTaken {
+        /// The agent name.
+        name: String,
+        /// The other agent's URL as it recorded it.
+        url: String,
+    },
 }
 
 /// An error and its sources, on one line.
@@ -171,8 +216,6 @@ pub fn known_version() -> i64 {
 }
 
 impl Db {
-    /// Connect to `url`, apply the migrations this mistryd has and the database lacks, and make
-    /// the pool. `agent` names the connections (`application_name`).
     /// What `mistryd doctor` says of the database at `url`: one connection, nothing written.
     pub async fn probe(url: &str, agent: &str) -> Result<Probe, ClusterError> {
         let shown = redact(url);
@@ -210,6 +253,8 @@ impl Db {
         })
     }
 
+    /// Connect to `url`, apply the migrations this mistryd has and the database lacks, and make
+    /// the pool. `agent` names the connections (`application_name`).
     pub async fn connect(url: &str, agent: &str) -> Result<Db, ClusterError> {
         let shown = redact(url);
         let (mut config, tls) = pg_config(url)?;
