@@ -11,9 +11,13 @@ pub use crate::service::AgentInfo;
 
 /// What an agent registers.
 pub struct Registration<'a> {
+    /// The agent's name (`agent_name`), unique among live agents.
     pub name: &'a str,
+    /// The URL other agents reach this one at (`advertise_url`).
     pub advertise_url: &'a str,
+    /// How many jobs it runs at once (`job_concurrency`).
     pub capacity: usize,
+    /// mistryd's version, e.g. `0.4.0`.
     pub version: &'a str,
 }
 

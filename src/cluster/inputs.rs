@@ -33,7 +33,9 @@ use crate::service::JobState;
 pub struct InputError {
     /// The input's name (the needed job of the pipeline).
     pub name: String,
+    /// The upstream build's project.
     pub project: String,
+    /// The upstream build's job ID.
     pub id: String,
     /// What is wrong with it, e.g. `failed`.
     pub reason: String,

@@ -225,8 +225,12 @@ pub async fn cluster_jobs(
 /// The cluster's numbers, as `/metrics` shows them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ClusterGauges {
+    /// Jobs in state `queued` (`cluster_queue_length`).
     pub queue_length: i64,
+    /// Agents not stopped whose last heartbeat is within `agent_timeout`
+    /// (`cluster_agents_alive`).
     pub agents_alive: i64,
+    /// Jobs in state `running`, on any agent (`cluster_jobs_running`).
     pub jobs_running: i64,
 }
 

@@ -27,12 +27,20 @@ pub enum ExportError {
     BadName(#[from] crate::jobs::NameError),
     /// Not a ready build of this agent (404).
     #[error("Build {project}/{id} is not ready on this agent")]
-    NotReady { project: String, id: String },
+    NotReady {
+        /// The project.
+        project: String,
+        /// The job ID.
+        id: String,
+    },
     /// Its cache layers could not be squashed into one tree (500).
     #[error("Build {project}/{id}: its cache could not be merged: {source}")]
     Squash {
+        /// The project.
         project: String,
+        /// The job ID.
         id: String,
+        /// The store's error.
         #[source]
         source: Box<images::StoreError>,
     },

@@ -250,34 +250,45 @@ pub fn below_mark(path: &Path, min_free: MinFree) -> io::Result<(u64, bool)> {
 
 static TRASH_COUNTER: AtomicU64 = AtomicU64::new(0);
 
-/// `<build_path>/.mistry-trash`: where builds go before their removal. Entries are named
-/// `<pid>-<n>-<project>-<id>` after the process removing them, so that a leftover (a process
-/// killed midway) is cleaned by the next one, and never one another live process is removing.
 /// Why a build could not be moved to the trash or removed from it.
 #[derive(Debug, thiserror::Error)]
 pub enum TrashError {
+    /// The build's path could not be resolved (canonicalized) for another reason than its
+    /// absence.
     #[error("{}: {source}", path.display())]
     Resolve {
+        /// The build's directory.
         path: PathBuf,
+        /// The error.
         #[source]
         source: io::Error,
     },
+    /// The trash directory could not be created.
     #[error("creating {}: {source}", path.display())]
     Create {
+        /// The trash directory.
         path: PathBuf,
+        /// The error.
         #[source]
         source: io::Error,
     },
+    /// The build could not be renamed into the trash.
     #[error("moving {} to {}: {source}", from.display(), to.display())]
     Move {
+        /// The build's directory.
         from: PathBuf,
+        /// Its name in the trash.
         to: PathBuf,
+        /// The rename error.
         #[source]
         source: io::Error,
     },
+    /// The build's tree in the trash could not be removed.
     #[error("removing {}: {source}", path.display())]
     Remove {
+        /// The tree in the trash.
         path: PathBuf,
+        /// The store's error.
         #[source]
         source: images::StoreError,
     },
@@ -291,6 +302,9 @@ pub(super) fn remove_taken(store: &Store, path: PathBuf) -> Result<(), TrashErro
     }
 }
 
+/// `<build_path>/.mistry-trash`: where builds go before their removal. Entries are named
+/// `<pid>-<n>-<project>-<id>` after the process removing them, so that a leftover (a process
+/// killed midway) is cleaned by the next one, and never one another live process is removing.
 #[derive(Debug, Clone)]
 pub struct Trash {
     dir: PathBuf,

@@ -119,7 +119,9 @@ impl From<JobError> for SubmitError {
 
 /// A request's answer: the BuildInfo and the local directory holding its logs and artifacts.
 pub struct Answer {
+    /// The build's BuildInfo, as the API returns it (`path`: the artifacts on this agent).
     pub info: BuildInfo,
+    /// The job's directory on this agent (`<build_path>/<project>/{pending,ready}/<id>`).
     pub dir: JobDir,
 }
 

@@ -77,6 +77,7 @@ pub enum LogStream {
 }
 
 impl LogStream {
+    /// The stream's name in the database's log rows: `out` or `stderr`.
     pub fn as_str(self) -> &'static str {
         match self {
             LogStream::Out => "out",
