@@ -73,10 +73,13 @@ pub struct BuildArgs {
 /// A value of `mistryd image build`'s options that does not parse (clap reports it).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ArgError {
+    /// A `--build-arg` without `=`; names the value.
     #[error("expected K=V, got {0:?}")]
     KeyValue(String),
+    /// A `--secret` field other than `id=`, `src=`, `source=` or `type=file`; names the field.
     #[error("unknown field {0:?} in --secret (expected id=ID,src=FILE)")]
     SecretField(String),
+    /// A `--secret` without a non-empty `id=` or without `src=`; names the value.
     #[error("--secret {0:?}: expected id=ID,src=FILE")]
     Secret(String),
 }

@@ -53,17 +53,27 @@ pub enum JobError {
 /// (`Error unmarshalling body ...`). 400.
 #[derive(Debug, thiserror::Error)]
 pub enum RequestError {
+    /// The body is not JSON.
     #[error("Error unmarshalling body '{body}' to Job: {source}")]
     Json {
+        /// The body as sent (lossy UTF-8).
         body: String,
+        /// The JSON parser's error.
         #[source]
         source: serde_json::Error,
     },
+    /// The body is JSON but not an object.
     #[error("Error unmarshalling body '{body}' to Job: not an object")]
-    NotAnObject { body: String },
+    NotAnObject {
+        /// The body as sent (lossy UTF-8).
+        body: String,
+    },
+    /// A known field of the wrong JSON type.
     #[error("Error unmarshalling body to Job: {field} must be {expected}")]
     Field {
+        /// The field's JSON name, e.g. `params`.
         field: String,
+        /// What it must be, e.g. `a string`.
         expected: &'static str,
     },
 }
@@ -72,14 +82,34 @@ pub enum RequestError {
 /// says whose name it is (`project`, `group`, `param`...).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum NameError {
+    /// The name is empty.
     #[error("{what} name is empty")]
-    Empty { what: String },
+    Empty {
+        /// Whose name, e.g. `project`.
+        what: String,
+    },
+    /// The name starts with `.` (also `.` and `..`).
     #[error("invalid {what} name {name:?}: must not start with '.'")]
-    Hidden { what: String, name: String },
+    Hidden {
+        /// Whose name, e.g. `project`.
+        what: String,
+        /// The name.
+        name: String,
+    },
+    /// The name holds `/` or a NUL byte.
     #[error("invalid {what} name {name:?}: must not contain '/' or NUL")]
-    Separator { what: String, name: String },
+    Separator {
+        /// Whose name, e.g. `project`.
+        what: String,
+        /// The name.
+        name: String,
+    },
+    /// The name is longer than 255 bytes (one path component's limit).
     #[error("invalid {what} name: longer than 255 bytes")]
-    TooLong { what: String },
+    TooLong {
+        /// Whose name, e.g. `project`.
+        what: String,
+    },
 }
 
 impl From<NameError> for JobError {

@@ -86,10 +86,13 @@ pub struct RunArgs {
 /// A value of `mistryd sandbox run`'s options that does not parse (clap reports it).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ArgError {
+    /// An `--env` value without `=`; names the value.
     #[error("invalid environment variable {0:?} (expected K=V)")]
     Env(String),
+    /// A `--nofile` value that is not `SOFT[:HARD]` in numbers; names the value.
     #[error("invalid open file limit {0:?} (expected SOFT[:HARD])")]
     Nofile(String),
+    /// A `--nofile` value whose soft limit is above its hard one; names the value.
     #[error("open file limit {0:?}: soft above hard")]
     NofileOrder(String),
 }

@@ -353,8 +353,10 @@ pub const CLUSTER_JOBS_MAX: i64 = 5000;
 /// A filter of the cluster's job list that is not valid (the 400's text).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum FilterError {
+    /// A `state` filter that is not a job state; names it.
     #[error("Unknown state '{0}': give queued, running, pending, ready or failed")]
     State(String),
+    /// A `limit` outside `1..=`[`CLUSTER_JOBS_MAX`]; names it.
     #[error("limit must be between 1 and {max}, got {0}", max = CLUSTER_JOBS_MAX)]
     Limit(i64),
 }
