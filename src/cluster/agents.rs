@@ -17,7 +17,7 @@ pub struct Registration<'a> {
     pub advertise_url: &'a str,
     /// How many jobs it runs at once (`job_concurrency`).
     pub capacity: usize,
-    /// mistryd's version, e.g. `0.4.0`.
+    /// mistryd's version ([`crate::service::VERSION`]).
     pub version: &'a str,
 }
 
