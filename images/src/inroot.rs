@@ -260,12 +260,6 @@ pub fn kind_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<Option<FileType>
     }
 }
 
-/// Remove `name` from `dir` whatever it is (a directory with everything in it, walked
-/// iteratively: see [`crate::walk`]; a symlink is removed, never followed); missing is fine.
-pub fn remove_at(dir: BorrowedFd<'_>, name: &OsStr) -> io::Result<()> {
-    crate::walk::remove_at(dir, name, false)
-}
-
 /// Open `name` in `dir` for reading if it is a regular file: never through a symlink, never
 /// blocking (something swapped for a FIFO meanwhile cannot hang the reader), never becoming a
 /// controlling terminal. `None` when it is something else; its `fstat` comes with it.
@@ -286,38 +280,6 @@ mod tests {
     use super::*;
     use std::fs;
     use std::os::unix::fs::symlink;
-
-    #[test]
-    fn clearing_as_owner_opens_locked_dirs_and_never_follows_links() {
-        use std::os::unix::fs::PermissionsExt;
-        let d = tempfile::tempdir().unwrap();
-        let outside = tempfile::tempdir().unwrap();
-        fs::write(outside.path().join("keep"), "x").unwrap();
-        fs::set_permissions(outside.path(), fs::Permissions::from_mode(0o751)).unwrap();
-        let r = d.path().join("root");
-        // What overlayfs leaves (work/work, mode 000) and what a job may leave: a read-only
-        // directory with files, links out of the tree.
-        fs::create_dir_all(r.join("work/work/deep")).unwrap();
-        fs::write(r.join("work/work/deep/f"), "f").unwrap();
-        fs::create_dir_all(r.join("upper/ro")).unwrap();
-        fs::write(r.join("upper/ro/f"), "f").unwrap();
-        symlink(outside.path(), r.join("upper/out")).unwrap();
-        symlink(outside.path().join("keep"), r.join("upper/ro/keep")).unwrap();
-        fs::set_permissions(r.join("upper/ro"), fs::Permissions::from_mode(0o555)).unwrap();
-        fs::set_permissions(r.join("work/work"), fs::Permissions::from_mode(0o000)).unwrap();
-        let dir = rfs::open(&r, OFlags::RDONLY | OFlags::DIRECTORY, Mode::empty()).unwrap();
-        crate::walk::clear(dir, &r, true).unwrap();
-        assert_eq!(fs::read_dir(&r).unwrap().count(), 0);
-        assert_eq!(
-            fs::read_to_string(outside.path().join("keep")).unwrap(),
-            "x"
-        );
-        assert_eq!(
-            fs::metadata(outside.path()).unwrap().permissions().mode() & 0o777,
-            0o751,
-            "the link's target keeps its mode"
-        );
-    }
 
     #[test]
     fn absolute_links_and_dotdot_stay_inside() {
@@ -385,20 +347,5 @@ mod tests {
             .mkdir_all(Path::new("/loop/x"), None, 0o755)
             .unwrap_err();
         assert!(e.to_string().contains("ELOOP"), "{e}");
-    }
-
-    #[test]
-    fn remove_never_follows_links() {
-        let d = tempfile::tempdir().unwrap();
-        let outside = tempfile::tempdir().unwrap();
-        fs::write(outside.path().join("keep"), "k").unwrap();
-        let r = d.path();
-        fs::create_dir_all(r.join("d/e")).unwrap();
-        symlink(outside.path(), r.join("d/e/out")).unwrap();
-        let root = Root::open(r).unwrap();
-        let (p, n) = root.parent(Path::new("d")).unwrap();
-        remove_at(p.as_fd(), &n).unwrap();
-        assert!(!r.join("d").exists());
-        assert!(outside.path().join("keep").is_file());
     }
 }

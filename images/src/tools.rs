@@ -576,7 +576,7 @@ fn copy_one(item: &CopyItem, spec: &CopySpec, src: &Root, dst: &Root) -> io::Res
     match kind {
         FileType::Directory => {
             if existing != Some(FileType::Directory) {
-                inroot::remove_at(ddir, dname)?;
+                walk::remove_at(ddir, dname, false)?;
                 rfs::mkdirat(ddir, dname, Mode::from_raw_mode(0o700)).map_err(io::Error::from)?;
             }
             fd = Some(
@@ -590,7 +590,7 @@ fn copy_one(item: &CopyItem, spec: &CopySpec, src: &Root, dst: &Root) -> io::Res
             );
         }
         FileType::Symlink => {
-            inroot::remove_at(ddir, dname)?;
+            walk::remove_at(ddir, dname, false)?;
             let target = rfs::readlinkat(&sdir, &sname, Vec::new()).map_err(io::Error::from)?;
             rfs::symlinkat(target.as_c_str(), ddir, dname).map_err(io::Error::from)?;
         }
@@ -598,7 +598,7 @@ fn copy_one(item: &CopyItem, spec: &CopySpec, src: &Root, dst: &Root) -> io::Res
             let Some((input, _)) = inroot::open_file_at(sdir.as_fd(), &sname)? else {
                 return Err(io::Error::other("not a regular file"));
             };
-            inroot::remove_at(ddir, dname)?;
+            walk::remove_at(ddir, dname, false)?;
             let out = rfs::openat(
                 ddir,
                 dname,
@@ -612,7 +612,7 @@ fn copy_one(item: &CopyItem, spec: &CopySpec, src: &Root, dst: &Root) -> io::Res
             fd = Some(out.into());
         }
         FileType::Fifo => {
-            inroot::remove_at(ddir, dname)?;
+            walk::remove_at(ddir, dname, false)?;
             rfs::mknodat(ddir, dname, FileType::Fifo, Mode::from_raw_mode(0o600), 0)
                 .map_err(io::Error::from)?;
         }

@@ -22,6 +22,7 @@ use std::path::{Component, Path, PathBuf};
 use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags};
 
 use crate::inroot::{self, Root};
+use crate::walk;
 
 /// Why a layer could not be applied.
 #[derive(Debug, thiserror::Error)]
@@ -217,7 +218,7 @@ pub(crate) fn apply_layer_in(
                     let mut w = crate::walk::Walk::new(dir, crate::walk::Order::Any, &dir_rel)?;
                     while let Some(child) = w.next_entry()? {
                         if !ctx.created.contains(&dir_rel.join(&child.name)) {
-                            inroot::remove_at(w.dir()?, &child.name)
+                            walk::remove_at(w.dir()?, &child.name, false)
                                 .map_err(|e| w.error_at(None, e))?;
                         }
                     }
@@ -234,7 +235,7 @@ pub(crate) fn apply_layer_in(
             }
             let parent_rel = rel.parent().map(Path::to_path_buf).unwrap_or_default();
             match root.open_in(&parent_rel, OFlags::PATH | OFlags::DIRECTORY) {
-                Ok(dir) => inroot::remove_at(dir.as_fd(), OsStr::new(hidden))
+                Ok(dir) => walk::remove_at(dir.as_fd(), OsStr::new(hidden), false)
                     .map_err(ctx.io(format!("applying whiteout {}", rel.display())))?,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err((ctx.io(format!("applying whiteout {}", rel.display())))(e)),
@@ -271,7 +272,8 @@ pub(crate) fn apply_layer_in(
         );
         let mtime = filetime::FileTime::from_unix_time(header.mtime().unwrap_or(0) as i64, 0);
         let replace = |ctx: &Ctx| {
-            inroot::remove_at(dir, fname).map_err(ctx.io(format!("replacing {}", rel.display())))
+            walk::remove_at(dir, fname, false)
+                .map_err(ctx.io(format!("replacing {}", rel.display())))
         };
         // The entry's own fd, for owner, mode, xattrs and times (None for links and fifos).
         let fd: Option<OwnedFd> = match kind {

@@ -12,8 +12,17 @@ use serde::Deserialize;
 pub const DATABASE_URL_ENV: &str = "MISTRY_DATABASE_URL";
 /// Default `agent_timeout`.
 pub const DEFAULT_AGENT_TIMEOUT: Duration = Duration::from_secs(30);
-/// Default `heartbeat`.
+/// Default `heartbeat` (with the default `agent_timeout`; else [`heartbeat_for`] of it).
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+/// The shortest `agent_timeout`: shorter, a loaded agent would look dead between two heartbeats.
+pub const MIN_AGENT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The heartbeat an `agent_timeout` implies when `heartbeat` is not set: a sixth of it (5s for
+/// the default 30s), so that five heartbeats in a row can be late or lost before the agent
+/// looks dead.
+pub fn heartbeat_for(agent_timeout: Duration) -> Duration {
+    agent_timeout / 6
+}
 
 /// The configuration file's keys of the multi-agent mode (top level, beside mistry's).
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -26,7 +35,8 @@ pub struct RawSettings {
     pub advertise_url: Option<String>,
     /// `agent_timeout`: a Go duration (`30s`).
     pub agent_timeout: Option<String>,
-    /// `heartbeat`: a Go duration, shorter than `agent_timeout`, not zero.
+    /// `heartbeat`: a Go duration, shorter than `agent_timeout`, not zero; absent: a sixth of
+    /// `agent_timeout` ([`heartbeat_for`]).
     pub heartbeat: Option<String>,
     /// `log_retention`: an age (see [`crate::config::parse_age`]), not zero.
     pub log_retention: Option<String>,
@@ -44,7 +54,7 @@ pub struct Settings {
     pub advertise_url: Option<String>,
     /// An agent without a heartbeat for this long is not alive (`agent_timeout`, default 30s).
     pub agent_timeout: Duration,
-    /// How often this agent heartbeats (`heartbeat`, default 5s).
+    /// How often this agent heartbeats (`heartbeat`; default a sixth of `agent_timeout`, 5s).
     pub heartbeat: Duration,
     /// Jobs that ended longer ago than this lose their central log and record
     /// (`log_retention`; default `None`: kept).
@@ -92,10 +102,19 @@ impl Settings {
         }
         if let Some(t) = &raw.agent_timeout {
             s.agent_timeout = super::parse_limit(t, "agent_timeout")?;
+            if s.agent_timeout < MIN_AGENT_TIMEOUT {
+                bail!(
+                    "agent_timeout ({:?}) must be at least {:?}, or a loaded agent looks dead \
+                     between two heartbeats",
+                    s.agent_timeout,
+                    MIN_AGENT_TIMEOUT
+                );
+            }
         }
-        if let Some(t) = &raw.heartbeat {
-            s.heartbeat = super::parse_limit(t, "heartbeat")?;
-        }
+        s.heartbeat = match &raw.heartbeat {
+            Some(t) => super::parse_limit(t, "heartbeat")?,
+            None => heartbeat_for(s.agent_timeout),
+        };
         if let Some(t) = &raw.log_retention {
             let d = super::parse_age(t).map_err(|e| anyhow::anyhow!("log_retention: {e}"))?;
             if d.is_zero() {
@@ -193,7 +212,44 @@ mod tests {
         s.apply_database_url(Some("postgres://other/x".into()));
         assert_eq!(s.database_url.as_deref(), Some("postgres://other/x"));
 
+        // Without `heartbeat`, it follows `agent_timeout`: a short timeout is no error.
+        let s = Settings::parse(&RawSettings {
+            agent_timeout: Some("5s".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(
+            (s.agent_timeout, s.heartbeat),
+            (
+                Duration::from_secs(5),
+                Duration::from_millis(833) + Duration::from_nanos(333_333)
+            )
+        );
+        assert_eq!(
+            heartbeat_for(Duration::from_secs(60)),
+            Duration::from_secs(10)
+        );
+        assert_eq!(heartbeat_for(DEFAULT_AGENT_TIMEOUT), DEFAULT_HEARTBEAT);
+
         let bad = |raw: RawSettings| Settings::parse(&raw).unwrap_err().to_string();
+        assert_eq!(
+            bad(RawSettings {
+                agent_timeout: Some("999ms".into()),
+                ..Default::default()
+            }),
+            "agent_timeout (999ms) must be at least 1s, or a loaded agent looks dead between two \
+             heartbeats"
+        );
+        // A heartbeat set explicitly is still checked against the timeout.
+        assert_eq!(
+            bad(RawSettings {
+                agent_timeout: Some("5s".into()),
+                heartbeat: Some("5s".into()),
+                ..Default::default()
+            }),
+            "heartbeat (5s) must be shorter than agent_timeout (5s), or live agents look dead \
+             between two heartbeats"
+        );
         assert_eq!(
             bad(RawSettings {
                 heartbeat: Some("30s".into()),

@@ -149,7 +149,7 @@ impl Data {
     /// link: by fd as this process, else (what belongs to another sandbox id) with the store's
     /// tools in the user namespace, which remove without following either.
     fn remove(&self, store: &Store, dir: &OwnedFd, dir_rel: &Path, name: &OsStr) -> io::Result<()> {
-        match images::inroot::remove_at(dir.as_fd(), name) {
+        match images::walk::remove_at(dir.as_fd(), name, false) {
             Ok(()) => Ok(()),
             // By kind: the walker names the entry in its errors (no raw errno left).
             Err(e)
