@@ -812,6 +812,11 @@ mod tests {
             e.to_string(),
             format!("{}: Not a directory (os error 20)", file.display())
         );
+        // Nor does a FIFO there block the daemon.
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let e = job_ids("p", "", &none_params(), &BTreeMap::new(), &fifo).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::NotADirectory);
         let missing = dir.path().join("missing");
         let e = job_ids("p", "", &none_params(), &BTreeMap::new(), &missing).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
