@@ -512,6 +512,84 @@ mod tests {
         assert!(check_name("param", "lockfile-v2_x.y").is_ok());
     }
 
+    #[test]
+    fn names_are_refused_with_their_reason_and_capped_at_255_bytes() {
+        // The refusal's text (whatever the error's type).
+        let refusal = |what: &str, name: &str| check_name(what, name).err().map(|e| e.to_string());
+        let said = |s: &str| Some(s.to_string());
+        assert_eq!(refusal("group", ""), said("group name is empty"));
+        assert_eq!(
+            refusal("project", ".."),
+            said("invalid project name \"..\": must not start with '.'")
+        );
+        assert_eq!(
+            refusal("param", "a/b"),
+            said("invalid param name \"a/b\": must not contain '/' or NUL")
+        );
+        assert_eq!(
+            refusal("param", "/"),
+            said("invalid param name \"/\": must not contain '/' or NUL")
+        );
+        assert_eq!(
+            refusal("param", "a\0"),
+            said("invalid param name \"a\\0\": must not contain '/' or NUL")
+        );
+        assert_eq!(refusal("param", &"x".repeat(255)), None);
+        assert_eq!(refusal("param", "é"), None);
+        for long in [256, 300] {
+            assert_eq!(
+                refusal("param", &"x".repeat(long)),
+                said("invalid param name: longer than 255 bytes"),
+                "{long}"
+            );
+        }
+        // Bytes, not characters: 128 two-byte characters are 256 bytes.
+        assert!(refusal("param", &"é".repeat(128)).is_some());
+    }
+
+    #[test]
+    fn build_info_succeeds_only_with_exit_code_0_and_no_error() {
+        let mut info: BuildInfo = serde_json::from_value(serde_json::json!({
+            "Params": {}, "Group": "", "Path": "p", "Cached": false, "Coalesced": false,
+            "Incremental": false, "ExitCode": 0, "ErrBuild": "", "TransportMethod": "rsync",
+            "StartedAt": "t", "Duration": UNKNOWN_DURATION, "URL": "u"
+        }))
+        .unwrap();
+        assert!(info.succeeded());
+        // mistry's BuildInfo: no Retries while 0.
+        let json = serde_json::to_value(&info).unwrap();
+        assert_eq!(json.get("Retries"), None);
+        assert_eq!(json["ExitCode"], 0);
+        info.retries = 2;
+        assert_eq!(serde_json::to_value(&info).unwrap()["Retries"], 2);
+        info.err_build = "disk limit".into();
+        assert!(!info.succeeded());
+        info.err_build.clear();
+        info.exit_code = 1;
+        assert!(!info.succeeded());
+        info.exit_code = NEVER_RAN;
+        assert!(!info.succeeded());
+        // mistry's values for a job that never ran and a duration not known yet.
+        let json = serde_json::to_value(&info).unwrap();
+        assert_eq!(
+            (json["ExitCode"].as_i64(), json["Duration"].as_i64()),
+            (Some(-999), Some(-1_000_000_000))
+        );
+    }
+
+    #[test]
+    fn a_requests_identity_is_its_group_and_plain_params() {
+        let req = JobRequest::parse(
+            br#"{"project": "p", "group": "g", "params": {"x": "1", "_o": "2"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            Identity::of(&req),
+            Identity::new("g", &params(&[("x", "1")]))
+        );
+        assert_ne!(Identity::of(&req), Identity::default());
+    }
+
     mod props {
         use super::super::*;
         use proptest::prelude::*;
@@ -829,6 +907,27 @@ mod tests {
         );
         assert_eq!(one.mistry, two.mistry);
         assert_ne!(one.exact, two.exact);
+    }
+
+    #[test]
+    fn a_project_dir_that_is_not_a_directory_is_refused_with_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("Dockerfile");
+        std::fs::write(&file, "FROM busybox\n").unwrap();
+        let e = job_ids("p", "", &none_params(), &BTreeMap::new(), &file).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::NotADirectory);
+        assert_eq!(
+            e.to_string(),
+            format!("{}: Not a directory (os error 20)", file.display())
+        );
+        // Nor does a FIFO there block the daemon.
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let e = job_ids("p", "", &none_params(), &BTreeMap::new(), &fifo).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::NotADirectory);
+        let missing = dir.path().join("missing");
+        let e = job_ids("p", "", &none_params(), &BTreeMap::new(), &missing).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::NotFound);
     }
 
     fn none_params() -> BTreeMap<String, String> {

@@ -365,4 +365,100 @@ mod tests {
             "sandbox_ids: unknown sandbox ids \"host\" (expected auto or subordinate)"
         );
     }
+
+    /// A configuration with projects `web` (its own entry: `entry`) and `other` (none).
+    fn two_projects(dir: &Path, server: &str, entry: &str) -> (Config, std::path::PathBuf) {
+        let (p, b) = (dir.join("projects"), dir.join("builds"));
+        for d in [p.join("web"), p.join("other"), b.clone()] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let text = format!(
+            r#"{{"projects_path": "{}", "build_path": "{}", {server}
+                "projects": {{"web": {{{entry}}}}}}}"#,
+            p.display(),
+            b.display()
+        );
+        (Config::parse(&text, Path::new("config.json")).unwrap(), p)
+    }
+
+    #[test]
+    fn the_operators_time_limit_is_the_projects_entry_else_the_servers() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, p) = two_projects(
+            dir.path(),
+            r#""time_limit": "10m","#,
+            r#""time_limit": "2m""#,
+        );
+        // The project's own file does not change what the operator gives.
+        std::fs::write(p.join("web/.mistry.json"), r#"{"time_limit": "1m"}"#).unwrap();
+        assert_eq!(c.operator_time_limit("web"), Some(Duration::from_secs(120)));
+        assert_eq!(
+            c.effective("web").unwrap().time_limit,
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(
+            c.operator_time_limit("other"),
+            Some(Duration::from_secs(600))
+        );
+        assert_eq!(
+            c.operator_time_limit("unknown"),
+            Some(Duration::from_secs(600))
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let (c, p) = two_projects(dir.path(), "", r#""network": "host""#);
+        assert_eq!(c.operator_time_limit("web"), None);
+        assert_eq!(c.effective("other").unwrap().time_limit, None);
+        // Without an operator's limit the project's own one applies, also to ADD <url>.
+        std::fs::write(p.join("other/.mistry.json"), r#"{"time_limit": "30s"}"#).unwrap();
+        let o = c.build_options("other").unwrap();
+        assert_eq!(o.run_timeout, Some(Duration::from_secs(30)));
+        assert_eq!(o.download.timeout, Duration::from_secs(30));
+        assert_eq!(c.operator_time_limit("other"), None);
+    }
+
+    #[test]
+    fn a_project_file_of_64_kib_is_read_and_one_byte_more_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (c, p) = two_projects(dir.path(), "", "");
+        let file = p.join("web/.mistry.json");
+        let json = br#"{"time_limit": "7s"}"#;
+        let mut text = json.to_vec();
+        text.resize(64 << 10, b' ');
+        std::fs::write(&file, &text).unwrap();
+        assert_eq!(
+            c.effective("web").unwrap().time_limit,
+            Some(Duration::from_secs(7))
+        );
+        text.push(b' ');
+        std::fs::write(&file, &text).unwrap();
+        assert_eq!(
+            format!("{:#}", c.effective("web").unwrap_err()),
+            format!("{} is larger than 64 KiB", file.display())
+        );
+        // Absent, empty, or not JSON.
+        std::fs::remove_file(&file).unwrap();
+        assert_eq!(c.effective("web").unwrap().time_limit, None);
+        std::fs::write(&file, "").unwrap();
+        let e = format!("{:#}", c.effective("web").unwrap_err());
+        assert!(
+            e.starts_with(&format!("parsing {}: ", file.display())),
+            "{e}"
+        );
+        // A link is not followed, even to a valid file.
+        std::fs::write(p.join("web/real.json"), json).unwrap();
+        std::fs::remove_file(&file).unwrap();
+        std::os::unix::fs::symlink("real.json", &file).unwrap();
+        let e = format!("{:#}", c.effective("web").unwrap_err());
+        assert!(
+            e.starts_with(&format!("opening {}: ", file.display())),
+            "{e}"
+        );
+        // A directory where the file should be.
+        std::fs::remove_file(&file).unwrap();
+        std::fs::create_dir(&file).unwrap();
+        assert_eq!(
+            format!("{:#}", c.effective("web").unwrap_err()),
+            format!("{} is not a regular file", file.display())
+        );
+    }
 }

@@ -302,4 +302,106 @@ mod tests {
         assert!(RunError::Sandbox(sandbox::Error::Overlay("mount".into())).overlay_refused());
         assert!(!RunError::Sandbox(sandbox::Error::Setup("mount".into())).overlay_refused());
     }
+
+    #[test]
+    fn sandbox_statuses_become_outcomes() {
+        let code = |s: ExitStatus| JobOutcome::from(s).exit_code_and_error("proj");
+        assert_eq!(code(ExitStatus::Exited(3)), (3, String::new()));
+        assert_eq!(code(ExitStatus::Signaled(15)), (143, String::new()));
+        assert_eq!(
+            code(ExitStatus::TimedOut(Duration::from_secs(5))),
+            (
+                -1,
+                "the job exceeded its time limit of 5s and was killed".into()
+            )
+        );
+        assert_eq!(
+            code(ExitStatus::LimitExceeded(sandbox::Limit::Memory(4096))),
+            (
+                -1,
+                "the job exceeded its memory limit of 4096 bytes and was killed".into()
+            )
+        );
+        assert_eq!(
+            code(ExitStatus::Killed),
+            (
+                -1,
+                "the job was killed (the server is shutting down)".into()
+            )
+        );
+        assert_eq!(
+            JobOutcome::CouldNotRun("no CMD".into()).exit_code_and_error("proj"),
+            (NEVER_RAN, "could not run the job: no CMD".into())
+        );
+    }
+
+    #[test]
+    fn outcomes_log_lines() {
+        assert_eq!(
+            JobOutcome::Signalled(9).log_line().as_deref(),
+            Some("mistry: the job was killed by signal 9 (SIGKILL)")
+        );
+        assert_eq!(
+            JobOutcome::TimedOut(Duration::from_secs(1))
+                .log_line()
+                .as_deref(),
+            Some("mistry: the job exceeded its time limit of 1s and was killed")
+        );
+        assert_eq!(
+            JobOutcome::Killed.log_line().as_deref(),
+            Some("mistry: the job was killed (the server is shutting down)")
+        );
+        assert_eq!(
+            JobOutcome::ImageBuildFailed("step 1: boom".into())
+                .log_line()
+                .as_deref(),
+            Some("step 1: boom")
+        );
+        assert_eq!(
+            JobOutcome::CouldNotStart("exec /x: ENOENT".into())
+                .log_line()
+                .as_deref(),
+            Some("exec /x: ENOENT")
+        );
+        assert_eq!(
+            JobOutcome::Internal(RunError::Settings("bad".into())).log_line(),
+            None
+        );
+    }
+
+    #[test]
+    fn only_outcomes_of_a_started_sandbox_measure_data() {
+        let t = Duration::from_secs(1);
+        for ran in [
+            JobOutcome::Exited(0),
+            JobOutcome::Signalled(9),
+            JobOutcome::TimedOut(t),
+            JobOutcome::LimitExceeded(sandbox::Limit::Disk(1)),
+            JobOutcome::Killed,
+            JobOutcome::CouldNotStart("x".into()),
+        ] {
+            assert!(ran.sandbox_ran(), "{ran:?}");
+        }
+        for not in [
+            JobOutcome::TimedOutPreparing(t, "its image was built"),
+            JobOutcome::ImageBuildFailed("x".into()),
+            JobOutcome::CouldNotRun("x".into()),
+            JobOutcome::Internal(RunError::Settings("x".into())),
+        ] {
+            assert!(!not.sandbox_ran(), "{not:?}");
+        }
+    }
+
+    #[test]
+    fn a_refused_overlay_is_seen_through_the_store() {
+        let refused = || StoreError::OverlayUnsupported {
+            what: "job root".into(),
+            source: sandbox::Error::Overlay("mount".into()),
+        };
+        assert!(RunError::Store(refused()).overlay_refused());
+        assert!(RunError::store("step 2")(refused()).overlay_refused());
+        assert!(!RunError::Store(StoreError::Backend("x".into())).overlay_refused());
+        assert!(!RunError::store("step 2")(StoreError::Backend("x".into())).overlay_refused());
+        assert!(!RunError::Settings("x".into()).overlay_refused());
+    }
 }

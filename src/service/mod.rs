@@ -516,6 +516,46 @@ mod tests {
     }
 
     #[test]
+    fn states_have_their_stored_names_and_ends() {
+        use crate::engine::layout::Layout;
+        use JobState::*;
+        let names: Vec<String> = JobState::ALL.iter().map(|s| s.to_string()).collect();
+        assert_eq!(names, ["queued", "running", "ready", "failed"]);
+        assert_eq!(
+            JobState::ALL.map(JobState::as_str),
+            ["queued", "running", "ready", "failed"]
+        );
+        assert_eq!(JobState::parse("running"), Some(Running));
+        assert_eq!(JobState::parse(""), None);
+        assert_eq!(
+            JobState::ALL.map(JobState::in_flight),
+            [true, true, false, false]
+        );
+        assert_eq!(Ready.shown(), "ready");
+        let mut info: BuildInfo = serde_json::from_value(serde_json::json!({
+            "Params": {}, "Group": "", "Path": "p", "Cached": false, "Coalesced": false,
+            "Incremental": false, "ExitCode": 0, "ErrBuild": "", "TransportMethod": "rsync",
+            "StartedAt": "t", "Duration": -1, "URL": "u"
+        }))
+        .unwrap();
+        assert_eq!(JobState::of_end(&info), Ready);
+        let layout = Layout::new("/nonexistent");
+        let found = |stage: Stage, info: &BuildInfo| Found {
+            stage,
+            info: info.clone(),
+            dir: layout.job("p", "id", stage),
+        };
+        assert_eq!(found_state(&found(Stage::Ready, &info)), Ready);
+        assert_eq!(found_state(&found(Stage::Pending, &info)), Running);
+        info.exit_code = 2;
+        assert_eq!(JobState::of_end(&info), Failed);
+        assert_eq!(found_state(&found(Stage::Ready, &info)), Failed);
+        info.exit_code = 0;
+        info.err_build = "x".into();
+        assert_eq!(JobState::of_end(&info), Failed);
+    }
+
+    #[test]
     fn the_cluster_job_lists_filters_are_checked() {
         let f = |state: Option<&str>, limit: Option<i64>| {
             ClusterJobsFilter::new(Some(String::new()), None, state, limit)
