@@ -13,6 +13,19 @@ use crate::config::Config;
 use crate::jobs::JobRequest;
 use crate::pipeline::run::{JobRunState, RunState, Runs};
 
+/// A wait with a bound: a job the fake never ends (as a mutant of the state machine leaves it)
+/// fails the test instead of hanging it. Far longer than any of these waits takes.
+trait Within: std::future::Future + Sized {
+    async fn within(self) -> Self::Output {
+        match tokio::time::timeout(std::time::Duration::from_secs(10), self).await {
+            Ok(out) => out,
+            Err(_) => panic!("still waiting after 10s: the job never ended"),
+        }
+    }
+}
+
+impl<F: std::future::Future> Within for F {}
+
 fn config(dir: &Path) -> Config {
     let (projects, build) = (dir.join("projects"), dir.join("build"));
     std::fs::create_dir_all(&projects).unwrap();
@@ -53,14 +66,14 @@ async fn identical_requests_join_one_job_then_hit_the_result_cache() {
     assert_eq!(f.claim("a"), Some(("app".to_string(), id.clone())));
     assert_eq!(f.record("app", &id).unwrap().state, JobState::Running);
     assert!(f.end("a", "app", &id, 0));
-    let (a, b) = (first.wait().await.unwrap(), second.wait().await.unwrap());
+    let (a, b) = (first.wait().within().await.unwrap(), second.wait().within().await.unwrap());
     assert_eq!((a.info.exit_code, a.info.coalesced), (0, false));
     assert_eq!((b.info.exit_code, b.info.coalesced), (0, true));
     assert_eq!(a.dir.id(), id);
     // Ended: the result cache answers, the job does not run again.
     let third = f.submit_now(req("app", "1")).unwrap();
     assert_eq!(third.cached, Some(true));
-    assert!(third.wait().await.unwrap().info.cached);
+    assert!(third.wait().within().await.unwrap().info.cached);
     let rec = f.record("app", &id).unwrap();
     assert_eq!((rec.state, rec.runs), (JobState::Ready, 1));
     // The other request's job is still queued, untouched.
@@ -75,7 +88,7 @@ async fn a_rebuild_runs_an_ended_job_again_and_is_joined_meanwhile() {
     let id = s.id.clone();
     f.claim("a");
     f.end("a", "app", &id, 0);
-    s.wait().await.unwrap();
+    s.wait().within().await.unwrap();
     let mut rebuild = req("app", "1");
     rebuild.rebuild = true;
     let r = f.submit_now(rebuild).unwrap();
@@ -87,8 +100,8 @@ async fn a_rebuild_runs_an_ended_job_again_and_is_joined_meanwhile() {
     assert_eq!(joined.cached, Some(false));
     f.claim("b");
     assert!(f.end("b", "app", &id, 0));
-    assert!(!r.wait().await.unwrap().info.cached);
-    assert!(joined.wait().await.unwrap().info.coalesced);
+    assert!(!r.wait().within().await.unwrap().info.cached);
+    assert!(joined.wait().within().await.unwrap().info.coalesced);
     assert_eq!(f.record("app", &id).unwrap().agent.as_deref(), Some("b"));
 }
 
@@ -100,7 +113,7 @@ async fn a_failed_job_fails_its_waiters_and_runs_again_when_asked_again() {
     let id = s.id.clone();
     f.claim("a");
     assert!(f.end("a", "app", &id, 3));
-    let a = s.wait().await.unwrap();
+    let a = s.wait().within().await.unwrap();
     assert_eq!(a.info.exit_code, 3);
     assert!(!a.info.succeeded());
     assert_eq!(f.record("app", &id).unwrap().state, JobState::Failed);
@@ -110,7 +123,7 @@ async fn a_failed_job_fails_its_waiters_and_runs_again_when_asked_again() {
     assert_eq!(f.record("app", &id).unwrap().runs, 2);
     f.claim("a");
     f.end("a", "app", &id, 0);
-    assert_eq!(again.wait().await.unwrap().info.exit_code, 0);
+    assert_eq!(again.wait().within().await.unwrap().info.exit_code, 0);
     assert_eq!(f.record("app", &id).unwrap().state, JobState::Ready);
 }
 
@@ -124,7 +137,7 @@ async fn a_discarded_build_is_built_again_and_a_job_in_flight_is_not_discarded()
     f.claim("a");
     assert!(!f.discard("app", &id), "running: not discarded");
     f.end("a", "app", &id, 0);
-    s.wait().await.unwrap();
+    s.wait().within().await.unwrap();
     assert!(f.discard("app", &id));
     assert!(f.record("app", &id).is_none());
     let again = f.submit_now(req("app", "1")).unwrap();
@@ -152,7 +165,7 @@ async fn a_dead_agents_job_is_rescued_run_by_another_and_its_late_end_is_refused
     assert!(!f.end("a", "app", &id, 7));
     assert_eq!(f.record("app", &id).unwrap().state, JobState::Running);
     assert!(f.end("b", "app", &id, 0));
-    let a = s.wait().await.unwrap();
+    let a = s.wait().within().await.unwrap();
     assert_eq!(a.info.exit_code, 0);
     let rec = f.record("app", &id).unwrap();
     assert_eq!(
@@ -173,7 +186,7 @@ async fn a_late_end_of_a_rescued_job_not_claimed_again_is_kept() {
     f.claim("a");
     f.rescue("a");
     assert!(f.end("a", "app", &id, 0));
-    assert_eq!(s.wait().await.unwrap().info.exit_code, 0);
+    assert_eq!(s.wait().within().await.unwrap().info.exit_code, 0);
     assert_eq!(f.claim("b"), None, "nothing left to claim");
 }
 
@@ -216,7 +229,7 @@ async fn a_pipeline_runs_through_the_interface_and_a_failure_skips_its_dependent
     let jobs: Arc<dyn Jobs> = Arc::new(FakeHandle(Arc::clone(&f)));
     let projects = f.cfg().projects_path.clone();
     let runs = Runs::new(Arc::clone(&jobs), projects, None);
-    let rec = runs.run("p", BTreeMap::new()).await.unwrap();
+    let rec = runs.run("p", BTreeMap::new()).within().await.unwrap();
     assert_eq!(rec.state, RunState::Failed);
     let state = |name: &str| rec.jobs.iter().find(|j| j.name == name).unwrap().state;
     assert_eq!(state("base"), JobRunState::Ready);
@@ -243,7 +256,7 @@ async fn a_pipeline_runs_through_the_interface_and_a_failure_skips_its_dependent
             ..JobRequest::default()
         })
     );
-    let rec2 = runs.run("p", BTreeMap::new()).await.unwrap();
+    let rec2 = runs.run("p", BTreeMap::new()).within().await.unwrap();
     let cached = |name: &str| rec2.jobs.iter().find(|j| j.name == name).unwrap().cached;
     assert!(
         cached("base"),
