@@ -66,7 +66,10 @@ async fn identical_requests_join_one_job_then_hit_the_result_cache() {
     assert_eq!(f.claim("a"), Some(("app".to_string(), id.clone())));
     assert_eq!(f.record("app", &id).unwrap().state, JobState::Running);
     assert!(f.end("a", "app", &id, 0));
-    let (a, b) = (first.wait().within().await.unwrap(), second.wait().within().await.unwrap());
+    let (a, b) = (
+        first.wait().within().await.unwrap(),
+        second.wait().within().await.unwrap(),
+    );
     assert_eq!((a.info.exit_code, a.info.coalesced), (0, false));
     assert_eq!((b.info.exit_code, b.info.coalesced), (0, true));
     assert_eq!(a.dir.id(), id);

@@ -519,7 +519,7 @@ mod tests {
     fn states_have_their_stored_names_and_ends() {
         use crate::engine::layout::Layout;
         use JobState::*;
-        let names: Vec<String> = JobState::ALL.iter().map(|s| s.to_string()).collect();
+        let names: Vec<String> = JobState::ALL.iter().map(ToString::to_string).collect();
         assert_eq!(names, ["queued", "running", "ready", "failed"]);
         assert_eq!(
             JobState::ALL.map(JobState::as_str),
