@@ -91,6 +91,17 @@ fn a_build_fetched_from_another_agent_is_a_cache_hit_with_the_same_artifacts() {
         ),
         other => panic!("{other:?}"),
     }
+    // A name that is not valid is refused before anything is asked.
+    match fetch(&agent, &b.builds(), "artifacts", "../x", false) {
+        Err(e @ ReplicateError::BadName { .. }) => assert_eq!(
+            e.to_string(),
+            format!(
+                "not fetching build artifacts/../x from {agent}: invalid job name \"../x\": \
+                 must not start with '.'"
+            )
+        ),
+        other => panic!("{other:?}"),
+    }
     assert_eq!(
         names_in(&b.builds().join("artifacts/pending")),
         Vec::<String>::new()

@@ -42,7 +42,7 @@ use crate::jobs::{self, BuildInfo};
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicateError {
     /// A project or job name that is not valid (nothing was asked).
-    #[error("fetching build {project}/{id} from {agent}: {reason}")]
+    #[error("not fetching build {project}/{id} from {agent}: {reason}")]
     BadName {
         /// The other agent's URL, without a trailing `/`.
         agent: String,

@@ -71,8 +71,7 @@ pub enum ClusterError {
         /// The error and its sources, on one line.
         reason: String,
     },
-    /// A query failed, no connection was available in time, or there is no database (`url`
-    /// empty, `reason` `no database_url`).
+    /// A query failed, or no connection was available in time.
     #[error("the database at {url}: {reason}")]
     Query {
         /// The URL, password redacted.
@@ -92,6 +91,9 @@ pub enum ClusterError {
         /// The other agent's URL as it recorded it.
         url: String,
     },
+    /// Something only the multi-agent mode has was asked of a single node (no `database_url`).
+    #[error("no database: this mistryd runs as a single node (no database_url)")]
+    NoDatabase,
 }
 
 /// An error and its sources, on one line.

@@ -177,10 +177,7 @@ impl Cluster {
 
     /// The database, for what needs one (the scheduler, the central logs).
     fn need_db(&self) -> Result<&Db, ClusterError> {
-        self.db().ok_or_else(|| ClusterError::Query {
-            url: String::new(),
-            reason: "no database_url".into(),
-        })
+        self.db().ok_or(ClusterError::NoDatabase)
     }
 
     /// This agent's name.

@@ -50,10 +50,7 @@ pub(super) async fn timed<T>(
         Ok(r) => r,
         Err(_) => Err(match cluster.db() {
             Some(db) => db.error(format!("no answer within {QUERY_TIMEOUT:?}")),
-            None => ClusterError::Query {
-                url: String::new(),
-                reason: "no database".into(),
-            },
+            None => ClusterError::NoDatabase,
         }),
     }
 }
@@ -172,10 +169,7 @@ pub async fn cluster_jobs(
     filter: &ClusterJobsFilter,
 ) -> Result<Vec<serde_json::Value>, ClusterError> {
     let Some(db) = cluster.db() else {
-        return Err(ClusterError::Query {
-            url: String::new(),
-            reason: "no database".into(),
-        });
+        return Err(ClusterError::NoDatabase);
     };
     let mut client = db.client().await?;
     let listed = records::view::cluster_jobs(&mut client, filter, CLUSTER_JOBS_BYTES)
@@ -240,10 +234,7 @@ pub async fn read_gauges(
     engine: &Engine,
 ) -> Result<ClusterGauges, ClusterError> {
     let Some(db) = cluster.db() else {
-        return Err(ClusterError::Query {
-            url: String::new(),
-            reason: "no database".into(),
-        });
+        return Err(ClusterError::NoDatabase);
     };
     let client = db.client().await?;
     let (queue_length, agents_alive, jobs_running) =
@@ -268,5 +259,35 @@ pub async fn update_gauges(cluster: Option<&Cluster>, engine: &Engine) {
             .metrics
             .set_cluster(g.queue_length, g.agents_alive, g.jobs_running),
         Err(e) => tracing::warn!(error = %e, "cannot read the cluster gauges"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::service::{ClusterJobsFilter, CLUSTER_JOBS_DEFAULT};
+
+    #[tokio::test]
+    async fn a_single_node_says_it_has_no_database() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (projects, build) = (tmp.path().join("projects"), tmp.path().join("build"));
+        std::fs::create_dir_all(&projects).unwrap();
+        std::fs::create_dir_all(&build).unwrap();
+        let text = serde_json::json!({"projects_path": projects, "build_path": build}).to_string();
+        let cfg = crate::config::Config::parse(&text, &tmp.path().join("config.json")).unwrap();
+        let cluster = Cluster::connect(&cfg).await.unwrap();
+        assert!(cluster.db().is_none());
+        let filter = ClusterJobsFilter {
+            agent: None,
+            project: None,
+            states: None,
+            limit: CLUSTER_JOBS_DEFAULT,
+        };
+        let e = cluster_jobs(&cluster, &filter).await.unwrap_err();
+        assert!(matches!(e, ClusterError::NoDatabase), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            "no database: this mistryd runs as a single node (no database_url)"
+        );
     }
 }

@@ -441,7 +441,6 @@ impl Retainer {
         }
     }
 
-    /// Keep `path` (a running build's base) while the guard lives.
     /// The trash (for the clean-up at start).
     pub fn trash(&self) -> &Trash {
         &self.trash
