@@ -380,7 +380,9 @@ fn walk_path(root: &Path, frames: &[Frame], name: &OsStr) -> PathBuf {
 /// Bytes each of `trees` holds, measured by `du` in a sandbox whose root has the capabilities
 /// over the sandbox's ids (for trees this process may not read).
 fn usage_by_du(trees: &[&Path]) -> Result<Vec<u64>, UsageError> {
-    let mut argv: Vec<OsString> = vec!["du".into(), "-s".into(), "-k".into()];
+    // `-0`: records end with NUL, so a name with a newline (a job chooses its names) cannot
+    // pass for another record.
+    let mut argv: Vec<OsString> = vec!["du".into(), "-s".into(), "-k".into(), "-0".into()];
     argv.extend(trees.iter().map(|t| t.as_os_str().to_os_string()));
     let out = crate::Sandbox::new("/")
         .read_only_root(true)
@@ -391,19 +393,33 @@ fn usage_by_du(trees: &[&Path]) -> Result<Vec<u64>, UsageError> {
         .output()
         .map_err(|e| UsageError::Du(Box::new(e)))?;
     // du also reports files that vanished meanwhile (exit code 1): its totals still stand.
-    let text = String::from_utf8_lossy(&out.stdout);
-    let sizes: Vec<u64> = text
-        .lines()
-        .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
-        .map(|k| k.saturating_mul(1024))
-        .collect();
-    if sizes.len() != trees.len() {
-        return Err(UsageError::DuOutput {
-            status: out.status,
-            stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
-        });
+    du_sizes(&out.stdout, trees, |t| {
+        matches!(std::fs::symlink_metadata(t), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
+    })
+    .ok_or_else(|| UsageError::DuOutput {
+        status: out.status,
+        stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+    })
+}
+
+/// The sizes `du -s -k -0` printed (`<KiB>\t<path>\0` per tree it could measure), in bytes,
+/// for each of `trees`: a tree du did not report counts 0 if it is `gone` (removed between the
+/// walk that found it unreadable and du, as the short-lived private directories of `apt-get`
+/// are), else there is no answer (`None`).
+fn du_sizes(stdout: &[u8], trees: &[&Path], gone: impl Fn(&Path) -> bool) -> Option<Vec<u64>> {
+    let mut reported: std::collections::HashMap<&[u8], u64> = std::collections::HashMap::new();
+    for record in stdout.split(|&b| b == 0).filter(|r| !r.is_empty()) {
+        let tab = record.iter().position(|&b| b == b'\t')?;
+        let kib: u64 = std::str::from_utf8(&record[..tab]).ok()?.parse().ok()?;
+        reported.insert(&record[tab + 1..], kib.saturating_mul(1024));
     }
-    Ok(sizes)
+    trees
+        .iter()
+        .map(|t| match reported.get(t.as_os_str().as_bytes()) {
+            Some(&n) => Some(n),
+            None => gone(t).then_some(0),
+        })
+        .collect()
 }
 
 /// Bytes each tree holds (0 for a tree that is gone), by [`usage`]; what it holds in
@@ -589,6 +605,52 @@ mod tests {
     use super::*;
 
     use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn du_sizes_match_records_to_trees_and_count_a_vanished_tree_as_0() {
+        let (a, b, odd) = (
+            Path::new("/b/a"),
+            Path::new("/b/gone"),
+            Path::new("/b/x\n8\t/b/gone"),
+        );
+        // Both reported, in any order; KiB to bytes.
+        let out = b"4\t/b/gone\x0012\t/b/a\x00";
+        assert_eq!(
+            du_sizes(out, &[a, b], |_| false),
+            Some(vec![12 * 1024, 4 * 1024])
+        );
+        // One missing from du's answer: 0 if it is gone, no answer if it is still there.
+        let out = b"12\t/b/a\x00";
+        assert_eq!(du_sizes(out, &[a, b], |t| t == b), Some(vec![12 * 1024, 0]));
+        assert_eq!(du_sizes(out, &[a, b], |_| false), None);
+        // A name with a newline and a tab is one record, not two.
+        let out = b"16\t/b/x\n8\t/b/gone\x00";
+        assert_eq!(
+            du_sizes(out, &[odd, b], |t| t == b),
+            Some(vec![16 * 1024, 0])
+        );
+        // Not du's output: no answer.
+        assert_eq!(du_sizes(b"total\x00", &[a], |_| true), None);
+        assert_eq!(du_sizes(b"", &[], |_| false), Some(vec![]));
+    }
+
+    #[test]
+    fn du_counts_what_it_can_and_a_missing_tree_as_0() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("f"), vec![1u8; 64 * 1024]).unwrap();
+        let missing = d.path().join("missing");
+        match usage_by_du(&[d.path(), &missing]) {
+            Ok(sizes) => {
+                assert!(sizes[0] >= 64 * 1024, "{sizes:?}");
+                assert_eq!(sizes[1], 0);
+            }
+            // Where no sandbox can start (no user namespaces), du is not the question here.
+            Err(UsageError::Du(e)) if std::env::var_os("CI").is_none() => {
+                eprintln!("skipped: {e}");
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
 
     #[test]
     fn the_watch_looks_sooner_when_the_limit_comes_fast() {
