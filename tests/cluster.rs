@@ -154,12 +154,13 @@ fn migrations_apply_once_and_a_newer_schema_is_refused() {
     let mut a1 = agent(&pg.url(), "a1", 1);
     let history = pg.psql("SELECT version, name, applied_on FROM mistry_schema_history");
     let rows: Vec<&str> = history.lines().collect();
-    assert_eq!(rows.len(), 5, "{history}");
+    assert_eq!(rows.len(), 6, "{history}");
     assert!(rows[0].starts_with("1|agents|"), "{history}");
     assert!(rows[1].starts_with("2|jobs|"), "{history}");
     assert!(rows[2].starts_with("3|logs|"), "{history}");
     assert!(rows[3].starts_with("4|images|"), "{history}");
     assert!(rows[4].starts_with("5|recent|"), "{history}");
+    assert!(rows[5].starts_with("6|attempts|"), "{history}");
     assert!(log_of(&a1).contains("database migration applied"));
     // A second agent, and the first one again, find the schema up to date.
     let a2 = agent(&pg.url(), "a2", 1);
@@ -188,7 +189,7 @@ fn migrations_apply_once_and_a_newer_schema_is_refused() {
     assert_eq!(code, Some(1), "{stderr}");
     assert_eq!(
         stderr.lines().last().unwrap_or(""),
-        "mistryd: the database schema is version 7, newer than this mistryd (5): upgrade mistryd",
+        "mistryd: the database schema is version 7, newer than this mistryd (6): upgrade mistryd",
         "{stderr}"
     );
 }
@@ -422,7 +423,7 @@ fn the_doctor_checks_the_database_schema_and_name() {
                 "ok    database {}: PostgreSQL {version}, in the clear",
                 pg.url()
             ),
-            "ok    database schema: not created yet (mistryd's start applies its 5 migrations)"
+            "ok    database schema: not created yet (mistryd's start applies its 6 migrations)"
                 .to_string(),
             "ok    agent name doc: free".to_string(),
         ],
@@ -434,7 +435,7 @@ fn the_doctor_checks_the_database_schema_and_name() {
     assert_eq!(
         database_lines(&out)[1..],
         [
-            "ok    database schema version 5, up to date".to_string(),
+            "ok    database schema version 6, up to date".to_string(),
             format!(
                 "warn  an agent named doc heartbeated lately, at {}  — if it is another running \
                  mistryd, give this one its own agent_name (a second live agent of a name is \
@@ -454,7 +455,7 @@ fn the_doctor_checks_the_database_schema_and_name() {
     assert_eq!(code, Some(1), "{out}");
     assert!(
         out.contains(
-            "FAIL  database schema version 9, newer than this mistryd (5)  — upgrade mistryd"
+            "FAIL  database schema version 9, newer than this mistryd (6)  — upgrade mistryd"
         ),
         "{out}"
     );

@@ -599,8 +599,8 @@ fn an_agent_taken_for_dead_while_frozen_does_not_overwrite_the_rerun() {
         )),
         "ready|b|1|a"
     );
-    wait_for("a's late end", Duration::from_secs(20), || {
-        log_of(&a).contains("the job's record was taken over meanwhile")
+    wait_for("a's late run fenced", Duration::from_secs(20), || {
+        log_of(&a).contains("the job's run was fenced")
     });
     // Nothing of A's late end reached the record or the central log: one run's log, B's.
     assert_eq!(
@@ -622,10 +622,15 @@ fn an_agent_taken_for_dead_while_frozen_does_not_overwrite_the_rerun() {
     assert_eq!(central, "err: frozen");
     assert_eq!(starts_of(&a, &id), 1);
     assert_eq!(starts_of(&b, &id), 1);
-    // A is alive again and keeps its own build: a cache hit there.
+    // A is alive again; its late build was discarded before it reached ready/ (fenced):
+    // A answers with B's build, the one the record names.
     wait_for("a alive again", Duration::from_secs(10), || alive(&pg, "a"));
     let hit = job(&a, "", json!({"name": "frozen", "sleep": "3"}));
-    assert_eq!(hit["Cached"], true, "{hit}");
+    assert_eq!(
+        (&hit["Cached"], &hit["StartedAt"]),
+        (&json!(true), &info["StartedAt"]),
+        "{hit}"
+    );
     assert_eq!(read(artifacts(&hit).join("name.txt")), "frozen");
 }
 
@@ -647,11 +652,19 @@ fn a_job_that_ends_while_the_database_is_down_is_recorded_when_it_is_back() {
         a.pending_dirs("simple") > 0
     });
     pg.stop();
-    let ready = a.builds().join("simple/ready");
+    // The job ends while the database is down: its build waits (pending) until the fence
+    // can be checked — it is not published, and a request for it is a 503 meanwhile.
     wait_for("the job ended on a", Duration::from_secs(20), || {
+        log_of(&a).contains("its build waits for the database before it is published")
+    });
+    let ready = a.builds().join("simple/ready");
+    assert_eq!(std::fs::read_dir(&ready).map_or(0, Iterator::count), 0);
+    let (status, text) = post_job(&a, &json!({"project": "simple", "params": params}));
+    assert_eq!(status, 503, "{text}");
+    pg.start();
+    wait_for("the job's build published", Duration::from_secs(20), || {
         std::fs::read_dir(&ready).is_ok_and(|d| d.count() == 1)
     });
-    // While the database is down, A answers with the build it has.
     let hit = job(&a, "", params.clone());
     assert_eq!(
         (&hit["Cached"], &hit["ExitCode"]),
@@ -659,7 +672,6 @@ fn a_job_that_ends_while_the_database_is_down_is_recorded_when_it_is_back() {
         "{hit}"
     );
     let id = job_id(&hit);
-    pg.start();
     wait_for("the job's end recorded", Duration::from_secs(20), || {
         record(&pg, &id) == "ready|a|0"
     });

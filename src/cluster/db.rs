@@ -420,7 +420,7 @@ mod tests {
     }
 
     #[test]
-    fn the_embedded_schema_is_version_5() {
-        assert_eq!(known_version(), 5);
+    fn the_embedded_schema_is_version_6() {
+        assert_eq!(known_version(), 6);
     }
 }

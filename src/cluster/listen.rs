@@ -15,8 +15,11 @@ use tokio::sync::{mpsc, watch};
 pub(super) enum Notice<'a> {
     /// A notification on `channel`.
     Notification { channel: &'a str, payload: &'a str },
-    /// The listener (re)connected, or lost its connection: notifications may have been missed.
+    /// The listener (re)connected: notifications may have been missed before.
     Reconnected,
+    /// The listener lost its connection (or could not connect): notifications may be missed
+    /// until it is [`Notice::Reconnected`].
+    Lost,
 }
 
 /// A receiver of the listener's notices (called on the listener's task: it must not block).
@@ -44,7 +47,7 @@ pub(super) async fn run(
             }
         }
         // Whatever was missed: every waiter reads its job again.
-        tell(Notice::Reconnected);
+        tell(Notice::Lost);
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             _ = stop.wait_for(|s| *s) => return,

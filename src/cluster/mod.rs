@@ -70,6 +70,7 @@ pub struct Cluster {
     me: Me,
     agent_timeout: Duration,
     heartbeat: Duration,
+    job_attempts: u32,
     db: Option<Db>,
     stop: watch::Sender<bool>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -96,6 +97,7 @@ impl Cluster {
             },
             agent_timeout: s.agent_timeout,
             heartbeat: s.heartbeat,
+            job_attempts: s.job_attempts,
             db,
             stop: watch::channel(false).0,
             task: Mutex::new(None),
@@ -178,6 +180,21 @@ impl Cluster {
     /// The database, for what needs one (the scheduler, the central logs).
     fn need_db(&self) -> Result<&Db, ClusterError> {
         self.db().ok_or(ClusterError::NoDatabase)
+    }
+
+    /// A pooled connection to the records, and how its statements' errors name the database
+    /// (the scheduler's and the central logs').
+    async fn records_client(
+        &self,
+    ) -> Result<
+        (
+            deadpool_postgres::Object,
+            impl Fn(records::RecordsError) -> ClusterError + '_,
+        ),
+        ClusterError,
+    > {
+        let db = self.need_db()?;
+        Ok((db.client().await?, move |e| db.records_error(e)))
     }
 
     /// This agent's name.

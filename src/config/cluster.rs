@@ -14,6 +14,8 @@ pub const DATABASE_URL_ENV: &str = "MISTRY_DATABASE_URL";
 pub const DEFAULT_AGENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default `heartbeat` (with the default `agent_timeout`; else [`heartbeat_for`] of it).
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+/// Default `job_attempts`.
+pub const DEFAULT_JOB_ATTEMPTS: u32 = 3;
 /// The shortest `agent_timeout`: shorter, a loaded agent would look dead between two heartbeats.
 pub const MIN_AGENT_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -40,6 +42,8 @@ pub struct RawSettings {
     pub heartbeat: Option<String>,
     /// `log_retention`: an age (see [`crate::config::parse_age`]), not zero.
     pub log_retention: Option<String>,
+    /// `job_attempts`: at least 1.
+    pub job_attempts: Option<u32>,
 }
 
 /// The validated settings of the multi-agent mode.
@@ -59,6 +63,10 @@ pub struct Settings {
     /// Jobs that ended longer ago than this lose their central log and record
     /// (`log_retention`; default `None`: kept).
     pub log_retention: Option<Duration>,
+    /// How many times a job runs at most when it keeps losing its agent (the agent dies, or
+    /// is taken for dead, while it runs it): then it fails, saying so (`job_attempts`, default
+    /// 3). A job put back in the queue waits 1s, 2s, 4s, ... (at most 60s) before its next run.
+    pub job_attempts: u32,
 }
 
 impl Default for Settings {
@@ -70,6 +78,7 @@ impl Default for Settings {
             agent_timeout: DEFAULT_AGENT_TIMEOUT,
             heartbeat: DEFAULT_HEARTBEAT,
             log_retention: None,
+            job_attempts: DEFAULT_JOB_ATTEMPTS,
         }
     }
 }
@@ -121,6 +130,12 @@ impl Settings {
                 bail!("log_retention must be longer than 0s (leave it out to keep logs)");
             }
             s.log_retention = Some(d);
+        }
+        if let Some(n) = raw.job_attempts {
+            if n == 0 {
+                bail!("job_attempts must be at least 1");
+            }
+            s.job_attempts = n;
         }
         if s.heartbeat.is_zero() {
             bail!("heartbeat must be longer than 0s");
@@ -199,8 +214,10 @@ mod tests {
             agent_timeout: Some("2s".into()),
             heartbeat: Some("500ms".into()),
             log_retention: Some("30d".into()),
+            job_attempts: Some(5),
         };
         let mut s = Settings::parse(&raw).unwrap();
+        assert_eq!(s.job_attempts, 5);
         assert_eq!(s.advertise_url(&[addr]), "http://a1.example:8462");
         assert_eq!(s.heartbeat, Duration::from_millis(500));
         assert_eq!(s.log_retention, Some(Duration::from_secs(30 * 86400)));
@@ -232,6 +249,19 @@ mod tests {
         assert_eq!(heartbeat_for(DEFAULT_AGENT_TIMEOUT), DEFAULT_HEARTBEAT);
 
         let bad = |raw: RawSettings| Settings::parse(&raw).unwrap_err().to_string();
+        assert_eq!(
+            Settings::parse(&RawSettings::default())
+                .unwrap()
+                .job_attempts,
+            3
+        );
+        assert_eq!(
+            bad(RawSettings {
+                job_attempts: Some(0),
+                ..Default::default()
+            }),
+            "job_attempts must be at least 1"
+        );
         assert_eq!(
             bad(RawSettings {
                 agent_timeout: Some("999ms".into()),

@@ -121,6 +121,16 @@ pub struct Engine {
     squashing: Arc<Mutex<std::collections::HashSet<std::path::PathBuf>>>,
 }
 
+/// How the BuildInfo of a fenced run (see [`Fence`]) starts its `ErrBuild`.
+pub const FENCED: &str = "fenced";
+
+/// The check of a run's right to publish its build, made just before the build goes to
+/// `ready/` (the cluster's fencing: `cluster::jobs`). Called on the run's thread (blocking).
+pub trait Fence: Send + Sync {
+    /// `true`: publish the build; `false`: the run was superseded, its build is removed.
+    fn holds(&self) -> bool;
+}
+
 fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
 }
@@ -200,9 +210,11 @@ impl Engine {
     /// Several agents: drop this agent's copy of ready build `project/id` (the job ran again
     /// elsewhere: a rebuild, a re-run), when it is still the copy that was judged stale (its
     /// `StartedAt` is `judged`): as retention removes a build — never while its job is in flight
-    /// here, a pipeline holds it or a running build starts from it, nor when a link or a cache
-    /// layer needs it; moved out of `ready/` under the project's link lock, then removed.
-    /// `Ok(true)` when it went.
+    /// here, a pipeline holds it or a running build starts from it; the builds whose cache
+    /// layers sit on it are squashed first, and a group link pointing at it goes with it (the
+    /// group's chain moved to the agent that ran the job again: the next build of the group
+    /// here starts from the record's last build, `cluster::jobs`' placement). Moved out of
+    /// `ready/` under the project's link lock, then removed. `Ok(true)` when it went.
     pub fn discard_ready(
         &self,
         project: &str,
@@ -217,10 +229,15 @@ impl Engine {
             started: std::time::SystemTime::now(),
             path: dir.path().to_path_buf(),
             linked: false,
-            layer: false,
+            layer: true,
         };
-        let taken =
-            self.take_unbusy(&build, || dir.read_started_at().as_deref() == Some(judged))?;
+        let taken = self.take_unbusy(&build, || {
+            if dir.read_started_at().as_deref() != Some(judged) {
+                return false;
+            }
+            retention::unlink_build(&self.layout, project, dir.path());
+            true
+        })?;
         let Some(path) = taken else {
             return Ok(false);
         };
@@ -284,24 +301,27 @@ impl Engine {
     /// job goes by mistry's ID unless another request's job holds that one: then by the
     /// request's exact ID ([`jobs::JobIds`]); it is never answered with another request's job.
     pub async fn schedule(self: &Arc<Self>, req: JobRequest) -> Result<Scheduled, JobError> {
-        self.schedule_by(req, None).await
+        self.schedule_by(req, None, None).await
     }
 
     /// [`Engine::schedule`] under job ID `id`, one of the request's two IDs, which the
     /// cluster's job record decided (`cluster::jobs`): a build of another request here under
-    /// that ID is no answer and is replaced.
+    /// that ID is no answer and is replaced. A run it starts publishes its build (moves it to
+    /// `ready/`) only if `fence` still holds then; else the build is discarded.
     pub async fn schedule_as(
         self: &Arc<Self>,
         req: JobRequest,
         id: String,
+        fence: Arc<dyn Fence>,
     ) -> Result<Scheduled, JobError> {
-        self.schedule_by(req, Some(id)).await
+        self.schedule_by(req, Some(id), Some(fence)).await
     }
 
     async fn schedule_by(
         self: &Arc<Self>,
         req: JobRequest,
         given: Option<String>,
+        fence: Option<Arc<dyn Fence>>,
     ) -> Result<Scheduled, JobError> {
         Self::check_request(&req)?;
         if self.shutting_down.load(Ordering::SeqCst) {
@@ -312,7 +332,7 @@ impl Engine {
         // threads, as it reads the disk.
         let (engine, r) = (Arc::clone(self), req.clone());
         let (id, admission) =
-            tokio::task::spawn_blocking(move || engine.admit(&r, given.as_deref()))
+            tokio::task::spawn_blocking(move || engine.admit(&r, given.as_deref(), fence))
                 .await
                 .map_err(|e| JobError::Internal(e.to_string()))??;
         self.scheduled(&req, id, admission)
@@ -376,6 +396,7 @@ impl Engine {
         self: &Arc<Self>,
         req: &JobRequest,
         given: Option<&str>,
+        fence: Option<Arc<dyn Fence>>,
     ) -> Result<(String, Admission), JobError> {
         let ids = self.identify(req)?;
         let want = match given {
@@ -396,7 +417,9 @@ impl Engine {
                 self.layout.job(&req.project, id, Stage::Ready).read_info()
             });
         match admission {
-            Admission::Queued(_) => self.start(req.clone(), JobKey::new(&req.project, &id)),
+            Admission::Queued(_) => {
+                self.start(req.clone(), JobKey::new(&req.project, &id), fence);
+            }
             Admission::Coalesced(_) => self.metrics.coalesced(),
             Admission::Cached(_) => self.metrics.cached(),
             Admission::Full | Admission::Taken => {}
@@ -479,7 +502,7 @@ impl Engine {
     /// Run a queued job when a slot is free, then make it ready. The slot is given back
     /// whatever happens: the job ends, fails, panics, or (a thread blocked in a system call
     /// cannot be interrupted) outlives its time limit by [`ABANDON_GRACE`] and is abandoned.
-    fn start(self: &Arc<Self>, req: JobRequest, key: JobKey) {
+    fn start(self: &Arc<Self>, req: JobRequest, key: JobKey, fence: Option<Arc<dyn Fence>>) {
         self.metrics.started();
         let engine = Arc::clone(self);
         tokio::spawn(async move {
@@ -487,7 +510,8 @@ impl Engine {
             let (e2, req2, key2) = (Arc::clone(&engine), req.clone(), key.clone());
             let abandoned = Arc::new(AtomicBool::new(false));
             let gone = Arc::clone(&abandoned);
-            let mut task = tokio::task::spawn_blocking(move || e2.run(&req2, &key2, &gone));
+            let mut task =
+                tokio::task::spawn_blocking(move || e2.run(&req2, &key2, &gone, fence.as_deref()));
             // The project's time limit is at most the operator's (its own file can only lower
             // it), and counts from the job's start.
             let joined = match engine.cfg.operator_time_limit(&req.project) {
@@ -587,9 +611,16 @@ impl Engine {
         }
     }
 
-    /// Run one job to the end (blocking), then move it to `ready/` and, when it succeeded, point
-    /// its group's link at it.
-    fn run(&self, req: &JobRequest, key: &JobKey, abandoned: &AtomicBool) -> BuildInfo {
+    /// Run one job to the end (blocking), then — when `fence` (if any) still holds — move it to
+    /// `ready/` and, when it succeeded, point its group's link at it; a fenced run's build is
+    /// removed, and its BuildInfo's `ErrBuild` starts with [`FENCED`].
+    fn run(
+        &self,
+        req: &JobRequest,
+        key: &JobKey,
+        abandoned: &AtomicBool,
+        fence: Option<&dyn Fence>,
+    ) -> BuildInfo {
         let started = Instant::now();
         self.jobs.set(key, Phase::Pending);
         let dir = self.layout.job(&key.project, &key.id, Stage::Pending);
@@ -624,6 +655,20 @@ impl Engine {
         info.duration = started.elapsed().as_nanos() as i64;
         if abandoned.load(Ordering::SeqCst) {
             // Answered and moved to the trash meanwhile (Engine::abandon).
+            return info;
+        }
+        // Asked before the link lock: the fence may wait for the database.
+        if fence.is_some_and(|f| !f.holds()) {
+            if dir.is_dir() {
+                if let Err(e) = self.store().remove_tree(dir.path()) {
+                    tracing::warn!(project = %req.project, id = %key.id, error = %e, "could not remove a fenced run's build");
+                }
+            }
+            info.err_build = format!(
+                "{FENCED}: the job's record moved on while this agent ran it (it was taken for \
+                 dead and the job ran again elsewhere); this build is discarded"
+            );
+            self.metrics.finished(&info, started.elapsed());
             return info;
         }
         // Ready and linked under the project's link lock: retention, which takes it too, never

@@ -136,6 +136,25 @@ fn link_targets(layout: &Layout, project: &str) -> HashSet<PathBuf> {
         .collect()
 }
 
+/// Remove every group link of `project` that points at `target` (a build that goes for good:
+/// the cluster's stale copies, `Engine::discard_ready`); under the project's link lock.
+pub(super) fn unlink_build(layout: &Layout, project: &str, target: &Path) {
+    let Ok(target) = std::fs::canonicalize(target) else {
+        return;
+    };
+    let mut links = vec![layout.link(project, "")];
+    if let Ok(entries) = std::fs::read_dir(layout.project_dir(project).join("groups")) {
+        links.extend(entries.flatten().map(|e| e.path()));
+    }
+    for link in links {
+        if std::fs::canonicalize(&link).is_ok_and(|t| t == target) {
+            if let Err(e) = std::fs::remove_file(&link) {
+                tracing::warn!(link = %link.display(), error = %e, "could not remove the link of a stale build");
+            }
+        }
+    }
+}
+
 /// The IDs of `project`'s builds whose cache layers a linked or running build sits on.
 fn layer_builds(layout: &Layout, project: &str, linked: &HashSet<PathBuf>) -> HashSet<String> {
     let linked: Vec<&Path> = linked.iter().map(PathBuf::as_path).collect();

@@ -204,6 +204,24 @@ impl Postgres {
         assert!(out.status.success(), "pg_ctl stop failed: {out:?}");
     }
 
+    /// Crash and restart the server (`pg_ctl restart -m immediate`: no shutdown checkpoint,
+    /// every client cut, recovery at start), on the same port.
+    pub(crate) fn restart_immediate(&self) {
+        let out = output(self.tool("pg_ctl").args([
+            "-D",
+            self.data().to_str().unwrap(),
+            "-m",
+            "immediate",
+            "-w",
+            "stop",
+        ]));
+        assert!(
+            out.status.success(),
+            "pg_ctl stop -m immediate failed: {out:?}"
+        );
+        self.start();
+    }
+
     /// Put `rules` (pg_hba.conf lines) before the cluster's authentication rules and reload
     /// the server (e.g. password authentication for a role over TLS).
     pub(crate) fn hba_first(&self, rules: &str) {

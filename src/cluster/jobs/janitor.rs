@@ -9,12 +9,15 @@ impl Scheduler {
 
     /// At start: the records this agent left `running` (it crashed), i.e. started before its
     /// registration: a build of the record's request in `ready/` is recorded (the crash came
-    /// between the move and the record), any other is queued again. Jobs this run of the agent took meanwhile (a request
-    /// can arrive before this pass) are left alone.
+    /// between the move and the record; it passed its fence), any other is queued again. Jobs
+    /// this run of the agent took meanwhile (a request can arrive before this pass) are left
+    /// alone.
     pub(super) async fn heal(&self) {
         let crashed = async {
             let (client, err) = self.client().await?;
-            rows::crashed(&client, self.me()).await.map_err(err)
+            rows::lost_runs(&client, rows::Lost::Crashed(self.me()))
+                .await
+                .map_err(err)
         }
         .await;
         let crashed = match crashed {
@@ -24,20 +27,22 @@ impl Scheduler {
                 return;
             }
         };
-        for (project, id, request) in crashed {
-            let identity = request_from_json(&request).map(|r| Identity::of(&r));
-            let dir = self.engine.layout.job(&project, &id, Stage::Ready);
+        for run in crashed {
+            let (project, id) = (&run.project, &run.id);
+            let identity = request_from_json(&run.request).map(|r| Identity::of(&r));
+            let dir = self.engine.layout.job(project, id, Stage::Ready);
             match dir
                 .read_info()
                 .filter(|i| identity.as_ref().is_ok_and(|me| me.matches(i)))
             {
                 Some(info) => {
                     tracing::info!(%project, %id, "recording a build a crash left unrecorded");
-                    self.record_end(&project, &id, &info).await;
+                    self.record_end(project, id, &info, run.attempt).await;
                 }
                 None => {
                     tracing::info!(%project, %id, "queueing again a job a crash interrupted");
-                    if let Err(e) = self.requeue_running(Some((&project, &id))).await {
+                    // It counts as a retry: a job that crashes its agent is not run forever.
+                    if let Err(e) = self.requeue_lost(&run, true).await {
                         tracing::warn!(%project, %id, error = %e, "could not queue the job again");
                     }
                 }
@@ -45,22 +50,100 @@ impl Scheduler {
         }
     }
 
-    /// Queue again the running jobs of agents that are not alive, or (`crashed`) this agent's
-    /// job `(project, id)` started before its registration; notify.
-    pub(super) async fn requeue_running(
+    /// Put lost run `run` back in the queue — as a retry (`retry`: its agent died, crashed or
+    /// was taken for dead; after a backoff), or as is (an orphan) — or, when a retry
+    /// would make more runs than `job_attempts`, fail it with a BuildInfo that says so.
+    pub(super) async fn requeue_lost(
         &self,
-        crashed: Option<(&str, &str)>,
-    ) -> Result<u64, ClusterError> {
-        let (mut client, err) = self.client().await?;
-        let requeued =
-            rows::requeue_running(&mut client, self.me(), self.cluster.agent_timeout, crashed)
-                .await
-                .map_err(err)?;
-        for r in &requeued {
-            let (project, id, from, retries) = (&r.project, &r.id, &r.retried_from, r.retries);
-            tracing::warn!(%project, %id, from = ?from, retries, "job queued again: its agent stopped heartbeating or crashed");
+        run: &rows::LostRun,
+        retry: bool,
+    ) -> Result<(), ClusterError> {
+        let (project, id) = (&run.project, &run.id);
+        let (client, err) = self.client().await?;
+        let runs = run.retries.saturating_add(1);
+        if retry && i64::from(runs) >= i64::from(self.cluster.job_attempts) {
+            let info = self.out_of_attempts(run, runs);
+            let db = self.db()?;
+            let json = serde_json::to_string(&info).map_err(|e| db.error(e.to_string()))?;
+            if rows::fail_lost(&client, run, &json).await.map_err(err)? {
+                tracing::error!(%project, %id, from = %run.agent, runs, "job failed: it lost its agent on each of its job_attempts runs");
+            }
+            return Ok(());
         }
-        Ok(requeued.len() as u64)
+        let wait = if retry {
+            backoff(run.retries)
+        } else {
+            Duration::ZERO
+        };
+        if rows::requeue_lost(&client, run, wait, retry)
+            .await
+            .map_err(err)?
+        {
+            if retry {
+                tracing::warn!(%project, %id, from = %run.agent, retries = runs, ?wait, "job queued again: its agent stopped heartbeating or crashed");
+            } else {
+                tracing::warn!(%project, %id, from = %run.agent, "job queued again: its run was lost (a crash, or a reply lost between the agent and the database)");
+            }
+        }
+        Ok(())
+    }
+
+    /// The BuildInfo of a job that lost its agent on each of its `runs` runs.
+    fn out_of_attempts(&self, run: &rows::LostRun, runs: i32) -> BuildInfo {
+        let req = request_from_json(&run.request).unwrap_or_else(|_| JobRequest {
+            project: run.project.clone(),
+            ..JobRequest::default()
+        });
+        let dir = self.engine.layout.job(&run.project, &run.id, Stage::Ready);
+        BuildInfo {
+            err_build: format!(
+                "Error building {}: the job lost its agent {runs} times (the last one: {}, \
+                 which stopped heartbeating or crashed while it ran the job); job_attempts is \
+                 {}: it is not run again (ask again to run it anew)",
+                run.project, run.agent, self.cluster.job_attempts
+            ),
+            // As a job abandoned at its time limit: it ran, its exit is unknown.
+            exit_code: -1,
+            retries: u32::try_from(run.retries).unwrap_or_default(),
+            ..self.engine.blank_info(&req, &dir)
+        }
+    }
+
+    /// Put back in the queue the runs of agents that are not alive (judged by
+    /// [`Scheduler::judged`]'s timeout).
+    pub(super) async fn requeue_dead(&self) -> Result<(), ClusterError> {
+        let lost = {
+            let (client, err) = self.client().await?;
+            rows::lost_runs(&client, rows::Lost::DeadAgents(self.judged()))
+                .await
+                .map_err(err)?
+        };
+        for run in &lost {
+            self.requeue_lost(run, true).await?;
+        }
+        Ok(())
+    }
+
+    /// This agent's `running` records that none of its runs is (started more than
+    /// `agent_timeout` ago: a reply lost between a claim or an insert and this agent, whose
+    /// run never started) go back to the queue.
+    pub(super) async fn rescue_orphans(&self) -> Result<(), ClusterError> {
+        let mine = {
+            let (client, err) = self.client().await?;
+            rows::lost_runs(
+                &client,
+                rows::Lost::Mine(self.me(), self.cluster.agent_timeout),
+            )
+            .await
+            .map_err(err)?
+        };
+        for run in mine
+            .iter()
+            .filter(|r| !self.runs_now(&key_of(&r.project, &r.id), r.attempt))
+        {
+            self.requeue_lost(run, false).await?;
+        }
+        Ok(())
     }
 
     /// A job that ran again on another agent (a rebuild, a re-run after a failure or of a dead
@@ -189,29 +272,37 @@ impl Scheduler {
         }
     }
 
-    /// Every `heartbeat`: queue again the running jobs of agents that stopped heartbeating.
-    /// Silence is only judged once this agent has reached the database for `agent_timeout`
-    /// without a break (since its start, or since an outage or a lost connection: the others'
-    /// heartbeats could not get through either), and — in the query — once the database has
-    /// been up that long (a database restart is no agent's death).
+    /// Every `heartbeat`: queue again the running jobs of agents that stopped heartbeating,
+    /// and this agent's orphans ([`Scheduler::rescue_orphans`]). Silence is only judged once
+    /// this agent has reached the database for `agent_timeout` without a break (since its
+    /// start, or since an outage or a lost connection: the others' heartbeats could not get
+    /// through either; [`Scheduler::judged`]), and — in the statements — once the database
+    /// has been up that long (a database restart is no agent's death).
     pub(super) async fn sweep_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut tick = tokio::time::interval(self.cluster.heartbeat);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut reached_since: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = stop.wait_for(|s| *s) => return,
             }
-            let since = *reached_since.get_or_insert_with(tokio::time::Instant::now);
+            let since = match self.reached_since.lock() {
+                Ok(mut r) => *r.get_or_insert_with(tokio::time::Instant::now),
+                Err(_) => continue,
+            };
             let result = if since.elapsed() < self.cluster.agent_timeout {
                 self.ping().await
             } else {
-                self.requeue_running(None).await.map(|_| ())
+                match self.requeue_dead().await {
+                    Ok(()) => self.rescue_orphans().await,
+                    Err(e) => Err(e),
+                }
             };
             if let Err(e) = result {
                 tracing::debug!(agent = %self.me(), error = %e, "the sweeper could not reach the database");
-                reached_since = None;
+                if let Ok(mut r) = self.reached_since.lock() {
+                    *r = None;
+                }
             }
         }
     }

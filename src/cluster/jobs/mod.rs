@@ -83,6 +83,21 @@ const SAFETY_RECHECK: Duration = Duration::from_secs(30);
 const RUNNING_RECHECK: Duration = Duration::from_secs(5);
 /// At most this often, every copy here is checked against its record (see `stale_loop`).
 const CHECK_COPIES_EVERY: Duration = Duration::from_secs(5);
+/// How long a run's fence waits for the database to answer before the build is published
+/// anyway (its end, recorded later, is fenced too: a superseded build is then discarded).
+const FENCE_PATIENCE: Duration = Duration::from_secs(600);
+/// The pause before a request reads its job's record again after a write whose answer was
+/// lost.
+const LOST_REPLY_PAUSE: Duration = Duration::from_millis(200);
+/// The longest wait before a job that lost its agent runs again.
+const MAX_BACKOFF: Duration = Duration::from_secs(60);
+
+/// The wait before the next run of a job put back in the queue after losing its agent
+/// `retries` times before: 1s, 2s, 4s, ... at most [`MAX_BACKOFF`].
+fn backoff(retries: i32) -> Duration {
+    let exp = u32::try_from(retries.clamp(0, 16)).unwrap_or(0);
+    Duration::from_secs(1u64 << exp).min(MAX_BACKOFF)
+}
 
 /// Why a request could not be answered through the cluster.
 #[derive(Debug, thiserror::Error)]
@@ -190,6 +205,64 @@ pub struct Scheduler {
     /// notification leaves an entry; entries count for a minute, and a reconnection checks
     /// every copy anyway.
     recorded: std::sync::Mutex<std::collections::HashMap<String, (String, std::time::Instant)>>,
+    /// The runs this agent runs now (key → attempt): a `running` record of this agent that is
+    /// not one of them is an orphan (a lost reply), put back in the queue.
+    runs: std::sync::Mutex<std::collections::HashMap<String, i32>>,
+    /// Builds in this agent's `ready/` known to be the ones their records name (key →
+    /// `StartedAt`): answered without reading the record. A job's end (its notification)
+    /// removes its key, a reconnection of the listener every key.
+    verified: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    /// Since when this agent reaches the database without a break (the sweeper's pings):
+    /// until it has for `agent_timeout`, it takes nobody for dead ([`Scheduler::judged`]).
+    reached_since: std::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+/// A claimed run's fence (`engine::Fence`): whether the run, as its attempt, may still
+/// publish its build, asked of the records on the run's thread; while the database does not
+/// answer, asked again every second for [`FENCE_PATIENCE`], then the build is published (and
+/// fenced at its end's record if the record moved on).
+struct RunFence {
+    cluster: Arc<Cluster>,
+    handle: tokio::runtime::Handle,
+    project: String,
+    id: String,
+    attempt: i32,
+    fenced: std::sync::atomic::AtomicBool,
+}
+
+impl crate::engine::Fence for RunFence {
+    fn holds(&self) -> bool {
+        let deadline = std::time::Instant::now() + FENCE_PATIENCE;
+        let mut warned = false;
+        loop {
+            let asked = self.handle.block_on(async {
+                let (client, err) = self.cluster.records_client().await?;
+                rows::fence_holds(
+                    &client,
+                    &self.project,
+                    &self.id,
+                    self.cluster.name(),
+                    self.attempt,
+                )
+                .await
+                .map_err(err)
+            });
+            match asked {
+                Ok(holds) => {
+                    self.fenced.store(!holds, Ordering::SeqCst);
+                    return holds;
+                }
+                Err(e) if std::time::Instant::now() < deadline => {
+                    if !warned {
+                        tracing::warn!(project = %self.project, id = %self.id, error = %e, "the job ended; its build waits for the database before it is published");
+                        warned = true;
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                Err(_) => return true,
+            }
+        }
+    }
 }
 
 fn key_of(project: &str, id: &str) -> String {
@@ -206,7 +279,42 @@ impl Scheduler {
             claimed: AtomicUsize::new(0),
             freed: Notify::new(),
             recorded: Default::default(),
+            runs: Default::default(),
+            verified: Default::default(),
+            reached_since: Default::default(),
         }
+    }
+
+    /// The timeout this agent judges other agents' liveness by now: `agent_timeout` once it
+    /// has reached the database for that long without a break, else [`records::UNJUDGED`]
+    /// (after its own outage, every agent's heartbeats may look old: none is taken for dead).
+    fn judged(&self) -> Duration {
+        let reached = self.reached_since.lock().ok().and_then(|r| *r);
+        match reached {
+            Some(t) if t.elapsed() >= self.cluster.agent_timeout => self.cluster.agent_timeout,
+            _ => records::UNJUDGED,
+        }
+    }
+
+    /// Whether this agent runs attempt `attempt` of `key` now.
+    fn runs_now(&self, key: &str, attempt: i32) -> bool {
+        self.runs
+            .lock()
+            .is_ok_and(|r| r.get(key).is_some_and(|a| *a == attempt))
+    }
+
+    /// Build `key` (`StartedAt` `started`) here is the record's.
+    fn verify(&self, key: String, started: &str) {
+        if let Ok(mut v) = self.verified.lock() {
+            v.insert(key, started.to_string());
+        }
+    }
+
+    /// Whether build `key` (`StartedAt` `started`) here is known to be the record's.
+    fn is_verified(&self, key: &str, started: &str) -> bool {
+        self.verified
+            .lock()
+            .is_ok_and(|v| v.get(key).is_some_and(|s| s == started))
     }
 
     fn db(&self) -> Result<&super::Db, ClusterError> {
@@ -223,8 +331,7 @@ impl Scheduler {
         ),
         ClusterError,
     > {
-        let db = self.db()?;
-        Ok((db.client().await?, move |e| db.records_error(e)))
+        self.cluster.records_client().await
     }
 
     pub(super) fn me(&self) -> &str {
@@ -251,7 +358,30 @@ impl Scheduler {
 
     /// A notice of the agent's listener ([`super::listen`]), for waiters and the claim loop.
     pub(super) fn notified(&self, notice: Notice<'_>) {
+        // The record's build may have changed: what this agent knew of it goes first (not for
+        // an end this agent is recording itself). Back from an outage, every end may have been
+        // missed: all of it goes. During the outage, the builds known stay answers (the
+        // records cannot be read; an agent cut off from the database alone answers what it
+        // knew last: see docs/cluster.md, "Semantics").
+        let forget = |key: Option<&str>| {
+            if let Ok(mut v) = self.verified.lock() {
+                match key {
+                    Some(k) => {
+                        v.remove(k);
+                    }
+                    None => v.clear(),
+                }
+            }
+        };
+        if matches!(notice, Notice::Reconnected) {
+            forget(None);
+        }
         if let Some(event) = event_of(notice) {
+            if let Event::Ended(key) = &event {
+                if !self.recorded.lock().is_ok_and(|r| r.contains_key(key)) {
+                    forget(Some(key));
+                }
+            }
             let _ = self.events.send(event);
         }
     }
@@ -260,7 +390,7 @@ impl Scheduler {
 /// What a notice of the listener means to the scheduler (`None`: nothing).
 fn event_of(notice: Notice<'_>) -> Option<Event> {
     Some(match notice {
-        Notice::Reconnected => Event::Reconnected,
+        Notice::Reconnected | Notice::Lost => Event::Reconnected,
         Notice::Notification { channel, payload } if channel == CHANNEL => {
             if let Some(key) = payload.strip_prefix("ended ") {
                 Event::Ended(key.to_string())
@@ -303,6 +433,7 @@ mod tests {
             None
         );
         assert_eq!(event_of(Notice::Reconnected), Some(Event::Reconnected));
+        assert_eq!(event_of(Notice::Lost), Some(Event::Reconnected));
     }
 
     #[test]

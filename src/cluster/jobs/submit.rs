@@ -111,8 +111,10 @@ impl Scheduler {
                 .await
                 .map_err(|e| JobError::Internal(e.to_string()))?;
             if let Some((info, dir)) = hit {
-                tracing::info!(%project, id = %dir.id(), "job answered from the result cache");
-                return Ok(Admission::Answered(Answer { info, dir }));
+                if self.published_here(&project, dir.id(), &info).await? {
+                    tracing::info!(%project, id = %dir.id(), "job answered from the result cache");
+                    return Ok(Admission::Answered(Answer { info, dir }));
+                }
             }
         }
         // Subscribed before reading the record: an end notified meanwhile is not missed.
@@ -127,21 +129,62 @@ impl Scheduler {
                 coalesced,
             }))
         };
+        // A write whose answer was lost (the connection dropped after the database committed
+        // it, or not): the record is read again, and tells.
+        let mut lost: Option<ClusterError> = None;
         for _ in 0..10 {
-            let (home, record) = self.home(&project, &ids, &identity).await?;
+            let (home, record) = match self.home(&project, &ids, &identity).await {
+                Ok(r) => r,
+                Err(e) if lost.is_some() => {
+                    lost = Some(e);
+                    tokio::time::sleep(LOST_REPLY_PAUSE).await;
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
             id = home;
             let Some(rec) = record else {
                 self.check_backlog().await?;
-                if self.insert(&req, &id).await? {
-                    tracing::info!(%project, %id, agent = %self.me(), "job queued in the cluster");
-                    return waiting(id, events, false);
+                match self.insert(&req, &id).await {
+                    Ok(true) => {
+                        tracing::info!(%project, %id, agent = %self.me(), "job queued in the cluster");
+                        return waiting(id, events, false);
+                    }
+                    // Another agent inserted it first: read it.
+                    Ok(false) => {}
+                    Err(e) => {
+                        tracing::warn!(%project, %id, error = %e, "inserting the job failed (it may be inserted: its answer was lost); reading its record again");
+                        lost = Some(e);
+                        tokio::time::sleep(LOST_REPLY_PAUSE).await;
+                    }
                 }
-                continue; // Another agent inserted it first: read it.
+                continue;
             };
             if !rec.is_for(&identity) {
                 return Err(SubmitError::Job(JobError::Internal(format!(
                     "Error building {project}/{id}: another request's job has this ID"
                 ))));
+            }
+            if lost.is_some()
+                && rec.state == JobState::Running
+                && rec.agent.as_deref() == Some(self.me())
+                && !self.runs_now(&key_of(&project, &id), rec.attempt)
+            {
+                // This agent's own insert, whose answer was lost: it runs nowhere. Back to the
+                // queue (a claim runs it; this request waits for it).
+                let run = rows::LostRun {
+                    project: project.clone(),
+                    id: id.clone(),
+                    agent: self.me().to_string(),
+                    attempt: rec.attempt,
+                    retries: 0,
+                    request: rec.request.clone(),
+                };
+                if let Err(e) = self.requeue_lost(&run, false).await {
+                    lost = Some(e);
+                    tokio::time::sleep(LOST_REPLY_PAUSE).await;
+                }
+                continue;
             }
             match rec.state {
                 JobState::Queued | JobState::Running => {
@@ -165,16 +208,58 @@ impl Scheduler {
                     // Failed, unavailable (its agent is not alive, or this agent no longer
                     // has it), or a rebuild: run it again.
                     self.check_backlog().await?;
-                    if self.requeue(&req, &id, &rec).await? {
-                        tracing::info!(%project, %id, was = %rec.state, agent = ?rec.agent, "job queued again in the cluster");
-                        return waiting(id, events, false);
+                    match self.requeue(&req, &id, &rec).await {
+                        Ok(true) => {
+                            tracing::info!(%project, %id, was = %rec.state, agent = ?rec.agent, "job queued again in the cluster");
+                            return waiting(id, events, false);
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::warn!(%project, %id, error = %e, "queueing the job again failed (it may be queued: its answer was lost); reading its record again");
+                            lost = Some(e);
+                            tokio::time::sleep(LOST_REPLY_PAUSE).await;
+                        }
                     }
                 }
             }
         }
+        if let Some(e) = lost {
+            return Err(e.into());
+        }
         Err(SubmitError::Job(JobError::Internal(format!(
             "Error building {project}/{id}: the job's record kept changing; try again"
         ))))
+    }
+
+    /// Whether this agent's build `project/id` (BuildInfo `info`) is the one its record names,
+    /// i.e. may answer a request: known already, or read from the record (no record: a build
+    /// from before the cluster, or whose record retention removed). A stale one (the job ran
+    /// again elsewhere) goes; one whose job runs again is no answer (the request joins the
+    /// run). Unknown while the database does not answer: a 503.
+    pub(super) async fn published_here(
+        &self,
+        project: &str,
+        id: &str,
+        info: &BuildInfo,
+    ) -> Result<bool, SubmitError> {
+        let key = key_of(project, id);
+        if self.is_verified(&key, &info.started_at) {
+            return Ok(true);
+        }
+        let Some(rec) = self.read(project, id).await? else {
+            return Ok(true);
+        };
+        if rec.state.in_flight() {
+            return Ok(false);
+        }
+        if is_stale(info, &rec) {
+            tracing::info!(%project, %id, agent = ?rec.agent, "this agent's build is not the one the job's record names: it goes");
+            self.discard_copy(project, id, rec.agent.as_deref(), &info.started_at)
+                .await;
+            return Ok(false);
+        }
+        self.verify(key, &info.started_at);
+        Ok(true)
     }
 
     /// The end of an admitted job, as a build in this agent's `ready/`.
@@ -187,7 +272,20 @@ impl Scheduler {
             }
             Admission::Copy(c) => {
                 let (project, id) = (&c.project, &c.id);
-                let mut answer = self.local_copy(project, id, &c.identity, &c.rec).await?;
+                let events = self.events.subscribe();
+                let Some(mut answer) = self.local_copy(project, id, &c.identity, &c.rec).await?
+                else {
+                    // The agent holding the record's build lost it: the job runs again, as
+                    // for a dead holder, and this request waits for it.
+                    let req = request_from_json(&c.rec.request)
+                        .map_err(|e| JobError::Internal(e.to_string()))?;
+                    if !self.requeue(&req, id, &c.rec).await? {
+                        tracing::info!(%project, %id, "the job's record changed meanwhile; waiting for it");
+                    } else {
+                        tracing::info!(%project, %id, from = ?c.rec.agent, "job queued again: the agent holding its build lost it");
+                    }
+                    return self.wait_end(project, id, &c.identity, events, false).await;
+                };
                 answer.info.cached = true;
                 answer.info.coalesced = false;
                 self.engine.metrics.cached();
@@ -259,7 +357,7 @@ impl Scheduler {
     pub(super) async fn check_backlog(&self) -> Result<(), SubmitError> {
         let backlog = i64::try_from(self.engine.cfg.job_backlog).unwrap_or(i64::MAX);
         let (client, err) = self.client().await?;
-        let full = rows::queue_full(&client, backlog, self.cluster.agent_timeout)
+        let full = rows::queue_full(&client, backlog, self.judged())
             .await
             .map_err(err)?;
         if full {
@@ -303,14 +401,9 @@ impl Scheduler {
         here: bool,
     ) -> Result<Option<Option<Claim>>, ClusterError> {
         let request = request_json(req);
-        let job = rows::NewJob {
-            project: &req.project,
-            group: &req.group,
-            id,
-            request: &request,
-        };
+        let job = rows::NewJob::of(req, id, &request);
         let (client, err) = self.client().await?;
-        let state = rows::insert(&client, &job, here, self.me(), self.cluster.agent_timeout)
+        let state = rows::insert(&client, &job, here, self.me(), self.judged())
             .await
             .map_err(err)?;
         Ok(match state {
@@ -322,6 +415,7 @@ impl Scheduler {
                 request,
                 retries: 0,
                 retried_from: None,
+                attempt: 1,
             })),
         })
     }
@@ -335,19 +429,14 @@ impl Scheduler {
         rec: &Record,
     ) -> Result<bool, ClusterError> {
         let request = request_json(req);
-        let job = rows::NewJob {
-            project: &req.project,
-            group: &req.group,
-            id,
-            request: &request,
-        };
+        let job = rows::NewJob::of(req, id, &request);
         let (mut client, err) = self.client().await?;
         rows::rerun(
             &mut client,
             &job,
             (rec.state, rec.agent.as_deref(), &rec.request),
             self.me(),
-            self.cluster.agent_timeout,
+            self.judged(),
         )
         .await
         .map_err(err)
@@ -376,7 +465,12 @@ impl Scheduler {
                 ))));
             }
             if !rec.state.in_flight() {
-                let mut answer = self.local_copy(project, id, identity, &rec).await?;
+                let Some(mut answer) = self.local_copy(project, id, identity, &rec).await? else {
+                    return Err(SubmitError::Replication(format!(
+                        "the agent holding the build {key} ({}) lost it: try again",
+                        rec.agent.as_deref().unwrap_or_default()
+                    )));
+                };
                 answer.info.cached = false;
                 answer.info.coalesced = coalesced;
                 return Ok(answer);
@@ -404,14 +498,15 @@ impl Scheduler {
 
     /// The ended job's build in this agent's `ready/` (fetched from the agent that ran it when
     /// that is another one), and its BuildInfo with `Path` local; never a build of a request
-    /// other than `identity`'s.
+    /// other than `identity`'s, nor another build than the record's. `None` when the agent
+    /// holding the record's successful build answers that it has none (it lost it).
     pub(super) async fn local_copy(
         &self,
         project: &str,
         id: &str,
         identity: &Identity,
         rec: &Record,
-    ) -> Result<Answer, SubmitError> {
+    ) -> Result<Option<Answer>, SubmitError> {
         let layout = &self.engine.layout;
         let mut dir = layout.job(project, id, Stage::Ready);
         let here = rec.agent.as_deref() == Some(self.me());
@@ -423,6 +518,10 @@ impl Scheduler {
         // A copy here of another run of the job (the record's build is newer: a rebuild or a
         // re-run elsewhere, whose end this request waited for) goes first.
         let mut local = dir.read_info();
+        if here && local.as_ref().is_some_and(|m| is_stale(m, rec)) {
+            // Not the build the record names (a fenced run's that slipped in): never an answer.
+            local = None;
+        }
         if let Some(mine) = local.as_ref().filter(|m| !here && is_stale(m, rec)) {
             let judged = mine.started_at.clone();
             local = if self
@@ -453,15 +552,39 @@ impl Scheduler {
                 )
                 .await
                 .map_err(|e| {
-                    format!("fetching the build {project}/{id} from agent {agent} ({url}): {e}")
+                    let lost = matches!(e, super::super::copies::ReplicateError::NotFound { .. });
+                    (
+                        lost,
+                        format!(
+                            "fetching the build {project}/{id} from agent {agent} ({url}): {e}"
+                        ),
+                    )
                 }),
-                _ => Err(format!("the build {project}/{id} has no agent holding it")),
+                _ => Err((
+                    false,
+                    format!("the build {project}/{id} has no agent holding it"),
+                )),
             };
+            if matches!(fetched, Err((true, _))) && rec.state == JobState::Ready {
+                return Ok(None);
+            }
+            let fetched = fetched.map_err(|(_, e)| e);
             match fetched {
                 Ok(d) => {
-                    tracing::info!(%project, %id, from = ?rec.agent, "build replicated from another agent");
                     dir = d;
                     local = dir.read_info();
+                    if let Some(other) = local.as_ref().filter(|m| is_stale(m, rec)) {
+                        // The holder has another build of the job than its record names.
+                        let judged = other.started_at.clone();
+                        self.discard_copy(project, id, rec.agent.as_deref(), &judged)
+                            .await;
+                        return Err(SubmitError::Replication(format!(
+                            "agent {} holds another build of {project}/{id} than its record \
+                             names: try again",
+                            rec.agent.as_deref().unwrap_or_default()
+                        )));
+                    }
+                    tracing::info!(%project, %id, from = ?rec.agent, "build replicated from another agent");
                 }
                 Err(e) => match stored().filter(|i| failed && identity.matches(i)) {
                     Some(info) => {
@@ -470,7 +593,7 @@ impl Scheduler {
                             path: dir.artifacts_when_ready().display().to_string(),
                             ..info
                         };
-                        return Ok(Answer { info, dir });
+                        return Ok(Some(Answer { info, dir }));
                     }
                     None => return Err(SubmitError::Replication(e)),
                 },
@@ -487,10 +610,13 @@ impl Scheduler {
                  try again"
             )));
         }
+        if !is_stale(&info, rec) && dir.is_dir() {
+            self.verify(key_of(project, id), &info.started_at);
+        }
         let info = BuildInfo {
             path: dir.artifacts_when_ready().display().to_string(),
             ..info
         };
-        Ok(Answer { info, dir })
+        Ok(Some(Answer { info, dir }))
     }
 }

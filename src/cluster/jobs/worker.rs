@@ -77,11 +77,22 @@ impl Scheduler {
         self.claimed.fetch_sub(1, Ordering::SeqCst);
     }
 
-    /// Run a claimed job (its slot reserved) in the background.
+    /// Run a claimed job (its slot reserved) in the background; it is one of this agent's
+    /// runs until it ends (see [`Scheduler::rescue_orphans`]).
     pub(super) fn spawn_run(self: &Arc<Self>, claim: Claim) {
+        let key = key_of(&claim.project, &claim.id);
+        if let Ok(mut r) = self.runs.lock() {
+            r.insert(key.clone(), claim.attempt);
+        }
         let me = Arc::clone(self);
         tokio::spawn(async move {
+            let attempt = claim.attempt;
             me.run_claimed(claim).await;
+            if let Ok(mut r) = me.runs.lock() {
+                if r.get(&key) == Some(&attempt) {
+                    r.remove(&key);
+                }
+            }
             me.release();
         });
     }
@@ -94,14 +105,9 @@ impl Scheduler {
     /// Claim the oldest queued job this agent may take (its own preferred jobs first).
     pub(super) async fn claim_one(&self) -> Result<Option<Claim>, ClusterError> {
         let (mut client, err) = self.client().await?;
-        let claim = rows::claim(
-            &mut client,
-            self.me(),
-            PREFERRED_GRACE,
-            self.cluster.agent_timeout,
-        )
-        .await
-        .map_err(err)?;
+        let claim = rows::claim(&mut client, self.me(), PREFERRED_GRACE, self.judged())
+            .await
+            .map_err(err)?;
         if let Some(claim) = &claim {
             tracing::info!(project = %claim.project, id = %claim.id, agent = %self.me(), retries = claim.retries, "job claimed");
         }
@@ -132,7 +138,7 @@ impl Scheduler {
                     &id,
                     format!("Error building {project}: the job's stored request is invalid: {e}"),
                 );
-                self.record_end(&project, &id, &info).await;
+                self.record_end(&project, &id, &info, claim.attempt).await;
                 return;
             }
         };
@@ -143,19 +149,31 @@ impl Scheduler {
         if let Err(e) = super::super::inputs::fetch_inputs(&self.cluster, &self.engine, &req).await
         {
             let info = self.refused(&req, &id, e.to_string());
-            self.record_end(&project, &id, &info).await;
+            self.record_end(&project, &id, &info, claim.attempt).await;
             return;
         }
-        let scheduled = match self.engine.schedule_as(req.clone(), id.clone()).await {
+        let fence = Arc::new(RunFence {
+            cluster: Arc::clone(&self.cluster),
+            handle: tokio::runtime::Handle::current(),
+            project: project.clone(),
+            id: id.clone(),
+            attempt: claim.attempt,
+            fenced: false.into(),
+        });
+        let scheduled = match self
+            .engine
+            .schedule_as(req.clone(), id.clone(), Arc::clone(&fence) as _)
+            .await
+        {
             Ok(s) => s,
             Err(JobError::Overloaded) => {
                 // Shutting down, or the local backlog is full: back to the queue.
-                self.unclaim(&project, &id).await;
+                self.unclaim(&project, &id, claim.attempt).await;
                 return;
             }
             Err(e) => {
                 let info = self.refused(&req, &id, e.to_string());
-                self.record_end(&project, &id, &info).await;
+                self.record_end(&project, &id, &info, claim.attempt).await;
                 return;
             }
         };
@@ -192,7 +210,17 @@ impl Scheduler {
         if let Some(s) = shipper {
             s.finish().await;
         }
-        self.record_end(&project, &id, &info).await;
+        if fence.fenced.load(Ordering::SeqCst) {
+            tracing::warn!(%project, %id, agent = %self.me(), attempt = claim.attempt, "the job's run was fenced: its record moved on while this agent ran it (taken for dead, the job ran again elsewhere); its build is discarded, never served");
+            return;
+        }
+        if info.err_build.starts_with(crate::engine::FENCED) {
+            // This claim joined a run here of an older attempt, which was fenced: this attempt
+            // has no build; it goes back to the queue.
+            self.unclaim(&project, &id, claim.attempt).await;
+            return;
+        }
+        self.record_end(&project, &id, &info, claim.attempt).await;
     }
 
     /// A group's chain moving to this agent: start from the group's last successful build,
@@ -201,7 +229,7 @@ impl Scheduler {
         let (project, group) = (&req.project, &req.group);
         let last = async {
             let (client, err) = self.client().await?;
-            rows::last_of_group(&client, project, group, self.cluster.agent_timeout)
+            rows::last_of_group(&client, project, group, self.judged())
                 .await
                 .map_err(err)
         }
@@ -263,11 +291,12 @@ impl Scheduler {
         }
     }
 
-    /// Give a claimed job back to the queue (this agent cannot run it now).
-    pub(super) async fn unclaim(&self, project: &str, id: &str) {
+    /// Give a claimed job (attempt `attempt`) back to the queue (this agent cannot run it
+    /// now).
+    pub(super) async fn unclaim(&self, project: &str, id: &str, attempt: i32) {
         let result = async {
             let (client, err) = self.client().await?;
-            rows::unclaim(&client, project, id, self.me())
+            rows::unclaim(&client, project, id, self.me(), attempt)
                 .await
                 .map_err(err)
         }
@@ -277,9 +306,10 @@ impl Scheduler {
         }
     }
 
-    /// Record the end of a job this agent ran (its build is in `ready/` already) and notify
-    /// it; retried every second while the database does not answer.
-    pub(super) async fn record_end(&self, project: &str, id: &str, info: &BuildInfo) {
+    /// Record the end of a job this agent ran as `attempt` (its build is in `ready/` already)
+    /// and notify it; retried every second while the database does not answer. A fenced end
+    /// (the record moved on) discards the build here: it is never served.
+    pub(super) async fn record_end(&self, project: &str, id: &str, info: &BuildInfo, attempt: i32) {
         // Before the record: its notification may come back before the update returns.
         if let Ok(mut r) = self.recorded.lock() {
             r.retain(|_, (_, at)| at.elapsed() < Duration::from_secs(60));
@@ -290,11 +320,15 @@ impl Scheduler {
         }
         let mut warned = false;
         for _ in 0..600 {
-            match self.try_record_end(project, id, info).await {
-                Ok(true) => return,
+            match self.try_record_end(project, id, info, attempt).await {
+                Ok(true) => {
+                    self.verify(key_of(project, id), &info.started_at);
+                    return;
+                }
                 Ok(false) => {
                     self.forget_recorded(project, id);
-                    tracing::warn!(%project, %id, agent = %self.me(), "the job's record was taken over meanwhile (this agent was taken for dead): its build stays here, unrecorded");
+                    tracing::warn!(%project, %id, agent = %self.me(), attempt, "the job's end was fenced: its record moved on meanwhile (this agent was taken for dead and the job ran again); its build here is discarded, never served");
+                    self.discard_copy(project, id, None, &info.started_at).await;
                     return;
                 }
                 Err(e) => {
@@ -320,6 +354,7 @@ impl Scheduler {
         project: &str,
         id: &str,
         info: &BuildInfo,
+        attempt: i32,
     ) -> Result<bool, ClusterError> {
         let db = self.db()?;
         let stored = BuildInfo {
@@ -332,7 +367,9 @@ impl Scheduler {
         let end = rows::End {
             state,
             build_info: &json,
+            started_at: &info.started_at,
             built_here: info.err_build.is_empty(),
+            attempt,
         };
         let (client, err) = self.client().await?;
         let recorded = rows::record_end(&client, project, id, self.me(), &end)

@@ -133,8 +133,7 @@ impl Logs {
         ),
         ClusterError,
     > {
-        let db = self.cluster.need_db()?;
-        Ok((db.client().await?, move |e| db.records_error(e)))
+        self.cluster.records_client().await
     }
 
     fn me(&self) -> &str {
@@ -155,7 +154,7 @@ impl Logs {
     /// A notice of the agent's listener ([`super::listen`]), for followers.
     pub(super) fn notified(&self, notice: Notice<'_>) {
         let event = match notice {
-            Notice::Reconnected => Some(LogEvent::Reconnected),
+            Notice::Reconnected | Notice::Lost => Some(LogEvent::Reconnected),
             Notice::Notification { channel, payload } => parse_event(channel, payload),
         };
         if let Some(event) = event {

@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 
-use super::{query_error, sql_sources, sql_target, stored_state, RecordsError};
+use super::{alive_sql, query_error, sql_sources, sql_target, stored_state, RecordsError};
 use crate::cluster::JOBS_CHANNEL;
+use crate::jobs::JobRequest;
 use crate::service::JobState;
 
 /// The payload of the notification that job `project/id` is running (claimed).
@@ -30,6 +31,8 @@ pub(in crate::cluster) struct Claimed {
     pub(in crate::cluster) request: String,
     pub(in crate::cluster) retries: i32,
     pub(in crate::cluster) retried_from: Option<String>,
+    /// The run's fencing token: what its end must carry.
+    pub(in crate::cluster) attempt: i32,
 }
 
 /// Whether any record is queued.
@@ -47,7 +50,8 @@ pub(in crate::cluster) async fn any_queued(client: &Client) -> Result<bool, Reco
 
 /// Claim for agent `me` the oldest queued job it may take (its own preferred jobs first; one
 /// preferred by another agent after `grace`, or when that agent is not alive by
-/// `agent_timeout` or full), mark it `running` by `me` and notify the claim.
+/// `agent_timeout` or full; none before its `not_before`), mark it `running` by `me` as its
+/// next attempt (the fencing token) and notify the claim.
 pub(in crate::cluster) async fn claim(
     client: &mut Client,
     me: &str,
@@ -62,19 +66,20 @@ pub(in crate::cluster) async fn claim(
                 "SELECT j.project, j.id, j.request::text, j.retries, j.retried_from
                    FROM jobs j
                   WHERE j.state IN ({claimable})
+                    AND (j.not_before IS NULL OR j.not_before <= now())
                     AND (j.preferred_agent IS NULL OR j.preferred_agent = $1
                          OR j.queued_at < now() - make_interval(secs => $2)
                          OR NOT EXISTS (
                              SELECT 1 FROM agents a
-                              WHERE a.name = j.preferred_agent AND a.stopped_at IS NULL
-                                AND a.last_heartbeat > now() - make_interval(secs => $3)
+                              WHERE a.name = j.preferred_agent AND {alive}
                                 AND a.capacity > (SELECT count(*) FROM jobs r
                                                    WHERE r.state = 'running'
                                                      AND r.agent = a.name)))
                   ORDER BY (j.preferred_agent IS NOT DISTINCT FROM $1) DESC, j.queued_at
                   LIMIT 1
                     FOR UPDATE OF j SKIP LOCKED",
-                claimable = sql_sources(JobState::claim)
+                claimable = sql_sources(JobState::claim),
+                alive = alive_sql("a", "$3"),
             ),
             &[&me, &grace.as_secs_f64(), &agent_timeout.as_secs_f64()],
         )
@@ -83,23 +88,28 @@ pub(in crate::cluster) async fn claim(
     let Some(row) = row else {
         return Ok(None);
     };
-    let claim = Claimed {
+    let mut claim = Claimed {
         project: row.try_get(0).map_err(&g)?,
         id: row.try_get(1).map_err(&g)?,
         request: row.try_get(2).map_err(&g)?,
         retries: row.try_get(3).map_err(&g)?,
         retried_from: row.try_get(4).map_err(&g)?,
+        attempt: 0,
     };
-    tx.execute(
-        &format!(
-            "UPDATE jobs SET state = '{running}', agent = $3, started_at = now()
-              WHERE project = $1 AND id = $2",
-            running = sql_target(JobState::Queued, JobState::claim)
-        ),
-        &[&claim.project, &claim.id, &me],
-    )
-    .await
-    .map_err(&g)?;
+    claim.attempt = tx
+        .query_one(
+            &format!(
+                "UPDATE jobs SET state = '{running}', agent = $3, started_at = now(),
+                        attempt = attempt + 1, not_before = NULL
+                  WHERE project = $1 AND id = $2
+              RETURNING attempt",
+                running = sql_target(JobState::Queued, JobState::claim)
+            ),
+            &[&claim.project, &claim.id, &me],
+        )
+        .await
+        .and_then(|r| r.try_get(0))
+        .map_err(&g)?;
     // Delivered at the commit: whoever waits for the job to run (a pipeline's run page) wakes.
     tx.execute(
         "SELECT pg_notify($1, $2)",
@@ -130,13 +140,13 @@ pub(in crate::cluster) async fn last_of_group(
     let g = query_error(format!("the last build of group {project}/{group}"));
     let row = client
         .query_opt(
-            "SELECT j.id, j.agent, a.advertise_url,
-                    COALESCE(a.stopped_at IS NULL
-                             AND a.last_heartbeat > now() - make_interval(secs => $3),
-                             false)
-               FROM jobs j LEFT JOIN agents a ON a.name = j.agent
-              WHERE j.project = $1 AND j.group_name = $2 AND j.state = 'ready'
-              ORDER BY j.ended_at DESC LIMIT 1",
+            &format!(
+                "SELECT j.id, j.agent, a.advertise_url, COALESCE({}, false)
+                   FROM jobs j LEFT JOIN agents a ON a.name = j.agent
+                  WHERE j.project = $1 AND j.group_name = $2 AND j.state = 'ready'
+                  ORDER BY j.ended_at DESC LIMIT 1",
+                alive_sql("a", "$3")
+            ),
             &[&project, &group, &agent_timeout.as_secs_f64()],
         )
         .await
@@ -150,23 +160,26 @@ pub(in crate::cluster) async fn last_of_group(
     }))
 }
 
-/// Give job `project/id`, claimed by `me`, back to the queue, and notify.
+/// Give job `project/id`, claimed by `me` as `attempt`, back to the queue (unless it moved on
+/// meanwhile), and notify.
 pub(in crate::cluster) async fn unclaim(
     client: &Client,
     project: &str,
     id: &str,
     me: &str,
+    attempt: i32,
 ) -> Result<(), RecordsError> {
     let g = query_error(format!("giving job {project}/{id} back to the queue"));
     client
         .execute(
             &format!(
                 "UPDATE jobs SET state = '{queued}', agent = NULL, started_at = NULL
-                  WHERE project = $1 AND id = $2 AND state IN ({running}) AND agent = $3",
+                  WHERE project = $1 AND id = $2 AND state IN ({running}) AND agent = $3
+                    AND attempt = $4",
                 queued = sql_target(JobState::Running, JobState::requeue),
                 running = sql_sources(JobState::requeue)
             ),
-            &[&project, &id, &me],
+            &[&project, &id, &me, &attempt],
         )
         .await
         .map_err(&g)?;
@@ -177,17 +190,21 @@ pub(in crate::cluster) async fn unclaim(
     Ok(())
 }
 
-/// The end of job `project/id` that agent `me` ran: its state and stored BuildInfo (JSON),
-/// and whether it ran in its container (the project's image is then cached on `me`).
+/// The end of job `project/id` that agent `me` ran as `attempt`: its state and stored
+/// BuildInfo (JSON; its `StartedAt` is `started_at`), and whether it ran in its container (the
+/// project's image is then cached on `me`).
 pub(in crate::cluster) struct End<'a> {
     pub(in crate::cluster) state: JobState,
     pub(in crate::cluster) build_info: &'a str,
+    pub(in crate::cluster) started_at: &'a str,
     pub(in crate::cluster) built_here: bool,
+    pub(in crate::cluster) attempt: i32,
 }
 
-/// Record `end` (one statement: one round trip, atomic): the record (still `me`'s, or queued
-/// again meanwhile and not claimed by another agent yet), the end's notification, and the
-/// project's image on `me`. `false` when the record was taken over meanwhile.
+/// Record `end` (one statement: one round trip, atomic): the record (still `me`'s at this
+/// attempt, or queued again meanwhile and not claimed by another agent yet: the fence), the
+/// end's notification, and the project's image on `me`. `true` too when this very end is
+/// recorded already (a retry after a lost reply); `false` when the record moved on (fenced).
 pub(in crate::cluster) async fn record_end(
     client: &Client,
     project: &str,
@@ -200,17 +217,22 @@ pub(in crate::cluster) async fn record_end(
         .query_one(
             "WITH upd AS (
                  UPDATE jobs SET state = $4, agent = $3, build_info = $5::text::jsonb,
-                        ended_at = now()
-                  WHERE project = $1 AND id = $2
+                        ended_at = now(), not_before = NULL
+                  WHERE project = $1 AND id = $2 AND attempt = $9
                     AND ((state = 'running' AND agent = $3) OR state = 'queued')
                  RETURNING 1),
+             done AS (
+                 SELECT 1 FROM jobs
+                  WHERE project = $1 AND id = $2 AND attempt = $9 AND agent = $3
+                    AND state IN ('ready', 'failed') AND build_info->>'StartedAt' = $10),
              sent AS (SELECT pg_notify($6, $7) FROM upd),
              img AS (
                  INSERT INTO agent_images (agent, project)
                  SELECT $3, $1 FROM upd WHERE $8
                  ON CONFLICT (agent, project) DO UPDATE SET built_at = now()
                  RETURNING 1)
-             SELECT (SELECT count(*) FROM upd), (SELECT count(*) FROM sent)",
+             SELECT (SELECT count(*) FROM upd) + (SELECT count(*) FROM done),
+                    (SELECT count(*) FROM sent)",
             &[
                 &project,
                 &id,
@@ -220,6 +242,165 @@ pub(in crate::cluster) async fn record_end(
                 &JOBS_CHANNEL,
                 &ended_payload(project, id),
                 &end.built_here,
+                &end.attempt,
+                &end.started_at,
+            ],
+        )
+        .await
+        .and_then(|r| r.try_get(0))
+        .map_err(g)?;
+    Ok(n >= 1)
+}
+
+/// Whether a run of job `project/id` by `me` as `attempt` may still publish its build (the
+/// fence, checked before the build goes to `ready/`): the record is still that run's, or
+/// queued again and not claimed by another agent since.
+pub(in crate::cluster) async fn fence_holds(
+    client: &Client,
+    project: &str,
+    id: &str,
+    me: &str,
+    attempt: i32,
+) -> Result<bool, RecordsError> {
+    client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM jobs
+                             WHERE project = $1 AND id = $2 AND attempt = $4
+                               AND ((state = 'running' AND agent = $3) OR state = 'queued'))",
+            &[&project, &id, &me, &attempt],
+        )
+        .await
+        .and_then(|r| r.try_get(0))
+        .map_err(query_error(format!(
+            "checking the fence of job {project}/{id}"
+        )))
+}
+
+/// A `running` record whose run is lost: its agent is not alive, it crashed (the record was
+/// started before the agent's registration), or the run is an orphan (nobody runs it).
+#[derive(Debug, Clone)]
+pub(in crate::cluster) struct LostRun {
+    pub(in crate::cluster) project: String,
+    pub(in crate::cluster) id: String,
+    pub(in crate::cluster) agent: String,
+    /// The attempt that is lost (the fence of every change made to it).
+    pub(in crate::cluster) attempt: i32,
+    /// Times the job was put back in the queue before.
+    pub(in crate::cluster) retries: i32,
+    /// The stored request (JSON).
+    pub(in crate::cluster) request: String,
+}
+
+/// Which lost runs [`lost_runs`] looks for.
+pub(in crate::cluster) enum Lost<'a> {
+    /// The runs of agents that are not alive by the timeout (seconds; see
+    /// [`super::alive_sql`]).
+    DeadAgents(Duration),
+    /// Agent `.0`'s runs started before its registration (it crashed).
+    Crashed(&'a str),
+    /// Agent `.0`'s runs started more than `.1` ago, to compare with the runs it knows.
+    Mine(&'a str, Duration),
+}
+
+/// The `running` records whose run may be lost (see [`Lost`]).
+pub(in crate::cluster) async fn lost_runs(
+    client: &Client,
+    which: Lost<'_>,
+) -> Result<Vec<LostRun>, RecordsError> {
+    let select = "SELECT j.project, j.id, j.agent, j.attempt, j.retries, j.request::text
+                    FROM jobs j";
+    let (rows, what) = match which {
+        Lost::DeadAgents(timeout) => (
+            client
+                .query(
+                    &format!(
+                        "{select} WHERE j.state = 'running' AND NOT EXISTS (
+                             SELECT 1 FROM agents a WHERE a.name = j.agent AND {})",
+                        alive_sql("a", "$1")
+                    ),
+                    &[&timeout.as_secs_f64()],
+                )
+                .await,
+            "the jobs of dead agents".to_string(),
+        ),
+        Lost::Crashed(me) => (
+            client
+                .query(
+                    &format!(
+                        "{select} JOIN agents a ON a.name = j.agent
+                          WHERE j.state = 'running' AND j.agent = $1
+                            AND j.started_at < a.started_at"
+                    ),
+                    &[&me],
+                )
+                .await,
+            format!("the jobs agent {me} left running"),
+        ),
+        Lost::Mine(me, older) => (
+            client
+                .query(
+                    &format!(
+                        "{select} WHERE j.state = 'running' AND j.agent = $1
+                            AND j.started_at < now() - make_interval(secs => $2)"
+                    ),
+                    &[&me, &older.as_secs_f64()],
+                )
+                .await,
+            format!("the jobs agent {me} runs"),
+        ),
+    };
+    let g = query_error(what);
+    rows.map_err(&g)?
+        .iter()
+        .map(|r| {
+            Ok(LostRun {
+                project: r.try_get(0)?,
+                id: r.try_get(1)?,
+                agent: r.try_get(2)?,
+                attempt: r.try_get(3)?,
+                retries: r.try_get(4)?,
+                request: r.try_get(5)?,
+            })
+        })
+        .collect::<Result<_, tokio_postgres::Error>>()
+        .map_err(g)
+}
+
+/// Put lost run `run` back in the queue (claimable after `backoff`; a `retry` counts:
+/// `retries` + 1, `retried_from` its agent), if the record is still that run; notify. `false`
+/// when it moved on.
+pub(in crate::cluster) async fn requeue_lost(
+    client: &Client,
+    run: &LostRun,
+    backoff: Duration,
+    retry: bool,
+) -> Result<bool, RecordsError> {
+    let g = query_error(format!("queueing job {}/{} again", run.project, run.id));
+    let n: i64 = client
+        .query_one(
+            &format!(
+                "WITH upd AS (
+                     UPDATE jobs SET state = '{queued}',
+                            retried_from = CASE WHEN $7 THEN agent ELSE retried_from END,
+                            retries = retries + CASE WHEN $7 THEN 1 ELSE 0 END,
+                            agent = NULL, queued_at = now(), started_at = NULL,
+                            not_before = now() + make_interval(secs => $5)
+                      WHERE project = $1 AND id = $2 AND state IN ({running}) AND agent = $3
+                        AND attempt = $4
+                     RETURNING 1),
+                 sent AS (SELECT pg_notify($6, 'queued') FROM upd)
+                 SELECT (SELECT count(*) FROM upd) + 0 * (SELECT count(*) FROM sent)",
+                queued = sql_target(JobState::Running, JobState::requeue),
+                running = sql_sources(JobState::requeue)
+            ),
+            &[
+                &run.project,
+                &run.id,
+                &run.agent,
+                &run.attempt,
+                &backoff.as_secs_f64(),
+                &JOBS_CHANNEL,
+                &retry,
             ],
         )
         .await
@@ -228,90 +409,38 @@ pub(in crate::cluster) async fn record_end(
     Ok(n == 1)
 }
 
-/// A record agent `me` left `running` before its registration (a crash): (project, id, stored
-/// request).
-pub(in crate::cluster) async fn crashed(
+/// End lost run `run` as failed with BuildInfo `build_info` (JSON), if the record is still
+/// that run (its attempts are used up); notify its end. `false` when it moved on.
+pub(in crate::cluster) async fn fail_lost(
     client: &Client,
-    me: &str,
-) -> Result<Vec<(String, String, String)>, RecordsError> {
-    let g = query_error(format!("the jobs agent {me} left running"));
-    let rows = client
-        .query(
-            "SELECT j.project, j.id, j.request::text FROM jobs j JOIN agents a ON a.name = j.agent
-              WHERE j.state = 'running' AND j.agent = $1 AND j.started_at < a.started_at",
-            &[&me],
+    run: &LostRun,
+    build_info: &str,
+) -> Result<bool, RecordsError> {
+    let g = query_error(format!("failing job {}/{}", run.project, run.id));
+    let n: i64 = client
+        .query_one(
+            "WITH upd AS (
+                 UPDATE jobs SET state = 'failed', retried_from = agent, agent = NULL,
+                        build_info = $5::text::jsonb, ended_at = now(), not_before = NULL
+                  WHERE project = $1 AND id = $2 AND state = 'running' AND agent = $3
+                    AND attempt = $4
+                 RETURNING 1),
+             sent AS (SELECT pg_notify($6, $7) FROM upd)
+             SELECT (SELECT count(*) FROM upd) + 0 * (SELECT count(*) FROM sent)",
+            &[
+                &run.project,
+                &run.id,
+                &run.agent,
+                &run.attempt,
+                &build_info,
+                &JOBS_CHANNEL,
+                &ended_payload(&run.project, &run.id),
+            ],
         )
         .await
-        .map_err(&g)?;
-    rows.iter()
-        .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)))
-        .collect::<Result<_, tokio_postgres::Error>>()
-        .map_err(g)
-}
-
-/// A record queued again by [`requeue_running`].
-#[derive(Debug)]
-pub(in crate::cluster) struct Requeued {
-    pub(in crate::cluster) project: String,
-    pub(in crate::cluster) id: String,
-    pub(in crate::cluster) retried_from: Option<String>,
-    pub(in crate::cluster) retries: i32,
-}
-
-/// Queue again the running jobs of agents that are not alive (judged only once the database
-/// has been up for `agent_timeout`), or (`crashed`) agent `me`'s job `(project, id)` started
-/// before its registration; notify.
-pub(in crate::cluster) async fn requeue_running(
-    client: &mut Client,
-    me: &str,
-    agent_timeout: Duration,
-    crashed: Option<(&str, &str)>,
-) -> Result<Vec<Requeued>, RecordsError> {
-    let g = query_error(match crashed {
-        Some((p, i)) => format!("queueing job {p}/{i} again"),
-        None => "queueing the jobs of dead agents again".to_string(),
-    });
-    let tx = client.transaction().await.map_err(&g)?;
-    let (project, id) = crashed.unzip();
-    let rows = tx
-        .query(
-            &format!(
-                "UPDATE jobs SET state = '{queued}', retried_from = agent, agent = NULL,
-                    retries = retries + 1, queued_at = now(), started_at = NULL
-              WHERE state IN ({running})
-                AND CASE WHEN $3::text IS NULL
-                    THEN pg_postmaster_start_time() < now() - make_interval(secs => $1)
-                     AND NOT EXISTS (
-                         SELECT 1 FROM agents a
-                          WHERE a.name = jobs.agent AND a.stopped_at IS NULL
-                            AND a.last_heartbeat > now() - make_interval(secs => $1))
-                    ELSE project = $3 AND id = $4 AND agent = $2
-                         AND started_at < (SELECT a.started_at FROM agents a
-                                            WHERE a.name = $2)
-                    END
-             RETURNING project, id, retried_from, retries",
-                queued = sql_target(JobState::Running, JobState::requeue),
-                running = sql_sources(JobState::requeue)
-            ),
-            &[&agent_timeout.as_secs_f64(), &me, &project, &id],
-        )
-        .await
-        .map_err(&g)?;
-    if !rows.is_empty() {
-        tx.execute("SELECT pg_notify($1, 'queued')", &[&JOBS_CHANNEL])
-            .await
-            .map_err(&g)?;
-    }
-    tx.commit().await.map_err(&g)?;
-    Ok(rows
-        .iter()
-        .map(|r| Requeued {
-            project: r.try_get(0).unwrap_or_default(),
-            id: r.try_get(1).unwrap_or_default(),
-            retried_from: r.try_get(2).unwrap_or_default(),
-            retries: r.try_get(3).unwrap_or_default(),
-        })
-        .collect())
+        .and_then(|r| r.try_get(0))
+        .map_err(g)?;
+    Ok(n == 1)
 }
 
 /// Of the jobs `(projects[i], ids[i])` (copies on agent `me`), the records whose agent is
@@ -367,12 +496,13 @@ pub(in crate::cluster) async fn queue_full(
 ) -> Result<bool, RecordsError> {
     client
         .query_one(
-            "SELECT (SELECT count(*) FROM jobs WHERE state = 'queued') >=
-                    $1 + COALESCE((SELECT sum(GREATEST(capacity - running, 0))
-                                     FROM agents
-                                    WHERE stopped_at IS NULL
-                                      AND last_heartbeat > now() - make_interval(secs => $2)),
-                                  0)",
+            &format!(
+                "SELECT (SELECT count(*) FROM jobs WHERE state = 'queued') >=
+                        $1 + COALESCE((SELECT sum(GREATEST(a.capacity - a.running, 0))
+                                         FROM agents a WHERE {}),
+                                      0)",
+                alive_sql("a", "$2")
+            ),
             &[&backlog, &agent_timeout.as_secs_f64()],
         )
         .await
@@ -386,6 +516,7 @@ pub(in crate::cluster) async fn queue_full(
 /// project's image (table `agent_images`); else the least loaded alive agent (`running`
 /// records / capacity). Ties go to this agent, then by name.
 fn preferred(me: &str, timeout: &str) -> String {
+    let (h_alive, a_alive) = (alive_sql("h", timeout), alive_sql("a", timeout));
     format!(
         "COALESCE(
            (SELECT h.name
@@ -394,13 +525,11 @@ fn preferred(me: &str, timeout: &str) -> String {
                        AND p.state = 'ready'
                      ORDER BY p.ended_at DESC LIMIT 1) l
               JOIN agents h ON h.name = l.agent
-             WHERE h.stopped_at IS NULL
-               AND h.last_heartbeat > now() - make_interval(secs => {timeout})),
+             WHERE {h_alive}),
            (SELECT a.name FROM agents a,
                    LATERAL (SELECT count(*) AS n FROM jobs r
                              WHERE r.state = 'running' AND r.agent = a.name) r
-             WHERE a.stopped_at IS NULL
-               AND a.last_heartbeat > now() - make_interval(secs => {timeout})
+             WHERE {a_alive}
              ORDER BY (a.capacity > r.n
                        AND EXISTS (SELECT 1 FROM agent_images i
                                     WHERE i.agent = a.name AND i.project = $1)) DESC,
@@ -417,10 +546,22 @@ pub(in crate::cluster) struct NewJob<'a> {
     pub(in crate::cluster) request: &'a str,
 }
 
+impl<'a> NewJob<'a> {
+    /// Job `id` of `req`, whose stored request is `request` (`records::request_json`).
+    pub(in crate::cluster) fn of(req: &'a JobRequest, id: &'a str, request: &'a str) -> Self {
+        NewJob {
+            project: &req.project,
+            group: &req.group,
+            id,
+            request,
+        }
+    }
+}
+
 /// Insert `job` (one statement: one round trip, atomic, its notification included): `running`
 /// by `me` at once when `here` (a free slot on `me`) and `me` is its preferred agent
-/// ([`preferred`]), else `queued` with its preferred agent. `None` when another agent inserted
-/// it first, else the state it was inserted in.
+/// ([`preferred`]; its first attempt), else `queued` with its preferred agent. `None` when
+/// another agent inserted it first, else the state it was inserted in.
 pub(in crate::cluster) async fn insert(
     client: &Client,
     job: &NewJob<'_>,
@@ -437,11 +578,12 @@ pub(in crate::cluster) async fn insert(
                                  FROM pref),
                       ins AS (
                           INSERT INTO jobs (project, id, group_name, request, preferred_agent,
-                                            state, agent, started_at)
+                                            state, agent, started_at, attempt)
                           SELECT $1, $3, $2, $4::text::jsonb, pref.agent,
                                  CASE WHEN mine.yes THEN 'running' ELSE 'queued' END,
                                  CASE WHEN mine.yes THEN $6 END,
-                                 CASE WHEN mine.yes THEN now() END
+                                 CASE WHEN mine.yes THEN now() END,
+                                 CASE WHEN mine.yes THEN 1 ELSE 0 END
                             FROM pref, mine
                           ON CONFLICT (project, id) DO NOTHING
                           RETURNING state),
@@ -495,7 +637,7 @@ pub(in crate::cluster) async fn rerun(
                 "UPDATE jobs SET state = '{}', agent = NULL, build_info = NULL,
                         request = $4::text::jsonb, retries = 0, retried_from = NULL,
                         queued_at = now(), started_at = NULL, ended_at = NULL,
-                        preferred_agent = {}
+                        not_before = NULL, preferred_agent = {}
                   WHERE project = $1 AND id = $3 AND state = $5
                     AND agent IS NOT DISTINCT FROM $6 AND request = $9::text::jsonb",
                 to.as_str(),

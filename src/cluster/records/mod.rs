@@ -59,6 +59,8 @@ pub(super) struct Record {
     pub(super) build_info: Option<String>,
     /// The stored request (JSON).
     pub(super) request: String,
+    /// The fencing token of its runs: incremented by every claim.
+    pub(super) attempt: i32,
 }
 
 impl Record {
@@ -109,8 +111,26 @@ pub(super) fn request_from_json(text: &str) -> Result<JobRequest, serde_json::Er
     })
 }
 
-/// Job `project/id`'s record, with whether its agent is alive (a heartbeat within
-/// `agent_timeout`, not stopped).
+/// The SQL condition that agent row `a` is alive, `t` the SQL expression of the timeout in
+/// seconds: not stopped, and a heartbeat within the timeout — or the database started less
+/// than the timeout ago (an outage of the database alone silences every agent; none of them
+/// died). The one liveness every statement judges by (placement, claims, the sweeper, reads,
+/// the views). An agent that could not reach the database itself lately passes a timeout of
+/// [`UNJUDGED`] (`cluster::jobs`): it takes nobody for dead.
+pub(super) fn alive_sql(a: &str, t: &str) -> String {
+    format!(
+        "({a}.stopped_at IS NULL
+          AND ({a}.last_heartbeat > now() - make_interval(secs => {t})
+               OR pg_postmaster_start_time() > now() - make_interval(secs => {t})))"
+    )
+}
+
+/// The timeout of an agent that cannot judge liveness now (see [`alive_sql`]): every agent
+/// not stopped is alive.
+pub(super) const UNJUDGED: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// Job `project/id`'s record, with whether its agent is alive ([`alive_sql`] by
+/// `agent_timeout`).
 pub(super) async fn read(
     client: &Client,
     project: &str,
@@ -120,12 +140,13 @@ pub(super) async fn read(
     let g = query_error(format!("reading the record of job {project}/{id}"));
     let row = client
         .query_opt(
-            "SELECT j.state, j.agent, a.advertise_url,
-                    COALESCE(a.stopped_at IS NULL
-                             AND a.last_heartbeat > now() - make_interval(secs => $3), false),
-                    j.build_info::text, j.request::text
-               FROM jobs j LEFT JOIN agents a ON a.name = j.agent
-              WHERE j.project = $1 AND j.id = $2",
+            &format!(
+                "SELECT j.state, j.agent, a.advertise_url, COALESCE({}, false),
+                        j.build_info::text, j.request::text, j.attempt
+                   FROM jobs j LEFT JOIN agents a ON a.name = j.agent
+                  WHERE j.project = $1 AND j.id = $2",
+                alive_sql("a", "$3")
+            ),
             &[&project, &id, &agent_timeout.as_secs_f64()],
         )
         .await
@@ -138,6 +159,7 @@ pub(super) async fn read(
         agent_alive: r.try_get(3).map_err(&g)?,
         build_info: r.try_get(4).map_err(&g)?,
         request: r.try_get(5).map_err(&g)?,
+        attempt: r.try_get(6).map_err(&g)?,
     }))
 }
 

@@ -1,0 +1,176 @@
+//! A TCP proxy in front of PostgreSQL that a fault test controls (agents connect to it instead
+//! of the server): it forwards bytes both ways until told to
+//!
+//! - **partition** ([`PgProxy::partition`]): every connection through it is cut and new ones are
+//!   closed at once, until [`PgProxy::heal`] — an agent cut off from the database while the
+//!   database and the other agents go on;
+//! - **lose a reply** ([`PgProxy::lose_reply_to`]): the next statement whose text contains a
+//!   marker is forwarded, the server executes it (autocommit: it is committed), and its
+//!   answer is dropped with the connection — the reply lost between a write and its answer.
+//!
+//! tokio-postgres sends a statement's text in a Parse message (the prepare round trip), then
+//! Bind/Execute/Sync in the next write; a simple query (`Q`) carries its text and executes at
+//! once. The proxy drops the first bytes the server sends after the executing write, so the
+//! statement was processed (PostgreSQL answers after it ran, and flushes at Sync, after the
+//! commit). Included with `#[path = "common/pgproxy.rs"] mod pgproxy;`.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+#[derive(Default)]
+struct Shared {
+    partitioned: AtomicBool,
+    stop: AtomicBool,
+    /// The marker of the statement whose reply is to be lost (taken by the first match).
+    lose: Mutex<Option<Vec<u8>>>,
+    /// Replies lost so far.
+    lost: AtomicUsize,
+    /// Every live connection's two sockets (to cut them).
+    conns: Mutex<Vec<(TcpStream, TcpStream)>>,
+}
+
+/// The proxy: listening on 127.0.0.1 on a free port, forwarding to `127.0.0.1:<upstream>`.
+pub(crate) struct PgProxy {
+    pub(crate) port: u16,
+    shared: Arc<Shared>,
+}
+
+impl PgProxy {
+    pub(crate) fn start(upstream: u16) -> PgProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let shared = Arc::new(Shared::default());
+        let s = Arc::clone(&shared);
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                if s.stop.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(client) = client else { continue };
+                if s.partitioned.load(Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream)) else {
+                    continue;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = server.set_nodelay(true);
+                if let (Ok(c), Ok(sv)) = (client.try_clone(), server.try_clone()) {
+                    s.conns.lock().unwrap().push((c, sv));
+                }
+                // 0: nothing armed; 1: the marked statement was parsed; 2: it executes — its
+                // answer is lost.
+                let armed = Arc::new(AtomicU8::new(0));
+                let (s1, a1) = (Arc::clone(&s), Arc::clone(&armed));
+                let (c1, sv1) = (client.try_clone().unwrap(), server.try_clone().unwrap());
+                std::thread::spawn(move || upstream_pump(c1, sv1, &s1, &a1));
+                let (s2, a2) = (Arc::clone(&s), armed);
+                std::thread::spawn(move || downstream_pump(server, client, &s2, &a2));
+            }
+        });
+        PgProxy { port, shared }
+    }
+
+    /// The database URL through the proxy (`postgres://mistry@127.0.0.1:PORT/mistry`).
+    pub(crate) fn url(&self) -> String {
+        format!("postgres://mistry@127.0.0.1:{}/mistry", self.port)
+    }
+
+    /// Cut every connection and refuse new ones until [`PgProxy::heal`].
+    pub(crate) fn partition(&self) {
+        self.shared.partitioned.store(true, Ordering::SeqCst);
+        self.cut_all();
+    }
+
+    /// Forward again.
+    pub(crate) fn heal(&self) {
+        self.shared.partitioned.store(false, Ordering::SeqCst);
+    }
+
+    /// Cut every live connection (they reconnect).
+    pub(crate) fn cut_all(&self) {
+        for (c, s) in self.shared.conns.lock().unwrap().drain(..) {
+            let _ = c.shutdown(Shutdown::Both);
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Lose the reply to the next statement whose text contains `marker`.
+    pub(crate) fn lose_reply_to(&self, marker: &str) {
+        *self.shared.lose.lock().unwrap() = Some(marker.as_bytes().to_vec());
+    }
+
+    /// How many replies were lost so far.
+    pub(crate) fn lost(&self) -> usize {
+        self.shared.lost.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for PgProxy {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.cut_all();
+        // Wake the accept loop.
+        let _ = TcpStream::connect_timeout(
+            &([127, 0, 0, 1], self.port).into(),
+            Duration::from_millis(200),
+        );
+    }
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Client → server: forwarded; a write carrying the marked statement's text arms the loss (a
+/// simple query executes at once; a Parse executes with the next write).
+fn upstream_pump(mut client: TcpStream, mut server: TcpStream, s: &Shared, armed: &AtomicU8) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match client.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        let chunk = &buf[..n];
+        if armed.load(Ordering::SeqCst) == 1 {
+            armed.store(2, Ordering::SeqCst);
+        } else {
+            let mut lose = s.lose.lock().unwrap();
+            if lose.as_deref().is_some_and(|m| contains(chunk, m)) {
+                *lose = None;
+                armed.store(if chunk[0] == b'Q' { 2 } else { 1 }, Ordering::SeqCst);
+            }
+        }
+        if server.write_all(chunk).is_err() {
+            break;
+        }
+    }
+    let _ = server.shutdown(Shutdown::Both);
+    let _ = client.shutdown(Shutdown::Both);
+}
+
+/// Server → client: forwarded, but the first answer to an executing marked statement is
+/// dropped and the connection cut.
+fn downstream_pump(mut server: TcpStream, mut client: TcpStream, s: &Shared, armed: &AtomicU8) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match server.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => n,
+        };
+        if armed.load(Ordering::SeqCst) == 2 {
+            s.lost.fetch_add(1, Ordering::SeqCst);
+            break;
+        }
+        if client.write_all(&buf[..n]).is_err() {
+            break;
+        }
+    }
+    let _ = server.shutdown(Shutdown::Both);
+    let _ = client.shutdown(Shutdown::Both);
+}
