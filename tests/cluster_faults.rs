@@ -374,3 +374,284 @@ fn a_job_that_keeps_losing_its_agent_fails_after_its_attempts() {
 fn pg_agent_pid(agents: &[Server], i: usize) -> u32 {
     agents[i].child.as_ref().unwrap().id()
 }
+
+// ---------------------------------------------------------------- faults in a row
+
+/// A client's HTTP agent: at most 120 s per request.
+fn client() -> ureq::Agent {
+    ureq::Agent::new_with_config(
+        ureq::config::Config::builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(120)))
+            .build(),
+    )
+}
+
+/// `POST /jobs` of `body` to the agent at `base` as a careful client does: again after a 503
+/// or a transport error (asking again is safe: it joins the job), for at most 90 s. The
+/// BuildInfo of the 201 answer; any other status fails the test.
+fn post_retrying(base: &str, body: &Value) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let agent = client();
+    loop {
+        let answer = agent
+            .post(&format!("{base}/jobs"))
+            .send(body.to_string())
+            .map(|mut r| {
+                (
+                    r.status().as_u16(),
+                    r.body_mut().read_to_string().unwrap_or_default(),
+                )
+            });
+        match answer {
+            Ok((201, text)) => return serde_json::from_str(&text).unwrap(),
+            Ok((503, text)) if Instant::now() < deadline => {
+                eprintln!("503 from {base} (retrying): {text}");
+            }
+            Err(e) if Instant::now() < deadline => eprintln!("{base}: {e} (retrying)"),
+            Ok((status, text)) => panic!("POST /jobs {body} to {base}: {status} {text}"),
+            Err(e) => panic!("POST /jobs {body} to {base}: {e}"),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `GET /artifacts/simple/<id>` of the agent at `base`, unpacked.
+fn artifacts_at(base: &str, id: &str) -> BTreeMap<String, Vec<u8>> {
+    let mut r = client()
+        .get(&format!("{base}/artifacts/simple/{id}"))
+        .call()
+        .unwrap();
+    let status = r.status().as_u16();
+    let body = r.body_mut().read_to_vec().unwrap();
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    untar(&body)
+}
+
+/// One request of the load and its answer.
+struct Answered {
+    body: Value,
+    info: Value,
+}
+
+/// The load of one phase, on the agents at `bases`: three clients posting three new jobs each
+/// (sleeping 1 s, over the agents in turn), one identical job asked of every agent at once,
+/// and a group's chain of three builds one after the other.
+fn load(bases: &[String], phase: &str) -> Vec<Answered> {
+    let n = bases.len();
+    let mut plan: Vec<Vec<(String, Value)>> = (0..3)
+        .map(|c| {
+            (0..3)
+                .map(|k| {
+                    let params = json!({"name": format!("{phase}-c{c}-{k}"), "sleep": "1"});
+                    (bases[(c + k) % n].clone(), body("", params))
+                })
+                .collect()
+        })
+        .collect();
+    for b in bases {
+        let shared = json!({"name": format!("{phase}-shared"), "sleep": "1"});
+        plan.push(vec![(b.clone(), body("", shared))]);
+    }
+    plan.push(
+        (0..3)
+            .map(|k| {
+                let params = json!({"name": format!("{phase}-g{k}")});
+                (bases[k % n].clone(), body("chain", params))
+            })
+            .collect(),
+    );
+    std::thread::scope(|scope| {
+        let clients: Vec<_> = plan
+            .into_iter()
+            .map(|requests| {
+                scope.spawn(move || {
+                    requests
+                        .into_iter()
+                        .map(|(base, body)| Answered {
+                            info: post_retrying(&base, &body),
+                            body,
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        clients
+            .into_iter()
+            .flat_map(|c| c.join().unwrap())
+            .collect()
+    })
+}
+
+/// The invariants once a fault healed: no record left in flight; every answer a success whose
+/// build is the one its record names; every agent answers each job with that build, the same
+/// bytes; the group's chain linear (each build follows the one before it — cache count + 1 —
+/// or, when it says it started clean, starts at 1). `chain` is the last count of the chain.
+fn check_invariants(pg: &Postgres, bases: &[String], answers: &[Answered], chain: &mut u64) {
+    wait_for("no record in flight", Duration::from_secs(60), || {
+        nothing_in_flight(pg)
+    });
+    let mut jobs: BTreeMap<String, &Value> = BTreeMap::new();
+    for a in answers {
+        assert_eq!(a.info["ExitCode"], 0, "{}", a.info);
+        let id = job_id(&a.info);
+        let recorded = pg.psql(&format!(
+            "SELECT state || ' ' || (build_info->>'StartedAt') FROM jobs WHERE id = '{id}'"
+        ));
+        assert_eq!(
+            recorded,
+            format!("ready {}", a.info["StartedAt"].as_str().unwrap()),
+            "an answer is not the build its record names: {}",
+            a.info
+        );
+        jobs.insert(id, &a.body);
+    }
+    for (id, body) in &jobs {
+        let started = pg.psql(&format!(
+            "SELECT build_info->>'StartedAt' FROM jobs WHERE id = '{id}'"
+        ));
+        let mut seen: Option<BTreeMap<String, Vec<u8>>> = None;
+        for base in bases {
+            let info = post_retrying(base, body);
+            assert_eq!(info["StartedAt"], json!(started), "{base}: {info}");
+            let files = artifacts_at(base, id);
+            if let Some(s) = &seen {
+                assert_eq!(&files, s, "{base} serves other bytes for job {id}");
+            }
+            seen = Some(files);
+        }
+    }
+    let mut chain_builds: Vec<&Answered> = answers
+        .iter()
+        .filter(|a| a.body["group"] == "chain")
+        .collect();
+    chain_builds.sort_by_key(|a| a.body["params"]["name"].as_str().unwrap().to_string());
+    for a in chain_builds {
+        let count: u64 =
+            String::from_utf8_lossy(&artifacts_at(&bases[0], &job_id(&a.info))["count.txt"])
+                .trim()
+                .parse()
+                .unwrap();
+        let want = if a.info["Incremental"] == true {
+            *chain + 1
+        } else {
+            1
+        };
+        assert_eq!(count, want, "the chain forked or skipped: {}", a.info);
+        *chain = count;
+    }
+}
+
+/// Faults one after another, each under load, the invariants checked once it healed: an
+/// agent frozen (SIGSTOP) longer than agent_timeout while it runs jobs; an agent cut off
+/// from the database (a partition) for 3 × agent_timeout; a lost reply to a new job's insert
+/// and to a job's end; an agent killed (kill -9) while it runs jobs, then started again;
+/// PostgreSQL crashed and restarted (`pg_ctl restart -m immediate`) with an outage longer
+/// than agent_timeout. Clients ask again after a 503 or a dropped connection, as the docs
+/// tell them to (docs/cluster.md, "Semantics").
+#[test]
+fn faults_in_a_row_keep_the_invariants() {
+    let Some(pg) = Postgres::start_or_skip() else {
+        return;
+    };
+    let proxies: Vec<PgProxy> = (0..3).map(|_| PgProxy::start(pg.port)).collect();
+    let mut agents: Vec<Server> = ["a", "b", "c"]
+        .iter()
+        .zip(&proxies)
+        .map(|(n, p)| agent(&p.url(), n, 2))
+        .collect();
+    let bases = |agents: &[Server]| -> Vec<String> { agents.iter().map(|s| s.url("")).collect() };
+    let pid = |s: &Server| nix::unistd::Pid::from_raw(s.child.as_ref().unwrap().id() as i32);
+    let signal = nix::sys::signal::kill;
+    use nix::sys::signal::Signal::{SIGCONT, SIGKILL, SIGSTOP};
+    let mut chain = 0;
+    // The agent running the most jobs now (after the load started).
+    let busiest = |pg: &Postgres| -> usize {
+        wait_for("jobs running", Duration::from_secs(20), || {
+            pg.psql("SELECT count(*) FROM jobs WHERE state = 'running'") != "0"
+        });
+        let name = pg.psql(
+            "SELECT agent FROM jobs WHERE state = 'running' GROUP BY agent ORDER BY count(*) DESC, agent LIMIT 1",
+        );
+        usize::from(name.as_bytes()[0] - b'a')
+    };
+
+    // 1. An agent frozen while it runs jobs, longer than agent_timeout.
+    let all = bases(&agents);
+    let (x, answers) = std::thread::scope(|scope| {
+        let h = scope.spawn(|| load(&all, "stop"));
+        let x = busiest(&pg);
+        signal(pid(&agents[x]), SIGSTOP).unwrap();
+        std::thread::sleep(Duration::from_secs(6));
+        signal(pid(&agents[x]), SIGCONT).unwrap();
+        (x, h.join().unwrap())
+    });
+    check_invariants(&pg, &all, &answers, &mut chain);
+    // The fault did bite: the frozen agent's runs went to others, and its late ends were
+    // fenced.
+    assert_ne!(pg.psql("SELECT sum(retries) FROM jobs"), "0");
+    assert!(
+        log_of(&agents[x]).contains("fenced"),
+        "{}",
+        log_of(&agents[x])
+    );
+
+    // 2. An agent cut off from the database for 3 × agent_timeout.
+    let retried = pg.psql("SELECT sum(retries) FROM jobs");
+    let fenced = |s: &Server| log_of(s).matches("fenced").count();
+    let before: Vec<usize> = agents.iter().map(fenced).collect();
+    let (x, answers) = std::thread::scope(|scope| {
+        let h = scope.spawn(|| load(&all, "cut"));
+        let x = busiest(&pg);
+        proxies[x].partition();
+        std::thread::sleep(Duration::from_secs(6));
+        proxies[x].heal();
+        (x, h.join().unwrap())
+    });
+    check_invariants(&pg, &all, &answers, &mut chain);
+    assert_ne!(pg.psql("SELECT sum(retries) FROM jobs"), retried);
+    assert!(fenced(&agents[x]) > before[x], "{}", log_of(&agents[x]));
+
+    // 3. Lost replies: to a new job's insert on A, to a job's end on B.
+    proxies[0].lose_reply_to("INSERT INTO jobs (project, id, group_name");
+    proxies[1].lose_reply_to("build_info = $5::text::jsonb");
+    let answers = load(&all, "lost");
+    assert_eq!(
+        (proxies[0].lost(), proxies[1].lost()),
+        (1, 1),
+        "the replies were not lost"
+    );
+    check_invariants(&pg, &all, &answers, &mut chain);
+
+    // 4. C killed while it runs jobs (the load goes to A and B, which queue what they cannot
+    //    run for C to claim), then started again.
+    let x = 2;
+    let answers = std::thread::scope(|scope| {
+        let h = scope.spawn(|| load(&all[..2], "kill"));
+        let _ = std::panic::catch_unwind(|| {
+            wait_for("a job running on c", Duration::from_secs(10), || {
+                pg.psql("SELECT count(*) FROM jobs WHERE state = 'running' AND agent = 'c'") != "0"
+            });
+        });
+        signal(pid(&agents[x]), SIGKILL).unwrap();
+        h.join().unwrap()
+    });
+    check_invariants(&pg, &all[..2], &answers, &mut chain);
+    agents[x].kill9();
+    agents[x].spawn();
+    let all = bases(&agents);
+    let answers = load(&all, "killed");
+    check_invariants(&pg, &all, &answers, &mut chain);
+
+    // 5. PostgreSQL crashes and comes back after longer than agent_timeout.
+    let answers = std::thread::scope(|scope| {
+        let h = scope.spawn(|| load(&all, "pg"));
+        let _ = busiest(&pg);
+        pg.stop_immediate();
+        std::thread::sleep(Duration::from_secs(3));
+        pg.start();
+        h.join().unwrap()
+    });
+    check_invariants(&pg, &all, &answers, &mut chain);
+    assert!(chain >= 2, "the chain never grew: {chain}");
+}

@@ -204,9 +204,9 @@ impl Postgres {
         assert!(out.status.success(), "pg_ctl stop failed: {out:?}");
     }
 
-    /// Crash and restart the server (`pg_ctl restart -m immediate`: no shutdown checkpoint,
-    /// every client cut, recovery at start), on the same port.
-    pub(crate) fn restart_immediate(&self) {
+    /// Crash the server (`pg_ctl stop -m immediate`: no shutdown checkpoint, every client cut;
+    /// recovery at the next [`Postgres::start`]).
+    pub(crate) fn stop_immediate(&self) {
         let out = output(self.tool("pg_ctl").args([
             "-D",
             self.data().to_str().unwrap(),
@@ -219,7 +219,6 @@ impl Postgres {
             out.status.success(),
             "pg_ctl stop -m immediate failed: {out:?}"
         );
-        self.start();
     }
 
     /// Put `rules` (pg_hba.conf lines) before the cluster's authentication rules and reload
