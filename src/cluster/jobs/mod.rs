@@ -373,8 +373,16 @@ impl Scheduler {
                 }
             }
         };
-        if matches!(notice, Notice::Reconnected) {
-            forget(None);
+        match notice {
+            Notice::Reconnected => forget(None),
+            // A job queued to run anew: its build here is no answer until the new run ends
+            // (requests join the run).
+            Notice::Notification { channel, payload } if channel == CHANNEL => {
+                if let Some(key) = payload.strip_prefix("queued ") {
+                    forget(Some(key));
+                }
+            }
+            Notice::Notification { .. } | Notice::Lost => {}
         }
         if let Some(event) = event_of(notice) {
             if let Event::Ended(key) = &event {
@@ -425,6 +433,7 @@ mod tests {
             Some(Event::Ended("p/abc".into()))
         );
         assert_eq!(on("queued"), Some(Event::Queued));
+        assert_eq!(on(&rows::requeued_payload("p", "abc")), Some(Event::Queued));
         assert_eq!(
             event_of(Notice::Notification {
                 channel: super::super::LOGS_CHANNEL,

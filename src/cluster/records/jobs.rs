@@ -1,7 +1,8 @@
 //! The job records' statements (table `jobs`; the scheduler's logic is `cluster::jobs`):
 //! inserts, re-queues, claims, ends, the janitor's re-queues and copies' checks, placement.
-//! Every change of a record's state is notified on [`JOBS_CHANNEL`]: `queued` (work to claim),
-//! `running <project>/<id>` (a claim), `ended <project>/<id>` (an end).
+//! Every change of a record's state is notified on [`JOBS_CHANNEL`]: `queued` (work to claim;
+//! `queued <project>/<id>` for a job queued again to run anew), `running <project>/<id>` (a
+//! claim), `ended <project>/<id>` (an end).
 
 use std::time::Duration;
 
@@ -15,6 +16,12 @@ use crate::service::JobState;
 /// The payload of the notification that job `project/id` is running (claimed).
 pub(in crate::cluster) fn running_payload(project: &str, id: &str) -> String {
     format!("running {project}/{id}")
+}
+
+/// The payload of the notification that job `project/id` was queued again to run anew (a
+/// rebuild, a failed job asked again): work to claim, and its build is about to change.
+pub(in crate::cluster) fn requeued_payload(project: &str, id: &str) -> String {
+    format!("queued {project}/{id}")
 }
 
 /// The payload of the notification that job `project/id` ended.
@@ -658,9 +665,12 @@ pub(in crate::cluster) async fn rerun(
         .await
         .map_err(&g)?;
     if n == 1 {
-        tx.execute("SELECT pg_notify($1, 'queued')", &[&JOBS_CHANNEL])
-            .await
-            .map_err(&g)?;
+        tx.execute(
+            "SELECT pg_notify($1, $2)",
+            &[&JOBS_CHANNEL, &requeued_payload(job.project, job.id)],
+        )
+        .await
+        .map_err(&g)?;
     }
     tx.commit().await.map_err(&g)?;
     Ok(n == 1)
