@@ -662,9 +662,14 @@ fn a_job_that_ends_while_the_database_is_down_is_recorded_when_it_is_back() {
     let (status, text) = post_job(&a, &json!({"project": "simple", "params": params}));
     assert_eq!(status, 503, "{text}");
     pg.start();
-    wait_for("the job's build published", Duration::from_secs(20), || {
-        std::fs::read_dir(&ready).is_ok_and(|d| d.count() == 1)
-    });
+    wait_for(
+        "the job's build published and recorded",
+        Duration::from_secs(20),
+        || {
+            std::fs::read_dir(&ready).is_ok_and(|d| d.count() == 1)
+                && pg.psql("SELECT state FROM jobs") == "ready"
+        },
+    );
     let hit = job(&a, "", params.clone());
     assert_eq!(
         (&hit["Cached"], &hit["ExitCode"]),

@@ -197,6 +197,14 @@ impl Cluster {
         Ok((db.client().await?, move |e| db.records_error(e)))
     }
 
+    /// The error of a statement the database did not answer within `patience`.
+    fn no_answer(&self, patience: Duration) -> ClusterError {
+        match self.need_db() {
+            Ok(db) => db.error(format!("no answer within {patience:?}")),
+            Err(e) => e,
+        }
+    }
+
     /// This agent's name.
     pub fn name(&self) -> &str {
         &self.me.name

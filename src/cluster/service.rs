@@ -152,6 +152,18 @@ impl Jobs for ClusterJobs {
 
     async fn artifacts(&self, project: &str, id: &str) -> Option<Found> {
         match self.engine.find_job(project, id).await {
+            // Not a stale build (one the record does not name goes, and the record's is
+            // fetched); while the job runs again, or the record cannot be read, the build here.
+            Some(found) if found.stage == Stage::Ready => {
+                if let Ok(s) = self.scheduler() {
+                    let _ = s.published_here(project, id, &found.info).await;
+                }
+                if found.dir.read_started_at().as_deref() == Some(found.info.started_at.as_str()) {
+                    Some(found)
+                } else {
+                    view::fetch_missing(Some(&self.cluster), &self.engine, project, id).await
+                }
+            }
             Some(found) => Some(found),
             // A build another agent holds is fetched from it first.
             None => view::fetch_missing(Some(&self.cluster), &self.engine, project, id).await,

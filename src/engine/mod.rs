@@ -231,13 +231,19 @@ impl Engine {
             linked: false,
             layer: true,
         };
-        let taken = self.take_unbusy(&build, || {
-            if dir.read_started_at().as_deref() != Some(judged) {
-                return false;
+        // Its links go at once, even while it is busy (and it stays): no build starts from it
+        // any more.
+        {
+            let lock = self.link_lock(project);
+            let _guard = lock
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if dir.read_started_at().as_deref() == Some(judged) {
+                retention::unlink_build(&self.layout, project, dir.path());
             }
-            retention::unlink_build(&self.layout, project, dir.path());
-            true
-        })?;
+        }
+        let taken =
+            self.take_unbusy(&build, || dir.read_started_at().as_deref() == Some(judged))?;
         let Some(path) = taken else {
             return Ok(false);
         };
@@ -658,7 +664,12 @@ impl Engine {
             return info;
         }
         // Asked before the link lock: the fence may wait for the database.
-        if fence.is_some_and(|f| !f.holds()) {
+        let fenced = fence.is_some_and(|f| !f.holds());
+        if abandoned.load(Ordering::SeqCst) {
+            // Abandoned while the fence waited (its directory is in the trash).
+            return info;
+        }
+        if fenced {
             if dir.is_dir() {
                 if let Err(e) = self.store().remove_tree(dir.path()) {
                     tracing::warn!(project = %req.project, id = %key.id, error = %e, "could not remove a fenced run's build");

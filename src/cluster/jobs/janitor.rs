@@ -34,6 +34,7 @@ impl Scheduler {
             match dir
                 .read_info()
                 .filter(|i| identity.as_ref().is_ok_and(|me| me.matches(i)))
+                .filter(|i| of_this_run(i, run.started_at))
             {
                 Some(info) => {
                     tracing::info!(%project, %id, "recording a build a crash left unrecorded");
@@ -260,6 +261,13 @@ impl Scheduler {
                 }
             };
             for (project, id, agent, theirs) in held {
+                // A build this agent runs or is recording now is its own, not a copy.
+                let key = key_of(&project, &id);
+                let busy = self.runs.lock().is_ok_and(|r| r.contains_key(&key))
+                    || self.recorded.lock().is_ok_and(|r| r.contains_key(&key));
+                if busy {
+                    continue;
+                }
                 let mine = chunk
                     .iter()
                     .find(|(p, i, _)| *p == project && *i == id)
@@ -290,14 +298,20 @@ impl Scheduler {
                 Ok(mut r) => *r.get_or_insert_with(tokio::time::Instant::now),
                 Err(_) => continue,
             };
-            let result = if since.elapsed() < self.cluster.agent_timeout {
-                self.ping().await
-            } else {
-                match self.requeue_dead().await {
-                    Ok(()) => self.rescue_orphans().await,
-                    Err(e) => Err(e),
+            // An answer later than a heartbeat is an outage too (a stalled database: the
+            // others' heartbeats could not get through either).
+            let patience = self.cluster.heartbeat.max(STATEMENT_PATIENCE);
+            let work = async {
+                if since.elapsed() < self.cluster.agent_timeout {
+                    self.ping().await
+                } else {
+                    self.requeue_dead().await?;
+                    self.rescue_orphans().await
                 }
             };
+            let result = tokio::time::timeout(patience, work)
+                .await
+                .unwrap_or_else(|_| Err(self.cluster.no_answer(patience)));
             if let Err(e) = result {
                 tracing::debug!(agent = %self.me(), error = %e, "the sweeper could not reach the database");
                 if let Ok(mut r) = self.reached_since.lock() {
@@ -310,5 +324,44 @@ impl Scheduler {
     pub(super) async fn ping(&self) -> Result<(), ClusterError> {
         let (client, err) = self.client().await?;
         rows::ping(&client).await.map_err(err)
+    }
+}
+
+/// How far the agent's clock may be behind the database's when a build is judged to be of a
+/// run ([`of_this_run`]).
+const CLOCK_SKEW: f64 = 5.0;
+
+/// Whether build `info` is of the run that started (was claimed) at `started` (seconds since
+/// the epoch, the database's clock): it started after, give or take [`CLOCK_SKEW`] — an older
+/// build of the job (the one a rebuild was to replace) is not.
+fn of_this_run(info: &BuildInfo, started: Option<f64>) -> bool {
+    let Some(started) = started else {
+        return false;
+    };
+    chrono::DateTime::parse_from_rfc3339(&info.started_at).is_ok_and(|t| {
+        let t = t.timestamp() as f64 + f64::from(t.timestamp_subsec_nanos()) / 1e9;
+        t >= started - CLOCK_SKEW
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_build_is_of_a_run_when_it_started_after_its_claim() {
+        let info = |at: &str| BuildInfo {
+            started_at: at.to_string(),
+            ..crate::engine::blank_info(&Default::default(), "", "p", "abc")
+        };
+        // 2026-12-06T12:00:00Z
+        let claimed = Some(1_796_558_400.0);
+        assert!(of_this_run(&info("2026-12-06T12:00:01Z"), claimed));
+        // The agent's clock a little behind the database's.
+        assert!(of_this_run(&info("2026-12-06T11:59:56.5Z"), claimed));
+        // The build a rebuild was to replace.
+        assert!(!of_this_run(&info("2026-12-06T11:50:00Z"), claimed));
+        assert!(!of_this_run(&info("not a time"), claimed));
+        assert!(!of_this_run(&info("2026-12-06T12:00:01Z"), None));
     }
 }

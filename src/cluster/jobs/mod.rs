@@ -89,6 +89,9 @@ const FENCE_PATIENCE: Duration = Duration::from_secs(600);
 /// The pause before a request reads its job's record again after a write whose answer was
 /// lost.
 const LOST_REPLY_PAUSE: Duration = Duration::from_millis(200);
+/// How long the fence and the sweeper wait for one statement's answer before they take the
+/// database for unreachable.
+const STATEMENT_PATIENCE: Duration = Duration::from_secs(5);
 /// The longest wait before a job that lost its agent runs again.
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
 
@@ -208,13 +211,22 @@ pub struct Scheduler {
     /// The runs this agent runs now (key → attempt): a `running` record of this agent that is
     /// not one of them is an orphan (a lost reply), put back in the queue.
     runs: std::sync::Mutex<std::collections::HashMap<String, i32>>,
-    /// Builds in this agent's `ready/` known to be the ones their records name (key →
-    /// `StartedAt`): answered without reading the record. A job's end (its notification)
-    /// removes its key, a reconnection of the listener every key.
-    verified: std::sync::Mutex<std::collections::HashMap<String, String>>,
+    /// Builds in this agent's `ready/` known to be the ones their records name: answered
+    /// without reading the record (see [`Verified`]).
+    verified: std::sync::Mutex<Verified>,
     /// Since when this agent reaches the database without a break (the sweeper's pings):
     /// until it has for `agent_timeout`, it takes nobody for dead ([`Scheduler::judged`]).
     reached_since: std::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+/// Builds in this agent's `ready/` known to be the ones their records name (key →
+/// `StartedAt`). A job's end or its queueing to run anew (their notifications) removes its key,
+/// a reconnection of the listener every key; each removal starts a new epoch, and what was
+/// learnt from a record read in an older epoch is not kept (the record may have changed since).
+#[derive(Default)]
+struct Verified {
+    epoch: u64,
+    builds: std::collections::HashMap<String, String>,
 }
 
 /// A claimed run's fence (`engine::Fence`): whether the run, as its attempt, may still
@@ -235,7 +247,7 @@ impl crate::engine::Fence for RunFence {
         let deadline = std::time::Instant::now() + FENCE_PATIENCE;
         let mut warned = false;
         loop {
-            let asked = self.handle.block_on(async {
+            let ask = async {
                 let (client, err) = self.cluster.records_client().await?;
                 rows::fence_holds(
                     &client,
@@ -246,7 +258,12 @@ impl crate::engine::Fence for RunFence {
                 )
                 .await
                 .map_err(err)
-            });
+            };
+            // A connection that hangs (a partition that drops packets) is an error too.
+            let asked = self
+                .handle
+                .block_on(async { tokio::time::timeout(STATEMENT_PATIENCE, ask).await })
+                .unwrap_or_else(|_| Err(self.cluster.no_answer(STATEMENT_PATIENCE)));
             match asked {
                 Ok(holds) => {
                     self.fenced.store(!holds, Ordering::SeqCst);
@@ -303,10 +320,19 @@ impl Scheduler {
             .is_ok_and(|r| r.get(key).is_some_and(|a| *a == attempt))
     }
 
-    /// Build `key` (`StartedAt` `started`) here is the record's.
-    fn verify(&self, key: String, started: &str) {
+    /// The epoch of what this agent knows of its builds (see [`Verified`]): taken before a
+    /// record is read.
+    fn epoch(&self) -> u64 {
+        self.verified.lock().map_or(0, |v| v.epoch)
+    }
+
+    /// Build `key` (`StartedAt` `started`) here is the record's, as read in epoch `since`
+    /// (nothing is kept when the epoch moved on since).
+    fn verify(&self, key: String, started: &str, since: u64) {
         if let Ok(mut v) = self.verified.lock() {
-            v.insert(key, started.to_string());
+            if v.epoch == since {
+                v.builds.insert(key, started.to_string());
+            }
         }
     }
 
@@ -314,7 +340,20 @@ impl Scheduler {
     fn is_verified(&self, key: &str, started: &str) -> bool {
         self.verified
             .lock()
-            .is_ok_and(|v| v.get(key).is_some_and(|s| s == started))
+            .is_ok_and(|v| v.builds.get(key).is_some_and(|s| s == started))
+    }
+
+    /// Forget what this agent knows of build `key` (`None`: of every build); a new epoch.
+    fn forget(&self, key: Option<&str>) {
+        if let Ok(mut v) = self.verified.lock() {
+            v.epoch += 1;
+            match key {
+                Some(k) => {
+                    v.builds.remove(k);
+                }
+                None => v.builds.clear(),
+            }
+        }
     }
 
     fn db(&self) -> Result<&super::Db, ClusterError> {
@@ -358,38 +397,26 @@ impl Scheduler {
 
     /// A notice of the agent's listener ([`super::listen`]), for waiters and the claim loop.
     pub(super) fn notified(&self, notice: Notice<'_>) {
-        // The record's build may have changed: what this agent knew of it goes first (not for
-        // an end this agent is recording itself). Back from an outage, every end may have been
-        // missed: all of it goes. During the outage, the builds known stay answers (the
-        // records cannot be read; an agent cut off from the database alone answers what it
-        // knew last: see docs/cluster.md, "Semantics").
-        let forget = |key: Option<&str>| {
-            if let Ok(mut v) = self.verified.lock() {
-                match key {
-                    Some(k) => {
-                        v.remove(k);
-                    }
-                    None => v.clear(),
-                }
-            }
-        };
+        // The record's build may have changed: what this agent knew of it goes first (its own
+        // ends too: the next answer reads the record once). Back from an outage, every end may
+        // have been missed: all of it goes. During the outage, the builds known stay answers
+        // (the records cannot be read; an agent cut off from the database alone answers what
+        // it knew last: see docs/cluster.md, "Semantics").
         match notice {
-            Notice::Reconnected => forget(None),
+            Notice::Reconnected => self.forget(None),
             // A job queued to run anew: its build here is no answer until the new run ends
             // (requests join the run).
             Notice::Notification { channel, payload } if channel == CHANNEL => {
-                if let Some(key) = payload.strip_prefix("queued ") {
-                    forget(Some(key));
+                if let Some(key) = payload
+                    .strip_prefix("queued ")
+                    .or_else(|| payload.strip_prefix("ended "))
+                {
+                    self.forget(Some(key));
                 }
             }
             Notice::Notification { .. } | Notice::Lost => {}
         }
         if let Some(event) = event_of(notice) {
-            if let Event::Ended(key) = &event {
-                if !self.recorded.lock().is_ok_and(|r| r.contains_key(key)) {
-                    forget(Some(key));
-                }
-            }
             let _ = self.events.send(event);
         }
     }

@@ -179,6 +179,7 @@ impl Scheduler {
                     attempt: rec.attempt,
                     retries: 0,
                     request: rec.request.clone(),
+                    started_at: None,
                 };
                 if let Err(e) = self.requeue_lost(&run, false).await {
                     lost = Some(e);
@@ -236,7 +237,7 @@ impl Scheduler {
     /// from before the cluster, or whose record retention removed). A stale one (the job ran
     /// again elsewhere) goes; one whose job runs again is no answer (the request joins the
     /// run). Unknown while the database does not answer: a 503.
-    pub(super) async fn published_here(
+    pub(in crate::cluster) async fn published_here(
         &self,
         project: &str,
         id: &str,
@@ -246,6 +247,7 @@ impl Scheduler {
         if self.is_verified(&key, &info.started_at) {
             return Ok(true);
         }
+        let epoch = self.epoch();
         let Some(rec) = self.read(project, id).await? else {
             return Ok(true);
         };
@@ -258,7 +260,7 @@ impl Scheduler {
                 .await;
             return Ok(false);
         }
-        self.verify(key, &info.started_at);
+        self.verify(key, &info.started_at, epoch);
         Ok(true)
     }
 
@@ -376,10 +378,25 @@ impl Scheduler {
         id: &str,
     ) -> Result<bool, ClusterError> {
         let here = self.reserve();
+        // One of this agent's runs from before the insert (a lost reply of another request's
+        // insert of the same job never takes it for an orphan).
+        let key = key_of(&req.project, id);
+        if here {
+            if let Ok(mut r) = self.runs.lock() {
+                r.entry(key.clone()).or_insert(1);
+            }
+        }
         let inserted = self.try_insert(req, id, here).await;
         match &inserted {
             Ok(Some(claim)) if claim.is_some() => {}
-            _ if here => self.release(),
+            _ if here => {
+                if let Ok(mut r) = self.runs.lock() {
+                    if r.get(&key) == Some(&1) {
+                        r.remove(&key);
+                    }
+                }
+                self.release();
+            }
             _ => {}
         }
         match inserted? {
@@ -609,9 +626,6 @@ impl Scheduler {
                 "the build {project}/{id} here is another request's (another group or params): \
                  try again"
             )));
-        }
-        if !is_stale(&info, rec) && dir.is_dir() {
-            self.verify(key_of(project, id), &info.started_at);
         }
         let info = BuildInfo {
             path: dir.artifacts_when_ready().display().to_string(),

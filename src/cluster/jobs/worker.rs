@@ -248,11 +248,18 @@ impl Scheduler {
             }
         };
         let agent = agent.unwrap_or_default();
-        if agent == self.me() {
-            return;
-        }
         let importer = self.engine.importer();
         let local = importer.layout().job(project, &last_id, Stage::Ready);
+        if agent == self.me() {
+            // The chain goes on from the build the record names (the group's link here may
+            // point at a build published by a run that was fenced since): clean if it is gone.
+            let base = local.read_info().is_some().then_some(&local);
+            if let Err(e) = importer.link_group(project, group, base) {
+                let link = importer.layout().link(project, group);
+                tracing::warn!(%project, %group, error = %e, "could not update {}", link.display());
+            }
+            return;
+        }
         let has_cache = |d: &JobDir| {
             std::fs::symlink_metadata(d.data().join("cache")).is_ok_and(|m| m.is_dir())
         };
@@ -320,15 +327,15 @@ impl Scheduler {
         }
         let mut warned = false;
         for _ in 0..600 {
+            let epoch = self.epoch();
             match self.try_record_end(project, id, info, attempt).await {
                 Ok(true) => {
-                    self.verify(key_of(project, id), &info.started_at);
+                    self.verify(key_of(project, id), &info.started_at, epoch);
                     return;
                 }
                 Ok(false) => {
                     self.forget_recorded(project, id);
-                    tracing::warn!(%project, %id, agent = %self.me(), attempt, "the job's end was fenced: its record moved on meanwhile (this agent was taken for dead and the job ran again); its build here is discarded, never served");
-                    self.discard_copy(project, id, None, &info.started_at).await;
+                    self.fenced_end(project, id, info, attempt).await;
                     return;
                 }
                 Err(e) => {
@@ -341,6 +348,35 @@ impl Scheduler {
             }
         }
         self.forget_recorded(project, id);
+    }
+
+    /// The end of attempt `attempt` was fenced: its build here goes, unless the record names
+    /// it after all (a later attempt of this agent took the same build as its answer) or a
+    /// later attempt runs here (it replaces it); while the record cannot be read, it stays
+    /// (answers check it against the record).
+    async fn fenced_end(&self, project: &str, id: &str, info: &BuildInfo, attempt: i32) {
+        let later_here = self
+            .runs
+            .lock()
+            .is_ok_and(|r| r.get(&key_of(project, id)).is_some_and(|a| *a > attempt));
+        let named = match self.read(project, id).await {
+            Ok(Some(rec)) => {
+                !rec.state.in_flight()
+                    && rec.agent.as_deref() == Some(self.me())
+                    && !is_stale(info, &rec)
+            }
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(%project, %id, error = %e, "the job's end was fenced; its build stays until it can be checked against the record");
+                return;
+            }
+        };
+        if named || later_here {
+            tracing::info!(%project, %id, attempt, "the job's end was recorded by a later attempt of this agent");
+            return;
+        }
+        tracing::warn!(%project, %id, agent = %self.me(), attempt, "the job's end was fenced: its record moved on meanwhile (this agent was taken for dead and the job ran again); its build here is discarded, never served");
+        self.discard_copy(project, id, None, &info.started_at).await;
     }
 
     pub(super) fn forget_recorded(&self, project: &str, id: &str) {

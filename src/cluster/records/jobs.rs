@@ -296,6 +296,8 @@ pub(in crate::cluster) struct LostRun {
     pub(in crate::cluster) retries: i32,
     /// The stored request (JSON).
     pub(in crate::cluster) request: String,
+    /// When the run started (claimed), in seconds since the epoch by the database's clock.
+    pub(in crate::cluster) started_at: Option<f64>,
 }
 
 /// Which lost runs [`lost_runs`] looks for.
@@ -314,7 +316,8 @@ pub(in crate::cluster) async fn lost_runs(
     client: &Client,
     which: Lost<'_>,
 ) -> Result<Vec<LostRun>, RecordsError> {
-    let select = "SELECT j.project, j.id, j.agent, j.attempt, j.retries, j.request::text
+    let select = "SELECT j.project, j.id, j.agent, j.attempt, j.retries, j.request::text,
+                         EXTRACT(EPOCH FROM j.started_at)::float8
                     FROM jobs j";
     let (rows, what) = match which {
         Lost::DeadAgents(timeout) => (
@@ -367,6 +370,7 @@ pub(in crate::cluster) async fn lost_runs(
                 attempt: r.try_get(3)?,
                 retries: r.try_get(4)?,
                 request: r.try_get(5)?,
+                started_at: r.try_get(6)?,
             })
         })
         .collect::<Result<_, tokio_postgres::Error>>()
@@ -642,6 +646,7 @@ pub(in crate::cluster) async fn rerun(
         .execute(
             &format!(
                 "UPDATE jobs SET state = '{}', agent = NULL, build_info = NULL,
+                        attempt = attempt + 1,
                         request = $4::text::jsonb, retries = 0, retried_from = NULL,
                         queued_at = now(), started_at = NULL, ended_at = NULL,
                         not_before = NULL, preferred_agent = {}
