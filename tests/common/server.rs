@@ -25,6 +25,15 @@ code=$(p code)
 exit "${code:-0}"
 "#;
 
+/// A group's chain of builds, each naming the one it follows: `prev.txt` is the previous
+/// build's token (from the cache; empty for a clean start), `me.txt` this build's (random).
+pub(crate) const CHAIN_SH: &str = r#"#!/bin/sh
+mkdir -p /data/artifacts /data/cache
+cat /data/cache/me > /data/artifacts/prev.txt 2>/dev/null || : > /data/artifacts/prev.txt
+head -c 16 /dev/urandom | md5sum | cut -d' ' -f1 > /data/cache/me
+cp /data/cache/me /data/artifacts/me.txt
+"#;
+
 pub(crate) const ARTIFACTS_SH: &str = r#"#!/bin/sh
 set -e
 cd /data/artifacts
@@ -153,6 +162,14 @@ impl Server {
                 ),
                 ("run.sh", RUN_SH),
             ],
+        );
+        project(
+            "chain",
+            &[(
+                "Dockerfile",
+                "FROM busybox\nCOPY chain.sh /chain.sh\nENTRYPOINT [\"/bin/sh\", \"/chain.sh\"]\n",
+            ),
+            ("chain.sh", CHAIN_SH)],
         );
         project(
             "copyfolder",
