@@ -552,7 +552,8 @@ fn check_invariants(pg: &Postgres, bases: &[String], answers: &[Answered], chain
 
 /// Faults one after another, each under load, the invariants checked once it healed: an
 /// agent frozen (SIGSTOP) longer than agent_timeout while it runs jobs; an agent cut off
-/// from the database (a partition) for 3 × agent_timeout; a lost reply to a new job's insert
+/// from the database (a partition) for 3 × agent_timeout; an agent whose traffic to the
+/// database stalls that long (delivered late, no connection cut); a lost reply to a new job's insert
 /// and to a job's end; an agent killed (kill -9) while it runs jobs, then started again;
 /// PostgreSQL crashed and restarted (`pg_ctl restart -m immediate`) with an outage longer
 /// than agent_timeout. Clients ask again after a 503 or a dropped connection, as the docs
@@ -619,6 +620,19 @@ fn faults_in_a_row_keep_the_invariants() {
     check_invariants(&pg, &all, &answers, &mut chain);
     assert_ne!(pg.psql("SELECT sum(retries) FROM jobs"), retried);
     assert!(fenced(&agents[x]) > before[x], "{}", log_of(&agents[x]));
+
+    // 2b. An agent's traffic to the database stalls (nothing delivered, no connection cut)
+    //     for 3 × agent_timeout, then goes through late.
+    let (x, answers) = std::thread::scope(|scope| {
+        let h = scope.spawn(|| load(&all, "stall"));
+        let x = busiest(&pg);
+        proxies[x].stall();
+        std::thread::sleep(Duration::from_secs(6));
+        proxies[x].heal();
+        (x, h.join().unwrap())
+    });
+    check_invariants(&pg, &all, &answers, &mut chain);
+    eprintln!("stalled agent {x}: {} fenced", fenced(&agents[x]));
 
     // 3. Lost replies: to a new job's insert on A, to a job's end on B.
     proxies[0].lose_reply_to("INSERT INTO jobs (project, id, group_name");

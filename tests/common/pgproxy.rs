@@ -4,6 +4,9 @@
 //! - **partition** ([`PgProxy::partition`]): every connection through it is cut and new ones are
 //!   closed at once, until [`PgProxy::heal`] — an agent cut off from the database while the
 //!   database and the other agents go on;
+//! - **stall** ([`PgProxy::stall`]): nothing is forwarded either way, connections stay open and
+//!   new ones are accepted, until [`PgProxy::heal`] — packets lost and retransmitted later (a
+//!   network that drops without resets, a paused link): statements hang, then complete late;
 //! - **lose a reply** ([`PgProxy::lose_reply_to`]): the next statement whose text contains a
 //!   marker is forwarded, the server executes it (autocommit: it is committed), and its
 //!   answer is dropped with the connection — the reply lost between a write and its answer.
@@ -24,6 +27,7 @@ use std::time::Duration;
 #[derive(Default)]
 struct Shared {
     partitioned: AtomicBool,
+    stalled: AtomicBool,
     stop: AtomicBool,
     /// The marker of the statement whose reply is to be lost (taken by the first match).
     lose: Mutex<Option<Vec<u8>>>,
@@ -87,9 +91,16 @@ impl PgProxy {
         self.cut_all();
     }
 
+    /// Forward nothing, either way, until [`PgProxy::heal`] (what was sent meanwhile is
+    /// delivered then).
+    pub(crate) fn stall(&self) {
+        self.shared.stalled.store(true, Ordering::SeqCst);
+    }
+
     /// Forward again.
     pub(crate) fn heal(&self) {
         self.shared.partitioned.store(false, Ordering::SeqCst);
+        self.shared.stalled.store(false, Ordering::SeqCst);
     }
 
     /// Cut every live connection (they reconnect).
@@ -123,6 +134,12 @@ impl Drop for PgProxy {
     }
 }
 
+fn wait_while_stalled(s: &Shared) {
+    while s.stalled.load(Ordering::SeqCst) && !s.stop.load(Ordering::SeqCst) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
 }
@@ -132,6 +149,7 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 fn upstream_pump(mut client: TcpStream, mut server: TcpStream, s: &Shared, armed: &AtomicU8) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
+        wait_while_stalled(s);
         let n = match client.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
@@ -146,6 +164,7 @@ fn upstream_pump(mut client: TcpStream, mut server: TcpStream, s: &Shared, armed
                 armed.store(if chunk[0] == b'Q' { 2 } else { 1 }, Ordering::SeqCst);
             }
         }
+        wait_while_stalled(s);
         if server.write_all(chunk).is_err() {
             break;
         }
@@ -159,6 +178,7 @@ fn upstream_pump(mut client: TcpStream, mut server: TcpStream, s: &Shared, armed
 fn downstream_pump(mut server: TcpStream, mut client: TcpStream, s: &Shared, armed: &AtomicU8) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
+        wait_while_stalled(s);
         let n = match server.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => n,
@@ -167,6 +187,7 @@ fn downstream_pump(mut server: TcpStream, mut client: TcpStream, s: &Shared, arm
             s.lost.fetch_add(1, Ordering::SeqCst);
             break;
         }
+        wait_while_stalled(s);
         if client.write_all(&buf[..n]).is_err() {
             break;
         }
