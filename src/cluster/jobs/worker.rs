@@ -8,16 +8,21 @@ impl Scheduler {
 
     pub(super) async fn claim_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut events = self.events.subscribe();
+        // Whether a record may be queued: a claim that found none, with none queued either,
+        // waits for a `queued` notification (or the safety tick) before it looks again — a
+        // slot freed here is then no reason to ask the database.
+        let mut maybe_queued = true;
         loop {
             let mut left = false;
-            while !*stop.borrow() && self.reserve() {
+            while maybe_queued && !*stop.borrow() && self.reserve() {
                 // A slot given back here is not "capacity freed" (`release` would wake this
                 // loop again at once: a busy loop).
                 match self.claim_one().await {
-                    Ok(Some(claim)) => self.spawn_run(claim),
-                    Ok(None) => {
+                    Ok((Some(claim), _)) => self.spawn_run(claim),
+                    Ok((None, queued)) => {
                         self.unreserve();
-                        left = self.any_queued().await.unwrap_or(true);
+                        left = queued;
+                        maybe_queued = queued;
                         break;
                     }
                     Err(e) => {
@@ -44,9 +49,9 @@ impl Scheduler {
                 }
             };
             tokio::select! {
-                _ = queued => {}
+                _ = queued => maybe_queued = true,
                 _ = self.freed.notified() => {}
-                _ = tokio::time::sleep(tick) => {}
+                _ = tokio::time::sleep(tick) => maybe_queued = true,
                 _ = stop.wait_for(|s| *s) => return,
             }
         }
@@ -97,21 +102,17 @@ impl Scheduler {
         });
     }
 
-    pub(super) async fn any_queued(&self) -> Result<bool, ClusterError> {
+    /// Claim the oldest queued job this agent may take (its own preferred jobs first); with
+    /// whether any record was queued.
+    pub(super) async fn claim_one(&self) -> Result<(Option<Claim>, bool), ClusterError> {
         let (client, err) = self.client().await?;
-        rows::any_queued(&client).await.map_err(err)
-    }
-
-    /// Claim the oldest queued job this agent may take (its own preferred jobs first).
-    pub(super) async fn claim_one(&self) -> Result<Option<Claim>, ClusterError> {
-        let (mut client, err) = self.client().await?;
-        let claim = rows::claim(&mut client, self.me(), PREFERRED_GRACE, self.judged())
+        let claimed = rows::claim(&client, self.me(), PREFERRED_GRACE, self.judged())
             .await
             .map_err(err)?;
-        if let Some(claim) = &claim {
+        if let (Some(claim), _) = &claimed {
             tracing::info!(project = %claim.project, id = %claim.id, agent = %self.me(), retries = claim.retries, "job claimed");
         }
-        Ok(claim)
+        Ok(claimed)
     }
 
     /// A BuildInfo for a claimed job that could not run here.
