@@ -182,6 +182,8 @@ pub struct Waiting {
     id: String,
     identity: Identity,
     events: broadcast::Receiver<Event>,
+    /// The ends this agent recorded (keys), told here before their notification comes back.
+    ended_here: broadcast::Receiver<String>,
     coalesced: bool,
 }
 
@@ -211,6 +213,9 @@ pub struct Scheduler {
     cluster: Arc<Cluster>,
     engine: Arc<Engine>,
     events: broadcast::Sender<Event>,
+    /// The key of each end this agent recorded, as soon as it did (with the record's build
+    /// verified here): its waiters answer without waiting for the notification's way back.
+    ended_here: broadcast::Sender<String>,
     /// Jobs this agent claimed and runs now.
     claimed: AtomicUsize,
     /// A claimed job ended here: capacity is free.
@@ -291,6 +296,7 @@ impl Scheduler {
             cluster,
             engine,
             events: broadcast::channel(4096).0,
+            ended_here: broadcast::channel(1024).0,
             claimed: AtomicUsize::new(0),
             freed: Notify::new(),
             recorded: Default::default(),

@@ -143,6 +143,7 @@ impl Scheduler {
         }
         // Subscribed before reading the record: an end notified meanwhile is not missed.
         let events = self.events.subscribe();
+        let ended_here = self.ended_here.subscribe();
         let mut id = ids.mistry.clone();
         let waiting = |id: String, events, coalesced| {
             Ok(Admission::Waiting(Waiting {
@@ -150,6 +151,7 @@ impl Scheduler {
                 id,
                 identity: identity.clone(),
                 events,
+                ended_here,
                 coalesced,
             }))
         };
@@ -295,8 +297,14 @@ impl Scheduler {
                 // A job this request inserted or queued again is known to be in flight: its
                 // record is read at its end (the events were subscribed before the write).
                 let fresh = !w.coalesced;
-                self.wait_end_from(&w.project, &w.id, &w.identity, w.events, w.coalesced, fresh)
-                    .await
+                let (events, mut here) = (w.events, w.ended_here);
+                self.wait_end_from(
+                    (&w.project, &w.id, &w.identity),
+                    (events, Some(&mut here)),
+                    w.coalesced,
+                    fresh,
+                )
+                .await
             }
             Admission::Copy(c) => {
                 let (project, id) = (&c.project, &c.id);
@@ -484,7 +492,7 @@ impl Scheduler {
         events: broadcast::Receiver<Event>,
         coalesced: bool,
     ) -> Result<Answer, SubmitError> {
-        self.wait_end_from(project, id, identity, events, coalesced, false)
+        self.wait_end_from((project, id, identity), (events, None), coalesced, false)
             .await
     }
 
@@ -493,10 +501,11 @@ impl Scheduler {
     /// ended.
     pub(super) async fn wait_end_from(
         &self,
-        project: &str,
-        id: &str,
-        identity: &Identity,
-        mut events: broadcast::Receiver<Event>,
+        (project, id, identity): (&str, &str, &Identity),
+        (mut events, mut ended_here): (
+            broadcast::Receiver<Event>,
+            Option<&mut broadcast::Receiver<String>>,
+        ),
         coalesced: bool,
         in_flight: bool,
     ) -> Result<Answer, SubmitError> {
@@ -504,7 +513,10 @@ impl Scheduler {
         let mut read_now = !in_flight;
         loop {
             if !std::mem::replace(&mut read_now, true) {
-                match self.wait_for_end(&key, &mut events).await {
+                match self
+                    .wait_for_end(&key, &mut events, ended_here.as_deref_mut())
+                    .await
+                {
                     None => {
                         return Err(SubmitError::Job(JobError::Internal(format!(
                             "Error building {key}: the agent is shutting down"
@@ -554,8 +566,9 @@ impl Scheduler {
         &self,
         key: &str,
         events: &mut broadcast::Receiver<Event>,
+        ended_here: Option<&mut broadcast::Receiver<String>>,
     ) -> Option<bool> {
-        let woken = tokio::time::timeout(SAFETY_RECHECK, async {
+        let notified = async {
             loop {
                 match events.recv().await {
                     Ok(Event::Ended(k)) if k == key => return Some(true),
@@ -565,6 +578,28 @@ impl Scheduler {
                     Ok(_) => continue,
                     Err(broadcast::error::RecvError::Closed) => return None,
                 }
+            }
+        };
+        // An end this agent recorded: told at once (a lag: the record is read).
+        let here = async {
+            let Some(rx) = ended_here else {
+                return std::future::pending().await;
+            };
+            loop {
+                match rx.recv().await {
+                    Ok(k) if k == key => return Some(true),
+                    Ok(_) => continue,
+                    Err(broadcast::error::RecvError::Lagged(_)) => return Some(false),
+                    Err(broadcast::error::RecvError::Closed) => {
+                        return std::future::pending().await
+                    }
+                }
+            }
+        };
+        let woken = tokio::time::timeout(SAFETY_RECHECK, async {
+            tokio::select! {
+                w = notified => w,
+                w = here => w,
             }
         })
         .await;

@@ -324,6 +324,7 @@ impl Scheduler {
             match self.try_record_end(project, id, info, attempt).await {
                 Ok(true) => {
                     self.verify(key_of(project, id), &info.started_at);
+                    let _ = self.ended_here.send(key_of(project, id));
                     return;
                 }
                 Ok(false) => {
