@@ -10,7 +10,9 @@
 //!   single node vs an agent of a cluster (insert, run, record the end). Target: ≤ 3 ms more;
 //! - jobs/s with 1, 2 and 3 agents: `BENCH_CLIENTS` (default 6) clients each posting new-params
 //!   jobs for `BENCH_SECONDS` (default 5), spread round-robin over the agents, and a single node
-//!   for comparison; `BENCH_ROUNDS` (default 2) rounds of the four, each figure their mean. All
+//!   for comparison; each cluster fresh (b1, b1–b2, b1–b3; the other agents stopped), each agent
+//!   having run a job of the project alone first (so that each has its image, as in a cluster
+//!   in use); `BENCH_ROUNDS` (default 2) rounds of the four, each figure their mean. All
 //!   agents share this one machine, so "per machine" is the cluster's jobs/s over the single
 //!   node's (target ≥ 0.9); "moved" counts the jobs that ran on another agent than the one
 //!   asked (each one's build then fetched back to answer).
