@@ -635,6 +635,9 @@ fn faults_in_a_row_keep_the_invariants() {
     eprintln!("stalled agent {x}: {} fenced", fenced(&agents[x]));
 
     // 3. Lost replies: to a new job's insert on A, to a job's end on B.
+    // Statements are prepared once per connection: new connections send their text again.
+    proxies[0].cut_all();
+    proxies[1].cut_all();
     proxies[0].lose_reply_to("INSERT INTO jobs (project, id, group_name");
     proxies[1].lose_reply_to("build_info = $5::text::jsonb");
     let answers = load(&all, "lost");

@@ -361,6 +361,9 @@ fn a_database_outage_fails_requests_with_503_then_they_recover() {
     );
 }
 
+/// Capacity 1: an agent with a free slot is idle. A new job stays on the agent taking the
+/// request when it has the project's image and a free slot (placement, docs/cluster.md); else
+/// it goes to an agent with a free slot and the image, else to the least loaded one.
 #[test]
 fn a_new_job_goes_to_the_agent_with_the_projects_image_else_the_least_loaded() {
     let Some(pg) = Postgres::start_or_skip() else {
@@ -442,6 +445,91 @@ fn a_new_job_goes_to_the_agent_with_the_projects_image_else_the_least_loaded() {
         pg.psql("SELECT string_agg(agent || ':' || project, ',' ORDER BY agent) FROM agent_images"),
         "a:simple,b:simple,c:simple"
     );
+}
+
+/// Capacity 2: the agent taking a request keeps a new job when it has the project's image and
+/// a free slot, though another agent with the image is idle (its answer needs no copy); it
+/// sends the job elsewhere only when it is full (to an agent with a free slot and the image,
+/// whose build is then fetched back to answer).
+#[test]
+fn a_new_job_stays_on_the_agent_taking_it_when_it_has_the_image_and_a_free_slot() {
+    let Some(pg) = Postgres::start_or_skip() else {
+        return;
+    };
+    let [a, b] = agents_named(&pg.url(), ["a", "b"], 2);
+    let job = |s: &Server, name: &str| -> Value {
+        let body = json!({"project": "simple", "params": {"name": name}});
+        let (status, text) = post_job(s, &body);
+        assert_eq!(status, 201, "{text}");
+        let info: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            (&info["ExitCode"], &info["Cached"]),
+            (&json!(0), &json!(false)),
+            "{info}"
+        );
+        let path = common::server::artifacts(&info);
+        assert!(path.starts_with(s.builds()), "{}", path.display());
+        assert_eq!(common::server::read(path.join("name.txt")), name);
+        info
+    };
+    let running_on = |runner: &str| {
+        pg.psql(&format!(
+            "SELECT count(*) FROM jobs WHERE state = 'running' AND agent = '{runner}'"
+        ))
+    };
+    // B's slow jobs end on their own (8 s); A's outlast the test.
+    let slow_on = |s: &Server, name: &str, runner: &str| {
+        let sleep = if runner == "b" { "8" } else { "60" };
+        let body = json!({"project": "simple", "params": {"name": name, "sleep": sleep}});
+        let (status, text) = s.post("/jobs?async", &body.to_string());
+        assert_eq!(status, 201, "{text}");
+        wait_for(
+            &format!("{name} running on {runner}"),
+            Duration::from_secs(20),
+            || {
+                pg.psql(&format!(
+                    "SELECT coalesce(agent, '') FROM jobs WHERE state = 'running' \
+                     AND request->'params'->>'name' = '{name}'"
+                )) == runner
+            },
+        );
+    };
+    let agent_of = |info: &Value| {
+        pg.psql(&format!(
+            "SELECT agent FROM jobs WHERE id = '{}'",
+            job_id(info)
+        ))
+    };
+    let fetched = |s: &Server| {
+        log_of(s)
+            .matches("build replicated from another agent")
+            .count()
+    };
+    // B gets the image (nobody had it), then is filled: A, the least loaded, runs the next
+    // job and gets the image too.
+    assert_eq!(agent_of(&job(&b, "zero")), "b");
+    slow_on(&b, "slow-b1", "b");
+    slow_on(&b, "slow-b2", "b");
+    assert_eq!(agent_of(&job(&a, "one")), "a");
+    assert_eq!(
+        pg.psql("SELECT string_agg(agent, ',' ORDER BY agent) FROM agent_images"),
+        "a,b"
+    );
+    // A runs 1 of 2, B is idle (both have the image): a job asked on A stays on A.
+    slow_on(&a, "slow-a1", "a");
+    wait_for("B idle", Duration::from_secs(30), || running_on("b") == "0");
+    let three = job(&a, "three");
+    assert_eq!(agent_of(&three), "a");
+    assert_eq!(running_on("a"), "1");
+    // Asked on B, idle with the image: B.
+    assert_eq!(agent_of(&job(&b, "four")), "b");
+    assert_eq!((fetched(&a), fetched(&b)), (0, 0));
+    // A full (2 of 2): B, with a free slot and the image, runs it; A answers with a copy.
+    slow_on(&a, "slow-a2", "a");
+    let five = job(&a, "five");
+    assert_eq!(agent_of(&five), "b");
+    assert!(b.builds().join("simple/ready").join(job_id(&five)).is_dir());
+    assert_eq!((fetched(&a), fetched(&b)), (1, 0));
 }
 
 /// Requests whose mistry job IDs collide (`{name: "xnzy"}` / `{name: "x", nz: "y"}`), asked on

@@ -111,7 +111,9 @@ impl PgProxy {
         }
     }
 
-    /// Lose the reply to the next statement whose text contains `marker`.
+    /// Lose the reply to the next statement whose text contains `marker` (a statement is
+    /// prepared once per connection: its text goes through again on a new one, see
+    /// [`PgProxy::cut_all`]).
     pub(crate) fn lose_reply_to(&self, marker: &str) {
         *self.shared.lose.lock().unwrap() = Some(marker.as_bytes().to_vec());
     }

@@ -19,21 +19,36 @@
 //!    agent that is not alive, or `rebuild` → the record is queued again, with its preferred
 //!    agent (a conditional update: again the database decides).
 //! 3. `job_backlog`'s 503: the cluster's queue is full when its queued records are at least
-//!    the free slots of the alive agents (capacity − running, by their heartbeats) plus the
+//!    the free slots of the alive agents (capacity − their `running` records) plus the
 //!    `job_backlog` of the agent taking the request — a single node's "running + queued ≤
-//!    job_concurrency + job_backlog", cluster-wide.
+//!    job_concurrency + job_backlog", cluster-wide; checked by the insert itself (one
+//!    statement), and never for a job inserted `running` here at once (it joins no queue).
+//!
+//! Round trips of a new job run where it was asked (each statement prepared once per pooled
+//! connection, `prepare_cached`: one round trip each): its two possible records read in one
+//! statement; the insert (placement, backlog and notification included); the log's start, its
+//! chunks and its end's notification (`logs/ship.rs`, beside the run); the run's fence before
+//! the build is published; the end recorded. The waiter reads the record only when the end is
+//! not one this agent recorded itself ([`Scheduler::finish`]).
 //!
 //! Claims ([`Scheduler::start`]'s claim loop): while this agent runs fewer claimed jobs than
 //! `job_concurrency`, it takes the oldest queued record it may take with
-//! `SELECT ... FOR UPDATE SKIP LOCKED` and marks it `running` by itself, woken by the
-//! notification of an insert (and by a safety tick: 1 s while queued jobs are left, else 5 s).
+//! `SELECT ... FOR UPDATE SKIP LOCKED` and marks it `running` by itself (one statement), woken
+//! by the notification of an insert, by a slot freed here while queued records were left (a
+//! freed slot with nothing queued asks nothing), and by a safety tick (1 s while queued jobs
+//! are left, else 5 s).
 //! Placement: a job's `preferred_agent` is the agent holding its group's last successful
-//! build, when it is alive; else an alive agent with free capacity that has the project's image (table
-//! `agent_images`, migration V4: an agent records the project of every job that ran in its
-//! container); else the least loaded alive agent (`running` records / capacity); ties go to the
-//! agent taking the request. A job whose `preferred_agent` is another one is left alone for
+//! build, when it is alive; else the agent taking the request, when it has a free slot and the
+//! project's image (table `agent_images`, migration V4: an agent records the project of every
+//! job that ran in its container) — the job is then inserted `running` there, and its answer
+//! needs no copy; else an alive agent with free capacity that has the project's image; else the
+//! least loaded alive agent (`running` records / capacity); ties go to the agent taking the
+//! request. The trade-off (docs/cluster.md, "Placement"): load spreads only once the agent
+//! asked is full or lacks the image — a short job run where it was asked costs less than one
+//! run on an idler agent and fetched back (`copies::fetch_build`), and an agent never runs more
+//! than its `job_concurrency`. A job whose `preferred_agent` is another one is left alone for
 //! [`PREFERRED_GRACE`], unless that agent is not alive or full (as many `running` records as
-//! its capacity).
+//! its capacity: the job would wait).
 //! The claimed job runs through the local engine ([`Engine::schedule`]: its result cache,
 //! groups, sandbox and `ready/` all apply); once the engine moved it to `ready/`, the record
 //! says `ready` (or `failed`) with its BuildInfo, and the end is notified.
@@ -170,6 +185,8 @@ pub struct Waiting {
     id: String,
     identity: Identity,
     events: broadcast::Receiver<Event>,
+    /// The ends this agent recorded (keys), told here before their notification comes back.
+    ended_here: broadcast::Receiver<String>,
     coalesced: bool,
 }
 
@@ -199,6 +216,9 @@ pub struct Scheduler {
     cluster: Arc<Cluster>,
     engine: Arc<Engine>,
     events: broadcast::Sender<Event>,
+    /// The key of each end this agent recorded, as soon as it did (with the record's build
+    /// verified here): its waiters answer without waiting for the notification's way back.
+    ended_here: broadcast::Sender<String>,
     /// Jobs this agent claimed and runs now.
     claimed: AtomicUsize,
     /// A claimed job ended here: capacity is free.
@@ -214,6 +234,9 @@ pub struct Scheduler {
     /// Builds in this agent's `ready/` known to be the ones their records name: answered
     /// without reading the record (see [`Verified`]).
     verified: std::sync::Mutex<Verified>,
+    /// The ends this agent is recording now, whose notifications are not news (each one
+    /// consumes its key; a reconnection of the listener clears them).
+    own_ends: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Since when this agent reaches the database without a break (the sweeper's pings):
     /// until it has for `agent_timeout`, it takes nobody for dead ([`Scheduler::judged`]).
     reached_since: std::sync::Mutex<Option<tokio::time::Instant>>,
@@ -293,11 +316,13 @@ impl Scheduler {
             cluster,
             engine,
             events: broadcast::channel(4096).0,
+            ended_here: broadcast::channel(1024).0,
             claimed: AtomicUsize::new(0),
             freed: Notify::new(),
             recorded: Default::default(),
             runs: Default::default(),
             verified: Default::default(),
+            own_ends: Default::default(),
             reached_since: Default::default(),
         }
     }
@@ -403,15 +428,24 @@ impl Scheduler {
         // (the records cannot be read; an agent cut off from the database alone answers what
         // it knew last: see docs/cluster.md, "Semantics").
         match notice {
-            Notice::Reconnected => self.forget(None),
+            Notice::Reconnected => {
+                if let Ok(mut own) = self.own_ends.lock() {
+                    own.clear();
+                }
+                self.forget(None);
+            }
             // A job queued to run anew: its build here is no answer until the new run ends
             // (requests join the run).
             Notice::Notification { channel, payload } if channel == CHANNEL => {
-                if let Some(key) = payload
-                    .strip_prefix("queued ")
-                    .or_else(|| payload.strip_prefix("ended "))
-                {
+                if let Some(key) = payload.strip_prefix("queued ") {
                     self.forget(Some(key));
+                } else if let Some(key) = payload.strip_prefix("ended ") {
+                    // The notification of an end this agent is recording is its own (consumed:
+                    // any later end of the job is another's, and is forgotten).
+                    let own = self.own_ends.lock().is_ok_and(|mut o| o.remove(key));
+                    if !own {
+                        self.forget(Some(key));
+                    }
                 }
             }
             Notice::Notification { .. } | Notice::Lost => {}

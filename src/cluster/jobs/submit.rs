@@ -4,6 +4,18 @@
 
 use super::*;
 
+/// What [`Scheduler::try_insert`] did.
+pub(super) enum Inserted {
+    /// Not inserted: the cluster's queue is full.
+    Full,
+    /// Another agent inserted it first.
+    Exists,
+    /// Queued for the claims.
+    Queued,
+    /// Running here at once (this agent's claim).
+    Running(Claim),
+}
+
 impl Scheduler {
     // ---------------------------------------------------------------- requests
 
@@ -32,13 +44,25 @@ impl Scheduler {
         ids: &JobIds,
         identity: &Identity,
     ) -> Result<(String, Option<Record>), ClusterError> {
-        match self.read(project, &ids.mistry).await? {
+        // Both records in one statement (a new job has neither).
+        let (mistry, exact) = {
+            let (client, err) = self.client().await?;
+            records::read_ids(
+                &client,
+                project,
+                [&ids.mistry, &ids.exact],
+                self.cluster.agent_timeout,
+            )
+            .await
+            .map_err(err)?
+        };
+        match mistry {
             Some(rec) if rec.is_for(identity) => Ok((ids.mistry.clone(), Some(rec))),
             Some(_) => {
                 tracing::info!(%project, id = %ids.mistry, "job ID taken by another request's job: going by the request's exact ID");
-                Ok((ids.exact.clone(), self.read(project, &ids.exact).await?))
+                Ok((ids.exact.clone(), exact))
             }
-            None => match self.read(project, &ids.exact).await? {
+            None => match exact {
                 Some(rec) if rec.is_for(identity) => Ok((ids.exact.clone(), Some(rec))),
                 _ => Ok((ids.mistry.clone(), None)),
             },
@@ -119,6 +143,7 @@ impl Scheduler {
         }
         // Subscribed before reading the record: an end notified meanwhile is not missed.
         let events = self.events.subscribe();
+        let ended_here = self.ended_here.subscribe();
         let mut id = ids.mistry.clone();
         let waiting = |id: String, events, coalesced| {
             Ok(Admission::Waiting(Waiting {
@@ -126,6 +151,7 @@ impl Scheduler {
                 id,
                 identity: identity.clone(),
                 events,
+                ended_here,
                 coalesced,
             }))
         };
@@ -144,14 +170,15 @@ impl Scheduler {
             };
             id = home;
             let Some(rec) = record else {
-                self.check_backlog().await?;
+                // The backlog's check is the insert's (one statement).
                 match self.insert(&req, &id).await {
-                    Ok(true) => {
+                    Ok(Some(true)) => {
                         tracing::info!(%project, %id, agent = %self.me(), "job queued in the cluster");
                         return waiting(id, events, false);
                     }
+                    Ok(None) => return Err(SubmitError::Job(JobError::Overloaded)),
                     // Another agent inserted it first: read it.
-                    Ok(false) => {}
+                    Ok(Some(false)) => {}
                     Err(e) => {
                         tracing::warn!(%project, %id, error = %e, "inserting the job failed (it may be inserted: its answer was lost); reading its record again");
                         lost = Some(e);
@@ -269,8 +296,17 @@ impl Scheduler {
         match admission {
             Admission::Answered(a) => Ok(a),
             Admission::Waiting(w) => {
-                self.wait_end(&w.project, &w.id, &w.identity, w.events, w.coalesced)
-                    .await
+                // A job this request inserted or queued again is known to be in flight: its
+                // record is read at its end (the events were subscribed before the write).
+                let fresh = !w.coalesced;
+                let (events, mut here) = (w.events, w.ended_here);
+                self.wait_end_from(
+                    (&w.project, &w.id, &w.identity),
+                    (events, Some(&mut here)),
+                    w.coalesced,
+                    fresh,
+                )
+                .await
             }
             Admission::Copy(c) => {
                 let (project, id) = (&c.project, &c.id);
@@ -368,15 +404,16 @@ impl Scheduler {
         Ok(())
     }
 
-    /// Insert the job; `false` when another agent inserted it first. With a free slot here, and
-    /// this agent the job's preferred one (see `records::jobs::insert`), the job is inserted
-    /// `running` by this agent and starts at once (no claim round trip, and the answer needs no
-    /// replication); else it is queued for the claims, its preferred agent first.
+    /// Insert the job; `Some(false)` when another agent inserted it first, `None` when the
+    /// cluster's queue is full (the backlog's 503, see the module's doc). With a free slot
+    /// here, and this agent the job's preferred one (see `records::jobs::insert`), the job is
+    /// inserted `running` by this agent and starts at once (no claim round trip, and the answer
+    /// needs no replication); else it is queued for the claims, its preferred agent first.
     pub(super) async fn insert(
         self: &Arc<Self>,
         req: &JobRequest,
         id: &str,
-    ) -> Result<bool, ClusterError> {
+    ) -> Result<Option<bool>, ClusterError> {
         let here = self.reserve();
         // One of this agent's runs from before the insert (a lost reply of another request's
         // insert of the same job never takes it for an orphan).
@@ -388,7 +425,7 @@ impl Scheduler {
         }
         let inserted = self.try_insert(req, id, here).await;
         match &inserted {
-            Ok(Some(claim)) if claim.is_some() => {}
+            Ok(Inserted::Running(_)) => {}
             _ if here => {
                 if let Ok(mut r) = self.runs.lock() {
                     if r.get(&key) == Some(&1) {
@@ -400,40 +437,43 @@ impl Scheduler {
             _ => {}
         }
         match inserted? {
-            None => Ok(false),
-            Some(None) => Ok(true),
-            Some(Some(claim)) => {
+            Inserted::Full => Ok(None),
+            Inserted::Exists => Ok(Some(false)),
+            Inserted::Queued => Ok(Some(true)),
+            Inserted::Running(claim) => {
                 tracing::info!(project = %claim.project, id = %claim.id, agent = %self.me(), "job claimed (taken by the agent that received it)");
                 self.spawn_run(claim);
-                Ok(true)
+                Ok(Some(true))
             }
         }
     }
 
-    /// `None`: not inserted; `Some(None)`: queued; `Some(Some(claim))`: running here.
+    /// Insert the job (see [`Scheduler::insert`]), `running` here when `here` allows.
     pub(super) async fn try_insert(
         &self,
         req: &JobRequest,
         id: &str,
         here: bool,
-    ) -> Result<Option<Option<Claim>>, ClusterError> {
+    ) -> Result<Inserted, ClusterError> {
         let request = request_json(req);
         let job = rows::NewJob::of(req, id, &request);
+        let backlog = i64::try_from(self.engine.cfg.job_backlog).unwrap_or(i64::MAX);
         let (client, err) = self.client().await?;
-        let state = rows::insert(&client, &job, here, self.me(), self.judged())
+        let state = rows::insert(&client, &job, here, self.me(), self.judged(), backlog)
             .await
             .map_err(err)?;
         Ok(match state {
-            None => None,
-            Some(JobState::Queued) => Some(None),
-            Some(_) => Some(Some(Claim {
+            rows::Inserted::QueueFull => Inserted::Full,
+            rows::Inserted::Exists => Inserted::Exists,
+            rows::Inserted::As(JobState::Queued) => Inserted::Queued,
+            rows::Inserted::As(_) => Inserted::Running(Claim {
                 project: req.project.clone(),
                 id: id.to_string(),
                 request,
                 retries: 0,
                 retried_from: None,
                 attempt: 1,
-            })),
+            }),
         })
     }
 
@@ -466,11 +506,50 @@ impl Scheduler {
         project: &str,
         id: &str,
         identity: &Identity,
-        mut events: broadcast::Receiver<Event>,
+        events: broadcast::Receiver<Event>,
         coalesced: bool,
     ) -> Result<Answer, SubmitError> {
+        self.wait_end_from((project, id, identity), (events, None), coalesced, false)
+            .await
+    }
+
+    /// [`Scheduler::wait_end`]; when `in_flight`, the job is known to be queued or running
+    /// (`events` subscribed before): its record is first read once an event says it may have
+    /// ended.
+    pub(super) async fn wait_end_from(
+        &self,
+        (project, id, identity): (&str, &str, &Identity),
+        (mut events, mut ended_here): (
+            broadcast::Receiver<Event>,
+            Option<&mut broadcast::Receiver<String>>,
+        ),
+        coalesced: bool,
+        in_flight: bool,
+    ) -> Result<Answer, SubmitError> {
         let key = key_of(project, id);
+        let mut read_now = !in_flight;
         loop {
+            if !std::mem::replace(&mut read_now, true) {
+                match self
+                    .wait_for_end(&key, &mut events, ended_here.as_deref_mut())
+                    .await
+                {
+                    None => {
+                        return Err(SubmitError::Job(JobError::Internal(format!(
+                            "Error building {key}: the agent is shutting down"
+                        ))))
+                    }
+                    Some(true) => {
+                        if let Some(mut answer) = self.recorded_here(project, id, identity).await {
+                            answer.info.cached = false;
+                            answer.info.coalesced = coalesced;
+                            return Ok(answer);
+                        }
+                    }
+                    Some(false) => {}
+                }
+                continue;
+            }
             let Some(rec) = self.read(project, id).await? else {
                 return Err(SubmitError::Job(JobError::Internal(format!(
                     "Error building {key}: the job's record was deleted"
@@ -492,25 +571,77 @@ impl Scheduler {
                 answer.info.coalesced = coalesced;
                 return Ok(answer);
             }
-            let woken = tokio::time::timeout(SAFETY_RECHECK, async {
-                loop {
-                    match events.recv().await {
-                        Ok(Event::Ended(k)) if k == key => return true,
-                        Ok(Event::Reconnected) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                            return true
-                        }
-                        Ok(_) => continue,
-                        Err(broadcast::error::RecvError::Closed) => return false,
+            read_now = false;
+        }
+    }
+
+    /// Wait until job `key` may have ended: `Some(true)` on its end's notification,
+    /// `Some(false)` on a reconnection of the listener (notifications may have been missed) or
+    /// after [`SAFETY_RECHECK`] without news; `None` when the listener is gone (the agent shuts
+    /// down).
+    async fn wait_for_end(
+        &self,
+        key: &str,
+        events: &mut broadcast::Receiver<Event>,
+        ended_here: Option<&mut broadcast::Receiver<String>>,
+    ) -> Option<bool> {
+        let notified = async {
+            loop {
+                match events.recv().await {
+                    Ok(Event::Ended(k)) if k == key => return Some(true),
+                    Ok(Event::Reconnected) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                        return Some(false)
+                    }
+                    Ok(_) => continue,
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                }
+            }
+        };
+        // An end this agent recorded: told at once (a lag: the record is read).
+        let here = async {
+            let Some(rx) = ended_here else {
+                return std::future::pending().await;
+            };
+            loop {
+                match rx.recv().await {
+                    Ok(k) if k == key => return Some(true),
+                    Ok(_) => continue,
+                    Err(broadcast::error::RecvError::Lagged(_)) => return Some(false),
+                    Err(broadcast::error::RecvError::Closed) => {
+                        return std::future::pending().await
                     }
                 }
-            })
-            .await;
-            if woken == Ok(false) {
-                return Err(SubmitError::Job(JobError::Internal(format!(
-                    "Error building {key}: the agent is shutting down"
-                ))));
             }
+        };
+        let woken = tokio::time::timeout(SAFETY_RECHECK, async {
+            tokio::select! {
+                w = notified => w,
+                w = here => w,
+            }
+        })
+        .await;
+        woken.unwrap_or(Some(false))
+    }
+
+    /// On a job's end's notification: the answer from this agent's `ready/`, without reading
+    /// the record, when the build there is one this agent recorded as the job's end (it is
+    /// [`Scheduler::is_verified`]: an end recorded by another agent forgets the key before its
+    /// notification reaches the waiters) and a build of the request with `identity`. `None`:
+    /// the record is read.
+    async fn recorded_here(&self, project: &str, id: &str, identity: &Identity) -> Option<Answer> {
+        let dir = self.engine.layout.job(project, id, Stage::Ready);
+        let d = dir.clone();
+        let info = tokio::task::spawn_blocking(move || d.read_info())
+            .await
+            .ok()??;
+        if !self.is_verified(&key_of(project, id), &info.started_at) || !identity.matches(&info) {
+            return None;
         }
+        let info = BuildInfo {
+            path: dir.artifacts_when_ready().display().to_string(),
+            ..info
+        };
+        Some(Answer { info, dir })
     }
 
     /// The ended job's build in this agent's `ready/` (fetched from the agent that ran it when

@@ -8,16 +8,21 @@ impl Scheduler {
 
     pub(super) async fn claim_loop(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let mut events = self.events.subscribe();
+        // Whether a record may be queued: a claim that found none, with none queued either,
+        // waits for a `queued` notification (or the safety tick) before it looks again — a
+        // slot freed here is then no reason to ask the database.
+        let mut maybe_queued = true;
         loop {
             let mut left = false;
-            while !*stop.borrow() && self.reserve() {
+            while maybe_queued && !*stop.borrow() && self.reserve() {
                 // A slot given back here is not "capacity freed" (`release` would wake this
                 // loop again at once: a busy loop).
                 match self.claim_one().await {
-                    Ok(Some(claim)) => self.spawn_run(claim),
-                    Ok(None) => {
+                    Ok((Some(claim), _)) => self.spawn_run(claim),
+                    Ok((None, queued)) => {
                         self.unreserve();
-                        left = self.any_queued().await.unwrap_or(true);
+                        left = queued;
+                        maybe_queued = queued;
                         break;
                     }
                     Err(e) => {
@@ -44,9 +49,9 @@ impl Scheduler {
                 }
             };
             tokio::select! {
-                _ = queued => {}
+                _ = queued => maybe_queued = true,
                 _ = self.freed.notified() => {}
-                _ = tokio::time::sleep(tick) => {}
+                _ = tokio::time::sleep(tick) => maybe_queued = true,
                 _ = stop.wait_for(|s| *s) => return,
             }
         }
@@ -97,21 +102,17 @@ impl Scheduler {
         });
     }
 
-    pub(super) async fn any_queued(&self) -> Result<bool, ClusterError> {
+    /// Claim the oldest queued job this agent may take (its own preferred jobs first); with
+    /// whether any record was queued.
+    pub(super) async fn claim_one(&self) -> Result<(Option<Claim>, bool), ClusterError> {
         let (client, err) = self.client().await?;
-        rows::any_queued(&client).await.map_err(err)
-    }
-
-    /// Claim the oldest queued job this agent may take (its own preferred jobs first).
-    pub(super) async fn claim_one(&self) -> Result<Option<Claim>, ClusterError> {
-        let (mut client, err) = self.client().await?;
-        let claim = rows::claim(&mut client, self.me(), PREFERRED_GRACE, self.judged())
+        let claimed = rows::claim(&client, self.me(), PREFERRED_GRACE, self.judged())
             .await
             .map_err(err)?;
-        if let Some(claim) = &claim {
+        if let (Some(claim), _) = &claimed {
             tracing::info!(project = %claim.project, id = %claim.id, agent = %self.me(), retries = claim.retries, "job claimed");
         }
-        Ok(claim)
+        Ok(claimed)
     }
 
     /// A BuildInfo for a claimed job that could not run here.
@@ -326,14 +327,32 @@ impl Scheduler {
             );
         }
         let mut warned = false;
+        let key = key_of(project, id);
+        let own = |on: bool| {
+            if let Ok(mut o) = self.own_ends.lock() {
+                if on {
+                    o.insert(key.clone());
+                } else {
+                    o.remove(&key);
+                }
+            }
+        };
         for _ in 0..600 {
             let epoch = self.epoch();
+            own(true);
             match self.try_record_end(project, id, info, attempt).await {
-                Ok(true) => {
-                    self.verify(key_of(project, id), &info.started_at, epoch);
+                Ok(done @ (rows::Recorded::Now | rows::Recorded::Already)) => {
+                    if done == rows::Recorded::Already {
+                        // Nothing notified by this call (if the first one's notification was
+                        // delivered, it consumed the key already).
+                        own(false);
+                    }
+                    self.verify(key.clone(), &info.started_at, epoch);
+                    let _ = self.ended_here.send(key.clone());
                     return;
                 }
-                Ok(false) => {
+                Ok(rows::Recorded::Fenced) => {
+                    own(false);
                     self.forget_recorded(project, id);
                     self.fenced_end(project, id, info, attempt).await;
                     return;
@@ -347,6 +366,7 @@ impl Scheduler {
                 }
             }
         }
+        own(false);
         self.forget_recorded(project, id);
     }
 
@@ -391,7 +411,7 @@ impl Scheduler {
         id: &str,
         info: &BuildInfo,
         attempt: i32,
-    ) -> Result<bool, ClusterError> {
+    ) -> Result<rows::Recorded, ClusterError> {
         let db = self.db()?;
         let stored = BuildInfo {
             container_stdouterr: String::new(),
@@ -411,7 +431,7 @@ impl Scheduler {
         let recorded = rows::record_end(&client, project, id, self.me(), &end)
             .await
             .map_err(err)?;
-        if recorded {
+        if recorded != rows::Recorded::Fenced {
             tracing::info!(%project, %id, %state, agent = %self.me(), "job recorded in the cluster");
         }
         Ok(recorded)

@@ -94,9 +94,9 @@ impl Logs {
 
     /// A run starts: the previous run's chunks go, and followers are told.
     async fn start_run(&self, project: &str, id: &str, run: &str) -> Result<(), ClusterError> {
-        let (mut client, err) = self.client().await?;
+        let (client, err) = self.client().await?;
         let payload = format!("{} start {run}", key_of(project, id));
-        rows::start_run(&mut client, project, id, &payload)
+        rows::start_run(&client, project, id, &payload)
             .await
             .map_err(err)
     }

@@ -8,12 +8,13 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 
-use super::{alive_sql, query_error, sql_sources, sql_target, stored_state, RecordsError};
+use super::{alive_sql, query_error, sql_sources, sql_target, stored_state, Pooled, RecordsError};
 use crate::cluster::JOBS_CHANNEL;
 use crate::jobs::JobRequest;
 use crate::service::JobState;
 
-/// The payload of the notification that job `project/id` is running (claimed).
+/// The payload of the notification that job `project/id` is running (claimed; [`claim`] builds
+/// the same in SQL).
 pub(in crate::cluster) fn running_payload(project: &str, id: &str) -> String {
     format!("running {project}/{id}")
 }
@@ -42,90 +43,79 @@ pub(in crate::cluster) struct Claimed {
     pub(in crate::cluster) attempt: i32,
 }
 
-/// Whether any record is queued.
-pub(in crate::cluster) async fn any_queued(client: &Client) -> Result<bool, RecordsError> {
-    let g = query_error("looking for queued jobs");
-    client
-        .query_one(
-            "SELECT EXISTS (SELECT 1 FROM jobs WHERE state = 'queued')",
-            &[],
-        )
-        .await
-        .and_then(|r| r.try_get(0))
-        .map_err(g)
-}
-
 /// Claim for agent `me` the oldest queued job it may take (its own preferred jobs first; one
 /// preferred by another agent after `grace`, or when that agent is not alive by
 /// `agent_timeout` or full; none before its `not_before`), mark it `running` by `me` as its
-/// next attempt (the fencing token) and notify the claim.
+/// next attempt (the fencing token) and notify the claim — one statement (one round trip,
+/// atomic; the notification delivered at its commit). With whether any record was queued
+/// before it (`false`: nothing to claim, no need to look again before a `queued`
+/// notification).
 pub(in crate::cluster) async fn claim(
-    client: &mut Client,
+    client: &Pooled,
     me: &str,
     grace: Duration,
     agent_timeout: Duration,
-) -> Result<Option<Claimed>, RecordsError> {
+) -> Result<(Option<Claimed>, bool), RecordsError> {
     let g = query_error(format!("claiming a job for agent {me}"));
-    let tx = client.transaction().await.map_err(&g)?;
-    let row = tx
-        .query_opt(
-            &format!(
-                "SELECT j.project, j.id, j.request::text, j.retries, j.retried_from
-                   FROM jobs j
-                  WHERE j.state IN ({claimable})
-                    AND (j.not_before IS NULL OR j.not_before <= now())
-                    AND (j.preferred_agent IS NULL OR j.preferred_agent = $1
-                         OR j.queued_at < now() - make_interval(secs => $2)
-                         OR NOT EXISTS (
-                             SELECT 1 FROM agents a
-                              WHERE a.name = j.preferred_agent AND {alive}
-                                AND a.capacity > (SELECT count(*) FROM jobs r
-                                                   WHERE r.state = 'running'
-                                                     AND r.agent = a.name)))
-                  ORDER BY (j.preferred_agent IS NOT DISTINCT FROM $1) DESC, j.queued_at
-                  LIMIT 1
-                    FOR UPDATE OF j SKIP LOCKED",
-                claimable = sql_sources(JobState::claim),
-                alive = alive_sql("a", "$3"),
-            ),
-            &[&me, &grace.as_secs_f64(), &agent_timeout.as_secs_f64()],
+    let sql = format!(
+        "WITH pick AS (
+             SELECT j.project, j.id
+               FROM jobs j
+              WHERE j.state IN ({claimable})
+                AND (j.not_before IS NULL OR j.not_before <= now())
+                AND (j.preferred_agent IS NULL OR j.preferred_agent = $1
+                     OR j.queued_at < now() - make_interval(secs => $2)
+                     OR NOT EXISTS (
+                         SELECT 1 FROM agents a
+                          WHERE a.name = j.preferred_agent AND {alive}
+                            AND a.capacity > (SELECT count(*) FROM jobs r
+                                               WHERE r.state = 'running'
+                                                 AND r.agent = a.name)))
+              ORDER BY (j.preferred_agent IS NOT DISTINCT FROM $1) DESC, j.queued_at
+              LIMIT 1
+                FOR UPDATE OF j SKIP LOCKED),
+         upd AS (
+             UPDATE jobs u SET state = '{running}', agent = $1, started_at = now(),
+                    attempt = u.attempt + 1, not_before = NULL
+               FROM pick
+              WHERE u.project = pick.project AND u.id = pick.id
+          RETURNING u.project, u.id, u.request::text AS request, u.retries, u.retried_from,
+                    u.attempt),
+         sent AS (SELECT pg_notify($4, 'running ' || upd.project || '/' || upd.id) FROM upd)
+         SELECT upd.project, upd.id, upd.request, upd.retries, upd.retried_from, upd.attempt,
+                EXISTS (SELECT 1 FROM jobs WHERE state = 'queued'),
+                (SELECT count(*) FROM sent)
+           FROM (SELECT 1) one LEFT JOIN upd ON true",
+        claimable = sql_sources(JobState::claim),
+        alive = alive_sql("a", "$3"),
+        running = sql_target(JobState::Queued, JobState::claim)
+    );
+    let statement = client.prepare_cached(&sql).await.map_err(&g)?;
+    let row = client
+        .query_one(
+            &statement,
+            &[
+                &me,
+                &grace.as_secs_f64(),
+                &agent_timeout.as_secs_f64(),
+                &JOBS_CHANNEL,
+            ],
         )
         .await
         .map_err(&g)?;
-    let Some(row) = row else {
-        return Ok(None);
+    let left: bool = row.try_get(6).map_err(&g)?;
+    let Some(project) = row.try_get::<_, Option<String>>(0).map_err(&g)? else {
+        return Ok((None, left));
     };
-    let mut claim = Claimed {
-        project: row.try_get(0).map_err(&g)?,
+    let claim = Claimed {
+        project,
         id: row.try_get(1).map_err(&g)?,
         request: row.try_get(2).map_err(&g)?,
         retries: row.try_get(3).map_err(&g)?,
         retried_from: row.try_get(4).map_err(&g)?,
-        attempt: 0,
+        attempt: row.try_get(5).map_err(&g)?,
     };
-    claim.attempt = tx
-        .query_one(
-            &format!(
-                "UPDATE jobs SET state = '{running}', agent = $3, started_at = now(),
-                        attempt = attempt + 1, not_before = NULL
-                  WHERE project = $1 AND id = $2
-              RETURNING attempt",
-                running = sql_target(JobState::Queued, JobState::claim)
-            ),
-            &[&claim.project, &claim.id, &me],
-        )
-        .await
-        .and_then(|r| r.try_get(0))
-        .map_err(&g)?;
-    // Delivered at the commit: whoever waits for the job to run (a pipeline's run page) wakes.
-    tx.execute(
-        "SELECT pg_notify($1, $2)",
-        &[&JOBS_CHANNEL, &running_payload(&claim.project, &claim.id)],
-    )
-    .await
-    .map_err(&g)?;
-    tx.commit().await.map_err(&g)?;
-    Ok(Some(claim))
+    Ok((Some(claim), left))
 }
 
 /// The last successful build of a group, and whether the agent holding it is alive.
@@ -210,18 +200,18 @@ pub(in crate::cluster) struct End<'a> {
 
 /// Record `end` (one statement: one round trip, atomic): the record (still `me`'s at this
 /// attempt, or queued again meanwhile and not claimed by another agent yet: the fence), the
-/// end's notification, and the project's image on `me`. `true` too when this very end is
-/// recorded already (a retry after a lost reply); `false` when the record moved on (fenced).
+/// end's notification, and the project's image on `me`. [`Recorded::Already`] when this very
+/// end is recorded already (a retry after a lost reply: nothing notified again).
 pub(in crate::cluster) async fn record_end(
-    client: &Client,
+    client: &Pooled,
     project: &str,
     id: &str,
     me: &str,
     end: &End<'_>,
-) -> Result<bool, RecordsError> {
+) -> Result<Recorded, RecordsError> {
     let g = query_error(format!("recording the end of job {project}/{id}"));
-    let n: i64 = client
-        .query_one(
+    let statement = client
+        .prepare_cached(
             "WITH upd AS (
                  UPDATE jobs SET state = $4, agent = $3, build_info = $5::text::jsonb,
                         ended_at = now(), not_before = NULL
@@ -238,8 +228,14 @@ pub(in crate::cluster) async fn record_end(
                  SELECT $3, $1 FROM upd WHERE $8
                  ON CONFLICT (agent, project) DO UPDATE SET built_at = now()
                  RETURNING 1)
-             SELECT (SELECT count(*) FROM upd) + (SELECT count(*) FROM done),
+             SELECT (SELECT count(*) FROM upd), (SELECT count(*) FROM done),
                     (SELECT count(*) FROM sent)",
+        )
+        .await
+        .map_err(&g)?;
+    let row = client
+        .query_one(
+            &statement,
             &[
                 &project,
                 &id,
@@ -254,33 +250,52 @@ pub(in crate::cluster) async fn record_end(
             ],
         )
         .await
-        .and_then(|r| r.try_get(0))
-        .map_err(g)?;
-    Ok(n >= 1)
+        .map_err(&g)?;
+    let (now, already): (i64, i64) = (row.try_get(0).map_err(&g)?, row.try_get(1).map_err(&g)?);
+    Ok(if now > 0 {
+        Recorded::Now
+    } else if already > 0 {
+        Recorded::Already
+    } else {
+        Recorded::Fenced
+    })
+}
+
+/// What became of a job's end ([`record_end`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(in crate::cluster) enum Recorded {
+    /// Recorded now, and notified.
+    Now,
+    /// Recorded already (by this very end, whose reply was lost).
+    Already,
+    /// The record moved on: refused.
+    Fenced,
 }
 
 /// Whether a run of job `project/id` by `me` as `attempt` may still publish its build (the
 /// fence, checked before the build goes to `ready/`): the record is still that run's, or
 /// queued again and not claimed by another agent since.
 pub(in crate::cluster) async fn fence_holds(
-    client: &Client,
+    client: &Pooled,
     project: &str,
     id: &str,
     me: &str,
     attempt: i32,
 ) -> Result<bool, RecordsError> {
-    client
-        .query_one(
+    let g = query_error(format!("checking the fence of job {project}/{id}"));
+    let statement = client
+        .prepare_cached(
             "SELECT EXISTS (SELECT 1 FROM jobs
                              WHERE project = $1 AND id = $2 AND attempt = $4
                                AND ((state = 'running' AND agent = $3) OR state = 'queued'))",
-            &[&project, &id, &me, &attempt],
         )
         .await
+        .map_err(&g)?;
+    client
+        .query_one(&statement, &[&project, &id, &me, &attempt])
+        .await
         .and_then(|r| r.try_get(0))
-        .map_err(query_error(format!(
-            "checking the fence of job {project}/{id}"
-        )))
+        .map_err(g)
 }
 
 /// A `running` record whose run is lost: its agent is not alive, it crashed (the record was
@@ -499,34 +514,49 @@ pub(in crate::cluster) async fn ping(client: &Client) -> Result<(), RecordsError
 }
 
 /// Whether the cluster's queue is full: its queued records are at least the free slots of the
-/// alive agents (capacity − running, by their heartbeats) plus `backlog`.
+/// alive agents (capacity − their `running` records; not the heartbeats' counts, which lag
+/// behind by up to a `heartbeat`) plus `backlog`.
 pub(in crate::cluster) async fn queue_full(
-    client: &Client,
+    client: &Pooled,
     backlog: i64,
     agent_timeout: Duration,
 ) -> Result<bool, RecordsError> {
+    let g = query_error("the cluster's queue length");
+    let statement = client
+        .prepare_cached(&format!("SELECT {}", queue_full_sql("$1", "$2")))
+        .await
+        .map_err(&g)?;
     client
-        .query_one(
-            &format!(
-                "SELECT (SELECT count(*) FROM jobs WHERE state = 'queued') >=
-                        $1 + COALESCE((SELECT sum(GREATEST(a.capacity - a.running, 0))
-                                         FROM agents a WHERE {}),
-                                      0)",
-                alive_sql("a", "$2")
-            ),
-            &[&backlog, &agent_timeout.as_secs_f64()],
-        )
+        .query_one(&statement, &[&backlog, &agent_timeout.as_secs_f64()])
         .await
         .and_then(|r| r.try_get(0))
-        .map_err(query_error("the cluster's queue length"))
+        .map_err(g)
+}
+
+/// SQL: whether the cluster's queue is full (see [`queue_full`]); `backlog` and `timeout` the
+/// placeholders of the backlog and of `agent_timeout` in seconds.
+fn queue_full_sql(backlog: &str, timeout: &str) -> String {
+    format!(
+        "(SELECT count(*) FROM jobs WHERE state = 'queued') >=
+         {backlog}::int8
+           + COALESCE((SELECT sum(GREATEST(a.capacity - (SELECT count(*) FROM jobs r
+                                                          WHERE r.state = 'running'
+                                                            AND r.agent = a.name), 0))::int8
+                         FROM agents a WHERE {}),
+                      0)",
+        alive_sql("a", timeout)
+    )
 }
 
 /// The preferred agent of a job (SQL, `$1` project, `$2` group, `me` and `timeout` the
-/// placeholders of this agent's name and of `agent_timeout` in seconds): the agent holding
-/// the group's last successful build, when it is alive; else an alive agent with free capacity that has the
-/// project's image (table `agent_images`); else the least loaded alive agent (`running`
-/// records / capacity). Ties go to this agent, then by name.
-fn preferred(me: &str, timeout: &str) -> String {
+/// placeholders of this agent's name and of `agent_timeout` in seconds, `free` an SQL
+/// condition: this agent has a free slot): the agent holding the group's last successful
+/// build, when it is alive; else this agent (the one taking the request), when it has a free
+/// slot and the project's image (table `agent_images`) — its answer then needs no copy from
+/// another agent; else an alive agent with free capacity that has the project's image; else
+/// the least loaded alive agent (`running` records / capacity). Ties go to this agent, then by
+/// name.
+fn preferred(me: &str, timeout: &str, free: &str) -> String {
     let (h_alive, a_alive) = (alive_sql("h", timeout), alive_sql("a", timeout));
     format!(
         "COALESCE(
@@ -537,6 +567,8 @@ fn preferred(me: &str, timeout: &str) -> String {
                      ORDER BY p.ended_at DESC LIMIT 1) l
               JOIN agents h ON h.name = l.agent
              WHERE {h_alive}),
+           (SELECT i.agent FROM agent_images i
+             WHERE i.agent = {me} AND i.project = $1 AND ({free})),
            (SELECT a.name FROM agents a,
                    LATERAL (SELECT count(*) AS n FROM jobs r
                              WHERE r.state = 'running' AND r.agent = a.name) r
@@ -546,6 +578,17 @@ fn preferred(me: &str, timeout: &str) -> String {
                                     WHERE i.agent = a.name AND i.project = $1)) DESC,
                       r.n::float8 / a.capacity, a.name = {me} DESC, a.name
              LIMIT 1))"
+    )
+}
+
+/// SQL: agent `me` (a placeholder) has a free slot by the records (`running` records below its
+/// capacity).
+fn own_free_slot(me: &str) -> String {
+    format!(
+        "EXISTS (SELECT 1 FROM agents m
+                  WHERE m.name = {me}
+                    AND m.capacity > (SELECT count(*) FROM jobs r
+                                       WHERE r.state = 'running' AND r.agent = m.name))"
     )
 }
 
@@ -569,41 +612,60 @@ impl<'a> NewJob<'a> {
     }
 }
 
-/// Insert `job` (one statement: one round trip, atomic, its notification included): `running`
-/// by `me` at once when `here` (a free slot on `me`) and `me` is its preferred agent
-/// ([`preferred`]; its first attempt), else `queued` with its preferred agent. `None` when
-/// another agent inserted it first, else the state it was inserted in.
+/// What [`insert`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub(in crate::cluster) enum Inserted {
+    /// Inserted in this state.
+    As(JobState),
+    /// Another agent inserted it first.
+    Exists,
+    /// Not inserted: the cluster's queue is full ([`queue_full`]).
+    QueueFull,
+}
+
+/// Insert `job` (one statement: one round trip, atomic, its notification and the backlog's
+/// check included): `running` by `me` at once when `here` (a free slot on `me`) and `me` is
+/// its preferred agent ([`preferred`]; its first attempt), else `queued` with its preferred
+/// agent unless the cluster's queue is full (its queued records at least the alive agents'
+/// free slots plus `backlog`, as [`queue_full`]; a job that runs at once joins no queue).
 pub(in crate::cluster) async fn insert(
-    client: &Client,
+    client: &Pooled,
     job: &NewJob<'_>,
     here: bool,
     me: &str,
     agent_timeout: Duration,
-) -> Result<Option<JobState>, RecordsError> {
+    backlog: i64,
+) -> Result<Inserted, RecordsError> {
     let g = query_error(format!("inserting job {}/{}", job.project, job.id));
+    let sql = format!(
+        "WITH qfull AS (SELECT {} AS yes),
+              pref AS (SELECT {} AS agent),
+              mine AS (SELECT $5 AND (pref.agent IS NULL OR pref.agent = $6) AS yes
+                         FROM pref),
+              ins AS (
+                  INSERT INTO jobs (project, id, group_name, request, preferred_agent,
+                                    state, agent, started_at, attempt)
+                  SELECT $1, $3, $2, $4::text::jsonb, pref.agent,
+                         CASE WHEN mine.yes THEN 'running' ELSE 'queued' END,
+                         CASE WHEN mine.yes THEN $6 END,
+                         CASE WHEN mine.yes THEN now() END,
+                         CASE WHEN mine.yes THEN 1 ELSE 0 END
+                    FROM pref, mine, qfull
+                   WHERE mine.yes OR NOT qfull.yes
+                  ON CONFLICT (project, id) DO NOTHING
+                  RETURNING state),
+              sent AS (SELECT pg_notify($8, CASE WHEN ins.state = 'queued'
+                                                 THEN 'queued' ELSE $9 END)
+                         FROM ins)
+         SELECT (SELECT ins.state FROM ins), qfull.yes, (SELECT count(*) FROM sent)
+           FROM qfull",
+        queue_full_sql("$10", "$7"),
+        preferred("$6", "$7", "$5")
+    );
+    let statement = client.prepare_cached(&sql).await.map_err(&g)?;
     let row = client
-        .query_opt(
-            &format!(
-                "WITH pref AS (SELECT {} AS agent),
-                      mine AS (SELECT $5 AND (pref.agent IS NULL OR pref.agent = $6) AS yes
-                                 FROM pref),
-                      ins AS (
-                          INSERT INTO jobs (project, id, group_name, request, preferred_agent,
-                                            state, agent, started_at, attempt)
-                          SELECT $1, $3, $2, $4::text::jsonb, pref.agent,
-                                 CASE WHEN mine.yes THEN 'running' ELSE 'queued' END,
-                                 CASE WHEN mine.yes THEN $6 END,
-                                 CASE WHEN mine.yes THEN now() END,
-                                 CASE WHEN mine.yes THEN 1 ELSE 0 END
-                            FROM pref, mine
-                          ON CONFLICT (project, id) DO NOTHING
-                          RETURNING state),
-                      sent AS (SELECT pg_notify($8, CASE WHEN ins.state = 'queued'
-                                                         THEN 'queued' ELSE $9 END)
-                                 FROM ins)
-                 SELECT ins.state, (SELECT count(*) FROM sent) FROM ins",
-                preferred("$6", "$7")
-            ),
+        .query_one(
+            &statement,
             &[
                 &job.project,
                 &job.group,
@@ -614,15 +676,18 @@ pub(in crate::cluster) async fn insert(
                 &agent_timeout.as_secs_f64(),
                 &JOBS_CHANNEL,
                 &running_payload(job.project, job.id),
+                &backlog,
             ],
         )
         .await
         .map_err(&g)?;
-    let Some(row) = row else {
-        return Ok(None);
-    };
-    let state: String = row.try_get(0).map_err(&g)?;
-    Ok(Some(stored_state(&state)?))
+    let state: Option<String> = row.try_get(0).map_err(&g)?;
+    let full: bool = row.try_get(1).map_err(&g)?;
+    Ok(match state {
+        Some(state) => Inserted::As(stored_state(&state)?),
+        None if full => Inserted::QueueFull,
+        None => Inserted::Exists,
+    })
 }
 
 /// Queue job `job` again (its request stored anew), if its record is still `state`, by
@@ -653,7 +718,7 @@ pub(in crate::cluster) async fn rerun(
                   WHERE project = $1 AND id = $3 AND state = $5
                     AND agent IS NOT DISTINCT FROM $6 AND request = $9::text::jsonb",
                 to.as_str(),
-                preferred("$7", "$8")
+                preferred("$7", "$8", &own_free_slot("$7"))
             ),
             &[
                 &job.project,

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 
-use super::{query_error, stored_state, RecordsError};
+use super::{query_error, stored_state, Pooled, RecordsError};
 use crate::cluster::LOGS_CHANNEL;
 use crate::service::JobState;
 
@@ -110,23 +110,25 @@ pub(in crate::cluster) async fn page(
 /// A run of job `project/id` starts: the previous run's chunks go, and `payload` is notified
 /// on the logs' channel.
 pub(in crate::cluster) async fn start_run(
-    client: &mut Client,
+    client: &Pooled,
     project: &str,
     id: &str,
     payload: &str,
 ) -> Result<(), RecordsError> {
     let g = query_error(format!("starting job {project}/{id}'s log"));
-    let tx = client.transaction().await.map_err(&g)?;
-    tx.execute(
-        "DELETE FROM job_logs WHERE project = $1 AND id = $2",
-        &[&project, &id],
-    )
-    .await
-    .map_err(&g)?;
-    tx.execute("SELECT pg_notify($1, $2)", &[&LOGS_CHANNEL, &payload])
+    // One statement (atomic; its notification delivered at its commit).
+    let statement = client
+        .prepare_cached(
+            "WITH gone AS (DELETE FROM job_logs WHERE project = $1 AND id = $2 RETURNING 1)
+             SELECT pg_notify($3, $4), (SELECT count(*) FROM gone)",
+        )
         .await
         .map_err(&g)?;
-    tx.commit().await.map_err(&g)
+    client
+        .execute(&statement, &[&project, &id, &LOGS_CHANNEL, &payload])
+        .await
+        .map_err(&g)?;
+    Ok(())
 }
 
 /// A chunk of a log, shipped by agent `agent` during run `run`.
@@ -144,7 +146,7 @@ pub(in crate::cluster) struct Chunk<'a> {
 /// record is its agent's (running by it, or queued again and not claimed yet); `false` when it
 /// is not.
 pub(in crate::cluster) async fn insert_chunk(
-    client: &Client,
+    client: &Pooled,
     chunk: &Chunk<'_>,
     payload: &str,
 ) -> Result<bool, RecordsError> {
@@ -153,8 +155,8 @@ pub(in crate::cluster) async fn insert_chunk(
         chunk.project, chunk.id, chunk.stream
     ));
     let pos = i64::try_from(chunk.pos).unwrap_or(i64::MAX);
-    let row = client
-        .query_one(
+    let statement = client
+        .prepare_cached(
             "WITH own AS (
                  SELECT EXISTS (SELECT 1 FROM jobs
                                  WHERE project = $1 AND id = $2
@@ -167,6 +169,12 @@ pub(in crate::cluster) async fn insert_chunk(
                  RETURNING 1),
              sent AS (SELECT pg_notify($8, $9) FROM ins)
              SELECT own.yes, (SELECT count(*) FROM sent) FROM own",
+        )
+        .await
+        .map_err(&g)?;
+    let row = client
+        .query_one(
+            &statement,
             &[
                 &chunk.project,
                 &chunk.id,
@@ -185,11 +193,16 @@ pub(in crate::cluster) async fn insert_chunk(
 }
 
 /// Notify `payload` on the logs' channel.
-pub(in crate::cluster) async fn notify(client: &Client, payload: &str) -> Result<(), RecordsError> {
-    client
-        .execute("SELECT pg_notify($1, $2)", &[&LOGS_CHANNEL, &payload])
+pub(in crate::cluster) async fn notify(client: &Pooled, payload: &str) -> Result<(), RecordsError> {
+    let g = query_error("a log's notification");
+    let statement = client
+        .prepare_cached("SELECT pg_notify($1, $2)")
         .await
-        .map_err(query_error("a log's notification"))?;
+        .map_err(&g)?;
+    client
+        .execute(&statement, &[&LOGS_CHANNEL, &payload])
+        .await
+        .map_err(g)?;
     Ok(())
 }
 

@@ -3,15 +3,20 @@
 //! (inserts, claims, ends, re-queues, placement), `logs.rs` the central log chunks and the
 //! retention, `agents.rs` the agents' rows, `view.rs` the cluster's lists and gauges,
 //! `schema.rs` the migration runner's and the probe's statements. Each function takes a
-//! connection (`tokio_postgres::Client`, or a pooled one through `Deref`) and returns typed rows
-//! or a [`RecordsError`] naming what it did; the other cluster modules keep their logic.
+//! connection (`tokio_postgres::Client`, or a pooled one through `Deref`; the hot statements of
+//! a request and a run take a [`Pooled`] one, whose prepared statements are kept) and returns
+//! typed rows or a [`RecordsError`] naming what it did; the other cluster modules keep their
+//! logic.
 //!
 //! Here too: a job's record as a request reads it, its stored request and typed state, and
 //! whether a copy of a build on this agent is the recorded one.
 
 use std::time::Duration;
 
-use tokio_postgres::Client;
+/// A pooled connection: the hot statements (a request's, a run's) are prepared once per
+/// connection with `prepare_cached` — one round trip each afterwards, not two (prepare, then
+/// execute).
+pub(super) type Pooled = deadpool_postgres::ClientWrapper;
 
 use crate::jobs::{BuildInfo, Identity, Input, JobRequest};
 use crate::service::JobState;
@@ -132,35 +137,59 @@ pub(super) const UNJUDGED: Duration = Duration::from_secs(100 * 365 * 24 * 3600)
 /// Job `project/id`'s record, with whether its agent is alive ([`alive_sql`] by
 /// `agent_timeout`).
 pub(super) async fn read(
-    client: &Client,
+    client: &Pooled,
     project: &str,
     id: &str,
     agent_timeout: Duration,
 ) -> Result<Option<Record>, RecordsError> {
-    let g = query_error(format!("reading the record of job {project}/{id}"));
-    let row = client
-        .query_opt(
-            &format!(
-                "SELECT j.state, j.agent, a.advertise_url, COALESCE({}, false),
-                        j.build_info::text, j.request::text, j.attempt
-                   FROM jobs j LEFT JOIN agents a ON a.name = j.agent
-                  WHERE j.project = $1 AND j.id = $2",
-                alive_sql("a", "$3")
-            ),
-            &[&project, &id, &agent_timeout.as_secs_f64()],
+    Ok(read_ids(client, project, [id, id], agent_timeout).await?.0)
+}
+
+/// The records of jobs `project/ids[0]` and `project/ids[1]` (one statement), as [`read`].
+pub(super) async fn read_ids(
+    client: &Pooled,
+    project: &str,
+    ids: [&str; 2],
+    agent_timeout: Duration,
+) -> Result<(Option<Record>, Option<Record>), RecordsError> {
+    let g = query_error(format!("reading the record of job {project}/{}", ids[0]));
+    let sql = format!(
+        "SELECT j.id, j.state, j.agent, a.advertise_url, COALESCE({}, false),
+                j.build_info::text, j.request::text, j.attempt
+           FROM jobs j LEFT JOIN agents a ON a.name = j.agent
+          WHERE j.project = $1 AND j.id IN ($2, $4)",
+        alive_sql("a", "$3")
+    );
+    let statement = client.prepare_cached(&sql).await.map_err(&g)?;
+    let rows = client
+        .query(
+            &statement,
+            &[&project, &ids[0], &agent_timeout.as_secs_f64(), &ids[1]],
         )
         .await
         .map_err(&g)?;
-    let Some(r) = row else { return Ok(None) };
-    Ok(Some(Record {
-        state: stored_state(&r.try_get::<_, String>(0).map_err(&g)?)?,
-        agent: r.try_get(1).map_err(&g)?,
-        agent_url: r.try_get(2).map_err(&g)?,
-        agent_alive: r.try_get(3).map_err(&g)?,
-        build_info: r.try_get(4).map_err(&g)?,
-        request: r.try_get(5).map_err(&g)?,
-        attempt: r.try_get(6).map_err(&g)?,
-    }))
+    let mut found = (None, None);
+    for r in rows {
+        let id: String = r.try_get(0).map_err(&g)?;
+        let rec = Record {
+            state: stored_state(&r.try_get::<_, String>(1).map_err(&g)?)?,
+            agent: r.try_get(2).map_err(&g)?,
+            agent_url: r.try_get(3).map_err(&g)?,
+            agent_alive: r.try_get(4).map_err(&g)?,
+            build_info: r.try_get(5).map_err(&g)?,
+            request: r.try_get(6).map_err(&g)?,
+            attempt: r.try_get(7).map_err(&g)?,
+        };
+        if id == ids[0] {
+            found.0 = Some(rec);
+        } else {
+            found.1 = Some(rec);
+        }
+    }
+    if ids[0] == ids[1] {
+        found.1 = None;
+    }
+    Ok(found)
 }
 
 /// The states `transition` leaves from, as an SQL list (`'queued', 'running'`): what a
