@@ -231,6 +231,9 @@ pub struct Scheduler {
     /// The runs this agent runs now (key → attempt): a `running` record of this agent that is
     /// not one of them is an orphan (a lost reply), put back in the queue.
     runs: std::sync::Mutex<std::collections::HashMap<String, i32>>,
+    /// The jobs requests here are inserting now (key → how many requests): a record of this
+    /// agent's among them is no orphan yet.
+    inserting: std::sync::Mutex<std::collections::HashMap<String, usize>>,
     /// Builds in this agent's `ready/` known to be the ones their records name: answered
     /// without reading the record (see [`Verified`]).
     verified: std::sync::Mutex<Verified>,
@@ -321,6 +324,7 @@ impl Scheduler {
             freed: Notify::new(),
             recorded: Default::default(),
             runs: Default::default(),
+            inserting: Default::default(),
             verified: Default::default(),
             own_ends: Default::default(),
             reached_since: Default::default(),
@@ -338,11 +342,14 @@ impl Scheduler {
         }
     }
 
-    /// Whether this agent runs attempt `attempt` of `key` now.
+    /// Whether this agent runs attempt `attempt` of `key` now, or may be about to (a request
+    /// here is inserting the job: its run starts once the insert answers).
     fn runs_now(&self, key: &str, attempt: i32) -> bool {
-        self.runs
-            .lock()
-            .is_ok_and(|r| r.get(key).is_some_and(|a| *a == attempt))
+        self.inserting.lock().is_ok_and(|i| i.contains_key(key))
+            || self
+                .runs
+                .lock()
+                .is_ok_and(|r| r.get(key).is_some_and(|a| *a == attempt))
     }
 
     /// The epoch of what this agent knows of its builds (see [`Verified`]): taken before a

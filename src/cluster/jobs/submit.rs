@@ -415,37 +415,38 @@ impl Scheduler {
         id: &str,
     ) -> Result<Option<bool>, ClusterError> {
         let here = self.reserve();
-        // One of this agent's runs from before the insert (a lost reply of another request's
-        // insert of the same job never takes it for an orphan).
+        // Until its run is registered, a record this insert made is no orphan (a lost reply
+        // of another request's insert of the same job here never takes it for one).
         let key = key_of(&req.project, id);
-        if here {
-            if let Ok(mut r) = self.runs.lock() {
-                r.entry(key.clone()).or_insert(1);
-            }
+        if let Ok(mut i) = self.inserting.lock() {
+            *i.entry(key.clone()).or_insert(0) += 1;
         }
         let inserted = self.try_insert(req, id, here).await;
         match &inserted {
             Ok(Inserted::Running(_)) => {}
-            _ if here => {
-                if let Ok(mut r) = self.runs.lock() {
-                    if r.get(&key) == Some(&1) {
-                        r.remove(&key);
-                    }
-                }
-                self.release();
-            }
+            _ if here => self.release(),
             _ => {}
         }
-        match inserted? {
-            Inserted::Full => Ok(None),
-            Inserted::Exists => Ok(Some(false)),
-            Inserted::Queued => Ok(Some(true)),
-            Inserted::Running(claim) => {
+        let answer = match inserted {
+            Err(e) => Err(e),
+            Ok(Inserted::Full) => Ok(None),
+            Ok(Inserted::Exists) => Ok(Some(false)),
+            Ok(Inserted::Queued) => Ok(Some(true)),
+            Ok(Inserted::Running(claim)) => {
                 tracing::info!(project = %claim.project, id = %claim.id, agent = %self.me(), "job claimed (taken by the agent that received it)");
                 self.spawn_run(claim);
                 Ok(Some(true))
             }
+        };
+        if let Ok(mut i) = self.inserting.lock() {
+            if let Some(n) = i.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    i.remove(&key);
+                }
+            }
         }
+        answer
     }
 
     /// Insert the job (see [`Scheduler::insert`]), `running` here when `here` allows.
