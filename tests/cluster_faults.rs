@@ -550,6 +550,33 @@ fn check_invariants(pg: &Postgres, bases: &[String], answers: &[Answered], chain
     }
 }
 
+/// The agent running the most jobs now (once some run), by index (`a` is 0).
+fn busiest(pg: &Postgres) -> usize {
+    wait_for("jobs running", Duration::from_secs(20), || {
+        pg.psql("SELECT count(*) FROM jobs WHERE state = 'running'") != "0"
+    });
+    let name = pg.psql(
+        "SELECT agent FROM jobs WHERE state = 'running' GROUP BY agent ORDER BY count(*) DESC, agent LIMIT 1",
+    );
+    usize::from(name.as_bytes()[0] - b'a')
+}
+
+/// The load of `phase` on the agents at `bases`, with `fault` applied to the busiest agent
+/// once jobs run (it returns once the fault healed): that agent and the answers.
+fn under_fault(
+    pg: &Postgres,
+    bases: &[String],
+    phase: &str,
+    fault: impl FnOnce(usize),
+) -> (usize, Vec<Answered>) {
+    std::thread::scope(|scope| {
+        let h = scope.spawn(|| load(bases, phase));
+        let x = busiest(pg);
+        fault(x);
+        (x, h.join().unwrap())
+    })
+}
+
 /// Faults one after another, each under load, the invariants checked once it healed: an
 /// agent frozen (SIGSTOP) longer than agent_timeout while it runs jobs; an agent cut off
 /// from the database (a partition) for 3 × agent_timeout; an agent whose traffic to the
@@ -574,26 +601,13 @@ fn faults_in_a_row_keep_the_invariants() {
     let signal = nix::sys::signal::kill;
     use nix::sys::signal::Signal::{SIGCONT, SIGKILL, SIGSTOP};
     let mut chain = String::new();
-    // The agent running the most jobs now (after the load started).
-    let busiest = |pg: &Postgres| -> usize {
-        wait_for("jobs running", Duration::from_secs(20), || {
-            pg.psql("SELECT count(*) FROM jobs WHERE state = 'running'") != "0"
-        });
-        let name = pg.psql(
-            "SELECT agent FROM jobs WHERE state = 'running' GROUP BY agent ORDER BY count(*) DESC, agent LIMIT 1",
-        );
-        usize::from(name.as_bytes()[0] - b'a')
-    };
 
     // 1. An agent frozen while it runs jobs, longer than agent_timeout.
     let all = bases(&agents);
-    let (x, answers) = std::thread::scope(|scope| {
-        let h = scope.spawn(|| load(&all, "stop"));
-        let x = busiest(&pg);
+    let (x, answers) = under_fault(&pg, &all, "stop", |x| {
         signal(pid(&agents[x]), SIGSTOP).unwrap();
         std::thread::sleep(Duration::from_secs(6));
         signal(pid(&agents[x]), SIGCONT).unwrap();
-        (x, h.join().unwrap())
     });
     check_invariants(&pg, &all, &answers, &mut chain);
     // The fault did bite: the frozen agent's runs went to others, and its late ends were
@@ -609,13 +623,10 @@ fn faults_in_a_row_keep_the_invariants() {
     let retried = pg.psql("SELECT sum(retries) FROM jobs");
     let fenced = |s: &Server| log_of(s).matches("fenced").count();
     let before: Vec<usize> = agents.iter().map(fenced).collect();
-    let (x, answers) = std::thread::scope(|scope| {
-        let h = scope.spawn(|| load(&all, "cut"));
-        let x = busiest(&pg);
+    let (x, answers) = under_fault(&pg, &all, "cut", |x| {
         proxies[x].partition();
         std::thread::sleep(Duration::from_secs(6));
         proxies[x].heal();
-        (x, h.join().unwrap())
     });
     check_invariants(&pg, &all, &answers, &mut chain);
     assert_ne!(pg.psql("SELECT sum(retries) FROM jobs"), retried);
@@ -623,13 +634,10 @@ fn faults_in_a_row_keep_the_invariants() {
 
     // 2b. An agent's traffic to the database stalls (nothing delivered, no connection cut)
     //     for 3 × agent_timeout, then goes through late.
-    let (x, answers) = std::thread::scope(|scope| {
-        let h = scope.spawn(|| load(&all, "stall"));
-        let x = busiest(&pg);
+    let (x, answers) = under_fault(&pg, &all, "stall", |x| {
         proxies[x].stall();
         std::thread::sleep(Duration::from_secs(6));
         proxies[x].heal();
-        (x, h.join().unwrap())
     });
     check_invariants(&pg, &all, &answers, &mut chain);
     eprintln!("stalled agent {x}: {} fenced", fenced(&agents[x]));
@@ -669,13 +677,10 @@ fn faults_in_a_row_keep_the_invariants() {
     check_invariants(&pg, &all, &answers, &mut chain);
 
     // 5. PostgreSQL crashes and comes back after longer than agent_timeout.
-    let answers = std::thread::scope(|scope| {
-        let h = scope.spawn(|| load(&all, "pg"));
-        let _ = busiest(&pg);
+    let (_, answers) = under_fault(&pg, &all, "pg", |_| {
         pg.stop_immediate();
         std::thread::sleep(Duration::from_secs(3));
         pg.start();
-        h.join().unwrap()
     });
     check_invariants(&pg, &all, &answers, &mut chain);
     // Most of the chain's builds followed the one before (a few may start clean: their
@@ -683,6 +688,6 @@ fn faults_in_a_row_keep_the_invariants() {
     let links = CHAIN_LINKS.load(std::sync::atomic::Ordering::Relaxed);
     assert!(
         links >= 8,
-        "only {links} of the chain's 18 builds followed another"
+        "only {links} of the chain's 21 builds followed another"
     );
 }

@@ -193,31 +193,28 @@ impl Postgres {
 
     /// Stop the server (`-m fast`: clients are disconnected).
     pub(crate) fn stop(&self) {
-        let out = output(self.tool("pg_ctl").args([
-            "-D",
-            self.data().to_str().unwrap(),
-            "-m",
-            "fast",
-            "-w",
-            "stop",
-        ]));
-        assert!(out.status.success(), "pg_ctl stop failed: {out:?}");
+        self.stop_in("fast");
     }
 
     /// Crash the server (`pg_ctl stop -m immediate`: no shutdown checkpoint, every client cut;
     /// recovery at the next [`Postgres::start`]).
     pub(crate) fn stop_immediate(&self) {
+        self.stop_in("immediate");
+    }
+
+    /// `pg_ctl stop -m <mode>`, waiting for the server to be down.
+    fn stop_in(&self, mode: &str) {
         let out = output(self.tool("pg_ctl").args([
             "-D",
             self.data().to_str().unwrap(),
             "-m",
-            "immediate",
+            mode,
             "-w",
             "stop",
         ]));
         assert!(
             out.status.success(),
-            "pg_ctl stop -m immediate failed: {out:?}"
+            "pg_ctl stop -m {mode} failed: {out:?}"
         );
     }
 
