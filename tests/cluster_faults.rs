@@ -11,7 +11,8 @@
 //!    the build, not a 503; a lost reply to a job's end publishes it once;
 //! 4. a restart of PostgreSQL longer than `agent_timeout` does not move a group's chain;
 //!
-//! and a job that keeps losing its agent fails after `job_attempts`, with a clear error.
+//! and a job that keeps losing its agent fails after `job_attempts`, with a clear error; a
+//! rebuild while an end's reply is lost leaves one build.
 //! `faults_in_a_row_keep_the_invariants` runs the faults one after another under requests and
 //! checks the invariants after each heals.
 //!
@@ -293,6 +294,60 @@ fn a_lost_reply_to_a_jobs_end_publishes_it_once() {
         (&hit["Cached"], &hit["StartedAt"]),
         (&json!(true), &info["StartedAt"])
     );
+}
+
+/// A job's end is recorded and its reply lost; its agent A is cut off before it asks again,
+/// and meanwhile the job is rebuilt on B. When A comes back, its end — recorded, but an
+/// attempt ago — is fenced: A's build goes, and every agent serves the rebuild.
+#[test]
+fn a_rebuild_while_an_ends_reply_is_lost_leaves_one_build() {
+    let Some(pg) = Postgres::start_or_skip() else {
+        return;
+    };
+    let proxy = PgProxy::start(pg.port);
+    let a = agent(&proxy.url(), "a", 1);
+    let b = agent(&pg.url(), "b", 1);
+    proxy.lose_reply_to("build_info = $5::text::jsonb");
+    let params = json!({"name": "lostend"});
+    let (status, t) = a.post("/jobs?async", &body("", params.clone()).to_string());
+    assert_eq!(status, 201, "{t}");
+    // A asks again a second after the loss: cut off before.
+    wait_for("the end's reply lost", Duration::from_secs(30), || {
+        proxy.lost() == 1
+    });
+    proxy.partition();
+    let id = pg.psql("SELECT id FROM jobs WHERE project = 'simple'");
+    assert_eq!(record(&pg, &id), "ready|a|0");
+    let first = pg.psql(&format!(
+        "SELECT build_info->>'StartedAt' FROM jobs WHERE id = '{id}'"
+    ));
+    let mut again = body("", params.clone());
+    again["rebuild"] = json!(true);
+    let (status, t) = post_job(&b, &again);
+    let rebuilt = info_of(status, &t);
+    assert_eq!(
+        (&rebuilt["Cached"], &rebuilt["ExitCode"]),
+        (&json!(false), &json!(0)),
+        "{rebuilt}"
+    );
+    assert_ne!(rebuilt["StartedAt"], json!(first));
+    assert_eq!(record(&pg, &id), "ready|b|0");
+    proxy.heal();
+    wait_for("A's end fenced", Duration::from_secs(30), || {
+        log_of(&a).contains("the job's end was fenced")
+    });
+    let hit = job(&a, "", params);
+    assert_eq!(
+        (&hit["StartedAt"], &hit["ExitCode"]),
+        (&rebuilt["StartedAt"], &json!(0)),
+        "{hit}"
+    );
+    assert_eq!(artifacts_over_http(&a, &id), artifacts_over_http(&b, &id));
+    assert_eq!(
+        started_here(&a, &id),
+        rebuilt["StartedAt"].as_str().map(str::to_string)
+    );
+    assert_eq!(record(&pg, &id), "ready|b|0");
 }
 
 /// Fault 4: a restart of PostgreSQL longer than agent_timeout (every heartbeat looks expired

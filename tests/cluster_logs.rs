@@ -261,6 +261,46 @@ fn a_big_log_is_shipped_in_chunks_and_read_back_equal() {
 }
 
 #[test]
+fn a_short_jobs_log_is_recorded_with_its_end_in_one_statement() {
+    // A job that ends before its log's first shipping (`log_ship_every`) writes its log with
+    // its end record: one transaction (the chunks' `at` is the record's `ended_at`, both now() of
+    // it), not four statements.
+    let Some(pg) = Postgres::start_or_skip() else {
+        return;
+    };
+    // Shipping every hour: the job ends before its first shipping, however loaded the machine.
+    let a = agent(&pg, "a", json!({"log_ship_every": "1h"}));
+    let b = agent(&pg, "b", json!({}));
+    // The image first (its build's output makes the first job's log long and slow).
+    let warm = a.job(json!({"project": "simple", "params": {"name": "warm"}}));
+    assert_eq!(warm["ExitCode"], 0, "{warm}");
+    let info = a.job(json!({"project": "simple", "params": {"name": "short"}}));
+    assert_eq!(info["ExitCode"], 0, "{info}");
+    let id = &job_id(&info);
+    let out = ready_file(&a, "simple", id, "out.log");
+    let err = ready_file(&a, "simple", id, "stderr.log");
+    assert_eq!(err, b"err: short\n");
+    let rows = pg.psql(&format!(
+        "SELECT l.stream, l.pos, octet_length(l.data), l.at = j.ended_at, l.agent
+           FROM job_logs l JOIN jobs j USING (project, id)
+          WHERE l.project = 'simple' AND l.id = '{id}' ORDER BY l.stream"
+    ));
+    assert_eq!(
+        rows,
+        format!("out|0|{}|t|a\nstderr|0|{}|t|a", out.len(), err.len()),
+        "one chunk per stream, written with the end record"
+    );
+    // Another agent reads it back equal.
+    let (status, _, whole) = logtail(&b, "simple", id, None);
+    assert_eq!(status, 200);
+    assert!(whole == out, "the log read back from B differs");
+    assert_eq!(
+        job_json(&b, "simple", id)["buildInfo"]["ContainerStderr"],
+        "err: short\n"
+    );
+}
+
+#[test]
 fn a_new_run_replaces_the_previous_runs_log() {
     let Some(pg) = Postgres::start_or_skip() else {
         return;

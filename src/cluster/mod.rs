@@ -141,6 +141,7 @@ impl Cluster {
             let logs = Arc::new(logs::Logs::new(
                 Arc::clone(self),
                 engine.cfg.cluster.log_retention,
+                engine.cfg.cluster.log_ship_every,
             ));
             logs.start(self.stop.subscribe());
             let _ = self.logs.set(Arc::clone(&logs));

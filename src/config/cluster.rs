@@ -1,6 +1,7 @@
 //! The multi-agent mode's settings (top-level keys of the configuration file, beside mistry's):
 //! `database_url` (or `MISTRY_DATABASE_URL`), `agent_name`, `advertise_url`, `agent_timeout`,
-//! `heartbeat`, `log_retention`. What they drive is `crate::cluster`.
+//! `heartbeat`, `log_retention`, `log_ship_every`, `job_attempts`. What they drive is
+//! `crate::cluster`.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -14,6 +15,8 @@ pub const DATABASE_URL_ENV: &str = "MISTRY_DATABASE_URL";
 pub const DEFAULT_AGENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default `heartbeat` (with the default `agent_timeout`; else [`heartbeat_for`] of it).
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(5);
+/// Default `log_ship_every`.
+pub const DEFAULT_LOG_SHIP_EVERY: Duration = Duration::from_millis(200);
 /// Default `job_attempts`.
 pub const DEFAULT_JOB_ATTEMPTS: u32 = 3;
 /// The shortest `agent_timeout`: shorter, a loaded agent would look dead between two heartbeats.
@@ -42,6 +45,8 @@ pub struct RawSettings {
     pub heartbeat: Option<String>,
     /// `log_retention`: an age (see [`crate::config::parse_age`]), not zero.
     pub log_retention: Option<String>,
+    /// `log_ship_every`: a Go duration, not zero.
+    pub log_ship_every: Option<String>,
     /// `job_attempts`: at least 1.
     pub job_attempts: Option<u32>,
 }
@@ -63,6 +68,10 @@ pub struct Settings {
     /// Jobs that ended longer ago than this lose their central log and record
     /// (`log_retention`; default `None`: kept).
     pub log_retention: Option<Duration>,
+    /// How often a running job's log is shipped to the database (`log_ship_every`, default
+    /// 200ms): how live other agents' view of it is. A job that ends before its first
+    /// shipping writes its log with its end record instead (one statement).
+    pub log_ship_every: Duration,
     /// How many times a job runs at most when it keeps losing its agent (the agent dies, or
     /// is taken for dead, while it runs it): then it fails, saying so (`job_attempts`, default
     /// 3). A job put back in the queue waits 1s, 2s, 4s, ... (at most 60s) before its next run.
@@ -78,6 +87,7 @@ impl Default for Settings {
             agent_timeout: DEFAULT_AGENT_TIMEOUT,
             heartbeat: DEFAULT_HEARTBEAT,
             log_retention: None,
+            log_ship_every: DEFAULT_LOG_SHIP_EVERY,
             job_attempts: DEFAULT_JOB_ATTEMPTS,
         }
     }
@@ -130,6 +140,12 @@ impl Settings {
                 bail!("log_retention must be longer than 0s (leave it out to keep logs)");
             }
             s.log_retention = Some(d);
+        }
+        if let Some(t) = &raw.log_ship_every {
+            s.log_ship_every = super::parse_limit(t, "log_ship_every")?;
+            if s.log_ship_every.is_zero() {
+                bail!("log_ship_every must be longer than 0s");
+            }
         }
         if let Some(n) = raw.job_attempts {
             if n == 0 {
@@ -214,10 +230,12 @@ mod tests {
             agent_timeout: Some("2s".into()),
             heartbeat: Some("500ms".into()),
             log_retention: Some("30d".into()),
+            log_ship_every: Some("1s".into()),
             job_attempts: Some(5),
         };
         let mut s = Settings::parse(&raw).unwrap();
         assert_eq!(s.job_attempts, 5);
+        assert_eq!(s.log_ship_every, Duration::from_secs(1));
         assert_eq!(s.advertise_url(&[addr]), "http://a1.example:8462");
         assert_eq!(s.heartbeat, Duration::from_millis(500));
         assert_eq!(s.log_retention, Some(Duration::from_secs(30 * 86400)));
@@ -261,6 +279,13 @@ mod tests {
                 ..Default::default()
             }),
             "job_attempts must be at least 1"
+        );
+        assert_eq!(
+            bad(RawSettings {
+                log_ship_every: Some("0s".into()),
+                ..Default::default()
+            }),
+            "log_ship_every must be longer than 0s"
         );
         assert_eq!(
             bad(RawSettings {

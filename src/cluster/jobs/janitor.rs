@@ -38,7 +38,7 @@ impl Scheduler {
             {
                 Some(info) => {
                     tracing::info!(%project, %id, "recording a build a crash left unrecorded");
-                    self.record_end(project, id, &info, run.attempt).await;
+                    self.record_end(project, id, &info, run.attempt, None).await;
                 }
                 None => {
                     tracing::info!(%project, %id, "queueing again a job a crash interrupted");

@@ -158,7 +158,26 @@ impl Scheduler {
         // A write whose answer was lost (the connection dropped after the database committed
         // it, or not): the record is read again, and tells.
         let mut lost: Option<ClusterError> = None;
+        // A new job (neither of its IDs has a record) is inserted before anything is read: one
+        // round trip. Any other is read, and decided, below.
+        let mut new = !req.rebuild;
         for _ in 0..10 {
+            if std::mem::take(&mut new) {
+                match self.insert(&req, &ids.mistry, &ids.exact).await {
+                    Ok(Some(true)) => {
+                        tracing::info!(%project, id = %ids.mistry, agent = %self.me(), "job queued in the cluster");
+                        return waiting(ids.mistry.clone(), events, false);
+                    }
+                    // A record under either ID (or the queue is full: read, it may be joined).
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(%project, id = %ids.mistry, error = %e, "inserting the job failed (it may be inserted: its answer was lost); reading its record again");
+                        lost = Some(e);
+                        tokio::time::sleep(LOST_REPLY_PAUSE).await;
+                        continue;
+                    }
+                }
+            }
             let (home, record) = match self.home(&project, &ids, &identity).await {
                 Ok(r) => r,
                 Err(e) if lost.is_some() => {
@@ -171,7 +190,7 @@ impl Scheduler {
             id = home;
             let Some(rec) = record else {
                 // The backlog's check is the insert's (one statement).
-                match self.insert(&req, &id).await {
+                match self.insert(&req, &id, "").await {
                     Ok(Some(true)) => {
                         tracing::info!(%project, %id, agent = %self.me(), "job queued in the cluster");
                         return waiting(id, events, false);
@@ -213,6 +232,31 @@ impl Scheduler {
                     tokio::time::sleep(LOST_REPLY_PAUSE).await;
                 }
                 continue;
+            }
+            if rec.state == JobState::Ready
+                && !req.rebuild
+                && rec.agent.as_deref() == Some(self.me())
+            {
+                // The record's build is this agent's, though this request found no result
+                // here before: the job ran here meanwhile (while this request's insert's answer
+                // was lost, or another request's run ended). Its build answers — queued again,
+                // the same job would run twice and move its group's chain back.
+                let dir = self.engine.layout.job(&project, &id, Stage::Ready);
+                let mine = tokio::task::spawn_blocking(move || dir.read_info())
+                    .await
+                    .ok()
+                    .flatten();
+                if mine.is_some_and(|m| !is_stale(&m, &rec) && identity.matches(&m)) {
+                    if let Some(mut answer) =
+                        self.local_copy(&project, &id, &identity, &rec).await?
+                    {
+                        // This request's own run when its insert's answer was lost.
+                        answer.info.cached = lost.is_none();
+                        answer.info.coalesced = false;
+                        tracing::info!(%project, %id, "job answered from this agent's build, which its record names");
+                        return Ok(Admission::Answered(answer));
+                    }
+                }
             }
             match rec.state {
                 JobState::Queued | JobState::Running => {
@@ -409,10 +453,12 @@ impl Scheduler {
     /// here, and this agent the job's preferred one (see `records::jobs::insert`), the job is
     /// inserted `running` by this agent and starts at once (no claim round trip, and the answer
     /// needs no replication); else it is queued for the claims, its preferred agent first.
+    /// Not when the job has a record under the ID `unless` (`""`: none): `Some(false)` then.
     pub(super) async fn insert(
         self: &Arc<Self>,
         req: &JobRequest,
         id: &str,
+        unless: &str,
     ) -> Result<Option<bool>, ClusterError> {
         let here = self.reserve();
         // Until its run is registered, a record this insert made is no orphan (a lost reply
@@ -421,7 +467,7 @@ impl Scheduler {
         if let Ok(mut i) = self.inserting.lock() {
             *i.entry(key.clone()).or_insert(0) += 1;
         }
-        let inserted = self.try_insert(req, id, here).await;
+        let inserted = self.try_insert(req, id, here, unless).await;
         match &inserted {
             Ok(Inserted::Running(_)) => {}
             _ if here => self.release(),
@@ -455,14 +501,23 @@ impl Scheduler {
         req: &JobRequest,
         id: &str,
         here: bool,
+        unless: &str,
     ) -> Result<Inserted, ClusterError> {
         let request = request_json(req);
         let job = rows::NewJob::of(req, id, &request);
         let backlog = i64::try_from(self.engine.cfg.job_backlog).unwrap_or(i64::MAX);
         let (client, err) = self.client().await?;
-        let state = rows::insert(&client, &job, here, self.me(), self.judged(), backlog)
-            .await
-            .map_err(err)?;
+        let state = rows::insert(
+            &client,
+            &job,
+            here,
+            self.me(),
+            self.judged(),
+            backlog,
+            unless,
+        )
+        .await
+        .map_err(err)?;
         Ok(match state {
             rows::Inserted::QueueFull => Inserted::Full,
             rows::Inserted::Exists => Inserted::Exists,

@@ -2,6 +2,7 @@
 //! engine (its inputs fetched first, its group's chain placed), its end recorded.
 
 use super::*;
+use crate::cluster::logs::WholeLog;
 
 impl Scheduler {
     // ---------------------------------------------------------------- claims
@@ -139,7 +140,8 @@ impl Scheduler {
                     &id,
                     format!("Error building {project}: the job's stored request is invalid: {e}"),
                 );
-                self.record_end(&project, &id, &info, claim.attempt).await;
+                self.record_end(&project, &id, &info, claim.attempt, None)
+                    .await;
                 return;
             }
         };
@@ -150,7 +152,8 @@ impl Scheduler {
         if let Err(e) = super::super::inputs::fetch_inputs(&self.cluster, &self.engine, &req).await
         {
             let info = self.refused(&req, &id, e.to_string());
-            self.record_end(&project, &id, &info, claim.attempt).await;
+            self.record_end(&project, &id, &info, claim.attempt, None)
+                .await;
             return;
         }
         let fence = Arc::new(RunFence {
@@ -174,16 +177,18 @@ impl Scheduler {
             }
             Err(e) => {
                 let info = self.refused(&req, &id, e.to_string());
-                self.record_end(&project, &id, &info, claim.attempt).await;
+                self.record_end(&project, &id, &info, claim.attempt, None)
+                    .await;
                 return;
             }
         };
         // The job's log goes to the database as it is produced (src/cluster/logs/); its last
         // chunk before the record says the job ended.
-        let shipper = self
-            .cluster
-            .logs()
-            .map(|logs| logs.ship(&self.engine.layout.job(&project, &id, Stage::Pending)));
+        let shipper = self.cluster.logs().map(|logs| {
+            let dir = self.engine.layout.job(&project, &id, Stage::Pending);
+            // A first run has no previous run's log to replace.
+            logs.ship(&dir, claim.attempt > 1)
+        });
         let info = match scheduled.wait().await {
             Ok((mut info, dir)) => {
                 info.cached = false;
@@ -208,9 +213,10 @@ impl Scheduler {
             }
             Err(e) => self.refused(&req, &id, e.to_string()),
         };
-        if let Some(s) = shipper {
-            s.finish().await;
-        }
+        let whole = match shipper {
+            Some(s) => s.finish().await,
+            None => None,
+        };
         if fence.fenced.load(Ordering::SeqCst) {
             tracing::warn!(%project, %id, agent = %self.me(), attempt = claim.attempt, "the job's run was fenced: its record moved on while this agent ran it (taken for dead, the job ran again elsewhere); its build is discarded, never served");
             return;
@@ -221,7 +227,8 @@ impl Scheduler {
             self.unclaim(&project, &id, claim.attempt).await;
             return;
         }
-        self.record_end(&project, &id, &info, claim.attempt).await;
+        self.record_end(&project, &id, &info, claim.attempt, whole.as_ref())
+            .await;
     }
 
     /// A group's chain moving to this agent: start from the group's last successful build,
@@ -317,7 +324,14 @@ impl Scheduler {
     /// Record the end of a job this agent ran as `attempt` (its build is in `ready/` already)
     /// and notify it; retried every second while the database does not answer. A fenced end
     /// (the record moved on) discards the build here: it is never served.
-    pub(super) async fn record_end(&self, project: &str, id: &str, info: &BuildInfo, attempt: i32) {
+    pub(super) async fn record_end(
+        &self,
+        project: &str,
+        id: &str,
+        info: &BuildInfo,
+        attempt: i32,
+        log: Option<&WholeLog>,
+    ) {
         // Before the record: its notification may come back before the update returns.
         if let Ok(mut r) = self.recorded.lock() {
             r.retain(|_, (_, at)| at.elapsed() < Duration::from_secs(60));
@@ -340,7 +354,7 @@ impl Scheduler {
         for _ in 0..600 {
             let epoch = self.epoch();
             own(true);
-            match self.try_record_end(project, id, info, attempt).await {
+            match self.try_record_end(project, id, info, attempt, log).await {
                 Ok(done @ (rows::Recorded::Now | rows::Recorded::Already)) => {
                     if done == rows::Recorded::Already {
                         // Nothing notified by this call (if the first one's notification was
@@ -411,6 +425,7 @@ impl Scheduler {
         id: &str,
         info: &BuildInfo,
         attempt: i32,
+        log: Option<&WholeLog>,
     ) -> Result<rows::Recorded, ClusterError> {
         let db = self.db()?;
         let stored = BuildInfo {
@@ -426,6 +441,12 @@ impl Scheduler {
             started_at: &info.started_at,
             built_here: info.err_build.is_empty(),
             attempt,
+            log: log.map(|l| rows::EndLog {
+                run: &l.run,
+                streams: l.chunks.iter().map(|(s, _)| s.as_str()).collect(),
+                data: l.chunks.iter().map(|(_, d)| &d[..]).collect(),
+                notices: l.notices(project, id),
+            }),
         };
         let (client, err) = self.client().await?;
         let recorded = rows::record_end(&client, project, id, self.me(), &end)

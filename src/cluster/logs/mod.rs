@@ -3,7 +3,7 @@
 //! runs or ran on another agent.
 //!
 //! Shipping ([`Logs::ship`], started by the scheduler for every job this agent runs): the job's
-//! `out.log` and `stderr.log` are read as they grow, every [`SHIP_EVERY`], and inserted in
+//! `out.log` and `stderr.log` are read as they grow, every `log_ship_every` (200 ms), and inserted in
 //! chunks of at most [`CHUNK_MAX`] bytes keyed by (project, id, stream, byte offset): a retried
 //! insert never duplicates. Each chunk is announced on the channel [`CHANNEL`] with
 //! `<project>/<id> <stream> <pos> <length>` (never the data: NOTIFY payloads are limited to
@@ -42,7 +42,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 mod read;
 mod ship;
 
-pub use ship::Shipper;
+pub use ship::{Shipper, WholeLog};
 
 use super::listen::Notice;
 use super::records::{logs as rows, RecordsError};
@@ -57,8 +57,6 @@ use crate::jobs::BuildInfo;
 pub use super::LOGS_CHANNEL as CHANNEL;
 /// The largest chunk shipped.
 pub const CHUNK_MAX: usize = 64 * 1024;
-/// How often a running job's logs are shipped.
-pub const SHIP_EVERY: Duration = Duration::from_millis(200);
 /// A follower reads the job's record again after this long without a notification.
 const SAFETY_RECHECK: Duration = Duration::from_secs(30);
 /// How long the end of a job waits for its last chunks to be shipped while the database does
@@ -111,14 +109,21 @@ pub use crate::service::Recorded as RemoteJob;
 pub struct Logs {
     cluster: Arc<Cluster>,
     retention: Option<Duration>,
+    /// How often a running job's logs are shipped (`log_ship_every`).
+    ship_every: Duration,
     events: broadcast::Sender<LogEvent>,
 }
 
 impl Logs {
-    pub(super) fn new(cluster: Arc<Cluster>, retention: Option<Duration>) -> Logs {
+    pub(super) fn new(
+        cluster: Arc<Cluster>,
+        retention: Option<Duration>,
+        ship_every: Duration,
+    ) -> Logs {
         Logs {
             cluster,
             retention,
+            ship_every,
             events: broadcast::channel(4096).0,
         }
     }

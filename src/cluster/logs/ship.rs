@@ -8,16 +8,24 @@ impl Logs {
 
     /// Ship the logs of the job whose directory is `dir` (in `pending/` while it runs; its
     /// `ready/` twin is read at the end when a log was not opened before) until
-    /// [`Shipper::finish`].
-    pub fn ship(self: &Arc<Self>, dir: &JobDir) -> Shipper {
+    /// [`Shipper::finish`]. `replaces` when the job may have a previous run's log (a rerun, a
+    /// retry): the run starts at once, so that followers do not read the old log meanwhile.
+    pub fn ship(self: &Arc<Self>, dir: &JobDir, replaces: bool) -> Shipper {
         let (tx, rx) = watch::channel(false);
         let me = Arc::clone(self);
         let dir = dir.clone();
-        let task = tokio::spawn(async move { me.run_shipper(dir, rx).await });
+        let task = tokio::spawn(async move { me.run_shipper(dir, replaces, rx).await });
         Shipper { finish: tx, task }
     }
 
-    async fn run_shipper(self: Arc<Self>, dir: JobDir, mut finish: watch::Receiver<bool>) {
+    /// Ship until finished; a run that ended before anything was shipped, with each log in
+    /// one chunk, is not shipped here: its [`WholeLog`] is returned, for the job's end record.
+    async fn run_shipper(
+        self: Arc<Self>,
+        dir: JobDir,
+        replaces: bool,
+        mut finish: watch::Receiver<bool>,
+    ) -> Option<WholeLog> {
         let (project, id) = (dir.project().to_string(), dir.id().to_string());
         let ready = dir.in_stage(crate::engine::Stage::Ready);
         let run = format!(
@@ -33,23 +41,38 @@ impl Logs {
         let mut finishing = false;
         let mut deadline = None;
         let mut warned = false;
-        // The run starts at once (off the job's critical path: a job that ends within
-        // SHIP_EVERY then only ships its chunks).
-        let mut first = true;
+        // A run replacing another starts at once (off the job's critical path). Any other
+        // waits for its first output: a short job's log then goes whole with its end record.
+        let mut first = replaces;
         loop {
             if !finishing && !first {
                 tokio::select! {
-                    _ = tokio::time::sleep(SHIP_EVERY) => {}
+                    _ = tokio::time::sleep(self.ship_every) => {}
                     _ = finish.wait_for(|f| *f) => finishing = true,
                 }
             }
             first = false;
             if finishing && deadline.is_none() {
                 deadline = Some(tokio::time::Instant::now() + FINAL_DEADLINE);
+                if !started {
+                    for t in &mut tails {
+                        t.fill(true).await;
+                    }
+                    if tails.iter().all(|t| t.buf.len() < CHUNK_MAX) {
+                        let chunks = tails
+                            .iter_mut()
+                            .filter(|t| !t.buf.is_empty())
+                            .map(|t| (t.stream, std::mem::take(&mut t.buf)))
+                            .collect();
+                        return Some(WholeLog { run, chunks });
+                    }
+                }
             }
             let shipped = async {
                 if !started {
-                    self.start_run(&project, &id, &run).await?;
+                    if !self.start_run(&project, &id, &run).await? {
+                        return Ok(false);
+                    }
                     started = true;
                 }
                 for t in &mut tails {
@@ -68,12 +91,12 @@ impl Logs {
                     if let Err(e) = self.notify(&format!("{} end", key_of(&project, &id))).await {
                         tracing::debug!(%project, %id, error = %e, "could not announce the end of the job's log");
                     }
-                    return;
+                    return None;
                 }
                 Ok(true) => {}
                 Ok(false) => {
                     tracing::warn!(%project, %id, agent = %self.me(), "the job's record is no longer this agent's: its log is not shipped further");
-                    return;
+                    return None;
                 }
                 Err(e) => {
                     if !warned {
@@ -83,7 +106,7 @@ impl Logs {
                     if let Some(d) = deadline {
                         if tokio::time::Instant::now() >= d {
                             tracing::warn!(%project, %id, error = %e, "the end of the job's log was not shipped: the database does not answer (it stays in the agent's out.log)");
-                            return;
+                            return None;
                         }
                         tokio::time::sleep(Duration::from_millis(500)).await;
                     }
@@ -92,11 +115,12 @@ impl Logs {
         }
     }
 
-    /// A run starts: the previous run's chunks go, and followers are told.
-    async fn start_run(&self, project: &str, id: &str, run: &str) -> Result<(), ClusterError> {
+    /// A run starts: the previous run's chunks go, and followers are told; `Ok(false)` when
+    /// the job's record is no longer this agent's.
+    async fn start_run(&self, project: &str, id: &str, run: &str) -> Result<bool, ClusterError> {
         let (client, err) = self.client().await?;
         let payload = format!("{} start {run}", key_of(project, id));
-        rows::start_run(&client, project, id, &payload)
+        rows::start_run(&client, project, id, self.me(), &payload)
             .await
             .map_err(err)
     }
@@ -204,14 +228,44 @@ impl Tail {
 /// A running job's log shipping.
 pub struct Shipper {
     finish: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
+    task: tokio::task::JoinHandle<Option<WholeLog>>,
 }
 
 impl Shipper {
     /// The job ended (its directory is in `ready/`): ship the rest of its logs and announce
-    /// their end; returns once done (or given up after 30 s without the database).
-    pub async fn finish(self) {
+    /// their end; returns once done (or given up after 30 s without the database). A short
+    /// run's log, not shipped, is returned whole: it goes with the job's end record (one
+    /// statement for both, [`WholeLog`]).
+    pub async fn finish(self) -> Option<WholeLog> {
         let _ = self.finish.send(true);
-        let _ = self.task.await;
+        self.task.await.ok().flatten()
+    }
+}
+
+/// The whole log of a run that ended before any of it was shipped, each stream in one chunk
+/// (at offset 0): recorded with the job's end, in its statement (`records::jobs::record_end`),
+/// so a short job costs the database one write for its log and its end. The same rows and
+/// notifications as shipping: the previous run's chunks go, then `start <run>`, each chunk's
+/// notice and `end`, all at the record's commit and only if the end is recorded (a fenced
+/// run's log is not written).
+pub struct WholeLog {
+    /// The run's token (`<agent>-<nanoseconds>`).
+    pub run: String,
+    /// Each non-empty stream's bytes.
+    pub chunks: Vec<(LogStream, Vec<u8>)>,
+}
+
+impl WholeLog {
+    /// The notifications on the logs' channel, in order, for job `project/id`.
+    pub fn notices(&self, project: &str, id: &str) -> Vec<String> {
+        let key = key_of(project, id);
+        let mut n = vec![format!("{key} start {}", self.run)];
+        n.extend(
+            self.chunks
+                .iter()
+                .map(|(s, d)| format!("{key} {} 0 {}", s.as_str(), d.len())),
+        );
+        n.push(format!("{key} end"));
+        n
     }
 }

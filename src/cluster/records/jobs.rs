@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio_postgres::Client;
 
 use super::{alive_sql, query_error, sql_sources, sql_target, stored_state, Pooled, RecordsError};
-use crate::cluster::JOBS_CHANNEL;
+use crate::cluster::{JOBS_CHANNEL, LOGS_CHANNEL};
 use crate::jobs::JobRequest;
 use crate::service::JobState;
 
@@ -196,12 +196,24 @@ pub(in crate::cluster) struct End<'a> {
     pub(in crate::cluster) started_at: &'a str,
     pub(in crate::cluster) built_here: bool,
     pub(in crate::cluster) attempt: i32,
+    /// The run's whole log, when it was not shipped (`logs::WholeLog`): written with the end.
+    pub(in crate::cluster) log: Option<EndLog<'a>>,
+}
+
+/// A short run's whole log, recorded with its end: the previous run's chunks go, each stream's
+/// one chunk (at offset 0) goes in, and `notices` are notified on the logs' channel, in order.
+pub(in crate::cluster) struct EndLog<'a> {
+    pub(in crate::cluster) run: &'a str,
+    pub(in crate::cluster) streams: Vec<&'a str>,
+    pub(in crate::cluster) data: Vec<&'a [u8]>,
+    pub(in crate::cluster) notices: Vec<String>,
 }
 
 /// Record `end` (one statement: one round trip, atomic): the record (still `me`'s at this
 /// attempt, or queued again meanwhile and not claimed by another agent yet: the fence), the
-/// end's notification, and the project's image on `me`. [`Recorded::Already`] when this very
-/// end is recorded already (a retry after a lost reply: nothing notified again).
+/// run's whole log if it goes with it ([`EndLog`], notified before the end), the end's
+/// notification, and the project's image on `me`. [`Recorded::Already`] when this very end is
+/// recorded already (a retry after a lost reply: nothing written or notified again).
 pub(in crate::cluster) async fn record_end(
     client: &Pooled,
     project: &str,
@@ -222,7 +234,24 @@ pub(in crate::cluster) async fn record_end(
                  SELECT 1 FROM jobs
                   WHERE project = $1 AND id = $2 AND attempt = $9 AND agent = $3
                     AND state IN ('ready', 'failed') AND build_info->>'StartedAt' = $10),
-             sent AS (SELECT pg_notify($6, $7) FROM upd),
+             gone AS (
+                 DELETE FROM job_logs
+                  WHERE $11 AND project = $1 AND id = $2 AND EXISTS (SELECT 1 FROM upd)
+                 RETURNING 1),
+             -- After the old run's chunks went (reading `gone` runs it first).
+             ins AS (
+                 INSERT INTO job_logs (project, id, stream, pos, data, agent, run)
+                 SELECT $1, $2, c.s, 0, c.d, $3, $12
+                   FROM unnest($13::text[], $14::bytea[]) AS c(s, d)
+                  WHERE EXISTS (SELECT 1 FROM upd) AND (SELECT count(*) FROM gone) >= 0
+                 ON CONFLICT DO NOTHING
+                 RETURNING 1),
+             logged AS (
+                 SELECT pg_notify($15, t.n)
+                   FROM unnest($16::text[]) WITH ORDINALITY AS t(n, i)
+                  WHERE EXISTS (SELECT 1 FROM upd) AND (SELECT count(*) FROM ins) >= 0),
+             -- The end's notification after the log's.
+             sent AS (SELECT pg_notify($6, $7) FROM upd WHERE (SELECT count(*) FROM logged) >= 0),
              img AS (
                  INSERT INTO agent_images (agent, project)
                  SELECT $3, $1 FROM upd WHERE $8
@@ -233,6 +262,10 @@ pub(in crate::cluster) async fn record_end(
         )
         .await
         .map_err(&g)?;
+    let (run, streams, data, notices) = match &end.log {
+        Some(l) => (l.run, &l.streams[..], &l.data[..], &l.notices[..]),
+        None => ("", &[][..], &[][..], &[][..]),
+    };
     let row = client
         .query_one(
             &statement,
@@ -247,6 +280,12 @@ pub(in crate::cluster) async fn record_end(
                 &end.built_here,
                 &end.attempt,
                 &end.started_at,
+                &end.log.is_some(),
+                &run,
+                &streams,
+                &data,
+                &LOGS_CHANNEL,
+                &notices,
             ],
         )
         .await
@@ -628,6 +667,8 @@ pub(in crate::cluster) enum Inserted {
 /// its preferred agent ([`preferred`]; its first attempt), else `queued` with its preferred
 /// agent unless the cluster's queue is full (its queued records at least the alive agents'
 /// free slots plus `backlog`, as [`queue_full`]; a job that runs at once joins no queue).
+/// Not when the job has a record under the ID `unless` either ([`Inserted::Exists`]; `""`:
+/// no such ID), so that a request can insert before it reads (a new job's one round trip).
 pub(in crate::cluster) async fn insert(
     client: &Pooled,
     job: &NewJob<'_>,
@@ -635,6 +676,7 @@ pub(in crate::cluster) async fn insert(
     me: &str,
     agent_timeout: Duration,
     backlog: i64,
+    unless: &str,
 ) -> Result<Inserted, RecordsError> {
     let g = query_error(format!("inserting job {}/{}", job.project, job.id));
     let sql = format!(
@@ -651,7 +693,8 @@ pub(in crate::cluster) async fn insert(
                          CASE WHEN mine.yes THEN now() END,
                          CASE WHEN mine.yes THEN 1 ELSE 0 END
                     FROM pref, mine, qfull
-                   WHERE mine.yes OR NOT qfull.yes
+                   WHERE (mine.yes OR NOT qfull.yes)
+                     AND NOT EXISTS (SELECT 1 FROM jobs u WHERE u.project = $1 AND u.id = $11)
                   ON CONFLICT (project, id) DO NOTHING
                   RETURNING state),
               sent AS (SELECT pg_notify($8, CASE WHEN ins.state = 'queued'
@@ -677,6 +720,7 @@ pub(in crate::cluster) async fn insert(
                 &JOBS_CHANNEL,
                 &running_payload(job.project, job.id),
                 &backlog,
+                &unless,
             ],
         )
         .await

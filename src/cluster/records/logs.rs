@@ -107,28 +107,40 @@ pub(in crate::cluster) async fn page(
     Ok(page)
 }
 
-/// A run of job `project/id` starts: the previous run's chunks go, and `payload` is notified
-/// on the logs' channel.
+/// A run of job `project/id` by agent `me` starts: the previous run's chunks go, and `payload`
+/// is notified on the logs' channel — only while the job's record is `me`'s (running by it, or
+/// queued again and not claimed yet), as for [`insert_chunk`]; `false` when it is not (a run
+/// that started shipping late, after its agent was taken for dead, never deletes the log of
+/// the job's new run).
 pub(in crate::cluster) async fn start_run(
     client: &Pooled,
     project: &str,
     id: &str,
+    me: &str,
     payload: &str,
-) -> Result<(), RecordsError> {
+) -> Result<bool, RecordsError> {
     let g = query_error(format!("starting job {project}/{id}'s log"));
     // One statement (atomic; its notification delivered at its commit).
     let statement = client
         .prepare_cached(
-            "WITH gone AS (DELETE FROM job_logs WHERE project = $1 AND id = $2 RETURNING 1)
-             SELECT pg_notify($3, $4), (SELECT count(*) FROM gone)",
+            "WITH own AS (
+                 SELECT EXISTS (SELECT 1 FROM jobs
+                                 WHERE project = $1 AND id = $2
+                                   AND ((state = 'running' AND agent = $5)
+                                        OR state = 'queued')) AS yes),
+             gone AS (DELETE FROM job_logs
+                       WHERE project = $1 AND id = $2 AND (SELECT yes FROM own)
+                      RETURNING 1),
+             sent AS (SELECT pg_notify($3, $4) FROM own WHERE own.yes)
+             SELECT own.yes, (SELECT count(*) FROM gone), (SELECT count(*) FROM sent) FROM own",
         )
         .await
         .map_err(&g)?;
-    client
-        .execute(&statement, &[&project, &id, &LOGS_CHANNEL, &payload])
+    let row = client
+        .query_one(&statement, &[&project, &id, &LOGS_CHANNEL, &payload, &me])
         .await
         .map_err(&g)?;
-    Ok(())
+    row.try_get::<_, bool>(0).map_err(g)
 }
 
 /// A chunk of a log, shipped by agent `agent` during run `run`.
