@@ -12,7 +12,8 @@
 //! 4. a restart of PostgreSQL longer than `agent_timeout` does not move a group's chain;
 //!
 //! and a job that keeps losing its agent fails after `job_attempts`, with a clear error; a
-//! rebuild while an end's reply is lost leaves one build.
+//! rebuild while an end's reply is lost leaves one build; a thawed agent that claims its own
+//! job again publishes one build.
 //! `faults_in_a_row_keep_the_invariants` runs the faults one after another under requests and
 //! checks the invariants after each heals.
 //!
@@ -348,6 +349,69 @@ fn a_rebuild_while_an_ends_reply_is_lost_leaves_one_build() {
         rebuilt["StartedAt"].as_str().map(str::to_string)
     );
     assert_eq!(record(&pg, &id), "ready|b|0");
+}
+
+/// A frozen agent claims its own job again: A (SIGSTOP, longer than agent_timeout) is taken for
+/// dead while it runs a job, the job is queued again (B is busy, so nobody else takes it), A
+/// thaws and claims it while its first run still runs. The new claim joins that run, which is
+/// fenced at its end (the record is a later attempt's): its build is never published, the
+/// claim goes back to the queue and runs the job afresh. One build, the record's, served.
+#[test]
+fn a_thawed_agent_that_claims_its_own_job_again_publishes_one_build() {
+    let Some(pg) = Postgres::start_or_skip() else {
+        return;
+    };
+    let a = agent(&pg.url(), "a", 2);
+    let b = agent(&pg.url(), "b", 1);
+    // B gets the image, then a long job: it takes nothing else.
+    assert_eq!(job(&b, "", json!({"name": "warm"}))["ExitCode"], 0);
+    let (status, t) = b.post(
+        "/jobs?async",
+        &body("", json!({"name": "busy", "sleep": "60"})).to_string(),
+    );
+    assert_eq!(status, 201, "{t}");
+    wait_running_on(&pg, "b");
+    let params = json!({"name": "again", "sleep": "10"});
+    let (status, t) = a.post("/jobs?async", &body("", params.clone()).to_string());
+    assert_eq!(status, 201, "{t}");
+    wait_for("the job running on a", Duration::from_secs(20), || {
+        pg.psql("SELECT count(*) FROM jobs WHERE state = 'running' AND agent = 'a'") == "1"
+    });
+    let id = pg.psql("SELECT id FROM jobs WHERE state = 'running' AND agent = 'a'");
+    wait_for("its pending build", Duration::from_secs(20), || {
+        a.pending_dirs("simple") > 0
+    });
+    let pid = nix::unistd::Pid::from_raw(a.child.as_ref().unwrap().id() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    wait_for("the job queued again", Duration::from_secs(20), || {
+        record(&pg, &id) == "queued||1"
+    });
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    wait_for(
+        "the job claimed again by a",
+        Duration::from_secs(20),
+        || record(&pg, &id) == "running|a|1",
+    );
+    // The first run ends (10 s after it started), fenced; the job runs again, then ends.
+    let info = job(&a, "", params);
+    assert_eq!(info["ExitCode"], 0, "{info}");
+    assert_eq!(job_id(&info), id);
+    assert_eq!(record(&pg, &id), "ready|a|1");
+    let recorded = pg.psql(&format!(
+        "SELECT build_info->>'StartedAt' FROM jobs WHERE id = '{id}'"
+    ));
+    assert_eq!(info["StartedAt"], json!(recorded));
+    assert_eq!(started_here(&a, &id), Some(recorded));
+    assert!(
+        log_of(&a).contains("the job's run was fenced"),
+        "the first run was not fenced"
+    );
+    assert_eq!(
+        starts_of(&a, &id),
+        2,
+        "the job ran twice on a: its first run, then afresh"
+    );
+    assert_eq!(starts_of(&b, &id), 0);
 }
 
 /// Fault 4: a restart of PostgreSQL longer than agent_timeout (every heartbeat looks expired
