@@ -3,7 +3,7 @@
 #![forbid(unsafe_code)]
 
 use clap::{CommandFactory, Parser, Subcommand};
-use mistry_client::{BuildArgs, ExecArgs, PipelineCommand};
+use mistry_client::{BuildArgs, ExecCommand, PipelineCommand};
 
 #[derive(Debug, Parser)]
 #[command(name = "mistry", version, about = "Client of the mistry build server")]
@@ -20,7 +20,7 @@ enum Command {
     #[command(subcommand)]
     Pipeline(PipelineCommand),
     /// Build a project's image and run its job on this machine, no server (through mistryd).
-    Exec(ExecArgs),
+    Exec(ExecCommand),
     /// Print a shell completion script.
     Completions {
         #[arg(value_enum)]
