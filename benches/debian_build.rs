@@ -20,10 +20,11 @@ use common::{median, run, timed};
 /// subordinate ids this user cannot read: measured inside `buildah unshare` (the same id
 /// mapping mistryd's sandboxes use).
 fn disk_usage(dir: &Path) -> u64 {
+    let own = tempfile::tempdir().expect("a directory for buildah's own paths");
     let mut cmd = if nix::unistd::geteuid().is_root() {
         Command::new("du")
     } else {
-        let mut c = Command::new("buildah");
+        let mut c = common::containers_tool("buildah", own.path());
         c.args(["unshare", "du"]);
         c
     };
@@ -130,7 +131,7 @@ fn main() {
         // buildah: the base pulled into its storage first (not timed), then `bud --layers`.
         let root = work.path().join(format!("buildah-{i}"));
         let b = || {
-            let mut c = Command::new("buildah");
+            let mut c = common::containers_tool("buildah", &root);
             c.arg("--root")
                 .arg(root.join("root"))
                 .arg("--runroot")
@@ -168,7 +169,7 @@ fn main() {
         let _ = b().args(["rmi", "--all", "--force"]).output();
         // The trees hold subordinate ids' files: removed in their user namespace.
         if !nix::unistd::geteuid().is_root() {
-            let _ = Command::new("buildah")
+            let _ = common::containers_tool("buildah", work.path())
                 .args(["unshare", "rm", "-rf"])
                 .arg(&root)
                 .arg(&store)

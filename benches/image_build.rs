@@ -67,7 +67,7 @@ fn main() {
         for i in 0..runs {
             let root = work.path().join(format!("buildah-{i}"));
             let b = || {
-                let mut c = Command::new("buildah");
+                let mut c = common::containers_tool("buildah", &root);
                 c.arg("--root")
                     .arg(root.join("root"))
                     .arg("--runroot")

@@ -1,6 +1,10 @@
 #!/bin/sh
 # Prepare a fresh Debian 12 machine for mistry's tests and examples. Idempotent; run as root.
 #
+#   scripts/setup.sh             everything the test suite needs (below)
+#   scripts/setup.sh --example   only what scripts/example.sh needs, offline: root's subordinate
+#                                ids and the busybox base image
+#
 # - installs the Debian packages the tests use (slirp4netns for isolated networks, with
 #   /dev/net/tun usable by every user, as standard distributions have it);
 # - gives root and the unprivileged test user `mistry-test` subordinate id ranges
@@ -17,6 +21,26 @@ cd "$(dirname "$0")/.."
 if [ "$(id -u)" != 0 ]; then
     echo "setup.sh: run as root (it installs packages and creates the test user)" >&2
     exit 1
+fi
+
+# Subordinate ids: 65536 for a user, after the highest range in use (useradd may already have
+# given a new user one).
+add_range() { # user file
+    touch "$2"
+    grep -q "^$1:" "$2" && return 0
+    start=$(awk -F: 'BEGIN { m = 100000 } NF >= 3 && $2 + $3 > m { m = $2 + $3 } END { print m }' "$2")
+    echo "$1:$start:65536" >> "$2"
+}
+busybox_image() {
+    if [ ! -x target/images/busybox/rootfs/bin/busybox ] || [ ! -f target/images/busybox/index.json ]; then
+        images/recipes/busybox.sh target/images/busybox
+    fi
+}
+if [ "${1:-}" = --example ]; then
+    add_range root /etc/subuid
+    add_range root /etc/subgid
+    busybox_image
+    exit 0
 fi
 
 PACKAGES="busybox-static uidmap slirp4netns bubblewrap hyperfine btrfs-progs gcc libc6-dev passwd procps skopeo util-linux docker-registry apache2-utils rsync openssh-server openssh-client chromium chromium-driver python3-pip wrk debootstrap"
@@ -45,14 +69,7 @@ if [ ! -e /dev/net/tun ]; then
 fi
 chmod 0666 /dev/net/tun
 
-# Subordinate ids: 65536 for root and for mistry-test, each after the highest range in use
-# (useradd may already have given the new user one).
-add_range() { # user file
-    touch "$2"
-    grep -q "^$1:" "$2" && return 0
-    start=$(awk -F: 'BEGIN { m = 100000 } NF >= 3 && $2 + $3 > m { m = $2 + $3 } END { print m }' "$2")
-    echo "$1:$start:65536" >> "$2"
-}
+# Subordinate ids: 65536 for root and for mistry-test.
 if ! id mistry-test >/dev/null 2>&1; then
     useradd --create-home --shell /bin/sh mistry-test
 fi
@@ -95,9 +112,7 @@ if [ ! -x /usr/lib/postgresql/15/bin/initdb ]; then
     fi
 fi
 
-if [ ! -x target/images/busybox/rootfs/bin/busybox ] || [ ! -f target/images/busybox/index.json ]; then
-    images/recipes/busybox.sh target/images/busybox
-fi
+busybox_image
 
 # The Debian image is complete when its index.json and the manifest it names are there (the
 # recipe renames the layout into place only when done). Without the network it is left out:

@@ -99,24 +99,41 @@ pub fn state_dir(
 }
 
 /// The configuration of a local run: the projects directory, the state directory as
-/// build_path (the store inside it), local base images; every other setting is the default.
-pub fn config(projects_path: &Path, state: &Path, images: Option<&Path>) -> Result<Config> {
+/// build_path (the store inside it), local base images (`--images`). Without a configuration
+/// file every other setting is the default but the network (the host's); with one (`--config`,
+/// the daemon's own file) every other setting is the file's, as the daemon applies it to a job:
+/// network, limits, seccomp, secrets, registries, mounts, time limits, `images_path`...
+pub fn config(
+    projects_path: &Path,
+    state: &Path,
+    images: Option<&Path>,
+    file: Option<&Path>,
+) -> Result<Config> {
     std::fs::create_dir_all(state)
         .with_context(|| format!("creating the state directory {}", state.display()))?;
-    // The developer's own project on their own machine: the host's network, as before
-    // isolated networks existed (a project's .mistry.json may still narrow it).
-    let mut raw = serde_json::json!({
+    // Where the run's projects and state are: never the server's directories (its projects
+    // and build_path may not exist here, and a daemon may be using them), nor its store.
+    let mut local = serde_json::json!({
         "projects_path": projects_path,
         "build_path": state,
-        "network": "host",
+        "store_path": null,
     });
     if let Some(images) = images {
         let images = images
             .canonicalize()
             .with_context(|| format!("base images {}", images.display()))?;
-        raw["images_path"] = serde_json::json!(images);
+        local["images_path"] = serde_json::json!(images);
     }
-    Config::parse(&raw.to_string(), Path::new("mistry exec"))
+    if let Some(file) = file {
+        return Config::load_for_local_run(file, &local);
+    }
+    // The developer's own project on their own machine: the host's network, as before
+    // isolated networks existed (a project's .mistry.json may still narrow it).
+    local["network"] = serde_json::json!("host");
+    if let Some(o) = local.as_object_mut() {
+        o.retain(|_, v| !v.is_null());
+    }
+    Config::parse(&local.to_string(), Path::new("mistry exec"))
 }
 
 fn read_sysctl(name: &str) -> Option<String> {
@@ -287,8 +304,13 @@ fn job_target(target: &Path, job: &str) -> Result<PathBuf> {
 
 /// `mistryd exec`: print errors as one line; the exit code (the job's when it failed).
 /// `set_up` applies the daemon's id mapping to the configuration (as `mistryd` does).
-pub fn main(args: &ExecArgs, set_up: impl FnOnce(&mut Config) -> Result<()>) -> i32 {
-    let result = run(args, set_up);
+/// `mistryd exec` (`config`: the daemon's configuration file, `--config`, when given).
+pub fn main(
+    args: &ExecArgs,
+    config: Option<&Path>,
+    set_up: impl FnOnce(&mut Config) -> Result<()>,
+) -> i32 {
+    let result = run(args, config, set_up);
     crate::security::stop_networks();
     match result {
         Ok(code) => code,
@@ -299,7 +321,11 @@ pub fn main(args: &ExecArgs, set_up: impl FnOnce(&mut Config) -> Result<()>) -> 
     }
 }
 
-fn run(args: &ExecArgs, set_up: impl FnOnce(&mut Config) -> Result<()>) -> Result<i32> {
+fn run(
+    args: &ExecArgs,
+    config_file: Option<&Path>,
+    set_up: impl FnOnce(&mut Config) -> Result<()>,
+) -> Result<i32> {
     let params = mistry_client::parse_params(&args.params)?;
     for k in params.keys() {
         jobs::check_name("param", k).map_err(|e| anyhow!("{e}"))?;
@@ -328,7 +354,7 @@ fn run(args: &ExecArgs, set_up: impl FnOnce(&mut Config) -> Result<()>) -> Resul
         std::env::var_os("XDG_CACHE_HOME").as_deref(),
         std::env::var_os("HOME").as_deref(),
     )?;
-    let mut cfg = config(&projects_path, &state, args.images.as_deref())?;
+    let mut cfg = config(&projects_path, &state, args.images.as_deref(), config_file)?;
     set_up(&mut cfg)?;
     cfg.set_up_networks(false);
     let warning = preflight()?;

@@ -638,3 +638,114 @@ fn local_and_server_pipeline_job_ids_match() {
     assert_eq!(sorted(remote), sorted(local));
     assert_eq!(read(t.join("both.txt")), "a-7\nb-7\n");
 }
+
+/// `--config`: the daemon's own configuration file makes the local run the server's — its
+/// limits and network reach the job (exact values, against the run without it) — while the
+/// file's projects_path and build_path (absent on this machine) are replaced by the run's.
+/// Unknown keys (which the daemon ignores) and invalid values are refused, naming the file.
+#[test]
+fn the_daemons_configuration_file_applies_to_a_local_run() {
+    let dir = tempdir();
+    let projects = dir.path().join("projects");
+    cmd_project(
+        &projects,
+        "probe",
+        "ulimit -Hn > /data/artifacts/open_files; grep : /proc/net/dev | cut -d: -f1 | tr -d ' ' | sort > /data/artifacts/networks",
+    );
+    let project = projects.join("probe");
+    let p = project.to_str().unwrap();
+    let config = dir.path().join("mistryd.json");
+    std::fs::write(
+        &config,
+        r#"{"projects_path": "/nonexistent/projects", "build_path": "/nonexistent/builds",
+            "network": "none", "limits": {"open_files": 321}, "job_concurrency": 2}"#,
+    )
+    .unwrap();
+    let read = |t: &Path, f: &str| std::fs::read_to_string(t.join(f)).unwrap();
+    // Without the file: the local defaults (the host's network, the default limits).
+    let plain = dir.path().join("plain");
+    exec_ok(
+        &dir.path().join("state1"),
+        &["--project-dir", p, "-t", plain.to_str().unwrap()],
+    );
+    let mut host: Vec<String> = std::fs::read_to_string("/proc/net/dev")
+        .unwrap()
+        .lines()
+        .filter_map(|l| Some(l.split_once(':')?.0.trim().to_string()))
+        .collect();
+    host.sort();
+    assert_eq!(read(&plain, "networks"), format!("{}\n", host.join("\n")));
+    assert_ne!(read(&plain, "open_files"), "321\n");
+    // With it, through the client (`mistry exec --config` hands it to `mistryd exec`).
+    let served = dir.path().join("served");
+    let out = exec_with(
+        mistry_client_bin(),
+        &dir.path().join("state2"),
+        &[
+            "--config",
+            config.to_str().unwrap(),
+            "--project-dir",
+            p,
+            "-t",
+            served.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(read(&served, "open_files"), "321\n");
+    assert_eq!(read(&served, "networks"), "lo\n");
+    assert!(!Path::new("/nonexistent/builds").exists());
+
+    // Unknown settings, an invalid one, a file that is not there: exit 1, one line naming it.
+    let c = config.display().to_string();
+    for (file, err) in [
+        (
+            r#"{"netwrok": "none", "limits": {"procesess": 5}, "projects": {"probe": {"timelimit": "1m"}}}"#,
+            format!(
+                "mistry exec: --config {c}: unknown settings netwrok, limits.procesess, \
+                 projects.probe.timelimit (the daemon ignores what it does not know; a local run \
+                 refuses it)\n"
+            ),
+        ),
+        (
+            r#"{"network": "wide"}"#,
+            format!(
+                "mistry exec: --config {c}: network: unknown network mode \"wide\" (expected \
+                 none, isolated or host)\n"
+            ),
+        ),
+        (
+            r#"{"limits": {"open_files": "many"}}"#,
+            format!(
+                "mistry exec: --config {c}: limits.open_files: \"many\" is not a positive whole \
+                 number or \"unlimited\"\n"
+            ),
+        ),
+    ] {
+        std::fs::write(&config, file).unwrap();
+        let out = exec(
+            &dir.path().join("state3"),
+            &["--config", &c, "--project-dir", p],
+        );
+        assert_eq!(
+            (out.status.code(), text(&out.stderr)),
+            (Some(1), err),
+            "{file}"
+        );
+        assert_eq!(text(&out.stdout), "");
+    }
+    let missing = dir.path().join("missing.json");
+    let out = exec(
+        &dir.path().join("state3"),
+        &["--config", missing.to_str().unwrap(), "--project-dir", p],
+    );
+    assert_eq!(
+        (out.status.code(), text(&out.stderr)),
+        (
+            Some(1),
+            format!(
+                "mistry exec: --config {}: No such file or directory (os error 2)\n",
+                missing.display()
+            )
+        )
+    );
+}

@@ -309,7 +309,7 @@ fn deleted_files_stay_deleted() {
             .output()
             .is_ok()
         {
-            let inspect = std::process::Command::new("skopeo")
+            let inspect = common::containers_tool("skopeo", &env.root)
                 .arg("inspect")
                 .arg(format!("oci:{}:v1", out.display()))
                 .output()

@@ -51,6 +51,21 @@ pub(crate) fn mistryd_bin() -> String {
     std::env::var("MISTRY_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_mistryd").into())
 }
 
+/// `tool` (buildah, skopeo) with auth and runtime paths of its own under `dir`, never the
+/// machine's: without them it uses `/run/containers/<uid>`, which a buildah run as root leaves
+/// mode 0700, unreadable by every other user. `dir` must outlive the command.
+pub(crate) fn containers_tool(tool: &str, dir: &Path) -> Command {
+    use std::os::unix::fs::PermissionsExt;
+    let run = dir.join("containers-run");
+    std::fs::create_dir_all(&run).expect("creating the tool's runtime directory");
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700))
+        .expect("the tool's runtime directory");
+    let mut cmd = Command::new(tool);
+    cmd.env("REGISTRY_AUTH_FILE", dir.join("containers-auth.json"))
+        .env("XDG_RUNTIME_DIR", &run);
+    cmd
+}
+
 /// Whether `tool --version` runs and succeeds.
 pub(crate) fn installed(tool: &str) -> bool {
     Command::new(tool)

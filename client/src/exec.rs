@@ -45,6 +45,34 @@ pub struct ExecArgs {
     pub params: Vec<String>,
 }
 
+/// `mistry exec`: [`ExecArgs`] and the daemon's configuration file, which `mistryd` takes as
+/// its global `--config`.
+#[derive(Debug, Clone, Args)]
+pub struct ExecCommand {
+    /// The daemon's configuration file (as `mistryd --config`): the run takes its settings as
+    /// the server applies them to a job (network, limits, seccomp, secrets, registries, mounts,
+    /// time limits, images_path); its projects_path, build_path and store_path are replaced by
+    /// the run's. Unknown or invalid settings are refused.
+    #[arg(long, short = 'c', value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Everything else (what `mistryd exec` takes too).
+    #[command(flatten)]
+    pub args: ExecArgs,
+}
+
+impl ExecCommand {
+    /// The arguments of `mistryd exec` for this command.
+    pub fn to_args(&self) -> Vec<OsString> {
+        let mut v: Vec<OsString> = Vec::new();
+        if let Some(c) = &self.config {
+            v.push("--config".into());
+            v.push(c.clone().into_os_string());
+        }
+        v.extend(self.args.to_args());
+        v
+    }
+}
+
 impl ExecArgs {
     /// The same options as command-line arguments (what `mistry exec` passes to `mistryd exec`).
     pub fn to_args(&self) -> Vec<OsString> {
@@ -101,7 +129,7 @@ fn is_executable(p: &Path) -> bool {
 
 /// Run `mistry exec`: replace this process with `mistryd exec ...` (its output, exit code and
 /// signals are the run's). Returns only on error.
-pub fn exec(args: ExecArgs) -> Result<i32> {
+pub fn exec(cmd: ExecCommand) -> Result<i32> {
     use std::os::unix::process::CommandExt;
     let exe = std::env::current_exe().ok();
     let Some(mistryd) = find_mistryd(exe.as_deref(), std::env::var_os("PATH").as_deref()) else {
@@ -114,7 +142,7 @@ pub fn exec(args: ExecArgs) -> Result<i32> {
     };
     let err = std::process::Command::new(&mistryd)
         .arg("exec")
-        .args(args.to_args())
+        .args(cmd.to_args())
         .exec();
     bail!("running {}: {err}", mistryd.display())
 }
@@ -187,6 +215,41 @@ mod tests {
         assert!(
             T::try_parse_from(["x", "--projects", "p", "--project", "a", "--pipeline", "b"])
                 .is_err()
+        );
+    }
+
+    #[test]
+    fn the_config_file_goes_first() {
+        #[derive(Parser)]
+        struct C {
+            #[command(flatten)]
+            c: ExecCommand,
+        }
+        let c = C::try_parse_from([
+            "x",
+            "--project-dir",
+            "d",
+            "-c",
+            "/etc/m.json",
+            "--",
+            "--a=1",
+        ])
+        .unwrap();
+        let back: Vec<String> =
+            c.c.to_args()
+                .into_iter()
+                .map(|s| s.into_string().unwrap())
+                .collect();
+        assert_eq!(
+            back,
+            [
+                "--config",
+                "/etc/m.json",
+                "--project-dir",
+                "d",
+                "--",
+                "--a=1"
+            ]
         );
     }
 

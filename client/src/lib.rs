@@ -20,7 +20,7 @@ mod pipeline;
 mod transport;
 
 pub use build::{build, parse_params, BuildArgs};
-pub use exec::{exec, find_mistryd, ExecArgs};
+pub use exec::{exec, find_mistryd, ExecArgs, ExecCommand};
 pub use pipeline::{
     job_line, list_line, pipeline, ArtifactsOf, PipelineCommand, PipelineRunArgs, ServerArgs,
 };

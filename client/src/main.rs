@@ -3,7 +3,7 @@
 #![forbid(unsafe_code)]
 
 use clap::{CommandFactory, Parser, Subcommand};
-use mistry_client::{BuildArgs, ExecArgs, PipelineCommand};
+use mistry_client::{BuildArgs, ExecCommand, PipelineCommand};
 
 #[derive(Debug, Parser)]
 #[command(name = "mistry", version, about = "Client of the mistry build server")]
@@ -20,7 +20,7 @@ enum Command {
     #[command(subcommand)]
     Pipeline(PipelineCommand),
     /// Build a project's image and run its job on this machine, no server (through mistryd).
-    Exec(ExecArgs),
+    Exec(ExecCommand),
     /// Print a shell completion script.
     Completions {
         #[arg(value_enum)]
@@ -28,8 +28,22 @@ enum Command {
     },
 }
 
+/// Every failure exits 1, as mistry's client does (mistry-api.md), usage errors included (clap's
+/// own code for them is 2); `--help` and `--version` exit 0.
+fn parse() -> Cli {
+    match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let code = if e.exit_code() == 0 { 0 } else { 1 };
+            // Printing can only fail on a closed stdout or stderr: nothing is left to tell.
+            let _ = e.print();
+            std::process::exit(code);
+        }
+    }
+}
+
 fn main() {
-    let cli = Cli::parse();
+    let cli = parse();
     let code = match cli.command {
         Command::Build(args) => match mistry_client::build(args) {
             Ok(code) => code,

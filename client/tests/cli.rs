@@ -106,18 +106,23 @@ fn help_version_and_completions() {
 }
 
 #[test]
-fn usage_errors_exit_2() {
-    // No project; a bad duration; an unknown transport; no command.
+fn usage_errors_exit_1() {
+    // As mistry's client: every failure exits 1, usage errors too (clap's own code is 2). No
+    // project; a bad duration; an unknown transport; an unknown flag; no command; an exec
+    // without a project directory for --project; an unknown subcommand.
     for args in [
         &["build"][..],
         &["build", "--project", "p", "--timeout", "5x"],
         &["build", "--project", "p", "--transport", "ftp"],
+        &["build", "--project", "p", "--bogus"],
         &[],
+        &["exec", "--project", "p"],
+        &["frobnicate"],
     ] {
         let out = run(args);
         assert_eq!(
             out.status.code(),
-            Some(2),
+            Some(1),
             "{args:?}: {}",
             text(&out.stderr)
         );
@@ -127,7 +132,17 @@ fn usage_errors_exit_2() {
         text(&out.stderr).contains("invalid duration \"5x\" (examples: 500ms, 30s, 1h30m)"),
         "{}",
         text(&out.stderr)
-    );
+    ); // Help and the version are no failures: exit 0, on stdout.
+    for args in [
+        &["--help"][..],
+        &["build", "--help"],
+        &["--version"],
+        &["exec", "-h"],
+    ] {
+        let out = run(args);
+        assert_eq!(out.status.code(), Some(0), "{args:?}");
+        assert!(!out.stdout.is_empty(), "{args:?}");
+    }
 }
 
 /// Params are checked before anything is sent: nothing listens on the port.

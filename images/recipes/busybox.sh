@@ -7,8 +7,10 @@
 # gzip layer, owned by root) whose filesystem is also left unpacked in OUTDIR/rootfs:
 # /bin/busybox with a symlink per applet, /etc/passwd and /etc/group with root (0),
 # builder (1000) and nobody (65534), and the usual empty directories.
-# The binary comes from the .deb fetched with `apt-get download` when apt can, otherwise from the
-# installed busybox-static package. Nothing binary is committed to the repository.
+# The binary, offline first: the installed busybox-static package's; else the .deb fetched with
+# `apt-get download busybox-static` (network); else the installed `busybox` package's (dynamic,
+# in a default Debian install), copied with the shared libraries it loads. `BUSYBOX=FILE` names
+# a binary to use instead. Nothing binary is committed to the repository.
 set -eu
 
 out=${1:?usage: busybox.sh OUTDIR}
@@ -17,13 +19,17 @@ work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
 bin=
-if (cd "$work" && apt-get download busybox-static >/dev/null 2>&1); then
-    dpkg-deb -x "$work"/busybox-static_*.deb "$work/pkg"
-    bin="$work/pkg/bin/busybox"
+if [ -n "${BUSYBOX:-}" ]; then
+    bin=$BUSYBOX
 elif dpkg -S /bin/busybox 2>/dev/null | grep -q '^busybox-static:'; then
     bin=/bin/busybox
+elif (cd "$work" && apt-get download busybox-static >/dev/null 2>&1); then
+    dpkg-deb -x "$work"/busybox-static_*.deb "$work/pkg"
+    bin="$work/pkg/bin/busybox"
+elif dpkg -S /bin/busybox 2>/dev/null | grep -q '^busybox:'; then
+    bin=/bin/busybox
 else
-    echo "busybox.sh: need Debian's busybox-static (apt-get install busybox-static)" >&2
+    echo "busybox.sh: need Debian's busybox-static or busybox (apt-get install busybox-static)" >&2
     exit 1
 fi
 
@@ -37,6 +43,12 @@ chmod 1777 "$root/tmp" "$root/var/tmp"
 chmod 700 "$root/root"
 cp "$bin" "$root/bin/busybox"
 chmod 755 "$root/bin/busybox"
+# A dynamic busybox brings the libraries it loads (ldd's paths: `lib => /path` and the loader).
+ldd "$bin" 2>/dev/null | sed -n 's/.*=> \(\/[^ ]*\).*/\1/p; s/^[[:space:]]*\(\/[^ ]*\).*/\1/p' |
+    while read -r lib; do
+        mkdir -p "$root$(dirname "$lib")"
+        cp -L "$lib" "$root$lib"
+    done
 "$root/bin/busybox" --list-full | while read -r applet; do
     [ "$applet" = bin/busybox ] && continue
     mkdir -p "$root/$(dirname "$applet")"

@@ -22,9 +22,10 @@ use tracing_subscriber::EnvFilter;
     about = "A rootless, Docker-free build server compatible with mistry"
 )]
 struct Cli {
-    /// Configuration file.
-    #[arg(long, short = 'c', default_value = "config.json", global = true)]
-    config: PathBuf,
+    /// Configuration file (default: config.json). `exec`: none unless given (then the run
+    /// takes the file's settings, as the daemon applies them to a job).
+    #[arg(long, short = 'c', value_name = "FILE", global = true)]
+    config: Option<PathBuf>,
     /// Address to listen on.
     #[arg(long, short = 'a', default_value = "0.0.0.0:8462")]
     addr: String,
@@ -130,8 +131,15 @@ enum SandboxCommand {
     Run(RunArgs),
 }
 
+/// The daemon's configuration file: `--config`, else `config.json`.
+fn config_path(cli: &Cli) -> PathBuf {
+    cli.config
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("config.json"))
+}
+
 fn load(cli: &Cli) -> Result<Config> {
-    let mut cfg = Config::load(&cli.config)?;
+    let mut cfg = Config::load(&config_path(cli))?;
     set_up(cli, &mut cfg)?;
     Ok(cfg)
 }
@@ -341,7 +349,7 @@ fn log_colours() -> bool {
 /// `mistryd unshare`: the id mapping of the configuration (when its file exists) or of
 /// `--sandbox-ids`.
 fn unshare(cli: &Cli, command: Vec<std::ffi::OsString>) -> Result<i32> {
-    if cli.config.exists() {
+    if config_path(cli).exists() {
         load(cli)?;
     } else if let Some(ids) = cli.sandbox_ids {
         sandbox::set_default_id_mapping(match ids {
@@ -426,10 +434,12 @@ fn main() {
                 1
             }
         },
-        Some(Command::Exec(args)) => mistry::exec::main(args, |cfg| set_up(&cli, cfg)),
+        Some(Command::Exec(args)) => {
+            mistry::exec::main(args, cli.config.as_deref(), |cfg| set_up(&cli, cfg))
+        }
         Some(Command::Doctor) => {
             match mistry::operator::doctor::run(
-                &cli.config,
+                &config_path(&cli),
                 cli.sandbox_ids,
                 &mut std::io::stdout().lock(),
             ) {

@@ -71,6 +71,7 @@ pub mod cluster;
 mod project;
 mod retention;
 mod secrets;
+mod strict;
 
 pub use project::{Effective, ProjectSettings};
 pub use retention::{human_bytes, parse_age, parse_min_free, MinFree, Retention};
@@ -105,8 +106,8 @@ struct Raw {
     #[serde(default)]
     retention: retention::RawRetention,
     cache_layers: Option<usize>,
-    #[serde(flatten)]
-    cluster: cluster::RawSettings,
+    // The cluster's keys (`cluster::RawSettings`) are read from the same text by their own
+    // struct: with no `flatten` here, the keys of both are known to serde (strict.rs).
 }
 
 /// The validated configuration.
@@ -209,6 +210,8 @@ impl Config {
     pub fn parse(text: &str, origin: &Path) -> Result<Config> {
         let raw: Raw =
             serde_json::from_str(text).with_context(|| format!("parsing {}", origin.display()))?;
+        let raw_cluster: cluster::RawSettings =
+            serde_json::from_str(text).with_context(|| format!("parsing {}", origin.display()))?;
         let projects_path = raw
             .projects_path
             .with_context(|| format!("{}: projects_path is required", origin.display()))?;
@@ -281,7 +284,7 @@ impl Config {
         };
         let retention = Retention::parse(&raw.retention)?;
         let secret_map = secrets::parse(&raw.secrets, &base_dir)?;
-        let cluster = cluster::Settings::parse(&raw.cluster)?;
+        let cluster = cluster::Settings::parse(&raw_cluster)?;
         Ok(Config {
             projects_path: projects_path
                 .canonicalize()
@@ -317,6 +320,40 @@ impl Config {
             retention,
             cluster,
         })
+    }
+
+    /// The daemon's configuration file at `path` for a run on this machine (`mistry exec
+    /// --config`): the daemon's own parser and checks, and `local` (the run's projects
+    /// directory, state directory...) set over the file's keys before they are checked. Unlike
+    /// the daemon, keys that nothing reads are refused, so that a misspelt setting cannot make
+    /// the local run differ from the server's. Every error names the file.
+    pub fn load_for_local_run(path: &Path, local: &serde_json::Value) -> Result<Config> {
+        let what = || format!("--config {}", path.display());
+        let text = std::fs::read_to_string(path).with_context(what)?;
+        let mut v: serde_json::Value = serde_json::from_str(&text).with_context(what)?;
+        let Some(obj) = v.as_object_mut() else {
+            bail!("{}: not a JSON object", what());
+        };
+        let unknown = strict::unknown_keys(&serde_json::Value::Object(obj.clone()));
+        if !unknown.is_empty() {
+            bail!(
+                "{}: unknown setting{} {} (the daemon ignores what it does not know; a local run \
+                 refuses it)",
+                what(),
+                if unknown.len() == 1 { "" } else { "s" },
+                unknown.join(", ")
+            );
+        }
+        if let Some(local) = local.as_object() {
+            for (k, val) in local {
+                if val.is_null() {
+                    obj.remove(k);
+                } else {
+                    obj.insert(k.clone(), val.clone());
+                }
+            }
+        }
+        Config::parse(&v.to_string(), path).with_context(what)
     }
 
     /// Read, parse and validate the configuration file at `path`, then apply the environment

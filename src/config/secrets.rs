@@ -22,11 +22,15 @@ use serde::Deserialize;
 #[serde(untagged)]
 pub(super) enum RawSecret {
     Path(PathBuf),
-    Full {
-        src: PathBuf,
-        #[serde(default)]
-        projects: Option<Vec<String>>,
-    },
+    Full(FullSecret),
+}
+
+/// A secret written as an object: `{"src": FILE, "projects": [...]}`.
+#[derive(Debug, Clone, Deserialize)]
+pub(super) struct FullSecret {
+    src: PathBuf,
+    #[serde(default)]
+    projects: Option<Vec<String>>,
 }
 
 /// One configured secret.
@@ -50,7 +54,7 @@ pub(super) fn parse(
         }
         let (src, projects) = match s {
             RawSecret::Path(p) => (p.clone(), None),
-            RawSecret::Full { src, projects } => (src.clone(), projects.clone()),
+            RawSecret::Full(FullSecret { src, projects }) => (src.clone(), projects.clone()),
         };
         if src.as_os_str().is_empty() {
             bail!("secrets.{id}: empty path");

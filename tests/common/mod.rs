@@ -19,6 +19,21 @@ use std::process::Command;
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
+/// `tool` (skopeo, buildah) with auth and runtime paths of its own under `dir`, never the
+/// machine's: without them it reads `/run/containers/<uid>/auth.json`, and a buildah run as root
+/// leaves `/run/containers` mode 0700, unreadable by every other user (the tests as mistry-test
+/// then fail on another tool's state).
+pub(crate) fn containers_tool(tool: &str, dir: &std::path::Path) -> Command {
+    use std::os::unix::fs::PermissionsExt;
+    let run = dir.join("containers-run");
+    std::fs::create_dir_all(&run).unwrap();
+    std::fs::set_permissions(&run, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let mut cmd = Command::new(tool);
+    cmd.env("REGISTRY_AUTH_FILE", dir.join("containers-auth.json"))
+        .env("XDG_RUNTIME_DIR", &run);
+    cmd
+}
+
 /// The mistryd binary.
 pub(crate) fn mistryd_bin() -> OsString {
     std::env::var_os("MISTRY_HELPER_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_mistryd").into())

@@ -76,7 +76,7 @@ impl Registry {
 
     /// Copy the OCI layout `layout` (`DIR[:TAG]`) to `name` (`repo:tag`) in the registry.
     pub(crate) fn push(&self, layout: &str, name: &str, creds: bool, all: bool) {
-        let mut cmd = Command::new("skopeo");
+        let mut cmd = super::containers_tool("skopeo", self._dir.path());
         cmd.args(["copy", "--quiet", "--dest-tls-verify=false"]);
         if all {
             cmd.arg("--all");

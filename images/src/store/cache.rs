@@ -39,7 +39,18 @@ pub struct CacheDir {
     pub path: PathBuf,
     /// Whether this use created it (seeded, given its mode and owner).
     pub created: bool,
-    _lock: fs::File,
+    lock: fs::File,
+}
+
+impl Drop for CacheDir {
+    /// Unlock explicitly: closing our descriptor is not enough. A flock belongs to the open file
+    /// description, which every process cloned from this one while the cache was held shares
+    /// — a sandbox's init keeps the descriptors it inherited until it forks its job — so the
+    /// cache would stay "in use" for garbage collection, and a `locked` user would wait, until
+    /// an unrelated sandbox got that far.
+    fn drop(&mut self) {
+        let _ = rustix::fs::flock(&self.lock, FlockOperation::Unlock);
+    }
 }
 
 /// How a new cache directory starts.
@@ -150,7 +161,7 @@ impl Store {
         Ok(CacheDir {
             path,
             created,
-            _lock: lock,
+            lock,
         })
     }
 
@@ -244,5 +255,34 @@ impl Store {
             let _ = fs::remove_dir(&dir);
         }
         Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::BackendKind;
+
+    /// A copy of a cache's lock descriptor held elsewhere (what a sandbox cloned from this
+    /// process while the step ran keeps for a while) does not keep the cache in use once the
+    /// step let it go: garbage collection removes it, whatever else runs beside it.
+    #[test]
+    fn a_released_cache_is_free_whoever_holds_a_copy_of_its_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), Some(BackendKind::Plain), Vec::new()).unwrap();
+        let init = CacheInit {
+            mode: 0o755,
+            ..CacheInit::default()
+        };
+        let held = store
+            .cache_dir("gone", "c", CacheSharing::Locked, &init)
+            .unwrap();
+        let copy = held.lock.try_clone().unwrap();
+        assert_eq!(store.collect_caches().unwrap(), 0, "in use");
+        assert!(held.path.is_dir());
+        drop(held);
+        assert_eq!(store.collect_caches().unwrap(), 1);
+        assert!(!dir.path().join("cache").join(hex::encode("gone")).exists());
+        drop(copy);
     }
 }
