@@ -107,6 +107,8 @@ struct Raw {
     cache_layers: Option<usize>,
     #[serde(flatten)]
     cluster: cluster::RawSettings,
+    #[serde(flatten)]
+    access: crate::access::RawAccess,
 }
 
 /// The validated configuration.
@@ -161,6 +163,11 @@ pub struct Config {
     /// Several agents around one database (`database_url`, `agent_name`, `advertise_url`,
     /// `agent_timeout`, `heartbeat`).
     pub cluster: cluster::Settings,
+    /// Who may read, build and administer which project (`tokens`, `tokens_file`, `allow`,
+    /// `cluster_token_file`; [`crate::access`]); off by default.
+    pub access: std::sync::Arc<crate::access::Access>,
+    /// The raw access settings (`mistryd token` edits the tokens file they name).
+    pub raw_access: crate::access::RawAccess,
 }
 
 /// The default of `cache_layers`.
@@ -282,6 +289,7 @@ impl Config {
         let retention = Retention::parse(&raw.retention)?;
         let secret_map = secrets::parse(&raw.secrets, &base_dir)?;
         let cluster = cluster::Settings::parse(&raw.cluster)?;
+        let access = crate::access::Access::parse(&raw.access, &base_dir)?;
         Ok(Config {
             projects_path: projects_path
                 .canonicalize()
@@ -316,6 +324,8 @@ impl Config {
             secrets: secret_map,
             retention,
             cluster,
+            access: std::sync::Arc::new(access),
+            raw_access: raw.access,
         })
     }
 
@@ -326,6 +336,16 @@ impl Config {
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let mut cfg = Config::parse(&text, path)?;
         cfg.cluster.apply_env();
+        if cfg.access.enabled()
+            && cfg.cluster.database_url.is_some()
+            && !cfg.access.has_cluster_token()
+        {
+            bail!(
+                "{}: tokens or allow rules with a database_url need cluster_token_file: agents \
+                 fetch builds from each other with it (docs/access.md)",
+                path.display()
+            );
+        }
         Ok(cfg)
     }
 }
