@@ -426,6 +426,11 @@ impl Access {
         !self.tokens.is_empty() || !self.allow.is_empty()
     }
 
+    /// How many tokens and allow rules there are.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.tokens.len(), self.allow.len())
+    }
+
     /// Whether agents authenticate each other (`cluster_token_file` set).
     pub fn has_cluster_token(&self) -> bool {
         self.cluster.is_some()
