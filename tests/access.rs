@@ -2,7 +2,8 @@
 //! with no token, a wrong token, another project's token, each scope and an expired token;
 //! exact statuses, and bodies that do not name projects the token may not read. Also the
 //! `mistry` client's `--token` and `MISTRY_TOKEN`, an `allow` rule with mistry's request shape,
-//! the cluster token on `GET /api/build`, and `mistryd token create/list/revoke`.
+//! the cluster token on `GET /api/build` (one agent, and two around a PostgreSQL: skipped when
+//! it is missing, failing under `CI`), and `mistryd token create/list/revoke`.
 
 use std::process::Command;
 
@@ -11,7 +12,11 @@ use common::{mistry_client_bin, mistryd_bin};
 use mistry::access::hash_token;
 use serde_json::{json, Value};
 
+#[path = "common/cluster.rs"]
+mod cluster;
 mod common;
+#[path = "common/postgres.rs"]
+mod postgres;
 
 const BUILDER: &str = "mistry_test_builder_0123456789abcdef";
 const READER: &str = "mistry_test_reader_0123456789abcdef";
@@ -382,4 +387,58 @@ fn tokens_are_created_listed_and_revoked() {
     let (code, _, err) = token_cli(&config, &["revoke", "ci"]);
     assert_eq!(code, 1);
     assert!(err.contains("no token named ci"), "{err}");
+}
+
+/// Two agents with tokens and a cluster token: a build made on A is a cache hit on B through a
+/// copy B fetched with the cluster token; A refuses the same fetch without it (401) and with a
+/// user's token (403).
+#[test]
+fn agents_fetch_builds_from_each_other_with_the_cluster_token_only() {
+    let Some(pg) = postgres::Postgres::start_or_skip() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("cluster-token");
+    std::fs::write(&good, "mistry_cluster_good_0123456789abcdef01234\n").unwrap();
+    let settings = |f: &std::path::Path| json!({"tokens": tokens(), "cluster_token_file": f});
+    let a = cluster::agent_with(&pg.url(), "a", 1, settings(&good));
+    let body = json!({"project": "simple", "params": {"name": "shared"}}).to_string();
+    let (status, _, text) = call(&a, "POST", "/jobs", Some(BUILDER), &body);
+    assert_eq!(status, 201, "{text}");
+    let built: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(built["Cached"], false);
+    let id = job_id(&built);
+    let path = format!("/api/build/simple/{id}");
+    assert_eq!(call(&a, "GET", &path, None, "").0, 401);
+    assert_eq!(call(&a, "GET", &path, Some(ADMIN), "").0, 403);
+    assert_eq!(call(&a, "GET", &path, Some(BUILDER), "").0, 403);
+
+    let b = cluster::agent_with(&pg.url(), "b", 1, settings(&good));
+    let (status, _, text) = call(&b, "POST", "/jobs", Some(BUILDER), &body);
+    assert_eq!(status, 201, "{text}");
+    let hit: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        (&hit["Cached"], &hit["ExitCode"]),
+        (&json!(true), &json!(0)),
+        "{hit}"
+    );
+    assert!(
+        common::server::artifacts(&hit).starts_with(b.builds()),
+        "{hit}"
+    );
+    assert!(cluster::log_of(&b).contains("build replicated from another agent"));
+    // A's refusals are audit lines; B's fetch was not refused.
+    let log_a = cluster::log_of(&a);
+    assert_eq!(
+        log_a
+            .matches("refused: not an agent of the cluster")
+            .count(),
+        2,
+        "{log_a}"
+    );
+    assert_eq!(
+        log_a.matches("refused: not authenticated").count(),
+        1,
+        "{log_a}"
+    );
 }
