@@ -25,7 +25,9 @@
 //!   "agent_name": "build1",                        // default: the host name
 //!   "advertise_url": "http://build1:8462",         // default: http://<listen address>
 //!   "agent_timeout": "30s", "heartbeat": "5s",     // an agent is dead after agent_timeout
-//!   "log_retention": "30d"                         // several agents: default keep (below)
+//!   "log_retention": "30d",                        // several agents: default keep (below)
+//!   "tokens": [], "tokens_file": "tokens.json",    // access control (crate::access,
+//!   "allow": [], "cluster_token_file": "ct"        //   docs/access.md); off by default
 //! }
 //! ```
 //!
