@@ -293,6 +293,9 @@ pub struct Access {
     tokens: Vec<TokenEntry>,
     allow: Vec<AllowRule>,
     cluster: Option<[u8; 32]>,
+    /// `tokens_file` is set: access control is on even while the file holds no entry (fails
+    /// closed).
+    file: bool,
 }
 
 /// The SHA-256 of a token's text.
@@ -368,6 +371,14 @@ impl Access {
     pub fn parse(raw: &RawAccess, base_dir: &Path) -> Result<Access, AccessError> {
         let mut tokens = Vec::new();
         let mut names = std::collections::BTreeSet::new();
+        if let Some(p) = raw.tokens_path(base_dir) {
+            if !p.exists() {
+                return Err(AccessError::File {
+                    path: p,
+                    reason: "tokens_file does not exist (mistryd token create makes it)".into(),
+                });
+            }
+        }
         for t in raw.all_tokens(base_dir)? {
             let what = format!("token {}", t.name);
             if t.name.is_empty() {
@@ -418,12 +429,13 @@ impl Access {
             tokens,
             allow,
             cluster,
+            file: raw.tokens_file.is_some(),
         })
     }
 
-    /// Whether clients must authenticate (`tokens` or `allow` set).
+    /// Whether clients must authenticate (`tokens`, `tokens_file` or `allow` set).
     pub fn enabled(&self) -> bool {
-        !self.tokens.is_empty() || !self.allow.is_empty()
+        !self.tokens.is_empty() || !self.allow.is_empty() || self.file
     }
 
     /// How many tokens and allow rules there are.
@@ -678,5 +690,23 @@ mod tests {
         let (a, b) = (generate_token().unwrap(), generate_token().unwrap());
         assert_ne!(a, b);
         assert_eq!(a.len(), "mistry_".len() + 64);
+    }
+
+    #[test]
+    fn a_tokens_file_fails_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = RawAccess {
+            tokens_file: Some("tokens.json".into()),
+            ..RawAccess::default()
+        };
+        let e = Access::parse(&raw, dir.path()).unwrap_err().to_string();
+        assert!(
+            e.ends_with("tokens.json: tokens_file does not exist (mistryd token create makes it)"),
+            "{e}"
+        );
+        std::fs::write(dir.path().join("tokens.json"), "[]").unwrap();
+        let a = Access::parse(&raw, dir.path()).unwrap();
+        assert!(a.enabled());
+        assert_eq!(a.authenticate(None, None, 0).unwrap_err(), Refused::Missing);
     }
 }

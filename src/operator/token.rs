@@ -162,7 +162,9 @@ fn create(
     };
     // The entry among the others must be valid (scope, globs, a unique name).
     let mut check = raw.clone();
+    check.tokens = raw.all_tokens(&base)?;
     check.tokens.push(entry.clone());
+    check.tokens_file = None;
     check.cluster_token_file = None;
     access::Access::parse(&check, &base)?;
     writeln!(out, "token: {token}")?;

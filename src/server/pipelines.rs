@@ -158,7 +158,13 @@ fn projects_of(runs: &Runs, name: &str) -> Result<std::collections::BTreeSet<Str
         if !seen.insert(n.clone()) {
             continue;
         }
-        let p = runs.load(&n)?;
+        let p = match runs.load(&n) {
+            Ok(p) => p,
+            Err(e) if n == name => return Err(e.into()),
+            // A triggered pipeline that does not load starts nothing (its run records the
+            // error when it is triggered).
+            Err(_) => continue,
+        };
         projects.extend(p.jobs.into_iter().map(|j| j.project));
         todo.extend(p.on_success.into_iter().map(|t| t.pipeline));
     }
