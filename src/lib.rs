@@ -6,6 +6,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub(crate) mod body;
 pub mod cluster;
 pub mod config;

@@ -58,6 +58,10 @@ pub struct BuildArgs {
     /// Empty the target before fetching.
     #[arg(long)]
     pub clear_target: bool,
+    /// The server's token (access control); default: the environment's `MISTRY_TOKEN`.
+    /// Prefer the environment: a command line is visible to the host's other users.
+    #[arg(long, value_name = "TOKEN")]
+    pub token: Option<String>,
     /// Job params: `--name=value` or `--name value`; `@file` reads the value from a file.
     #[arg(last = true, value_name = "PARAMS")]
     pub params: Vec<String>,
@@ -116,7 +120,7 @@ pub fn build(args: BuildArgs) -> Result<i32> {
     if verbose {
         println!("Sending request to {url}: {body}");
     }
-    let agent = crate::http::agent(args.timeout);
+    let agent = crate::http::agent(args.timeout, crate::http::token(args.token.as_deref()));
     let (status, text) =
         crate::http::request(&agent, &base, &url, Some(&body), "The build", args.timeout)?;
     if status != 201 {

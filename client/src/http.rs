@@ -5,15 +5,37 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 
-/// An agent that hands every status back (the caller turns them into messages) and gives up
-/// after `timeout`.
-pub(crate) fn agent(timeout: Duration) -> ureq::Agent {
-    ureq::Agent::new_with_config(
-        ureq::config::Config::builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(timeout))
-            .build(),
-    )
+/// The environment variable that gives the server's token when `--token` is not given.
+pub(crate) const TOKEN_ENV: &str = "MISTRY_TOKEN";
+
+/// The token to send: `--token`, else `MISTRY_TOKEN` (not empty), else none.
+pub(crate) fn token(flag: Option<&str>) -> Option<String> {
+    flag.map(str::to_string)
+        .or_else(|| std::env::var(TOKEN_ENV).ok())
+        .filter(|t| !t.is_empty())
+}
+
+/// An agent that hands every status back (the caller turns them into messages), gives up
+/// after `timeout`, and sends `token` (`Authorization: Bearer`) with every request when there
+/// is one (a server with access control, docs/access.md).
+pub(crate) fn agent(timeout: Duration, token: Option<String>) -> ureq::Agent {
+    let mut config = ureq::config::Config::builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(timeout));
+    if let Some(token) = token {
+        let value = format!("Bearer {token}");
+        config = config.middleware(
+            move |mut req: ureq::http::Request<ureq::SendBody>,
+                  next: ureq::middleware::MiddlewareNext| {
+                if let Ok(v) = ureq::http::HeaderValue::from_str(&value) {
+                    req.headers_mut()
+                        .insert(ureq::http::header::AUTHORIZATION, v);
+                }
+                next.handle(req)
+            },
+        );
+    }
+    ureq::Agent::new_with_config(config.build())
 }
 
 /// What is said when `timeout` passes before the answer: `{what} did not finish after 1h`.
@@ -78,6 +100,11 @@ pub(crate) fn request(
 pub(crate) fn refused(status: u16, text: &str) -> anyhow::Error {
     match status {
         503 => anyhow::anyhow!("Server is overloaded; try again later"),
+        401 => anyhow::anyhow!(
+            "The server wants a valid token (--token or {TOKEN_ENV}): {}",
+            text.trim()
+        ),
+        403 => anyhow::anyhow!("The server refused: {}", text.trim()),
         _ => anyhow::anyhow!("{}", text.trim()),
     }
 }

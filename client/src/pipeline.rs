@@ -31,6 +31,9 @@ pub struct ServerArgs {
     /// Server port.
     #[arg(long, short = 'p', default_value_t = 8462)]
     pub port: u16,
+    /// The server's token (access control); default: the environment's `MISTRY_TOKEN`.
+    #[arg(long, value_name = "TOKEN")]
+    pub token: Option<String>,
 }
 
 impl ServerArgs {
@@ -182,7 +185,10 @@ pub(crate) fn run(args: PipelineRunArgs) -> Result<i32> {
             .with_context(|| format!("creating the target {}", a.dir.display()))?;
     }
     let base = args.server.base();
-    let agent = crate::http::agent(args.timeout);
+    let agent = crate::http::agent(
+        args.timeout,
+        crate::http::token(args.server.token.as_deref()),
+    );
     let what = "The pipeline run";
     let body = serde_json::json!({"pipeline": args.name, "params": params}).to_string();
     let (status, text) = crate::http::request(
@@ -383,7 +389,7 @@ fn events(
 pub(crate) fn list(server: &ServerArgs) -> Result<i32> {
     let base = server.base();
     let timeout = Duration::from_secs(60);
-    let agent = crate::http::agent(timeout);
+    let agent = crate::http::agent(timeout, crate::http::token(server.token.as_deref()));
     let (status, text) = crate::http::request(
         &agent,
         &base,

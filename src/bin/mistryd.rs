@@ -114,6 +114,9 @@ enum Command {
     /// Build a project's image and run its job on this machine, no server: the engine of the
     /// daemon, a local state directory (`mistry exec` runs this).
     Exec(mistry_client::ExecArgs),
+    /// Access tokens: create (printed once), list, revoke, generate (docs/access.md).
+    #[command(subcommand)]
+    Token(mistry::operator::token::TokenCommand),
     /// Check what this host needs to run jobs, and say how to fix what is missing; exits 1 when
     /// something blocks jobs.
     Doctor,
@@ -225,6 +228,18 @@ async fn serve(cli: Cli) -> Result<()> {
         .local_addr()
         .with_context(|| format!("listening on {}", cli.addr))?;
     cfg.listen = vec![bound];
+    if !cfg.access.enabled() && !bound.ip().is_loopback() {
+        tracing::warn!(
+            addr = %bound,
+            "no tokens and no allow rules: anyone who reaches {bound} may read every project, \
+             download every build and schedule jobs (docs/access.md)"
+        );
+    }
+    if let Some(p) = &cfg.raw_access.cluster_token_file {
+        mistry::access::set_cluster_token(mistry::access::read_cluster_token(
+            &cfg.base_dir.join(p),
+        )?);
+    }
     // Several agents (`database_url`): connect and migrate before anything else (an unreachable
     // database stops the start here), register once the engine is ready; a single node stays in
     // memory.
@@ -434,6 +449,19 @@ fn main() {
                 1
             }
         },
+        Some(Command::Token(cmd)) => {
+            match mistry::operator::token::run(
+                &config_path(&cli),
+                cmd,
+                &mut std::io::stdout().lock(),
+            ) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("mistryd: {e:#}");
+                    1
+                }
+            }
+        }
         Some(Command::Exec(args)) => {
             mistry::exec::main(args, cli.config.as_deref(), |cfg| set_up(&cli, cfg))
         }

@@ -76,7 +76,11 @@ async fn answers_as(url: &str, name: &str) -> bool {
                 .timeout_global(Some(Duration::from_secs(3)))
                 .build(),
         );
-        let Ok(mut resp) = agent.get(&url).header("accept", "application/json").call() else {
+        let mut request = agent.get(&url).header("accept", "application/json");
+        if let Some(auth) = crate::access::cluster_authorization() {
+            request = request.header("authorization", auth);
+        }
+        let Ok(mut resp) = request.call() else {
             return false;
         };
         if resp.status().as_u16() != 200 {

@@ -241,10 +241,12 @@ fn fetch_blocking(
             .timeout_per_read(Some(Duration::from_secs(120)))
             .build(),
     );
-    let mut resp = agent
-        .get(&url)
-        .call()
-        .map_err(|e| ctx.transfer(e.to_string()))?;
+    let mut request = agent.get(&url);
+    // Agents' build endpoints answer only each other (the cluster token).
+    if let Some(auth) = crate::access::cluster_authorization() {
+        request = request.header("authorization", auth);
+    }
+    let mut resp = request.call().map_err(|e| ctx.transfer(e.to_string()))?;
     let status = resp.status().as_u16();
     if status != 200 {
         let text = resp

@@ -25,7 +25,9 @@
 //!   "agent_name": "build1",                        // default: the host name
 //!   "advertise_url": "http://build1:8462",         // default: http://<listen address>
 //!   "agent_timeout": "30s", "heartbeat": "5s",     // an agent is dead after agent_timeout
-//!   "log_retention": "30d"                         // several agents: default keep (below)
+//!   "log_retention": "30d",                        // several agents: default keep (below)
+//!   "tokens": [], "tokens_file": "tokens.json",    // access control (crate::access,
+//!   "allow": [], "cluster_token_file": "ct"        //   docs/access.md); off by default
 //! }
 //! ```
 //!
@@ -106,8 +108,9 @@ struct Raw {
     #[serde(default)]
     retention: retention::RawRetention,
     cache_layers: Option<usize>,
-    // The cluster's keys (`cluster::RawSettings`) are read from the same text by their own
-    // struct: with no `flatten` here, the keys of both are known to serde (strict.rs).
+    // The cluster's (`cluster::RawSettings`) and access control's (`access::RawAccess`) keys
+    // are read from the same text by their own structs: with no `flatten` here, the keys of
+    // each are known to serde (strict.rs).
 }
 
 /// The validated configuration.
@@ -162,6 +165,11 @@ pub struct Config {
     /// Several agents around one database (`database_url`, `agent_name`, `advertise_url`,
     /// `agent_timeout`, `heartbeat`).
     pub cluster: cluster::Settings,
+    /// Who may read, build and administer which project (`tokens`, `tokens_file`, `allow`,
+    /// `cluster_token_file`; [`crate::access`]); off by default.
+    pub access: std::sync::Arc<crate::access::Access>,
+    /// The raw access settings (`mistryd token` edits the tokens file they name).
+    pub raw_access: crate::access::RawAccess,
 }
 
 /// The default of `cache_layers`.
@@ -211,6 +219,8 @@ impl Config {
         let raw: Raw =
             serde_json::from_str(text).with_context(|| format!("parsing {}", origin.display()))?;
         let raw_cluster: cluster::RawSettings =
+            serde_json::from_str(text).with_context(|| format!("parsing {}", origin.display()))?;
+        let raw_access: crate::access::RawAccess =
             serde_json::from_str(text).with_context(|| format!("parsing {}", origin.display()))?;
         let projects_path = raw
             .projects_path
@@ -285,6 +295,7 @@ impl Config {
         let retention = Retention::parse(&raw.retention)?;
         let secret_map = secrets::parse(&raw.secrets, &base_dir)?;
         let cluster = cluster::Settings::parse(&raw_cluster)?;
+        let access = crate::access::Access::parse(&raw_access, &base_dir)?;
         Ok(Config {
             projects_path: projects_path
                 .canonicalize()
@@ -319,6 +330,8 @@ impl Config {
             secrets: secret_map,
             retention,
             cluster,
+            access: std::sync::Arc::new(access),
+            raw_access,
         })
     }
 
@@ -363,6 +376,16 @@ impl Config {
             std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let mut cfg = Config::parse(&text, path)?;
         cfg.cluster.apply_env();
+        if cfg.access.enabled()
+            && cfg.cluster.database_url.is_some()
+            && !cfg.access.has_cluster_token()
+        {
+            bail!(
+                "{}: tokens or allow rules with a database_url need cluster_token_file: agents \
+                 fetch builds from each other with it (docs/access.md)",
+                path.display()
+            );
+        }
         Ok(cfg)
     }
 }

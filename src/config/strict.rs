@@ -68,6 +68,7 @@ pub(super) fn unknown_keys(v: &Value) -> Vec<String> {
     let top: Vec<&str> = fields_of::<super::Raw>()
         .iter()
         .chain(fields_of::<super::cluster::RawSettings>())
+        .chain(fields_of::<crate::access::RawAccess>())
         .copied()
         .collect();
     unknown_in(v, "", &top, &mut out);

@@ -143,8 +143,32 @@ pub fn check(config: &Path, ids: Option<SandboxIds>) -> Report {
         check_network(&mut r, cfg, root);
         check_registries(&mut r, cfg);
         check_database(&mut r, cfg);
+        check_access(&mut r, cfg);
     }
     r
+}
+
+/// Access control: off (a warning: mistryd listens on every address by default), or how many
+/// tokens and rules.
+fn check_access(r: &mut Report, cfg: &Config) {
+    let (tokens, rules) = cfg.access.counts();
+    if !cfg.access.enabled() {
+        r.warn(
+            "access control is off (no tokens, no allow rules): anyone who reaches mistryd's \
+             port reads every project, downloads every build and schedules jobs",
+            "create tokens (mistryd token create, docs/access.md), or listen on loopback only \
+             (--addr 127.0.0.1:8462)",
+        );
+        return;
+    }
+    r.ok(format!(
+        "access control: {tokens} tokens, {rules} allow rules{}",
+        if cfg.access.has_cluster_token() {
+            ", agents authenticate each other"
+        } else {
+            ""
+        }
+    ));
 }
 
 /// Several agents: the database answers (TLS or not), its schema, and this agent's name.
@@ -1173,5 +1197,34 @@ mod tests {
             fix: String::new(),
         };
         assert_eq!(c.to_string(), "ok    y");
+    }
+
+    #[test]
+    fn access_control_off_is_a_warning() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, b) = (dir.path().join("p"), dir.path().join("b"));
+        std::fs::create_dir_all(&p).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        let cfg = |extra: serde_json::Value| {
+            let mut v = serde_json::json!({"projects_path": p, "build_path": b});
+            v.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            Config::parse(&v.to_string(), &dir.path().join("c.json")).unwrap()
+        };
+        let mut r = Report::default();
+        check_access(&mut r, &cfg(serde_json::json!({})));
+        assert_eq!(r.checks[0].level, Level::Warn);
+        assert!(r.checks[0].what.starts_with("access control is off"));
+        let mut r = Report::default();
+        let hash = hex::encode([7u8; 32]);
+        check_access(
+            &mut r,
+            &cfg(
+                serde_json::json!({"tokens": [{"name": "a", "hash": hash, "scopes": ["read"], "projects": ["*"]}]}),
+            ),
+        );
+        assert_eq!(r.checks[0].level, Level::Ok);
+        assert_eq!(r.checks[0].what, "access control: 1 tokens, 0 allow rules");
     }
 }

@@ -24,7 +24,9 @@ use axum::routing::get;
 use axum::Router;
 use serde::Deserialize;
 
+use super::access::{reads_key, require, require_admin, require_agent};
 use super::{ApiError, JobsState};
+use crate::access::{Caller, Scope};
 use crate::body::{blocking_body, json, INDEX_HTML};
 use crate::service::{ClusterJobsFilter, Jobs};
 
@@ -46,10 +48,15 @@ fn asks_json(headers: &HeaderMap, header: &str) -> bool {
         .is_some_and(|v| v.starts_with("application/json"))
 }
 
-async fn agents(State(jobs): JobsState, headers: HeaderMap) -> Result<Response, ApiError> {
+async fn agents(
+    State(jobs): JobsState,
+    caller: Caller,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     if !asks_json(&headers, "content-type") && !asks_json(&headers, "accept") {
         return Ok(Html(INDEX_HTML).into_response());
     }
+    require_admin(&caller, "GET /agents")?;
     let list = jobs.agents().await.map_err(ApiError::Agents)?;
     Ok(json(StatusCode::OK, &list)?)
 }
@@ -63,6 +70,7 @@ struct JobAgentsQuery {
 
 async fn job_agents(
     State(jobs): JobsState,
+    caller: Caller,
     query: Result<Query<JobAgentsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let only = match query? {
@@ -76,7 +84,11 @@ async fn job_agents(
         }) => None,
         Query(_) => return Err(ApiError::ProjectAndId),
     };
-    let map = jobs.job_agents(only).await?;
+    if let Some((p, _)) = &only {
+        require(&caller, Scope::Read, p)?;
+    }
+    let mut map = jobs.job_agents(only).await?;
+    map.retain(|key, _| reads_key(&caller, key));
     Ok(json(StatusCode::OK, &map)?)
 }
 
@@ -103,11 +115,22 @@ fn cluster_filter(
 
 async fn cluster_jobs(
     State(jobs): JobsState,
+    caller: Caller,
     query: Result<Query<ClusterJobsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let filter = cluster_filter(query)?;
+    if let Some(p) = &filter.project {
+        require(&caller, Scope::Read, p)?;
+    }
     match jobs.cluster_jobs(&filter).await? {
-        Some(list) => Ok(json(StatusCode::OK, &list)?),
+        Some(mut list) => {
+            list.retain(|entry| {
+                entry["project"]
+                    .as_str()
+                    .is_some_and(|p| caller.allows(Scope::Read, p))
+            });
+            Ok(json(StatusCode::OK, &list)?)
+        }
         None => Err(ApiError::NoCluster),
     }
 }
@@ -120,9 +143,11 @@ struct BuildQuery {
 
 async fn build(
     State(jobs): JobsState,
+    caller: Caller,
     Path((project, id)): Path<(String, String)>,
     query: Result<Query<BuildQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
+    require_agent(&jobs.config().access, &caller, "GET /api/build")?;
     let with_cache = query.is_ok_and(|Query(q)| {
         q.cache
             .is_some_and(|v| !matches!(v.as_str(), "0" | "false"))
@@ -136,16 +161,17 @@ async fn build(
     ))
 }
 
-async fn metrics(State(jobs): JobsState) -> Response {
+async fn metrics(State(jobs): JobsState, caller: Caller) -> Result<Response, ApiError> {
+    require_admin(&caller, "GET /metrics")?;
     jobs.refresh_gauges().await;
-    (
+    Ok((
         [(
             "content-type",
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
         jobs.metrics().render(),
     )
-        .into_response()
+        .into_response())
 }
 
 #[cfg(test)]

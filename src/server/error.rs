@@ -71,6 +71,15 @@ pub(crate) enum ApiError {
     /// 403: a state-changing request from another origin's page.
     #[error("Cross-origin request refused: Origin '{origin}' is not this server (http://{host})")]
     CrossOrigin { origin: String, host: String },
+    /// 401 (with `WWW-Authenticate: Bearer`): no token, or not a valid one.
+    #[error("Unauthorized: {0}")]
+    Unauthorized(crate::access::Refused),
+    /// 403: the caller's grant does not cover this (the project it asked for, never others).
+    #[error("Forbidden: {}", forbidden_text(*.scope, .project.as_deref()))]
+    Forbidden {
+        scope: crate::access::Scope,
+        project: Option<String>,
+    },
     /// 500: a blocking task panicked or was cancelled.
     #[error("{0}")]
     Task(#[from] tokio::task::JoinError),
@@ -83,6 +92,13 @@ fn agents_text(e: &JobError) -> String {
     match e {
         JobError::Unavailable(why) => why.clone(),
         other => other.to_string(),
+    }
+}
+
+fn forbidden_text(scope: crate::access::Scope, project: Option<&str>) -> String {
+    match project {
+        Some(p) => format!("this token has no {} scope on project {p}", scope.as_str()),
+        None => format!("this needs the {} scope", scope.as_str()),
     }
 }
 
@@ -119,7 +135,8 @@ impl ApiError {
             }
             ApiError::NotReady { .. } | ApiError::Artifacts { .. } => StatusCode::CONFLICT,
             ApiError::RunOverloaded { .. } | ApiError::Agents(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::CrossOrigin { .. } => StatusCode::FORBIDDEN,
+            ApiError::CrossOrigin { .. } | ApiError::Forbidden { .. } => StatusCode::FORBIDDEN,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Task(_) | ApiError::Json(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -127,6 +144,19 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        if let ApiError::Unauthorized(_) = self {
+            // Bearer for API clients; Basic too, so that a browser asks for the token (as the
+            // password) once and sends it with the web view's requests.
+            return (
+                self.status(),
+                [(
+                    axum::http::header::WWW_AUTHENTICATE,
+                    "Bearer realm=\"mistry\", Basic realm=\"mistry\"",
+                )],
+                self.to_string(),
+            )
+                .into_response();
+        }
         (self.status(), self.to_string()).into_response()
     }
 }

@@ -184,8 +184,8 @@ pub async fn serve(
             r = listener.accept() => r,
             _ = shutdown.wait_for(|s| *s) => break,
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
             Err(e) => {
                 if !matches!(last_warning, Some(t) if t.elapsed() < Duration::from_secs(5)) {
                     tracing::warn!(error = %e, "accepting a connection failed");
@@ -222,7 +222,7 @@ pub async fn serve(
             let _permit = permit;
             let c = Arc::clone(&conn_state);
             let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
-                answer(app.clone(), Arc::clone(&c), limits.body_timeout, req)
+                answer(app.clone(), Arc::clone(&c), limits.body_timeout, peer, req)
             });
             let io = SendTimeout::new(stream, limits.send_timeout);
             let conn = http.serve_connection(hyper_util::rt::TokioIo::new(io), service);
@@ -258,6 +258,7 @@ fn answer(
     mut app: Router,
     conn: Arc<Conn>,
     body_timeout: Duration,
+    peer: std::net::SocketAddr,
     req: hyper::Request<Incoming>,
 ) -> impl Future<Output = Result<axum::response::Response, std::convert::Infallible>> {
     let (parts, body) = req.into_parts();
@@ -271,7 +272,10 @@ fn answer(
         late: Arc::clone(&late),
         done: false,
     };
-    let req = hyper::Request::from_parts(parts, axum::body::Body::new(body));
+    let mut req = hyper::Request::from_parts(parts, axum::body::Body::new(body));
+    // The peer's address, for the `allow` rules of access control.
+    req.extensions_mut()
+        .insert(axum::extract::ConnectInfo(peer));
     let called = tower_service::Service::call(&mut app, req);
     async move {
         let mut response = called.await?;

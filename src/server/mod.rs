@@ -15,6 +15,7 @@
 //! state in memory; artifacts are read by fd below the job's `data/artifacts`, never through a
 //! symlink ([`artifacts`]).
 
+mod access;
 mod agents;
 mod error;
 mod listen;
@@ -34,6 +35,7 @@ use axum::Router;
 use futures_util::StreamExt;
 use serde::Deserialize;
 
+use crate::access::{Caller, Scope};
 use crate::body::{blocking_body, stream_body};
 use crate::tree::{open_artifacts, write_tree};
 pub(crate) use error::ApiError;
@@ -54,15 +56,24 @@ const STYLE_CSS: &str = include_str!("../web/style.css");
 type JobsState = State<Arc<dyn Jobs>>;
 
 /// The API and the web view over `jobs` (the pipelines' routes included).
+///
+/// Access control ([`crate::access`], the configuration's `tokens` and `allow`) wraps every
+/// route: [`access::authenticate`] around the whole router (401), the routes of one project
+/// behind [`access::read_project`] (403), the others checking the project of their request or
+/// filtering their lists.
 pub fn router(jobs: Arc<dyn Jobs>) -> Router {
-    Router::new()
-        .route("/jobs", any(submit))
-        .route("/index/", get(index))
+    let policy = Arc::clone(&jobs.config().access);
+    let of_a_project = Router::new()
         .route("/job/{project}/{id}", get(job))
         .route("/log/{project}/{id}", get(log))
         .route("/artifacts/{project}/{id}", get(artifacts))
         .route("/api/job/{project}/{id}", get(api_job))
         .route("/api/logtail/{project}/{id}", get(api_logtail))
+        .route_layer(axum::middleware::from_fn(access::read_project));
+    Router::new()
+        .route("/jobs", any(submit))
+        .route("/index/", get(index))
+        .merge(of_a_project)
         .route(
             "/static/app.js",
             get(|| async { ([("content-type", "text/javascript; charset=utf-8")], APP_JS) }),
@@ -75,6 +86,10 @@ pub fn router(jobs: Arc<dyn Jobs>) -> Router {
         .merge(agents::routes())
         .merge(pipelines::routes(Arc::clone(&jobs)))
         .layer(axum::middleware::from_fn(same_origin))
+        .layer(axum::middleware::from_fn_with_state(
+            policy,
+            access::authenticate,
+        ))
         .with_state(jobs)
 }
 
@@ -133,6 +148,7 @@ struct JobsQuery {
 /// `POST /jobs`: the BuildInfo once the job ended (201), or 201 at once with `?async`.
 async fn submit(
     State(jobs): JobsState,
+    caller: Caller,
     method: Method,
     query: Result<Query<JobsQuery>, QueryRejection>,
     body: Bytes,
@@ -144,6 +160,7 @@ async fn submit(
         });
     }
     let req = JobRequest::parse(&body)?;
+    access::require(&caller, Scope::Build, &req.project)?;
     let submitted = jobs.submit(req).await?;
     if query.is_ok_and(|Query(q)| q.is_async.is_some()) {
         return Ok((StatusCode::CREATED, "").into_response());
@@ -153,13 +170,16 @@ async fn submit(
 }
 
 /// All jobs, newest first, as mistry's JSON array, streamed: one job's BuildInfo is in memory at
-/// a time, however many jobs and params there are.
-async fn index(State(jobs): JobsState) -> Response {
+/// a time, however many jobs and params there are. Only the projects the caller may read.
+async fn index(State(jobs): JobsState, caller: Caller) -> Response {
     blocking_body(
         "application/json",
         move |w| {
             w.write_all(b"[")?;
-            for (i, found) in jobs.list().enumerate() {
+            let readable = jobs
+                .list()
+                .filter(|f| caller.allows(Scope::Read, f.dir.project()));
+            for (i, found) in readable.enumerate() {
                 if i > 0 {
                     w.write_all(b",")?;
                 }

@@ -29,7 +29,9 @@ use axum::Router;
 use futures_util::stream;
 use serde::Deserialize;
 
+use super::access::{require, require_admin};
 use super::ApiError;
+use crate::access::{Caller, Scope};
 use crate::body::{json, INDEX_HTML};
 use crate::pipeline::def::{self, ParamDef};
 use crate::pipeline::run::{self, JobRunState, RunRecord, RunState, Runs};
@@ -136,8 +138,42 @@ struct Listed {
     error: String,
 }
 
+/// Whether `caller` may see a run: read on every project of its jobs (a run without jobs: an
+/// admin only).
+fn sees_run(caller: &Caller, rec: &RunRecord) -> bool {
+    if rec.jobs.is_empty() {
+        return caller.is_admin();
+    }
+    rec.jobs
+        .iter()
+        .all(|j| caller.allows(Scope::Read, &j.project))
+}
+
+/// The projects of pipeline `name` and of those its successes trigger, transitively (blocking).
+fn projects_of(runs: &Runs, name: &str) -> Result<std::collections::BTreeSet<String>, ApiError> {
+    let mut projects = std::collections::BTreeSet::new();
+    let mut seen = std::collections::BTreeSet::new();
+    let mut todo = vec![name.to_string()];
+    while let Some(n) = todo.pop() {
+        if !seen.insert(n.clone()) {
+            continue;
+        }
+        let p = match runs.load(&n) {
+            Ok(p) => p,
+            Err(e) if n == name => return Err(e.into()),
+            // A triggered pipeline that does not load starts nothing (its run records the
+            // error when it is triggered).
+            Err(_) => continue,
+        };
+        projects.extend(p.jobs.into_iter().map(|j| j.project));
+        todo.extend(p.on_success.into_iter().map(|t| t.pipeline));
+    }
+    Ok(projects)
+}
+
 async fn pipelines(
     State(runs): State<Arc<Runs>>,
+    caller: Caller,
     method: Method,
     query: Result<Query<RunQuery>, QueryRejection>,
     body: Bytes,
@@ -147,21 +183,32 @@ async fn pipelines(
         let listed = tokio::task::spawn_blocking(move || {
             def::names(r.projects_path())
                 .into_iter()
-                .map(|name| match r.load(&name) {
-                    Ok(p) => Listed {
+                .filter_map(|name| match r.load(&name) {
+                    // Only the pipelines whose every project the caller may read; definitions
+                    // in error only to admins (the error may name anything).
+                    Ok(p)
+                        if !p
+                            .jobs
+                            .iter()
+                            .all(|j| caller.allows(Scope::Read, &j.project)) =>
+                    {
+                        None
+                    }
+                    Err(_) if !caller.is_admin() => None,
+                    Ok(p) => Some(Listed {
                         name,
                         description: p.description,
                         params: p.params,
                         jobs: p.jobs.into_iter().map(|j| j.name).collect(),
                         error: String::new(),
-                    },
-                    Err(e) => Listed {
+                    }),
+                    Err(e) => Some(Listed {
                         name,
                         description: String::new(),
                         params: BTreeMap::new(),
                         jobs: Vec::new(),
                         error: e.to_string(),
-                    },
+                    }),
                 })
                 .collect::<Vec<_>>()
         })
@@ -175,6 +222,12 @@ async fn pipelines(
         });
     }
     let (name, params, rebuild) = parse_request(&body)?;
+    // Build on every project the run may start (its triggered runs' included).
+    let (r, n) = (Arc::clone(&runs), name.clone());
+    let projects = tokio::task::spawn_blocking(move || projects_of(&r, &n)).await??;
+    for p in &projects {
+        require(&caller, Scope::Build, p)?;
+    }
     let is_async = query.is_ok_and(|Query(q)| q.is_async.is_some());
     let (rx, _) = if rebuild {
         runs.start_rebuild(&name, params).await?
@@ -201,7 +254,7 @@ async fn pipelines(
     Ok(json(StatusCode::CREATED, &rec)?)
 }
 
-async fn index(State(runs): State<Arc<Runs>>) -> Result<Response, ApiError> {
+async fn index(State(runs): State<Arc<Runs>>, caller: Caller) -> Result<Response, ApiError> {
     let build_path = runs.jobs().config().build_path.clone();
     let mut recs = tokio::task::spawn_blocking(move || run::list_records(&build_path)).await?;
     // Runs in flight as they are now.
@@ -210,14 +263,16 @@ async fn index(State(runs): State<Arc<Runs>>) -> Result<Response, ApiError> {
             *r = RunRecord::clone(&rx.borrow());
         }
     }
+    recs.retain(|r| sees_run(&caller, r));
     Ok(json(StatusCode::OK, &recs)?)
 }
 
 /// `{"<project>/<id>": {"pipeline", "run", "url"}}`: the run each job belongs to.
-async fn job_runs(State(runs): State<Arc<Runs>>) -> Result<Response, ApiError> {
+async fn job_runs(State(runs): State<Arc<Runs>>, caller: Caller) -> Result<Response, ApiError> {
     let map: serde_json::Map<String, serde_json::Value> = runs
         .job_runs()
         .into_iter()
+        .filter(|((project, _), _)| caller.allows(Scope::Read, project))
         .map(|((project, id), link)| {
             (
                 format!("{project}/{id}"),
@@ -241,12 +296,27 @@ fn unknown_run(name: String, run: String) -> ApiError {
     ApiError::UnknownRun { name, run }
 }
 
+/// 403 unless `caller` sees `rec` (the first project it may not read is named: the caller
+/// asked for this run).
+fn require_run(caller: &Caller, rec: &RunRecord) -> Result<(), ApiError> {
+    if rec.jobs.is_empty() {
+        return require_admin(caller, "a pipeline run without jobs");
+    }
+    rec.jobs
+        .iter()
+        .try_for_each(|j| require(caller, Scope::Read, &j.project))
+}
+
 async fn run_page(
     State(runs): State<Arc<Runs>>,
+    caller: Caller,
     Path((name, run)): Path<(String, String)>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let found = runs.find(&name, &run).await;
+    if let Some(rec) = &found {
+        require_run(&caller, rec)?;
+    }
     match (found, wants_json(&headers)) {
         (Some(rec), true) => Ok(json(StatusCode::OK, &rec)?),
         (Some(rec), false) => Ok(Html(page(&rec)).into_response()),
@@ -256,6 +326,7 @@ async fn run_page(
 
 async fn events(
     State(runs): State<Arc<Runs>>,
+    caller: Caller,
     Path((name, run)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let event = |rec: &RunRecord| {
@@ -264,6 +335,7 @@ async fn events(
         )
     };
     if let Some(rx) = runs.watch(&name, &run) {
+        require_run(&caller, &rx.borrow())?;
         // The record now, then each change, until the run ends.
         let s = stream::unfold((rx, false, true), move |(mut rx, done, first)| async move {
             if done {
@@ -279,7 +351,10 @@ async fn events(
         return Ok(Sse::new(s).into_response());
     }
     match runs.find(&name, &run).await {
-        Some(rec) => Ok(Sse::new(stream::iter([event(&rec)])).into_response()),
+        Some(rec) => {
+            require_run(&caller, &rec)?;
+            Ok(Sse::new(stream::iter([event(&rec)])).into_response())
+        }
         None => Err(unknown_run(name, run)),
     }
 }

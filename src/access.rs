@@ -1,0 +1,712 @@
+//! Access control (no HTTP here; the server's `server/access.rs` applies it to every route):
+//! who may read, build and administer which project.
+//!
+//! The configuration file's keys (top level, beside mistry's):
+//!
+//! ```json
+//! {
+//!   "tokens": [{"name": "ci-payments", "hash": "<sha256 hex of the token>",
+//!               "scopes": ["build"], "projects": ["payments-*"],
+//!               "expires": "2026-01-31T00:00:00Z"}],
+//!   "tokens_file": "/etc/mistry/tokens.json",     // more entries, a JSON array of the same
+//!   "allow": [{"from": "10.0.0.0/8", "scopes": ["build"], "projects": ["*"]}],
+//!   "cluster_token_file": "/etc/mistry/cluster-token"   // agents authenticate each other
+//! }
+//! ```
+//!
+//! Scopes are ordered: `read` < `build` < `admin`, each granting those below it (`build` reads
+//! the projects it builds; `admin` builds them too, and reaches the server-wide routes:
+//! `/metrics`, `GET /agents` as JSON). A token is stored only as the SHA-256 of its text
+//! (tokens are 256 random bits, so a plain hash is enough: there is nothing to guess), compared
+//! in constant time with every entry. Without `tokens` and `allow`, access control is off, as
+//! in mistry: every client may do everything.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use globset::{GlobSet, GlobSetBuilder};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+/// What a grant allows on a project, ordered: each scope includes those below it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    /// See jobs, logs, artifacts, pipelines and their runs.
+    Read,
+    /// Also start jobs and pipeline runs.
+    Build,
+    /// Also the server-wide routes (metrics, the agents' details).
+    Admin,
+}
+
+impl Scope {
+    /// Its name in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scope::Read => "read",
+            Scope::Build => "build",
+            Scope::Admin => "admin",
+        }
+    }
+}
+
+impl std::str::FromStr for Scope {
+    type Err = AccessError;
+    fn from_str(s: &str) -> Result<Self, AccessError> {
+        match s {
+            "read" => Ok(Scope::Read),
+            "build" => Ok(Scope::Build),
+            "admin" => Ok(Scope::Admin),
+            other => Err(AccessError::Scope(other.to_string())),
+        }
+    }
+}
+
+/// Why access settings are not valid.
+#[derive(Debug, thiserror::Error)]
+pub enum AccessError {
+    /// An unknown scope.
+    #[error("unknown scope {0:?} (read, build or admin)")]
+    Scope(String),
+    /// A project pattern that is not a glob.
+    #[error("{what}: project pattern {pattern:?}: {reason}")]
+    Pattern {
+        /// The entry.
+        what: String,
+        /// The pattern.
+        pattern: String,
+        /// The glob's error.
+        reason: String,
+    },
+    /// A hash that is not 64 hex digits.
+    #[error("{what}: hash must be the SHA-256 of the token, 64 hex digits")]
+    Hash {
+        /// The entry.
+        what: String,
+    },
+    /// An expiry that is not an RFC 3339 time.
+    #[error("{what}: expires {value:?} is not an RFC 3339 time (2026-01-31T00:00:00Z)")]
+    Expires {
+        /// The entry.
+        what: String,
+        /// The value.
+        value: String,
+    },
+    /// An entry without a name, scopes or projects, or two entries of one name.
+    #[error("{0}")]
+    Entry(String),
+    /// An `allow` rule's `from` that is not a network.
+    #[error("allow[{index}].from: {value:?} is not a network (10.0.0.0/8) or an address")]
+    From {
+        /// The rule's index.
+        index: usize,
+        /// The value.
+        value: String,
+    },
+    /// The tokens file or the cluster token file could not be read, parsed or written.
+    #[error("{path}: {reason}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What went wrong.
+        reason: String,
+    },
+}
+
+/// A token's entry as the configuration (or the tokens file) holds it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RawToken {
+    /// Who holds it (unique; audit lines name it).
+    pub name: String,
+    /// SHA-256 of the token's text, hex.
+    pub hash: String,
+    /// `read`, `build`, `admin`.
+    pub scopes: Vec<String>,
+    /// Globs of project names (`payments-*`, `*`).
+    pub projects: Vec<String>,
+    /// RFC 3339; absent: never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<String>,
+}
+
+/// An `allow` rule: clients from `from` get `scopes` on `projects` without a token.
+#[derive(Debug, Clone, Deserialize)]
+pub struct RawAllow {
+    /// A network (`10.0.0.0/8`) or one address.
+    pub from: String,
+    /// As a token's.
+    pub scopes: Vec<String>,
+    /// As a token's.
+    pub projects: Vec<String>,
+}
+
+/// The configuration file's keys of access control.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RawAccess {
+    /// `tokens`.
+    #[serde(default)]
+    pub tokens: Vec<RawToken>,
+    /// `tokens_file`: a JSON array of more entries (relative to the configuration's directory).
+    pub tokens_file: Option<PathBuf>,
+    /// `allow`.
+    #[serde(default)]
+    pub allow: Vec<RawAllow>,
+    /// `cluster_token_file`: the token agents send each other (its first line).
+    pub cluster_token_file: Option<PathBuf>,
+}
+
+/// Projects and the scope granted on them: a token's, or an allow rule's.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    /// The token's name, or `allow[i] (<network>)`.
+    pub name: String,
+    /// The highest scope granted.
+    pub scope: Scope,
+    /// The patterns, as written.
+    pub patterns: Vec<String>,
+    projects: GlobSet,
+    /// Seconds since the epoch after which the token is refused.
+    pub expires: Option<i64>,
+}
+
+impl Grant {
+    fn new(
+        name: String,
+        scopes: &[String],
+        patterns: Vec<String>,
+        expires: Option<i64>,
+    ) -> Result<Grant, AccessError> {
+        let scope = scopes
+            .iter()
+            .map(|s| s.parse::<Scope>())
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .max()
+            .ok_or_else(|| AccessError::Entry(format!("{name}: no scopes")))?;
+        if patterns.is_empty() {
+            return Err(AccessError::Entry(format!("{name}: no projects")));
+        }
+        let mut set = GlobSetBuilder::new();
+        for p in &patterns {
+            let glob = globset::GlobBuilder::new(p)
+                .literal_separator(true)
+                .build()
+                .map_err(|e| AccessError::Pattern {
+                    what: name.clone(),
+                    pattern: p.clone(),
+                    reason: e.kind().to_string(),
+                })?;
+            set.add(glob);
+        }
+        let projects = set.build().map_err(|e| AccessError::Pattern {
+            what: name.clone(),
+            pattern: patterns.join(","),
+            reason: e.to_string(),
+        })?;
+        Ok(Grant {
+            name,
+            scope,
+            patterns,
+            projects,
+            expires,
+        })
+    }
+
+    /// Whether it grants `scope` on `project`.
+    pub fn allows(&self, scope: Scope, project: &str) -> bool {
+        self.scope >= scope && self.projects.is_match(project)
+    }
+}
+
+/// A token's entry, validated.
+#[derive(Debug, Clone)]
+struct TokenEntry {
+    hash: [u8; 32],
+    grant: Arc<Grant>,
+}
+
+/// An allow rule, validated.
+#[derive(Debug, Clone)]
+struct AllowRule {
+    from: sandbox::egress::IpNet,
+    grant: Arc<Grant>,
+}
+
+/// Who a request comes from, once authenticated.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    /// Access control is off: everything is allowed (mistry's behaviour).
+    Open,
+    /// A token's or an allow rule's grant.
+    Granted(Arc<Grant>),
+    /// Another agent of the cluster (it sent the cluster token).
+    Agent,
+}
+
+impl Caller {
+    /// Whether it may do `scope` on `project`.
+    pub fn allows(&self, scope: Scope, project: &str) -> bool {
+        match self {
+            Caller::Open | Caller::Agent => true,
+            Caller::Granted(g) => g.allows(scope, project),
+        }
+    }
+
+    /// Whether it may use the server-wide routes (`admin`, or another agent).
+    pub fn is_admin(&self) -> bool {
+        match self {
+            Caller::Open | Caller::Agent => true,
+            Caller::Granted(g) => g.scope == Scope::Admin,
+        }
+    }
+
+    /// Its name in audit lines.
+    pub fn name(&self) -> &str {
+        match self {
+            Caller::Open => "-",
+            Caller::Agent => "cluster agent",
+            Caller::Granted(g) => &g.name,
+        }
+    }
+}
+
+/// Why a request was not authenticated (401).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    /// No token, and no allow rule for its address.
+    #[error("a token is required (Authorization: Bearer <token>)")]
+    Missing,
+    /// A token no entry has.
+    #[error("the token is not valid")]
+    Unknown,
+    /// A token past its expiry (the entry's name in the audit line only).
+    #[error("the token is not valid")]
+    Expired(String),
+}
+
+/// The validated access settings.
+#[derive(Debug, Clone, Default)]
+pub struct Access {
+    tokens: Vec<TokenEntry>,
+    allow: Vec<AllowRule>,
+    cluster: Option<[u8; 32]>,
+    /// `tokens_file` is set: access control is on even while the file holds no entry (fails
+    /// closed).
+    file: bool,
+}
+
+/// The SHA-256 of a token's text.
+pub fn hash_token(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+fn parse_expires(what: &str, value: &str) -> Result<i64, AccessError> {
+    chrono::DateTime::parse_from_rfc3339(value)
+        .map(|t| t.timestamp())
+        .map_err(|_| AccessError::Expires {
+            what: what.to_string(),
+            value: value.to_string(),
+        })
+}
+
+/// Read a tokens file: a JSON array of entries; a file that does not exist has none.
+pub fn read_tokens_file(path: &Path) -> Result<Vec<RawToken>, AccessError> {
+    let file = |reason: String| AccessError::File {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(file(e.to_string())),
+    };
+    serde_json::from_str(&text).map_err(|e| file(e.to_string()))
+}
+
+/// Write a tokens file atomically (a new file renamed over it), readable by its owner only.
+pub fn write_tokens_file(path: &Path, tokens: &[RawToken]) -> Result<(), AccessError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = |reason: String| AccessError::File {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let text = serde_json::to_string_pretty(tokens).map_err(|e| file(e.to_string()))?;
+    let tmp = path.with_extension("tmp-mistry");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| file(format!("writing {}: {e}", tmp.display())))?;
+    f.write_all(text.as_bytes())
+        .and_then(|()| f.write_all(b"\n"))
+        .and_then(|()| f.sync_all())
+        .map_err(|e| file(format!("writing {}: {e}", tmp.display())))?;
+    std::fs::rename(&tmp, path).map_err(|e| file(e.to_string()))
+}
+
+impl RawAccess {
+    /// The tokens file's path, relative to `base_dir`.
+    pub fn tokens_path(&self, base_dir: &Path) -> Option<PathBuf> {
+        self.tokens_file.as_ref().map(|p| base_dir.join(p))
+    }
+
+    /// Every token entry: the configuration's, then the tokens file's.
+    pub fn all_tokens(&self, base_dir: &Path) -> Result<Vec<RawToken>, AccessError> {
+        let mut all = self.tokens.clone();
+        if let Some(p) = self.tokens_path(base_dir) {
+            all.extend(read_tokens_file(&p)?);
+        }
+        Ok(all)
+    }
+}
+
+impl Access {
+    /// Validate the settings (the files named are read now).
+    pub fn parse(raw: &RawAccess, base_dir: &Path) -> Result<Access, AccessError> {
+        let mut tokens = Vec::new();
+        let mut names = std::collections::BTreeSet::new();
+        if let Some(p) = raw.tokens_path(base_dir) {
+            if !p.exists() {
+                return Err(AccessError::File {
+                    path: p,
+                    reason: "tokens_file does not exist (mistryd token create makes it)".into(),
+                });
+            }
+        }
+        for t in raw.all_tokens(base_dir)? {
+            let what = format!("token {}", t.name);
+            if t.name.is_empty() {
+                return Err(AccessError::Entry("a token without a name".into()));
+            }
+            if !names.insert(t.name.clone()) {
+                return Err(AccessError::Entry(format!("two tokens named {}", t.name)));
+            }
+            let mut hash = [0u8; 32];
+            hex::decode_to_slice(t.hash.trim(), &mut hash)
+                .map_err(|_| AccessError::Hash { what: what.clone() })?;
+            let expires = match &t.expires {
+                Some(e) => Some(parse_expires(&what, e)?),
+                None => None,
+            };
+            let grant = Grant::new(t.name.clone(), &t.scopes, t.projects.clone(), expires)?;
+            tokens.push(TokenEntry {
+                hash,
+                grant: Arc::new(grant),
+            });
+        }
+        let mut allow = Vec::new();
+        for (index, a) in raw.allow.iter().enumerate() {
+            let from = parse_from(&a.from).ok_or_else(|| AccessError::From {
+                index,
+                value: a.from.clone(),
+            })?;
+            let grant = Grant::new(
+                format!("allow[{index}] ({from})"),
+                &a.scopes,
+                a.projects.clone(),
+                None,
+            )?;
+            allow.push(AllowRule {
+                from,
+                grant: Arc::new(grant),
+            });
+        }
+        let cluster = match &raw.cluster_token_file {
+            Some(p) => {
+                let path = base_dir.join(p);
+                let token = read_cluster_token(&path)?;
+                Some(hash_token(&token))
+            }
+            None => None,
+        };
+        Ok(Access {
+            tokens,
+            allow,
+            cluster,
+            file: raw.tokens_file.is_some(),
+        })
+    }
+
+    /// Whether clients must authenticate (`tokens`, `tokens_file` or `allow` set).
+    pub fn enabled(&self) -> bool {
+        !self.tokens.is_empty() || !self.allow.is_empty() || self.file
+    }
+
+    /// How many tokens and allow rules there are.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.tokens.len(), self.allow.len())
+    }
+
+    /// Whether agents authenticate each other (`cluster_token_file` set).
+    pub fn has_cluster_token(&self) -> bool {
+        self.cluster.is_some()
+    }
+
+    /// Who sent `bearer` (the token, if any) from `peer` at `now` (seconds since the epoch).
+    /// Every entry is compared, in constant time, whatever matches.
+    pub fn authenticate(
+        &self,
+        bearer: Option<&str>,
+        peer: Option<IpAddr>,
+        now: i64,
+    ) -> Result<Caller, Refused> {
+        if let Some(token) = bearer {
+            let hash = hash_token(token);
+            let mut found: Option<&Arc<Grant>> = None;
+            for t in &self.tokens {
+                if bool::from(t.hash.ct_eq(&hash)) {
+                    found = Some(&t.grant);
+                }
+            }
+            if self.cluster.is_some_and(|c| bool::from(c.ct_eq(&hash))) {
+                return Ok(Caller::Agent);
+            }
+            return match found {
+                Some(g) if g.expires.is_some_and(|e| e <= now) => {
+                    Err(Refused::Expired(g.name.clone()))
+                }
+                Some(g) => Ok(Caller::Granted(Arc::clone(g))),
+                None if !self.enabled() => Ok(Caller::Open),
+                None => Err(Refused::Unknown),
+            };
+        }
+        if !self.enabled() {
+            return Ok(Caller::Open);
+        }
+        if let Some(ip) = peer.map(canonical) {
+            if let Some(rule) = self.allow.iter().find(|r| r.from.contains(&ip)) {
+                return Ok(Caller::Granted(Arc::clone(&rule.grant)));
+            }
+        }
+        Err(Refused::Missing)
+    }
+}
+
+/// An `allow` rule's `from`: a network (`10.0.0.0/8`) or one address.
+fn parse_from(s: &str) -> Option<sandbox::egress::IpNet> {
+    let s = s.trim();
+    if let Ok(net) = s.parse::<sandbox::egress::IpNet>() {
+        return Some(net.trunc());
+    }
+    s.parse::<IpAddr>().ok().map(sandbox::egress::IpNet::from)
+}
+
+/// An IPv4 address mapped into IPv6 (a dual-stack listener's peers) as IPv4.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 @ IpAddr::V4(_) => v4,
+    }
+}
+
+/// The cluster token in `path`: its first line, at least 32 characters.
+pub fn read_cluster_token(path: &Path) -> Result<String, AccessError> {
+    let file = |reason: String| AccessError::File {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| file(e.to_string()))?;
+    let token = text.lines().next().unwrap_or("").trim().to_string();
+    if token.len() < 32 {
+        return Err(file(
+            "the cluster token must be at least 32 characters (mistryd token generate)".into(),
+        ));
+    }
+    Ok(token)
+}
+
+/// The token this agent sends other agents, set once at start (`set_cluster_token`).
+static CLUSTER_TOKEN: OnceLock<String> = OnceLock::new();
+
+/// Set the token this agent sends other agents (`cluster_token_file`); once per process.
+pub fn set_cluster_token(token: String) {
+    let _ = CLUSTER_TOKEN.set(token);
+}
+
+/// The `Authorization` header's value for a request to another agent, if agents authenticate.
+pub fn cluster_authorization() -> Option<String> {
+    CLUSTER_TOKEN.get().map(|t| format!("Bearer {t}"))
+}
+
+/// A new token: `mistry_` and 256 random bits in hex.
+pub fn generate_token() -> Result<String, AccessError> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| AccessError::File {
+        path: PathBuf::from("/dev/urandom"),
+        reason: e.to_string(),
+    })?;
+    Ok(format!("mistry_{}", hex::encode(bytes)))
+}
+
+/// The current time, seconds since the epoch.
+pub fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(name: &str, token: &str, scopes: &[&str], projects: &[&str]) -> RawToken {
+        RawToken {
+            name: name.into(),
+            hash: hex::encode(hash_token(token)),
+            scopes: scopes.iter().map(|s| (*s).to_string()).collect(),
+            projects: projects.iter().map(|s| (*s).to_string()).collect(),
+            expires: None,
+        }
+    }
+
+    fn access(tokens: Vec<RawToken>, allow: Vec<RawAllow>) -> Access {
+        Access::parse(
+            &RawAccess {
+                tokens,
+                allow,
+                ..RawAccess::default()
+            },
+            Path::new("/"),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn tokens_grant_their_scope_on_their_projects() {
+        let mut old = raw("old", "t-old", &["admin"], &["*"]);
+        old.expires = Some("2020-01-01T00:00:00Z".into());
+        let a = access(
+            vec![
+                raw("ci", "t-ci", &["build"], &["payments-*"]),
+                raw("ro", "t-ro", &["read"], &["web"]),
+                old,
+            ],
+            Vec::new(),
+        );
+        assert!(a.enabled());
+        let now = parse_expires("", "2025-06-01T00:00:00Z").unwrap();
+        let ci = a.authenticate(Some("t-ci"), None, now).unwrap();
+        assert!(ci.allows(Scope::Build, "payments-api"));
+        assert!(ci.allows(Scope::Read, "payments-api"));
+        assert!(!ci.allows(Scope::Admin, "payments-api"));
+        assert!(!ci.allows(Scope::Read, "web"));
+        assert!(!ci.allows(Scope::Read, "payments-x/y"));
+        assert!(!ci.is_admin());
+        let ro = a.authenticate(Some("t-ro"), None, now).unwrap();
+        assert!(ro.allows(Scope::Read, "web") && !ro.allows(Scope::Build, "web"));
+        assert_eq!(
+            a.authenticate(Some("nope"), None, now).unwrap_err(),
+            Refused::Unknown
+        );
+        assert_eq!(
+            a.authenticate(None, None, now).unwrap_err(),
+            Refused::Missing
+        );
+        assert_eq!(
+            a.authenticate(Some("t-old"), None, now).unwrap_err(),
+            Refused::Expired("old".into())
+        );
+    }
+
+    #[test]
+    fn allow_rules_match_the_peer_address() {
+        let a = access(
+            Vec::new(),
+            vec![RawAllow {
+                from: "10.0.0.0/8".into(),
+                scopes: vec!["build".into()],
+                projects: vec!["*".into()],
+            }],
+        );
+        let ip = |s: &str| Some(s.parse::<IpAddr>().unwrap());
+        assert!(a
+            .authenticate(None, ip("10.1.2.3"), 0)
+            .unwrap()
+            .allows(Scope::Build, "x"));
+        assert!(a
+            .authenticate(None, ip("::ffff:10.1.2.3"), 0)
+            .unwrap()
+            .allows(Scope::Build, "x"));
+        assert_eq!(
+            a.authenticate(None, ip("192.168.1.1"), 0).unwrap_err(),
+            Refused::Missing
+        );
+        // A token given is checked even from an allowed address.
+        assert_eq!(
+            a.authenticate(Some("x"), ip("10.1.2.3"), 0).unwrap_err(),
+            Refused::Unknown
+        );
+    }
+
+    #[test]
+    fn off_by_default() {
+        let a = Access::default();
+        assert!(!a.enabled());
+        assert!(matches!(a.authenticate(None, None, 0), Ok(Caller::Open)));
+        assert!(matches!(
+            a.authenticate(Some("x"), None, 0),
+            Ok(Caller::Open)
+        ));
+    }
+
+    #[test]
+    fn bad_entries_are_refused() {
+        let parse = |t: RawToken| {
+            Access::parse(
+                &RawAccess {
+                    tokens: vec![t],
+                    ..RawAccess::default()
+                },
+                Path::new("/"),
+            )
+            .unwrap_err()
+            .to_string()
+        };
+        let mut t = raw("a", "x", &["write"], &["*"]);
+        assert_eq!(
+            parse(t.clone()),
+            "unknown scope \"write\" (read, build or admin)"
+        );
+        t.scopes = vec!["read".into()];
+        t.hash = "abc".into();
+        assert_eq!(
+            parse(t.clone()),
+            "token a: hash must be the SHA-256 of the token, 64 hex digits"
+        );
+        t.hash = hex::encode([0u8; 32]);
+        t.expires = Some("30d".into());
+        assert!(parse(t.clone()).starts_with("token a: expires \"30d\""));
+        t.expires = None;
+        t.projects = vec!["a[".into()];
+        assert!(parse(t).starts_with("a: project pattern \"a[\""));
+    }
+
+    #[test]
+    fn generated_tokens_are_distinct() {
+        let (a, b) = (generate_token().unwrap(), generate_token().unwrap());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), "mistry_".len() + 64);
+    }
+
+    #[test]
+    fn a_tokens_file_fails_closed() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = RawAccess {
+            tokens_file: Some("tokens.json".into()),
+            ..RawAccess::default()
+        };
+        let e = Access::parse(&raw, dir.path()).unwrap_err().to_string();
+        assert!(
+            e.ends_with("tokens.json: tokens_file does not exist (mistryd token create makes it)"),
+            "{e}"
+        );
+        std::fs::write(dir.path().join("tokens.json"), "[]").unwrap();
+        let a = Access::parse(&raw, dir.path()).unwrap();
+        assert!(a.enabled());
+        assert_eq!(a.authenticate(None, None, 0).unwrap_err(), Refused::Missing);
+    }
+}

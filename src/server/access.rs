@@ -1,0 +1,530 @@
+//! Access control on every route, in two places only: [`authenticate`], a layer around the
+//! whole router, says who sent each request ([`Caller`], from `Authorization: Bearer <token>`,
+//! `Basic` with the token as password for browsers, an `allow` rule for the peer's address, or
+//! the cluster token) and answers 401 when it cannot; [`require`] (and [`read_project`], the
+//! route layer of the routes with a `{project}` in their path) answers 403 when the caller's
+//! grant does not cover a project. Lists ask [`Caller::allows`] of each entry, so that nothing
+//! of another project shows. Every refusal is an audit line (`tracing` target `audit`).
+//!
+//! Public without a token: `/static/*` (the web view's script and style, no data).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::extract::{ConnectInfo, FromRequestParts, Path, Request, State};
+use axum::http::request::Parts;
+use axum::http::HeaderMap;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::ApiError;
+use crate::access::{Access, Caller, Refused, Scope};
+
+/// The token in `Authorization`: `Bearer <token>`, or `Basic` with the token as the password
+/// (a browser's sign-in dialog). A header of another form is a wrong token (`Some("")`).
+fn token(headers: &HeaderMap) -> Option<String> {
+    use base64::Engine as _;
+    let value = headers.get(axum::http::header::AUTHORIZATION)?;
+    let value = value.to_str().unwrap_or("").trim();
+    let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
+    let rest = rest.trim();
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return Some(rest.to_string());
+    }
+    if scheme.eq_ignore_ascii_case("basic") {
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(rest)
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+            .unwrap_or_default();
+        return Some(decoded.split_once(':').map_or("", |(_, p)| p).to_string());
+    }
+    Some(String::new())
+}
+
+/// Who sent the request: the token's grant, an allow rule's, another agent, or anyone when
+/// access control is off; 401 (and an audit line) when none.
+pub(super) async fn authenticate(
+    State(access): State<Arc<Access>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    if req.uri().path().starts_with("/static/") {
+        return next.run(req).await;
+    }
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    let token = token(req.headers());
+    match access.authenticate(token.as_deref(), peer, crate::access::now()) {
+        Ok(caller) => {
+            req.extensions_mut().insert(caller);
+            next.run(req).await
+        }
+        Err(why) => {
+            let token_name = match &why {
+                Refused::Expired(name) => name.as_str(),
+                _ => "-",
+            };
+            tracing::warn!(
+                target: "audit",
+                status = 401,
+                reason = %why,
+                expired_token = token_name,
+                peer = ?peer,
+                method = %req.method(),
+                path = %req.uri().path(),
+                "refused: not authenticated"
+            );
+            ApiError::Unauthorized(why).into_response()
+        }
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = Response;
+
+    /// The caller [`authenticate`] found; a route outside its layer refuses (fails closed).
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Caller, Response> {
+        parts
+            .extensions
+            .get::<Caller>()
+            .cloned()
+            .ok_or_else(|| ApiError::Unauthorized(Refused::Missing).into_response())
+    }
+}
+
+/// 403 (and an audit line) unless `caller` has `scope` on `project`.
+pub(super) fn require(caller: &Caller, scope: Scope, project: &str) -> Result<(), ApiError> {
+    if caller.allows(scope, project) {
+        return Ok(());
+    }
+    tracing::warn!(target: "audit", status = 403, caller = caller.name(), scope = scope.as_str(), %project, "refused: no grant");
+    Err(ApiError::Forbidden {
+        scope,
+        project: Some(project.to_string()),
+    })
+}
+
+/// 403 (and an audit line) unless `caller` may use the server-wide routes (`what`); an admin's
+/// use of them is an audit line too.
+pub(super) fn require_admin(caller: &Caller, what: &str) -> Result<(), ApiError> {
+    if caller.is_admin() {
+        if let Caller::Granted(g) = caller {
+            tracing::info!(target: "audit", caller = %g.name, %what, "admin request");
+        }
+        return Ok(());
+    }
+    tracing::warn!(target: "audit", status = 403, caller = caller.name(), %what, "refused: not admin");
+    Err(ApiError::Forbidden {
+        scope: Scope::Admin,
+        project: None,
+    })
+}
+
+/// 403 unless `caller` is another agent (the cluster token), when agents authenticate each
+/// other; else as [`require_admin`].
+pub(super) fn require_agent(access: &Access, caller: &Caller, what: &str) -> Result<(), ApiError> {
+    if !access.has_cluster_token() {
+        return require_admin(caller, what);
+    }
+    if matches!(caller, Caller::Agent) {
+        return Ok(());
+    }
+    tracing::warn!(target: "audit", status = 403, caller = caller.name(), %what, "refused: not an agent of the cluster");
+    Err(ApiError::Forbidden {
+        scope: Scope::Admin,
+        project: None,
+    })
+}
+
+/// The route layer of the routes with `{project}` in their path: `read` on it.
+pub(super) async fn read_project(
+    caller: Caller,
+    Path(params): Path<HashMap<String, String>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let Some(project) = params.get("project") else {
+        // Every route under this layer names a project; one that does not is refused.
+        return ApiError::Forbidden {
+            scope: Scope::Read,
+            project: None,
+        }
+        .into_response();
+    };
+    match require(&caller, Scope::Read, project) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Whether a `<project>/<id>` key names a project `caller` may read.
+pub(super) fn reads_key(caller: &Caller, key: &str) -> bool {
+    key.split_once('/')
+        .is_some_and(|(project, _)| caller.allows(Scope::Read, project))
+}
+
+#[cfg(test)]
+mod tests {
+    //! Every route class through the router in process, with the fake jobs: no token, a wrong
+    //! one, another project's, each scope, an expired one; exact statuses, and bodies that do
+    //! not name projects the token may not read.
+
+    use std::sync::Arc;
+
+    use axum::body::Body;
+    use axum::http::{Request, StatusCode};
+    use tower_service::Service as _;
+
+    use crate::access::hash_token;
+    use crate::config::Config;
+    use crate::service::fake::{FakeHandle, FakeJobs};
+
+    struct App {
+        _dir: tempfile::TempDir,
+        router: axum::Router,
+    }
+
+    fn entry(name: &str, scope: &str, project: &str) -> serde_json::Value {
+        serde_json::json!({"name": name, "hash": hex::encode(hash_token(&format!("tok-{name}"))),
+                           "scopes": [scope], "projects": [project]})
+    }
+
+    fn app(tokens: &[serde_json::Value]) -> App {
+        let dir = tempfile::tempdir().unwrap();
+        let (projects, build) = (dir.path().join("projects"), dir.path().join("build"));
+        std::fs::create_dir_all(projects.join("pipelines")).unwrap();
+        std::fs::create_dir_all(&build).unwrap();
+        for p in ["app", "hidden-proj"] {
+            std::fs::create_dir_all(projects.join(p)).unwrap();
+            std::fs::write(projects.join(p).join("Dockerfile"), "FROM busybox\n").unwrap();
+        }
+        std::fs::write(
+            projects.join("pipelines/open-pipe.json"),
+            r#"{"jobs": {"a": {"project": "app"}}}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            projects.join("pipelines/mixed-pipe.json"),
+            r#"{"jobs": {"a": {"project": "app"}, "b": {"project": "hidden-proj"}}}"#,
+        )
+        .unwrap();
+        let mut expired = entry("old", "admin", "*");
+        expired["expires"] = "2001-01-01T00:00:00Z".into();
+        let mut all = tokens.to_vec();
+        all.push(expired);
+        let text = serde_json::json!({"projects_path": projects, "build_path": build,
+                                      "tokens": all});
+        let cfg = Config::parse(&text.to_string(), &dir.path().join("config.json")).unwrap();
+        let jobs = FakeHandle(FakeJobs::new(cfg, &["app", "hidden-proj"], true));
+        App {
+            _dir: dir,
+            router: super::super::router(Arc::new(jobs)),
+        }
+    }
+
+    fn standard() -> App {
+        app(&[
+            entry("reader", "read", "app"),
+            entry("builder", "build", "ap*"),
+            entry("admin", "admin", "*"),
+            entry("other", "admin", "hidden-*"),
+        ])
+    }
+
+    impl App {
+        async fn send(
+            &self,
+            method: &str,
+            uri: &str,
+            token: Option<&str>,
+            body: &str,
+        ) -> (StatusCode, Option<String>, String) {
+            let mut req = Request::builder().method(method).uri(uri);
+            if let Some(t) = token {
+                req = req.header("authorization", format!("Bearer tok-{t}"));
+            }
+            let req = req.body(Body::from(body.to_string())).unwrap();
+            let resp = match self.router.clone().call(req).await {
+                Ok(r) => r,
+                Err(e) => match e {},
+            };
+            let status = resp.status();
+            let challenge = resp
+                .headers()
+                .get("www-authenticate")
+                .map(|v| v.to_str().unwrap().to_string());
+            let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            (
+                status,
+                challenge,
+                String::from_utf8_lossy(&body).into_owned(),
+            )
+        }
+
+        async fn status(&self, method: &str, uri: &str, token: Option<&str>) -> StatusCode {
+            self.send(method, uri, token, "").await.0
+        }
+    }
+
+    const JOB: &str = r#"{"project": "app", "params": {"x": "1"}}"#;
+
+    #[tokio::test]
+    async fn no_token_wrong_token_and_expired_token_are_401_everywhere_but_static() {
+        let a = standard();
+        for uri in [
+            "/",
+            "/index/",
+            "/job/app/x",
+            "/log/app/x",
+            "/artifacts/app/x",
+            "/api/job/app/x",
+            "/api/logtail/app/x",
+            "/agents",
+            "/api/agents/jobs",
+            "/api/cluster/jobs",
+            "/api/build/app/x",
+            "/metrics",
+            "/pipelines",
+            "/pipelines/index/",
+            "/pipelines/jobs/",
+            "/pipeline/p/r",
+            "/pipeline/p/r/events",
+            "/no-such-route",
+        ] {
+            for token in [None, Some("wrong"), Some("old")] {
+                let (status, challenge, body) = a.send("GET", uri, token, "").await;
+                assert_eq!(status, StatusCode::UNAUTHORIZED, "{uri} {token:?}");
+                assert!(challenge.unwrap().starts_with("Bearer"), "{uri}");
+                assert!(!body.contains("old"), "{uri}: {body}");
+            }
+        }
+        let (status, _, _) = a.send("POST", "/jobs", None, JOB).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        let (status, _, _) = a.send("POST", "/jobs", Some("wrong"), JOB).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(
+            a.status("GET", "/static/app.js", None).await,
+            StatusCode::OK
+        );
+        // Basic with the token as password (a browser) is a token too.
+        let req = Request::builder()
+            .uri("/api/job/app/x")
+            .header("authorization", "Basic dTp0b2stcmVhZGVy") // u:tok-reader
+            .body(Body::empty())
+            .unwrap();
+        let resp = a.router.clone().call(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    }
+
+    #[tokio::test]
+    async fn a_projects_routes_need_read_on_it() {
+        let a = standard();
+        for route in ["job", "log", "artifacts", "api/job", "api/logtail"] {
+            let uri = format!("/{route}/hidden-proj/x");
+            for t in ["reader", "builder"] {
+                let (status, _, body) = a.send("GET", &uri, Some(t), "").await;
+                assert_eq!(status, StatusCode::FORBIDDEN, "{uri} {t}");
+                assert_eq!(
+                    body, "Forbidden: this token has no read scope on project hidden-proj",
+                    "{uri}"
+                );
+            }
+            // Allowed through to the handler: the fake knows no such job.
+            let expected = if route == "log" {
+                StatusCode::NO_CONTENT
+            } else {
+                StatusCode::NOT_FOUND
+            };
+            let uri = format!("/{route}/app/x");
+            for t in ["reader", "builder", "admin"] {
+                assert_eq!(a.status("GET", &uri, Some(t)).await, expected, "{uri} {t}");
+            }
+            assert_eq!(
+                a.status("GET", &uri, Some("other")).await,
+                StatusCode::FORBIDDEN
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn jobs_need_build_on_their_project() {
+        let a = standard();
+        let (status, _, body) = a.send("POST", "/jobs", Some("reader"), JOB).await;
+        assert_eq!(
+            (status, body.as_str()),
+            (
+                StatusCode::FORBIDDEN,
+                "Forbidden: this token has no build scope on project app"
+            )
+        );
+        assert_eq!(
+            a.send("POST", "/jobs", Some("other"), JOB).await.0,
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            a.send("POST", "/jobs", Some("builder"), JOB).await.0,
+            StatusCode::CREATED
+        );
+        assert_eq!(
+            a.send("POST", "/jobs", Some("admin"), JOB).await.0,
+            StatusCode::CREATED
+        );
+        // An unknown project is refused before anyone learns it does not exist.
+        let unknown = r#"{"project": "nope", "params": {}}"#;
+        assert_eq!(
+            a.send("POST", "/jobs", Some("builder"), unknown).await.0,
+            StatusCode::FORBIDDEN
+        );
+        assert_eq!(
+            a.send("POST", "/jobs", Some("admin"), unknown).await.0,
+            StatusCode::NOT_FOUND
+        );
+    }
+
+    #[tokio::test]
+    async fn server_wide_routes_need_admin() {
+        let a = standard();
+        for uri in ["/metrics", "/api/build/app/x"] {
+            for t in ["reader", "builder"] {
+                assert_eq!(
+                    a.status("GET", uri, Some(t)).await,
+                    StatusCode::FORBIDDEN,
+                    "{uri} {t}"
+                );
+            }
+        }
+        assert_eq!(
+            a.status("GET", "/metrics", Some("admin")).await,
+            StatusCode::OK
+        );
+        // The fake exports nothing: past the check, its error.
+        assert_ne!(
+            a.status("GET", "/api/build/app/x", Some("admin")).await,
+            StatusCode::FORBIDDEN
+        );
+        let req = |t: &str| {
+            Request::builder()
+                .uri("/agents")
+                .header("accept", "application/json")
+                .header("authorization", format!("Bearer tok-{t}"))
+                .body(Body::empty())
+                .unwrap()
+        };
+        let r = a.router.clone().call(req("reader")).await.unwrap();
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        let r = a.router.clone().call(req("admin")).await.unwrap();
+        assert_eq!(r.status(), StatusCode::OK);
+        // The web view's page itself is for anyone signed in.
+        assert_eq!(
+            a.status("GET", "/agents", Some("reader")).await,
+            StatusCode::OK
+        );
+        assert_eq!(a.status("GET", "/", Some("reader")).await, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn lists_answer_with_what_the_token_reads() {
+        let a = standard();
+        for uri in [
+            "/index/",
+            "/pipelines",
+            "/pipelines/index/",
+            "/pipelines/jobs/",
+        ] {
+            let (status, _, body) = a.send("GET", uri, Some("reader"), "").await;
+            assert_eq!(status, StatusCode::OK, "{uri}");
+            assert!(!body.contains("hidden"), "{uri}: {body}");
+        }
+        let (_, _, body) = a.send("GET", "/pipelines", Some("reader"), "").await;
+        assert!(
+            body.contains("open-pipe") && !body.contains("mixed-pipe"),
+            "{body}"
+        );
+        let (_, _, body) = a.send("GET", "/pipelines", Some("admin"), "").await;
+        assert!(
+            body.contains("open-pipe") && body.contains("mixed-pipe"),
+            "{body}"
+        );
+        // Starting a run needs build on each of its projects.
+        let (status, _, body) = a
+            .send(
+                "POST",
+                "/pipelines?async",
+                Some("builder"),
+                r#"{"pipeline": "mixed-pipe"}"#,
+            )
+            .await;
+        assert_eq!(
+            (status, body.as_str()),
+            (
+                StatusCode::FORBIDDEN,
+                "Forbidden: this token has no build scope on project hidden-proj"
+            )
+        );
+        let (status, _, _) = a
+            .send(
+                "POST",
+                "/pipelines?async",
+                Some("reader"),
+                r#"{"pipeline": "open-pipe"}"#,
+            )
+            .await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        let (status, _, body) = a
+            .send(
+                "POST",
+                "/pipelines?async",
+                Some("builder"),
+                r#"{"pipeline": "open-pipe"}"#,
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let (status, _, body) = a
+            .send(
+                "GET",
+                "/api/agents/jobs?project=hidden-proj&id=x",
+                Some("reader"),
+                "",
+            )
+            .await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+        let (status, _, _) = a
+            .send(
+                "GET",
+                "/api/cluster/jobs?project=hidden-proj",
+                Some("reader"),
+                "",
+            )
+            .await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+    }
+
+    #[tokio::test]
+    async fn without_tokens_everything_is_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let (projects, build) = (dir.path().join("projects"), dir.path().join("build"));
+        std::fs::create_dir_all(&projects).unwrap();
+        std::fs::create_dir_all(&build).unwrap();
+        let text = serde_json::json!({"projects_path": projects, "build_path": build});
+        let cfg = Config::parse(&text.to_string(), &dir.path().join("config.json")).unwrap();
+        let a = App {
+            _dir: dir,
+            router: super::super::router(Arc::new(FakeHandle(FakeJobs::new(cfg, &["app"], true)))),
+        };
+        assert_eq!(
+            a.send("POST", "/jobs", None, JOB).await.0,
+            StatusCode::CREATED
+        );
+        assert_eq!(a.status("GET", "/metrics", None).await, StatusCode::OK);
+        assert_eq!(
+            a.status("GET", "/api/job/app/x", Some("junk")).await,
+            StatusCode::NOT_FOUND
+        );
+    }
+}
