@@ -31,6 +31,17 @@ inner() {
             cut -f1
     }
     now() { date +%s.%N; }
+    # Each line of the output with the time it came.
+    stamp() { while IFS= read -r l; do printf '%s %s\n' "$(date +%s.%N)" "$l"; done; }
+    # The steps of a stamped log ($1) that took a second or more (a step ends when the next
+    # starts: its commit is counted in it); $2 matches a step's first line.
+    slow_steps() {
+        awk -v pat="$2" -v who="$3" '
+            { t = $1; sub(/^[^ ]+ /, "") }
+            $0 ~ pat { if (n) d[n] += t - start; n++; name[n] = substr($0, 1, 70); start = t }
+            END { if (n) d[n] += t - start
+                  for (i = 1; i <= n; i++) if (d[i] >= 1) printf "           %-8s %6.1fs  %s\n", who, d[i], name[i] }' "$1"
+    }
     mkdir -p "$out/base"
     echo "FROM debian" > "$out/base/Dockerfile"
     "$m" image build --store "$store" --images "$images" "$out/base" > "$out/base.log" 2>&1
@@ -48,14 +59,17 @@ inner() {
         for phase in cold unchanged; do
             ms0=$(du_b "$store")
             bs0=$(du_b "$broot/root")
+            ml="$out/$p-$phase.mistry.log" bl="$out/$p-$phase.buildah.log"
             t0=$(now)
-            "$m" image build --store "$store" --images "$images" --project "$p" "$ctx" \
-                > "$out/$p-$phase.mistry.log" 2> "$out/$p-$phase.mistry.err" ||
-                { tail -20 "$out/$p-$phase.mistry.log" "$out/$p-$phase.mistry.err"; exit 1; }
+            { "$m" image build --store "$store" --images "$images" --project "$p" "$ctx" \
+                2> "$out/$p-$phase.mistry.err"; echo "exit $?"; } | stamp > "$ml"
             t1=$(now)
-            b bud --layers --isolation chroot -t "rw-$p" "$bctx" > "$out/$p-$phase.buildah.log" 2>&1 ||
-                { tail -20 "$out/$p-$phase.buildah.log"; exit 1; }
+            tail -1 "$ml" | grep -q ' exit 0$' ||
+                { tail -20 "$ml" "$out/$p-$phase.mistry.err"; exit 1; }
+            { b bud --layers --isolation chroot -t "rw-$p" "$bctx" 2>&1; echo "exit $?"; } |
+                stamp > "$bl"
             t2=$(now)
+            tail -1 "$bl" | grep -q ' exit 0$' || { tail -20 "$bl"; exit 1; }
             ms1=$(du_b "$store")
             bs1=$(du_b "$broot/root")
             awk -v p="$p" -v ph="$phase" -v t0="$t0" -v t1="$t1" -v t2="$t2" \
@@ -65,6 +79,10 @@ inner() {
                         (b > 0 ? m / b : 0), ms / 1048576, bs / 1048576, (bs > 0 ? ms / bs : 0)
                 }'
             echo "         mistryd: $(sed -n 's/^image [0-9a-f]* (\(.*\))$/\1/p' "$out/$p-$phase.mistry.err")"
+            if [ "$phase" = cold ]; then
+                slow_steps "$ml" '^Step [0-9]+/[0-9]+ : ' mistryd
+                slow_steps "$bl" '^STEP [0-9]+/[0-9]+: ' buildah
+            fi
         done
     done
     ms=$(du_b "$store")

@@ -338,9 +338,16 @@ fn image_build_passes_the_uid_build_arg() {
     remove_as_sandbox_root(dir.path());
 }
 
-/// Dockerfile shapes of real projects, on the busybox base (offline): each is
-/// (project, files, steps, filesystem steps).
-const SHAPES: &[(&str, &[(&str, &str)], usize, usize)] = &[
+/// A Dockerfile shape: (project, files, steps, filesystem steps).
+type Shape = (
+    &'static str,
+    &'static [(&'static str, &'static str)],
+    usize,
+    usize,
+);
+
+/// Dockerfile shapes of real projects, on the busybox base (offline).
+const SHAPES: &[Shape] = &[
     (
         "copyfrom",
         &[
