@@ -25,7 +25,13 @@ inner() {
     mkdir -p "$out"
     store="$out/mistry-store"
     broot="$out/buildah"
-    b() { buildah --root "$broot/root" --runroot "$broot/run" --storage-driver overlay "$@"; }
+    # buildah keeps RUN --mount=type=cache directories in $TMPDIR/buildah-cache*, outside its
+    # --root: here, so that they count in its storage (mistryd's are in its store) and go away.
+    mkdir -p "$broot/tmp"
+    b() {
+        TMPDIR="$broot/tmp" buildah --root "$broot/root" --runroot "$broot/run" \
+            --storage-driver overlay "$@"
+    }
     du_b() {
         if [ "$(id -u)" = 0 ]; then du -s -B1 "$1"; else buildah unshare du -s -B1 "$1"; fi |
             cut -f1
@@ -58,7 +64,7 @@ inner() {
         sed -i 's/^FROM debian/FROM localhost\/debian/' "$bctx/Dockerfile"
         for phase in cold unchanged; do
             ms0=$(du_b "$store")
-            bs0=$(du_b "$broot/root")
+            bs0=$(du_b "$broot")
             ml="$out/$p-$phase.mistry.log" bl="$out/$p-$phase.buildah.log"
             t0=$(now)
             { "$m" image build --store "$store" --images "$images" --project "$p" "$ctx" \
@@ -71,22 +77,23 @@ inner() {
             t2=$(now)
             tail -1 "$bl" | grep -q ' exit 0$' || { tail -20 "$bl"; exit 1; }
             ms1=$(du_b "$store")
-            bs1=$(du_b "$broot/root")
+            bs1=$(du_b "$broot")
             awk -v p="$p" -v ph="$phase" -v t0="$t0" -v t1="$t1" -v t2="$t2" \
                 -v ms="$((ms1 - ms0))" -v bs="$((bs1 - bs0))" 'BEGIN {
                     m = t1 - t0; b = t2 - t1
-                    printf "%-8s %-10s %8.1fs %8.1fs %5.2fx %8.1fM %8.1fM %5.2fx\n", p, ph, m, b,
-                        (b > 0 ? m / b : 0), ms / 1048576, bs / 1048576, (bs > 0 ? ms / bs : 0)
+                    r = (bs > 0 ? sprintf("%5.2fx", ms / bs) : "     -")
+                    printf "%-8s %-10s %8.1fs %8.1fs %5.2fx %8.1fM %8.1fM %s\n", p, ph, m, b,
+                        (b > 0 ? m / b : 0), ms / 1048576, bs / 1048576, r
                 }'
             echo "         mistryd: $(sed -n 's/^image [0-9a-f]* (\(.*\))$/\1/p' "$out/$p-$phase.mistry.err")"
             if [ "$phase" = cold ]; then
                 slow_steps "$ml" '^Step [0-9]+/[0-9]+ : ' mistryd
-                slow_steps "$bl" '^STEP [0-9]+/[0-9]+: ' buildah
+                slow_steps "$bl" 'STEP [0-9]+/[0-9]+: ' buildah
             fi
         done
     done
     ms=$(du_b "$store")
-    bs=$(du_b "$broot/root")
+    bs=$(du_b "$broot")
     awk -v ms="$ms" -v bs="$bs" 'BEGIN {
         printf "whole store with the base image: mistryd %.1fM, buildah %.1fM: %.2fx\n",
             ms / 1048576, bs / 1048576, ms / bs }'
