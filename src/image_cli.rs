@@ -152,8 +152,10 @@ pub fn run(cmd: ImageCommand) -> Result<i32> {
             match builder.build(&opts, &mut out) {
                 Ok((image, stats)) => {
                     eprintln!(
-                        "image {} ({} steps, {} cached, {} RUN executed)",
-                        image.key, stats.steps, stats.cached, stats.executed_runs
+                        "image {} ({}; {} RUN executed)",
+                        image.key,
+                        stats.summary(),
+                        stats.executed_runs
                     );
                     if let Some(spec) = &args.export {
                         let (dir, tag) = spec.rsplit_once(':').unwrap_or((spec.as_str(), "latest"));

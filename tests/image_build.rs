@@ -264,6 +264,61 @@ fn multi_stage_copy_from() {
     });
 }
 
+/// An unchanged rebuild of a multi-stage Dockerfile answers every `COPY --from` from the step
+/// cache without copying the stage out of its layers (on the overlay store a copy of a whole
+/// Debian stage took 30-70 s per step, cached or not); a step that runs copies it once.
+#[test]
+fn unchanged_copy_from_copies_no_stage() {
+    each_backend(|env| {
+        let ctx = env.project(
+            "copyfrom",
+            &[
+                (
+                    "Dockerfile",
+                    "FROM busybox AS build\nWORKDIR /src\nCOPY app.txt .\n\
+                     RUN mkdir -p /out && cp app.txt /out/app\n\
+                     FROM busybox\nCOPY --from=build /out/app /app\nCOPY --from=build /src/ /src/\n\
+                     CMD [\"cat\", \"/app\"]\n",
+                ),
+                ("app.txt", "v1\n"),
+            ],
+        );
+        let layered = env.builder.store.backend() == BackendKind::Overlay;
+        let (first, stats, log) = env.build(&ctx);
+        assert_eq!(
+            (stats.steps, stats.cached, stats.built, stats.stage_copies),
+            (8, 0, 5, if layered { 2 } else { 0 }),
+            "{log}"
+        );
+        let (again, stats, log) = env.build(&ctx);
+        assert_eq!(again.key, first.key);
+        assert_eq!(
+            (
+                stats.cached,
+                stats.built,
+                stats.stage_copies,
+                stats.executed_runs
+            ),
+            (5, 0, 0, 0),
+            "{log}"
+        );
+        assert!(
+            log.contains("8 steps: 5 filesystem steps, 5 from the cache, 0 built\n"),
+            "{log}"
+        );
+        // A changed source re-runs the stage and both copies from it, which see the new files.
+        std::fs::write(ctx.join("app.txt"), "v2\n").unwrap();
+        let (changed, stats, log) = env.build(&ctx);
+        assert_eq!(
+            (stats.cached, stats.built, stats.stage_copies),
+            (1, 4, if layered { 2 } else { 0 }),
+            "{log}"
+        );
+        assert_eq!(env.sh(&changed, "cat /app /src/app.txt").1, "v2\nv2\n");
+        assert!(env.tmp_is_empty());
+    });
+}
+
 #[test]
 fn deleted_files_stay_deleted() {
     each_backend(|env| {

@@ -337,3 +337,170 @@ fn image_build_passes_the_uid_build_arg() {
     assert!(!out.contains(&format!("uid=[{euid}]")), "{out}");
     remove_as_sandbox_root(dir.path());
 }
+
+/// A Dockerfile shape: (project, files, steps, filesystem steps).
+type Shape = (
+    &'static str,
+    &'static [(&'static str, &'static str)],
+    usize,
+    usize,
+);
+
+/// Dockerfile shapes of real projects, on the busybox base (offline).
+const SHAPES: &[Shape] = &[
+    (
+        "copyfrom",
+        &[
+            (
+                "Dockerfile",
+                "FROM busybox AS build\nWORKDIR /src\nCOPY . .\n\
+                 RUN mkdir -p /out && cat *.txt > /out/app\n\
+                 FROM busybox\nCOPY --from=build /out/app /usr/local/bin/app\n\
+                 COPY --from=0 /src /srccopy\nCMD [\"cat\", \"/usr/local/bin/app\"]\n",
+            ),
+            ("a.txt", "a\n"),
+            ("b.txt", "b\n"),
+        ],
+        8,
+        5,
+    ),
+    (
+        "argfirst",
+        &[(
+            "Dockerfile",
+            "ARG BASE=busybox\nARG VERSION=1.2.3\nFROM ${BASE} AS b\nARG VERSION\n\
+             RUN echo $VERSION > /v\nFROM $BASE\nARG VERSION\nCOPY --from=b /v /v\n\
+             RUN echo \"$VERSION\" >> /v\nCMD [\"cat\", \"/v\"]\n",
+        )],
+        8,
+        3,
+    ),
+    (
+        "cachemount",
+        &[(
+            "Dockerfile",
+            "FROM busybox\n\
+             RUN --mount=type=cache,target=/cache sh -c 'date >> /cache/log; wc -l < /cache/log > /count'\n\
+             RUN --mount=type=cache,id=shared,target=/c2,sharing=locked echo x >> /c2/x && echo y > /y\n\
+             CMD [\"cat\", \"/count\"]\n",
+        )],
+        4,
+        2,
+    ),
+    (
+        "heredocs",
+        &[(
+            "Dockerfile",
+            "# syntax=docker/dockerfile:1\nFROM busybox\nRUN <<EOF\necho hi > /a\nEOF\n\
+             COPY <<EOF /etc/conf\nx=1\nEOF\nRUN <<EOF\n#!/bin/sh\necho script > /b\nEOF\n\
+             RUN cat <<A > /c && cat <<B > /d\none\nA\ntwo\nB\nCMD [\"cat\", \"/a\", \"/b\", \"/c\", \"/d\"]\n",
+        )],
+        6,
+        4,
+    ),
+    (
+        "dockerignore",
+        &[
+            (
+                "Dockerfile",
+                "FROM busybox\nCOPY . /app\nRUN ls -R /app > /listing\nCMD [\"cat\", \"/listing\"]\n",
+            ),
+            (".dockerignore", "node_modules\n*.log\n"),
+            ("node_modules/x/i.js", "junk\n"),
+            ("debug.log", "log\n"),
+            ("src/main.js", "code\n"),
+        ],
+        4,
+        2,
+    ),
+    (
+        "golike",
+        &[
+            (
+                "Dockerfile",
+                "ARG GO_VERSION=1.22\nFROM busybox AS deps\nWORKDIR /src\nCOPY go.mod go.sum ./\n\
+                 RUN --mount=type=cache,target=/root/go/pkg/mod cat go.mod > /deps\n\
+                 FROM deps AS build\nARG GO_VERSION\nENV CGO_ENABLED=0\nCOPY . .\n\
+                 RUN --mount=type=cache,target=/root/.cache/go-build \\\n\
+                 --mount=type=bind,source=go.mod,target=/mnt/go.mod \\\n\
+                 printf '#!/bin/sh\\necho served\\n' > /server && chmod 755 /server\n\
+                 FROM busybox\nCOPY --from=build /server /server\nUSER 65534:65534\nEXPOSE 8080\n\
+                 ENTRYPOINT [\"/server\"]\n",
+            ),
+            ("go.mod", "module example.com/svc\n\ngo 1.22\n"),
+            ("go.sum", ""),
+            ("main.go", "package main\n\nfunc main() {}\n"),
+        ],
+        14,
+        6,
+    ),
+    (
+        "nodelike",
+        &[
+            (
+                "Dockerfile",
+                "FROM busybox AS deps\nWORKDIR /app\nCOPY package.json package-lock.json ./\n\
+                 RUN --mount=type=cache,target=/root/.npm mkdir -p node_modules/dep && \
+                 cat package-lock.json > node_modules/dep/index.js\n\
+                 FROM deps AS build\nCOPY . .\nRUN mkdir -p dist && cat src/*.js > dist/app.js\n\
+                 FROM busybox\nENV NODE_ENV=production\nWORKDIR /app\n\
+                 COPY --from=deps /app/node_modules ./node_modules\n\
+                 COPY --from=build /app/dist ./dist\nCOPY package.json ./\n\
+                 CMD [\"cat\", \"dist/app.js\"]\n",
+            ),
+            ("package.json", "{\"name\": \"n\", \"version\": \"1.0.0\"}\n"),
+            ("package-lock.json", "{\"lockfileVersion\": 3}\n"),
+            ("src/index.js", "console.log(1)\n"),
+        ],
+        14,
+        9,
+    ),
+];
+
+/// The build log's summary line of a job (`N steps: F filesystem steps, C from the cache, B
+/// built`).
+fn build_summary(info: &Value) -> String {
+    let out = info["ContainerStdouterr"].as_str().unwrap_or_default();
+    out.lines()
+        .find(|l| l.contains(" filesystem steps, "))
+        .unwrap_or_else(|| panic!("no build summary in the log:\n{out}"))
+        .to_string()
+}
+
+/// Issue 24: an unchanged Dockerfile and context rebuilds entirely from the step cache, for
+/// every shape, on the path a job takes: two jobs of a project with different params (their
+/// IDs differ, so each builds the image) report every filesystem step from the cache the second
+/// time; a `Rebuild` job ignores the cache, as documented (`--rebuild`).
+#[test]
+fn unchanged_rebuilds_of_every_shape_are_full_cache_hits() {
+    let s = Cleaned(Server::start(serde_json::json!({})));
+    let s = &s.0;
+    for (name, files, _, _) in SHAPES {
+        project(s, name, files);
+    }
+    for (name, _, steps, fs) in SHAPES {
+        let first = s.job(serde_json::json!({"project": name, "params": {"run": "1"}}));
+        assert_ok(&first, name);
+        let summary = build_summary(&first);
+        assert!(
+            summary.starts_with(&format!("{steps} steps: {fs} filesystem steps, ")),
+            "{name}: {summary}"
+        );
+        let second = s.job(serde_json::json!({"project": name, "params": {"run": "2"}}));
+        assert_ok(&second, name);
+        assert_ne!(first["Path"], second["Path"], "{name}: two jobs");
+        assert_eq!(
+            build_summary(&second),
+            format!("{steps} steps: {fs} filesystem steps, {fs} from the cache, 0 built"),
+            "{name}: {}",
+            second["ContainerStdouterr"]
+        );
+    }
+    let rebuild =
+        s.job(serde_json::json!({"project": "golike", "params": {"run": "3"}, "rebuild": true}));
+    assert_ok(&rebuild, "golike rebuild");
+    assert_eq!(
+        build_summary(&rebuild),
+        "14 steps: 6 filesystem steps, 0 from the cache, 6 built"
+    );
+}

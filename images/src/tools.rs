@@ -346,6 +346,34 @@ impl Tools {
         request: &crate::context::ResolveRequest,
         request_file: &Path,
     ) -> Result<crate::context::Resolved, ToolError> {
+        self.resolve_with_mount(request, request_file, None)
+    }
+
+    /// [`Tools::resolve`] in a stage seen through its layers: they are mounted read-only at
+    /// `mountpoint` (the request's root) for the helper, nothing is copied. An unchanged
+    /// rebuild keys its `COPY --from` steps this way; only a step that misses copies the stage
+    /// out ([`Tools::materialize`]).
+    pub(crate) fn resolve_in_view(
+        &self,
+        view: &View,
+        mountpoint: &Path,
+        request: &crate::context::ResolveRequest,
+        request_file: &Path,
+    ) -> Result<crate::context::Resolved, ToolError> {
+        let (root, mount) = Self::read_mount(view, mountpoint)?;
+        let request = crate::context::ResolveRequest {
+            root,
+            ..request.clone()
+        };
+        self.resolve_with_mount(&request, request_file, mount)
+    }
+
+    fn resolve_with_mount(
+        &self,
+        request: &crate::context::ResolveRequest,
+        request_file: &Path,
+        mount: Option<Mount>,
+    ) -> Result<crate::context::Resolved, ToolError> {
         let failed = |message: String| ToolError::Failed {
             what: "resolving the sources".into(),
             message,
@@ -355,7 +383,7 @@ impl Tools {
             .map_err(|e| failed(format!("{}: {e}", request_file.display())))?;
         let mut argv = self.helper.clone();
         argv.extend([os("resolve"), os(request_file)]);
-        let out = self.run_with("resolving the sources", argv, &[], None);
+        let out = self.run_with("resolving the sources", argv, &[], mount);
         let _ = fs::remove_file(request_file);
         serde_json::from_str(out?.trim()).map_err(|e| failed(e.to_string()))
     }

@@ -209,8 +209,10 @@ impl Run<'_> {
         let dest_is_dir = dest_raw.ends_with('/') || dest_raw == "." || dest_exists;
         let into_dir = dest_is_dir || parents || srcs.len() + bodies.len() > 1;
 
-        // Where the sources come from: the context, another stage, or an image.
-        let mut materialized: Option<PathBuf> = None;
+        // Where the sources come from: the context, another stage, or an image. A stage seen
+        // through layers (overlay store) is resolved and keyed in a read-only mount of them;
+        // it is copied out whole only if the step runs (an unchanged rebuild copies nothing).
+        let mut from_layers: Option<View> = None;
         let (src_root, ignore, from_key) = match &from {
             Some(from) => {
                 let from_state = match from.parse::<usize>() {
@@ -231,19 +233,8 @@ impl Run<'_> {
                 let root = match view {
                     View::Dir(root) => root,
                     layers => {
-                        // Layers are copied out whole for the sources to be resolved in them.
-                        let store = &self.builder.store;
-                        let copy = store.tmp_path("from");
-                        let mountpoint = store.tmp_path("view");
-                        let r = store.tools().materialize(&layers, &mountpoint, &copy);
-                        // The (empty) mount point goes, whatever happened.
-                        let _ = std::fs::remove_dir(&mountpoint);
-                        if let Err(e) = r {
-                            store.abort(&copy);
-                            return Err(step_err(step, e.to_string()));
-                        }
-                        materialized = Some(copy.clone());
-                        copy
+                        from_layers = Some(layers);
+                        self.builder.store.tmp_path("view")
                     }
                 };
                 // The stage's key names its content (owners included).
@@ -255,9 +246,10 @@ impl Run<'_> {
                 String::new(),
             ),
         };
-        let cleanup_from = |run: &Self| {
-            if let Some(copy) = &materialized {
-                run.builder.store.abort(copy);
+        let cleanup_from = |_: &Self| {
+            if from_layers.is_some() {
+                // The (empty) mount point of the layers, if it was made.
+                let _ = std::fs::remove_dir(&src_root);
             }
         };
 
@@ -307,10 +299,14 @@ impl Run<'_> {
                         how,
                     };
                     let store = &self.builder.store;
-                    store
-                        .tools()
-                        .resolve(&request, &store.tmp_path("resolve"))
-                        .map_err(|e| step_err(step, e.to_string()))?
+                    let file = store.tmp_path("resolve");
+                    match &from_layers {
+                        Some(layers) => store
+                            .tools()
+                            .resolve_in_view(layers, &src_root, &request, &file),
+                        None => store.tools().resolve(&request, &file),
+                    }
+                    .map_err(|e| step_err(step, e.to_string()))?
                 } else {
                     context::resolve_with(&src_root, &plain, &dest_path, &how, &ignore)
                         .map_err(|e| step_err(step, e.to_string()))?
@@ -484,55 +480,80 @@ impl Run<'_> {
             if source_owners { "source owners" } else { "" },
         ]);
         let result = self.fs_step(key, |run, tmp| {
-            let tools = run.builder.store.tools();
-            let target = run.builder.store.target(tmp);
-            let copy_in = |spec: &CopySpec| {
-                let spec_file = run.builder.store.tmp_path("copy-spec");
-                let r = tools.copy_in(spec, &spec_file, &target);
-                let _ = std::fs::remove_file(&spec_file);
-                r.map_err(|e| step_err(step, e.to_string()))
+            // A stage seen through layers is copied out for the copy (the step missed).
+            let copied = match &from_layers {
+                Some(layers) => {
+                    let store = &run.builder.store;
+                    let copy = store.tmp_path("from");
+                    let mountpoint = store.tmp_path("view");
+                    let r = store.tools().materialize(layers, &mountpoint, &copy);
+                    // The (empty) mount point goes, whatever happened.
+                    let _ = std::fs::remove_dir(&mountpoint);
+                    if let Err(e) = r {
+                        store.abort(&copy);
+                        return Err(step_err(step, e.to_string()));
+                    }
+                    run.stats.stage_copies += 1;
+                    Some(copy)
+                }
+                None => None,
             };
-            let mut dirs = resolved.dirs.clone();
-            if into_dir && dirs.is_empty() {
-                dirs.push(dest_path.clone());
+            let src_root = copied.clone().unwrap_or_else(|| src_root.clone());
+            let r = (|| {
+                let tools = run.builder.store.tools();
+                let target = run.builder.store.target(tmp);
+                let copy_in = |spec: &CopySpec| {
+                    let spec_file = run.builder.store.tmp_path("copy-spec");
+                    let r = tools.copy_in(spec, &spec_file, &target);
+                    let _ = std::fs::remove_file(&spec_file);
+                    r.map_err(|e| step_err(step, e.to_string()))
+                };
+                let mut dirs = resolved.dirs.clone();
+                if into_dir && dirs.is_empty() {
+                    dirs.push(dest_path.clone());
+                }
+                let spec = CopySpec {
+                    root: tmp.to_path_buf(),
+                    src_root: src_root.clone(),
+                    items: resolved.items.clone(),
+                    uid,
+                    gid,
+                    chmod,
+                    owners: tools.keeps_owners(),
+                    dirs,
+                    source_owners,
+                };
+                copy_in(&spec)?;
+                if let Some(dir) = &heredoc_dir {
+                    copy_in(&CopySpec {
+                        src_root: dir.clone(),
+                        items: heredoc_items.clone(),
+                        dirs: Vec::new(),
+                        source_owners: false,
+                        ..spec.clone()
+                    })?;
+                }
+                if let Some(dir) = &download_dir {
+                    copy_in(&CopySpec {
+                        src_root: dir.clone(),
+                        items: fetched.clone(),
+                        chmod: chmod.or(Some(0o600)),
+                        dirs: Vec::new(),
+                        source_owners: false,
+                        ..spec.clone()
+                    })?;
+                }
+                for a in &archive_paths {
+                    tools
+                        .extract(&src_root, a, &target, &dest_path)
+                        .map_err(|e| step_err(step, e.to_string()))?;
+                }
+                Ok(())
+            })();
+            if let Some(copy) = &copied {
+                run.builder.store.abort(copy);
             }
-            let spec = CopySpec {
-                root: tmp.to_path_buf(),
-                src_root: src_root.clone(),
-                items: resolved.items.clone(),
-                uid,
-                gid,
-                chmod,
-                owners: tools.keeps_owners(),
-                dirs,
-                source_owners,
-            };
-            copy_in(&spec)?;
-            if let Some(dir) = &heredoc_dir {
-                copy_in(&CopySpec {
-                    src_root: dir.clone(),
-                    items: heredoc_items.clone(),
-                    dirs: Vec::new(),
-                    source_owners: false,
-                    ..spec.clone()
-                })?;
-            }
-            if let Some(dir) = &download_dir {
-                copy_in(&CopySpec {
-                    src_root: dir.clone(),
-                    items: fetched.clone(),
-                    chmod: chmod.or(Some(0o600)),
-                    dirs: Vec::new(),
-                    source_owners: false,
-                    ..spec.clone()
-                })?;
-            }
-            for a in &archive_paths {
-                tools
-                    .extract(&src_root, a, &target, &dest_path)
-                    .map_err(|e| step_err(step, e.to_string()))?;
-            }
-            Ok(())
+            r
         });
         cleanup(self);
         result

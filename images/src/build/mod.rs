@@ -207,6 +207,8 @@ impl Builder {
         )?;
         run.used.keys.push(image.key.clone());
         self.store.put_ref(&opts.project, &run.used)?;
+        let stats = &run.stats;
+        writeln!(run.log, "{}", stats.summary()).map_err(BuildError::Log)?;
         writeln!(run.log, "Successfully built {}", short(&image.key)).map_err(BuildError::Log)?;
         Ok((image, run.stats))
     }
@@ -324,6 +326,7 @@ impl Run<'_> {
                 return Ok(());
             }
         }
+        self.stats.built += 1;
         let parent = self.state().snapshot.clone();
         let tmp = store.begin(parent.as_deref())?;
         if let Err(e) = f(self, &tmp) {

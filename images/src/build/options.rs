@@ -166,8 +166,30 @@ pub struct Image {
 pub struct BuildStats {
     /// Instructions processed, in every stage.
     pub steps: usize,
-    /// Filesystem steps answered from the step cache.
+    /// Filesystem steps (RUN, COPY, ADD, WORKDIR creating a directory) answered from the step
+    /// cache.
     pub cached: usize,
+    /// Filesystem steps carried out (not in the step cache, or `no_cache`). An unchanged
+    /// rebuild has none: `cached` is then every filesystem step, and the other steps (FROM,
+    /// ENV, ARG, …) only change the image config.
+    pub built: usize,
+    /// Stages copied out of their layers for a `COPY --from` that was carried out (overlay
+    /// store); never for a step answered from the cache.
+    pub stage_copies: usize,
     /// RUN steps whose command actually ran.
     pub executed_runs: usize,
+}
+
+impl BuildStats {
+    /// One line for the build log: `8 steps: 5 filesystem steps, 5 from the cache, 0 built`
+    /// (an unchanged rebuild builds none; the other steps only change the image config).
+    pub fn summary(&self) -> String {
+        format!(
+            "{} steps: {} filesystem steps, {} from the cache, {} built",
+            self.steps,
+            self.cached + self.built,
+            self.cached,
+            self.built
+        )
+    }
 }
