@@ -173,6 +173,11 @@ pub struct Grant {
 }
 
 impl Grant {
+    /// Whether it covers every project (one of its patterns is `*` or `**`).
+    fn everywhere(&self) -> bool {
+        self.patterns.iter().any(|p| p == "*" || p == "**")
+    }
+
     fn new(
         name: String,
         scopes: &[String],
@@ -255,11 +260,13 @@ impl Caller {
         }
     }
 
-    /// Whether it may use the server-wide routes (`admin`, or another agent).
+    /// Whether it may use the server-wide routes (another agent, or `admin` on every project:
+    /// a pattern `*`). An admin of some projects only is not: the server-wide routes (metrics,
+    /// agents, builds) show or hand out every project's.
     pub fn is_admin(&self) -> bool {
         match self {
             Caller::Open | Caller::Agent => true,
-            Caller::Granted(g) => g.scope == Scope::Admin,
+            Caller::Granted(g) => g.scope == Scope::Admin && g.everywhere(),
         }
     }
 
@@ -583,6 +590,8 @@ mod tests {
             vec![
                 raw("ci", "t-ci", &["build"], &["payments-*"]),
                 raw("ro", "t-ro", &["read"], &["web"]),
+                raw("ops", "t-ops", &["admin"], &["*"]),
+                raw("pay-ops", "t-pay-ops", &["admin"], &["payments-*"]),
                 old,
             ],
             Vec::new(),
@@ -596,6 +605,12 @@ mod tests {
         assert!(!ci.allows(Scope::Read, "web"));
         assert!(!ci.allows(Scope::Read, "payments-x/y"));
         assert!(!ci.is_admin());
+        // Admin on some projects: everything of theirs, no server-wide route.
+        let pay_ops = a.authenticate(Some("t-pay-ops"), None, now).unwrap();
+        assert!(pay_ops.allows(Scope::Admin, "payments-api"));
+        assert!(!pay_ops.allows(Scope::Read, "web"));
+        assert!(!pay_ops.is_admin());
+        assert!(a.authenticate(Some("t-ops"), None, now).unwrap().is_admin());
         let ro = a.authenticate(Some("t-ro"), None, now).unwrap();
         assert!(ro.allows(Scope::Read, "web") && !ro.allows(Scope::Build, "web"));
         assert_eq!(

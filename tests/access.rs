@@ -22,6 +22,8 @@ const BUILDER: &str = "mistry_test_builder_0123456789abcdef";
 const READER: &str = "mistry_test_reader_0123456789abcdef";
 const ADMIN: &str = "mistry_test_admin_0123456789abcdef";
 const EXPIRED: &str = "mistry_test_expired_0123456789abcdef";
+/// Admin of `hidden-*` only: no server-wide route (they show every project's).
+const SOME_ADMIN: &str = "mistry_test_some_admin_0123456789abcdef";
 
 fn entry(name: &str, token: &str, scope: &str, projects: &[&str]) -> Value {
     json!({"name": name, "hash": hex(&hash_token(token)), "scopes": [scope], "projects": projects})
@@ -38,6 +40,7 @@ fn tokens() -> Value {
         entry("simple-ci", BUILDER, "build", &["simp*"]),
         entry("chain-viewer", READER, "read", &["chain"]),
         entry("ops", ADMIN, "admin", &["*"]),
+        entry("hidden-ops", SOME_ADMIN, "admin", &["hidden-*"]),
         expired,
     ])
 }
@@ -170,6 +173,8 @@ fn every_route_class_by_token_scope_and_project() {
         ("/metrics", Some(READER), 403),
         ("/metrics", Some(EXPIRED), 401),
         ("/metrics", Some(ADMIN), 200),
+        ("/metrics", Some(SOME_ADMIN), 403),
+        ("/agents", Some(SOME_ADMIN), 403),
         ("/agents", Some(BUILDER), 403),
         ("/agents", Some(ADMIN), 200),
     ] {

@@ -117,7 +117,7 @@ async fn same_origin(req: axum::extract::Request, next: axum::middleware::Next) 
     if own {
         return next.run(req).await;
     }
-    tracing::warn!(%origin, %host, method = %req.method(), path = %req.uri().path(), "refused a cross-origin request");
+    tracing::warn!(target: "audit", status = 403, %origin, %host, method = %req.method(), path = %req.uri().path(), "refused a cross-origin request");
     ApiError::CrossOrigin {
         origin,
         host: host.to_string(),
