@@ -8,7 +8,10 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 
-use super::{alive_sql, query_error, sql_sources, sql_target, stored_state, Pooled, RecordsError};
+use super::{
+    alive_sql, query_error, sql_sources, sql_target, still_its_run_sql, stored_state, Pooled,
+    RecordsError,
+};
 use crate::cluster::{JOBS_CHANNEL, LOGS_CHANNEL};
 use crate::jobs::JobRequest;
 use crate::service::JobState;
@@ -223,12 +226,12 @@ pub(in crate::cluster) async fn record_end(
 ) -> Result<Recorded, RecordsError> {
     let g = query_error(format!("recording the end of job {project}/{id}"));
     let statement = client
-        .prepare_cached(
+        .prepare_cached(&format!(
             "WITH upd AS (
                  UPDATE jobs SET state = $4, agent = $3, build_info = $5::text::jsonb,
                         ended_at = now(), not_before = NULL
                   WHERE project = $1 AND id = $2 AND attempt = $9
-                    AND ((state = 'running' AND agent = $3) OR state = 'queued')
+                    AND {}
                  RETURNING 1),
              done AS (
                  SELECT 1 FROM jobs
@@ -259,7 +262,8 @@ pub(in crate::cluster) async fn record_end(
                  RETURNING 1)
              SELECT (SELECT count(*) FROM upd), (SELECT count(*) FROM done),
                     (SELECT count(*) FROM sent)",
-        )
+            still_its_run_sql("$3")
+        ))
         .await
         .map_err(&g)?;
     let (run, streams, data, notices) = match &end.log {
@@ -323,11 +327,11 @@ pub(in crate::cluster) async fn fence_holds(
 ) -> Result<bool, RecordsError> {
     let g = query_error(format!("checking the fence of job {project}/{id}"));
     let statement = client
-        .prepare_cached(
+        .prepare_cached(&format!(
             "SELECT EXISTS (SELECT 1 FROM jobs
-                             WHERE project = $1 AND id = $2 AND attempt = $4
-                               AND ((state = 'running' AND agent = $3) OR state = 'queued'))",
-        )
+                             WHERE project = $1 AND id = $2 AND attempt = $4 AND {})",
+            still_its_run_sql("$3")
+        ))
         .await
         .map_err(&g)?;
     client

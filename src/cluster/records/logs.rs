@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 
-use super::{query_error, stored_state, Pooled, RecordsError};
+use super::{query_error, still_its_run_sql, stored_state, Pooled, RecordsError};
 use crate::cluster::LOGS_CHANNEL;
 use crate::service::JobState;
 
@@ -122,18 +122,17 @@ pub(in crate::cluster) async fn start_run(
     let g = query_error(format!("starting job {project}/{id}'s log"));
     // One statement (atomic; its notification delivered at its commit).
     let statement = client
-        .prepare_cached(
+        .prepare_cached(&format!(
             "WITH own AS (
                  SELECT EXISTS (SELECT 1 FROM jobs
-                                 WHERE project = $1 AND id = $2
-                                   AND ((state = 'running' AND agent = $5)
-                                        OR state = 'queued')) AS yes),
+                                 WHERE project = $1 AND id = $2 AND {}) AS yes),
              gone AS (DELETE FROM job_logs
                        WHERE project = $1 AND id = $2 AND (SELECT yes FROM own)
                       RETURNING 1),
              sent AS (SELECT pg_notify($3, $4) FROM own WHERE own.yes)
              SELECT own.yes, (SELECT count(*) FROM gone), (SELECT count(*) FROM sent) FROM own",
-        )
+            still_its_run_sql("$5")
+        ))
         .await
         .map_err(&g)?;
     let row = client
@@ -168,12 +167,10 @@ pub(in crate::cluster) async fn insert_chunk(
     ));
     let pos = i64::try_from(chunk.pos).unwrap_or(i64::MAX);
     let statement = client
-        .prepare_cached(
+        .prepare_cached(&format!(
             "WITH own AS (
                  SELECT EXISTS (SELECT 1 FROM jobs
-                                 WHERE project = $1 AND id = $2
-                                   AND ((state = 'running' AND agent = $6)
-                                        OR state = 'queued')) AS yes),
+                                 WHERE project = $1 AND id = $2 AND {}) AS yes),
              ins AS (
                  INSERT INTO job_logs (project, id, stream, pos, data, agent, run)
                  SELECT $1, $2, $3, $4, $5, $6, $7 FROM own WHERE own.yes
@@ -181,7 +178,8 @@ pub(in crate::cluster) async fn insert_chunk(
                  RETURNING 1),
              sent AS (SELECT pg_notify($8, $9) FROM ins)
              SELECT own.yes, (SELECT count(*) FROM sent) FROM own",
-        )
+            still_its_run_sql("$6")
+        ))
         .await
         .map_err(&g)?;
     let row = client

@@ -116,6 +116,13 @@ pub(super) fn request_from_json(text: &str) -> Result<JobRequest, serde_json::Er
     })
 }
 
+/// SQL: a job's record (the columns of `jobs`, unqualified) is still the run of agent `me` (a
+/// placeholder): running by it, or queued again meanwhile and not claimed by another agent yet.
+/// The condition of every write a run makes: its log, its fence, its end.
+pub(super) fn still_its_run_sql(me: &str) -> String {
+    format!("((state = 'running' AND agent = {me}) OR state = 'queued')")
+}
+
 /// The SQL condition that agent row `a` is alive, `t` the SQL expression of the timeout in
 /// seconds: not stopped, and a heartbeat within the timeout — or the database started less
 /// than the timeout ago (an outage of the database alone silences every agent; none of them
