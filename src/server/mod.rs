@@ -49,8 +49,19 @@ use crate::service::{index_entry, JobDir, Jobs, Stage};
 
 // The web view, embedded: nothing is fetched from elsewhere.
 use crate::body::{json, INDEX_HTML};
-const APP_JS: &str = include_str!("../web/app.js");
-const STYLE_CSS: &str = include_str!("../web/style.css");
+/// The web view's files under `/static/`: name, content type, contents.
+const STATIC_FILES: &[(&str, &str, &str)] = &[
+    ("common.js", JS, include_str!("../web/common.js")),
+    ("jobs.js", JS, include_str!("../web/jobs.js")),
+    ("pipelines.js", JS, include_str!("../web/pipelines.js")),
+    ("app.js", JS, include_str!("../web/app.js")),
+    (
+        "style.css",
+        "text/css; charset=utf-8",
+        include_str!("../web/style.css"),
+    ),
+];
+const JS: &str = "text/javascript; charset=utf-8";
 
 /// The server's state: the jobs, whichever back end runs them.
 type JobsState = State<Arc<dyn Jobs>>;
@@ -74,14 +85,7 @@ pub fn router(jobs: Arc<dyn Jobs>) -> Router {
         .route("/jobs", any(submit))
         .route("/index/", get(index))
         .merge(of_a_project)
-        .route(
-            "/static/app.js",
-            get(|| async { ([("content-type", "text/javascript; charset=utf-8")], APP_JS) }),
-        )
-        .route(
-            "/static/style.css",
-            get(|| async { ([("content-type", "text/css; charset=utf-8")], STYLE_CSS) }),
-        )
+        .route("/static/{file}", get(static_file))
         .route("/", get(|| async { Html(INDEX_HTML) }))
         .merge(agents::routes())
         .merge(pipelines::routes(Arc::clone(&jobs)))
@@ -91,6 +95,14 @@ pub fn router(jobs: Arc<dyn Jobs>) -> Router {
             access::authenticate,
         ))
         .with_state(jobs)
+}
+
+/// One of the web view's embedded files ([`STATIC_FILES`]); 404 for any other name.
+async fn static_file(Path(file): Path<String>) -> Response {
+    match STATIC_FILES.iter().find(|(name, _, _)| *name == file) {
+        Some((_, kind, body)) => ([("content-type", *kind)], *body).into_response(),
+        None => StatusCode::NOT_FOUND.into_response(),
+    }
 }
 
 /// Refuse a state-changing request (any method but GET, HEAD and OPTIONS) whose `Origin` is

@@ -72,6 +72,7 @@ impl Browser {
         let url = format!("{}/session/{}{path}", self.base, self.session);
         let mut r = match method {
             "GET" => agent().get(&url).call().unwrap(),
+            "DELETE" => agent().delete(&url).call().unwrap(),
             _ => agent().post(&url).send(body.to_string().as_str()).unwrap(),
         };
         serde_json::from_str(&r.body_mut().read_to_string().unwrap()).unwrap()
@@ -105,6 +106,99 @@ impl Browser {
             .unwrap_or_else(|| panic!("{css}: {el}"))
             .to_string();
         self.cmd("POST", &format!("/element/{id}/click"), json!({}));
+    }
+
+    /// Runs `script` as WebDriver's asynchronous script: its last argument is the callback
+    /// that gives the answer.
+    pub(crate) fn eval_async(&self, script: &str) -> Value {
+        self.cmd(
+            "POST",
+            "/execute/async",
+            json!({"script": script, "args": []}),
+        )["value"]
+            .clone()
+    }
+
+    /// A Chrome DevTools command through chromedriver (`Emulation.*` for widths and colour
+    /// schemes).
+    pub(crate) fn cdp(&self, cmd: &str, params: Value) -> Value {
+        let v = self.cmd(
+            "POST",
+            "/goog/cdp/execute",
+            json!({"cmd": cmd, "params": params}),
+        );
+        assert!(v["value"].get("error").is_none(), "{cmd}: {v}");
+        v
+    }
+
+    /// The page's viewport: `width` CSS pixels wide, as a phone when narrower than 600 px.
+    pub(crate) fn viewport(&self, width: u32, height: u32) {
+        self.cdp(
+            "Emulation.setDeviceMetricsOverride",
+            json!({"width": width, "height": height, "deviceScaleFactor": 1, "mobile": width < 600}),
+        );
+    }
+
+    /// `prefers-color-scheme: dark` on or off.
+    pub(crate) fn dark(&self, on: bool) {
+        self.cdp(
+            "Emulation.setEmulatedMedia",
+            json!({"features": [{"name": "prefers-color-scheme", "value": if on { "dark" } else { "light" }}]}),
+        );
+    }
+
+    /// How many CSS pixels the page is wider than its viewport (0: no horizontal scrolling).
+    pub(crate) fn horizontal_overflow(&self) -> i64 {
+        self.eval(
+            "return document.documentElement.scrollWidth - document.documentElement.clientWidth;",
+        )
+        .as_i64()
+        .unwrap()
+    }
+
+    /// Keys typed into the focused element (WebDriver's key actions): `\u{E004}` is Tab,
+    /// `\u{E007}` Enter, `\u{E00C}` Escape.
+    pub(crate) fn keys(&self, keys: &str) {
+        let mut actions = Vec::new();
+        for c in keys.chars() {
+            actions.push(json!({"type": "keyDown", "value": c.to_string()}));
+            actions.push(json!({"type": "keyUp", "value": c.to_string()}));
+        }
+        self.cmd(
+            "POST",
+            "/actions",
+            json!({"actions": [{"type": "key", "id": "keyboard", "actions": actions}]}),
+        );
+        self.cmd("DELETE", "/actions", Value::Null);
+    }
+
+    /// The critical and serious violations axe-core (vendored, tests/vendor/axe-core) finds on
+    /// the page as it is now: one line per rule, with the first elements it names.
+    pub(crate) fn axe_violations(&self) -> Vec<String> {
+        const AXE: &str = include_str!("../vendor/axe-core/axe.min.js");
+        if self.eval("return typeof window.axe === 'object';") != json!(true) {
+            self.eval(&format!("{AXE}\nreturn true;"));
+        }
+        let v = self.eval_async(
+            "const done = arguments[arguments.length - 1];
+             axe.run(document, {resultTypes: ['violations']})
+               .then(r => done(r.violations
+                 .filter(v => v.impact === 'critical' || v.impact === 'serious')
+                 .map(v => v.id + ' (' + v.impact + '): ' + v.help + ' at '
+                   + v.nodes.slice(0, 3).map(n => n.target.join(' ')).join(', '))))
+               .catch(e => done(['axe failed: ' + e]));",
+        );
+        v.as_array()
+            .unwrap_or_else(|| panic!("axe: {v}"))
+            .iter()
+            .map(|l| l.as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    /// Fails the test when axe-core finds a critical or serious violation on `page`.
+    pub(crate) fn assert_accessible(&self, page: &str) {
+        let found = self.axe_violations();
+        assert!(found.is_empty(), "{page}: {}", found.join("\n"));
     }
 
     pub(crate) fn alert_open(&self) -> bool {
