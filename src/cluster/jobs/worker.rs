@@ -93,13 +93,17 @@ impl Scheduler {
         let me = Arc::clone(self);
         tokio::spawn(async move {
             let attempt = claim.attempt;
-            me.run_claimed(claim).await;
+            let slot = Slot {
+                scheduler: Arc::clone(&me),
+                held: true.into(),
+            };
+            me.run_claimed(claim, &slot).await;
             if let Ok(mut r) = me.runs.lock() {
                 if r.get(&key) == Some(&attempt) {
                     r.remove(&key);
                 }
             }
-            me.release();
+            drop(slot);
         });
     }
 
@@ -126,7 +130,7 @@ impl Scheduler {
     }
 
     /// Run a claimed job on the local engine and record its end.
-    pub(super) async fn run_claimed(&self, claim: Claim) {
+    pub(super) async fn run_claimed(&self, claim: Claim, slot: &Slot) {
         let (project, id) = (claim.project.clone(), claim.id.clone());
         let req = match request_from_json(&claim.request) {
             Ok(r) => r,
@@ -213,6 +217,9 @@ impl Scheduler {
             }
             Err(e) => self.refused(&req, &id, e.to_string()),
         };
+        // The run is over: its slot goes to the next claim, whose run overlaps this end's
+        // record and log (the slot would otherwise wait for their round trips).
+        slot.give_back();
         let whole = match shipper {
             Some(s) => s.finish().await,
             None => None,
@@ -456,5 +463,29 @@ impl Scheduler {
             tracing::info!(%project, %id, %state, agent = %self.me(), "job recorded in the cluster");
         }
         Ok(recorded)
+    }
+}
+
+/// A claim's slot of this agent's `job_concurrency` ([`Scheduler::reserve`]), given back once:
+/// when the job's run on the engine ends — its end's record and log are written after that,
+/// without the slot, so the next claim's run overlaps their round trips — or, at the latest,
+/// when the claim is done with.
+pub(super) struct Slot {
+    scheduler: Arc<Scheduler>,
+    held: std::sync::atomic::AtomicBool,
+}
+
+impl Slot {
+    /// Give the slot back (the first call; later ones do nothing).
+    pub(super) fn give_back(&self) {
+        if self.held.swap(false, Ordering::SeqCst) {
+            self.scheduler.release();
+        }
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.give_back();
     }
 }
