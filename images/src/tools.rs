@@ -193,7 +193,7 @@ impl Tools {
 
     /// A tool sandbox: the host read-only, only `writable` (the target tree, or a file the tool
     /// writes) bound read-write.
-    fn sandbox(&self, writable: &[&Path], mount: Option<Mount>) -> Sandbox {
+    fn sandbox(&self, writable: &[&Path], mounts: Vec<Mount>) -> Sandbox {
         let mut sb = Sandbox::new("/")
             .read_only_root(true)
             .network(NetworkMode::None)
@@ -201,7 +201,7 @@ impl Tools {
         for w in writable {
             sb = sb.bind(Bind::new(w, w));
         }
-        if let Some((lowers, rw, at)) = mount {
+        for (lowers, rw, at) in mounts {
             sb = sb.overlay_mount(lowers, rw, at);
         }
         sb
@@ -215,8 +215,19 @@ impl Tools {
         writable: &[&Path],
         mount: Option<Mount>,
     ) -> Result<String, ToolError> {
+        self.run_with_mounts(what, argv, writable, mount.into_iter().collect())
+    }
+
+    /// [`Tools::run_with`] with several overlays mounted.
+    fn run_with_mounts(
+        &self,
+        what: &str,
+        argv: Vec<OsString>,
+        writable: &[&Path],
+        mounts: Vec<Mount>,
+    ) -> Result<String, ToolError> {
         let out = self
-            .sandbox(writable, mount)
+            .sandbox(writable, mounts)
             .command(argv)
             .output()
             .map_err(|source| ToolError::Sandbox {
@@ -317,6 +328,35 @@ impl Tools {
         spec_file: &Path,
         target: &Target,
     ) -> Result<(), ToolError> {
+        self.copy_in_with(spec, spec_file, target, None)
+    }
+
+    /// [`Tools::copy_in`] from a stage seen through its layers (`COPY --from` on the overlay
+    /// store): they are mounted read-only at `mountpoint`, which the spec's `src_root` must
+    /// be, beside the target. Only the sources are read; the stage is never copied out whole.
+    pub(crate) fn copy_in_from_view(
+        &self,
+        spec: &CopySpec,
+        spec_file: &Path,
+        target: &Target,
+        view: &View,
+        mountpoint: &Path,
+    ) -> Result<(), ToolError> {
+        let (root, mount) = Self::read_mount(view, mountpoint)?;
+        let spec = CopySpec {
+            src_root: root,
+            ..spec.clone()
+        };
+        self.copy_in_with(&spec, spec_file, target, mount)
+    }
+
+    fn copy_in_with(
+        &self,
+        spec: &CopySpec,
+        spec_file: &Path,
+        target: &Target,
+        source: Option<Mount>,
+    ) -> Result<(), ToolError> {
         let (root, mount, writable) = mount_for(target)?;
         let spec = CopySpec {
             root,
@@ -330,11 +370,13 @@ impl Tools {
             what: format!("writing {}", spec_file.display()),
             message: e.to_string(),
         })?;
-        self.helper(
+        let mut argv = self.helper.clone();
+        argv.extend([os("copy-in"), os(spec_file)]);
+        self.run_with_mounts(
             "copying files into the image",
-            vec![os("copy-in"), os(spec_file)],
-            &writable,
-            mount,
+            argv,
+            &[&writable],
+            mount.into_iter().chain(source).collect(),
         )
         .map(drop)
     }

@@ -480,25 +480,15 @@ impl Run<'_> {
             if source_owners { "source owners" } else { "" },
         ]);
         let result = self.fs_step(key, |run, tmp| {
-            // A stage seen through layers is copied out for the copy (the step missed).
-            let copied = match &from_layers {
-                Some(layers) => {
-                    let store = &run.builder.store;
-                    let copy = store.tmp_path("from");
-                    let mountpoint = store.tmp_path("view");
-                    let r = store.tools().materialize(layers, &mountpoint, &copy);
-                    // The (empty) mount point goes, whatever happened.
-                    let _ = std::fs::remove_dir(&mountpoint);
-                    if let Err(e) = r {
-                        store.abort(&copy);
-                        return Err(step_err(step, e.to_string()));
-                    }
-                    run.stats.stage_copies += 1;
-                    Some(copy)
-                }
-                None => None,
+            // A stage seen through layers is read from a read-only mount of them, beside the
+            // target (the step missed): only the sources are copied, never the whole stage.
+            let view_mount = from_layers
+                .as_ref()
+                .map(|layers| (layers, run.builder.store.tmp_path("view")));
+            let src_root = match &view_mount {
+                Some((_, mountpoint)) => mountpoint.clone(),
+                None => src_root.clone(),
             };
-            let src_root = copied.clone().unwrap_or_else(|| src_root.clone());
             let r = (|| {
                 let tools = run.builder.store.tools();
                 let target = run.builder.store.target(tmp);
@@ -507,6 +497,16 @@ impl Run<'_> {
                     let r = tools.copy_in(spec, &spec_file, &target);
                     let _ = std::fs::remove_file(&spec_file);
                     r.map_err(|e| step_err(step, e.to_string()))
+                };
+                let copy_from_stage = |spec: &CopySpec| match &view_mount {
+                    Some((layers, mountpoint)) => {
+                        let spec_file = run.builder.store.tmp_path("copy-spec");
+                        let r =
+                            tools.copy_in_from_view(spec, &spec_file, &target, layers, mountpoint);
+                        let _ = std::fs::remove_file(&spec_file);
+                        r.map_err(|e| step_err(step, e.to_string()))
+                    }
+                    None => copy_in(spec),
                 };
                 let mut dirs = resolved.dirs.clone();
                 if into_dir && dirs.is_empty() {
@@ -523,7 +523,7 @@ impl Run<'_> {
                     dirs,
                     source_owners,
                 };
-                copy_in(&spec)?;
+                copy_from_stage(&spec)?;
                 if let Some(dir) = &heredoc_dir {
                     copy_in(&CopySpec {
                         src_root: dir.clone(),
@@ -550,8 +550,9 @@ impl Run<'_> {
                 }
                 Ok(())
             })();
-            if let Some(copy) = &copied {
-                run.builder.store.abort(copy);
+            if let Some((_, mountpoint)) = &view_mount {
+                // The (empty) mount point goes, whatever happened.
+                let _ = std::fs::remove_dir(mountpoint);
             }
             r
         });

@@ -173,8 +173,9 @@ pub struct BuildStats {
     /// rebuild has none: `cached` is then every filesystem step, and the other steps (FROM,
     /// ENV, ARG, …) only change the image config.
     pub built: usize,
-    /// Stages copied out of their layers for a `COPY --from` that was carried out (overlay
-    /// store); never for a step answered from the cache.
+    /// Stages copied out of their layers (overlay store) for a step that ran: a `RUN --mount`
+    /// of part of a stage. Never for a step answered from the cache, nor for `COPY --from`,
+    /// which reads its sources from a read-only mount of the stage's layers.
     pub stage_copies: usize,
     /// RUN steps whose command actually ran.
     pub executed_runs: usize,

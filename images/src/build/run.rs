@@ -402,6 +402,7 @@ impl Run<'_> {
                     .tools()
                     .materialize(&layers, &Self::view_point(store, &mut p.scratch), &copy)
                     .map_err(|e| step_err(step, e.to_string()))?;
+                self.stats.stage_copies += 1;
                 copy
             }
         };
@@ -459,6 +460,7 @@ impl Run<'_> {
                                 &copy,
                             )
                             .map_err(|e| step_err(step, e.to_string()))?;
+                        self.stats.stage_copies += 1;
                         (copy, format!("stage {f}"))
                     }
                 }
