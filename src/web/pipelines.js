@@ -139,7 +139,7 @@ async function runPage(name, run) {
     stateEl.replaceChildren(stateBadge(runState(rec)));
     stateEl.dataset.state = runState(rec).key;
     const links = (ls) => ls.length ? ls.map((l) => runAnchor(l)).flatMap((a, i) => i ? [", ", a] : [a]) : ["—"];
-    const rows = [["Pipeline", rec.pipeline], ["Run", rec.run], ["State", rec.state], ["Started", rec.started_at],
+    const rows = [["Pipeline", rec.pipeline], ["Run", rec.run], ["State", [stateBadge(runState(rec))]], ["Started", rec.started_at],
       ["Duration", runDuration(rec)], ["Failed", (rec.failed || []).join(", ")],
       ["Caused by", [runAnchor(rec.caused_by, "caused-by")]], ["Triggered", links(rec.triggered || [])]];
     if (rec.rebuild) rows.push(["Rebuild", ["#" + rec.rebuild + " of ", runAnchor(rec.rebuild_of, "rebuild-of")]]);

@@ -29,8 +29,13 @@ async function projectPage(name) {
     el("h2", {}, "Last builds"),
     scrollBox(el("table", { id: "project-builds-table" }, el("thead", {}, el("tr", {},
       ...["ID", "State", "Group", "Started", "Duration"].map((h) => el("th", { scope: "col" }, h)))), body), "Last builds of " + name));
-  inlineSvg("/trends/" + base + "/duration.svg", durations);
-  inlineSvg("/trends/" + base + "/success.svg", rates);
+  const chart = (url, box, caption) => {
+    const holder = el("div");
+    box.replaceChildren(el("figcaption", {}, caption), holder);
+    inlineSvg(url, holder);
+  };
+  chart("/trends/" + base + "/duration.svg", durations, "Duration of each of the last builds (failures hatched)");
+  chart("/trends/" + base + "/success.svg", rates, "Success rate per 5 builds");
   let builds;
   try {
     const r = await fetch("/api/project/" + base + "/builds?limit=20");
