@@ -2,10 +2,14 @@
 //!
 //! - `GET /project/{project}`: the page (its trends and its last builds, drawn by
 //!   `projects.js`); 404 for a project that does not exist;
-//! - `GET /api/project/{project}/builds?limit=N`: its last N builds on this agent (≤ 100,
-//!   default 20), newest first, as `/index/` entries;
+//! - `GET /api/project/{project}/builds?limit=N`: its last N builds (≤ 100, default 20),
+//!   newest first, as `/index/` entries;
 //! - `GET /trends/{project}/duration.svg` and `/trends/{project}/success.svg`: the charts of its
 //!   last [`TREND_BUILDS`] ended builds ([`crate::trends`], `image/svg+xml`).
+//!
+//! The builds are this agent's (`Jobs::list`); with several agents, the cluster's records of the
+//! project (`Jobs::cluster_jobs`: every agent's jobs, with `agent` and `clusterState`), unless
+//! the database does not answer.
 
 use std::sync::Arc;
 
@@ -21,7 +25,7 @@ use super::access;
 use super::pipelines::titled;
 use super::ApiError;
 use crate::body::json;
-use crate::service::{index_entry, Jobs, Stage};
+use crate::service::{index_entry, ClusterJobsFilter, JobState, Jobs, Stage};
 use crate::trends::{self, Build};
 
 /// How many of a project's ended builds the trends show.
@@ -78,6 +82,9 @@ async fn builds(
         .and_then(|Query(q)| q.limit)
         .unwrap_or(20)
         .clamp(1, MAX_BUILDS);
+    if let Some(records) = records(&jobs, &project, limit, None).await {
+        return Ok(json(StatusCode::OK, &records)?);
+    }
     let entries = tokio::task::spawn_blocking(move || {
         jobs.list()
             .filter(|f| f.dir.project() == project)
@@ -89,8 +96,53 @@ async fn builds(
     Ok(json(StatusCode::OK, &entries)?)
 }
 
-/// The project's last [`TREND_BUILDS`] ended builds, oldest first (blocking).
-fn ended(jobs: &Arc<dyn Jobs>, project: &str) -> Vec<Build> {
+/// The project's last `limit` records cluster-wide (`states`: of these states only), newest
+/// first; `None` on a single node or when the database does not answer.
+async fn records(
+    jobs: &Arc<dyn Jobs>,
+    project: &str,
+    limit: usize,
+    states: Option<Vec<JobState>>,
+) -> Option<Vec<serde_json::Value>> {
+    let filter = ClusterJobsFilter {
+        agent: None,
+        project: Some(project.to_string()),
+        states,
+        limit: i64::try_from(limit).ok()?,
+    };
+    match jobs.cluster_jobs(&filter).await {
+        Ok(found) => found,
+        Err(e) => {
+            tracing::warn!(%project, error = %e, "the cluster's records did not answer: this agent's builds only");
+            None
+        }
+    }
+}
+
+/// A record's build as the charts read it.
+fn record_build(r: &serde_json::Value) -> Build {
+    let info = &r["buildInfo"];
+    Build {
+        id: r["id"].as_str().unwrap_or_default().to_string(),
+        started_at: info["StartedAt"].as_str().unwrap_or_default().to_string(),
+        duration_ns: info["Duration"].as_i64().unwrap_or(-1),
+        ok: info["ExitCode"].as_i64() == Some(0)
+            && info["ErrBuild"].as_str().is_none_or(str::is_empty),
+    }
+}
+
+/// The project's last [`TREND_BUILDS`] ended builds, oldest first: the cluster's records, or
+/// this agent's.
+async fn trend_builds(jobs: Arc<dyn Jobs>, project: String) -> Result<Vec<Build>, ApiError> {
+    let ended = Some(vec![JobState::Ready, JobState::Failed]);
+    if let Some(records) = records(&jobs, &project, TREND_BUILDS, ended).await {
+        return Ok(records.iter().rev().map(record_build).collect());
+    }
+    Ok(tokio::task::spawn_blocking(move || ended_here(&jobs, &project)).await?)
+}
+
+/// The project's last [`TREND_BUILDS`] ended builds on this agent, oldest first (blocking).
+fn ended_here(jobs: &Arc<dyn Jobs>, project: &str) -> Vec<Build> {
     let mut out: Vec<Build> = jobs
         .list()
         .filter(|f| f.dir.project() == project && f.stage == Stage::Ready)
@@ -121,22 +173,16 @@ async fn duration_svg(
     State(jobs): JobsState,
     Path(project): Path<String>,
 ) -> Result<Response, ApiError> {
-    let body = tokio::task::spawn_blocking(move || {
-        trends::duration_chart(&project, &ended(&jobs, &project))
-    })
-    .await?;
-    Ok(svg(body))
+    let builds = trend_builds(jobs, project.clone()).await?;
+    Ok(svg(trends::duration_chart(&project, &builds)))
 }
 
 async fn success_svg(
     State(jobs): JobsState,
     Path(project): Path<String>,
 ) -> Result<Response, ApiError> {
-    let body = tokio::task::spawn_blocking(move || {
-        trends::success_chart(&project, &ended(&jobs, &project), PER_BUCKET)
-    })
-    .await?;
-    Ok(svg(body))
+    let builds = trend_builds(jobs, project.clone()).await?;
+    Ok(svg(trends::success_chart(&project, &builds, PER_BUCKET)))
 }
 
 #[cfg(test)]

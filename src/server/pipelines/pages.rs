@@ -468,6 +468,11 @@ mod tests {
         let admin = [("authorization", "Bearer tok-admin")];
         assert_eq!(a.get("/api/pipelines/open-pipe", &[]).await.0, 401);
         assert_eq!(a.get("/pipeline/open-pipe", &[]).await.0, 401);
+        // The list's page too: authentication comes first.
+        assert_eq!(a.get("/pipelines", &[("accept", BROWSER)]).await.0, 401);
+        let (status, _, body) = a.get("/pipelines", &[("accept", BROWSER), reader[0]]).await;
+        assert_eq!(status, 200);
+        assert!(body.contains("<title>Pipelines · mistry</title>"), "{body}");
         let (status, _, body) = a.get("/api/pipelines/open-pipe/runs", &reader).await;
         assert_eq!(status, 200);
         let v: serde_json::Value = serde_json::from_str(&body).unwrap();
