@@ -26,3 +26,4 @@ pub mod service;
 pub(crate) mod stream_json;
 pub(crate) mod streams;
 pub(crate) mod tree;
+pub(crate) mod trends;

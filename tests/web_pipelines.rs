@@ -62,10 +62,10 @@ fn expect(v: &[(&str, &str, bool)]) -> Vec<(String, String, bool)> {
         .collect()
 }
 
-/// The state text of a job's box.
+/// The state people read of a job's box (its text says it with an icon).
 fn box_state(b: &Browser, job: &str) -> Value {
     b.eval(&format!(
-        "const t = document.querySelector('#dag g.job[data-job={job}] .job-state'); return t ? t.textContent : null;"
+        "const g = document.querySelector('#dag g.job[data-job={job}]'); return g ? g.dataset.state : null;"
     ))
 }
 
@@ -111,22 +111,22 @@ fn a_pipeline_run_in_a_real_browser() {
     // The slow job goes pending, then ready, without a reload.
     b.wait(
         "the slow job pending",
-        "const t = document.querySelector('#dag g.job[data-job=slow] .job-state'); return !!t && t.textContent === 'pending';",
+        "const g = document.querySelector('#dag g.job[data-job=slow]'); return !!g && g.dataset.state === 'running';",
         long,
     );
     assert_eq!(
         b.eval("return document.querySelector('#dag g.job[data-job=slow]').classList.contains('state-pending');"),
         json!(true)
     );
-    assert_eq!(box_state(&b, "fetch"), json!("ready"));
+    assert_eq!(box_state(&b, "fetch"), json!("success"));
     assert_eq!(
-        b.eval("return document.getElementById('run-state').textContent;"),
+        b.eval("return document.getElementById('run-state').dataset.state;"),
         json!("running")
     );
     b.screenshot("pipeline-running");
     b.wait(
         "the run's end",
-        "return document.getElementById('run-state').textContent === 'failed';",
+        "return document.getElementById('run-state').dataset.state === 'failed';",
         long,
     );
     assert_eq!(
@@ -135,8 +135,8 @@ fn a_pipeline_run_in_a_real_browser() {
         "the page was reloaded"
     );
     for (j, state) in [
-        ("fetch", "ready"),
-        ("slow", "ready"),
+        ("fetch", "success"),
+        ("slow", "success"),
         ("flaky", "failed"),
         ("final", "skipped"),
     ] {
@@ -227,7 +227,7 @@ fn a_pipeline_run_in_a_real_browser() {
     b.click("#retrigger-failed");
     b.wait(
         "the retried run's end",
-        "return document.getElementById('run-state').textContent === 'succeeded';",
+        "return document.getElementById('run-state').dataset.state === 'success';",
         long,
     );
     assert_eq!(
@@ -251,14 +251,19 @@ fn a_pipeline_run_in_a_real_browser() {
         ])
     );
     assert_eq!(job(&retried, "flaky")["id"], flaky_id.as_str());
-    for j in ["fetch", "slow", "flaky", "final"] {
-        assert_eq!(box_state(&b, j), json!("ready"), "{j}");
+    for (j, state) in [
+        ("fetch", "cached"),
+        ("slow", "cached"),
+        ("flaky", "success"),
+        ("final", "success"),
+    ] {
+        assert_eq!(box_state(&b, j), json!(state), "{j}");
     }
     assert_eq!(
         b.eval(
-            "return document.querySelector('#dag g.job[data-job=fetch] .job-marks').textContent;"
+            "return document.querySelector('#dag g.job[data-job=fetch] .job-state').textContent;"
         ),
-        json!("cached")
+        json!("↺ cached")
     );
     b.screenshot("pipeline-retried");
 
@@ -302,7 +307,7 @@ fn a_pipeline_run_in_a_real_browser() {
     );
     b.wait(
         "the rebuild's end",
-        "return document.getElementById('run-state').textContent === 'succeeded';",
+        "return document.getElementById('run-state').dataset.state === 'success';",
         long,
     );
     let path = b.eval("return location.pathname;");

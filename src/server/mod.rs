@@ -20,6 +20,7 @@ mod agents;
 mod error;
 mod listen;
 mod pipelines;
+mod projects;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -54,6 +55,7 @@ const STATIC_FILES: &[(&str, &str, &str)] = &[
     ("common.js", JS, include_str!("../web/common.js")),
     ("jobs.js", JS, include_str!("../web/jobs.js")),
     ("pipelines.js", JS, include_str!("../web/pipelines.js")),
+    ("projects.js", JS, include_str!("../web/projects.js")),
     ("app.js", JS, include_str!("../web/app.js")),
     (
         "style.css",
@@ -89,6 +91,7 @@ pub fn router(jobs: Arc<dyn Jobs>) -> Router {
         .route("/", get(|| async { Html(INDEX_HTML) }))
         .merge(agents::routes())
         .merge(pipelines::routes(Arc::clone(&jobs)))
+        .merge(projects::routes())
         .layer(axum::middleware::from_fn(same_origin))
         .layer(axum::middleware::from_fn_with_state(
             policy,

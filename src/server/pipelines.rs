@@ -38,6 +38,9 @@ use crate::pipeline::run::{self, JobRunState, RunRecord, RunState, Runs};
 use crate::pipeline::PipelineError;
 use crate::service::{JobError, Jobs};
 
+mod pages;
+pub(super) use pages::titled;
+
 /// The pipelines' routes, with their own state, to merge into the server's router; the runs'
 /// jobs go to `jobs`. Validates every definition and fails the runs a previous daemon left
 /// running (off the runtime).
@@ -54,6 +57,9 @@ pub(super) fn routes<S: Clone + Send + Sync + 'static>(jobs: Arc<dyn Jobs>) -> R
         .route("/pipelines/jobs/", get(job_runs))
         .route("/pipeline/{name}/{run}", get(run_page))
         .route("/pipeline/{name}/{run}/events", get(events))
+        // The web view's pipelines pages and their JSON (pages.rs).
+        .merge(pages::routes())
+        .layer(axum::middleware::from_fn(pages::browser_page))
         .with_state(runs)
 }
 

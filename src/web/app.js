@@ -46,4 +46,7 @@ const pm = location.pathname.match(/^\/pipeline\/([^/]+)\/([^/]+)$/);
 if (m) jobPage(decodeURIComponent(m[1]), decodeURIComponent(m[2]));
 else if (pm) runPage(decodeURIComponent(pm[1]), decodeURIComponent(pm[2]));
 else if (location.pathname === "/agents") agentsPage();
+else if (location.pathname === "/pipelines") pipelinesPage();
+else if (/^\/pipeline\/[^/]+$/.test(location.pathname)) pipelinePage(decodeURIComponent(location.pathname.slice(10)));
+else if (/^\/project\/[^/]+$/.test(location.pathname)) projectPage(decodeURIComponent(location.pathname.slice(9)));
 else listPage();

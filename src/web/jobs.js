@@ -47,7 +47,7 @@ function listPage() {
       return !state.value || (state.value === "failed" ? failed : j.state === state.value);
     }).map((j) => el("tr", { "data-id": j.id, "data-agent": agentOf(j), ...("clusterState" in j ? { "data-held": "elsewhere", "data-cluster-state": j.clusterState } : {}) },
       el("td", { class: "id" }, el("a", { href: "/job/" + encodeURIComponent(j.project) + "/" + encodeURIComponent(j.id) }, j.id.slice(0, 12))),
-      el("td", {}, j.project), el("td", {}, j.buildInfo.Group),
+      el("td", {}, el("a", { class: "project-link", href: "/project/" + encodeURIComponent(j.project) }, j.project)), el("td", {}, j.buildInfo.Group),
       el("td", { class: "state-" + j.state }, j.state), el("td", { class: "agent" }, ...agentLink(agentOf(j))), el("td", {}, j.startedAt),
       el("td", {}, duration(j.buildInfo.Duration)), el("td", {}, j.state === "ready" ? j.buildInfo.ExitCode : ""),
       el("td", {}, ...(j.state === "ready" ? badges(j.buildInfo) : [])),
