@@ -46,7 +46,7 @@ export MISTRY_PROBE="$unpriv/probe"
 echo "== tests as root"
 cargo test --workspace
 
-echo "== sandbox, images, image build, registry, server, CLI and client tests as the unprivileged user mistry-test"
+echo "== sandbox, images, image build, registry, server, cluster, web view (Chromium), CLI and client tests as the unprivileged user mistry-test"
 cp -a target/images/busybox/rootfs "$unpriv/rootfs"
 mkdir -p "$unpriv/images"
 cp -a target/images/busybox "$unpriv/images/busybox"
@@ -56,7 +56,7 @@ cp target/debug/mistryd target/debug/mistry "$unpriv/"
 {
     cargo test -p sandbox --no-run --message-format=json 2>/dev/null
     cargo test -p images --no-run --message-format=json 2>/dev/null
-    cargo test -p mistry --lib --test image_build --test dockerfile_syntax --test registry --test registry_errors --test store_choice --test server --test sandbox_cli --test realworld --test run_mounts --test operator --test deep_trees --test incremental --test job_links --test pipelines --test exec --test examples --test cluster --test cluster_jobs --test replicate --test cluster_view --test cluster_logs --test cluster_failures --test cluster_faults --test cluster_jobs_list --test cluster_pipelines --test cluster_tls --test job_limits --test job_preparation --test network --test access --no-run --message-format=json 2>/dev/null
+    cargo test -p mistry --lib --test image_build --test dockerfile_syntax --test registry --test registry_errors --test store_choice --test server --test sandbox_cli --test realworld --test run_mounts --test operator --test deep_trees --test incremental --test job_links --test pipelines --test exec --test examples --test cluster --test cluster_jobs --test replicate --test cluster_view --test cluster_logs --test cluster_failures --test cluster_faults --test cluster_jobs_list --test cluster_pipelines --test cluster_tls --test job_limits --test job_preparation --test network --test access --test cluster_trends --test web --test web_pipelines --test web_pipelines_ui --no-run --message-format=json 2>/dev/null
     cargo test -p mistry-client --lib --test cli --test pipeline_cli --no-run --message-format=json 2>/dev/null
 } | grep -E '"profile":\{[^}]*"test":true' | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' > "$unpriv/list"
 status=0
