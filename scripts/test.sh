@@ -51,7 +51,8 @@ cp -a target/images/busybox/rootfs "$unpriv/rootfs"
 mkdir -p "$unpriv/images"
 cp -a target/images/busybox "$unpriv/images/busybox"
 [ ! -d target/images/debian ] || cp -a target/images/debian "$unpriv/images/debian"
-chown -R mistry-test: "$unpriv/rootfs" "$unpriv/images"
+mkdir -p "$unpriv/artifacts"
+chown -R mistry-test: "$unpriv/rootfs" "$unpriv/images" "$unpriv/artifacts"
 cp target/debug/mistryd target/debug/mistry "$unpriv/"
 {
     cargo test -p sandbox --no-run --message-format=json 2>/dev/null
@@ -67,7 +68,7 @@ while read -r bin; do
     runuser -u mistry-test -- env -i PATH=/usr/bin:/bin HOME=/home/mistry-test TMPDIR=/tmp \
         MISTRY_BUSYBOX_ROOTFS="$unpriv/rootfs" MISTRY_PROBE="$unpriv/probe" \
         MISTRY_TEST_IMAGES="$unpriv/images" MISTRY_HELPER_BIN="$unpriv/mistryd" \
-        MISTRY_CLIENT_BIN="$unpriv/mistry" \
+        MISTRY_CLIENT_BIN="$unpriv/mistry" MISTRY_TEST_ARTIFACTS="$unpriv/artifacts" \
         MISTRY_TEST_BTRFS="$MISTRY_TEST_BTRFS" ${CI+CI="$CI"} \
         "$unpriv/$name" || status=1
 done < "$unpriv/list"
