@@ -500,3 +500,177 @@ fn artifact_downloads_stay_below_the_artifacts() {
         "{list}"
     );
 }
+
+/// A job's page (line anchors, stdout/stderr tabs by keyboard, search, artifacts and the tar,
+/// the image, follow while live) and every page of the jobs' part — the list, a failed job, a
+/// live job, the agents — accessible (axe-core: no critical or serious violation) in light and
+/// dark, at 1280 and 390 px wide without horizontal scrolling, with a meaningful title and a
+/// skip link first in the tab order. Screenshots of each go to target/test-artifacts/ (or
+/// `$MISTRY_TEST_ARTIFACTS`: scripts/web-screenshots.sh writes them to docs/screenshots/).
+#[test]
+fn a_jobs_page_and_every_page_accessible() {
+    let s = Server::start(json!({}));
+    let b = Browser::start();
+    let base = format!("http://{}", s.addr);
+    let failed = s.job(json!({"project": "simple", "params": {"name": "hello", "code": "3"}}));
+    let id = failed["URL"].as_str().unwrap().rsplit('/').next().unwrap().to_string();
+    let short = &id[..12];
+
+    // Line anchors: #L2 scrolls to and marks line 2.
+    b.goto(&format!("{base}/job/simple/{id}#L2"));
+    b.wait(
+        "line 2 marked",
+        "const l = document.getElementById('L2'); return !!l && l.classList.contains('target');",
+        Duration::from_secs(10),
+    );
+    assert_eq!(
+        b.eval("return document.title;"),
+        json!(format!("failed (exit 3) \u{b7} simple/{short} \u{b7} mistry"))
+    );
+    let lines = b.eval("return [...document.querySelectorAll('#log .line')].map(l => l.id);");
+    let n = lines.as_array().unwrap().len();
+    assert!(n >= 2, "{lines}");
+    assert_eq!(lines[0], "L1");
+    assert_eq!(lines[n - 1], json!(format!("L{n}")));
+
+    // Artifacts, one by one and as the tar; the image's Dockerfile.
+    b.wait(
+        "the artifacts",
+        "return document.querySelectorAll('#artifacts a.artifact').length === 3;",
+        Duration::from_secs(10),
+    );
+    let prefix = format!("/api/artifact/simple/{id}/");
+    assert_eq!(
+        b.eval("return [...document.querySelectorAll('#artifacts a.artifact')].map(a => a.getAttribute('href'));"),
+        json!([format!("{prefix}count.txt"), format!("{prefix}name.txt"), format!("{prefix}params.txt")])
+    );
+    assert_eq!(
+        b.eval_async("const done = arguments[arguments.length - 1]; fetch(document.querySelectorAll('#artifacts a.artifact')[1].href).then(r => r.text()).then(done);"),
+        json!("hello")
+    );
+    assert_eq!(
+        b.eval("return document.getElementById('artifacts-tar').getAttribute('href');"),
+        json!(format!("/artifacts/simple/{id}"))
+    );
+    assert!(b
+        .eval("return document.getElementById('dockerfile').textContent;")
+        .as_str()
+        .unwrap()
+        .starts_with("FROM busybox\n"));
+
+    assert_eq!(
+        b.eval("return /^Image [0-9a-f]{12} from base sha256:[0-9a-f]{12} \\(from its build log\\)\\.$/.test(document.getElementById('image-built').textContent);"),
+        json!(true),
+        "{}",
+        b.eval("return document.getElementById('image-built').textContent;")
+    );
+
+    // Tabs by keyboard: the arrow keys move between Output and Stderr.
+    b.eval("document.getElementById('tab-out').focus(); return true;");
+    b.keys("\u{E014}");
+    b.wait(
+        "the stderr tab",
+        "return document.getElementById('log').textContent === 'err: hello\\n';",
+        Duration::from_secs(5),
+    );
+    assert_eq!(
+        b.eval("return [document.activeElement.id, document.getElementById('tab-err').getAttribute('aria-selected'), document.getElementById('tab-out').getAttribute('aria-selected')];"),
+        json!(["tab-err", "true", "false"])
+    );
+    b.keys("\u{E012}");
+    b.wait(
+        "the output tab",
+        "return document.getElementById('log').textContent.includes('out: hello\\n');",
+        Duration::from_secs(5),
+    );
+
+    // Search: both matches highlighted, next and previous.
+    b.click("#log-search");
+    b.keys("HELLO");
+    b.wait(
+        "the matches",
+        "return document.getElementById('log-search-count').textContent === '1 of 2';",
+        Duration::from_secs(5),
+    );
+    assert_eq!(
+        b.eval("return [document.querySelectorAll('#log .line.match').length, CSS.highlights.get('log-match').size];"),
+        json!([2, 2])
+    );
+    b.click("#log-next");
+    assert_eq!(
+        b.eval("return [document.getElementById('log-search-count').textContent, document.querySelector('#log .line.match-current').textContent];"),
+        json!(["2 of 2", "err: hello\n"])
+    );
+    b.click("#log-prev");
+    assert_eq!(
+        b.eval("return document.querySelector('#log .line.match-current').textContent;"),
+        json!("out: hello\n")
+    );
+
+    // A live job: follow, then unfollow; its elapsed time runs.
+    assert_eq!(
+        s.post(
+            "/jobs?async",
+            r#"{"project": "simple", "params": {"name": "live", "sleep": "60"}}"#
+        )
+        .0,
+        201
+    );
+    wait_until("the live job", || {
+        job_of(&s, "simple")["state"] == "pending"
+    });
+    let live = job_of(&s, "simple")["id"].as_str().unwrap().to_string();
+    b.goto(&format!("{base}/job/simple/{live}"));
+    b.wait(
+        "the live page",
+        "const f = document.getElementById('follow'); return !!f && !f.hidden && document.getElementById('log').textContent.includes('out: live');",
+        Duration::from_secs(20),
+    );
+    assert_eq!(
+        b.eval("return [document.getElementById('job-state').dataset.state, document.getElementById('follow').getAttribute('aria-pressed'), /^\\d+(m\\d+)?s so far$/.test(document.getElementById('job-time').textContent)];"),
+        json!(["running", "true", true])
+    );
+    b.click("#follow");
+    assert_eq!(
+        b.eval("return document.getElementById('follow').getAttribute('aria-pressed');"),
+        json!("false")
+    );
+
+    // Every page: titles, skip link, axe in light and dark, no sideways scrolling on a phone.
+    let pages = [
+        ("list", format!("{base}/"), "Jobs \u{b7} mistry".to_string(), "document.querySelectorAll('#jobs tr[data-id]').length === 2"),
+        ("job-failed", format!("{base}/job/simple/{id}"), format!("failed (exit 3) \u{b7} simple/{short} \u{b7} mistry"), "document.querySelectorAll('#artifacts a.artifact').length === 3 && !!document.getElementById('L1')"),
+        ("job-live", format!("{base}/job/simple/{live}"), format!("running \u{b7} simple/{} \u{b7} mistry", &live[..12]), "document.getElementById('log').textContent.includes('out: live')"),
+        ("agents", format!("{base}/agents"), "Agents \u{b7} mistry".to_string(), "document.querySelectorAll('#agents tr').length === 1"),
+    ];
+    for (name, url, title, ready) in &pages {
+        for (width, height, form) in [(1280, 900, "desktop"), (390, 844, "phone")] {
+            b.viewport(width, height);
+            for dark in [false, true] {
+                b.dark(dark);
+                b.goto(url);
+                b.wait(name, &format!("return {ready};"), Duration::from_secs(20));
+                let shown = format!("{name} {form} {}", if dark { "dark" } else { "light" });
+                assert_eq!(b.eval("return document.title;"), json!(title), "{shown}");
+                b.assert_accessible(&shown);
+                assert_eq!(b.horizontal_overflow(), 0, "{shown}");
+                let scheme = if dark { "dark" } else { "light" };
+                b.screenshot(&format!("web-{name}-{form}-{scheme}"));
+                if name.starts_with("job") {
+                    b.eval("document.querySelector('main h2:last-of-type').scrollIntoView(); return true;");
+                    b.screenshot(&format!("web-{name}-log-{form}-{scheme}"));
+                }
+            }
+        }
+    }
+    // Keyboard: the first Tab reaches the skip link, which moves focus to the content.
+    b.viewport(1280, 900);
+    b.goto(&format!("{base}/"));
+    b.keys("\u{E004}");
+    assert_eq!(
+        b.eval("return [document.activeElement.className, document.activeElement.textContent, getComputedStyle(document.activeElement).outlineStyle];"),
+        json!(["skip-link", "Skip to content", "solid"])
+    );
+    b.keys("\u{E007}");
+    assert_eq!(b.eval("return document.activeElement.id;"), json!("app"));
+}

@@ -329,6 +329,7 @@ async function jobPage(project, id) {
   const tarLink = el("a", { id: "artifacts-tar", href: "/artifacts/" + base, download: id.slice(0, 12) + ".tar" }, "All artifacts (tar)");
   const files = el("ul", { id: "artifacts", class: "files" });
   const image = el("div", { id: "image" });
+  const imageId = el("p", { id: "image-built" });
   async function showFiles() {
     let v;
     try {
@@ -381,7 +382,7 @@ async function jobPage(project, id) {
     fields, el("h2", {}, "Params"), params,
     el("div", { class: "actions" }, retrigger, el("label", {}, rebuild, " rebuild"), note),
     el("h2", {}, "Artifacts"), el("p", {}, tarLink), files,
-    el("h2", {}, "Image"), image,
+    el("h2", {}, "Image"), imageId, image,
     el("h2", {}, "Log"),
     el("div", { class: "log-bar" }, tabs, el("div", { class: "log-search", role: "search" }, search, prevMatch, nextMatch, matchCount), follow),
     more, pre);
@@ -416,6 +417,10 @@ async function jobPage(project, id) {
       text = text.slice(text.indexOf("\n") + 1); // the first line is cut
     }
     view.text(text);
+    // The image it ran on, as its build log names it (mistry's BuildInfo does not).
+    const built = tab === "out" && text.match(/^Successfully built (\S+)$/m);
+    const from = tab === "out" && text.match(/^ ---> local image .* \((sha256:[0-9a-f]+)\)$/m);
+    if (built) imageId.replaceChildren("Image ", el("code", { id: "image-id" }, built[1]), ...(from ? [" from base ", el("code", { id: "image-base" }, from[1].slice(0, 19))] : []), " (from its build log).");
     if (!text) pre.append(el("span", { class: "muted" }, tab === "err" ? "Nothing on stderr." : "No output."));
     if (location.hash.match(/^#L\d+$/) && !highlightHash() && cut) return showLog(true);
     if (search.value) finder.run();
