@@ -513,7 +513,13 @@ fn a_jobs_page_and_every_page_accessible() {
     let b = Browser::start();
     let base = format!("http://{}", s.addr);
     let failed = s.job(json!({"project": "simple", "params": {"name": "hello", "code": "3"}}));
-    let id = failed["URL"].as_str().unwrap().rsplit('/').next().unwrap().to_string();
+    let id = failed["URL"]
+        .as_str()
+        .unwrap()
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .to_string();
     let short = &id[..12];
 
     // Line anchors: #L2 scrolls to and marks line 2.
@@ -525,7 +531,9 @@ fn a_jobs_page_and_every_page_accessible() {
     );
     assert_eq!(
         b.eval("return document.title;"),
-        json!(format!("failed (exit 3) \u{b7} simple/{short} \u{b7} mistry"))
+        json!(format!(
+            "failed (exit 3) \u{b7} simple/{short} \u{b7} mistry"
+        ))
     );
     let lines = b.eval("return [...document.querySelectorAll('#log .line')].map(l => l.id);");
     let n = lines.as_array().unwrap().len();
