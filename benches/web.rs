@@ -5,9 +5,16 @@
 //! store fills in seconds. Prints figures (median of `BENCH_RUNS`, default 10); asserts only that
 //! each answer is complete, nothing about time.
 //!
+//! With chromedriver and Chromium installed, also the time Chromium takes to draw the list's
+//! first page and a job's page (its log and artifacts included), from navigation to the page's
+//! `performance.mark` (`jobs-drawn`, `job-drawn`).
+//!
 //! `cargo bench --bench web` (`BENCH_JOBS` sets the number of jobs).
 
 mod common;
+/// The end-to-end tests' helpers, for their browser (tests/common/browser.rs).
+#[path = "../tests/common/mod.rs"]
+mod tests_common;
 
 use std::time::Instant;
 
@@ -98,5 +105,35 @@ fn main() {
         } else {
             println!("web: {what}: median {median:.1} ms, {size} bytes");
         }
+    }
+    if !common::installed("chromedriver") {
+        println!("web: no chromedriver: the pages' render times are not measured");
+        return;
+    }
+    let b = tests_common::browser::Browser::start();
+    let base = format!("http://{}", daemon.addr);
+    for (what, url, mark) in [
+        ("the list's first page", format!("{base}/"), "jobs-drawn"),
+        (
+            "a job's page",
+            format!("{base}/job/{project}/{id}"),
+            "job-drawn",
+        ),
+    ] {
+        let mut times = Vec::new();
+        for _ in 0..runs {
+            b.goto(&url);
+            let got = format!("return performance.getEntriesByName('{mark}').length > 0;");
+            b.wait(mark, &got, std::time::Duration::from_secs(120));
+            let at = b.eval(&format!(
+                "return performance.getEntriesByName('{mark}')[0].startTime;"
+            ));
+            times.push(at.as_f64().unwrap_or(f64::NAN));
+        }
+        times.sort_by(f64::total_cmp);
+        println!(
+            "web: Chromium, {what} drawn: median {:.0} ms after navigation ({n} jobs)",
+            times[times.len() / 2]
+        );
     }
 }
