@@ -155,7 +155,13 @@ pub(crate) struct Listed {
 pub(crate) fn list_tree(root: &OwnedFd, max: usize) -> std::io::Result<(Vec<Listed>, bool)> {
     use images::walk::{Order, Walk};
     use rustix::fs::{AtFlags, FileType};
-    let top = rustix::io::fcntl_dupfd_cloexec(root, 0)?;
+    // Opened again, not duplicated: a duplicate would share `root`'s position in the directory.
+    let top = rustix::fs::openat(
+        root,
+        ".",
+        images::walk::dir_flags(),
+        rustix::fs::Mode::empty(),
+    )?;
     let mut w = Walk::new(top, Order::Sorted, std::path::Path::new("artifacts"))?;
     let mut out = Vec::new();
     loop {
@@ -295,5 +301,58 @@ mod tests {
             matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)),
             "{e}"
         );
+    }
+
+    #[test]
+    fn artifacts_are_listed_and_opened_one_by_one_without_following_links() {
+        let job = tempfile::tempdir().unwrap();
+        let art = job.path().join("data/artifacts");
+        std::fs::create_dir_all(art.join("d/e")).unwrap();
+        std::fs::write(art.join("d/e/f.txt"), "deep").unwrap();
+        std::fs::write(job.path().join("secret"), "outside").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", art.join("passwd")).unwrap();
+        std::os::unix::fs::symlink("../../secret", art.join("up")).unwrap();
+        std::os::unix::fs::symlink("d", art.join("dlink")).unwrap();
+        nix::unistd::mkfifo(&art.join("fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let root = open_artifacts(job.path()).unwrap();
+        let (all, more) = list_tree(&root, 100).unwrap();
+        let got: Vec<(&str, &str, u64)> = all
+            .iter()
+            .map(|l| (l.path.as_str(), l.kind, l.size))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("d", "dir", 0),
+                ("d/e", "dir", 0),
+                ("d/e/f.txt", "file", 4),
+                ("dlink", "link", 0),
+                ("fifo", "other", 0),
+                ("passwd", "link", 0),
+                ("up", "link", 0),
+            ]
+        );
+        assert!(!more);
+        let (first, more) = list_tree(&root, 2).unwrap();
+        assert_eq!((first.len(), more), (2, true));
+
+        let (mut f, size) = open_artifact_file(&root, std::path::Path::new("d/e/f.txt")).unwrap();
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut f, &mut text).unwrap();
+        assert_eq!((text.as_str(), size), ("deep", 4));
+        for refused in [
+            "passwd",
+            "up",
+            "dlink/e/f.txt",
+            "fifo",
+            "d",
+            "../../secret",
+            "d/../../../secret",
+            "/etc/passwd",
+            "missing",
+        ] {
+            let e = open_artifact_file(&root, std::path::Path::new(refused)).unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "{refused}: {e}");
+        }
     }
 }
