@@ -138,6 +138,105 @@ pub(crate) fn append_tree<W: std::io::Write>(
     images::walk::append_tree(b, root, prefix, images::walk::Sent::JobTree)
 }
 
+/// One entry of a job's artifacts as the web view lists it ([`list_tree`]).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub(crate) struct Listed {
+    /// Its path below the artifacts directory (`/`-separated; lossy UTF-8 for display).
+    pub(crate) path: String,
+    /// `file`, `dir`, `link` or `other` (FIFOs, sockets, devices).
+    pub(crate) kind: &'static str,
+    /// A file's size in bytes (0 for the others).
+    pub(crate) size: u64,
+}
+
+/// The entries below `root` (an open directory: a job's artifacts), sorted by path, at most
+/// `max` of them (`true` with them when there were more): the iterative walk of
+/// [`images::walk::Walk`], by fd, no symlink followed (a link is listed as a link).
+pub(crate) fn list_tree(root: &OwnedFd, max: usize) -> std::io::Result<(Vec<Listed>, bool)> {
+    use images::walk::{Order, Walk};
+    use rustix::fs::{AtFlags, FileType};
+    // Opened again, not duplicated: a duplicate would share `root`'s position in the directory.
+    let top = rustix::fs::openat(
+        root,
+        ".",
+        images::walk::dir_flags(),
+        rustix::fs::Mode::empty(),
+    )?;
+    let mut w = Walk::new(top, Order::Sorted, std::path::Path::new("artifacts"))?;
+    let mut out = Vec::new();
+    loop {
+        let Some(e) = w.next_entry()? else {
+            if w.depth() == 0 {
+                return Ok((out, false));
+            }
+            w.leave()?;
+            continue;
+        };
+        if out.len() == max {
+            return Ok((out, true));
+        }
+        let st = match rustix::fs::statat(w.dir()?, &e.name, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(st) => st,
+            Err(rustix::io::Errno::NOENT) => continue,
+            Err(err) => return Err(w.error_at(Some(&e.name), err.into())),
+        };
+        let Some(rel) = w.rel_path(&e.name, images::walk::MAX_PATH) else {
+            continue;
+        };
+        let ft = FileType::from_raw_mode(st.st_mode);
+        let kind = match ft {
+            FileType::RegularFile => "file",
+            FileType::Directory => "dir",
+            FileType::Symlink => "link",
+            _ => "other",
+        };
+        out.push(Listed {
+            path: rel.to_string_lossy().into_owned(),
+            kind,
+            size: if ft == FileType::RegularFile {
+                u64::try_from(st.st_size).unwrap_or(0)
+            } else {
+                0
+            },
+        });
+        if ft == FileType::Directory {
+            w.enter(&e.name)?;
+        }
+    }
+}
+
+/// Open regular file `rel` below `root` (a job's artifacts) for reading: by fd, never through a
+/// symlink nor out of `root` (`..`, absolute paths: refused by [`open_beneath`]); `NotFound`
+/// for anything that is not a regular file there. Its size with it.
+pub(crate) fn open_artifact_file(
+    root: &OwnedFd,
+    rel: &std::path::Path,
+) -> std::io::Result<(std::fs::File, u64)> {
+    if rel.is_absolute()
+        || rel
+            .components()
+            .any(|c| !matches!(c, std::path::Component::Normal(_)))
+    {
+        return Err(std::io::ErrorKind::NotFound.into());
+    }
+    let fd = match open_beneath(root, rel, false) {
+        Ok(fd) => fd,
+        Err(e) if is_gone(&e) || e.raw_os_error() == Some(libc::EXDEV) => {
+            return Err(std::io::ErrorKind::NotFound.into())
+        }
+        Err(e) => return Err(e),
+    };
+    let st = rustix::fs::fstat(&fd)?;
+    if rustix::fs::FileType::from_raw_mode(st.st_mode) != rustix::fs::FileType::RegularFile {
+        return Err(std::io::ErrorKind::NotFound.into());
+    }
+    // Opened O_NONBLOCK (a FIFO must not block): a regular file reads the same either way.
+    Ok((
+        std::fs::File::from(fd),
+        u64::try_from(st.st_size).unwrap_or(0),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -202,5 +301,58 @@ mod tests {
             matches!(e.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR)),
             "{e}"
         );
+    }
+
+    #[test]
+    fn artifacts_are_listed_and_opened_one_by_one_without_following_links() {
+        let job = tempfile::tempdir().unwrap();
+        let art = job.path().join("data/artifacts");
+        std::fs::create_dir_all(art.join("d/e")).unwrap();
+        std::fs::write(art.join("d/e/f.txt"), "deep").unwrap();
+        std::fs::write(job.path().join("secret"), "outside").unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", art.join("passwd")).unwrap();
+        std::os::unix::fs::symlink("../../secret", art.join("up")).unwrap();
+        std::os::unix::fs::symlink("d", art.join("dlink")).unwrap();
+        nix::unistd::mkfifo(&art.join("fifo"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        let root = open_artifacts(job.path()).unwrap();
+        let (all, more) = list_tree(&root, 100).unwrap();
+        let got: Vec<(&str, &str, u64)> = all
+            .iter()
+            .map(|l| (l.path.as_str(), l.kind, l.size))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("d", "dir", 0),
+                ("d/e", "dir", 0),
+                ("d/e/f.txt", "file", 4),
+                ("dlink", "link", 0),
+                ("fifo", "other", 0),
+                ("passwd", "link", 0),
+                ("up", "link", 0),
+            ]
+        );
+        assert!(!more);
+        let (first, more) = list_tree(&root, 2).unwrap();
+        assert_eq!((first.len(), more), (2, true));
+
+        let (mut f, size) = open_artifact_file(&root, std::path::Path::new("d/e/f.txt")).unwrap();
+        let mut text = String::new();
+        std::io::Read::read_to_string(&mut f, &mut text).unwrap();
+        assert_eq!((text.as_str(), size), ("deep", 4));
+        for refused in [
+            "passwd",
+            "up",
+            "dlink/e/f.txt",
+            "fifo",
+            "d",
+            "../../secret",
+            "d/../../../secret",
+            "/etc/passwd",
+            "missing",
+        ] {
+            let e = open_artifact_file(&root, std::path::Path::new(refused)).unwrap_err();
+            assert_eq!(e.kind(), std::io::ErrorKind::NotFound, "{refused}: {e}");
+        }
     }
 }

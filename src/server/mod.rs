@@ -21,6 +21,7 @@ mod error;
 mod listen;
 mod pipelines;
 mod projects;
+mod web_jobs;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -82,10 +83,19 @@ pub fn router(jobs: Arc<dyn Jobs>) -> Router {
         .route("/artifacts/{project}/{id}", get(artifacts))
         .route("/api/job/{project}/{id}", get(api_job))
         .route("/api/logtail/{project}/{id}", get(api_logtail))
+        // The web view's job page (issue 23): artifacts listed and one by one, stderr alone.
+        .route("/api/artifacts/{project}/{id}", get(web_jobs::job_files))
+        .route(
+            "/api/artifact/{project}/{id}/{*path}",
+            get(web_jobs::artifact_file),
+        )
+        .route("/api/stderr/{project}/{id}", get(web_jobs::stderr))
         .route_layer(axum::middleware::from_fn(access::read_project));
     Router::new()
         .route("/jobs", any(submit))
         .route("/index/", get(index))
+        // The web view's paged job list (issue 23).
+        .route("/api/jobs", get(web_jobs::list))
         .merge(of_a_project)
         .route("/static/{file}", get(static_file))
         .route("/", get(|| async { Html(INDEX_HTML) }))

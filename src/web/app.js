@@ -4,12 +4,13 @@
 
 // --- The agents page (/agents): every agent of the cluster, or this one alone ------------------
 function agentsPage() {
+  document.title = "Agents · mistry";
   const selected = new URLSearchParams(location.search).get("agent");
   const body = el("tbody", { id: "agents" });
   const note = el("p", { class: "muted", id: "agents-note" });
   app.replaceChildren(el("h1", {}, "Agents"), note,
-    el("table", {}, el("thead", {}, el("tr", {},
-      ...["Agent", "State", "Running", "Capacity", "Last heartbeat", "Version", "URL", ""].map((h) => el("th", {}, h)))), body));
+    el("div", { class: "table-box" }, el("table", { class: "agents-table" }, el("thead", {}, el("tr", {},
+      ...["Agent", "State", "Running", "Capacity", "Last heartbeat", "Version", "URL", "Jobs"].map((h) => el("th", { scope: "col" }, h)))), body)));
   async function refresh() {
     let r, agents;
     try {
