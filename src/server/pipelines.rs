@@ -389,14 +389,10 @@ fn page(rec: &RunRecord) -> String {
         esc(&rec.pipeline),
         esc(&rec.run[..rec.run.len().min(12)])
     );
-    let main = format!("<main id=\"app\">{}</main>", summary(rec));
+    // The page's placeholder, whatever attributes its <main> has.
     INDEX_HTML
         .replacen("<title>mistry</title>", &title, 1)
-        .replacen(
-            "<main id=\"app\"><p class=\"muted\">Loading…</p></main>",
-            &main,
-            1,
-        )
+        .replacen("<p class=\"muted\">Loading…</p>", &summary(rec), 1)
 }
 
 /// A plain summary of a run: its state, params, jobs and links.
@@ -526,7 +522,11 @@ mod tests {
             h.contains("<script src=\"/static/app.js\"></script>"),
             "{h}"
         );
-        assert!(h.contains("<main id=\"app\"><h1>Pipeline p <small>"), "{h}");
+        assert!(
+            h.contains("<main id=\"app\" tabindex=\"-1\"><h1>Pipeline p <small>"),
+            "{h}"
+        );
+        assert!(!h.contains("Loading…"), "{h}");
         assert!(h.contains("<title>p aaaaaaaaaaaa · mistry</title>"), "{h}");
         assert!(h.contains("x=&lt;img src=x onerror=alert(1)&gt;"), "{h}");
         assert!(!h.contains("<img"), "{h}");
