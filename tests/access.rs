@@ -447,3 +447,33 @@ fn agents_fetch_builds_from_each_other_with_the_cluster_token_only() {
         "{log_a}"
     );
 }
+
+/// Review finding 4: `GET /api/cluster/jobs?limit=N` applies the token's grant inside the
+/// statement, so that the limit counts only the projects it reads (filtered after the limit,
+/// a newer job of another project took the place: an empty list told it was there).
+#[test]
+fn the_cluster_job_list_limits_only_what_the_token_reads() {
+    let Some(pg) = postgres::Postgres::start_or_skip() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("cluster-token");
+    std::fs::write(&file, "mistry_cluster_good_0123456789abcdef01234\n").unwrap();
+    let settings = json!({"tokens": tokens(), "cluster_token_file": file});
+    let a = cluster::agent_with(&pg.url(), "a", 1, settings);
+    for project in ["chain", "simple"] {
+        let body = json!({"project": project, "params": {}}).to_string();
+        let (status, _, text) = call(&a, "POST", "/jobs", Some(ADMIN), &body);
+        assert_eq!(status, 201, "{text}");
+    }
+    let projects = |token: &str| {
+        let (status, _, text) = call(&a, "GET", "/api/cluster/jobs?limit=1", Some(token), "");
+        assert_eq!(status, 200, "{text}");
+        let list: Vec<Value> = serde_json::from_str(&text).unwrap();
+        list.iter()
+            .map(|e| e["project"].as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(projects(ADMIN), ["simple"]);
+    assert_eq!(projects(READER), ["chain"]);
+}

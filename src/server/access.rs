@@ -212,6 +212,22 @@ mod tests {
             r#"{"jobs": {"a": {"project": "app"}, "b": {"project": "hidden-proj"}}}"#,
         )
         .unwrap();
+        std::fs::write(
+            projects.join("pipelines/trig-pipe.json"),
+            r#"{"jobs": {"a": {"project": "app", "params": {"k": "trig"}}},
+                "on_success": [{"pipeline": "hidden-pipe"}]}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            projects.join("pipelines/hidden-pipe.json"),
+            r#"{"jobs": {"h": {"project": "hidden-proj"}}}"#,
+        )
+        .unwrap();
+        std::fs::write(
+            projects.join("pipelines/broken-pipe.json"),
+            r#"{"jobs": {"a": {"project": "hidden-proj", "nope": 1}}}"#,
+        )
+        .unwrap();
         let mut expired = entry("old", "admin", "*");
         expired["expires"] = "2001-01-01T00:00:00Z".into();
         let mut all = tokens.to_vec();
@@ -451,22 +467,8 @@ mod tests {
             body.contains("open-pipe") && body.contains("mixed-pipe"),
             "{body}"
         );
-        // Starting a run needs build on each of its projects.
-        let (status, _, body) = a
-            .send(
-                "POST",
-                "/pipelines?async",
-                Some("builder"),
-                r#"{"pipeline": "mixed-pipe"}"#,
-            )
-            .await;
-        assert_eq!(
-            (status, body.as_str()),
-            (
-                StatusCode::FORBIDDEN,
-                "Forbidden: this token has no build scope on project hidden-proj"
-            )
-        );
+        // Starting a run needs build on each of its projects (a pipeline of a project the
+        // caller may not read does not exist for it: pipelines_of_hidden_projects_look_like_none).
         let (status, _, _) = a
             .send(
                 "POST",
@@ -503,6 +505,139 @@ mod tests {
             )
             .await;
         assert_eq!(status, StatusCode::FORBIDDEN);
+    }
+
+    impl App {
+        /// `GET uri` with `Accept: application/json`: status and body.
+        async fn get_json(&self, uri: &str, token: &str) -> (StatusCode, String) {
+            let req = Request::builder()
+                .uri(uri)
+                .header("accept", "application/json")
+                .header("authorization", format!("Bearer tok-{token}"))
+                .body(Body::empty())
+                .unwrap();
+            let resp = self.router.clone().call(req).await.unwrap();
+            let status = resp.status();
+            let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        }
+
+        /// A pipeline run by the admin, to its end: its record.
+        async fn run(&self, pipeline: &str) -> serde_json::Value {
+            let body = serde_json::json!({ "pipeline": pipeline }).to_string();
+            let (status, _, text) = self.send("POST", "/pipelines", Some("admin"), &body).await;
+            assert_eq!(status, StatusCode::CREATED, "{text}");
+            serde_json::from_str(&text).unwrap()
+        }
+    }
+
+    /// Review findings 2 and 3: a pipeline, or a run, of a project the caller may not read
+    /// answers exactly as one that does not exist; no list or record links to it.
+    #[tokio::test]
+    async fn pipelines_of_hidden_projects_look_like_none() {
+        let a = standard();
+        let a = &a;
+        let post = |name: &str| {
+            let body = serde_json::json!({ "pipeline": name }).to_string();
+            async move {
+                a.send("POST", "/pipelines?async", Some("builder"), &body)
+                    .await
+            }
+        };
+        // Unknown, in error, or with a job of a hidden project: the same 404 and text.
+        for name in ["no-such-pipe", "mixed-pipe", "broken-pipe"] {
+            let (status, _, body) = post(name).await;
+            assert_eq!(
+                (status, body),
+                (StatusCode::NOT_FOUND, format!("Unknown pipeline '{name}'")),
+                "{name}"
+            );
+        }
+        // An admin of every project sees the definition's error.
+        let (status, _, body) = a
+            .send(
+                "POST",
+                "/pipelines?async",
+                Some("admin"),
+                r#"{"pipeline": "broken-pipe"}"#,
+            )
+            .await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        // Readable, but its success triggers a hidden project's pipeline: 403, naming none.
+        let (status, _, body) = post("trig-pipe").await;
+        assert_eq!(
+            (status, body.as_str()),
+            (
+                StatusCode::FORBIDDEN,
+                "Forbidden: this needs the build scope"
+            )
+        );
+
+        // Runs: one of app and hidden-proj, one of app that triggers one of hidden-proj.
+        let mixed = a.run("mixed-pipe").await;
+        let trig = a.run("trig-pipe").await;
+        let (mixed_run, trig_run) = (
+            mixed["run"].as_str().unwrap().to_string(),
+            trig["run"].as_str().unwrap().to_string(),
+        );
+        let hidden_run = trig["triggered"][0]["run"].as_str().unwrap().to_string();
+        assert_eq!(trig["triggered"][0]["pipeline"], "hidden-pipe", "{trig}");
+        // The admin sees the links.
+        let (status, body) = a
+            .get_json(&format!("/pipeline/trig-pipe/{trig_run}"), "admin")
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.contains("hidden-pipe"), "{body}");
+
+        // The reader of app: the hidden runs are unknown, as a run that never was.
+        let fake = "f".repeat(64);
+        for (name, run) in [
+            ("mixed-pipe", &mixed_run),
+            ("hidden-pipe", &hidden_run),
+            ("hidden-pipe", &fake),
+        ] {
+            for suffix in ["", "/events"] {
+                let uri = format!("/pipeline/{name}/{run}{suffix}");
+                let want = (
+                    StatusCode::NOT_FOUND,
+                    format!("Unknown pipeline run {name}/{run}"),
+                );
+                assert_eq!(a.get_json(&uri, "reader").await, want, "{uri}");
+                let (status, _, body) = a.send("GET", &uri, Some("reader"), "").await;
+                assert_eq!((status, body), want, "{uri}");
+            }
+        }
+        // Its own run shows, without the link to the hidden run it triggered.
+        let uri = format!("/pipeline/trig-pipe/{trig_run}");
+        let (status, body) = a.get_json(&uri, "reader").await;
+        assert_eq!(status, StatusCode::OK);
+        let rec: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(rec["triggered"], serde_json::json!([]), "{rec}");
+        for uri in [uri.clone(), format!("{uri}/events")] {
+            let (status, _, body) = a.send("GET", &uri, Some("reader"), "").await;
+            assert_eq!(status, StatusCode::OK, "{uri}");
+            assert!(body.contains("trig-pipe"), "{uri}: {body}");
+            assert!(!body.contains("hidden"), "{uri}: {body}");
+        }
+        // The lists: app's job of the mixed run is not linked to it.
+        let (status, body) = a.get_json("/pipelines/jobs/", "reader").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.contains(&trig_run), "{body}");
+        assert!(
+            !body.contains("mixed") && !body.contains("hidden"),
+            "{body}"
+        );
+        let (_, body) = a.get_json("/pipelines/jobs/", "admin").await;
+        assert!(body.contains(&mixed_run), "{body}");
+        let (status, body) = a.get_json("/pipelines/index/", "reader").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.contains(&trig_run), "{body}");
+        assert!(
+            !body.contains("mixed") && !body.contains("hidden"),
+            "{body}"
+        );
     }
 
     #[tokio::test]
