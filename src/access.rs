@@ -196,7 +196,7 @@ impl Grant {
         }
         let mut set = GlobSetBuilder::new();
         for p in &patterns {
-            let glob = globset::GlobBuilder::new(p)
+            let glob = globset::GlobBuilder::new(&literal_but_star(p))
                 .literal_separator(true)
                 .build()
                 .map_err(|e| AccessError::Pattern {
@@ -224,6 +224,18 @@ impl Grant {
     pub fn allows(&self, scope: Scope, project: &str) -> bool {
         self.scope >= scope && self.projects.is_match(project)
     }
+}
+
+/// A project pattern as a glob whose one wildcard is `*`: every other character the glob syntax
+/// reads (`?`, `[`, `]`, `{`, `}`, `\\`) stands for itself. Project names may hold them (a
+/// directory of `projects_path` is a project), and a pattern naming such a project must grant it
+/// and nothing else: `app[1]` is the project `app[1]`, never `app1`.
+fn literal_but_star(pattern: &str) -> String {
+    pattern
+        .split('*')
+        .map(globset::escape)
+        .collect::<Vec<_>>()
+        .join("*")
 }
 
 /// A token's entry, validated.
@@ -325,36 +337,84 @@ pub fn read_tokens_file(path: &Path) -> Result<Vec<RawToken>, AccessError> {
         path: path.to_path_buf(),
         reason,
     };
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(file(e.to_string())),
-    };
+    if matches!(std::fs::symlink_metadata(path), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
+    {
+        return Ok(Vec::new());
+    }
+    // Who may write it may grant anything: its owner (or root) only.
+    let text = read_checked(path, "tokens file", 0o022)?;
     serde_json::from_str(&text).map_err(|e| file(e.to_string()))
 }
 
-/// Write a tokens file atomically (a new file renamed over it), readable by its owner only.
+/// Write a tokens file atomically, readable by its owner only: a new file of a random name in
+/// the same directory, created with `O_CREAT | O_EXCL` (never through a link or a file someone
+/// put there; the `tempfile` crate), written, synced, then renamed over it.
 pub fn write_tokens_file(path: &Path, tokens: &[RawToken]) -> Result<(), AccessError> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let file = |reason: String| AccessError::File {
         path: path.to_path_buf(),
         reason,
     };
     let text = serde_json::to_string_pretty(tokens).map_err(|e| file(e.to_string()))?;
-    let tmp = path.with_extension("tmp-mistry");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| file(format!("writing {}: {e}", tmp.display())))?;
-    f.write_all(text.as_bytes())
-        .and_then(|()| f.write_all(b"\n"))
-        .and_then(|()| f.sync_all())
-        .map_err(|e| file(format!("writing {}: {e}", tmp.display())))?;
-    std::fs::rename(&tmp, path).map_err(|e| file(e.to_string()))
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".tokens-")
+        .suffix(".tmp")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .tempfile_in(dir)
+        .map_err(|e| file(format!("creating a new file in {}: {e}", dir.display())))?;
+    tmp.write_all(text.as_bytes())
+        .and_then(|()| tmp.write_all(b"\n"))
+        .and_then(|()| tmp.as_file().sync_all())
+        .map_err(|e| file(format!("writing {}: {e}", tmp.path().display())))?;
+    tmp.persist(path).map_err(|e| file(e.error.to_string()))?;
+    Ok(())
+}
+
+/// Read a secret's file (`what`) after checking it: a regular file, owned by this process's
+/// user or root, that no one else may write (`no_other_bits` also: read).
+fn read_checked(path: &Path, what: &str, no_other_bits: u32) -> Result<String, AccessError> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let file = |reason: String| AccessError::File {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut f = std::fs::File::open(path).map_err(|e| file(e.to_string()))?;
+    let meta = f.metadata().map_err(|e| file(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(file(format!("the {what} must be a regular file")));
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(file(format!(
+            "the {what} is owned by uid {}: it must be this daemon's user's (uid {me}) or root's",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & no_other_bits != 0 {
+        return Err(file(format!(
+            "the {what} has mode {:04o}: group and others must not {} it (chmod {})",
+            meta.mode() & 0o7777,
+            if no_other_bits & 0o044 != 0 {
+                "read or write"
+            } else {
+                "write"
+            },
+            if no_other_bits & 0o044 != 0 {
+                "600"
+            } else {
+                "go-w"
+            },
+        )));
+    }
+    let mut text = String::new();
+    f.read_to_string(&mut text)
+        .map_err(|e| file(e.to_string()))?;
+    Ok(text)
 }
 
 impl RawAccess {
@@ -450,6 +510,32 @@ impl Access {
         (self.tokens.len(), self.allow.len())
     }
 
+    /// The allow rules a request from this host itself matches: those covering a loopback
+    /// address or one of `host_addrs` (the host's interfaces' addresses), each with the
+    /// address it covers. Local users, and jobs with `network: host`, send from those.
+    pub fn rules_covering_host(&self, host_addrs: &[IpAddr]) -> Vec<(String, IpAddr)> {
+        let loopback = [
+            IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+        ];
+        let mut out = Vec::new();
+        for rule in &self.allow {
+            let hit = if rule.from.addr().is_loopback() {
+                Some(rule.from.addr())
+            } else {
+                loopback
+                    .iter()
+                    .chain(host_addrs.iter())
+                    .map(|ip| canonical(*ip))
+                    .find(|ip| rule.from.contains(ip))
+            };
+            if let Some(ip) = hit {
+                out.push((rule.grant.name.clone(), ip));
+            }
+        }
+        out
+    }
+
     /// Whether agents authenticate each other (`cluster_token_file` set).
     pub fn has_cluster_token(&self) -> bool {
         self.cluster.is_some()
@@ -518,7 +604,8 @@ pub fn read_cluster_token(path: &Path) -> Result<String, AccessError> {
         path: path.to_path_buf(),
         reason,
     };
-    let text = std::fs::read_to_string(path).map_err(|e| file(e.to_string()))?;
+    // The token itself: no one but its owner may read it.
+    let text = read_checked(path, "cluster token file", 0o077)?;
     let token = text.lines().next().unwrap_or("").trim().to_string();
     if token.len() < 32 {
         return Err(file(
@@ -696,8 +783,118 @@ mod tests {
         t.expires = Some("30d".into());
         assert!(parse(t.clone()).starts_with("token a: expires \"30d\""));
         t.expires = None;
-        t.projects = vec!["a[".into()];
-        assert!(parse(t).starts_with("a: project pattern \"a[\""));
+        t.projects = Vec::new();
+        assert_eq!(parse(t), "a: no projects");
+    }
+
+    /// Review finding 8: a pattern's only wildcard is `*`; `?`, `[` and `{` are the name's own.
+    #[test]
+    fn patterns_are_literal_but_for_the_star() {
+        let a = access(
+            vec![
+                raw("one", "t-one", &["read"], &["app[1]"]),
+                raw("q", "t-q", &["read"], &["a?c", "{x,y}"]),
+                raw("star", "t-star", &["read"], &["pay-*[v2]"]),
+            ],
+            Vec::new(),
+        );
+        let one = a.authenticate(Some("t-one"), None, 0).unwrap();
+        assert!(one.allows(Scope::Read, "app[1]"));
+        assert!(!one.allows(Scope::Read, "app1"));
+        let q = a.authenticate(Some("t-q"), None, 0).unwrap();
+        assert!(q.allows(Scope::Read, "a?c") && q.allows(Scope::Read, "{x,y}"));
+        for other in ["abc", "x", "y"] {
+            assert!(!q.allows(Scope::Read, other), "{other}");
+        }
+        let star = a.authenticate(Some("t-star"), None, 0).unwrap();
+        assert!(star.allows(Scope::Read, "pay-api[v2]"));
+        assert!(!star.allows(Scope::Read, "pay-apiv"));
+    }
+
+    /// Review finding 5: the rules a request from the host itself matches.
+    #[test]
+    fn rules_covering_the_host_are_found() {
+        let rule = |from: &str| RawAllow {
+            from: from.into(),
+            scopes: vec!["build".into()],
+            projects: vec!["*".into()],
+        };
+        let a = access(
+            Vec::new(),
+            vec![
+                rule("127.0.0.2"),
+                rule("10.0.0.0/8"),
+                rule("192.168.0.0/16"),
+                rule("::/0"),
+            ],
+        );
+        let host: Vec<IpAddr> = vec!["10.1.2.3".parse().unwrap()];
+        let found: Vec<String> = a
+            .rules_covering_host(&host)
+            .into_iter()
+            .map(|(name, ip)| format!("{name} {ip}"))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                "allow[0] (127.0.0.2/32) 127.0.0.2",
+                "allow[1] (10.0.0.0/8) 10.1.2.3",
+                "allow[3] (::/0) ::1",
+            ]
+        );
+    }
+
+    /// Review finding 9: the cluster token file is its owner's alone; the tokens file is
+    /// written by its owner only, and rewritten through a new file (a link in the way of a
+    /// fixed temporary name is not followed).
+    #[test]
+    fn token_files_are_checked_and_written_safely() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let ct = dir.path().join("cluster-token");
+        std::fs::write(&ct, format!("{}\n", "c".repeat(40))).unwrap();
+        std::fs::set_permissions(&ct, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = read_cluster_token(&ct).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "{}: the cluster token file has mode 0644: group and others must not read or \
+                 write it (chmod 600)",
+                ct.display()
+            )
+        );
+        std::fs::set_permissions(&ct, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(read_cluster_token(&ct).unwrap(), "c".repeat(40));
+
+        let tokens = dir.path().join("tokens.json");
+        std::fs::write(&tokens, "[]").unwrap();
+        std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let e = read_tokens_file(&tokens).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "{}: the tokens file has mode 0666: group and others must not write it (chmod \
+                 go-w)",
+                tokens.display()
+            )
+        );
+        std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(read_tokens_file(&tokens).unwrap().is_empty());
+        // The old fixed temporary name, a link to a file elsewhere: left alone.
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "keep").unwrap();
+        std::os::unix::fs::symlink(&victim, tokens.with_extension("tmp-mistry")).unwrap();
+        write_tokens_file(&tokens, &[raw("a", "t-a", &["read"], &["*"])]).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+        assert_eq!(read_tokens_file(&tokens).unwrap().len(), 1);
+        let mode = std::fs::metadata(&tokens).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with(".tokens-"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 
     #[test]

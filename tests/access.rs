@@ -29,6 +29,13 @@ fn entry(name: &str, token: &str, scope: &str, projects: &[&str]) -> Value {
     json!({"name": name, "hash": hex(&hash_token(token)), "scopes": [scope], "projects": projects})
 }
 
+/// A cluster token file: its owner's alone (mistryd refuses one others may read).
+fn write_secret(path: &std::path::Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -282,6 +289,13 @@ fn an_allow_rule_admits_mistrys_requests_from_its_network() {
         call(&s, "POST", "/jobs", Some("mistry_wrong"), &mistry_request).0,
         401
     );
+    // A rule covering loopback: every local user gets its scopes, said at start (review
+    // finding 5; refused when jobs may use the host's network: config's unit test).
+    assert!(
+        cluster::log_of(&s).contains("an allow rule covers an address of this host"),
+        "{}",
+        cluster::log_of(&s)
+    );
     // An address outside the rule: none here but loopback; the rule's own test covers it
     // (access::tests::allow_rules_match_the_peer_address).
     let s2 = Server::start(json!({
@@ -295,7 +309,7 @@ fn builds_for_other_agents_need_the_cluster_token() {
     let dir = tempfile::tempdir().unwrap();
     let cluster_token = "mistry_cluster_0123456789abcdef0123456789";
     let file = dir.path().join("cluster-token");
-    std::fs::write(&file, format!("{cluster_token}\n")).unwrap();
+    write_secret(&file, &format!("{cluster_token}\n"));
     let s = Server::start(json!({"tokens": tokens(), "cluster_token_file": file}));
     let simple = json!({"project": "simple", "params": {"name": "c"}}).to_string();
     let (status, _, text) = call(&s, "POST", "/jobs", Some(BUILDER), &simple);
@@ -404,7 +418,7 @@ fn agents_fetch_builds_from_each_other_with_the_cluster_token_only() {
     };
     let dir = tempfile::tempdir().unwrap();
     let good = dir.path().join("cluster-token");
-    std::fs::write(&good, "mistry_cluster_good_0123456789abcdef01234\n").unwrap();
+    write_secret(&good, "mistry_cluster_good_0123456789abcdef01234\n");
     let settings = |f: &std::path::Path| json!({"tokens": tokens(), "cluster_token_file": f});
     let a = cluster::agent_with(&pg.url(), "a", 1, settings(&good));
     let body = json!({"project": "simple", "params": {"name": "shared"}}).to_string();
@@ -458,7 +472,7 @@ fn the_cluster_job_list_limits_only_what_the_token_reads() {
     };
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("cluster-token");
-    std::fs::write(&file, "mistry_cluster_good_0123456789abcdef01234\n").unwrap();
+    write_secret(&file, "mistry_cluster_good_0123456789abcdef01234\n");
     let settings = json!({"tokens": tokens(), "cluster_token_file": file});
     let a = cluster::agent_with(&pg.url(), "a", 1, settings);
     for project in ["chain", "simple"] {

@@ -88,11 +88,10 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
 
     /// The caller [`authenticate`] found; a route outside its layer refuses (fails closed).
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Caller, Response> {
-        parts
-            .extensions
-            .get::<Caller>()
-            .cloned()
-            .ok_or_else(|| ApiError::Unauthorized(Refused::Missing).into_response())
+        parts.extensions.get::<Caller>().cloned().ok_or_else(|| {
+            tracing::warn!(target: "audit", status = 401, method = %parts.method, path = %parts.uri.path(), "refused: a route outside the authentication layer");
+            ApiError::Unauthorized(Refused::Missing).into_response()
+        })
     }
 }
 
@@ -149,6 +148,7 @@ pub(super) async fn read_project(
 ) -> Response {
     let Some(project) = params.get("project") else {
         // Every route under this layer names a project; one that does not is refused.
+        tracing::warn!(target: "audit", status = 403, caller = caller.name(), path = %req.uri().path(), "refused: a project's route without a project");
         return ApiError::Forbidden {
             scope: Scope::Read,
             project: None,
