@@ -581,6 +581,122 @@ impl Access {
     }
 }
 
+impl Access {
+    /// The grant of the token whose hash is `hash`, if it is still the same (name, scope and
+    /// patterns as `was`) and not expired at `now`: an open stream of that token goes on.
+    pub fn still_grants(&self, hash: &[u8; 32], was: &Grant, now: i64) -> Option<Arc<Grant>> {
+        let mut found: Option<&Arc<Grant>> = None;
+        for t in &self.tokens {
+            if bool::from(t.hash.ct_eq(hash)) {
+                found = Some(&t.grant);
+            }
+        }
+        let g = found?;
+        let same = g.name == was.name && g.scope == was.scope && g.patterns == was.patterns;
+        (same && g.expires.is_none_or(|e| e > now)).then(|| Arc::clone(g))
+    }
+}
+
+/// The access settings in force: an [`Access`] behind a lock, swapped whole by
+/// [`Policy::reload`] (SIGHUP) so that every request reads one consistent set; open streams
+/// watch [`Policy::changes`] and end when their token is revoked.
+#[derive(Debug)]
+pub struct Policy {
+    current: std::sync::RwLock<Arc<Access>>,
+    raw: RawAccess,
+    base_dir: PathBuf,
+    changed: tokio::sync::watch::Sender<u64>,
+}
+
+impl Policy {
+    /// The settings `access`, parsed from `raw` (relative to `base_dir`), which a reload reads
+    /// again.
+    pub fn new(access: Access, raw: RawAccess, base_dir: PathBuf) -> Policy {
+        Policy {
+            current: std::sync::RwLock::new(Arc::new(access)),
+            raw,
+            base_dir,
+            changed: tokio::sync::watch::channel(0).0,
+        }
+    }
+
+    /// The settings now.
+    pub fn now(&self) -> Arc<Access> {
+        Arc::clone(
+            &self
+                .current
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// Read the tokens again (the configuration's own entries as they were at start, the
+    /// tokens file as it is now) and put them in force; a file that does not parse keeps the
+    /// tokens in force (fails safe) and says why. The cluster token stays the one read at start
+    /// (this agent sends it: a new one needs a restart). Blocking (reads files).
+    pub fn reload(&self) -> Result<(usize, usize), AccessError> {
+        let mut next = Access::parse(&self.raw, &self.base_dir)?;
+        let mut current = self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        next.cluster = current.cluster;
+        let counts = next.counts();
+        *current = Arc::new(next);
+        drop(current);
+        self.changed.send_modify(|n| *n += 1);
+        Ok(counts)
+    }
+
+    /// [`Policy::reload`] with its audit line: the counts in force, or the error and that the
+    /// previous tokens stay.
+    pub fn reload_logged(&self) {
+        match self.reload() {
+            Ok((tokens, rules)) => {
+                tracing::info!(target: "audit", tokens, allow_rules = rules, "access settings reloaded");
+            }
+            Err(e) => {
+                tracing::error!(target: "audit", error = %e, "reloading the access settings failed: the previous tokens stay in force");
+            }
+        }
+    }
+
+    /// A receiver that changes on every reload.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// As [`Access::enabled`], now.
+    pub fn enabled(&self) -> bool {
+        self.now().enabled()
+    }
+
+    /// As [`Access::counts`], now.
+    pub fn counts(&self) -> (usize, usize) {
+        self.now().counts()
+    }
+
+    /// As [`Access::has_cluster_token`] (fixed at start).
+    pub fn has_cluster_token(&self) -> bool {
+        self.now().has_cluster_token()
+    }
+
+    /// As [`Access::rules_covering_host`], now.
+    pub fn rules_covering_host(&self, host_addrs: &[IpAddr]) -> Vec<(String, IpAddr)> {
+        self.now().rules_covering_host(host_addrs)
+    }
+
+    /// As [`Access::authenticate`], with the settings now.
+    pub fn authenticate(
+        &self,
+        bearer: Option<&str>,
+        peer: Option<IpAddr>,
+        now: i64,
+    ) -> Result<Caller, Refused> {
+        self.now().authenticate(bearer, peer, now)
+    }
+}
+
 /// An `allow` rule's `from`: a network (`10.0.0.0/8`) or one address.
 fn parse_from(s: &str) -> Option<sandbox::egress::IpNet> {
     let s = s.trim();

@@ -491,3 +491,48 @@ fn the_cluster_job_list_limits_only_what_the_token_reads() {
     assert_eq!(projects(ADMIN), ["simple"]);
     assert_eq!(projects(READER), ["chain"]);
 }
+
+/// The reload (SIGHUP): a token removed from the tokens file is refused from then on, without a
+/// restart; a file in error keeps the tokens in force (and says so in the log). Each reload is
+/// an audit line.
+#[test]
+fn sighup_reloads_the_tokens_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens.json");
+    let both = json!([
+        entry("chain-viewer", READER, "read", &["chain"]),
+        entry("ops", ADMIN, "admin", &["*"]),
+    ]);
+    write_secret(&file, &both.to_string());
+    let s = Server::start(json!({"tokens_file": file}));
+    assert_eq!(call(&s, "GET", "/index/", Some(READER), "").0, 200);
+    let hup = |s: &Server, wanted: &str, times: usize| {
+        let pid = s.child.as_ref().unwrap().id();
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap()),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while cluster::log_of(s).matches(wanted).count() < times {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {wanted:?}: {}",
+                cluster::log_of(s)
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    write_secret(
+        &file,
+        &json!([entry("ops", ADMIN, "admin", &["*"])]).to_string(),
+    );
+    hup(&s, "access settings reloaded", 1);
+    assert_eq!(call(&s, "GET", "/index/", Some(READER), "").0, 401);
+    assert_eq!(call(&s, "GET", "/index/", Some(ADMIN), "").0, 200);
+    write_secret(&file, "[{\"name\": ");
+    hup(&s, "reloading the access settings failed", 1);
+    assert_eq!(call(&s, "GET", "/index/", Some(ADMIN), "").0, 200);
+    assert_eq!(call(&s, "GET", "/index/", Some(READER), "").0, 401);
+    assert_eq!(call(&s, "GET", "/index/", None, "").0, 401);
+}

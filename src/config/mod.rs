@@ -167,7 +167,7 @@ pub struct Config {
     pub cluster: cluster::Settings,
     /// Who may read, build and administer which project (`tokens`, `tokens_file`, `allow`,
     /// `cluster_token_file`; [`crate::access`]); off by default.
-    pub access: std::sync::Arc<crate::access::Access>,
+    pub access: std::sync::Arc<crate::access::Policy>,
     /// The raw access settings (`mistryd token` edits the tokens file they name).
     pub raw_access: crate::access::RawAccess,
 }
@@ -296,6 +296,11 @@ impl Config {
         let secret_map = secrets::parse(&raw.secrets, &base_dir)?;
         let cluster = cluster::Settings::parse(&raw_cluster)?;
         let access = crate::access::Access::parse(&raw_access, &base_dir)?;
+        let access = std::sync::Arc::new(crate::access::Policy::new(
+            access,
+            raw_access.clone(),
+            base_dir.clone(),
+        ));
         Ok(Config {
             projects_path: projects_path
                 .canonicalize()
@@ -330,7 +335,7 @@ impl Config {
             secrets: secret_map,
             retention,
             cluster,
-            access: std::sync::Arc::new(access),
+            access,
             raw_access,
         })
     }

@@ -19,7 +19,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::ApiError;
-use crate::access::{Access, Caller, Refused, Scope};
+use crate::access::{Caller, Grant, Policy, Refused, Scope};
 
 /// The token in `Authorization`: `Bearer <token>`, or `Basic` with the token as the password
 /// (a browser's sign-in dialog). A header of another form is a wrong token (`Some("")`).
@@ -46,7 +46,7 @@ fn token(headers: &HeaderMap) -> Option<String> {
 /// Who sent the request: the token's grant, an allow rule's, another agent, or anyone when
 /// access control is off; 401 (and an audit line) when none.
 pub(super) async fn authenticate(
-    State(access): State<Arc<Access>>,
+    State(access): State<Arc<Policy>>,
     mut req: Request,
     next: Next,
 ) -> Response {
@@ -60,8 +60,18 @@ pub(super) async fn authenticate(
     let token = token(req.headers());
     match access.authenticate(token.as_deref(), peer, crate::access::now()) {
         Ok(caller) => {
+            let guard = match (&caller, &token) {
+                (Caller::Granted(g), Some(t)) => {
+                    Some((Arc::clone(g), crate::access::hash_token(t)))
+                }
+                _ => None,
+            };
             req.extensions_mut().insert(caller);
-            next.run(req).await
+            let resp = next.run(req).await;
+            match guard {
+                Some((grant, hash)) => until_revoked(resp, access, grant, hash),
+                None => resp,
+            }
         }
         Err(why) => {
             let token_name = match &why {
@@ -81,6 +91,55 @@ pub(super) async fn authenticate(
             ApiError::Unauthorized(why).into_response()
         }
     }
+}
+
+/// The longest a stream sleeps before it looks at its token's expiry again.
+const EXPIRY_CHECK: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// `resp` with a body that ends when the token it was answered to is revoked (a reload that no
+/// longer grants it the same), or expires: a log followed, a run's events or a long download
+/// must not outlive the token. Each end is an audit line.
+fn until_revoked(
+    resp: Response,
+    policy: Arc<Policy>,
+    grant: Arc<Grant>,
+    hash: [u8; 32],
+) -> Response {
+    use futures_util::StreamExt;
+    let (parts, body) = resp.into_parts();
+    let changes = policy.changes();
+    let inner = body.into_data_stream();
+    let state = Some((inner, changes, grant));
+    let stream = futures_util::stream::unfold(state, move |state| {
+        let policy = Arc::clone(&policy);
+        async move {
+            let (mut inner, mut changes, mut grant) = state?;
+            loop {
+                let left = grant
+                    .expires
+                    .map(|e| u64::try_from(e - crate::access::now()).unwrap_or(0));
+                let wait = std::time::Duration::from_secs(left.unwrap_or(0)).min(EXPIRY_CHECK);
+                tokio::select! {
+                    item = inner.next() => {
+                        return item.map(|i| (i, Some((inner, changes, grant))));
+                    }
+                    Ok(()) = changes.changed() => {}
+                    () = tokio::time::sleep(wait), if left.is_some() => {}
+                }
+                match policy
+                    .now()
+                    .still_grants(&hash, &grant, crate::access::now())
+                {
+                    Some(g) => grant = g,
+                    None => {
+                        tracing::warn!(target: "audit", caller = %grant.name, "ended a response: its token was revoked or expired");
+                        return None;
+                    }
+                }
+            }
+        }
+    });
+    Response::from_parts(parts, axum::body::Body::from_stream(stream))
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for Caller {
@@ -125,7 +184,7 @@ pub(super) fn require_admin(caller: &Caller, what: &str) -> Result<(), ApiError>
 
 /// 403 unless `caller` is another agent (the cluster token), when agents authenticate each
 /// other; else as [`require_admin`].
-pub(super) fn require_agent(access: &Access, caller: &Caller, what: &str) -> Result<(), ApiError> {
+pub(super) fn require_agent(access: &Policy, caller: &Caller, what: &str) -> Result<(), ApiError> {
     if !access.has_cluster_token() {
         return require_admin(caller, what);
     }
@@ -638,6 +697,156 @@ mod tests {
             !body.contains("mixed") && !body.contains("hidden"),
             "{body}"
         );
+    }
+
+    /// Write `tokens` as the tokens file `path` (its owner's).
+    fn write_tokens(path: &std::path::Path, text: &str) {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::write(path, text).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
+    /// Whether a streamed body ends (its run's events until then skipped; a hang fails after
+    /// 30 s).
+    async fn ends(
+        body: &mut (impl futures_util::Stream<Item = Result<axum::body::Bytes, axum::Error>> + Unpin),
+    ) -> bool {
+        while next_chunk(body).await.is_some() {}
+        true
+    }
+
+    /// The next chunk of a streamed body, or `None` at its end (a hang fails after 30 s).
+    async fn next_chunk(
+        body: &mut (impl futures_util::Stream<Item = Result<axum::body::Bytes, axum::Error>> + Unpin),
+    ) -> Option<String> {
+        use futures_util::StreamExt;
+        let item = tokio::time::timeout(std::time::Duration::from_secs(30), body.next())
+            .await
+            .expect("the stream neither sent nor ended");
+        item.map(|b| String::from_utf8_lossy(&b.unwrap()).into_owned())
+    }
+
+    /// Review finding 7 and the reload: a revoked token's open stream ends, its new requests
+    /// get 401; an expired token's stream ends at its expiry; a tokens file in error keeps the
+    /// tokens in force.
+    #[tokio::test]
+    async fn a_reload_revokes_tokens_and_ends_their_streams() {
+        let dir = tempfile::tempdir().unwrap();
+        let (projects, build) = (dir.path().join("projects"), dir.path().join("build"));
+        std::fs::create_dir_all(projects.join("pipelines")).unwrap();
+        std::fs::create_dir_all(projects.join("app")).unwrap();
+        std::fs::create_dir_all(&build).unwrap();
+        std::fs::write(projects.join("app/Dockerfile"), "FROM busybox\n").unwrap();
+        std::fs::write(
+            projects.join("pipelines/open-pipe.json"),
+            r#"{"jobs": {"a": {"project": "app"}}}"#,
+        )
+        .unwrap();
+        let tokens_file = dir.path().join("tokens.json");
+        let mut soon = entry("soon", "read", "app");
+        soon["expires"] = chrono::DateTime::from_timestamp(crate::access::now() + 2, 0)
+            .unwrap()
+            .to_rfc3339()
+            .into();
+        let all = [
+            entry("reader", "read", "app"),
+            entry("builder", "build", "app"),
+            soon,
+        ];
+        write_tokens(
+            &tokens_file,
+            &serde_json::Value::from(all.to_vec()).to_string(),
+        );
+        let text = serde_json::json!({"projects_path": projects, "build_path": build,
+                                      "tokens_file": "tokens.json"});
+        let cfg = Config::parse(&text.to_string(), &dir.path().join("config.json")).unwrap();
+        let policy = Arc::clone(&cfg.access);
+        // Jobs stay queued: the run stays running, its events stream open.
+        let jobs = FakeHandle(FakeJobs::new(cfg, &["app"], false));
+        let a = App {
+            _dir: dir,
+            router: super::super::router(Arc::new(jobs)),
+        };
+        let (status, _, body) = a
+            .send(
+                "POST",
+                "/pipelines?async",
+                Some("builder"),
+                r#"{"pipeline": "open-pipe"}"#,
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        let run: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let uri = format!(
+            "/pipeline/open-pipe/{}/events",
+            run["run"].as_str().unwrap()
+        );
+        let open = |t: &str| {
+            Request::builder()
+                .uri(&uri)
+                .header("authorization", format!("Bearer tok-{t}"))
+                .body(Body::empty())
+                .unwrap()
+        };
+        let mut streams = Vec::new();
+        for t in ["reader", "builder", "soon"] {
+            let resp = a.router.clone().call(open(t)).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK, "{t}");
+            let mut body = resp.into_body().into_data_stream();
+            let first = next_chunk(&mut body).await.unwrap();
+            assert!(first.contains("\"state\":\"running\""), "{first}");
+            streams.push(body);
+        }
+        let mut soon_stream = streams.pop().unwrap();
+        let mut builder_stream = streams.pop().unwrap();
+        let mut reader_stream = streams.pop().unwrap();
+        // The expiring token's stream ends at its expiry.
+        assert!(ends(&mut soon_stream).await);
+
+        // The reader is revoked: its stream ends, its requests are refused; the builder's
+        // stream goes on.
+        write_tokens(
+            &tokens_file,
+            &serde_json::Value::from(vec![entry("builder", "build", "app")]).to_string(),
+        );
+        assert_eq!(policy.reload().unwrap(), (1, 0));
+        assert!(ends(&mut reader_stream).await);
+        assert_eq!(
+            a.status("GET", "/pipelines", Some("reader")).await,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            a.status("GET", "/pipelines", Some("builder")).await,
+            StatusCode::OK
+        );
+        // A file in error: the tokens in force stay (fails safe, not open).
+        write_tokens(&tokens_file, "[{\"name\": ");
+        assert!(policy.reload().is_err());
+        assert_eq!(
+            a.status("GET", "/pipelines", Some("builder")).await,
+            StatusCode::OK
+        );
+        assert_eq!(
+            a.status("GET", "/pipelines", Some("reader")).await,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            a.status("GET", "/pipelines", None).await,
+            StatusCode::UNAUTHORIZED
+        );
+        // The builder's stream is still open: what came is events, and it did not end.
+        loop {
+            let next = tokio::time::timeout(
+                std::time::Duration::from_millis(300),
+                futures_util::StreamExt::next(&mut builder_stream),
+            )
+            .await;
+            match next {
+                Err(_) => break,
+                Ok(Some(chunk)) => assert!(chunk.unwrap().starts_with(b"data: ")),
+                Ok(None) => panic!("the builder's stream ended"),
+            }
+        }
     }
 
     #[tokio::test]
