@@ -156,6 +156,10 @@ pub struct RawAccess {
     pub allow: Vec<RawAllow>,
     /// `cluster_token_file`: the token agents send each other (its first line).
     pub cluster_token_file: Option<PathBuf>,
+    /// `behind_https`: clients reach this server through https (a proxy in front): the web
+    /// view's sign-in cookies are `Secure`.
+    #[serde(default)]
+    pub behind_https: bool,
 }
 
 /// Projects and the scope granted on them: a token's, or an allow rule's.
@@ -606,6 +610,36 @@ pub struct Policy {
     raw: RawAccess,
     base_dir: PathBuf,
     changed: tokio::sync::watch::Sender<u64>,
+    sessions: std::sync::Mutex<std::collections::HashMap<[u8; 32], Session>>,
+}
+
+/// How long a web sign-in lasts at most (less when its token expires sooner).
+pub const SESSION_SECONDS: i64 = 12 * 3600;
+
+/// A web view's sign-in: the token's grant (never the token), until `expires`.
+#[derive(Debug, Clone)]
+pub struct Session {
+    /// The SHA-256 of the token signed in with (to see whether a reload still grants it).
+    pub token_hash: [u8; 32],
+    /// Its grant at sign-in.
+    pub grant: Arc<Grant>,
+    /// Seconds since the epoch.
+    pub expires: i64,
+    /// The CSRF token its state-changing requests must send (`X-CSRF-Token`).
+    pub csrf: String,
+}
+
+/// A new sign-in: the cookie's session id and the CSRF token.
+#[derive(Debug)]
+pub struct SignedIn {
+    /// The session cookie's value (random; the server keeps its SHA-256).
+    pub id: String,
+    /// The CSRF cookie's value.
+    pub csrf: String,
+    /// Seconds the cookies last.
+    pub max_age: i64,
+    /// The token's name (audit lines).
+    pub name: String,
 }
 
 impl Policy {
@@ -617,7 +651,70 @@ impl Policy {
             raw,
             base_dir,
             changed: tokio::sync::watch::channel(0).0,
+            sessions: std::sync::Mutex::new(std::collections::HashMap::new()),
         }
+    }
+
+    /// Whether cookies must be `Secure` (`behind_https`).
+    pub fn behind_https(&self) -> bool {
+        self.raw.behind_https
+    }
+
+    fn sessions(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<[u8; 32], Session>> {
+        self.sessions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Sign in with `token` at `now`: a session lasting until the token's expiry, at most
+    /// [`SESSION_SECONDS`]. Only a token's grant signs in (not an allow rule, nor access off).
+    pub fn sign_in(&self, token: &str, now: i64) -> Result<SignedIn, Refused> {
+        let access = self.now();
+        let Caller::Granted(grant) = access.authenticate(Some(token), None, now)? else {
+            return Err(Refused::Unknown);
+        };
+        let expires = grant
+            .expires
+            .map_or(now + SESSION_SECONDS, |e| e.min(now + SESSION_SECONDS));
+        let (id, csrf) = (random_hex()?, random_hex()?);
+        let name = grant.name.clone();
+        let mut sessions = self.sessions();
+        sessions.retain(|_, s| s.expires > now);
+        sessions.insert(
+            hash_token(&id),
+            Session {
+                token_hash: hash_token(token),
+                grant,
+                expires,
+                csrf: csrf.clone(),
+            },
+        );
+        Ok(SignedIn {
+            id,
+            csrf,
+            max_age: expires - now,
+            name,
+        })
+    }
+
+    /// The session of cookie value `id` at `now`, if it is still valid: not expired, and its
+    /// token still granted the same (a reload that revoked or changed it ends the session).
+    pub fn session(&self, id: &str, now: i64) -> Option<Session> {
+        let key = hash_token(id);
+        let mut sessions = self.sessions();
+        let s = sessions.get(&key)?.clone();
+        let still = (s.expires > now)
+            .then(|| self.now().still_grants(&s.token_hash, &s.grant, now))
+            .flatten();
+        if still.is_none() {
+            sessions.remove(&key);
+        }
+        still.map(|grant| Session { grant, ..s })
+    }
+
+    /// End the session of cookie value `id`.
+    pub fn sign_out(&self, id: &str) {
+        self.sessions().remove(&hash_token(id));
     }
 
     /// The settings now.
@@ -643,7 +740,11 @@ impl Policy {
         next.cluster = current.cluster;
         let counts = next.counts();
         *current = Arc::new(next);
+        let access = Arc::clone(&current);
         drop(current);
+        let now = now();
+        self.sessions()
+            .retain(|_, s| access.still_grants(&s.token_hash, &s.grant, now).is_some());
         self.changed.send_modify(|n| *n += 1);
         Ok(counts)
     }
@@ -742,6 +843,13 @@ pub fn set_cluster_token(token: String) {
 /// The `Authorization` header's value for a request to another agent, if agents authenticate.
 pub fn cluster_authorization() -> Option<String> {
     CLUSTER_TOKEN.get().map(|t| format!("Bearer {t}"))
+}
+
+/// 256 random bits in hex.
+fn random_hex() -> Result<String, Refused> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|_| Refused::Unknown)?;
+    Ok(hex::encode(bytes))
 }
 
 /// A new token: `mistry_` and 256 random bits in hex.

@@ -14,9 +14,11 @@ use std::sync::Arc;
 
 use axum::extract::{ConnectInfo, FromRequestParts, Path, Request, State};
 use axum::http::request::Parts;
-use axum::http::HeaderMap;
+use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::middleware::Next;
+use axum::response::Html;
 use axum::response::{IntoResponse, Response};
+use subtle::ConstantTimeEq;
 
 use super::ApiError;
 use crate::access::{Caller, Grant, Policy, Refused, Scope};
@@ -50,7 +52,8 @@ pub(super) async fn authenticate(
     mut req: Request,
     next: Next,
 ) -> Response {
-    if req.uri().path().starts_with("/static/") {
+    let path = req.uri().path();
+    if path.starts_with("/static/") || path == "/signin" {
         return next.run(req).await;
     }
     let peer = req
@@ -58,6 +61,31 @@ pub(super) async fn authenticate(
         .get::<ConnectInfo<SocketAddr>>()
         .map(|c| c.0.ip());
     let token = token(req.headers());
+    // The web view's sign-in: a session cookie (when no Authorization is sent); its
+    // state-changing requests must send the session's CSRF token.
+    if token.is_none() {
+        let now = crate::access::now();
+        if let Some(session) =
+            cookie(req.headers(), SESSION_COOKIE).and_then(|id| access.session(&id, now))
+        {
+            if !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
+                let sent = req
+                    .headers()
+                    .get("x-csrf-token")
+                    .map(|v| v.as_bytes().to_vec())
+                    .unwrap_or_default();
+                if !bool::from(sent.ct_eq(session.csrf.as_bytes())) {
+                    tracing::warn!(target: "audit", status = 403, caller = %session.grant.name, method = %req.method(), path = %req.uri().path(), "refused: a signed-in request without its CSRF token");
+                    return ApiError::Csrf.into_response();
+                }
+            }
+            let (grant, hash) = (Arc::clone(&session.grant), session.token_hash);
+            req.extensions_mut().insert(Caller::Granted(session.grant));
+            let resp = next.run(req).await;
+            return until_revoked(resp, access, grant, hash);
+        }
+    }
+    let browser = accepts_html(req.headers());
     match access.authenticate(token.as_deref(), peer, crate::access::now()) {
         Ok(caller) => {
             let guard = match (&caller, &token) {
@@ -88,9 +116,143 @@ pub(super) async fn authenticate(
                 path = %req.uri().path(),
                 "refused: not authenticated"
             );
+            if browser {
+                // A browser gets the way to sign in (no Basic challenge: no dialog).
+                return (
+                    StatusCode::UNAUTHORIZED,
+                    [(header::WWW_AUTHENTICATE, "Bearer realm=\"mistry\"")],
+                    Html(signin_page(
+                        "<p>Sign in first: <a href=\"/signin\">sign in with a token</a>.</p>",
+                    )),
+                )
+                    .into_response();
+            }
             ApiError::Unauthorized(why).into_response()
         }
     }
+}
+
+/// The session cookie's name (`HttpOnly`).
+const SESSION_COOKIE: &str = "mistry_session";
+/// The CSRF cookie's name (readable by the web view's script, which sends it back in
+/// `X-CSRF-Token`).
+const CSRF_COOKIE: &str = "mistry_csrf";
+
+/// The value of cookie `name`, if the request sent one.
+fn cookie(headers: &HeaderMap, name: &str) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.trim().to_string())
+}
+
+/// Whether the request is a browser's page load (`Accept: text/html`).
+fn accepts_html(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/html"))
+}
+
+/// The sign-in page around `body` (a small server-rendered page of its own).
+fn signin_page(body: &str) -> String {
+    format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><meta name=\"viewport\" \
+         content=\"width=device-width, initial-scale=1\"><title>Sign in · mistry</title>\
+         <link rel=\"stylesheet\" href=\"/static/style.css\"></head><body><main id=\"signin\">\
+         <h1>Sign in to mistry</h1>{body}</main></body></html>"
+    )
+}
+
+/// The sign-in form, after `error` (empty: none).
+fn signin_form(error: &str) -> String {
+    signin_page(&format!(
+        "{error}<form method=\"post\" action=\"/signin\"><p><label for=\"token\">Token</label> \
+         <input id=\"token\" name=\"token\" type=\"password\" autocomplete=\"current-password\" \
+         required autofocus> <button type=\"submit\">Sign in</button></p></form>\
+         <p>Tokens come from your operator (<code>mistryd token create</code>).</p>"
+    ))
+}
+
+/// The routes of the web view's sign-in: `GET /signin` (the form), `POST /signin` (a token →
+/// the session and CSRF cookies), `POST /signout`.
+pub(super) fn routes() -> axum::Router<Arc<dyn crate::service::Jobs>> {
+    use axum::routing::{get, post};
+    axum::Router::new()
+        .route(
+            "/signin",
+            get(|| async { Html(signin_form("")) }).post(sign_in),
+        )
+        .route("/signout", post(sign_out))
+}
+
+/// `Set-Cookie` values for a session (`max_age` 0: removed).
+fn cookies(id: &str, csrf: &str, max_age: i64, secure: bool) -> [String; 2] {
+    let secure = if secure { "; Secure" } else { "" };
+    [
+        format!(
+            "{SESSION_COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={max_age}{secure}"
+        ),
+        format!("{CSRF_COOKIE}={csrf}; SameSite=Strict; Path=/; Max-Age={max_age}{secure}"),
+    ]
+}
+
+async fn sign_in(
+    State(jobs): State<Arc<dyn crate::service::Jobs>>,
+    form: Result<
+        axum::extract::Form<HashMap<String, String>>,
+        axum::extract::rejection::FormRejection,
+    >,
+) -> Response {
+    let policy = Arc::clone(&jobs.config().access);
+    let token = form
+        .ok()
+        .and_then(|axum::extract::Form(f)| f.get("token").cloned())
+        .unwrap_or_default();
+    match policy.sign_in(token.trim(), crate::access::now()) {
+        Ok(s) => {
+            tracing::info!(target: "audit", caller = %s.name, "signed in to the web view");
+            let mut resp = (StatusCode::SEE_OTHER, [(header::LOCATION, "/")]).into_response();
+            for c in cookies(&s.id, &s.csrf, s.max_age, policy.behind_https()) {
+                if let Ok(v) = header::HeaderValue::from_str(&c) {
+                    resp.headers_mut().append(header::SET_COOKIE, v);
+                }
+            }
+            resp
+        }
+        Err(why) => {
+            tracing::warn!(target: "audit", status = 401, reason = %why, "refused: a web sign-in");
+            (
+                StatusCode::UNAUTHORIZED,
+                Html(signin_form(
+                    "<p role=\"alert\" class=\"error\">That token is not valid.</p>",
+                )),
+            )
+                .into_response()
+        }
+    }
+}
+
+/// `POST /signout`: the session ends, its cookies are removed.
+async fn sign_out(
+    State(jobs): State<Arc<dyn crate::service::Jobs>>,
+    headers: HeaderMap,
+) -> Response {
+    let policy = Arc::clone(&jobs.config().access);
+    if let Some(id) = cookie(&headers, SESSION_COOKIE) {
+        policy.sign_out(&id);
+    }
+    let mut resp = (StatusCode::SEE_OTHER, [(header::LOCATION, "/signin")]).into_response();
+    for c in cookies("", "", 0, policy.behind_https()) {
+        if let Ok(v) = header::HeaderValue::from_str(&c) {
+            resp.headers_mut().append(header::SET_COOKIE, v);
+        }
+    }
+    resp
 }
 
 /// The longest a stream sleeps before it looks at its token's expiry again.
@@ -699,6 +861,166 @@ mod tests {
         );
     }
 
+    impl App {
+        /// `method uri` with `headers` and `body`: status, headers, body.
+        async fn raw(
+            &self,
+            method: &str,
+            uri: &str,
+            headers: &[(&str, &str)],
+            body: &str,
+        ) -> (StatusCode, axum::http::HeaderMap, String) {
+            let mut req = Request::builder().method(method).uri(uri);
+            for (k, v) in headers {
+                req = req.header(*k, *v);
+            }
+            let resp = self
+                .router
+                .clone()
+                .call(req.body(Body::from(body.to_string())).unwrap())
+                .await
+                .unwrap();
+            let (status, headers) = (resp.status(), resp.headers().clone());
+            let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            (status, headers, String::from_utf8_lossy(&body).into_owned())
+        }
+
+        /// Sign in with token `tok-<name>`: the `Cookie` header's value and the CSRF token.
+        async fn sign_in(&self, name: &str) -> (String, String) {
+            let form = [("content-type", "application/x-www-form-urlencoded")];
+            let (status, headers, body) = self
+                .raw("POST", "/signin", &form, &format!("token=tok-{name}"))
+                .await;
+            assert_eq!(status, StatusCode::SEE_OTHER, "{body}");
+            let set: Vec<&str> = headers
+                .get_all("set-cookie")
+                .iter()
+                .map(|v| v.to_str().unwrap())
+                .collect();
+            let value = |name: &str| {
+                set.iter()
+                    .find_map(|c| c.strip_prefix(&format!("{name}=")))
+                    .and_then(|c| c.split(';').next())
+                    .unwrap()
+                    .to_string()
+            };
+            let (id, csrf) = (value("mistry_session"), value("mistry_csrf"));
+            (format!("mistry_session={id}; mistry_csrf={csrf}"), csrf)
+        }
+    }
+
+    /// The web view's sign-in: a form of its own, a session cookie (never the token) and a CSRF
+    /// token that state-changing requests must send; sign-out ends the session.
+    #[tokio::test]
+    async fn the_web_view_signs_in_with_a_cookie_and_csrf() {
+        let a = standard();
+        let (status, _, body) = a.send("GET", "/signin", None, "").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(
+            body.contains("<label for=\"token\">Token</label>")
+                && body.contains("<form method=\"post\" action=\"/signin\">"),
+            "{body}"
+        );
+        let form = [("content-type", "application/x-www-form-urlencoded")];
+        let (status, headers, body) = a.raw("POST", "/signin", &form, "token=nope").await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert!(headers.get("set-cookie").is_none());
+        assert!(body.contains("role=\"alert\""), "{body}");
+
+        let (status, headers, _) = a.raw("POST", "/signin", &form, "token=tok-builder").await;
+        assert_eq!(status, StatusCode::SEE_OTHER);
+        assert_eq!(headers["location"], "/");
+        let set: Vec<String> = headers
+            .get_all("set-cookie")
+            .iter()
+            .map(|v| v.to_str().unwrap().to_string())
+            .collect();
+        assert_eq!(set.len(), 2, "{set:?}");
+        assert!(
+            set[0].starts_with("mistry_session=")
+                && set[0].ends_with("; HttpOnly; SameSite=Strict; Path=/; Max-Age=43200"),
+            "{set:?}"
+        );
+        assert!(
+            set[1].starts_with("mistry_csrf=")
+                && set[1].ends_with("; SameSite=Strict; Path=/; Max-Age=43200"),
+            "{set:?}"
+        );
+        assert!(!set.iter().any(|c| c.contains("tok-builder")), "{set:?}");
+
+        let (cookie, csrf) = a.sign_in("builder").await;
+        let with = |extra: &[(&'static str, String)]| {
+            let mut h = vec![("cookie", cookie.clone())];
+            h.extend(extra.iter().cloned());
+            h
+        };
+        let send = |method: &'static str, uri: &'static str, h: Vec<(&'static str, String)>| {
+            let a = &a;
+            async move {
+                let h: Vec<(&str, &str)> = h.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                let body = if method == "POST" { JOB } else { "" };
+                let (status, _, text) = a.raw(method, uri, &h, body).await;
+                (status, text)
+            }
+        };
+        assert_eq!(send("GET", "/index/", with(&[])).await.0, StatusCode::OK);
+        assert_eq!(
+            send("GET", "/api/job/hidden-proj/x", with(&[])).await.0,
+            StatusCode::FORBIDDEN
+        );
+        let csrf_refusal = (
+            StatusCode::FORBIDDEN,
+            "Forbidden: a signed-in request must send its CSRF token (X-CSRF-Token)".to_string(),
+        );
+        assert_eq!(send("POST", "/jobs", with(&[])).await, csrf_refusal);
+        assert_eq!(
+            send("POST", "/jobs", with(&[("x-csrf-token", "f".repeat(64))])).await,
+            csrf_refusal
+        );
+        assert_eq!(
+            send("POST", "/jobs", with(&[("x-csrf-token", csrf.clone())]))
+                .await
+                .0,
+            StatusCode::CREATED
+        );
+        // Another site's page, even with the token: the origin check.
+        let cross = with(&[
+            ("x-csrf-token", csrf.clone()),
+            ("origin", "http://evil.example".into()),
+            ("host", "mistry.example".into()),
+        ]);
+        assert_eq!(send("POST", "/jobs", cross).await.0, StatusCode::FORBIDDEN);
+        // A cookie of no session: 401; a browser's page gets the way to sign in.
+        let bad = vec![("cookie", "mistry_session=abc".to_string())];
+        assert_eq!(
+            send("GET", "/index/", bad.clone()).await.0,
+            StatusCode::UNAUTHORIZED
+        );
+        let mut page = bad;
+        page.push(("accept", "text/html".into()));
+        let (status, body) = send("GET", "/", page).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert!(body.contains("<a href=\"/signin\">"), "{body}");
+        // Sign-out (a state-changing request: with its CSRF token) ends the session.
+        assert_eq!(send("POST", "/signout", with(&[])).await, csrf_refusal);
+        let (status, headers, _) = a
+            .raw(
+                "POST",
+                "/signout",
+                &[("cookie", cookie.as_str()), ("x-csrf-token", csrf.as_str())],
+                "",
+            )
+            .await;
+        assert_eq!(status, StatusCode::SEE_OTHER);
+        assert_eq!(headers["location"], "/signin");
+        assert_eq!(
+            send("GET", "/index/", with(&[])).await.0,
+            StatusCode::UNAUTHORIZED
+        );
+    }
+
     /// Write `tokens` as the tokens file `path` (its owner's).
     fn write_tokens(path: &std::path::Path, text: &str) {
         use std::os::unix::fs::PermissionsExt;
@@ -788,6 +1110,18 @@ mod tests {
                 .body(Body::empty())
                 .unwrap()
         };
+        let (reader_cookie, _) = a.sign_in("reader").await;
+        let (soon_cookie, _) = a.sign_in("soon").await;
+        let by_cookie = |c: &str| {
+            let c = c.to_string();
+            let a = &a;
+            async move {
+                a.raw("GET", "/pipelines", &[("cookie", c.as_str())], "")
+                    .await
+                    .0
+            }
+        };
+        assert_eq!(by_cookie(&reader_cookie).await, StatusCode::OK);
         let mut streams = Vec::new();
         for t in ["reader", "builder", "soon"] {
             let resp = a.router.clone().call(open(t)).await.unwrap();
@@ -802,6 +1136,8 @@ mod tests {
         let mut reader_stream = streams.pop().unwrap();
         // The expiring token's stream ends at its expiry.
         assert!(ends(&mut soon_stream).await);
+        // Its session ended with it.
+        assert_eq!(by_cookie(&soon_cookie).await, StatusCode::UNAUTHORIZED);
 
         // The reader is revoked: its stream ends, its requests are refused; the builder's
         // stream goes on.
@@ -811,6 +1147,7 @@ mod tests {
         );
         assert_eq!(policy.reload().unwrap(), (1, 0));
         assert!(ends(&mut reader_stream).await);
+        assert_eq!(by_cookie(&reader_cookie).await, StatusCode::UNAUTHORIZED);
         assert_eq!(
             a.status("GET", "/pipelines", Some("reader")).await,
             StatusCode::UNAUTHORIZED
