@@ -536,3 +536,66 @@ fn sighup_reloads_the_tokens_file() {
     assert_eq!(call(&s, "GET", "/index/", Some(READER), "").0, 401);
     assert_eq!(call(&s, "GET", "/index/", None, "").0, 401);
 }
+
+/// The web view in a real browser with tokens: a page without a session links to the sign-in
+/// form; signing in there gives a session cookie the page's scripts cannot read, the job list
+/// shows the token's projects only, and retrigger (a POST through the web view's fetch, which
+/// sends the CSRF token) starts a new build.
+#[test]
+fn the_web_view_signs_in_in_a_real_browser() {
+    use std::time::Duration;
+    let s = Server::start(json!({"tokens": tokens()}));
+    let mut ids = Vec::new();
+    for project in ["simple", "chain"] {
+        let body = json!({"project": project, "params": {"name": "web"}}).to_string();
+        let (status, _, text) = call(&s, "POST", "/jobs", Some(ADMIN), &body);
+        assert_eq!(status, 201, "{text}");
+        ids.push(job_id(&serde_json::from_str(&text).unwrap()));
+    }
+    let started = || {
+        let (_, _, text) = call(&s, "GET", "/index/", Some(ADMIN), "");
+        let list: Vec<Value> = serde_json::from_str(&text).unwrap();
+        list.iter()
+            .filter(|j| j["project"] == "simple")
+            .map(|j| j["buildInfo"]["StartedAt"].to_string())
+            .collect::<Vec<_>>()
+    };
+    let before = started();
+    let b = common::browser::Browser::start();
+    let base = format!("http://{}", s.addr);
+    b.goto(&format!("{base}/"));
+    b.wait(
+        "the way to sign in",
+        "return !!document.querySelector('a[href=\"/signin\"]');",
+        Duration::from_secs(10),
+    );
+    b.goto(&format!("{base}/signin"));
+    b.eval(&format!(
+        "document.getElementById('token').value = '{BUILDER}'; return true;"
+    ));
+    b.click("button[type=submit]");
+    b.wait(
+        "the job list",
+        "return [...document.querySelectorAll('#jobs tr')].some(r => r.textContent.includes('simple'));",
+        Duration::from_secs(20),
+    );
+    assert_eq!(
+        b.eval("return [...document.querySelectorAll('#jobs tr')].some(r => r.textContent.includes('chain'));"),
+        json!(false)
+    );
+    let cookies = b.eval("return document.cookie;");
+    let cookies = cookies.as_str().unwrap();
+    assert!(
+        cookies.contains("mistry_csrf=") && !cookies.contains("mistry_session"),
+        "{cookies}"
+    );
+    b.goto(&format!("{base}/job/simple/{}", ids[0]));
+    b.wait(
+        "the job page",
+        "return !!document.getElementById('retrigger');",
+        Duration::from_secs(10),
+    );
+    b.click("#rebuild");
+    b.click("#retrigger");
+    common::wait_until("a new build", || started() != before);
+}
