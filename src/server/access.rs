@@ -1021,6 +1021,88 @@ mod tests {
         );
     }
 
+    /// The log lines of target `audit` written while the returned guard lives (this thread's).
+    struct Audit(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Audit {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn capture_audit() -> (
+        Arc<std::sync::Mutex<Vec<u8>>>,
+        tracing::subscriber::DefaultGuard,
+    ) {
+        let buf = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let b = Arc::clone(&buf);
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::new("audit=info"))
+            .with_ansi(false)
+            .with_writer(move || Audit(Arc::clone(&b)))
+            .finish();
+        (buf, tracing::subscriber::set_default(subscriber))
+    }
+
+    /// Review finding 6 and the CSRF check: every refusal is an audit line, the fail-closed
+    /// ones too (a route outside the authentication layer, a project's route without a
+    /// project), and a signed-in request without its CSRF token.
+    #[tokio::test]
+    async fn every_refusal_is_an_audit_line() {
+        let (buf, _guard) = capture_audit();
+        let text = || String::from_utf8_lossy(&buf.lock().unwrap()).into_owned();
+        // Outside the layer: no caller.
+        let mut bare: axum::Router = axum::Router::new()
+            .route(
+                "/x",
+                axum::routing::get(|_: crate::access::Caller| async { "no" }),
+            )
+            .route(
+                "/y",
+                axum::routing::get(|| async { "no" })
+                    .route_layer(axum::middleware::from_fn(super::read_project)),
+            )
+            .layer(axum::middleware::from_fn(
+                |mut req: axum::extract::Request, next: axum::middleware::Next| async move {
+                    if req.uri().path() == "/y" {
+                        req.extensions_mut().insert(crate::access::Caller::Open);
+                    }
+                    next.run(req).await
+                },
+            ));
+        let get = |uri: &str| Request::builder().uri(uri).body(Body::empty()).unwrap();
+        let r = bare.call(get("/x")).await.unwrap();
+        assert_eq!(r.status(), StatusCode::UNAUTHORIZED);
+        assert!(
+            text().contains("refused: a route outside the authentication layer"),
+            "{}",
+            text()
+        );
+        let r = bare.call(get("/y")).await.unwrap();
+        assert_eq!(r.status(), StatusCode::FORBIDDEN);
+        assert!(
+            text().contains("refused: a project's route without a project"),
+            "{}",
+            text()
+        );
+        let a = standard();
+        let (cookie, _) = a.sign_in("builder").await;
+        let (status, _, _) = a
+            .raw("POST", "/jobs", &[("cookie", cookie.as_str())], JOB)
+            .await;
+        assert_eq!(status, StatusCode::FORBIDDEN);
+        assert!(
+            text().contains("refused: a signed-in request without its CSRF token")
+                && text().contains("caller=builder"),
+            "{}",
+            text()
+        );
+    }
+
     /// Write `tokens` as the tokens file `path` (its owner's).
     fn write_tokens(path: &std::path::Path, text: &str) {
         use std::os::unix::fs::PermissionsExt;
