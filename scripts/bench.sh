@@ -2,7 +2,7 @@
 # Every benchmark, as root and then as the unprivileged user mistry-test (rootless is the
 # promise; root hides the cost of id maps):
 #
-#   scripts/bench.sh [BENCH...]      # default: sandbox_start image_build server incremental pipeline cluster debian_build web
+#   scripts/bench.sh [BENCH...]      # default: sandbox_start image_build server access incremental pipeline cluster debian_build web
 #
 # Needs what scripts/setup.sh provides (the test user, target/images/{busybox,debian}) and
 # runs as root. Figures are printed side by side with the peer tools (bwrap, buildah); the
@@ -10,7 +10,7 @@
 set -eu
 cd "$(dirname "$0")/.."
 [ "$(id -u)" = 0 ] || { echo "bench.sh: run as root (it switches to mistry-test itself)" >&2; exit 1; }
-benches=${*:-sandbox_start image_build server incremental pipeline cluster debian_build web}
+benches=${*:-sandbox_start image_build server access incremental pipeline cluster debian_build web}
 
 cargo build --release --bins --benches
 list=$(cargo bench --no-run --message-format=json 2>/dev/null |

@@ -156,6 +156,10 @@ pub struct RawAccess {
     pub allow: Vec<RawAllow>,
     /// `cluster_token_file`: the token agents send each other (its first line).
     pub cluster_token_file: Option<PathBuf>,
+    /// `behind_https`: clients reach this server through https (a proxy in front): the web
+    /// view's sign-in cookies are `Secure`.
+    #[serde(default)]
+    pub behind_https: bool,
 }
 
 /// Projects and the scope granted on them: a token's, or an allow rule's.
@@ -196,7 +200,7 @@ impl Grant {
         }
         let mut set = GlobSetBuilder::new();
         for p in &patterns {
-            let glob = globset::GlobBuilder::new(p)
+            let glob = globset::GlobBuilder::new(&literal_but_star(p))
                 .literal_separator(true)
                 .build()
                 .map_err(|e| AccessError::Pattern {
@@ -224,6 +228,18 @@ impl Grant {
     pub fn allows(&self, scope: Scope, project: &str) -> bool {
         self.scope >= scope && self.projects.is_match(project)
     }
+}
+
+/// A project pattern as a glob whose one wildcard is `*`: every other character the glob syntax
+/// reads (`?`, `[`, `]`, `{`, `}`, `\\`) stands for itself. Project names may hold them (a
+/// directory of `projects_path` is a project), and a pattern naming such a project must grant it
+/// and nothing else: `app[1]` is the project `app[1]`, never `app1`.
+fn literal_but_star(pattern: &str) -> String {
+    pattern
+        .split('*')
+        .map(globset::escape)
+        .collect::<Vec<_>>()
+        .join("*")
 }
 
 /// A token's entry, validated.
@@ -325,36 +341,84 @@ pub fn read_tokens_file(path: &Path) -> Result<Vec<RawToken>, AccessError> {
         path: path.to_path_buf(),
         reason,
     };
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(file(e.to_string())),
-    };
+    if matches!(std::fs::symlink_metadata(path), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
+    {
+        return Ok(Vec::new());
+    }
+    // Who may write it may grant anything: its owner (or root) only.
+    let text = read_checked(path, "tokens file", 0o022)?;
     serde_json::from_str(&text).map_err(|e| file(e.to_string()))
 }
 
-/// Write a tokens file atomically (a new file renamed over it), readable by its owner only.
+/// Write a tokens file atomically, readable by its owner only: a new file of a random name in
+/// the same directory, created with `O_CREAT | O_EXCL` (never through a link or a file someone
+/// put there; the `tempfile` crate), written, synced, then renamed over it.
 pub fn write_tokens_file(path: &Path, tokens: &[RawToken]) -> Result<(), AccessError> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let file = |reason: String| AccessError::File {
         path: path.to_path_buf(),
         reason,
     };
     let text = serde_json::to_string_pretty(tokens).map_err(|e| file(e.to_string()))?;
-    let tmp = path.with_extension("tmp-mistry");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| file(format!("writing {}: {e}", tmp.display())))?;
-    f.write_all(text.as_bytes())
-        .and_then(|()| f.write_all(b"\n"))
-        .and_then(|()| f.sync_all())
-        .map_err(|e| file(format!("writing {}: {e}", tmp.display())))?;
-    std::fs::rename(&tmp, path).map_err(|e| file(e.to_string()))
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".tokens-")
+        .suffix(".tmp")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .tempfile_in(dir)
+        .map_err(|e| file(format!("creating a new file in {}: {e}", dir.display())))?;
+    tmp.write_all(text.as_bytes())
+        .and_then(|()| tmp.write_all(b"\n"))
+        .and_then(|()| tmp.as_file().sync_all())
+        .map_err(|e| file(format!("writing {}: {e}", tmp.path().display())))?;
+    tmp.persist(path).map_err(|e| file(e.error.to_string()))?;
+    Ok(())
+}
+
+/// Read a secret's file (`what`) after checking it: a regular file, owned by this process's
+/// user or root, that no one else may write (`no_other_bits` also: read).
+fn read_checked(path: &Path, what: &str, no_other_bits: u32) -> Result<String, AccessError> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let file = |reason: String| AccessError::File {
+        path: path.to_path_buf(),
+        reason,
+    };
+    let mut f = std::fs::File::open(path).map_err(|e| file(e.to_string()))?;
+    let meta = f.metadata().map_err(|e| file(e.to_string()))?;
+    if !meta.is_file() {
+        return Err(file(format!("the {what} must be a regular file")));
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(file(format!(
+            "the {what} is owned by uid {}: it must be this daemon's user's (uid {me}) or root's",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & no_other_bits != 0 {
+        return Err(file(format!(
+            "the {what} has mode {:04o}: group and others must not {} it (chmod {})",
+            meta.mode() & 0o7777,
+            if no_other_bits & 0o044 != 0 {
+                "read or write"
+            } else {
+                "write"
+            },
+            if no_other_bits & 0o044 != 0 {
+                "600"
+            } else {
+                "go-w"
+            },
+        )));
+    }
+    let mut text = String::new();
+    f.read_to_string(&mut text)
+        .map_err(|e| file(e.to_string()))?;
+    Ok(text)
 }
 
 impl RawAccess {
@@ -450,6 +514,32 @@ impl Access {
         (self.tokens.len(), self.allow.len())
     }
 
+    /// The allow rules a request from this host itself matches: those covering a loopback
+    /// address or one of `host_addrs` (the host's interfaces' addresses), each with the
+    /// address it covers. Local users, and jobs with `network: host`, send from those.
+    pub fn rules_covering_host(&self, host_addrs: &[IpAddr]) -> Vec<(String, IpAddr)> {
+        let loopback = [
+            IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+            IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+        ];
+        let mut out = Vec::new();
+        for rule in &self.allow {
+            let hit = if rule.from.addr().is_loopback() {
+                Some(rule.from.addr())
+            } else {
+                loopback
+                    .iter()
+                    .chain(host_addrs.iter())
+                    .map(|ip| canonical(*ip))
+                    .find(|ip| rule.from.contains(ip))
+            };
+            if let Some(ip) = hit {
+                out.push((rule.grant.name.clone(), ip));
+            }
+        }
+        out
+    }
+
     /// Whether agents authenticate each other (`cluster_token_file` set).
     pub fn has_cluster_token(&self) -> bool {
         self.cluster.is_some()
@@ -495,6 +585,219 @@ impl Access {
     }
 }
 
+impl Access {
+    /// The grant of the token whose hash is `hash`, if it is still the same (name, scope and
+    /// patterns as `was`) and not expired at `now`: an open stream of that token goes on.
+    pub fn still_grants(&self, hash: &[u8; 32], was: &Grant, now: i64) -> Option<Arc<Grant>> {
+        let mut found: Option<&Arc<Grant>> = None;
+        for t in &self.tokens {
+            if bool::from(t.hash.ct_eq(hash)) {
+                found = Some(&t.grant);
+            }
+        }
+        let g = found?;
+        let same = g.name == was.name && g.scope == was.scope && g.patterns == was.patterns;
+        (same && g.expires.is_none_or(|e| e > now)).then(|| Arc::clone(g))
+    }
+}
+
+/// The access settings in force: an [`Access`] behind a lock, swapped whole by
+/// [`Policy::reload`] (SIGHUP) so that every request reads one consistent set; open streams
+/// watch [`Policy::changes`] and end when their token is revoked.
+#[derive(Debug)]
+pub struct Policy {
+    current: std::sync::RwLock<Arc<Access>>,
+    raw: RawAccess,
+    base_dir: PathBuf,
+    changed: tokio::sync::watch::Sender<u64>,
+    sessions: std::sync::Mutex<std::collections::HashMap<[u8; 32], Session>>,
+}
+
+/// How long a web sign-in lasts at most (less when its token expires sooner).
+pub const SESSION_SECONDS: i64 = 12 * 3600;
+
+/// A web view's sign-in: the token's grant (never the token), until `expires`.
+#[derive(Debug, Clone)]
+pub struct Session {
+    /// The SHA-256 of the token signed in with (to see whether a reload still grants it).
+    pub token_hash: [u8; 32],
+    /// Its grant at sign-in.
+    pub grant: Arc<Grant>,
+    /// Seconds since the epoch.
+    pub expires: i64,
+    /// The CSRF token its state-changing requests must send (`X-CSRF-Token`).
+    pub csrf: String,
+}
+
+/// A new sign-in: the cookie's session id and the CSRF token.
+#[derive(Debug)]
+pub struct SignedIn {
+    /// The session cookie's value (random; the server keeps its SHA-256).
+    pub id: String,
+    /// The CSRF cookie's value.
+    pub csrf: String,
+    /// Seconds the cookies last.
+    pub max_age: i64,
+    /// The token's name (audit lines).
+    pub name: String,
+}
+
+impl Policy {
+    /// The settings `access`, parsed from `raw` (relative to `base_dir`), which a reload reads
+    /// again.
+    pub fn new(access: Access, raw: RawAccess, base_dir: PathBuf) -> Policy {
+        Policy {
+            current: std::sync::RwLock::new(Arc::new(access)),
+            raw,
+            base_dir,
+            changed: tokio::sync::watch::channel(0).0,
+            sessions: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// Whether cookies must be `Secure` (`behind_https`).
+    pub fn behind_https(&self) -> bool {
+        self.raw.behind_https
+    }
+
+    fn sessions(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<[u8; 32], Session>> {
+        self.sessions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Sign in with `token` at `now`: a session lasting until the token's expiry, at most
+    /// [`SESSION_SECONDS`]. Only a token's grant signs in (not an allow rule, nor access off).
+    pub fn sign_in(&self, token: &str, now: i64) -> Result<SignedIn, Refused> {
+        let access = self.now();
+        let Caller::Granted(grant) = access.authenticate(Some(token), None, now)? else {
+            return Err(Refused::Unknown);
+        };
+        let expires = grant
+            .expires
+            .map_or(now + SESSION_SECONDS, |e| e.min(now + SESSION_SECONDS));
+        let (id, csrf) = (random_hex()?, random_hex()?);
+        let name = grant.name.clone();
+        let mut sessions = self.sessions();
+        sessions.retain(|_, s| s.expires > now);
+        sessions.insert(
+            hash_token(&id),
+            Session {
+                token_hash: hash_token(token),
+                grant,
+                expires,
+                csrf: csrf.clone(),
+            },
+        );
+        Ok(SignedIn {
+            id,
+            csrf,
+            max_age: expires - now,
+            name,
+        })
+    }
+
+    /// The session of cookie value `id` at `now`, if it is still valid: not expired, and its
+    /// token still granted the same (a reload that revoked or changed it ends the session).
+    pub fn session(&self, id: &str, now: i64) -> Option<Session> {
+        let key = hash_token(id);
+        let mut sessions = self.sessions();
+        let s = sessions.get(&key)?.clone();
+        let still = (s.expires > now)
+            .then(|| self.now().still_grants(&s.token_hash, &s.grant, now))
+            .flatten();
+        if still.is_none() {
+            sessions.remove(&key);
+        }
+        still.map(|grant| Session { grant, ..s })
+    }
+
+    /// End the session of cookie value `id`.
+    pub fn sign_out(&self, id: &str) {
+        self.sessions().remove(&hash_token(id));
+    }
+
+    /// The settings now.
+    pub fn now(&self) -> Arc<Access> {
+        Arc::clone(
+            &self
+                .current
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// Read the tokens again (the configuration's own entries as they were at start, the
+    /// tokens file as it is now) and put them in force; a file that does not parse keeps the
+    /// tokens in force (fails safe) and says why. The cluster token stays the one read at start
+    /// (this agent sends it: a new one needs a restart). Blocking (reads files).
+    pub fn reload(&self) -> Result<(usize, usize), AccessError> {
+        let mut next = Access::parse(&self.raw, &self.base_dir)?;
+        let mut current = self
+            .current
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        next.cluster = current.cluster;
+        let counts = next.counts();
+        *current = Arc::new(next);
+        let access = Arc::clone(&current);
+        drop(current);
+        let now = now();
+        self.sessions()
+            .retain(|_, s| access.still_grants(&s.token_hash, &s.grant, now).is_some());
+        self.changed.send_modify(|n| *n += 1);
+        Ok(counts)
+    }
+
+    /// [`Policy::reload`] with its audit line: the counts in force, or the error and that the
+    /// previous tokens stay.
+    pub fn reload_logged(&self) {
+        match self.reload() {
+            Ok((tokens, rules)) => {
+                tracing::info!(target: "audit", tokens, allow_rules = rules, "access settings reloaded");
+            }
+            Err(e) => {
+                tracing::error!(target: "audit", error = %e, "reloading the access settings failed: the previous tokens stay in force");
+            }
+        }
+    }
+
+    /// A receiver that changes on every reload.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    /// As [`Access::enabled`], now.
+    pub fn enabled(&self) -> bool {
+        self.now().enabled()
+    }
+
+    /// As [`Access::counts`], now.
+    pub fn counts(&self) -> (usize, usize) {
+        self.now().counts()
+    }
+
+    /// As [`Access::has_cluster_token`] (fixed at start).
+    pub fn has_cluster_token(&self) -> bool {
+        self.now().has_cluster_token()
+    }
+
+    /// As [`Access::rules_covering_host`], now.
+    pub fn rules_covering_host(&self, host_addrs: &[IpAddr]) -> Vec<(String, IpAddr)> {
+        self.now().rules_covering_host(host_addrs)
+    }
+
+    /// As [`Access::authenticate`], with the settings now.
+    pub fn authenticate(
+        &self,
+        bearer: Option<&str>,
+        peer: Option<IpAddr>,
+        now: i64,
+    ) -> Result<Caller, Refused> {
+        self.now().authenticate(bearer, peer, now)
+    }
+}
+
 /// An `allow` rule's `from`: a network (`10.0.0.0/8`) or one address.
 fn parse_from(s: &str) -> Option<sandbox::egress::IpNet> {
     let s = s.trim();
@@ -518,7 +821,8 @@ pub fn read_cluster_token(path: &Path) -> Result<String, AccessError> {
         path: path.to_path_buf(),
         reason,
     };
-    let text = std::fs::read_to_string(path).map_err(|e| file(e.to_string()))?;
+    // The token itself: no one but its owner may read it.
+    let text = read_checked(path, "cluster token file", 0o077)?;
     let token = text.lines().next().unwrap_or("").trim().to_string();
     if token.len() < 32 {
         return Err(file(
@@ -539,6 +843,13 @@ pub fn set_cluster_token(token: String) {
 /// The `Authorization` header's value for a request to another agent, if agents authenticate.
 pub fn cluster_authorization() -> Option<String> {
     CLUSTER_TOKEN.get().map(|t| format!("Bearer {t}"))
+}
+
+/// 256 random bits in hex.
+fn random_hex() -> Result<String, Refused> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|_| Refused::Unknown)?;
+    Ok(hex::encode(bytes))
 }
 
 /// A new token: `mistry_` and 256 random bits in hex.
@@ -696,8 +1007,118 @@ mod tests {
         t.expires = Some("30d".into());
         assert!(parse(t.clone()).starts_with("token a: expires \"30d\""));
         t.expires = None;
-        t.projects = vec!["a[".into()];
-        assert!(parse(t).starts_with("a: project pattern \"a[\""));
+        t.projects = Vec::new();
+        assert_eq!(parse(t), "a: no projects");
+    }
+
+    /// Review finding 8: a pattern's only wildcard is `*`; `?`, `[` and `{` are the name's own.
+    #[test]
+    fn patterns_are_literal_but_for_the_star() {
+        let a = access(
+            vec![
+                raw("one", "t-one", &["read"], &["app[1]"]),
+                raw("q", "t-q", &["read"], &["a?c", "{x,y}"]),
+                raw("star", "t-star", &["read"], &["pay-*[v2]"]),
+            ],
+            Vec::new(),
+        );
+        let one = a.authenticate(Some("t-one"), None, 0).unwrap();
+        assert!(one.allows(Scope::Read, "app[1]"));
+        assert!(!one.allows(Scope::Read, "app1"));
+        let q = a.authenticate(Some("t-q"), None, 0).unwrap();
+        assert!(q.allows(Scope::Read, "a?c") && q.allows(Scope::Read, "{x,y}"));
+        for other in ["abc", "x", "y"] {
+            assert!(!q.allows(Scope::Read, other), "{other}");
+        }
+        let star = a.authenticate(Some("t-star"), None, 0).unwrap();
+        assert!(star.allows(Scope::Read, "pay-api[v2]"));
+        assert!(!star.allows(Scope::Read, "pay-apiv"));
+    }
+
+    /// Review finding 5: the rules a request from the host itself matches.
+    #[test]
+    fn rules_covering_the_host_are_found() {
+        let rule = |from: &str| RawAllow {
+            from: from.into(),
+            scopes: vec!["build".into()],
+            projects: vec!["*".into()],
+        };
+        let a = access(
+            Vec::new(),
+            vec![
+                rule("127.0.0.2"),
+                rule("10.0.0.0/8"),
+                rule("192.168.0.0/16"),
+                rule("::/0"),
+            ],
+        );
+        let host: Vec<IpAddr> = vec!["10.1.2.3".parse().unwrap()];
+        let found: Vec<String> = a
+            .rules_covering_host(&host)
+            .into_iter()
+            .map(|(name, ip)| format!("{name} {ip}"))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                "allow[0] (127.0.0.2/32) 127.0.0.2",
+                "allow[1] (10.0.0.0/8) 10.1.2.3",
+                "allow[3] (::/0) ::1",
+            ]
+        );
+    }
+
+    /// Review finding 9: the cluster token file is its owner's alone; the tokens file is
+    /// written by its owner only, and rewritten through a new file (a link in the way of a
+    /// fixed temporary name is not followed).
+    #[test]
+    fn token_files_are_checked_and_written_safely() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let ct = dir.path().join("cluster-token");
+        std::fs::write(&ct, format!("{}\n", "c".repeat(40))).unwrap();
+        std::fs::set_permissions(&ct, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let e = read_cluster_token(&ct).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "{}: the cluster token file has mode 0644: group and others must not read or \
+                 write it (chmod 600)",
+                ct.display()
+            )
+        );
+        std::fs::set_permissions(&ct, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(read_cluster_token(&ct).unwrap(), "c".repeat(40));
+
+        let tokens = dir.path().join("tokens.json");
+        std::fs::write(&tokens, "[]").unwrap();
+        std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let e = read_tokens_file(&tokens).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "{}: the tokens file has mode 0666: group and others must not write it (chmod \
+                 go-w)",
+                tokens.display()
+            )
+        );
+        std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(read_tokens_file(&tokens).unwrap().is_empty());
+        // The old fixed temporary name, a link to a file elsewhere: left alone.
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, "keep").unwrap();
+        std::os::unix::fs::symlink(&victim, tokens.with_extension("tmp-mistry")).unwrap();
+        write_tokens_file(&tokens, &[raw("a", "t-a", &["read"], &["*"])]).unwrap();
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+        assert_eq!(read_tokens_file(&tokens).unwrap().len(), 1);
+        let mode = std::fs::metadata(&tokens).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.starts_with(".tokens-"))
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
     }
 
     #[test]

@@ -274,6 +274,17 @@ async fn serve(cli: Cli) -> Result<()> {
     } else {
         Arc::new(mistry::service::LocalJobs::new(Arc::clone(&engine)))
     };
+    // SIGHUP: the tokens read again (the tokens file); a file in error keeps those in force.
+    {
+        let policy = Arc::clone(&jobs.config().access);
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                let p = Arc::clone(&policy);
+                let _ = tokio::task::spawn_blocking(move || p.reload_logged()).await;
+            }
+        });
+    }
     let app = mistry::server::router(jobs);
     let limits = mistry::server::Limits {
         max_connections: connection_cap(cli.max_connections),

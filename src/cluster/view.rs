@@ -282,6 +282,7 @@ mod tests {
             project: None,
             states: None,
             limit: CLUSTER_JOBS_DEFAULT,
+            readable: None,
         };
         let e = cluster_jobs(&cluster, &filter).await.unwrap_err();
         assert!(matches!(e, ClusterError::NoDatabase), "{e:?}");

@@ -167,7 +167,7 @@ pub struct Config {
     pub cluster: cluster::Settings,
     /// Who may read, build and administer which project (`tokens`, `tokens_file`, `allow`,
     /// `cluster_token_file`; [`crate::access`]); off by default.
-    pub access: std::sync::Arc<crate::access::Access>,
+    pub access: std::sync::Arc<crate::access::Policy>,
     /// The raw access settings (`mistryd token` edits the tokens file they name).
     pub raw_access: crate::access::RawAccess,
 }
@@ -296,6 +296,11 @@ impl Config {
         let secret_map = secrets::parse(&raw.secrets, &base_dir)?;
         let cluster = cluster::Settings::parse(&raw_cluster)?;
         let access = crate::access::Access::parse(&raw_access, &base_dir)?;
+        let access = std::sync::Arc::new(crate::access::Policy::new(
+            access,
+            raw_access.clone(),
+            base_dir.clone(),
+        ));
         Ok(Config {
             projects_path: projects_path
                 .canonicalize()
@@ -330,7 +335,7 @@ impl Config {
             secrets: secret_map,
             retention,
             cluster,
-            access: std::sync::Arc::new(access),
+            access,
             raw_access,
         })
     }
@@ -386,13 +391,73 @@ impl Config {
                 path.display()
             );
         }
+        cfg.check_allow_rules(&sandbox::egress::HostFacts::read().addrs)
+            .with_context(|| path.display().to_string())?;
         Ok(cfg)
+    }
+
+    /// An `allow` rule that covers loopback or one of this host's addresses (`host_addrs`)
+    /// grants its scopes to every local user, and to every job with `network: host`: refused
+    /// when the configuration lets any project's jobs use the host's network (a project's code
+    /// would get the rule's scopes on every project it covers), else a warning at start.
+    pub fn check_allow_rules(&self, host_addrs: &[std::net::IpAddr]) -> Result<()> {
+        let covering = self.access.rules_covering_host(host_addrs);
+        if covering.is_empty() {
+            return Ok(());
+        }
+        let host_network = self.network == NetworkMode::Host
+            || self
+                .projects
+                .values()
+                .any(|p| p.network.as_deref() == Some("host"));
+        for (rule, ip) in &covering {
+            if host_network {
+                bail!(
+                    "{rule} covers {ip}, an address of this host, and jobs may use the host's \
+                     network (network: host): their code would get the rule's scopes; narrow \
+                     the rule, or give those projects network isolated (docs/access.md)"
+                );
+            }
+            tracing::warn!(target: "audit", %rule, %ip, "an allow rule covers an address of this host: every local user gets its scopes (docs/access.md)");
+        }
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Review finding 5: an allow rule covering this host is refused when jobs may use the
+    /// host's network (their code sends from the host's addresses), else only warned about.
+    #[test]
+    fn allow_rules_covering_the_host_are_refused_with_host_networks() {
+        let dir = tempfile::tempdir().unwrap();
+        let (p, b) = (dir.path().join("p"), dir.path().join("b"));
+        std::fs::create_dir_all(&p).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        let cfg = |extra: serde_json::Value| {
+            let mut v = serde_json::json!({"projects_path": p, "build_path": b,
+                "allow": [{"from": "10.0.0.0/8", "scopes": ["build"], "projects": ["*"]}]});
+            for (k, x) in extra.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            Config::parse(&v.to_string(), Path::new("config.json")).unwrap()
+        };
+        let host: Vec<std::net::IpAddr> = vec!["10.1.2.3".parse().unwrap()];
+        let other: Vec<std::net::IpAddr> = vec!["192.168.7.7".parse().unwrap()];
+        let refusal = "allow[0] (10.0.0.0/8) covers 10.1.2.3, an address of this host, and jobs \
+                       may use the host's network (network: host): their code would get the \
+                       rule's scopes; narrow the rule, or give those projects network isolated \
+                       (docs/access.md)";
+        let c = cfg(serde_json::json!({"network": "host"}));
+        assert_eq!(c.check_allow_rules(&host).unwrap_err().to_string(), refusal);
+        assert!(c.check_allow_rules(&other).is_ok());
+        let c = cfg(serde_json::json!({"projects": {"x": {"network": "host"}}}));
+        assert_eq!(c.check_allow_rules(&host).unwrap_err().to_string(), refusal);
+        // No job on the host's network: a warning (every local user gets the scopes).
+        assert!(cfg(serde_json::json!({})).check_allow_rules(&host).is_ok());
+    }
 
     #[test]
     fn the_sample_configuration_parses() {

@@ -125,7 +125,7 @@ pub fn run(config: &Path, cmd: &TokenCommand, out: &mut dyn Write) -> Result<i32
             tracing::info!(target: "audit", token = %name, file = %file.display(), "token revoked");
             writeln!(
                 out,
-                "revoked {name} (removed from {}); restart mistryd to apply",
+                "revoked {name} (removed from {}); reload mistryd to apply (kill -HUP, systemctl reload)",
                 file.display()
             )?;
             Ok(0)
@@ -177,7 +177,7 @@ fn create(
             tracing::info!(target: "audit", token = %name, scope, projects = %projects.join(","), file = %file.display(), "token created");
             writeln!(
                 out,
-                "added {name} to {}; restart mistryd to apply",
+                "added {name} to {}; reload mistryd to apply (kill -HUP, systemctl reload)",
                 file.display()
             )?;
         }

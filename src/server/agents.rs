@@ -28,7 +28,7 @@ use super::access::{reads_key, require, require_admin, require_agent};
 use super::{ApiError, JobsState};
 use crate::access::{Caller, Scope};
 use crate::body::{blocking_body, json, INDEX_HTML};
-use crate::service::{ClusterJobsFilter, Jobs};
+use crate::service::{ClusterJobsFilter, Jobs, Readable};
 
 /// The agents' routes, to merge into the server's router.
 pub(super) fn routes() -> Router<Arc<dyn Jobs>> {
@@ -118,9 +118,15 @@ async fn cluster_jobs(
     caller: Caller,
     query: Result<Query<ClusterJobsQuery>, QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let filter = cluster_filter(query)?;
+    let mut filter = cluster_filter(query)?;
     if let Some(p) = &filter.project {
         require(&caller, Scope::Read, p)?;
+    }
+    // The grant goes into the statement: a limit then counts only the projects the caller
+    // reads (filtered after it, the list's length told how many jobs other projects had).
+    if let Caller::Granted(_) = &caller {
+        let c = caller.clone();
+        filter.readable = Some(Readable(Arc::new(move |p: &str| c.allows(Scope::Read, p))));
     }
     match jobs.cluster_jobs(&filter).await? {
         Some(mut list) => {
@@ -193,6 +199,7 @@ mod tests {
                 project: Some("p".into()),
                 states: Some(vec![JobState::Queued, JobState::Running]),
                 limit: 5000,
+                readable: None,
             }
         );
         assert_eq!(filter("agent=&state=").unwrap(), filter("").unwrap());

@@ -71,6 +71,9 @@ pub(crate) enum ApiError {
     /// 403: a state-changing request from another origin's page.
     #[error("Cross-origin request refused: Origin '{origin}' is not this server (http://{host})")]
     CrossOrigin { origin: String, host: String },
+    /// 403: a state-changing request signed in with a cookie, without its CSRF token.
+    #[error("Forbidden: a signed-in request must send its CSRF token (X-CSRF-Token)")]
+    Csrf,
     /// 401 (with `WWW-Authenticate: Bearer`): no token, or not a valid one.
     #[error("Unauthorized: {0}")]
     Unauthorized(crate::access::Refused),
@@ -135,7 +138,9 @@ impl ApiError {
             }
             ApiError::NotReady { .. } | ApiError::Artifacts { .. } => StatusCode::CONFLICT,
             ApiError::RunOverloaded { .. } | ApiError::Agents(_) => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::CrossOrigin { .. } | ApiError::Forbidden { .. } => StatusCode::FORBIDDEN,
+            ApiError::CrossOrigin { .. } | ApiError::Forbidden { .. } | ApiError::Csrf => {
+                StatusCode::FORBIDDEN
+            }
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Task(_) | ApiError::Json(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }

@@ -100,6 +100,7 @@ pub fn router(jobs: Arc<dyn Jobs>) -> Router {
         .route("/static/{file}", get(static_file))
         .route("/", get(|| async { Html(INDEX_HTML) }))
         .merge(agents::routes())
+        .merge(access::routes())
         .merge(pipelines::routes(Arc::clone(&jobs)))
         .merge(projects::routes())
         .layer(axum::middleware::from_fn(same_origin))

@@ -29,12 +29,12 @@ use axum::Router;
 use futures_util::stream;
 use serde::Deserialize;
 
-use super::access::{require, require_admin};
+use super::access::require;
 use super::ApiError;
 use crate::access::{Caller, Scope};
 use crate::body::{json, INDEX_HTML};
 use crate::pipeline::def::{self, ParamDef};
-use crate::pipeline::run::{self, JobRunState, RunRecord, RunState, Runs};
+use crate::pipeline::run::{self, JobRunState, RunLink, RunRecord, RunState, Runs};
 use crate::pipeline::PipelineError;
 use crate::service::{JobError, Jobs};
 
@@ -156,25 +156,126 @@ fn sees_run(caller: &Caller, rec: &RunRecord) -> bool {
 }
 
 /// The projects of pipeline `name` and of those its successes trigger, transitively (blocking).
-fn projects_of(runs: &Runs, name: &str) -> Result<std::collections::BTreeSet<String>, ApiError> {
+/// A pipeline `caller` may not read every job's project of, or one in error when `caller` is not
+/// an admin, is unknown: the answer is the one of a pipeline that does not exist (its 404 and
+/// text), so that neither its projects nor its errors show.
+fn projects_of(
+    runs: &Runs,
+    caller: &Caller,
+    name: &str,
+) -> Result<std::collections::BTreeSet<String>, ApiError> {
     let mut projects = std::collections::BTreeSet::new();
     let mut seen = std::collections::BTreeSet::new();
     let mut todo = vec![name.to_string()];
+    let hidden = |why: &str| {
+        tracing::warn!(target: "audit", status = 404, caller = caller.name(), pipeline = %name, reason = why, "refused: a pipeline the caller may not read");
+        ApiError::Pipeline(PipelineError::Unknown(name.to_string()))
+    };
     while let Some(n) = todo.pop() {
         if !seen.insert(n.clone()) {
             continue;
         }
         let p = match runs.load(&n) {
             Ok(p) => p,
-            Err(e) if n == name => return Err(e.into()),
+            Err(PipelineError::Unknown(u)) if n == name => {
+                return Err(PipelineError::Unknown(u).into())
+            }
+            Err(e) if n == name => {
+                return Err(if caller.is_admin() {
+                    e.into()
+                } else {
+                    hidden("its definition is in error")
+                })
+            }
             // A triggered pipeline that does not load starts nothing (its run records the
             // error when it is triggered).
             Err(_) => continue,
         };
+        if n == name && !reads_jobs(caller, &p) {
+            return Err(hidden("a project of its jobs"));
+        }
         projects.extend(p.jobs.into_iter().map(|j| j.project));
         todo.extend(p.on_success.into_iter().map(|t| t.pipeline));
     }
     Ok(projects)
+}
+
+/// Whether `caller` reads every project of `p`'s jobs.
+fn reads_jobs(caller: &Caller, p: &def::Pipeline) -> bool {
+    p.jobs
+        .iter()
+        .all(|j| caller.allows(Scope::Read, &j.project))
+}
+
+/// Which runs `caller` may see, asked once per run (`find`: in flight, else stored).
+struct Visible<'a> {
+    runs: &'a Arc<Runs>,
+    caller: &'a Caller,
+    known: std::collections::HashMap<(String, String), bool>,
+}
+
+impl<'a> Visible<'a> {
+    fn new(runs: &'a Arc<Runs>, caller: &'a Caller) -> Visible<'a> {
+        Visible {
+            runs,
+            caller,
+            known: std::collections::HashMap::new(),
+        }
+    }
+
+    /// Whether the caller sees everything (access control off, an agent): nothing to ask.
+    fn all(&self) -> bool {
+        !matches!(self.caller, Caller::Granted(_))
+    }
+
+    /// Whether the caller sees the run `link` points to (a trigger that did not start: whether
+    /// it reads every project of that pipeline's definition).
+    async fn link(&mut self, link: &RunLink) -> bool {
+        if self.all() {
+            return true;
+        }
+        let key = (link.pipeline.clone(), link.run.clone());
+        if let Some(v) = self.known.get(&key) {
+            return *v;
+        }
+        let v = if link.run.is_empty() {
+            let (r, n, c) = (
+                Arc::clone(self.runs),
+                link.pipeline.clone(),
+                self.caller.clone(),
+            );
+            tokio::task::spawn_blocking(move || r.load(&n).is_ok_and(|p| reads_jobs(&c, &p)))
+                .await
+                .unwrap_or(false)
+        } else {
+            match self.runs.find(&link.pipeline, &link.run).await {
+                Some(rec) => sees_run(self.caller, &rec),
+                None => false,
+            }
+        };
+        self.known.insert(key, v);
+        v
+    }
+
+    /// `rec` without the links to runs the caller may not see (`caused_by`, `triggered`).
+    async fn redact(&mut self, mut rec: RunRecord) -> RunRecord {
+        if self.all() {
+            return rec;
+        }
+        if let Some(c) = rec.caused_by.take() {
+            if self.link(&c).await {
+                rec.caused_by = Some(c);
+            }
+        }
+        let mut kept = Vec::with_capacity(rec.triggered.len());
+        for t in std::mem::take(&mut rec.triggered) {
+            if self.link(&t).await {
+                kept.push(t);
+            }
+        }
+        rec.triggered = kept;
+        rec
+    }
 }
 
 async fn pipelines(
@@ -228,11 +329,21 @@ async fn pipelines(
         });
     }
     let (name, params, rebuild) = parse_request(&body)?;
-    // Build on every project the run may start (its triggered runs' included).
-    let (r, n) = (Arc::clone(&runs), name.clone());
-    let projects = tokio::task::spawn_blocking(move || projects_of(&r, &n)).await??;
+    // Read on every project of the pipeline (else it does not exist for the caller), then
+    // build on every project the run may start (its triggered runs' included; one the caller
+    // may not read is not named).
+    let (r, n, c) = (Arc::clone(&runs), name.clone(), caller.clone());
+    let projects = tokio::task::spawn_blocking(move || projects_of(&r, &c, &n)).await??;
     for p in &projects {
-        require(&caller, Scope::Build, p)?;
+        if caller.allows(Scope::Read, p) {
+            require(&caller, Scope::Build, p)?;
+        } else {
+            tracing::warn!(target: "audit", status = 403, caller = caller.name(), scope = "build", project = %p, pipeline = %name, "refused: no grant on a project the pipeline triggers");
+            return Err(ApiError::Forbidden {
+                scope: Scope::Build,
+                project: None,
+            });
+        }
     }
     let is_async = query.is_ok_and(|Query(q)| q.is_async.is_some());
     let (rx, _) = if rebuild {
@@ -240,11 +351,12 @@ async fn pipelines(
     } else {
         runs.start(&name, params, None).await?
     };
+    let mut visible = Visible::new(&runs, &caller);
     if is_async {
         let rec = RunRecord::clone(&rx.borrow());
-        return Ok(json(StatusCode::CREATED, &rec)?);
+        return Ok(json(StatusCode::CREATED, &visible.redact(rec).await)?);
     }
-    let rec = run::wait_end(rx).await?;
+    let rec = visible.redact(run::wait_end(rx).await?).await;
     // The backlog was full: as for a job, 503 (the record says which jobs).
     if rec.state == RunState::Failed
         && rec
@@ -270,22 +382,27 @@ async fn index(State(runs): State<Arc<Runs>>, caller: Caller) -> Result<Response
         }
     }
     recs.retain(|r| sees_run(&caller, r));
-    Ok(json(StatusCode::OK, &recs)?)
+    let mut visible = Visible::new(&runs, &caller);
+    let mut out = Vec::with_capacity(recs.len());
+    for r in recs {
+        out.push(visible.redact(r).await);
+    }
+    Ok(json(StatusCode::OK, &out)?)
 }
 
-/// `{"<project>/<id>": {"pipeline", "run", "url"}}`: the run each job belongs to.
+/// `{"<project>/<id>": {"pipeline", "run", "url"}}`: the run each job belongs to (the jobs the
+/// caller reads, in runs it sees).
 async fn job_runs(State(runs): State<Arc<Runs>>, caller: Caller) -> Result<Response, ApiError> {
-    let map: serde_json::Map<String, serde_json::Value> = runs
-        .job_runs()
-        .into_iter()
-        .filter(|((project, _), _)| caller.allows(Scope::Read, project))
-        .map(|((project, id), link)| {
-            (
+    let mut visible = Visible::new(&runs, &caller);
+    let mut map = serde_json::Map::new();
+    for ((project, id), link) in runs.job_runs() {
+        if caller.allows(Scope::Read, &project) && visible.link(&link).await {
+            map.insert(
                 format!("{project}/{id}"),
                 serde_json::to_value(link).unwrap_or_default(),
-            )
-        })
-        .collect();
+            );
+        }
+    }
     Ok(json(StatusCode::OK, &map)?)
 }
 
@@ -302,15 +419,14 @@ fn unknown_run(name: String, run: String) -> ApiError {
     ApiError::UnknownRun { name, run }
 }
 
-/// 403 unless `caller` sees `rec` (the first project it may not read is named: the caller
-/// asked for this run).
+/// 404, as for a run that does not exist (and an audit line), unless `caller` sees `rec`: a run
+/// of projects the caller may not read must not show that it exists, nor name them.
 fn require_run(caller: &Caller, rec: &RunRecord) -> Result<(), ApiError> {
-    if rec.jobs.is_empty() {
-        return require_admin(caller, "a pipeline run without jobs");
+    if sees_run(caller, rec) {
+        return Ok(());
     }
-    rec.jobs
-        .iter()
-        .try_for_each(|j| require(caller, Scope::Read, &j.project))
+    tracing::warn!(target: "audit", status = 404, caller = caller.name(), pipeline = %rec.pipeline, run = %rec.run, "refused: a pipeline run the caller may not read");
+    Err(unknown_run(rec.pipeline.clone(), rec.run.clone()))
 }
 
 async fn run_page(
@@ -323,10 +439,14 @@ async fn run_page(
     if let Some(rec) = &found {
         require_run(&caller, rec)?;
     }
-    match (found, wants_json(&headers)) {
-        (Some(rec), true) => Ok(json(StatusCode::OK, &rec)?),
-        (Some(rec), false) => Ok(Html(page(&rec)).into_response()),
-        (None, _) => Err(unknown_run(name, run)),
+    let Some(rec) = found else {
+        return Err(unknown_run(name, run));
+    };
+    let rec = Visible::new(&runs, &caller).redact(rec).await;
+    if wants_json(&headers) {
+        Ok(json(StatusCode::OK, &rec)?)
+    } else {
+        Ok(Html(page(&rec)).into_response())
     }
 }
 
@@ -341,24 +461,31 @@ async fn events(
         )
     };
     if let Some(rx) = runs.watch(&name, &run) {
-        require_run(&caller, &rx.borrow())?;
-        // The record now, then each change, until the run ends.
-        let s = stream::unfold((rx, false, true), move |(mut rx, done, first)| async move {
-            if done {
-                return None;
+        let now = RunRecord::clone(&rx.borrow());
+        require_run(&caller, &now)?;
+        // The record now, then each change, until the run ends (each without the links to runs
+        // the caller may not see).
+        let s = stream::unfold((rx, false, true), move |(mut rx, done, first)| {
+            let (runs, caller) = (Arc::clone(&runs), caller.clone());
+            async move {
+                if done {
+                    return None;
+                }
+                if !first && rx.changed().await.is_err() {
+                    return None;
+                }
+                let rec = RunRecord::clone(&rx.borrow_and_update());
+                let done = rec.state != RunState::Running;
+                let rec = Visible::new(&runs, &caller).redact(rec).await;
+                Some((event(&rec), (rx, done, false)))
             }
-            if !first && rx.changed().await.is_err() {
-                return None;
-            }
-            let rec = RunRecord::clone(&rx.borrow_and_update());
-            let done = rec.state != RunState::Running;
-            Some((event(&rec), (rx, done, false)))
         });
         return Ok(Sse::new(s).into_response());
     }
     match runs.find(&name, &run).await {
         Some(rec) => {
             require_run(&caller, &rec)?;
+            let rec = Visible::new(&runs, &caller).redact(rec).await;
             Ok(Sse::new(stream::iter([event(&rec)])).into_response())
         }
         None => Err(unknown_run(name, run)),

@@ -21,6 +21,7 @@ pub(crate) mod local;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 use futures_util::stream::BoxStream;
 use serde::Serialize;
@@ -372,7 +373,35 @@ pub struct ClusterJobsFilter {
     pub states: Option<Vec<JobState>>,
     /// The most jobs listed: 1 to [`CLUSTER_JOBS_MAX`], default [`CLUSTER_JOBS_DEFAULT`].
     pub limit: i64,
+    /// Only the projects the caller may read (access control), applied inside the statement so
+    /// that `limit` counts only those; `None`: every project.
+    pub readable: Option<Readable>,
 }
+
+/// Which projects a list may show: the caller's grant, asked of each project name.
+#[derive(Clone)]
+pub struct Readable(pub Arc<dyn Fn(&str) -> bool + Send + Sync>);
+
+impl Readable {
+    /// Whether `project` may be listed.
+    pub fn allows(&self, project: &str) -> bool {
+        (self.0)(project)
+    }
+}
+
+impl std::fmt::Debug for Readable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Readable(..)")
+    }
+}
+
+impl PartialEq for Readable {
+    fn eq(&self, other: &Readable) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Eq for Readable {}
 
 impl ClusterJobsFilter {
     /// Check a query's values (`state`: a record state or `pending`, i.e. queued or running);
@@ -401,6 +430,7 @@ impl ClusterJobsFilter {
             project: nonempty(project),
             states,
             limit,
+            readable: None,
         })
     }
 }
@@ -567,6 +597,7 @@ mod tests {
                 project: None,
                 states: None,
                 limit: CLUSTER_JOBS_DEFAULT,
+                readable: None,
             })
         );
         assert_eq!(

@@ -5,6 +5,25 @@
 // page as text, never as HTML.
 "use strict";
 
+// Signed in with a cookie, the web view's state-changing requests send the CSRF token the server
+// set (the mistry_csrf cookie, readable by scripts) in X-CSRF-Token: every same-origin request
+// but GET, HEAD and OPTIONS made with fetch, whichever page makes it.
+(() => {
+  const plainFetch = window.fetch.bind(window);
+  window.fetch = (input, init = {}) => {
+    const req = input instanceof Request ? input : null;
+    const method = (init.method || (req ? req.method : "GET")).toUpperCase();
+    const url = new URL(req ? req.url : String(input), location.href);
+    const csrf = document.cookie.match(/(?:^|;\s*)mistry_csrf=([^;]*)/);
+    if (csrf && url.origin === location.origin && !["GET", "HEAD", "OPTIONS"].includes(method)) {
+      const headers = new Headers(init.headers || (req ? req.headers : undefined));
+      headers.set("X-CSRF-Token", decodeURIComponent(csrf[1]));
+      init = { ...init, headers };
+    }
+    return plainFetch(input, init);
+  };
+})();
+
 const app = document.getElementById("app");
 const statusEl = document.getElementById("status");
 

@@ -97,12 +97,36 @@ pub(in crate::cluster) async fn cluster_jobs(
     tx.batch_execute("SET LOCAL statement_timeout = '5s'")
         .await
         .map_err(&g)?;
+    // The projects the caller may read, of those the records hold (the grant is a predicate,
+    // asked here of each name, so that the statement's LIMIT counts only them).
+    let projects: Option<Vec<String>> = match &filter.readable {
+        Some(readable) => {
+            let rows = tx
+                .query("SELECT DISTINCT project FROM jobs", &[])
+                .await
+                .map_err(&g)?;
+            let mut names = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let name: String = row.try_get(0).map_err(&g)?;
+                if readable.allows(&name) {
+                    names.push(name);
+                }
+            }
+            Some(names)
+        }
+        None => None,
+    };
     let states: Option<Vec<&str>> = filter
         .states
         .as_ref()
         .map(|v| v.iter().map(|s| s.as_str()).collect());
-    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
-        [&filter.agent, &filter.project, &states, &filter.limit];
+    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 5] = [
+        &filter.agent,
+        &filter.project,
+        &states,
+        &filter.limit,
+        &projects,
+    ];
     let stream = tx
         .query_raw(
             "SELECT project, id, state, agent, retries, build_info::text,
@@ -113,6 +137,7 @@ pub(in crate::cluster) async fn cluster_jobs(
               WHERE ($1::text IS NULL OR agent = $1)
                 AND ($2::text IS NULL OR project = $2)
                 AND ($3::text[] IS NULL OR state = ANY($3))
+                AND ($5::text[] IS NULL OR project = ANY($5))
               ORDER BY COALESCE(started_at, queued_at) DESC, project, id
               LIMIT $4",
             params.iter().copied(),
