@@ -149,7 +149,7 @@ pub(crate) struct Listed {
     pub(crate) size: u64,
 }
 
-/// The entries below `root` (an open directory: a job's artifacts), sorted by path, at most
+/// The entries below `root` (an open directory: a job's artifacts), sorted by path; at most
 /// `max` of them (`true` with them when there were more): the iterative walk of
 /// [`images::walk::Walk`], by fd, no symlink followed (a link is listed as a link).
 pub(crate) fn list_tree(root: &OwnedFd, max: usize) -> std::io::Result<(Vec<Listed>, bool)> {
@@ -162,17 +162,21 @@ pub(crate) fn list_tree(root: &OwnedFd, max: usize) -> std::io::Result<(Vec<List
         images::walk::dir_flags(),
         rustix::fs::Mode::empty(),
     )?;
-    let mut w = Walk::new(top, Order::Sorted, std::path::Path::new("artifacts"))?;
-    let mut out = Vec::new();
+    // In the filesystem's order, streamed, and sorted once the first `max` are found: a sorted
+    // walk reads each directory's names whole first (a job can leave millions).
+    let mut w = Walk::new(top, Order::Any, std::path::Path::new("artifacts"))?;
+    let mut out: Vec<Listed> = Vec::new();
     loop {
         let Some(e) = w.next_entry()? else {
             if w.depth() == 0 {
+                out.sort_by(|a, b| a.path.cmp(&b.path));
                 return Ok((out, false));
             }
             w.leave()?;
             continue;
         };
         if out.len() == max {
+            out.sort_by(|a, b| a.path.cmp(&b.path));
             return Ok((out, true));
         }
         let st = match rustix::fs::statat(w.dir()?, &e.name, AtFlags::SYMLINK_NOFOLLOW) {

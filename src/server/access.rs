@@ -859,6 +859,19 @@ mod tests {
             !body.contains("mixed") && !body.contains("hidden"),
             "{body}"
         );
+        // The web view's routes of a pipeline (the review of the new pages): its definition
+        // names no hidden pipeline its successes start, its history no hidden run.
+        for (uri, shows) in [
+            ("/api/pipelines/trig-pipe", "\"on_success\":[]"),
+            ("/api/pipelines/trig-pipe/runs", trig_run.as_str()),
+        ] {
+            let (status, body) = a.get_json(uri, "reader").await;
+            assert_eq!(status, StatusCode::OK, "{uri}: {body}");
+            assert!(body.contains(shows), "{uri}: {body}");
+            assert!(!body.contains("hidden"), "{uri}: {body}");
+            let (_, body) = a.get_json(uri, "admin").await;
+            assert!(body.contains("hidden-pipe"), "{uri}: {body}");
+        }
     }
 
     impl App {

@@ -109,6 +109,8 @@ async fn records(
         project: Some(project.to_string()),
         states,
         limit: i64::try_from(limit).ok()?,
+        // Behind `read_project`: the caller reads this project.
+        readable: None,
     };
     match jobs.cluster_jobs(&filter).await {
         Ok(found) => found,

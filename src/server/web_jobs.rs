@@ -19,7 +19,7 @@ use super::{ApiError, JobsState};
 use crate::access::{Caller, Scope};
 use crate::body::{blocking_body, json as json_answer};
 use crate::service::{
-    index_entry, ClusterJobsFilter, JobDir, JobView, Jobs, Stage, CLUSTER_JOBS_MAX,
+    index_entry, ClusterJobsFilter, JobDir, JobView, Jobs, Readable, Stage, CLUSTER_JOBS_MAX,
 };
 use crate::tree::{is_gone, list_tree, open_artifact_file, open_artifacts};
 
@@ -136,12 +136,19 @@ pub(super) async fn list(
     let per_page = q.per_page.unwrap_or(PER_PAGE).clamp(1, PER_PAGE);
     let page = q.page.unwrap_or(1).max(1);
 
-    // Several agents: the records of jobs held elsewhere, and which agent ran each job.
+    // Several agents: the records of jobs held elsewhere, and which agent ran each job. The
+    // project and the caller's grant narrow the statement itself, so that its limit counts
+    // only what this caller reads (how far back a reader's list goes never tells how many
+    // jobs hidden projects ran).
+    let grant = caller.clone();
     let everything = ClusterJobsFilter {
         agent: None,
-        project: None,
+        project: project.clone(),
         states: None,
         limit: CLUSTER_JOBS_MAX,
+        readable: Some(Readable(Arc::new(move |p: &str| {
+            grant.allows(Scope::Read, p)
+        }))),
     };
     let records = jobs.cluster_jobs(&everything).await?;
     let agents = match records {
@@ -337,8 +344,16 @@ pub(super) async fn artifact_file(
                 id: format!("{id}/{path}"),
             })
         }
+        // Names the kernel refuses (too long, invalid) are no artifact either.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENAMETOOLONG | libc::EINVAL)) => {
+            return Err(ApiError::UnknownJob {
+                project,
+                id: format!("{id}/{path}"),
+            })
+        }
         Err(source) => {
-            tracing::warn!(%project, %id, %path, error = %source, "refusing to serve an artifact");
+            // `?path`: the requested path escaped (a reader must not write lines into the log).
+            tracing::warn!(%project, %id, path = ?path, error = %source, "refusing to serve an artifact");
             return Err(ApiError::Artifacts {
                 project,
                 id,
@@ -350,11 +365,19 @@ pub(super) async fn artifact_file(
         .rsplit('/')
         .next()
         .unwrap_or("artifact")
-        .replace(['"', '\\', '\r', '\n'], "_");
+        .chars()
+        .map(|c| {
+            if c.is_control() || c == '"' || c == '\\' {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect::<String>();
     let mut r = blocking_body(
         "application/octet-stream",
         move |w| std::io::copy(&mut std::io::Read::take(file, size), w).map(drop),
-        move |e| tracing::warn!(%project, %id, %path, error = %e, "streaming an artifact failed"),
+        move |e| tracing::warn!(%project, %id, path = ?path, error = %e, "streaming an artifact failed"),
     );
     let headers = r.headers_mut();
     if let Ok(v) = format!("attachment; filename=\"{name}\"").parse() {
@@ -378,25 +401,66 @@ pub(super) async fn stderr(
 ) -> Result<Response, ApiError> {
     match jobs.find(&project, &id).await? {
         Some(JobView::Here(f)) => {
+            // Streamed, never read whole: a job may leave `limits.log` bytes of stderr, and
+            // readers may ask for it many times at once.
             let path = f.dir.stderr_log();
-            let bytes = tokio::task::spawn_blocking(move || match std::fs::read(&path) {
-                Ok(b) => Ok(b),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
-                Err(e) => Err(e),
+            let opened = tokio::task::spawn_blocking(move || {
+                use std::os::unix::fs::OpenOptionsExt;
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+                    .open(&path)
             })
-            .await?
-            .unwrap_or_default();
-            Ok(([("content-type", "text/plain; charset=utf-8")], bytes).into_response())
+            .await?;
+            let file = match opened {
+                Ok(f) => Some(f),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+                Err(source) => {
+                    return Err(ApiError::Artifacts {
+                        project,
+                        id,
+                        source,
+                    })
+                }
+            };
+            let mut r = blocking_body(
+                "text/plain; charset=utf-8",
+                move |w| match file {
+                    // What it held when opened (a running job's log grows: /log follows it).
+                    Some(f) => {
+                        let size = f.metadata()?.len();
+                        std::io::copy(&mut std::io::Read::take(f, size), w).map(drop)
+                    }
+                    None => Ok(()),
+                },
+                move |e| tracing::warn!(%project, %id, error = %e, "streaming a job's stderr failed"),
+            );
+            r.headers_mut().insert(
+                "x-content-type-options",
+                HeaderValue::from_static("nosniff"),
+            );
+            Ok(r)
         }
         Some(JobView::Elsewhere(_)) => {
             let Some(doc) = jobs.document(&project, &id).await? else {
                 return Err(ApiError::UnknownJob { project, id });
             };
+            // At most this much of the other agent's document is held (its stdout and stderr
+            // with its BuildInfo): beyond it, the page says so instead of holding more.
+            const HELD: usize = 16 << 20;
             let mut all = Vec::new();
             let mut doc = doc;
             while let Some(chunk) = futures_util::StreamExt::next(&mut doc).await {
                 match chunk {
-                    Ok(c) => all.extend_from_slice(&c),
+                    Ok(c) if all.len() + c.len() <= HELD => all.extend_from_slice(&c),
+                    Ok(_) => {
+                        return Ok((
+                            [("content-type", "text/plain; charset=utf-8")],
+                            "mistry: this job ran on another agent and its logs are too large \
+                             to show here; download its log or its build instead\n",
+                        )
+                            .into_response())
+                    }
                     Err(_) => break,
                 }
             }
@@ -440,6 +504,9 @@ mod tests {
         fake: FakeHandle,
         jobs: Vec<(Stage, String, String, BuildInfo)>,
         records: Option<Vec<Value>>,
+        /// Each cluster list asked for: its project and what its grant says of `app` and
+        /// `hidden-proj`.
+        asked: Arc<std::sync::Mutex<Vec<String>>>,
     }
 
     #[async_trait::async_trait]
@@ -486,9 +553,26 @@ mod tests {
         }
         async fn cluster_jobs(
             &self,
-            _: &ClusterJobsFilter,
+            f: &ClusterJobsFilter,
         ) -> Result<Option<Vec<Value>>, JobError> {
-            Ok(self.records.clone())
+            let grant = |p: &str| f.readable.as_ref().map(|r| r.allows(p));
+            if let Ok(mut a) = self.asked.lock() {
+                a.push(format!(
+                    "project={:?} app={:?} hidden={:?}",
+                    f.project,
+                    grant("app"),
+                    grant("hidden-proj")
+                ));
+            }
+            // As the statement: the project and the grant before the limit.
+            Ok(self.records.clone().map(|rs| {
+                rs.into_iter()
+                    .filter(|r| {
+                        let p = r["project"].as_str().unwrap_or("");
+                        f.project.as_deref().is_none_or(|want| want == p) && grant(p) != Some(false)
+                    })
+                    .collect()
+            }))
         }
         async fn job_agents(
             &self,
@@ -526,6 +610,7 @@ mod tests {
     struct App {
         _dir: tempfile::TempDir,
         router: axum::Router,
+        asked: Arc<std::sync::Mutex<Vec<String>>>,
     }
 
     /// 250 jobs of `app` (every 10th exits 2, the first is running), 3 of `hidden-proj`;
@@ -559,14 +644,17 @@ mod tests {
             jobs.push((stage, project.to_string(), id, i));
         }
         let fake = FakeHandle(FakeJobs::new(cfg, &["app", "hidden-proj"], true));
+        let asked = Arc::default();
         let listed = Listed {
             fake,
             jobs,
             records,
+            asked: Arc::clone(&asked),
         };
         App {
             _dir: dir,
             router: super::super::router(Arc::new(listed)),
+            asked,
         }
     }
 
@@ -683,6 +771,19 @@ mod tests {
         assert_eq!(status, StatusCode::FORBIDDEN);
         let (_, v) = a.get("/api/jobs?q=remote", "admin").await;
         assert_eq!(v["total"], 2);
+        // The cluster's statement itself is narrowed to the project and the caller's grant, so
+        // that its limit counts only what the caller reads (review: how far back a reader's
+        // list went told how many jobs hidden projects ran).
+        a.asked.lock().unwrap().clear();
+        a.get("/api/jobs?project=app", "reader").await;
+        a.get("/api/jobs", "reader").await;
+        assert_eq!(
+            *a.asked.lock().unwrap(),
+            [
+                r#"project=Some("app") app=Some(true) hidden=Some(false)"#,
+                r#"project=None app=Some(true) hidden=Some(false)"#
+            ]
+        );
     }
 
     #[tokio::test]

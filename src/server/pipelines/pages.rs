@@ -27,7 +27,7 @@ use axum::routing::get;
 use axum::Router;
 use serde::{Deserialize, Serialize};
 
-use super::{esc, sees_run, ApiError};
+use super::{esc, sees_run, ApiError, Visible};
 use crate::access::{Caller, Scope};
 use crate::body::{json, INDEX_HTML};
 use crate::pipeline::def::{ParamDef, Pipeline};
@@ -146,7 +146,24 @@ async fn definition(
     caller: Caller,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    let p = visible_async(&runs, caller, name.clone()).await?;
+    let p = visible_async(&runs, caller.clone(), name.clone()).await?;
+    // The pipelines its successes start, those the caller sees only (a hidden one is named
+    // nowhere).
+    let (r, c, targets) = (
+        Arc::clone(&runs),
+        caller,
+        p.on_success
+            .iter()
+            .map(|t| t.pipeline.clone())
+            .collect::<Vec<_>>(),
+    );
+    let on_success = tokio::task::spawn_blocking(move || {
+        targets
+            .into_iter()
+            .filter(|t| visible(&r, &c, t).is_ok())
+            .collect::<Vec<_>>()
+    })
+    .await?;
     let d = Definition {
         name,
         description: p.description,
@@ -160,7 +177,7 @@ async fn definition(
                 needs: j.needs,
             })
             .collect(),
-        on_success: p.on_success.into_iter().map(|t| t.pipeline).collect(),
+        on_success,
     };
     Ok(json(StatusCode::OK, &d)?)
 }
@@ -215,7 +232,14 @@ async fn history(
         }
     }
     recs.retain(|r| sees_run(&caller, r));
-    let (total, runs) = paged(recs, page, per_page);
+    let (total, page_runs) = paged(recs, page, per_page);
+    // Without the links to runs the caller may not see (`caused_by`, `triggered`).
+    let mut seen = Visible::new(&runs, &caller);
+    let mut shown = Vec::with_capacity(page_runs.len());
+    for r in page_runs {
+        shown.push(seen.redact(r).await);
+    }
+    let runs = shown;
     Ok(json(
         StatusCode::OK,
         &History {
