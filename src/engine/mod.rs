@@ -119,6 +119,8 @@ pub struct Engine {
     cache_mode: images::CacheMode,
     /// Ready builds whose cache is being squashed (`layers.rs`).
     squashing: Arc<Mutex<std::collections::HashSet<std::path::PathBuf>>>,
+    /// The BuildInfo of each ready build as the listing last read it (`lookup.rs`).
+    listed: lookup::Listed,
 }
 
 /// How the BuildInfo of a fenced run (see [`Fence`]) starts its `ErrBuild`.
@@ -170,6 +172,7 @@ impl Engine {
         let engine = Engine {
             cache_mode,
             squashing: Arc::new(Mutex::new(Default::default())),
+            listed: lookup::Listed::default(),
             layout: Layout::new(&cfg.build_path),
             runner: runner::Runner::new(Arc::clone(&builder)),
             slots: Arc::new(Semaphore::new(cfg.job_concurrency)),
