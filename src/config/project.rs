@@ -296,7 +296,8 @@ mod tests {
         std::fs::create_dir_all(&b).unwrap();
         let text = format!(
             r#"{{"projects_path": "{}", "build_path": "{}", "network": "none",
-                "time_limit": "10m", "limits": {{"processes": 200, "memory": "1GiB"}}}}"#,
+                "time_limit": "10m",
+                "limits": {{"processes": 200, "memory": "1GiB", "disk": "4GiB"}}}}"#,
             p.display(),
             b.display()
         );
