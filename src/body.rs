@@ -38,3 +38,20 @@ pub(crate) fn json(
     let body = serde_json::to_vec(value)?;
     Ok((status, [("content-type", "application/json")], body).into_response())
 }
+
+/// `&`, `<`, `>`, `"` and `'` as entities: everything from a project, a request or a record that
+/// goes into a server-rendered page or SVG goes through this.
+pub(crate) fn esc(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}

@@ -7,6 +7,7 @@
 //! `prefers-color-scheme`, and a bar's colour is never the only sign: a failed build's bar is
 //! hatched (an outline over stripes, where a success is solid) and its `<title>` says "failed".
 
+use crate::body::esc;
 use std::fmt::Write as _;
 
 /// One build, as the charts read it.
@@ -47,22 +48,6 @@ const STYLE: &str = "<style>\
 .tr-bad{stroke:#ff7b72}.tr-hatch{fill:#ff7b72}\
 .tr-rate{fill:#58a6ff}\
 }</style>";
-
-/// `&`, `<`, `>`, `"` and `'` as entities (everything from a project goes through this).
-pub(crate) fn esc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
 
 /// Seconds as people read them: `0.42s`, `12s`, `3m05s`.
 pub(crate) fn secs(ns: i64) -> String {

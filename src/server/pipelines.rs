@@ -32,7 +32,7 @@ use serde::Deserialize;
 use super::access::require;
 use super::ApiError;
 use crate::access::{Caller, Scope};
-use crate::body::{json, INDEX_HTML};
+use crate::body::{esc, json, INDEX_HTML};
 use crate::pipeline::def::{self, ParamDef};
 use crate::pipeline::run::{self, JobRunState, RunLink, RunRecord, RunState, Runs};
 use crate::pipeline::PipelineError;
@@ -490,21 +490,6 @@ async fn events(
         }
         None => Err(unknown_run(name, run)),
     }
-}
-
-fn esc(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 /// The run's page: the web view, whose script draws the DAG and follows the run live, over a
