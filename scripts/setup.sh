@@ -43,7 +43,7 @@ if [ "${1:-}" = --example ]; then
     exit 0
 fi
 
-PACKAGES="busybox-static uidmap slirp4netns bubblewrap hyperfine btrfs-progs gcc libc6-dev passwd procps skopeo util-linux docker-registry apache2-utils rsync openssh-server openssh-client chromium chromium-driver python3-pip wrk debootstrap"
+PACKAGES="busybox-static uidmap slirp4netns bubblewrap buildah hyperfine btrfs-progs gcc libc6-dev passwd procps skopeo util-linux docker-registry apache2-utils rsync openssh-server openssh-client chromium chromium-driver python3-pip wrk debootstrap"
 missing=
 for p in $PACKAGES; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
