@@ -223,6 +223,17 @@ fn concurrent_identical_requests_are_coalesced() {
     // 1 + 1 + 19 requests joined a running job.
     assert!(m.contains("mistry_builds_coalesced_total 21"), "{m}");
     assert!(m.contains("mistry_builds_started_total 3"), "{m}");
+    // The hosted builds are counted when /metrics is read: every ready build of the project.
+    let hosted = std::fs::read_dir(s.builds().join("simple/ready"))
+        .unwrap()
+        .count();
+    assert!(hosted >= 2, "{hosted}");
+    assert!(
+        m.contains(&format!(
+            "mistry_builds_hosted{{project=\"simple\"}} {hosted}\n"
+        )),
+        "{m}"
+    );
 }
 
 #[test]

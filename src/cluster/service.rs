@@ -223,6 +223,8 @@ impl Jobs for ClusterJobs {
     }
 
     async fn refresh_gauges(&self) {
+        let engine = Arc::clone(&self.engine);
+        let _ = tokio::task::spawn_blocking(move || engine.count_hosted()).await;
         view::update_gauges(Some(&self.cluster), &self.engine).await;
     }
 

@@ -299,7 +299,10 @@ impl Engine {
         Ok(())
     }
 
-    fn count_hosted(&self) {
+    /// The `builds_hosted` gauge of every project: a read of each project's `ready/`, done when
+    /// `/metrics` is scraped and at start (not at each job's end: that read grows with the
+    /// builds kept, and cost every job a scan of thousands of entries).
+    pub(crate) fn count_hosted(&self) {
         for p in self.layout.projects() {
             self.metrics
                 .set_hosted(&p, self.layout.count(&p, Stage::Ready) as i64);
@@ -707,7 +710,6 @@ impl Engine {
         }
         drop(guard);
         self.metrics.finished(&info, started.elapsed());
-        self.count_hosted();
         info
     }
 

@@ -231,7 +231,10 @@ impl Jobs for LocalJobs {
         self.engine.cfg.job_concurrency.max(1)
     }
 
-    async fn refresh_gauges(&self) {}
+    async fn refresh_gauges(&self) {
+        let engine = Arc::clone(&self.engine);
+        let _ = tokio::task::spawn_blocking(move || engine.count_hosted()).await;
+    }
 
     fn export(&self, project: &str, id: &str, with_cache: bool) -> Result<Export, ExportError> {
         self.engine.export_build(project, id, with_cache)
