@@ -532,6 +532,66 @@ fn a_new_job_stays_on_the_agent_taking_it_when_it_has_the_image_and_a_free_slot(
     assert_eq!((fetched(&a), fetched(&b)), (1, 0));
 }
 
+/// Capacity 1: an agent that is full but not busy (its running job is young: a short wait)
+/// keeps a new job asked of it, queued for itself, though another agent with the image is idle
+/// (the job would otherwise run there and its build be copied back); once its running job is
+/// old (busy), the next job goes to the idle agent at once.
+#[test]
+fn a_new_job_waits_for_the_full_agent_taking_it_unless_that_agent_is_busy() {
+    let Some(pg) = Postgres::start_or_skip() else {
+        return;
+    };
+    let [a, b] = agents_named(&pg.url(), ["a", "b"], 1);
+    let post = |s: &Server, name: &str| {
+        let body = json!({"project": "simple", "params": {"name": name}});
+        let (status, text) = post_job(s, &body);
+        assert_eq!(status, 201, "{text}");
+    };
+    // Both get the image.
+    post(&a, "first-a");
+    post(&b, "first-b");
+    // A runs a long job; its record says it started a moment ago (a young run) for as long
+    // as the test needs.
+    let body = json!({"project": "simple", "params": {"name": "long", "sleep": "60"}});
+    let (status, text) = a.post("/jobs?async", &body.to_string());
+    assert_eq!(status, 201, "{text}");
+    let long = "request->'params'->>'name' = 'long'";
+    wait_for("the long job running on a", Duration::from_secs(20), || {
+        pg.psql(&format!(
+            "SELECT coalesce(agent, '') FROM jobs WHERE state = 'running' AND {long}"
+        )) == "a"
+    });
+    pg.psql(&format!(
+        "UPDATE jobs SET started_at = now() + interval '1 hour' WHERE {long}"
+    ));
+    let placed = |name: &str| {
+        let (status, text) = a.post(
+            "/jobs?async",
+            &json!({"project": "simple", "params": {"name": name}}).to_string(),
+        );
+        assert_eq!(status, 201, "{text}");
+        pg.psql(&format!(
+            "SELECT coalesce(preferred_agent, '') FROM jobs \
+             WHERE request->'params'->>'name' = '{name}'"
+        ))
+    };
+    // Full, not busy: queued for A (B, idle with the image, would have taken it at once).
+    assert_eq!(placed("short-wait"), "a");
+    // Busy (its running job started long ago): the next one goes to B.
+    pg.psql(&format!(
+        "UPDATE jobs SET started_at = now() - interval '1 minute' WHERE {long}"
+    ));
+    assert_eq!(placed("spread"), "b");
+    wait_for(
+        "the spread job to end on b",
+        Duration::from_secs(20),
+        || {
+            pg.psql("SELECT state || '|' || agent FROM jobs WHERE request->'params'->>'name' = 'spread'")
+            == "ready|b"
+        },
+    );
+}
+
 /// Requests whose mistry job IDs collide (`{name: "xnzy"}` / `{name: "x", nz: "y"}`), asked on
 /// two agents: the second request, on the other agent, is not answered with the first one's
 /// build (neither fetched from its agent once ready, nor joined while it runs) but gets a build

@@ -38,17 +38,20 @@
 //! freed slot with nothing queued asks nothing), and by a safety tick (1 s while queued jobs
 //! are left, else 5 s).
 //! Placement: a job's `preferred_agent` is the agent holding its group's last successful
-//! build, when it is alive; else the agent taking the request, when it has a free slot and the
-//! project's image (table `agent_images`, migration V4: an agent records the project of every
-//! job that ran in its container) — the job is then inserted `running` there, and its answer
-//! needs no copy; else an alive agent with free capacity that has the project's image; else the
-//! least loaded alive agent (`running` records / capacity); ties go to the agent taking the
-//! request. The trade-off (docs/cluster.md, "Placement"): load spreads only once the agent
-//! asked is full or lacks the image — a short job run where it was asked costs less than one
-//! run on an idler agent and fetched back (`copies::fetch_build`), and an agent never runs more
-//! than its `job_concurrency`. A job whose `preferred_agent` is another one is left alone for
-//! [`PREFERRED_GRACE`], unless that agent is not alive or full (as many `running` records as
-//! its capacity: the job would wait).
+//! build, when it is alive; else the agent taking the request, when it has the project's image
+//! (table `agent_images`, migration V4: an agent records the project of every job that ran in
+//! its container) and a free slot — the job is then inserted `running` there, and its answer
+//! needs no copy — or a short wait for one: it is not *busy* (none of its running jobs started
+//! over `records::jobs::BRIEF_RUN` ago) and fewer jobs are queued for it than its capacity —
+//! the job is then queued for it; else an alive agent with free capacity that has the
+//! project's image; else the least loaded alive agent (`running` records / capacity); ties go
+//! to the agent taking the request. The trade-off (docs/cluster.md, "Placement"): load spreads
+//! only once the agent asked is busy or lacks the image — a short job run where it was asked,
+//! even after a short wait, costs less than one run on an idler agent and fetched back
+//! (`copies::fetch_build`), and an agent never runs more than its `job_concurrency`. A job
+//! whose `preferred_agent` is another one is left alone for [`PREFERRED_GRACE`], unless that
+//! agent is not alive, or full (as many `running` records as its capacity) and busy: the job
+//! would wait long.
 //! The claimed job runs through the local engine ([`Engine::schedule`]: its result cache,
 //! groups, sandbox and `ready/` all apply); once the engine moved it to `ready/`, the record
 //! says `ready` (or `failed`) with its BuildInfo, and the end is notified.

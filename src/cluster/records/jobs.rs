@@ -48,7 +48,7 @@ pub(in crate::cluster) struct Claimed {
 
 /// Claim for agent `me` the oldest queued job it may take (its own preferred jobs first; one
 /// preferred by another agent after `grace`, or when that agent is not alive by
-/// `agent_timeout` or full; none before its `not_before`), mark it `running` by `me` as its
+/// `agent_timeout`, or full and busy ([`busy_sql`]); none before its `not_before`), mark it `running` by `me` as its
 /// next attempt (the fencing token) and notify the claim — one statement (one round trip,
 /// atomic; the notification delivered at its commit). With whether any record was queued
 /// before it (`false`: nothing to claim, no need to look again before a `queued`
@@ -71,9 +71,10 @@ pub(in crate::cluster) async fn claim(
                      OR NOT EXISTS (
                          SELECT 1 FROM agents a
                           WHERE a.name = j.preferred_agent AND {alive}
-                            AND a.capacity > (SELECT count(*) FROM jobs r
-                                               WHERE r.state = 'running'
-                                                 AND r.agent = a.name)))
+                            AND (NOT {busy}
+                                 OR a.capacity > (SELECT count(*) FROM jobs r
+                                                   WHERE r.state = 'running'
+                                                     AND r.agent = a.name))))
               ORDER BY (j.preferred_agent IS NOT DISTINCT FROM $1) DESC, j.queued_at
               LIMIT 1
                 FOR UPDATE OF j SKIP LOCKED),
@@ -91,6 +92,7 @@ pub(in crate::cluster) async fn claim(
            FROM (SELECT 1) one LEFT JOIN upd ON true",
         claimable = sql_sources(JobState::claim),
         alive = alive_sql("a", "$3"),
+        busy = busy_sql("a"),
         running = sql_target(JobState::Queued, JobState::claim)
     );
     let statement = client.prepare_cached(&sql).await.map_err(&g)?;
@@ -594,13 +596,14 @@ fn queue_full_sql(backlog: &str, timeout: &str) -> String {
 /// The preferred agent of a job (SQL, `$1` project, `$2` group, `me` and `timeout` the
 /// placeholders of this agent's name and of `agent_timeout` in seconds, `free` an SQL
 /// condition: this agent has a free slot): the agent holding the group's last successful
-/// build, when it is alive; else this agent (the one taking the request), when it has a free
-/// slot and the project's image (table `agent_images`) — its answer then needs no copy from
-/// another agent; else an alive agent with free capacity that has the project's image; else
-/// the least loaded alive agent (`running` records / capacity). Ties go to this agent, then by
-/// name.
+/// build, when it is alive; else this agent (the one taking the request), when it has the
+/// project's image (table `agent_images`) and either a free slot or a short wait for one
+/// ([`waits_briefly`]) — its answer then needs no copy from another agent; else an alive agent
+/// with free capacity that has the project's image; else the least loaded alive agent
+/// (`running` records / capacity). Ties go to this agent, then by name.
 fn preferred(me: &str, timeout: &str, free: &str) -> String {
     let (h_alive, a_alive) = (alive_sql("h", timeout), alive_sql("a", timeout));
+    let brief = waits_briefly(me);
     format!(
         "COALESCE(
            (SELECT h.name
@@ -611,7 +614,7 @@ fn preferred(me: &str, timeout: &str, free: &str) -> String {
               JOIN agents h ON h.name = l.agent
              WHERE {h_alive}),
            (SELECT i.agent FROM agent_images i
-             WHERE i.agent = {me} AND i.project = $1 AND ({free})),
+             WHERE i.agent = {me} AND i.project = $1 AND ({free} OR {brief})),
            (SELECT a.name FROM agents a,
                    LATERAL (SELECT count(*) AS n FROM jobs r
                              WHERE r.state = 'running' AND r.agent = a.name) r
@@ -621,6 +624,34 @@ fn preferred(me: &str, timeout: &str, free: &str) -> String {
                                     WHERE i.agent = a.name AND i.project = $1)) DESC,
                       r.n::float8 / a.capacity, a.name = {me} DESC, a.name
              LIMIT 1))"
+    )
+}
+
+/// SQL: agent `a` (an alias of `agents`) is *busy*: one of its `running` jobs started over
+/// [`BRIEF_RUN`] ago. An agent that is full but not busy frees a slot soon (its jobs are
+/// short so far): a job waits for it rather than run elsewhere and be copied back.
+fn busy_sql(a: &str) -> String {
+    format!(
+        "EXISTS (SELECT 1 FROM jobs b
+                  WHERE b.state = 'running' AND b.agent = {a}.name
+                    AND b.started_at < now() - make_interval(secs => {}))",
+        BRIEF_RUN.as_secs_f64()
+    )
+}
+
+/// How long a running job may have run for its agent not to be busy ([`busy_sql`]).
+pub(in crate::cluster) const BRIEF_RUN: Duration = Duration::from_millis(500);
+
+/// SQL: agent `me` (a placeholder) is worth waiting for: not busy ([`busy_sql`]), and fewer jobs
+/// queued for it (preferred) than its capacity — a new job there waits for at most one round
+/// of short runs.
+fn waits_briefly(me: &str) -> String {
+    format!(
+        "EXISTS (SELECT 1 FROM agents w
+                  WHERE w.name = {me} AND NOT {}
+                    AND w.capacity > (SELECT count(*) FROM jobs q
+                                       WHERE q.state = 'queued' AND q.preferred_agent = w.name))",
+        busy_sql("w")
     )
 }
 
