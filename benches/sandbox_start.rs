@@ -8,6 +8,8 @@
 //! - `held`: the same with the subordinate id map held (`sandbox::set_held_user_namespaces`), as
 //!   the daemon starts its jobs (the same as `library` for a root caller);
 //! - `mistryd`: the `mistryd sandbox run` command line, a new process each time (like bwrap);
+//!   rootless, each joins the shared held user namespace the first warm-up run registered
+//!   (`$XDG_RUNTIME_DIR/mistry` or `/tmp/mistry-<uid>`), as one-shot commands do;
 //! - `bwrap`: `bwrap --unshare-all --bind ROOTFS / --proc /proc --dev /dev /bin/true`.
 //!
 //! Target: the `mistryd` median ≤ 5 ms and below bwrap's.
@@ -81,7 +83,7 @@ fn main() {
             .is_ok_and(|s| s.success())
     };
 
-    // Warm-up.
+    // Warm-up (the first `mistryd` run registers the shared holder the others join).
     for _ in 0..10 {
         lib();
         held();

@@ -1,7 +1,7 @@
 //! `mistryd sandbox run` end to end: a real process, its exit code and messages.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
 
 mod common;
 
@@ -342,10 +342,38 @@ fn sandbox_ids_flag_chooses_the_mapping() {
         );
         return;
     };
-    assert_eq!(
-        map(&["--sandbox-ids", "subordinate"]),
-        [format!("0 {start} 65536")]
+    // Rootless, the sandbox nests in the shared held namespace, whose map is the subordinate
+    // one: inside, the identity over it; without holding, the map onto the host's ids.
+    let held = if is_root() {
+        format!("0 {start} 65536")
+    } else {
+        "0 0 65536".to_string()
+    };
+    let xdg = tempfile::tempdir().unwrap();
+    let _holders = Holders::new(xdg.path());
+    let out = shared_run(
+        xdg.path(),
+        &["--sandbox-ids", "subordinate"],
+        &["/bin/cat", "/proc/self/uid_map"],
     );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(map_lines(&out.stdout), [held]);
+    if !is_root() {
+        let holder = only_holder(xdg.path());
+        assert_eq!(
+            map_lines(&std::fs::read(format!("/proc/{holder}/uid_map")).unwrap()),
+            [format!("0 {start} 65536")]
+        );
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_mistryd"))
+        .args(["sandbox", "run", "--sandbox-ids", "subordinate", "--rootfs"])
+        .arg(rootfs())
+        .args(["--", "/bin/cat", "/proc/self/uid_map"])
+        .env("MISTRY_NO_HELD_USERNS", "1")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(map_lines(&out.stdout), [format!("0 {start} 65536")]);
     let out = run(&["--sandbox-ids", "bogus"], &["/bin/true"]);
     assert_eq!(out.status.code(), Some(2));
 }
@@ -372,5 +400,345 @@ fn no_new_privs_falls_back_to_one_id_unless_root() {
         assert_eq!(lines, full);
     } else {
         assert_eq!(lines, 1, "{}", text(&out.stdout));
+    }
+}
+
+// Shared held user namespaces (sandbox/src/holder.rs): a rootless one-shot `mistryd sandbox
+// run` registers its holder in `$XDG_RUNTIME_DIR/mistry` (here a directory of the test's), and
+// the next one finds it there. A root caller writes its maps itself and never registers one.
+
+/// Map lines, each line's fields separated by one space.
+fn map_lines(b: &[u8]) -> Vec<String> {
+    text(b)
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// This user's subordinate uid range (start, count), needed for a holder (a rootless map that
+/// needs newuidmap). Without one the test is skipped, failing under CI.
+fn subordinate_range() -> Option<(u32, u32)> {
+    let uid = nix::unistd::geteuid();
+    let name = nix::unistd::User::from_uid(uid)
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .unwrap_or_default();
+    let found = std::fs::read_to_string("/etc/subuid")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split(':');
+            let (owner, start, count) = (f.next()?, f.next()?, f.next()?);
+            (owner == name || owner == uid.to_string())
+                .then(|| Some((start.parse().ok()?, count.parse().ok()?)))
+                .flatten()
+        });
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "needs a subordinate range (scripts/setup.sh)"
+        );
+    }
+    found
+}
+
+/// `mistryd sandbox run` with its holders registered under `xdg` (`XDG_RUNTIME_DIR`).
+fn shared_run(xdg: &Path, extra: &[&str], cmd: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mistryd"))
+        .args(["sandbox", "run", "--rootfs"])
+        .arg(rootfs())
+        .args(extra)
+        .arg("--")
+        .args(cmd)
+        .env("XDG_RUNTIME_DIR", xdg)
+        .env_remove("MISTRY_NO_HELD_USERNS")
+        .output()
+        .expect("running mistryd")
+}
+
+/// The registry files under `xdg`: (name, content), sorted.
+fn registry(xdg: &Path) -> Vec<(String, String)> {
+    let Ok(dir) = std::fs::read_dir(xdg.join("mistry")) else {
+        return Vec::new();
+    };
+    let mut files: Vec<_> = dir
+        .map(|e| {
+            let e = e.unwrap();
+            let content = std::fs::read_to_string(e.path()).unwrap_or_default();
+            (e.file_name().to_string_lossy().into_owned(), content)
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// Whether `pid` is a running shared holder (its renamed thread).
+fn is_holder(pid: i32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().next() == Some("Name:\tmistryd-holder")
+        && !status.lines().any(|l| l.starts_with("State:\tZ"))
+}
+
+/// The one registry file under `xdg`: its holder's pid, checked to be a running holder whose
+/// user namespace has this user's full subordinate map.
+fn only_holder(xdg: &Path) -> i32 {
+    let files = registry(xdg);
+    assert_eq!(files.len(), 1, "{files:?}");
+    let (name, content) = &files[0];
+    assert!(name.starts_with("userns-"), "{name}");
+    let pid: i32 = content.trim_end().parse().expect("a pid");
+    assert_eq!(content, &format!("{pid}\n"));
+    assert!(is_holder(pid), "{pid} is no running holder");
+    pid
+}
+
+/// Kills, when dropped (also when the test fails), the running holders registered under
+/// `xdg` and those it was given.
+struct Holders {
+    xdg: PathBuf,
+    seen: std::cell::RefCell<Vec<i32>>,
+}
+
+impl Holders {
+    fn new(xdg: &Path) -> Self {
+        Holders {
+            xdg: xdg.to_path_buf(),
+            seen: std::cell::RefCell::default(),
+        }
+    }
+
+    /// Kill `pid` now if it is a holder (and remember it for the end otherwise).
+    fn kill(&self, pid: i32) {
+        self.seen.borrow_mut().push(pid);
+        if is_holder(pid) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
+impl Drop for Holders {
+    fn drop(&mut self) {
+        let registered = registry(&self.xdg)
+            .into_iter()
+            .filter_map(|(_, c)| c.trim_end().parse::<i32>().ok());
+        let pids: Vec<i32> = registered.chain(self.seen.take()).collect();
+        for pid in pids {
+            // Only holders: a planted file may name anything (pid 1).
+            if is_holder(pid) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn one_shot_runs_share_one_registered_holder() {
+    let Some((start, count)) = subordinate_range().or(is_root().then_some((0, 0))) else {
+        return;
+    };
+    let xdg = tempfile::tempdir().unwrap();
+    let _holders = Holders::new(xdg.path());
+    let cmd = ["/bin/cat", "/proc/self/uid_map"];
+    let first = shared_run(xdg.path(), &[], &cmd);
+    assert_eq!(first.status.code(), Some(0), "{}", text(&first.stderr));
+    if is_root() {
+        // Root maps its ids itself: no holder, nothing registered.
+        assert_eq!(registry(xdg.path()), []);
+        return;
+    }
+    let n = count.min(65536);
+    // The sandbox nests in the held namespace: the identity over its full map.
+    assert_eq!(
+        map_lines(&first.stdout),
+        ["0 0 1".to_string(), format!("1 1 {n}")]
+    );
+    let holder = only_holder(xdg.path());
+    let dir = std::fs::metadata(xdg.path().join("mistry")).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&dir.permissions()) & 0o7777,
+        0o700
+    );
+    let uid = nix::unistd::geteuid();
+    assert_eq!(
+        map_lines(&std::fs::read(format!("/proc/{holder}/uid_map")).unwrap()),
+        [format!("0 {uid} 1"), format!("1 {start} {n}")]
+    );
+    // It outlived the command that made it, and serves the next one.
+    let second = shared_run(xdg.path(), &[], &cmd);
+    assert_eq!(second.status.code(), Some(0), "{}", text(&second.stderr));
+    assert_eq!(map_lines(&second.stdout), map_lines(&first.stdout));
+    assert_eq!(only_holder(xdg.path()), holder);
+    assert!(is_holder(holder));
+}
+
+#[test]
+fn a_planted_registry_file_is_not_used() {
+    let Some((_, count)) = subordinate_range().or(is_root().then_some((0, 0))) else {
+        return;
+    };
+    let xdg = tempfile::tempdir().unwrap();
+    let holders = Holders::new(xdg.path());
+    // Processes that are no holder of ours: a plain child, and one in a user namespace of this
+    // user with another map (util-linux unshare maps only the caller).
+    let mut plain = Command::new("sleep").arg("60").spawn().unwrap();
+    let mut other_map = Command::new("unshare")
+        .args(["--user", "--map-root-user", "sleep", "60"])
+        .spawn()
+        .unwrap();
+    let own_ns = std::fs::read_link("/proc/self/ns/user").unwrap();
+    let other_pid = other_map.id();
+    wait_until("unshare to enter its user namespace", || {
+        std::fs::read_link(format!("/proc/{other_pid}/ns/user")).is_ok_and(|ns| ns != own_ns)
+    });
+    let check = || {
+        let out = shared_run(xdg.path(), &[], &["/bin/cat", "/proc/self/uid_map"]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+        out
+    };
+    if is_root() {
+        // Never a holder for root: a planted file is not even read, nor replaced.
+        let dir = xdg.path().join("mistry");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .unwrap();
+        std::fs::write(dir.join("userns-planted"), "1\n").unwrap();
+        let planted = registry(xdg.path());
+        check();
+        assert_eq!(registry(xdg.path()), planted);
+    } else {
+        // The registry file's name comes from a first run (the digest of the map).
+        check();
+        let first = only_holder(xdg.path());
+        holders.kill(first);
+        let (name, _) = registry(xdg.path()).remove(0);
+        let n = count.min(65536);
+        // The dead holder (a stale file), pid 1, a plain process, another map.
+        let plants = [first, 1, plain.id() as i32, other_pid as i32];
+        for planted in plants {
+            std::fs::write(
+                xdg.path().join("mistry").join(&name),
+                format!("{planted}\n"),
+            )
+            .unwrap();
+            let out = check();
+            assert_eq!(
+                map_lines(&out.stdout),
+                ["0 0 1".to_string(), format!("1 1 {n}")],
+                "planted {planted}"
+            );
+            let new = only_holder(xdg.path());
+            assert!(!plants.contains(&new), "planted {planted}: {new} used");
+            assert_eq!(registry(xdg.path())[0].0, name);
+            holders.kill(new);
+        }
+    }
+    for child in [&mut plain, &mut other_map] {
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
+
+#[test]
+fn the_shared_holder_keeps_no_descriptor_of_its_caller() {
+    if subordinate_range().is_none() && !is_root() {
+        return;
+    }
+    let xdg = tempfile::tempdir().unwrap();
+    let _holders = Holders::new(xdg.path());
+    // As `x=$(mistryd sandbox run ... -- echo hi)`: the output ends when the command does,
+    // not when a holder it left behind closes the pipe.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mistryd"))
+        .args(["sandbox", "run", "--rootfs"])
+        .arg(rootfs())
+        .args(["--", "/bin/echo", "hi"])
+        .env("XDG_RUNTIME_DIR", xdg.path())
+        .env_remove("MISTRY_NO_HELD_USERNS")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (mut stdout, mut stderr) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+    std::thread::spawn(move || {
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let _ = std::io::Read::read_to_end(&mut stdout, &mut out);
+        let _ = std::io::Read::read_to_end(&mut stderr, &mut err);
+        let _ = tx.send((out, err));
+    });
+    // Generous: only a descriptor kept by the holder (10 minutes) would take this long.
+    let (out, err) = rx
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .expect("the output to end with the command");
+    assert!(child.wait().unwrap().success(), "{}", text(&err));
+    assert_eq!(text(&out), "hi\n");
+    if is_root() {
+        assert_eq!(registry(xdg.path()), []);
+        return;
+    }
+    let holder = only_holder(xdg.path());
+    // Its one descriptor: the registry directory. Its own session, at /, its own name.
+    let fds: Vec<PathBuf> = std::fs::read_dir(format!("/proc/{holder}/fd"))
+        .unwrap()
+        .map(|e| std::fs::read_link(e.unwrap().path()).unwrap())
+        .collect();
+    assert_eq!(
+        fds,
+        [std::fs::canonicalize(xdg.path().join("mistry")).unwrap()]
+    );
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{holder}/cwd")).unwrap(),
+        Path::new("/")
+    );
+    let stat = std::fs::read_to_string(format!("/proc/{holder}/stat")).unwrap();
+    let session = stat[stat.rfind(')').unwrap() + 1..]
+        .split_whitespace()
+        .nth(3)
+        .unwrap()
+        .to_string();
+    assert_eq!(session, holder.to_string());
+    let cmdline = std::fs::read(format!("/proc/{holder}/cmdline")).unwrap();
+    assert!(
+        cmdline.starts_with(b"mistryd: held user namespace\0"),
+        "{}",
+        text(&cmdline)
+    );
+    assert!(!text(&cmdline).contains("echo"), "{}", text(&cmdline));
+}
+
+#[test]
+fn a_registry_directory_open_to_others_is_refused() {
+    if subordinate_range().is_none() && !is_root() {
+        return;
+    }
+    let xdg = tempfile::tempdir().unwrap();
+    let _holders = Holders::new(xdg.path());
+    let dir = xdg.path().join("mistry");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let cmd = ["/bin/cat", "/proc/self/uid_map"];
+    let out = shared_run(xdg.path(), &[], &cmd);
+    // The run works (a private holder, rootless), and nothing is written into the directory.
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let full = map_lines(&out.stdout);
+    assert_eq!(full.len(), 2, "{full:?}");
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
+    // The same directory made private is used (rootless).
+    std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
+    let out = shared_run(xdg.path(), &[], &cmd);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(map_lines(&out.stdout), full);
+    if is_root() {
+        assert_eq!(registry(xdg.path()), []);
+    } else {
+        only_holder(xdg.path());
     }
 }

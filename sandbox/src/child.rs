@@ -152,6 +152,11 @@ pub(crate) fn intermediate_main(p: &mut Prepared, h: &Held) -> ! {
         if let Err(e) = sys::setresgid(0).and_then(|_| sys::setresuid(0)) {
             fail(HELD_IDS, e);
         }
+        // Changing ids made us non-dumpable, and so would be the sandbox's init forked below:
+        // its /proc files would belong to host root, and we could not write its maps.
+        if let Err(e) = sys::prctl(libc::PR_SET_DUMPABLE, 1) {
+            fail(HELD_IDS, e);
+        }
     }
     if h.netns >= 0 {
         if let Err(e) = sys::setns(h.netns, libc::CLONE_NEWNET) {

@@ -120,6 +120,31 @@ impl Mapping {
         }
     }
 
+    /// The maps of a user namespace made with this mapping (uid_map, gid_map), as its
+    /// `/proc/<pid>/uid_map` and `gid_map` show them to the caller, one extent a line: what a
+    /// held namespace must show to be used (holder.rs), and what names its registry file.
+    pub(crate) fn map_texts(&self) -> (String, String) {
+        match self {
+            Mapping::Single { uid, gid } => {
+                (Self::map_text(*uid, None), Self::map_text(*gid, None))
+            }
+            Mapping::Full {
+                uid,
+                gid,
+                subuid,
+                subgid,
+                ..
+            } => (
+                Self::map_text(*uid, Some(*subuid)),
+                Self::map_text(*gid, Some(*subgid)),
+            ),
+            Mapping::Subordinate { subuid, subgid, .. } => (
+                Self::subordinate_text(*subuid),
+                Self::subordinate_text(*subgid),
+            ),
+        }
+    }
+
     /// The host uid and gid of sandbox root (what files it creates on binds belong to).
     pub fn root_ids(&self) -> (u32, u32) {
         match self {

@@ -87,7 +87,8 @@ pub use disk::{tree_usage as disk_usage, UsageError as DiskUsageError};
 pub use egress::{egress_policy, set_egress_policy, EgressPolicy};
 pub use holder::{
     enabled as held_user_namespaces, holder_pid as held_user_namespace_pid,
-    set_enabled as set_held_user_namespaces,
+    set_enabled as set_held_user_namespaces, set_shared as set_shared_user_namespaces,
+    shared as shared_user_namespaces,
 };
 pub use idmap::{
     choose as choose_id_map, default_mode as default_id_mapping,

@@ -979,3 +979,116 @@ pub(crate) fn pidfd_getfd(pidfd: RawFd, fd: RawFd) -> Result<RawFd, i32> {
     // SAFETY: plain integers; the kernel returns a new descriptor or an error.
     check(unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) }).map(|fd| fd as RawFd)
 }
+
+/// openat(2) of `name` relative to the directory `dir`, with `flags` (close-on-exec added) and
+/// `mode` for a file it creates.
+pub(crate) fn openat(
+    dir: RawFd,
+    name: &CStr,
+    flags: c_int,
+    mode: libc::mode_t,
+) -> Result<RawFd, i32> {
+    loop {
+        // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
+        match check_int(unsafe { libc::openat(dir, name.as_ptr(), flags | libc::O_CLOEXEC, mode) })
+        {
+            Err(libc::EINTR) => continue,
+            other => return other,
+        }
+    }
+}
+
+/// fstat(2): the status of the file `fd` refers to.
+pub(crate) fn fstat(fd: RawFd) -> Result<libc::stat, i32> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::zeroed();
+    // SAFETY: `st` is writable memory of the size of a `struct stat`, which fstat fills.
+    check_int(unsafe { libc::fstat(fd, st.as_mut_ptr()) })?;
+    // SAFETY: fstat succeeded, so `st` is initialised (it was zeroed before anyway).
+    Ok(unsafe { st.assume_init() })
+}
+
+/// renameat(2) within one directory: `from` replaces `to` atomically.
+pub(crate) fn renameat(dir: RawFd, from: &CStr, to: &CStr) -> Result<(), i32> {
+    // SAFETY: both names are valid NUL-terminated strings for the duration of the call.
+    check_int(unsafe { libc::renameat(dir, from.as_ptr(), dir, to.as_ptr()) }).map(drop)
+}
+
+/// unlinkat(2) of the file (not directory) `name` in `dir`.
+pub(crate) fn unlinkat(dir: RawFd, name: &CStr) -> Result<(), i32> {
+    // SAFETY: `name` is a valid NUL-terminated string for the duration of the call.
+    check_int(unsafe { libc::unlinkat(dir, name.as_ptr(), 0) }).map(drop)
+}
+
+/// futimens(2) with null times: the file's access and modification times become now.
+pub(crate) fn futimens_now(fd: RawFd) -> Result<(), i32> {
+    // SAFETY: a null times pointer means "now" for both; no other memory is passed.
+    check_int(unsafe { libc::futimens(fd, std::ptr::null()) }).map(drop)
+}
+
+/// `NS_GET_OWNER_UID` (ioctl_ns(2)): the uid (in the caller's user namespace) that owns the
+/// user namespace `fd` refers to.
+pub(crate) fn ns_owner_uid(fd: RawFd) -> Result<libc::uid_t, i32> {
+    const NS_GET_OWNER_UID: libc::Ioctl = 0xb704; // _IO(0xb7, 0x4)
+    let mut uid: libc::uid_t = 0;
+    // SAFETY: the ioctl writes one uid_t to the pointer, which points to `uid`.
+    check_int(unsafe { libc::ioctl(fd, NS_GET_OWNER_UID, &mut uid as *mut libc::uid_t) })?;
+    Ok(uid)
+}
+
+/// `NS_GET_PARENT` (ioctl_ns(2)): a new close-on-exec descriptor of the parent of the user
+/// namespace `fd` refers to (EPERM when that parent is outside the caller's reach).
+pub(crate) fn ns_parent(fd: RawFd) -> Result<RawFd, i32> {
+    const NS_GET_PARENT: libc::Ioctl = 0xb702; // _IO(0xb7, 0x2)
+                                               // SAFETY: NS_GET_PARENT takes no argument and returns a new descriptor.
+    check_int(unsafe { libc::ioctl(fd, NS_GET_PARENT) })
+}
+
+/// Sleep for `secs` seconds (nanosleep; a signal may end it early).
+pub(crate) fn sleep_secs(secs: u32) {
+    let ts = libc::timespec {
+        tv_sec: libc::time_t::from(secs),
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec; no remainder is asked for.
+    unsafe { libc::nanosleep(&ts, std::ptr::null_mut()) };
+}
+
+/// The wall clock (CLOCK_REALTIME), whole seconds since the epoch.
+pub(crate) fn realtime_secs() -> libc::time_t {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec.
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
+    ts.tv_sec
+}
+
+/// getpid(2), as a system call (no cached value from before a raw clone).
+pub(crate) fn getpid() -> libc::pid_t {
+    // SAFETY: getpid takes no arguments and cannot fail.
+    unsafe { libc::syscall(libc::SYS_getpid) as libc::pid_t }
+}
+
+/// Copy `data` to address `addr` of this very process through the kernel (process_vm_writev):
+/// an address that is not mapped writable fails with EFAULT instead of faulting. For memory no
+/// Rust value lives in (the argument strings the kernel put above the initial stack).
+pub(crate) fn write_own_memory(addr: usize, data: &[u8]) -> Result<(), i32> {
+    let local = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: `local` describes our own readable buffer; `remote` is an address the kernel
+    // checks (mapped and writable) before it writes there.
+    let n =
+        check(unsafe { libc::process_vm_writev(getpid(), &local, 1, &remote, 1, 0) } as c_long)?;
+    if n as usize == data.len() {
+        Ok(())
+    } else {
+        Err(libc::EFAULT)
+    }
+}

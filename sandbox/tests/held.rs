@@ -141,3 +141,39 @@ fn a_sandbox_after_the_holder_was_killed_still_runs() {
     let new = sandbox::held_user_namespace_pid(&auto_map()).expect("a new holder");
     assert_ne!(new, holder);
 }
+
+#[test]
+fn a_subordinate_map_nests_in_its_held_namespace_too() {
+    let _one = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if !prerequisites() {
+        return;
+    }
+    let f = fixture();
+    let out = run(f.sandbox().id_mapping(IdMapping::Subordinate).command([
+        "/bin/sh",
+        "-c",
+        "cat /proc/self/uid_map; id -u",
+    ]));
+    assert_eq!(out.status, ExitStatus::Exited(0), "{}", text(&out.stderr));
+    let subuid = match sandbox::try_choose_id_map(IdMapping::Subordinate)
+        .unwrap()
+        .0
+    {
+        sandbox::IdMap::Subordinate { subuid, .. } => subuid,
+        other => panic!("expected a subordinate map, got {other:?}"),
+    };
+    let lines: Vec<String> = text(&out.stdout)
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    let n = subuid.count.min(sandbox::SUBORDINATE_IDS);
+    if is_root() {
+        assert_eq!(lines[0], format!("0 {} {n}", subuid.start));
+    } else {
+        // Nested in the holder's namespace, whose map is the subordinate one.
+        assert_eq!(lines[0], format!("0 0 {n}"));
+    }
+    assert_eq!(lines[1], "0");
+}

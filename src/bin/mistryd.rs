@@ -401,15 +401,23 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    // The daemon, image builds and rebuilds set the subordinate id map up once and hold it
-    // (rootless: no setuid helper per sandbox); one-shot `sandbox run` maps its ids itself.
-    // MISTRY_NO_HELD_USERNS=1 turns holding off.
-    if !matches!(
-        cli.command,
-        Some(Command::Sandbox(_) | Command::Internal { .. })
-    ) && !matches!(std::env::var("MISTRY_NO_HELD_USERNS").as_deref(), Ok(v) if !v.is_empty() && v != "0")
-    {
-        sandbox::set_held_user_namespaces(true);
+    // The subordinate id map is set up once and held (rootless: no setuid helper per sandbox).
+    // The daemon and rebuilds keep private holders, which end with them; the one-shot commands
+    // (`sandbox run`, `exec`, `image build`) share one that outlives them, found by the next
+    // one (sandbox/src/holder.rs). MISTRY_NO_HELD_USERNS=1 turns holding off.
+    let no_holding = matches!(std::env::var("MISTRY_NO_HELD_USERNS").as_deref(), Ok(v) if !v.is_empty() && v != "0");
+    match &cli.command {
+        _ if no_holding => {}
+        Some(Command::Internal { .. }) => {}
+        Some(
+            Command::Sandbox(SandboxCommand::Run(_))
+            | Command::Exec(_)
+            | Command::Image(ImageCommand::Build(_)),
+        ) => {
+            sandbox::set_held_user_namespaces(true);
+            sandbox::set_shared_user_namespaces(true);
+        }
+        _ => sandbox::set_held_user_namespaces(true),
     }
     let code = match &cli.command {
         Some(Command::Sandbox(SandboxCommand::Run(_))) => {
