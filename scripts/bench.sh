@@ -21,7 +21,7 @@ unpriv=/tmp/mistry-bench-$$
 rm -rf "$unpriv"
 mkdir -m 755 "$unpriv"
 trap 'rm -rf "$unpriv"' EXIT
-cp target/release/mistryd "$unpriv/"
+cp target/release/mistryd target/release/mistry-sandbox "$unpriv/"
 mkdir -p "$unpriv/images"
 for image in busybox debian; do
     [ ! -d "target/images/$image" ] || cp -a "target/images/$image" "$unpriv/images/$image"

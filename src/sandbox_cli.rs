@@ -180,23 +180,42 @@ impl RunArgs {
     }
 }
 
+/// Whether `MISTRY_NO_HELD_USERNS` (set, not `0`) turns held user namespaces off.
+pub fn holding_off() -> bool {
+    matches!(std::env::var("MISTRY_NO_HELD_USERNS").as_deref(), Ok(v) if !v.is_empty() && v != "0")
+}
+
+/// A one-shot command's sandboxes start through the shared holder of their subordinate id map
+/// (started by the first, found by the next: sandbox/src/holder.rs), unless [`holding_off`].
+pub fn hold_shared() {
+    if !holding_off() {
+        sandbox::set_held_user_namespaces(true);
+        sandbox::set_shared_user_namespaces(true);
+    }
+}
+
 /// Run the sandbox; returns the exit code the CLI should exit with: the job's own code, 128 + N
 /// for death by signal N, 124 on timeout, 137 when a limit ended it; 127 when the program could
 /// not be executed and 125 for any other failure to start (as `docker run` does).
 pub fn run(args: RunArgs) -> i32 {
+    run_as("mistryd", args)
+}
+
+/// [`run`], its messages prefixed with program name `prog` (`mistry-sandbox`'s own).
+pub fn run_as(prog: &str, args: RunArgs) -> i32 {
     match args.sandbox().status() {
         Ok(status) => {
             if status.code().is_none() {
-                eprintln!("mistryd: sandbox: {status}");
+                eprintln!("{prog}: sandbox: {status}");
             }
             status.shell_code()
         }
         Err(e @ sandbox::Error::Exec(_)) => {
-            eprintln!("mistryd: {e}");
+            eprintln!("{prog}: {e}");
             127
         }
         Err(e) => {
-            eprintln!("mistryd: {e}");
+            eprintln!("{prog}: {e}");
             125
         }
     }

@@ -1,4 +1,5 @@
-//! `mistryd sandbox run` end to end: a real process, its exit code and messages.
+//! `mistryd sandbox run` (and `mistry-sandbox`, the same as a small program) end to end: a real
+//! process, its exit code and messages.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -741,4 +742,66 @@ fn a_registry_directory_open_to_others_is_refused() {
     } else {
         only_holder(xdg.path());
     }
+}
+
+/// `mistry-sandbox` is `mistryd sandbox run` as a program of its own: the same options, output
+/// and exit codes, its messages under its own name.
+#[test]
+fn mistry_sandbox_runs_what_mistryd_sandbox_run_runs() {
+    let root = rootfs();
+    let root = root.to_str().unwrap();
+    let script = "echo \"$GREETING\"; id -u; wc -l < /proc/self/uid_map; echo err >&2; exit 7";
+    let opts = [
+        "--rootfs",
+        root,
+        "--env",
+        "GREETING=hello",
+        "--pids",
+        "64",
+        "--",
+    ];
+    let small = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_mistry-sandbox"))
+            .args(extra)
+            .output()
+            .expect("running mistry-sandbox")
+    };
+    let mut args = opts.to_vec();
+    args.extend(["/bin/sh", "-c", script]);
+    let a = small(&args);
+    let mut full = vec!["sandbox", "run"];
+    full.extend(&args);
+    let b = mistryd(&full);
+    assert_eq!(a.status.code(), Some(7), "{}", text(&a.stderr));
+    assert_eq!(text(&a.stdout), text(&b.stdout));
+    assert!(
+        text(&a.stdout).starts_with("hello\n0\n"),
+        "{}",
+        text(&a.stdout)
+    );
+    assert_eq!(
+        (text(&a.stderr), b.status.code()),
+        ("err\n".to_string(), Some(7))
+    );
+    // A signal's death, and a program that cannot run: said under its own name.
+    let mut killed = opts.to_vec();
+    killed.extend(["/bin/sh", "-c", "kill -KILL $$"]);
+    let k = small(&killed);
+    assert_eq!(k.status.code(), Some(137));
+    assert_eq!(
+        text(&k.stderr),
+        "mistry-sandbox: sandbox: killed by signal 9 (SIGKILL)\n"
+    );
+    let mut missing = opts.to_vec();
+    missing.push("/no/such/program");
+    let m = small(&missing);
+    assert_eq!(m.status.code(), Some(127), "{}", text(&m.stderr));
+    assert!(
+        text(&m.stderr).starts_with("mistry-sandbox: "),
+        "{}",
+        text(&m.stderr)
+    );
+    // Usage errors as clap says them (exit 2), like mistryd's.
+    let u = small(&["--rootfs", root, "--no-such-option", "--", "/bin/true"]);
+    assert_eq!(u.status.code(), Some(2));
 }

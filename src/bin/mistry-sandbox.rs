@@ -22,5 +22,6 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    std::process::exit(sandbox_cli::run(cli.run));
+    sandbox_cli::hold_shared();
+    std::process::exit(sandbox_cli::run_as("mistry-sandbox", cli.run));
 }

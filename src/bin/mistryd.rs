@@ -405,18 +405,14 @@ fn main() {
     // The daemon and rebuilds keep private holders, which end with them; the one-shot commands
     // (`sandbox run`, `exec`, `image build`) share one that outlives them, found by the next
     // one (sandbox/src/holder.rs). MISTRY_NO_HELD_USERNS=1 turns holding off.
-    let no_holding = matches!(std::env::var("MISTRY_NO_HELD_USERNS").as_deref(), Ok(v) if !v.is_empty() && v != "0");
     match &cli.command {
-        _ if no_holding => {}
+        _ if sandbox_cli::holding_off() => {}
         Some(Command::Internal { .. }) => {}
         Some(
             Command::Sandbox(SandboxCommand::Run(_))
             | Command::Exec(_)
             | Command::Image(ImageCommand::Build(_)),
-        ) => {
-            sandbox::set_held_user_namespaces(true);
-            sandbox::set_shared_user_namespaces(true);
-        }
+        ) => sandbox_cli::hold_shared(),
         _ => sandbox::set_held_user_namespaces(true),
     }
     let code = match &cli.command {
