@@ -489,10 +489,33 @@ fn only_holder(xdg: &Path) -> i32 {
     assert_eq!(files.len(), 1, "{files:?}");
     let (name, content) = &files[0];
     assert!(name.starts_with("userns-"), "{name}");
-    let pid: i32 = content.trim_end().parse().expect("a pid");
-    assert_eq!(content, &format!("{pid}\n"));
+    // Its entry: pid, start time, user namespace's device and inode.
+    let fields: Vec<u64> = content
+        .trim_end()
+        .split(' ')
+        .map(|f| f.parse().expect("a number"))
+        .collect();
+    let pid = i32::try_from(fields[0]).unwrap();
+    assert_eq!(content, &entry_of(pid));
     assert!(is_holder(pid), "{pid} is no running holder");
     pid
+}
+
+/// Process `pid`'s start time (`/proc/<pid>/stat` field 22).
+fn start_time_of(pid: i32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = &stat[stat.rfind(')').unwrap() + 1..];
+    rest.split_whitespace().nth(19).unwrap().parse().unwrap()
+}
+
+/// The registry entry naming process `pid` and its user namespace as they are (ours when its
+/// own cannot be seen: another user's process).
+fn entry_of(pid: i32) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let ns = std::fs::metadata(format!("/proc/{pid}/ns/user"))
+        .or_else(|_| std::fs::metadata("/proc/self/ns/user"))
+        .unwrap();
+    format!("{pid} {} {} {}\n", start_time_of(pid), ns.dev(), ns.ino())
 }
 
 /// Kills, when dropped (also when the test fails), the running holders registered under
@@ -618,17 +641,57 @@ fn a_planted_registry_file_is_not_used() {
         // The registry file's name comes from a first run (the digest of the map).
         check();
         let first = only_holder(xdg.path());
+        let first_maps = ["uid_map", "gid_map"]
+            .map(|f| std::fs::read_to_string(format!("/proc/{first}/{f}")).unwrap());
+        let first_maps = (first_maps[0].clone(), first_maps[1].clone());
         holders.kill(first);
-        let (name, _) = registry(xdg.path()).remove(0);
+        let (name, first_entry) = registry(xdg.path()).remove(0);
         let n = count.min(65536);
-        // The dead holder (a stale file), pid 1, a plain process, another map.
-        let plants = [first, 1, plain.id() as i32, other_pid as i32];
-        for planted in plants {
-            std::fs::write(
-                xdg.path().join("mistry").join(&name),
-                format!("{planted}\n"),
-            )
+        // A process of this user in a user namespace with exactly the holder's maps (as a
+        // rootless container's, or another sandbox's, may be), at a pid a registered holder
+        // had: never taken for it.
+        let mut same_map = Command::new("unshare")
+            .args(["--user", "sleep", "60"])
+            .spawn()
             .unwrap();
+        let same_pid = same_map.id() as i32;
+        wait_until("unshare to enter its user namespace", || {
+            std::fs::read_link(format!("/proc/{same_pid}/ns/user")).is_ok_and(|ns| ns != own_ns)
+        });
+        for (tool, lines) in [("newuidmap", &first_maps.0), ("newgidmap", &first_maps.1)] {
+            let status = Command::new(tool)
+                .arg(same_pid.to_string())
+                .args(lines.split_whitespace())
+                .status()
+                .unwrap();
+            assert!(status.success(), "{tool}");
+        }
+        assert_eq!(
+            std::fs::read_to_string(format!("/proc/{same_pid}/uid_map")).unwrap(),
+            first_maps.0
+        );
+        let same = entry_of(same_pid);
+        let fields: Vec<&str> = same.trim_end().split(' ').collect();
+        let first_fields: Vec<&str> = first_entry.trim_end().split(' ').collect();
+        // The dead holder (a stale entry), pid 1, a plain process, another map, and the same
+        // map: under a bare pid (no entry), another start time, another namespace.
+        let plants = [
+            first_entry.clone(),
+            entry_of(1),
+            entry_of(plain.id() as i32),
+            entry_of(other_pid as i32),
+            format!("{same_pid}\n"),
+            format!(
+                "{same_pid} {} {} {}\n",
+                first_fields[1], fields[2], fields[3]
+            ),
+            format!(
+                "{same_pid} {} {} {}\n",
+                fields[1], first_fields[2], first_fields[3]
+            ),
+        ];
+        for planted in &plants {
+            std::fs::write(xdg.path().join("mistry").join(&name), planted).unwrap();
             let out = check();
             assert_eq!(
                 map_lines(&out.stdout),
@@ -636,10 +699,15 @@ fn a_planted_registry_file_is_not_used() {
                 "planted {planted}"
             );
             let new = only_holder(xdg.path());
-            assert!(!plants.contains(&new), "planted {planted}: {new} used");
+            assert!(
+                ![first, 1, plain.id() as i32, other_pid as i32, same_pid].contains(&new),
+                "planted {planted}: {new} used"
+            );
             assert_eq!(registry(xdg.path())[0].0, name);
             holders.kill(new);
         }
+        same_map.kill().unwrap();
+        same_map.wait().unwrap();
     }
     for child in [&mut plain, &mut other_map] {
         child.kill().unwrap();
@@ -661,6 +729,7 @@ fn the_shared_holder_keeps_no_descriptor_of_its_caller() {
         .arg(rootfs())
         .args(["--", "/bin/echo", "hi"])
         .env("XDG_RUNTIME_DIR", xdg.path())
+        .env("A_CALLERS_SECRET", "s3cr3t-of-the-caller")
         .env_remove("MISTRY_NO_HELD_USERNS")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -713,6 +782,9 @@ fn the_shared_holder_keeps_no_descriptor_of_its_caller() {
         text(&cmdline)
     );
     assert!(!text(&cmdline).contains("echo"), "{}", text(&cmdline));
+    // Nor the caller's environment (its secrets), which it outlives.
+    let environ = std::fs::read(format!("/proc/{holder}/environ")).unwrap();
+    assert!(environ.iter().all(|b| *b == 0), "{}", text(&environ));
 }
 
 #[test]

@@ -20,19 +20,22 @@
 //!   command of the same user finds it, so a one-shot start pays no setuid helper either. It is
 //!   registered in a directory of the caller's own, mode 0700 — `$XDG_RUNTIME_DIR/mistry` when
 //!   that is a directory owned by the caller, else `/tmp/mistry-<euid>` — one file per mapping
-//!   (named from a SHA-256 of its map lines) holding the holder's pid, written atomically. A
+//!   (named from a SHA-256 of its map lines) holding the holder's pid, its start time and its
+//!   user namespace's device and inode, written atomically. A
 //!   directory owned by someone else or open to group or others is refused (a private holder
-//!   then). A registered pid is used only when its process's user namespace is owned by the
+//!   then). A registered pid is used only when its process is the registered one (its start
+//!   time), holds the registered namespace (its device and inode), that namespace is owned by the
 //!   caller's euid, is a child of the caller's own user namespace, and shows exactly the
 //!   expected maps (setgroups allowed), the process still being the one whose pidfd was taken:
 //!   a stale or planted file is ignored and replaced by a new holder. The holder is detached
 //!   (its own session, `/` as its directory, no descriptor but the registry directory's, no
-//!   parent-death signal, its command line renamed `mistryd: held user namespace`); every user
+//!   parent-death signal, its command line renamed `mistryd: held user namespace` and its copy
+//!   of the caller's environment strings zeroed); every user
 //!   touches the registry file each time it starts a sandbox through it, and the holder, waking
 //!   every 15 s, exits when the file is gone, names another pid, or went untouched for 10
 //!   minutes. Sandboxes already started through it keep running (their namespaces are nested
-//!   in its namespace, which lives as long as they do). The file of a holder that exited stays
-//!   until the next start replaces it.
+//!   in its namespace, which lives as long as they do). A holder that exits idle removes its
+//!   entry; the entry of one that died otherwise stays until the next start replaces it.
 
 use std::ffi::{CStr, CString};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -324,31 +327,71 @@ fn registry_dir(euid: u32) -> PathBuf {
     PathBuf::from(format!("/tmp/mistry-{euid}"))
 }
 
-/// Parse a registry file's content: a pid in decimal, optionally followed by a newline.
-/// Allocation-free (the shared holder reads its file with it).
-fn parse_pid(bytes: &[u8]) -> Option<libc::pid_t> {
-    let digits = bytes.strip_suffix(b"\n").unwrap_or(bytes);
-    if digits.is_empty() || digits.len() > 9 {
+/// A registry entry: the holder's pid, its start time (clock ticks after boot, `/proc/<pid>/stat`
+/// field 22) and its user namespace's device and inode — what names that one process and that
+/// one namespace, whatever reuses the pid later.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Entry {
+    pid: libc::pid_t,
+    start: u64,
+    ns: (u64, u64),
+}
+
+/// A decimal number of at most 20 digits, no sign. Allocation-free.
+fn parse_num(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() || digits.len() > 20 {
         return None;
     }
-    let mut n: libc::pid_t = 0;
+    let mut n: u64 = 0;
     for &b in digits {
         if !b.is_ascii_digit() {
             return None;
         }
-        n = n * 10 + libc::pid_t::from(b - b'0');
+        n = n.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
     }
-    (n > 0).then_some(n)
+    Some(n)
 }
 
-/// Read the pid in the registry file open as `fd` (a regular file of a few bytes).
+/// Parse a registry file's content, `PID START DEV INO\n` in decimal. Allocation-free (the
+/// shared holder reads its file with it).
+fn parse_entry(bytes: &[u8]) -> Option<Entry> {
+    let line = bytes.strip_suffix(b"\n")?;
+    let mut fields = line.split(|&b| b == b' ');
+    let pid = fields.next().filter(|d| d.len() <= 9).and_then(parse_num)?;
+    let start = fields.next().and_then(parse_num)?;
+    let dev = fields.next().and_then(parse_num)?;
+    let ino = fields.next().and_then(parse_num)?;
+    if fields.next().is_some() {
+        return None;
+    }
+    let pid = libc::pid_t::try_from(pid).ok().filter(|p| *p > 0)?;
+    Some(Entry {
+        pid,
+        start,
+        ns: (dev, ino),
+    })
+}
+
+/// The start time of process `pid` (`/proc/<pid>/stat` field 22, clock ticks after boot).
+fn start_time(pid: libc::pid_t) -> Result<u64, String> {
+    let stat =
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| format!("stat: {e}"))?;
+    let rest = &stat[stat.rfind(')').ok_or("stat: no command")? + 1..];
+    // Field 3 is the first after the command; field 22 is the 20th.
+    rest.split_whitespace()
+        .nth(19)
+        .and_then(|f| f.parse().ok())
+        .ok_or_else(|| "stat: no start time".to_string())
+}
+
+/// Read the entry in the registry file open as `fd` (a regular file of a few bytes).
 /// Allocation-free.
-fn read_pid(fd: RawFd) -> Option<libc::pid_t> {
+fn read_entry(fd: RawFd) -> Option<Entry> {
     let st = sys::fstat(fd).ok()?;
     if st.st_mode & libc::S_IFMT != libc::S_IFREG {
         return None;
     }
-    let mut buf = [0u8; 16];
+    let mut buf = [0u8; 96];
     let mut got = 0;
     while got < buf.len() {
         match sys::read_some(fd, &mut buf[got..]) {
@@ -357,7 +400,7 @@ fn read_pid(fd: RawFd) -> Option<libc::pid_t> {
             Err(_) => return None,
         }
     }
-    parse_pid(&buf[..got])
+    parse_entry(&buf[..got])
 }
 
 /// A descriptor closed when dropped (a raw one from sys.rs).
@@ -397,6 +440,11 @@ impl Registry {
             Err(e) => return refuse(&format!("cannot read its status: {e}")),
         };
         if meta.uid() != euid {
+            // Another user made it first (no XDG_RUNTIME_DIR, a shared /tmp): said once.
+            static SAID: std::sync::Once = std::sync::Once::new();
+            SAID.call_once(|| {
+                tracing::warn!(dir = %path.display(), owner = meta.uid(), "the shared held user namespace's directory belongs to another user: one-shot commands map their ids themselves (set XDG_RUNTIME_DIR to a directory of your own)");
+            });
             return refuse("owned by another user");
         }
         if meta.mode() & 0o077 != 0 {
@@ -416,9 +464,14 @@ impl Registry {
             .map(owned)
     }
 
+    /// The entry of the file, if it is there and well-formed.
+    fn entry(&self) -> Option<Entry> {
+        read_entry(self.open_file()?.as_raw_fd())
+    }
+
     /// The pid the file names, if it is there and well-formed.
     fn pid(&self) -> Option<libc::pid_t> {
-        read_pid(self.open_file()?.as_raw_fd())
+        self.entry().map(|e| e.pid)
     }
 
     /// One more use of holder `pid`: touch the file, if it still names `pid`.
@@ -426,15 +479,15 @@ impl Registry {
         let Some(fd) = self.open_file() else {
             return false;
         };
-        if read_pid(fd.as_raw_fd()) != Some(pid) {
+        if read_entry(fd.as_raw_fd()).map(|e| e.pid) != Some(pid) {
             return false;
         }
         let _ = sys::futimens_now(fd.as_raw_fd());
         true
     }
 
-    /// Name `pid` in the file: a temporary file renamed over it.
-    fn register(&self, pid: libc::pid_t) -> Result<(), i32> {
+    /// Name holder `entry` in the file: a temporary file renamed over it.
+    fn register(&self, entry: Entry) -> Result<(), i32> {
         let tmp = CString::new(format!(
             ".{}.{}.tmp",
             self.name.to_string_lossy(),
@@ -449,7 +502,15 @@ impl Registry {
             libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW,
             0o600,
         )?);
-        let written = sys::write_all(fd.as_raw_fd(), format!("{pid}\n").as_bytes());
+        let Entry {
+            pid,
+            start,
+            ns: (dev, ino),
+        } = entry;
+        let written = sys::write_all(
+            fd.as_raw_fd(),
+            format!("{pid} {start} {dev} {ino}\n").as_bytes(),
+        );
         drop(fd);
         match written.and_then(|()| sys::renameat(dir, &tmp, &self.name)) {
             Ok(()) => Ok(()),
@@ -473,8 +534,9 @@ impl Registry {
 /// then).
 fn shared_holder(mapping: &Mapping) -> Option<Holder> {
     let registry = Registry::open(mapping)?;
-    if let Some(pid) = registry.pid() {
-        match check(pid, mapping) {
+    if let Some(entry) = registry.entry() {
+        let pid = entry.pid;
+        match check(entry, mapping) {
             Ok((pidfd, userns)) if registry.touch(pid) => {
                 tracing::debug!(pid, "shared held user namespace found");
                 return Some(Holder {
@@ -498,14 +560,24 @@ fn shared_holder(mapping: &Mapping) -> Option<Holder> {
     }
 }
 
-/// Whether process `pid` holds a user namespace this caller may use for `mapping`: owned by our
-/// euid, a child of our own user namespace, with exactly the expected maps, and `pid` still the
-/// process it was when we began (no pid reuse). Returns its pidfd and namespace.
-fn check(pid: libc::pid_t, mapping: &Mapping) -> Result<(OwnedFd, OwnedFd), String> {
+/// Whether registry entry `entry` names a holder this caller may use for `mapping`: the process
+/// its pid has now is the one registered (its start time) and holds the namespace registered
+/// (its device and inode) — a process of ours that came to reuse the pid is never taken for it
+/// — owned by our euid, a child of our own user namespace, with exactly the expected maps, and
+/// the pid still that process when we are done (no pid reuse meanwhile). Returns its pidfd and
+/// namespace.
+fn check(entry: Entry, mapping: &Mapping) -> Result<(OwnedFd, OwnedFd), String> {
+    let pid = entry.pid;
     let errno = |what: &str, e: i32| format!("{what}: {}", crate::errno_text(e));
     let pidfd = owned(sys::pidfd_open(pid).map_err(|e| errno("pidfd_open", e))?);
+    if start_time(pid)? != entry.start {
+        return Err("another process has its pid now".into());
+    }
     let path = CString::new(format!("/proc/{pid}/ns/user")).map_err(|e| e.to_string())?;
     let userns = owned(sys::open_read(&path).map_err(|e| errno("its user namespace", e))?);
+    if sys::dev_ino(userns.as_raw_fd()) != Ok(entry.ns) {
+        return Err("its user namespace is not the one registered".into());
+    }
     let owner = sys::ns_owner_uid(userns.as_raw_fd()).map_err(|e| errno("NS_GET_OWNER_UID", e))?;
     if owner != nix::unistd::geteuid().as_raw() {
         return Err(format!("its user namespace belongs to uid {owner}"));
@@ -533,14 +605,26 @@ fn check(pid: libc::pid_t, mapping: &Mapping) -> Result<(OwnedFd, OwnedFd), Stri
     Ok((pidfd, userns))
 }
 
-/// The start and end of this process's argument strings (`/proc/self/stat` fields 48 and 49).
-fn argv_area() -> Option<(usize, usize)> {
+/// The start and end of this process's argument strings and of its environment strings
+/// (`/proc/self/stat` fields 48 and 49, 50 and 51).
+fn argv_area() -> Option<Areas> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
     let rest = &stat[stat.rfind(')')? + 1..];
     let mut fields = rest.split_whitespace().skip(45);
-    let start = fields.next()?.parse().ok()?;
-    let end = fields.next()?.parse().ok()?;
-    (start < end).then_some((start, end))
+    let mut next = || -> Option<usize> { fields.next()?.parse().ok() };
+    let (start, end) = (next()?, next()?);
+    let (env_start, env_end) = (next()?, next()?);
+    (start < end).then_some(Areas {
+        argv: (start, end),
+        env: (env_start < env_end).then_some((env_start, env_end)),
+    })
+}
+
+/// Where a process's argument and environment strings are (see [`argv_area`]).
+#[derive(Debug, Clone, Copy)]
+struct Areas {
+    argv: (usize, usize),
+    env: Option<(usize, usize)>,
 }
 
 /// Start a detached holder of `mapping` and register it.
@@ -555,7 +639,12 @@ fn start_shared(mapping: &Mapping, registry: Registry) -> Result<Holder, crate::
         Err(e) => return Err(ns_err("clone", e)),
     };
     let userns = map_and_open(mapping, pid, &pidfd)?;
-    if let Err(e) = registry.register(pid) {
+    let entry = match (start_time(pid), sys::dev_ino(userns.as_raw_fd())) {
+        (Ok(start), Ok(ns)) => Ok(Entry { pid, start, ns }),
+        (Err(_), _) => Err(libc::ESRCH),
+        (_, Err(e)) => Err(e),
+    };
+    if let Err(e) = entry.and_then(|entry| registry.register(entry)) {
         let _ = sys::pidfd_send_signal(pidfd.as_raw_fd(), libc::SIGKILL);
         let _ = sys::waitpid(pid, 0);
         return Err(ns_err("registering it", e));
@@ -574,7 +663,7 @@ fn start_shared(mapping: &Mapping, registry: Registry) -> Result<Holder, crate::
 /// the registry directory `dir`, default signal actions, a command line of its own), it wakes
 /// every [`WAKE_SECS`] and exits once its registry file `name` is gone, names another process,
 /// or was not touched for [`IDLE_SECS`]. Allocation-free (the caller may be multi-threaded).
-fn hold_detached(dir: RawFd, name: &CStr, area: Option<(usize, usize)>) -> ! {
+fn hold_detached(dir: RawFd, name: &CStr, area: Option<Areas>) -> ! {
     let _ = sys::setsid();
     let _ = sys::chdir(c"/");
     sys::close_all_except(dir);
@@ -583,50 +672,87 @@ fn hold_detached(dir: RawFd, name: &CStr, area: Option<(usize, usize)>) -> ! {
     let me = sys::getpid();
     loop {
         sys::sleep_secs(WAKE_SECS);
-        if !still_registered(dir, name, me) {
-            sys::exit(0);
+        match still_registered(dir, name, me) {
+            Registered::Yes => {}
+            Registered::No => sys::exit(0),
+            Registered::Idle => {
+                // Its own entry goes with it (a pid left registered is one another process may
+                // come to have).
+                let _ = sys::unlinkat(dir, name);
+                sys::exit(0);
+            }
         }
     }
 }
 
-/// Whether the registry file `name` still names `me` and was touched within [`IDLE_SECS`].
+/// What a shared holder finds in its registry file.
+enum Registered {
+    /// Its entry, touched within [`IDLE_SECS`].
+    Yes,
+    /// Its entry, untouched for [`IDLE_SECS`].
+    Idle,
+    /// No entry of it.
+    No,
+}
+
+/// Whether the registry file `name` still names `me`, and was touched within [`IDLE_SECS`].
 /// Allocation-free.
-fn still_registered(dir: RawFd, name: &CStr, me: libc::pid_t) -> bool {
+fn still_registered(dir: RawFd, name: &CStr, me: libc::pid_t) -> Registered {
     let fd = match sys::openat(dir, name, FILE_FLAGS, 0) {
         Ok(fd) => owned(fd),
         // Gone, or replaced by what is not a file of ours.
-        Err(libc::ENOENT | libc::ELOOP | libc::EACCES | libc::ENOTDIR) => return false,
+        Err(libc::ENOENT | libc::ELOOP | libc::EACCES | libc::ENOTDIR) => return Registered::No,
         // Short of descriptors or memory for a moment: look again at the next wake.
-        Err(_) => return true,
+        Err(_) => return Registered::Yes,
     };
     let Ok(st) = sys::fstat(fd.as_raw_fd()) else {
-        return true;
+        return Registered::Yes;
     };
-    if read_pid(fd.as_raw_fd()) != Some(me) {
-        return false;
+    if read_entry(fd.as_raw_fd()).map(|e| e.pid) != Some(me) {
+        return Registered::No;
     }
-    sys::realtime_secs() - st.st_mtime < IDLE_SECS
+    if sys::realtime_secs() - st.st_mtime < IDLE_SECS {
+        Registered::Yes
+    } else {
+        Registered::Idle
+    }
 }
 
 /// Name this process in `ps`: its thread name, and its argument strings overwritten (they are
-/// the caller's command line, which would name a command that has long ended).
-/// Allocation-free.
-fn retitle(area: Option<(usize, usize)>) {
+/// the caller's command line, which would name a command that has long ended); its environment
+/// strings zeroed (the caller's, `/proc/<pid>/environ`, which may hold its secrets, while the
+/// holder outlives it). Allocation-free.
+fn retitle(area: Option<Areas>) {
     let _ = sys::prctl(libc::PR_SET_NAME, COMM.as_ptr() as libc::c_ulong);
-    let Some((start, end)) = area else {
+    let Some(Areas {
+        argv: (start, end),
+        env,
+    }) = area
+    else {
         return;
     };
+    if let Some((env_start, env_end)) = env {
+        zero_own(env_start, env_end);
+    }
+    if !zero_own(start, end) {
+        return;
+    }
+    let len = TITLE.len().min(end - start - 1);
+    let _ = sys::write_own_memory(start, &TITLE[..len]);
+}
+
+/// Zero this process's memory from `start` to `end`; whether all of it was. Allocation-free.
+fn zero_own(start: usize, end: usize) -> bool {
     let zeros = [0u8; 256];
     let mut at = start;
     while at < end {
         let n = (end - at).min(zeros.len());
         if sys::write_own_memory(at, &zeros[..n]).is_err() {
-            return;
+            return false;
         }
         at += n;
     }
-    let len = TITLE.len().min(end - start - 1);
-    let _ = sys::write_own_memory(start, &TITLE[..len]);
+    true
 }
 
 #[cfg(test)]
@@ -675,19 +801,30 @@ mod tests {
     }
 
     #[test]
-    fn pids_are_plain_decimal() {
-        assert_eq!(parse_pid(b"1234\n"), Some(1234));
-        assert_eq!(parse_pid(b"1234"), Some(1234));
+    fn entries_are_four_plain_decimals() {
+        assert_eq!(
+            parse_entry(b"1234 567 8 90\n"),
+            Some(Entry {
+                pid: 1234,
+                start: 567,
+                ns: (8, 90)
+            })
+        );
         for bad in [
             &b""[..],
             b"\n",
-            b"0\n",
-            b"-1\n",
-            b"12 34\n",
-            b"1234\n\n",
-            b"9999999999",
+            b"1234\n",
+            b"1234 567 8 90",
+            b"0 1 2 3\n",
+            b"-1 1 2 3\n",
+            b"12 34 5\n",
+            b"12 34 5 6 7\n",
+            b"12  34 5 6\n",
+            b"1234 567 8 90\n\n",
+            b"9999999999 1 2 3\n",
+            b"1 99999999999999999999999 2 3\n",
         ] {
-            assert_eq!(parse_pid(bad), None, "{bad:?}");
+            assert_eq!(parse_entry(bad), None, "{bad:?}");
         }
     }
 }

@@ -952,7 +952,10 @@ fn start_held(
     let word = |i: usize| i32::from_ne_bytes([rec[i], rec[i + 1], rec[i + 2], rec[i + 3]]);
     let (stage, value) = (word(0), word(4));
     if got != rec.len() || stage != 0 {
-        if stage == child::HELD_SETNS || got != rec.len() {
+        // A namespace that cannot be joined, or in which no namespace can be made (a user
+        // namespace of ours with the same map but not a holder, e.g. a sandbox's, which allows
+        // none), is not used again.
+        if stage == child::HELD_SETNS || stage == child::HELD_CLONE || got != rec.len() {
             holder::discard(mapping);
         }
         let what = match stage {
