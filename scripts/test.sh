@@ -73,6 +73,14 @@ cp target/debug/mistryd target/debug/mistry "$unpriv/"
     cargo test -p mistry --lib --test image_build --test dockerfile_syntax --test registry --test registry_errors --test store_choice --test server --test sandbox_cli --test realworld --test run_mounts --test operator --test deep_trees --test incremental --test job_links --test pipelines --test exec --test examples --test cluster --test cluster_jobs --test replicate --test cluster_view --test cluster_logs --test cluster_failures --test cluster_faults --test cluster_jobs_list --test cluster_pipelines --test cluster_tls --test job_limits --test job_preparation --test network --test access --test cluster_trends --test web --test web_pipelines --test web_pipelines_ui --no-run --message-format=json 2>/dev/null
     cargo test -p mistry-client --lib --test cli --test pipeline_cli --no-run --message-format=json 2>/dev/null
 } | grep -E '"profile":\{[^}]*"test":true' | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' > "$unpriv/list"
+# MISTRY_TEST_SHUFFLE=1: this phase in another order at each run — its test binaries shuffled,
+# and each binary's tests started in a shuffled order (libtest's --shuffle, allowed on stable by
+# RUSTC_BOOTSTRAP; the seed is printed) — to show that no test depends on what ran before it.
+shuffle=
+if [ -n "${MISTRY_TEST_SHUFFLE:-}" ]; then
+    shuf -o "$unpriv/list" "$unpriv/list"
+    shuffle="-Z unstable-options --shuffle"
+fi
 status=0
 while read -r bin; do
     name=$(basename "$bin")
@@ -82,7 +90,7 @@ while read -r bin; do
         MISTRY_BUSYBOX_ROOTFS="$unpriv/rootfs" MISTRY_PROBE="$unpriv/probe" \
         MISTRY_TEST_IMAGES="$unpriv/images" MISTRY_HELPER_BIN="$unpriv/mistryd" \
         MISTRY_CLIENT_BIN="$unpriv/mistry" MISTRY_TEST_ARTIFACTS="$unpriv/artifacts" \
-        MISTRY_TEST_BTRFS="$MISTRY_TEST_BTRFS" ${CI+CI="$CI"} \
-        "$unpriv/$name" || status=1
+        MISTRY_TEST_BTRFS="$MISTRY_TEST_BTRFS" ${CI+CI="$CI"} ${shuffle:+RUSTC_BOOTSTRAP=1} \
+        "$unpriv/$name" $shuffle || status=1
 done < "$unpriv/list"
 exit $status
