@@ -2,8 +2,8 @@
 //!
 //! The same options and exit codes as `mistryd sandbox run` (`mistry::sandbox_cli`), in a
 //! binary that links only the sandbox: a one-shot start pays the dynamic loader's relocations
-//! and the page faults of a program of a few megabytes, not of the whole daemon (about a
-//! millisecond more per start, a third of bubblewrap's whole start; docs/sandbox.md).
+//! of this program (about 3,000), not the whole daemon's (about 42,000: a millisecond more per
+//! start, a third of bubblewrap's whole start; docs/benchmarks.md).
 
 use clap::Parser;
 use mistry::sandbox_cli::{self, RunArgs};

@@ -48,11 +48,11 @@ pub(in crate::cluster) struct Claimed {
 
 /// Claim for agent `me` the oldest queued job it may take (its own preferred jobs first; one
 /// preferred by another agent after `grace`, or when that agent is not alive by
-/// `agent_timeout`, or full and busy ([`busy_sql`]); none before its `not_before`), mark it `running` by `me` as its
-/// next attempt (the fencing token) and notify the claim — one statement (one round trip,
-/// atomic; the notification delivered at its commit). With whether any record was queued
-/// before it (`false`: nothing to claim, no need to look again before a `queued`
-/// notification).
+/// `agent_timeout`, or full and busy ([`busy_sql`]); none before its `not_before`), mark it
+/// `running` by `me` as its next attempt (the fencing token) and notify the claim — one
+/// statement (one round trip, atomic; the notification delivered at its commit). With whether
+/// any record was queued before it (`false`: nothing to claim, no need to look again before a
+/// `queued` notification).
 pub(in crate::cluster) async fn claim(
     client: &Pooled,
     me: &str,
