@@ -66,8 +66,9 @@ fn post(agent: &ureq::Agent, d: &Daemon, n: &str) -> (Duration, bool) {
     (took, body.contains("\"Cached\":true"))
 }
 
-/// New-params jobs/s: `clients` threads posting for `seconds`, client i to agent i mod n.
-fn throughput(daemons: &[Daemon], prefix: &str, clients: usize, seconds: u64) -> f64 {
+/// New-params jobs/s: `clients` threads posting for `seconds`, client i to agent i mod n; with
+/// the jobs' count.
+fn throughput(daemons: &[Daemon], prefix: &str, clients: usize, seconds: u64) -> (f64, usize) {
     let done = AtomicUsize::new(0);
     let start = Instant::now();
     let until = start + Duration::from_secs(seconds);
@@ -85,7 +86,13 @@ fn throughput(daemons: &[Daemon], prefix: &str, clients: usize, seconds: u64) ->
             });
         }
     });
-    done.load(Ordering::Relaxed) as f64 / start.elapsed().as_secs_f64()
+    let done = done.load(Ordering::Relaxed);
+    (done as f64 / start.elapsed().as_secs_f64(), done)
+}
+
+/// CPU time per job, in ms: `cpu` over `jobs`.
+fn per_job(cpu: Duration, jobs: usize) -> f64 {
+    ms(cpu) / jobs.max(1) as f64
 }
 
 fn main() {
@@ -149,16 +156,34 @@ fn main() {
         "b1,b2,b3"
     );
     let (mut single_rps, mut rps, mut moved) = (0.0, [0.0; 3], [(0u64, 0u64); 3]);
+    // CPU time and jobs: the single node's; each cluster's agents' and PostgreSQL's.
+    let mut single_cpu = (Duration::ZERO, 0);
+    let mut cluster_cpu = [(Duration::ZERO, Duration::ZERO, 0); 3];
     for round in 0..rounds {
         let prefix = format!("ts{round}");
-        single_rps += throughput(std::slice::from_ref(&single), &prefix, clients, seconds);
-        for (k, (r, m)) in rps.iter_mut().zip(&mut moved).enumerate() {
+        let before = common::tree_cpu(single.pid());
+        let (one, jobs) = throughput(std::slice::from_ref(&single), &prefix, clients, seconds);
+        single_cpu.0 += common::tree_cpu(single.pid()) - before;
+        single_cpu.1 += jobs;
+        single_rps += one;
+        for (k, ((r, m), c)) in rps
+            .iter_mut()
+            .zip(&mut moved)
+            .zip(&mut cluster_cpu)
+            .enumerate()
+        {
             let agents: Vec<Daemon> = names[..=k]
                 .iter()
                 .map(|name| daemon(dir.path(), name, &images, Some(&pg.url())))
                 .collect();
             let prefix = format!("t{k}r{round}");
-            *r += throughput(&agents, &prefix, clients, seconds);
+            let cpu = || -> Duration { agents.iter().map(|d| common::tree_cpu(d.pid())).sum() };
+            let before = (cpu(), common::tree_cpu(pg.pid()));
+            let (one, jobs) = throughput(&agents, &prefix, clients, seconds);
+            c.0 += cpu() - before.0;
+            c.1 += common::tree_cpu(pg.pid()) - before.1;
+            c.2 += jobs;
+            *r += one;
             drop(agents);
             stop_all();
             // Client c asked agent c mod (k + 1), b<c mod (k + 1) + 1>.
@@ -222,6 +247,24 @@ fn main() {
             r / single_rps,
             moved[k].0,
             moved[k].1
+        );
+    }
+    // Where a job's CPU time goes (the daemons with their sandboxes; the clients not counted).
+    println!(
+        "{:<58} {:>8.2}ms",
+        "CPU per job, single node",
+        per_job(single_cpu.0, single_cpu.1)
+    );
+    for (k, (agents, db, jobs)) in cluster_cpu.iter().enumerate() {
+        let (a, d) = (per_job(*agents, *jobs), per_job(*db, *jobs));
+        println!(
+            "{:<58} {:>8.2}ms   (agents {a:.2} + PostgreSQL {d:.2})",
+            format!(
+                "CPU per job, {} agent{}",
+                k + 1,
+                if k == 0 { "" } else { "s" }
+            ),
+            a + d
         );
     }
 }

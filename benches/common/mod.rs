@@ -27,6 +27,45 @@ pub(crate) fn env_num<T: FromStr>(key: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
+/// The CPU time (user and system) that process `root` and its descendants used so far: each
+/// live process's own and that of its children it waited for (`/proc/<pid>/stat`; the ended
+/// children of a process count in it). Clock ticks (1/100 s), so a measure of seconds.
+pub(crate) fn tree_cpu(root: u32) -> Duration {
+    // (pid, parent, ticks) of every process.
+    let procs: Vec<(u32, u32, u64)> = std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            // The fields after the command, which may hold spaces and parentheses.
+            let rest: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+            let ppid = rest.get(1)?.parse().ok()?;
+            // utime, stime, cutime, cstime: fields 14-17, rest[11..15].
+            let ticks = rest
+                .get(11..15)?
+                .iter()
+                .filter_map(|f| f.parse::<u64>().ok())
+                .sum();
+            Some((pid, ppid, ticks))
+        })
+        .collect();
+    let mut tree = vec![root];
+    let mut ticks = 0;
+    while let Some(p) = tree.pop() {
+        for &(pid, ppid, t) in &procs {
+            if pid == p {
+                ticks += t;
+            }
+            if ppid == p {
+                tree.push(pid);
+            }
+        }
+    }
+    Duration::from_millis(ticks * 10)
+}
+
 /// `$MISTRY_TEST_IMAGES`, else `target/images`.
 pub(crate) fn images_dir() -> PathBuf {
     std::env::var_os("MISTRY_TEST_IMAGES").map_or_else(

@@ -231,6 +231,12 @@ impl Postgres {
         assert!(out.status.success(), "pg_ctl reload failed: {out:?}");
     }
 
+    /// The server's process (the postmaster; its backends are its children).
+    pub(crate) fn pid(&self) -> u32 {
+        let text = std::fs::read_to_string(self.data().join("postmaster.pid")).unwrap();
+        text.lines().next().unwrap().trim().parse().unwrap()
+    }
+
     /// `postgres://mistry@127.0.0.1:PORT/mistry`.
     pub(crate) fn url(&self) -> String {
         format!("postgres://mistry@127.0.0.1:{}/mistry", self.port)

@@ -36,7 +36,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::stream::{self, Stream};
-use tokio::io::AsyncReadExt;
 use tokio::sync::{broadcast, mpsc, watch};
 
 mod read;

@@ -188,7 +188,7 @@ struct Tail {
     stream: LogStream,
     pending: std::path::PathBuf,
     ready: std::path::PathBuf,
-    file: Option<tokio::fs::File>,
+    file: Option<std::fs::File>,
     /// The offset of `buf`'s first byte (all before it is shipped).
     pos: u64,
     /// Read, not shipped yet (at most [`CHUNK_MAX`]).
@@ -208,18 +208,37 @@ impl Tail {
     }
 
     /// Read more into `buf`, up to [`CHUNK_MAX`] (the file opened in `pending/`, or in
-    /// `ready/` once the job ended).
+    /// `ready/` once the job ended): one blocking call, reading what the file has up to the
+    /// room left (no zeroed buffer, no read per chunk).
     async fn fill(&mut self, ended: bool) {
-        if self.file.is_none() {
-            let path = if ended { &self.ready } else { &self.pending };
-            self.file = tokio::fs::File::open(path).await.ok();
+        let room = CHUNK_MAX.saturating_sub(self.buf.len());
+        if room == 0 {
+            return;
         }
-        let Some(f) = self.file.as_mut() else { return };
-        while self.buf.len() < CHUNK_MAX {
-            let mut more = vec![0u8; CHUNK_MAX - self.buf.len()];
-            match f.read(&mut more).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => self.buf.extend_from_slice(&more[..n]),
+        let file = self.file.take();
+        let path = if ended { &self.ready } else { &self.pending }.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            let mut f = match file {
+                Some(f) => f,
+                None => std::fs::File::open(&path).ok()?,
+            };
+            let mut more = Vec::new();
+            // To the end of the file or `room` bytes; on an error, what was read before it.
+            let _ = std::io::Read::read_to_end(
+                &mut std::io::Read::take(&mut f, room as u64),
+                &mut more,
+            );
+            Some((f, more))
+        })
+        .await
+        .ok()
+        .flatten();
+        if let Some((f, more)) = read {
+            self.file = Some(f);
+            if self.buf.is_empty() {
+                self.buf = more;
+            } else {
+                self.buf.extend_from_slice(&more);
             }
         }
     }
@@ -267,5 +286,43 @@ impl WholeLog {
         );
         n.push(format!("{key} end"));
         n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A log read as it grows: at most a chunk at a time, each read going on from the last, a
+    /// file that does not exist yet read once it does.
+    #[tokio::test]
+    async fn a_tail_reads_a_growing_log_a_chunk_at_a_time() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let (pending, ready) = (dir.path().join("out.log"), dir.path().join("ready.log"));
+        let mut tail = Tail::new(LogStream::Out, pending.clone(), ready);
+        tail.fill(false).await;
+        assert!(tail.buf.is_empty() && tail.file.is_none(), "no file yet");
+
+        let first: Vec<u8> = (0..CHUNK_MAX + 10).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&pending, &first).expect("the log written");
+        tail.fill(false).await;
+        assert_eq!(tail.buf, first[..CHUNK_MAX]);
+        tail.fill(false).await;
+        assert_eq!(
+            tail.buf.len(),
+            CHUNK_MAX,
+            "a full buffer reads nothing more"
+        );
+
+        tail.buf.clear();
+        tail.fill(false).await;
+        assert_eq!(tail.buf, first[CHUNK_MAX..]);
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&pending)
+            .expect("the log opened");
+        std::io::Write::write_all(&mut f, b"more").expect("the log grew");
+        tail.fill(false).await;
+        assert_eq!(tail.buf, [&first[CHUNK_MAX..], &b"more"[..]].concat());
     }
 }

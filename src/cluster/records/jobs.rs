@@ -217,7 +217,8 @@ pub(in crate::cluster) struct EndLog<'a> {
 /// Record `end` (one statement: one round trip, atomic): the record (still `me`'s at this
 /// attempt, or queued again meanwhile and not claimed by another agent yet: the fence), the
 /// run's whole log if it goes with it ([`EndLog`], notified before the end), the end's
-/// notification, and the project's image on `me`. [`Recorded::Already`] when this very end is
+/// notification, and the project's image on `me` (its time written at most once a minute: not
+/// a write per job). [`Recorded::Already`] when this very end is
 /// recorded already (a retry after a lost reply: nothing written or notified again).
 pub(in crate::cluster) async fn record_end(
     client: &Pooled,
@@ -261,6 +262,7 @@ pub(in crate::cluster) async fn record_end(
                  INSERT INTO agent_images (agent, project)
                  SELECT $3, $1 FROM upd WHERE $8
                  ON CONFLICT (agent, project) DO UPDATE SET built_at = now()
+                    WHERE agent_images.built_at < now() - interval '1 minute'
                  RETURNING 1)
              SELECT (SELECT count(*) FROM upd), (SELECT count(*) FROM done),
                     (SELECT count(*) FROM sent)",
