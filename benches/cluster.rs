@@ -15,7 +15,11 @@
 //!   in use); `BENCH_ROUNDS` (default 2) rounds of the four, each figure their mean. All
 //!   agents share this one machine, so "per machine" is the cluster's jobs/s over the single
 //!   node's (target ≥ 0.9); "moved" counts the jobs that ran on another agent than the one
-//!   asked (each one's build then fetched back to answer).
+//!   asked (each one's build then fetched back to answer);
+//! - the CPU time per job in those runs: the single node's, and each cluster's agents' and
+//!   PostgreSQL's (each daemon with its sandboxes, PostgreSQL with its backends: the process
+//!   trees' user and system time from `/proc`; the clients not counted) — where the jobs/s
+//!   ratio comes from, and the ratio of the agents' machines when PostgreSQL has its own.
 //!
 //! A throwaway PostgreSQL 15 is started as tests/common/postgres.rs does (as mistry-test when
 //! run as root). `cargo bench --bench cluster`, or `scripts/bench.sh cluster` (root and
