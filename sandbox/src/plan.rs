@@ -407,6 +407,8 @@ pub(crate) fn build(spec: &Spec<'_>) -> Result<(Vec<Op>, usize, Option<usize>), 
     // (over /dev, whose devices were grabbed above) and the overlays made from those, so that
     // their options in /proc/self/mountinfo do not show the host's store paths. The staging
     // tmpfs is detached again once the overlays exist (they keep private clones of the layers).
+    // Every layer is grabbed before the staging tmpfs hides /dev: a store under /dev/shm.
+    let mut grabs_at = ops.len();
     let needs_overlay = spec.overlay.is_some()
         || spec
             .overlay_mounts
@@ -421,16 +423,29 @@ pub(crate) fn build(spec: &Spec<'_>) -> Result<(Vec<Op>, usize, Option<usize>), 
         });
     }
     let mut staged = 0usize;
-    fn stage(ops: &mut Vec<Op>, slots: &mut usize, staged: &mut usize, source: &Path) -> PathBuf {
+    // A grab of a layer: at `grabs_at`, before the staging tmpfs.
+    fn grab_early(ops: &mut Vec<Op>, grabs_at: &mut usize, op: Op) {
+        ops.insert(*grabs_at, op);
+        *grabs_at += 1;
+    }
+    fn stage(
+        ops: &mut Vec<Op>,
+        (slots, staged, grabs_at): (&mut usize, &mut usize, &mut usize),
+        source: &Path,
+    ) -> PathBuf {
         let name = PathBuf::from(format!("{STAGING}/{staged}"));
         *staged += 1;
         let slot = *slots;
         *slots += 1;
-        ops.push(Op::Grab {
-            source: cpath(source),
-            slot,
-            read_only: false,
-        });
+        grab_early(
+            ops,
+            grabs_at,
+            Op::Grab {
+                source: cpath(source),
+                slot,
+                read_only: false,
+            },
+        );
         ops.push(Op::Mkdirs {
             dirs: vec![cpath(&name)],
         });
@@ -443,8 +458,7 @@ pub(crate) fn build(spec: &Spec<'_>) -> Result<(Vec<Op>, usize, Option<usize>), 
     // upperdir and workdir must be on one mount: stage their nearest common directory.
     fn stage_rw(
         ops: &mut Vec<Op>,
-        slots: &mut usize,
-        staged: &mut usize,
+        counts: (&mut usize, &mut usize, &mut usize),
         upper: &Path,
         work: &Path,
     ) -> (PathBuf, PathBuf) {
@@ -454,7 +468,7 @@ pub(crate) fn build(spec: &Spec<'_>) -> Result<(Vec<Op>, usize, Option<usize>), 
             .take_while(|(a, b)| a == b)
             .map(|(a, _)| a.as_os_str())
             .collect();
-        let base = stage(ops, slots, staged, &common);
+        let base = stage(ops, counts, &common);
         let rel = |p: &Path| base.join(p.strip_prefix(&common).unwrap_or(p));
         (rel(upper), rel(work))
     }
@@ -466,21 +480,25 @@ pub(crate) fn build(spec: &Spec<'_>) -> Result<(Vec<Op>, usize, Option<usize>), 
             if m.rw.is_none() && m.lowers.len() == 1 {
                 // One read-only layer needs no overlay: bind it.
                 let slot = next(&mut slots);
-                ops.push(Op::Grab {
-                    source: cpath(&m.lowers[0]),
-                    slot,
-                    read_only: true,
-                });
+                grab_early(
+                    &mut ops,
+                    &mut grabs_at,
+                    Op::Grab {
+                        source: cpath(&m.lowers[0]),
+                        slot,
+                        read_only: true,
+                    },
+                );
                 (slot, m)
             } else {
                 let lowers: Vec<PathBuf> = m
                     .lowers
                     .iter()
-                    .map(|l| stage(&mut ops, &mut slots, &mut staged, l))
+                    .map(|l| stage(&mut ops, (&mut slots, &mut staged, &mut grabs_at), l))
                     .collect();
-                let rw =
-                    m.rw.as_ref()
-                        .map(|(u, w)| stage_rw(&mut ops, &mut slots, &mut staged, u, w));
+                let rw = m.rw.as_ref().map(|(u, w)| {
+                    stage_rw(&mut ops, (&mut slots, &mut staged, &mut grabs_at), u, w)
+                });
                 let slot = next(&mut slots);
                 let rw = rw.as_ref().map(|(u, w)| (u.as_path(), w.as_path()));
                 ops.push(overlay_op(slot, &lowers, rw));
@@ -494,9 +512,14 @@ pub(crate) fn build(spec: &Spec<'_>) -> Result<(Vec<Op>, usize, Option<usize>), 
         let lowers: Vec<PathBuf> = ov
             .lowers
             .iter()
-            .map(|l| stage(&mut ops, &mut slots, &mut staged, l))
+            .map(|l| stage(&mut ops, (&mut slots, &mut staged, &mut grabs_at), l))
             .collect();
-        let (upper, work) = stage_rw(&mut ops, &mut slots, &mut staged, &ov.upper, &ov.work);
+        let (upper, work) = stage_rw(
+            &mut ops,
+            (&mut slots, &mut staged, &mut grabs_at),
+            &ov.upper,
+            &ov.work,
+        );
         let slot = next(&mut slots);
         ops.push(overlay_op(slot, &lowers, Some((&upper, &work))));
         slot

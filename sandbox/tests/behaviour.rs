@@ -565,6 +565,41 @@ fn capabilities_are_dockers_default_set_and_no_new_privs() {
     }
 }
 
+/// Layers under `/dev` (a store in `/dev/shm`): the sandbox stages its overlay layers on a
+/// tmpfs over its own `/dev`, so it must have grabbed them before.
+#[test]
+fn an_overlay_root_may_have_its_layers_under_dev() {
+    let dir = tempfile::Builder::new()
+        .prefix("mistry-sandbox-test")
+        .tempdir_in("/dev/shm")
+        .expect("a directory in /dev/shm");
+    let rootfs = dir.path().join("rootfs");
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(support::template())
+        .arg(&rootfs)
+        .status()
+        .expect("cp");
+    assert!(status.success());
+    let (upper, work) = (dir.path().join("upper"), dir.path().join("work"));
+    std::fs::create_dir(&upper).unwrap();
+    std::fs::create_dir(&work).unwrap();
+    let out = run(
+        Sandbox::new_overlay(vec![rootfs.clone()], &upper, &work).command([
+            "/bin/sh",
+            "-c",
+            "echo new > /etc/added && head -1 /etc/passwd",
+        ]),
+    );
+    assert_eq!(out.status, ExitStatus::Exited(0), "{}", text(&out.stderr));
+    assert_eq!(text(&out.stdout), "root:x:0:0:root:/root:/bin/sh\n");
+    assert_eq!(
+        std::fs::read_to_string(upper.join("etc/added")).unwrap(),
+        "new\n"
+    );
+    assert!(!rootfs.join("etc/added").exists());
+}
+
 #[test]
 fn ipc_and_uts_are_private() {
     let f = fixture();
