@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use sandbox::{
     Bind, CgroupLimits, Error, ExitStatus, IdMapping, NetworkMode, Rlimit, Sandbox, Stdio, User,
 };
-use support::{fixture, host_processes_with, run, text, unique_marker};
+use support::{fixture, fixture_in, host_processes_with, run, text, unique_marker};
 
 fn require_full_map() {
     assert!(
@@ -569,23 +569,11 @@ fn capabilities_are_dockers_default_set_and_no_new_privs() {
 /// tmpfs over its own `/dev`, so it must have grabbed them before.
 #[test]
 fn an_overlay_root_may_have_its_layers_under_dev() {
-    let dir = tempfile::Builder::new()
-        .prefix("mistry-sandbox-test")
-        .tempdir_in("/dev/shm")
-        .expect("a directory in /dev/shm");
-    let rootfs = dir.path().join("rootfs");
-    let status = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(support::template())
-        .arg(&rootfs)
-        .status()
-        .expect("cp");
-    assert!(status.success());
-    let (upper, work) = (dir.path().join("upper"), dir.path().join("work"));
-    std::fs::create_dir(&upper).unwrap();
-    std::fs::create_dir(&work).unwrap();
+    let f = fixture_in(std::path::Path::new("/dev/shm"));
+    let upper = f.host_dir("upper");
+    let work = f.host_dir("work");
     let out = run(
-        Sandbox::new_overlay(vec![rootfs.clone()], &upper, &work).command([
+        Sandbox::new_overlay(vec![f.rootfs.clone()], &upper, &work).command([
             "/bin/sh",
             "-c",
             "echo new > /etc/added && head -1 /etc/passwd",
@@ -597,7 +585,7 @@ fn an_overlay_root_may_have_its_layers_under_dev() {
         std::fs::read_to_string(upper.join("etc/added")).unwrap(),
         "new\n"
     );
-    assert!(!rootfs.join("etc/added").exists());
+    assert!(!f.rootfs.join("etc/added").exists());
 }
 
 #[test]

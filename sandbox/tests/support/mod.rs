@@ -60,9 +60,14 @@ pub(crate) fn probe() -> PathBuf {
 /// A fresh, private copy of the busybox rootfs with the probe at `/bin/probe` and a setuid-root
 /// copy at `/bin/probe-suid`.
 pub(crate) fn fixture() -> Fixture {
+    fixture_in(&std::env::temp_dir())
+}
+
+/// [`fixture`] in a directory under `parent`.
+pub(crate) fn fixture_in(parent: &Path) -> Fixture {
     let dir = tempfile::Builder::new()
         .prefix("mistry-sandbox-test")
-        .tempdir()
+        .tempdir_in(parent)
         .expect("tempdir");
     let rootfs = dir.path().join("rootfs");
     let status = Command::new("cp")
