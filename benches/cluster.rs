@@ -243,10 +243,12 @@ fn main() {
         c_new - s_new
     );
     println!("{:<58} {:>10.1}", "jobs/s, single node", single_rps);
+    // "1 agent", "2 agents", ... for cluster k (0-based).
+    let agents = |k: usize| format!("{} agent{}", k + 1, if k == 0 { "" } else { "s" });
     for (k, r) in rps.iter().enumerate() {
         println!(
             "{:<58} {:>10.1}   >= 0.9 x single per machine ({:.2} x; moved {}/{})",
-            format!("jobs/s, {} agent{}", k + 1, if k == 0 { "" } else { "s" }),
+            format!("jobs/s, {}", agents(k)),
             r,
             r / single_rps,
             moved[k].0,
@@ -259,15 +261,11 @@ fn main() {
         "CPU per job, single node",
         per_job(single_cpu.0, single_cpu.1)
     );
-    for (k, (agents, db, jobs)) in cluster_cpu.iter().enumerate() {
-        let (a, d) = (per_job(*agents, *jobs), per_job(*db, *jobs));
+    for (k, (daemons, db, jobs)) in cluster_cpu.iter().enumerate() {
+        let (a, d) = (per_job(*daemons, *jobs), per_job(*db, *jobs));
         println!(
             "{:<58} {:>8.2}ms   (agents {a:.2} + PostgreSQL {d:.2})",
-            format!(
-                "CPU per job, {} agent{}",
-                k + 1,
-                if k == 0 { "" } else { "s" }
-            ),
+            format!("CPU per job, {}", agents(k)),
             a + d
         );
     }

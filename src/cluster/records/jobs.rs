@@ -218,8 +218,8 @@ pub(in crate::cluster) struct EndLog<'a> {
 /// attempt, or queued again meanwhile and not claimed by another agent yet: the fence), the
 /// run's whole log if it goes with it ([`EndLog`], notified before the end), the end's
 /// notification, and the project's image on `me` (its time written at most once a minute: not
-/// a write per job). [`Recorded::Already`] when this very end is
-/// recorded already (a retry after a lost reply: nothing written or notified again).
+/// a write per job). [`Recorded::Already`] when this very end is recorded already (a retry
+/// after a lost reply: nothing written or notified again).
 pub(in crate::cluster) async fn record_end(
     client: &Pooled,
     project: &str,
