@@ -15,7 +15,8 @@
 //!   in use); `BENCH_ROUNDS` (default 2) rounds of the four, each figure their mean. All
 //!   agents share this one machine, so "per machine" is the cluster's jobs/s over the single
 //!   node's (target ≥ 0.9); "moved" counts the jobs that ran on another agent than the one
-//!   asked (each one's build then fetched back to answer);
+//!   asked (each one's build then fetched back to answer), "claimed" those that were queued
+//!   in the records and claimed from there (the others ran where they were inserted);
 //! - the CPU time per job in those runs: the single node's, and each cluster's agents' and
 //!   PostgreSQL's (each daemon with its sandboxes, PostgreSQL with its backends: the process
 //!   trees' user and system time from `/proc`; the clients not counted) — where the jobs/s
@@ -159,7 +160,7 @@ fn main() {
         ),
         "b1,b2,b3"
     );
-    let (mut single_rps, mut rps, mut moved) = (0.0, [0.0; 3], [(0u64, 0u64); 3]);
+    let (mut single_rps, mut rps, mut moved) = (0.0, [0.0; 3], [(0u64, 0u64, 0u64); 3]);
     // CPU time and jobs: the single node's; each cluster's agents' and PostgreSQL's.
     let mut single_cpu = (Duration::ZERO, 0);
     let mut cluster_cpu = [(Duration::ZERO, Duration::ZERO, 0); 3];
@@ -191,16 +192,19 @@ fn main() {
             drop(agents);
             stop_all();
             // Client c asked agent c mod (k + 1), b<c mod (k + 1) + 1>.
+            // A job inserted `running` starts in its insert's transaction (`now()` is the
+            // transaction's time); a queued one when it is claimed, later.
             let counted = pg.psql(&format!(
                 "SELECT count(*) FILTER (WHERE agent <> 'b' ||
                           (split_part(request->'params'->>'n', '-', 2)::int % {n} + 1)),
-                        count(*)
+                        count(*), count(*) FILTER (WHERE started_at > queued_at)
                    FROM jobs WHERE request->'params'->>'n' LIKE '{prefix}-%'",
                 n = k + 1
             ));
-            let (away, all) = counted.split_once('|').unwrap();
-            m.0 += away.parse::<u64>().unwrap();
-            m.1 += all.parse::<u64>().unwrap();
+            let figures: Vec<u64> = counted.split('|').map(|f| f.parse().unwrap()).collect();
+            m.0 += figures[0];
+            m.1 += figures[1];
+            m.2 += figures[2];
         }
     }
     single_rps /= rounds as f64;
@@ -247,12 +251,13 @@ fn main() {
     let agents = |k: usize| format!("{} agent{}", k + 1, if k == 0 { "" } else { "s" });
     for (k, r) in rps.iter().enumerate() {
         println!(
-            "{:<58} {:>10.1}   >= 0.9 x single per machine ({:.2} x; moved {}/{})",
+            "{:<58} {:>10.1}   >= 0.9 x single per machine ({:.2} x; moved {}/{}, claimed {})",
             format!("jobs/s, {}", agents(k)),
             r,
             r / single_rps,
             moved[k].0,
-            moved[k].1
+            moved[k].1,
+            moved[k].2
         );
     }
     // Where a job's CPU time goes (the daemons with their sandboxes; the clients not counted).

@@ -592,6 +592,59 @@ fn a_new_job_waits_for_the_full_agent_taking_it_unless_that_agent_is_busy() {
     );
 }
 
+/// Capacity 1: a new job asked of an agent whose one slot is taken by a young run is inserted
+/// `running` by that agent and waits there for the slot, as in a single node's queue (no claim:
+/// its record started when it was inserted), though another agent with the image is idle; a
+/// job that waits there longer than a second (the run there turned long) goes back to the
+/// cluster's queue and the idle agent runs it (its second attempt).
+#[test]
+fn a_new_job_waits_on_the_full_agent_taking_it_and_leaves_when_the_wait_turns_long() {
+    let Some(pg) = Postgres::start_or_skip() else {
+        return;
+    };
+    let [a, b] = agents_named(&pg.url(), ["a", "b"], 1);
+    let post = |s: &Server, name: &str, sleep: &str| {
+        let body = json!({"project": "simple", "params": {"name": name, "sleep": sleep}});
+        let (status, text) = s.post("/jobs?async", &body.to_string());
+        assert_eq!(status, 201, "{text}");
+    };
+    let record = |name: &str| {
+        pg.psql(&format!(
+            "SELECT state || '|' || coalesce(agent, '') || '|' || attempt || '|' ||
+                    (started_at = queued_at)
+               FROM jobs WHERE request->'params'->>'name' = '{name}'"
+        ))
+    };
+    let ended = |name: &str, timeout: u64| {
+        wait_for(
+            &format!("{name} to end"),
+            Duration::from_secs(timeout),
+            || record(name).starts_with("ready|"),
+        );
+        record(name)
+    };
+    // Both get the image.
+    let (status, text) = post_job(&a, &json!({"project": "simple", "params": {"name": "a0"}}));
+    assert_eq!(status, 201, "{text}");
+    let (status, text) = post_job(&b, &json!({"project": "simple", "params": {"name": "b0"}}));
+    assert_eq!(status, 201, "{text}");
+    // A short run takes A's slot; the next job asked of A waits there for it.
+    post(&a, "short", "0.3");
+    post(&a, "after-short", "");
+    assert_eq!(ended("after-short", 30), "ready|a|1|true");
+    assert_eq!(ended("short", 30), "ready|a|1|true");
+    // A long run takes A's slot: the job waiting there leaves after a second, and B runs it.
+    post(&a, "long", "20");
+    post(&a, "after-long", "");
+    assert_eq!(ended("after-long", 30), "ready|b|2|false");
+    assert!(
+        log_of(&a).contains("the job waited here for a slot too long"),
+        "{}",
+        log_of(&a)
+    );
+    assert_eq!(record("long"), "running|a|1|true");
+}
+
 /// Requests whose mistry job IDs collide (`{name: "xnzy"}` / `{name: "x", nz: "y"}`), asked on
 /// two agents: the second request, on the other agent, is not answered with the first one's
 /// build (neither fetched from its agent once ready, nor joined while it runs) but gets a build

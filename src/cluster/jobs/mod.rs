@@ -43,7 +43,10 @@
 //! its container) and a free slot — the job is then inserted `running` there, and its answer
 //! needs no copy — or a short wait for one: it is not *busy* (none of its running jobs started
 //! over `records::jobs::BRIEF_RUN` ago) and fewer jobs are queued for it than its capacity —
-//! the job is then queued for it; else an alive agent with free capacity that has the
+//! the job is then inserted `running` there too when that agent is the one taking the request
+//! and has a place in its own queue ([`Scheduler::wait_briefly`]: it waits there for a slot,
+//! as in a single node, and goes back to the cluster's queue after [`LOCAL_WAIT`]), else
+//! queued for it; else an alive agent with free capacity that has the
 //! project's image; else the least loaded alive agent (`running` records / capacity); ties go
 //! to the agent taking the request. The trade-off (docs/cluster.md, "Placement"): load spreads
 //! only once the agent asked is busy or lacks the image — a short job run where it was asked,
@@ -107,6 +110,10 @@ const FENCE_PATIENCE: Duration = Duration::from_secs(600);
 /// The pause before a request reads its job's record again after a write whose answer was
 /// lost.
 const LOST_REPLY_PAUSE: Duration = Duration::from_millis(200);
+/// How long a job inserted `running` here waits for a slot here before it goes back to the
+/// cluster's queue (`Scheduler::spawn_waiting`): other agents leave a job to its preferred
+/// agent as long.
+const LOCAL_WAIT: Duration = PREFERRED_GRACE;
 /// How long the fence and the sweeper wait for one statement's answer before they take the
 /// database for unreachable.
 const STATEMENT_PATIENCE: Duration = Duration::from_secs(5);
@@ -226,14 +233,22 @@ pub struct Scheduler {
     claimed: AtomicUsize,
     /// A claimed job ended here: capacity is free.
     freed: Notify,
+    /// Runs of jobs inserted `running` here while every slot was taken (a brief wait, see
+    /// [`Scheduler::waits_briefly`]), in order: a slot given back goes to the first of them
+    /// before the claim loop sees it.
+    waiters: std::sync::Mutex<std::collections::VecDeque<tokio::sync::oneshot::Sender<()>>>,
+    /// The places taken for runs waiting here for a slot (at most `job_backlog`; see
+    /// [`Scheduler::wait_briefly`]).
+    waiting: AtomicUsize,
     /// The builds whose end this agent recorded lately (key → `StartedAt`): their end's
     /// notification is no news for the stale-copy check (one query less per job). A missed
     /// notification leaves an entry; entries count for a minute, and a reconnection checks
     /// every copy anyway.
     recorded: std::sync::Mutex<std::collections::HashMap<String, (String, std::time::Instant)>>,
-    /// The runs this agent runs now (key → attempt): a `running` record of this agent that is
-    /// not one of them is an orphan (a lost reply), put back in the queue.
-    runs: std::sync::Mutex<std::collections::HashMap<String, i32>>,
+    /// The runs this agent runs now, or that wait here for a slot (key → the run): a `running`
+    /// record of this agent that is not one of them is an orphan (a lost reply), put back in
+    /// the queue.
+    runs: std::sync::Mutex<std::collections::HashMap<String, RunHere>>,
     /// The jobs requests here are inserting now (key → how many requests): a record of this
     /// agent's among them is no orphan yet.
     inserting: std::sync::Mutex<std::collections::HashMap<String, usize>>,
@@ -246,6 +261,15 @@ pub struct Scheduler {
     /// Since when this agent reaches the database without a break (the sweeper's pings):
     /// until it has for `agent_timeout`, it takes nobody for dead ([`Scheduler::judged`]).
     reached_since: std::sync::Mutex<Option<tokio::time::Instant>>,
+}
+
+/// One of this agent's runs ([`Scheduler::runs`]).
+#[derive(Debug, Clone, Copy)]
+struct RunHere {
+    /// Its claim's attempt.
+    attempt: i32,
+    /// Since when it holds a slot (`None`: it waits for one).
+    since: Option<std::time::Instant>,
 }
 
 /// Builds in this agent's `ready/` known to be the ones their records name (key →
@@ -325,6 +349,8 @@ impl Scheduler {
             ended_here: broadcast::channel(1024).0,
             claimed: AtomicUsize::new(0),
             freed: Notify::new(),
+            waiters: Default::default(),
+            waiting: AtomicUsize::new(0),
             recorded: Default::default(),
             runs: Default::default(),
             inserting: Default::default(),
@@ -352,7 +378,7 @@ impl Scheduler {
             || self
                 .runs
                 .lock()
-                .is_ok_and(|r| r.get(key).is_some_and(|a| *a == attempt))
+                .is_ok_and(|r| r.get(key).is_some_and(|run| run.attempt == attempt))
     }
 
     /// The epoch of what this agent knows of its builds (see [`Verified`]): taken before a

@@ -452,7 +452,11 @@ impl Scheduler {
     /// cluster's queue is full (the backlog's 503, see the module's doc). With a free slot
     /// here, and this agent the job's preferred one (see `records::jobs::insert`), the job is
     /// inserted `running` by this agent and starts at once (no claim round trip, and the answer
-    /// needs no replication); else it is queued for the claims, its preferred agent first.
+    /// needs no replication); with every slot taken but a brief wait here (by this agent's
+    /// runs, [`Scheduler::wait_briefly`], and by the records), it is inserted `running` by this
+    /// agent too and waits here for a slot, as in a single node's queue
+    /// ([`Scheduler::spawn_waiting`]); else it is queued for the claims, its preferred agent
+    /// first.
     /// Not when the job has a record under the ID `unless` (`""`: none): `Some(false)` then.
     pub(super) async fn insert(
         self: &Arc<Self>,
@@ -461,16 +465,20 @@ impl Scheduler {
         unless: &str,
     ) -> Result<Option<bool>, ClusterError> {
         let here = self.reserve();
+        // Every slot taken: the job may still run here after a brief wait, as in a single
+        // node's queue (`Scheduler::spawn_waiting`).
+        let soon = !here && self.wait_briefly();
         // Until its run is registered, a record this insert made is no orphan (a lost reply
         // of another request's insert of the same job here never takes it for one).
         let key = key_of(&req.project, id);
         if let Ok(mut i) = self.inserting.lock() {
             *i.entry(key.clone()).or_insert(0) += 1;
         }
-        let inserted = self.try_insert(req, id, here, unless).await;
+        let inserted = self.try_insert(req, id, (here, soon), unless).await;
         match &inserted {
             Ok(Inserted::Running(_)) => {}
             _ if here => self.release(),
+            _ if soon => self.leave_wait(),
             _ => {}
         }
         let answer = match inserted {
@@ -480,7 +488,11 @@ impl Scheduler {
             Ok(Inserted::Queued) => Ok(Some(true)),
             Ok(Inserted::Running(claim)) => {
                 tracing::info!(project = %claim.project, id = %claim.id, agent = %self.me(), "job claimed (taken by the agent that received it)");
-                self.spawn_run(claim);
+                if here {
+                    self.spawn_run(claim);
+                } else {
+                    self.spawn_waiting(claim);
+                }
                 Ok(Some(true))
             }
         };
@@ -495,12 +507,13 @@ impl Scheduler {
         answer
     }
 
-    /// Insert the job (see [`Scheduler::insert`]), `running` here when `here` allows.
+    /// Insert the job (see [`Scheduler::insert`]), `running` here when `here` allows: a free
+    /// slot here, or a place to wait here for one (`records::jobs::insert`).
     pub(super) async fn try_insert(
         &self,
         req: &JobRequest,
         id: &str,
-        here: bool,
+        here: (bool, bool),
         unless: &str,
     ) -> Result<Inserted, ClusterError> {
         let request = request_json(req);

@@ -72,38 +72,163 @@ impl Scheduler {
             .is_ok()
     }
 
-    /// Give back a slot [`Scheduler::reserve`] took, and wake the claim loop (capacity freed).
+    /// Give back a slot [`Scheduler::reserve`] took, and wake the claim loop (capacity freed)
+    /// unless a run waiting here took the slot.
     pub(super) fn release(&self) {
-        self.unreserve();
-        self.freed.notify_one();
+        if self.give_slot_back() {
+            self.freed.notify_one();
+        }
     }
 
-    /// Give back a slot [`Scheduler::reserve`] took, quietly.
+    /// Give back a slot [`Scheduler::reserve`] took without waking the claim loop (to a run
+    /// waiting here for one, if any).
     pub(super) fn unreserve(&self) {
+        self.give_slot_back();
+    }
+
+    /// Hand a slot over to the first run waiting here for one ([`Scheduler::waiters`]), else
+    /// give it back to the pool (`true`). Every give-back goes through here, under the
+    /// waiters' lock: a run that found every slot taken ([`Scheduler::slot_or_wait`]) gets
+    /// the next one given back.
+    fn give_slot_back(&self) -> bool {
+        let mut waiters = self
+            .waiters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        while let Some(next) = waiters.pop_front() {
+            if next.send(()).is_ok() {
+                return false;
+            }
+        }
         self.claimed.fetch_sub(1, Ordering::SeqCst);
+        true
+    }
+
+    /// A slot for a run that may wait here: taken now, or the wait for the next one given back
+    /// (or none: the engine shuts down).
+    fn slot_or_wait(&self) -> SlotWait {
+        let mut waiters = self
+            .waiters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if self.engine.is_shutting_down() {
+            return SlotWait::Never;
+        }
+        if self.reserve() {
+            return SlotWait::Now;
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        waiters.push_back(tx);
+        SlotWait::Later(rx)
+    }
+
+    /// A run's wait for a slot is over without one (`rx` its wait): unless the slot was handed
+    /// over meanwhile (`true`), nothing is handed to it any more (dropped under the waiters'
+    /// lock, which every hand-over holds).
+    fn stop_waiting(&self, mut rx: tokio::sync::oneshot::Receiver<()>) -> bool {
+        let _waiters = self
+            .waiters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let handed = rx.try_recv().is_ok();
+        drop(rx);
+        handed
+    }
+
+    /// Take one of this agent's places for a run waiting here for a slot, when the wait is
+    /// brief: fewer runs wait here than `job_backlog` (a single node's queue), and none of the
+    /// runs holding a slot started over [`rows::BRIEF_RUN`] ago (the next slot is given back
+    /// soon) — as `records::jobs`' placement judges an agent worth waiting for; a run that
+    /// still waits after [`LOCAL_WAIT`] goes back to the cluster's queue. The place is given
+    /// back with [`Scheduler::leave_wait`].
+    pub(super) fn wait_briefly(&self) -> bool {
+        if self.engine.is_shutting_down() {
+            return false;
+        }
+        let brief = self.runs.lock().is_ok_and(|r| {
+            r.values()
+                .all(|run| run.since.is_none_or(|t| t.elapsed() < rows::BRIEF_RUN))
+        });
+        let places = self.engine.cfg.job_backlog;
+        brief
+            && self
+                .waiting
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                    (n < places).then_some(n + 1)
+                })
+                .is_ok()
+    }
+
+    /// Give back a place [`Scheduler::wait_briefly`] took.
+    pub(super) fn leave_wait(&self) {
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
     }
 
     /// Run a claimed job (its slot reserved) in the background; it is one of this agent's
     /// runs until it ends (see [`Scheduler::rescue_orphans`]).
     pub(super) fn spawn_run(self: &Arc<Self>, claim: Claim) {
+        self.spawn(claim, SlotWait::Now, false);
+    }
+
+    /// Run a job inserted `running` here while every slot was taken (a place taken with
+    /// [`Scheduler::wait_briefly`], given back here): once a slot is given back, before the
+    /// claim loop claims anything — the job waits here as it would in a single node's queue,
+    /// without a claim's round trip. Until then it is one of this agent's runs (its record is
+    /// no orphan); if the engine shuts down meanwhile, it goes back to the queue.
+    pub(super) fn spawn_waiting(self: &Arc<Self>, claim: Claim) {
+        let wait = self.slot_or_wait();
+        self.spawn(claim, wait, true);
+    }
+
+    /// Run `claim` once it has its slot (`wait`); `placed`: it took a place with
+    /// [`Scheduler::wait_briefly`], given back once the wait is over.
+    fn spawn(self: &Arc<Self>, claim: Claim, wait: SlotWait, placed: bool) {
         let key = key_of(&claim.project, &claim.id);
         if let Ok(mut r) = self.runs.lock() {
-            r.insert(key.clone(), claim.attempt);
+            let since = matches!(wait, SlotWait::Now).then(std::time::Instant::now);
+            let run = RunHere {
+                attempt: claim.attempt,
+                since,
+            };
+            r.insert(key.clone(), run);
         }
         let me = Arc::clone(self);
         tokio::spawn(async move {
             let attempt = claim.attempt;
-            let slot = Slot {
-                scheduler: Arc::clone(&me),
-                held: true.into(),
+            let got = match wait {
+                SlotWait::Now => true,
+                SlotWait::Later(mut rx) => match tokio::time::timeout(LOCAL_WAIT, &mut rx).await {
+                    Ok(handed) => handed.is_ok(),
+                    Err(_) => me.stop_waiting(rx),
+                },
+                SlotWait::Never => false,
             };
-            me.run_claimed(claim, &slot).await;
+            if placed {
+                me.leave_wait();
+            }
+            if got {
+                if let Ok(mut r) = me.runs.lock() {
+                    if let Some(run) = r.get_mut(&key).filter(|run| run.attempt == attempt) {
+                        run.since = Some(std::time::Instant::now());
+                    }
+                }
+                let slot = Slot {
+                    scheduler: Arc::clone(&me),
+                    held: true.into(),
+                };
+                me.run_claimed(claim, &slot).await;
+                drop(slot);
+            } else {
+                // No slot came in time (a run here turned long), or none will (the engine
+                // shuts down): back to the cluster's queue, where any agent may claim it.
+                tracing::info!(project = %claim.project, id = %claim.id, agent = %me.me(), "the job waited here for a slot too long: back to the cluster's queue");
+                me.unclaim(&claim.project, &claim.id, attempt).await;
+            }
             if let Ok(mut r) = me.runs.lock() {
-                if r.get(&key) == Some(&attempt) {
+                if r.get(&key).is_some_and(|run| run.attempt == attempt) {
                     r.remove(&key);
                 }
             }
-            drop(slot);
         });
     }
 
@@ -396,10 +521,10 @@ impl Scheduler {
     /// later attempt runs here (it replaces it); while the record cannot be read, it stays
     /// (answers check it against the record).
     async fn fenced_end(&self, project: &str, id: &str, info: &BuildInfo, attempt: i32) {
-        let later_here = self
-            .runs
-            .lock()
-            .is_ok_and(|r| r.get(&key_of(project, id)).is_some_and(|a| *a > attempt));
+        let later_here = self.runs.lock().is_ok_and(|r| {
+            r.get(&key_of(project, id))
+                .is_some_and(|run| run.attempt > attempt)
+        });
         let named = match self.read(project, id).await {
             Ok(Some(rec)) => {
                 !rec.state.in_flight()
@@ -464,6 +589,16 @@ impl Scheduler {
         }
         Ok(recorded)
     }
+}
+
+/// How a run gets its slot ([`Scheduler::slot_or_wait`]).
+enum SlotWait {
+    /// Reserved already.
+    Now,
+    /// When a slot is given back (handed over by [`Scheduler::release`]).
+    Later(tokio::sync::oneshot::Receiver<()>),
+    /// Never: the engine shuts down.
+    Never,
 }
 
 /// A claim's slot of this agent's `job_concurrency` ([`Scheduler::reserve`]), given back once:

@@ -700,8 +700,10 @@ pub(in crate::cluster) enum Inserted {
 }
 
 /// Insert `job` (one statement: one round trip, atomic, its notification and the backlog's
-/// check included): `running` by `me` at once when `here` (a free slot on `me`) and `me` is
-/// its preferred agent ([`preferred`]; its first attempt), else `queued` with its preferred
+/// check included): `running` by `me` at once when `me` is its preferred agent
+/// ([`preferred`]; its first attempt) and either `here` (a free slot on `me`) or `soon` (the
+/// run may wait on `me` for a slot, and the records agree that the wait is brief:
+/// [`waits_briefly`]), else `queued` with its preferred
 /// agent unless the cluster's queue is full (its queued records at least the alive agents'
 /// free slots plus `backlog`, as [`queue_full`]; a job that runs at once joins no queue).
 /// Not when the job has a record under the ID `unless` either ([`Inserted::Exists`]; `""`:
@@ -709,7 +711,7 @@ pub(in crate::cluster) enum Inserted {
 pub(in crate::cluster) async fn insert(
     client: &Pooled,
     job: &NewJob<'_>,
-    here: bool,
+    (here, soon): (bool, bool),
     me: &str,
     agent_timeout: Duration,
     backlog: i64,
@@ -719,7 +721,8 @@ pub(in crate::cluster) async fn insert(
     let sql = format!(
         "WITH qfull AS (SELECT {} AS yes),
               pref AS (SELECT {} AS agent),
-              mine AS (SELECT $5 AND (pref.agent IS NULL OR pref.agent = $6) AS yes
+              mine AS (SELECT ($5 OR ($12 AND {}))
+                              AND (pref.agent IS NULL OR pref.agent = $6) AS yes
                          FROM pref),
               ins AS (
                   INSERT INTO jobs (project, id, group_name, request, preferred_agent,
@@ -740,7 +743,8 @@ pub(in crate::cluster) async fn insert(
          SELECT (SELECT ins.state FROM ins), qfull.yes, (SELECT count(*) FROM sent)
            FROM qfull",
         queue_full_sql("$10", "$7"),
-        preferred("$6", "$7", "$5")
+        preferred("$6", "$7", "$5"),
+        waits_briefly("$6")
     );
     let statement = client.prepare_cached(&sql).await.map_err(&g)?;
     let row = client
@@ -758,6 +762,7 @@ pub(in crate::cluster) async fn insert(
                 &running_payload(job.project, job.id),
                 &backlog,
                 &unless,
+                &soon,
             ],
         )
         .await
