@@ -629,7 +629,7 @@ fn a_new_job_waits_on_the_full_agent_taking_it_and_leaves_when_the_wait_turns_lo
     let (status, text) = post_job(&b, &json!({"project": "simple", "params": {"name": "b0"}}));
     assert_eq!(status, 201, "{text}");
     // A short run takes A's slot; the next job asked of A waits there for it.
-    post(&a, "short", "0.3");
+    post(&a, "short", "0.2");
     post(&a, "after-short", "");
     assert_eq!(ended("after-short", 30), "ready|a|1|true");
     assert_eq!(ended("short", 30), "ready|a|1|true");
