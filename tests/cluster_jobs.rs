@@ -645,6 +645,52 @@ fn a_new_job_waits_on_the_full_agent_taking_it_and_leaves_when_the_wait_turns_lo
     assert_eq!(record("long"), "running|a|1|true");
 }
 
+/// A job waiting on an agent for a slot when that agent stops (SIGTERM, a short shutdown
+/// grace) goes back to the cluster's queue before the agent marks itself stopped: another agent
+/// runs it as a plain queued job, not as a lost run of a dead agent (no retry counted).
+#[test]
+fn a_job_waiting_on_a_stopping_agent_goes_back_to_the_queue_without_a_retry() {
+    let Some(pg) = Postgres::start_or_skip() else {
+        return;
+    };
+    let [mut a, b] = agents_named(&pg.url(), ["a", "b"], 1);
+    for (s, name) in [(&a, "a0"), (&b, "b0")] {
+        let (status, text) = post_job(s, &json!({"project": "simple", "params": {"name": name}}));
+        assert_eq!(status, 201, "{text}");
+    }
+    // A again, its running jobs given 200 ms after SIGTERM.
+    assert!(a.term().success());
+    a.grace = "200ms".into();
+    a.spawn();
+    let post = |s: &Server, name: &str, sleep: &str| {
+        let body = json!({"project": "simple", "params": {"name": name, "sleep": sleep}});
+        let (status, text) = s.post("/jobs?async", &body.to_string());
+        assert_eq!(status, 201, "{text}");
+    };
+    post(&a, "long", "20");
+    post(&a, "waiting", "");
+    assert_eq!(
+        pg.psql(
+            "SELECT state || '|' || agent || '|' || (started_at = queued_at) FROM jobs \
+             WHERE request->'params'->>'name' = 'waiting'"
+        ),
+        "running|a|true"
+    );
+    assert!(a.term().success());
+    let record = || {
+        pg.psql(
+            "SELECT state || '|' || coalesce(agent, '') || '|' || attempt || '|' || retries \
+               FROM jobs WHERE request->'params'->>'name' = 'waiting'",
+        )
+    };
+    wait_for(
+        "the waiting job to end on b",
+        Duration::from_secs(30),
+        || record().starts_with("ready|"),
+    );
+    assert_eq!(record(), "ready|b|2|0");
+}
+
 /// Requests whose mistry job IDs collide (`{name: "xnzy"}` / `{name: "x", nz: "y"}`), asked on
 /// two agents: the second request, on the other agent, is not answered with the first one's
 /// build (neither fetched from its agent once ready, nor joined while it runs) but gets a build

@@ -289,9 +289,13 @@ impl Cluster {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(task);
     }
 
-    /// Stop heartbeating and mark this agent stopped in the database (graceful shutdown); a
-    /// failure is a warning.
+    /// Stop heartbeating and mark this agent stopped in the database (graceful shutdown, after
+    /// the engine's: the runs still waiting here for a slot first go back to the cluster's
+    /// queue); a failure is a warning.
     pub async fn stop(&self) {
+        if let Some(scheduler) = self.scheduler.get() {
+            scheduler.stop_waiters().await;
+        }
         let _ = self.stop.send(true);
         let task = self
             .task

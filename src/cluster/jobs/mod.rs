@@ -114,6 +114,9 @@ const LOST_REPLY_PAUSE: Duration = Duration::from_millis(200);
 /// cluster's queue (`Scheduler::spawn_waiting`): other agents leave a job to its preferred
 /// agent as long.
 const LOCAL_WAIT: Duration = PREFERRED_GRACE;
+/// How long a stopping agent waits for the runs waiting here for a slot to go back to the
+/// cluster's queue (`Scheduler::stop_waiters`).
+const STOP_PATIENCE: Duration = Duration::from_secs(5);
 /// How long the fence and the sweeper wait for one statement's answer before they take the
 /// database for unreachable.
 const STATEMENT_PATIENCE: Duration = Duration::from_secs(5);
@@ -268,7 +271,8 @@ pub struct Scheduler {
 struct RunHere {
     /// Its claim's attempt.
     attempt: i32,
-    /// Since when it holds a slot (`None`: it waits for one).
+    /// Since when it holds a slot (`None`: it waits for one, or gave its slot back and
+    /// records its end).
     since: Option<std::time::Instant>,
 }
 

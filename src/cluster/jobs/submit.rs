@@ -464,30 +464,25 @@ impl Scheduler {
         id: &str,
         unless: &str,
     ) -> Result<Option<bool>, ClusterError> {
+        // What the insert holds until its run is registered (given back by the guard however
+        // this ends, a request dropped mid-insert — its client gone — included): a slot here
+        // or a place to wait here for one (`Scheduler::spawn_waiting`: every slot taken, the
+        // job may still run here after a brief wait, as in a single node's queue), and its
+        // key among the jobs being inserted (until its run is registered, a record this insert
+        // made is no orphan: a lost reply of another request's insert of the same job here
+        // never takes it for one).
         let here = self.reserve();
-        // Every slot taken: the job may still run here after a brief wait, as in a single
-        // node's queue (`Scheduler::spawn_waiting`).
         let soon = !here && self.wait_briefly();
-        // Until its run is registered, a record this insert made is no orphan (a lost reply
-        // of another request's insert of the same job here never takes it for one).
-        let key = key_of(&req.project, id);
-        if let Ok(mut i) = self.inserting.lock() {
-            *i.entry(key.clone()).or_insert(0) += 1;
-        }
-        let inserted = self.try_insert(req, id, (here, soon), unless).await;
-        match &inserted {
-            Ok(Inserted::Running(_)) => {}
-            _ if here => self.release(),
-            _ if soon => self.leave_wait(),
-            _ => {}
-        }
-        let answer = match inserted {
+        let mut held = Inserting::new(self, key_of(&req.project, id), here, soon);
+        let answer = match self.try_insert(req, id, (here, soon), unless).await {
             Err(e) => Err(e),
             Ok(Inserted::Full) => Ok(None),
             Ok(Inserted::Exists) => Ok(Some(false)),
             Ok(Inserted::Queued) => Ok(Some(true)),
             Ok(Inserted::Running(claim)) => {
                 tracing::info!(project = %claim.project, id = %claim.id, agent = %self.me(), "job claimed (taken by the agent that received it)");
+                // The slot or the place goes to the run.
+                held.hand_over();
                 if here {
                     self.spawn_run(claim);
                 } else {
@@ -496,14 +491,7 @@ impl Scheduler {
                 Ok(Some(true))
             }
         };
-        if let Ok(mut i) = self.inserting.lock() {
-            if let Some(n) = i.get_mut(&key) {
-                *n -= 1;
-                if *n == 0 {
-                    i.remove(&key);
-                }
-            }
-        }
+        drop(held);
         answer
     }
 
@@ -832,5 +820,54 @@ impl Scheduler {
             ..info
         };
         Ok(Some(Answer { info, dir }))
+    }
+}
+
+/// What an insert holds ([`Scheduler::insert`]): its key among the jobs being inserted, and a
+/// slot here (`here`) or a place to wait here for one (`soon`) until they go to the job's run
+/// ([`Inserting::hand_over`]); given back when dropped, however the insert ended.
+struct Inserting<'a> {
+    scheduler: &'a Scheduler,
+    key: String,
+    here: bool,
+    soon: bool,
+}
+
+impl<'a> Inserting<'a> {
+    fn new(scheduler: &'a Scheduler, key: String, here: bool, soon: bool) -> Self {
+        if let Ok(mut i) = scheduler.inserting.lock() {
+            *i.entry(key.clone()).or_insert(0) += 1;
+        }
+        Inserting {
+            scheduler,
+            key,
+            here,
+            soon,
+        }
+    }
+
+    /// The slot or the place goes to the job's run (which gives it back).
+    fn hand_over(&mut self) {
+        self.here = false;
+        self.soon = false;
+    }
+}
+
+impl Drop for Inserting<'_> {
+    fn drop(&mut self) {
+        if self.here {
+            self.scheduler.release();
+        }
+        if self.soon {
+            self.scheduler.leave_wait();
+        }
+        if let Ok(mut i) = self.scheduler.inserting.lock() {
+            if let Some(n) = i.get_mut(&self.key) {
+                *n -= 1;
+                if *n == 0 {
+                    i.remove(&self.key);
+                }
+            }
+        }
     }
 }

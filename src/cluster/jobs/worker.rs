@@ -164,6 +164,39 @@ impl Scheduler {
         self.waiting.fetch_sub(1, Ordering::SeqCst);
     }
 
+    /// Since when run `key` (attempt `attempt`) holds a slot (`None`: it holds none).
+    fn set_since(&self, key: &str, attempt: i32, since: Option<std::time::Instant>) {
+        if let Ok(mut r) = self.runs.lock() {
+            if let Some(run) = r.get_mut(key).filter(|run| run.attempt == attempt) {
+                run.since = since;
+            }
+        }
+    }
+
+    /// The agent stops (its engine shuts down, no new run waits here): every run still
+    /// waiting here for a slot goes back to the cluster's queue now, and this waits (at most
+    /// [`STOP_PATIENCE`]) until each did, and until the runs that got a slot late (which the
+    /// engine refuses) gave their records back — rather than leave `running` records that
+    /// other agents would take for lost runs of this agent (a retry, with its backoff).
+    pub(in crate::cluster) async fn stop_waiters(&self) {
+        let dropped = std::mem::take(
+            &mut *self
+                .waiters
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        );
+        drop(dropped);
+        let deadline = tokio::time::Instant::now() + STOP_PATIENCE;
+        let stopping = self.engine.is_shutting_down();
+        let busy = || {
+            self.waiting.load(Ordering::SeqCst) > 0
+                || (stopping && self.claimed.load(Ordering::SeqCst) > 0)
+        };
+        while busy() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Run a claimed job (its slot reserved) in the background; it is one of this agent's
     /// runs until it ends (see [`Scheduler::rescue_orphans`]).
     pub(super) fn spawn_run(self: &Arc<Self>, claim: Claim) {
@@ -203,26 +236,27 @@ impl Scheduler {
                 },
                 SlotWait::Never => false,
             };
-            if placed {
-                me.leave_wait();
-            }
             if got {
-                if let Ok(mut r) = me.runs.lock() {
-                    if let Some(run) = r.get_mut(&key).filter(|run| run.attempt == attempt) {
-                        run.since = Some(std::time::Instant::now());
-                    }
+                if placed {
+                    me.leave_wait();
                 }
+                me.set_since(&key, attempt, Some(std::time::Instant::now()));
                 let slot = Slot {
                     scheduler: Arc::clone(&me),
                     held: true.into(),
+                    run: (key.clone(), attempt),
                 };
                 me.run_claimed(claim, &slot).await;
                 drop(slot);
             } else {
                 // No slot came in time (a run here turned long), or none will (the engine
-                // shuts down): back to the cluster's queue, where any agent may claim it.
-                tracing::info!(project = %claim.project, id = %claim.id, agent = %me.me(), "the job waited here for a slot too long: back to the cluster's queue");
+                // shuts down): back to the cluster's queue, where any agent may claim it. Its
+                // place is given back after that (a stopping agent waits for the places).
+                tracing::info!(project = %claim.project, id = %claim.id, agent = %me.me(), "the job waited here for a slot too long, or the agent stops: back to the cluster's queue");
                 me.unclaim(&claim.project, &claim.id, attempt).await;
+                if placed {
+                    me.leave_wait();
+                }
             }
             if let Ok(mut r) = me.runs.lock() {
                 if r.get(&key).is_some_and(|run| run.attempt == attempt) {
@@ -608,12 +642,18 @@ enum SlotWait {
 pub(super) struct Slot {
     scheduler: Arc<Scheduler>,
     held: std::sync::atomic::AtomicBool,
+    /// The run holding it: its key and attempt ([`Scheduler::runs`]).
+    run: (String, i32),
 }
 
 impl Slot {
-    /// Give the slot back (the first call; later ones do nothing).
+    /// Give the slot back (the first call; later ones do nothing): the run holds none from
+    /// now on (it is no sign that this agent is busy any more, see
+    /// [`Scheduler::wait_briefly`]).
     pub(super) fn give_back(&self) {
         if self.held.swap(false, Ordering::SeqCst) {
+            let (key, attempt) = &self.run;
+            self.scheduler.set_since(key, *attempt, None);
             self.scheduler.release();
         }
     }
