@@ -240,6 +240,9 @@ pub struct Scheduler {
     /// [`Scheduler::waits_briefly`]), in order: a slot given back goes to the first of them
     /// before the claim loop sees it.
     waiters: std::sync::Mutex<std::collections::VecDeque<tokio::sync::oneshot::Sender<()>>>,
+    /// The claim loop found every slot taken while queued records may be left: the next slot
+    /// given back goes to it, not to a run waiting here (see `give_slot_back`).
+    claim_waits: std::sync::atomic::AtomicBool,
     /// The places taken for runs waiting here for a slot (at most `job_backlog`; see
     /// [`Scheduler::wait_briefly`]).
     waiting: AtomicUsize,
@@ -355,6 +358,7 @@ impl Scheduler {
             freed: Notify::new(),
             waiters: Default::default(),
             waiting: AtomicUsize::new(0),
+            claim_waits: false.into(),
             recorded: Default::default(),
             runs: Default::default(),
             inserting: Default::default(),

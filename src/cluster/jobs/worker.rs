@@ -15,7 +15,13 @@ impl Scheduler {
         let mut maybe_queued = true;
         loop {
             let mut left = false;
-            while maybe_queued && !*stop.borrow() && self.reserve() {
+            while maybe_queued && !*stop.borrow() {
+                if !self.reserve() {
+                    // Every slot taken: the next one given back is this loop's rather than a
+                    // run waiting here (queued jobs are not overtaken for ever).
+                    self.claim_waits.store(true, Ordering::SeqCst);
+                    break;
+                }
                 // A slot given back here is not "capacity freed" (`release` would wake this
                 // loop again at once: a busy loop).
                 match self.claim_one().await {
@@ -89,15 +95,19 @@ impl Scheduler {
     /// Hand a slot over to the first run waiting here for one ([`Scheduler::waiters`]), else
     /// give it back to the pool (`true`). Every give-back goes through here, under the
     /// waiters' lock: a run that found every slot taken ([`Scheduler::slot_or_wait`]) gets
-    /// the next one given back.
+    /// the next one given back — unless the claim loop found every slot taken while queued
+    /// jobs may wait in the records ([`Scheduler::claim_waits`]): that one goes to the pool
+    /// and the claim loop, so that the runs waiting here and the cluster's queue take turns.
     fn give_slot_back(&self) -> bool {
         let mut waiters = self
             .waiters
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        while let Some(next) = waiters.pop_front() {
-            if next.send(()).is_ok() {
-                return false;
+        if !self.claim_waits.swap(false, Ordering::SeqCst) {
+            while let Some(next) = waiters.pop_front() {
+                if next.send(()).is_ok() {
+                    return false;
+                }
             }
         }
         self.claimed.fetch_sub(1, Ordering::SeqCst);

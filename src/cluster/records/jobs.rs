@@ -702,9 +702,8 @@ pub(in crate::cluster) enum Inserted {
 /// Insert `job` (one statement: one round trip, atomic, its notification and the backlog's
 /// check included): `running` by `me` at once when `me` is its preferred agent
 /// ([`preferred`]; its first attempt) and either `here` (a free slot on `me`) or `soon` (the
-/// run may wait on `me` for a slot, the records agree that the wait is brief —
-/// [`waits_briefly`] — and no job waits in the cluster's queue, which it would overtake),
-/// else `queued` with its preferred
+/// run may wait on `me` for a slot, and the records agree that the wait is brief:
+/// [`waits_briefly`]), else `queued` with its preferred
 /// agent unless the cluster's queue is full (its queued records at least the alive agents'
 /// free slots plus `backlog`, as [`queue_full`]; a job that runs at once joins no queue).
 /// Not when the job has a record under the ID `unless` either ([`Inserted::Exists`]; `""`:
@@ -722,12 +721,7 @@ pub(in crate::cluster) async fn insert(
     let sql = format!(
         "WITH qfull AS (SELECT {} AS yes),
               pref AS (SELECT {} AS agent),
-              mine AS (SELECT ($5 OR ($12 AND {}
-                                       AND NOT EXISTS (
-                                           SELECT 1 FROM jobs q
-                                            WHERE q.state = 'queued'
-                                              AND (q.not_before IS NULL
-                                                   OR q.not_before <= now()))))
+              mine AS (SELECT ($5 OR ($12 AND {}))
                               AND (pref.agent IS NULL OR pref.agent = $6) AS yes
                          FROM pref),
               ins AS (
