@@ -565,20 +565,22 @@ fn capabilities_are_dockers_default_set_and_no_new_privs() {
     }
 }
 
+/// `/bin/sh -c script` on an overlay root: `f`'s rootfs under a new upper directory; its output
+/// and the upper directory.
+fn run_on_overlay(f: &support::Fixture, script: &str) -> (sandbox::Output, std::path::PathBuf) {
+    let upper = f.host_dir("upper");
+    let work = f.host_dir("work");
+    let out = run(Sandbox::new_overlay(vec![f.rootfs.clone()], &upper, &work)
+        .command(["/bin/sh", "-c", script]));
+    (out, upper)
+}
+
 /// Layers under `/dev` (a store in `/dev/shm`): the sandbox stages its overlay layers on a
 /// tmpfs over its own `/dev`, so it must have grabbed them before.
 #[test]
 fn an_overlay_root_may_have_its_layers_under_dev() {
     let f = fixture_in(std::path::Path::new("/dev/shm"));
-    let upper = f.host_dir("upper");
-    let work = f.host_dir("work");
-    let out = run(
-        Sandbox::new_overlay(vec![f.rootfs.clone()], &upper, &work).command([
-            "/bin/sh",
-            "-c",
-            "echo new > /etc/added && head -1 /etc/passwd",
-        ]),
-    );
+    let (out, upper) = run_on_overlay(&f, "echo new > /etc/added && head -1 /etc/passwd");
     assert_eq!(out.status, ExitStatus::Exited(0), "{}", text(&out.stderr));
     assert_eq!(text(&out.stdout), "root:x:0:0:root:/root:/bin/sh\n");
     assert_eq!(
@@ -604,14 +606,9 @@ fn ipc_and_uts_are_private() {
 #[test]
 fn overlay_root_keeps_the_lower_layer_untouched() {
     let f = fixture();
-    let upper = f.host_dir("upper");
-    let work = f.host_dir("work");
-    let out = run(
-        Sandbox::new_overlay(vec![f.rootfs.clone()], &upper, &work).command([
-            "/bin/sh",
-            "-c",
-            "echo new > /etc/added && rm /etc/hostname && cat /etc/passwd | head -1 && ls /etc/hostname 2>&1",
-        ]),
+    let (out, upper) = run_on_overlay(
+        &f,
+        "echo new > /etc/added && rm /etc/hostname && cat /etc/passwd | head -1 && ls /etc/hostname 2>&1",
     );
     assert_eq!(out.status, ExitStatus::Exited(1), "{}", text(&out.stderr));
     assert_eq!(

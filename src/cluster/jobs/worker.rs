@@ -70,12 +70,18 @@ impl Scheduler {
         if self.engine.is_shutting_down() {
             return false;
         }
-        let capacity = self.engine.cfg.job_concurrency;
-        self.claimed
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                (n < capacity).then_some(n + 1)
-            })
-            .is_ok()
+        take_one_below(&self.claimed, self.engine.cfg.job_concurrency)
+    }
+
+    /// The runs waiting here for a slot ([`Scheduler::waiters`]), locked: every hand-over and
+    /// every wait goes under this lock.
+    fn lock_waiters(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::VecDeque<tokio::sync::oneshot::Sender<()>>>
+    {
+        self.waiters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Give back a slot [`Scheduler::reserve`] took, and wake the claim loop (capacity freed)
@@ -99,10 +105,7 @@ impl Scheduler {
     /// jobs may wait in the records ([`Scheduler::claim_waits`]): that one goes to the pool
     /// and the claim loop, so that the runs waiting here and the cluster's queue take turns.
     fn give_slot_back(&self) -> bool {
-        let mut waiters = self
-            .waiters
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut waiters = self.lock_waiters();
         if !self.claim_waits.swap(false, Ordering::SeqCst) {
             while let Some(next) = waiters.pop_front() {
                 if next.send(()).is_ok() {
@@ -117,10 +120,7 @@ impl Scheduler {
     /// A slot for a run that may wait here: taken now, or the wait for the next one given back
     /// (or none: the engine shuts down).
     fn slot_or_wait(&self) -> SlotWait {
-        let mut waiters = self
-            .waiters
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut waiters = self.lock_waiters();
         if self.engine.is_shutting_down() {
             return SlotWait::Never;
         }
@@ -136,10 +136,7 @@ impl Scheduler {
     /// over meanwhile (`true`), nothing is handed to it any more (dropped under the waiters'
     /// lock, which every hand-over holds).
     fn stop_waiting(&self, mut rx: tokio::sync::oneshot::Receiver<()>) -> bool {
-        let _waiters = self
-            .waiters
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _waiters = self.lock_waiters();
         let handed = rx.try_recv().is_ok();
         drop(rx);
         handed
@@ -159,14 +156,7 @@ impl Scheduler {
             r.values()
                 .all(|run| run.since.is_none_or(|t| t.elapsed() < rows::BRIEF_RUN))
         });
-        let places = self.engine.cfg.job_backlog;
-        brief
-            && self
-                .waiting
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-                    (n < places).then_some(n + 1)
-                })
-                .is_ok()
+        brief && take_one_below(&self.waiting, self.engine.cfg.job_backlog)
     }
 
     /// Give back a place [`Scheduler::wait_briefly`] took.
@@ -189,12 +179,7 @@ impl Scheduler {
     /// engine refuses) gave their records back — rather than leave `running` records that
     /// other agents would take for lost runs of this agent (a retry, with its backoff).
     pub(in crate::cluster) async fn stop_waiters(&self) {
-        let dropped = std::mem::take(
-            &mut *self
-                .waiters
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        );
+        let dropped = std::mem::take(&mut *self.lock_waiters());
         drop(dropped);
         let deadline = tokio::time::Instant::now() + STOP_PATIENCE;
         let stopping = self.engine.is_shutting_down();
@@ -633,6 +618,15 @@ impl Scheduler {
         }
         Ok(recorded)
     }
+}
+
+/// Count one more in `counter` unless it is at `limit` already (`false`).
+fn take_one_below(counter: &AtomicUsize, limit: usize) -> bool {
+    counter
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+            (n < limit).then_some(n + 1)
+        })
+        .is_ok()
 }
 
 /// How a run gets its slot ([`Scheduler::slot_or_wait`]).
