@@ -102,7 +102,7 @@ pub(crate) struct Prepared {
     /// Parent-only descriptors the child closes first.
     pub parent_fds: Vec<RawFd>,
     /// Stack of the job process between its vfork-like start and exec.
-    pub job_stack: Vec<u8>,
+    pub job_stack: crate::sys::Stack,
     /// Seccomp filters the job installs last, in order; they point into `seccomp_program`.
     pub seccomp: Vec<libc::sock_fprog>,
     pub seccomp_program: Option<std::sync::Arc<crate::seccomp::Program>>,
@@ -292,16 +292,11 @@ pub(crate) fn init_main(p: &mut Prepared) -> ! {
     let set = add_signal(sys::sigset_of(FORWARDED), libc::SIGCHLD);
     sys::set_sigmask(&set);
 
-    let mut job_stack = std::mem::take(&mut p.job_stack);
-    // SAFETY: `job_stack` lives until the job has exec'd or exited (vfork suspends us until
-    // then), and `job_entry` only reads `p` and makes raw syscalls, allocating nothing.
-    let job = match unsafe {
-        sys::vfork_on(
-            &mut job_stack,
-            job_entry,
-            p as *mut Prepared as *mut libc::c_void,
-        )
-    } {
+    let arg = p as *mut Prepared as *mut libc::c_void;
+    // SAFETY: `p.job_stack` lives until the job has exec'd or exited (vfork suspends us until
+    // then; `p` outlives init), and `job_entry` only reads `p` and makes raw syscalls,
+    // allocating nothing.
+    let job = match unsafe { sys::vfork_on(&p.job_stack, job_entry, arg) } {
         Ok(pid) => pid,
         Err(e) => {
             report(p.report_write, Stage::Fork, e, 0);

@@ -765,7 +765,9 @@ impl Sandbox {
             report_write: report_w.as_raw_fd(),
             status_write: status_w.as_raw_fd(),
             parent_fds,
-            job_stack: vec![0u8; 256 * 1024],
+            job_stack: sys::Stack::new(256 * 1024).map_err(|e| {
+                Error::Setup(format!("mapping the job's start stack: {}", errno_text(e)))
+            })?,
             seccomp: Vec::new(),
             seccomp_program,
         };
