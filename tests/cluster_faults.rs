@@ -263,6 +263,27 @@ fn a_lost_reply_to_a_new_jobs_insert_is_answered_once_and_leaves_nothing_stuck()
     // Asked again anywhere: the same build.
     let hit = job(&b, "", json!({"name": "lost"}));
     assert_eq!(hit["StartedAt"], info["StartedAt"], "{hit}");
+
+    // A has the project's image now: its next new job is inserted by the short statement
+    // (`records::jobs::insert_here`), whose reply is lost the same way.
+    assert_eq!(
+        pg.psql("SELECT string_agg(agent, ',' ORDER BY agent) FROM agent_images"),
+        "a"
+    );
+    proxy.lose_reply_to("INSERT INTO jobs (project, id, group_name");
+    let (status, t) = post_job(&a, &body("", json!({"name": "lost again"})));
+    assert_eq!(proxy.lost(), 2, "the second insert's reply was not lost");
+    let again = info_of(status, &t);
+    assert_eq!(again["ExitCode"], 0, "{again}");
+    let id = job_id(&again);
+    assert_eq!(
+        pg.psql(&format!(
+            "SELECT state || ' ' || agent FROM jobs WHERE id = '{id}'"
+        )),
+        "ready a"
+    );
+    assert_eq!(starts_of(&a, &id) + starts_of(&b, &id), 1);
+    assert!(nothing_in_flight(&pg));
 }
 
 /// A lost reply to the statement that records a job's end: the end is recorded once, the
@@ -809,4 +830,89 @@ fn faults_in_a_row_keep_the_invariants() {
         links >= 8,
         "only {links} of the chain's 21 builds followed another"
     );
+}
+
+/// A client that goes away while its new job's insert waits for its answer (the statement
+/// executed, its reply held by the proxy): the request is dropped mid-insert. The slot it held
+/// is given back — the agent's only one: a later job runs there at once — and the record the
+/// statement made, an orphan nobody runs, goes back to the queue and runs once.
+#[test]
+fn a_request_dropped_mid_insert_gives_its_slot_back_and_its_record_runs_once() {
+    use std::io::Write;
+    let Some(pg) = Postgres::start_or_skip() else {
+        return;
+    };
+    let proxy = PgProxy::start(pg.port);
+    let a = agent(&proxy.url(), "a", 1);
+    // The project's image recorded for A: its new jobs are inserted `running` by A.
+    job(&a, "", json!({"name": "warm"}));
+
+    // New connections: the insert's text goes through again (a Parse), and is seen.
+    proxy.cut_all();
+    proxy.delay_reply_to(
+        "INSERT INTO jobs (project, id, group_name",
+        Duration::from_secs(3),
+    );
+    let request = body("", json!({"name": "abandoned"})).to_string();
+    let mut client = std::net::TcpStream::connect(&a.addr).unwrap();
+    write!(
+        client,
+        "POST /jobs HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{request}",
+        a.addr,
+        request.len()
+    )
+    .unwrap();
+    // The insert is committed, its reply held; the client goes away meanwhile.
+    wait_for(
+        "the dropped request's record",
+        Duration::from_secs(10),
+        || {
+            pg.psql("SELECT count(*) FROM jobs WHERE request->'params'->>'name' = 'abandoned'")
+                == "1"
+        },
+    );
+    drop(client);
+    wait_for("the held reply", Duration::from_secs(10), || {
+        proxy.delayed() == 1
+    });
+
+    // The slot came back: the next job runs on A (its only slot) within seconds.
+    let patient = ureq::Agent::new_with_config(
+        ureq::config::Config::builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build(),
+    );
+    let started = Instant::now();
+    let mut answer = patient
+        .post(&a.url("/jobs"))
+        .send(body("", json!({"name": "after"})).to_string().as_str())
+        .unwrap_or_else(|e| panic!("the job after the dropped request got no answer: {e}"));
+    let text = answer.body_mut().read_to_string().unwrap();
+    let after = info_of(answer.status().as_u16(), &text);
+    assert_eq!(after["ExitCode"], 0, "{after}");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // The dropped request's record: back to the queue (no run of it had started), then run
+    // once, by A.
+    let id = pg.psql("SELECT id FROM jobs WHERE request->'params'->>'name' = 'abandoned'");
+    wait_for(
+        "the dropped request's job to end",
+        Duration::from_secs(20),
+        || pg.psql(&format!("SELECT state FROM jobs WHERE id = '{id}'")) == "ready",
+    );
+    assert_eq!(starts_of(&a, &id), 1);
+    assert!(
+        log_of(&a)
+            .lines()
+            .any(|l| l.contains("job claimed") && !l.contains("taken by") && l.contains(&id)),
+        "the dropped request's job was not claimed from the queue:\n{}",
+        log_of(&a)
+    );
+    assert!(nothing_in_flight(&pg));
 }

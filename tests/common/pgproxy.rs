@@ -9,7 +9,9 @@
 //!   network that drops without resets, a paused link): statements hang, then complete late;
 //! - **lose a reply** ([`PgProxy::lose_reply_to`]): the next statement whose text contains a
 //!   marker is forwarded, the server executes it (autocommit: it is committed), and its
-//!   answer is dropped with the connection — the reply lost between a write and its answer.
+//!   answer is dropped with the connection — the reply lost between a write and its answer;
+//! - **delay a reply** ([`PgProxy::delay_reply_to`]): the same, but the answer is held for a
+//!   while, then delivered — a client that gives up meanwhile.
 //!
 //! tokio-postgres sends a statement's text in a Parse message (the prepare round trip), then
 //! Bind/Execute/Sync in the next write; a simple query (`Q`) carries its text and executes at
@@ -33,6 +35,12 @@ struct Shared {
     lose: Mutex<Option<Vec<u8>>>,
     /// Replies lost so far.
     lost: AtomicUsize,
+    /// The marker of the statement whose reply is to be held, and for how long.
+    delay: Mutex<Option<(Vec<u8>, Duration)>>,
+    /// How long the armed delay is.
+    delay_for: Mutex<Duration>,
+    /// Replies delayed so far.
+    delayed: AtomicUsize,
     /// Every live connection's two sockets (to cut them).
     conns: Mutex<Vec<(TcpStream, TcpStream)>>,
 }
@@ -122,6 +130,18 @@ impl PgProxy {
     pub(crate) fn lost(&self) -> usize {
         self.shared.lost.load(Ordering::SeqCst)
     }
+
+    /// Hold the reply to the next statement whose text contains `marker` for `delay` (the
+    /// statement executes at once; see [`PgProxy::lose_reply_to`] for when its text goes
+    /// through).
+    pub(crate) fn delay_reply_to(&self, marker: &str, delay: Duration) {
+        *self.shared.delay.lock().unwrap() = Some((marker.as_bytes().to_vec(), delay));
+    }
+
+    /// How many replies were delayed so far (counted once delivered).
+    pub(crate) fn delayed(&self) -> usize {
+        self.shared.delayed.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for PgProxy {
@@ -146,8 +166,9 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
 }
 
-/// Client → server: forwarded; a write carrying the marked statement's text arms the loss (a
-/// simple query executes at once; a Parse executes with the next write).
+/// Client → server: forwarded; a write carrying the marked statement's text arms the loss or
+/// the delay (a simple query executes at once; a Parse executes with the next write). `armed`:
+/// 0 nothing, 1/2 a loss armed/executing, 3/4 a delay armed/executing.
 fn upstream_pump(mut client: TcpStream, mut server: TcpStream, s: &Shared, armed: &AtomicU8) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -157,13 +178,22 @@ fn upstream_pump(mut client: TcpStream, mut server: TcpStream, s: &Shared, armed
             Ok(n) => n,
         };
         let chunk = &buf[..n];
-        if armed.load(Ordering::SeqCst) == 1 {
-            armed.store(2, Ordering::SeqCst);
-        } else {
-            let mut lose = s.lose.lock().unwrap();
-            if lose.as_deref().is_some_and(|m| contains(chunk, m)) {
-                *lose = None;
-                armed.store(if chunk[0] == b'Q' { 2 } else { 1 }, Ordering::SeqCst);
+        match armed.load(Ordering::SeqCst) {
+            1 => armed.store(2, Ordering::SeqCst),
+            3 => armed.store(4, Ordering::SeqCst),
+            _ => {
+                let mut lose = s.lose.lock().unwrap();
+                let mut delay = s.delay.lock().unwrap();
+                let now = chunk[0] == b'Q';
+                if lose.as_deref().is_some_and(|m| contains(chunk, m)) {
+                    *lose = None;
+                    armed.store(if now { 2 } else { 1 }, Ordering::SeqCst);
+                } else if delay.as_ref().is_some_and(|(m, _)| contains(chunk, m)) {
+                    if let Some((_, d)) = delay.take() {
+                        *s.delay_for.lock().unwrap() = d;
+                    }
+                    armed.store(if now { 4 } else { 3 }, Ordering::SeqCst);
+                }
             }
         }
         wait_while_stalled(s);
@@ -176,7 +206,7 @@ fn upstream_pump(mut client: TcpStream, mut server: TcpStream, s: &Shared, armed
 }
 
 /// Server → client: forwarded, but the first answer to an executing marked statement is
-/// dropped and the connection cut.
+/// dropped and the connection cut, or held for the delay asked.
 fn downstream_pump(mut server: TcpStream, mut client: TcpStream, s: &Shared, armed: &AtomicU8) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -185,9 +215,18 @@ fn downstream_pump(mut server: TcpStream, mut client: TcpStream, s: &Shared, arm
             Ok(0) | Err(_) => break,
             Ok(n) => n,
         };
-        if armed.load(Ordering::SeqCst) == 2 {
-            s.lost.fetch_add(1, Ordering::SeqCst);
-            break;
+        match armed.load(Ordering::SeqCst) {
+            2 => {
+                s.lost.fetch_add(1, Ordering::SeqCst);
+                break;
+            }
+            4 => {
+                let d = *s.delay_for.lock().unwrap();
+                std::thread::sleep(d);
+                armed.store(0, Ordering::SeqCst);
+                s.delayed.fetch_add(1, Ordering::SeqCst);
+            }
+            _ => {}
         }
         wait_while_stalled(s);
         if client.write_all(&buf[..n]).is_err() {
