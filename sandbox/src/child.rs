@@ -292,6 +292,9 @@ pub(crate) fn init_main(p: &mut Prepared) -> ! {
     let set = add_signal(sys::sigset_of(FORWARDED), libc::SIGCHLD);
     sys::set_sigmask(&set);
 
+    // The maps of init, read once the job runs (release.rs); opened now, while the sandbox's
+    // `/proc` is init's own (the job could mount over it later). Close-on-exec: not the job's.
+    let maps = sys::open_read(c"/proc/self/maps").unwrap_or(-1);
     let arg = p as *mut Prepared as *mut libc::c_void;
     // SAFETY: `p.job_stack` lives until the job has exec'd or exited (vfork suspends us until
     // then; `p` outlives init), and `job_entry` only reads `p` and makes raw syscalls,
@@ -303,9 +306,16 @@ pub(crate) fn init_main(p: &mut Prepared) -> ! {
             sys::exit(1);
         }
     };
+    // The job runs (or failed to): init gives back its copy of the caller's memory, `p`
+    // included — from here on only the stack (`status`, `set`, `job`) is used.
+    let status_fd = p.status_write;
+    if maps >= 0 {
+        let here = 0u8;
+        crate::release::release(maps, std::ptr::addr_of!(here) as usize);
+    }
     // Keep only the status pipe: the job's stdio and the report pipe must see EOF when the job
     // (not init) closes them.
-    sys::close_all_except(p.status_write);
+    sys::close_all_except(status_fd);
 
     loop {
         let Ok(info) = sys::sigwaitinfo(&set) else {
@@ -316,12 +326,12 @@ pub(crate) fn init_main(p: &mut Prepared) -> ! {
             continue;
         }
         // Reap everything that has exited: the job, and orphans re-parented to us.
-        while let Ok((pid, status)) = sys::waitpid(-1, libc::WNOHANG) {
+        while let Ok((pid, raw)) = sys::waitpid(-1, libc::WNOHANG) {
             if pid <= 0 {
                 break;
             }
             if pid == job {
-                let _ = sys::write_all(p.status_write, &status.to_ne_bytes());
+                let _ = sys::write_all(status_fd, &raw.to_ne_bytes());
                 // Exiting kills every other process of the PID namespace.
                 sys::exit(0);
             }

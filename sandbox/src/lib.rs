@@ -36,7 +36,9 @@
 //!    are allowed, `kernel.pid_max` for the process limit on Linux ≥ 6.14; runc's masked paths;
 //!    `pivot_root` into the rootfs with the old root detached), joins a fresh anonymous session
 //!    keyring, forks the job, and stays as a tiny init that forwards signals to the job and
-//!    reaps orphans.
+//!    reaps orphans. Once the job has exec'd, init unmaps its copy of the caller's heap and
+//!    other threads' stacks (`release.rs`): a caller that forks many
+//!    sandboxes no longer copies each page it writes while they run.
 //! 4. The job process sets its rlimits (the policy's `RLIMIT_NPROC` and `RLIMIT_NOFILE`, then
 //!    the caller's), drops the capability bounding set to [`DEFAULT_CAPABILITIES`] (Docker's
 //!    default set), switches to the requested user, sets `no_new_privs`, installs the seccomp
@@ -65,6 +67,7 @@ mod limits;
 mod net;
 pub mod paths;
 mod plan;
+mod release;
 mod seccomp;
 mod sys;
 mod user;

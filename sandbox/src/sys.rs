@@ -491,6 +491,21 @@ pub(crate) fn read_full(fd: RawFd, buf: &mut [u8]) -> Result<usize, i32> {
     Ok(got)
 }
 
+/// The calling thread's control block (glibc's `struct pthread`, where its thread pointer
+/// points: errno and the stack protector's canary are addressed from it).
+pub(crate) fn thread_pointer() -> usize {
+    // SAFETY: pthread_self only reads the thread pointer register.
+    unsafe { libc::pthread_self() as usize }
+}
+
+/// Unmap `len` bytes at `start` of this process (release.rs: init dropping its copy of the
+/// caller's memory). Whatever was mapped there must not be used afterwards.
+pub(crate) fn unmap(start: usize, len: usize) {
+    // SAFETY: munmap only changes this process's mappings; the caller (init, after its job
+    // exec'd) touches nothing in the range afterwards, and keeps its stack out of it.
+    unsafe { libc::munmap(start as *mut libc::c_void, len) };
+}
+
 pub(crate) fn prctl(option: c_int, arg: libc::c_ulong) -> Result<(), i32> {
     // SAFETY: the prctl options used here take integer arguments only.
     check_int(unsafe { libc::prctl(option, arg, 0, 0, 0) }).map(drop)

@@ -623,3 +623,37 @@ fn overlay_root_keeps_the_lower_layer_untouched() {
         "new\n"
     );
 }
+
+/// Once its job runs, the sandbox's init no longer maps its copy of the caller's memory: a
+/// large heap of the caller's is not shared copy-on-write with init for the job's whole life
+/// (each page the caller wrote meanwhile was copied, and each copy interrupted the other CPUs).
+#[test]
+fn init_gives_back_its_copy_of_the_callers_memory() {
+    let f = fixture();
+    // 256 MiB of the caller's heap, every page written.
+    let heap = vec![1u8; 256 << 20];
+    let mut child = f.sandbox().command(["sleep", "30"]).spawn().expect("spawn");
+    let rss_anon_kib = || -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", child.id())).expect("init's status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("RssAnon:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("RssAnon")
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut rss = rss_anon_kib();
+    while rss >= 64 << 10 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        rss = rss_anon_kib();
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        rss < 64 << 10,
+        "init still maps {rss} KiB of anonymous memory (the caller's heap is {} KiB)",
+        heap.len() >> 10
+    );
+    assert_eq!(std::hint::black_box(&heap)[heap.len() - 1], 1);
+}
