@@ -291,6 +291,10 @@ pub(crate) fn init_main(p: &mut Prepared) -> ! {
     // From here on init only waits: block what it forwards or reaps, then fork the job.
     let set = add_signal(sys::sigset_of(FORWARDED), libc::SIGCHLD);
     sys::set_sigmask(&set);
+    // No handler of the caller's may run once init has given back the caller's memory (below).
+    // Now, before the job exists: a default action that ignores (SIGCHLD's) discards what is
+    // pending, and the job's SIGCHLD must not be.
+    sys::default_handlers();
 
     // The maps of init, read once the job runs (release.rs); opened now, while the sandbox's
     // `/proc` is init's own (the job could mount over it later). Close-on-exec: not the job's.
@@ -306,26 +310,29 @@ pub(crate) fn init_main(p: &mut Prepared) -> ! {
             sys::exit(1);
         }
     };
-    // The job runs (or failed to): init gives back its copy of the caller's memory, `p`
-    // included — from here on only the stack (`status`, `set`, `job`) is used.
+    // Keep only the status pipe (and the maps, a moment): the job's stdio and the report pipe
+    // must see EOF when the job (not init) closes them — the caller's start waits for the
+    // report pipe's, not for what follows.
     let status_fd = p.status_write;
+    if maps >= 0 {
+        let mut keep = [status_fd, maps];
+        keep.sort_unstable();
+        sys::close_all_but(&keep);
+    } else {
+        sys::close_all_except(status_fd);
+    }
+    // The job runs (or failed to): init gives back its copy of the caller's memory, `p`
+    // included — from here on only the stack (`status_fd`, `set`, `job`) is used.
     if maps >= 0 {
         let here = 0u8;
         crate::release::release(maps, std::ptr::addr_of!(here) as usize);
+        // SAFETY: the maps descriptor is init's own, not used after this.
+        unsafe { sys::close(maps) };
     }
-    // Keep only the status pipe: the job's stdio and the report pipe must see EOF when the job
-    // (not init) closes them.
-    sys::close_all_except(status_fd);
 
     loop {
-        let Ok(info) = sys::sigwaitinfo(&set) else {
-            continue;
-        };
-        if info.si_signo != libc::SIGCHLD {
-            let _ = sys::kill(job, info.si_signo);
-            continue;
-        }
-        // Reap everything that has exited: the job, and orphans re-parented to us.
+        // Reap everything that has exited: the job, and orphans re-parented to us (first
+        // without waiting: the job may be gone already).
         while let Ok((pid, raw)) = sys::waitpid(-1, libc::WNOHANG) {
             if pid <= 0 {
                 break;
@@ -334,6 +341,16 @@ pub(crate) fn init_main(p: &mut Prepared) -> ! {
                 let _ = sys::write_all(status_fd, &raw.to_ne_bytes());
                 // Exiting kills every other process of the PID namespace.
                 sys::exit(0);
+            }
+        }
+        // Then wait for a child's end, or a signal to pass on.
+        loop {
+            match sys::sigwaitinfo(&set) {
+                Ok(info) if info.si_signo == libc::SIGCHLD => break,
+                Ok(info) => {
+                    let _ = sys::kill(job, info.si_signo);
+                }
+                Err(_) => {}
             }
         }
     }
@@ -481,8 +498,8 @@ fn run_op(op: &Op, slots: &mut [RawFd]) -> Result<(), i32> {
 }
 
 extern "C" fn job_entry(arg: *mut libc::c_void) -> libc::c_int {
-    // SAFETY: `arg` is the `&mut Prepared` init passed to vfork_on; init is suspended until we
-    // exec or exit, so this is the only live reference.
+    // SAFETY: `arg` is the `Prepared` init passed to vfork_on; init is suspended until we exec
+    // or exit, so nothing changes it meanwhile, and we only read it.
     let p = unsafe { &*(arg as *const Prepared) };
     job_main(p)
 }

@@ -27,9 +27,8 @@ pub(crate) struct Line {
     pub accessible: bool,
     /// Backed by a file (a non-zero inode).
     pub file: bool,
-    /// `[heap]`.
-    pub heap: bool,
-    /// Another name in brackets (`[stack]`, `[vdso]`, `[vvar]`…).
+    /// A name in brackets (`[stack]`, `[vdso]`, `[vvar]`…) but `[heap]`, which is dropped like
+    /// any anonymous mapping.
     pub special: bool,
 }
 
@@ -53,7 +52,6 @@ pub(crate) fn parse(line: &[u8]) -> Option<Line> {
         end,
         accessible: perms[0] == b'r' || perms[1] == b'w',
         file: inode.iter().any(|&b| b != b'0'),
-        heap: name == b"[heap]",
         special: name.first() == Some(&b'[') && name != b"[heap]",
     })
 }
@@ -78,10 +76,8 @@ pub(crate) fn droppable(line: &Line, prev: Option<&Line>, keep: &[usize]) -> boo
     {
         return false;
     }
-    if line.heap {
-        return true;
-    }
-    // A binary's `.bss` continues its file-backed data mapping.
+    // A binary's `.bss` continues its file-backed data mapping (without brk randomisation,
+    // `[heap]` may begin right there, merged with it: kept then, shared as before).
     !prev.is_some_and(|p| p.file && p.end == line.start)
 }
 
@@ -204,7 +200,12 @@ mod tests {
         assert!(parse(b"2000-1000 rw-p 0 00:00 0").is_none());
         assert!(parse(b"zz-1000 rw-p 0 00:00 0").is_none());
         let h = parse(b"1000-2000 rw-p 00000000 00:00 0   [heap]").unwrap();
-        assert!(h.heap && !h.special);
+        assert!(!h.special && !h.file);
+        assert!(
+            parse(b"1000-2000 rw-p 00000000 00:00 0   [stack]")
+                .unwrap()
+                .special
+        );
     }
 
     #[test]
@@ -214,6 +215,14 @@ mod tests {
             "x".repeat(5000)
         );
         assert_eq!(scan_text(&long, 0), vec![(0x3000, 0x4000)]);
+    }
+
+    #[test]
+    fn a_heap_right_after_a_binarys_data_stays() {
+        let data = parse(b"1000-2000 rw-p 00001000 08:01 7 /bin/x").unwrap();
+        let heap = parse(b"2000-9000 rw-p 00000000 00:00 0   [heap]").unwrap();
+        assert!(!droppable(&heap, Some(&data), &[]));
+        assert!(droppable(&heap, None, &[]));
     }
 
     #[test]

@@ -594,6 +594,40 @@ pub(crate) fn reset_signals() {
     set_sigmask(&empty_sigset());
 }
 
+/// Every signal's default action, the mask kept, and no alternate signal stack: what init
+/// has before it unmaps its copy of the caller's memory (release.rs) — a handler inherited from
+/// the caller (Rust's for SIGSEGV runs on an alternate stack of the caller's heap) would run on
+/// memory that is gone.
+pub(crate) fn default_handlers() {
+    for sig in 1..libc::SIGRTMAX() {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: resetting a signal to SIG_DFL; failures (invalid signal numbers) are harmless.
+        unsafe { libc::signal(sig, libc::SIG_DFL) };
+    }
+    let off = libc::stack_t {
+        ss_sp: std::ptr::null_mut(),
+        ss_flags: libc::SS_DISABLE,
+        ss_size: 0,
+    };
+    // SAFETY: `off` is a valid stack_t asking for no alternate stack; the old one is not read.
+    unsafe { libc::sigaltstack(&off, std::ptr::null_mut()) };
+}
+
+/// Close every descriptor but those in `keep` (sorted ascending, no duplicates).
+pub(crate) fn close_all_but(keep: &[RawFd]) {
+    let mut first: c_uint = 0;
+    for &k in keep {
+        let k = k as c_uint;
+        if k > first {
+            let _ = close_range(first, k - 1, false);
+        }
+        first = k + 1;
+    }
+    let _ = close_range(first, c_uint::MAX, false);
+}
+
 pub(crate) fn empty_sigset() -> libc::sigset_t {
     // SAFETY: sigset_t is plain data; sigemptyset initialises it.
     unsafe {

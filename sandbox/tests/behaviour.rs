@@ -657,3 +657,29 @@ fn init_gives_back_its_copy_of_the_callers_memory() {
     );
     assert_eq!(std::hint::black_box(&heap)[heap.len() - 1], 1);
 }
+
+/// A job signalling its init with what the caller had handlers for (Rust's SIGSEGV and SIGBUS
+/// handlers run on an alternate stack of the caller's memory, which init gives back): init has
+/// no handler left, so the signals are not delivered, and the job's end is reported as is.
+#[test]
+fn a_job_cannot_kill_its_init_with_the_callers_signal_handlers() {
+    let f = fixture();
+    let out =
+        f.sh("sleep 0.2; kill -SEGV 1; kill -BUS 1; kill -ILL 1; sleep 0.2; echo alive; exit 5");
+    assert_eq!(text(&out.stdout), "alive\n", "{:?}", out.status);
+    assert_eq!(out.status, ExitStatus::Exited(5));
+}
+
+/// Jobs that end at once, many times (with a timeout, so a lost end shows as one): init never
+/// misses its job's end, however soon after its start it comes.
+#[test]
+fn jobs_that_end_at_once_are_always_reaped() {
+    let f = fixture();
+    for i in 0..150 {
+        let out = run(f
+            .sandbox()
+            .timeout(Duration::from_secs(10))
+            .command(["/bin/sh", "-c", "exit 3"]));
+        assert_eq!(out.status, ExitStatus::Exited(3), "run {i}");
+    }
+}
