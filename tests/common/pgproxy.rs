@@ -39,6 +39,8 @@ struct Shared {
     delay: Mutex<Option<(Vec<u8>, Duration)>>,
     /// How long the armed delay is.
     delay_for: Mutex<Duration>,
+    /// Replies being held or delayed so far.
+    holding: AtomicUsize,
     /// Replies delayed so far.
     delayed: AtomicUsize,
     /// Every live connection's two sockets (to cut them).
@@ -138,6 +140,11 @@ impl PgProxy {
         *self.shared.delay.lock().unwrap() = Some((marker.as_bytes().to_vec(), delay));
     }
 
+    /// How many replies are held now or were delayed so far (counted as soon as one is held).
+    pub(crate) fn holding(&self) -> usize {
+        self.shared.holding.load(Ordering::SeqCst)
+    }
+
     /// How many replies were delayed so far (counted once delivered).
     pub(crate) fn delayed(&self) -> usize {
         self.shared.delayed.load(Ordering::SeqCst)
@@ -221,6 +228,7 @@ fn downstream_pump(mut server: TcpStream, mut client: TcpStream, s: &Shared, arm
                 break;
             }
             4 => {
+                s.holding.fetch_add(1, Ordering::SeqCst);
                 let d = *s.delay_for.lock().unwrap();
                 std::thread::sleep(d);
                 armed.store(0, Ordering::SeqCst);
