@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tokio_postgres::Client;
 
-use super::{query_error, RecordsError};
+use super::{query_error, Pooled, RecordsError};
 use crate::service::AgentInfo;
 
 fn int(n: usize) -> i32 {
@@ -62,18 +62,23 @@ pub(in crate::cluster) async fn upsert(
 
 /// A heartbeat of agent `name`: the time and the jobs running now; `false` when its row is gone.
 pub(in crate::cluster) async fn heartbeat(
-    client: &Client,
+    client: &Pooled,
     name: &str,
     running: usize,
 ) -> Result<bool, RecordsError> {
-    let n = client
-        .execute(
+    let g = query_error(format!("agent {name}'s heartbeat"));
+    // Prepared once per connection (every `heartbeat`, on every agent).
+    let statement = client
+        .prepare_cached(
             "UPDATE agents SET last_heartbeat = now(), running = $2, stopped_at = NULL
               WHERE name = $1",
-            &[&name, &int(running)],
         )
         .await
-        .map_err(query_error(format!("agent {name}'s heartbeat")))?;
+        .map_err(&g)?;
+    let n = client
+        .execute(&statement, &[&name, &int(running)])
+        .await
+        .map_err(g)?;
     Ok(n > 0)
 }
 
@@ -91,24 +96,26 @@ pub(in crate::cluster) async fn stopped(client: &Client, name: &str) -> Result<(
 
 /// Every agent, by name; alive by `agent_timeout`.
 pub(in crate::cluster) async fn list(
-    client: &Client,
+    client: &Pooled,
     agent_timeout: Duration,
 ) -> Result<Vec<AgentInfo>, RecordsError> {
     const TIME: &str = r#"'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"'"#;
     let g = query_error("listing the agents");
-    let rows = client
-        .query(
-            &format!(
-                "SELECT name, advertise_url, capacity::bigint, running::bigint, version,
+    // Prepared once per connection (the egress policy's refresh asks every `heartbeat`).
+    let statement = client
+        .prepare_cached(&format!(
+            "SELECT name, advertise_url, capacity::bigint, running::bigint, version,
                         to_char(started_at AT TIME ZONE 'UTC', {TIME}),
                         to_char(last_heartbeat AT TIME ZONE 'UTC', {TIME}),
                         EXTRACT(EPOCH FROM now() - last_heartbeat)::float8,
                         stopped_at IS NOT NULL,
                         last_heartbeat > now() - make_interval(secs => $1)
                    FROM agents ORDER BY name"
-            ),
-            &[&agent_timeout.as_secs_f64()],
-        )
+        ))
+        .await
+        .map_err(&g)?;
+    let rows = client
+        .query(&statement, &[&agent_timeout.as_secs_f64()])
         .await
         .map_err(&g)?;
     rows.iter()

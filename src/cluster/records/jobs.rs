@@ -375,53 +375,58 @@ pub(in crate::cluster) enum Lost<'a> {
 
 /// The `running` records whose run may be lost (see [`Lost`]).
 pub(in crate::cluster) async fn lost_runs(
-    client: &Client,
+    client: &Pooled,
     which: Lost<'_>,
 ) -> Result<Vec<LostRun>, RecordsError> {
     let select = "SELECT j.project, j.id, j.agent, j.attempt, j.retries, j.request::text,
                          EXTRACT(EPOCH FROM j.started_at)::float8
                     FROM jobs j";
-    let (rows, what) = match which {
-        Lost::DeadAgents(timeout) => (
-            client
-                .query(
-                    &format!(
-                        "{select} WHERE j.state = 'running' AND NOT EXISTS (
-                             SELECT 1 FROM agents a WHERE a.name = j.agent AND {})",
-                        alive_sql("a", "$1")
-                    ),
-                    &[&timeout.as_secs_f64()],
-                )
-                .await,
-            "the jobs of dead agents".to_string(),
-        ),
-        Lost::Crashed(me) => (
-            client
-                .query(
-                    &format!(
-                        "{select} JOIN agents a ON a.name = j.agent
-                          WHERE j.state = 'running' AND j.agent = $1
-                            AND j.started_at < a.started_at"
-                    ),
-                    &[&me],
-                )
-                .await,
-            format!("the jobs agent {me} left running"),
-        ),
-        Lost::Mine(me, older) => (
-            client
-                .query(
-                    &format!(
-                        "{select} WHERE j.state = 'running' AND j.agent = $1
-                            AND j.started_at < now() - make_interval(secs => $2)"
-                    ),
-                    &[&me, &older.as_secs_f64()],
-                )
-                .await,
-            format!("the jobs agent {me} runs"),
-        ),
+    let (me, seconds);
+    let (sql, params, what): (
+        String,
+        Vec<&(dyn tokio_postgres::types::ToSql + Sync)>,
+        String,
+    ) = match which {
+        Lost::DeadAgents(timeout) => {
+            seconds = timeout.as_secs_f64();
+            (
+                format!(
+                    "{select} WHERE j.state = 'running' AND NOT EXISTS (
+                         SELECT 1 FROM agents a WHERE a.name = j.agent AND {})",
+                    alive_sql("a", "$1")
+                ),
+                vec![&seconds],
+                "the jobs of dead agents".to_string(),
+            )
+        }
+        Lost::Crashed(name) => {
+            me = name;
+            (
+                format!(
+                    "{select} JOIN agents a ON a.name = j.agent
+                      WHERE j.state = 'running' AND j.agent = $1
+                        AND j.started_at < a.started_at"
+                ),
+                vec![&me],
+                format!("the jobs agent {name} left running"),
+            )
+        }
+        Lost::Mine(name, older) => {
+            (me, seconds) = (name, older.as_secs_f64());
+            (
+                format!(
+                    "{select} WHERE j.state = 'running' AND j.agent = $1
+                        AND j.started_at < now() - make_interval(secs => $2)"
+                ),
+                vec![&me, &seconds],
+                format!("the jobs agent {name} runs"),
+            )
+        }
     };
     let g = query_error(what);
+    // Prepared once per connection (the sweeper asks every `heartbeat`).
+    let statement = client.prepare_cached(&sql).await.map_err(&g)?;
+    let rows = client.query(&statement, &params).await;
     rows.map_err(&g)?
         .iter()
         .map(|r| {
