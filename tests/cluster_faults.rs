@@ -858,9 +858,9 @@ fn a_request_dropped_mid_insert_gives_its_slot_back_and_its_record_runs_once() {
         Duration::from_secs(3),
     );
     let request = body("", json!({"name": "abandoned"})).to_string();
-    let mut client = std::net::TcpStream::connect(&a.addr).unwrap();
+    let mut stream = std::net::TcpStream::connect(&a.addr).unwrap();
     write!(
-        client,
+        stream,
         "POST /jobs HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\n\
          Content-Length: {}\r\n\r\n{request}",
         a.addr,
@@ -871,20 +871,14 @@ fn a_request_dropped_mid_insert_gives_its_slot_back_and_its_record_runs_once() {
     wait_for("the insert's reply held", Duration::from_secs(10), || {
         proxy.holding() == 1
     });
-    drop(client);
+    drop(stream);
     wait_for("the held reply", Duration::from_secs(10), || {
         proxy.delayed() == 1
     });
 
     // The slot came back: the next job runs on A (its only slot) within seconds.
-    let patient = ureq::Agent::new_with_config(
-        ureq::config::Config::builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(30)))
-            .build(),
-    );
     let started = Instant::now();
-    let mut answer = patient
+    let mut answer = client()
         .post(&a.url("/jobs"))
         .send(body("", json!({"name": "after"})).to_string().as_str())
         .unwrap_or_else(|e| panic!("the job after the dropped request got no answer: {e}"));

@@ -314,16 +314,14 @@ pub(crate) fn init_main(p: &mut Prepared) -> ! {
     // must see EOF when the job (not init) closes them — the caller's start waits for the
     // report pipe's, not for what follows.
     let status_fd = p.status_write;
-    if maps >= 0 {
+    if maps < 0 {
+        sys::close_all_except(status_fd);
+    } else {
         let mut keep = [status_fd, maps];
         keep.sort_unstable();
         sys::close_all_but(&keep);
-    } else {
-        sys::close_all_except(status_fd);
-    }
-    // The job runs (or failed to): init gives back its copy of the caller's memory, `p`
-    // included — from here on only the stack (`status_fd`, `set`, `job`) is used.
-    if maps >= 0 {
+        // The job runs (or failed to): init gives back its copy of the caller's memory, `p`
+        // included — from here on only the stack (`status_fd`, `set`, `job`) is used.
         let here = 0u8;
         crate::release::release(maps, std::ptr::addr_of!(here) as usize);
         // SAFETY: the maps descriptor is init's own, not used after this.

@@ -438,11 +438,20 @@ pub(crate) unsafe fn close(fd: RawFd) {
 
 /// Close every descriptor but `keep` (errors are irrelevant: nothing else may stay open).
 pub(crate) fn close_all_except(keep: RawFd) {
-    let keep = keep as c_uint;
-    if keep > 0 {
-        let _ = close_range(0, keep - 1, false);
+    close_all_but(&[keep]);
+}
+
+/// Close every descriptor but those in `keep` (ascending, no duplicates, none negative).
+pub(crate) fn close_all_but(keep: &[RawFd]) {
+    let mut first: c_uint = 0;
+    for &k in keep {
+        let k = k as c_uint;
+        if k > first {
+            let _ = close_range(first, k - 1, false);
+        }
+        first = k + 1;
     }
-    let _ = close_range(keep + 1, c_uint::MAX, false);
+    let _ = close_range(first, c_uint::MAX, false);
 }
 
 /// close_range(2); with `cloexec` the descriptors are only marked close-on-exec.
@@ -584,6 +593,12 @@ pub(crate) fn capset(mask: u64) -> Result<(), i32> {
 
 /// Reset every catchable signal to its default action and unblock all signals.
 pub(crate) fn reset_signals() {
+    default_actions();
+    set_sigmask(&empty_sigset());
+}
+
+/// Every catchable signal's action set to its default.
+fn default_actions() {
     for sig in 1..libc::SIGRTMAX() {
         if sig == libc::SIGKILL || sig == libc::SIGSTOP {
             continue;
@@ -591,7 +606,6 @@ pub(crate) fn reset_signals() {
         // SAFETY: resetting a signal to SIG_DFL; failures (invalid signal numbers) are harmless.
         unsafe { libc::signal(sig, libc::SIG_DFL) };
     }
-    set_sigmask(&empty_sigset());
 }
 
 /// Every signal's default action, the mask kept, and no alternate signal stack: what init
@@ -599,13 +613,7 @@ pub(crate) fn reset_signals() {
 /// the caller (Rust's for SIGSEGV runs on an alternate stack of the caller's heap) would run on
 /// memory that is gone.
 pub(crate) fn default_handlers() {
-    for sig in 1..libc::SIGRTMAX() {
-        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
-            continue;
-        }
-        // SAFETY: resetting a signal to SIG_DFL; failures (invalid signal numbers) are harmless.
-        unsafe { libc::signal(sig, libc::SIG_DFL) };
-    }
+    default_actions();
     let off = libc::stack_t {
         ss_sp: std::ptr::null_mut(),
         ss_flags: libc::SS_DISABLE,
@@ -613,19 +621,6 @@ pub(crate) fn default_handlers() {
     };
     // SAFETY: `off` is a valid stack_t asking for no alternate stack; the old one is not read.
     unsafe { libc::sigaltstack(&off, std::ptr::null_mut()) };
-}
-
-/// Close every descriptor but those in `keep` (sorted ascending, no duplicates).
-pub(crate) fn close_all_but(keep: &[RawFd]) {
-    let mut first: c_uint = 0;
-    for &k in keep {
-        let k = k as c_uint;
-        if k > first {
-            let _ = close_range(first, k - 1, false);
-        }
-        first = k + 1;
-    }
-    let _ = close_range(first, c_uint::MAX, false);
 }
 
 pub(crate) fn empty_sigset() -> libc::sigset_t {
@@ -1211,7 +1206,7 @@ mod tests {
         }
         let stack = match Stack::new(64 * 1024) {
             Ok(s) => s,
-            Err(e) => panic!("mapping a stack: {}", errno_text_for_test(e)),
+            Err(e) => panic!("mapping a stack: {}", crate::errno_text(e)),
         };
         assert_eq!(stack.top() % 16, 0);
         let mut seen = 0u64;
@@ -1225,9 +1220,5 @@ mod tests {
         assert!(libc::WIFEXITED(status));
         assert_eq!(libc::WEXITSTATUS(status), 7);
         assert_eq!(seen, 42);
-    }
-
-    fn errno_text_for_test(e: i32) -> String {
-        std::io::Error::from_raw_os_error(e).to_string()
     }
 }

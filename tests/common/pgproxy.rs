@@ -35,9 +35,9 @@ struct Shared {
     lose: Mutex<Option<Vec<u8>>>,
     /// Replies lost so far.
     lost: AtomicUsize,
-    /// The marker of the statement whose reply is to be held, and for how long.
-    delay: Mutex<Option<(Vec<u8>, Duration)>>,
-    /// How long the armed delay is.
+    /// The marker of the statement whose reply is to be held (taken by the first match).
+    delay: Mutex<Option<Vec<u8>>>,
+    /// How long it is held.
     delay_for: Mutex<Duration>,
     /// Replies being held or delayed so far.
     holding: AtomicUsize,
@@ -137,7 +137,8 @@ impl PgProxy {
     /// statement executes at once; see [`PgProxy::lose_reply_to`] for when its text goes
     /// through).
     pub(crate) fn delay_reply_to(&self, marker: &str, delay: Duration) {
-        *self.shared.delay.lock().unwrap() = Some((marker.as_bytes().to_vec(), delay));
+        *self.shared.delay_for.lock().unwrap() = delay;
+        *self.shared.delay.lock().unwrap() = Some(marker.as_bytes().to_vec());
     }
 
     /// How many replies are held now or were delayed so far (counted as soon as one is held).
@@ -195,10 +196,8 @@ fn upstream_pump(mut client: TcpStream, mut server: TcpStream, s: &Shared, armed
                 if lose.as_deref().is_some_and(|m| contains(chunk, m)) {
                     *lose = None;
                     armed.store(if now { 2 } else { 1 }, Ordering::SeqCst);
-                } else if delay.as_ref().is_some_and(|(m, _)| contains(chunk, m)) {
-                    if let Some((_, d)) = delay.take() {
-                        *s.delay_for.lock().unwrap() = d;
-                    }
+                } else if delay.as_deref().is_some_and(|m| contains(chunk, m)) {
+                    *delay = None;
                     armed.store(if now { 4 } else { 3 }, Ordering::SeqCst);
                 }
             }

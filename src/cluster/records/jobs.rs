@@ -426,8 +426,10 @@ pub(in crate::cluster) async fn lost_runs(
     let g = query_error(what);
     // Prepared once per connection (the sweeper asks every `heartbeat`).
     let statement = client.prepare_cached(&sql).await.map_err(&g)?;
-    let rows = client.query(&statement, &params).await;
-    rows.map_err(&g)?
+    client
+        .query(&statement, &params)
+        .await
+        .map_err(&g)?
         .iter()
         .map(|r| {
             Ok(LostRun {
