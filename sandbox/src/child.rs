@@ -106,6 +106,60 @@ pub(crate) struct Prepared {
     /// Seccomp filters the job installs last, in order; they point into `seccomp_program`.
     pub seccomp: Vec<libc::sock_fprog>,
     pub seccomp_program: Option<std::sync::Arc<crate::seccomp::Program>>,
+    /// Where the heap buffers above are (filled by [`Prepared::finish_pointers`]): init (or a
+    /// held start's intermediate) unmaps every other region of its copy of the caller's
+    /// memory first thing (release.rs).
+    pub keep: Keep,
+    /// Whether this copy of the caller's memory was already given back (by the intermediate,
+    /// before it forked init).
+    pub released: bool,
+}
+
+/// At most this many pages of the caller's heap are named in a [`Keep`]; a Prepared whose
+/// buffers lie on more pages is not released early (its memory stays shared until the job runs).
+pub(crate) const KEEP_MAX: usize = 256;
+
+/// The pages holding a [`Prepared`]'s heap buffers, sorted: what init must keep mapped until
+/// its job runs. Inline (no heap buffer of its own): it lives where the Prepared lives.
+pub(crate) struct Keep {
+    pages: [usize; KEEP_MAX],
+    len: usize,
+    /// Every buffer is named (false: too many pages; nothing is released early).
+    complete: bool,
+}
+
+impl Default for Keep {
+    fn default() -> Self {
+        Keep {
+            pages: [0; KEEP_MAX],
+            len: 0,
+            complete: false,
+        }
+    }
+}
+
+impl Keep {
+    /// The pages of `addresses` (any order, repeats allowed).
+    pub(crate) fn of(mut addresses: Vec<usize>) -> Keep {
+        let page = crate::sys::page_size();
+        for a in &mut addresses {
+            *a &= !(page - 1);
+        }
+        addresses.sort_unstable();
+        addresses.dedup();
+        let mut keep = Keep::default();
+        if addresses.len() <= KEEP_MAX {
+            keep.pages[..addresses.len()].copy_from_slice(&addresses);
+            keep.len = addresses.len();
+            keep.complete = true;
+        }
+        keep
+    }
+
+    /// The pages, sorted; `None` when some buffer is not named.
+    pub(crate) fn pages(&self) -> Option<&[usize]> {
+        self.complete.then(|| &self.pages[..self.len])
+    }
 }
 
 /// What the intermediate process of a start in a held user namespace needs (holder.rs).
@@ -145,6 +199,11 @@ pub(crate) fn intermediate_main(p: &mut Prepared, h: &Held) -> ! {
         say(stage, e);
         sys::exit(1)
     };
+    // Our copy of the caller's memory goes first, but for what we and init read; init,
+    // forked from us below, has nothing more to give back.
+    let here = 0u8;
+    let maps = [h.uid_map.as_ptr() as usize, h.gid_map.as_ptr() as usize];
+    p.released = crate::release::release_early(&p.keep, &maps, std::ptr::addr_of!(here) as usize);
     if let Err(e) = sys::setns(h.userns, libc::CLONE_NEWUSER) {
         fail(HELD_SETNS, e);
     }
@@ -209,6 +268,84 @@ impl Prepared {
         self.argv_ptrs.push(std::ptr::null());
         self.envp_ptrs = self.envp.iter().map(|a| a.as_ptr()).collect();
         self.envp_ptrs.push(std::ptr::null());
+        self.keep = Keep::of(self.heap_addresses());
+    }
+
+    /// The addresses of [`Prepared::each_buffer`].
+    pub(crate) fn heap_addresses(&self) -> Vec<usize> {
+        let mut at = Vec::new();
+        self.each_buffer(&mut |a| at.push(a));
+        at
+    }
+
+    /// Pass an address inside each heap buffer that init, the job before its exec, or a held
+    /// start's intermediate reads to `at` (one address per buffer: a buffer never spans two
+    /// mappings; empty lists have none). A field added to Prepared that points into the heap
+    /// must be named here, or init faults on it (`tests::every_buffer_of_a_prepared_start_is_kept`
+    /// reads each one after the release). Allocation-free.
+    pub(crate) fn each_buffer(&self, at: &mut dyn FnMut(usize)) {
+        fn list<T>(at: &mut dyn FnMut(usize), v: &[T]) {
+            if !v.is_empty() {
+                at(v.as_ptr() as usize);
+            }
+        }
+        // Every field named (no `..`): a field added to Prepared must be sorted out here.
+        let Prepared {
+            ops,
+            slots,
+            hostname,
+            argv,
+            argv_ptrs,
+            envp,
+            envp_ptrs,
+            exec_candidates,
+            cwd,
+            uid: _,
+            gid: _,
+            groups,
+            setgroups_allowed: _,
+            become_root: _,
+            cap_mask: _,
+            last_cap: _,
+            rlimits,
+            stdio: _,
+            sync_read: _,
+            report_write: _,
+            status_write: _,
+            parent_fds,
+            job_stack,
+            seccomp,
+            // What `seccomp` points into (named below, filter by filter).
+            seccomp_program: _,
+            // Inline in the Prepared, which lives on init's stack.
+            keep: _,
+            released: _,
+        } = self;
+        list(at, ops);
+        for op in ops {
+            op.buffers(at);
+        }
+        list(at, slots);
+        at(hostname.as_ptr() as usize);
+        for strings in [argv, envp, exec_candidates] {
+            list(at, strings);
+            for s in strings {
+                at(s.as_ptr() as usize);
+            }
+        }
+        list(at, argv_ptrs);
+        list(at, envp_ptrs);
+        at(cwd.as_ptr() as usize);
+        list(at, groups);
+        list(at, rlimits);
+        list(at, parent_fds);
+        at(job_stack.inside());
+        list(at, seccomp);
+        for f in seccomp {
+            if f.len > 0 {
+                at(f.filter as usize);
+            }
+        }
     }
 }
 
@@ -237,6 +374,10 @@ const FORWARDED: &[libc::c_int] = &[
 pub(crate) fn init_main(p: &mut Prepared) -> ! {
     // Die with the caller. If it is already gone, the sync read below sees EOF.
     let _ = sys::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+    if !p.released {
+        let here = 0u8;
+        crate::release::release_early(&p.keep, &[], std::ptr::addr_of!(here) as usize);
+    }
     for &fd in &p.parent_fds {
         // SAFETY: the parent's ends of the pipes are raw descriptors this copy of the process
         // owns and never uses.
@@ -594,4 +735,181 @@ fn job_main(p: &Prepared) -> ! {
         }
     }
     fail(Stage::Exec, last.0, last.1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(s: &str) -> CString {
+        CString::new(s).expect("no NUL")
+    }
+
+    /// A Prepared with one operation of every kind and every list filled.
+    fn every_kind() -> Prepared {
+        let pair = |k: &str, v: Option<&str>| (c(k), v.map(c));
+        let ops = vec![
+            Op::MakePrivate,
+            Op::Grab {
+                source: c("/grab"),
+                slot: 0,
+                read_only: true,
+            },
+            Op::GrabChecked {
+                source: c("/checked"),
+                dev: 1,
+                ino: 2,
+                slot: 1,
+                read_only: false,
+            },
+            Op::Fresh {
+                fstype: c("proc"),
+                options: vec![pair("subset", Some("pid")), pair("ro", None)],
+                fallback: vec![pair("hidepid", Some("2"))],
+                attrs: 0,
+                slot: 2,
+            },
+            Op::Pivot { rootfs: c("/root") },
+            Op::PivotTree {
+                slot: 0,
+                staging: c("/staging"),
+            },
+            Op::Mkdirs {
+                dirs: vec![c("/a"), c("/a/b")],
+            },
+            Op::Touch {
+                path: c(&format!("/{}", "t".repeat(200 << 10))),
+            },
+            Op::Mount {
+                fstype: c("tmpfs"),
+                target: c("/tmp"),
+                flags: 0,
+                data: Some(c("size=1m")),
+            },
+            Op::Attach {
+                slot: 1,
+                target: c("/attach"),
+            },
+            Op::ReadOnlySelf {
+                path: c("/proc/sys"),
+            },
+            Op::Symlink {
+                target: c("/proc/self/fd"),
+                link: c("/dev/fd"),
+            },
+            Op::WriteFile {
+                path: c("/proc/sys/kernel/x"),
+                data: c("0"),
+            },
+            Op::MaskFile { path: c("/mask") },
+            Op::MaskDir {
+                path: c("/maskdir"),
+            },
+            Op::Unstage { target: c("/old") },
+            Op::ReadOnlyRoot,
+            Op::LoopbackUp,
+        ];
+        let mut p = Prepared {
+            ops,
+            slots: vec![-1; 3],
+            hostname: c("mistry"),
+            argv: vec![c("/bin/sh"), c("-c"), c("true")],
+            argv_ptrs: Vec::new(),
+            // Large enough for a mapping of its own (glibc maps 128 KiB and more apart).
+            envp: vec![c("PATH=/bin"), c(&format!("BIG={}", "x".repeat(300 << 10)))],
+            envp_ptrs: Vec::new(),
+            exec_candidates: vec![c("/bin/sh")],
+            cwd: c("/"),
+            uid: 0,
+            gid: 0,
+            groups: vec![0, 1],
+            setgroups_allowed: true,
+            become_root: false,
+            cap_mask: 0,
+            last_cap: 40,
+            rlimits: vec![(libc::RLIMIT_NOFILE as libc::c_int, 1024, 1024)],
+            stdio: [0, 1, 2],
+            sync_read: -1,
+            report_write: -1,
+            status_write: -1,
+            parent_fds: vec![7, 8],
+            job_stack: sys::Stack::new(64 * 1024).expect("a stack"),
+            seccomp: Vec::new(),
+            seccomp_program: Some(crate::seccomp::default_program(false).expect("seccomp")),
+            keep: Keep::default(),
+            released: false,
+        };
+        p.finish_pointers();
+        p
+    }
+
+    /// What init keeps of its caller's memory before the sandbox is set up: every buffer of its
+    /// Prepared is still there (each one is read after the release; a missing one would fault),
+    /// and the caller's other memory is gone (a 64 MiB buffer the caller wrote is not).
+    #[test]
+    fn every_buffer_of_a_prepared_start_is_kept() {
+        let p = every_kind();
+        assert!(p.keep.pages().is_some(), "every buffer is named");
+        let ballast = vec![1u8; 64 << 20];
+        let (ready_r, ready_w) = sys::pipe().expect("pipe");
+        let (go_r, go_w) = sys::pipe().expect("pipe");
+        let pid = match sys::fork_with(0, false).expect("fork") {
+            sys::Forked::Child => {
+                // Allocation-free from here: the test harness is multi-threaded.
+                let here = 0u8;
+                let released =
+                    crate::release::release_early(&p.keep, &[], std::ptr::addr_of!(here) as usize);
+                let mut sum = 0u64;
+                p.each_buffer(&mut |a| {
+                    // SAFETY: `a` is inside a live buffer of `p` (each_buffer's contract).
+                    sum += u64::from(unsafe { std::ptr::read_volatile(a as *const u8) });
+                });
+                let _ = sys::write_all(ready_w, &[u8::from(released), u8::from(sum > 0)]);
+                let mut byte = [0u8; 1];
+                let _ = sys::read_full(go_r, &mut byte);
+                sys::exit(0)
+            }
+            sys::Forked::Parent { pid, .. } => pid,
+        };
+        // SAFETY: the child's ends, which this process does not use (a child that died shows
+        // as an end of file, not a wait).
+        unsafe {
+            sys::close(ready_w);
+            sys::close(go_r);
+        }
+        let mut said = [0u8; 2];
+        let got = sys::read_full(ready_r, &mut said);
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        let _ = sys::write_all(go_w, b"x");
+        let (_, raw) = sys::waitpid(pid, 0).expect("waitpid");
+        // SAFETY: our ends, not used after this.
+        unsafe {
+            sys::close(ready_r);
+            sys::close(go_w);
+        }
+        assert_eq!(
+            raw, 0,
+            "the child read every buffer and exited 0 (raw status {raw:#x})"
+        );
+        assert_eq!((got, said), (Ok(2), [1, 1]), "released early, buffers read");
+        let anon_kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("RssAnon:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("RssAnon");
+        assert!(
+            anon_kib < 16 << 10,
+            "the child still maps {anon_kib} KiB of anonymous memory (its caller wrote {} KiB)",
+            ballast.len() >> 10
+        );
+        assert_eq!(std::hint::black_box(&ballast)[ballast.len() - 1], 1);
+    }
+
+    #[test]
+    fn a_prepared_start_on_too_many_pages_is_not_released_early() {
+        let keep = Keep::of((0..=KEEP_MAX).map(|i| i * 4096 * 2).collect());
+        assert!(keep.pages().is_none());
+        let keep = Keep::of(vec![0x5008, 0x5010, 0x3000, 0x5ff0]);
+        assert_eq!(keep.pages(), Some(&[0x3000, 0x5000][..]));
+    }
 }

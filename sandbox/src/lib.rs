@@ -773,6 +773,8 @@ impl Sandbox {
             })?,
             seccomp: Vec::new(),
             seccomp_program,
+            keep: child::Keep::default(),
+            released: false,
         };
         prepared.finish_pointers();
 

@@ -109,6 +109,81 @@ pub(crate) enum Op {
 }
 
 impl Op {
+    /// Pass the address of every heap buffer of the operation (its strings, its non-empty
+    /// lists) to `at` (child::Prepared::each_buffer: what init keeps mapped).
+    /// Every field is named (no `..`): a string added to an operation must be passed here.
+    pub(crate) fn buffers(&self, at: &mut dyn FnMut(usize)) {
+        let mut s = |c: &CString| at(c.as_ptr() as usize);
+        match self {
+            Op::MakePrivate | Op::ReadOnlyRoot | Op::LoopbackUp => {}
+            Op::Grab {
+                source,
+                slot: _,
+                read_only: _,
+            }
+            | Op::GrabChecked {
+                source,
+                dev: _,
+                ino: _,
+                slot: _,
+                read_only: _,
+            } => s(source),
+            Op::Fresh {
+                fstype,
+                options,
+                fallback,
+                attrs: _,
+                slot: _,
+            } => {
+                s(fstype);
+                for (key, value) in options.iter().chain(fallback) {
+                    s(key);
+                    if let Some(v) = value {
+                        s(v);
+                    }
+                }
+                for set in [options, fallback] {
+                    if !set.is_empty() {
+                        at(set.as_ptr() as usize);
+                    }
+                }
+            }
+            Op::Pivot { rootfs } => s(rootfs),
+            Op::PivotTree { staging, slot: _ } => s(staging),
+            Op::Mkdirs { dirs } => {
+                dirs.iter().for_each(&mut s);
+                if !dirs.is_empty() {
+                    at(dirs.as_ptr() as usize);
+                }
+            }
+            Op::Touch { path }
+            | Op::ReadOnlySelf { path }
+            | Op::MaskFile { path }
+            | Op::MaskDir { path } => s(path),
+            Op::Mount {
+                fstype,
+                target,
+                data,
+                flags: _,
+            } => {
+                s(fstype);
+                s(target);
+                if let Some(d) = data {
+                    s(d);
+                }
+            }
+            Op::Attach { target, slot: _ } | Op::Unstage { target } => s(target),
+            Op::Symlink { target, link } => {
+                s(target);
+                s(link);
+            }
+            Op::WriteFile { path, data } => {
+                s(path);
+                s(data);
+            }
+        }
+    }
+
     /// What the step does, for error messages (`mount proc on /proc`).
     /// Whether this operation mounts an overlay (whose refusal callers may work around).
     pub(crate) fn is_overlay(&self) -> bool {

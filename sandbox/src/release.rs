@@ -67,12 +67,13 @@ fn hex(digits: &[u8]) -> Option<usize> {
 }
 
 /// Whether init may unmap `line` (after `prev`, the line before it); `keep`: addresses whose
-/// mappings stay (its stack, its thread's control block).
+/// mappings stay (its stack, its thread's control block, what it still reads), sorted.
 pub(crate) fn droppable(line: &Line, prev: Option<&Line>, keep: &[usize]) -> bool {
+    let first = keep.partition_point(|&a| a < line.start);
     if !line.accessible
         || line.file
         || line.special
-        || keep.iter().any(|a| (line.start..line.end).contains(a))
+        || keep.get(first).is_some_and(|&a| a < line.end)
     {
         return false;
     }
@@ -129,12 +130,46 @@ pub(crate) fn scan(fd: RawFd, keep: &[usize], out: &mut [(usize, usize)]) -> usi
 /// afterwards: the caller copies what it needs onto its stack first. Failures leave the memory
 /// shared, as before.
 pub(crate) fn release(maps: RawFd, sp: usize) {
-    let keep = [sp, crate::sys::thread_pointer()];
+    let mut keep = [sp, crate::sys::thread_pointer()];
+    keep.sort_unstable();
+    unmap_found(maps, &keep);
+}
+
+fn unmap_found(maps: RawFd, keep: &[usize]) {
     let mut regions = [(0usize, 0usize); MAX_REGIONS];
-    let n = scan(maps, &keep, &mut regions);
+    let n = scan(maps, keep, &mut regions);
     for &(start, end) in &regions[..n] {
         crate::sys::unmap(start, end - start);
     }
+}
+
+/// Before a sandbox is set up: unmap the caller's memory but the pages of `prepared` (what
+/// the set-up and the job's start read), the addresses of `more`, the stack holding `sp` and
+/// this thread's control block. The caller's writes while the sandbox is set up then copy only
+/// pages of those few regions. Whether it was done (not when `prepared` is incomplete, or
+/// `/proc/self/maps` cannot be read: the memory then stays shared until the job runs).
+pub(crate) fn release_early(prepared: &crate::child::Keep, more: &[usize], sp: usize) -> bool {
+    let Some(pages) = prepared.pages() else {
+        return false;
+    };
+    let mut keep = [0usize; crate::child::KEEP_MAX + 8];
+    let fixed = [sp, crate::sys::thread_pointer()];
+    let n = pages.len() + fixed.len() + more.len();
+    if n > keep.len() {
+        return false;
+    }
+    keep[..pages.len()].copy_from_slice(pages);
+    keep[pages.len()..pages.len() + 2].copy_from_slice(&fixed);
+    keep[pages.len() + 2..n].copy_from_slice(more);
+    let keep = &mut keep[..n];
+    keep.sort_unstable();
+    let Ok(maps) = crate::sys::open_read(c"/proc/self/maps") else {
+        return false;
+    };
+    unmap_found(maps, keep);
+    // SAFETY: the descriptor was opened just above and is not used after this.
+    unsafe { crate::sys::close(maps) };
+    true
 }
 
 #[cfg(test)]

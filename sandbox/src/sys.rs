@@ -168,6 +168,11 @@ impl Stack {
         Ok(stack)
     }
 
+    /// An address inside the stack's usable part (the page right over the guard).
+    pub(crate) fn inside(&self) -> usize {
+        self.base as usize + Self::GUARD
+    }
+
     /// The stack's top, 16-byte aligned (stacks grow down on every architecture we build for).
     fn top(&self) -> usize {
         (self.base as usize + self.len) & !15
@@ -396,7 +401,14 @@ pub(crate) fn touch(path: &CStr) -> Result<(), i32> {
     let fd = check_int(unsafe {
         libc::open(
             path.as_ptr(),
-            libc::O_RDONLY | libc::O_CREAT | libc::O_CLOEXEC | libc::O_NOFOLLOW,
+            // Non-blocking: a FIFO the image put at a mount point would block init here, and the
+            // sandbox's start with it, for ever.
+            libc::O_RDONLY
+                | libc::O_CREAT
+                | libc::O_CLOEXEC
+                | libc::O_NOFOLLOW
+                | libc::O_NONBLOCK
+                | libc::O_NOCTTY,
             0o644 as c_uint,
         )
     });
@@ -502,6 +514,16 @@ pub(crate) fn read_full(fd: RawFd, buf: &mut [u8]) -> Result<usize, i32> {
 
 /// The calling thread's control block (glibc's `struct pthread`, where its thread pointer
 /// points: errno and the stack protector's canary are addressed from it).
+/// The size of a page (4096 when the system does not say).
+pub(crate) fn page_size() -> usize {
+    // SAFETY: sysconf takes an integer and reads no memory of ours.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(n)
+        .ok()
+        .filter(|n| n.is_power_of_two())
+        .unwrap_or(4096)
+}
+
 pub(crate) fn thread_pointer() -> usize {
     // SAFETY: pthread_self only reads the thread pointer register.
     unsafe { libc::pthread_self() as usize }

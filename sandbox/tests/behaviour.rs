@@ -683,3 +683,30 @@ fn jobs_that_end_at_once_are_always_reaped() {
         assert_eq!(out.status, ExitStatus::Exited(3), "run {i}");
     }
 }
+
+/// A FIFO the image put where a file is bound (a hostile image: `RUN mkfifo /etc/hosts`) does
+/// not hold the sandbox's start for ever: the file is bound over it and the job reads the file.
+#[test]
+fn a_fifo_at_a_files_mount_point_does_not_block_the_start() {
+    let f = fixture();
+    let fifo = f.rootfs.join("etc/from-host");
+    let path = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).expect("path");
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o644) }, 0, "mkfifo");
+    let host = f.dir.path().join("from-host");
+    std::fs::write(&host, "bound\n").expect("host file");
+    let sandbox = f
+        .sandbox()
+        .bind(Bind::new(&host, "/etc/from-host").read_only())
+        .command(["cat", "/etc/from-host"]);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(sandbox.output());
+    });
+    let out = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the sandbox's start still waits on the FIFO after 30 s")
+        .expect("the sandbox runs");
+    assert_eq!(text(&out.stdout), "bound\n", "{}", text(&out.stderr));
+    assert_eq!(out.status, ExitStatus::Exited(0));
+}
