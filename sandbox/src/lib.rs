@@ -36,9 +36,10 @@
 //!    are allowed, `kernel.pid_max` for the process limit on Linux ≥ 6.14; runc's masked paths;
 //!    `pivot_root` into the rootfs with the old root detached), joins a fresh anonymous session
 //!    keyring, forks the job, and stays as a tiny init that forwards signals to the job and
-//!    reaps orphans. Once the job has exec'd, init unmaps its copy of the caller's heap and
-//!    other threads' stacks (`release.rs`): a caller that forks many
-//!    sandboxes no longer copies each page it writes while they run.
+//!    reaps orphans. Before any of it, init unmaps its copy of the caller's memory but the
+//!    pages of its `Prepared` (and its stack), and once the job has exec'd, those too
+//!    (`release.rs`): a caller that forks many sandboxes does not copy each page it writes
+//!    while they are set up and run.
 //! 4. The job process sets its rlimits (the policy's `RLIMIT_NPROC` and `RLIMIT_NOFILE`, then
 //!    the caller's), drops the capability bounding set to [`DEFAULT_CAPABILITIES`] (Docker's
 //!    default set), switches to the requested user, sets `no_new_privs`, installs the seccomp

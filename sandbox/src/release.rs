@@ -1,11 +1,14 @@
-//! init gives the caller's memory back once the job runs.
+//! init gives the caller's memory back: before the sandbox is set up, and once the job runs.
 //!
 //! A sandbox's init is a forked copy of its caller (the daemon), and stays for as long as its
-//! job runs. Every page of the caller's heap it still maps is shared copy-on-write: each page
+//! job runs. Every page of the caller's memory it still maps is shared copy-on-write: each page
 //! the caller writes meanwhile is copied, and each copy interrupts the other CPUs to flush their
-//! TLB — most of a busy daemon's kernel time per job (docs/benchmarks.md). Once the job has
-//! exec'd, init needs only its stack, its code and a few descriptors, so it unmaps the rest of
-//! its anonymous memory: the caller's later writes to those pages no longer copy anything.
+//! TLB — most of a busy daemon's kernel time per job (docs/benchmarks.md). So init unmaps its
+//! anonymous memory twice: first thing after the fork ([`release_early`]), all of it but the
+//! mappings that hold its `Prepared`'s buffers (a few pages of the caller's heap, named by
+//! `Prepared::each_buffer`) and its stack; once the job has exec'd ([`release`]), those too,
+//! as it then needs only its stack, its code and a few descriptors. A held start's intermediate
+//! (also a fork of the caller) does the first before it forks init.
 //!
 //! Allocation-free (init may not allocate): `/proc/self/maps` is read through a stack buffer
 //! and the regions kept in a fixed array. What is kept: every mapping of a file, the named

@@ -530,7 +530,8 @@ mod tests {
             })
         };
         assert_eq!(
-            on(&rows::running_payload("p", "abc")),
+            // A claim's, as [`rows::claim`] builds it in SQL.
+            on("running p/abc"),
             Some(Event::Running("p/abc".into()))
         );
         assert_eq!(

@@ -16,12 +16,6 @@ use crate::cluster::{JOBS_CHANNEL, LOGS_CHANNEL};
 use crate::jobs::JobRequest;
 use crate::service::JobState;
 
-/// The payload of the notification that job `project/id` is running (claimed; [`claim`] builds
-/// the same in SQL).
-pub(in crate::cluster) fn running_payload(project: &str, id: &str) -> String {
-    format!("running {project}/{id}")
-}
-
 /// The payload of the notification that job `project/id` was queued again to run anew (a
 /// rebuild, a failed job asked again): work to claim, and its build is about to change.
 pub(in crate::cluster) fn requeued_payload(project: &str, id: &str) -> String {
@@ -706,8 +700,9 @@ pub(in crate::cluster) enum Inserted {
     QueueFull,
 }
 
-/// Insert `job` (one statement: one round trip, atomic, its notification and the backlog's
-/// check included): `running` by `me` at once when `me` is its preferred agent
+/// Insert `job` (one statement: one round trip, atomic, the backlog's check and a queued
+/// job's notification included; a job inserted `running` notifies nobody: no waiter can have
+/// seen it queued, and `Scheduler::until_running` reads the record first): `running` by `me` at once when `me` is its preferred agent
 /// ([`preferred`]; its first attempt) and either `here` (a free slot on `me`) or `soon` (the
 /// run may wait on `me` for a slot, and the records agree that the wait is brief:
 /// [`waits_briefly`]), else `queued` with its preferred
@@ -733,7 +728,7 @@ pub(in crate::cluster) async fn insert(
     let sql = format!(
         "WITH qfull AS (SELECT {} AS yes),
               pref AS (SELECT {} AS agent),
-              mine AS (SELECT ($5 OR ($12 AND {}))
+              mine AS (SELECT ($5 OR ($11 AND {}))
                               AND (pref.agent IS NULL OR pref.agent = $6) AS yes
                          FROM pref),
               ins AS (
@@ -746,15 +741,13 @@ pub(in crate::cluster) async fn insert(
                          CASE WHEN mine.yes THEN 1 ELSE 0 END
                     FROM pref, mine, qfull
                    WHERE (mine.yes OR NOT qfull.yes)
-                     AND NOT EXISTS (SELECT 1 FROM jobs u WHERE u.project = $1 AND u.id = $11)
+                     AND NOT EXISTS (SELECT 1 FROM jobs u WHERE u.project = $1 AND u.id = $10)
                   ON CONFLICT (project, id) DO NOTHING
                   RETURNING state),
-              sent AS (SELECT pg_notify($8, CASE WHEN ins.state = 'queued'
-                                                 THEN 'queued' ELSE $9 END)
-                         FROM ins)
+              sent AS (SELECT pg_notify($8, 'queued') FROM ins WHERE ins.state = 'queued')
          SELECT (SELECT ins.state FROM ins), qfull.yes, (SELECT count(*) FROM sent)
            FROM qfull",
-        queue_full_sql("$10", "$7"),
+        queue_full_sql("$9", "$7"),
         preferred("$6", "$7", "$5"),
         waits_briefly("$6")
     );
@@ -771,7 +764,6 @@ pub(in crate::cluster) async fn insert(
                 &me,
                 &agent_timeout.as_secs_f64(),
                 &JOBS_CHANNEL,
-                &running_payload(job.project, job.id),
                 &backlog,
                 &unless,
                 &soon,
@@ -792,7 +784,7 @@ pub(in crate::cluster) async fn insert(
 /// time (the whole one's planning was most of a new job's database time): a job of no group,
 /// with a free slot on `me` (`here`) or a brief wait there (else [`waits_briefly`] by the
 /// records), is `me`'s to run when `me` has the project's image — what [`preferred`] chooses
-/// then, `me` — and is inserted `running` by `me`, its notification sent. `None` when the
+/// then, `me` — and is inserted `running` by `me` (no notification, as [`insert`]). `None` when the
 /// records do not make `me` its agent (no image recorded, or the wait not brief): the whole
 /// statement decides then.
 async fn insert_here(
@@ -815,9 +807,8 @@ async fn insert_here(
                    WHERE mine.yes
                      AND NOT EXISTS (SELECT 1 FROM jobs u WHERE u.project = $1 AND u.id = $4)
                   ON CONFLICT (project, id) DO NOTHING
-                  RETURNING state),
-              sent AS (SELECT pg_notify($7, $8) FROM ins)
-         SELECT (SELECT ins.state FROM ins), mine.yes, (SELECT count(*) FROM sent)
+                  RETURNING state)
+         SELECT (SELECT ins.state FROM ins), mine.yes
            FROM mine",
         waits_briefly("$5")
     );
@@ -825,16 +816,7 @@ async fn insert_here(
     let row = client
         .query_one(
             &statement,
-            &[
-                &job.project,
-                &job.id,
-                &job.request,
-                &unless,
-                &me,
-                &here,
-                &JOBS_CHANNEL,
-                &running_payload(job.project, job.id),
-            ],
+            &[&job.project, &job.id, &job.request, &unless, &me, &here],
         )
         .await
         .map_err(&g)?;
