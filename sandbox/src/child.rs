@@ -200,7 +200,9 @@ pub(crate) fn intermediate_main(p: &mut Prepared, h: &Held) -> ! {
         sys::exit(1)
     };
     // Our copy of the caller's memory goes first, but for what we and init read; init,
-    // forked from us below, has nothing more to give back.
+    // forked from us below, has nothing more to give back. The caller's signal handlers go
+    // before it (they follow pointers into that memory; init resets its own again).
+    sys::default_handlers();
     let here = 0u8;
     let maps = [h.uid_map.as_ptr() as usize, h.gid_map.as_ptr() as usize];
     p.released = crate::release::release_early(&p.keep, &maps, std::ptr::addr_of!(here) as usize);
@@ -374,6 +376,14 @@ const FORWARDED: &[libc::c_int] = &[
 pub(crate) fn init_main(p: &mut Prepared) -> ! {
     // Die with the caller. If it is already gone, the sync read below sees EOF.
     let _ = sys::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
+    // Block what init forwards or reaps (until the job runs, a signal to pass on waits), and
+    // drop the caller's handlers: none may run once init has given back the caller's memory
+    // (right below; a handler follows pointers into the caller's heap). Now, before the job
+    // exists: a default action that ignores (SIGCHLD's) discards what is pending, and the
+    // job's SIGCHLD must not be.
+    let set = add_signal(sys::sigset_of(FORWARDED), libc::SIGCHLD);
+    sys::set_sigmask(&set);
+    sys::default_handlers();
     if !p.released {
         let here = 0u8;
         crate::release::release_early(&p.keep, &[], std::ptr::addr_of!(here) as usize);
@@ -429,14 +439,7 @@ pub(crate) fn init_main(p: &mut Prepared) -> ! {
         }
     }
 
-    // From here on init only waits: block what it forwards or reaps, then fork the job.
-    let set = add_signal(sys::sigset_of(FORWARDED), libc::SIGCHLD);
-    sys::set_sigmask(&set);
-    // No handler of the caller's may run once init has given back the caller's memory (below).
-    // Now, before the job exists: a default action that ignores (SIGCHLD's) discards what is
-    // pending, and the job's SIGCHLD must not be.
-    sys::default_handlers();
-
+    // From here on init only waits (its signals blocked above): fork the job.
     // The maps of init, read once the job runs (release.rs); opened now, while the sandbox's
     // `/proc` is init's own (the job could mount over it later). Close-on-exec: not the job's.
     let maps = sys::open_read(c"/proc/self/maps").unwrap_or(-1);

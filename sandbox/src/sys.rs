@@ -168,9 +168,10 @@ impl Stack {
         Ok(stack)
     }
 
-    /// An address inside the stack's usable part (the page right over the guard).
+    /// An address inside the stack's usable part (its last byte: with pages larger than the
+    /// guard, the page right over the guard is still the guard's).
     pub(crate) fn inside(&self) -> usize {
-        self.base as usize + Self::GUARD
+        self.top() - 1
     }
 
     /// The stack's top, 16-byte aligned (stacks grow down on every architecture we build for).
