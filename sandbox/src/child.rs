@@ -9,6 +9,7 @@ use std::ffi::CString;
 use std::os::fd::RawFd;
 
 use crate::plan::Op;
+use crate::release::Keep;
 use crate::sys;
 
 /// Where in the set-up a failure happened.
@@ -113,53 +114,6 @@ pub(crate) struct Prepared {
     /// Whether this copy of the caller's memory was already given back (by the intermediate,
     /// before it forked init).
     pub released: bool,
-}
-
-/// At most this many pages of the caller's heap are named in a [`Keep`]; a Prepared whose
-/// buffers lie on more pages is not released early (its memory stays shared until the job runs).
-pub(crate) const KEEP_MAX: usize = 256;
-
-/// The pages holding a [`Prepared`]'s heap buffers, sorted: what init must keep mapped until
-/// its job runs. Inline (no heap buffer of its own): it lives where the Prepared lives.
-pub(crate) struct Keep {
-    pages: [usize; KEEP_MAX],
-    len: usize,
-    /// Every buffer is named (false: too many pages; nothing is released early).
-    complete: bool,
-}
-
-impl Default for Keep {
-    fn default() -> Self {
-        Keep {
-            pages: [0; KEEP_MAX],
-            len: 0,
-            complete: false,
-        }
-    }
-}
-
-impl Keep {
-    /// The pages of `addresses` (any order, repeats allowed).
-    pub(crate) fn of(mut addresses: Vec<usize>) -> Keep {
-        let page = crate::sys::page_size();
-        for a in &mut addresses {
-            *a &= !(page - 1);
-        }
-        addresses.sort_unstable();
-        addresses.dedup();
-        let mut keep = Keep::default();
-        if addresses.len() <= KEEP_MAX {
-            keep.pages[..addresses.len()].copy_from_slice(&addresses);
-            keep.len = addresses.len();
-            keep.complete = true;
-        }
-        keep
-    }
-
-    /// The pages, sorted; `None` when some buffer is not named.
-    pub(crate) fn pages(&self) -> Option<&[usize]> {
-        self.complete.then(|| &self.pages[..self.len])
-    }
 }
 
 /// What the intermediate process of a start in a held user namespace needs (holder.rs).
@@ -906,13 +860,5 @@ mod tests {
             ballast.len() >> 10
         );
         assert_eq!(std::hint::black_box(&ballast)[ballast.len() - 1], 1);
-    }
-
-    #[test]
-    fn a_prepared_start_on_too_many_pages_is_not_released_early() {
-        let keep = Keep::of((0..=KEEP_MAX).map(|i| i * 4096 * 2).collect());
-        assert!(keep.pages().is_none());
-        let keep = Keep::of(vec![0x5008, 0x5010, 0x3000, 0x5ff0]);
-        assert_eq!(keep.pages(), Some(&[0x3000, 0x5000][..]));
     }
 }

@@ -774,7 +774,7 @@ impl Sandbox {
             })?,
             seccomp: Vec::new(),
             seccomp_program,
-            keep: child::Keep::default(),
+            keep: release::Keep::default(),
             released: false,
         };
         prepared.finish_pointers();

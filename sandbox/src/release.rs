@@ -18,6 +18,53 @@
 
 use std::os::fd::RawFd;
 
+/// At most this many pages of the caller's heap are named in a [`Keep`]; a Prepared whose
+/// buffers lie on more pages is not released early (its memory stays shared until the job runs).
+pub(crate) const KEEP_MAX: usize = 256;
+
+/// The pages holding a `Prepared`'s heap buffers, sorted: what init must keep mapped until
+/// its job runs. Inline (no heap buffer of its own): it lives where the Prepared lives.
+pub(crate) struct Keep {
+    pages: [usize; KEEP_MAX],
+    len: usize,
+    /// Every buffer is named (false: too many pages; nothing is released early).
+    complete: bool,
+}
+
+impl Default for Keep {
+    fn default() -> Self {
+        Keep {
+            pages: [0; KEEP_MAX],
+            len: 0,
+            complete: false,
+        }
+    }
+}
+
+impl Keep {
+    /// The pages of `addresses` (any order, repeats allowed).
+    pub(crate) fn of(mut addresses: Vec<usize>) -> Keep {
+        let page = crate::sys::page_size();
+        for a in &mut addresses {
+            *a &= !(page - 1);
+        }
+        addresses.sort_unstable();
+        addresses.dedup();
+        let mut keep = Keep::default();
+        if addresses.len() <= KEEP_MAX {
+            keep.pages[..addresses.len()].copy_from_slice(&addresses);
+            keep.len = addresses.len();
+            keep.complete = true;
+        }
+        keep
+    }
+
+    /// The pages, sorted; `None` when some buffer is not named.
+    pub(crate) fn pages(&self) -> Option<&[usize]> {
+        self.complete.then(|| &self.pages[..self.len])
+    }
+}
+
 /// At most this many regions are unmapped (the rest stay shared, as before).
 const MAX_REGIONS: usize = 1024;
 
@@ -151,11 +198,11 @@ fn unmap_found(maps: RawFd, keep: &[usize]) {
 /// this thread's control block. The caller's writes while the sandbox is set up then copy only
 /// pages of those few regions. Whether it was done (not when `prepared` is incomplete, or
 /// `/proc/self/maps` cannot be read: the memory then stays shared until the job runs).
-pub(crate) fn release_early(prepared: &crate::child::Keep, more: &[usize], sp: usize) -> bool {
+pub(crate) fn release_early(prepared: &Keep, more: &[usize], sp: usize) -> bool {
     let Some(pages) = prepared.pages() else {
         return false;
     };
-    let mut keep = [0usize; crate::child::KEEP_MAX + 8];
+    let mut keep = [0usize; KEEP_MAX + 8];
     let fixed = [sp, crate::sys::thread_pointer()];
     let n = pages.len() + fixed.len() + more.len();
     if n > keep.len() {
@@ -269,5 +316,13 @@ mod tests {
         let l = parse(b"7f0000000000-7f0000800000 rw-p 00000000 00:00 0 ").unwrap();
         assert!(droppable(&l, None, &[0x1000]));
         assert!(!droppable(&l, None, &[0x1000, 0x7f0000000740]));
+    }
+
+    #[test]
+    fn a_prepared_start_on_too_many_pages_is_not_released_early() {
+        let keep = Keep::of((0..=KEEP_MAX).map(|i| i * 4096 * 2).collect());
+        assert!(keep.pages().is_none());
+        let keep = Keep::of(vec![0x5008, 0x5010, 0x3000, 0x5ff0]);
+        assert_eq!(keep.pages(), Some(&[0x3000, 0x5000][..]));
     }
 }
