@@ -108,19 +108,6 @@ pub(crate) struct Usage {
     pub rss: u64,
 }
 
-fn page_size() -> u64 {
-    static SIZE: OnceLock<u64> = OnceLock::new();
-    *SIZE.get_or_init(|| {
-        // SAFETY: sysconf has no memory arguments.
-        let s = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-        if s > 0 {
-            s as u64
-        } else {
-            4096
-        }
-    })
-}
-
 /// Fields of `/proc/<pid>/stat` after the command name: (threads, rss pages).
 pub(crate) fn parse_stat(stat: &str) -> Option<(u64, u64)> {
     let (_, rest) = stat.rsplit_once(") ")?;
@@ -165,7 +152,7 @@ pub(crate) fn scan(init: i32, with_rss: bool) -> Option<Usage> {
                 .as_deref()
                 .and_then(parse_stat)
             {
-                usage.rss += rss * page_size();
+                usage.rss += rss * crate::sys::page_size() as u64;
             }
         }
     }

@@ -5,8 +5,8 @@
 //! the caller writes meanwhile is copied, and each copy interrupts the other CPUs to flush their
 //! TLB — most of a busy daemon's kernel time per job (docs/benchmarks.md). So init unmaps its
 //! anonymous memory twice: first thing after the fork ([`release_early`]), all of it but the
-//! mappings that hold its `Prepared`'s buffers (a few pages of the caller's heap, named by
-//! `Prepared::each_buffer`) and its stack; once the job has exec'd ([`release`]), those too,
+//! mappings that hold its `Prepared`'s buffers (named by `Prepared::each_buffer`: a few pages,
+//! usually all in the forking thread's malloc arena, which stays whole) and its stack; once the job has exec'd ([`release`]), those too,
 //! as it then needs only its stack, its code and a few descriptors. A held start's intermediate
 //! (also a fork of the caller) does the first before it forks init.
 //!

@@ -513,8 +513,6 @@ pub(crate) fn read_full(fd: RawFd, buf: &mut [u8]) -> Result<usize, i32> {
     Ok(got)
 }
 
-/// The calling thread's control block (glibc's `struct pthread`, where its thread pointer
-/// points: errno and the stack protector's canary are addressed from it).
 /// The size of a page (4096 when the system does not say).
 pub(crate) fn page_size() -> usize {
     // SAFETY: sysconf takes an integer and reads no memory of ours.
@@ -525,6 +523,8 @@ pub(crate) fn page_size() -> usize {
         .unwrap_or(4096)
 }
 
+/// The calling thread's control block (glibc's `struct pthread`, where its thread pointer
+/// points: errno and the stack protector's canary are addressed from it).
 pub(crate) fn thread_pointer() -> usize {
     // SAFETY: pthread_self only reads the thread pointer register.
     unsafe { libc::pthread_self() as usize }
