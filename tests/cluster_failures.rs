@@ -106,12 +106,7 @@ fn expect_fresh_artifacts(files: &BTreeMap<String, Vec<u8>>, name: &str, params:
 /// A `POST /jobs` that gives up after a minute (a request that hangs fails the test instead of
 /// hanging it): its status and text.
 fn post_with_timeout(s: &Server, body: &Value) -> (u16, String) {
-    let agent = ureq::Agent::new_with_config(
-        ureq::config::Config::builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(60)))
-            .build(),
-    );
+    let agent = Server::agent_within(Duration::from_secs(60));
     let mut r = agent
         .post(&s.url("/jobs"))
         .send(body.to_string())

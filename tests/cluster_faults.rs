@@ -523,12 +523,7 @@ fn pg_agent_pid(agents: &[Server], i: usize) -> u32 {
 
 /// A client's HTTP agent: at most 120 s per request.
 fn client() -> ureq::Agent {
-    ureq::Agent::new_with_config(
-        ureq::config::Config::builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(120)))
-            .build(),
-    )
+    Server::agent_within(Duration::from_secs(120))
 }
 
 /// `POST /jobs` of `body` to the agent at `base` as a careful client does: again after a 503

@@ -20,12 +20,7 @@ fn add(s: &Server, name: &str, dockerfile: &str) {
 
 /// POST /jobs, giving up after `secs` seconds (a hung server fails the test).
 fn job_within(s: &Server, body: Value, secs: u64) -> Value {
-    let agent = ureq::Agent::new_with_config(
-        ureq::config::Config::builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(secs)))
-            .build(),
-    );
+    let agent = Server::agent_within(Duration::from_secs(secs));
     let mut r = agent
         .post(&s.url("/jobs"))
         .send(body.to_string())

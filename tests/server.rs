@@ -1349,12 +1349,7 @@ fn half_open_connections_do_not_starve_the_server() {
         held.push(c);
     }
     // A normal client is still served, at once.
-    let agent = ureq::Agent::new_with_config(
-        ureq::config::Config::builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(5)))
-            .build(),
-    );
+    let agent = Server::agent_within(Duration::from_secs(5));
     let t = Instant::now();
     let mut r = agent.get(&s.url("/index/")).call().unwrap();
     assert_eq!(r.status().as_u16(), 200);
@@ -1958,12 +1953,7 @@ fn drip(conns: Vec<std::net::TcpStream>, stop: std::sync::mpsc::Receiver<()>) {
 /// its connection closed, while complete requests are served as before.
 #[test]
 fn slow_request_bodies_neither_hold_the_connection_cap_nor_last() {
-    let agent = ureq::Agent::new_with_config(
-        ureq::config::Config::builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(20)))
-            .build(),
-    );
+    let agent = Server::agent_within(Duration::from_secs(20));
     // The cap full of slow bodies (the body timeout is the default, a minute).
     let s = Server::start_with(None, serde_json::json!({}), &["--max-connections", "20"]);
     let held: Vec<_> = (0..20).map(|_| slow_body(&s, 1000)).collect();

@@ -18,11 +18,7 @@ pub(crate) struct Browser {
 }
 
 fn agent() -> ureq::Agent {
-    ureq::Agent::new_with_config(
-        ureq::config::Config::builder()
-            .http_status_as_error(false)
-            .build(),
-    )
+    super::server::Server::agent()
 }
 
 impl Browser {

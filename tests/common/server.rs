@@ -337,6 +337,17 @@ impl Server {
         )
     }
 
+    /// [`Server::agent`], giving up on a request after `timeout` (a hung server fails the
+    /// test instead of hanging it).
+    pub(crate) fn agent_within(timeout: std::time::Duration) -> ureq::Agent {
+        ureq::Agent::new_with_config(
+            ureq::config::Config::builder()
+                .http_status_as_error(false)
+                .timeout_global(Some(timeout))
+                .build(),
+        )
+    }
+
     pub(crate) fn post(&self, path: &str, body: &str) -> (u16, String) {
         let mut r = Self::agent().post(&self.url(path)).send(body).unwrap();
         (r.status().as_u16(), r.body_mut().read_to_string().unwrap())

@@ -43,15 +43,42 @@ pub(crate) fn probe() -> PathBuf {
             if let Some(p) = std::env::var_os("MISTRY_PROBE") {
                 return PathBuf::from(p);
             }
-            let out = std::env::temp_dir().join(format!("mistry-probe-{}", std::process::id()));
             let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/probe.c");
+            // One probe per user and source, kept between runs (every test binary, every run
+            // used to leave its own copy in the temporary directory).
+            let text = std::fs::read(&src).expect("reading tests/probe.c");
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            std::hash::Hash::hash(&text, &mut hasher);
+            let uid = nix::unistd::getuid().as_raw();
+            let tmp = std::env::temp_dir();
+            let out = tmp.join(format!(
+                "mistry-probe-{uid}-{:016x}",
+                std::hash::Hasher::finish(&hasher)
+            ));
+            // Only a probe this user made, that nobody else may change.
+            let ours = std::fs::symlink_metadata(&out).is_ok_and(|m| {
+                use std::os::unix::fs::MetadataExt;
+                m.is_file() && m.uid() == uid && m.mode() & 0o022 == 0
+            });
+            if ours {
+                return out;
+            }
+            let building = tmp.join(format!("mistry-probe-{uid}-{}.tmp", std::process::id()));
             let status = Command::new("cc")
                 .args(["-static", "-O2", "-o"])
-                .arg(&out)
+                .arg(&building)
                 .arg(&src)
                 .status()
                 .expect("running cc to build the probe (apt-get install gcc libc6-dev)");
             assert!(status.success(), "building {}", src.display());
+            // Whatever the umask: nobody else may change it (checked above when reused).
+            std::fs::set_permissions(&building, std::fs::Permissions::from_mode(0o755))
+                .expect("chmod of the probe");
+            // Atomic: test binaries running at once each build, the last rename wins. (Refused
+            // when another user holds the name: this run's own copy is used then.)
+            if std::fs::rename(&building, &out).is_err() {
+                return building;
+            }
             out
         })
         .clone()

@@ -74,13 +74,14 @@
 //! Copies: a job that ends again (a rebuild, a re-run) drops the other agents' copies of its
 //! old build — on the end's notification, and at an agent's start for what it missed.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{broadcast, watch, Notify};
+use tokio::sync::{broadcast, watch};
 
 mod janitor;
+mod slots;
 mod submit;
 mod worker;
 
@@ -232,20 +233,9 @@ pub struct Scheduler {
     /// The key of each end this agent recorded, as soon as it did (with the record's build
     /// verified here): its waiters answer without waiting for the notification's way back.
     ended_here: broadcast::Sender<String>,
-    /// Jobs this agent claimed and runs now.
-    claimed: AtomicUsize,
-    /// A claimed job ended here: capacity is free.
-    freed: Notify,
-    /// Runs of jobs inserted `running` here while every slot was taken (a brief wait, see
-    /// [`Scheduler::waits_briefly`]), in order: a slot given back goes to the first of them
-    /// before the claim loop sees it.
-    waiters: std::sync::Mutex<std::collections::VecDeque<tokio::sync::oneshot::Sender<()>>>,
-    /// The claim loop found every slot taken while queued records may be left: the next slot
-    /// given back goes to it, not to a run waiting here (see `give_slot_back`).
-    claim_waits: std::sync::atomic::AtomicBool,
-    /// The places taken for runs waiting here for a slot (at most `job_backlog`; see
-    /// [`Scheduler::wait_briefly`]).
-    waiting: AtomicUsize,
+    /// This agent's slots, and the places of the runs waiting here for one: who gets the next
+    /// slot given back (the runs waiting here and the claim loop take turns).
+    slots: slots::Slots,
     /// The builds whose end this agent recorded lately (key → `StartedAt`): their end's
     /// notification is no news for the stale-copy check (one query less per job). A missed
     /// notification leaves an entry; entries count for a minute, and a reconnection checks
@@ -349,16 +339,13 @@ fn key_of(project: &str, id: &str) -> String {
 impl Scheduler {
     /// The scheduler of `cluster` (which must have a database) running jobs on `engine`.
     pub(super) fn new(cluster: Arc<Cluster>, engine: Arc<Engine>) -> Scheduler {
+        let slots = slots::Slots::new(engine.cfg.job_concurrency, engine.cfg.job_backlog);
         Scheduler {
             cluster,
             engine,
             events: broadcast::channel(4096).0,
             ended_here: broadcast::channel(1024).0,
-            claimed: AtomicUsize::new(0),
-            freed: Notify::new(),
-            waiters: Default::default(),
-            waiting: AtomicUsize::new(0),
-            claim_waits: false.into(),
+            slots,
             recorded: Default::default(),
             runs: Default::default(),
             inserting: Default::default(),

@@ -16,24 +16,29 @@ impl Scheduler {
         loop {
             let mut left = false;
             while maybe_queued && !*stop.borrow() {
-                if !self.reserve() {
-                    // Every slot taken: the next one given back is this loop's rather than a
-                    // run waiting here (queued jobs are not overtaken for ever).
-                    self.claim_waits.store(true, Ordering::SeqCst);
+                if self.engine.is_shutting_down() {
+                    // No more claims: a slot granted to this loop goes back (a stopping agent
+                    // waits for its slots, `stop_waiters`).
+                    self.slots.claim_loop_stops();
                     break;
                 }
-                // A slot given back here is not "capacity freed" (`release` would wake this
-                // loop again at once: a busy loop).
+                if !self.slots.reserve_for_claim() {
+                    // Every slot taken: the next one given back is this loop's rather than a
+                    // waiting run's (queued jobs are not overtaken for ever; slots.rs).
+                    break;
+                }
+                // A slot this loop gives back is not "capacity freed" (`unreserve` does not
+                // wake this loop again at once: a busy loop).
                 match self.claim_one().await {
                     Ok((Some(claim), _)) => self.spawn_run(claim),
                     Ok((None, queued)) => {
-                        self.unreserve();
+                        self.slots.unreserve();
                         left = queued;
                         maybe_queued = queued;
                         break;
                     }
                     Err(e) => {
-                        self.unreserve();
+                        self.slots.unreserve();
                         tracing::debug!(agent = %self.me(), error = %e, "claiming jobs failed");
                         left = true;
                         break;
@@ -57,89 +62,34 @@ impl Scheduler {
             };
             tokio::select! {
                 _ = queued => maybe_queued = true,
-                _ = self.freed.notified() => {}
+                _ = self.slots.freed() => {}
                 _ = tokio::time::sleep(tick) => maybe_queued = true,
-                _ = stop.wait_for(|s| *s) => return,
+                _ = stop.wait_for(|s| *s) => break,
+            }
+            if *stop.borrow() {
+                break;
             }
         }
+        // A slot granted to this loop, or its turn, goes back to the runs waiting here.
+        self.slots.claim_loop_stops();
     }
 
-    /// Reserve one of this agent's `job_concurrency` slots for a claim; `false` when all are
-    /// taken (or the engine shuts down).
+    /// Reserve one of this agent's `job_concurrency` slots; `false` when all are taken (or the
+    /// engine shuts down).
     pub(super) fn reserve(&self) -> bool {
-        if self.engine.is_shutting_down() {
-            return false;
-        }
-        take_one_below(&self.claimed, self.engine.cfg.job_concurrency)
+        !self.engine.is_shutting_down() && self.slots.reserve()
     }
 
-    /// The runs waiting here for a slot ([`Scheduler::waiters`]), locked: every hand-over and
-    /// every wait goes under this lock.
-    fn lock_waiters(
-        &self,
-    ) -> std::sync::MutexGuard<'_, std::collections::VecDeque<tokio::sync::oneshot::Sender<()>>>
-    {
-        self.waiters
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Give back a slot [`Scheduler::reserve`] took, and wake the claim loop (capacity freed)
-    /// unless a run waiting here took the slot.
+    /// Give back a slot (however it was taken): to a run waiting here for one, to the claim
+    /// loop, or to the pool (slots.rs).
     pub(super) fn release(&self) {
-        if self.give_slot_back() {
-            self.freed.notify_one();
-        }
-    }
-
-    /// Give back a slot [`Scheduler::reserve`] took without waking the claim loop (to a run
-    /// waiting here for one, if any).
-    pub(super) fn unreserve(&self) {
-        self.give_slot_back();
-    }
-
-    /// Hand a slot over to the first run waiting here for one ([`Scheduler::waiters`]), else
-    /// give it back to the pool (`true`). Every give-back goes through here, under the
-    /// waiters' lock: a run that found every slot taken ([`Scheduler::slot_or_wait`]) gets
-    /// the next one given back — unless the claim loop found every slot taken while queued
-    /// jobs may wait in the records ([`Scheduler::claim_waits`]): that one goes to the pool
-    /// and the claim loop, so that the runs waiting here and the cluster's queue take turns.
-    fn give_slot_back(&self) -> bool {
-        let mut waiters = self.lock_waiters();
-        if !self.claim_waits.swap(false, Ordering::SeqCst) {
-            while let Some(next) = waiters.pop_front() {
-                if next.send(()).is_ok() {
-                    return false;
-                }
-            }
-        }
-        self.claimed.fetch_sub(1, Ordering::SeqCst);
-        true
+        self.slots.give_back();
     }
 
     /// A slot for a run that may wait here: taken now, or the wait for the next one given back
     /// (or none: the engine shuts down).
-    fn slot_or_wait(&self) -> SlotWait {
-        let mut waiters = self.lock_waiters();
-        if self.engine.is_shutting_down() {
-            return SlotWait::Never;
-        }
-        if self.reserve() {
-            return SlotWait::Now;
-        }
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        waiters.push_back(tx);
-        SlotWait::Later(rx)
-    }
-
-    /// A run's wait for a slot is over without one (`rx` its wait): unless the slot was handed
-    /// over meanwhile (`true`), nothing is handed to it any more (dropped under the waiters'
-    /// lock, which every hand-over holds).
-    fn stop_waiting(&self, mut rx: tokio::sync::oneshot::Receiver<()>) -> bool {
-        let _waiters = self.lock_waiters();
-        let handed = rx.try_recv().is_ok();
-        drop(rx);
-        handed
+    fn slot_or_wait(&self) -> slots::SlotWait {
+        self.slots.slot_or_wait(|| self.engine.is_shutting_down())
     }
 
     /// Take one of this agent's places for a run waiting here for a slot, when the wait is
@@ -156,12 +106,12 @@ impl Scheduler {
             r.values()
                 .all(|run| run.since.is_none_or(|t| t.elapsed() < rows::BRIEF_RUN))
         });
-        brief && take_one_below(&self.waiting, self.engine.cfg.job_backlog)
+        brief && self.slots.take_place()
     }
 
     /// Give back a place [`Scheduler::wait_briefly`] took.
     pub(super) fn leave_wait(&self) {
-        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        self.slots.leave_place();
     }
 
     /// Since when run `key` (attempt `attempt`) holds a slot (`None`: it holds none).
@@ -179,14 +129,10 @@ impl Scheduler {
     /// engine refuses) gave their records back — rather than leave `running` records that
     /// other agents would take for lost runs of this agent (a retry, with its backoff).
     pub(in crate::cluster) async fn stop_waiters(&self) {
-        let dropped = std::mem::take(&mut *self.lock_waiters());
-        drop(dropped);
+        self.slots.drop_waiters();
         let deadline = tokio::time::Instant::now() + STOP_PATIENCE;
         let stopping = self.engine.is_shutting_down();
-        let busy = || {
-            self.waiting.load(Ordering::SeqCst) > 0
-                || (stopping && self.claimed.load(Ordering::SeqCst) > 0)
-        };
+        let busy = || self.slots.places_taken() > 0 || (stopping && self.slots.taken() > 0);
         while busy() && tokio::time::Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -195,13 +141,13 @@ impl Scheduler {
     /// Run a claimed job (its slot reserved) in the background; it is one of this agent's
     /// runs until it ends (see [`Scheduler::rescue_orphans`]).
     pub(super) fn spawn_run(self: &Arc<Self>, claim: Claim) {
-        self.spawn(claim, SlotWait::Now, false);
+        self.spawn(claim, slots::SlotWait::Now, false);
     }
 
     /// Run a job inserted `running` here while every slot was taken (a place taken with
-    /// [`Scheduler::wait_briefly`], given back here): once a slot is given back, before the
-    /// claim loop claims anything — the job waits here as it would in a single node's queue,
-    /// without a claim's round trip. Until then it is one of this agent's runs (its record is
+    /// [`Scheduler::wait_briefly`], given back here): once a slot is handed to it (in order,
+    /// in turns with the claim loop when queued records may be left, slots.rs) — the job waits
+    /// here as it would in a single node's queue, without a claim's round trip. Until then it is one of this agent's runs (its record is
     /// no orphan); if the engine shuts down meanwhile, it goes back to the queue.
     pub(super) fn spawn_waiting(self: &Arc<Self>, claim: Claim) {
         let wait = self.slot_or_wait();
@@ -210,10 +156,10 @@ impl Scheduler {
 
     /// Run `claim` once it has its slot (`wait`); `placed`: it took a place with
     /// [`Scheduler::wait_briefly`], given back once the wait is over.
-    fn spawn(self: &Arc<Self>, claim: Claim, wait: SlotWait, placed: bool) {
+    fn spawn(self: &Arc<Self>, claim: Claim, wait: slots::SlotWait, placed: bool) {
         let key = key_of(&claim.project, &claim.id);
         if let Ok(mut r) = self.runs.lock() {
-            let since = matches!(wait, SlotWait::Now).then(std::time::Instant::now);
+            let since = matches!(wait, slots::SlotWait::Now).then(std::time::Instant::now);
             let run = RunHere {
                 attempt: claim.attempt,
                 since,
@@ -224,12 +170,14 @@ impl Scheduler {
         tokio::spawn(async move {
             let attempt = claim.attempt;
             let got = match wait {
-                SlotWait::Now => true,
-                SlotWait::Later(mut rx) => match tokio::time::timeout(LOCAL_WAIT, &mut rx).await {
-                    Ok(handed) => handed.is_ok(),
-                    Err(_) => me.stop_waiting(rx),
-                },
-                SlotWait::Never => false,
+                slots::SlotWait::Now => true,
+                slots::SlotWait::Later(mut rx) => {
+                    match tokio::time::timeout(LOCAL_WAIT, &mut rx).await {
+                        Ok(handed) => handed.is_ok(),
+                        Err(_) => me.slots.stop_waiting(rx),
+                    }
+                }
+                slots::SlotWait::Never => false,
             };
             if got {
                 if placed {
@@ -620,26 +568,8 @@ impl Scheduler {
     }
 }
 
-/// Count one more in `counter` unless it is at `limit` already (`false`).
-fn take_one_below(counter: &AtomicUsize, limit: usize) -> bool {
-    counter
-        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
-            (n < limit).then_some(n + 1)
-        })
-        .is_ok()
-}
-
-/// How a run gets its slot ([`Scheduler::slot_or_wait`]).
-enum SlotWait {
-    /// Reserved already.
-    Now,
-    /// When a slot is given back (handed over by [`Scheduler::release`]).
-    Later(tokio::sync::oneshot::Receiver<()>),
-    /// Never: the engine shuts down.
-    Never,
-}
-
-/// A claim's slot of this agent's `job_concurrency` ([`Scheduler::reserve`]), given back once:
+/// A run's slot of this agent's `job_concurrency` (taken by its insert, its claim, or handed
+/// to it while it waited here; slots.rs), given back once:
 /// when the job's run on the engine ends — its end's record and log are written after that,
 /// without the slot, so the next claim's run overlaps their round trips — or, at the latest,
 /// when the claim is done with.
