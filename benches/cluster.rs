@@ -24,7 +24,8 @@
 //!
 //! A throwaway PostgreSQL 15 is started as tests/common/postgres.rs does (as mistry-test when
 //! run as root). `cargo bench --bench cluster`, or `scripts/bench.sh cluster` (root and
-//! rootless); `BENCH_RUNS` sets the number of timed requests (default 40).
+//! rootless); `BENCH_RUNS` sets the number of timed requests (default 40), `BENCH_CONCURRENCY`
+//! every daemon's `job_concurrency` (default: theirs, the number of CPUs).
 
 mod common;
 #[path = "../tests/common/postgres.rs"]
@@ -41,7 +42,7 @@ use serde_json::json;
 fn daemon(parent: &Path, name: &str, images: &Path, db: Option<&str>) -> Daemon {
     let dir = parent.join(name);
     common::touch_project(&dir.join("projects"));
-    let extra = match db {
+    let mut extra = match db {
         Some(url) => json!({
             "database_url": url,
             "agent_name": name,
@@ -50,6 +51,12 @@ fn daemon(parent: &Path, name: &str, images: &Path, db: Option<&str>) -> Daemon 
         }),
         None => json!({}),
     };
+    if let Some(n) = std::env::var("BENCH_CONCURRENCY")
+        .ok()
+        .and_then(|n| n.parse::<usize>().ok())
+    {
+        extra["job_concurrency"] = json!(n);
+    }
     Daemon::start(&common::write_config(&dir, images, extra))
 }
 
