@@ -6,8 +6,9 @@
 //! TLB — most of a busy daemon's kernel time per job (docs/benchmarks.md). So init unmaps its
 //! anonymous memory twice: first thing after the fork ([`release_early`]), all of it but the
 //! mappings that hold its `Prepared`'s buffers (named by `Prepared::each_buffer`: a few pages,
-//! usually all in the forking thread's malloc arena, which stays whole) and its stack; once the job has exec'd ([`release`]), those too,
-//! as it then needs only its stack, its code and a few descriptors. A held start's intermediate
+//! usually all in the forking thread's malloc arena, which stays whole) and its stack; once
+//! the job has exec'd ([`release`]), those too, as it then needs only its stack, its code and
+//! a few descriptors. A held start's intermediate
 //! (also a fork of the caller) does the first before it forks init.
 //!
 //! Allocation-free (init may not allocate): `/proc/self/maps` is read through a stack buffer

@@ -1,6 +1,7 @@
 //! Claims and runs (see the parent's doc): the claim loop, a claimed job run through the
 //! engine (its inputs fetched first, its group's chain placed), its end recorded.
 
+use super::slots::SlotWait;
 use super::*;
 use crate::cluster::logs::WholeLog;
 
@@ -88,7 +89,7 @@ impl Scheduler {
 
     /// A slot for a run that may wait here: taken now, or the wait for the next one given back
     /// (or none: the engine shuts down).
-    fn slot_or_wait(&self) -> slots::SlotWait {
+    fn slot_or_wait(&self) -> SlotWait {
         self.slots.slot_or_wait(|| self.engine.is_shutting_down())
     }
 
@@ -141,14 +142,15 @@ impl Scheduler {
     /// Run a claimed job (its slot reserved) in the background; it is one of this agent's
     /// runs until it ends (see [`Scheduler::rescue_orphans`]).
     pub(super) fn spawn_run(self: &Arc<Self>, claim: Claim) {
-        self.spawn(claim, slots::SlotWait::Now, false);
+        self.spawn(claim, SlotWait::Now, false);
     }
 
     /// Run a job inserted `running` here while every slot was taken (a place taken with
     /// [`Scheduler::wait_briefly`], given back here): once a slot is handed to it (in order,
     /// in turns with the claim loop when queued records may be left, slots.rs) — the job waits
-    /// here as it would in a single node's queue, without a claim's round trip. Until then it is one of this agent's runs (its record is
-    /// no orphan); if the engine shuts down meanwhile, it goes back to the queue.
+    /// here as it would in a single node's queue, without a claim's round trip. Until then it
+    /// is one of this agent's runs (its record is no orphan); if the engine shuts down
+    /// meanwhile, it goes back to the queue.
     pub(super) fn spawn_waiting(self: &Arc<Self>, claim: Claim) {
         let wait = self.slot_or_wait();
         self.spawn(claim, wait, true);
@@ -156,10 +158,10 @@ impl Scheduler {
 
     /// Run `claim` once it has its slot (`wait`); `placed`: it took a place with
     /// [`Scheduler::wait_briefly`], given back once the wait is over.
-    fn spawn(self: &Arc<Self>, claim: Claim, wait: slots::SlotWait, placed: bool) {
+    fn spawn(self: &Arc<Self>, claim: Claim, wait: SlotWait, placed: bool) {
         let key = key_of(&claim.project, &claim.id);
         if let Ok(mut r) = self.runs.lock() {
-            let since = matches!(wait, slots::SlotWait::Now).then(std::time::Instant::now);
+            let since = matches!(wait, SlotWait::Now).then(std::time::Instant::now);
             let run = RunHere {
                 attempt: claim.attempt,
                 since,
@@ -170,14 +172,12 @@ impl Scheduler {
         tokio::spawn(async move {
             let attempt = claim.attempt;
             let got = match wait {
-                slots::SlotWait::Now => true,
-                slots::SlotWait::Later(mut rx) => {
-                    match tokio::time::timeout(LOCAL_WAIT, &mut rx).await {
-                        Ok(handed) => handed.is_ok(),
-                        Err(_) => me.slots.stop_waiting(rx),
-                    }
-                }
-                slots::SlotWait::Never => false,
+                SlotWait::Now => true,
+                SlotWait::Later(mut rx) => match tokio::time::timeout(LOCAL_WAIT, &mut rx).await {
+                    Ok(handed) => handed.is_ok(),
+                    Err(_) => me.slots.stop_waiting(rx),
+                },
+                SlotWait::Never => false,
             };
             if got {
                 if placed {

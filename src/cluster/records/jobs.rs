@@ -702,10 +702,10 @@ pub(in crate::cluster) enum Inserted {
 
 /// Insert `job` (one statement: one round trip, atomic, the backlog's check and a queued
 /// job's notification included; a job inserted `running` notifies nobody: no waiter can have
-/// seen it queued, and `Scheduler::until_running` reads the record first): `running` by `me` at once when `me` is its preferred agent
-/// ([`preferred`]; its first attempt) and either `here` (a free slot on `me`) or `soon` (the
-/// run may wait on `me` for a slot, and the records agree that the wait is brief:
-/// [`waits_briefly`]), else `queued` with its preferred
+/// seen it queued, and `Scheduler::until_running` reads the record first): `running` by `me`
+/// at once when `me` is its preferred agent ([`preferred`]; its first attempt) and either
+/// `here` (a free slot on `me`) or `soon` (the run may wait on `me` for a slot, and the
+/// records agree that the wait is brief: [`waits_briefly`]), else `queued` with its preferred
 /// agent unless the cluster's queue is full (its queued records at least the alive agents'
 /// free slots plus `backlog`, as [`queue_full`]; a job that runs at once joins no queue).
 /// Not when the job has a record under the ID `unless` either ([`Inserted::Exists`]; `""`:
@@ -784,9 +784,9 @@ pub(in crate::cluster) async fn insert(
 /// time (the whole one's planning was most of a new job's database time): a job of no group,
 /// with a free slot on `me` (`here`) or a brief wait there (else [`waits_briefly`] by the
 /// records), is `me`'s to run when `me` has the project's image — what [`preferred`] chooses
-/// then, `me` — and is inserted `running` by `me` (no notification, as [`insert`]). `None` when the
-/// records do not make `me` its agent (no image recorded, or the wait not brief): the whole
-/// statement decides then.
+/// then, `me` — and is inserted `running` by `me` (no notification, as [`insert`]). `None`
+/// when the records do not make `me` its agent (no image recorded, or the wait not brief):
+/// the whole statement decides then.
 async fn insert_here(
     client: &Pooled,
     job: &NewJob<'_>,
