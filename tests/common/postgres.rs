@@ -47,17 +47,29 @@ impl Postgres {
     /// A running cluster with the database `mistry`; `None` (the test skips) when PostgreSQL is
     /// not installed, a failure when `CI` is set.
     pub(crate) fn start_or_skip() -> Option<Postgres> {
-        Self::start_inner(None)
+        Self::start_inner(None, "")
+    }
+
+    /// [`Postgres::start_or_skip`] with `pg_stat_statements` loaded, planning tracked, and its
+    /// view created in `mistry`: what each statement cost, and how often it was planned.
+    pub(crate) fn start_with_statement_stats_or_skip() -> Option<Postgres> {
+        let pg = Self::start_inner(
+            None,
+            " -c shared_preload_libraries=pg_stat_statements \
+             -c pg_stat_statements.track_planning=on",
+        )?;
+        pg.psql("CREATE EXTENSION pg_stat_statements");
+        Some(pg)
     }
 
     /// [`Postgres::start_or_skip`] with TLS: `ssl=on`, the server's certificate `cert_pem` and
     /// its key `key_pem` (PEM) copied into the cluster's directory (`server.crt`,
     /// `server.key` mode 0600, owned by the server's user).
     pub(crate) fn start_ssl_or_skip(cert_pem: &[u8], key_pem: &[u8]) -> Option<Postgres> {
-        Self::start_inner(Some((cert_pem, key_pem)))
+        Self::start_inner(Some((cert_pem, key_pem)), "")
     }
 
-    fn start_inner(ssl: Option<(&[u8], &[u8])>) -> Option<Postgres> {
+    fn start_inner(ssl: Option<(&[u8], &[u8])>, extra: &str) -> Option<Postgres> {
         let bin = bin_dir();
         if !bin.join("initdb").is_file() {
             assert!(
@@ -84,7 +96,7 @@ impl Postgres {
         if let Some(u) = &owner {
             nix::unistd::chown(dir.path(), Some(u.uid), Some(u.gid)).unwrap();
         }
-        let mut options = String::new();
+        let mut options = extra.to_string();
         if let Some((cert, key)) = ssl {
             use std::os::unix::fs::PermissionsExt;
             let (crt_path, key_path) =
@@ -97,7 +109,7 @@ impl Postgres {
                     nix::unistd::chown(p, Some(u.uid), Some(u.gid)).unwrap();
                 }
             }
-            options = format!(
+            options += &format!(
                 " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
                 crt_path.display(),
                 key_path.display()
