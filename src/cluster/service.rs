@@ -72,12 +72,12 @@ impl Jobs for ClusterJobs {
 
     async fn submit(&self, req: JobRequest) -> Result<Submitted, JobError> {
         let scheduler = Arc::clone(self.scheduler()?);
-        let (engine, r) = (Arc::clone(&self.engine), req.clone());
-        let ids = tokio::task::spawn_blocking(move || engine.job_ids_of(&r))
+        let (s, r) = (Arc::clone(&scheduler), req.clone());
+        let (ids, hit) = tokio::task::spawn_blocking(move || s.look_up(&r))
             .await
             .map_err(|e| JobError::Internal(e.to_string()))??;
         let project = req.project.clone();
-        let admission = scheduler.admit(req, ids).await?;
+        let admission = scheduler.admit_after(req, ids, Some(hit)).await?;
         let id = admission.id().to_string();
         let dir = self.engine.layout.job(&project, &id, Stage::Ready);
         let (cached, started) = match &admission {

@@ -126,9 +126,13 @@ pub struct Engine {
 /// How the BuildInfo of a fenced run (see [`Fence`]) starts its `ErrBuild`.
 pub const FENCED: &str = "fenced";
 
-/// The check of a run's right to publish its build, made just before the build goes to
-/// `ready/` (the cluster's fencing: `cluster::jobs`). Called on the run's thread (blocking).
+/// The check of a run's right to publish its build, made after its job ended and before the
+/// build goes to `ready/` (the cluster's fencing: `cluster::jobs`). Called on the run's thread
+/// (blocking).
 pub trait Fence: Send + Sync {
+    /// The run's job ended (its sandbox is gone): the check may start now, while the build is
+    /// checked and made readable, [`Fence::holds`] taking its answer.
+    fn ended(&self) {}
     /// `true`: publish the build; `false`: the run was superseded, its build is removed.
     fn holds(&self) -> bool;
 }
@@ -660,7 +664,14 @@ impl Engine {
             cache_mode: self.cache_mode,
             blank: &blank,
             inputs: &inputs,
-            on_sandbox: &|pid| self.jobs.set_sandbox(key, pid),
+            on_sandbox: &|pid| {
+                self.jobs.set_sandbox(key, pid);
+                if pid.is_none() {
+                    if let Some(f) = fence {
+                        f.ended();
+                    }
+                }
+            },
         };
         let report = self.runner.run(&self.cfg, &job);
         let mut info = report.into_info(blank, &req.project);

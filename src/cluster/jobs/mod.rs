@@ -94,6 +94,9 @@ use crate::engine::{Engine, JobDir, JobError, Stage};
 use crate::jobs::{BuildInfo, Identity, JobIds, JobRequest};
 use crate::service::JobState;
 
+/// A build of a request found in this agent's `ready/` (its BuildInfo and directory).
+pub type LocalHit = (BuildInfo, JobDir);
+
 pub use super::JOBS_CHANNEL as CHANNEL;
 /// How long other agents leave a job to its preferred agent.
 pub const PREFERRED_GRACE: Duration = Duration::from_secs(1);
@@ -105,6 +108,9 @@ const SAFETY_RECHECK: Duration = Duration::from_secs(30);
 const RUNNING_RECHECK: Duration = Duration::from_secs(5);
 /// At most this often, every copy here is checked against its record (see `stale_loop`).
 const CHECK_COPIES_EVERY: Duration = Duration::from_secs(5);
+/// The oldest a run's fence's answer, asked when its job ended, may be when the build is
+/// about to be published (the build's checks took longer: it is asked again).
+const EARLY_FENCE: Duration = Duration::from_millis(50);
 /// How long a run's fence waits for the database to answer before the build is published
 /// anyway (its end, recorded later, is fenced too: a superseded build is then discarded).
 const FENCE_PATIENCE: Duration = Duration::from_secs(600);
@@ -280,9 +286,12 @@ struct Verified {
 }
 
 /// A claimed run's fence (`engine::Fence`): whether the run, as its attempt, may still
-/// publish its build, asked of the records on the run's thread; while the database does not
-/// answer, asked again every second for [`FENCE_PATIENCE`], then the build is published (and
-/// fenced at its end's record if the record moved on).
+/// publish its build, asked of the records once its job ended — the question sent as the
+/// sandbox is gone, its answer taken on the run's thread after the build's checks, so that
+/// the round trip overlaps them (an answer asked over [`EARLY_FENCE`] before the move is asked
+/// again: the records' word stays as fresh as when it was asked just before); while the
+/// database does not answer, asked again every second for [`FENCE_PATIENCE`], then the build
+/// is published (and fenced at its end's record if the record moved on).
 struct RunFence {
     cluster: Arc<Cluster>,
     handle: tokio::runtime::Handle,
@@ -290,30 +299,73 @@ struct RunFence {
     id: String,
     attempt: i32,
     fenced: std::sync::atomic::AtomicBool,
+    /// The first answer, asked when the job ended ([`crate::engine::Fence::ended`]), and when.
+    early: std::sync::Mutex<Option<EarlyAnswer>>,
+}
+
+/// [`RunFence`]'s question sent when the job ended: when, and its answer to come.
+type EarlyAnswer = (
+    std::time::Instant,
+    tokio::task::JoinHandle<Result<bool, ClusterError>>,
+);
+
+impl RunFence {
+    /// Ask the records once (at most [`STATEMENT_PATIENCE`]: a connection that hangs, a
+    /// partition that drops packets, is an error too).
+    async fn ask(
+        cluster: Arc<Cluster>,
+        (project, id, attempt): (String, String, i32),
+    ) -> Result<bool, ClusterError> {
+        let ask = async {
+            let (client, err) = cluster.records_client().await?;
+            rows::fence_holds(&client, &project, &id, cluster.name(), attempt)
+                .await
+                .map_err(err)
+        };
+        tokio::time::timeout(STATEMENT_PATIENCE, ask)
+            .await
+            .unwrap_or_else(|_| Err(cluster.no_answer(STATEMENT_PATIENCE)))
+    }
+
+    fn question(&self) -> (String, String, i32) {
+        (self.project.clone(), self.id.clone(), self.attempt)
+    }
 }
 
 impl crate::engine::Fence for RunFence {
+    fn ended(&self) {
+        let task = self
+            .handle
+            .spawn(Self::ask(Arc::clone(&self.cluster), self.question()));
+        if let Ok(mut early) = self.early.lock() {
+            *early = Some((std::time::Instant::now(), task));
+        }
+    }
+
     fn holds(&self) -> bool {
         let deadline = std::time::Instant::now() + FENCE_PATIENCE;
         let mut warned = false;
+        let mut early =
+            self.early
+                .lock()
+                .ok()
+                .and_then(|mut e| e.take())
+                .and_then(|(asked, task)| {
+                    if asked.elapsed() <= EARLY_FENCE {
+                        Some(task)
+                    } else {
+                        task.abort();
+                        None
+                    }
+                });
         loop {
-            let ask = async {
-                let (client, err) = self.cluster.records_client().await?;
-                rows::fence_holds(
-                    &client,
-                    &self.project,
-                    &self.id,
-                    self.cluster.name(),
-                    self.attempt,
-                )
-                .await
-                .map_err(err)
+            let asked = match early.take().map(|task| self.handle.block_on(task)) {
+                Some(Ok(answer)) => answer,
+                // Not asked yet, or the question's task did not end (the runtime stops).
+                _ => self
+                    .handle
+                    .block_on(Self::ask(Arc::clone(&self.cluster), self.question())),
             };
-            // A connection that hangs (a partition that drops packets) is an error too.
-            let asked = self
-                .handle
-                .block_on(async { tokio::time::timeout(STATEMENT_PATIENCE, ask).await })
-                .unwrap_or_else(|_| Err(self.cluster.no_answer(STATEMENT_PATIENCE)));
             match asked {
                 Ok(holds) => {
                     self.fenced.store(!holds, Ordering::SeqCst);

@@ -26,11 +26,15 @@ impl Scheduler {
         req: JobRequest,
         is_async: bool,
     ) -> Result<Option<Answer>, SubmitError> {
-        let (engine, r) = (Arc::clone(&self.engine), req.clone());
-        let ids = tokio::task::spawn_blocking(move || engine.job_ids_of(&r))
+        let (me, r) = (Arc::clone(self), req.clone());
+        let (ids, hit) = tokio::task::spawn_blocking(move || me.look_up(&r))
             .await
             .map_err(|e| JobError::Internal(e.to_string()))??;
-        self.submit_as(req, ids, is_async).await
+        match self.admit_after(req, ids, Some(hit)).await? {
+            Admission::Answered(a) => Ok(Some(a)),
+            _ if is_async => Ok(None),
+            a => self.finish(a).await.map(Some),
+        }
     }
 
     /// The ID a request goes by in the cluster, as a single node chooses it but with the job
@@ -122,18 +126,48 @@ impl Scheduler {
         req: JobRequest,
         ids: JobIds,
     ) -> Result<Admission, SubmitError> {
+        self.admit_after(req, ids, None).await
+    }
+
+    /// A request's job IDs and this agent's result-cache hit for it (`None` for a rebuild),
+    /// in one blocking call: what [`Scheduler::admit_after`] starts from.
+    pub fn look_up(&self, req: &JobRequest) -> Result<(JobIds, Option<LocalHit>), JobError> {
+        let ids = self.engine.job_ids_of(req)?;
+        let hit = if req.rebuild {
+            None
+        } else {
+            self.engine
+                .local_result(&req.project, &ids, &Identity::of(req))
+        };
+        Ok((ids, hit))
+    }
+
+    /// [`Scheduler::admit`], this agent's result-cache hit already looked up (`Some`, by
+    /// [`Scheduler::look_up`]: a new job's request then costs one blocking call, not two)
+    /// or not yet (`None`).
+    pub async fn admit_after(
+        self: &Arc<Self>,
+        req: JobRequest,
+        ids: JobIds,
+        looked_up: Option<Option<LocalHit>>,
+    ) -> Result<Admission, SubmitError> {
         let project = req.project.clone();
         let identity = Identity::of(&req);
         if !req.rebuild {
-            let (engine, p, i, who) = (
-                Arc::clone(&self.engine),
-                project.clone(),
-                ids.clone(),
-                identity.clone(),
-            );
-            let hit = tokio::task::spawn_blocking(move || engine.local_result(&p, &i, &who))
-                .await
-                .map_err(|e| JobError::Internal(e.to_string()))?;
+            let hit = match looked_up {
+                Some(hit) => hit,
+                None => {
+                    let (engine, p, i, who) = (
+                        Arc::clone(&self.engine),
+                        project.clone(),
+                        ids.clone(),
+                        identity.clone(),
+                    );
+                    tokio::task::spawn_blocking(move || engine.local_result(&p, &i, &who))
+                        .await
+                        .map_err(|e| JobError::Internal(e.to_string()))?
+                }
+            };
             if let Some((info, dir)) = hit {
                 if self.published_here(&project, dir.id(), &info).await? {
                     tracing::info!(%project, id = %dir.id(), "job answered from the result cache");
@@ -164,10 +198,7 @@ impl Scheduler {
         for _ in 0..10 {
             if std::mem::take(&mut new) {
                 match self.insert(&req, &ids.mistry, &ids.exact).await {
-                    Ok(Some(true)) => {
-                        tracing::info!(%project, id = %ids.mistry, agent = %self.me(), "job queued in the cluster");
-                        return waiting(ids.mistry.clone(), events, false);
-                    }
+                    Ok(Some(true)) => return waiting(ids.mistry.clone(), events, false),
                     // A record under either ID (or the queue is full: read, it may be joined).
                     Ok(_) => {}
                     Err(e) => {
@@ -191,10 +222,7 @@ impl Scheduler {
             let Some(rec) = record else {
                 // The backlog's check is the insert's (one statement).
                 match self.insert(&req, &id, "").await {
-                    Ok(Some(true)) => {
-                        tracing::info!(%project, %id, agent = %self.me(), "job queued in the cluster");
-                        return waiting(id, events, false);
-                    }
+                    Ok(Some(true)) => return waiting(id, events, false),
                     Ok(None) => return Err(SubmitError::Job(JobError::Overloaded)),
                     // Another agent inserted it first: read it.
                     Ok(Some(false)) => {}
@@ -478,7 +506,10 @@ impl Scheduler {
             Err(e) => Err(e),
             Ok(Inserted::Full) => Ok(None),
             Ok(Inserted::Exists) => Ok(Some(false)),
-            Ok(Inserted::Queued) => Ok(Some(true)),
+            Ok(Inserted::Queued) => {
+                tracing::info!(project = %req.project, %id, agent = %self.me(), "job queued in the cluster");
+                Ok(Some(true))
+            }
             Ok(Inserted::Running(claim)) => {
                 tracing::info!(project = %claim.project, id = %claim.id, agent = %self.me(), "job claimed (taken by the agent that received it)");
                 // The slot or the place goes to the run.

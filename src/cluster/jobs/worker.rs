@@ -269,6 +269,7 @@ impl Scheduler {
             id: id.clone(),
             attempt: claim.attempt,
             fenced: false.into(),
+            early: Default::default(),
         });
         let scheduled = match self
             .engine
