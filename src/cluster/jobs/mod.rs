@@ -288,10 +288,12 @@ struct Verified {
 /// A claimed run's fence (`engine::Fence`): whether the run, as its attempt, may still
 /// publish its build, asked of the records once its job ended — the question sent as the
 /// sandbox is gone, its answer taken on the run's thread after the build's checks, so that
-/// the round trip overlaps them (an answer asked over [`EARLY_FENCE`] before the move is asked
-/// again: the records' word stays as fresh as when it was asked just before); while the
-/// database does not answer, asked again every second for [`FENCE_PATIENCE`], then the build
-/// is published (and fenced at its end's record if the record moved on).
+/// the round trip overlaps them. An answer asked over [`EARLY_FENCE`] before the move is asked
+/// again (a build whose checks took longer costs a second question): the records' word is at
+/// most that much older than when it was asked just before the move, and the end's record,
+/// `… AND attempt = N`, fences what moved on meanwhile, as it did. While the database does not
+/// answer, asked again every second for [`FENCE_PATIENCE`], then the build is published (and
+/// fenced at its end's record if the record moved on).
 struct RunFence {
     cluster: Arc<Cluster>,
     handle: tokio::runtime::Handle,
@@ -334,11 +336,13 @@ impl RunFence {
 
 impl crate::engine::Fence for RunFence {
     fn ended(&self) {
+        // Before the question goes: its answer is no older than this.
+        let asked = std::time::Instant::now();
         let task = self
             .handle
             .spawn(Self::ask(Arc::clone(&self.cluster), self.question()));
         if let Ok(mut early) = self.early.lock() {
-            *early = Some((std::time::Instant::now(), task));
+            *early = Some((asked, task));
         }
     }
 
@@ -361,7 +365,7 @@ impl crate::engine::Fence for RunFence {
         loop {
             let asked = match early.take().map(|task| self.handle.block_on(task)) {
                 Some(Ok(answer)) => answer,
-                // Not asked yet, or the question's task did not end (the runtime stops).
+                // Not asked yet, asked too early, or the question's task was cancelled.
                 _ => self
                     .handle
                     .block_on(Self::ask(Arc::clone(&self.cluster), self.question())),
