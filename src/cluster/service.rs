@@ -77,7 +77,7 @@ impl Jobs for ClusterJobs {
             .await
             .map_err(|e| JobError::Internal(e.to_string()))??;
         let project = req.project.clone();
-        let admission = scheduler.admit_after(req, ids, Some(hit)).await?;
+        let admission = scheduler.admit(req, ids, hit).await?;
         let id = admission.id().to_string();
         let dir = self.engine.layout.job(&project, &id, Stage::Ready);
         let (cached, started) = match &admission {

@@ -30,7 +30,7 @@ impl Scheduler {
         let (ids, hit) = tokio::task::spawn_blocking(move || me.look_up(&r))
             .await
             .map_err(|e| JobError::Internal(e.to_string()))??;
-        match self.admit_after(req, ids, Some(hit)).await? {
+        match self.admit(req, ids, hit).await? {
             Admission::Answered(a) => Ok(Some(a)),
             _ if is_async => Ok(None),
             a => self.finish(a).await.map(Some),
@@ -73,7 +73,7 @@ impl Scheduler {
         }
     }
 
-    /// The job ID [`Scheduler::submit_as`] will answer `req` with (barring a race with
+    /// The job ID [`Scheduler::submit`] will answer `req` with (barring a race with
     /// another request taking mistry's ID first): a local build of this request that
     /// succeeded (unless `rebuild`), else the one the records give ([`Scheduler::home`]).
     /// For a pipeline run, which shows a job's ID before its end.
@@ -103,34 +103,8 @@ impl Scheduler {
         Ok(self.home(&req.project, ids, &identity).await?.0)
     }
 
-    /// [`Scheduler::submit`] of a request whose job IDs the caller computed (with
-    /// [`Engine::job_ids_of`]).
-    pub async fn submit_as(
-        self: &Arc<Self>,
-        req: JobRequest,
-        ids: JobIds,
-        is_async: bool,
-    ) -> Result<Option<Answer>, SubmitError> {
-        match self.admit(req, ids).await? {
-            Admission::Answered(a) => Ok(Some(a)),
-            _ if is_async => Ok(None),
-            a => self.finish(a).await.map(Some),
-        }
-    }
-
-    /// Admit a request (see the module's doc): answered at once from this agent's result
-    /// cache, or its job in the records (inserted, queued again, or joined) and its ID decided;
-    /// [`Scheduler::finish`] waits for its end.
-    pub async fn admit(
-        self: &Arc<Self>,
-        req: JobRequest,
-        ids: JobIds,
-    ) -> Result<Admission, SubmitError> {
-        self.admit_after(req, ids, None).await
-    }
-
     /// A request's job IDs and this agent's result-cache hit for it (`None` for a rebuild),
-    /// in one blocking call: what [`Scheduler::admit_after`] starts from.
+    /// in one blocking call: what [`Scheduler::admit`] starts from.
     pub fn look_up(&self, req: &JobRequest) -> Result<(JobIds, Option<LocalHit>), JobError> {
         let ids = self.engine.job_ids_of(req)?;
         let hit = if req.rebuild {
@@ -142,37 +116,22 @@ impl Scheduler {
         Ok((ids, hit))
     }
 
-    /// [`Scheduler::admit`], this agent's result-cache hit already looked up (`Some`, by
-    /// [`Scheduler::look_up`]: a new job's request then costs one blocking call, not two)
-    /// or not yet (`None`).
-    pub async fn admit_after(
+    /// Admit a request whose job IDs and local result-cache hit [`Scheduler::look_up`] found
+    /// (see the module's doc): answered at once from this agent's result cache, or its job in
+    /// the records (inserted, queued again, or joined) and its ID decided;
+    /// [`Scheduler::finish`] waits for its end.
+    pub async fn admit(
         self: &Arc<Self>,
         req: JobRequest,
         ids: JobIds,
-        looked_up: Option<Option<LocalHit>>,
+        hit: Option<LocalHit>,
     ) -> Result<Admission, SubmitError> {
         let project = req.project.clone();
         let identity = Identity::of(&req);
-        if !req.rebuild {
-            let hit = match looked_up {
-                Some(hit) => hit,
-                None => {
-                    let (engine, p, i, who) = (
-                        Arc::clone(&self.engine),
-                        project.clone(),
-                        ids.clone(),
-                        identity.clone(),
-                    );
-                    tokio::task::spawn_blocking(move || engine.local_result(&p, &i, &who))
-                        .await
-                        .map_err(|e| JobError::Internal(e.to_string()))?
-                }
-            };
-            if let Some((info, dir)) = hit {
-                if self.published_here(&project, dir.id(), &info).await? {
-                    tracing::info!(%project, id = %dir.id(), "job answered from the result cache");
-                    return Ok(Admission::Answered(Answer { info, dir }));
-                }
+        if let Some((info, dir)) = hit {
+            if self.published_here(&project, dir.id(), &info).await? {
+                tracing::info!(%project, id = %dir.id(), "job answered from the result cache");
+                return Ok(Admission::Answered(Answer { info, dir }));
             }
         }
         // Subscribed before reading the record: an end notified meanwhile is not missed.

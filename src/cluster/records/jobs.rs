@@ -731,7 +731,7 @@ pub(in crate::cluster) async fn insert(
     }
     let g = query_error(format!("inserting job {}/{}", job.project, job.id));
     // `here` and `soon` are written in the statement, not passed: one statement per case,
-    // each planned once per connection (see [`insert_here`]).
+    // each planned once per connection (see [`Pooled`]).
     let (free, mine) = match (here, soon) {
         (true, _) => ("true".to_string(), "true".to_string()),
         (false, true) => ("false".to_string(), waits_briefly("$5")),
@@ -797,11 +797,8 @@ pub(in crate::cluster) async fn insert(
 /// when the records do not make `me` its agent (no image recorded, or the wait not brief):
 /// the whole statement decides then.
 ///
-/// Two statements, one per case, rather than one with `$here OR <the wait is brief>`: a
-/// parameter that removes a sub-plan makes PostgreSQL plan that statement anew at every
-/// execution (its custom plan always looks cheaper than the generic one), which cost a new job
-/// 0.4 ms of the database's time; neither of these has one, so each is planned once per
-/// connection.
+/// Two statements, one per case, rather than one with `$here OR <the wait is brief>`, so that
+/// each is planned once per connection (see [`Pooled`]).
 async fn insert_here(
     client: &Pooled,
     job: &NewJob<'_>,
