@@ -100,8 +100,6 @@ pub(crate) struct Prepared {
     pub report_write: RawFd,
     /// init writes the job's raw wait status here.
     pub status_write: RawFd,
-    /// Parent-only descriptors the child closes first.
-    pub parent_fds: Vec<RawFd>,
     /// Stack of the job process between its vfork-like start and exec.
     pub job_stack: crate::sys::Stack,
     /// Seccomp filters the job installs last, in order; they point into `seccomp_program`.
@@ -153,6 +151,7 @@ pub(crate) fn intermediate_main(p: &mut Prepared, h: &Held) -> ! {
         say(stage, e);
         sys::exit(1)
     };
+    p.close_inherited(&[h.userns, h.netns, h.report]);
     // Our copy of the caller's memory goes first, but for what we and init read; init,
     // forked from us below, has nothing more to give back. The caller's signal handlers go
     // before it (they follow pointers into that memory; init resets its own again).
@@ -209,6 +208,30 @@ pub(crate) fn intermediate_main(p: &mut Prepared, h: &Held) -> ! {
 }
 
 impl Prepared {
+    /// Close every descriptor but the ones this start uses (and `extra`), first thing after
+    /// the clone: what the caller's other threads had open at that moment (the parent's ends
+    /// of our pipes, a file being written that a job is about to exec — which would fail with
+    /// ETXTBSY while we hold it) is not kept until the job execs. Allocation-free.
+    fn close_inherited(&self, extra: &[RawFd]) {
+        let mut keep = [-1; 16];
+        let mut n = 0;
+        let ours = [self.sync_read, self.report_write, self.status_write];
+        let given = self.slots.iter().filter(|&&fd| fd >= 0);
+        for &fd in self.stdio.iter().chain(&ours).chain(given).chain(extra) {
+            if fd < 0 || keep[..n].contains(&fd) {
+                continue;
+            }
+            if n == keep.len() {
+                // More than a start ever has: keep everything rather than close one in use.
+                return;
+            }
+            keep[n] = fd;
+            n += 1;
+        }
+        keep[..n].sort_unstable();
+        sys::close_all_but(&keep[..n]);
+    }
+
     /// Build the NULL-terminated pointer arrays for argv and envp, and the seccomp programs.
     pub(crate) fn finish_pointers(&mut self) {
         self.seccomp = self
@@ -268,7 +291,6 @@ impl Prepared {
             sync_read: _,
             report_write: _,
             status_write: _,
-            parent_fds,
             job_stack,
             seccomp,
             // What `seccomp` points into (named below, filter by filter).
@@ -294,7 +316,6 @@ impl Prepared {
         at(cwd.as_ptr() as usize);
         list(at, groups);
         list(at, rlimits);
-        list(at, parent_fds);
         at(job_stack.inside());
         list(at, seccomp);
         for f in seccomp {
@@ -328,6 +349,9 @@ const FORWARDED: &[libc::c_int] = &[
 
 /// Entry point of the cloned child: PID 1 of the new namespaces. Never returns.
 pub(crate) fn init_main(p: &mut Prepared) -> ! {
+    // Our own descriptors only, before anything else (a held start's intermediate did it too;
+    // what it kept for itself goes here).
+    p.close_inherited(&[]);
     // Die with the caller. If it is already gone, the sync read below sees EOF.
     let _ = sys::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong);
     // Block what init forwards or reaps (until the job runs, a signal to pass on waits), and
@@ -341,11 +365,6 @@ pub(crate) fn init_main(p: &mut Prepared) -> ! {
     if !p.released {
         let here = 0u8;
         crate::release::release_early(&p.keep, &[], std::ptr::addr_of!(here) as usize);
-    }
-    for &fd in &p.parent_fds {
-        // SAFETY: the parent's ends of the pipes are raw descriptors this copy of the process
-        // owns and never uses.
-        unsafe { sys::close(fd) };
     }
     let mut byte = [0u8; 1];
     if !matches!(sys::read_full(p.sync_read, &mut byte), Ok(1)) {
@@ -789,7 +808,6 @@ mod tests {
             sync_read: -1,
             report_write: -1,
             status_write: -1,
-            parent_fds: vec![7, 8],
             job_stack: sys::Stack::new(64 * 1024).expect("a stack"),
             seccomp: Vec::new(),
             seccomp_program: Some(crate::seccomp::default_program(false).expect("seccomp")),

@@ -224,7 +224,7 @@ fn start_private(mapping: &Mapping) -> Result<Holder, crate::Error> {
     // SAFETY: pipe() returned these two descriptors to us; nothing else owns them.
     let (life_r, life_w) = unsafe { (OwnedFd::from_raw_fd(life_r), OwnedFd::from_raw_fd(life_w)) };
     let keep = life_r.as_raw_fd();
-    match sys::fork_with(libc::CLONE_NEWUSER as u64, true) {
+    match crate::clone_alone(libc::CLONE_NEWUSER as u64, true) {
         Ok(sys::Forked::Child) => hold(keep),
         Ok(sys::Forked::Parent { pid, pidfd }) => {
             // SAFETY: clone returned this pidfd to us; nothing else owns it.
@@ -632,7 +632,7 @@ fn start_shared(mapping: &Mapping, registry: Registry) -> Result<Holder, crate::
     // Everything the child needs is ready before the fork (the caller may be multi-threaded).
     let area = argv_area();
     let dir = registry.dir.as_raw_fd();
-    let (pid, pidfd) = match sys::fork_with(libc::CLONE_NEWUSER as u64, true) {
+    let (pid, pidfd) = match crate::clone_alone(libc::CLONE_NEWUSER as u64, true) {
         Ok(sys::Forked::Child) => hold_detached(dir, &registry.name, area),
         // SAFETY: clone returned this pidfd to us; nothing else owns it.
         Ok(sys::Forked::Parent { pid, pidfd }) => (pid, unsafe { OwnedFd::from_raw_fd(pidfd) }),

@@ -24,7 +24,10 @@
 //! 1. The parent prepares everything the child needs (paths as C strings, the ordered mount plan
 //!    of [`plan`], argv/envp arrays, capability masks, rlimits, and the seccomp filter compiled
 //!    to BPF: the default one once per process) and then clones. The child allocates nothing,
-//!    so a multi-threaded caller (the daemon's `spawn_blocking` thread) is safe.
+//!    so a multi-threaded caller (the daemon's `spawn_blocking` thread) is safe. Its first act
+//!    is to close every descriptor but its own: what other threads had open at the clone is
+//!    not held while the sandbox is set up. Clones never overlap a [`write_executable`] (a
+//!    file written to be exec'd, which a copied descriptor would make "Text file busy").
 //! 2. The parent writes the id maps ([`idmap`]): sandbox root is the caller; with a subordinate
 //!    range, 65536 more ids; with [`IdMapping::Subordinate`] (or [`set_default_id_mapping`]) root and
 //!    every other id come from the subordinate range, even for a root caller. It moves the child
@@ -706,15 +709,6 @@ impl Sandbox {
         let (report_r, report_w) = set_cloexec_pipe()?;
         let (status_r, status_w) = set_cloexec_pipe()?;
 
-        let mut parent_fds = vec![
-            sync_w.as_raw_fd(),
-            report_r.as_raw_fd(),
-            status_r.as_raw_fd(),
-        ];
-        parent_fds.extend(stdin.iter().map(std::os::fd::AsRawFd::as_raw_fd));
-        parent_fds.extend(stdout.iter().map(std::os::fd::AsRawFd::as_raw_fd));
-        parent_fds.extend(stderr.iter().map(std::os::fd::AsRawFd::as_raw_fd));
-
         let cap_mask = self
             .capabilities
             .iter()
@@ -768,7 +762,6 @@ impl Sandbox {
             sync_read: sync_r.as_raw_fd(),
             report_write: report_w.as_raw_fd(),
             status_write: status_w.as_raw_fd(),
-            parent_fds,
             job_stack: sys::Stack::new(256 * 1024).map_err(|e| {
                 Error::Setup(format!("mapping the job's start stack: {}", errno_text(e)))
             })?,
@@ -805,7 +798,7 @@ impl Sandbox {
                     None => None,
                 };
 
-                match sys::fork_with(flags, true) {
+                match clone_alone(flags, true) {
                     Ok(sys::Forked::Child) => child::init_main(&mut prepared),
                     Ok(sys::Forked::Parent { pid, pidfd }) => {
                         // SAFETY: clone returned this pidfd to us; nothing else owns it.
@@ -948,7 +941,7 @@ fn start_held(
         flags,
         report: report_w.as_raw_fd(),
     };
-    let middle = match sys::fork_with(0, false) {
+    let middle = match clone_alone(0, false) {
         Ok(sys::Forked::Child) => child::intermediate_main(prepared, &held),
         Ok(sys::Forked::Parent { pid, .. }) => pid,
         Err(e) => return Err(namespaces_error(e)),
@@ -1233,4 +1226,38 @@ impl Drop for Child {
             let _ = sys::waitpid(self.pid, 0);
         }
     }
+}
+
+/// Held shared while a file a sandbox may exec is open for writing ([`write_executable`]),
+/// exclusively while a sandbox's first process is cloned: no clone copies such a descriptor.
+/// (A clone's child also closes what it does not use first thing: `Prepared::close_inherited`.)
+static CLONES: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// Clone under [`CLONES`], exclusively: every clone of this crate in the caller goes through here.
+pub(crate) fn clone_alone(flags: u64, pidfd: bool) -> Result<sys::Forked, i32> {
+    let _alone = CLONES
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    sys::fork_with(flags, pidfd)
+}
+
+/// Write a new file at `path` (refused if it exists) with mode 0755, for a sandbox to exec
+/// right after (a heredoc's script). A file written with a descriptor of one's own can fail to
+/// exec with "Text file busy" (ETXTBSY) while a sandbox started by another thread meanwhile
+/// still holds a copy of that descriptor; no sandbox starts while this one is open.
+pub fn write_executable(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    let _no_clone = CLONES
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o700)
+        .open(path)?;
+    f.write_all(bytes)?;
+    // The mode asked for at open is masked by the umask: set it on the descriptor.
+    f.set_permissions(std::fs::Permissions::from_mode(0o755))?;
+    Ok(())
 }

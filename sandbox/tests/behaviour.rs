@@ -710,3 +710,44 @@ fn a_fifo_at_a_files_mount_point_does_not_block_the_start() {
     assert_eq!(text(&out.stdout), "bound\n", "{}", text(&out.stderr));
     assert_eq!(out.status, ExitStatus::Exited(0));
 }
+
+/// A file written for a job (a heredoc's script) and executed right after: a sandbox another
+/// thread starts meanwhile must not keep a descriptor of it open for writing, or the exec
+/// fails with "Text file busy" (ETXTBSY) in a build that has nothing to do with that sandbox.
+#[test]
+fn a_script_written_while_other_sandboxes_start_runs_at_once() {
+    let f = fixture();
+    let dir = f.host_dir("scripts");
+    // A long script: its write takes long enough for a start elsewhere to fall within it.
+    let mut script = b"#!/bin/sh\necho ran\nexit 0\n".to_vec();
+    script.extend(std::iter::repeat_n(b"# padding\n", 50_000).flatten());
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        for _ in 0..2 {
+            s.spawn(|| {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    assert_eq!(f.sh("true").status, ExitStatus::Exited(0));
+                }
+            });
+        }
+        let mut failures = Vec::new();
+        for i in 0..40 {
+            let file = dir.join(format!("script-{i}"));
+            sandbox::write_executable(&file, &script).expect("writing the script");
+            let out = f
+                .sandbox()
+                .bind(Bind::new(&file, "/run-me").read_only())
+                .command(["/run-me"])
+                .output();
+            match out {
+                Ok(o)
+                    if (o.status, text(&o.stdout).as_str()) == (ExitStatus::Exited(0), "ran\n") => {
+                }
+                Ok(o) => failures.push(format!("{i}: {}: {}", o.status, text(&o.stderr))),
+                Err(e) => failures.push(format!("{i}: {e}")),
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        assert!(failures.is_empty(), "{failures:#?}");
+    });
+}

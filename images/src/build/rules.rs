@@ -80,16 +80,7 @@ fn run_argv(
 /// Write `script` to `file` (0755) and say how the step sees it: read-only at
 /// `/dev/pipes/NAME` (a tmpfs of the sandbox: nothing lands in the layer).
 fn write_script(file: &Path, script: &Script) -> std::io::Result<sandbox::Bind> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o755)
-        .open(file)?;
-    f.write_all(script.text.as_bytes())?;
-    // The mode asked for is masked by the umask: make it what the step needs.
-    std::fs::set_permissions(file, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
+    sandbox::write_executable(file, script.text.as_bytes())?;
     Ok(sandbox::Bind::new(file, Path::new(SCRIPT_DIR).join(&script.name)).read_only())
 }
 

@@ -111,7 +111,7 @@ pub(crate) fn make(
     let (parent, child) = sys::socketpair().map_err(|e| err("socketpair", e))?;
     // SAFETY: socketpair returned these two descriptors to us; nothing else owns them.
     let (parent, child) = unsafe { (OwnedFd::from_raw_fd(parent), OwnedFd::from_raw_fd(child)) };
-    let pid = match sys::fork_with(0, false) {
+    let pid = match crate::clone_alone(0, false) {
         Ok(sys::Forked::Child) => maker_main(child.as_raw_fd(), userns, &ping_range),
         Ok(sys::Forked::Parent { pid, .. }) => pid,
         Err(e) => return Err(err("fork", e)),

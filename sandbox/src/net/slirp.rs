@@ -275,7 +275,7 @@ impl Slirp {
                 })
                 .collect(),
         };
-        let (pid, pidfd) = match sys::fork_with(0, true) {
+        let (pid, pidfd) = match crate::clone_alone(0, true) {
             Ok(sys::Forked::Child) => child_main(&plan),
             Ok(sys::Forked::Parent { pid, pidfd }) => (pid, owned(pidfd)),
             Err(e) => return Err(net_err(format!("fork: {}", errno_text(e)))),
