@@ -1,7 +1,8 @@
 //! One job, one run, cluster-wide: job records in the database (table `jobs`, migration V2),
 //! claims, placement, coalescing between agents, and the recovery of an agent's death.
 //!
-//! A request on any agent ([`Scheduler::submit`]):
+//! A request on any agent (`ClusterJobs::submit`: [`Scheduler::look_up`], then
+//! [`Scheduler::admit`] and [`Scheduler::finish`]):
 //! 1. its job IDs are computed as a single node does ([`Engine::job_ids_of`]); a local build
 //!    of this very request (the same group and params but the opaque ones) that succeeded, in
 //!    `ready/<id>`, is a result-cache hit as always (unless `rebuild`);

@@ -19,24 +19,6 @@ pub(super) enum Inserted {
 impl Scheduler {
     // ---------------------------------------------------------------- requests
 
-    /// Answer a request through the cluster (see the module's doc); `Ok(None)` for `?async`
-    /// once the job is known to be queued, running or ready.
-    pub async fn submit(
-        self: &Arc<Self>,
-        req: JobRequest,
-        is_async: bool,
-    ) -> Result<Option<Answer>, SubmitError> {
-        let (me, r) = (Arc::clone(self), req.clone());
-        let (ids, hit) = tokio::task::spawn_blocking(move || me.look_up(&r))
-            .await
-            .map_err(|e| JobError::Internal(e.to_string()))??;
-        match self.admit(req, ids, hit).await? {
-            Admission::Answered(a) => Ok(Some(a)),
-            _ if is_async => Ok(None),
-            a => self.finish(a).await.map(Some),
-        }
-    }
-
     /// The ID a request goes by in the cluster, as a single node chooses it but with the job
     /// records deciding (`engine::state::Ids::Resolve`): mistry's, unless its record is another
     /// request's (the same ID, another group or params) — then the exact one; a request whose
@@ -73,7 +55,7 @@ impl Scheduler {
         }
     }
 
-    /// The job ID [`Scheduler::submit`] will answer `req` with (barring a race with
+    /// The job ID a request through the cluster (`ClusterJobs::submit`) will answer `req` with (barring a race with
     /// another request taking mistry's ID first): a local build of this request that
     /// succeeded (unless `rebuild`), else the one the records give ([`Scheduler::home`]).
     /// For a pipeline run, which shows a job's ID before its end.
