@@ -222,7 +222,9 @@ impl Prepared {
                 continue;
             }
             if n == keep.len() {
-                // More than a start ever has: keep everything rather than close one in use.
+                // More than a start ever has (at most 10 today): keep everything rather than
+                // close one in use.
+                debug_assert!(false, "more descriptors to keep than close_inherited holds");
                 return;
             }
             keep[n] = fd;
@@ -878,5 +880,63 @@ mod tests {
             ballast.len() >> 10
         );
         assert_eq!(std::hint::black_box(&ballast)[ballast.len() - 1], 1);
+    }
+
+    /// After `close_inherited`, a start's process has exactly its own descriptors: its stdio,
+    /// pipes, a slot filled before the clone and the extras; every other one (another thread's
+    /// file, the parent's end of a pipe) is closed.
+    #[test]
+    fn a_started_process_keeps_only_its_own_descriptors() {
+        let open = |what: &std::ffi::CStr| sys::open_read(what).expect("open");
+        let mut p = every_kind();
+        p.stdio = [open(c"/dev/null"), open(c"/dev/null"), open(c"/dev/null")];
+        let (report_r, report_w) = sys::pipe().expect("pipe");
+        p.report_write = report_w;
+        let (given, extra, foreign) = (open(c"/dev/null"), open(c"/dev/null"), open(c"/dev/null"));
+        p.slots[0] = given;
+        let ours = [p.stdio[0], p.stdio[1], p.stdio[2], report_w, given, extra];
+        let checked = [
+            ours[0], ours[1], ours[2], ours[3], ours[4], ours[5], foreign, report_r,
+        ];
+        let pid = match sys::fork_with(0, false).expect("fork") {
+            sys::Forked::Child => {
+                // Allocation-free from here: the test harness is multi-threaded.
+                p.close_inherited(&[extra]);
+                let mut said = [0u8; 9];
+                for (i, fd) in checked.iter().enumerate() {
+                    // SAFETY: fcntl(F_GETFD) only asks whether the descriptor is open.
+                    said[i] = u8::from(unsafe { libc::fcntl(*fd, libc::F_GETFD) } >= 0);
+                }
+                let mut total = 0u8;
+                for fd in 0..4096 {
+                    // SAFETY: as above.
+                    if unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0 {
+                        total = total.saturating_add(1);
+                    }
+                }
+                said[8] = total;
+                let _ = sys::write_all(report_w, &said);
+                sys::exit(0)
+            }
+            sys::Forked::Parent { pid, .. } => pid,
+        };
+        // SAFETY: our copies, not used after this (the child has its own).
+        unsafe {
+            for fd in ours.iter().chain(&[foreign]) {
+                sys::close(*fd);
+            }
+        }
+        let mut said = [0u8; 9];
+        let got = sys::read_full(report_r, &mut said);
+        let _ = sys::waitpid(pid, 0);
+        // SAFETY: our end, not used after this.
+        unsafe { sys::close(report_r) };
+        assert_eq!(got, Ok(9));
+        assert_eq!(
+            said,
+            [1, 1, 1, 1, 1, 1, 0, 0, 6],
+            "open in the child: stdio ×3, report pipe, given slot, extra; then the foreign \
+             file, the parent's end; then how many descriptors are open in all"
+        );
     }
 }

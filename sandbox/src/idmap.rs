@@ -236,6 +236,11 @@ type HelperRun<'a> = (&'a Path, &'a [(u32, Range)]);
 /// (exec, dynamic linking, PAM-free checks of /etc/subuid) takes a millisecond or more, and
 /// neither waits for the other.
 fn run_map_helpers(uid: HelperRun<'_>, gid: HelperRun<'_>, pid: i32) -> Result<(), Error> {
+    // Like every clone of ours, not while a `write_executable` file is open (`spawn` returns
+    // once the helper has exec'd, its copies of our descriptors closed).
+    let alone = crate::CLONES
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let started = [uid, gid].map(|(helper, ranges)| {
         let mut args = vec![pid.to_string()];
         for (inside, r) in ranges {
@@ -251,6 +256,7 @@ fn run_map_helpers(uid: HelperRun<'_>, gid: HelperRun<'_>, pid: i32) -> Result<(
             .spawn();
         (helper, args, child)
     });
+    drop(alone);
     let mut result = Ok(());
     for (helper, args, child) in started {
         let done = child

@@ -1231,7 +1231,7 @@ impl Drop for Child {
 /// Held shared while a file a sandbox may exec is open for writing ([`write_executable`]),
 /// exclusively while a sandbox's first process is cloned: no clone copies such a descriptor.
 /// (A clone's child also closes what it does not use first thing: `Prepared::close_inherited`.)
-static CLONES: std::sync::RwLock<()> = std::sync::RwLock::new(());
+pub(crate) static CLONES: std::sync::RwLock<()> = std::sync::RwLock::new(());
 
 /// Clone under [`CLONES`], exclusively: every clone of this crate in the caller goes through here.
 pub(crate) fn clone_alone(flags: u64, pidfd: bool) -> Result<sys::Forked, i32> {
@@ -1260,4 +1260,34 @@ pub fn write_executable(path: &std::path::Path, bytes: &[u8]) -> std::io::Result
     // The mode asked for at open is masked by the umask: set it on the descriptor.
     f.set_permissions(std::fs::Permissions::from_mode(0o755))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    /// A file for a sandbox to exec is not opened while a clone is under way.
+    #[test]
+    fn an_executable_is_not_written_during_a_clone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("script");
+        let cloning = super::CLONES
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let writer = {
+            let file = file.clone();
+            std::thread::spawn(move || super::write_executable(&file, b"#!/bin/sh\n"))
+        };
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        assert!(!file.exists(), "written while a clone held the lock");
+        drop(cloning);
+        writer.join().expect("the writer").expect("the write");
+        let meta = std::fs::metadata(&file).expect("the script");
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777,
+            0o755
+        );
+        assert_eq!(
+            super::write_executable(&file, b"again").map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::AlreadyExists)
+        );
+    }
 }

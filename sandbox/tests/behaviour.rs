@@ -722,6 +722,13 @@ fn a_script_written_while_other_sandboxes_start_runs_at_once() {
     let mut script = b"#!/bin/sh\necho ran\nexit 0\n".to_vec();
     script.extend(std::iter::repeat_n(b"# padding\n", 50_000).flatten());
     let stop = std::sync::atomic::AtomicBool::new(false);
+    // The starters stop however this thread leaves the scope (a panic too: the scope waits).
+    struct Stop<'a>(&'a std::sync::atomic::AtomicBool);
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
     std::thread::scope(|s| {
         for _ in 0..2 {
             s.spawn(|| {
@@ -730,10 +737,14 @@ fn a_script_written_while_other_sandboxes_start_runs_at_once() {
                 }
             });
         }
+        let _stop = Stop(&stop);
         let mut failures = Vec::new();
         for i in 0..40 {
             let file = dir.join(format!("script-{i}"));
-            sandbox::write_executable(&file, &script).expect("writing the script");
+            if let Err(e) = sandbox::write_executable(&file, &script) {
+                failures.push(format!("{i}: writing the script: {e}"));
+                break;
+            }
             let out = f
                 .sandbox()
                 .bind(Bind::new(&file, "/run-me").read_only())
@@ -747,7 +758,7 @@ fn a_script_written_while_other_sandboxes_start_runs_at_once() {
                 Err(e) => failures.push(format!("{i}: {e}")),
             }
         }
-        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        drop(_stop);
         assert!(failures.is_empty(), "{failures:#?}");
     });
 }

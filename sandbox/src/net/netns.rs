@@ -19,6 +19,11 @@ const STAGE_OPEN: u8 = 4;
 
 /// The child: allocation-free (the daemon is multi-threaded).
 fn maker_main(sock: RawFd, userns: Option<RawFd>, ping_range: &CString) -> ! {
+    // Only our own descriptors (another start's pipe ends would see no end of file meanwhile).
+    match userns {
+        Some(u) => sys::close_all_but(&[sock.min(u), sock.max(u)]),
+        None => sys::close_all_except(sock),
+    }
     let fail = |stage: u8, errno: i32| -> ! {
         let mut rec = [0u8; 6];
         rec[0] = b'E';
