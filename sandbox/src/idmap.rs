@@ -238,9 +238,7 @@ type HelperRun<'a> = (&'a Path, &'a [(u32, Range)]);
 fn run_map_helpers(uid: HelperRun<'_>, gid: HelperRun<'_>, pid: i32) -> Result<(), Error> {
     // Like every clone of ours, not while a `write_executable` file is open (`spawn` returns
     // once the helper has exec'd, its copies of our descriptors closed).
-    let alone = crate::CLONES
-        .write()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let alone = crate::no_executable_writes();
     let started = [uid, gid].map(|(helper, ranges)| {
         let mut args = vec![pid.to_string()];
         for (inside, r) in ranges {

@@ -1231,13 +1231,20 @@ impl Drop for Child {
 /// Held shared while a file a sandbox may exec is open for writing ([`write_executable`]),
 /// exclusively while a sandbox's first process is cloned: no clone copies such a descriptor.
 /// (A clone's child also closes what it does not use first thing: `Prepared::close_inherited`.)
-pub(crate) static CLONES: std::sync::RwLock<()> = std::sync::RwLock::new(());
+static CLONES: std::sync::RwLock<()> = std::sync::RwLock::new(());
 
-/// Clone under [`CLONES`], exclusively: every clone of this crate in the caller goes through here.
-pub(crate) fn clone_alone(flags: u64, pidfd: bool) -> Result<sys::Forked, i32> {
-    let _alone = CLONES
+/// [`CLONES`], exclusively: held while this process makes a child that gets a copy of its
+/// descriptors (a clone of ours, a `Command` until its exec).
+pub(crate) fn no_executable_writes() -> std::sync::RwLockWriteGuard<'static, ()> {
+    CLONES
         .write()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Clone under [`no_executable_writes`]: every clone of this crate in the caller goes through
+/// here.
+pub(crate) fn clone_alone(flags: u64, pidfd: bool) -> Result<sys::Forked, i32> {
+    let _alone = no_executable_writes();
     sys::fork_with(flags, pidfd)
 }
 
@@ -1269,9 +1276,7 @@ mod tests {
     fn an_executable_is_not_written_during_a_clone() {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("script");
-        let cloning = super::CLONES
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let cloning = super::no_executable_writes();
         let writer = {
             let file = file.clone();
             std::thread::spawn(move || super::write_executable(&file, b"#!/bin/sh\n"))

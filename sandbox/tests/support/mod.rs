@@ -104,17 +104,12 @@ pub(crate) fn fixture_in(parent: &Path) -> Fixture {
         .status()
         .expect("cp");
     assert!(status.success());
+    let probe_bytes = std::fs::read(probe()).expect("reading the probe");
     for (name, mode) in [("probe", 0o755), ("probe-suid", 0o4755)] {
         let dst = rootfs.join("bin").join(name);
-        // Copied by `cp`, not here: a sandbox another test thread clones meanwhile would
-        // inherit our descriptor open for writing, and exec of the probe would fail with
-        // ETXTBSY until that child execs or exits.
-        let status = Command::new("cp")
-            .arg(probe())
-            .arg(&dst)
-            .status()
-            .expect("cp");
-        assert!(status.success(), "copying the probe");
+        // Through the sandbox's own writer: a sandbox another test thread starts meanwhile
+        // does not get a copy of our descriptor (its exec would fail with ETXTBSY).
+        sandbox::write_executable(&dst, &probe_bytes).expect("copying the probe");
         std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(mode)).expect("chmod");
     }
     Fixture { dir, rootfs }
