@@ -55,36 +55,6 @@ impl Scheduler {
         }
     }
 
-    /// The job ID a request through the cluster (`ClusterJobs::submit`) will answer `req` with (barring a race with
-    /// another request taking mistry's ID first): a local build of this request that
-    /// succeeded (unless `rebuild`), else the one the records give ([`Scheduler::home`]).
-    /// For a pipeline run, which shows a job's ID before its end.
-    pub async fn job_id(&self, req: &JobRequest, ids: &JobIds) -> Result<String, SubmitError> {
-        let identity = Identity::of(req);
-        if !req.rebuild {
-            let (engine, p, i, who) = (
-                Arc::clone(&self.engine),
-                req.project.clone(),
-                ids.clone(),
-                identity.clone(),
-            );
-            let here = tokio::task::spawn_blocking(move || {
-                [&i.mistry, &i.exact].into_iter().find_map(|id| {
-                    engine
-                        .local_build(&p, id, &who)
-                        .filter(|(info, _)| info.succeeded())
-                        .map(|_| id.clone())
-                })
-            })
-            .await
-            .map_err(|e| JobError::Internal(e.to_string()))?;
-            if let Some(id) = here {
-                return Ok(id);
-            }
-        }
-        Ok(self.home(&req.project, ids, &identity).await?.0)
-    }
-
     /// A request's job IDs and this agent's result-cache hit for it (`None` for a rebuild),
     /// in one blocking call: what [`Scheduler::admit`] starts from.
     pub fn look_up(&self, req: &JobRequest) -> Result<(JobIds, Option<LocalHit>), JobError> {
