@@ -152,6 +152,19 @@ pub fn redact(url: &str) -> String {
 pub fn pg_config(
     url: &str,
 ) -> Result<(tokio_postgres::Config, super::tls::MakeRustls), ClusterError> {
+    let (config, settings) = parse_url(url)?;
+    let tls = super::tls::connector(&settings).map_err(|e| ClusterError::Tls {
+        url: redact(url),
+        reason: e.to_string(),
+    })?;
+    Ok((config, tls))
+}
+
+/// [`pg_config`] without the TLS connector: the configuration and the TLS settings, nothing
+/// read from disk (what names the database's hosts, `egress.rs`, needs no more).
+pub(super) fn parse_url(
+    url: &str,
+) -> Result<(tokio_postgres::Config, super::tls::TlsSettings), ClusterError> {
     use tokio_postgres::config::Host;
     let bad = |reason: String| ClusterError::BadUrl {
         url: redact(url),
@@ -180,11 +193,7 @@ pub fn pg_config(
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
-    let tls = super::tls::connector(&settings).map_err(|e| ClusterError::Tls {
-        url: redact(url),
-        reason: e.to_string(),
-    })?;
-    Ok((config, tls))
+    Ok((config, settings))
 }
 
 /// The cluster's database: a pool of connections.

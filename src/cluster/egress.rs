@@ -2,7 +2,9 @@
 //! database's hosts (`database_url`) and every agent's advertise URL host (this one's too: it
 //! may be a public address the host reaches through NAT). They go to the egress policy of
 //! isolated networks (`sandbox::egress`, [`sandbox::EgressPolicy::set_dynamic`]) at start and
-//! again every `heartbeat`, as agents come and go.
+//! again every `heartbeat`, as agents come and go and names resolve anew. The database's hosts
+//! are read from its URL once, at start: never from the TLS set-up, which reads the CA file
+//! (a CA file being replaced must not take the database off the list for a heartbeat).
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -28,10 +30,11 @@ fn url_host(url: &str) -> Option<(String, u16)> {
     Some((host.to_string(), port))
 }
 
-/// The TCP hosts of a database URL (Unix sockets need no rule: a job cannot reach them).
+/// The TCP hosts of a database URL (Unix sockets need no rule: a job cannot reach them); none
+/// for a URL that does not parse (the daemon refuses it at start).
 fn database_hosts(url: &str) -> Vec<(String, u16)> {
     use tokio_postgres::config::Host;
-    let Ok((config, _)) = super::db::pg_config(url) else {
+    let Ok((config, _)) = super::db::parse_url(url) else {
         return Vec::new();
     };
     let ports = config.get_ports();
@@ -66,12 +69,10 @@ async fn resolve(hosts: &[(String, u16)]) -> BTreeSet<IpAddr> {
 }
 
 impl Cluster {
-    /// The hosts of the database and of every agent (this one included).
-    async fn denied_hosts(&self, database_url: Option<&str>) -> Vec<(String, u16)> {
+    /// The hosts of the database (`database`) and of every agent (this one included).
+    async fn denied_hosts(&self, database: &[(String, u16)]) -> Vec<(String, u16)> {
         let mut hosts: Vec<(String, u16)> = url_host(&self.me.advertise_url).into_iter().collect();
-        if let Some(url) = database_url {
-            hosts.extend(database_hosts(url));
-        }
+        hosts.extend_from_slice(database);
         if let Some(db) = &self.db {
             if let Ok(agents) = super::agents::list(db, self.agent_timeout).await {
                 hosts.extend(agents.iter().filter_map(|a| url_host(&a.advertise_url)));
@@ -83,8 +84,13 @@ impl Cluster {
     /// Keep the egress policy's cluster addresses current (see the module documentation):
     /// once now, then every `heartbeat` until [`Cluster::stop`] when there is a database.
     pub async fn start_egress(self: &Arc<Self>, database_url: Option<String>) {
-        let refresh = |me: Arc<Cluster>, url: Option<String>| async move {
-            let hosts = me.denied_hosts(url.as_deref()).await;
+        let database: Arc<[(String, u16)]> = database_url
+            .as_deref()
+            .map(database_hosts)
+            .unwrap_or_default()
+            .into();
+        let refresh = |me: Arc<Cluster>, database: Arc<[(String, u16)]>| async move {
+            let hosts = me.denied_hosts(&database).await;
             let nets: Vec<IpNet> = resolve(&hosts).await.into_iter().map(IpNet::from).collect();
             tracing::debug!(
                 ?nets,
@@ -92,7 +98,7 @@ impl Cluster {
             );
             sandbox::egress_policy().set_dynamic(nets);
         };
-        refresh(Arc::clone(self), database_url.clone()).await;
+        refresh(Arc::clone(self), Arc::clone(&database)).await;
         if self.db.is_none() {
             return;
         }
@@ -107,7 +113,7 @@ impl Cluster {
                     _ = tick.tick() => {}
                     _ = stop.wait_for(|s| *s) => return,
                 }
-                refresh(Arc::clone(&me), database_url.clone()).await;
+                refresh(Arc::clone(&me), Arc::clone(&database)).await;
             }
         });
     }
@@ -140,6 +146,21 @@ mod tests {
         assert_eq!(
             database_hosts("host=10.1.2.3 port=5433 user=mistry"),
             vec![("10.1.2.3".into(), 5433)]
+        );
+    }
+
+    /// The database's hosts come from its URL alone: a CA file that cannot be read (being
+    /// replaced, say) does not take them off the list of what jobs may not reach.
+    #[test]
+    fn database_hosts_do_not_read_the_ca_file() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let missing = dir.path().join("ca.pem");
+        assert_eq!(
+            database_hosts(&format!(
+                "postgres://mistry@db1:6432/mistry?sslmode=verify-full&sslrootcert={}",
+                missing.display()
+            )),
+            vec![("db1".into(), 6432)]
         );
     }
 
