@@ -22,6 +22,19 @@
 //!   trees' user and system time from `/proc`; the clients not counted) — where the jobs/s
 //!   ratio comes from, and the ratio of the agents' machines when PostgreSQL has its own.
 //!
+//! Each jobs/s phase starts after `BENCH_SETTLE` seconds (default 35) of rest, outside its
+//! measure: on an ext4 without a journal (this machine's root), allocating an inode skips
+//! every inode its block group freed in the last 30–35 s (`recently_deleted` in the kernel's
+//! `ext4/ialloc.c`), so a phase right after another paid for the other's deletions — the
+//! daemons' directories share block groups — about 0.5 ms per job, always to the phase that
+//! came second (the agents, after the single node).
+//!
+//! `BENCH_SPLIT=1` splits the machine in two, for "per machine" with the database on a machine
+//! of its own: the daemons (the single node, the agents) run on CPU 0 alone, PostgreSQL and the
+//! clients on the other CPUs; a single node's machine and an agent's machine are then the
+//! same one core. Every daemon's `job_concurrency` is the whole machine's CPU count (as
+//! without the split) unless `BENCH_CONCURRENCY` says otherwise.
+//!
 //! A throwaway PostgreSQL 15 is started as tests/common/postgres.rs does (as mistry-test when
 //! run as root). `cargo bench --bench cluster`, or `scripts/bench.sh cluster` (root and
 //! rootless); `BENCH_RUNS` sets the number of timed requests (default 40), `BENCH_CONCURRENCY`
@@ -38,8 +51,42 @@ use std::time::{Duration, Instant};
 use common::{median, ms, Daemon};
 use serde_json::json;
 
+/// Where the daemons run, and what they run with.
+struct Setup {
+    /// `BENCH_SPLIT`: the daemons on CPU 0 alone (the rest on the others).
+    split: bool,
+    /// Every daemon's `job_concurrency`, when set.
+    concurrency: Option<usize>,
+}
+
+impl Setup {
+    /// From the environment; with `BENCH_SPLIT`, this process (and so PostgreSQL and the
+    /// clients, started from it) moves to the CPUs but 0.
+    fn from_env() -> Setup {
+        let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+        let split = std::env::var_os("BENCH_SPLIT").is_some();
+        let concurrency = std::env::var("BENCH_CONCURRENCY")
+            .ok()
+            .and_then(|n| n.parse::<usize>().ok())
+            .or(split.then_some(cpus));
+        if split {
+            assert!(
+                cpus >= 2,
+                "BENCH_SPLIT needs 2 CPUs or more, this machine has {cpus}"
+            );
+            let mut rest = nix::sched::CpuSet::new();
+            for cpu in 1..cpus {
+                rest.set(cpu).expect("a CPU of the set");
+            }
+            nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &rest)
+                .expect("moving the benchmark off CPU 0");
+        }
+        Setup { split, concurrency }
+    }
+}
+
 /// One agent of the cluster (or a single node when `db` is `None`), in its own directory.
-fn daemon(parent: &Path, name: &str, images: &Path, db: Option<&str>) -> Daemon {
+fn daemon(setup: &Setup, parent: &Path, name: &str, images: &Path, db: Option<&str>) -> Daemon {
     let dir = parent.join(name);
     common::touch_project(&dir.join("projects"));
     let mut extra = match db {
@@ -51,13 +98,13 @@ fn daemon(parent: &Path, name: &str, images: &Path, db: Option<&str>) -> Daemon 
         }),
         None => json!({}),
     };
-    if let Some(n) = std::env::var("BENCH_CONCURRENCY")
-        .ok()
-        .and_then(|n| n.parse::<usize>().ok())
-    {
+    if let Some(n) = setup.concurrency {
         extra["job_concurrency"] = json!(n);
     }
-    Daemon::start(&common::write_config(&dir, images, extra))
+    Daemon::start_on(
+        &common::write_config(&dir, images, extra),
+        setup.split.then_some("0"),
+    )
 }
 
 /// `POST /jobs` of project `touch` with param `n`: its time; the answer's `Cached`.
@@ -108,6 +155,9 @@ fn per_job(cpu: Duration, jobs: usize) -> f64 {
 }
 
 fn main() {
+    // First: PostgreSQL and the clients' threads inherit this process's CPUs.
+    let setup = Setup::from_env();
+    let settle = Duration::from_secs(common::env_num("BENCH_SETTLE", 35));
     let images = common::busybox_images();
     let runs: usize = common::env_num("BENCH_RUNS", 40);
     let clients: usize = common::env_num("BENCH_CLIENTS", 6);
@@ -121,9 +171,9 @@ fn main() {
 
     // A single node, and two agents of a cluster: a1 runs the jobs, a2 answers them from the
     // database.
-    let single = daemon(dir.path(), "single", &images, None);
-    let a1 = daemon(dir.path(), "a1", &images, Some(&pg.url()));
-    let a2 = daemon(dir.path(), "a2", &images, Some(&pg.url()));
+    let single = daemon(&setup, dir.path(), "single", &images, None);
+    let a1 = daemon(&setup, dir.path(), "a1", &images, Some(&pg.url()));
+    let a2 = daemon(&setup, dir.path(), "a2", &images, Some(&pg.url()));
     post(&agent, &single, "warm");
     post(&agent, &a1, "warm-a1");
     post(&agent, &a2, "warm-a2");
@@ -156,7 +206,7 @@ fn main() {
     stop_all();
     let names = ["b1", "b2", "b3"];
     for name in names {
-        let d = daemon(dir.path(), name, &images, Some(&pg.url()));
+        let d = daemon(&setup, dir.path(), name, &images, Some(&pg.url()));
         post(&agent, &d, &format!("warm-{name}"));
         drop(d);
         stop_all();
@@ -173,6 +223,7 @@ fn main() {
     let mut cluster_cpu = [(Duration::ZERO, Duration::ZERO, 0); 3];
     for round in 0..rounds {
         let prefix = format!("ts{round}");
+        std::thread::sleep(settle);
         let before = common::tree_cpu(single.pid());
         let (one, jobs) = throughput(std::slice::from_ref(&single), &prefix, clients, seconds);
         single_cpu.0 += common::tree_cpu(single.pid()) - before;
@@ -186,10 +237,11 @@ fn main() {
         {
             let agents: Vec<Daemon> = names[..=k]
                 .iter()
-                .map(|name| daemon(dir.path(), name, &images, Some(&pg.url())))
+                .map(|name| daemon(&setup, dir.path(), name, &images, Some(&pg.url())))
                 .collect();
             let prefix = format!("t{k}r{round}");
             let cpu = || -> Duration { agents.iter().map(|d| common::tree_cpu(d.pid())).sum() };
+            std::thread::sleep(settle);
             let before = (cpu(), common::tree_cpu(pg.pid()));
             let (one, jobs) = throughput(&agents, &prefix, clients, seconds);
             c.0 += cpu() - before.0;
@@ -223,9 +275,17 @@ fn main() {
     let (s_new, c_new) = (ms(median(&mut single_new)), ms(median(&mut cluster_new)));
     println!(
         "mistryd on loopback, image cached: a single node vs agents sharing a PostgreSQL 15 \
-         ({runs} new jobs, 200 cache hits; {clients} clients for {seconds}s, {rounds} rounds; \
-         {started} job records)"
+         ({runs} new jobs, 200 cache hits; {clients} clients for {seconds}s, {rounds} rounds, \
+         {}s of rest before each; {started} job records)",
+        settle.as_secs()
     );
+    if setup.split {
+        println!(
+            "split machine: the daemons on CPU 0 alone, PostgreSQL and the clients on the \
+             others (job_concurrency {})",
+            setup.concurrency.unwrap_or_default()
+        );
+    }
     println!("{:<58} {:>10}   target", "", "measured");
     println!("{:<58} {:>8.2}ms", "cache hit, single node (median)", s_hit);
     println!(

@@ -4,6 +4,9 @@
 #
 #   scripts/bench.sh [BENCH...]      # default: sandbox_start image_build server access incremental pipeline cluster debian_build web
 #
+# BENCH_RUNS, BENCH_BACKENDS, MISTRY_TEST_BTRFS and, for the cluster benchmark, BENCH_SPLIT and
+# BENCH_SETTLE (benches/cluster.rs) go to the unprivileged run too.
+#
 # Needs what scripts/setup.sh provides (the test user, target/images/{busybox,debian}) and
 # runs as root. Figures are printed side by side with the peer tools (bwrap, buildah); the
 # machine's noise is large, so compare figures of one run.
@@ -40,5 +43,6 @@ for name in $benches; do
         MISTRY_BUSYBOX_ROOTFS="$unpriv/images/busybox/rootfs" \
         ${BENCH_RUNS+BENCH_RUNS="$BENCH_RUNS"} ${MISTRY_TEST_BTRFS+MISTRY_TEST_BTRFS="$MISTRY_TEST_BTRFS"} \
         ${BENCH_BACKENDS+BENCH_BACKENDS="$BENCH_BACKENDS"} \
+        ${BENCH_SPLIT+BENCH_SPLIT="$BENCH_SPLIT"} ${BENCH_SETTLE+BENCH_SETTLE="$BENCH_SETTLE"} \
         "$unpriv/$name" --bench)
 done

@@ -181,7 +181,20 @@ impl Daemon {
     /// [`mistryd_bin`] with `config`, on a port the kernel chooses (mistryd says which on
     /// stdout).
     pub(crate) fn start(config: &Path) -> Daemon {
-        let mut child = Command::new(mistryd_bin())
+        Self::start_on(config, None)
+    }
+
+    /// [`Daemon::start`] on the CPUs `cpus` alone (`taskset -c`, e.g. `"0"`) when given.
+    pub(crate) fn start_on(config: &Path, cpus: Option<&str>) -> Daemon {
+        let mut command = match cpus {
+            Some(cpus) => {
+                let mut c = Command::new("taskset");
+                c.args(["-c", cpus]).arg(mistryd_bin());
+                c
+            }
+            None => Command::new(mistryd_bin()),
+        };
+        let mut child = command
             .arg("--config")
             .arg(config)
             .args(["--addr", "127.0.0.1:0"])
