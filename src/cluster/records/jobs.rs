@@ -263,7 +263,10 @@ pub(in crate::cluster) async fn record_end(
                  ON CONFLICT (agent, project) DO UPDATE SET built_at = now()
                     WHERE agent_images.built_at < now() - interval '1 minute'
                  RETURNING 1)
-             SELECT (SELECT count(*) FROM upd), (SELECT count(*) FROM done),
+             -- `done` is looked up only when nothing was updated (a retry).
+             SELECT (SELECT count(*) FROM upd),
+                    CASE WHEN EXISTS (SELECT 1 FROM upd) THEN 0
+                         ELSE (SELECT count(*) FROM done) END,
                     (SELECT count(*) FROM sent)",
             still_its_run_sql("$3")
         ))
