@@ -38,7 +38,8 @@ impl Scheduler {
             {
                 Some(info) => {
                     tracing::info!(%project, %id, "recording a build a crash left unrecorded");
-                    self.record_end(project, id, &info, run.attempt, None).await;
+                    self.record_end(project, id, &info, run.attempt, None, false)
+                        .await;
                 }
                 None => {
                     tracing::info!(%project, %id, "queueing again a job a crash interrupted");
@@ -194,20 +195,18 @@ impl Scheduler {
                 continue;
             }
             let local = self.engine.layout.job(project, id, Stage::Ready);
+            // An end this agent recorded is known by its `StartedAt` alone (no whole read).
+            let recorded = self.recorded.lock().ok().and_then(|mut r| r.remove(&key));
+            if let Some((started, at)) = recorded {
+                let ours = at.elapsed() < Duration::from_secs(60)
+                    && local.read_started_at().is_some_and(|s| s == started);
+                if ours {
+                    continue;
+                }
+            }
             let Some(mine) = local.read_info() else {
                 continue;
             };
-            let ours = self
-                .recorded
-                .lock()
-                .ok()
-                .and_then(|mut r| r.remove(&key))
-                .is_some_and(|(started, at)| {
-                    started == mine.started_at && at.elapsed() < Duration::from_secs(60)
-                });
-            if ours {
-                continue;
-            }
             let rec = match self.read(project, id).await {
                 Ok(Some(r)) => r,
                 Ok(None) => continue,

@@ -206,8 +206,8 @@ pub struct Waiting {
     id: String,
     identity: Identity,
     events: broadcast::Receiver<Event>,
-    /// The ends this agent recorded (keys), told here before their notification comes back.
-    ended_here: broadcast::Receiver<String>,
+    /// The ends this agent recorded, told here before their notification comes back.
+    ended_here: broadcast::Receiver<EndedHere>,
     coalesced: bool,
 }
 
@@ -218,6 +218,10 @@ pub struct Copy {
     identity: Identity,
     rec: Record,
 }
+
+/// An end this agent recorded ([`Scheduler::ended_here`]): the job's key, and the BuildInfo
+/// of its build in `ready/` when the run published one (`None`: a refusal, without a build).
+type EndedHere = (String, Option<Arc<BuildInfo>>);
 
 /// What the listener tells waiters and the claim loop.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -237,9 +241,9 @@ pub struct Scheduler {
     cluster: Arc<Cluster>,
     engine: Arc<Engine>,
     events: broadcast::Sender<Event>,
-    /// The key of each end this agent recorded, as soon as it did (with the record's build
-    /// verified here): its waiters answer without waiting for the notification's way back.
-    ended_here: broadcast::Sender<String>,
+    /// Each end this agent recorded, as soon as it did (with the record's build verified
+    /// here): its waiters answer without waiting for the notification's way back.
+    ended_here: broadcast::Sender<EndedHere>,
     /// This agent's slots, and the places of the runs waiting here for one: who gets the next
     /// slot given back (the runs waiting here and the claim loop take turns).
     slots: slots::Slots,

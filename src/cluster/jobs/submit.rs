@@ -520,7 +520,7 @@ impl Scheduler {
         (project, id, identity): (&str, &str, &Identity),
         (mut events, mut ended_here): (
             broadcast::Receiver<Event>,
-            Option<&mut broadcast::Receiver<String>>,
+            Option<&mut broadcast::Receiver<EndedHere>>,
         ),
         coalesced: bool,
         in_flight: bool,
@@ -533,19 +533,21 @@ impl Scheduler {
                     .wait_for_end(&key, &mut events, ended_here.as_deref_mut())
                     .await
                 {
-                    None => {
+                    Woken::Gone => {
                         return Err(SubmitError::Job(JobError::Internal(format!(
                             "Error building {key}: the agent is shutting down"
                         ))))
                     }
-                    Some(true) => {
-                        if let Some(mut answer) = self.recorded_here(project, id, identity).await {
+                    Woken::Ended(built) => {
+                        if let Some(mut answer) =
+                            self.recorded_here(project, id, identity, built).await
+                        {
                             answer.info.cached = false;
                             answer.info.coalesced = coalesced;
                             return Ok(answer);
                         }
                     }
-                    Some(false) => {}
+                    Woken::Recheck => {}
                 }
                 continue;
             }
@@ -574,25 +576,26 @@ impl Scheduler {
         }
     }
 
-    /// Wait until job `key` may have ended: `Some(true)` on its end's notification,
-    /// `Some(false)` on a reconnection of the listener (notifications may have been missed) or
-    /// after [`SAFETY_RECHECK`] without news; `None` when the listener is gone (the agent shuts
-    /// down).
+    /// Wait until job `key` may have ended: [`Woken::Ended`] on its end's notification (or
+    /// this agent's record of it, with its build's BuildInfo), [`Woken::Recheck`] on a
+    /// reconnection of the listener (notifications may have been missed) or after
+    /// [`SAFETY_RECHECK`] without news, [`Woken::Gone`] when the listener is gone (the agent
+    /// shuts down).
     async fn wait_for_end(
         &self,
         key: &str,
         events: &mut broadcast::Receiver<Event>,
-        ended_here: Option<&mut broadcast::Receiver<String>>,
-    ) -> Option<bool> {
+        ended_here: Option<&mut broadcast::Receiver<EndedHere>>,
+    ) -> Woken {
         let notified = async {
             loop {
                 match events.recv().await {
-                    Ok(Event::Ended(k)) if k == key => return Some(true),
+                    Ok(Event::Ended(k)) if k == key => return Woken::Ended(None),
                     Ok(Event::Reconnected) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                        return Some(false)
+                        return Woken::Recheck
                     }
                     Ok(_) => continue,
-                    Err(broadcast::error::RecvError::Closed) => return None,
+                    Err(broadcast::error::RecvError::Closed) => return Woken::Gone,
                 }
             }
         };
@@ -603,9 +606,9 @@ impl Scheduler {
             };
             loop {
                 match rx.recv().await {
-                    Ok(k) if k == key => return Some(true),
+                    Ok((k, built)) if k == key => return Woken::Ended(built),
                     Ok(_) => continue,
-                    Err(broadcast::error::RecvError::Lagged(_)) => return Some(false),
+                    Err(broadcast::error::RecvError::Lagged(_)) => return Woken::Recheck,
                     Err(broadcast::error::RecvError::Closed) => {
                         return std::future::pending().await
                     }
@@ -619,20 +622,36 @@ impl Scheduler {
             }
         })
         .await;
-        woken.unwrap_or(Some(false))
+        woken.unwrap_or(Woken::Recheck)
     }
 
     /// On a job's end's notification: the answer from this agent's `ready/`, without reading
     /// the record, when the build there is one this agent recorded as the job's end (it is
     /// [`Scheduler::is_verified`]: an end recorded by another agent forgets the key before its
-    /// notification reaches the waiters) and a build of the request with `identity`. `None`:
-    /// the record is read.
-    async fn recorded_here(&self, project: &str, id: &str, identity: &Identity) -> Option<Answer> {
+    /// notification reaches the waiters) and a build of the request with `identity`. `built`:
+    /// the build's BuildInfo as this agent's run published it (told with its end), else read
+    /// from `ready/`. `None`: the record is read.
+    async fn recorded_here(
+        &self,
+        project: &str,
+        id: &str,
+        identity: &Identity,
+        built: Option<Arc<BuildInfo>>,
+    ) -> Option<Answer> {
         let dir = self.engine.layout.job(project, id, Stage::Ready);
-        let d = dir.clone();
-        let info = tokio::task::spawn_blocking(move || d.read_info())
-            .await
-            .ok()??;
+        let info = match built {
+            // Still the build in `ready/` (a small read, as the stale-copy check's).
+            Some(info) if dir.read_started_at().as_deref() == Some(info.started_at.as_str()) => {
+                Arc::unwrap_or_clone(info)
+            }
+            Some(_) => return None,
+            None => {
+                let d = dir.clone();
+                tokio::task::spawn_blocking(move || d.read_info())
+                    .await
+                    .ok()??
+            }
+        };
         if !self.is_verified(&key_of(project, id), &info.started_at) || !identity.matches(&info) {
             return None;
         }
@@ -812,4 +831,15 @@ impl Drop for Inserting<'_> {
             }
         }
     }
+}
+
+/// Why [`Scheduler::wait_for_end`] returned.
+enum Woken {
+    /// The job's end was notified; with its build's BuildInfo when this agent's run published
+    /// it.
+    Ended(Option<Arc<BuildInfo>>),
+    /// Notifications may have been missed, or none came for long: the record is read.
+    Recheck,
+    /// The listener is gone (the agent shuts down).
+    Gone,
 }

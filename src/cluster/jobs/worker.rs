@@ -246,7 +246,7 @@ impl Scheduler {
                     &id,
                     format!("Error building {project}: the job's stored request is invalid: {e}"),
                 );
-                self.record_end(&project, &id, &info, claim.attempt, None)
+                self.record_end(&project, &id, &info, claim.attempt, None, false)
                     .await;
                 return;
             }
@@ -258,7 +258,7 @@ impl Scheduler {
         if let Err(e) = super::super::inputs::fetch_inputs(&self.cluster, &self.engine, &req).await
         {
             let info = self.refused(&req, &id, e.to_string());
-            self.record_end(&project, &id, &info, claim.attempt, None)
+            self.record_end(&project, &id, &info, claim.attempt, None, false)
                 .await;
             return;
         }
@@ -284,7 +284,7 @@ impl Scheduler {
             }
             Err(e) => {
                 let info = self.refused(&req, &id, e.to_string());
-                self.record_end(&project, &id, &info, claim.attempt, None)
+                self.record_end(&project, &id, &info, claim.attempt, None, false)
                     .await;
                 return;
             }
@@ -296,8 +296,11 @@ impl Scheduler {
             // A first run has no previous run's log to replace.
             logs.ship(&dir, claim.attempt > 1)
         });
+        // Whether `info` is the build published in `ready/` (its waiters here answer with it).
+        let mut built = false;
         let info = match scheduled.wait().await {
             Ok((mut info, dir)) => {
+                built = true;
                 info.cached = false;
                 info.coalesced = false;
                 info.retries = u32::try_from(claim.retries).unwrap_or_default();
@@ -337,7 +340,7 @@ impl Scheduler {
             self.unclaim(&project, &id, claim.attempt).await;
             return;
         }
-        self.record_end(&project, &id, &info, claim.attempt, whole.as_ref())
+        self.record_end(&project, &id, &info, claim.attempt, whole.as_ref(), built)
             .await;
     }
 
@@ -433,7 +436,9 @@ impl Scheduler {
 
     /// Record the end of a job this agent ran as `attempt` (its build is in `ready/` already)
     /// and notify it; retried every second while the database does not answer. A fenced end
-    /// (the record moved on) discards the build here: it is never served.
+    /// (the record moved on) discards the build here: it is never served. `built`: `info` is
+    /// the BuildInfo of the build in `ready/` (the run's; else a refusal's, without a build),
+    /// handed to this agent's waiters with the end (they need not read it again).
     pub(super) async fn record_end(
         &self,
         project: &str,
@@ -441,6 +446,7 @@ impl Scheduler {
         info: &BuildInfo,
         attempt: i32,
         log: Option<&WholeLog>,
+        built: bool,
     ) {
         // Before the record: its notification may come back before the update returns.
         if let Ok(mut r) = self.recorded.lock() {
@@ -472,7 +478,9 @@ impl Scheduler {
                         own(false);
                     }
                     self.verify(key.clone(), &info.started_at, epoch);
-                    let _ = self.ended_here.send(key.clone());
+                    let _ = self
+                        .ended_here
+                        .send((key.clone(), built.then(|| Arc::new(info.clone()))));
                     return;
                 }
                 Ok(rows::Recorded::Fenced) => {

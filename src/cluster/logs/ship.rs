@@ -55,9 +55,7 @@ impl Logs {
             if finishing && deadline.is_none() {
                 deadline = Some(tokio::time::Instant::now() + FINAL_DEADLINE);
                 if !started {
-                    for t in &mut tails {
-                        t.fill(true).await;
-                    }
+                    Tail::fill_all(&mut tails).await;
                     if tails.iter().all(|t| t.buf.len() < CHUNK_MAX) {
                         let chunks = tails
                             .iter_mut()
@@ -211,29 +209,48 @@ impl Tail {
     /// `ready/` once the job ended): one blocking call, reading what the file has up to the
     /// room left (no zeroed buffer, no read per chunk).
     async fn fill(&mut self, ended: bool) {
+        let Some(read) = self.take_read(ended) else {
+            return;
+        };
+        if let Ok(got) = tokio::task::spawn_blocking(move || read.run()).await {
+            self.got(got);
+        }
+    }
+
+    /// [`Tail::fill`] of every tail of a job that ended, in one blocking call (a short job's
+    /// logs are read once, right after its end, on the way to its end's record).
+    async fn fill_all(tails: &mut [Tail]) {
+        let reads: Vec<Option<Read>> = tails.iter_mut().map(|t| t.take_read(true)).collect();
+        let got = tokio::task::spawn_blocking(move || {
+            reads
+                .into_iter()
+                .map(|r| r.and_then(Read::run))
+                .collect::<Vec<_>>()
+        })
+        .await;
+        if let Ok(got) = got {
+            for (t, g) in tails.iter_mut().zip(got) {
+                t.got(g);
+            }
+        }
+    }
+
+    /// The read [`Tail::fill`] makes (the file taken out meanwhile); `None` when `buf` is full.
+    fn take_read(&mut self, ended: bool) -> Option<Read> {
         let room = CHUNK_MAX.saturating_sub(self.buf.len());
         if room == 0 {
-            return;
+            return None;
         }
-        let file = self.file.take();
-        let path = if ended { &self.ready } else { &self.pending }.clone();
-        let read = tokio::task::spawn_blocking(move || {
-            let mut f = match file {
-                Some(f) => f,
-                None => std::fs::File::open(&path).ok()?,
-            };
-            let mut more = Vec::new();
-            // To the end of the file or `room` bytes; on an error, what was read before it.
-            let _ = std::io::Read::read_to_end(
-                &mut std::io::Read::take(&mut f, room as u64),
-                &mut more,
-            );
-            Some((f, more))
+        Some(Read {
+            file: self.file.take(),
+            path: if ended { &self.ready } else { &self.pending }.clone(),
+            room,
         })
-        .await
-        .ok()
-        .flatten();
-        if let Some((f, more)) = read {
+    }
+
+    /// A [`Read`]'s result: the file kept open, what it read appended to `buf`.
+    fn got(&mut self, got: Option<(std::fs::File, Vec<u8>)>) {
+        if let Some((f, more)) = got {
             self.file = Some(f);
             if self.buf.is_empty() {
                 self.buf = more;
@@ -241,6 +258,31 @@ impl Tail {
                 self.buf.extend_from_slice(&more);
             }
         }
+    }
+}
+
+/// One blocking read of a [`Tail`]: its file (opened at `path` when it is not yet), at most
+/// `room` bytes.
+struct Read {
+    file: Option<std::fs::File>,
+    path: std::path::PathBuf,
+    room: usize,
+}
+
+impl Read {
+    /// To the end of the file or `room` bytes; on an error, what was read before it. `None`
+    /// when the file cannot be opened (the tail's file was not open: it stays so).
+    fn run(self) -> Option<(std::fs::File, Vec<u8>)> {
+        let mut f = match self.file {
+            Some(f) => f,
+            None => std::fs::File::open(&self.path).ok()?,
+        };
+        let mut more = Vec::new();
+        let _ = std::io::Read::read_to_end(
+            &mut std::io::Read::take(&mut f, self.room as u64),
+            &mut more,
+        );
+        Some((f, more))
     }
 }
 
@@ -263,10 +305,13 @@ impl Shipper {
 
 /// The whole log of a run that ended before any of it was shipped, each stream in one chunk
 /// (at offset 0): recorded with the job's end, in its statement (`records::jobs::record_end`),
-/// so a short job costs the database one write for its log and its end. The same rows and
-/// notifications as shipping: the previous run's chunks go, then `start <run>`, each chunk's
-/// notice and `end`, all at the record's commit and only if the end is recorded (a fenced
-/// run's log is not written).
+/// so a short job costs the database one write for its log and its end. The same rows as
+/// shipping: the previous run's chunks go, then each stream's one chunk, all at the record's
+/// commit and only if the end is recorded (a fenced run's log is not written). One notice
+/// announces them, `start <run>`: a follower reads the run's log from its start on it and
+/// finds all of it (the chunks are committed with the notice), then the end's notification
+/// (`ended`, same commit, after it) ends the follow — the shipper's chunk and `end` notices
+/// would only wake it to read nothing more.
 pub struct WholeLog {
     /// The run's token (`<agent>-<nanoseconds>`).
     pub run: String,
@@ -277,15 +322,7 @@ pub struct WholeLog {
 impl WholeLog {
     /// The notifications on the logs' channel, in order, for job `project/id`.
     pub fn notices(&self, project: &str, id: &str) -> Vec<String> {
-        let key = key_of(project, id);
-        let mut n = vec![format!("{key} start {}", self.run)];
-        n.extend(
-            self.chunks
-                .iter()
-                .map(|(s, d)| format!("{key} {} 0 {}", s.as_str(), d.len())),
-        );
-        n.push(format!("{key} end"));
-        n
+        vec![format!("{} start {}", key_of(project, id), self.run)]
     }
 }
 
@@ -324,5 +361,47 @@ mod tests {
         std::io::Write::write_all(&mut f, b"more").expect("the log grew");
         tail.fill(false).await;
         assert_eq!(tail.buf, [&first[CHUNK_MAX..], &b"more"[..]].concat());
+    }
+
+    /// A job that ended: every tail read in one go, from `ready/`, each whole up to
+    /// [`CHUNK_MAX`]; a file that does not exist reads nothing.
+    #[tokio::test]
+    async fn an_ended_jobs_tails_are_read_together() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let p = |n: &str| dir.path().join(n);
+        std::fs::write(p("ready-out.log"), b"out\n").expect("a log written");
+        let big: Vec<u8> = (0..CHUNK_MAX + 3).map(|i| (i % 7) as u8).collect();
+        std::fs::write(p("ready-err.log"), &big).expect("a log written");
+        let mut tails = [
+            Tail::new(LogStream::Out, p("out.log"), p("ready-out.log")),
+            Tail::new(LogStream::Stderr, p("err.log"), p("ready-err.log")),
+            Tail::new(LogStream::Out, p("none.log"), p("ready-none.log")),
+        ];
+        Tail::fill_all(&mut tails).await;
+        assert_eq!(tails[0].buf, b"out\n");
+        assert_eq!(tails[1].buf, big[..CHUNK_MAX]);
+        assert!(tails[2].buf.is_empty() && tails[2].file.is_none());
+        // The files stay open: the rest is read where the first read stopped.
+        tails[1].buf.clear();
+        tails[1].fill(true).await;
+        assert_eq!(tails[1].buf, big[CHUNK_MAX..]);
+    }
+
+    /// A whole log is announced by its run's start alone: a follower woken by it reads every
+    /// chunk (committed with it), and the job's end notification ends the follow.
+    #[test]
+    fn a_whole_log_is_announced_once() {
+        let whole = WholeLog {
+            run: "b1-5".into(),
+            chunks: vec![
+                (LogStream::Out, b"out".to_vec()),
+                (LogStream::Stderr, b"err".to_vec()),
+            ],
+        };
+        assert_eq!(whole.notices("p", "abc"), ["p/abc start b1-5"]);
+        assert_eq!(
+            super::super::parse_event(CHANNEL, &whole.notices("p", "abc")[0]),
+            Some(LogEvent::Start("p/abc".into(), "b1-5".into()))
+        );
     }
 }
