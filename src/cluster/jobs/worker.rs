@@ -296,11 +296,9 @@ impl Scheduler {
             // A first run has no previous run's log to replace.
             logs.ship(&dir, claim.attempt > 1)
         });
-        // Whether `info` is the build published in `ready/` (its waiters here answer with it).
-        let mut built = false;
-        let info = match scheduled.wait().await {
+        // `built`: `info` is the build published in `ready/` (its waiters here answer with it).
+        let (info, built) = match scheduled.wait().await {
             Ok((mut info, dir)) => {
-                built = true;
                 info.cached = false;
                 info.coalesced = false;
                 info.retries = u32::try_from(claim.retries).unwrap_or_default();
@@ -319,9 +317,9 @@ impl Scheduler {
                             .await;
                     tracing::info!(%project, %id, from, retries = claim.retries, "a retried job ended");
                 }
-                info
+                (info, true)
             }
-            Err(e) => self.refused(&req, &id, e.to_string()),
+            Err(e) => (self.refused(&req, &id, e.to_string()), false),
         };
         // The run is over: its slot goes to the next claim, whose run overlaps this end's
         // record and log (the slot would otherwise wait for their round trips).
@@ -563,7 +561,7 @@ impl Scheduler {
                 run: &l.run,
                 streams: l.chunks.iter().map(|(s, _)| s.as_str()).collect(),
                 data: l.chunks.iter().map(|(_, d)| &d[..]).collect(),
-                notices: l.notices(project, id),
+                notice: l.notice(project, id),
             }),
         };
         let (client, err) = self.client().await?;

@@ -11,8 +11,9 @@
 //! agent died) and announces `<project>/<id> start <run>`; its last chunk is shipped, and
 //! `<project>/<id> end` announced, before the job's record turns `ready` or `failed`
 //! ([`Shipper::finish`]). A short run's log, never shipped, goes whole with its end's record,
-//! announced by its `start <run>` alone ([`WholeLog`]). Chunks are inserted only while the job's record is this agent's (an
-//! agent taken for dead does not write over the log of the job's new run). While the database
+//! announced by its `start <run>` alone ([`WholeLog`]). Chunks are inserted only while the
+//! job's record is this agent's (an agent taken for dead does not write over the log of the
+//! job's new run). While the database
 //! does not answer, the shipper stops reading (the file is the buffer: memory stays bounded)
 //! and resumes where it was.
 //!

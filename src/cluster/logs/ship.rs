@@ -55,7 +55,7 @@ impl Logs {
             if finishing && deadline.is_none() {
                 deadline = Some(tokio::time::Instant::now() + FINAL_DEADLINE);
                 if !started {
-                    Tail::fill_all(&mut tails).await;
+                    Tail::fill_all(&mut tails, true).await;
                     if tails.iter().all(|t| t.buf.len() < CHUNK_MAX) {
                         let chunks = tails
                             .iter_mut()
@@ -117,10 +117,15 @@ impl Logs {
     /// the job's record is no longer this agent's.
     async fn start_run(&self, project: &str, id: &str, run: &str) -> Result<bool, ClusterError> {
         let (client, err) = self.client().await?;
-        let payload = format!("{} start {run}", key_of(project, id));
-        rows::start_run(&client, project, id, self.me(), &payload)
-            .await
-            .map_err(err)
+        rows::start_run(
+            &client,
+            project,
+            id,
+            self.me(),
+            &start_notice(project, id, run),
+        )
+        .await
+        .map_err(err)
     }
 
     /// Ship what `t`'s file holds beyond what was shipped, in chunks; `Ok(false)` when the
@@ -209,18 +214,17 @@ impl Tail {
     /// `ready/` once the job ended): one blocking call, reading what the file has up to the
     /// room left (no zeroed buffer, no read per chunk).
     async fn fill(&mut self, ended: bool) {
-        let Some(read) = self.take_read(ended) else {
-            return;
-        };
-        if let Ok(got) = tokio::task::spawn_blocking(move || read.run()).await {
-            self.got(got);
-        }
+        Tail::fill_all(std::slice::from_mut(self), ended).await;
     }
 
-    /// [`Tail::fill`] of every tail of a job that ended, in one blocking call (a short job's
-    /// logs are read once, right after its end, on the way to its end's record).
-    async fn fill_all(tails: &mut [Tail]) {
-        let reads: Vec<Option<Read>> = tails.iter_mut().map(|t| t.take_read(true)).collect();
+    /// [`Tail::fill`] of every tail in `tails`, in one blocking call (a short job's two logs
+    /// are read once, right after its end, on the way to its end's record).
+    async fn fill_all(tails: &mut [Tail], ended: bool) {
+        let reads: Vec<Option<Read>> = tails.iter_mut().map(|t| t.take_read(ended)).collect();
+        if reads.iter().all(Option::is_none) {
+            // Every buffer full: nothing to read.
+            return;
+        }
         let got = tokio::task::spawn_blocking(move || {
             reads
                 .into_iter()
@@ -320,10 +324,15 @@ pub struct WholeLog {
 }
 
 impl WholeLog {
-    /// The notifications on the logs' channel, in order, for job `project/id`.
-    pub fn notices(&self, project: &str, id: &str) -> Vec<String> {
-        vec![format!("{} start {}", key_of(project, id), self.run)]
+    /// Its notification on the logs' channel, for job `project/id`: its run's start.
+    pub fn notice(&self, project: &str, id: &str) -> String {
+        start_notice(project, id, &self.run)
     }
+}
+
+/// The notice of run `run` of job `project/id` starting (its log starts again).
+fn start_notice(project: &str, id: &str, run: &str) -> String {
+    format!("{} start {run}", key_of(project, id))
 }
 
 #[cfg(test)]
@@ -377,7 +386,7 @@ mod tests {
             Tail::new(LogStream::Stderr, p("err.log"), p("ready-err.log")),
             Tail::new(LogStream::Out, p("none.log"), p("ready-none.log")),
         ];
-        Tail::fill_all(&mut tails).await;
+        Tail::fill_all(&mut tails, true).await;
         assert_eq!(tails[0].buf, b"out\n");
         assert_eq!(tails[1].buf, big[..CHUNK_MAX]);
         assert!(tails[2].buf.is_empty() && tails[2].file.is_none());
@@ -398,9 +407,9 @@ mod tests {
                 (LogStream::Stderr, b"err".to_vec()),
             ],
         };
-        assert_eq!(whole.notices("p", "abc"), ["p/abc start b1-5"]);
+        assert_eq!(whole.notice("p", "abc"), "p/abc start b1-5");
         assert_eq!(
-            super::super::parse_event(CHANNEL, &whole.notices("p", "abc")[0]),
+            super::super::parse_event(CHANNEL, &whole.notice("p", "abc")),
             Some(LogEvent::Start("p/abc".into(), "b1-5".into()))
         );
     }

@@ -205,12 +205,12 @@ pub(in crate::cluster) struct End<'a> {
 }
 
 /// A short run's whole log, recorded with its end: the previous run's chunks go, each stream's
-/// one chunk (at offset 0) goes in, and `notices` are notified on the logs' channel, in order.
+/// one chunk (at offset 0) goes in, and `notice` is notified on the logs' channel.
 pub(in crate::cluster) struct EndLog<'a> {
     pub(in crate::cluster) run: &'a str,
     pub(in crate::cluster) streams: Vec<&'a str>,
     pub(in crate::cluster) data: Vec<&'a [u8]>,
-    pub(in crate::cluster) notices: Vec<String>,
+    pub(in crate::cluster) notice: String,
 }
 
 /// Record `end` (one statement: one round trip, atomic): the record (still `me`'s at this
@@ -252,9 +252,8 @@ pub(in crate::cluster) async fn record_end(
                  ON CONFLICT DO NOTHING
                  RETURNING 1),
              logged AS (
-                 SELECT pg_notify($15, t.n)
-                   FROM unnest($16::text[]) WITH ORDINALITY AS t(n, i)
-                  WHERE EXISTS (SELECT 1 FROM upd) AND (SELECT count(*) FROM ins) >= 0),
+                 SELECT pg_notify($15, $16)
+                  WHERE $11 AND EXISTS (SELECT 1 FROM upd) AND (SELECT count(*) FROM ins) >= 0),
              -- The end's notification after the log's.
              sent AS (SELECT pg_notify($6, $7) FROM upd WHERE (SELECT count(*) FROM logged) >= 0),
              img AS (
@@ -272,9 +271,9 @@ pub(in crate::cluster) async fn record_end(
         ))
         .await
         .map_err(&g)?;
-    let (run, streams, data, notices) = match &end.log {
-        Some(l) => (l.run, &l.streams[..], &l.data[..], &l.notices[..]),
-        None => ("", &[][..], &[][..], &[][..]),
+    let (run, streams, data, notice) = match &end.log {
+        Some(l) => (l.run, &l.streams[..], &l.data[..], l.notice.as_str()),
+        None => ("", &[][..], &[][..], ""),
     };
     let row = client
         .query_one(
@@ -295,7 +294,7 @@ pub(in crate::cluster) async fn record_end(
                 &streams,
                 &data,
                 &LOGS_CHANNEL,
-                &notices,
+                &notice,
             ],
         )
         .await
